@@ -1,0 +1,176 @@
+//! Assembles the gateway from a `Config`: store, catalogue, limiter, ledger writer, upstream
+//! client, background tasks. `main` and the tests build the same `App`.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::task::JoinHandle;
+
+use crate::catalog::Catalog;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::estimate::Estimator;
+use crate::limiter::local::LocalLimiter;
+use crate::limiter::{Limiter, LimiterError, MonthKey, MonthSource, MonthTotals};
+use crate::metrics::Metrics;
+use crate::model::WorkspaceId;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Store, StoreError};
+use crate::usage::Recorder;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("upstream client: {0}")]
+    Client(#[from] reqwest::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What every request handler shares.
+pub struct AppState {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub catalog: Arc<Catalog>,
+    pub limiter: Arc<dyn Limiter>,
+    pub estimator: Estimator,
+    pub recorder: Recorder,
+    pub client: reqwest::Client,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// A built gateway: its state and the background tasks that serve it.
+pub struct App {
+    pub state: Arc<AppState>,
+    tasks: Vec<JoinHandle<()>>,
+    ledger: JoinHandle<()>,
+}
+
+struct LedgerMonths(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl MonthSource for LedgerMonths {
+    async fn month_totals(
+        &self,
+        workspace: WorkspaceId,
+        month: MonthKey,
+    ) -> Result<MonthTotals, LimiterError> {
+        self.0
+            .month_totals(workspace, month)
+            .await
+            .map_err(|e| LimiterError::Unavailable(e.to_string()))
+    }
+}
+
+/// Opens the store named by the config (creating and migrating it).
+pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(SqliteStore::open(&config.database).await?))
+}
+
+/// Builds the gateway: the one entry point for `main` and the tests.
+pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError> {
+    let store = open_store(&config).await?;
+    let seeded = store.seed_tiers(&config.tiers).await?;
+    if seeded > 0 {
+        tracing::info!(seeded, "seeded tiers into the catalogue");
+    }
+    let catalog = Arc::new(Catalog::load(store.clone()).await?);
+    let metrics = Arc::new(Metrics::default());
+    let limiter: Arc<dyn Limiter> =
+        Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone()))));
+    let (recorder, ledger) = Recorder::start(
+        store.clone(),
+        catalog.clone(),
+        clock.clone(),
+        metrics.clone(),
+        config.ledger_flush,
+    );
+    let client = reqwest::Client::builder()
+        .connect_timeout(config.upstream.connect_timeout)
+        .pool_idle_timeout(std::time::Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .build()?;
+    let estimator = Estimator::new(
+        config.estimate.default_completion_tokens,
+        config.estimate.history,
+    );
+    let state = Arc::new(AppState {
+        config,
+        store,
+        catalog,
+        limiter,
+        estimator,
+        recorder,
+        client,
+        clock,
+        metrics,
+    });
+    let tasks = vec![
+        tokio::spawn(refresh_catalog(state.clone())),
+        tokio::spawn(evict_idle(state.clone())),
+    ];
+    Ok(App {
+        state,
+        tasks,
+        ledger,
+    })
+}
+
+async fn refresh_catalog(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(state.config.catalog_refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = state.catalog.refresh().await {
+            tracing::warn!(error = %e, "catalog refresh failed; serving the last copy");
+        }
+    }
+}
+
+async fn evict_idle(state: Arc<AppState>) {
+    let every = state.config.idle_eviction / 4;
+    let idle_for = state.config.idle_eviction.as_nanos() as u64;
+    loop {
+        tokio::time::sleep(every).await;
+        let now = state.clock.now();
+        let catalog = state.catalog.clone();
+        let evicted = state
+            .limiter
+            .evict_idle(now, idle_for, &|ws| catalog.limits_of(ws));
+        state.estimator.evict_idle(now, idle_for);
+        if evicted > 0 {
+            tracing::debug!(evicted, "evicted idle workspaces");
+        }
+    }
+}
+
+impl App {
+    pub fn router(&self) -> axum::Router {
+        crate::http::router(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then drains and flushes the ledger.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AppError> {
+        let router = self.router();
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Stops the background tasks and writes what the ledger still holds.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        self.state.recorder.flush().await;
+        drop(self.ledger);
+    }
+}

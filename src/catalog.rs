@@ -1,0 +1,221 @@
+//! The in-memory copy of what the hot path reads: keys by hash, workspaces with their effective
+//! limits. Authentication and limit lookup never touch the store on the hot path.
+//!
+//! Freshness: a change made through this instance's admin API reloads the copy before the
+//! answer is sent, so it holds from the next request. A change made elsewhere (the admin CLI,
+//! another instance) bumps the store's `catalog_version`; every instance polls it each
+//! `catalog_refresh` (1 s by default) and reloads when it moved. An unknown key also triggers a
+//! version check (at most every 100 ms), so a key created elsewhere works at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use crate::model::{KeyId, Limits, Workspace, WorkspaceId, WorkspaceStatus};
+use crate::store::{Store, StoreError};
+
+/// A workspace as the hot path needs it.
+#[derive(Debug, Clone)]
+pub struct WorkspaceEntry {
+    pub workspace: Workspace,
+    /// Tier limits with the workspace's overrides applied.
+    pub limits: Arc<Limits>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct KeyEntry {
+    id: KeyId,
+    workspace: WorkspaceId,
+    expires_at: Option<i64>,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    version: i64,
+    keys: HashMap<[u8; 32], KeyEntry>,
+    workspaces: HashMap<WorkspaceId, Arc<WorkspaceEntry>>,
+}
+
+/// Why a key was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Unknown or revoked: 401.
+    UnknownKey,
+    /// 403.
+    Expired,
+    /// 403.
+    Suspended,
+}
+
+pub struct Catalog {
+    store: Arc<dyn Store>,
+    view: RwLock<Arc<View>>,
+    reload: tokio::sync::Mutex<()>,
+    last_miss_check: Mutex<Option<Instant>>,
+    touched: Mutex<HashMap<KeyId, i64>>,
+}
+
+pub fn hash_key(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+impl Catalog {
+    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let catalog = Catalog {
+            store,
+            view: RwLock::new(Arc::new(View::default())),
+            reload: tokio::sync::Mutex::new(()),
+            last_miss_check: Mutex::new(None),
+            touched: Mutex::new(HashMap::new()),
+        };
+        catalog.reload().await?;
+        Ok(catalog)
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Reloads everything from the store now.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.reload.lock().await;
+        let data = self.store.load_catalog().await?;
+        let tiers: HashMap<&str, &Limits> = data
+            .tiers
+            .iter()
+            .map(|t| (t.name.as_str(), &t.limits))
+            .collect();
+        let workspaces = data
+            .workspaces
+            .iter()
+            .map(|w| {
+                let tier = tiers
+                    .get(w.tier.as_str())
+                    .copied()
+                    .cloned()
+                    .unwrap_or_default();
+                let entry = WorkspaceEntry {
+                    workspace: w.clone(),
+                    limits: Arc::new(w.overrides.apply(&tier)),
+                };
+                (w.id, Arc::new(entry))
+            })
+            .collect();
+        let keys = data
+            .keys
+            .iter()
+            .map(|k| {
+                let entry = KeyEntry {
+                    id: k.id,
+                    workspace: k.workspace_id,
+                    expires_at: k.expires_at,
+                };
+                (k.hash, entry)
+            })
+            .collect();
+        let view = View {
+            version: data.version,
+            keys,
+            workspaces,
+        };
+        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        Ok(())
+    }
+
+    /// Reloads if the store's catalogue version moved.
+    pub async fn refresh(&self) -> Result<bool, StoreError> {
+        let version = self.store.catalog_version().await?;
+        if version != self.view().version {
+            self.reload().await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Finds the workspace of a key. `now` is unix seconds.
+    pub async fn authenticate(
+        &self,
+        secret: &str,
+        now: i64,
+    ) -> Result<(KeyId, Arc<WorkspaceEntry>), AuthFailure> {
+        let hash = hash_key(secret);
+        let mut found = self.lookup(&hash);
+        if found.is_none() && self.may_check_on_miss() {
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "catalog refresh on unknown key failed");
+            }
+            found = self.lookup(&hash);
+        }
+        let (key, entry) = found.ok_or(AuthFailure::UnknownKey)?;
+        if key.expires_at.is_some_and(|at| at <= now) {
+            return Err(AuthFailure::Expired);
+        }
+        if entry.workspace.status == WorkspaceStatus::Suspended {
+            return Err(AuthFailure::Suspended);
+        }
+        self.touched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.id, now);
+        Ok((key.id, entry))
+    }
+
+    fn lookup(&self, hash: &[u8; 32]) -> Option<(KeyEntry, Arc<WorkspaceEntry>)> {
+        let view = self.view();
+        let key = *view.keys.get(hash)?;
+        let entry = view.workspaces.get(&key.workspace)?.clone();
+        Some((key, entry))
+    }
+
+    fn may_check_on_miss(&self) -> bool {
+        let mut last = self
+            .last_miss_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let due = last.is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
+        if due {
+            *last = Some(Instant::now());
+        }
+        due
+    }
+
+    pub fn workspace(&self, id: WorkspaceId) -> Option<Arc<WorkspaceEntry>> {
+        self.view().workspaces.get(&id).cloned()
+    }
+
+    pub fn limits_of(&self, id: WorkspaceId) -> Option<Arc<Limits>> {
+        self.view().workspaces.get(&id).map(|e| e.limits.clone())
+    }
+
+    /// Keys used since the last call, with when; for `last_used_at`.
+    pub fn take_touched(&self) -> Vec<(KeyId, i64)> {
+        std::mem::take(&mut *self.touched.lock().unwrap_or_else(|e| e.into_inner()))
+            .into_iter()
+            .collect()
+    }
+}
+
+/// A new API key: the secret (shown once), its displayable prefix and its hash (stored).
+pub struct NewSecret {
+    pub secret: String,
+    pub prefix: String,
+    pub hash: [u8; 32],
+}
+
+/// `tg_` and 48 hex digits (192 random bits). Keys are random and long, so a plain SHA-256 is
+/// the right hash: a slow password hash would only slow every request down.
+pub fn generate_key() -> NewSecret {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).expect("the OS has randomness");
+    let mut secret = String::from("tg_");
+    for b in bytes {
+        secret.push_str(&format!("{b:02x}"));
+    }
+    NewSecret {
+        prefix: secret[..11].to_string(),
+        hash: hash_key(&secret),
+        secret,
+    }
+}

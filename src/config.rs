@@ -1,0 +1,436 @@
+//! Configuration, read in two phases: raw settings from the file, the environment and the flags
+//! (each a `RawSettings` of options) are layered, flags over environment over file over
+//! defaults, then validated into a `Config`. Invalid input is refused with the field's name.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::model::{default_tiers, Limits, Tier};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Settings as given, before validation. Every field is optional; later layers win.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSettings {
+    pub listen: Option<String>,
+    pub database: Option<String>,
+    pub admin_token: Option<String>,
+    pub max_body_bytes: Option<usize>,
+    pub catalog_refresh_ms: Option<u64>,
+    #[serde(default)]
+    pub upstream: RawUpstream,
+    #[serde(default)]
+    pub estimate: RawEstimate,
+    /// Tiers that seed the catalogue when absent from the database.
+    #[serde(default)]
+    pub tiers: BTreeMap<String, Limits>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstream {
+    pub url: Option<String>,
+    pub api_key: Option<String>,
+    /// Ask streams for usage with `stream_options.include_usage` (default true). Turn off for
+    /// upstreams that send usage anyway and refuse the option, such as the Mistral API.
+    pub request_stream_usage: Option<bool>,
+    pub connect_timeout_ms: Option<u64>,
+    /// Time allowed until the upstream's response headers arrive.
+    pub timeout_secs: Option<u64>,
+    /// After a client leaves a stream, how long the gateway keeps reading for the usage.
+    pub usage_drain_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEstimate {
+    pub default_completion_tokens: Option<u64>,
+    pub history: Option<usize>,
+}
+
+impl RawSettings {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Reads `TIERGATE_*` variables through `var`, so tests need not touch the process env.
+    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Self {
+        RawSettings {
+            listen: var("TIERGATE_LISTEN"),
+            database: var("TIERGATE_DATABASE"),
+            admin_token: var("TIERGATE_ADMIN_TOKEN"),
+            upstream: RawUpstream {
+                url: var("TIERGATE_UPSTREAM"),
+                api_key: var("TIERGATE_UPSTREAM_API_KEY"),
+                ..RawUpstream::default()
+            },
+            ..RawSettings::default()
+        }
+    }
+
+    /// `self` with every field that `over` sets replaced by `over`'s.
+    pub fn overlay(self, over: RawSettings) -> RawSettings {
+        let RawSettings {
+            listen,
+            database,
+            admin_token,
+            max_body_bytes,
+            catalog_refresh_ms,
+            upstream,
+            estimate,
+            tiers,
+        } = over;
+        let mut merged_tiers = self.tiers;
+        merged_tiers.extend(tiers);
+        RawSettings {
+            listen: listen.or(self.listen),
+            database: database.or(self.database),
+            admin_token: admin_token.or(self.admin_token),
+            max_body_bytes: max_body_bytes.or(self.max_body_bytes),
+            catalog_refresh_ms: catalog_refresh_ms.or(self.catalog_refresh_ms),
+            upstream: RawUpstream {
+                url: upstream.url.or(self.upstream.url),
+                api_key: upstream.api_key.or(self.upstream.api_key),
+                request_stream_usage: upstream
+                    .request_stream_usage
+                    .or(self.upstream.request_stream_usage),
+                connect_timeout_ms: upstream
+                    .connect_timeout_ms
+                    .or(self.upstream.connect_timeout_ms),
+                timeout_secs: upstream.timeout_secs.or(self.upstream.timeout_secs),
+                usage_drain_ms: upstream.usage_drain_ms.or(self.upstream.usage_drain_ms),
+            },
+            estimate: RawEstimate {
+                default_completion_tokens: estimate
+                    .default_completion_tokens
+                    .or(self.estimate.default_completion_tokens),
+                history: estimate.history.or(self.estimate.history),
+            },
+            tiers: merged_tiers,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Base URL without `/v1`; `None` where no upstream is needed (admin commands).
+    pub url: Option<reqwest::Url>,
+    pub api_key: Option<String>,
+    pub request_stream_usage: bool,
+    pub connect_timeout: Duration,
+    pub timeout: Duration,
+    pub usage_drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct EstimateConfig {
+    pub default_completion_tokens: u64,
+    pub history: usize,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database: String,
+    pub admin_token: Option<String>,
+    pub max_body_bytes: usize,
+    pub catalog_refresh: Duration,
+    pub upstream: UpstreamConfig,
+    pub estimate: EstimateConfig,
+    /// The catalogue to seed: the defaults, with the file's tiers added or replacing them.
+    pub tiers: Vec<Tier>,
+    /// How often settled usage is written to the ledger.
+    pub ledger_flush: Duration,
+    /// How long a workspace's limiter state stays in memory after it is back to full.
+    pub idle_eviction: Duration,
+}
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+pub const DEFAULT_DATABASE: &str = "sqlite://tiergate.db";
+
+impl TryFrom<RawSettings> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawSettings) -> Result<Self, ConfigError> {
+        let RawSettings {
+            listen,
+            database,
+            admin_token,
+            max_body_bytes,
+            catalog_refresh_ms,
+            upstream,
+            estimate,
+            tiers,
+        } = raw;
+        let listen = listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("'{listen}' is not an address like 127.0.0.1:8080"),
+            )
+        })?;
+        let database = database.unwrap_or_else(|| DEFAULT_DATABASE.to_string());
+        if !database.starts_with("sqlite:") {
+            return Err(invalid(
+                "database",
+                format!("'{database}' is not supported; use sqlite://PATH"),
+            ));
+        }
+        let admin_token = admin_token.filter(|t| !t.is_empty());
+        if let Some(t) = &admin_token {
+            if t.len() < 16 {
+                return Err(invalid("admin_token", "must be at least 16 characters"));
+            }
+        }
+        let max_body_bytes = max_body_bytes.unwrap_or(4 * 1024 * 1024);
+        if max_body_bytes < 1024 {
+            return Err(invalid("max_body_bytes", "must be at least 1024"));
+        }
+        let catalog_refresh = Duration::from_millis(catalog_refresh_ms.unwrap_or(1000));
+        if catalog_refresh.is_zero() {
+            return Err(invalid("catalog_refresh_ms", "must be above 0"));
+        }
+
+        let url = match upstream.url.filter(|u| !u.is_empty()) {
+            None => None,
+            Some(u) => {
+                let mut url = reqwest::Url::parse(&u)
+                    .map_err(|e| invalid("upstream", format!("'{u}' is not a URL: {e}")))?;
+                if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                    return Err(invalid("upstream", format!("'{u}' must be an http(s) URL")));
+                }
+                // Accept both `https://host` and `https://host/v1`: routes are forwarded as
+                // `/v1/...` onto the base.
+                let path = url
+                    .path()
+                    .trim_end_matches('/')
+                    .trim_end_matches("/v1")
+                    .to_string();
+                url.set_path(&path);
+                Some(url)
+            }
+        };
+        let positive =
+            |v: Option<u64>, default: u64, field: &str| -> Result<Duration, ConfigError> {
+                match v.unwrap_or(default) {
+                    0 => Err(invalid(field, "must be above 0")),
+                    n => Ok(Duration::from_millis(n)),
+                }
+            };
+        let upstream = UpstreamConfig {
+            url,
+            api_key: upstream.api_key.filter(|k| !k.is_empty()),
+            request_stream_usage: upstream.request_stream_usage.unwrap_or(true),
+            connect_timeout: positive(
+                upstream.connect_timeout_ms,
+                3_000,
+                "upstream.connect_timeout_ms",
+            )?,
+            timeout: positive(
+                upstream.timeout_secs.map(|s| s.saturating_mul(1000)),
+                300_000,
+                "upstream.timeout_secs",
+            )?,
+            usage_drain: positive(upstream.usage_drain_ms, 2_000, "upstream.usage_drain_ms")?,
+        };
+        let estimate = EstimateConfig {
+            default_completion_tokens: estimate.default_completion_tokens.unwrap_or(256),
+            history: match estimate.history.unwrap_or(16) {
+                0 => return Err(invalid("estimate.history", "must be at least 1")),
+                n => n,
+            },
+        };
+
+        let mut catalogue = default_tiers();
+        for (name, limits) in tiers {
+            limits
+                .validate()
+                .map_err(|m| invalid(&format!("tiers.{name}"), m))?;
+            validate_tier_name(&name).map_err(|m| invalid(&format!("tiers.{name}"), m))?;
+            catalogue.retain(|t| t.name != name);
+            catalogue.push(Tier { name, limits });
+        }
+        Ok(Config {
+            listen,
+            database,
+            admin_token,
+            max_body_bytes,
+            catalog_refresh,
+            upstream,
+            estimate,
+            tiers: catalogue,
+            ledger_flush: Duration::from_millis(250),
+            idle_eviction: Duration::from_secs(120),
+        })
+    }
+}
+
+/// Tier names appear in URLs and the console: keep them plain.
+pub fn validate_tier_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err("a tier name is 1 to 64 of a-z, A-Z, 0-9, '-', '_', '.'".into())
+    }
+}
+
+impl Config {
+    /// Loads the layers: defaults < file < environment < flags. The file is the flags' or the
+    /// environment's `config` path, if any.
+    pub fn load(
+        flags: RawSettings,
+        config_file: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let env_file = env("TIERGATE_CONFIG").map(PathBuf::from);
+        let env_settings = RawSettings::from_env(&env);
+        let file = match config_file.map(Path::to_path_buf).or(env_file) {
+            Some(path) => RawSettings::from_file(&path)?,
+            None => RawSettings::default(),
+        };
+        Config::try_from(file.overlay(env_settings).overlay(flags))
+    }
+
+    /// For commands that forward traffic: the upstream must be set.
+    pub fn upstream_url(&self) -> Result<&reqwest::Url, ConfigError> {
+        self.upstream.url.as_ref().ok_or_else(|| {
+            invalid(
+                "upstream",
+                "required: give --upstream URL, TIERGATE_UPSTREAM, or [upstream] url in the config file",
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn flags_beat_env_beat_file_beat_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:7000\"\ndatabase = \"sqlite://file.db\"\n[upstream]\nurl = \"http://file:1/v1\"\nrequest_stream_usage = false\n",
+        )
+        .unwrap();
+        let c = Config::load(RawSettings::default(), Some(&path), env_of(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.upstream.url.unwrap().as_str(), "http://file:1/");
+        assert!(!c.upstream.request_stream_usage);
+
+        let env = env_of(&[
+            ("TIERGATE_LISTEN", "127.0.0.1:7001"),
+            ("TIERGATE_UPSTREAM", "http://env:2"),
+        ]);
+        let c = Config::load(RawSettings::default(), Some(&path), &env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7001");
+        assert_eq!(c.database, "sqlite://file.db");
+
+        let flags = RawSettings {
+            listen: Some("127.0.0.1:7002".into()),
+            ..RawSettings::default()
+        };
+        let c = Config::load(flags, Some(&path), &env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7002");
+        assert_eq!(c.upstream.url.unwrap().host_str(), Some("env"));
+
+        let c = Config::load(RawSettings::default(), None, env_of(&[])).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.database, DEFAULT_DATABASE);
+        assert!(c.upstream_url().is_err());
+    }
+
+    #[test]
+    fn invalid_input_names_the_field() {
+        let bad = |raw: RawSettings| Config::try_from(raw).unwrap_err().to_string();
+        let e = bad(RawSettings {
+            listen: Some("nope".into()),
+            ..Default::default()
+        });
+        assert!(e.starts_with("listen:"), "{e}");
+        let e = bad(RawSettings {
+            upstream: RawUpstream {
+                url: Some("ftp://x".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        assert!(e.starts_with("upstream:"), "{e}");
+        let mut tiers = BTreeMap::new();
+        tiers.insert(
+            "gold".to_string(),
+            Limits {
+                tokens_per_minute: Some(0),
+                ..Default::default()
+            },
+        );
+        let e = bad(RawSettings {
+            tiers,
+            ..Default::default()
+        });
+        assert!(e.starts_with("tiers.gold:"), "{e}");
+        let e = bad(RawSettings {
+            admin_token: Some("short".into()),
+            ..Default::default()
+        });
+        assert!(e.starts_with("admin_token:"), "{e}");
+    }
+
+    #[test]
+    fn file_tiers_join_the_default_catalogue() {
+        let raw: RawSettings = toml::from_str(
+            "[tiers.free]\nrequests_per_second = 2\n[tiers.gold]\ntokens_per_minute = 10\n[tiers.gold.models.big]\ntokens_per_minute = 5\n",
+        )
+        .unwrap();
+        let c = Config::try_from(raw).unwrap();
+        let free = c.tiers.iter().find(|t| t.name == "free").unwrap();
+        assert_eq!(free.limits.requests_per_second, Some(2.0));
+        assert_eq!(free.limits.tokens_per_minute, None);
+        let gold = c.tiers.iter().find(|t| t.name == "gold").unwrap();
+        assert_eq!(gold.limits.models["big"].tokens_per_minute, Some(5));
+        assert!(c.tiers.iter().any(|t| t.name == "scale"));
+    }
+}

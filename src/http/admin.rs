@@ -1,0 +1,518 @@
+//! The admin API, `/admin/v1`, behind `Authorization: Bearer <admin token>`. Every change is
+//! written to the store and then reloaded into this instance's catalogue before the answer, so
+//! it holds from the next request; other instances see it within `catalog_refresh`.
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::catalog::generate_key;
+use crate::config::validate_tier_name;
+use crate::limiter::core::day_of;
+use crate::limiter::MonthKey;
+use crate::model::{
+    ApiKey, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides, Tier,
+    Workspace, WorkspaceId, WorkspaceStatus,
+};
+use crate::store::{NewKey, WorkspaceChange};
+
+pub fn router() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/workspaces", post(create_workspace).get(list_workspaces))
+        .route(
+            "/workspaces/{id}",
+            get(get_workspace).patch(patch_workspace),
+        )
+        .route("/workspaces/{id}/keys", post(create_key).get(list_keys))
+        .route("/workspaces/{id}/usage", get(usage))
+        .route("/keys/{id}", delete(revoke_key))
+        .route("/tiers", get(list_tiers))
+        .route("/tiers/{name}", axum::routing::put(put_tier))
+        .route("/limit-requests", get(list_limit_requests))
+        .route("/limit-requests/{id}/approve", post(approve))
+        .route("/limit-requests/{id}/deny", post(deny))
+}
+
+/// Proof that the request carries the admin token.
+pub struct Admin;
+
+impl FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let Some(expected) = &state.config.admin_token else {
+            return Err(ApiError::AdminDisabled);
+        };
+        let given = super::bearer(&parts.headers).ok_or(ApiError::Unauthorized(
+            "Missing admin token: send 'Authorization: Bearer <admin token>'.",
+        ))?;
+        // Compare digests so the comparison takes the same time whatever the input.
+        if Sha256::digest(given.as_bytes()) != Sha256::digest(expected.as_bytes()) {
+            return Err(ApiError::Unauthorized("Invalid admin token."));
+        }
+        Ok(Admin)
+    }
+}
+
+/// A JSON body that may be left out (empty), then `T::default()`.
+pub struct OptionalJson<T>(pub T);
+
+impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(T::default()));
+        }
+        serde_json::from_slice(&bytes)
+            .map(OptionalJson)
+            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    }
+}
+
+/// A JSON body whose rejections are answered in the gateway's error shape.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| JsonBody(v))
+            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    }
+}
+
+pub fn rfc3339(secs: i64) -> Value {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .map_or(Value::Null, Value::String)
+}
+
+pub fn workspace_json(state: &AppState, w: &Workspace) -> Value {
+    let limits = state.catalog.workspace(w.id).map(|e| (*e.limits).clone());
+    json!({
+        "id": w.id,
+        "name": w.name,
+        "tier": w.tier,
+        "status": w.status,
+        "overrides": w.overrides,
+        "limits": limits,
+        "created_at": rfc3339(w.created_at),
+    })
+}
+
+fn key_json(k: &ApiKey) -> Value {
+    json!({
+        "id": k.id,
+        "workspace_id": k.workspace_id,
+        "name": k.name,
+        "prefix": k.prefix,
+        "created_at": rfc3339(k.created_at),
+        "expires_at": k.expires_at.map(rfc3339),
+        "revoked_at": k.revoked_at.map(rfc3339),
+        "last_used_at": k.last_used_at.map(rfc3339),
+    })
+}
+
+pub fn limit_request_json(r: &LimitRequest) -> Value {
+    json!({
+        "id": r.id,
+        "workspace_id": r.workspace_id,
+        "use_case": r.use_case,
+        "requested_limits": r.requested_limits,
+        "status": r.status,
+        "granted_limits": r.granted_limits,
+        "reason": r.reason,
+        "created_at": rfc3339(r.created_at),
+        "decided_at": r.decided_at.map(rfc3339),
+    })
+}
+
+async fn reload(state: &AppState) -> Result<(), ApiError> {
+    state.catalog.reload().await.map_err(ApiError::from)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateWorkspace {
+    name: String,
+    tier: Option<String>,
+}
+
+async fn create_workspace(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    JsonBody(body): JsonBody<CreateWorkspace>,
+) -> Result<Response, ApiError> {
+    let name = body.name.trim();
+    if name.is_empty() {
+        return Err(ApiError::BadRequest("'name' must not be empty".into()));
+    }
+    let tier = body.tier.as_deref().unwrap_or("free");
+    let ws = state
+        .store
+        .create_workspace(name, tier, state.clock.now_secs())
+        .await?;
+    reload(&state).await?;
+    Ok((StatusCode::CREATED, Json(workspace_json(&state, &ws))).into_response())
+}
+
+async fn list_workspaces(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<Value>, ApiError> {
+    let list = state.store.list_workspaces().await?;
+    let data: Vec<Value> = list.iter().map(|w| workspace_json(&state, w)).collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+async fn get_workspace(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<WorkspaceId>,
+) -> Result<Json<Value>, ApiError> {
+    let ws = state.store.get_workspace(id).await?;
+    Ok(Json(workspace_json(&state, &ws)))
+}
+
+/// Applies `{"requests_per_second": n|null, ...}` to `overrides`: a number sets, null clears,
+/// a missing field keeps.
+fn patch_overrides(overrides: &mut Overrides, patch: &Map<String, Value>) -> Result<(), ApiError> {
+    fn number<T: DeserializeOwned>(field: &str, v: &Value) -> Result<Option<T>, ApiError> {
+        if v.is_null() {
+            return Ok(None);
+        }
+        serde_json::from_value(v.clone()).map(Some).map_err(|_| {
+            ApiError::BadRequest(format!("limits.{field} must be a positive number or null"))
+        })
+    }
+    for (field, v) in patch {
+        match field.as_str() {
+            "requests_per_second" => overrides.requests_per_second = number(field, v)?,
+            "tokens_per_minute" => overrides.tokens_per_minute = number(field, v)?,
+            "tokens_per_month" => overrides.tokens_per_month = number(field, v)?,
+            "concurrent_requests" => overrides.concurrent_requests = number(field, v)?,
+            other => {
+                return Err(ApiError::BadRequest(format!(
+                    "limits.{other} is not a limit; use requests_per_second, tokens_per_minute, tokens_per_month or concurrent_requests"
+                )))
+            }
+        }
+    }
+    overrides
+        .validate()
+        .map_err(|m| ApiError::BadRequest(format!("limits: {m}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PatchWorkspace {
+    tier: Option<String>,
+    limits: Option<Map<String, Value>>,
+    status: Option<String>,
+}
+
+async fn patch_workspace(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<WorkspaceId>,
+    JsonBody(body): JsonBody<PatchWorkspace>,
+) -> Result<Json<Value>, ApiError> {
+    let current = state.store.get_workspace(id).await?;
+    let overrides = match &body.limits {
+        Some(patch) => {
+            let mut o = current.overrides.clone();
+            patch_overrides(&mut o, patch)?;
+            Some(o)
+        }
+        None => None,
+    };
+    let status = match body.status.as_deref() {
+        None => None,
+        Some(s) => Some(WorkspaceStatus::parse(s).ok_or_else(|| {
+            ApiError::BadRequest("status must be \"active\" or \"suspended\"".into())
+        })?),
+    };
+    let change = WorkspaceChange {
+        tier: body.tier,
+        overrides,
+        status,
+    };
+    let ws = state.store.update_workspace(id, &change).await?;
+    reload(&state).await?;
+    Ok(Json(workspace_json(&state, &ws)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CreateKey {
+    name: Option<String>,
+    /// RFC 3339 instant.
+    expires_at: Option<String>,
+}
+
+async fn create_key(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<WorkspaceId>,
+    OptionalJson(body): OptionalJson<CreateKey>,
+) -> Result<Response, ApiError> {
+    let expires_at = match body.expires_at.as_deref() {
+        None => None,
+        Some(s) => Some(
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+                .map_err(|_| ApiError::BadRequest("expires_at must be an RFC 3339 instant".into()))?
+                .unix_timestamp(),
+        ),
+    };
+    state.store.get_workspace(id).await?;
+    let secret = generate_key();
+    let key = state
+        .store
+        .create_key(
+            &NewKey {
+                workspace: id,
+                name: body.name,
+                prefix: secret.prefix.clone(),
+                hash: secret.hash,
+                expires_at,
+            },
+            state.clock.now_secs(),
+        )
+        .await?;
+    reload(&state).await?;
+    let mut v = key_json(&key);
+    v["key"] = Value::String(secret.secret);
+    Ok((StatusCode::CREATED, Json(v)).into_response())
+}
+
+async fn list_keys(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<WorkspaceId>,
+) -> Result<Json<Value>, ApiError> {
+    state.store.get_workspace(id).await?;
+    state.recorder.flush().await;
+    let keys = state.store.list_keys(id).await?;
+    let data: Vec<Value> = keys.iter().map(key_json).collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+async fn revoke_key(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<KeyId>,
+) -> Result<Json<Value>, ApiError> {
+    let key = state.store.revoke_key(id, state.clock.now_secs()).await?;
+    reload(&state).await?;
+    Ok(Json(key_json(&key)))
+}
+
+async fn list_tiers(_: Admin, State(state): State<Arc<AppState>>) -> Result<Json<Value>, ApiError> {
+    let tiers = state.store.list_tiers().await?;
+    let data: Vec<Value> = tiers
+        .iter()
+        .map(|t| {
+            let mut v = serde_json::to_value(&t.limits).expect("limits serialize");
+            v["name"] = Value::String(t.name.clone());
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+async fn put_tier(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    JsonBody(limits): JsonBody<Limits>,
+) -> Result<Json<Value>, ApiError> {
+    validate_tier_name(&name).map_err(ApiError::BadRequest)?;
+    limits.validate().map_err(ApiError::BadRequest)?;
+    let tier = Tier { name, limits };
+    state.store.put_tier(&tier).await?;
+    reload(&state).await?;
+    let mut v = serde_json::to_value(&tier.limits).expect("limits serialize");
+    v["name"] = Value::String(tier.name);
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct Range {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+fn valid_day(s: &str) -> bool {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    time::Date::parse(s, &format).is_ok()
+}
+
+/// A workspace's usage: this month, the bucket now, and per day and model over a range
+/// (default: this month so far).
+pub async fn usage_json(
+    state: &AppState,
+    ws: &Workspace,
+    limits: &Limits,
+    from: Option<String>,
+    to: Option<String>,
+) -> Result<Value, ApiError> {
+    let now = state.clock.now();
+    let month = MonthKey::of(now);
+    let from = from.unwrap_or_else(|| month.first_day());
+    let to = to.unwrap_or_else(|| day_of(now));
+    if !valid_day(&from) || !valid_day(&to) {
+        return Err(ApiError::BadRequest(
+            "from and to are days as YYYY-MM-DD".into(),
+        ));
+    }
+    state.recorder.flush().await;
+    let live = state
+        .limiter
+        .usage(ws.id, limits, now)
+        .await
+        .map_err(|_| ApiError::Unavailable)?;
+    let totals = state.store.month_totals(ws.id, month).await?;
+    let daily = state.store.daily_usage(ws.id, &from, &to).await?;
+    let window = |w: Option<crate::limiter::Window>| {
+        w.map(|w| {
+            json!({
+                "limit": w.limit,
+                "remaining": w.remaining,
+                "reset": super::headers::duration(w.reset),
+            })
+        })
+    };
+    Ok(json!({
+        "workspace_id": ws.id,
+        "month": format!("{:04}-{:02}", month.year(), month.month()),
+        "requests_this_month": totals.requests,
+        "tokens_this_month": live.month_settled_tokens,
+        "tokens_reserved": live.month_reserved_tokens,
+        "in_flight": live.in_flight,
+        "token_bucket": live.bucket_tokens.map(|level| json!({
+            "capacity": limits.tokens_per_minute,
+            "level": level,
+        })),
+        "requests_per_second": window(live.snapshot.requests),
+        "tokens_per_minute": window(live.snapshot.tokens),
+        "tokens_per_month": live.snapshot.month.map(|w| json!({
+            "limit": w.limit,
+            "used": live.month_settled_tokens + live.month_reserved_tokens,
+            "remaining": w.remaining,
+            "reset": super::headers::duration(w.reset.div_ceil(crate::limiter::NANOS_PER_SEC) * crate::limiter::NANOS_PER_SEC),
+        })),
+        "from": from,
+        "to": to,
+        "daily": daily,
+    }))
+}
+
+async fn usage(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<WorkspaceId>,
+    Query(range): Query<Range>,
+) -> Result<Json<Value>, ApiError> {
+    let ws = state.store.get_workspace(id).await?;
+    let limits = state
+        .catalog
+        .limits_of(id)
+        .map(|l| (*l).clone())
+        .unwrap_or_default();
+    Ok(Json(
+        usage_json(&state, &ws, &limits, range.from, range.to).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct StatusFilter {
+    status: Option<String>,
+}
+
+async fn list_limit_requests(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Query(filter): Query<StatusFilter>,
+) -> Result<Json<Value>, ApiError> {
+    let status = match filter.status.as_deref() {
+        None => None,
+        Some(s) => Some(LimitRequestStatus::parse(s).ok_or_else(|| {
+            ApiError::BadRequest("status must be pending, approved or denied".into())
+        })?),
+    };
+    let list = state.store.list_limit_requests(None, status).await?;
+    let data: Vec<Value> = list.iter().map(limit_request_json).collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Approve {
+    limits: Option<Overrides>,
+}
+
+async fn approve(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<LimitRequestId>,
+    OptionalJson(body): OptionalJson<Approve>,
+) -> Result<Json<Value>, ApiError> {
+    let granted = body.limits;
+    if let Some(g) = &granted {
+        g.validate()
+            .map_err(|m| ApiError::BadRequest(format!("limits: {m}")))?;
+    }
+    let request = state
+        .store
+        .approve_limit_request(id, granted.as_ref(), state.clock.now_secs())
+        .await?;
+    reload(&state).await?;
+    Ok(Json(limit_request_json(&request)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Deny {
+    reason: String,
+}
+
+async fn deny(
+    _: Admin,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<LimitRequestId>,
+    JsonBody(body): JsonBody<Deny>,
+) -> Result<Json<Value>, ApiError> {
+    let reason = body.reason.trim();
+    if reason.is_empty() {
+        return Err(ApiError::BadRequest("'reason' must not be empty".into()));
+    }
+    let request = state
+        .store
+        .deny_limit_request(id, reason, state.clock.now_secs())
+        .await?;
+    Ok(Json(limit_request_json(&request)))
+}

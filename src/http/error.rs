@@ -1,0 +1,189 @@
+//! The one place that turns errors into HTTP answers: status, headers and a JSON body shaped
+//! like the Mistral API's errors, `{"object":"error","message","type","param":null,"code"}`.
+//! Internal details go to the log, never to the client.
+
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::headers;
+use crate::limiter::{Denial, DenialKind, LimitName, Snapshot, NANOS_PER_SEC};
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("rate limited")]
+    Denied(Box<(Denial, Snapshot)>),
+    #[error("upstream unreachable")]
+    UpstreamUnreachable,
+    #[error("upstream timed out")]
+    UpstreamTimeout,
+    #[error("the admin API is disabled: no admin token is configured")]
+    AdminDisabled,
+    #[error("service unavailable")]
+    Unavailable,
+    #[error("internal error")]
+    Internal,
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::NotFound("not found".into()),
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Invalid(m) => ApiError::BadRequest(m),
+            e => {
+                tracing::error!(error = %e, "store error");
+                ApiError::Unavailable
+            }
+        }
+    }
+}
+
+fn body(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
+    let body = json!({
+        "object": "error",
+        "message": message,
+        "type": kind,
+        "param": null,
+        "code": code,
+    });
+    (status, Json(body)).into_response()
+}
+
+/// "1 request per second", "500000 tokens per minute", ...
+fn describe(denial: &Denial) -> String {
+    let v = denial.limit_value;
+    let value = if v.fract() == 0.0 {
+        format!("{}", v as u64)
+    } else {
+        format!("{v}")
+    };
+    let model = denial
+        .model
+        .as_deref()
+        .map(|m| format!(" for model '{m}'"))
+        .unwrap_or_default();
+    match denial.limit {
+        LimitName::RequestsPerSecond => format!("{value} requests per second"),
+        LimitName::TokensPerMinute | LimitName::ModelTokensPerMinute => {
+            format!("{value} tokens per minute{model}")
+        }
+        LimitName::TokensPerMonth | LimitName::ModelTokensPerMonth => {
+            format!("{value} tokens per month{model}")
+        }
+        LimitName::ConcurrentRequests => format!("{value} concurrent requests"),
+    }
+}
+
+fn denial_response(denial: &Denial, snapshot: &Snapshot) -> Response {
+    let limit = denial.limit.as_str();
+    let wait = headers::duration(denial.retry_after);
+    let (kind, message) = match denial.kind {
+        DenialKind::RateLimited => (
+            "rate_limited",
+            format!(
+                "Rate limit exceeded: {} ({limit}). Retry in {wait}.",
+                describe(denial)
+            ),
+        ),
+        DenialKind::QuotaExceeded => (
+            "quota_exceeded",
+            format!(
+                "Monthly quota exceeded: {} ({limit}). It renews in {wait}, at the start of next month (UTC); ask for an increase to continue sooner.",
+                describe(denial)
+            ),
+        ),
+        DenialKind::RequestTooLarge => (
+            "request_too_large",
+            format!(
+                "This request can never fit: its prompt alone exceeds the limit of {} ({limit}). Send a smaller request or ask for an increase; retrying will not help.",
+                describe(denial)
+            ),
+        ),
+    };
+    let mut response = body(StatusCode::TOO_MANY_REQUESTS, kind, Some(limit), &message);
+    let h = response.headers_mut();
+    headers::apply(snapshot, h);
+    if denial.kind != DenialKind::RequestTooLarge {
+        let secs = denial.retry_after.div_ceil(NANOS_PER_SEC).max(1);
+        let ms = denial.retry_after.div_ceil(1_000_000).max(1);
+        h.insert("retry-after", HeaderValue::from(secs));
+        h.insert("retry-after-ms", HeaderValue::from(ms));
+    }
+    if denial.kind != DenialKind::RateLimited {
+        h.insert("x-should-retry", HeaderValue::from_static("false"));
+    }
+    response
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let msg = self.to_string();
+        match &self {
+            ApiError::Unauthorized(_) => {
+                let mut r = body(
+                    StatusCode::UNAUTHORIZED,
+                    "authentication_error",
+                    Some("invalid_api_key"),
+                    &msg,
+                );
+                r.headers_mut()
+                    .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+                r
+            }
+            ApiError::Forbidden(_) | ApiError::AdminDisabled => {
+                body(StatusCode::FORBIDDEN, "permission_error", None, &msg)
+            }
+            ApiError::BadRequest(_) => {
+                body(StatusCode::BAD_REQUEST, "invalid_request_error", None, &msg)
+            }
+            ApiError::NotFound(_) => body(StatusCode::NOT_FOUND, "not_found", None, &msg),
+            ApiError::Conflict(_) => body(StatusCode::CONFLICT, "conflict", None, &msg),
+            ApiError::PayloadTooLarge(_) => body(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                None,
+                &msg,
+            ),
+            ApiError::Denied(d) => denial_response(&d.0, &d.1),
+            ApiError::UpstreamUnreachable => body(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                None,
+                "The upstream API could not be reached. Nothing was charged; retry later.",
+            ),
+            ApiError::UpstreamTimeout => body(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                None,
+                "The upstream API did not answer in time. Nothing was charged; retry later.",
+            ),
+            ApiError::Unavailable => body(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                None,
+                "The gateway cannot serve this request right now; retry later.",
+            ),
+            ApiError::Internal => body(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                None,
+                "Internal error.",
+            ),
+        }
+    }
+}

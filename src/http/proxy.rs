@@ -1,0 +1,697 @@
+//! The proxy: authenticate, read and inspect the body, reserve, forward, settle.
+//!
+//! Metered routes (`/v1/chat/completions`, `/v1/completions`, `/v1/fim/completions`,
+//! `/v1/embeddings`) reserve an estimate of their tokens; every other `/v1/*` route is passed
+//! through as a request that reserves no tokens but is still settled from the usage in its
+//! answer when there is one, so no route escapes the token limits.
+//!
+//! Settlement happens exactly once per admitted request, through `Settlement`:
+//! - a JSON answer is read whole and settled to its `usage` (the estimate when it has none);
+//! - a stream is passed on event by event and settled when it ends, from the usage chunk; the
+//!   usage-only chunk the gateway asked for on the client's behalf is removed;
+//! - an upstream that fails before producing anything (unreachable, timeout, its own 429/4xx/5xx)
+//!   is refunded;
+//! - a stream that breaks, or whose client goes away, is never refunded: the gateway keeps
+//!   reading for up to `upstream.usage_drain_ms` to learn the real usage, else settles the
+//!   estimate. Dropping a `Settlement` without finishing it settles the estimate.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::{authenticate, headers};
+use crate::app::AppState;
+use crate::catalog::WorkspaceEntry;
+use crate::estimate::{inspect, Endpoint, RequestInfo};
+use crate::limiter::core::day_of;
+use crate::limiter::{Decision, Reservation, TokenCost};
+use crate::metrics::Metrics;
+use crate::model::Limits;
+use crate::store::UsageRecord;
+
+pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    Metrics::inc(&state.metrics.requests);
+    let (parts, body) = request.into_parts();
+    let workspace = match authenticate(&state, &parts.headers).await {
+        Ok((_, ws)) => ws,
+        Err(e) => return e.into_response(),
+    };
+    let request_id = new_request_id();
+    let mut response = match forward(&state, parts, body, workspace, &request_id).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).expect("the OS has randomness");
+    let mut id = String::with_capacity(36);
+    id.push_str("req_");
+    for b in bytes {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::PayloadTooLarge(limit));
+    }
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(limit))
+}
+
+/// The request as it will be sent, with what the gateway learnt from it.
+struct Prepared {
+    body: Bytes,
+    info: Option<RequestInfo>,
+    /// The gateway asked for stream usage on the client's behalf: remove the usage-only chunk.
+    strip_usage_chunk: bool,
+}
+
+fn prepare(
+    state: &AppState,
+    method: &Method,
+    path: &str,
+    body: Bytes,
+) -> Result<Prepared, ApiError> {
+    let endpoint = match Endpoint::of_path(path) {
+        Some(e) if method == Method::POST => e,
+        _ => {
+            return Ok(Prepared {
+                body,
+                info: None,
+                strip_usage_chunk: false,
+            })
+        }
+    };
+    let mut json: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("The request body is not valid JSON: {e}")))?;
+    let info = inspect(endpoint, &json).map_err(ApiError::BadRequest)?;
+    let ask_usage =
+        info.stream && !info.client_wants_usage && state.config.upstream.request_stream_usage;
+    let body = if ask_usage {
+        let obj = json
+            .as_object_mut()
+            .expect("inspect checked it is an object");
+        let options = obj
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !options.is_object() {
+            *options = Value::Object(Default::default());
+        }
+        options["include_usage"] = Value::Bool(true);
+        Bytes::from(serde_json::to_vec(&json).expect("JSON values serialize"))
+    } else {
+        body
+    };
+    Ok(Prepared {
+        body,
+        info: Some(info),
+        strip_usage_chunk: ask_usage,
+    })
+}
+
+async fn forward(
+    state: &Arc<AppState>,
+    parts: axum::http::request::Parts,
+    body: Body,
+    workspace: Arc<WorkspaceEntry>,
+    request_id: &str,
+) -> Result<Response, ApiError> {
+    let body = read_body(state, &parts.headers, body).await?;
+    let path = parts.uri.path();
+    let prepared = prepare(state, &parts.method, path, body)?;
+    let ws_id = workspace.workspace.id;
+    let cost = match &prepared.info {
+        Some(info) => state.estimator.estimate(ws_id, info),
+        None => TokenCost::default(),
+    };
+    let model = prepared.info.as_ref().and_then(|i| i.model.clone());
+    let limits = workspace.limits.clone();
+    let now = state.clock.now();
+    let decision = state
+        .limiter
+        .reserve(ws_id, &limits, model.as_deref(), cost, now)
+        .await
+        .map_err(|e| {
+            Metrics::inc(&state.metrics.limiter_errors);
+            tracing::error!(error = %e, "limiter unavailable");
+            ApiError::Unavailable
+        })?;
+    let (reservation, snapshot) = match decision {
+        Decision::Admit {
+            reservation,
+            snapshot,
+        } => (reservation, snapshot),
+        Decision::Deny { denial, snapshot } => {
+            state.metrics.denied(denial.limit, denial.kind);
+            state.recorder.record(UsageRecord::Denied {
+                workspace: ws_id,
+                day: day_of(now),
+                model: model.unwrap_or_default(),
+            });
+            return Err(ApiError::Denied(Box::new((denial, snapshot))));
+        }
+    };
+    Metrics::inc(&state.metrics.admitted);
+    Metrics::add(&state.metrics.tokens_estimated, reservation.held.tokens);
+    let settlement = Settlement {
+        state: state.clone(),
+        reservation: Some(reservation),
+        limits,
+        request_id: request_id.to_string(),
+        model: model.unwrap_or_default(),
+        choices: prepared.info.as_ref().map_or(1, |i| i.choices),
+    };
+    let mut response = send(state, &parts, prepared, settlement)
+        .await
+        .unwrap_or_else(|e| e.into_response());
+    headers::apply(&snapshot, response.headers_mut());
+    Ok(response)
+}
+
+/// Headers that belong to one hop, or that the gateway sets itself.
+fn is_hop_or_gateway_request_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "host"
+            | "authorization"
+            | "content-length"
+            | "connection"
+            | "keep-alive"
+            | "proxy-authorization"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "accept-encoding"
+    )
+}
+
+fn is_hop_or_gateway_response_header(name: &HeaderName) -> bool {
+    let n = name.as_str();
+    matches!(
+        n,
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "content-length"
+            | "trailer"
+            | "upgrade"
+    ) || n.starts_with("x-ratelimit-")
+        || n.starts_with("ratelimit")
+}
+
+async fn send(
+    state: &Arc<AppState>,
+    parts: &axum::http::request::Parts,
+    prepared: Prepared,
+    settlement: Settlement,
+) -> Result<Response, ApiError> {
+    let base = state
+        .config
+        .upstream
+        .url
+        .as_ref()
+        .ok_or(ApiError::Unavailable)?;
+    let mut url = base.clone();
+    url.set_path(&format!(
+        "{}{}",
+        base.path().trim_end_matches('/'),
+        parts.uri.path()
+    ));
+    url.set_query(parts.uri.query());
+
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 2);
+    for (name, value) in &parts.headers {
+        if !is_hop_or_gateway_request_header(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if let Some(key) = &state.config.upstream.api_key {
+        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
+            headers.insert(header::AUTHORIZATION, v);
+        }
+    }
+    // Ask for an uncompressed answer whatever the client accepts, so usage can always be read.
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+
+    let request = state
+        .client
+        .request(parts.method.clone(), url)
+        .headers(headers)
+        .body(prepared.body);
+    let upstream = match tokio::time::timeout(state.config.upstream.timeout, request.send()).await {
+        Err(_) => {
+            Metrics::inc(&state.metrics.upstream_timeouts);
+            settlement.refund().await;
+            return Err(ApiError::UpstreamTimeout);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream request failed");
+            settlement.refund().await;
+            if e.is_timeout() {
+                Metrics::inc(&state.metrics.upstream_timeouts);
+                return Err(ApiError::UpstreamTimeout);
+            }
+            Metrics::inc(&state.metrics.upstream_unreachable);
+            return Err(ApiError::UpstreamUnreachable);
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    let status = upstream.status();
+    let mut builder = Response::builder().status(status);
+    for (name, value) in upstream.headers() {
+        if !is_hop_or_gateway_response_header(name) {
+            builder = builder.header(name, value);
+        }
+    }
+    let is_stream = upstream
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+
+    if !status.is_success() {
+        // The upstream's own refusal or failure: passed on as it came, and nothing is charged.
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            Metrics::inc(&state.metrics.upstream_rate_limited);
+        } else if status.is_server_error() {
+            Metrics::inc(&state.metrics.upstream_server_errors);
+        }
+        let body = upstream.bytes().await.unwrap_or_default();
+        settlement.refund().await;
+        return builder
+            .body(Body::from(body))
+            .map_err(|_| ApiError::Internal);
+    }
+
+    if is_stream {
+        let stream = MeteredStream {
+            upstream: upstream.bytes_stream().boxed(),
+            scanner: SseScanner::new(prepared.strip_usage_chunk),
+            settlement: Some(settlement),
+            settling: None,
+            tail: None,
+            done: false,
+        };
+        return builder
+            .body(Body::from_stream(stream))
+            .map_err(|_| ApiError::Internal);
+    }
+
+    match upstream.bytes().await {
+        Ok(body) => {
+            let usage = serde_json::from_slice::<WithUsage>(&body)
+                .ok()
+                .and_then(|w| w.usage);
+            settlement.finish(usage).await;
+            builder
+                .body(Body::from(body))
+                .map_err(|_| ApiError::Internal)
+        }
+        Err(e) => {
+            // The upstream started answering and may have charged: settle the estimate.
+            tracing::warn!(error = %e, "upstream body failed");
+            drop(settlement);
+            Err(ApiError::UpstreamUnreachable)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct UsageJson {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl UsageJson {
+    fn total(&self) -> u64 {
+        self.total_tokens.unwrap_or_else(|| {
+            self.prompt_tokens.unwrap_or(0) + self.completion_tokens.unwrap_or(0)
+        })
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<UsageJson>,
+}
+
+#[derive(Deserialize)]
+struct StreamChunk {
+    usage: Option<UsageJson>,
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+/// Settles one reservation exactly once; dropping it unfinished settles the estimate.
+struct Settlement {
+    state: Arc<AppState>,
+    reservation: Option<Reservation>,
+    limits: Arc<Limits>,
+    request_id: String,
+    model: String,
+    choices: u64,
+}
+
+enum Outcome {
+    Usage(UsageJson),
+    Refund,
+    Estimate,
+}
+
+impl Settlement {
+    fn take(&mut self, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
+        let reservation = self.reservation.take()?;
+        let state = self.state.clone();
+        let limits = self.limits.clone();
+        let request_id = std::mem::take(&mut self.request_id);
+        let model = std::mem::take(&mut self.model);
+        let choices = self.choices;
+        Some(
+            async move {
+                settle(
+                    &state,
+                    &reservation,
+                    &limits,
+                    request_id,
+                    model,
+                    choices,
+                    outcome,
+                )
+                .await
+            }
+            .boxed(),
+        )
+    }
+
+    async fn refund(mut self) {
+        Metrics::inc(&self.state.metrics.refunds);
+        if let Some(f) = self.take(Outcome::Refund) {
+            f.await
+        }
+    }
+
+    async fn finish(mut self, usage: Option<UsageJson>) {
+        let outcome = usage.map_or(Outcome::Estimate, Outcome::Usage);
+        if let Some(f) = self.take(outcome) {
+            f.await
+        }
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        if let Some(f) = self.take(Outcome::Estimate) {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(f);
+            }
+        }
+    }
+}
+
+async fn settle(
+    state: &AppState,
+    reservation: &Reservation,
+    limits: &Limits,
+    request_id: String,
+    model: String,
+    choices: u64,
+    outcome: Outcome,
+) {
+    let now = state.clock.now();
+    let ws = reservation.workspace;
+    let actual = match outcome {
+        Outcome::Usage(u) => {
+            if let Some(c) = u.completion_tokens {
+                state.estimator.observe(ws, &model, c / choices.max(1), now);
+            }
+            u.total()
+        }
+        Outcome::Refund => 0,
+        Outcome::Estimate => {
+            Metrics::inc(&state.metrics.settled_without_usage);
+            reservation.held.tokens
+        }
+    };
+    Metrics::add(&state.metrics.tokens_settled, actual);
+    if let Err(e) = state.limiter.settle(reservation, limits, actual, now).await {
+        Metrics::inc(&state.metrics.limiter_errors);
+        tracing::error!(error = %e, "settlement failed");
+    }
+    state.recorder.record(UsageRecord::Settled {
+        request_id,
+        workspace: ws,
+        day: day_of(now),
+        model,
+        tokens: actual,
+        at: (now / crate::limiter::NANOS_PER_SEC) as i64,
+    });
+}
+
+/// Splits a server-sent-event stream into whole events, reads the usage from them, and drops
+/// the usage-only chunk when the gateway asked for it on the client's behalf.
+struct SseScanner {
+    buf: Vec<u8>,
+    usage: Option<UsageJson>,
+    strip_usage_chunk: bool,
+}
+
+/// Length of the first complete event in `buf` (through its blank line), if any.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            match buf.get(i + 1) {
+                Some(b'\n') => return Some(i + 2),
+                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+impl SseScanner {
+    fn new(strip_usage_chunk: bool) -> Self {
+        SseScanner {
+            buf: Vec::new(),
+            usage: None,
+            strip_usage_chunk,
+        }
+    }
+
+    /// Takes a chunk; returns the whole events to pass on.
+    fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.buf.len());
+        let mut start = 0;
+        while let Some(len) = event_end(&self.buf[start..]) {
+            let event = &self.buf[start..start + len];
+            if keep_event(&mut self.usage, self.strip_usage_chunk, event) {
+                out.extend_from_slice(event);
+            }
+            start += len;
+        }
+        self.buf.drain(..start);
+        Bytes::from(out)
+    }
+
+    /// What is left when the stream ends without a final blank line.
+    fn finish(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.buf);
+        if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest) {
+            Bytes::from(rest)
+        } else {
+            Bytes::new()
+        }
+    }
+}
+
+/// Reads the usage from an event, if it has one; false for the usage-only chunk when it is to
+/// be removed.
+fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"\"usage\"";
+    if !event.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
+        return true;
+    }
+    let text = String::from_utf8_lossy(event);
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .collect();
+    let data = data.join("\n");
+    let Ok(chunk) = serde_json::from_str::<StreamChunk>(&data) else {
+        return true;
+    };
+    let Some(found) = chunk.usage else {
+        return true;
+    };
+    *usage = Some(found);
+    let usage_only = chunk.choices.is_some_and(|c| c.is_empty());
+    !(strip_usage_chunk && usage_only)
+}
+
+/// The body of a streamed answer: passes events on as they come and settles when it ends.
+struct MeteredStream {
+    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    scanner: SseScanner,
+    settlement: Option<Settlement>,
+    settling: Option<BoxFuture<'static, ()>>,
+    tail: Option<Bytes>,
+    done: bool,
+}
+
+impl MeteredStream {
+    fn start_settling(&mut self) {
+        if let Some(mut s) = self.settlement.take() {
+            let outcome = self.scanner.usage.map_or(Outcome::Estimate, Outcome::Usage);
+            self.settling = s.take(outcome);
+        }
+    }
+}
+
+impl Stream for MeteredStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(f) = this.settling.as_mut() {
+                if f.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                this.settling = None;
+            }
+            if this.done {
+                return Poll::Ready(this.tail.take().filter(|b| !b.is_empty()).map(Ok));
+            }
+            match this.upstream.poll_next_unpin(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let out = this.scanner.feed(&chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    // The upstream broke mid-stream: what was delivered is not refunded.
+                    tracing::warn!(error = %e, "upstream stream broke");
+                    this.done = true;
+                    this.start_settling();
+                    this.tail = None;
+                    if let Some(f) = this.settling.as_mut() {
+                        if f.as_mut().poll(cx).is_pending() {
+                            // Finish settling in the background; the client sees the break now.
+                            let f = this.settling.take().expect("just checked");
+                            tokio::spawn(f);
+                        } else {
+                            this.settling = None;
+                        }
+                    }
+                    return Poll::Ready(Some(Err(std::io::Error::other("upstream stream broke"))));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    this.tail = Some(this.scanner.finish());
+                    this.start_settling();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredStream {
+    fn drop(&mut self) {
+        if let Some(f) = self.settling.take() {
+            tokio::spawn(f);
+        }
+        let Some(settlement) = self.settlement.take() else {
+            return;
+        };
+        // The client went away mid-stream. Keep reading, briefly, for the real usage.
+        let mut upstream =
+            std::mem::replace(&mut self.upstream, futures_util::stream::empty().boxed());
+        let mut scanner = std::mem::replace(&mut self.scanner, SseScanner::new(false));
+        let drain = settlement.state.config.upstream.usage_drain;
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn(async move {
+            let read = async {
+                while scanner.usage.is_none() {
+                    match upstream.next().await {
+                        Some(Ok(chunk)) => {
+                            scanner.feed(&chunk);
+                        }
+                        _ => break,
+                    }
+                }
+                scanner.finish();
+            };
+            let _ = tokio::time::timeout(drain, read).await;
+            settlement.finish(scanner.usage).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scanner_reads_usage_and_strips_only_the_usage_only_chunk() {
+        let mut s = SseScanner::new(true);
+        let a =
+            s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda");
+        assert_eq!(
+            &a[..],
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n"
+        );
+        let b = s.feed(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\r\n\r\ndata: [DONE]\n\n");
+        assert_eq!(&b[..], b"data: [DONE]\n\n");
+        assert_eq!(s.usage.unwrap().total(), 7);
+
+        // Usage on a chunk that also has choices (the Mistral API's way) is read and kept.
+        let mut s = SseScanner::new(true);
+        let c = s.feed(b"data: {\"choices\":[{\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n");
+        assert!(!c.is_empty());
+        assert_eq!(s.usage.unwrap().total(), 3);
+
+        // Not stripping: the usage-only chunk passes.
+        let mut s = SseScanner::new(false);
+        let d = s.feed(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":5}}\n\n");
+        assert!(!d.is_empty());
+    }
+}

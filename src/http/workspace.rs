@@ -1,0 +1,89 @@
+//! The workspace's own API, with its key: its limits and usage (the data of the limits page),
+//! and its requests for higher limits. These routes count against no limit.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::admin::{limit_request_json, usage_json, JsonBody};
+use super::authenticate;
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::model::Overrides;
+
+pub async fn limits(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    let ws = &entry.workspace;
+    let tiers = state.store.list_tiers().await?;
+    let tier_limits = tiers.iter().find(|t| t.name == ws.tier).map(|t| &t.limits);
+    let usage = usage_json(&state, ws, &entry.limits, None, None).await?;
+    Ok(Json(json!({
+        "workspace": { "id": ws.id, "name": ws.name, "status": ws.status },
+        "tier": ws.tier,
+        "limits": *entry.limits,
+        "tier_limits": tier_limits,
+        "overrides": ws.overrides,
+        "usage": usage,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewLimitRequest {
+    use_case: String,
+    #[serde(default)]
+    requested_limits: Overrides,
+}
+
+pub async fn create_limit_request(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<NewLimitRequest>,
+) -> Result<Response, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    let use_case = body.use_case.trim();
+    if use_case.is_empty() {
+        return Err(ApiError::BadRequest(
+            "'use_case' must say what the higher limits are for".into(),
+        ));
+    }
+    if body.requested_limits.is_empty() {
+        return Err(ApiError::BadRequest(
+            "'requested_limits' must name at least one of requests_per_second, tokens_per_minute, tokens_per_month, concurrent_requests".into(),
+        ));
+    }
+    body.requested_limits
+        .validate()
+        .map_err(|m| ApiError::BadRequest(format!("requested_limits: {m}")))?;
+    let request = state
+        .store
+        .create_limit_request(
+            entry.workspace.id,
+            use_case,
+            &body.requested_limits,
+            state.clock.now_secs(),
+        )
+        .await?;
+    Ok((StatusCode::CREATED, Json(limit_request_json(&request))).into_response())
+}
+
+pub async fn list_limit_requests(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    let list = state
+        .store
+        .list_limit_requests(Some(entry.workspace.id), None)
+        .await?;
+    let data: Vec<Value> = list.iter().map(limit_request_json).collect();
+    Ok(Json(json!({ "object": "list", "data": data })))
+}

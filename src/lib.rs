@@ -1,0 +1,21 @@
+//! tiergate: a rate-limit and usage-tier gateway for OpenAI/Mistral-compatible LLM APIs.
+//!
+//! The binary is thin; everything is here so that `main` and the tests build the same `app()`.
+//! See ARCHITECTURE.md for the map.
+
+pub mod app;
+pub mod catalog;
+pub mod clock;
+pub mod config;
+pub mod demo;
+pub mod estimate;
+pub mod http;
+pub mod limiter;
+pub mod metrics;
+pub mod mock_upstream;
+pub mod model;
+pub mod store;
+pub mod usage;
+
+pub use app::{app, App, AppError, AppState};
+pub use config::{Config, RawSettings};

@@ -1,0 +1,148 @@
+//! Counters for operators, rendered as Prometheus text on `/metrics`.
+//!
+//! A handful of atomics written by hand: the `metrics` facade plus an exporter would add an HTTP
+//! server and a registry for a dozen counters that the gateway's own router already serves.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::limiter::{DenialKind, LimitName};
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub requests: AtomicU64,
+    pub admitted: AtomicU64,
+    pub unauthenticated: AtomicU64,
+    denied: [AtomicU64; 6],
+    pub denied_too_large: AtomicU64,
+    pub upstream_rate_limited: AtomicU64,
+    pub upstream_server_errors: AtomicU64,
+    pub upstream_unreachable: AtomicU64,
+    pub upstream_timeouts: AtomicU64,
+    pub refunds: AtomicU64,
+    pub tokens_estimated: AtomicU64,
+    pub tokens_settled: AtomicU64,
+    pub settled_without_usage: AtomicU64,
+    pub ledger_write_errors: AtomicU64,
+    pub limiter_errors: AtomicU64,
+}
+
+const LIMITS: [LimitName; 6] = [
+    LimitName::RequestsPerSecond,
+    LimitName::TokensPerMinute,
+    LimitName::TokensPerMonth,
+    LimitName::ConcurrentRequests,
+    LimitName::ModelTokensPerMinute,
+    LimitName::ModelTokensPerMonth,
+];
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn denied(&self, limit: LimitName, kind: DenialKind) {
+        if kind == DenialKind::RequestTooLarge {
+            Self::inc(&self.denied_too_large);
+        } else {
+            let i = LIMITS.iter().position(|l| *l == limit).unwrap_or(0);
+            Self::inc(&self.denied[i]);
+        }
+    }
+
+    pub fn render(&self, tracked_workspaces: usize) -> String {
+        let mut out = String::new();
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+            );
+        };
+        counter(
+            "tiergate_requests_total",
+            "Requests received on /v1 routes.",
+            get(&self.requests),
+        );
+        counter(
+            "tiergate_admitted_total",
+            "Requests admitted by the limiter.",
+            get(&self.admitted),
+        );
+        counter(
+            "tiergate_unauthenticated_total",
+            "Requests refused for a missing or unknown key.",
+            get(&self.unauthenticated),
+        );
+        counter(
+            "tiergate_denied_too_large_total",
+            "Requests that can never fit a limit.",
+            get(&self.denied_too_large),
+        );
+        counter(
+            "tiergate_upstream_rate_limited_total",
+            "Upstream 429 answers passed through (not the workspace's own denials).",
+            get(&self.upstream_rate_limited),
+        );
+        counter(
+            "tiergate_upstream_server_errors_total",
+            "Upstream 5xx answers passed through.",
+            get(&self.upstream_server_errors),
+        );
+        counter(
+            "tiergate_upstream_unreachable_total",
+            "Upstream connection failures (502).",
+            get(&self.upstream_unreachable),
+        );
+        counter(
+            "tiergate_upstream_timeouts_total",
+            "Upstream timeouts (504).",
+            get(&self.upstream_timeouts),
+        );
+        counter(
+            "tiergate_refunds_total",
+            "Reservations refunded because the upstream produced nothing.",
+            get(&self.refunds),
+        );
+        counter(
+            "tiergate_tokens_estimated_total",
+            "Tokens reserved as estimates.",
+            get(&self.tokens_estimated),
+        );
+        counter(
+            "tiergate_tokens_settled_total",
+            "Tokens settled from upstream usage.",
+            get(&self.tokens_settled),
+        );
+        counter(
+            "tiergate_settled_without_usage_total",
+            "Requests settled to the estimate because no usage could be read.",
+            get(&self.settled_without_usage),
+        );
+        counter(
+            "tiergate_ledger_write_errors_total",
+            "Failed ledger batch writes (retried).",
+            get(&self.ledger_write_errors),
+        );
+        counter(
+            "tiergate_limiter_errors_total",
+            "Limiter backend errors.",
+            get(&self.limiter_errors),
+        );
+        let _ = writeln!(out, "# HELP tiergate_denied_total Requests denied by the workspace's own limits.\n# TYPE tiergate_denied_total counter");
+        for (limit, c) in LIMITS.iter().zip(&self.denied) {
+            let _ = writeln!(
+                out,
+                "tiergate_denied_total{{limit=\"{}\"}} {}",
+                limit.as_str(),
+                get(c)
+            );
+        }
+        let _ = writeln!(out, "# HELP tiergate_tracked_workspaces Workspaces whose limiter state is in memory.\n# TYPE tiergate_tracked_workspaces gauge\ntiergate_tracked_workspaces {tracked_workspaces}");
+        out
+    }
+}

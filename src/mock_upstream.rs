@@ -1,0 +1,1251 @@
+//! Fake OpenAI/Mistral-compatible LLM upstream for the demo, the tests and the benchmarks.
+//!
+//! Start it with [`serve`], or mount [`router`] yourself. Answers are deterministic, so tests can
+//! compute the expected usage figures with [`prompt_tokens_of`] and the rule below.
+//!
+//! # Routes
+//!
+//! | Route | Answer |
+//! |---|---|
+//! | `POST /v1/chat/completions` | `chat.completion`; `messages[].content` is a string or an array of `{"type":"text","text":...}` parts |
+//! | `POST /v1/completions` | `text_completion` with `choices[].text`; `prompt` is a string or an array of strings |
+//! | `POST /v1/fim/completions` | `chat.completion` (what Mistral answers); `prompt` plus optional `suffix` |
+//! | `POST /v1/embeddings` | one embedding of 8 floats per `input` (a string or an array of strings); usage has `completion_tokens: 0` |
+//! | `GET /v1/models` | OpenAI list of `mistral-small-latest`, `mistral-large-latest`, `codestral-latest` |
+//! | `GET /mock/requests` | `{"count": N}`: requests received so far, this route excluded |
+//!
+//! Any other path answers 404, a wrong method 405, both with a JSON error. A body that is not JSON,
+//! or not of the expected shape, answers 400 with
+//! `{"object":"error","message":...,"type":"invalid_request_error","param":null,"code":null}`.
+//! A missing `model` defaults to `mock-model`.
+//!
+//! # Usage rule
+//!
+//! Deliberately unlike the `chars / 4` estimate, so tests can tell upstream figures from estimates.
+//!
+//! - A text costs its whitespace-separated words plus its ASCII punctuation characters
+//!   ([`prompt_tokens_of`]): `"Hello, world!"` costs 2 + 2 = 4.
+//! - `prompt_tokens` is the sum of that over every message content (each text part of an array
+//!   content), **plus 3 per chat message**; over every prompt string and the FIM `suffix`; over
+//!   every embeddings input.
+//! - Each choice replies `min(max_tokens, 16)` words (`max_completion_tokens` when `max_tokens` is
+//!   absent, 16 without either), cycling `mock token stream lorem ipsum dolor sit amet`, each word
+//!   followed by one space. `finish_reason` is `"length"` when the limit is below 16, else `"stop"`.
+//! - `completion_tokens` is the reply length times `n` when `n > 1` (`n` choices);
+//!   `total_tokens = prompt_tokens + completion_tokens`.
+//!
+//! Example: messages `"You are terse."` and `"Hello, world! How are you?"` with `max_tokens: 5`
+//! give `prompt_tokens` (3 + 1) + (5 + 3) + 2 × 3 = 18, `completion_tokens` 5, `total_tokens` 23.
+//!
+//! # Streaming
+//!
+//! With `"stream": true` (chat, completions, FIM) the answer is `text/event-stream`: one
+//! `data: {...}\n\n` event per reply word (`chat.completion.chunk` with `delta.content`, or
+//! `text_completion` with `text` on `/v1/completions`), then one event per choice with its
+//! `finish_reason`, then `data: [DONE]\n\n`. Chunks carry `"usage": null`, except that:
+//!
+//! - with `"stream_options": {"include_usage": true}` an extra event with `"choices": []` and the
+//!   usage comes just before `[DONE]` (OpenAI behaviour);
+//! - with the header `x-mock-stream-usage: last-chunk` the last `finish_reason` chunk carries the
+//!   usage and no extra event is sent, whatever `stream_options` says (Mistral behaviour).
+//!
+//! Each event is a separate body chunk. Streams wait the latency before the first event, then
+//! latency / 16 between events (no wait at all without latency).
+//!
+//! # Controls
+//!
+//! Request headers (a gateway forwards them), all optional:
+//!
+//! | Header | Effect |
+//! |---|---|
+//! | `x-mock-usage: P,C` | report `prompt_tokens` P and `completion_tokens` C exactly; each choice is C words long (embeddings use P only) |
+//! | `x-mock-latency-ms: N` | wait N ms, on top of [`MockConfig::latency`], before answering (streams: before the first event) |
+//! | `x-mock-no-usage: 1` | no usage: `usage` omitted from JSON answers, always `null` in streams |
+//! | `x-mock-fail-after-chunks: N` | a stream aborts with an I/O error after N content events (after the last one if fewer): the client sees a broken transfer, with no `finish_reason`, usage or `[DONE]` |
+//! | `x-mock-status: CODE` | on the `/v1` routes above, answer CODE (400–599) with a JSON error: 429 is Mistral's `{"object":"error","message":"Upstream rate limit","type":"rate_limited","param":null,"code":"1300"}`, 5xx has `"type":"server_error"`, others `"type":"invalid_request_error"` |
+//! | `x-mock-echo-headers: 1` | every JSON object answered (errors and stream chunks included) gets a top-level `"received_headers"`: request header name (lowercase) → value, repeated headers joined with `", "` |
+//! | `x-mock-stream-usage: last-chunk` | usage in the last `finish_reason` chunk (see Streaming) |
+//! | `x-mock-reject-stream-options: 1` | a chat, completions or FIM body containing `stream_options` answers 422, as the Mistral API does |
+//!
+//! Flags take `1`/`true` or `0`/`false`; an unparsable control answers 400 naming the header.
+//! Checks run in this order: controls, `x-mock-status`, body (400), `stream_options` (422).
+//!
+//! Every answer carries `x-mock-request-count` (requests received by this router so far, this
+//! one included; `GET /mock/requests` is not counted) and `x-ratelimit-limit-requests: 999`, a
+//! stand-in for the rate-limit headers of a real upstream, which a gateway must strip.
+
+use std::{
+    future::Future,
+    io, iter,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    body::Body,
+    extract::{FromRequestParts, Request, State},
+    http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode, Uri},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use bytes::Bytes;
+use futures_util::{stream, StreamExt};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+const DEFAULT_REPLY_WORDS: u64 = 16;
+const TOKENS_PER_MESSAGE: u64 = 3;
+const VOCABULARY: [&str; 8] = [
+    "mock", "token", "stream", "lorem", "ipsum", "dolor", "sit", "amet",
+];
+const MODELS: [&str; 3] = [
+    "mistral-small-latest",
+    "mistral-large-latest",
+    "codestral-latest",
+];
+const EMBEDDING_DIMENSIONS: u32 = 8;
+const STREAM_GAP_DIVISOR: u32 = 16;
+const REQUESTS_PATH: &str = "/mock/requests";
+
+/// Settings of a mock upstream.
+#[derive(Debug, Clone, Default)]
+pub struct MockConfig {
+    /// Delay before every answer (before the first event of a stream).
+    pub latency: Duration,
+}
+
+/// The mock's routes, with a fresh request counter.
+pub fn router(config: MockConfig) -> Router {
+    let state = Arc::new(MockState {
+        config,
+        requests: AtomicU64::new(0),
+        completions: AtomicU64::new(0),
+    });
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(text_completions))
+        .route("/v1/fim/completions", post(fim_completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/v1/models", get(models))
+        .route(REQUESTS_PATH, get(request_count))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
+        .with_state(state)
+}
+
+/// Serves [`router`] on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    config: MockConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    axum::serve(listener, router(config))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Documented usage rule, public so tests can compute expected figures: whitespace-separated
+/// words plus ASCII punctuation characters.
+pub fn prompt_tokens_of(text: &str) -> u64 {
+    let words = text.split_whitespace().count();
+    let punctuation = text.bytes().filter(u8::is_ascii_punctuation).count();
+    (words + punctuation) as u64
+}
+
+struct MockState {
+    config: MockConfig,
+    requests: AtomicU64,
+    completions: AtomicU64,
+}
+
+type SharedState = Arc<MockState>;
+
+impl MockState {
+    fn next_id(&self) -> u64 {
+        self.completions.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
+async fn count_requests(
+    State(state): State<SharedState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let count = if request.uri().path() == REQUESTS_PATH {
+        state.requests.load(Ordering::Relaxed)
+    } else {
+        state.requests.fetch_add(1, Ordering::Relaxed) + 1
+    };
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert("x-mock-request-count", HeaderValue::from(count));
+    headers.insert(
+        "x-ratelimit-limit-requests",
+        HeaderValue::from_static("999"),
+    );
+    response
+}
+
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            code: None,
+        }
+    }
+
+    fn invalid_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    fn forced(status: StatusCode) -> Self {
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            Self {
+                code: Some("1300"),
+                ..Self::new(status, "rate_limited", "Upstream rate limit")
+            }
+        } else if status.is_server_error() {
+            Self::new(status, "server_error", format!("Upstream error: {status}"))
+        } else {
+            Self::new(
+                status,
+                "invalid_request_error",
+                format!("Upstream error: {status}"),
+            )
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({
+            "object": "error",
+            "message": self.message,
+            "type": self.kind,
+            "param": null,
+            "code": self.code,
+        })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body())).into_response()
+    }
+}
+
+#[derive(Debug, Default)]
+struct Controls {
+    latency: Duration,
+    usage: Option<(u64, u64)>,
+    no_usage: bool,
+    fail_after_chunks: Option<u64>,
+    status: Option<StatusCode>,
+    echo: Option<Value>,
+    usage_in_last_chunk: bool,
+    reject_stream_options: bool,
+}
+
+impl Controls {
+    fn from_headers(headers: &HeaderMap) -> Result<Self, ApiError> {
+        let echo = control(headers, "x-mock-echo-headers", parse_flag)?.unwrap_or(false);
+        Ok(Self {
+            latency: Duration::from_millis(
+                control(headers, "x-mock-latency-ms", |v| v.parse().ok())?.unwrap_or(0),
+            ),
+            usage: control(headers, "x-mock-usage", parse_usage)?,
+            no_usage: control(headers, "x-mock-no-usage", parse_flag)?.unwrap_or(false),
+            fail_after_chunks: control(headers, "x-mock-fail-after-chunks", |v| v.parse().ok())?,
+            status: control(headers, "x-mock-status", parse_error_status)?,
+            echo: echo.then(|| headers_json(headers)),
+            usage_in_last_chunk: control(headers, "x-mock-stream-usage", |v| {
+                (v == "last-chunk").then_some(true)
+            })?
+            .unwrap_or(false),
+            reject_stream_options: control(headers, "x-mock-reject-stream-options", parse_flag)?
+                .unwrap_or(false),
+        })
+    }
+
+    fn delay(&self, config: &MockConfig) -> Duration {
+        config.latency + self.latency
+    }
+
+    fn check_status(&self) -> Result<(), ApiError> {
+        self.status
+            .map_or(Ok(()), |status| Err(ApiError::forced(status)))
+    }
+
+    fn usage_or(&self, computed: Usage) -> Option<Usage> {
+        match self.usage {
+            _ if self.no_usage => None,
+            Some((prompt, completion)) => Some(Usage::new(prompt, completion)),
+            None => Some(computed),
+        }
+    }
+
+    fn decorate(&self, body: &mut Value) {
+        if let (Some(headers), Some(object)) = (&self.echo, body.as_object_mut()) {
+            object.insert("received_headers".to_owned(), headers.clone());
+        }
+    }
+
+    fn reply(&self, status: StatusCode, mut body: Value) -> Response {
+        self.decorate(&mut body);
+        (status, Json(body)).into_response()
+    }
+
+    fn fail(&self, error: ApiError) -> Response {
+        self.reply(error.status, error.body())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Controls {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Self::from_headers(&parts.headers)
+    }
+}
+
+fn control<T>(
+    headers: &HeaderMap,
+    name: &str,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    let Some(value) = headers.get(name) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|value| parse(value.trim()))
+        .map(Some)
+        .ok_or_else(|| ApiError::invalid_request(format!("Invalid {name} header: {value:?}")))
+}
+
+fn parse_flag(value: &str) -> Option<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "1" | "true" => Some(true),
+        "0" | "false" => Some(false),
+        _ => None,
+    }
+}
+
+fn parse_usage(value: &str) -> Option<(u64, u64)> {
+    let (prompt, completion) = value.split_once(',')?;
+    Some((prompt.trim().parse().ok()?, completion.trim().parse().ok()?))
+}
+
+fn parse_error_status(value: &str) -> Option<StatusCode> {
+    let code = value
+        .parse()
+        .ok()
+        .filter(|code| (400..=599).contains(code))?;
+    StatusCode::from_u16(code).ok()
+}
+
+fn headers_json(headers: &HeaderMap) -> Value {
+    let received: Map<String, Value> = headers
+        .keys()
+        .map(|name| {
+            let values: Vec<_> = headers
+                .get_all(name)
+                .iter()
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                .collect();
+            (name.as_str().to_owned(), Value::from(values.join(", ")))
+        })
+        .collect();
+    Value::Object(received)
+}
+
+async fn pause(duration: Duration) {
+    if !duration.is_zero() {
+        tokio::time::sleep(duration).await;
+    }
+}
+
+async fn json_answer(
+    state: &MockState,
+    controls: &Controls,
+    result: Result<Value, ApiError>,
+) -> Response {
+    pause(controls.delay(&state.config)).await;
+    match result {
+        Ok(body) => controls.reply(StatusCode::OK, body),
+        Err(error) => controls.fail(error),
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::invalid_request(format!("Invalid JSON body: {error}")))
+}
+
+fn decode<T: DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    T::deserialize(body)
+        .map_err(|error| ApiError::invalid_request(format!("Invalid request body: {error}")))
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+fn default_model() -> String {
+    "mock-model".to_owned()
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+struct Usage {
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    total_tokens: u64,
+}
+
+impl Usage {
+    fn new(prompt_tokens: u64, completion_tokens: u64) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TextInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl TextInput {
+    fn pieces(&self) -> &[String] {
+        match self {
+            Self::One(text) => std::slice::from_ref(text),
+            Self::Many(texts) => texts,
+        }
+    }
+
+    fn tokens(&self) -> u64 {
+        self.pieces()
+            .iter()
+            .map(|text| prompt_tokens_of(text))
+            .sum()
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MessageContent {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    text: Option<String>,
+}
+
+impl MessageContent {
+    fn tokens(&self) -> u64 {
+        match self {
+            Self::Text(text) => prompt_tokens_of(text),
+            Self::Parts(parts) => parts
+                .iter()
+                .filter_map(|part| part.text.as_deref())
+                .map(prompt_tokens_of)
+                .sum(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    content: Option<MessageContent>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct GenerationOptions {
+    #[serde(default = "default_model")]
+    model: String,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    n: Option<u64>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(default)]
+    messages: Vec<ChatMessage>,
+    #[serde(flatten)]
+    options: GenerationOptions,
+}
+
+#[derive(Deserialize)]
+struct TextRequest {
+    prompt: Option<TextInput>,
+    #[serde(flatten)]
+    options: GenerationOptions,
+}
+
+#[derive(Deserialize)]
+struct FimRequest {
+    prompt: Option<String>,
+    suffix: Option<String>,
+    #[serde(flatten)]
+    options: GenerationOptions,
+}
+
+#[derive(Deserialize)]
+struct EmbeddingRequest {
+    #[serde(default = "default_model")]
+    model: String,
+    input: Option<TextInput>,
+}
+
+trait CompletionRequest: DeserializeOwned {
+    const KIND: Kind;
+    fn prompt_tokens(&self) -> u64;
+    fn into_options(self) -> GenerationOptions;
+}
+
+impl CompletionRequest for ChatRequest {
+    const KIND: Kind = Kind::Chat;
+
+    fn prompt_tokens(&self) -> u64 {
+        self.messages
+            .iter()
+            .map(|message| {
+                TOKENS_PER_MESSAGE + message.content.as_ref().map_or(0, MessageContent::tokens)
+            })
+            .sum()
+    }
+
+    fn into_options(self) -> GenerationOptions {
+        self.options
+    }
+}
+
+impl CompletionRequest for TextRequest {
+    const KIND: Kind = Kind::Text;
+
+    fn prompt_tokens(&self) -> u64 {
+        self.prompt.as_ref().map_or(0, TextInput::tokens)
+    }
+
+    fn into_options(self) -> GenerationOptions {
+        self.options
+    }
+}
+
+impl CompletionRequest for FimRequest {
+    const KIND: Kind = Kind::Chat;
+
+    fn prompt_tokens(&self) -> u64 {
+        [&self.prompt, &self.suffix]
+            .into_iter()
+            .flatten()
+            .map(|text| prompt_tokens_of(text))
+            .sum()
+    }
+
+    fn into_options(self) -> GenerationOptions {
+        self.options
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+impl Kind {
+    fn object(self) -> &'static str {
+        match self {
+            Self::Chat => "chat.completion",
+            Self::Text => "text_completion",
+        }
+    }
+
+    fn chunk_object(self) -> &'static str {
+        match self {
+            Self::Chat => "chat.completion.chunk",
+            Self::Text => "text_completion",
+        }
+    }
+
+    fn choice(self, index: u64, content: &str, finish_reason: &str) -> Value {
+        match self {
+            Self::Chat => json!({
+                "index": index,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": finish_reason,
+            }),
+            Self::Text => json!({
+                "index": index,
+                "text": content,
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        }
+    }
+
+    fn delta(self, index: u64, content: Option<&str>, finish_reason: Option<&str>) -> Value {
+        match self {
+            Self::Chat => json!({
+                "index": index,
+                "delta": content.map_or_else(|| json!({}), |content| json!({"content": content})),
+                "finish_reason": finish_reason,
+            }),
+            Self::Text => json!({
+                "index": index,
+                "text": content.unwrap_or_default(),
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }),
+        }
+    }
+}
+
+fn reply_words(count: u64) -> impl Iterator<Item = String> {
+    VOCABULARY
+        .iter()
+        .cycle()
+        .take(usize::try_from(count).unwrap_or(usize::MAX))
+        .map(|word| format!("{word} "))
+}
+
+struct Completion {
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    choices: u64,
+    words: u64,
+    finish_reason: &'static str,
+    usage: Option<Usage>,
+    stream: bool,
+    include_usage: bool,
+}
+
+impl Completion {
+    fn new(
+        state: &MockState,
+        controls: &Controls,
+        kind: Kind,
+        prompt_tokens: u64,
+        options: GenerationOptions,
+    ) -> Self {
+        let choices = options.n.unwrap_or(1).max(1);
+        let limit = options.max_tokens.or(options.max_completion_tokens);
+        let (words, finish_reason) = match (controls.usage, limit) {
+            (Some((_, completion)), _) => (completion, "stop"),
+            (None, Some(limit)) if limit < DEFAULT_REPLY_WORDS => (limit, "length"),
+            (None, _) => (DEFAULT_REPLY_WORDS, "stop"),
+        };
+        Self {
+            kind,
+            id: format!("cmpl-mock-{}", state.next_id()),
+            created: unix_now(),
+            model: options.model,
+            choices,
+            words,
+            finish_reason,
+            usage: controls.usage_or(Usage::new(prompt_tokens, words * choices)),
+            stream: options.stream.unwrap_or(false),
+            include_usage: options
+                .stream_options
+                .is_some_and(|stream_options| stream_options.include_usage),
+        }
+    }
+
+    fn body(&self) -> Value {
+        let content: String = reply_words(self.words).collect();
+        let choices: Vec<Value> = (0..self.choices)
+            .map(|index| self.kind.choice(index, &content, self.finish_reason))
+            .collect();
+        let mut body = json!({
+            "id": self.id,
+            "object": self.kind.object(),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        });
+        if let Some(usage) = self.usage {
+            body["usage"] = json!(usage);
+        }
+        body
+    }
+
+    fn chunk(&self, choices: Vec<Value>, usage: Option<Usage>) -> Value {
+        json!({
+            "id": self.id,
+            "object": self.kind.chunk_object(),
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        })
+    }
+
+    fn events(&self, controls: &Controls) -> Vec<io::Result<Bytes>> {
+        let sse = |mut chunk: Value| {
+            controls.decorate(&mut chunk);
+            Ok(Bytes::from(format!("data: {chunk}\n\n")))
+        };
+        let content = (0..self.choices)
+            .flat_map(|index| reply_words(self.words).map(move |word| (index, word)))
+            .map(|(index, word)| self.chunk(vec![self.kind.delta(index, Some(&word), None)], None));
+        if let Some(limit) = controls.fail_after_chunks {
+            return content
+                .take(usize::try_from(limit).unwrap_or(usize::MAX))
+                .map(sse)
+                .chain(iter::once(Err(io::Error::other(
+                    "mock upstream aborted the stream",
+                ))))
+                .collect();
+        }
+        let last_choice = self.choices - 1;
+        let finishes = (0..self.choices).map(|index| {
+            let usage = self
+                .usage
+                .filter(|_| controls.usage_in_last_chunk && index == last_choice);
+            let delta = self.kind.delta(index, None, Some(self.finish_reason));
+            self.chunk(vec![delta], usage)
+        });
+        let usage_chunk = self
+            .usage
+            .filter(|_| self.include_usage && !controls.usage_in_last_chunk)
+            .map(|usage| self.chunk(Vec::new(), Some(usage)));
+        content
+            .chain(finishes)
+            .chain(usage_chunk)
+            .map(sse)
+            .chain(iter::once(Ok(Bytes::from_static(b"data: [DONE]\n\n"))))
+            .collect()
+    }
+}
+
+fn event_stream(events: Vec<io::Result<Bytes>>, delay: Duration) -> Response {
+    let gap = delay / STREAM_GAP_DIVISOR;
+    let events = stream::iter(events.into_iter().enumerate()).then(move |(position, event)| {
+        let wait = if position == 0 { delay } else { gap };
+        async move {
+            pause(wait).await;
+            if event.is_err() {
+                // Hands control back to hyper so it flushes the chunks already queued before the
+                // error tears the connection down.
+                tokio::task::yield_now().await;
+            }
+            event
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(events),
+    )
+        .into_response()
+}
+
+fn completion_from<R: CompletionRequest>(
+    state: &MockState,
+    controls: &Controls,
+    body: &[u8],
+) -> Result<Completion, ApiError> {
+    controls.check_status()?;
+    let json = parse_json(body)?;
+    if controls.reject_stream_options && json.get("stream_options").is_some() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "Extra inputs are not permitted: body.stream_options",
+        ));
+    }
+    let request: R = decode(&json)?;
+    let prompt_tokens = request.prompt_tokens();
+    Ok(Completion::new(
+        state,
+        controls,
+        R::KIND,
+        prompt_tokens,
+        request.into_options(),
+    ))
+}
+
+async fn complete<R: CompletionRequest>(
+    state: &MockState,
+    controls: Controls,
+    body: &[u8],
+) -> Response {
+    match completion_from::<R>(state, &controls, body) {
+        Ok(completion) if completion.stream => {
+            event_stream(completion.events(&controls), controls.delay(&state.config))
+        }
+        result => json_answer(state, &controls, result.map(|completion| completion.body())).await,
+    }
+}
+
+async fn chat_completions(
+    State(state): State<SharedState>,
+    controls: Controls,
+    body: Bytes,
+) -> Response {
+    complete::<ChatRequest>(&state, controls, &body).await
+}
+
+async fn text_completions(
+    State(state): State<SharedState>,
+    controls: Controls,
+    body: Bytes,
+) -> Response {
+    complete::<TextRequest>(&state, controls, &body).await
+}
+
+async fn fim_completions(
+    State(state): State<SharedState>,
+    controls: Controls,
+    body: Bytes,
+) -> Response {
+    complete::<FimRequest>(&state, controls, &body).await
+}
+
+fn embedding_of(text: &str) -> Vec<f32> {
+    let seed = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (0..EMBEDDING_DIMENSIONS)
+        .map(|dimension| {
+            let bits = seed.rotate_left(dimension * 8).to_le_bytes();
+            f32::from(u16::from_le_bytes([bits[0], bits[1]])) / f32::from(u16::MAX) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn embeddings_body(state: &MockState, controls: &Controls, body: &[u8]) -> Result<Value, ApiError> {
+    controls.check_status()?;
+    let request: EmbeddingRequest = decode(&parse_json(body)?)?;
+    let inputs = request.input.as_ref().map_or(&[][..], TextInput::pieces);
+    let data: Vec<Value> = inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            json!({"object": "embedding", "index": index, "embedding": embedding_of(text)})
+        })
+        .collect();
+    let prompt_tokens = inputs.iter().map(|text| prompt_tokens_of(text)).sum();
+    let mut answer = json!({
+        "id": format!("embd-mock-{}", state.next_id()),
+        "object": "list",
+        "data": data,
+        "model": request.model,
+    });
+    if let Some(usage) = controls.usage_or(Usage::new(prompt_tokens, 0)) {
+        answer["usage"] = json!(Usage::new(usage.prompt_tokens, 0));
+    }
+    Ok(answer)
+}
+
+async fn embeddings(State(state): State<SharedState>, controls: Controls, body: Bytes) -> Response {
+    let result = embeddings_body(&state, &controls, &body);
+    json_answer(&state, &controls, result).await
+}
+
+async fn models(State(state): State<SharedState>, controls: Controls) -> Response {
+    let created = unix_now();
+    let result = controls.check_status().map(|()| {
+        let data: Vec<Value> = MODELS
+            .iter()
+            .map(|id| json!({"id": id, "object": "model", "created": created, "owned_by": "mistralai"}))
+            .collect();
+        json!({"object": "list", "data": data})
+    });
+    json_answer(&state, &controls, result).await
+}
+
+async fn request_count(State(state): State<SharedState>) -> Json<Value> {
+    Json(json!({"count": state.requests.load(Ordering::Relaxed)}))
+}
+
+async fn not_found(State(state): State<SharedState>, controls: Controls, uri: Uri) -> Response {
+    let error = ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        format!("No route for {}", uri.path()),
+    );
+    json_answer(&state, &controls, Err(error)).await
+}
+
+async fn method_not_allowed(
+    State(state): State<SharedState>,
+    controls: Controls,
+    uri: Uri,
+) -> Response {
+    let error = ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        format!("Method not allowed on {}", uri.path()),
+    );
+    json_answer(&state, &controls, Err(error)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{io::ErrorKind, net::SocketAddr};
+
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    struct RawResponse {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: String,
+        complete: bool,
+    }
+
+    impl RawResponse {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(key, _)| key == name)
+                .map(|(_, value)| value.as_str())
+        }
+
+        fn json(&self) -> Value {
+            serde_json::from_str(&self.body).expect("JSON body")
+        }
+
+        fn events(&self) -> Vec<&str> {
+            self.body
+                .split("\n\n")
+                .filter_map(|event| event.strip_prefix("data: "))
+                .collect()
+        }
+
+        fn chunks(&self) -> Vec<Value> {
+            self.events()
+                .into_iter()
+                .filter(|event| *event != "[DONE]")
+                .map(|event| serde_json::from_str(event).expect("JSON chunk"))
+                .collect()
+        }
+    }
+
+    async fn start() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(serve(
+            listener,
+            MockConfig::default(),
+            std::future::pending(),
+        ));
+        addr
+    }
+
+    async fn send(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> RawResponse {
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n",
+            body.len()
+        );
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        request.push_str("\r\n");
+        request.push_str(body);
+
+        let socket = TcpStream::connect(addr).await.unwrap();
+        let mut unsent = request.as_bytes();
+        while !unsent.is_empty() {
+            socket.writable().await.unwrap();
+            match socket.try_write(unsent) {
+                Ok(written) => unsent = &unsent[written..],
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {}
+                Err(error) => panic!("write failed: {error}"),
+            }
+        }
+        let mut raw = Vec::new();
+        let mut buffer = [0; 4096];
+        loop {
+            socket.readable().await.unwrap();
+            match socket.try_read(&mut buffer) {
+                Ok(0) => break,
+                Ok(read) => raw.extend_from_slice(&buffer[..read]),
+                Err(error) if error.kind() == ErrorKind::WouldBlock => {}
+                Err(_) => break,
+            }
+        }
+        parse_response(&String::from_utf8(raw).unwrap())
+    }
+
+    fn parse_response(raw: &str) -> RawResponse {
+        let (head, payload) = raw.split_once("\r\n\r\n").expect("complete head");
+        let mut lines = head.split("\r\n");
+        let status = lines.next().unwrap().split(' ').nth(1).unwrap();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_owned()))
+            .collect();
+        let chunked = headers
+            .iter()
+            .any(|(name, value)| name == "transfer-encoding" && value == "chunked");
+        let (body, complete) = if chunked {
+            dechunk(payload)
+        } else {
+            (payload.to_owned(), true)
+        };
+        RawResponse {
+            status: status.parse().unwrap(),
+            headers,
+            body,
+            complete,
+        }
+    }
+
+    fn dechunk(mut payload: &str) -> (String, bool) {
+        let mut body = String::new();
+        while let Some((size, rest)) = payload.split_once("\r\n") {
+            let Ok(size) = usize::from_str_radix(size, 16) else {
+                break;
+            };
+            if size == 0 {
+                return (body, true);
+            }
+            let Some(data) = rest.get(..size) else {
+                break;
+            };
+            body.push_str(data);
+            payload = rest.get(size + 2..).unwrap_or_default();
+        }
+        (body, false)
+    }
+
+    const CHAT: &str = r#"{"model":"mistral-small-latest","max_tokens":5,"messages":[
+        {"role":"system","content":"You are terse."},
+        {"role":"user","content":[{"type":"text","text":"Hello, world! How are you?"}]}]}"#;
+
+    fn stream_body(include_usage: bool) -> String {
+        format!(
+            r#"{{"model":"m","stream":true,"stream_options":{{"include_usage":{include_usage}}},
+                "messages":[{{"role":"user","content":"Hi!"}}]}}"#
+        )
+    }
+
+    #[test]
+    fn usage_rule_counts_words_and_punctuation() {
+        assert_eq!(prompt_tokens_of(""), 0);
+        assert_eq!(prompt_tokens_of("Hello, world!"), 4);
+        assert_eq!(prompt_tokens_of("  fn main() {}\n"), 7);
+        assert_eq!(prompt_tokens_of("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), 1);
+    }
+
+    #[tokio::test]
+    async fn chat_completion_reports_documented_usage() {
+        let addr = start().await;
+        let response = send(addr, "POST", "/v1/chat/completions", &[], CHAT).await;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("x-mock-request-count"), Some("1"));
+        assert_eq!(response.header("x-ratelimit-limit-requests"), Some("999"));
+        let body = response.json();
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(body["model"], "mistral-small-latest");
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 18, "completion_tokens": 5, "total_tokens": 23})
+        );
+        let choice = &body["choices"][0];
+        assert_eq!(
+            choice["message"]["content"],
+            "mock token stream lorem ipsum "
+        );
+        assert_eq!(choice["finish_reason"], "length");
+    }
+
+    #[tokio::test]
+    async fn completion_count_scales_with_n_and_defaults_to_sixteen() {
+        let addr = start().await;
+        let body = r#"{"model":"m","n":2,"prompt":["a b","c."]}"#;
+        let response = send(addr, "POST", "/v1/completions", &[], body).await;
+        let body = response.json();
+        assert_eq!(body["object"], "text_completion");
+        assert_eq!(body["choices"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            body["usage"],
+            json!({"prompt_tokens": 4, "completion_tokens": 32, "total_tokens": 36})
+        );
+    }
+
+    #[tokio::test]
+    async fn stream_without_include_usage_has_no_usage_chunk() {
+        let addr = start().await;
+        let response = send(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            &stream_body(false),
+        )
+        .await;
+        assert_eq!(response.header("content-type"), Some("text/event-stream"));
+        assert!(response.complete);
+        assert_eq!(response.events().last(), Some(&"[DONE]"));
+        let chunks = response.chunks();
+        assert_eq!(chunks.len(), 17);
+        assert!(chunks.iter().all(|chunk| chunk["usage"].is_null()));
+        assert!(chunks
+            .iter()
+            .all(|chunk| chunk["choices"].as_array().unwrap().len() == 1));
+        assert_eq!(chunks[0]["choices"][0]["delta"]["content"], "mock ");
+        assert_eq!(chunks[16]["choices"][0]["finish_reason"], "stop");
+    }
+
+    #[tokio::test]
+    async fn stream_with_include_usage_ends_with_usage_chunk() {
+        let addr = start().await;
+        let response = send(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            &stream_body(true),
+        )
+        .await;
+        let chunks = response.chunks();
+        assert_eq!(chunks.len(), 18);
+        let (last, others) = chunks.split_last().unwrap();
+        assert!(others.iter().all(|chunk| chunk["usage"].is_null()));
+        assert_eq!(last["choices"], json!([]));
+        assert_eq!(
+            last["usage"],
+            json!({"prompt_tokens": 5, "completion_tokens": 16, "total_tokens": 21})
+        );
+    }
+
+    #[tokio::test]
+    async fn mistral_style_stream_usage_rides_on_the_final_chunk() {
+        let addr = start().await;
+        let headers = [
+            ("x-mock-stream-usage", "last-chunk"),
+            ("x-mock-usage", "7,2"),
+        ];
+        let body = r#"{"stream":true,"prompt":"def f(","suffix":"return 1"}"#;
+        let response = send(addr, "POST", "/v1/fim/completions", &headers, body).await;
+        let chunks = response.chunks();
+        assert_eq!(chunks.len(), 3);
+        assert_eq!(chunks[2]["choices"][0]["finish_reason"], "stop");
+        assert_eq!(
+            chunks[2]["usage"],
+            json!({"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9})
+        );
+
+        let headers = [("x-mock-reject-stream-options", "1")];
+        let response = send(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &stream_body(true),
+        )
+        .await;
+        assert_eq!(response.status, 422);
+        assert_eq!(response.json()["object"], "error");
+    }
+
+    #[tokio::test]
+    async fn failing_stream_is_a_broken_transfer() {
+        let addr = start().await;
+        let headers = [("x-mock-fail-after-chunks", "3")];
+        let response = send(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &stream_body(true),
+        )
+        .await;
+        assert_eq!(response.status, 200);
+        assert!(!response.complete);
+        assert!(!response.body.contains("[DONE]"));
+        assert_eq!(response.chunks().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn errors_are_json_and_requests_are_counted() {
+        let addr = start().await;
+        let response = send(addr, "POST", "/v1/chat/completions", &[], "{nope").await;
+        assert_eq!(response.status, 400);
+        assert_eq!(response.json()["type"], "invalid_request_error");
+        assert_eq!(response.json()["param"], Value::Null);
+
+        let headers = [("x-mock-status", "429")];
+        let response = send(addr, "POST", "/v1/chat/completions", &headers, CHAT).await;
+        assert_eq!(response.status, 429);
+        assert_eq!(response.json()["code"], "1300");
+
+        let response = send(addr, "GET", "/v2/nothing", &[], "").await;
+        assert_eq!(response.status, 404);
+        assert_eq!(response.json()["object"], "error");
+
+        let response = send(addr, "GET", REQUESTS_PATH, &[], "").await;
+        assert_eq!(response.json(), json!({"count": 3}));
+    }
+
+    #[tokio::test]
+    async fn echoes_headers_and_serves_models_and_embeddings() {
+        let addr = start().await;
+        let headers = [
+            ("x-mock-echo-headers", "1"),
+            ("authorization", "Bearer upstream"),
+        ];
+        let response = send(addr, "GET", "/v1/models", &headers, "").await;
+        let body = response.json();
+        assert_eq!(body["data"].as_array().unwrap().len(), 3);
+        assert_eq!(body["received_headers"]["authorization"], "Bearer upstream");
+
+        let body = r#"{"model":"mistral-embed","input":["one two","three!"]}"#;
+        let response = send(addr, "POST", "/v1/embeddings", &[], body).await;
+        let body = response.json();
+        assert_eq!(body["data"][1]["embedding"].as_array().unwrap().len(), 8);
+        assert_eq!(body["usage"]["prompt_tokens"], 4);
+        assert_eq!(body["usage"]["total_tokens"], 4);
+    }
+}

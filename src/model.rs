@@ -1,0 +1,313 @@
+//! The domain: workspaces, tiers, limits, keys and limit requests.
+//!
+//! These types are plain data shared by the limiter, the store and the HTTP layer. They know
+//! nothing of SQL or HTTP. Limits use the same field names everywhere (config file, admin API,
+//! overrides, the limits page) so that an operator learns one vocabulary.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub type WorkspaceId = i64;
+pub type KeyId = i64;
+pub type LimitRequestId = i64;
+
+/// Per-model token limits, applied on top of the workspace-wide ones.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_month: Option<u64>,
+}
+
+/// A set of limits. `None` means "no such limit".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// Requests that may be sent at once; defaults to `max(1, ceil(requests_per_second))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_month: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_requests: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub models: BTreeMap<String, ModelLimits>,
+}
+
+impl Limits {
+    /// The burst that GCRA allows: the configured one, or `max(1, ceil(rps))`.
+    pub fn effective_burst(&self) -> u32 {
+        match (self.burst, self.requests_per_second) {
+            (Some(b), _) => b.max(1),
+            (None, Some(rps)) => (rps.ceil() as u32).max(1),
+            (None, None) => 1,
+        }
+    }
+
+    /// Checks that every figure is usable; names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        let Limits {
+            requests_per_second,
+            burst,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+            models,
+        } = self;
+        if let Some(rps) = requests_per_second {
+            if !rps.is_finite() || *rps <= 0.0 || *rps > 1_000_000.0 {
+                return Err(
+                    "requests_per_second must be a number above 0 and at most 1000000".into(),
+                );
+            }
+        }
+        if burst == &Some(0) {
+            return Err("burst must be at least 1".into());
+        }
+        if tokens_per_minute == &Some(0) {
+            return Err("tokens_per_minute must be at least 1 (leave it out for no limit)".into());
+        }
+        if tokens_per_month == &Some(0) {
+            return Err("tokens_per_month must be at least 1 (leave it out for no limit)".into());
+        }
+        if concurrent_requests == &Some(0) {
+            return Err(
+                "concurrent_requests must be at least 1 (leave it out for no limit)".into(),
+            );
+        }
+        for (model, m) in models {
+            if model.is_empty() {
+                return Err("models: a model name must not be empty".into());
+            }
+            if m.tokens_per_minute == Some(0) || m.tokens_per_month == Some(0) {
+                return Err(format!("models.{model}: limits must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Per-limit overrides a workspace may carry (what an approved increase sets). A `Some` wins over
+/// the tier's value.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Overrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_month: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrent_requests: Option<u32>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        *self == Overrides::default()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let Overrides {
+            requests_per_second,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+        } = self.clone();
+        Limits {
+            requests_per_second,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+            ..Limits::default()
+        }
+        .validate()
+    }
+
+    /// Sets every field that `granted` sets, keeping the others.
+    pub fn merge(&mut self, granted: &Overrides) {
+        let Overrides {
+            requests_per_second,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+        } = granted;
+        if requests_per_second.is_some() {
+            self.requests_per_second = *requests_per_second;
+        }
+        if tokens_per_minute.is_some() {
+            self.tokens_per_minute = *tokens_per_minute;
+        }
+        if tokens_per_month.is_some() {
+            self.tokens_per_month = *tokens_per_month;
+        }
+        if concurrent_requests.is_some() {
+            self.concurrent_requests = *concurrent_requests;
+        }
+    }
+
+    /// The effective limits: each override, else the tier's value.
+    pub fn apply(&self, tier: &Limits) -> Limits {
+        let Overrides {
+            requests_per_second,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+        } = self;
+        let mut limits = tier.clone();
+        if let Some(rps) = requests_per_second {
+            limits.requests_per_second = Some(*rps);
+            // A raised rate keeps at least the tier's burst, and at least one second's worth.
+            let burst = (rps.ceil() as u32).max(1).max(tier.burst.unwrap_or(0));
+            limits.burst = Some(burst);
+        }
+        if tokens_per_minute.is_some() {
+            limits.tokens_per_minute = *tokens_per_minute;
+        }
+        if tokens_per_month.is_some() {
+            limits.tokens_per_month = *tokens_per_month;
+        }
+        if concurrent_requests.is_some() {
+            limits.concurrent_requests = *concurrent_requests;
+        }
+        limits
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Tier {
+    pub name: String,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkspaceStatus {
+    Active,
+    Suspended,
+}
+
+impl WorkspaceStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkspaceStatus::Active => "active",
+            WorkspaceStatus::Suspended => "suspended",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(WorkspaceStatus::Active),
+            "suspended" => Some(WorkspaceStatus::Suspended),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Workspace {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub tier: String,
+    pub overrides: Overrides,
+    pub status: WorkspaceStatus,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// An API key as stored: never the secret, only its hash and a displayable prefix.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ApiKey {
+    pub id: KeyId,
+    pub workspace_id: WorkspaceId,
+    pub name: Option<String>,
+    pub prefix: String,
+    #[serde(skip)]
+    pub hash: [u8; 32],
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub last_used_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitRequestStatus {
+    Pending,
+    Approved,
+    Denied,
+}
+
+impl LimitRequestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitRequestStatus::Pending => "pending",
+            LimitRequestStatus::Approved => "approved",
+            LimitRequestStatus::Denied => "denied",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "pending" => Some(LimitRequestStatus::Pending),
+            "approved" => Some(LimitRequestStatus::Approved),
+            "denied" => Some(LimitRequestStatus::Denied),
+            _ => None,
+        }
+    }
+}
+
+/// A workspace's request for higher limits, and the operator's answer.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LimitRequest {
+    pub id: LimitRequestId,
+    pub workspace_id: WorkspaceId,
+    pub use_case: String,
+    pub requested_limits: Overrides,
+    pub status: LimitRequestStatus,
+    /// The overrides that were set on approval.
+    pub granted_limits: Option<Overrides>,
+    /// The operator's reason on denial.
+    pub reason: Option<String>,
+    pub created_at: i64,
+    pub decided_at: Option<i64>,
+}
+
+/// The tier catalogue that ships with tiergate. `free` uses the figures the Mistral platform
+/// publishes for its free tier; the others rise from there.
+pub fn default_tiers() -> Vec<Tier> {
+    fn tier(name: &str, rps: f64, tpm: u64, month: Option<u64>, conc: Option<u32>) -> Tier {
+        Tier {
+            name: name.to_string(),
+            limits: Limits {
+                requests_per_second: Some(rps),
+                burst: None,
+                tokens_per_minute: Some(tpm),
+                tokens_per_month: month,
+                concurrent_requests: conc,
+                models: BTreeMap::new(),
+            },
+        }
+    }
+    vec![
+        tier("free", 1.0, 500_000, Some(1_000_000_000), None),
+        tier("tier-1", 5.0, 2_000_000, Some(10_000_000_000), Some(50)),
+        tier("tier-2", 10.0, 5_000_000, Some(50_000_000_000), Some(100)),
+        tier("tier-3", 25.0, 10_000_000, Some(200_000_000_000), Some(250)),
+        tier(
+            "tier-4",
+            50.0,
+            20_000_000,
+            Some(1_000_000_000_000),
+            Some(500),
+        ),
+        tier("scale", 200.0, 100_000_000, None, Some(2000)),
+    ]
+}
