@@ -17,6 +17,8 @@ const UNITS_PER_TOKEN: i128 = 60 * NANOS_PER_SEC as i128;
 pub struct Gcra {
     /// Theoretical arrival time of the next request.
     tat: Nanos,
+    /// The emission interval `tat` was computed with (0 before the first request).
+    interval: Nanos,
 }
 
 fn emission_interval(rps: f64) -> Nanos {
@@ -24,10 +26,21 @@ fn emission_interval(rps: f64) -> Nanos {
 }
 
 impl Gcra {
+    /// `tat` under emission interval `t`. When the rate changed (a new tier or override), the
+    /// requests already counted stay counted, at the new rate: an upgrade holds at once.
+    fn tat_at(&self, now: Nanos, t: Nanos) -> Nanos {
+        let tat = self.tat.max(now);
+        if self.interval == 0 || self.interval == t {
+            return tat;
+        }
+        let used = (tat - now) as u128 * t as u128 / self.interval as u128;
+        now + used as Nanos
+    }
+
     /// `Ok(new_tat)` when a request is allowed now, else `Err(wait)`.
     fn check(&self, now: Nanos, rps: f64, burst: u32) -> Result<Nanos, Nanos> {
         let t = emission_interval(rps);
-        let new_tat = self.tat.max(now) + t;
+        let new_tat = self.tat_at(now, t) + t;
         let allow_at = new_tat.saturating_sub(t * burst as u64);
         if now < allow_at {
             Err(allow_at - now)
@@ -36,11 +49,15 @@ impl Gcra {
         }
     }
 
+    fn commit(&mut self, new_tat: Nanos, rps: f64) {
+        self.tat = new_tat;
+        self.interval = emission_interval(rps);
+    }
+
     /// (remaining requests that could be sent at once, time until the burst is full again).
     fn view(&self, now: Nanos, rps: f64, burst: u32) -> (u64, Nanos) {
         let t = emission_interval(rps);
-        let tat = self.tat.max(now);
-        let used = tat - now;
+        let used = self.tat_at(now, t) - now;
         let capacity = t * burst as u64;
         let remaining = capacity.saturating_sub(used) / t;
         (remaining, used)
@@ -57,6 +74,8 @@ impl Gcra {
 pub struct TokenBucket {
     level: i128,
     at: Nanos,
+    /// The capacity `level` was computed with.
+    capacity: u64,
 }
 
 impl TokenBucket {
@@ -64,18 +83,23 @@ impl TokenBucket {
         TokenBucket {
             level: capacity as i128 * UNITS_PER_TOKEN,
             at: now,
+            capacity,
         }
     }
 
     fn level_at(&self, capacity: u64, now: Nanos) -> i128 {
         let cap = capacity as i128 * UNITS_PER_TOKEN;
+        // When the limit changed, what was used in the last minute stays used: the level moves
+        // by the difference, so an increase holds at once and a decrease does not forgive.
+        let level = self.level + (capacity as i128 - self.capacity as i128) * UNITS_PER_TOKEN;
         let elapsed = now.saturating_sub(self.at) as i128;
-        (self.level + elapsed * capacity as i128).min(cap)
+        (level + elapsed * capacity as i128).min(cap)
     }
 
     fn refill(&mut self, capacity: u64, now: Nanos) {
         self.level = self.level_at(capacity, now);
         self.at = self.at.max(now);
+        self.capacity = capacity;
     }
 
     /// Time until `cost` tokens are available; 0 when they are now.
@@ -551,8 +575,8 @@ impl WorkspaceState {
         }
 
         // Admit: take from every limit.
-        if let Some(tat) = new_tat {
-            self.gcra.tat = tat;
+        if let (Some(tat), Some(rps)) = (new_tat, limits.requests_per_second) {
+            self.gcra.commit(tat, rps);
         }
         if limits.concurrent_requests.is_some() {
             self.in_flight += 1;

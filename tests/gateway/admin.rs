@@ -1,0 +1,386 @@
+//! The admin API, the workspace's limits page data, and the limit-request workflow.
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tiergate::catalog::generate_key;
+use tiergate::store::sqlite::SqliteStore;
+use tiergate::store::{NewKey, Store, WorkspaceChange};
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn the_admin_api_needs_the_admin_token() {
+    let gw = TestGateway::start().await;
+    let url = format!("{}/admin/v1/workspaces", gw.url);
+    let r = gw.client.get(&url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = gw
+        .client
+        .get(&url)
+        .bearer_auth("wrong-token-wrong-token")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "authentication_error");
+    let r = gw.client.get(&url).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    let off = TestGateway::start_with(Options {
+        admin_token: None,
+        ..Options::default()
+    })
+    .await;
+    let r = off
+        .client
+        .get(format!("{}/admin/v1/workspaces", off.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    let body: Value = r.json().await.unwrap();
+    assert!(body["message"].as_str().unwrap().contains("no admin token"));
+}
+
+#[tokio::test]
+async fn workspaces_keys_and_tiers_are_managed_over_the_api() {
+    let gw = TestGateway::start().await;
+    let (s, ws) = gw
+        .admin(Method::POST, "/workspaces", Some(json!({"name": "acme"})))
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(ws["tier"], "free", "new workspaces start on the free tier");
+    assert_eq!(ws["limits"]["requests_per_second"], 1.0);
+    let id = ws["id"].as_i64().unwrap();
+
+    let (s, _) = gw
+        .admin(
+            Method::POST,
+            "/workspaces",
+            Some(json!({"name": "x", "tier": "gold"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "unknown tier");
+    let (s, _) = gw.admin(Method::GET, "/workspaces/999", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (s, key) = gw
+        .admin(
+            Method::POST,
+            &format!("/workspaces/{id}/keys"),
+            Some(json!({"name": "ci"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let secret = key["key"].as_str().unwrap();
+    assert!(secret.starts_with(key["prefix"].as_str().unwrap()));
+    assert_eq!(gw.chat(secret, hello(), &[]).await.status(), StatusCode::OK);
+    // last_used_at is recorded.
+    let (_, keys) = gw
+        .admin(Method::GET, &format!("/workspaces/{id}/keys"), None)
+        .await;
+    assert!(keys["data"][0]["last_used_at"].is_string(), "{keys}");
+    assert!(keys["data"][0].get("key").is_none());
+
+    let (_, list) = gw.admin(Method::GET, "/workspaces", None).await;
+    assert_eq!(list["data"].as_array().unwrap().len(), 1);
+
+    let (_, tiers) = gw.admin(Method::GET, "/tiers", None).await;
+    let names: Vec<&str> = tiers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for t in ["free", "tier-1", "tier-2", "tier-3", "tier-4", "scale"] {
+        assert!(names.contains(&t), "{names:?}");
+    }
+    let free = tiers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "free")
+        .unwrap();
+    assert_eq!(free["tokens_per_minute"], 500000);
+    assert_eq!(free["tokens_per_month"], 1000000000u64);
+
+    // Editing a tier changes its workspaces' limits at once.
+    gw.put_tier("free", json!({"requests_per_second": 5})).await;
+    gw.advance(Duration::from_secs(1));
+    let r = gw.chat(secret, hello(), &[]).await;
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("5"));
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-tokens"),
+        None,
+        "a left-out field is no limit"
+    );
+
+    let (s, v) = gw
+        .admin(
+            Method::PUT,
+            "/tiers/bad",
+            Some(json!({"tokens_per_minute": 0})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _) = gw
+        .admin(
+            Method::PUT,
+            "/tiers/bad",
+            Some(json!({"tokens_per_minut": 5})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "unknown fields are refused");
+}
+
+#[tokio::test]
+async fn usage_is_reported_per_day_and_model() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "t",
+        json!({"tokens_per_minute": 100000, "tokens_per_month": 1000000}),
+    )
+    .await;
+    let (id, key) = gw.workspace("t").await;
+    let a = json!({"model": "a", "messages": [{"role": "user", "content": "Hi"}]});
+    let b = json!({"model": "b", "messages": [{"role": "user", "content": "Hi"}]});
+    gw.chat(&key, a.clone(), &[("x-mock-usage", "1,2")]).await;
+    gw.chat(&key, a, &[("x-mock-usage", "3,4")]).await;
+    gw.chat(&key, b, &[("x-mock-usage", "10,0")]).await;
+    let (s, u) = gw
+        .admin(Method::GET, &format!("/workspaces/{id}/usage"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{u}");
+    assert_eq!(u["tokens_this_month"], 20);
+    assert_eq!(u["requests_this_month"], 3);
+    let daily = u["daily"].as_array().unwrap();
+    assert_eq!(daily.len(), 2);
+    assert_eq!(
+        (
+            daily[0]["model"].as_str(),
+            daily[0]["tokens"].as_u64(),
+            daily[0]["requests"].as_u64()
+        ),
+        (Some("a"), Some(10), Some(2))
+    );
+    assert_eq!(
+        (daily[1]["model"].as_str(), daily[1]["tokens"].as_u64()),
+        (Some("b"), Some(10))
+    );
+    assert_eq!(u["token_bucket"]["level"], 100000 - 20);
+
+    let (s, u) = gw
+        .admin(
+            Method::GET,
+            &format!("/workspaces/{id}/usage?from=1999-01-01&to=1999-01-31"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(u["daily"], json!([]));
+    let (s, _) = gw
+        .admin(
+            Method::GET,
+            &format!("/workspaces/{id}/usage?from=yesterday"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_workspace_asks_for_more_and_the_operator_answers() {
+    let gw = TestGateway::start().await;
+    let (id, key) = gw.workspace("free").await;
+    let url = format!("{}/v1/limit-requests", gw.url);
+
+    let r = gw
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&json!({"use_case": "  ", "requested_limits": {"requests_per_second": 5}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = gw
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&json!({"use_case": "x", "requested_limits": {}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    let ask = json!({"use_case": "Production chatbot, 3k users", "requested_limits": {"requests_per_second": 5, "tokens_per_minute": 2000000}});
+    let r = gw
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&ask)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let created: Value = r.json().await.unwrap();
+    assert_eq!(created["status"], "pending");
+    let request_id = created["id"].as_i64().unwrap();
+
+    let (_, pending) = gw
+        .admin(Method::GET, "/limit-requests?status=pending", None)
+        .await;
+    assert_eq!(pending["data"].as_array().unwrap().len(), 1);
+    assert_eq!(pending["data"][0]["workspace_id"], id);
+
+    // Approve with a smaller grant than asked.
+    let (s, approved) = gw
+        .admin(
+            Method::POST,
+            &format!("/limit-requests/{request_id}/approve"),
+            Some(json!({"limits": {"requests_per_second": 3}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{approved}");
+    assert_eq!(approved["status"], "approved");
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("3"));
+    // Deciding twice is a conflict.
+    let (s, _) = gw
+        .admin(
+            Method::POST,
+            &format!("/limit-requests/{request_id}/deny"),
+            Some(json!({"reason": "x"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT);
+
+    // A second request, denied with a reason the workspace can read.
+    let r = gw
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&json!({"use_case": "more", "requested_limits": {"tokens_per_month": 5000000000u64}}))
+        .send()
+        .await
+        .unwrap();
+    let second: Value = r.json().await.unwrap();
+    let (s, _) = gw
+        .admin(
+            Method::POST,
+            &format!("/limit-requests/{}/deny", second["id"]),
+            Some(json!({"reason": ""})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "a denial needs a reason");
+    let (s, _) = gw
+        .admin(
+            Method::POST,
+            &format!("/limit-requests/{}/deny", second["id"]),
+            Some(json!({"reason": "Spend history too short"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let mine: Value = gw
+        .client
+        .get(&url)
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let data = mine["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    assert_eq!(data[0]["status"], "approved");
+    assert_eq!(
+        data[0]["granted_limits"],
+        json!({"requests_per_second": 3.0})
+    );
+    assert_eq!(data[1]["status"], "denied");
+    assert_eq!(data[1]["reason"], "Spend history too short");
+
+    // Approving without a body grants what was asked.
+    let r = gw
+        .client
+        .post(&url)
+        .bearer_auth(&key)
+        .json(&json!({"use_case": "burst", "requested_limits": {"concurrent_requests": 9}}))
+        .send()
+        .await
+        .unwrap();
+    let third: Value = r.json().await.unwrap();
+    let (s, _) = gw
+        .admin(
+            Method::POST,
+            &format!("/limit-requests/{}/approve", third["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let limits = gw.limits(&key).await;
+    assert_eq!(limits["limits"]["concurrent_requests"], 9);
+    assert_eq!(limits["limits"]["requests_per_second"], 3.0);
+    assert_eq!(limits["tier"], "free");
+    assert_eq!(limits["tier_limits"]["requests_per_second"], 1.0);
+}
+
+#[tokio::test]
+async fn changes_made_by_another_process_are_seen_within_about_a_second() {
+    let gw = TestGateway::start().await;
+    let (ws, key) = gw.workspace("free").await;
+    // Another process (the admin CLI) opens the same database.
+    let other = SqliteStore::open(&format!("sqlite://{}", gw.db.display()))
+        .await
+        .unwrap();
+
+    // A key created there works at once.
+    let secret = generate_key();
+    other
+        .create_key(
+            &NewKey {
+                workspace: ws,
+                name: None,
+                prefix: secret.prefix.clone(),
+                hash: secret.hash,
+                expires_at: None,
+            },
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        gw.chat(&secret.secret, hello(), &[]).await.status(),
+        StatusCode::OK
+    );
+
+    // A tier change there is seen within the refresh bound.
+    other
+        .update_workspace(
+            ws,
+            &WorkspaceChange {
+                tier: Some("tier-3".into()),
+                ..WorkspaceChange::default()
+            },
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        gw.advance(Duration::from_secs(1));
+        let r = gw.chat(&key, hello(), &[]).await;
+        if header(&r, "x-ratelimit-limit-requests") == Some("25") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "not seen after 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

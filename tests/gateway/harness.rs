@@ -1,0 +1,294 @@
+//! `TestGateway`: a real tiergate on port 0 over a real SQLite file, in front of the real mock
+//! upstream, with a manual clock so that limits are tested without sleeping.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{json, Value};
+use tiergate::clock::ManualClock;
+use tiergate::config::{RawSettings, RawUpstream};
+use tiergate::mock_upstream::{self, MockConfig};
+use tiergate::{App, Config};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const ADMIN: &str = "test-admin-token-0123456789";
+
+pub struct Mock {
+    pub url: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Mock {
+    pub async fn start() -> Mock {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(mock_upstream::serve(
+            listener,
+            MockConfig::default(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Mock {
+            url,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for Mock {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+pub struct TestGateway {
+    pub url: String,
+    pub clock: Arc<ManualClock>,
+    pub client: Client,
+    pub db: PathBuf,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+    _dir: Option<tempfile::TempDir>,
+    pub mock: Option<Mock>,
+}
+
+pub struct Options {
+    pub upstream: Option<String>,
+    pub raw: RawSettings,
+    pub admin_token: Option<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            upstream: None,
+            raw: RawSettings::default(),
+            admin_token: Some(ADMIN.to_string()),
+        }
+    }
+}
+
+impl TestGateway {
+    pub async fn start() -> TestGateway {
+        Self::start_with(Options::default()).await
+    }
+
+    pub async fn start_with(options: Options) -> TestGateway {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tiergate.db");
+        let mock = Mock::start().await;
+        let upstream = options.upstream.clone().unwrap_or(mock.url.clone());
+        let clock = Arc::new(ManualClock::starting_now());
+        let mut gw = Self::boot(&db, upstream, options, clock).await;
+        gw._dir = Some(dir);
+        gw.mock = Some(mock);
+        gw
+    }
+
+    async fn boot(
+        db: &std::path::Path,
+        upstream: String,
+        options: Options,
+        clock: Arc<ManualClock>,
+    ) -> TestGateway {
+        let mut raw = options.raw;
+        raw.listen = Some("127.0.0.1:0".into());
+        raw.database = Some(format!("sqlite://{}", db.display()));
+        raw.admin_token = options.admin_token;
+        raw.upstream = RawUpstream {
+            url: Some(upstream),
+            ..raw.upstream
+        };
+        let config = Config::try_from(raw).unwrap();
+        let app: App = tiergate::app(config, clock.clone()).await.unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            app.serve(listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        TestGateway {
+            url,
+            clock,
+            client: Client::new(),
+            db: db.to_path_buf(),
+            stop: Some(stop),
+            server: Some(server),
+            _dir: None,
+            mock: None,
+        }
+    }
+
+    /// Stops this gateway (flushing its ledger) and starts a new one on the same database.
+    pub async fn restart(mut self) -> TestGateway {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.server.take().unwrap().await.unwrap();
+        let upstream = self.mock.as_ref().unwrap().url.clone();
+        let options = Options::default();
+        let mut gw = Self::boot(&self.db, upstream, options, self.clock.clone()).await;
+        gw._dir = self._dir.take();
+        gw.mock = self.mock.take();
+        gw
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut req = self
+            .client
+            .request(method, format!("{}/admin/v1{path}", self.url))
+            .bearer_auth(ADMIN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn put_tier(&self, name: &str, limits: Value) {
+        let (s, v) = self
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/tiers/{name}"),
+                Some(limits),
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+
+    /// A workspace on `tier` and a key for it.
+    pub async fn workspace(&self, tier: &str) -> (i64, String) {
+        let (s, ws) = self
+            .admin(
+                reqwest::Method::POST,
+                "/workspaces",
+                Some(json!({"name": "ws", "tier": tier})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{ws}");
+        let id = ws["id"].as_i64().unwrap();
+        (id, self.key(id).await)
+    }
+
+    pub async fn key(&self, workspace: i64) -> String {
+        let (s, key) = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/workspaces/{workspace}/keys"),
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{key}");
+        key["key"].as_str().unwrap().to_string()
+    }
+
+    pub async fn post(
+        &self,
+        key: &str,
+        path: &str,
+        body: Value,
+        headers: &[(&str, &str)],
+    ) -> Response {
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(key)
+            .json(&body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+
+    pub async fn chat(&self, key: &str, body: Value, headers: &[(&str, &str)]) -> Response {
+        self.post(key, "/v1/chat/completions", body, headers).await
+    }
+
+    pub async fn limits(&self, key: &str) -> Value {
+        let r = self
+            .client
+            .get(format!("{}/v1/limits", self.url))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.json().await.unwrap()
+    }
+
+    /// Requests the mock upstream has received so far.
+    pub async fn upstream_count(&self) -> u64 {
+        let url = format!("{}/mock/requests", self.mock.as_ref().unwrap().url);
+        let v: Value = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["count"].as_u64().unwrap()
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+/// A chat request with a fixed, short prompt.
+pub fn hello() -> Value {
+    json!({"model": "mistral-small-latest", "messages": [{"role": "user", "content": "Hello"}]})
+}
+
+pub fn header<'a>(r: &'a Response, name: &str) -> Option<&'a str> {
+    r.headers().get(name).map(|v| v.to_str().unwrap())
+}
+
+pub fn header_u64(r: &Response, name: &str) -> u64 {
+    header(r, name)
+        .unwrap_or_else(|| panic!("missing header {name}"))
+        .parse()
+        .unwrap()
+}
+
+/// Asserts a 429 of `kind` for `code`, and returns its body.
+pub async fn expect_429(r: Response, kind: &str, code: &str) -> Value {
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["object"], "error", "{body}");
+    assert_eq!(body["type"], kind, "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert!(body["param"].is_null());
+    body
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real HTTP to a real tiergate on port 0, a real SQLite file, and the real
+//! mock upstream. Limits are exercised with a manual clock, never by sleeping.
+
+mod admin;
+mod errors;
+mod harness;
+mod limits;
+mod store;
+mod streaming;

@@ -1,0 +1,186 @@
+//! Streams: passed through event by event, settled from the usage chunk, never refunded once
+//! delivered.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tiergate::config::RawSettings;
+use tiergate::mock_upstream::prompt_tokens_of;
+
+use crate::harness::*;
+
+fn stream_body(include_usage: Option<bool>) -> Value {
+    let mut b = json!({"model": "m", "stream": true, "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hello, world!"}]});
+    if let Some(u) = include_usage {
+        b["stream_options"] = json!({"include_usage": u});
+    }
+    b
+}
+
+fn events(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+async fn setup() -> (TestGateway, String) {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "t",
+        json!({"tokens_per_minute": 100000, "tokens_per_month": 1000000}),
+    )
+    .await;
+    let (_, key) = gw.workspace("t").await;
+    (gw, key)
+}
+
+#[tokio::test]
+async fn a_stream_is_settled_from_its_usage_and_the_client_gets_the_stream_it_asked_for() {
+    let (gw, key) = setup().await;
+    let r = gw.chat(&key, stream_body(None), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(header(&r, "content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    // Headers are on the stream's answer too.
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("100000"));
+    let text = r.text().await.unwrap();
+    assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+    let evs = events(&text);
+    // The gateway asked for usage on the client's behalf and removed the usage-only chunk.
+    assert!(
+        evs.iter()
+            .all(|e| e["choices"].as_array().is_some_and(|c| !c.is_empty())),
+        "{text}"
+    );
+    assert_eq!(evs.len(), 6, "5 words and the finish chunk");
+
+    let expected = prompt_tokens_of("Hello, world!") + 3 + 5;
+    let limits = gw.limits(&key).await;
+    assert_eq!(limits["usage"]["tokens_this_month"], expected);
+    assert_eq!(limits["usage"]["tokens_reserved"], 0);
+}
+
+#[tokio::test]
+async fn a_client_that_asks_for_stream_usage_gets_it() {
+    let (gw, key) = setup().await;
+    let text = gw
+        .chat(&key, stream_body(Some(true)), &[])
+        .await
+        .text()
+        .await
+        .unwrap();
+    let evs = events(&text);
+    let last = evs.last().unwrap();
+    assert_eq!(last["choices"], json!([]));
+    let total = last["usage"]["total_tokens"].as_u64().unwrap();
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], total);
+}
+
+#[tokio::test]
+async fn upstreams_that_refuse_stream_options_are_read_from_the_last_chunk() {
+    let mut raw = RawSettings::default();
+    raw.upstream.request_stream_usage = Some(false);
+    let gw = TestGateway::start_with(Options {
+        raw,
+        ..Options::default()
+    })
+    .await;
+    gw.put_tier("t", json!({"tokens_per_minute": 100000})).await;
+    let (_, key) = gw.workspace("t").await;
+    let h = [
+        ("x-mock-reject-stream-options", "1"),
+        ("x-mock-stream-usage", "last-chunk"),
+        ("x-mock-usage", "11,5"),
+    ];
+    let r = gw.chat(&key, stream_body(None), &h).await;
+    assert_eq!(r.status(), StatusCode::OK, "the option was not sent");
+    r.text().await.unwrap();
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 16);
+}
+
+#[tokio::test]
+async fn a_stream_that_breaks_is_charged_not_refunded() {
+    let (gw, key) = setup().await;
+    let r = gw
+        .chat(
+            &key,
+            stream_body(None),
+            &[("x-mock-fail-after-chunks", "2")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut body = r.bytes_stream();
+    let mut got_error = false;
+    while let Some(chunk) = body.next().await {
+        if chunk.is_err() {
+            got_error = true;
+            break;
+        }
+    }
+    assert!(got_error, "the client sees the break");
+    // Settled to the estimate (no usage arrived): not zero.
+    let mut used = 0;
+    for _ in 0..100 {
+        used = gw.limits(&key).await["usage"]["tokens_this_month"]
+            .as_u64()
+            .unwrap();
+        if used > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(used > 0, "a partly delivered stream is never refunded");
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_reserved"], 0);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_stream_is_settled_from_the_real_usage() {
+    let (gw, key) = setup().await;
+    // A slow stream: the client reads one chunk and leaves.
+    let h = [("x-mock-latency-ms", "160"), ("x-mock-usage", "7,16")];
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "Hi"}]});
+    let r = gw.chat(&key, body, &h).await;
+    let mut stream = r.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "));
+    drop(stream);
+    let mut used = 0;
+    for _ in 0..300 {
+        used = gw.limits(&key).await["usage"]["tokens_this_month"]
+            .as_u64()
+            .unwrap();
+        if used > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(used, 23, "the gateway kept reading to the usage chunk");
+    assert_eq!(gw.limits(&key).await["usage"]["in_flight"], 0);
+}
+
+#[tokio::test]
+async fn usage_is_read_whatever_encoding_the_client_accepts() {
+    let (gw, key) = setup().await;
+    let r = gw
+        .chat(
+            &key,
+            hello(),
+            &[
+                ("accept-encoding", "gzip, br"),
+                ("x-mock-usage", "3,4"),
+                ("x-mock-echo-headers", "1"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["received_headers"]["accept-encoding"], "identity");
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 7);
+}
