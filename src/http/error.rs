@@ -78,6 +78,7 @@ fn describe(denial: &Denial) -> String {
         .map(|m| format!(" for model '{m}'"))
         .unwrap_or_default();
     match denial.limit {
+        LimitName::RequestsPerSecond if v == 1.0 => "1 request per second".to_string(),
         LimitName::RequestsPerSecond => format!("{value} requests per second"),
         LimitName::TokensPerMinute | LimitName::ModelTokensPerMinute => {
             format!("{value} tokens per minute{model}")
@@ -85,6 +86,7 @@ fn describe(denial: &Denial) -> String {
         LimitName::TokensPerMonth | LimitName::ModelTokensPerMonth => {
             format!("{value} tokens per month{model}")
         }
+        LimitName::ConcurrentRequests if v == 1.0 => "1 concurrent request".to_string(),
         LimitName::ConcurrentRequests => format!("{value} concurrent requests"),
     }
 }

@@ -1,0 +1,99 @@
+//! `tiergate demo` as a user runs it: the binary starts, prints a curl line that works, the free
+//! tier answers a fast repeat with 429, and Ctrl-C stops it cleanly.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut curl = None;
+    let mut limits_page = None;
+    while curl.is_none() || limits_page.is_none() {
+        let line = rx
+            .recv_timeout(deadline - Instant::now())
+            .expect("demo printed its instructions");
+        if line.trim_start().starts_with("curl -i ") {
+            curl = Some(line.trim().to_string());
+        }
+        if let Some(url) = line.strip_prefix("Limits page: ") {
+            limits_page = Some(url.split_whitespace().next().unwrap().to_string());
+        }
+    }
+    let curl = curl.unwrap();
+    // Take the URL, key and body out of the printed command.
+    let url = curl.split_whitespace().nth(2).unwrap().to_string();
+    let key = curl
+        .split("Bearer ")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap()
+        .to_string();
+    let body = curl
+        .split("-d '")
+        .nth(1)
+        .unwrap()
+        .trim_end_matches('\'')
+        .to_string();
+
+    let client = reqwest::Client::new();
+    let send = || {
+        client
+            .post(&url)
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+    };
+    let ok = send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.headers()["x-ratelimit-limit-requests"], "1");
+    assert!(ok.headers().contains_key("x-ratelimit-remaining-tokens"));
+    let v: serde_json::Value = ok.json().await.unwrap();
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0);
+    let denied = send().await.unwrap();
+    assert_eq!(denied.status(), 429);
+    assert!(denied.headers().contains_key("retry-after"));
+
+    let page = client.get(&limits_page.unwrap()).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("Rate limits and usage"));
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            assert!(exit.success(), "demo exited with {exit}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "demo did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
