@@ -75,7 +75,7 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     assert_eq!(denied.status(), 429);
     assert!(denied.headers().contains_key("retry-after"));
 
-    let page = client.get(&limits_page.unwrap()).send().await.unwrap();
+    let page = client.get(limits_page.unwrap()).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("Rate limits and usage"));
 
