@@ -414,6 +414,15 @@ impl Settlement {
         )
     }
 
+    /// Frees the concurrency slot at once (the client went away); tokens settle later.
+    async fn release_slot(&mut self) {
+        if let Some(r) = self.reservation.as_mut() {
+            if let Err(e) = self.state.limiter.release_slot(r).await {
+                tracing::error!(error = %e, "releasing a slot failed");
+            }
+        }
+    }
+
     async fn refund(mut self) {
         Metrics::inc(&self.state.metrics.refunds);
         if let Some(f) = self.take(Outcome::Refund) {
@@ -637,7 +646,7 @@ impl Drop for MeteredStream {
         if let Some(f) = self.settling.take() {
             tokio::spawn(f);
         }
-        let Some(settlement) = self.settlement.take() else {
+        let Some(mut settlement) = self.settlement.take() else {
             return;
         };
         // The client went away mid-stream. Keep reading, briefly, for the real usage.
@@ -649,6 +658,7 @@ impl Drop for MeteredStream {
             return;
         };
         handle.spawn(async move {
+            settlement.release_slot().await;
             let read = async {
                 while scanner.usage.is_none() {
                     match upstream.next().await {

@@ -606,6 +606,15 @@ impl WorkspaceState {
         (Verdict::Admit(held), self.snapshot(limits, now))
     }
 
+    /// Frees the concurrency slot of `held` before it is settled (a client that went away);
+    /// the later `settle` does not free it again.
+    pub fn release_slot(&mut self, held: &mut Held) {
+        if held.slot {
+            self.in_flight = self.in_flight.saturating_sub(1);
+            held.slot = false;
+        }
+    }
+
     /// Replaces what `held` reserved with `actual` tokens (0 refunds) and frees its slot.
     pub fn settle(&mut self, limits: &Limits, held: &Held, actual: u64, now: Nanos) {
         self.last_seen = now;

@@ -102,6 +102,14 @@ impl Limiter for LocalLimiter {
         Ok(())
     }
 
+    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
+        let mut map = self.shard(reservation.workspace);
+        if let Some(state) = map.get_mut(&reservation.workspace) {
+            state.release_slot(&mut reservation.held);
+        }
+        Ok(())
+    }
+
     async fn usage(
         &self,
         workspace: WorkspaceId,

@@ -88,6 +88,9 @@ pub trait Limiter: Send + Sync {
         now: Nanos,
     ) -> Result<(), LimiterError>;
 
+    /// Frees the reservation's concurrency slot now; its tokens are settled later.
+    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError>;
+
     /// The workspace's state now, without taking anything.
     async fn usage(
         &self,

@@ -184,3 +184,53 @@ async fn usage_is_read_whatever_encoding_the_client_accepts() {
     assert_eq!(v["received_headers"]["accept-encoding"], "identity");
     assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 7);
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_frees_its_slot_at_once_and_is_charged_the_estimate_if_usage_is_late()
+{
+    let mut raw = RawSettings::default();
+    raw.upstream.usage_drain_ms = Some(300);
+    let gw = TestGateway::start_with(Options {
+        raw,
+        ..Options::default()
+    })
+    .await;
+    gw.put_tier(
+        "c",
+        json!({"concurrent_requests": 1, "tokens_per_month": 1000000}),
+    )
+    .await;
+    let (_, key) = gw.workspace("c").await;
+    // 800 ms before the first event, then 50 ms between events: the usage comes ~850 ms later,
+    // after the 300 ms the gateway waits for it.
+    let h = [("x-mock-latency-ms", "800"), ("x-mock-usage", "7,16")];
+    let body = json!({"model": "m", "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]});
+    let r = gw.chat(&key, body, &h).await;
+    let reserved = 1_000_000 - header_u64(&r, "x-ratelimit-remaining-tokens-month");
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    let left = std::time::Instant::now();
+    loop {
+        if gw.limits(&key).await["usage"]["in_flight"] == 0 {
+            break;
+        }
+        assert!(
+            left.elapsed() < Duration::from_millis(250),
+            "the slot was not freed at once"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut used = 0;
+    for _ in 0..200 {
+        used = gw.limits(&key).await["usage"]["tokens_this_month"]
+            .as_u64()
+            .unwrap();
+        if used > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(used, reserved, "settled to the estimate, not refunded");
+    assert_ne!(used, 23);
+}
