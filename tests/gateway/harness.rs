@@ -239,6 +239,21 @@ impl TestGateway {
         r.json().await.unwrap()
     }
 
+    /// This month's settled tokens, once a settlement that happens after the answer (a stream
+    /// whose client left) has landed; waits at most 3 s.
+    pub async fn settled_month_tokens(&self, key: &str) -> u64 {
+        let started = std::time::Instant::now();
+        loop {
+            let used = self.limits(key).await["usage"]["tokens_this_month"]
+                .as_u64()
+                .unwrap();
+            if used > 0 || started.elapsed() > Duration::from_secs(3) {
+                return used;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Requests the mock upstream has received so far.
     pub async fn upstream_count(&self) -> u64 {
         let url = format!("{}/mock/requests", self.mock.as_ref().unwrap().url);

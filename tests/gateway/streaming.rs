@@ -125,16 +125,7 @@ async fn a_stream_that_breaks_is_charged_not_refunded() {
     }
     assert!(got_error, "the client sees the break");
     // Settled to the estimate (no usage arrived): not zero.
-    let mut used = 0;
-    for _ in 0..100 {
-        used = gw.limits(&key).await["usage"]["tokens_this_month"]
-            .as_u64()
-            .unwrap();
-        if used > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let used = gw.settled_month_tokens(&key).await;
     assert!(used > 0, "a partly delivered stream is never refunded");
     assert_eq!(gw.limits(&key).await["usage"]["tokens_reserved"], 0);
 }
@@ -151,16 +142,7 @@ async fn a_client_that_leaves_mid_stream_is_settled_from_the_real_usage() {
     let first = stream.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "));
     drop(stream);
-    let mut used = 0;
-    for _ in 0..300 {
-        used = gw.limits(&key).await["usage"]["tokens_this_month"]
-            .as_u64()
-            .unwrap();
-        if used > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let used = gw.settled_month_tokens(&key).await;
     assert_eq!(used, 23, "the gateway kept reading to the usage chunk");
     assert_eq!(gw.limits(&key).await["usage"]["in_flight"], 0);
 }
@@ -221,16 +203,7 @@ async fn a_client_that_leaves_frees_its_slot_at_once_and_is_charged_the_estimate
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let mut used = 0;
-    for _ in 0..200 {
-        used = gw.limits(&key).await["usage"]["tokens_this_month"]
-            .as_u64()
-            .unwrap();
-        if used > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let used = gw.settled_month_tokens(&key).await;
     assert_eq!(used, reserved, "settled to the estimate, not refunded");
     assert_ne!(used, 23);
 }
