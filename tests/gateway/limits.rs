@@ -425,3 +425,45 @@ async fn passthrough_routes_count_as_requests_and_settle_usage_when_present() {
         gw.limits(&key).await;
     }
 }
+
+#[tokio::test]
+async fn every_metered_route_settles_the_upstreams_usage() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("t", json!({"tokens_per_minute": 100000})).await;
+    let (_, key) = gw.workspace("t").await;
+    let cases = [
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": "a b c"}]}),
+            3 + 3 + 16,
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "m", "prompt": "a b c d", "max_tokens": 4}),
+            4 + 4,
+        ),
+        (
+            "/v1/fim/completions",
+            json!({"model": "codestral", "prompt": "def f(", "suffix": "return 1", "max_tokens": 2}),
+            5 + 2,
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": "e", "input": ["one two", "three"]}),
+            3,
+        ),
+    ];
+    let mut total = 0;
+    for (path, body, expected) in cases {
+        let r = gw.post(&key, path, body, &[]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{path}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["usage"]["total_tokens"], expected, "{path}: {v}");
+        total += expected;
+        assert_eq!(
+            gw.limits(&key).await["usage"]["tokens_this_month"],
+            total,
+            "{path}"
+        );
+    }
+}
