@@ -176,8 +176,27 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).init();
 }
 
-async fn ctrl_c() {
-    let _ = tokio::signal::ctrl_c().await;
+/// Ctrl-C or SIGTERM (what service managers send): stop accepting, drain, flush the ledger.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn env_var(name: &str) -> Option<String> {
@@ -283,10 +302,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("listening on {listen}"))?;
             tracing::info!(listen = %listener.local_addr()?, "tiergate serving");
-            app.serve(listener, ctrl_c()).await?;
+            app.serve(listener, shutdown_signal()).await?;
         }
         Command::Demo { listen, data_dir } => {
-            tiergate::demo::run(tiergate::demo::DemoOptions { listen, data_dir }, ctrl_c()).await?;
+            tiergate::demo::run(
+                tiergate::demo::DemoOptions { listen, data_dir },
+                shutdown_signal(),
+            )
+            .await?;
         }
         Command::MockUpstream { listen, latency_ms } => {
             let listener = tokio::net::TcpListener::bind(listen)
@@ -296,7 +319,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config = MockConfig {
                 latency: std::time::Duration::from_millis(latency_ms),
             };
-            mock_upstream::serve(listener, config, ctrl_c()).await?;
+            mock_upstream::serve(listener, config, shutdown_signal()).await?;
         }
         Command::Workspaces(WorkspaceCommand::List { store }) => {
             let list = open(&store).await?.list_workspaces().await?;
