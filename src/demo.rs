@@ -12,7 +12,8 @@ use crate::catalog::generate_key;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, RawSettings, RawUpstream};
 use crate::mock_upstream::{self, MockConfig};
-use crate::store::NewKey;
+use crate::model::{Overrides, WorkspaceStatus};
+use crate::store::{NewKey, WorkspaceChange};
 
 pub struct DemoOptions {
     pub listen: SocketAddr,
@@ -65,13 +66,22 @@ pub async fn run(
     let gateway = app(config, clock.clone()).await?;
     let store = gateway.state.store.clone();
 
-    let workspace = match store
+    // The demo workspace is on the free tier, with no overrides, on every run (its month's
+    // usage carries over in the data dir).
+    let existing = store
         .list_workspaces()
         .await?
         .into_iter()
-        .find(|w| w.name == DEMO_WORKSPACE)
-    {
-        Some(w) => w,
+        .find(|w| w.name == DEMO_WORKSPACE);
+    let workspace = match existing {
+        Some(w) => {
+            let reset = WorkspaceChange {
+                tier: Some("free".into()),
+                overrides: Some(Overrides::default()),
+                status: Some(WorkspaceStatus::Active),
+            };
+            store.update_workspace(w.id, &reset).await?
+        }
         None => {
             store
                 .create_workspace(DEMO_WORKSPACE, "free", clock.now_secs())
