@@ -22,7 +22,8 @@ pub struct Gcra {
 }
 
 fn emission_interval(rps: f64) -> Nanos {
-    ((NANOS_PER_SEC as f64 / rps).round() as Nanos).max(1)
+    // Rounded up, so that no interval admits more than `burst + rate × interval`.
+    ((NANOS_PER_SEC as f64 / rps).ceil() as Nanos).max(1)
 }
 
 impl Gcra {
@@ -333,7 +334,11 @@ pub struct WorkspaceState {
     bucket: Option<TokenBucket>,
     month: MonthCounter,
     models: HashMap<String, ModelState>,
+    /// Requests in flight counted against `concurrent_requests` (only while that limit is set).
     in_flight: u32,
+    /// Every admitted request not yet settled, whatever the limits: a state holding one is
+    /// never evicted, so its settlement always finds it.
+    unsettled: u32,
     pub last_seen: Nanos,
 }
 
@@ -371,6 +376,7 @@ impl WorkspaceState {
             },
             models,
             in_flight: 0,
+            unsettled: 0,
             last_seen: now,
         }
     }
@@ -396,11 +402,22 @@ impl WorkspaceState {
                 );
             }
         }
+        // Models first used in the new month may already have settled usage in the ledger.
+        if totals.month == Some(current) {
+            for (model, tokens) in &totals.by_model {
+                let state = self.models.entry(model.clone()).or_default();
+                state.month.get_or_insert(MonthCounter {
+                    month: current,
+                    settled: *tokens,
+                    reserved: 0,
+                });
+            }
+        }
     }
 
     /// Nothing to remember: evicting this state loses nothing (the month lives in the ledger).
     pub fn is_idle(&self, limits: Option<&Limits>, now: Nanos) -> bool {
-        if self.in_flight > 0 || self.month.reserved > 0 || !self.gcra.is_idle(now) {
+        if self.unsettled > 0 || self.in_flight > 0 || !self.gcra.is_idle(now) {
             return false;
         }
         let Some(limits) = limits else { return true };
@@ -581,6 +598,7 @@ impl WorkspaceState {
         if limits.concurrent_requests.is_some() {
             self.in_flight += 1;
         }
+        self.unsettled += 1;
         if let (Some(cap), Some(bucket)) = (limits.tokens_per_minute, self.bucket.as_mut()) {
             bucket.add(cap, -(tokens as i128), now);
         }
@@ -618,6 +636,7 @@ impl WorkspaceState {
     /// Replaces what `held` reserved with `actual` tokens (0 refunds) and frees its slot.
     pub fn settle(&mut self, limits: &Limits, held: &Held, actual: u64, now: Nanos) {
         self.last_seen = now;
+        self.unsettled = self.unsettled.saturating_sub(1);
         let delta = held.tokens as i128 - actual as i128;
         if let (Some(cap), Some(bucket)) = (limits.tokens_per_minute, self.bucket.as_mut()) {
             bucket.add(cap, delta, now);

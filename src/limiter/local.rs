@@ -94,7 +94,7 @@ impl Limiter for LocalLimiter {
         actual: u64,
         now: Nanos,
     ) -> Result<(), LimiterError> {
-        // The state cannot have been evicted: it holds a reservation, so it is not idle.
+        // The state cannot have been evicted: it holds an unsettled reservation, so it is not idle.
         let mut map = self.shard(reservation.workspace);
         if let Some(state) = map.get_mut(&reservation.workspace) {
             state.settle(limits, &reservation.held, actual, now);
