@@ -12,6 +12,7 @@
 //! | `POST /v1/fim/completions` | `chat.completion` (what Mistral answers); `prompt` plus optional `suffix` |
 //! | `POST /v1/embeddings` | one embedding of 8 floats per `input` (a string or an array of strings); usage has `completion_tokens: 0` |
 //! | `GET /v1/models` | OpenAI list of `mistral-small-latest`, `mistral-large-latest`, `codestral-latest` |
+//! | `GET /v1/files/{id}/content` | `application/octet-stream`, 4 chunks of 16 KiB (`a…`, `b…`, `c…`, `d…`), `x-mock-latency-ms` apart |
 //! | `GET /mock/requests` | `{"count": N}`: requests received so far, this route excluded |
 //!
 //! Any other path answers 404, a wrong method 405, both with a JSON error. A body that is not JSON,
@@ -132,6 +133,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/fim/completions", post(fim_completions))
         .route("/v1/embeddings", post(embeddings))
         .route("/v1/models", get(models))
+        .route("/v1/files/{id}/content", get(file_content))
         .route(REQUESTS_PATH, get(request_count))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -894,6 +896,31 @@ async fn models(State(state): State<SharedState>, controls: Controls) -> Respons
     });
     json_answer(&state, &controls, result).await
 }
+
+/// A binary download: `FILE_CHUNKS` chunks of `FILE_CHUNK` bytes, with `x-mock-latency-ms`
+/// between chunks, so a test can tell a body passed on as it comes from one buffered whole.
+async fn file_content(headers: HeaderMap) -> Response {
+    let gap = headers
+        .get("x-mock-latency-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::ZERO, Duration::from_millis);
+    let chunks = stream::iter(0..FILE_CHUNKS).then(move |i| async move {
+        if i > 0 && !gap.is_zero() {
+            tokio::time::sleep(gap).await;
+        }
+        Ok::<_, io::Error>(Bytes::from(vec![b'a' + i as u8; FILE_CHUNK]))
+    });
+    (
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(chunks),
+    )
+        .into_response()
+}
+
+/// Size of `GET /v1/files/{id}/content`: 4 chunks of 16 KiB.
+pub const FILE_CHUNKS: usize = 4;
+pub const FILE_CHUNK: usize = 16 * 1024;
 
 async fn request_count(State(state): State<SharedState>) -> Json<Value> {
     Json(json!({"count": state.requests.load(Ordering::Relaxed)}))

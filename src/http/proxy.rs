@@ -294,11 +294,15 @@ async fn send(
             builder = builder.header(name, value);
         }
     }
-    let is_stream = upstream
+    let content_type = upstream
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        .unwrap_or("");
+    let is_stream = content_type.starts_with("text/event-stream");
+    // A JSON answer (or one that does not say) is read whole for its usage; anything else
+    // (files, audio) is passed through as it comes, never buffered.
+    let is_json = content_type.is_empty() || content_type.contains("json");
 
     if !status.is_success() {
         // The upstream's own refusal or failure: passed on as it came, and nothing is charged.
@@ -314,10 +318,10 @@ async fn send(
             .map_err(|_| ApiError::Internal);
     }
 
-    if is_stream {
+    if is_stream || !is_json {
         let stream = MeteredStream {
             upstream: upstream.bytes_stream().boxed(),
-            scanner: SseScanner::new(prepared.strip_usage_chunk),
+            scanner: is_stream.then(|| SseScanner::new(prepared.strip_usage_chunk)),
             settlement: Some(settlement),
             settling: None,
             tail: None,
@@ -573,9 +577,10 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
 }
 
 /// The body of a streamed answer: passes events on as they come and settles when it ends.
+/// Without a scanner (an answer that is neither JSON nor events) bytes pass through untouched.
 struct MeteredStream {
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
-    scanner: SseScanner,
+    scanner: Option<SseScanner>,
     settlement: Option<Settlement>,
     settling: Option<BoxFuture<'static, ()>>,
     tail: Option<Bytes>,
@@ -585,7 +590,8 @@ struct MeteredStream {
 impl MeteredStream {
     fn start_settling(&mut self) {
         if let Some(mut s) = self.settlement.take() {
-            let outcome = self.scanner.usage.map_or(Outcome::Estimate, Outcome::Usage);
+            let usage = self.scanner.as_ref().and_then(|s| s.usage);
+            let outcome = usage.map_or(Outcome::Estimate, Outcome::Usage);
             self.settling = s.take(outcome);
         }
     }
@@ -609,7 +615,10 @@ impl Stream for MeteredStream {
             match this.upstream.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let out = this.scanner.feed(&chunk);
+                    let out = match this.scanner.as_mut() {
+                        Some(scanner) => scanner.feed(&chunk),
+                        None => chunk,
+                    };
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(out)));
                     }
@@ -633,7 +642,7 @@ impl Stream for MeteredStream {
                 }
                 Poll::Ready(None) => {
                     this.done = true;
-                    this.tail = Some(this.scanner.finish());
+                    this.tail = this.scanner.as_mut().map(SseScanner::finish);
                     this.start_settling();
                 }
             }
@@ -652,13 +661,18 @@ impl Drop for MeteredStream {
         // The client went away mid-stream. Keep reading, briefly, for the real usage.
         let mut upstream =
             std::mem::replace(&mut self.upstream, futures_util::stream::empty().boxed());
-        let mut scanner = std::mem::replace(&mut self.scanner, SseScanner::new(false));
+        let scanner = self.scanner.take();
         let drain = settlement.state.config.upstream.usage_drain;
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
         handle.spawn(async move {
             settlement.release_slot().await;
+            let Some(mut scanner) = scanner else {
+                // Nothing to read usage from: settle the estimate.
+                settlement.finish(None).await;
+                return;
+            };
             let read = async {
                 while scanner.usage.is_none() {
                     match upstream.next().await {

@@ -467,3 +467,39 @@ async fn every_metered_route_settles_the_upstreams_usage() {
         );
     }
 }
+
+#[tokio::test]
+async fn binary_answers_pass_through_as_they_come() {
+    use futures_util::StreamExt;
+    use tiergate::mock_upstream::{FILE_CHUNK, FILE_CHUNKS};
+    let gw = TestGateway::start().await;
+    gw.put_tier("t", json!({"tokens_per_minute": 1000})).await;
+    let (_, key) = gw.workspace("t").await;
+    let started = std::time::Instant::now();
+    let r = gw
+        .client
+        .get(format!("{}/v1/files/f1/content", gw.url))
+        .bearer_auth(&key)
+        .header("x-mock-latency-ms", "400")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "content-type"), Some("application/octet-stream"));
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("1000"));
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    // The first chunk arrives before the upstream has sent the rest (1.2 s later).
+    assert!(
+        started.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(first[0], b'a');
+    let mut total = first.len();
+    while let Some(chunk) = body.next().await {
+        total += chunk.unwrap().len();
+    }
+    assert_eq!(total, FILE_CHUNK * FILE_CHUNKS);
+    assert_eq!(gw.limits(&key).await["usage"]["requests_this_month"], 1);
+}
