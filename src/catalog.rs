@@ -8,6 +8,7 @@
 //! version check (at most every 100 ms), so a key created elsewhere works at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -24,17 +25,20 @@ pub struct WorkspaceEntry {
     pub limits: Arc<Limits>,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct KeyEntry {
     id: KeyId,
     workspace: WorkspaceId,
     expires_at: Option<i64>,
+    /// The last second this key's use was handed to the ledger writer: a key is written at
+    /// most once a second, and the hot path takes no lock for it otherwise.
+    noted_at: AtomicI64,
 }
 
 #[derive(Debug, Default)]
 struct View {
     version: i64,
-    keys: HashMap<[u8; 32], KeyEntry>,
+    keys: HashMap<[u8; 32], Arc<KeyEntry>>,
     workspaces: HashMap<WorkspaceId, Arc<WorkspaceEntry>>,
 }
 
@@ -111,8 +115,9 @@ impl Catalog {
                     id: k.id,
                     workspace: k.workspace_id,
                     expires_at: k.expires_at,
+                    noted_at: AtomicI64::new(0),
                 };
-                (k.hash, entry)
+                (k.hash, Arc::new(entry))
             })
             .collect();
         let view = View {
@@ -155,16 +160,18 @@ impl Catalog {
         if entry.workspace.status == WorkspaceStatus::Suspended {
             return Err(AuthFailure::Suspended);
         }
-        self.touched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(key.id, now);
+        if key.noted_at.swap(now, Ordering::Relaxed) != now {
+            self.touched
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key.id, now);
+        }
         Ok((key.id, entry))
     }
 
-    fn lookup(&self, hash: &[u8; 32]) -> Option<(KeyEntry, Arc<WorkspaceEntry>)> {
+    fn lookup(&self, hash: &[u8; 32]) -> Option<(Arc<KeyEntry>, Arc<WorkspaceEntry>)> {
         let view = self.view();
-        let key = *view.keys.get(hash)?;
+        let key = view.keys.get(hash)?.clone();
         let entry = view.workspaces.get(&key.workspace)?.clone();
         Some((key, entry))
     }

@@ -140,11 +140,16 @@ struct History {
     last_seen: Nanos,
 }
 
+type Histories = HashMap<WorkspaceId, HashMap<String, History>>;
+
+const SHARDS: usize = 16;
+
 /// Remembers recent completion sizes per workspace and model, to estimate the next one.
+/// Sharded by workspace, so that workspaces do not wait on one another.
 pub struct Estimator {
     default_completion: u64,
     history_len: usize,
-    history: Mutex<HashMap<(WorkspaceId, String), History>>,
+    shards: Vec<Mutex<Histories>>,
 }
 
 impl Estimator {
@@ -152,8 +157,14 @@ impl Estimator {
         Estimator {
             default_completion,
             history_len: history_len.max(1),
-            history: Mutex::new(HashMap::new()),
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
         }
+    }
+
+    fn shard(&self, workspace: WorkspaceId) -> std::sync::MutexGuard<'_, Histories> {
+        self.shards[(workspace as u64 as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn estimate(&self, workspace: WorkspaceId, info: &RequestInfo) -> TokenCost {
@@ -163,14 +174,12 @@ impl Estimator {
                 estimate: info.prompt_tokens,
             };
         }
-        let recent = {
-            let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-            let key = (workspace, info.model.clone().unwrap_or_default());
-            history
-                .get(&key)
-                .and_then(|h| h.recent.iter().max().copied())
-                .unwrap_or(self.default_completion)
-        };
+        let recent = self
+            .shard(workspace)
+            .get(&workspace)
+            .and_then(|models| models.get(info.model.as_deref().unwrap_or("")))
+            .and_then(|h| h.recent.iter().max().copied())
+            .unwrap_or(self.default_completion);
         let per_choice = match info.max_tokens {
             Some(max) => max.min(recent),
             None => recent,
@@ -183,8 +192,12 @@ impl Estimator {
 
     /// Records a completion's size as reported by the upstream (per choice).
     pub fn observe(&self, workspace: WorkspaceId, model: &str, completion_tokens: u64, now: Nanos) {
-        let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
-        let h = history.entry((workspace, model.to_string())).or_default();
+        let mut shard = self.shard(workspace);
+        let models = shard.entry(workspace).or_default();
+        let h = match models.get_mut(model) {
+            Some(h) => h,
+            None => models.entry(model.to_string()).or_default(),
+        };
         if h.recent.len() == self.history_len {
             h.recent.pop_front();
         }
@@ -194,10 +207,13 @@ impl Estimator {
 
     /// Forgets workspaces and models not seen for `idle_for`: memory follows the active ones.
     pub fn evict_idle(&self, now: Nanos, idle_for: Nanos) {
-        self.history
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, h| now.saturating_sub(h.last_seen) < idle_for);
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.retain(|_, models| {
+                models.retain(|_, h| now.saturating_sub(h.last_seen) < idle_for);
+                !models.is_empty()
+            });
+        }
     }
 }
 

@@ -41,13 +41,23 @@ fn number(v: f64) -> HeaderValue {
     }
 }
 
-fn put(h: &mut HeaderMap, suffix: &str, w: &Window, hours_reset: bool) {
+/// `[limit, remaining, reset]` header names of one window.
+type Names = [HeaderName; 3];
+
+fn names(suffix: &'static str) -> Names {
     let name = |kind: &str| {
-        HeaderName::from_bytes(format!("x-ratelimit-{kind}-{suffix}").as_bytes())
-            .expect("static names are valid")
+        HeaderName::try_from(format!("x-ratelimit-{kind}-{suffix}")).expect("valid header name")
     };
-    h.insert(name("limit"), number(w.limit));
-    h.insert(name("remaining"), HeaderValue::from(w.remaining));
+    [name("limit"), name("remaining"), name("reset")]
+}
+
+static NAMES: std::sync::LazyLock<[Names; 3]> =
+    std::sync::LazyLock::new(|| [names("requests"), names("tokens"), names("tokens-month")]);
+
+fn put(h: &mut HeaderMap, names: &Names, w: &Window, hours_reset: bool) {
+    let [limit, remaining, reset_name] = names;
+    h.insert(limit.clone(), number(w.limit));
+    h.insert(remaining.clone(), HeaderValue::from(w.remaining));
     let reset = if hours_reset {
         // The month's reset reads in whole seconds: `412h3m0s`.
         duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC)
@@ -55,21 +65,22 @@ fn put(h: &mut HeaderMap, suffix: &str, w: &Window, hours_reset: bool) {
         duration(w.reset)
     };
     h.insert(
-        name("reset"),
+        reset_name.clone(),
         HeaderValue::from_str(&reset).expect("a duration is a valid header"),
     );
 }
 
 /// Sets the headers of every limit the snapshot has; an absent limit has no header.
 pub fn apply(snapshot: &Snapshot, h: &mut HeaderMap) {
+    let [requests, tokens, month] = &*NAMES;
     if let Some(w) = &snapshot.requests {
-        put(h, "requests", w, false);
+        put(h, requests, w, false);
     }
     if let Some(w) = &snapshot.tokens {
-        put(h, "tokens", w, false);
+        put(h, tokens, w, false);
     }
     if let Some(w) = &snapshot.month {
-        put(h, "tokens-month", w, true);
+        put(h, month, w, true);
     }
 }
 

@@ -61,10 +61,12 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
 fn new_request_id() -> String {
     let mut bytes = [0u8; 16];
     getrandom::fill(&mut bytes).expect("the OS has randomness");
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut id = String::with_capacity(36);
     id.push_str("req_");
     for b in bytes {
-        id.push_str(&format!("{b:02x}"));
+        id.push(HEX[(b >> 4) as usize] as char);
+        id.push(HEX[(b & 0xf) as usize] as char);
     }
     id
 }
