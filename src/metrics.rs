@@ -18,6 +18,7 @@ pub struct Metrics {
     pub upstream_rate_limited: AtomicU64,
     pub upstream_server_errors: AtomicU64,
     pub upstream_unreachable: AtomicU64,
+    pub upstream_auth_failures: AtomicU64,
     pub upstream_timeouts: AtomicU64,
     pub refunds: AtomicU64,
     pub tokens_estimated: AtomicU64,
@@ -97,6 +98,11 @@ impl Metrics {
             "tiergate_upstream_unreachable_total",
             "Upstream connection failures (502).",
             get(&self.upstream_unreachable),
+        );
+        counter(
+            "tiergate_upstream_auth_failures_total",
+            "Upstream 401/403: the gateway's own upstream key was refused (answered 502).",
+            get(&self.upstream_auth_failures),
         );
         counter(
             "tiergate_upstream_timeouts_total",

@@ -166,7 +166,7 @@ impl IntoResponse for ApiError {
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
                 None,
-                "The upstream API could not be reached. Nothing was charged; retry later.",
+                "The upstream API could not be reached or refused the gateway. Nothing was charged; retry later.",
             ),
             ApiError::UpstreamTimeout => body(
                 StatusCode::GATEWAY_TIMEOUT,

@@ -306,6 +306,14 @@ async fn send(
     // (files, audio) is passed through as it comes, never buffered.
     let is_json = content_type.is_empty() || content_type.contains("json");
 
+    if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+        // The upstream refused the gateway's own key: passing that on would tell the client its
+        // key is wrong. It is the operator's to fix.
+        tracing::error!(%status, "the upstream refused the gateway's credentials (upstream.api_key)");
+        Metrics::inc(&state.metrics.upstream_auth_failures);
+        settlement.refund().await;
+        return Err(ApiError::UpstreamUnreachable);
+    }
     if !status.is_success() {
         // The upstream's own refusal or failure: passed on as it came, and nothing is charged.
         if status == StatusCode::TOO_MANY_REQUESTS {

@@ -192,6 +192,13 @@ async fn upstream_errors_pass_through_refunded_and_counted_apart() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["type"], kind, "the upstream's own body: {v}");
     }
+    // The upstream refusing the gateway's own key is not the client's key being wrong.
+    for status in ["401", "403"] {
+        let r = gw.chat(&key, hello(), &[("x-mock-status", status)]).await;
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY, "{status}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["type"], "upstream_error");
+    }
     let limits = gw.limits(&key).await;
     assert_eq!(limits["usage"]["tokens_this_month"], 0, "refunded");
     assert_eq!(limits["usage"]["token_bucket"]["level"], 10000);
@@ -201,6 +208,7 @@ async fn upstream_errors_pass_through_refunded_and_counted_apart() {
         "{metrics}"
     );
     assert!(metrics.contains("tiergate_upstream_server_errors_total 1"));
+    assert!(metrics.contains("tiergate_upstream_auth_failures_total 2"));
     assert!(metrics.contains("tiergate_denied_total{limit=\"tokens_per_minute\"} 0"));
 }
 
