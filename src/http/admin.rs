@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -16,14 +16,14 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use super::extract::{JsonBody, OptionalJson};
+use super::views::{key_json, limit_request_json, usage_json, workspace_json};
 use crate::app::AppState;
 use crate::catalog::generate_key;
 use crate::config::validate_tier_name;
-use crate::limiter::core::day_of;
-use crate::limiter::MonthKey;
 use crate::model::{
-    ApiKey, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides, Tier,
-    Workspace, WorkspaceId, WorkspaceStatus,
+    KeyId, LimitRequestId, LimitRequestStatus, Limits, Overrides, Tier, WorkspaceId,
+    WorkspaceStatus,
 };
 use crate::store::{NewKey, WorkspaceChange};
 
@@ -66,89 +66,6 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         }
         Ok(Admin)
     }
-}
-
-/// A JSON body that may be left out (empty), then `T::default()`.
-pub struct OptionalJson<T>(pub T);
-
-impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalJson(T::default()));
-        }
-        serde_json::from_slice(&bytes)
-            .map(OptionalJson)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
-    }
-}
-
-/// A JSON body whose rejections are answered in the gateway's error shape.
-pub struct JsonBody<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Json::<T>::from_request(req, state)
-            .await
-            .map(|Json(v)| JsonBody(v))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
-    }
-}
-
-pub fn rfc3339(secs: i64) -> Value {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .map_or(Value::Null, Value::String)
-}
-
-pub fn workspace_json(state: &AppState, w: &Workspace) -> Value {
-    let limits = state.catalog.workspace(w.id).map(|e| (*e.limits).clone());
-    json!({
-        "id": w.id,
-        "name": w.name,
-        "tier": w.tier,
-        "status": w.status,
-        "overrides": w.overrides,
-        "limits": limits,
-        "created_at": rfc3339(w.created_at),
-    })
-}
-
-fn key_json(k: &ApiKey) -> Value {
-    json!({
-        "id": k.id,
-        "workspace_id": k.workspace_id,
-        "name": k.name,
-        "prefix": k.prefix,
-        "created_at": rfc3339(k.created_at),
-        "expires_at": k.expires_at.map(rfc3339),
-        "revoked_at": k.revoked_at.map(rfc3339),
-        "last_used_at": k.last_used_at.map(rfc3339),
-    })
-}
-
-pub fn limit_request_json(r: &LimitRequest) -> Value {
-    json!({
-        "id": r.id,
-        "workspace_id": r.workspace_id,
-        "use_case": r.use_case,
-        "requested_limits": r.requested_limits,
-        "status": r.status,
-        "granted_limits": r.granted_limits,
-        "reason": r.reason,
-        "created_at": rfc3339(r.created_at),
-        "decided_at": r.decided_at.map(rfc3339),
-    })
 }
 
 async fn reload(state: &AppState) -> Result<(), ApiError> {
@@ -364,71 +281,6 @@ async fn put_tier(
 struct Range {
     from: Option<String>,
     to: Option<String>,
-}
-
-fn valid_day(s: &str) -> bool {
-    let format = time::macros::format_description!("[year]-[month]-[day]");
-    time::Date::parse(s, &format).is_ok()
-}
-
-/// A workspace's usage: this month, the bucket now, and per day and model over a range
-/// (default: this month so far).
-pub async fn usage_json(
-    state: &AppState,
-    ws: &Workspace,
-    limits: &Limits,
-    from: Option<String>,
-    to: Option<String>,
-) -> Result<Value, ApiError> {
-    let now = state.clock.now();
-    let month = MonthKey::of(now);
-    let from = from.unwrap_or_else(|| month.first_day());
-    let to = to.unwrap_or_else(|| day_of(now));
-    if !valid_day(&from) || !valid_day(&to) {
-        return Err(ApiError::BadRequest(
-            "from and to are days as YYYY-MM-DD".into(),
-        ));
-    }
-    state.recorder.flush().await;
-    let live = state
-        .limiter
-        .usage(ws.id, limits, now)
-        .await
-        .map_err(|_| ApiError::Unavailable)?;
-    let totals = state.store.month_totals(ws.id, month).await?;
-    let daily = state.store.daily_usage(ws.id, &from, &to).await?;
-    let window = |w: Option<crate::limiter::Window>| {
-        w.map(|w| {
-            json!({
-                "limit": w.limit,
-                "remaining": w.remaining,
-                "reset": super::headers::duration(w.reset),
-            })
-        })
-    };
-    Ok(json!({
-        "workspace_id": ws.id,
-        "month": format!("{:04}-{:02}", month.year(), month.month()),
-        "requests_this_month": totals.requests,
-        "tokens_this_month": live.month_settled_tokens,
-        "tokens_reserved": live.month_reserved_tokens,
-        "in_flight": live.in_flight,
-        "token_bucket": live.bucket_tokens.map(|level| json!({
-            "capacity": limits.tokens_per_minute,
-            "level": level,
-        })),
-        "requests_per_second": window(live.snapshot.requests),
-        "tokens_per_minute": window(live.snapshot.tokens),
-        "tokens_per_month": live.snapshot.month.map(|w| json!({
-            "limit": w.limit,
-            "used": live.month_settled_tokens + live.month_reserved_tokens,
-            "remaining": w.remaining,
-            "reset": super::headers::duration(w.reset.div_ceil(crate::limiter::NANOS_PER_SEC) * crate::limiter::NANOS_PER_SEC),
-        })),
-        "from": from,
-        "to": to,
-        "daily": daily,
-    }))
 }
 
 async fn usage(

@@ -3,8 +3,10 @@
 
 pub mod admin;
 pub mod error;
+pub mod extract;
 pub mod headers;
 pub mod proxy;
+pub mod views;
 pub mod workspace;
 
 use std::sync::Arc;

@@ -10,9 +10,10 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::admin::{limit_request_json, usage_json, JsonBody};
 use super::authenticate;
 use super::error::ApiError;
+use super::extract::JsonBody;
+use super::views::{limit_request_json, usage_json};
 use crate::app::AppState;
 use crate::model::Overrides;
 
