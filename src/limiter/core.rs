@@ -148,6 +148,10 @@ pub struct MonthKey(pub i32);
 
 impl MonthKey {
     pub fn of(now: Nanos) -> MonthKey {
+        month_span(now).0
+    }
+
+    fn compute(now: Nanos) -> MonthKey {
         let dt = datetime(now);
         MonthKey(dt.year() * 12 + (dt.month() as i32 - 1))
     }
@@ -177,6 +181,26 @@ impl MonthKey {
     pub fn first_day(self) -> String {
         format!("{:04}-{:02}-01", self.year(), self.month())
     }
+}
+
+/// The month of `now` and the first instant of the next one. Calendar arithmetic costs more than
+/// a whole decision, and nearly every call falls in the same month as the last, so each thread
+/// remembers the last month it computed.
+pub fn month_span(now: Nanos) -> (MonthKey, Nanos) {
+    use std::cell::Cell;
+    thread_local! {
+        static LAST: Cell<(Nanos, Nanos, MonthKey)> = const { Cell::new((1, 0, MonthKey(0))) };
+    }
+    LAST.with(|last| {
+        let (start, end, key) = last.get();
+        if start <= now && now < end {
+            return (key, end);
+        }
+        let key = MonthKey::compute(now);
+        let end = key.next().start();
+        last.set((key.start(), end, key));
+        (key, end)
+    })
 }
 
 pub fn datetime(now: Nanos) -> time::OffsetDateTime {
@@ -434,7 +458,10 @@ impl WorkspaceState {
 
     fn model_state(&mut self, model: &str, now: Nanos) -> &mut ModelState {
         let current = MonthKey::of(now);
-        let state = self.models.entry(model.to_string()).or_default();
+        if !self.models.contains_key(model) {
+            self.models.insert(model.to_string(), ModelState::default());
+        }
+        let state = self.models.get_mut(model).expect("just inserted");
         state.month.get_or_insert(MonthCounter {
             month: current,
             settled: 0,
@@ -538,7 +565,7 @@ impl WorkspaceState {
         }
 
         // Tokens per month.
-        let next_month = MonthKey::of(now).next().start();
+        let next_month = month_span(now).1;
         if let Some(cap) = limits.tokens_per_month {
             if self.month.used() + tokens > cap && tokens <= cap {
                 denials.push(Denial {
@@ -694,7 +721,7 @@ impl WorkspaceState {
         let month = limits.tokens_per_month.map(|cap| Window {
             limit: cap as f64,
             remaining: cap.saturating_sub(self.month.used()),
-            reset: MonthKey::of(now).next().start().saturating_sub(now),
+            reset: month_span(now).1.saturating_sub(now),
         });
         Snapshot {
             requests,
