@@ -157,7 +157,15 @@ impl App {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
+        use axum::serve::ListenerExt;
         let router = self.router();
+        // Without TCP_NODELAY, a response written as headers then body waits for the client's
+        // delayed ACK (about 40 ms) on every kept-alive request, and stream chunks are held back.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY");
+            }
+        });
         axum::serve(listener, router)
             .with_graceful_shutdown(shutdown)
             .await?;

@@ -265,12 +265,13 @@ async fn send(
         HeaderValue::from_static("identity"),
     );
 
+    let deadline = tokio::time::Instant::now() + state.config.upstream.timeout;
     let request = state
         .client
         .request(parts.method.clone(), url)
         .headers(headers)
         .body(prepared.body);
-    let upstream = match tokio::time::timeout(state.config.upstream.timeout, request.send()).await {
+    let upstream = match tokio::time::timeout_at(deadline, request.send()).await {
         Err(_) => {
             Metrics::inc(&state.metrics.upstream_timeouts);
             settlement.refund().await;
@@ -342,7 +343,16 @@ async fn send(
             .map_err(|_| ApiError::Internal);
     }
 
-    match upstream.bytes().await {
+    // A JSON answer must arrive whole within the same deadline as its headers.
+    let body = match tokio::time::timeout_at(deadline, upstream.bytes()).await {
+        Ok(body) => body,
+        Err(_) => {
+            Metrics::inc(&state.metrics.upstream_timeouts);
+            drop(settlement);
+            return Err(ApiError::UpstreamTimeout);
+        }
+    };
+    match body {
         Ok(body) => {
             let usage = serde_json::from_slice::<WithUsage>(&body)
                 .ok()
