@@ -187,10 +187,17 @@ async fn a_client_that_leaves_frees_its_slot_at_once_and_is_charged_the_estimate
     // after the 300 ms the gateway waits for it.
     let h = [("x-mock-latency-ms", "800"), ("x-mock-usage", "7,16")];
     let body = json!({"model": "m", "stream": true, "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]});
+    let started = std::time::Instant::now();
     let r = gw.chat(&key, body, &h).await;
     let reserved = 1_000_000 - header_u64(&r, "x-ratelimit-remaining-tokens-month");
     let mut stream = r.bytes_stream();
     stream.next().await.unwrap().unwrap();
+    // Events pass as they come: the first one long before the upstream's stream ends (~1.7 s).
+    assert!(
+        started.elapsed() < Duration::from_millis(1300),
+        "{:?}",
+        started.elapsed()
+    );
     drop(stream);
     let left = std::time::Instant::now();
     loop {
