@@ -174,9 +174,7 @@ async fn the_client_key_is_never_forwarded() {
 
 #[tokio::test]
 async fn upstream_errors_pass_through_refunded_and_counted_apart() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("t", json!({"tokens_per_minute": 10000})).await;
-    let (_, key) = gw.workspace("t").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 10000})).await;
     for (status, kind) in [
         (429, "rate_limited"),
         (503, "server_error"),

@@ -80,6 +80,14 @@ impl TestGateway {
         Self::start_with(Options::default()).await
     }
 
+    /// A gateway, a workspace on a tier with `limits`, and its key.
+    pub async fn on_tier(limits: Value) -> (TestGateway, String) {
+        let gw = Self::start().await;
+        gw.put_tier("test-tier", limits).await;
+        let (_, key) = gw.workspace("test-tier").await;
+        (gw, key)
+    }
+
     pub async fn start_with(options: Options) -> TestGateway {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("tiergate.db");

@@ -44,10 +44,7 @@ async fn free_tier_admits_one_request_per_second_and_retry_after_is_truthful() {
 
 #[tokio::test]
 async fn burst_allows_that_many_at_once() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("burst", json!({"requests_per_second": 2, "burst": 3}))
-        .await;
-    let (_, key) = gw.workspace("burst").await;
+    let (gw, key) = TestGateway::on_tier(json!({"requests_per_second": 2, "burst": 3})).await;
     for remaining in ["2", "1", "0"] {
         let r = gw.chat(&key, hello(), &[]).await;
         assert_eq!(r.status(), StatusCode::OK);
@@ -65,9 +62,7 @@ async fn burst_allows_that_many_at_once() {
 
 #[tokio::test]
 async fn tokens_per_minute_settles_to_upstream_usage_and_refills_continuously() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("tpm", json!({"tokens_per_minute": 600})).await;
-    let (_, key) = gw.workspace("tpm").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 600})).await;
 
     // The upstream reports 100 + 200 tokens; the bucket is settled to 300 used.
     let r = gw.chat(&key, hello(), &[("x-mock-usage", "100,200")]).await;
@@ -91,18 +86,13 @@ async fn tokens_per_minute_settles_to_upstream_usage_and_refills_continuously() 
     // No burst at a minute boundary: half a minute later, half the bucket.
     gw.advance(Duration::from_secs(30));
     assert_eq!(gw.limits(&key).await["usage"]["token_bucket"]["level"], 300);
-    gw.advance(
-        Duration::from_millis(wait_ms)
-            - Duration::from_secs(30).min(Duration::from_millis(wait_ms)),
-    );
+    gw.advance(Duration::from_millis(wait_ms).saturating_sub(Duration::from_secs(30)));
     assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
 }
 
 #[tokio::test]
 async fn underestimated_usage_puts_the_bucket_in_debt_and_headers_never_go_negative() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("tpm", json!({"tokens_per_minute": 1000})).await;
-    let (_, key) = gw.workspace("tpm").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 1000})).await;
     let r = gw
         .chat(&key, hello(), &[("x-mock-usage", "1000,1000")])
         .await;
@@ -120,9 +110,7 @@ async fn underestimated_usage_puts_the_bucket_in_debt_and_headers_never_go_negat
 
 #[tokio::test]
 async fn the_estimate_does_not_reserve_all_of_max_tokens() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("tpm", json!({"tokens_per_minute": 5000})).await;
-    let (_, key) = gw.workspace("tpm").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 5000})).await;
     let body = json!({"model": "m", "max_tokens": 100000, "messages": [{"role": "user", "content": "Hi"}]});
     // Reserving max_tokens would need 100000 tokens; the estimate is prompt + 256.
     let r = gw
@@ -142,10 +130,7 @@ async fn the_estimate_does_not_reserve_all_of_max_tokens() {
 
 #[tokio::test]
 async fn tokens_per_month_is_a_quota_that_waiting_seconds_cannot_fix() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("month", json!({"tokens_per_month": 1000}))
-        .await;
-    let (_, key) = gw.workspace("month").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_month": 1000})).await;
     let r = gw.chat(&key, hello(), &[("x-mock-usage", "400,500")]).await;
     assert_eq!(r.status(), StatusCode::OK);
     let limits = gw.limits(&key).await;
@@ -176,9 +161,7 @@ async fn tokens_per_month_is_a_quota_that_waiting_seconds_cannot_fix() {
 
 #[tokio::test]
 async fn concurrent_requests_are_released_when_the_answer_ends() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("conc", json!({"concurrent_requests": 1})).await;
-    let (_, key) = gw.workspace("conc").await;
+    let (gw, key) = TestGateway::on_tier(json!({"concurrent_requests": 1})).await;
     let slow = {
         let gw_url = gw.url.clone();
         let key = key.clone();
@@ -235,9 +218,7 @@ async fn per_model_limits_apply_to_that_model_only() {
 
 #[tokio::test]
 async fn a_request_that_can_never_fit_is_not_retryable() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("tiny", json!({"tokens_per_minute": 50})).await;
-    let (_, key) = gw.workspace("tiny").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 50})).await;
     let long = "word ".repeat(400); // 2000 chars: ~500 tokens.
     let body = json!({"model": "m", "messages": [{"role": "user", "content": long}]});
     let before = gw.upstream_count().await;
@@ -258,9 +239,7 @@ async fn a_request_that_can_never_fit_is_not_retryable() {
 
 #[tokio::test]
 async fn a_denied_request_consumes_nothing_in_any_dimension() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("all", json!({"requests_per_second": 1, "tokens_per_minute": 10000, "tokens_per_month": 100000, "concurrent_requests": 5})).await;
-    let (_, key) = gw.workspace("all").await;
+    let (gw, key) = TestGateway::on_tier(json!({"requests_per_second": 1, "tokens_per_minute": 10000, "tokens_per_month": 100000, "concurrent_requests": 5})).await;
     assert_eq!(
         gw.chat(&key, hello(), &[("x-mock-usage", "10,10")])
             .await
@@ -305,10 +284,7 @@ async fn two_keys_of_a_workspace_share_limits_and_other_workspaces_are_untouched
 
 #[tokio::test]
 async fn month_usage_survives_a_restart() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("month", json!({"tokens_per_month": 1000}))
-        .await;
-    let (_, key) = gw.workspace("month").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_month": 1000})).await;
     assert_eq!(
         gw.chat(&key, hello(), &[("x-mock-usage", "300,400")])
             .await
@@ -384,9 +360,7 @@ async fn tier_changes_and_overrides_take_effect_on_the_next_request() {
 
 #[tokio::test]
 async fn a_tier_without_a_limit_sends_no_header_for_it() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("open", json!({})).await;
-    let (_, key) = gw.workspace("open").await;
+    let (gw, key) = TestGateway::on_tier(json!({})).await;
     for _ in 0..20 {
         let r = gw.chat(&key, hello(), &[]).await;
         assert_eq!(r.status(), StatusCode::OK);
@@ -399,9 +373,7 @@ async fn a_tier_without_a_limit_sends_no_header_for_it() {
 
 #[tokio::test]
 async fn passthrough_routes_count_as_requests_and_settle_usage_when_present() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("rps", json!({"requests_per_second": 1})).await;
-    let (_, key) = gw.workspace("rps").await;
+    let (gw, key) = TestGateway::on_tier(json!({"requests_per_second": 1})).await;
     let r = gw
         .client
         .get(format!("{}/v1/models", gw.url))
@@ -428,9 +400,7 @@ async fn passthrough_routes_count_as_requests_and_settle_usage_when_present() {
 
 #[tokio::test]
 async fn every_metered_route_settles_the_upstreams_usage() {
-    let gw = TestGateway::start().await;
-    gw.put_tier("t", json!({"tokens_per_minute": 100000})).await;
-    let (_, key) = gw.workspace("t").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 100000})).await;
     let cases = [
         (
             "/v1/chat/completions",
@@ -472,9 +442,7 @@ async fn every_metered_route_settles_the_upstreams_usage() {
 async fn binary_answers_pass_through_as_they_come() {
     use futures_util::StreamExt;
     use tiergate::mock_upstream::{FILE_CHUNK, FILE_CHUNKS};
-    let gw = TestGateway::start().await;
-    gw.put_tier("t", json!({"tokens_per_minute": 1000})).await;
-    let (_, key) = gw.workspace("t").await;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 1000})).await;
     let started = std::time::Instant::now();
     let r = gw
         .client
