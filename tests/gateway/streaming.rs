@@ -29,14 +29,7 @@ fn events(text: &str) -> Vec<Value> {
 }
 
 async fn setup() -> (TestGateway, String) {
-    let gw = TestGateway::start().await;
-    gw.put_tier(
-        "t",
-        json!({"tokens_per_minute": 100000, "tokens_per_month": 1000000}),
-    )
-    .await;
-    let (_, key) = gw.workspace("t").await;
-    (gw, key)
+    TestGateway::on_tier(json!({"tokens_per_minute": 100000, "tokens_per_month": 1000000})).await
 }
 
 #[tokio::test]
