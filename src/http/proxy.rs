@@ -492,7 +492,11 @@ async fn settle(
         }
         Outcome::Refund => 0,
         Outcome::Estimate => {
-            Metrics::inc(&state.metrics.settled_without_usage);
+            // A pass-through answer without usage reserved nothing: there was no estimate to fall
+            // back on, so it is not counted as one.
+            if reservation.held.tokens > 0 {
+                Metrics::inc(&state.metrics.settled_without_usage);
+            }
             reservation.held.tokens
         }
     };

@@ -392,6 +392,11 @@ async fn passthrough_routes_count_as_requests_and_settle_usage_when_present() {
         .await
         .unwrap();
     expect_429(r, "rate_limited", "requests_per_second").await;
+    // A pass-through answer without usage is not an estimate settled for lack of usage.
+    assert!(gw
+        .metrics()
+        .await
+        .contains("tiergate_settled_without_usage_total 0"));
     // /v1/limits counts against nothing.
     for _ in 0..3 {
         gw.limits(&key).await;
