@@ -13,7 +13,9 @@ use tiergate::limiter::local::LocalLimiter;
 use tiergate::limiter::{
     Decision, Limiter, LimiterError, MonthKey, MonthSource, MonthTotals, TokenCost,
 };
-use tiergate::model::{Limits, ModelLimits, WorkspaceId};
+use tiergate::model::{
+    Limits, ModelLimits, WorkspaceId, MAX_TOKENS_PER_MINUTE, MAX_TOKENS_PER_MONTH,
+};
 
 struct EmptyLedger;
 
@@ -23,6 +25,7 @@ impl MonthSource for EmptyLedger {
         &self,
         _: WorkspaceId,
         month: MonthKey,
+        _: Option<&str>,
     ) -> Result<MonthTotals, LimiterError> {
         Ok(MonthTotals {
             month: Some(month),
@@ -35,18 +38,19 @@ fn limits() -> Limits {
     let mut l = Limits {
         requests_per_second: Some(1e6),
         burst: None,
-        tokens_per_minute: Some(1_000_000_000_000_000),
-        tokens_per_month: Some(u64::MAX / 4),
+        tokens_per_minute: Some(MAX_TOKENS_PER_MINUTE),
+        tokens_per_month: Some(MAX_TOKENS_PER_MONTH),
         concurrent_requests: Some(1_000_000),
         models: Default::default(),
     };
     l.models.insert(
         "m".into(),
         ModelLimits {
-            tokens_per_minute: Some(1_000_000_000_000_000),
+            tokens_per_minute: Some(MAX_TOKENS_PER_MINUTE),
             tokens_per_month: None,
         },
     );
+    l.validate().expect("the largest valid limits");
     l
 }
 

@@ -34,6 +34,8 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub catalog: Arc<Catalog>,
     pub limiter: Arc<dyn Limiter>,
+    /// The in-memory limiter state, when there is one to evict and count.
+    pub local: Option<Arc<LocalLimiter>>,
     pub estimator: Estimator,
     pub recorder: Recorder,
     pub client: reqwest::Client,
@@ -56,6 +58,7 @@ impl MonthSource for LedgerMonths {
         &self,
         workspace: WorkspaceId,
         month: MonthKey,
+        _excluding: Option<&str>,
     ) -> Result<MonthTotals, LimiterError> {
         self.0
             .month_totals(workspace, month)
@@ -78,8 +81,9 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     }
     let catalog = Arc::new(Catalog::load(store.clone()).await?);
     let metrics = Arc::new(Metrics::default());
-    let limiter: Arc<dyn Limiter> =
-        Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone()))));
+    let local = Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone()))));
+    let limiter: Arc<dyn Limiter> = local.clone();
+    let local = Some(local);
     let (recorder, ledger) = Recorder::start(
         store.clone(),
         catalog.clone(),
@@ -101,6 +105,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         store,
         catalog,
         limiter,
+        local,
         estimator,
         recorder,
         client,
@@ -136,9 +141,9 @@ async fn evict_idle(state: Arc<AppState>) {
         tokio::time::sleep(every).await;
         let now = state.clock.now();
         let catalog = state.catalog.clone();
-        let evicted = state
-            .limiter
-            .evict_idle(now, idle_for, &|ws| catalog.limits_of(ws));
+        let evicted = state.local.as_ref().map_or(0, |local| {
+            local.evict_idle(now, idle_for, &|ws| catalog.limits_of(ws))
+        });
         state.estimator.evict_idle(now, idle_for);
         if evicted > 0 {
             tracing::debug!(evicted, "evicted idle workspaces");

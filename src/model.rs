@@ -52,6 +52,10 @@ impl Limits {
     }
 
     /// Checks that every figure is usable; names the offending field.
+    ///
+    /// The bounds keep every quantity of the limiter exact in a double (the Redis script's
+    /// numbers; see `limiter::core`): rates with at most three decimals, capacities well below
+    /// 2^53 in the limiter's units.
     pub fn validate(&self) -> Result<(), String> {
         let Limits {
             requests_per_second,
@@ -62,35 +66,73 @@ impl Limits {
             models,
         } = self;
         if let Some(rps) = requests_per_second {
-            if !rps.is_finite() || *rps <= 0.0 || *rps > 1_000_000.0 {
-                return Err(
-                    "requests_per_second must be a number above 0 and at most 1000000".into(),
-                );
+            let milli = rps * 1000.0;
+            if !rps.is_finite() || *rps < 0.001 || *rps > MAX_REQUESTS_PER_SECOND {
+                return Err(format!(
+                    "requests_per_second must be a number from 0.001 to {MAX_REQUESTS_PER_SECOND}"
+                ));
+            }
+            if (milli - milli.round()).abs() > 1e-6 {
+                return Err("requests_per_second must have at most three decimals".into());
             }
         }
-        if burst == &Some(0) {
-            return Err("burst must be at least 1".into());
+        if let Some(b) = burst {
+            if *b == 0 || *b > MAX_BURST {
+                return Err(format!("burst must be from 1 to {MAX_BURST}"));
+            }
         }
-        if tokens_per_minute == &Some(0) {
-            return Err("tokens_per_minute must be at least 1 (leave it out for no limit)".into());
-        }
-        if tokens_per_month == &Some(0) {
-            return Err("tokens_per_month must be at least 1 (leave it out for no limit)".into());
-        }
-        if concurrent_requests == &Some(0) {
-            return Err(
-                "concurrent_requests must be at least 1 (leave it out for no limit)".into(),
-            );
+        check_tokens(
+            "tokens_per_minute",
+            *tokens_per_minute,
+            MAX_TOKENS_PER_MINUTE,
+        )?;
+        check_tokens("tokens_per_month", *tokens_per_month, MAX_TOKENS_PER_MONTH)?;
+        if let Some(c) = concurrent_requests {
+            if *c == 0 || *c > MAX_CONCURRENT_REQUESTS {
+                return Err(format!(
+                    "concurrent_requests must be from 1 to {MAX_CONCURRENT_REQUESTS} (leave it out for no limit)"
+                ));
+            }
         }
         for (model, m) in models {
             if model.is_empty() {
                 return Err("models: a model name must not be empty".into());
             }
-            if m.tokens_per_minute == Some(0) || m.tokens_per_month == Some(0) {
-                return Err(format!("models.{model}: limits must be at least 1"));
+            if model.len() > MAX_MODEL_NAME {
+                return Err(format!(
+                    "models: a model name is at most {MAX_MODEL_NAME} bytes"
+                ));
             }
+            check_tokens(
+                &format!("models.{model}.tokens_per_minute"),
+                m.tokens_per_minute,
+                MAX_TOKENS_PER_MINUTE,
+            )?;
+            check_tokens(
+                &format!("models.{model}.tokens_per_month"),
+                m.tokens_per_month,
+                MAX_TOKENS_PER_MONTH,
+            )?;
         }
         Ok(())
+    }
+}
+
+/// The largest figures a limit may have (see `Limits::validate`).
+pub const MAX_REQUESTS_PER_SECOND: f64 = 1_000_000.0;
+pub const MAX_BURST: u32 = 1_000_000;
+pub const MAX_TOKENS_PER_MINUTE: u64 = 10_000_000_000;
+pub const MAX_TOKENS_PER_MONTH: u64 = 1_000_000_000_000_000;
+pub const MAX_CONCURRENT_REQUESTS: u32 = 1_000_000;
+pub const MAX_MODEL_NAME: usize = 256;
+
+fn check_tokens(field: &str, value: Option<u64>, max: u64) -> Result<(), String> {
+    match value {
+        Some(0) => Err(format!(
+            "{field} must be at least 1 (leave it out for no limit)"
+        )),
+        Some(n) if n > max => Err(format!("{field} must be at most {max}")),
+        _ => Ok(()),
     }
 }
 

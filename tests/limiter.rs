@@ -357,14 +357,15 @@ fn requests_per_second_fractional() {
 
 #[test]
 fn tokens_per_minute_admits_capacity_then_waits_for_one_token() {
-    // (capacity C, time to refill one token = 60 s / C, rounded up to the nanosecond)
+    // (capacity C, time to refill one token = 60 s / C, rounded up to the millisecond: the
+    // bucket is credited per whole millisecond)
     let table: &[(u64, Nanos)] = &[
         (1, 60 * SEC),
-        (7, 8_571_428_572),
+        (7, 8_572 * MS),
         (60, SEC),
         (600, 100 * MS),
         (1_000, 60 * MS),
-        (1_000_000, 60_000),
+        (1_000_000, MS),
     ];
     for &(capacity, one_token) in table {
         let l = limits().tpm(capacity);
@@ -449,7 +450,8 @@ fn settling_refunds_or_puts_the_bucket_in_debt() {
         (600, 0, 600, 0, 100 * MS),
         (300, 0, 900, -300, 30_100 * MS),
         (600, 0, 1_200, -600, 60_100 * MS),
-        (100, 0, 5_000, -4_400, 440_100 * MS),
+        // Debt is floored at one minute's worth.
+        (100, 0, 5_000, -600, 60_100 * MS),
         // Refunds never fill the bucket beyond its capacity.
         (300, 15 * SEC, 100, 600, 0),
         (300, 30 * SEC, 0, 600, 0),
@@ -1354,8 +1356,8 @@ fn snapshot_windows_count_down_to_full() {
         // 200 more than reserved: 202.5 tokens left.
         (250 * MS, Settle(0, 300), rps_window(2, 750 * MS), tpm_window(202, 39_750 * MS), 600),
         (SEC, Look, rps_window(4, 0), tpm_window(210, 39 * SEC), 600),
-        // Debt: 210 - 1_900 = -1_690 tokens; remaining shows 0, never negative.
-        (SEC, Settle(1, 2_000), rps_window(4, 0), tpm_window(0, 229 * SEC), 0),
+        // Debt: 210 - 500 = -290 tokens; remaining shows 0, never negative.
+        (SEC, Settle(1, 600), rps_window(4, 0), tpm_window(0, 89 * SEC), 100),
     ];
     for (i, (offset, act, requests, tokens_per_minute, month_remaining)) in
         table.into_iter().enumerate()
@@ -1383,7 +1385,7 @@ fn snapshot_windows_count_down_to_full() {
             "step {i}: month"
         );
     }
-    assert_eq!(s.usage(&l, start + SEC).bucket_tokens, Some(-1_690));
+    assert_eq!(s.usage(&l, start + SEC).bucket_tokens, Some(-290));
     // Unlimited dimensions have no window.
     assert_eq!(fresh(start).snapshot(&limits(), start), Default::default());
 }
@@ -1421,6 +1423,7 @@ impl MonthSource for Ledger {
         &self,
         workspace: WorkspaceId,
         month: MonthKey,
+        _excluding: Option<&str>,
     ) -> Result<MonthTotals, LimiterError> {
         self.calls.lock().unwrap().push((workspace, month));
         if self.down.load(Ordering::SeqCst) {
@@ -1475,7 +1478,7 @@ async fn denied(
     }
 }
 
-const IDLE: Nanos = 120 * SEC;
+const IDLE: Nanos = 60 * SEC;
 
 #[tokio::test]
 async fn local_seeds_each_workspace_once_from_the_ledger() {
@@ -1565,9 +1568,9 @@ async fn local_evicts_only_idle_workspaces_after_idle_for() {
 
     // 1: a request in flight.
     let in_flight = admitted(&limiter, 1, &plain, None, tokens(10), now).await;
-    // 2: in debt by 1_200 tokens, full again after 180 s.
+    // 2: in debt by 600 tokens (the most: one minute), full again after 120 s.
     let r = admitted(&limiter, 2, &plain, None, tokens(600), now).await;
-    limiter.settle(&r, &plain, 1_800, now).await.unwrap();
+    limiter.settle(&r, &plain, 1_200, now).await.unwrap();
     // 3: one small request, refunded: idle at once.
     let r = admitted(&limiter, 3, &plain, None, tokens(10), now).await;
     limiter.settle(&r, &plain, 0, now).await.unwrap();
@@ -1577,9 +1580,9 @@ async fn local_evicts_only_idle_workspaces_after_idle_for() {
     // 5: in debt, but its limits are gone: nothing to remember.
     let r = admitted(&limiter, 5, &plain, None, tokens(600), now).await;
     limiter.settle(&r, &plain, 1_800, now).await.unwrap();
-    // 6: model "m" in debt by 180 tokens, full again after 240 s.
+    // 6: model "m" in debt by 30 tokens, full again after 90 s.
     let r = admitted(&limiter, 6, &model, Some("m"), tokens(60), now).await;
-    limiter.settle(&r, &model, 240, now).await.unwrap();
+    limiter.settle(&r, &model, 90, now).await.unwrap();
     // 7: a token-free request in flight, held by its concurrency slot alone.
     let slot_only = admitted(&limiter, 7, &plain, None, TokenCost::default(), now).await;
     // 8: tokens in flight, without a concurrency limit.
@@ -1590,12 +1593,12 @@ async fn local_evicts_only_idle_workspaces_after_idle_for() {
     let sweeps = [
         (now + IDLE - 1, 0, 8),
         (now + IDLE, 2, 6),          // 3 and 5
-        (now + 180 * SEC - 1, 0, 6), // 2 is one nanosecond short of full
-        (now + 180 * SEC, 1, 5),     // 2
-        (now + 200 * SEC, 1, 4),     // 4
-        (now + 240 * SEC - 1, 0, 4),
-        (now + 240 * SEC, 1, 3), // 6
-        (now + HOUR, 0, 3),      // 1, 7 and 8 are still in flight
+        (now + 90 * SEC - 1, 0, 6),  // 6 is one nanosecond short of full
+        (now + 90 * SEC, 1, 5),      // 6
+        (now + 120 * SEC - 1, 0, 5), // 2 likewise
+        (now + 120 * SEC, 1, 4),     // 2
+        (now + 200 * SEC, 1, 3),     // 4
+        (now + HOUR, 0, 3),          // 1, 7 and 8 are still in flight
     ];
     for (at, evicted, tracked) in sweeps {
         assert_eq!(limiter.evict_idle(at, IDLE, &limits_of), evicted, "at {at}");

@@ -56,7 +56,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.metrics.render(state.limiter.tracked_workspaces());
+    let tracked = state.local.as_ref().map_or(0, |l| l.tracked_workspaces());
+    let text = state.metrics.render(tracked);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

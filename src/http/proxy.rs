@@ -35,7 +35,7 @@ use crate::app::AppState;
 use crate::catalog::WorkspaceEntry;
 use crate::estimate::{inspect, Endpoint, RequestInfo};
 use crate::limiter::core::day_of;
-use crate::limiter::{Decision, Reservation, TokenCost};
+use crate::limiter::{Decision, Reservation, Settled, TokenCost};
 use crate::metrics::Metrics;
 use crate::model::Limits;
 use crate::store::UsageRecord;
@@ -501,17 +501,24 @@ async fn settle(
         }
     };
     Metrics::add(&state.metrics.tokens_settled, actual);
-    if let Err(e) = state.limiter.settle(reservation, limits, actual, now).await {
-        Metrics::inc(&state.metrics.limiter_errors);
-        tracing::error!(error = %e, "settlement failed");
-    }
+    let settled = match state.limiter.settle(reservation, limits, actual, now).await {
+        Ok(settled) => settled,
+        Err(e) => {
+            Metrics::inc(&state.metrics.limiter_errors);
+            tracing::error!(error = %e, "settlement failed");
+            Settled {
+                at: now,
+                counter: None,
+            }
+        }
+    };
     state.recorder.record(UsageRecord::Settled {
         request_id,
         workspace: ws,
-        day: day_of(now),
+        day: day_of(settled.at),
         model,
         tokens: actual,
-        at: (now / crate::limiter::NANOS_PER_SEC) as i64,
+        at: (settled.at / crate::limiter::NANOS_PER_SEC) as i64,
     });
 }
 

@@ -1,6 +1,24 @@
-//! The arithmetic of the limits: GCRA, the refilled token bucket, the calendar month, and the
-//! one decision that checks them all before changing any. Pure: no I/O, no clock of its own;
-//! every function takes `now` in nanoseconds since the Unix epoch, so tests inject time.
+//! The arithmetic of the limits: the request bucket (GCRA), the refilled token bucket, the
+//! calendar month, and the one decision that checks them all before changing any. Pure: no I/O,
+//! no clock of its own; every function takes `now` in nanoseconds since the Unix epoch, so tests
+//! inject time.
+//!
+//! # Units, shared with the Redis script
+//! The same decisions are made by `limiter/redis.lua`, where every number is a double. So that
+//! both backends compute the same thing exactly, every quantity is an integer below 2^53:
+//! - **time** is counted in microseconds inside (`now / 1000`); outputs are turned back into
+//!   nanoseconds against the caller's `now` (`target_us * 1000 - now`), so that waiting exactly
+//!   `retry_after` is enough and one nanosecond less is not;
+//! - **requests** are counted in nano-requests (10^9 per request): a rate of `rps` refills
+//!   `rps * 1000` nano-requests per microsecond, an integer because rates have at most three
+//!   decimals. Capacity is `burst * 10^9` ≤ 10^15;
+//! - **tokens** per minute are counted in units of 1/60,000 token and refilled once per whole
+//!   millisecond by `capacity` units (`capacity / 60` tokens per second). Capacity ≤ 10^10
+//!   tokens, i.e. ≤ 6·10^14 units; debt is floored at one minute (`-capacity`);
+//! - a refill never multiplies an elapsed time by a rate beyond the deficit it fills, so no
+//!   product exceeds about 2·10^15.
+//!
+//! `Limits::validate` enforces the bounds these rely on (see `model.rs`).
 
 use std::collections::HashMap;
 
@@ -8,140 +26,193 @@ use crate::model::Limits;
 
 pub type Nanos = u64;
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
-/// One token in the bucket's fixed-point unit. A bucket of capacity `C` tokens refills `C` units
-/// per nanosecond, i.e. `C / 60` tokens per second, with no rounding drift.
-const UNITS_PER_TOKEN: i128 = 60 * NANOS_PER_SEC as i128;
+/// Nano-requests per request.
+pub const NANO_REQUESTS: i64 = 1_000_000_000;
+/// Token-bucket units per token: a bucket of capacity `C` tokens refills `C` units per
+/// millisecond, i.e. `C / 60` tokens per second.
+pub const UNITS_PER_TOKEN: i64 = 60_000;
+/// What one request may reserve or settle at most, in tokens: far above any real request, and
+/// low enough that every sum stays exact in a double.
+pub const MAX_REQUEST_TOKENS: u64 = 100_000_000_000;
 
-/// Generic cell rate algorithm for requests per second: one timestamp of state.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Gcra {
-    /// Theoretical arrival time of the next request.
-    tat: Nanos,
-    /// The emission interval `tat` was computed with (0 before the first request).
-    interval: Nanos,
+/// Microseconds of `now` (floored).
+pub fn micros(now: Nanos) -> u64 {
+    now / 1_000
 }
 
-fn emission_interval(rps: f64) -> Nanos {
-    // Rounded up, so that no interval admits more than `burst + rate × interval`.
-    ((NANOS_PER_SEC as f64 / rps).ceil() as Nanos).max(1)
+/// Nanoseconds from `now` until the microsecond `target` begins (0 if it has).
+pub fn until(target_us: u64, now: Nanos) -> Nanos {
+    target_us.saturating_mul(1_000).saturating_sub(now)
 }
 
-impl Gcra {
-    /// `tat` under emission interval `t`. When the rate changed (a new tier or override), the
-    /// requests already counted stay counted, at the new rate: an upgrade holds at once.
-    fn tat_at(&self, now: Nanos, t: Nanos) -> Nanos {
-        let tat = self.tat.max(now);
-        if self.interval == 0 || self.interval == t {
-            return tat;
-        }
-        let used = (tat - now) as u128 * t as u128 / self.interval as u128;
-        now + used as Nanos
-    }
-
-    /// `Ok(new_tat)` when a request is allowed now, else `Err(wait)`.
-    fn check(&self, now: Nanos, rps: f64, burst: u32) -> Result<Nanos, Nanos> {
-        let t = emission_interval(rps);
-        let new_tat = self.tat_at(now, t) + t;
-        let allow_at = new_tat.saturating_sub(t * burst as u64);
-        if now < allow_at {
-            Err(allow_at - now)
-        } else {
-            Ok(new_tat)
-        }
-    }
-
-    fn commit(&mut self, new_tat: Nanos, rps: f64) {
-        self.tat = new_tat;
-        self.interval = emission_interval(rps);
-    }
-
-    /// (remaining requests that could be sent at once, time until the burst is full again).
-    fn view(&self, now: Nanos, rps: f64, burst: u32) -> (u64, Nanos) {
-        let t = emission_interval(rps);
-        let used = self.tat_at(now, t) - now;
-        let capacity = t * burst as u64;
-        let remaining = capacity.saturating_sub(used) / t;
-        (remaining, used)
-    }
-
-    fn is_idle(&self, now: Nanos) -> bool {
-        self.tat <= now
-    }
+fn ceil_div(a: i64, b: i64) -> i64 {
+    (a + b - 1) / b
 }
 
-/// A continuously refilled bucket: capacity = the per-minute limit, refill limit/60 per second.
-/// The level may go below zero (debt) when settled usage exceeds what was reserved.
+/// Requests per second in nano-requests per microsecond (`rps * 1000`, rates have at most three
+/// decimals).
+pub fn request_rate(rps: f64) -> i64 {
+    ((rps * 1000.0).round() as i64).max(1)
+}
+
+/// Requests per second as a bucket of `burst` requests refilled at `rps` (the generic cell rate
+/// algorithm seen as a bucket): smooth, no window boundaries.
 #[derive(Debug, Clone, Copy)]
-pub struct TokenBucket {
-    level: i128,
-    at: Nanos,
+pub struct RequestBucket {
+    /// Nano-requests available (negative after a lowered burst, until refilled).
+    level: i64,
+    /// Microsecond of `level`.
+    at: u64,
     /// The capacity `level` was computed with.
-    capacity: u64,
+    capacity: i64,
 }
 
-impl TokenBucket {
-    fn full(capacity: u64, now: Nanos) -> Self {
-        TokenBucket {
-            level: capacity as i128 * UNITS_PER_TOKEN,
-            at: now,
+impl RequestBucket {
+    fn full(capacity: i64, now_us: u64) -> Self {
+        RequestBucket {
+            level: capacity,
+            at: now_us,
             capacity,
         }
     }
 
-    fn level_at(&self, capacity: u64, now: Nanos) -> i128 {
-        let cap = capacity as i128 * UNITS_PER_TOKEN;
-        // When the limit changed, what was used in the last minute stays used: the level moves
-        // by the difference, so an increase holds at once and a decrease does not forgive.
-        let level = self.level + (capacity as i128 - self.capacity as i128) * UNITS_PER_TOKEN;
-        let elapsed = now.saturating_sub(self.at) as i128;
-        (level + elapsed * capacity as i128).min(cap)
-    }
-
-    fn refill(&mut self, capacity: u64, now: Nanos) {
-        self.level = self.level_at(capacity, now);
-        self.at = self.at.max(now);
-        self.capacity = capacity;
-    }
-
-    /// Time until `cost` tokens are available; 0 when they are now.
-    fn wait_for(&self, capacity: u64, cost: u64, now: Nanos) -> Nanos {
-        let need = cost as i128 * UNITS_PER_TOKEN - self.level_at(capacity, now);
-        if need <= 0 {
-            0
+    /// Level and time at `now_us`. When the capacity changed (a new tier or override), what was
+    /// used stays used: the level moves by the difference.
+    fn at_time(&self, capacity: i64, rate: i64, now_us: u64) -> (i64, u64) {
+        let level = (self.level + capacity - self.capacity).min(capacity);
+        if now_us <= self.at {
+            return (level, self.at);
+        }
+        let deficit = capacity - level;
+        if deficit <= 0 {
+            return (capacity, now_us);
+        }
+        let elapsed = (now_us - self.at) as i64;
+        if elapsed >= ceil_div(deficit, rate) {
+            (capacity, now_us)
         } else {
-            let rate = capacity as i128;
-            ((need + rate - 1) / rate) as Nanos
+            (level + elapsed * rate, now_us)
         }
     }
 
-    fn add(&mut self, capacity: u64, tokens: i128, now: Nanos) {
-        self.refill(capacity, now);
-        let cap = capacity as i128 * UNITS_PER_TOKEN;
-        self.level = (self.level + tokens * UNITS_PER_TOKEN).min(cap);
+    /// The microsecond at which one more request fits (now when it does).
+    fn admit_at(&self, capacity: i64, rate: i64, now_us: u64) -> u64 {
+        let (level, at) = self.at_time(capacity, rate, now_us);
+        let need = NANO_REQUESTS - level;
+        if need <= 0 {
+            now_us
+        } else {
+            at + ceil_div(need, rate) as u64
+        }
+    }
+
+    fn take(&mut self, capacity: i64, rate: i64, now_us: u64) {
+        let (level, at) = self.at_time(capacity, rate, now_us);
+        *self = RequestBucket {
+            level: level - NANO_REQUESTS,
+            at,
+            capacity,
+        };
+    }
+
+    /// (requests that could be sent at once, microsecond at which the burst is full again).
+    fn view(&self, capacity: i64, rate: i64, now_us: u64) -> (u64, u64) {
+        let (level, at) = self.at_time(capacity, rate, now_us);
+        let remaining = (level.max(0) / NANO_REQUESTS) as u64;
+        (remaining, at + ceil_div(capacity - level, rate) as u64)
+    }
+
+    fn is_full(&self, capacity: i64, rate: i64, now_us: u64) -> bool {
+        self.at_time(capacity, rate, now_us).0 >= capacity
+    }
+}
+
+/// A continuously refilled bucket: capacity = the per-minute limit, refill limit/60 per second,
+/// credited per whole millisecond. The level may go below zero (debt, at most one minute's
+/// worth) when settled usage exceeds what was reserved.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenBucket {
+    level: i64,
+    /// Microsecond of `level`: moves by whole milliseconds while refilling, so no fraction of a
+    /// millisecond's credit is lost.
+    at: u64,
+    /// The capacity (tokens) `level` was computed with.
+    capacity: u64,
+}
+
+impl TokenBucket {
+    fn full(capacity: u64, now_us: u64) -> Self {
+        TokenBucket {
+            level: capacity as i64 * UNITS_PER_TOKEN,
+            at: now_us,
+            capacity,
+        }
+    }
+
+    fn at_time(&self, capacity: u64, now_us: u64) -> (i64, u64) {
+        let cap = capacity as i64 * UNITS_PER_TOKEN;
+        // When the limit changed, what was used in the last minute stays used: the level moves
+        // by the difference, so an increase holds at once and a decrease does not forgive.
+        let level = (self.level + (capacity as i64 - self.capacity as i64) * UNITS_PER_TOKEN)
+            .clamp(-cap, cap);
+        if now_us <= self.at {
+            return (level, self.at);
+        }
+        let deficit = cap - level;
+        if deficit <= 0 {
+            return (cap, now_us);
+        }
+        let ms = ((now_us - self.at) / 1_000) as i64;
+        if ms >= ceil_div(deficit, capacity as i64) {
+            (cap, now_us)
+        } else {
+            (level + ms * capacity as i64, self.at + ms as u64 * 1_000)
+        }
+    }
+
+    /// The microsecond at which `cost` tokens are available (now when they are).
+    fn available_at(&self, capacity: u64, cost: u64, now_us: u64) -> u64 {
+        let (level, at) = self.at_time(capacity, now_us);
+        let need = cost as i64 * UNITS_PER_TOKEN - level;
+        if need <= 0 {
+            now_us
+        } else {
+            at + ceil_div(need, capacity as i64) as u64 * 1_000
+        }
+    }
+
+    /// Adds `tokens` (negative takes), within one minute of debt and the capacity.
+    fn add(&mut self, capacity: u64, tokens: i64, now_us: u64) {
+        let cap = capacity as i64 * UNITS_PER_TOKEN;
+        let (level, at) = self.at_time(capacity, now_us);
+        *self = TokenBucket {
+            level: (level + tokens * UNITS_PER_TOKEN).clamp(-cap, cap),
+            at,
+            capacity,
+        };
     }
 
     /// Whole tokens held now; a bucket in debt holds 0.
-    fn remaining(&self, capacity: u64, now: Nanos) -> u64 {
-        (self.level_at(capacity, now).max(0) / UNITS_PER_TOKEN) as u64
+    fn remaining(&self, capacity: u64, now_us: u64) -> u64 {
+        (self.at_time(capacity, now_us).0.max(0) / UNITS_PER_TOKEN) as u64
     }
 
-    /// Time until the bucket is full.
-    fn until_full(&self, capacity: u64, now: Nanos) -> Nanos {
-        let missing = capacity as i128 * UNITS_PER_TOKEN - self.level_at(capacity, now);
+    /// The microsecond at which the bucket is full.
+    fn full_at(&self, capacity: u64, now_us: u64) -> u64 {
+        let (level, at) = self.at_time(capacity, now_us);
+        let missing = capacity as i64 * UNITS_PER_TOKEN - level;
         if missing <= 0 {
-            0
+            now_us
         } else {
-            let rate = capacity as i128;
-            ((missing + rate - 1) / rate) as Nanos
+            at + ceil_div(missing, capacity as i64) as u64 * 1_000
         }
     }
 
     /// Balance in whole tokens, negative when in debt (for the usage view).
-    fn balance(&self, capacity: u64, now: Nanos) -> i64 {
-        (self.level_at(capacity, now) / UNITS_PER_TOKEN) as i64
+    fn balance(&self, capacity: u64, now_us: u64) -> i64 {
+        self.at_time(capacity, now_us).0 / UNITS_PER_TOKEN
     }
 }
-
 /// A calendar month in UTC, as `year * 12 + month0`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MonthKey(pub i32);
@@ -354,7 +425,7 @@ pub enum Verdict {
 /// All limiter state of one workspace.
 #[derive(Debug, Clone)]
 pub struct WorkspaceState {
-    gcra: Gcra,
+    requests: Option<RequestBucket>,
     bucket: Option<TokenBucket>,
     month: MonthCounter,
     models: HashMap<String, ModelState>,
@@ -364,6 +435,14 @@ pub struct WorkspaceState {
     /// never evicted, so its settlement always finds it.
     unsettled: u32,
     pub last_seen: Nanos,
+}
+
+/// The request bucket's capacity and rate for `limits`, if it limits requests.
+fn request_limit(limits: &Limits) -> Option<(f64, i64, i64)> {
+    limits.requests_per_second.map(|rps| {
+        let capacity = limits.effective_burst() as i64 * NANO_REQUESTS;
+        (rps, capacity, request_rate(rps))
+    })
 }
 
 impl WorkspaceState {
@@ -391,7 +470,7 @@ impl WorkspaceState {
             })
             .collect();
         WorkspaceState {
-            gcra: Gcra::default(),
+            requests: None,
             bucket: None,
             month: MonthCounter {
                 month: current,
@@ -441,15 +520,21 @@ impl WorkspaceState {
 
     /// Nothing to remember: evicting this state loses nothing (the month lives in the ledger).
     pub fn is_idle(&self, limits: Option<&Limits>, now: Nanos) -> bool {
-        if self.unsettled > 0 || self.in_flight > 0 || !self.gcra.is_idle(now) {
+        if self.unsettled > 0 || self.in_flight > 0 {
             return false;
         }
         let Some(limits) = limits else { return true };
-        let full = |b: &Option<TokenBucket>, cap: Option<u64>| match (b, cap) {
-            (Some(b), Some(cap)) => b.until_full(cap, now) == 0,
+        let now_us = micros(now);
+        let requests_full = match (&self.requests, request_limit(limits)) {
+            (Some(b), Some((_, cap, rate))) => b.is_full(cap, rate, now_us),
             _ => true,
         };
-        full(&self.bucket, limits.tokens_per_minute)
+        let full = |b: &Option<TokenBucket>, cap: Option<u64>| match (b, cap) {
+            (Some(b), Some(cap)) => b.full_at(cap, now_us) <= now_us,
+            _ => true,
+        };
+        requests_full
+            && full(&self.bucket, limits.tokens_per_minute)
             && self.models.iter().all(|(name, m)| {
                 let cap = limits.models.get(name).and_then(|l| l.tokens_per_minute);
                 full(&m.bucket, cap)
@@ -479,7 +564,12 @@ impl WorkspaceState {
         now: Nanos,
     ) -> (Verdict, Snapshot) {
         self.last_seen = now;
+        let now_us = micros(now);
         let model_limits = model.and_then(|m| limits.models.get(m).map(|l| (m, l)));
+        let cost = TokenCost {
+            prompt: cost.prompt.min(MAX_REQUEST_TOKENS),
+            estimate: cost.estimate.min(MAX_REQUEST_TOKENS),
+        };
 
         // What may be reserved: the estimate, capped by the smallest token capacity so that a
         // request whose prompt fits can always be admitted once the limits have room.
@@ -516,23 +606,21 @@ impl WorkspaceState {
         let tokens = tokens.max(cost.prompt);
 
         // Requests per second.
-        let burst = limits.effective_burst();
-        let new_tat = match limits.requests_per_second {
-            Some(rps) => match self.gcra.check(now, rps, burst) {
-                Ok(tat) => Some(tat),
-                Err(wait) => {
-                    denials.push(Denial {
-                        kind: DenialKind::RateLimited,
-                        limit: LimitName::RequestsPerSecond,
-                        model: None,
-                        limit_value: rps,
-                        retry_after: wait,
-                    });
-                    None
-                }
-            },
-            None => None,
-        };
+        if let Some((rps, cap, rate)) = request_limit(limits) {
+            let bucket = self
+                .requests
+                .get_or_insert_with(|| RequestBucket::full(cap, now_us));
+            let at = bucket.admit_at(cap, rate, now_us);
+            if at > now_us {
+                denials.push(Denial {
+                    kind: DenialKind::RateLimited,
+                    limit: LimitName::RequestsPerSecond,
+                    model: None,
+                    limit_value: rps,
+                    retry_after: until(at, now),
+                });
+            }
+        }
 
         // Concurrent requests.
         if let Some(max) = limits.concurrent_requests {
@@ -551,15 +639,15 @@ impl WorkspaceState {
         if let Some(cap) = limits.tokens_per_minute {
             let bucket = self
                 .bucket
-                .get_or_insert_with(|| TokenBucket::full(cap, now));
-            let wait = bucket.wait_for(cap, tokens, now);
-            if wait > 0 && tokens <= cap {
+                .get_or_insert_with(|| TokenBucket::full(cap, now_us));
+            let at = bucket.available_at(cap, tokens, now_us);
+            if at > now_us && tokens <= cap {
                 denials.push(Denial {
                     kind: DenialKind::RateLimited,
                     limit: LimitName::TokensPerMinute,
                     model: None,
                     limit_value: cap as f64,
-                    retry_after: wait,
+                    retry_after: until(at, now),
                 });
             }
         }
@@ -584,15 +672,15 @@ impl WorkspaceState {
             if let Some(cap) = ml.tokens_per_minute {
                 let bucket = state
                     .bucket
-                    .get_or_insert_with(|| TokenBucket::full(cap, now));
-                let wait = bucket.wait_for(cap, tokens, now);
-                if wait > 0 && tokens <= cap {
+                    .get_or_insert_with(|| TokenBucket::full(cap, now_us));
+                let at = bucket.available_at(cap, tokens, now_us);
+                if at > now_us && tokens <= cap {
                     denials.push(Denial {
                         kind: DenialKind::RateLimited,
                         limit: LimitName::ModelTokensPerMinute,
                         model: Some(m.to_string()),
                         limit_value: cap as f64,
-                        retry_after: wait,
+                        retry_after: until(at, now),
                     });
                 }
             }
@@ -619,15 +707,17 @@ impl WorkspaceState {
         }
 
         // Admit: take from every limit.
-        if let (Some(tat), Some(rps)) = (new_tat, limits.requests_per_second) {
-            self.gcra.commit(tat, rps);
+        if let (Some((_, cap, rate)), Some(bucket)) =
+            (request_limit(limits), self.requests.as_mut())
+        {
+            bucket.take(cap, rate, now_us);
         }
         if limits.concurrent_requests.is_some() {
             self.in_flight += 1;
         }
         self.unsettled += 1;
         if let (Some(cap), Some(bucket)) = (limits.tokens_per_minute, self.bucket.as_mut()) {
-            bucket.add(cap, -(tokens as i128), now);
+            bucket.add(cap, -(tokens as i64), now_us);
         }
         self.month.reserved += tokens;
         if let Some(m) = model {
@@ -636,7 +726,7 @@ impl WorkspaceState {
                 model_limits.and_then(|(_, l)| l.tokens_per_minute),
                 state.bucket.as_mut(),
             ) {
-                bucket.add(cap, -(tokens as i128), now);
+                bucket.add(cap, -(tokens as i64), now_us);
             }
             if let Some(month) = state.month.as_mut() {
                 month.reserved += tokens;
@@ -663,10 +753,12 @@ impl WorkspaceState {
     /// Replaces what `held` reserved with `actual` tokens (0 refunds) and frees its slot.
     pub fn settle(&mut self, limits: &Limits, held: &Held, actual: u64, now: Nanos) {
         self.last_seen = now;
+        let now_us = micros(now);
+        let actual = actual.min(MAX_REQUEST_TOKENS);
         self.unsettled = self.unsettled.saturating_sub(1);
-        let delta = held.tokens as i128 - actual as i128;
+        let delta = held.tokens as i64 - actual as i64;
         if let (Some(cap), Some(bucket)) = (limits.tokens_per_minute, self.bucket.as_mut()) {
-            bucket.add(cap, delta, now);
+            bucket.add(cap, delta, now_us);
         }
         if held.slot {
             self.in_flight = self.in_flight.saturating_sub(1);
@@ -684,7 +776,7 @@ impl WorkspaceState {
             let cap = limits.models.get(m).and_then(|l| l.tokens_per_minute);
             let state = self.model_state(m, now);
             if let (Some(cap), Some(bucket)) = (cap, state.bucket.as_mut()) {
-                bucket.add(cap, delta, now);
+                bucket.add(cap, delta, now_us);
             }
             if let Some(month) = state.month.as_mut() {
                 if month.month == held.month {
@@ -698,19 +790,27 @@ impl WorkspaceState {
     }
 
     pub fn snapshot(&self, limits: &Limits, now: Nanos) -> Snapshot {
-        let requests = limits.requests_per_second.map(|rps| {
-            let (remaining, reset) = self.gcra.view(now, rps, limits.effective_burst());
-            Window {
-                limit: rps,
-                remaining,
-                reset,
+        let now_us = micros(now);
+        let requests = request_limit(limits).map(|(rps, cap, rate)| match &self.requests {
+            Some(b) => {
+                let (remaining, full_at) = b.view(cap, rate, now_us);
+                Window {
+                    limit: rps,
+                    remaining,
+                    reset: until(full_at, now),
+                }
             }
+            None => Window {
+                limit: rps,
+                remaining: (cap / NANO_REQUESTS) as u64,
+                reset: 0,
+            },
         });
         let tokens = limits.tokens_per_minute.map(|cap| match &self.bucket {
             Some(b) => Window {
                 limit: cap as f64,
-                remaining: b.remaining(cap, now),
-                reset: b.until_full(cap, now),
+                remaining: b.remaining(cap, now_us),
+                reset: until(b.full_at(cap, now_us), now),
             },
             None => Window {
                 limit: cap as f64,
@@ -734,7 +834,7 @@ impl WorkspaceState {
         Usage {
             snapshot: self.snapshot(limits, now),
             bucket_tokens: limits.tokens_per_minute.map(|cap| match &self.bucket {
-                Some(b) => b.balance(cap, now),
+                Some(b) => b.balance(cap, micros(now)),
                 None => cap as i64,
             }),
             month_settled_tokens: self.month.settled,

@@ -22,7 +22,9 @@
 pub mod core;
 pub mod local;
 
-use std::sync::Arc;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use async_trait::async_trait;
 
@@ -38,11 +40,61 @@ pub enum LimiterError {
     Unavailable(String),
 }
 
+/// Names one reservation across every instance: a random 64-bit prefix drawn once per process
+/// and a counter, so that ids never repeat without a random draw per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ReservationId(pub u128);
+
+impl ReservationId {
+    pub fn next() -> ReservationId {
+        static PREFIX: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let prefix = *PREFIX.get_or_init(|| {
+            let mut bytes = [0u8; 8];
+            getrandom::fill(&mut bytes).expect("the OS has randomness");
+            u64::from_le_bytes(bytes)
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        ReservationId(((prefix as u128) << 64) | n as u128)
+    }
+}
+
+impl fmt::Display for ReservationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Which backend holds a reservation. A shared limiter that fell back (see `failover`) settles
+/// each reservation where it was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// The limiter that made the decision (the in-memory one, or the shared one).
+    Primary,
+    /// The in-memory share used while the shared backend was unreachable.
+    LocalShare,
+    /// Admitted without any limiter while the shared backend was unreachable (policy `open`).
+    Unmetered,
+}
+
 /// What an admitted request holds until it is settled.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Reservation {
+    pub id: ReservationId,
     pub workspace: WorkspaceId,
     pub held: Held,
+    pub origin: Origin,
+}
+
+impl Reservation {
+    pub fn new(workspace: WorkspaceId, held: Held) -> Self {
+        Reservation {
+            id: ReservationId::next(),
+            workspace,
+            held,
+            origin: Origin::Primary,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,17 +109,30 @@ pub enum Decision {
     },
 }
 
-/// Where month counters start from: the ledger's settled totals for a workspace and month.
+/// How a settlement was counted, for the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Settled {
+    /// When it counted, on the limiter's clock (the Redis server's in service): the ledger's
+    /// day and month follow it, so the ledger and the counter agree on the month.
+    pub at: Nanos,
+    /// The generation of the shared month counter that counted it, if any (see `redis`).
+    pub counter: Option<String>,
+}
+
+/// Where month counters start from: the ledger's settled totals for a workspace and month,
+/// leaving out what the shared counter generation `excluding` has counted itself.
 #[async_trait]
 pub trait MonthSource: Send + Sync {
     async fn month_totals(
         &self,
         workspace: WorkspaceId,
         month: MonthKey,
+        excluding: Option<&str>,
     ) -> Result<MonthTotals, LimiterError>;
 }
 
-/// A limiter backend. Every call takes `now`, so the clock is the caller's (tests inject one).
+/// A limiter backend. Every call takes `now`, the caller's clock; a backend may keep a clock of
+/// its own (the Redis server's), in which case the times it answers are relative to that.
 #[async_trait]
 pub trait Limiter: Send + Sync {
     async fn reserve(
@@ -79,14 +144,15 @@ pub trait Limiter: Send + Sync {
         now: Nanos,
     ) -> Result<Decision, LimiterError>;
 
-    /// Settles `reservation` to `actual` tokens (0 refunds). Called exactly once per admission.
+    /// Settles `reservation` to `actual` tokens (0 refunds). Idempotent by reservation id: a
+    /// second call for the same reservation changes nothing and answers as the first did.
     async fn settle(
         &self,
         reservation: &Reservation,
         limits: &Limits,
         actual: u64,
         now: Nanos,
-    ) -> Result<(), LimiterError>;
+    ) -> Result<Settled, LimiterError>;
 
     /// Frees the reservation's concurrency slot now; its tokens are settled later.
     async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError>;
@@ -98,15 +164,4 @@ pub trait Limiter: Send + Sync {
         limits: &Limits,
         now: Nanos,
     ) -> Result<Usage, LimiterError>;
-
-    /// Forgets workspaces that have nothing to remember; returns how many were dropped.
-    fn evict_idle(
-        &self,
-        now: Nanos,
-        idle_for: Nanos,
-        limits_of: &dyn Fn(WorkspaceId) -> Option<Arc<Limits>>,
-    ) -> usize;
-
-    /// Workspaces whose state is held in memory.
-    fn tracked_workspaces(&self) -> usize;
 }
