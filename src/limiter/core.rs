@@ -630,7 +630,7 @@ impl WorkspaceState {
                     limit: LimitName::ConcurrentRequests,
                     model: None,
                     limit_value: max as f64,
-                    retry_after: NANOS_PER_SEC,
+                    retry_after: until(now_us + 1_000_000, now),
                 });
             }
         }

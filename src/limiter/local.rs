@@ -136,10 +136,30 @@ impl Limiter for LocalLimiter {
         now: Nanos,
     ) -> Result<Settled, LimiterError> {
         // The state cannot have been evicted: it holds an unsettled reservation, so it is not idle.
-        let mut map = self.shard(reservation.workspace);
-        if let Some(entry) = map.get_mut(&reservation.workspace) {
+        // A settlement in a new month rolls the counters over first (from the ledger, which
+        // cannot hold this settlement yet), so that it counts in the month in which it lands.
+        let settle = |entry: &mut Entry| {
             if entry.live.remove(&reservation.id) {
                 entry.state.settle(limits, &reservation.held, actual, now);
+            }
+        };
+        let stale = {
+            let map = self.shard(reservation.workspace);
+            map.get(&reservation.workspace)
+                .is_some_and(|e| e.state.month_is_stale(now))
+        };
+        if stale {
+            if let Err(e) = self.with_entry(reservation.workspace, now, settle).await {
+                tracing::warn!(error = %e, "month rollover at settlement: ledger unavailable");
+                let mut map = self.shard(reservation.workspace);
+                if let Some(entry) = map.get_mut(&reservation.workspace) {
+                    settle(entry);
+                }
+            }
+        } else {
+            let mut map = self.shard(reservation.workspace);
+            if let Some(entry) = map.get_mut(&reservation.workspace) {
+                settle(entry);
             }
         }
         Ok(Settled {

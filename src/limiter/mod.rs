@@ -21,6 +21,7 @@
 
 pub mod core;
 pub mod local;
+pub mod redis;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,8 +37,12 @@ use crate::model::{Limits, WorkspaceId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LimiterError {
+    /// The backend (Redis) did not answer in time or failed.
     #[error("limiter backend unavailable: {0}")]
     Unavailable(String),
+    /// The ledger could not be read to start a month counter.
+    #[error("ledger unavailable: {0}")]
+    Ledger(String),
 }
 
 /// Names one reservation across every instance: a random 64-bit prefix drawn once per process

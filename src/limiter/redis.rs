@@ -1,0 +1,891 @@
+//! The shared limiter: every instance decides against the same state in Redis (one server or a
+//! Redis Cluster), so that any number of instances admit no more than one would.
+//!
+//! # Design
+//! - **One round trip per decision.** `redis.lua` checks and takes every dimension of a request
+//!   (requests/s, tokens/minute, tokens/month, concurrency, per-model limits) in one atomic
+//!   script, with the arithmetic of `core.rs` in the same integer units. A denial changes
+//!   nothing. Settling is one more call, idempotent by reservation id.
+//! - **The server's clock.** In service the script reads `TIME`, so clock skew between instances
+//!   changes nothing, and the ledger's day follows the same clock (`Settled::at`). Tests pass
+//!   `now` in (`TimeSource::Caller`) to drive every backend with one manual clock.
+//! - **Key layout.** A workspace's keys share the hash tag `{prefix:workspace}`, so its script
+//!   runs on one cluster slot: `{p:w}` (buckets, concurrency, month counter), `{p:w}:r`
+//!   (reservation records) and `{p:w}:e` (their expiries). Model names never appear in keys:
+//!   fields use a 64-bit hash of the name. The prefix is validated at start; nothing a client
+//!   sends can leave its workspace's keys. Idle keys expire (`IDLE_TTL` after the last call,
+//!   later while a bucket refills), so memory follows the active workspaces.
+//! - **Leases.** Every reservation is a record with a lease, renewed by its instance every third
+//!   of the lease while the request is in flight (streams can last minutes). A record whose
+//!   lease ran out (its instance died) gives back its concurrency slot and month hold; a late
+//!   settlement of it still counts once.
+//! - **Cancellation.** The reservation id is drawn before the call; if the caller's future is
+//!   dropped mid-call, a guard cancels the id in the background (refunding it if it was made, or
+//!   leaving a tombstone that refuses it if it arrives later).
+//! - **The month counter is a cache of the ledger.** See ARCHITECTURE.md, "The month counter":
+//!   each counter has a generation id; every settlement it counts is tagged with that id in the
+//!   ledger; a new generation (after a flush, an eviction, a new month) starts from the ledger's
+//!   total *excluding its own tag*, read when first needed and raised again over the next
+//!   seconds to catch writes that lagged. Nothing is lost and nothing counts twice.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use redis::Value;
+use sha2::{Digest, Sha256};
+
+use super::core::{micros, until, MonthKey, MAX_REQUEST_TOKENS, NANO_REQUESTS};
+use super::{
+    Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, MonthSource, Nanos,
+    Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, Window,
+};
+use crate::model::{Limits, WorkspaceId};
+
+/// How long a workspace's keys live after its last call (longer while a bucket refills).
+pub const IDLE_TTL: Duration = Duration::from_secs(600);
+/// How long a settled or cancelled reservation is remembered: a settlement retried within it
+/// never counts twice.
+pub const TOMBSTONE: Duration = Duration::from_secs(60);
+/// After a counter generation is first based on the ledger, it is raised again this long after,
+/// for ledger writes of other instances that lagged behind.
+const REBASE_AFTER: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+    Duration::from_secs(10),
+];
+/// Re-bases are accepted by the script this long after a generation began.
+const REBASE_WINDOW_MS: u64 = 60_000;
+
+const SCRIPT: &str = include_str!("redis.lua");
+
+/// Whose clock the script uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TimeSource {
+    /// The Redis server's (`TIME`): in service.
+    Server,
+    /// The `now` each call is given: for tests with a manual clock.
+    Caller,
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// One server: `redis://[user:password@]host:port[/db]` or `rediss://…`.
+    Single(String),
+    /// The seed nodes of a Redis Cluster.
+    Cluster(Vec<String>),
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    pub topology: Topology,
+    /// Starts every key: `{prefix:workspace}`. Letters, digits, `-`, `_`, `.`.
+    pub prefix: String,
+    /// The longest any call may take.
+    pub timeout: Duration,
+    /// A reservation's lease; renewed every third of it while in flight.
+    pub lease: Duration,
+    pub time: TimeSource,
+}
+
+enum Client {
+    Single(redis::Client),
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+struct Inner {
+    client: Client,
+    conn: Mutex<Option<Conn>>,
+    connecting: tokio::sync::Mutex<()>,
+    script: redis::Script,
+    prefix: String,
+    timeout: Duration,
+    lease: Duration,
+    time: TimeSource,
+    months: Arc<dyn MonthSource>,
+    /// Reservations of this instance not yet settled, for lease renewal.
+    live: Mutex<HashMap<ReservationId, WorkspaceId>>,
+    /// (workspace, generation) whose re-bases are scheduled.
+    rebasing: Mutex<HashSet<(WorkspaceId, String)>>,
+}
+
+/// The Redis limiter. Background work (lease renewal) stops when it is dropped.
+pub struct RedisLimiter {
+    inner: Arc<Inner>,
+    renewal: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RedisLimiter {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LimiterError {
+    LimiterError::Unavailable(e.to_string())
+}
+
+/// A field-safe id of a model name: 16 hex digits of its SHA-256.
+pub fn model_id(model: &str) -> String {
+    let digest = Sha256::digest(model.as_bytes());
+    let mut id = String::with_capacity(16);
+    for b in &digest[..8] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
+}
+
+/// A prefix that cannot break out of the hash tag or the key layout.
+pub fn validate_prefix(prefix: &str) -> Result<(), String> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= 32
+        && prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err("1 to 32 of a-z, A-Z, 0-9, '-', '_', '.'".into())
+    }
+}
+
+/// The script's answer, read field by field.
+struct Reply(Vec<Value>);
+
+impl Reply {
+    fn from(value: Value) -> Result<Reply, LimiterError> {
+        match value {
+            Value::Array(items) => Ok(Reply(items)),
+            other => Err(unavailable(format!("unexpected reply {other:?}"))),
+        }
+    }
+
+    fn int(&self, i: usize) -> Result<i64, LimiterError> {
+        match self.0.get(i) {
+            Some(Value::Int(n)) => Ok(*n),
+            Some(Value::BulkString(b)) => std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| unavailable(format!("reply field {i} is not a number"))),
+            other => Err(unavailable(format!("reply field {i}: {other:?}"))),
+        }
+    }
+
+    fn u(&self, i: usize) -> Result<u64, LimiterError> {
+        Ok(self.int(i)?.max(0) as u64)
+    }
+
+    fn string(&self, i: usize) -> Result<String, LimiterError> {
+        match self.0.get(i) {
+            Some(Value::BulkString(b)) => Ok(String::from_utf8_lossy(b).into_owned()),
+            Some(Value::SimpleString(s)) => Ok(s.clone()),
+            Some(Value::Int(n)) => Ok(n.to_string()),
+            other => Err(unavailable(format!("reply field {i}: {other:?}"))),
+        }
+    }
+}
+
+/// Converts the script's absolute microseconds into the caller's durations.
+#[derive(Clone, Copy)]
+struct Times {
+    source: TimeSource,
+    /// The caller's now.
+    now: Nanos,
+    /// The clock the script used, in microseconds.
+    script_now: u64,
+}
+
+impl Times {
+    fn until(&self, target_us: u64) -> Nanos {
+        match self.source {
+            TimeSource::Caller => until(target_us, self.now),
+            TimeSource::Server => target_us.saturating_sub(self.script_now) * 1_000,
+        }
+    }
+
+    fn until_ns(&self, target: Nanos) -> Nanos {
+        match self.source {
+            TimeSource::Caller => target.saturating_sub(self.now),
+            TimeSource::Server => target.saturating_sub(self.script_now * 1_000),
+        }
+    }
+
+    /// When the call happened, on the clock the limiter keeps.
+    fn at(&self) -> Nanos {
+        match self.source {
+            TimeSource::Caller => self.now,
+            TimeSource::Server => self.script_now * 1_000,
+        }
+    }
+}
+
+fn limit_name(code: i64) -> LimitName {
+    match code {
+        1 => LimitName::RequestsPerSecond,
+        2 => LimitName::TokensPerMinute,
+        3 => LimitName::TokensPerMonth,
+        4 => LimitName::ConcurrentRequests,
+        5 => LimitName::ModelTokensPerMinute,
+        _ => LimitName::ModelTokensPerMonth,
+    }
+}
+
+fn limit_value(limits: &Limits, model: Option<&str>, name: LimitName) -> f64 {
+    let model = model.and_then(|m| limits.models.get(m));
+    let tokens = match name {
+        LimitName::RequestsPerSecond => return limits.requests_per_second.unwrap_or(0.0),
+        LimitName::ConcurrentRequests => {
+            return limits.concurrent_requests.unwrap_or(0) as f64;
+        }
+        LimitName::TokensPerMinute => limits.tokens_per_minute,
+        LimitName::TokensPerMonth => limits.tokens_per_month,
+        LimitName::ModelTokensPerMinute => model.and_then(|m| m.tokens_per_minute),
+        LimitName::ModelTokensPerMonth => model.and_then(|m| m.tokens_per_month),
+    };
+    tokens.unwrap_or(0) as f64
+}
+
+/// A snapshot from the script's `[requests remaining, requests full at, tokens remaining,
+/// tokens full at, month used]`.
+fn read_snapshot(v: [u64; 5], limits: &Limits, t: Times, mk: MonthKey) -> Snapshot {
+    Snapshot {
+        requests: limits.requests_per_second.map(|rps| Window {
+            limit: rps,
+            remaining: v[0],
+            reset: t.until(v[1]),
+        }),
+        tokens: limits.tokens_per_minute.map(|cap| Window {
+            limit: cap as f64,
+            remaining: v[2],
+            reset: t.until(v[3]),
+        }),
+        month: limits.tokens_per_month.map(|cap| Window {
+            limit: cap as f64,
+            remaining: cap.saturating_sub(v[4]),
+            reset: t.until_ns(mk.next().start()),
+        }),
+    }
+}
+
+impl Reply {
+    fn five(&self, i: usize) -> Result<[u64; 5], LimiterError> {
+        Ok([
+            self.u(i)?,
+            self.u(i + 1)?,
+            self.u(i + 2)?,
+            self.u(i + 3)?,
+            self.u(i + 4)?,
+        ])
+    }
+}
+
+/// The request bucket's (rate, capacity) arguments; zeros without a requests/s limit.
+fn request_args(limits: &Limits) -> (i64, i64) {
+    match limits.requests_per_second {
+        Some(rps) => (
+            super::core::request_rate(rps),
+            limits.effective_burst() as i64 * NANO_REQUESTS,
+        ),
+        None => (0, 0),
+    }
+}
+
+impl Inner {
+    fn keys(&self, workspace: WorkspaceId) -> [String; 3] {
+        let tag = format!("{{{}:{}}}", self.prefix, workspace);
+        [tag.clone(), format!("{tag}:r"), format!("{tag}:e")]
+    }
+
+    fn now_arg(&self, now: Nanos) -> String {
+        match self.time {
+            TimeSource::Caller => micros(now).to_string(),
+            TimeSource::Server => "0".to_string(),
+        }
+    }
+
+    async fn connection(&self) -> Result<Conn, LimiterError> {
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(c);
+        }
+        let _one = self.connecting.lock().await;
+        if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(c);
+        }
+        let connect = async {
+            match &self.client {
+                Client::Single(client) => {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(None);
+                    client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await
+                        .map(Conn::Single)
+                }
+                Client::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+            }
+        };
+        let conn = tokio::time::timeout(self.timeout.max(Duration::from_millis(250)), connect)
+            .await
+            .map_err(|_| unavailable("connecting to Redis timed out"))?
+            .map_err(unavailable)?;
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    fn forget_connection(&self) {
+        *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Runs one op of the script within the timeout.
+    async fn eval(&self, keys: &[String], args: &[String]) -> Result<Reply, LimiterError> {
+        let mut conn = self.connection().await?;
+        let mut invocation = self.script.prepare_invoke();
+        for k in keys {
+            invocation.key(k);
+        }
+        for a in args {
+            invocation.arg(a);
+        }
+        let call = async {
+            match &mut conn {
+                Conn::Single(c) => invocation.invoke_async::<Value>(c).await,
+                Conn::Cluster(c) => invocation.invoke_async::<Value>(c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(unavailable(format!(
+                "Redis did not answer within {} ms",
+                self.timeout.as_millis()
+            ))),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    self.forget_connection();
+                }
+                Err(unavailable(e))
+            }
+            Ok(Ok(value)) => Reply::from(value),
+        }
+    }
+
+    /// Bases a new counter generation on the ledger, and schedules its re-bases.
+    async fn base(
+        self: &Arc<Self>,
+        workspace: WorkspaceId,
+        gen: &str,
+        month: MonthKey,
+        now: Nanos,
+    ) -> Result<(), LimiterError> {
+        self.base_once(workspace, gen, month, now).await?;
+        let first = self
+            .rebasing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((workspace, gen.to_string()));
+        if first {
+            let weak = Arc::downgrade(self);
+            let gen = gen.to_string();
+            tokio::spawn(rebase_later(weak, workspace, gen, month, now));
+        }
+        Ok(())
+    }
+
+    async fn base_once(
+        &self,
+        workspace: WorkspaceId,
+        gen: &str,
+        month: MonthKey,
+        now: Nanos,
+    ) -> Result<(), LimiterError> {
+        let totals = self
+            .months
+            .month_totals(workspace, month, Some(gen))
+            .await
+            .map_err(|e| LimiterError::Ledger(e.to_string()))?;
+        let mut args = vec![
+            "base".to_string(),
+            self.now_arg(now),
+            gen.to_string(),
+            REBASE_WINDOW_MS.to_string(),
+            totals.tokens.to_string(),
+        ];
+        for (model, tokens) in &totals.by_model {
+            args.push(model_id(model));
+            args.push(tokens.to_string());
+        }
+        self.eval(&self.keys(workspace), &args).await?;
+        Ok(())
+    }
+
+    async fn cancel(
+        &self,
+        workspace: WorkspaceId,
+        id: ReservationId,
+        limits: &Limits,
+        model: Option<&str>,
+        now: Nanos,
+    ) {
+        let args = settle_args(self, "cancel", id, limits, model, 0, now);
+        if let Err(e) = self.eval(&self.keys(workspace), &args).await {
+            tracing::warn!(error = %e, "cancelling an abandoned reservation failed; its lease will free it");
+        }
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
+fn settle_args(
+    inner: &Inner,
+    op: &str,
+    id: ReservationId,
+    limits: &Limits,
+    model: Option<&str>,
+    actual: u64,
+    now: Nanos,
+) -> Vec<String> {
+    let model_tpm = model
+        .and_then(|m| limits.models.get(m))
+        .and_then(|l| l.tokens_per_minute);
+    vec![
+        op.to_string(),
+        inner.now_arg(now),
+        id.to_string(),
+        TOMBSTONE.as_millis().to_string(),
+        IDLE_TTL.as_millis().to_string(),
+        ReservationId::next().to_string(),
+        actual.min(MAX_REQUEST_TOKENS).to_string(),
+        limits.tokens_per_minute.unwrap_or(0).to_string(),
+        model.map(model_id).unwrap_or_default(),
+        model_tpm.unwrap_or(0).to_string(),
+    ]
+}
+
+/// Raises a generation's base over the next seconds, for ledger writes that lagged.
+async fn rebase_later(
+    inner: Weak<Inner>,
+    workspace: WorkspaceId,
+    gen: String,
+    month: MonthKey,
+    now: Nanos,
+) {
+    let mut waited = Duration::ZERO;
+    for after in REBASE_AFTER {
+        tokio::time::sleep(after - waited).await;
+        waited = after;
+        let Some(inner) = inner.upgrade() else { return };
+        // With the caller's clock, the generation's time does not move on its own.
+        let at = now + waited.as_nanos() as u64 * (inner.time == TimeSource::Server) as u64;
+        if let Err(e) = inner.base_once(workspace, &gen, month, at).await {
+            tracing::debug!(error = %e, workspace, "re-basing a month counter failed");
+        }
+    }
+    if let Some(inner) = inner.upgrade() {
+        inner
+            .rebasing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(workspace, gen));
+    }
+}
+
+/// Renews the leases of this instance's reservations every third of the lease.
+async fn renew_leases(inner: Weak<Inner>, every: Duration) {
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(inner) = inner.upgrade() else { return };
+        let mut by_workspace: HashMap<WorkspaceId, Vec<String>> = HashMap::new();
+        for (id, ws) in inner.live.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            by_workspace.entry(*ws).or_default().push(id.to_string());
+        }
+        if inner.time == TimeSource::Caller {
+            // Tests drive time by hand; renewing on the server's clock would mix two clocks.
+            continue;
+        }
+        for (ws, ids) in by_workspace {
+            for chunk in ids.chunks(500) {
+                let mut args = vec![
+                    "renew".to_string(),
+                    "0".to_string(),
+                    inner.lease.as_millis().to_string(),
+                    IDLE_TTL.as_millis().to_string(),
+                ];
+                args.extend(chunk.iter().cloned());
+                if let Err(e) = inner.eval(&inner.keys(ws), &args).await {
+                    tracing::debug!(error = %e, workspace = ws, "lease renewal failed");
+                }
+            }
+        }
+    }
+}
+
+/// Cancels a reservation whose caller went away mid-call, unless disarmed.
+struct CancelGuard {
+    inner: Arc<Inner>,
+    workspace: WorkspaceId,
+    id: ReservationId,
+    limits: Limits,
+    model: Option<String>,
+    now: Nanos,
+    armed: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let inner = self.inner.clone();
+        let (workspace, id, now) = (self.workspace, self.id, self.now);
+        let limits = std::mem::take(&mut self.limits);
+        let model = self.model.take();
+        handle.spawn(async move {
+            inner
+                .cancel(workspace, id, &limits, model.as_deref(), now)
+                .await;
+        });
+    }
+}
+
+impl RedisLimiter {
+    /// Connects lazily: building never waits for Redis, so a gateway starts while it is down.
+    pub fn new(options: RedisOptions, months: Arc<dyn MonthSource>) -> Result<Self, LimiterError> {
+        validate_prefix(&options.prefix).map_err(unavailable)?;
+        let client = match &options.topology {
+            Topology::Single(url) => {
+                Client::Single(redis::Client::open(url.as_str()).map_err(unavailable)?)
+            }
+            Topology::Cluster(seeds) => Client::Cluster(Box::new(
+                redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                    .connection_timeout(options.timeout.max(Duration::from_millis(250)))
+                    .response_timeout(options.timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(unavailable)?,
+            )),
+        };
+        let inner = Arc::new(Inner {
+            client,
+            conn: Mutex::new(None),
+            connecting: tokio::sync::Mutex::new(()),
+            script: redis::Script::new(SCRIPT),
+            prefix: options.prefix,
+            timeout: options.timeout,
+            lease: options.lease,
+            time: options.time,
+            months,
+            live: Mutex::new(HashMap::new()),
+            rebasing: Mutex::new(HashSet::new()),
+        });
+        let renewal = tokio::spawn(renew_leases(Arc::downgrade(&inner), options.lease / 3));
+        Ok(RedisLimiter { inner, renewal })
+    }
+
+    /// Answers when Redis does (a probe for the circuit breaker).
+    pub async fn ping(&self) -> Result<(), LimiterError> {
+        let args = [
+            "heartbeat".to_string(),
+            "0".to_string(),
+            "probe".to_string(),
+            "1".to_string(),
+        ];
+        let key = format!("{{{}}}:probe", self.inner.prefix);
+        self.inner.eval(&[key], &args).await.map(|_| ())
+    }
+
+    /// Announces this instance (for `ttl`) and answers (instances alive, this one's rank).
+    pub async fn heartbeat(
+        &self,
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<(u32, u32), LimiterError> {
+        let args = [
+            "heartbeat".to_string(),
+            "0".to_string(),
+            instance.to_string(),
+            ttl.as_millis().to_string(),
+        ];
+        let key = format!("{{{}}}:instances", self.inner.prefix);
+        let reply = self.inner.eval(&[key], &args).await?;
+        Ok((reply.u(1)? as u32, reply.u(2)? as u32))
+    }
+
+    /// Starts a new generation of a workspace's month counter: it will be rebuilt from the
+    /// ledger when next needed.
+    pub async fn new_generation(
+        &self,
+        workspace: WorkspaceId,
+        now: Nanos,
+    ) -> Result<(), LimiterError> {
+        let args = [
+            "newgen".to_string(),
+            self.inner.now_arg(now),
+            ReservationId::next().to_string(),
+        ];
+        self.inner
+            .eval(&self.inner.keys(workspace), &args)
+            .await
+            .map(|_| ())
+    }
+
+    /// Reservations of this instance not yet settled.
+    pub fn live_reservations(&self) -> usize {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    fn times(&self, now: Nanos, script_now: u64) -> Times {
+        Times {
+            source: self.inner.time,
+            now,
+            script_now,
+        }
+    }
+}
+
+#[async_trait]
+impl Limiter for RedisLimiter {
+    async fn reserve(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        model: Option<&str>,
+        cost: TokenCost,
+        now: Nanos,
+    ) -> Result<Decision, LimiterError> {
+        let inner = &self.inner;
+        let keys = inner.keys(workspace);
+        let model_limits = model.and_then(|m| limits.models.get(m));
+        let (rate, capacity) = request_args(limits);
+        for _ in 0..3 {
+            let id = ReservationId::next();
+            let args = vec![
+                "reserve".to_string(),
+                inner.now_arg(now),
+                id.to_string(),
+                inner.lease.as_millis().to_string(),
+                TOMBSTONE.as_millis().to_string(),
+                IDLE_TTL.as_millis().to_string(),
+                ReservationId::next().to_string(),
+                rate.to_string(),
+                capacity.to_string(),
+                limits.tokens_per_minute.unwrap_or(0).to_string(),
+                limits.tokens_per_month.unwrap_or(0).to_string(),
+                limits.concurrent_requests.unwrap_or(0).to_string(),
+                model.map(model_id).unwrap_or_default(),
+                model_limits
+                    .and_then(|l| l.tokens_per_minute)
+                    .unwrap_or(0)
+                    .to_string(),
+                model_limits
+                    .and_then(|l| l.tokens_per_month)
+                    .unwrap_or(0)
+                    .to_string(),
+                cost.prompt.min(MAX_REQUEST_TOKENS).to_string(),
+                cost.estimate.min(MAX_REQUEST_TOKENS).to_string(),
+                "0".to_string(),
+            ];
+            let mut guard = CancelGuard {
+                inner: inner.clone(),
+                workspace,
+                id,
+                limits: limits.clone(),
+                model: model.map(str::to_string),
+                now,
+                armed: true,
+            };
+            let result = inner.eval(&keys, &args).await;
+            let reply = match result {
+                Ok(reply) => reply,
+                // The call may or may not have reached the server: the guard cancels the id.
+                Err(e) => return Err(e),
+            };
+            let status = reply.int(0)?;
+            let t = self.times(now, reply.u(1)?);
+            match status {
+                1 => {
+                    guard.armed = false;
+                    let mk = MonthKey(reply.int(9)? as i32);
+                    let held = Held {
+                        model: model.map(str::to_string),
+                        tokens: reply.u(2)?,
+                        month: mk,
+                        slot: limits.concurrent_requests.is_some(),
+                    };
+                    inner
+                        .live
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(id, workspace);
+                    let snapshot = read_snapshot(reply.five(4)?, limits, t, mk);
+                    let mut reservation = Reservation::new(workspace, held);
+                    reservation.id = id;
+                    return Ok(Decision::Admit {
+                        reservation,
+                        snapshot,
+                    });
+                }
+                0 => {
+                    guard.armed = false;
+                    let mk = MonthKey(reply.int(10)? as i32);
+                    let kind = match reply.int(2)? {
+                        0 => DenialKind::RateLimited,
+                        1 => DenialKind::QuotaExceeded,
+                        _ => DenialKind::RequestTooLarge,
+                    };
+                    let limit = limit_name(reply.int(3)?);
+                    let retry_after = match kind {
+                        DenialKind::RateLimited => t.until(reply.u(4)?),
+                        DenialKind::QuotaExceeded => t.until_ns(mk.next().start()),
+                        DenialKind::RequestTooLarge => 0,
+                    };
+                    let denial = Denial {
+                        kind,
+                        limit,
+                        model: matches!(
+                            limit,
+                            LimitName::ModelTokensPerMinute | LimitName::ModelTokensPerMonth
+                        )
+                        .then(|| model.unwrap_or_default().to_string()),
+                        limit_value: limit_value(limits, model, limit),
+                        retry_after,
+                    };
+                    let snapshot = read_snapshot(reply.five(5)?, limits, t, mk);
+                    return Ok(Decision::Deny { denial, snapshot });
+                }
+                2 => {
+                    // Nothing was reserved: base the new generation on the ledger and retry.
+                    guard.armed = false;
+                    let gen = reply.string(2)?;
+                    let mk = MonthKey(reply.int(3)? as i32);
+                    inner.base(workspace, &gen, mk, now).await?;
+                }
+                _ => {
+                    // The id is already known (a cancelled one): draw another.
+                    guard.armed = false;
+                }
+            }
+        }
+        Err(unavailable(
+            "the month counter kept changing while it was being rebuilt",
+        ))
+    }
+
+    async fn settle(
+        &self,
+        reservation: &Reservation,
+        limits: &Limits,
+        actual: u64,
+        now: Nanos,
+    ) -> Result<Settled, LimiterError> {
+        let inner = &self.inner;
+        let args = settle_args(
+            inner,
+            "settle",
+            reservation.id,
+            limits,
+            reservation.held.model.as_deref(),
+            actual,
+            now,
+        );
+        let reply = inner
+            .eval(&inner.keys(reservation.workspace), &args)
+            .await?;
+        inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&reservation.id);
+        let t = self.times(now, reply.u(1)?);
+        let gen = reply.string(2)?;
+        Ok(Settled {
+            at: t.at(),
+            counter: (!gen.is_empty()).then_some(gen),
+        })
+    }
+
+    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
+        if !reservation.held.slot {
+            return Ok(());
+        }
+        let inner = &self.inner;
+        let args = [
+            "release".to_string(),
+            "0".to_string(),
+            reservation.id.to_string(),
+        ];
+        inner
+            .eval(&inner.keys(reservation.workspace), &args)
+            .await?;
+        reservation.held.slot = false;
+        Ok(())
+    }
+
+    async fn usage(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        now: Nanos,
+    ) -> Result<Usage, LimiterError> {
+        let inner = &self.inner;
+        let (rate, capacity) = request_args(limits);
+        for _ in 0..3 {
+            let args = [
+                "usage".to_string(),
+                inner.now_arg(now),
+                TOMBSTONE.as_millis().to_string(),
+                ReservationId::next().to_string(),
+                rate.to_string(),
+                capacity.to_string(),
+                limits.tokens_per_minute.unwrap_or(0).to_string(),
+                "1".to_string(),
+            ];
+            let reply = inner.eval(&inner.keys(workspace), &args).await?;
+            let t = self.times(now, reply.u(1)?);
+            if reply.int(0)? == 2 {
+                let gen = reply.string(2)?;
+                inner
+                    .base(workspace, &gen, MonthKey(reply.int(3)? as i32), now)
+                    .await?;
+                continue;
+            }
+            // {1, now, rr, rf, tr, tf, balance, settled, reserved, inflight, mk, gen}
+            let mk = MonthKey(reply.int(10)? as i32);
+            let settled = reply.u(7)?;
+            let reserved = reply.u(8)?;
+            let v = [
+                reply.u(2)?,
+                reply.u(3)?,
+                reply.u(4)?,
+                reply.u(5)?,
+                settled + reserved,
+            ];
+            let snapshot = read_snapshot(v, limits, t, mk);
+            return Ok(Usage {
+                snapshot,
+                bucket_tokens: limits.tokens_per_minute.map(|_| reply.int(6).unwrap_or(0)),
+                month_settled_tokens: settled,
+                month_reserved_tokens: reserved,
+                in_flight: reply.u(9)? as u32,
+            });
+        }
+        Err(unavailable(
+            "the month counter kept changing while it was being rebuilt",
+        ))
+    }
+}
