@@ -13,7 +13,9 @@
 //! | `POST /v1/embeddings` | one embedding of 8 floats per `input` (a string or an array of strings); usage has `completion_tokens: 0` |
 //! | `GET /v1/models` | OpenAI list of `mistral-small-latest`, `mistral-large-latest`, `codestral-latest` |
 //! | `GET /v1/files/{id}/content` | `application/octet-stream`, 4 chunks of 16 KiB (`a…`, `b…`, `c…`, `d…`), `x-mock-latency-ms` apart |
-//! | `GET /mock/requests` | `{"count": N}`: requests received so far, this route excluded |
+//! | `GET /mock/requests` | `{"count": N}`: requests received so far, the `/mock/*` routes excluded |
+//! | `GET /mock/stats?tag=NAME` | [`TagStats`] of the requests tagged `NAME`: `{"count": N, "in_flight": N, "max_in_flight": N}` (zeros for a tag never seen; 400 without `tag`) |
+//! | `POST /mock/stats/reset` | forgets the statistics of every tag; 204 |
 //!
 //! Any other path answers 404, a wrong method 405, both with a JSON error. A body that is not JSON,
 //! or not of the expected shape, answers 400 with
@@ -53,6 +55,17 @@
 //! Each event is a separate body chunk. Streams wait the latency before the first event, then
 //! latency / 16 between events (no wait at all without latency).
 //!
+//! # Statistics per tag
+//!
+//! A request with the header `x-mock-tag: NAME` is counted under `NAME`, whatever its route and
+//! answer (errors included), so a test can tell what reached the upstream per workspace through a
+//! gateway, which forwards the header like any other. `count` is the requests received,
+//! `in_flight` those not finished now, `max_in_flight` the most at once. A request is in flight
+//! from its arrival (its head has been read) until the last chunk of its answer's body has been
+//! handed to the connection (streams and downloads included), or until the client goes away,
+//! whichever comes first. `POST /mock/stats/reset` starts every tag from zero; requests in flight
+//! at that moment are not counted afterwards. The `/mock/*` routes are neither counted nor tagged.
+//!
 //! # Controls
 //!
 //! Request headers (a gateway forwards them), all optional:
@@ -67,27 +80,31 @@
 //! | `x-mock-echo-headers: 1` | every JSON object answered (errors and stream chunks included) gets a top-level `"received_headers"`: request header name (lowercase) → value, repeated headers joined with `", "` |
 //! | `x-mock-stream-usage: last-chunk` | usage in the last `finish_reason` chunk (see Streaming) |
 //! | `x-mock-reject-stream-options: 1` | a chat, completions or FIM body containing `stream_options` answers 422, as the Mistral API does |
+//! | `x-mock-tag: NAME` | count the request under `NAME` (see Statistics per tag); any route |
 //!
 //! Flags take `1`/`true` or `0`/`false`; an unparsable control answers 400 naming the header.
 //! Checks run in this order: controls, `x-mock-status`, body (400), `stream_options` (422).
 //!
 //! Every answer carries `x-mock-request-count` (requests received by this router so far, this
-//! one included; `GET /mock/requests` is not counted) and `x-ratelimit-limit-requests: 999`, a
+//! one included; the `/mock/*` routes are not counted) and `x-ratelimit-limit-requests: 999`, a
 //! stand-in for the rate-limit headers of a real upstream, which a gateway must strip.
 
 use std::{
+    collections::HashMap,
     future::Future,
     io, iter,
+    pin::Pin,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex, PoisonError,
     },
+    task::{ready, Context, Poll},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
-    body::Body,
-    extract::{FromRequestParts, Request, State},
+    body::{Body, HttpBody},
+    extract::{FromRequestParts, Query, Request, State},
     http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode, Uri},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -96,6 +113,7 @@ use axum::{
 };
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
+use http_body::{Frame, SizeHint};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
@@ -111,7 +129,12 @@ const MODELS: [&str; 3] = [
 ];
 const EMBEDDING_DIMENSIONS: u32 = 8;
 const STREAM_GAP_DIVISOR: u32 = 16;
+/// The mock's own routes: not counted, not tagged.
+const CONTROL_PREFIX: &str = "/mock/";
 const REQUESTS_PATH: &str = "/mock/requests";
+const STATS_PATH: &str = "/mock/stats";
+const STATS_RESET_PATH: &str = "/mock/stats/reset";
+const TAG_HEADER: &str = "x-mock-tag";
 
 /// Settings of a mock upstream.
 #[derive(Debug, Clone, Default)]
@@ -126,6 +149,7 @@ pub fn router(config: MockConfig) -> Router {
         config,
         requests: AtomicU64::new(0),
         completions: AtomicU64::new(0),
+        tags: Mutex::default(),
     });
     Router::new()
         .route("/v1/chat/completions", post(chat_completions))
@@ -135,6 +159,8 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/files/{id}/content", get(file_content))
         .route(REQUESTS_PATH, get(request_count))
+        .route(STATS_PATH, get(tag_stats))
+        .route(STATS_RESET_PATH, post(reset_tag_stats))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -167,10 +193,23 @@ pub fn prompt_tokens_of(text: &str) -> u64 {
     (words + punctuation) as u64
 }
 
+/// What the mock saw of the requests tagged `x-mock-tag: NAME`: the answer of
+/// `GET /mock/stats?tag=NAME` (see the module documentation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagStats {
+    /// Requests received.
+    pub count: u64,
+    /// Requests whose answer has not been sent whole yet (and whose client is still there).
+    pub in_flight: u64,
+    /// The most requests in flight at once.
+    pub max_in_flight: u64,
+}
+
 struct MockState {
     config: MockConfig,
     requests: AtomicU64,
     completions: AtomicU64,
+    tags: Mutex<HashMap<String, Arc<TagCounters>>>,
 }
 
 type SharedState = Arc<MockState>;
@@ -179,6 +218,75 @@ impl MockState {
     fn next_id(&self) -> u64 {
         self.completions.fetch_add(1, Ordering::Relaxed) + 1
     }
+
+    fn tags(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TagCounters>>> {
+        self.tags.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+#[derive(Default)]
+struct TagCounters {
+    count: AtomicU64,
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
+}
+
+impl TagCounters {
+    fn arrive(self: Arc<Self>) -> InFlight {
+        self.count.fetch_add(1, Ordering::SeqCst);
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        InFlight(self)
+    }
+
+    fn snapshot(&self) -> TagStats {
+        TagStats {
+            count: self.count.load(Ordering::SeqCst),
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            max_in_flight: self.max_in_flight.load(Ordering::SeqCst),
+        }
+    }
+}
+
+/// One tagged request in flight; dropping it ends it.
+struct InFlight(Arc<TagCounters>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// An answer's body that keeps its request in flight until the body has ended, failed, or been
+/// dropped (hyper drops it when the client goes away). Size hints pass through, so an answer
+/// keeps its `content-length` when tagged.
+struct TrackedBody {
+    body: Body,
+    in_flight: Option<InFlight>,
+}
+
+impl HttpBody for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if !matches!(frame, Some(Ok(_))) {
+            self.in_flight = None;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 async fn count_requests(
@@ -186,12 +294,33 @@ async fn count_requests(
     request: Request,
     next: Next,
 ) -> Response {
-    let count = if request.uri().path() == REQUESTS_PATH {
+    let control_route = request.uri().path().starts_with(CONTROL_PREFIX);
+    let count = if control_route {
         state.requests.load(Ordering::Relaxed)
     } else {
         state.requests.fetch_add(1, Ordering::Relaxed) + 1
     };
-    let mut response = next.run(request).await;
+    let mut response = if control_route {
+        next.run(request).await
+    } else {
+        let tag = control(request.headers(), TAG_HEADER, |tag| {
+            (!tag.is_empty()).then(|| tag.to_owned())
+        });
+        match tag {
+            Err(error) => error.into_response(),
+            Ok(None) => next.run(request).await,
+            Ok(Some(tag)) => {
+                let counters = state.tags().entry(tag).or_default().clone();
+                let in_flight = counters.arrive();
+                next.run(request).await.map(|body| {
+                    Body::new(TrackedBody {
+                        body,
+                        in_flight: Some(in_flight),
+                    })
+                })
+            }
+        }
+    };
     let headers = response.headers_mut();
     headers.insert("x-mock-request-count", HeaderValue::from(count));
     headers.insert(
@@ -930,6 +1059,29 @@ async fn request_count(State(state): State<SharedState>) -> Json<Value> {
     Json(json!({"count": state.requests.load(Ordering::Relaxed)}))
 }
 
+#[derive(Deserialize)]
+struct StatsQuery {
+    tag: Option<String>,
+}
+
+async fn tag_stats(
+    State(state): State<SharedState>,
+    Query(query): Query<StatsQuery>,
+) -> Result<Json<TagStats>, ApiError> {
+    let tag = query
+        .tag
+        .ok_or_else(|| ApiError::invalid_request("Missing query parameter: tag"))?;
+    let counters = state.tags().get(&tag).cloned();
+    Ok(Json(
+        counters.map_or_else(TagStats::default, |c| c.snapshot()),
+    ))
+}
+
+async fn reset_tag_stats(State(state): State<SharedState>) -> StatusCode {
+    state.tags().clear();
+    StatusCode::NO_CONTENT
+}
+
 async fn not_found(State(state): State<SharedState>, controls: Controls, uri: Uri) -> Response {
     let error = ApiError::new(
         StatusCode::NOT_FOUND,
@@ -1013,6 +1165,20 @@ mod tests {
         headers: &[(&str, &str)],
         body: &str,
     ) -> RawResponse {
+        let socket = open(addr, method, path, headers, body).await;
+        let mut raw = Vec::new();
+        while read_some(&socket, &mut raw).await {}
+        parse_response(&String::from_utf8(raw).unwrap())
+    }
+
+    /// Connects and sends a whole request; the answer is left to read.
+    async fn open(
+        addr: SocketAddr,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> TcpStream {
         let mut request = format!(
             "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
              content-type: application/json\r\ncontent-length: {}\r\n",
@@ -1034,18 +1200,24 @@ mod tests {
                 Err(error) => panic!("write failed: {error}"),
             }
         }
-        let mut raw = Vec::new();
+        socket
+    }
+
+    /// Reads what has arrived into `raw`; false at the end of the answer.
+    async fn read_some(socket: &TcpStream, raw: &mut Vec<u8>) -> bool {
         let mut buffer = [0; 4096];
         loop {
             socket.readable().await.unwrap();
             match socket.try_read(&mut buffer) {
-                Ok(0) => break,
-                Ok(read) => raw.extend_from_slice(&buffer[..read]),
+                Ok(0) => return false,
+                Ok(read) => {
+                    raw.extend_from_slice(&buffer[..read]);
+                    return true;
+                }
                 Err(error) if error.kind() == ErrorKind::WouldBlock => {}
-                Err(_) => break,
+                Err(_) => return false,
             }
         }
-        parse_response(&String::from_utf8(raw).unwrap())
     }
 
     fn parse_response(raw: &str) -> RawResponse {
@@ -1278,5 +1450,144 @@ mod tests {
         assert_eq!(body["data"][1]["embedding"].as_array().unwrap().len(), 8);
         assert_eq!(body["usage"]["prompt_tokens"], 4);
         assert_eq!(body["usage"]["total_tokens"], 4);
+    }
+
+    async fn stats(addr: SocketAddr, tag: &str) -> TagStats {
+        let response = send(addr, "GET", &format!("{STATS_PATH}?tag={tag}"), &[], "").await;
+        assert_eq!(response.status, 200, "{}", response.body);
+        serde_json::from_value(response.json()).unwrap()
+    }
+
+    /// Polls the stats of `tag` until `done` holds; fails after 5 s.
+    async fn stats_until(
+        addr: SocketAddr,
+        tag: &str,
+        done: impl Fn(&TagStats) -> bool,
+    ) -> TagStats {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let stats = stats(addr, tag).await;
+            if done(&stats) {
+                return stats;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "stats of {tag}: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn stats_of(count: u64, in_flight: u64, max_in_flight: u64) -> TagStats {
+        TagStats {
+            count,
+            in_flight,
+            max_in_flight,
+        }
+    }
+
+    #[tokio::test]
+    async fn tagged_requests_are_in_flight_until_answered() {
+        let addr = start().await;
+        const SLOW: &[(&str, &str)] = &[("x-mock-tag", "ws-a"), ("x-mock-latency-ms", "400")];
+        let requests: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(send(addr, "POST", "/v1/chat/completions", SLOW, CHAT)))
+            .collect();
+        stats_until(addr, "ws-a", |stats| stats.in_flight == 3).await;
+        let other = send(addr, "GET", "/v1/models", &[("x-mock-tag", "ws-b")], "").await;
+        assert_eq!(other.status, 200);
+        assert_eq!(stats(addr, "ws-b").await, stats_of(1, 0, 1));
+        for request in requests {
+            assert_eq!(request.await.unwrap().status, 200);
+        }
+        assert_eq!(stats(addr, "ws-a").await, stats_of(3, 0, 3));
+        assert_eq!(stats(addr, "nobody").await, TagStats::default());
+
+        // Errors reach the upstream too; an untagged request counts under no tag.
+        let failing = [("x-mock-tag", "ws-b"), ("x-mock-status", "500")];
+        let response = send(addr, "POST", "/v1/chat/completions", &failing, CHAT).await;
+        assert_eq!(response.status, 500);
+        send(addr, "GET", "/v1/models", &[], "").await;
+        assert_eq!(stats(addr, "ws-b").await, stats_of(2, 0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_stream_is_in_flight_until_its_last_event() {
+        let addr = start().await;
+        // 320 ms before the first event, then 20 ms between events.
+        let headers = [("x-mock-tag", "s"), ("x-mock-latency-ms", "320")];
+        let socket = open(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &stream_body(true),
+        )
+        .await;
+        let mut raw = Vec::new();
+        while !String::from_utf8_lossy(&raw).contains("data: ") {
+            assert!(read_some(&socket, &mut raw).await, "stream ended early");
+        }
+        assert_eq!(stats(addr, "s").await, stats_of(1, 1, 1));
+        while read_some(&socket, &mut raw).await {}
+        let response = parse_response(&String::from_utf8(raw).unwrap());
+        assert!(response.complete);
+        assert_eq!(stats(addr, "s").await, stats_of(1, 0, 1));
+
+        // A download streams too.
+        let headers = [("x-mock-tag", "file"), ("x-mock-latency-ms", "100")];
+        let socket = open(addr, "GET", "/v1/files/f/content", &headers, "").await;
+        let mut raw = Vec::new();
+        assert!(read_some(&socket, &mut raw).await);
+        assert_eq!(stats(addr, "file").await.in_flight, 1);
+        while read_some(&socket, &mut raw).await {}
+        assert_eq!(stats(addr, "file").await, stats_of(1, 0, 1));
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_client_leaves_is_no_longer_in_flight() {
+        let addr = start().await;
+        // Gone while the answer is being prepared.
+        let headers = [("x-mock-tag", "json"), ("x-mock-latency-ms", "30000")];
+        let socket = open(addr, "POST", "/v1/chat/completions", &headers, CHAT).await;
+        stats_until(addr, "json", |stats| stats.in_flight == 1).await;
+        drop(socket);
+        stats_until(addr, "json", |stats| stats.in_flight == 0).await;
+
+        // Gone in the middle of a stream.
+        let headers = [("x-mock-tag", "stream"), ("x-mock-latency-ms", "30000")];
+        let body = stream_body(false);
+        let socket = open(addr, "POST", "/v1/chat/completions", &headers, &body).await;
+        let mut raw = Vec::new();
+        assert!(read_some(&socket, &mut raw).await, "the head arrives");
+        assert_eq!(stats(addr, "stream").await, stats_of(1, 1, 1));
+        drop(socket);
+        let stats = stats_until(addr, "stream", |stats| stats.in_flight == 0).await;
+        assert_eq!(stats, stats_of(1, 0, 1));
+    }
+
+    #[tokio::test]
+    async fn stats_reset_and_control_routes_are_not_counted() {
+        let addr = start().await;
+        send(addr, "GET", "/v1/models", &[("x-mock-tag", "t")], "").await;
+        assert_eq!(stats(addr, "t").await, stats_of(1, 0, 1));
+        let response = send(addr, "POST", STATS_RESET_PATH, &[], "").await;
+        assert_eq!(response.status, 204);
+        assert_eq!(stats(addr, "t").await, TagStats::default());
+
+        let response = send(addr, "GET", STATS_PATH, &[], "").await;
+        assert_eq!(response.status, 400);
+        assert_eq!(response.json()["type"], "invalid_request_error");
+        let response = send(addr, "GET", "/v1/models", &[("x-mock-tag", " ")], "").await;
+        assert_eq!(response.status, 400);
+        assert!(response.json()["message"]
+            .as_str()
+            .unwrap()
+            .contains("x-mock-tag"));
+
+        // The stats routes, like /mock/requests, are not requests to the upstream.
+        let response = send(addr, "GET", REQUESTS_PATH, &[], "").await;
+        assert_eq!(response.json(), json!({"count": 2}));
+        assert_eq!(response.header("x-mock-request-count"), Some("2"));
     }
 }

@@ -31,14 +31,24 @@ const SEC: Nanos = NANOS_PER_SEC;
 // The ledger the limiters start month counters from
 // ---------------------------------------------------------------------------------------------
 
-/// Settled events per workspace and month, each with the counter generation that counted it.
+/// A settled event: model, tokens, and the counter generation that counted it.
+type Event = (String, u64, Option<String>);
+
+/// Settled events per workspace and month.
 #[derive(Default)]
 pub struct Ledger {
-    events: Mutex<HashMap<(WorkspaceId, MonthKey), Vec<(String, u64, Option<String>)>>>,
+    events: Mutex<HashMap<(WorkspaceId, MonthKey), Vec<Event>>>,
 }
 
 impl Ledger {
-    pub fn add(&self, ws: WorkspaceId, month: MonthKey, model: &str, tokens: u64, counter: Option<&str>) {
+    pub fn add(
+        &self,
+        ws: WorkspaceId,
+        month: MonthKey,
+        model: &str,
+        tokens: u64,
+        counter: Option<&str>,
+    ) {
         self.events
             .lock()
             .unwrap()
@@ -85,7 +95,10 @@ pub struct Backend {
 }
 
 fn prefix() -> String {
-    format!("t{}", ReservationId::next().0 as u64 ^ (ReservationId::next().0 >> 64) as u64)
+    format!(
+        "t{}",
+        ReservationId::next().0 as u64 ^ (ReservationId::next().0 >> 64) as u64
+    )
 }
 
 fn redis(topology: Topology, ledger: Arc<Ledger>) -> Arc<dyn Limiter> {
@@ -136,10 +149,18 @@ pub enum Op {
         cost: TokenCost,
     },
     /// Settles the `n`-th admission so far.
-    Settle { n: usize, actual: u64 },
+    Settle {
+        n: usize,
+        actual: u64,
+    },
     /// Frees the `n`-th admission's slot.
-    Release { n: usize },
-    Usage { ws: WorkspaceId, limits: usize },
+    Release {
+        n: usize,
+    },
+    Usage {
+        ws: WorkspaceId,
+        limits: usize,
+    },
 }
 
 /// What a call answered, without the parts that differ by design (reservation ids).
@@ -337,7 +358,11 @@ async fn requests_per_second_under_and_over() {
     }
     assert_eq!(
         denied(&out[3]),
-        (DenialKind::RateLimited, LimitName::RequestsPerSecond, 500 * MS)
+        (
+            DenialKind::RateLimited,
+            LimitName::RequestsPerSecond,
+            500 * MS
+        )
     );
     assert_eq!(denied(&out[4]).2, 1);
     admitted(&out[5]);
@@ -368,7 +393,11 @@ async fn tokens_per_minute_under_and_over_with_settlement_debt_and_refund() {
     assert_eq!(admitted(&out[1]), 100);
     assert_eq!(
         denied(&out[2]),
-        (DenialKind::RateLimited, LimitName::TokensPerMinute, 100 * MS)
+        (
+            DenialKind::RateLimited,
+            LimitName::TokensPerMinute,
+            100 * MS
+        )
     );
     assert_eq!(usage(&out[4]).bucket_tokens, Some(-300));
     assert_eq!(usage(&out[6]).bucket_tokens, Some(-190));
@@ -403,7 +432,10 @@ async fn tokens_per_month_from_the_ledger_under_and_over() {
     .await;
     admitted(&out[0]);
     let (kind, limit, wait) = denied(&out[1]);
-    assert_eq!((kind, limit), (DenialKind::QuotaExceeded, LimitName::TokensPerMonth));
+    assert_eq!(
+        (kind, limit),
+        (DenialKind::QuotaExceeded, LimitName::TokensPerMonth)
+    );
     assert_eq!(wait, month.next().start() - t0());
     admitted(&out[3]);
     denied(&out[4]);
@@ -517,7 +549,10 @@ async fn a_denial_consumes_nothing_in_any_dimension() {
     admitted(&out[0]);
     assert_eq!(denied(&out[1]).1, LimitName::ModelTokensPerMinute);
     let u = usage(&out[2]);
-    assert_eq!((u.in_flight, u.month_reserved_tokens, u.bucket_tokens), (1, 150, Some(450)));
+    assert_eq!(
+        (u.in_flight, u.month_reserved_tokens, u.bucket_tokens),
+        (1, 150, Some(450))
+    );
     assert_eq!(u.snapshot.requests.unwrap().remaining, 1);
     admitted(&out[3]);
     // The longest wait is named: tokens/minute needs 1 s for 10 tokens; requests/s 1 s too,
@@ -526,7 +561,10 @@ async fn a_denial_consumes_nothing_in_any_dimension() {
     assert_eq!((kind, wait), (DenialKind::RateLimited, SEC));
     assert_eq!(usage(&out[5]), usage(&out[5]));
     let u = usage(&out[5]);
-    assert_eq!((u.in_flight, u.month_reserved_tokens, u.bucket_tokens), (2, 600, Some(0)));
+    assert_eq!(
+        (u.in_flight, u.month_reserved_tokens, u.bucket_tokens),
+        (2, 600, Some(0))
+    );
     admitted(&out[8]);
 }
 
@@ -635,8 +673,14 @@ async fn settling_twice_counts_once() {
         else {
             panic!("{}: denied", backend.name)
         };
-        let a = limiter.settle(&reservation, &limits[0], 300, now).await.unwrap();
-        let b = limiter.settle(&reservation, &limits[0], 300, now).await.unwrap();
+        let a = limiter
+            .settle(&reservation, &limits[0], 300, now)
+            .await
+            .unwrap();
+        let b = limiter
+            .settle(&reservation, &limits[0], 300, now)
+            .await
+            .unwrap();
         assert_eq!(a, b, "{}", backend.name);
         let u = limiter.usage(ws, &limits[0], now).await.unwrap();
         assert_eq!(
@@ -645,9 +689,6 @@ async fn settling_twice_counts_once() {
             "{}",
             backend.name
         );
-        // The next workspace for the next backend.
-        drop(u);
-        let _ = ws;
     }
 }
 
@@ -700,7 +741,13 @@ async fn extremes_stay_exact_on_every_backend() {
     let steps = [
         (0, big(MAX_TOKENS_PER_MINUTE)),
         (0, big(1)),
-        (0, Op::Settle { n: 0, actual: 100_000_000_000 }),
+        (
+            0,
+            Op::Settle {
+                n: 0,
+                actual: 100_000_000_000,
+            },
+        ),
         (0, Op::Usage { ws: 0, limits: 0 }),
         (30 * SEC, Op::Usage { ws: 0, limits: 0 }),
         (0, small(1)),

@@ -91,7 +91,7 @@ pub struct RedisOptions {
 }
 
 enum Client {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -564,9 +564,9 @@ impl RedisLimiter {
     pub fn new(options: RedisOptions, months: Arc<dyn MonthSource>) -> Result<Self, LimiterError> {
         validate_prefix(&options.prefix).map_err(unavailable)?;
         let client = match &options.topology {
-            Topology::Single(url) => {
-                Client::Single(redis::Client::open(url.as_str()).map_err(unavailable)?)
-            }
+            Topology::Single(url) => Client::Single(Box::new(
+                redis::Client::open(url.as_str()).map_err(unavailable)?,
+            )),
             Topology::Cluster(seeds) => Client::Cluster(Box::new(
                 redis::cluster::ClusterClientBuilder::new(seeds.iter().map(String::as_str))
                     .connection_timeout(options.timeout.max(Duration::from_millis(250)))

@@ -9,7 +9,7 @@ use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
 use tiergate::clock::ManualClock;
 use tiergate::config::{RawSettings, RawUpstream};
-use tiergate::mock_upstream::{self, MockConfig};
+use tiergate::mock_upstream::{self, MockConfig, TagStats};
 use tiergate::{App, Config};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -37,6 +37,20 @@ impl Mock {
             url,
             stop: Some(stop),
         }
+    }
+}
+
+impl Mock {
+    /// What the mock saw of the requests sent with `x-mock-tag: tag`.
+    pub async fn stats(&self, tag: &str) -> TagStats {
+        let response = Client::new()
+            .get(format!("{}/mock/stats", self.url))
+            .query(&[("tag", tag)])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
     }
 }
 
@@ -275,6 +289,11 @@ impl TestGateway {
             .await
             .unwrap();
         v["count"].as_u64().unwrap()
+    }
+
+    /// What this gateway's mock upstream saw of the requests sent with `x-mock-tag: tag`.
+    pub async fn upstream_stats(&self, tag: &str) -> TagStats {
+        self.mock.as_ref().unwrap().stats(tag).await
     }
 
     pub async fn metrics(&self) -> String {

@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use futures_util::future::join_all;
+
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -189,6 +191,29 @@ async fn concurrent_requests_are_released_when_the_answer_ends() {
     assert_eq!(slow.await.unwrap(), StatusCode::OK);
     assert_eq!(gw.limits(&key).await["usage"]["in_flight"], 0);
     assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_upstream_never_holds_more_than_the_concurrency_limit() {
+    let (gw, key) = TestGateway::on_tier(json!({"concurrent_requests": 2})).await;
+    let slow = [("x-mock-tag", "ws"), ("x-mock-latency-ms", "800")];
+    let answers = join_all((0..6).map(|_| gw.chat(&key, hello(), &slow))).await;
+    let admitted = answers
+        .iter()
+        .filter(|r| r.status() == StatusCode::OK)
+        .count() as u64;
+    let denied = answers
+        .iter()
+        .filter(|r| r.status() == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!((admitted, denied), (2, 4));
+    // The gateway forwards the tag; the denied requests never reached the upstream.
+    let stats = gw.upstream_stats("ws").await;
+    assert_eq!(
+        (stats.count, stats.max_in_flight),
+        (admitted, 2),
+        "{stats:?}"
+    );
 }
 
 #[tokio::test]

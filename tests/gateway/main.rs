@@ -1,7 +1,11 @@
 //! End-to-end tests: real HTTP to a real tiergate on port 0, a real SQLite file, and the real
 //! mock upstream. Limits are exercised with a manual clock, never by sleeping.
 
+#[path = "../support/mod.rs"]
+mod support;
+
 mod admin;
+mod distributed;
 mod errors;
 mod harness;
 mod limits;
