@@ -10,7 +10,9 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::estimate::Estimator;
+use crate::limiter::failover::Failover;
 use crate::limiter::local::LocalLimiter;
+use crate::limiter::redis::{RedisLimiter, RedisOptions};
 use crate::limiter::{Limiter, LimiterError, MonthKey, MonthSource, MonthTotals};
 use crate::metrics::Metrics;
 use crate::model::WorkspaceId;
@@ -26,6 +28,8 @@ pub enum AppError {
     Client(#[from] reqwest::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("limiter: {0}")]
+    Limiter(#[from] LimiterError),
 }
 
 /// What every request handler shares.
@@ -34,8 +38,9 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
     pub catalog: Arc<Catalog>,
     pub limiter: Arc<dyn Limiter>,
-    /// The in-memory limiter state, when there is one to evict and count.
-    pub local: Option<Arc<LocalLimiter>>,
+    /// The in-memory limiter: the limiter itself, or the shared one's fallback. Its idle
+    /// workspaces are evicted here.
+    pub local: Arc<LocalLimiter>,
     pub estimator: Estimator,
     pub recorder: Recorder,
     pub client: reqwest::Client,
@@ -63,7 +68,7 @@ impl MonthSource for LedgerMonths {
         self.0
             .month_totals(workspace, month)
             .await
-            .map_err(|e| LimiterError::Unavailable(e.to_string()))
+            .map_err(|e| LimiterError::Ledger(e.to_string()))
     }
 }
 
@@ -81,12 +86,39 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     }
     let catalog = Arc::new(Catalog::load(store.clone()).await?);
     let metrics = Arc::new(Metrics::default());
-    let local = Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone()))));
-    let limiter: Arc<dyn Limiter> = local.clone();
-    let local = Some(local);
+    let months: Arc<dyn MonthSource> = Arc::new(LedgerMonths(store.clone()));
+    let local = Arc::new(LocalLimiter::new(months.clone()));
+    let limiter: Arc<dyn Limiter> = match &config.redis {
+        None => {
+            if !config.database.starts_with("sqlite:") {
+                tracing::warn!(
+                    "a shared database without --redis: each instance enforces the limits on its own, so N instances admit up to N times each limit"
+                );
+            }
+            local.clone()
+        }
+        Some(redis) => {
+            let options = RedisOptions {
+                topology: redis.topology.clone(),
+                prefix: redis.prefix.clone(),
+                timeout: redis.timeout,
+                lease: redis.lease,
+                time: redis.time,
+            };
+            let shared = Arc::new(RedisLimiter::new(options, months.clone())?);
+            Failover::new(
+                shared,
+                local.clone(),
+                redis.failure_policy,
+                redis.instances,
+                metrics.clone(),
+            )
+        }
+    };
     let (recorder, ledger) = Recorder::start(
         store.clone(),
         catalog.clone(),
+        limiter.clone(),
         clock.clone(),
         metrics.clone(),
         config.ledger_flush,
@@ -141,9 +173,9 @@ async fn evict_idle(state: Arc<AppState>) {
         tokio::time::sleep(every).await;
         let now = state.clock.now();
         let catalog = state.catalog.clone();
-        let evicted = state.local.as_ref().map_or(0, |local| {
-            local.evict_idle(now, idle_for, &|ws| catalog.limits_of(ws))
-        });
+        let evicted = state
+            .local
+            .evict_idle(now, idle_for, &|ws| catalog.limits_of(ws));
         state.estimator.evict_idle(now, idle_for);
         if evicted > 0 {
             tracing::debug!(evicted, "evicted idle workspaces");
@@ -183,7 +215,7 @@ impl App {
         for t in &self.tasks {
             t.abort();
         }
-        self.state.recorder.flush().await;
+        self.state.recorder.shutdown().await;
         drop(self.ledger);
     }
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::limiter::redis::{validate_prefix, TimeSource, Topology};
 use crate::model::{default_tiers, Limits, Tier};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,19 @@ pub struct RawSettings {
     pub admin_token: Option<String>,
     pub max_body_bytes: Option<usize>,
     pub catalog_refresh_ms: Option<u64>,
+    /// One `redis://` URL (a single server), or a comma-separated list of seed nodes (a Redis
+    /// Cluster). Without it, limiter state stays in memory.
+    pub redis: Option<String>,
+    /// Makes a single URL a cluster seed.
+    pub redis_cluster: Option<bool>,
+    pub redis_timeout_ms: Option<u64>,
+    /// `closed`, `open` or `local`.
+    pub redis_failure_policy: Option<String>,
+    pub redis_lease_ms: Option<u64>,
+    pub redis_prefix: Option<String>,
+    /// How many instances share the limits, for the `local` failure policy (else the count seen
+    /// in Redis).
+    pub instances: Option<u32>,
     #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
@@ -85,6 +99,14 @@ impl RawSettings {
             listen: var("TIERGATE_LISTEN"),
             database: var("TIERGATE_DATABASE"),
             admin_token: var("TIERGATE_ADMIN_TOKEN"),
+            redis: var("TIERGATE_REDIS"),
+            redis_cluster: var("TIERGATE_REDIS_CLUSTER")
+                .map(|v| matches!(v.as_str(), "1" | "true" | "yes")),
+            redis_timeout_ms: var("TIERGATE_REDIS_TIMEOUT_MS").and_then(|v| v.parse().ok()),
+            redis_failure_policy: var("TIERGATE_REDIS_FAILURE_POLICY"),
+            redis_lease_ms: var("TIERGATE_REDIS_LEASE_MS").and_then(|v| v.parse().ok()),
+            redis_prefix: var("TIERGATE_REDIS_PREFIX"),
+            instances: var("TIERGATE_INSTANCES").and_then(|v| v.parse().ok()),
             upstream: RawUpstream {
                 url: var("TIERGATE_UPSTREAM"),
                 api_key: var("TIERGATE_UPSTREAM_API_KEY"),
@@ -102,6 +124,13 @@ impl RawSettings {
             admin_token,
             max_body_bytes,
             catalog_refresh_ms,
+            redis,
+            redis_cluster,
+            redis_timeout_ms,
+            redis_failure_policy,
+            redis_lease_ms,
+            redis_prefix,
+            instances,
             upstream,
             estimate,
             tiers,
@@ -114,6 +143,13 @@ impl RawSettings {
             admin_token: admin_token.or(self.admin_token),
             max_body_bytes: max_body_bytes.or(self.max_body_bytes),
             catalog_refresh_ms: catalog_refresh_ms.or(self.catalog_refresh_ms),
+            redis: redis.or(self.redis),
+            redis_cluster: redis_cluster.or(self.redis_cluster),
+            redis_timeout_ms: redis_timeout_ms.or(self.redis_timeout_ms),
+            redis_failure_policy: redis_failure_policy.or(self.redis_failure_policy),
+            redis_lease_ms: redis_lease_ms.or(self.redis_lease_ms),
+            redis_prefix: redis_prefix.or(self.redis_prefix),
+            instances: instances.or(self.instances),
             upstream: RawUpstream {
                 url: upstream.url.or(self.upstream.url),
                 api_key: upstream.api_key.or(self.upstream.api_key),
@@ -154,6 +190,40 @@ pub struct EstimateConfig {
     pub history: usize,
 }
 
+/// What the shared limiter does while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Deny with `503 limiter_unavailable`.
+    Closed,
+    /// Admit without limits, and count it.
+    Open,
+    /// Each instance enforces its share (1/N) of every limit in memory.
+    Local,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::Closed => "closed",
+            FailurePolicy::Open => "open",
+            FailurePolicy::Local => "local",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub topology: Topology,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub lease: Duration,
+    pub failure_policy: FailurePolicy,
+    /// Configured instance count for the `local` policy.
+    pub instances: Option<u32>,
+    /// Whose clock the script uses: the server's in service; tests may set `Caller`.
+    pub time: TimeSource,
+}
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -162,6 +232,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     pub max_body_bytes: usize,
     pub catalog_refresh: Duration,
+    /// The shared limiter; `None` keeps limiter state in memory.
+    pub redis: Option<RedisConfig>,
     pub upstream: UpstreamConfig,
     pub estimate: EstimateConfig,
     /// The catalogue to seed: the defaults, with the file's tiers added or replacing them.
@@ -185,6 +257,13 @@ impl TryFrom<RawSettings> for Config {
             admin_token,
             max_body_bytes,
             catalog_refresh_ms,
+            redis,
+            redis_cluster,
+            redis_timeout_ms,
+            redis_failure_policy,
+            redis_lease_ms,
+            redis_prefix,
+            instances,
             upstream,
             estimate,
             tiers,
@@ -217,6 +296,16 @@ impl TryFrom<RawSettings> for Config {
         if catalog_refresh.is_zero() {
             return Err(invalid("catalog_refresh_ms", "must be above 0"));
         }
+
+        let redis = redis_config(
+            redis.filter(|r| !r.trim().is_empty()),
+            redis_cluster.unwrap_or(false),
+            redis_timeout_ms,
+            redis_failure_policy,
+            redis_lease_ms,
+            redis_prefix,
+            instances,
+        )?;
 
         let url = match upstream.url.filter(|u| !u.is_empty()) {
             None => None,
@@ -283,6 +372,7 @@ impl TryFrom<RawSettings> for Config {
             admin_token,
             max_body_bytes,
             catalog_refresh,
+            redis,
             upstream,
             estimate,
             tiers: catalogue,
@@ -290,6 +380,116 @@ impl TryFrom<RawSettings> for Config {
             idle_eviction: Duration::from_secs(120),
         })
     }
+}
+
+/// A URL with its password, if any, replaced by `***`, for messages.
+pub fn redact(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
+fn redis_url(url: &str, cluster: bool) -> Result<String, ConfigError> {
+    let shown = redact(url);
+    let parsed = reqwest::Url::parse(url).map_err(|_| {
+        invalid(
+            "redis",
+            format!("'{shown}' is not a URL like redis://host:6379 or rediss://host:6380/0"),
+        )
+    })?;
+    if !matches!(parsed.scheme(), "redis" | "rediss") || parsed.host_str().is_none_or(str::is_empty)
+    {
+        return Err(invalid(
+            "redis",
+            format!("'{shown}' must be a redis:// or rediss:// URL with a host"),
+        ));
+    }
+    let db = parsed.path().trim_start_matches('/');
+    if !db.is_empty() {
+        let n: u32 = db
+            .parse()
+            .map_err(|_| invalid("redis", format!("'{shown}': the database must be a number")))?;
+        if cluster && n != 0 {
+            return Err(invalid(
+                "redis",
+                format!("'{shown}': a Redis Cluster has only database 0"),
+            ));
+        }
+    }
+    Ok(url.to_string())
+}
+
+fn redis_config(
+    redis: Option<String>,
+    cluster: bool,
+    timeout_ms: Option<u64>,
+    policy: Option<String>,
+    lease_ms: Option<u64>,
+    prefix: Option<String>,
+    instances: Option<u32>,
+) -> Result<Option<RedisConfig>, ConfigError> {
+    let Some(redis) = redis else {
+        return Ok(None);
+    };
+    let urls: Vec<&str> = redis
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    let cluster = cluster || urls.len() > 1;
+    let urls = urls
+        .iter()
+        .map(|u| redis_url(u, cluster))
+        .collect::<Result<Vec<_>, _>>()?;
+    let topology = if cluster {
+        Topology::Cluster(urls)
+    } else {
+        Topology::Single(urls.into_iter().next().expect("one URL"))
+    };
+    let timeout = match timeout_ms.unwrap_or(50) {
+        0 => return Err(invalid("redis_timeout_ms", "must be above 0")),
+        n if n > 60_000 => return Err(invalid("redis_timeout_ms", "must be at most 60000")),
+        n => Duration::from_millis(n),
+    };
+    let failure_policy = match policy.as_deref().unwrap_or("local") {
+        "closed" => FailurePolicy::Closed,
+        "open" => FailurePolicy::Open,
+        "local" => FailurePolicy::Local,
+        other => {
+            return Err(invalid(
+                "redis_failure_policy",
+                format!("'{other}' is not closed, open or local"),
+            ))
+        }
+    };
+    let lease = match lease_ms.unwrap_or(30_000) {
+        n if n < 300 => return Err(invalid("redis_lease_ms", "must be at least 300")),
+        n => Duration::from_millis(n),
+    };
+    if lease <= timeout * 3 {
+        return Err(invalid(
+            "redis_lease_ms",
+            "must be more than three times redis_timeout_ms (a lease is renewed every third of it)",
+        ));
+    }
+    let prefix = prefix.unwrap_or_else(|| "tg".to_string());
+    validate_prefix(&prefix).map_err(|m| invalid("redis_prefix", m))?;
+    if instances == Some(0) {
+        return Err(invalid("instances", "must be at least 1"));
+    }
+    Ok(Some(RedisConfig {
+        topology,
+        prefix,
+        timeout,
+        lease,
+        failure_policy,
+        instances,
+        time: TimeSource::Server,
+    }))
 }
 
 /// Tier names appear in URLs and the console: keep them plain.

@@ -37,6 +37,34 @@ struct StoreArgs {
     config: Option<PathBuf>,
 }
 
+#[derive(Args, Clone, Default)]
+struct RedisArgs {
+    /// Share limits through Redis: redis://[user:password@]host:port[/db] (or rediss://), or a
+    /// comma-separated list of Redis Cluster seed nodes.
+    #[arg(long, env = "TIERGATE_REDIS", hide_env_values = true)]
+    redis: Option<String>,
+    /// Treat a single --redis URL as a Redis Cluster seed.
+    #[arg(long, env = "TIERGATE_REDIS_CLUSTER")]
+    redis_cluster: bool,
+    /// The longest a Redis call may take, in ms (default 50).
+    #[arg(long, env = "TIERGATE_REDIS_TIMEOUT_MS")]
+    redis_timeout_ms: Option<u64>,
+    /// While Redis is unreachable: closed (503), open (admit), or local (each instance its
+    /// share of every limit; the default).
+    #[arg(long, env = "TIERGATE_REDIS_FAILURE_POLICY")]
+    redis_failure_policy: Option<String>,
+    /// How long a request's reservation lives in Redis without renewal, in ms (default 30000).
+    #[arg(long, env = "TIERGATE_REDIS_LEASE_MS")]
+    redis_lease_ms: Option<u64>,
+    /// The prefix of every Redis key (default tg).
+    #[arg(long, env = "TIERGATE_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// How many instances share the limits, for the local failure policy (default: the count
+    /// seen in Redis).
+    #[arg(long, env = "TIERGATE_INSTANCES")]
+    instances: Option<u32>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
@@ -53,6 +81,8 @@ enum Command {
         /// Bearer token of the admin API; without it the admin API answers 403.
         #[arg(long, env = "TIERGATE_ADMIN_TOKEN", hide_env_values = true)]
         admin_token: Option<String>,
+        #[command(flatten)]
+        redis: RedisArgs,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -281,12 +311,29 @@ async fn run(command: Command) -> anyhow::Result<()> {
             upstream,
             upstream_api_key,
             admin_token,
+            redis,
             store,
         } => {
+            let RedisArgs {
+                redis,
+                redis_cluster,
+                redis_timeout_ms,
+                redis_failure_policy,
+                redis_lease_ms,
+                redis_prefix,
+                instances,
+            } = redis;
             let flags = RawSettings {
                 listen,
                 database: store.database,
                 admin_token,
+                redis,
+                redis_cluster: redis_cluster.then_some(true),
+                redis_timeout_ms,
+                redis_failure_policy,
+                redis_lease_ms,
+                redis_prefix,
+                instances,
                 upstream: RawUpstream {
                     url: upstream,
                     api_key: upstream_api_key,

@@ -26,6 +26,22 @@ pub struct Metrics {
     pub settled_without_usage: AtomicU64,
     pub ledger_write_errors: AtomicU64,
     pub limiter_errors: AtomicU64,
+    /// The shared limiter's backend (Redis): calls that failed or timed out.
+    pub limiter_backend_errors: AtomicU64,
+    /// Times the circuit breaker opened (Redis judged down).
+    pub limiter_breaker_opened: AtomicU64,
+    /// Gauge: 1 while the shared limiter's backend answers (or none is configured).
+    pub limiter_backend_down: AtomicU64,
+    /// Decisions made without the shared limiter, by failure policy.
+    pub fallback_closed: AtomicU64,
+    pub fallback_open: AtomicU64,
+    pub fallback_local: AtomicU64,
+    /// Gauge: instances sharing the limits, as last seen in Redis (0 unknown).
+    pub instances: AtomicU64,
+    /// Gauge: settlements waiting for the shared limiter to answer again.
+    pub settlements_deferred: AtomicU64,
+    /// Settlements written to the ledger without the shared limiter's confirmation.
+    pub settlements_unconfirmed: AtomicU64,
 }
 
 const LIMITS: [LimitName; 6] = [
@@ -138,6 +154,54 @@ impl Metrics {
             "tiergate_limiter_errors_total",
             "Limiter backend errors.",
             get(&self.limiter_errors),
+        );
+        counter(
+            "tiergate_limiter_backend_errors_total",
+            "Calls to the shared limiter's Redis that failed or timed out.",
+            get(&self.limiter_backend_errors),
+        );
+        counter(
+            "tiergate_limiter_breaker_opened_total",
+            "Times the circuit breaker judged Redis down and stopped calling it.",
+            get(&self.limiter_breaker_opened),
+        );
+        counter(
+            "tiergate_settlements_unconfirmed_total",
+            "Settlements written to the ledger that Redis never confirmed (it stayed down until shutdown).",
+            get(&self.settlements_unconfirmed),
+        );
+        let _ = writeln!(out, "# HELP tiergate_limiter_fallback_total Decisions made without the shared limiter while Redis was unreachable, by failure policy.\n# TYPE tiergate_limiter_fallback_total counter");
+        for (policy, c) in [
+            ("closed", &self.fallback_closed),
+            ("open", &self.fallback_open),
+            ("local", &self.fallback_local),
+        ] {
+            let _ = writeln!(
+                out,
+                "tiergate_limiter_fallback_total{{policy=\"{policy}\"}} {}",
+                get(c)
+            );
+        }
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
+        };
+        gauge(
+            "tiergate_limiter_backend_up",
+            "1 while the shared limiter's Redis answers (always 1 without Redis).",
+            1 - get(&self.limiter_backend_down).min(1),
+        );
+        gauge(
+            "tiergate_instances",
+            "Instances sharing the limits, as last seen in Redis (0 when unknown).",
+            get(&self.instances),
+        );
+        gauge(
+            "tiergate_settlements_deferred",
+            "Settlements waiting for Redis to answer again.",
+            get(&self.settlements_deferred),
         );
         let _ = writeln!(out, "# HELP tiergate_denied_total Requests denied by the workspace's own limits.\n# TYPE tiergate_denied_total counter");
         for (limit, c) in LIMITS.iter().zip(&self.denied) {

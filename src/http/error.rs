@@ -35,6 +35,9 @@ pub enum ApiError {
     AdminDisabled,
     #[error("service unavailable")]
     Unavailable,
+    /// The shared limiter cannot decide (Redis down, policy `closed`).
+    #[error("limiter unavailable")]
+    LimiterUnavailable,
     #[error("internal error")]
     Internal,
 }
@@ -180,6 +183,17 @@ impl IntoResponse for ApiError {
                 None,
                 "The gateway cannot serve this request right now; retry later.",
             ),
+            ApiError::LimiterUnavailable => {
+                let mut r = body(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    Some("limiter_unavailable"),
+                    "The rate limiter cannot be reached, so the request was not sent; nothing was charged. Retry shortly.",
+                );
+                r.headers_mut()
+                    .insert("retry-after", HeaderValue::from_static("1"));
+                r
+            }
             ApiError::Internal => body(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",

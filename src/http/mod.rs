@@ -56,8 +56,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let tracked = state.local.as_ref().map_or(0, |l| l.tracked_workspaces());
-    let text = state.metrics.render(tracked);
+    let text = state.metrics.render(state.local.tracked_workspaces());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 

@@ -35,10 +35,11 @@ use crate::app::AppState;
 use crate::catalog::WorkspaceEntry;
 use crate::estimate::{inspect, Endpoint, RequestInfo};
 use crate::limiter::core::day_of;
-use crate::limiter::{Decision, Reservation, Settled, TokenCost};
+use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
 use crate::metrics::Metrics;
 use crate::model::Limits;
 use crate::store::UsageRecord;
+use crate::usage::{settled_record, Deferred};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
     Metrics::inc(&state.metrics.requests);
@@ -160,8 +161,11 @@ async fn forward(
         .await
         .map_err(|e| {
             Metrics::inc(&state.metrics.limiter_errors);
-            tracing::error!(error = %e, "limiter unavailable");
-            ApiError::Unavailable
+            tracing::debug!(error = %e, "no decision");
+            match e {
+                LimiterError::Unavailable(_) => ApiError::LimiterUnavailable,
+                LimiterError::Ledger(_) => ApiError::Unavailable,
+            }
         })?;
     let (reservation, snapshot) = match decision {
         Decision::Admit {
@@ -501,25 +505,23 @@ async fn settle(
         }
     };
     Metrics::add(&state.metrics.tokens_settled, actual);
-    let settled = match state.limiter.settle(reservation, limits, actual, now).await {
-        Ok(settled) => settled,
+    match state.limiter.settle(reservation, limits, actual, now).await {
+        Ok(settled) => state
+            .recorder
+            .record(settled_record(request_id, ws, model, actual, &settled)),
         Err(e) => {
+            // Retried by the ledger writer until the limiter takes it.
             Metrics::inc(&state.metrics.limiter_errors);
-            tracing::error!(error = %e, "settlement failed");
-            Settled {
-                at: now,
-                counter: None,
-            }
+            tracing::debug!(error = %e, "settlement deferred");
+            state.recorder.defer(Deferred {
+                reservation: reservation.clone(),
+                limits: Arc::new(limits.clone()),
+                actual,
+                request_id,
+                model,
+            });
         }
-    };
-    state.recorder.record(UsageRecord::Settled {
-        request_id,
-        workspace: ws,
-        day: day_of(settled.at),
-        model,
-        tokens: actual,
-        at: (settled.at / crate::limiter::NANOS_PER_SEC) as i64,
-    });
+    }
 }
 
 /// Splits a server-sent-event stream into whole events, reads the usage from them, and drops

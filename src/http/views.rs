@@ -7,7 +7,7 @@ use super::error::ApiError;
 use super::headers::duration;
 use crate::app::AppState;
 use crate::limiter::core::day_of;
-use crate::limiter::{MonthKey, Window, NANOS_PER_SEC};
+use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{ApiKey, LimitRequest, Limits, Workspace};
 
 pub fn rfc3339(secs: i64) -> Value {
@@ -88,7 +88,10 @@ pub async fn usage_json(
         .limiter
         .usage(ws.id, limits, now)
         .await
-        .map_err(|_| ApiError::Unavailable)?;
+        .map_err(|e| match e {
+            LimiterError::Unavailable(_) => ApiError::LimiterUnavailable,
+            LimiterError::Ledger(_) => ApiError::Unavailable,
+        })?;
     let totals = state.store.month_totals(ws.id, month).await?;
     let daily = state.store.daily_usage(ws.id, &from, &to).await?;
     let window = |w: Option<Window>| {

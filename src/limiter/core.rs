@@ -290,9 +290,20 @@ struct MonthCounter {
     month: MonthKey,
     settled: u64,
     reserved: u64,
+    /// What `settled` started from (the ledger's total when the counter was seeded).
+    seed: u64,
 }
 
 impl MonthCounter {
+    fn starting(month: MonthKey, seed: u64) -> Self {
+        MonthCounter {
+            month,
+            settled: seed,
+            reserved: 0,
+            seed,
+        }
+    }
+
     fn used(&self) -> u64 {
         self.settled + self.reserved
     }
@@ -300,11 +311,7 @@ impl MonthCounter {
     /// Rolls over to `month`; settled usage of a new month starts from the ledger's base.
     fn roll(&mut self, month: MonthKey, base: u64) {
         if self.month != month {
-            *self = MonthCounter {
-                month,
-                settled: base,
-                reserved: 0,
-            };
+            *self = MonthCounter::starting(month, base);
         }
     }
 }
@@ -455,11 +462,7 @@ impl WorkspaceState {
             .by_model
             .iter()
             .map(|(m, t)| {
-                let month = Some(MonthCounter {
-                    month: current,
-                    settled: base(*t),
-                    reserved: 0,
-                });
+                let month = Some(MonthCounter::starting(current, base(*t)));
                 (
                     m.clone(),
                     ModelState {
@@ -472,11 +475,7 @@ impl WorkspaceState {
         WorkspaceState {
             requests: None,
             bucket: None,
-            month: MonthCounter {
-                month: current,
-                settled: base(totals.tokens),
-                reserved: 0,
-            },
+            month: MonthCounter::starting(current, base(totals.tokens)),
             models,
             in_flight: 0,
             unsettled: 0,
@@ -509,11 +508,9 @@ impl WorkspaceState {
         if totals.month == Some(current) {
             for (model, tokens) in &totals.by_model {
                 let state = self.models.entry(model.clone()).or_default();
-                state.month.get_or_insert(MonthCounter {
-                    month: current,
-                    settled: *tokens,
-                    reserved: 0,
-                });
+                state
+                    .month
+                    .get_or_insert(MonthCounter::starting(current, *tokens));
             }
         }
     }
@@ -547,11 +544,9 @@ impl WorkspaceState {
             self.models.insert(model.to_string(), ModelState::default());
         }
         let state = self.models.get_mut(model).expect("just inserted");
-        state.month.get_or_insert(MonthCounter {
-            month: current,
-            settled: 0,
-            reserved: 0,
-        });
+        state
+            .month
+            .get_or_insert(MonthCounter::starting(current, 0));
         state
     }
 
@@ -828,6 +823,16 @@ impl WorkspaceState {
             tokens,
             month,
         }
+    }
+
+    /// What the month counters started from: the workspace's, and each model's.
+    pub fn month_seeds(&self) -> (u64, HashMap<String, u64>) {
+        let models = self
+            .models
+            .iter()
+            .filter_map(|(m, s)| s.month.map(|c| (m.clone(), c.seed)))
+            .collect();
+        (self.month.seed, models)
     }
 
     pub fn usage(&self, limits: &Limits, now: Nanos) -> Usage {

@@ -93,6 +93,25 @@ impl LocalLimiter {
         evicted
     }
 
+    /// What a workspace's month counters started from (the ledger's totals when it was first
+    /// seen this month), once it is tracked.
+    pub fn month_seeds(
+        &self,
+        workspace: WorkspaceId,
+        now: Nanos,
+    ) -> Option<(u64, std::collections::HashMap<String, u64>)> {
+        let map = self.shard(workspace);
+        let entry = map.get(&workspace)?;
+        (!entry.state.month_is_stale(now)).then(|| entry.state.month_seeds())
+    }
+
+    /// Forgets every workspace.
+    pub fn clear(&self) {
+        for shard in &self.shards {
+            shard.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
+    }
+
     /// Workspaces whose state is held in memory.
     pub fn tracked_workspaces(&self) -> usize {
         self.shards

@@ -20,6 +20,7 @@
 //! (`MonthSource`), so a restart loses at most what was in flight or not yet flushed.
 
 pub mod core;
+pub mod failover;
 pub mod local;
 pub mod redis;
 

@@ -1,0 +1,448 @@
+//! What the shared limiter does when Redis does not answer.
+//!
+//! # Design
+//! `Failover` puts the Redis limiter behind a circuit breaker and a failure policy:
+//! - Every Redis call has a short timeout (`redis_timeout_ms`, 50 ms by default), so no request
+//!   waits longer than that because Redis is down. After `TRIP_AFTER` consecutive failures the
+//!   breaker opens: requests stop calling Redis at all, and a probe pings it every
+//!   `PROBE_EVERY` until it answers, then the breaker closes. Each transition is logged once and
+//!   counted in `/metrics`.
+//! - While Redis cannot answer, the policy decides:
+//!   - `closed`: deny with `503 limiter_unavailable` and `Retry-After`;
+//!   - `open`: admit without limits, and count it;
+//!   - `local` (the default): each instance enforces its share of every limit in memory, so
+//!     that the sum over the instances stays within the limit. The share is 1/N of each rate
+//!     and capacity (with the remainder of small integers given to the lowest ranks), and 1/N of
+//!     what was left of each month quota when the instance first fell back. N is `instances`
+//!     when configured, else the count of live instances that their heartbeats in Redis last
+//!     showed; when neither is known, the instance denies as under `closed`.
+//! - Every reservation is settled where it was made. Usage admitted by the fallback reaches the
+//!   ledger (untagged, so any later counter generation counts it), and the first shared decision
+//!   for such a workspace after recovery starts a new generation of its month counter, which is
+//!   then rebuilt from the ledger: nothing used during the outage is lost.
+//!
+//! `local` is the default because it keeps serving while still protecting the upstream: a
+//! Redis outage neither becomes an API outage (`closed`) nor opens the gate (`open`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use super::core::{request_rate, MonthKey};
+use super::local::LocalLimiter;
+use super::redis::RedisLimiter;
+use super::{
+    Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, Nanos, Origin,
+    Reservation, Settled, Snapshot, TokenCost, Usage, NANOS_PER_SEC,
+};
+use crate::config::FailurePolicy;
+use crate::metrics::Metrics;
+use crate::model::{Limits, WorkspaceId};
+
+/// Consecutive failed calls that open the breaker.
+const TRIP_AFTER: u32 = 3;
+/// How often an open breaker pings Redis.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// How often an instance announces itself, and how long the announcement lasts.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
+
+struct Breaker {
+    failures: AtomicU32,
+    open: std::sync::atomic::AtomicBool,
+}
+
+pub struct Failover {
+    shared: Arc<RedisLimiter>,
+    local: Arc<LocalLimiter>,
+    policy: FailurePolicy,
+    configured_instances: Option<u32>,
+    /// (instances, this one's rank) as the last heartbeat saw them; 0 instances = unknown.
+    seen: AtomicU64,
+    breaker: Breaker,
+    metrics: Arc<Metrics>,
+    /// Workspaces decided without the shared limiter since it last answered: their month counter
+    /// is rebuilt from the ledger before the next shared decision.
+    rebuild: Mutex<HashSet<WorkspaceId>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Failover {
+    fn drop(&mut self) {
+        for t in self.tasks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            t.abort();
+        }
+    }
+}
+
+/// Each instance's share of `limits` when `n` instances enforce them apart, for the instance of
+/// `rank` (0-based). Integers that do not divide evenly give their remainder to the lowest
+/// ranks, so that the shares add up to the limit and never more. Month quotas are shared from
+/// what was left when the instance started counting on its own (`seeds`). `Err` names a limit
+/// whose share is nothing at all.
+pub fn share(
+    limits: &Limits,
+    n: u32,
+    rank: u32,
+    seeds: &(u64, HashMap<String, u64>),
+) -> Result<Limits, LimitName> {
+    let n = n.max(1);
+    let split = |v: u64| v / n as u64 + u64::from((rank as u64) < v % n as u64);
+    let mut out = limits.clone();
+    if let Some(rps) = limits.requests_per_second {
+        let milli = request_rate(rps) as u64 / n as u64;
+        let burst = split(limits.effective_burst() as u64);
+        if milli == 0 || burst == 0 {
+            return Err(LimitName::RequestsPerSecond);
+        }
+        out.requests_per_second = Some(milli as f64 / 1000.0);
+        out.burst = Some(burst as u32);
+    }
+    if let Some(tpm) = limits.tokens_per_minute {
+        match tpm / n as u64 {
+            0 => return Err(LimitName::TokensPerMinute),
+            t => out.tokens_per_minute = Some(t),
+        }
+    }
+    let month = |cap: u64, seed: u64| {
+        if seed >= cap {
+            cap
+        } else {
+            seed + (cap - seed) / n as u64
+        }
+    };
+    if let Some(cap) = limits.tokens_per_month {
+        out.tokens_per_month = Some(month(cap, seeds.0));
+    }
+    if let Some(c) = limits.concurrent_requests {
+        match split(c as u64) {
+            0 => return Err(LimitName::ConcurrentRequests),
+            c => out.concurrent_requests = Some(c as u32),
+        }
+    }
+    for (model, l) in out.models.iter_mut() {
+        if let Some(tpm) = l.tokens_per_minute {
+            match tpm / n as u64 {
+                0 => return Err(LimitName::ModelTokensPerMinute),
+                t => l.tokens_per_minute = Some(t),
+            }
+        }
+        if let Some(cap) = l.tokens_per_month {
+            l.tokens_per_month = Some(month(cap, seeds.1.get(model).copied().unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
+fn limit_value(limits: &Limits, name: LimitName) -> f64 {
+    match name {
+        LimitName::RequestsPerSecond => limits.requests_per_second.unwrap_or(0.0),
+        LimitName::TokensPerMinute => limits.tokens_per_minute.unwrap_or(0) as f64,
+        LimitName::ConcurrentRequests => limits.concurrent_requests.unwrap_or(0) as f64,
+        _ => 0.0,
+    }
+}
+
+impl Failover {
+    pub fn new(
+        shared: Arc<RedisLimiter>,
+        local: Arc<LocalLimiter>,
+        policy: FailurePolicy,
+        configured_instances: Option<u32>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let failover = Arc::new(Failover {
+            shared,
+            local,
+            policy,
+            configured_instances,
+            seen: AtomicU64::new(0),
+            breaker: Breaker {
+                failures: AtomicU32::new(0),
+                open: std::sync::atomic::AtomicBool::new(false),
+            },
+            metrics,
+            rebuild: Mutex::new(HashSet::new()),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(watch(Arc::downgrade(&failover)));
+        failover
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(task);
+        failover
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.breaker.open.load(Ordering::Acquire)
+    }
+
+    fn success(&self) {
+        self.breaker.failures.store(0, Ordering::Relaxed);
+    }
+
+    fn failure(&self, error: &LimiterError) {
+        Metrics::inc(&self.metrics.limiter_backend_errors);
+        let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= TRIP_AFTER && !self.breaker.open.swap(true, Ordering::AcqRel) {
+            Metrics::inc(&self.metrics.limiter_breaker_opened);
+            self.metrics
+                .limiter_backend_down
+                .store(1, Ordering::Relaxed);
+            tracing::error!(
+                error = %error,
+                policy = self.policy.as_str(),
+                "Redis is not answering: the shared limiter stops calling it and applies the failure policy until it is back"
+            );
+        }
+    }
+
+    fn close(&self) {
+        if self.breaker.open.swap(false, Ordering::AcqRel) {
+            self.breaker.failures.store(0, Ordering::Relaxed);
+            self.metrics
+                .limiter_backend_down
+                .store(0, Ordering::Relaxed);
+            // The next outage starts its shares afresh.
+            self.local.clear();
+            tracing::warn!("Redis answers again: the shared limiter is back");
+        }
+    }
+
+    /// (instances, rank) for the local share, if known.
+    fn instances(&self) -> Option<(u32, u32)> {
+        let seen = self.seen.load(Ordering::Relaxed);
+        let (n, rank) = ((seen >> 32) as u32, seen as u32);
+        match (self.configured_instances, n) {
+            (Some(c), _) => Some((c, if rank < c { rank } else { 0 })),
+            (None, 0) => None,
+            (None, n) => Some((n, rank)),
+        }
+    }
+
+    fn needs_rebuild(&self, workspace: WorkspaceId) -> bool {
+        self.rebuild
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&workspace)
+    }
+
+    fn served_alone(&self, workspace: WorkspaceId) {
+        self.rebuild
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(workspace);
+    }
+
+    async fn fallback(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        model: Option<&str>,
+        cost: TokenCost,
+        now: Nanos,
+    ) -> Result<Decision, LimiterError> {
+        let unavailable = || LimiterError::Unavailable("Redis is not answering".into());
+        match self.policy {
+            FailurePolicy::Closed => {
+                Metrics::inc(&self.metrics.fallback_closed);
+                Err(unavailable())
+            }
+            FailurePolicy::Open => {
+                Metrics::inc(&self.metrics.fallback_open);
+                self.served_alone(workspace);
+                let held = Held {
+                    model: model.map(str::to_string),
+                    tokens: cost.estimate.max(cost.prompt),
+                    month: MonthKey::of(now),
+                    slot: false,
+                };
+                let mut reservation = Reservation::new(workspace, held);
+                reservation.origin = Origin::Unmetered;
+                Ok(Decision::Admit {
+                    reservation,
+                    snapshot: Snapshot::default(),
+                })
+            }
+            FailurePolicy::Local => {
+                let Some((n, rank)) = self.instances() else {
+                    Metrics::inc(&self.metrics.fallback_closed);
+                    return Err(unavailable());
+                };
+                Metrics::inc(&self.metrics.fallback_local);
+                self.served_alone(workspace);
+                // Seed the month counters from the ledger first: the month share is of what
+                // was left then.
+                self.local.usage(workspace, limits, now).await?;
+                let seeds = self.local.month_seeds(workspace, now).unwrap_or_default();
+                let shared = match share(limits, n, rank, &seeds) {
+                    Ok(l) => l,
+                    Err(limit) => {
+                        return Ok(Decision::Deny {
+                            denial: Denial {
+                                kind: DenialKind::RateLimited,
+                                limit,
+                                model: None,
+                                limit_value: limit_value(limits, limit),
+                                retry_after: NANOS_PER_SEC,
+                            },
+                            snapshot: Snapshot::default(),
+                        })
+                    }
+                };
+                let decision = self
+                    .local
+                    .reserve(workspace, &shared, model, cost, now)
+                    .await?;
+                Ok(match decision {
+                    Decision::Admit {
+                        mut reservation,
+                        snapshot,
+                    } => {
+                        reservation.origin = Origin::LocalShare;
+                        Decision::Admit {
+                            reservation,
+                            snapshot,
+                        }
+                    }
+                    deny => deny,
+                })
+            }
+        }
+    }
+}
+
+/// The breaker's probe and the heartbeat, in one loop.
+async fn watch(failover: Weak<Failover>) {
+    let instance = super::ReservationId::next().to_string();
+    let mut last_heartbeat = tokio::time::Instant::now() - HEARTBEAT_EVERY;
+    loop {
+        tokio::time::sleep(PROBE_EVERY).await;
+        let Some(f) = failover.upgrade() else { return };
+        if f.is_open() {
+            if f.shared.ping().await.is_ok() {
+                f.close();
+            }
+            continue;
+        }
+        if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
+            last_heartbeat = tokio::time::Instant::now();
+            match f.shared.heartbeat(&instance, HEARTBEAT_TTL).await {
+                Ok((n, rank)) => {
+                    f.success();
+                    f.seen
+                        .store(((n as u64) << 32) | rank as u64, Ordering::Relaxed);
+                    f.metrics.instances.store(n as u64, Ordering::Relaxed);
+                }
+                Err(e) => f.failure(&e),
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Limiter for Failover {
+    async fn reserve(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        model: Option<&str>,
+        cost: TokenCost,
+        now: Nanos,
+    ) -> Result<Decision, LimiterError> {
+        if !self.is_open() {
+            let mut result = Ok(());
+            if self.needs_rebuild(workspace) {
+                result = self.shared.new_generation(workspace, now).await;
+                if result.is_ok() {
+                    self.rebuild
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&workspace);
+                }
+            }
+            if result.is_ok() {
+                result = match self
+                    .shared
+                    .reserve(workspace, limits, model, cost, now)
+                    .await
+                {
+                    Ok(decision) => {
+                        self.success();
+                        return Ok(decision);
+                    }
+                    Err(e) => Err(e),
+                };
+            }
+            match result {
+                Err(e @ LimiterError::Unavailable(_)) => self.failure(&e),
+                Err(e) => return Err(e),
+                Ok(()) => {}
+            }
+        }
+        self.fallback(workspace, limits, model, cost, now).await
+    }
+
+    async fn settle(
+        &self,
+        reservation: &Reservation,
+        limits: &Limits,
+        actual: u64,
+        now: Nanos,
+    ) -> Result<Settled, LimiterError> {
+        match reservation.origin {
+            Origin::Primary => {
+                if self.is_open() {
+                    return Err(LimiterError::Unavailable("Redis is not answering".into()));
+                }
+                match self.shared.settle(reservation, limits, actual, now).await {
+                    Ok(s) => {
+                        self.success();
+                        Ok(s)
+                    }
+                    Err(e) => {
+                        if matches!(e, LimiterError::Unavailable(_)) {
+                            self.failure(&e);
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            Origin::LocalShare => self.local.settle(reservation, limits, actual, now).await,
+            Origin::Unmetered => Ok(Settled {
+                at: now,
+                counter: None,
+            }),
+        }
+    }
+
+    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
+        match reservation.origin {
+            Origin::Primary if !self.is_open() => self.shared.release_slot(reservation).await,
+            Origin::Primary | Origin::Unmetered => Ok(()),
+            Origin::LocalShare => self.local.release_slot(reservation).await,
+        }
+    }
+
+    async fn usage(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        now: Nanos,
+    ) -> Result<Usage, LimiterError> {
+        if self.is_open() {
+            return Err(LimiterError::Unavailable("Redis is not answering".into()));
+        }
+        let result = self.shared.usage(workspace, limits, now).await;
+        match &result {
+            Ok(_) => self.success(),
+            Err(e @ LimiterError::Unavailable(_)) => self.failure(e),
+            Err(_) => {}
+        }
+        result
+    }
+}
