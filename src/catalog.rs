@@ -58,8 +58,12 @@ pub struct Catalog {
     view: RwLock<Arc<View>>,
     reload: tokio::sync::Mutex<()>,
     last_miss_check: Mutex<Option<Instant>>,
+    miss_check: tokio::sync::Mutex<()>,
     touched: Mutex<HashMap<KeyId, i64>>,
 }
+
+/// The shortest time between two checks of the store for an unknown key.
+const MISS_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 pub fn hash_key(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
@@ -72,6 +76,7 @@ impl Catalog {
             view: RwLock::new(Arc::new(View::default())),
             reload: tokio::sync::Mutex::new(()),
             last_miss_check: Mutex::new(None),
+            miss_check: tokio::sync::Mutex::new(()),
             touched: Mutex::new(HashMap::new()),
         };
         catalog.reload().await?;
@@ -147,10 +152,8 @@ impl Catalog {
     ) -> Result<(KeyId, Arc<WorkspaceEntry>), AuthFailure> {
         let hash = hash_key(secret);
         let mut found = self.lookup(&hash);
-        if found.is_none() && self.may_check_on_miss() {
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(error = %e, "catalog refresh on unknown key failed");
-            }
+        if found.is_none() {
+            self.check_on_miss(Instant::now()).await;
             found = self.lookup(&hash);
         }
         let (key, entry) = found.ok_or(AuthFailure::UnknownKey)?;
@@ -176,16 +179,37 @@ impl Catalog {
         Some((key, entry))
     }
 
-    fn may_check_on_miss(&self) -> bool {
-        let mut last = self
-            .last_miss_check
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let due = last.is_none_or(|t| t.elapsed() >= Duration::from_millis(100));
-        if due {
-            *last = Some(Instant::now());
+    /// Makes sure the catalogue was checked against the store after `arrived`: a key created
+    /// elsewhere a moment ago then works at once, on every instance. Checks start at most every
+    /// `MISS_CHECK_EVERY`, so unknown keys cost the store at most that many checks; a request
+    /// with an unknown key waits for the next check (at most that long), and every request
+    /// waiting shares it.
+    async fn check_on_miss(&self, arrived: Instant) {
+        loop {
+            let _one_at_a_time = self.miss_check.lock().await;
+            let last = *self
+                .last_miss_check
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            match last {
+                Some(started) if started >= arrived => return,
+                Some(started) if started.elapsed() < MISS_CHECK_EVERY => {
+                    let wait = MISS_CHECK_EVERY - started.elapsed();
+                    drop(_one_at_a_time);
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+                _ => {}
+            }
+            *self
+                .last_miss_check
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "catalog refresh on unknown key failed");
+            }
+            return;
         }
-        due
     }
 
     pub fn workspace(&self, id: WorkspaceId) -> Option<Arc<WorkspaceEntry>> {

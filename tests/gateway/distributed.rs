@@ -1,15 +1,620 @@
-//! Several gateways sharing one set of limits (the Redis limiter). For now: the Redis servers
-//! those tests use are there, as `tests/support/redis.rs` finds them.
+//! Several gateways sharing one set of limits through Redis: one server, and a Redis Cluster.
+//! Real load (hundreds of concurrent clients, the system clock), so every bound here is an upper
+//! bound computed from the time the load really took, never an exact count that timing decides.
 
-use crate::support::redis::{cluster_seeds, redis_cli, shared_redis};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+
+use crate::harness::TestGateway;
+use crate::support::redis::{cluster_seeds, redis_cli, shared_redis, RedisServer};
+
+/// A chat request whose estimate equals what the mock reports: prompt 9 by the estimate rule
+/// ("Hello": 2 + 4 + 3), completion `max_tokens`, and `x-mock-usage: 9,C`.
+fn exact_request(completion: u64) -> (Value, String) {
+    (
+        json!({
+            "model": "mistral-small-latest",
+            "max_tokens": completion,
+            "messages": [{"role": "user", "content": "Hello"}],
+        }),
+        format!("9,{completion}"),
+    )
+}
+
+async fn setup_workspace(gw: &TestGateway, tier: &str, limits: Value) -> (i64, String) {
+    gw.put_tier(tier, limits).await;
+    gw.workspace(tier).await
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    denied: AtomicU64,
+    unavailable: AtomicU64,
+    other: AtomicU64,
+    /// The slowest answer, in microseconds.
+    slowest_us: AtomicU64,
+}
+
+impl Tally {
+    fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+/// `clients` concurrent clients, client `i` on gateway `i % n`, each sending requests one after
+/// another until `until`; a denied client waits `pause` before its next request.
+#[allow(clippy::too_many_arguments)]
+async fn hammer(
+    gateways: &[String],
+    key: &str,
+    tag: &str,
+    body: Value,
+    usage: String,
+    clients: usize,
+    until: Instant,
+    pause: Duration,
+) -> Arc<Tally> {
+    let tally = Arc::new(Tally::default());
+    let client = Client::builder()
+        .pool_max_idle_per_host(clients)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        let url = format!("{}/v1/chat/completions", gateways[i % gateways.len()]);
+        let (client, tally, key, tag, body, usage) = (
+            client.clone(),
+            tally.clone(),
+            key.to_string(),
+            tag.to_string(),
+            body.clone(),
+            usage.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while Instant::now() < until {
+                let started = Instant::now();
+                let r = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("x-mock-tag", &tag)
+                    .header("x-mock-usage", &usage)
+                    .header("x-mock-latency-ms", "40")
+                    .json(&body)
+                    .send()
+                    .await;
+                let status = match r {
+                    Ok(r) => {
+                        let status = r.status();
+                        let body = r.bytes().await;
+                        if !matches!(status, StatusCode::OK | StatusCode::TOO_MANY_REQUESTS) {
+                            eprintln!("{status}: {body:?}");
+                        }
+                        Some(status)
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        None
+                    }
+                };
+                tally
+                    .slowest_us
+                    .fetch_max(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                match status {
+                    Some(StatusCode::OK) => &tally.ok,
+                    Some(StatusCode::TOO_MANY_REQUESTS) => {
+                        tokio::time::sleep(pause).await;
+                        &tally.denied
+                    }
+                    Some(StatusCode::SERVICE_UNAVAILABLE) => {
+                        tokio::time::sleep(pause).await;
+                        &tally.unavailable
+                    }
+                    _ => &tally.other,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    tally
+}
+
+/// Three instances, 200 concurrent clients on one workspace, a second workspace hammered at the
+/// same time: every limit holds across the instances, and denials never reach the upstream.
+async fn three_instances_hold_every_limit(redis: &str) {
+    let fleet = TestGateway::fleet(3, redis, |raw| {
+        // A slow answer from a busy machine must not turn into a fallback decision here: this
+        // test is about the shared limiter. `closed` makes any fallback visible as a 503.
+        raw.redis_timeout_ms = Some(5_000);
+        raw.redis_lease_ms = Some(60_000);
+        raw.redis_failure_policy = Some("closed".into());
+    })
+    .await;
+    let urls: Vec<String> = fleet.iter().map(|g| g.url.clone()).collect();
+    let first = &fleet[0];
+    // Requests/s and concurrency both bind (a burst of 5 above 3 slots at the start).
+    let (_, rates_key) = setup_workspace(
+        first,
+        "rates",
+        json!({"requests_per_second": 20, "burst": 5, "concurrent_requests": 3,
+               "tokens_per_minute": 1_000_000}),
+    )
+    .await;
+    // Tokens per minute binds: 20 tokens a request, 600 a minute.
+    let (_, tokens_key) = setup_workspace(
+        first,
+        "tokens",
+        json!({"tokens_per_minute": 600, "tokens_per_month": 1_000_000}),
+    )
+    .await;
+    // Hammered at the same time, with room for all of it.
+    let (_, roomy_key) = setup_workspace(
+        first,
+        "roomy",
+        json!({"requests_per_second": 10_000, "tokens_per_minute": 10_000_000}),
+    )
+    .await;
+
+    let (body, usage) = exact_request(1);
+    let (tokens_body, tokens_usage) = exact_request(11);
+    let started = Instant::now();
+    let until = started + Duration::from_secs(3);
+    let pause = Duration::from_millis(20);
+    let (rates, tokens, roomy) = tokio::join!(
+        hammer(
+            &urls,
+            &rates_key,
+            "rates",
+            body.clone(),
+            usage.clone(),
+            200,
+            until,
+            pause
+        ),
+        hammer(
+            &urls,
+            &tokens_key,
+            "tokens",
+            tokens_body,
+            tokens_usage,
+            100,
+            until,
+            pause
+        ),
+        hammer(&urls, &roomy_key, "roomy", body, usage, 30, until, pause),
+    );
+    let elapsed = started.elapsed().as_secs_f64();
+
+    for (name, t) in [("rates", &rates), ("tokens", &tokens), ("roomy", &roomy)] {
+        assert_eq!(
+            Tally::get(&t.unavailable),
+            0,
+            "{name}: no 503 from the shared limiter"
+        );
+        assert_eq!(Tally::get(&t.other), 0, "{name}: only 200 and 429");
+    }
+    // Requests per second with its burst.
+    let admitted = Tally::get(&rates.ok);
+    let allowed = 5.0 + 20.0 * elapsed;
+    assert!(
+        admitted as f64 <= allowed + 1.0,
+        "{admitted} admitted in {elapsed:.2}s, at most {allowed:.0} allowed"
+    );
+    assert!(Tally::get(&rates.denied) > 0, "the limit was reached");
+    // Concurrency, as the upstream saw it.
+    let seen = first.upstream_stats("rates").await;
+    assert!(
+        seen.max_in_flight <= 3,
+        "{} in flight at once",
+        seen.max_in_flight
+    );
+    assert!(seen.max_in_flight >= 2, "concurrency was exercised");
+    // Denied requests never reached the upstream.
+    assert_eq!(seen.count, admitted);
+
+    // Tokens per minute: 600 at once, then 10 a second; every request is exactly 20.
+    let admitted = Tally::get(&tokens.ok);
+    let tokens_used = admitted * 20;
+    let allowed = 600.0 + 10.0 * elapsed;
+    assert!(
+        tokens_used as f64 <= allowed + 20.0,
+        "{tokens_used} tokens in {elapsed:.2}s, at most {allowed:.0} allowed"
+    );
+    assert!(Tally::get(&tokens.denied) > 0);
+    assert_eq!(first.upstream_stats("tokens").await.count, admitted);
+    let limits = fleet[1].limits(&tokens_key).await;
+    assert_eq!(
+        limits["usage"]["tokens_this_month"].as_u64(),
+        Some(tokens_used),
+        "every instance sees one month counter"
+    );
+
+    // The other workspace was unaffected: everything it sent was admitted.
+    assert_eq!(Tally::get(&roomy.denied), 0);
+    assert!(Tally::get(&roomy.ok) > 30);
+    assert_eq!(
+        first.upstream_stats("roomy").await.count,
+        Tally::get(&roomy.ok)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_one_redis_hold_every_limit() {
+    let Some(url) = shared_redis() else { return };
+    three_instances_hold_every_limit(&url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_on_a_redis_cluster_hold_every_limit() {
+    let seeds = tokio::task::spawn_blocking(cluster_seeds).await.unwrap();
+    three_instances_hold_every_limit(&seeds).await;
+}
+
+/// Requests that each touch requests/s, tokens/minute, the month and concurrency, all at once
+/// through three instances: what was denied took nothing from any dimension.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_denials_take_nothing_from_any_dimension() {
+    let Some(url) = shared_redis() else { return };
+    let fleet = TestGateway::fleet(3, &url, |raw| {
+        raw.redis_timeout_ms = Some(5_000);
+        raw.redis_failure_policy = Some("closed".into());
+    })
+    .await;
+    // A request bucket of 1000 that refills one request in 1000 s: its level counts requests.
+    let (_, key) = setup_workspace(
+        &fleet[0],
+        "atomic",
+        json!({"requests_per_second": 0.001, "burst": 1000, "tokens_per_minute": 600,
+               "tokens_per_month": 100_000, "concurrent_requests": 5}),
+    )
+    .await;
+    let urls: Vec<String> = fleet.iter().map(|g| g.url.clone()).collect();
+    let (body, usage) = exact_request(11); // 20 tokens, estimated exactly
+    let until = Instant::now() + Duration::from_millis(1500);
+    let t = hammer(
+        &urls,
+        &key,
+        "atomic",
+        body,
+        usage,
+        100,
+        until,
+        Duration::from_millis(10),
+    )
+    .await;
+    let admitted = Tally::get(&t.ok);
+    assert!(admitted > 0 && Tally::get(&t.denied) > admitted);
+    assert_eq!(Tally::get(&t.unavailable) + Tally::get(&t.other), 0);
+
+    let limits = fleet[2].limits(&key).await;
+    let usage = &limits["usage"];
+    // Only admissions took a request, 20 tokens, and a slot (all given back).
+    assert_eq!(
+        usage["requests_per_second"]["remaining"].as_u64(),
+        Some(1000 - admitted)
+    );
+    assert_eq!(usage["tokens_this_month"].as_u64(), Some(admitted * 20));
+    assert_eq!(usage["tokens_reserved"].as_u64(), Some(0));
+    assert_eq!(usage["in_flight"].as_u64(), Some(0));
+    assert_eq!(fleet[0].upstream_stats("atomic").await.count, admitted);
+    assert!(fleet[0].upstream_stats("atomic").await.max_in_flight <= 5);
+}
+
+/// Polls `check` until it holds, for at most `within`; returns how long it took.
+async fn eventually<F, Fut>(within: Duration, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < within, "not seen within {within:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status_of(gw: &TestGateway, key: &str, body: &Value) -> StatusCode {
+    gw.chat(key, body.clone(), &[]).await.status()
+}
+
+/// A change made through one instance holds on the others within the stated bound (the
+/// catalogue refresh, 1 s; allowed: 3 s on a busy machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_one_instance_holds_on_the_others() {
+    let Some(url) = shared_redis() else { return };
+    let fleet = TestGateway::fleet(3, &url, |_| {}).await;
+    let bound = Duration::from_secs(3);
+    let (admin, a, b) = (&fleet[0], &fleet[1], &fleet[2]);
+    let (ws, key) = setup_workspace(
+        admin,
+        "small",
+        json!({"requests_per_second": 1, "burst": 1,
+        "tokens_per_month": 1_000_000}),
+    )
+    .await;
+    admin
+        .put_tier(
+            "large",
+            json!({"requests_per_second": 1000, "tokens_per_month": 1_000_000}),
+        )
+        .await;
+    let (body, _) = exact_request(1);
+
+    // Both others know the key and enforce 1 request/s.
+    eventually(bound, || async {
+        status_of(a, &key, &body).await == StatusCode::OK
+    })
+    .await;
+    assert_eq!(
+        status_of(b, &key, &body).await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // A tier change.
+    let (s, _) = admin
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"tier": "large"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let took = eventually(bound, || async {
+        for _ in 0..3 {
+            if status_of(b, &key, &body).await != StatusCode::OK {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    eprintln!("tier change seen by another instance after {took:?}");
+
+    // An approved increase (asked through one instance, approved through another).
+    let r = a
+        .client
+        .post(format!("{}/v1/limit-requests", a.url))
+        .bearer_auth(&key)
+        .json(
+            &json!({"use_case": "batch jobs", "requested_limits": {"tokens_per_month": 2_000_000}}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+    let (s, _) = admin
+        .admin(
+            reqwest::Method::POST,
+            &format!("/limit-requests/{id}/approve"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    eventually(bound, || async {
+        b.limits(&key).await["limits"]["tokens_per_month"].as_u64() == Some(2_000_000)
+    })
+    .await;
+
+    // A suspension.
+    let (s, _) = admin
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    eventually(bound, || async {
+        status_of(a, &key, &body).await == StatusCode::FORBIDDEN
+    })
+    .await;
+    eventually(bound, || async {
+        status_of(b, &key, &body).await == StatusCode::FORBIDDEN
+    })
+    .await;
+    let (s, _) = admin
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"status": "active"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    // A revoked key.
+    let (s, keys) = admin
+        .admin(
+            reqwest::Method::GET,
+            &format!("/workspaces/{ws}/keys"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let key_id = keys["data"][0]["id"].as_i64().unwrap();
+    eventually(bound, || async {
+        status_of(b, &key, &body).await == StatusCode::OK
+    })
+    .await;
+    let (s, _) = admin
+        .admin(reqwest::Method::DELETE, &format!("/keys/{key_id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    eventually(bound, || async {
+        status_of(a, &key, &body).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+    eventually(bound, || async {
+        status_of(b, &key, &body).await == StatusCode::UNAUTHORIZED
+    })
+    .await;
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no {name} in metrics"))
+}
+
+/// Redis killed under load and started again, under one failure policy: the policy's outcome,
+/// no request held for seconds, and recovery without anyone's help.
+async fn redis_dies_under_load(policy: &str) {
+    let mut redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(3, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some(policy.into());
+        raw.redis_lease_ms = Some(3_000);
+    })
+    .await;
+    let urls: Vec<String> = fleet.iter().map(|g| g.url.clone()).collect();
+    // 30 requests at once, then 30 a second, across all instances.
+    let (_, key) = setup_workspace(
+        &fleet[0],
+        "fault",
+        json!({"requests_per_second": 30, "burst": 30, "tokens_per_month": 1_000_000_000}),
+    )
+    .await;
+    let (body, usage) = exact_request(1);
+    // The instances know each other (heartbeats every second).
+    eventually(Duration::from_secs(5), || async {
+        metric(&fleet[0].metrics().await, "tiergate_instances") == 3.0
+    })
+    .await;
+
+    let before = hammer(
+        &urls,
+        &key,
+        "before",
+        body.clone(),
+        usage.clone(),
+        20,
+        Instant::now() + Duration::from_millis(500),
+        Duration::from_millis(20),
+    )
+    .await;
+    assert!(Tally::get(&before.ok) > 0);
+    assert_eq!(Tally::get(&before.unavailable), 0);
+
+    let mut redis = tokio::task::spawn_blocking(move || {
+        redis.kill();
+        redis
+    })
+    .await
+    .unwrap();
+    let down_started = Instant::now();
+    let during = hammer(
+        &urls,
+        &key,
+        "during",
+        body.clone(),
+        usage.clone(),
+        20,
+        Instant::now() + Duration::from_millis(2000),
+        Duration::from_millis(20),
+    )
+    .await;
+    let down_for = down_started.elapsed().as_secs_f64();
+    // Nobody waited for Redis: its timeout is 50 ms.
+    let slowest = Tally::get(&during.slowest_us);
+    assert!(
+        slowest < 1_500_000,
+        "a request took {slowest} µs while Redis was down"
+    );
+    let ok = Tally::get(&during.ok);
+    let unavailable = Tally::get(&during.unavailable);
+    match policy {
+        "closed" => {
+            assert_eq!(ok, 0, "closed admits nothing without Redis");
+            assert!(unavailable > 0);
+            let text = fleet[0].metrics().await;
+            assert!(metric(&text, "tiergate_limiter_fallback_total{policy=\"closed\"}") > 0.0);
+        }
+        "open" => {
+            assert_eq!(unavailable, 0);
+            assert!(ok > 0);
+            let text = fleet[1].metrics().await;
+            assert!(metric(&text, "tiergate_limiter_fallback_total{policy=\"open\"}") > 0.0);
+        }
+        _ => {
+            // Each instance enforces a third of every limit: together, at most the limit.
+            assert_eq!(unavailable, 0);
+            assert!(ok > 0);
+            let allowed = 30.0 + 30.0 * down_for;
+            assert!(
+                (ok as f64) <= allowed + 3.0,
+                "{ok} admitted in {down_for:.2}s on local shares, at most {allowed:.0} allowed"
+            );
+            let text = fleet[2].metrics().await;
+            assert!(metric(&text, "tiergate_limiter_fallback_total{policy=\"local\"}") > 0.0);
+        }
+    }
+    for gw in &fleet {
+        let text = gw.metrics().await;
+        assert!(metric(&text, "tiergate_limiter_breaker_opened_total") >= 1.0);
+        assert_eq!(metric(&text, "tiergate_limiter_backend_up"), 0.0);
+    }
+
+    // Redis comes back (empty, on the same port): every instance recovers by itself.
+    let _redis = tokio::task::spawn_blocking(move || {
+        redis.restart();
+        redis
+    })
+    .await
+    .unwrap();
+    for gw in &fleet {
+        eventually(Duration::from_secs(10), || async {
+            metric(&gw.metrics().await, "tiergate_limiter_backend_up") == 1.0
+        })
+        .await;
+    }
+    let after = hammer(
+        &urls,
+        &key,
+        "after",
+        body,
+        usage,
+        20,
+        Instant::now() + Duration::from_millis(500),
+        Duration::from_millis(20),
+    )
+    .await;
+    assert!(Tally::get(&after.ok) > 0);
+    assert_eq!(Tally::get(&after.unavailable), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dies_under_load_policy_closed() {
+    redis_dies_under_load("closed").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dies_under_load_policy_open() {
+    redis_dies_under_load("open").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dies_under_load_policy_local() {
+    redis_dies_under_load("local").await;
+}
 
 #[tokio::test]
 async fn the_redis_servers_for_several_instances_answer() {
     if let Some(url) = shared_redis() {
         assert_eq!(redis_cli(&url, &["PING"]), "PONG");
     }
-    // Blocks while a cluster starts (outside CI): nothing else runs on this test's runtime.
-    let seeds = cluster_seeds();
+    let seeds = tokio::task::spawn_blocking(cluster_seeds).await.unwrap();
     for seed in seeds.split(',') {
         let info = redis_cli(seed, &["CLUSTER", "INFO"]);
         assert!(info.contains("cluster_state:ok"), "{seed}: {info}");

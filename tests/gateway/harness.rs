@@ -7,14 +7,20 @@ use std::time::Duration;
 
 use reqwest::{Client, Response, StatusCode};
 use serde_json::{json, Value};
-use tiergate::clock::ManualClock;
+use tiergate::clock::{Clock, ManualClock, SystemClock};
 use tiergate::config::{RawSettings, RawUpstream};
+use tiergate::limiter::redis::TimeSource;
 use tiergate::mock_upstream::{self, MockConfig, TagStats};
 use tiergate::{App, Config};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub const ADMIN: &str = "test-admin-token-0123456789";
+
+fn fleet_number() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 pub struct Mock {
     pub url: String,
@@ -70,13 +76,17 @@ pub struct TestGateway {
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
-    pub mock: Option<Mock>,
+    pub mock: Option<Arc<Mock>>,
 }
 
 pub struct Options {
     pub upstream: Option<String>,
     pub raw: RawSettings,
     pub admin_token: Option<String>,
+    /// The system clock instead of the manual one (for tests under real load).
+    pub real_clock: bool,
+    /// Whose clock the Redis script uses (with `raw.redis`).
+    pub redis_time: TimeSource,
 }
 
 impl Default for Options {
@@ -85,6 +95,8 @@ impl Default for Options {
             upstream: None,
             raw: RawSettings::default(),
             admin_token: Some(ADMIN.to_string()),
+            real_clock: false,
+            redis_time: TimeSource::Server,
         }
     }
 }
@@ -110,8 +122,45 @@ impl TestGateway {
         let clock = Arc::new(ManualClock::starting_now());
         let mut gw = Self::boot(&db, upstream, options, clock).await;
         gw._dir = Some(dir);
-        gw.mock = Some(mock);
+        gw.mock = Some(Arc::new(mock));
         gw
+    }
+
+    /// `n` gateways on one database file, in front of one mock upstream, sharing their limits
+    /// through `redis` (a URL, or cluster seeds) under a key prefix of their own, with the
+    /// system clock. `tweak` adjusts the settings of each.
+    pub async fn fleet(
+        n: usize,
+        redis: &str,
+        tweak: impl Fn(&mut RawSettings),
+    ) -> Vec<TestGateway> {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tiergate.db");
+        let mock = Arc::new(Mock::start().await);
+        let prefix = format!(
+            "fleet{}",
+            std::process::id() as u64 * 1_000_000 + fleet_number()
+        );
+        let clock = Arc::new(ManualClock::starting_now());
+        let mut gateways = Vec::new();
+        for _ in 0..n {
+            let mut raw = RawSettings {
+                redis: Some(redis.to_string()),
+                redis_prefix: Some(prefix.clone()),
+                ..RawSettings::default()
+            };
+            tweak(&mut raw);
+            let options = Options {
+                raw,
+                real_clock: true,
+                ..Options::default()
+            };
+            let mut gw = Self::boot(&db, mock.url.clone(), options, clock.clone()).await;
+            gw.mock = Some(mock.clone());
+            gateways.push(gw);
+        }
+        gateways[0]._dir = Some(dir);
+        gateways
     }
 
     async fn boot(
@@ -128,8 +177,16 @@ impl TestGateway {
             url: Some(upstream),
             ..raw.upstream
         };
-        let config = Config::try_from(raw).unwrap();
-        let app: App = tiergate::app(config, clock.clone()).await.unwrap();
+        let mut config = Config::try_from(raw).unwrap();
+        if let Some(redis) = config.redis.as_mut() {
+            redis.time = options.redis_time;
+        }
+        let app_clock: Arc<dyn Clock> = if options.real_clock {
+            Arc::new(SystemClock)
+        } else {
+            clock.clone()
+        };
+        let app: App = tiergate::app(config, app_clock).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
