@@ -311,7 +311,8 @@ impl Inner {
         }
     }
 
-    async fn connection(&self) -> Result<Conn, LimiterError> {
+    /// The connection, made first if there is none (within `connect_timeout`).
+    async fn connection(&self, connect_timeout: Duration) -> Result<Conn, LimiterError> {
         if let Some(c) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(c);
         }
@@ -323,7 +324,7 @@ impl Inner {
             match &self.client {
                 Client::Single(client) => {
                     let config = redis::AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(self.timeout))
+                        .set_connection_timeout(Some(connect_timeout))
                         .set_response_timeout(None);
                     client
                         .get_multiplexed_async_connection_with_config(&config)
@@ -333,7 +334,7 @@ impl Inner {
                 Client::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
             }
         };
-        let conn = tokio::time::timeout(self.timeout.max(Duration::from_millis(250)), connect)
+        let conn = tokio::time::timeout(connect_timeout, connect)
             .await
             .map_err(|_| unavailable("connecting to Redis timed out"))?
             .map_err(unavailable)?;
@@ -345,9 +346,18 @@ impl Inner {
         *self.conn.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
-    /// Runs one op of the script within the timeout.
+    /// Runs one op of the script: connecting (when needed) and the call together take at most
+    /// the timeout, so no request waits longer than that for Redis.
     async fn eval(&self, keys: &[String], args: &[String]) -> Result<Reply, LimiterError> {
-        let mut conn = self.connection().await?;
+        self.eval_within(self.timeout, keys, args).await
+    }
+
+    async fn eval_within(
+        &self,
+        limit: Duration,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Reply, LimiterError> {
         let mut invocation = self.script.prepare_invoke();
         for k in keys {
             invocation.key(k);
@@ -356,23 +366,24 @@ impl Inner {
             invocation.arg(a);
         }
         let call = async {
-            match &mut conn {
+            let mut conn = self.connection(limit).await?;
+            let result = match &mut conn {
                 Conn::Single(c) => invocation.invoke_async::<Value>(c).await,
                 Conn::Cluster(c) => invocation.invoke_async::<Value>(c).await,
-            }
-        };
-        match tokio::time::timeout(self.timeout, call).await {
-            Err(_) => Err(unavailable(format!(
-                "Redis did not answer within {} ms",
-                self.timeout.as_millis()
-            ))),
-            Ok(Err(e)) => {
+            };
+            result.map_err(|e| {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
                     self.forget_connection();
                 }
-                Err(unavailable(e))
-            }
-            Ok(Ok(value)) => Reply::from(value),
+                unavailable(e)
+            })
+        };
+        match tokio::time::timeout(limit, call).await {
+            Err(_) => Err(unavailable(format!(
+                "Redis did not answer within {} ms",
+                limit.as_millis()
+            ))),
+            Ok(result) => Reply::from(result?),
         }
     }
 
@@ -602,7 +613,12 @@ impl RedisLimiter {
             "1".to_string(),
         ];
         let key = format!("{{{}}}:probe", self.inner.prefix);
-        self.inner.eval(&[key], &args).await.map(|_| ())
+        // It may take longer than a request's call: it runs in the background, and reconnects.
+        let limit = self.inner.timeout.max(Duration::from_secs(1));
+        self.inner
+            .eval_within(limit, &[key], &args)
+            .await
+            .map(|_| ())
     }
 
     /// Announces this instance (for `ttl`) and answers (instances alive, this one's rank).

@@ -620,3 +620,181 @@ async fn the_redis_servers_for_several_instances_answer() {
         assert!(info.contains("cluster_state:ok"), "{seed}: {info}");
     }
 }
+
+/// A `tiergate serve` process of its own, so that it can be killed with SIGKILL.
+struct Process {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Process {
+    async fn start(db: &str, redis: &str, upstream: &str) -> Process {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database", db, "--redis", redis, "--upstream", upstream])
+            .args(["--admin-token", crate::harness::ADMIN])
+            .env("TIERGATE_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let client = Client::new();
+        eventually(Duration::from_secs(20), || async {
+            client
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        })
+        .await;
+        Process { child, url }
+    }
+
+    fn kill(&mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGKILL a gateway in the middle of a stream, then flush Redis: the month's usage is what the
+/// upstream reported for every request that finished more than one ledger flush interval before
+/// the kill, nothing counts twice, and the month limit still holds to the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_and_a_flushed_redis_lose_nothing_finished_and_count_nothing_twice() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let mock = crate::harness::Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("crash.db").display());
+    let mut first = Process::start(&db, &redis.url(), &mock.url).await;
+    let client = Client::new();
+    let admin = |method: reqwest::Method, path: &str, body: Value| {
+        client
+            .request(method, format!("{}/admin/v1{path}", first.url))
+            .bearer_auth(crate::harness::ADMIN)
+            .json(&body)
+    };
+
+    // (prompt, completion) the upstream reports for each finished request.
+    let usages: Vec<(u64, u64)> = (1..=20).map(|i| (i, 2 * i + 1)).collect();
+    let finished: u64 = usages.iter().map(|(p, c)| p + c).sum();
+    // Room for what finishes, and 15 tokens more.
+    let cap = finished + 15;
+    let r = admin(
+        reqwest::Method::PUT,
+        "/tiers/crash",
+        json!({"tokens_per_month": cap}),
+    )
+    .send()
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let ws: Value = admin(
+        reqwest::Method::POST,
+        "/workspaces",
+        json!({"name": "crash", "tier": "crash"}),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let key: Value = admin(
+        reqwest::Method::POST,
+        &format!("/workspaces/{}/keys", ws["id"]),
+        json!({}),
+    )
+    .send()
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let key = key["key"].as_str().unwrap().to_string();
+    let chat = |url: &str, max_tokens: u64, stream: bool| {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(&key)
+            .json(
+                &json!({"model": "mistral-small-latest", "max_tokens": max_tokens, "stream": stream,
+                "messages": [{"role": "user", "content": "Hello"}]}),
+            )
+    };
+    for (p, c) in &usages {
+        let r = chat(&first.url, 1, false)
+            .header("x-mock-usage", format!("{p},{c}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    // Well past one ledger flush interval (250 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // A stream in flight (it reserves 14 of the 15 tokens left), killed after its first event.
+    let mut stream = chat(&first.url, 5, true)
+        .header("x-mock-latency-ms", "1600")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK, "{:?}", stream.headers());
+    let chunk = stream.chunk().await.unwrap().expect("a first event");
+    assert!(!chunk.is_empty());
+    first.kill();
+    drop(stream);
+    let redis = tokio::task::spawn_blocking(move || {
+        redis.flushdb();
+        redis
+    })
+    .await
+    .unwrap();
+
+    let second = Process::start(&db, &redis.url(), &mock.url).await;
+    let limits: Value = client
+        .get(format!("{}/v1/limits", second.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let usage = &limits["usage"];
+    assert_eq!(
+        usage["tokens_this_month"].as_u64(),
+        Some(finished),
+        "{usage}"
+    );
+    assert_eq!(usage["requests_this_month"].as_u64(), Some(20), "{usage}");
+    let in_ledger: u64 = usage["daily"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_ledger, finished, "the ledger has each request once");
+
+    // The month limit holds to the token: 15 left; 19 is refused, 10 fits.
+    let r = chat(&second.url, 10, false).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.json::<Value>().await.unwrap()["type"], "quota_exceeded");
+    let r = chat(&second.url, 1, false)
+        .header("x-mock-usage", "9,1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+}
