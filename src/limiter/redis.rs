@@ -633,6 +633,7 @@ impl RedisLimiter {
             "newgen".to_string(),
             self.inner.now_arg(now),
             ReservationId::next().to_string(),
+            IDLE_TTL.as_millis().to_string(),
         ];
         self.inner
             .eval(&self.inner.keys(workspace), &args)
@@ -854,6 +855,7 @@ impl Limiter for RedisLimiter {
                 capacity.to_string(),
                 limits.tokens_per_minute.unwrap_or(0).to_string(),
                 "1".to_string(),
+                IDLE_TTL.as_millis().to_string(),
             ];
             let reply = inner.eval(&inner.keys(workspace), &args).await?;
             let t = self.times(now, reply.u(1)?);
