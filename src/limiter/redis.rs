@@ -804,14 +804,17 @@ impl Limiter for RedisLimiter {
             actual,
             now,
         );
-        let reply = inner
-            .eval(&inner.keys(reservation.workspace), &args)
-            .await?;
+        // Renewal stops first, whatever the call answers: a settlement that never reaches Redis
+        // (or whose caller goes away) leaves the record to its lease, as if this instance were
+        // gone, rather than renewed for as long as the instance lives. A retry still counts once.
         inner
             .live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&reservation.id);
+        let reply = inner
+            .eval(&inner.keys(reservation.workspace), &args)
+            .await?;
         let t = self.times(now, reply.u(1)?);
         let gen = reply.string(2)?;
         Ok(Settled {
