@@ -149,20 +149,23 @@ local function model_fields_of_month()
   return fields
 end
 
-local function new_generation(mk, gen, now)
+-- A call that creates the key here may write nothing else (a read, a denial), so a key without
+-- a TTL gets `idle` ms.
+local function new_generation(mk, gen, now, idle)
   local old = model_fields_of_month()
   if #old > 0 then redis.call('HDEL', KS, unpack(old)) end
   redis.call('HSET', KS, 'mk', S(mk), 'gen', gen, 'based', '0', 'born', S(now),
     'base', '0', 'delta', '0', 'res', '0')
+  if redis.call('PTTL', KS) < 0 then redis.call('PEXPIRE', KS, S(idle)) end
 end
 
 -- The counter of the month of `now`: starts a new, unbased generation when there is none (a
 -- flushed or expired key) or it belongs to an earlier month. Returns gen, based.
-local function month_counter(now, candidate)
+local function month_counter(now, candidate, idle)
   local mk = month_of(now)
   local v = redis.call('HMGET', KS, 'mk', 'gen', 'based')
   if N(v[1]) ~= mk or not v[2] then
-    new_generation(mk, candidate, now)
+    new_generation(mk, candidate, now, idle)
     return candidate, false, mk
   end
   return v[2], v[3] == '1', mk
@@ -212,11 +215,23 @@ local function release_hold(tokens, gen, m, slot)
   end
 end
 
+-- The records live until the last of them expires, and a second more.
+local function expire_records(now)
+  local last = redis.call('ZRANGE', KE, -1, -1, 'WITHSCORES')
+  if last[2] then
+    local rttl = math.max(1000, ceil_div(N(last[2]) - now, 1000) + 1000)
+    redis.call('PEXPIRE', KR, S(rttl))
+    redis.call('PEXPIRE', KE, S(rttl))
+  end
+end
+
 -- Expired leases: the instance that holds them is presumed gone. Their month hold and slot are
 -- released; the record stays as X (with what it took from the buckets) until its tombstone
--- ends, so that a late settlement still counts once.
+-- ends, so that a late settlement still counts once. The keys are kept that long here, since
+-- the call that reaps may be one that writes nothing else (a read, a denial).
 local function reap(now, tomb)
   local ids = redis.call('ZRANGEBYSCORE', KE, '-inf', S(now), 'LIMIT', 0, REAP)
+  local kept = false
   for _, id in ipairs(ids) do
     local rec = redis.call('HGET', KR, id)
     if rec and string.sub(rec, 1, 1) == 'L' then
@@ -224,11 +239,13 @@ local function reap(now, tomb)
       release_hold(N(r[2]), r[3], r[4], r[5])
       redis.call('HSET', KR, id, 'X|' .. r[2] .. '|' .. r[3] .. '|' .. r[4])
       redis.call('ZADD', KE, S(now + tomb), id)
+      kept = true
     else
       redis.call('HDEL', KR, id)
       redis.call('ZREM', KE, id)
     end
   end
+  if kept then expire_records(now) end
 end
 
 -- Keys live while anything in them matters: at least `idle` ms after the last call, at least
@@ -239,12 +256,7 @@ local function expire(now, idle, until_us)
   local current = redis.call('PTTL', KS)
   if current > ttl then ttl = current end
   redis.call('PEXPIRE', KS, S(ttl))
-  local last = redis.call('ZRANGE', KE, -1, -1, 'WITHSCORES')
-  if last[2] then
-    local rttl = math.max(1000, ceil_div(N(last[2]) - now, 1000) + 1000)
-    redis.call('PEXPIRE', KR, S(rttl))
-    redis.call('PEXPIRE', KE, S(rttl))
-  end
+  expire_records(now)
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -296,7 +308,7 @@ if op == 'reserve' then
   local prompt, estimate = N(ARGV[16]), N(ARGV[17])
   reap(now, tomb * 1000)
   if redis.call('HEXISTS', KR, id) == 1 then return {3, now} end
-  local gen, based, mk = month_counter(now, cand)
+  local gen, based, mk = month_counter(now, cand, idle)
   if not based and (mcap > 0 or mmcap > 0 or ARGV[18] == '1') then
     return {2, now, gen, mk}
   end
@@ -411,7 +423,7 @@ if op == 'settle' or op == 'cancel' then
     end
     actual = 0
   end
-  local gen = month_counter(now, cand)
+  local gen = month_counter(now, cand, idle)
   local held, delta, create = 0, -actual, true
   if kind == 'L' or kind == 'X' then
     local r = split(rec)
@@ -463,11 +475,11 @@ if op == 'renew' then
 end
 
 if op == 'usage' then
-  -- ARGV: op, now, tomb ms, gen candidate, rate, burst capacity, tpm, need base
+  -- ARGV: op, now, tomb ms, gen candidate, rate, burst capacity, tpm, need base, idle ms
   local tomb, cand = N(ARGV[3]), ARGV[4]
   local rate, rcap, tpm = N(ARGV[5]), N(ARGV[6]), N(ARGV[7])
   reap(now, tomb * 1000)
-  local gen, based, mk = month_counter(now, cand)
+  local gen, based, mk = month_counter(now, cand, N(ARGV[9]))
   if not based and ARGV[8] == '1' then return {2, now, gen, mk} end
   local rr, rf = req_view(rate, rcap, now)
   local tr, tf, balance = tok_view(tpm, now)
@@ -496,10 +508,10 @@ if op == 'base' then
 end
 
 if op == 'newgen' then
-  -- ARGV: op, now, gen candidate: starts a new generation of the month counter (after this
-  -- instance enforced limits on its own for a while, or to rebuild from the ledger).
+  -- ARGV: op, now, gen candidate, idle ms: starts a new generation of the month counter (after
+  -- this instance enforced limits on its own for a while, or to rebuild from the ledger).
   local mk = month_of(now)
-  new_generation(mk, ARGV[3], now)
+  new_generation(mk, ARGV[3], now, N(ARGV[4]))
   return {1, now, ARGV[3]}
 end
 

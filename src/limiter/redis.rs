@@ -649,6 +649,7 @@ impl RedisLimiter {
             "newgen".to_string(),
             self.inner.now_arg(now),
             ReservationId::next().to_string(),
+            IDLE_TTL.as_millis().to_string(),
         ];
         self.inner
             .eval(&self.inner.keys(workspace), &args)
@@ -819,14 +820,17 @@ impl Limiter for RedisLimiter {
             actual,
             now,
         );
-        let reply = inner
-            .eval(&inner.keys(reservation.workspace), &args)
-            .await?;
+        // Renewal stops first, whatever the call answers: a settlement that never reaches Redis
+        // (or whose caller goes away) leaves the record to its lease, as if this instance were
+        // gone, rather than renewed for as long as the instance lives. A retry still counts once.
         inner
             .live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&reservation.id);
+        let reply = inner
+            .eval(&inner.keys(reservation.workspace), &args)
+            .await?;
         let t = self.times(now, reply.u(1)?);
         let gen = reply.string(2)?;
         Ok(Settled {
@@ -870,6 +874,7 @@ impl Limiter for RedisLimiter {
                 capacity.to_string(),
                 limits.tokens_per_minute.unwrap_or(0).to_string(),
                 "1".to_string(),
+                IDLE_TTL.as_millis().to_string(),
             ];
             let reply = inner.eval(&inner.keys(workspace), &args).await?;
             let t = self.times(now, reply.u(1)?);
