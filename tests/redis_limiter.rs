@@ -1297,3 +1297,81 @@ async fn on_the_server_clock_settlements_and_months_follow_the_server() {
         "retry after {retry_after} ns, the month ends in {until_next}"
     );
 }
+
+/// A reserve that reaches the server twice with one id (a client that re-sent it after losing
+/// the answer, as a cluster client may after a broken connection) is admitted once: the second
+/// call answers the same admission and takes nothing more.
+#[tokio::test]
+async fn a_reserve_sent_twice_is_admitted_once() {
+    let Some(url) = shared_redis() else { return };
+    let (ws, prefix) = (9, unique_prefix());
+    let mut conn = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let script = redis::Script::new(SCRIPT);
+    let now = (t0() / 1_000).to_string();
+    let id = ReservationId::next().to_string();
+    // op, now, id, lease, tomb, idle, gen candidate, rate, burst capacity, tpm, month cap,
+    // concurrency, model, model tpm, model month, prompt, estimate, need base
+    let args = [
+        "reserve",
+        &now,
+        &id,
+        "60000",
+        "60000",
+        "600000",
+        "g1",
+        "1000",
+        "2000000000",
+        "600",
+        "0",
+        "1",
+        "",
+        "0",
+        "0",
+        "100",
+        "100",
+        "0",
+    ];
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let mut invocation = script.prepare_invoke();
+        for key in keys_of(&prefix, ws) {
+            invocation.key(key);
+        }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let reply: Vec<redis::Value> = invocation.invoke_async(&mut conn).await.unwrap();
+        replies.push(reply);
+    }
+    for reply in &replies {
+        assert_eq!(reply[0], redis::Value::Int(1), "admitted: {reply:?}");
+        assert_eq!(
+            reply[2],
+            redis::Value::Int(100),
+            "the same tokens: {reply:?}"
+        );
+    }
+    // One slot, 100 tokens, one request taken: not two.
+    let limiter = limiter(
+        Topology::Single(url.clone()),
+        &prefix,
+        Duration::from_secs(60),
+        TimeSource::Caller,
+        Arc::new(Ledger::default()),
+    );
+    let limits = Limits {
+        requests_per_second: Some(1.0),
+        burst: Some(2),
+        tokens_per_minute: Some(600),
+        concurrent_requests: Some(1),
+        ..Limits::default()
+    };
+    let u = limiter.usage(ws, &limits, t0()).await.unwrap();
+    assert_eq!(u.in_flight, 1);
+    assert_eq!(u.bucket_tokens, Some(500));
+    assert_eq!(u.snapshot.requests.unwrap().remaining, 1);
+}

@@ -446,3 +446,97 @@ impl Limiter for Failover {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelLimits;
+    use proptest::prelude::*;
+
+    fn limits(rps_milli: u64, burst: u32, tpm: u64, month: u64, conc: u32) -> Limits {
+        let mut models = std::collections::BTreeMap::new();
+        models.insert(
+            "m".to_string(),
+            ModelLimits {
+                tokens_per_minute: Some(tpm),
+                tokens_per_month: Some(month),
+            },
+        );
+        Limits {
+            requests_per_second: Some(rps_milli as f64 / 1000.0),
+            burst: Some(burst),
+            tokens_per_minute: Some(tpm),
+            tokens_per_month: Some(month),
+            concurrent_requests: Some(conc),
+            models,
+        }
+    }
+
+    #[test]
+    fn three_instances_share_one_limit() {
+        let l = limits(10_000, 10, 600, 1_000, 5);
+        let seeds = (400, [("m".to_string(), 100)].into_iter().collect());
+        let shares: Vec<Limits> = (0..3).map(|r| share(&l, 3, r, &seeds).unwrap()).collect();
+        // 10 requests/s → 3.333 each; burst 10 → 4, 3, 3; concurrency 5 → 2, 2, 1.
+        assert!(shares.iter().all(|s| s.requests_per_second == Some(3.333)));
+        let bursts: Vec<_> = shares.iter().map(|s| s.burst.unwrap()).collect();
+        assert_eq!(bursts, [4, 3, 3]);
+        let conc: Vec<_> = shares
+            .iter()
+            .map(|s| s.concurrent_requests.unwrap())
+            .collect();
+        assert_eq!(conc, [2, 2, 1]);
+        assert!(shares.iter().all(|s| s.tokens_per_minute == Some(200)));
+        // The month: 600 were left when counting apart began; each may use 200 of them.
+        assert!(shares.iter().all(|s| s.tokens_per_month == Some(600)));
+        assert!(shares
+            .iter()
+            .all(|s| s.models["m"].tokens_per_month == Some(100 + 300)));
+        for s in &shares {
+            s.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_limit_too_small_to_share_gives_some_instances_nothing() {
+        let l = limits(1_000, 1, 600, 1_000, 1);
+        let none = (0, HashMap::new());
+        assert_eq!(share(&l, 3, 0, &none).unwrap().burst, Some(1));
+        assert_eq!(share(&l, 3, 1, &none), Err(LimitName::RequestsPerSecond));
+        let l = limits(1_000, 3, 2, 1_000, 3);
+        assert_eq!(share(&l, 3, 2, &none), Err(LimitName::TokensPerMinute));
+    }
+
+    proptest! {
+        /// Whatever the limits and the number of instances, the shares add up to no more than
+        /// each limit (and the month shares to no more than what was left).
+        #[test]
+        fn shares_never_add_up_to_more_than_the_limit(
+            rps_milli in 1u64..100_000,
+            burst in 1u32..100,
+            tpm in 1u64..10_000,
+            month in 1u64..100_000,
+            conc in 1u32..100,
+            seed in 0u64..120_000,
+            n in 1u32..12,
+        ) {
+            let l = limits(rps_milli, burst, tpm, month, conc);
+            let seeds = (seed, [("m".to_string(), seed)].into_iter().collect());
+            let (mut rate, mut bursts, mut tokens, mut slots, mut months) = (0, 0, 0, 0, 0);
+            for rank in 0..n {
+                let Ok(s) = share(&l, n, rank, &seeds) else { continue };
+                prop_assert!(s.validate().is_ok());
+                rate += request_rate(s.requests_per_second.unwrap());
+                bursts += s.burst.unwrap() as u64;
+                tokens += s.tokens_per_minute.unwrap();
+                slots += s.concurrent_requests.unwrap() as u64;
+                months += s.tokens_per_month.unwrap().saturating_sub(seed.min(month));
+            }
+            prop_assert!(rate <= rps_milli as i64);
+            prop_assert!(bursts <= burst as u64);
+            prop_assert!(tokens <= tpm);
+            prop_assert!(slots <= conc as u64);
+            prop_assert!(months <= month.saturating_sub(seed));
+        }
+    }
+}

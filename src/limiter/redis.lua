@@ -307,7 +307,17 @@ if op == 'reserve' then
   local m, mtpm, mmcap = ARGV[13], N(ARGV[14]), N(ARGV[15])
   local prompt, estimate = N(ARGV[16]), N(ARGV[17])
   reap(now, tomb * 1000)
-  if redis.call('HEXISTS', KR, id) == 1 then return {3, now} end
+  local known = redis.call('HGET', KR, id)
+  if known then
+    -- The same reservation again (a client that re-sent the call after losing the answer):
+    -- it was admitted once and is answered so, taking nothing more. A cancelled id is refused.
+    if string.sub(known, 1, 1) ~= 'L' then return {3, now} end
+    local r = split(known)
+    local rr, rf = req_view(rate, rcap, now)
+    local tr, tf = tok_view(tpm, now)
+    local settled, reserved = month_used()
+    return {1, now, N(r[2]), r[3], rr, rf, tr, tf, settled + reserved, month_of(now)}
+  end
   local gen, based, mk = month_counter(now, cand, idle)
   if not based and (mcap > 0 or mmcap > 0 or ARGV[18] == '1') then
     return {2, now, gen, mk}
