@@ -14,7 +14,6 @@ use crate::limiter::local::LocalLimiter;
 use crate::limiter::{Limiter, LimiterError, MonthKey, MonthSource, MonthTotals};
 use crate::metrics::Metrics;
 use crate::model::WorkspaceId;
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use crate::usage::Recorder;
 
@@ -58,20 +57,23 @@ impl MonthSource for LedgerMonths {
         month: MonthKey,
     ) -> Result<MonthTotals, LimiterError> {
         self.0
-            .month_totals(workspace, month)
+            .month_totals(workspace, month, None)
             .await
             .map_err(|e| LimiterError::Unavailable(e.to_string()))
     }
 }
 
-/// Opens the store named by the config (creating and migrating it).
+/// Opens the store named by the config, SQLite or Postgres by the URL's scheme (creating and
+/// migrating it).
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(SqliteStore::open(&config.database).await?))
+    crate::store::open(&config.database).await
 }
 
 /// Builds the gateway: the one entry point for `main` and the tests.
 pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError> {
     let store = open_store(&config).await?;
+    // TODO(redis-warning): a shared store (Postgres) without the shared limiter (Redis) means
+    // each instance enforces the limits on its own; warn here at start when that is the case.
     let seeded = store.seed_tiers(&config.tiers).await?;
     if seeded > 0 {
         tracing::info!(seeded, "seeded tiers into the catalogue");

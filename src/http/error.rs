@@ -35,6 +35,9 @@ pub enum ApiError {
     AdminDisabled,
     #[error("service unavailable")]
     Unavailable,
+    /// The store cannot be reached: the operation was not carried out.
+    #[error("database unreachable")]
+    StoreUnreachable,
     #[error("internal error")]
     Internal,
 }
@@ -45,6 +48,10 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound("not found".into()),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid(m) => ApiError::BadRequest(m),
+            StoreError::Unreachable(e) => {
+                tracing::warn!(error = %e, "store unreachable");
+                ApiError::StoreUnreachable
+            }
             e => {
                 tracing::error!(error = %e, "store error");
                 ApiError::Unavailable
@@ -179,6 +186,12 @@ impl IntoResponse for ApiError {
                 "service_unavailable",
                 None,
                 "The gateway cannot serve this request right now; retry later.",
+            ),
+            ApiError::StoreUnreachable => body(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("database_unreachable"),
+                "The gateway's database cannot be reached, so nothing was changed. Retry later.",
             ),
             ApiError::Internal => body(
                 StatusCode::INTERNAL_SERVER_ERROR,

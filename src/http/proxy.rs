@@ -512,6 +512,7 @@ async fn settle(
         model,
         tokens: actual,
         at: (now / crate::limiter::NANOS_PER_SEC) as i64,
+        counter: None,
     });
 }
 

@@ -5,5 +5,4 @@ mod admin;
 mod errors;
 mod harness;
 mod limits;
-mod store;
 mod streaming;
