@@ -13,6 +13,7 @@ use tiergate::clock::{Clock, SystemClock};
 use tiergate::config::{validate_tier_name, RawUpstream};
 use tiergate::mock_upstream::{self, MockConfig};
 use tiergate::model::{FieldPatch, Limits, ModelLimits, OverridesPatch, Tier, WorkspaceStatus};
+use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::{redact, NewKey, Store, WorkspaceChange};
 use tiergate::{Config, RawSettings};
 
@@ -81,6 +82,16 @@ enum Command {
     /// Manage the tier catalogue.
     #[command(subcommand)]
     Tiers(TierCommand),
+    /// Copy an embedded (SQLite) installation into an empty Postgres database.
+    Migrate {
+        /// The SQLite database to copy, e.g. sqlite://tiergate.db.
+        #[arg(long, value_name = "sqlite://PATH")]
+        from: String,
+        /// The Postgres database to copy into; it must hold no workspace, key, limit request
+        /// or ledger row.
+        #[arg(long, value_name = "postgres://USER@HOST:PORT/DATABASE")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +437,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let tier = Tier { name, limits };
             open(&store).await?.put_tier(&tier).await?;
             print(&serde_json::to_value(tier)?);
+        }
+        Command::Migrate { from, to } => {
+            let copied = tiergate::store::migrate::sqlite_to_postgres(&from, &to).await?;
+            let MigrationSummary {
+                tiers,
+                workspaces,
+                keys,
+                revoked_keys,
+                limit_requests,
+                ledger_events,
+                daily_rows,
+                catalog_version,
+            } = copied;
+            println!("Copied {} into {}:", redact(&from), redact(&to));
+            println!("  tiers: {tiers}, workspaces: {workspaces}, keys: {keys} (revoked: {revoked_keys}), limit requests: {limit_requests}");
+            println!("  ledger events: {ledger_events}, daily rows: {daily_rows}; catalogue version: {catalog_version}");
         }
     }
     Ok(())

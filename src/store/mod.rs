@@ -3,7 +3,7 @@
 //! It holds the tier catalogue, workspaces and their overrides, API keys (as SHA-256 hashes),
 //! limit requests, and the usage ledger. Two backends implement `Store`: `sqlite` (the embedded
 //! default, one file) and `postgres` (shared by many instances). `open` picks one by the URL's
-//! scheme.
+//! scheme; `migrate` copies an embedded installation into Postgres.
 //!
 //! # Ledger
 //! The ledger is written in batches by `usage::Recorder`: each settled request is an event keyed
@@ -28,6 +28,7 @@
 //! Postgres; on SQLite a write transaction taken up front). Batch writes lock rows in the order
 //! of their keys, so overlapping batches cannot deadlock.
 
+pub mod migrate;
 pub mod postgres;
 pub mod sqlite;
 
