@@ -16,7 +16,6 @@ use crate::limiter::redis::{RedisLimiter, RedisOptions};
 use crate::limiter::{Limiter, LimiterError, MonthKey, MonthSource, MonthTotals};
 use crate::metrics::Metrics;
 use crate::model::WorkspaceId;
-use crate::store::sqlite::SqliteStore;
 use crate::store::{Store, StoreError};
 use crate::usage::Recorder;
 
@@ -55,7 +54,8 @@ pub struct App {
     ledger: JoinHandle<()>,
 }
 
-struct LedgerMonths(Arc<dyn Store>);
+/// The ledger as the limiter's month source.
+pub struct LedgerMonths(pub Arc<dyn Store>);
 
 #[async_trait::async_trait]
 impl MonthSource for LedgerMonths {
@@ -63,18 +63,19 @@ impl MonthSource for LedgerMonths {
         &self,
         workspace: WorkspaceId,
         month: MonthKey,
-        _excluding: Option<&str>,
+        excluding: Option<&str>,
     ) -> Result<MonthTotals, LimiterError> {
         self.0
-            .month_totals(workspace, month)
+            .month_totals(workspace, month, excluding)
             .await
             .map_err(|e| LimiterError::Ledger(e.to_string()))
     }
 }
 
-/// Opens the store named by the config (creating and migrating it).
+/// Opens the store named by the config, SQLite or Postgres by the URL's scheme (creating and
+/// migrating it).
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(SqliteStore::open(&config.database).await?))
+    crate::store::open(&config.database).await
 }
 
 /// Builds the gateway: the one entry point for `main` and the tests.

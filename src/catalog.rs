@@ -1,11 +1,16 @@
 //! The in-memory copy of what the hot path reads: keys by hash, workspaces with their effective
 //! limits. Authentication and limit lookup never touch the store on the hot path.
 //!
-//! Freshness: a change made through this instance's admin API reloads the copy before the
+//! Freshness: a change made through this instance's admin API refreshes the copy before the
 //! answer is sent, so it holds from the next request. A change made elsewhere (the admin CLI,
-//! another instance) bumps the store's `catalog_version`; every instance polls it each
-//! `catalog_refresh` (1 s by default) and reloads when it moved. An unknown key also triggers a
-//! version check (at most every 100 ms), so a key created elsewhere works at once.
+//! another instance) bumps the store's `catalog_version` and is logged under it; every instance
+//! polls the log each `catalog_refresh` (1 s by default) and applies only what changed: a tier
+//! (its workspaces' limits are recomputed), a workspace, a key (dropped when revoked). The whole
+//! catalogue is loaded at start, and again when the log no longer reaches back to this copy's
+//! version. An unknown key waits for the next check of the store (they start at most every
+//! 100 ms, and are shared by all waiting requests), so a key created elsewhere works at once;
+//! that check waits at most `MISS_CHECK_TIMEOUT`, and after it failed none is made for
+//! `MISS_CHECK_PAUSE`, so a store that is down never holds requests up.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -14,8 +19,15 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::model::{KeyId, Limits, Workspace, WorkspaceId, WorkspaceStatus};
-use crate::store::{Store, StoreError};
+use crate::model::{ApiKey, KeyId, Limits, Workspace, WorkspaceId, WorkspaceStatus};
+use crate::store::{CatalogChanges, CatalogDelta, Store, StoreError};
+
+/// At most one unknown-key check per this interval.
+const MISS_CHECK_EVERY: Duration = Duration::from_millis(100);
+/// How long a request with an unknown key waits for the check.
+pub const MISS_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
+/// After a check failed (store down or slow), none is made for this long.
+pub const MISS_CHECK_PAUSE: Duration = Duration::from_secs(1);
 
 /// A workspace as the hot path needs it.
 #[derive(Debug, Clone)]
@@ -35,11 +47,89 @@ struct KeyEntry {
     noted_at: AtomicI64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct View {
     version: i64,
+    tiers: HashMap<String, Arc<Limits>>,
     keys: HashMap<[u8; 32], Arc<KeyEntry>>,
     workspaces: HashMap<WorkspaceId, Arc<WorkspaceEntry>>,
+}
+
+impl View {
+    fn workspace_entry(&self, w: &Workspace) -> Arc<WorkspaceEntry> {
+        let tier = self
+            .tiers
+            .get(&w.tier)
+            .map(|l| (**l).clone())
+            .unwrap_or_default();
+        Arc::new(WorkspaceEntry {
+            workspace: w.clone(),
+            limits: Arc::new(w.overrides.apply(&tier)),
+        })
+    }
+
+    fn key_entry(k: &ApiKey) -> Arc<KeyEntry> {
+        Arc::new(KeyEntry {
+            id: k.id,
+            workspace: k.workspace_id,
+            expires_at: k.expires_at,
+            noted_at: AtomicI64::new(0),
+        })
+    }
+
+    /// This view with `delta` applied.
+    fn apply(&self, delta: &CatalogDelta) -> View {
+        let CatalogDelta {
+            version,
+            tiers,
+            workspaces,
+            keys,
+        } = delta;
+        let mut view = self.clone();
+        view.version = *version;
+        for tier in tiers {
+            view.tiers
+                .insert(tier.name.clone(), Arc::new(tier.limits.clone()));
+        }
+        if !tiers.is_empty() {
+            // Every workspace on a changed tier gets its limits recomputed.
+            let on_changed: Vec<Workspace> = view
+                .workspaces
+                .values()
+                .filter(|e| tiers.iter().any(|t| t.name == e.workspace.tier))
+                .map(|e| e.workspace.clone())
+                .collect();
+            for w in &on_changed {
+                let entry = view.workspace_entry(w);
+                view.workspaces.insert(w.id, entry);
+            }
+        }
+        for w in workspaces {
+            let entry = view.workspace_entry(w);
+            view.workspaces.insert(w.id, entry);
+        }
+        for k in keys {
+            if k.revoked_at.is_some() {
+                view.keys.remove(&k.hash);
+            } else {
+                // A key that is already known keeps its entry (and its last-use note).
+                let same = view
+                    .keys
+                    .get(&k.hash)
+                    .is_some_and(|e| e.id == k.id && e.expires_at == k.expires_at);
+                if !same {
+                    view.keys.insert(k.hash, Self::key_entry(k));
+                }
+            }
+        }
+        view
+    }
+}
+
+#[derive(Debug, Default)]
+struct MissCheck {
+    last: Option<Instant>,
+    paused_until: Option<Instant>,
 }
 
 /// Why a key was refused.
@@ -57,13 +147,11 @@ pub struct Catalog {
     store: Arc<dyn Store>,
     view: RwLock<Arc<View>>,
     reload: tokio::sync::Mutex<()>,
-    last_miss_check: Mutex<Option<Instant>>,
-    miss_check: tokio::sync::Mutex<()>,
+    miss_check: Mutex<MissCheck>,
+    /// One unknown-key check at a time; requests with unknown keys wait on it.
+    miss_lock: tokio::sync::Mutex<()>,
     touched: Mutex<HashMap<KeyId, i64>>,
 }
-
-/// The shortest time between two checks of the store for an unknown key.
-const MISS_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 pub fn hash_key(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
@@ -75,8 +163,8 @@ impl Catalog {
             store,
             view: RwLock::new(Arc::new(View::default())),
             reload: tokio::sync::Mutex::new(()),
-            last_miss_check: Mutex::new(None),
-            miss_check: tokio::sync::Mutex::new(()),
+            miss_check: Mutex::new(MissCheck::default()),
+            miss_lock: tokio::sync::Mutex::new(()),
             touched: Mutex::new(HashMap::new()),
         };
         catalog.reload().await?;
@@ -90,58 +178,56 @@ impl Catalog {
     /// Reloads everything from the store now.
     pub async fn reload(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.reload.lock().await;
+        self.reload_all().await
+    }
+
+    async fn reload_all(&self) -> Result<(), StoreError> {
         let data = self.store.load_catalog().await?;
-        let tiers: HashMap<&str, &Limits> = data
-            .tiers
-            .iter()
-            .map(|t| (t.name.as_str(), &t.limits))
-            .collect();
-        let workspaces = data
+        let mut view = View {
+            version: data.version,
+            tiers: data
+                .tiers
+                .iter()
+                .map(|t| (t.name.clone(), Arc::new(t.limits.clone())))
+                .collect(),
+            ..View::default()
+        };
+        view.workspaces = data
             .workspaces
             .iter()
-            .map(|w| {
-                let tier = tiers
-                    .get(w.tier.as_str())
-                    .copied()
-                    .cloned()
-                    .unwrap_or_default();
-                let entry = WorkspaceEntry {
-                    workspace: w.clone(),
-                    limits: Arc::new(w.overrides.apply(&tier)),
-                };
-                (w.id, Arc::new(entry))
-            })
+            .map(|w| (w.id, view.workspace_entry(w)))
             .collect();
-        let keys = data
+        view.keys = data
             .keys
             .iter()
-            .map(|k| {
-                let entry = KeyEntry {
-                    id: k.id,
-                    workspace: k.workspace_id,
-                    expires_at: k.expires_at,
-                    noted_at: AtomicI64::new(0),
-                };
-                (k.hash, Arc::new(entry))
-            })
+            .map(|k| (k.hash, View::key_entry(k)))
             .collect();
-        let view = View {
-            version: data.version,
-            keys,
-            workspaces,
-        };
         *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
         Ok(())
     }
 
-    /// Reloads if the store's catalogue version moved.
+    /// Applies what changed in the store since this copy's version (everything, when the change
+    /// log no longer reaches back that far). Returns whether anything changed.
     pub async fn refresh(&self) -> Result<bool, StoreError> {
-        let version = self.store.catalog_version().await?;
-        if version != self.view().version {
-            self.reload().await?;
-            return Ok(true);
+        let _one_at_a_time = self.reload.lock().await;
+        let current = self.view();
+        match self.store.catalog_changes(current.version).await? {
+            CatalogChanges::TooOld => {
+                self.reload_all().await?;
+                Ok(true)
+            }
+            CatalogChanges::Since(delta) if delta.version == current.version => Ok(false),
+            CatalogChanges::Since(delta) => {
+                let view = current.apply(&delta);
+                *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+                Ok(true)
+            }
         }
-        Ok(false)
+    }
+
+    /// The catalogue version this copy is at.
+    pub fn version(&self) -> i64 {
+        self.view().version
     }
 
     /// Finds the workspace of a key. `now` is unix seconds.
@@ -179,37 +265,57 @@ impl Catalog {
         Some((key, entry))
     }
 
-    /// Makes sure the catalogue was checked against the store after `arrived`: a key created
-    /// elsewhere a moment ago then works at once, on every instance. Checks start at most every
-    /// `MISS_CHECK_EVERY`, so unknown keys cost the store at most that many checks; a request
-    /// with an unknown key waits for the next check (at most that long), and every request
-    /// waiting shares it.
+    /// Makes sure the catalogue was checked against the store after `arrived`, so that a key
+    /// created elsewhere a moment ago works at once, on every instance. Checks start at most every
+    /// `MISS_CHECK_EVERY`, so unknown keys cost the store at most that many checks: a request with
+    /// an unknown key waits for the next check (at most that long), and all requests waiting
+    /// share it. A check waits at most `MISS_CHECK_TIMEOUT`; after one failed, none is made for
+    /// `MISS_CHECK_PAUSE`, so a store that is down never holds requests up.
     async fn check_on_miss(&self, arrived: Instant) {
         loop {
-            let _one_at_a_time = self.miss_check.lock().await;
-            let last = *self
-                .last_miss_check
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let one_at_a_time = self.miss_lock.lock().await;
+            let (last, paused_until) = {
+                let check = self.miss_check.lock().unwrap_or_else(|e| e.into_inner());
+                (check.last, check.paused_until)
+            };
+            if paused_until.is_some_and(|until| Instant::now() < until) {
+                return;
+            }
             match last {
                 Some(started) if started >= arrived => return,
                 Some(started) if started.elapsed() < MISS_CHECK_EVERY => {
                     let wait = MISS_CHECK_EVERY - started.elapsed();
-                    drop(_one_at_a_time);
+                    drop(one_at_a_time);
                     tokio::time::sleep(wait).await;
                     continue;
                 }
                 _ => {}
             }
-            *self
-                .last_miss_check
+            self.miss_check
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-            if let Err(e) = self.refresh().await {
-                tracing::warn!(error = %e, "catalog refresh on unknown key failed");
+                .unwrap_or_else(|e| e.into_inner())
+                .last = Some(Instant::now());
+            let failed = match tokio::time::timeout(MISS_CHECK_TIMEOUT, self.refresh()).await {
+                Ok(Ok(_)) => false,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "catalog refresh on unknown key failed");
+                    true
+                }
+                Err(_) => {
+                    tracing::warn!("catalog refresh on unknown key timed out");
+                    true
+                }
+            };
+            if failed {
+                self.pause_miss_checks();
             }
             return;
         }
+    }
+
+    fn pause_miss_checks(&self) {
+        let mut check = self.miss_check.lock().unwrap_or_else(|e| e.into_inner());
+        check.paused_until = Some(Instant::now() + MISS_CHECK_PAUSE);
     }
 
     pub fn workspace(&self, id: WorkspaceId) -> Option<Arc<WorkspaceEntry>> {

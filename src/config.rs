@@ -276,12 +276,7 @@ impl TryFrom<RawSettings> for Config {
             )
         })?;
         let database = database.unwrap_or_else(|| DEFAULT_DATABASE.to_string());
-        if !database.starts_with("sqlite:") {
-            return Err(invalid(
-                "database",
-                format!("'{database}' is not supported; use sqlite://PATH"),
-            ));
-        }
+        crate::store::Backend::of(&database).map_err(|m| invalid("database", m))?;
         let admin_token = admin_token.filter(|t| !t.is_empty());
         if let Some(t) = &admin_token {
             if t.len() < 16 {
@@ -617,6 +612,29 @@ mod tests {
             ..Default::default()
         });
         assert!(e.starts_with("admin_token:"), "{e}");
+        for url in [
+            "mysql://u@h/db",
+            "postgres://u:pw@h:notaport/db",
+            "tiergate.db",
+        ] {
+            let e = bad(RawSettings {
+                database: Some(url.into()),
+                ..Default::default()
+            });
+            assert!(e.starts_with("database:") && !e.contains("pw@"), "{e}");
+        }
+        for url in [
+            "sqlite://x.db",
+            "postgres://u@127.0.0.1:5432/db",
+            "postgresql://u:pw@db.example/tiergate",
+        ] {
+            let c = Config::try_from(RawSettings {
+                database: Some(url.into()),
+                ..Default::default()
+            })
+            .unwrap();
+            assert_eq!(c.database, url);
+        }
     }
 
     #[test]

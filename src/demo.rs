@@ -12,7 +12,7 @@ use crate::catalog::generate_key;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, RawSettings, RawUpstream};
 use crate::mock_upstream::{self, MockConfig};
-use crate::model::{Overrides, WorkspaceStatus};
+use crate::model::{Overrides, OverridesPatch, WorkspaceStatus};
 use crate::store::{NewKey, WorkspaceChange};
 
 pub struct DemoOptions {
@@ -77,7 +77,7 @@ pub async fn run(
         Some(w) => {
             let reset = WorkspaceChange {
                 tier: Some("free".into()),
-                overrides: Some(Overrides::default()),
+                overrides: OverridesPatch::replacing(&Overrides::default()),
                 status: Some(WorkspaceStatus::Active),
             };
             store.update_workspace(w.id, &reset).await?

@@ -12,8 +12,9 @@ use tiergate::catalog::generate_key;
 use tiergate::clock::{Clock, SystemClock};
 use tiergate::config::{validate_tier_name, RawUpstream};
 use tiergate::mock_upstream::{self, MockConfig};
-use tiergate::model::{Limits, ModelLimits, Overrides, Tier, WorkspaceStatus};
-use tiergate::store::{NewKey, Store, WorkspaceChange};
+use tiergate::model::{FieldPatch, Limits, ModelLimits, OverridesPatch, Tier, WorkspaceStatus};
+use tiergate::store::migrate::MigrationSummary;
+use tiergate::store::{redact, NewKey, Store, WorkspaceChange};
 use tiergate::{Config, RawSettings};
 
 #[derive(Parser)]
@@ -111,6 +112,16 @@ enum Command {
     /// Manage the tier catalogue.
     #[command(subcommand)]
     Tiers(TierCommand),
+    /// Copy an embedded (SQLite) installation into an empty Postgres database.
+    Migrate {
+        /// The SQLite database to copy, e.g. sqlite://tiergate.db.
+        #[arg(long, value_name = "sqlite://PATH")]
+        from: String,
+        /// The Postgres database to copy into; it must hold no workspace, key, limit request
+        /// or ledger row.
+        #[arg(long, value_name = "postgres://USER@HOST:PORT/DATABASE")]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -246,7 +257,7 @@ async fn open(args: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
     let config = store_config(args)?;
     let store = tiergate::app::open_store(&config)
         .await
-        .with_context(|| format!("opening {}", config.database))?;
+        .with_context(|| format!("opening {}", redact(&config.database)))?;
     store.seed_tiers(&config.tiers).await?;
     Ok(store)
 }
@@ -263,41 +274,24 @@ fn parse_rfc3339(s: &str) -> anyhow::Result<i64> {
     )
 }
 
-fn apply_limit_arg(overrides: &mut Overrides, arg: &str) -> anyhow::Result<()> {
+fn apply_limit_arg(patch: &mut OverridesPatch, arg: &str) -> anyhow::Result<()> {
     let (name, value) = arg
         .split_once('=')
         .ok_or_else(|| anyhow!("--limit: '{arg}' is not NAME=VALUE"))?;
-    let clear = value == "none";
-    let bad = || anyhow!("--limit {name}: '{value}' is not a number or 'none'");
+    fn field<T: std::str::FromStr>(name: &str, value: &str) -> anyhow::Result<FieldPatch<T>> {
+        if value == "none" {
+            return Ok(FieldPatch::Clear);
+        }
+        value
+            .parse()
+            .map(FieldPatch::Set)
+            .map_err(|_| anyhow!("--limit {name}: '{value}' is not a number or 'none'"))
+    }
     match name {
-        "requests_per_second" => {
-            overrides.requests_per_second = if clear {
-                None
-            } else {
-                Some(value.parse().map_err(|_| bad())?)
-            }
-        }
-        "tokens_per_minute" => {
-            overrides.tokens_per_minute = if clear {
-                None
-            } else {
-                Some(value.parse().map_err(|_| bad())?)
-            }
-        }
-        "tokens_per_month" => {
-            overrides.tokens_per_month = if clear {
-                None
-            } else {
-                Some(value.parse().map_err(|_| bad())?)
-            }
-        }
-        "concurrent_requests" => {
-            overrides.concurrent_requests = if clear {
-                None
-            } else {
-                Some(value.parse().map_err(|_| bad())?)
-            }
-        }
+        "requests_per_second" => patch.requests_per_second = field(name, value)?,
+        "tokens_per_minute" => patch.tokens_per_minute = field(name, value)?,
+        "tokens_per_month" => patch.tokens_per_month = field(name, value)?,
+        "concurrent_requests" => patch.concurrent_requests = field(name, value)?,
         other => bail!("--limit: '{other}' is not a limit"),
     }
     Ok(())
@@ -386,25 +380,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
             limits,
             store,
         }) => {
-            let store = open(&store).await?;
-            let current = store.get_workspace(id).await?;
-            let overrides = if limits.is_empty() {
-                None
-            } else {
-                let mut o = current.overrides.clone();
-                for l in &limits {
-                    apply_limit_arg(&mut o, l)?;
-                }
-                o.validate().map_err(|m| anyhow!("--limit: {m}"))?;
-                Some(o)
-            };
+            let mut overrides = OverridesPatch::default();
+            for l in &limits {
+                apply_limit_arg(&mut overrides, l)?;
+            }
+            overrides.validate().map_err(|m| anyhow!("--limit: {m}"))?;
             let status = status
                 .map(|s| {
                     WorkspaceStatus::parse(&s)
                         .ok_or_else(|| anyhow!("--status: '{s}' is not active or suspended"))
                 })
                 .transpose()?;
-            let ws = store
+            let ws = open(&store)
+                .await?
                 .update_workspace(
                     id,
                     &WorkspaceChange {
@@ -496,6 +484,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let tier = Tier { name, limits };
             open(&store).await?.put_tier(&tier).await?;
             print(&serde_json::to_value(tier)?);
+        }
+        Command::Migrate { from, to } => {
+            let copied = tiergate::store::migrate::sqlite_to_postgres(&from, &to).await?;
+            let MigrationSummary {
+                tiers,
+                workspaces,
+                keys,
+                revoked_keys,
+                limit_requests,
+                ledger_events,
+                daily_rows,
+                catalog_version,
+            } = copied;
+            println!("Copied {} into {}:", redact(&from), redact(&to));
+            println!("  tiers: {tiers}, workspaces: {workspaces}, keys: {keys} (revoked: {revoked_keys}), limit requests: {limit_requests}");
+            println!("  ledger events: {ledger_events}, daily rows: {daily_rows}; catalogue version: {catalog_version}");
         }
     }
     Ok(())

@@ -223,6 +223,102 @@ impl Overrides {
     }
 }
 
+/// What a change does to one override: keep it, set it, or clear it (back to the tier's value).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub enum FieldPatch<T> {
+    #[default]
+    Keep,
+    Set(T),
+    Clear,
+}
+
+impl<T: Copy> FieldPatch<T> {
+    fn apply(self, current: Option<T>) -> Option<T> {
+        match self {
+            FieldPatch::Keep => current,
+            FieldPatch::Set(v) => Some(v),
+            FieldPatch::Clear => None,
+        }
+    }
+
+    fn set_value(self) -> Option<T> {
+        match self {
+            FieldPatch::Set(v) => Some(v),
+            FieldPatch::Keep | FieldPatch::Clear => None,
+        }
+    }
+}
+
+/// A change to a workspace's overrides, field by field. The store applies it to the overrides
+/// as they are when the change is made (with the row locked), so two changes made at once, or a
+/// change and an approved increase, both hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OverridesPatch {
+    pub requests_per_second: FieldPatch<f64>,
+    pub tokens_per_minute: FieldPatch<u64>,
+    pub tokens_per_month: FieldPatch<u64>,
+    pub concurrent_requests: FieldPatch<u32>,
+}
+
+impl OverridesPatch {
+    /// A patch that makes the overrides exactly `target`.
+    pub fn replacing(target: &Overrides) -> Self {
+        fn to<T>(v: Option<T>) -> FieldPatch<T> {
+            v.map_or(FieldPatch::Clear, FieldPatch::Set)
+        }
+        let Overrides {
+            requests_per_second,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+        } = target.clone();
+        OverridesPatch {
+            requests_per_second: to(requests_per_second),
+            tokens_per_minute: to(tokens_per_minute),
+            tokens_per_month: to(tokens_per_month),
+            concurrent_requests: to(concurrent_requests),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        *self == OverridesPatch::default()
+    }
+
+    /// `current` with this patch applied.
+    pub fn apply(&self, current: &Overrides) -> Overrides {
+        let OverridesPatch {
+            requests_per_second,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+        } = self;
+        Overrides {
+            requests_per_second: requests_per_second.apply(current.requests_per_second),
+            tokens_per_minute: tokens_per_minute.apply(current.tokens_per_minute),
+            tokens_per_month: tokens_per_month.apply(current.tokens_per_month),
+            concurrent_requests: concurrent_requests.apply(current.concurrent_requests),
+        }
+    }
+
+    /// Checks the values it sets, as `Overrides::validate` would check the result (each field
+    /// is checked on its own, so valid overrides stay valid under a valid patch).
+    pub fn validate(&self) -> Result<(), String> {
+        let OverridesPatch {
+            requests_per_second,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+        } = self;
+        Overrides {
+            requests_per_second: requests_per_second.set_value(),
+            tokens_per_minute: tokens_per_minute.set_value(),
+            tokens_per_month: tokens_per_month.set_value(),
+            concurrent_requests: concurrent_requests.set_value(),
+        }
+        .validate()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tier {
     pub name: String,

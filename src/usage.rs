@@ -2,7 +2,9 @@
 //!
 //! Each settled request is sent here as a `UsageRecord` and written within `flush_every`
 //! (250 ms by default) in one transaction, together with keys' `last_used_at`. Writes are
-//! idempotent by request id, so a failed batch is simply retried. What a crash can lose is what
+//! idempotent by request id, so a failed batch is simply retried: while the store is down the
+//! writer keeps what it has (up to `MAX_PENDING` records) and writes it all once the store
+//! answers again. What a crash can lose is what
 //! was in flight plus at most one flush interval of settled usage (see ARCHITECTURE.md).
 //!
 //! A settlement the limiter could not take (Redis unreachable) is *deferred*: kept here and
@@ -53,6 +55,7 @@ pub fn settled_record(
         model,
         tokens,
         at: (settled.at / NANOS_PER_SEC) as i64,
+        counter: settled.counter.clone(),
     }
 }
 
@@ -243,14 +246,26 @@ impl Writer {
     }
 
     async fn write(&mut self) {
-        if !self.pending.is_empty() {
-            match self.store.record_usage(&self.pending).await {
-                Ok(_) => self.pending.clear(),
+        // In batches of at most `BATCH`, so that what piled up while the store was down is
+        // written in transactions as short as usual.
+        let mut written = 0;
+        while written < self.pending.len() {
+            let end = self.pending.len().min(written + BATCH);
+            match self.store.record_usage(&self.pending[written..end]).await {
+                Ok(_) => written = end,
                 Err(e) => {
                     Metrics::inc(&self.metrics.ledger_write_errors);
-                    tracing::error!(error = %e, pending = self.pending.len(), "ledger write failed; will retry");
+                    tracing::error!(error = %e, pending = self.pending.len() - written, "ledger write failed; will retry");
+                    break;
                 }
             }
+        }
+        let failed = written < self.pending.len();
+        self.pending.drain(..written);
+        if failed {
+            // The store is likely down: keys' last use stays noted for the next write, and
+            // this write does not wait on the store a second time.
+            return;
         }
         let touched = self.catalog.take_touched();
         if let Err(e) = self.store.touch_keys(&touched).await {

@@ -1,5 +1,5 @@
 //! The admin API, `/admin/v1`, behind `Authorization: Bearer <admin token>`. Every change is
-//! written to the store and then reloaded into this instance's catalogue before the answer, so
+//! written to the store and then refreshed into this instance's catalogue before the answer, so
 //! it holds from the next request; other instances see it within `catalog_refresh`.
 
 use std::sync::Arc;
@@ -22,8 +22,8 @@ use crate::app::AppState;
 use crate::catalog::generate_key;
 use crate::config::validate_tier_name;
 use crate::model::{
-    KeyId, LimitRequestId, LimitRequestStatus, Limits, Overrides, Tier, WorkspaceId,
-    WorkspaceStatus,
+    FieldPatch, KeyId, LimitRequestId, LimitRequestStatus, Limits, Overrides, OverridesPatch, Tier,
+    WorkspaceId, WorkspaceStatus,
 };
 use crate::store::{NewKey, WorkspaceChange};
 
@@ -68,8 +68,13 @@ impl FromRequestParts<Arc<AppState>> for Admin {
     }
 }
 
-async fn reload(state: &AppState) -> Result<(), ApiError> {
-    state.catalog.reload().await.map_err(ApiError::from)
+/// Brings this instance's catalogue up to a change just made. The change is in the store
+/// whatever happens here: if the refresh fails, it is logged, and the background refresh picks
+/// the change up once the store answers.
+async fn refresh(state: &AppState) {
+    if let Err(e) = state.catalog.refresh().await {
+        tracing::warn!(error = %e, "catalog refresh after an admin change failed");
+    }
 }
 
 #[derive(Deserialize)]
@@ -93,7 +98,7 @@ async fn create_workspace(
         .store
         .create_workspace(name, tier, state.clock.now_secs())
         .await?;
-    reload(&state).await?;
+    refresh(&state).await;
     Ok((StatusCode::CREATED, Json(workspace_json(&state, &ws))).into_response())
 }
 
@@ -115,17 +120,20 @@ async fn get_workspace(
     Ok(Json(workspace_json(&state, &ws)))
 }
 
-/// Applies `{"requests_per_second": n|null, ...}` to `overrides`: a number sets, null clears,
-/// a missing field keeps.
-fn patch_overrides(overrides: &mut Overrides, patch: &Map<String, Value>) -> Result<(), ApiError> {
-    fn number<T: DeserializeOwned>(field: &str, v: &Value) -> Result<Option<T>, ApiError> {
+/// Reads `{"requests_per_second": n|null, ...}` as a patch: a number sets, null clears, a
+/// missing field keeps. The store applies it to the overrides as they are when it writes.
+fn overrides_patch(patch: &Map<String, Value>) -> Result<OverridesPatch, ApiError> {
+    fn number<T: DeserializeOwned>(field: &str, v: &Value) -> Result<FieldPatch<T>, ApiError> {
         if v.is_null() {
-            return Ok(None);
+            return Ok(FieldPatch::Clear);
         }
-        serde_json::from_value(v.clone()).map(Some).map_err(|_| {
-            ApiError::BadRequest(format!("limits.{field} must be a positive number or null"))
-        })
+        serde_json::from_value(v.clone())
+            .map(FieldPatch::Set)
+            .map_err(|_| {
+                ApiError::BadRequest(format!("limits.{field} must be a positive number or null"))
+            })
     }
+    let mut overrides = OverridesPatch::default();
     for (field, v) in patch {
         match field.as_str() {
             "requests_per_second" => overrides.requests_per_second = number(field, v)?,
@@ -141,7 +149,8 @@ fn patch_overrides(overrides: &mut Overrides, patch: &Map<String, Value>) -> Res
     }
     overrides
         .validate()
-        .map_err(|m| ApiError::BadRequest(format!("limits: {m}")))
+        .map_err(|m| ApiError::BadRequest(format!("limits: {m}")))?;
+    Ok(overrides)
 }
 
 #[derive(Deserialize)]
@@ -158,14 +167,9 @@ async fn patch_workspace(
     Path(id): Path<WorkspaceId>,
     JsonBody(body): JsonBody<PatchWorkspace>,
 ) -> Result<Json<Value>, ApiError> {
-    let current = state.store.get_workspace(id).await?;
     let overrides = match &body.limits {
-        Some(patch) => {
-            let mut o = current.overrides.clone();
-            patch_overrides(&mut o, patch)?;
-            Some(o)
-        }
-        None => None,
+        Some(patch) => overrides_patch(patch)?,
+        None => OverridesPatch::default(),
     };
     let status = match body.status.as_deref() {
         None => None,
@@ -179,7 +183,7 @@ async fn patch_workspace(
         status,
     };
     let ws = state.store.update_workspace(id, &change).await?;
-    reload(&state).await?;
+    refresh(&state).await;
     Ok(Json(workspace_json(&state, &ws)))
 }
 
@@ -220,7 +224,7 @@ async fn create_key(
             state.clock.now_secs(),
         )
         .await?;
-    reload(&state).await?;
+    refresh(&state).await;
     let mut v = key_json(&key);
     v["key"] = Value::String(secret.secret);
     Ok((StatusCode::CREATED, Json(v)).into_response())
@@ -244,7 +248,7 @@ async fn revoke_key(
     Path(id): Path<KeyId>,
 ) -> Result<Json<Value>, ApiError> {
     let key = state.store.revoke_key(id, state.clock.now_secs()).await?;
-    reload(&state).await?;
+    refresh(&state).await;
     Ok(Json(key_json(&key)))
 }
 
@@ -271,7 +275,7 @@ async fn put_tier(
     limits.validate().map_err(ApiError::BadRequest)?;
     let tier = Tier { name, limits };
     state.store.put_tier(&tier).await?;
-    reload(&state).await?;
+    refresh(&state).await;
     let mut v = serde_json::to_value(&tier.limits).expect("limits serialize");
     v["name"] = Value::String(tier.name);
     Ok(Json(v))
@@ -342,7 +346,7 @@ async fn approve(
         .store
         .approve_limit_request(id, granted.as_ref(), state.clock.now_secs())
         .await?;
-    reload(&state).await?;
+    refresh(&state).await;
     Ok(Json(limit_request_json(&request)))
 }
 

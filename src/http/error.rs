@@ -38,6 +38,9 @@ pub enum ApiError {
     /// The shared limiter cannot decide (Redis down, policy `closed`).
     #[error("limiter unavailable")]
     LimiterUnavailable,
+    /// The store cannot be reached: the operation was not carried out.
+    #[error("database unreachable")]
+    StoreUnreachable,
     #[error("internal error")]
     Internal,
 }
@@ -48,6 +51,10 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound => ApiError::NotFound("not found".into()),
             StoreError::Conflict(m) => ApiError::Conflict(m),
             StoreError::Invalid(m) => ApiError::BadRequest(m),
+            StoreError::Unreachable(e) => {
+                tracing::warn!(error = %e, "store unreachable");
+                ApiError::StoreUnreachable
+            }
             e => {
                 tracing::error!(error = %e, "store error");
                 ApiError::Unavailable
@@ -194,6 +201,12 @@ impl IntoResponse for ApiError {
                     .insert("retry-after", HeaderValue::from_static("1"));
                 r
             }
+            ApiError::StoreUnreachable => body(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                Some("database_unreachable"),
+                "The gateway's database cannot be reached, so nothing was changed. Retry later.",
+            ),
             ApiError::Internal => body(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",

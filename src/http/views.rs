@@ -92,7 +92,7 @@ pub async fn usage_json(
             LimiterError::Unavailable(_) => ApiError::LimiterUnavailable,
             LimiterError::Ledger(_) => ApiError::Unavailable,
         })?;
-    let totals = state.store.month_totals(ws.id, month).await?;
+    let totals = state.store.month_totals(ws.id, month, None).await?;
     let daily = state.store.daily_usage(ws.id, &from, &to).await?;
     let window = |w: Option<Window>| {
         w.map(|w| {

@@ -1,24 +1,52 @@
 //! The store: everything that must outlast the process. Only this module knows SQL.
 //!
 //! It holds the tier catalogue, workspaces and their overrides, API keys (as SHA-256 hashes),
-//! limit requests, and the usage ledger. The ledger is written in batches by `usage::Recorder`:
-//! each settled request is an event keyed by its request id (so settling twice never counts
-//! twice) and is rolled up, in the same transaction, into one row per workspace, day and model.
-//! Month totals are sums of those daily rows. Events older than the idempotency window are pruned,
-//! so the ledger does not grow by a row per request for ever.
+//! limit requests, and the usage ledger. Two backends implement `Store`: `sqlite` (the embedded
+//! default, one file) and `postgres` (shared by many instances). `open` picks one by the URL's
+//! scheme; `migrate` copies an embedded installation into Postgres.
 //!
-//! Every mutation of the catalogue bumps `catalog_version`, which the serving instances poll to
-//! reload their in-memory copy (see `catalog`).
+//! # Ledger
+//! The ledger is written in batches by `usage::Recorder`: each settled request is an event keyed
+//! by its request id (so settling twice never counts twice) and is rolled up, in the same
+//! transaction, into one row per workspace, day and model; only events that were new are rolled
+//! up. Month totals are sums of those daily rows. Events older than the idempotency window are
+//! pruned in bounded batches, so the ledger does not grow by a row per request for ever and a
+//! large prune never holds a long lock. An event may carry the id of the limiter's shared month
+//! counter that counted it, so that `month_totals` can leave out what that counter already holds.
+//!
+//! # Catalogue changes
+//! Every mutation of the catalogue bumps `catalog_version` and, in the same transaction, logs
+//! what changed (a tier name, a workspace id, a key id) under the new version. Serving instances
+//! poll `catalog_changes(since)` and reload only what changed; the log keeps the last
+//! `CHANGE_LOG_KEEP` versions, and an instance further behind is told to reload everything. The
+//! version is bumped last in each transaction and its row stays locked until commit, so versions
+//! become visible in order: whoever sees version `v` sees every change up to `v`.
+//!
+//! # Concurrency
+//! Several processes may write at once (the admin CLI next to a gateway; on Postgres, many
+//! gateways). Every transaction that reads what it then writes locks it first (`FOR UPDATE` on
+//! Postgres; on SQLite a write transaction taken up front). Batch writes lock rows in the order
+//! of their keys, so overlapping batches cannot deadlock.
 
+pub mod migrate;
+pub mod postgres;
 pub mod sqlite;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    ApiKey, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Overrides, Tier, Workspace,
-    WorkspaceId, WorkspaceStatus,
+    ApiKey, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch,
+    Tier, Workspace, WorkspaceId, WorkspaceStatus,
 };
+
+/// How many catalogue versions the change log keeps. An instance that is further behind (or new)
+/// reloads the whole catalogue.
+pub const CHANGE_LOG_KEEP: i64 = 1000;
+/// Ledger events deleted per statement (each its own transaction) when pruning.
+pub const PRUNE_BATCH: i64 = 5000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,10 +56,37 @@ pub enum StoreError {
     Conflict(String),
     #[error("invalid: {0}")]
     Invalid(String),
+    /// The database cannot be reached (refused, timed out, connection lost): nothing was done,
+    /// or the transaction was rolled back.
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let unreachable = match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => true,
+            // Postgres: connection exceptions (class 08) and the server shutting down or
+            // starting up (57P01-57P03).
+            sqlx::Error::Database(d) => d
+                .code()
+                .is_some_and(|c| c.starts_with("08") || matches!(&*c, "57P01" | "57P02" | "57P03")),
+            _ => false,
+        };
+        if unreachable {
+            StoreError::Unreachable(e.to_string())
+        } else {
+            StoreError::Database(e)
+        }
+    }
 }
 
 /// One settled request for the ledger, or a denial to count.
@@ -46,6 +101,8 @@ pub enum UsageRecord {
         tokens: u64,
         /// Unix seconds.
         at: i64,
+        /// The limiter's shared month-counter generation that counted this settlement, if any.
+        counter: Option<String>,
     },
     Denied {
         workspace: WorkspaceId,
@@ -74,11 +131,32 @@ pub struct CatalogData {
     pub keys: Vec<ApiKey>,
 }
 
+/// What changed in the catalogue after a version, as the changed rows are now.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CatalogDelta {
+    /// The catalogue version these rows are at (at least).
+    pub version: i64,
+    pub tiers: Vec<Tier>,
+    pub workspaces: Vec<Workspace>,
+    /// Revoked keys included, so that a copy can drop them.
+    pub keys: Vec<ApiKey>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum CatalogChanges {
+    /// Everything that changed since the version asked about (nothing if it is current).
+    Since(CatalogDelta),
+    /// The change log does not reach back that far (or the version is not this store's):
+    /// reload everything.
+    TooOld,
+}
+
+/// A change to a workspace; `None` and `FieldPatch::Keep` keep what is there.
 #[derive(Debug, Clone, Default)]
 pub struct WorkspaceChange {
     pub tier: Option<String>,
-    /// Replaces the overrides as a whole.
-    pub overrides: Option<Overrides>,
+    /// Applied field by field to the overrides as they are in the store.
+    pub overrides: OverridesPatch,
     pub status: Option<WorkspaceStatus>,
 }
 
@@ -98,6 +176,8 @@ pub trait Store: Send + Sync {
 
     async fn catalog_version(&self) -> Result<i64, StoreError>;
     async fn load_catalog(&self) -> Result<CatalogData, StoreError>;
+    /// What changed after catalogue version `since`, from the change log.
+    async fn catalog_changes(&self, since: i64) -> Result<CatalogChanges, StoreError>;
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError>;
     /// Creates or replaces.
@@ -113,6 +193,8 @@ pub trait Store: Send + Sync {
     ) -> Result<Workspace, StoreError>;
     async fn list_workspaces(&self) -> Result<Vec<Workspace>, StoreError>;
     async fn get_workspace(&self, id: WorkspaceId) -> Result<Workspace, StoreError>;
+    /// Applies `change` with the workspace locked; `Invalid` (naming the field) when the
+    /// resulting overrides or the tier are not valid.
     async fn update_workspace(
         &self,
         id: WorkspaceId,
@@ -128,10 +210,13 @@ pub trait Store: Send + Sync {
     /// Writes a batch to the ledger in one transaction; settled events already recorded are
     /// skipped. Returns how many settled events were new.
     async fn record_usage(&self, batch: &[UsageRecord]) -> Result<usize, StoreError>;
+    /// The month's settled totals (tokens, requests, tokens by model) from the daily rollups;
+    /// with `excluding_counter`, minus the month's settled events tagged with that counter.
     async fn month_totals(
         &self,
         workspace: WorkspaceId,
         month: MonthKey,
+        excluding_counter: Option<&str>,
     ) -> Result<MonthTotals, StoreError>;
     /// Daily rows with `from <= day <= to` (days as `YYYY-MM-DD`).
     async fn daily_usage(
@@ -140,7 +225,8 @@ pub trait Store: Send + Sync {
         from: &str,
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError>;
-    /// Drops ledger events settled before `before` (unix seconds); their totals stay.
+    /// Drops ledger events settled before `before` (unix seconds), `PRUNE_BATCH` rows per
+    /// transaction; their totals stay. Returns how many were dropped.
     async fn prune_events(&self, before: i64) -> Result<u64, StoreError>;
 
     async fn create_limit_request(
@@ -155,8 +241,9 @@ pub trait Store: Send + Sync {
         workspace: Option<WorkspaceId>,
         status: Option<LimitRequestStatus>,
     ) -> Result<Vec<LimitRequest>, StoreError>;
-    /// Approves a pending request and sets the granted overrides (by default the requested
-    /// ones) on its workspace, atomically.
+    /// Approves a pending request and merges the granted overrides (by default the requested
+    /// ones) into its workspace's, atomically, with both rows locked. `Conflict` if it was
+    /// already decided.
     async fn approve_limit_request(
         &self,
         id: LimitRequestId,
@@ -169,4 +256,166 @@ pub trait Store: Send + Sync {
         reason: &str,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;
+}
+
+/// What a catalogue mutation changed, as logged under its version.
+#[derive(Debug, Clone, Copy)]
+enum Changed<'a> {
+    Tier(&'a str),
+    Workspace(WorkspaceId),
+    Key(KeyId),
+}
+
+impl Changed<'_> {
+    /// `(tier, workspace_id, key_id)` of a `catalog_changes` row: exactly one is set.
+    fn columns(&self) -> (Option<&str>, Option<WorkspaceId>, Option<KeyId>) {
+        match *self {
+            Changed::Tier(name) => (Some(name), None, None),
+            Changed::Workspace(id) => (None, Some(id), None),
+            Changed::Key(id) => (None, None, Some(id)),
+        }
+    }
+}
+
+// Shared by both backends.
+
+fn json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("plain data serializes")
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+fn month_range(month: MonthKey) -> (String, String) {
+    (month.first_day(), month.next().first_day())
+}
+
+/// The month's daily rollups minus the events tagged with the excluded counter (none when it
+/// is NULL), per model; one statement, so one snapshot.
+const MONTH_TOTALS_SQL: &str = "
+SELECT model, CAST(SUM(tokens) AS BIGINT) AS tokens, CAST(SUM(requests) AS BIGINT) AS requests FROM (
+    SELECT model, tokens, requests FROM usage_daily
+        WHERE workspace_id = $1 AND day >= $2 AND day < $3
+    UNION ALL
+    SELECT model, -tokens, -1 FROM usage_events
+        WHERE counter = $4 AND workspace_id = $1 AND day >= $2 AND day < $3
+) AS t GROUP BY model";
+
+/// Adds up `(model, tokens, requests)` rows into month totals; what an exclusion takes below
+/// zero (never, while the ledger is consistent) counts as zero.
+fn month_totals_of(
+    month: MonthKey,
+    rows: impl IntoIterator<Item = (String, i64, i64)>,
+) -> MonthTotals {
+    let mut totals = MonthTotals {
+        month: Some(month),
+        ..MonthTotals::default()
+    };
+    for (model, tokens, requests) in rows {
+        let tokens = tokens.max(0) as u64;
+        totals.tokens += tokens;
+        totals.requests += requests.max(0) as u64;
+        if !model.is_empty() {
+            totals.by_model.insert(model, tokens);
+        }
+    }
+    totals
+}
+
+/// The catalogue version, the version the change log starts after, and how many versions after
+/// `$1` the log holds.
+const CHANGE_LOG_SQL: &str = "
+SELECT (SELECT value FROM meta WHERE key = 'catalog_version') AS version,
+       (SELECT value FROM meta WHERE key = 'catalog_log_from') AS log_from,
+       (SELECT COUNT(DISTINCT version) FROM catalog_changes WHERE version > $1) AS logged";
+
+/// Whether the change log holds every version after `since`: it starts early enough, was not
+/// trimmed past it, and no version is missing (a bump by an older binary, which logged nothing).
+fn log_covers(since: i64, version: i64, log_from: Option<i64>, logged: i64) -> bool {
+    let log_from = log_from.unwrap_or(version);
+    since <= version
+        && since >= log_from.max(version - CHANGE_LOG_KEEP)
+        && logged == version - since
+}
+
+fn already_decided(id: LimitRequestId, status: LimitRequestStatus) -> StoreError {
+    StoreError::Conflict(format!("limit request {id} is already {}", status.as_str()))
+}
+
+/// Which backend a database URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// `sqlite:...`, or `postgres://...` / `postgresql://...`; the message says what is wrong.
+    pub fn of(url: &str) -> Result<Backend, String> {
+        if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            postgres::check_url(url)?;
+            Ok(Backend::Postgres)
+        } else {
+            Err(format!(
+                "'{}' is not supported; use sqlite://PATH or postgres://USER@HOST:PORT/DATABASE",
+                redact(url)
+            ))
+        }
+    }
+}
+
+/// Opens (creating and migrating it) the store at `url`, by its scheme.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    match Backend::of(url).map_err(StoreError::Invalid)? {
+        Backend::Sqlite => Ok(Arc::new(sqlite::SqliteStore::open(url).await?)),
+        Backend::Postgres => Ok(Arc::new(postgres::PostgresStore::open(url).await?)),
+    }
+}
+
+/// `url` with its password, if any, replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_by_scheme_and_passwords_never_shown() {
+        assert_eq!(Backend::of("sqlite://x.db"), Ok(Backend::Sqlite));
+        assert_eq!(Backend::of("sqlite::memory:"), Ok(Backend::Sqlite));
+        assert_eq!(
+            Backend::of("postgres://u@127.0.0.1:5432/db"),
+            Ok(Backend::Postgres)
+        );
+        assert_eq!(
+            Backend::of("postgresql://u:pw@db.example/tg"),
+            Ok(Backend::Postgres)
+        );
+        let e = Backend::of("mysql://u:secret@h/db").unwrap_err();
+        assert!(e.contains("not supported") && !e.contains("secret"), "{e}");
+        let e = Backend::of("postgres://u:secret@h:notaport/db").unwrap_err();
+        assert!(!e.contains("secret"), "{e}");
+        assert_eq!(
+            redact("postgres://u:secret@h:5432/db?sslmode=disable"),
+            "postgres://u:***@h:5432/db?sslmode=disable"
+        );
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("sqlite:///tmp/a:b@c.db"), "sqlite:///tmp/a:b@c.db");
+    }
 }

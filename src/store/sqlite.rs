@@ -1,4 +1,9 @@
 //! The embedded store: one SQLite file in WAL mode, created and migrated on open.
+//!
+//! SQLite has one writer at a time. Every transaction that writes is begun as a write
+//! transaction (`BEGIN IMMEDIATE`), so what it reads before writing cannot change under it, and
+//! two processes on the same file (the admin CLI next to a gateway) queue instead of failing
+//! when a reader tries to become a writer.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -7,9 +12,13 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqlitePool};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
-use super::{CatalogData, DailyUsage, NewKey, Store, StoreError, UsageRecord, WorkspaceChange};
+use super::{
+    already_decided, json, log_covers, month_range, month_totals_of, parse_json, CatalogChanges,
+    CatalogData, CatalogDelta, Changed, DailyUsage, NewKey, Store, StoreError, UsageRecord,
+    WorkspaceChange, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+};
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
     ApiKey, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides, Tier,
@@ -17,7 +26,8 @@ use crate::model::{
 };
 
 /// Schema steps, applied in order once each. Never edit a step that has shipped; add one.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT INTO meta (key, value) VALUES ('catalog_version', 1);
 CREATE TABLE tiers (
@@ -74,17 +84,43 @@ CREATE TABLE limit_requests (
     decided_at INTEGER
 );
 CREATE INDEX limit_requests_status ON limit_requests(status);
-"#];
+"#,
+    // The limiter's month-counter tag on ledger events, and the catalogue change log (complete
+    // for the versions after `catalog_log_from`).
+    r#"
+ALTER TABLE usage_events ADD COLUMN counter TEXT;
+CREATE INDEX usage_events_counter ON usage_events(counter, workspace_id, day)
+    WHERE counter IS NOT NULL;
+CREATE TABLE catalog_changes (
+    version INTEGER NOT NULL,
+    tier TEXT,
+    workspace_id INTEGER,
+    key_id INTEGER
+);
+CREATE INDEX catalog_changes_version ON catalog_changes(version);
+INSERT INTO meta (key, value)
+    SELECT 'catalog_log_from', value FROM meta WHERE key = 'catalog_version';
+"#,
+];
 
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(super) pool: SqlitePool,
 }
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database at `url` (`sqlite://PATH`).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
+        Self::connect(url, true).await
+    }
+
+    /// Opens and migrates an existing database; refuses to create one.
+    pub async fn open_existing(url: &str) -> Result<Self, StoreError> {
+        Self::connect(url, false).await
+    }
+
+    async fn connect(url: &str, create: bool) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
@@ -99,8 +135,13 @@ impl SqliteStore {
         Ok(store)
     }
 
+    /// A write transaction, taken up front.
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
         )
@@ -120,20 +161,46 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn bump_version(tx: &mut sqlx::SqliteConnection) -> Result<(), StoreError> {
-        sqlx::query("UPDATE meta SET value = value + 1 WHERE key = 'catalog_version'")
-            .execute(tx)
+    /// Bumps the catalogue version, logs what changed under it and trims the log. Called last
+    /// in the transaction of every catalogue mutation.
+    async fn bump_version(
+        tx: &mut sqlx::SqliteConnection,
+        changed: &[Changed<'_>],
+    ) -> Result<(), StoreError> {
+        let version: i64 = sqlx::query_scalar(
+            "UPDATE meta SET value = value + 1 WHERE key = 'catalog_version' RETURNING value",
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        for change in changed {
+            let (tier, workspace, key) = change.columns();
+            sqlx::query(
+                "INSERT INTO catalog_changes (version, tier, workspace_id, key_id) VALUES (?, ?, ?, ?)",
+            )
+            .bind(version)
+            .bind(tier)
+            .bind(workspace)
+            .bind(key)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query("DELETE FROM catalog_changes WHERE version <= ?")
+            .bind(version - CHANGE_LOG_KEEP)
+            .execute(&mut *tx)
             .await?;
         Ok(())
     }
-}
 
-fn json<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_string(v).expect("plain data serializes")
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
-    serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+    async fn tier_exists(tx: &mut sqlx::SqliteConnection, tier: &str) -> Result<(), StoreError> {
+        let exists: Option<String> = sqlx::query_scalar("SELECT name FROM tiers WHERE name = ?")
+            .bind(tier)
+            .fetch_optional(tx)
+            .await?;
+        match exists {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Invalid(format!("unknown tier '{tier}'"))),
+        }
+    }
 }
 
 fn tier_row(row: &SqliteRow) -> Result<Tier, StoreError> {
@@ -195,10 +262,6 @@ fn limit_request_row(row: &SqliteRow) -> Result<LimitRequest, StoreError> {
 const KEY_COLUMNS: &str =
     "id, workspace_id, name, prefix, hash, created_at, expires_at, revoked_at, last_used_at";
 
-fn month_range(month: MonthKey) -> (String, String) {
-    (month.first_day(), month.next().first_day())
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
@@ -250,6 +313,54 @@ impl Store for SqliteStore {
         })
     }
 
+    async fn catalog_changes(&self, since: i64) -> Result<CatalogChanges, StoreError> {
+        // One read transaction: the log and the rows from the same snapshot.
+        let mut tx = self.pool.begin().await?;
+        let (version, log_from, logged): (i64, Option<i64>, i64) = sqlx::query_as(CHANGE_LOG_SQL)
+            .bind(since)
+            .fetch_one(&mut *tx)
+            .await?;
+        if !log_covers(since, version, log_from, logged) {
+            return Ok(CatalogChanges::TooOld);
+        }
+        let mut delta = CatalogDelta {
+            version,
+            ..CatalogDelta::default()
+        };
+        if since == version {
+            return Ok(CatalogChanges::Since(delta));
+        }
+        delta.tiers = sqlx::query(
+            "SELECT name, limits FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > ?) ORDER BY name",
+        )
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(tier_row)
+        .collect::<Result<_, _>>()?;
+        delta.workspaces = sqlx::query(
+            "SELECT * FROM workspaces WHERE id IN (SELECT workspace_id FROM catalog_changes WHERE version > ?) ORDER BY id",
+        )
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(workspace_row)
+        .collect::<Result<_, _>>()?;
+        delta.keys = sqlx::query(&format!(
+            "SELECT {KEY_COLUMNS} FROM api_keys WHERE id IN (SELECT key_id FROM catalog_changes WHERE version > ?) ORDER BY id"
+        ))
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(key_row)
+        .collect::<Result<_, _>>()?;
+        tx.commit().await?;
+        Ok(CatalogChanges::Since(delta))
+    }
+
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
         sqlx::query("SELECT name, limits FROM tiers ORDER BY name")
             .fetch_all(&self.pool)
@@ -260,7 +371,7 @@ impl Store for SqliteStore {
     }
 
     async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         sqlx::query(
             "INSERT INTO tiers (name, limits) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET limits = excluded.limits",
         )
@@ -268,29 +379,32 @@ impl Store for SqliteStore {
         .bind(json(&tier.limits))
         .execute(&mut *tx)
         .await?;
-        Self::bump_version(&mut tx).await?;
+        Self::bump_version(&mut tx, &[Changed::Tier(&tier.name)]).await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn seed_tiers(&self, tiers: &[Tier]) -> Result<usize, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let mut inserted = 0;
+        let mut tx = self.write_tx().await?;
+        let mut inserted = Vec::new();
         for tier in tiers {
-            inserted += sqlx::query(
+            let n = sqlx::query(
                 "INSERT INTO tiers (name, limits) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
             )
             .bind(&tier.name)
             .bind(json(&tier.limits))
             .execute(&mut *tx)
             .await?
-            .rows_affected() as usize;
+            .rows_affected();
+            if n > 0 {
+                inserted.push(Changed::Tier(&tier.name));
+            }
         }
-        if inserted > 0 {
-            Self::bump_version(&mut tx).await?;
+        if !inserted.is_empty() {
+            Self::bump_version(&mut tx, &inserted).await?;
         }
         tx.commit().await?;
-        Ok(inserted)
+        Ok(inserted.len())
     }
 
     async fn create_workspace(
@@ -299,14 +413,8 @@ impl Store for SqliteStore {
         tier: &str,
         now: i64,
     ) -> Result<Workspace, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let exists: Option<String> = sqlx::query_scalar("SELECT name FROM tiers WHERE name = ?")
-            .bind(tier)
-            .fetch_optional(&mut *tx)
-            .await?;
-        if exists.is_none() {
-            return Err(StoreError::Invalid(format!("unknown tier '{tier}'")));
-        }
+        let mut tx = self.write_tx().await?;
+        Self::tier_exists(&mut tx, tier).await?;
         let row = sqlx::query(
             "INSERT INTO workspaces (name, tier, created_at) VALUES (?, ?, ?) RETURNING *",
         )
@@ -315,9 +423,10 @@ impl Store for SqliteStore {
         .bind(now)
         .fetch_one(&mut *tx)
         .await?;
-        Self::bump_version(&mut tx).await?;
+        let workspace = workspace_row(&row)?;
+        Self::bump_version(&mut tx, &[Changed::Workspace(workspace.id)]).await?;
         tx.commit().await?;
-        workspace_row(&row)
+        Ok(workspace)
     }
 
     async fn list_workspaces(&self) -> Result<Vec<Workspace>, StoreError> {
@@ -343,34 +452,41 @@ impl Store for SqliteStore {
         id: WorkspaceId,
         change: &WorkspaceChange,
     ) -> Result<Workspace, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        if let Some(tier) = &change.tier {
-            let exists: Option<String> =
-                sqlx::query_scalar("SELECT name FROM tiers WHERE name = ?")
-                    .bind(tier)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if exists.is_none() {
-                return Err(StoreError::Invalid(format!("unknown tier '{tier}'")));
-            }
+        let WorkspaceChange {
+            tier,
+            overrides,
+            status,
+        } = change;
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let current = workspace_row(&row)?;
+        if let Some(tier) = tier {
+            Self::tier_exists(&mut tx, tier).await?;
         }
+        let new_overrides = overrides.apply(&current.overrides);
+        new_overrides
+            .validate()
+            .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
         let row = sqlx::query(
-            "UPDATE workspaces SET tier = COALESCE(?, tier), overrides = COALESCE(?, overrides), status = COALESCE(?, status) WHERE id = ? RETURNING *",
+            "UPDATE workspaces SET tier = ?, overrides = ?, status = ? WHERE id = ? RETURNING *",
         )
-        .bind(change.tier.as_deref())
-        .bind(change.overrides.as_ref().map(json))
-        .bind(change.status.map(|s| s.as_str()))
+        .bind(tier.as_deref().unwrap_or(&current.tier))
+        .bind(json(&new_overrides))
+        .bind(status.unwrap_or(current.status).as_str())
         .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or(StoreError::NotFound)?;
-        Self::bump_version(&mut tx).await?;
+        .fetch_one(&mut *tx)
+        .await?;
+        Self::bump_version(&mut tx, &[Changed::Workspace(id)]).await?;
         tx.commit().await?;
         workspace_row(&row)
     }
 
     async fn create_key(&self, key: &NewKey, now: i64) -> Result<ApiKey, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(&format!(
             "INSERT INTO api_keys (workspace_id, name, prefix, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING {KEY_COLUMNS}"
         ))
@@ -386,9 +502,10 @@ impl Store for SqliteStore {
             sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound,
             e => e.into(),
         })?;
-        Self::bump_version(&mut tx).await?;
+        let key = key_row(&row)?;
+        Self::bump_version(&mut tx, &[Changed::Key(key.id)]).await?;
         tx.commit().await?;
-        key_row(&row)
+        Ok(key)
     }
 
     async fn list_keys(&self, workspace: WorkspaceId) -> Result<Vec<ApiKey>, StoreError> {
@@ -416,7 +533,7 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_key(&self, id: KeyId, now: i64) -> Result<ApiKey, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(&format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
         ))
@@ -425,7 +542,7 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
-        Self::bump_version(&mut tx).await?;
+        Self::bump_version(&mut tx, &[Changed::Key(id)]).await?;
         tx.commit().await?;
         key_row(&row)
     }
@@ -434,7 +551,9 @@ impl Store for SqliteStore {
         if used.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut used = used.to_vec();
+        used.sort_unstable();
+        let mut tx = self.write_tx().await?;
         for (id, at) in used {
             sqlx::query(
                 "UPDATE api_keys SET last_used_at = MAX(COALESCE(last_used_at, 0), ?) WHERE id = ?",
@@ -452,7 +571,7 @@ impl Store for SqliteStore {
         if batch.is_empty() {
             return Ok(0);
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let mut new = 0;
         for record in batch {
             match record {
@@ -463,9 +582,10 @@ impl Store for SqliteStore {
                     model,
                     tokens,
                     at,
+                    counter,
                 } => {
                     let inserted = sqlx::query(
-                        "INSERT INTO usage_events (request_id, workspace_id, day, model, tokens, settled_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO NOTHING",
+                        "INSERT INTO usage_events (request_id, workspace_id, day, model, tokens, settled_at, counter) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO NOTHING",
                     )
                     .bind(request_id)
                     .bind(workspace)
@@ -473,6 +593,7 @@ impl Store for SqliteStore {
                     .bind(model)
                     .bind(*tokens as i64)
                     .bind(at)
+                    .bind(counter.as_deref())
                     .execute(&mut *tx)
                     .await?
                     .rows_affected();
@@ -514,30 +635,17 @@ impl Store for SqliteStore {
         &self,
         workspace: WorkspaceId,
         month: MonthKey,
+        excluding_counter: Option<&str>,
     ) -> Result<MonthTotals, StoreError> {
         let (from, to) = month_range(month);
-        let rows = sqlx::query(
-            "SELECT model, SUM(tokens) AS tokens, SUM(requests) AS requests FROM usage_daily WHERE workspace_id = ? AND day >= ? AND day < ? GROUP BY model",
-        )
-        .bind(workspace)
-        .bind(&from)
-        .bind(&to)
-        .fetch_all(&self.pool)
-        .await?;
-        let mut totals = MonthTotals {
-            month: Some(month),
-            ..MonthTotals::default()
-        };
-        for row in rows {
-            let model: String = row.try_get("model")?;
-            let tokens = row.try_get::<i64, _>("tokens")? as u64;
-            totals.tokens += tokens;
-            totals.requests += row.try_get::<i64, _>("requests")? as u64;
-            if !model.is_empty() {
-                totals.by_model.insert(model, tokens);
-            }
-        }
-        Ok(totals)
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(MONTH_TOTALS_SQL)
+            .bind(workspace)
+            .bind(&from)
+            .bind(&to)
+            .bind(excluding_counter)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(month_totals_of(month, rows))
     }
 
     async fn daily_usage(
@@ -568,11 +676,22 @@ impl Store for SqliteStore {
     }
 
     async fn prune_events(&self, before: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query("DELETE FROM usage_events WHERE settled_at < ?")
+        let mut pruned = 0;
+        loop {
+            // Each batch is its own short transaction, so writers wait at most one batch.
+            let n = sqlx::query(
+                "DELETE FROM usage_events WHERE rowid IN (SELECT rowid FROM usage_events WHERE settled_at < ? LIMIT ?)",
+            )
             .bind(before)
+            .bind(PRUNE_BATCH)
             .execute(&self.pool)
             .await?
-            .rows_affected())
+            .rows_affected();
+            pruned += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn create_limit_request(
@@ -617,40 +736,42 @@ impl Store for SqliteStore {
         granted: Option<&Overrides>,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT * FROM limit_requests WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?
             .ok_or(StoreError::NotFound)?;
         let request = limit_request_row(&row)?;
+        if request.status != LimitRequestStatus::Pending {
+            return Err(already_decided(id, request.status));
+        }
         let granted = granted.unwrap_or(&request.requested_limits).clone();
-        let row = sqlx::query(
-            "UPDATE limit_requests SET status = 'approved', granted_limits = ?, decided_at = ? WHERE id = ? AND status = 'pending' RETURNING *",
-        )
-        .bind(json(&granted))
-        .bind(now)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Err(pending_or_missing(&mut tx, id).await);
-        };
-        let request = limit_request_row(&row)?;
         let current: String = sqlx::query_scalar("SELECT overrides FROM workspaces WHERE id = ?")
             .bind(request.workspace_id)
             .fetch_one(&mut *tx)
             .await?;
         let mut overrides: Overrides = parse_json(&current, "workspaces.overrides")?;
         overrides.merge(&granted);
+        overrides
+            .validate()
+            .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
+        let row = sqlx::query(
+            "UPDATE limit_requests SET status = 'approved', granted_limits = ?, decided_at = ? WHERE id = ? RETURNING *",
+        )
+        .bind(json(&granted))
+        .bind(now)
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
         sqlx::query("UPDATE workspaces SET overrides = ? WHERE id = ?")
             .bind(json(&overrides))
             .bind(request.workspace_id)
             .execute(&mut *tx)
             .await?;
-        Self::bump_version(&mut tx).await?;
+        Self::bump_version(&mut tx, &[Changed::Workspace(request.workspace_id)]).await?;
         tx.commit().await?;
-        Ok(request)
+        limit_request_row(&row)
     }
 
     async fn deny_limit_request(
@@ -659,31 +780,25 @@ impl Store for SqliteStore {
         reason: &str,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query("SELECT * FROM limit_requests WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let request = limit_request_row(&row)?;
+        if request.status != LimitRequestStatus::Pending {
+            return Err(already_decided(id, request.status));
+        }
         let row = sqlx::query(
-            "UPDATE limit_requests SET status = 'denied', reason = ?, decided_at = ? WHERE id = ? AND status = 'pending' RETURNING *",
+            "UPDATE limit_requests SET status = 'denied', reason = ?, decided_at = ? WHERE id = ? RETURNING *",
         )
         .bind(reason)
         .bind(now)
         .bind(id)
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-        let Some(row) = row else {
-            return Err(pending_or_missing(&mut tx, id).await);
-        };
         tx.commit().await?;
         limit_request_row(&row)
-    }
-}
-
-async fn pending_or_missing(tx: &mut sqlx::SqliteConnection, id: LimitRequestId) -> StoreError {
-    match sqlx::query_scalar::<_, String>("SELECT status FROM limit_requests WHERE id = ?")
-        .bind(id)
-        .fetch_optional(tx)
-        .await
-    {
-        Ok(Some(status)) => StoreError::Conflict(format!("limit request {id} is already {status}")),
-        Ok(None) => StoreError::NotFound,
-        Err(e) => e.into(),
     }
 }

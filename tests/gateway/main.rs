@@ -9,5 +9,4 @@ mod distributed;
 mod errors;
 mod harness;
 mod limits;
-mod store;
 mod streaming;

@@ -6,4 +6,5 @@
 //! module (`use support::redis::{shared_redis, RedisServer};`), so that `redis` keeps naming the
 //! `redis` crate in files that use both.
 
+pub mod postgres;
 pub mod redis;

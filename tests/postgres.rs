@@ -1,0 +1,347 @@
+//! The gateway on Postgres, end to end: moving an embedded installation there with
+//! `tiergate migrate` (through the real binary), and serving while Postgres is down.
+
+mod support;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tiergate::clock::{Clock, ManualClock};
+use tiergate::limiter::core::day_of;
+use tiergate::limiter::MonthKey;
+use tiergate::model::{default_tiers, Limits, Tier};
+use tiergate::store::UsageRecord;
+
+use support::postgres::{Gateway, Line, PgDatabase, Proxy};
+
+fn migrate(from: &str, to: &str) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["migrate", "--from", from, "--to", to])
+        .env_remove("TIERGATE_CONFIG")
+        .env_remove("TIERGATE_DATABASE")
+        .output()
+        .unwrap()
+}
+
+async fn created(gw: &Gateway, path: &str, body: Value) -> Value {
+    let (s, v) = gw.admin(Method::POST, path, Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{path}: {v}");
+    v
+}
+
+/// What a workspace's key shows on its limits page that must survive the move.
+fn page(v: &Value) -> Value {
+    json!({
+        "tier": v["tier"],
+        "limits": v["limits"],
+        "overrides": v["overrides"],
+        "tokens_this_month": v["usage"]["tokens_this_month"],
+        "requests_this_month": v["usage"]["requests_this_month"],
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_embedded_installation_moves_to_postgres_whole() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("embedded.db").display());
+    let clock = Arc::new(ManualClock::starting_now());
+
+    // An embedded installation in use: a custom tier, workspaces on different tiers, an
+    // override, an approved and a pending increase, keys (one revoked), usage this month.
+    let gw = Gateway::start(&sqlite, clock.clone()).await;
+    let gold = json!({"requests_per_second": 50, "tokens_per_minute": 900000, "tokens_per_month": 5000000});
+    let (s, v) = gw.admin(Method::PUT, "/tiers/gold", Some(gold)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let a = created(&gw, "/workspaces", json!({"name": "acme", "tier": "free"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let b = created(&gw, "/workspaces", json!({"name": "bolt", "tier": "gold"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let (s, v) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/workspaces/{a}"),
+            Some(json!({"limits": {"tokens_per_minute": 123456}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let key_of = |v: Value| v["key"].as_str().unwrap().to_string();
+    let ka = key_of(created(&gw, &format!("/workspaces/{a}/keys"), json!({})).await);
+    let kb = key_of(created(&gw, &format!("/workspaces/{b}/keys"), json!({})).await);
+    let revoked = created(
+        &gw,
+        &format!("/workspaces/{a}/keys"),
+        json!({"name": "old"}),
+    )
+    .await;
+    let (s, _) = gw
+        .admin(Method::DELETE, &format!("/keys/{}", revoked["id"]), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let revoked = key_of(revoked);
+    for _ in 0..2 {
+        assert_eq!(gw.chat(&ka).await, StatusCode::OK);
+        clock.advance(Duration::from_secs(2));
+    }
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&kb).await, StatusCode::OK);
+    }
+    let ask =
+        |tpm: u64| json!({"use_case": "launch", "requested_limits": {"tokens_per_month": tpm}});
+    let r = gw
+        .client
+        .post(format!("{}/v1/limit-requests", gw.url))
+        .bearer_auth(&ka)
+        .json(&ask(2_000_000_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let request: Value = r.json().await.unwrap();
+    let (s, v) = gw
+        .admin(
+            Method::POST,
+            &format!("/limit-requests/{}/approve", request["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r = gw
+        .client
+        .post(format!("{}/v1/limit-requests", gw.url))
+        .bearer_auth(&kb)
+        .json(&ask(9_000_000))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let (_, before_a) = gw.limits(&ka).await;
+    let (_, before_b) = gw.limits(&kb).await;
+    assert!(before_a["usage"]["tokens_this_month"].as_u64().unwrap() > 0);
+    gw.stop().await;
+
+    // A settlement counted by a shared month counter, as the limiter records them.
+    let month = MonthKey::of(clock.now());
+    {
+        let store = tiergate::store::open(&sqlite).await.unwrap();
+        store
+            .record_usage(&[UsageRecord::Settled {
+                request_id: "counted-1".into(),
+                workspace: b,
+                day: day_of(clock.now()),
+                model: "mistral-small-latest".into(),
+                tokens: 11,
+                at: clock.now_secs(),
+                counter: Some("gen-7".into()),
+            }])
+            .await
+            .unwrap();
+    }
+
+    // The target had a `serve` started on it once: seeded tiers only, replaced by the source's.
+    {
+        let target = tiergate::store::open(&db.url).await.unwrap();
+        target.seed_tiers(&default_tiers()).await.unwrap();
+        let stale = Tier {
+            name: "stale".into(),
+            limits: Limits::default(),
+        };
+        target.put_tier(&stale).await.unwrap();
+    }
+    let out = migrate(&sqlite, &db.url);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for copied in [
+        "tiers: 7,",
+        "workspaces: 2,",
+        "keys: 3 (revoked: 1),",
+        "limit requests: 2\n",
+        "ledger events: 6,",
+    ] {
+        assert!(stdout.contains(copied), "{copied}: {stdout}");
+    }
+
+    // The same gateway, now on Postgres.
+    let gw = Gateway::start(&db.url, clock.clone()).await;
+    let (s, after_a) = gw.limits(&ka).await;
+    assert_eq!(s, StatusCode::OK, "{after_a}");
+    assert_eq!(page(&after_a), page(&before_a));
+    assert_eq!(after_a["limits"]["tokens_per_minute"], 123456);
+    assert_eq!(after_a["overrides"]["tokens_per_month"], 2_000_000_000u64);
+    let (_, after_b) = gw.limits(&kb).await;
+    let mut expected_b = page(&before_b);
+    expected_b["tokens_this_month"] =
+        json!(before_b["usage"]["tokens_this_month"].as_u64().unwrap() + 11);
+    expected_b["requests_this_month"] =
+        json!(before_b["usage"]["requests_this_month"].as_u64().unwrap() + 1);
+    assert_eq!(page(&after_b), expected_b);
+    assert_eq!(after_b["limits"]["requests_per_second"], 50.0);
+    assert_eq!(gw.chat(&kb).await, StatusCode::OK);
+    assert_eq!(gw.chat(&revoked).await, StatusCode::UNAUTHORIZED);
+
+    let (_, tiers) = gw.admin(Method::GET, "/tiers", None).await;
+    let mut names: Vec<&str> = tiers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["free", "gold", "scale", "tier-1", "tier-2", "tier-3", "tier-4"]
+    );
+    let (_, requests) = gw.admin(Method::GET, "/limit-requests", None).await;
+    let statuses: Vec<&str> = requests["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["approved", "pending"]);
+    let (_, keys) = gw
+        .admin(Method::GET, &format!("/workspaces/{a}/keys"), None)
+        .await;
+    let keys = keys["data"].as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0]["last_used_at"].is_string(), "{keys:?}");
+    assert!(keys[1]["revoked_at"].is_string(), "{keys:?}");
+
+    // New ids continue after the copied ones.
+    let c = created(&gw, "/workspaces", json!({"name": "new", "tier": "tier-1"})).await;
+    assert_eq!(c["id"].as_i64().unwrap(), b + 1);
+    let kc = key_of(created(&gw, &format!("/workspaces/{}/keys", c["id"]), json!({})).await);
+    assert_eq!(gw.chat(&kc).await, StatusCode::OK);
+
+    // The counter tag came along.
+    let store = tiergate::store::open(&db.url).await.unwrap();
+    let counted = store.month_totals(b, month, None).await.unwrap();
+    let uncounted = store.month_totals(b, month, Some("gen-7")).await.unwrap();
+    assert_eq!(counted.tokens - uncounted.tokens, 11);
+    gw.stop().await;
+
+    // Into a target in use: refused, and nothing changed.
+    let version = store.catalog_version().await.unwrap();
+    let workspaces = store.list_workspaces().await.unwrap();
+    let totals = store.month_totals(b, month, None).await.unwrap();
+    let out = migrate(&sqlite, &db.url);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is not empty") && stderr.contains("nothing was changed"),
+        "{stderr}"
+    );
+    assert_eq!(store.catalog_version().await.unwrap(), version);
+    assert_eq!(store.list_workspaces().await.unwrap(), workspaces);
+    assert_eq!(store.month_totals(b, month, None).await.unwrap(), totals);
+
+    // The URLs are checked, each naming its flag.
+    let out = migrate(&db.url, &sqlite);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("from:"),
+        "{stderr}"
+    );
+    let out = migrate(
+        &format!("sqlite://{}/missing.db", dir.path().display()),
+        &db.url,
+    );
+    assert!(!out.status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(db.addr()).await;
+    let clock = Arc::new(ManualClock::starting_now());
+    let gw = Gateway::start(&db.url_via(&proxy), clock.clone()).await;
+    let id = created(
+        &gw,
+        "/workspaces",
+        json!({"name": "acme", "tier": "tier-2"}),
+    )
+    .await["id"]
+        .as_i64()
+        .unwrap();
+    let key = created(&gw, &format!("/workspaces/{id}/keys"), json!({})).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(gw.chat(&key).await, StatusCode::OK);
+
+    proxy.set(Line::Down);
+    // The admin API answers quickly that nothing was done.
+    let started = Instant::now();
+    let (s, body) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/workspaces/{id}"),
+            Some(json!({"limits": {"tokens_per_minute": 777}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(body["object"], "error");
+    assert_eq!(body["type"], "service_unavailable");
+    assert_eq!(body["code"], "database_unreachable");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("nothing was changed"), "{message}");
+    assert!(
+        !message.contains("127.0.0.1"),
+        "no internal details: {message}"
+    );
+    let ready = gw
+        .client
+        .get(format!("{}/readyz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The hot path serves from memory.
+    for _ in 0..3 {
+        assert_eq!(gw.chat(&key).await, StatusCode::OK);
+    }
+
+    // Back: the usage settled meanwhile reaches the ledger, and the refused change never
+    // happened.
+    proxy.set(Line::Up);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let requests = loop {
+        let (s, v) = gw.limits(&key).await;
+        let n = v["usage"]["requests_this_month"].as_u64();
+        if (s == StatusCode::OK && n == Some(4)) || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(requests, Some(4));
+    let (s, ws) = gw
+        .admin(Method::GET, &format!("/workspaces/{id}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ws["overrides"], json!({}));
+    let ready = gw
+        .client
+        .get(format!("{}/readyz", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+}
