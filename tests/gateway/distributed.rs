@@ -677,7 +677,12 @@ async fn a_killed_gateway_and_a_flushed_redis_lose_nothing_finished_and_count_no
         .unwrap();
     let mock = crate::harness::Mock::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite://{}", dir.path().join("crash.db").display());
+    // Postgres as in service; a SQLite file where Postgres cannot be reached outside CI.
+    let postgres = crate::support::postgres::PgDatabase::create().await;
+    let db = match &postgres {
+        Some(pg) => pg.url.clone(),
+        None => format!("sqlite://{}", dir.path().join("crash.db").display()),
+    };
     let mut first = Process::start(&db, &redis.url(), &mock.url).await;
     let client = Client::new();
     let admin = |method: reqwest::Method, path: &str, body: Value| {

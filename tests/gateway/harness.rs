@@ -10,6 +10,8 @@ use serde_json::{json, Value};
 use tiergate::clock::{Clock, ManualClock, SystemClock};
 use tiergate::config::{RawSettings, RawUpstream};
 use tiergate::limiter::redis::TimeSource;
+
+use crate::support::postgres::PgDatabase;
 use tiergate::mock_upstream::{self, MockConfig, TagStats};
 use tiergate::{App, Config};
 use tokio::sync::oneshot;
@@ -76,6 +78,7 @@ pub struct TestGateway {
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
+    _postgres: Option<Arc<PgDatabase>>,
     pub mock: Option<Arc<Mock>>,
 }
 
@@ -126,9 +129,10 @@ impl TestGateway {
         gw
     }
 
-    /// `n` gateways on one database file, in front of one mock upstream, sharing their limits
-    /// through `redis` (a URL, or cluster seeds) under a key prefix of their own, with the
-    /// system clock. `tweak` adjusts the settings of each.
+    /// `n` gateways on one database (a fresh Postgres database, as in service; a SQLite file
+    /// when Postgres cannot be reached outside CI), in front of one mock upstream, sharing their
+    /// limits through `redis` (a URL, or cluster seeds) under a key prefix of their own, with
+    /// the system clock. `tweak` adjusts the settings of each.
     pub async fn fleet(
         n: usize,
         redis: &str,
@@ -142,11 +146,13 @@ impl TestGateway {
             std::process::id() as u64 * 1_000_000 + fleet_number()
         );
         let clock = Arc::new(ManualClock::starting_now());
+        let postgres = PgDatabase::create().await.map(Arc::new);
         let mut gateways = Vec::new();
         for _ in 0..n {
             let mut raw = RawSettings {
                 redis: Some(redis.to_string()),
                 redis_prefix: Some(prefix.clone()),
+                database: postgres.as_ref().map(|p| p.url.clone()),
                 ..RawSettings::default()
             };
             tweak(&mut raw);
@@ -157,6 +163,7 @@ impl TestGateway {
             };
             let mut gw = Self::boot(&db, mock.url.clone(), options, clock.clone()).await;
             gw.mock = Some(mock.clone());
+            gw._postgres = postgres.clone();
             gateways.push(gw);
         }
         gateways[0]._dir = Some(dir);
@@ -171,7 +178,9 @@ impl TestGateway {
     ) -> TestGateway {
         let mut raw = options.raw;
         raw.listen = Some("127.0.0.1:0".into());
-        raw.database = Some(format!("sqlite://{}", db.display()));
+        if raw.database.is_none() {
+            raw.database = Some(format!("sqlite://{}", db.display()));
+        }
         raw.admin_token = options.admin_token;
         raw.upstream = RawUpstream {
             url: Some(upstream),
@@ -205,6 +214,7 @@ impl TestGateway {
             stop: Some(stop),
             server: Some(server),
             _dir: None,
+            _postgres: None,
             mock: None,
         }
     }
