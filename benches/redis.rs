@@ -821,8 +821,9 @@ async fn memory(plan: &Plan, url: &str, prefix: &str) {
         .await
         .expect("PTTL");
     println!(
-        "   (settled records stay as tombstones for 60 s, reaped by later calls; the keys \
-         expire {} s after the last call)",
+        "   (settled records stay as tombstones for {} s, reaped by later calls; the records' keys \
+         expire {} s after the last call that renews them)",
+        tiergate::limiter::redis::TOMBSTONE.as_secs(),
         ttl / 1000
     );
 }

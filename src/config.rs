@@ -579,6 +579,129 @@ mod tests {
     }
 
     #[test]
+    fn redis_settings_give_a_single_server_or_a_cluster() {
+        let redis = |raw: RawSettings| Config::try_from(raw).unwrap().redis;
+        assert!(redis(RawSettings::default()).is_none());
+        let r = redis(RawSettings {
+            redis: Some("redis://user:secret@10.0.0.5:6380/2".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            r.topology,
+            Topology::Single("redis://user:secret@10.0.0.5:6380/2".into())
+        );
+        assert_eq!(
+            (r.timeout, r.lease, r.failure_policy, r.prefix.as_str()),
+            (
+                Duration::from_millis(50),
+                Duration::from_secs(30),
+                FailurePolicy::Local,
+                "tg"
+            )
+        );
+        let r = redis(RawSettings {
+            redis: Some("redis://a:7000, redis://b:7000,redis://c:7000".into()),
+            redis_failure_policy: Some("closed".into()),
+            redis_timeout_ms: Some(20),
+            redis_lease_ms: Some(5_000),
+            instances: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            r.topology,
+            Topology::Cluster(vec![
+                "redis://a:7000".into(),
+                "redis://b:7000".into(),
+                "redis://c:7000".into()
+            ])
+        );
+        assert_eq!(
+            (r.failure_policy, r.timeout, r.instances),
+            (FailurePolicy::Closed, Duration::from_millis(20), Some(3))
+        );
+        let r = redis(RawSettings {
+            redis: Some("rediss://seed:7000".into()),
+            redis_cluster: Some(true),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            r.topology,
+            Topology::Cluster(vec!["rediss://seed:7000".into()])
+        );
+    }
+
+    #[test]
+    fn invalid_redis_settings_name_the_field_and_hide_the_password() {
+        let bad = |raw: RawSettings| Config::try_from(raw).unwrap_err().to_string();
+        let with = |url: &str| RawSettings {
+            redis: Some(url.into()),
+            ..Default::default()
+        };
+        let e = bad(with("http://u:hunter2@host:6379"));
+        assert!(e.starts_with("redis:"), "{e}");
+        assert!(!e.contains("hunter2") && e.contains("***"), "{e}");
+        let e = bad(with("redis://host:6379/x"));
+        assert!(e.starts_with("redis:"), "{e}");
+        let e = bad(with("redis://a:7000/1,redis://b:7000"));
+        assert!(e.contains("database 0"), "{e}");
+        let e = bad(RawSettings {
+            redis_failure_policy: Some("maybe".into()),
+            ..with("redis://h:6379")
+        });
+        assert!(e.starts_with("redis_failure_policy:"), "{e}");
+        let e = bad(RawSettings {
+            redis_timeout_ms: Some(0),
+            ..with("redis://h:6379")
+        });
+        assert!(e.starts_with("redis_timeout_ms:"), "{e}");
+        let e = bad(RawSettings {
+            redis_timeout_ms: Some(200),
+            redis_lease_ms: Some(500),
+            ..with("redis://h:6379")
+        });
+        assert!(e.starts_with("redis_lease_ms:"), "{e}");
+        let e = bad(RawSettings {
+            redis_prefix: Some("a}b".into()),
+            ..with("redis://h:6379")
+        });
+        assert!(e.starts_with("redis_prefix:"), "{e}");
+        let e = bad(RawSettings {
+            instances: Some(0),
+            ..with("redis://h:6379")
+        });
+        assert!(e.starts_with("instances:"), "{e}");
+    }
+
+    #[test]
+    fn redis_settings_come_from_the_environment_and_the_file() {
+        let env = env_of(&[
+            ("TIERGATE_REDIS", "redis://env:6379"),
+            ("TIERGATE_REDIS_FAILURE_POLICY", "open"),
+            ("TIERGATE_INSTANCES", "4"),
+        ]);
+        let raw: RawSettings = toml::from_str(
+            "redis = \"redis://file:6379\"\nredis_timeout_ms = 75\nredis_lease_ms = 9000\nredis_prefix = \"prod\"\n",
+        )
+        .unwrap();
+        let c = Config::try_from(raw.clone().overlay(RawSettings::from_env(&env))).unwrap();
+        let r = c.redis.unwrap();
+        assert_eq!(r.topology, Topology::Single("redis://env:6379".into()));
+        assert_eq!(
+            (r.failure_policy, r.instances, r.timeout, r.prefix.as_str()),
+            (
+                FailurePolicy::Open,
+                Some(4),
+                Duration::from_millis(75),
+                "prod"
+            )
+        );
+        assert_eq!(r.lease, Duration::from_millis(9000));
+    }
+
+    #[test]
     fn invalid_input_names_the_field() {
         let bad = |raw: RawSettings| Config::try_from(raw).unwrap_err().to_string();
         let e = bad(RawSettings {

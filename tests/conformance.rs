@@ -677,11 +677,12 @@ async fn settling_twice_counts_once() {
             .settle(&reservation, &limits[0], 300, now)
             .await
             .unwrap();
+        // Retried 5 s later, as the ledger writer retries one whose answer was lost.
         let b = limiter
-            .settle(&reservation, &limits[0], 300, now)
+            .settle(&reservation, &limits[0], 300, now + 5 * SEC)
             .await
             .unwrap();
-        assert_eq!(a, b, "{}", backend.name);
+        assert_eq!(a.counter, b.counter, "{}", backend.name);
         let u = limiter.usage(ws, &limits[0], now).await.unwrap();
         assert_eq!(
             (u.month_settled_tokens, u.in_flight, u.bucket_tokens),

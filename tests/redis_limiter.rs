@@ -712,14 +712,16 @@ async fn plant_cancel(url: &str, prefix: &str, workspace: WorkspaceId, id: Reser
     for key in keys_of(prefix, workspace) {
         invocation.key(key);
     }
-    // op, now (µs), id, tombstone ms, idle ms, generation candidate, actual, tpm, model, model tpm
+    // op, now (µs), idle ms, records ms, tombstone ms; id, generation candidate, actual, tpm,
+    // model, model tpm
     let now = (t0() / 1_000).to_string();
     for arg in [
         "cancel",
         &now,
-        &id.to_string(),
-        "60000",
         "600000",
+        "61000",
+        "10000",
+        &id.to_string(),
         "planted",
         "0",
         "0",
@@ -1313,15 +1315,16 @@ async fn a_reserve_sent_twice_is_admitted_once() {
     let script = redis::Script::new(SCRIPT);
     let now = (t0() / 1_000).to_string();
     let id = ReservationId::next().to_string();
-    // op, now, id, lease, tomb, idle, gen candidate, rate, burst capacity, tpm, month cap,
-    // concurrency, model, model tpm, model month, prompt, estimate, need base
+    // op, now, idle, records, tomb; id, lease, gen candidate, rate, burst capacity, tpm, month
+    // cap, concurrency, model, model tpm, model month, prompt, estimate, need base
     let args = [
         "reserve",
         &now,
+        "600000",
+        "61000",
+        "10000",
         &id,
         "60000",
-        "60000",
-        "600000",
         "g1",
         "1000",
         "2000000000",

@@ -5,6 +5,10 @@
 -- Every number stays an integer below 2^53, so doubles compute them exactly. Numbers are
 -- written with string.format('%d') so that no exponent notation reaches a hash.
 --
+-- Cost: Redis runs one script at a time, so each call reads the workspace's hash once (one
+-- HMGET of every field it may need), computes in Lua, and writes it once (one HSET, one
+-- PEXPIRE): about ten commands per call.
+--
 -- KEYS[1] {P:W}     hash: the workspace's buckets, concurrency, and month counter
 -- KEYS[2] {P:W}:r   hash: reservation id -> record
 -- KEYS[3] {P:W}:e   sorted set: reservation id -> expiry (lease of a live record, or the end of
@@ -17,6 +21,7 @@
 --   tl ta tc          token bucket: level (units), at (µs, moves by whole ms), capacity (tokens)
 --   mt:<m>:l/a/c      the same for model <m> (an id hashed from the model name, never the name)
 --   inflight          requests holding a concurrency slot
+--   keep              the µs until which the key must live (every bucket full again by then)
 --   mk gen based born base delta res
 --                     the month counter: month key, generation id, whether `base` was read from
 --                     the ledger, when the generation began, the ledger's total for what this
@@ -29,6 +34,10 @@
 --                             and slot were released; a late settlement still counts once
 --   S|gen                     settled (tombstone; a second settlement answers the same)
 --   C                         cancelled before its reservation was known to the caller
+--
+-- ARGV, every op: op, now (µs; 0 = the server's TIME), idle ms (the key's life after the last
+-- write), records ms (the records' keys' life after a write: the longest lease or tombstone),
+-- tombstone ms; then the op's own.
 
 local KS, KR, KE = KEYS[1], KEYS[2], KEYS[3]
 local NR = 1000000000 -- nano-requests per request
@@ -36,23 +45,25 @@ local U = 60000       -- token units per token
 local REAP = 64       -- expired records handled per call, at most
 
 local function S(n) return string.format('%d', n) end
-local function N(v) return tonumber(v) end
+local N = tonumber
 local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
 local function clamp(x, lo, hi)
   if x < lo then return lo elseif x > hi then return hi end
   return x
 end
 
-local function clock(arg)
-  local n = tonumber(arg)
-  if n and n > 0 then return n end
+local op = ARGV[1]
+local now = tonumber(ARGV[2])
+if not now or now <= 0 then
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local IDLE, RECORDS = N(ARGV[3]), N(ARGV[4])
+local TOMB = N(ARGV[5]) * 1000 -- µs
 
 -- The calendar month (UTC) of a microsecond, as year * 12 + month - 1 (civil_from_days).
-local function month_of(now)
-  local z = math.floor(now / 86400000000) + 719468
+local function month_of(t)
+  local z = math.floor(t / 86400000000) + 719468
   local era = math.floor(z / 146097)
   local doe = z - era * 146097
   local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
@@ -79,9 +90,119 @@ local function split(s)
 end
 
 -- ---------------------------------------------------------------------------------------------
+-- The workspace's hash, read once and written once
+
+local state, dirty, dropped = {}, {}, {}
+local records_written = false
+
+-- Reads the fields not read yet (one HMGET). A missing field reads as false.
+local function load(fields)
+  local need = {}
+  for _, f in ipairs(fields) do
+    if state[f] == nil then need[#need + 1] = f end
+  end
+  if #need == 0 then return end
+  local v = redis.call('HMGET', KS, unpack(need))
+  for i, f in ipairs(need) do state[f] = v[i] end
+end
+
+local function get(f)
+  local v = state[f]
+  if v == false then return nil end
+  return v
+end
+
+local function num(f) return N(get(f)) end
+
+local function put(f, v)
+  state[f] = v
+  dirty[f] = true
+  dropped[f] = nil
+end
+
+local function drop(f)
+  state[f] = false
+  dirty[f] = nil
+  dropped[f] = true
+end
+
+local function model_fields(m)
+  if m == '' then return {} end
+  local p = 'mt:' .. m .. ':'
+  return {p .. 'l', p .. 'a', p .. 'c', 'mb:' .. m, 'md:' .. m, 'mr:' .. m}
+end
+
+-- Reads the fields an op needs: the month counter, the key's life, and the buckets of the
+-- limits given (a model's when there is one).
+local function load_for(rate, tpm, m, mtpm)
+  local fields = {'keep', 'exp', 'rexp', 'inflight', 'mk', 'gen', 'based', 'base', 'delta', 'res'}
+  if rate > 0 then
+    fields[#fields + 1] = 'rl'
+    fields[#fields + 1] = 'ra'
+    fields[#fields + 1] = 'rc'
+  end
+  if tpm > 0 then
+    fields[#fields + 1] = 'tl'
+    fields[#fields + 1] = 'ta'
+    fields[#fields + 1] = 'tc'
+  end
+  if m ~= '' then
+    fields[#fields + 1] = 'mb:' .. m
+    fields[#fields + 1] = 'md:' .. m
+    fields[#fields + 1] = 'mr:' .. m
+    if mtpm > 0 then
+      local p = 'mt:' .. m .. ':'
+      fields[#fields + 1] = p .. 'l'
+      fields[#fields + 1] = p .. 'a'
+      fields[#fields + 1] = p .. 'c'
+    end
+  end
+  load(fields)
+end
+
+-- The key must live until `t` (µs): every bucket written is full again by then.
+local function keep_until(t)
+  if t > (num('keep') or 0) then put('keep', t) end
+end
+
+-- Writes what changed (one HSET, one HDEL) and gives the keys their life: at least IDLE after
+-- the last write, and until every bucket is full again (`keep`); the records' keys as long as
+-- their longest lease or tombstone. When the life a key was last given (`exp`, `rexp`) still
+-- covers what is needed by a good margin, it is not given again: most calls set no expiry.
+-- A key that expires loses nothing the ledger does not have.
+local function finish()
+  if records_written then
+    local rexp = num('rexp') or 0
+    if rexp < now + RECORDS * 1000 or redis.call('PTTL', KE) < 0 then
+      redis.call('PEXPIRE', KR, S(2 * RECORDS))
+      redis.call('PEXPIRE', KE, S(2 * RECORDS))
+      put('rexp', now + 2 * RECORDS * 1000)
+    end
+  end
+  if next(dirty) == nil and next(dropped) == nil then return end
+  local keep = num('keep') or 0
+  local exp = num('exp') or 0
+  if exp < now + IDLE * 500 or exp < keep then
+    local life = math.max(now + IDLE * 1000, keep)
+    put('exp', life)
+    redis.call('PEXPIRE', KS, S(ceil_div(life - now, 1000)))
+  end
+  local args = {}
+  for f in pairs(dirty) do
+    local v = state[f]
+    args[#args + 1] = f
+    args[#args + 1] = type(v) == 'number' and S(v) or v
+  end
+  local gone = {}
+  for f in pairs(dropped) do gone[#gone + 1] = f end
+  if #gone > 0 then redis.call('HDEL', KS, unpack(gone)) end
+  redis.call('HSET', KS, unpack(args))
+end
+
+-- ---------------------------------------------------------------------------------------------
 -- Buckets (the same arithmetic as core.rs)
 
-local function req_at(l, a, c, cap, rate, now)
+local function req_at(l, a, c, cap, rate)
   if not l then return cap, now end
   local level = math.min(l + cap - c, cap)
   if now <= a then return level, a end
@@ -92,7 +213,11 @@ local function req_at(l, a, c, cap, rate, now)
   return level + elapsed * rate, now
 end
 
-local function tok_at(l, a, c, cap, now)
+local function req_load(cap, rate)
+  return req_at(num('rl'), num('ra'), num('rc'), cap, rate)
+end
+
+local function tok_at(l, a, c, cap)
   local capu = cap * U
   if not l then return capu, now end
   local level = clamp(l + (cap - c) * U, -capu, capu)
@@ -104,34 +229,35 @@ local function tok_at(l, a, c, cap, now)
   return level + ms * cap, a + ms * 1000
 end
 
-local function tok_available_at(level, at, cap, cost, now)
+local function tok_available_at(level, at, cap, cost)
   local need = cost * U - level
   if need <= 0 then return now end
   return at + ceil_div(need, cap) * 1000
 end
 
-local function tok_full_at(level, at, cap, now)
+local function tok_full_at(level, at, cap)
   local missing = cap * U - level
   if missing <= 0 then return now end
   return at + ceil_div(missing, cap) * 1000
 end
 
--- A token bucket stored under prefix p ('t' or 'mt:<m>:'): returns level, at, and whether it
--- exists.
-local function tok_load(p, cap, now)
-  local v = redis.call('HMGET', KS, p .. 'l', p .. 'a', p .. 'c')
-  local l, a, c = N(v[1]), N(v[2]), N(v[3])
-  local level, at = tok_at(l, a, c, cap, now)
+-- A token bucket under prefix p ('t' or 'mt:<m>:'): level, at, and whether it exists.
+local function tok_load(p, cap)
+  local l = num(p .. 'l')
+  local level, at = tok_at(l, num(p .. 'a'), num(p .. 'c'), cap)
   return level, at, l ~= nil
 end
 
 local function tok_store(p, level, at, cap)
-  redis.call('HSET', KS, p .. 'l', S(level), p .. 'a', S(at), p .. 'c', S(cap))
+  put(p .. 'l', level)
+  put(p .. 'a', at)
+  put(p .. 'c', cap)
+  keep_until(tok_full_at(level, at, cap))
 end
 
 -- Adds `tokens` (negative takes) to bucket p, within one minute of debt and the capacity.
-local function tok_add(p, cap, tokens, now, create)
-  local level, at, exists = tok_load(p, cap, now)
+local function tok_add(p, cap, tokens, create)
+  local level, at, exists = tok_load(p, cap)
   if not exists and not create then return end
   local capu = cap * U
   tok_store(p, clamp(level + tokens * U, -capu, capu), at, cap)
@@ -140,63 +266,61 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- The month counter
 
-local function model_fields_of_month()
-  local fields = {}
+local function new_generation(mk, gen)
   for _, f in ipairs(redis.call('HKEYS', KS)) do
     local p = string.sub(f, 1, 3)
-    if p == 'mb:' or p == 'md:' or p == 'mr:' then fields[#fields + 1] = f end
+    if p == 'mb:' or p == 'md:' or p == 'mr:' then drop(f) end
   end
-  return fields
-end
-
--- A call that creates the key here may write nothing else (a read, a denial), so a key without
--- a TTL gets `idle` ms.
-local function new_generation(mk, gen, now, idle)
-  local old = model_fields_of_month()
-  if #old > 0 then redis.call('HDEL', KS, unpack(old)) end
-  redis.call('HSET', KS, 'mk', S(mk), 'gen', gen, 'based', '0', 'born', S(now),
-    'base', '0', 'delta', '0', 'res', '0')
-  if redis.call('PTTL', KS) < 0 then redis.call('PEXPIRE', KS, S(idle)) end
+  for f in pairs(dirty) do
+    local p = string.sub(f, 1, 3)
+    if p == 'mb:' or p == 'md:' or p == 'mr:' then drop(f) end
+  end
+  put('mk', mk)
+  put('gen', gen)
+  put('based', '0')
+  put('born', now)
+  put('base', 0)
+  put('delta', 0)
+  put('res', 0)
 end
 
 -- The counter of the month of `now`: starts a new, unbased generation when there is none (a
--- flushed or expired key) or it belongs to an earlier month. Returns gen, based.
-local function month_counter(now, candidate, idle)
+-- flushed or expired key) or it belongs to an earlier month. Returns gen, based, month.
+local function month_counter(candidate)
   local mk = month_of(now)
-  local v = redis.call('HMGET', KS, 'mk', 'gen', 'based')
-  if N(v[1]) ~= mk or not v[2] then
-    new_generation(mk, candidate, now, idle)
+  if num('mk') ~= mk or not get('gen') then
+    new_generation(mk, candidate)
     return candidate, false, mk
   end
-  return v[2], v[3] == '1', mk
+  return get('gen'), get('based') == '1', mk
 end
 
-local function hincr(field, n)
-  if n ~= 0 then redis.call('HINCRBY', KS, field, S(n)) end
+local function add(f, n)
+  if n ~= 0 then put(f, (num(f) or 0) + n) end
 end
 
 -- Adds n to a model's month field, dropping the model's fields once all three are 0, so that
 -- names a client makes up (and the upstream refuses) leave nothing behind.
-local function model_incr(kind, m, n)
+local function model_add(kind, m, n)
   if m == '' or n == 0 then return end
-  local after = redis.call('HINCRBY', KS, 'm' .. kind .. ':' .. m, S(n))
-  if after == 0 then
-    local f = {'mb:' .. m, 'md:' .. m, 'mr:' .. m}
-    local v = redis.call('HMGET', KS, f[1], f[2], f[3])
-    if (N(v[1]) or 0) == 0 and (N(v[2]) or 0) == 0 and (N(v[3]) or 0) == 0 then
-      redis.call('HDEL', KS, f[1], f[2], f[3])
-    end
+  local fb, fd, fr = 'mb:' .. m, 'md:' .. m, 'mr:' .. m
+  load({fb, fd, fr})
+  local f = 'm' .. kind .. ':' .. m
+  local after = (num(f) or 0) + n
+  put(f, after)
+  if (num(fb) or 0) == 0 and (num(fd) or 0) == 0 and (num(fr) or 0) == 0 then
+    drop(fb)
+    drop(fd)
+    drop(fr)
   end
 end
 
 local function month_used()
-  local v = redis.call('HMGET', KS, 'base', 'delta', 'res')
-  return (N(v[1]) or 0) + (N(v[2]) or 0), N(v[3]) or 0
+  return (num('base') or 0) + (num('delta') or 0), num('res') or 0
 end
 
 local function model_used(m)
-  local v = redis.call('HMGET', KS, 'mb:' .. m, 'md:' .. m, 'mr:' .. m)
-  return (N(v[1]) or 0) + (N(v[2]) or 0) + (N(v[3]) or 0)
+  return (num('mb:' .. m) or 0) + (num('md:' .. m) or 0) + (num('mr:' .. m) or 0)
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -204,90 +328,74 @@ end
 
 -- Releases what a live record holds in the month counter and its slot.
 local function release_hold(tokens, gen, m, slot)
-  local current = redis.call('HGET', KS, 'gen')
-  if current == gen then
-    hincr('res', -tokens)
-    model_incr('r', m, -tokens)
+  if get('gen') == gen then
+    add('res', -tokens)
+    model_add('r', m, -tokens)
   end
-  if slot == '1' then
-    local left = redis.call('HINCRBY', KS, 'inflight', -1)
-    if left < 0 then redis.call('HSET', KS, 'inflight', '0') end
-  end
-end
-
--- The records live until the last of them expires, and a second more.
-local function expire_records(now)
-  local last = redis.call('ZRANGE', KE, -1, -1, 'WITHSCORES')
-  if last[2] then
-    local rttl = math.max(1000, ceil_div(N(last[2]) - now, 1000) + 1000)
-    redis.call('PEXPIRE', KR, S(rttl))
-    redis.call('PEXPIRE', KE, S(rttl))
-  end
+  if slot == '1' then put('inflight', math.max((num('inflight') or 0) - 1, 0)) end
 end
 
 -- Expired leases: the instance that holds them is presumed gone. Their month hold and slot are
 -- released; the record stays as X (with what it took from the buckets) until its tombstone
--- ends, so that a late settlement still counts once. The keys are kept that long here, since
--- the call that reaps may be one that writes nothing else (a read, a denial).
-local function reap(now, tomb)
+-- ends, so that a late settlement still counts once. Other expired records go.
+local function reap()
   local ids = redis.call('ZRANGEBYSCORE', KE, '-inf', S(now), 'LIMIT', 0, REAP)
-  local kept = false
-  for _, id in ipairs(ids) do
-    local rec = redis.call('HGET', KR, id)
+  if #ids == 0 then return end
+  local recs = redis.call('HMGET', KR, unpack(ids))
+  local gone, expired, until_ = {}, {}, {}
+  for i, id in ipairs(ids) do
+    local rec = recs[i]
     if rec and string.sub(rec, 1, 1) == 'L' then
       local r = split(rec)
       release_hold(N(r[2]), r[3], r[4], r[5])
-      redis.call('HSET', KR, id, 'X|' .. r[2] .. '|' .. r[3] .. '|' .. r[4])
-      redis.call('ZADD', KE, S(now + tomb), id)
-      kept = true
+      expired[#expired + 1] = id
+      expired[#expired + 1] = 'X|' .. r[2] .. '|' .. r[3] .. '|' .. r[4]
+      until_[#until_ + 1] = S(now + TOMB)
+      until_[#until_ + 1] = id
     else
-      redis.call('HDEL', KR, id)
-      redis.call('ZREM', KE, id)
+      gone[#gone + 1] = id
     end
   end
-  if kept then expire_records(now) end
+  if #gone > 0 then
+    redis.call('HDEL', KR, unpack(gone))
+    redis.call('ZREM', KE, unpack(gone))
+  end
+  if #expired > 0 then
+    redis.call('HSET', KR, unpack(expired))
+    redis.call('ZADD', KE, unpack(until_))
+    records_written = true
+  end
 end
 
--- Keys live while anything in them matters: at least `idle` ms after the last call, at least
--- until every bucket written is full again (`until_us`), and the records until their last
--- expiry. A key that expires loses nothing the ledger does not have.
-local function expire(now, idle, until_us)
-  local ttl = math.max(idle, ceil_div(until_us - now, 1000))
-  local current = redis.call('PTTL', KS)
-  if current > ttl then ttl = current end
-  redis.call('PEXPIRE', KS, S(ttl))
-  expire_records(now)
+local function record(id, value, expiry)
+  redis.call('HSET', KR, id, value)
+  redis.call('ZADD', KE, S(expiry), id)
+  records_written = true
 end
 
 -- ---------------------------------------------------------------------------------------------
 -- Views
 
 -- Requests window: remaining, full_at.
-local function req_view(rate, cap, now)
-  if rate == 0 then return 0, 0 end
-  local v = redis.call('HMGET', KS, 'rl', 'ra', 'rc')
-  local level, at = req_at(N(v[1]), N(v[2]), N(v[3]), cap, rate, now)
+local function req_view(level, at, cap, rate)
   return math.floor(math.max(level, 0) / NR), at + ceil_div(cap - level, rate)
 end
 
 -- Tokens window: remaining, full_at, balance (whole tokens, truncated toward zero).
-local function tok_view(tpm, now)
+local function tok_view(tpm)
   if tpm == 0 then return 0, 0, 0 end
-  local level, at = tok_load('t', tpm, now)
+  local level, at = tok_load('t', tpm)
   local balance
   if level >= 0 then balance = math.floor(level / U) else balance = -math.floor(-level / U) end
-  return math.floor(math.max(level, 0) / U), tok_full_at(level, at, tpm, now), balance
+  return math.floor(math.max(level, 0) / U), tok_full_at(level, at, tpm), balance
 end
 
 -- ---------------------------------------------------------------------------------------------
 -- Operations
 
-local op = ARGV[1]
-local now = clock(ARGV[2])
-
 if op == 'heartbeat' then
-  -- ARGV: op, now, instance id, ttl ms. Answers {now, instances, rank of this one}.
-  local id, ttl = ARGV[3], N(ARGV[4])
+  -- ARGV 6..: instance id, ttl ms. Answers {now, instances, rank of this one}.
+  local id, ttl = ARGV[6], N(ARGV[7])
   redis.call('ZREMRANGEBYSCORE', KS, '-inf', S(now))
   redis.call('ZADD', KS, S(now + ttl * 1000), id)
   redis.call('PEXPIRE', KS, S(ttl * 10))
@@ -299,27 +407,33 @@ if op == 'heartbeat' then
 end
 
 if op == 'reserve' then
-  -- ARGV: op, now, id, lease ms, tomb ms, idle ms, gen candidate,
-  --       rate, burst capacity, tpm, month cap, concurrency, model, model tpm, model month,
-  --       prompt, estimate, need base (1 when the caller wants the month exact)
-  local id, lease, tomb, idle, cand = ARGV[3], N(ARGV[4]), N(ARGV[5]), N(ARGV[6]), ARGV[7]
-  local rate, rcap, tpm, mcap, conc = N(ARGV[8]), N(ARGV[9]), N(ARGV[10]), N(ARGV[11]), N(ARGV[12])
-  local m, mtpm, mmcap = ARGV[13], N(ARGV[14]), N(ARGV[15])
-  local prompt, estimate = N(ARGV[16]), N(ARGV[17])
-  reap(now, tomb * 1000)
+  -- ARGV 6..: id, lease ms, gen candidate, rate, burst capacity, tpm, month cap, concurrency,
+  -- model, model tpm, model month, prompt, estimate, need base (1: the month must be exact)
+  local id, lease, cand = ARGV[6], N(ARGV[7]), ARGV[8]
+  local rate, rcap, tpm, mcap, conc = N(ARGV[9]), N(ARGV[10]), N(ARGV[11]), N(ARGV[12]), N(ARGV[13])
+  local m, mtpm, mmcap = ARGV[14], N(ARGV[15]), N(ARGV[16])
+  local prompt, estimate = N(ARGV[17]), N(ARGV[18])
+  load_for(rate, tpm, m, mtpm)
+  reap()
   local known = redis.call('HGET', KR, id)
   if known then
     -- The same reservation again (a client that re-sent the call after losing the answer):
     -- it was admitted once and is answered so, taking nothing more. A cancelled id is refused.
+    finish()
     if string.sub(known, 1, 1) ~= 'L' then return {3, now} end
     local r = split(known)
-    local rr, rf = req_view(rate, rcap, now)
-    local tr, tf = tok_view(tpm, now)
+    local rr, rf = 0, 0
+    if rate > 0 then
+      local level, at = req_load(rcap, rate)
+      rr, rf = req_view(level, at, rcap, rate)
+    end
+    local tr, tf = tok_view(tpm)
     local settled, reserved = month_used()
     return {1, now, N(r[2]), r[3], rr, rf, tr, tf, settled + reserved, month_of(now)}
   end
-  local gen, based, mk = month_counter(now, cand, idle)
-  if not based and (mcap > 0 or mmcap > 0 or ARGV[18] == '1') then
+  local gen, based, mk = month_counter(cand)
+  if not based and (mcap > 0 or mmcap > 0 or ARGV[19] == '1') then
+    finish()
     return {2, now, gen, mk}
   end
 
@@ -342,27 +456,27 @@ if op == 'reserve' then
 
   local rlevel, rat
   if rate > 0 then
-    local v = redis.call('HMGET', KS, 'rl', 'ra', 'rc')
-    rlevel, rat = req_at(N(v[1]), N(v[2]), N(v[3]), rcap, rate, now)
+    rlevel, rat = req_load(rcap, rate)
     local need = NR - rlevel
     if need > 0 then candidate(0, 1, rat + ceil_div(need, rate)) end
   end
-  local inflight = N(redis.call('HGET', KS, 'inflight')) or 0
+  local inflight = num('inflight') or 0
   if conc > 0 and inflight >= conc then candidate(0, 4, now + 1000000) end
   local tlevel, tat
   if tpm > 0 then
-    tlevel, tat = tok_load('t', tpm, now)
-    local at = tok_available_at(tlevel, tat, tpm, tokens, now)
+    tlevel, tat = tok_load('t', tpm)
+    local at = tok_available_at(tlevel, tat, tpm, tokens)
     if at > now and tokens <= tpm then candidate(0, 2, at) end
   end
   local settled, reserved = month_used()
   if mcap > 0 and settled + reserved + tokens > mcap and tokens <= mcap then
     candidate(1, 3, 0)
   end
+  local mp = 'mt:' .. m .. ':'
   local mlevel, mat
   if m ~= '' and mtpm > 0 then
-    mlevel, mat = tok_load('mt:' .. m .. ':', mtpm, now)
-    local at = tok_available_at(mlevel, mat, mtpm, tokens, now)
+    mlevel, mat = tok_load(mp, mtpm)
+    local at = tok_available_at(mlevel, mat, mtpm, tokens)
     if at > now and tokens <= mtpm then candidate(0, 5, at) end
   end
   if m ~= '' and mmcap > 0 and model_used(m) + tokens > mmcap and tokens <= mmcap then
@@ -370,159 +484,182 @@ if op == 'reserve' then
   end
 
   if best_kind >= 0 then
-    local rr, rf = req_view(rate, rcap, now)
-    local tr, tf = tok_view(tpm, now)
+    finish()
+    local rr, rf = 0, 0
+    if rate > 0 then rr, rf = req_view(rlevel, rat, rcap, rate) end
+    local tr, tf = tok_view(tpm)
     return {0, now, best_kind, best_limit, best_at, rr, rf, tr, tf, settled + reserved, mk}
   end
 
   -- Admit: take from every limit.
-  local until_us = now
+  local rr, rf = 0, 0
   if rate > 0 then
-    redis.call('HSET', KS, 'rl', S(rlevel - NR), 'ra', S(rat), 'rc', S(rcap))
-    until_us = math.max(until_us, rat + ceil_div(rcap - rlevel + NR, rate))
+    rlevel = rlevel - NR
+    put('rl', rlevel)
+    put('ra', rat)
+    put('rc', rcap)
+    rr, rf = req_view(rlevel, rat, rcap, rate)
+    keep_until(rf)
   end
   local slot = '0'
   if conc > 0 then
-    redis.call('HSET', KS, 'inflight', S(inflight + 1))
+    put('inflight', inflight + 1)
     slot = '1'
   end
+  local tr, tf = 0, 0
   if tpm > 0 then
     local capu = tpm * U
     local level = clamp(tlevel - tokens * U, -capu, capu)
     tok_store('t', level, tat, tpm)
-    until_us = math.max(until_us, tok_full_at(level, tat, tpm, now))
+    tr, tf = math.floor(math.max(level, 0) / U), tok_full_at(level, tat, tpm)
   end
-  hincr('res', tokens)
+  add('res', tokens)
   if m ~= '' then
-    model_incr('r', m, tokens)
+    model_add('r', m, tokens)
     if mtpm > 0 then
       local capu = mtpm * U
-      local level = clamp(mlevel - tokens * U, -capu, capu)
-      tok_store('mt:' .. m .. ':', level, mat, mtpm)
-      until_us = math.max(until_us, tok_full_at(level, mat, mtpm, now))
+      tok_store(mp, clamp(mlevel - tokens * U, -capu, capu), mat, mtpm)
     end
   end
-  redis.call('HSET', KR, id, 'L|' .. S(tokens) .. '|' .. gen .. '|' .. m .. '|' .. slot)
-  redis.call('ZADD', KE, S(now + lease * 1000), id)
-  expire(now, idle, until_us)
-  local rr, rf = req_view(rate, rcap, now)
-  local tr, tf = tok_view(tpm, now)
-  settled, reserved = month_used()
-  return {1, now, tokens, gen, rr, rf, tr, tf, settled + reserved, mk}
+  record(id, 'L|' .. S(tokens) .. '|' .. gen .. '|' .. m .. '|' .. slot, now + lease * 1000)
+  finish()
+  return {1, now, tokens, gen, rr, rf, tr, tf, settled + reserved + tokens, mk}
 end
 
 if op == 'settle' or op == 'cancel' then
-  -- ARGV: op, now, id, tomb ms, idle ms, gen candidate, actual, tpm, model, model tpm
+  -- ARGV 6..: id, gen candidate, actual, tpm, model, model tpm
   -- Settles once: a live record is replaced by its actual usage; an expired one (X) counts its
   -- usage and returns what it took from the buckets; one the server no longer knows (flushed)
   -- counts its usage as new. `cancel` settles a live record to 0 and, when there is none,
   -- leaves a tombstone so that a reservation arriving late is refused.
-  local id, tomb, idle, cand = ARGV[3], N(ARGV[4]), N(ARGV[5]), ARGV[6]
-  local actual, tpm, m, mtpm = N(ARGV[7]), N(ARGV[8]), ARGV[9], N(ARGV[10])
-  reap(now, tomb * 1000)
+  local id, cand = ARGV[6], ARGV[7]
+  local actual, tpm, m, mtpm = N(ARGV[8]), N(ARGV[9]), ARGV[10], N(ARGV[11])
+  load_for(0, tpm, m, mtpm)
+  reap()
   local rec = redis.call('HGET', KR, id)
   local kind = rec and string.sub(rec, 1, 1)
-  if kind == 'S' then return {1, now, string.sub(rec, 3)} end
-  if kind == 'C' then return {1, now, ''} end
-  if op == 'cancel' then
-    if kind ~= 'L' then
-      redis.call('HSET', KR, id, 'C')
-      redis.call('ZADD', KE, S(now + tomb * 1000), id)
-      expire(now, idle, now)
-      return {1, now, ''}
-    end
-    actual = 0
+  if kind == 'S' then
+    finish()
+    return {1, now, string.sub(rec, 3)}
   end
-  local gen = month_counter(now, cand, idle)
-  local held, delta, create = 0, -actual, true
+  if kind == 'C' or (op == 'cancel' and kind ~= 'L') then
+    if not kind then record(id, 'C', now + TOMB) end
+    finish()
+    return {1, now, ''}
+  end
+  if op == 'cancel' then actual = 0 end
+  local gen = month_counter(cand)
+  local delta, create = -actual, true
   if kind == 'L' or kind == 'X' then
     local r = split(rec)
-    held, create = N(r[2]), false
-    delta = held - actual
+    local held = N(r[2])
+    delta, create = held - actual, false
+    -- An expired record (X) released its hold when it was reaped.
     if kind == 'L' then release_hold(held, r[3], r[4], r[5]) end
-    if r[4] ~= '' then m = r[4] end
   end
-  if tpm > 0 then tok_add('t', tpm, delta, now, create) end
-  if m ~= '' and mtpm > 0 then tok_add('mt:' .. m .. ':', mtpm, delta, now, create) end
-  hincr('delta', actual)
-  model_incr('d', m, actual)
+  if tpm > 0 then tok_add('t', tpm, delta, create) end
+  if m ~= '' and mtpm > 0 then tok_add('mt:' .. m .. ':', mtpm, delta, create) end
+  add('delta', actual)
+  model_add('d', m, actual)
   if op == 'cancel' then
-    redis.call('HSET', KR, id, 'C')
+    record(id, 'C', now + TOMB)
   else
-    redis.call('HSET', KR, id, 'S|' .. gen)
+    record(id, 'S|' .. gen, now + TOMB)
   end
-  redis.call('ZADD', KE, S(now + tomb * 1000), id)
-  expire(now, idle, now + 120000000)
+  finish()
   return {1, now, gen}
 end
 
 if op == 'release' then
-  -- ARGV: op, now, id: frees a live record's concurrency slot now.
-  local rec = redis.call('HGET', KR, ARGV[3])
+  -- ARGV 6: id. Frees a live record's concurrency slot now.
+  local id = ARGV[6]
+  local rec = redis.call('HGET', KR, id)
   if rec and string.sub(rec, 1, 1) == 'L' then
     local r = split(rec)
     if r[5] == '1' then
+      load({'inflight', 'gen'})
       release_hold(0, r[3], r[4], '1')
-      redis.call('HSET', KR, ARGV[3], 'L|' .. r[2] .. '|' .. r[3] .. '|' .. r[4] .. '|0')
+      redis.call('HSET', KR, id, 'L|' .. r[2] .. '|' .. r[3] .. '|' .. r[4] .. '|0')
+      finish()
     end
   end
   return {1, now}
 end
 
 if op == 'renew' then
-  -- ARGV: op, now, lease ms, idle ms, ids...: extends the leases of live records.
-  local lease, idle = N(ARGV[3]), N(ARGV[4])
+  -- ARGV 6..: lease ms, ids: extends the leases of live records.
+  local lease = N(ARGV[6])
+  local ids = {}
+  for i = 7, #ARGV do ids[#ids + 1] = ARGV[i] end
   local renewed = 0
-  for i = 5, #ARGV do
-    local rec = redis.call('HGET', KR, ARGV[i])
-    if rec and string.sub(rec, 1, 1) == 'L' then
-      redis.call('ZADD', KE, S(now + lease * 1000), ARGV[i])
-      renewed = renewed + 1
+  if #ids > 0 then
+    local recs = redis.call('HMGET', KR, unpack(ids))
+    local scores = {}
+    for i, id in ipairs(ids) do
+      if recs[i] and string.sub(recs[i], 1, 1) == 'L' then
+        scores[#scores + 1] = S(now + lease * 1000)
+        scores[#scores + 1] = id
+        renewed = renewed + 1
+      end
+    end
+    if renewed > 0 then
+      redis.call('ZADD', KE, 'XX', unpack(scores))
+      records_written = true
+      load({'keep'})
+      keep_until(now + lease * 1000)
+      finish()
     end
   end
-  if renewed > 0 then expire(now, idle, now) end
   return {1, now, renewed}
 end
 
 if op == 'usage' then
-  -- ARGV: op, now, tomb ms, gen candidate, rate, burst capacity, tpm, need base, idle ms
-  local tomb, cand = N(ARGV[3]), ARGV[4]
-  local rate, rcap, tpm = N(ARGV[5]), N(ARGV[6]), N(ARGV[7])
-  reap(now, tomb * 1000)
-  local gen, based, mk = month_counter(now, cand, N(ARGV[9]))
-  if not based and ARGV[8] == '1' then return {2, now, gen, mk} end
-  local rr, rf = req_view(rate, rcap, now)
-  local tr, tf, balance = tok_view(tpm, now)
+  -- ARGV 6..: gen candidate, rate, burst capacity, tpm, need base
+  local cand = ARGV[6]
+  local rate, rcap, tpm = N(ARGV[7]), N(ARGV[8]), N(ARGV[9])
+  load_for(rate, tpm, '', 0)
+  reap()
+  local gen, based, mk = month_counter(cand)
+  finish()
+  if not based and ARGV[10] == '1' then return {2, now, gen, mk} end
+  local rr, rf = 0, 0
+  if rate > 0 then
+    local level, at = req_load(rcap, rate)
+    rr, rf = req_view(level, at, rcap, rate)
+  end
+  local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
-  local inflight = N(redis.call('HGET', KS, 'inflight')) or 0
-  return {1, now, rr, rf, tr, tf, balance, settled, reserved, inflight, mk, gen}
+  return {1, now, rr, rf, tr, tf, balance, settled, reserved, num('inflight') or 0, mk, gen}
 end
 
 if op == 'base' then
-  -- ARGV: op, now, gen, window ms, tokens, then model/tokens pairs. Sets the ledger's total for
+  -- ARGV 6..: gen, window ms, tokens, then model/tokens pairs. Sets the ledger's total for
   -- what generation `gen` did not count; later calls within the window may only raise it (the
   -- ledger only grows, and what lagged behind a flush arrives).
-  local gen, window, base = ARGV[3], N(ARGV[4]), N(ARGV[5])
-  local v = redis.call('HMGET', KS, 'gen', 'based', 'born')
-  if v[1] ~= gen then return {0, now} end
-  if v[2] == '1' and now - (N(v[3]) or 0) > window * 1000 then return {0, now} end
-  local current = N(redis.call('HGET', KS, 'base')) or 0
-  redis.call('HSET', KS, 'base', S(math.max(current, base)), 'based', '1')
-  for i = 6, #ARGV - 1, 2 do
+  local gen, window, base = ARGV[6], N(ARGV[7]), N(ARGV[8])
+  local fields = {'gen', 'based', 'born', 'base', 'keep'}
+  for i = 9, #ARGV - 1, 2 do fields[#fields + 1] = 'mb:' .. ARGV[i] end
+  load(fields)
+  if get('gen') ~= gen then return {0, now} end
+  if get('based') == '1' and now - (num('born') or 0) > window * 1000 then return {0, now} end
+  put('base', math.max(num('base') or 0, base))
+  put('based', '1')
+  for i = 9, #ARGV - 1, 2 do
     local f = 'mb:' .. ARGV[i]
-    local had = N(redis.call('HGET', KS, f)) or 0
     local want = N(ARGV[i + 1])
-    if want > had then redis.call('HSET', KS, f, S(want)) end
+    if want > (num(f) or 0) then put(f, want) end
   end
+  finish()
   return {1, now}
 end
 
 if op == 'newgen' then
-  -- ARGV: op, now, gen candidate, idle ms: starts a new generation of the month counter (after
-  -- this instance enforced limits on its own for a while, or to rebuild from the ledger).
-  local mk = month_of(now)
-  new_generation(mk, ARGV[3], now, N(ARGV[4]))
-  return {1, now, ARGV[3]}
+  -- ARGV 6: gen candidate. Starts a new generation of the month counter (after this instance
+  -- enforced limits on its own for a while, or to rebuild it from the ledger).
+  load({'keep'})
+  new_generation(month_of(now), ARGV[6])
+  finish()
+  return {1, now, ARGV[6]}
 end
 
 return redis.error_reply('tiergate: unknown op ' .. tostring(op))

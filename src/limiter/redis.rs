@@ -46,8 +46,10 @@ use crate::model::{Limits, WorkspaceId};
 /// How long a workspace's keys live after its last call (longer while a bucket refills).
 pub const IDLE_TTL: Duration = Duration::from_secs(600);
 /// How long a settled or cancelled reservation is remembered: a settlement retried within it
-/// never counts twice.
-pub const TOMBSTONE: Duration = Duration::from_secs(60);
+/// answers as the first did. One retried later, after an attempt that may have landed, first
+/// starts a new generation of the month counter (rebuilt from the ledger), so it still counts
+/// once. Short, because a busy workspace keeps one tombstone per request for this long.
+pub const TOMBSTONE: Duration = Duration::from_secs(10);
 /// After a counter generation is first based on the ledger, it is raised again this long after,
 /// for ledger writes of other instances that lagged behind.
 const REBASE_AFTER: [Duration; 3] = [
@@ -115,6 +117,8 @@ struct Inner {
     live: Mutex<HashMap<ReservationId, WorkspaceId>>,
     /// (workspace, generation) whose re-bases are scheduled.
     rebasing: Mutex<HashSet<(WorkspaceId, String)>>,
+    /// Reservations whose settlement failed (it may or may not have landed), since when.
+    in_doubt: Mutex<HashMap<ReservationId, std::time::Instant>>,
 }
 
 /// The Redis limiter. Background work (lease renewal) stops when it is dropped.
@@ -304,6 +308,19 @@ impl Inner {
         [tag.clone(), format!("{tag}:r"), format!("{tag}:e")]
     }
 
+    /// The arguments every op starts with: op, now, the key's idle life, the records' life,
+    /// the tombstones' life (see the top of `redis.lua`).
+    fn args(&self, op: &str, now: Nanos) -> Vec<String> {
+        let records = self.lease.max(TOMBSTONE) + Duration::from_secs(1);
+        vec![
+            op.to_string(),
+            self.now_arg(now),
+            IDLE_TTL.as_millis().to_string(),
+            records.as_millis().to_string(),
+            TOMBSTONE.as_millis().to_string(),
+        ]
+    }
+
     fn now_arg(&self, now: Nanos) -> String {
         match self.time {
             TimeSource::Caller => micros(now).to_string(),
@@ -421,13 +438,12 @@ impl Inner {
             .month_totals(workspace, month, Some(gen))
             .await
             .map_err(|e| LimiterError::Ledger(e.to_string()))?;
-        let mut args = vec![
-            "base".to_string(),
-            self.now_arg(now),
+        let mut args = self.args("base", now);
+        args.extend([
             gen.to_string(),
             REBASE_WINDOW_MS.to_string(),
             totals.tokens.to_string(),
-        ];
+        ]);
         for (model, tokens) in &totals.by_model {
             args.push(model_id(model));
             args.push(tokens.to_string());
@@ -467,18 +483,16 @@ fn settle_args(
     let model_tpm = model
         .and_then(|m| limits.models.get(m))
         .and_then(|l| l.tokens_per_minute);
-    vec![
-        op.to_string(),
-        inner.now_arg(now),
+    let mut args = inner.args(op, now);
+    args.extend([
         id.to_string(),
-        TOMBSTONE.as_millis().to_string(),
-        IDLE_TTL.as_millis().to_string(),
         ReservationId::next().to_string(),
         actual.min(MAX_REQUEST_TOKENS).to_string(),
         limits.tokens_per_minute.unwrap_or(0).to_string(),
         model.map(model_id).unwrap_or_default(),
         model_tpm.unwrap_or(0).to_string(),
-    ]
+    ]);
+    args
 }
 
 /// Raises a generation's base over the next seconds, for ledger writes that lagged.
@@ -524,12 +538,8 @@ async fn renew_leases(inner: Weak<Inner>, every: Duration) {
         }
         for (ws, ids) in by_workspace {
             for chunk in ids.chunks(500) {
-                let mut args = vec![
-                    "renew".to_string(),
-                    "0".to_string(),
-                    inner.lease.as_millis().to_string(),
-                    IDLE_TTL.as_millis().to_string(),
-                ];
+                let mut args = inner.args("renew", 0);
+                args.push(inner.lease.as_millis().to_string());
                 args.extend(chunk.iter().cloned());
                 if let Err(e) = inner.eval(&inner.keys(ws), &args).await {
                     tracing::debug!(error = %e, workspace = ws, "lease renewal failed");
@@ -599,6 +609,7 @@ impl RedisLimiter {
             months,
             live: Mutex::new(HashMap::new()),
             rebasing: Mutex::new(HashSet::new()),
+            in_doubt: Mutex::new(HashMap::new()),
         });
         let renewal = tokio::spawn(renew_leases(Arc::downgrade(&inner), options.lease / 3));
         Ok(RedisLimiter { inner, renewal })
@@ -606,12 +617,8 @@ impl RedisLimiter {
 
     /// Answers when Redis does (a probe for the circuit breaker).
     pub async fn ping(&self) -> Result<(), LimiterError> {
-        let args = [
-            "heartbeat".to_string(),
-            "0".to_string(),
-            "probe".to_string(),
-            "1".to_string(),
-        ];
+        let mut args = self.inner.args("heartbeat", 0);
+        args.extend(["probe".to_string(), "1".to_string()]);
         let key = format!("{{{}}}:probe", self.inner.prefix);
         // It may take longer than a request's call: it runs in the background, and reconnects.
         let limit = self.inner.timeout.max(Duration::from_secs(1));
@@ -627,12 +634,8 @@ impl RedisLimiter {
         instance: &str,
         ttl: Duration,
     ) -> Result<(u32, u32), LimiterError> {
-        let args = [
-            "heartbeat".to_string(),
-            "0".to_string(),
-            instance.to_string(),
-            ttl.as_millis().to_string(),
-        ];
+        let mut args = self.inner.args("heartbeat", 0);
+        args.extend([instance.to_string(), ttl.as_millis().to_string()]);
         let key = format!("{{{}}}:instances", self.inner.prefix);
         let reply = self.inner.eval(&[key], &args).await?;
         Ok((reply.u(1)? as u32, reply.u(2)? as u32))
@@ -645,12 +648,8 @@ impl RedisLimiter {
         workspace: WorkspaceId,
         now: Nanos,
     ) -> Result<(), LimiterError> {
-        let args = [
-            "newgen".to_string(),
-            self.inner.now_arg(now),
-            ReservationId::next().to_string(),
-            IDLE_TTL.as_millis().to_string(),
-        ];
+        let mut args = self.inner.args("newgen", now);
+        args.push(ReservationId::next().to_string());
         self.inner
             .eval(&self.inner.keys(workspace), &args)
             .await
@@ -691,13 +690,10 @@ impl Limiter for RedisLimiter {
         let (rate, capacity) = request_args(limits);
         for _ in 0..3 {
             let id = ReservationId::next();
-            let args = vec![
-                "reserve".to_string(),
-                inner.now_arg(now),
+            let mut args = inner.args("reserve", now);
+            args.extend([
                 id.to_string(),
                 inner.lease.as_millis().to_string(),
-                TOMBSTONE.as_millis().to_string(),
-                IDLE_TTL.as_millis().to_string(),
                 ReservationId::next().to_string(),
                 rate.to_string(),
                 capacity.to_string(),
@@ -716,7 +712,7 @@ impl Limiter for RedisLimiter {
                 cost.prompt.min(MAX_REQUEST_TOKENS).to_string(),
                 cost.estimate.min(MAX_REQUEST_TOKENS).to_string(),
                 "0".to_string(),
-            ];
+            ]);
             let mut guard = CancelGuard {
                 inner: inner.clone(),
                 workspace,
@@ -828,9 +824,36 @@ impl Limiter for RedisLimiter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&reservation.id);
-        let reply = inner
-            .eval(&inner.keys(reservation.workspace), &args)
-            .await?;
+        let doubt = inner
+            .in_doubt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&reservation.id)
+            .copied();
+        if doubt.is_some_and(|since| since.elapsed() >= TOMBSTONE / 2) {
+            // An earlier attempt may have counted it, and its tombstone may be gone: count it
+            // in a new generation of the month counter, rebuilt from the ledger without it.
+            self.new_generation(reservation.workspace, now).await?;
+        }
+        let reply = match inner.eval(&inner.keys(reservation.workspace), &args).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                inner
+                    .in_doubt
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(reservation.id)
+                    .or_insert_with(std::time::Instant::now);
+                return Err(e);
+            }
+        };
+        if doubt.is_some() {
+            inner
+                .in_doubt
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&reservation.id);
+        }
         let t = self.times(now, reply.u(1)?);
         let gen = reply.string(2)?;
         Ok(Settled {
@@ -844,11 +867,8 @@ impl Limiter for RedisLimiter {
             return Ok(());
         }
         let inner = &self.inner;
-        let args = [
-            "release".to_string(),
-            "0".to_string(),
-            reservation.id.to_string(),
-        ];
+        let mut args = inner.args("release", 0);
+        args.push(reservation.id.to_string());
         inner
             .eval(&inner.keys(reservation.workspace), &args)
             .await?;
@@ -865,17 +885,14 @@ impl Limiter for RedisLimiter {
         let inner = &self.inner;
         let (rate, capacity) = request_args(limits);
         for _ in 0..3 {
-            let args = [
-                "usage".to_string(),
-                inner.now_arg(now),
-                TOMBSTONE.as_millis().to_string(),
+            let mut args = inner.args("usage", now);
+            args.extend([
                 ReservationId::next().to_string(),
                 rate.to_string(),
                 capacity.to_string(),
                 limits.tokens_per_minute.unwrap_or(0).to_string(),
                 "1".to_string(),
-                IDLE_TTL.as_millis().to_string(),
-            ];
+            ]);
             let reply = inner.eval(&inner.keys(workspace), &args).await?;
             let t = self.times(now, reply.u(1)?);
             if reply.int(0)? == 2 {
