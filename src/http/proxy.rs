@@ -454,16 +454,22 @@ impl Settlement {
     async fn refund(mut self) {
         Metrics::inc(&self.state.metrics.refunds);
         if let Some(f) = self.take(Outcome::Refund) {
-            f.await
+            run_to_completion(f).await
         }
     }
 
     async fn finish(mut self, usage: Option<UsageJson>) {
         let outcome = usage.map_or(Outcome::Estimate, Outcome::Usage);
         if let Some(f) = self.take(outcome) {
-            f.await
+            run_to_completion(f).await
         }
     }
+}
+
+/// Runs a settlement as a task of its own and waits for it: if the request's future is dropped
+/// meanwhile (its client went away), the settlement still completes.
+async fn run_to_completion(settling: BoxFuture<'static, ()>) {
+    let _ = tokio::spawn(settling).await;
 }
 
 impl Drop for Settlement {

@@ -803,3 +803,71 @@ async fn a_killed_gateway_and_a_flushed_redis_lose_nothing_finished_and_count_no
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+/// A client that goes away while its request is being settled (Redis slow to answer) does not
+/// take the settlement with it: once Redis answers, the usage is counted and the slot is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_outlives_the_client_that_left_during_it() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let pid = redis.pid().expect("the server runs").to_string();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_timeout_ms = Some(5_000);
+        raw.redis_failure_policy = Some("closed".into());
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(
+        gw,
+        "patient",
+        json!({"tokens_per_month": 1_000, "concurrent_requests": 1}),
+    )
+    .await;
+    let (body, _) = exact_request(1);
+    let client = Client::builder()
+        .timeout(Duration::from_millis(1_500))
+        .build()
+        .unwrap();
+    // The upstream answers after 1 s; Redis stops answering before that, so the settlement
+    // waits; the client gives up at 1.5 s; Redis comes back at 2.5 s.
+    let request = client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .header("x-mock-usage", "7,3")
+        .header("x-mock-latency-ms", "1000")
+        .json(&body)
+        .send();
+    let signals = async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let stop = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status();
+        assert!(stop.unwrap().success());
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        let cont = std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status();
+        assert!(cont.unwrap().success());
+    };
+    let (answer, ()) = tokio::join!(request, signals);
+    assert!(answer.is_err(), "the client gave up: {answer:?}");
+
+    let usage = eventually(Duration::from_secs(10), || async {
+        let usage = gw.limits(&key).await["usage"].clone();
+        usage["tokens_this_month"].as_u64() == Some(10)
+    })
+    .await;
+    eprintln!("settled {usage:?} after Redis came back");
+    let limits = gw.limits(&key).await;
+    assert_eq!(limits["usage"]["tokens_reserved"].as_u64(), Some(0));
+    assert_eq!(limits["usage"]["in_flight"].as_u64(), Some(0));
+    let in_ledger: u64 = limits["usage"]["daily"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(in_ledger, 10);
+    drop(redis);
+}
