@@ -236,6 +236,9 @@ impl Catalog {
         secret: &str,
         now: i64,
     ) -> Result<(KeyId, Arc<WorkspaceEntry>), AuthFailure> {
+        if !key_is_well_formed(secret) {
+            return Err(AuthFailure::UnknownKey);
+        }
         let hash = hash_key(secret);
         let mut found = self.lookup(&hash);
         if found.is_none() {
@@ -341,18 +344,99 @@ pub struct NewSecret {
     pub hash: [u8; 32],
 }
 
-/// `tg_` and 48 hex digits (192 random bits). Keys are random and long, so a plain SHA-256 is
-/// the right hash: a slow password hash would only slow every request down.
-pub fn generate_key() -> NewSecret {
-    let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).expect("the OS has randomness");
-    let mut secret = String::from("tg_");
-    for b in bytes {
-        secret.push_str(&format!("{b:02x}"));
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+/// Random base62 characters in a new key (about 238 bits).
+const KEY_RANDOM_CHARS: usize = 40;
+/// Base62 characters of the CRC-32 that ends a key (62^6 > 2^32).
+const KEY_CHECK_CHARS: usize = 6;
+const CRC32: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISO_HDLC);
+
+/// The CRC-32 of a key's random part, as 6 base62 characters.
+fn key_check(random: &str) -> [u8; KEY_CHECK_CHARS] {
+    let mut n = CRC32.checksum(random.as_bytes()) as u64;
+    let mut out = [b'0'; KEY_CHECK_CHARS];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(n % 62) as usize];
+        n /= 62;
     }
+    out
+}
+
+/// Whether `secret` has the form of a workspace key, checked before any lookup, so that a
+/// malformed or mistyped key costs nothing and never makes the catalogue ask the store:
+/// - `tg_`, 40 base62 characters of randomness, and 6 base62 characters of their CRC-32 (keys
+///   made now; a secret scanner can recognise a leaked one offline, without a database);
+/// - `tg_` and 48 lowercase hex digits (keys made before, which keep working).
+pub fn key_is_well_formed(secret: &str) -> bool {
+    let Some(body) = secret.strip_prefix("tg_") else {
+        return false;
+    };
+    if body.len() == 48 && body.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return true;
+    }
+    if body.len() < 32 + KEY_CHECK_CHARS || !body.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return false;
+    }
+    let (random, check) = body.split_at(body.len() - KEY_CHECK_CHARS);
+    key_check(random) == check.as_bytes()
+}
+
+/// `tg_` and 40 base62 characters of randomness (about 238 bits), then 6 base62 characters of
+/// their CRC-32. Keys are random and long, so a plain SHA-256 is the right hash: a slow password
+/// hash would only slow every request down. Only the hash and a prefix are stored.
+pub fn generate_key() -> NewSecret {
+    let mut secret = String::with_capacity(3 + KEY_RANDOM_CHARS + KEY_CHECK_CHARS);
+    secret.push_str("tg_");
+    while secret.len() < 3 + KEY_RANDOM_CHARS {
+        let mut bytes = [0u8; 64];
+        getrandom::fill(&mut bytes).expect("the OS has randomness");
+        // 248 = 4 × 62: bytes above it are dropped, so every character is equally likely.
+        for b in bytes.into_iter().filter(|b| *b < 248) {
+            if secret.len() < 3 + KEY_RANDOM_CHARS {
+                secret.push(BASE62[(b % 62) as usize] as char);
+            }
+        }
+    }
+    let check = key_check(&secret[3..]);
+    secret.push_str(std::str::from_utf8(&check).expect("base62 is ASCII"));
     NewSecret {
         prefix: secret[..11].to_string(),
         hash: hash_key(&secret),
         secret,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_keys_carry_their_checksum_and_old_keys_still_pass() {
+        for _ in 0..100 {
+            let key = generate_key();
+            assert_eq!(key.secret.len(), 3 + 40 + 6);
+            assert!(key_is_well_formed(&key.secret), "{}", key.secret);
+            assert_eq!(key.prefix, key.secret[..11]);
+            // Any one character changed, or one dropped, is caught.
+            let mut bytes = key.secret.clone().into_bytes();
+            let i = 3 + (bytes[5] as usize % 46);
+            bytes[i] = if bytes[i] == b'a' { b'b' } else { b'a' };
+            assert!(!key_is_well_formed(&String::from_utf8(bytes).unwrap()));
+            assert!(!key_is_well_formed(&key.secret[..key.secret.len() - 1]));
+        }
+        // The form made before: tg_ and 48 hex digits.
+        assert!(key_is_well_formed(&format!("tg_{}", "0f".repeat(24))));
+        for bad in [
+            "",
+            "tg_",
+            "sk-0123456789abcdef",
+            "tg_short",
+            &format!("tg_{}", "0F".repeat(24)),
+            &format!("tg_{}", "g".repeat(48)),
+            &format!("tg_{}!", "a".repeat(45)),
+            &format!("TG_{}", "0f".repeat(24)),
+        ] {
+            assert!(!key_is_well_formed(bad), "{bad}");
+        }
     }
 }

@@ -1022,12 +1022,20 @@ async fn an_unknown_key_waits_briefly_when_the_store_does_not_answer() {
     b_side_create(&db.url, key).await;
     assert!(catalog.authenticate(&fresh, 10).await.is_ok());
 
-    // The network drops everything: the check (due again after 100 ms) gives up quickly...
+    // The network drops everything. A malformed key is refused without asking the store...
     proxy.set(Line::Silent);
+    assert!(matches!(
+        catalog.authenticate("tg_unknown", 10).now_or_never(),
+        Some(Err(AuthFailure::UnknownKey))
+    ));
+    // ...and the check for a well-formed unknown key (due again after 100 ms) gives up quickly...
     tokio::time::sleep(Duration::from_millis(150)).await;
     let started = Instant::now();
     assert_eq!(
-        catalog.authenticate("tg_unknown", 10).await.unwrap_err(),
+        catalog
+            .authenticate(&generate_key().secret, 10)
+            .await
+            .unwrap_err(),
         AuthFailure::UnknownKey
     );
     let waited = started.elapsed();
@@ -1039,7 +1047,9 @@ async fn an_unknown_key_waits_briefly_when_the_store_does_not_answer() {
     // pause): the next unknown key is answered without waiting on anything.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(matches!(
-        catalog.authenticate("tg_unknown_too", 10).now_or_never(),
+        catalog
+            .authenticate(&generate_key().secret, 10)
+            .now_or_never(),
         Some(Err(AuthFailure::UnknownKey))
     ));
     // Known keys are served from memory all along.
