@@ -42,6 +42,11 @@ pub struct Metrics {
     pub settlements_deferred: AtomicU64,
     /// Settlements written to the ledger without the shared limiter's confirmation.
     pub settlements_unconfirmed: AtomicU64,
+    /// Settlements the ledger did not take (its buffer full), and their tokens.
+    pub ledger_dropped: AtomicU64,
+    pub ledger_dropped_tokens: AtomicU64,
+    /// Gauge: settlements and denial counts waiting to be written to the ledger.
+    pub ledger_pending: AtomicU64,
 }
 
 const LIMITS: [LimitName; 6] = [
@@ -166,6 +171,16 @@ impl Metrics {
             get(&self.limiter_breaker_opened),
         );
         counter(
+            "tiergate_ledger_dropped_total",
+            "Settlements not written to the ledger because its buffer was full (the store unreachable for long).",
+            get(&self.ledger_dropped),
+        );
+        counter(
+            "tiergate_ledger_dropped_tokens_total",
+            "Tokens of the settlements in tiergate_ledger_dropped_total.",
+            get(&self.ledger_dropped_tokens),
+        );
+        counter(
             "tiergate_settlements_unconfirmed_total",
             "Settlements written to the ledger that Redis never confirmed (it stayed down until shutdown).",
             get(&self.settlements_unconfirmed),
@@ -197,6 +212,11 @@ impl Metrics {
             "tiergate_instances",
             "Instances sharing the limits, as last seen in Redis (0 when unknown).",
             get(&self.instances),
+        );
+        gauge(
+            "tiergate_ledger_pending",
+            "Ledger records waiting to be written (the store slow or unreachable).",
+            get(&self.ledger_pending),
         );
         gauge(
             "tiergate_settlements_deferred",

@@ -880,3 +880,58 @@ proptest! {
         ));
     }
 }
+
+/// Model names are the client's choice: past `MAX_TRACKED_MODELS` models in a month, a model
+/// without a limit of its own is not counted apart (on every backend alike), while the models
+/// already counted keep their counts, and the workspace's total counts everything.
+#[tokio::test]
+async fn the_models_counted_apart_are_bounded() {
+    use tiergate::limiter::core::MAX_TRACKED_MODELS;
+    let names: Vec<&'static str> = (0..MAX_TRACKED_MODELS + 20)
+        .map(|i| &*Box::leak(format!("made-up-{i}").into_boxed_str()))
+        .collect();
+    let last = *names.last().unwrap();
+    let mut models = std::collections::BTreeMap::new();
+    for m in [names[0], last] {
+        models.insert(
+            m.to_string(),
+            ModelLimits {
+                tokens_per_minute: None,
+                tokens_per_month: Some(100),
+            },
+        );
+    }
+    let limits = [l(), Limits { models, ..l() }];
+    let mut steps = Vec::new();
+    for (i, m) in names.iter().enumerate() {
+        steps.push((
+            0,
+            Op::Reserve {
+                ws: 0,
+                limits: 0,
+                model: Some(*m),
+                cost: tokens(10),
+            },
+        ));
+        steps.push((0, Op::Settle { n: i, actual: 10 }));
+    }
+    let probe = |model| Op::Reserve {
+        ws: 0,
+        limits: 1,
+        model: Some(model),
+        cost: tokens(95),
+    };
+    steps.push((SEC, probe(names[0])));
+    steps.push((SEC, probe(last)));
+    steps.push((SEC, Op::Usage { ws: 0, limits: 1 }));
+    let out = conform("bounded models", &limits, t0(), |_, _| {}, &steps).await;
+    let n = out.len();
+    // The first model was counted apart: 10 + 95 is over its 100.
+    assert_eq!(denied(&out[n - 3]).1, LimitName::ModelTokensPerMonth);
+    // The last one came past the bound: nothing counted for it, 95 fits.
+    assert_eq!(admitted(&out[n - 2]), 95);
+    assert_eq!(
+        usage(&out[n - 1]).month_settled_tokens,
+        10 * names.len() as u64
+    );
+}

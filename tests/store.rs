@@ -153,6 +153,7 @@ fn denied(workspace: i64, day: &str, model: &str) -> UsageRecord {
         workspace,
         day: day.into(),
         model: model.into(),
+        count: 1,
     }
 }
 
@@ -1002,6 +1003,81 @@ async fn when_postgres_is_down_calls_fail_fast_and_the_ledger_catches_up() {
     }
     let t = direct.month_totals(1, NOV, None).await.unwrap();
     assert_eq!((t.requests, t.tokens), (150, 450));
+}
+
+/// While the store is down the ledger writer keeps settlements up to its bound; past it, each
+/// further settlement is counted (requests and tokens) in the metrics, never silently lost, and
+/// what was kept is written once the store is back. Denials are counted per workspace, day and
+/// model, and model names beyond the daily cap are counted under "(other)".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_writer_keeps_its_bound_and_counts_what_it_drops() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(db.addr()).await;
+    let store = tiergate::store::open(&db.url_via(&proxy)).await.unwrap();
+    let direct = tiergate::store::open(&db.url).await.unwrap();
+    let catalog = Arc::new(Catalog::load(store.clone()).await.unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let limiter = Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone()))));
+    let (recorder, _writer) = Recorder::start_bounded(
+        store.clone(),
+        catalog,
+        limiter,
+        Arc::new(SystemClock),
+        metrics.clone(),
+        Duration::from_millis(50),
+        10,
+    );
+    let day = "2026-11-10";
+    let now = SystemClock.now_secs();
+    proxy.set(Line::Down);
+    for n in 0..25 {
+        recorder.record(settled(&format!("b{n}"), 1, day, "m", 7, now));
+    }
+    recorder.flush().await;
+    let dropped = metrics.ledger_dropped.load(Ordering::Relaxed);
+    assert_eq!(dropped, 15);
+    assert_eq!(
+        metrics.ledger_dropped_tokens.load(Ordering::Relaxed),
+        15 * 7
+    );
+    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 10);
+
+    proxy.set(Line::Up);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while direct.month_totals(1, NOV, None).await.unwrap().requests < 10
+        && Instant::now() < deadline
+    {
+        recorder.flush().await;
+    }
+    let t = direct.month_totals(1, NOV, None).await.unwrap();
+    assert_eq!((t.requests, t.tokens), (10, 70));
+
+    // 40 denials under 40 made-up model names, then 5 more for one of them: one row update per
+    // name and flush, at most the daily cap of names, the rest under "(other)".
+    for n in 0..40 {
+        recorder.record_denied(2, day.into(), format!("model-{n}"));
+    }
+    for _ in 0..5 {
+        recorder.record_denied(2, day.into(), "model-0".into());
+    }
+    recorder.flush().await;
+    let rows = direct.daily_usage(2, day, day).await.unwrap();
+    assert!(
+        rows.len() <= tiergate::usage::MAX_MODELS_PER_DAY + 1,
+        "{} rows",
+        rows.len()
+    );
+    assert_eq!(rows.iter().map(|r| r.denied).sum::<u64>(), 45);
+    let other = rows
+        .iter()
+        .find(|r| r.model == tiergate::usage::OTHER_MODEL)
+        .expect("names past the cap are counted together");
+    assert_eq!(
+        other.denied,
+        40 - tiergate::usage::MAX_MODELS_PER_DAY as u64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

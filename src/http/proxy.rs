@@ -38,7 +38,6 @@ use crate::limiter::core::day_of;
 use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
 use crate::metrics::Metrics;
 use crate::model::Limits;
-use crate::store::UsageRecord;
 use crate::usage::{settled_record, Deferred};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -174,11 +173,9 @@ async fn forward(
         } => (reservation, snapshot),
         Decision::Deny { denial, snapshot } => {
             state.metrics.denied(denial.limit, denial.kind);
-            state.recorder.record(UsageRecord::Denied {
-                workspace: ws_id,
-                day: day_of(now),
-                model: model.unwrap_or_default(),
-            });
+            state
+                .recorder
+                .record_denied(ws_id, day_of(now), model.unwrap_or_default());
             return Err(ApiError::Denied(Box::new((denial, snapshot))));
         }
     };

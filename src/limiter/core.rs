@@ -31,6 +31,10 @@ pub const NANO_REQUESTS: i64 = 1_000_000_000;
 /// Token-bucket units per token: a bucket of capacity `C` tokens refills `C` units per
 /// millisecond, i.e. `C / 60` tokens per second.
 pub const UNITS_PER_TOKEN: i64 = 60_000;
+/// Models a workspace's state counts apart at most: models with limits of their own always
+/// count; others only while fewer are tracked (names are the client's choice). The Redis script
+/// keeps the same bound.
+pub const MAX_TRACKED_MODELS: usize = 256;
 /// What one request may reserve or settle at most, in tokens: far above any real request, and
 /// low enough that every sum stays exact in a double.
 pub const MAX_REQUEST_TOKENS: u64 = 100_000_000_000;
@@ -461,6 +465,7 @@ impl WorkspaceState {
         let models = totals
             .by_model
             .iter()
+            .take(MAX_TRACKED_MODELS)
             .map(|(m, t)| {
                 let month = Some(MonthCounter::starting(current, base(*t)));
                 (
@@ -507,6 +512,9 @@ impl WorkspaceState {
         // Models first used in the new month may already have settled usage in the ledger.
         if totals.month == Some(current) {
             for (model, tokens) in &totals.by_model {
+                if !self.models.contains_key(model) && self.models.len() >= MAX_TRACKED_MODELS {
+                    continue;
+                }
                 let state = self.models.entry(model.clone()).or_default();
                 state
                     .month
@@ -536,6 +544,13 @@ impl WorkspaceState {
                 let cap = limits.models.get(name).and_then(|l| l.tokens_per_minute);
                 full(&m.bucket, cap)
             })
+    }
+
+    /// Whether `model` is (or may become) counted apart: limited, already tracked, or room left.
+    fn tracks(&self, model: &str, limits: &Limits) -> bool {
+        limits.models.contains_key(model)
+            || self.models.contains_key(model)
+            || self.models.len() < MAX_TRACKED_MODELS
     }
 
     fn model_state(&mut self, model: &str, now: Nanos) -> &mut ModelState {
@@ -715,7 +730,7 @@ impl WorkspaceState {
             bucket.add(cap, -(tokens as i64), now_us);
         }
         self.month.reserved += tokens;
-        if let Some(m) = model {
+        if let Some(m) = model.filter(|m| self.tracks(m, limits)) {
             let state = self.model_state(m, now);
             if let (Some(cap), Some(bucket)) = (
                 model_limits.and_then(|(_, l)| l.tokens_per_minute),
@@ -767,7 +782,7 @@ impl WorkspaceState {
         if self.month.month == current {
             self.month.settled += actual;
         }
-        if let Some(m) = held.model.as_deref() {
+        if let Some(m) = held.model.as_deref().filter(|m| self.tracks(m, limits)) {
             let cap = limits.models.get(m).and_then(|l| l.tokens_per_minute);
             let state = self.model_state(m, now);
             if let (Some(cap), Some(bucket)) = (cap, state.bucket.as_mut()) {

@@ -275,6 +275,7 @@ local function new_generation(mk, gen)
     local p = string.sub(f, 1, 3)
     if p == 'mb:' or p == 'md:' or p == 'mr:' then drop(f) end
   end
+  put('mn', 0)
   put('mk', mk)
   put('gen', gen)
   put('based', '0')
@@ -299,12 +300,22 @@ local function add(f, n)
   if n ~= 0 then put(f, (num(f) or 0) + n) end
 end
 
+-- Models counted apart at most (`MAX_TRACKED_MODELS` in core.rs): models with limits of their
+-- own always count; others only while fewer are tracked. `mn` counts the models tracked.
+local MAX_MODELS = 256
+
 -- Adds n to a model's month field, dropping the model's fields once all three are 0, so that
 -- names a client makes up (and the upstream refuses) leave nothing behind.
-local function model_add(kind, m, n)
+local function model_add(kind, m, n, limited)
   if m == '' or n == 0 then return end
   local fb, fd, fr = 'mb:' .. m, 'md:' .. m, 'mr:' .. m
-  load({fb, fd, fr})
+  load({fb, fd, fr, 'mn'})
+  local tracked = get(fb) or get(fd) or get(fr)
+  if not tracked then
+    -- Nothing to take back from a model that was not counted; a new one needs room.
+    if n < 0 or (not limited and (num('mn') or 0) >= MAX_MODELS) then return end
+    put('mn', (num('mn') or 0) + 1)
+  end
   local f = 'm' .. kind .. ':' .. m
   local after = (num(f) or 0) + n
   put(f, after)
@@ -312,6 +323,7 @@ local function model_add(kind, m, n)
     drop(fb)
     drop(fd)
     drop(fr)
+    put('mn', math.max((num('mn') or 1) - 1, 0))
   end
 end
 
@@ -330,7 +342,7 @@ end
 local function release_hold(tokens, gen, m, slot)
   if get('gen') == gen then
     add('res', -tokens)
-    model_add('r', m, -tokens)
+    model_add('r', m, -tokens, true)
   end
   if slot == '1' then put('inflight', math.max((num('inflight') or 0) - 1, 0)) end
 end
@@ -515,7 +527,7 @@ if op == 'reserve' then
   end
   add('res', tokens)
   if m ~= '' then
-    model_add('r', m, tokens)
+    model_add('r', m, tokens, mtpm > 0 or mmcap > 0)
     if mtpm > 0 then
       local capu = mtpm * U
       tok_store(mp, clamp(mlevel - tokens * U, -capu, capu), mat, mtpm)
@@ -560,7 +572,7 @@ if op == 'settle' or op == 'cancel' then
   if tpm > 0 then tok_add('t', tpm, delta, create) end
   if m ~= '' and mtpm > 0 then tok_add('mt:' .. m .. ':', mtpm, delta, create) end
   add('delta', actual)
-  model_add('d', m, actual)
+  model_add('d', m, actual, mtpm > 0)
   if op == 'cancel' then
     record(id, 'C', now + TOMB)
   else
@@ -633,21 +645,27 @@ if op == 'usage' then
 end
 
 if op == 'base' then
-  -- ARGV 6..: gen, window ms, tokens, then model/tokens pairs. Sets the ledger's total for
+  -- ARGV 6..: gen, window ms, tokens, then model/tokens/limited triples (limited models
+  -- first, each counted apart whatever the bound). Sets the ledger's total for
   -- what generation `gen` did not count; later calls within the window may only raise it (the
   -- ledger only grows, and what lagged behind a flush arrives).
   local gen, window, base = ARGV[6], N(ARGV[7]), N(ARGV[8])
-  local fields = {'gen', 'based', 'born', 'base', 'keep'}
-  for i = 9, #ARGV - 1, 2 do fields[#fields + 1] = 'mb:' .. ARGV[i] end
+  local fields = {'gen', 'based', 'born', 'base', 'keep', 'mn'}
+  for i = 9, #ARGV - 2, 3 do
+    fields[#fields + 1] = 'mb:' .. ARGV[i]
+    fields[#fields + 1] = 'md:' .. ARGV[i]
+    fields[#fields + 1] = 'mr:' .. ARGV[i]
+  end
   load(fields)
   if get('gen') ~= gen then return {0, now} end
   if get('based') == '1' and now - (num('born') or 0) > window * 1000 then return {0, now} end
   put('base', math.max(num('base') or 0, base))
   put('based', '1')
-  for i = 9, #ARGV - 1, 2 do
-    local f = 'mb:' .. ARGV[i]
+  for i = 9, #ARGV - 2, 3 do
+    local m = ARGV[i]
     local want = N(ARGV[i + 1])
-    if want > (num(f) or 0) then put(f, want) end
+    local had = num('mb:' .. m) or 0
+    if want > had then model_add('b', m, want - had, ARGV[i + 2] == '1') end
   end
   finish()
   return {1, now}

@@ -410,9 +410,10 @@ impl Inner {
         workspace: WorkspaceId,
         gen: &str,
         month: MonthKey,
+        limits: &Limits,
         now: Nanos,
     ) -> Result<(), LimiterError> {
-        self.base_once(workspace, gen, month, now).await?;
+        self.base_once(workspace, gen, month, limits, now).await?;
         let first = self
             .rebasing
             .lock()
@@ -421,7 +422,8 @@ impl Inner {
         if first {
             let weak = Arc::downgrade(self);
             let gen = gen.to_string();
-            tokio::spawn(rebase_later(weak, workspace, gen, month, now));
+            let limits = Arc::new(limits.clone());
+            tokio::spawn(rebase_later(weak, workspace, gen, month, limits, now));
         }
         Ok(())
     }
@@ -431,6 +433,7 @@ impl Inner {
         workspace: WorkspaceId,
         gen: &str,
         month: MonthKey,
+        limits: &Limits,
         now: Nanos,
     ) -> Result<(), LimiterError> {
         let totals = self
@@ -444,9 +447,15 @@ impl Inner {
             REBASE_WINDOW_MS.to_string(),
             totals.tokens.to_string(),
         ]);
-        for (model, tokens) in &totals.by_model {
+        // Models with limits of their own first (always counted apart), then the most used, so
+        // that the bound on models tracked keeps what matters.
+        let mut models: Vec<(&String, &u64)> = totals.by_model.iter().collect();
+        models.sort_by_key(|(m, t)| (!limits.models.contains_key(*m), std::cmp::Reverse(**t)));
+        for (model, tokens) in models {
             args.push(model_id(model));
             args.push(tokens.to_string());
+            let limited = limits.models.contains_key(model);
+            args.push(if limited { "1" } else { "0" }.to_string());
         }
         self.eval(&self.keys(workspace), &args).await?;
         Ok(())
@@ -501,6 +510,7 @@ async fn rebase_later(
     workspace: WorkspaceId,
     gen: String,
     month: MonthKey,
+    limits: Arc<Limits>,
     now: Nanos,
 ) {
     let mut waited = Duration::ZERO;
@@ -510,7 +520,7 @@ async fn rebase_later(
         let Some(inner) = inner.upgrade() else { return };
         // With the caller's clock, the generation's time does not move on its own.
         let at = now + waited.as_nanos() as u64 * (inner.time == TimeSource::Server) as u64;
-        if let Err(e) = inner.base_once(workspace, &gen, month, at).await {
+        if let Err(e) = inner.base_once(workspace, &gen, month, &limits, at).await {
             tracing::debug!(error = %e, workspace, "re-basing a month counter failed");
         }
     }
@@ -786,7 +796,7 @@ impl Limiter for RedisLimiter {
                     guard.armed = false;
                     let gen = reply.string(2)?;
                     let mk = MonthKey(reply.int(3)? as i32);
-                    inner.base(workspace, &gen, mk, now).await?;
+                    inner.base(workspace, &gen, mk, limits, now).await?;
                 }
                 _ => {
                     // The id is already known (a cancelled one): draw another.
@@ -898,7 +908,7 @@ impl Limiter for RedisLimiter {
             if reply.int(0)? == 2 {
                 let gen = reply.string(2)?;
                 inner
-                    .base(workspace, &gen, MonthKey(reply.int(3)? as i32), now)
+                    .base(workspace, &gen, MonthKey(reply.int(3)? as i32), limits, now)
                     .await?;
                 continue;
             }

@@ -104,10 +104,12 @@ pub enum UsageRecord {
         /// The limiter's shared month-counter generation that counted this settlement, if any.
         counter: Option<String>,
     },
+    /// Denials of a workspace for a model on a day, aggregated in memory before writing.
     Denied {
         workspace: WorkspaceId,
         day: String,
         model: String,
+        count: u64,
     },
 }
 

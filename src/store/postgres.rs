@@ -736,7 +736,8 @@ impl Store for PostgresStore {
                     workspace,
                     day,
                     model,
-                } => *denied.entry((*workspace, day, model)).or_insert(0) += 1,
+                    count,
+                } => *denied.entry((*workspace, day, model)).or_insert(0) += *count as i64,
             }
         }
         let mut ids = Vec::with_capacity(settled.len());

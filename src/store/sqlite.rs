@@ -615,13 +615,15 @@ impl Store for SqliteStore {
                     workspace,
                     day,
                     model,
+                    count,
                 } => {
                     sqlx::query(
-                        "INSERT INTO usage_daily (workspace_id, day, model, denied) VALUES (?, ?, ?, 1) ON CONFLICT(workspace_id, day, model) DO UPDATE SET denied = denied + 1",
+                        "INSERT INTO usage_daily (workspace_id, day, model, denied) VALUES (?, ?, ?, ?) ON CONFLICT(workspace_id, day, model) DO UPDATE SET denied = denied + excluded.denied",
                     )
                     .bind(workspace)
                     .bind(day)
                     .bind(model)
+                    .bind(*count as i64)
                     .execute(&mut *tx)
                     .await?;
                 }
