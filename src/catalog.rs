@@ -24,8 +24,8 @@ use crate::store::{CatalogChanges, CatalogDelta, Store, StoreError};
 
 /// At most one unknown-key check per this interval.
 const MISS_CHECK_EVERY: Duration = Duration::from_millis(100);
-/// How long a request with an unknown key waits for the check.
-pub const MISS_CHECK_TIMEOUT: Duration = Duration::from_millis(250);
+/// How long a request with an unknown key waits for a check of the store, at most.
+pub const MISS_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 /// After a check failed (store down or slow), none is made for this long.
 pub const MISS_CHECK_PAUSE: Duration = Duration::from_secs(1);
 
@@ -126,9 +126,14 @@ impl View {
     }
 }
 
+/// The state of the checks of the store made for unknown keys.
 #[derive(Debug, Default)]
 struct MissCheck {
-    last: Option<Instant>,
+    /// When the latest check began, and whether it is still running.
+    started: Option<Instant>,
+    running: bool,
+    /// Checks begun so far.
+    seq: u64,
     paused_until: Option<Instant>,
 }
 
@@ -143,13 +148,18 @@ pub enum AuthFailure {
     Suspended,
 }
 
-pub struct Catalog {
+/// The copy itself, shared with the background checks made for unknown keys.
+struct Mirror {
     store: Arc<dyn Store>,
     view: RwLock<Arc<View>>,
     reload: tokio::sync::Mutex<()>,
-    miss_check: Mutex<MissCheck>,
-    /// One unknown-key check at a time; requests with unknown keys wait on it.
-    miss_lock: tokio::sync::Mutex<()>,
+}
+
+pub struct Catalog {
+    mirror: Arc<Mirror>,
+    miss: Arc<Mutex<MissCheck>>,
+    /// The number of the latest check of the store that has finished.
+    checked: Arc<tokio::sync::watch::Sender<u64>>,
     touched: Mutex<HashMap<KeyId, i64>>,
 }
 
@@ -157,28 +167,9 @@ pub fn hash_key(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-impl Catalog {
-    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
-        let catalog = Catalog {
-            store,
-            view: RwLock::new(Arc::new(View::default())),
-            reload: tokio::sync::Mutex::new(()),
-            miss_check: Mutex::new(MissCheck::default()),
-            miss_lock: tokio::sync::Mutex::new(()),
-            touched: Mutex::new(HashMap::new()),
-        };
-        catalog.reload().await?;
-        Ok(catalog)
-    }
-
+impl Mirror {
     fn view(&self) -> Arc<View> {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Reloads everything from the store now.
-    pub async fn reload(&self) -> Result<(), StoreError> {
-        let _one_at_a_time = self.reload.lock().await;
-        self.reload_all().await
     }
 
     async fn reload_all(&self) -> Result<(), StoreError> {
@@ -206,9 +197,7 @@ impl Catalog {
         Ok(())
     }
 
-    /// Applies what changed in the store since this copy's version (everything, when the change
-    /// log no longer reaches back that far). Returns whether anything changed.
-    pub async fn refresh(&self) -> Result<bool, StoreError> {
+    async fn refresh(&self) -> Result<bool, StoreError> {
         let _one_at_a_time = self.reload.lock().await;
         let current = self.view();
         match self.store.catalog_changes(current.version).await? {
@@ -223,6 +212,39 @@ impl Catalog {
                 Ok(true)
             }
         }
+    }
+}
+
+impl Catalog {
+    pub async fn load(store: Arc<dyn Store>) -> Result<Self, StoreError> {
+        let catalog = Catalog {
+            mirror: Arc::new(Mirror {
+                store,
+                view: RwLock::new(Arc::new(View::default())),
+                reload: tokio::sync::Mutex::new(()),
+            }),
+            miss: Arc::new(Mutex::new(MissCheck::default())),
+            checked: Arc::new(tokio::sync::watch::channel(0).0),
+            touched: Mutex::new(HashMap::new()),
+        };
+        catalog.reload().await?;
+        Ok(catalog)
+    }
+
+    fn view(&self) -> Arc<View> {
+        self.mirror.view()
+    }
+
+    /// Reloads everything from the store now.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.mirror.reload.lock().await;
+        self.mirror.reload_all().await
+    }
+
+    /// Applies what changed in the store since this copy's version (everything, when the change
+    /// log no longer reaches back that far). Returns whether anything changed.
+    pub async fn refresh(&self) -> Result<bool, StoreError> {
+        self.mirror.refresh().await
     }
 
     /// The catalogue version this copy is at.
@@ -268,57 +290,83 @@ impl Catalog {
         Some((key, entry))
     }
 
-    /// Makes sure the catalogue was checked against the store after `arrived`, so that a key
-    /// created elsewhere a moment ago works at once, on every instance. Checks start at most every
-    /// `MISS_CHECK_EVERY`, so unknown keys cost the store at most that many checks: a request with
-    /// an unknown key waits for the next check (at most that long), and all requests waiting
-    /// share it. A check waits at most `MISS_CHECK_TIMEOUT`; after one failed, none is made for
-    /// `MISS_CHECK_PAUSE`, so a store that is down never holds requests up.
+    /// Waits (at most `MISS_CHECK_TIMEOUT` from `arrived`) for a check of the store begun after
+    /// `arrived`, so that a key created elsewhere a moment ago works at once, on every instance.
+    /// Checks begin at most every `MISS_CHECK_EVERY` and run in the background, shared by all
+    /// the requests waiting; so unknown keys cost the store at most that many checks, and a slow
+    /// store delays the answer to an unknown key by at most the timeout while the check goes on
+    /// for the next requests. A check still running after the timeout means the store is slow:
+    /// requests do not wait on it; one that failed means it is down: none is made for
+    /// `MISS_CHECK_PAUSE`.
     async fn check_on_miss(&self, arrived: Instant) {
-        loop {
-            let one_at_a_time = self.miss_lock.lock().await;
-            let (last, paused_until) = {
-                let check = self.miss_check.lock().unwrap_or_else(|e| e.into_inner());
-                (check.last, check.paused_until)
-            };
-            if paused_until.is_some_and(|until| Instant::now() < until) {
-                return;
-            }
-            match last {
-                Some(started) if started >= arrived => return,
-                Some(started) if started.elapsed() < MISS_CHECK_EVERY => {
-                    let wait = MISS_CHECK_EVERY - started.elapsed();
-                    drop(one_at_a_time);
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-                _ => {}
-            }
-            self.miss_check
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .last = Some(Instant::now());
-            let failed = match tokio::time::timeout(MISS_CHECK_TIMEOUT, self.refresh()).await {
-                Ok(Ok(_)) => false,
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "catalog refresh on unknown key failed");
-                    true
-                }
-                Err(_) => {
-                    tracing::warn!("catalog refresh on unknown key timed out");
-                    true
-                }
-            };
-            if failed {
-                self.pause_miss_checks();
-            }
-            return;
+        enum Next {
+            Done,
+            Wait(u64),
+            Sleep(Duration),
         }
-    }
-
-    fn pause_miss_checks(&self) {
-        let mut check = self.miss_check.lock().unwrap_or_else(|e| e.into_inner());
-        check.paused_until = Some(Instant::now() + MISS_CHECK_PAUSE);
+        let deadline = arrived + MISS_CHECK_TIMEOUT;
+        loop {
+            let next = {
+                let mut check = self.miss.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                if check.paused_until.is_some_and(|until| now < until) {
+                    Next::Done
+                } else {
+                    match check.started {
+                        Some(s) if check.running && s >= arrived => Next::Wait(check.seq),
+                        Some(s) if check.running => {
+                            if now.duration_since(s) >= MISS_CHECK_TIMEOUT {
+                                Next::Done
+                            } else {
+                                Next::Wait(check.seq)
+                            }
+                        }
+                        Some(s) if s >= arrived => Next::Done,
+                        Some(s) if now.duration_since(s) < MISS_CHECK_EVERY => {
+                            Next::Sleep(MISS_CHECK_EVERY - now.duration_since(s))
+                        }
+                        _ => {
+                            check.started = Some(now);
+                            check.running = true;
+                            check.seq += 1;
+                            let seq = check.seq;
+                            let (mirror, miss, checked) =
+                                (self.mirror.clone(), self.miss.clone(), self.checked.clone());
+                            tokio::spawn(async move {
+                                let result = mirror.refresh().await;
+                                let mut check = miss.lock().unwrap_or_else(|e| e.into_inner());
+                                check.running = false;
+                                if let Err(e) = result {
+                                    tracing::warn!(error = %e, "catalog check for an unknown key failed");
+                                    check.paused_until = Some(Instant::now() + MISS_CHECK_PAUSE);
+                                }
+                                checked.send_replace(seq);
+                            });
+                            Next::Wait(seq)
+                        }
+                    }
+                }
+            };
+            match next {
+                Next::Done => return,
+                Next::Wait(seq) => {
+                    let mut finished = self.checked.subscribe();
+                    let wait = finished.wait_for(|done| *done >= seq);
+                    if tokio::time::timeout_at(deadline.into(), wait)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Next::Sleep(d) => {
+                    if Instant::now() + d >= deadline {
+                        return;
+                    }
+                    tokio::time::sleep(d).await;
+                }
+            }
+        }
     }
 
     pub fn workspace(&self, id: WorkspaceId) -> Option<Arc<WorkspaceEntry>> {

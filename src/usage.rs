@@ -39,10 +39,11 @@ use tokio::task::JoinHandle;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::limiter::core::day_of;
+use crate::limiter::MonthKey;
 use crate::limiter::{Limiter, Reservation, Settled, NANOS_PER_SEC};
 use crate::metrics::Metrics;
 use crate::model::{Limits, WorkspaceId};
-use crate::store::{Store, UsageRecord};
+use crate::store::{DailyUsage, Store, StoreError, UsageRecord};
 
 /// How long settled events are kept for idempotency before only their daily totals remain.
 pub const EVENT_RETENTION_SECS: i64 = 7 * 24 * 3600;
@@ -99,9 +100,24 @@ enum Msg {
 
 type DenialKey = (WorkspaceId, String, String);
 
+/// How long a workspace's ledger figures read for its limits page are reused.
+pub const RECENT_READS: Duration = Duration::from_secs(1);
+
+/// A workspace's ledger figures over a range of days, as the limits page shows them.
+#[derive(Debug, Clone)]
+pub struct LedgerView {
+    pub requests_this_month: u64,
+    pub daily: Vec<DailyUsage>,
+}
+
+type ViewKey = (WorkspaceId, MonthKey, String, String);
+
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Msg>,
+    store: Arc<dyn Store>,
+    /// Recent reads of the ledger for workspaces' own views, reused for `RECENT_READS`.
+    recent: Arc<Mutex<HashMap<ViewKey, (std::time::Instant, LedgerView)>>>,
     denials: Arc<Mutex<HashMap<DenialKey, u64>>>,
     metrics: Arc<Metrics>,
     /// Unix seconds of the last "dropped" log line, so a flood logs once every 10 s.
@@ -140,6 +156,7 @@ impl Recorder {
         max_pending: usize,
     ) -> (Recorder, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL);
+        let store_for_reads = store.clone();
         let denials = Arc::new(Mutex::new(HashMap::new()));
         let last_drop_log = Arc::new(AtomicU64::new(0));
         let writer = Writer {
@@ -159,6 +176,8 @@ impl Recorder {
         let task = tokio::spawn(writer.run(rx, flush_every));
         let recorder = Recorder {
             tx,
+            store: store_for_reads,
+            recent: Arc::new(Mutex::new(HashMap::new())),
             denials,
             metrics,
             last_drop_log,
@@ -210,6 +229,44 @@ impl Recorder {
             );
             dropped(&self.metrics, &self.last_drop_log, &record);
         }
+    }
+
+    /// The workspace's ledger figures for `month` and the days `from..=to`: exact (everything
+    /// recorded so far written first) when `exact`, else as read from the store at most
+    /// `RECENT_READS` ago, without forcing a write; that is, behind by at most one flush
+    /// interval plus `RECENT_READS`, so that a workspace reading its own page often costs the
+    /// store little.
+    pub async fn ledger_view(
+        &self,
+        workspace: WorkspaceId,
+        month: MonthKey,
+        from: &str,
+        to: &str,
+        exact: bool,
+    ) -> Result<LedgerView, StoreError> {
+        let key = (workspace, month, from.to_string(), to.to_string());
+        if exact {
+            self.flush().await;
+        } else {
+            let recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((at, view)) = recent.get(&key) {
+                if at.elapsed() < RECENT_READS {
+                    return Ok(view.clone());
+                }
+            }
+        }
+        let totals = self.store.month_totals(workspace, month, None).await?;
+        let daily = self.store.daily_usage(workspace, from, to).await?;
+        let view = LedgerView {
+            requests_this_month: totals.requests,
+            daily,
+        };
+        let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= MAX_DENIAL_KEYS {
+            recent.retain(|_, (at, _)| at.elapsed() < RECENT_READS);
+        }
+        recent.insert(key, (std::time::Instant::now(), view.clone()));
+        Ok(view)
     }
 
     /// Writes everything recorded so far; returns once it is in the store (or failed).

@@ -122,6 +122,13 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
+    // The admin view writes the ledger out first; the pages read after it are exact.
+    for ws in [a, b] {
+        let (s, v) = gw
+            .admin(Method::GET, &format!("/workspaces/{ws}/usage"), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
     let (_, before_a) = gw.limits(&ka).await;
     let (_, before_b) = gw.limits(&kb).await;
     assert!(before_a["usage"]["tokens_this_month"].as_u64().unwrap() > 0);

@@ -300,7 +300,7 @@ async fn usage(
         .map(|l| (*l).clone())
         .unwrap_or_default();
     Ok(Json(
-        usage_json(&state, &ws, &limits, range.from, range.to).await?,
+        usage_json(&state, &ws, &limits, range.from, range.to, true).await?,
     ))
 }
 

@@ -67,12 +67,16 @@ fn valid_day(s: &str) -> bool {
 
 /// A workspace's usage: this month, the bucket now, and per day and model over a range
 /// (default: this month so far).
+/// `exact`: the ledger's figures include everything settled so far (the admin view); else they
+/// may be behind by about a second (the workspace's own page, read often; see
+/// `Recorder::ledger_view`). The limiter's figures (this month's tokens, the windows) are live.
 pub async fn usage_json(
     state: &AppState,
     ws: &Workspace,
     limits: &Limits,
     from: Option<String>,
     to: Option<String>,
+    exact: bool,
 ) -> Result<Value, ApiError> {
     let now = state.clock.now();
     let month = MonthKey::of(now);
@@ -83,7 +87,6 @@ pub async fn usage_json(
             "from and to are days as YYYY-MM-DD".into(),
         ));
     }
-    state.recorder.flush().await;
     let live = state
         .limiter
         .usage(ws.id, limits, now)
@@ -92,8 +95,10 @@ pub async fn usage_json(
             LimiterError::Unavailable(_) => ApiError::LimiterUnavailable,
             LimiterError::Ledger(_) => ApiError::Unavailable,
         })?;
-    let totals = state.store.month_totals(ws.id, month, None).await?;
-    let daily = state.store.daily_usage(ws.id, &from, &to).await?;
+    let ledger = state
+        .recorder
+        .ledger_view(ws.id, month, &from, &to, exact)
+        .await?;
     let window = |w: Option<Window>| {
         w.map(|w| {
             json!({
@@ -106,7 +111,7 @@ pub async fn usage_json(
     Ok(json!({
         "workspace_id": ws.id,
         "month": format!("{:04}-{:02}", month.year(), month.month()),
-        "requests_this_month": totals.requests,
+        "requests_this_month": ledger.requests_this_month,
         "tokens_this_month": live.month_settled_tokens,
         "tokens_reserved": live.month_reserved_tokens,
         "in_flight": live.in_flight,
@@ -124,6 +129,6 @@ pub async fn usage_json(
         })),
         "from": from,
         "to": to,
-        "daily": daily,
+        "daily": ledger.daily,
     }))
 }

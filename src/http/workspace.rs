@@ -25,7 +25,7 @@ pub async fn limits(
     let ws = &entry.workspace;
     let tiers = state.store.list_tiers().await?;
     let tier_limits = tiers.iter().find(|t| t.name == ws.tier).map(|t| &t.limits);
-    let usage = usage_json(&state, ws, &entry.limits, None, None).await?;
+    let usage = usage_json(&state, ws, &entry.limits, None, None, false).await?;
     Ok(Json(json!({
         "workspace": { "id": ws.id, "name": ws.name, "status": ws.status },
         "tier": ws.tier,

@@ -328,6 +328,21 @@ impl TestGateway {
         r.json().await.unwrap()
     }
 
+    /// The workspace's usage as the admin API shows it, with the ledger's figures exact
+    /// (`/v1/limits` may show them up to about a second behind).
+    pub async fn exact_usage(&self, key: &str) -> Value {
+        let id = self.limits(key).await["workspace"]["id"].as_i64().unwrap();
+        let (s, v) = self
+            .admin(
+                reqwest::Method::GET,
+                &format!("/workspaces/{id}/usage"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v
+    }
+
     /// This month's settled tokens, once a settlement that happens after the answer (a stream
     /// whose client left) has landed; waits at most 3 s.
     pub async fn settled_month_tokens(&self, key: &str) -> u64 {

@@ -285,10 +285,11 @@ async fn a_denied_request_consumes_nothing_in_any_dimension() {
     ] {
         assert_eq!(before[field], after[field], "{field} changed");
     }
-    assert_eq!(after["requests_this_month"], 1);
+    let ledger = gw.exact_usage(&key).await;
+    assert_eq!(ledger["requests_this_month"], 1);
     // The denials were counted as denials, not as usage.
-    assert_eq!(after["daily"][0]["denied"], 5);
-    assert_eq!(after["daily"][0]["requests"], 1);
+    assert_eq!(ledger["daily"][0]["denied"], 5);
+    assert_eq!(ledger["daily"][0]["requests"], 1);
 }
 
 #[tokio::test]
@@ -499,5 +500,43 @@ async fn binary_answers_pass_through_as_they_come() {
         total += chunk.unwrap().len();
     }
     assert_eq!(total, FILE_CHUNK * FILE_CHUNKS);
-    assert_eq!(gw.limits(&key).await["usage"]["requests_this_month"], 1);
+    assert_eq!(gw.exact_usage(&key).await["requests_this_month"], 1);
+}
+
+/// The workspace's own page reads the ledger at most once a second and never forces a write,
+/// so reading it often costs the store little; its ledger figures are then up to about a second
+/// behind, while the limiter's (this month's tokens, the windows) are live.
+#[tokio::test]
+async fn the_limits_page_reads_the_ledger_at_most_once_a_second() {
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_month": 100000})).await;
+    let first = gw.limits(&key).await;
+    let read_at = std::time::Instant::now();
+    assert_eq!(first["usage"]["requests_this_month"], 0);
+    assert_eq!(
+        gw.chat(&key, hello(), &[("x-mock-usage", "10,10")])
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let again = gw.limits(&key).await;
+    // Live: the limiter's count.
+    assert_eq!(again["usage"]["tokens_this_month"], 20);
+    if read_at.elapsed() < Duration::from_millis(900) {
+        // The ledger's figures: the read of a moment ago, no write forced.
+        assert_eq!(again["usage"]["requests_this_month"], 0);
+        assert_eq!(again["usage"]["daily"], json!([]));
+    }
+    // Within the stated bound (a flush interval and a second), the page catches up.
+    let started = std::time::Instant::now();
+    loop {
+        let now = gw.limits(&key).await;
+        if now["usage"]["requests_this_month"] == 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the page did not catch up: {now}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
