@@ -64,7 +64,7 @@ impl View {
             .unwrap_or_default();
         Arc::new(WorkspaceEntry {
             workspace: w.clone(),
-            limits: Arc::new(w.overrides.apply(&tier)),
+            limits: Arc::new(w.overrides.apply(&tier).within_bounds()),
         })
     }
 

@@ -42,11 +42,39 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// These limits with every figure brought within the bounds `validate` enforces. Limits
+    /// are validated where they are set, but a store may hold figures written by an older
+    /// version or by hand: the limiter only ever sees figures within bounds, so its arithmetic
+    /// cannot overflow whatever the store holds.
+    pub fn within_bounds(&self) -> Limits {
+        let tokens = |v: Option<u64>, max: u64| v.map(|n| n.clamp(1, max));
+        let mut out = self.clone();
+        out.requests_per_second = self.requests_per_second.map(|rps| {
+            let rps = if rps.is_finite() {
+                rps
+            } else {
+                MAX_REQUESTS_PER_SECOND
+            };
+            ((rps * 1000.0).round() / 1000.0).clamp(0.001, MAX_REQUESTS_PER_SECOND)
+        });
+        out.burst = self.burst.map(|b| b.clamp(1, MAX_BURST));
+        out.tokens_per_minute = tokens(self.tokens_per_minute, MAX_TOKENS_PER_MINUTE);
+        out.tokens_per_month = tokens(self.tokens_per_month, MAX_TOKENS_PER_MONTH);
+        out.concurrent_requests = self
+            .concurrent_requests
+            .map(|c| c.clamp(1, MAX_CONCURRENT_REQUESTS));
+        for m in out.models.values_mut() {
+            m.tokens_per_minute = tokens(m.tokens_per_minute, MAX_TOKENS_PER_MINUTE);
+            m.tokens_per_month = tokens(m.tokens_per_month, MAX_TOKENS_PER_MONTH);
+        }
+        out
+    }
+
     /// The burst that GCRA allows: the configured one, or `max(1, ceil(rps))`.
     pub fn effective_burst(&self) -> u32 {
         match (self.burst, self.requests_per_second) {
             (Some(b), _) => b.max(1),
-            (None, Some(rps)) => (rps.ceil() as u32).max(1),
+            (None, Some(rps)) => (rps.ceil() as u32).clamp(1, MAX_BURST),
             (None, None) => 1,
         }
     }

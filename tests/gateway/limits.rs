@@ -540,3 +540,56 @@ async fn the_limits_page_reads_the_ledger_at_most_once_a_second() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Limits are validated where they are set, but the store may hold figures an older version
+/// or a hand-written row put there: the gateway brings them within bounds instead of letting
+/// the limiter's arithmetic overflow.
+#[tokio::test]
+async fn limits_out_of_bounds_in_the_store_are_brought_within_bounds() {
+    use tiergate::model::{Limits, ModelLimits, Tier, MAX_TOKENS_PER_MINUTE};
+    use tiergate::store::Store;
+    let gw = TestGateway::start().await;
+    let store =
+        tiergate::store::sqlite::SqliteStore::open(&format!("sqlite://{}", gw.db.display()))
+            .await
+            .unwrap();
+    let mut models = std::collections::BTreeMap::new();
+    models.insert(
+        "mistral-small-latest".to_string(),
+        ModelLimits {
+            tokens_per_minute: Some(u64::MAX),
+            tokens_per_month: Some(0),
+        },
+    );
+    let wild = Limits {
+        requests_per_second: Some(1e300),
+        burst: Some(u32::MAX),
+        tokens_per_minute: Some(u64::MAX),
+        tokens_per_month: Some(u64::MAX),
+        concurrent_requests: Some(u32::MAX),
+        models,
+    };
+    assert!(wild.validate().is_err());
+    store
+        .put_tier(&Tier {
+            name: "wild".into(),
+            limits: wild,
+        })
+        .await
+        .unwrap();
+    let gw = gw.restart().await;
+    let (_, key) = gw.workspace("wild").await;
+    // No panic, no overflow: the request is decided, and the headers show the bounded figures.
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: serde_json::Value = r.json().await.unwrap();
+    // The model's month limit of 0 became 1: the request can never fit it.
+    assert_eq!(body["type"], "request_too_large");
+    assert_eq!(body["code"], "model_tokens_per_month");
+    let limits = gw.limits(&key).await;
+    assert_eq!(
+        limits["limits"]["tokens_per_minute"].as_u64(),
+        Some(MAX_TOKENS_PER_MINUTE)
+    );
+    assert_eq!(limits["limits"]["requests_per_second"], 1_000_000.0);
+}
