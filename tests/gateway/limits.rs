@@ -593,3 +593,47 @@ async fn limits_out_of_bounds_in_the_store_are_brought_within_bounds() {
     );
     assert_eq!(limits["limits"]["requests_per_second"], 1_000_000.0);
 }
+
+/// A stream reserved in one month and settled in the next counts in the month in which it is
+/// settled, at once, even when the next request follows before the ledger has been written
+/// (issue 9, defect 11: the in-memory counter used to miss it until the workspace was evicted).
+#[tokio::test]
+async fn a_settlement_across_the_month_boundary_counts_in_the_new_month_at_once() {
+    use futures_util::StreamExt;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_month": 1000})).await;
+    use tiergate::clock::Clock;
+    let next_month = tiergate::limiter::MonthKey::of(gw.clock.now())
+        .next()
+        .start();
+    gw.clock.set(next_month - 1_000_000_000);
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .header("x-mock-usage", "10,5")
+        .header("x-mock-latency-ms", "300")
+        .json(&json!({"model": "m", "stream": true, "max_tokens": 5,
+            "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+    // Midnight passes while the stream is in flight; it ends in the new month.
+    gw.advance(Duration::from_secs(2));
+    while let Some(chunk) = body.next().await {
+        chunk.unwrap();
+    }
+    // At once: no time for the ledger to be written.
+    assert_eq!(
+        gw.chat(&key, hello(), &[("x-mock-usage", "1,1")])
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let usage = gw.limits(&key).await["usage"].clone();
+    assert_eq!(usage["tokens_this_month"], 15 + 2, "{usage}");
+    assert_eq!(usage["tokens_reserved"], 0);
+}
