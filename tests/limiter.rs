@@ -1306,6 +1306,73 @@ proptest! {
             }
         }
     }
+
+    /// Every limit at once, two models with limits of their own and one without, and the limits
+    /// changing between requests (a new tier, an override): a denial changes nothing that any
+    /// later decision can see, an admission never takes a concurrency slot or a month's tokens
+    /// beyond the limits in force, and a retry after `retry_after` is admitted when it is about
+    /// rates alone.
+    #[test]
+    fn every_limit_holds_across_models_and_limit_changes(
+        ops in vec(
+            (
+                0..4usize,
+                select(vec![None, Some("m"), Some("n"), Some("x")]),
+                0u64..=300,
+                0u64..=300,
+                prop_oneof![Just(0), 0..2 * SEC, 0..40 * SEC],
+                any::<Option<Index>>(),
+                0u64..=1_000,
+            ),
+            1..60,
+        ),
+    ) {
+        let shapes = [
+            all_limits(),
+            all_limits().model("n", Some(150), None).rps(2.0).burst(3),
+            limits().tpm(300).month(2_000).concurrent(1).model("m", Some(100), Some(500)),
+            limits().rps(0.5).tpm(1_200).model("n", None, Some(300)),
+        ];
+        let mut now = t0();
+        let mut s = fresh(now);
+        let mut held: Vec<Held> = Vec::new();
+        for (shape, model, prompt, extra, gap, settle, actual_per_mille) in ops {
+            now += gap;
+            let l = &shapes[shape];
+            let cost = estimate(prompt, prompt + extra);
+            let before = s.clone();
+            let used = |s: &WorkspaceState| {
+                let u = s.usage(l, now);
+                u.month_settled_tokens + u.month_reserved_tokens
+            };
+            match s.reserve(l, model, cost, now).0 {
+                Verdict::Admit(h) => {
+                    let u = s.usage(l, now);
+                    if let Some(max) = l.concurrent_requests {
+                        prop_assert!(u.in_flight <= max, "{} in flight of {}", u.in_flight, max);
+                    }
+                    if let Some(cap) = l.tokens_per_month {
+                        prop_assert!(
+                            used(&before) + h.tokens <= cap,
+                            "admitted {} over {} used of {}", h.tokens, used(&before), cap
+                        );
+                    }
+                    held.push(h);
+                }
+                Verdict::Deny(d) => {
+                    assert_same_future(&before, &s, l, now, "a denial");
+                    // "Nothing else running": no request in flight holds a slot.
+                    if d.kind == RateLimited && held.is_empty() {
+                        prop_assert!(retry_is_exact(&s, l, model, cost, now, d.retry_after));
+                    }
+                }
+            }
+            if let (Some(i), false) = (settle, held.is_empty()) {
+                let h = held.swap_remove(i.index(held.len()));
+                s.settle(l, &h, h.tokens * actual_per_mille / 1_000, now);
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
