@@ -435,6 +435,12 @@ fn redis_config(
         .map(str::trim)
         .filter(|u| !u.is_empty())
         .collect();
+    if urls.is_empty() {
+        return Err(invalid(
+            "redis",
+            "no URL: give redis://host:port, or seed nodes separated by commas",
+        ));
+    }
     let cluster = cluster || urls.len() > 1;
     let urls = urls
         .iter()
@@ -644,6 +650,10 @@ mod tests {
         assert!(e.starts_with("redis:"), "{e}");
         assert!(!e.contains("hunter2") && e.contains("***"), "{e}");
         let e = bad(with("redis://host:6379/x"));
+        assert!(e.starts_with("redis:"), "{e}");
+        // Found by fuzzing the config parser (fuzz/corpus/config/no-url.toml): commas alone
+        // once panicked.
+        let e = bad(with(",,,,   "));
         assert!(e.starts_with("redis:"), "{e}");
         let e = bad(with("redis://a:7000/1,redis://b:7000"));
         assert!(e.contains("database 0"), "{e}");
