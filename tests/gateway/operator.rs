@@ -448,6 +448,19 @@ async fn without_an_admin_listener_the_admin_api_and_metrics_stay_on_the_main_li
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.text().await.unwrap().contains("tiergate_requests_total"));
+    // A method a route does not have: a JSON 405 that says which ones it has.
+    let r = gw
+        .client
+        .delete(format!("{}/admin/v1/workspaces", gw.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let allow = header(&r, "allow").unwrap_or_default().to_string();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "method_not_allowed");
 }
 
 /// Defect 7 through the admin API: a patch of the overrides and an approval of an increase, sent
