@@ -1,11 +1,13 @@
 //! Assembles the gateway from a `Config`: store, catalogue, limiter, ledger writer, upstream
-//! client, background tasks. `main` and the tests build the same `App`.
+//! client, the admin operations, background tasks. `main` and the tests build the same `App`.
+//! It knows no HTTP: `http::serve` serves an `App` (`App::serve`), and handlers share its
+//! `AppState`.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
 
+use crate::admin::Admin;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::config::Config;
@@ -29,6 +31,8 @@ pub enum AppError {
     Io(#[from] std::io::Error),
     #[error("limiter: {0}")]
     Limiter(#[from] LimiterError),
+    #[error("{0}")]
+    Admin(#[from] crate::admin::AdminError),
 }
 
 /// What every request handler shares.
@@ -45,6 +49,8 @@ pub struct AppState {
     pub client: reqwest::Client,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    /// The admin operations (the admin API's, the workspace's limit requests).
+    pub admin: Admin,
 }
 
 /// A built gateway: its state and the background tasks that serve it.
@@ -133,6 +139,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         config.estimate.default_completion_tokens,
         config.estimate.history,
     );
+    let admin = Admin::new(store.clone(), clock.clone()).serving(catalog.clone(), recorder.clone());
     let state = Arc::new(AppState {
         config,
         store,
@@ -144,6 +151,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         client,
         clock,
         metrics,
+        admin,
     });
     let tasks = vec![
         tokio::spawn(refresh_catalog(state.clone())),
@@ -184,33 +192,8 @@ async fn evict_idle(state: Arc<AppState>) {
     }
 }
 
+// `App::router`, `App::serve` and `App::serve_with_admin` are in `http::serve`.
 impl App {
-    pub fn router(&self) -> axum::Router {
-        crate::http::router(self.state.clone())
-    }
-
-    /// Serves on `listener` until `shutdown` completes, then drains and flushes the ledger.
-    pub async fn serve(
-        self,
-        listener: tokio::net::TcpListener,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), AppError> {
-        use axum::serve::ListenerExt;
-        let router = self.router();
-        // Without TCP_NODELAY, a response written as headers then body waits for the client's
-        // delayed ACK (about 40 ms) on every kept-alive request, and stream chunks are held back.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await?;
-        self.shutdown().await;
-        Ok(())
-    }
-
     /// Stops the background tasks and writes what the ledger still holds.
     pub async fn shutdown(self) {
         for t in &self.tasks {

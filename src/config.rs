@@ -32,8 +32,13 @@ fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct RawSettings {
     pub listen: Option<String>,
+    /// Where the admin API and `/metrics` are served, alone; without it, on `listen`.
+    pub admin_listen: Option<String>,
     pub database: Option<String>,
+    /// The single admin token, named `admin`.
     pub admin_token: Option<String>,
+    /// Named admin tokens (the file's `[[admin_tokens]]`): the audit records the name.
+    pub admin_tokens: Option<Vec<RawAdminToken>>,
     pub max_body_bytes: Option<usize>,
     pub catalog_refresh_ms: Option<u64>,
     /// One `redis://` URL (a single server), or a comma-separated list of seed nodes (a Redis
@@ -56,6 +61,23 @@ pub struct RawSettings {
     /// Tiers that seed the catalogue when absent from the database.
     #[serde(default)]
     pub tiers: BTreeMap<String, Limits>,
+}
+
+/// One `[[admin_tokens]]` entry.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdminToken {
+    pub name: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for RawAdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawAdminToken")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -97,6 +119,7 @@ impl RawSettings {
     pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Self {
         RawSettings {
             listen: var("TIERGATE_LISTEN"),
+            admin_listen: var("TIERGATE_ADMIN_LISTEN"),
             database: var("TIERGATE_DATABASE"),
             admin_token: var("TIERGATE_ADMIN_TOKEN"),
             redis: var("TIERGATE_REDIS"),
@@ -120,8 +143,10 @@ impl RawSettings {
     pub fn overlay(self, over: RawSettings) -> RawSettings {
         let RawSettings {
             listen,
+            admin_listen,
             database,
             admin_token,
+            admin_tokens,
             max_body_bytes,
             catalog_refresh_ms,
             redis,
@@ -139,8 +164,10 @@ impl RawSettings {
         merged_tiers.extend(tiers);
         RawSettings {
             listen: listen.or(self.listen),
+            admin_listen: admin_listen.or(self.admin_listen),
             database: database.or(self.database),
             admin_token: admin_token.or(self.admin_token),
+            admin_tokens: admin_tokens.or(self.admin_tokens),
             max_body_bytes: max_body_bytes.or(self.max_body_bytes),
             catalog_refresh_ms: catalog_refresh_ms.or(self.catalog_refresh_ms),
             redis: redis.or(self.redis),
@@ -176,7 +203,7 @@ impl RawSettings {
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// Base URL without `/v1`; `None` where no upstream is needed (admin commands).
-    pub url: Option<reqwest::Url>,
+    pub url: Option<url::Url>,
     pub api_key: Option<String>,
     pub request_stream_usage: bool,
     pub connect_timeout: Duration,
@@ -224,12 +251,37 @@ pub struct RedisConfig {
     pub time: TimeSource,
 }
 
+/// An admin token and the name the audit records for whoever holds it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken {
+    pub name: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminToken")
+            .field("name", &self.name)
+            .field("token", &"***")
+            .finish()
+    }
+}
+
+/// The name of the single `admin_token`.
+pub const SINGLE_ADMIN_TOKEN_NAME: &str = "admin";
+/// The shortest admin token accepted.
+pub const MIN_ADMIN_TOKEN: usize = 16;
+
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// When set, the admin API and `/metrics` are served there only, and the main listener
+    /// answers them `404`.
+    pub admin_listen: Option<SocketAddr>,
     pub database: String,
-    pub admin_token: Option<String>,
+    /// Every admin token, each with its name; empty: the admin API is off (`403`).
+    pub admin_tokens: Vec<AdminToken>,
     pub max_body_bytes: usize,
     pub catalog_refresh: Duration,
     /// The shared limiter; `None` keeps limiter state in memory.
@@ -253,8 +305,10 @@ impl TryFrom<RawSettings> for Config {
     fn try_from(raw: RawSettings) -> Result<Self, ConfigError> {
         let RawSettings {
             listen,
+            admin_listen,
             database,
             admin_token,
+            admin_tokens,
             max_body_bytes,
             catalog_refresh_ms,
             redis,
@@ -275,14 +329,24 @@ impl TryFrom<RawSettings> for Config {
                 format!("'{listen}' is not an address like 127.0.0.1:8080"),
             )
         })?;
+        let admin_listen = match admin_listen.filter(|a| !a.trim().is_empty()) {
+            None => None,
+            Some(a) => {
+                let addr: SocketAddr = a.parse().map_err(|_| {
+                    invalid(
+                        "admin_listen",
+                        format!("'{a}' is not an address like 127.0.0.1:8081"),
+                    )
+                })?;
+                if addr == listen && addr.port() != 0 {
+                    return Err(invalid("admin_listen", "must differ from listen"));
+                }
+                Some(addr)
+            }
+        };
         let database = database.unwrap_or_else(|| DEFAULT_DATABASE.to_string());
         crate::store::Backend::of(&database).map_err(|m| invalid("database", m))?;
-        let admin_token = admin_token.filter(|t| !t.is_empty());
-        if let Some(t) = &admin_token {
-            if t.len() < 16 {
-                return Err(invalid("admin_token", "must be at least 16 characters"));
-            }
-        }
+        let admin_tokens = admin_tokens_config(admin_token, admin_tokens.unwrap_or_default())?;
         let max_body_bytes = max_body_bytes.unwrap_or(4 * 1024 * 1024);
         if max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));
@@ -305,7 +369,7 @@ impl TryFrom<RawSettings> for Config {
         let url = match upstream.url.filter(|u| !u.is_empty()) {
             None => None,
             Some(u) => {
-                let mut url = reqwest::Url::parse(&u)
+                let mut url = url::Url::parse(&u)
                     .map_err(|e| invalid("upstream", format!("'{u}' is not a URL: {e}")))?;
                 if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
                     return Err(invalid("upstream", format!("'{u}' must be an http(s) URL")));
@@ -363,8 +427,9 @@ impl TryFrom<RawSettings> for Config {
         }
         Ok(Config {
             listen,
+            admin_listen,
             database,
-            admin_token,
+            admin_tokens,
             max_body_bytes,
             catalog_refresh,
             redis,
@@ -377,9 +442,89 @@ impl TryFrom<RawSettings> for Config {
     }
 }
 
+/// Checks one admin token's value; `field` names it in the message, never the value.
+fn check_admin_token(field: &str, token: &str) -> Result<(), ConfigError> {
+    if token.len() < MIN_ADMIN_TOKEN {
+        return Err(invalid(
+            field,
+            format!("must be at least {MIN_ADMIN_TOKEN} characters"),
+        ));
+    }
+    // What a client can send in `Authorization: Bearer …` and the gateway can match.
+    let sendable = token.bytes().all(|b| (0x20..0x7f).contains(&b))
+        && !token.starts_with(' ')
+        && !token.ends_with(' ');
+    if !sendable {
+        return Err(invalid(
+            field,
+            "must be printable ASCII without leading or trailing spaces",
+        ));
+    }
+    Ok(())
+}
+
+/// The single `admin_token` (named `admin`) and the named `[[admin_tokens]]`: every token long
+/// enough and sendable, names plain and unique, no token given twice.
+fn admin_tokens_config(
+    single: Option<String>,
+    named: Vec<RawAdminToken>,
+) -> Result<Vec<AdminToken>, ConfigError> {
+    let mut tokens = Vec::new();
+    if let Some(token) = single.filter(|t| !t.is_empty()) {
+        check_admin_token("admin_token", &token)?;
+        tokens.push(AdminToken {
+            name: SINGLE_ADMIN_TOKEN_NAME.to_string(),
+            token,
+        });
+    }
+    for (i, RawAdminToken { name, token }) in named.into_iter().enumerate() {
+        let field = format!("admin_tokens[{i}]");
+        validate_token_name(&name).map_err(|m| invalid(&format!("{field}.name"), m))?;
+        check_admin_token(&format!("{field}.token"), &token)?;
+        if tokens.iter().any(|t| t.name == name) {
+            let also = if name == SINGLE_ADMIN_TOKEN_NAME {
+                " (the name of admin_token)"
+            } else {
+                ""
+            };
+            return Err(invalid(
+                &format!("{field}.name"),
+                format!("'{name}' is given twice{also}; names must be unique"),
+            ));
+        }
+        if tokens.iter().any(|t| t.token == token) {
+            return Err(invalid(
+                &format!("{field}.token"),
+                "the same token is given twice; each name needs a token of its own",
+            ));
+        }
+        tokens.push(AdminToken { name, token });
+    }
+    Ok(tokens)
+}
+
+/// 1 to 64 of `a-z A-Z 0-9 - _ .`.
+fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
+/// Admin token names are what the audit records as the actor: plain, so they cannot be taken
+/// for `cli:…` or `workspace:…`.
+pub fn validate_token_name(name: &str) -> Result<(), String> {
+    if plain_name(name) {
+        Ok(())
+    } else {
+        Err("a name is 1 to 64 of a-z, A-Z, 0-9, '-', '_', '.'".into())
+    }
+}
+
 /// A URL with its password, if any, replaced by `***`, for messages.
 pub fn redact(url: &str) -> String {
-    match reqwest::Url::parse(url) {
+    match url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
             let _ = u.set_password(Some("***"));
             u.to_string()
@@ -390,7 +535,7 @@ pub fn redact(url: &str) -> String {
 
 fn redis_url(url: &str, cluster: bool) -> Result<String, ConfigError> {
     let shown = redact(url);
-    let parsed = reqwest::Url::parse(url).map_err(|_| {
+    let parsed = url::Url::parse(url).map_err(|_| {
         invalid(
             "redis",
             format!("'{shown}' is not a URL like redis://host:6379 or rediss://host:6380/0"),
@@ -495,12 +640,7 @@ fn redis_config(
 
 /// Tier names appear in URLs and the console: keep them plain.
 pub fn validate_tier_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
-    if ok {
+    if plain_name(name) {
         Ok(())
     } else {
         Err("a tier name is 1 to 64 of a-z, A-Z, 0-9, '-', '_', '.'".into())
@@ -525,7 +665,7 @@ impl Config {
     }
 
     /// For commands that forward traffic: the upstream must be set.
-    pub fn upstream_url(&self) -> Result<&reqwest::Url, ConfigError> {
+    pub fn upstream_url(&self) -> Result<&url::Url, ConfigError> {
         self.upstream.url.as_ref().ok_or_else(|| {
             invalid(
                 "upstream",
@@ -768,6 +908,93 @@ mod tests {
             .unwrap();
             assert_eq!(c.database, url);
         }
+    }
+
+    #[test]
+    fn admin_tokens_have_names_and_the_single_one_is_admin() {
+        let raw: RawSettings = toml::from_str(
+            "admin_token = \"single-token-0123456789\"\n[[admin_tokens]]\nname = \"alice\"\ntoken = \"alice-token-0123456789\"\n[[admin_tokens]]\nname = \"ci.bot\"\ntoken = \"ci-bot-token-0123456789\"\n",
+        )
+        .unwrap();
+        let c = Config::try_from(raw).unwrap();
+        let names: Vec<&str> = c.admin_tokens.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["admin", "alice", "ci.bot"]);
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("alice-token") && !shown.contains("single-token"),
+            "tokens never show in Debug: {shown}"
+        );
+        assert!(Config::try_from(RawSettings::default())
+            .unwrap()
+            .admin_tokens
+            .is_empty());
+
+        let bad = |toml_text: &str| {
+            let raw: RawSettings = toml::from_str(toml_text).unwrap();
+            Config::try_from(raw).unwrap_err().to_string()
+        };
+        let entry = |name: &str, token: &str| {
+            format!("[[admin_tokens]]\nname = \"{name}\"\ntoken = \"{token}\"\n")
+        };
+        let e = bad(&entry("alice", "short"));
+        assert!(e.starts_with("admin_tokens[0].token:"), "{e}");
+        assert!(!e.contains("short"), "the value is never shown: {e}");
+        let e = bad(&entry("al ice", "alice-token-0123456789"));
+        assert!(e.starts_with("admin_tokens[0].name:"), "{e}");
+        let e = bad(&entry("cli:bob", "alice-token-0123456789"));
+        assert!(e.starts_with("admin_tokens[0].name:"), "{e}");
+        let e = bad(&entry("", "alice-token-0123456789"));
+        assert!(e.starts_with("admin_tokens[0].name:"), "{e}");
+        let e = bad(&format!(
+            "{}{}",
+            entry("alice", "alice-token-0123456789"),
+            entry("alice", "other-token-0123456789")
+        ));
+        assert!(
+            e.starts_with("admin_tokens[1].name:") && e.contains("twice"),
+            "{e}"
+        );
+        let e = bad(&format!(
+            "{}{}",
+            entry("alice", "alice-token-0123456789"),
+            entry("bob", "alice-token-0123456789")
+        ));
+        assert!(e.starts_with("admin_tokens[1].token:"), "{e}");
+        assert!(!e.contains("alice-token"), "{e}");
+        let e = bad(&format!(
+            "admin_token = \"single-token-0123456789\"\n{}",
+            entry("admin", "other-token-0123456789")
+        ));
+        assert!(e.starts_with("admin_tokens[0].name:"), "{e}");
+        let e = bad(&entry("alice", " padded-token-0123456789"));
+        assert!(e.starts_with("admin_tokens[0].token:"), "{e}");
+        let e = bad(&entry("alice", "tökén-tökén-tökén-0123"));
+        assert!(e.starts_with("admin_tokens[0].token:"), "{e}");
+        let unknown = toml::from_str::<RawSettings>(
+            "[[admin_tokens]]\nname = \"alice\"\ntoken = \"alice-token-0123456789\"\nrole = \"x\"\n",
+        );
+        assert!(unknown.unwrap_err().to_string().contains("role"));
+    }
+
+    #[test]
+    fn admin_listen_is_an_address_apart_from_listen() {
+        let env = env_of(&[("TIERGATE_ADMIN_LISTEN", "127.0.0.1:9001")]);
+        let c = Config::load(RawSettings::default(), None, &env).unwrap();
+        assert_eq!(c.admin_listen.unwrap().to_string(), "127.0.0.1:9001");
+        let c = Config::load(RawSettings::default(), None, env_of(&[])).unwrap();
+        assert_eq!(c.admin_listen, None);
+        let bad = |raw: RawSettings| Config::try_from(raw).unwrap_err().to_string();
+        let e = bad(RawSettings {
+            admin_listen: Some("loopback".into()),
+            ..Default::default()
+        });
+        assert!(e.starts_with("admin_listen:"), "{e}");
+        let e = bad(RawSettings {
+            listen: Some("127.0.0.1:9000".into()),
+            admin_listen: Some("127.0.0.1:9000".into()),
+            ..Default::default()
+        });
+        assert!(e.starts_with("admin_listen:"), "{e}");
     }
 
     #[test]

@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::admin::{Admin, NewKeyInput, WorkspaceUpdate};
 use crate::app::{app, AppError};
 use crate::catalog::generate_key;
 use crate::clock::{Clock, SystemClock};
 use crate::config::{Config, RawSettings, RawUpstream};
 use crate::mock_upstream::{self, MockConfig};
-use crate::model::{Overrides, OverridesPatch, WorkspaceStatus};
-use crate::store::{NewKey, WorkspaceChange};
+use crate::model::{Actor, Overrides, OverridesPatch, Workspace, WorkspaceStatus};
 
 pub struct DemoOptions {
     pub listen: SocketAddr,
@@ -63,47 +63,10 @@ pub async fn run(
     };
     let config = Config::try_from(raw).expect("the demo's own settings are valid");
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let gateway = app(config, clock.clone()).await?;
-    let store = gateway.state.store.clone();
+    let gateway = app(config, clock).await?;
+    let (workspace, secret) = demo_workspace(&gateway.state.admin).await?;
 
-    // The demo workspace is on the free tier, with no overrides, on every run (its month's
-    // usage carries over in the data dir).
-    let existing = store
-        .list_workspaces()
-        .await?
-        .into_iter()
-        .find(|w| w.name == DEMO_WORKSPACE);
-    let workspace = match existing {
-        Some(w) => {
-            let reset = WorkspaceChange {
-                tier: Some("free".into()),
-                overrides: OverridesPatch::replacing(&Overrides::default()),
-                status: Some(WorkspaceStatus::Active),
-            };
-            store.update_workspace(w.id, &reset).await?
-        }
-        None => {
-            store
-                .create_workspace(DEMO_WORKSPACE, "free", clock.now_secs())
-                .await?
-        }
-    };
-    let secret = generate_key();
-    store
-        .create_key(
-            &NewKey {
-                workspace: workspace.id,
-                name: Some("demo".into()),
-                prefix: secret.prefix.clone(),
-                hash: secret.hash,
-                expires_at: None,
-            },
-            clock.now_secs(),
-        )
-        .await?;
-    gateway.state.catalog.reload().await?;
-
-    let key = &secret.secret;
+    let key = &secret;
     println!(
         r#"
 tiergate demo: gateway on http://{addr}, mock upstream on http://{mock_addr}
@@ -130,4 +93,36 @@ Ctrl-C stops.
     let _ = stop_mock.send(());
     let _ = mock.await;
     result
+}
+
+/// The demo workspace, on the free tier with no overrides on every run (its month's usage
+/// carries over in the data dir), and a fresh key for it; recorded in the audit as `demo`.
+async fn demo_workspace(admin: &Admin) -> Result<(Workspace, String), AppError> {
+    let by = Actor::plain("demo");
+    let existing = admin
+        .list_workspaces()
+        .await?
+        .into_iter()
+        .find(|w| w.name == DEMO_WORKSPACE);
+    let workspace = match existing {
+        Some(w) => {
+            let reset = WorkspaceUpdate {
+                tier: Some("free".into()),
+                overrides: OverridesPatch::replacing(&Overrides::default()),
+                status: Some(WorkspaceStatus::Active),
+            };
+            admin.update_workspace(&by, w.id, reset).await
+        }
+        None => {
+            admin
+                .create_workspace(&by, DEMO_WORKSPACE, Some("free"))
+                .await
+        }
+    }?;
+    let input = NewKeyInput {
+        name: Some("demo".into()),
+        expires_at: None,
+    };
+    let (_, secret) = admin.create_key(&by, workspace.id, input).await?;
+    Ok((workspace, secret))
 }

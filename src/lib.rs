@@ -3,6 +3,7 @@
 //! The binary is thin; everything is here so that `main` and the tests build the same `app()`.
 //! See ARCHITECTURE.md for the map.
 
+pub mod admin;
 pub mod app;
 pub mod catalog;
 pub mod clock;

@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use clap::{Args, Parser, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 
-use tiergate::catalog::generate_key;
-use tiergate::clock::{Clock, SystemClock};
-use tiergate::config::{validate_tier_name, RawUpstream};
+use tiergate::admin::{Admin, AuditQuery, NewKeyInput, WorkspaceUpdate};
+use tiergate::clock::SystemClock;
+use tiergate::config::RawUpstream;
 use tiergate::mock_upstream::{self, MockConfig};
-use tiergate::model::{FieldPatch, Limits, ModelLimits, OverridesPatch, Tier, WorkspaceStatus};
+use tiergate::model::{Actor, Limits, ModelLimits, Overrides};
 use tiergate::store::migrate::MigrationSummary;
-use tiergate::store::{redact, NewKey, Store, WorkspaceChange};
+use tiergate::store::redact;
 use tiergate::{Config, RawSettings};
 
 #[derive(Parser)]
@@ -66,27 +66,62 @@ struct RedisArgs {
     instances: Option<u32>,
 }
 
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (default 127.0.0.1:8080).
+    #[arg(long, env = "TIERGATE_LISTEN")]
+    listen: Option<String>,
+    /// Serve the admin API and /metrics on this address only (e.g. 127.0.0.1:8081); the main
+    /// listener then answers them 404. Default: on the main listener.
+    #[arg(long, env = "TIERGATE_ADMIN_LISTEN")]
+    admin_listen: Option<String>,
+    /// Base URL of the upstream API, e.g. https://api.mistral.ai.
+    #[arg(long, env = "TIERGATE_UPSTREAM")]
+    upstream: Option<String>,
+    /// The gateway's own key for the upstream; the client's key is never forwarded.
+    #[arg(long, env = "TIERGATE_UPSTREAM_API_KEY", hide_env_values = true)]
+    upstream_api_key: Option<String>,
+    /// Bearer token of the admin API, named `admin` in the audit (more, each with a name:
+    /// [[admin_tokens]] in the config file); without any, the admin API answers 403.
+    #[arg(long, env = "TIERGATE_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Args)]
+struct AuditArgs {
+    /// Only entries about this workspace.
+    #[arg(long)]
+    workspace: Option<i64>,
+    /// Only entries by this actor: an admin token's name, cli:USER, workspace:ID.
+    #[arg(long)]
+    actor: Option<String>,
+    /// Only this action, e.g. workspace.update, key.revoke, limit_request.approve.
+    #[arg(long)]
+    action: Option<String>,
+    /// From this RFC 3339 instant (inclusive).
+    #[arg(long)]
+    from: Option<String>,
+    /// Until this RFC 3339 instant (exclusive).
+    #[arg(long)]
+    to: Option<String>,
+    /// Continue after the entry with this id (older entries).
+    #[arg(long)]
+    after: Option<i64>,
+    /// At most this many entries (1 to 1000, default 100).
+    #[arg(long)]
+    limit: Option<i64>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Serve {
-        /// Address to listen on (default 127.0.0.1:8080).
-        #[arg(long, env = "TIERGATE_LISTEN")]
-        listen: Option<String>,
-        /// Base URL of the upstream API, e.g. https://api.mistral.ai.
-        #[arg(long, env = "TIERGATE_UPSTREAM")]
-        upstream: Option<String>,
-        /// The gateway's own key for the upstream; the client's key is never forwarded.
-        #[arg(long, env = "TIERGATE_UPSTREAM_API_KEY", hide_env_values = true)]
-        upstream_api_key: Option<String>,
-        /// Bearer token of the admin API; without it the admin API answers 403.
-        #[arg(long, env = "TIERGATE_ADMIN_TOKEN", hide_env_values = true)]
-        admin_token: Option<String>,
-        #[command(flatten)]
-        redis: RedisArgs,
-        #[command(flatten)]
-        store: StoreArgs,
-    },
+    Serve(ServeArgs),
     /// Run the gateway with the mock upstream, a demo workspace and a fresh key.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -112,6 +147,11 @@ enum Command {
     /// Manage the tier catalogue.
     #[command(subcommand)]
     Tiers(TierCommand),
+    /// Answer workspaces' requests for higher limits.
+    #[command(subcommand)]
+    LimitRequests(LimitRequestCommand),
+    /// Read the audit log of admin changes, newest first.
+    Audit(AuditArgs),
     /// Copy an embedded (SQLite) installation into an empty Postgres database.
     Migrate {
         /// The SQLite database to copy, e.g. sqlite://tiergate.db.
@@ -148,7 +188,7 @@ enum WorkspaceCommand {
         #[arg(long)]
         status: Option<String>,
         /// Override a limit: NAME=VALUE, or NAME=none to clear it. NAME is one of
-        /// requests_per_second, tokens_per_minute, tokens_per_month, concurrent_requests.
+        /// requests_per_second, burst, tokens_per_minute, tokens_per_month, concurrent_requests.
         #[arg(long = "limit", value_name = "NAME=VALUE")]
         limits: Vec<String>,
         #[command(flatten)]
@@ -211,6 +251,36 @@ enum TierCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum LimitRequestCommand {
+    /// List requests, all or by status (pending, approved, denied) or workspace.
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        workspace: Option<i64>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Approve a pending request: grant what was asked, or the --limit values given.
+    Approve {
+        id: i64,
+        /// Grant NAME=VALUE instead of what was asked (NAME as for workspaces set).
+        #[arg(long = "limit", value_name = "NAME=VALUE")]
+        limits: Vec<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Deny a pending request with a reason the workspace reads.
+    Deny {
+        id: i64,
+        #[arg(long)]
+        reason: String,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -253,98 +323,306 @@ fn store_config(args: &StoreArgs) -> anyhow::Result<Config> {
     Ok(Config::load(flags, args.config.as_deref(), env_var)?)
 }
 
-async fn open(args: &StoreArgs) -> anyhow::Result<Arc<dyn Store>> {
+/// The admin operations on the store the arguments name, and who the audit says made them:
+/// `cli:$USER`.
+async fn admin(args: &StoreArgs) -> anyhow::Result<(Admin, Actor)> {
     let config = store_config(args)?;
     let store = tiergate::app::open_store(&config)
         .await
         .with_context(|| format!("opening {}", redact(&config.database)))?;
     store.seed_tiers(&config.tiers).await?;
-    Ok(store)
+    let user = env_var("USER").or_else(|| env_var("LOGNAME"));
+    Ok((
+        Admin::new(store, Arc::new(SystemClock)),
+        Actor::cli(user.as_deref()),
+    ))
 }
 
-fn print(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+fn print(v: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).expect("plain data prints")
+    );
 }
 
-fn parse_rfc3339(s: &str) -> anyhow::Result<i64> {
-    Ok(
-        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .map_err(|_| anyhow!("--expires-at: '{s}' is not an RFC 3339 instant"))?
-            .unix_timestamp(),
-    )
+/// `--limit NAME=VALUE` as the admin API's `"NAME": VALUE` (`none` is `null`).
+fn limit_fields(args: &[String]) -> anyhow::Result<Vec<(String, Value)>> {
+    args.iter()
+        .map(|arg| {
+            let (name, value) = arg
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--limit: '{arg}' is not NAME=VALUE"))?;
+            let value = match value {
+                "none" => Value::Null,
+                v => serde_json::from_str::<serde_json::Number>(v)
+                    .map(Value::Number)
+                    .unwrap_or_else(|_| Value::String(v.to_string())),
+            };
+            Ok((name.to_string(), value))
+        })
+        .collect()
 }
 
-fn apply_limit_arg(patch: &mut OverridesPatch, arg: &str) -> anyhow::Result<()> {
-    let (name, value) = arg
+/// `--model-limit MODEL:NAME=N` into `limits.models`.
+fn model_limit(limits: &mut Limits, arg: &str) -> anyhow::Result<()> {
+    let (model, rest) = arg
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--model-limit: '{arg}' is not MODEL:NAME=N"))?;
+    let (limit, n) = rest
         .split_once('=')
-        .ok_or_else(|| anyhow!("--limit: '{arg}' is not NAME=VALUE"))?;
-    fn field<T: std::str::FromStr>(name: &str, value: &str) -> anyhow::Result<FieldPatch<T>> {
-        if value == "none" {
-            return Ok(FieldPatch::Clear);
-        }
-        value
-            .parse()
-            .map(FieldPatch::Set)
-            .map_err(|_| anyhow!("--limit {name}: '{value}' is not a number or 'none'"))
+        .ok_or_else(|| anyhow!("--model-limit: '{arg}' is not MODEL:NAME=N"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| anyhow!("--model-limit: '{n}' is not a number"))?;
+    let entry: &mut ModelLimits = limits.models.entry(model.to_string()).or_default();
+    match limit {
+        "tokens_per_minute" => entry.tokens_per_minute = Some(n),
+        "tokens_per_month" => entry.tokens_per_month = Some(n),
+        other => bail!("--model-limit: '{other}' is not tokens_per_minute or tokens_per_month"),
     }
-    match name {
-        "requests_per_second" => patch.requests_per_second = field(name, value)?,
-        "tokens_per_minute" => patch.tokens_per_minute = field(name, value)?,
-        "tokens_per_month" => patch.tokens_per_month = field(name, value)?,
-        "concurrent_requests" => patch.concurrent_requests = field(name, value)?,
-        other => bail!("--limit: '{other}' is not a limit"),
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let ServeArgs {
+        listen,
+        admin_listen,
+        upstream,
+        upstream_api_key,
+        admin_token,
+        redis,
+        store,
+    } = args;
+    let RedisArgs {
+        redis,
+        redis_cluster,
+        redis_timeout_ms,
+        redis_failure_policy,
+        redis_lease_ms,
+        redis_prefix,
+        instances,
+    } = redis;
+    let flags = RawSettings {
+        listen,
+        admin_listen,
+        database: store.database,
+        admin_token,
+        redis,
+        redis_cluster: redis_cluster.then_some(true),
+        redis_timeout_ms,
+        redis_failure_policy,
+        redis_lease_ms,
+        redis_prefix,
+        instances,
+        upstream: RawUpstream {
+            url: upstream,
+            api_key: upstream_api_key,
+            ..RawUpstream::default()
+        },
+        ..RawSettings::default()
+    };
+    let config = Config::load(flags, store.config.as_deref(), env_var)?;
+    config.upstream_url()?;
+    let (listen, admin_listen) = (config.listen, config.admin_listen);
+    let app = tiergate::app(config, Arc::new(SystemClock)).await?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    let admin = match admin_listen {
+        None => None,
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("admin_listen: listening on {addr}"))?,
+        ),
+    };
+    match &admin {
+        None => tracing::info!(listen = %listener.local_addr()?, "tiergate serving"),
+        Some(a) => tracing::info!(
+            listen = %listener.local_addr()?,
+            admin_listen = %a.local_addr()?,
+            "tiergate serving; the admin API and /metrics on admin_listen only"
+        ),
+    }
+    app.serve_with_admin(listener, admin, shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
+    match command {
+        WorkspaceCommand::List { store } => {
+            let (admin, _) = admin(&store).await?;
+            print(&admin.list_workspaces().await?);
+        }
+        WorkspaceCommand::Create { name, tier, store } => {
+            let (admin, by) = admin(&store).await?;
+            print(&admin.create_workspace(&by, &name, Some(&tier)).await?);
+        }
+        WorkspaceCommand::Set {
+            id,
+            tier,
+            status,
+            limits,
+            store,
+        } => {
+            let fields = limit_fields(&limits)?;
+            let update = WorkspaceUpdate {
+                tier,
+                overrides: tiergate::admin::overrides_patch(
+                    fields.iter().map(|(k, v)| (k.as_str(), v)),
+                )?,
+                status: status
+                    .as_deref()
+                    .map(tiergate::admin::workspace_status)
+                    .transpose()?,
+            };
+            let (admin, by) = admin(&store).await?;
+            print(&admin.update_workspace(&by, id, update).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn keys(command: KeyCommand) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Create {
+            workspace,
+            name,
+            expires_at,
+            store,
+        } => {
+            let (admin, by) = admin(&store).await?;
+            let (key, secret) = admin
+                .create_key(&by, workspace, NewKeyInput { name, expires_at })
+                .await?;
+            let mut v = serde_json::to_value(key)?;
+            v["key"] = Value::String(secret);
+            print(&v);
+        }
+        KeyCommand::List { workspace, store } => {
+            let (admin, _) = admin(&store).await?;
+            print(&admin.list_keys(workspace).await?);
+        }
+        KeyCommand::Revoke { id, store } => {
+            let (admin, by) = admin(&store).await?;
+            print(&admin.revoke_key(&by, id).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn tiers(command: TierCommand) -> anyhow::Result<()> {
+    match command {
+        TierCommand::List { store } => {
+            let (admin, _) = admin(&store).await?;
+            print(&admin.list_tiers().await?);
+        }
+        TierCommand::Set {
+            name,
+            requests_per_second,
+            burst,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+            model_limits,
+            store,
+        } => {
+            let mut limits = Limits {
+                requests_per_second,
+                burst,
+                tokens_per_minute,
+                tokens_per_month,
+                concurrent_requests,
+                models: Default::default(),
+            };
+            for arg in &model_limits {
+                model_limit(&mut limits, arg)?;
+            }
+            let (admin, by) = admin(&store).await?;
+            print(&admin.put_tier(&by, &name, limits).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn limit_requests(command: LimitRequestCommand) -> anyhow::Result<()> {
+    match command {
+        LimitRequestCommand::List {
+            status,
+            workspace,
+            store,
+        } => {
+            let status = status
+                .as_deref()
+                .map(tiergate::admin::limit_request_status)
+                .transpose()?;
+            let (admin, _) = admin(&store).await?;
+            print(&admin.list_limit_requests(workspace, status).await?);
+        }
+        LimitRequestCommand::Approve { id, limits, store } => {
+            let granted = if limits.is_empty() {
+                None
+            } else {
+                let fields: serde_json::Map<String, Value> =
+                    limit_fields(&limits)?.into_iter().collect();
+                Some(
+                    serde_json::from_value::<Overrides>(Value::Object(fields))
+                        .map_err(|e| anyhow!("--limit: {e}"))?,
+                )
+            };
+            let (admin, by) = admin(&store).await?;
+            print(
+                &admin
+                    .approve_limit_request(&by, id, granted.as_ref())
+                    .await?,
+            );
+        }
+        LimitRequestCommand::Deny { id, reason, store } => {
+            let (admin, by) = admin(&store).await?;
+            print(&admin.deny_limit_request(&by, id, &reason).await?);
+        }
+    }
+    Ok(())
+}
+
+async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let AuditArgs {
+        workspace,
+        actor,
+        action,
+        from,
+        to,
+        after,
+        limit,
+        store,
+    } = args;
+    let instant =
+        |field: &str, v: Option<String>| v.map(|s| tiergate::admin::instant(field, &s)).transpose();
+    let query = AuditQuery {
+        workspace,
+        actor,
+        action: action
+            .as_deref()
+            .map(tiergate::admin::audit_action)
+            .transpose()?,
+        from: instant("from", from)?,
+        to: instant("to", to)?,
+        after,
+        limit,
+    };
+    let (admin, _) = admin(&store).await?;
+    let page = admin.audit(query).await?;
+    print(&page.entries);
+    if let (true, Some(last)) = (page.has_more, page.entries.last()) {
+        eprintln!("more entries: --after {}", last.id);
     }
     Ok(())
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
-    let clock = SystemClock;
     match command {
-        Command::Serve {
-            listen,
-            upstream,
-            upstream_api_key,
-            admin_token,
-            redis,
-            store,
-        } => {
-            let RedisArgs {
-                redis,
-                redis_cluster,
-                redis_timeout_ms,
-                redis_failure_policy,
-                redis_lease_ms,
-                redis_prefix,
-                instances,
-            } = redis;
-            let flags = RawSettings {
-                listen,
-                database: store.database,
-                admin_token,
-                redis,
-                redis_cluster: redis_cluster.then_some(true),
-                redis_timeout_ms,
-                redis_failure_policy,
-                redis_lease_ms,
-                redis_prefix,
-                instances,
-                upstream: RawUpstream {
-                    url: upstream,
-                    api_key: upstream_api_key,
-                    ..RawUpstream::default()
-                },
-                ..RawSettings::default()
-            };
-            let config = Config::load(flags, store.config.as_deref(), env_var)?;
-            config.upstream_url()?;
-            let listen = config.listen;
-            let app = tiergate::app(config, Arc::new(SystemClock)).await?;
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("listening on {listen}"))?;
-            tracing::info!(listen = %listener.local_addr()?, "tiergate serving");
-            app.serve(listener, shutdown_signal()).await?;
-        }
+        Command::Serve(args) => serve(args).await?,
         Command::Demo { listen, data_dir } => {
             tiergate::demo::run(
                 tiergate::demo::DemoOptions { listen, data_dir },
@@ -362,129 +640,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             };
             mock_upstream::serve(listener, config, shutdown_signal()).await?;
         }
-        Command::Workspaces(WorkspaceCommand::List { store }) => {
-            let list = open(&store).await?.list_workspaces().await?;
-            print(&serde_json::to_value(list)?);
-        }
-        Command::Workspaces(WorkspaceCommand::Create { name, tier, store }) => {
-            let ws = open(&store)
-                .await?
-                .create_workspace(&name, &tier, clock.now_secs())
-                .await?;
-            print(&serde_json::to_value(ws)?);
-        }
-        Command::Workspaces(WorkspaceCommand::Set {
-            id,
-            tier,
-            status,
-            limits,
-            store,
-        }) => {
-            let mut overrides = OverridesPatch::default();
-            for l in &limits {
-                apply_limit_arg(&mut overrides, l)?;
-            }
-            overrides.validate().map_err(|m| anyhow!("--limit: {m}"))?;
-            let status = status
-                .map(|s| {
-                    WorkspaceStatus::parse(&s)
-                        .ok_or_else(|| anyhow!("--status: '{s}' is not active or suspended"))
-                })
-                .transpose()?;
-            let ws = open(&store)
-                .await?
-                .update_workspace(
-                    id,
-                    &WorkspaceChange {
-                        tier,
-                        overrides,
-                        status,
-                    },
-                )
-                .await?;
-            print(&serde_json::to_value(ws)?);
-        }
-        Command::Keys(KeyCommand::Create {
-            workspace,
-            name,
-            expires_at,
-            store,
-        }) => {
-            let expires_at = expires_at.as_deref().map(parse_rfc3339).transpose()?;
-            let store = open(&store).await?;
-            store.get_workspace(workspace).await?;
-            let secret = generate_key();
-            let key = store
-                .create_key(
-                    &NewKey {
-                        workspace,
-                        name,
-                        prefix: secret.prefix.clone(),
-                        hash: secret.hash,
-                        expires_at,
-                    },
-                    clock.now_secs(),
-                )
-                .await?;
-            let mut v = serde_json::to_value(key)?;
-            v["key"] = json!(secret.secret);
-            print(&v);
-        }
-        Command::Keys(KeyCommand::List { workspace, store }) => {
-            let keys = open(&store).await?.list_keys(workspace).await?;
-            print(&serde_json::to_value(keys)?);
-        }
-        Command::Keys(KeyCommand::Revoke { id, store }) => {
-            let key = open(&store).await?.revoke_key(id, clock.now_secs()).await?;
-            print(&serde_json::to_value(key)?);
-        }
-        Command::Tiers(TierCommand::List { store }) => {
-            let tiers = open(&store).await?.list_tiers().await?;
-            print(&serde_json::to_value(tiers)?);
-        }
-        Command::Tiers(TierCommand::Set {
-            name,
-            requests_per_second,
-            burst,
-            tokens_per_minute,
-            tokens_per_month,
-            concurrent_requests,
-            model_limits,
-            store,
-        }) => {
-            validate_tier_name(&name).map_err(|m| anyhow!("name: {m}"))?;
-            let mut limits = Limits {
-                requests_per_second,
-                burst,
-                tokens_per_minute,
-                tokens_per_month,
-                concurrent_requests,
-                models: Default::default(),
-            };
-            for arg in &model_limits {
-                let (model, rest) = arg
-                    .rsplit_once(':')
-                    .ok_or_else(|| anyhow!("--model-limit: '{arg}' is not MODEL:NAME=N"))?;
-                let (limit, n) = rest
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("--model-limit: '{arg}' is not MODEL:NAME=N"))?;
-                let n: u64 = n
-                    .parse()
-                    .map_err(|_| anyhow!("--model-limit: '{n}' is not a number"))?;
-                let entry: &mut ModelLimits = limits.models.entry(model.to_string()).or_default();
-                match limit {
-                    "tokens_per_minute" => entry.tokens_per_minute = Some(n),
-                    "tokens_per_month" => entry.tokens_per_month = Some(n),
-                    other => bail!(
-                        "--model-limit: '{other}' is not tokens_per_minute or tokens_per_month"
-                    ),
-                }
-            }
-            limits.validate().map_err(|m| anyhow!("{m}"))?;
-            let tier = Tier { name, limits };
-            open(&store).await?.put_tier(&tier).await?;
-            print(&serde_json::to_value(tier)?);
-        }
+        Command::Workspaces(c) => workspaces(c).await?,
+        Command::Keys(c) => keys(c).await?,
+        Command::Tiers(c) => tiers(c).await?,
+        Command::LimitRequests(c) => limit_requests(c).await?,
+        Command::Audit(args) => audit(args).await?,
         Command::Migrate { from, to } => {
             let copied = tiergate::store::migrate::sqlite_to_postgres(&from, &to).await?;
             let MigrationSummary {
@@ -495,11 +655,12 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 limit_requests,
                 ledger_events,
                 daily_rows,
+                audit_entries,
                 catalog_version,
             } = copied;
             println!("Copied {} into {}:", redact(&from), redact(&to));
             println!("  tiers: {tiers}, workspaces: {workspaces}, keys: {keys} (revoked: {revoked_keys}), limit requests: {limit_requests}");
-            println!("  ledger events: {ledger_events}, daily rows: {daily_rows}; catalogue version: {catalog_version}");
+            println!("  ledger events: {ledger_events}, daily rows: {daily_rows}; audit entries: {audit_entries}; catalogue version: {catalog_version}");
         }
     }
     Ok(())

@@ -171,6 +171,9 @@ fn check_tokens(field: &str, value: Option<u64>, max: u64) -> Result<(), String>
 pub struct Overrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests_per_second: Option<f64>,
+    /// Requests that may be sent at once. See `apply` for what it is when left out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -187,12 +190,14 @@ impl Overrides {
     pub fn validate(&self) -> Result<(), String> {
         let Overrides {
             requests_per_second,
+            burst,
             tokens_per_minute,
             tokens_per_month,
             concurrent_requests,
         } = self.clone();
         Limits {
             requests_per_second,
+            burst,
             tokens_per_minute,
             tokens_per_month,
             concurrent_requests,
@@ -205,12 +210,16 @@ impl Overrides {
     pub fn merge(&mut self, granted: &Overrides) {
         let Overrides {
             requests_per_second,
+            burst,
             tokens_per_minute,
             tokens_per_month,
             concurrent_requests,
         } = granted;
         if requests_per_second.is_some() {
             self.requests_per_second = *requests_per_second;
+        }
+        if burst.is_some() {
+            self.burst = *burst;
         }
         if tokens_per_minute.is_some() {
             self.tokens_per_minute = *tokens_per_minute;
@@ -224,9 +233,15 @@ impl Overrides {
     }
 
     /// The effective limits: each override, else the tier's value.
+    ///
+    /// The burst goes with the rate: an override of `requests_per_second` brings its own burst,
+    /// the override's `burst` if it sets one, else `max(1, ceil(rps))` (as for a tier), never the
+    /// tier's, so a lowered rate never admits more at once than the rate suggests. An override of
+    /// `burst` alone applies to the tier's rate.
     pub fn apply(&self, tier: &Limits) -> Limits {
         let Overrides {
             requests_per_second,
+            burst,
             tokens_per_minute,
             tokens_per_month,
             concurrent_requests,
@@ -234,9 +249,9 @@ impl Overrides {
         let mut limits = tier.clone();
         if let Some(rps) = requests_per_second {
             limits.requests_per_second = Some(*rps);
-            // A raised rate keeps at least the tier's burst, and at least one second's worth.
-            let burst = (rps.ceil() as u32).max(1).max(tier.burst.unwrap_or(0));
-            limits.burst = Some(burst);
+            limits.burst = *burst;
+        } else if burst.is_some() {
+            limits.burst = *burst;
         }
         if tokens_per_minute.is_some() {
             limits.tokens_per_minute = *tokens_per_minute;
@@ -283,6 +298,7 @@ impl<T: Copy> FieldPatch<T> {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct OverridesPatch {
     pub requests_per_second: FieldPatch<f64>,
+    pub burst: FieldPatch<u32>,
     pub tokens_per_minute: FieldPatch<u64>,
     pub tokens_per_month: FieldPatch<u64>,
     pub concurrent_requests: FieldPatch<u32>,
@@ -296,12 +312,14 @@ impl OverridesPatch {
         }
         let Overrides {
             requests_per_second,
+            burst,
             tokens_per_minute,
             tokens_per_month,
             concurrent_requests,
         } = target.clone();
         OverridesPatch {
             requests_per_second: to(requests_per_second),
+            burst: to(burst),
             tokens_per_minute: to(tokens_per_minute),
             tokens_per_month: to(tokens_per_month),
             concurrent_requests: to(concurrent_requests),
@@ -316,12 +334,14 @@ impl OverridesPatch {
     pub fn apply(&self, current: &Overrides) -> Overrides {
         let OverridesPatch {
             requests_per_second,
+            burst,
             tokens_per_minute,
             tokens_per_month,
             concurrent_requests,
         } = self;
         Overrides {
             requests_per_second: requests_per_second.apply(current.requests_per_second),
+            burst: burst.apply(current.burst),
             tokens_per_minute: tokens_per_minute.apply(current.tokens_per_minute),
             tokens_per_month: tokens_per_month.apply(current.tokens_per_month),
             concurrent_requests: concurrent_requests.apply(current.concurrent_requests),
@@ -333,12 +353,14 @@ impl OverridesPatch {
     pub fn validate(&self) -> Result<(), String> {
         let OverridesPatch {
             requests_per_second,
+            burst,
             tokens_per_minute,
             tokens_per_month,
             concurrent_requests,
         } = self;
         Overrides {
             requests_per_second: requests_per_second.set_value(),
+            burst: burst.set_value(),
             tokens_per_minute: tokens_per_minute.set_value(),
             tokens_per_month: tokens_per_month.set_value(),
             concurrent_requests: concurrent_requests.set_value(),
@@ -476,4 +498,206 @@ pub fn default_tiers() -> Vec<Tier> {
         ),
         tier("scale", 200.0, 100_000_000, None, Some(2000)),
     ]
+}
+
+/// Who makes a change, as the audit records it: an admin token's name (`alice`; plain, so it
+/// never contains `:`), `cli:<OS user>` for the admin CLI, `workspace:<id>` for what a workspace
+/// does with its own key (asking for higher limits), or a name the gateway gives itself
+/// (`demo`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Actor(String);
+
+/// The longest actor name kept; a longer one (an odd `$USER`) is cut.
+pub const MAX_ACTOR: usize = 128;
+
+impl Actor {
+    /// The holder of the admin token named `name`.
+    pub fn admin(name: &str) -> Actor {
+        Actor::plain(name)
+    }
+
+    /// The admin CLI, run by the OS user `user` (`cli` when unknown).
+    pub fn cli(user: Option<&str>) -> Actor {
+        match user.map(str::trim).filter(|u| !u.is_empty()) {
+            Some(u) => Actor::plain(&format!("cli:{u}")),
+            None => Actor::plain("cli"),
+        }
+    }
+
+    /// A workspace acting with its own key.
+    pub fn workspace(id: WorkspaceId) -> Actor {
+        Actor(format!("workspace:{id}"))
+    }
+
+    /// A name as given, with control characters replaced and cut to `MAX_ACTOR` bytes.
+    pub fn plain(name: &str) -> Actor {
+        let mut s = String::with_capacity(name.len().min(MAX_ACTOR));
+        for c in name.chars() {
+            let c = if c.is_control() { '?' } else { c };
+            if s.len() + c.len_utf8() > MAX_ACTOR {
+                break;
+            }
+            s.push(c);
+        }
+        Actor(s)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What an audit entry records. The names are stable: operators filter on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditAction {
+    /// A tier created or replaced.
+    TierPut,
+    WorkspaceCreate,
+    /// Tier, overrides and/or status changed (one entry per change, whatever it touched).
+    WorkspaceUpdate,
+    KeyCreate,
+    KeyRevoke,
+    /// A workspace asked for higher limits.
+    LimitRequestCreate,
+    LimitRequestApprove,
+    LimitRequestDeny,
+}
+
+impl AuditAction {
+    pub const ALL: [AuditAction; 8] = [
+        AuditAction::TierPut,
+        AuditAction::WorkspaceCreate,
+        AuditAction::WorkspaceUpdate,
+        AuditAction::KeyCreate,
+        AuditAction::KeyRevoke,
+        AuditAction::LimitRequestCreate,
+        AuditAction::LimitRequestApprove,
+        AuditAction::LimitRequestDeny,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditAction::TierPut => "tier.put",
+            AuditAction::WorkspaceCreate => "workspace.create",
+            AuditAction::WorkspaceUpdate => "workspace.update",
+            AuditAction::KeyCreate => "key.create",
+            AuditAction::KeyRevoke => "key.revoke",
+            AuditAction::LimitRequestCreate => "limit_request.create",
+            AuditAction::LimitRequestApprove => "limit_request.approve",
+            AuditAction::LimitRequestDeny => "limit_request.deny",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        AuditAction::ALL.into_iter().find(|a| a.as_str() == s)
+    }
+}
+
+/// One recorded admin action. `before` and `after` are the changed object as JSON (never a key's
+/// secret or hash); `before` is absent for a creation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub id: i64,
+    /// Unix seconds.
+    pub at: i64,
+    pub actor: String,
+    pub action: String,
+    /// The workspace concerned, if any (none for a tier).
+    pub workspace_id: Option<WorkspaceId>,
+    /// What was changed: `tier:NAME`, `workspace:ID`, `key:ID`, `limit_request:ID`.
+    pub target: String,
+    pub before: Option<serde_json::Value>,
+    pub after: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tier(rps: f64, burst: Option<u32>) -> Limits {
+        Limits {
+            requests_per_second: Some(rps),
+            burst,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn an_override_of_the_rate_brings_its_own_burst() {
+        let fast = tier(10.0, Some(20));
+        // Lowered: one second's worth of the new rate, not the tier's 20.
+        let lowered = Overrides {
+            requests_per_second: Some(1.0),
+            ..Overrides::default()
+        }
+        .apply(&fast);
+        assert_eq!(lowered.effective_burst(), 1);
+        let fractional = Overrides {
+            requests_per_second: Some(2.5),
+            ..Overrides::default()
+        }
+        .apply(&fast);
+        assert_eq!(fractional.effective_burst(), 3);
+        let slow = Overrides {
+            requests_per_second: Some(0.1),
+            ..Overrides::default()
+        }
+        .apply(&fast);
+        assert_eq!(slow.effective_burst(), 1);
+        // Raised: the same rule.
+        let raised = Overrides {
+            requests_per_second: Some(50.0),
+            ..Overrides::default()
+        }
+        .apply(&tier(5.0, Some(8)));
+        assert_eq!(raised.effective_burst(), 50);
+        // An explicit burst wins, with or without a rate.
+        let both = Overrides {
+            requests_per_second: Some(1.0),
+            burst: Some(4),
+            ..Overrides::default()
+        }
+        .apply(&fast);
+        assert_eq!(
+            (both.requests_per_second, both.effective_burst()),
+            (Some(1.0), 4)
+        );
+        let burst_only = Overrides {
+            burst: Some(3),
+            ..Overrides::default()
+        }
+        .apply(&fast);
+        assert_eq!(
+            (burst_only.requests_per_second, burst_only.effective_burst()),
+            (Some(10.0), 3)
+        );
+        // No rate override: the tier's burst stays.
+        let other = Overrides {
+            tokens_per_minute: Some(5),
+            ..Overrides::default()
+        }
+        .apply(&fast);
+        assert_eq!(other.effective_burst(), 20);
+    }
+
+    #[test]
+    fn actors_are_plain_and_bounded() {
+        assert_eq!(Actor::cli(Some("carol")).as_str(), "cli:carol");
+        assert_eq!(Actor::cli(None).as_str(), "cli");
+        assert_eq!(Actor::cli(Some("  ")).as_str(), "cli");
+        assert_eq!(Actor::workspace(7).as_str(), "workspace:7");
+        assert_eq!(Actor::plain("a\nb\u{7}").as_str(), "a?b?");
+        assert_eq!(Actor::plain(&"é".repeat(200)).as_str().len(), MAX_ACTOR);
+        for a in AuditAction::ALL {
+            assert_eq!(AuditAction::parse(a.as_str()), Some(a));
+        }
+        assert_eq!(AuditAction::parse("key.delete"), None);
+    }
 }

@@ -3,6 +3,7 @@
 use std::process::Command;
 
 use serde_json::Value;
+use tiergate::model::{Actor, Overrides};
 
 struct Cli {
     database: String,
@@ -20,16 +21,27 @@ impl Cli {
     }
 
     fn run(&self, args: &[&str]) -> Result<Value, String> {
-        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        self.run_as(Some("carol"), args).map(|(v, _)| v)
+    }
+
+    /// Runs as the OS user `user` (none: `USER` and `LOGNAME` unset); the answer and stderr.
+    fn run_as(&self, user: Option<&str>, args: &[&str]) -> Result<(Value, String), String> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tiergate"));
+        command
             .args(args)
             .env("TIERGATE_DATABASE", &self.database)
             .env_remove("TIERGATE_CONFIG")
-            .output()
-            .unwrap();
+            .env_remove("LOGNAME");
+        match user {
+            Some(u) => command.env("USER", u),
+            None => command.env_remove("USER"),
+        };
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
-            Ok(serde_json::from_slice(&out.stdout).unwrap())
+            Ok((serde_json::from_slice(&out.stdout).unwrap(), stderr))
         } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            Err(stderr)
         }
     }
 
@@ -150,4 +162,209 @@ fn serve_refuses_bad_settings_naming_the_field() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen:"));
+}
+
+fn actions(log: &Value) -> Vec<(String, String)> {
+    log.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap().to_string(),
+                e["action"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn changes_through_the_cli_are_audited_under_the_os_user() {
+    let cli = Cli::new();
+    cli.ok(&["tiers", "set", "gold", "--requests-per-second", "20"]);
+    let ws = cli.ok(&["workspaces", "create", "acme", "--tier", "gold"]);
+    let id = ws["id"].as_i64().unwrap().to_string();
+    cli.ok(&["workspaces", "set", &id, "--limit", "burst=4"]);
+    let key = cli.ok(&["keys", "create", &id]);
+    let secret = key["key"].as_str().unwrap().to_string();
+    cli.ok(&["keys", "revoke", &key["id"].to_string()]);
+    let (_, _) = cli
+        .run_as(None, &["workspaces", "set", &id, "--status", "suspended"])
+        .unwrap();
+
+    // Two increase requests, made by the workspace (through the store, as the API would).
+    let store = tiergate::store::open(&cli.database).await.unwrap();
+    let asked = Overrides {
+        requests_per_second: Some(30.0),
+        burst: Some(40),
+        ..Overrides::default()
+    };
+    let by = Actor::workspace(ws["id"].as_i64().unwrap());
+    let mut requests = Vec::new();
+    for use_case in ["launch", "more"] {
+        let r = store
+            .create_limit_request(ws["id"].as_i64().unwrap(), use_case, &asked, &by, 0)
+            .await
+            .unwrap();
+        requests.push(r.id.to_string());
+    }
+    let pending = cli.ok(&["limit-requests", "list", "--status", "pending"]);
+    assert_eq!(pending.as_array().unwrap().len(), 2);
+    let approved = cli.ok(&[
+        "limit-requests",
+        "approve",
+        &requests[0],
+        "--limit",
+        "requests_per_second=25",
+    ]);
+    assert_eq!(
+        approved["granted_limits"],
+        serde_json::json!({"requests_per_second": 25.0})
+    );
+    let err = cli
+        .run(&["limit-requests", "deny", &requests[1], "--reason", " "])
+        .unwrap_err();
+    assert!(err.contains("reason"), "{err}");
+    let denied = cli.ok(&["limit-requests", "deny", &requests[1], "--reason", "later"]);
+    assert_eq!(denied["status"], "denied");
+    let err = cli
+        .run(&["limit-requests", "approve", &requests[1]])
+        .unwrap_err();
+    assert!(err.contains("already denied"), "{err}");
+
+    let log = cli.ok(&["audit"]);
+    let ws_actor = format!("workspace:{id}");
+    let expected: Vec<(String, String)> = [
+        ("cli:carol", "limit_request.deny"),
+        ("cli:carol", "limit_request.approve"),
+        (ws_actor.as_str(), "limit_request.create"),
+        (ws_actor.as_str(), "limit_request.create"),
+        ("cli", "workspace.update"),
+        ("cli:carol", "key.revoke"),
+        ("cli:carol", "key.create"),
+        ("cli:carol", "workspace.update"),
+        ("cli:carol", "workspace.create"),
+        ("cli:carol", "tier.put"),
+    ]
+    .iter()
+    .map(|(a, b)| (a.to_string(), b.to_string()))
+    .collect();
+    assert_eq!(actions(&log), expected);
+    assert!(!log.to_string().contains(&secret), "never a key's secret");
+    assert_eq!(log[7]["after"]["overrides"]["burst"], 4);
+
+    // Filters and pages.
+    assert_eq!(
+        cli.ok(&["audit", "--actor", "cli"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let revokes = cli.ok(&["audit", "--action", "key.revoke"]);
+    assert_eq!(revokes[0]["target"], format!("key:{}", key["id"]));
+    let on_ws = cli.ok(&["audit", "--workspace", &id]);
+    assert_eq!(on_ws.as_array().unwrap().len(), 9, "all but the tier");
+    let (page, more) = cli
+        .run_as(Some("carol"), &["audit", "--limit", "3"])
+        .unwrap();
+    assert_eq!(page.as_array().unwrap().len(), 3);
+    let after = page[2]["id"].to_string();
+    assert!(more.contains(&format!("--after {after}")), "{more}");
+    let next = cli.ok(&["audit", "--limit", "3", "--after", &after]);
+    assert_eq!(
+        next[0]["id"].as_i64().unwrap(),
+        page[2]["id"].as_i64().unwrap() - 1
+    );
+    for bad in [
+        vec!["audit", "--limit", "0"],
+        vec!["audit", "--action", "drop"],
+        vec!["audit", "--from", "yesterday"],
+    ] {
+        assert!(cli.run(&bad).is_err(), "{bad:?}");
+    }
+}
+
+/// A child process that is killed when this is dropped, also when the test fails.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A port that was free a moment ago.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test]
+async fn serve_with_an_admin_listener_keeps_the_admin_api_off_the_main_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let (main, admin) = (free_port(), free_port());
+    let token = "cli-admin-token-0123456789";
+    let _server = Running(
+        Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args([
+                "serve",
+                "--listen",
+                &format!("127.0.0.1:{main}"),
+                "--upstream",
+                "http://127.0.0.1:1",
+                "--database",
+                &format!("sqlite://{}", dir.path().join("t.db").display()),
+            ])
+            .env("TIERGATE_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+            .env("TIERGATE_ADMIN_TOKEN", token)
+            .env_remove("TIERGATE_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    while client
+        .get(format!("http://127.0.0.1:{admin}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "not up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let get = |port: u16, path: &str| {
+        client
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .bearer_auth(token)
+            .send()
+    };
+    let on_main = get(main, "/admin/v1/workspaces").await.unwrap();
+    assert_eq!(on_main.status(), reqwest::StatusCode::NOT_FOUND);
+    let body: Value = on_main.json().await.unwrap();
+    assert_eq!(body["type"], "not_found");
+    assert_eq!(
+        get(main, "/metrics").await.unwrap().status(),
+        reqwest::StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        get(admin, "/admin/v1/workspaces").await.unwrap().status(),
+        reqwest::StatusCode::OK
+    );
+    assert_eq!(
+        get(admin, "/metrics").await.unwrap().status(),
+        reqwest::StatusCode::OK
+    );
+    assert_eq!(
+        get(main, "/healthz").await.unwrap().status(),
+        reqwest::StatusCode::OK
+    );
 }

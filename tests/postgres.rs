@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use tiergate::clock::{Clock, ManualClock};
 use tiergate::limiter::core::day_of;
 use tiergate::limiter::MonthKey;
-use tiergate::model::{default_tiers, Limits, Tier};
+use tiergate::model::{default_tiers, Actor, Limits, Tier};
 use tiergate::store::UsageRecord;
 
 use support::postgres::{Gateway, Line, PgDatabase, Proxy};
@@ -160,7 +160,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
             name: "stale".into(),
             limits: Limits::default(),
         };
-        target.put_tier(&stale).await.unwrap();
+        target.put_tier(&stale, &Actor::cli(None), 0).await.unwrap();
     }
     let out = migrate(&sqlite, &db.url);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -175,6 +175,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         "keys: 3 (revoked: 1),",
         "limit requests: 2\n",
         "ledger events: 6,",
+        "audit entries: 11;",
     ] {
         assert!(stdout.contains(copied), "{copied}: {stdout}");
     }
@@ -230,6 +231,18 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     assert_eq!(c["id"].as_i64().unwrap(), b + 1);
     let kc = key_of(created(&gw, &format!("/workspaces/{}/keys", c["id"]), json!({})).await);
     assert_eq!(gw.chat(&kc).await, StatusCode::OK);
+
+    // The audit log came along (not the target's own tier change), and goes on after it.
+    let (_, log) = gw.admin(Method::GET, "/audit?limit=1000", None).await;
+    let log = log["data"].as_array().unwrap();
+    let actions: Vec<&str> = log.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(actions.len(), 13, "{actions:?}");
+    assert_eq!(&actions[..2], ["key.create", "workspace.create"]);
+    assert_eq!(actions[12], "tier.put");
+    assert_eq!(log[12]["target"], "tier:gold");
+    assert!(log
+        .windows(2)
+        .all(|w| w[0]["id"].as_i64() > w[1]["id"].as_i64()));
 
     // The counter tag came along.
     let store = tiergate::store::open(&db.url).await.unwrap();

@@ -16,11 +16,12 @@ use tiergate::limiter::local::LocalLimiter;
 use tiergate::limiter::MonthKey;
 use tiergate::metrics::Metrics;
 use tiergate::model::{
-    FieldPatch, LimitRequestStatus, Limits, Overrides, OverridesPatch, Tier, WorkspaceStatus,
+    Actor, AuditAction, FieldPatch, LimitRequestStatus, Limits, Overrides, OverridesPatch, Tier,
+    WorkspaceStatus,
 };
 use tiergate::store::{
-    CatalogChanges, CatalogDelta, NewKey, Store, StoreError, UsageRecord, WorkspaceChange,
-    CHANGE_LOG_KEEP, PRUNE_BATCH,
+    AuditFilter, CatalogChanges, CatalogDelta, NewKey, Store, StoreError, UsageRecord,
+    WorkspaceChange, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
 use tiergate::usage::Recorder;
 
@@ -99,6 +100,8 @@ on_both_backends!(
     an_overrides_patch_sets_clears_and_keeps,
     an_approval_racing_an_overrides_change_keeps_both,
     overlapping_batches_from_many_writers_count_each_request_once,
+    every_admin_change_writes_its_audit_entry_and_a_refused_one_none,
+    the_audit_log_is_filtered_and_paged_newest_first,
 );
 
 fn tier(name: &str, rps: f64) -> Tier {
@@ -157,6 +160,11 @@ fn denied(workspace: i64, day: &str, model: &str) -> UsageRecord {
     }
 }
 
+/// Who the store's tests make changes as.
+fn by() -> Actor {
+    Actor::admin("test")
+}
+
 /// November 2026.
 const NOV: MonthKey = MonthKey(2026 * 12 + 10);
 
@@ -184,13 +192,16 @@ async fn catalogue_changes_bump_the_version(b: Backend) {
     // Seeding what exists changes nothing.
     assert_eq!(s.seed_tiers(&[tier("a", 9.0)]).await.unwrap(), 0);
     assert_eq!(s.catalog_version().await.unwrap(), v1);
-    s.put_tier(&tier("a", 3.0)).await.unwrap();
+    s.put_tier(&tier("a", 3.0), &by(), 0).await.unwrap();
     let v2 = s.catalog_version().await.unwrap();
     assert!(v2 > v1);
     let tiers = s.list_tiers().await.unwrap();
     assert_eq!(tiers, vec![tier("a", 3.0), tier("b", 2.0)]);
 
-    let e = s.create_workspace("x", "nope", 10).await.unwrap_err();
+    let e = s
+        .create_workspace("x", "nope", &by(), 10)
+        .await
+        .unwrap_err();
     assert!(
         matches!(e, StoreError::Invalid(ref m) if m.contains("nope")),
         "{e}"
@@ -200,12 +211,12 @@ async fn catalogue_changes_bump_the_version(b: Backend) {
         v2,
         "a refused change bumps nothing"
     );
-    let ws = s.create_workspace("acme", "a", 10).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
     assert_eq!((ws.name.as_str(), ws.tier.as_str()), ("acme", "a"));
     assert_eq!(ws.status, WorkspaceStatus::Active);
     let v3 = s.catalog_version().await.unwrap();
     assert!(v3 > v2);
-    let other = s.create_workspace("other", "b", 11).await.unwrap();
+    let other = s.create_workspace("other", "b", &by(), 11).await.unwrap();
     assert!(other.id > ws.id);
     assert_eq!(s.get_workspace(ws.id).await.unwrap(), ws);
     assert!(matches!(
@@ -222,6 +233,8 @@ async fn catalogue_changes_bump_the_version(b: Backend) {
                 status: Some(WorkspaceStatus::Suspended),
                 ..WorkspaceChange::default()
             },
+            &by(),
+            0,
         )
         .await
         .unwrap();
@@ -230,10 +243,10 @@ async fn catalogue_changes_bump_the_version(b: Backend) {
     assert!(s.catalog_version().await.unwrap() > v3);
 
     let (_, key) = new_key(ws.id);
-    let key = s.create_key(&key, 20).await.unwrap();
+    let key = s.create_key(&key, &by(), 20).await.unwrap();
     let (_, revoked) = new_key(ws.id);
-    let revoked = s.create_key(&revoked, 20).await.unwrap();
-    s.revoke_key(revoked.id, 30).await.unwrap();
+    let revoked = s.create_key(&revoked, &by(), 20).await.unwrap();
+    s.revoke_key(revoked.id, &by(), 30).await.unwrap();
     let data = s.load_catalog().await.unwrap();
     assert_eq!(data.version, s.catalog_version().await.unwrap());
     assert_eq!(data.tiers.len(), 2);
@@ -244,7 +257,7 @@ async fn catalogue_changes_bump_the_version(b: Backend) {
 async fn the_change_log_gives_what_changed_since_a_version(b: Backend) {
     let s = &b.store;
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
-    let ws = s.create_workspace("acme", "a", 10).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
     let v0 = s.catalog_version().await.unwrap();
     assert_eq!(
         s.catalog_changes(v0).await.unwrap(),
@@ -255,13 +268,19 @@ async fn the_change_log_gives_what_changed_since_a_version(b: Backend) {
         "nothing changed"
     );
 
-    s.put_tier(&tier("a", 4.0)).await.unwrap();
-    let ws = s.update_workspace(ws.id, &patch_rps(7.0)).await.unwrap();
+    s.put_tier(&tier("a", 4.0), &by(), 0).await.unwrap();
+    let ws = s
+        .update_workspace(ws.id, &patch_rps(7.0), &by(), 0)
+        .await
+        .unwrap();
     let (_, key) = new_key(ws.id);
-    let key = s.create_key(&key, 20).await.unwrap();
+    let key = s.create_key(&key, &by(), 20).await.unwrap();
     // Changed twice: listed once, as it is now.
-    s.put_tier(&tier("a", 5.0)).await.unwrap();
-    let untouched = s.create_workspace("untouched", "a", 10).await.unwrap();
+    s.put_tier(&tier("a", 5.0), &by(), 0).await.unwrap();
+    let untouched = s
+        .create_workspace("untouched", "a", &by(), 10)
+        .await
+        .unwrap();
     let v1 = s.catalog_version().await.unwrap();
     let CatalogChanges::Since(delta) = s.catalog_changes(v0).await.unwrap() else {
         panic!("the log reaches back to {v0}")
@@ -272,7 +291,7 @@ async fn the_change_log_gives_what_changed_since_a_version(b: Backend) {
     assert_eq!(delta.keys, vec![key.clone()]);
 
     // A revoked key is listed, so that a copy drops it.
-    let revoked = s.revoke_key(key.id, 30).await.unwrap();
+    let revoked = s.revoke_key(key.id, &by(), 30).await.unwrap();
     let CatalogChanges::Since(delta) = s.catalog_changes(v1).await.unwrap() else {
         panic!("the log reaches back to {v1}")
     };
@@ -312,10 +331,10 @@ async fn a_catalogue_applies_changes_made_by_another_process(b: Backend) {
     s.seed_tiers(&[tier("a", 1.0), tier("b", 2.0)])
         .await
         .unwrap();
-    let ws = s.create_workspace("acme", "a", 10).await.unwrap();
-    let on_b = s.create_workspace("on-b", "b", 10).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
+    let on_b = s.create_workspace("on-b", "b", &by(), 10).await.unwrap();
     let (secret, key) = new_key(ws.id);
-    s.create_key(&key, 10).await.unwrap();
+    s.create_key(&key, &by(), 10).await.unwrap();
     let catalog = Catalog::load(s.clone()).await.unwrap();
     let rps = |id| catalog.limits_of(id).unwrap().requests_per_second;
     assert_eq!(rps(ws.id), Some(1.0));
@@ -323,13 +342,13 @@ async fn a_catalogue_applies_changes_made_by_another_process(b: Backend) {
 
     let elsewhere = b.another().await;
     // A tier change: every workspace on it, and only those.
-    elsewhere.put_tier(&tier("a", 6.0)).await.unwrap();
+    elsewhere.put_tier(&tier("a", 6.0), &by(), 0).await.unwrap();
     assert!(catalog.refresh().await.unwrap());
     assert_eq!(rps(ws.id), Some(6.0));
     assert_eq!(rps(on_b.id), Some(2.0));
     // An override, then a move to another tier.
     elsewhere
-        .update_workspace(ws.id, &patch_rps(40.0))
+        .update_workspace(ws.id, &patch_rps(40.0), &by(), 0)
         .await
         .unwrap();
     catalog.refresh().await.unwrap();
@@ -342,20 +361,22 @@ async fn a_catalogue_applies_changes_made_by_another_process(b: Backend) {
                 overrides: OverridesPatch::replacing(&Overrides::default()),
                 ..WorkspaceChange::default()
             },
+            &by(),
+            0,
         )
         .await
         .unwrap();
-    elsewhere.put_tier(&tier("b", 3.0)).await.unwrap();
+    elsewhere.put_tier(&tier("b", 3.0), &by(), 0).await.unwrap();
     catalog.refresh().await.unwrap();
     assert_eq!(rps(ws.id), Some(3.0));
     assert_eq!(rps(on_b.id), Some(3.0));
 
     // A new key works, a revoked one does not, a suspension holds.
     let (new_secret, new) = new_key(ws.id);
-    let new = elsewhere.create_key(&new, 10).await.unwrap();
+    let new = elsewhere.create_key(&new, &by(), 10).await.unwrap();
     catalog.refresh().await.unwrap();
     assert!(catalog.authenticate(&new_secret, 10).await.is_ok());
-    elsewhere.revoke_key(new.id, 20).await.unwrap();
+    elsewhere.revoke_key(new.id, &by(), 20).await.unwrap();
     catalog.refresh().await.unwrap();
     assert_eq!(
         catalog.authenticate(&new_secret, 20).await.unwrap_err(),
@@ -368,6 +389,8 @@ async fn a_catalogue_applies_changes_made_by_another_process(b: Backend) {
                 status: Some(WorkspaceStatus::Suspended),
                 ..WorkspaceChange::default()
             },
+            &by(),
+            0,
         )
         .await
         .unwrap();
@@ -382,7 +405,7 @@ async fn a_catalogue_applies_changes_made_by_another_process(b: Backend) {
     let behind = catalog.version();
     for i in 0..=CHANGE_LOG_KEEP {
         elsewhere
-            .put_tier(&tier("churn", i as f64 + 1.0))
+            .put_tier(&tier("churn", i as f64 + 1.0), &by(), 0)
             .await
             .unwrap();
     }
@@ -393,6 +416,8 @@ async fn a_catalogue_applies_changes_made_by_another_process(b: Backend) {
                 status: Some(WorkspaceStatus::Active),
                 ..patch_rps(11.0)
             },
+            &by(),
+            0,
         )
         .await
         .unwrap();
@@ -409,17 +434,17 @@ async fn a_catalogue_applies_changes_made_by_another_process(b: Backend) {
 async fn keys_are_created_found_touched_and_revoked(b: Backend) {
     let s = &b.store;
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
-    let ws = s.create_workspace("acme", "a", 10).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
     let (_, missing) = new_key(ws.id + 100);
     assert!(matches!(
-        s.create_key(&missing, 10).await,
+        s.create_key(&missing, &by(), 10).await,
         Err(StoreError::NotFound)
     ));
     let (_, k1) = new_key(ws.id);
     let (_, mut k2) = new_key(ws.id);
     k2.expires_at = Some(5000);
-    let k1 = s.create_key(&k1, 10).await.unwrap();
-    let k2 = s.create_key(&k2, 11).await.unwrap();
+    let k1 = s.create_key(&k1, &by(), 10).await.unwrap();
+    let k2 = s.create_key(&k2, &by(), 11).await.unwrap();
     assert_eq!(k2.expires_at, Some(5000));
     assert_eq!(s.find_key(&k1.hash).await.unwrap(), Some(k1.clone()));
     assert_eq!(s.find_key(&[7; 32]).await.unwrap(), None);
@@ -438,12 +463,12 @@ async fn keys_are_created_found_touched_and_revoked(b: Backend) {
     assert_eq!(keys[1].last_used_at, Some(300));
 
     let v = s.catalog_version().await.unwrap();
-    let revoked = s.revoke_key(k1.id, 400).await.unwrap();
+    let revoked = s.revoke_key(k1.id, &by(), 400).await.unwrap();
     assert_eq!(revoked.revoked_at, Some(400));
     assert!(s.catalog_version().await.unwrap() > v);
     // Revoking again keeps the first time.
     assert_eq!(
-        s.revoke_key(k1.id, 500).await.unwrap().revoked_at,
+        s.revoke_key(k1.id, &by(), 500).await.unwrap().revoked_at,
         Some(400)
     );
     assert_eq!(
@@ -451,7 +476,7 @@ async fn keys_are_created_found_touched_and_revoked(b: Backend) {
         Some(400)
     );
     assert!(matches!(
-        s.revoke_key(k2.id + 100, 500).await,
+        s.revoke_key(k2.id + 100, &by(), 500).await,
         Err(StoreError::NotFound)
     ));
 }
@@ -459,25 +484,27 @@ async fn keys_are_created_found_touched_and_revoked(b: Backend) {
 async fn limit_requests_are_decided_once(b: Backend) {
     let s = &b.store;
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
-    let ws = s.create_workspace("acme", "a", 10).await.unwrap();
-    let other = s.create_workspace("other", "a", 10).await.unwrap();
-    s.update_workspace(ws.id, &patch_rps(3.0)).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
+    let other = s.create_workspace("other", "a", &by(), 10).await.unwrap();
+    s.update_workspace(ws.id, &patch_rps(3.0), &by(), 0)
+        .await
+        .unwrap();
     let ask = |tpm| Overrides {
         tokens_per_minute: Some(tpm),
         ..Overrides::default()
     };
     let r1 = s
-        .create_limit_request(ws.id, "launch", &ask(5000), 100)
+        .create_limit_request(ws.id, "launch", &ask(5000), &by(), 100)
         .await
         .unwrap();
     assert_eq!(r1.status, LimitRequestStatus::Pending);
     assert_eq!(r1.requested_limits, ask(5000));
     let r2 = s
-        .create_limit_request(ws.id, "more", &ask(9000), 101)
+        .create_limit_request(ws.id, "more", &ask(9000), &by(), 101)
         .await
         .unwrap();
     let r3 = s
-        .create_limit_request(other.id, "other", &ask(7000), 102)
+        .create_limit_request(other.id, "other", &ask(7000), &by(), 102)
         .await
         .unwrap();
     let listed = s.list_limit_requests(Some(ws.id), None).await.unwrap();
@@ -486,7 +513,10 @@ async fn limit_requests_are_decided_once(b: Backend) {
 
     // Approved as requested: merged into the overrides, the rest kept.
     let v = s.catalog_version().await.unwrap();
-    let approved = s.approve_limit_request(r1.id, None, 200).await.unwrap();
+    let approved = s
+        .approve_limit_request(r1.id, None, &by(), 200)
+        .await
+        .unwrap();
     assert_eq!(approved.status, LimitRequestStatus::Approved);
     assert_eq!(approved.granted_limits, Some(ask(5000)));
     assert_eq!(approved.decided_at, Some(200));
@@ -503,7 +533,7 @@ async fn limit_requests_are_decided_once(b: Backend) {
         ..Overrides::default()
     };
     let approved = s
-        .approve_limit_request(r2.id, Some(&granted), 201)
+        .approve_limit_request(r2.id, Some(&granted), &by(), 201)
         .await
         .unwrap();
     assert_eq!(approved.granted_limits, Some(granted));
@@ -513,7 +543,10 @@ async fn limit_requests_are_decided_once(b: Backend) {
         (Some(5000), Some(1_000_000))
     );
 
-    let d = s.deny_limit_request(r3.id, "not now", 300).await.unwrap();
+    let d = s
+        .deny_limit_request(r3.id, "not now", &by(), 300)
+        .await
+        .unwrap();
     assert_eq!(d.status, LimitRequestStatus::Denied);
     assert_eq!(d.reason.as_deref(), Some("not now"));
     assert_eq!(
@@ -523,9 +556,15 @@ async fn limit_requests_are_decided_once(b: Backend) {
 
     // Decided is decided.
     for e in [
-        s.approve_limit_request(r3.id, None, 400).await.unwrap_err(),
-        s.deny_limit_request(r1.id, "late", 400).await.unwrap_err(),
-        s.approve_limit_request(r1.id, None, 400).await.unwrap_err(),
+        s.approve_limit_request(r3.id, None, &by(), 400)
+            .await
+            .unwrap_err(),
+        s.deny_limit_request(r1.id, "late", &by(), 400)
+            .await
+            .unwrap_err(),
+        s.approve_limit_request(r1.id, None, &by(), 400)
+            .await
+            .unwrap_err(),
     ] {
         assert!(
             matches!(e, StoreError::Conflict(ref m) if m.contains("already")),
@@ -533,11 +572,11 @@ async fn limit_requests_are_decided_once(b: Backend) {
         );
     }
     assert!(matches!(
-        s.approve_limit_request(r3.id + 100, None, 400).await,
+        s.approve_limit_request(r3.id + 100, None, &by(), 400).await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        s.deny_limit_request(r3.id + 100, "x", 400).await,
+        s.deny_limit_request(r3.id + 100, "x", &by(), 400).await,
         Err(StoreError::NotFound)
     ));
     let pending = s
@@ -706,9 +745,10 @@ async fn pruning_in_batches_keeps_the_totals(b: Backend) {
 async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
     let s = &b.store;
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
-    let ws = s.create_workspace("acme", "a", 10).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
     let start = Overrides {
         requests_per_second: Some(2.0),
+        burst: None,
         tokens_per_minute: Some(100),
         tokens_per_month: Some(1000),
         concurrent_requests: None,
@@ -720,6 +760,8 @@ async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
                 overrides: OverridesPatch::replacing(&start),
                 ..WorkspaceChange::default()
             },
+            &by(),
+            0,
         )
         .await
         .unwrap();
@@ -737,6 +779,8 @@ async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
                 overrides: patch,
                 ..WorkspaceChange::default()
             },
+            &by(),
+            0,
         )
         .await
         .unwrap();
@@ -744,6 +788,7 @@ async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
         ws2.overrides,
         Overrides {
             requests_per_second: Some(2.0),
+            burst: None,
             tokens_per_minute: Some(500),
             tokens_per_month: None,
             concurrent_requests: Some(4),
@@ -760,7 +805,7 @@ async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
         },
         ..WorkspaceChange::default()
     };
-    let e = s.update_workspace(ws.id, &bad).await.unwrap_err();
+    let e = s.update_workspace(ws.id, &bad, &by(), 0).await.unwrap_err();
     assert!(
         matches!(e, StoreError::Invalid(ref m) if m.contains("tokens_per_minute")),
         "{e}"
@@ -772,6 +817,8 @@ async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
                 tier: Some("nope".into()),
                 ..patch_rps(9.0)
             },
+            &by(),
+            0,
         )
         .await
         .unwrap_err();
@@ -780,7 +827,8 @@ async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
         "{e}"
     );
     assert!(matches!(
-        s.update_workspace(ws.id + 100, &patch_rps(9.0)).await,
+        s.update_workspace(ws.id + 100, &patch_rps(9.0), &by(), 0)
+            .await,
         Err(StoreError::NotFound)
     ));
     assert_eq!(s.get_workspace(ws.id).await.unwrap(), ws2);
@@ -796,7 +844,7 @@ async fn an_approval_racing_an_overrides_change_keeps_both(b: Backend) {
     let mut rounds = Vec::new();
     for w in 0..3 {
         let ws = approver
-            .create_workspace(&format!("w{w}"), "a", 10)
+            .create_workspace(&format!("w{w}"), "a", &by(), 10)
             .await
             .unwrap();
         let (approver, patcher) = (approver.clone(), patcher.clone());
@@ -807,21 +855,25 @@ async fn an_approval_racing_an_overrides_change_keeps_both(b: Backend) {
                     ..Overrides::default()
                 };
                 let request = approver
-                    .create_limit_request(ws.id, "more", &asked, 10)
+                    .create_limit_request(ws.id, "more", &asked, &by(), 10)
                     .await
                     .unwrap();
                 let approve = {
                     let approver = approver.clone();
                     tokio::spawn(async move {
-                        approver.approve_limit_request(request.id, None, 20).await
+                        approver
+                            .approve_limit_request(request.id, None, &by(), 20)
+                            .await
                     })
                 };
                 let patch = {
                     let patcher = patcher.clone();
                     let rps = i as f64 + 1.0;
-                    tokio::spawn(
-                        async move { patcher.update_workspace(ws.id, &patch_rps(rps)).await },
-                    )
+                    tokio::spawn(async move {
+                        patcher
+                            .update_workspace(ws.id, &patch_rps(rps), &by(), 0)
+                            .await
+                    })
                 };
                 approve.await.unwrap().unwrap();
                 patch.await.unwrap().unwrap();
@@ -837,6 +889,234 @@ async fn an_approval_racing_an_overrides_change_keeps_both(b: Backend) {
     for r in rounds {
         r.await.unwrap();
     }
+}
+
+fn everything(limit: u32) -> AuditFilter {
+    AuditFilter {
+        limit,
+        ..AuditFilter::default()
+    }
+}
+
+async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Backend) {
+    let s = &b.store;
+    let alice = Actor::admin("alice");
+    let carol = Actor::cli(Some("carol"));
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    assert_eq!(
+        s.audit_log(&everything(100)).await.unwrap(),
+        [],
+        "seeding is not an admin change"
+    );
+
+    s.put_tier(&tier("b", 2.0), &alice, 100).await.unwrap();
+    s.put_tier(&tier("b", 3.0), &alice, 101).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &carol, 102).await.unwrap();
+    let change = WorkspaceChange {
+        status: Some(WorkspaceStatus::Suspended),
+        ..patch_rps(5.0)
+    };
+    s.update_workspace(ws.id, &change, &alice, 103)
+        .await
+        .unwrap();
+    let (secret, key) = new_key(ws.id);
+    let key = s.create_key(&key, &carol, 104).await.unwrap();
+    s.revoke_key(key.id, &alice, 105).await.unwrap();
+    let asked = Overrides {
+        tokens_per_month: Some(5000),
+        ..Overrides::default()
+    };
+    let itself = Actor::workspace(ws.id);
+    let r1 = s
+        .create_limit_request(ws.id, "more", &asked, &itself, 106)
+        .await
+        .unwrap();
+    s.approve_limit_request(r1.id, None, &alice, 107)
+        .await
+        .unwrap();
+    let r2 = s
+        .create_limit_request(ws.id, "again", &asked, &itself, 108)
+        .await
+        .unwrap();
+    s.deny_limit_request(r2.id, "no", &carol, 109)
+        .await
+        .unwrap();
+
+    // Refused changes record nothing.
+    assert!(s.create_workspace("x", "nope", &alice, 200).await.is_err());
+    let bad = WorkspaceChange {
+        overrides: OverridesPatch {
+            tokens_per_minute: FieldPatch::Set(0),
+            ..OverridesPatch::default()
+        },
+        ..WorkspaceChange::default()
+    };
+    assert!(s.update_workspace(ws.id, &bad, &alice, 200).await.is_err());
+    assert!(s
+        .update_workspace(ws.id + 100, &patch_rps(1.0), &alice, 200)
+        .await
+        .is_err());
+    assert!(s
+        .approve_limit_request(r1.id, None, &alice, 200)
+        .await
+        .is_err());
+    assert!(s
+        .deny_limit_request(r1.id, "late", &alice, 200)
+        .await
+        .is_err());
+    assert!(s.revoke_key(key.id + 100, &alice, 200).await.is_err());
+    let (_, orphan) = new_key(ws.id + 100);
+    assert!(matches!(
+        s.create_key(&orphan, &alice, 200).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        s.create_limit_request(ws.id + 100, "x", &asked, &itself, 200)
+            .await,
+        Err(StoreError::NotFound)
+    ));
+
+    let log = s.audit_log(&everything(100)).await.unwrap();
+    let seen: Vec<(i64, &str, &str, &str, Option<i64>)> = log
+        .iter()
+        .map(|e| {
+            (
+                e.at,
+                e.actor.as_str(),
+                e.action.as_str(),
+                e.target.as_str(),
+                e.workspace_id,
+            )
+        })
+        .collect();
+    let (w, k, r1t, r2t) = (
+        format!("workspace:{}", ws.id),
+        format!("key:{}", key.id),
+        format!("limit_request:{}", r1.id),
+        format!("limit_request:{}", r2.id),
+    );
+    let ws_actor = itself.as_str();
+    let id = Some(ws.id);
+    assert_eq!(
+        seen,
+        [
+            (109, "cli:carol", "limit_request.deny", r2t.as_str(), id),
+            (108, ws_actor, "limit_request.create", r2t.as_str(), id),
+            (107, "alice", "limit_request.approve", r1t.as_str(), id),
+            (106, ws_actor, "limit_request.create", r1t.as_str(), id),
+            (105, "alice", "key.revoke", k.as_str(), id),
+            (104, "cli:carol", "key.create", k.as_str(), id),
+            (103, "alice", "workspace.update", w.as_str(), id),
+            (102, "cli:carol", "workspace.create", w.as_str(), id),
+            (101, "alice", "tier.put", "tier:b", None),
+            (100, "alice", "tier.put", "tier:b", None),
+        ]
+    );
+    let entry = |i: usize| (log[i].before.clone(), log[i].after.clone().unwrap());
+    let (before, after) = entry(9);
+    assert_eq!(before, None);
+    assert_eq!(after["limits"]["requests_per_second"], 2.0);
+    let (before, after) = entry(8);
+    assert_eq!(before.unwrap()["limits"]["requests_per_second"], 2.0);
+    assert_eq!(after["limits"]["requests_per_second"], 3.0);
+    let (before, after) = entry(6);
+    let before = before.unwrap();
+    assert_eq!(
+        (&before["status"], &before["overrides"]),
+        (&"active".into(), &serde_json::json!({}))
+    );
+    assert_eq!(after["status"], "suspended");
+    assert_eq!(after["overrides"]["requests_per_second"], 5.0);
+    let (before, after) = entry(4);
+    assert!(before.unwrap()["revoked_at"].is_null());
+    assert_eq!(after["revoked_at"], 105);
+    assert!(after.get("hash").is_none());
+    let text = serde_json::to_string(&log).unwrap();
+    assert!(!text.contains(&secret), "never a key's secret");
+    let (before, after) = entry(2);
+    assert_eq!(
+        before.unwrap()["workspace_overrides"]["tokens_per_month"],
+        serde_json::Value::Null
+    );
+    assert_eq!(after["workspace_overrides"]["tokens_per_month"], 5000);
+    assert_eq!(after["request"]["status"], "approved");
+    let (before, after) = entry(0);
+    assert_eq!(before.unwrap()["status"], "pending");
+    assert_eq!(after["reason"], "no");
+}
+
+async fn the_audit_log_is_filtered_and_paged_newest_first(b: Backend) {
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    let (alice, bob) = (Actor::admin("alice"), Actor::admin("bob"));
+    let x = s.create_workspace("x", "a", &alice, 10).await.unwrap();
+    let y = s.create_workspace("y", "a", &bob, 20).await.unwrap();
+    for i in 0..10 {
+        let (who, ws) = if i % 2 == 0 { (&alice, &x) } else { (&bob, &y) };
+        s.update_workspace(ws.id, &patch_rps(i as f64 + 1.0), who, 30 + i)
+            .await
+            .unwrap();
+    }
+    s.put_tier(&tier("a", 2.0), &bob, 50).await.unwrap();
+    let all = s.audit_log(&everything(1000)).await.unwrap();
+    assert_eq!(all.len(), 13);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id));
+
+    let count = |f: AuditFilter| async move { s.audit_log(&f).await.unwrap() };
+    let on_x = count(AuditFilter {
+        workspace: Some(x.id),
+        ..everything(100)
+    })
+    .await;
+    assert_eq!(on_x.len(), 6);
+    assert!(on_x.iter().all(|e| e.workspace_id == Some(x.id)));
+    let by_bob = count(AuditFilter {
+        actor: Some("bob".into()),
+        ..everything(100)
+    })
+    .await;
+    assert_eq!(by_bob.len(), 7);
+    let bobs_updates_of_x = count(AuditFilter {
+        actor: Some("bob".into()),
+        workspace: Some(x.id),
+        ..everything(100)
+    })
+    .await;
+    assert_eq!(bobs_updates_of_x, []);
+    let tiers = count(AuditFilter {
+        action: Some(AuditAction::TierPut),
+        ..everything(100)
+    })
+    .await;
+    assert_eq!(tiers.len(), 1);
+    assert_eq!(tiers[0].target, "tier:a");
+    // [32, 35): the updates at 32, 33, 34.
+    let window = count(AuditFilter {
+        from: Some(32),
+        to: Some(35),
+        ..everything(100)
+    })
+    .await;
+    let at: Vec<i64> = window.iter().map(|e| e.at).collect();
+    assert_eq!(at, [34, 33, 32]);
+
+    // Pages of 4, each after the last id of the one before, make up the whole log.
+    let mut walked = Vec::new();
+    let mut after = None;
+    loop {
+        let page = count(AuditFilter {
+            after,
+            ..everything(4)
+        })
+        .await;
+        if page.is_empty() {
+            break;
+        }
+        assert!(page.len() <= 4);
+        after = Some(page.last().unwrap().id);
+        walked.extend(page);
+    }
+    assert_eq!(walked, all);
 }
 
 /// Many writers (two processes, four tasks each) write the same requests at the same moment,
@@ -945,7 +1225,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1]);
+    assert_eq!(steps, vec![1, 2]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 
@@ -1088,9 +1368,12 @@ async fn an_unknown_key_waits_briefly_when_the_store_does_not_answer() {
     let proxy = Proxy::start(db.addr()).await;
     let store = tiergate::store::open(&db.url_via(&proxy)).await.unwrap();
     store.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
-    let ws = store.create_workspace("acme", "a", 10).await.unwrap();
+    let ws = store
+        .create_workspace("acme", "a", &by(), 10)
+        .await
+        .unwrap();
     let (known, key) = new_key(ws.id);
-    store.create_key(&key, 10).await.unwrap();
+    store.create_key(&key, &by(), 10).await.unwrap();
     let catalog = Catalog::load(store.clone()).await.unwrap();
 
     // A key created elsewhere is found by the check on an unknown key.
@@ -1143,5 +1426,5 @@ async fn an_unknown_key_waits_briefly_when_the_store_does_not_answer() {
 
 async fn b_side_create(url: &str, key: NewKey) {
     let other = tiergate::store::open(url).await.unwrap();
-    other.create_key(&key, 10).await.unwrap();
+    other.create_key(&key, &by(), 10).await.unwrap();
 }

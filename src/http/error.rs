@@ -8,6 +8,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::headers;
+use crate::admin::AdminError;
 use crate::limiter::{Denial, DenialKind, LimitName, Snapshot, NANOS_PER_SEC};
 use crate::store::StoreError;
 
@@ -21,6 +22,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// The route exists, the method does not.
+    #[error("{0}")]
+    MethodNotAllowed(String),
     #[error("{0}")]
     Conflict(String),
     #[error("request body is larger than {0} bytes")]
@@ -59,6 +63,17 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %e, "store error");
                 ApiError::Unavailable
             }
+        }
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::Invalid(m) => ApiError::BadRequest(m),
+            AdminError::NotFound(m) => ApiError::NotFound(m),
+            AdminError::Conflict(m) => ApiError::Conflict(m),
+            AdminError::Store(e) => e.into(),
         }
     }
 }
@@ -164,6 +179,12 @@ impl IntoResponse for ApiError {
                 body(StatusCode::BAD_REQUEST, "invalid_request_error", None, &msg)
             }
             ApiError::NotFound(_) => body(StatusCode::NOT_FOUND, "not_found", None, &msg),
+            ApiError::MethodNotAllowed(_) => body(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "invalid_request_error",
+                Some("method_not_allowed"),
+                &msg,
+            ),
             ApiError::Conflict(_) => body(StatusCode::CONFLICT, "conflict", None, &msg),
             ApiError::PayloadTooLarge(_) => body(
                 StatusCode::PAYLOAD_TOO_LARGE,

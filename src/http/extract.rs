@@ -1,10 +1,39 @@
-//! Extractors whose rejections are answered in the gateway's error shape.
+//! Extractors whose rejections are answered in the gateway's error shape: JSON bodies (bounded),
+//! path parameters and query strings. A handler never uses axum's own `Json`, `Path` or `Query`,
+//! whose rejections are plain text.
 
-use axum::extract::{FromRequest, Request};
-use axum::Json;
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, OriginalUri, Path, Query, Request};
+use axum::http::request::Parts;
+use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+
+/// The largest JSON body of the admin API and the workspace's own API (the proxy has its own
+/// limit, `max_body_bytes`). Read before the body is parsed, so an oversized body costs no more
+/// than this, whoever sends it.
+pub const MAX_API_BODY: usize = 1024 * 1024;
+
+/// The body, up to `limit` bytes; `413` beyond.
+async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|_| ApiError::BadRequest("the request body could not be read".into()))?;
+        if bytes.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
 
 /// A JSON body that may be left out (empty), then `T::default()`.
 pub struct OptionalJson<T>(pub T);
@@ -12,29 +41,82 @@ pub struct OptionalJson<T>(pub T);
 impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = axum::body::Bytes::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body(), MAX_API_BODY).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
-        serde_json::from_slice(&bytes)
-            .map(OptionalJson)
-            .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+        parse(&bytes).map(OptionalJson)
     }
 }
 
-/// A JSON body whose rejections are answered in the gateway's error shape.
+/// A JSON body, at most `MAX_API_BODY` bytes.
 pub struct JsonBody<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        Json::<T>::from_request(req, state)
-            .await
-            .map(|Json(v)| JsonBody(v))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
+        let bytes = read_body(req.into_body(), MAX_API_BODY).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::BadRequest("a JSON body is required".into()));
+        }
+        parse(&bytes).map(JsonBody)
     }
+}
+
+/// Path parameters. A parameter that does not parse (an id that is not a number, text that is
+/// not UTF-8 once decoded) is a `400`.
+pub struct PathParam<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(PathParam(v)),
+            Err(_) => {
+                // The path as the client sent it (a nested router sees it without its prefix).
+                let uri = parts
+                    .extensions
+                    .get::<OriginalUri>()
+                    .map_or(&parts.uri, |o| &o.0);
+                Err(ApiError::BadRequest(format!(
+                    "invalid path: {} is not a valid {}",
+                    shown(uri.path()),
+                    what::<T>()
+                )))
+            }
+        }
+    }
+}
+
+/// Query parameters; unknown ones are refused where `T` says `deny_unknown_fields`.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Query::<T>::try_from_uri(&parts.uri)
+            .map(|Query(v)| QueryParams(v))
+            .map_err(|e| ApiError::BadRequest(format!("invalid query: {}", e.body_text())))
+    }
+}
+
+/// What a path parameter of type `T` is, for messages.
+fn what<T>() -> &'static str {
+    match std::any::type_name::<T>() {
+        "i64" | "u64" | "i32" | "u32" => "id (a whole number)",
+        _ => "path",
+    }
+}
+
+/// At most 200 characters of a path, for a message.
+fn shown(path: &str) -> String {
+    let mut s: String = path.chars().take(200).collect();
+    if s.len() < path.len() {
+        s.push('…');
+    }
+    format!("'{s}'")
 }

@@ -1,18 +1,27 @@
 //! The HTTP layer: the only module that knows axum. Routes, authentication of workspace keys and
-//! of the admin token, and the mapping of every error to an answer (`error`).
+//! of the admin tokens, serving (`serve`), and the mapping of every error to an answer
+//! (`error`).
+//!
+//! Two sets of routes: the gateway's (`/v1/*`, the limits page, health checks) and the
+//! operator's (`/admin/v1/*`, `/metrics`). Without `admin_listen` both are served on the main
+//! listener; with it, the operator's are served on the admin listener only (with the health
+//! checks), and the main listener answers them `404`. Every route that does not exist answers
+//! a JSON `404`, and a method a route does not have a JSON `405`, in the gateway's error shape;
+//! `/v1/*` routes the gateway does not know are passed to the upstream.
 
 pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod headers;
 pub mod proxy;
+pub mod serve;
 pub mod views;
 pub mod workspace;
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{DefaultBodyLimit, OriginalUri, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
@@ -23,11 +32,16 @@ use crate::metrics::Metrics;
 use crate::model::KeyId;
 use error::ApiError;
 
+/// The main listener's routes, as the config says: with the operator's routes unless
+/// `admin_listen` is set.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+    let with_operator = state.config.admin_listen.is_none();
+    main_router(state, with_operator)
+}
+
+/// The gateway's routes, and the operator's too when `with_operator`.
+pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
+    let routes = health()
         .route(
             "/limits",
             get(|| async { Html(include_str!("limits.html")) }),
@@ -37,12 +51,60 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/limit-requests",
             post(workspace::create_limit_request).get(workspace::list_limit_requests),
         )
-        .route("/v1/{*path}", any(proxy::proxy))
+        .route("/v1/{*path}", any(proxy::proxy));
+    let routes = if with_operator {
+        routes.merge(operator())
+    } else {
+        routes
+    };
+    finish(routes, state)
+}
+
+/// The admin listener's routes: the operator's, and the health checks.
+pub fn admin_router(state: Arc<AppState>) -> Router {
+    finish(health().merge(operator()), state)
+}
+
+fn health() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+}
+
+/// The admin API and the metrics.
+fn operator() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/metrics", get(metrics))
         .nest("/admin/v1", admin::router())
-        // Bodies are read with the configured limit by the handlers themselves, so that an
-        // oversized body gets our JSON 413 rather than axum's plain text.
+}
+
+fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
+    routes
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+        // Bodies are read with a limit by the handlers themselves, so that an oversized body
+        // gets our JSON 413 rather than axum's plain text.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// At most 200 characters of a path, for a message.
+fn shown_path(uri: &Uri) -> String {
+    let path = uri.path();
+    let mut s: String = path.chars().take(200).collect();
+    if s.len() < path.len() {
+        s.push('…');
+    }
+    s
+}
+
+/// The path as the client sent it (a nested router sees it without its prefix).
+async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::NotFound(format!("No route for {method} {}.", shown_path(&uri)))
+}
+
+async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}.", shown_path(&uri)))
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

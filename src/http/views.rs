@@ -1,5 +1,5 @@
-//! The JSON shapes the admin API and the workspace's own API share: workspaces, keys, limit
-//! requests, and usage.
+//! The JSON shapes the admin API and the workspace's own API share: workspaces, keys, tiers,
+//! limit requests, audit entries, and usage.
 
 use serde_json::{json, Value};
 
@@ -8,7 +8,7 @@ use super::headers::duration;
 use crate::app::AppState;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
-use crate::model::{ApiKey, LimitRequest, Limits, Workspace};
+use crate::model::{ApiKey, AuditEntry, LimitRequest, Limits, Tier, Workspace};
 
 pub fn rfc3339(secs: i64) -> Value {
     time::OffsetDateTime::from_unix_timestamp(secs)
@@ -57,6 +57,26 @@ pub fn limit_request_json(r: &LimitRequest) -> Value {
         "reason": r.reason,
         "created_at": rfc3339(r.created_at),
         "decided_at": r.decided_at.map(rfc3339),
+    })
+}
+
+/// A tier: its limits, and its name.
+pub fn tier_json(t: &Tier) -> Value {
+    let mut v = serde_json::to_value(&t.limits).expect("limits serialize");
+    v["name"] = Value::String(t.name.clone());
+    v
+}
+
+pub fn audit_json(e: &AuditEntry) -> Value {
+    json!({
+        "id": e.id,
+        "at": rfc3339(e.at),
+        "actor": e.actor,
+        "action": e.action,
+        "workspace_id": e.workspace_id,
+        "target": e.target,
+        "before": e.before,
+        "after": e.after,
     })
 }
 

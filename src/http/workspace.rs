@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::extract::JsonBody;
 use super::views::{limit_request_json, usage_json};
 use crate::app::AppState;
-use crate::model::Overrides;
+use crate::model::{Actor, Overrides};
 
 pub async fn limits(
     State(state): State<Arc<AppState>>,
@@ -44,33 +44,22 @@ pub struct NewLimitRequest {
     requested_limits: Overrides,
 }
 
+/// The key is checked before the body is read (the body is bounded either way).
 pub async fn create_limit_request(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<NewLimitRequest>,
+    body: Request,
 ) -> Result<Response, ApiError> {
     let (_, entry) = authenticate(&state, &headers).await?;
-    let use_case = body.use_case.trim();
-    if use_case.is_empty() {
-        return Err(ApiError::BadRequest(
-            "'use_case' must say what the higher limits are for".into(),
-        ));
-    }
-    if body.requested_limits.is_empty() {
-        return Err(ApiError::BadRequest(
-            "'requested_limits' must name at least one of requests_per_second, tokens_per_minute, tokens_per_month, concurrent_requests".into(),
-        ));
-    }
-    body.requested_limits
-        .validate()
-        .map_err(|m| ApiError::BadRequest(format!("requested_limits: {m}")))?;
+    let JsonBody(body) = JsonBody::<NewLimitRequest>::from_request(body, &state).await?;
+    let id = entry.workspace.id;
     let request = state
-        .store
+        .admin
         .create_limit_request(
-            entry.workspace.id,
-            use_case,
+            &Actor::workspace(id),
+            id,
+            &body.use_case,
             &body.requested_limits,
-            state.clock.now_secs(),
         )
         .await?;
     Ok((StatusCode::CREATED, Json(limit_request_json(&request))).into_response())
@@ -82,7 +71,7 @@ pub async fn list_limit_requests(
 ) -> Result<Json<Value>, ApiError> {
     let (_, entry) = authenticate(&state, &headers).await?;
     let list = state
-        .store
+        .admin
         .list_limit_requests(Some(entry.workspace.id), None)
         .await?;
     let data: Vec<Value> = list.iter().map(limit_request_json).collect();

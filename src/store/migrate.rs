@@ -1,12 +1,13 @@
 //! `tiergate migrate`: copies a whole embedded installation (SQLite) into Postgres, so that an
-//! operator can move from one instance to many without losing workspaces, keys, requests or the
-//! month's usage.
+//! operator can move from one instance to many without losing workspaces, keys, requests, the
+//! month's usage or the audit log.
 //!
 //! The source must exist; its schema is first brought up to date, as `serve` would. It is then
 //! read in one read transaction (a consistent snapshot, even if a gateway is still writing to
 //! it); the target is written in one transaction, so a failed copy leaves it as it
 //! was. The target must be empty: if it holds any workspace, key, limit request or ledger row,
-//! nothing is changed. Tiers alone (the defaults a `serve` seeded) are replaced by the source's.
+//! nothing is changed. Tiers alone (the defaults a `serve` seeded) are replaced by the source's,
+//! with the audit entries of any tier change made on the target; the source's audit log is copied.
 //! Ids are kept, and the identity sequences continue after the copied ids. The catalogue version
 //! is the source's, or one above the target's if that is higher, so that a gateway already
 //! running on the target reloads everything.
@@ -59,6 +60,7 @@ pub struct MigrationSummary {
     pub limit_requests: u64,
     pub ledger_events: u64,
     pub daily_rows: u64,
+    pub audit_entries: u64,
     /// The catalogue version the target is now at.
     pub catalog_version: i64,
 }
@@ -93,7 +95,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
 
     // Nobody writes the target while it is checked and filled.
     sqlx::query(
-        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, catalog_changes IN EXCLUSIVE MODE",
+        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, catalog_changes, audit IN EXCLUSIVE MODE",
     )
     .execute(&mut *dst)
     .await
@@ -114,8 +116,13 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
         });
     }
 
-    // Tiers alone (what a `serve` seeded) give way to the source's.
+    // Tiers alone (what a `serve` seeded) give way to the source's, and so do the audit entries
+    // of tier changes made on the target (the only ones an empty target can hold).
     sqlx::query("DELETE FROM tiers")
+        .execute(&mut *dst)
+        .await
+        .map_err(write)?;
+    sqlx::query("DELETE FROM audit")
         .execute(&mut *dst)
         .await
         .map_err(write)?;
@@ -123,7 +130,9 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
     for (table, columns) in TABLES {
         copied.push(copy_table(&mut src, &mut dst, table, columns).await?);
     }
-    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows] = copied[..] else {
+    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, audit_entries] =
+        copied[..]
+    else {
         unreachable!("one count per table")
     };
     let revoked_keys: i64 =
@@ -139,6 +148,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
         limit_requests,
         ledger_events,
         daily_rows,
+        audit_entries,
         catalog_version: 0,
     };
 
@@ -250,6 +260,19 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("denied", Int),
         ],
     ),
+    (
+        "audit",
+        &[
+            ("id", Int),
+            ("at", Int),
+            ("actor", Text),
+            ("action", Text),
+            ("workspace_id", OptInt),
+            ("target", Text),
+            ("before_json", OptText),
+            ("after_json", OptText),
+        ],
+    ),
 ];
 
 /// One column's values, on their way to an `unnest` parameter.
@@ -342,7 +365,7 @@ async fn copy_table(
 /// Sequences continue after the copied ids; the catalogue is at `version`, with an empty change
 /// log that starts there (instances behind it reload everything).
 async fn finish_target(dst: &mut Dst, version: i64) -> Result<(), StoreError> {
-    for table in ["workspaces", "api_keys", "limit_requests"] {
+    for table in ["workspaces", "api_keys", "limit_requests", "audit"] {
         sqlx::query(&format!(
             "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
         ))

@@ -22,6 +22,12 @@
 //! version is bumped last in each transaction and its row stays locked until commit, so versions
 //! become visible in order: whoever sees version `v` sees every change up to `v`.
 //!
+//! # Audit
+//! Every admin change (tiers, workspaces, keys, limit requests and their answers) writes an
+//! `audit` row — who, what, when, the object before and after as JSON — in the transaction of
+//! the change itself, so a change is never without its entry and a refused change leaves none.
+//! Keys appear with their prefix only, never their hash or secret.
+//!
 //! # Concurrency
 //! Several processes may write at once (the admin CLI next to a gateway; on Postgres, many
 //! gateways). Every transaction that reads what it then writes locks it first (`FOR UPDATE` on
@@ -38,8 +44,8 @@ use async_trait::async_trait;
 
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    ApiKey, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch,
-    Tier, Workspace, WorkspaceId, WorkspaceStatus,
+    Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
+    LimitRequestStatus, Overrides, OverridesPatch, Tier, Workspace, WorkspaceId, WorkspaceStatus,
 };
 
 /// How many catalogue versions the change log keeps. An instance that is further behind (or new)
@@ -171,6 +177,24 @@ pub struct NewKey {
     pub expires_at: Option<i64>,
 }
 
+/// Which audit entries to read: every filter that is set must match. Entries come newest first
+/// (by id); `after` continues a listing after the entry with that id.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditFilter {
+    pub workspace: Option<WorkspaceId>,
+    pub actor: Option<String>,
+    pub action: Option<AuditAction>,
+    /// Unix seconds, inclusive.
+    pub from: Option<i64>,
+    /// Unix seconds, exclusive.
+    pub to: Option<i64>,
+    /// Only entries older than (with an id below) this one.
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+/// Every admin mutation below takes who makes it (`by`) and when (`now`, unix seconds), and
+/// writes its audit entry in its own transaction.
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Reachable and answering.
@@ -183,7 +207,7 @@ pub trait Store: Send + Sync {
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError>;
     /// Creates or replaces.
-    async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError>;
+    async fn put_tier(&self, tier: &Tier, by: &Actor, now: i64) -> Result<(), StoreError>;
     /// Inserts the tiers that do not exist yet; returns how many were inserted.
     async fn seed_tiers(&self, tiers: &[Tier]) -> Result<usize, StoreError>;
 
@@ -191,6 +215,7 @@ pub trait Store: Send + Sync {
         &self,
         name: &str,
         tier: &str,
+        by: &Actor,
         now: i64,
     ) -> Result<Workspace, StoreError>;
     async fn list_workspaces(&self) -> Result<Vec<Workspace>, StoreError>;
@@ -201,12 +226,16 @@ pub trait Store: Send + Sync {
         &self,
         id: WorkspaceId,
         change: &WorkspaceChange,
+        by: &Actor,
+        now: i64,
     ) -> Result<Workspace, StoreError>;
 
-    async fn create_key(&self, key: &NewKey, now: i64) -> Result<ApiKey, StoreError>;
+    /// `NotFound` when the workspace does not exist.
+    async fn create_key(&self, key: &NewKey, by: &Actor, now: i64) -> Result<ApiKey, StoreError>;
     async fn list_keys(&self, workspace: WorkspaceId) -> Result<Vec<ApiKey>, StoreError>;
     async fn find_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
-    async fn revoke_key(&self, id: KeyId, now: i64) -> Result<ApiKey, StoreError>;
+    /// Revoking a revoked key keeps its first revocation time (and is recorded again).
+    async fn revoke_key(&self, id: KeyId, by: &Actor, now: i64) -> Result<ApiKey, StoreError>;
     async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<(), StoreError>;
 
     /// Writes a batch to the ledger in one transaction; settled events already recorded are
@@ -231,11 +260,13 @@ pub trait Store: Send + Sync {
     /// transaction; their totals stay. Returns how many were dropped.
     async fn prune_events(&self, before: i64) -> Result<u64, StoreError>;
 
+    /// `NotFound` when the workspace does not exist.
     async fn create_limit_request(
         &self,
         workspace: WorkspaceId,
         use_case: &str,
         requested: &Overrides,
+        by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;
     async fn list_limit_requests(
@@ -250,15 +281,156 @@ pub trait Store: Send + Sync {
         &self,
         id: LimitRequestId,
         granted: Option<&Overrides>,
+        by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;
     async fn deny_limit_request(
         &self,
         id: LimitRequestId,
         reason: &str,
+        by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;
+
+    /// Audit entries matching `filter`, newest first, at most `filter.limit`.
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError>;
 }
+
+/// An audit row on its way into the transaction of the change it records.
+struct AuditRow<'a> {
+    by: &'a Actor,
+    at: i64,
+    action: AuditAction,
+    workspace: Option<WorkspaceId>,
+    target: String,
+    before: Option<String>,
+    after: Option<String>,
+}
+
+impl<'a> AuditRow<'a> {
+    fn new(by: &'a Actor, at: i64, action: AuditAction, target: String) -> Self {
+        AuditRow {
+            by,
+            at,
+            action,
+            workspace: None,
+            target,
+            before: None,
+            after: None,
+        }
+    }
+
+    fn workspace(mut self, id: WorkspaceId) -> Self {
+        self.workspace = Some(id);
+        self
+    }
+
+    fn before<T: serde::Serialize>(mut self, v: &T) -> Self {
+        self.before = Some(json(v));
+        self
+    }
+
+    fn after<T: serde::Serialize>(mut self, v: &T) -> Self {
+        self.after = Some(json(v));
+        self
+    }
+
+    fn tier(by: &'a Actor, at: i64, tier: &Tier, before: Option<Tier>) -> Self {
+        let row = AuditRow::new(by, at, AuditAction::TierPut, format!("tier:{}", tier.name));
+        match before {
+            Some(b) => row.before(&b),
+            None => row,
+        }
+        .after(tier)
+    }
+
+    fn workspace_change(
+        by: &'a Actor,
+        at: i64,
+        action: AuditAction,
+        before: Option<&Workspace>,
+        after: &Workspace,
+    ) -> Self {
+        let row = AuditRow::new(by, at, action, format!("workspace:{}", after.id))
+            .workspace(after.id)
+            .after(after);
+        match before {
+            Some(b) => row.before(b),
+            None => row,
+        }
+    }
+
+    /// `ApiKey` serializes without its hash.
+    fn key(
+        by: &'a Actor,
+        at: i64,
+        action: AuditAction,
+        before: Option<&ApiKey>,
+        after: &ApiKey,
+    ) -> Self {
+        let row = AuditRow::new(by, at, action, format!("key:{}", after.id))
+            .workspace(after.workspace_id)
+            .after(after);
+        match before {
+            Some(b) => row.before(b),
+            None => row,
+        }
+    }
+
+    fn limit_request(
+        by: &'a Actor,
+        at: i64,
+        action: AuditAction,
+        before: Option<serde_json::Value>,
+        after: serde_json::Value,
+        request: &LimitRequest,
+    ) -> Self {
+        let row = AuditRow::new(by, at, action, format!("limit_request:{}", request.id))
+            .workspace(request.workspace_id)
+            .after(&after);
+        match before {
+            Some(b) => row.before(&b),
+            None => row,
+        }
+    }
+}
+
+/// An approval's state: the request and its workspace's overrides.
+fn approval_state(request: &LimitRequest, overrides: &Overrides) -> serde_json::Value {
+    serde_json::json!({ "request": request, "workspace_overrides": overrides })
+}
+
+fn audit_entry(
+    (id, at, actor, action, workspace_id, target, before, after): AuditColumns,
+) -> Result<AuditEntry, StoreError> {
+    Ok(AuditEntry {
+        id,
+        at,
+        actor,
+        action,
+        workspace_id,
+        target,
+        before: before
+            .map(|b| parse_json(&b, "audit.before_json"))
+            .transpose()?,
+        after: after
+            .map(|a| parse_json(&a, "audit.after_json"))
+            .transpose()?,
+    })
+}
+
+type AuditColumns = (
+    i64,
+    i64,
+    String,
+    String,
+    Option<i64>,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+const AUDIT_COLUMNS: &str = "id, at, actor, action, workspace_id, target, before_json, after_json";
 
 /// What a catalogue mutation changed, as logged under its version.
 #[derive(Debug, Clone, Copy)]

@@ -15,14 +15,15 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
-    already_decided, json, log_covers, month_range, month_totals_of, parse_json, CatalogChanges,
-    CatalogData, CatalogDelta, Changed, DailyUsage, NewKey, Store, StoreError, UsageRecord,
-    WorkspaceChange, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
+    parse_json, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData, CatalogDelta,
+    Changed, DailyUsage, NewKey, Store, StoreError, UsageRecord, WorkspaceChange, AUDIT_COLUMNS,
+    CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    ApiKey, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides, Tier,
-    Workspace, WorkspaceId, WorkspaceStatus,
+    Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
+    LimitRequestStatus, Limits, Overrides, Tier, Workspace, WorkspaceId, WorkspaceStatus,
 };
 
 /// Schema steps, applied in order once each. Never edit a step that has shipped; add one.
@@ -100,6 +101,22 @@ CREATE TABLE catalog_changes (
 CREATE INDEX catalog_changes_version ON catalog_changes(version);
 INSERT INTO meta (key, value)
     SELECT 'catalog_log_from', value FROM meta WHERE key = 'catalog_version';
+"#,
+    // The audit log of admin changes.
+    r#"
+CREATE TABLE audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    action TEXT NOT NULL,
+    workspace_id INTEGER,
+    target TEXT NOT NULL,
+    before_json TEXT,
+    after_json TEXT
+);
+CREATE INDEX audit_workspace ON audit(workspace_id, id);
+CREATE INDEX audit_actor ON audit(actor, id);
+CREATE INDEX audit_at ON audit(at, id);
 "#,
 ];
 
@@ -188,6 +205,23 @@ impl SqliteStore {
             .bind(version - CHANGE_LOG_KEEP)
             .execute(&mut *tx)
             .await?;
+        Ok(())
+    }
+
+    /// Writes an audit row; called in the transaction of the change it records.
+    async fn audit(tx: &mut sqlx::SqliteConnection, row: AuditRow<'_>) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO audit (at, actor, action, workspace_id, target, before_json, after_json) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(row.at)
+        .bind(row.by.as_str())
+        .bind(row.action.as_str())
+        .bind(row.workspace)
+        .bind(&row.target)
+        .bind(row.before.as_deref())
+        .bind(row.after.as_deref())
+        .execute(tx)
+        .await?;
         Ok(())
     }
 
@@ -370,8 +404,15 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn put_tier(&self, tier: &Tier) -> Result<(), StoreError> {
+    async fn put_tier(&self, tier: &Tier, by: &Actor, now: i64) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
+        let before = sqlx::query("SELECT name, limits FROM tiers WHERE name = ?")
+            .bind(&tier.name)
+            .fetch_optional(&mut *tx)
+            .await?
+            .as_ref()
+            .map(tier_row)
+            .transpose()?;
         sqlx::query(
             "INSERT INTO tiers (name, limits) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET limits = excluded.limits",
         )
@@ -379,6 +420,7 @@ impl Store for SqliteStore {
         .bind(json(&tier.limits))
         .execute(&mut *tx)
         .await?;
+        Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
         Self::bump_version(&mut tx, &[Changed::Tier(&tier.name)]).await?;
         tx.commit().await?;
         Ok(())
@@ -411,6 +453,7 @@ impl Store for SqliteStore {
         &self,
         name: &str,
         tier: &str,
+        by: &Actor,
         now: i64,
     ) -> Result<Workspace, StoreError> {
         let mut tx = self.write_tx().await?;
@@ -424,6 +467,9 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await?;
         let workspace = workspace_row(&row)?;
+        let audit =
+            AuditRow::workspace_change(by, now, AuditAction::WorkspaceCreate, None, &workspace);
+        Self::audit(&mut tx, audit).await?;
         Self::bump_version(&mut tx, &[Changed::Workspace(workspace.id)]).await?;
         tx.commit().await?;
         Ok(workspace)
@@ -451,6 +497,8 @@ impl Store for SqliteStore {
         &self,
         id: WorkspaceId,
         change: &WorkspaceChange,
+        by: &Actor,
+        now: i64,
     ) -> Result<Workspace, StoreError> {
         let WorkspaceChange {
             tier,
@@ -480,12 +528,21 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
+        let updated = workspace_row(&row)?;
+        let audit = AuditRow::workspace_change(
+            by,
+            now,
+            AuditAction::WorkspaceUpdate,
+            Some(&current),
+            &updated,
+        );
+        Self::audit(&mut tx, audit).await?;
         Self::bump_version(&mut tx, &[Changed::Workspace(id)]).await?;
         tx.commit().await?;
-        workspace_row(&row)
+        Ok(updated)
     }
 
-    async fn create_key(&self, key: &NewKey, now: i64) -> Result<ApiKey, StoreError> {
+    async fn create_key(&self, key: &NewKey, by: &Actor, now: i64) -> Result<ApiKey, StoreError> {
         let mut tx = self.write_tx().await?;
         let row = sqlx::query(&format!(
             "INSERT INTO api_keys (workspace_id, name, prefix, hash, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?) RETURNING {KEY_COLUMNS}"
@@ -503,6 +560,11 @@ impl Store for SqliteStore {
             e => e.into(),
         })?;
         let key = key_row(&row)?;
+        Self::audit(
+            &mut tx,
+            AuditRow::key(by, now, AuditAction::KeyCreate, None, &key),
+        )
+        .await?;
         Self::bump_version(&mut tx, &[Changed::Key(key.id)]).await?;
         tx.commit().await?;
         Ok(key)
@@ -532,8 +594,14 @@ impl Store for SqliteStore {
         .transpose()
     }
 
-    async fn revoke_key(&self, id: KeyId, now: i64) -> Result<ApiKey, StoreError> {
+    async fn revoke_key(&self, id: KeyId, by: &Actor, now: i64) -> Result<ApiKey, StoreError> {
         let mut tx = self.write_tx().await?;
+        let before = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let before = key_row(&before)?;
         let row = sqlx::query(&format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
         ))
@@ -542,9 +610,15 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         .ok_or(StoreError::NotFound)?;
+        let key = key_row(&row)?;
+        Self::audit(
+            &mut tx,
+            AuditRow::key(by, now, AuditAction::KeyRevoke, Some(&before), &key),
+        )
+        .await?;
         Self::bump_version(&mut tx, &[Changed::Key(id)]).await?;
         tx.commit().await?;
-        key_row(&row)
+        Ok(key)
     }
 
     async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<(), StoreError> {
@@ -701,8 +775,10 @@ impl Store for SqliteStore {
         workspace: WorkspaceId,
         use_case: &str,
         requested: &Overrides,
+        by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
+        let mut tx = self.write_tx().await?;
         let row = sqlx::query(
             "INSERT INTO limit_requests (workspace_id, use_case, requested_limits, created_at) VALUES (?, ?, ?, ?) RETURNING *",
         )
@@ -710,9 +786,24 @@ impl Store for SqliteStore {
         .bind(use_case)
         .bind(json(requested))
         .bind(now)
-        .fetch_one(&self.pool)
-        .await?;
-        limit_request_row(&row)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Database(d) if d.is_foreign_key_violation() => StoreError::NotFound,
+            e => e.into(),
+        })?;
+        let request = limit_request_row(&row)?;
+        let audit = AuditRow::limit_request(
+            by,
+            now,
+            AuditAction::LimitRequestCreate,
+            None,
+            serde_json::to_value(&request).expect("plain data serializes"),
+            &request,
+        );
+        Self::audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(request)
     }
 
     async fn list_limit_requests(
@@ -736,6 +827,7 @@ impl Store for SqliteStore {
         &self,
         id: LimitRequestId,
         granted: Option<&Overrides>,
+        by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
         let mut tx = self.write_tx().await?;
@@ -753,7 +845,8 @@ impl Store for SqliteStore {
             .bind(request.workspace_id)
             .fetch_one(&mut *tx)
             .await?;
-        let mut overrides: Overrides = parse_json(&current, "workspaces.overrides")?;
+        let before: Overrides = parse_json(&current, "workspaces.overrides")?;
+        let mut overrides = before.clone();
         overrides.merge(&granted);
         overrides
             .validate()
@@ -771,15 +864,26 @@ impl Store for SqliteStore {
             .bind(request.workspace_id)
             .execute(&mut *tx)
             .await?;
+        let approved = limit_request_row(&row)?;
+        let audit = AuditRow::limit_request(
+            by,
+            now,
+            AuditAction::LimitRequestApprove,
+            Some(approval_state(&request, &before)),
+            approval_state(&approved, &overrides),
+            &approved,
+        );
+        Self::audit(&mut tx, audit).await?;
         Self::bump_version(&mut tx, &[Changed::Workspace(request.workspace_id)]).await?;
         tx.commit().await?;
-        limit_request_row(&row)
+        Ok(approved)
     }
 
     async fn deny_limit_request(
         &self,
         id: LimitRequestId,
         reason: &str,
+        by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
         let mut tx = self.write_tx().await?;
@@ -800,7 +904,33 @@ impl Store for SqliteStore {
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
+        let denied = limit_request_row(&row)?;
+        let audit = AuditRow::limit_request(
+            by,
+            now,
+            AuditAction::LimitRequestDeny,
+            Some(serde_json::to_value(&request).expect("plain data serializes")),
+            serde_json::to_value(&denied).expect("plain data serializes"),
+            &denied,
+        );
+        Self::audit(&mut tx, audit).await?;
         tx.commit().await?;
-        limit_request_row(&row)
+        Ok(denied)
+    }
+
+    async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
+        let rows: Vec<AuditColumns> = sqlx::query_as(&format!(
+            "SELECT {AUDIT_COLUMNS} FROM audit WHERE (?1 IS NULL OR workspace_id = ?1) AND (?2 IS NULL OR actor = ?2) AND (?3 IS NULL OR action = ?3) AND (?4 IS NULL OR at >= ?4) AND (?5 IS NULL OR at < ?5) AND (?6 IS NULL OR id < ?6) ORDER BY id DESC LIMIT ?7"
+        ))
+        .bind(filter.workspace)
+        .bind(filter.actor.as_deref())
+        .bind(filter.action.map(|a| a.as_str()))
+        .bind(filter.from)
+        .bind(filter.to)
+        .bind(filter.after)
+        .bind(filter.limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(audit_entry).collect()
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tiergate::catalog::generate_key;
+use tiergate::model::Actor;
 use tiergate::store::sqlite::SqliteStore;
 use tiergate::store::{NewKey, Store, WorkspaceChange};
 
@@ -350,6 +351,7 @@ async fn changes_made_by_another_process_are_seen_within_about_a_second() {
                 hash: secret.hash,
                 expires_at: None,
             },
+            &Actor::cli(Some("other")),
             0,
         )
         .await
@@ -367,6 +369,8 @@ async fn changes_made_by_another_process_are_seen_within_about_a_second() {
                 tier: Some("tier-3".into()),
                 ..WorkspaceChange::default()
             },
+            &Actor::cli(Some("other")),
+            0,
         )
         .await
         .unwrap();

@@ -72,6 +72,8 @@ impl Drop for Mock {
 
 pub struct TestGateway {
     pub url: String,
+    /// The admin listener, when the gateway has one (`Options::admin_listener`).
+    pub admin_url: Option<String>,
     pub clock: Arc<ManualClock>,
     pub client: Client,
     pub db: PathBuf,
@@ -90,6 +92,8 @@ pub struct Options {
     pub real_clock: bool,
     /// Whose clock the Redis script uses (with `raw.redis`).
     pub redis_time: TimeSource,
+    /// Serve the admin API and `/metrics` on a listener of their own (port 0).
+    pub admin_listener: bool,
 }
 
 impl Default for Options {
@@ -100,6 +104,7 @@ impl Default for Options {
             admin_token: Some(ADMIN.to_string()),
             real_clock: false,
             redis_time: TimeSource::Server,
+            admin_listener: false,
         }
     }
 }
@@ -198,9 +203,16 @@ impl TestGateway {
         let app: App = tiergate::app(config, app_clock).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
+        let admin = match options.admin_listener {
+            true => Some(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            false => None,
+        };
+        let admin_url = admin
+            .as_ref()
+            .map(|a| format!("http://{}", a.local_addr().unwrap()));
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
-            app.serve(listener, async {
+            app.serve_with_admin(listener, admin, async {
                 let _ = stopped.await;
             })
             .await
@@ -208,6 +220,7 @@ impl TestGateway {
         });
         TestGateway {
             url,
+            admin_url,
             clock,
             client: Client::new(),
             db: db.to_path_buf(),
@@ -235,16 +248,33 @@ impl TestGateway {
         self.clock.advance(by);
     }
 
+    /// Where the admin API and `/metrics` are served: the admin listener if any, else the main
+    /// one.
+    pub fn operator_url(&self) -> &str {
+        self.admin_url.as_deref().unwrap_or(&self.url)
+    }
+
     pub async fn admin(
         &self,
         method: reqwest::Method,
         path: &str,
         body: Option<Value>,
     ) -> (StatusCode, Value) {
+        self.admin_as(ADMIN, method, path, body).await
+    }
+
+    /// An admin API call with `token`.
+    pub async fn admin_as(
+        &self,
+        token: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut req = self
             .client
-            .request(method, format!("{}/admin/v1{path}", self.url))
-            .bearer_auth(ADMIN);
+            .request(method, format!("{}/admin/v1{path}", self.operator_url()))
+            .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -380,7 +410,7 @@ impl TestGateway {
 
     pub async fn metrics(&self) -> String {
         self.client
-            .get(format!("{}/metrics", self.url))
+            .get(format!("{}/metrics", self.operator_url()))
             .send()
             .await
             .unwrap()

@@ -571,10 +571,14 @@ async fn limits_out_of_bounds_in_the_store_are_brought_within_bounds() {
     };
     assert!(wild.validate().is_err());
     store
-        .put_tier(&Tier {
-            name: "wild".into(),
-            limits: wild,
-        })
+        .put_tier(
+            &Tier {
+                name: "wild".into(),
+                limits: wild,
+            },
+            &tiergate::model::Actor::cli(Some("test")),
+            0,
+        )
         .await
         .unwrap();
     let gw = gw.restart().await;
@@ -636,4 +640,88 @@ async fn a_settlement_across_the_month_boundary_counts_in_the_new_month_at_once(
     let usage = gw.limits(&key).await["usage"].clone();
     assert_eq!(usage["tokens_this_month"], 15 + 2, "{usage}");
     assert_eq!(usage["tokens_reserved"], 0);
+}
+
+/// Defect 12a: an override of requests/s brings its own burst, `max(1, ceil(rps))` unless it
+/// sets one, never the tier's: a lowered rate admits no more at once than the rate suggests.
+#[tokio::test]
+async fn an_override_that_lowers_the_rate_lowers_the_burst_unless_it_sets_one() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("fast", json!({"requests_per_second": 10, "burst": 10}))
+        .await;
+    let (id, key) = gw.workspace("fast").await;
+    let patch = |limits: serde_json::Value| {
+        let path = format!("/workspaces/{id}");
+        let gw = &gw;
+        async move {
+            let (s, v) = gw
+                .admin(
+                    reqwest::Method::PATCH,
+                    &path,
+                    Some(json!({ "limits": limits })),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v
+        }
+    };
+
+    // 1 request/s: one at once (under), the second refused (over).
+    let ws = patch(json!({"requests_per_second": 1})).await;
+    assert_eq!(ws["limits"]["burst"], serde_json::Value::Null, "{ws}");
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("1"));
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("0"));
+    let r = gw.chat(&key, hello(), &[]).await;
+    expect_429(r, "rate_limited", "requests_per_second").await;
+
+    // The override sets a burst of 3: three at once, not a fourth.
+    patch(json!({"burst": 3})).await;
+    gw.advance(Duration::from_secs(5));
+    for remaining in ["2", "1", "0"] {
+        let r = gw.chat(&key, hello(), &[]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(
+            header(&r, "x-ratelimit-remaining-requests"),
+            Some(remaining)
+        );
+    }
+    let r = gw.chat(&key, hello(), &[]).await;
+    expect_429(r, "rate_limited", "requests_per_second").await;
+
+    // An increase asks for a rate and a burst; approved, both hold.
+    let r = gw
+        .post(
+            &key,
+            "/v1/limit-requests",
+            json!({"use_case": "batch jobs", "requested_limits": {"requests_per_second": 2, "burst": 5}}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let asked: serde_json::Value = r.json().await.unwrap();
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/limit-requests/{}/approve", asked["id"]),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    gw.advance(Duration::from_secs(5));
+    for _ in 0..5 {
+        let r = gw.chat(&key, hello(), &[]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("2"));
+    }
+    let r = gw.chat(&key, hello(), &[]).await;
+    expect_429(r, "rate_limited", "requests_per_second").await;
+
+    // Without the rate override, the tier's rate with the override's burst.
+    let ws = patch(json!({"requests_per_second": null})).await;
+    assert_eq!(
+        (&ws["limits"]["requests_per_second"], &ws["limits"]["burst"]),
+        (&json!(10.0), &json!(5))
+    );
 }

@@ -5,8 +5,10 @@
 mod support;
 
 mod admin;
+mod admin_input;
 mod distributed;
 mod errors;
 mod harness;
 mod limits;
+mod operator;
 mod streaming;

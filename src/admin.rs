@@ -1,0 +1,589 @@
+//! The admin operations: one set behind every front end. The admin API (`http::admin`), the
+//! admin CLI (`main`), the demo, and the console to come all call `Admin`; none of them
+//! validates, audits or refreshes on its own. A front end parses its syntax (JSON, flags) into
+//! the inputs here, calls, and renders what it gets back.
+//!
+//! What lives here, once:
+//! - **Validation.** Names are 1 to `MAX_NAME` characters with no control characters; a use case
+//!   or a denial's reason is 1 to `MAX_TEXT` bytes (line breaks and tabs allowed); limits and
+//!   overrides are checked by `model` (the bounds that keep the limiter's arithmetic exact); tier
+//!   names are plain (`config::validate_tier_name`). What does not pass is `AdminError::Invalid`
+//!   naming the field, before the store is touched.
+//! - **Audit.** Every change is made by an `Actor` (an admin token's name, `cli:<user>`,
+//!   `workspace:<id>`), which the store records with the change, in its transaction.
+//! - **Catalogue refresh.** In a serving process, every change is refreshed into this
+//!   instance's catalogue before the call returns, so it holds from the next request; other
+//!   instances and processes see it within `catalog_refresh`. The CLI has no catalogue: the
+//!   gateways pick its changes up from the store's change log.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::catalog::{generate_key, Catalog};
+use crate::clock::Clock;
+use crate::config::validate_tier_name;
+use crate::model::{
+    Actor, ApiKey, AuditAction, AuditEntry, FieldPatch, KeyId, LimitRequest, LimitRequestId,
+    LimitRequestStatus, Limits, Overrides, OverridesPatch, Tier, Workspace, WorkspaceId,
+    WorkspaceStatus,
+};
+use crate::store::{AuditFilter, NewKey, Store, StoreError, WorkspaceChange};
+use crate::usage::Recorder;
+
+/// The longest name (of a workspace or a key), in characters.
+pub const MAX_NAME: usize = 128;
+/// The longest use case of an increase request, or reason of a denial, in bytes (4 KiB).
+pub const MAX_TEXT: usize = 4096;
+/// Audit entries per page: the default, and the most one call may ask for.
+pub const AUDIT_PAGE: u32 = 100;
+pub const MAX_AUDIT_PAGE: u32 = 1000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The input is refused; the message names the field.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// E.g. a limit request that was already decided.
+    #[error("{0}")]
+    Conflict(String),
+    /// The store failed (unreachable, or an error of its own): nothing was changed.
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => AdminError::NotFound("not found".into()),
+            StoreError::Conflict(m) => AdminError::Conflict(m),
+            StoreError::Invalid(m) => AdminError::Invalid(m),
+            e => AdminError::Store(e),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> AdminError {
+    AdminError::Invalid(message.into())
+}
+
+/// `NotFound` from the store, told as "no workspace 7".
+fn not_found(what: &str, id: impl std::fmt::Display) -> impl FnOnce(StoreError) -> AdminError {
+    let message = format!("no {what} {id}");
+    move |e| match e {
+        StoreError::NotFound => AdminError::NotFound(message),
+        e => e.into(),
+    }
+}
+
+/// A one-line name: trimmed, 1 to `MAX_NAME` characters, no control characters.
+pub fn name(field: &str, value: &str) -> Result<String, AdminError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(invalid(format!("'{field}' must not be empty")));
+    }
+    if value.chars().count() > MAX_NAME {
+        return Err(invalid(format!(
+            "'{field}' must be at most {MAX_NAME} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "'{field}' must not contain control characters"
+        )));
+    }
+    Ok(value.to_string())
+}
+
+/// Free text (a use case, a reason): trimmed, 1 to `MAX_TEXT` bytes; line breaks and tabs
+/// allowed, no other control characters.
+pub fn text(field: &str, value: &str) -> Result<String, AdminError> {
+    let value = value.trim();
+    if value.is_empty() {
+        return Err(invalid(format!("'{field}' must not be empty")));
+    }
+    if value.len() > MAX_TEXT {
+        return Err(invalid(format!(
+            "'{field}' must be at most {MAX_TEXT} bytes"
+        )));
+    }
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(invalid(format!(
+            "'{field}' must not contain control characters other than line breaks and tabs"
+        )));
+    }
+    Ok(value.to_string())
+}
+
+fn tier_name(field: &str, value: &str) -> Result<(), AdminError> {
+    validate_tier_name(value).map_err(|m| invalid(format!("'{field}': {m}")))
+}
+
+/// An RFC 3339 instant as unix seconds.
+pub fn instant(field: &str, value: &str) -> Result<i64, AdminError> {
+    time::OffsetDateTime::parse(value, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|_| {
+            invalid(format!(
+                "'{field}' must be an RFC 3339 instant, e.g. 2027-01-01T00:00:00Z"
+            ))
+        })
+}
+
+pub fn workspace_status(value: &str) -> Result<WorkspaceStatus, AdminError> {
+    WorkspaceStatus::parse(value)
+        .ok_or_else(|| invalid("'status' must be \"active\" or \"suspended\""))
+}
+
+pub fn limit_request_status(value: &str) -> Result<LimitRequestStatus, AdminError> {
+    LimitRequestStatus::parse(value)
+        .ok_or_else(|| invalid("'status' must be pending, approved or denied"))
+}
+
+pub fn audit_action(value: &str) -> Result<AuditAction, AdminError> {
+    AuditAction::parse(value).ok_or_else(|| {
+        let names: Vec<&str> = AuditAction::ALL.iter().map(|a| a.as_str()).collect();
+        invalid(format!("'action' must be one of {}", names.join(", ")))
+    })
+}
+
+/// The names an override may be given by, in the admin API's `limits` object and the CLI's
+/// `--limit NAME=VALUE`.
+pub const OVERRIDE_NAMES: &str =
+    "requests_per_second, burst, tokens_per_minute, tokens_per_month, concurrent_requests";
+
+/// Reads overrides given field by field as a patch: a number sets, `null` clears, a field left
+/// out keeps. Both front ends give their fields here (the CLI's `none` is `null`).
+pub fn overrides_patch<'a>(
+    fields: impl IntoIterator<Item = (&'a str, &'a Value)>,
+) -> Result<OverridesPatch, AdminError> {
+    fn number<T: serde::de::DeserializeOwned>(
+        field: &str,
+        v: &Value,
+    ) -> Result<FieldPatch<T>, AdminError> {
+        if v.is_null() {
+            return Ok(FieldPatch::Clear);
+        }
+        serde_json::from_value(v.clone())
+            .map(FieldPatch::Set)
+            .map_err(|_| invalid(format!("limits.{field} must be a positive number or null")))
+    }
+    let mut patch = OverridesPatch::default();
+    for (field, v) in fields {
+        match field {
+            "requests_per_second" => patch.requests_per_second = number(field, v)?,
+            "burst" => patch.burst = number(field, v)?,
+            "tokens_per_minute" => patch.tokens_per_minute = number(field, v)?,
+            "tokens_per_month" => patch.tokens_per_month = number(field, v)?,
+            "concurrent_requests" => patch.concurrent_requests = number(field, v)?,
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                return Err(invalid(format!(
+                    "limits.{shown} is not a limit; use {OVERRIDE_NAMES}"
+                )));
+            }
+        }
+    }
+    patch
+        .validate()
+        .map_err(|m| invalid(format!("limits: {m}")))?;
+    Ok(patch)
+}
+
+/// A change to a workspace: each part that is set is applied, the others kept.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceUpdate {
+    pub tier: Option<String>,
+    pub overrides: OverridesPatch,
+    pub status: Option<WorkspaceStatus>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NewKeyInput {
+    pub name: Option<String>,
+    /// RFC 3339.
+    pub expires_at: Option<String>,
+}
+
+/// Which audit entries to list (see `AuditFilter`); `limit` defaults to `AUDIT_PAGE`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    pub workspace: Option<WorkspaceId>,
+    pub actor: Option<String>,
+    pub action: Option<AuditAction>,
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    pub after: Option<i64>,
+    pub limit: Option<i64>,
+}
+
+/// A page of audit entries, newest first; `has_more` when older ones match too (ask again with
+/// `after` = the last entry's id).
+#[derive(Debug, Clone)]
+pub struct AuditPage {
+    pub entries: Vec<AuditEntry>,
+    pub has_more: bool,
+}
+
+/// The admin operations over one store.
+pub struct Admin {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    catalog: Option<Arc<Catalog>>,
+    recorder: Option<Recorder>,
+}
+
+impl Admin {
+    /// Operations straight on the store (the CLI: no catalogue of its own to refresh).
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Admin {
+        Admin {
+            store,
+            clock,
+            catalog: None,
+            recorder: None,
+        }
+    }
+
+    /// In a serving process: refreshes `catalog` after every change, and flushes the ledger
+    /// writer (keys' last use) before keys are listed.
+    pub fn serving(mut self, catalog: Arc<Catalog>, recorder: Recorder) -> Admin {
+        self.catalog = Some(catalog);
+        self.recorder = Some(recorder);
+        self
+    }
+
+    /// Brings this instance's catalogue up to a change just made. The change is in the store
+    /// whatever happens here: if the refresh fails, it is logged, and the background refresh
+    /// picks the change up once the store answers.
+    async fn refresh(&self) {
+        if let Some(catalog) = &self.catalog {
+            if let Err(e) = catalog.refresh().await {
+                tracing::warn!(error = %e, "catalog refresh after an admin change failed");
+            }
+        }
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_secs()
+    }
+
+    pub async fn list_tiers(&self) -> Result<Vec<Tier>, AdminError> {
+        Ok(self.store.list_tiers().await?)
+    }
+
+    /// Creates or replaces a tier; a limit left out is no limit.
+    pub async fn put_tier(
+        &self,
+        by: &Actor,
+        name: &str,
+        limits: Limits,
+    ) -> Result<Tier, AdminError> {
+        tier_name("name", name)?;
+        limits.validate().map_err(invalid)?;
+        let tier = Tier {
+            name: name.to_string(),
+            limits,
+        };
+        self.store.put_tier(&tier, by, self.now()).await?;
+        self.refresh().await;
+        Ok(tier)
+    }
+
+    /// A workspace on `tier` (default `free`).
+    pub async fn create_workspace(
+        &self,
+        by: &Actor,
+        name: &str,
+        tier: Option<&str>,
+    ) -> Result<Workspace, AdminError> {
+        let name = self::name("name", name)?;
+        let tier = tier.unwrap_or("free");
+        tier_name("tier", tier)?;
+        let ws = self
+            .store
+            .create_workspace(&name, tier, by, self.now())
+            .await?;
+        self.refresh().await;
+        Ok(ws)
+    }
+
+    pub async fn list_workspaces(&self) -> Result<Vec<Workspace>, AdminError> {
+        Ok(self.store.list_workspaces().await?)
+    }
+
+    pub async fn get_workspace(&self, id: WorkspaceId) -> Result<Workspace, AdminError> {
+        self.store
+            .get_workspace(id)
+            .await
+            .map_err(not_found("workspace", id))
+    }
+
+    /// Changes a workspace's tier, overrides (a patch the store applies to them as they are,
+    /// so a concurrent approval is never lost) and status, in one transaction.
+    pub async fn update_workspace(
+        &self,
+        by: &Actor,
+        id: WorkspaceId,
+        update: WorkspaceUpdate,
+    ) -> Result<Workspace, AdminError> {
+        let WorkspaceUpdate {
+            tier,
+            overrides,
+            status,
+        } = update;
+        if tier.is_none() && overrides.is_empty() && status.is_none() {
+            return Err(invalid(
+                "nothing to change: give at least one of tier, limits, status",
+            ));
+        }
+        if let Some(t) = &tier {
+            tier_name("tier", t)?;
+        }
+        overrides
+            .validate()
+            .map_err(|m| invalid(format!("limits: {m}")))?;
+        let change = WorkspaceChange {
+            tier,
+            overrides,
+            status,
+        };
+        let ws = self
+            .store
+            .update_workspace(id, &change, by, self.now())
+            .await
+            .map_err(not_found("workspace", id))?;
+        self.refresh().await;
+        Ok(ws)
+    }
+
+    /// A new key for a workspace, and its secret (shown once; only its hash is stored).
+    pub async fn create_key(
+        &self,
+        by: &Actor,
+        workspace: WorkspaceId,
+        input: NewKeyInput,
+    ) -> Result<(ApiKey, String), AdminError> {
+        let name = input
+            .name
+            .as_deref()
+            .map(|n| self::name("name", n))
+            .transpose()?;
+        let expires_at = input
+            .expires_at
+            .as_deref()
+            .map(|s| instant("expires_at", s))
+            .transpose()?;
+        let secret = generate_key();
+        let key = self
+            .store
+            .create_key(
+                &NewKey {
+                    workspace,
+                    name,
+                    prefix: secret.prefix.clone(),
+                    hash: secret.hash,
+                    expires_at,
+                },
+                by,
+                self.now(),
+            )
+            .await
+            .map_err(not_found("workspace", workspace))?;
+        self.refresh().await;
+        Ok((key, secret.secret))
+    }
+
+    /// A workspace's keys (never the secrets), with their last use as of now.
+    pub async fn list_keys(&self, workspace: WorkspaceId) -> Result<Vec<ApiKey>, AdminError> {
+        self.get_workspace(workspace).await?;
+        if let Some(recorder) = &self.recorder {
+            recorder.flush().await;
+        }
+        Ok(self.store.list_keys(workspace).await?)
+    }
+
+    /// Revokes a key at once.
+    pub async fn revoke_key(&self, by: &Actor, id: KeyId) -> Result<ApiKey, AdminError> {
+        let key = self
+            .store
+            .revoke_key(id, by, self.now())
+            .await
+            .map_err(not_found("key", id))?;
+        self.refresh().await;
+        Ok(key)
+    }
+
+    /// A workspace asks for higher limits (`by` is the workspace itself, or an operator on its
+    /// behalf).
+    pub async fn create_limit_request(
+        &self,
+        by: &Actor,
+        workspace: WorkspaceId,
+        use_case: &str,
+        requested: &Overrides,
+    ) -> Result<LimitRequest, AdminError> {
+        let use_case = text("use_case", use_case)?;
+        if requested.is_empty() {
+            return Err(invalid(format!(
+                "'requested_limits' must name at least one of {OVERRIDE_NAMES}"
+            )));
+        }
+        requested
+            .validate()
+            .map_err(|m| invalid(format!("requested_limits: {m}")))?;
+        self.store
+            .create_limit_request(workspace, &use_case, requested, by, self.now())
+            .await
+            .map_err(not_found("workspace", workspace))
+    }
+
+    pub async fn list_limit_requests(
+        &self,
+        workspace: Option<WorkspaceId>,
+        status: Option<LimitRequestStatus>,
+    ) -> Result<Vec<LimitRequest>, AdminError> {
+        Ok(self.store.list_limit_requests(workspace, status).await?)
+    }
+
+    /// Approves a pending request: its workspace's overrides get the granted limits (by
+    /// default, what was asked), merged atomically with whatever else changes them.
+    pub async fn approve_limit_request(
+        &self,
+        by: &Actor,
+        id: LimitRequestId,
+        granted: Option<&Overrides>,
+    ) -> Result<LimitRequest, AdminError> {
+        if let Some(g) = granted {
+            if g.is_empty() {
+                return Err(invalid(format!(
+                    "'limits' must name at least one of {OVERRIDE_NAMES}, or be left out to grant what was asked"
+                )));
+            }
+            g.validate().map_err(|m| invalid(format!("limits: {m}")))?;
+        }
+        let request = self
+            .store
+            .approve_limit_request(id, granted, by, self.now())
+            .await
+            .map_err(not_found("limit request", id))?;
+        self.refresh().await;
+        Ok(request)
+    }
+
+    /// Denies a pending request with a reason the workspace can read.
+    pub async fn deny_limit_request(
+        &self,
+        by: &Actor,
+        id: LimitRequestId,
+        reason: &str,
+    ) -> Result<LimitRequest, AdminError> {
+        let reason = text("reason", reason)?;
+        self.store
+            .deny_limit_request(id, &reason, by, self.now())
+            .await
+            .map_err(not_found("limit request", id))
+    }
+
+    /// Audit entries, newest first, a page at a time.
+    pub async fn audit(&self, query: AuditQuery) -> Result<AuditPage, AdminError> {
+        let AuditQuery {
+            workspace,
+            actor,
+            action,
+            from,
+            to,
+            after,
+            limit,
+        } = query;
+        let limit = match limit.unwrap_or(AUDIT_PAGE as i64) {
+            n if n < 1 || n > MAX_AUDIT_PAGE as i64 => {
+                return Err(invalid(format!(
+                    "'limit' must be from 1 to {MAX_AUDIT_PAGE}"
+                )))
+            }
+            n => n as u32,
+        };
+        if let (Some(f), Some(t)) = (from, to) {
+            if f > t {
+                return Err(invalid("'from' must not be after 'to'"));
+            }
+        }
+        let actor = match actor {
+            Some(a) if a.len() > 2 * MAX_NAME => {
+                return Err(invalid(format!(
+                    "'actor' must be at most {} bytes",
+                    2 * MAX_NAME
+                )))
+            }
+            a => a,
+        };
+        let mut entries = self
+            .store
+            .audit_log(&AuditFilter {
+                workspace,
+                actor,
+                action,
+                from,
+                to,
+                after,
+                limit: limit + 1,
+            })
+            .await?;
+        let has_more = entries.len() > limit as usize;
+        entries.truncate(limit as usize);
+        Ok(AuditPage { entries, has_more })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn names_and_texts_are_bounded_and_plain() {
+        assert_eq!(name("name", "  acme ").unwrap(), "acme");
+        for bad in ["", "   ", "a\u{0}b", "line\nbreak", "\u{1b}[31mred"] {
+            assert!(name("name", bad).is_err(), "{bad:?}");
+        }
+        assert!(name("name", &"x".repeat(MAX_NAME)).is_ok());
+        let e = name("name", &"x".repeat(MAX_NAME + 1)).unwrap_err();
+        assert!(e.to_string().contains("at most 128"), "{e}");
+        assert!(text("use_case", "two\nlines\tand a tab").is_ok());
+        assert!(text("use_case", &"x".repeat(MAX_TEXT)).is_ok());
+        assert!(text("use_case", &"x".repeat(MAX_TEXT + 1)).is_err());
+        assert!(text("use_case", "bell\u{7}").is_err());
+        assert!(text("use_case", " \n ").is_err());
+    }
+
+    #[test]
+    fn an_overrides_patch_names_the_field() {
+        let fields = json!({"requests_per_second": 2.5, "burst": 4, "tokens_per_month": null});
+        let map = fields.as_object().unwrap();
+        let patch = overrides_patch(map.iter().map(|(k, v)| (k.as_str(), v))).unwrap();
+        assert_eq!(patch.requests_per_second, FieldPatch::Set(2.5));
+        assert_eq!(patch.burst, FieldPatch::Set(4));
+        assert_eq!(patch.tokens_per_month, FieldPatch::Clear);
+        assert_eq!(patch.tokens_per_minute, FieldPatch::Keep);
+        for (field, value, says) in [
+            ("speed", json!(1), "limits.speed is not a limit"),
+            ("burst", json!(-1), "limits.burst"),
+            ("burst", json!(0), "burst"),
+            ("tokens_per_minute", json!("5"), "limits.tokens_per_minute"),
+            ("requests_per_second", json!(1e300), "requests_per_second"),
+            (
+                "concurrent_requests",
+                json!(1.5),
+                "limits.concurrent_requests",
+            ),
+        ] {
+            let e = overrides_patch([(field, &value)]).unwrap_err().to_string();
+            assert!(e.contains(says), "{field}={value}: {e}");
+        }
+    }
+}
