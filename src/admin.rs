@@ -39,6 +39,9 @@ pub const MAX_TEXT: usize = 4096;
 pub const AUDIT_PAGE: u32 = 100;
 pub const MAX_AUDIT_PAGE: u32 = 1000;
 
+/// Increase requests a workspace may have waiting for an answer at once.
+pub const MAX_PENDING_LIMIT_REQUESTS: usize = 10;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
     /// The input is refused; the message names the field.
@@ -436,6 +439,15 @@ impl Admin {
         requested
             .validate()
             .map_err(|m| invalid(format!("requested_limits: {m}")))?;
+        let pending = self
+            .store
+            .list_limit_requests(Some(workspace), Some(LimitRequestStatus::Pending))
+            .await?;
+        if pending.len() >= MAX_PENDING_LIMIT_REQUESTS {
+            return Err(AdminError::Conflict(format!(
+                "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; wait for one, or ask the operator"
+            )));
+        }
         self.store
             .create_limit_request(workspace, &use_case, requested, by, self.now())
             .await

@@ -112,7 +112,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         Ok(()) => "ready".into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "store not reachable");
-            (StatusCode::SERVICE_UNAVAILABLE, "store not reachable").into_response()
+            ApiError::StoreUnreachable.into_response()
         }
     }
 }

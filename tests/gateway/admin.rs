@@ -388,3 +388,38 @@ async fn changes_made_by_another_process_are_seen_within_about_a_second() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A workspace cannot pile up increase requests: past the bound of pending ones, a new one is
+/// refused (409) until the operator answers one.
+#[tokio::test]
+async fn a_workspace_has_at_most_ten_increase_requests_waiting() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let ask = |n: u64| {
+        gw.client
+            .post(format!("{}/v1/limit-requests", gw.url))
+            .bearer_auth(&key)
+            .json(&json!({"use_case": format!("ask {n}"), "requested_limits": {"tokens_per_month": 2_000_000_000u64 + n}}))
+            .send()
+    };
+    let mut first = None;
+    for n in 0..10 {
+        let r = ask(n).await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let v: Value = r.json().await.unwrap();
+        first.get_or_insert(v["id"].as_i64().unwrap());
+    }
+    let r = ask(10).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "conflict", "{body}");
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/limit-requests/{}/deny", first.unwrap()),
+            Some(json!({"reason": "no"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(ask(11).await.unwrap().status(), StatusCode::CREATED);
+}
