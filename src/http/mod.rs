@@ -21,7 +21,7 @@ pub mod workspace;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, OriginalUri, State};
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
