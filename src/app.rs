@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use crate::catalog::Catalog;
 use crate::clock::Clock;
@@ -45,6 +46,10 @@ pub struct AppState {
     pub client: reqwest::Client,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
+    /// Work a request leaves behind when its client goes away or its body is dropped (a
+    /// settlement, the drain of a stream's usage): a stop waits for it before the last ledger
+    /// flush.
+    pub tasks: TaskTracker,
 }
 
 /// A built gateway: its state and the background tasks that serve it.
@@ -125,6 +130,9 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         config.ledger_flush,
     );
     let client = reqwest::Client::builder()
+        // A redirect is passed to the client, never followed: what reaches the upstream is only
+        // ever the metered request.
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(config.upstream.connect_timeout)
         .pool_idle_timeout(std::time::Duration::from_secs(60))
         .tcp_nodelay(true)
@@ -144,6 +152,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         client,
         clock,
         metrics,
+        tasks: TaskTracker::new(),
     });
     let tasks = vec![
         tokio::spawn(refresh_catalog(state.clone())),
@@ -189,34 +198,43 @@ impl App {
         crate::http::router(self.state.clone())
     }
 
-    /// Serves on `listener` until `shutdown` completes, then drains and flushes the ledger.
+    /// Serves on `listener` until `shutdown` completes, then drains (for at most
+    /// `shutdown_grace`), waits for the settlements, and flushes the ledger.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), AppError> {
-        use axum::serve::ListenerExt;
-        let router = self.router();
-        // Without TCP_NODELAY, a response written as headers then body waits for the client's
-        // delayed ACK (about 40 ms) on every kept-alive request, and stream chunks are held back.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY");
-            }
-        });
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let config = &self.state.config;
+        let options = crate::http::serve::ListenerOptions {
+            header_read_timeout: config.header_read_timeout,
+            shutdown_grace: config.shutdown_grace,
+        };
+        crate::http::serve::serve(listener, self.router(), options, shutdown).await;
         self.shutdown().await;
         Ok(())
     }
 
-    /// Stops the background tasks and writes what the ledger still holds.
+    /// Stops the background tasks, waits for the settlements still running (a drain reads for
+    /// at most `usage_drain`; a settlement's limiter calls are bounded by their own timeouts),
+    /// then writes what the ledger still holds.
     pub async fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        let tasks = &self.state.tasks;
+        tasks.close();
+        let wait = self.state.config.upstream.usage_drain + SETTLE_GRACE;
+        if tokio::time::timeout(wait, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "settlements still running at the last ledger flush are lost"
+            );
         }
         self.state.recorder.shutdown().await;
         drop(self.ledger);
     }
 }
+
+/// At a stop, how long settlements may take beyond the usage drain.
+const SETTLE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

@@ -66,6 +66,23 @@ struct RedisArgs {
     instances: Option<u32>,
 }
 
+#[derive(Args, Clone, Default)]
+struct TimeoutArgs {
+    /// A request's head must arrive whole within this, in ms; it also closes a kept-alive
+    /// connection idle this long (default 30000).
+    #[arg(long, env = "TIERGATE_HEADER_READ_TIMEOUT_MS")]
+    header_read_timeout_ms: Option<u64>,
+    /// A request's body must arrive whole within this, in ms, from its head (default 60000).
+    #[arg(long, env = "TIERGATE_BODY_READ_TIMEOUT_MS")]
+    body_read_timeout_ms: Option<u64>,
+    /// On stop, how long requests in flight may take to finish, in ms (default 20000).
+    #[arg(long, env = "TIERGATE_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// The longest an upstream's body may stay silent, in ms (default 60000).
+    #[arg(long, env = "TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS")]
+    upstream_idle_read_timeout_ms: Option<u64>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
@@ -84,6 +101,8 @@ enum Command {
         admin_token: Option<String>,
         #[command(flatten)]
         redis: RedisArgs,
+        #[command(flatten)]
+        timeouts: TimeoutArgs,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -306,6 +325,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             upstream_api_key,
             admin_token,
             redis,
+            timeouts,
             store,
         } => {
             let RedisArgs {
@@ -317,10 +337,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 redis_prefix,
                 instances,
             } = redis;
+            let TimeoutArgs {
+                header_read_timeout_ms,
+                body_read_timeout_ms,
+                shutdown_grace_ms,
+                upstream_idle_read_timeout_ms,
+            } = timeouts;
             let flags = RawSettings {
                 listen,
                 database: store.database,
                 admin_token,
+                header_read_timeout_ms,
+                body_read_timeout_ms,
+                shutdown_grace_ms,
                 redis,
                 redis_cluster: redis_cluster.then_some(true),
                 redis_timeout_ms,
@@ -331,6 +360,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 upstream: RawUpstream {
                     url: upstream,
                     api_key: upstream_api_key,
+                    idle_read_timeout_ms: upstream_idle_read_timeout_ms,
                     ..RawUpstream::default()
                 },
                 ..RawSettings::default()

@@ -5,6 +5,15 @@ use axum::Json;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::BodyReadTimeout;
+
+/// A body that could not be read: `408` when it came too slowly, else `400`.
+fn unreadable(rejection: &(dyn std::error::Error + 'static), text: String) -> ApiError {
+    match BodyReadTimeout::find(rejection) {
+        Some(limit) => ApiError::RequestTimeout(limit.as_millis() as u64),
+        None => ApiError::BadRequest(text),
+    }
+}
 
 /// A JSON body that may be left out (empty), then `T::default()`.
 pub struct OptionalJson<T>(pub T);
@@ -15,7 +24,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|e| ApiError::BadRequest(e.body_text()))?;
+            .map_err(|e| unreadable(&e, e.body_text()))?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
@@ -35,6 +44,6 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
         Json::<T>::from_request(req, state)
             .await
             .map(|Json(v)| JsonBody(v))
-            .map_err(|e| ApiError::BadRequest(e.body_text()))
+            .map_err(|e| unreadable(&e, e.body_text()))
     }
 }

@@ -5,8 +5,12 @@
 mod support;
 
 mod admin;
+mod crash;
 mod distributed;
 mod errors;
+mod faults;
 mod harness;
 mod limits;
+mod process;
+mod routes;
 mod streaming;
