@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use crate::admin::Admin;
 use crate::catalog::Catalog;
@@ -51,6 +52,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The admin operations (the admin API's, the workspace's limit requests).
     pub admin: Admin,
+    /// Work a request leaves behind when its client goes away or its body is dropped (a
+    /// settlement, the drain of a stream's usage): a stop waits for it before the last ledger
+    /// flush.
+    pub tasks: TaskTracker,
 }
 
 /// A built gateway: its state and the background tasks that serve it.
@@ -131,6 +136,9 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         config.ledger_flush,
     );
     let client = reqwest::Client::builder()
+        // A redirect is passed to the client, never followed: what reaches the upstream is only
+        // ever the metered request.
+        .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(config.upstream.connect_timeout)
         .pool_idle_timeout(std::time::Duration::from_secs(60))
         .tcp_nodelay(true)
@@ -152,6 +160,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         clock,
         metrics,
         admin,
+        tasks: TaskTracker::new(),
     });
     let tasks = vec![
         tokio::spawn(refresh_catalog(state.clone())),
@@ -194,12 +203,26 @@ async fn evict_idle(state: Arc<AppState>) {
 
 // `App::router`, `App::serve` and `App::serve_with_admin` are in `http::serve`.
 impl App {
-    /// Stops the background tasks and writes what the ledger still holds.
+    /// Stops the background tasks, waits for the settlements still running (a drain reads for
+    /// at most `usage_drain`; a settlement's limiter calls are bounded by their own timeouts),
+    /// then writes what the ledger still holds.
     pub async fn shutdown(self) {
         for t in &self.tasks {
             t.abort();
+        }
+        let tasks = &self.state.tasks;
+        tasks.close();
+        let wait = self.state.config.upstream.usage_drain + SETTLE_GRACE;
+        if tokio::time::timeout(wait, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "settlements still running at the last ledger flush are lost"
+            );
         }
         self.state.recorder.shutdown().await;
         drop(self.ledger);
     }
 }
+
+/// At a stop, how long settlements may take beyond the usage drain.
+const SETTLE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);

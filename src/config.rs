@@ -40,6 +40,13 @@ pub struct RawSettings {
     /// Named admin tokens (the file's `[[admin_tokens]]`): the audit records the name.
     pub admin_tokens: Option<Vec<RawAdminToken>>,
     pub max_body_bytes: Option<usize>,
+    /// A request's head (line and headers) must arrive whole within this; it also closes a
+    /// kept-alive connection that stays idle this long.
+    pub header_read_timeout_ms: Option<u64>,
+    /// A request's body must arrive whole within this, counted from its head.
+    pub body_read_timeout_ms: Option<u64>,
+    /// On stop, how long requests in flight (streams included) may take to finish.
+    pub shutdown_grace_ms: Option<u64>,
     pub catalog_refresh_ms: Option<u64>,
     /// One `redis://` URL (a single server), or a comma-separated list of seed nodes (a Redis
     /// Cluster). Without it, limiter state stays in memory.
@@ -93,6 +100,10 @@ pub struct RawUpstream {
     pub timeout_secs: Option<u64>,
     /// After a client leaves a stream, how long the gateway keeps reading for the usage.
     pub usage_drain_ms: Option<u64>,
+    /// The longest an upstream's body (stream, JSON, error) may stay silent.
+    pub idle_read_timeout_ms: Option<u64>,
+    /// Request headers never forwarded upstream, added to the built-in list.
+    pub drop_request_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -122,6 +133,10 @@ impl RawSettings {
             admin_listen: var("TIERGATE_ADMIN_LISTEN"),
             database: var("TIERGATE_DATABASE"),
             admin_token: var("TIERGATE_ADMIN_TOKEN"),
+            header_read_timeout_ms: var("TIERGATE_HEADER_READ_TIMEOUT_MS")
+                .and_then(|v| v.parse().ok()),
+            body_read_timeout_ms: var("TIERGATE_BODY_READ_TIMEOUT_MS").and_then(|v| v.parse().ok()),
+            shutdown_grace_ms: var("TIERGATE_SHUTDOWN_GRACE_MS").and_then(|v| v.parse().ok()),
             redis: var("TIERGATE_REDIS"),
             redis_cluster: var("TIERGATE_REDIS_CLUSTER")
                 .map(|v| matches!(v.as_str(), "1" | "true" | "yes")),
@@ -133,6 +148,14 @@ impl RawSettings {
             upstream: RawUpstream {
                 url: var("TIERGATE_UPSTREAM"),
                 api_key: var("TIERGATE_UPSTREAM_API_KEY"),
+                idle_read_timeout_ms: var("TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS")
+                    .and_then(|v| v.parse().ok()),
+                drop_request_headers: var("TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS").map(|v| {
+                    v.split(',')
+                        .map(|h| h.trim().to_string())
+                        .filter(|h| !h.is_empty())
+                        .collect()
+                }),
                 ..RawUpstream::default()
             },
             ..RawSettings::default()
@@ -148,6 +171,9 @@ impl RawSettings {
             admin_token,
             admin_tokens,
             max_body_bytes,
+            header_read_timeout_ms,
+            body_read_timeout_ms,
+            shutdown_grace_ms,
             catalog_refresh_ms,
             redis,
             redis_cluster,
@@ -169,6 +195,9 @@ impl RawSettings {
             admin_token: admin_token.or(self.admin_token),
             admin_tokens: admin_tokens.or(self.admin_tokens),
             max_body_bytes: max_body_bytes.or(self.max_body_bytes),
+            header_read_timeout_ms: header_read_timeout_ms.or(self.header_read_timeout_ms),
+            body_read_timeout_ms: body_read_timeout_ms.or(self.body_read_timeout_ms),
+            shutdown_grace_ms: shutdown_grace_ms.or(self.shutdown_grace_ms),
             catalog_refresh_ms: catalog_refresh_ms.or(self.catalog_refresh_ms),
             redis: redis.or(self.redis),
             redis_cluster: redis_cluster.or(self.redis_cluster),
@@ -188,6 +217,12 @@ impl RawSettings {
                     .or(self.upstream.connect_timeout_ms),
                 timeout_secs: upstream.timeout_secs.or(self.upstream.timeout_secs),
                 usage_drain_ms: upstream.usage_drain_ms.or(self.upstream.usage_drain_ms),
+                idle_read_timeout_ms: upstream
+                    .idle_read_timeout_ms
+                    .or(self.upstream.idle_read_timeout_ms),
+                drop_request_headers: upstream
+                    .drop_request_headers
+                    .or(self.upstream.drop_request_headers),
             },
             estimate: RawEstimate {
                 default_completion_tokens: estimate
@@ -209,7 +244,23 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub usage_drain: Duration,
+    /// The longest an upstream's body may stay silent before the gateway gives up on it.
+    pub idle_read_timeout: Duration,
+    /// Request headers never forwarded (lowercase): [`DROPPED_REQUEST_HEADERS`] and the
+    /// configuration's own.
+    pub drop_request_headers: Vec<String>,
 }
+
+/// Request headers by which a client could choose whose account, organisation or project the
+/// upstream bills, or present credentials of its own: never forwarded. The configuration's
+/// `upstream.drop_request_headers` adds to them.
+pub const DROPPED_REQUEST_HEADERS: [&str; 5] = [
+    "openai-organization",
+    "openai-project",
+    "api-key",
+    "x-api-key",
+    "cookie",
+];
 
 #[derive(Debug, Clone)]
 pub struct EstimateConfig {
@@ -283,6 +334,13 @@ pub struct Config {
     /// Every admin token, each with its name; empty: the admin API is off (`403`).
     pub admin_tokens: Vec<AdminToken>,
     pub max_body_bytes: usize,
+    /// A request's head must arrive whole within this (and a kept-alive connection idle this
+    /// long is closed).
+    pub header_read_timeout: Duration,
+    /// A request's body must arrive whole within this, from its head.
+    pub body_read_timeout: Duration,
+    /// On stop, how long requests in flight may take before their connections are closed.
+    pub shutdown_grace: Duration,
     pub catalog_refresh: Duration,
     /// The shared limiter; `None` keeps limiter state in memory.
     pub redis: Option<RedisConfig>,
@@ -310,6 +368,9 @@ impl TryFrom<RawSettings> for Config {
             admin_token,
             admin_tokens,
             max_body_bytes,
+            header_read_timeout_ms,
+            body_read_timeout_ms,
+            shutdown_grace_ms,
             catalog_refresh_ms,
             redis,
             redis_cluster,
@@ -351,6 +412,10 @@ impl TryFrom<RawSettings> for Config {
         if max_body_bytes < 1024 {
             return Err(invalid("max_body_bytes", "must be at least 1024"));
         }
+        let header_read_timeout =
+            bounded_ms(header_read_timeout_ms, 30_000, "header_read_timeout_ms")?;
+        let body_read_timeout = bounded_ms(body_read_timeout_ms, 60_000, "body_read_timeout_ms")?;
+        let shutdown_grace = bounded_ms(shutdown_grace_ms, 20_000, "shutdown_grace_ms")?;
         let catalog_refresh = Duration::from_millis(catalog_refresh_ms.unwrap_or(1000));
         if catalog_refresh.is_zero() {
             return Err(invalid("catalog_refresh_ms", "must be above 0"));
@@ -407,6 +472,12 @@ impl TryFrom<RawSettings> for Config {
                 "upstream.timeout_secs",
             )?,
             usage_drain: positive(upstream.usage_drain_ms, 2_000, "upstream.usage_drain_ms")?,
+            idle_read_timeout: bounded_ms(
+                upstream.idle_read_timeout_ms,
+                60_000,
+                "upstream.idle_read_timeout_ms",
+            )?,
+            drop_request_headers: drop_request_headers(upstream.drop_request_headers)?,
         };
         let estimate = EstimateConfig {
             default_completion_tokens: estimate.default_completion_tokens.unwrap_or(256),
@@ -431,6 +502,9 @@ impl TryFrom<RawSettings> for Config {
             database,
             admin_tokens,
             max_body_bytes,
+            header_read_timeout,
+            body_read_timeout,
+            shutdown_grace,
             catalog_refresh,
             redis,
             upstream,
@@ -520,6 +594,41 @@ pub fn validate_token_name(name: &str) -> Result<(), String> {
     } else {
         Err("a name is 1 to 64 of a-z, A-Z, 0-9, '-', '_', '.'".into())
     }
+}
+
+/// A duration in milliseconds: above 0 and at most a day.
+fn bounded_ms(v: Option<u64>, default: u64, field: &str) -> Result<Duration, ConfigError> {
+    match v.unwrap_or(default) {
+        0 => Err(invalid(field, "must be above 0")),
+        n if n > 86_400_000 => Err(invalid(field, "must be at most 86400000 (a day)")),
+        n => Ok(Duration::from_millis(n)),
+    }
+}
+
+/// The built-in deny-list and the configured names, lowercase, each a valid header name.
+fn drop_request_headers(extra: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let field = "upstream.drop_request_headers";
+    let mut names: Vec<String> = DROPPED_REQUEST_HEADERS.map(String::from).to_vec();
+    for name in extra.unwrap_or_default() {
+        let name = name.trim().to_ascii_lowercase();
+        let token = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+        if name.is_empty() || name.len() > 128 || !name.chars().all(token) {
+            return Err(invalid(
+                field,
+                format!("'{name}' is not a header name (1 to 128 of a-z, 0-9 and !#$%&'*+-.^_`|~)"),
+            ));
+        }
+        if matches!(name.as_str(), "content-type" | "content-length" | "host") {
+            return Err(invalid(
+                field,
+                format!("'{name}' is needed to forward a request"),
+            ));
+        }
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    Ok(names)
 }
 
 /// A URL with its password, if any, replaced by `***`, for messages.
@@ -995,6 +1104,92 @@ mod tests {
             ..Default::default()
         });
         assert!(e.starts_with("admin_listen:"), "{e}");
+    }
+
+    #[test]
+    fn timeouts_and_dropped_headers_have_defaults_and_layers() {
+        let c = Config::try_from(RawSettings::default()).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.upstream.idle_read_timeout, Duration::from_secs(60));
+        assert_eq!(
+            c.upstream.drop_request_headers,
+            DROPPED_REQUEST_HEADERS.to_vec()
+        );
+
+        let raw: RawSettings = toml::from_str(
+            "header_read_timeout_ms = 5000\nbody_read_timeout_ms = 7000\nshutdown_grace_ms = 100\n\
+             [upstream]\nidle_read_timeout_ms = 9000\ndrop_request_headers = [\"X-Tenant\", \"cookie\"]\n",
+        )
+        .unwrap();
+        let env = env_of(&[
+            ("TIERGATE_HEADER_READ_TIMEOUT_MS", "6000"),
+            ("TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS", "x-a, X-B"),
+        ]);
+        let c = Config::try_from(raw.clone()).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(5));
+        assert_eq!(c.body_read_timeout, Duration::from_secs(7));
+        assert_eq!(c.shutdown_grace, Duration::from_millis(100));
+        assert_eq!(c.upstream.idle_read_timeout, Duration::from_secs(9));
+        // Added to the built-in list, lowercase, once each.
+        assert!(c
+            .upstream
+            .drop_request_headers
+            .ends_with(&["x-tenant".to_string()]));
+        assert_eq!(
+            c.upstream.drop_request_headers.len(),
+            DROPPED_REQUEST_HEADERS.len() + 1
+        );
+        let c = Config::try_from(raw.overlay(RawSettings::from_env(&env))).unwrap();
+        assert_eq!(c.header_read_timeout, Duration::from_secs(6));
+        assert!(c
+            .upstream
+            .drop_request_headers
+            .ends_with(&["x-a".into(), "x-b".into()]));
+        assert!(c
+            .upstream
+            .drop_request_headers
+            .contains(&"openai-organization".into()));
+    }
+
+    #[test]
+    fn invalid_timeouts_and_header_names_name_the_field() {
+        let bad = |raw: RawSettings| Config::try_from(raw).unwrap_err().to_string();
+        let e = bad(RawSettings {
+            header_read_timeout_ms: Some(0),
+            ..Default::default()
+        });
+        assert!(e.starts_with("header_read_timeout_ms:"), "{e}");
+        let e = bad(RawSettings {
+            body_read_timeout_ms: Some(86_400_001),
+            ..Default::default()
+        });
+        assert!(e.starts_with("body_read_timeout_ms:"), "{e}");
+        let e = bad(RawSettings {
+            shutdown_grace_ms: Some(0),
+            ..Default::default()
+        });
+        assert!(e.starts_with("shutdown_grace_ms:"), "{e}");
+        let upstream = |u: RawUpstream| RawSettings {
+            upstream: u,
+            ..Default::default()
+        };
+        let e = bad(upstream(RawUpstream {
+            idle_read_timeout_ms: Some(0),
+            ..Default::default()
+        }));
+        assert!(e.starts_with("upstream.idle_read_timeout_ms:"), "{e}");
+        for name in ["", "bad header", "x:y", "content-length", "Host"] {
+            let e = bad(upstream(RawUpstream {
+                drop_request_headers: Some(vec![name.into()]),
+                ..Default::default()
+            }));
+            assert!(
+                e.starts_with("upstream.drop_request_headers:"),
+                "{name:?}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -2,15 +2,24 @@
 //!
 //! # The rule
 //! - **Prompt**: `ceil(characters / 4)` of every text the request sends (message contents,
-//!   `prompt`, `suffix`, embedding `input`), plus 4 per chat message and 3 for the reply's framing.
-//!   Four characters per token is the usual average for English text with BPE tokenizers.
+//!   `prompt`, `suffix`, embedding `input`; for `/v1/responses`, `instructions` and `input`, a
+//!   string or a list of items with text content), plus 4 per chat message or input item and 3
+//!   for the reply's framing. Four characters per token is the usual average for English text
+//!   with BPE tokenizers.
 //! - **Completion**, per choice (`n`, default 1):
 //!   `min(max_tokens, recent)`, where `recent` is the largest completion among the last
 //!   `history` (16) that this workspace got for this model, or `default_completion_tokens` (256)
 //!   before there is any. Without `max_tokens` it is `recent`. Embeddings have no completion.
+//!   (`max_completion_tokens` stands for `max_tokens` in chat, `max_output_tokens` in responses.)
 //! - **Reserved** = prompt + completion, capped by the smallest token limit of the workspace
 //!   (so a request whose prompt fits always can get in). Never all of `max_tokens` by default:
 //!   reserving the worst case is what makes other platforms answer 429 at a fraction of the limit.
+//!
+//! # Bounds
+//! A model name is the client's to choose: one longer than [`MAX_MODEL_NAME_BYTES`] is refused
+//! (`400`), and the estimator remembers at most [`MAX_MODELS_PER_WORKSPACE`] models per
+//! workspace (a new one replaces the one seen least recently), so a client cycling through
+//! made-up names cannot grow its memory.
 //!
 //! The estimate only decides admission. Every request is settled to the usage the upstream
 //! reports, so an under-estimate is corrected at once (the bucket may go into debt) and an
@@ -24,6 +33,11 @@ use serde_json::Value;
 use crate::limiter::{Nanos, TokenCost};
 use crate::model::WorkspaceId;
 
+/// The longest model name a metered request may give, in bytes.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+/// The most models whose completion sizes are remembered per workspace.
+pub const MAX_MODELS_PER_WORKSPACE: usize = 64;
+
 /// The metered routes, by what their body looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -31,17 +45,44 @@ pub enum Endpoint {
     Completions,
     FimCompletions,
     Embeddings,
+    Responses,
 }
 
 impl Endpoint {
-    pub fn of_path(path: &str) -> Option<Endpoint> {
-        match path {
-            "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
-            "/v1/completions" => Some(Endpoint::Completions),
-            "/v1/fim/completions" => Some(Endpoint::FimCompletions),
-            "/v1/embeddings" => Some(Endpoint::Embeddings),
-            _ => None,
+    const ALL: [Endpoint; 5] = [
+        Endpoint::ChatCompletions,
+        Endpoint::Completions,
+        Endpoint::FimCompletions,
+        Endpoint::Embeddings,
+        Endpoint::Responses,
+    ];
+
+    /// The route's path, as forwarded.
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/v1/chat/completions",
+            Endpoint::Completions => "/v1/completions",
+            Endpoint::FimCompletions => "/v1/fim/completions",
+            Endpoint::Embeddings => "/v1/embeddings",
+            Endpoint::Responses => "/v1/responses",
         }
+    }
+
+    /// The metered route of a normalised path, in any letter case (an upstream that ignores
+    /// case must not be reached unmetered by `/v1/Chat/Completions`).
+    pub fn of_path(path: &str) -> Option<Endpoint> {
+        Endpoint::ALL
+            .into_iter()
+            .find(|e| e.path().eq_ignore_ascii_case(path))
+    }
+
+    /// Whether the route takes `stream_options.include_usage` (the Responses API has no such
+    /// option: its final event always carries the usage).
+    pub fn takes_stream_options(self) -> bool {
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::FimCompletions
+        )
     }
 }
 
@@ -79,6 +120,11 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, String> 
         .ok_or("the request body must be a JSON object")?;
     let model = match obj.get("model") {
         None | Some(Value::Null) => None,
+        Some(Value::String(m)) if m.len() > MAX_MODEL_NAME_BYTES => {
+            return Err(format!(
+                "'model' must be at most {MAX_MODEL_NAME_BYTES} bytes long"
+            ))
+        }
         Some(Value::String(m)) => Some(m.clone()),
         Some(_) => return Err("'model' must be a string".into()),
     };
@@ -107,11 +153,30 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, String> 
             };
             text_tokens(chars)
         }
+        Endpoint::Responses => {
+            let input = obj.get("input").ok_or("'input' is required")?;
+            let instructions = obj.get("instructions").map(content_chars).unwrap_or(0);
+            let (chars, items) = match input {
+                Value::String(s) => (s.chars().count(), 1),
+                Value::Array(items) => (
+                    items
+                        .iter()
+                        .map(|i| i.get("content").map(content_chars).unwrap_or(0))
+                        .sum(),
+                    items.len(),
+                ),
+                _ => return Err("'input' must be a string or an array of items".into()),
+            };
+            text_tokens(chars + instructions) + 4 * items as u64 + 3
+        }
     };
-    let max_tokens = obj
-        .get("max_tokens")
-        .or_else(|| obj.get("max_completion_tokens"))
-        .and_then(Value::as_u64);
+    let max_tokens = match endpoint {
+        Endpoint::Responses => obj.get("max_output_tokens"),
+        _ => obj
+            .get("max_tokens")
+            .or_else(|| obj.get("max_completion_tokens")),
+    }
+    .and_then(Value::as_u64);
     let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let client_wants_usage = obj
         .get("stream_options")
@@ -190,10 +255,20 @@ impl Estimator {
         }
     }
 
-    /// Records a completion's size as reported by the upstream (per choice).
+    /// Records a completion's size as reported by the upstream (per choice). A workspace's
+    /// models beyond `MAX_MODELS_PER_WORKSPACE` replace the one seen least recently.
     pub fn observe(&self, workspace: WorkspaceId, model: &str, completion_tokens: u64, now: Nanos) {
         let mut shard = self.shard(workspace);
         let models = shard.entry(workspace).or_default();
+        if !models.contains_key(model) && models.len() >= MAX_MODELS_PER_WORKSPACE {
+            let oldest = models
+                .iter()
+                .min_by_key(|(_, h)| h.last_seen)
+                .map(|(m, _)| m.clone());
+            if let Some(oldest) = oldest {
+                models.remove(&oldest);
+            }
+        }
         let h = match models.get_mut(model) {
             Some(h) => h,
             None => models.entry(model.to_string()).or_default(),
@@ -262,6 +337,77 @@ mod tests {
         assert_eq!(est.estimate(1, &info).estimate, 3 + 20);
         est.evict_idle(100, 50);
         assert_eq!(est.estimate(1, &info).estimate, 3 + 256);
+    }
+
+    #[test]
+    fn responses_are_estimated_from_input_instructions_and_max_output_tokens() {
+        let e = inspect(
+            Endpoint::Responses,
+            &json!({"model": "m", "input": "12345678", "instructions": "abcd",
+                    "max_output_tokens": 7, "max_tokens": 900, "stream": true}),
+        )
+        .unwrap();
+        // 12 chars -> 3, one item -> 4, framing 3.
+        assert_eq!(e.prompt_tokens, 3 + 4 + 3);
+        assert_eq!((e.max_tokens, e.stream, e.completes), (Some(7), true, true));
+        let e = inspect(
+            Endpoint::Responses,
+            &json!({"input": [
+                {"role": "user", "content": "abcd"},
+                {"type": "message", "role": "user",
+                 "content": [{"type": "input_text", "text": "efgh"}, {"type": "input_image"}]},
+                {"type": "function_call_output", "call_id": "c", "output": "{}"}
+            ]}),
+        )
+        .unwrap();
+        assert_eq!(e.prompt_tokens, 2 + 3 * 4 + 3);
+        assert_eq!(e.max_tokens, None);
+        assert!(inspect(Endpoint::Responses, &json!({"model": "m"})).is_err());
+        assert!(inspect(Endpoint::Responses, &json!({"input": 5})).is_err());
+    }
+
+    #[test]
+    fn metered_paths_match_in_any_case_and_only_metered_routes() {
+        assert_eq!(
+            Endpoint::of_path("/v1/Chat/COMPLETIONS"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            Endpoint::of_path("/v1/responses"),
+            Some(Endpoint::Responses)
+        );
+        assert_eq!(Endpoint::of_path("/v1/responses/resp_1"), None);
+        assert_eq!(Endpoint::of_path("/v1/models"), None);
+        assert!(!Endpoint::Responses.takes_stream_options());
+    }
+
+    #[test]
+    fn model_names_are_bounded_in_length_and_in_number() {
+        let long = "m".repeat(MAX_MODEL_NAME_BYTES + 1);
+        let e = inspect(
+            Endpoint::ChatCompletions,
+            &json!({"model": long, "messages": []}),
+        )
+        .unwrap_err();
+        assert!(e.contains("256"), "{e}");
+        let fits = "m".repeat(MAX_MODEL_NAME_BYTES);
+        assert!(inspect(
+            Endpoint::ChatCompletions,
+            &json!({"model": fits, "messages": []})
+        )
+        .is_ok());
+
+        let est = Estimator::new(256, 16);
+        est.observe(1, "kept", 10, 0);
+        for i in 0..1000u64 {
+            est.observe(1, &format!("made-up-{i}"), 5, 1 + i);
+        }
+        est.observe(1, "kept", 10, 5000);
+        let tracked = est.shard(1).get(&1).map_or(0, HashMap::len);
+        assert_eq!(tracked, MAX_MODELS_PER_WORKSPACE);
+        // The least recently seen went first; the one seen last is still there.
+        let info = chat(json!({"model": "kept", "messages": []}));
+        assert_eq!(est.estimate(1, &info).estimate, 3 + 10);
     }
 
     #[test]

@@ -88,6 +88,8 @@ struct ServeArgs {
     #[command(flatten)]
     redis: RedisArgs,
     #[command(flatten)]
+    timeouts: TimeoutArgs,
+    #[command(flatten)]
     store: StoreArgs,
 }
 
@@ -116,6 +118,23 @@ struct AuditArgs {
     limit: Option<i64>,
     #[command(flatten)]
     store: StoreArgs,
+}
+
+#[derive(Args, Clone, Default)]
+struct TimeoutArgs {
+    /// A request's head must arrive whole within this, in ms; it also closes a kept-alive
+    /// connection idle this long (default 30000).
+    #[arg(long, env = "TIERGATE_HEADER_READ_TIMEOUT_MS")]
+    header_read_timeout_ms: Option<u64>,
+    /// A request's body must arrive whole within this, in ms, from its head (default 60000).
+    #[arg(long, env = "TIERGATE_BODY_READ_TIMEOUT_MS")]
+    body_read_timeout_ms: Option<u64>,
+    /// On stop, how long requests in flight may take to finish, in ms (default 20000).
+    #[arg(long, env = "TIERGATE_SHUTDOWN_GRACE_MS")]
+    shutdown_grace_ms: Option<u64>,
+    /// The longest an upstream's body may stay silent, in ms (default 60000).
+    #[arg(long, env = "TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS")]
+    upstream_idle_read_timeout_ms: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -391,8 +410,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upstream_api_key,
         admin_token,
         redis,
+        timeouts,
         store,
     } = args;
+    let TimeoutArgs {
+        header_read_timeout_ms,
+        body_read_timeout_ms,
+        shutdown_grace_ms,
+        upstream_idle_read_timeout_ms,
+    } = timeouts;
     let RedisArgs {
         redis,
         redis_cluster,
@@ -407,6 +433,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         admin_listen,
         database: store.database,
         admin_token,
+        header_read_timeout_ms,
+        body_read_timeout_ms,
+        shutdown_grace_ms,
         redis,
         redis_cluster: redis_cluster.then_some(true),
         redis_timeout_ms,
@@ -417,6 +446,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upstream: RawUpstream {
             url: upstream,
             api_key: upstream_api_key,
+            idle_read_timeout_ms: upstream_idle_read_timeout_ms,
             ..RawUpstream::default()
         },
         ..RawSettings::default()

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub upstream_unreachable: AtomicU64,
     pub upstream_auth_failures: AtomicU64,
     pub upstream_timeouts: AtomicU64,
+    /// Streams and downloads given up because the upstream went silent mid-body.
+    pub upstream_idle_timeouts: AtomicU64,
     pub refunds: AtomicU64,
     pub tokens_estimated: AtomicU64,
     pub tokens_settled: AtomicU64,
@@ -127,8 +129,13 @@ impl Metrics {
         );
         counter(
             "tiergate_upstream_timeouts_total",
-            "Upstream timeouts (504).",
+            "Upstream timeouts answered 504: no headers in time, or a JSON or error body not whole in time.",
             get(&self.upstream_timeouts),
+        );
+        counter(
+            "tiergate_upstream_idle_timeouts_total",
+            "Streams and downloads ended because the upstream sent nothing for upstream.idle_read_timeout_ms.",
+            get(&self.upstream_idle_timeouts),
         );
         counter(
             "tiergate_refunds_total",

@@ -11,6 +11,8 @@
 //! | `POST /v1/completions` | `text_completion` with `choices[].text`; `prompt` is a string or an array of strings |
 //! | `POST /v1/fim/completions` | `chat.completion` (what Mistral answers); `prompt` plus optional `suffix` |
 //! | `POST /v1/embeddings` | one embedding of 8 floats per `input` (a string or an array of strings); usage has `completion_tokens: 0` |
+//! | `POST /v1/agents/completions` | as `/v1/chat/completions` (Mistral's Agents API, which names an `agent_id` instead of a `model`): a route a gateway passes through unmetered, whose answer still reports usage |
+//! | `POST /v1/responses` | OpenAI Responses API: a `response` object with one `message` output item of `output_text`, and `usage` `{input_tokens, input_tokens_details, output_tokens, output_tokens_details, total_tokens}`; `input` is a string or an array of items whose `content` is a string or `{"type":"input_text","text":...}` parts; `instructions` optional; `max_output_tokens` instead of `max_tokens` (see Streaming); `stream_options.include_usage`, which that API does not have, answers 400 |
 //! | `GET /v1/models` | OpenAI list of `mistral-small-latest`, `mistral-large-latest`, `codestral-latest` |
 //! | `GET /v1/files/{id}/content` | `application/octet-stream`, 4 chunks of 16 KiB (`a…`, `b…`, `c…`, `d…`), `x-mock-latency-ms` apart |
 //! | `GET /mock/requests` | `{"count": N}`: requests received so far, the `/mock/*` routes excluded |
@@ -30,10 +32,14 @@
 //!   ([`prompt_tokens_of`]): `"Hello, world!"` costs 2 + 2 = 4.
 //! - `prompt_tokens` is the sum of that over every message content (each text part of an array
 //!   content), **plus 3 per chat message**; over every prompt string and the FIM `suffix`; over
-//!   every embeddings input.
+//!   every embeddings input. `/v1/responses` reports it as `input_tokens`: `instructions`, plus
+//!   the `input` string, or 3 per input item plus its content's texts.
 //! - Each choice replies `min(max_tokens, 16)` words (`max_completion_tokens` when `max_tokens` is
-//!   absent, 16 without either), cycling `mock token stream lorem ipsum dolor sit amet`, each word
-//!   followed by one space. `finish_reason` is `"length"` when the limit is below 16, else `"stop"`.
+//!   absent, 16 without either; `max_output_tokens` on `/v1/responses`), cycling
+//!   `mock token stream lorem ipsum dolor sit amet`, each word followed by one space.
+//!   `finish_reason` is `"length"` when the limit is below 16, else `"stop"` (a response's
+//!   `status` is then `"incomplete"`, with `incomplete_details.reason: "max_output_tokens"`,
+//!   else `"completed"`).
 //! - `completion_tokens` is the reply length times `n` when `n > 1` (`n` choices);
 //!   `total_tokens = prompt_tokens + completion_tokens`.
 //!
@@ -51,6 +57,12 @@
 //!   usage comes just before `[DONE]` (OpenAI behaviour);
 //! - with the header `x-mock-stream-usage: last-chunk` the last `finish_reason` chunk carries the
 //!   usage and no extra event is sent, whatever `stream_options` says (Mistral behaviour).
+//!
+//! `/v1/responses` with `"stream": true` streams OpenAI's typed events, each
+//! `event: TYPE\ndata: {"type": TYPE, "sequence_number": N, ...}\n\n`: `response.created`
+//! (the response `in_progress`, `usage: null`), one `response.output_text.delta` per word,
+//! `response.output_text.done`, then `response.completed` (or `response.incomplete`) whose
+//! `response` carries the usage; there is no `[DONE]`.
 //!
 //! Each event is a separate body chunk. Streams wait the latency before the first event, then
 //! latency / 16 between events (no wait at all without latency).
@@ -75,7 +87,9 @@
 //! | `x-mock-usage: P,C` | report `prompt_tokens` P and `completion_tokens` C exactly; each choice is C words long (embeddings use P only) |
 //! | `x-mock-latency-ms: N` | wait N ms, on top of [`MockConfig::latency`], before answering (streams: before the first event) |
 //! | `x-mock-no-usage: 1` | no usage: `usage` omitted from JSON answers, always `null` in streams |
-//! | `x-mock-fail-after-chunks: N` | a stream aborts with an I/O error after N content events (after the last one if fewer): the client sees a broken transfer, with no `finish_reason`, usage or `[DONE]` |
+//! | `x-mock-fail-after-chunks: N` | a stream aborts with an I/O error after N content events (after the last one if fewer): the client sees a broken transfer, with no `finish_reason`, usage or `[DONE]` (responses: after N `response.output_text.delta` events, before `response.completed`). A JSON answer (errors included) sends its headers and the first half of its body, then aborts |
+//! | `x-mock-stall-after-chunks: N` | any route but `/mock/*`: the answer's headers and its first N body chunks are sent (a stream's events, a download's chunks; a JSON answer, errors included, is one chunk), then nothing more, the connection held open until the client leaves: a stalled upstream |
+//! | `x-mock-redirect: LOCATION` | any route but `/mock/*`: answer `307 Temporary Redirect` with `Location: LOCATION` and a JSON error body, whatever the request |
 //! | `x-mock-status: CODE` | on the `/v1` routes above, answer CODE (400–599) with a JSON error: 429 is Mistral's `{"object":"error","message":"Upstream rate limit","type":"rate_limited","param":null,"code":"1300"}`, 5xx has `"type":"server_error"`, others `"type":"invalid_request_error"` |
 //! | `x-mock-echo-headers: 1` | every JSON object answered (errors and stream chunks included) gets a top-level `"received_headers"`: request header name (lowercase) → value, repeated headers joined with `", "` |
 //! | `x-mock-stream-usage: last-chunk` | usage in the last `finish_reason` chunk (see Streaming) |
@@ -83,7 +97,8 @@
 //! | `x-mock-tag: NAME` | count the request under `NAME` (see Statistics per tag); any route |
 //!
 //! Flags take `1`/`true` or `0`/`false`; an unparsable control answers 400 naming the header.
-//! Checks run in this order: controls, `x-mock-status`, body (400), `stream_options` (422).
+//! Checks run in this order: `x-mock-redirect`, controls, `x-mock-status`, body (400),
+//! `stream_options` (422).
 //!
 //! Every answer carries `x-mock-request-count` (requests received by this router so far, this
 //! one included; the `/mock/*` routes are not counted) and `x-ratelimit-limit-requests: 999`, a
@@ -135,6 +150,8 @@ const REQUESTS_PATH: &str = "/mock/requests";
 const STATS_PATH: &str = "/mock/stats";
 const STATS_RESET_PATH: &str = "/mock/stats/reset";
 const TAG_HEADER: &str = "x-mock-tag";
+const STALL_HEADER: &str = "x-mock-stall-after-chunks";
+const REDIRECT_HEADER: &str = "x-mock-redirect";
 
 /// Settings of a mock upstream.
 #[derive(Debug, Clone, Default)]
@@ -156,6 +173,8 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/completions", post(text_completions))
         .route("/v1/fim/completions", post(fim_completions))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/responses", post(responses))
+        .route("/v1/agents/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/files/{id}/content", get(file_content))
         .route(REQUESTS_PATH, get(request_count))
@@ -289,6 +308,40 @@ impl HttpBody for TrackedBody {
     }
 }
 
+/// An answer's body that passes on its first `left` frames, then never another: a stalled
+/// upstream. The connection stays open until the client goes away.
+struct StalledBody {
+    body: Body,
+    left: usize,
+}
+
+impl HttpBody for StalledBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        if self.left == 0 {
+            return Poll::Pending;
+        }
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(cx));
+        if matches!(frame, Some(Ok(_))) {
+            self.left -= 1;
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.left > 0 && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 async fn count_requests(
     State(state): State<SharedState>,
     request: Request,
@@ -300,19 +353,47 @@ async fn count_requests(
     } else {
         state.requests.fetch_add(1, Ordering::Relaxed) + 1
     };
+    let shaping = if control_route {
+        Ok((None, None))
+    } else {
+        let stall = control(request.headers(), STALL_HEADER, |v| v.parse::<usize>().ok());
+        let redirect = control(request.headers(), REDIRECT_HEADER, |v| {
+            HeaderValue::from_str(v).ok()
+        });
+        stall.and_then(|stall| redirect.map(|redirect| (stall, redirect)))
+    };
+    let (stall, redirect) = match shaping {
+        Ok(shaping) => shaping,
+        Err(error) => return error.into_response(),
+    };
+    let answer = |request: Request| async move {
+        match redirect {
+            Some(location) => {
+                let error = ApiError::new(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    "invalid_request_error",
+                    "Moved",
+                );
+                let mut response = error.into_response();
+                response.headers_mut().insert(header::LOCATION, location);
+                response
+            }
+            None => next.run(request).await,
+        }
+    };
     let mut response = if control_route {
-        next.run(request).await
+        answer(request).await
     } else {
         let tag = control(request.headers(), TAG_HEADER, |tag| {
             (!tag.is_empty()).then(|| tag.to_owned())
         });
         match tag {
             Err(error) => error.into_response(),
-            Ok(None) => next.run(request).await,
+            Ok(None) => answer(request).await,
             Ok(Some(tag)) => {
                 let counters = state.tags().entry(tag).or_default().clone();
                 let in_flight = counters.arrive();
-                next.run(request).await.map(|body| {
+                answer(request).await.map(|body| {
                     Body::new(TrackedBody {
                         body,
                         in_flight: Some(in_flight),
@@ -321,6 +402,9 @@ async fn count_requests(
             }
         }
     };
+    if let Some(chunks) = stall {
+        response = response.map(|body| Body::new(StalledBody { body, left: chunks }));
+    }
     let headers = response.headers_mut();
     headers.insert("x-mock-request-count", HeaderValue::from(count));
     headers.insert(
@@ -444,7 +528,29 @@ impl Controls {
 
     fn reply(&self, status: StatusCode, mut body: Value) -> Response {
         self.decorate(&mut body);
-        (status, Json(body)).into_response()
+        if self.fail_after_chunks.is_none() {
+            return (status, Json(body)).into_response();
+        }
+        // A JSON answer that breaks: its headers and the first half of its body, then an error.
+        let bytes = serde_json::to_vec(&body).expect("JSON values serialize");
+        let half = Bytes::copy_from_slice(&bytes[..bytes.len() / 2]);
+        let chunks: Vec<io::Result<Bytes>> = vec![
+            Ok(half),
+            Err(io::Error::other("mock upstream aborted the answer")),
+        ];
+        let body = stream::iter(chunks).then(|chunk| async move {
+            if chunk.is_err() {
+                // Lets hyper flush the first half before the error tears the connection down.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            chunk
+        });
+        (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            Body::from_stream(body),
+        )
+            .into_response()
     }
 
     fn fail(&self, error: ApiError) -> Response {
@@ -1018,6 +1124,192 @@ async fn embeddings(State(state): State<SharedState>, controls: Controls, body: 
     json_answer(&state, &controls, result).await
 }
 
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ResponsesInput {
+    Text(String),
+    Items(Vec<ResponsesItem>),
+}
+
+#[derive(Deserialize)]
+struct ResponsesItem {
+    content: Option<MessageContent>,
+}
+
+#[derive(Deserialize)]
+struct ResponsesRequest {
+    #[serde(default = "default_model")]
+    model: String,
+    input: Option<ResponsesInput>,
+    instructions: Option<String>,
+    max_output_tokens: Option<u64>,
+    stream: Option<bool>,
+}
+
+impl ResponsesRequest {
+    /// `instructions`, plus `input`: a string, or 3 per item plus its content's texts.
+    fn input_tokens(&self) -> u64 {
+        let input = match &self.input {
+            None => 0,
+            Some(ResponsesInput::Text(text)) => prompt_tokens_of(text),
+            Some(ResponsesInput::Items(items)) => items
+                .iter()
+                .map(|item| {
+                    TOKENS_PER_MESSAGE + item.content.as_ref().map_or(0, MessageContent::tokens)
+                })
+                .sum(),
+        };
+        input + self.instructions.as_deref().map_or(0, prompt_tokens_of)
+    }
+}
+
+/// An answer of the OpenAI Responses API.
+struct ModelResponse {
+    id: String,
+    message_id: String,
+    created: u64,
+    model: String,
+    words: u64,
+    incomplete: bool,
+    usage: Option<Usage>,
+}
+
+impl ModelResponse {
+    fn new(state: &MockState, controls: &Controls, request: &ResponsesRequest) -> Self {
+        let (words, incomplete) = match (controls.usage, request.max_output_tokens) {
+            (Some((_, completion)), _) => (completion, false),
+            (None, Some(limit)) if limit < DEFAULT_REPLY_WORDS => (limit, true),
+            (None, _) => (DEFAULT_REPLY_WORDS, false),
+        };
+        let n = state.next_id();
+        Self {
+            id: format!("resp_mock_{n}"),
+            message_id: format!("msg_mock_{n}"),
+            created: unix_now(),
+            model: request.model.clone(),
+            words,
+            incomplete,
+            usage: controls.usage_or(Usage::new(request.input_tokens(), words)),
+        }
+    }
+
+    fn status(&self) -> &'static str {
+        if self.incomplete {
+            "incomplete"
+        } else {
+            "completed"
+        }
+    }
+
+    /// The response object; `done: false` is the one of `response.created` (no output yet).
+    fn body(&self, done: bool) -> Value {
+        let text: String = reply_words(self.words).collect();
+        let output = if done {
+            json!([{
+                "type": "message",
+                "id": self.message_id,
+                "status": self.status(),
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }])
+        } else {
+            json!([])
+        };
+        let usage = self.usage.filter(|_| done).map(|u| {
+            json!({
+                "input_tokens": u.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": u.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": u.total_tokens,
+            })
+        });
+        json!({
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": if done { self.status() } else { "in_progress" },
+            "incomplete_details": if done && self.incomplete {
+                json!({"reason": "max_output_tokens"})
+            } else {
+                Value::Null
+            },
+            "model": self.model,
+            "output": output,
+            "usage": usage,
+        })
+    }
+
+    /// `response.created`, one `response.output_text.delta` per word, `response.output_text.done`,
+    /// then `response.completed` (or `response.incomplete`) with the usage; no `[DONE]`.
+    fn events(&self, controls: &Controls) -> Vec<io::Result<Bytes>> {
+        let mut sequence = 0u64;
+        let mut event = |kind: &str, mut data: Value| {
+            data["type"] = json!(kind);
+            data["sequence_number"] = json!(sequence);
+            sequence += 1;
+            controls.decorate(&mut data);
+            Ok(Bytes::from(format!("event: {kind}\ndata: {data}\n\n")))
+        };
+        let mut events = vec![event(
+            "response.created",
+            json!({"response": self.body(false)}),
+        )];
+        let words: Vec<String> = reply_words(self.words).collect();
+        for (i, word) in words.iter().enumerate() {
+            if controls.fail_after_chunks == Some(i as u64) {
+                events.push(Err(io::Error::other("mock upstream aborted the stream")));
+                return events;
+            }
+            events.push(event(
+                "response.output_text.delta",
+                json!({"item_id": self.message_id, "output_index": 0, "content_index": 0, "delta": word}),
+            ));
+        }
+        if controls.fail_after_chunks.is_some() {
+            events.push(Err(io::Error::other("mock upstream aborted the stream")));
+            return events;
+        }
+        events.push(event(
+            "response.output_text.done",
+            json!({"item_id": self.message_id, "output_index": 0, "content_index": 0,
+                   "text": words.concat()}),
+        ));
+        let last = if self.incomplete {
+            "response.incomplete"
+        } else {
+            "response.completed"
+        };
+        events.push(event(last, json!({"response": self.body(true)})));
+        events
+    }
+}
+
+async fn responses(State(state): State<SharedState>, controls: Controls, body: Bytes) -> Response {
+    let request = controls
+        .check_status()
+        .and_then(|()| parse_json(&body))
+        .and_then(|json| {
+            if json.pointer("/stream_options/include_usage").is_some() {
+                return Err(ApiError::invalid_request(
+                    "Unknown parameter: 'stream_options.include_usage'.",
+                ));
+            }
+            decode::<ResponsesRequest>(&json)
+        });
+    match request {
+        Ok(request) => {
+            let answer = ModelResponse::new(&state, &controls, &request);
+            if request.stream.unwrap_or(false) {
+                event_stream(answer.events(&controls), controls.delay(&state.config))
+            } else {
+                json_answer(&state, &controls, Ok(answer.body(true))).await
+            }
+        }
+        Err(error) => json_answer(&state, &controls, Err(error)).await,
+    }
+}
+
 async fn models(State(state): State<SharedState>, controls: Controls) -> Response {
     let created = unix_now();
     let result = controls.check_status().map(|()| {
@@ -1450,6 +1742,111 @@ mod tests {
         assert_eq!(body["data"][1]["embedding"].as_array().unwrap().len(), 8);
         assert_eq!(body["usage"]["prompt_tokens"], 4);
         assert_eq!(body["usage"]["total_tokens"], 4);
+    }
+
+    #[tokio::test]
+    async fn responses_answer_in_openai_shapes_with_usage_in_the_final_event() {
+        let addr = start().await;
+        let body = r#"{"model":"gpt-mock","instructions":"Be terse.","max_output_tokens":3,
+            "input":[{"role":"user","content":"Hello, world!"},
+                     {"type":"message","role":"user","content":[{"type":"input_text","text":"Hi"}]}]}"#;
+        let response = send(addr, "POST", "/v1/responses", &[], body).await;
+        assert_eq!(response.status, 200);
+        let v = response.json();
+        assert_eq!(v["object"], "response");
+        assert_eq!(v["status"], "incomplete");
+        assert_eq!(v["output"][0]["content"][0]["text"], "mock token stream ");
+        // instructions 3, items (3 + 4) + (3 + 1).
+        assert_eq!(v["usage"]["input_tokens"], 3 + 7 + 4);
+        assert_eq!(v["usage"]["output_tokens"], 3);
+        assert_eq!(v["usage"]["total_tokens"], 17);
+
+        let body = r#"{"model":"gpt-mock","input":"Hi there","stream":true}"#;
+        let headers = [("x-mock-usage", "5,2")];
+        let response = send(addr, "POST", "/v1/responses", &headers, body).await;
+        assert_eq!(response.header("content-type"), Some("text/event-stream"));
+        assert!(response.complete);
+        let events: Vec<&str> = response
+            .body
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .collect();
+        let kinds: Vec<&str> = events
+            .iter()
+            .map(|e| e.lines().next().unwrap().trim_start_matches("event: "))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "response.created",
+                "response.output_text.delta",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.completed"
+            ]
+        );
+        let last: Value = serde_json::from_str(
+            events[4]
+                .lines()
+                .nth(1)
+                .unwrap()
+                .trim_start_matches("data: "),
+        )
+        .unwrap();
+        assert_eq!(last["sequence_number"], 4);
+        assert_eq!(last["response"]["usage"]["total_tokens"], 7);
+        assert!(!response.body.contains("[DONE]"));
+    }
+
+    #[tokio::test]
+    async fn stalled_answers_send_their_headers_and_then_nothing() {
+        let addr = start().await;
+        let headers = [("x-mock-stall-after-chunks", "2")];
+        let socket = open(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &stream_body(false),
+        )
+        .await;
+        let mut raw = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while tokio::time::timeout_at(deadline, read_some(&socket, &mut raw))
+            .await
+            .unwrap_or(false)
+        {}
+        let text = String::from_utf8(raw).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert_eq!(text.matches("data: ").count(), 2, "{text}");
+
+        // A JSON error whose body never comes.
+        let headers = [("x-mock-stall-after-chunks", "0"), ("x-mock-status", "500")];
+        let socket = open(addr, "POST", "/v1/chat/completions", &headers, CHAT).await;
+        let mut raw = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while tokio::time::timeout_at(deadline, read_some(&socket, &mut raw))
+            .await
+            .unwrap_or(false)
+        {}
+        let text = String::from_utf8(raw).unwrap();
+        assert!(text.starts_with("HTTP/1.1 500"), "{text}");
+        assert!(!text.contains("server_error"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn redirects_and_broken_json_answers_on_request() {
+        let addr = start().await;
+        let headers = [("x-mock-redirect", "/v1/models")];
+        let response = send(addr, "POST", "/v1/chat/completions", &headers, CHAT).await;
+        assert_eq!(response.status, 307);
+        assert_eq!(response.header("location"), Some("/v1/models"));
+
+        let headers = [("x-mock-fail-after-chunks", "0")];
+        let response = send(addr, "POST", "/v1/chat/completions", &headers, CHAT).await;
+        assert_eq!(response.status, 200);
+        assert!(!response.complete);
+        assert!(response.body.starts_with("{\""), "{}", response.body);
     }
 
     async fn stats(addr: SocketAddr, tag: &str) -> TagStats {

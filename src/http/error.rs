@@ -29,12 +29,19 @@ pub enum ApiError {
     Conflict(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// The request's body did not arrive whole within `body_read_timeout_ms`.
+    #[error("The request body did not arrive within {0} ms.")]
+    RequestTimeout(u64),
     #[error("rate limited")]
     Denied(Box<(Denial, Snapshot)>),
     #[error("upstream unreachable")]
     UpstreamUnreachable,
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// The upstream answered but its body did not arrive whole (it broke, or `timed_out`): it
+    /// may have done the work, so the request was settled to its estimate, `charged` tokens.
+    #[error("upstream answer incomplete")]
+    UpstreamIncomplete { timed_out: bool, charged: u64 },
     #[error("the admin API is disabled: no admin token is configured")]
     AdminDisabled,
     #[error("service unavailable")]
@@ -192,6 +199,18 @@ impl IntoResponse for ApiError {
                 None,
                 &msg,
             ),
+            ApiError::RequestTimeout(_) => {
+                let mut r = body(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    None,
+                    &msg,
+                );
+                // The rest of the body may still come: the connection cannot be reused.
+                r.headers_mut()
+                    .insert("connection", HeaderValue::from_static("close"));
+                r
+            }
             ApiError::Denied(d) => denial_response(&d.0, &d.1),
             ApiError::UpstreamUnreachable => body(
                 StatusCode::BAD_GATEWAY,
@@ -205,6 +224,29 @@ impl IntoResponse for ApiError {
                 None,
                 "The upstream API did not answer in time. Nothing was charged; retry later.",
             ),
+            ApiError::UpstreamIncomplete { timed_out, charged } => {
+                let (status, kind, what) = if *timed_out {
+                    (
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        "did not finish its answer in time",
+                    )
+                } else {
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream_error",
+                        "broke off its answer",
+                    )
+                };
+                body(
+                    status,
+                    kind,
+                    Some("upstream_incomplete"),
+                    &format!(
+                        "The upstream API {what}. It may have done the work, so this request was charged its estimate: {charged} tokens. Retry later."
+                    ),
+                )
+            }
             ApiError::Unavailable => body(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "service_unavailable",

@@ -9,6 +9,15 @@ use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::BodyReadTimeout;
+
+/// A body that could not be read: `408` when it came too slowly, else `400`.
+fn unreadable(rejection: &(dyn std::error::Error + 'static), text: String) -> ApiError {
+    match BodyReadTimeout::find(rejection) {
+        Some(limit) => ApiError::RequestTimeout(limit.as_millis() as u64),
+        None => ApiError::BadRequest(text),
+    }
+}
 
 /// The largest JSON body of the admin API and the workspace's own API (the proxy has its own
 /// limit, `max_body_bytes`). Read before the body is parsed, so an oversized body costs no more
@@ -21,7 +30,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     let mut bytes = Vec::new();
     while let Some(chunk) = stream.next().await {
         let chunk =
-            chunk.map_err(|_| ApiError::BadRequest("the request body could not be read".into()))?;
+            chunk.map_err(|e| unreadable(&e, "the request body could not be read".into()))?;
         if bytes.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(limit));
         }

@@ -18,9 +18,14 @@ pub mod serve;
 pub mod views;
 pub mod workspace;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, OriginalUri, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
 use axum::http::{header, HeaderMap, Method, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{any, get, post};
@@ -85,6 +90,10 @@ fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         // Bodies are read with a limit by the handlers themselves, so that an oversized body
         // gets our JSON 413 rather than axum's plain text.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::map_request_with_state(
+            state.clone(),
+            body_deadline,
+        ))
         .with_state(state)
 }
 
@@ -105,6 +114,81 @@ async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
 
 async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}.", shown_path(&uri)))
+}
+
+/// Gives every request's body the deadline `body_read_timeout`, counted from now (its head has
+/// just been read): a client that sends its body too slowly gets `408` from the handler that
+/// reads it, and its connection is closed.
+async fn body_deadline(State(state): State<Arc<AppState>>, request: Request) -> Request {
+    let deadline = tokio::time::Instant::now() + state.config.body_read_timeout;
+    request.map(|body| {
+        Body::new(TimedBody {
+            body,
+            deadline,
+            timer: None,
+            limit: state.config.body_read_timeout,
+        })
+    })
+}
+
+/// The error of a body that did not arrive whole in time.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {} ms", .0.as_millis())]
+pub struct BodyReadTimeout(pub Duration);
+
+impl BodyReadTimeout {
+    /// The timeout, if `error` or any error it wraps is a body read timeout.
+    pub fn find(error: &(dyn std::error::Error + 'static)) -> Option<Duration> {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(timeout) = e.downcast_ref::<BodyReadTimeout>() {
+                return Some(timeout.0);
+            }
+            next = e.source();
+        }
+        None
+    }
+}
+
+/// A request body that fails with `BodyReadTimeout` once its deadline passes. The timer is
+/// made only when the body has to be waited for (not for an empty body, or one already whole).
+struct TimedBody {
+    body: Body,
+    deadline: tokio::time::Instant,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    limit: Duration,
+}
+
+impl http_body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            return Poll::Ready(frame);
+        }
+        let deadline = self.deadline;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                Poll::Ready(Some(Err(axum::Error::new(BodyReadTimeout(self.limit)))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {

@@ -1,9 +1,19 @@
-//! The proxy: authenticate, read and inspect the body, reserve, forward, settle.
+//! The proxy: authenticate, normalise the path, read and inspect the body, reserve, forward,
+//! settle.
 //!
-//! Metered routes (`/v1/chat/completions`, `/v1/completions`, `/v1/fim/completions`,
-//! `/v1/embeddings`) reserve an estimate of their tokens; every other `/v1/*` route is passed
-//! through as a request that reserves no tokens but is still settled from the usage in its
-//! answer when there is one, so no route escapes the token limits.
+//! Metered routes (`POST` on `/v1/chat/completions`, `/v1/completions`, `/v1/fim/completions`,
+//! `/v1/embeddings`, `/v1/responses`) reserve an estimate of their tokens; every other `/v1/*`
+//! route is passed through as a request that reserves no tokens but is still settled from the
+//! usage in its answer when there is one, so no route escapes the token limits. Usage is read
+//! wherever the known APIs put it: a top-level `usage` with `prompt_tokens`/`completion_tokens`
+//! or `input_tokens`/`output_tokens` (and `total_tokens`), or `response.usage` (the Responses
+//! API's stream events, such as `response.completed`).
+//!
+//! What reaches the upstream is what was metered: the path is normalised before it is matched
+//! (percent-decoding, empty and dot segments; see `normalise_path`) and the normalised path is
+//! forwarded, never the raw one; redirects are not followed (the client gets the 3xx); the
+//! client's key and the headers of the deny-list (`upstream.drop_request_headers`, e.g.
+//! `OpenAI-Organization`) are not forwarded.
 //!
 //! Settlement happens exactly once per admitted request, through `Settlement`:
 //! - a JSON answer is read whole and settled to its `usage` (the estimate when it has none);
@@ -11,13 +21,25 @@
 //!   usage-only chunk the gateway asked for on the client's behalf is removed;
 //! - an upstream that fails before producing anything (unreachable, timeout, its own 429/4xx/5xx)
 //!   is refunded;
-//! - a stream that breaks, or whose client goes away, is never refunded: the gateway keeps
-//!   reading for up to `upstream.usage_drain_ms` to learn the real usage, else settles the
-//!   estimate. Dropping a `Settlement` without finishing it settles the estimate.
+//! - a stream that breaks, or whose client goes away, is never refunded once it has delivered
+//!   something: the gateway keeps reading for up to `upstream.usage_drain_ms` to learn the real
+//!   usage, else settles the estimate. Dropping a `Settlement` without finishing it settles the
+//!   estimate.
+//!
+//! No upstream body may stall the gateway: a body silent for `upstream.idle_read_timeout_ms`
+//! is given up (as is a JSON or error body not whole by `upstream.timeout_secs`). A stream then
+//! ends broken for the client and is settled as one that broke (refunded only if it had
+//! delivered nothing); an error body is answered `504` and refunded; a JSON body is answered
+//! `504` (or `502` when it broke) and charged its estimate, and the message says so.
+//!
+//! Every settlement, and every drain after a client left, runs as a task of the gateway's
+//! `TaskTracker` (`AppState::tasks`): a stop waits for them before the last ledger flush.
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -25,7 +47,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode}
 use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
-use futures_util::{FutureExt, Stream, StreamExt};
+use futures_util::{Future, FutureExt, Stream, StreamExt};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -80,13 +102,85 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::PayloadTooLarge(limit));
     }
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge(limit))
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        match super::BodyReadTimeout::find(&e) {
+            Some(timeout) => ApiError::RequestTimeout(timeout.as_millis() as u64),
+            // Over the limit (or the client went away, and sees no answer).
+            None => ApiError::PayloadTooLarge(limit),
+        }
+    })
+}
+
+/// The path to match and to forward: each segment percent-decoded, empty (`//`, a trailing
+/// `/`) and `.` segments dropped, `..` applied, then each segment percent-encoded again in one
+/// canonical way. `Err` says what cannot be normalised: an invalid escape, a segment that is not
+/// UTF-8, or that holds `/`, `\`, `;` or a control character once decoded (servers disagree on
+/// what those mean), a `..` above the root, or a path that leaves `/v1/`.
+pub fn normalise_path(raw: &str) -> Result<String, &'static str> {
+    let mut segments: Vec<String> = Vec::new();
+    for segment in raw.split('/') {
+        let decoded = percent_decode(segment)?;
+        if decoded.contains(['/', '\\', ';']) || decoded.chars().any(char::is_control) {
+            return Err("a segment holds '/', '\\', ';' or a control character");
+        }
+        match decoded.as_str() {
+            "" | "." => {}
+            ".." => {
+                segments.pop().ok_or("'..' climbs above the root")?;
+            }
+            _ => segments.push(decoded),
+        }
+    }
+    if segments.len() < 2 || segments[0] != "v1" {
+        return Err("it is not a route under /v1/");
+    }
+    let mut path = String::with_capacity(raw.len());
+    for segment in &segments {
+        path.push('/');
+        percent_encode(segment, &mut path);
+    }
+    Ok(path)
+}
+
+fn percent_decode(segment: &str) -> Result<String, &'static str> {
+    if !segment.contains('%') {
+        return Ok(segment.to_string());
+    }
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3).ok_or("an incomplete '%' escape")?;
+            let hex = std::str::from_utf8(hex).map_err(|_| "an invalid '%' escape")?;
+            out.push(u8::from_str_radix(hex, 16).map_err(|_| "an invalid '%' escape")?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| "a segment that is not UTF-8 once decoded")
+}
+
+/// Appends `segment` with every byte but the unreserved ones and `!$&'()*+,=:@` escaped.
+fn percent_encode(segment: &str, out: &mut String) {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    for &b in segment.as_bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~!$&'()*+,=:@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+        }
+    }
 }
 
 /// The request as it will be sent, with what the gateway learnt from it.
 struct Prepared {
+    /// The path to forward: the metered route's own spelling, or the normalised path.
+    path: String,
     body: Bytes,
     info: Option<RequestInfo>,
     /// The gateway asked for stream usage on the client's behalf: remove the usage-only chunk.
@@ -96,13 +190,14 @@ struct Prepared {
 fn prepare(
     state: &AppState,
     method: &Method,
-    path: &str,
+    path: String,
     body: Bytes,
 ) -> Result<Prepared, ApiError> {
-    let endpoint = match Endpoint::of_path(path) {
+    let endpoint = match Endpoint::of_path(&path) {
         Some(e) if method == Method::POST => e,
         _ => {
             return Ok(Prepared {
+                path,
                 body,
                 info: None,
                 strip_usage_chunk: false,
@@ -112,8 +207,10 @@ fn prepare(
     let mut json: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("The request body is not valid JSON: {e}")))?;
     let info = inspect(endpoint, &json).map_err(ApiError::BadRequest)?;
-    let ask_usage =
-        info.stream && !info.client_wants_usage && state.config.upstream.request_stream_usage;
+    let ask_usage = info.stream
+        && !info.client_wants_usage
+        && endpoint.takes_stream_options()
+        && state.config.upstream.request_stream_usage;
     let body = if ask_usage {
         let obj = json
             .as_object_mut()
@@ -130,6 +227,7 @@ fn prepare(
         body
     };
     Ok(Prepared {
+        path: endpoint.path().to_string(),
         body,
         info: Some(info),
         strip_usage_chunk: ask_usage,
@@ -143,8 +241,10 @@ async fn forward(
     workspace: Arc<WorkspaceEntry>,
     request_id: &str,
 ) -> Result<Response, ApiError> {
+    let path = normalise_path(parts.uri.path()).map_err(|m| {
+        ApiError::BadRequest(format!("The request path cannot be normalised: {m}."))
+    })?;
     let body = read_body(state, &parts.headers, body).await?;
-    let path = parts.uri.path();
     let prepared = prepare(state, &parts.method, path, body)?;
     let ws_id = workspace.workspace.id;
     let cost = match &prepared.info {
@@ -229,33 +329,65 @@ fn is_hop_or_gateway_response_header(name: &HeaderName) -> bool {
         || n.starts_with("ratelimit")
 }
 
+/// Why an upstream body was not read whole.
+enum ReadFailure {
+    /// Silent for the idle-read timeout, or not whole by the deadline.
+    TimedOut,
+    Broke(reqwest::Error),
+}
+
+/// Reads a whole (JSON or error) body, by `deadline`, never waiting more than `idle` for the
+/// next chunk.
+async fn read_whole(
+    upstream: reqwest::Response,
+    deadline: tokio::time::Instant,
+    idle: Duration,
+) -> Result<Bytes, ReadFailure> {
+    let mut body = upstream.bytes_stream();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    loop {
+        let by = deadline.min(tokio::time::Instant::now() + idle);
+        match tokio::time::timeout_at(by, body.next()).await {
+            Err(_) => return Err(ReadFailure::TimedOut),
+            Ok(None) => break,
+            Ok(Some(Ok(chunk))) => chunks.push(chunk),
+            Ok(Some(Err(e))) => return Err(ReadFailure::Broke(e)),
+        }
+    }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().expect("one chunk"),
+        _ => Bytes::from(chunks.concat()),
+    })
+}
+
 async fn send(
     state: &Arc<AppState>,
     parts: &axum::http::request::Parts,
     prepared: Prepared,
     settlement: Settlement,
 ) -> Result<Response, ApiError> {
-    let base = state
-        .config
-        .upstream
-        .url
-        .as_ref()
-        .ok_or(ApiError::Unavailable)?;
+    let upstream_config = &state.config.upstream;
+    let base = upstream_config.url.as_ref().ok_or(ApiError::Unavailable)?;
     let mut url = base.clone();
     url.set_path(&format!(
         "{}{}",
         base.path().trim_end_matches('/'),
-        parts.uri.path()
+        prepared.path
     ));
     url.set_query(parts.uri.query());
 
     let mut headers = HeaderMap::with_capacity(parts.headers.len() + 2);
     for (name, value) in &parts.headers {
-        if !is_hop_or_gateway_request_header(name) {
+        let dropped = upstream_config
+            .drop_request_headers
+            .iter()
+            .any(|d| d == name.as_str());
+        if !dropped && !is_hop_or_gateway_request_header(name) {
             headers.append(name.clone(), value.clone());
         }
     }
-    if let Some(key) = &state.config.upstream.api_key {
+    if let Some(key) = &upstream_config.api_key {
         if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
             headers.insert(header::AUTHORIZATION, v);
         }
@@ -266,7 +398,8 @@ async fn send(
         HeaderValue::from_static("identity"),
     );
 
-    let deadline = tokio::time::Instant::now() + state.config.upstream.timeout;
+    let deadline = tokio::time::Instant::now() + upstream_config.timeout;
+    let idle = upstream_config.idle_read_timeout;
     let request = state
         .client
         .request(parts.method.clone(), url)
@@ -317,85 +450,117 @@ async fn send(
         return Err(ApiError::UpstreamUnreachable);
     }
     if !status.is_success() {
-        // The upstream's own refusal or failure: passed on as it came, and nothing is charged.
+        // The upstream's own refusal or failure (or a redirect, which is not followed): passed
+        // on as it came, and nothing is charged.
         if status == StatusCode::TOO_MANY_REQUESTS {
             Metrics::inc(&state.metrics.upstream_rate_limited);
         } else if status.is_server_error() {
             Metrics::inc(&state.metrics.upstream_server_errors);
         }
-        let body = upstream.bytes().await.unwrap_or_default();
+        let body = read_whole(upstream, deadline, idle).await;
         settlement.refund().await;
-        return builder
-            .body(Body::from(body))
-            .map_err(|_| ApiError::Internal);
+        return match body {
+            Ok(body) => builder
+                .body(Body::from(body))
+                .map_err(|_| ApiError::Internal),
+            Err(ReadFailure::TimedOut) => {
+                Metrics::inc(&state.metrics.upstream_timeouts);
+                tracing::warn!(%status, "the upstream's error body did not arrive in time");
+                Err(ApiError::UpstreamTimeout)
+            }
+            Err(ReadFailure::Broke(e)) => {
+                tracing::warn!(%status, error = %e, "the upstream's error body broke");
+                Err(ApiError::UpstreamUnreachable)
+            }
+        };
     }
 
     if is_stream || !is_json {
-        let stream = MeteredStream {
-            upstream: upstream.bytes_stream().boxed(),
-            scanner: is_stream.then(|| SseScanner::new(prepared.strip_usage_chunk)),
-            settlement: Some(settlement),
-            settling: None,
-            tail: None,
-            done: false,
-        };
+        let stream = MeteredStream::new(
+            state.clone(),
+            upstream.bytes_stream().boxed(),
+            is_stream.then(|| SseScanner::new(prepared.strip_usage_chunk)),
+            settlement,
+        );
         return builder
             .body(Body::from_stream(stream))
             .map_err(|_| ApiError::Internal);
     }
 
     // A JSON answer must arrive whole within the same deadline as its headers.
-    let body = match tokio::time::timeout_at(deadline, upstream.bytes()).await {
-        Ok(body) => body,
-        Err(_) => {
-            Metrics::inc(&state.metrics.upstream_timeouts);
-            drop(settlement);
-            return Err(ApiError::UpstreamTimeout);
-        }
-    };
-    match body {
+    match read_whole(upstream, deadline, idle).await {
         Ok(body) => {
-            let usage = serde_json::from_slice::<WithUsage>(&body)
-                .ok()
-                .and_then(|w| w.usage);
-            settlement.finish(usage).await;
+            settlement.finish(usage_of_json(&body)).await;
             builder
                 .body(Body::from(body))
                 .map_err(|_| ApiError::Internal)
         }
-        Err(e) => {
-            // The upstream started answering and may have charged: settle the estimate.
-            tracing::warn!(error = %e, "upstream body failed");
-            drop(settlement);
-            Err(ApiError::UpstreamUnreachable)
+        Err(failure) => {
+            // The upstream started answering and may have done the work: settle the estimate,
+            // and say so.
+            let timed_out = matches!(failure, ReadFailure::TimedOut);
+            match failure {
+                ReadFailure::TimedOut => {
+                    Metrics::inc(&state.metrics.upstream_timeouts);
+                    tracing::warn!("the upstream's answer did not arrive whole in time");
+                }
+                ReadFailure::Broke(e) => tracing::warn!(error = %e, "upstream body failed"),
+            }
+            let charged = settlement.estimate();
+            settlement.finish(None).await;
+            Err(ApiError::UpstreamIncomplete { timed_out, charged })
         }
     }
 }
 
+/// Token counts as the known APIs report them: `prompt_tokens`/`completion_tokens` (chat,
+/// completions, embeddings) or `input_tokens`/`output_tokens` (responses), with `total_tokens`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 struct UsageJson {
     prompt_tokens: Option<u64>,
     completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
     total_tokens: Option<u64>,
 }
 
 impl UsageJson {
     fn total(&self) -> u64 {
         self.total_tokens.unwrap_or_else(|| {
-            self.prompt_tokens.unwrap_or(0) + self.completion_tokens.unwrap_or(0)
+            let prompt = self.prompt_tokens.or(self.input_tokens).unwrap_or(0);
+            prompt.saturating_add(self.completion().unwrap_or(0))
         })
+    }
+
+    fn completion(&self) -> Option<u64> {
+        self.completion_tokens.or(self.output_tokens)
     }
 }
 
 #[derive(Deserialize)]
-struct WithUsage {
+struct NestedUsage {
     usage: Option<UsageJson>,
 }
 
+/// An answer or a stream event, with its usage at the top level or under `response`.
 #[derive(Deserialize)]
-struct StreamChunk {
+struct WithUsage {
     usage: Option<UsageJson>,
+    response: Option<NestedUsage>,
     choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+impl WithUsage {
+    fn usage(&self) -> Option<UsageJson> {
+        self.usage
+            .or_else(|| self.response.as_ref().and_then(|r| r.usage))
+    }
+}
+
+fn usage_of_json(body: &[u8]) -> Option<UsageJson> {
+    serde_json::from_slice::<WithUsage>(body)
+        .ok()
+        .and_then(|w| w.usage())
 }
 
 /// Settles one reservation exactly once; dropping it unfinished settles the estimate.
@@ -439,6 +604,11 @@ impl Settlement {
         )
     }
 
+    /// The tokens reserved: what settling the estimate charges.
+    fn estimate(&self) -> u64 {
+        self.reservation.as_ref().map_or(0, |r| r.held.tokens)
+    }
+
     /// Frees the concurrency slot at once (the client went away); tokens settle later.
     async fn release_slot(&mut self) {
         if let Some(r) = self.reservation.as_mut() {
@@ -451,30 +621,37 @@ impl Settlement {
     async fn refund(mut self) {
         Metrics::inc(&self.state.metrics.refunds);
         if let Some(f) = self.take(Outcome::Refund) {
-            run_to_completion(f).await
+            run_to_completion(&self.state, f).await
         }
     }
 
     async fn finish(mut self, usage: Option<UsageJson>) {
         let outcome = usage.map_or(Outcome::Estimate, Outcome::Usage);
         if let Some(f) = self.take(outcome) {
-            run_to_completion(f).await
+            run_to_completion(&self.state, f).await
         }
     }
 }
 
-/// Runs a settlement as a task of its own and waits for it: if the request's future is dropped
-/// meanwhile (its client went away), the settlement still completes.
-async fn run_to_completion(settling: BoxFuture<'static, ()>) {
-    let _ = tokio::spawn(settling).await;
+/// Runs a settlement as a tracked task of its own and waits for it: if the request's future is
+/// dropped meanwhile (its client went away), the settlement still completes, and a stop waits
+/// for it.
+async fn run_to_completion(state: &AppState, settling: BoxFuture<'static, ()>) {
+    let _ = state.tasks.spawn(settling).await;
+}
+
+/// Spawns `work` as a task the gateway waits for when it stops; outside a runtime (the process
+/// is ending) there is nothing to run it on.
+fn spawn_tracked(state: &AppState, work: impl Future<Output = ()> + Send + 'static) {
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        state.tasks.spawn_on(work, &handle);
+    }
 }
 
 impl Drop for Settlement {
     fn drop(&mut self) {
         if let Some(f) = self.take(Outcome::Estimate) {
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(f);
-            }
+            spawn_tracked(&self.state, f);
         }
     }
 }
@@ -492,7 +669,7 @@ async fn settle(
     let ws = reservation.workspace;
     let actual = match outcome {
         Outcome::Usage(u) => {
-            if let Some(c) = u.completion_tokens {
+            if let Some(c) = u.completion() {
                 state.estimator.observe(ws, &model, c / choices.max(1), now);
             }
             u.total()
@@ -601,40 +778,103 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
         .map(str::trim)
         .collect();
     let data = data.join("\n");
-    let Ok(chunk) = serde_json::from_str::<StreamChunk>(&data) else {
+    let Ok(chunk) = serde_json::from_str::<WithUsage>(&data) else {
         return true;
     };
-    let Some(found) = chunk.usage else {
+    let Some(found) = chunk.usage() else {
         return true;
     };
     *usage = Some(found);
-    let usage_only = chunk.choices.is_some_and(|c| c.is_empty());
+    let usage_only = chunk.usage.is_some() && chunk.choices.is_some_and(|c| c.is_empty());
     !(strip_usage_chunk && usage_only)
 }
 
 /// The body of a streamed answer: passes events on as they come and settles when it ends.
 /// Without a scanner (an answer that is neither JSON nor events) bytes pass through untouched.
+/// An upstream silent for `idle_for` ends it as broken.
 struct MeteredStream {
+    state: Arc<AppState>,
     upstream: BoxStream<'static, reqwest::Result<Bytes>>,
     scanner: Option<SseScanner>,
     settlement: Option<Settlement>,
     settling: Option<BoxFuture<'static, ()>>,
     tail: Option<Bytes>,
     done: bool,
+    /// Bytes were passed on to the client: the stream is never refunded.
+    delivered: bool,
+    idle_for: Duration,
+    /// Armed when the upstream has nothing to give, from that moment; disarmed by a chunk.
+    /// (A client slow to read is not the upstream's silence: the clock only runs while the
+    /// gateway waits for the upstream.)
+    idle: Pin<Box<tokio::time::Sleep>>,
+    idle_armed: bool,
 }
 
 impl MeteredStream {
-    fn start_settling(&mut self) {
+    fn new(
+        state: Arc<AppState>,
+        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        scanner: Option<SseScanner>,
+        settlement: Settlement,
+    ) -> Self {
+        let idle_for = state.config.upstream.idle_read_timeout;
+        MeteredStream {
+            state,
+            upstream,
+            scanner,
+            settlement: Some(settlement),
+            settling: None,
+            tail: None,
+            done: false,
+            delivered: false,
+            idle_for,
+            idle: Box::pin(tokio::time::sleep(idle_for)),
+            idle_armed: false,
+        }
+    }
+
+    fn start_settling(&mut self, without_usage: Outcome) {
         if let Some(mut s) = self.settlement.take() {
             let usage = self.scanner.as_ref().and_then(|s| s.usage);
-            let outcome = usage.map_or(Outcome::Estimate, Outcome::Usage);
+            let outcome = usage.map_or(without_usage, Outcome::Usage);
+            if matches!(outcome, Outcome::Refund) {
+                Metrics::inc(&self.state.metrics.refunds);
+            }
             self.settling = s.take(outcome);
         }
+    }
+
+    /// The upstream broke or went silent: settle (a stream that delivered nothing is refunded,
+    /// one that did is not), let go of the upstream, and end the client's answer as broken.
+    fn give_up(
+        &mut self,
+        cx: &mut Context<'_>,
+        why: &'static str,
+    ) -> Poll<Option<io::Result<Bytes>>> {
+        self.done = true;
+        self.tail = None;
+        self.upstream = futures_util::stream::empty().boxed();
+        let without_usage = if self.delivered {
+            Outcome::Estimate
+        } else {
+            Outcome::Refund
+        };
+        self.start_settling(without_usage);
+        if let Some(f) = self.settling.as_mut() {
+            if f.as_mut().poll(cx).is_pending() {
+                // Finish settling in the background; the client sees the break now.
+                let f = self.settling.take().expect("just checked");
+                spawn_tracked(&self.state, f);
+            } else {
+                self.settling = None;
+            }
+        }
+        Poll::Ready(Some(Err(io::Error::other(why))))
     }
 }
 
 impl Stream for MeteredStream {
-    type Item = Result<Bytes, std::io::Error>;
+    type Item = io::Result<Bytes>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -649,37 +889,41 @@ impl Stream for MeteredStream {
                 return Poll::Ready(this.tail.take().filter(|b| !b.is_empty()).map(Ok));
             }
             match this.upstream.poll_next_unpin(cx) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if !this.idle_armed {
+                        this.idle_armed = true;
+                        let until = tokio::time::Instant::now() + this.idle_for;
+                        this.idle.as_mut().reset(until);
+                    }
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        Metrics::inc(&this.state.metrics.upstream_idle_timeouts);
+                        tracing::warn!(
+                            idle_ms = this.idle_for.as_millis() as u64,
+                            "upstream stream went silent; giving up on it"
+                        );
+                        return this.give_up(cx, "upstream stream went silent");
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Some(Ok(chunk))) => {
+                    this.idle_armed = false;
                     let out = match this.scanner.as_mut() {
                         Some(scanner) => scanner.feed(&chunk),
                         None => chunk,
                     };
                     if !out.is_empty() {
+                        this.delivered = true;
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    // The upstream broke mid-stream: what was delivered is not refunded.
                     tracing::warn!(error = %e, "upstream stream broke");
-                    this.done = true;
-                    this.start_settling();
-                    this.tail = None;
-                    if let Some(f) = this.settling.as_mut() {
-                        if f.as_mut().poll(cx).is_pending() {
-                            // Finish settling in the background; the client sees the break now.
-                            let f = this.settling.take().expect("just checked");
-                            tokio::spawn(f);
-                        } else {
-                            this.settling = None;
-                        }
-                    }
-                    return Poll::Ready(Some(Err(std::io::Error::other("upstream stream broke"))));
+                    return this.give_up(cx, "upstream stream broke");
                 }
                 Poll::Ready(None) => {
                     this.done = true;
                     this.tail = this.scanner.as_mut().map(SseScanner::finish);
-                    this.start_settling();
+                    this.start_settling(Outcome::Estimate);
                 }
             }
         }
@@ -689,7 +933,7 @@ impl Stream for MeteredStream {
 impl Drop for MeteredStream {
     fn drop(&mut self) {
         if let Some(f) = self.settling.take() {
-            tokio::spawn(f);
+            spawn_tracked(&self.state, f);
         }
         let Some(mut settlement) = self.settlement.take() else {
             return;
@@ -698,11 +942,8 @@ impl Drop for MeteredStream {
         let mut upstream =
             std::mem::replace(&mut self.upstream, futures_util::stream::empty().boxed());
         let scanner = self.scanner.take();
-        let drain = settlement.state.config.upstream.usage_drain;
-        let Ok(handle) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        handle.spawn(async move {
+        let drain = self.state.config.upstream.usage_drain;
+        spawn_tracked(&self.state, async move {
             settlement.release_slot().await;
             let Some(mut scanner) = scanner else {
                 // Nothing to read usage from: settle the estimate.
@@ -729,6 +970,89 @@ impl Drop for MeteredStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalised_one_way() {
+        for (raw, normal) in [
+            ("/v1/chat/completions", "/v1/chat/completions"),
+            ("/v1/chat/completions/", "/v1/chat/completions"),
+            ("//v1//chat///completions//", "/v1/chat/completions"),
+            ("/v1/%63hat/%63ompletions", "/v1/chat/completions"),
+            ("/v1/./chat/x/../completions/.", "/v1/chat/completions"),
+            ("/v1/%2E%2e/v1/models", "/v1/models"),
+            (
+                "/v1/files/file%20one/content",
+                "/v1/files/file%20one/content",
+            ),
+            ("/v1/files/caf%C3%A9", "/v1/files/caf%C3%A9"),
+            ("/v1/files/café", "/v1/files/caf%C3%A9"),
+            ("/v1/a:b@c!$&'()*+,=", "/v1/a:b@c!$&'()*+,="),
+            ("/v1/x%3fy%23z", "/v1/x%3Fy%23z"),
+        ] {
+            assert_eq!(normalise_path(raw).as_deref(), Ok(normal), "{raw}");
+        }
+        for raw in [
+            "/v1/chat%2fcompletions",
+            "/v1/a%5Cb",
+            "/v1/a;b",
+            "/v1/%",
+            "/v1/%4",
+            "/v1/%g0",
+            "/v1/%ff",
+            "/v1/%0a",
+            "/v1/..",
+            "/v1/../..",
+            "/v1/../admin/v1/keys",
+            "/v2/chat/completions",
+            "/v1",
+        ] {
+            assert!(normalise_path(raw).is_err(), "{raw}");
+        }
+    }
+
+    #[test]
+    fn usage_is_read_wherever_the_known_apis_put_it() {
+        let total = |body: &str| usage_of_json(body.as_bytes()).map(|u| u.total());
+        assert_eq!(
+            total(r#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#),
+            Some(7)
+        );
+        assert_eq!(
+            total(r#"{"usage":{"input_tokens":5,"output_tokens":6,"total_tokens":11}}"#),
+            Some(11)
+        );
+        assert_eq!(
+            total(r#"{"usage":{"input_tokens":5,"output_tokens":6}}"#),
+            Some(11)
+        );
+        assert_eq!(
+            total(
+                r#"{"object":"response","response":{"usage":{"input_tokens":1,"output_tokens":2}}}"#
+            ),
+            Some(3)
+        );
+        assert_eq!(total(r#"{"usage":null}"#), None);
+        assert_eq!(total(r#"{"choices":[]}"#), None);
+        let observed = usage_of_json(br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#).unwrap();
+        assert_eq!(observed.completion(), Some(6));
+        // Both namings at once (some compatible servers send both) read as one.
+        assert_eq!(
+            total(
+                r#"{"usage":{"prompt_tokens":2,"input_tokens":2,"completion_tokens":3,"output_tokens":3}}"#
+            ),
+            Some(5)
+        );
+
+        // The Responses API's stream: usage under `response` in `response.completed`, after a
+        // `response.created` whose usage is null; nothing is removed.
+        let mut s = SseScanner::new(true);
+        let created = s.feed(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n");
+        assert!(!created.is_empty());
+        assert!(s.usage.is_none());
+        let done = s.feed(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n");
+        assert!(!done.is_empty());
+        assert_eq!(s.usage.unwrap().total(), 13);
+    }
 
     #[test]
     fn scanner_reads_usage_and_strips_only_the_usage_only_chunk() {

@@ -1,11 +1,36 @@
 //! Serving an `App` over HTTP: the main listener, and the admin listener when there is one,
-//! until shutdown; then the app's own shutdown (background tasks stopped, ledger flushed). This
-//! is `App`'s HTTP side, kept here so that `app` knows no axum.
+//! until shutdown; then the app's own shutdown (settlements waited for, background tasks
+//! stopped, ledger flushed). This is `App`'s HTTP side, kept here so that `app` knows no axum.
+//!
+//! Each listener accepts connections and serves its router on each with hyper's HTTP/1 server.
+//!
+//! `axum::serve` applies no timeout to a client that sends its request slowly, so a client that
+//! trickles its headers (slowloris) holds a connection for ever. Here each connection gets:
+//! - `header_read_timeout`: the request's head must arrive whole within it (hyper closes the
+//!   connection otherwise). hyper starts that clock whenever it waits for a head, so it also
+//!   closes a kept-alive connection left idle that long;
+//! - `TCP_NODELAY`: without it a response written as headers then body waits for the client's
+//!   delayed ACK (about 40 ms) on every kept-alive request, and stream chunks are held back.
+//!
+//! The body's deadline (`body_read_timeout`) is applied by the router (`TimedBody`, in `mod.rs`),
+//! so the handler that reads a body answers `408` itself.
+//!
+//! Shutdown: once `shutdown` completes, the listener closes, idle connections close, and every
+//! connection finishes the request it is serving (streams included) and then closes. Those
+//! still open after `grace` are dropped: their requests' futures and bodies are dropped too,
+//! which settles them (see `proxy.rs`).
 
 use std::future::Future;
+use std::time::Duration;
 
+use axum::Router;
 use futures_util::FutureExt;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
 use crate::app::{App, AppError};
 
@@ -15,9 +40,9 @@ impl App {
         super::router(self.state.clone())
     }
 
-    /// Serves on `listener` until `shutdown` completes, then drains and flushes the ledger.
-    /// With `admin_listen` set, also binds it and serves the admin API and `/metrics` there
-    /// only.
+    /// Serves on `listener` until `shutdown` completes, then drains (for at most
+    /// `shutdown_grace`), waits for the settlements, and flushes the ledger. With
+    /// `admin_listen` set, also binds it and serves the admin API and `/metrics` there only.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -40,16 +65,21 @@ impl App {
             (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
             (None, None) => None,
         };
+        let config = &self.state.config;
+        let options = ListenerOptions {
+            header_read_timeout: config.header_read_timeout,
+            shutdown_grace: config.shutdown_grace,
+        };
         let shutdown = shutdown.shared();
         let main = super::main_router(self.state.clone(), admin.is_none());
         match admin {
-            None => serve_listener(listener, main, shutdown).await?,
+            None => serve(listener, main, options, shutdown).await,
             Some(admin) => {
                 let operator = super::admin_router(self.state.clone());
-                tokio::try_join!(
-                    serve_listener(listener, main, shutdown.clone()),
-                    serve_listener(admin, operator, shutdown),
-                )?;
+                tokio::join!(
+                    serve(listener, main, options, shutdown.clone()),
+                    serve(admin, operator, options, shutdown),
+                );
             }
         }
         self.shutdown().await;
@@ -57,21 +87,97 @@ impl App {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` completes, letting requests in flight finish.
-async fn serve_listener(
+/// What the listener applies to every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ListenerOptions {
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then drains the connections for
+/// at most `options.shutdown_grace`.
+pub async fn serve(
     listener: TcpListener,
-    router: axum::Router,
+    router: Router,
+    options: ListenerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Without TCP_NODELAY, a response written as headers then body waits for the client's
-    // delayed ACK (about 40 ms) on every kept-alive request, and stream chunks are held back.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+) {
+    let (stop, stopping) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let tcp = match accepted {
+                    Ok((tcp, _)) => tcp,
+                    Err(e) => {
+                        accept_failed(e).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "could not set TCP_NODELAY");
+                }
+                let service = TowerToHyperService::new(router.clone());
+                let mut stopping = stopping.clone();
+                connections.spawn(async move {
+                    let mut builder = http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(options.header_read_timeout);
+                    let connection = builder.serve_connection(TokioIo::new(tcp), service);
+                    let mut connection = std::pin::pin!(connection);
+                    tokio::select! {
+                        result = connection.as_mut() => {
+                            if let Err(e) = result {
+                                tracing::debug!(error = %e, "connection ended with an error");
+                            }
+                            return;
+                        }
+                        _ = stopping.wait_for(|stop| *stop) => {
+                            connection.as_mut().graceful_shutdown();
+                        }
+                    }
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            // Reaps finished connections, so that the set holds only open ones.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            () = &mut shutdown => break,
         }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    let open = connections.len();
+    if open > 0 {
+        tracing::info!(open, "stopping: waiting for requests in flight");
+    }
+    let drained = tokio::time::timeout(options.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            open = connections.len(),
+            grace_ms = options.shutdown_grace.as_millis() as u64,
+            "closing connections still open after the shutdown grace"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// An accept error: a connection that failed before it was accepted is skipped; anything else
+/// (out of file descriptors) is logged and retried after a pause, as `axum::serve` does.
+async fn accept_failed(e: std::io::Error) {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionRefused | ConnectionAborted | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accept failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
 }

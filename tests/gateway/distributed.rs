@@ -10,6 +10,7 @@ use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
 use crate::harness::TestGateway;
+use crate::process::Process;
 use crate::support::redis::{cluster_seeds, redis_cli, shared_redis, RedisServer};
 
 /// A chat request whose estimate equals what the mock reports: prompt 9 by the estimate rule
@@ -624,52 +625,6 @@ async fn the_redis_servers_for_several_instances_answer() {
     }
 }
 
-/// A `tiergate serve` process of its own, so that it can be killed with SIGKILL.
-struct Process {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Process {
-    async fn start(db: &str, redis: &str, upstream: &str) -> Process {
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--database", db, "--redis", redis, "--upstream", upstream])
-            .args(["--admin-token", crate::harness::ADMIN])
-            .env("TIERGATE_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let url = format!("http://127.0.0.1:{port}");
-        let client = Client::new();
-        eventually(Duration::from_secs(20), || async {
-            client
-                .get(format!("{url}/healthz"))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK)
-        })
-        .await;
-        Process { child, url }
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().unwrap(); // SIGKILL
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// SIGKILL a gateway in the middle of a stream, then flush Redis: the month's usage is what the
 /// upstream reported for every request that finished more than one ledger flush interval before
 /// the kill, nothing counts twice, and the month limit still holds to the token.
@@ -686,7 +641,7 @@ async fn a_killed_gateway_and_a_flushed_redis_lose_nothing_finished_and_count_no
         Some(pg) => pg.url.clone(),
         None => format!("sqlite://{}", dir.path().join("crash.db").display()),
     };
-    let mut first = Process::start(&db, &redis.url(), &mock.url).await;
+    let mut first = Process::start(&db, &mock.url, &["--redis", &redis.url()]).await;
     let client = Client::new();
     let admin = |method: reqwest::Method, path: &str, body: Value| {
         client
@@ -770,7 +725,7 @@ async fn a_killed_gateway_and_a_flushed_redis_lose_nothing_finished_and_count_no
     .await
     .unwrap();
 
-    let second = Process::start(&db, &redis.url(), &mock.url).await;
+    let second = Process::start(&db, &mock.url, &["--redis", &redis.url()]).await;
     let limits: Value = client
         .get(format!("{}/v1/limits", second.url))
         .bearer_auth(&key)

@@ -6,9 +6,13 @@ mod support;
 
 mod admin;
 mod admin_input;
+mod crash;
 mod distributed;
 mod errors;
+mod faults;
 mod harness;
 mod limits;
 mod operator;
+mod process;
+mod routes;
 mod streaming;

@@ -1,0 +1,104 @@
+//! `tiergate serve` as a child process of its own, so that a test can kill it (SIGKILL) or stop
+//! it (SIGTERM) as an operator or the OS would; and a way to read its SQLite ledger afterwards.
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use reqwest::{Client, StatusCode};
+
+use crate::harness::ADMIN;
+
+pub struct Process {
+    child: Child,
+    pub url: String,
+}
+
+impl Process {
+    /// `tiergate serve` on a free loopback port over `database`, in front of `upstream`, with
+    /// the harness's admin token and `args` (more flags); returns once `/healthz` answers.
+    pub async fn start(database: &str, upstream: &str, args: &[&str]) -> Process {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--database", database, "--upstream", upstream])
+            .args(["--admin-token", ADMIN])
+            .args(args)
+            .env("TIERGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{port}");
+        let client = Client::new();
+        let started = Instant::now();
+        loop {
+            let up = client
+                .get(format!("{url}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK);
+            if up {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "tiergate serve did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Process { child, url }
+    }
+
+    /// SIGKILL, as a crash would: nothing is flushed.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, as an operator's stop would.
+    pub fn terminate(&self) {
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: kill(2) on our own child's pid, which has not been waited for yet.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    }
+
+    /// Waits for the process to exit, for at most `within`.
+    pub async fn exited(&mut self, within: Duration) -> ExitStatus {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "the gateway did not exit within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The ledger's events of `workspace` in the SQLite file at `path`: (request id, tokens).
+pub async fn ledger_events(path: &std::path::Path, workspace: i64) -> Vec<(String, i64)> {
+    use sqlx::Row;
+    let url = format!("sqlite://{}?mode=ro", path.display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let rows = sqlx::query("SELECT request_id, tokens FROM usage_events WHERE workspace_id = ?")
+        .bind(workspace)
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    rows.iter()
+        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
+        .collect()
+}

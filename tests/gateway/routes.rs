@@ -1,0 +1,189 @@
+//! No route escapes metering: path variants are metered as the route they name and forwarded in
+//! their normalised form, what cannot be normalised is refused, `/v1/responses` is metered like
+//! chat, and pass-through routes are settled from the usage in their answers.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+const MONTH: u64 = 1_000_000;
+
+async fn setup() -> (TestGateway, String) {
+    TestGateway::on_tier(json!({"tokens_per_minute": 100_000, "tokens_per_month": MONTH})).await
+}
+
+#[tokio::test]
+async fn path_variants_are_metered_as_their_route_and_forwarded_normalised() {
+    let (gw, key) = setup().await;
+    let auth = format!("Bearer {key}");
+    let invalid = r#"{"model":"m","messages":"nope"}"#;
+    let valid = serde_json::to_string(&hello()).unwrap();
+    let variants = [
+        "/v1/chat/completions/",
+        "/v1//chat/completions",
+        "/v1/chat//completions//",
+        "/v1/%63hat/completions",
+        "/v1/./chat/completions",
+        "/v1/chat/completions/.",
+        "/v1/x/../chat/completions",
+        "/v1/%2e%2E/v1/chat/completions",
+        "/v1/Chat/COMPLETIONS",
+    ];
+    for path in variants {
+        // Metered: a body the estimate cannot read is the gateway's own 400, never forwarded.
+        let before = gw.upstream_count().await;
+        let headers = [("authorization", auth.as_str())];
+        let (status, body) = raw_request(&gw.url, "POST", path, &headers, invalid).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body.contains("'messages' must be an array"),
+            "{path}: {body}"
+        );
+        assert_eq!(gw.upstream_count().await, before, "{path} was forwarded");
+        // Forwarded as the route itself: the upstream answers a chat completion.
+        let headers = [
+            ("authorization", auth.as_str()),
+            ("content-type", "application/json"),
+            ("x-mock-usage", "3,4"),
+        ];
+        let (status, body) = raw_request(&gw.url, "POST", path, &headers, &valid).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["object"], "chat.completion", "{path}: {v}");
+    }
+    let limits = gw.limits(&key).await;
+    assert_eq!(
+        limits["usage"]["tokens_this_month"],
+        7 * variants.len() as u64,
+        "each settled from its usage"
+    );
+    assert_eq!(
+        gw.exact_usage(&key).await["requests_this_month"],
+        variants.len() as u64
+    );
+}
+
+#[tokio::test]
+async fn paths_that_cannot_be_normalised_are_refused_in_the_gateway_error_shape() {
+    let (gw, key) = setup().await;
+    let auth = format!("Bearer {key}");
+    let body = serde_json::to_string(&hello()).unwrap();
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1/chat%5ccompletions",
+        "/v1/chat/completions;v=1",
+        "/v1/%zz/completions",
+        "/v1/chat/completions%",
+        "/v1/%e2%28%a1",
+        "/v1/%00/completions",
+        "/v1/../../etc/passwd",
+        "/v1/../admin/v1/workspaces",
+        "/v1/..",
+        "/v1/./",
+    ] {
+        let headers = [("authorization", auth.as_str())];
+        let (status, answer) = raw_request(&gw.url, "POST", path, &headers, &body).await;
+        assert_eq!(status, 400, "{path}: {answer}");
+        let v: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(v["object"], "error", "{path}: {v}");
+        assert_eq!(v["type"], "invalid_request_error", "{path}: {v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("cannot be normalised"),
+            "{path}: {v}"
+        );
+    }
+    assert_eq!(gw.upstream_count().await, 0);
+}
+
+#[tokio::test]
+async fn responses_are_metered_like_chat_json_and_streamed() {
+    let (gw, key) = setup().await;
+    // 25 characters: 7 tokens, one item: 4, framing: 3; completion min(50, 256).
+    let body =
+        json!({"model": "gpt-mock", "input": "Hello there, how are you?", "max_output_tokens": 50});
+    let r = gw
+        .post(&key, "/v1/responses", body, &[("x-mock-usage", "11,6")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        MONTH - header_u64(&r, "x-ratelimit-remaining-tokens-month"),
+        14 + 50,
+        "reserved from input and max_output_tokens"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["object"], "response");
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 17);
+
+    // A stream: usage under `response.usage` in `response.completed`. The gateway does not add
+    // `stream_options.include_usage`, which the Responses API does not take.
+    let body = json!({"model": "gpt-mock", "stream": true,
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}]});
+    let r = gw
+        .post(&key, "/v1/responses", body, &[("x-mock-usage", "9,4")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("event: response.completed"), "{text}");
+    assert!(
+        text.contains("\"total_tokens\":13"),
+        "passed on untouched: {text}"
+    );
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 17 + 13);
+
+    // A stream that breaks before `response.completed`: charged its estimate.
+    let body = json!({"model": "gpt-mock", "stream": true, "input": "Hi", "max_output_tokens": 5});
+    let r = gw
+        .post(
+            &key,
+            "/v1/responses",
+            body,
+            &[("x-mock-fail-after-chunks", "2")],
+        )
+        .await;
+    let estimate = (MONTH - 30) - header_u64(&r, "x-ratelimit-remaining-tokens-month");
+    assert!(r.text().await.is_err(), "the client sees the break");
+    assert_eq!(estimate, 1 + 4 + 3 + 5);
+    assert_eq!(
+        gw.settled_month_tokens(&key).await,
+        30 + estimate,
+        "a stream that delivered something is never refunded"
+    );
+}
+
+#[tokio::test]
+async fn pass_through_routes_reserve_nothing_but_settle_from_the_usage_in_their_answer() {
+    let (gw, key) = setup().await;
+    let agents = json!({"agent_id": "ag_1", "messages": [{"role": "user", "content": "Hi"}]});
+    let r = gw
+        .post(
+            &key,
+            "/v1/agents/completions",
+            agents.clone(),
+            &[("x-mock-usage", "5,3")],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header_u64(&r, "x-ratelimit-remaining-tokens-month"),
+        MONTH,
+        "nothing reserved"
+    );
+    r.bytes().await.unwrap();
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 8);
+
+    // Streamed, with the usage on the last chunk (Mistral's way).
+    let mut body = agents;
+    body["stream"] = json!(true);
+    let h = [
+        ("x-mock-usage", "6,2"),
+        ("x-mock-stream-usage", "last-chunk"),
+    ];
+    let r = gw.post(&key, "/v1/agents/completions", body, &h).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap();
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 16);
+}
