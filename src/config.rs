@@ -111,6 +111,9 @@ pub struct RawUpstream {
 pub struct RawEstimate {
     pub default_completion_tokens: Option<u64>,
     pub history: Option<usize>,
+    /// The largest `max_tokens` (or `max_completion_tokens`, `max_output_tokens`) a metered
+    /// request may ask for; above it, `400`.
+    pub max_tokens_limit: Option<u64>,
 }
 
 impl RawSettings {
@@ -229,6 +232,7 @@ impl RawSettings {
                     .default_completion_tokens
                     .or(self.estimate.default_completion_tokens),
                 history: estimate.history.or(self.estimate.history),
+                max_tokens_limit: estimate.max_tokens_limit.or(self.estimate.max_tokens_limit),
             },
             tiers: merged_tiers,
         }
@@ -266,6 +270,7 @@ pub const DROPPED_REQUEST_HEADERS: [&str; 5] = [
 pub struct EstimateConfig {
     pub default_completion_tokens: u64,
     pub history: usize,
+    pub max_tokens_limit: u64,
 }
 
 /// What the shared limiter does while Redis cannot be reached.
@@ -354,6 +359,8 @@ pub struct Config {
     pub idle_eviction: Duration,
 }
 
+/// The largest `max_tokens` a request may ask for by default: far above any model's output.
+pub const DEFAULT_MAX_TOKENS_LIMIT: u64 = 1_000_000;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_DATABASE: &str = "sqlite://tiergate.db";
 
@@ -483,6 +490,19 @@ impl TryFrom<RawSettings> for Config {
             default_completion_tokens: estimate.default_completion_tokens.unwrap_or(256),
             history: match estimate.history.unwrap_or(16) {
                 0 => return Err(invalid("estimate.history", "must be at least 1")),
+                n => n,
+            },
+            max_tokens_limit: match estimate
+                .max_tokens_limit
+                .unwrap_or(DEFAULT_MAX_TOKENS_LIMIT)
+            {
+                0 => return Err(invalid("estimate.max_tokens_limit", "must be at least 1")),
+                n if n > crate::limiter::core::MAX_REQUEST_TOKENS => {
+                    return Err(invalid(
+                        "estimate.max_tokens_limit",
+                        "must be at most 100000000000",
+                    ))
+                }
                 n => n,
             },
         };
@@ -1016,6 +1036,25 @@ mod tests {
             })
             .unwrap();
             assert_eq!(c.database, url);
+        }
+    }
+
+    #[test]
+    fn max_tokens_limit_has_a_default_and_bounds() {
+        let limit = |text: &str| {
+            let raw: RawSettings = toml::from_str(text).unwrap();
+            Config::try_from(raw).map(|c| c.estimate.max_tokens_limit)
+        };
+        assert_eq!(limit("").unwrap(), DEFAULT_MAX_TOKENS_LIMIT);
+        assert_eq!(
+            limit("[estimate]\nmax_tokens_limit = 32768\n").unwrap(),
+            32_768
+        );
+        for bad in ["0", "100000000001"] {
+            let e = limit(&format!("[estimate]\nmax_tokens_limit = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("estimate.max_tokens_limit:"), "{e}");
         }
     }
 

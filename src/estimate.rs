@@ -113,13 +113,36 @@ fn content_chars(v: &Value) -> usize {
     }
 }
 
-/// Reads a metered request. `Err` carries a message for a `400`.
-pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, String> {
+/// A field that may be left out (or null), else of one JSON kind: `Err` names the field.
+fn optional<'a, T>(
+    obj: &'a serde_json::Map<String, Value>,
+    field: &str,
+    kind: &str,
+    read: impl Fn(&'a Value) -> Option<T>,
+) -> Result<Option<T>, String> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => read(v)
+            .map(Some)
+            .ok_or_else(|| format!("'{field}' must be {kind}")),
+    }
+}
+
+/// Reads a metered request. `Err` carries a message for a `400`: what the upstream APIs would
+/// refuse is refused here, before anything is reserved or forwarded. `max_tokens_limit` bounds
+/// `max_tokens` (and `max_completion_tokens`, `max_output_tokens`).
+pub fn inspect(
+    endpoint: Endpoint,
+    body: &Value,
+    max_tokens_limit: u64,
+) -> Result<RequestInfo, String> {
     let obj = body
         .as_object()
         .ok_or("the request body must be a JSON object")?;
+    // Both upstream APIs require it.
     let model = match obj.get("model") {
-        None | Some(Value::Null) => None,
+        None | Some(Value::Null) => return Err("'model' is required".into()),
+        Some(Value::String(m)) if m.is_empty() => return Err("'model' must not be empty".into()),
         Some(Value::String(m)) if m.len() > MAX_MODEL_NAME_BYTES => {
             return Err(format!(
                 "'model' must be at most {MAX_MODEL_NAME_BYTES} bytes long"
@@ -134,6 +157,9 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, String> 
                 .get("messages")
                 .and_then(Value::as_array)
                 .ok_or("'messages' must be an array")?;
+            if !messages.iter().all(Value::is_object) {
+                return Err("'messages' must be an array of objects".into());
+            }
             let chars: usize = messages
                 .iter()
                 .map(|m| m.get("content").map(content_chars).unwrap_or(0))
@@ -170,24 +196,31 @@ pub fn inspect(endpoint: Endpoint, body: &Value) -> Result<RequestInfo, String> 
             text_tokens(chars + instructions) + 4 * items as u64 + 3
         }
     };
-    let max_tokens = match endpoint {
-        Endpoint::Responses => obj.get("max_output_tokens"),
-        _ => obj
-            .get("max_tokens")
-            .or_else(|| obj.get("max_completion_tokens")),
+    let fields: &[&str] = match endpoint {
+        Endpoint::Responses => &["max_output_tokens"],
+        _ => &["max_tokens", "max_completion_tokens"],
+    };
+    let mut max_tokens = None;
+    for field in fields {
+        let kind = "a whole number of tokens, 0 or more";
+        if let Some(n) = optional(obj, field, kind, Value::as_u64)? {
+            if n > max_tokens_limit {
+                return Err(format!("'{field}' must be at most {max_tokens_limit}"));
+            }
+            max_tokens.get_or_insert(n);
+        }
     }
-    .and_then(Value::as_u64);
-    let stream = obj.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let stream = optional(obj, "stream", "true or false", Value::as_bool)?.unwrap_or(false);
+    let n = optional(obj, "n", "a whole number from 1 to 128", Value::as_u64)?;
+    if n.is_some_and(|n| !(1..=128).contains(&n)) {
+        return Err("'n' must be a whole number from 1 to 128".into());
+    }
     let client_wants_usage = obj
         .get("stream_options")
         .and_then(|o| o.get("include_usage"))
         .and_then(Value::as_bool)
         .unwrap_or(false);
-    let choices = obj
-        .get("n")
-        .and_then(Value::as_u64)
-        .unwrap_or(1)
-        .clamp(1, 128);
+    let choices = n.unwrap_or(1);
     Ok(RequestInfo {
         model,
         stream,
@@ -297,8 +330,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    const LIMIT: u64 = 1_000_000;
+
     fn chat(body: Value) -> RequestInfo {
-        inspect(Endpoint::ChatCompletions, &body).unwrap()
+        inspect(Endpoint::ChatCompletions, &body, LIMIT).unwrap()
     }
 
     #[test]
@@ -345,6 +380,7 @@ mod tests {
             Endpoint::Responses,
             &json!({"model": "m", "input": "12345678", "instructions": "abcd",
                     "max_output_tokens": 7, "max_tokens": 900, "stream": true}),
+            LIMIT,
         )
         .unwrap();
         // 12 chars -> 3, one item -> 4, framing 3.
@@ -352,18 +388,24 @@ mod tests {
         assert_eq!((e.max_tokens, e.stream, e.completes), (Some(7), true, true));
         let e = inspect(
             Endpoint::Responses,
-            &json!({"input": [
+            &json!({"model": "m", "input": [
                 {"role": "user", "content": "abcd"},
                 {"type": "message", "role": "user",
                  "content": [{"type": "input_text", "text": "efgh"}, {"type": "input_image"}]},
                 {"type": "function_call_output", "call_id": "c", "output": "{}"}
             ]}),
+            LIMIT,
         )
         .unwrap();
         assert_eq!(e.prompt_tokens, 2 + 3 * 4 + 3);
         assert_eq!(e.max_tokens, None);
-        assert!(inspect(Endpoint::Responses, &json!({"model": "m"})).is_err());
-        assert!(inspect(Endpoint::Responses, &json!({"input": 5})).is_err());
+        assert!(inspect(Endpoint::Responses, &json!({"model": "m"}), LIMIT).is_err());
+        assert!(inspect(
+            Endpoint::Responses,
+            &json!({"model": "m", "input": 5}),
+            LIMIT
+        )
+        .is_err());
     }
 
     #[test]
@@ -387,13 +429,15 @@ mod tests {
         let e = inspect(
             Endpoint::ChatCompletions,
             &json!({"model": long, "messages": []}),
+            LIMIT,
         )
         .unwrap_err();
         assert!(e.contains("256"), "{e}");
         let fits = "m".repeat(MAX_MODEL_NAME_BYTES);
         assert!(inspect(
             Endpoint::ChatCompletions,
-            &json!({"model": fits, "messages": []})
+            &json!({"model": fits, "messages": []}),
+            LIMIT
         )
         .is_ok());
 
@@ -412,10 +456,46 @@ mod tests {
 
     #[test]
     fn malformed_bodies_are_refused() {
-        assert!(inspect(Endpoint::ChatCompletions, &json!([])).is_err());
-        assert!(inspect(Endpoint::ChatCompletions, &json!({"messages": "x"})).is_err());
-        assert!(inspect(Endpoint::Embeddings, &json!({"model": "e"})).is_err());
-        let e = inspect(Endpoint::Embeddings, &json!({"input": ["abcd", "efgh"]})).unwrap();
+        let chat = Endpoint::ChatCompletions;
+        let refused = [
+            json!([]),
+            json!("text"),
+            json!({"messages": []}),
+            json!({"model": null, "messages": []}),
+            json!({"model": "", "messages": []}),
+            json!({"model": 7, "messages": []}),
+            json!({"model": "m", "messages": "x"}),
+            json!({"model": "m", "messages": ["x"]}),
+            json!({"model": "m", "messages": [], "max_tokens": -1}),
+            json!({"model": "m", "messages": [], "max_tokens": 1.5}),
+            json!({"model": "m", "messages": [], "max_tokens": "10"}),
+            json!({"model": "m", "messages": [], "max_tokens": LIMIT + 1}),
+            json!({"model": "m", "messages": [], "max_completion_tokens": u64::MAX}),
+            json!({"model": "m", "messages": [], "stream": "yes"}),
+            json!({"model": "m", "messages": [], "n": 0}),
+            json!({"model": "m", "messages": [], "n": 129}),
+        ];
+        for body in refused {
+            assert!(inspect(chat, &body, LIMIT).is_err(), "{body}");
+        }
+        let e = inspect(
+            chat,
+            &json!({"model": "m", "messages": [], "max_tokens": 9}),
+            8,
+        );
+        assert_eq!(e.unwrap_err(), "'max_tokens' must be at most 8");
+        assert!(inspect(Endpoint::Embeddings, &json!({"model": "e"}), LIMIT).is_err());
+
+        let taken = [
+            json!({"model": "m", "messages": [], "max_tokens": LIMIT}),
+            json!({"model": "m", "messages": [], "max_tokens": null, "stream": null}),
+            json!({"model": "m", "messages": [], "n": 128, "stream": true}),
+        ];
+        for body in taken {
+            assert!(inspect(chat, &body, LIMIT).is_ok(), "{body}");
+        }
+        let body = json!({"model": "e", "input": ["abcd", "efgh"]});
+        let e = inspect(Endpoint::Embeddings, &body, LIMIT).unwrap();
         assert_eq!((e.prompt_tokens, e.completes), (2, false));
     }
 }

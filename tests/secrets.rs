@@ -1,5 +1,6 @@
 //! Secrets never show: a full run of the binary, with every log level on, is searched for the
-//! workspace key, the admin token and the upstream key, in its logs, its answers and its metrics.
+//! workspace key, the admin token and the upstream key, in its logs, its answers and its metrics;
+//! and the database holds only the key's hash and prefix.
 
 use std::io::Read;
 use std::process::{Command, Stdio};
@@ -162,4 +163,23 @@ async fn keys_and_tokens_never_appear_in_logs_answers_or_metrics() {
             "part of the {what} appears in the logs"
         );
     }
+
+    // Only the key's hash (and its first 11 characters, to tell keys apart) is stored.
+    let mut stored = Vec::new();
+    for file in ["t.db", "t.db-wal"] {
+        if let Ok(bytes) = std::fs::read(dir.path().join(file)) {
+            stored.extend_from_slice(&bytes);
+        }
+    }
+    assert!(stored.len() > 4096, "the database was read");
+    let tail = &key.as_bytes()[11..];
+    assert!(
+        !stored.windows(tail.len()).any(|w| w == tail),
+        "the key's secret part is in the database"
+    );
+    let prefix = &key.as_bytes()[..11];
+    assert!(
+        stored.windows(prefix.len()).any(|w| w == prefix),
+        "the key's prefix is stored, so the search above looked in the right place"
+    );
 }

@@ -4,10 +4,8 @@
 //! Metered routes (`POST` on `/v1/chat/completions`, `/v1/completions`, `/v1/fim/completions`,
 //! `/v1/embeddings`, `/v1/responses`) reserve an estimate of their tokens; every other `/v1/*`
 //! route is passed through as a request that reserves no tokens but is still settled from the
-//! usage in its answer when there is one, so no route escapes the token limits. Usage is read
-//! wherever the known APIs put it: a top-level `usage` with `prompt_tokens`/`completion_tokens`
-//! or `input_tokens`/`output_tokens` (and `total_tokens`), or `response.usage` (the Responses
-//! API's stream events, such as `response.completed`).
+//! usage in its answer when there is one, so no route escapes the token limits. Usage is read by
+//! `crate::upstream_usage`, wherever the known APIs put it.
 //!
 //! What reaches the upstream is what was metered: the path is normalised before it is matched
 //! (percent-decoding, empty and dot segments; see `normalise_path`) and the normalised path is
@@ -48,7 +46,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Future, FutureExt, Stream, StreamExt};
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
@@ -60,6 +57,7 @@ use crate::limiter::core::day_of;
 use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
 use crate::metrics::Metrics;
 use crate::model::Limits;
+use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
 use crate::usage::{settled_record, Deferred};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -206,7 +204,8 @@ fn prepare(
     };
     let mut json: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("The request body is not valid JSON: {e}")))?;
-    let info = inspect(endpoint, &json).map_err(ApiError::BadRequest)?;
+    let info = inspect(endpoint, &json, state.config.estimate.max_tokens_limit)
+        .map_err(ApiError::BadRequest)?;
     let ask_usage = info.stream
         && !info.client_wants_usage
         && endpoint.takes_stream_options()
@@ -513,56 +512,6 @@ async fn send(
     }
 }
 
-/// Token counts as the known APIs report them: `prompt_tokens`/`completion_tokens` (chat,
-/// completions, embeddings) or `input_tokens`/`output_tokens` (responses), with `total_tokens`.
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct UsageJson {
-    prompt_tokens: Option<u64>,
-    completion_tokens: Option<u64>,
-    input_tokens: Option<u64>,
-    output_tokens: Option<u64>,
-    total_tokens: Option<u64>,
-}
-
-impl UsageJson {
-    fn total(&self) -> u64 {
-        self.total_tokens.unwrap_or_else(|| {
-            let prompt = self.prompt_tokens.or(self.input_tokens).unwrap_or(0);
-            prompt.saturating_add(self.completion().unwrap_or(0))
-        })
-    }
-
-    fn completion(&self) -> Option<u64> {
-        self.completion_tokens.or(self.output_tokens)
-    }
-}
-
-#[derive(Deserialize)]
-struct NestedUsage {
-    usage: Option<UsageJson>,
-}
-
-/// An answer or a stream event, with its usage at the top level or under `response`.
-#[derive(Deserialize)]
-struct WithUsage {
-    usage: Option<UsageJson>,
-    response: Option<NestedUsage>,
-    choices: Option<Vec<serde::de::IgnoredAny>>,
-}
-
-impl WithUsage {
-    fn usage(&self) -> Option<UsageJson> {
-        self.usage
-            .or_else(|| self.response.as_ref().and_then(|r| r.usage))
-    }
-}
-
-fn usage_of_json(body: &[u8]) -> Option<UsageJson> {
-    serde_json::from_slice::<WithUsage>(body)
-        .ok()
-        .and_then(|w| w.usage())
-}
-
 /// Settles one reservation exactly once; dropping it unfinished settles the estimate.
 struct Settlement {
     state: Arc<AppState>,
@@ -704,91 +653,6 @@ async fn settle(
     }
 }
 
-/// Splits a server-sent-event stream into whole events, reads the usage from them, and drops
-/// the usage-only chunk when the gateway asked for it on the client's behalf.
-struct SseScanner {
-    buf: Vec<u8>,
-    usage: Option<UsageJson>,
-    strip_usage_chunk: bool,
-}
-
-/// Length of the first complete event in `buf` (through its blank line), if any.
-fn event_end(buf: &[u8]) -> Option<usize> {
-    let mut i = 0;
-    while i < buf.len() {
-        if buf[i] == b'\n' {
-            match buf.get(i + 1) {
-                Some(b'\n') => return Some(i + 2),
-                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-                _ => {}
-            }
-        }
-        i += 1;
-    }
-    None
-}
-
-impl SseScanner {
-    fn new(strip_usage_chunk: bool) -> Self {
-        SseScanner {
-            buf: Vec::new(),
-            usage: None,
-            strip_usage_chunk,
-        }
-    }
-
-    /// Takes a chunk; returns the whole events to pass on.
-    fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        self.buf.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.buf.len());
-        let mut start = 0;
-        while let Some(len) = event_end(&self.buf[start..]) {
-            let event = &self.buf[start..start + len];
-            if keep_event(&mut self.usage, self.strip_usage_chunk, event) {
-                out.extend_from_slice(event);
-            }
-            start += len;
-        }
-        self.buf.drain(..start);
-        Bytes::from(out)
-    }
-
-    /// What is left when the stream ends without a final blank line.
-    fn finish(&mut self) -> Bytes {
-        let rest = std::mem::take(&mut self.buf);
-        if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest) {
-            Bytes::from(rest)
-        } else {
-            Bytes::new()
-        }
-    }
-}
-
-/// Reads the usage from an event, if it has one; false for the usage-only chunk when it is to
-/// be removed.
-fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u8]) -> bool {
-    const NEEDLE: &[u8] = b"\"usage\"";
-    if !event.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
-        return true;
-    }
-    let text = String::from_utf8_lossy(event);
-    let data: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim)
-        .collect();
-    let data = data.join("\n");
-    let Ok(chunk) = serde_json::from_str::<WithUsage>(&data) else {
-        return true;
-    };
-    let Some(found) = chunk.usage() else {
-        return true;
-    };
-    *usage = Some(found);
-    let usage_only = chunk.usage.is_some() && chunk.choices.is_some_and(|c| c.is_empty());
-    !(strip_usage_chunk && usage_only)
-}
-
 /// The body of a streamed answer: passes events on as they come and settles when it ends.
 /// Without a scanner (an answer that is neither JSON nor events) bytes pass through untouched.
 /// An upstream silent for `idle_for` ends it as broken.
@@ -835,7 +699,7 @@ impl MeteredStream {
 
     fn start_settling(&mut self, without_usage: Outcome) {
         if let Some(mut s) = self.settlement.take() {
-            let usage = self.scanner.as_ref().and_then(|s| s.usage);
+            let usage = self.scanner.as_ref().and_then(SseScanner::usage);
             let outcome = usage.map_or(without_usage, Outcome::Usage);
             if matches!(outcome, Outcome::Refund) {
                 Metrics::inc(&self.state.metrics.refunds);
@@ -951,7 +815,7 @@ impl Drop for MeteredStream {
                 return;
             };
             let read = async {
-                while scanner.usage.is_none() {
+                while scanner.usage().is_none() {
                     match upstream.next().await {
                         Some(Ok(chunk)) => {
                             scanner.feed(&chunk);
@@ -962,7 +826,7 @@ impl Drop for MeteredStream {
                 scanner.finish();
             };
             let _ = tokio::time::timeout(drain, read).await;
-            settlement.finish(scanner.usage).await;
+            settlement.finish(scanner.usage()).await;
         });
     }
 }
@@ -1008,74 +872,5 @@ mod tests {
         ] {
             assert!(normalise_path(raw).is_err(), "{raw}");
         }
-    }
-
-    #[test]
-    fn usage_is_read_wherever_the_known_apis_put_it() {
-        let total = |body: &str| usage_of_json(body.as_bytes()).map(|u| u.total());
-        assert_eq!(
-            total(r#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#),
-            Some(7)
-        );
-        assert_eq!(
-            total(r#"{"usage":{"input_tokens":5,"output_tokens":6,"total_tokens":11}}"#),
-            Some(11)
-        );
-        assert_eq!(
-            total(r#"{"usage":{"input_tokens":5,"output_tokens":6}}"#),
-            Some(11)
-        );
-        assert_eq!(
-            total(
-                r#"{"object":"response","response":{"usage":{"input_tokens":1,"output_tokens":2}}}"#
-            ),
-            Some(3)
-        );
-        assert_eq!(total(r#"{"usage":null}"#), None);
-        assert_eq!(total(r#"{"choices":[]}"#), None);
-        let observed = usage_of_json(br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#).unwrap();
-        assert_eq!(observed.completion(), Some(6));
-        // Both namings at once (some compatible servers send both) read as one.
-        assert_eq!(
-            total(
-                r#"{"usage":{"prompt_tokens":2,"input_tokens":2,"completion_tokens":3,"output_tokens":3}}"#
-            ),
-            Some(5)
-        );
-
-        // The Responses API's stream: usage under `response` in `response.completed`, after a
-        // `response.created` whose usage is null; nothing is removed.
-        let mut s = SseScanner::new(true);
-        let created = s.feed(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n");
-        assert!(!created.is_empty());
-        assert!(s.usage.is_none());
-        let done = s.feed(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n");
-        assert!(!done.is_empty());
-        assert_eq!(s.usage.unwrap().total(), 13);
-    }
-
-    #[test]
-    fn scanner_reads_usage_and_strips_only_the_usage_only_chunk() {
-        let mut s = SseScanner::new(true);
-        let a =
-            s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda");
-        assert_eq!(
-            &a[..],
-            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n"
-        );
-        let b = s.feed(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\r\n\r\ndata: [DONE]\n\n");
-        assert_eq!(&b[..], b"data: [DONE]\n\n");
-        assert_eq!(s.usage.unwrap().total(), 7);
-
-        // Usage on a chunk that also has choices (the Mistral API's way) is read and kept.
-        let mut s = SseScanner::new(true);
-        let c = s.feed(b"data: {\"choices\":[{\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n");
-        assert!(!c.is_empty());
-        assert_eq!(s.usage.unwrap().total(), 3);
-
-        // Not stripping: the usage-only chunk passes.
-        let mut s = SseScanner::new(false);
-        let d = s.feed(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":5}}\n\n");
-        assert!(!d.is_empty());
     }
 }

@@ -389,6 +389,71 @@ async fn changes_made_by_another_process_are_seen_within_about_a_second() {
     }
 }
 
+/// Unknown keys arriving all the time do not use up the checks of the store: a key created by
+/// another process in the middle of a flood of made-up keys works on its first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_keys_does_not_keep_a_new_key_out() {
+    let gw = TestGateway::start().await;
+    let (ws, _) = gw.workspace("tier-3").await;
+    let other = SqliteStore::open(&format!("sqlite://{}", gw.db.display()))
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flood = Vec::new();
+    for _ in 0..16 {
+        let (client, url, stop) = (gw.client.clone(), gw.url.clone(), stop.clone());
+        flood.push(tokio::spawn(async move {
+            let mut refused = 0u32;
+            // Bounded: at most 2,000 requests a task, and stopped by the test before that.
+            for _ in 0..2_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let r = client
+                    .post(format!("{url}/v1/chat/completions"))
+                    .bearer_auth(generate_key().secret)
+                    .json(&hello())
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+                refused += 1;
+            }
+            refused
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for round in 0..5 {
+        let secret = generate_key();
+        other
+            .create_key(
+                &NewKey {
+                    workspace: ws,
+                    name: None,
+                    prefix: secret.prefix.clone(),
+                    hash: secret.hash,
+                    expires_at: None,
+                },
+                &Actor::cli(Some("other")),
+                0,
+            )
+            .await
+            .unwrap();
+        let r = gw.chat(&secret.secret, hello(), &[]).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "new key {round} during the flood"
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut refused = 0;
+    for task in flood {
+        refused += task.await.unwrap();
+    }
+    assert!(refused >= 16, "the flood ran: {refused} refused");
+}
+
 /// A workspace cannot pile up increase requests: past the bound of pending ones, a new one is
 /// refused (409) until the operator answers one.
 #[tokio::test]

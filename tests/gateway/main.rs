@@ -6,6 +6,7 @@ mod support;
 
 mod admin;
 mod admin_input;
+mod bad_input;
 mod crash;
 mod distributed;
 mod errors;

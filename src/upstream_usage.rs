@@ -1,0 +1,292 @@
+//! Reading the usage the upstream reports: from a whole JSON answer, or from a stream of
+//! server-sent events passed on as they come. No I/O and no HTTP types: the proxy feeds bytes in,
+//! and these parsers are fuzzed (`fuzz/fuzz_targets/sse.rs`).
+//!
+//! Usage is read wherever the known APIs put it: a top-level `usage` with
+//! `prompt_tokens`/`completion_tokens` or `input_tokens`/`output_tokens` (and `total_tokens`), or
+//! `response.usage` (the Responses API's stream events, such as `response.completed`).
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+/// Token counts as the known APIs report them: `prompt_tokens`/`completion_tokens` (chat,
+/// completions, embeddings) or `input_tokens`/`output_tokens` (responses), with `total_tokens`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct UsageJson {
+    prompt_tokens: Option<u64>,
+    completion_tokens: Option<u64>,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+}
+
+impl UsageJson {
+    pub fn total(&self) -> u64 {
+        self.total_tokens.unwrap_or_else(|| {
+            let prompt = self.prompt_tokens.or(self.input_tokens).unwrap_or(0);
+            prompt.saturating_add(self.completion().unwrap_or(0))
+        })
+    }
+
+    pub fn completion(&self) -> Option<u64> {
+        self.completion_tokens.or(self.output_tokens)
+    }
+}
+
+#[derive(Deserialize)]
+struct NestedUsage {
+    usage: Option<UsageJson>,
+}
+
+/// An answer or a stream event, with its usage at the top level or under `response`.
+#[derive(Deserialize)]
+struct WithUsage {
+    usage: Option<UsageJson>,
+    response: Option<NestedUsage>,
+    choices: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+impl WithUsage {
+    fn usage(&self) -> Option<UsageJson> {
+        self.usage
+            .or_else(|| self.response.as_ref().and_then(|r| r.usage))
+    }
+}
+
+/// The usage in a whole JSON answer, if it has one the known APIs would put there.
+pub fn usage_of_json(body: &[u8]) -> Option<UsageJson> {
+    serde_json::from_slice::<WithUsage>(body)
+        .ok()
+        .and_then(|w| w.usage())
+}
+
+/// The longest event the scanner holds back while it waits for the event's end. An upstream
+/// that sends more without a blank line has its bytes passed on as they are, unread, so a
+/// broken or hostile upstream cannot grow the gateway's memory. Usage chunks are a few hundred
+/// bytes; 1 MiB is far above any event a known API sends.
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Splits a server-sent-event stream into whole events, reads the usage from them, and drops
+/// the usage-only chunk when the gateway asked for it on the client's behalf.
+pub struct SseScanner {
+    buf: Vec<u8>,
+    /// How much of `buf` is known to hold no event's end, so that no byte is searched twice
+    /// (an event that arrives a byte at a time costs linear time, not quadratic).
+    searched: usize,
+    usage: Option<UsageJson>,
+    strip_usage_chunk: bool,
+}
+
+/// Length of the first complete event in `buf` (through its blank line), if any, searching
+/// from `from`.
+fn event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        if buf[i] == b'\n' {
+            match buf.get(i + 1) {
+                Some(b'\n') => return Some(i + 2),
+                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+                _ => {}
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+impl SseScanner {
+    pub fn new(strip_usage_chunk: bool) -> Self {
+        SseScanner {
+            buf: Vec::new(),
+            searched: 0,
+            usage: None,
+            strip_usage_chunk,
+        }
+    }
+
+    /// The last usage read from the stream so far.
+    pub fn usage(&self) -> Option<UsageJson> {
+        self.usage
+    }
+
+    /// Takes a chunk; returns the whole events to pass on.
+    pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
+        self.buf.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(self.buf.len());
+        let mut start = 0;
+        // An event's end is `\n\n` or `\n\r\n`: a search may resume 2 bytes before where
+        // the last one stopped.
+        let mut from = self.searched.saturating_sub(2);
+        while let Some(end) = event_end(&self.buf, from.max(start)) {
+            let event = &self.buf[start..end];
+            if keep_event(&mut self.usage, self.strip_usage_chunk, event) {
+                out.extend_from_slice(event);
+            }
+            start = end;
+            from = end;
+        }
+        if self.buf.len() - start > MAX_EVENT_BYTES {
+            out.extend_from_slice(&self.buf[start..]);
+            start = self.buf.len();
+        }
+        self.buf.drain(..start);
+        self.searched = self.buf.len();
+        Bytes::from(out)
+    }
+
+    /// What is left when the stream ends without a final blank line.
+    pub fn finish(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.buf);
+        self.searched = 0;
+        if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest) {
+            Bytes::from(rest)
+        } else {
+            Bytes::new()
+        }
+    }
+}
+
+/// Reads the usage from an event, if it has one; false for the usage-only chunk when it is to
+/// be removed.
+fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"\"usage\"";
+    if !event.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
+        return true;
+    }
+    let text = String::from_utf8_lossy(event);
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(str::trim)
+        .collect();
+    let data = data.join("\n");
+    let Ok(chunk) = serde_json::from_str::<WithUsage>(&data) else {
+        return true;
+    };
+    let Some(found) = chunk.usage() else {
+        return true;
+    };
+    *usage = Some(found);
+    let usage_only = chunk.usage.is_some() && chunk.choices.is_some_and(|c| c.is_empty());
+    !(strip_usage_chunk && usage_only)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_is_read_wherever_the_known_apis_put_it() {
+        let total = |body: &str| usage_of_json(body.as_bytes()).map(|u| u.total());
+        assert_eq!(
+            total(r#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#),
+            Some(7)
+        );
+        assert_eq!(
+            total(r#"{"usage":{"input_tokens":5,"output_tokens":6,"total_tokens":11}}"#),
+            Some(11)
+        );
+        assert_eq!(
+            total(r#"{"usage":{"input_tokens":5,"output_tokens":6}}"#),
+            Some(11)
+        );
+        assert_eq!(
+            total(
+                r#"{"object":"response","response":{"usage":{"input_tokens":1,"output_tokens":2}}}"#
+            ),
+            Some(3)
+        );
+        assert_eq!(total(r#"{"usage":null}"#), None);
+        assert_eq!(total(r#"{"choices":[]}"#), None);
+        let observed = usage_of_json(br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#).unwrap();
+        assert_eq!(observed.completion(), Some(6));
+        // Both namings at once (some compatible servers send both) read as one.
+        assert_eq!(
+            total(
+                r#"{"usage":{"prompt_tokens":2,"input_tokens":2,"completion_tokens":3,"output_tokens":3}}"#
+            ),
+            Some(5)
+        );
+
+        // The Responses API's stream: usage under `response` in `response.completed`, after a
+        // `response.created` whose usage is null; nothing is removed.
+        let mut s = SseScanner::new(true);
+        let created = s.feed(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\n");
+        assert!(!created.is_empty());
+        assert!(s.usage().is_none());
+        let done = s.feed(b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":4,\"total_tokens\":13}}}\n\n");
+        assert!(!done.is_empty());
+        assert_eq!(s.usage().unwrap().total(), 13);
+    }
+
+    #[test]
+    fn scanner_reads_usage_and_strips_only_the_usage_only_chunk() {
+        let mut s = SseScanner::new(true);
+        let a =
+            s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda");
+        assert_eq!(
+            &a[..],
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n"
+        );
+        let b = s.feed(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\r\n\r\ndata: [DONE]\n\n");
+        assert_eq!(&b[..], b"data: [DONE]\n\n");
+        assert_eq!(s.usage().unwrap().total(), 7);
+
+        // Usage on a chunk that also has choices (the Mistral API's way) is read and kept.
+        let mut s = SseScanner::new(true);
+        let c = s.feed(b"data: {\"choices\":[{\"finish_reason\":\"stop\"}],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n");
+        assert!(!c.is_empty());
+        assert_eq!(s.usage().unwrap().total(), 3);
+
+        // Not stripping: the usage-only chunk passes.
+        let mut s = SseScanner::new(false);
+        let d = s.feed(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":5}}\n\n");
+        assert!(!d.is_empty());
+    }
+
+    #[test]
+    fn scanner_passes_every_byte_once_however_the_stream_is_cut() {
+        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\n: comment\n\ndata: [DONE]\n\n";
+        let stripped: Vec<u8> = {
+            let mut s = SseScanner::new(true);
+            let mut out = s.feed(stream).to_vec();
+            out.extend_from_slice(&s.finish());
+            out
+        };
+        assert!(!stripped.windows(7).any(|w| w == b"\"usage\""));
+        for cut in 1..stream.len() {
+            for strip in [false, true] {
+                let mut s = SseScanner::new(strip);
+                let mut out = Vec::new();
+                // Cut in two at `cut`, then the rest a byte at a time.
+                out.extend_from_slice(&s.feed(&stream[..cut]));
+                for b in &stream[cut..] {
+                    out.extend_from_slice(&s.feed(std::slice::from_ref(b)));
+                }
+                out.extend_from_slice(&s.finish());
+                let want = if strip { &stripped[..] } else { stream };
+                assert_eq!(out, want, "cut at {cut}, strip {strip}");
+                assert_eq!(s.usage().map(|u| u.total()), Some(9));
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_without_an_end_is_passed_on_once_it_outgrows_the_bound() {
+        let mut s = SseScanner::new(true);
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut passed = 0;
+        for _ in 0..32 {
+            passed += s.feed(&chunk).len();
+        }
+        // Held back until past the bound, then passed on as it was; nothing kept beyond it.
+        assert!(passed >= 32 * chunk.len() - MAX_EVENT_BYTES, "{passed}");
+        assert!(s.buf.len() <= MAX_EVENT_BYTES);
+        passed += s.finish().len();
+        assert_eq!(passed, 32 * chunk.len());
+        // Events after it are read as before.
+        let e = s.feed(b"\n\ndata: {\"usage\":{\"total_tokens\":4}}\n\n");
+        assert!(!e.is_empty());
+        assert_eq!(s.usage().map(|u| u.total()), Some(4));
+    }
+}
