@@ -47,7 +47,8 @@ pub struct Metrics {
     /// Settlements the ledger did not take (its buffer full), and their tokens.
     pub ledger_dropped: AtomicU64,
     pub ledger_dropped_tokens: AtomicU64,
-    /// Gauge: settlements and denial counts waiting to be written to the ledger.
+    /// Gauge: ledger rows (usage added up per workspace, day, model and counter) waiting to be
+    /// written.
     pub ledger_pending: AtomicU64,
 }
 
@@ -179,7 +180,7 @@ impl Metrics {
         );
         counter(
             "tiergate_ledger_dropped_total",
-            "Settlements not written to the ledger because its buffer was full (the store unreachable for long).",
+            "Settlements not written to the ledger because its buffer of rows was full (the store unreachable for long).",
             get(&self.ledger_dropped),
         );
         counter(
@@ -222,7 +223,7 @@ impl Metrics {
         );
         gauge(
             "tiergate_ledger_pending",
-            "Ledger records waiting to be written (the store slow or unreachable).",
+            "Ledger rows (usage added up per workspace, day, model and counter) waiting to be written.",
             get(&self.ledger_pending),
         );
         gauge(

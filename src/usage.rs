@@ -1,31 +1,42 @@
 //! The ledger writer: settled usage goes to the store in batches, off the hot path.
 //!
-//! Each settled request is sent here as a `UsageRecord` and written within `flush_every`
-//! (250 ms by default) in one transaction, together with keys' `last_used_at`. Writes are
-//! idempotent by request id, so a failed batch is simply retried: while the store is down the
-//! writer keeps what it has (up to `MAX_PENDING` records) and writes it all once the store
-//! answers again. What a crash can lose is what
-//! was in flight plus at most one flush interval of settled usage (see ARCHITECTURE.md).
+//! Each settled request is sent here as a `UsageRecord` and added, in memory, to the row of its
+//! (workspace, day, model, counter generation); within `flush_every` (250 ms by default) the
+//! rows are written as one `LedgerBatch` (or several of at most `BATCH` rows), together with
+//! keys' `last_used_at`. A busy workspace costs a row per flush, not a row per request.
+//!
+//! # Exactly once
+//! A batch gets its id (this process's random id and a sequence number) when it is first sent,
+//! and the store records the id in the batch's own transaction. A batch whose write failed is
+//! kept as it was, id and rows, and sent again until the store takes it; if the first write had
+//! in fact committed (the connection died at commit), the store recognises the id and adds
+//! nothing. While sent batches wait, new settlements keep adding up in memory and are sealed
+//! into a batch only once the waiting ones are written. What a crash can lose is what was in
+//! flight plus at most one flush interval of settled usage (see ARCHITECTURE.md).
 //!
 //! # Bounds
 //! Memory stays bounded whatever clients or the store do:
-//! - Settlements reach the writer over a channel of `CHANNEL` messages, and wait in it while the
-//!   store is down, up to `MAX_PENDING` in all. Past that bound (the store down for a long time)
-//!   a settlement is not written to the ledger: it is counted in
-//!   `tiergate_ledger_dropped_total` and `tiergate_ledger_dropped_tokens_total` and logged (at
-//!   most every 10 s, with the totals). The limiter has counted it all the same.
+//! - Settlements reach the writer over a channel of `CHANNEL` messages. Rows being added up are
+//!   at most `MAX_PENDING`, and so are rows sealed in batches waiting to be sent again (a batch
+//!   is sealed only when none waits); a settlement for a row already being added up is added to
+//!   it, whatever the bound. Past the bound
+//!   (the store down for long while very many workspaces settle) a settlement that would need a
+//!   new row is not written to the ledger: it is counted in `tiergate_ledger_dropped_total` and
+//!   `tiergate_ledger_dropped_tokens_total` and logged (at most every 10 s, with the totals).
+//!   The limiter has counted it all the same.
 //! - Denials are not sent one by one: they are counted in memory per workspace, day and model
-//!   and written as one row update each per flush (`MAX_DENIAL_KEYS` keys at most; past that,
-//!   a workspace's further models are counted under `OTHER_MODEL`).
+//!   and added to the rows at each flush (`MAX_DENIAL_KEYS` keys at most; past that, a
+//!   workspace's further models are counted under `OTHER_MODEL`; past `MAX_PENDING` rows, a
+//!   denial that would need a new row is not recorded).
 //! - Model names are the client's choice: per workspace and day, the ledger records at most
 //!   `MAX_MODELS_PER_DAY` distinct names (models with a limit of their own always count); the
 //!   others are recorded as `OTHER_MODEL`, so the daily table cannot grow a row per made-up name.
 //!
 //! A settlement the limiter could not take (Redis unreachable) is *deferred*: kept here and
 //! retried every interval until the limiter answers (settling is idempotent by reservation id),
-//! then written with the counter generation that counted it. The ledger records each
-//! settlement with that generation, which is what keeps the shared month counter exact. At
-//! shutdown, what is still deferred is written without one (counted by any later generation).
+//! then recorded under the counter generation that counted it. The ledger keeps what each
+//! generation counted, which is what keeps the shared month counter exact. At shutdown, what is
+//! still deferred is recorded without one (counted by any later generation).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,13 +54,16 @@ use crate::limiter::MonthKey;
 use crate::limiter::{Limiter, Reservation, Settled, NANOS_PER_SEC};
 use crate::metrics::Metrics;
 use crate::model::{Limits, WorkspaceId};
-use crate::store::{DailyUsage, Store, StoreError, UsageRecord};
+use crate::store::{DailyUsage, LedgerBatch, LedgerRow, Store, StoreError};
 
-/// How long settled events are kept for idempotency before only their daily totals remain.
+/// How long the ids of written batches are kept, so that a batch sent again is recognised.
 pub const EVENT_RETENTION_SECS: i64 = 7 * 24 * 3600;
-/// A batch is written at once when it reaches this size.
+/// How long rows by counter generation are kept: a generation counts one month.
+const COUNTED_RETENTION_SECS: u64 = 62 * 24 * 3600;
+/// Rows in one batch (one transaction) at most.
 const BATCH: usize = 1024;
-/// Past this many unwritten records (store down for long), new ones are dropped and counted.
+/// Past this many rows waiting to be written (store down for long), settlements that need a
+/// new row are dropped and counted.
 pub const MAX_PENDING: usize = 1_000_000;
 /// Messages the channel to the writer holds.
 const CHANNEL: usize = 65_536;
@@ -63,21 +77,30 @@ pub const OTHER_MODEL: &str = "(other)";
 /// without a counter generation.
 const MAX_DEFERRED: usize = 100_000;
 
+/// One settled request, as the ledger writer receives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    pub workspace: WorkspaceId,
+    /// `YYYY-MM-DD`, UTC, the day of settlement.
+    pub day: String,
+    pub model: String,
+    pub tokens: u64,
+    /// The limiter's shared month-counter generation that counted it, if any.
+    pub counter: Option<String>,
+}
+
 /// A settled request as the ledger records it, counted by the limiter as `settled` says.
 pub fn settled_record(
-    request_id: String,
     workspace: WorkspaceId,
     model: String,
     tokens: u64,
     settled: &Settled,
 ) -> UsageRecord {
-    UsageRecord::Settled {
-        request_id,
+    UsageRecord {
         workspace,
         day: day_of(settled.at),
         model,
         tokens,
-        at: (settled.at / NANOS_PER_SEC) as i64,
         counter: settled.counter.clone(),
     }
 }
@@ -87,7 +110,6 @@ pub struct Deferred {
     pub reservation: Reservation,
     pub limits: Arc<Limits>,
     pub actual: u64,
-    pub request_id: String,
     pub model: String,
 }
 
@@ -166,7 +188,11 @@ impl Recorder {
             deferred: VecDeque::new(),
             clock,
             metrics: metrics.clone(),
-            pending: Vec::new(),
+            pending: HashMap::new(),
+            sealed: VecDeque::new(),
+            sealed_rows: 0,
+            writer_id: writer_id(),
+            next_batch: 0,
             last_prune: 0,
             denials: denials.clone(),
             models_today: HashMap::new(),
@@ -192,7 +218,7 @@ impl Recorder {
                 TrySendError::Full(Msg::Record(r)) | TrySendError::Closed(Msg::Record(r)) => r,
                 _ => return,
             };
-            dropped(&self.metrics, &self.last_drop_log, &record);
+            dropped(&self.metrics, &self.last_drop_log, record.tokens);
         }
     }
 
@@ -216,18 +242,7 @@ impl Recorder {
         if let Err(TrySendError::Full(Msg::Defer(d)) | TrySendError::Closed(Msg::Defer(d))) =
             self.tx.try_send(Msg::Defer(Box::new(deferred)))
         {
-            let settled = Settled {
-                at: 0,
-                counter: None,
-            };
-            let record = settled_record(
-                d.request_id,
-                d.reservation.workspace,
-                d.model,
-                d.actual,
-                &settled,
-            );
-            dropped(&self.metrics, &self.last_drop_log, &record);
+            dropped(&self.metrics, &self.last_drop_log, d.actual);
         }
     }
 
@@ -287,11 +302,9 @@ impl Recorder {
 }
 
 /// Counts a settlement the ledger will not get, and says so in the log (once every 10 s).
-fn dropped(metrics: &Metrics, last_log: &AtomicU64, record: &UsageRecord) {
+fn dropped(metrics: &Metrics, last_log: &AtomicU64, tokens: u64) {
     Metrics::inc(&metrics.ledger_dropped);
-    if let UsageRecord::Settled { tokens, .. } = record {
-        Metrics::add(&metrics.ledger_dropped_tokens, *tokens);
-    }
+    Metrics::add(&metrics.ledger_dropped_tokens, tokens);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -310,6 +323,16 @@ fn dropped(metrics: &Metrics, last_log: &AtomicU64, record: &UsageRecord) {
     }
 }
 
+/// A row of the ledger as the writer adds it up: workspace, day, model, counter generation.
+type RowKey = (WorkspaceId, String, String, Option<String>);
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Sums {
+    requests: u64,
+    tokens: u64,
+    denied: u64,
+}
+
 struct Writer {
     store: Arc<dyn Store>,
     catalog: Arc<Catalog>,
@@ -317,13 +340,29 @@ struct Writer {
     deferred: VecDeque<Box<Deferred>>,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
-    pending: Vec<UsageRecord>,
+    /// Rows added up since the last batch was sealed.
+    pending: HashMap<RowKey, Sums>,
+    /// Batches sent at least once and not yet known to be written, oldest first; sent again
+    /// as they are (id and rows) until the store takes them.
+    sealed: VecDeque<LedgerBatch>,
+    /// Rows in `sealed`.
+    sealed_rows: usize,
+    /// This process's part of batch ids, random; and the next batch's number.
+    writer_id: String,
+    next_batch: u64,
     last_prune: i64,
     denials: Arc<Mutex<HashMap<DenialKey, u64>>>,
     /// The model names recorded per workspace and day (today's and yesterday's only).
     models_today: HashMap<(WorkspaceId, String), HashSet<String>>,
     max_pending: usize,
     last_drop_log: Arc<AtomicU64>,
+}
+
+/// A random id for this process's batches: 64 bits, so two processes never share one.
+fn writer_id() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the OS has randomness");
+    format!("{:016x}", u64::from_le_bytes(bytes))
 }
 
 impl Writer {
@@ -388,12 +427,10 @@ impl Writer {
                     let Deferred {
                         reservation,
                         actual,
-                        request_id,
                         model,
                         ..
                     } = *d;
                     self.push(settled_record(
-                        request_id,
                         reservation.workspace,
                         model,
                         actual,
@@ -408,25 +445,48 @@ impl Writer {
             .store(self.deferred.len() as u64, Ordering::Relaxed);
     }
 
-    /// Keeps a record for the next write, within the bounds (see the module's comment).
-    fn push(&mut self, mut record: UsageRecord) {
-        if let UsageRecord::Settled {
+    /// Rows waiting to be written: added up, or sealed in a batch.
+    fn waiting(&self) -> usize {
+        self.pending.len() + self.sealed_rows
+    }
+
+    /// Adds `sums` to the row of `key`; false when that would need a new row past the bound.
+    /// (Rows in sealed batches are bounded too: a batch is sealed only from at most
+    /// `max_pending` rows, and only when no other waits.)
+    fn add(&mut self, key: RowKey, sums: Sums) -> bool {
+        let room = self.pending.len() < self.max_pending;
+        let row = match self.pending.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) if room => e.insert(Sums::default()),
+            std::collections::hash_map::Entry::Vacant(_) => return false,
+        };
+        row.requests += sums.requests;
+        row.tokens += sums.tokens;
+        row.denied += sums.denied;
+        true
+    }
+
+    /// Adds a settlement to its row, within the bounds (see the module's comment).
+    fn push(&mut self, record: UsageRecord) {
+        let UsageRecord {
             workspace,
             day,
             model,
-            ..
-        } = &mut record
-        {
-            *model = self.ledger_model(*workspace, day, std::mem::take(model));
-        }
-        if self.pending.len() < self.max_pending {
-            self.pending.push(record);
-        } else {
-            dropped(&self.metrics, &self.last_drop_log, &record);
+            tokens,
+            counter,
+        } = record;
+        let model = self.ledger_model(workspace, &day, model);
+        let sums = Sums {
+            requests: 1,
+            tokens,
+            denied: 0,
+        };
+        if !self.add((workspace, day, model, counter), sums) {
+            dropped(&self.metrics, &self.last_drop_log, tokens);
         }
         self.metrics
             .ledger_pending
-            .store(self.pending.len() as u64, Ordering::Relaxed);
+            .store(self.waiting() as u64, Ordering::Relaxed);
     }
 
     /// The name the ledger records `model` under: itself, unless the workspace already has
@@ -435,19 +495,21 @@ impl Writer {
         if model.is_empty() || model == OTHER_MODEL {
             return model;
         }
+        if let Some(seen) = self.models_today.get(&(workspace, day.to_string())) {
+            if seen.contains(&model) {
+                return model;
+            }
+        }
         let key = (workspace, day.to_string());
         if !self.models_today.contains_key(&key) && self.models_today.len() >= MAX_DENIAL_KEYS {
             // Bounded: forgetting costs at most another `MAX_MODELS_PER_DAY` names in a day.
             self.models_today.clear();
         }
-        let seen = self.models_today.entry(key).or_default();
-        if seen.contains(&model) {
-            return model;
-        }
         let limited = self
             .catalog
             .limits_of(workspace)
             .is_some_and(|l| l.models.contains_key(&model));
+        let seen = self.models_today.entry(key).or_default();
         if seen.len() < MAX_MODELS_PER_DAY || limited {
             seen.insert(model.clone());
             model
@@ -456,7 +518,7 @@ impl Writer {
         }
     }
 
-    /// Moves the denials counted since the last write into the batch.
+    /// Adds the denials counted since the last write to their rows.
     fn take_denials(&mut self) {
         let denials = std::mem::take(&mut *self.denials.lock().unwrap_or_else(|e| e.into_inner()));
         // In a stable order, so that which names come first under the daily cap is no accident.
@@ -464,12 +526,13 @@ impl Writer {
         denials.sort_unstable();
         for ((workspace, day, model), count) in denials {
             let model = self.ledger_model(workspace, &day, model);
-            self.pending.push(UsageRecord::Denied {
-                workspace,
-                day,
-                model,
-                count,
-            });
+            let sums = Sums {
+                denied: count,
+                ..Sums::default()
+            };
+            // Past the bound a denial that needs a new row is not recorded: denials are a
+            // statistic, not usage.
+            self.add((workspace, day, model, None), sums);
         }
     }
 
@@ -481,7 +544,6 @@ impl Writer {
             counter: None,
         };
         self.push(settled_record(
-            d.request_id,
             d.reservation.workspace,
             d.model,
             d.actual,
@@ -489,31 +551,80 @@ impl Writer {
         ));
     }
 
+    /// Seals the rows added up so far into batches of at most `BATCH` rows, in key order.
+    fn seal(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let mut rows: Vec<LedgerRow> = self
+            .pending
+            .drain()
+            .map(|((workspace, day, model, counter), sums)| LedgerRow {
+                workspace,
+                day,
+                model,
+                counter,
+                requests: sums.requests,
+                tokens: sums.tokens,
+                denied: sums.denied,
+            })
+            .collect();
+        rows.sort_unstable_by(|a, b| {
+            (a.workspace, &a.day, &a.model, &a.counter).cmp(&(
+                b.workspace,
+                &b.day,
+                &b.model,
+                &b.counter,
+            ))
+        });
+        while !rows.is_empty() {
+            let rest = rows.split_off(rows.len().min(BATCH));
+            self.next_batch += 1;
+            self.sealed_rows += rows.len();
+            self.sealed.push_back(LedgerBatch {
+                id: format!("{}-{}", self.writer_id, self.next_batch),
+                rows,
+            });
+            rows = rest;
+        }
+    }
+
+    /// Writes the sealed batches, oldest first, until one fails; true when none is left.
+    async fn send_sealed(&mut self) -> bool {
+        let now = self.clock.now_secs();
+        while let Some(batch) = self.sealed.front() {
+            match self.store.record_usage(batch, now).await {
+                Ok(_) => {
+                    // Written now, or before (the id was known): either way, once.
+                    let batch = self.sealed.pop_front().expect("just seen");
+                    self.sealed_rows -= batch.rows.len();
+                }
+                Err(e) => {
+                    Metrics::inc(&self.metrics.ledger_write_errors);
+                    tracing::error!(error = %e, waiting = self.waiting(), "ledger write failed; will retry");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
     async fn write(&mut self) {
         // Names are capped per day: yesterday's and today's are enough to remember.
         let yesterday = day_of(self.clock.now().saturating_sub(24 * 3600 * NANOS_PER_SEC));
         self.models_today.retain(|(_, d), _| *d >= yesterday);
         self.take_denials();
-        // In batches of at most `BATCH`, so that what piled up while the store was down is
-        // written in transactions as short as usual.
-        let mut written = 0;
-        while written < self.pending.len() {
-            let end = self.pending.len().min(written + BATCH);
-            match self.store.record_usage(&self.pending[written..end]).await {
-                Ok(_) => written = end,
-                Err(e) => {
-                    Metrics::inc(&self.metrics.ledger_write_errors);
-                    tracing::error!(error = %e, pending = self.pending.len() - written, "ledger write failed; will retry");
-                    break;
-                }
-            }
-        }
-        let failed = written < self.pending.len();
-        self.pending.drain(..written);
+        // Batches that failed go first, as they were. Only once they are written are the rows
+        // added up since sealed into new ones: while the store is down, settlements keep adding
+        // up in the same rows instead of sealing a batch per interval.
+        let written = self.send_sealed().await && {
+            self.seal();
+            self.send_sealed().await
+        };
         self.metrics
             .ledger_pending
-            .store(self.pending.len() as u64, Ordering::Relaxed);
-        if failed {
+            .store(self.waiting() as u64, Ordering::Relaxed);
+        if !written {
             // The store is likely down: keys' last use stays noted for the next write, and
             // this write does not wait on the store a second time.
             return;
@@ -525,8 +636,17 @@ impl Writer {
         let now = self.clock.now_secs();
         if now - self.last_prune >= 3600 {
             self.last_prune = now;
-            if let Err(e) = self.store.prune_events(now - EVENT_RETENTION_SECS).await {
-                tracing::warn!(error = %e, "could not prune ledger events");
+            let counted_before = day_of(
+                self.clock
+                    .now()
+                    .saturating_sub(COUNTED_RETENTION_SECS * NANOS_PER_SEC),
+            );
+            if let Err(e) = self
+                .store
+                .prune_ledger(now - EVENT_RETENTION_SECS, &counted_before)
+                .await
+            {
+                tracing::warn!(error = %e, "could not prune the ledger");
             }
         }
     }

@@ -13,7 +13,7 @@ use tiergate::clock::{Clock, ManualClock};
 use tiergate::limiter::core::day_of;
 use tiergate::limiter::MonthKey;
 use tiergate::model::{default_tiers, Actor, Limits, Tier};
-use tiergate::store::UsageRecord;
+use tiergate::store::{LedgerBatch, LedgerRow};
 
 use support::postgres::{Gateway, Line, PgDatabase, Proxy};
 
@@ -139,15 +139,21 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     {
         let store = tiergate::store::open(&sqlite).await.unwrap();
         store
-            .record_usage(&[UsageRecord::Settled {
-                request_id: "counted-1".into(),
-                workspace: b,
-                day: day_of(clock.now()),
-                model: "mistral-small-latest".into(),
-                tokens: 11,
-                at: clock.now_secs(),
-                counter: Some("gen-7".into()),
-            }])
+            .record_usage(
+                &LedgerBatch {
+                    id: "by-hand-1".into(),
+                    rows: vec![LedgerRow {
+                        workspace: b,
+                        day: day_of(clock.now()),
+                        model: "mistral-small-latest".into(),
+                        counter: Some("gen-7".into()),
+                        requests: 1,
+                        tokens: 11,
+                        denied: 0,
+                    }],
+                },
+                clock.now_secs(),
+            )
             .await
             .unwrap();
     }
@@ -174,7 +180,8 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         "workspaces: 2,",
         "keys: 3 (revoked: 1),",
         "limit requests: 2\n",
-        "ledger events: 6,",
+        "rows by counter: 1,",
+        "events: 0\n",
         "audit entries: 11;",
     ] {
         assert!(stdout.contains(copied), "{copied}: {stdout}");

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::FutureExt;
 use tiergate::app::LedgerMonths;
 use tiergate::catalog::{generate_key, AuthFailure, Catalog};
-use tiergate::clock::{Clock, SystemClock};
+use tiergate::clock::SystemClock;
 use tiergate::limiter::local::LocalLimiter;
 use tiergate::limiter::MonthKey;
 use tiergate::metrics::Metrics;
@@ -20,10 +20,10 @@ use tiergate::model::{
     WorkspaceStatus,
 };
 use tiergate::store::{
-    AuditFilter, CatalogChanges, CatalogDelta, NewKey, Store, StoreError, UsageRecord,
+    AuditFilter, CatalogChanges, CatalogDelta, LedgerBatch, LedgerRow, NewKey, Store, StoreError,
     WorkspaceChange, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
-use tiergate::usage::Recorder;
+use tiergate::usage::{Recorder, UsageRecord};
 
 use support::postgres::{Line, PgDatabase, Proxy};
 
@@ -93,13 +93,13 @@ on_both_backends!(
     a_catalogue_applies_changes_made_by_another_process,
     keys_are_created_found_touched_and_revoked,
     limit_requests_are_decided_once,
-    settling_the_same_request_twice_never_counts_twice,
+    a_batch_sent_twice_counts_once,
     month_totals_can_leave_out_a_counter,
     daily_usage_lists_the_days_asked_for,
     pruning_in_batches_keeps_the_totals,
     an_overrides_patch_sets_clears_and_keeps,
     an_approval_racing_an_overrides_change_keeps_both,
-    overlapping_batches_from_many_writers_count_each_request_once,
+    overlapping_batches_from_many_writers_count_each_batch_once,
     every_admin_change_writes_its_audit_entry_and_a_refused_one_none,
     the_audit_log_is_filtered_and_paged_newest_first,
 );
@@ -127,36 +127,49 @@ fn new_key(workspace: i64) -> (String, NewKey) {
     (secret.secret, key)
 }
 
-fn settled(id: &str, workspace: i64, day: &str, model: &str, tokens: u64, at: i64) -> UsageRecord {
-    UsageRecord::Settled {
-        request_id: id.into(),
+/// A row of settled usage: `requests` requests of `tokens` tokens in all.
+fn used(workspace: i64, day: &str, model: &str, requests: u64, tokens: u64) -> LedgerRow {
+    LedgerRow {
         workspace,
         day: day.into(),
         model: model.into(),
-        tokens,
-        at,
         counter: None,
-    }
-}
-
-fn counted(id: &str, day: &str, model: &str, tokens: u64, counter: &str) -> UsageRecord {
-    UsageRecord::Settled {
-        request_id: id.into(),
-        workspace: 1,
-        day: day.into(),
-        model: model.into(),
+        requests,
         tokens,
-        at: 1000,
-        counter: Some(counter.into()),
+        denied: 0,
     }
 }
 
-fn denied(workspace: i64, day: &str, model: &str) -> UsageRecord {
-    UsageRecord::Denied {
+/// The same, counted by the month-counter generation `counter`, in workspace 1.
+fn counted(day: &str, model: &str, requests: u64, tokens: u64, counter: &str) -> LedgerRow {
+    LedgerRow {
+        counter: Some(counter.into()),
+        ..used(1, day, model, requests, tokens)
+    }
+}
+
+fn denied(workspace: i64, day: &str, model: &str, denied: u64) -> LedgerRow {
+    LedgerRow {
+        denied,
+        ..used(workspace, day, model, 0, 0)
+    }
+}
+
+fn batch(id: &str, rows: Vec<LedgerRow>) -> LedgerBatch {
+    LedgerBatch {
+        id: id.into(),
+        rows,
+    }
+}
+
+/// A settlement as the ledger writer receives it.
+fn settled(workspace: i64, day: &str, model: &str, tokens: u64) -> UsageRecord {
+    UsageRecord {
         workspace,
         day: day.into(),
         model: model.into(),
-        count: 1,
+        tokens,
+        counter: None,
     }
 }
 
@@ -591,21 +604,22 @@ async fn limit_requests_are_decided_once(b: Backend) {
     assert_eq!(denied, vec![d]);
 }
 
-async fn settling_the_same_request_twice_never_counts_twice(b: Backend) {
+async fn a_batch_sent_twice_counts_once(b: Backend) {
     let s = &b.store;
-    let batch = vec![
-        settled("r1", 1, "2026-11-03", "a", 10, 100),
-        settled("r2", 1, "2026-11-03", "a", 5, 200),
-        settled("r3", 1, "2026-11-30", "b", 7, 300),
-        settled("r4", 1, "2026-12-01", "a", 1000, 400),
-        // The same request twice in one batch counts once.
-        settled("r2", 1, "2026-11-03", "a", 5, 200),
-        denied(1, "2026-11-03", "a"),
-    ];
-    assert_eq!(s.record_usage(&batch).await.unwrap(), 4);
-    // The same batch again (a retried write): nothing new; denials are counted as sent.
-    assert_eq!(s.record_usage(&batch).await.unwrap(), 0);
-    assert_eq!(s.record_usage(&[]).await.unwrap(), 0);
+    let first = batch(
+        "w1-1",
+        vec![
+            used(1, "2026-11-03", "a", 2, 15),
+            used(1, "2026-11-30", "b", 1, 7),
+            used(1, "2026-12-01", "a", 1, 1000),
+            denied(1, "2026-11-03", "a", 2),
+        ],
+    );
+    assert!(s.record_usage(&first, 100).await.unwrap());
+    // The same batch again (a retry after a write whose outcome was unknown): nothing changes,
+    // denials included, whichever process sends it.
+    assert!(!s.record_usage(&first, 200).await.unwrap());
+    assert!(!b.another().await.record_usage(&first, 300).await.unwrap());
     let t = s.month_totals(1, NOV, None).await.unwrap();
     assert_eq!((t.tokens, t.requests), (22, 3));
     assert_eq!(t.month, Some(NOV));
@@ -622,59 +636,116 @@ async fn settling_the_same_request_twice_never_counts_twice(b: Backend) {
         (daily[0].requests, daily[0].tokens, daily[0].denied),
         (2, 15, 2)
     );
+
+    // Another batch adds to the same rows; an empty one is a batch too.
+    let second = batch(
+        "w1-2",
+        vec![
+            used(1, "2026-11-03", "a", 1, 5),
+            denied(1, "2026-11-03", "a", 1),
+        ],
+    );
+    assert!(s.record_usage(&second, 400).await.unwrap());
+    assert!(s.record_usage(&batch("w1-3", vec![]), 400).await.unwrap());
+    let daily = s.daily_usage(1, "2026-11-03", "2026-11-03").await.unwrap();
+    assert_eq!(
+        (daily[0].requests, daily[0].tokens, daily[0].denied),
+        (3, 20, 3)
+    );
+    let t = s.month_totals(1, NOV, None).await.unwrap();
+    assert_eq!((t.tokens, t.requests), (27, 4));
+}
+
+/// A per-request event as versions before ledger batches wrote it (they may still be in a
+/// database, for a week).
+async fn legacy_event(url: &str, id: &str, day: &str, model: &str, tokens: i64, counter: &str) {
+    use sqlx::Connection;
+    const EVENT: &str = "INSERT INTO usage_events (request_id, workspace_id, day, model, tokens, settled_at, counter) VALUES ($1, 1, $2, $3, $4, 10, $5)";
+    const DAILY: &str = "INSERT INTO usage_daily (workspace_id, day, model, requests, tokens) VALUES (1, $1, $2, 1, $3) ON CONFLICT (workspace_id, day, model) DO UPDATE SET requests = usage_daily.requests + 1, tokens = usage_daily.tokens + excluded.tokens";
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        let q = sqlx::query(EVENT)
+            .bind(id)
+            .bind(day)
+            .bind(model)
+            .bind(tokens)
+            .bind(counter);
+        q.execute(&mut c).await.unwrap();
+        let q = sqlx::query(DAILY).bind(day).bind(model).bind(tokens);
+        q.execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        let q = sqlx::query(EVENT)
+            .bind(id)
+            .bind(day)
+            .bind(model)
+            .bind(tokens)
+            .bind(counter);
+        q.execute(&mut c).await.unwrap();
+        let q = sqlx::query(DAILY).bind(day).bind(model).bind(tokens);
+        q.execute(&mut c).await.unwrap();
+    }
 }
 
 async fn month_totals_can_leave_out_a_counter(b: Backend) {
     let s = &b.store;
-    s.record_usage(&[
-        settled("plain", 1, "2026-11-02", "a", 100, 10),
-        counted("g1-1", "2026-11-03", "a", 10, "g1"),
-        counted("g1-2", "2026-11-04", "b", 20, "g1"),
-        counted("g2-1", "2026-11-04", "b", 40, "g2"),
+    let rows = vec![
+        used(1, "2026-11-02", "a", 1, 100),
+        counted("2026-11-03", "a", 1, 10, "g1"),
+        counted("2026-11-04", "b", 1, 20, "g1"),
+        counted("2026-11-04", "b", 1, 40, "g2"),
         // Another month, and another workspace, with the same tag: never subtracted here.
-        counted("g1-dec", "2026-12-01", "a", 1000, "g1"),
-        UsageRecord::Settled {
-            request_id: "g1-ws2".into(),
+        counted("2026-12-01", "a", 1, 1000, "g1"),
+        LedgerRow {
             workspace: 2,
-            day: "2026-11-04".into(),
-            model: "a".into(),
-            tokens: 3000,
-            at: 10,
-            counter: Some("g1".into()),
+            ..counted("2026-11-04", "a", 1, 3000, "g1")
         },
-    ])
-    .await
-    .unwrap();
+        // Denials under a counter count nothing.
+        LedgerRow {
+            denied: 4,
+            ..counted("2026-11-05", "a", 0, 0, "g2")
+        },
+    ];
+    assert!(s.record_usage(&batch("b1", rows), 10).await.unwrap());
+    // What a generation counted adds up across batches.
+    let more = vec![counted("2026-11-03", "a", 2, 6, "g1")];
+    assert!(s.record_usage(&batch("b2", more), 10).await.unwrap());
     let all = s.month_totals(1, NOV, None).await.unwrap();
-    assert_eq!((all.tokens, all.requests), (170, 4));
+    assert_eq!((all.tokens, all.requests), (176, 6));
     let without_g1 = s.month_totals(1, NOV, Some("g1")).await.unwrap();
     assert_eq!((without_g1.tokens, without_g1.requests), (140, 2));
     assert_eq!(without_g1.by_model.get("a"), Some(&100));
     assert_eq!(without_g1.by_model.get("b"), Some(&40));
     let without_g2 = s.month_totals(1, NOV, Some("g2")).await.unwrap();
-    assert_eq!((without_g2.tokens, without_g2.requests), (130, 3));
+    assert_eq!((without_g2.tokens, without_g2.requests), (136, 5));
     assert_eq!(without_g2.by_model.get("b"), Some(&20));
     let unknown = s.month_totals(1, NOV, Some("nobody")).await.unwrap();
-    assert_eq!((unknown.tokens, unknown.requests), (170, 4));
+    assert_eq!((unknown.tokens, unknown.requests), (176, 6));
     let dec = s.month_totals(1, NOV.next(), Some("g1")).await.unwrap();
     assert_eq!((dec.tokens, dec.requests), (0, 0));
     let ws2 = s.month_totals(2, NOV, Some("g1")).await.unwrap();
     assert_eq!(ws2.tokens, 0);
+
+    // Per-request events an older version wrote under g1 are left out too.
+    legacy_event(&b.url, "old-1", "2026-11-06", "a", 9, "g1").await;
+    let all = s.month_totals(1, NOV, None).await.unwrap();
+    assert_eq!((all.tokens, all.requests), (185, 7));
+    let without_g1 = s.month_totals(1, NOV, Some("g1")).await.unwrap();
+    assert_eq!((without_g1.tokens, without_g1.requests), (140, 2));
 }
 
 async fn daily_usage_lists_the_days_asked_for(b: Backend) {
     let s = &b.store;
-    s.record_usage(&[
-        settled("a", 1, "2026-11-01", "m2", 1, 10),
-        settled("b", 1, "2026-11-01", "m1", 2, 10),
-        settled("c", 1, "2026-11-02", "m1", 4, 10),
-        settled("d", 1, "2026-11-03", "m1", 8, 10),
-        settled("e", 2, "2026-11-02", "m1", 16, 10),
-        denied(1, "2026-11-02", "m1"),
-        denied(1, "2026-11-02", "m3"),
-    ])
-    .await
-    .unwrap();
+    let rows = vec![
+        used(1, "2026-11-01", "m2", 1, 1),
+        used(1, "2026-11-01", "m1", 1, 2),
+        used(1, "2026-11-02", "m1", 1, 4),
+        used(1, "2026-11-03", "m1", 1, 8),
+        used(2, "2026-11-02", "m1", 1, 16),
+        denied(1, "2026-11-02", "m1", 1),
+        denied(1, "2026-11-02", "m3", 1),
+    ];
+    s.record_usage(&batch("b", rows), 10).await.unwrap();
     let rows = s.daily_usage(1, "2026-11-01", "2026-11-02").await.unwrap();
     let got: Vec<(&str, &str, u64, u64, u64)> = rows
         .iter()
@@ -704,42 +775,64 @@ async fn daily_usage_lists_the_days_asked_for(b: Backend) {
         .is_empty());
 }
 
+/// `n` ids of batches written long ago, inserted directly (as many batches would leave them).
+async fn old_batch_ids(url: &str, n: i64) {
+    use sqlx::Connection;
+    const IDS: &str = "WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < $1) INSERT INTO ledger_batches (id, written_at) SELECT 'old-' || n, 100 + n % 50 FROM seq";
+    if url.starts_with("sqlite:") {
+        let mut c = sqlx::SqliteConnection::connect(url).await.unwrap();
+        sqlx::query(IDS).bind(n).execute(&mut c).await.unwrap();
+    } else {
+        let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(IDS).bind(n).execute(&mut c).await.unwrap();
+    }
+}
+
 async fn pruning_in_batches_keeps_the_totals(b: Backend) {
     let s = &b.store;
-    // More than two batches of old events, and a few recent ones.
-    let old = 2 * PRUNE_BATCH as usize + 123;
-    let records: Vec<UsageRecord> = (0..old)
-        .map(|i| {
-            settled(
-                &format!("old-{i:06}"),
-                1,
-                "2026-11-05",
-                "a",
-                2,
-                100 + (i % 50) as i64,
-            )
-        })
-        .chain((0..10).map(|i| settled(&format!("new-{i}"), 1, "2026-11-20", "a", 5, 10_000)))
-        .collect();
-    for chunk in records.chunks(4096) {
-        s.record_usage(chunk).await.unwrap();
+    // More than two pruning batches of old batch ids, one old batch with usage, and a few
+    // recent ones.
+    let old = 2 * PRUNE_BATCH + 123;
+    old_batch_ids(&b.url, old).await;
+    let rows = vec![used(1, "2026-11-05", "a", 1, 2)];
+    assert!(s.record_usage(&batch("old-real", rows), 120).await.unwrap());
+    for i in 0..10 {
+        let rows = vec![used(1, "2026-11-20", "a", 1, 5)];
+        assert!(s
+            .record_usage(&batch(&format!("new-{i}"), rows), 10_000)
+            .await
+            .unwrap());
     }
+    // Rows by counter: one from October (to prune), one from November (to keep).
+    let counted_rows = vec![
+        counted("2026-10-30", "a", 1, 1, "g"),
+        counted("2026-11-01", "a", 1, 1, "g"),
+    ];
+    assert!(s
+        .record_usage(&batch("counted", counted_rows), 10_000)
+        .await
+        .unwrap());
     let before = s.month_totals(1, NOV, None).await.unwrap();
-    assert_eq!(
-        (before.tokens, before.requests),
-        (2 * old as u64 + 50, old as u64 + 10)
-    );
+    assert_eq!((before.tokens, before.requests), (53, 12));
 
-    assert_eq!(s.prune_events(5_000).await.unwrap(), old as u64);
-    assert_eq!(s.prune_events(5_000).await.unwrap(), 0);
+    let pruned = s.prune_ledger(5_000, "2026-11-01").await.unwrap();
+    // The old ids, the old batch's, and October's row by counter.
+    assert_eq!(pruned, old as u64 + 2);
+    assert_eq!(s.prune_ledger(5_000, "2026-11-01").await.unwrap(), 0);
     let after = s.month_totals(1, NOV, None).await.unwrap();
     assert_eq!(
         (after.tokens, after.requests),
         (before.tokens, before.requests)
     );
-    // Recent events are still there (a retry is still recognised); old ones are gone.
-    assert_eq!(s.record_usage(&records[old..]).await.unwrap(), 0);
-    assert_eq!(s.record_usage(&records[..1]).await.unwrap(), 1);
+    // November's rows by counter are still there.
+    let without_g = s.month_totals(1, NOV, Some("g")).await.unwrap();
+    assert_eq!(without_g.requests, before.requests - 1);
+    // Recent ids are still known (a batch sent again is recognised); old ones are gone.
+    let again = batch("new-3", vec![used(1, "2026-11-20", "a", 1, 5)]);
+    assert!(!s.record_usage(&again, 10_000).await.unwrap());
+    let again = batch("old-real", vec![used(1, "2026-11-05", "a", 1, 2)]);
+    assert!(s.record_usage(&again, 10_000).await.unwrap());
+    assert!(!s.record_usage(&again, 10_000).await.unwrap());
 }
 
 async fn an_overrides_patch_sets_clears_and_keeps(b: Backend) {
@@ -1119,24 +1212,32 @@ async fn the_audit_log_is_filtered_and_paged_newest_first(b: Backend) {
     assert_eq!(walked, all);
 }
 
-/// Many writers (two processes, four tasks each) write the same requests at the same moment,
-/// half of them in the opposite order: no write fails (no deadlock), and every request is
-/// counted exactly once.
-async fn overlapping_batches_from_many_writers_count_each_request_once(b: Backend) {
+/// Many writers (two processes, four tasks each) each send batches adding to the same rows at
+/// the same moment, half of them in the opposite row order, and every batch is also sent again
+/// by another writer at the same moment (a retry racing the first write): no write fails (no
+/// deadlock), and every batch counts exactly once.
+async fn overlapping_batches_from_many_writers_count_each_batch_once(b: Backend) {
     const WRITERS: usize = 8;
     const ROUNDS: usize = 6;
-    const BATCH: usize = 1000;
     let stores = [b.store.clone(), b.another().await];
-    // Request n of a round: workspace 1-3, one of two days, one of three models, 1-7 tokens.
-    let request = |round: usize, n: usize| {
-        settled(
-            &format!("req-{round}-{n:04}"),
-            (n % 3) as i64 + 1,
-            ["2026-11-01", "2026-11-02"][n % 2],
-            ["a", "b", "c"][n % 5 % 3],
-            (n % 7) as u64 + 1,
-            100,
-        )
+    // The rows of writer `w`'s batch in a round: workspaces 1-3, two days, three models.
+    let rows = |w: usize, round: usize| -> Vec<LedgerRow> {
+        let mut rows = Vec::new();
+        for ws in 1..=3i64 {
+            for day in ["2026-11-01", "2026-11-02"] {
+                for model in ["a", "b", "c"] {
+                    let n = (w + round + ws as usize) as u64;
+                    rows.push(LedgerRow {
+                        denied: n % 2,
+                        ..used(ws, day, model, n, 10 * n)
+                    });
+                }
+            }
+        }
+        if w % 2 == 1 {
+            rows.reverse();
+        }
+        rows
     };
     let together = Arc::new(tokio::sync::Barrier::new(WRITERS));
     let mut writers = Vec::new();
@@ -1146,16 +1247,15 @@ async fn overlapping_batches_from_many_writers_count_each_request_once(b: Backen
         writers.push(tokio::spawn(async move {
             let mut written = Vec::new();
             for round in 0..ROUNDS {
-                let mut batch: Vec<UsageRecord> = (0..BATCH).map(|n| request(round, n)).collect();
-                // Denials on the same daily rows.
-                batch.push(denied(1, "2026-11-01", "a"));
-                batch.push(denied(2, "2026-11-02", "c"));
-                if task % 2 == 1 {
-                    batch.reverse();
-                }
+                // Writer `task` sends its own batch, and the batch of the writer before it
+                // (as that writer's retry would).
+                let own = batch(&format!("w{task}-{round}"), rows(task, round));
+                let before = (task + WRITERS - 1) % WRITERS;
+                let other = batch(&format!("w{before}-{round}"), rows(before, round));
                 together.wait().await;
                 // Kept, not unwrapped here: the other writers wait for this one every round.
-                written.push(store.record_usage(&batch).await);
+                written.push(store.record_usage(&own, 1).await);
+                written.push(store.record_usage(&other, 1).await);
             }
             written
         }));
@@ -1163,46 +1263,30 @@ async fn overlapping_batches_from_many_writers_count_each_request_once(b: Backen
     let mut new = 0;
     for w in writers {
         for written in w.await.unwrap() {
-            new += written.unwrap();
+            new += usize::from(written.unwrap());
         }
     }
-    assert_eq!(new, ROUNDS * BATCH, "each request is new exactly once");
+    assert_eq!(new, WRITERS * ROUNDS, "each batch is new exactly once");
     for ws in 1..=3i64 {
-        let (mut tokens, mut requests) = (0, 0);
-        for round in 0..ROUNDS {
-            for n in 0..BATCH {
-                if let UsageRecord::Settled {
-                    workspace,
-                    tokens: t,
-                    ..
-                } = request(round, n)
-                {
-                    if workspace == ws {
-                        tokens += t;
-                        requests += 1;
-                    }
+        let (mut tokens, mut requests, mut denials) = (0, 0, 0);
+        for w in 0..WRITERS {
+            for round in 0..ROUNDS {
+                for row in rows(w, round).into_iter().filter(|r| r.workspace == ws) {
+                    tokens += row.tokens;
+                    requests += row.requests;
+                    denials += row.denied;
                 }
             }
         }
         let t = b.store.month_totals(ws, NOV, None).await.unwrap();
         assert_eq!((t.tokens, t.requests), (tokens, requests), "workspace {ws}");
-    }
-    let mut denials = 0;
-    for ws in [1, 2] {
-        for row in b
+        let daily = b
             .store
             .daily_usage(ws, "2026-11-01", "2026-11-30")
             .await
-            .unwrap()
-        {
-            denials += row.denied;
-        }
+            .unwrap();
+        assert_eq!(daily.iter().map(|r| r.denied).sum::<u64>(), denials);
     }
-    assert_eq!(
-        denials,
-        (WRITERS * ROUNDS * 2) as u64,
-        "every denial sent is counted"
-    );
 }
 
 // ---- Postgres only ----
@@ -1225,7 +1309,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2]);
+    assert_eq!(steps, vec![1, 2, 3]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 
@@ -1248,9 +1332,8 @@ async fn when_postgres_is_down_calls_fail_fast_and_the_ledger_catches_up() {
         metrics.clone(),
         Duration::from_millis(50),
     );
-    let now = SystemClock.now_secs();
     let day = "2026-11-10";
-    let record = |n: usize| settled(&format!("r{n}"), 1, day, "m", 3, now);
+    let record = |_: usize| settled(1, day, "m", 3);
     for n in 0..100 {
         recorder.record(record(n));
     }
@@ -1267,8 +1350,8 @@ async fn when_postgres_is_down_calls_fail_fast_and_the_ledger_catches_up() {
         "took {:?}",
         started.elapsed()
     );
-    // Usage settled meanwhile (with a retry of what was already written) is kept...
-    for n in 90..150 {
+    // Usage settled meanwhile is kept...
+    for n in 100..150 {
         recorder.record(record(n));
     }
     recorder.flush().await;
@@ -1285,8 +1368,68 @@ async fn when_postgres_is_down_calls_fail_fast_and_the_ledger_catches_up() {
     assert_eq!((t.requests, t.tokens), (150, 450));
 }
 
-/// While the store is down the ledger writer keeps settlements up to its bound; past it, each
-/// further settlement is counted (requests and tokens) in the metrics, never silently lost, and
+/// A ledger write whose outcome the writer cannot know: Postgres runs and commits the batch, but
+/// its answer never comes back, so the writer times out and sends the batch again once the line
+/// is back. The batch's id makes the second write a no-op: every settlement counts once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_commit_was_not_heard_counts_once() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(db.addr()).await;
+    let store = tiergate::store::open(&db.url_via(&proxy)).await.unwrap();
+    let direct = tiergate::store::open(&db.url).await.unwrap();
+    let catalog = Arc::new(Catalog::load(store.clone()).await.unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let limiter = Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone()))));
+    let (recorder, _writer) = Recorder::start(
+        store.clone(),
+        catalog,
+        limiter,
+        Arc::new(SystemClock),
+        metrics.clone(),
+        Duration::from_secs(3600),
+    );
+    let day = "2026-11-10";
+    for _ in 0..10 {
+        recorder.record(settled(1, day, "m", 3));
+    }
+    recorder.record(settled(2, day, "m", 5));
+    proxy.set(Line::DeafAfter("ledger_batches"));
+    recorder.flush().await;
+    assert!(metrics.ledger_write_errors.load(Ordering::Relaxed) >= 1);
+    // It was written all the same.
+    let t = direct.month_totals(1, NOV, None).await.unwrap();
+    assert_eq!((t.requests, t.tokens), (10, 30), "Postgres committed it");
+    // More settles meanwhile, for the same rows and a new one.
+    recorder.record(settled(1, day, "m", 3));
+    recorder.record(settled(3, day, "m", 7));
+
+    proxy.set(Line::Up);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while metrics.ledger_pending.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        recorder.flush().await;
+    }
+    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 0);
+    let totals = |ws| {
+        let direct = direct.clone();
+        async move {
+            let t = direct.month_totals(ws, NOV, None).await.unwrap();
+            (t.requests, t.tokens)
+        }
+    };
+    assert_eq!(
+        totals(1).await,
+        (11, 33),
+        "the batch sent again counted once"
+    );
+    assert_eq!(totals(2).await, (1, 5));
+    assert_eq!(totals(3).await, (1, 7));
+}
+
+/// While the store is down the ledger writer adds settlements up in memory, within its bound of
+/// rows; past it, each settlement that would need a new row is counted (requests and tokens) in
+/// the metrics, never silently lost, while those for rows already waiting are still added; and
 /// what was kept is written once the store is back. Denials are counted per workspace, day and
 /// model, and model names beyond the daily cap are counted under "(other)".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1310,40 +1453,70 @@ async fn the_ledger_writer_keeps_its_bound_and_counts_what_it_drops() {
         10,
     );
     let day = "2026-11-10";
-    let now = SystemClock.now_secs();
     proxy.set(Line::Down);
-    for n in 0..25 {
-        recorder.record(settled(&format!("b{n}"), 1, day, "m", 7, now));
+    // 25 workspaces settle once each: 10 rows fit, 15 settlements are dropped.
+    for ws in 1..=25 {
+        recorder.record(settled(ws, day, "m", 7));
     }
     recorder.flush().await;
+    // The first 10 settle 4 more times each: their rows are being added up, so nothing more is
+    // lost.
+    for _ in 0..4 {
+        for ws in 1..=10 {
+            recorder.record(settled(ws, day, "m", 7));
+        }
+        recorder.flush().await;
+    }
     let dropped = metrics.ledger_dropped.load(Ordering::Relaxed);
     assert_eq!(dropped, 15);
     assert_eq!(
         metrics.ledger_dropped_tokens.load(Ordering::Relaxed),
         15 * 7
     );
-    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 10);
+    // Rows waiting: the 10 sealed in the batch that failed, and the same 10 adding up since.
+    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 20);
+    assert!(metrics.ledger_write_errors.load(Ordering::Relaxed) > 0);
 
     proxy.set(Line::Up);
+    let total = || async {
+        let (mut requests, mut tokens) = (0, 0);
+        for ws in 1..=25 {
+            let t = direct.month_totals(ws, NOV, None).await.unwrap();
+            requests += t.requests;
+            tokens += t.tokens;
+        }
+        (requests, tokens)
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while direct.month_totals(1, NOV, None).await.unwrap().requests < 10
-        && Instant::now() < deadline
-    {
+    while total().await.0 < 50 && Instant::now() < deadline {
         recorder.flush().await;
     }
-    let t = direct.month_totals(1, NOV, None).await.unwrap();
-    assert_eq!((t.requests, t.tokens), (10, 70));
+    assert_eq!(total().await, (50, 50 * 7));
+    assert_eq!(
+        direct.month_totals(11, NOV, None).await.unwrap().requests,
+        0
+    );
+    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 0);
 
     // 40 denials under 40 made-up model names, then 5 more for one of them: one row update per
-    // name and flush, at most the daily cap of names, the rest under "(other)".
+    // name and flush, at most the daily cap of names, the rest under "(other)". (With room for
+    // the rows: the bound above is 10.)
+    let (recorder, _writer) = Recorder::start(
+        direct.clone(),
+        Arc::new(Catalog::load(direct.clone()).await.unwrap()),
+        Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(direct.clone())))),
+        Arc::new(SystemClock),
+        metrics.clone(),
+        Duration::from_millis(50),
+    );
     for n in 0..40 {
-        recorder.record_denied(2, day.into(), format!("model-{n}"));
+        recorder.record_denied(99, day.into(), format!("model-{n}"));
     }
     for _ in 0..5 {
-        recorder.record_denied(2, day.into(), "model-0".into());
+        recorder.record_denied(99, day.into(), "model-0".into());
     }
     recorder.flush().await;
-    let rows = direct.daily_usage(2, day, day).await.unwrap();
+    let rows = direct.daily_usage(99, day, day).await.unwrap();
     assert!(
         rows.len() <= tiergate::usage::MAX_MODELS_PER_DAY + 1,
         "{} rows",

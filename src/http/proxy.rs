@@ -637,16 +637,15 @@ async fn settle(
     match state.limiter.settle(reservation, limits, actual, now).await {
         Ok(settled) => state
             .recorder
-            .record(settled_record(request_id, ws, model, actual, &settled)),
+            .record(settled_record(ws, model, actual, &settled)),
         Err(e) => {
             // Retried by the ledger writer until the limiter takes it.
             Metrics::inc(&state.metrics.limiter_errors);
-            tracing::debug!(error = %e, "settlement deferred");
+            tracing::debug!(error = %e, request_id, "settlement deferred");
             state.recorder.defer(Deferred {
                 reservation: reservation.clone(),
                 limits: Arc::new(limits.clone()),
                 actual,
-                request_id,
                 model,
             });
         }

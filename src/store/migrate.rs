@@ -58,8 +58,13 @@ pub struct MigrationSummary {
     /// Of `keys`.
     pub revoked_keys: u64,
     pub limit_requests: u64,
+    /// Per-request events written by versions before ledger batches.
     pub ledger_events: u64,
     pub daily_rows: u64,
+    /// Rows by month-counter generation.
+    pub counted_rows: u64,
+    /// Ids of ledger batches written (kept for a week, to recognise a batch sent again).
+    pub batch_ids: u64,
     pub audit_entries: u64,
     /// The catalogue version the target is now at.
     pub catalog_version: i64,
@@ -95,13 +100,13 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
 
     // Nobody writes the target while it is checked and filled.
     sqlx::query(
-        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, catalog_changes, audit IN EXCLUSIVE MODE",
+        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, ledger_batches, catalog_changes, audit IN EXCLUSIVE MODE",
     )
     .execute(&mut *dst)
     .await
     .map_err(write)?;
     let (workspaces, keys, limit_requests, ledger_rows): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily)",
+        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily) + (SELECT COUNT(*) FROM usage_counted) + (SELECT COUNT(*) FROM ledger_batches)",
     )
     .fetch_one(&mut *dst)
     .await
@@ -130,7 +135,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
     for (table, columns) in TABLES {
         copied.push(copy_table(&mut src, &mut dst, table, columns).await?);
     }
-    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, audit_entries] =
+    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, batch_ids, audit_entries] =
         copied[..]
     else {
         unreachable!("one count per table")
@@ -148,6 +153,8 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
         limit_requests,
         ledger_events,
         daily_rows,
+        counted_rows,
+        batch_ids,
         audit_entries,
         catalog_version: 0,
     };
@@ -260,6 +267,18 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("denied", Int),
         ],
     ),
+    (
+        "usage_counted",
+        &[
+            ("counter", Text),
+            ("workspace_id", Int),
+            ("day", Text),
+            ("model", Text),
+            ("requests", Int),
+            ("tokens", Int),
+        ],
+    ),
+    ("ledger_batches", &[("id", Text), ("written_at", Int)]),
     (
         "audit",
         &[

@@ -6,14 +6,18 @@
 //! scheme; `migrate` copies an embedded installation into Postgres.
 //!
 //! # Ledger
-//! The ledger is written in batches by `usage::Recorder`: each settled request is an event keyed
-//! by its request id (so settling twice never counts twice) and is rolled up, in the same
-//! transaction, into one row per workspace, day and model; only events that were new are rolled
-//! up. Month totals are sums of those daily rows. Events older than the idempotency window are
-//! pruned in bounded batches, so the ledger does not grow by a row per request for ever and a
-//! large prune never holds a long lock. An event may carry the id of the limiter's shared month
-//! counter that counted it, so that `month_totals` can leave out what that counter already holds.
-//!
+//! The ledger is written in batches by `usage::Recorder`, which adds settled usage and denials
+//! up in memory per (workspace, day, model, counter) between flushes: a batch is a few rows, not
+//! a row per request. Each batch carries an id (the writing process's random id and a sequence
+//! number) that is recorded in the same transaction as its rows (`ledger_batches`), so a batch
+//! sent again after a write whose outcome was unknown (the connection died at commit) is
+//! recognised and counts once, on SQLite and on Postgres with many instances alike. Its rows are
+//! added to one row per workspace, day and model (`usage_daily`); month totals are sums of those.
+//! Rows settled under one of the limiter's shared month-counter generations are also added per
+//! generation (`usage_counted`), so that `month_totals` can leave out what that counter already
+//! holds. Batch ids are kept for the idempotency window, then pruned in bounded batches, as are
+//! the per-request events (`usage_events`) that versions before batches wrote.
+
 //! # Catalogue changes
 //! Every mutation of the catalogue bumps `catalog_version` and, in the same transaction, logs
 //! what changed (a tier name, a workspace id, a key id) under the new version. Serving instances
@@ -95,28 +99,28 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// One settled request for the ledger, or a denial to count.
-#[derive(Debug, Clone, PartialEq)]
-pub enum UsageRecord {
-    Settled {
-        request_id: String,
-        workspace: WorkspaceId,
-        /// `YYYY-MM-DD`, UTC, the day of settlement.
-        day: String,
-        model: String,
-        tokens: u64,
-        /// Unix seconds.
-        at: i64,
-        /// The limiter's shared month-counter generation that counted this settlement, if any.
-        counter: Option<String>,
-    },
-    /// Denials of a workspace for a model on a day, aggregated in memory before writing.
-    Denied {
-        workspace: WorkspaceId,
-        day: String,
-        model: String,
-        count: u64,
-    },
+/// One row of a ledger batch: what was settled and denied for a workspace, on a day, for a
+/// model, counted by one month-counter generation of the limiter (if any).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerRow {
+    pub workspace: WorkspaceId,
+    /// `YYYY-MM-DD`, UTC, the day of settlement.
+    pub day: String,
+    pub model: String,
+    /// The limiter's shared month-counter generation that counted these settlements, if any.
+    pub counter: Option<String>,
+    pub requests: u64,
+    pub tokens: u64,
+    pub denied: u64,
+}
+
+/// A batch for the ledger: settled usage and denials added up per row, written whole exactly
+/// once under its id, however often it is sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerBatch {
+    /// Unique to this batch: the writing process's random id and a sequence number.
+    pub id: String,
+    pub rows: Vec<LedgerRow>,
 }
 
 /// A rolled-up ledger row.
@@ -238,11 +242,12 @@ pub trait Store: Send + Sync {
     async fn revoke_key(&self, id: KeyId, by: &Actor, now: i64) -> Result<ApiKey, StoreError>;
     async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<(), StoreError>;
 
-    /// Writes a batch to the ledger in one transaction; settled events already recorded are
-    /// skipped. Returns how many settled events were new.
-    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<usize, StoreError>;
+    /// Writes a batch to the ledger in one transaction, with its id: a batch whose id was
+    /// already written (a retry after a write whose outcome was not known) changes nothing and
+    /// gives `false`. `now` is unix seconds, kept with the id for pruning.
+    async fn record_usage(&self, batch: &LedgerBatch, now: i64) -> Result<bool, StoreError>;
     /// The month's settled totals (tokens, requests, tokens by model) from the daily rollups;
-    /// with `excluding_counter`, minus the month's settled events tagged with that counter.
+    /// with `excluding_counter`, minus what that month-counter generation counted.
     async fn month_totals(
         &self,
         workspace: WorkspaceId,
@@ -256,9 +261,11 @@ pub trait Store: Send + Sync {
         from: &str,
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError>;
-    /// Drops ledger events settled before `before` (unix seconds), `PRUNE_BATCH` rows per
-    /// transaction; their totals stay. Returns how many were dropped.
-    async fn prune_events(&self, before: i64) -> Result<u64, StoreError>;
+    /// Drops the ids of batches written before `before` (unix seconds), the per-request events
+    /// of older versions settled before it, and rows by counter for days before
+    /// `counted_before_day`, `PRUNE_BATCH` rows per transaction; the daily totals stay.
+    /// Returns how many rows were dropped.
+    async fn prune_ledger(&self, before: i64, counted_before_day: &str) -> Result<u64, StoreError>;
 
     /// `NotFound` when the workspace does not exist.
     async fn create_limit_request(
@@ -465,12 +472,16 @@ fn month_range(month: MonthKey) -> (String, String) {
     (month.first_day(), month.next().first_day())
 }
 
-/// The month's daily rollups minus the events tagged with the excluded counter (none when it
-/// is NULL), per model; one statement, so one snapshot.
+/// The month's daily rollups minus what the excluded counter counted (nothing when it is NULL):
+/// its rows by counter, and the per-request events that versions before batches wrote; per
+/// model, in one statement, so one snapshot.
 const MONTH_TOTALS_SQL: &str = "
 SELECT model, CAST(SUM(tokens) AS BIGINT) AS tokens, CAST(SUM(requests) AS BIGINT) AS requests FROM (
     SELECT model, tokens, requests FROM usage_daily
         WHERE workspace_id = $1 AND day >= $2 AND day < $3
+    UNION ALL
+    SELECT model, -tokens, -requests FROM usage_counted
+        WHERE counter = $4 AND workspace_id = $1 AND day >= $2 AND day < $3
     UNION ALL
     SELECT model, -tokens, -1 FROM usage_events
         WHERE counter = $4 AND workspace_id = $1 AND day >= $2 AND day < $3

@@ -8,12 +8,12 @@
 //! - **Read-then-write transactions lock what they read** (`SELECT … FOR UPDATE`): an approved
 //!   increase and an overrides change on the same workspace are applied one after the other,
 //!   each to what the other left.
-//! - **Batch writes lock rows in key order.** `record_usage` is one statement: the batch's events
-//!   (first of each request id) are inserted in request-id order, `ON CONFLICT DO NOTHING`; only
-//!   the rows that were new are rolled up, with the batch's denials, into daily rows aggregated
-//!   per (workspace, day, model) and upserted in that key order. `touch_keys` locks keys in id
-//!   order. Two instances writing overlapping batches therefore wait for each other but never
-//!   deadlock, and a request is counted once whichever instance writes it.
+//! - **Batch writes lock rows in key order.** `record_usage` is one statement: the batch's id is
+//!   inserted `ON CONFLICT DO NOTHING`; only if it was new are the batch's rows added to the
+//!   daily rows (aggregated per workspace, day and model) and to the rows by counter, each
+//!   upserted in key order. `touch_keys` locks keys in id order. Two instances writing
+//!   overlapping batches therefore wait for each other but never deadlock, and a batch counts
+//!   once however often it is sent.
 //! - **Bounded failure.** A connection is waited for at most `ACQUIRE_TIMEOUT`, and a call at most
 //!   `CALL_TIMEOUT` in all, so when Postgres is down or unreachable a call fails fast with
 //!   `StoreError::Unreachable` (its transaction rolled back) instead of hanging the caller.
@@ -30,7 +30,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{
     already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
     parse_json, redact, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
-    CatalogDelta, Changed, DailyUsage, NewKey, Store, StoreError, UsageRecord, WorkspaceChange,
+    CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange,
     AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
@@ -136,6 +136,25 @@ CREATE TABLE audit (
 CREATE INDEX audit_workspace ON audit(workspace_id, id);
 CREATE INDEX audit_actor ON audit(actor, id);
 CREATE INDEX audit_at ON audit(at, id);
+"#,
+    // The ledger in batches: the ids of batches written (idempotency), and what each of the
+    // limiter's month-counter generations counted, per workspace, day and model.
+    r#"
+CREATE TABLE ledger_batches (
+    id TEXT PRIMARY KEY,
+    written_at BIGINT NOT NULL
+);
+CREATE INDEX ledger_batches_written_at ON ledger_batches(written_at);
+CREATE TABLE usage_counted (
+    counter TEXT NOT NULL,
+    workspace_id BIGINT NOT NULL,
+    day TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests BIGINT NOT NULL DEFAULT 0,
+    tokens BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, workspace_id, day, model)
+);
+CREATE INDEX usage_counted_day ON usage_counted(day);
 "#,
 ];
 
@@ -343,35 +362,40 @@ fn limit_request_row(row: &PgRow) -> Result<LimitRequest, StoreError> {
 const KEY_COLUMNS: &str =
     "id, workspace_id, name, prefix, hash, created_at, expires_at, revoked_at, last_used_at";
 
-/// The ledger batch as one statement: new events (first of each request id, in request-id
-/// order), then their rollups and the batch's denials, aggregated and upserted in key order.
-/// Returns how many events were new.
+/// The ledger batch as one statement: its id first (`ON CONFLICT DO NOTHING`: a batch written
+/// before adds nothing), then, only if the id was new, its rows added to the daily rows and, for
+/// rows under a counter generation, to the rows by counter, each aggregated and upserted in key
+/// order. Returns whether the batch was new.
 const RECORD_USAGE_SQL: &str = "
-WITH new AS (
-    INSERT INTO usage_events (request_id, workspace_id, day, model, tokens, settled_at, counter)
-    SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[],
-                         $6::BIGINT[], $7::TEXT[])
-        AS e(request_id, workspace_id, day, model, tokens, settled_at, counter)
-    ORDER BY request_id
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING workspace_id, day, model, tokens
-), deltas AS (
-    SELECT workspace_id, day, model, 1::BIGINT AS requests, tokens, 0::BIGINT AS denied FROM new
-    UNION ALL
-    SELECT workspace_id, day, model, 0, 0, denied
-    FROM unnest($8::BIGINT[], $9::TEXT[], $10::TEXT[], $11::BIGINT[])
-        AS d(workspace_id, day, model, denied)
+WITH batch AS (
+    INSERT INTO ledger_batches (id, written_at) VALUES ($1, $2)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING id
+), rows AS (
+    SELECT r.* FROM unnest($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
+                           $8::BIGINT[], $9::BIGINT[])
+        AS r(workspace_id, day, model, counter, requests, tokens, denied)
+    WHERE EXISTS (SELECT 1 FROM batch)
 ), daily AS (
     INSERT INTO usage_daily AS u (workspace_id, day, model, requests, tokens, denied)
-    SELECT workspace_id, day, model, SUM(requests), SUM(tokens), SUM(denied) FROM deltas
+    SELECT workspace_id, day, model, SUM(requests), SUM(tokens), SUM(denied) FROM rows
     GROUP BY workspace_id, day, model
     ORDER BY workspace_id, day, model
     ON CONFLICT (workspace_id, day, model) DO UPDATE SET
         requests = u.requests + excluded.requests,
         tokens = u.tokens + excluded.tokens,
         denied = u.denied + excluded.denied
+), counted AS (
+    INSERT INTO usage_counted AS c (counter, workspace_id, day, model, requests, tokens)
+    SELECT counter, workspace_id, day, model, SUM(requests), SUM(tokens) FROM rows
+    WHERE counter IS NOT NULL AND (requests > 0 OR tokens > 0)
+    GROUP BY counter, workspace_id, day, model
+    ORDER BY counter, workspace_id, day, model
+    ON CONFLICT (counter, workspace_id, day, model) DO UPDATE SET
+        requests = c.requests + excluded.requests,
+        tokens = c.tokens + excluded.tokens
 )
-SELECT COUNT(*) FROM new";
+SELECT COUNT(*) FROM batch";
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -794,77 +818,42 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<usize, StoreError> {
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        // The first record of each request id, in request-id order; denials counted per key.
-        let mut settled = BTreeMap::new();
-        let mut denied: BTreeMap<(WorkspaceId, &str, &str), i64> = BTreeMap::new();
-        for record in batch {
-            match record {
-                UsageRecord::Settled {
-                    request_id,
-                    workspace,
-                    day,
-                    model,
-                    tokens,
-                    at,
-                    counter,
-                } => {
-                    settled.entry(request_id.as_str()).or_insert((
-                        *workspace,
-                        day.as_str(),
-                        model.as_str(),
-                        *tokens as i64,
-                        *at,
-                        counter.as_deref(),
-                    ));
-                }
-                UsageRecord::Denied {
-                    workspace,
-                    day,
-                    model,
-                    count,
-                } => *denied.entry((*workspace, day, model)).or_insert(0) += *count as i64,
-            }
-        }
-        let mut ids = Vec::with_capacity(settled.len());
-        let (mut workspaces, mut days, mut models) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut tokens, mut ats, mut counters) = (Vec::new(), Vec::new(), Vec::new());
-        for (id, (w, d, m, t, a, c)) in settled {
-            ids.push(id);
-            workspaces.push(w);
-            days.push(d);
-            models.push(m);
-            tokens.push(t);
-            ats.push(a);
-            counters.push(c);
-        }
-        let (mut d_workspaces, mut d_days, mut d_models, mut d_counts) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for ((w, d, m), n) in denied {
-            d_workspaces.push(w);
-            d_days.push(d);
-            d_models.push(m);
-            d_counts.push(n);
+    async fn record_usage(&self, batch: &LedgerBatch, now: i64) -> Result<bool, StoreError> {
+        let n = batch.rows.len();
+        let (mut workspaces, mut days, mut models) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut counters, mut requests, mut tokens, mut denied) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for row in &batch.rows {
+            workspaces.push(row.workspace);
+            days.push(row.day.as_str());
+            models.push(row.model.as_str());
+            counters.push(row.counter.as_deref());
+            requests.push(row.requests as i64);
+            tokens.push(row.tokens as i64);
+            denied.push(row.denied as i64);
         }
         bounded(CALL_TIMEOUT, async {
             let new: i64 = sqlx::query_scalar(RECORD_USAGE_SQL)
-                .bind(&ids)
+                .bind(&batch.id)
+                .bind(now)
                 .bind(&workspaces)
                 .bind(&days)
                 .bind(&models)
-                .bind(&tokens)
-                .bind(&ats)
                 .bind(&counters)
-                .bind(&d_workspaces)
-                .bind(&d_days)
-                .bind(&d_models)
-                .bind(&d_counts)
+                .bind(&requests)
+                .bind(&tokens)
+                .bind(&denied)
                 .fetch_one(&self.pool)
                 .await?;
-            Ok(new as usize)
+            Ok(new == 1)
         })
         .await
     }
@@ -919,20 +908,38 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn prune_events(&self, before: i64) -> Result<u64, StoreError> {
+    async fn prune_ledger(&self, before: i64, counted_before_day: &str) -> Result<u64, StoreError> {
+        // Each batch of rows is its own short transaction. Rows another instance is pruning at
+        // the same moment are skipped, not waited for.
+        let batches = "DELETE FROM ledger_batches WHERE id IN (SELECT id FROM ledger_batches WHERE written_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
+        let events = "DELETE FROM usage_events WHERE request_id IN (SELECT request_id FROM usage_events WHERE settled_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
+        let counted = "DELETE FROM usage_counted WHERE ctid IN (SELECT ctid FROM usage_counted WHERE day < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let mut pruned = 0;
+        for sql in [batches, events] {
+            loop {
+                let n = bounded(CALL_TIMEOUT, async {
+                    Ok(sqlx::query(sql)
+                        .bind(before)
+                        .bind(PRUNE_BATCH)
+                        .execute(&self.pool)
+                        .await?
+                        .rows_affected())
+                })
+                .await?;
+                pruned += n;
+                if n < PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
         loop {
-            // Each batch is its own short transaction. Rows another instance is pruning at the
-            // same moment are skipped, not waited for.
             let n = bounded(CALL_TIMEOUT, async {
-                Ok(sqlx::query(
-                    "DELETE FROM usage_events WHERE request_id IN (SELECT request_id FROM usage_events WHERE settled_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                )
-                .bind(before)
-                .bind(PRUNE_BATCH)
-                .execute(&self.pool)
-                .await?
-                .rows_affected())
+                Ok(sqlx::query(counted)
+                    .bind(counted_before_day)
+                    .bind(PRUNE_BATCH)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
             })
             .await?;
             pruned += n;

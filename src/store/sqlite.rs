@@ -17,7 +17,7 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use super::{
     already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
     parse_json, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData, CatalogDelta,
-    Changed, DailyUsage, NewKey, Store, StoreError, UsageRecord, WorkspaceChange, AUDIT_COLUMNS,
+    Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange, AUDIT_COLUMNS,
     CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
@@ -117,6 +117,25 @@ CREATE TABLE audit (
 CREATE INDEX audit_workspace ON audit(workspace_id, id);
 CREATE INDEX audit_actor ON audit(actor, id);
 CREATE INDEX audit_at ON audit(at, id);
+"#,
+    // The ledger in batches: the ids of batches written (idempotency), and what each of the
+    // limiter's month-counter generations counted, per workspace, day and model.
+    r#"
+CREATE TABLE ledger_batches (
+    id TEXT PRIMARY KEY,
+    written_at INTEGER NOT NULL
+);
+CREATE INDEX ledger_batches_written_at ON ledger_batches(written_at);
+CREATE TABLE usage_counted (
+    counter TEXT NOT NULL,
+    workspace_id INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    model TEXT NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, workspace_id, day, model)
+);
+CREATE INDEX usage_counted_day ON usage_counted(day);
 "#,
 ];
 
@@ -641,70 +660,50 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn record_usage(&self, batch: &[UsageRecord]) -> Result<usize, StoreError> {
-        if batch.is_empty() {
-            return Ok(0);
-        }
+    async fn record_usage(&self, batch: &LedgerBatch, now: i64) -> Result<bool, StoreError> {
         let mut tx = self.write_tx().await?;
-        let mut new = 0;
-        for record in batch {
-            match record {
-                UsageRecord::Settled {
-                    request_id,
-                    workspace,
-                    day,
-                    model,
-                    tokens,
-                    at,
-                    counter,
-                } => {
-                    let inserted = sqlx::query(
-                        "INSERT INTO usage_events (request_id, workspace_id, day, model, tokens, settled_at, counter) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(request_id) DO NOTHING",
-                    )
-                    .bind(request_id)
-                    .bind(workspace)
-                    .bind(day)
-                    .bind(model)
-                    .bind(*tokens as i64)
-                    .bind(at)
-                    .bind(counter.as_deref())
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                    if inserted == 0 {
-                        continue;
-                    }
-                    new += 1;
+        let new = sqlx::query(
+            "INSERT INTO ledger_batches (id, written_at) VALUES (?, ?) ON CONFLICT(id) DO NOTHING",
+        )
+        .bind(&batch.id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if new == 0 {
+            // Written before: the transaction is rolled back when dropped.
+            return Ok(false);
+        }
+        for row in &batch.rows {
+            sqlx::query(
+                "INSERT INTO usage_daily (workspace_id, day, model, requests, tokens, denied) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(workspace_id, day, model) DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens, denied = denied + excluded.denied",
+            )
+            .bind(row.workspace)
+            .bind(&row.day)
+            .bind(&row.model)
+            .bind(row.requests as i64)
+            .bind(row.tokens as i64)
+            .bind(row.denied as i64)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(counter) = &row.counter {
+                if row.requests > 0 || row.tokens > 0 {
                     sqlx::query(
-                        "INSERT INTO usage_daily (workspace_id, day, model, requests, tokens) VALUES (?, ?, ?, 1, ?) ON CONFLICT(workspace_id, day, model) DO UPDATE SET requests = requests + 1, tokens = tokens + excluded.tokens",
+                        "INSERT INTO usage_counted (counter, workspace_id, day, model, requests, tokens) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(counter, workspace_id, day, model) DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens",
                     )
-                    .bind(workspace)
-                    .bind(day)
-                    .bind(model)
-                    .bind(*tokens as i64)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                UsageRecord::Denied {
-                    workspace,
-                    day,
-                    model,
-                    count,
-                } => {
-                    sqlx::query(
-                        "INSERT INTO usage_daily (workspace_id, day, model, denied) VALUES (?, ?, ?, ?) ON CONFLICT(workspace_id, day, model) DO UPDATE SET denied = denied + excluded.denied",
-                    )
-                    .bind(workspace)
-                    .bind(day)
-                    .bind(model)
-                    .bind(*count as i64)
+                    .bind(counter)
+                    .bind(row.workspace)
+                    .bind(&row.day)
+                    .bind(&row.model)
+                    .bind(row.requests as i64)
+                    .bind(row.tokens as i64)
                     .execute(&mut *tx)
                     .await?;
                 }
             }
         }
         tx.commit().await?;
-        Ok(new)
+        Ok(true)
     }
 
     async fn month_totals(
@@ -751,18 +750,33 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn prune_events(&self, before: i64) -> Result<u64, StoreError> {
+    async fn prune_ledger(&self, before: i64, counted_before_day: &str) -> Result<u64, StoreError> {
+        // Each batch of rows is its own short transaction, so writers wait at most one batch.
+        let batches = "DELETE FROM ledger_batches WHERE rowid IN (SELECT rowid FROM ledger_batches WHERE written_at < ? LIMIT ?)";
+        let events = "DELETE FROM usage_events WHERE rowid IN (SELECT rowid FROM usage_events WHERE settled_at < ? LIMIT ?)";
+        let counted = "DELETE FROM usage_counted WHERE rowid IN (SELECT rowid FROM usage_counted WHERE day < ? LIMIT ?)";
         let mut pruned = 0;
+        for (sql, bound) in [(batches, before), (events, before)] {
+            loop {
+                let n = sqlx::query(sql)
+                    .bind(bound)
+                    .bind(PRUNE_BATCH)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                pruned += n;
+                if n < PRUNE_BATCH as u64 {
+                    break;
+                }
+            }
+        }
         loop {
-            // Each batch is its own short transaction, so writers wait at most one batch.
-            let n = sqlx::query(
-                "DELETE FROM usage_events WHERE rowid IN (SELECT rowid FROM usage_events WHERE settled_at < ? LIMIT ?)",
-            )
-            .bind(before)
-            .bind(PRUNE_BATCH)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+            let n = sqlx::query(counted)
+                .bind(counted_before_day)
+                .bind(PRUNE_BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
             pruned += n;
             if n < PRUNE_BATCH as u64 {
                 return Ok(pruned);

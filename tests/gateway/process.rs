@@ -87,18 +87,18 @@ impl Drop for Process {
     }
 }
 
-/// The ledger's events of `workspace` in the SQLite file at `path`: (request id, tokens).
-pub async fn ledger_events(path: &std::path::Path, workspace: i64) -> Vec<(String, i64)> {
-    use sqlx::Row;
+/// The ledger's totals for `workspace` in the SQLite file at `path`, all days and models:
+/// (requests, tokens).
+pub async fn ledger_totals(path: &std::path::Path, workspace: i64) -> (u64, u64) {
     let url = format!("sqlite://{}?mode=ro", path.display());
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let rows = sqlx::query("SELECT request_id, tokens FROM usage_events WHERE workspace_id = ?")
-        .bind(workspace)
-        .fetch_all(&pool)
-        .await
-        .unwrap();
+    let (requests, tokens): (i64, i64) = sqlx::query_as(
+        "SELECT COALESCE(SUM(requests), 0), COALESCE(SUM(tokens), 0) FROM usage_daily WHERE workspace_id = ?",
+    )
+    .bind(workspace)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     pool.close().await;
-    rows.iter()
-        .map(|r| (r.get::<String, _>(0), r.get::<i64, _>(1)))
-        .collect()
+    (requests as u64, tokens as u64)
 }

@@ -20,6 +20,7 @@ use tiergate::config::{RawSettings, RawUpstream};
 use tiergate::mock_upstream::{self, MockConfig};
 use tiergate::store::redact;
 use tiergate::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -143,6 +144,10 @@ pub enum Line {
     Down,
     /// As if the network dropped every packet: connections stay open, nothing passes.
     Silent,
+    /// Passes both ways until a connection sends a statement whose SQL holds this text and then
+    /// executes it: from then on what it sends still reaches Postgres but nothing comes back, so
+    /// the statement runs (and commits) while its client times out not knowing it did.
+    DeafAfter(&'static str),
 }
 
 /// A TCP proxy in front of Postgres whose line can be cut.
@@ -180,7 +185,7 @@ impl Drop for Proxy {
     }
 }
 
-async fn carry(mut client: TcpStream, target: SocketAddr, mut line: watch::Receiver<Line>) {
+async fn carry(client: TcpStream, target: SocketAddr, mut line: watch::Receiver<Line>) {
     let now = *line.borrow_and_update();
     match now {
         Line::Down => return,
@@ -188,14 +193,70 @@ async fn carry(mut client: TcpStream, target: SocketAddr, mut line: watch::Recei
             let _ = line.wait_for(|l| *l != Line::Silent).await;
             return;
         }
-        Line::Up => {}
+        Line::Up | Line::DeafAfter(_) => {}
     }
-    let Ok(mut server) = TcpStream::connect(target).await else {
+    let Ok(server) = TcpStream::connect(target).await else {
         return;
     };
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let deaf = std::sync::atomic::AtomicBool::new(false);
+    // Towards Postgres: passes while the line is up.
+    let mut towards = line.clone();
+    let to_server = async {
+        let mut seen = false;
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match client_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let now = *towards.borrow_and_update();
+            match now {
+                Line::Up => {}
+                Line::DeafAfter(text) => {
+                    let chunk = &buf[..n];
+                    if chunk.windows(text.len()).any(|w| w == text.as_bytes()) {
+                        seen = true;
+                    }
+                    // An Execute message of the unnamed portal: 'E', length 9, "", 0 rows.
+                    const EXECUTE: &[u8] = &[b'E', 0, 0, 0, 9, 0];
+                    if seen && chunk.windows(EXECUTE.len()).any(|w| w == EXECUTE) {
+                        deaf.store(true, Ordering::SeqCst);
+                    }
+                }
+                Line::Silent | Line::Down => return,
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Back to the client: passes while the line is up, and is dropped once deaf.
+    let mut back = line.clone();
+    let to_client = async {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match server_read.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let now = *back.borrow_and_update();
+            let passes = match now {
+                Line::Up => true,
+                Line::DeafAfter(_) => !deaf.load(Ordering::SeqCst),
+                Line::Silent | Line::Down => return,
+            };
+            if passes && client_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
     let cut = tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => None,
-        changed = line.wait_for(|l| *l != Line::Up) => Some(changed.map_or(Line::Down, |l| *l)),
+        _ = async { tokio::join!(to_server, to_client) } => None,
+        changed = line.wait_for(|l| matches!(l, Line::Down | Line::Silent)) => {
+            Some(changed.map_or(Line::Down, |l| *l))
+        }
     };
     if cut == Some(Line::Silent) {
         // Hold both ends open, passing nothing, until the line changes again.
