@@ -474,9 +474,12 @@ class LiteLLM(Peer):
 general_settings:
   custom_auth: custom_auth.user_api_key_auth
   master_key: sk-{os.urandom(32).hex()}
+  disable_spend_logs: true
+  disable_error_logs: true
 litellm_settings:
   telemetry: false
   drop_params: true
+  set_verbose: false
 """)
         venv = Path(os.environ.get("BENCH_VENV", "/var/tmp/tiergate-bench/venv"))
         env = {
@@ -872,7 +875,7 @@ def main() -> int:
                     "40000,50000,60000,80000",
                     help="open-loop offered rates (req/s), ascending; each peer stops at its "
                          "first failing rate")
-    ap.add_argument("--low-rates", default="100,200",
+    ap.add_argument("--low-rates", default="50,100,200,300",
                     help="extra rates below the list, run only for peers whose max "
                          "throughput is under 1000 req/s")
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per open-loop run")
@@ -902,7 +905,7 @@ def main() -> int:
 
     if args.quick:
         args.rates = "1000,2000"
-        args.low_rates = ""
+        args.low_rates = "100"
         args.duration = min(args.duration, 3.0)
         args.max_duration = min(args.max_duration, 3.0)
         args.rounds = 1
@@ -926,6 +929,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     rig = Rig(args, work)
+    rig.tiergate = tiergate
     results: dict = {
         "schema": 1, "quick": args.quick,
         "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1003,6 +1007,8 @@ def main() -> int:
         for peer in rig.peers:
             with rig.only(peer):
                 for sc in scenarios:
+                    if sc == "reject50" and not peer.gateway:
+                        continue  # nothing to reject without a gateway
                     mt = maxtp.get((peer.name, "stream" if sc == "stream" else "plain"))
                     ladder = (low if mt is not None and mt < 1000 else []) + rates
                     for rate in ladder:

@@ -106,16 +106,19 @@ def plots(res: R, out: Path) -> list[tuple[str, str]]:
             rs = res.open_runs(peer, sc)
             if not rs:
                 continue
-            x = [r["offered_rps"] for r in rs]
             for ax, key in ((axes[0], "p50_ms"), (axes[1], "p99_ms")):
-                y = [r[key] for r in rs]
-                ax.plot(x, y, marker="o", color=colors.get(peer), label=LABEL.get(peer, peer))
-                bad = [(a, b) for a, b, r in zip(x, y, rs) if not res.passes(r)]
+                pts = [(r["offered_rps"], r[key], r) for r in rs if r[key] and r[key] > 0]
+                if not pts:
+                    continue
+                ax.plot([a for a, _, _ in pts], [b for _, b, _ in pts], marker="o",
+                        color=colors.get(peer), label=LABEL.get(peer, peer))
+                bad = [(a, b) for a, b, r in pts if not res.passes(r)]
                 if bad:
                     ax.scatter(*zip(*bad), marker="x", s=80, color=colors.get(peer))
         for ax, t in ((axes[0], "p50"), (axes[1], "p99")):
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+            if ax.has_data():
+                ax.set_xscale("log")
+                ax.set_yscale("log")
             ax.set_xlabel("offered load (req/s, open loop)")
             ax.set_ylabel(f"{t} latency (ms, from scheduled send)")
             ax.axhline(50, color="#999999", lw=0.8, ls=":")
@@ -139,7 +142,7 @@ def plots(res: R, out: Path) -> list[tuple[str, str]]:
             xs, ys = [], []
             for j, peer in enumerate(res.peers):
                 m = res.max_median(peer, sc)
-                if m is None:
+                if not m:
                     continue
                 xs.append(j + i * w)
                 ys.append(m)
