@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import socket
@@ -466,11 +467,15 @@ class LiteLLM(Peer):
       model: openai/bench-model
       api_base: http://127.0.0.1:{ctx.up_port}/v1
       api_key: bench-upstream-key
+      input_cost_per_token: 0.0000001
+      output_cost_per_token: 0.0000003
   - model_name: bench-model-stream
     litellm_params:
       model: openai/bench-model
       api_base: http://127.0.0.1:{ctx.up_sse_port}/v1
       api_key: bench-upstream-key
+      input_cost_per_token: 0.0000001
+      output_cost_per_token: 0.0000003
 general_settings:
   custom_auth: custom_auth.user_api_key_auth
   master_key: sk-{os.urandom(32).hex()}
@@ -594,6 +599,10 @@ def oha_argv(url: str, key: str, body_s: str, stream: bool, rate: float | None,
         argv += ["-H", "x-bench-stream: 1"]
     if rate is not None:
         argv += ["-q", str(rate), "--latency-correction"]
+    else:
+        # Closed loop: requests under way at the deadline finish and count (a slow peer would
+        # otherwise show nothing at all); the rate is divided by the time it really took.
+        argv += ["-w"]
     argv.append(url)
     return argv
 
@@ -618,7 +627,7 @@ def parse_oha(path: Path, duration: float) -> dict:
         "p50_ms": ms("p50"), "p90_ms": ms("p90"), "p99_ms": ms("p99"), "p999_ms": ms("p99.9"),
         "max_ms": round(r["summary"]["slowest"] * 1000, 4) if r["summary"].get("slowest") else None,
         "mean_ms": round(r["summary"]["average"] * 1000, 4) if r["summary"].get("average") else None,
-        "rps": round(sum(codes.values()) / duration, 1),
+        "elapsed_s": r["summary"].get("total") or duration,
     }
 
 
@@ -732,7 +741,7 @@ class Rig:
             "offered_rps": rate, "duration_s": duration, "connections": conns,
             "completed": completed, "ok": ok, "denied": denied, "errors": errors,
             "error_rate": round(errors / attempted, 5) if attempted else 1.0,
-            "achieved_rps": round(completed / duration, 1),
+            "achieved_rps": round(completed / max(l["elapsed_s"] for l in legs_out.values()), 1),
             "p50_ms": main["p50_ms"], "p90_ms": main["p90_ms"], "p99_ms": main["p99_ms"],
             "p999_ms": main["p999_ms"], "max_ms": main["max_ms"], "mean_ms": main["mean_ms"],
             "legs": legs_out,
@@ -761,6 +770,25 @@ class Rig:
             shown += f" gw {rec['gateway_core_pct']}% {rec['gateway_cpu_us_per_req']} us/req"
         log(shown)
         return rec
+
+
+def prime(peer: Peer, stream: bool, want: int = 5, timeout: float = 90.0) -> None:
+    port = int(peer.url().split(":")[2].split("/")[0])
+    h = {"authorization": f"Bearer {peer.allow_key}"}
+    if stream:
+        h["x-bench-stream"] = "1"
+    deadline, ok, last = time.monotonic() + timeout, 0, None
+    while ok < want and time.monotonic() < deadline:
+        try:
+            st, out = http_call(port, "POST", "/v1/chat/completions",
+                                json.loads(body(peer, stream)), h, timeout=30)
+            ok = ok + 1 if st == 200 else 0
+            last = f"{st} {out[:200]!r}"
+        except OSError as e:
+            ok, last = 0, str(e)
+            time.sleep(0.2)
+    if ok < want:
+        raise RuntimeError(f"{peer.name}: no {want} answers in a row within {timeout}s: {last}")
 
 
 def fmt(v) -> str:
@@ -853,12 +881,15 @@ def perf_summary(data: Path, out: Path, top: int) -> str:
     r = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
                         "--sort", "dso,symbol", "--percent-limit", "0.5", "-g", "none"],
                        capture_output=True, text=True, timeout=300)
-    lines = [l for l in r.stdout.splitlines() if l.strip() and not l.startswith("#")]
+    def clean(l: str) -> str:
+        # perf pads every line to the terminal's width and adds empty columns: drop them.
+        return re.sub(r"(\s+-)+\s*$", "", l).rstrip()
+    lines = [clean(l) for l in r.stdout.splitlines() if l.strip() and not l.startswith("#")]
     text = "\n".join(lines[:top])
     r2 = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children",
                          "--sort", "dso", "-g", "none"], capture_output=True, text=True,
                         timeout=300)
-    dso = [l for l in r2.stdout.splitlines() if l.strip() and not l.startswith("#")][:15]
+    dso = [clean(l) for l in r2.stdout.splitlines() if l.strip() and not l.startswith("#")][:15]
     out.write_text("# by shared object\n" + "\n".join(dso) + "\n\n# top symbols\n" + text + "\n")
     return out.read_text()
 
@@ -875,7 +906,7 @@ def main() -> int:
                     "40000,50000,60000,80000",
                     help="open-loop offered rates (req/s), ascending; each peer stops at its "
                          "first failing rate")
-    ap.add_argument("--low-rates", default="50,100,200,300",
+    ap.add_argument("--low-rates", default="10,25,50,100,200,300",
                     help="extra rates below the list, run only for peers whose max "
                          "throughput is under 1000 req/s")
     ap.add_argument("--duration", type=float, default=6.0, help="seconds per open-loop run")
@@ -905,9 +936,9 @@ def main() -> int:
 
     if args.quick:
         args.rates = "1000,2000"
-        args.low_rates = "100"
-        args.duration = min(args.duration, 3.0)
-        args.max_duration = min(args.max_duration, 3.0)
+        args.low_rates = "10"
+        args.duration = min(args.duration, 2.0)
+        args.max_duration = min(args.max_duration, 2.0)
         args.rounds = 1
         args.workspaces = min(args.workspaces, 50)
         args.no_upstream_check = True
@@ -971,11 +1002,15 @@ def main() -> int:
         results["peers"] = peer_info
         scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
 
-        # Warm-up: a short run per peer, so first connections and lazy paths are not measured.
+        # Warm-up: requests one by one until a few succeed in a row (LiteLLM imports parts of
+        # its upstream client on first use, which takes seconds), then a short run per peer,
+        # so first connections and lazy paths are not measured.
         for peer in rig.peers:
             with rig.only(peer):
+                for stream in (False, True):
+                    prime(peer, stream)
                 for sc in [s for s in scenarios if s != "reject50"] or ["plain"]:
-                    rig.measure(peer, sc, 200, 1.0, "warmup")
+                    rig.measure(peer, sc, 200, 0.5 if args.quick else 1.0, "warmup")
 
         # Max throughput: interleaved rounds, the order rotating.
         max_scen = [s for s in scenarios if s in ("plain", "stream")]
