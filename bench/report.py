@@ -527,21 +527,54 @@ def generate(results_path: Path, out: Path, bench_md: Path | None) -> None:
     else:
         md.append("(No plots: matplotlib was not available to report.py.)")
         md.append("")
-    md.append("## Micro-benchmarks")
-    md.append("")
-    md.append("*Placeholder: written by the micro-benchmarks work of issue 10 (`cargo bench`); "
-              "this harness does not measure the limiter in process. No figures here yet.*")
-    md.append("")
-    md.append("## Estimate quality")
-    md.append("")
-    md.append("*Placeholder: written by the estimate-quality script of issue 10. No figures "
-              "here yet.*")
-    md.append("")
-    md.append("## Instruction counts (CI)")
-    md.append("")
-    md.append("*Placeholder: the callgrind regression check of issue 10. No figures here yet.*")
-    md.append("")
+    # Sections written by others (the micro-benchmarks, the estimate, the instruction counts,
+    # or any other): kept as they are in the existing file, placeholders when absent.
+    generated = {title for title in (l[3:].strip() for l in md if l.startswith("## "))}
+    kept = existing_sections(bench_md)
+    for title, placeholder in FOREIGN:
+        body = kept.pop(title, None)
+        md.append(f"## {title}")
+        md.append("")
+        md.append(body.strip("\n") if body and body.strip() else f"*Placeholder: {placeholder} "
+                  "This harness does not write this section: it keeps what is here when it "
+                  "regenerates the file. No figures here yet.*")
+        md.append("")
+    for title, body in kept.items():
+        if title not in generated:
+            md += [f"## {title}", "", body.strip("\n"), ""]
     bench_md.write_text("\n".join(md))
+
+
+FOREIGN = [
+    ("Micro-benchmarks", "the in-process benchmarks of issue 10 (`cargo bench`: a decision over "
+                         "three limits, with 100k and 1M workspaces, two threads, the settle "
+                         "step, the estimate, allocations; the limiter's memory per workspace)."),
+    ("Estimate quality", "the estimate-quality script of issue 10 (estimate ÷ real tokens per "
+                         "language, median and p90)."),
+    ("Instruction counts (CI)", "the callgrind regression check of issue 10 (instructions per "
+                                "request against the committed baseline)."),
+]
+
+
+def existing_sections(path: Path) -> dict[str, str]:
+    """The `## ` sections of an existing BENCHMARKS.md, by title, in order."""
+    if not path.exists():
+        return {}
+    out: dict[str, str] = {}
+    title, buf, fence = None, [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        if line.startswith("## ") and not fence:
+            if title is not None:
+                out[title] = "\n".join(buf)
+            title, buf = line[3:].strip(), []
+        elif title is not None:
+            buf.append(line)
+    if title is not None:
+        out[title] = "\n".join(buf)
+    # A placeholder left by this script is not someone's section.
+    return {t: b for t, b in out.items() if "*Placeholder:" not in b}
 
 
 def main() -> int:
