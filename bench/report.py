@@ -475,7 +475,8 @@ def generate(results_path: Path, out: Path, bench_md: Path | None) -> None:
 - **Open loop.** `oha -q RATE --latency-correction` (latency from each request's scheduled
   send time, so a stall counts for every request it delays), {opts.get('duration')} s per rate,
   rates {opts.get('rates')} req/s ({opts.get('low_rates') or 'no'} more below for peers under
-  1k req/s), ascending until a rate fails. **Saturation** = the highest offered rate with
+  1k req/s), ascending: every rate up to {k(opts.get('always_upto'))} req/s for every peer, above it
+  until the peer's first failing rate. **Saturation** = the highest offered rate with
   < {100 * opts.get('max_error_rate', 0.01):.0f}% errors and p99 < {opts.get('max_p99_ms')} ms.
 - **50% rejected.** Two oha processes at half the rate each: one on a key within its limits,
   one on a key over them (nginx: a second `limit_req` zone of 1 r/m for that key; LiteLLM:
