@@ -230,13 +230,18 @@ def added_latency(res: R, sc: str) -> list[str]:
         cells = []
         for x in rates:
             a, d = res.open_at(p, sc, x), res.open_at("direct", sc, x)
-            if a is None or d is None or a["p50_ms"] is None or d["p50_ms"] is None:
+            if not has_latency(a, d):
                 cells.append("–")
             else:
                 cells.append(f"{a['p50_ms'] - d['p50_ms']:+.3f} / {a['p99_ms'] - d['p99_ms']:+.3f}"
                              + ("" if res.passes(a) else " ✗"))
         lines.append(f"| {LABEL.get(p, p)} | " + " | ".join(cells) + " |")
     return lines
+
+
+def has_latency(*runs) -> bool:
+    return all(r is not None and r.get("p50_ms") is not None and r.get("p99_ms") is not None
+               for r in runs)
 
 
 def denial_cost(res: R, peer: str):
@@ -285,7 +290,7 @@ def targets(res: R) -> list[str]:
              f"{verdict(None if r2 is None else r2 >= 50)} |")
     for peer, p50_t, p99_t in (("tiergate", 0.1, 0.3), ("tiergate-redis", 0.3, None)):
         a, d = res.open_at(peer, "plain", 2000), res.open_at("direct", "plain", 2000)
-        if a and d:
+        if has_latency(a, d):
             dp50, dp99 = a["p50_ms"] - d["p50_ms"], a["p99_ms"] - d["p99_ms"]
             ok = dp50 <= p50_t and (p99_t is None or dp99 <= p99_t)
             txt = f"+{dp50:.3f} ms p50, +{dp99:.3f} ms p99 over direct"
@@ -420,8 +425,9 @@ def generate(results_path: Path, out: Path, bench_md: Path | None) -> None:
     for p in res.peers:
         m = res.max_median(p, "plain")
         a, d = res.open_at(p, "plain", 2000), res.open_at("direct", "plain", 2000)
-        add = ("–" if p == "direct" or not (a and d) else
-               f"{a['p50_ms'] - d['p50_ms']:+.3f} / {a['p99_ms'] - d['p99_ms']:+.3f}")
+        add = ("–" if p == "direct" or not has_latency(a, d) else
+               f"{a['p50_ms'] - d['p50_ms']:+.3f} / {a['p99_ms'] - d['p99_ms']:+.3f}"
+               + ("" if res.passes(a) else " ✗"))
         summ.append(f"| {LABEL.get(p, p)} | {k(m)} ({f(ratio(m, res.max_median('direct', 'plain')))}, "
                     f"{f(ratio(m, res.max_median('nginx', 'plain')))}) | "
                     f"{k(res.max_median(p, 'stream'))} | "
