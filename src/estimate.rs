@@ -99,18 +99,53 @@ pub struct RequestInfo {
     pub completes: bool,
 }
 
-fn text_tokens(chars: usize) -> u64 {
-    (chars as u64).div_ceil(4)
+/// Counts the prompt tokens of the texts a request sends: feed it every text with
+/// [`PromptCounter::add_text`], then read [`PromptCounter::tokens`]. A pure function of the
+/// texts, the same on every instance; no tokenizer.
+#[derive(Debug, Clone, Default)]
+pub struct PromptCounter {
+    chars: u64,
 }
 
-/// Characters of text in a content value: a string, or an array of parts with `text`.
-fn content_chars(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.chars().count(),
-        Value::Array(parts) => parts.iter().map(content_chars).sum(),
-        Value::Object(o) => o.get("text").map(content_chars).unwrap_or(0),
-        _ => 0,
+impl PromptCounter {
+    pub fn add_text(&mut self, text: &str) {
+        self.chars += text.chars().count() as u64;
     }
+
+    /// The estimated tokens of all the texts added so far.
+    pub fn tokens(&self) -> u64 {
+        self.chars.div_ceil(4)
+    }
+}
+
+/// The estimated tokens of one text, as the prompt estimate counts it.
+pub fn prompt_tokens_of_text(text: &str) -> u64 {
+    let mut counter = PromptCounter::default();
+    counter.add_text(text);
+    counter.tokens()
+}
+
+/// Adds the text of a content value: a string, or an array of parts with `text`.
+fn add_content(counter: &mut PromptCounter, v: &Value) {
+    match v {
+        Value::String(s) => counter.add_text(s),
+        Value::Array(parts) => parts.iter().for_each(|p| add_content(counter, p)),
+        Value::Object(o) => {
+            if let Some(t) = o.get("text") {
+                add_content(counter, t)
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The tokens of the texts in some content values.
+fn content_tokens<'a>(values: impl IntoIterator<Item = &'a Value>) -> u64 {
+    let mut counter = PromptCounter::default();
+    values
+        .into_iter()
+        .for_each(|v| add_content(&mut counter, v));
+    counter.tokens()
 }
 
 /// A field that may be left out (or null), else of one JSON kind: `Err` names the field.
@@ -160,40 +195,41 @@ pub fn inspect(
             if !messages.iter().all(Value::is_object) {
                 return Err("'messages' must be an array of objects".into());
             }
-            let chars: usize = messages
-                .iter()
-                .map(|m| m.get("content").map(content_chars).unwrap_or(0))
-                .sum();
-            text_tokens(chars) + 4 * messages.len() as u64 + 3
+            content_tokens(messages.iter().filter_map(|m| m.get("content")))
+                + 4 * messages.len() as u64
+                + 3
         }
         Endpoint::Completions | Endpoint::FimCompletions => {
             let prompt = obj.get("prompt").ok_or("'prompt' is required")?;
-            let suffix = obj.get("suffix").map(content_chars).unwrap_or(0);
-            text_tokens(content_chars(prompt) + suffix) + 3
+            content_tokens([Some(prompt), obj.get("suffix")].into_iter().flatten()) + 3
         }
         Endpoint::Embeddings => {
             let input = obj.get("input").ok_or("'input' is required")?;
-            let chars = match input {
-                Value::Array(items) => items.iter().map(content_chars).sum(),
-                other => content_chars(other),
-            };
-            text_tokens(chars)
+            match input {
+                Value::Array(items) => content_tokens(items),
+                other => content_tokens([other]),
+            }
         }
         Endpoint::Responses => {
             let input = obj.get("input").ok_or("'input' is required")?;
-            let instructions = obj.get("instructions").map(content_chars).unwrap_or(0);
-            let (chars, items) = match input {
-                Value::String(s) => (s.chars().count(), 1),
+            let instructions = obj.get("instructions");
+            let (tokens, items) = match input {
+                Value::String(_) => (
+                    content_tokens([Some(input), instructions].into_iter().flatten()),
+                    1,
+                ),
                 Value::Array(items) => (
-                    items
-                        .iter()
-                        .map(|i| i.get("content").map(content_chars).unwrap_or(0))
-                        .sum(),
+                    content_tokens(
+                        items
+                            .iter()
+                            .filter_map(|i| i.get("content"))
+                            .chain(instructions),
+                    ),
                     items.len(),
                 ),
                 _ => return Err("'input' must be a string or an array of items".into()),
             };
-            text_tokens(chars + instructions) + 4 * items as u64 + 3
+            tokens + 4 * items as u64 + 3
         }
     };
     let fields: &[&str] = match endpoint {
