@@ -694,7 +694,7 @@ async fn a_killed_gateway_and_a_flushed_redis_lose_nothing_finished_and_count_no
             .bearer_auth(&key)
             .json(
                 &json!({"model": "mistral-small-latest", "max_tokens": max_tokens, "stream": stream,
-                "messages": [{"role": "user", "content": "Hello"}]}),
+                "messages": [{"role": "user", "content": "Hello!"}]}),
             )
     };
     for (p, c) in &usages {
