@@ -1,11 +1,31 @@
 //! What a request will cost, before it is sent.
 //!
 //! # The rule
-//! - **Prompt**: `ceil(characters / 4)` of every text the request sends (message contents,
-//!   `prompt`, `suffix`, embedding `input`; for `/v1/responses`, `instructions` and `input`, a
-//!   string or a list of items with text content), plus 4 per chat message or input item and 3
-//!   for the reply's framing. Four characters per token is the usual average for English text
-//!   with BPE tokenizers.
+//! - **Prompt**: the texts the request sends (message contents, `prompt`, `suffix`, embedding
+//!   `input`; for `/v1/responses`, `instructions` and `input`, a string or a list of items with
+//!   text content) are counted by [`PromptCounter`], plus 4 per chat message or input item and 3
+//!   for the reply's framing; then scaled by what this workspace's model taught (below).
+//! - **Counting a text** costs, in sixteenths of a token (rounded up once, over all the texts):
+//!   ASCII letter 3; ASCII digit 16; each run of punctuation or symbols (ASCII, or U+2000–U+206F)
+//!   16, whatever its length; each run of whitespace 3, plus 11 per line feed; accented Latin
+//!   (U+0080–U+024F) 16; CJK ideograph 14; kana 11; CJK punctuation and full-width forms 8; any
+//!   other character 16. So `"Hello, world!"` costs 5·3 + 16 + 3 + 5·3 + 16 = 65, 5 tokens.
+//!   BPE tokenizers merge common words into one token and split punctuation, digits and rare
+//!   scripts, which is what the weights follow; characters / 4 held for English only (a Chinese
+//!   prompt reserved a quarter of its tokens). The weights were fitted (least squares of the
+//!   relative error, `bench/estimate/fit.py`) to a corpus of English, Rust, Python, JSON,
+//!   French, German, Chinese and Japanese against Mistral's Tekken, the primary target, and
+//!   kept where they also hold for OpenAI's `o200k_base` (CJK ideographs and punctuation sit
+//!   between the two). `bench/estimate/RESULTS.md` has the ratios per language. One pass over
+//!   the bytes, two table look-ups and no branch per ASCII byte; no tokenizer.
+//! - **Learned prompt factor**: each settlement that reports the prompt's tokens (`prompt_tokens`
+//!   or `input_tokens`) moves its (workspace, model)'s factor 1/8 of the way toward
+//!   reported ÷ rule (the ratio clamped to 0.5–2, prompts the rule puts under 32 tokens
+//!   ignored); the prompt estimate is `ceil(rule × factor)`, the factor starting at 1. It
+//!   absorbs a tokenizer unlike Tekken (an older OpenAI encoding counts Chinese as 1.3 tokens
+//!   per character) and what the rule does not see (images, tool calls). `request_too_large`
+//!   is decided on the smaller of the rule and the learned figure: a guess never refuses for
+//!   good.
 //! - **Completion**, per choice (`n`, default 1):
 //!   `min(max_tokens, recent)`, where `recent` is the largest completion among the last
 //!   `history` (16) that this workspace got for this model, or `default_completion_tokens` (256)
@@ -17,9 +37,9 @@
 //!
 //! # Bounds
 //! A model name is the client's to choose: one longer than [`MAX_MODEL_NAME_BYTES`] is refused
-//! (`400`), and the estimator remembers at most [`MAX_MODELS_PER_WORKSPACE`] models per
-//! workspace (a new one replaces the one seen least recently), so a client cycling through
-//! made-up names cannot grow its memory.
+//! (`400`), and the estimator remembers (recent completions and prompt factor) at most
+//! [`MAX_MODELS_PER_WORKSPACE`] models per workspace (a new one replaces the one seen least
+//! recently), so a client cycling through made-up names cannot grow its memory.
 //!
 //! The estimate only decides admission. Every request is settled to the usage the upstream
 //! reports, so an under-estimate is corrected at once (the bucket may go into debt) and an
@@ -99,18 +119,212 @@ pub struct RequestInfo {
     pub completes: bool,
 }
 
-fn text_tokens(chars: usize) -> u64 {
-    (chars as u64).div_ceil(4)
+/// Sixteenths of a token that each kind of character (or run of characters) costs; see the
+/// module docs for how they were chosen. The README states the same figures.
+mod weight {
+    /// An ASCII letter.
+    pub const LETTER: u64 = 3;
+    /// An ASCII digit (Tekken encodes each digit alone).
+    pub const DIGIT: u64 = 16;
+    /// A run of punctuation or symbols (ASCII, or U+2000–U+206F such as `“ ” — …`), whatever
+    /// its length: BPE tokenizers split punctuation from words and merge a run into few tokens.
+    pub const PUNCT_RUN: u64 = 16;
+    /// A run of whitespace (space, tab, CR, LF).
+    pub const SPACE_RUN: u64 = 3;
+    /// A line feed, in addition to its run.
+    pub const NEWLINE: u64 = 11;
+    /// A letter or sign from U+0080 to U+024F (accented Latin: `é`, `ß`, `ø`, `«`).
+    pub const LATIN: u64 = 16;
+    /// A CJK ideograph (U+3400–U+9FFF, U+F900–U+FAFF, U+20000–U+3FFFF).
+    pub const CJK: u64 = 14;
+    /// A kana (U+3040–U+30FF).
+    pub const KANA: u64 = 11;
+    /// CJK punctuation and full-width forms (U+3000–U+303F, U+FF00–U+FFEF).
+    pub const CJK_PUNCT: u64 = 8;
+    /// Any other character (Cyrillic, Greek, Arabic, Hangul, Devanagari, emoji, …): not in the
+    /// corpus, so one token each, the cautious side.
+    pub const OTHER: u64 = 16;
 }
 
-/// Characters of text in a content value: a string, or an array of parts with `text`.
-fn content_chars(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.chars().count(),
-        Value::Array(parts) => parts.iter().map(content_chars).sum(),
-        Value::Object(o) => o.get("text").map(content_chars).unwrap_or(0),
-        _ => 0,
+/// The groups runs are counted in: a run is a maximal sequence of characters of one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Group {
+    Word,
+    Digit,
+    Space,
+    Punct,
+    Wide,
+}
+
+impl Group {
+    /// What starting a run of this group costs.
+    const fn run_cost(self) -> u64 {
+        match self {
+            Group::Punct => weight::PUNCT_RUN,
+            Group::Space => weight::SPACE_RUN,
+            _ => 0,
+        }
     }
+}
+
+/// An ASCII byte's own cost and group.
+const fn ascii_class(b: u8) -> (u64, Group) {
+    if b.is_ascii_alphabetic() {
+        (weight::LETTER, Group::Word)
+    } else if b.is_ascii_digit() {
+        (weight::DIGIT, Group::Digit)
+    } else if b == b'\n' {
+        (weight::NEWLINE, Group::Space)
+    } else if b == b' ' || b == b'\t' || b == b'\r' {
+        (0, Group::Space)
+    } else {
+        (0, Group::Punct)
+    }
+}
+
+/// The fast path's tables: `ASCII_GROUP[b]`, and `ASCII_COST[prev][b]`, what byte `b` costs
+/// after a character of group `prev` (its own cost, plus a run's when it starts one). One
+/// look-up per byte and no branch on the text: runs change every few bytes in prose, and a
+/// mispredicted branch there cost ten times the rest.
+const ASCII_GROUP: [u8; 128] = {
+    let mut table = [0; 128];
+    let mut b = 0;
+    while b < 128 {
+        table[b] = ascii_class(b as u8).1 as u8;
+        b += 1;
+    }
+    table
+};
+const ASCII_COST: [[u8; 128]; 8] = {
+    let groups = [
+        Group::Word,
+        Group::Digit,
+        Group::Space,
+        Group::Punct,
+        Group::Wide,
+    ];
+    let mut table = [[0; 128]; 8];
+    let mut prev = 0;
+    while prev < groups.len() {
+        let mut b = 0;
+        while b < 128 {
+            let (cost, group) = ascii_class(b as u8);
+            let run = if group as u8 != groups[prev] as u8 {
+                group.run_cost()
+            } else {
+                0
+            };
+            table[groups[prev] as usize][b] = (cost + run) as u8;
+            b += 1;
+        }
+        prev += 1;
+    }
+    table
+};
+
+/// The cost and group of a character outside ASCII.
+fn wide_class(cp: u32) -> (u64, Group) {
+    match cp {
+        0x80..=0x24F => (weight::LATIN, Group::Word),
+        0x2000..=0x206F => (0, Group::Punct),
+        0x3040..=0x30FF => (weight::KANA, Group::Wide),
+        0x3000..=0x303F | 0xFF00..=0xFFEF => (weight::CJK_PUNCT, Group::Wide),
+        0x3400..=0x9FFF | 0xF900..=0xFAFF | 0x20000..=0x3FFFF => (weight::CJK, Group::Wide),
+        _ => (weight::OTHER, Group::Wide),
+    }
+}
+
+/// The estimated cost of one text in sixteenths of a token: one pass over its bytes, two table
+/// look-ups per ASCII byte, a range test per other character. No tokenizer, no allocation.
+fn text_sixteenths(text: &str) -> u64 {
+    let bytes = text.as_bytes();
+    let mut total = 0u64;
+    // A text starts a new run: texts are encoded apart.
+    let mut prev = Group::Wide as u8;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b < 0x80 {
+            total += u64::from(ASCII_COST[usize::from(prev & 7)][usize::from(b)]);
+            prev = ASCII_GROUP[usize::from(b)];
+            i += 1;
+            continue;
+        }
+        // `text` is UTF-8: the leading byte says the length of the sequence.
+        let (len, lead) = match b {
+            0xC0..=0xDF => (2, u32::from(b & 0x1F)),
+            0xE0..=0xEF => (3, u32::from(b & 0x0F)),
+            _ => (4, u32::from(b & 0x07)),
+        };
+        let cp = bytes[i + 1..i + len]
+            .iter()
+            .fold(lead, |cp, &c| (cp << 6) | u32::from(c & 0x3F));
+        i += len;
+        let (cost, group) = wide_class(cp);
+        if group as u8 != prev {
+            total += group.run_cost();
+            prev = group as u8;
+        }
+        total += cost;
+    }
+    total
+}
+
+/// Counts the prompt tokens of the texts a request sends: feed it every text with
+/// [`PromptCounter::add_text`], then read [`PromptCounter::tokens`]. A pure function of the
+/// texts, the same on every instance; no tokenizer.
+#[derive(Debug, Clone, Default)]
+pub struct PromptCounter {
+    /// Sixteenths of a token.
+    sixteenths: u64,
+}
+
+impl PromptCounter {
+    pub fn add_text(&mut self, text: &str) {
+        self.sixteenths += text_sixteenths(text);
+    }
+
+    /// The estimated tokens of all the texts added so far, rounded up.
+    pub fn tokens(&self) -> u64 {
+        self.sixteenths.div_ceil(16)
+    }
+}
+
+/// The estimated tokens of one text, as the prompt estimate counts it.
+pub fn prompt_tokens_of_text(text: &str) -> u64 {
+    let mut counter = PromptCounter::default();
+    counter.add_text(text);
+    counter.tokens()
+}
+
+/// `tokens` times a learned factor (in 1024ths), rounded up.
+fn scale(tokens: u64, factor: u64) -> u64 {
+    let scaled = (u128::from(tokens) * u128::from(factor)).div_ceil(u128::from(FACTOR_ONE));
+    u64::try_from(scaled).unwrap_or(u64::MAX)
+}
+
+/// Adds the text of a content value: a string, or an array of parts with `text`.
+fn add_content(counter: &mut PromptCounter, v: &Value) {
+    match v {
+        Value::String(s) => counter.add_text(s),
+        Value::Array(parts) => parts.iter().for_each(|p| add_content(counter, p)),
+        Value::Object(o) => {
+            if let Some(t) = o.get("text") {
+                add_content(counter, t)
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The tokens of the texts in some content values.
+fn content_tokens<'a>(values: impl IntoIterator<Item = &'a Value>) -> u64 {
+    let mut counter = PromptCounter::default();
+    values
+        .into_iter()
+        .for_each(|v| add_content(&mut counter, v));
+    counter.tokens()
 }
 
 /// A field that may be left out (or null), else of one JSON kind: `Err` names the field.
@@ -160,40 +374,41 @@ pub fn inspect(
             if !messages.iter().all(Value::is_object) {
                 return Err("'messages' must be an array of objects".into());
             }
-            let chars: usize = messages
-                .iter()
-                .map(|m| m.get("content").map(content_chars).unwrap_or(0))
-                .sum();
-            text_tokens(chars) + 4 * messages.len() as u64 + 3
+            content_tokens(messages.iter().filter_map(|m| m.get("content")))
+                + 4 * messages.len() as u64
+                + 3
         }
         Endpoint::Completions | Endpoint::FimCompletions => {
             let prompt = obj.get("prompt").ok_or("'prompt' is required")?;
-            let suffix = obj.get("suffix").map(content_chars).unwrap_or(0);
-            text_tokens(content_chars(prompt) + suffix) + 3
+            content_tokens([Some(prompt), obj.get("suffix")].into_iter().flatten()) + 3
         }
         Endpoint::Embeddings => {
             let input = obj.get("input").ok_or("'input' is required")?;
-            let chars = match input {
-                Value::Array(items) => items.iter().map(content_chars).sum(),
-                other => content_chars(other),
-            };
-            text_tokens(chars)
+            match input {
+                Value::Array(items) => content_tokens(items),
+                other => content_tokens([other]),
+            }
         }
         Endpoint::Responses => {
             let input = obj.get("input").ok_or("'input' is required")?;
-            let instructions = obj.get("instructions").map(content_chars).unwrap_or(0);
-            let (chars, items) = match input {
-                Value::String(s) => (s.chars().count(), 1),
+            let instructions = obj.get("instructions");
+            let (tokens, items) = match input {
+                Value::String(_) => (
+                    content_tokens([Some(input), instructions].into_iter().flatten()),
+                    1,
+                ),
                 Value::Array(items) => (
-                    items
-                        .iter()
-                        .map(|i| i.get("content").map(content_chars).unwrap_or(0))
-                        .sum(),
+                    content_tokens(
+                        items
+                            .iter()
+                            .filter_map(|i| i.get("content"))
+                            .chain(instructions),
+                    ),
                     items.len(),
                 ),
                 _ => return Err("'input' must be a string or an array of items".into()),
             };
-            text_tokens(chars + instructions) + 4 * items as u64 + 3
+            tokens + 4 * items as u64 + 3
         }
     };
     let fields: &[&str] = match endpoint {
@@ -232,18 +447,58 @@ pub fn inspect(
     })
 }
 
-#[derive(Debug, Default)]
+/// Prompt factors are kept in 1024ths, so that scaling is exact integer arithmetic and a factor
+/// reaches its target instead of creeping toward it.
+const FACTOR_ONE: u64 = 1024;
+/// The learned prompt factor's bounds: whatever the upstream reports, the rule's estimate is
+/// never scaled by less than half or more than twice.
+pub const PROMPT_FACTOR_MIN: f32 = 0.5;
+pub const PROMPT_FACTOR_MAX: f32 = 2.0;
+const FACTOR_MIN: u64 = FACTOR_ONE / 2;
+const FACTOR_MAX: u64 = FACTOR_ONE * 2;
+/// One settlement moves the factor 1/8 of the way toward its ratio (an exponential moving
+/// average over about the last 8 settlements), and by at least one step.
+const FACTOR_STEPS: i64 = 8;
+/// Prompts estimated below this are not learned from: the per-message framing dominates them,
+/// and a template's few tokens more or less would swing the ratio.
+pub const PROMPT_LEARN_MIN_TOKENS: u64 = 32;
+
+#[derive(Debug)]
 struct History {
     recent: VecDeque<u64>,
+    /// Reported prompt tokens ÷ the rule's estimate, averaged over recent settlements, in
+    /// 1024ths.
+    prompt_factor: u16,
     last_seen: Nanos,
+}
+
+impl Default for History {
+    fn default() -> Self {
+        History {
+            recent: VecDeque::new(),
+            prompt_factor: FACTOR_ONE as u16,
+            last_seen: 0,
+        }
+    }
+}
+
+/// What one settlement tells the estimator about a (workspace, model).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// Completion tokens per choice, as reported.
+    pub completion_tokens: Option<u64>,
+    /// The prompt as the rule estimated it (`RequestInfo::prompt_tokens`, before any learned
+    /// factor) and as the upstream reported it (`prompt_tokens` or `input_tokens`).
+    pub prompt: Option<(u64, u64)>,
 }
 
 type Histories = HashMap<WorkspaceId, HashMap<String, History>>;
 
 const SHARDS: usize = 16;
 
-/// Remembers recent completion sizes per workspace and model, to estimate the next one.
-/// Sharded by workspace, so that workspaces do not wait on one another.
+/// Remembers, per workspace and model, recent completion sizes and how the upstream's prompt
+/// counts compare with the rule's, to estimate the next request. Sharded by workspace, so that
+/// workspaces do not wait on one another.
 pub struct Estimator {
     default_completion: u64,
     history_len: usize,
@@ -265,32 +520,76 @@ impl Estimator {
             .unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The tokens to reserve. `prompt` is the rule's count scaled by the learned factor when
+    /// that makes it smaller, else the rule's count: it decides `request_too_large`, which must
+    /// not be refused on a learned guess. `estimate` uses the learned factor either way.
     pub fn estimate(&self, workspace: WorkspaceId, info: &RequestInfo) -> TokenCost {
+        let (factor, recent) = {
+            let shard = self.shard(workspace);
+            let history = shard
+                .get(&workspace)
+                .and_then(|models| models.get(info.model.as_deref().unwrap_or("")));
+            (
+                history.map_or(FACTOR_ONE, |h| u64::from(h.prompt_factor)),
+                history.and_then(|h| h.recent.iter().max().copied()),
+            )
+        };
+        let learned = scale(info.prompt_tokens, factor);
+        let prompt = learned.min(info.prompt_tokens);
         if !info.completes {
             return TokenCost {
-                prompt: info.prompt_tokens,
-                estimate: info.prompt_tokens,
+                prompt,
+                estimate: learned,
             };
         }
-        let recent = self
-            .shard(workspace)
-            .get(&workspace)
-            .and_then(|models| models.get(info.model.as_deref().unwrap_or("")))
-            .and_then(|h| h.recent.iter().max().copied())
-            .unwrap_or(self.default_completion);
+        let recent = recent.unwrap_or(self.default_completion);
         let per_choice = match info.max_tokens {
             Some(max) => max.min(recent),
             None => recent,
         };
         TokenCost {
-            prompt: info.prompt_tokens,
-            estimate: info.prompt_tokens + per_choice * info.choices,
+            prompt,
+            estimate: learned + per_choice * info.choices,
         }
+    }
+
+    /// The learned factor of a (workspace, model): 1 before any settlement taught it.
+    pub fn prompt_factor(&self, workspace: WorkspaceId, model: &str) -> f32 {
+        self.shard(workspace)
+            .get(&workspace)
+            .and_then(|models| models.get(model))
+            .map_or(1.0, |h| f32::from(h.prompt_factor) / FACTOR_ONE as f32)
     }
 
     /// Records a completion's size as reported by the upstream (per choice). A workspace's
     /// models beyond `MAX_MODELS_PER_WORKSPACE` replace the one seen least recently.
     pub fn observe(&self, workspace: WorkspaceId, model: &str, completion_tokens: u64, now: Nanos) {
+        let observed = Observed {
+            completion_tokens: Some(completion_tokens),
+            prompt: None,
+        };
+        self.observe_usage(workspace, model, observed, now)
+    }
+
+    /// Records what a settlement reported: the completion's size, and the prompt's real count
+    /// against the rule's, which moves the (workspace, model)'s prompt factor 1/8 of the way
+    /// toward their ratio (the ratio clamped to `PROMPT_FACTOR_MIN..=PROMPT_FACTOR_MAX`, so one
+    /// odd answer cannot make the factor absurd). Prompts the rule put under
+    /// `PROMPT_LEARN_MIN_TOKENS` teach nothing. A workspace's models beyond
+    /// `MAX_MODELS_PER_WORKSPACE` replace the one seen least recently.
+    pub fn observe_usage(
+        &self,
+        workspace: WorkspaceId,
+        model: &str,
+        observed: Observed,
+        now: Nanos,
+    ) {
+        let learns = observed
+            .prompt
+            .filter(|&(estimated, _)| estimated >= PROMPT_LEARN_MIN_TOKENS);
+        if observed.completion_tokens.is_none() && learns.is_none() {
+            return;
+        }
         let mut shard = self.shard(workspace);
         let models = shard.entry(workspace).or_default();
         if !models.contains_key(model) && models.len() >= MAX_MODELS_PER_WORKSPACE {
@@ -306,10 +605,24 @@ impl Estimator {
             Some(h) => h,
             None => models.entry(model.to_string()).or_default(),
         };
-        if h.recent.len() == self.history_len {
-            h.recent.pop_front();
+        if let Some(completion) = observed.completion_tokens {
+            if h.recent.len() == self.history_len {
+                h.recent.pop_front();
+            }
+            h.recent.push_back(completion);
         }
-        h.recent.push_back(completion_tokens);
+        if let Some((estimated, reported)) = learns {
+            let ratio = (reported.saturating_mul(FACTOR_ONE) / estimated)
+                .clamp(FACTOR_MIN, FACTOR_MAX) as i64;
+            let factor = i64::from(h.prompt_factor);
+            let delta = ratio - factor;
+            let step = match delta / FACTOR_STEPS {
+                0 => delta.signum(),
+                step => step,
+            };
+            // Within FACTOR_MIN..=FACTOR_MAX, so within u16.
+            h.prompt_factor = (factor + step).clamp(FACTOR_MIN as i64, FACTOR_MAX as i64) as u16;
+        }
         h.last_seen = now;
     }
 
@@ -342,8 +655,9 @@ mod tests {
             {"role": "system", "content": "12345678"},
             {"role": "user", "content": [{"type": "text", "text": "abcd"}]}
         ]}));
-        // 12 chars -> 3 tokens, 2 messages -> 8, framing 3.
-        assert_eq!(info.prompt_tokens, 3 + 8 + 3);
+        // 8 digits (8 × 16) + 4 letters (4 × 3) = 140 sixteenths -> 9 tokens, 2 messages -> 8,
+        // framing 3.
+        assert_eq!(info.prompt_tokens, 9 + 8 + 3);
         assert_eq!(info.model.as_deref(), Some("m"));
     }
 
@@ -383,8 +697,8 @@ mod tests {
             LIMIT,
         )
         .unwrap();
-        // 12 chars -> 3, one item -> 4, framing 3.
-        assert_eq!(e.prompt_tokens, 3 + 4 + 3);
+        // 8 digits and 4 letters -> 9, one item -> 4, framing 3.
+        assert_eq!(e.prompt_tokens, 9 + 4 + 3);
         assert_eq!((e.max_tokens, e.stream, e.completes), (Some(7), true, true));
         let e = inspect(
             Endpoint::Responses,
@@ -406,6 +720,181 @@ mod tests {
             LIMIT
         )
         .is_err());
+    }
+
+    /// A reference for `text_sixteenths`: the documented weights, char by char, no fast path.
+    fn reference_sixteenths(text: &str) -> u64 {
+        let mut total = 0;
+        let mut prev = "wide";
+        for c in text.chars() {
+            let (cost, group) = match c {
+                'a'..='z' | 'A'..='Z' => (3, "word"),
+                '0'..='9' => (16, "digit"),
+                '\n' => (11, "space"),
+                ' ' | '\t' | '\r' => (0, "space"),
+                '\0'..='\x7f' => (0, "punct"),
+                '\u{80}'..='\u{24f}' => (16, "word"),
+                '\u{2000}'..='\u{206f}' => (0, "punct"),
+                '\u{3040}'..='\u{30ff}' => (11, "wide"),
+                '\u{3000}'..='\u{303f}' | '\u{ff00}'..='\u{ffef}' => (8, "wide"),
+                '\u{3400}'..='\u{9fff}' | '\u{f900}'..='\u{faff}' | '\u{20000}'..='\u{3ffff}' => {
+                    (14, "wide")
+                }
+                _ => (16, "wide"),
+            };
+            if group != prev {
+                total += match group {
+                    "punct" => 16,
+                    "space" => 3,
+                    _ => 0,
+                };
+                prev = group;
+            }
+            total += cost;
+        }
+        total
+    }
+
+    #[test]
+    fn text_is_counted_by_the_kind_of_each_character() {
+        let cases: &[(&str, u64)] = &[
+            ("", 0),
+            ("Hello", 1),
+            // 5 + 5 letters, 2 punctuation runs, 1 space run: 65 sixteenths.
+            ("Hello, world!", 5),
+            // A punctuation run costs one token whatever its length.
+            ("!!!!!!!!", 1),
+            ("12345", 5),
+            ("    \n\n", 2),
+            ("café", 2),
+            ("你好世界", 4),
+            ("こんにちは", 4),
+            ("。", 1),
+            ("Привет", 6),
+            ("🙂🙂", 2),
+        ];
+        for &(text, tokens) in cases {
+            assert_eq!(prompt_tokens_of_text(text), tokens, "{text:?}");
+        }
+        // Every boundary of the classes, in every UTF-8 length, agrees with the reference.
+        let boundaries = [
+            0x00, 0x09, 0x0a, 0x0d, 0x20, 0x21, 0x2f, 0x30, 0x39, 0x3a, 0x40, 0x41, 0x5a, 0x5b,
+            0x60, 0x61, 0x7a, 0x7b, 0x7f, 0x80, 0xe9, 0x24f, 0x250, 0x7ff, 0x800, 0x1fff, 0x2000,
+            0x206f, 0x2070, 0x2fff, 0x3000, 0x303f, 0x3040, 0x30ff, 0x3100, 0x33ff, 0x3400, 0x9fff,
+            0xa000, 0xac00, 0xf8ff, 0xf900, 0xfaff, 0xfb00, 0xfeff, 0xff00, 0xffef, 0xfff0, 0xffff,
+            0x10000, 0x1f642, 0x1ffff, 0x20000, 0x3ffff, 0x40000, 0x10ffff,
+        ];
+        let chars: Vec<char> = boundaries
+            .iter()
+            .filter_map(|&c| char::from_u32(c))
+            .collect();
+        let all: String = chars.iter().collect();
+        assert_eq!(text_sixteenths(&all), reference_sixteenths(&all));
+        for a in &chars {
+            for b in &chars {
+                let pair: String = [*a, *b, *a].iter().collect();
+                assert_eq!(
+                    text_sixteenths(&pair),
+                    reference_sixteenths(&pair),
+                    "{pair:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_chinese_prompt_is_estimated_within_bounds_of_its_real_count() {
+        // From bench/estimate/corpus/zh.txt. Real counts without special tokens: Mistral's
+        // Tekken (tekken_240911) 104, OpenAI's o200k_base 94 (characters / 4 said 31).
+        let text = "大语言模型是按词元而不是按词收费的，而词元是一个难以把握的单位。在英语里，\
+                    一个词元大约相当于四分之三个单词，但在其他语言中，同样一句话可能要花两倍甚至\
+                    更多的词元。任何设定用量上限的人都必须决定，是去数模型所数的东西，还是数一个\
+                    更简单但足够接近的量。";
+        assert_eq!(text.chars().count(), 124);
+        let estimate = prompt_tokens_of_text(text) as f64;
+        assert!(
+            (0.9..=1.1).contains(&(estimate / 104.0)),
+            "{estimate} for Tekken's 104"
+        );
+        assert!(
+            (0.75..=1.33).contains(&(estimate / 94.0)),
+            "{estimate} for o200k's 94"
+        );
+    }
+
+    fn learn(est: &Estimator, model: &str, estimated: u64, reported: u64) {
+        let observed = Observed {
+            completion_tokens: None,
+            prompt: Some((estimated, reported)),
+        };
+        est.observe_usage(1, model, observed, 0);
+    }
+
+    #[test]
+    fn the_prompt_factor_moves_toward_the_reported_ratio_and_is_clamped() {
+        let est = Estimator::new(256, 16);
+        let body = json!({"model": "m", "max_tokens": 0, "messages": [
+            {"role": "user", "content": "word ".repeat(80)}
+        ]});
+        let info = chat(body);
+        // 80 × (4 letters + a space run) = 1200 sixteenths = 75, + 4 + 3.
+        assert_eq!(info.prompt_tokens, 82);
+        assert_eq!(est.estimate(1, &info).estimate, 82);
+
+        // The upstream counts 1.5 times the rule: the factor goes 1/8 of the way each time.
+        learn(&est, "m", 100, 150);
+        assert_eq!(est.prompt_factor(1, "m"), 1.0625);
+        for _ in 0..60 {
+            learn(&est, "m", 100, 150);
+        }
+        assert_eq!(est.prompt_factor(1, "m"), 1.5, "reached, not crept toward");
+        let cost = est.estimate(1, &info);
+        assert_eq!(cost.estimate, 123);
+        // Only the estimate grows: a request is not refused as too large on a learned factor.
+        assert_eq!(cost.prompt, 82);
+        // Other workspaces and models keep their own.
+        assert_eq!(est.estimate(2, &info).estimate, 82);
+        assert_eq!(est.prompt_factor(1, "other"), 1.0);
+
+        // One absurd answer moves it by at most 1/8 of the way to the clamp, and no number of
+        // them takes it past 2 (or under 0.5).
+        learn(&est, "m", 100, 1_000_000);
+        assert_eq!(est.prompt_factor(1, "m"), 1.5 + (2.0 - 1.5) / 8.0);
+        for _ in 0..200 {
+            learn(&est, "m", 100, u64::MAX);
+        }
+        assert_eq!(est.prompt_factor(1, "m"), PROMPT_FACTOR_MAX);
+        assert_eq!(est.estimate(1, &info).estimate, 164);
+        for _ in 0..200 {
+            learn(&est, "m", 100, 0);
+        }
+        assert_eq!(est.prompt_factor(1, "m"), PROMPT_FACTOR_MIN);
+        let cost = est.estimate(1, &info);
+        assert_eq!((cost.prompt, cost.estimate), (41, 41));
+
+        // Small prompts, dominated by framing, teach nothing.
+        learn(&est, "small", PROMPT_LEARN_MIN_TOKENS - 1, 1_000);
+        assert_eq!(est.prompt_factor(1, "small"), 1.0);
+        assert!(est.shard(1).get(&1).unwrap().get("small").is_none());
+    }
+
+    #[test]
+    fn learned_factors_are_bounded_per_workspace_and_evicted() {
+        let est = Estimator::new(256, 16);
+        for i in 0..1000u64 {
+            let observed = Observed {
+                completion_tokens: None,
+                prompt: Some((100, 200)),
+            };
+            est.observe_usage(1, &format!("made-up-{i}"), observed, i);
+        }
+        let tracked = est.shard(1).get(&1).map_or(0, HashMap::len);
+        assert_eq!(tracked, MAX_MODELS_PER_WORKSPACE);
+        assert!(est.prompt_factor(1, "made-up-999") > 1.0);
+        assert_eq!(est.prompt_factor(1, "made-up-0"), 1.0, "replaced");
+        est.evict_idle(10_000, 50);
+        assert_eq!(est.prompt_factor(1, "made-up-999"), 1.0);
+        assert!(est.shard(1).is_empty());
     }
 
     #[test]

@@ -28,6 +28,11 @@ impl UsageJson {
         })
     }
 
+    /// The prompt's tokens: `prompt_tokens`, else `input_tokens` (Responses API).
+    pub fn prompt(&self) -> Option<u64> {
+        self.prompt_tokens.or(self.input_tokens)
+    }
+
     pub fn completion(&self) -> Option<u64> {
         self.completion_tokens.or(self.output_tokens)
     }

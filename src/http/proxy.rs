@@ -52,7 +52,7 @@ use super::error::ApiError;
 use super::{authenticate, headers};
 use crate::app::AppState;
 use crate::catalog::WorkspaceEntry;
-use crate::estimate::{inspect, Endpoint, RequestInfo};
+use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
 use crate::limiter::core::day_of;
 use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
 use crate::metrics::Metrics;
@@ -287,6 +287,7 @@ async fn forward(
         request_id: request_id.to_string(),
         model: model.unwrap_or_default(),
         choices: prepared.info.as_ref().map_or(1, |i| i.choices),
+        prompt_estimate: prepared.info.as_ref().map_or(0, |i| i.prompt_tokens),
     };
     let mut response = send(state, &parts, prepared, settlement)
         .await
@@ -520,6 +521,8 @@ struct Settlement {
     request_id: String,
     model: String,
     choices: u64,
+    /// The prompt as the rule estimated it, before any learned factor (0 when unmetered).
+    prompt_estimate: u64,
 }
 
 enum Outcome {
@@ -536,6 +539,7 @@ impl Settlement {
         let request_id = std::mem::take(&mut self.request_id);
         let model = std::mem::take(&mut self.model);
         let choices = self.choices;
+        let prompt_estimate = self.prompt_estimate;
         Some(
             async move {
                 settle(
@@ -544,7 +548,10 @@ impl Settlement {
                     &limits,
                     request_id,
                     model,
-                    choices,
+                    Counts {
+                        choices,
+                        prompt_estimate,
+                    },
                     outcome,
                 )
                 .await
@@ -605,22 +612,38 @@ impl Drop for Settlement {
     }
 }
 
+/// What the estimator learns from besides the usage: the request's choices and the rule's
+/// prompt estimate.
+struct Counts {
+    choices: u64,
+    prompt_estimate: u64,
+}
+
 async fn settle(
     state: &AppState,
     reservation: &Reservation,
     limits: &Limits,
     request_id: String,
     model: String,
-    choices: u64,
+    counts: Counts,
     outcome: Outcome,
 ) {
     let now = state.clock.now();
     let ws = reservation.workspace;
     let actual = match outcome {
         Outcome::Usage(u) => {
-            if let Some(c) = u.completion() {
-                state.estimator.observe(ws, &model, c / choices.max(1), now);
-            }
+            let Counts {
+                choices,
+                prompt_estimate,
+            } = counts;
+            let observed = Observed {
+                completion_tokens: u.completion().map(|c| c / choices.max(1)),
+                prompt: u
+                    .prompt()
+                    .filter(|_| prompt_estimate > 0)
+                    .map(|reported| (prompt_estimate, reported)),
+            };
+            state.estimator.observe_usage(ws, &model, observed, now);
             u.total()
         }
         Outcome::Refund => 0,

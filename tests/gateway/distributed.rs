@@ -14,13 +14,14 @@ use crate::process::Process;
 use crate::support::redis::{cluster_seeds, redis_cli, shared_redis, RedisServer};
 
 /// A chat request whose estimate equals what the mock reports: prompt 9 by the estimate rule
-/// ("Hello": 2 + 4 + 3), completion `max_tokens`, and `x-mock-usage: 9,C`.
+/// ("Hello!": 5 letters and a punctuation run, 2, + 4 + 3), completion `max_tokens`, and
+/// `x-mock-usage: 9,C`.
 fn exact_request(completion: u64) -> (Value, String) {
     (
         json!({
             "model": "mistral-small-latest",
             "max_tokens": completion,
-            "messages": [{"role": "user", "content": "Hello"}],
+            "messages": [{"role": "user", "content": "Hello!"}],
         }),
         format!("9,{completion}"),
     )
@@ -693,7 +694,7 @@ async fn a_killed_gateway_and_a_flushed_redis_lose_nothing_finished_and_count_no
             .bearer_auth(&key)
             .json(
                 &json!({"model": "mistral-small-latest", "max_tokens": max_tokens, "stream": stream,
-                "messages": [{"role": "user", "content": "Hello"}]}),
+                "messages": [{"role": "user", "content": "Hello!"}]}),
             )
     };
     for (p, c) in &usages {

@@ -131,6 +131,35 @@ async fn the_estimate_does_not_reserve_all_of_max_tokens() {
 }
 
 #[tokio::test]
+async fn the_prompt_estimate_learns_what_the_upstream_reports() {
+    const LIMIT: u64 = 1_000_000;
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": LIMIT})).await;
+    // 80 words of 4 letters and a space: 75 tokens by the rule, + 4 + 3 = 82; completion 1.
+    let body = |model: &str| {
+        json!({"model": model, "max_tokens": 1,
+               "messages": [{"role": "user", "content": "word ".repeat(80)}]})
+    };
+    // An upstream whose tokenizer counts twice the rule (as an older one does for Chinese).
+    let usage = [("x-mock-usage", "164,1")];
+    let mut reserved = Vec::new();
+    for k in 0..60u64 {
+        let r = gw.chat(&key, body("m"), &usage).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let remaining = header_u64(&r, "x-ratelimit-remaining-tokens");
+        reserved.push(LIMIT - 165 * k - remaining);
+    }
+    // The first follows the rule; each settlement moves the factor 1/8 of the way to 2
+    // (82 × 1.125 = 92.25 -> 93); it gets there, and no further.
+    assert_eq!(reserved[..2], [83, 94]);
+    assert!(reserved.windows(2).all(|w| w[0] <= w[1]), "{reserved:?}");
+    assert_eq!(reserved[59], 165, "{reserved:?}");
+    // Another model of the same workspace has learned nothing.
+    let r = gw.chat(&key, body("other"), &usage).await;
+    let remaining = header_u64(&r, "x-ratelimit-remaining-tokens");
+    assert_eq!(LIMIT - 165 * 60 - remaining, 83);
+}
+
+#[tokio::test]
 async fn tokens_per_month_is_a_quota_that_waiting_seconds_cannot_fix() {
     let (gw, key) = TestGateway::on_tier(json!({"tokens_per_month": 1000})).await;
     let r = gw.chat(&key, hello(), &[("x-mock-usage", "400,500")]).await;
