@@ -622,6 +622,12 @@ impl WorkspaceState {
     }
 
     fn model_index(&self, model: &str) -> Result<usize, usize> {
+        // Most workspaces use one model: one comparison of lengths, then of bytes.
+        if let [only] = &*self.models {
+            if only.name.len() == model.len() && *only.name == *model {
+                return Ok(0);
+            }
+        }
         self.models.binary_search_by(|m| (*m.name).cmp(model))
     }
 
@@ -837,7 +843,8 @@ impl WorkspaceState {
         }
 
         if let Some(worst) = worst {
-            return (Verdict::Deny(worst), self.snapshot(limits, now));
+            let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+            return (Verdict::Deny(worst), snapshot);
         }
 
         // Admit: take from every limit.
@@ -875,7 +882,8 @@ impl WorkspaceState {
             month: month_now,
             slot: limits.concurrent_requests.is_some(),
         };
-        (Verdict::Admit(held), self.snapshot(limits, now))
+        let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+        (Verdict::Admit(held), snapshot)
     }
 
     /// Frees the concurrency slot of `held` before it is settled (a client that went away);
@@ -938,8 +946,19 @@ impl WorkspaceState {
     }
 
     pub fn snapshot(&self, limits: &Limits, now: Nanos) -> Snapshot {
+        self.snapshot_at(limits, now, request_limit(limits), month_span(now).1)
+    }
+
+    /// `snapshot`, with what the decision has computed already.
+    fn snapshot_at(
+        &self,
+        limits: &Limits,
+        now: Nanos,
+        request_limit: Option<(f64, i64, i64)>,
+        next_month: Nanos,
+    ) -> Snapshot {
         let now_us = micros(now);
-        let requests = request_limit(limits).map(|(rps, cap, rate)| match &self.requests {
+        let requests = request_limit.map(|(rps, cap, rate)| match &self.requests {
             Some(b) => {
                 let (remaining, full_at) = b.view(cap, rate, now_us);
                 Window {
@@ -969,7 +988,7 @@ impl WorkspaceState {
         let month = limits.tokens_per_month.map(|cap| Window {
             limit: cap as f64,
             remaining: cap.saturating_sub(self.month.used()),
-            reset: month_span(now).1.saturating_sub(now),
+            reset: next_month.saturating_sub(now),
         });
         Snapshot {
             requests,
