@@ -1594,7 +1594,7 @@ async fn local_reserve_then_settle_frees_the_slot_and_refunds() {
     assert_eq!(
         reservation.held,
         Held {
-            model: Some("m".to_string()),
+            model: Some("m".into()),
             tokens: 300,
             month: MonthKey::of(now),
             slot: true,

@@ -20,7 +20,9 @@
 //!
 //! `Limits::validate` enforces the bounds these rely on (see `model.rs`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::num::{NonZeroU32, NonZeroU64};
+use std::sync::Arc;
 
 use crate::model::Limits;
 
@@ -67,8 +69,9 @@ pub struct RequestBucket {
     level: i64,
     /// Microsecond of `level`.
     at: u64,
-    /// The capacity `level` was computed with.
-    capacity: i64,
+    /// The burst (capacity in requests) `level` was computed with; never 0, which lets
+    /// `Option<RequestBucket>` take no more room than the bucket.
+    burst: NonZeroU32,
 }
 
 impl RequestBucket {
@@ -76,14 +79,19 @@ impl RequestBucket {
         RequestBucket {
             level: capacity,
             at: now_us,
-            capacity,
+            burst: burst_of(capacity),
         }
+    }
+
+    /// The capacity `level` was computed with, in nano-requests.
+    fn capacity(&self) -> i64 {
+        self.burst.get() as i64 * NANO_REQUESTS
     }
 
     /// Level and time at `now_us`. When the capacity changed (a new tier or override), what was
     /// used stays used: the level moves by the difference.
     fn at_time(&self, capacity: i64, rate: i64, now_us: u64) -> (i64, u64) {
-        let level = (self.level + capacity - self.capacity).min(capacity);
+        let level = (self.level + capacity - self.capacity()).min(capacity);
         if now_us <= self.at {
             return (level, self.at);
         }
@@ -115,7 +123,7 @@ impl RequestBucket {
         *self = RequestBucket {
             level: level - NANO_REQUESTS,
             at,
-            capacity,
+            burst: burst_of(capacity),
         };
     }
 
@@ -131,6 +139,16 @@ impl RequestBucket {
     }
 }
 
+/// The burst of a request capacity (a whole number of requests, at least 1 for valid limits).
+fn burst_of(capacity: i64) -> NonZeroU32 {
+    NonZeroU32::new((capacity / NANO_REQUESTS) as u32).unwrap_or(NonZeroU32::MIN)
+}
+
+/// A token capacity as stored (valid limits are at least 1 token).
+fn token_capacity(capacity: u64) -> NonZeroU64 {
+    NonZeroU64::new(capacity).unwrap_or(NonZeroU64::MIN)
+}
+
 /// A continuously refilled bucket: capacity = the per-minute limit, refill limit/60 per second,
 /// credited per whole millisecond. The level may go below zero (debt, at most one minute's
 /// worth) when settled usage exceeds what was reserved.
@@ -140,8 +158,9 @@ pub struct TokenBucket {
     /// Microsecond of `level`: moves by whole milliseconds while refilling, so no fraction of a
     /// millisecond's credit is lost.
     at: u64,
-    /// The capacity (tokens) `level` was computed with.
-    capacity: u64,
+    /// The capacity (tokens) `level` was computed with; never 0, which lets
+    /// `Option<TokenBucket>` take no more room than the bucket.
+    capacity: NonZeroU64,
 }
 
 impl TokenBucket {
@@ -149,7 +168,7 @@ impl TokenBucket {
         TokenBucket {
             level: capacity as i64 * UNITS_PER_TOKEN,
             at: now_us,
-            capacity,
+            capacity: token_capacity(capacity),
         }
     }
 
@@ -157,7 +176,7 @@ impl TokenBucket {
         let cap = capacity as i64 * UNITS_PER_TOKEN;
         // When the limit changed, what was used in the last minute stays used: the level moves
         // by the difference, so an increase holds at once and a decrease does not forgive.
-        let level = (self.level + (capacity as i64 - self.capacity as i64) * UNITS_PER_TOKEN)
+        let level = (self.level + (capacity as i64 - self.capacity.get() as i64) * UNITS_PER_TOKEN)
             .clamp(-cap, cap);
         if now_us <= self.at {
             return (level, self.at);
@@ -192,7 +211,7 @@ impl TokenBucket {
         *self = TokenBucket {
             level: (level + tokens * UNITS_PER_TOKEN).clamp(-cap, cap),
             at,
-            capacity,
+            capacity: token_capacity(capacity),
         };
     }
 
@@ -320,10 +339,46 @@ impl MonthCounter {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+/// What a workspace's state counts for one model: its month usage always (so that a per-model
+/// month limit set later starts from what was used), its token bucket only while it has a
+/// per-minute limit (rare, so kept out of line).
+#[derive(Debug, Clone)]
 struct ModelState {
-    bucket: Option<TokenBucket>,
-    month: Option<MonthCounter>,
+    name: ModelName,
+    bucket: Option<Box<TokenBucket>>,
+    month: MonthCounter,
+}
+
+/// A model's name as the limiter keeps it: shared by every state that counts the model and by
+/// the reservations made for it, so that a decision copies no string.
+pub type ModelName = Arc<str>;
+
+/// Model names shared by the workspace states of one table (a shard of the in-memory limiter):
+/// a name is stored once however many workspaces use it. `prune` forgets the names that only
+/// this table still holds.
+#[derive(Debug, Default)]
+pub struct ModelNames {
+    names: HashSet<ModelName, foldhash::fast::RandomState>,
+}
+
+impl ModelNames {
+    pub fn get(&mut self, model: &str) -> ModelName {
+        if let Some(name) = self.names.get(model) {
+            return name.clone();
+        }
+        let name = ModelName::from(model);
+        self.names.insert(name.clone());
+        name
+    }
+
+    /// Forgets names that no state and no reservation holds any more.
+    pub fn prune(&mut self) {
+        self.names.retain(|n| Arc::strong_count(n) > 1);
+    }
+
+    pub fn clear(&mut self) {
+        self.names.clear();
+    }
 }
 
 /// Month totals from the durable ledger, used to seed a workspace's month counters.
@@ -420,7 +475,7 @@ pub struct Usage {
 /// What was held for an admitted request, to be settled exactly once.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Held {
-    pub model: Option<String>,
+    pub model: Option<ModelName>,
     pub tokens: u64,
     pub month: MonthKey,
     pub slot: bool,
@@ -433,13 +488,16 @@ pub enum Verdict {
     Deny(Denial),
 }
 
-/// All limiter state of one workspace.
+/// All limiter state of one workspace: 112 bytes, plus 56 per model it counts apart (see
+/// `ModelState`). Kept small because an instance holds one per active workspace.
 #[derive(Debug, Clone)]
 pub struct WorkspaceState {
     requests: Option<RequestBucket>,
     bucket: Option<TokenBucket>,
     month: MonthCounter,
-    models: HashMap<String, ModelState>,
+    /// Sorted by name; a boxed slice, exactly as long as the models counted (most workspaces
+    /// use one or a few; at most `MAX_TRACKED_MODELS` plus the limited ones).
+    models: Box<[ModelState]>,
     /// Requests in flight counted against `concurrent_requests` (only while that limit is set).
     in_flight: u32,
     /// Every admitted request not yet settled, whatever the limits: a state holding one is
@@ -456,32 +514,41 @@ fn request_limit(limits: &Limits) -> Option<(f64, i64, i64)> {
     })
 }
 
+/// A name for a model, shared through `names` when given, else its own.
+fn name_of(names: &mut Option<&mut ModelNames>, model: &str) -> ModelName {
+    match names {
+        Some(names) => names.get(model),
+        None => ModelName::from(model),
+    }
+}
+
 impl WorkspaceState {
     /// A fresh state whose month counters start from the ledger's totals for `totals.month`.
     pub fn new(now: Nanos, totals: &MonthTotals) -> Self {
+        Self::new_named(now, totals, None)
+    }
+
+    /// `new`, sharing model names through `names`.
+    pub fn new_named(now: Nanos, totals: &MonthTotals, mut names: Option<&mut ModelNames>) -> Self {
         let current = MonthKey::of(now);
         let same_month = totals.month == Some(current);
         let base = |n: u64| if same_month { n } else { 0 };
-        let models = totals
+        let mut models: Vec<ModelState> = totals
             .by_model
             .iter()
             .take(MAX_TRACKED_MODELS)
-            .map(|(m, t)| {
-                let month = Some(MonthCounter::starting(current, base(*t)));
-                (
-                    m.clone(),
-                    ModelState {
-                        bucket: None,
-                        month,
-                    },
-                )
+            .map(|(m, t)| ModelState {
+                name: name_of(&mut names, m),
+                bucket: None,
+                month: MonthCounter::starting(current, base(*t)),
             })
             .collect();
+        models.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         WorkspaceState {
             requests: None,
             bucket: None,
             month: MonthCounter::starting(current, base(totals.tokens)),
-            models,
+            models: models.into_boxed_slice(),
             in_flight: 0,
             unsettled: 0,
             last_seen: now,
@@ -495,30 +562,35 @@ impl WorkspaceState {
     }
 
     pub fn roll_month(&mut self, now: Nanos, totals: &MonthTotals) {
+        self.roll_month_named(now, totals, None)
+    }
+
+    /// `roll_month`, sharing model names through `names`.
+    pub fn roll_month_named(
+        &mut self,
+        now: Nanos,
+        totals: &MonthTotals,
+        mut names: Option<&mut ModelNames>,
+    ) {
         let current = MonthKey::of(now);
         if self.month.month == current {
             return;
         }
         let base = |n: u64| if totals.month == Some(current) { n } else { 0 };
         self.month.roll(current, base(totals.tokens));
-        for (model, state) in self.models.iter_mut() {
-            if let Some(m) = state.month.as_mut() {
-                m.roll(
-                    current,
-                    base(totals.by_model.get(model).copied().unwrap_or(0)),
-                );
-            }
+        for state in self.models.iter_mut() {
+            state.month.roll(
+                current,
+                base(totals.by_model.get(&*state.name).copied().unwrap_or(0)),
+            );
         }
         // Models first used in the new month may already have settled usage in the ledger.
         if totals.month == Some(current) {
             for (model, tokens) in &totals.by_model {
-                if !self.models.contains_key(model) && self.models.len() >= MAX_TRACKED_MODELS {
-                    continue;
+                if self.model_index(model).is_err() && self.models.len() < MAX_TRACKED_MODELS {
+                    let name = name_of(&mut names, model);
+                    self.insert_model(name, MonthCounter::starting(current, *tokens));
                 }
-                let state = self.models.entry(model.clone()).or_default();
-                state
-                    .month
-                    .get_or_insert(MonthCounter::starting(current, *tokens));
             }
         }
     }
@@ -534,35 +606,70 @@ impl WorkspaceState {
             (Some(b), Some((_, cap, rate))) => b.is_full(cap, rate, now_us),
             _ => true,
         };
-        let full = |b: &Option<TokenBucket>, cap: Option<u64>| match (b, cap) {
+        let full = |b: Option<&TokenBucket>, cap: Option<u64>| match (b, cap) {
             (Some(b), Some(cap)) => b.full_at(cap, now_us) <= now_us,
             _ => true,
         };
         requests_full
-            && full(&self.bucket, limits.tokens_per_minute)
-            && self.models.iter().all(|(name, m)| {
-                let cap = limits.models.get(name).and_then(|l| l.tokens_per_minute);
-                full(&m.bucket, cap)
+            && full(self.bucket.as_ref(), limits.tokens_per_minute)
+            && self.models.iter().all(|m| {
+                let cap = limits
+                    .models
+                    .get(&*m.name)
+                    .and_then(|l| l.tokens_per_minute);
+                full(m.bucket.as_deref(), cap)
             })
+    }
+
+    fn model_index(&self, model: &str) -> Result<usize, usize> {
+        // Most workspaces use one model: one comparison of lengths, then of bytes.
+        if let [only] = &*self.models {
+            if only.name.len() == model.len() && *only.name == *model {
+                return Ok(0);
+            }
+        }
+        self.models.binary_search_by(|m| (*m.name).cmp(model))
+    }
+
+    /// Adds a model the state does not count yet (rare: a model's first request this month, or
+    /// its first since the state was made), keeping the slice sorted and exactly as long.
+    fn insert_model(&mut self, name: ModelName, month: MonthCounter) -> usize {
+        let at = self.model_index(&name).unwrap_err();
+        let mut models = std::mem::take(&mut self.models).into_vec();
+        models.reserve_exact(1);
+        models.insert(
+            at,
+            ModelState {
+                name,
+                bucket: None,
+                month,
+            },
+        );
+        self.models = models.into_boxed_slice();
+        at
     }
 
     /// Whether `model` is (or may become) counted apart: limited, already tracked, or room left.
     fn tracks(&self, model: &str, limits: &Limits) -> bool {
         limits.models.contains_key(model)
-            || self.models.contains_key(model)
             || self.models.len() < MAX_TRACKED_MODELS
+            || self.model_index(model).is_ok()
     }
 
-    fn model_state(&mut self, model: &str, now: Nanos) -> &mut ModelState {
-        let current = MonthKey::of(now);
-        if !self.models.contains_key(model) {
-            self.models.insert(model.to_string(), ModelState::default());
-        }
-        let state = self.models.get_mut(model).expect("just inserted");
-        state
-            .month
-            .get_or_insert(MonthCounter::starting(current, 0));
-        state
+    fn model_state(
+        &mut self,
+        model: &str,
+        now: Nanos,
+        names: &mut Option<&mut ModelNames>,
+    ) -> &mut ModelState {
+        let i = match self.model_index(model) {
+            Ok(i) => i,
+            Err(_) => {
+                let month = MonthCounter::starting(MonthKey::of(now), 0);
+                self.insert_model(name_of(names, model), month)
+            }
+        };
+        &mut self.models[i]
     }
 
     /// Checks every limit, and only if all admit, takes from every one: one atomic step.
@@ -573,9 +680,25 @@ impl WorkspaceState {
         cost: TokenCost,
         now: Nanos,
     ) -> (Verdict, Snapshot) {
+        self.reserve_named(limits, model, cost, now, None)
+    }
+
+    /// `reserve`, sharing model names through `names`.
+    pub fn reserve_named(
+        &mut self,
+        limits: &Limits,
+        model: Option<&str>,
+        cost: TokenCost,
+        now: Nanos,
+        mut names: Option<&mut ModelNames>,
+    ) -> (Verdict, Snapshot) {
         self.last_seen = now;
         let now_us = micros(now);
-        let model_limits = model.and_then(|m| limits.models.get(m).map(|l| (m, l)));
+        let (month_now, next_month) = month_span(now);
+        let model_limits = match model {
+            Some(m) if !limits.models.is_empty() => limits.models.get(m).map(|l| (m, l)),
+            _ => None,
+        };
         let cost = TokenCost {
             prompt: cost.prompt.min(MAX_REQUEST_TOKENS),
             estimate: cost.estimate.min(MAX_REQUEST_TOKENS),
@@ -600,10 +723,22 @@ impl WorkspaceState {
             }),
         ];
         let mut tokens = cost.estimate.max(cost.prompt);
-        let mut denials: Vec<Denial> = Vec::new();
+        // The cause a client must hear first: what can never fit, then the month, then the
+        // longest wait, so that retrying after `retry_after` succeeds when nothing else runs.
+        // Kept as it is found, so that an admission builds nothing.
+        let mut worst: Option<Denial> = None;
+        let mut deny = |d: Denial| {
+            let replace = match &worst {
+                None => true,
+                Some(w) => (d.kind, d.retry_after) >= (w.kind, w.retry_after),
+            };
+            if replace {
+                worst = Some(d);
+            }
+        };
         for (cap, name, m) in capacities.into_iter().flatten() {
             if cost.prompt > cap {
-                denials.push(Denial {
+                deny(Denial {
                     kind: DenialKind::RequestTooLarge,
                     limit: name,
                     model: m.map(str::to_string),
@@ -616,13 +751,14 @@ impl WorkspaceState {
         let tokens = tokens.max(cost.prompt);
 
         // Requests per second.
-        if let Some((rps, cap, rate)) = request_limit(limits) {
+        let request_limit = request_limit(limits);
+        if let Some((rps, cap, rate)) = request_limit {
             let bucket = self
                 .requests
                 .get_or_insert_with(|| RequestBucket::full(cap, now_us));
             let at = bucket.admit_at(cap, rate, now_us);
             if at > now_us {
-                denials.push(Denial {
+                deny(Denial {
                     kind: DenialKind::RateLimited,
                     limit: LimitName::RequestsPerSecond,
                     model: None,
@@ -635,7 +771,7 @@ impl WorkspaceState {
         // Concurrent requests.
         if let Some(max) = limits.concurrent_requests {
             if self.in_flight >= max {
-                denials.push(Denial {
+                deny(Denial {
                     kind: DenialKind::RateLimited,
                     limit: LimitName::ConcurrentRequests,
                     model: None,
@@ -652,7 +788,7 @@ impl WorkspaceState {
                 .get_or_insert_with(|| TokenBucket::full(cap, now_us));
             let at = bucket.available_at(cap, tokens, now_us);
             if at > now_us && tokens <= cap {
-                denials.push(Denial {
+                deny(Denial {
                     kind: DenialKind::RateLimited,
                     limit: LimitName::TokensPerMinute,
                     model: None,
@@ -663,10 +799,9 @@ impl WorkspaceState {
         }
 
         // Tokens per month.
-        let next_month = month_span(now).1;
         if let Some(cap) = limits.tokens_per_month {
             if self.month.used() + tokens > cap && tokens <= cap {
-                denials.push(Denial {
+                deny(Denial {
                     kind: DenialKind::QuotaExceeded,
                     limit: LimitName::TokensPerMonth,
                     model: None,
@@ -678,14 +813,14 @@ impl WorkspaceState {
 
         // Per-model limits.
         if let Some((m, ml)) = model_limits {
-            let state = self.model_state(m, now);
+            let state = self.model_state(m, now, &mut names);
             if let Some(cap) = ml.tokens_per_minute {
                 let bucket = state
                     .bucket
-                    .get_or_insert_with(|| TokenBucket::full(cap, now_us));
+                    .get_or_insert_with(|| Box::new(TokenBucket::full(cap, now_us)));
                 let at = bucket.available_at(cap, tokens, now_us);
                 if at > now_us && tokens <= cap {
-                    denials.push(Denial {
+                    deny(Denial {
                         kind: DenialKind::RateLimited,
                         limit: LimitName::ModelTokensPerMinute,
                         model: Some(m.to_string()),
@@ -694,9 +829,9 @@ impl WorkspaceState {
                     });
                 }
             }
-            if let (Some(cap), Some(month)) = (ml.tokens_per_month, state.month.as_ref()) {
-                if month.used() + tokens > cap && tokens <= cap {
-                    denials.push(Denial {
+            if let Some(cap) = ml.tokens_per_month {
+                if state.month.used() + tokens > cap && tokens <= cap {
+                    deny(Denial {
                         kind: DenialKind::QuotaExceeded,
                         limit: LimitName::ModelTokensPerMonth,
                         model: Some(m.to_string()),
@@ -707,19 +842,13 @@ impl WorkspaceState {
             }
         }
 
-        // The cause a client must hear first: what can never fit, then the month, then the
-        // longest wait, so that retrying after `retry_after` succeeds when nothing else runs.
-        if let Some(worst) = denials
-            .into_iter()
-            .max_by(|a, b| a.kind.cmp(&b.kind).then(a.retry_after.cmp(&b.retry_after)))
-        {
-            return (Verdict::Deny(worst), self.snapshot(limits, now));
+        if let Some(worst) = worst {
+            let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+            return (Verdict::Deny(worst), snapshot);
         }
 
         // Admit: take from every limit.
-        if let (Some((_, cap, rate)), Some(bucket)) =
-            (request_limit(limits), self.requests.as_mut())
-        {
+        if let (Some((_, cap, rate)), Some(bucket)) = (request_limit, self.requests.as_mut()) {
             bucket.take(cap, rate, now_us);
         }
         if limits.concurrent_requests.is_some() {
@@ -730,25 +859,31 @@ impl WorkspaceState {
             bucket.add(cap, -(tokens as i64), now_us);
         }
         self.month.reserved += tokens;
-        if let Some(m) = model.filter(|m| self.tracks(m, limits)) {
-            let state = self.model_state(m, now);
-            if let (Some(cap), Some(bucket)) = (
-                model_limits.and_then(|(_, l)| l.tokens_per_minute),
-                state.bucket.as_mut(),
-            ) {
-                bucket.add(cap, -(tokens as i64), now_us);
+        let held_model = match model {
+            Some(m) if self.tracks(m, limits) => {
+                let state = self.model_state(m, now, &mut names);
+                if let (Some(cap), Some(bucket)) = (
+                    model_limits.and_then(|(_, l)| l.tokens_per_minute),
+                    state.bucket.as_mut(),
+                ) {
+                    bucket.add(cap, -(tokens as i64), now_us);
+                }
+                state.month.reserved += tokens;
+                Some(state.name.clone())
             }
-            if let Some(month) = state.month.as_mut() {
-                month.reserved += tokens;
-            }
-        }
+            // Not counted apart (past `MAX_TRACKED_MODELS`): a name of its own, not kept in
+            // `names`, whose size follows the states only.
+            Some(m) => Some(ModelName::from(m)),
+            None => None,
+        };
         let held = Held {
-            model: model.map(str::to_string),
+            model: held_model,
             tokens,
-            month: MonthKey::of(now),
+            month: month_now,
             slot: limits.concurrent_requests.is_some(),
         };
-        (Verdict::Admit(held), self.snapshot(limits, now))
+        let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+        (Verdict::Admit(held), snapshot)
     }
 
     /// Frees the concurrency slot of `held` before it is settled (a client that went away);
@@ -783,25 +918,47 @@ impl WorkspaceState {
             self.month.settled += actual;
         }
         if let Some(m) = held.model.as_deref().filter(|m| self.tracks(m, limits)) {
-            let cap = limits.models.get(m).and_then(|l| l.tokens_per_minute);
-            let state = self.model_state(m, now);
+            let cap = match limits.models.is_empty() {
+                true => None,
+                false => limits.models.get(m).and_then(|l| l.tokens_per_minute),
+            };
+            let state = match self.model_index(m) {
+                Ok(i) => &mut self.models[i],
+                // Counted from now on (the name is the reservation's own).
+                Err(_) => {
+                    let month = MonthCounter::starting(current, 0);
+                    let name = held.model.clone().expect("a model");
+                    let i = self.insert_model(name, month);
+                    &mut self.models[i]
+                }
+            };
             if let (Some(cap), Some(bucket)) = (cap, state.bucket.as_mut()) {
                 bucket.add(cap, delta, now_us);
             }
-            if let Some(month) = state.month.as_mut() {
-                if month.month == held.month {
-                    month.reserved = month.reserved.saturating_sub(held.tokens);
-                }
-                if month.month == current {
-                    month.settled += actual;
-                }
+            let month = &mut state.month;
+            if month.month == held.month {
+                month.reserved = month.reserved.saturating_sub(held.tokens);
+            }
+            if month.month == current {
+                month.settled += actual;
             }
         }
     }
 
     pub fn snapshot(&self, limits: &Limits, now: Nanos) -> Snapshot {
+        self.snapshot_at(limits, now, request_limit(limits), month_span(now).1)
+    }
+
+    /// `snapshot`, with what the decision has computed already.
+    fn snapshot_at(
+        &self,
+        limits: &Limits,
+        now: Nanos,
+        request_limit: Option<(f64, i64, i64)>,
+        next_month: Nanos,
+    ) -> Snapshot {
         let now_us = micros(now);
-        let requests = request_limit(limits).map(|(rps, cap, rate)| match &self.requests {
+        let requests = request_limit.map(|(rps, cap, rate)| match &self.requests {
             Some(b) => {
                 let (remaining, full_at) = b.view(cap, rate, now_us);
                 Window {
@@ -831,7 +988,7 @@ impl WorkspaceState {
         let month = limits.tokens_per_month.map(|cap| Window {
             limit: cap as f64,
             remaining: cap.saturating_sub(self.month.used()),
-            reset: month_span(now).1.saturating_sub(now),
+            reset: next_month.saturating_sub(now),
         });
         Snapshot {
             requests,
@@ -845,7 +1002,7 @@ impl WorkspaceState {
         let models = self
             .models
             .iter()
-            .filter_map(|(m, s)| s.month.map(|c| (m.clone(), c.seed)))
+            .map(|m| (m.name.to_string(), m.month.seed))
             .collect();
         (self.month.seed, models)
     }

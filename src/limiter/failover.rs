@@ -29,13 +29,11 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use async_trait::async_trait;
-
 use super::core::{request_rate, MonthKey};
 use super::local::LocalLimiter;
 use super::redis::RedisLimiter;
 use super::{
-    Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, Nanos, Origin,
+    Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, Nanos, Origin,
     Reservation, Settled, Snapshot, TokenCost, Usage, NANOS_PER_SEC,
 };
 use crate::config::FailurePolicy;
@@ -256,7 +254,7 @@ impl Failover {
                 Metrics::inc(&self.metrics.fallback_open);
                 self.served_alone(workspace);
                 let held = Held {
-                    model: model.map(str::to_string),
+                    model: model.map(Into::into),
                     tokens: cost.estimate.max(cost.prompt),
                     month: MonthKey::of(now),
                     slot: false,
@@ -344,9 +342,9 @@ async fn watch(failover: Weak<Failover>) {
     }
 }
 
-#[async_trait]
-impl Limiter for Failover {
-    async fn reserve(
+/// The calls of `Limiter`, whose futures the trait boxes: this backend waits on the network.
+impl Failover {
+    async fn reserve_async(
         &self,
         workspace: WorkspaceId,
         limits: &Limits,
@@ -387,7 +385,7 @@ impl Limiter for Failover {
         self.fallback(workspace, limits, model, cost, now).await
     }
 
-    async fn settle(
+    async fn settle_async(
         &self,
         reservation: &Reservation,
         limits: &Limits,
@@ -420,7 +418,7 @@ impl Limiter for Failover {
         }
     }
 
-    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
+    async fn release_slot_async(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
         match reservation.origin {
             Origin::Primary if !self.is_open() => self.shared.release_slot(reservation).await,
             Origin::Primary | Origin::Unmetered => Ok(()),
@@ -428,7 +426,7 @@ impl Limiter for Failover {
         }
     }
 
-    async fn usage(
+    async fn usage_async(
         &self,
         workspace: WorkspaceId,
         limits: &Limits,
@@ -444,6 +442,45 @@ impl Limiter for Failover {
             Err(_) => {}
         }
         result
+    }
+}
+
+impl Limiter for Failover {
+    fn reserve<'a>(
+        &'a self,
+        workspace: WorkspaceId,
+        limits: &'a Limits,
+        model: Option<&'a str>,
+        cost: TokenCost,
+        now: Nanos,
+    ) -> Answer<'a, Result<Decision, LimiterError>> {
+        Answer::later(self.reserve_async(workspace, limits, model, cost, now))
+    }
+
+    fn settle<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+        limits: &'a Limits,
+        actual: u64,
+        now: Nanos,
+    ) -> Answer<'a, Result<Settled, LimiterError>> {
+        Answer::later(self.settle_async(reservation, limits, actual, now))
+    }
+
+    fn release_slot<'a>(
+        &'a self,
+        reservation: &'a mut Reservation,
+    ) -> Answer<'a, Result<(), LimiterError>> {
+        Answer::later(self.release_slot_async(reservation))
+    }
+
+    fn usage<'a>(
+        &'a self,
+        workspace: WorkspaceId,
+        limits: &'a Limits,
+        now: Nanos,
+    ) -> Answer<'a, Result<Usage, LimiterError>> {
+        Answer::later(self.usage_async(workspace, limits, now))
     }
 }
 

@@ -2,72 +2,120 @@
 //! under one shard lock. Memory is bounded by the active workspaces: `evict_idle` drops states
 //! that are back to full and have been idle for a while. Eviction and the count of tracked
 //! workspaces are this backend's own: a shared backend expires idle keys instead.
+//!
+//! # Layout
+//! A decision costs one lock and one lookup, and allocates nothing once a workspace is known:
+//! - 64 shards by workspace id, each on its own cache lines, so that decisions for workspaces
+//!   of different shards on different threads do not contend;
+//! - per shard, a map from workspace id to a boxed `WorkspaceState` (a small bucket of 16 bytes
+//!   in the map, whose growth by doubling then costs little), hashed with foldhash: the ids are
+//!   the store's, never a client's choice;
+//! - per shard, the ids of the reservations not yet settled (what makes settling idempotent):
+//!   it holds what is in flight, not one set per workspace;
+//! - per shard, the model names its states share (`ModelNames`), so a name is stored once per
+//!   shard, not once per workspace, and a reservation holds it without copying it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use async_trait::async_trait;
-
-use super::core::{MonthKey, Nanos, TokenCost, Usage, Verdict, WorkspaceState};
-use super::{Decision, Limiter, LimiterError, MonthSource, Reservation, ReservationId, Settled};
+use super::core::{ModelNames, MonthKey, Nanos, TokenCost, Usage, Verdict, WorkspaceState};
+use super::{
+    Answer, Decision, Limiter, LimiterError, MonthSource, Reservation, ReservationId, Settled,
+};
 use crate::model::{Limits, WorkspaceId};
 
 const SHARDS: usize = 64;
 
-struct Entry {
-    state: WorkspaceState,
-    /// Reservations not yet settled: settling one twice, or one this state never made, changes
-    /// nothing.
-    live: HashSet<ReservationId>,
+type Fast = foldhash::fast::RandomState;
+
+#[derive(Default)]
+struct Shard {
+    states: HashMap<WorkspaceId, Box<WorkspaceState>, Fast>,
+    /// Reservations not yet settled: settling one twice, or one this limiter never made,
+    /// changes nothing.
+    live: HashSet<ReservationId, Fast>,
+    names: ModelNames,
+}
+
+/// A shard's lock on cache lines of its own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(Mutex<Shard>);
+
+/// One workspace's state with what its shard shares.
+struct Entry<'a> {
+    state: &'a mut WorkspaceState,
+    live: &'a mut HashSet<ReservationId, Fast>,
+    names: &'a mut ModelNames,
 }
 
 pub struct LocalLimiter {
-    shards: Vec<Mutex<HashMap<WorkspaceId, Entry>>>,
+    shards: Box<[Padded]>,
     months: Arc<dyn MonthSource>,
 }
 
 impl LocalLimiter {
     pub fn new(months: Arc<dyn MonthSource>) -> Self {
         LocalLimiter {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
             months,
         }
     }
 
-    fn shard(&self, workspace: WorkspaceId) -> MutexGuard<'_, HashMap<WorkspaceId, Entry>> {
+    fn shard(&self, workspace: WorkspaceId) -> MutexGuard<'_, Shard> {
         let i = (workspace as u64 as usize) % SHARDS;
         // A panic while holding the lock cannot leave a state half-updated in a way that matters
         // more than losing the whole limiter, so a poisoned lock is used as is.
-        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+        self.shards[i].0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the workspace's state when it is held for the current month; gives `f` back
+    /// when the month's totals must be read from the ledger first.
+    fn try_entry<T, F: FnOnce(Entry<'_>) -> T>(
+        &self,
+        workspace: WorkspaceId,
+        now: Nanos,
+        f: F,
+    ) -> Result<T, F> {
+        let mut guard = self.shard(workspace);
+        let Shard {
+            states,
+            live,
+            names,
+        } = &mut *guard;
+        match states.get_mut(&workspace) {
+            Some(state) if !state.month_is_stale(now) => Ok(f(Entry { state, live, names })),
+            _ => Err(f),
+        }
     }
 
     /// Runs `f` on the workspace's entry for the current month, loading the month's ledger
     /// totals first when the state is new or belongs to an earlier month.
-    async fn with_entry<T>(
+    async fn with_entry<T, F: FnOnce(Entry<'_>) -> T>(
         &self,
         workspace: WorkspaceId,
         now: Nanos,
-        f: impl FnOnce(&mut Entry) -> T,
+        f: F,
     ) -> Result<T, LimiterError> {
-        {
-            let mut map = self.shard(workspace);
-            if let Some(entry) = map.get_mut(&workspace) {
-                if !entry.state.month_is_stale(now) {
-                    return Ok(f(entry));
-                }
-            }
-        }
+        let f = match self.try_entry(workspace, now, f) {
+            Ok(done) => return Ok(done),
+            Err(f) => f,
+        };
         let totals = self
             .months
             .month_totals(workspace, MonthKey::of(now), None)
             .await?;
-        let mut map = self.shard(workspace);
-        let entry = map.entry(workspace).or_insert_with(|| Entry {
-            state: WorkspaceState::new(now, &totals),
-            live: HashSet::new(),
-        });
-        entry.state.roll_month(now, &totals);
-        Ok(f(entry))
+        let mut guard = self.shard(workspace);
+        let Shard {
+            states,
+            live,
+            names,
+        } = &mut *guard;
+        let state = states
+            .entry(workspace)
+            .or_insert_with(|| Box::new(WorkspaceState::new_named(now, &totals, Some(names))));
+        state.roll_month_named(now, &totals, Some(names));
+        Ok(f(Entry { state, live, names }))
     }
 
     /// Forgets workspaces that have nothing to remember; returns how many were dropped.
@@ -78,17 +126,17 @@ impl LocalLimiter {
         limits_of: &dyn Fn(WorkspaceId) -> Option<Arc<Limits>>,
     ) -> usize {
         let mut evicted = 0;
-        for shard in &self.shards {
-            let mut map = shard.lock().unwrap_or_else(|e| e.into_inner());
-            map.retain(|ws, entry| {
-                let state = &entry.state;
-                let keep = now.saturating_sub(state.last_seen) < idle_for
-                    || !state.is_idle(limits_of(*ws).as_deref(), now);
-                if !keep {
-                    evicted += 1;
-                }
-                keep
+        for shard in self.shards.iter() {
+            let mut shard = shard.0.lock().unwrap_or_else(|e| e.into_inner());
+            let before = shard.states.len();
+            shard.states.retain(|ws, state| {
+                now.saturating_sub(state.last_seen) < idle_for
+                    || !state.is_idle(limits_of(*ws).as_deref(), now)
             });
+            if shard.states.len() < before {
+                evicted += before - shard.states.len();
+                shard.names.prune();
+            }
         }
         evicted
     }
@@ -100,15 +148,18 @@ impl LocalLimiter {
         workspace: WorkspaceId,
         now: Nanos,
     ) -> Option<(u64, std::collections::HashMap<String, u64>)> {
-        let map = self.shard(workspace);
-        let entry = map.get(&workspace)?;
-        (!entry.state.month_is_stale(now)).then(|| entry.state.month_seeds())
+        let shard = self.shard(workspace);
+        let state = shard.states.get(&workspace)?;
+        (!state.month_is_stale(now)).then(|| state.month_seeds())
     }
 
     /// Forgets every workspace.
     pub fn clear(&self) {
-        for shard in &self.shards {
-            shard.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        for shard in self.shards.iter() {
+            let mut shard = shard.0.lock().unwrap_or_else(|e| e.into_inner());
+            shard.states.clear();
+            shard.live.clear();
+            shard.names.clear();
         }
     }
 
@@ -116,26 +167,28 @@ impl LocalLimiter {
     pub fn tracked_workspaces(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .map(|s| s.0.lock().unwrap_or_else(|e| e.into_inner()).states.len())
             .sum()
     }
 }
 
-#[async_trait]
+/// A decision for a workspace already held this month is made at once, under one shard lock,
+/// with no future to box; only a new workspace (or a new month) waits for the ledger.
 impl Limiter for LocalLimiter {
-    async fn reserve(
-        &self,
+    fn reserve<'a>(
+        &'a self,
         workspace: WorkspaceId,
-        limits: &Limits,
-        model: Option<&str>,
+        limits: &'a Limits,
+        model: Option<&'a str>,
         cost: TokenCost,
         now: Nanos,
-    ) -> Result<Decision, LimiterError> {
-        self.with_entry(workspace, now, |entry| {
-            match entry.state.reserve(limits, model, cost, now) {
+    ) -> Answer<'a, Result<Decision, LimiterError>> {
+        let decide = move |entry: Entry<'_>| {
+            let Entry { state, live, names } = entry;
+            match state.reserve_named(limits, model, cost, now, Some(names)) {
                 (Verdict::Admit(held), snapshot) => {
                     let reservation = Reservation::new(workspace, held);
-                    entry.live.insert(reservation.id);
+                    live.insert(reservation.id);
                     Decision::Admit {
                         reservation,
                         snapshot,
@@ -143,67 +196,92 @@ impl Limiter for LocalLimiter {
                 }
                 (Verdict::Deny(denial), snapshot) => Decision::Deny { denial, snapshot },
             }
-        })
-        .await
+        };
+        match self.try_entry(workspace, now, decide) {
+            Ok(decision) => Answer::now(Ok(decision)),
+            Err(decide) => Answer::later(self.with_entry(workspace, now, decide)),
+        }
     }
 
-    async fn settle(
-        &self,
-        reservation: &Reservation,
-        limits: &Limits,
+    fn settle<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+        limits: &'a Limits,
         actual: u64,
         now: Nanos,
-    ) -> Result<Settled, LimiterError> {
+    ) -> Answer<'a, Result<Settled, LimiterError>> {
         // The state cannot have been evicted: it holds an unsettled reservation, so it is not idle.
         // A settlement in a new month rolls the counters over first (from the ledger, which
         // cannot hold this settlement yet), so that it counts in the month in which it lands.
-        let settle = |entry: &mut Entry| {
+        let settle = move |entry: Entry<'_>| {
             if entry.live.remove(&reservation.id) {
                 entry.state.settle(limits, &reservation.held, actual, now);
             }
         };
-        let stale = {
-            let map = self.shard(reservation.workspace);
-            map.get(&reservation.workspace)
-                .is_some_and(|e| e.state.month_is_stale(now))
-        };
-        if stale {
-            if let Err(e) = self.with_entry(reservation.workspace, now, settle).await {
-                tracing::warn!(error = %e, "month rollover at settlement: ledger unavailable");
-                let mut map = self.shard(reservation.workspace);
-                if let Some(entry) = map.get_mut(&reservation.workspace) {
-                    settle(entry);
-                }
-            }
-        } else {
-            let mut map = self.shard(reservation.workspace);
-            if let Some(entry) = map.get_mut(&reservation.workspace) {
-                settle(entry);
-            }
-        }
-        Ok(Settled {
+        let settled = Settled {
             at: now,
             counter: None,
+        };
+        let stale = {
+            let mut guard = self.shard(reservation.workspace);
+            let Shard {
+                states,
+                live,
+                names,
+            } = &mut *guard;
+            match states.get_mut(&reservation.workspace) {
+                Some(state) if state.month_is_stale(now) => true,
+                Some(state) => {
+                    settle(Entry { state, live, names });
+                    false
+                }
+                None => false,
+            }
+        };
+        if !stale {
+            return Answer::now(Ok(settled));
+        }
+        Answer::later(async move {
+            if let Err(e) = self.with_entry(reservation.workspace, now, settle).await {
+                tracing::warn!(error = %e, "month rollover at settlement: ledger unavailable");
+                let mut guard = self.shard(reservation.workspace);
+                let Shard {
+                    states,
+                    live,
+                    names,
+                } = &mut *guard;
+                if let Some(state) = states.get_mut(&reservation.workspace) {
+                    settle(Entry { state, live, names });
+                }
+            }
+            Ok(settled)
         })
     }
 
-    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
-        let mut map = self.shard(reservation.workspace);
-        if let Some(entry) = map.get_mut(&reservation.workspace) {
-            if entry.live.contains(&reservation.id) {
-                entry.state.release_slot(&mut reservation.held);
+    fn release_slot<'a>(
+        &'a self,
+        reservation: &'a mut Reservation,
+    ) -> Answer<'a, Result<(), LimiterError>> {
+        let mut shard = self.shard(reservation.workspace);
+        let Shard { states, live, .. } = &mut *shard;
+        if let Some(state) = states.get_mut(&reservation.workspace) {
+            if live.contains(&reservation.id) {
+                state.release_slot(&mut reservation.held);
             }
         }
-        Ok(())
+        Answer::now(Ok(()))
     }
 
-    async fn usage(
-        &self,
+    fn usage<'a>(
+        &'a self,
         workspace: WorkspaceId,
-        limits: &Limits,
+        limits: &'a Limits,
         now: Nanos,
-    ) -> Result<Usage, LimiterError> {
-        self.with_entry(workspace, now, |entry| entry.state.usage(limits, now))
-            .await
+    ) -> Answer<'a, Result<Usage, LimiterError>> {
+        let view = move |entry: Entry<'_>| entry.state.usage(limits, now);
+        match self.try_entry(workspace, now, view) {
+            Ok(usage) => Answer::now(Ok(usage)),
+            Err(view) => Answer::later(self.with_entry(workspace, now, view)),
+        }
     }
 }

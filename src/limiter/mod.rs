@@ -25,14 +25,17 @@ pub mod local;
 pub mod redis;
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 
 use async_trait::async_trait;
 
 pub use self::core::{
-    Denial, DenialKind, Held, LimitName, MonthKey, MonthTotals, Nanos, Snapshot, TokenCost, Usage,
-    Verdict, Window, NANOS_PER_SEC,
+    Denial, DenialKind, Held, LimitName, ModelName, MonthKey, MonthTotals, Nanos, Snapshot,
+    TokenCost, Usage, Verdict, Window, NANOS_PER_SEC,
 };
 use crate::model::{Limits, WorkspaceId};
 
@@ -137,37 +140,68 @@ pub trait MonthSource: Send + Sync {
     ) -> Result<MonthTotals, LimiterError>;
 }
 
+/// What a `Limiter` call answers, to be awaited: either at once (the in-memory limiter, whose
+/// decisions then cost no allocation) or later (a boxed future, for a backend that waits on the
+/// network or a month total from the ledger).
+pub enum Answer<'a, T> {
+    Now(Option<T>),
+    Later(Pin<Box<dyn Future<Output = T> + Send + 'a>>),
+}
+
+impl<'a, T> Answer<'a, T> {
+    pub fn now(value: T) -> Self {
+        Answer::Now(Some(value))
+    }
+
+    pub fn later(future: impl Future<Output = T> + Send + 'a) -> Self {
+        Answer::Later(Box::pin(future))
+    }
+}
+
+impl<T: Unpin> Future for Answer<'_, T> {
+    type Output = T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.get_mut() {
+            Answer::Now(value) => Poll::Ready(value.take().expect("an answer is awaited once")),
+            Answer::Later(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A limiter backend. Every call takes `now`, the caller's clock; a backend may keep a clock of
 /// its own (the Redis server's), in which case the times it answers are relative to that.
-#[async_trait]
 pub trait Limiter: Send + Sync {
-    async fn reserve(
-        &self,
+    fn reserve<'a>(
+        &'a self,
         workspace: WorkspaceId,
-        limits: &Limits,
-        model: Option<&str>,
+        limits: &'a Limits,
+        model: Option<&'a str>,
         cost: TokenCost,
         now: Nanos,
-    ) -> Result<Decision, LimiterError>;
+    ) -> Answer<'a, Result<Decision, LimiterError>>;
 
     /// Settles `reservation` to `actual` tokens (0 refunds). Idempotent by reservation id: a
     /// second call for the same reservation changes nothing and answers as the first did.
-    async fn settle(
-        &self,
-        reservation: &Reservation,
-        limits: &Limits,
+    fn settle<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+        limits: &'a Limits,
         actual: u64,
         now: Nanos,
-    ) -> Result<Settled, LimiterError>;
+    ) -> Answer<'a, Result<Settled, LimiterError>>;
 
     /// Frees the reservation's concurrency slot now; its tokens are settled later.
-    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError>;
+    fn release_slot<'a>(
+        &'a self,
+        reservation: &'a mut Reservation,
+    ) -> Answer<'a, Result<(), LimiterError>>;
 
     /// The workspace's state now, without taking anything.
-    async fn usage(
-        &self,
+    fn usage<'a>(
+        &'a self,
         workspace: WorkspaceId,
-        limits: &Limits,
+        limits: &'a Limits,
         now: Nanos,
-    ) -> Result<Usage, LimiterError>;
+    ) -> Answer<'a, Result<Usage, LimiterError>>;
 }

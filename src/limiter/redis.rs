@@ -32,14 +32,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use redis::Value;
 use sha2::{Digest, Sha256};
 
 use super::core::{micros, until, MonthKey, MAX_REQUEST_TOKENS, NANO_REQUESTS};
 use super::{
-    Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, MonthSource, Nanos,
-    Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, Window,
+    Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, MonthSource,
+    Nanos, Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, Window,
 };
 use crate::model::{Limits, WorkspaceId};
 
@@ -684,9 +683,9 @@ impl RedisLimiter {
     }
 }
 
-#[async_trait]
-impl Limiter for RedisLimiter {
-    async fn reserve(
+/// The calls of `Limiter`, whose futures the trait boxes: this backend waits on the network.
+impl RedisLimiter {
+    async fn reserve_async(
         &self,
         workspace: WorkspaceId,
         limits: &Limits,
@@ -745,7 +744,7 @@ impl Limiter for RedisLimiter {
                     guard.armed = false;
                     let mk = MonthKey(reply.int(9)? as i32);
                     let held = Held {
-                        model: model.map(str::to_string),
+                        model: model.map(Into::into),
                         tokens: reply.u(2)?,
                         month: mk,
                         slot: limits.concurrent_requests.is_some(),
@@ -809,7 +808,7 @@ impl Limiter for RedisLimiter {
         ))
     }
 
-    async fn settle(
+    async fn settle_async(
         &self,
         reservation: &Reservation,
         limits: &Limits,
@@ -872,7 +871,7 @@ impl Limiter for RedisLimiter {
         })
     }
 
-    async fn release_slot(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
+    async fn release_slot_async(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
         if !reservation.held.slot {
             return Ok(());
         }
@@ -886,7 +885,7 @@ impl Limiter for RedisLimiter {
         Ok(())
     }
 
-    async fn usage(
+    async fn usage_async(
         &self,
         workspace: WorkspaceId,
         limits: &Limits,
@@ -935,5 +934,44 @@ impl Limiter for RedisLimiter {
         Err(unavailable(
             "the month counter kept changing while it was being rebuilt",
         ))
+    }
+}
+
+impl Limiter for RedisLimiter {
+    fn reserve<'a>(
+        &'a self,
+        workspace: WorkspaceId,
+        limits: &'a Limits,
+        model: Option<&'a str>,
+        cost: TokenCost,
+        now: Nanos,
+    ) -> Answer<'a, Result<Decision, LimiterError>> {
+        Answer::later(self.reserve_async(workspace, limits, model, cost, now))
+    }
+
+    fn settle<'a>(
+        &'a self,
+        reservation: &'a Reservation,
+        limits: &'a Limits,
+        actual: u64,
+        now: Nanos,
+    ) -> Answer<'a, Result<Settled, LimiterError>> {
+        Answer::later(self.settle_async(reservation, limits, actual, now))
+    }
+
+    fn release_slot<'a>(
+        &'a self,
+        reservation: &'a mut Reservation,
+    ) -> Answer<'a, Result<(), LimiterError>> {
+        Answer::later(self.release_slot_async(reservation))
+    }
+
+    fn usage<'a>(
+        &'a self,
+        workspace: WorkspaceId,
+        limits: &'a Limits,
+        now: Nanos,
+    ) -> Answer<'a, Result<Usage, LimiterError>> {
+        Answer::later(self.usage_async(workspace, limits, now))
     }
 }
