@@ -387,7 +387,7 @@ fn two_threads(run: &Run) {
 }
 
 /// The token estimate of a chat request whose prompt is `kib` KiB of text: reading the body
-/// (already parsed) and estimating, as the gateway does before reserving.
+/// (its bytes, as received) and estimating, as the gateway does before reserving.
 fn estimate(run: &Run, kib: usize) {
     let text: String = "The quick brown fox jumps over the lazy dog. "
         .chars()
@@ -398,14 +398,20 @@ fn estimate(run: &Run, kib: usize) {
         "model": "mistral-small-latest",
         "messages": [{"role": "user", "content": text}],
         "max_tokens": 512,
-    });
+    })
+    .to_string();
     let estimator = Estimator::new(256, 16);
     let batch = run.n(if kib > 16 { 200 } else { 2_000 });
     let mut ns = Vec::new();
     for _ in 0..run.samples() {
         let t = Instant::now();
         for _ in 0..batch {
-            let info = inspect(Endpoint::ChatCompletions, black_box(&body), 1 << 20).unwrap();
+            let info = inspect(
+                Endpoint::ChatCompletions,
+                black_box(body.as_bytes()),
+                1 << 20,
+            )
+            .unwrap();
             black_box(estimator.estimate(1, &info));
         }
         ns.push(t.elapsed().as_nanos() as f64 / batch as f64);

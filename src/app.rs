@@ -12,7 +12,7 @@ use crate::admin::Admin;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::estimate::Estimator;
+use crate::estimate::{Endpoint, Estimator};
 use crate::limiter::failover::Failover;
 use crate::limiter::local::LocalLimiter;
 use crate::limiter::redis::{RedisLimiter, RedisOptions};
@@ -47,7 +47,7 @@ pub struct AppState {
     pub local: Arc<LocalLimiter>,
     pub estimator: Estimator,
     pub recorder: Recorder,
-    pub client: reqwest::Client,
+    pub upstream: Upstream,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     /// The admin operations (the admin API's, the workspace's limit requests).
@@ -56,6 +56,78 @@ pub struct AppState {
     /// settlement, the drain of a stream's usage): a stop waits for it before the last ledger
     /// flush.
     pub tasks: TaskTracker,
+}
+
+/// How long an idle upstream connection is kept for reuse. Below the idle timeouts of what
+/// usually stands in front of an upstream API (AWS ALB 60 s, nginx `keepalive_timeout` 75 s,
+/// Google Cloud's load balancers 600 s), so that the gateway, not the other side, closes an idle
+/// connection: one closed by the other side just as a request is sent on it fails that request.
+pub const UPSTREAM_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(50);
+
+/// What every forwarded request shares, built once: the client (its connection pool), the
+/// `Authorization` the gateway sends, and the URL of each metered route.
+pub struct Upstream {
+    pub client: reqwest::Client,
+    /// `Bearer <upstream.api_key>`, marked sensitive (never logged by the client).
+    pub authorization: Option<reqwest::header::HeaderValue>,
+    base: Option<url::Url>,
+    metered: Vec<(Endpoint, url::Url)>,
+}
+
+impl Upstream {
+    fn new(config: &Config) -> Result<Self, AppError> {
+        let client = reqwest::Client::builder()
+            // A redirect is passed to the client, never followed: what reaches the upstream is
+            // only ever the metered request.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.upstream.connect_timeout)
+            .pool_idle_timeout(UPSTREAM_POOL_IDLE)
+            .tcp_nodelay(true)
+            .build()?;
+        let authorization = config.upstream.api_key.as_ref().and_then(|key| {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        let base = config.upstream.url.clone();
+        let metered = match &base {
+            Some(base) => Endpoint::ALL
+                .into_iter()
+                .map(|e| (e, Self::join(base, e.path())))
+                .collect(),
+            None => Vec::new(),
+        };
+        Ok(Upstream {
+            client,
+            authorization,
+            base,
+            metered,
+        })
+    }
+
+    fn join(base: &url::Url, path: &str) -> url::Url {
+        let mut url = base.clone();
+        url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
+        url
+    }
+
+    /// The upstream URL of a (normalised) path and query; `None` without an upstream.
+    pub fn url(
+        &self,
+        endpoint: Option<Endpoint>,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<url::Url> {
+        let base = self.base.as_ref()?;
+        let mut url = match self.metered.iter().find(|(e, _)| Some(*e) == endpoint) {
+            Some((_, url)) => url.clone(),
+            None => Self::join(base, path),
+        };
+        if query.is_some() {
+            url.set_query(query);
+        }
+        Some(url)
+    }
 }
 
 /// A built gateway: its state and the background tasks that serve it.
@@ -135,14 +207,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         metrics.clone(),
         config.ledger_flush,
     );
-    let client = reqwest::Client::builder()
-        // A redirect is passed to the client, never followed: what reaches the upstream is only
-        // ever the metered request.
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(config.upstream.connect_timeout)
-        .pool_idle_timeout(std::time::Duration::from_secs(60))
-        .tcp_nodelay(true)
-        .build()?;
+    let upstream = Upstream::new(&config)?;
     let estimator = Estimator::new(
         config.estimate.default_completion_tokens,
         config.estimate.history,
@@ -156,7 +221,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         local,
         estimator,
         recorder,
-        client,
+        upstream,
         clock,
         metrics,
         admin,

@@ -14,9 +14,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::model::{ApiKey, KeyId, Limits, Workspace, WorkspaceId, WorkspaceStatus};
@@ -151,7 +152,9 @@ pub enum AuthFailure {
 /// The copy itself, shared with the background checks made for unknown keys.
 struct Mirror {
     store: Arc<dyn Store>,
-    view: RwLock<Arc<View>>,
+    /// Read on every request without a lock or a shared counter written; swapped whole by a
+    /// refresh.
+    view: ArcSwap<View>,
     reload: tokio::sync::Mutex<()>,
 }
 
@@ -169,7 +172,7 @@ pub fn hash_key(secret: &str) -> [u8; 32] {
 
 impl Mirror {
     fn view(&self) -> Arc<View> {
-        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.view.load_full()
     }
 
     async fn reload_all(&self) -> Result<(), StoreError> {
@@ -193,7 +196,7 @@ impl Mirror {
             .iter()
             .map(|k| (k.hash, View::key_entry(k)))
             .collect();
-        *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+        self.view.store(Arc::new(view));
         Ok(())
     }
 
@@ -208,7 +211,7 @@ impl Mirror {
             CatalogChanges::Since(delta) if delta.version == current.version => Ok(false),
             CatalogChanges::Since(delta) => {
                 let view = current.apply(&delta);
-                *self.view.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(view);
+                self.view.store(Arc::new(view));
                 Ok(true)
             }
         }
@@ -220,7 +223,7 @@ impl Catalog {
         let catalog = Catalog {
             mirror: Arc::new(Mirror {
                 store,
-                view: RwLock::new(Arc::new(View::default())),
+                view: ArcSwap::from_pointee(View::default()),
                 reload: tokio::sync::Mutex::new(()),
             }),
             miss: Arc::new(Mutex::new(MissCheck::default())),
@@ -274,7 +277,11 @@ impl Catalog {
         if entry.workspace.status == WorkspaceStatus::Suspended {
             return Err(AuthFailure::Suspended);
         }
-        if key.noted_at.swap(now, Ordering::Relaxed) != now {
+        // Read first: a write on every request would make the key's cache line bounce
+        // between cores; it is written once a second.
+        if key.noted_at.load(Ordering::Relaxed) != now
+            && key.noted_at.swap(now, Ordering::Relaxed) != now
+        {
             self.touched
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -284,7 +291,7 @@ impl Catalog {
     }
 
     fn lookup(&self, hash: &[u8; 32]) -> Option<(Arc<KeyEntry>, Arc<WorkspaceEntry>)> {
-        let view = self.view();
+        let view = self.mirror.view.load();
         let key = view.keys.get(hash)?.clone();
         let entry = view.workspaces.get(&key.workspace)?.clone();
         Some((key, entry))

@@ -45,10 +45,14 @@
 //! reports, so an under-estimate is corrected at once (the bucket may go into debt) and an
 //! over-estimate is refunded.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
+use std::fmt;
 use std::sync::Mutex;
 
-use serde_json::Value;
+use serde::de::{
+    self, Deserialize, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor,
+};
 
 use crate::limiter::{Nanos, TokenCost};
 use crate::model::WorkspaceId;
@@ -69,7 +73,7 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    const ALL: [Endpoint; 5] = [
+    pub const ALL: [Endpoint; 5] = [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::FimCompletions,
@@ -304,147 +308,552 @@ fn scale(tokens: u64, factor: u64) -> u64 {
     u64::try_from(scaled).unwrap_or(u64::MAX)
 }
 
-/// Adds the text of a content value: a string, or an array of parts with `text`.
-fn add_content(counter: &mut PromptCounter, v: &Value) {
-    match v {
-        Value::String(s) => counter.add_text(s),
-        Value::Array(parts) => parts.iter().for_each(|p| add_content(counter, p)),
-        Value::Object(o) => {
-            if let Some(t) = o.get("text") {
-                add_content(counter, t)
-            }
-        }
-        _ => {}
-    }
+/// Tokens of a request's texts from their summed cost in sixteenths of a token, rounded up
+/// once over all of them (as [`PromptCounter::tokens`]).
+fn text_tokens(sixteenths: usize) -> u64 {
+    (sixteenths as u64).div_ceil(16)
 }
 
-/// The tokens of the texts in some content values.
-fn content_tokens<'a>(values: impl IntoIterator<Item = &'a Value>) -> u64 {
-    let mut counter = PromptCounter::default();
-    values
-        .into_iter()
-        .for_each(|v| add_content(&mut counter, v));
-    counter.tokens()
+/// The cost of one text, in sixteenths of a token (as [`PromptCounter::add_text`]).
+fn text_cost(text: &str) -> usize {
+    usize::try_from(text_sixteenths(text)).unwrap_or(usize::MAX)
 }
 
 /// A field that may be left out (or null), else of one JSON kind: `Err` names the field.
 fn optional<'a, T>(
-    obj: &'a serde_json::Map<String, Value>,
-    field: &str,
+    field: &Scalar<'a>,
+    name: &str,
     kind: &str,
-    read: impl Fn(&'a Value) -> Option<T>,
+    read: impl Fn(&Scalar<'a>) -> Option<T>,
 ) -> Result<Option<T>, String> {
-    match obj.get(field) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => read(v)
+    match field {
+        Scalar::Absent | Scalar::Null => Ok(None),
+        v => read(v)
             .map(Some)
-            .ok_or_else(|| format!("'{field}' must be {kind}")),
+            .ok_or_else(|| format!("'{name}' must be {kind}")),
     }
 }
 
-/// Reads a metered request. `Err` carries a message for a `400`: what the upstream APIs would
-/// refuse is refused here, before anything is reserved or forwarded. `max_tokens_limit` bounds
-/// `max_tokens` (and `max_completion_tokens`, `max_output_tokens`).
+/// Reads a metered request body. `Err` carries a message for a `400`: what the upstream APIs
+/// would refuse is refused here, before anything is reserved or forwarded. `max_tokens_limit`
+/// bounds `max_tokens` (and `max_completion_tokens`, `max_output_tokens`).
+///
+/// The body is read in one pass, borrowing from it, without building a tree: only the fields
+/// below are looked at (see `Fields`), the rest is skipped. A field given twice counts as its
+/// last value, as a tree would have it (and as the upstream APIs read it).
 pub fn inspect(
     endpoint: Endpoint,
-    body: &Value,
+    body: &[u8],
     max_tokens_limit: u64,
 ) -> Result<RequestInfo, String> {
-    let obj = body
-        .as_object()
+    let fields = Fields::read(endpoint, body)
+        .map_err(|e| format!("The request body is not valid JSON: {e}"))?
         .ok_or("the request body must be a JSON object")?;
     // Both upstream APIs require it.
-    let model = match obj.get("model") {
-        None | Some(Value::Null) => return Err("'model' is required".into()),
-        Some(Value::String(m)) if m.is_empty() => return Err("'model' must not be empty".into()),
-        Some(Value::String(m)) if m.len() > MAX_MODEL_NAME_BYTES => {
+    let model = match fields.model {
+        Scalar::Absent | Scalar::Null => return Err("'model' is required".into()),
+        Scalar::Str(m) if m.is_empty() => return Err("'model' must not be empty".into()),
+        Scalar::Str(m) if m.len() > MAX_MODEL_NAME_BYTES => {
             return Err(format!(
                 "'model' must be at most {MAX_MODEL_NAME_BYTES} bytes long"
             ))
         }
-        Some(Value::String(m)) => Some(m.clone()),
-        Some(_) => return Err("'model' must be a string".into()),
+        Scalar::Str(m) => Some(m.into_owned()),
+        _ => return Err("'model' must be a string".into()),
     };
     let prompt_tokens = match endpoint {
         Endpoint::ChatCompletions => {
-            let messages = obj
-                .get("messages")
-                .and_then(Value::as_array)
-                .ok_or("'messages' must be an array")?;
-            if !messages.iter().all(Value::is_object) {
-                return Err("'messages' must be an array of objects".into());
-            }
-            content_tokens(messages.iter().filter_map(|m| m.get("content")))
-                + 4 * messages.len() as u64
-                + 3
+            let (cost, messages) = match fields.messages {
+                Some(Messages::Objects { cost, count }) => (cost, count),
+                Some(Messages::NotAllObjects) => {
+                    return Err("'messages' must be an array of objects".into())
+                }
+                Some(Messages::NotArray) | None => return Err("'messages' must be an array".into()),
+            };
+            text_tokens(cost) + 4 * messages as u64 + 3
         }
         Endpoint::Completions | Endpoint::FimCompletions => {
-            let prompt = obj.get("prompt").ok_or("'prompt' is required")?;
-            content_tokens([Some(prompt), obj.get("suffix")].into_iter().flatten()) + 3
+            let prompt = fields.prompt.ok_or("'prompt' is required")?;
+            text_tokens(prompt + fields.suffix) + 3
         }
-        Endpoint::Embeddings => {
-            let input = obj.get("input").ok_or("'input' is required")?;
-            match input {
-                Value::Array(items) => content_tokens(items),
-                other => content_tokens([other]),
-            }
-        }
+        Endpoint::Embeddings => match fields.input.ok_or("'input' is required")? {
+            Input::Text(cost) | Input::Items { cost, .. } => text_tokens(cost),
+            Input::Other => 0,
+        },
         Endpoint::Responses => {
-            let input = obj.get("input").ok_or("'input' is required")?;
-            let instructions = obj.get("instructions");
-            let (tokens, items) = match input {
-                Value::String(_) => (
-                    content_tokens([Some(input), instructions].into_iter().flatten()),
-                    1,
-                ),
-                Value::Array(items) => (
-                    content_tokens(
-                        items
-                            .iter()
-                            .filter_map(|i| i.get("content"))
-                            .chain(instructions),
-                    ),
-                    items.len(),
-                ),
-                _ => return Err("'input' must be a string or an array of items".into()),
+            let input = fields.input.ok_or("'input' is required")?;
+            let (cost, items) = match input {
+                Input::Text(cost) => (cost, 1),
+                Input::Items { cost, count } => (cost, count),
+                Input::Other => return Err("'input' must be a string or an array of items".into()),
             };
-            tokens + 4 * items as u64 + 3
+            text_tokens(cost + fields.instructions) + 4 * items as u64 + 3
         }
     };
-    let fields: &[&str] = match endpoint {
-        Endpoint::Responses => &["max_output_tokens"],
-        _ => &["max_tokens", "max_completion_tokens"],
+    let limits: &[(&str, &Scalar)] = match endpoint {
+        Endpoint::Responses => &[("max_output_tokens", &fields.max_output_tokens)],
+        _ => &[
+            ("max_tokens", &fields.max_tokens),
+            ("max_completion_tokens", &fields.max_completion_tokens),
+        ],
     };
     let mut max_tokens = None;
-    for field in fields {
+    for (field, value) in limits {
         let kind = "a whole number of tokens, 0 or more";
-        if let Some(n) = optional(obj, field, kind, Value::as_u64)? {
+        if let Some(n) = optional(value, field, kind, Scalar::as_u64)? {
             if n > max_tokens_limit {
                 return Err(format!("'{field}' must be at most {max_tokens_limit}"));
             }
             max_tokens.get_or_insert(n);
         }
     }
-    let stream = optional(obj, "stream", "true or false", Value::as_bool)?.unwrap_or(false);
-    let n = optional(obj, "n", "a whole number from 1 to 128", Value::as_u64)?;
+    let stream =
+        optional(&fields.stream, "stream", "true or false", Scalar::as_bool)?.unwrap_or(false);
+    let n = optional(
+        &fields.n,
+        "n",
+        "a whole number from 1 to 128",
+        Scalar::as_u64,
+    )?;
     if n.is_some_and(|n| !(1..=128).contains(&n)) {
         return Err("'n' must be a whole number from 1 to 128".into());
     }
-    let client_wants_usage = obj
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
     let choices = n.unwrap_or(1);
     Ok(RequestInfo {
         model,
         stream,
-        client_wants_usage,
+        client_wants_usage: fields.include_usage,
         prompt_tokens,
         max_tokens,
         choices,
         completes: endpoint != Endpoint::Embeddings,
     })
+}
+
+// How the body is read: serde visitors over the borrowed bytes. Each field is recorded as what
+// it was (`Scalar::Other` for a wrong kind) and judged only once the whole body has been read, so
+// that a body broken anywhere is refused as invalid JSON, and the checks run in their order
+// above whatever order the fields come in. Strings are borrowed unless they hold escapes.
+
+/// The fields of a metered body that the estimate and the checks read; the last of a repeated
+/// field counts.
+#[derive(Default)]
+struct Fields<'a> {
+    model: Scalar<'a>,
+    /// Chat.
+    messages: Option<Messages>,
+    /// Completions and FIM: `Some` when present, even as `null` (the cost of its text).
+    prompt: Option<usize>,
+    suffix: usize,
+    /// Embeddings and responses: `Some` when present, even as `null`.
+    input: Option<Input>,
+    instructions: usize,
+    max_tokens: Scalar<'a>,
+    max_completion_tokens: Scalar<'a>,
+    max_output_tokens: Scalar<'a>,
+    stream: Scalar<'a>,
+    n: Scalar<'a>,
+    /// `stream_options.include_usage` is `true`.
+    include_usage: bool,
+}
+
+impl<'a> Fields<'a> {
+    /// `Ok(None)`: valid JSON, but not an object.
+    fn read(endpoint: Endpoint, body: &'a [u8]) -> Result<Option<Fields<'a>>, String> {
+        // Checked whole first: the parser does not look into the strings it skips.
+        let text = std::str::from_utf8(body)
+            .map_err(|e| format!("it is not UTF-8 (at byte {})", e.valid_up_to()))?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let fields = de
+            .deserialize_any(BodyVisitor(endpoint))
+            .map_err(|e| e.to_string())?;
+        de.end().map_err(|e| e.to_string())?;
+        Ok(fields)
+    }
+}
+
+/// A field read as one of the scalar kinds that are checked.
+#[derive(Debug, Default)]
+enum Scalar<'a> {
+    #[default]
+    Absent,
+    Null,
+    Bool(bool),
+    Whole(u64),
+    Str(Cow<'a, str>),
+    /// A negative or fractional number, an array, an object.
+    Other,
+}
+
+impl Scalar<'_> {
+    fn as_u64(&self) -> Option<u64> {
+        match self {
+            Scalar::Whole(n) => Some(*n),
+            _ => None,
+        }
+    }
+
+    fn as_bool(&self) -> Option<bool> {
+        match self {
+            Scalar::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+}
+
+/// Chat `messages`.
+enum Messages {
+    NotArray,
+    NotAllObjects,
+    /// The cost of the texts in the messages' `content`, and how many messages.
+    Objects {
+        cost: usize,
+        count: usize,
+    },
+}
+
+/// `input`: of embeddings, a text or a list of texts (or of token arrays); of responses, a text
+/// or a list of items with `content`.
+enum Input {
+    Text(usize),
+    Items { cost: usize, count: usize },
+    Other,
+}
+
+fn skip_seq<'de, A: SeqAccess<'de>>(mut seq: A) -> Result<(), A::Error> {
+    while seq.next_element::<IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+fn skip_map<'de, A: MapAccess<'de>>(mut map: A) -> Result<(), A::Error> {
+    while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+    Ok(())
+}
+
+/// Implements the visits of every JSON kind that a visitor maps to one value (`$v`), skipping
+/// arrays and objects.
+macro_rules! other_kinds {
+    ($v:expr; $($kind:ident),*) => {
+        $(other_kinds!(@one $v; $kind);)*
+    };
+    (@one $v:expr; bool) => { fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> { Ok($v) } };
+    (@one $v:expr; i64) => { fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> { Ok($v) } };
+    (@one $v:expr; u64) => { fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> { Ok($v) } };
+    (@one $v:expr; f64) => { fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> { Ok($v) } };
+    (@one $v:expr; str) => { fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> { Ok($v) } };
+    (@one $v:expr; unit) => { fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> { Ok($v) } };
+    (@one $v:expr; seq) => {
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            skip_seq(seq)?;
+            Ok($v)
+        }
+    };
+    (@one $v:expr; map) => {
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            skip_map(map)?;
+            Ok($v)
+        }
+    };
+}
+
+/// The top-level fields the estimate reads, by name (escapes in names are undone by the
+/// parser, so `"mo\u0064el"` is `model`).
+enum Key {
+    Model,
+    Messages,
+    Prompt,
+    Suffix,
+    Input,
+    Instructions,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    Stream,
+    N,
+    StreamOptions,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Key;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
+                Ok(match v {
+                    "model" => Key::Model,
+                    "messages" => Key::Messages,
+                    "prompt" => Key::Prompt,
+                    "suffix" => Key::Suffix,
+                    "input" => Key::Input,
+                    "instructions" => Key::Instructions,
+                    "max_tokens" => Key::MaxTokens,
+                    "max_completion_tokens" => Key::MaxCompletionTokens,
+                    "max_output_tokens" => Key::MaxOutputTokens,
+                    "stream" => Key::Stream,
+                    "n" => Key::N,
+                    "stream_options" => Key::StreamOptions,
+                    _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// Whether an object's key is `.0`.
+struct KeyIs(&'static str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs {
+    type Value = bool;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        struct V(&'static str);
+        impl Visitor<'_> for V {
+            type Value = bool;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+                Ok(v == self.0)
+            }
+        }
+        d.deserialize_identifier(V(self.0))
+    }
+}
+
+/// The value of the field `name` in an object (the last one when repeated), skipping the rest.
+fn field_of<'de, A: MapAccess<'de>, T: Deserialize<'de>>(
+    mut map: A,
+    name: &'static str,
+) -> Result<Option<T>, A::Error> {
+    let mut found = None;
+    while let Some(is) = map.next_key_seed(KeyIs(name))? {
+        if is {
+            found = Some(map.next_value::<T>()?);
+        } else {
+            map.next_value::<IgnoredAny>()?;
+        }
+    }
+    Ok(found)
+}
+
+struct BodyVisitor(Endpoint);
+
+impl<'de> Visitor<'de> for BodyVisitor {
+    type Value = Option<Fields<'de>>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    other_kinds!(None; bool, i64, u64, f64, str, unit, seq);
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let endpoint = self.0;
+        let mut f = Fields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Model => f.model = map.next_value()?,
+                Key::Messages if endpoint == Endpoint::ChatCompletions => {
+                    f.messages = Some(map.next_value()?)
+                }
+                Key::Prompt
+                    if matches!(endpoint, Endpoint::Completions | Endpoint::FimCompletions) =>
+                {
+                    f.prompt = Some(map.next_value::<ContentCost>()?.0)
+                }
+                Key::Suffix => f.suffix = map.next_value::<ContentCost>()?.0,
+                Key::Input if endpoint == Endpoint::Embeddings => {
+                    let ContentCost(cost) = map.next_value()?;
+                    f.input = Some(Input::Text(cost));
+                }
+                Key::Input if endpoint == Endpoint::Responses => {
+                    f.input = Some(map.next_value::<ResponsesInput>()?.0)
+                }
+                Key::Instructions => f.instructions = map.next_value::<ContentCost>()?.0,
+                Key::MaxTokens => f.max_tokens = map.next_value()?,
+                Key::MaxCompletionTokens => f.max_completion_tokens = map.next_value()?,
+                Key::MaxOutputTokens => f.max_output_tokens = map.next_value()?,
+                Key::Stream => f.stream = map.next_value()?,
+                Key::N => f.n = map.next_value()?,
+                Key::StreamOptions => f.include_usage = map.next_value::<IncludeUsage>()?.0,
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Some(f))
+    }
+}
+
+impl<'de> Deserialize<'de> for Scalar<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scalar<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(Scalar::Other; f64, seq, map);
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(Scalar::Null)
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(Scalar::Bool(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(Scalar::Whole(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(u64::try_from(v).map_or(Scalar::Other, Scalar::Whole))
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Scalar::Str(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The cost of the text in a content value: a string, or an array of parts with `text` (parts
+/// may nest); anything else has none.
+struct ContentCost(usize);
+
+impl<'de> Deserialize<'de> for ContentCost {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ContentCost;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(ContentCost(0); bool, i64, u64, f64, unit);
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ContentCost(text_cost(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut cost = 0usize;
+                while let Some(ContentCost(c)) = seq.next_element()? {
+                    cost = cost.saturating_add(c);
+                }
+                Ok(ContentCost(cost))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                Ok(ContentCost(
+                    field_of::<A, ContentCost>(map, "text")?.map_or(0, |c| c.0),
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The cost of an object's `content` (`None` when it is not an object): a chat message, a
+/// responses input item.
+struct ContentOf(Option<usize>);
+
+impl<'de> Deserialize<'de> for ContentOf {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ContentOf;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(ContentOf(None); bool, i64, u64, f64, str, unit, seq);
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let content = field_of::<A, ContentCost>(map, "content")?;
+                Ok(ContentOf(Some(content.map_or(0, |c| c.0))))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Messages {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Messages;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(Messages::NotArray; bool, i64, u64, f64, str, unit, map);
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let (mut cost, mut count, mut objects) = (0usize, 0usize, true);
+                while let Some(ContentOf(content)) = seq.next_element()? {
+                    count += 1;
+                    match content {
+                        Some(c) => cost = cost.saturating_add(c),
+                        None => objects = false,
+                    }
+                }
+                Ok(if objects {
+                    Messages::Objects { cost, count }
+                } else {
+                    Messages::NotAllObjects
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The Responses API's `input`: a text (one item), or a list of items whose `content` counts.
+struct ResponsesInput(Input);
+
+impl<'de> Deserialize<'de> for ResponsesInput {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = ResponsesInput;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(ResponsesInput(Input::Other); bool, i64, u64, f64, unit, map);
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(ResponsesInput(Input::Text(text_cost(v))))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let (mut cost, mut count) = (0usize, 0usize);
+                while let Some(ContentOf(content)) = seq.next_element()? {
+                    count += 1;
+                    cost = cost.saturating_add(content.unwrap_or(0));
+                }
+                Ok(ResponsesInput(Input::Items { cost, count }))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Whether `stream_options` is an object whose `include_usage` is `true`.
+struct IncludeUsage(bool);
+
+impl<'de> Deserialize<'de> for IncludeUsage {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = IncludeUsage;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(IncludeUsage(false); bool, i64, u64, f64, str, unit, seq);
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                let include = field_of::<A, Scalar<'de>>(map, "include_usage")?;
+                Ok(IncludeUsage(
+                    include.and_then(|s| s.as_bool()).unwrap_or(false),
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Prompt factors are kept in 1024ths, so that scaling is exact integer arithmetic and a factor
@@ -641,7 +1050,16 @@ impl Estimator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    /// `inspect` of a body written as a JSON value.
+    fn inspect(
+        endpoint: Endpoint,
+        body: &Value,
+        max_tokens_limit: u64,
+    ) -> Result<RequestInfo, String> {
+        super::inspect(endpoint, body.to_string().as_bytes(), max_tokens_limit)
+    }
 
     const LIMIT: u64 = 1_000_000;
 

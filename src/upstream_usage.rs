@@ -6,7 +6,7 @@
 //! `prompt_tokens`/`completion_tokens` or `input_tokens`/`output_tokens` (and `total_tokens`), or
 //! `response.usage` (the Responses API's stream events, such as `response.completed`).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
 /// Token counts as the known APIs report them: `prompt_tokens`/`completion_tokens` (chat,
@@ -73,8 +73,13 @@ pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
 
 /// Splits a server-sent-event stream into whole events, reads the usage from them, and drops
 /// the usage-only chunk when the gateway asked for it on the client's behalf.
+///
+/// Events pass on as slices of the chunks they came in (`feed_bytes`), not copies: an event cut
+/// across chunks is held, copied once, until its end arrives. An event that holds no `"usage"`,
+/// or only `"usage":null` (every chunk of a chat stream but the last), is not parsed.
 pub struct SseScanner {
-    buf: Vec<u8>,
+    /// The start of an event whose end has not arrived.
+    buf: BytesMut,
     /// How much of `buf` is known to hold no event's end, so that no byte is searched twice
     /// (an event that arrives a byte at a time costs linear time, not quadratic).
     searched: usize,
@@ -87,22 +92,53 @@ pub struct SseScanner {
 fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while i < buf.len() {
-        if buf[i] == b'\n' {
-            match buf.get(i + 1) {
-                Some(b'\n') => return Some(i + 2),
-                Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-                _ => {}
-            }
+        i += memchr::memchr(b'\n', &buf[i..])?;
+        match buf.get(i + 1) {
+            Some(b'\n') => return Some(i + 2),
+            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
+            _ => {}
         }
         i += 1;
     }
     None
 }
 
+/// What a scan passes on, as ranges of the bytes scanned: one range while the events kept are
+/// contiguous (a slice, no copy), else a copy.
+enum Passed {
+    Nothing,
+    Run(std::ops::Range<usize>),
+    Copied(Vec<u8>),
+}
+
+impl Passed {
+    fn push(&mut self, data: &[u8], range: std::ops::Range<usize>) {
+        match self {
+            Passed::Nothing => *self = Passed::Run(range),
+            Passed::Run(run) if run.end == range.start => run.end = range.end,
+            Passed::Run(run) => {
+                let mut copy = Vec::with_capacity(data.len());
+                copy.extend_from_slice(&data[run.clone()]);
+                copy.extend_from_slice(&data[range]);
+                *self = Passed::Copied(copy);
+            }
+            Passed::Copied(copy) => copy.extend_from_slice(&data[range]),
+        }
+    }
+
+    fn of(self, data: &Bytes) -> Bytes {
+        match self {
+            Passed::Nothing => Bytes::new(),
+            Passed::Run(run) => data.slice(run),
+            Passed::Copied(copy) => Bytes::from(copy),
+        }
+    }
+}
+
 impl SseScanner {
     pub fn new(strip_usage_chunk: bool) -> Self {
         SseScanner {
-            buf: Vec::new(),
+            buf: BytesMut::new(),
             searched: 0,
             usage: None,
             strip_usage_chunk,
@@ -116,37 +152,96 @@ impl SseScanner {
 
     /// Takes a chunk; returns the whole events to pass on.
     pub fn feed(&mut self, chunk: &[u8]) -> Bytes {
-        self.buf.extend_from_slice(chunk);
-        let mut out = Vec::with_capacity(self.buf.len());
-        let mut start = 0;
+        self.feed_bytes(Bytes::copy_from_slice(chunk))
+    }
+
+    /// Takes a chunk; returns the whole events to pass on, as a slice of it when they can be.
+    pub fn feed_bytes(&mut self, chunk: Bytes) -> Bytes {
+        if self.buf.is_empty() {
+            // No event is waiting for its end: events are scanned where they lie.
+            let (passed, end) = self.scan(&chunk, 0);
+            let mut passed = passed;
+            let rest = chunk.len() - end;
+            if rest > MAX_EVENT_BYTES {
+                passed.push(&chunk, end..chunk.len());
+            } else if rest > 0 {
+                self.buf.extend_from_slice(&chunk[end..]);
+                self.searched = rest;
+            }
+            return passed.of(&chunk);
+        }
+        self.buf.extend_from_slice(&chunk);
         // An event's end is `\n\n` or `\n\r\n`: a search may resume 2 bytes before where
         // the last one stopped.
-        let mut from = self.searched.saturating_sub(2);
-        while let Some(end) = event_end(&self.buf, from.max(start)) {
-            let event = &self.buf[start..end];
-            if keep_event(&mut self.usage, self.strip_usage_chunk, event) {
-                out.extend_from_slice(event);
+        let from = self.searched.saturating_sub(2);
+        let buf = std::mem::take(&mut self.buf);
+        let (mut passed, mut end) = self.scan(&buf, from);
+        if buf.len() - end > MAX_EVENT_BYTES {
+            passed.push(&buf, end..buf.len());
+            end = buf.len();
+        }
+        let mut buf = buf;
+        let done = buf.split_to(end).freeze();
+        self.buf = buf;
+        self.searched = self.buf.len();
+        passed.of(&done)
+    }
+
+    /// The events that end in `data`, searching from `from`: what to pass on, and where the
+    /// last one ended.
+    fn scan(&mut self, data: &[u8], from: usize) -> (Passed, usize) {
+        let mut passed = Passed::Nothing;
+        let mut start = 0;
+        let mut from = from;
+        while let Some(end) = event_end(data, from.max(start)) {
+            if keep_event(&mut self.usage, self.strip_usage_chunk, &data[start..end]) {
+                passed.push(data, start..end);
             }
             start = end;
             from = end;
         }
-        if self.buf.len() - start > MAX_EVENT_BYTES {
-            out.extend_from_slice(&self.buf[start..]);
-            start = self.buf.len();
-        }
-        self.buf.drain(..start);
-        self.searched = self.buf.len();
-        Bytes::from(out)
+        (passed, start)
     }
 
     /// What is left when the stream ends without a final blank line.
     pub fn finish(&mut self) -> Bytes {
-        let rest = std::mem::take(&mut self.buf);
+        let rest = std::mem::take(&mut self.buf).freeze();
         self.searched = 0;
         if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest) {
-            Bytes::from(rest)
+            rest
         } else {
             Bytes::new()
+        }
+    }
+}
+
+/// Whether every `"usage"` in an event is followed by `null` (so it carries none).
+fn only_null_usage(event: &[u8]) -> bool {
+    const NEEDLE: &[u8] = b"\"usage\"";
+    memchr::memmem::find_iter(event, NEEDLE).all(|at| {
+        let rest = &event[at + NEEDLE.len()..];
+        let rest = rest.trim_ascii_start();
+        rest.strip_prefix(b":")
+            .is_some_and(|r| r.trim_ascii_start().starts_with(b"null"))
+    })
+}
+
+/// The JSON of an event: its `data:` lines, each trimmed, joined by line breaks.
+fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mut lines = event
+        .split(|b| *b == b'\n')
+        .filter_map(|l| l.strip_prefix(b"data:"))
+        .map(<[u8]>::trim_ascii);
+    let first = lines.next().unwrap_or_default();
+    match lines.next() {
+        None => std::borrow::Cow::Borrowed(first),
+        Some(second) => {
+            let mut joined = first.to_vec();
+            for line in std::iter::once(second).chain(lines) {
+                joined.push(b'\n');
+                joined.extend_from_slice(line);
+            }
+            std::borrow::Cow::Owned(joined)
         }
     }
 }
@@ -154,18 +249,24 @@ impl SseScanner {
 /// Reads the usage from an event, if it has one; false for the usage-only chunk when it is to
 /// be removed.
 fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u8]) -> bool {
-    const NEEDLE: &[u8] = b"\"usage\"";
-    if !event.windows(NEEDLE.len()).any(|w| w == NEEDLE) {
+    if memchr::memmem::find(event, b"\"usage\"").is_none() || only_null_usage(event) {
         return true;
     }
-    let text = String::from_utf8_lossy(event);
-    let data: Vec<&str> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(str::trim)
-        .collect();
-    let data = data.join("\n");
-    let Ok(chunk) = serde_json::from_str::<WithUsage>(&data) else {
+    let parsed = match serde_json::from_slice::<WithUsage>(&event_data(event)) {
+        Ok(chunk) => Ok(chunk),
+        // Not UTF-8: read as text with the invalid bytes replaced, as before.
+        Err(e) if e.is_syntax() || e.is_data() => {
+            let text = String::from_utf8_lossy(event);
+            let data: Vec<&str> = text
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:"))
+                .map(str::trim)
+                .collect();
+            serde_json::from_str::<WithUsage>(&data.join("\n"))
+        }
+        Err(e) => Err(e),
+    };
+    let Ok(chunk) = parsed else {
         return true;
     };
     let Some(found) = chunk.usage() else {

@@ -5,7 +5,6 @@
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use super::headers;
 use crate::admin::AdminError;
@@ -85,14 +84,25 @@ impl From<AdminError> for ApiError {
     }
 }
 
+/// The error shape, in the Mistral API's order; serialised straight from these fields.
+#[derive(serde::Serialize)]
+struct ErrorBody<'a> {
+    object: &'static str,
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<()>,
+    code: Option<&'a str>,
+}
+
 fn body(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
-    let body = json!({
-        "object": "error",
-        "message": message,
-        "type": kind,
-        "param": null,
-        "code": code,
-    });
+    let body = ErrorBody {
+        object: "error",
+        message,
+        kind,
+        param: None,
+        code,
+    };
     (status, Json(body)).into_response()
 }
 

@@ -46,7 +46,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Future, FutureExt, Stream, StreamExt};
-use serde_json::Value;
 
 use super::error::ApiError;
 use super::{authenticate, headers};
@@ -67,28 +66,70 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
         Ok((_, ws)) => ws,
         Err(e) => return e.into_response(),
     };
-    let request_id = new_request_id();
-    let mut response = match forward(&state, parts, body, workspace, &request_id).await {
+    let request_id = RequestId::new();
+    let mut response = match forward(&state, parts, body, workspace, request_id).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    if let Ok(v) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert("x-request-id", v);
-    }
+    response
+        .headers_mut()
+        .insert("x-request-id", request_id.header_value());
     response
 }
 
-fn new_request_id() -> String {
-    let mut bytes = [0u8; 16];
-    getrandom::fill(&mut bytes).expect("the OS has randomness");
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut id = String::with_capacity(36);
-    id.push_str("req_");
-    for b in bytes {
-        id.push(HEX[(b >> 4) as usize] as char);
-        id.push(HEX[(b & 0xf) as usize] as char);
+/// A request's id: `req_` and 32 hex digits. The first 16 are drawn at random once per thread;
+/// the last 16 are the thread's count of requests put through a bijection keyed by another
+/// random draw, so ids are unique (two threads or two instances share a prefix with
+/// probability 2^-64) and neither the count nor the next id can be read from them. An id is only
+/// shown (`x-request-id`) and logged; nothing is keyed on it.
+#[derive(Clone, Copy)]
+struct RequestId([u8; 36]);
+
+impl RequestId {
+    fn new() -> RequestId {
+        thread_local! {
+            /// (prefix, key, count)
+            static IDS: std::cell::Cell<(u64, u64, u64)> = std::cell::Cell::new({
+                let mut seed = [0u8; 16];
+                getrandom::fill(&mut seed).expect("the OS has randomness");
+                let (prefix, key) = seed.split_at(8);
+                (
+                    u64::from_le_bytes(prefix.try_into().expect("8 bytes")),
+                    u64::from_le_bytes(key.try_into().expect("8 bytes")),
+                    0,
+                )
+            });
+        }
+        let (prefix, key, count) = IDS.with(|ids| {
+            let (prefix, key, count) = ids.get();
+            ids.set((prefix, key, count.wrapping_add(1)));
+            (prefix, key, count)
+        });
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut id = *b"req_00000000000000000000000000000000";
+        for (i, n) in [prefix, scramble(count ^ key)].into_iter().enumerate() {
+            for j in 0..16 {
+                id[4 + 16 * i + j] = HEX[((n >> (60 - 4 * j)) & 0xf) as usize];
+            }
+        }
+        RequestId(id)
     }
-    id
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("ASCII")
+    }
+
+    fn header_value(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.0).expect("ASCII is a valid header value")
+    }
+}
+
+/// SplitMix64's finaliser: a bijection of `u64` that scatters consecutive inputs.
+fn scramble(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
@@ -177,11 +218,14 @@ fn percent_encode(segment: &str, out: &mut String) {
 
 /// The request as it will be sent, with what the gateway learnt from it.
 struct Prepared {
+    /// The metered route, if it is one.
+    endpoint: Option<Endpoint>,
     /// The path to forward: the metered route's own spelling, or the normalised path.
     path: String,
     body: Bytes,
     info: Option<RequestInfo>,
-    /// The gateway asked for stream usage on the client's behalf: remove the usage-only chunk.
+    /// The gateway asks for stream usage on the client's behalf (the body is changed only once
+    /// the request is admitted), and removes the usage-only chunk.
     strip_usage_chunk: bool,
 }
 
@@ -195,6 +239,7 @@ fn prepare(
         Some(e) if method == Method::POST => e,
         _ => {
             return Ok(Prepared {
+                endpoint: None,
                 path,
                 body,
                 info: None,
@@ -202,31 +247,15 @@ fn prepare(
             })
         }
     };
-    let mut json: Value = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("The request body is not valid JSON: {e}")))?;
-    let info = inspect(endpoint, &json, state.config.estimate.max_tokens_limit)
+    let info = inspect(endpoint, &body, state.config.estimate.max_tokens_limit)
         .map_err(ApiError::BadRequest)?;
     let ask_usage = info.stream
         && !info.client_wants_usage
         && endpoint.takes_stream_options()
         && state.config.upstream.request_stream_usage;
-    let body = if ask_usage {
-        let obj = json
-            .as_object_mut()
-            .expect("inspect checked it is an object");
-        let options = obj
-            .entry("stream_options")
-            .or_insert_with(|| Value::Object(Default::default()));
-        if !options.is_object() {
-            *options = Value::Object(Default::default());
-        }
-        options["include_usage"] = Value::Bool(true);
-        Bytes::from(serde_json::to_vec(&json).expect("JSON values serialize"))
-    } else {
-        body
-    };
     Ok(Prepared {
-        path: endpoint.path().to_string(),
+        endpoint: Some(endpoint),
+        path: String::new(),
         body,
         info: Some(info),
         strip_usage_chunk: ask_usage,
@@ -238,24 +267,23 @@ async fn forward(
     parts: axum::http::request::Parts,
     body: Body,
     workspace: Arc<WorkspaceEntry>,
-    request_id: &str,
+    request_id: RequestId,
 ) -> Result<Response, ApiError> {
     let path = normalise_path(parts.uri.path()).map_err(|m| {
         ApiError::BadRequest(format!("The request path cannot be normalised: {m}."))
     })?;
     let body = read_body(state, &parts.headers, body).await?;
-    let prepared = prepare(state, &parts.method, path, body)?;
+    let mut prepared = prepare(state, &parts.method, path, body)?;
     let ws_id = workspace.workspace.id;
     let cost = match &prepared.info {
         Some(info) => state.estimator.estimate(ws_id, info),
         None => TokenCost::default(),
     };
-    let model = prepared.info.as_ref().and_then(|i| i.model.clone());
-    let limits = workspace.limits.clone();
+    let model = prepared.info.as_mut().and_then(|i| i.model.take());
     let now = state.clock.now();
     let decision = state
         .limiter
-        .reserve(ws_id, &limits, model.as_deref(), cost, now)
+        .reserve(ws_id, &workspace.limits, model.as_deref(), cost, now)
         .await
         .map_err(|e| {
             Metrics::inc(&state.metrics.limiter_errors);
@@ -280,16 +308,19 @@ async fn forward(
     };
     Metrics::inc(&state.metrics.admitted);
     Metrics::add(&state.metrics.tokens_estimated, reservation.held.tokens);
+    if prepared.strip_usage_chunk {
+        prepared.body = Bytes::from(crate::stream_options::with_include_usage(&prepared.body));
+    }
     let settlement = Settlement {
         state: state.clone(),
         reservation: Some(reservation),
-        limits,
-        request_id: request_id.to_string(),
+        limits: workspace.limits.clone(),
+        request_id,
         model: model.unwrap_or_default(),
         choices: prepared.info.as_ref().map_or(1, |i| i.choices),
         prompt_estimate: prepared.info.as_ref().map_or(0, |i| i.prompt_tokens),
     };
-    let mut response = send(state, &parts, prepared, settlement)
+    let mut response = send(state, parts, prepared, settlement)
         .await
         .unwrap_or_else(|e| e.into_response());
     headers::apply(&snapshot, response.headers_mut());
@@ -363,34 +394,35 @@ async fn read_whole(
 
 async fn send(
     state: &Arc<AppState>,
-    parts: &axum::http::request::Parts,
+    parts: axum::http::request::Parts,
     prepared: Prepared,
     settlement: Settlement,
 ) -> Result<Response, ApiError> {
     let upstream_config = &state.config.upstream;
-    let base = upstream_config.url.as_ref().ok_or(ApiError::Unavailable)?;
-    let mut url = base.clone();
-    url.set_path(&format!(
-        "{}{}",
-        base.path().trim_end_matches('/'),
-        prepared.path
-    ));
-    url.set_query(parts.uri.query());
+    let url = state
+        .upstream
+        .url(prepared.endpoint, &prepared.path, parts.uri.query())
+        .ok_or(ApiError::Unavailable)?;
 
-    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 2);
-    for (name, value) in &parts.headers {
-        let dropped = upstream_config
-            .drop_request_headers
-            .iter()
-            .any(|d| d == name.as_str());
-        if !dropped && !is_hop_or_gateway_request_header(name) {
-            headers.append(name.clone(), value.clone());
-        }
+    // The client's headers, less those the gateway does not forward: removed in place, the
+    // rest passed on as they came.
+    let mut headers = parts.headers;
+    let dropped: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            is_hop_or_gateway_request_header(name)
+                || upstream_config
+                    .drop_request_headers
+                    .iter()
+                    .any(|d| d == name.as_str())
+        })
+        .cloned()
+        .collect();
+    for name in &dropped {
+        headers.remove(name);
     }
-    if let Some(key) = &upstream_config.api_key {
-        if let Ok(v) = HeaderValue::from_str(&format!("Bearer {key}")) {
-            headers.insert(header::AUTHORIZATION, v);
-        }
+    if let Some(authorization) = &state.upstream.authorization {
+        headers.insert(header::AUTHORIZATION, authorization.clone());
     }
     // Ask for an uncompressed answer whatever the client accepts, so usage can always be read.
     headers.insert(
@@ -400,39 +432,42 @@ async fn send(
 
     let deadline = tokio::time::Instant::now() + upstream_config.timeout;
     let idle = upstream_config.idle_read_timeout;
-    let request = state
-        .client
-        .request(parts.method.clone(), url)
-        .headers(headers)
-        .body(prepared.body);
-    let upstream = match tokio::time::timeout_at(deadline, request.send()).await {
-        Err(_) => {
-            Metrics::inc(&state.metrics.upstream_timeouts);
-            settlement.refund().await;
-            return Err(ApiError::UpstreamTimeout);
-        }
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "upstream request failed");
-            settlement.refund().await;
-            if e.is_timeout() {
+    let mut request = reqwest::Request::new(parts.method, url);
+    *request.headers_mut() = headers;
+    *request.body_mut() = Some(prepared.body.into());
+    let mut upstream =
+        match tokio::time::timeout_at(deadline, state.upstream.client.execute(request)).await {
+            Err(_) => {
                 Metrics::inc(&state.metrics.upstream_timeouts);
+                settlement.refund().await;
                 return Err(ApiError::UpstreamTimeout);
             }
-            Metrics::inc(&state.metrics.upstream_unreachable);
-            return Err(ApiError::UpstreamUnreachable);
-        }
-        Ok(Ok(r)) => r,
-    };
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "upstream request failed");
+                settlement.refund().await;
+                if e.is_timeout() {
+                    Metrics::inc(&state.metrics.upstream_timeouts);
+                    return Err(ApiError::UpstreamTimeout);
+                }
+                Metrics::inc(&state.metrics.upstream_unreachable);
+                return Err(ApiError::UpstreamUnreachable);
+            }
+            Ok(Ok(r)) => r,
+        };
 
     let status = upstream.status();
-    let mut builder = Response::builder().status(status);
-    for (name, value) in upstream.headers() {
-        if !is_hop_or_gateway_response_header(name) {
-            builder = builder.header(name, value);
-        }
+    // The upstream's headers, less those of its hop and its own rate-limit headers: taken, not
+    // copied.
+    let mut response_headers = std::mem::take(upstream.headers_mut());
+    let dropped: Vec<HeaderName> = response_headers
+        .keys()
+        .filter(|name| is_hop_or_gateway_response_header(name))
+        .cloned()
+        .collect();
+    for name in &dropped {
+        response_headers.remove(name);
     }
-    let content_type = upstream
-        .headers()
+    let content_type = response_headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
@@ -440,6 +475,12 @@ async fn send(
     // A JSON answer (or one that does not say) is read whole for its usage; anything else
     // (files, audio) is passed through as it comes, never buffered.
     let is_json = content_type.is_empty() || content_type.contains("json");
+    let answer = move |body: Body| {
+        let mut response = Response::new(body);
+        *response.status_mut() = status;
+        *response.headers_mut() = response_headers;
+        response
+    };
 
     if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
         // The upstream refused the gateway's own key: passing that on would tell the client its
@@ -460,9 +501,7 @@ async fn send(
         let body = read_whole(upstream, deadline, idle).await;
         settlement.refund().await;
         return match body {
-            Ok(body) => builder
-                .body(Body::from(body))
-                .map_err(|_| ApiError::Internal),
+            Ok(body) => Ok(answer(Body::from(body))),
             Err(ReadFailure::TimedOut) => {
                 Metrics::inc(&state.metrics.upstream_timeouts);
                 tracing::warn!(%status, "the upstream's error body did not arrive in time");
@@ -482,18 +521,14 @@ async fn send(
             is_stream.then(|| SseScanner::new(prepared.strip_usage_chunk)),
             settlement,
         );
-        return builder
-            .body(Body::from_stream(stream))
-            .map_err(|_| ApiError::Internal);
+        return Ok(answer(Body::from_stream(stream)));
     }
 
     // A JSON answer must arrive whole within the same deadline as its headers.
     match read_whole(upstream, deadline, idle).await {
         Ok(body) => {
             settlement.finish(usage_of_json(&body)).await;
-            builder
-                .body(Body::from(body))
-                .map_err(|_| ApiError::Internal)
+            Ok(answer(Body::from(body)))
         }
         Err(failure) => {
             // The upstream started answering and may have done the work: settle the estimate,
@@ -518,7 +553,7 @@ struct Settlement {
     state: Arc<AppState>,
     reservation: Option<Reservation>,
     limits: Arc<Limits>,
-    request_id: String,
+    request_id: RequestId,
     model: String,
     choices: u64,
     /// The prompt as the rule estimated it, before any learned factor (0 when unmetered).
@@ -536,7 +571,7 @@ impl Settlement {
         let reservation = self.reservation.take()?;
         let state = self.state.clone();
         let limits = self.limits.clone();
-        let request_id = std::mem::take(&mut self.request_id);
+        let request_id = self.request_id;
         let model = std::mem::take(&mut self.model);
         let choices = self.choices;
         let prompt_estimate = self.prompt_estimate;
@@ -623,7 +658,7 @@ async fn settle(
     state: &AppState,
     reservation: &Reservation,
     limits: &Limits,
-    request_id: String,
+    request_id: RequestId,
     model: String,
     counts: Counts,
     outcome: Outcome,
@@ -664,7 +699,7 @@ async fn settle(
         Err(e) => {
             // Retried by the ledger writer until the limiter takes it.
             Metrics::inc(&state.metrics.limiter_errors);
-            tracing::debug!(error = %e, request_id, "settlement deferred");
+            tracing::debug!(error = %e, request_id = request_id.as_str(), "settlement deferred");
             state.recorder.defer(Deferred {
                 reservation: reservation.clone(),
                 limits: Arc::new(limits.clone()),
@@ -794,7 +829,7 @@ impl Stream for MeteredStream {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.idle_armed = false;
                     let out = match this.scanner.as_mut() {
-                        Some(scanner) => scanner.feed(&chunk),
+                        Some(scanner) => scanner.feed_bytes(chunk),
                         None => chunk,
                     };
                     if !out.is_empty() {
@@ -840,7 +875,7 @@ impl Drop for MeteredStream {
                 while scanner.usage().is_none() {
                     match upstream.next().await {
                         Some(Ok(chunk)) => {
-                            scanner.feed(&chunk);
+                            scanner.feed_bytes(chunk);
                         }
                         _ => break,
                     }

@@ -75,6 +75,50 @@ async fn a_client_that_asks_for_stream_usage_gets_it() {
     assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], total);
 }
 
+/// Bodies as clients write them (spacing, escapes, options of their own): the gateway splices
+/// `include_usage` into the bytes, so each stream is settled to its usage, and the usage-only
+/// chunk the client did not ask for is removed.
+#[tokio::test]
+async fn usage_is_asked_for_in_the_body_as_the_client_wrote_it() {
+    let (gw, key) = setup().await;
+    let client = reqwest::Client::new();
+    let rest = r#""model":"m","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"Hello, world!"}]"#;
+    let bodies = [
+        format!("{{{rest}}}"),
+        format!("{{ \"stream_options\" : null ,\n {rest} }}"),
+        format!(
+            r#"{{{rest},"stream_options":{{"include_usage":false,"continuous_usage_stats":false}}}}"#
+        ),
+        format!(r#"{{"stream\u005foptions":{{"include\u005fusage":false}},{rest}}}"#),
+        format!(r#"{{"stream_options":"yes",{rest}}}"#),
+    ];
+    let per_request = prompt_tokens_of("Hello, world!") + 3 + 5;
+    for (i, body) in bodies.iter().enumerate() {
+        let r = client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{body}");
+        let text = r.text().await.unwrap();
+        let evs = events(&text);
+        assert!(
+            evs.iter()
+                .all(|e| e["choices"].as_array().is_some_and(|c| !c.is_empty())),
+            "{body}: {text}"
+        );
+        let limits = gw.limits(&key).await;
+        assert_eq!(
+            limits["usage"]["tokens_this_month"],
+            per_request * (i as u64 + 1),
+            "{body}: settled to the stream's usage"
+        );
+    }
+}
+
 #[tokio::test]
 async fn upstreams_that_refuse_stream_options_are_read_from_the_last_chunk() {
     let mut raw = RawSettings::default();
