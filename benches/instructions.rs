@@ -32,8 +32,9 @@
 //!   catalogue refresh and idle eviction never come round.
 //! - Requests run one at a time, each read to its end before the next.
 //!
-//! What remains (hash seeds, hyper's per-second date header, timer wheel levels, the
-//! sqlx thread's wake-ups) moves the counts by well under 1%; the README gives the spread seen.
+//! What remains (glibc malloc's paths, which depend on the heap's history; random keys and ids;
+//! hyper's per-second date header; the sqlx thread's wake-ups) moves the counts by less than 1%;
+//! the README gives the spread seen.
 //!
 //! # Modes
 //! - No argument (`cargo test --all-targets`): the scenario with a few requests, natively,
