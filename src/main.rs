@@ -322,16 +322,100 @@ enum LimitRequestCommand {
 }
 
 /// Logs to stderr, filtered by `TIERGATE_LOG` (default `info`; the access log is the target
-/// `tiergate::access`), as text or one JSON object per line.
-fn init_tracing(format: LogFormat) {
+/// `tiergate::access`), as text or one JSON object per line. Built with the `otel` feature and
+/// given an OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
+/// it also exports spans; the returned guard flushes them when dropped.
+fn init_tracing(format: LogFormat) -> Telemetry {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).boxed(),
+    };
+    // The log filter is the log's alone: spans are exported whatever `TIERGATE_LOG` says.
+    let registry = tracing_subscriber::registry().with(fmt.with_filter(filter));
+    #[cfg(feature = "otel")]
+    {
+        let (layer, provider) = match otel::layer() {
+            Ok(Some((layer, provider))) => {
+                let spans = tracing_subscriber::filter::LevelFilter::INFO;
+                (Some(layer.with_filter(spans)), Some(provider))
+            }
+            Ok(None) => (None, None),
+            Err(e) => {
+                eprintln!("OpenTelemetry export is off: {e}");
+                (None, None)
+            }
+        };
+        registry.with(layer).init();
+        Telemetry(provider)
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        registry.init();
+        Telemetry
+    }
+}
+
+#[cfg(not(feature = "otel"))]
+struct Telemetry;
+
+#[cfg(feature = "otel")]
+struct Telemetry(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
+
+#[cfg(feature = "otel")]
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.0.take() {
+            let _ = provider.shutdown();
+        }
+    }
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use opentelemetry_sdk::Resource;
+
+    /// The span layer and its provider, when an OTLP endpoint is configured (the standard
+    /// `OTEL_*` variables: endpoint, headers, `OTEL_SERVICE_NAME`, `OTEL_BSP_*`).
+    pub fn layer<S>() -> anyhow::Result<
+        Option<(
+            tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>,
+            SdkTracerProvider,
+        )>,
+    >
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        let configured = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()));
+        if !configured {
+            return Ok(None);
+        }
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()?;
+        let mut resource = Resource::builder();
+        if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+            resource = resource.with_service_name("tiergate");
+        }
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource.build())
+            .build();
+        let tracer = provider.tracer("tiergate");
+        Ok(Some((
+            tracing_opentelemetry::layer().with_tracer(tracer),
+            provider,
+        )))
     }
 }
 
@@ -487,7 +571,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..RawSettings::default()
     };
     let config = Config::load(flags, store.config.as_deref(), env_var)?;
-    init_tracing(config.log_format);
+    let _telemetry = init_tracing(config.log_format);
     config.upstream_url()?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let app = tiergate::app(config, Arc::new(SystemClock)).await?;
@@ -744,8 +828,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let command = Cli::parse().command;
     // `serve` sets up logging once its configuration (log_format) is read.
-    if !matches!(command, Command::Serve(_)) {
-        init_tracing(LogFormat::Text);
-    }
+    let _telemetry = (!matches!(command, Command::Serve(_))).then(|| init_tracing(LogFormat::Text));
     run(command).await
 }

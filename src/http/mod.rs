@@ -13,6 +13,8 @@ pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod headers;
+#[cfg(feature = "otel")]
+pub mod otel;
 pub mod proxy;
 pub mod serve;
 pub mod views;

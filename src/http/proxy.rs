@@ -60,6 +60,19 @@ use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
 use crate::usage::{settled_record, Deferred};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    #[cfg(feature = "otel")]
+    {
+        use tracing::Instrument;
+        let span = super::otel::request_span(request.headers(), request.uri().path());
+        let response = handle(state, request).instrument(span.clone()).await;
+        span.record("http.response.status_code", response.status().as_u16());
+        response
+    }
+    #[cfg(not(feature = "otel"))]
+    handle(state, request).await
+}
+
+async fn handle(state: Arc<AppState>, request: Request) -> Response {
     Metrics::inc(&state.metrics.requests);
     let (parts, body) = request.into_parts();
     let request_id = RequestId::new();
@@ -517,6 +530,8 @@ async fn send(
     if let Some(authorization) = &state.upstream.authorization {
         headers.insert(header::AUTHORIZATION, authorization.clone());
     }
+    #[cfg(feature = "otel")]
+    super::otel::inject(&mut headers);
     // Ask for an uncompressed answer whatever the client accepts, so usage can always be read.
     headers.insert(
         header::ACCEPT_ENCODING,

@@ -218,7 +218,7 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
         l.local_addr().unwrap().port()
     };
     let log = dir.path().join("stderr.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .args([
             "--database",
@@ -231,6 +231,8 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    // Killed however the test ends, a failed assertion included.
+    let child = KillOnDrop(child);
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     eventually(Duration::from_secs(20), "serve answers", || async {
@@ -328,8 +330,7 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
         lines().len() >= 4
     })
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
+    drop(child);
     let lines = lines();
     assert_eq!(lines.len(), 4, "{lines:?}");
     let by_id = |id: &str| {
@@ -368,4 +369,13 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
         !text.contains("sk-not-a-key-at-all"),
         "a presented key is in the log"
     );
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
