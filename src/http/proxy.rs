@@ -54,26 +54,35 @@ use crate::catalog::WorkspaceEntry;
 use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
 use crate::limiter::core::day_of;
 use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ProxiedRequest, Route};
 use crate::model::Limits;
 use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
 use crate::usage::{settled_record, Deferred};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    Metrics::inc(&state.metrics.requests);
+    let mut seen = state.metrics.proxied();
     let (parts, body) = request.into_parts();
     let workspace = match authenticate(&state, &parts.headers).await {
         Ok((_, ws)) => ws,
-        Err(e) => return e.into_response(),
+        Err(e) => {
+            if parts.method == Method::POST {
+                seen.set_route(Route::of(Endpoint::of_path(parts.uri.path())));
+            }
+            let response = e.into_response();
+            seen.answered(response.status().as_u16());
+            return response;
+        }
     };
+    seen.set_tier(&workspace.workspace.tier);
     let request_id = RequestId::new();
-    let mut response = match forward(&state, parts, body, workspace, request_id).await {
+    let mut response = match forward(&state, parts, body, workspace, request_id, &mut seen).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
     response
         .headers_mut()
         .insert("x-request-id", request_id.header_value());
+    seen.answered(response.status().as_u16());
     response
 }
 
@@ -268,11 +277,15 @@ async fn forward(
     body: Body,
     workspace: Arc<WorkspaceEntry>,
     request_id: RequestId,
+    seen: &mut ProxiedRequest<'_>,
 ) -> Result<Response, ApiError> {
     let path = normalise_path(parts.uri.path()).map_err(|m| {
         ApiError::BadRequest(format!("The request path cannot be normalised: {m}."))
     })?;
-    let body = read_body(state, &parts.headers, body).await?;
+    if parts.method == Method::POST {
+        seen.set_route(Route::of(Endpoint::of_path(&path)));
+    }
+    let body = seen.waiting(read_body(state, &parts.headers, body)).await?;
     let mut prepared = prepare(state, &parts.method, path, body)?;
     let ws_id = workspace.workspace.id;
     let cost = match &prepared.info {
@@ -287,6 +300,7 @@ async fn forward(
         .await
         .map_err(|e| {
             Metrics::inc(&state.metrics.limiter_errors);
+            Metrics::inc(&state.metrics.undecided);
             tracing::debug!(error = %e, "no decision");
             match e {
                 LimiterError::Unavailable(_) => ApiError::LimiterUnavailable,
@@ -307,7 +321,10 @@ async fn forward(
         }
     };
     Metrics::inc(&state.metrics.admitted);
-    Metrics::add(&state.metrics.tokens_estimated, reservation.held.tokens);
+    let route = seen.route();
+    state
+        .metrics
+        .tokens_estimated(route, reservation.held.tokens);
     if prepared.strip_usage_chunk {
         prepared.body = Bytes::from(crate::stream_options::with_include_usage(&prepared.body));
     }
@@ -316,11 +333,12 @@ async fn forward(
         reservation: Some(reservation),
         limits: workspace.limits.clone(),
         request_id,
+        route,
         model: model.unwrap_or_default(),
         choices: prepared.info.as_ref().map_or(1, |i| i.choices),
         prompt_estimate: prepared.info.as_ref().map_or(0, |i| i.prompt_tokens),
     };
-    let mut response = send(state, parts, prepared, settlement)
+    let mut response = send(state, parts, prepared, settlement, seen)
         .await
         .unwrap_or_else(|e| e.into_response());
     headers::apply(&snapshot, response.headers_mut());
@@ -397,6 +415,7 @@ async fn send(
     parts: axum::http::request::Parts,
     prepared: Prepared,
     settlement: Settlement,
+    seen: &mut ProxiedRequest<'_>,
 ) -> Result<Response, ApiError> {
     let upstream_config = &state.config.upstream;
     let url = state
@@ -435,25 +454,31 @@ async fn send(
     let mut request = reqwest::Request::new(parts.method, url);
     *request.headers_mut() = headers;
     *request.body_mut() = Some(prepared.body.into());
-    let mut upstream =
-        match tokio::time::timeout_at(deadline, state.upstream.client.execute(request)).await {
-            Err(_) => {
+    let sent = std::time::Instant::now();
+    let answered = tokio::time::timeout_at(deadline, state.upstream.client.execute(request)).await;
+    let took = sent.elapsed();
+    seen.waited(took);
+    let mut upstream = match answered {
+        Err(_) => {
+            Metrics::inc(&state.metrics.upstream_timeouts);
+            settlement.refund().await;
+            return Err(ApiError::UpstreamTimeout);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream request failed");
+            settlement.refund().await;
+            if e.is_timeout() {
                 Metrics::inc(&state.metrics.upstream_timeouts);
-                settlement.refund().await;
                 return Err(ApiError::UpstreamTimeout);
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                settlement.refund().await;
-                if e.is_timeout() {
-                    Metrics::inc(&state.metrics.upstream_timeouts);
-                    return Err(ApiError::UpstreamTimeout);
-                }
-                Metrics::inc(&state.metrics.upstream_unreachable);
-                return Err(ApiError::UpstreamUnreachable);
-            }
-            Ok(Ok(r)) => r,
-        };
+            Metrics::inc(&state.metrics.upstream_unreachable);
+            return Err(ApiError::UpstreamUnreachable);
+        }
+        Ok(Ok(r)) => {
+            seen.upstream_answered(took);
+            r
+        }
+    };
 
     let status = upstream.status();
     // The upstream's headers, less those of its hop and its own rate-limit headers: taken, not
@@ -498,7 +523,7 @@ async fn send(
         } else if status.is_server_error() {
             Metrics::inc(&state.metrics.upstream_server_errors);
         }
-        let body = read_whole(upstream, deadline, idle).await;
+        let body = seen.waiting(read_whole(upstream, deadline, idle)).await;
         settlement.refund().await;
         return match body {
             Ok(body) => Ok(answer(Body::from(body))),
@@ -525,7 +550,7 @@ async fn send(
     }
 
     // A JSON answer must arrive whole within the same deadline as its headers.
-    match read_whole(upstream, deadline, idle).await {
+    match seen.waiting(read_whole(upstream, deadline, idle)).await {
         Ok(body) => {
             settlement.finish(usage_of_json(&body)).await;
             Ok(answer(Body::from(body)))
@@ -554,6 +579,7 @@ struct Settlement {
     reservation: Option<Reservation>,
     limits: Arc<Limits>,
     request_id: RequestId,
+    route: Route,
     model: String,
     choices: u64,
     /// The prompt as the rule estimated it, before any learned factor (0 when unmetered).
@@ -572,6 +598,7 @@ impl Settlement {
         let state = self.state.clone();
         let limits = self.limits.clone();
         let request_id = self.request_id;
+        let route = self.route;
         let model = std::mem::take(&mut self.model);
         let choices = self.choices;
         let prompt_estimate = self.prompt_estimate;
@@ -584,6 +611,7 @@ impl Settlement {
                     request_id,
                     model,
                     Counts {
+                        route,
                         choices,
                         prompt_estimate,
                     },
@@ -648,8 +676,9 @@ impl Drop for Settlement {
 }
 
 /// What the estimator learns from besides the usage: the request's choices and the rule's
-/// prompt estimate.
+/// prompt estimate; and the route, for the metrics.
 struct Counts {
+    route: Route,
     choices: u64,
     prompt_estimate: u64,
 }
@@ -665,11 +694,16 @@ async fn settle(
 ) {
     let now = state.clock.now();
     let ws = reservation.workspace;
+    let route = counts.route;
+    // The estimate is measured against the usage the upstream reported, on a metered route.
+    let reserved = (matches!(outcome, Outcome::Usage(_)) && route != Route::Other)
+        .then_some(reservation.held.tokens);
     let actual = match outcome {
         Outcome::Usage(u) => {
             let Counts {
                 choices,
                 prompt_estimate,
+                ..
             } = counts;
             let observed = Observed {
                 completion_tokens: u.completion().map(|c| c / choices.max(1)),
@@ -691,7 +725,7 @@ async fn settle(
             reservation.held.tokens
         }
     };
-    Metrics::add(&state.metrics.tokens_settled, actual);
+    state.metrics.settled(route, actual, reserved);
     match state.limiter.settle(reservation, limits, actual, now).await {
         Ok(settled) => state
             .recorder

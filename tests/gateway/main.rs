@@ -13,6 +13,7 @@ mod errors;
 mod faults;
 mod harness;
 mod limits;
+mod metrics;
 mod operator;
 mod process;
 mod routes;
