@@ -61,6 +61,12 @@ pub struct RawSettings {
     /// How many instances share the limits, for the `local` failure policy (else the count seen
     /// in Redis).
     pub instances: Option<u32>,
+    /// The families of rate-limit headers sent: `openai`, `ietf`, `mistral`.
+    pub rate_limit_headers: Option<Vec<String>>,
+    /// `text` (the default) or `json`.
+    pub log_format: Option<String>,
+    /// One log line per proxied request (default true).
+    pub access_log: Option<bool>,
     #[serde(default)]
     pub upstream: RawUpstream,
     #[serde(default)]
@@ -148,17 +154,17 @@ impl RawSettings {
             redis_lease_ms: var("TIERGATE_REDIS_LEASE_MS").and_then(|v| v.parse().ok()),
             redis_prefix: var("TIERGATE_REDIS_PREFIX"),
             instances: var("TIERGATE_INSTANCES").and_then(|v| v.parse().ok()),
+            rate_limit_headers: var("TIERGATE_RATE_LIMIT_HEADERS").map(|v| list(&v)),
+            log_format: var("TIERGATE_LOG_FORMAT"),
+            access_log: var("TIERGATE_ACCESS_LOG")
+                .map(|v| matches!(v.as_str(), "1" | "true" | "yes")),
             upstream: RawUpstream {
                 url: var("TIERGATE_UPSTREAM"),
                 api_key: var("TIERGATE_UPSTREAM_API_KEY"),
                 idle_read_timeout_ms: var("TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS")
                     .and_then(|v| v.parse().ok()),
-                drop_request_headers: var("TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS").map(|v| {
-                    v.split(',')
-                        .map(|h| h.trim().to_string())
-                        .filter(|h| !h.is_empty())
-                        .collect()
-                }),
+                drop_request_headers: var("TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS")
+                    .map(|v| list(&v)),
                 ..RawUpstream::default()
             },
             ..RawSettings::default()
@@ -185,6 +191,9 @@ impl RawSettings {
             redis_lease_ms,
             redis_prefix,
             instances,
+            rate_limit_headers,
+            log_format,
+            access_log,
             upstream,
             estimate,
             tiers,
@@ -209,6 +218,9 @@ impl RawSettings {
             redis_lease_ms: redis_lease_ms.or(self.redis_lease_ms),
             redis_prefix: redis_prefix.or(self.redis_prefix),
             instances: instances.or(self.instances),
+            rate_limit_headers: rate_limit_headers.or(self.rate_limit_headers),
+            log_format: log_format.or(self.log_format),
+            access_log: access_log.or(self.access_log),
             upstream: RawUpstream {
                 url: upstream.url.or(self.upstream.url),
                 api_key: upstream.api_key.or(self.upstream.api_key),
@@ -271,6 +283,86 @@ pub struct EstimateConfig {
     pub default_completion_tokens: u64,
     pub history: usize,
     pub max_tokens_limit: u64,
+}
+
+/// A comma-separated list, trimmed, empty items left out.
+pub fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect()
+}
+
+/// Which families of rate-limit headers proxied answers carry (`rate_limit_headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeaderFamilies {
+    /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens,tokens-month}`.
+    pub openai: bool,
+    /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers-10).
+    pub ietf: bool,
+    /// `x-ratelimit-{limit,remaining}-tokens-{minute,month}`, `x-ratelimit-tokens-query-cost`.
+    pub mistral: bool,
+}
+
+impl Default for HeaderFamilies {
+    fn default() -> Self {
+        HeaderFamilies {
+            openai: true,
+            ietf: true,
+            mistral: false,
+        }
+    }
+}
+
+impl HeaderFamilies {
+    pub const NAMES: [&str; 3] = ["openai", "ietf", "mistral"];
+
+    fn of(names: &[String]) -> Result<HeaderFamilies, ConfigError> {
+        let mut families = HeaderFamilies {
+            openai: false,
+            ietf: false,
+            mistral: false,
+        };
+        for name in names {
+            match name.trim() {
+                "openai" => families.openai = true,
+                "ietf" => families.ietf = true,
+                "mistral" => families.mistral = true,
+                // An explicit empty list: no rate-limit headers at all.
+                "none" if names.len() == 1 => {}
+                other => {
+                    return Err(invalid(
+                        "rate_limit_headers",
+                        format!("'{other}' is not one of openai, ietf, mistral (or none alone)"),
+                    ))
+                }
+            }
+        }
+        Ok(families)
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    pub fn parse(v: &str) -> Result<LogFormat, ConfigError> {
+        match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(invalid(
+                "log_format",
+                format!("'{other}' is not text or json"),
+            )),
+        }
+    }
 }
 
 /// What the shared limiter does while Redis cannot be reached.
@@ -357,6 +449,10 @@ pub struct Config {
     pub ledger_flush: Duration,
     /// How long a workspace's limiter state stays in memory after it is back to full.
     pub idle_eviction: Duration,
+    pub rate_limit_headers: HeaderFamilies,
+    pub log_format: LogFormat,
+    /// One `tiergate::access` log line per proxied request.
+    pub access_log: bool,
 }
 
 /// The largest `max_tokens` a request may ask for by default: far above any model's output.
@@ -386,6 +482,9 @@ impl TryFrom<RawSettings> for Config {
             redis_lease_ms,
             redis_prefix,
             instances,
+            rate_limit_headers,
+            log_format,
+            access_log,
             upstream,
             estimate,
             tiers,
@@ -507,6 +606,15 @@ impl TryFrom<RawSettings> for Config {
             },
         };
 
+        let rate_limit_headers = match rate_limit_headers {
+            None => HeaderFamilies::default(),
+            Some(names) => HeaderFamilies::of(&names)?,
+        };
+        let log_format = match log_format.as_deref() {
+            None => LogFormat::Text,
+            Some(v) => LogFormat::parse(v.trim())?,
+        };
+
         let mut catalogue = default_tiers();
         for (name, limits) in tiers {
             limits
@@ -532,6 +640,9 @@ impl TryFrom<RawSettings> for Config {
             tiers: catalogue,
             ledger_flush: Duration::from_millis(250),
             idle_eviction: Duration::from_secs(120),
+            rate_limit_headers,
+            log_format,
+            access_log: access_log.unwrap_or(true),
         })
     }
 }
@@ -801,6 +912,160 @@ impl Config {
                 "required: give --upstream URL, TIERGATE_UPSTREAM, or [upstream] url in the config file",
             )
         })
+    }
+}
+
+/// A TOML string: TOML's basic strings take JSON's escapes.
+fn toml_str(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
+}
+
+/// A TOML key: bare when it can be, else quoted.
+fn toml_key(k: &str) -> String {
+    if !k.is_empty()
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        k.to_string()
+    } else {
+        toml_str(k)
+    }
+}
+
+impl Config {
+    /// The effective settings as a TOML document, every default filled in and every secret
+    /// masked (`***`): the admin tokens, the upstream's key, and passwords in the database and
+    /// Redis URLs. What `tiergate config check` prints.
+    pub fn effective_toml(&self) -> String {
+        use crate::store::redact;
+        let ms = |d: Duration| d.as_millis().to_string();
+        let mut out = String::new();
+        let mut line = |k: &str, v: String| {
+            out.push_str(k);
+            out.push_str(" = ");
+            out.push_str(&v);
+            out.push('\n');
+        };
+        line("listen", toml_str(&self.listen.to_string()));
+        if let Some(a) = self.admin_listen {
+            line("admin_listen", toml_str(&a.to_string()));
+        }
+        line("database", toml_str(&redact(&self.database)));
+        line("max_body_bytes", self.max_body_bytes.to_string());
+        line("header_read_timeout_ms", ms(self.header_read_timeout));
+        line("body_read_timeout_ms", ms(self.body_read_timeout));
+        line("shutdown_grace_ms", ms(self.shutdown_grace));
+        line("catalog_refresh_ms", ms(self.catalog_refresh));
+        let families = self.rate_limit_headers;
+        let on: Vec<String> = HeaderFamilies::NAMES
+            .iter()
+            .zip([families.openai, families.ietf, families.mistral])
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| toml_str(n))
+            .collect();
+        line("rate_limit_headers", format!("[{}]", on.join(", ")));
+        let format = match self.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        };
+        line("log_format", toml_str(format));
+        line("access_log", self.access_log.to_string());
+        match &self.redis {
+            None => out.push_str("# redis: none (limits held in this process's memory)\n"),
+            Some(r) => {
+                let urls = match &r.topology {
+                    Topology::Single(u) => redact(u),
+                    Topology::Cluster(seeds) => seeds
+                        .iter()
+                        .map(|u| redact(u))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                };
+                line("redis", toml_str(&urls));
+                line(
+                    "redis_cluster",
+                    matches!(r.topology, Topology::Cluster(_)).to_string(),
+                );
+                line("redis_timeout_ms", ms(r.timeout));
+                line("redis_failure_policy", toml_str(r.failure_policy.as_str()));
+                line("redis_lease_ms", ms(r.lease));
+                line("redis_prefix", toml_str(&r.prefix));
+                if let Some(n) = r.instances {
+                    line("instances", n.to_string());
+                }
+            }
+        }
+        let names: Vec<String> = self
+            .admin_tokens
+            .iter()
+            .map(|t| toml_str(&t.name))
+            .collect();
+        out.push_str(&format!(
+            "# admin tokens: {} ({}), values masked\n",
+            self.admin_tokens.len(),
+            names.join(", ")
+        ));
+
+        let u = &self.upstream;
+        out.push_str("\n[upstream]\n");
+        match &u.url {
+            Some(url) => out.push_str(&format!("url = {}\n", toml_str(&redact(url.as_str())))),
+            None => out.push_str("# url: not set (required by serve)\n"),
+        }
+        if u.api_key.is_some() {
+            out.push_str("api_key = \"***\"\n");
+        }
+        out.push_str(&format!(
+            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\n",
+            u.request_stream_usage,
+            ms(u.connect_timeout),
+            u.timeout.as_secs(),
+            ms(u.usage_drain),
+            ms(u.idle_read_timeout),
+        ));
+        let dropped: Vec<String> = u.drop_request_headers.iter().map(|h| toml_str(h)).collect();
+        out.push_str(&format!(
+            "drop_request_headers = [{}]\n",
+            dropped.join(", ")
+        ));
+
+        let e = &self.estimate;
+        out.push_str(&format!(
+            "\n[estimate]\ndefault_completion_tokens = {}\nhistory = {}\nmax_tokens_limit = {}\n",
+            e.default_completion_tokens, e.history, e.max_tokens_limit
+        ));
+
+        for tier in &self.tiers {
+            let l = &tier.limits;
+            out.push_str(&format!("\n[tiers.{}]\n", toml_key(&tier.name)));
+            if let Some(v) = l.requests_per_second {
+                out.push_str(&format!("requests_per_second = {v:?}\n"));
+            }
+            for (k, v) in [
+                ("burst", l.burst.map(u64::from)),
+                ("tokens_per_minute", l.tokens_per_minute),
+                ("tokens_per_month", l.tokens_per_month),
+                ("concurrent_requests", l.concurrent_requests.map(u64::from)),
+            ] {
+                if let Some(v) = v {
+                    out.push_str(&format!("{k} = {v}\n"));
+                }
+            }
+            for (model, m) in &l.models {
+                out.push_str(&format!(
+                    "[tiers.{}.models.{}]\n",
+                    toml_key(&tier.name),
+                    toml_key(model)
+                ));
+                if let Some(v) = m.tokens_per_minute {
+                    out.push_str(&format!("tokens_per_minute = {v}\n"));
+                }
+                if let Some(v) = m.tokens_per_month {
+                    out.push_str(&format!("tokens_per_month = {v}\n"));
+                }
+            }
+        }
+        out
     }
 }
 

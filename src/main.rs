@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use tiergate::admin::{Admin, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use tiergate::clock::SystemClock;
-use tiergate::config::RawUpstream;
+use tiergate::config::{LogFormat, RawUpstream};
 use tiergate::mock_upstream::{self, MockConfig};
 use tiergate::model::{Actor, Limits, ModelLimits, Overrides};
 use tiergate::store::migrate::MigrationSummary;
@@ -85,6 +85,16 @@ struct ServeArgs {
     /// [[admin_tokens]] in the config file); without any, the admin API answers 403.
     #[arg(long, env = "TIERGATE_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// The rate-limit header families sent, comma-separated: openai, ietf, mistral, or none
+    /// (default openai,ietf). Env TIERGATE_RATE_LIMIT_HEADERS.
+    #[arg(long, value_name = "LIST")]
+    rate_limit_headers: Option<String>,
+    /// Log lines as text (the default) or json. Env TIERGATE_LOG_FORMAT.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+    /// No access-log line per request. Env TIERGATE_ACCESS_LOG=false.
+    #[arg(long)]
+    no_access_log: bool,
     #[command(flatten)]
     redis: RedisArgs,
     #[command(flatten)]
@@ -140,7 +150,7 @@ struct TimeoutArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Run the gateway with the mock upstream, a demo workspace and a fresh key.
     Demo {
         #[arg(long, default_value = "127.0.0.1:8080")]
@@ -181,6 +191,17 @@ enum Command {
         #[arg(long, value_name = "postgres://USER@HOST:PORT/DATABASE")]
         to: String,
     },
+    /// Check configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate FILE with the TIERGATE_* environment, as `serve` would read them (without its
+    /// flags), and print the effective settings, every default filled in and every secret
+    /// masked. Exits 1, naming the field, when a setting is invalid.
+    Check { file: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -300,10 +321,18 @@ enum LimitRequestCommand {
     },
 }
 
-fn init_tracing() {
+/// Logs to stderr, filtered by `TIERGATE_LOG` (default `info`; the access log is the target
+/// `tiergate::access`), as text or one JSON object per line.
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
 }
 
 /// Ctrl-C or SIGTERM (what service managers send): stop accepting, drain, flush the ledger.
@@ -409,6 +438,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         upstream,
         upstream_api_key,
         admin_token,
+        rate_limit_headers,
+        log_format,
+        no_access_log,
         redis,
         timeouts,
         store,
@@ -443,6 +475,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         redis_lease_ms,
         redis_prefix,
         instances,
+        rate_limit_headers: rate_limit_headers.map(|v| tiergate::config::list(&v)),
+        log_format,
+        access_log: no_access_log.then_some(false),
         upstream: RawUpstream {
             url: upstream,
             api_key: upstream_api_key,
@@ -452,6 +487,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ..RawSettings::default()
     };
     let config = Config::load(flags, store.config.as_deref(), env_var)?;
+    init_tracing(config.log_format);
     config.upstream_url()?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let app = tiergate::app(config, Arc::new(SystemClock)).await?;
@@ -652,7 +688,7 @@ async fn audit(args: AuditArgs) -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => serve(args).await?,
+        Command::Serve(args) => serve(*args).await?,
         Command::Demo { listen, data_dir } => {
             tiergate::demo::run(
                 tiergate::demo::DemoOptions { listen, data_dir },
@@ -675,6 +711,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Tiers(c) => tiers(c).await?,
         Command::LimitRequests(c) => limit_requests(c).await?,
         Command::Audit(args) => audit(args).await?,
+        Command::Config(ConfigCommand::Check { file }) => {
+            let config = Config::load(RawSettings::default(), Some(&file), env_var)
+                .with_context(|| format!("{} is not a valid configuration", file.display()))?;
+            print!("{}", config.effective_toml());
+        }
         Command::Migrate { from, to } => {
             let copied = tiergate::store::migrate::sqlite_to_postgres(&from, &to).await?;
             let MigrationSummary {
@@ -701,6 +742,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    init_tracing();
-    run(Cli::parse().command).await
+    let command = Cli::parse().command;
+    // `serve` sets up logging once its configuration (log_format) is read.
+    if !matches!(command, Command::Serve(_)) {
+        init_tracing(LogFormat::Text);
+    }
+    run(command).await
 }

@@ -368,3 +368,96 @@ async fn serve_with_an_admin_listener_keeps_the_admin_api_off_the_main_listener(
         reqwest::StatusCode::OK
     );
 }
+
+/// `tiergate config check FILE`: the effective settings, defaults filled in, secrets masked;
+/// a bad field is refused by name.
+#[test]
+fn config_check_prints_the_effective_settings_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiergate.toml");
+    std::fs::write(
+        &file,
+        r#"
+listen = "0.0.0.0:9000"
+database = "postgres://tg:hunter2-db-password@db:5432/tiergate"
+admin_token = "admin-secret-token-0123456789"
+redis = "redis://:hunter3-redis-password@10.0.0.5:6379/0"
+rate_limit_headers = ["openai", "mistral"]
+log_format = "json"
+
+[upstream]
+url = "https://api.mistral.ai"
+api_key = "sk-upstream-secret-key"
+
+[tiers.pro]
+requests_per_second = 20
+tokens_per_minute = 2000000
+[tiers.pro.models."mistral-large-latest"]
+tokens_per_minute = 100000
+"#,
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["config", "check"])
+        .arg(&file)
+        .env_remove("TIERGATE_CONFIG")
+        .env("TIERGATE_SHUTDOWN_GRACE_MS", "15000")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for secret in [
+        "hunter2-db-password",
+        "hunter3-redis-password",
+        "admin-secret-token-0123456789",
+        "sk-upstream-secret-key",
+    ] {
+        assert!(!stdout.contains(secret), "{secret} printed:\n{stdout}");
+    }
+    for expected in [
+        "listen = \"0.0.0.0:9000\"",
+        "database = \"postgres://tg:***@db:5432/tiergate\"",
+        "redis = \"redis://:***@10.0.0.5:6379/0\"",
+        "redis_failure_policy = \"local\"",
+        // The environment counts, as for serve.
+        "shutdown_grace_ms = 15000",
+        // Defaults are filled in.
+        "body_read_timeout_ms = 60000",
+        "rate_limit_headers = [\"openai\", \"mistral\"]",
+        "log_format = \"json\"",
+        "api_key = \"***\"",
+        "url = \"https://api.mistral.ai/\"",
+        "[tiers.pro]",
+        "requests_per_second = 20.0",
+        "[tiers.pro.models.mistral-large-latest]",
+        // The built-in free tier is part of the effective catalogue.
+        "[tiers.free]",
+    ] {
+        assert!(stdout.contains(expected), "{expected} missing:\n{stdout}");
+    }
+    // What it prints is itself a configuration file tiergate reads.
+    let reread: tiergate::RawSettings = toml::from_str(&stdout).unwrap();
+    assert_eq!(reread.listen.as_deref(), Some("0.0.0.0:9000"));
+    assert_eq!(
+        reread.tiers["pro"].models["mistral-large-latest"].tokens_per_minute,
+        Some(100000)
+    );
+
+    std::fs::write(&file, "log_format = \"yaml\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["config", "check"])
+        .arg(&file)
+        .env_remove("TIERGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("log_format") && stderr.contains("'yaml'"),
+        "{stderr}"
+    );
+}

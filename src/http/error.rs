@@ -8,7 +8,7 @@ use axum::Json;
 
 use super::headers;
 use crate::admin::AdminError;
-use crate::limiter::{Denial, DenialKind, LimitName, Snapshot, NANOS_PER_SEC};
+use crate::limiter::{Denial, DenialKind, LimitName, NANOS_PER_SEC};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,8 @@ pub enum ApiError {
     #[error("The request body did not arrive within {0} ms.")]
     RequestTimeout(u64),
     #[error("rate limited")]
-    Denied(Box<(Denial, Snapshot)>),
+    /// The rate-limit headers are the caller's to add (they depend on the configuration).
+    Denied(Box<Denial>),
     #[error("upstream unreachable")]
     UpstreamUnreachable,
     #[error("upstream timed out")]
@@ -133,7 +134,7 @@ fn describe(denial: &Denial) -> String {
     }
 }
 
-fn denial_response(denial: &Denial, snapshot: &Snapshot) -> Response {
+fn denial_response(denial: &Denial) -> Response {
     let limit = denial.limit.as_str();
     let wait = headers::duration(denial.retry_after);
     let (kind, message) = match denial.kind {
@@ -161,7 +162,6 @@ fn denial_response(denial: &Denial, snapshot: &Snapshot) -> Response {
     };
     let mut response = body(StatusCode::TOO_MANY_REQUESTS, kind, Some(limit), &message);
     let h = response.headers_mut();
-    headers::apply(snapshot, h);
     if denial.kind != DenialKind::RequestTooLarge {
         let secs = denial.retry_after.div_ceil(NANOS_PER_SEC).max(1);
         let ms = denial.retry_after.div_ceil(1_000_000).max(1);
@@ -221,7 +221,7 @@ impl IntoResponse for ApiError {
                     .insert("connection", HeaderValue::from_static("close"));
                 r
             }
-            ApiError::Denied(d) => denial_response(&d.0, &d.1),
+            ApiError::Denied(d) => denial_response(d),
             ApiError::UpstreamUnreachable => body(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",

@@ -1,8 +1,16 @@
-//! The rate-limit headers every proxied answer carries, in the OpenAI API's names and duration
-//! format (`1s`, `250ms`, `6m0s`, `412h3m0s`).
+//! The rate-limit headers every proxied answer carries, in up to three families, each switched
+//! on or off by `rate_limit_headers` ([`HeaderFamilies`]):
+//! - `openai`: the OpenAI API's names and duration format (`1s`, `250ms`, `6m0s`, `412h3m0s`);
+//! - `ietf`: the `RateLimit-Policy` and `RateLimit` fields of
+//!   draft-ietf-httpapi-ratelimit-headers-10 (structured-field lists of policies);
+//! - `mistral`: the names the Mistral API sends, where they map honestly onto our limits.
+
+use std::fmt::Write;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
+use crate::config::HeaderFamilies;
+use crate::limiter::core::{month_span, MonthKey};
 use crate::limiter::{Nanos, Snapshot, Window, NANOS_PER_SEC};
 
 /// Formats a duration as the OpenAI API does (Go's `time.Duration` style): `250ms` below a
@@ -70,17 +78,115 @@ fn put(h: &mut HeaderMap, names: &Names, w: &Window, hours_reset: bool) {
     );
 }
 
-/// Sets the headers of every limit the snapshot has; an absent limit has no header.
-pub fn apply(snapshot: &Snapshot, h: &mut HeaderMap) {
+/// Sets the headers of every limit the snapshot has, in each family switched on; an absent
+/// limit has no header. `now` dates the month's window for the IETF policy.
+pub fn apply(families: HeaderFamilies, snapshot: &Snapshot, now: Nanos, h: &mut HeaderMap) {
     let [requests, tokens, month] = &*NAMES;
+    if families.openai {
+        if let Some(w) = &snapshot.requests {
+            put(h, requests, w, false);
+        }
+        if let Some(w) = &snapshot.tokens {
+            put(h, tokens, w, false);
+        }
+    }
+    if families.openai || families.mistral {
+        // The one name the two families share (`x-ratelimit-{limit,remaining}-tokens-month`)
+        // means the same in both: the month's token quota and what is left of it.
+        if let Some(w) = &snapshot.month {
+            put(h, month, w, true);
+        }
+    }
+    if families.mistral {
+        if let Some(w) = &snapshot.tokens {
+            let [limit, remaining] = &*MISTRAL_MINUTE;
+            h.insert(limit.clone(), number(w.limit));
+            h.insert(remaining.clone(), HeaderValue::from(w.remaining));
+        }
+    }
+    if families.ietf {
+        ietf(snapshot, now, h);
+    }
+}
+
+/// The Mistral API's `x-ratelimit-tokens-query-cost`: the tokens this request was charged, set
+/// where the settled count is known before the answer leaves (JSON answers).
+pub fn query_cost(families: HeaderFamilies, tokens: u64, h: &mut HeaderMap) {
+    if families.mistral {
+        h.insert(
+            HeaderName::from_static("x-ratelimit-tokens-query-cost"),
+            HeaderValue::from(tokens),
+        );
+    }
+}
+
+static MISTRAL_MINUTE: std::sync::LazyLock<[HeaderName; 2]> = std::sync::LazyLock::new(|| {
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens-minute"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens-minute"),
+    ]
+});
+
+/// A rate in requests per second as an integer quota over a whole number of seconds, as the
+/// draft's `q` and `w` must be: 2/s is `q=2;w=1`, 0.5/s is `q=1;w=2`, 0.1/s is `q=1;w=10`.
+fn rate_as_quota(rate: f64) -> (u64, u64) {
+    for w in [1u64, 2, 3, 4, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600] {
+        let q = rate * w as f64;
+        if q >= 1.0 && (q - q.round()).abs() < 1e-6 {
+            return (q.round() as u64, w);
+        }
+    }
+    // A rate no whole window expresses exactly: the quota of an hour, rounded down.
+    (((rate * 3600.0).floor() as u64).max(1), 3600)
+}
+
+fn secs_ceil(nanos: Nanos) -> u64 {
+    nanos.div_ceil(NANOS_PER_SEC)
+}
+
+/// `RateLimit-Policy` and `RateLimit`: one policy per limit the workspace has. `q`/`w` say the
+/// limit, `r` what is left now, and `t` the seconds until the window is whole again (the same
+/// instant as the OpenAI family's reset). Tokens are not among the draft's registered quota
+/// units; they are named `qu="tokens"` (the README says so).
+fn ietf(snapshot: &Snapshot, now: Nanos, h: &mut HeaderMap) {
+    let mut policy = String::with_capacity(160);
+    let mut limit = String::with_capacity(120);
+    let mut item = |name: &str, q: u64, unit: Option<&str>, w: u64, window: &Window| {
+        if !policy.is_empty() {
+            policy.push_str(", ");
+            limit.push_str(", ");
+        }
+        let _ = write!(policy, "\"{name}\";q={q}");
+        if let Some(unit) = unit {
+            let _ = write!(policy, ";qu=\"{unit}\"");
+        }
+        let _ = write!(policy, ";w={w}");
+        let _ = write!(
+            limit,
+            "\"{name}\";r={};t={}",
+            window.remaining,
+            secs_ceil(window.reset)
+        );
+    };
     if let Some(w) = &snapshot.requests {
-        put(h, requests, w, false);
+        let (q, window) = rate_as_quota(w.limit);
+        item("requests-second", q, None, window, w);
     }
     if let Some(w) = &snapshot.tokens {
-        put(h, tokens, w, false);
+        item("tokens-minute", w.limit as u64, Some("tokens"), 60, w);
     }
     if let Some(w) = &snapshot.month {
-        put(h, month, w, true);
+        // The window is this calendar month (UTC): 28 to 31 days.
+        let (key, end) = month_span(now);
+        let length = secs_ceil(end.saturating_sub(MonthKey::start(key)));
+        item("tokens-month", w.limit as u64, Some("tokens"), length, w);
+    }
+    if policy.is_empty() {
+        return;
+    }
+    if let (Ok(p), Ok(l)) = (HeaderValue::try_from(policy), HeaderValue::try_from(limit)) {
+        h.insert(HeaderName::from_static("ratelimit-policy"), p);
+        h.insert(HeaderName::from_static("ratelimit"), l);
     }
 }
 
@@ -100,5 +206,15 @@ mod tests {
         assert_eq!(duration(360 * s), "6m0s");
         assert_eq!(duration(61 * s + 20 * ms), "1m1.02s");
         assert_eq!(duration((412 * 3600 + 3 * 60) * s), "412h3m0s");
+    }
+
+    #[test]
+    fn rates_become_whole_quotas_over_whole_seconds() {
+        assert_eq!(rate_as_quota(2.0), (2, 1));
+        assert_eq!(rate_as_quota(0.5), (1, 2));
+        assert_eq!(rate_as_quota(0.1), (1, 10));
+        assert_eq!(rate_as_quota(2.5), (5, 2));
+        assert_eq!(rate_as_quota(1.0 / 60.0), (1, 60));
+        assert_eq!(rate_as_quota(0.001), (3, 3600));
     }
 }

@@ -37,7 +37,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -62,28 +62,115 @@ use crate::usage::{settled_record, Deferred};
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let mut seen = state.metrics.proxied();
     let (parts, body) = request.into_parts();
-    let workspace = match authenticate(&state, &parts.headers).await {
-        Ok((_, ws)) => ws,
+    let request_id = RequestId::new();
+    // The id the answer and the log show: the client's own when it sent a valid one. Nothing is
+    // keyed on it (the ledger's idempotency key is the reservation's), so a client that reuses
+    // an id loses nothing.
+    let shown_id = client_request_id(&parts.headers);
+    let mut access = state.config.access_log.then(|| {
+        Box::new(AccessLine {
+            start: Instant::now(),
+            route: Endpoint::of_path(parts.uri.path()).map_or("other", Endpoint::path),
+            workspace: None,
+            key: None,
+            client_id: shown_id.clone(),
+            gateway_id: request_id,
+            decision: "unauthenticated",
+            limit: None,
+            tokens: 0,
+        })
+    });
+    let mut response = match authenticate(&state, &parts.headers).await {
         Err(e) => {
             if parts.method == Method::POST {
                 seen.set_route(Route::of(Endpoint::of_path(parts.uri.path())));
             }
-            let response = e.into_response();
-            seen.answered(response.status().as_u16());
-            return response;
+            e.into_response()
+        }
+        Ok((key, workspace)) => {
+            if let Some(a) = access.as_mut() {
+                a.workspace = Some(workspace.workspace.id);
+                a.key = Some(key);
+                a.decision = "rejected";
+            }
+            seen.set_tier(&workspace.workspace.tier);
+            match forward(
+                &state,
+                parts,
+                body,
+                workspace,
+                request_id,
+                &mut access,
+                &mut seen,
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            }
         }
     };
-    seen.set_tier(&workspace.workspace.tier);
-    let request_id = RequestId::new();
-    let mut response = match forward(&state, parts, body, workspace, request_id, &mut seen).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    response
-        .headers_mut()
-        .insert("x-request-id", request_id.header_value());
+    response.headers_mut().insert(
+        "x-request-id",
+        shown_id.unwrap_or_else(|| request_id.header_value()),
+    );
     seen.answered(response.status().as_u16());
+    // A stream's line is written when it is settled (it took `access`); any other now.
+    if let Some(a) = access {
+        a.write(response.status().as_u16());
+    }
     response
+}
+
+/// The client's `x-request-id` when it is one the gateway may echo and log: 1 to 128 characters
+/// of `A-Z a-z 0-9 - _ . : / + = @`. Anything else is ignored and the gateway's own id is used.
+fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
+    let v = headers.get("x-request-id")?;
+    let b = v.as_bytes();
+    let valid = (1..=128).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@".contains(c));
+    valid.then(|| v.clone())
+}
+
+/// One access-log line (`tiergate::access`, level info): who, what, how it ended, what it cost,
+/// how long it took. No key, prompt or header value other than the request id is written.
+struct AccessLine {
+    start: Instant,
+    /// The metered route's path, or `other`.
+    route: &'static str,
+    workspace: Option<i64>,
+    key: Option<i64>,
+    client_id: Option<HeaderValue>,
+    gateway_id: RequestId,
+    /// `unauthenticated`, `rejected` (known workspace, refused before a decision: bad input,
+    /// suspended, limiter unavailable), `denied`, `admitted`.
+    decision: &'static str,
+    /// The limit that denied it.
+    limit: Option<&'static str>,
+    /// Tokens settled (the estimate where no usage came; 0 when refunded or denied).
+    tokens: u64,
+}
+
+impl AccessLine {
+    fn write(&self, status: u16) {
+        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let client_id = self.client_id.as_ref().and_then(|v| v.to_str().ok());
+        tracing::info!(
+            target: "tiergate::access",
+            request_id = client_id.unwrap_or(self.gateway_id.as_str()),
+            gateway_request_id = client_id.map(|_| self.gateway_id.as_str()),
+            workspace = self.workspace,
+            key = self.key,
+            route = self.route,
+            status,
+            decision = self.decision,
+            limit = self.limit,
+            tokens = self.tokens,
+            duration_ms = (duration_ms * 1000.0).round() / 1000.0,
+            "request"
+        );
+    }
 }
 
 /// A request's id: `req_` and 32 hex digits. The first 16 are drawn at random once per thread;
@@ -277,6 +364,7 @@ async fn forward(
     body: Body,
     workspace: Arc<WorkspaceEntry>,
     request_id: RequestId,
+    access: &mut Option<Box<AccessLine>>,
     seen: &mut ProxiedRequest<'_>,
 ) -> Result<Response, ApiError> {
     let path = normalise_path(parts.uri.path()).map_err(|m| {
@@ -317,9 +405,19 @@ async fn forward(
             state
                 .recorder
                 .record_denied(ws_id, day_of(now), model.unwrap_or_default());
-            return Err(ApiError::Denied(Box::new((denial, snapshot))));
+            if let Some(a) = access.as_mut() {
+                a.decision = "denied";
+                a.limit = Some(denial.limit.as_str());
+            }
+            let mut response = ApiError::Denied(Box::new(denial)).into_response();
+            let families = state.config.rate_limit_headers;
+            headers::apply(families, &snapshot, now, response.headers_mut());
+            return Ok(response);
         }
     };
+    if let Some(a) = access.as_mut() {
+        a.decision = "admitted";
+    }
     Metrics::inc(&state.metrics.admitted);
     let route = seen.route();
     state
@@ -337,11 +435,13 @@ async fn forward(
         model: model.unwrap_or_default(),
         choices: prepared.info.as_ref().map_or(1, |i| i.choices),
         prompt_estimate: prepared.info.as_ref().map_or(0, |i| i.prompt_tokens),
+        access: None,
     };
-    let mut response = send(state, parts, prepared, settlement, seen)
+    let mut response = send(state, parts, prepared, settlement, access, seen)
         .await
         .unwrap_or_else(|e| e.into_response());
-    headers::apply(&snapshot, response.headers_mut());
+    let families = state.config.rate_limit_headers;
+    headers::apply(families, &snapshot, now, response.headers_mut());
     Ok(response)
 }
 
@@ -414,7 +514,8 @@ async fn send(
     state: &Arc<AppState>,
     parts: axum::http::request::Parts,
     prepared: Prepared,
-    settlement: Settlement,
+    mut settlement: Settlement,
+    access: &mut Option<Box<AccessLine>>,
     seen: &mut ProxiedRequest<'_>,
 ) -> Result<Response, ApiError> {
     let upstream_config = &state.config.upstream;
@@ -540,6 +641,8 @@ async fn send(
     }
 
     if is_stream || !is_json {
+        // The stream's access line is written when it is settled, with what it cost.
+        settlement.access = access.take().map(|a| (a, status.as_u16()));
         let stream = MeteredStream::new(
             state.clone(),
             upstream.bytes_stream().boxed(),
@@ -552,8 +655,21 @@ async fn send(
     // A JSON answer must arrive whole within the same deadline as its headers.
     match seen.waiting(read_whole(upstream, deadline, idle)).await {
         Ok(body) => {
-            settlement.finish(usage_of_json(&body)).await;
-            Ok(answer(Body::from(body)))
+            let usage = usage_of_json(&body);
+            let charged = usage
+                .as_ref()
+                .map_or(settlement.estimate(), UsageJson::total);
+            if let Some(a) = access.as_mut() {
+                a.tokens = charged;
+            }
+            settlement.finish(usage).await;
+            let mut response = answer(Body::from(body));
+            headers::query_cost(
+                state.config.rate_limit_headers,
+                charged,
+                response.headers_mut(),
+            );
+            Ok(response)
         }
         Err(failure) => {
             // The upstream started answering and may have done the work: settle the estimate,
@@ -567,6 +683,9 @@ async fn send(
                 ReadFailure::Broke(e) => tracing::warn!(error = %e, "upstream body failed"),
             }
             let charged = settlement.estimate();
+            if let Some(a) = access.as_mut() {
+                a.tokens = charged;
+            }
             settlement.finish(None).await;
             Err(ApiError::UpstreamIncomplete { timed_out, charged })
         }
@@ -584,6 +703,8 @@ struct Settlement {
     choices: u64,
     /// The prompt as the rule estimated it, before any learned factor (0 when unmetered).
     prompt_estimate: u64,
+    /// A stream's access line and its status, written when it is settled.
+    access: Option<(Box<AccessLine>, u16)>,
 }
 
 enum Outcome {
@@ -595,6 +716,14 @@ enum Outcome {
 impl Settlement {
     fn take(&mut self, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
         let reservation = self.reservation.take()?;
+        if let Some((mut line, status)) = self.access.take() {
+            line.tokens = match &outcome {
+                Outcome::Usage(u) => u.total(),
+                Outcome::Estimate => reservation.held.tokens,
+                Outcome::Refund => 0,
+            };
+            line.write(status);
+        }
         let state = self.state.clone();
         let limits = self.limits.clone();
         let request_id = self.request_id;

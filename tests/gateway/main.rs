@@ -12,6 +12,7 @@ mod distributed;
 mod errors;
 mod faults;
 mod harness;
+mod headers;
 mod limits;
 mod metrics;
 mod operator;

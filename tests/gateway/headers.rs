@@ -1,0 +1,371 @@
+//! The rate-limit header families (`rate_limit_headers`), the request id, and the access log.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+const TIER: &str = r#"{"requests_per_second": 2, "burst": 2, "tokens_per_minute": 100000,
+    "tokens_per_month": 5000000}"#;
+
+async fn gateway_with(families: Option<&[&str]>) -> (TestGateway, String) {
+    let mut options = Options::default();
+    options.raw.rate_limit_headers = families.map(|f| f.iter().map(|s| s.to_string()).collect());
+    let gw = TestGateway::start_with(options).await;
+    gw.put_tier("t", serde_json::from_str(TIER).unwrap()).await;
+    let (_, key) = gw.workspace("t").await;
+    (gw, key)
+}
+
+/// The parameters of one item of a structured-field list, by policy name.
+fn sf_items(field: &str) -> Vec<(String, Vec<(String, String)>)> {
+    field
+        .split(", ")
+        .map(|item| {
+            let mut parts = item.split(';');
+            let name = parts.next().unwrap();
+            assert!(
+                name.starts_with('"') && name.ends_with('"'),
+                "a quoted policy name: {item}"
+            );
+            let params = parts
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap();
+                    (k.to_string(), v.to_string())
+                })
+                .collect();
+            (name.trim_matches('"').to_string(), params)
+        })
+        .collect()
+}
+
+fn param<'a>(items: &'a [(String, Vec<(String, String)>)], policy: &str, key: &str) -> &'a str {
+    let (_, params) = items
+        .iter()
+        .find(|(n, _)| n == policy)
+        .unwrap_or_else(|| panic!("no policy {policy}"));
+    params
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or_else(|| panic!("no {key} in {policy}"))
+}
+
+#[tokio::test]
+async fn by_default_the_openai_and_ietf_families_are_sent_and_agree() {
+    let (gw, key) = gateway_with(None).await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("2"));
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("1"));
+    // Not the Mistral family, which is off by default.
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens-minute"), None);
+    assert_eq!(header(&r, "x-ratelimit-tokens-query-cost"), None);
+
+    let policy = sf_items(header(&r, "ratelimit-policy").unwrap());
+    let names: Vec<&str> = policy.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["requests-second", "tokens-minute", "tokens-month"]);
+    assert_eq!(param(&policy, "requests-second", "q"), "2");
+    assert_eq!(param(&policy, "requests-second", "w"), "1");
+    assert_eq!(param(&policy, "tokens-minute", "q"), "100000");
+    assert_eq!(param(&policy, "tokens-minute", "qu"), "\"tokens\"");
+    assert_eq!(param(&policy, "tokens-minute", "w"), "60");
+    assert_eq!(param(&policy, "tokens-month", "q"), "5000000");
+    let month_secs: u64 = param(&policy, "tokens-month", "w").parse().unwrap();
+    assert!(
+        [28, 29, 30, 31].map(|d| d * 86_400).contains(&month_secs),
+        "a calendar month: {month_secs}"
+    );
+
+    let now = sf_items(header(&r, "ratelimit").unwrap());
+    assert_eq!(param(&now, "requests-second", "r"), "1");
+    assert_eq!(
+        param(&now, "tokens-minute", "r"),
+        header(&r, "x-ratelimit-remaining-tokens").unwrap()
+    );
+    assert_eq!(
+        param(&now, "tokens-month", "r"),
+        header(&r, "x-ratelimit-remaining-tokens-month").unwrap()
+    );
+    let month_t: u64 = param(&now, "tokens-month", "t").parse().unwrap();
+    assert!(month_t > 0 && month_t <= month_secs, "{month_t}");
+
+    // A denial carries them too, with nothing left of the requests.
+    gw.chat(&key, hello(), &[]).await;
+    let denied = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    let now = sf_items(header(&denied, "ratelimit").unwrap());
+    assert_eq!(param(&now, "requests-second", "r"), "0");
+    assert_eq!(param(&now, "requests-second", "t"), "1");
+    assert!(header(&denied, "ratelimit-policy").is_some());
+}
+
+#[tokio::test]
+async fn a_fractional_rate_is_a_whole_quota_over_a_longer_window() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("slow", json!({"requests_per_second": 0.5}))
+        .await;
+    let (_, key) = gw.workspace("slow").await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(
+        header(&r, "ratelimit-policy"),
+        Some("\"requests-second\";q=1;w=2")
+    );
+    assert_eq!(header(&r, "ratelimit"), Some("\"requests-second\";r=0;t=2"));
+}
+
+#[tokio::test]
+async fn the_mistral_family_alone_names_minutes_and_the_query_cost() {
+    let (gw, key) = gateway_with(Some(&["mistral"])).await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-tokens-minute"),
+        Some("100000")
+    );
+    let remaining_minute = header_u64(&r, "x-ratelimit-remaining-tokens-minute");
+    assert!(remaining_minute < 100_000, "{remaining_minute}");
+    assert_eq!(
+        header(&r, "x-ratelimit-limit-tokens-month"),
+        Some("5000000")
+    );
+    assert!(header(&r, "x-ratelimit-remaining-tokens-month").is_some());
+    // No per-minute request limit exists, so no per-minute request header; and the other
+    // families are off.
+    assert_eq!(header(&r, "x-ratelimit-limit-req-minute"), None);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), None);
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), None);
+    assert_eq!(header(&r, "ratelimit"), None);
+    // The query cost is what the request was charged: the upstream's usage.
+    let cost = header_u64(&r, "x-ratelimit-tokens-query-cost");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(cost, body["usage"]["total_tokens"].as_u64().unwrap());
+}
+
+#[tokio::test]
+async fn none_sends_no_rate_limit_header_and_a_bad_family_is_refused() {
+    let (gw, key) = gateway_with(Some(&["none"])).await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    for name in r.headers().keys() {
+        assert!(
+            !name.as_str().contains("ratelimit"),
+            "{name} sent with rate_limit_headers = none"
+        );
+    }
+
+    let mut raw = tiergate::RawSettings {
+        rate_limit_headers: Some(vec!["openai".into(), "draft".into()]),
+        ..Default::default()
+    };
+    raw.upstream.url = Some("http://127.0.0.1:9".into());
+    let e = tiergate::Config::try_from(raw).unwrap_err().to_string();
+    assert!(
+        e.contains("rate_limit_headers") && e.contains("'draft'"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn a_client_request_id_is_echoed_and_a_reused_one_loses_no_usage() {
+    let (gw, key) = gateway_with(None).await;
+    let first = gw
+        .chat(&key, hello(), &[("x-request-id", "trace-42.a")])
+        .await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(header(&first, "x-request-id"), Some("trace-42.a"));
+    let one: Value = first.json().await.unwrap();
+    let one = one["usage"]["total_tokens"].as_u64().unwrap();
+
+    // The same id again: both requests are counted in full.
+    gw.advance(Duration::from_secs(1));
+    let second = gw
+        .chat(&key, hello(), &[("x-request-id", "trace-42.a")])
+        .await;
+    assert_eq!(header(&second, "x-request-id"), Some("trace-42.a"));
+    eventually(Duration::from_secs(5), "both settled", || async {
+        gw.limits(&key).await["usage"]["tokens_this_month"].as_u64() == Some(2 * one)
+    })
+    .await;
+
+    // An id that is too long or has characters outside the set is replaced by the gateway's.
+    gw.advance(Duration::from_secs(1));
+    let long = "x".repeat(129);
+    for bad in [long.as_str(), "has space", "quote\"d"] {
+        gw.advance(Duration::from_secs(1));
+        let r = gw.chat(&key, hello(), &[("x-request-id", bad)]).await;
+        let id = header(&r, "x-request-id").unwrap();
+        assert!(id.starts_with("req_") && id.len() == 36, "{bad:?} -> {id}");
+    }
+    // Without one, the gateway's own; on a 401 too.
+    let r = gw.chat("sk-nobody", hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(header(&r, "x-request-id").unwrap().starts_with("req_"));
+}
+
+/// `tiergate serve` with `--log-format json`: one access line per request, in JSON, with the
+/// fields the README names and no key.
+#[tokio::test]
+async fn the_access_log_has_one_json_line_per_request_without_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = Mock::start().await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let log = dir.path().join("stderr.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "--database",
+            &format!("sqlite://{}", dir.path().join("t.db").display()),
+        ])
+        .args(["--upstream", &mock.url, "--admin-token", ADMIN])
+        .args(["--log-format", "json"])
+        .env("TIERGATE_LOG", "warn,tiergate::access=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    eventually(Duration::from_secs(20), "serve answers", || async {
+        client
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    let admin = |method: reqwest::Method, path: &str, body: Value| {
+        client
+            .request(method, format!("{url}/admin/v1{path}"))
+            .bearer_auth(ADMIN)
+            .json(&body)
+            .send()
+    };
+    let r = admin(
+        reqwest::Method::PUT,
+        "/tiers/one",
+        json!({"requests_per_second": 0.001, "burst": 2}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let ws: Value = admin(
+        reqwest::Method::POST,
+        "/workspaces",
+        json!({"name": "w", "tier": "one"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let ws_id = ws["id"].as_i64().unwrap();
+    let key: Value = admin(
+        reqwest::Method::POST,
+        &format!("/workspaces/{ws_id}/keys"),
+        json!({}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let key = key["key"].as_str().unwrap().to_string();
+    let chat = |k: &str, id: &str| {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(k)
+            .header("x-request-id", id)
+            .json(&hello())
+            .send()
+    };
+    let ok = chat(&key, "line-ok").await.unwrap();
+    assert_eq!(ok.status(), StatusCode::OK);
+    let body: Value = ok.json().await.unwrap();
+    let tokens = body["usage"]["total_tokens"].as_u64().unwrap();
+    // A stream's line is written once it is settled, with its usage.
+    let stream = client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-request-id", "line-stream")
+        .json(
+            &json!({"model": "m", "stream": true, "stream_options": {"include_usage": true},
+            "messages": [{"role": "user", "content": "Hello"}]}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let events = stream.text().await.unwrap();
+    let usage: Value = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
+        .expect("the stream has usage");
+    let denied = chat(&key, "line-denied").await.unwrap();
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    let unknown = chat("sk-not-a-key-at-all", "line-401").await.unwrap();
+    assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
+
+    let lines = || -> Vec<Value> {
+        let f = std::fs::File::open(&log).unwrap();
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .filter(|v| v["target"] == "tiergate::access")
+            .collect()
+    };
+    eventually(Duration::from_secs(5), "four access lines", || async {
+        lines().len() >= 4
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines = lines();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let by_id = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["request_id"] == id)
+            .unwrap_or_else(|| panic!("no line for {id}: {lines:?}"))
+    };
+    let ok = by_id("line-ok");
+    assert_eq!(ok["workspace"], ws_id);
+    assert_eq!(ok["route"], "/v1/chat/completions");
+    assert_eq!(ok["status"], 200);
+    assert_eq!(ok["decision"], "admitted");
+    assert_eq!(ok["tokens"], tokens);
+    assert!(ok["duration_ms"].as_f64().unwrap() > 0.0);
+    assert!(ok["gateway_request_id"]
+        .as_str()
+        .unwrap()
+        .starts_with("req_"));
+    let stream = by_id("line-stream");
+    assert_eq!(stream["status"], 200);
+    assert_eq!(stream["decision"], "admitted");
+    assert_eq!(stream["tokens"], usage["total_tokens"]);
+    let denied = by_id("line-denied");
+    assert_eq!(denied["status"], 429);
+    assert_eq!(denied["decision"], "denied");
+    assert_eq!(denied["limit"], "requests_per_second");
+    assert_eq!(denied["tokens"], 0);
+    let unknown = by_id("line-401");
+    assert_eq!(unknown["status"], 401);
+    assert_eq!(unknown["decision"], "unauthenticated");
+    assert!(unknown.get("workspace").is_none());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains(&key), "the key is in the log");
+    assert!(
+        !text.contains("sk-not-a-key-at-all"),
+        "a presented key is in the log"
+    );
+}
