@@ -17,7 +17,7 @@ use crate::limiter::failover::Failover;
 use crate::limiter::local::LocalLimiter;
 use crate::limiter::redis::{RedisLimiter, RedisOptions};
 use crate::limiter::{Limiter, LimiterError, MonthKey, MonthSource, MonthTotals};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, Scrape};
 use crate::model::WorkspaceId;
 use crate::store::{Store, StoreError};
 use crate::usage::Recorder;
@@ -56,6 +56,18 @@ pub struct AppState {
     /// settlement, the drain of a stream's usage): a stop waits for it before the last ledger
     /// flush.
     pub tasks: TaskTracker,
+}
+
+impl AppState {
+    /// `/metrics`: the exposition, with the gauges read at scrape time.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(Scrape {
+            tracked_workspaces: self.local.tracked_workspaces(),
+            ledger_queue: self.recorder.queued(),
+            catalog_staleness: self.catalog.staleness(),
+            catalog_version: self.catalog.version(),
+        })
+    }
 }
 
 /// How long an idle upstream connection is kept for reuse. Below the idle timeouts of what
@@ -244,6 +256,7 @@ async fn refresh_catalog(state: Arc<AppState>) {
     loop {
         tick.tick().await;
         if let Err(e) = state.catalog.refresh().await {
+            Metrics::inc(&state.metrics.catalog_refresh_errors);
             tracing::warn!(error = %e, "catalog refresh failed; serving the last copy");
         }
     }

@@ -13,7 +13,7 @@
 //! `MISS_CHECK_PAUSE`, so a store that is down never holds requests up.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -156,6 +156,10 @@ struct Mirror {
     /// refresh.
     view: ArcSwap<View>,
     reload: tokio::sync::Mutex<()>,
+    /// Milliseconds after `born` of the last time the copy was brought up to date with the
+    /// store (a full load, or a check of the change log, whether or not anything changed).
+    synced_at: AtomicU64,
+    born: Instant,
 }
 
 pub struct Catalog {
@@ -197,7 +201,13 @@ impl Mirror {
             .map(|k| (k.hash, View::key_entry(k)))
             .collect();
         self.view.store(Arc::new(view));
+        self.synced();
         Ok(())
+    }
+
+    fn synced(&self) {
+        let ms = self.born.elapsed().as_millis() as u64;
+        self.synced_at.store(ms, Ordering::Relaxed);
     }
 
     async fn refresh(&self) -> Result<bool, StoreError> {
@@ -208,10 +218,14 @@ impl Mirror {
                 self.reload_all().await?;
                 Ok(true)
             }
-            CatalogChanges::Since(delta) if delta.version == current.version => Ok(false),
+            CatalogChanges::Since(delta) if delta.version == current.version => {
+                self.synced();
+                Ok(false)
+            }
             CatalogChanges::Since(delta) => {
                 let view = current.apply(&delta);
                 self.view.store(Arc::new(view));
+                self.synced();
                 Ok(true)
             }
         }
@@ -225,6 +239,8 @@ impl Catalog {
                 store,
                 view: ArcSwap::from_pointee(View::default()),
                 reload: tokio::sync::Mutex::new(()),
+                synced_at: AtomicU64::new(0),
+                born: Instant::now(),
             }),
             miss: Arc::new(Mutex::new(MissCheck::default())),
             checked: Arc::new(tokio::sync::watch::channel(0).0),
@@ -248,6 +264,12 @@ impl Catalog {
     /// log no longer reaches back that far). Returns whether anything changed.
     pub async fn refresh(&self) -> Result<bool, StoreError> {
         self.mirror.refresh().await
+    }
+
+    /// How long since this copy was last brought up to date with the store.
+    pub fn staleness(&self) -> Duration {
+        let now = self.mirror.born.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.mirror.synced_at.load(Ordering::Relaxed)))
     }
 
     /// The catalogue version this copy is at.

@@ -222,6 +222,11 @@ impl Recorder {
         }
     }
 
+    /// Settlements sent and not yet taken by the writer.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Counts a denial for the ledger (written per workspace, day and model at each flush).
     pub fn record_denied(&self, workspace: WorkspaceId, day: String, model: String) {
         let mut denials = self.denials.lock().unwrap_or_else(|e| e.into_inner());
@@ -315,8 +320,8 @@ fn dropped(metrics: &Metrics, last_log: &AtomicU64, tokens: u64) {
             .is_ok()
     {
         tracing::error!(
-            dropped = metrics.ledger_dropped.load(Ordering::Relaxed),
-            dropped_tokens = metrics.ledger_dropped_tokens.load(Ordering::Relaxed),
+            dropped = metrics.ledger_dropped.get(),
+            dropped_tokens = metrics.ledger_dropped_tokens.get(),
             bound = MAX_PENDING,
             "the ledger holds as many unwritten settlements as it may (the store has been unreachable for long): further settlements are not written to the ledger, only counted"
         );
@@ -386,7 +391,7 @@ impl Writer {
                         }
                         self.metrics
                             .settlements_deferred
-                            .store(self.deferred.len() as u64, Ordering::Relaxed);
+                            .set(self.deferred.len() as i64);
                     }
                     Some(Msg::Flush(ack)) => {
                         self.write().await;
@@ -442,7 +447,7 @@ impl Writer {
         }
         self.metrics
             .settlements_deferred
-            .store(self.deferred.len() as u64, Ordering::Relaxed);
+            .set(self.deferred.len() as i64);
     }
 
     /// Rows waiting to be written: added up, or sealed in a batch.
@@ -484,9 +489,7 @@ impl Writer {
         if !self.add((workspace, day, model, counter), sums) {
             dropped(&self.metrics, &self.last_drop_log, tokens);
         }
-        self.metrics
-            .ledger_pending
-            .store(self.waiting() as u64, Ordering::Relaxed);
+        self.metrics.ledger_pending.set(self.waiting() as i64);
     }
 
     /// The name the ledger records `model` under: itself, unless the workspace already has
@@ -621,14 +624,13 @@ impl Writer {
             self.seal();
             self.send_sealed().await
         };
-        self.metrics
-            .ledger_pending
-            .store(self.waiting() as u64, Ordering::Relaxed);
+        self.metrics.ledger_pending.set(self.waiting() as i64);
         if !written {
             // The store is likely down: keys' last use stays noted for the next write, and
             // this write does not wait on the store a second time.
             return;
         }
+        self.metrics.ledger_written();
         let touched = self.catalog.take_touched();
         if let Err(e) = self.store.touch_keys(&touched).await {
             tracing::warn!(error = %e, "could not record keys' last use");

@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1356,7 +1355,7 @@ async fn when_postgres_is_down_calls_fail_fast_and_the_ledger_catches_up() {
     }
     recorder.flush().await;
     assert_eq!(requests().await, 100);
-    assert!(metrics.ledger_write_errors.load(Ordering::Relaxed) > 0);
+    assert!(metrics.ledger_write_errors.get() > 0);
 
     // ...and written, once, when the database is back.
     proxy.set(Line::Up);
@@ -1397,7 +1396,7 @@ async fn a_batch_whose_commit_was_not_heard_counts_once() {
     recorder.record(settled(2, day, "m", 5));
     proxy.set(Line::DeafAfter("ledger_batches"));
     recorder.flush().await;
-    assert!(metrics.ledger_write_errors.load(Ordering::Relaxed) >= 1);
+    assert!(metrics.ledger_write_errors.get() >= 1);
     // It was written all the same.
     let t = direct.month_totals(1, NOV, None).await.unwrap();
     assert_eq!((t.requests, t.tokens), (10, 30), "Postgres committed it");
@@ -1407,10 +1406,10 @@ async fn a_batch_whose_commit_was_not_heard_counts_once() {
 
     proxy.set(Line::Up);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metrics.ledger_pending.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    while metrics.ledger_pending.get() > 0 && Instant::now() < deadline {
         recorder.flush().await;
     }
-    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.ledger_pending.get(), 0);
     let totals = |ws| {
         let direct = direct.clone();
         async move {
@@ -1467,15 +1466,12 @@ async fn the_ledger_writer_keeps_its_bound_and_counts_what_it_drops() {
         }
         recorder.flush().await;
     }
-    let dropped = metrics.ledger_dropped.load(Ordering::Relaxed);
+    let dropped = metrics.ledger_dropped.get();
     assert_eq!(dropped, 15);
-    assert_eq!(
-        metrics.ledger_dropped_tokens.load(Ordering::Relaxed),
-        15 * 7
-    );
+    assert_eq!(metrics.ledger_dropped_tokens.get(), 15 * 7);
     // Rows waiting: the 10 sealed in the batch that failed, and the same 10 adding up since.
-    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 20);
-    assert!(metrics.ledger_write_errors.load(Ordering::Relaxed) > 0);
+    assert_eq!(metrics.ledger_pending.get(), 20);
+    assert!(metrics.ledger_write_errors.get() > 0);
 
     proxy.set(Line::Up);
     let total = || async {
@@ -1496,7 +1492,7 @@ async fn the_ledger_writer_keeps_its_bound_and_counts_what_it_drops() {
         direct.month_totals(11, NOV, None).await.unwrap().requests,
         0
     );
-    assert_eq!(metrics.ledger_pending.load(Ordering::Relaxed), 0);
+    assert_eq!(metrics.ledger_pending.get(), 0);
 
     // 40 denials under 40 made-up model names, then 5 more for one of them: one row update per
     // name and flush, at most the daily cap of names, the rest under "(other)". (With room for

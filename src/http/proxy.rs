@@ -54,7 +54,7 @@ use crate::catalog::WorkspaceEntry;
 use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
 use crate::limiter::core::day_of;
 use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ProxiedRequest, Route};
 use crate::model::Limits;
 use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
 use crate::usage::{settled_record, Deferred};
@@ -73,7 +73,7 @@ pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Resp
 }
 
 async fn handle(state: Arc<AppState>, request: Request) -> Response {
-    Metrics::inc(&state.metrics.requests);
+    let mut seen = state.metrics.proxied();
     let (parts, body) = request.into_parts();
     let request_id = RequestId::new();
     // The id the answer and the log show: the client's own when it sent a valid one. Nothing is
@@ -94,14 +94,30 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
         })
     });
     let mut response = match authenticate(&state, &parts.headers).await {
-        Err(e) => e.into_response(),
+        Err(e) => {
+            if parts.method == Method::POST {
+                seen.set_route(Route::of(Endpoint::of_path(parts.uri.path())));
+            }
+            e.into_response()
+        }
         Ok((key, workspace)) => {
             if let Some(a) = access.as_mut() {
                 a.workspace = Some(workspace.workspace.id);
                 a.key = Some(key);
                 a.decision = "rejected";
             }
-            match forward(&state, parts, body, workspace, request_id, &mut access).await {
+            seen.set_tier(&workspace.workspace.tier);
+            match forward(
+                &state,
+                parts,
+                body,
+                workspace,
+                request_id,
+                &mut access,
+                &mut seen,
+            )
+            .await
+            {
                 Ok(r) => r,
                 Err(e) => e.into_response(),
             }
@@ -111,6 +127,7 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
         "x-request-id",
         shown_id.unwrap_or_else(|| request_id.header_value()),
     );
+    seen.answered(response.status().as_u16());
     // A stream's line is written when it is settled (it took `access`); any other now.
     if let Some(a) = access {
         a.write(response.status().as_u16());
@@ -361,11 +378,15 @@ async fn forward(
     workspace: Arc<WorkspaceEntry>,
     request_id: RequestId,
     access: &mut Option<Box<AccessLine>>,
+    seen: &mut ProxiedRequest<'_>,
 ) -> Result<Response, ApiError> {
     let path = normalise_path(parts.uri.path()).map_err(|m| {
         ApiError::BadRequest(format!("The request path cannot be normalised: {m}."))
     })?;
-    let body = read_body(state, &parts.headers, body).await?;
+    if parts.method == Method::POST {
+        seen.set_route(Route::of(Endpoint::of_path(&path)));
+    }
+    let body = seen.waiting(read_body(state, &parts.headers, body)).await?;
     let mut prepared = prepare(state, &parts.method, path, body)?;
     let ws_id = workspace.workspace.id;
     let cost = match &prepared.info {
@@ -380,6 +401,7 @@ async fn forward(
         .await
         .map_err(|e| {
             Metrics::inc(&state.metrics.limiter_errors);
+            Metrics::inc(&state.metrics.undecided);
             tracing::debug!(error = %e, "no decision");
             match e {
                 LimiterError::Unavailable(_) => ApiError::LimiterUnavailable,
@@ -410,7 +432,10 @@ async fn forward(
         a.decision = "admitted";
     }
     Metrics::inc(&state.metrics.admitted);
-    Metrics::add(&state.metrics.tokens_estimated, reservation.held.tokens);
+    let route = seen.route();
+    state
+        .metrics
+        .tokens_estimated(route, reservation.held.tokens);
     if prepared.strip_usage_chunk {
         prepared.body = Bytes::from(crate::stream_options::with_include_usage(&prepared.body));
     }
@@ -419,12 +444,13 @@ async fn forward(
         reservation: Some(reservation),
         limits: workspace.limits.clone(),
         request_id,
+        route,
         model: model.unwrap_or_default(),
         choices: prepared.info.as_ref().map_or(1, |i| i.choices),
         prompt_estimate: prepared.info.as_ref().map_or(0, |i| i.prompt_tokens),
         access: None,
     };
-    let mut response = send(state, parts, prepared, settlement, access)
+    let mut response = send(state, parts, prepared, settlement, access, seen)
         .await
         .unwrap_or_else(|e| e.into_response());
     let families = state.config.rate_limit_headers;
@@ -503,6 +529,7 @@ async fn send(
     prepared: Prepared,
     mut settlement: Settlement,
     access: &mut Option<Box<AccessLine>>,
+    seen: &mut ProxiedRequest<'_>,
 ) -> Result<Response, ApiError> {
     let upstream_config = &state.config.upstream;
     let url = state
@@ -543,25 +570,31 @@ async fn send(
     let mut request = reqwest::Request::new(parts.method, url);
     *request.headers_mut() = headers;
     *request.body_mut() = Some(prepared.body.into());
-    let mut upstream =
-        match tokio::time::timeout_at(deadline, state.upstream.client.execute(request)).await {
-            Err(_) => {
+    let sent = std::time::Instant::now();
+    let answered = tokio::time::timeout_at(deadline, state.upstream.client.execute(request)).await;
+    let took = sent.elapsed();
+    seen.waited(took);
+    let mut upstream = match answered {
+        Err(_) => {
+            Metrics::inc(&state.metrics.upstream_timeouts);
+            settlement.refund().await;
+            return Err(ApiError::UpstreamTimeout);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream request failed");
+            settlement.refund().await;
+            if e.is_timeout() {
                 Metrics::inc(&state.metrics.upstream_timeouts);
-                settlement.refund().await;
                 return Err(ApiError::UpstreamTimeout);
             }
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "upstream request failed");
-                settlement.refund().await;
-                if e.is_timeout() {
-                    Metrics::inc(&state.metrics.upstream_timeouts);
-                    return Err(ApiError::UpstreamTimeout);
-                }
-                Metrics::inc(&state.metrics.upstream_unreachable);
-                return Err(ApiError::UpstreamUnreachable);
-            }
-            Ok(Ok(r)) => r,
-        };
+            Metrics::inc(&state.metrics.upstream_unreachable);
+            return Err(ApiError::UpstreamUnreachable);
+        }
+        Ok(Ok(r)) => {
+            seen.upstream_answered(took);
+            r
+        }
+    };
 
     let status = upstream.status();
     // The upstream's headers, less those of its hop and its own rate-limit headers: taken, not
@@ -606,7 +639,7 @@ async fn send(
         } else if status.is_server_error() {
             Metrics::inc(&state.metrics.upstream_server_errors);
         }
-        let body = read_whole(upstream, deadline, idle).await;
+        let body = seen.waiting(read_whole(upstream, deadline, idle)).await;
         settlement.refund().await;
         return match body {
             Ok(body) => Ok(answer(Body::from(body))),
@@ -635,7 +668,7 @@ async fn send(
     }
 
     // A JSON answer must arrive whole within the same deadline as its headers.
-    match read_whole(upstream, deadline, idle).await {
+    match seen.waiting(read_whole(upstream, deadline, idle)).await {
         Ok(body) => {
             let usage = usage_of_json(&body);
             let charged = usage
@@ -680,6 +713,7 @@ struct Settlement {
     reservation: Option<Reservation>,
     limits: Arc<Limits>,
     request_id: RequestId,
+    route: Route,
     model: String,
     choices: u64,
     /// The prompt as the rule estimated it, before any learned factor (0 when unmetered).
@@ -708,6 +742,7 @@ impl Settlement {
         let state = self.state.clone();
         let limits = self.limits.clone();
         let request_id = self.request_id;
+        let route = self.route;
         let model = std::mem::take(&mut self.model);
         let choices = self.choices;
         let prompt_estimate = self.prompt_estimate;
@@ -720,6 +755,7 @@ impl Settlement {
                     request_id,
                     model,
                     Counts {
+                        route,
                         choices,
                         prompt_estimate,
                     },
@@ -784,8 +820,9 @@ impl Drop for Settlement {
 }
 
 /// What the estimator learns from besides the usage: the request's choices and the rule's
-/// prompt estimate.
+/// prompt estimate; and the route, for the metrics.
 struct Counts {
+    route: Route,
     choices: u64,
     prompt_estimate: u64,
 }
@@ -801,11 +838,16 @@ async fn settle(
 ) {
     let now = state.clock.now();
     let ws = reservation.workspace;
+    let route = counts.route;
+    // The estimate is measured against the usage the upstream reported, on a metered route.
+    let reserved = (matches!(outcome, Outcome::Usage(_)) && route != Route::Other)
+        .then_some(reservation.held.tokens);
     let actual = match outcome {
         Outcome::Usage(u) => {
             let Counts {
                 choices,
                 prompt_estimate,
+                ..
             } = counts;
             let observed = Observed {
                 completion_tokens: u.completion().map(|c| c / choices.max(1)),
@@ -827,7 +869,7 @@ async fn settle(
             reservation.held.tokens
         }
     };
-    Metrics::add(&state.metrics.tokens_settled, actual);
+    state.metrics.settled(route, actual, reserved);
     match state.limiter.settle(reservation, limits, actual, now).await {
         Ok(settled) => state
             .recorder

@@ -188,9 +188,7 @@ impl Failover {
         let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if failures >= TRIP_AFTER && !self.breaker.open.swap(true, Ordering::AcqRel) {
             Metrics::inc(&self.metrics.limiter_breaker_opened);
-            self.metrics
-                .limiter_backend_down
-                .store(1, Ordering::Relaxed);
+            self.metrics.limiter_backend_up.set(0);
             tracing::error!(
                 error = %error,
                 policy = self.policy.as_str(),
@@ -202,9 +200,7 @@ impl Failover {
     fn close(&self) {
         if self.breaker.open.swap(false, Ordering::AcqRel) {
             self.breaker.failures.store(0, Ordering::Relaxed);
-            self.metrics
-                .limiter_backend_down
-                .store(0, Ordering::Relaxed);
+            self.metrics.limiter_backend_up.set(1);
             // The next outage starts its shares afresh.
             self.local.clear();
             tracing::warn!("Redis answers again: the shared limiter is back");
@@ -334,7 +330,7 @@ async fn watch(failover: Weak<Failover>) {
                     f.success();
                     f.seen
                         .store(((n as u64) << 32) | rank as u64, Ordering::Relaxed);
-                    f.metrics.instances.store(n as u64, Ordering::Relaxed);
+                    f.metrics.instances.set(i64::from(n));
                 }
                 Err(e) => f.failure(&e),
             }

@@ -14,6 +14,7 @@ mod faults;
 mod harness;
 mod headers;
 mod limits;
+mod metrics;
 mod operator;
 mod process;
 mod routes;

@@ -402,7 +402,7 @@ async fn with_an_admin_listener_the_admin_api_and_metrics_are_served_only_there(
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(gw.metrics().await.contains("tiergate_requests_total"));
+    assert!(gw.metrics().await.contains("tiergate_decisions_total"));
     for path in ["/healthz", "/readyz"] {
         assert_eq!(
             get(format!("{admin_url}{path}"), None)
@@ -447,7 +447,7 @@ async fn without_an_admin_listener_the_admin_api_and_metrics_stay_on_the_main_li
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    assert!(r.text().await.unwrap().contains("tiergate_requests_total"));
+    assert!(r.text().await.unwrap().contains("tiergate_decisions_total"));
     // A method a route does not have: a JSON 405 that says which ones it has.
     let r = gw
         .client
