@@ -14,6 +14,7 @@ mod faults;
 mod harness;
 mod headers;
 mod limits;
+mod openapi;
 mod operator;
 mod process;
 mod routes;
