@@ -2,41 +2,61 @@
 //!
 //! These types are plain data shared by the limiter, the store and the HTTP layer. They know
 //! nothing of SQL or HTTP. Limits use the same field names everywhere (config file, admin API,
-//! overrides, the limits page) so that an operator learns one vocabulary.
+//! overrides, the limits page) so that an operator learns one vocabulary; the types that appear
+//! in the APIs' JSON derive `ToSchema`, so that the OpenAPI document describes them from the
+//! same definitions (their serde attributes included).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub type WorkspaceId = i64;
 pub type KeyId = i64;
 pub type LimitRequestId = i64;
 
 /// Per-model token limits, applied on top of the workspace-wide ones.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// The `ToSchema` derives here describe these types in the OpenAPI document (`http::openapi`):
+/// a limit left out is absent from the JSON, never `null`, hence `nullable = false`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(
+    description = "Token limits of one model, on top of the workspace-wide ones; a limit left out is no limit."
+)]
 pub struct ModelLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub tokens_per_month: Option<u64>,
 }
 
 /// A set of limits. `None` means "no such limit".
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(description = "A set of limits; a limit left out is no limit.")]
 pub struct Limits {
+    /// Requests per second (GCRA), 0.001 to 1,000,000 with at most three decimals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub requests_per_second: Option<f64>,
     /// Requests that may be sent at once; defaults to `max(1, ceil(requests_per_second))`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub tokens_per_minute: Option<u64>,
+    /// Tokens per calendar month (UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub tokens_per_month: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub concurrent_requests: Option<u32>,
+    /// Limits per model name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub models: BTreeMap<String, ModelLimits>,
 }
@@ -166,19 +186,28 @@ fn check_tokens(field: &str, value: Option<u64>, max: u64) -> Result<(), String>
 
 /// Per-limit overrides a workspace may carry (what an approved increase sets). A `Some` wins over
 /// the tier's value.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(
+    description = "Limits that replace the tier's for one workspace; a limit left out is the tier's."
+)]
 pub struct Overrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub requests_per_second: Option<f64>,
-    /// Requests that may be sent at once. See `apply` for what it is when left out.
+    /// Requests that may be sent at once. Left out while `requests_per_second` is set:
+    /// `max(1, ceil(requests_per_second))`, never the tier's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub tokens_per_month: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
     pub concurrent_requests: Option<u32>,
 }
 
@@ -375,7 +404,7 @@ pub struct Tier {
     pub limits: Limits,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum WorkspaceStatus {
     Active,
@@ -425,7 +454,7 @@ pub struct ApiKey {
     pub last_used_at: Option<i64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LimitRequestStatus {
     Pending,

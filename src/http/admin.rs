@@ -1,46 +1,51 @@
 //! The admin API, `/admin/v1`, behind `Authorization: Bearer <admin token>`. Each handler parses
 //! the request, calls the operation of `crate::admin::Admin` (which validates, records the
 //! change in the audit under the token's name, and refreshes this instance's catalogue before
-//! it returns, so a change holds from the next request), and renders the answer.
+//! it returns, so a change holds from the next request), and renders the answer, a typed view
+//! (`views`). Each handler's `#[utoipa::path]` describes it in the OpenAPI document (`openapi`);
+//! `api` registers the handlers and their documentation together.
 
 use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post, put};
-use axum::{Json, Router};
+use axum::response::Response;
 use serde::Deserialize;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::extract::{JsonBody, OptionalJson, PathParam, QueryParams};
+use super::openapi::{AdminErrors, BadRequest, BodyErrors, NotFound};
 use super::views::{
-    audit_json, key_json, limit_request_json, tier_json, usage_json, workspace_json,
+    audit_action_schema, created, usage_view, workspace_view, AuditEntryView, AuditPageView,
+    KeyView, LimitRequestView, List, ListObject, NewKeyView, SortedJson, TierView, UsageView,
+    WorkspaceView,
 };
 use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
-use crate::model::{Actor, KeyId, LimitRequestId, Limits, Overrides, WorkspaceId};
+use crate::model::{
+    Actor, KeyId, LimitRequestId, LimitRequestStatus, Limits, Overrides, WorkspaceId,
+    WorkspaceStatus,
+};
 
-pub fn router() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/workspaces", post(create_workspace).get(list_workspaces))
-        .route(
-            "/workspaces/{id}",
-            get(get_workspace).patch(patch_workspace),
-        )
-        .route("/workspaces/{id}/keys", post(create_key).get(list_keys))
-        .route("/workspaces/{id}/usage", get(usage))
-        .route("/keys/{id}", delete(revoke_key))
-        .route("/tiers", get(list_tiers))
-        .route("/tiers/{name}", put(put_tier))
-        .route("/limit-requests", get(list_limit_requests))
-        .route("/limit-requests/{id}/approve", post(approve))
-        .route("/limit-requests/{id}/deny", post(deny))
-        .route("/audit", get(audit))
-        .method_not_allowed_fallback(super::method_not_allowed)
+/// The admin API's routes, relative to `/admin/v1`, each with its operation in the document.
+pub fn api() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::default()
+        .routes(routes!(create_workspace, list_workspaces))
+        .routes(routes!(get_workspace, patch_workspace))
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(usage))
+        .routes(routes!(revoke_key))
+        .routes(routes!(list_tiers))
+        .routes(routes!(put_tier))
+        .routes(routes!(list_limit_requests))
+        .routes(routes!(approve))
+        .routes(routes!(deny))
+        .routes(routes!(audit))
 }
 
 /// Proof that the request carries an admin token: the actor the audit records, the token's
@@ -77,17 +82,29 @@ impl FromRequestParts<Arc<AppState>> for AdminActor {
     }
 }
 
-fn list(data: Vec<Value>) -> Json<Value> {
-    Json(json!({ "object": "list", "data": data }))
-}
-
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateWorkspace {
+    /// 1 to 128 characters after trimming, without control characters.
     name: String,
+    /// The tier's name; `free` when left out.
     tier: Option<String>,
 }
 
+/// Creates a workspace.
+#[utoipa::path(
+    post,
+    path = "/workspaces",
+    tag = "admin",
+    operation_id = "create_workspace",
+    security(("admin_token" = [])),
+    request_body = CreateWorkspace,
+    responses(
+        (status = 201, description = "The workspace, made.", body = WorkspaceView),
+        BodyErrors,
+        AdminErrors,
+    )
+)]
 async fn create_workspace(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
@@ -97,44 +114,91 @@ async fn create_workspace(
         .admin
         .create_workspace(&by, &body.name, body.tier.as_deref())
         .await?;
-    Ok((StatusCode::CREATED, Json(workspace_json(&state, &ws))).into_response())
+    Ok(created(workspace_view(&state, &ws)))
 }
 
+/// Lists the workspaces.
+#[utoipa::path(
+    get,
+    path = "/workspaces",
+    tag = "admin",
+    operation_id = "list_workspaces",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every workspace.", body = List<WorkspaceView>),
+        AdminErrors,
+    )
+)]
 async fn list_workspaces(
     _: AdminActor,
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<List<WorkspaceView>>, ApiError> {
     let all = state.admin.list_workspaces().await?;
-    Ok(list(
-        all.iter().map(|w| workspace_json(&state, w)).collect(),
-    ))
+    Ok(SortedJson(List::of(
+        all.iter().map(|w| workspace_view(&state, w)).collect(),
+    )))
 }
 
+/// Reads a workspace.
+#[utoipa::path(
+    get,
+    path = "/workspaces/{id}",
+    tag = "admin",
+    operation_id = "get_workspace",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The workspace's id.")),
+    responses(
+        (status = 200, description = "The workspace.", body = WorkspaceView),
+        BadRequest,
+        NotFound,
+        AdminErrors,
+    )
+)]
 async fn get_workspace(
     _: AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<WorkspaceId>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<WorkspaceView>, ApiError> {
     let ws = state.admin.get_workspace(id).await?;
-    Ok(Json(workspace_json(&state, &ws)))
+    Ok(SortedJson(workspace_view(&state, &ws)))
 }
 
-#[derive(Deserialize)]
+/// At least one of the three.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchWorkspace {
+    /// A tier's name.
     tier: Option<String>,
     /// `{"requests_per_second": n|null, ...}`: a number sets, null clears, a field left out
     /// keeps.
+    #[schema(schema_with = super::openapi::overrides_patch)]
     limits: Option<Map<String, Value>>,
+    #[schema(value_type = Option<WorkspaceStatus>)]
     status: Option<String>,
 }
 
+/// Changes a workspace's tier, overrides and/or status.
+#[utoipa::path(
+    patch,
+    path = "/workspaces/{id}",
+    tag = "admin",
+    operation_id = "update_workspace",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The workspace's id.")),
+    request_body = PatchWorkspace,
+    responses(
+        (status = 200, description = "The workspace, changed (tier, overrides and status in one transaction).", body = WorkspaceView),
+        BodyErrors,
+        NotFound,
+        AdminErrors,
+    )
+)]
 async fn patch_workspace(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<WorkspaceId>,
     JsonBody(body): JsonBody<PatchWorkspace>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<WorkspaceView>, ApiError> {
     let limits = body.limits.unwrap_or_default();
     let update = WorkspaceUpdate {
         tier: body.tier,
@@ -146,17 +210,35 @@ async fn patch_workspace(
             .transpose()?,
     };
     let ws = state.admin.update_workspace(&by, id, update).await?;
-    Ok(Json(workspace_json(&state, &ws)))
+    Ok(SortedJson(workspace_view(&state, &ws)))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateKey {
+    /// 1 to 128 characters after trimming, without control characters.
     name: Option<String>,
     /// RFC 3339 instant.
+    #[schema(format = DateTime)]
     expires_at: Option<String>,
 }
 
+/// Makes an API key for a workspace.
+#[utoipa::path(
+    post,
+    path = "/workspaces/{id}/keys",
+    tag = "admin",
+    operation_id = "create_key",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The workspace's id.")),
+    request_body(content = Option<CreateKey>, description = "May be left out (an empty body)."),
+    responses(
+        (status = 201, description = "The key, with its secret: shown this once.", body = NewKeyView),
+        BodyErrors,
+        NotFound,
+        AdminErrors,
+    )
+)]
 async fn create_key(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
@@ -168,83 +250,182 @@ async fn create_key(
         expires_at: body.expires_at,
     };
     let (key, secret) = state.admin.create_key(&by, id, input).await?;
-    let mut v = key_json(&key);
-    v["key"] = Value::String(secret);
-    Ok((StatusCode::CREATED, Json(v)).into_response())
+    Ok(created(NewKeyView {
+        info: KeyView::from(&key),
+        key: secret,
+    }))
 }
 
+/// Lists a workspace's keys.
+#[utoipa::path(
+    get,
+    path = "/workspaces/{id}/keys",
+    tag = "admin",
+    operation_id = "list_keys",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The workspace's id.")),
+    responses(
+        (status = 200, description = "The workspace's keys, revoked ones included; never their secrets.", body = List<KeyView>),
+        BadRequest,
+        NotFound,
+        AdminErrors,
+    )
+)]
 async fn list_keys(
     _: AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<WorkspaceId>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<List<KeyView>>, ApiError> {
     let keys = state.admin.list_keys(id).await?;
-    Ok(list(keys.iter().map(key_json).collect()))
+    Ok(SortedJson(List::of(
+        keys.iter().map(KeyView::from).collect(),
+    )))
 }
 
+/// Revokes a key.
+#[utoipa::path(
+    delete,
+    path = "/keys/{id}",
+    tag = "admin",
+    operation_id = "revoke_key",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The key's id.")),
+    responses(
+        (status = 200, description = "The key, revoked at once.", body = KeyView),
+        BadRequest,
+        NotFound,
+        AdminErrors,
+    )
+)]
 async fn revoke_key(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<KeyId>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<KeyView>, ApiError> {
     let key = state.admin.revoke_key(&by, id).await?;
-    Ok(Json(key_json(&key)))
+    Ok(SortedJson(KeyView::from(&key)))
 }
 
+/// Lists the tiers.
+#[utoipa::path(
+    get,
+    path = "/tiers",
+    tag = "admin",
+    operation_id = "list_tiers",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The tier catalogue.", body = List<TierView>),
+        AdminErrors,
+    )
+)]
 async fn list_tiers(
     _: AdminActor,
     State(state): State<Arc<AppState>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<List<TierView>>, ApiError> {
     let tiers = state.admin.list_tiers().await?;
-    Ok(list(tiers.iter().map(tier_json).collect()))
+    Ok(SortedJson(List::of(
+        tiers.iter().map(TierView::from).collect(),
+    )))
 }
 
+/// Creates or replaces a tier.
+#[utoipa::path(
+    put,
+    path = "/tiers/{name}",
+    tag = "admin",
+    operation_id = "put_tier",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The tier's name: 1 to 64 of `a-z A-Z 0-9 - _ .`.")),
+    request_body(content = Limits, description = "The tier's limits, all of them: a limit left out is no limit."),
+    responses(
+        (status = 200, description = "The tier, made or replaced.", body = TierView),
+        BodyErrors,
+        AdminErrors,
+    )
+)]
 async fn put_tier(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(name): PathParam<String>,
     JsonBody(limits): JsonBody<Limits>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<TierView>, ApiError> {
     let tier = state.admin.put_tier(&by, &name, limits).await?;
-    Ok(Json(tier_json(&tier)))
+    Ok(SortedJson(TierView::from(&tier)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct Range {
+    /// The first day, `YYYY-MM-DD`; default: the first of this month (UTC).
+    #[param(format = Date)]
     from: Option<String>,
+    /// The last day, `YYYY-MM-DD`; default: today (UTC).
+    #[param(format = Date)]
     to: Option<String>,
 }
 
+/// Reads a workspace's usage over a range of days.
+#[utoipa::path(
+    get,
+    path = "/workspaces/{id}/usage",
+    tag = "admin",
+    operation_id = "get_usage",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The workspace's id."), Range),
+    responses(
+        (status = 200, description = "The workspace's usage, the ledger's figures exact.", body = UsageView),
+        BadRequest,
+        NotFound,
+        AdminErrors,
+    )
+)]
 async fn usage(
     _: AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<WorkspaceId>,
     QueryParams(range): QueryParams<Range>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<UsageView>, ApiError> {
     let ws = state.admin.get_workspace(id).await?;
     let limits = state
         .catalog
         .limits_of(id)
         .map(|l| (*l).clone())
         .unwrap_or_default();
-    Ok(Json(
-        usage_json(&state, &ws, &limits, range.from, range.to, true).await?,
+    Ok(SortedJson(
+        usage_view(&state, &ws, &limits, range.from, range.to, true).await?,
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct LimitRequestFilter {
+    #[param(value_type = Option<LimitRequestStatus>)]
     status: Option<String>,
-    workspace_id: Option<WorkspaceId>,
+    /// Only this workspace's.
+    workspace_id: Option<i64>,
 }
 
+/// Lists the increase requests.
+#[utoipa::path(
+    get,
+    path = "/limit-requests",
+    tag = "admin",
+    operation_id = "list_limit_requests",
+    security(("admin_token" = [])),
+    params(LimitRequestFilter),
+    responses(
+        (status = 200, description = "Every workspace's increase requests, or those the filters select.", body = List<LimitRequestView>),
+        BadRequest,
+        AdminErrors,
+    )
+)]
 async fn list_limit_requests(
     _: AdminActor,
     State(state): State<Arc<AppState>>,
     QueryParams(filter): QueryParams<LimitRequestFilter>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<List<LimitRequestView>>, ApiError> {
     let status = filter
         .status
         .as_deref()
@@ -254,68 +435,137 @@ async fn list_limit_requests(
         .admin
         .list_limit_requests(filter.workspace_id, status)
         .await?;
-    Ok(list(all.iter().map(limit_request_json).collect()))
+    Ok(SortedJson(List::of(
+        all.iter().map(LimitRequestView::from).collect(),
+    )))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Approve {
+    /// The overrides to set; left out, what was asked.
+    #[schema(nullable = false)]
     limits: Option<Overrides>,
 }
 
+/// The conflict of an answer to a request already answered.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum AlreadyDecided {
+    /// The request was already approved or denied (`conflict`).
+    #[response(status = 409)]
+    Conflict(super::error::ErrorBody<'static>),
+}
+
+/// Approves an increase request.
+#[utoipa::path(
+    post,
+    path = "/limit-requests/{id}/approve",
+    tag = "admin",
+    operation_id = "approve_limit_request",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The limit request's id.")),
+    request_body(content = Option<Approve>, description = "May be left out (an empty body): grants what was asked."),
+    responses(
+        (status = 200, description = "The request, approved; the workspace's overrides are set.", body = LimitRequestView),
+        BodyErrors,
+        NotFound,
+        AlreadyDecided,
+        AdminErrors,
+    )
+)]
 async fn approve(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<LimitRequestId>,
     OptionalJson(body): OptionalJson<Approve>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<LimitRequestView>, ApiError> {
     let request = state
         .admin
         .approve_limit_request(&by, id, body.limits.as_ref())
         .await?;
-    Ok(Json(limit_request_json(&request)))
+    Ok(SortedJson(LimitRequestView::from(&request)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Deny {
+    /// What the workspace reads: 1 to 4096 bytes.
     reason: String,
 }
 
+/// Denies an increase request.
+#[utoipa::path(
+    post,
+    path = "/limit-requests/{id}/deny",
+    tag = "admin",
+    operation_id = "deny_limit_request",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The limit request's id.")),
+    request_body = Deny,
+    responses(
+        (status = 200, description = "The request, denied.", body = LimitRequestView),
+        BodyErrors,
+        NotFound,
+        AlreadyDecided,
+        AdminErrors,
+    )
+)]
 async fn deny(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<LimitRequestId>,
     JsonBody(body): JsonBody<Deny>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<LimitRequestView>, ApiError> {
     let request = state
         .admin
         .deny_limit_request(&by, id, &body.reason)
         .await?;
-    Ok(Json(limit_request_json(&request)))
+    Ok(SortedJson(LimitRequestView::from(&request)))
 }
 
 /// `GET /admin/v1/audit?workspace_id=&actor=&action=&from=&to=&after=&limit=`.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct AuditParams {
-    workspace_id: Option<WorkspaceId>,
+    /// Only the entries about this workspace.
+    workspace_id: Option<i64>,
+    /// Exact.
     actor: Option<String>,
+    #[param(schema_with = audit_action_schema)]
     action: Option<String>,
     /// RFC 3339, inclusive.
+    #[param(format = DateTime)]
     from: Option<String>,
     /// RFC 3339, exclusive.
+    #[param(format = DateTime)]
     to: Option<String>,
     /// An entry id: continue with the entries older than it.
     after: Option<i64>,
+    /// Entries per page, 1 to 1000; default 100.
     limit: Option<i64>,
 }
 
+/// Reads the audit log.
+#[utoipa::path(
+    get,
+    path = "/audit",
+    tag = "admin",
+    operation_id = "list_audit_entries",
+    security(("admin_token" = [])),
+    params(AuditParams),
+    responses(
+        (status = 200, description = "The audit log, newest first, a page at a time.", body = AuditPageView),
+        BadRequest,
+        AdminErrors,
+    )
+)]
 async fn audit(
     _: AdminActor,
     State(state): State<Arc<AppState>>,
     QueryParams(p): QueryParams<AuditParams>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<AuditPageView>, ApiError> {
     let query = AuditQuery {
         workspace: p.workspace_id,
         actor: p.actor,
@@ -334,10 +584,10 @@ async fn audit(
         limit: p.limit,
     };
     let page = state.admin.audit(query).await?;
-    Ok(Json(json!({
-        "object": "list",
-        "data": page.entries.iter().map(audit_json).collect::<Vec<_>>(),
-        "has_more": page.has_more,
-        "last_id": page.entries.last().map(|e| e.id),
-    })))
+    Ok(SortedJson(AuditPageView {
+        object: ListObject::List,
+        data: page.entries.iter().map(AuditEntryView::from).collect(),
+        has_more: page.has_more,
+        last_id: page.entries.last().map(|e| e.id),
+    }))
 }

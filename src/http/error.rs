@@ -85,14 +85,24 @@ impl From<AdminError> for ApiError {
     }
 }
 
-/// The error shape, in the Mistral API's order; serialised straight from these fields.
-#[derive(serde::Serialize)]
-struct ErrorBody<'a> {
+/// The error shape, in the Mistral API's order; serialised straight from these fields. The
+/// OpenAPI document's `Error` schema is derived from it.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(
+    as = Error,
+    description = "Every error: the Mistral API's shape. `type` says the cause (`invalid_request_error`, `authentication_error`, `permission_error`, `not_found`, `conflict`, `payload_too_large`, `request_timeout`, `service_unavailable`, ...), `message` says what to do."
+)]
+pub struct ErrorBody<'a> {
+    #[schema(schema_with = super::openapi::error_object)]
     object: &'static str,
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'a str,
+    /// Always `null`.
+    #[schema(schema_with = super::openapi::null, required = true)]
     param: Option<()>,
+    /// A finer cause, where there is one (e.g. `invalid_api_key`, `database_unreachable`).
+    #[schema(required = true)]
     code: Option<&'a str>,
 }
 

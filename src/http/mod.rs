@@ -8,6 +8,10 @@
 //! checks), and the main listener answers them `404`. Every route that does not exist answers
 //! a JSON `404`, and a method a route does not have a JSON `405`, in the gateway's error shape;
 //! `/v1/*` routes the gateway does not know are passed to the upstream.
+//!
+//! The admin API and the workspace's own API are registered with their OpenAPI operations
+//! (`utoipa_axum`); each listener serves the document of what it serves at `/openapi.json`
+//! (see `openapi`).
 
 pub mod admin;
 pub mod error;
@@ -15,6 +19,7 @@ pub mod extract;
 pub mod headers;
 #[cfg(feature = "otel")]
 pub mod otel;
+pub mod openapi;
 pub mod proxy;
 pub mod serve;
 pub mod views;
@@ -29,9 +34,10 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, OriginalUri, Request, State};
 use axum::http::{header, HeaderMap, Method, Uri};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
 use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
 
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, WorkspaceEntry};
@@ -48,17 +54,8 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// The gateway's routes, and the operator's too when `with_operator`.
 pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
-    let routes = health()
-        .route(
-            "/limits",
-            get(|| async { Html(include_str!("limits.html")) }),
-        )
-        .route("/v1/limits", get(workspace::limits))
-        .route(
-            "/v1/limit-requests",
-            post(workspace::create_limit_request).get(workspace::list_limit_requests),
-        )
-        .route("/v1/{*path}", any(proxy::proxy));
+    let api = documented(true, with_operator);
+    let routes = health().merge(api).route("/v1/{*path}", any(proxy::proxy));
     let routes = if with_operator {
         routes.merge(operator())
     } else {
@@ -69,7 +66,24 @@ pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
 
 /// The admin listener's routes: the operator's, and the health checks.
 pub fn admin_router(state: Arc<AppState>) -> Router {
-    finish(health().merge(operator()), state)
+    finish(
+        health().merge(documented(false, true)).merge(operator()),
+        state,
+    )
+}
+
+/// The routes of the workspace's own API and of the admin API, as asked, with the OpenAPI
+/// document of exactly those at `/openapi.json`.
+fn documented(workspace_api: bool, admin_api: bool) -> Router<Arc<AppState>> {
+    let mut api = OpenApiRouter::with_openapi(openapi::base());
+    if workspace_api {
+        api = api.merge(workspace::api());
+    }
+    if admin_api {
+        api = api.nest("/admin/v1", admin::api());
+    }
+    let (routes, document) = api.split_for_parts();
+    routes.route("/openapi.json", openapi::route(&document))
 }
 
 fn health() -> Router<Arc<AppState>> {
@@ -78,11 +92,9 @@ fn health() -> Router<Arc<AppState>> {
         .route("/readyz", get(readyz))
 }
 
-/// The admin API and the metrics.
+/// The metrics (the admin API is in `documented`).
 fn operator() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .nest("/admin/v1", admin::router())
+    Router::new().route("/metrics", get(metrics))
 }
 
 fn finish(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {

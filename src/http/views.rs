@@ -1,83 +1,433 @@
-//! The JSON shapes the admin API and the workspace's own API share: workspaces, keys, tiers,
-//! limit requests, audit entries, and usage.
+//! The JSON answers of the admin API and the workspace's own API, as types: workspaces, keys,
+//! tiers, limit requests, audit entries, usage, and the lists of them. A handler returns one of
+//! these (in `SortedJson`), and the OpenAPI document (`openapi`) describes it from the same
+//! struct's `ToSchema` derive, so the document says what is sent; `tests/gateway/openapi.rs`
+//! checks every answer against it.
+//!
+//! Conventions the document relies on:
+//! - a field that is always sent, `null` when it has no value, is an `Option` marked
+//!   `#[schema(required = true)]` (required and nullable);
+//! - a field left out when it has no value has `skip_serializing_if` and is never `null`
+//!   (`#[schema(nullable = false)]`, as in `model::Limits`);
+//! - instants are `Timestamp`s, sent as RFC 3339 in UTC;
+//! - ids are written `i64` rather than `WorkspaceId` and kin: the derive cannot see through a
+//!   type alias, and would describe one as a schema of its own.
 
-use serde_json::{json, Value};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Serialize, Serializer};
+use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
 use super::error::ApiError;
 use super::headers::duration;
 use crate::app::AppState;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
-use crate::model::{ApiKey, AuditEntry, LimitRequest, Limits, Tier, Workspace};
+use crate::model::{
+    ApiKey, AuditAction, AuditEntry, LimitRequest, LimitRequestStatus, Limits, Overrides, Tier,
+    Workspace, WorkspaceStatus,
+};
+use crate::store::DailyUsage;
 
-pub fn rfc3339(secs: i64) -> Value {
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .map_or(Value::Null, Value::String)
+/// A typed answer, sent as JSON with its keys in alphabetical order at every level. That is
+/// the order these answers have always had: they were built with `json!`, whose objects are
+/// sorted maps (serde_json without `preserve_order`), so rendering through `serde_json::Value`
+/// keeps every answer byte for byte what it was, whatever the order of the fields in the
+/// structs. Costs one `Value` per answer, on routes that read the store anyway.
+pub struct SortedJson<T>(pub T);
+
+impl<T: Serialize> IntoResponse for SortedJson<T> {
+    fn into_response(self) -> Response {
+        match serde_json::to_value(&self.0) {
+            Ok(value) => Json(value).into_response(),
+            Err(e) => {
+                tracing::error!(error = %e, "an answer could not be serialized");
+                ApiError::Internal.into_response()
+            }
+        }
+    }
 }
 
-pub fn workspace_json(state: &AppState, w: &Workspace) -> Value {
-    let limits = state.catalog.workspace(w.id).map(|e| (*e.limits).clone());
-    json!({
-        "id": w.id,
-        "name": w.name,
-        "tier": w.tier,
-        "status": w.status,
-        "overrides": w.overrides,
-        "limits": limits,
-        "created_at": rfc3339(w.created_at),
-    })
+/// `201 Created` with `view`.
+pub fn created<T: Serialize>(view: T) -> Response {
+    (StatusCode::CREATED, SortedJson(view)).into_response()
 }
 
-pub fn key_json(k: &ApiKey) -> Value {
-    json!({
-        "id": k.id,
-        "workspace_id": k.workspace_id,
-        "name": k.name,
-        "prefix": k.prefix,
-        "created_at": rfc3339(k.created_at),
-        "expires_at": k.expires_at.map(rfc3339),
-        "revoked_at": k.revoked_at.map(rfc3339),
-        "last_used_at": k.last_used_at.map(rfc3339),
-    })
+/// An instant, unix seconds, sent as RFC 3339 in UTC (`2027-01-01T00:00:00Z`). An instant
+/// outside the years 0 to 9999 (which no clock or input of tiergate makes) is sent as the
+/// nearest one inside them, so that the answer is always a valid date-time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    /// 0000-01-01T00:00:00Z and 9999-12-31T23:59:59Z.
+    const RANGE: (i64, i64) = (-62_167_219_200, 253_402_300_799);
+
+    pub fn rfc3339(self) -> String {
+        let secs = self.0.clamp(Self::RANGE.0, Self::RANGE.1);
+        time::OffsetDateTime::from_unix_timestamp(secs)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default()
+    }
 }
 
-pub fn limit_request_json(r: &LimitRequest) -> Value {
-    json!({
-        "id": r.id,
-        "workspace_id": r.workspace_id,
-        "use_case": r.use_case,
-        "requested_limits": r.requested_limits,
-        "status": r.status,
-        "granted_limits": r.granted_limits,
-        "reason": r.reason,
-        "created_at": rfc3339(r.created_at),
-        "decided_at": r.decided_at.map(rfc3339),
-    })
+/// An instant as the answers send it, as JSON (for those that compare answers).
+pub fn rfc3339(secs: i64) -> serde_json::Value {
+    serde_json::Value::String(Timestamp(secs).rfc3339())
 }
 
-/// A tier: its limits, and its name.
-pub fn tier_json(t: &Tier) -> Value {
-    let mut v = serde_json::to_value(&t.limits).expect("limits serialize");
-    v["name"] = Value::String(t.name.clone());
-    v
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.rfc3339())
+    }
 }
 
-pub fn audit_json(e: &AuditEntry) -> Value {
-    json!({
-        "id": e.id,
-        "at": rfc3339(e.at),
-        "actor": e.actor,
-        "action": e.action,
-        "workspace_id": e.workspace_id,
-        "target": e.target,
-        "before": e.before,
-        "after": e.after,
-    })
+impl PartialSchema for Timestamp {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::DateTime)))
+            .description(Some(
+                "An instant, RFC 3339 in UTC, e.g. 2027-01-01T00:00:00Z.",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for Timestamp {}
+
+/// The `object` of a list: always `"list"`.
+#[derive(Debug, Clone, Copy, Serialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ListObject {
+    List,
+}
+
+/// `{"object": "list", "data": [...]}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct List<T> {
+    pub object: ListObject,
+    pub data: Vec<T>,
+}
+
+impl<T> List<T> {
+    pub fn of(data: Vec<T>) -> Self {
+        List {
+            object: ListObject::List,
+            data,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Workspace)]
+pub struct WorkspaceView {
+    pub id: i64,
+    pub name: String,
+    /// The tier's name.
+    pub tier: String,
+    pub status: WorkspaceStatus,
+    pub overrides: Overrides,
+    /// The effective limits: the tier's, with the overrides applied. `null` while this
+    /// instance's catalogue does not hold the workspace yet (one made by another process, for
+    /// at most about a second).
+    #[schema(required = true)]
+    pub limits: Option<Limits>,
+    pub created_at: Timestamp,
+}
+
+pub fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
+    WorkspaceView {
+        id: w.id,
+        name: w.name.clone(),
+        tier: w.tier.clone(),
+        status: w.status,
+        overrides: w.overrides.clone(),
+        limits: state.catalog.workspace(w.id).map(|e| (*e.limits).clone()),
+        created_at: Timestamp(w.created_at),
+    }
+}
+
+/// An API key: never its secret.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Key)]
+pub struct KeyView {
+    pub id: i64,
+    pub workspace_id: i64,
+    #[schema(required = true)]
+    pub name: Option<String>,
+    /// The start of the key, to tell keys apart.
+    pub prefix: String,
+    pub created_at: Timestamp,
+    #[schema(required = true)]
+    pub expires_at: Option<Timestamp>,
+    #[schema(required = true)]
+    pub revoked_at: Option<Timestamp>,
+    #[schema(required = true)]
+    pub last_used_at: Option<Timestamp>,
+}
+
+impl From<&ApiKey> for KeyView {
+    fn from(k: &ApiKey) -> Self {
+        KeyView {
+            id: k.id,
+            workspace_id: k.workspace_id,
+            name: k.name.clone(),
+            prefix: k.prefix.clone(),
+            created_at: Timestamp(k.created_at),
+            expires_at: k.expires_at.map(Timestamp),
+            revoked_at: k.revoked_at.map(Timestamp),
+            last_used_at: k.last_used_at.map(Timestamp),
+        }
+    }
+}
+
+/// A key just made: the key, and its secret.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = NewKey)]
+pub struct NewKeyView {
+    #[serde(flatten)]
+    pub info: KeyView,
+    /// The secret, shown this once: only its hash is stored.
+    pub key: String,
+}
+
+/// A tier: its name and its limits, side by side in one object.
+#[derive(Debug, Serialize)]
+pub struct TierView {
+    pub name: String,
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
+impl From<&Tier> for TierView {
+    fn from(t: &Tier) -> Self {
+        TierView {
+            name: t.name.clone(),
+            limits: t.limits.clone(),
+        }
+    }
+}
+
+/// `Limits`' own schema with `name` added. Not derived with `flatten`: that would be an `allOf`
+/// of `Limits`, which allows no other property (`deny_unknown_fields`, right for a request
+/// body), and `name`, which no answer could then satisfy.
+impl PartialSchema for TierView {
+    fn schema() -> RefOr<Schema> {
+        let RefOr::T(Schema::Object(mut object)) = Limits::schema() else {
+            unreachable!("Limits is described as an object");
+        };
+        object.properties.insert(
+            "name".into(),
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some("The tier's name."))
+                .into(),
+        );
+        object.required.push("name".into());
+        object.additional_properties = None;
+        object.description =
+            Some("A tier: its name and its limits (a limit left out is no limit).".into());
+        RefOr::T(Schema::Object(object))
+    }
+}
+
+impl ToSchema for TierView {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Tier".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <Limits as ToSchema>::schemas(schemas);
+    }
+}
+
+/// A workspace's request for higher limits, and the operator's answer.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = LimitRequest)]
+pub struct LimitRequestView {
+    pub id: i64,
+    pub workspace_id: i64,
+    pub use_case: String,
+    pub requested_limits: Overrides,
+    pub status: LimitRequestStatus,
+    /// The overrides set on approval.
+    #[schema(required = true)]
+    pub granted_limits: Option<Overrides>,
+    /// The operator's reason on denial.
+    #[schema(required = true)]
+    pub reason: Option<String>,
+    pub created_at: Timestamp,
+    #[schema(required = true)]
+    pub decided_at: Option<Timestamp>,
+}
+
+impl From<&LimitRequest> for LimitRequestView {
+    fn from(r: &LimitRequest) -> Self {
+        LimitRequestView {
+            id: r.id,
+            workspace_id: r.workspace_id,
+            use_case: r.use_case.clone(),
+            requested_limits: r.requested_limits.clone(),
+            status: r.status,
+            granted_limits: r.granted_limits.clone(),
+            reason: r.reason.clone(),
+            created_at: Timestamp(r.created_at),
+            decided_at: r.decided_at.map(Timestamp),
+        }
+    }
+}
+
+/// The names of `AuditAction`, as the document's `enum` of an audit entry's `action`.
+pub fn audit_action_schema() -> impl Into<RefOr<Schema>> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(AuditAction::ALL.iter().map(|a| a.as_str())))
+}
+
+/// One recorded admin action.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AuditEntry)]
+pub struct AuditEntryView {
+    pub id: i64,
+    pub at: Timestamp,
+    /// An admin token's name, `cli:USER` for the CLI, or `workspace:ID`.
+    pub actor: String,
+    #[schema(schema_with = audit_action_schema)]
+    pub action: String,
+    /// The workspace concerned; `null` for a tier.
+    #[schema(required = true)]
+    pub workspace_id: Option<i64>,
+    /// What was changed: `tier:NAME`, `workspace:ID`, `key:ID` or `limit_request:ID`.
+    pub target: String,
+    /// The object before the change; `null` for a creation.
+    #[schema(required = true, value_type = Option<Object>)]
+    pub before: Option<serde_json::Value>,
+    /// The object after the change.
+    #[schema(required = true, value_type = Option<Object>)]
+    pub after: Option<serde_json::Value>,
+}
+
+impl From<&AuditEntry> for AuditEntryView {
+    fn from(e: &AuditEntry) -> Self {
+        AuditEntryView {
+            id: e.id,
+            at: Timestamp(e.at),
+            actor: e.actor.clone(),
+            action: e.action.clone(),
+            workspace_id: e.workspace_id,
+            target: e.target.clone(),
+            before: e.before.clone(),
+            after: e.after.clone(),
+        }
+    }
+}
+
+/// A page of the audit log, newest first.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = AuditPage)]
+pub struct AuditPageView {
+    pub object: ListObject,
+    pub data: Vec<AuditEntryView>,
+    /// Older entries match too: ask again with `after` = `last_id`.
+    pub has_more: bool,
+    /// The id of the last entry of this page; `null` when it is empty.
+    #[schema(required = true)]
+    pub last_id: Option<i64>,
+}
+
+/// A rate limit's window now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WindowView {
+    pub limit: f64,
+    pub remaining: u64,
+    /// The time until the window is whole again, as in the rate-limit headers (`250ms`,
+    /// `6m0s`).
+    pub reset: String,
+}
+
+/// The month's quota now.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MonthWindowView {
+    pub limit: f64,
+    /// Settled and reserved tokens this month.
+    pub used: u64,
+    pub remaining: u64,
+    /// The time until the next month (UTC), in whole seconds (`412h3m0s`).
+    pub reset: String,
+}
+
+/// The per-minute token bucket.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenBucketView {
+    /// `tokens_per_minute`.
+    #[schema(required = true)]
+    pub capacity: Option<u64>,
+    /// Tokens in the bucket now; negative in debt (usage settled above its reservation).
+    pub level: i64,
+}
+
+/// A workspace's usage: this month, the limits' windows now, and per day and model over a
+/// range of days.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Usage)]
+pub struct UsageView {
+    pub workspace_id: i64,
+    /// `YYYY-MM`, UTC.
+    pub month: String,
+    pub requests_this_month: u64,
+    pub tokens_this_month: u64,
+    /// Tokens reserved by requests in flight.
+    pub tokens_reserved: u64,
+    pub in_flight: u32,
+    /// `null` without a `tokens_per_minute` limit.
+    #[schema(required = true)]
+    pub token_bucket: Option<TokenBucketView>,
+    /// `null` without such a limit.
+    #[schema(required = true)]
+    pub requests_per_second: Option<WindowView>,
+    /// `null` without such a limit.
+    #[schema(required = true)]
+    pub tokens_per_minute: Option<WindowView>,
+    /// `null` without such a limit.
+    #[schema(required = true)]
+    pub tokens_per_month: Option<MonthWindowView>,
+    /// The first day of `daily`, `YYYY-MM-DD`.
+    pub from: String,
+    /// The last day of `daily`, `YYYY-MM-DD`.
+    pub to: String,
+    pub daily: Vec<DailyUsage>,
+}
+
+/// A workspace as its own key sees it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WorkspaceSummary {
+    pub id: i64,
+    pub name: String,
+    pub status: WorkspaceStatus,
+}
+
+/// `GET /v1/limits`: the workspace's limits and usage.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = WorkspaceLimits)]
+pub struct WorkspaceLimitsView {
+    pub workspace: WorkspaceSummary,
+    /// The tier's name.
+    pub tier: String,
+    /// The effective limits: the tier's, with the overrides applied.
+    pub limits: Limits,
+    /// The tier's own limits; `null` if the tier is no longer in the catalogue.
+    #[schema(required = true)]
+    pub tier_limits: Option<Limits>,
+    pub overrides: Overrides,
+    pub usage: UsageView,
 }
 
 fn valid_day(s: &str) -> bool {
@@ -90,14 +440,14 @@ fn valid_day(s: &str) -> bool {
 /// `exact`: the ledger's figures include everything settled so far (the admin view); else they
 /// may be behind by about a second (the workspace's own page, read often; see
 /// `Recorder::ledger_view`). The limiter's figures (this month's tokens, the windows) are live.
-pub async fn usage_json(
+pub async fn usage_view(
     state: &AppState,
     ws: &Workspace,
     limits: &Limits,
     from: Option<String>,
     to: Option<String>,
     exact: bool,
-) -> Result<Value, ApiError> {
+) -> Result<UsageView, ApiError> {
     let now = state.clock.now();
     let month = MonthKey::of(now);
     let from = from.unwrap_or_else(|| month.first_day());
@@ -120,35 +470,60 @@ pub async fn usage_json(
         .ledger_view(ws.id, month, &from, &to, exact)
         .await?;
     let window = |w: Option<Window>| {
-        w.map(|w| {
-            json!({
-                "limit": w.limit,
-                "remaining": w.remaining,
-                "reset": duration(w.reset),
-            })
+        w.map(|w| WindowView {
+            limit: w.limit,
+            remaining: w.remaining,
+            reset: duration(w.reset),
         })
     };
-    Ok(json!({
-        "workspace_id": ws.id,
-        "month": format!("{:04}-{:02}", month.year(), month.month()),
-        "requests_this_month": ledger.requests_this_month,
-        "tokens_this_month": live.month_settled_tokens,
-        "tokens_reserved": live.month_reserved_tokens,
-        "in_flight": live.in_flight,
-        "token_bucket": live.bucket_tokens.map(|level| json!({
-            "capacity": limits.tokens_per_minute,
-            "level": level,
-        })),
-        "requests_per_second": window(live.snapshot.requests),
-        "tokens_per_minute": window(live.snapshot.tokens),
-        "tokens_per_month": live.snapshot.month.map(|w| json!({
-            "limit": w.limit,
-            "used": live.month_settled_tokens + live.month_reserved_tokens,
-            "remaining": w.remaining,
-            "reset": duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC),
-        })),
-        "from": from,
-        "to": to,
-        "daily": ledger.daily,
-    }))
+    Ok(UsageView {
+        workspace_id: ws.id,
+        month: format!("{:04}-{:02}", month.year(), month.month()),
+        requests_this_month: ledger.requests_this_month,
+        tokens_this_month: live.month_settled_tokens,
+        tokens_reserved: live.month_reserved_tokens,
+        in_flight: live.in_flight,
+        token_bucket: live.bucket_tokens.map(|level| TokenBucketView {
+            capacity: limits.tokens_per_minute,
+            level,
+        }),
+        requests_per_second: window(live.snapshot.requests),
+        tokens_per_minute: window(live.snapshot.tokens),
+        tokens_per_month: live.snapshot.month.map(|w| MonthWindowView {
+            limit: w.limit,
+            used: live.month_settled_tokens + live.month_reserved_tokens,
+            remaining: w.remaining,
+            reset: duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC),
+        }),
+        from,
+        to,
+        daily: ledger.daily,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_in_utc_and_always_valid() {
+        assert_eq!(Timestamp(0).rfc3339(), "1970-01-01T00:00:00Z");
+        assert_eq!(Timestamp(1_798_761_600).rfc3339(), "2027-01-01T00:00:00Z");
+        assert_eq!(Timestamp(i64::MAX).rfc3339(), "9999-12-31T23:59:59Z");
+        assert_eq!(Timestamp(i64::MIN).rfc3339(), "0000-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn a_tier_is_its_name_beside_its_limits() {
+        let tier = Tier {
+            name: "t".into(),
+            limits: Limits {
+                burst: Some(3),
+                ..Limits::default()
+            },
+        };
+        let text =
+            serde_json::to_string(&serde_json::to_value(TierView::from(&tier)).unwrap()).unwrap();
+        assert_eq!(text, r#"{"burst":3,"name":"t"}"#);
+    }
 }

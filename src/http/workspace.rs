@@ -1,51 +1,126 @@
 //! The workspace's own API, with its key: its limits and usage (the data of the limits page),
-//! and its requests for higher limits. These routes count against no limit.
+//! and its requests for higher limits. These routes count against no limit. Each handler's
+//! `#[utoipa::path]` describes it in the OpenAPI document (`openapi`).
 
 use std::sync::Arc;
 
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::http::HeaderMap;
+use axum::response::{Html, Response};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::authenticate;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
-use super::views::{limit_request_json, usage_json};
+use super::openapi::{BodyErrors, WorkspaceErrors};
+use super::views::{
+    created, usage_view, LimitRequestView, List, SortedJson, WorkspaceLimitsView, WorkspaceSummary,
+};
 use crate::app::AppState;
 use crate::model::{Actor, Overrides};
 
-pub async fn limits(
+/// The workspace's own routes (and the limits page), each with its operation in the document.
+pub fn api() -> OpenApiRouter<Arc<AppState>> {
+    OpenApiRouter::default()
+        .routes(routes!(limits_page))
+        .routes(routes!(limits))
+        .routes(routes!(create_limit_request, list_limit_requests))
+}
+
+/// The limits page.
+#[utoipa::path(
+    get,
+    path = "/limits",
+    tag = "workspace",
+    operation_id = "limits_page",
+    responses(
+        (status = 200, description = "The limits page (HTML): limits, usage, the increase form and its answers. It asks for a key, which it sends to `/v1/limits` and `/v1/limit-requests`.", body = String, content_type = "text/html"),
+    )
+)]
+async fn limits_page() -> Html<&'static str> {
+    Html(include_str!("limits.html"))
+}
+
+/// Reads the workspace's limits and usage.
+#[utoipa::path(
+    get,
+    path = "/v1/limits",
+    tag = "workspace",
+    operation_id = "get_limits",
+    security(("workspace_key" = [])),
+    responses(
+        (status = 200, description = "The workspace's limits and usage. The limiter's figures are live; the ledger's (`requests_this_month`, `daily`) may be up to about 1.3 s behind.", body = WorkspaceLimitsView),
+        WorkspaceErrors,
+    )
+)]
+async fn limits(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<WorkspaceLimitsView>, ApiError> {
     let (_, entry) = authenticate(&state, &headers).await?;
     let ws = &entry.workspace;
     let tiers = state.store.list_tiers().await?;
-    let tier_limits = tiers.iter().find(|t| t.name == ws.tier).map(|t| &t.limits);
-    let usage = usage_json(&state, ws, &entry.limits, None, None, false).await?;
-    Ok(Json(json!({
-        "workspace": { "id": ws.id, "name": ws.name, "status": ws.status },
-        "tier": ws.tier,
-        "limits": *entry.limits,
-        "tier_limits": tier_limits,
-        "overrides": ws.overrides,
-        "usage": usage,
-    })))
+    let tier_limits = tiers
+        .iter()
+        .find(|t| t.name == ws.tier)
+        .map(|t| t.limits.clone());
+    let usage = usage_view(&state, ws, &entry.limits, None, None, false).await?;
+    Ok(SortedJson(WorkspaceLimitsView {
+        workspace: WorkspaceSummary {
+            id: ws.id,
+            name: ws.name.clone(),
+            status: ws.status,
+        },
+        tier: ws.tier.clone(),
+        limits: (*entry.limits).clone(),
+        tier_limits,
+        overrides: ws.overrides.clone(),
+        usage,
+    }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct NewLimitRequest {
+struct NewLimitRequest {
+    /// What the limits are for: 1 to 4096 bytes, no control characters other than line breaks
+    /// and tabs.
     use_case: String,
+    /// The limits asked for: at least one.
+    // Required in the document: left out, it names none, which is refused.
     #[serde(default)]
+    #[schema(required = true)]
     requested_limits: Overrides,
 }
 
-/// The key is checked before the body is read (the body is bounded either way).
-pub async fn create_limit_request(
+/// Too many requests waiting for an answer.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum TooManyPending {
+    /// The workspace already has 10 requests waiting for an answer (`conflict`).
+    #[response(status = 409)]
+    Conflict(ErrorBody<'static>),
+}
+
+/// Asks for higher limits.
+// The key is checked before the body is read (the body is bounded either way).
+#[utoipa::path(
+    post,
+    path = "/v1/limit-requests",
+    tag = "workspace",
+    operation_id = "create_limit_request",
+    security(("workspace_key" = [])),
+    request_body = NewLimitRequest,
+    responses(
+        (status = 201, description = "The request, `pending` until an operator answers.", body = LimitRequestView),
+        BodyErrors,
+        TooManyPending,
+        WorkspaceErrors,
+    )
+)]
+async fn create_limit_request(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Request,
@@ -62,18 +137,31 @@ pub async fn create_limit_request(
             &body.requested_limits,
         )
         .await?;
-    Ok((StatusCode::CREATED, Json(limit_request_json(&request))).into_response())
+    Ok(created(LimitRequestView::from(&request)))
 }
 
-pub async fn list_limit_requests(
+/// Lists the workspace's increase requests.
+#[utoipa::path(
+    get,
+    path = "/v1/limit-requests",
+    tag = "workspace",
+    operation_id = "list_own_limit_requests",
+    security(("workspace_key" = [])),
+    responses(
+        (status = 200, description = "The workspace's increase requests and their answers.", body = List<LimitRequestView>),
+        WorkspaceErrors,
+    )
+)]
+async fn list_limit_requests(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<SortedJson<List<LimitRequestView>>, ApiError> {
     let (_, entry) = authenticate(&state, &headers).await?;
     let list = state
         .admin
         .list_limit_requests(Some(entry.workspace.id), None)
         .await?;
-    let data: Vec<Value> = list.iter().map(limit_request_json).collect();
-    Ok(Json(json!({ "object": "list", "data": data })))
+    Ok(SortedJson(List::of(
+        list.iter().map(LimitRequestView::from).collect(),
+    )))
 }

@@ -123,8 +123,9 @@ pub struct LedgerBatch {
     pub rows: Vec<LedgerRow>,
 }
 
-/// A rolled-up ledger row.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// A rolled-up ledger row. Sent as it is in the usage views (`daily`), hence `ToSchema`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
+#[schema(description = "Usage of one day (UTC) and model.")]
 pub struct DailyUsage {
     pub day: String,
     pub model: String,

@@ -15,6 +15,7 @@ mod harness;
 mod headers;
 mod limits;
 mod metrics;
+mod openapi;
 mod operator;
 mod process;
 mod routes;

@@ -1,0 +1,251 @@
+//! The OpenAPI 3.1 document of the admin API and the workspace's own API, served at
+//! `/openapi.json`.
+//!
+//! It is generated from the code: each handler of those APIs carries `#[utoipa::path]` (its
+//! route, parameters, body and answers), and is registered on the router with
+//! `utoipa_axum::routes!`, which adds the route to the router and its operation to the
+//! document in one call, so no route of those APIs is served undocumented. The bodies' schemas
+//! are the `ToSchema` derives of the very types the handlers parse and answer with (`views`,
+//! `model`, the request structs beside each handler, `error::ErrorBody`), so the document
+//! follows them, serde attributes included. `tests/gateway/openapi.rs` checks it against the
+//! answers themselves.
+//!
+//! **Where.** Each listener serves the document of the routes it serves, so that whatever
+//! reads it from a base URL finds every operation there: without `admin_listen`, one listener,
+//! both APIs; with it, the main listener's document has the workspace's API alone and the admin
+//! listener's the admin API alone. The document holds no secret, but an operator who moved the
+//! admin API off the public listener should not find it advertised there. No token is needed to
+//! read it. The proxied routes (`/v1/chat/completions`, ...) are the upstream's API and are not
+//! described (the description names them), nor are the health checks and `/metrics`.
+
+use std::collections::BTreeSet;
+
+use axum::body::Bytes;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::{get, MethodRouter};
+use serde_json::Value;
+use utoipa::openapi::schema::{Object, ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{OpenApi, RefOr};
+use utoipa::{IntoResponses, Modify, PartialSchema};
+
+use super::error::ErrorBody;
+use crate::model::Overrides;
+
+/// The security schemes. The operations' `security(...)` name them again, as the literals the
+/// macro requires; `tests/gateway/openapi.rs` checks that every operation names one defined here.
+pub const ADMIN_TOKEN: &str = "admin_token";
+pub const WORKSPACE_KEY: &str = "workspace_key";
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(
+        title = "tiergate",
+        description = "The admin API (`/admin/v1`, an admin token) and the workspace's own API \
+(`/v1/limits`, `/v1/limit-requests`, a workspace key) of tiergate, a rate-limit and usage-tier \
+gateway for OpenAI/Mistral-compatible LLM APIs.\n\n\
+Not described here: the proxied routes (`POST /v1/chat/completions`, `/v1/completions`, \
+`/v1/fim/completions`, `/v1/embeddings`, `/v1/responses`, and any other `/v1/*`), which are the \
+upstream's API passed through with a workspace key, rate-limit headers added, and errors in the \
+`Error` shape below; the health checks (`GET /healthz`, `GET /readyz`); and `GET /metrics` \
+(Prometheus text).\n\n\
+This document describes the routes of the listener that serves it: with `admin_listen` set, the \
+main listener's has the workspace's API and the admin listener's the admin API.\n\n\
+Unknown fields of a request body and unknown query parameters are refused (`400`). A route \
+without the method asked answers `405` with `Allow`."
+    ),
+    components(schemas(ErrorBody)),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "admin", description = "The operators' API, with an admin token. On the admin listener alone when `admin_listen` is set."),
+        (name = "workspace", description = "A workspace's own API, with one of its keys. Counts against no limit."),
+    )
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        let bearer = |description: &str| {
+            let mut http = HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build();
+            http.description = Some(description.to_string());
+            SecurityScheme::Http(http)
+        };
+        components.add_security_scheme(
+            ADMIN_TOKEN,
+            bearer("`Authorization: Bearer <admin token>`: `admin_token`, or a token of `[[admin_tokens]]`."),
+        );
+        components.add_security_scheme(
+            WORKSPACE_KEY,
+            bearer("`Authorization: Bearer <key>`: one of the workspace's API keys (`tg_...`)."),
+        );
+    }
+}
+
+/// The document's info, description, tags, security schemes and shared schemas, which the
+/// routers' operations are added to.
+pub fn base() -> OpenApi {
+    <ApiDoc as utoipa::OpenApi>::openapi()
+}
+
+/// `GET /openapi.json`: `document`, rendered once.
+pub fn route<S: Clone + Send + Sync + 'static>(document: &OpenApi) -> MethodRouter<S> {
+    let body = Bytes::from(render(document));
+    get(move || {
+        let body = body.clone();
+        async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
+    })
+}
+
+/// `document` as JSON, without the tags and security schemes that none of its operations use
+/// (the base has both APIs', and a listener may serve only one).
+fn render(document: &OpenApi) -> Vec<u8> {
+    let mut document = serde_json::to_value(document).expect("the document serializes");
+    let mut tags = BTreeSet::new();
+    let mut schemes = BTreeSet::new();
+    for item in document["paths"].as_object().into_iter().flatten() {
+        for op in item.1.as_object().into_iter().flatten().map(|(_, op)| op) {
+            let names = op["tags"].as_array().into_iter().flatten();
+            tags.extend(names.filter_map(Value::as_str).map(str::to_owned));
+            for requirement in op["security"].as_array().into_iter().flatten() {
+                schemes.extend(
+                    requirement
+                        .as_object()
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.0.clone()),
+                );
+            }
+        }
+    }
+    if let Some(all) = document["tags"].as_array_mut() {
+        all.retain(|t| t["name"].as_str().is_some_and(|n| tags.contains(n)));
+    }
+    if let Some(all) = document["components"]["securitySchemes"].as_object_mut() {
+        all.retain(|name, _| schemes.contains(name));
+    }
+    serde_json::to_vec(&document).expect("the document serializes")
+}
+
+/// The `object` of an error: always `"error"`.
+pub fn error_object() -> impl Into<RefOr<Schema>> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .enum_values(Some(["error"]))
+}
+
+/// Only `null`.
+pub fn null() -> impl Into<RefOr<Schema>> {
+    ObjectBuilder::new().schema_type(Type::Null)
+}
+
+/// A change of overrides in `PATCH /admin/v1/workspaces/{id}`: `Overrides`' own properties,
+/// each a number that sets it or `null` that clears it; one left out is kept. Built from
+/// `Overrides`' schema so that a limit added there is documented here too (the handler reads
+/// this object field by field, `admin::overrides_patch`, to tell `null` from absent).
+pub fn overrides_patch() -> impl Into<RefOr<Schema>> {
+    let RefOr::T(Schema::Object(overrides)) = Overrides::schema() else {
+        unreachable!("Overrides is described as an object");
+    };
+    let mut patch = ObjectBuilder::new()
+        .schema_type(Type::Object)
+        .description(Some(
+            "Overrides to change: a number sets one, `null` clears it (back to the tier's), one left out is kept.",
+        ))
+        .additional_properties(Some(
+            utoipa::openapi::schema::AdditionalProperties::<Schema>::FreeForm(false),
+        ));
+    for (name, property) in overrides.properties {
+        patch = patch.property(name, nullable(property));
+    }
+    patch
+}
+
+/// `schema` or `null`.
+fn nullable(schema: RefOr<Schema>) -> RefOr<Schema> {
+    match schema {
+        RefOr::T(Schema::Object(mut object)) => {
+            let Object { schema_type, .. } = &mut object;
+            *schema_type = match schema_type.clone() {
+                utoipa::openapi::schema::SchemaType::Type(t) => {
+                    utoipa::openapi::schema::SchemaType::from_iter([t, Type::Null])
+                }
+                other => other,
+            };
+            RefOr::T(Schema::Object(object))
+        }
+        other => other,
+    }
+}
+
+/// What every admin route may answer besides its own: the token, and the database.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum AdminErrors {
+    /// No admin token, or a wrong one (`authentication_error`); with `WWW-Authenticate: Bearer`.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody<'static>),
+    /// The admin API is off: no admin token is configured (`permission_error`).
+    #[response(status = 403)]
+    Forbidden(ErrorBody<'static>),
+    /// The database cannot be reached (`service_unavailable`, code `database_unreachable`), or
+    /// cannot answer: nothing was changed.
+    #[response(status = 503)]
+    Unavailable(ErrorBody<'static>),
+}
+
+/// What every route of the workspace's own API may answer besides its own.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum WorkspaceErrors {
+    /// No key, or one that is malformed, unknown or revoked (`authentication_error`, code
+    /// `invalid_api_key`); with `WWW-Authenticate: Bearer`.
+    #[response(status = 401)]
+    Unauthorized(ErrorBody<'static>),
+    /// The workspace is suspended, or the key has expired (`permission_error`).
+    #[response(status = 403)]
+    Forbidden(ErrorBody<'static>),
+    /// The database cannot be reached (`service_unavailable`, code `database_unreachable`), or
+    /// cannot answer: nothing was changed.
+    #[response(status = 503)]
+    Unavailable(ErrorBody<'static>),
+}
+
+/// A route that reads a JSON body (at most 1 MiB).
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum BodyErrors {
+    /// A body, path parameter or query parameter that is not valid (`invalid_request_error`;
+    /// the message names the field).
+    #[response(status = 400)]
+    BadRequest(ErrorBody<'static>),
+    /// The body did not arrive whole within `body_read_timeout_ms` (`request_timeout`); the
+    /// connection is closed.
+    #[response(status = 408)]
+    Timeout(ErrorBody<'static>),
+    /// The body is over 1 MiB (`payload_too_large`).
+    #[response(status = 413)]
+    TooLarge(ErrorBody<'static>),
+}
+
+/// A route with a path or query parameter.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum BadRequest {
+    /// A path or query parameter that is not valid (`invalid_request_error`; the message names
+    /// it).
+    #[response(status = 400)]
+    BadRequest(ErrorBody<'static>),
+}
+
+/// A route about one object, by its id.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum NotFound {
+    /// No such object (`not_found`; the message says which).
+    #[response(status = 404)]
+    NotFound(ErrorBody<'static>),
+}
