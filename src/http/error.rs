@@ -1,5 +1,6 @@
 //! The one place that turns errors into HTTP answers: status, headers and a JSON body shaped
-//! like the Mistral API's errors, `{"object":"error","message","type","param":null,"code"}`.
+//! like the Mistral API's errors, `{"object":"error","message","type","param":null,"code"}`,
+//! with the same fields again as OpenAI's `"error": {"message","type","param","code"}`.
 //! Internal details go to the log, never to the client.
 
 use axum::http::{HeaderValue, StatusCode};
@@ -84,10 +85,24 @@ impl From<AdminError> for ApiError {
     }
 }
 
-/// The error shape, in the Mistral API's order; serialised straight from these fields.
+/// The error shape: the Mistral API's fields, in its order, then the same four again under
+/// `error`, the OpenAI API's shape. The mistralai SDK hands over the body as sent; the openai
+/// SDKs read `error` (openai-python falls back on the whole body, openai-node does not: without
+/// `error` it reports "429 status code (no body)" and no type or code; tests/sdk). Serialised
+/// straight from these fields.
 #[derive(serde::Serialize)]
 struct ErrorBody<'a> {
     object: &'static str,
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<()>,
+    code: Option<&'a str>,
+    error: OpenAiError<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct OpenAiError<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'a str,
@@ -102,6 +117,12 @@ fn body(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Re
         kind,
         param: None,
         code,
+        error: OpenAiError {
+            message,
+            kind,
+            param: None,
+            code,
+        },
     };
     (status, Json(body)).into_response()
 }
