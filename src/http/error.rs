@@ -1,5 +1,6 @@
 //! The one place that turns errors into HTTP answers: status, headers and a JSON body shaped
-//! like the Mistral API's errors, `{"object":"error","message","type","param":null,"code"}`.
+//! like the Mistral API's errors, `{"object":"error","message","type","param":null,"code"}`,
+//! with the same fields again as OpenAI's `"error": {"message","type","param","code"}`.
 //! Internal details go to the log, never to the client.
 
 use axum::http::{HeaderValue, StatusCode};
@@ -85,12 +86,15 @@ impl From<AdminError> for ApiError {
     }
 }
 
-/// The error shape, in the Mistral API's order; serialised straight from these fields. The
-/// OpenAPI document's `Error` schema is derived from it.
+/// The error shape: the Mistral API's fields, in its order, then the same four again under
+/// `error`, the OpenAI API's shape. The mistralai SDK hands over the body as sent; the openai
+/// SDKs read `error` (openai-python falls back on the whole body, openai-node does not: without
+/// `error` it reports "429 status code (no body)" and no type or code; tests/sdk). Serialised
+/// straight from these fields; the OpenAPI document's `Error` schema is derived from it.
 #[derive(serde::Serialize, utoipa::ToSchema)]
 #[schema(
     as = Error,
-    description = "Every error: the Mistral API's shape. `type` says the cause (`invalid_request_error`, `authentication_error`, `permission_error`, `not_found`, `conflict`, `payload_too_large`, `request_timeout`, `service_unavailable`, ...), `message` says what to do."
+    description = "Every error: the Mistral API's shape, and the same four fields again under `error` (the OpenAI API's shape). `type` says the cause (`invalid_request_error`, `authentication_error`, `permission_error`, `not_found`, `conflict`, `payload_too_large`, `request_timeout`, `service_unavailable`, ...), `message` says what to do."
 )]
 pub struct ErrorBody<'a> {
     #[schema(schema_with = super::openapi::error_object)]
@@ -104,6 +108,22 @@ pub struct ErrorBody<'a> {
     /// A finer cause, where there is one (e.g. `invalid_api_key`, `database_unreachable`).
     #[schema(required = true)]
     code: Option<&'a str>,
+    /// The same, in the OpenAI API's shape.
+    error: OpenAiError<'a>,
+}
+
+/// The error's fields as the OpenAI API nests them.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = OpenAiError)]
+pub struct OpenAiError<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    /// Always `null`.
+    #[schema(schema_with = super::openapi::null, required = true)]
+    param: Option<()>,
+    #[schema(required = true)]
+    code: Option<&'a str>,
 }
 
 fn body(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
@@ -113,6 +133,12 @@ fn body(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Re
         kind,
         param: None,
         code,
+        error: OpenAiError {
+            message,
+            kind,
+            param: None,
+            code,
+        },
     };
     (status, Json(body)).into_response()
 }

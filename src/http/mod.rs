@@ -17,9 +17,9 @@ pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod headers;
+pub mod openapi;
 #[cfg(feature = "otel")]
 pub mod otel;
-pub mod openapi;
 pub mod proxy;
 pub mod serve;
 pub mod views;

@@ -286,11 +286,7 @@ async fn bad_admin_and_route_input_gets_a_json_4xx_and_changes_nothing() {
             .is_some_and(|v| v.to_str().unwrap_or("").starts_with("application/json"));
         let text = response.text().await.unwrap_or_default();
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let shaped = body["object"] == "error"
-            && body["type"].as_str().is_some_and(|t| !t.is_empty())
-            && body["message"].as_str().is_some_and(|m| !m.is_empty())
-            && body.get("param").is_some()
-            && body.get("code").is_some();
+        let shaped = is_error_shaped(&body);
         if status.as_u16() != c.status || !json_type || !shaped {
             failures.push(format!(
                 "{}: {} {path} -> {status} (want {}), body: {}",

@@ -289,10 +289,7 @@ async fn bad_keys_and_bodies_get_a_json_4xx_are_not_forwarded_and_cost_nothing()
             .is_some_and(|v| v.to_str().unwrap_or("").starts_with("application/json"));
         let text = response.text().await.unwrap_or_default();
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        let shaped = body["object"] == "error"
-            && body["type"].as_str().is_some_and(|t| !t.is_empty())
-            && body["message"].as_str().is_some_and(|m| !m.is_empty())
-            && body.get("code").is_some();
+        let shaped = is_error_shaped(&body);
         let leaks = text.contains(&key);
         if status.as_u16() != c.status || !json_type || !shaped || leaks {
             failures.push(format!(

@@ -11,9 +11,8 @@ use crate::harness::*;
 async fn error_body(r: reqwest::Response, status: StatusCode, kind: &str) -> Value {
     assert_eq!(r.status(), status);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["object"], "error", "{v}");
+    assert!(is_error_shaped(&v), "{v}");
     assert_eq!(v["type"], kind, "{v}");
-    assert!(!v["message"].as_str().unwrap().is_empty());
     v
 }
 
@@ -61,6 +60,35 @@ async fn missing_unknown_and_revoked_keys_are_refused_and_not_forwarded() {
     let r = gw.chat(&key, hello(), &[]).await;
     error_body(r, StatusCode::UNAUTHORIZED, "authentication_error").await;
     assert_eq!(gw.upstream_count().await, 0);
+}
+
+/// The exact bytes of an error: the Mistral API's fields in its order, then the same four under
+/// `error`, the OpenAI API's shape. The openai Node SDK reads only `error`: without it a 429 or
+/// 401 reaches its users as "429 status code (no body)", with no type or code (tests/sdk).
+#[tokio::test]
+async fn error_bodies_carry_the_mistral_and_the_openai_shape() {
+    let (gw, key) = TestGateway::on_tier(json!({"requests_per_second": 1})).await;
+    let r = gw.chat("tg_nope", hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.text().await.unwrap(),
+        concat!(
+            r#"{"object":"error","message":"Invalid or revoked API key.","type":"authentication_error","#,
+            r#""param":null,"code":"invalid_api_key","error":{"message":"Invalid or revoked API key.","#,
+            r#""type":"authentication_error","param":null,"code":"invalid_api_key"}}"#
+        )
+    );
+
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let message = "Rate limit exceeded: 1 request per second (requests_per_second). Retry in 1s.";
+    assert_eq!(
+        r.text().await.unwrap(),
+        format!(
+            r#"{{"object":"error","message":"{message}","type":"rate_limited","param":null,"code":"requests_per_second","error":{{"message":"{message}","type":"rate_limited","param":null,"code":"requests_per_second"}}}}"#
+        )
+    );
 }
 
 #[tokio::test]

@@ -436,11 +436,29 @@ pub fn header_u64(r: &Response, name: &str) -> u64 {
         .unwrap()
 }
 
+/// Whether `body` has the gateway's error shape: the Mistral API's fields (a `type` and a
+/// `message` that are not empty, `param` and `code`), and the same four again under `error`,
+/// the OpenAI API's shape, which the openai SDKs read (README, "Errors").
+pub fn is_error_shaped(body: &Value) -> bool {
+    body["object"] == "error"
+        && body["type"].as_str().is_some_and(|t| !t.is_empty())
+        && body["message"].as_str().is_some_and(|m| !m.is_empty())
+        && body.get("param").is_some()
+        && body.get("code").is_some()
+        && body["error"]
+            == json!({
+                "message": body["message"],
+                "type": body["type"],
+                "param": body["param"],
+                "code": body["code"],
+            })
+}
+
 /// Asserts a 429 of `kind` for `code`, and returns its body.
 pub async fn expect_429(r: Response, kind: &str, code: &str) -> Value {
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["object"], "error", "{body}");
+    assert!(is_error_shaped(&body), "{body}");
     assert_eq!(body["type"], kind, "{body}");
     assert_eq!(body["code"], code, "{body}");
     assert!(body["param"].is_null());
