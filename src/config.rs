@@ -125,129 +125,18 @@ pub struct RawEstimate {
 impl RawSettings {
     /// Reads a TOML file.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text = Self::read_file(path)?;
         toml::from_str(&text).map_err(|e| ConfigError::File {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
     }
 
-    /// Reads `TIERGATE_*` variables through `var`, so tests need not touch the process env.
-    pub fn from_env(var: impl Fn(&str) -> Option<String>) -> Self {
-        RawSettings {
-            listen: var("TIERGATE_LISTEN"),
-            admin_listen: var("TIERGATE_ADMIN_LISTEN"),
-            database: var("TIERGATE_DATABASE"),
-            admin_token: var("TIERGATE_ADMIN_TOKEN"),
-            header_read_timeout_ms: var("TIERGATE_HEADER_READ_TIMEOUT_MS")
-                .and_then(|v| v.parse().ok()),
-            body_read_timeout_ms: var("TIERGATE_BODY_READ_TIMEOUT_MS").and_then(|v| v.parse().ok()),
-            shutdown_grace_ms: var("TIERGATE_SHUTDOWN_GRACE_MS").and_then(|v| v.parse().ok()),
-            redis: var("TIERGATE_REDIS"),
-            redis_cluster: var("TIERGATE_REDIS_CLUSTER")
-                .map(|v| matches!(v.as_str(), "1" | "true" | "yes")),
-            redis_timeout_ms: var("TIERGATE_REDIS_TIMEOUT_MS").and_then(|v| v.parse().ok()),
-            redis_failure_policy: var("TIERGATE_REDIS_FAILURE_POLICY"),
-            redis_lease_ms: var("TIERGATE_REDIS_LEASE_MS").and_then(|v| v.parse().ok()),
-            redis_prefix: var("TIERGATE_REDIS_PREFIX"),
-            instances: var("TIERGATE_INSTANCES").and_then(|v| v.parse().ok()),
-            rate_limit_headers: var("TIERGATE_RATE_LIMIT_HEADERS").map(|v| list(&v)),
-            log_format: var("TIERGATE_LOG_FORMAT"),
-            access_log: var("TIERGATE_ACCESS_LOG")
-                .map(|v| matches!(v.as_str(), "1" | "true" | "yes")),
-            upstream: RawUpstream {
-                url: var("TIERGATE_UPSTREAM"),
-                api_key: var("TIERGATE_UPSTREAM_API_KEY"),
-                idle_read_timeout_ms: var("TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS")
-                    .and_then(|v| v.parse().ok()),
-                drop_request_headers: var("TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS")
-                    .map(|v| list(&v)),
-                ..RawUpstream::default()
-            },
-            ..RawSettings::default()
-        }
-    }
-
-    /// `self` with every field that `over` sets replaced by `over`'s.
-    pub fn overlay(self, over: RawSettings) -> RawSettings {
-        let RawSettings {
-            listen,
-            admin_listen,
-            database,
-            admin_token,
-            admin_tokens,
-            max_body_bytes,
-            header_read_timeout_ms,
-            body_read_timeout_ms,
-            shutdown_grace_ms,
-            catalog_refresh_ms,
-            redis,
-            redis_cluster,
-            redis_timeout_ms,
-            redis_failure_policy,
-            redis_lease_ms,
-            redis_prefix,
-            instances,
-            rate_limit_headers,
-            log_format,
-            access_log,
-            upstream,
-            estimate,
-            tiers,
-        } = over;
-        let mut merged_tiers = self.tiers;
-        merged_tiers.extend(tiers);
-        RawSettings {
-            listen: listen.or(self.listen),
-            admin_listen: admin_listen.or(self.admin_listen),
-            database: database.or(self.database),
-            admin_token: admin_token.or(self.admin_token),
-            admin_tokens: admin_tokens.or(self.admin_tokens),
-            max_body_bytes: max_body_bytes.or(self.max_body_bytes),
-            header_read_timeout_ms: header_read_timeout_ms.or(self.header_read_timeout_ms),
-            body_read_timeout_ms: body_read_timeout_ms.or(self.body_read_timeout_ms),
-            shutdown_grace_ms: shutdown_grace_ms.or(self.shutdown_grace_ms),
-            catalog_refresh_ms: catalog_refresh_ms.or(self.catalog_refresh_ms),
-            redis: redis.or(self.redis),
-            redis_cluster: redis_cluster.or(self.redis_cluster),
-            redis_timeout_ms: redis_timeout_ms.or(self.redis_timeout_ms),
-            redis_failure_policy: redis_failure_policy.or(self.redis_failure_policy),
-            redis_lease_ms: redis_lease_ms.or(self.redis_lease_ms),
-            redis_prefix: redis_prefix.or(self.redis_prefix),
-            instances: instances.or(self.instances),
-            rate_limit_headers: rate_limit_headers.or(self.rate_limit_headers),
-            log_format: log_format.or(self.log_format),
-            access_log: access_log.or(self.access_log),
-            upstream: RawUpstream {
-                url: upstream.url.or(self.upstream.url),
-                api_key: upstream.api_key.or(self.upstream.api_key),
-                request_stream_usage: upstream
-                    .request_stream_usage
-                    .or(self.upstream.request_stream_usage),
-                connect_timeout_ms: upstream
-                    .connect_timeout_ms
-                    .or(self.upstream.connect_timeout_ms),
-                timeout_secs: upstream.timeout_secs.or(self.upstream.timeout_secs),
-                usage_drain_ms: upstream.usage_drain_ms.or(self.upstream.usage_drain_ms),
-                idle_read_timeout_ms: upstream
-                    .idle_read_timeout_ms
-                    .or(self.upstream.idle_read_timeout_ms),
-                drop_request_headers: upstream
-                    .drop_request_headers
-                    .or(self.upstream.drop_request_headers),
-            },
-            estimate: RawEstimate {
-                default_completion_tokens: estimate
-                    .default_completion_tokens
-                    .or(self.estimate.default_completion_tokens),
-                history: estimate.history.or(self.estimate.history),
-                max_tokens_limit: estimate.max_tokens_limit.or(self.estimate.max_tokens_limit),
-            },
-            tiers: merged_tiers,
-        }
+    fn read_file(path: &Path) -> Result<String, ConfigError> {
+        std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 }
 
@@ -283,6 +172,147 @@ pub struct EstimateConfig {
     pub default_completion_tokens: u64,
     pub history: usize,
     pub max_tokens_limit: u64,
+}
+
+/// How a setting's text, from a flag or the environment, is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    /// A whole number.
+    Number,
+    /// `true`/`false` (also `1`/`0`, `yes`/`no`, `on`/`off`); a flag alone means `true`.
+    Switch,
+    /// Comma-separated.
+    List,
+}
+
+/// One setting, declared once: its key in the file (`[upstream] api_key` is
+/// `upstream.api_key`), its flag and its environment variable. The naming rule: the flag is
+/// `--` and the key with `.` and `_` as `-`; the variable is `TIERGATE_` and the key in capitals
+/// with `.` as `_`. One exception, kept from the first release: the upstream's URL is
+/// `--upstream` and `TIERGATE_UPSTREAM`. (`admin_tokens` and `tiers`, lists of tables, are set in
+/// the file only.)
+#[derive(Debug)]
+pub struct Setting {
+    pub key: &'static str,
+    pub flag: &'static str,
+    pub env: &'static str,
+    pub kind: Kind,
+    /// What it does, and its default: the flag's help.
+    pub help: &'static str,
+}
+
+const fn setting(
+    key: &'static str,
+    flag: &'static str,
+    env: &'static str,
+    kind: Kind,
+    help: &'static str,
+) -> Setting {
+    Setting {
+        key,
+        flag,
+        env,
+        kind,
+        help,
+    }
+}
+
+use Kind::{List, Number, Switch, Text};
+
+/// Every setting a flag, a variable or a file key can give.
+pub const SETTINGS: &[Setting] = &[
+    setting("listen", "listen", "TIERGATE_LISTEN", Text, "Address to listen on (default 127.0.0.1:8080)."),
+    setting("admin_listen", "admin-listen", "TIERGATE_ADMIN_LISTEN", Text, "Serve the admin API and /metrics on this address only (e.g. 127.0.0.1:8081); the main listener then answers them 404. Default: on the main listener."),
+    setting("database", "database", "TIERGATE_DATABASE", Text, "Database URL: sqlite://PATH (default sqlite://tiergate.db) or postgres://USER@HOST:PORT/DATABASE."),
+    setting("admin_token", "admin-token", "TIERGATE_ADMIN_TOKEN", Text, "Bearer token of the admin API, named `admin` in the audit (more, each with a name: [[admin_tokens]] in the config file); without any, the admin API answers 403."),
+    setting("max_body_bytes", "max-body-bytes", "TIERGATE_MAX_BODY_BYTES", Number, "Larger request bodies get 413 (default 4194304)."),
+    setting("header_read_timeout_ms", "header-read-timeout-ms", "TIERGATE_HEADER_READ_TIMEOUT_MS", Number, "A request's head must arrive whole within this, in ms; it also closes a kept-alive connection idle this long (default 30000)."),
+    setting("body_read_timeout_ms", "body-read-timeout-ms", "TIERGATE_BODY_READ_TIMEOUT_MS", Number, "A request's body must arrive whole within this, in ms, from its head (default 60000)."),
+    setting("shutdown_grace_ms", "shutdown-grace-ms", "TIERGATE_SHUTDOWN_GRACE_MS", Number, "On stop, how long requests in flight may take to finish, in ms (default 20000)."),
+    setting("catalog_refresh_ms", "catalog-refresh-ms", "TIERGATE_CATALOG_REFRESH_MS", Number, "How often changes made by other processes are picked up, in ms (default 1000)."),
+    setting("redis", "redis", "TIERGATE_REDIS", Text, "Share limits through Redis: redis://[user:password@]host:port[/db] (or rediss://), or a comma-separated list of Redis Cluster seed nodes."),
+    setting("redis_cluster", "redis-cluster", "TIERGATE_REDIS_CLUSTER", Switch, "Treat a single --redis URL as a Redis Cluster seed."),
+    setting("redis_timeout_ms", "redis-timeout-ms", "TIERGATE_REDIS_TIMEOUT_MS", Number, "The longest a Redis call may take, in ms (default 50)."),
+    setting("redis_failure_policy", "redis-failure-policy", "TIERGATE_REDIS_FAILURE_POLICY", Text, "While Redis is unreachable: closed (503), open (admit), or local (each instance its share of every limit; the default)."),
+    setting("redis_lease_ms", "redis-lease-ms", "TIERGATE_REDIS_LEASE_MS", Number, "How long a request's reservation lives in Redis without renewal, in ms (default 30000)."),
+    setting("redis_prefix", "redis-prefix", "TIERGATE_REDIS_PREFIX", Text, "The prefix of every Redis key (default tg)."),
+    setting("instances", "instances", "TIERGATE_INSTANCES", Number, "How many instances share the limits, for the local failure policy (default: the count seen in Redis)."),
+    setting("rate_limit_headers", "rate-limit-headers", "TIERGATE_RATE_LIMIT_HEADERS", List, "The rate-limit header families sent: openai, ietf, mistral, or none (default openai,ietf)."),
+    setting("log_format", "log-format", "TIERGATE_LOG_FORMAT", Text, "Log lines as text (the default) or json."),
+    setting("access_log", "access-log", "TIERGATE_ACCESS_LOG", Switch, "One access-log line per proxied request (default true)."),
+    setting("upstream.url", "upstream", "TIERGATE_UPSTREAM", Text, "Base URL of the upstream API, e.g. https://api.mistral.ai (required by serve)."),
+    setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
+    setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
+    setting("upstream.connect_timeout_ms", "upstream-connect-timeout-ms", "TIERGATE_UPSTREAM_CONNECT_TIMEOUT_MS", Number, "Connecting to the upstream may take this long, in ms (default 3000)."),
+    setting("upstream.timeout_secs", "upstream-timeout-secs", "TIERGATE_UPSTREAM_TIMEOUT_SECS", Number, "Until the upstream's response headers arrive, in seconds; then 504 (default 300)."),
+    setting("upstream.usage_drain_ms", "upstream-usage-drain-ms", "TIERGATE_UPSTREAM_USAGE_DRAIN_MS", Number, "After a client leaves a stream, how long to keep reading for its usage, in ms (default 2000)."),
+    setting("upstream.idle_read_timeout_ms", "upstream-idle-read-timeout-ms", "TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS", Number, "The longest an upstream's body may stay silent, in ms (default 60000)."),
+    setting("upstream.drop_request_headers", "upstream-drop-request-headers", "TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS", List, "More request headers never forwarded, added to the built-in deny-list."),
+    setting("estimate.default_completion_tokens", "estimate-default-completion-tokens", "TIERGATE_ESTIMATE_DEFAULT_COMPLETION_TOKENS", Number, "The completion expected before a workspace has any history (default 256)."),
+    setting("estimate.history", "estimate-history", "TIERGATE_ESTIMATE_HISTORY", Number, "Completions remembered per workspace and model (default 16)."),
+    setting("estimate.max_tokens_limit", "estimate-max-tokens-limit", "TIERGATE_ESTIMATE_MAX_TOKENS_LIMIT", Number, "The largest max_tokens a request may ask for; above it, 400 (default 1000000)."),
+];
+
+/// A layer of settings from text (`source` names the flag or variable in errors): each value
+/// read as its kind, placed at its key.
+fn layer<'a>(
+    values: impl Iterator<Item = (&'a Setting, String, String)>,
+) -> Result<toml::Table, ConfigError> {
+    let mut table = toml::Table::new();
+    for (s, text, source) in values {
+        let value = match s.kind {
+            Kind::Text => toml::Value::String(text),
+            Kind::Number => match text.trim().parse::<i64>() {
+                Ok(n) if n >= 0 => toml::Value::Integer(n),
+                _ => {
+                    return Err(invalid(
+                        s.key,
+                        format!("'{text}' (from {source}) is not a whole number"),
+                    ))
+                }
+            },
+            Kind::Switch => match text.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+                "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+                _ => {
+                    return Err(invalid(
+                        s.key,
+                        format!("'{text}' (from {source}) is not true or false"),
+                    ))
+                }
+            },
+            Kind::List => {
+                toml::Value::Array(list(&text).into_iter().map(toml::Value::String).collect())
+            }
+        };
+        let mut at = &mut table;
+        let mut parts = s.key.split('.').peekable();
+        while let Some(part) = parts.next() {
+            if parts.peek().is_none() {
+                at.insert(part.to_string(), value);
+                break;
+            }
+            at = at
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .expect("settings nest only in tables");
+        }
+    }
+    Ok(table)
+}
+
+/// `over`'s values replace `base`'s; tables are merged key by key.
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
 }
 
 /// A comma-separated list, trimmed, empty items left out.
@@ -889,19 +919,47 @@ pub fn validate_tier_name(name: &str) -> Result<(), String> {
 
 impl Config {
     /// Loads the layers: defaults < file < environment < flags. The file is the flags' or the
-    /// environment's `config` path, if any.
+    /// environment's `TIERGATE_CONFIG` path, if any. `flags` are the settings given on the
+    /// command line, as text; the environment is read through `env` for every setting of
+    /// [`SETTINGS`].
     pub fn load(
-        flags: RawSettings,
+        flags: &[(&'static Setting, String)],
         config_file: Option<&Path>,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let env_file = env("TIERGATE_CONFIG").map(PathBuf::from);
-        let env_settings = RawSettings::from_env(&env);
-        let file = match config_file.map(Path::to_path_buf).or(env_file) {
-            Some(path) => RawSettings::from_file(&path)?,
-            None => RawSettings::default(),
+        let mut merged = match config_file.map(Path::to_path_buf).or(env_file) {
+            Some(path) => {
+                // Read once as settings, so that its mistakes are reported with their place
+                // and key, then as a table to be layered.
+                let text = RawSettings::read_file(&path)?;
+                toml::from_str::<RawSettings>(&text).map_err(|e| ConfigError::File {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?;
+                toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
+                    path,
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
         };
-        Config::try_from(file.overlay(env_settings).overlay(flags))
+        let from_env = SETTINGS
+            .iter()
+            .filter_map(|s| env(s.env).map(|v| (s, v, s.env.to_string())));
+        merge(&mut merged, layer(from_env)?);
+        merge(
+            &mut merged,
+            layer(
+                flags
+                    .iter()
+                    .map(|(s, v)| (*s, v.clone(), format!("--{}", s.flag))),
+            )?,
+        );
+        let raw: RawSettings = toml::Value::Table(merged)
+            .try_into()
+            .map_err(|e| invalid("settings", e.to_string()))?;
+        Config::try_from(raw)
     }
 
     /// For commands that forward traffic: the upstream must be set.
@@ -1082,6 +1140,24 @@ mod tests {
         }
     }
 
+    /// The setting whose flag is `--flag`.
+    fn flag(flag: &str, value: &str) -> (&'static Setting, String) {
+        let s = SETTINGS.iter().find(|s| s.flag == flag).unwrap();
+        (s, value.to_string())
+    }
+
+    /// `Config::load` over a file holding `text`.
+    fn load_file(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+        flags: &[(&'static Setting, String)],
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(flags, Some(&path), env)
+    }
+
     #[test]
     fn flags_beat_env_beat_file_beat_defaults() {
         let dir = tempfile::tempdir().unwrap();
@@ -1091,7 +1167,7 @@ mod tests {
             "listen = \"127.0.0.1:7000\"\ndatabase = \"sqlite://file.db\"\n[upstream]\nurl = \"http://file:1/v1\"\nrequest_stream_usage = false\n",
         )
         .unwrap();
-        let c = Config::load(RawSettings::default(), Some(&path), env_of(&[])).unwrap();
+        let c = Config::load(&[], Some(&path), env_of(&[])).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7000");
         assert_eq!(c.upstream.url.unwrap().as_str(), "http://file:1/");
         assert!(!c.upstream.request_stream_usage);
@@ -1100,19 +1176,18 @@ mod tests {
             ("TIERGATE_LISTEN", "127.0.0.1:7001"),
             ("TIERGATE_UPSTREAM", "http://env:2"),
         ]);
-        let c = Config::load(RawSettings::default(), Some(&path), &env).unwrap();
+        let c = Config::load(&[], Some(&path), &env).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7001");
         assert_eq!(c.database, "sqlite://file.db");
 
-        let flags = RawSettings {
-            listen: Some("127.0.0.1:7002".into()),
-            ..RawSettings::default()
-        };
-        let c = Config::load(flags, Some(&path), &env).unwrap();
+        let flags = [flag("listen", "127.0.0.1:7002")];
+        let c = Config::load(&flags, Some(&path), &env).unwrap();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7002");
-        assert_eq!(c.upstream.url.unwrap().host_str(), Some("env"));
+        assert_eq!(c.upstream.url.as_ref().unwrap().host_str(), Some("env"));
+        // A nested key from the file survives a layer that sets another key of its table.
+        assert!(!c.upstream.request_stream_usage);
 
-        let c = Config::load(RawSettings::default(), None, env_of(&[])).unwrap();
+        let c = Config::load(&[], None, env_of(&[])).unwrap();
         assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
         assert_eq!(c.database, DEFAULT_DATABASE);
         assert!(c.upstream_url().is_err());
@@ -1226,11 +1301,12 @@ mod tests {
             ("TIERGATE_REDIS_FAILURE_POLICY", "open"),
             ("TIERGATE_INSTANCES", "4"),
         ]);
-        let raw: RawSettings = toml::from_str(
+        let c = load_file(
             "redis = \"redis://file:6379\"\nredis_timeout_ms = 75\nredis_lease_ms = 9000\nredis_prefix = \"prod\"\n",
+            env,
+            &[],
         )
         .unwrap();
-        let c = Config::try_from(raw.clone().overlay(RawSettings::from_env(&env))).unwrap();
         let r = c.redis.unwrap();
         assert_eq!(r.topology, Topology::Single("redis://env:6379".into()));
         assert_eq!(
@@ -1392,9 +1468,9 @@ mod tests {
     #[test]
     fn admin_listen_is_an_address_apart_from_listen() {
         let env = env_of(&[("TIERGATE_ADMIN_LISTEN", "127.0.0.1:9001")]);
-        let c = Config::load(RawSettings::default(), None, &env).unwrap();
+        let c = Config::load(&[], None, &env).unwrap();
         assert_eq!(c.admin_listen.unwrap().to_string(), "127.0.0.1:9001");
-        let c = Config::load(RawSettings::default(), None, env_of(&[])).unwrap();
+        let c = Config::load(&[], None, env_of(&[])).unwrap();
         assert_eq!(c.admin_listen, None);
         let bad = |raw: RawSettings| Config::try_from(raw).unwrap_err().to_string();
         let e = bad(RawSettings {
@@ -1422,11 +1498,9 @@ mod tests {
             DROPPED_REQUEST_HEADERS.to_vec()
         );
 
-        let raw: RawSettings = toml::from_str(
-            "header_read_timeout_ms = 5000\nbody_read_timeout_ms = 7000\nshutdown_grace_ms = 100\n\
-             [upstream]\nidle_read_timeout_ms = 9000\ndrop_request_headers = [\"X-Tenant\", \"cookie\"]\n",
-        )
-        .unwrap();
+        let file = "header_read_timeout_ms = 5000\nbody_read_timeout_ms = 7000\nshutdown_grace_ms = 100\n\
+             [upstream]\nidle_read_timeout_ms = 9000\ndrop_request_headers = [\"X-Tenant\", \"cookie\"]\n";
+        let raw: RawSettings = toml::from_str(file).unwrap();
         let env = env_of(&[
             ("TIERGATE_HEADER_READ_TIMEOUT_MS", "6000"),
             ("TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS", "x-a, X-B"),
@@ -1445,7 +1519,7 @@ mod tests {
             c.upstream.drop_request_headers.len(),
             DROPPED_REQUEST_HEADERS.len() + 1
         );
-        let c = Config::try_from(raw.overlay(RawSettings::from_env(&env))).unwrap();
+        let c = load_file(file, env, &[]).unwrap();
         assert_eq!(c.header_read_timeout, Duration::from_secs(6));
         assert!(c
             .upstream
@@ -1509,5 +1583,65 @@ mod tests {
         let gold = c.tiers.iter().find(|t| t.name == "gold").unwrap();
         assert_eq!(gold.limits.models["big"].tokens_per_minute, Some(5));
         assert!(c.tiers.iter().any(|t| t.name == "scale"));
+    }
+
+    #[test]
+    fn every_setting_follows_the_naming_rule_and_reaches_its_field() {
+        for s in SETTINGS {
+            if s.key == "upstream.url" {
+                assert_eq!((s.flag, s.env), ("upstream", "TIERGATE_UPSTREAM"));
+                continue;
+            }
+            assert_eq!(s.flag, s.key.replace(['.', '_'], "-"), "{}", s.key);
+            assert_eq!(
+                s.env,
+                format!("TIERGATE_{}", s.key.to_uppercase().replace('.', "_")),
+                "{}",
+                s.key
+            );
+        }
+        // Each one, given by a flag, lands in the settings: none is declared and then dropped.
+        for s in SETTINGS {
+            let value = match s.kind {
+                Kind::Number => "7",
+                Kind::Switch => "true",
+                Kind::List => "a,b",
+                Kind::Text => "x",
+            };
+            let t = layer(std::iter::once((s, value.to_string(), s.flag.to_string()))).unwrap();
+            let raw: RawSettings = toml::Value::Table(t).try_into().unwrap();
+            let shown = format!("{raw:?}");
+            let name = s.key.rsplit('.').next().unwrap();
+            assert!(
+                shown.contains(&format!("{name}: Some(")),
+                "{} is not read into RawSettings: {shown}",
+                s.key
+            );
+        }
+    }
+
+    #[test]
+    fn text_that_is_not_of_its_kind_is_refused_naming_the_setting_and_its_source() {
+        let env = env_of(&[("TIERGATE_REDIS_TIMEOUT_MS", "fast")]);
+        let e = Config::load(&[], None, env).unwrap_err().to_string();
+        assert!(
+            e.contains("redis_timeout_ms") && e.contains("TIERGATE_REDIS_TIMEOUT_MS"),
+            "{e}"
+        );
+        let e = Config::load(&[flag("access-log", "maybe")], None, env_of(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("access_log") && e.contains("--access-log"),
+            "{e}"
+        );
+        // Every setting now has a variable: the estimate's too.
+        let env = env_of(&[
+            ("TIERGATE_ESTIMATE_HISTORY", "4"),
+            ("TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", "no"),
+        ]);
+        let c = Config::load(&[], None, env).unwrap();
+        assert_eq!(c.estimate.history, 4);
+        assert!(!c.upstream.request_stream_usage);
     }
 }

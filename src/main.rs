@@ -10,12 +10,12 @@ use serde_json::Value;
 
 use tiergate::admin::{Admin, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use tiergate::clock::SystemClock;
-use tiergate::config::{LogFormat, RawUpstream};
+use tiergate::config::{Kind, LogFormat, Setting, SETTINGS};
 use tiergate::mock_upstream::{self, MockConfig};
 use tiergate::model::{Actor, Limits, ModelLimits, Overrides};
 use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::redact;
-use tiergate::{Config, RawSettings};
+use tiergate::Config;
 
 #[derive(Parser)]
 #[command(
@@ -30,77 +30,70 @@ struct Cli {
 
 #[derive(Args, Clone, Default)]
 struct StoreArgs {
-    /// Database URL (default sqlite://tiergate.db).
-    #[arg(long, env = "TIERGATE_DATABASE")]
+    /// Database URL (default sqlite://tiergate.db) [env: TIERGATE_DATABASE].
+    #[arg(long)]
     database: Option<String>,
-    /// TOML config file.
-    #[arg(long, env = "TIERGATE_CONFIG")]
+    /// TOML config file [env: TIERGATE_CONFIG].
+    #[arg(long)]
     config: Option<PathBuf>,
 }
 
-#[derive(Args, Clone, Default)]
-struct RedisArgs {
-    /// Share limits through Redis: redis://[user:password@]host:port[/db] (or rediss://), or a
-    /// comma-separated list of Redis Cluster seed nodes.
-    #[arg(long, env = "TIERGATE_REDIS", hide_env_values = true)]
-    redis: Option<String>,
-    /// Treat a single --redis URL as a Redis Cluster seed.
-    #[arg(long, env = "TIERGATE_REDIS_CLUSTER")]
-    redis_cluster: bool,
-    /// The longest a Redis call may take, in ms (default 50).
-    #[arg(long, env = "TIERGATE_REDIS_TIMEOUT_MS")]
-    redis_timeout_ms: Option<u64>,
-    /// While Redis is unreachable: closed (503), open (admit), or local (each instance its
-    /// share of every limit; the default).
-    #[arg(long, env = "TIERGATE_REDIS_FAILURE_POLICY")]
-    redis_failure_policy: Option<String>,
-    /// How long a request's reservation lives in Redis without renewal, in ms (default 30000).
-    #[arg(long, env = "TIERGATE_REDIS_LEASE_MS")]
-    redis_lease_ms: Option<u64>,
-    /// The prefix of every Redis key (default tg).
-    #[arg(long, env = "TIERGATE_REDIS_PREFIX")]
-    redis_prefix: Option<String>,
-    /// How many instances share the limits, for the local failure policy (default: the count
-    /// seen in Redis).
-    #[arg(long, env = "TIERGATE_INSTANCES")]
-    instances: Option<u32>,
+/// `serve`'s settings: one flag per entry of `tiergate::config::SETTINGS`, made from that table
+/// (its naming rule gives the flag; the file key and the variable are in each flag's help), kept
+/// as text and read by `Config::load` with the file and the environment.
+struct SettingFlags(Vec<(&'static Setting, String)>);
+
+impl clap::FromArgMatches for SettingFlags {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = Vec::new();
+        for s in SETTINGS {
+            if let Some(v) = matches.get_one::<String>(s.flag) {
+                flags.push((s, v.clone()));
+            }
+        }
+        Ok(SettingFlags(flags))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for SettingFlags {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        for s in SETTINGS {
+            let value_name = match s.kind {
+                Kind::Number => "N",
+                Kind::Switch => "BOOL",
+                Kind::List => "LIST",
+                Kind::Text => "VALUE",
+            };
+            let mut arg = clap::Arg::new(s.flag)
+                .long(s.flag)
+                .value_name(value_name)
+                .help(format!("{} [env: {}] [file: {}]", s.help, s.env, s.key));
+            if s.kind == Kind::Switch {
+                // `--redis-cluster` alone means true; `--access-log false` turns one off.
+                arg = arg.num_args(0..=1).default_missing_value("true");
+            }
+            cmd = cmd.arg(arg);
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 #[derive(Args)]
 struct ServeArgs {
-    /// Address to listen on (default 127.0.0.1:8080).
-    #[arg(long, env = "TIERGATE_LISTEN")]
-    listen: Option<String>,
-    /// Serve the admin API and /metrics on this address only (e.g. 127.0.0.1:8081); the main
-    /// listener then answers them 404. Default: on the main listener.
-    #[arg(long, env = "TIERGATE_ADMIN_LISTEN")]
-    admin_listen: Option<String>,
-    /// Base URL of the upstream API, e.g. https://api.mistral.ai.
-    #[arg(long, env = "TIERGATE_UPSTREAM")]
-    upstream: Option<String>,
-    /// The gateway's own key for the upstream; the client's key is never forwarded.
-    #[arg(long, env = "TIERGATE_UPSTREAM_API_KEY", hide_env_values = true)]
-    upstream_api_key: Option<String>,
-    /// Bearer token of the admin API, named `admin` in the audit (more, each with a name:
-    /// [[admin_tokens]] in the config file); without any, the admin API answers 403.
-    #[arg(long, env = "TIERGATE_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-    /// The rate-limit header families sent, comma-separated: openai, ietf, mistral, or none
-    /// (default openai,ietf). Env TIERGATE_RATE_LIMIT_HEADERS.
-    #[arg(long, value_name = "LIST")]
-    rate_limit_headers: Option<String>,
-    /// Log lines as text (the default) or json. Env TIERGATE_LOG_FORMAT.
-    #[arg(long, value_name = "FORMAT")]
-    log_format: Option<String>,
-    /// No access-log line per request. Env TIERGATE_ACCESS_LOG=false.
+    /// TOML config file [env: TIERGATE_CONFIG].
     #[arg(long)]
-    no_access_log: bool,
+    config: Option<PathBuf>,
     #[command(flatten)]
-    redis: RedisArgs,
-    #[command(flatten)]
-    timeouts: TimeoutArgs,
-    #[command(flatten)]
-    store: StoreArgs,
+    settings: SettingFlags,
 }
 
 #[derive(Args)]
@@ -128,23 +121,6 @@ struct AuditArgs {
     limit: Option<i64>,
     #[command(flatten)]
     store: StoreArgs,
-}
-
-#[derive(Args, Clone, Default)]
-struct TimeoutArgs {
-    /// A request's head must arrive whole within this, in ms; it also closes a kept-alive
-    /// connection idle this long (default 30000).
-    #[arg(long, env = "TIERGATE_HEADER_READ_TIMEOUT_MS")]
-    header_read_timeout_ms: Option<u64>,
-    /// A request's body must arrive whole within this, in ms, from its head (default 60000).
-    #[arg(long, env = "TIERGATE_BODY_READ_TIMEOUT_MS")]
-    body_read_timeout_ms: Option<u64>,
-    /// On stop, how long requests in flight may take to finish, in ms (default 20000).
-    #[arg(long, env = "TIERGATE_SHUTDOWN_GRACE_MS")]
-    shutdown_grace_ms: Option<u64>,
-    /// The longest an upstream's body may stay silent, in ms (default 60000).
-    #[arg(long, env = "TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS")]
-    upstream_idle_read_timeout_ms: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -448,11 +424,16 @@ fn env_var(name: &str) -> Option<String> {
 
 /// Config for commands that only need the store.
 fn store_config(args: &StoreArgs) -> anyhow::Result<Config> {
-    let flags = RawSettings {
-        database: args.database.clone(),
-        ..RawSettings::default()
-    };
-    Ok(Config::load(flags, args.config.as_deref(), env_var)?)
+    let database = SETTINGS
+        .iter()
+        .find(|s| s.key == "database")
+        .expect("a setting");
+    let flags: Vec<_> = args
+        .database
+        .iter()
+        .map(|d| (database, d.clone()))
+        .collect();
+    Ok(Config::load(&flags, args.config.as_deref(), env_var)?)
 }
 
 /// The admin operations on the store the arguments name, and who the audit says made them:
@@ -516,61 +497,8 @@ fn model_limit(limits: &mut Limits, arg: &str) -> anyhow::Result<()> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let ServeArgs {
-        listen,
-        admin_listen,
-        upstream,
-        upstream_api_key,
-        admin_token,
-        rate_limit_headers,
-        log_format,
-        no_access_log,
-        redis,
-        timeouts,
-        store,
-    } = args;
-    let TimeoutArgs {
-        header_read_timeout_ms,
-        body_read_timeout_ms,
-        shutdown_grace_ms,
-        upstream_idle_read_timeout_ms,
-    } = timeouts;
-    let RedisArgs {
-        redis,
-        redis_cluster,
-        redis_timeout_ms,
-        redis_failure_policy,
-        redis_lease_ms,
-        redis_prefix,
-        instances,
-    } = redis;
-    let flags = RawSettings {
-        listen,
-        admin_listen,
-        database: store.database,
-        admin_token,
-        header_read_timeout_ms,
-        body_read_timeout_ms,
-        shutdown_grace_ms,
-        redis,
-        redis_cluster: redis_cluster.then_some(true),
-        redis_timeout_ms,
-        redis_failure_policy,
-        redis_lease_ms,
-        redis_prefix,
-        instances,
-        rate_limit_headers: rate_limit_headers.map(|v| tiergate::config::list(&v)),
-        log_format,
-        access_log: no_access_log.then_some(false),
-        upstream: RawUpstream {
-            url: upstream,
-            api_key: upstream_api_key,
-            idle_read_timeout_ms: upstream_idle_read_timeout_ms,
-            ..RawUpstream::default()
-        },
-        ..RawSettings::default()
-    };
-    let config = Config::load(flags, store.config.as_deref(), env_var)?;
+    let ServeArgs { config, settings } = args;
+    let config = Config::load(&settings.0, config.as_deref(), env_var)?;
     let _telemetry = init_tracing(config.log_format);
     config.upstream_url()?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
@@ -796,7 +724,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::LimitRequests(c) => limit_requests(c).await?,
         Command::Audit(args) => audit(args).await?,
         Command::Config(ConfigCommand::Check { file }) => {
-            let config = Config::load(RawSettings::default(), Some(&file), env_var)
+            let config = Config::load(&[], Some(&file), env_var)
                 .with_context(|| format!("{} is not a valid configuration", file.display()))?;
             print!("{}", config.effective_toml());
         }
