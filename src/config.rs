@@ -1621,6 +1621,49 @@ mod tests {
     }
 
     #[test]
+    fn every_field_of_the_settings_is_declared_once() {
+        // The fields, as `Debug` names them, of the settings and their nested tables.
+        let fields = |debug: String| -> Vec<String> {
+            debug
+                .split(['{', ','])
+                .filter_map(|part| {
+                    part.trim()
+                        .split_once(':')
+                        .map(|(k, _)| k.trim().to_string())
+                })
+                .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .collect()
+        };
+        let nested: Vec<String> = [
+            format!("{:?}", RawUpstream::default()),
+            format!("{:?}", RawEstimate::default()),
+        ]
+        .into_iter()
+        .flat_map(fields)
+        .collect();
+        let mut keys: Vec<String> = fields(format!("{:?}", RawSettings::default()))
+            .into_iter()
+            .filter(|k| !["upstream", "estimate", "admin_tokens", "tiers"].contains(&k.as_str()))
+            .filter(|k| !nested.contains(k))
+            .collect();
+        for (table, debug) in [
+            ("upstream", format!("{:?}", RawUpstream::default())),
+            ("estimate", format!("{:?}", RawEstimate::default())),
+        ] {
+            keys.extend(fields(debug).into_iter().map(|k| format!("{table}.{k}")));
+        }
+        assert!(keys.len() >= 25, "{keys:?}");
+        for key in &keys {
+            let declared = SETTINGS.iter().filter(|s| s.key == key).count();
+            assert_eq!(
+                declared, 1,
+                "{key} is declared {declared} times in SETTINGS"
+            );
+        }
+        assert_eq!(keys.len(), SETTINGS.len(), "{keys:?}");
+    }
+
+    #[test]
     fn text_that_is_not_of_its_kind_is_refused_naming_the_setting_and_its_source() {
         let env = env_of(&[("TIERGATE_REDIS_TIMEOUT_MS", "fast")]);
         let e = Config::load(&[], None, env).unwrap_err().to_string();
