@@ -516,3 +516,41 @@ async fn console_sessions_survive_a_restart() {
         "the secret was kept in the store"
     );
 }
+
+/// Instances on one database sign with the same secret: a session made on one is good on the
+/// others, and revoking its key through one ends it on the others within the catalogue's
+/// refresh (1 s; allowed 3 s on a busy machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_hold_across_instances_and_end_on_all() {
+    let Some(redis) = crate::support::redis::shared_redis() else {
+        return;
+    };
+    let fleet = TestGateway::fleet(2, &redis, |_| {}).await;
+    let (one, two) = (&fleet[0], &fleet[1]);
+    let (ws, key) = one.workspace("free").await;
+    let cookie = signed_in(one, &key).await;
+    eventually(
+        Duration::from_secs(3),
+        "the session on the other instance",
+        || async { get(two, "/console/workspace", Some(&cookie)).await.status == StatusCode::OK },
+    )
+    .await;
+    let ids = key_ids(one, ws).await;
+    let (s, _) = one
+        .admin(reqwest::Method::DELETE, &format!("/keys/{}", ids[0]), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(get(one, "/console/workspace", Some(&cookie))
+        .await
+        .redirects_to("/console"));
+    eventually(
+        Duration::from_secs(3),
+        "the session ended on the other instance",
+        || async {
+            get(two, "/console/workspace", Some(&cookie))
+                .await
+                .redirects_to("/console")
+        },
+    )
+    .await;
+}
