@@ -1336,7 +1336,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2, 3]);
+    assert_eq!(steps, vec![1, 2, 3, 4]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 
