@@ -65,7 +65,7 @@ async fn sign_in_page(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
             let mut r = page(StatusCode::OK, "Sign in", sign_in_form(None));
             if clear {
                 r.headers_mut()
-                    .append(header::SET_COOKIE, cookie("", 0, false));
+                    .append(header::SET_COOKIE, cookie("", 0, over_https(&headers)));
             }
             r
         }
@@ -126,7 +126,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
 async fn workspace_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     let (session, entry) = match signed_in(&state, &headers) {
         Ok(found) => found,
-        Err(out) => return out.to_sign_in(),
+        Err(out) => return out.to_sign_in(&headers),
     };
     let ws = &entry.workspace;
     let usage = match usage_view(&state, ws, &entry.limits, None, None, false).await {
@@ -151,7 +151,7 @@ async fn workspace_page(State(state): State<Arc<AppState>>, headers: HeaderMap) 
 async fn sign_out(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let Some(session) = session_of(&state, &parts.headers) else {
-        return SignedOut { clear: true }.to_sign_in();
+        return SignedOut { clear: true }.to_sign_in(&parts.headers);
     };
     let form = read_form(body).await.unwrap_or_default();
     let token = field(&form, "csrf").unwrap_or_default();
@@ -171,8 +171,10 @@ struct SignedOut {
 }
 
 impl SignedOut {
-    fn to_sign_in(&self) -> Response {
-        let clear = self.clear.then(|| cookie("", 0, false));
+    /// A redirect to sign in, clearing the cookie (with the same `Secure` as it was set with,
+    /// so that the browser replaces it).
+    fn to_sign_in(&self, headers: &HeaderMap) -> Response {
+        let clear = self.clear.then(|| cookie("", 0, over_https(headers)));
         see_other("/console", clear)
     }
 }

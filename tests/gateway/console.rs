@@ -238,6 +238,23 @@ async fn console_cookie_is_secure_over_https() {
         "{:?}",
         signed.set_cookie
     );
+    // Cleared the same way, so that the browser replaces it.
+    let page = Page::of(
+        browser()
+            .get(format!("{}/console/workspace", gw.url))
+            .header("cookie", "tiergate_console=forged")
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(page.clears_session());
+    assert!(
+        page.set_cookie[0].contains("; Secure"),
+        "{:?}",
+        page.set_cookie
+    );
 }
 
 #[tokio::test]
