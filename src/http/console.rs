@@ -229,18 +229,25 @@ fn over_https(headers: &HeaderMap) -> bool {
 }
 
 /// True unless the browser says the request comes from a page of another host: `Origin`, when
-/// sent, must name the host the request was sent to (`Host`).
+/// sent, must name the host the request was sent to (`Host`, or `X-Forwarded-Host` as a proxy
+/// in front that rewrites `Host` sets it; a page of another site cannot set either on a form it
+/// sends).
 fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin
+    let Some(origin_host) = origin
         .to_str()
         .ok()
         .and_then(|o| o.split_once("://"))
-        .map(|(_, host)| host);
-    matches!((origin_host, host), (Some(o), Some(h)) if o.eq_ignore_ascii_case(h))
+        .map(|(_, host)| host)
+    else {
+        return false;
+    };
+    [header::HOST.as_str(), "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok())
+        .any(|host| host.trim().eq_ignore_ascii_case(origin_host))
 }
 
 async fn read_form(body: Body) -> Option<Vec<(String, String)>> {

@@ -407,6 +407,20 @@ async fn console_sign_in_from_another_site_is_refused() {
     let host = gw.url.trim_start_matches("http://").to_string();
     let page = sign_in(&gw, &key, &[("origin", &format!("http://{host}"))]).await;
     assert!(page.redirects_to("/console/workspace"));
+    // Behind a proxy that rewrites Host and says the original in X-Forwarded-Host.
+    let page = sign_in(
+        &gw,
+        &key,
+        &[
+            ("origin", "https://console.example"),
+            ("x-forwarded-host", "console.example"),
+        ],
+    )
+    .await;
+    assert!(page.redirects_to("/console/workspace"));
+    // `Origin: null` (a sandboxed page, a redirect from another site) is refused.
+    let page = sign_in(&gw, &key, &[("origin", "null")]).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
 }
 
 #[tokio::test]
