@@ -35,6 +35,7 @@ use super::views::{usage_view, Timestamp, UsageView, WindowView};
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, WorkspaceEntry};
 use crate::console::{Session, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
+use crate::metrics::Metrics;
 use crate::model::ApiKey;
 
 /// The path every console route starts with: the server adds the client's address to these
@@ -79,6 +80,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
         .map(|a| a.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     if !state.console.allow_sign_in(client, state.clock.now()) {
+        Metrics::inc(&state.metrics.console_sign_in_rate_limited);
         let mut r = page(
             StatusCode::TOO_MANY_REQUESTS,
             "Sign in",
@@ -92,6 +94,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
     }
     let (parts, body) = request.into_parts();
     if !same_origin(&parts.headers) {
+        Metrics::inc(&state.metrics.console_sign_in_refused);
         return page(
             StatusCode::FORBIDDEN,
             "Sign in",
@@ -99,6 +102,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
         );
     }
     let Some(form) = read_form(body).await else {
+        Metrics::inc(&state.metrics.console_sign_in_refused);
         return page(
             StatusCode::BAD_REQUEST,
             "Sign in",
@@ -109,6 +113,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
     let now = state.clock.now_secs();
     match state.catalog.authenticate(key.trim(), now).await {
         Ok((key_id, entry)) => {
+            Metrics::inc(&state.metrics.console_signed_in);
             let (_, value) = state.console.sign_in(entry.workspace.id, key_id, now);
             let secure = over_https(&parts.headers);
             see_other(
@@ -117,6 +122,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
             )
         }
         Err(failure) => {
+            Metrics::inc(&state.metrics.console_sign_in_refused);
             let (status, message) = refusal(failure);
             page(status, "Sign in", sign_in_form(Some(message)))
         }

@@ -485,6 +485,18 @@ async fn console_sign_in_attempts_are_rate_limited_per_client() {
         sign_in(&gw, &key, &[]).await.status,
         StatusCode::TOO_MANY_REQUESTS
     );
+    let metrics = gw.metrics().await;
+    let count = |outcome: &str| -> String {
+        let series = format!("tiergate_console_sign_ins_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("{series} in {metrics}"))
+            .to_string()
+    };
+    assert_eq!(count("refused"), "10");
+    assert_eq!(count("rate_limited"), "2");
+    assert_eq!(count("signed_in"), "1");
 }
 
 #[tokio::test]

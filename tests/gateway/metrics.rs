@@ -244,6 +244,9 @@ const LABELS: [(&str, Option<&[&str]>); 7] = [
             "quota_exceeded",
             "too_large",
             "unavailable",
+            // tiergate_console_sign_ins_total.
+            "signed_in",
+            "refused",
         ]),
     ),
     ("limit", None),
