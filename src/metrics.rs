@@ -486,7 +486,7 @@ impl Metrics {
             sign_ins.clone(),
         );
         let [console_signed_in, console_sign_in_refused, console_sign_in_rate_limited] =
-            ["signed_in", "refused", "rate_limited"]
+            ["signed_in", "refused", "too_many_attempts"]
                 .map(|outcome| sign_ins.get_or_create_owned(&OutcomeLabel { outcome }));
         let instances = gauge(
             reg,

@@ -495,7 +495,7 @@ async fn console_sign_in_attempts_are_rate_limited_per_client() {
             .to_string()
     };
     assert_eq!(count("refused"), "10");
-    assert_eq!(count("rate_limited"), "2");
+    assert_eq!(count("too_many_attempts"), "2");
     assert_eq!(count("signed_in"), "1");
 }
 

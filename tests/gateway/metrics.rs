@@ -247,6 +247,7 @@ const LABELS: [(&str, Option<&[&str]>); 7] = [
             // tiergate_console_sign_ins_total.
             "signed_in",
             "refused",
+            "too_many_attempts",
         ]),
     ),
     ("limit", None),
