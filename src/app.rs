@@ -12,6 +12,7 @@ use crate::admin::Admin;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::console::Console;
 use crate::estimate::{Endpoint, Estimator};
 use crate::limiter::failover::Failover;
 use crate::limiter::local::LocalLimiter;
@@ -56,6 +57,8 @@ pub struct AppState {
     /// settlement, the drain of a stream's usage): a stop waits for it before the last ledger
     /// flush.
     pub tasks: TaskTracker,
+    /// The console's sessions (their secret, from the store) and sign-in limiter.
+    pub console: Console,
 }
 
 impl AppState {
@@ -225,6 +228,9 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         config.estimate.history,
     );
     let admin = Admin::new(store.clone(), clock.clone()).serving(catalog.clone(), recorder.clone());
+    let mut candidate = [0u8; 32];
+    getrandom::fill(&mut candidate).expect("the OS has randomness");
+    let console = Console::new(store.console_secret(&candidate).await?);
     let state = Arc::new(AppState {
         config,
         store,
@@ -238,6 +244,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         metrics,
         admin,
         tasks: TaskTracker::new(),
+        console,
     });
     let tasks = vec![
         tokio::spawn(refresh_catalog(state.clone())),

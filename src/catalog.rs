@@ -312,6 +312,36 @@ impl Catalog {
         Ok((key.id, entry))
     }
 
+    /// Whether key `key` of workspace `workspace` still holds (not revoked, not expired, its
+    /// workspace active), for a console session signed in with it: the same answers as
+    /// `authenticate`, by the key's id rather than its secret, which a session does not keep.
+    /// Scans the keys (the view has no index by id): a console page costs a pass over them,
+    /// the proxy path nothing.
+    pub fn session_key(
+        &self,
+        key: KeyId,
+        workspace: WorkspaceId,
+        now: i64,
+    ) -> Result<Arc<WorkspaceEntry>, AuthFailure> {
+        let view = self.mirror.view.load();
+        let found = view
+            .keys
+            .values()
+            .find(|k| k.id == key && k.workspace == workspace)
+            .ok_or(AuthFailure::UnknownKey)?;
+        if found.expires_at.is_some_and(|at| at <= now) {
+            return Err(AuthFailure::Expired);
+        }
+        let entry = view
+            .workspaces
+            .get(&workspace)
+            .ok_or(AuthFailure::UnknownKey)?;
+        if entry.workspace.status == WorkspaceStatus::Suspended {
+            return Err(AuthFailure::Suspended);
+        }
+        Ok(entry.clone())
+    }
+
     fn lookup(&self, hash: &[u8; 32]) -> Option<(Arc<KeyEntry>, Arc<WorkspaceEntry>)> {
         let view = self.mirror.view.load();
         let key = view.keys.get(hash)?.clone();

@@ -8,6 +8,7 @@ pub mod app;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod console;
 pub mod demo;
 pub mod estimate;
 pub mod http;

@@ -164,6 +164,11 @@ struct PolicyLabel {
     policy: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
 /// The status codes whose request counters a tier keeps at hand (the gateway's own answers and
 /// the upstream's usual ones); others go through the family's map. `499` is a request whose
 /// client left before its answer (nginx's code for it).
@@ -263,6 +268,11 @@ pub struct Metrics {
     /// 1 while the shared limiter's backend answers (or none is configured), else 0.
     pub limiter_backend_up: Gauge,
     /// Decisions made without the shared limiter, by failure policy.
+    /// Console sign-in attempts: a session made, refused (wrong, revoked or expired key,
+    /// suspended workspace, another site's `Origin`, an unreadable form), or over the limit.
+    pub console_signed_in: Counter,
+    pub console_sign_in_refused: Counter,
+    pub console_sign_in_rate_limited: Counter,
     pub fallback_closed: Counter,
     pub fallback_open: Counter,
     pub fallback_local: Counter,
@@ -469,6 +479,15 @@ impl Metrics {
         );
         let [fallback_closed, fallback_open, fallback_local] = ["closed", "open", "local"]
             .map(|policy| fallback.get_or_create_owned(&PolicyLabel { policy }));
+        let sign_ins = Family::<OutcomeLabel, Counter>::default();
+        reg.register(
+            "tiergate_console_sign_ins",
+            "Console sign-in attempts, by outcome",
+            sign_ins.clone(),
+        );
+        let [console_signed_in, console_sign_in_refused, console_sign_in_rate_limited] =
+            ["signed_in", "refused", "too_many_attempts"]
+                .map(|outcome| sign_ins.get_or_create_owned(&OutcomeLabel { outcome }));
         let instances = gauge(
             reg,
             "tiergate_instances",
@@ -567,6 +586,9 @@ impl Metrics {
             limiter_backend_errors,
             limiter_breaker_opened,
             limiter_backend_up,
+            console_signed_in,
+            console_sign_in_refused,
+            console_sign_in_rate_limited,
             fallback_closed,
             fallback_open,
             fallback_local,

@@ -27,12 +27,16 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut curl = None;
     let mut limits_page = None;
-    while curl.is_none() || limits_page.is_none() {
+    let mut console = None;
+    while curl.is_none() || limits_page.is_none() || console.is_none() {
         let line = rx
             .recv_timeout(deadline - Instant::now())
             .expect("demo printed its instructions");
         if line.trim_start().starts_with("curl -i ") {
             curl = Some(line.trim().to_string());
+        }
+        if let Some(url) = line.strip_prefix("Console:     ") {
+            console = Some(url.split_whitespace().next().unwrap().to_string());
         }
         if let Some(url) = line.strip_prefix("Limits page: ") {
             limits_page = Some(url.split_whitespace().next().unwrap().to_string());
@@ -78,6 +82,34 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     let page = client.get(limits_page.unwrap()).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("Rate limits and usage"));
+
+    // The console signs in with the printed key and shows the demo workspace's tier.
+    let console = console.unwrap();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let signed = browser
+        .post(format!("{console}/sign-in"))
+        .form(&[("key", key.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 303);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = browser
+        .get(format!("{console}/workspace"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<strong id=\"tier\">free</strong>"));
 
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

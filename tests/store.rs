@@ -101,7 +101,35 @@ on_both_backends!(
     overlapping_batches_from_many_writers_count_each_batch_once,
     every_admin_change_writes_its_audit_entry_and_a_refused_one_none,
     the_audit_log_is_filtered_and_paged_newest_first,
+    the_console_secret_is_made_once_and_shared,
 );
+
+/// The first candidate stored wins, whoever offers later, from this process or another, and
+/// many at once (instances starting together).
+async fn the_console_secret_is_made_once_and_shared(b: Backend) {
+    let first = b.store.console_secret(&[1; 32]).await.unwrap();
+    assert_eq!(first, vec![1; 32]);
+    assert_eq!(b.store.console_secret(&[2; 32]).await.unwrap(), first);
+    let other = b.another().await;
+    assert_eq!(other.console_secret(&[3; 32]).await.unwrap(), first);
+
+    let fresh = match b._db {
+        Some(_) => Backend::postgres().await.unwrap(),
+        None => Backend::sqlite().await,
+    };
+    let mut stores = vec![fresh.store.clone()];
+    for _ in 0..3 {
+        stores.push(fresh.another().await);
+    }
+    let answers = futures_util::future::join_all(
+        stores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| async move { s.console_secret(&[i as u8 + 10; 32]).await.unwrap() }),
+    )
+    .await;
+    assert!(answers.iter().all(|a| a == &answers[0]), "{answers:?}");
+}
 
 fn tier(name: &str, rps: f64) -> Tier {
     Tier {
@@ -1308,7 +1336,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2, 3]);
+    assert_eq!(steps, vec![1, 2, 3, 4]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 

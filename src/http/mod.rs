@@ -14,6 +14,7 @@
 //! (see `openapi`).
 
 pub mod admin;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod headers;
@@ -55,7 +56,10 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The gateway's routes, and the operator's too when `with_operator`.
 pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
     let api = documented(true, with_operator);
-    let routes = health().merge(api).route("/v1/{*path}", any(proxy::proxy));
+    let routes = health()
+        .merge(api)
+        .merge(console::routes())
+        .route("/v1/{*path}", any(proxy::proxy));
     let routes = if with_operator {
         routes.merge(operator())
     } else {

@@ -25,13 +25,17 @@ use std::time::Duration;
 
 use axum::Router;
 use futures_util::FutureExt;
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::Service as _;
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::console::ClientAddr;
 use crate::app::{App, AppError};
 
 impl App {
@@ -108,8 +112,8 @@ pub async fn serve(
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let tcp = match accepted {
-                    Ok((tcp, _)) => tcp,
+                let (tcp, peer) = match accepted {
+                    Ok(accepted) => accepted,
                     Err(e) => {
                         accept_failed(e).await;
                         continue;
@@ -118,7 +122,15 @@ pub async fn serve(
                 if let Err(e) = tcp.set_nodelay(true) {
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
-                let service = TowerToHyperService::new(router.clone());
+                let inner = TowerToHyperService::new(router.clone());
+                // The console's sign-in limiter needs the client's address; only its requests
+                // are given it, so the proxy path pays one prefix comparison and no allocation.
+                let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    if request.uri().path().starts_with(super::console::PREFIX) {
+                        request.extensions_mut().insert(ClientAddr(peer));
+                    }
+                    inner.call(request)
+                });
                 let mut stopping = stopping.clone();
                 connections.spawn(async move {
                     let mut builder = http1::Builder::new();

@@ -205,6 +205,10 @@ pub trait Store: Send + Sync {
     /// Reachable and answering.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// The console's session-signing secret: `candidate` is stored if none is yet, and the
+    /// stored one is returned, so that every instance, and every restart, signs with the same.
+    async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError>;
+
     async fn catalog_version(&self) -> Result<i64, StoreError>;
     async fn load_catalog(&self) -> Result<CatalogData, StoreError>;
     /// What changed after catalogue version `since`, from the change log.

@@ -156,6 +156,14 @@ CREATE TABLE usage_counted (
 );
 CREATE INDEX usage_counted_day ON usage_counted(day);
 "#,
+    // Secrets the gateway makes for itself once and shares between instances (the console's
+    // session-signing key).
+    r#"
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    value BYTEA NOT NULL
+);
+"#,
 ];
 
 /// Checks that `url` is a Postgres URL sqlx can connect with; the message never shows a
@@ -403,6 +411,24 @@ impl Store for PostgresStore {
         bounded(CALL_TIMEOUT, async {
             sqlx::query("SELECT 1").execute(&self.pool).await?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
+        bounded(CALL_TIMEOUT, async {
+            // Instances starting together: the first insert wins, every one reads it back.
+            sqlx::query(
+                "INSERT INTO secrets (name, value) VALUES ('console_session', $1) ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(&candidate[..])
+            .execute(&self.pool)
+            .await?;
+            Ok(
+                sqlx::query_scalar("SELECT value FROM secrets WHERE name = 'console_session'")
+                    .fetch_one(&self.pool)
+                    .await?,
+            )
         })
         .await
     }

@@ -137,6 +137,14 @@ CREATE TABLE usage_counted (
 );
 CREATE INDEX usage_counted_day ON usage_counted(day);
 "#,
+    // Secrets the gateway makes for itself once and shares between instances (the console's
+    // session-signing key).
+    r#"
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
+"#,
 ];
 
 pub struct SqliteStore {
@@ -320,6 +328,22 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
+        let mut tx = self.write_tx().await?;
+        sqlx::query(
+            "INSERT INTO secrets (name, value) VALUES ('console_session', ?) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&candidate[..])
+        .execute(&mut *tx)
+        .await?;
+        let value: Vec<u8> =
+            sqlx::query_scalar("SELECT value FROM secrets WHERE name = 'console_session'")
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(value)
     }
 
     async fn catalog_version(&self) -> Result<i64, StoreError> {

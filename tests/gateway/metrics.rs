@@ -244,6 +244,10 @@ const LABELS: [(&str, Option<&[&str]>); 7] = [
             "quota_exceeded",
             "too_large",
             "unavailable",
+            // tiergate_console_sign_ins_total.
+            "signed_in",
+            "refused",
+            "too_many_attempts",
         ]),
     ),
     ("limit", None),

@@ -1,0 +1,466 @@
+//! The console's pages, at `/console`: server-rendered HTML (maud, checked at compile time,
+//! escaping everything it interpolates), a small stylesheet inlined, no script. Sessions,
+//! form tokens and the sign-in limiter are `crate::console`'s; this module parses, checks,
+//! and renders.
+//!
+//! - `GET /console`: the sign-in form (or, signed in, a redirect to the workspace page).
+//! - `POST /console/sign-in`: a workspace key (form field `key`) for a session cookie
+//!   (`HttpOnly`, `SameSite=Lax`, `Path=/console`, `Secure` when the request came over HTTPS as
+//!   `X-Forwarded-Proto: https` says). A wrong key gets the form again, `401`; more than
+//!   `SIGN_INS_PER_MINUTE` attempts a minute from one address, `429`. No session exists yet, so
+//!   the form carries no token: it is protected by `SameSite=Lax` and, when the browser sends
+//!   `Origin`, by requiring it to name this host (`403` otherwise).
+//! - `GET /console/workspace`: the workspace's tier, limits with their usage (the figures of
+//!   `GET /v1/limits`, from the same `usage_view`), and its keys. The workspace is the
+//!   session's: no id is taken from the URL.
+//! - `POST /console/sign-out`: with the session's form token (`403` without it), clears the
+//!   cookie.
+//!
+//! Every page re-checks the session's key and workspace in the catalogue
+//! (`Catalog::session_key`): a session whose key was revoked or expired, or whose workspace was
+//! suspended, is sent back to sign in, its cookie cleared.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use maud::{html, Markup, PreEscaped, DOCTYPE};
+
+use super::views::{usage_view, Timestamp, UsageView, WindowView};
+use crate::app::AppState;
+use crate::catalog::{AuthFailure, WorkspaceEntry};
+use crate::console::{Session, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
+use crate::metrics::Metrics;
+use crate::model::ApiKey;
+
+/// The path every console route starts with: the server adds the client's address to these
+/// requests only (`ClientAddr`).
+pub const PREFIX: &str = "/console";
+
+/// The address of the client's connection, added by the server to console requests.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// A sign-in form body is a key and little else.
+const MAX_FORM_BYTES: usize = 4096;
+
+const CSS: &str = include_str!("console.css");
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/console", get(sign_in_page))
+        .route("/console/sign-in", post(sign_in))
+        .route("/console/workspace", get(workspace_page))
+        .route("/console/sign-out", post(sign_out))
+}
+
+async fn sign_in_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match signed_in(&state, &headers) {
+        Ok(_) => see_other("/console/workspace", None),
+        Err(SignedOut { clear }) => {
+            let mut r = page(StatusCode::OK, "Sign in", sign_in_form(None));
+            if clear {
+                r.headers_mut()
+                    .append(header::SET_COOKIE, cookie("", 0, over_https(&headers)));
+            }
+            r
+        }
+    }
+}
+
+async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let client = request
+        .extensions()
+        .get::<ClientAddr>()
+        .map(|a| a.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    if !state.console.allow_sign_in(client, state.clock.now()) {
+        Metrics::inc(&state.metrics.console_sign_in_rate_limited);
+        let mut r = page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Sign in",
+            sign_in_form(Some(&format!(
+                "Too many sign-in attempts from your address (at most {SIGN_INS_PER_MINUTE} a minute). Try again in a minute."
+            ))),
+        );
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("6"));
+        return r;
+    }
+    let (parts, body) = request.into_parts();
+    if !same_origin(&parts.headers) {
+        Metrics::inc(&state.metrics.console_sign_in_refused);
+        return page(
+            StatusCode::FORBIDDEN,
+            "Sign in",
+            sign_in_form(Some("This form was sent from another site.")),
+        );
+    }
+    let Some(form) = read_form(body).await else {
+        Metrics::inc(&state.metrics.console_sign_in_refused);
+        return page(
+            StatusCode::BAD_REQUEST,
+            "Sign in",
+            sign_in_form(Some("The form could not be read.")),
+        );
+    };
+    let key = field(&form, "key").unwrap_or_default();
+    let now = state.clock.now_secs();
+    match state.catalog.authenticate(key.trim(), now).await {
+        Ok((key_id, entry)) => {
+            Metrics::inc(&state.metrics.console_signed_in);
+            let (_, value) = state.console.sign_in(entry.workspace.id, key_id, now);
+            let secure = over_https(&parts.headers);
+            see_other(
+                "/console/workspace",
+                Some(cookie(&value, SESSION_LIFETIME, secure)),
+            )
+        }
+        Err(failure) => {
+            Metrics::inc(&state.metrics.console_sign_in_refused);
+            let (status, message) = refusal(failure);
+            page(status, "Sign in", sign_in_form(Some(message)))
+        }
+    }
+}
+
+async fn workspace_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let (session, entry) = match signed_in(&state, &headers) {
+        Ok(found) => found,
+        Err(out) => return out.to_sign_in(&headers),
+    };
+    let ws = &entry.workspace;
+    let usage = match usage_view(&state, ws, &entry.limits, None, None, false).await {
+        Ok(usage) => usage,
+        Err(e) => return unavailable(e.into_response().status()),
+    };
+    let keys = match state.admin.list_keys(ws.id).await {
+        Ok(keys) => keys,
+        Err(e) => {
+            tracing::warn!(error = %e, "console: could not list keys");
+            return unavailable(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let token = state.console.csrf_token(&session);
+    page(
+        StatusCode::OK,
+        &ws.name,
+        workspace_body(&entry, &usage, &keys, &token),
+    )
+}
+
+async fn sign_out(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let Some(session) = session_of(&state, &parts.headers) else {
+        return SignedOut { clear: true }.to_sign_in(&parts.headers);
+    };
+    let form = read_form(body).await.unwrap_or_default();
+    let token = field(&form, "csrf").unwrap_or_default();
+    if !same_origin(&parts.headers) || !state.console.csrf_holds(&session, &token) {
+        return page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            html! { p.error { "This form is not valid for your session. Reload the page and try again." } },
+        );
+    }
+    see_other("/console", Some(cookie("", 0, over_https(&parts.headers))))
+}
+
+/// Not signed in (any more); `clear` when the browser holds a cookie to be removed.
+struct SignedOut {
+    clear: bool,
+}
+
+impl SignedOut {
+    /// A redirect to sign in, clearing the cookie (with the same `Secure` as it was set with,
+    /// so that the browser replaces it).
+    fn to_sign_in(&self, headers: &HeaderMap) -> Response {
+        let clear = self.clear.then(|| cookie("", 0, over_https(headers)));
+        see_other("/console", clear)
+    }
+}
+
+/// The session in the request's cookie, if it is signed and unexpired.
+fn session_of(state: &AppState, headers: &HeaderMap) -> Option<Session> {
+    let value = cookie_value(headers)?;
+    state.console.verify(value, state.clock.now_secs())
+}
+
+/// The session, and its workspace, if the session is valid and its key and workspace still
+/// hold.
+fn signed_in(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Session, Arc<WorkspaceEntry>), SignedOut> {
+    let clear = cookie_value(headers).is_some();
+    let session = session_of(state, headers).ok_or(SignedOut { clear })?;
+    let entry = state
+        .catalog
+        .session_key(session.key, session.workspace, state.clock.now_secs())
+        .map_err(|_| SignedOut { clear })?;
+    Ok((session, entry))
+}
+
+fn cookie_value(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (name, value) = pair.trim().split_once('=')?;
+            (name == COOKIE).then_some(value)
+        })
+}
+
+/// The session cookie's `Set-Cookie` (an empty value and `Max-Age=0` clears it).
+fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
+    let secure = if secure { "; Secure" } else { "" };
+    HeaderValue::from_str(&format!(
+        "{COOKIE}={value}; Max-Age={max_age}; Path={PREFIX}; HttpOnly; SameSite=Lax{secure}"
+    ))
+    .expect("a cookie of ASCII")
+}
+
+fn over_https(headers: &HeaderMap) -> bool {
+    headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+}
+
+/// True unless the browser says the request comes from a page of another host: `Origin`, when
+/// sent, must name the host the request was sent to (`Host`, or `X-Forwarded-Host` as a proxy
+/// in front that rewrites `Host` sets it; a page of another site cannot set either on a form it
+/// sends).
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Some(origin_host) = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .map(|(_, host)| host)
+    else {
+        return false;
+    };
+    [header::HOST.as_str(), "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|name| headers.get(name)?.to_str().ok())
+        .any(|host| host.trim().eq_ignore_ascii_case(origin_host))
+}
+
+async fn read_form(body: Body) -> Option<Vec<(String, String)>> {
+    let bytes = axum::body::to_bytes(body, MAX_FORM_BYTES).await.ok()?;
+    Some(url::form_urlencoded::parse(&bytes).into_owned().collect())
+}
+
+fn field(form: &[(String, String)], name: &str) -> Option<String> {
+    form.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+}
+
+fn refusal(failure: AuthFailure) -> (StatusCode, &'static str) {
+    match failure {
+        AuthFailure::UnknownKey => (StatusCode::UNAUTHORIZED, "Invalid or revoked API key."),
+        AuthFailure::Expired => (StatusCode::FORBIDDEN, "This API key has expired."),
+        AuthFailure::Suspended => (
+            StatusCode::FORBIDDEN,
+            "This workspace is suspended; contact the operator.",
+        ),
+    }
+}
+
+fn see_other(to: &'static str, cookie: Option<HeaderValue>) -> Response {
+    let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response();
+    if let Some(c) = cookie {
+        r.headers_mut().append(header::SET_COOKIE, c);
+    }
+    r
+}
+
+fn unavailable(status: StatusCode) -> Response {
+    page(
+        status,
+        "Unavailable",
+        html! { p.error { "The console cannot read this workspace's usage now. Try again in a moment." } },
+    )
+}
+
+fn page(status: StatusCode, title: &str, body: Markup) -> Response {
+    let markup = html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · tiergate console" }
+                style { (PreEscaped(CSS)) }
+            }
+            body {
+                header { a href="/console" { "tiergate console" } }
+                main { (body) }
+            }
+        }
+    };
+    let mut r = (status, markup.into_string()).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        "content-security-policy",
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
+        ),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    r
+}
+
+fn sign_in_form(error: Option<&str>) -> Markup {
+    html! {
+        h1 { "Sign in" }
+        @if let Some(e) = error { p.error role="alert" { (e) } }
+        form method="post" action="/console/sign-in" {
+            label for="key" { "Workspace API key" }
+            input #key type="password" name="key" autocomplete="off" required;
+            button type="submit" { "Sign in" }
+        }
+        p.note { "The key is exchanged for a session cookie of 12 hours; it is not kept in your browser." }
+    }
+}
+
+/// One limit's row: a bar of what is `used` of `limit`, and the figures.
+fn bar(
+    id: &str,
+    label: &str,
+    used: f64,
+    limit: f64,
+    figures: Markup,
+    reset: Option<&str>,
+) -> Markup {
+    let used = used.clamp(0.0, limit.max(0.0));
+    html! {
+        tr data-limit=(id) {
+            th scope="row" { (label) }
+            td { meter min="0" max=(limit) value=(used) {} }
+            td.figures { (figures) }
+            td { @if let Some(r) = reset { "whole again in " (r) } }
+        }
+    }
+}
+
+fn window_row(id: &str, label: &str, unit: &str, w: &WindowView) -> Markup {
+    let used = (w.limit - w.remaining as f64).max(0.0);
+    bar(
+        id,
+        label,
+        used,
+        w.limit,
+        html! { span.remaining { (w.remaining) } " of " (w.limit) " " (unit) " left" },
+        Some(&w.reset),
+    )
+}
+
+fn workspace_body(
+    entry: &WorkspaceEntry,
+    usage: &UsageView,
+    keys: &[ApiKey],
+    token: &str,
+) -> Markup {
+    let ws = &entry.workspace;
+    let limits = &entry.limits;
+    html! {
+        h1 { (ws.name) }
+        p { "Tier " strong #tier { (ws.tier) } " · status " (format!("{:?}", ws.status).to_lowercase()) " · month " (usage.month) }
+        h2 { "Limits and usage" }
+        table.limits {
+            thead { tr { th { "Limit" } th { "Usage" } th { "Now" } th { "Reset" } } }
+            tbody {
+                @match &usage.requests_per_second {
+                    Some(w) => (window_row("requests_per_second", "Requests per second", "requests", w)),
+                    None => (unlimited("requests_per_second", "Requests per second")),
+                }
+                @match &usage.tokens_per_minute {
+                    Some(w) => (window_row("tokens_per_minute", "Tokens per minute", "tokens", w)),
+                    None => (unlimited("tokens_per_minute", "Tokens per minute")),
+                }
+                @match &usage.tokens_per_month {
+                    Some(m) => (bar(
+                        "tokens_per_month",
+                        "Tokens per month",
+                        m.used as f64,
+                        m.limit,
+                        html! { span.used { (m.used) } " of " (m.limit) " tokens used" },
+                        Some(&m.reset),
+                    )),
+                    None => (unlimited("tokens_per_month", "Tokens per month")),
+                }
+                @match limits.concurrent_requests {
+                    Some(c) => (bar(
+                        "concurrent_requests",
+                        "Concurrent requests",
+                        usage.in_flight as f64,
+                        c as f64,
+                        html! { span.used { (usage.in_flight) } " of " (c) " in flight" },
+                        None,
+                    )),
+                    None => (unlimited("concurrent_requests", "Concurrent requests")),
+                }
+            }
+        }
+        p.note { "Requests this month: " span #requests-this-month { (usage.requests_this_month) } " (the ledger, up to about a second behind)." }
+        @if !limits.models.is_empty() {
+            h2 { "Per model" }
+            table.models {
+                thead { tr { th { "Model" } th { "Tokens per minute" } th { "Tokens per month" } } }
+                tbody {
+                    @for (model, l) in &limits.models {
+                        tr data-model=(model) {
+                            th scope="row" { (model) }
+                            td { (optional(l.tokens_per_minute)) }
+                            td { (optional(l.tokens_per_month)) }
+                        }
+                    }
+                }
+            }
+            p.note { "Usage per model is not shown yet." }
+        }
+        h2 { "API keys" }
+        table.keys {
+            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Status" } } }
+            tbody {
+                @for k in keys {
+                    tr {
+                        td { code { (k.prefix) "…" } }
+                        td { (k.name.as_deref().unwrap_or("")) }
+                        td { (Timestamp(k.created_at).rfc3339()) }
+                        td { (k.last_used_at.map(|t| Timestamp(t).rfc3339()).unwrap_or_else(|| "never".into())) }
+                        td { @if k.revoked_at.is_some() { "revoked" } @else { "active" } }
+                    }
+                }
+            }
+        }
+        form method="post" action="/console/sign-out" {
+            input type="hidden" name="csrf" value=(token);
+            button type="submit" { "Sign out" }
+        }
+    }
+}
+
+fn unlimited(id: &str, label: &str) -> Markup {
+    html! { tr data-limit=(id) { th scope="row" { (label) } td colspan="3" { "no limit" } } }
+}
+
+fn optional(v: Option<u64>) -> String {
+    v.map_or_else(|| "no limit".into(), |v| v.to_string())
+}

@@ -1,0 +1,599 @@
+//! The console (`/console`): sign-in for a session cookie, the workspace page, sign-out, and
+//! what ends or refuses a session. Real HTTP to a real gateway; a client that follows no
+//! redirect and keeps the cookie by hand, so every `Set-Cookie` and `Location` is checked.
+//!
+//! A session sees only its own workspace: this slice takes no workspace id from a URL, so the
+//! only way to name another one is to change the id in the cookie, which breaks its signature
+//! (`a_session_sees_only_its_own_workspace`).
+
+use std::time::Duration;
+
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+fn browser() -> Client {
+    Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// What a page answered.
+struct Page {
+    status: StatusCode,
+    location: Option<String>,
+    set_cookie: Vec<String>,
+    body: String,
+}
+
+impl Page {
+    async fn of(r: Response) -> Page {
+        let status = r.status();
+        let location = header(&r, "location").map(str::to_string);
+        let set_cookie = r
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        Page {
+            status,
+            location,
+            set_cookie,
+            body: r.text().await.unwrap(),
+        }
+    }
+
+    /// `tiergate_console=VALUE` from the `Set-Cookie` that sets the session.
+    fn session(&self) -> Option<String> {
+        self.set_cookie
+            .iter()
+            .find(|c| c.starts_with("tiergate_console=") && !c.starts_with("tiergate_console=;"))
+            .map(|c| c.split(';').next().unwrap().to_string())
+    }
+
+    fn clears_session(&self) -> bool {
+        self.set_cookie
+            .iter()
+            .any(|c| c.starts_with("tiergate_console=;") && c.contains("Max-Age=0"))
+    }
+
+    fn redirects_to(&self, to: &str) -> bool {
+        self.status == StatusCode::SEE_OTHER && self.location.as_deref() == Some(to)
+    }
+
+    /// The number in the `<span class="CLASS">` of the limit row `limit`.
+    fn figure(&self, limit: &str, class: &str) -> u64 {
+        let row = self
+            .body
+            .split(&format!("data-limit=\"{limit}\""))
+            .nth(1)
+            .unwrap_or_else(|| panic!("no row {limit} in {}", self.body));
+        let row = row.split("</tr>").next().unwrap();
+        let start = row
+            .find(&format!("<span class=\"{class}\">"))
+            .unwrap_or_else(|| panic!("no {class} in row {limit}: {row}"))
+            + class.len()
+            + 15;
+        row[start..].split('<').next().unwrap().parse().unwrap()
+    }
+
+    /// The sign-out form's token.
+    fn csrf(&self) -> String {
+        let at = self
+            .body
+            .find("name=\"csrf\" value=\"")
+            .expect("a csrf field")
+            + 19;
+        self.body[at..].split('"').next().unwrap().to_string()
+    }
+}
+
+async fn sign_in(gw: &TestGateway, key: &str, headers: &[(&str, &str)]) -> Page {
+    let mut req = browser()
+        .post(format!("{}/console/sign-in", gw.url))
+        .form(&[("key", key)]);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    Page::of(req.send().await.unwrap()).await
+}
+
+async fn get(gw: &TestGateway, path: &str, cookie: Option<&str>) -> Page {
+    let mut req = browser().get(format!("{}{path}", gw.url));
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    Page::of(req.send().await.unwrap()).await
+}
+
+async fn sign_out(gw: &TestGateway, cookie: &str, csrf: Option<&str>) -> Page {
+    let form: Vec<(&str, &str)> = csrf.map(|t| vec![("csrf", t)]).unwrap_or_default();
+    Page::of(
+        browser()
+            .post(format!("{}/console/sign-out", gw.url))
+            .header("cookie", cookie)
+            .form(&form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// A session on a fresh workspace of `gw`: its cookie.
+async fn signed_in(gw: &TestGateway, key: &str) -> String {
+    let page = sign_in(gw, key, &[]).await;
+    assert!(page.redirects_to("/console/workspace"), "{}", page.body);
+    page.session().expect("a session cookie")
+}
+
+async fn key_ids(gw: &TestGateway, ws: i64) -> Vec<i64> {
+    let (s, keys) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/workspaces/{ws}/keys"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{keys}");
+    keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_i64().unwrap())
+        .collect()
+}
+
+const TIER: &str = "console-tier";
+
+fn tier_limits() -> Value {
+    json!({
+        "requests_per_second": 10,
+        "tokens_per_minute": 100000,
+        "tokens_per_month": 5000000,
+        "concurrent_requests": 4,
+        "models": {"mistral-large-latest": {"tokens_per_minute": 2000}}
+    })
+}
+
+#[tokio::test]
+async fn console_sign_in_shows_the_workspace_and_its_usage_moves_with_real_requests() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(TIER, tier_limits()).await;
+    let (_, key) = gw.workspace(TIER).await;
+
+    let form = get(&gw, "/console", None).await;
+    assert_eq!(form.status, StatusCode::OK);
+    assert!(form.body.contains(r#"method="post""#), "{}", form.body);
+    assert!(form.body.contains(r#"action="/console/sign-in""#));
+
+    let signed = sign_in(&gw, &key, &[]).await;
+    assert!(signed.redirects_to("/console/workspace"), "{}", signed.body);
+    let set = &signed.set_cookie[0];
+    for flag in ["HttpOnly", "SameSite=Lax", "Path=/console", "Max-Age=43200"] {
+        assert!(set.contains(flag), "{flag} in {set}");
+    }
+    assert!(!set.contains("Secure"), "{set}");
+    assert!(!set.contains(&key), "the key is not in the cookie");
+    let cookie = signed.session().unwrap();
+
+    // Signed in, /console leads to the workspace.
+    assert!(get(&gw, "/console", Some(&cookie))
+        .await
+        .redirects_to("/console/workspace"));
+
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page
+        .body
+        .contains(&format!("<strong id=\"tier\">{TIER}</strong>")));
+    assert_eq!(page.figure("tokens_per_month", "used"), 0);
+    assert_eq!(page.figure("tokens_per_minute", "remaining"), 100000);
+    assert_eq!(page.figure("concurrent_requests", "used"), 0);
+    assert!(page.body.contains("<meter"));
+    assert!(page.body.contains("data-model=\"mistral-large-latest\""));
+    // Its key is listed by prefix, never whole.
+    assert!(page.body.contains(&key[..8]));
+    assert!(!page.body.contains(&key));
+
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap();
+    // The same figures as /v1/limits (read on both sides of the page, until a settlement in
+    // flight has landed).
+    let started = std::time::Instant::now();
+    let page = loop {
+        let before = gw.limits(&key).await["usage"].clone();
+        let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+        let after = gw.limits(&key).await["usage"].clone();
+        if before == after
+            && page.figure("tokens_per_month", "used")
+                == after["tokens_per_month"]["used"].as_u64().unwrap()
+            && page.figure("tokens_per_minute", "remaining")
+                == after["tokens_per_minute"]["remaining"].as_u64().unwrap()
+        {
+            break page;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the page and /v1/limits disagree"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(page.figure("tokens_per_month", "used") > 0);
+    assert!(page.figure("tokens_per_minute", "remaining") < 100000);
+}
+
+#[tokio::test]
+async fn console_cookie_is_secure_over_https() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let signed = sign_in(&gw, &key, &[("x-forwarded-proto", "https")]).await;
+    assert!(signed.redirects_to("/console/workspace"));
+    assert!(
+        signed.set_cookie[0].contains("; Secure"),
+        "{:?}",
+        signed.set_cookie
+    );
+    // Cleared the same way, so that the browser replaces it.
+    let page = Page::of(
+        browser()
+            .get(format!("{}/console/workspace", gw.url))
+            .header("cookie", "tiergate_console=forged")
+            .header("x-forwarded-proto", "https")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(page.clears_session());
+    assert!(
+        page.set_cookie[0].contains("; Secure"),
+        "{:?}",
+        page.set_cookie
+    );
+}
+
+#[tokio::test]
+async fn console_refuses_a_wrong_key_and_a_tampered_cookie() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+
+    for wrong in [
+        "",
+        "nonsense",
+        "tg_0000000000000000000000000000000000000000",
+    ] {
+        let page = sign_in(&gw, wrong, &[]).await;
+        assert_eq!(page.status, StatusCode::UNAUTHORIZED, "{wrong}");
+        assert!(page.set_cookie.is_empty(), "{:?}", page.set_cookie);
+        assert!(page.body.contains("Invalid or revoked API key."));
+        assert!(page.body.contains(r#"method="post""#));
+    }
+
+    let cookie = signed_in(&gw, &key).await;
+    // Any change to the cookie breaks its signature: back to sign-in, the cookie cleared.
+    let mut tampered = cookie.clone().into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'0' { b'1' } else { b'0' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let later_expiry = {
+        let mut parts: Vec<String> = cookie.split('.').map(str::to_string).collect();
+        parts[2] = (parts[2].parse::<i64>().unwrap() + 1_000_000).to_string();
+        parts.join(".")
+    };
+    for bad in [tampered, later_expiry, "tiergate_console=garbage".into()] {
+        let page = get(&gw, "/console/workspace", Some(&bad)).await;
+        assert!(page.redirects_to("/console"), "{bad}: {}", page.status);
+        assert!(page.clears_session());
+    }
+    // Without a cookie: to sign-in, nothing to clear.
+    let page = get(&gw, "/console/workspace", None).await;
+    assert!(page.redirects_to("/console"));
+    assert!(page.set_cookie.is_empty());
+}
+
+#[tokio::test]
+async fn console_sessions_expire_after_twelve_hours() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let cookie = signed_in(&gw, &key).await;
+    gw.advance(Duration::from_secs(12 * 3600 - 1));
+    assert_eq!(
+        get(&gw, "/console/workspace", Some(&cookie)).await.status,
+        StatusCode::OK
+    );
+    gw.advance(Duration::from_secs(1));
+    assert!(get(&gw, "/console/workspace", Some(&cookie))
+        .await
+        .redirects_to("/console"));
+}
+
+#[tokio::test]
+async fn console_revoking_the_key_or_suspending_the_workspace_ends_its_sessions() {
+    let gw = TestGateway::start().await;
+    let (ws, key) = gw.workspace("free").await;
+    let other_key = gw.key(ws).await;
+    let cookie = signed_in(&gw, &key).await;
+    let other_cookie = signed_in(&gw, &other_key).await;
+
+    let ids = key_ids(&gw, ws).await;
+    let (s, _) = gw
+        .admin(reqwest::Method::DELETE, &format!("/keys/{}", ids[0]), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert!(page.redirects_to("/console"), "{}", page.status);
+    assert!(page.clears_session());
+    // The revoked key cannot sign in again; the workspace's other key's session goes on.
+    assert_eq!(
+        sign_in(&gw, &key, &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        get(&gw, "/console/workspace", Some(&other_cookie))
+            .await
+            .status,
+        StatusCode::OK
+    );
+
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(get(&gw, "/console/workspace", Some(&other_cookie))
+        .await
+        .redirects_to("/console"));
+    let page = sign_in(&gw, &other_key, &[]).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert!(page.body.contains("suspended"));
+    assert!(page.session().is_none());
+}
+
+#[tokio::test]
+async fn console_sign_out_needs_the_session_form_token() {
+    let gw = TestGateway::start().await;
+    let (ws, key) = gw.workspace("free").await;
+    let other = gw.key(ws).await;
+    let cookie = signed_in(&gw, &key).await;
+    let other_cookie = signed_in(&gw, &other).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let token = page.csrf();
+    let other_token = get(&gw, "/console/workspace", Some(&other_cookie))
+        .await
+        .csrf();
+    assert_ne!(token, other_token);
+
+    for wrong in [None, Some(""), Some("00"), Some(other_token.as_str())] {
+        let page = sign_out(&gw, &cookie, wrong).await;
+        assert_eq!(page.status, StatusCode::FORBIDDEN, "{wrong:?}");
+        assert!(!page.clears_session());
+    }
+    // The right token from another site's page is refused too.
+    let page = Page::of(
+        browser()
+            .post(format!("{}/console/sign-out", gw.url))
+            .header("cookie", &cookie)
+            .header("origin", "https://evil.example")
+            .form(&[("csrf", token.as_str())])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+
+    let page = sign_out(&gw, &cookie, Some(&token)).await;
+    assert!(page.redirects_to("/console"), "{}", page.status);
+    assert!(page.clears_session());
+    assert!(page.set_cookie[0].contains("Path=/console"));
+}
+
+#[tokio::test]
+async fn console_sign_in_from_another_site_is_refused() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let page = sign_in(&gw, &key, &[("origin", "https://evil.example")]).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+    assert!(page.session().is_none());
+    // The console's own origin is fine.
+    let host = gw.url.trim_start_matches("http://").to_string();
+    let page = sign_in(&gw, &key, &[("origin", &format!("http://{host}"))]).await;
+    assert!(page.redirects_to("/console/workspace"));
+    // Behind a proxy that rewrites Host and says the original in X-Forwarded-Host.
+    let page = sign_in(
+        &gw,
+        &key,
+        &[
+            ("origin", "https://console.example"),
+            ("x-forwarded-host", "console.example"),
+        ],
+    )
+    .await;
+    assert!(page.redirects_to("/console/workspace"));
+    // `Origin: null` (a sandboxed page, a redirect from another site) is refused.
+    let page = sign_in(&gw, &key, &[("origin", "null")]).await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn console_session_sees_only_its_own_workspace() {
+    let gw = TestGateway::start().await;
+    let (ws_a, key_a) = gw.workspace("free").await;
+    let (s, ws_b) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/workspaces",
+            Some(json!({"name": "the other one", "tier": "free"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let ws_b = ws_b["id"].as_i64().unwrap();
+    gw.key(ws_b).await;
+
+    let cookie = signed_in(&gw, &key_a).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(!page.body.contains("the other one"));
+    // There is no id in the console's URLs to change; a query string is ignored.
+    let page = get(
+        &gw,
+        &format!("/console/workspace?workspace={ws_b}&id={ws_b}"),
+        Some(&cookie),
+    )
+    .await;
+    assert!(!page.body.contains("the other one"));
+    // The workspace id in the cookie, changed to B's: refused.
+    let value = cookie.trim_start_matches("tiergate_console=");
+    let forged = format!(
+        "tiergate_console={ws_b}{}",
+        value.strip_prefix(&ws_a.to_string()).unwrap()
+    );
+    assert!(get(&gw, "/console/workspace", Some(&forged))
+        .await
+        .redirects_to("/console"));
+}
+
+#[tokio::test]
+async fn console_sign_in_attempts_are_rate_limited_per_client() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    for _ in 0..10 {
+        assert_eq!(
+            sign_in(&gw, "wrong", &[]).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+    // The eleventh, even with the right key.
+    let page = sign_in(&gw, &key, &[]).await;
+    assert_eq!(page.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(page.session().is_none());
+    assert!(page.body.contains("Too many sign-in attempts"));
+    // One attempt comes back every 6 s.
+    gw.advance(Duration::from_secs(6));
+    assert!(sign_in(&gw, &key, &[])
+        .await
+        .redirects_to("/console/workspace"));
+    assert_eq!(
+        sign_in(&gw, &key, &[]).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let metrics = gw.metrics().await;
+    let count = |outcome: &str| -> String {
+        let series = format!("tiergate_console_sign_ins_total{{outcome=\"{outcome}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&series))
+            .unwrap_or_else(|| panic!("{series} in {metrics}"))
+            .to_string()
+    };
+    assert_eq!(count("refused"), "10");
+    assert_eq!(count("too_many_attempts"), "2");
+    assert_eq!(count("signed_in"), "1");
+}
+
+#[tokio::test]
+async fn console_escapes_what_it_shows() {
+    let gw = TestGateway::start().await;
+    let (s, ws) = gw
+        .admin(
+            reqwest::Method::POST,
+            "/workspaces",
+            Some(json!({"name": "<script>alert(1)</script>", "tier": "free"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{ws}");
+    let ws = ws["id"].as_i64().unwrap();
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/workspaces/{ws}/keys"),
+            Some(json!({"name": "\"><img src=x onerror=alert(2)>"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, created) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/workspaces/{ws}/keys"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let cookie = signed_in(&gw, created["key"].as_str().unwrap()).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.body.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+    assert!(!page.body.contains("<script"), "{}", page.body);
+    assert!(!page.body.contains("<img"));
+    assert!(page
+        .body
+        .contains("&quot;&gt;&lt;img src=x onerror=alert(2)&gt;"));
+    let csp = browser()
+        .get(format!("{}/console", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(header(&csp, "content-security-policy")
+        .unwrap()
+        .contains("default-src 'none'"));
+}
+
+#[tokio::test]
+async fn console_sessions_survive_a_restart() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let cookie = signed_in(&gw, &key).await;
+    let gw = gw.restart().await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert_eq!(
+        page.status,
+        StatusCode::OK,
+        "the secret was kept in the store"
+    );
+}
+
+/// Instances on one database sign with the same secret: a session made on one is good on the
+/// others, and revoking its key through one ends it on the others within the catalogue's
+/// refresh (1 s; allowed 3 s on a busy machine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_sessions_hold_across_instances_and_end_on_all() {
+    let Some(redis) = crate::support::redis::shared_redis() else {
+        return;
+    };
+    let fleet = TestGateway::fleet(2, &redis, |_| {}).await;
+    let (one, two) = (&fleet[0], &fleet[1]);
+    let (ws, key) = one.workspace("free").await;
+    let cookie = signed_in(one, &key).await;
+    eventually(
+        Duration::from_secs(3),
+        "the session on the other instance",
+        || async { get(two, "/console/workspace", Some(&cookie)).await.status == StatusCode::OK },
+    )
+    .await;
+    let ids = key_ids(one, ws).await;
+    let (s, _) = one
+        .admin(reqwest::Method::DELETE, &format!("/keys/{}", ids[0]), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(get(one, "/console/workspace", Some(&cookie))
+        .await
+        .redirects_to("/console"));
+    eventually(
+        Duration::from_secs(3),
+        "the session ended on the other instance",
+        || async {
+            get(two, "/console/workspace", Some(&cookie))
+                .await
+                .redirects_to("/console")
+        },
+    )
+    .await;
+}
