@@ -94,6 +94,9 @@ end
 
 local state, dirty, dropped = {}, {}, {}
 local records_written = false
+-- Whether any field was put: a put of the value a field already holds writes nothing, but the
+-- key's life is still given as if it had been written.
+local touched = false
 
 -- Reads the fields not read yet (one HMGET). A missing field reads as false.
 local function load(fields)
@@ -112,9 +115,27 @@ local function get(f)
   return v
 end
 
-local function num(f) return N(get(f)) end
+-- A field as a number, parsed once: the number replaces the string read (tonumber costs).
+local function num(f)
+  local v = state[f]
+  if not v then return nil end
+  if type(v) == 'number' then return v end
+  local n = N(v)
+  if n then state[f] = n end
+  return n
+end
 
 local function put(f, v)
+  touched = true
+  local old = state[f]
+  if old ~= nil and old ~= false and not dirty[f] then
+    -- The hash holds this value already (as read): nothing to write.
+    if old == v then return end
+    if type(v) == 'number' and type(old) == 'string' and N(old) == v then
+      state[f] = v
+      return
+    end
+  end
   state[f] = v
   dirty[f] = true
   dropped[f] = nil
@@ -147,6 +168,7 @@ local function load_for(rate, tpm, m, mtpm)
     fields[#fields + 1] = 'tc'
   end
   if m ~= '' then
+    fields[#fields + 1] = 'mn'
     fields[#fields + 1] = 'mb:' .. m
     fields[#fields + 1] = 'md:' .. m
     fields[#fields + 1] = 'mr:' .. m
@@ -179,7 +201,7 @@ local function finish()
       put('rexp', now + 2 * RECORDS * 1000)
     end
   end
-  if next(dirty) == nil and next(dropped) == nil then return end
+  if not touched and next(dropped) == nil then return end
   local keep = num('keep') or 0
   local exp = num('exp') or 0
   if exp < now + IDLE * 500 or exp < keep then
@@ -196,7 +218,7 @@ local function finish()
   local gone = {}
   for f in pairs(dropped) do gone[#gone + 1] = f end
   if #gone > 0 then redis.call('HDEL', KS, unpack(gone)) end
-  redis.call('HSET', KS, unpack(args))
+  if #args > 0 then redis.call('HSET', KS, unpack(args)) end
 end
 
 -- ---------------------------------------------------------------------------------------------
