@@ -147,10 +147,24 @@ local function drop(f)
   dropped[f] = true
 end
 
-local function model_fields(m)
-  if m == '' then return {} end
-  local p = 'mt:' .. m .. ':'
-  return {p .. 'l', p .. 'a', p .. 'c', 'mb:' .. m, 'md:' .. m, 'mr:' .. m}
+-- Field names, made once per call: a token bucket's under prefix p ('t' or 'mt:<m>:'), and a
+-- model's month fields.
+local bucket_names, model_names = {}, {}
+local function bucket(p)
+  local n = bucket_names[p]
+  if not n then
+    n = {p .. 'l', p .. 'a', p .. 'c'}
+    bucket_names[p] = n
+  end
+  return n
+end
+local function month_names(m)
+  local n = model_names[m]
+  if not n then
+    n = {b = 'mb:' .. m, d = 'md:' .. m, r = 'mr:' .. m, t = 'mt:' .. m .. ':'}
+    model_names[m] = n
+  end
+  return n
 end
 
 -- Reads the fields an op needs: the month counter, the key's life, and the buckets of the
@@ -168,15 +182,16 @@ local function load_for(rate, tpm, m, mtpm)
     fields[#fields + 1] = 'tc'
   end
   if m ~= '' then
+    local mn = month_names(m)
     fields[#fields + 1] = 'mn'
-    fields[#fields + 1] = 'mb:' .. m
-    fields[#fields + 1] = 'md:' .. m
-    fields[#fields + 1] = 'mr:' .. m
+    fields[#fields + 1] = mn.b
+    fields[#fields + 1] = mn.d
+    fields[#fields + 1] = mn.r
     if mtpm > 0 then
-      local p = 'mt:' .. m .. ':'
-      fields[#fields + 1] = p .. 'l'
-      fields[#fields + 1] = p .. 'a'
-      fields[#fields + 1] = p .. 'c'
+      local b = bucket(mn.t)
+      fields[#fields + 1] = b[1]
+      fields[#fields + 1] = b[2]
+      fields[#fields + 1] = b[3]
     end
   end
   load(fields)
@@ -265,15 +280,17 @@ end
 
 -- A token bucket under prefix p ('t' or 'mt:<m>:'): level, at, and whether it exists.
 local function tok_load(p, cap)
-  local l = num(p .. 'l')
-  local level, at = tok_at(l, num(p .. 'a'), num(p .. 'c'), cap)
+  local b = bucket(p)
+  local l = num(b[1])
+  local level, at = tok_at(l, num(b[2]), num(b[3]), cap)
   return level, at, l ~= nil
 end
 
 local function tok_store(p, level, at, cap)
-  put(p .. 'l', level)
-  put(p .. 'a', at)
-  put(p .. 'c', cap)
+  local b = bucket(p)
+  put(b[1], level)
+  put(b[2], at)
+  put(b[3], cap)
   keep_until(tok_full_at(level, at, cap))
 end
 
@@ -330,7 +347,8 @@ local MAX_MODELS = 256
 -- names a client makes up (and the upstream refuses) leave nothing behind.
 local function model_add(kind, m, n, limited)
   if m == '' or n == 0 then return end
-  local fb, fd, fr = 'mb:' .. m, 'md:' .. m, 'mr:' .. m
+  local mn = month_names(m)
+  local fb, fd, fr = mn.b, mn.d, mn.r
   load({fb, fd, fr, 'mn'})
   local tracked = get(fb) or get(fd) or get(fr)
   if not tracked then
@@ -338,7 +356,7 @@ local function model_add(kind, m, n, limited)
     if n < 0 or (not limited and (num('mn') or 0) >= MAX_MODELS) then return end
     put('mn', (num('mn') or 0) + 1)
   end
-  local f = 'm' .. kind .. ':' .. m
+  local f = mn[kind]
   local after = (num(f) or 0) + n
   put(f, after)
   if (num(fb) or 0) == 0 and (num(fd) or 0) == 0 and (num(fr) or 0) == 0 then
@@ -354,7 +372,8 @@ local function month_used()
 end
 
 local function model_used(m)
-  return (num('mb:' .. m) or 0) + (num('md:' .. m) or 0) + (num('mr:' .. m) or 0)
+  local mn = month_names(m)
+  return (num(mn.b) or 0) + (num(mn.d) or 0) + (num(mn.r) or 0)
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -479,12 +498,22 @@ if op == 'reserve' then
     end
   end
   local tokens = math.max(estimate, prompt)
-  local caps = {{tpm, 2}, {mcap, 3}, {mtpm, 5}, {mmcap, 6}}
-  for _, c in ipairs(caps) do
-    if c[1] > 0 then
-      if prompt > c[1] then candidate(2, c[2], 0) end
-      tokens = math.min(tokens, c[1])
-    end
+  -- (tpm, 2), (mcap, 3), (mtpm, 5), (mmcap, 6), in that order, without a table per call.
+  if tpm > 0 then
+    if prompt > tpm then candidate(2, 2, 0) end
+    tokens = math.min(tokens, tpm)
+  end
+  if mcap > 0 then
+    if prompt > mcap then candidate(2, 3, 0) end
+    tokens = math.min(tokens, mcap)
+  end
+  if mtpm > 0 then
+    if prompt > mtpm then candidate(2, 5, 0) end
+    tokens = math.min(tokens, mtpm)
+  end
+  if mmcap > 0 then
+    if prompt > mmcap then candidate(2, 6, 0) end
+    tokens = math.min(tokens, mmcap)
   end
   tokens = math.max(tokens, prompt)
 
@@ -506,7 +535,7 @@ if op == 'reserve' then
   if mcap > 0 and settled + reserved + tokens > mcap and tokens <= mcap then
     candidate(1, 3, 0)
   end
-  local mp = 'mt:' .. m .. ':'
+  local mp = m ~= '' and month_names(m).t
   local mlevel, mat
   if m ~= '' and mtpm > 0 then
     mlevel, mat = tok_load(mp, mtpm)
@@ -592,7 +621,7 @@ if op == 'settle' or op == 'cancel' then
     if kind == 'L' then release_hold(held, r[3], r[4], r[5]) end
   end
   if tpm > 0 then tok_add('t', tpm, delta, create) end
-  if m ~= '' and mtpm > 0 then tok_add('mt:' .. m .. ':', mtpm, delta, create) end
+  if m ~= '' and mtpm > 0 then tok_add(month_names(m).t, mtpm, delta, create) end
   add('delta', actual)
   model_add('d', m, actual, mtpm > 0)
   if op == 'cancel' then
