@@ -39,27 +39,25 @@
 -- write), records ms (the records' keys' life after a write: the longest lease or tombstone),
 -- tombstone ms; then the op's own.
 
-local KS, KR, KE = KEYS[1], KEYS[2], KEYS[3]
+-- The chunk defines `run(KEYS, ARGV)` and ends there: redis.rs appends how it is called, as a
+-- script (`return run(KEYS, ARGV)`: every helper below is made again on every call) or as a
+-- function library (registered once, its helpers made once at load). Per-call state lives in
+-- the locals below, set at the start of every call by `run`.
+local KS, KR, KE, op, now, IDLE, RECORDS, TOMB
+local state, dirty, dropped, records_written, touched, bucket_names, model_names
+
 local NR = 1000000000 -- nano-requests per request
 local U = 60000       -- token units per token
 local REAP = 64       -- expired records handled per call, at most
 
 local function S(n) return string.format('%d', n) end
-local N = tonumber
+-- tonumber, set by `run`: a library's code may not read globals while it loads.
+local N
 local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
 local function clamp(x, lo, hi)
   if x < lo then return lo elseif x > hi then return hi end
   return x
 end
-
-local op = ARGV[1]
-local now = tonumber(ARGV[2])
-if not now or now <= 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local IDLE, RECORDS = N(ARGV[3]), N(ARGV[4])
-local TOMB = N(ARGV[5]) * 1000 -- µs
 
 -- The calendar month (UTC) of a microsecond, as year * 12 + month - 1 (civil_from_days).
 local function month_of(t)
@@ -92,11 +90,9 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- The workspace's hash, read once and written once
 
-local state, dirty, dropped = {}, {}, {}
-local records_written = false
--- Whether any field was put: a put of the value a field already holds writes nothing, but the
--- key's life is still given as if it had been written.
-local touched = false
+-- state: the fields read or put (false: missing); dirty: put since read; dropped: to delete;
+-- records_written: KR/KE written; touched: whether any field was put (a put of the value a field
+-- already holds writes nothing, but the key's life is still given as if it had been written).
 
 -- Reads the fields not read yet (one HMGET). A missing field reads as false.
 local function load(fields)
@@ -149,7 +145,6 @@ end
 
 -- Field names, made once per call: a token bucket's under prefix p ('t' or 'mt:<m>:'), and a
 -- model's month fields.
-local bucket_names, model_names = {}, {}
 local function bucket(p)
   local n = bucket_names[p]
   if not n then
@@ -446,6 +441,21 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- Operations
 
+local function run(KEYS, ARGV)
+N = tonumber
+KS, KR, KE = KEYS[1], KEYS[2], KEYS[3]
+op = ARGV[1]
+now = tonumber(ARGV[2])
+if not now or now <= 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+IDLE, RECORDS = N(ARGV[3]), N(ARGV[4])
+TOMB = N(ARGV[5]) * 1000 -- µs
+state, dirty, dropped = {}, {}, {}
+records_written, touched = false, false
+bucket_names, model_names = {}, {}
+
 if op == 'heartbeat' then
   -- ARGV 6..: instance id, ttl ms. Answers {now, instances, rank of this one}.
   local id, ttl = ARGV[6], N(ARGV[7])
@@ -732,3 +742,4 @@ if op == 'newgen' then
 end
 
 return redis.error_reply('tiergate: unknown op ' .. tostring(op))
+end
