@@ -5,9 +5,12 @@
 -- Every number stays an integer below 2^53, so doubles compute them exactly. Numbers are
 -- written with string.format('%d') so that no exponent notation reaches a hash.
 --
--- Cost: Redis runs one script at a time, so each call reads the workspace's hash once (one
--- HMGET of every field it may need), computes in Lua, and writes it once (one HSET, one
--- PEXPIRE): about ten commands per call.
+-- Cost: Redis runs one call at a time, so each call reads the workspace's hash once (one
+-- HMGET of the fields its limits need), parses each field once, computes in Lua, and writes
+-- what changed once (one HSET; a PEXPIRE only when the key's life runs short): about ten
+-- commands per call. Strings made, tonumber and string.format are what the Lua part costs
+-- (about 0.1 µs each), and making the helpers below (about 6 µs per call as a script: hence the
+-- function library, which makes them once).
 --
 -- KEYS[1] {P:W}     hash: the workspace's buckets, concurrency, and month counter
 -- KEYS[2] {P:W}:r   hash: reservation id -> record

@@ -6,6 +6,10 @@
 //!   (requests/s, tokens/minute, tokens/month, concurrency, per-model limits) in one atomic
 //!   script, with the arithmetic of `core.rs` in the same integer units. A denial changes
 //!   nothing. Settling is one more call, idempotent by reservation id.
+//! - **A function library, else a script.** The code is loaded as a Redis function library
+//!   (Redis 7.0+; named by a hash of the code, loaded on any server that answers it lacks it), so
+//!   its helpers are made once at load instead of on every call. A server that refuses functions
+//!   gets the same code through `EVALSHA`, as does a call refused as `OOM`.
 //! - **The server's clock.** In service the script reads `TIME`, so clock skew between instances
 //!   changes nothing, and the ledger's day follows the same clock (`Settled::at`). Tests pass
 //!   `now` in (`TimeSource::Caller`) to drive every backend with one manual clock.
