@@ -387,9 +387,9 @@ fn throughput(rt: &tokio::runtime::Runtime, plan: &Plan, url: &str, prefix: &str
     let mut rows = Vec::new();
     let mut set_missing = false;
     for round in 1..=ROUNDS {
-        let before = stats("evalsha");
+        let before = stats(LIMITER_CALLS);
         let ours = rt.block_on(decide_for(&limiter, &limits, plan.round));
-        let script_us = per_call(before, stats("evalsha"));
+        let script_us = per_call(before, stats(LIMITER_CALLS));
         let per_sec = ours.decisions as f64 / ours.secs;
         let before = stats("set");
         let theirs = if set_missing {
@@ -640,7 +640,7 @@ async fn latency(plan: &Plan, url: &str, prefix: &str) {
         }
     }
     let mut conn = redis_connection(url).await.expect("Redis answered before");
-    let before = server_time(&mut conn, "evalsha").await;
+    let before = server_time(&mut conn, LIMITER_CALLS).await;
     for round in 0..ROUNDS {
         for b in 0..plan.batches {
             // Each path goes first, second and third in turn.
@@ -667,7 +667,7 @@ async fn latency(plan: &Plan, url: &str, prefix: &str) {
             p50(1) - p50(0),
         );
     }
-    let calls = server_time(&mut conn, "evalsha").await.0 - before.0;
+    let calls = server_time(&mut conn, LIMITER_CALLS).await.0 - before.0;
     let all: Vec<Vec<Duration>> = paths
         .iter()
         .map(|p| {
@@ -891,25 +891,34 @@ async fn delete_keys(url: &str, prefix: &str) {
     println!("\n(deleted this run's {deleted} keys, {pattern})");
 }
 
-/// (calls, microseconds) the server has spent on `command` so far (`INFO commandstats`): all
-/// clients' together, since the server is shared.
+/// The commands the limiter's calls are counted under: its function library (`FCALL`), or the
+/// script on a server without functions.
+const LIMITER_CALLS: &str = "fcall+evalsha";
+
+/// (calls, microseconds) the server has spent on `command` so far (`INFO commandstats`; `a+b`
+/// sums several): all clients' together, since the server is shared.
 async fn server_time(conn: &mut redis::aio::MultiplexedConnection, command: &str) -> (u64, u64) {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
         .await
         .expect("INFO commandstats");
-    let line = info
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:")))
-        .unwrap_or("");
-    let field = |name: &str| {
-        line.split(',')
-            .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("calls"), field("usec"))
+    let mut total = (0, 0);
+    for command in command.split('+') {
+        let line = info
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:")))
+            .unwrap_or("");
+        let field = |name: &str| -> u64 {
+            line.split(',')
+                .find_map(|f| f.strip_prefix(name)?.strip_prefix('='))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        total.0 += field("calls");
+        total.1 += field("usec");
+    }
+    total
 }
 
 /// Microseconds per call between two `server_time`s.

@@ -34,8 +34,6 @@ use tiergate::model::{Limits, ModelLimits, WorkspaceId};
 
 const MS: Nanos = NANOS_PER_SEC / 1_000;
 const SEC: Nanos = NANOS_PER_SEC;
-/// The script, to plant records the public API cannot (see `a_cancelled_id_is_refused_...`).
-const SCRIPT: &str = include_str!("../src/limiter/redis.lua");
 
 // ---------------------------------------------------------------------------------------------
 // The ledger: settled events with the counter generation that counted them
@@ -549,6 +547,83 @@ async fn a_renewed_lease_holds_its_slot_until_its_instance_is_gone() {
     );
 }
 
+/// The limiter's code runs as a function library where the server offers functions (loaded
+/// again when the server lost it) and as a script where it refuses them, with the same
+/// decisions.
+#[tokio::test]
+async fn the_library_is_loaded_when_missing_and_a_server_without_functions_runs_the_script() {
+    let server = RedisServer::start();
+    assert_eq!(
+        server.cli(&[
+            "ACL",
+            "SETUSER",
+            "nofn",
+            "on",
+            ">pw",
+            "~*",
+            "+@all",
+            "-fcall",
+            "-function"
+        ]),
+        "OK"
+    );
+    let url = server.url();
+    let no_functions = url.replacen("redis://", "redis://nofn:pw@", 1);
+    let limits = Limits {
+        requests_per_second: Some(1.0),
+        burst: Some(3),
+        tokens_per_minute: Some(1_000),
+        concurrent_requests: Some(10),
+        ..Limits::default()
+    };
+    let mut outcomes = Vec::new();
+    for (url, prefix) in [(no_functions, unique_prefix()), (url, unique_prefix())] {
+        let limiter = limiter(
+            Topology::Single(url),
+            &prefix,
+            Duration::from_secs(30),
+            TimeSource::Caller,
+            Arc::new(Ledger::default()),
+        );
+        let mut seen = Vec::new();
+        for i in 0..5 {
+            if i == 2 {
+                // The server loses its functions (a flush, a new node): they are loaded again.
+                assert_eq!(server.cli(&["FUNCTION", "FLUSH"]), "OK");
+            }
+            let d = limiter
+                .reserve(1, &limits, None, cost(100, 200), t0())
+                .await
+                .unwrap();
+            let mut text = format!("{d:?}");
+            if let Decision::Admit { reservation, .. } = &d {
+                limiter
+                    .settle(reservation, &limits, 150, t0())
+                    .await
+                    .unwrap();
+                // Reservation ids differ between the runs; everything else is the same.
+                text = text.replace(&format!("{:?}", reservation.id), "ID");
+            }
+            seen.push(text);
+        }
+        let u = limiter.usage(1, &limits, t0()).await.unwrap();
+        seen.push(format!("{:?} {:?}", holds(&u), u.bucket_tokens));
+        outcomes.push(seen);
+    }
+    assert_eq!(
+        outcomes[0].iter().filter(|d| d.contains("Admit")).count(),
+        3
+    );
+    assert_eq!(outcomes[0], outcomes[1]);
+    assert!(
+        server.cli(&["FUNCTION", "LIST"]).contains("tiergate_"),
+        "the library is loaded again after the flush"
+    );
+    let stats = server.cli(&["INFO", "commandstats"]);
+    assert!(stats.contains("cmdstat_fcall:"), "{stats}");
+    assert!(stats.contains("cmdstat_evalsha:"), "{stats}");
+}
+
 /// A settlement that never reaches Redis (the connection dies under it) leaves its record live;
 /// the instance must stop renewing it, so that its lease frees the slot, as if the instance
 /// were gone.
@@ -707,7 +782,7 @@ async fn plant_cancel(url: &str, prefix: &str, workspace: WorkspaceId, id: Reser
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let script = redis::Script::new(SCRIPT);
+    let script = redis::Script::new(&tiergate::limiter::redis::script_code());
     let mut invocation = script.prepare_invoke();
     for key in keys_of(prefix, workspace) {
         invocation.key(key);
@@ -1312,7 +1387,7 @@ async fn a_reserve_sent_twice_is_admitted_once() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let script = redis::Script::new(SCRIPT);
+    let script = redis::Script::new(&tiergate::limiter::redis::script_code());
     let now = (t0() / 1_000).to_string();
     let id = ReservationId::next().to_string();
     // op, now, idle, records, tomb; id, lease, gen candidate, rate, burst capacity, tpm, month

@@ -5,9 +5,12 @@
 -- Every number stays an integer below 2^53, so doubles compute them exactly. Numbers are
 -- written with string.format('%d') so that no exponent notation reaches a hash.
 --
--- Cost: Redis runs one script at a time, so each call reads the workspace's hash once (one
--- HMGET of every field it may need), computes in Lua, and writes it once (one HSET, one
--- PEXPIRE): about ten commands per call.
+-- Cost: Redis runs one call at a time, so each call reads the workspace's hash once (one
+-- HMGET of the fields its limits need), parses each field once, computes in Lua, and writes
+-- what changed once (one HSET; a PEXPIRE only when the key's life runs short): about ten
+-- commands per call. Strings made, tonumber and string.format are what the Lua part costs
+-- (about 0.1 µs each), and making the helpers below (about 6 µs per call as a script: hence the
+-- function library, which makes them once).
 --
 -- KEYS[1] {P:W}     hash: the workspace's buckets, concurrency, and month counter
 -- KEYS[2] {P:W}:r   hash: reservation id -> record
@@ -39,27 +42,25 @@
 -- write), records ms (the records' keys' life after a write: the longest lease or tombstone),
 -- tombstone ms; then the op's own.
 
-local KS, KR, KE = KEYS[1], KEYS[2], KEYS[3]
+-- The chunk defines `run(KEYS, ARGV)` and ends there: redis.rs appends how it is called, as a
+-- script (`return run(KEYS, ARGV)`: every helper below is made again on every call) or as a
+-- function library (registered once, its helpers made once at load). Per-call state lives in
+-- the locals below, set at the start of every call by `run`.
+local KS, KR, KE, op, now, IDLE, RECORDS, TOMB
+local state, dirty, dropped, records_written, touched, bucket_names, model_names
+
 local NR = 1000000000 -- nano-requests per request
 local U = 60000       -- token units per token
 local REAP = 64       -- expired records handled per call, at most
 
 local function S(n) return string.format('%d', n) end
-local N = tonumber
+-- tonumber, set by `run`: a library's code may not read globals while it loads.
+local N
 local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
 local function clamp(x, lo, hi)
   if x < lo then return lo elseif x > hi then return hi end
   return x
 end
-
-local op = ARGV[1]
-local now = tonumber(ARGV[2])
-if not now or now <= 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local IDLE, RECORDS = N(ARGV[3]), N(ARGV[4])
-local TOMB = N(ARGV[5]) * 1000 -- µs
 
 -- The calendar month (UTC) of a microsecond, as year * 12 + month - 1 (civil_from_days).
 local function month_of(t)
@@ -92,8 +93,9 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- The workspace's hash, read once and written once
 
-local state, dirty, dropped = {}, {}, {}
-local records_written = false
+-- state: the fields read or put (false: missing); dirty: put since read; dropped: to delete;
+-- records_written: KR/KE written; touched: whether any field was put (a put of the value a field
+-- already holds writes nothing, but the key's life is still given as if it had been written).
 
 -- Reads the fields not read yet (one HMGET). A missing field reads as false.
 local function load(fields)
@@ -112,9 +114,27 @@ local function get(f)
   return v
 end
 
-local function num(f) return N(get(f)) end
+-- A field as a number, parsed once: the number replaces the string read (tonumber costs).
+local function num(f)
+  local v = state[f]
+  if not v then return nil end
+  if type(v) == 'number' then return v end
+  local n = N(v)
+  if n then state[f] = n end
+  return n
+end
 
 local function put(f, v)
+  touched = true
+  local old = state[f]
+  if old ~= nil and old ~= false and not dirty[f] then
+    -- The hash holds this value already (as read): nothing to write.
+    if old == v then return end
+    if type(v) == 'number' and type(old) == 'string' and N(old) == v then
+      state[f] = v
+      return
+    end
+  end
   state[f] = v
   dirty[f] = true
   dropped[f] = nil
@@ -126,10 +146,23 @@ local function drop(f)
   dropped[f] = true
 end
 
-local function model_fields(m)
-  if m == '' then return {} end
-  local p = 'mt:' .. m .. ':'
-  return {p .. 'l', p .. 'a', p .. 'c', 'mb:' .. m, 'md:' .. m, 'mr:' .. m}
+-- Field names, made once per call: a token bucket's under prefix p ('t' or 'mt:<m>:'), and a
+-- model's month fields.
+local function bucket(p)
+  local n = bucket_names[p]
+  if not n then
+    n = {p .. 'l', p .. 'a', p .. 'c'}
+    bucket_names[p] = n
+  end
+  return n
+end
+local function month_names(m)
+  local n = model_names[m]
+  if not n then
+    n = {b = 'mb:' .. m, d = 'md:' .. m, r = 'mr:' .. m, t = 'mt:' .. m .. ':'}
+    model_names[m] = n
+  end
+  return n
 end
 
 -- Reads the fields an op needs: the month counter, the key's life, and the buckets of the
@@ -147,14 +180,16 @@ local function load_for(rate, tpm, m, mtpm)
     fields[#fields + 1] = 'tc'
   end
   if m ~= '' then
-    fields[#fields + 1] = 'mb:' .. m
-    fields[#fields + 1] = 'md:' .. m
-    fields[#fields + 1] = 'mr:' .. m
+    local mn = month_names(m)
+    fields[#fields + 1] = 'mn'
+    fields[#fields + 1] = mn.b
+    fields[#fields + 1] = mn.d
+    fields[#fields + 1] = mn.r
     if mtpm > 0 then
-      local p = 'mt:' .. m .. ':'
-      fields[#fields + 1] = p .. 'l'
-      fields[#fields + 1] = p .. 'a'
-      fields[#fields + 1] = p .. 'c'
+      local b = bucket(mn.t)
+      fields[#fields + 1] = b[1]
+      fields[#fields + 1] = b[2]
+      fields[#fields + 1] = b[3]
     end
   end
   load(fields)
@@ -179,7 +214,7 @@ local function finish()
       put('rexp', now + 2 * RECORDS * 1000)
     end
   end
-  if next(dirty) == nil and next(dropped) == nil then return end
+  if not touched and next(dropped) == nil then return end
   local keep = num('keep') or 0
   local exp = num('exp') or 0
   if exp < now + IDLE * 500 or exp < keep then
@@ -196,7 +231,7 @@ local function finish()
   local gone = {}
   for f in pairs(dropped) do gone[#gone + 1] = f end
   if #gone > 0 then redis.call('HDEL', KS, unpack(gone)) end
-  redis.call('HSET', KS, unpack(args))
+  if #args > 0 then redis.call('HSET', KS, unpack(args)) end
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -243,15 +278,17 @@ end
 
 -- A token bucket under prefix p ('t' or 'mt:<m>:'): level, at, and whether it exists.
 local function tok_load(p, cap)
-  local l = num(p .. 'l')
-  local level, at = tok_at(l, num(p .. 'a'), num(p .. 'c'), cap)
+  local b = bucket(p)
+  local l = num(b[1])
+  local level, at = tok_at(l, num(b[2]), num(b[3]), cap)
   return level, at, l ~= nil
 end
 
 local function tok_store(p, level, at, cap)
-  put(p .. 'l', level)
-  put(p .. 'a', at)
-  put(p .. 'c', cap)
+  local b = bucket(p)
+  put(b[1], level)
+  put(b[2], at)
+  put(b[3], cap)
   keep_until(tok_full_at(level, at, cap))
 end
 
@@ -308,7 +345,8 @@ local MAX_MODELS = 256
 -- names a client makes up (and the upstream refuses) leave nothing behind.
 local function model_add(kind, m, n, limited)
   if m == '' or n == 0 then return end
-  local fb, fd, fr = 'mb:' .. m, 'md:' .. m, 'mr:' .. m
+  local mn = month_names(m)
+  local fb, fd, fr = mn.b, mn.d, mn.r
   load({fb, fd, fr, 'mn'})
   local tracked = get(fb) or get(fd) or get(fr)
   if not tracked then
@@ -316,7 +354,7 @@ local function model_add(kind, m, n, limited)
     if n < 0 or (not limited and (num('mn') or 0) >= MAX_MODELS) then return end
     put('mn', (num('mn') or 0) + 1)
   end
-  local f = 'm' .. kind .. ':' .. m
+  local f = mn[kind]
   local after = (num(f) or 0) + n
   put(f, after)
   if (num(fb) or 0) == 0 and (num(fd) or 0) == 0 and (num(fr) or 0) == 0 then
@@ -332,7 +370,8 @@ local function month_used()
 end
 
 local function model_used(m)
-  return (num('mb:' .. m) or 0) + (num('md:' .. m) or 0) + (num('mr:' .. m) or 0)
+  local mn = month_names(m)
+  return (num(mn.b) or 0) + (num(mn.d) or 0) + (num(mn.r) or 0)
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -405,6 +444,21 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- Operations
 
+local function run(KEYS, ARGV)
+N = tonumber
+KS, KR, KE = KEYS[1], KEYS[2], KEYS[3]
+op = ARGV[1]
+now = tonumber(ARGV[2])
+if not now or now <= 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+IDLE, RECORDS = N(ARGV[3]), N(ARGV[4])
+TOMB = N(ARGV[5]) * 1000 -- µs
+state, dirty, dropped = {}, {}, {}
+records_written, touched = false, false
+bucket_names, model_names = {}, {}
+
 if op == 'heartbeat' then
   -- ARGV 6..: instance id, ttl ms. Answers {now, instances, rank of this one}.
   local id, ttl = ARGV[6], N(ARGV[7])
@@ -457,12 +511,22 @@ if op == 'reserve' then
     end
   end
   local tokens = math.max(estimate, prompt)
-  local caps = {{tpm, 2}, {mcap, 3}, {mtpm, 5}, {mmcap, 6}}
-  for _, c in ipairs(caps) do
-    if c[1] > 0 then
-      if prompt > c[1] then candidate(2, c[2], 0) end
-      tokens = math.min(tokens, c[1])
-    end
+  -- (tpm, 2), (mcap, 3), (mtpm, 5), (mmcap, 6), in that order, without a table per call.
+  if tpm > 0 then
+    if prompt > tpm then candidate(2, 2, 0) end
+    tokens = math.min(tokens, tpm)
+  end
+  if mcap > 0 then
+    if prompt > mcap then candidate(2, 3, 0) end
+    tokens = math.min(tokens, mcap)
+  end
+  if mtpm > 0 then
+    if prompt > mtpm then candidate(2, 5, 0) end
+    tokens = math.min(tokens, mtpm)
+  end
+  if mmcap > 0 then
+    if prompt > mmcap then candidate(2, 6, 0) end
+    tokens = math.min(tokens, mmcap)
   end
   tokens = math.max(tokens, prompt)
 
@@ -484,7 +548,7 @@ if op == 'reserve' then
   if mcap > 0 and settled + reserved + tokens > mcap and tokens <= mcap then
     candidate(1, 3, 0)
   end
-  local mp = 'mt:' .. m .. ':'
+  local mp = m ~= '' and month_names(m).t
   local mlevel, mat
   if m ~= '' and mtpm > 0 then
     mlevel, mat = tok_load(mp, mtpm)
@@ -570,7 +634,7 @@ if op == 'settle' or op == 'cancel' then
     if kind == 'L' then release_hold(held, r[3], r[4], r[5]) end
   end
   if tpm > 0 then tok_add('t', tpm, delta, create) end
-  if m ~= '' and mtpm > 0 then tok_add('mt:' .. m .. ':', mtpm, delta, create) end
+  if m ~= '' and mtpm > 0 then tok_add(month_names(m).t, mtpm, delta, create) end
   add('delta', actual)
   model_add('d', m, actual, mtpm > 0)
   if op == 'cancel' then
@@ -681,3 +745,4 @@ if op == 'newgen' then
 end
 
 return redis.error_reply('tiergate: unknown op ' .. tostring(op))
+end

@@ -6,6 +6,10 @@
 //!   (requests/s, tokens/minute, tokens/month, concurrency, per-model limits) in one atomic
 //!   script, with the arithmetic of `core.rs` in the same integer units. A denial changes
 //!   nothing. Settling is one more call, idempotent by reservation id.
+//! - **A function library, else a script.** The code is loaded as a Redis function library
+//!   (Redis 7.0+; named by a hash of the code, loaded on any server that answers it lacks it), so
+//!   its helpers are made once at load instead of on every call. A server that refuses functions
+//!   gets the same code through `EVALSHA`, as does a call refused as `OOM`.
 //! - **The server's clock.** In service the script reads `TIME`, so clock skew between instances
 //!   changes nothing, and the ledger's day follows the same clock (`Settled::at`). Tests pass
 //!   `now` in (`TimeSource::Caller`) to drive every backend with one manual clock.
@@ -59,7 +63,55 @@ const REBASE_AFTER: [Duration; 3] = [
 /// Re-bases are accepted by the script this long after a generation began.
 const REBASE_WINDOW_MS: u64 = 60_000;
 
-const SCRIPT: &str = include_str!("redis.lua");
+/// The limiter's code: it defines `run(KEYS, ARGV)`, called as a script or as a function.
+const SOURCE: &str = include_str!("redis.lua");
+
+/// The code as a script (`EVAL`): every call makes its helpers again.
+pub fn script_code() -> String {
+    format!("{SOURCE}\nreturn run(KEYS, ARGV)\n")
+}
+
+/// The code as a function library (Redis 7.0 and later), whose helpers are made once when it
+/// loads: (its name, which is also its function's, and its code). The name carries a hash of the
+/// code, so that instances of different versions on one Redis (a rolling upgrade) each call
+/// their own.
+fn library() -> (String, String) {
+    let digest = Sha256::digest(SOURCE.as_bytes());
+    let mut name = String::from("tiergate_");
+    for b in &digest[..8] {
+        name.push_str(&format!("{b:02x}"));
+    }
+    let code = format!(
+        "#!lua name={name}\n{SOURCE}\nredis.register_function('{name}', \
+         function(keys, args) return run(keys, args) end)\n"
+    );
+    (name, code)
+}
+
+/// What a call does after the function library failed it.
+enum Next {
+    Fail(redis::RedisError),
+    Again,
+    Script,
+}
+
+/// A server error (as opposed to a connection's or a timeout).
+fn server_error(e: &redis::RedisError) -> bool {
+    e.code().is_some()
+}
+
+/// The server does not offer functions (older than 7.0, an ACL that does not allow them, a
+/// Redis-compatible server without them): this process calls the script from then on.
+fn functions_refused(e: &redis::RedisError) -> bool {
+    e.code() == Some("NOPERM")
+        || e.detail()
+            .is_some_and(|d| d.to_ascii_lowercase().contains("unknown command"))
+}
+
+fn function_missing(e: &redis::RedisError) -> bool {
+    e.detail()
+        .is_some_and(|d| d.to_ascii_lowercase().contains("function not found"))
+}
 
 /// Whose clock the script uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,6 +159,11 @@ struct Inner {
     conn: Mutex<Option<Conn>>,
     connecting: tokio::sync::Mutex<()>,
     script: redis::Script,
+    /// The function library: name and code.
+    library: (String, String),
+    /// Whether calls go through the function library (else the script): until the server
+    /// refuses functions.
+    functions: std::sync::atomic::AtomicBool,
     prefix: String,
     timeout: Duration,
     lease: Duration,
@@ -383,16 +440,27 @@ impl Inner {
         }
         let call = async {
             let mut conn = self.connection(limit).await?;
+            if self.functions.load(std::sync::atomic::Ordering::Relaxed) {
+                match self.fcall(&mut conn, keys, args).await {
+                    Ok(value) => return Ok(value),
+                    Err(e) => match self.function_failed(&mut conn, e).await {
+                        Next::Fail(e) => return Err(self.failed(e)),
+                        Next::Again => {
+                            if let Ok(value) = self.fcall(&mut conn, keys, args).await {
+                                return Ok(value);
+                            }
+                        }
+                        Next::Script => {}
+                    },
+                }
+            }
+            // The script: when the server offers no functions, or the library could not be
+            // called this time (it runs the same code, so it decides the same).
             let result = match &mut conn {
                 Conn::Single(c) => invocation.invoke_async::<Value>(c).await,
                 Conn::Cluster(c) => invocation.invoke_async::<Value>(c).await,
             };
-            result.map_err(|e| {
-                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
-                    self.forget_connection();
-                }
-                unavailable(e)
-            })
+            result.map_err(|e| self.failed(e))
         };
         match tokio::time::timeout(limit, call).await {
             Err(_) => Err(unavailable(format!(
@@ -401,6 +469,81 @@ impl Inner {
             ))),
             Ok(result) => Reply::from(result?),
         }
+    }
+
+    /// One call of the function library.
+    async fn fcall(
+        &self,
+        conn: &mut Conn,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<Value, redis::RedisError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(&self.library.0).arg(keys.len()).arg(keys).arg(args);
+        match conn {
+            Conn::Single(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+
+    /// What follows a failed call of the library: it failed for good (the connection, the code
+    /// itself); the library was missing and is loaded now (call it once more, then the script);
+    /// or the call is made through the script (the server refused functions; or it is out of
+    /// memory, where a function with writes is refused outright but a script fails only at its
+    /// first write, as before functions were used, so that denials are still answered).
+    async fn function_failed(&self, conn: &mut Conn, e: redis::RedisError) -> Next {
+        if !server_error(&e) {
+            return Next::Fail(e);
+        }
+        if functions_refused(&e) {
+            self.refuse_functions(&e);
+            return Next::Script;
+        }
+        if e.code() == Some("OOM") {
+            return Next::Script;
+        }
+        if !function_missing(&e) {
+            return Next::Fail(e);
+        }
+        // A server without the library (a new or flushed one): load it (on every master of a
+        // cluster) and call it again.
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg("REPLACE").arg(&self.library.1);
+        let loaded: Result<Value, _> = match conn {
+            Conn::Single(c) => load.query_async(c).await,
+            Conn::Cluster(c) => load.query_async(c).await,
+        };
+        match loaded {
+            Ok(_) => Next::Again,
+            Err(e) => {
+                // Refused (or a server that cannot load it): scripts from now on. Otherwise (a
+                // node down): the script this time, the library next time.
+                if server_error(&e) {
+                    self.refuse_functions(&e);
+                }
+                Next::Script
+            }
+        }
+    }
+
+    fn refuse_functions(&self, e: &redis::RedisError) {
+        if self
+            .functions
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                error = %e,
+                "Redis functions are not available; calling the limiter as a script (slower)"
+            );
+        }
+    }
+
+    /// A failed call's error; a broken connection is made again next time.
+    fn failed(&self, e: redis::RedisError) -> LimiterError {
+        if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+            self.forget_connection();
+        }
+        unavailable(e)
     }
 
     /// Bases a new counter generation on the ledger, and schedules its re-bases.
@@ -610,7 +753,9 @@ impl RedisLimiter {
             client,
             conn: Mutex::new(None),
             connecting: tokio::sync::Mutex::new(()),
-            script: redis::Script::new(SCRIPT),
+            script: redis::Script::new(&script_code()),
+            library: library(),
+            functions: std::sync::atomic::AtomicBool::new(true),
             prefix: options.prefix,
             timeout: options.timeout,
             lease: options.lease,
