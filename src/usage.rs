@@ -372,7 +372,10 @@ fn writer_id() -> String {
 
 impl Writer {
     async fn run(mut self, mut rx: mpsc::Receiver<Msg>, flush_every: Duration) {
-        let mut tick = tokio::time::interval(flush_every);
+        // The first write one interval after the start, not at once: a write at start has
+        // nothing to write, and would race with the first settlements.
+        let mut tick =
+            tokio::time::interval_at(tokio::time::Instant::now() + flush_every, flush_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
