@@ -757,6 +757,11 @@ impl ProxiedRequest<'_> {
         self.route
     }
 
+    /// When the request arrived (the access log's clock too).
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
     pub fn set_tier(&mut self, tier: &str) {
         self.tier = Some(self.metrics.tier(tier));
     }

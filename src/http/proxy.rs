@@ -80,10 +80,12 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
     // keyed on it (the ledger's idempotency key is the reservation's), so a client that reuses
     // an id loses nothing.
     let shown_id = client_request_id(&parts.headers);
+    // The metered route of the path as sent; `forward` names it again from the normalised path.
+    let endpoint = Endpoint::of_path(parts.uri.path());
     let mut access = state.config.access_log.then(|| {
         Box::new(AccessLine {
-            start: Instant::now(),
-            route: Endpoint::of_path(parts.uri.path()).map_or("other", Endpoint::path),
+            start: seen.started(),
+            route: endpoint.map_or("other", Endpoint::path),
             workspace: None,
             key: None,
             client_id: shown_id.clone(),
@@ -96,7 +98,7 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
     let mut response = match authenticate(&state, &parts.headers).await {
         Err(e) => {
             if parts.method == Method::POST {
-                seen.set_route(Route::of(Endpoint::of_path(parts.uri.path())));
+                seen.set_route(Route::of(endpoint));
             }
             e.into_response()
         }
@@ -384,7 +386,11 @@ async fn forward(
         ApiError::BadRequest(format!("The request path cannot be normalised: {m}."))
     })?;
     if parts.method == Method::POST {
-        seen.set_route(Route::of(Endpoint::of_path(&path)));
+        let endpoint = Endpoint::of_path(&path);
+        seen.set_route(Route::of(endpoint));
+        if let Some(a) = access.as_mut() {
+            a.route = endpoint.map_or("other", Endpoint::path);
+        }
     }
     let body = seen.waiting(read_body(state, &parts.headers, body)).await?;
     let mut prepared = prepare(state, &parts.method, path, body)?;
