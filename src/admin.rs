@@ -25,7 +25,7 @@ use crate::clock::Clock;
 use crate::config::validate_tier_name;
 use crate::model::{
     Actor, ApiKey, AuditAction, AuditEntry, FieldPatch, KeyId, LimitRequest, LimitRequestId,
-    LimitRequestStatus, Limits, Overrides, OverridesPatch, Tier, Workspace, WorkspaceId,
+    LimitRequestStatus, Overrides, OverridesPatch, Tier, TierSpec, Workspace, WorkspaceId,
     WorkspaceStatus,
 };
 use crate::store::{AuditFilter, NewKey, Store, StoreError, WorkspaceChange};
@@ -279,18 +279,21 @@ impl Admin {
         Ok(self.store.list_tiers().await?)
     }
 
-    /// Creates or replaces a tier; a limit left out is no limit.
+    /// Creates or replaces a tier, its rank and limits; a limit left out is no limit, a rank
+    /// left out puts the tier off the ladder.
     pub async fn put_tier(
         &self,
         by: &Actor,
         name: &str,
-        limits: Limits,
+        spec: impl Into<TierSpec>,
     ) -> Result<Tier, AdminError> {
+        let spec = spec.into();
         tier_name("name", name)?;
-        limits.validate().map_err(invalid)?;
+        spec.limits.validate().map_err(invalid)?;
         let tier = Tier {
             name: name.to_string(),
-            limits,
+            rank: spec.rank,
+            limits: spec.limits,
         };
         self.store.put_tier(&tier, by, self.now()).await?;
         self.refresh().await;
@@ -428,9 +431,13 @@ impl Admin {
         by: &Actor,
         workspace: WorkspaceId,
         use_case: &str,
+        expected_volume: Option<&str>,
         requested: &Overrides,
     ) -> Result<LimitRequest, AdminError> {
         let use_case = text("use_case", use_case)?;
+        let expected_volume = expected_volume
+            .map(|v| text("expected_volume", v))
+            .transpose()?;
         if requested.is_empty() {
             return Err(invalid(format!(
                 "'requested_limits' must name at least one of {OVERRIDE_NAMES}"
@@ -449,7 +456,14 @@ impl Admin {
             )));
         }
         self.store
-            .create_limit_request(workspace, &use_case, requested, by, self.now())
+            .create_limit_request(
+                workspace,
+                &use_case,
+                expected_volume.as_deref(),
+                requested,
+                by,
+                self.now(),
+            )
             .await
             .map_err(not_found("workspace", workspace))
     }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::limiter::redis::{validate_prefix, TimeSource, Topology};
-use crate::model::{default_tiers, Limits, Tier};
+use crate::model::{default_tiers, Tier, TierSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -71,9 +71,9 @@ pub struct RawSettings {
     pub upstream: RawUpstream,
     #[serde(default)]
     pub estimate: RawEstimate,
-    /// Tiers that seed the catalogue when absent from the database.
+    /// Tiers that seed the catalogue when absent from the database: each its rank and limits.
     #[serde(default)]
-    pub tiers: BTreeMap<String, Limits>,
+    pub tiers: BTreeMap<String, TierSpec>,
 }
 
 /// One `[[admin_tokens]]` entry.
@@ -646,13 +646,13 @@ impl TryFrom<RawSettings> for Config {
         };
 
         let mut catalogue = default_tiers();
-        for (name, limits) in tiers {
+        for (name, TierSpec { rank, limits }) in tiers {
             limits
                 .validate()
                 .map_err(|m| invalid(&format!("tiers.{name}"), m))?;
             validate_tier_name(&name).map_err(|m| invalid(&format!("tiers.{name}"), m))?;
             catalogue.retain(|t| t.name != name);
-            catalogue.push(Tier { name, limits });
+            catalogue.push(Tier { name, rank, limits });
         }
         Ok(Config {
             listen,
@@ -1096,6 +1096,9 @@ impl Config {
         for tier in &self.tiers {
             let l = &tier.limits;
             out.push_str(&format!("\n[tiers.{}]\n", toml_key(&tier.name)));
+            if let Some(rank) = tier.rank {
+                out.push_str(&format!("rank = {rank}\n"));
+            }
             if let Some(v) = l.requests_per_second {
                 out.push_str(&format!("requests_per_second = {v:?}\n"));
             }
@@ -1340,9 +1343,12 @@ mod tests {
         let mut tiers = BTreeMap::new();
         tiers.insert(
             "gold".to_string(),
-            Limits {
-                tokens_per_minute: Some(0),
-                ..Default::default()
+            TierSpec {
+                rank: None,
+                limits: crate::model::Limits {
+                    tokens_per_minute: Some(0),
+                    ..Default::default()
+                },
             },
         );
         let e = bad(RawSettings {

@@ -12,7 +12,7 @@ use tiergate::admin::{Admin, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use tiergate::clock::SystemClock;
 use tiergate::config::{Kind, LogFormat, Setting, SETTINGS};
 use tiergate::mock_upstream::{self, MockConfig};
-use tiergate::model::{Actor, Limits, ModelLimits, Overrides};
+use tiergate::model::{Actor, Limits, ModelLimits, Overrides, TierSpec};
 use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::redact;
 use tiergate::Config;
@@ -246,9 +246,13 @@ enum TierCommand {
         #[command(flatten)]
         store: StoreArgs,
     },
-    /// Create or replace a tier; a limit left out means no such limit.
+    /// Create or replace a tier; a limit left out means no such limit, a rank left out puts the
+    /// tier off the ladder.
     Set {
         name: String,
+        /// The tier's place on the ladder: the next tier is the one of the lowest rank above.
+        #[arg(long)]
+        rank: Option<u32>,
         #[arg(long)]
         requests_per_second: Option<f64>,
         #[arg(long)]
@@ -598,6 +602,7 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
         }
         TierCommand::Set {
             name,
+            rank,
             requests_per_second,
             burst,
             tokens_per_minute,
@@ -618,7 +623,11 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
                 model_limit(&mut limits, arg)?;
             }
             let (admin, by) = admin(&store).await?;
-            print(&admin.put_tier(&by, &name, limits).await?);
+            print(
+                &admin
+                    .put_tier(&by, &name, TierSpec { rank, limits })
+                    .await?,
+            );
         }
     }
     Ok(())

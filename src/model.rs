@@ -401,7 +401,57 @@ impl OverridesPatch {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Tier {
     pub name: String,
+    /// The tier's place on the ladder workspaces climb: the next tier of a ranked tier is the
+    /// one of the lowest rank above its own (ties broken by name). A tier without a rank
+    /// (a custom or enterprise tier) is off the ladder and has no next tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
     pub limits: Limits,
+}
+
+impl Tier {
+    /// The next tier up the ladder from `self` among `tiers`, if `self` is ranked and a tier
+    /// ranks above it.
+    pub fn next_in<'a>(&self, tiers: impl IntoIterator<Item = &'a Tier>) -> Option<&'a Tier> {
+        let rank = self.rank?;
+        tiers
+            .into_iter()
+            .filter(|t| t.rank.is_some_and(|r| r > rank))
+            .min_by(|a, b| (a.rank, &a.name).cmp(&(b.rank, &b.name)))
+    }
+}
+
+/// A tier as the admin API and the config file write it: its limits, and its rank beside them
+/// in the same object (`{"rank": 2, "tokens_per_minute": 1000}`). `Limits` refuses fields it
+/// does not know, which serde's `flatten` would defeat, so the rank is taken out of the object
+/// first and the rest is read as `Limits`, with `Limits`' own errors.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct TierSpec {
+    pub rank: Option<u32>,
+    pub limits: Limits,
+}
+
+/// Limits alone: a tier off the ladder.
+impl From<Limits> for TierSpec {
+    fn from(limits: Limits) -> Self {
+        TierSpec { rank: None, limits }
+    }
+}
+
+impl<'de> Deserialize<'de> for TierSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let mut object = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let rank = match object.remove("rank") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(u32::deserialize(v).map_err(|_| {
+                D::Error::custom("rank: must be a whole number from 0 to 4294967295")
+            })?),
+        };
+        let limits =
+            Limits::deserialize(serde_json::Value::Object(object)).map_err(D::Error::custom)?;
+        Ok(TierSpec { rank, limits })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -487,6 +537,9 @@ pub struct LimitRequest {
     pub id: LimitRequestId,
     pub workspace_id: WorkspaceId,
     pub use_case: String,
+    /// What the workspace expects to send under the new limits, in its own words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_volume: Option<String>,
     pub requested_limits: Overrides,
     pub status: LimitRequestStatus,
     /// The overrides that were set on approval.
@@ -500,9 +553,17 @@ pub struct LimitRequest {
 /// The tier catalogue that ships with tiergate. `free` uses the figures the Mistral platform
 /// publishes for its free tier; the others rise from there.
 pub fn default_tiers() -> Vec<Tier> {
-    fn tier(name: &str, rps: f64, tpm: u64, month: Option<u64>, conc: Option<u32>) -> Tier {
+    fn tier(
+        rank: u32,
+        name: &str,
+        rps: f64,
+        tpm: u64,
+        month: Option<u64>,
+        conc: Option<u32>,
+    ) -> Tier {
         Tier {
             name: name.to_string(),
+            rank: Some(rank),
             limits: Limits {
                 requests_per_second: Some(rps),
                 burst: None,
@@ -514,18 +575,33 @@ pub fn default_tiers() -> Vec<Tier> {
         }
     }
     vec![
-        tier("free", 1.0, 500_000, Some(1_000_000_000), None),
-        tier("tier-1", 5.0, 2_000_000, Some(10_000_000_000), Some(50)),
-        tier("tier-2", 10.0, 5_000_000, Some(50_000_000_000), Some(100)),
-        tier("tier-3", 25.0, 10_000_000, Some(200_000_000_000), Some(250)),
+        tier(0, "free", 1.0, 500_000, Some(1_000_000_000), None),
+        tier(1, "tier-1", 5.0, 2_000_000, Some(10_000_000_000), Some(50)),
         tier(
+            2,
+            "tier-2",
+            10.0,
+            5_000_000,
+            Some(50_000_000_000),
+            Some(100),
+        ),
+        tier(
+            3,
+            "tier-3",
+            25.0,
+            10_000_000,
+            Some(200_000_000_000),
+            Some(250),
+        ),
+        tier(
+            4,
             "tier-4",
             50.0,
             20_000_000,
             Some(1_000_000_000_000),
             Some(500),
         ),
-        tier("scale", 200.0, 100_000_000, None, Some(2000)),
+        tier(5, "scale", 200.0, 100_000_000, None, Some(2000)),
     ]
 }
 

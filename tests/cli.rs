@@ -202,7 +202,7 @@ async fn changes_through_the_cli_are_audited_under_the_os_user() {
     let mut requests = Vec::new();
     for use_case in ["launch", "more"] {
         let r = store
-            .create_limit_request(ws["id"].as_i64().unwrap(), use_case, &asked, &by, 0)
+            .create_limit_request(ws["id"].as_i64().unwrap(), use_case, None, &asked, &by, 0)
             .await
             .unwrap();
         requests.push(r.id.to_string());
@@ -443,7 +443,7 @@ tokens_per_minute = 100000
     let reread: tiergate::RawSettings = toml::from_str(&stdout).unwrap();
     assert_eq!(reread.listen.as_deref(), Some("0.0.0.0:9000"));
     assert_eq!(
-        reread.tiers["pro"].models["mistral-large-latest"].tokens_per_minute,
+        reread.tiers["pro"].limits.models["mistral-large-latest"].tokens_per_minute,
         Some(100000)
     );
 

@@ -164,6 +164,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         target.seed_tiers(&default_tiers()).await.unwrap();
         let stale = Tier {
             name: "stale".into(),
+            rank: None,
             limits: Limits::default(),
         };
         target.put_tier(&stale, &Actor::cli(None), 0).await.unwrap();

@@ -134,6 +134,7 @@ async fn the_console_secret_is_made_once_and_shared(b: Backend) {
 fn tier(name: &str, rps: f64) -> Tier {
     Tier {
         name: name.into(),
+        rank: None,
         limits: Limits {
             requests_per_second: Some(rps),
             tokens_per_minute: Some(1000),
@@ -534,17 +535,17 @@ async fn limit_requests_are_decided_once(b: Backend) {
         ..Overrides::default()
     };
     let r1 = s
-        .create_limit_request(ws.id, "launch", &ask(5000), &by(), 100)
+        .create_limit_request(ws.id, "launch", None, &ask(5000), &by(), 100)
         .await
         .unwrap();
     assert_eq!(r1.status, LimitRequestStatus::Pending);
     assert_eq!(r1.requested_limits, ask(5000));
     let r2 = s
-        .create_limit_request(ws.id, "more", &ask(9000), &by(), 101)
+        .create_limit_request(ws.id, "more", None, &ask(9000), &by(), 101)
         .await
         .unwrap();
     let r3 = s
-        .create_limit_request(other.id, "other", &ask(7000), &by(), 102)
+        .create_limit_request(other.id, "other", None, &ask(7000), &by(), 102)
         .await
         .unwrap();
     let listed = s.list_limit_requests(Some(ws.id), None).await.unwrap();
@@ -975,7 +976,7 @@ async fn an_approval_racing_an_overrides_change_keeps_both(b: Backend) {
                     ..Overrides::default()
                 };
                 let request = approver
-                    .create_limit_request(ws.id, "more", &asked, &by(), 10)
+                    .create_limit_request(ws.id, "more", None, &asked, &by(), 10)
                     .await
                     .unwrap();
                 let approve = {
@@ -1048,14 +1049,14 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
     };
     let itself = Actor::workspace(ws.id);
     let r1 = s
-        .create_limit_request(ws.id, "more", &asked, &itself, 106)
+        .create_limit_request(ws.id, "more", None, &asked, &itself, 106)
         .await
         .unwrap();
     s.approve_limit_request(r1.id, None, &alice, 107)
         .await
         .unwrap();
     let r2 = s
-        .create_limit_request(ws.id, "again", &asked, &itself, 108)
+        .create_limit_request(ws.id, "again", None, &asked, &itself, 108)
         .await
         .unwrap();
     s.deny_limit_request(r2.id, "no", &carol, 109)
@@ -1091,7 +1092,7 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        s.create_limit_request(ws.id + 100, "x", &asked, &itself, 200)
+        s.create_limit_request(ws.id + 100, "x", None, &asked, &itself, 200)
             .await,
         Err(StoreError::NotFound)
     ));
@@ -1336,7 +1337,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2, 3, 4]);
+    assert_eq!(steps, vec![1, 2, 3, 4, 5]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 

@@ -28,7 +28,7 @@ use super::views::{
 use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
 use crate::model::{
-    Actor, KeyId, LimitRequestId, LimitRequestStatus, Limits, Overrides, WorkspaceId,
+    Actor, KeyId, LimitRequestId, LimitRequestStatus, Overrides, TierSpec, WorkspaceId,
     WorkspaceStatus,
 };
 
@@ -336,7 +336,7 @@ async fn list_tiers(
     operation_id = "put_tier",
     security(("admin_token" = [])),
     params(("name" = String, Path, description = "The tier's name: 1 to 64 of `a-z A-Z 0-9 - _ .`.")),
-    request_body(content = Limits, description = "The tier's limits, all of them: a limit left out is no limit."),
+    request_body(content = TierSpec, description = "The tier's rank and limits, all of them: a limit left out is no limit, a rank left out puts the tier off the ladder."),
     responses(
         (status = 200, description = "The tier, made or replaced.", body = TierView),
         BodyErrors,
@@ -347,9 +347,9 @@ async fn put_tier(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(name): PathParam<String>,
-    JsonBody(limits): JsonBody<Limits>,
+    JsonBody(spec): JsonBody<TierSpec>,
 ) -> Result<SortedJson<TierView>, ApiError> {
-    let tier = state.admin.put_tier(&by, &name, limits).await?;
+    let tier = state.admin.put_tier(&by, &name, spec).await?;
     Ok(SortedJson(TierView::from(&tier)))
 }
 

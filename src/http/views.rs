@@ -28,7 +28,7 @@ use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{
     ApiKey, AuditAction, AuditEntry, LimitRequest, LimitRequestStatus, Limits, Overrides, Tier,
-    Workspace, WorkspaceStatus,
+    TierSpec, Workspace, WorkspaceStatus,
 };
 use crate::store::DailyUsage;
 
@@ -203,6 +203,8 @@ pub struct NewKeyView {
 #[derive(Debug, Serialize)]
 pub struct TierView {
     pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
     #[serde(flatten)]
     pub limits: Limits,
 }
@@ -211,6 +213,7 @@ impl From<&Tier> for TierView {
     fn from(t: &Tier) -> Self {
         TierView {
             name: t.name.clone(),
+            rank: t.rank,
             limits: t.limits.clone(),
         }
     }
@@ -231,11 +234,51 @@ impl PartialSchema for TierView {
                 .description(Some("The tier's name."))
                 .into(),
         );
+        object.properties.insert("rank".into(), rank_schema());
         object.required.push("name".into());
         object.additional_properties = None;
-        object.description =
-            Some("A tier: its name and its limits (a limit left out is no limit).".into());
+        object.description = Some(
+            "A tier: its name, its rank on the ladder (none: off the ladder) and its limits (a limit left out is no limit)."
+                .into(),
+        );
         RefOr::T(Schema::Object(object))
+    }
+}
+
+fn rank_schema() -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::Integer)
+        .minimum(Some(0))
+        .maximum(Some(u32::MAX))
+        .description(Some(
+            "The tier's place on the ladder: a workspace's next tier is the one of the lowest rank above its tier's. Left out: the tier is off the ladder.",
+        ))
+        .into()
+}
+
+/// A tier's body in `PUT /admin/v1/tiers/{name}`: `Limits`' schema with `rank` beside the
+/// limits, as `TierSpec` reads it.
+impl PartialSchema for TierSpec {
+    fn schema() -> RefOr<Schema> {
+        let RefOr::T(Schema::Object(mut object)) = Limits::schema() else {
+            unreachable!("Limits is described as an object");
+        };
+        object.properties.insert("rank".into(), rank_schema());
+        object.description = Some(
+            "A tier's rank and limits, all of them: a limit left out is no limit, a rank left out puts the tier off the ladder."
+                .into(),
+        );
+        RefOr::T(Schema::Object(object))
+    }
+}
+
+impl ToSchema for TierSpec {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "TierSpec".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+        <Limits as ToSchema>::schemas(schemas);
     }
 }
 
@@ -256,6 +299,9 @@ pub struct LimitRequestView {
     pub id: i64,
     pub workspace_id: i64,
     pub use_case: String,
+    /// What the workspace expects to send under the new limits, in its own words.
+    #[schema(required = true)]
+    pub expected_volume: Option<String>,
     pub requested_limits: Overrides,
     pub status: LimitRequestStatus,
     /// The overrides set on approval.
@@ -275,6 +321,7 @@ impl From<&LimitRequest> for LimitRequestView {
             id: r.id,
             workspace_id: r.workspace_id,
             use_case: r.use_case.clone(),
+            expected_volume: r.expected_volume.clone(),
             requested_limits: r.requested_limits.clone(),
             status: r.status,
             granted_limits: r.granted_limits.clone(),
@@ -517,6 +564,7 @@ mod tests {
     fn a_tier_is_its_name_beside_its_limits() {
         let tier = Tier {
             name: "t".into(),
+            rank: None,
             limits: Limits {
                 burst: Some(3),
                 ..Limits::default()

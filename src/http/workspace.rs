@@ -88,6 +88,10 @@ struct NewLimitRequest {
     /// What the limits are for: 1 to 4096 bytes, no control characters other than line breaks
     /// and tabs.
     use_case: String,
+    /// What the workspace expects to send under the new limits (e.g. "2M tokens a day, peaks
+    /// of 20 requests/s"): optional, 1 to 4096 bytes as `use_case`.
+    #[serde(default)]
+    expected_volume: Option<String>,
     /// The limits asked for: at least one.
     // Required in the document: left out, it names none, which is refused.
     #[serde(default)]
@@ -134,6 +138,7 @@ async fn create_limit_request(
             &Actor::workspace(id),
             id,
             &body.use_case,
+            body.expected_volume.as_deref(),
             &body.requested_limits,
         )
         .await?;

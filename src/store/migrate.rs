@@ -204,7 +204,10 @@ use Kind::*;
 /// Every table of an installation, parents first, with every column. (`meta` is set apart, and
 /// the change log starts afresh.)
 const TABLES: &[(&str, &[(&str, Kind)])] = &[
-    ("tiers", &[("name", Text), ("limits", Text)]),
+    (
+        "tiers",
+        &[("name", Text), ("rank", OptInt), ("limits", Text)],
+    ),
     (
         "workspaces",
         &[
@@ -236,6 +239,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("id", Int),
             ("workspace_id", Int),
             ("use_case", Text),
+            ("expected_volume", OptText),
             ("requested_limits", Text),
             ("status", Text),
             ("granted_limits", OptText),

@@ -277,6 +277,7 @@ pub trait Store: Send + Sync {
         &self,
         workspace: WorkspaceId,
         use_case: &str,
+        expected_volume: Option<&str>,
         requested: &Overrides,
         by: &Actor,
         now: i64,
@@ -471,6 +472,13 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 
 fn parse_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// A tier's rank as stored (a nullable integer column), which must fit the model's `u32`.
+fn rank_of(stored: Option<i64>) -> Result<Option<u32>, StoreError> {
+    stored
+        .map(|r| u32::try_from(r).map_err(|_| StoreError::Corrupt(format!("tiers.rank: {r}"))))
+        .transpose()
 }
 
 fn month_range(month: MonthKey) -> (String, String) {

@@ -29,7 +29,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
-    parse_json, redact, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
+    parse_json, rank_of, redact, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
     CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange,
     AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
@@ -163,6 +163,14 @@ CREATE TABLE secrets (
     name TEXT PRIMARY KEY,
     value BYTEA NOT NULL
 );
+"#,
+    // The tiers' order on the ladder (the shipped tiers get theirs), and what a workspace
+    // expects to send under the limits it asks for.
+    r#"
+ALTER TABLE tiers ADD COLUMN rank BIGINT;
+UPDATE tiers SET rank = CASE name WHEN 'free' THEN 0 WHEN 'tier-1' THEN 1 WHEN 'tier-2' THEN 2
+    WHEN 'tier-3' THEN 3 WHEN 'tier-4' THEN 4 WHEN 'scale' THEN 5 END;
+ALTER TABLE limit_requests ADD COLUMN expected_volume TEXT;
 "#,
 ];
 
@@ -314,6 +322,7 @@ impl PostgresStore {
 pub(super) fn tier_row(row: &PgRow) -> Result<Tier, StoreError> {
     Ok(Tier {
         name: row.try_get("name")?,
+        rank: rank_of(row.try_get("rank")?)?,
         limits: parse_json::<Limits>(row.try_get("limits")?, "tiers.limits")?,
     })
 }
@@ -355,6 +364,7 @@ fn limit_request_row(row: &PgRow) -> Result<LimitRequest, StoreError> {
         id: row.try_get("id")?,
         workspace_id: row.try_get("workspace_id")?,
         use_case: row.try_get("use_case")?,
+        expected_volume: row.try_get("expected_volume")?,
         requested_limits: parse_json(row.try_get("requested_limits")?, "requested_limits")?,
         status: LimitRequestStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("limit_requests.status: {status}")))?,
@@ -451,7 +461,7 @@ impl Store for PostgresStore {
                 sqlx::query_scalar("SELECT value FROM meta WHERE key = 'catalog_version'")
                     .fetch_one(&mut *tx)
                     .await?;
-            let tiers = sqlx::query("SELECT name, limits FROM tiers")
+            let tiers = sqlx::query("SELECT name, rank, limits FROM tiers")
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
@@ -506,7 +516,7 @@ impl Store for PostgresStore {
                 return Ok(CatalogChanges::TooOld);
             }
             let tiers = sqlx::query(
-                "SELECT name, limits FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > $1) ORDER BY name",
+                "SELECT name, rank, limits FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > $1) ORDER BY name",
             )
             .bind(since)
             .fetch_all(&mut *tx)
@@ -545,7 +555,7 @@ impl Store for PostgresStore {
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
         bounded(CALL_TIMEOUT, async {
-            sqlx::query("SELECT name, limits FROM tiers ORDER BY name")
+            sqlx::query("SELECT name, rank, limits FROM tiers ORDER BY name")
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
@@ -562,21 +572,23 @@ impl Store for PostgresStore {
             // created at the same moment by another writer makes the insert wait for it, then
             // this one replaces it, with its limits as `before`.)
             let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO tiers (name, limits) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING name",
+                "INSERT INTO tiers (name, rank, limits) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING RETURNING name",
             )
             .bind(&tier.name)
+            .bind(tier.rank.map(i64::from))
             .bind(json(&tier.limits))
             .fetch_optional(&mut *tx)
             .await?;
             let before = match inserted {
                 Some(_) => None,
                 None => {
-                    let row = sqlx::query("SELECT name, limits FROM tiers WHERE name = $1 FOR UPDATE")
+                    let row = sqlx::query("SELECT name, rank, limits FROM tiers WHERE name = $1 FOR UPDATE")
                         .bind(&tier.name)
                         .fetch_one(&mut *tx)
                         .await?;
-                    sqlx::query("UPDATE tiers SET limits = $2 WHERE name = $1")
+                    sqlx::query("UPDATE tiers SET rank = $2, limits = $3 WHERE name = $1")
                         .bind(&tier.name)
+                        .bind(tier.rank.map(i64::from))
                         .bind(json(&tier.limits))
                         .execute(&mut *tx)
                         .await?;
@@ -596,11 +608,13 @@ impl Store for PostgresStore {
             let mut tx = self.pool.begin().await?;
             // In name order, so that instances seeding at once wait rather than deadlock.
             let names: Vec<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
+            let ranks: Vec<Option<i64>> = tiers.iter().map(|t| t.rank.map(i64::from)).collect();
             let limits: Vec<String> = tiers.iter().map(|t| json(&t.limits)).collect();
             let inserted: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO tiers (name, limits) SELECT * FROM unnest($1::TEXT[], $2::TEXT[]) AS t(name, limits) ORDER BY name ON CONFLICT (name) DO NOTHING RETURNING name",
+                "INSERT INTO tiers (name, rank, limits) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[]) AS t(name, rank, limits) ORDER BY name ON CONFLICT (name) DO NOTHING RETURNING name",
             )
             .bind(names)
+            .bind(ranks)
             .bind(limits)
             .fetch_all(&mut *tx)
             .await?;
@@ -979,6 +993,7 @@ impl Store for PostgresStore {
         &self,
         workspace: WorkspaceId,
         use_case: &str,
+        expected_volume: Option<&str>,
         requested: &Overrides,
         by: &Actor,
         now: i64,
@@ -986,10 +1001,11 @@ impl Store for PostgresStore {
         bounded(CALL_TIMEOUT, async {
             let mut tx = self.pool.begin().await?;
             let row = sqlx::query(
-                "INSERT INTO limit_requests (workspace_id, use_case, requested_limits, created_at) VALUES ($1, $2, $3, $4) RETURNING *",
+                "INSERT INTO limit_requests (workspace_id, use_case, expected_volume, requested_limits, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING *",
             )
             .bind(workspace)
             .bind(use_case)
+            .bind(expected_volume)
             .bind(json(requested))
             .bind(now)
             .fetch_one(&mut *tx)

@@ -16,9 +16,9 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
-    parse_json, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData, CatalogDelta,
-    Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange, AUDIT_COLUMNS,
-    CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    parse_json, rank_of, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
+    CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange,
+    AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -145,6 +145,14 @@ CREATE TABLE secrets (
     value BLOB NOT NULL
 );
 "#,
+    // The tiers' order on the ladder (the shipped tiers get theirs), and what a workspace
+    // expects to send under the limits it asks for.
+    r#"
+ALTER TABLE tiers ADD COLUMN rank INTEGER;
+UPDATE tiers SET rank = CASE name WHEN 'free' THEN 0 WHEN 'tier-1' THEN 1 WHEN 'tier-2' THEN 2
+    WHEN 'tier-3' THEN 3 WHEN 'tier-4' THEN 4 WHEN 'scale' THEN 5 END;
+ALTER TABLE limit_requests ADD COLUMN expected_volume TEXT;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -267,6 +275,7 @@ impl SqliteStore {
 fn tier_row(row: &SqliteRow) -> Result<Tier, StoreError> {
     Ok(Tier {
         name: row.try_get("name")?,
+        rank: rank_of(row.try_get("rank")?)?,
         limits: parse_json::<Limits>(row.try_get("limits")?, "tiers.limits")?,
     })
 }
@@ -308,6 +317,7 @@ fn limit_request_row(row: &SqliteRow) -> Result<LimitRequest, StoreError> {
         id: row.try_get("id")?,
         workspace_id: row.try_get("workspace_id")?,
         use_case: row.try_get("use_case")?,
+        expected_volume: row.try_get("expected_volume")?,
         requested_limits: parse_json(row.try_get("requested_limits")?, "requested_limits")?,
         status: LimitRequestStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("limit_requests.status: {status}")))?,
@@ -361,7 +371,7 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'catalog_version'")
                 .fetch_one(&mut *tx)
                 .await?;
-        let tiers = sqlx::query("SELECT name, limits FROM tiers")
+        let tiers = sqlx::query("SELECT name, rank, limits FROM tiers")
             .fetch_all(&mut *tx)
             .await?
             .iter()
@@ -408,7 +418,7 @@ impl Store for SqliteStore {
             return Ok(CatalogChanges::Since(delta));
         }
         delta.tiers = sqlx::query(
-            "SELECT name, limits FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > ?) ORDER BY name",
+            "SELECT name, rank, limits FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > ?) ORDER BY name",
         )
         .bind(since)
         .fetch_all(&mut *tx)
@@ -439,7 +449,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
-        sqlx::query("SELECT name, limits FROM tiers ORDER BY name")
+        sqlx::query("SELECT name, rank, limits FROM tiers ORDER BY name")
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -449,7 +459,7 @@ impl Store for SqliteStore {
 
     async fn put_tier(&self, tier: &Tier, by: &Actor, now: i64) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        let before = sqlx::query("SELECT name, limits FROM tiers WHERE name = ?")
+        let before = sqlx::query("SELECT name, rank, limits FROM tiers WHERE name = ?")
             .bind(&tier.name)
             .fetch_optional(&mut *tx)
             .await?
@@ -457,9 +467,10 @@ impl Store for SqliteStore {
             .map(tier_row)
             .transpose()?;
         sqlx::query(
-            "INSERT INTO tiers (name, limits) VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET limits = excluded.limits",
+            "INSERT INTO tiers (name, rank, limits) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET rank = excluded.rank, limits = excluded.limits",
         )
         .bind(&tier.name)
+        .bind(tier.rank.map(i64::from))
         .bind(json(&tier.limits))
         .execute(&mut *tx)
         .await?;
@@ -474,9 +485,10 @@ impl Store for SqliteStore {
         let mut inserted = Vec::new();
         for tier in tiers {
             let n = sqlx::query(
-                "INSERT INTO tiers (name, limits) VALUES (?, ?) ON CONFLICT(name) DO NOTHING",
+                "INSERT INTO tiers (name, rank, limits) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
             )
             .bind(&tier.name)
+            .bind(tier.rank.map(i64::from))
             .bind(json(&tier.limits))
             .execute(&mut *tx)
             .await?
@@ -812,16 +824,18 @@ impl Store for SqliteStore {
         &self,
         workspace: WorkspaceId,
         use_case: &str,
+        expected_volume: Option<&str>,
         requested: &Overrides,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
         let mut tx = self.write_tx().await?;
         let row = sqlx::query(
-            "INSERT INTO limit_requests (workspace_id, use_case, requested_limits, created_at) VALUES (?, ?, ?, ?) RETURNING *",
+            "INSERT INTO limit_requests (workspace_id, use_case, expected_volume, requested_limits, created_at) VALUES (?, ?, ?, ?, ?) RETURNING *",
         )
         .bind(workspace)
         .bind(use_case)
+        .bind(expected_volume)
         .bind(json(requested))
         .bind(now)
         .fetch_one(&mut *tx)

@@ -603,6 +603,7 @@ async fn limits_out_of_bounds_in_the_store_are_brought_within_bounds() {
         .put_tier(
             &Tier {
                 name: "wild".into(),
+                rank: None,
                 limits: wild,
             },
             &tiergate::model::Actor::cli(Some("test")),

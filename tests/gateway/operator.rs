@@ -544,6 +544,7 @@ async fn admin_changes_racing_another_process_on_the_same_sqlite_file_never_fail
                 .create_limit_request(
                     others,
                     "cli",
+                    None,
                     &Overrides {
                         concurrent_requests: Some(5),
                         ..Overrides::default()
