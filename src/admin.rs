@@ -424,6 +424,21 @@ impl Admin {
         Ok(key)
     }
 
+    /// Revokes one of `workspace`'s keys (the workspace itself, from the console): `NotFound`
+    /// for a key of another workspace, as for one that does not exist.
+    pub async fn revoke_workspace_key(
+        &self,
+        by: &Actor,
+        workspace: WorkspaceId,
+        id: KeyId,
+    ) -> Result<ApiKey, AdminError> {
+        let keys = self.store.list_keys(workspace).await?;
+        if !keys.iter().any(|k| k.id == id) {
+            return Err(AdminError::NotFound(format!("no key {id}")));
+        }
+        self.revoke_key(by, id).await
+    }
+
     /// A workspace asks for higher limits (`by` is the workspace itself, or an operator on its
     /// behalf).
     pub async fn create_limit_request(

@@ -651,7 +651,12 @@ impl TryFrom<RawSettings> for Config {
                 .validate()
                 .map_err(|m| invalid(&format!("tiers.{name}"), m))?;
             validate_tier_name(&name).map_err(|m| invalid(&format!("tiers.{name}"), m))?;
-            catalogue.retain(|t| t.name != name);
+            // A shipped tier given again keeps its place on the ladder unless a rank is given.
+            let shipped = catalogue.iter().position(|t| t.name == name);
+            let rank = rank.or_else(|| shipped.and_then(|i| catalogue[i].rank));
+            if let Some(i) = shipped {
+                catalogue.remove(i);
+            }
             catalogue.push(Tier { name, rank, limits });
         }
         Ok(Config {
@@ -1589,6 +1594,40 @@ mod tests {
         let gold = c.tiers.iter().find(|t| t.name == "gold").unwrap();
         assert_eq!(gold.limits.models["big"].tokens_per_minute, Some(5));
         assert!(c.tiers.iter().any(|t| t.name == "scale"));
+        // A shipped tier given again keeps its rank; a new tier without one is off the ladder.
+        assert_eq!(free.rank, Some(0));
+        assert_eq!(gold.rank, None);
+    }
+
+    #[test]
+    fn file_tiers_take_a_rank_beside_their_limits() {
+        let raw: RawSettings = toml::from_str(
+            "[tiers.free]\nrank = 3\nrequests_per_second = 2\n[tiers.gold]\nrank = 9\ntokens_per_minute = 10\n",
+        )
+        .unwrap();
+        let c = Config::try_from(raw).unwrap();
+        let rank = |name: &str| c.tiers.iter().find(|t| t.name == name).unwrap().rank;
+        assert_eq!(
+            (rank("free"), rank("gold"), rank("scale")),
+            (Some(3), Some(9), Some(5))
+        );
+        let gold = c.tiers.iter().find(|t| t.name == "gold").unwrap();
+        assert_eq!(gold.limits.tokens_per_minute, Some(10));
+        // A rank that is not a whole number from 0, or a limit misspelt beside it, is refused.
+        for bad in [
+            "[tiers.gold]\nrank = -1\n",
+            "[tiers.gold]\nrank = \"top\"\n",
+            "[tiers.gold]\nrank = 1\ntokens_per_minutes = 5\n",
+        ] {
+            let e = toml::from_str::<RawSettings>(bad)
+                .err()
+                .expect(bad)
+                .to_string();
+            assert!(
+                e.contains("rank") || e.contains("tokens_per_minutes"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -26,9 +26,9 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut curl = None;
-    let mut limits_page = None;
     let mut console = None;
-    while curl.is_none() || limits_page.is_none() || console.is_none() {
+    let mut admin_token = None;
+    while curl.is_none() || console.is_none() || admin_token.is_none() {
         let line = rx
             .recv_timeout(deadline - Instant::now())
             .expect("demo printed its instructions");
@@ -38,8 +38,8 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
         if let Some(url) = line.strip_prefix("Console:     ") {
             console = Some(url.split_whitespace().next().unwrap().to_string());
         }
-        if let Some(url) = line.strip_prefix("Limits page: ") {
-            limits_page = Some(url.split_whitespace().next().unwrap().to_string());
+        if let Some(rest) = line.trim().strip_prefix("or with the admin token ") {
+            admin_token = Some(rest.split_whitespace().next().unwrap().to_string());
         }
     }
     let curl = curl.unwrap();
@@ -79,9 +79,14 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     assert_eq!(denied.status(), 429);
     assert!(denied.headers().contains_key("retry-after"));
 
-    let page = client.get(limits_page.unwrap()).send().await.unwrap();
-    assert_eq!(page.status(), 200);
-    assert!(page.text().await.unwrap().contains("Rate limits and usage"));
+    // The printed admin token opens the admin API (the console's operator pages take it too).
+    let workspaces = client
+        .get(url.replace("/v1/chat/completions", "/admin/v1/workspaces"))
+        .bearer_auth(admin_token.unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(workspaces.status(), 200);
 
     // The console signs in with the printed key and shows the demo workspace's tier.
     let console = console.unwrap();

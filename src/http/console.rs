@@ -24,19 +24,21 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use maud::{html, Markup, PreEscaped, DOCTYPE};
+use serde::Deserialize;
 
 use super::views::{usage_view, Timestamp, UsageView, WindowView};
+use crate::admin::AdminError;
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, WorkspaceEntry};
 use crate::console::{Session, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
 use crate::metrics::Metrics;
-use crate::model::ApiKey;
+use crate::model::{Actor, ApiKey, KeyId, LimitRequest, Limits, Overrides, Tier, Workspace};
 
 /// The path every console route starts with: the server adds the client's address to these
 /// requests only (`ClientAddr`).
@@ -56,6 +58,8 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/console", get(sign_in_page))
         .route("/console/sign-in", post(sign_in))
         .route("/console/workspace", get(workspace_page))
+        .route("/console/keys/{id}/revoke", post(revoke_key))
+        .route("/console/limit-requests", post(request_increase))
         .route("/console/sign-out", post(sign_out))
 }
 
@@ -129,29 +133,216 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
     }
 }
 
-async fn workspace_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+#[derive(Deserialize)]
+struct PageQuery {
+    /// What was just done, by a form of this page (`NOTICES`); anything else is ignored.
+    done: Option<String>,
+}
+
+/// The notices a redirect back to the workspace page may ask for, by name: the page never shows
+/// text taken from the URL.
+const NOTICES: &[(&str, &str)] = &[
+    (
+        "requested",
+        "Your request was sent. The operator's answer will show below.",
+    ),
+    (
+        "revoked",
+        "The key was revoked: requests with it are refused from now on.",
+    ),
+];
+
+async fn workspace_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<PageQuery>,
+) -> Response {
     let (session, entry) = match signed_in(&state, &headers) {
         Ok(found) => found,
         Err(out) => return out.to_sign_in(&headers),
     };
+    let notice = query
+        .done
+        .and_then(|d| NOTICES.iter().find(|(name, _)| *name == d))
+        .map(|(_, text)| Notice::Done(text));
+    render_workspace(&state, &session, &entry, notice, StatusCode::OK, None).await
+}
+
+/// What the page says at its top after a form: done, or why not.
+enum Notice<'a> {
+    Done(&'a str),
+    Refused(&'a str),
+}
+
+/// The workspace page, with the increase-request form filled as it was sent when it was
+/// refused (`form`).
+async fn render_workspace(
+    state: &AppState,
+    session: &Session,
+    entry: &WorkspaceEntry,
+    notice: Option<Notice<'_>>,
+    status: StatusCode,
+    form: Option<&[(String, String)]>,
+) -> Response {
     let ws = &entry.workspace;
-    let usage = match usage_view(&state, ws, &entry.limits, None, None, false).await {
+    let usage = match usage_view(state, ws, &entry.limits, None, None, false).await {
         Ok(usage) => usage,
         Err(e) => return unavailable(e.into_response().status()),
     };
-    let keys = match state.admin.list_keys(ws.id).await {
-        Ok(keys) => keys,
+    let (keys, tiers, requests) = match tokio::try_join!(
+        state.admin.list_keys(ws.id),
+        state.admin.list_tiers(),
+        state.admin.list_limit_requests(Some(ws.id), None),
+    ) {
+        Ok(found) => found,
         Err(e) => {
-            tracing::warn!(error = %e, "console: could not list keys");
+            tracing::warn!(error = %e, "console: could not read the workspace's keys, tiers or requests");
             return unavailable(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let token = state.console.csrf_token(&session);
-    page(
-        StatusCode::OK,
-        &ws.name,
-        workspace_body(&entry, &usage, &keys, &token),
-    )
+    let token = state.console.csrf_token(session);
+    let page_data = WorkspacePage {
+        entry,
+        usage: &usage,
+        keys: &keys,
+        tiers: &tiers,
+        requests: &requests,
+        token: &token,
+        session_key: session.key,
+        notice,
+        form,
+    };
+    page(status, &ws.name, workspace_body(&page_data))
+}
+
+/// A form of the workspace page, sent: the session, its workspace and the form's fields, once
+/// the session, the origin and the form token hold; else the answer to send.
+async fn workspace_form(
+    state: &AppState,
+    request: Request,
+) -> Result<(Session, Arc<WorkspaceEntry>, Vec<(String, String)>), Response> {
+    let (parts, body) = request.into_parts();
+    let (session, entry) =
+        signed_in(state, &parts.headers).map_err(|out| out.to_sign_in(&parts.headers))?;
+    let form = read_form(body).await.unwrap_or_default();
+    let token = field(&form, "csrf").unwrap_or_default();
+    if !same_origin(&parts.headers) || !state.console.csrf_holds(&session, &token) {
+        return Err(page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            html! { p.error { "This form is not valid for your session. Reload the page and try again." } },
+        ));
+    }
+    Ok((session, entry, form))
+}
+
+/// `POST /console/keys/{id}/revoke`: the workspace revokes one of its own keys. A key of
+/// another workspace is answered as one that does not exist. Revoking the key the session was
+/// made with ends the session.
+async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (session, entry, _) = match workspace_form(&state, request).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let Ok(id) = id.parse::<KeyId>() else {
+        return not_found();
+    };
+    let ws = entry.workspace.id;
+    match state
+        .admin
+        .revoke_workspace_key(&Actor::workspace(ws), ws, id)
+        .await
+    {
+        Ok(_) if id == session.key => see_other("/console", None),
+        Ok(_) => see_other("/console/workspace?done=revoked", None),
+        Err(AdminError::NotFound(_)) => not_found(),
+        Err(e) => {
+            tracing::warn!(error = %e, "console: could not revoke a key");
+            unavailable(StatusCode::SERVICE_UNAVAILABLE)
+        }
+    }
+}
+
+/// `POST /console/limit-requests`: the increase-request form, as `POST /v1/limit-requests`
+/// (the same operation, by the workspace itself). A refused form is shown again as it was sent,
+/// with why.
+async fn request_increase(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (session, entry, form) = match workspace_form(&state, request).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let ws = entry.workspace.id;
+    let refused = |status, message: String| {
+        let state = &state;
+        let session = &session;
+        let entry = &entry;
+        let form = &form;
+        async move {
+            render_workspace(
+                state,
+                session,
+                entry,
+                Some(Notice::Refused(&message)),
+                status,
+                Some(form),
+            )
+            .await
+        }
+    };
+    let requested = match requested_limits(&form) {
+        Ok(r) => r,
+        Err(message) => return refused(StatusCode::BAD_REQUEST, message).await,
+    };
+    let use_case = field(&form, "use_case").unwrap_or_default();
+    let volume = field(&form, "expected_volume").filter(|v| !v.trim().is_empty());
+    match state
+        .admin
+        .create_limit_request(
+            &Actor::workspace(ws),
+            ws,
+            &use_case,
+            volume.as_deref(),
+            &requested,
+        )
+        .await
+    {
+        Ok(_) => see_other("/console/workspace?done=requested", None),
+        Err(AdminError::Invalid(m)) => refused(StatusCode::BAD_REQUEST, m).await,
+        Err(AdminError::Conflict(m)) => refused(StatusCode::CONFLICT, m).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "console: could not file an increase request");
+            unavailable(StatusCode::SERVICE_UNAVAILABLE)
+        }
+    }
+}
+
+/// The limits asked for in the increase form: each field left blank is not asked for.
+fn requested_limits(form: &[(String, String)]) -> Result<Overrides, String> {
+    fn number<T: std::str::FromStr>(
+        form: &[(String, String)],
+        name: &str,
+        what: &str,
+    ) -> Result<Option<T>, String> {
+        match field(form, name).map(|v| v.trim().replace(['_', ','], "")) {
+            None => Ok(None),
+            Some(v) if v.is_empty() => Ok(None),
+            Some(v) => v
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("'{name}' must be {what}")),
+        }
+    }
+    Ok(Overrides {
+        requests_per_second: number(form, "requests_per_second", "a number")?,
+        burst: None,
+        tokens_per_minute: number(form, "tokens_per_minute", "a whole number")?,
+        tokens_per_month: number(form, "tokens_per_month", "a whole number")?,
+        concurrent_requests: number(form, "concurrent_requests", "a whole number")?,
+    })
 }
 
 async fn sign_out(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -371,16 +562,41 @@ fn window_row(id: &str, label: &str, unit: &str, w: &WindowView) -> Markup {
     )
 }
 
-fn workspace_body(
-    entry: &WorkspaceEntry,
-    usage: &UsageView,
-    keys: &[ApiKey],
-    token: &str,
-) -> Markup {
+/// What the workspace page shows.
+struct WorkspacePage<'a> {
+    entry: &'a WorkspaceEntry,
+    usage: &'a UsageView,
+    keys: &'a [ApiKey],
+    tiers: &'a [Tier],
+    requests: &'a [LimitRequest],
+    token: &'a str,
+    /// The key the session was made with (revoking it ends the session).
+    session_key: KeyId,
+    notice: Option<Notice<'a>>,
+    /// The increase form as it was sent, when it was refused.
+    form: Option<&'a [(String, String)]>,
+}
+
+fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
+    let WorkspacePage {
+        entry,
+        usage,
+        keys,
+        tiers,
+        requests,
+        token,
+        session_key,
+        ..
+    } = p;
     let ws = &entry.workspace;
     let limits = &entry.limits;
     html! {
         h1 { (ws.name) }
+        @match &p.notice {
+            Some(Notice::Done(text)) => p.notice role="status" { (text) },
+            Some(Notice::Refused(text)) => p.error role="alert" { (text) },
+            None => {},
+        }
         p { "Tier " strong #tier { (ws.tier) } " · status " (format!("{:?}", ws.status).to_lowercase()) " · month " (usage.month) }
         h2 { "Limits and usage" }
         table.limits {
@@ -435,26 +651,207 @@ fn workspace_body(
             }
             p.note { "Usage per model is not shown yet." }
         }
+        (tier_ladder(ws, limits, tiers))
         h2 { "API keys" }
-        table.keys {
-            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Status" } } }
+        table.keys #keys {
+            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Status" } th {} } }
             tbody {
-                @for k in keys {
-                    tr {
+                @for k in keys.iter() {
+                    tr data-key-id=(k.id) {
                         td { code { (k.prefix) "…" } }
                         td { (k.name.as_deref().unwrap_or("")) }
                         td { (Timestamp(k.created_at).rfc3339()) }
                         td { (k.last_used_at.map(|t| Timestamp(t).rfc3339()).unwrap_or_else(|| "never".into())) }
                         td { @if k.revoked_at.is_some() { "revoked" } @else { "active" } }
+                        td {
+                            @if k.revoked_at.is_none() {
+                                form.revoke method="post" action={ "/console/keys/" (k.id) "/revoke" } {
+                                    input type="hidden" name="csrf" value=(token);
+                                    button type="submit" {
+                                        @if k.id == *session_key { "Revoke (signs you out)" } @else { "Revoke" }
+                                    }
+                                }
+                            }
+                        }
                     }
                 }
             }
         }
+        p.note { "New keys are made by the operator: a leaked key cannot mint more." }
+        (increase_form(token, p.form))
+        (past_requests(requests))
         form method="post" action="/console/sign-out" {
             input type="hidden" name="csrf" value=(token);
             button type="submit" { "Sign out" }
         }
     }
+}
+
+/// The workspace's limits beside what the next tier up the ladder gives.
+fn tier_ladder(ws: &Workspace, limits: &Limits, tiers: &[Tier]) -> Markup {
+    let current = tiers.iter().find(|t| t.name == ws.tier);
+    let next = current.and_then(|c| c.next_in(tiers));
+    let rows: [(&str, &str, Option<String>, Option<String>); 4] = {
+        let rps = |l: &Limits| l.requests_per_second.map(|v| v.to_string());
+        let tpm = |l: &Limits| l.tokens_per_minute.map(|v| v.to_string());
+        let month = |l: &Limits| l.tokens_per_month.map(|v| v.to_string());
+        let conc = |l: &Limits| l.concurrent_requests.map(|v| v.to_string());
+        let n = next.map(|t| &t.limits);
+        [
+            (
+                "requests_per_second",
+                "Requests per second",
+                rps(limits),
+                n.and_then(rps),
+            ),
+            (
+                "tokens_per_minute",
+                "Tokens per minute",
+                tpm(limits),
+                n.and_then(tpm),
+            ),
+            (
+                "tokens_per_month",
+                "Tokens per month",
+                month(limits),
+                n.and_then(month),
+            ),
+            (
+                "concurrent_requests",
+                "Concurrent requests",
+                conc(limits),
+                n.and_then(conc),
+            ),
+        ]
+    };
+    html! {
+        h2 { "Your tier and the next" }
+        @match next {
+            Some(next) => {
+                table.ladder #ladder {
+                    thead { tr {
+                        th { "Limit" }
+                        th { "Yours now (" (ws.tier) ")" }
+                        th data-next-tier=(next.name) { "Tier " (next.name) }
+                    } }
+                    tbody {
+                        @for (id, label, now, then) in &rows {
+                            tr data-limit=(id) {
+                                th scope="row" { (label) }
+                                td.now { (now.as_deref().unwrap_or("no limit")) }
+                                td.next { (then.as_deref().unwrap_or("no limit")) }
+                            }
+                        }
+                    }
+                }
+                p.note { "Workspaces move up as they qualify; to get more sooner, ask for an increase below." }
+            }
+            None => {
+                p #ladder-top { @if current.is_some_and(|c| c.rank.is_some()) {
+                    "Tier " (ws.tier) " is the top of the ladder. For more, ask for an increase below."
+                } @else {
+                    "Tier " (ws.tier) " is set for you apart from the ladder. For more, ask for an increase below."
+                } }
+            }
+        }
+    }
+}
+
+/// The "request a limit increase" form; `sent` holds the fields of a refused one, shown again.
+fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
+    let value = |name: &str| sent.and_then(|f| field(f, name)).unwrap_or_default();
+    let number = |name: &str, label: &str, step: &str| {
+        html! {
+            label for=(name) { (label) }
+            input id=(name) type="number" name=(name) min="0" step=(step) value=(value(name));
+        }
+    };
+    html! {
+        h2 { "Request a limit increase" }
+        form #increase method="post" action="/console/limit-requests" {
+            input type="hidden" name="csrf" value=(token);
+            label for="use_case" { "Use case (required)" }
+            textarea #use_case name="use_case" rows="3" maxlength="4096" required { (value("use_case")) }
+            fieldset {
+                legend { "The limits you need (leave blank what you do not ask for)" }
+                (number("requests_per_second", "Requests per second", "0.001"))
+                (number("tokens_per_minute", "Tokens per minute", "1"))
+                (number("tokens_per_month", "Tokens per month", "1"))
+                (number("concurrent_requests", "Concurrent requests", "1"))
+            }
+            label for="expected_volume" { "Expected volume (optional)" }
+            input #expected_volume type="text" name="expected_volume" maxlength="4096" placeholder="e.g. 2M tokens a day, peaks of 20 requests/s" value=(value("expected_volume"));
+            button type="submit" { "Send the request" }
+        }
+    }
+}
+
+/// The workspace's increase requests, newest first, with the operator's answer.
+fn past_requests(requests: &[LimitRequest]) -> Markup {
+    html! {
+        h2 { "Your increase requests" }
+        @if requests.is_empty() {
+            p.note #no-requests { "None yet." }
+        } @else {
+            table.requests #requests {
+                thead { tr { th { "Sent" } th { "Use case" } th { "Asked for" } th { "Status" } th { "Answer" } } }
+                tbody {
+                    @for r in requests.iter().rev() {
+                        tr data-request-id=(r.id) data-status=(r.status.as_str()) {
+                            td { (Timestamp(r.created_at).rfc3339()) }
+                            td {
+                                (r.use_case)
+                                @if let Some(v) = &r.expected_volume { br; span.note { "Expected volume: " (v) } }
+                            }
+                            td { (overrides_text(&r.requested_limits)) }
+                            td.status { (r.status.as_str()) }
+                            td.answer {
+                                @if let Some(g) = &r.granted_limits { "Granted: " (overrides_text(g)) }
+                                @if let Some(reason) = &r.reason { "Denied: " (reason) }
+                                @if let Some(at) = r.decided_at { br; span.note { (Timestamp(at).rfc3339()) } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Overrides as a short text: `tokens_per_minute 5000, concurrent_requests 10`.
+fn overrides_text(o: &Overrides) -> String {
+    let fields = [
+        (
+            "requests_per_second",
+            o.requests_per_second.map(|v| v.to_string()),
+        ),
+        ("burst", o.burst.map(|v| v.to_string())),
+        (
+            "tokens_per_minute",
+            o.tokens_per_minute.map(|v| v.to_string()),
+        ),
+        (
+            "tokens_per_month",
+            o.tokens_per_month.map(|v| v.to_string()),
+        ),
+        (
+            "concurrent_requests",
+            o.concurrent_requests.map(|v| v.to_string()),
+        ),
+    ];
+    let parts: Vec<String> = fields
+        .into_iter()
+        .filter_map(|(name, v)| v.map(|v| format!("{name} {v}")))
+        .collect();
+    parts.join(", ")
+}
+
+fn not_found() -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        html! { p.error { "There is no such thing in your workspace." } },
+    )
 }
 
 fn unlimited(id: &str, label: &str) -> Markup {

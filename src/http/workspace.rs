@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::HeaderMap;
-use axum::response::{Html, Response};
+use axum::response::{Redirect, Response};
 use serde::Deserialize;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
@@ -30,18 +30,18 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(create_limit_request, list_limit_requests))
 }
 
-/// The limits page.
+/// The limits page, which is the console's workspace page now.
 #[utoipa::path(
     get,
     path = "/limits",
     tag = "workspace",
     operation_id = "limits_page",
     responses(
-        (status = 200, description = "The limits page (HTML): limits, usage, the increase form and its answers. It asks for a key, which it sends to `/v1/limits` and `/v1/limit-requests`.", body = String, content_type = "text/html"),
+        (status = 308, description = "The limits page moved to the console: `Location: /console/workspace` (which asks to sign in first when there is no session).", headers(("location" = String, description = "`/console/workspace`"))),
     )
 )]
-async fn limits_page() -> Html<&'static str> {
-    Html(include_str!("limits.html"))
+async fn limits_page() -> Redirect {
+    Redirect::permanent("/console/workspace")
 }
 
 /// Reads the workspace's limits and usage.

@@ -597,3 +597,514 @@ async fn console_sessions_hold_across_instances_and_end_on_all() {
     )
     .await;
 }
+
+/// Sends a form of the workspace page with the session's cookie (and its token unless
+/// `csrf` is `None`).
+async fn post_form(
+    gw: &TestGateway,
+    path: &str,
+    cookie: &str,
+    csrf: Option<&str>,
+    fields: &[(&str, &str)],
+) -> Page {
+    let mut form: Vec<(&str, &str)> = fields.to_vec();
+    if let Some(t) = csrf {
+        form.push(("csrf", t));
+    }
+    Page::of(
+        browser()
+            .post(format!("{}{path}", gw.url))
+            .header("cookie", cookie)
+            .form(&form)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
+/// The text of the cell of class `class` in the `tr` whose attribute `attr` is `value`.
+fn cell(body: &str, attr: &str, value: &str, class: &str) -> String {
+    let row = body
+        .split(&format!("{attr}=\"{value}\""))
+        .nth(1)
+        .unwrap_or_else(|| panic!("no row {attr}={value} in {body}"));
+    let row = row.split("</tr>").next().unwrap();
+    let at = row
+        .find(&format!("class=\"{class}\""))
+        .unwrap_or_else(|| panic!("no {class} in {row}"));
+    let text = &row[at..];
+    text[text.find('>').unwrap() + 1..]
+        .split("</td>")
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn console_shows_the_next_tier_up_the_ladder_beside_the_workspaces_limits() {
+    let gw = TestGateway::start().await;
+    // The shipped ladder: free (rank 0) leads to tier-1 (rank 1).
+    let (ws, key) = gw.workspace("free").await;
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"limits": {"tokens_per_minute": 750000}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert!(
+        page.body.contains(r#"data-next-tier="tier-1""#),
+        "{}",
+        page.body
+    );
+    // Yours: the effective limits (the override, else the tier's); next: the next tier's.
+    let ladder = page.body.split("id=\"ladder\"").nth(1).unwrap();
+    assert_eq!(
+        cell(ladder, "data-limit", "tokens_per_minute", "now"),
+        "750000"
+    );
+    assert_eq!(
+        cell(ladder, "data-limit", "tokens_per_minute", "next"),
+        "2000000"
+    );
+    assert_eq!(
+        cell(ladder, "data-limit", "requests_per_second", "next"),
+        "5"
+    );
+    assert_eq!(
+        cell(ladder, "data-limit", "concurrent_requests", "now"),
+        "no limit"
+    );
+    assert_eq!(
+        cell(ladder, "data-limit", "concurrent_requests", "next"),
+        "50"
+    );
+
+    // A rank given through the admin API places a tier: `gold` above `scale` (rank 5).
+    let (s, gold) = gw
+        .admin(
+            reqwest::Method::PUT,
+            "/tiers/gold",
+            Some(json!({"rank": 9, "tokens_per_minute": 900000000})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{gold}");
+    assert_eq!(gold["rank"], 9);
+    let (_, tiers) = gw.admin(reqwest::Method::GET, "/tiers", None).await;
+    let listed = tiers["data"].as_array().unwrap();
+    let rank_of = |name: &str| listed.iter().find(|t| t["name"] == name).unwrap()["rank"].clone();
+    assert_eq!(rank_of("gold"), 9);
+    assert_eq!(rank_of("scale"), 5);
+    assert_eq!(rank_of("free"), 0);
+    let (_, scale_key) = gw.workspace("scale").await;
+    let scale_cookie = signed_in(&gw, &scale_key).await;
+    let page = get(&gw, "/console/workspace", Some(&scale_cookie)).await;
+    assert!(
+        page.body.contains(r#"data-next-tier="gold""#),
+        "{}",
+        page.body
+    );
+    let ladder = page.body.split("id=\"ladder\"").nth(1).unwrap();
+    assert_eq!(
+        cell(ladder, "data-limit", "tokens_per_minute", "next"),
+        "900000000"
+    );
+
+    // A tier without a rank is off the ladder: no next tier. The top of the ladder has none
+    // either.
+    gw.put_tier(TIER, tier_limits()).await;
+    let (_, custom_key) = gw.workspace(TIER).await;
+    let page = get(
+        &gw,
+        "/console/workspace",
+        Some(&signed_in(&gw, &custom_key).await),
+    )
+    .await;
+    assert!(!page.body.contains("data-next-tier"), "{}", page.body);
+    assert!(page.body.contains("apart from the ladder"));
+    let (_, top_key) = gw.workspace("gold").await;
+    let page = get(
+        &gw,
+        "/console/workspace",
+        Some(&signed_in(&gw, &top_key).await),
+    )
+    .await;
+    assert!(!page.body.contains("data-next-tier"));
+    assert!(page.body.contains("the top of the ladder"));
+
+    // A rank that is not a whole number from 0 is refused, naming it.
+    let (s, e) = gw
+        .admin(
+            reqwest::Method::PUT,
+            "/tiers/bad",
+            Some(json!({"rank": -1, "tokens_per_minute": 5})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(e["message"].as_str().unwrap().contains("rank"), "{e}");
+    let (s, e) = gw
+        .admin(
+            reqwest::Method::PUT,
+            "/tiers/bad",
+            Some(json!({"rank": 1, "tokens_per_minutes": 5})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens_per_minutes"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn console_files_an_increase_request_and_shows_the_operators_answer() {
+    let gw = TestGateway::start().await;
+    let (ws, key) = gw.workspace("free").await;
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert!(page.body.contains(r#"id="increase""#));
+    assert!(page.body.contains(r#"id="no-requests""#));
+    let csrf = page.csrf();
+
+    // Refused forms: shown again as sent, with why; nothing filed.
+    let no_use_case = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[("use_case", " "), ("tokens_per_minute", "123456")],
+    )
+    .await;
+    assert_eq!(no_use_case.status, StatusCode::BAD_REQUEST);
+    assert!(
+        no_use_case.body.contains("use_case"),
+        "{}",
+        no_use_case.body
+    );
+    assert!(
+        no_use_case.body.contains(r#"value="123456""#),
+        "the form is kept"
+    );
+    let not_a_number = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[("use_case", "chat bot"), ("tokens_per_minute", "lots")],
+    )
+    .await;
+    assert_eq!(not_a_number.status, StatusCode::BAD_REQUEST);
+    assert!(
+        not_a_number
+            .body
+            .contains("&#39;tokens_per_minute&#39; must be a whole number")
+            || not_a_number
+                .body
+                .contains("'tokens_per_minute' must be a whole number"),
+        "{}",
+        not_a_number.body
+    );
+    let nothing_asked = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[("use_case", "chat bot"), ("tokens_per_minute", "")],
+    )
+    .await;
+    assert_eq!(nothing_asked.status, StatusCode::BAD_REQUEST);
+    let forged = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        None,
+        &[("use_case", "forged"), ("tokens_per_minute", "9")],
+    )
+    .await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let other_site = Page::of(
+        browser()
+            .post(format!("{}/console/limit-requests", gw.url))
+            .header("cookie", &cookie)
+            .header("origin", "https://evil.example")
+            .form(&[
+                ("csrf", csrf.as_str()),
+                ("use_case", "x"),
+                ("tokens_per_minute", "9"),
+            ])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(other_site.status, StatusCode::FORBIDDEN);
+    let (_, listed) = gw
+        .admin(reqwest::Method::GET, "/limit-requests", None)
+        .await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
+
+    // Filed: the workspace's own request, with its expected volume, as the API shows it.
+    let sent = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[
+            ("use_case", "Support bot <for> 3 teams"),
+            ("tokens_per_minute", "1,000,000"),
+            ("concurrent_requests", "8"),
+            ("requests_per_second", ""),
+            ("expected_volume", "2M tokens a day"),
+        ],
+    )
+    .await;
+    assert!(
+        sent.redirects_to("/console/workspace?done=requested"),
+        "{} {}",
+        sent.status,
+        sent.body
+    );
+    let (s, mine) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/limit-requests?workspace_id={ws}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let request = &mine["data"][0];
+    assert_eq!(request["use_case"], "Support bot <for> 3 teams");
+    assert_eq!(request["expected_volume"], "2M tokens a day");
+    assert_eq!(
+        request["requested_limits"],
+        json!({"tokens_per_minute": 1000000, "concurrent_requests": 8})
+    );
+    let id = request["id"].as_i64().unwrap();
+    let (_, audit) = gw
+        .admin(
+            reqwest::Method::GET,
+            "/audit?action=limit_request.create",
+            None,
+        )
+        .await;
+    assert_eq!(
+        audit["data"][0]["actor"],
+        format!("workspace:{ws}"),
+        "{audit}"
+    );
+
+    let page = get(&gw, "/console/workspace?done=requested", Some(&cookie)).await;
+    assert!(page.body.contains("Your request was sent"));
+    assert!(page.body.contains("Support bot &lt;for&gt; 3 teams"));
+    assert!(page.body.contains("Expected volume: 2M tokens a day"));
+    assert_eq!(
+        cell(&page.body, "data-request-id", &id.to_string(), "status"),
+        "pending"
+    );
+    // A notice is only ever one of the page's own texts.
+    let page = get(&gw, "/console/workspace?done=%3Cscript%3E", Some(&cookie)).await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(!page.body.contains("script&gt;") && !page.body.contains("<script"));
+
+    // The operator grants other limits than asked: the page says so, and the gateway enforces
+    // them on the next request.
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/limit-requests/{id}/approve"),
+            Some(json!({"limits": {"tokens_per_minute": 600000}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert_eq!(
+        cell(&page.body, "data-request-id", &id.to_string(), "status"),
+        "approved"
+    );
+    assert!(
+        cell(&page.body, "data-request-id", &id.to_string(), "answer")
+            .starts_with("Granted: tokens_per_minute 600000")
+    );
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("600000"));
+
+    // A denial shows its reason, escaped.
+    let sent = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[("use_case", "more"), ("tokens_per_month", "5000000000")],
+    )
+    .await;
+    assert_eq!(sent.status, StatusCode::SEE_OTHER);
+    let (_, pending) = gw
+        .admin(reqwest::Method::GET, "/limit-requests?status=pending", None)
+        .await;
+    let second = pending["data"][0]["id"].as_i64().unwrap();
+    assert!(pending["data"][0]["expected_volume"].is_null());
+    let (s, _) = gw
+        .admin(
+            reqwest::Method::POST,
+            &format!("/limit-requests/{second}/deny"),
+            Some(json!({"reason": "Not before <b>January</b>"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert_eq!(
+        cell(&page.body, "data-request-id", &second.to_string(), "status"),
+        "denied"
+    );
+    assert!(
+        cell(&page.body, "data-request-id", &second.to_string(), "answer")
+            .starts_with("Denied: Not before &lt;b&gt;January&lt;/b&gt;")
+    );
+}
+
+#[tokio::test]
+async fn limit_requests_take_an_optional_expected_volume() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let ask = |body: Value| {
+        let gw = &gw;
+        let key = key.clone();
+        async move {
+            let r = gw.post(&key, "/v1/limit-requests", body, &[]).await;
+            let status = r.status();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, made) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}, "expected_volume": "  10k a day "})).await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    assert_eq!(made["expected_volume"], "10k a day");
+    let (s, made) =
+        ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}})).await;
+    assert_eq!(s, StatusCode::CREATED);
+    assert!(made["expected_volume"].is_null());
+    for bad in [json!(""), json!("x".repeat(4097)), json!("a\u{1}b")] {
+        let (s, e) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}, "expected_volume": bad})).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("expected_volume"),
+            "{e}"
+        );
+    }
+    let (s, _) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}, "expected_volume": 5})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn console_revokes_the_workspaces_own_keys_and_no_other() {
+    let gw = TestGateway::start().await;
+    let (ws, key) = gw.workspace("free").await;
+    let spare = gw.key(ws).await;
+    let (other_ws, other_key) = gw.workspace("free").await;
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let csrf = page.csrf();
+    let ids = key_ids(&gw, ws).await;
+    let other_ids = key_ids(&gw, other_ws).await;
+    assert!(page
+        .body
+        .contains(&format!("action=\"/console/keys/{}/revoke\"", ids[1])));
+
+    // Another workspace's key, a key that does not exist, an id that is not one: 404, and the
+    // other workspace's key still works.
+    for id in [other_ids[0].to_string(), "999999".into(), "x".into()] {
+        let r = post_form(
+            &gw,
+            &format!("/console/keys/{id}/revoke"),
+            &cookie,
+            Some(&csrf),
+            &[],
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{id}");
+    }
+    assert_eq!(
+        gw.chat(&other_key, hello(), &[]).await.status(),
+        StatusCode::OK
+    );
+    // Without the form token: refused, the key still works.
+    let r = post_form(
+        &gw,
+        &format!("/console/keys/{}/revoke", ids[1]),
+        &cookie,
+        None,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(gw.chat(&spare, hello(), &[]).await.status(), StatusCode::OK);
+
+    gw.advance(Duration::from_secs(2));
+    let r = post_form(
+        &gw,
+        &format!("/console/keys/{}/revoke", ids[1]),
+        &cookie,
+        Some(&csrf),
+        &[],
+    )
+    .await;
+    assert!(
+        r.redirects_to("/console/workspace?done=revoked"),
+        "{} {}",
+        r.status,
+        r.body
+    );
+    assert_eq!(
+        gw.chat(&spare, hello(), &[]).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let (_, audit) = gw
+        .admin(reqwest::Method::GET, "/audit?action=key.revoke", None)
+        .await;
+    assert_eq!(
+        audit["data"][0]["actor"],
+        format!("workspace:{ws}"),
+        "{audit}"
+    );
+    let page = get(&gw, "/console/workspace?done=revoked", Some(&cookie)).await;
+    assert!(page.body.contains("The key was revoked"));
+    assert!(!page
+        .body
+        .contains(&format!("action=\"/console/keys/{}/revoke\"", ids[1])));
+
+    // Revoking the session's own key ends the session.
+    let r = post_form(
+        &gw,
+        &format!("/console/keys/{}/revoke", ids[0]),
+        &cookie,
+        Some(&csrf),
+        &[],
+    )
+    .await;
+    assert!(r.redirects_to("/console"), "{}", r.status);
+    assert!(get(&gw, "/console/workspace", Some(&cookie))
+        .await
+        .redirects_to("/console"));
+    assert_eq!(
+        gw.chat(&key, hello(), &[]).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn the_old_limits_page_redirects_to_the_console() {
+    let gw = TestGateway::start().await;
+    let page = get(&gw, "/limits", None).await;
+    assert_eq!(page.status, StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(page.location.as_deref(), Some("/console/workspace"));
+    // Without a session, the console asks to sign in first.
+    assert!(get(&gw, "/console/workspace", None)
+        .await
+        .redirects_to("/console"));
+}
