@@ -24,9 +24,9 @@ use crate::catalog::{generate_key, Catalog};
 use crate::clock::Clock;
 use crate::config::validate_tier_name;
 use crate::model::{
-    Actor, ApiKey, AuditAction, AuditEntry, FieldPatch, KeyId, LimitRequest, LimitRequestId,
-    LimitRequestStatus, Overrides, OverridesPatch, Tier, TierSpec, Workspace, WorkspaceId,
-    WorkspaceStatus,
+    validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Condition, FieldPatch,
+    KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch, Promoted,
+    Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
 };
 use crate::store::{AuditFilter, NewKey, Store, StoreError, WorkspaceChange};
 use crate::usage::Recorder;
@@ -204,6 +204,25 @@ pub struct WorkspaceUpdate {
     pub tier: Option<String>,
     pub overrides: OverridesPatch,
     pub status: Option<WorkspaceStatus>,
+    /// Held on its tier (no automatic promotion), or released.
+    pub pinned: Option<bool>,
+}
+
+/// The actor automatic promotions are recorded as.
+pub const PROMOTION_ACTOR: &str = "promotion";
+
+/// The promotion conditions count the tokens of the last this many days, today included.
+pub const PROMOTION_WINDOW_DAYS: i64 = 30;
+
+/// What a workspace can reach next: the tier its own tier promotes to (with the conditions, and
+/// which are met), else the next tier up the ladder (reached by asking: no conditions).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NextTier {
+    pub tier: Tier,
+    /// The promotion's conditions; `None` when the tier is reached only by asking.
+    pub conditions: Option<Vec<Condition>>,
+    /// The workspace is pinned: it is not promoted whatever the conditions say.
+    pub pinned: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -290,10 +309,33 @@ impl Admin {
         let spec = spec.into();
         tier_name("name", name)?;
         spec.limits.validate().map_err(invalid)?;
+        if let Some(p) = &spec.promotion {
+            tier_name("promotion.to", &p.to)?;
+            p.validate().map_err(invalid)?;
+            if p.to == name {
+                return Err(invalid("promotion.to: a tier cannot promote to itself"));
+            }
+            // Upward only: both ends ranked, the target above. (Checked again at each
+            // evaluation, since either tier may change afterwards.)
+            let tiers = self.store.list_tiers().await?;
+            let Some(target) = tiers.iter().find(|t| t.name == p.to) else {
+                return Err(invalid(format!("promotion.to: unknown tier '{}'", p.to)));
+            };
+            match (spec.rank, target.rank) {
+                (Some(from), Some(to)) if to > from => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "promotion.to: tier '{}' must rank above this one (promotion is upward only; give both a rank)",
+                        p.to
+                    )))
+                }
+            }
+        }
         let tier = Tier {
             name: name.to_string(),
             rank: spec.rank,
             limits: spec.limits,
+            promotion: spec.promotion,
         };
         self.store.put_tier(&tier, by, self.now()).await?;
         self.refresh().await;
@@ -341,10 +383,11 @@ impl Admin {
             tier,
             overrides,
             status,
+            pinned,
         } = update;
-        if tier.is_none() && overrides.is_empty() && status.is_none() {
+        if tier.is_none() && overrides.is_empty() && status.is_none() && pinned.is_none() {
             return Err(invalid(
-                "nothing to change: give at least one of tier, limits, status",
+                "nothing to change: give at least one of tier, limits, status, pinned",
             ));
         }
         if let Some(t) = &tier {
@@ -357,6 +400,8 @@ impl Admin {
             tier,
             overrides,
             status,
+            pinned,
+            ..WorkspaceChange::default()
         };
         let ws = self
             .store
@@ -365,6 +410,164 @@ impl Admin {
             .map_err(not_found("workspace", id))?;
         self.refresh().await;
         Ok(ws)
+    }
+
+    /// Replaces a workspace's attributes (what the operator's own systems know of it, for the
+    /// promotion conditions), then promotes it at once if they now make it qualify.
+    pub async fn set_attributes(
+        &self,
+        by: &Actor,
+        id: WorkspaceId,
+        attributes: Attributes,
+    ) -> Result<Workspace, AdminError> {
+        validate_attributes(&attributes).map_err(invalid)?;
+        let change = WorkspaceChange {
+            attributes: Some(attributes),
+            ..WorkspaceChange::default()
+        };
+        let ws = self
+            .store
+            .update_workspace(id, &change, by, self.now())
+            .await
+            .map_err(not_found("workspace", id))?;
+        self.refresh().await;
+        let promoted = self.promote(Some(id)).await?;
+        Ok(promoted.into_iter().next().unwrap_or(ws))
+    }
+
+    /// Promotes every workspace whose tier's promotion conditions all hold (`only`: that one
+    /// workspace), one step up each; returns the workspaces promoted. Active, unpinned
+    /// workspaces only, upward only (a promotion whose target does not rank above is skipped and
+    /// logged). Instances evaluating at once promote a workspace once: the store makes the
+    /// change only if the workspace is still on the tier it was promoted from.
+    pub async fn promote(&self, only: Option<WorkspaceId>) -> Result<Vec<Workspace>, AdminError> {
+        let tiers = self.store.list_tiers().await?;
+        let workspaces = match only {
+            Some(id) => vec![self.get_workspace(id).await?],
+            None => self.store.list_workspaces().await?,
+        };
+        let candidates: Vec<(&Workspace, &crate::model::Promotion)> = workspaces
+            .iter()
+            .filter(|w| w.status == WorkspaceStatus::Active && !w.pinned)
+            .filter_map(|w| {
+                let tier = tiers.iter().find(|t| t.name == w.tier)?;
+                let p = tier.promotion.as_ref()?;
+                let target = tiers.iter().find(|t| t.name == p.to);
+                match (tier.rank, target.and_then(|t| t.rank)) {
+                    (Some(from), Some(to)) if to > from => Some((w, p)),
+                    _ => {
+                        tracing::warn!(tier = %tier.name, to = %p.to, "promotion skipped: its target is not a tier ranked above");
+                        None
+                    }
+                }
+            })
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens = self
+            .tokens_30d(candidates.iter().map(|(w, _)| w.id), true)
+            .await?;
+        let now = self.now();
+        let by = Actor::plain(PROMOTION_ACTOR);
+        let mut promoted = Vec::new();
+        for (ws, p) in candidates {
+            let conditions = p.conditions(ws, tokens.get(&ws.id).copied().unwrap_or(0), now);
+            if !conditions.iter().all(|c| c.met) {
+                continue;
+            }
+            let reason = if conditions.is_empty() {
+                "no conditions".to_string()
+            } else {
+                conditions
+                    .iter()
+                    .map(|c| {
+                        let actual = c.actual.map_or_else(|| "none".into(), |a| a.to_string());
+                        format!("{} {} >= {}", c.name, actual, c.required)
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let change = WorkspaceChange {
+                promoted: Some(Promoted {
+                    from: ws.tier.clone(),
+                    to: p.to.clone(),
+                    at: now,
+                    reason,
+                }),
+                ..WorkspaceChange::default()
+            };
+            match self.store.update_workspace(ws.id, &change, &by, now).await {
+                Ok(w) => {
+                    tracing::info!(workspace = w.id, from = %ws.tier, to = %w.tier, "workspace promoted");
+                    promoted.push(w);
+                }
+                // Promoted, pinned or moved by someone else meanwhile.
+                Err(StoreError::Conflict(_)) | Err(StoreError::NotFound) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !promoted.is_empty() {
+            self.refresh().await;
+        }
+        Ok(promoted)
+    }
+
+    /// Tokens settled over the promotion window, per workspace (the ledger flushed first, so
+    /// that what was settled until now counts).
+    async fn tokens_30d(
+        &self,
+        workspaces: impl Iterator<Item = WorkspaceId>,
+        flush: bool,
+    ) -> Result<std::collections::HashMap<WorkspaceId, u64>, AdminError> {
+        if let (true, Some(recorder)) = (flush, &self.recorder) {
+            recorder.flush().await;
+        }
+        let ids: Vec<WorkspaceId> = workspaces.collect();
+        let from_ns =
+            (self.now() - (PROMOTION_WINDOW_DAYS - 1) * 86_400).max(0) as u64 * 1_000_000_000;
+        let from = crate::limiter::core::day_of(from_ns);
+        Ok(self
+            .store
+            .tokens_since(&ids, &from)
+            .await?
+            .into_iter()
+            .collect())
+    }
+
+    /// What `ws` can reach next (`tiers`: the catalogue): the tier its tier promotes to, with
+    /// its conditions, else the next tier up the ladder. `flush`: write what the ledger holds
+    /// first, so that the tokens condition counts everything settled (else it may be about a
+    /// second behind).
+    pub async fn next_tier(
+        &self,
+        ws: &Workspace,
+        tiers: &[Tier],
+        flush: bool,
+    ) -> Result<Option<NextTier>, AdminError> {
+        let Some(current) = tiers.iter().find(|t| t.name == ws.tier) else {
+            return Ok(None);
+        };
+        if let Some(p) = &current.promotion {
+            if let Some(target) = tiers.iter().find(|t| t.name == p.to) {
+                let tokens = match p.min_tokens_30d {
+                    Some(_) => self.tokens_30d(std::iter::once(ws.id), flush).await?,
+                    None => Default::default(),
+                };
+                let conditions =
+                    p.conditions(ws, tokens.get(&ws.id).copied().unwrap_or(0), self.now());
+                return Ok(Some(NextTier {
+                    tier: target.clone(),
+                    conditions: Some(conditions),
+                    pinned: ws.pinned,
+                }));
+            }
+        }
+        Ok(current.next_in(tiers).map(|t| NextTier {
+            tier: t.clone(),
+            conditions: None,
+            pinned: ws.pinned,
+        }))
     }
 
     /// A new key for a workspace, and its secret (shown once; only its hash is stored).

@@ -249,6 +249,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     let tasks = vec![
         tokio::spawn(refresh_catalog(state.clone())),
         tokio::spawn(evict_idle(state.clone())),
+        tokio::spawn(promote(state.clone())),
     ];
     Ok(App {
         state,
@@ -265,6 +266,26 @@ async fn refresh_catalog(state: Arc<AppState>) {
         if let Err(e) = state.catalog.refresh().await {
             Metrics::inc(&state.metrics.catalog_refresh_errors);
             tracing::warn!(error = %e, "catalog refresh failed; serving the last copy");
+        }
+    }
+}
+
+/// Every `promotion_interval`, promotes the workspaces whose tier's conditions now hold (an
+/// attribute change also promotes at once, in `Admin::set_attributes`). Every instance runs it;
+/// the store promotes a workspace once.
+async fn promote(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(state.config.promotion_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is at once: skip it, so that a start is not also a sweep.
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        match state.admin.promote(None).await {
+            Ok(promoted) if !promoted.is_empty() => {
+                tracing::info!(promoted = promoted.len(), "automatic promotion");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "automatic promotion could not run"),
         }
     }
 }

@@ -48,6 +48,8 @@ pub struct RawSettings {
     /// On stop, how long requests in flight (streams included) may take to finish.
     pub shutdown_grace_ms: Option<u64>,
     pub catalog_refresh_ms: Option<u64>,
+    /// How often workspaces are checked for automatic promotion, in seconds (default 60).
+    pub promotion_interval_secs: Option<u64>,
     /// One `redis://` URL (a single server), or a comma-separated list of seed nodes (a Redis
     /// Cluster). Without it, limiter state stays in memory.
     pub redis: Option<String>,
@@ -231,6 +233,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("body_read_timeout_ms", "body-read-timeout-ms", "TIERGATE_BODY_READ_TIMEOUT_MS", Number, "A request's body must arrive whole within this, in ms, from its head (default 60000)."),
     setting("shutdown_grace_ms", "shutdown-grace-ms", "TIERGATE_SHUTDOWN_GRACE_MS", Number, "On stop, how long requests in flight may take to finish, in ms (default 20000)."),
     setting("catalog_refresh_ms", "catalog-refresh-ms", "TIERGATE_CATALOG_REFRESH_MS", Number, "How often changes made by other processes are picked up, in ms (default 1000)."),
+    setting("promotion_interval_secs", "promotion-interval-secs", "TIERGATE_PROMOTION_INTERVAL_SECS", Number, "How often workspaces are checked for automatic promotion, in s (default 60; 1 to 86400)."),
     setting("redis", "redis", "TIERGATE_REDIS", Text, "Share limits through Redis: redis://[user:password@]host:port[/db] (or rediss://), or a comma-separated list of Redis Cluster seed nodes."),
     setting("redis_cluster", "redis-cluster", "TIERGATE_REDIS_CLUSTER", Switch, "Treat a single --redis URL as a Redis Cluster seed."),
     setting("redis_timeout_ms", "redis-timeout-ms", "TIERGATE_REDIS_TIMEOUT_MS", Number, "The longest a Redis call may take, in ms (default 50)."),
@@ -469,6 +472,8 @@ pub struct Config {
     /// On stop, how long requests in flight may take before their connections are closed.
     pub shutdown_grace: Duration,
     pub catalog_refresh: Duration,
+    /// How often workspaces are checked for automatic promotion.
+    pub promotion_interval: Duration,
     /// The shared limiter; `None` keeps limiter state in memory.
     pub redis: Option<RedisConfig>,
     pub upstream: UpstreamConfig,
@@ -505,6 +510,7 @@ impl TryFrom<RawSettings> for Config {
             body_read_timeout_ms,
             shutdown_grace_ms,
             catalog_refresh_ms,
+            promotion_interval_secs,
             redis,
             redis_cluster,
             redis_timeout_ms,
@@ -556,6 +562,15 @@ impl TryFrom<RawSettings> for Config {
         if catalog_refresh.is_zero() {
             return Err(invalid("catalog_refresh_ms", "must be above 0"));
         }
+        let promotion_interval = match promotion_interval_secs.unwrap_or(60) {
+            n @ 1..=86_400 => Duration::from_secs(n),
+            _ => {
+                return Err(invalid(
+                    "promotion_interval_secs",
+                    "must be from 1 to 86400",
+                ))
+            }
+        };
 
         let redis = redis_config(
             redis.filter(|r| !r.trim().is_empty()),
@@ -646,7 +661,15 @@ impl TryFrom<RawSettings> for Config {
         };
 
         let mut catalogue = default_tiers();
-        for (name, TierSpec { rank, limits }) in tiers {
+        for (
+            name,
+            TierSpec {
+                rank,
+                limits,
+                promotion,
+            },
+        ) in tiers
+        {
             limits
                 .validate()
                 .map_err(|m| invalid(&format!("tiers.{name}"), m))?;
@@ -657,7 +680,18 @@ impl TryFrom<RawSettings> for Config {
             if let Some(i) = shipped {
                 catalogue.remove(i);
             }
-            catalogue.push(Tier { name, rank, limits });
+            if let Some(p) = &promotion {
+                p.validate()
+                    .map_err(|m| invalid(&format!("tiers.{name}"), m))?;
+                validate_tier_name(&p.to)
+                    .map_err(|m| invalid(&format!("tiers.{name}.promotion.to"), m))?;
+            }
+            catalogue.push(Tier {
+                name,
+                rank,
+                limits,
+                promotion,
+            });
         }
         Ok(Config {
             listen,
@@ -669,6 +703,7 @@ impl TryFrom<RawSettings> for Config {
             body_read_timeout,
             shutdown_grace,
             catalog_refresh,
+            promotion_interval,
             redis,
             upstream,
             estimate,
@@ -1019,6 +1054,10 @@ impl Config {
         line("body_read_timeout_ms", ms(self.body_read_timeout));
         line("shutdown_grace_ms", ms(self.shutdown_grace));
         line("catalog_refresh_ms", ms(self.catalog_refresh));
+        line(
+            "promotion_interval_secs",
+            self.promotion_interval.as_secs().to_string(),
+        );
         let families = self.rate_limit_headers;
         let on: Vec<String> = HeaderFamilies::NAMES
             .iter()

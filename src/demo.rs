@@ -112,6 +112,7 @@ async fn demo_workspace(admin: &Admin) -> Result<(Workspace, String), AppError> 
                 tier: Some("free".into()),
                 overrides: OverridesPatch::replacing(&Overrides::default()),
                 status: Some(WorkspaceStatus::Active),
+                pinned: Some(false),
             };
             admin.update_workspace(&by, w.id, reset).await
         }

@@ -12,7 +12,9 @@ use tiergate::admin::{Admin, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use tiergate::clock::SystemClock;
 use tiergate::config::{Kind, LogFormat, Setting, SETTINGS};
 use tiergate::mock_upstream::{self, MockConfig};
-use tiergate::model::{Actor, Limits, ModelLimits, Overrides, TierSpec};
+use tiergate::model::{
+    Actor, AttributeValue, Attributes, Limits, ModelLimits, Overrides, Promotion, TierSpec,
+};
 use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::redact;
 use tiergate::Config;
@@ -207,6 +209,18 @@ enum WorkspaceCommand {
         /// requests_per_second, burst, tokens_per_minute, tokens_per_month, concurrent_requests.
         #[arg(long = "limit", value_name = "NAME=VALUE")]
         limits: Vec<String>,
+        /// true holds the workspace on its tier (no automatic promotion); false releases it.
+        #[arg(long)]
+        pinned: Option<bool>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Replace a workspace's attributes (for promotion conditions): NAME=NUMBER or
+    /// NAME=true|false, none for no attributes.
+    Attributes {
+        id: i64,
+        #[arg(value_name = "NAME=VALUE")]
+        attributes: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -266,6 +280,22 @@ enum TierCommand {
         /// Per-model limit: MODEL:tokens_per_minute=N or MODEL:tokens_per_month=N.
         #[arg(long = "model-limit", value_name = "MODEL:NAME=N")]
         model_limits: Vec<String>,
+        /// The tier workspaces move up to by themselves once every --min-* condition holds.
+        #[arg(long, value_name = "TIER")]
+        promote_to: Option<String>,
+        /// Promotion condition: days since the workspace was created.
+        #[arg(long, requires = "promote_to")]
+        min_days: Option<u32>,
+        /// Promotion condition: tokens settled over the last 30 days.
+        #[arg(long = "min-tokens-30d", requires = "promote_to")]
+        min_tokens_30d: Option<u64>,
+        /// Promotion condition: an attribute at least NUMBER, or true.
+        #[arg(
+            long = "min-attribute",
+            value_name = "NAME=VALUE",
+            requires = "promote_to"
+        )]
+        min_attributes: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -481,6 +511,22 @@ fn limit_fields(args: &[String]) -> anyhow::Result<Vec<(String, Value)>> {
 }
 
 /// `--model-limit MODEL:NAME=N` into `limits.models`.
+/// `NAME=NUMBER` or `NAME=true|false`.
+fn attribute(arg: &str) -> anyhow::Result<(String, AttributeValue)> {
+    let (name, value) = arg
+        .split_once('=')
+        .ok_or_else(|| anyhow!("'{arg}' is not NAME=VALUE"))?;
+    let value = match value {
+        "true" => AttributeValue::Bool(true),
+        "false" => AttributeValue::Bool(false),
+        n => AttributeValue::Number(
+            n.parse()
+                .map_err(|_| anyhow!("'{arg}': the value must be a number, true or false"))?,
+        ),
+    };
+    Ok((name.to_string(), value))
+}
+
 fn model_limit(limits: &mut Limits, arg: &str) -> anyhow::Result<()> {
     let (model, rest) = arg
         .rsplit_once(':')
@@ -546,6 +592,7 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
             tier,
             status,
             limits,
+            pinned,
             store,
         } => {
             let fields = limit_fields(&limits)?;
@@ -558,9 +605,23 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
                     .as_deref()
                     .map(tiergate::admin::workspace_status)
                     .transpose()?,
+                pinned,
             };
             let (admin, by) = admin(&store).await?;
             print(&admin.update_workspace(&by, id, update).await?);
+        }
+        WorkspaceCommand::Attributes {
+            id,
+            attributes,
+            store,
+        } => {
+            let mut set = Attributes::new();
+            for arg in attributes.iter().filter(|a| a.as_str() != "none") {
+                let (name, value) = attribute(arg)?;
+                set.insert(name, value);
+            }
+            let (admin, by) = admin(&store).await?;
+            print(&admin.set_attributes(&by, id, set).await?);
         }
     }
     Ok(())
@@ -609,8 +670,28 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
             tokens_per_month,
             concurrent_requests,
             model_limits,
+            promote_to,
+            min_days,
+            min_tokens_30d,
+            min_attributes,
             store,
         } => {
+            let promotion = match promote_to {
+                Some(to) => {
+                    let mut min = Attributes::new();
+                    for arg in &min_attributes {
+                        let (name, value) = attribute(arg)?;
+                        min.insert(name, value);
+                    }
+                    Some(Promotion {
+                        to,
+                        min_days,
+                        min_tokens_30d,
+                        min_attributes: min,
+                    })
+                }
+                None => None,
+            };
             let mut limits = Limits {
                 requests_per_second,
                 burst,
@@ -625,7 +706,15 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
             let (admin, by) = admin(&store).await?;
             print(
                 &admin
-                    .put_tier(&by, &name, TierSpec { rank, limits })
+                    .put_tier(
+                        &by,
+                        &name,
+                        TierSpec {
+                            rank,
+                            limits,
+                            promotion,
+                        },
+                    )
                     .await?,
             );
         }

@@ -407,6 +407,9 @@ pub struct Tier {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rank: Option<u32>,
     pub limits: Limits,
+    /// The tier a workspace moves up to by itself, and when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
 }
 
 impl Tier {
@@ -421,20 +424,25 @@ impl Tier {
     }
 }
 
-/// A tier as the admin API and the config file write it: its limits, and its rank beside them
-/// in the same object (`{"rank": 2, "tokens_per_minute": 1000}`). `Limits` refuses fields it
+/// A tier as the admin API and the config file write it: its limits, and its rank and promotion
+/// beside them in the same object (`{"rank": 2, "tokens_per_minute": 1000, "promotion": {…}}`). `Limits` refuses fields it
 /// does not know, which serde's `flatten` would defeat, so the rank is taken out of the object
 /// first and the rest is read as `Limits`, with `Limits`' own errors.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct TierSpec {
     pub rank: Option<u32>,
     pub limits: Limits,
+    pub promotion: Option<Promotion>,
 }
 
 /// Limits alone: a tier off the ladder.
 impl From<Limits> for TierSpec {
     fn from(limits: Limits) -> Self {
-        TierSpec { rank: None, limits }
+        TierSpec {
+            rank: None,
+            limits,
+            promotion: None,
+        }
     }
 }
 
@@ -448,9 +456,20 @@ impl<'de> Deserialize<'de> for TierSpec {
                 D::Error::custom("rank: must be a whole number from 0 to 4294967295")
             })?),
         };
+        let promotion = match object.remove("promotion") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                Promotion::deserialize(v)
+                    .map_err(|e| D::Error::custom(format!("promotion: {e}")))?,
+            ),
+        };
         let limits =
             Limits::deserialize(serde_json::Value::Object(object)).map_err(D::Error::custom)?;
-        Ok(TierSpec { rank, limits })
+        Ok(TierSpec {
+            rank,
+            limits,
+            promotion,
+        })
     }
 }
 
@@ -487,6 +506,160 @@ pub struct Workspace {
     pub status: WorkspaceStatus,
     /// Unix seconds.
     pub created_at: i64,
+    /// Held on its tier by an operator: never promoted automatically.
+    #[serde(default)]
+    pub pinned: bool,
+    /// What the operator's own systems say of the workspace (`paid_usd`, `verified`), for the
+    /// promotion conditions.
+    #[serde(default)]
+    pub attributes: Attributes,
+    /// Its last automatic promotion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub promoted: Option<Promoted>,
+}
+
+/// A workspace attribute: a number or a boolean.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum AttributeValue {
+    Bool(bool),
+    Number(f64),
+}
+
+impl AttributeValue {
+    /// Whether `self` reaches the lower bound `min`: a number at least `min`, `true` for a
+    /// `true`, anything for a `false`; a number never reaches a boolean bound, nor the reverse.
+    pub fn reaches(self, min: AttributeValue) -> bool {
+        match (self, min) {
+            (AttributeValue::Number(v), AttributeValue::Number(m)) => v >= m,
+            (AttributeValue::Bool(v), AttributeValue::Bool(m)) => v || !m,
+            _ => false,
+        }
+    }
+}
+
+impl std::fmt::Display for AttributeValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttributeValue::Bool(b) => write!(f, "{b}"),
+            AttributeValue::Number(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+pub type Attributes = BTreeMap<String, AttributeValue>;
+
+/// At most this many attributes per workspace, each name 1 to 64 of `a-z A-Z 0-9 _ - .`.
+pub const MAX_ATTRIBUTES: usize = 64;
+
+/// Checks attribute names and values (finite numbers).
+pub fn validate_attributes(attributes: &Attributes) -> Result<(), String> {
+    if attributes.len() > MAX_ATTRIBUTES {
+        return Err(format!("at most {MAX_ATTRIBUTES} attributes"));
+    }
+    for (name, value) in attributes {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        {
+            return Err(format!(
+                "attribute name '{}' must be 1 to 64 of a-z A-Z 0-9 _ - .",
+                name.escape_default()
+            ));
+        }
+        if let AttributeValue::Number(n) = value {
+            if !n.is_finite() {
+                return Err(format!("attribute '{name}' must be a finite number"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A tier's way up: the tier a workspace moves to once every condition holds (each a lower
+/// bound; all of them must hold).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Promotion {
+    /// The tier to move to: it must rank above this one.
+    pub to: String,
+    /// Days since the workspace was created.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub min_days: Option<u32>,
+    /// Tokens settled over the last 30 days (the ledger's days, today included).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub min_tokens_30d: Option<u64>,
+    /// Attributes the operator's systems set: a number at least this, or `true`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub min_attributes: Attributes,
+}
+
+/// One promotion condition of a workspace: what it needs, what it has.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Condition {
+    /// `min_days`, `min_tokens_30d`, or `attributes.NAME`.
+    pub name: String,
+    pub required: AttributeValue,
+    /// What the workspace has (absent: an attribute it does not have).
+    pub actual: Option<AttributeValue>,
+    pub met: bool,
+}
+
+impl Promotion {
+    /// Each condition, against a workspace that has `tokens_30d` tokens settled over the last
+    /// 30 days, at `now` (unix seconds).
+    pub fn conditions(&self, ws: &Workspace, tokens_30d: u64, now: i64) -> Vec<Condition> {
+        let mut out = Vec::new();
+        if let Some(min) = self.min_days {
+            let days = (now - ws.created_at).max(0) / 86_400;
+            out.push(Condition {
+                name: "min_days".into(),
+                required: AttributeValue::Number(min as f64),
+                actual: Some(AttributeValue::Number(days as f64)),
+                met: days >= i64::from(min),
+            });
+        }
+        if let Some(min) = self.min_tokens_30d {
+            out.push(Condition {
+                name: "min_tokens_30d".into(),
+                required: AttributeValue::Number(min as f64),
+                actual: Some(AttributeValue::Number(tokens_30d as f64)),
+                met: tokens_30d >= min,
+            });
+        }
+        for (name, &min) in &self.min_attributes {
+            let actual = ws.attributes.get(name).copied();
+            out.push(Condition {
+                name: format!("attributes.{name}"),
+                required: min,
+                actual,
+                met: actual.is_some_and(|a| a.reaches(min)),
+            });
+        }
+        out
+    }
+
+    /// Checks the conditions' values (the target tier is checked against the catalogue where
+    /// the tier is put).
+    pub fn validate(&self) -> Result<(), String> {
+        validate_attributes(&self.min_attributes)
+            .map_err(|m| format!("promotion.min_attributes: {m}"))
+    }
+}
+
+/// A workspace's last automatic promotion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Promoted {
+    pub from: String,
+    pub to: String,
+    /// Unix seconds.
+    pub at: i64,
+    /// The conditions that held, as text: `min_days 9 >= 7, attributes.paid_usd 60 >= 50`.
+    pub reason: String,
 }
 
 /// An API key as stored: never the secret, only its hash and a displayable prefix.
@@ -572,6 +745,7 @@ pub fn default_tiers() -> Vec<Tier> {
                 concurrent_requests: conc,
                 models: BTreeMap::new(),
             },
+            promotion: None,
         }
     }
     vec![
@@ -665,8 +839,11 @@ pub enum AuditAction {
     /// A tier created or replaced.
     TierPut,
     WorkspaceCreate,
-    /// Tier, overrides and/or status changed (one entry per change, whatever it touched).
+    /// Tier, overrides, status, pin and/or attributes changed (one entry per change, whatever
+    /// it touched).
     WorkspaceUpdate,
+    /// Moved up the ladder by itself, its conditions met (`after.promoted` says which).
+    WorkspacePromote,
     KeyCreate,
     KeyRevoke,
     /// A workspace asked for higher limits.
@@ -676,10 +853,11 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 8] = [
+    pub const ALL: [AuditAction; 9] = [
         AuditAction::TierPut,
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
+        AuditAction::WorkspacePromote,
         AuditAction::KeyCreate,
         AuditAction::KeyRevoke,
         AuditAction::LimitRequestCreate,
@@ -692,6 +870,7 @@ impl AuditAction {
             AuditAction::TierPut => "tier.put",
             AuditAction::WorkspaceCreate => "workspace.create",
             AuditAction::WorkspaceUpdate => "workspace.update",
+            AuditAction::WorkspacePromote => "workspace.promote",
             AuditAction::KeyCreate => "key.create",
             AuditAction::KeyRevoke => "key.revoke",
             AuditAction::LimitRequestCreate => "limit_request.create",

@@ -28,7 +28,7 @@ use super::views::{
 use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
 use crate::model::{
-    Actor, KeyId, LimitRequestId, LimitRequestStatus, Overrides, TierSpec, WorkspaceId,
+    Actor, Attributes, KeyId, LimitRequestId, LimitRequestStatus, Overrides, TierSpec, WorkspaceId,
     WorkspaceStatus,
 };
 
@@ -37,6 +37,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::default()
         .routes(routes!(create_workspace, list_workspaces))
         .routes(routes!(get_workspace, patch_workspace))
+        .routes(routes!(put_attributes))
         .routes(routes!(create_key, list_keys))
         .routes(routes!(usage))
         .routes(routes!(revoke_key))
@@ -163,10 +164,12 @@ async fn get_workspace(
     Ok(SortedJson(workspace_view(&state, &ws)))
 }
 
-/// At least one of the three.
+/// At least one of the four.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchWorkspace {
+    /// `true` holds the workspace on its tier: it is never promoted automatically.
+    pinned: Option<bool>,
     /// A tier's name.
     tier: Option<String>,
     /// `{"requests_per_second": n|null, ...}`: a number sets, null clears, a field left out
@@ -208,8 +211,37 @@ async fn patch_workspace(
             .as_deref()
             .map(admin::workspace_status)
             .transpose()?,
+        pinned: body.pinned,
     };
     let ws = state.admin.update_workspace(&by, id, update).await?;
+    Ok(SortedJson(workspace_view(&state, &ws)))
+}
+
+/// Replaces a workspace's attributes: what the operator's own systems know of it (numbers and
+/// booleans, e.g. `{"paid_usd": 50, "verified": true}`), which tiers' promotion conditions
+/// read. The workspace is promoted at once if they now make it qualify.
+#[utoipa::path(
+    put,
+    path = "/workspaces/{id}/attributes",
+    tag = "admin",
+    operation_id = "put_workspace_attributes",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The workspace's id.")),
+    request_body(content = Attributes, description = "All of the attributes (at most 64; names 1 to 64 of `a-z A-Z 0-9 _ - .`): a number or a boolean each."),
+    responses(
+        (status = 200, description = "The workspace, its attributes replaced (and its tier, if that promoted it).", body = WorkspaceView),
+        BodyErrors,
+        NotFound,
+        AdminErrors,
+    )
+)]
+async fn put_attributes(
+    AdminActor(by): AdminActor,
+    State(state): State<Arc<AppState>>,
+    PathParam(id): PathParam<WorkspaceId>,
+    JsonBody(attributes): JsonBody<Attributes>,
+) -> Result<SortedJson<WorkspaceView>, ApiError> {
+    let ws = state.admin.set_attributes(&by, id, attributes).await?;
     Ok(SortedJson(workspace_view(&state, &ws)))
 }
 

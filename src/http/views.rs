@@ -23,12 +23,13 @@ use utoipa::{PartialSchema, ToSchema};
 
 use super::error::ApiError;
 use super::headers::duration;
+use crate::admin::NextTier;
 use crate::app::AppState;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{
-    ApiKey, AuditAction, AuditEntry, LimitRequest, LimitRequestStatus, Limits, Overrides, Tier,
-    TierSpec, Workspace, WorkspaceStatus,
+    ApiKey, Attributes, AuditAction, AuditEntry, Condition, LimitRequest, LimitRequestStatus,
+    Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
 };
 use crate::store::DailyUsage;
 
@@ -141,6 +142,24 @@ pub struct WorkspaceView {
     #[schema(required = true)]
     pub limits: Option<Limits>,
     pub created_at: Timestamp,
+    /// Held on its tier: never promoted automatically.
+    pub pinned: bool,
+    /// What the operator's own systems set (`PUT .../attributes`), for promotion conditions.
+    pub attributes: Attributes,
+    /// Its last automatic promotion.
+    #[schema(required = true)]
+    pub promoted: Option<PromotedView>,
+}
+
+/// A workspace's last automatic promotion.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Promoted)]
+pub struct PromotedView {
+    pub from: String,
+    pub to: String,
+    pub at: Timestamp,
+    /// The conditions that held: `min_days 9 >= 7, attributes.paid_usd 60 >= 50`.
+    pub reason: String,
 }
 
 pub fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
@@ -152,6 +171,14 @@ pub fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
         overrides: w.overrides.clone(),
         limits: state.catalog.workspace(w.id).map(|e| (*e.limits).clone()),
         created_at: Timestamp(w.created_at),
+        pinned: w.pinned,
+        attributes: w.attributes.clone(),
+        promoted: w.promoted.as_ref().map(|p| PromotedView {
+            from: p.from.clone(),
+            to: p.to.clone(),
+            at: Timestamp(p.at),
+            reason: p.reason.clone(),
+        }),
     }
 }
 
@@ -207,6 +234,8 @@ pub struct TierView {
     pub rank: Option<u32>,
     #[serde(flatten)]
     pub limits: Limits,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub promotion: Option<Promotion>,
 }
 
 impl From<&Tier> for TierView {
@@ -215,6 +244,7 @@ impl From<&Tier> for TierView {
             name: t.name.clone(),
             rank: t.rank,
             limits: t.limits.clone(),
+            promotion: t.promotion.clone(),
         }
     }
 }
@@ -235,6 +265,9 @@ impl PartialSchema for TierView {
                 .into(),
         );
         object.properties.insert("rank".into(), rank_schema());
+        object
+            .properties
+            .insert("promotion".into(), promotion_schema());
         object.required.push("name".into());
         object.additional_properties = None;
         object.description = Some(
@@ -243,6 +276,10 @@ impl PartialSchema for TierView {
         );
         RefOr::T(Schema::Object(object))
     }
+}
+
+fn promotion_schema() -> RefOr<Schema> {
+    utoipa::openapi::Ref::from_schema_name("Promotion").into()
 }
 
 fn rank_schema() -> RefOr<Schema> {
@@ -264,6 +301,9 @@ impl PartialSchema for TierSpec {
             unreachable!("Limits is described as an object");
         };
         object.properties.insert("rank".into(), rank_schema());
+        object
+            .properties
+            .insert("promotion".into(), promotion_schema());
         object.description = Some(
             "A tier's rank and limits, all of them: a limit left out is no limit, a rank left out puts the tier off the ladder."
                 .into(),
@@ -279,6 +319,8 @@ impl ToSchema for TierSpec {
 
     fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
         <Limits as ToSchema>::schemas(schemas);
+        schemas.push(("Promotion".into(), Promotion::schema()));
+        <Promotion as ToSchema>::schemas(schemas);
     }
 }
 
@@ -289,6 +331,8 @@ impl ToSchema for TierView {
 
     fn schemas(schemas: &mut Vec<(String, RefOr<Schema>)>) {
         <Limits as ToSchema>::schemas(schemas);
+        schemas.push(("Promotion".into(), Promotion::schema()));
+        <Promotion as ToSchema>::schemas(schemas);
     }
 }
 
@@ -475,6 +519,40 @@ pub struct WorkspaceLimitsView {
     pub tier_limits: Option<Limits>,
     pub overrides: Overrides,
     pub usage: UsageView,
+    /// What the workspace can reach next: the tier its tier promotes to (with the conditions,
+    /// which are met), else the next tier up the ladder (reached by asking for an increase);
+    /// `null` at the top of the ladder or off it.
+    #[schema(required = true)]
+    pub next_tier: Option<NextTierView>,
+}
+
+/// The tier a workspace can reach next, and how.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = NextTier)]
+pub struct NextTierView {
+    pub name: String,
+    /// What it gives.
+    pub limits: Limits,
+    /// `true`: the workspace moves there by itself once every condition is met (unless
+    /// pinned); `false`: it is the next tier up the ladder, reached by asking.
+    pub automatic: bool,
+    /// The promotion's conditions, each with what the workspace has (empty when not
+    /// automatic).
+    pub conditions: Vec<Condition>,
+    /// Held on its tier by the operator: not promoted whatever the conditions say.
+    pub pinned: bool,
+}
+
+impl From<&NextTier> for NextTierView {
+    fn from(n: &NextTier) -> Self {
+        NextTierView {
+            name: n.tier.name.clone(),
+            limits: n.tier.limits.clone(),
+            automatic: n.conditions.is_some(),
+            conditions: n.conditions.clone().unwrap_or_default(),
+            pinned: n.pinned,
+        }
+    }
 }
 
 fn valid_day(s: &str) -> bool {

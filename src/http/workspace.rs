@@ -17,7 +17,8 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::openapi::{BodyErrors, WorkspaceErrors};
 use super::views::{
-    created, usage_view, LimitRequestView, List, SortedJson, WorkspaceLimitsView, WorkspaceSummary,
+    created, usage_view, LimitRequestView, List, NextTierView, SortedJson, WorkspaceLimitsView,
+    WorkspaceSummary,
 };
 use crate::app::AppState;
 use crate::model::{Actor, Overrides};
@@ -68,6 +69,7 @@ async fn limits(
         .find(|t| t.name == ws.tier)
         .map(|t| t.limits.clone());
     let usage = usage_view(&state, ws, &entry.limits, None, None, false).await?;
+    let next_tier = state.admin.next_tier(ws, &tiers, false).await?;
     Ok(SortedJson(WorkspaceLimitsView {
         workspace: WorkspaceSummary {
             id: ws.id,
@@ -79,6 +81,7 @@ async fn limits(
         tier_limits,
         overrides: ws.overrides.clone(),
         usage,
+        next_tier: next_tier.as_ref().map(NextTierView::from),
     }))
 }
 

@@ -197,6 +197,7 @@ enum Kind {
     Text,
     OptText,
     Bytes,
+    Bool,
 }
 
 use Kind::*;
@@ -217,6 +218,9 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("overrides", Text),
             ("status", Text),
             ("created_at", Int),
+            ("pinned", Bool),
+            ("attributes", Text),
+            ("promoted", OptText),
         ],
     ),
     (
@@ -305,6 +309,7 @@ enum Values {
     Text(Vec<String>),
     OptText(Vec<Option<String>>),
     Bytes(Vec<Vec<u8>>),
+    Bool(Vec<bool>),
 }
 
 /// Copies `table`, `CHUNK` rows per statement, in the source's rowid order (every tiergate
@@ -328,6 +333,7 @@ async fn copy_table(
                 Int | OptInt => "BIGINT[]",
                 Text | OptText => "TEXT[]",
                 Bytes => "BYTEA[]",
+                Bool => "BOOLEAN[]",
             };
             format!("${}::{array}", i + 1)
         })
@@ -357,6 +363,7 @@ async fn copy_table(
                 Text => Values::Text(Vec::new()),
                 OptText => Values::OptText(Vec::new()),
                 Bytes => Values::Bytes(Vec::new()),
+                Bool => Values::Bool(Vec::new()),
             })
             .collect();
         for row in &rows {
@@ -367,6 +374,7 @@ async fn copy_table(
                     Values::Text(v) => v.push(row.try_get(*name).map_err(read)?),
                     Values::OptText(v) => v.push(row.try_get(*name).map_err(read)?),
                     Values::Bytes(v) => v.push(row.try_get(*name).map_err(read)?),
+                    Values::Bool(v) => v.push(row.try_get(*name).map_err(read)?),
                 }
             }
         }
@@ -378,6 +386,7 @@ async fn copy_table(
                 Values::Text(v) => query.bind(v),
                 Values::OptText(v) => query.bind(v),
                 Values::Bytes(v) => query.bind(v),
+                Values::Bool(v) => query.bind(v),
             };
         }
         query.execute(&mut **dst).await.map_err(write)?;

@@ -48,8 +48,9 @@ use async_trait::async_trait;
 
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
-    LimitRequestStatus, Overrides, OverridesPatch, Tier, Workspace, WorkspaceId, WorkspaceStatus,
+    Actor, ApiKey, Attributes, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
+    LimitRequestStatus, Overrides, OverridesPatch, Promoted, Tier, Workspace, WorkspaceId,
+    WorkspaceStatus,
 };
 
 /// How many catalogue versions the change log keeps. An instance that is further behind (or new)
@@ -171,6 +172,13 @@ pub struct WorkspaceChange {
     /// Applied field by field to the overrides as they are in the store.
     pub overrides: OverridesPatch,
     pub status: Option<WorkspaceStatus>,
+    pub pinned: Option<bool>,
+    /// Replaces the attributes.
+    pub attributes: Option<Attributes>,
+    /// An automatic promotion: made only if the workspace is still on `from` and not pinned
+    /// (`Conflict` otherwise, so that instances evaluating at once promote it once), recorded
+    /// as `workspace.promote`.
+    pub promoted: Option<Promoted>,
 }
 
 #[derive(Debug, Clone)]
@@ -266,6 +274,13 @@ pub trait Store: Send + Sync {
         from: &str,
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError>;
+    /// Tokens settled per workspace on the days from `from` (`YYYY-MM-DD`) on, for the
+    /// workspaces in `workspaces`; a workspace without any is left out.
+    async fn tokens_since(
+        &self,
+        workspaces: &[WorkspaceId],
+        from: &str,
+    ) -> Result<Vec<(WorkspaceId, u64)>, StoreError>;
     /// Drops the ids of batches written before `before` (unix seconds), the per-request events
     /// of older versions settled before it, and rows by counter for days before
     /// `counted_before_day`, `PRUNE_BATCH` rows per transaction; the daily totals stay.
@@ -472,6 +487,20 @@ fn json<T: serde::Serialize>(v: &T) -> String {
 
 fn parse_json<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
     serde_json::from_str(s).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// The change a promotion makes, checked against the workspace as it is in the store.
+pub(crate) fn promotion_holds(current: &Workspace, promoted: &Promoted) -> Result<(), StoreError> {
+    if current.pinned {
+        return Err(StoreError::Conflict("the workspace is pinned".into()));
+    }
+    if current.tier != promoted.from {
+        return Err(StoreError::Conflict(format!(
+            "the workspace is on tier '{}' now, not '{}'",
+            current.tier, promoted.from
+        )));
+    }
+    Ok(())
 }
 
 /// A tier's rank as stored (a nullable integer column), which must fit the model's `u32`.

@@ -29,9 +29,10 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
-    parse_json, rank_of, redact, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
-    CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange,
-    AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    parse_json, promotion_holds, rank_of, redact, AuditColumns, AuditFilter, AuditRow,
+    CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store,
+    StoreError, WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL,
+    PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -171,6 +172,14 @@ ALTER TABLE tiers ADD COLUMN rank BIGINT;
 UPDATE tiers SET rank = CASE name WHEN 'free' THEN 0 WHEN 'tier-1' THEN 1 WHEN 'tier-2' THEN 2
     WHEN 'tier-3' THEN 3 WHEN 'tier-4' THEN 4 WHEN 'scale' THEN 5 END;
 ALTER TABLE limit_requests ADD COLUMN expected_volume TEXT;
+"#,
+    // Automatic promotion: a tier's way up, and a workspace's pin, attributes and last
+    // promotion.
+    r#"
+ALTER TABLE tiers ADD COLUMN promotion TEXT;
+ALTER TABLE workspaces ADD COLUMN pinned BOOLEAN NOT NULL DEFAULT FALSE;
+ALTER TABLE workspaces ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE workspaces ADD COLUMN promoted TEXT;
 "#,
 ];
 
@@ -324,6 +333,10 @@ pub(super) fn tier_row(row: &PgRow) -> Result<Tier, StoreError> {
         name: row.try_get("name")?,
         rank: rank_of(row.try_get("rank")?)?,
         limits: parse_json::<Limits>(row.try_get("limits")?, "tiers.limits")?,
+        promotion: row
+            .try_get::<Option<String>, _>("promotion")?
+            .map(|p| parse_json(&p, "tiers.promotion"))
+            .transpose()?,
     })
 }
 
@@ -337,6 +350,12 @@ pub(super) fn workspace_row(row: &PgRow) -> Result<Workspace, StoreError> {
         status: WorkspaceStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("workspaces.status: {status}")))?,
         created_at: row.try_get("created_at")?,
+        pinned: row.try_get("pinned")?,
+        attributes: parse_json(row.try_get("attributes")?, "workspaces.attributes")?,
+        promoted: row
+            .try_get::<Option<String>, _>("promoted")?
+            .map(|p| parse_json(&p, "workspaces.promoted"))
+            .transpose()?,
     })
 }
 
@@ -461,7 +480,7 @@ impl Store for PostgresStore {
                 sqlx::query_scalar("SELECT value FROM meta WHERE key = 'catalog_version'")
                     .fetch_one(&mut *tx)
                     .await?;
-            let tiers = sqlx::query("SELECT name, rank, limits FROM tiers")
+            let tiers = sqlx::query("SELECT name, rank, limits, promotion FROM tiers")
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
@@ -516,7 +535,7 @@ impl Store for PostgresStore {
                 return Ok(CatalogChanges::TooOld);
             }
             let tiers = sqlx::query(
-                "SELECT name, rank, limits FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > $1) ORDER BY name",
+                "SELECT name, rank, limits, promotion FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > $1) ORDER BY name",
             )
             .bind(since)
             .fetch_all(&mut *tx)
@@ -555,7 +574,7 @@ impl Store for PostgresStore {
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
         bounded(CALL_TIMEOUT, async {
-            sqlx::query("SELECT name, rank, limits FROM tiers ORDER BY name")
+            sqlx::query("SELECT name, rank, limits, promotion FROM tiers ORDER BY name")
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
@@ -572,24 +591,28 @@ impl Store for PostgresStore {
             // created at the same moment by another writer makes the insert wait for it, then
             // this one replaces it, with its limits as `before`.)
             let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO tiers (name, rank, limits) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING RETURNING name",
+                "INSERT INTO tiers (name, rank, limits, promotion) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING RETURNING name",
             )
             .bind(&tier.name)
             .bind(tier.rank.map(i64::from))
             .bind(json(&tier.limits))
+            .bind(tier.promotion.as_ref().map(json))
             .fetch_optional(&mut *tx)
             .await?;
             let before = match inserted {
                 Some(_) => None,
                 None => {
-                    let row = sqlx::query("SELECT name, rank, limits FROM tiers WHERE name = $1 FOR UPDATE")
+                    let row = sqlx::query("SELECT name, rank, limits, promotion FROM tiers WHERE name = $1 FOR UPDATE")
                         .bind(&tier.name)
                         .fetch_one(&mut *tx)
                         .await?;
-                    sqlx::query("UPDATE tiers SET rank = $2, limits = $3 WHERE name = $1")
-                        .bind(&tier.name)
-                        .bind(tier.rank.map(i64::from))
-                        .bind(json(&tier.limits))
+                    sqlx::query(
+                        "UPDATE tiers SET rank = $2, limits = $3, promotion = $4 WHERE name = $1",
+                    )
+                    .bind(&tier.name)
+                    .bind(tier.rank.map(i64::from))
+                    .bind(json(&tier.limits))
+                    .bind(tier.promotion.as_ref().map(json))
                         .execute(&mut *tx)
                         .await?;
                     Some(tier_row(&row)?)
@@ -610,12 +633,15 @@ impl Store for PostgresStore {
             let names: Vec<&str> = tiers.iter().map(|t| t.name.as_str()).collect();
             let ranks: Vec<Option<i64>> = tiers.iter().map(|t| t.rank.map(i64::from)).collect();
             let limits: Vec<String> = tiers.iter().map(|t| json(&t.limits)).collect();
+            let promotions: Vec<Option<String>> =
+                tiers.iter().map(|t| t.promotion.as_ref().map(json)).collect();
             let inserted: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO tiers (name, rank, limits) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[]) AS t(name, rank, limits) ORDER BY name ON CONFLICT (name) DO NOTHING RETURNING name",
+                "INSERT INTO tiers (name, rank, limits, promotion) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[]) AS t(name, rank, limits, promotion) ORDER BY name ON CONFLICT (name) DO NOTHING RETURNING name",
             )
             .bind(names)
             .bind(ranks)
             .bind(limits)
+            .bind(promotions)
             .fetch_all(&mut *tx)
             .await?;
             if !inserted.is_empty() {
@@ -693,6 +719,9 @@ impl Store for PostgresStore {
             tier,
             overrides,
             status,
+            pinned,
+            attributes,
+            promoted,
         } = change;
         bounded(CALL_TIMEOUT, async {
             let mut tx = self.pool.begin().await?;
@@ -702,6 +731,10 @@ impl Store for PostgresStore {
                 .await?
                 .ok_or(StoreError::NotFound)?;
             let current = workspace_row(&row)?;
+            if let Some(p) = promoted {
+                promotion_holds(&current, p)?;
+            }
+            let tier = promoted.as_ref().map(|p| &p.to).or(tier.as_ref());
             if let Some(tier) = tier {
                 Self::tier_exists(&mut tx, tier).await?;
             }
@@ -710,22 +743,23 @@ impl Store for PostgresStore {
                 .validate()
                 .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
             let row = sqlx::query(
-                "UPDATE workspaces SET tier = $1, overrides = $2, status = $3 WHERE id = $4 RETURNING *",
+                "UPDATE workspaces SET tier = $1, overrides = $2, status = $3, pinned = $4, attributes = $5, promoted = $6 WHERE id = $7 RETURNING *",
             )
-            .bind(tier.as_deref().unwrap_or(&current.tier))
+            .bind(tier.unwrap_or(&current.tier))
             .bind(json(&new_overrides))
             .bind(status.unwrap_or(current.status).as_str())
+            .bind(pinned.unwrap_or(current.pinned))
+            .bind(json(attributes.as_ref().unwrap_or(&current.attributes)))
+            .bind(promoted.as_ref().or(current.promoted.as_ref()).map(json))
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;
             let updated = workspace_row(&row)?;
-            let audit = AuditRow::workspace_change(
-                by,
-                now,
-                AuditAction::WorkspaceUpdate,
-                Some(&current),
-                &updated,
-            );
+            let action = match promoted {
+                Some(_) => AuditAction::WorkspacePromote,
+                None => AuditAction::WorkspaceUpdate,
+            };
+            let audit = AuditRow::workspace_change(by, now, action, Some(&current), &updated);
             Self::audit(&mut tx, audit).await?;
             Self::bump_version(&mut tx, &[Changed::Workspace(id)]).await?;
             tx.commit().await?;
@@ -914,6 +948,24 @@ impl Store for PostgresStore {
                 .fetch_all(&self.pool)
                 .await?;
             Ok(month_totals_of(month, rows))
+        })
+        .await
+    }
+
+    async fn tokens_since(
+        &self,
+        workspaces: &[WorkspaceId],
+        from: &str,
+    ) -> Result<Vec<(WorkspaceId, u64)>, StoreError> {
+        bounded(CALL_TIMEOUT, async {
+            let rows: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT workspace_id, CAST(SUM(tokens) AS BIGINT) FROM usage_daily WHERE day >= $1 AND workspace_id = ANY($2) GROUP BY workspace_id ORDER BY workspace_id",
+            )
+            .bind(from)
+            .bind(workspaces)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows.into_iter().map(|(w, t)| (w, t.max(0) as u64)).collect())
         })
         .await
     }

@@ -16,9 +16,9 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
-    parse_json, rank_of, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
-    CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange,
-    AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    parse_json, promotion_holds, rank_of, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
+    CatalogData, CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError,
+    WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -153,6 +153,14 @@ UPDATE tiers SET rank = CASE name WHEN 'free' THEN 0 WHEN 'tier-1' THEN 1 WHEN '
     WHEN 'tier-3' THEN 3 WHEN 'tier-4' THEN 4 WHEN 'scale' THEN 5 END;
 ALTER TABLE limit_requests ADD COLUMN expected_volume TEXT;
 "#,
+    // Automatic promotion: a tier's way up, and a workspace's pin, attributes and last
+    // promotion.
+    r#"
+ALTER TABLE tiers ADD COLUMN promotion TEXT;
+ALTER TABLE workspaces ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE workspaces ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE workspaces ADD COLUMN promoted TEXT;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -277,6 +285,10 @@ fn tier_row(row: &SqliteRow) -> Result<Tier, StoreError> {
         name: row.try_get("name")?,
         rank: rank_of(row.try_get("rank")?)?,
         limits: parse_json::<Limits>(row.try_get("limits")?, "tiers.limits")?,
+        promotion: row
+            .try_get::<Option<String>, _>("promotion")?
+            .map(|p| parse_json(&p, "tiers.promotion"))
+            .transpose()?,
     })
 }
 
@@ -290,6 +302,12 @@ fn workspace_row(row: &SqliteRow) -> Result<Workspace, StoreError> {
         status: WorkspaceStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("workspaces.status: {status}")))?,
         created_at: row.try_get("created_at")?,
+        pinned: row.try_get("pinned")?,
+        attributes: parse_json(row.try_get("attributes")?, "workspaces.attributes")?,
+        promoted: row
+            .try_get::<Option<String>, _>("promoted")?
+            .map(|p| parse_json(&p, "workspaces.promoted"))
+            .transpose()?,
     })
 }
 
@@ -371,7 +389,7 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'catalog_version'")
                 .fetch_one(&mut *tx)
                 .await?;
-        let tiers = sqlx::query("SELECT name, rank, limits FROM tiers")
+        let tiers = sqlx::query("SELECT name, rank, limits, promotion FROM tiers")
             .fetch_all(&mut *tx)
             .await?
             .iter()
@@ -418,7 +436,7 @@ impl Store for SqliteStore {
             return Ok(CatalogChanges::Since(delta));
         }
         delta.tiers = sqlx::query(
-            "SELECT name, rank, limits FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > ?) ORDER BY name",
+            "SELECT name, rank, limits, promotion FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > ?) ORDER BY name",
         )
         .bind(since)
         .fetch_all(&mut *tx)
@@ -449,7 +467,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
-        sqlx::query("SELECT name, rank, limits FROM tiers ORDER BY name")
+        sqlx::query("SELECT name, rank, limits, promotion FROM tiers ORDER BY name")
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -459,7 +477,7 @@ impl Store for SqliteStore {
 
     async fn put_tier(&self, tier: &Tier, by: &Actor, now: i64) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        let before = sqlx::query("SELECT name, rank, limits FROM tiers WHERE name = ?")
+        let before = sqlx::query("SELECT name, rank, limits, promotion FROM tiers WHERE name = ?")
             .bind(&tier.name)
             .fetch_optional(&mut *tx)
             .await?
@@ -467,11 +485,12 @@ impl Store for SqliteStore {
             .map(tier_row)
             .transpose()?;
         sqlx::query(
-            "INSERT INTO tiers (name, rank, limits) VALUES (?, ?, ?) ON CONFLICT(name) DO UPDATE SET rank = excluded.rank, limits = excluded.limits",
+            "INSERT INTO tiers (name, rank, limits, promotion) VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET rank = excluded.rank, limits = excluded.limits, promotion = excluded.promotion",
         )
         .bind(&tier.name)
         .bind(tier.rank.map(i64::from))
         .bind(json(&tier.limits))
+        .bind(tier.promotion.as_ref().map(json))
         .execute(&mut *tx)
         .await?;
         Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
@@ -485,11 +504,12 @@ impl Store for SqliteStore {
         let mut inserted = Vec::new();
         for tier in tiers {
             let n = sqlx::query(
-                "INSERT INTO tiers (name, rank, limits) VALUES (?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                "INSERT INTO tiers (name, rank, limits, promotion) VALUES (?, ?, ?, ?) ON CONFLICT(name) DO NOTHING",
             )
             .bind(&tier.name)
             .bind(tier.rank.map(i64::from))
             .bind(json(&tier.limits))
+            .bind(tier.promotion.as_ref().map(json))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -559,6 +579,9 @@ impl Store for SqliteStore {
             tier,
             overrides,
             status,
+            pinned,
+            attributes,
+            promoted,
         } = change;
         let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
@@ -567,6 +590,10 @@ impl Store for SqliteStore {
             .await?
             .ok_or(StoreError::NotFound)?;
         let current = workspace_row(&row)?;
+        if let Some(p) = promoted {
+            promotion_holds(&current, p)?;
+        }
+        let tier = promoted.as_ref().map(|p| &p.to).or(tier.as_ref());
         if let Some(tier) = tier {
             Self::tier_exists(&mut tx, tier).await?;
         }
@@ -575,22 +602,23 @@ impl Store for SqliteStore {
             .validate()
             .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
         let row = sqlx::query(
-            "UPDATE workspaces SET tier = ?, overrides = ?, status = ? WHERE id = ? RETURNING *",
+            "UPDATE workspaces SET tier = ?, overrides = ?, status = ?, pinned = ?, attributes = ?, promoted = ? WHERE id = ? RETURNING *",
         )
-        .bind(tier.as_deref().unwrap_or(&current.tier))
+        .bind(tier.unwrap_or(&current.tier))
         .bind(json(&new_overrides))
         .bind(status.unwrap_or(current.status).as_str())
+        .bind(pinned.unwrap_or(current.pinned))
+        .bind(json(attributes.as_ref().unwrap_or(&current.attributes)))
+        .bind(promoted.as_ref().or(current.promoted.as_ref()).map(json))
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
         let updated = workspace_row(&row)?;
-        let audit = AuditRow::workspace_change(
-            by,
-            now,
-            AuditAction::WorkspaceUpdate,
-            Some(&current),
-            &updated,
-        );
+        let action = match promoted {
+            Some(_) => AuditAction::WorkspacePromote,
+            None => AuditAction::WorkspaceUpdate,
+        };
+        let audit = AuditRow::workspace_change(by, now, action, Some(&current), &updated);
         Self::audit(&mut tx, audit).await?;
         Self::bump_version(&mut tx, &[Changed::Workspace(id)]).await?;
         tx.commit().await?;
@@ -757,6 +785,25 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await?;
         Ok(month_totals_of(month, rows))
+    }
+
+    async fn tokens_since(
+        &self,
+        workspaces: &[WorkspaceId],
+        from: &str,
+    ) -> Result<Vec<(WorkspaceId, u64)>, StoreError> {
+        let ids = serde_json::to_string(workspaces).expect("ids serialize");
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT workspace_id, CAST(SUM(tokens) AS INTEGER) FROM usage_daily WHERE day >= ? AND workspace_id IN (SELECT value FROM json_each(?)) GROUP BY workspace_id ORDER BY workspace_id",
+        )
+        .bind(from)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(w, t)| (w, t.max(0) as u64))
+            .collect())
     }
 
     async fn daily_usage(
