@@ -1388,11 +1388,11 @@ mod tests {
         tiers.insert(
             "gold".to_string(),
             TierSpec {
-                rank: None,
                 limits: crate::model::Limits {
                     tokens_per_minute: Some(0),
                     ..Default::default()
                 },
+                ..TierSpec::default()
             },
         );
         let e = bad(RawSettings {

@@ -165,6 +165,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         let stale = Tier {
             name: "stale".into(),
             rank: None,
+            promotion: None,
             limits: Limits::default(),
         };
         target.put_tier(&stale, &Actor::cli(None), 0).await.unwrap();

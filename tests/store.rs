@@ -135,6 +135,7 @@ fn tier(name: &str, rps: f64) -> Tier {
     Tier {
         name: name.into(),
         rank: None,
+        promotion: None,
         limits: Limits {
             requests_per_second: Some(rps),
             tokens_per_minute: Some(1000),

@@ -643,6 +643,7 @@ mod tests {
         let tier = Tier {
             name: "t".into(),
             rank: None,
+            promotion: None,
             limits: Limits {
                 burst: Some(3),
                 ..Limits::default()

@@ -604,6 +604,7 @@ async fn limits_out_of_bounds_in_the_store_are_brought_within_bounds() {
             &Tier {
                 name: "wild".into(),
                 rank: None,
+                promotion: None,
                 limits: wild,
             },
             &tiergate::model::Actor::cli(Some("test")),

@@ -19,5 +19,6 @@ mod metrics;
 mod openapi;
 mod operator;
 mod process;
+mod promotion;
 mod routes;
 mod streaming;
