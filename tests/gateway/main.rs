@@ -7,6 +7,7 @@ mod support;
 mod admin;
 mod admin_input;
 mod bad_input;
+mod browser;
 mod console;
 mod crash;
 mod distributed;
