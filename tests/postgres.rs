@@ -151,6 +151,8 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
                         tokens: 11,
                         denied: 0,
                     }],
+                    hours: vec![],
+                    keys: vec![],
                 },
                 clock.now_secs(),
             )

@@ -11,8 +11,9 @@
 //!   the form carries no token: it is protected by `SameSite=Lax` and, when the browser sends
 //!   `Origin`, by requiring it to name this host (`403` otherwise).
 //! - `GET /console/workspace`: the workspace's tier, limits with their usage (the figures of
-//!   `GET /v1/limits`, from the same `usage_view`), and its keys. The workspace is the
-//!   session's: no id is taken from the URL.
+//!   `GET /v1/limits`, from the same `usage_view`), charts of its usage per day and per hour
+//!   and its usage per key (those of `GET /v1/usage`, drawn by `console_charts`), and its keys.
+//!   The workspace is the session's: no id is taken from the URL.
 //! - `POST /console/sign-out`: with the session's form token (`403` without it), clears the
 //!   cookie.
 //!
@@ -31,7 +32,10 @@ use axum::routing::{get, post};
 use axum::Router;
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 
-use super::views::{usage_view, Timestamp, UsageView, WindowView};
+use super::console_charts;
+use super::views::{
+    usage_history_view, usage_view, Timestamp, UsageHistoryView, UsageView, WindowView,
+};
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, WorkspaceEntry};
 use crate::console::{Session, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
@@ -139,6 +143,10 @@ async fn workspace_page(State(state): State<Arc<AppState>>, headers: HeaderMap) 
         Ok(usage) => usage,
         Err(e) => return unavailable(e.into_response().status()),
     };
+    let history = match usage_history_view(&state, ws, false).await {
+        Ok(history) => history,
+        Err(e) => return unavailable(e.into_response().status()),
+    };
     let keys = match state.admin.list_keys(ws.id).await {
         Ok(keys) => keys,
         Err(e) => {
@@ -150,7 +158,7 @@ async fn workspace_page(State(state): State<Arc<AppState>>, headers: HeaderMap) 
     page(
         StatusCode::OK,
         &ws.name,
-        workspace_body(&entry, &usage, &keys, &token),
+        workspace_body(&entry, &usage, &history, &keys, &token),
     )
 }
 
@@ -374,6 +382,7 @@ fn window_row(id: &str, label: &str, unit: &str, w: &WindowView) -> Markup {
 fn workspace_body(
     entry: &WorkspaceEntry,
     usage: &UsageView,
+    history: &UsageHistoryView,
     keys: &[ApiKey],
     token: &str,
 ) -> Markup {
@@ -435,6 +444,7 @@ fn workspace_body(
             }
             p.note { "Usage per model is not shown yet." }
         }
+        (console_charts::usage_section(history))
         h2 { "API keys" }
         table.keys {
             thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Status" } } }

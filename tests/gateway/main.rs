@@ -21,3 +21,4 @@ mod operator;
 mod process;
 mod routes;
 mod streaming;
+mod usage;
