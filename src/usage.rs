@@ -369,7 +369,10 @@ impl Recorder {
         if exact {
             self.flush().await;
         } else {
-            let recent = self.recent_history.lock().unwrap_or_else(|e| e.into_inner());
+            let recent = self
+                .recent_history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if let Some((at, history)) = recent.get(&key) {
                 if at.elapsed() < RECENT_READS {
                     return Ok(history.clone());
@@ -384,7 +387,10 @@ impl Recorder {
                 .await?,
             keys: self.store.key_usage(workspace, from, to).await?,
         };
-        let mut recent = self.recent_history.lock().unwrap_or_else(|e| e.into_inner());
+        let mut recent = self
+            .recent_history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if recent.len() >= MAX_DENIAL_KEYS {
             recent.retain(|_, (at, _)| at.elapsed() < RECENT_READS);
         }
@@ -779,7 +785,9 @@ impl Writer {
                 denied: sums.denied,
             })
             .collect();
-        keys.sort_unstable_by(|a, b| (a.workspace, &a.day, a.key).cmp(&(b.workspace, &b.day, b.key)));
+        keys.sort_unstable_by(|a, b| {
+            (a.workspace, &a.day, a.key).cmp(&(b.workspace, &b.day, b.key))
+        });
         let (mut rows, mut hours, mut keys) = (
             rows.into_iter().peekable(),
             hours.into_iter().peekable(),

@@ -213,7 +213,14 @@ fn hourly(workspace: i64, hour: i64, requests: u64, denied: u64, tokens: (u64, u
     }
 }
 
-fn by_key(workspace: i64, day: &str, key: i64, requests: u64, tokens: u64, denied: u64) -> KeyDayRow {
+fn by_key(
+    workspace: i64,
+    day: &str,
+    key: i64,
+    requests: u64,
+    tokens: u64,
+    denied: u64,
+) -> KeyDayRow {
     KeyDayRow {
         workspace,
         day: day.into(),
@@ -972,10 +979,7 @@ async fn pruning_in_batches_keeps_the_totals(b: Backend) {
     let pruned = s.prune_ledger(5_000, "2026-11-01", bound).await.unwrap();
     // The old ids, the old batch's, October's row by counter and the two old hours.
     assert_eq!(pruned, old as u64 + 4);
-    assert_eq!(
-        s.prune_ledger(5_000, "2026-11-01", bound).await.unwrap(),
-        0
-    );
+    assert_eq!(s.prune_ledger(5_000, "2026-11-01", bound).await.unwrap(), 0);
     let left = s.hourly_usage(1, 0, i64::MAX).await.unwrap();
     assert_eq!(left, vec![hourly(1, bound, 2, 0, (3, 4))]);
     let october = s.key_usage(1, "2026-10-01", "2026-10-31").await.unwrap();
@@ -1474,12 +1478,27 @@ fn with_rollups(id: &str, rows: Vec<LedgerRow>) -> LedgerBatch {
         .iter()
         .map(|r| {
             let hour = at_hour(&r.day, index(&r.model));
-            hourly(r.workspace, hour, r.requests, r.denied, (r.tokens / 2, r.tokens - r.tokens / 2))
+            hourly(
+                r.workspace,
+                hour,
+                r.requests,
+                r.denied,
+                (r.tokens / 2, r.tokens - r.tokens / 2),
+            )
         })
         .collect();
     let keys = rows
         .iter()
-        .map(|r| by_key(r.workspace, &r.day, index(&r.model) + 1, r.requests, r.tokens, r.denied))
+        .map(|r| {
+            by_key(
+                r.workspace,
+                &r.day,
+                index(&r.model) + 1,
+                r.requests,
+                r.tokens,
+                r.denied,
+            )
+        })
         .collect();
     rolled_up(id, rows, hours, keys)
 }
@@ -1781,7 +1800,8 @@ async fn the_rollups_keep_the_writers_bound_and_never_disagree_with_the_ledger()
         ]
     );
     let keys = store.key_usage(1, day, day).await.unwrap();
-    let requests: Vec<(i64, u64, u64)> = keys.iter().map(|k| (k.key, k.requests, k.tokens)).collect();
+    let requests: Vec<(i64, u64, u64)> =
+        keys.iter().map(|k| (k.key, k.requests, k.tokens)).collect();
     assert_eq!(requests, vec![(1, 2, 20), (2, 2, 20)]);
 
     // After the write there is room again: key 3 and hour 11 are recorded, and denials land in

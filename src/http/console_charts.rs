@@ -105,7 +105,7 @@ pub fn hourly_chart(hours: &[HourUsageView]) -> Markup {
                     rect.requests x=(num(x_of(i))) y=(num(y_of(h.requests, max))) width=(width) height=(num(height_of(h.requests, max))) {}
                     rect.denied x=(num(x_of(i))) y=(num(y_of(h.requests + h.denied, max))) width=(width) height=(num(height_of(h.denied, max))) {}
                     // Every sixth hour: the time, and the date at midnight.
-                    @if at.get(11..13).and_then(|h| h.parse::<u32>().ok()).is_some_and(|h| h % 6 == 0) {
+                    @if at.get(11..13).and_then(|h| h.parse::<u32>().ok()).is_some_and(|h| h.is_multiple_of(6)) {
                         text.label x=(num(x_of(i))) y=(num(HEIGHT - BOTTOM + 14.0)) text-anchor="middle" {
                             @if at.get(11..13) == Some("00") { (at.get(5..10).unwrap_or("")) } @else { (at.get(11..16).unwrap_or("")) }
                         }
@@ -187,7 +187,7 @@ fn nothing_yet(message: &str) -> Markup {
 /// Whether the `i`th of `n` slots gets a label: every one up to `every_up_to` slots, else
 /// every other one (and the last).
 fn show_label(i: usize, n: usize, every_up_to: usize) -> bool {
-    n <= every_up_to || i % 2 == 0 || i + 1 == n
+    n <= every_up_to || i.is_multiple_of(2) || i + 1 == n
 }
 
 /// The top of an axis for figures up to `max`: 2, 4 or 10 times a power of ten, so that its
@@ -208,7 +208,8 @@ fn nice_max(max: u64) -> u64 {
 /// A coordinate, to a tenth.
 fn num(v: f64) -> String {
     let s = format!("{v:.1}");
-    s.strip_suffix(".0").map_or_else(|| s.clone(), str::to_string)
+    s.strip_suffix(".0")
+        .map_or_else(|| s.clone(), str::to_string)
 }
 
 /// A figure for an axis: `950`, `1.5k`, `12k`, `3M`, `1.2B`, `4T`.
@@ -222,7 +223,7 @@ pub fn short(v: u64) -> String {
     for (size, unit) in UNITS {
         if v >= size {
             let tenths = (v as u128 * 10 / size as u128) as u64;
-            return if tenths >= 100 || tenths % 10 == 0 {
+            return if tenths >= 100 || tenths.is_multiple_of(10) {
                 format!("{}{unit}", tenths / 10)
             } else {
                 format!("{}.{}{unit}", tenths / 10, tenths % 10)
@@ -237,7 +238,7 @@ pub fn grouped(v: u64) -> String {
     let digits = v.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -271,10 +272,20 @@ mod tests {
 
     /// Every number in the drawing's coordinates is finite and within the drawing.
     fn coordinates_in_bounds(svg: &str) {
-        for attr in [" x=\"", " y=\"", " width=\"", " height=\"", " cx=\"", " cy=\""] {
+        for attr in [
+            " x=\"",
+            " y=\"",
+            " width=\"",
+            " height=\"",
+            " cx=\"",
+            " cy=\"",
+        ] {
             for part in svg.split(attr).skip(1) {
                 let v: f64 = part[..part.find('"').unwrap()].parse().unwrap();
-                assert!(v.is_finite() && (0.0..=WIDTH).contains(&v), "{attr}{v} in {svg}");
+                assert!(
+                    v.is_finite() && (0.0..=WIDTH).contains(&v),
+                    "{attr}{v} in {svg}"
+                );
             }
         }
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
@@ -300,7 +311,14 @@ mod tests {
         assert_eq!(grouped(999), "999");
         assert_eq!(grouped(1_000), "1,000");
         assert_eq!(grouped(1_234_567), "1,234,567");
-        for (max, top) in [(0, 2), (1, 2), (3, 4), (7, 10), (11, 20), (2_000_001, 4_000_000)] {
+        for (max, top) in [
+            (0, 2),
+            (1, 2),
+            (3, 4),
+            (7, 10),
+            (11, 20),
+            (2_000_001, 4_000_000),
+        ] {
             assert_eq!(nice_max(max), top, "{max}");
         }
         assert_eq!(nice_max(u64::MAX), u64::MAX);
@@ -310,12 +328,17 @@ mod tests {
     fn charts_without_usage_draw_their_axes_and_say_so() {
         let days = vec![day("2026-12-01", 0, 0, 0), day("2026-12-02", 0, 0, 0)];
         let svg = daily_chart(&days).into_string();
-        assert!(svg.starts_with("<svg class=\"chart\" id=\"chart-daily\""), "{svg}");
+        assert!(
+            svg.starts_with("<svg class=\"chart\" id=\"chart-daily\""),
+            "{svg}"
+        );
         assert!(svg.contains("No usage this month yet."), "{svg}");
         assert_eq!(svg.matches("data-day=").count(), 2);
         assert!(svg.contains("data-day=\"2026-12-02\" data-tokens=\"0\" data-requests=\"0\""));
         coordinates_in_bounds(&svg);
-        let hours: Vec<_> = (0..48).map(|i| hour(1_796_083_200 + i * 3600, 0, 0)).collect();
+        let hours: Vec<_> = (0..48)
+            .map(|i| hour(1_796_083_200 + i * 3600, 0, 0))
+            .collect();
         let svg = hourly_chart(&hours).into_string();
         assert!(svg.contains("No requests in the last 48 hours."), "{svg}");
         assert_eq!(svg.matches("data-hour=").count(), 48);
@@ -332,11 +355,12 @@ mod tests {
         assert!(svg.contains(
             "data-day=\"2026-12-01\" data-tokens=\"123\" data-requests=\"4\" data-denied=\"2\""
         ));
-        assert!(svg.contains(
-            "<title>2026-12-01: 123 tokens, 4 requests, 2 denied (429)</title>"
-        ));
+        assert!(svg.contains("<title>2026-12-01: 123 tokens, 4 requests, 2 denied (429)</title>"));
         // The axes go to 200 tokens and 4 requests; the day is labelled "1".
-        assert!(svg.contains(">200</text>") && svg.contains(">4</text>"), "{svg}");
+        assert!(
+            svg.contains(">200</text>") && svg.contains(">4</text>"),
+            "{svg}"
+        );
         assert!(svg.contains(">1</text>"), "{svg}");
         // One point: no line.
         assert!(!svg.contains("polyline"), "{svg}");
@@ -346,22 +370,39 @@ mod tests {
     #[test]
     fn big_figures_are_exact_in_data_and_titles_and_short_on_axes() {
         let big = 3_456_789_012_345;
-        let days = vec![day("2026-12-01", 1, 0, 0), day("2026-12-02", 9_000_000, big, 0)];
+        let days = vec![
+            day("2026-12-01", 1, 0, 0),
+            day("2026-12-02", 9_000_000, big, 0),
+        ];
         let svg = daily_chart(&days).into_string();
         assert!(svg.contains(&format!("data-tokens=\"{big}\"")), "{svg}");
-        assert!(svg.contains("3,456,789,012,345 tokens, 9,000,000 requests"), "{svg}");
-        assert!(svg.contains(">4T</text>") && svg.contains(">10M</text>"), "{svg}");
+        assert!(
+            svg.contains("3,456,789,012,345 tokens, 9,000,000 requests"),
+            "{svg}"
+        );
+        assert!(
+            svg.contains(">4T</text>") && svg.contains(">10M</text>"),
+            "{svg}"
+        );
         assert!(svg.contains("<polyline"), "{svg}");
         coordinates_in_bounds(&svg);
-        let mut hours: Vec<_> = (0..48).map(|i| hour(1_796_083_200 + i * 3600, 0, 0)).collect();
+        let mut hours: Vec<_> = (0..48)
+            .map(|i| hour(1_796_083_200 + i * 3600, 0, 0))
+            .collect();
         hours[47] = hour(1_796_083_200 + 47 * 3600, 2_000_000, 500_000);
         let svg = hourly_chart(&hours).into_string();
         assert!(svg.contains(
             "data-hour=\"2026-12-02T23:00:00Z\" data-requests=\"2000000\" data-denied=\"500000\""
         ));
-        assert!(svg.contains(">4M</text>") && svg.contains(">2M</text>"), "{svg}");
+        assert!(
+            svg.contains(">4M</text>") && svg.contains(">2M</text>"),
+            "{svg}"
+        );
         // Midnight shows the date, other sixth hours the time.
-        assert!(svg.contains(">12-02</text>") && svg.contains(">06:00</text>"), "{svg}");
+        assert!(
+            svg.contains(">12-02</text>") && svg.contains(">06:00</text>"),
+            "{svg}"
+        );
         coordinates_in_bounds(&svg);
     }
 
@@ -382,7 +423,10 @@ mod tests {
         assert!(html.contains(
             "data-key-id=\"7\" data-requests=\"1234\" data-tokens=\"5\" data-denied=\"0\""
         ));
-        assert!(html.contains(">1,234<") && html.contains("(revoked)"), "{html}");
+        assert!(
+            html.contains(">1,234<") && html.contains("(revoked)"),
+            "{html}"
+        );
         assert!(keys_table(&[]).into_string().contains("No keys."));
     }
 }

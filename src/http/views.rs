@@ -577,12 +577,7 @@ pub async fn usage_history_view(
     let first_hour = last_hour - (HISTORY_HOURS - 1) * 3600;
     let history = state
         .recorder
-        .usage_history(
-            ws.id,
-            (&from, &to),
-            (first_hour, last_hour + 3600),
-            exact,
-        )
+        .usage_history(ws.id, (&from, &to), (first_hour, last_hour + 3600), exact)
         .await?;
     let keys = state.store.list_keys(ws.id).await?;
     Ok(UsageHistoryView {

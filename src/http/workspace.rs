@@ -17,8 +17,8 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::openapi::{BodyErrors, WorkspaceErrors};
 use super::views::{
-    created, usage_history_view, usage_view, LimitRequestView, List, SortedJson,
-    UsageHistoryView, WorkspaceLimitsView, WorkspaceSummary,
+    created, usage_history_view, usage_view, LimitRequestView, List, SortedJson, UsageHistoryView,
+    WorkspaceLimitsView, WorkspaceSummary,
 };
 use crate::app::AppState;
 use crate::model::{Actor, Overrides};

@@ -17,6 +17,11 @@
 //! generation (`usage_counted`), so that `month_totals` can leave out what that counter already
 //! holds. Batch ids are kept for the idempotency window, then pruned in bounded batches, as are
 //! the per-request events (`usage_events`) that versions before batches wrote.
+//!
+//! A batch also carries the same usage rolled up for the usage charts, written in its
+//! transaction (so once, like its rows): per workspace and hour (`usage_hourly`: requests,
+//! denials, prompt and completion tokens; pruned after a week) and per workspace, day and key
+//! (`usage_daily_by_key`; kept as long as the daily rows). Every instance adds to the same rows.
 
 //! # Catalogue changes
 //! Every mutation of the catalogue bumps `catalog_version` and, in the same transaction, logs

@@ -10,8 +10,8 @@
 //!   each to what the other left.
 //! - **Batch writes lock rows in key order.** `record_usage` is one statement: the batch's id is
 //!   inserted `ON CONFLICT DO NOTHING`; only if it was new are the batch's rows added to the
-//!   daily rows (aggregated per workspace, day and model) and to the rows by counter, each
-//!   upserted in key order. `touch_keys` locks keys in id order. Two instances writing
+//!   daily rows (aggregated per workspace, day and model), to the rows by counter, and its
+//!   rollups to the hourly rows and the rows by key, each upserted in key order. `touch_keys` locks keys in id order. Two instances writing
 //!   overlapping batches therefore wait for each other but never deadlock, and a batch counts
 //!   once however often it is sent.
 //! - **Bounded failure.** A connection is waited for at most `ACQUIRE_TIMEOUT`, and a call at most

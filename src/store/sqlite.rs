@@ -15,10 +15,10 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
-    already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
-    hour_row, key_usage_row, parse_json, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData, CatalogDelta,
-    Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, NewKey, Store, StoreError,
-    WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL,
+    already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
+    month_range, month_totals_of, parse_json, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
+    CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, NewKey, Store,
+    StoreError, WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL,
     MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};

@@ -74,7 +74,9 @@ async fn console_page(gw: &TestGateway, key: &str) -> (String, String) {
         .await
         .unwrap();
     assert_eq!(page.status(), StatusCode::OK);
-    let csp = header(&page, "content-security-policy").unwrap().to_string();
+    let csp = header(&page, "content-security-policy")
+        .unwrap()
+        .to_string();
     (csp, page.text().await.unwrap())
 }
 
@@ -86,11 +88,16 @@ async fn usage_lands_in_its_hour_day_and_key_in_the_api_and_the_console() {
     if hour_of_day >= 22 {
         gw.advance(Duration::from_secs((24 - hour_of_day as u64 + 1) * 3600));
     }
-    gw.put_tier("one-per-second", json!({"requests_per_second": 1})).await;
+    gw.put_tier("one-per-second", json!({"requests_per_second": 1}))
+        .await;
     let (ws, key_a) = gw.workspace("one-per-second").await;
     let key_b = gw.key(ws).await;
     let (s, keys) = gw
-        .admin(reqwest::Method::GET, &format!("/workspaces/{ws}/keys"), None)
+        .admin(
+            reqwest::Method::GET,
+            &format!("/workspaces/{ws}/keys"),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{keys}");
     let ids: Vec<i64> = keys["data"]
@@ -113,12 +120,16 @@ async fn usage_lands_in_its_hour_day_and_key_in_the_api_and_the_console() {
     let (tokens_a, tokens_b) = (prompt_a + completion_a, prompt_b + completion_b);
 
     // Once the ledger holds it all (the admin view writes it out first)...
-    eventually(Duration::from_secs(5), "the ledger holds it all", || async {
-        let daily = gw.exact_usage(&key_a).await["daily"].clone();
-        let rows = daily.as_array().unwrap();
-        let sum = |f: &str| rows.iter().map(|r| r[f].as_u64().unwrap()).sum::<u64>();
-        sum("requests") == 2 && sum("denied") == 3
-    })
+    eventually(
+        Duration::from_secs(5),
+        "the ledger holds it all",
+        || async {
+            let daily = gw.exact_usage(&key_a).await["daily"].clone();
+            let rows = daily.as_array().unwrap();
+            let sum = |f: &str| rows.iter().map(|r| r[f].as_u64().unwrap()).sum::<u64>();
+            sum("requests") == 2 && sum("denied") == 3
+        },
+    )
     .await;
 
     // ...the workspace's usage over time, from either key.
@@ -128,7 +139,11 @@ async fn usage_lands_in_its_hour_day_and_key_in_the_api_and_the_console() {
     assert_eq!(hours.len(), 48);
     let (first_day, first_at) = day_and_hour(first_hour);
     let (second_day, second_at) = day_and_hour(first_hour + 3600);
-    assert_eq!(hours[47]["hour"], second_at.as_str(), "the current hour last");
+    assert_eq!(
+        hours[47]["hour"],
+        second_at.as_str(),
+        "the current hour last"
+    );
     assert_eq!(hours[46]["hour"], first_at.as_str());
     assert_eq!(
         hours[46],
@@ -160,28 +175,54 @@ async fn usage_lands_in_its_hour_day_and_key_in_the_api_and_the_console() {
     let others = days
         .iter()
         .filter(|d| d["day"] != first_day.as_str() && d["day"] != second_day.as_str());
-    assert!(others.clone().all(|d| d["requests"] == 0 && d["tokens"] == 0));
+    assert!(others
+        .clone()
+        .all(|d| d["requests"] == 0 && d["tokens"] == 0));
 
     let keys = history["keys"].as_array().unwrap();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert_eq!(
-        (&keys[0]["key_id"], &keys[0]["requests"], &keys[0]["tokens"], &keys[0]["denied"]),
+        (
+            &keys[0]["key_id"],
+            &keys[0]["requests"],
+            &keys[0]["tokens"],
+            &keys[0]["denied"]
+        ),
         (&json!(id_a), &json!(1), &json!(tokens_a), &json!(1))
     );
     assert_eq!(
-        (&keys[1]["key_id"], &keys[1]["requests"], &keys[1]["tokens"], &keys[1]["denied"]),
+        (
+            &keys[1]["key_id"],
+            &keys[1]["requests"],
+            &keys[1]["tokens"],
+            &keys[1]["denied"]
+        ),
         (&json!(id_b), &json!(1), &json!(tokens_b), &json!(2))
     );
-    assert_eq!(keys[1]["prefix"].as_str().unwrap(), &key_b[..keys[1]["prefix"].as_str().unwrap().len()]);
-    assert_eq!(usage(&gw, &key_b).await, history, "the workspace's, whichever key");
+    assert_eq!(
+        keys[1]["prefix"].as_str().unwrap(),
+        &key_b[..keys[1]["prefix"].as_str().unwrap().len()]
+    );
+    assert_eq!(
+        usage(&gw, &key_b).await,
+        history,
+        "the workspace's, whichever key"
+    );
 
     // The console draws the same figures.
     let (csp, page) = console_page(&gw, &key_a).await;
     assert!(csp.contains("default-src 'none'"), "{csp}");
-    for id in ["<svg class=\"chart\" id=\"chart-daily\"", "<svg class=\"chart\" id=\"chart-hourly\"", "<table id=\"usage-by-key\""] {
+    for id in [
+        "<svg class=\"chart\" id=\"chart-daily\"",
+        "<svg class=\"chart\" id=\"chart-hourly\"",
+        "<table id=\"usage-by-key\"",
+    ] {
         assert!(page.contains(id), "{id} in {page}");
     }
-    assert!(!page.contains(" style=") && !page.contains("<script"), "{page}");
+    assert!(
+        !page.contains(" style=") && !page.contains("<script"),
+        "{page}"
+    );
     let expect = |attrs: String| assert!(page.contains(&attrs), "{attrs} in {page}");
     expect(format!(
         "data-hour=\"{first_at}\" data-requests=\"1\" data-denied=\"2\""
