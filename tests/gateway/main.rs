@@ -22,3 +22,4 @@ mod operator;
 mod process;
 mod routes;
 mod streaming;
+mod usage;
