@@ -1658,10 +1658,10 @@ mod tests {
             "[tiers.gold]\nrank = \"top\"\n",
             "[tiers.gold]\nrank = 1\ntokens_per_minutes = 5\n",
         ] {
-            let e = toml::from_str::<RawSettings>(bad)
-                .err()
-                .expect(bad)
-                .to_string();
+            let Err(e) = toml::from_str::<RawSettings>(bad) else {
+                panic!("{bad} was accepted");
+            };
+            let e = e.to_string();
             assert!(
                 e.contains("rank") || e.contains("tokens_per_minutes"),
                 "{bad}: {e}"

@@ -837,13 +837,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 ledger_events,
                 daily_rows,
                 counted_rows,
+                hourly_rows,
+                key_rows,
                 batch_ids,
                 audit_entries,
                 catalog_version,
             } = copied;
             println!("Copied {} into {}:", redact(&from), redact(&to));
             println!("  tiers: {tiers}, workspaces: {workspaces}, keys: {keys} (revoked: {revoked_keys}), limit requests: {limit_requests}");
-            println!("  ledger: daily rows: {daily_rows}, rows by counter: {counted_rows}, batch ids: {batch_ids}, events: {ledger_events}");
+            println!("  ledger: daily rows: {daily_rows}, rows by counter: {counted_rows}, hourly rows: {hourly_rows}, rows by key: {key_rows}, batch ids: {batch_ids}, events: {ledger_events}");
             println!("  audit entries: {audit_entries}; catalogue version: {catalog_version}");
         }
     }

@@ -1,9 +1,12 @@
 //! The ledger writer: settled usage goes to the store in batches, off the hot path.
 //!
 //! Each settled request is sent here as a `UsageRecord` and added, in memory, to the row of its
-//! (workspace, day, model, counter generation); within `flush_every` (250 ms by default) the
-//! rows are written as one `LedgerBatch` (or several of at most `BATCH` rows), together with
-//! keys' `last_used_at`. A busy workspace costs a row per flush, not a row per request.
+//! (workspace, day, model, counter generation), and to the rollups the usage charts read: the
+//! row of its (workspace, hour) and of its (workspace, day, key). Within `flush_every` (250 ms
+//! by default) the rows are written as one `LedgerBatch` (or several of at most `BATCH` rows),
+//! together with keys' `last_used_at`. A busy workspace costs a few rows per flush, not a row
+//! per request. The rollups travel in the same batches as the daily rows, so they are written
+//! exactly once too, and they add up to the same totals.
 //!
 //! # Exactly once
 //! A batch gets its id (this process's random id and a sequence number) when it is first sent,
@@ -24,10 +27,16 @@
 //!   new row is not written to the ledger: it is counted in `tiergate_ledger_dropped_total` and
 //!   `tiergate_ledger_dropped_tokens_total` and logged (at most every 10 s, with the totals).
 //!   The limiter has counted it all the same.
-//! - Denials are not sent one by one: they are counted in memory per workspace, day and model
-//!   and added to the rows at each flush (`MAX_DENIAL_KEYS` keys at most; past that, a
-//!   workspace's further models are counted under `OTHER_MODEL`; past `MAX_PENDING` rows, a
-//!   denial that would need a new row is not recorded).
+//! - The rollups by hour and by key are bounded the same way, each by `MAX_PENDING` rows: a
+//!   settlement is added to its three rows or, when one of them would be a new row past its
+//!   bound, to none (and counted as dropped), so the rollups never disagree with the ledger.
+//!   Between two flushes they hold at most a row per workspace and hour (one or two hours) and
+//!   per key used: bounded by the catalogue's keys.
+//! - Denials are not sent one by one: they are counted in memory per workspace, day, model,
+//!   hour and key, and added to the rows at each flush (`MAX_DENIAL_KEYS` keys at most; past
+//!   that, a workspace's further models are counted under `OTHER_MODEL`, so what is added past
+//!   the bound is bounded by the keys in the catalogue; past `MAX_PENDING` rows, a denial that
+//!   would need a new row is not recorded).
 //! - Model names are the client's choice: per workspace and day, the ledger records at most
 //!   `MAX_MODELS_PER_DAY` distinct names (models with a limit of their own always count); the
 //!   others are recorded as `OTHER_MODEL`, so the daily table cannot grow a row per made-up name.
@@ -51,13 +60,17 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::limiter::core::day_of;
 use crate::limiter::MonthKey;
-use crate::limiter::{Limiter, Reservation, Settled, NANOS_PER_SEC};
+use crate::limiter::{Limiter, Nanos, Reservation, Settled, NANOS_PER_SEC};
 use crate::metrics::Metrics;
-use crate::model::{Limits, WorkspaceId};
-use crate::store::{DailyUsage, LedgerBatch, LedgerRow, Store, StoreError};
+use crate::model::{KeyId, Limits, WorkspaceId};
+use crate::store::{
+    DailyUsage, HourRow, KeyDayRow, KeyUsage, LedgerBatch, LedgerRow, Store, StoreError,
+};
 
 /// How long the ids of written batches are kept, so that a batch sent again is recognised.
 pub const EVENT_RETENTION_SECS: i64 = 7 * 24 * 3600;
+/// How long the hourly rollup is kept (the chart shows 48 hours).
+pub const HOURLY_RETENTION_SECS: i64 = 7 * 24 * 3600;
 /// How long rows by counter generation are kept: a generation counts one month.
 const COUNTED_RETENTION_SECS: u64 = 62 * 24 * 3600;
 /// Rows in one batch (one transaction) at most.
@@ -81,26 +94,50 @@ const MAX_DEFERRED: usize = 100_000;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
     pub workspace: WorkspaceId,
+    /// The key the request came with.
+    pub key: KeyId,
     /// `YYYY-MM-DD`, UTC, the day of settlement.
     pub day: String,
+    /// The start of the hour of settlement, unix seconds (`hour_of`); in `day`.
+    pub hour: i64,
     pub model: String,
     pub tokens: u64,
+    /// Of `tokens`, the prompt's (the rest is the completion's).
+    pub prompt_tokens: u64,
     /// The limiter's shared month-counter generation that counted it, if any.
     pub counter: Option<String>,
+}
+
+/// The tokens of a settlement: `total`, of which `prompt` are the prompt's (as the upstream
+/// reported them; as estimated when it reported none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub total: u64,
+    pub prompt: u64,
+}
+
+/// The start of the hour (UTC) of `at`, in unix seconds.
+pub fn hour_of(at: Nanos) -> i64 {
+    let secs = (at / NANOS_PER_SEC) as i64;
+    secs - secs.rem_euclid(3600)
 }
 
 /// A settled request as the ledger records it, counted by the limiter as `settled` says.
 pub fn settled_record(
     workspace: WorkspaceId,
+    key: KeyId,
     model: String,
-    tokens: u64,
+    tokens: Tokens,
     settled: &Settled,
 ) -> UsageRecord {
     UsageRecord {
         workspace,
+        key,
         day: day_of(settled.at),
+        hour: hour_of(settled.at),
         model,
-        tokens,
+        tokens: tokens.total,
+        prompt_tokens: tokens.prompt.min(tokens.total),
         counter: settled.counter.clone(),
     }
 }
@@ -109,7 +146,9 @@ pub fn settled_record(
 pub struct Deferred {
     pub reservation: Reservation,
     pub limits: Arc<Limits>,
-    pub actual: u64,
+    /// The key the request came with.
+    pub key: KeyId,
+    pub actual: Tokens,
     pub model: String,
 }
 
@@ -120,7 +159,8 @@ enum Msg {
     Shutdown(oneshot::Sender<()>),
 }
 
-type DenialKey = (WorkspaceId, String, String);
+/// A denial's workspace, day, model, hour and key.
+type DenialKey = (WorkspaceId, String, String, i64, KeyId);
 
 /// How long a workspace's ledger figures read for its limits page are reused.
 pub const RECENT_READS: Duration = Duration::from_secs(1);
@@ -134,12 +174,28 @@ pub struct LedgerView {
 
 type ViewKey = (WorkspaceId, MonthKey, String, String);
 
+/// A workspace's ledger over time, as the usage charts show it.
+#[derive(Debug, Clone, Default)]
+pub struct UsageHistory {
+    /// Rows by day and model over the range of days.
+    pub daily: Vec<DailyUsage>,
+    /// Rows by hour over the range of hours.
+    pub hours: Vec<HourRow>,
+    /// Per key, over the range of days.
+    pub keys: Vec<KeyUsage>,
+}
+
+/// A workspace, its first and last day, and its first and past-the-last hour.
+type HistoryKey = (WorkspaceId, String, String, i64, i64);
+
 #[derive(Clone)]
 pub struct Recorder {
     tx: mpsc::Sender<Msg>,
     store: Arc<dyn Store>,
     /// Recent reads of the ledger for workspaces' own views, reused for `RECENT_READS`.
     recent: Arc<Mutex<HashMap<ViewKey, (std::time::Instant, LedgerView)>>>,
+    /// Recent reads of workspaces' usage history, reused for `RECENT_READS` likewise.
+    recent_history: Arc<Mutex<HashMap<HistoryKey, (std::time::Instant, UsageHistory)>>>,
     denials: Arc<Mutex<HashMap<DenialKey, u64>>>,
     metrics: Arc<Metrics>,
     /// Unix seconds of the last "dropped" log line, so a flood logs once every 10 s.
@@ -189,6 +245,8 @@ impl Recorder {
             clock,
             metrics: metrics.clone(),
             pending: HashMap::new(),
+            pending_hours: HashMap::new(),
+            pending_keys: HashMap::new(),
             sealed: VecDeque::new(),
             sealed_rows: 0,
             writer_id: writer_id(),
@@ -204,6 +262,7 @@ impl Recorder {
             tx,
             store: store_for_reads,
             recent: Arc::new(Mutex::new(HashMap::new())),
+            recent_history: Arc::new(Mutex::new(HashMap::new())),
             denials,
             metrics,
             last_drop_log,
@@ -227,18 +286,19 @@ impl Recorder {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Counts a denial for the ledger (written per workspace, day and model at each flush).
-    pub fn record_denied(&self, workspace: WorkspaceId, day: String, model: String) {
+    /// Counts a denial, at `at`, of a request that came with `key`, for the ledger (written
+    /// per workspace, day and model, per hour, and per key, at each flush).
+    pub fn record_denied(&self, workspace: WorkspaceId, key: KeyId, at: Nanos, model: String) {
         let mut denials = self.denials.lock().unwrap_or_else(|e| e.into_inner());
         let full = denials.len() >= MAX_DENIAL_KEYS;
-        let key = (workspace, day, model);
-        if full && !denials.contains_key(&key) {
-            let (workspace, day, _) = key;
+        let entry = (workspace, day_of(at), model, hour_of(at), key);
+        if full && !denials.contains_key(&entry) {
+            let (workspace, day, _, hour, key) = entry;
             *denials
-                .entry((workspace, day, OTHER_MODEL.to_string()))
+                .entry((workspace, day, OTHER_MODEL.to_string(), hour, key))
                 .or_insert(0) += 1;
         } else {
-            *denials.entry(key).or_insert(0) += 1;
+            *denials.entry(entry).or_insert(0) += 1;
         }
     }
 
@@ -247,7 +307,7 @@ impl Recorder {
         if let Err(TrySendError::Full(Msg::Defer(d)) | TrySendError::Closed(Msg::Defer(d))) =
             self.tx.try_send(Msg::Defer(Box::new(deferred)))
         {
-            dropped(&self.metrics, &self.last_drop_log, d.actual);
+            dropped(&self.metrics, &self.last_drop_log, d.actual.total);
         }
     }
 
@@ -287,6 +347,55 @@ impl Recorder {
         }
         recent.insert(key, (std::time::Instant::now(), view.clone()));
         Ok(view)
+    }
+
+    /// The workspace's ledger over the days `from..=to` (by day and model, and by key) and the
+    /// hours `from_hour..to_hour` (unix seconds of their starts); exact or up to
+    /// `RECENT_READS` old as in `ledger_view`.
+    pub async fn usage_history(
+        &self,
+        workspace: WorkspaceId,
+        (from, to): (&str, &str),
+        (from_hour, to_hour): (i64, i64),
+        exact: bool,
+    ) -> Result<UsageHistory, StoreError> {
+        let key = (
+            workspace,
+            from.to_string(),
+            to.to_string(),
+            from_hour,
+            to_hour,
+        );
+        if exact {
+            self.flush().await;
+        } else {
+            let recent = self
+                .recent_history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some((at, history)) = recent.get(&key) {
+                if at.elapsed() < RECENT_READS {
+                    return Ok(history.clone());
+                }
+            }
+        }
+        let history = UsageHistory {
+            daily: self.store.daily_usage(workspace, from, to).await?,
+            hours: self
+                .store
+                .hourly_usage(workspace, from_hour, to_hour)
+                .await?,
+            keys: self.store.key_usage(workspace, from, to).await?,
+        };
+        let mut recent = self
+            .recent_history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if recent.len() >= MAX_DENIAL_KEYS {
+            recent.retain(|_, (at, _)| at.elapsed() < RECENT_READS);
+        }
+        recent.insert(key, (std::time::Instant::now(), history.clone()));
+        Ok(history)
     }
 
     /// Writes everything recorded so far; returns once it is in the store (or failed).
@@ -330,12 +439,38 @@ fn dropped(metrics: &Metrics, last_log: &AtomicU64, tokens: u64) {
 
 /// A row of the ledger as the writer adds it up: workspace, day, model, counter generation.
 type RowKey = (WorkspaceId, String, String, Option<String>);
+/// A row of the hourly rollup: workspace, the hour's start.
+type HourKey = (WorkspaceId, i64);
+/// A row of the rollup by key: workspace, day, key.
+type KeyDayKey = (WorkspaceId, String, KeyId);
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Sums {
     requests: u64,
     tokens: u64,
     denied: u64,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct HourSums {
+    requests: u64,
+    denied: u64,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+}
+
+/// What one settlement or a count of denials adds to its three rows.
+struct Addition {
+    row: RowKey,
+    hour: HourKey,
+    key: KeyDayKey,
+    sums: Sums,
+    prompt_tokens: u64,
+}
+
+/// True when `key` has a row in `map`, or there is room for a new one under `max`.
+fn fits<K: std::hash::Hash + Eq, V>(map: &HashMap<K, V>, key: &K, max: usize) -> bool {
+    map.len() < max || map.contains_key(key)
 }
 
 struct Writer {
@@ -347,10 +482,14 @@ struct Writer {
     metrics: Arc<Metrics>,
     /// Rows added up since the last batch was sealed.
     pending: HashMap<RowKey, Sums>,
+    /// The same settlements and denials, rolled up per workspace and hour, and per workspace,
+    /// day and key.
+    pending_hours: HashMap<HourKey, HourSums>,
+    pending_keys: HashMap<KeyDayKey, Sums>,
     /// Batches sent at least once and not yet known to be written, oldest first; sent again
     /// as they are (id and rows) until the store takes them.
     sealed: VecDeque<LedgerBatch>,
-    /// Rows in `sealed`.
+    /// Rows of workspace, day and model in `sealed`.
     sealed_rows: usize,
     /// This process's part of batch ids, random; and the next batch's number.
     writer_id: String,
@@ -427,19 +566,21 @@ impl Writer {
             let now = self.clock.now();
             match self
                 .limiter
-                .settle(&d.reservation, &d.limits, d.actual, now)
+                .settle(&d.reservation, &d.limits, d.actual.total, now)
                 .await
             {
                 Ok(settled) => {
                     let d = self.deferred.pop_front().expect("just seen");
                     let Deferred {
                         reservation,
+                        key,
                         actual,
                         model,
                         ..
                     } = *d;
                     self.push(settled_record(
                         reservation.workspace,
+                        key,
                         model,
                         actual,
                         &settled,
@@ -453,43 +594,71 @@ impl Writer {
             .set(self.deferred.len() as i64);
     }
 
-    /// Rows waiting to be written: added up, or sealed in a batch.
+    /// Rows of workspace, day and model waiting to be written: added up, or sealed in a batch.
     fn waiting(&self) -> usize {
         self.pending.len() + self.sealed_rows
     }
 
-    /// Adds `sums` to the row of `key`; false when that would need a new row past the bound.
-    /// (Rows in sealed batches are bounded too: a batch is sealed only from at most
-    /// `max_pending` rows, and only when no other waits.)
-    fn add(&mut self, key: RowKey, sums: Sums) -> bool {
-        let room = self.pending.len() < self.max_pending;
-        let row = match self.pending.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) if room => e.insert(Sums::default()),
-            std::collections::hash_map::Entry::Vacant(_) => return false,
-        };
-        row.requests += sums.requests;
-        row.tokens += sums.tokens;
-        row.denied += sums.denied;
+    /// Adds `a` to its row and to its rows by hour and by key; false, adding nothing, when one
+    /// of them would need a new row past the bound. (Rows in sealed batches are bounded too: a
+    /// batch is sealed only from at most `max_pending` rows of each kind, and only when no
+    /// other waits.)
+    fn add(&mut self, a: Addition) -> bool {
+        let max = self.max_pending;
+        if !(fits(&self.pending, &a.row, max)
+            && fits(&self.pending_hours, &a.hour, max)
+            && fits(&self.pending_keys, &a.key, max))
+        {
+            return false;
+        }
+        let Addition {
+            row,
+            hour,
+            key,
+            sums,
+            prompt_tokens,
+        } = a;
+        let r = self.pending.entry(row).or_default();
+        r.requests += sums.requests;
+        r.tokens += sums.tokens;
+        r.denied += sums.denied;
+        let h = self.pending_hours.entry(hour).or_default();
+        h.requests += sums.requests;
+        h.denied += sums.denied;
+        h.prompt_tokens += prompt_tokens;
+        h.completion_tokens += sums.tokens - prompt_tokens;
+        let k = self.pending_keys.entry(key).or_default();
+        k.requests += sums.requests;
+        k.tokens += sums.tokens;
+        k.denied += sums.denied;
         true
     }
 
-    /// Adds a settlement to its row, within the bounds (see the module's comment).
+    /// Adds a settlement to its rows, within the bounds (see the module's comment).
     fn push(&mut self, record: UsageRecord) {
         let UsageRecord {
             workspace,
+            key,
             day,
+            hour,
             model,
             tokens,
+            prompt_tokens,
             counter,
         } = record;
         let model = self.ledger_model(workspace, &day, model);
-        let sums = Sums {
-            requests: 1,
-            tokens,
-            denied: 0,
+        let addition = Addition {
+            row: (workspace, day.clone(), model, counter),
+            hour: (workspace, hour),
+            key: (workspace, day, key),
+            sums: Sums {
+                requests: 1,
+                tokens,
+                denied: 0,
+            },
+            prompt_tokens: prompt_tokens.min(tokens),
         };
-        if !self.add((workspace, day, model, counter), sums) {
+        if !self.add(addition) {
             dropped(&self.metrics, &self.last_drop_log, tokens);
         }
         self.metrics.ledger_pending.set(self.waiting() as i64);
@@ -530,15 +699,20 @@ impl Writer {
         // In a stable order, so that which names come first under the daily cap is no accident.
         let mut denials: Vec<_> = denials.into_iter().collect();
         denials.sort_unstable();
-        for ((workspace, day, model), count) in denials {
+        for ((workspace, day, model, hour, key), count) in denials {
             let model = self.ledger_model(workspace, &day, model);
-            let sums = Sums {
-                denied: count,
-                ..Sums::default()
-            };
             // Past the bound a denial that needs a new row is not recorded: denials are a
             // statistic, not usage.
-            self.add((workspace, day, model, None), sums);
+            self.add(Addition {
+                row: (workspace, day.clone(), model, None),
+                hour: (workspace, hour),
+                key: (workspace, day, key),
+                sums: Sums {
+                    denied: count,
+                    ..Sums::default()
+                },
+                prompt_tokens: 0,
+            });
         }
     }
 
@@ -551,15 +725,18 @@ impl Writer {
         };
         self.push(settled_record(
             d.reservation.workspace,
+            d.key,
             d.model,
             d.actual,
             &settled,
         ));
     }
 
-    /// Seals the rows added up so far into batches of at most `BATCH` rows, in key order.
+    /// Seals the rows added up so far into batches of at most `BATCH` rows (of all kinds),
+    /// each kind in key order.
     fn seal(&mut self) {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.pending_hours.is_empty() && self.pending_keys.is_empty()
+        {
             return;
         }
         let mut rows: Vec<LedgerRow> = self
@@ -583,15 +760,52 @@ impl Writer {
                 &b.counter,
             ))
         });
-        while !rows.is_empty() {
-            let rest = rows.split_off(rows.len().min(BATCH));
+        let mut hours: Vec<HourRow> = self
+            .pending_hours
+            .drain()
+            .map(|((workspace, hour), sums)| HourRow {
+                workspace,
+                hour,
+                requests: sums.requests,
+                denied: sums.denied,
+                prompt_tokens: sums.prompt_tokens,
+                completion_tokens: sums.completion_tokens,
+            })
+            .collect();
+        hours.sort_unstable_by_key(|h| (h.workspace, h.hour));
+        let mut keys: Vec<KeyDayRow> = self
+            .pending_keys
+            .drain()
+            .map(|((workspace, day, key), sums)| KeyDayRow {
+                workspace,
+                day,
+                key,
+                requests: sums.requests,
+                tokens: sums.tokens,
+                denied: sums.denied,
+            })
+            .collect();
+        keys.sort_unstable_by(|a, b| {
+            (a.workspace, &a.day, a.key).cmp(&(b.workspace, &b.day, b.key))
+        });
+        let (mut rows, mut hours, mut keys) = (
+            rows.into_iter().peekable(),
+            hours.into_iter().peekable(),
+            keys.into_iter().peekable(),
+        );
+        while rows.peek().is_some() || hours.peek().is_some() || keys.peek().is_some() {
+            let mut batch = LedgerBatch {
+                id: String::new(),
+                rows: rows.by_ref().take(BATCH).collect(),
+                hours: Vec::new(),
+                keys: Vec::new(),
+            };
+            batch.hours = hours.by_ref().take(BATCH - batch.len()).collect();
+            batch.keys = keys.by_ref().take(BATCH - batch.len()).collect();
             self.next_batch += 1;
-            self.sealed_rows += rows.len();
-            self.sealed.push_back(LedgerBatch {
-                id: format!("{}-{}", self.writer_id, self.next_batch),
-                rows,
-            });
-            rows = rest;
+            batch.id = format!("{}-{}", self.writer_id, self.next_batch);
+            self.sealed_rows += batch.rows.len();
+            self.sealed.push_back(batch);
         }
     }
 
@@ -648,7 +862,11 @@ impl Writer {
             );
             if let Err(e) = self
                 .store
-                .prune_ledger(now - EVENT_RETENTION_SECS, &counted_before)
+                .prune_ledger(
+                    now - EVENT_RETENTION_SECS,
+                    &counted_before,
+                    now - HOURLY_RETENTION_SECS,
+                )
                 .await
             {
                 tracing::warn!(error = %e, "could not prune the ledger");

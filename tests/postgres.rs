@@ -32,6 +32,19 @@ async fn created(gw: &Gateway, path: &str, body: Value) -> Value {
     v
 }
 
+/// `GET /v1/usage` with `key`.
+async fn usage_history(gw: &Gateway, key: &str) -> Value {
+    let r = gw
+        .client
+        .get(format!("{}/v1/usage", gw.url))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.json().await.unwrap()
+}
+
 /// What a workspace's key shows on its limits page that must survive the move.
 fn page(v: &Value) -> Value {
     json!({
@@ -131,6 +144,8 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     }
     let (_, before_a) = gw.limits(&ka).await;
     let (_, before_b) = gw.limits(&kb).await;
+    let history_a = usage_history(&gw, &ka).await;
+    assert_eq!(history_a["keys"][0]["requests"], 2, "{history_a}");
     assert!(before_a["usage"]["tokens_this_month"].as_u64().unwrap() > 0);
     gw.stop().await;
 
@@ -151,6 +166,8 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
                         tokens: 11,
                         denied: 0,
                     }],
+                    hours: vec![],
+                    keys: vec![],
                 },
                 clock.now_secs(),
             )
@@ -196,6 +213,8 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     assert_eq!(page(&after_a), page(&before_a));
     assert_eq!(after_a["limits"]["tokens_per_minute"], 123456);
     assert_eq!(after_a["overrides"]["tokens_per_month"], 2_000_000_000u64);
+    // Usage over time and per key came along.
+    assert_eq!(usage_history(&gw, &ka).await, history_a);
     let (_, after_b) = gw.limits(&kb).await;
     let mut expected_b = page(&before_b);
     expected_b["tokens_this_month"] =
@@ -343,6 +362,17 @@ async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // The workspace's usage over time is read from the store: it says so too.
+    let r = gw
+        .client
+        .get(format!("{}/v1/usage", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "database_unreachable", "{body}");
     // The hot path serves from memory.
     for _ in 0..3 {
         assert_eq!(gw.chat(&key).await, StatusCode::OK);

@@ -19,8 +19,8 @@ use tiergate::model::{
     WorkspaceStatus,
 };
 use tiergate::store::{
-    AuditFilter, CatalogChanges, CatalogDelta, LedgerBatch, LedgerRow, NewKey, Store, StoreError,
-    WorkspaceChange, CHANGE_LOG_KEEP, PRUNE_BATCH,
+    AuditFilter, CatalogChanges, CatalogDelta, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
+    LedgerRow, NewKey, Store, StoreError, WorkspaceChange, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
 use tiergate::usage::{Recorder, UsageRecord};
 
@@ -95,6 +95,7 @@ on_both_backends!(
     a_batch_sent_twice_counts_once,
     month_totals_can_leave_out_a_counter,
     daily_usage_lists_the_days_asked_for,
+    rollups_by_hour_and_key_add_up_across_writers_and_count_once,
     pruning_in_batches_keeps_the_totals,
     an_overrides_patch_sets_clears_and_keeps,
     an_approval_racing_an_overrides_change_keeps_both,
@@ -185,19 +186,70 @@ fn denied(workspace: i64, day: &str, model: &str, denied: u64) -> LedgerRow {
 }
 
 fn batch(id: &str, rows: Vec<LedgerRow>) -> LedgerBatch {
+    rolled_up(id, rows, vec![], vec![])
+}
+
+fn rolled_up(
+    id: &str,
+    rows: Vec<LedgerRow>,
+    hours: Vec<HourRow>,
+    keys: Vec<KeyDayRow>,
+) -> LedgerBatch {
     LedgerBatch {
         id: id.into(),
         rows,
+        hours,
+        keys,
     }
 }
 
-/// A settlement as the ledger writer receives it.
+/// A row of the hourly rollup: `requests` requests of `prompt` + `completion` tokens.
+fn hourly(workspace: i64, hour: i64, requests: u64, denied: u64, tokens: (u64, u64)) -> HourRow {
+    HourRow {
+        workspace,
+        hour,
+        requests,
+        denied,
+        prompt_tokens: tokens.0,
+        completion_tokens: tokens.1,
+    }
+}
+
+fn by_key(
+    workspace: i64,
+    day: &str,
+    key: i64,
+    requests: u64,
+    tokens: u64,
+    denied: u64,
+) -> KeyDayRow {
+    KeyDayRow {
+        workspace,
+        day: day.into(),
+        key,
+        requests,
+        tokens,
+        denied,
+    }
+}
+
+/// Unix seconds of `day` (`YYYY-MM-DD`) at `hour` o'clock, UTC.
+fn at_hour(day: &str, hour: i64) -> i64 {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let date = time::Date::parse(day, &format).unwrap();
+    date.midnight().assume_utc().unix_timestamp() + hour * 3600
+}
+
+/// A settlement as the ledger writer receives it, through key 1, at noon.
 fn settled(workspace: i64, day: &str, model: &str, tokens: u64) -> UsageRecord {
     UsageRecord {
         workspace,
+        key: 1,
         day: day.into(),
+        hour: at_hour(day, 12),
         model: model.into(),
         tokens,
+        prompt_tokens: 0,
         counter: None,
     }
 }
@@ -804,6 +856,76 @@ async fn daily_usage_lists_the_days_asked_for(b: Backend) {
         .is_empty());
 }
 
+/// The rollups of a batch (by hour, by key) are written with it, once however often it is
+/// sent; batches of other writers (other instances) add to the same rows; reads take the range
+/// asked for and the workspace's rows only.
+async fn rollups_by_hour_and_key_add_up_across_writers_and_count_once(b: Backend) {
+    let s = &b.store;
+    let (h9, h10, h11) = (
+        at_hour("2026-11-03", 9),
+        at_hour("2026-11-03", 10),
+        at_hour("2026-11-03", 11),
+    );
+    let first = rolled_up(
+        "a-1",
+        vec![used(1, "2026-11-03", "m", 3, 30)],
+        vec![hourly(1, h9, 1, 0, (4, 6)), hourly(1, h10, 2, 1, (8, 12))],
+        vec![
+            by_key(1, "2026-11-03", 5, 2, 20, 1),
+            by_key(1, "2026-11-03", 6, 1, 10, 0),
+        ],
+    );
+    assert!(s.record_usage(&first, 100).await.unwrap());
+    // Sent again, by this process or another: nothing changes.
+    assert!(!s.record_usage(&first, 101).await.unwrap());
+    let other = b.another().await;
+    assert!(!other.record_usage(&first, 102).await.unwrap());
+    // Another instance's batch adds to the same hour and key rows, and to rows of its own.
+    let second = rolled_up(
+        "b-1",
+        vec![used(1, "2026-11-04", "m", 2, 7)],
+        vec![hourly(1, h10, 1, 2, (1, 2)), hourly(2, h10, 9, 9, (9, 9))],
+        vec![
+            by_key(1, "2026-11-04", 5, 2, 7, 2),
+            by_key(2, "2026-11-04", 8, 9, 9, 9),
+        ],
+    );
+    assert!(other.record_usage(&second, 103).await.unwrap());
+    assert!(!s.record_usage(&second, 104).await.unwrap());
+
+    let hours = s.hourly_usage(1, h9, h11).await.unwrap();
+    assert_eq!(
+        hours,
+        vec![hourly(1, h9, 1, 0, (4, 6)), hourly(1, h10, 3, 3, (9, 14))]
+    );
+    // The range is half-open: from the first hour, up to the last one left out.
+    assert_eq!(s.hourly_usage(1, h10, h11).await.unwrap().len(), 1);
+    assert_eq!(s.hourly_usage(1, h9, h10).await.unwrap().len(), 1);
+    assert!(s.hourly_usage(1, h11, h11 + 3600).await.unwrap().is_empty());
+    assert!(s.hourly_usage(3, 0, i64::MAX).await.unwrap().is_empty());
+
+    let keys = s.key_usage(1, "2026-11-01", "2026-11-30").await.unwrap();
+    let key = |key, requests, tokens, denied| KeyUsage {
+        key,
+        requests,
+        tokens,
+        denied,
+    };
+    assert_eq!(keys, vec![key(5, 4, 27, 3), key(6, 1, 10, 0)]);
+    // Days are inclusive at both ends.
+    let third = s.key_usage(1, "2026-11-03", "2026-11-03").await.unwrap();
+    assert_eq!(third, vec![key(5, 2, 20, 1), key(6, 1, 10, 0)]);
+    let fourth = s.key_usage(1, "2026-11-04", "2026-11-04").await.unwrap();
+    assert_eq!(fourth, vec![key(5, 2, 7, 2)]);
+    assert_eq!(
+        s.key_usage(2, "2026-11-01", "2026-11-30").await.unwrap(),
+        vec![key(8, 9, 9, 9)]
+    );
+    // The daily rows of the same batches: written once each too.
+    let t = s.month_totals(1, NOV, None).await.unwrap();
+    assert_eq!((t.tokens, t.requests), (37, 5));
+}
+
 /// `n` ids of batches written long ago, inserted directly (as many batches would leave them).
 async fn old_batch_ids(url: &str, n: i64) {
     use sqlx::Connection;
@@ -844,10 +966,26 @@ async fn pruning_in_batches_keeps_the_totals(b: Backend) {
     let before = s.month_totals(1, NOV, None).await.unwrap();
     assert_eq!((before.tokens, before.requests), (53, 12));
 
-    let pruned = s.prune_ledger(5_000, "2026-11-01").await.unwrap();
-    // The old ids, the old batch's, and October's row by counter.
-    assert_eq!(pruned, old as u64 + 2);
-    assert_eq!(s.prune_ledger(5_000, "2026-11-01").await.unwrap(), 0);
+    // Hourly rows: two before the bound (to prune), one at it (to keep); rows by key are kept
+    // as long as the daily rows, whatever their age.
+    let bound = at_hour("2026-11-10", 0);
+    let hours = vec![
+        hourly(1, bound - 7200, 1, 0, (1, 1)),
+        hourly(1, bound - 3600, 1, 1, (1, 1)),
+        hourly(1, bound, 2, 0, (3, 4)),
+    ];
+    let keys = vec![by_key(1, "2026-10-01", 4, 1, 2, 0)];
+    let rollups = rolled_up("rollups", vec![], hours, keys);
+    assert!(s.record_usage(&rollups, 10_000).await.unwrap());
+
+    let pruned = s.prune_ledger(5_000, "2026-11-01", bound).await.unwrap();
+    // The old ids, the old batch's, October's row by counter and the two old hours.
+    assert_eq!(pruned, old as u64 + 4);
+    assert_eq!(s.prune_ledger(5_000, "2026-11-01", bound).await.unwrap(), 0);
+    let left = s.hourly_usage(1, 0, i64::MAX).await.unwrap();
+    assert_eq!(left, vec![hourly(1, bound, 2, 0, (3, 4))]);
+    let october = s.key_usage(1, "2026-10-01", "2026-10-31").await.unwrap();
+    assert_eq!(october.len(), 1, "{october:?}");
     let after = s.month_totals(1, NOV, None).await.unwrap();
     assert_eq!(
         (after.tokens, after.requests),
@@ -1278,9 +1416,9 @@ async fn overlapping_batches_from_many_writers_count_each_batch_once(b: Backend)
             for round in 0..ROUNDS {
                 // Writer `task` sends its own batch, and the batch of the writer before it
                 // (as that writer's retry would).
-                let own = batch(&format!("w{task}-{round}"), rows(task, round));
+                let own = with_rollups(&format!("w{task}-{round}"), rows(task, round));
                 let before = (task + WRITERS - 1) % WRITERS;
-                let other = batch(&format!("w{before}-{round}"), rows(before, round));
+                let other = with_rollups(&format!("w{before}-{round}"), rows(before, round));
                 together.wait().await;
                 // Kept, not unwrapped here: the other writers wait for this one every round.
                 written.push(store.record_usage(&own, 1).await);
@@ -1315,7 +1453,56 @@ async fn overlapping_batches_from_many_writers_count_each_batch_once(b: Backend)
             .await
             .unwrap();
         assert_eq!(daily.iter().map(|r| r.denied).sum::<u64>(), denials);
+        // The rollups, written by the same batches, add up to the same.
+        let hours = b.store.hourly_usage(ws, 0, i64::MAX).await.unwrap();
+        let sum = |f: fn(&HourRow) -> u64| hours.iter().map(f).sum::<u64>();
+        assert_eq!(sum(|h| h.requests), requests, "workspace {ws}");
+        assert_eq!(sum(|h| h.denied), denials, "workspace {ws}");
+        assert_eq!(sum(|h| h.prompt_tokens + h.completion_tokens), tokens);
+        let keys = b
+            .store
+            .key_usage(ws, "2026-11-01", "2026-11-30")
+            .await
+            .unwrap();
+        assert_eq!(keys.len(), 3);
+        let key_totals = keys.iter().fold((0, 0, 0), |(t, r, d), k| {
+            (t + k.tokens, r + k.requests, d + k.denied)
+        });
+        assert_eq!(key_totals, (tokens, requests, denials), "workspace {ws}");
     }
+}
+
+/// `rows` with their rollups, as the ledger writer makes them (each model's row in its own
+/// hour and key), in the order of the rows: out of key order when they are.
+fn with_rollups(id: &str, rows: Vec<LedgerRow>) -> LedgerBatch {
+    let index = |model: &str| i64::from(model.as_bytes()[0] - b'a');
+    let hours = rows
+        .iter()
+        .map(|r| {
+            let hour = at_hour(&r.day, index(&r.model));
+            hourly(
+                r.workspace,
+                hour,
+                r.requests,
+                r.denied,
+                (r.tokens / 2, r.tokens - r.tokens / 2),
+            )
+        })
+        .collect();
+    let keys = rows
+        .iter()
+        .map(|r| {
+            by_key(
+                r.workspace,
+                &r.day,
+                index(&r.model) + 1,
+                r.requests,
+                r.tokens,
+                r.denied,
+            )
+        })
+        .collect();
+    rolled_up(id, rows, hours, keys)
 }
 
 // ---- Postgres only ----
@@ -1338,7 +1525,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5]);
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 7]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 
@@ -1539,11 +1726,12 @@ async fn the_ledger_writer_keeps_its_bound_and_counts_what_it_drops() {
         // Flushed when the test says only, so the 45 denials are counted in one flush.
         Duration::from_secs(3600),
     );
+    let at = at_hour(day, 12) as u64 * 1_000_000_000;
     for n in 0..40 {
-        recorder.record_denied(99, day.into(), format!("model-{n}"));
+        recorder.record_denied(99, 1, at, format!("model-{n}"));
     }
     for _ in 0..5 {
-        recorder.record_denied(99, day.into(), "model-0".into());
+        recorder.record_denied(99, 1, at, "model-0".into());
     }
     recorder.flush().await;
     let rows = direct.daily_usage(99, day, day).await.unwrap();
@@ -1561,6 +1749,84 @@ async fn the_ledger_writer_keeps_its_bound_and_counts_what_it_drops() {
         other.denied,
         40 - tiergate::usage::MAX_MODELS_PER_DAY as u64
     );
+}
+
+/// The writer's rollups (by hour, by key) are bounded like its rows: a settlement that would
+/// need a new rollup row past the bound is dropped whole and counted, so what is written by
+/// hour and by key always adds up to what is written by day.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rollups_keep_the_writers_bound_and_never_disagree_with_the_ledger() {
+    let b = Backend::sqlite().await;
+    let store = b.store.clone();
+    let metrics = Arc::new(Metrics::default());
+    let (recorder, _writer) = Recorder::start_bounded(
+        store.clone(),
+        Arc::new(Catalog::load(store.clone()).await.unwrap()),
+        Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone())))),
+        Arc::new(SystemClock),
+        metrics.clone(),
+        // Flushed only when the test says.
+        Duration::from_secs(3600),
+        2,
+    );
+    // Today: the writer prunes hours older than a week as it writes.
+    let now = tiergate::clock::Clock::now(&SystemClock);
+    let day = &tiergate::limiter::core::day_of(now);
+    let month = MonthKey::of(now);
+    let through = |key, hour| UsageRecord {
+        key,
+        hour: at_hour(day, hour),
+        prompt_tokens: 3,
+        ..settled(1, day, "m", 10)
+    };
+    // One daily row throughout; keys 1 and 2 fit the bound of 2, key 3 does not.
+    recorder.record(through(1, 9));
+    recorder.record(through(2, 9));
+    recorder.record(through(3, 9));
+    recorder.record(through(1, 9));
+    // Hours 9 and 10 fit; 11 does not.
+    recorder.record(through(2, 10));
+    recorder.record(through(2, 11));
+    recorder.flush().await;
+    assert_eq!(metrics.ledger_dropped.get(), 2);
+    assert_eq!(metrics.ledger_dropped_tokens.get(), 20);
+
+    let t = store.month_totals(1, month, None).await.unwrap();
+    assert_eq!((t.requests, t.tokens), (4, 40));
+    let hours = store.hourly_usage(1, 0, i64::MAX).await.unwrap();
+    assert_eq!(
+        hours,
+        vec![
+            hourly(1, at_hour(day, 9), 3, 0, (9, 21)),
+            hourly(1, at_hour(day, 10), 1, 0, (3, 7)),
+        ]
+    );
+    let keys = store.key_usage(1, day, day).await.unwrap();
+    let requests: Vec<(i64, u64, u64)> =
+        keys.iter().map(|k| (k.key, k.requests, k.tokens)).collect();
+    assert_eq!(requests, vec![(1, 2, 20), (2, 2, 20)]);
+
+    // After the write there is room again: key 3 and hour 11 are recorded, and denials land in
+    // their hour and key too.
+    recorder.record(through(3, 11));
+    recorder.record_denied(1, 3, at_hour(day, 11) as u64 * 1_000_000_000, "m".into());
+    recorder.flush().await;
+    let keys = store.key_usage(1, day, day).await.unwrap();
+    assert_eq!(
+        keys.last(),
+        Some(&KeyUsage {
+            key: 3,
+            requests: 1,
+            tokens: 10,
+            denied: 1
+        })
+    );
+    let eleven = store
+        .hourly_usage(1, at_hour(day, 11), at_hour(day, 12))
+        .await
+        .unwrap();
+    assert_eq!(eleven, vec![hourly(1, at_hour(day, 11), 1, 1, (3, 7))]);
+    assert_eq!(metrics.ledger_dropped.get(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

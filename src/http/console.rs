@@ -11,8 +11,9 @@
 //!   the form carries no token: it is protected by `SameSite=Lax` and, when the browser sends
 //!   `Origin`, by requiring it to name this host (`403` otherwise).
 //! - `GET /console/workspace`: the workspace's tier, limits with their usage (the figures of
-//!   `GET /v1/limits`, from the same `usage_view`), and its keys. The workspace is the
-//!   session's: no id is taken from the URL.
+//!   `GET /v1/limits`, from the same `usage_view`), charts of its usage per day and per hour
+//!   and its usage per key (those of `GET /v1/usage`, drawn by `console_charts`), and its keys.
+//!   The workspace is the session's: no id is taken from the URL.
 //! - `POST /console/sign-out`: with the session's form token (`403` without it), clears the
 //!   cookie.
 //!
@@ -32,7 +33,10 @@ use axum::Router;
 use maud::{html, Markup, PreEscaped, DOCTYPE};
 use serde::Deserialize;
 
-use super::views::{usage_view, Timestamp, UsageView, WindowView};
+use super::console_charts;
+use super::views::{
+    usage_history_view, usage_view, Timestamp, UsageHistoryView, UsageView, WindowView,
+};
 use crate::admin::AdminError;
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, WorkspaceEntry};
@@ -189,6 +193,10 @@ async fn render_workspace(
         Ok(usage) => usage,
         Err(e) => return unavailable(e.into_response().status()),
     };
+    let history = match usage_history_view(state, ws, false).await {
+        Ok(history) => history,
+        Err(e) => return unavailable(e.into_response().status()),
+    };
     let (keys, tiers, requests) = match tokio::try_join!(
         state.admin.list_keys(ws.id),
         state.admin.list_tiers(),
@@ -204,6 +212,7 @@ async fn render_workspace(
     let page_data = WorkspacePage {
         entry,
         usage: &usage,
+        history: &history,
         keys: &keys,
         tiers: &tiers,
         requests: &requests,
@@ -566,6 +575,7 @@ fn window_row(id: &str, label: &str, unit: &str, w: &WindowView) -> Markup {
 struct WorkspacePage<'a> {
     entry: &'a WorkspaceEntry,
     usage: &'a UsageView,
+    history: &'a UsageHistoryView,
     keys: &'a [ApiKey],
     tiers: &'a [Tier],
     requests: &'a [LimitRequest],
@@ -581,6 +591,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
     let WorkspacePage {
         entry,
         usage,
+        history,
         keys,
         tiers,
         requests,
@@ -652,6 +663,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             p.note { "Usage per model is not shown yet." }
         }
         (tier_ladder(ws, limits, tiers))
+        (console_charts::usage_section(history))
         h2 { "API keys" }
         table.keys #keys {
             thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Status" } th {} } }

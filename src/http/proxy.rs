@@ -52,12 +52,11 @@ use super::{authenticate, headers};
 use crate::app::AppState;
 use crate::catalog::WorkspaceEntry;
 use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
-use crate::limiter::core::day_of;
 use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
 use crate::metrics::{Metrics, ProxiedRequest, Route};
-use crate::model::Limits;
+use crate::model::{KeyId, Limits};
 use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
-use crate::usage::{settled_record, Deferred};
+use crate::usage::{settled_record, Deferred, Tokens};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
     #[cfg(feature = "otel")]
@@ -113,7 +112,7 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
                 &state,
                 parts,
                 body,
-                workspace,
+                (key, workspace),
                 request_id,
                 &mut access,
                 &mut seen,
@@ -377,7 +376,7 @@ async fn forward(
     state: &Arc<AppState>,
     parts: axum::http::request::Parts,
     body: Body,
-    workspace: Arc<WorkspaceEntry>,
+    (key, workspace): (KeyId, Arc<WorkspaceEntry>),
     request_id: RequestId,
     access: &mut Option<Box<AccessLine>>,
     seen: &mut ProxiedRequest<'_>,
@@ -423,7 +422,7 @@ async fn forward(
             state.metrics.denied(denial.limit, denial.kind);
             state
                 .recorder
-                .record_denied(ws_id, day_of(now), model.unwrap_or_default());
+                .record_denied(ws_id, key, now, model.unwrap_or_default());
             if let Some(a) = access.as_mut() {
                 a.decision = "denied";
                 a.limit = Some(denial.limit.as_str());
@@ -449,6 +448,7 @@ async fn forward(
         state: state.clone(),
         reservation: Some(reservation),
         limits: workspace.limits.clone(),
+        key,
         request_id,
         route,
         model: model.unwrap_or_default(),
@@ -718,6 +718,8 @@ struct Settlement {
     state: Arc<AppState>,
     reservation: Option<Reservation>,
     limits: Arc<Limits>,
+    /// The key the request came with, for the ledger.
+    key: KeyId,
     request_id: RequestId,
     route: Route,
     model: String,
@@ -752,6 +754,7 @@ impl Settlement {
         let model = std::mem::take(&mut self.model);
         let choices = self.choices;
         let prompt_estimate = self.prompt_estimate;
+        let key = self.key;
         Some(
             async move {
                 settle(
@@ -762,6 +765,7 @@ impl Settlement {
                     model,
                     Counts {
                         route,
+                        key,
                         choices,
                         prompt_estimate,
                     },
@@ -826,9 +830,10 @@ impl Drop for Settlement {
 }
 
 /// What the estimator learns from besides the usage: the request's choices and the rule's
-/// prompt estimate; and the route, for the metrics.
+/// prompt estimate; the route, for the metrics; and the key, for the ledger.
 struct Counts {
     route: Route,
+    key: KeyId,
     choices: u64,
     prompt_estimate: u64,
 }
@@ -845,10 +850,13 @@ async fn settle(
     let now = state.clock.now();
     let ws = reservation.workspace;
     let route = counts.route;
+    let key = counts.key;
     // The estimate is measured against the usage the upstream reported, on a metered route.
     let reserved = (matches!(outcome, Outcome::Usage(_)) && route != Route::Other)
         .then_some(reservation.held.tokens);
-    let actual = match outcome {
+    // The prompt's part of what is charged: as reported, else as the rule estimated it.
+    let estimated_prompt = counts.prompt_estimate;
+    let (actual, prompt) = match outcome {
         Outcome::Usage(u) => {
             let Counts {
                 choices,
@@ -863,23 +871,27 @@ async fn settle(
                     .map(|reported| (prompt_estimate, reported)),
             };
             state.estimator.observe_usage(ws, &model, observed, now);
-            u.total()
+            (u.total(), u.prompt().unwrap_or(0))
         }
-        Outcome::Refund => 0,
+        Outcome::Refund => (0, 0),
         Outcome::Estimate => {
             // A pass-through answer without usage reserved nothing: there was no estimate to fall
             // back on, so it is not counted as one.
             if reservation.held.tokens > 0 {
                 Metrics::inc(&state.metrics.settled_without_usage);
             }
-            reservation.held.tokens
+            (reservation.held.tokens, estimated_prompt)
         }
+    };
+    let tokens = Tokens {
+        total: actual,
+        prompt: prompt.min(actual),
     };
     state.metrics.settled(route, actual, reserved);
     match state.limiter.settle(reservation, limits, actual, now).await {
         Ok(settled) => state
             .recorder
-            .record(settled_record(ws, model, actual, &settled)),
+            .record(settled_record(ws, key, model, tokens, &settled)),
         Err(e) => {
             // Retried by the ledger writer until the limiter takes it.
             Metrics::inc(&state.metrics.limiter_errors);
@@ -887,7 +899,8 @@ async fn settle(
             state.recorder.defer(Deferred {
                 reservation: reservation.clone(),
                 limits: Arc::new(limits.clone()),
-                actual,
+                key,
+                actual: tokens,
                 model,
             });
         }

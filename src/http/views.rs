@@ -31,7 +31,8 @@ use crate::model::{
     ApiKey, Attributes, AuditAction, AuditEntry, Condition, LimitRequest, LimitRequestStatus,
     Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
 };
-use crate::store::DailyUsage;
+use crate::store::{DailyUsage, HourRow, KeyUsage};
+use crate::usage::hour_of;
 
 /// A typed answer, sent as JSON with its keys in alphabetical order at every level. That is
 /// the order these answers have always had: they were built with `json!`, whose objects are
@@ -624,6 +625,160 @@ pub async fn usage_view(
         to,
         daily: ledger.daily,
     })
+}
+
+/// One day's usage (UTC), all models.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[schema(as = DayUsage)]
+pub struct DayUsageView {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    pub requests: u64,
+    pub tokens: u64,
+    /// Requests the limits denied (`429`).
+    pub denied: u64,
+}
+
+/// One hour's usage (UTC).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[schema(as = HourUsage)]
+pub struct HourUsageView {
+    /// The hour's start.
+    pub hour: Timestamp,
+    pub requests: u64,
+    /// Requests the limits denied (`429`).
+    pub denied: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// One key's usage this month.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[schema(as = KeyUsage)]
+pub struct KeyUsageView {
+    pub key_id: i64,
+    /// The key's first characters, as in the key listings.
+    pub prefix: String,
+    #[schema(required = true)]
+    pub name: Option<String>,
+    /// Whether the key is revoked.
+    pub revoked: bool,
+    pub requests: u64,
+    pub tokens: u64,
+    /// Requests with this key that the limits denied (`429`).
+    pub denied: u64,
+}
+
+/// `GET /v1/usage`: the workspace's usage over time and per key, from the ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[schema(as = UsageHistory)]
+pub struct UsageHistoryView {
+    pub workspace_id: i64,
+    /// `YYYY-MM`, UTC.
+    pub month: String,
+    /// Every day of the month so far, oldest first, today last; days without usage too.
+    pub days: Vec<DayUsageView>,
+    /// The last 48 hours, oldest first, the current hour last; hours without usage too.
+    pub hours: Vec<HourUsageView>,
+    /// Per key this month: every key that is not revoked, and every revoked key with usage
+    /// this month; by id.
+    pub keys: Vec<KeyUsageView>,
+}
+
+/// Hours in `UsageHistoryView::hours`.
+pub const HISTORY_HOURS: i64 = 48;
+
+/// The workspace's usage over time: every day of this month so far, the last `HISTORY_HOURS`
+/// hours, and each key's usage this month. `exact` as in `usage_view`.
+pub async fn usage_history_view(
+    state: &AppState,
+    ws: &Workspace,
+    exact: bool,
+) -> Result<UsageHistoryView, ApiError> {
+    let now = state.clock.now();
+    let month = MonthKey::of(now);
+    let (from, to) = (month.first_day(), day_of(now));
+    let last_hour = hour_of(now);
+    let first_hour = last_hour - (HISTORY_HOURS - 1) * 3600;
+    let history = state
+        .recorder
+        .usage_history(ws.id, (&from, &to), (first_hour, last_hour + 3600), exact)
+        .await?;
+    let keys = state.store.list_keys(ws.id).await?;
+    Ok(UsageHistoryView {
+        workspace_id: ws.id,
+        month: format!("{:04}-{:02}", month.year(), month.month()),
+        days: days_of(&from, &to, &history.daily),
+        hours: hours_of(first_hour, &history.hours),
+        keys: keys_of(&keys, &history.keys),
+    })
+}
+
+/// Each day `from..=to`, with the sums of its rows (all models).
+fn days_of(from: &str, to: &str, rows: &[DailyUsage]) -> Vec<DayUsageView> {
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    let (Ok(mut day), Ok(last)) = (
+        time::Date::parse(from, &format),
+        time::Date::parse(to, &format),
+    ) else {
+        return Vec::new();
+    };
+    let mut days = Vec::new();
+    while day <= last {
+        let name = day.format(&format).unwrap_or_default();
+        let mut view = DayUsageView {
+            day: name,
+            requests: 0,
+            tokens: 0,
+            denied: 0,
+        };
+        for r in rows.iter().filter(|r| r.day == view.day) {
+            view.requests += r.requests;
+            view.tokens += r.tokens;
+            view.denied += r.denied;
+        }
+        days.push(view);
+        match day.next_day() {
+            Some(next) => day = next,
+            None => break,
+        }
+    }
+    days
+}
+
+/// `HISTORY_HOURS` hours from `first`, with their rows' figures.
+fn hours_of(first: i64, rows: &[HourRow]) -> Vec<HourUsageView> {
+    (0..HISTORY_HOURS)
+        .map(|i| {
+            let hour = first + i * 3600;
+            let row = rows.iter().find(|r| r.hour == hour);
+            HourUsageView {
+                hour: Timestamp(hour),
+                requests: row.map_or(0, |r| r.requests),
+                denied: row.map_or(0, |r| r.denied),
+                prompt_tokens: row.map_or(0, |r| r.prompt_tokens),
+                completion_tokens: row.map_or(0, |r| r.completion_tokens),
+            }
+        })
+        .collect()
+}
+
+/// The workspace's keys that are active or have usage, with their usage.
+fn keys_of(keys: &[ApiKey], usage: &[KeyUsage]) -> Vec<KeyUsageView> {
+    keys.iter()
+        .filter_map(|k| {
+            let used = usage.iter().find(|u| u.key == k.id);
+            (k.revoked_at.is_none() || used.is_some()).then(|| KeyUsageView {
+                key_id: k.id,
+                prefix: k.prefix.clone(),
+                name: k.name.clone(),
+                revoked: k.revoked_at.is_some(),
+                requests: used.map_or(0, |u| u.requests),
+                tokens: used.map_or(0, |u| u.tokens),
+                denied: used.map_or(0, |u| u.denied),
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

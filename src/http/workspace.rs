@@ -1,5 +1,5 @@
 //! The workspace's own API, with its key: its limits and usage (the data of the limits page),
-//! and its requests for higher limits. These routes count against no limit. Each handler's
+//! its usage over time and per key (the console's charts), and its requests for higher limits. These routes count against no limit. Each handler's
 //! `#[utoipa::path]` describes it in the OpenAPI document (`openapi`).
 
 use std::sync::Arc;
@@ -17,8 +17,8 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::JsonBody;
 use super::openapi::{BodyErrors, WorkspaceErrors};
 use super::views::{
-    created, usage_view, LimitRequestView, List, NextTierView, SortedJson, WorkspaceLimitsView,
-    WorkspaceSummary,
+    created, usage_history_view, usage_view, LimitRequestView, List, NextTierView, SortedJson,
+    UsageHistoryView, WorkspaceLimitsView, WorkspaceSummary,
 };
 use crate::app::AppState;
 use crate::model::{Actor, Overrides};
@@ -28,6 +28,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::default()
         .routes(routes!(limits_page))
         .routes(routes!(limits))
+        .routes(routes!(usage))
         .routes(routes!(create_limit_request, list_limit_requests))
 }
 
@@ -83,6 +84,28 @@ async fn limits(
         usage,
         next_tier: next_tier.as_ref().map(NextTierView::from),
     }))
+}
+
+/// Reads the workspace's usage over time and per key.
+#[utoipa::path(
+    get,
+    path = "/v1/usage",
+    tag = "workspace",
+    operation_id = "get_usage_history",
+    security(("workspace_key" = [])),
+    responses(
+        (status = 200, description = "The workspace's usage from the ledger: per day this month, per hour over the last 48 hours, and per key this month (UTC). Added up across instances; up to about 1.3 s behind.", body = UsageHistoryView),
+        WorkspaceErrors,
+    )
+)]
+async fn usage(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<SortedJson<UsageHistoryView>, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    Ok(SortedJson(
+        usage_history_view(&state, &entry.workspace, false).await?,
+    ))
 }
 
 #[derive(Deserialize, ToSchema)]

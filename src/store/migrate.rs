@@ -63,6 +63,10 @@ pub struct MigrationSummary {
     pub daily_rows: u64,
     /// Rows by month-counter generation.
     pub counted_rows: u64,
+    /// Rows per workspace and hour (the usage charts').
+    pub hourly_rows: u64,
+    /// Rows per workspace, day and key.
+    pub key_rows: u64,
     /// Ids of ledger batches written (kept for a week, to recognise a batch sent again).
     pub batch_ids: u64,
     pub audit_entries: u64,
@@ -100,13 +104,13 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
 
     // Nobody writes the target while it is checked and filled.
     sqlx::query(
-        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, ledger_batches, catalog_changes, audit IN EXCLUSIVE MODE",
+        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, usage_hourly, usage_daily_by_key, ledger_batches, catalog_changes, audit IN EXCLUSIVE MODE",
     )
     .execute(&mut *dst)
     .await
     .map_err(write)?;
     let (workspaces, keys, limit_requests, ledger_rows): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily) + (SELECT COUNT(*) FROM usage_counted) + (SELECT COUNT(*) FROM ledger_batches)",
+        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily) + (SELECT COUNT(*) FROM usage_counted) + (SELECT COUNT(*) FROM usage_hourly) + (SELECT COUNT(*) FROM usage_daily_by_key) + (SELECT COUNT(*) FROM ledger_batches)",
     )
     .fetch_one(&mut *dst)
     .await
@@ -135,7 +139,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
     for (table, columns) in TABLES {
         copied.push(copy_table(&mut src, &mut dst, table, columns).await?);
     }
-    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, batch_ids, audit_entries] =
+    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, batch_ids, audit_entries] =
         copied[..]
     else {
         unreachable!("one count per table")
@@ -154,6 +158,8 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
         ledger_events,
         daily_rows,
         counted_rows,
+        hourly_rows,
+        key_rows,
         batch_ids,
         audit_entries,
         catalog_version: 0,
@@ -284,6 +290,28 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("model", Text),
             ("requests", Int),
             ("tokens", Int),
+        ],
+    ),
+    (
+        "usage_hourly",
+        &[
+            ("workspace_id", Int),
+            ("hour", Int),
+            ("requests", Int),
+            ("denied", Int),
+            ("prompt_tokens", Int),
+            ("completion_tokens", Int),
+        ],
+    ),
+    (
+        "usage_daily_by_key",
+        &[
+            ("workspace_id", Int),
+            ("day", Text),
+            ("key_id", Int),
+            ("requests", Int),
+            ("tokens", Int),
+            ("denied", Int),
         ],
     ),
     ("ledger_batches", &[("id", Text), ("written_at", Int)]),

@@ -17,6 +17,11 @@
 //! generation (`usage_counted`), so that `month_totals` can leave out what that counter already
 //! holds. Batch ids are kept for the idempotency window, then pruned in bounded batches, as are
 //! the per-request events (`usage_events`) that versions before batches wrote.
+//!
+//! A batch also carries the same usage rolled up for the usage charts, written in its
+//! transaction (so once, like its rows): per workspace and hour (`usage_hourly`: requests,
+//! denials, prompt and completion tokens; pruned after a week) and per workspace, day and key
+//! (`usage_daily_by_key`; kept as long as the daily rows). Every instance adds to the same rows.
 
 //! # Catalogue changes
 //! Every mutation of the catalogue bumps `catalog_version` and, in the same transaction, logs
@@ -115,13 +120,63 @@ pub struct LedgerRow {
     pub denied: u64,
 }
 
+/// What was settled and denied for a workspace in one hour (UTC), for the usage charts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HourRow {
+    pub workspace: WorkspaceId,
+    /// The hour's start, unix seconds (a multiple of 3600).
+    pub hour: i64,
+    pub requests: u64,
+    /// Requests the limiter denied (`429`).
+    pub denied: u64,
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+}
+
+/// What was settled and denied for a workspace through one of its keys on one day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyDayRow {
+    pub workspace: WorkspaceId,
+    /// `YYYY-MM-DD`, UTC.
+    pub day: String,
+    pub key: KeyId,
+    pub requests: u64,
+    pub tokens: u64,
+    pub denied: u64,
+}
+
 /// A batch for the ledger: settled usage and denials added up per row, written whole exactly
-/// once under its id, however often it is sent.
+/// once under its id, however often it is sent. `hours` and `keys` are the same settlements and
+/// denials rolled up per hour and per key (the usage charts'), written in the same transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LedgerBatch {
     /// Unique to this batch: the writing process's random id and a sequence number.
     pub id: String,
     pub rows: Vec<LedgerRow>,
+    /// In key order (workspace, hour).
+    pub hours: Vec<HourRow>,
+    /// In key order (workspace, day, key).
+    pub keys: Vec<KeyDayRow>,
+}
+
+impl LedgerBatch {
+    /// Rows of all three kinds.
+    pub fn len(&self) -> usize {
+        self.rows.len() + self.hours.len() + self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A key's usage over a range of days, summed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key: KeyId,
+    pub requests: u64,
+    pub tokens: u64,
+    pub denied: u64,
 }
 
 /// A rolled-up ledger row. Sent as it is in the usage views (`daily`), hence `ToSchema`.
@@ -274,6 +329,20 @@ pub trait Store: Send + Sync {
         from: &str,
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError>;
+    /// Hourly rows with `from <= hour < to` (unix seconds of the hours' starts), by hour.
+    async fn hourly_usage(
+        &self,
+        workspace: WorkspaceId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<HourRow>, StoreError>;
+    /// Per key, the sums of its daily rows with `from <= day <= to`, by key id.
+    async fn key_usage(
+        &self,
+        workspace: WorkspaceId,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<KeyUsage>, StoreError>;
     /// Tokens settled per workspace on the days from `from` (`YYYY-MM-DD`) on, for the
     /// workspaces in `workspaces`; a workspace without any is left out.
     async fn tokens_since(
@@ -282,10 +351,16 @@ pub trait Store: Send + Sync {
         from: &str,
     ) -> Result<Vec<(WorkspaceId, u64)>, StoreError>;
     /// Drops the ids of batches written before `before` (unix seconds), the per-request events
-    /// of older versions settled before it, and rows by counter for days before
-    /// `counted_before_day`, `PRUNE_BATCH` rows per transaction; the daily totals stay.
+    /// of older versions settled before it, rows by counter for days before
+    /// `counted_before_day`, and hourly rows of hours starting before `hours_before`,
+    /// `PRUNE_BATCH` rows per transaction; the daily totals (by model and by key) stay.
     /// Returns how many rows were dropped.
-    async fn prune_ledger(&self, before: i64, counted_before_day: &str) -> Result<u64, StoreError>;
+    async fn prune_ledger(
+        &self,
+        before: i64,
+        counted_before_day: &str,
+        hours_before: i64,
+    ) -> Result<u64, StoreError>;
 
     /// `NotFound` when the workspace does not exist.
     async fn create_limit_request(
@@ -548,6 +623,35 @@ fn month_totals_of(
         }
     }
     totals
+}
+
+/// Per key, the sums of a workspace's daily rows by key over a range of days.
+const KEY_USAGE_SQL: &str = "
+SELECT key_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(denied) AS BIGINT)
+    FROM usage_daily_by_key WHERE workspace_id = $1 AND day >= $2 AND day <= $3
+    GROUP BY key_id ORDER BY key_id";
+
+fn key_usage_row((key, requests, tokens, denied): (i64, i64, i64, i64)) -> KeyUsage {
+    KeyUsage {
+        key,
+        requests: requests.max(0) as u64,
+        tokens: tokens.max(0) as u64,
+        denied: denied.max(0) as u64,
+    }
+}
+
+fn hour_row(
+    workspace: WorkspaceId,
+    (hour, requests, denied, prompt, completion): (i64, i64, i64, i64, i64),
+) -> HourRow {
+    HourRow {
+        workspace,
+        hour,
+        requests: requests.max(0) as u64,
+        denied: denied.max(0) as u64,
+        prompt_tokens: prompt.max(0) as u64,
+        completion_tokens: completion.max(0) as u64,
+    }
 }
 
 /// The catalogue version, the version the change log starts after, and how many versions after

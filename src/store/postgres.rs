@@ -10,8 +10,8 @@
 //!   each to what the other left.
 //! - **Batch writes lock rows in key order.** `record_usage` is one statement: the batch's id is
 //!   inserted `ON CONFLICT DO NOTHING`; only if it was new are the batch's rows added to the
-//!   daily rows (aggregated per workspace, day and model) and to the rows by counter, each
-//!   upserted in key order. `touch_keys` locks keys in id order. Two instances writing
+//!   daily rows (aggregated per workspace, day and model), to the rows by counter, and its
+//!   rollups to the hourly rows and the rows by key, each upserted in key order. `touch_keys` locks keys in id order. Two instances writing
 //!   overlapping batches therefore wait for each other but never deadlock, and a batch counts
 //!   once however often it is sent.
 //! - **Bounded failure.** A connection is waited for at most `ACQUIRE_TIMEOUT`, and a call at most
@@ -28,11 +28,11 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
-    already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
-    parse_json, promotion_holds, rank_of, redact, AuditColumns, AuditFilter, AuditRow,
-    CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store,
-    StoreError, WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL,
-    PRUNE_BATCH,
+    already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
+    month_range, month_totals_of, parse_json, promotion_holds, rank_of, redact, AuditColumns,
+    AuditFilter, AuditRow, CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, HourRow,
+    KeyDayRow, KeyUsage, LedgerBatch, NewKey, Store, StoreError, WorkspaceChange, AUDIT_COLUMNS,
+    CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -172,6 +172,29 @@ ALTER TABLE tiers ADD COLUMN rank BIGINT;
 UPDATE tiers SET rank = CASE name WHEN 'free' THEN 0 WHEN 'tier-1' THEN 1 WHEN 'tier-2' THEN 2
     WHEN 'tier-3' THEN 3 WHEN 'tier-4' THEN 4 WHEN 'scale' THEN 5 END;
 ALTER TABLE limit_requests ADD COLUMN expected_volume TEXT;
+"#,
+    // The ledger's rollups for the usage charts: per workspace and hour (kept a week), and per
+    // workspace, day and key (kept as long as the daily rows).
+    r#"
+CREATE TABLE usage_hourly (
+    workspace_id BIGINT NOT NULL,
+    hour BIGINT NOT NULL,
+    requests BIGINT NOT NULL DEFAULT 0,
+    denied BIGINT NOT NULL DEFAULT 0,
+    prompt_tokens BIGINT NOT NULL DEFAULT 0,
+    completion_tokens BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, hour)
+);
+CREATE INDEX usage_hourly_hour ON usage_hourly(hour);
+CREATE TABLE usage_daily_by_key (
+    workspace_id BIGINT NOT NULL,
+    day TEXT NOT NULL,
+    key_id BIGINT NOT NULL,
+    requests BIGINT NOT NULL DEFAULT 0,
+    tokens BIGINT NOT NULL DEFAULT 0,
+    denied BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, day, key_id)
+);
 "#,
     // Automatic promotion: a tier's way up, and a workspace's pin, attributes and last
     // promotion.
@@ -431,8 +454,83 @@ WITH batch AS (
     ON CONFLICT (counter, workspace_id, day, model) DO UPDATE SET
         requests = c.requests + excluded.requests,
         tokens = c.tokens + excluded.tokens
+), hourly AS (
+    INSERT INTO usage_hourly AS h (workspace_id, hour, requests, denied, prompt_tokens,
+                                   completion_tokens)
+    SELECT r.workspace_id, r.hour, SUM(r.requests), SUM(r.denied), SUM(r.prompt_tokens),
+           SUM(r.completion_tokens)
+    FROM unnest($10::BIGINT[], $11::BIGINT[], $12::BIGINT[], $13::BIGINT[], $14::BIGINT[],
+                $15::BIGINT[])
+        AS r(workspace_id, hour, requests, denied, prompt_tokens, completion_tokens)
+    WHERE EXISTS (SELECT 1 FROM batch)
+    GROUP BY r.workspace_id, r.hour
+    ORDER BY r.workspace_id, r.hour
+    ON CONFLICT (workspace_id, hour) DO UPDATE SET
+        requests = h.requests + excluded.requests,
+        denied = h.denied + excluded.denied,
+        prompt_tokens = h.prompt_tokens + excluded.prompt_tokens,
+        completion_tokens = h.completion_tokens + excluded.completion_tokens
+), by_key AS (
+    INSERT INTO usage_daily_by_key AS k (workspace_id, day, key_id, requests, tokens, denied)
+    SELECT r.workspace_id, r.day, r.key_id, SUM(r.requests), SUM(r.tokens), SUM(r.denied)
+    FROM unnest($16::BIGINT[], $17::TEXT[], $18::BIGINT[], $19::BIGINT[], $20::BIGINT[],
+                $21::BIGINT[])
+        AS r(workspace_id, day, key_id, requests, tokens, denied)
+    WHERE EXISTS (SELECT 1 FROM batch)
+    GROUP BY r.workspace_id, r.day, r.key_id
+    ORDER BY r.workspace_id, r.day, r.key_id
+    ON CONFLICT (workspace_id, day, key_id) DO UPDATE SET
+        requests = k.requests + excluded.requests,
+        tokens = k.tokens + excluded.tokens,
+        denied = k.denied + excluded.denied
 )
 SELECT COUNT(*) FROM batch";
+
+/// A batch's hourly rows as the columns `RECORD_USAGE_SQL` unnests.
+struct HourColumns {
+    workspaces: Vec<i64>,
+    hours: Vec<i64>,
+    requests: Vec<i64>,
+    denied: Vec<i64>,
+    prompt_tokens: Vec<i64>,
+    completion_tokens: Vec<i64>,
+}
+
+impl HourColumns {
+    fn of(rows: &[HourRow]) -> Self {
+        HourColumns {
+            workspaces: rows.iter().map(|r| r.workspace).collect(),
+            hours: rows.iter().map(|r| r.hour).collect(),
+            requests: rows.iter().map(|r| r.requests as i64).collect(),
+            denied: rows.iter().map(|r| r.denied as i64).collect(),
+            prompt_tokens: rows.iter().map(|r| r.prompt_tokens as i64).collect(),
+            completion_tokens: rows.iter().map(|r| r.completion_tokens as i64).collect(),
+        }
+    }
+}
+
+/// A batch's rows by key as the columns `RECORD_USAGE_SQL` unnests.
+struct KeyColumns<'a> {
+    workspaces: Vec<i64>,
+    days: Vec<&'a str>,
+    keys: Vec<i64>,
+    requests: Vec<i64>,
+    tokens: Vec<i64>,
+    denied: Vec<i64>,
+}
+
+impl<'a> KeyColumns<'a> {
+    fn of(rows: &'a [KeyDayRow]) -> Self {
+        KeyColumns {
+            workspaces: rows.iter().map(|r| r.workspace).collect(),
+            days: rows.iter().map(|r| r.day.as_str()).collect(),
+            keys: rows.iter().map(|r| r.key).collect(),
+            requests: rows.iter().map(|r| r.requests as i64).collect(),
+            tokens: rows.iter().map(|r| r.tokens as i64).collect(),
+            denied: rows.iter().map(|r| r.denied as i64).collect(),
+        }
+    }
+}
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -914,6 +1012,8 @@ impl Store for PostgresStore {
             tokens.push(row.tokens as i64);
             denied.push(row.denied as i64);
         }
+        let hours = HourColumns::of(&batch.hours);
+        let keys = KeyColumns::of(&batch.keys);
         bounded(CALL_TIMEOUT, async {
             let new: i64 = sqlx::query_scalar(RECORD_USAGE_SQL)
                 .bind(&batch.id)
@@ -925,6 +1025,18 @@ impl Store for PostgresStore {
                 .bind(&requests)
                 .bind(&tokens)
                 .bind(&denied)
+                .bind(&hours.workspaces)
+                .bind(&hours.hours)
+                .bind(&hours.requests)
+                .bind(&hours.denied)
+                .bind(&hours.prompt_tokens)
+                .bind(&hours.completion_tokens)
+                .bind(&keys.workspaces)
+                .bind(&keys.days)
+                .bind(&keys.keys)
+                .bind(&keys.requests)
+                .bind(&keys.tokens)
+                .bind(&keys.denied)
                 .fetch_one(&self.pool)
                 .await?;
             Ok(new == 1)
@@ -1000,18 +1112,65 @@ impl Store for PostgresStore {
         .await
     }
 
-    async fn prune_ledger(&self, before: i64, counted_before_day: &str) -> Result<u64, StoreError> {
+    async fn hourly_usage(
+        &self,
+        workspace: WorkspaceId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<HourRow>, StoreError> {
+        bounded(CALL_TIMEOUT, async {
+            let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+                "SELECT hour, requests, denied, prompt_tokens, completion_tokens FROM usage_hourly WHERE workspace_id = $1 AND hour >= $2 AND hour < $3 ORDER BY hour",
+            )
+            .bind(workspace)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(rows
+                .into_iter()
+                .map(|row| hour_row(workspace, row))
+                .collect())
+        })
+        .await
+    }
+
+    async fn key_usage(
+        &self,
+        workspace: WorkspaceId,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<KeyUsage>, StoreError> {
+        bounded(CALL_TIMEOUT, async {
+            let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(KEY_USAGE_SQL)
+                .bind(workspace)
+                .bind(from)
+                .bind(to)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(rows.into_iter().map(key_usage_row).collect())
+        })
+        .await
+    }
+
+    async fn prune_ledger(
+        &self,
+        before: i64,
+        counted_before_day: &str,
+        hours_before: i64,
+    ) -> Result<u64, StoreError> {
         // Each batch of rows is its own short transaction. Rows another instance is pruning at
         // the same moment are skipped, not waited for.
         let batches = "DELETE FROM ledger_batches WHERE id IN (SELECT id FROM ledger_batches WHERE written_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let events = "DELETE FROM usage_events WHERE request_id IN (SELECT request_id FROM usage_events WHERE settled_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
+        let hours = "DELETE FROM usage_hourly WHERE ctid IN (SELECT ctid FROM usage_hourly WHERE hour < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let counted = "DELETE FROM usage_counted WHERE ctid IN (SELECT ctid FROM usage_counted WHERE day < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let mut pruned = 0;
-        for sql in [batches, events] {
+        for (sql, bound) in [(batches, before), (events, before), (hours, hours_before)] {
             loop {
                 let n = bounded(CALL_TIMEOUT, async {
                     Ok(sqlx::query(sql)
-                        .bind(before)
+                        .bind(bound)
                         .bind(PRUNE_BATCH)
                         .execute(&self.pool)
                         .await?

@@ -15,10 +15,11 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
-    already_decided, approval_state, audit_entry, json, log_covers, month_range, month_totals_of,
-    parse_json, promotion_holds, rank_of, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
-    CatalogData, CatalogDelta, Changed, DailyUsage, LedgerBatch, NewKey, Store, StoreError,
-    WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
+    month_range, month_totals_of, parse_json, promotion_holds, rank_of, AuditColumns, AuditFilter,
+    AuditRow, CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage,
+    LedgerBatch, NewKey, Store, StoreError, WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP,
+    CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -152,6 +153,29 @@ ALTER TABLE tiers ADD COLUMN rank INTEGER;
 UPDATE tiers SET rank = CASE name WHEN 'free' THEN 0 WHEN 'tier-1' THEN 1 WHEN 'tier-2' THEN 2
     WHEN 'tier-3' THEN 3 WHEN 'tier-4' THEN 4 WHEN 'scale' THEN 5 END;
 ALTER TABLE limit_requests ADD COLUMN expected_volume TEXT;
+"#,
+    // The ledger's rollups for the usage charts: per workspace and hour (kept a week), and per
+    // workspace, day and key (kept as long as the daily rows).
+    r#"
+CREATE TABLE usage_hourly (
+    workspace_id INTEGER NOT NULL,
+    hour INTEGER NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    denied INTEGER NOT NULL DEFAULT 0,
+    prompt_tokens INTEGER NOT NULL DEFAULT 0,
+    completion_tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, hour)
+);
+CREATE INDEX usage_hourly_hour ON usage_hourly(hour);
+CREATE TABLE usage_daily_by_key (
+    workspace_id INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    key_id INTEGER NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    denied INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (workspace_id, day, key_id)
+);
 "#,
     // Automatic promotion: a tier's way up, and a workspace's pin, attributes and last
     // promotion.
@@ -766,6 +790,32 @@ impl Store for SqliteStore {
                 }
             }
         }
+        for row in &batch.hours {
+            sqlx::query(
+                "INSERT INTO usage_hourly (workspace_id, hour, requests, denied, prompt_tokens, completion_tokens) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(workspace_id, hour) DO UPDATE SET requests = requests + excluded.requests, denied = denied + excluded.denied, prompt_tokens = prompt_tokens + excluded.prompt_tokens, completion_tokens = completion_tokens + excluded.completion_tokens",
+            )
+            .bind(row.workspace)
+            .bind(row.hour)
+            .bind(row.requests as i64)
+            .bind(row.denied as i64)
+            .bind(row.prompt_tokens as i64)
+            .bind(row.completion_tokens as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for row in &batch.keys {
+            sqlx::query(
+                "INSERT INTO usage_daily_by_key (workspace_id, day, key_id, requests, tokens, denied) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(workspace_id, day, key_id) DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens, denied = denied + excluded.denied",
+            )
+            .bind(row.workspace)
+            .bind(&row.day)
+            .bind(row.key)
+            .bind(row.requests as i64)
+            .bind(row.tokens as i64)
+            .bind(row.denied as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(true)
     }
@@ -833,13 +883,54 @@ impl Store for SqliteStore {
         .collect()
     }
 
-    async fn prune_ledger(&self, before: i64, counted_before_day: &str) -> Result<u64, StoreError> {
+    async fn hourly_usage(
+        &self,
+        workspace: WorkspaceId,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<HourRow>, StoreError> {
+        let rows: Vec<(i64, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT hour, requests, denied, prompt_tokens, completion_tokens FROM usage_hourly WHERE workspace_id = ? AND hour >= ? AND hour < ? ORDER BY hour",
+        )
+        .bind(workspace)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|row| hour_row(workspace, row))
+            .collect())
+    }
+
+    async fn key_usage(
+        &self,
+        workspace: WorkspaceId,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<KeyUsage>, StoreError> {
+        let rows: Vec<(i64, i64, i64, i64)> = sqlx::query_as(KEY_USAGE_SQL)
+            .bind(workspace)
+            .bind(from)
+            .bind(to)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(key_usage_row).collect())
+    }
+
+    async fn prune_ledger(
+        &self,
+        before: i64,
+        counted_before_day: &str,
+        hours_before: i64,
+    ) -> Result<u64, StoreError> {
         // Each batch of rows is its own short transaction, so writers wait at most one batch.
         let batches = "DELETE FROM ledger_batches WHERE rowid IN (SELECT rowid FROM ledger_batches WHERE written_at < ? LIMIT ?)";
         let events = "DELETE FROM usage_events WHERE rowid IN (SELECT rowid FROM usage_events WHERE settled_at < ? LIMIT ?)";
+        let hours = "DELETE FROM usage_hourly WHERE rowid IN (SELECT rowid FROM usage_hourly WHERE hour < ? LIMIT ?)";
         let counted = "DELETE FROM usage_counted WHERE rowid IN (SELECT rowid FROM usage_counted WHERE day < ? LIMIT ?)";
         let mut pruned = 0;
-        for (sql, bound) in [(batches, before), (events, before)] {
+        for (sql, bound) in [(batches, before), (events, before), (hours, hours_before)] {
             loop {
                 let n = sqlx::query(sql)
                     .bind(bound)

@@ -696,6 +696,12 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     assert!(limits.await["usage"]["token_bucket"].is_object());
     let limits = api.keyed(b, &bare_key, M::GET, "/v1/limits", None, ok);
     assert!(limits.await["usage"]["token_bucket"].is_null());
+    // Usage over time: a named key with usage, and (the other workspace's) an unnamed one.
+    let history = api.keyed(b, &rich_key, M::GET, "/v1/usage", None, ok).await;
+    assert_eq!(history["hours"].as_array().unwrap().len(), 48);
+    assert!(history["keys"][0]["name"].is_string(), "{history}");
+    let history = api.keyed(b, &bare_key, M::GET, "/v1/usage", None, ok).await;
+    assert!(history["keys"][0]["name"].is_null(), "{history}");
     let ask = |limits: Value| Some(json!({"use_case": "more", "requested_limits": limits}));
     let requests = "/v1/limit-requests";
     let tpm = ask(json!({"tokens_per_minute": 200000}));
