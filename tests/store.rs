@@ -103,7 +103,83 @@ on_both_backends!(
     every_admin_change_writes_its_audit_entry_and_a_refused_one_none,
     the_audit_log_is_filtered_and_paged_newest_first,
     the_console_secret_is_made_once_and_shared,
+    tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked,
+    a_promotion_is_made_once_and_never_of_a_pinned_workspace,
 );
+
+async fn tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked(b: Backend) {
+    let s = &b.store;
+    let rows = vec![
+        used(1, "2026-11-01", "m1", 1, 1),
+        used(1, "2026-11-02", "m1", 1, 2),
+        used(1, "2026-11-03", "m2", 1, 4),
+        used(2, "2026-11-02", "m1", 1, 16),
+        used(3, "2026-11-03", "m1", 1, 32),
+    ];
+    s.record_usage(&batch("t", rows), 10).await.unwrap();
+    assert_eq!(
+        s.tokens_since(&[1, 2, 4], "2026-11-02").await.unwrap(),
+        vec![(1, 6), (2, 16)]
+    );
+    assert!(s.tokens_since(&[], "2026-11-01").await.unwrap().is_empty());
+    assert!(s.tokens_since(&[1], "2026-11-04").await.unwrap().is_empty());
+}
+
+/// Instances evaluating promotions at once change a workspace once (the store checks the tier
+/// it is promoted from), and a pinned workspace is never promoted.
+async fn a_promotion_is_made_once_and_never_of_a_pinned_workspace(b: Backend) {
+    let s = &b.store;
+    s.put_tier(&tier("a", 1.0), &by(), 0).await.unwrap();
+    s.put_tier(&tier("b", 2.0), &by(), 0).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
+    let promote = WorkspaceChange {
+        promoted: Some(tiergate::model::Promoted {
+            from: "a".into(),
+            to: "b".into(),
+            at: 20,
+            reason: "min_days 9 >= 7".into(),
+        }),
+        ..WorkspaceChange::default()
+    };
+    let other = b.another().await;
+    let robot = Actor::plain("promotion");
+    let (first, second) = tokio::join!(
+        s.update_workspace(ws.id, &promote, &robot, 20),
+        other.update_workspace(ws.id, &promote, &robot, 20),
+    );
+    let results = [first, second];
+    let done: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(done.len(), 1, "{results:?}");
+    assert!(results
+        .iter()
+        .any(|r| matches!(r, Err(StoreError::Conflict(_)))));
+    assert_eq!(done[0].tier, "b");
+    assert_eq!(done[0].promoted.as_ref().unwrap().reason, "min_days 9 >= 7");
+    let entries = s
+        .audit_log(&AuditFilter {
+            action: Some(AuditAction::WorkspacePromote),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].actor, "promotion");
+
+    let held = s.create_workspace("held", "a", &by(), 10).await.unwrap();
+    let pin = WorkspaceChange {
+        pinned: Some(true),
+        ..WorkspaceChange::default()
+    };
+    assert!(s.update_workspace(held.id, &pin, &by(), 30).await.unwrap().pinned);
+    assert!(matches!(
+        s.update_workspace(held.id, &promote, &robot, 31).await,
+        Err(StoreError::Conflict(_))
+    ));
+    let held = s.get_workspace(held.id).await.unwrap();
+    assert_eq!((held.tier.as_str(), held.pinned), ("a", true));
+    assert!(held.promoted.is_none());
+}
 
 /// The first candidate stored wins, whoever offers later, from this process or another, and
 /// many at once (instances starting together).
