@@ -8,6 +8,7 @@ mod admin;
 mod admin_input;
 mod bad_input;
 mod console;
+mod console_operator;
 mod crash;
 mod distributed;
 mod errors;
