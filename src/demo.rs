@@ -77,7 +77,7 @@ Call it (repeat fast to see a 429 with Retry-After on the free tier: 1 request/s
 
   curl -i http://{addr}/v1/chat/completions -H "Authorization: Bearer {key}" -H "Content-Type: application/json" -d '{{"model":"mistral-small-latest","messages":[{{"role":"user","content":"Hello"}}]}}'
 
-Console:     http://{addr}/console (sign in with the key above)
+Console:     http://{addr}/console (sign in with the key above; with the admin token below, the operator's pages)
 Limits page: http://{addr}/limits#key={key}
 Limits API:  curl -s http://{addr}/v1/limits -H "Authorization: Bearer {key}"
 Admin API:   curl -s http://{addr}/admin/v1/workspaces -H "Authorization: Bearer {admin_token}"

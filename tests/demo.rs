@@ -28,7 +28,8 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     let mut curl = None;
     let mut limits_page = None;
     let mut console = None;
-    while curl.is_none() || limits_page.is_none() || console.is_none() {
+    let mut admin_token = None;
+    while curl.is_none() || limits_page.is_none() || console.is_none() || admin_token.is_none() {
         let line = rx
             .recv_timeout(deadline - Instant::now())
             .expect("demo printed its instructions");
@@ -37,6 +38,16 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
         }
         if let Some(url) = line.strip_prefix("Console:     ") {
             console = Some(url.split_whitespace().next().unwrap().to_string());
+        }
+        if line.starts_with("Admin API:") {
+            let token = line
+                .split("Bearer ")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            admin_token = Some(token.to_string());
         }
         if let Some(url) = line.strip_prefix("Limits page: ") {
             limits_page = Some(url.split_whitespace().next().unwrap().to_string());
@@ -110,6 +121,28 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
         .await
         .unwrap()
         .contains("<strong id=\"tier\">free</strong>"));
+
+    // The printed admin token signs in to the operator's pages, which list the demo workspace.
+    let signed = browser
+        .post(format!("{console}/sign-in"))
+        .form(&[("key", admin_token.unwrap().as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 303);
+    assert_eq!(signed.headers()["location"], "/console/operator/workspaces");
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = browser
+        .get(format!("{console}/operator/workspaces"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(page.contains("data-workspace-id="), "{page}");
+    assert!(page.contains(">demo</a>"), "{page}");
 
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

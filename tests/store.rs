@@ -1651,7 +1651,7 @@ async fn workspaces_are_searched_sorted_and_paged_in_sql(b: Backend) {
     names.extend(["100% done", "100x done", "a_b", "axb", "bang!"].map(String::from));
     let mut ids = Vec::new();
     for (i, name) in names.iter().enumerate() {
-        let tier = if i % 3 == 0 { "b" } else { "a" };
+        let tier = if i.is_multiple_of(3) { "b" } else { "a" };
         // Created out of id order, with ties.
         let created = 1000 + (i as i64 * 37) % 50;
         ids.push(
@@ -1675,7 +1675,7 @@ async fn workspaces_are_searched_sorted_and_paged_in_sql(b: Backend) {
     // Usage in November (two days, two models: summed), and outside it (never counted).
     let mut month = vec![(0u64, 0u64); names.len()];
     let mut rows = Vec::new();
-    for (i, &id) in ids.iter().enumerate().filter(|(i, _)| i % 5 != 0) {
+    for (i, &id) in ids.iter().enumerate().filter(|(i, _)| !i.is_multiple_of(5)) {
         let tokens = (i as u64 * 7919) % 1000 * 10;
         rows.push(used(id, "2026-11-01", "m", 2, tokens));
         rows.push(used(id, "2026-11-30", "n", 1, 3));
@@ -1719,33 +1719,29 @@ async fn workspaces_are_searched_sorted_and_paged_in_sql(b: Backend) {
     // Each sort, each way, as computed here; ties (tiers, statuses, creation times, usage) by id
     // in the same direction.
     let i_of = |id: i64| ids.iter().position(|&x| x == id).unwrap();
-    let sorts: [(WorkspaceSort, Box<dyn Fn(usize) -> (String, i64)>); 5] = [
-        (
-            WorkspaceSort::Name,
-            Box::new(|i| {
-                (
-                    format!("{}\u{0}{}", names[i].to_ascii_lowercase(), names[i]),
-                    0,
-                )
-            }),
-        ),
-        (
-            WorkspaceSort::Tier,
-            Box::new(|i| ((if i % 3 == 0 { "b" } else { "a" }).into(), 0)),
-        ),
-        (WorkspaceSort::Status, Box::new(|i| (status[i].into(), 0))),
-        (
-            WorkspaceSort::Created,
-            Box::new(|i| (String::new(), (i as i64 * 37) % 50)),
-        ),
-        (
-            WorkspaceSort::MonthTokens,
-            Box::new(|i| (String::new(), month[i].0 as i64)),
-        ),
+    let key = |sort: WorkspaceSort, i: usize| -> (String, i64) {
+        match sort {
+            WorkspaceSort::Name => (
+                format!("{}\u{0}{}", names[i].to_ascii_lowercase(), names[i]),
+                0,
+            ),
+            WorkspaceSort::Tier => ((if i.is_multiple_of(3) { "b" } else { "a" }).into(), 0),
+            WorkspaceSort::Status => (status[i].into(), 0),
+            WorkspaceSort::Created => (String::new(), (i as i64 * 37) % 50),
+            WorkspaceSort::MonthTokens => (String::new(), month[i].0 as i64),
+            WorkspaceSort::Id => (String::new(), 0),
+        }
+    };
+    let sorts = [
+        WorkspaceSort::Name,
+        WorkspaceSort::Tier,
+        WorkspaceSort::Status,
+        WorkspaceSort::Created,
+        WorkspaceSort::MonthTokens,
     ];
-    for (sort, key) in &sorts {
+    for sort in &sorts {
         let mut expected = ids.clone();
-        expected.sort_by_key(|&id| (key(i_of(id)), id));
+        expected.sort_by_key(|&id| (key(*sort, i_of(id)), id));
         let asc = s
             .search_workspaces(&query("", *sort, false, 0, 500))
             .await

@@ -153,9 +153,36 @@ pub(super) fn operator_of(state: &AppState, headers: &HeaderMap) -> Option<Opera
     holds.then_some(Operator { session, name })
 }
 
-/// The operator, or the answer to give instead: `403` for a workspace's session, else a
-/// redirect to sign in (clearing the cookie there is).
-fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, Response> {
+/// Why a request gets no operator's page.
+enum NotOperator {
+    /// A workspace's session: `403`, nothing of the operator's.
+    Workspace,
+    /// No valid operator's session: to sign in (clearing the cookie, if any).
+    SignedOut,
+}
+
+impl NotOperator {
+    fn answer(self, headers: &HeaderMap) -> Response {
+        match self {
+            NotOperator::Workspace => page(
+                StatusCode::FORBIDDEN,
+                "Operators only",
+                html! {
+                    h1 { "Operators only" }
+                    p.error role="alert" { "This page is for operators. Sign out, then sign in with an admin token." }
+                    p { a href="/console" { "Back to the console" } }
+                },
+            ),
+            NotOperator::SignedOut => SignedOut {
+                clear: cookie_value(headers).is_some(),
+            }
+            .to_sign_in(headers),
+        }
+    }
+}
+
+/// The operator, or why there is none.
+fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, NotOperator> {
     if let Some(op) = operator_of(state, headers) {
         return Ok(op);
     }
@@ -163,19 +190,8 @@ fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, Response> 
         Some(Session {
             kind: SessionKind::Workspace { .. },
             ..
-        }) => Err(page(
-            StatusCode::FORBIDDEN,
-            "Operators only",
-            html! {
-                h1 { "Operators only" }
-                p.error role="alert" { "This page is for operators. Sign out, then sign in with an admin token." }
-                p { a href="/console" { "Back to the console" } }
-            },
-        )),
-        _ => Err(SignedOut {
-            clear: cookie_value(headers).is_some(),
-        }
-        .to_sign_in(headers)),
+        }) => Err(NotOperator::Workspace),
+        _ => Err(NotOperator::SignedOut),
     }
 }
 
@@ -183,7 +199,7 @@ fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, Response> 
 /// `Origin` and the form's token hold.
 async fn posted(state: &AppState, request: Request) -> Result<(Operator, Form), Response> {
     let (parts, body) = request.into_parts();
-    let op = require(state, &parts.headers)?;
+    let op = require(state, &parts.headers).map_err(|n| n.answer(&parts.headers))?;
     let refused = || {
         page(
             StatusCode::FORBIDDEN,
@@ -541,7 +557,7 @@ async fn workspaces_page(
 ) -> Response {
     let op = match require(&state, &headers) {
         Ok(op) => op,
-        Err(r) => return r,
+        Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
     let list = match ListParams::parse(&params) {
@@ -679,7 +695,7 @@ async fn workspace_page(
 ) -> Response {
     let op = match require(&state, &headers) {
         Ok(op) => op,
-        Err(r) => return r,
+        Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
     show_workspace(&state, &op, &id, StatusCode::OK, notice(&params), None).await
@@ -1100,7 +1116,7 @@ async fn tiers_page(
 ) -> Response {
     let op = match require(&state, &headers) {
         Ok(op) => op,
-        Err(r) => return r,
+        Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
     show_tiers(&state, &op, StatusCode::OK, notice(&params), None).await
@@ -1292,7 +1308,7 @@ async fn requests_page(
 ) -> Response {
     let op = match require(&state, &headers) {
         Ok(op) => op,
-        Err(r) => return r,
+        Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
     match RequestFilter::parse(&params) {
@@ -1491,7 +1507,7 @@ async fn audit_page(
 ) -> Response {
     let op = match require(&state, &headers) {
         Ok(op) => op,
-        Err(r) => return r,
+        Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
     let after = match param(&params, "after").filter(|s| !s.is_empty()) {
