@@ -11,8 +11,8 @@
 //!   costs the same with thousands of workspaces.
 //! - `GET /console/operator/workspaces/{id}`: a workspace: its tier, its effective limits (the
 //!   tier's, the overrides, the result), this month's usage, its keys and its increase requests;
-//!   forms to change its tier (`form#tier`), its overrides (`form#overrides`), its status
-//!   (`form#status`), to make a key (`form#create-key`) and revoke one (`form.revoke`).
+//!   forms to change its tier (`form#change-tier`), its overrides (`form#overrides`), its status
+//!   (`form#change-status`), to make a key (`form#create-key`) and revoke one (`form.revoke`).
 //!   - `POST …/{id}/tier` (`tier`), `POST …/{id}/overrides` (the override fields; each shown
 //!     with its value as loaded, `was_<field>`, so that only the fields edited are sent, as a
 //!     patch: a number sets, an emptied field clears, and whatever changed the others meanwhile,
@@ -787,7 +787,7 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
             " · requests: " span #requests-this-month { (shown(d.requests_this_month)) }
         }
         h2 { "Change" }
-        form #tier method="post" action=(format!("{base}/tier")) {
+        form #change-tier method="post" action=(format!("{base}/tier")) {
             input type="hidden" name="csrf" value=(token);
             label for="tier-select" { "Tier" }
             select #tier-select name="tier" {
@@ -809,7 +809,7 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
             button type="submit" { "Save overrides" }
             span.note { "A number sets an override; an emptied field clears it (the tier's applies)." }
         }
-        form #status method="post" action=(format!("{base}/status")) {
+        form #change-status method="post" action=(format!("{base}/status")) {
             input type="hidden" name="csrf" value=(token);
             @match w.status {
                 WorkspaceStatus::Active => {

@@ -258,6 +258,12 @@ async fn operator_signs_in_with_an_admin_token_and_sees_each_page() {
             assert!(nav.contains(link), "{path}: {link} in {nav}");
         }
         assert!(nav.contains("<strong>alice</strong>"), "{nav}");
+        // Ids are what the browser tests select by: each once.
+        let mut seen = std::collections::BTreeSet::new();
+        for id in page.body.split(" id=\"").skip(1) {
+            let id = id.split('"').next().unwrap();
+            assert!(seen.insert(id.to_string()), "{path}: id {id} twice");
+        }
     }
     for missing in ["999999", "abc", "0"] {
         let page = op.get(&format!("{HOME}/{missing}")).await;
