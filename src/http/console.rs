@@ -852,16 +852,14 @@ fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
     let value = |name: &str| sent.and_then(|f| field(f, name)).unwrap_or_default();
     let number = |name: &str, label: &str, step: &str| {
         html! {
-            label for=(name) { (label) }
-            input id=(name) type="number" name=(name) min="0" step=(step) value=(value(name));
+            label for=(name) { (label) input id=(name) type="number" name=(name) min="0" step=(step) value=(value(name)); }
         }
     };
     html! {
         h2 { "Request a limit increase" }
         form #increase method="post" action="/console/limit-requests" {
             input type="hidden" name="csrf" value=(token);
-            label for="use_case" { "Use case (required)" }
-            textarea #use_case name="use_case" rows="3" maxlength="4096" required { (value("use_case")) }
+            label for="use_case" { "Use case (required)" textarea #use_case name="use_case" rows="3" maxlength="4096" required { (value("use_case")) } }
             fieldset {
                 legend { "The limits you need (leave blank what you do not ask for)" }
                 (number("requests_per_second", "Requests per second", "0.001"))
@@ -869,8 +867,7 @@ fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
                 (number("tokens_per_month", "Tokens per month", "1"))
                 (number("concurrent_requests", "Concurrent requests", "1"))
             }
-            label for="expected_volume" { "Expected volume (optional)" }
-            input #expected_volume type="text" name="expected_volume" maxlength="4096" placeholder="e.g. 2M tokens a day, peaks of 20 requests/s" value=(value("expected_volume"));
+            label for="expected_volume" { "Expected volume (optional)" input #expected_volume type="text" name="expected_volume" maxlength="4096" placeholder="e.g. 2M tokens a day, peaks of 20 requests/s" value=(value("expected_volume")); }
             button type="submit" { "Send the request" }
         }
     }

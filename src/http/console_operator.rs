@@ -877,7 +877,10 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                         tr data-request-id=(r.id) {
                             td { (r.id) }
                             td { (Timestamp(r.created_at).rfc3339()) }
-                            td.use-case { (r.use_case) }
+                            td.use-case {
+                                (r.use_case)
+                                @if let Some(v) = &r.expected_volume { br; span.note.expected-volume { "Expected volume: " (v) } }
+                            }
                             td { (overrides_text(&r.requested_limits)) }
                             td.status { (r.status.as_str()) }
                             td { (answer_text(r)) }
@@ -1409,7 +1412,10 @@ fn requests_body(
                                 " (" (r.workspace_id) ")"
                             }
                             td { (Timestamp(r.created_at).rfc3339()) }
-                            td.use-case { (r.use_case) }
+                            td.use-case {
+                                (r.use_case)
+                                @if let Some(v) = &r.expected_volume { br; span.note.expected-volume { "Expected volume: " (v) } }
+                            }
                             td.asked { (overrides_text(&r.requested_limits)) }
                             td.status { (r.status.as_str()) }
                             td.answer {
