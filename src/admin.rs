@@ -23,12 +23,16 @@ use serde_json::Value;
 use crate::catalog::{generate_key, Catalog};
 use crate::clock::Clock;
 use crate::config::validate_tier_name;
+use crate::limiter::MonthKey;
 use crate::model::{
     validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Condition, FieldPatch,
-    KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch, Promoted,
-    Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+    KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides, OverridesPatch,
+    Promoted, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
 };
-use crate::store::{AuditFilter, NewKey, Store, StoreError, WorkspaceChange};
+use crate::store::{
+    AuditFilter, NewKey, Store, StoreError, WorkspaceChange, WorkspacePage, WorkspaceQuery,
+    WorkspaceSort,
+};
 use crate::usage::Recorder;
 
 /// The longest name (of a workspace or a key), in characters.
@@ -38,6 +42,12 @@ pub const MAX_TEXT: usize = 4096;
 /// Audit entries per page: the default, and the most one call may ask for.
 pub const AUDIT_PAGE: u32 = 100;
 pub const MAX_AUDIT_PAGE: u32 = 1000;
+
+/// Workspaces per page of a listing: the default, and the most one call may ask for.
+pub const WORKSPACE_PAGE: u32 = 50;
+pub const MAX_WORKSPACE_PAGE: u32 = 500;
+/// The last page a listing may ask for (far past any installation's).
+pub const MAX_PAGE: u64 = 1_000_000;
 
 /// Increase requests a workspace may have waiting for an answer at once.
 pub const MAX_PENDING_LIMIT_REQUESTS: usize = 10;
@@ -232,6 +242,17 @@ pub struct NewKeyInput {
     pub expires_at: Option<String>,
 }
 
+/// Which workspaces to list, a page at a time (see `WorkspaceQuery`): `page` counts from 1,
+/// `per_page` defaults to `WORKSPACE_PAGE`.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceListing {
+    pub search: Option<String>,
+    pub sort: WorkspaceSort,
+    pub descending: bool,
+    pub page: Option<u64>,
+    pub per_page: Option<u32>,
+}
+
 /// Which audit entries to list (see `AuditFilter`); `limit` defaults to `AUDIT_PAGE`.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -342,6 +363,52 @@ impl Admin {
         Ok(tier)
     }
 
+    /// Creates a tier that does not exist yet (`Conflict` if it does; the check is made just
+    /// before, so two creations at once may both pass it, and then the later replaces the
+    /// earlier, as `put_tier` would).
+    pub async fn create_tier(
+        &self,
+        by: &Actor,
+        name: &str,
+        spec: TierSpec,
+    ) -> Result<Tier, AdminError> {
+        tier_name("name", name)?;
+        spec.limits.validate().map_err(invalid)?;
+        if self
+            .store
+            .list_tiers()
+            .await?
+            .iter()
+            .any(|t| t.name == name)
+        {
+            return Err(AdminError::Conflict(format!(
+                "tier '{name}' exists already; change its limits instead"
+            )));
+        }
+        self.put_tier(by, name, spec).await
+    }
+
+    /// Changes an existing tier's rank and limits, keeping the rest of it (its promotion;
+    /// `NotFound` if there is no such tier).
+    pub async fn update_tier(
+        &self,
+        by: &Actor,
+        name: &str,
+        rank: Option<u32>,
+        limits: Limits,
+    ) -> Result<Tier, AdminError> {
+        let tiers = self.store.list_tiers().await?;
+        let Some(current) = tiers.iter().find(|t| t.name == name) else {
+            return Err(AdminError::NotFound(format!("no tier {name}")));
+        };
+        let spec = TierSpec {
+            rank,
+            limits,
+            promotion: current.promotion.clone(),
+        };
+        self.put_tier(by, name, spec).await
+    }
+
     /// A workspace on `tier` (default `free`).
     pub async fn create_workspace(
         &self,
@@ -362,6 +429,52 @@ impl Admin {
 
     pub async fn list_workspaces(&self) -> Result<Vec<Workspace>, AdminError> {
         Ok(self.store.list_workspaces().await?)
+    }
+
+    /// A page of workspaces, searched by name or id and sorted, each with this month's usage
+    /// (the ledger's, brought up to now first), and how many match in all.
+    pub async fn search_workspaces(
+        &self,
+        listing: WorkspaceListing,
+    ) -> Result<WorkspacePage, AdminError> {
+        let WorkspaceListing {
+            search,
+            sort,
+            descending,
+            page,
+            per_page,
+        } = listing;
+        let search = search.as_deref().map(str::trim).unwrap_or_default();
+        if search.chars().count() > MAX_NAME {
+            return Err(invalid(format!(
+                "'search' must be at most {MAX_NAME} characters"
+            )));
+        }
+        if search.chars().any(char::is_control) {
+            return Err(invalid("'search' must not contain control characters"));
+        }
+        let page = page.unwrap_or(1);
+        if !(1..=MAX_PAGE).contains(&page) {
+            return Err(invalid(format!("'page' must be from 1 to {MAX_PAGE}")));
+        }
+        let limit = per_page.unwrap_or(WORKSPACE_PAGE);
+        if !(1..=MAX_WORKSPACE_PAGE).contains(&limit) {
+            return Err(invalid(format!(
+                "'per_page' must be from 1 to {MAX_WORKSPACE_PAGE}"
+            )));
+        }
+        if let Some(recorder) = &self.recorder {
+            recorder.flush().await;
+        }
+        let query = WorkspaceQuery {
+            search: search.to_string(),
+            sort,
+            descending,
+            offset: (page - 1) * u64::from(limit),
+            limit,
+            month: MonthKey::of(self.clock.now()),
+        };
+        Ok(self.store.search_workspaces(&query).await?)
     }
 
     pub async fn get_workspace(&self, id: WorkspaceId) -> Result<Workspace, AdminError> {

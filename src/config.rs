@@ -32,7 +32,8 @@ fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct RawSettings {
     pub listen: Option<String>,
-    /// Where the admin API and `/metrics` are served, alone; without it, on `listen`.
+    /// Where the admin API, `/metrics` and the console's operator pages are served, alone;
+    /// without it, on `listen`.
     pub admin_listen: Option<String>,
     pub database: Option<String>,
     /// The single admin token, named `admin`.
@@ -225,7 +226,7 @@ use Kind::{List, Number, Switch, Text};
 /// Every setting a flag, a variable or a file key can give.
 pub const SETTINGS: &[Setting] = &[
     setting("listen", "listen", "TIERGATE_LISTEN", Text, "Address to listen on (default 127.0.0.1:8080)."),
-    setting("admin_listen", "admin-listen", "TIERGATE_ADMIN_LISTEN", Text, "Serve the admin API and /metrics on this address only (e.g. 127.0.0.1:8081); the main listener then answers them 404. Default: on the main listener."),
+    setting("admin_listen", "admin-listen", "TIERGATE_ADMIN_LISTEN", Text, "Serve the admin API, /metrics and the console's operator pages on this address only (e.g. 127.0.0.1:8081); the main listener then answers them 404. Default: on the main listener."),
     setting("database", "database", "TIERGATE_DATABASE", Text, "Database URL: sqlite://PATH (default sqlite://tiergate.db) or postgres://USER@HOST:PORT/DATABASE."),
     setting("admin_token", "admin-token", "TIERGATE_ADMIN_TOKEN", Text, "Bearer token of the admin API, named `admin` in the audit (more, each with a name: [[admin_tokens]] in the config file); without any, the admin API answers 403."),
     setting("max_body_bytes", "max-body-bytes", "TIERGATE_MAX_BODY_BYTES", Number, "Larger request bodies get 413 (default 4194304)."),
@@ -457,8 +458,8 @@ pub const MIN_ADMIN_TOKEN: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    /// When set, the admin API and `/metrics` are served there only, and the main listener
-    /// answers them `404`.
+    /// When set, the admin API, `/metrics` and the console's operator pages are served there
+    /// only, and the main listener answers them `404`.
     pub admin_listen: Option<SocketAddr>,
     pub database: String,
     /// Every admin token, each with its name; empty: the admin API is off (`403`).

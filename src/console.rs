@@ -2,15 +2,29 @@
 //! are protected, and how sign-in attempts are limited. The pages are in `http::console`.
 //!
 //! # Sessions
-//! Signing in exchanges a workspace key for a cookie; the key itself is never kept, in the
-//! cookie or anywhere else. The cookie is `WORKSPACE.KEY.EXPIRES.NONCE.SIGNATURE`: the
-//! workspace's id, the key's id, when the session ends (unix seconds, `SESSION_LIFETIME` after
-//! sign-in), 16 random bytes that make every session's id unique, and the HMAC-SHA256 of the
-//! rest under the console's secret. There is no session table: a cookie is valid if its
-//! signature is, it has not expired, and — checked on every page, against the catalogue — its
-//! key is neither revoked nor expired and its workspace is not suspended. So revoking the key or
-//! suspending the workspace ends every session signed in with it, on every instance, within the
-//! catalogue's refresh (at once on the instance that made the change).
+//! Signing in exchanges a workspace key or an admin token for a cookie; the secret itself is
+//! never kept, in the cookie or anywhere else. A session is of one of two kinds
+//! (`SessionKind`), and its cookie says which in its form and in its signature:
+//! - **A workspace's**: `WORKSPACE.KEY.EXPIRES.NONCE.SIGNATURE`: the workspace's id, the key's
+//!   id, when the session ends (unix seconds, `SESSION_LIFETIME` after sign-in), 16 random
+//!   bytes that make every session's id unique, and the HMAC-SHA256 of the rest under the
+//!   console's secret, labelled `session`.
+//! - **An operator's** (signed in with an admin token): `op.NAME.FINGERPRINT.EXPIRES.NONCE.
+//!   SIGNATURE`: `op`, the token's name (hex, since a name may hold `.`), the token's
+//!   fingerprint (`operator_fingerprint`: 16 bytes of the HMAC of the token's SHA-256 under the
+//!   console's secret, so a cookie that leaks gives nothing to test guesses of the token
+//!   against), then as above, signed under another label, `operator-session`.
+//!
+//! The labels keep the kinds apart whatever the fields hold: a workspace's signature never
+//! verifies an operator's payload, nor the other way round (and `op` is not a workspace id).
+//! There is no session table: a cookie is valid if its signature is and it has not expired,
+//! and every page checks again what it stands for. A workspace's session holds while its key is
+//! neither revoked nor expired and its workspace not suspended (against the catalogue), so
+//! revoking the key or suspending the workspace ends every session signed in with it, on every
+//! instance, within the catalogue's refresh (at once on the instance that made the change). An
+//! operator's holds while a configured admin token has its name and fingerprint
+//! (`http::console_operator`), so removing or changing the token (a restart with another
+//! configuration) ends its sessions.
 //!
 //! The secret is 32 random bytes made once and kept in the store (`Store::console_secret`,
 //! insert-if-absent, so instances starting together agree): sessions survive restarts and are
@@ -53,23 +67,60 @@ type HmacSha256 = Hmac<Sha256>;
 /// A signed-in browser.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Session {
-    pub workspace: WorkspaceId,
-    pub key: KeyId,
+    pub kind: SessionKind,
     /// Unix seconds.
     pub expires_at: i64,
     nonce: [u8; 16],
 }
 
+/// Who a session is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionKind {
+    /// Signed in with the workspace's key `key`.
+    Workspace { workspace: WorkspaceId, key: KeyId },
+    /// Signed in with the admin token named `name`, whose fingerprint is `fingerprint`.
+    Operator {
+        name: String,
+        fingerprint: Fingerprint,
+    },
+}
+
+/// An admin token's fingerprint (see `Console::operator_fingerprint`).
+pub type Fingerprint = [u8; 16];
+
+/// The first field of an operator's cookie.
+const OPERATOR_TAG: &str = "op";
+
 impl Session {
     /// The signed part of the cookie.
     fn payload(&self) -> String {
-        format!(
-            "{}.{}.{}.{}",
-            self.workspace,
-            self.key,
-            self.expires_at,
-            hex(&self.nonce)
-        )
+        let (expires, nonce) = (self.expires_at, hex(&self.nonce));
+        match &self.kind {
+            SessionKind::Workspace { workspace, key } => {
+                format!("{workspace}.{key}.{expires}.{nonce}")
+            }
+            SessionKind::Operator { name, fingerprint } => format!(
+                "{OPERATOR_TAG}.{}.{}.{expires}.{nonce}",
+                hex(name.as_bytes()),
+                hex(fingerprint)
+            ),
+        }
+    }
+
+    /// The label its signature is made under.
+    fn label(&self) -> &'static str {
+        match self.kind {
+            SessionKind::Workspace { .. } => "session",
+            SessionKind::Operator { .. } => "operator-session",
+        }
+    }
+
+    /// The workspace and key of a workspace's session.
+    pub fn workspace(&self) -> Option<(WorkspaceId, KeyId)> {
+        match self.kind {
+            SessionKind::Workspace { workspace, key } => Some((workspace, key)),
+            SessionKind::Operator { .. } => None,
+        }
     }
 }
 
@@ -97,37 +148,74 @@ impl Console {
 
     /// A new session for `key` of `workspace`, and its cookie's value.
     pub fn sign_in(&self, workspace: WorkspaceId, key: KeyId, now: i64) -> (Session, String) {
+        self.start(SessionKind::Workspace { workspace, key }, now)
+    }
+
+    /// A new operator's session for the admin token named `name` whose SHA-256 is `digest`,
+    /// and its cookie's value.
+    pub fn sign_in_operator(&self, name: &str, digest: &[u8], now: i64) -> (Session, String) {
+        let kind = SessionKind::Operator {
+            name: name.to_string(),
+            fingerprint: self.operator_fingerprint(digest),
+        };
+        self.start(kind, now)
+    }
+
+    fn start(&self, kind: SessionKind, now: i64) -> (Session, String) {
         let mut nonce = [0u8; 16];
         getrandom::fill(&mut nonce).expect("the OS has randomness");
         let session = Session {
-            workspace,
-            key,
+            kind,
             expires_at: now + SESSION_LIFETIME,
             nonce,
         };
         let payload = session.payload();
-        let signature = self.mac("session", &payload).finalize().into_bytes();
+        let signature = self.mac(session.label(), &payload).finalize().into_bytes();
         let value = format!("{payload}.{}", hex(&signature));
         (session, value)
     }
 
+    /// The fingerprint an operator's session keeps of its admin token, from the token's
+    /// SHA-256: keyed with the console's secret, so that it tells nothing about the token to
+    /// whoever holds the cookie without the secret.
+    pub fn operator_fingerprint(&self, digest: &[u8]) -> Fingerprint {
+        let mut mac = HmacSha256::new_from_slice(&self.secret).expect("HMAC takes any key");
+        mac.update(b"operator-token|");
+        mac.update(digest);
+        let full = mac.finalize().into_bytes();
+        let mut fingerprint = [0u8; 16];
+        fingerprint.copy_from_slice(&full[..16]);
+        fingerprint
+    }
+
     /// The session a cookie's value stands for, if its signature is good and it has not
-    /// expired. (Whether its key and workspace still hold is the catalogue's to say.)
+    /// expired. (Whether what it stands for still holds, its key and workspace or its admin
+    /// token, the pages check.)
     pub fn verify(&self, value: &str, now: i64) -> Option<Session> {
         let (payload, signature) = value.rsplit_once('.')?;
         let signature = unhex(signature)?;
-        self.mac("session", payload).verify_slice(&signature).ok()?;
         let mut parts = payload.split('.');
-        let workspace = parts.next()?.parse().ok()?;
-        let key = parts.next()?.parse().ok()?;
+        let first = parts.next()?;
+        let kind = if first == OPERATOR_TAG {
+            self.mac("operator-session", payload)
+                .verify_slice(&signature)
+                .ok()?;
+            let name = String::from_utf8(unhex(parts.next()?)?).ok()?;
+            let fingerprint = unhex(parts.next()?)?.try_into().ok()?;
+            SessionKind::Operator { name, fingerprint }
+        } else {
+            self.mac("session", payload).verify_slice(&signature).ok()?;
+            let workspace = first.parse().ok()?;
+            let key = parts.next()?.parse().ok()?;
+            SessionKind::Workspace { workspace, key }
+        };
         let expires_at: i64 = parts.next()?.parse().ok()?;
         let nonce: [u8; 16] = unhex(parts.next()?)?.try_into().ok()?;
         if parts.next().is_some() || expires_at <= now {
             return None;
         }
         Some(Session {
-            workspace,
-            key,
+            kind,
             expires_at,
             nonce,
         })
@@ -232,13 +320,61 @@ mod tests {
     }
 
     #[test]
+    fn an_operator_session_names_its_token_and_never_passes_for_a_workspace_one() {
+        let c = console();
+        let digest = [5u8; 32];
+        let (session, value) = c.sign_in_operator("ops.team-1", &digest, 1000);
+        assert_eq!(c.verify(&value, 1000), Some(session.clone()));
+        assert_eq!(session.workspace(), None);
+        let SessionKind::Operator { name, fingerprint } = &session.kind else {
+            panic!("{session:?}");
+        };
+        assert_eq!(name, "ops.team-1");
+        assert_eq!(*fingerprint, c.operator_fingerprint(&digest));
+        assert_ne!(*fingerprint, c.operator_fingerprint(&[6u8; 32]));
+        // Another secret, another fingerprint of the same token.
+        assert_ne!(
+            Console::new(vec![8; 32]).operator_fingerprint(&digest),
+            *fingerprint
+        );
+        assert!(value.starts_with("op."));
+        assert!(!value.contains("ops.team-1"), "the name is hex: {value}");
+        assert_eq!(c.verify(&value, 1000 + SESSION_LIFETIME), None);
+
+        // A workspace's payload under an operator's signature, and the other way round.
+        let (_, ws_value) = c.sign_in(3, 9, 1000);
+        let (ws_payload, ws_sig) = ws_value.rsplit_once('.').unwrap();
+        let (op_payload, op_sig) = value.rsplit_once('.').unwrap();
+        assert_eq!(c.verify(&format!("{ws_payload}.{op_sig}"), 1000), None);
+        assert_eq!(c.verify(&format!("{op_payload}.{ws_sig}"), 1000), None);
+        // The workspace's payload signed as an operator's, and an operator's as a workspace's:
+        // each label verifies only its own kind.
+        let as_operator = hex(&c
+            .mac("operator-session", ws_payload)
+            .finalize()
+            .into_bytes());
+        assert_eq!(c.verify(&format!("{ws_payload}.{as_operator}"), 1000), None);
+        let as_workspace = hex(&c.mac("session", op_payload).finalize().into_bytes());
+        assert_eq!(
+            c.verify(&format!("{op_payload}.{as_workspace}"), 1000),
+            None
+        );
+        // Another name with the same signature.
+        let renamed = value.replacen(&hex(b"ops.team-1"), &hex(b"ops.team-2"), 1);
+        assert_eq!(c.verify(&renamed, 1000), None);
+    }
+
+    #[test]
     fn csrf_tokens_belong_to_their_session() {
         let c = console();
         let (a, _) = c.sign_in(1, 1, 0);
         let (b, _) = c.sign_in(1, 1, 0);
+        let (op, _) = c.sign_in_operator("admin", &[1; 32], 0);
         let token = c.csrf_token(&a);
         assert!(c.csrf_holds(&a, &token));
         assert!(!c.csrf_holds(&b, &token));
+        assert!(!c.csrf_holds(&op, &token));
+        assert!(c.csrf_holds(&op, &c.csrf_token(&op)));
         assert!(!c.csrf_holds(&a, ""));
         assert!(!c.csrf_holds(&a, "zz"));
     }

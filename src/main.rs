@@ -569,7 +569,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         Some(a) => tracing::info!(
             listen = %listener.local_addr()?,
             admin_listen = %a.local_addr()?,
-            "tiergate serving; the admin API and /metrics on admin_listen only"
+            "tiergate serving; the admin API, /metrics and the console's operator pages on admin_listen only"
         ),
     }
     app.serve_with_admin(listener, admin, shutdown_signal())

@@ -38,11 +38,19 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
         if let Some(url) = line.strip_prefix("Console:     ") {
             console = Some(url.split_whitespace().next().unwrap().to_string());
         }
-        if let Some(rest) = line.trim().strip_prefix("or with the admin token ") {
-            admin_token = Some(rest.split_whitespace().next().unwrap().to_string());
+        if line.starts_with("Admin API:") {
+            let token = line
+                .split("Bearer ")
+                .nth(1)
+                .unwrap()
+                .split('"')
+                .next()
+                .unwrap();
+            admin_token = Some(token.to_string());
         }
     }
     let curl = curl.unwrap();
+    let admin_token = admin_token.unwrap();
     // Take the URL, key and body out of the printed command.
     let url = curl.split_whitespace().nth(2).unwrap().to_string();
     let key = curl
@@ -82,7 +90,7 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     // The printed admin token opens the admin API (the console's operator pages take it too).
     let workspaces = client
         .get(url.replace("/v1/chat/completions", "/admin/v1/workspaces"))
-        .bearer_auth(admin_token.unwrap())
+        .bearer_auth(&admin_token)
         .send()
         .await
         .unwrap();
@@ -115,6 +123,28 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
         .await
         .unwrap()
         .contains("<strong id=\"tier\">free</strong>"));
+
+    // The printed admin token signs in to the operator's pages, which list the demo workspace.
+    let signed = browser
+        .post(format!("{console}/sign-in"))
+        .form(&[("key", admin_token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 303);
+    assert_eq!(signed.headers()["location"], "/console/operator/workspaces");
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let page = browser
+        .get(format!("{console}/operator/workspaces"))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let page = page.text().await.unwrap();
+    assert!(page.contains("data-workspace-id="), "{page}");
+    assert!(page.contains(">demo</a>"), "{page}");
 
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])

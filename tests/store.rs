@@ -20,7 +20,8 @@ use tiergate::model::{
 };
 use tiergate::store::{
     AuditFilter, CatalogChanges, CatalogDelta, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
-    LedgerRow, NewKey, Store, StoreError, WorkspaceChange, CHANGE_LOG_KEEP, PRUNE_BATCH,
+    LedgerRow, NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspaceQuery,
+    WorkspaceSort, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
 use tiergate::usage::{Recorder, UsageRecord};
 
@@ -105,6 +106,7 @@ on_both_backends!(
     the_console_secret_is_made_once_and_shared,
     tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked,
     a_promotion_is_made_once_and_never_of_a_pinned_workspace,
+    workspaces_are_searched_sorted_and_paged_in_sql,
 );
 
 async fn tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked(b: Backend) {
@@ -171,7 +173,12 @@ async fn a_promotion_is_made_once_and_never_of_a_pinned_workspace(b: Backend) {
         pinned: Some(true),
         ..WorkspaceChange::default()
     };
-    assert!(s.update_workspace(held.id, &pin, &by(), 30).await.unwrap().pinned);
+    assert!(
+        s.update_workspace(held.id, &pin, &by(), 30)
+            .await
+            .unwrap()
+            .pinned
+    );
     assert!(matches!(
         s.update_workspace(held.id, &promote, &robot, 31).await,
         Err(StoreError::Conflict(_))
@@ -1972,4 +1979,196 @@ async fn an_unknown_key_waits_briefly_when_the_store_does_not_answer() {
 async fn b_side_create(url: &str, key: NewKey) {
     let other = tiergate::store::open(url).await.unwrap();
     other.create_key(&key, &by(), 10).await.unwrap();
+}
+
+/// The console's listing of workspaces: searched (by a part of the name in either case, or of
+/// the id; `%`, `_` and `!` taken literally), sorted each way by every column with ties by id,
+/// cut into pages that make up the whole, each row with its usage of the month asked for only.
+/// Both backends give the same answers.
+async fn workspaces_are_searched_sorted_and_paged_in_sql(b: Backend) {
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0), tier("b", 2.0)])
+        .await
+        .unwrap();
+    let mut names: Vec<String> = (0..120)
+        .map(|i| match i % 4 {
+            0 => format!("Acme {i}"),
+            1 => format!("acme-{i}"),
+            2 => format!("Zeta_{i}"),
+            _ => format!("beta{i}"),
+        })
+        .collect();
+    names.extend(["100% done", "100x done", "a_b", "axb", "bang!"].map(String::from));
+    let mut ids = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let tier = if i.is_multiple_of(3) { "b" } else { "a" };
+        // Created out of id order, with ties.
+        let created = 1000 + (i as i64 * 37) % 50;
+        ids.push(
+            s.create_workspace(name, tier, &by(), created)
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let mut status = vec!["active"; names.len()];
+    for i in (0..names.len()).step_by(7) {
+        let change = WorkspaceChange {
+            status: Some(WorkspaceStatus::Suspended),
+            ..WorkspaceChange::default()
+        };
+        s.update_workspace(ids[i], &change, &by(), 2000)
+            .await
+            .unwrap();
+        status[i] = "suspended";
+    }
+    // Usage in November (two days, two models: summed), and outside it (never counted).
+    let mut month = vec![(0u64, 0u64); names.len()];
+    let mut rows = Vec::new();
+    for (i, &id) in ids.iter().enumerate().filter(|(i, _)| !i.is_multiple_of(5)) {
+        let tokens = (i as u64 * 7919) % 1000 * 10;
+        rows.push(used(id, "2026-11-01", "m", 2, tokens));
+        rows.push(used(id, "2026-11-30", "n", 1, 3));
+        rows.push(used(id, "2026-10-31", "m", 50, 100_000));
+        rows.push(used(id, "2026-12-01", "m", 50, 100_000));
+        month[i] = (tokens + 3, 3);
+    }
+    assert!(s.record_usage(&batch("list-1", rows), 10).await.unwrap());
+
+    let query = |search: &str, sort: WorkspaceSort, descending: bool, offset: u64, limit: u32| {
+        WorkspaceQuery {
+            search: search.into(),
+            sort,
+            descending,
+            offset,
+            limit,
+            month: NOV,
+        }
+    };
+    let listed_ids =
+        |rows: &[WorkspaceListed]| -> Vec<i64> { rows.iter().map(|r| r.workspace.id).collect() };
+
+    // Every row as the store has it, with its month's usage.
+    let all = s
+        .search_workspaces(&query("", WorkspaceSort::Id, false, 0, 500))
+        .await
+        .unwrap();
+    assert_eq!(all.total, names.len() as u64);
+    assert_eq!(listed_ids(&all.rows), ids);
+    for (i, row) in all.rows.iter().enumerate() {
+        assert_eq!(row.workspace.name, names[i]);
+        assert_eq!(row.workspace.status.as_str(), status[i]);
+        assert_eq!(
+            (row.tokens_this_month, row.requests_this_month),
+            month[i],
+            "{}",
+            names[i]
+        );
+    }
+
+    // Each sort, each way, as computed here; ties (tiers, statuses, creation times, usage) by id
+    // in the same direction.
+    let i_of = |id: i64| ids.iter().position(|&x| x == id).unwrap();
+    let key = |sort: WorkspaceSort, i: usize| -> (String, i64) {
+        match sort {
+            WorkspaceSort::Name => (
+                format!("{}\u{0}{}", names[i].to_ascii_lowercase(), names[i]),
+                0,
+            ),
+            WorkspaceSort::Tier => ((if i.is_multiple_of(3) { "b" } else { "a" }).into(), 0),
+            WorkspaceSort::Status => (status[i].into(), 0),
+            WorkspaceSort::Created => (String::new(), (i as i64 * 37) % 50),
+            WorkspaceSort::MonthTokens => (String::new(), month[i].0 as i64),
+            WorkspaceSort::Id => (String::new(), 0),
+        }
+    };
+    let sorts = [
+        WorkspaceSort::Name,
+        WorkspaceSort::Tier,
+        WorkspaceSort::Status,
+        WorkspaceSort::Created,
+        WorkspaceSort::MonthTokens,
+    ];
+    for sort in &sorts {
+        let mut expected = ids.clone();
+        expected.sort_by_key(|&id| (key(*sort, i_of(id)), id));
+        let asc = s
+            .search_workspaces(&query("", *sort, false, 0, 500))
+            .await
+            .unwrap();
+        assert_eq!(listed_ids(&asc.rows), expected, "{sort:?} ascending");
+        expected.reverse();
+        let desc = s
+            .search_workspaces(&query("", *sort, true, 0, 500))
+            .await
+            .unwrap();
+        assert_eq!(listed_ids(&desc.rows), expected, "{sort:?} descending");
+        // Pages of 50 make up the whole, in order; the last is short; past it, none.
+        let mut paged = Vec::new();
+        for page in 0..3 {
+            let p = s
+                .search_workspaces(&query("", *sort, true, page * 50, 50))
+                .await
+                .unwrap();
+            assert_eq!(p.total, names.len() as u64);
+            assert_eq!(
+                p.rows.len(),
+                if page < 2 { 50 } else { 25 },
+                "{sort:?} page {page}"
+            );
+            paged.extend(listed_ids(&p.rows));
+        }
+        assert_eq!(paged, expected, "{sort:?} in pages");
+        let past = s
+            .search_workspaces(&query("", *sort, true, 150, 50))
+            .await
+            .unwrap();
+        assert!(past.rows.is_empty());
+    }
+
+    // Searches: a part of the name in either case, or of the id; wildcards taken literally.
+    let found = |search: &'static str| async move {
+        let page = s
+            .search_workspaces(&query(search, WorkspaceSort::Id, false, 0, 500))
+            .await
+            .unwrap();
+        assert_eq!(page.total, page.rows.len() as u64, "{search}");
+        page.rows
+            .iter()
+            .map(|r| r.workspace.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let acme = found("ACME").await;
+    assert_eq!(acme.len(), 60);
+    assert!(acme
+        .iter()
+        .all(|n| n.to_ascii_lowercase().starts_with("acme")));
+    assert_eq!(found("0% d").await, ["100% done"]);
+    assert_eq!(found("a_b").await, ["a_b"]);
+    assert_eq!(found("g!").await, ["bang!"]);
+    assert_eq!(found("nothing like it").await, Vec::<String>::new());
+    let by_id = ids[117].to_string();
+    let page = s
+        .search_workspaces(&query(&by_id, WorkspaceSort::Id, false, 0, 500))
+        .await
+        .unwrap();
+    assert!(page.rows.iter().any(|r| r.workspace.id == ids[117]));
+    assert!(page
+        .rows
+        .iter()
+        .all(|r| r.workspace.id.to_string().contains(&by_id) || r.workspace.name.contains(&by_id)));
+    // A search and a sort and a page together.
+    let p = s
+        .search_workspaces(&query("zeta", WorkspaceSort::MonthTokens, true, 10, 10))
+        .await
+        .unwrap();
+    assert_eq!(p.total, 30);
+    let mut zeta: Vec<i64> = ids
+        .iter()
+        .copied()
+        .filter(|&id| names[i_of(id)].starts_with("Zeta"))
+        .collect();
+    zeta.sort_by_key(|&id| (month[i_of(id)].0, id));
+    zeta.reverse();
+    assert_eq!(listed_ids(&p.rows), zeta[10..20]);
 }

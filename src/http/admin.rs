@@ -27,6 +27,7 @@ use super::views::{
 };
 use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
+use crate::config::AdminToken;
 use crate::model::{
     Actor, Attributes, KeyId, LimitRequestId, LimitRequestStatus, Overrides, TierSpec, WorkspaceId,
     WorkspaceStatus,
@@ -67,20 +68,25 @@ impl FromRequestParts<Arc<AppState>> for AdminActor {
         let given = super::bearer(&parts.headers).ok_or(ApiError::Unauthorized(
             "Missing admin token: send 'Authorization: Bearer <admin token>'.",
         ))?;
-        // Compare digests, with every configured token, so that the time taken says nothing
-        // about how close a guess was or which token it was near.
-        let given = Sha256::digest(given.as_bytes());
-        let mut found = None;
-        for t in tokens {
-            if Sha256::digest(t.token.as_bytes()) == given {
-                found = Some(&t.name);
-            }
-        }
-        match found {
-            Some(name) => Ok(AdminActor(Actor::admin(name))),
+        match admin_token(tokens, given) {
+            Some(t) => Ok(AdminActor(Actor::admin(&t.name))),
             None => Err(ApiError::Unauthorized("Invalid admin token.")),
         }
     }
+}
+
+/// The configured admin token `given` is, if any (the admin API's and the console's sign-in
+/// check). Digests are compared, with every configured token, so that the time taken says
+/// nothing about how close a guess was or which token it was near.
+pub(super) fn admin_token<'a>(tokens: &'a [AdminToken], given: &str) -> Option<&'a AdminToken> {
+    let given = Sha256::digest(given.as_bytes());
+    let mut found = None;
+    for t in tokens {
+        if Sha256::digest(t.token.as_bytes()) == given {
+            found = Some(t);
+        }
+    }
+    found
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -3,13 +3,14 @@
 //! form tokens and the sign-in limiter are `crate::console`'s; this module parses, checks,
 //! and renders.
 //!
-//! - `GET /console`: the sign-in form (or, signed in, a redirect to the workspace page).
-//! - `POST /console/sign-in`: a workspace key (form field `key`) for a session cookie
-//!   (`HttpOnly`, `SameSite=Lax`, `Path=/console`, `Secure` when the request came over HTTPS as
-//!   `X-Forwarded-Proto: https` says). A wrong key gets the form again, `401`; more than
-//!   `SIGN_INS_PER_MINUTE` attempts a minute from one address, `429`. No session exists yet, so
-//!   the form carries no token: it is protected by `SameSite=Lax` and, when the browser sends
-//!   `Origin`, by requiring it to name this host (`403` otherwise).
+//! - `GET /console`: the sign-in form (or, signed in, a redirect to the session's first page:
+//!   the workspace page, or the operator's workspaces).
+//! - `POST /console/sign-in`: a workspace key or an admin token (form field `key`) for a
+//!   session cookie (`HttpOnly`, `SameSite=Lax`, `Path=/console`, `Secure` when the request
+//!   came over HTTPS as `X-Forwarded-Proto: https` says). A wrong key gets the form again,
+//!   `401`; more than `SIGN_INS_PER_MINUTE` attempts a minute from one address, `429`. No
+//!   session exists yet, so the form carries no token: it is protected by `SameSite=Lax` and,
+//!   when the browser sends `Origin`, by requiring it to name this host (`403` otherwise).
 //! - `GET /console/workspace`: the workspace's tier, limits with their usage (the figures of
 //!   `GET /v1/limits`, from the same `usage_view`), charts of its usage per day and per hour
 //!   and its usage per key (those of `GET /v1/usage`, drawn by `console_charts`), and its keys.
@@ -19,13 +20,23 @@
 //!
 //! Every page re-checks the session's key and workspace in the catalogue
 //! (`Catalog::session_key`): a session whose key was revoked or expired, or whose workspace was
-//! suspended, is sent back to sign in, its cookie cleared.
+//! suspended, is sent back to sign in, its cookie cleared. An operator's session is no
+//! workspace's: the workspace page sends it to `/console`, which sends it on to its own pages.
+//!
+//! # Which listener serves what (`Scope`)
+//! The operator's pages (`http::console_operator`) follow the admin API: without
+//! `admin_listen` the main listener serves the workspace's pages and the operator's, and its
+//! sign-in takes either secret (an admin token is looked for first, by digest, then a
+//! workspace key). With `admin_listen`, the main listener serves the workspace's pages only and
+//! its sign-in never looks at admin tokens (one typed there is refused as any wrong key is,
+//! saying nothing of whether it was valid); the admin listener serves the sign-in form, the
+//! operator's pages and sign-out, and its sign-in takes admin tokens only.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,7 +51,7 @@ use super::views::{
 use crate::admin::AdminError;
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, WorkspaceEntry};
-use crate::console::{Session, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
+use crate::console::{Session, SessionKind, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
 use crate::metrics::Metrics;
 use crate::model::{Actor, ApiKey, KeyId, LimitRequest, Limits, Overrides, Tier, Workspace};
 
@@ -57,21 +68,50 @@ const MAX_FORM_BYTES: usize = 4096;
 
 const CSS: &str = include_str!("console.css");
 
-pub fn routes() -> Router<Arc<AppState>> {
-    Router::new()
-        .route("/console", get(sign_in_page))
-        .route("/console/sign-in", post(sign_in))
-        .route("/console/workspace", get(workspace_page))
-        .route("/console/keys/{id}/revoke", post(revoke_key))
-        .route("/console/limit-requests", post(request_increase))
-        .route("/console/sign-out", post(sign_out))
+/// Which sessions a listener's console serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scope {
+    /// Workspace keys sign in, and the workspace's pages are served.
+    pub workspace: bool,
+    /// Admin tokens sign in, and the operator's pages are served.
+    pub operator: bool,
 }
 
-async fn sign_in_page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match signed_in(&state, &headers) {
-        Ok(_) => see_other("/console/workspace", None),
+pub fn routes(scope: Scope) -> Router<Arc<AppState>> {
+    let mut routes = Router::new()
+        .route("/console", get(sign_in_page))
+        .route("/console/sign-in", post(sign_in))
+        .route("/console/sign-out", post(sign_out));
+    if scope.workspace {
+        routes = routes
+            .route("/console/workspace", get(workspace_page))
+            .route("/console/keys/{id}/revoke", post(revoke_key))
+            .route("/console/limit-requests", post(request_increase));
+    }
+    if scope.operator {
+        routes = routes.merge(super::console_operator::routes());
+    }
+    routes.layer(Extension(scope))
+}
+
+async fn sign_in_page(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    headers: HeaderMap,
+) -> Response {
+    if scope.operator && super::console_operator::operator_of(&state, &headers).is_some() {
+        return see_other(super::console_operator::HOME, None);
+    }
+    let signed = match scope.workspace {
+        true => signed_in(&state, &headers).map(|_| ()),
+        // Here only an operator's session counts; any other cookie is for the other listener
+        // (cookies are per host, not per port), so it is left alone.
+        false => Err(SignedOut { clear: false }),
+    };
+    match signed {
+        Ok(()) => see_other("/console/workspace", None),
         Err(SignedOut { clear }) => {
-            let mut r = page(StatusCode::OK, "Sign in", sign_in_form(None));
+            let mut r = page(StatusCode::OK, "Sign in", sign_in_form(scope, None));
             if clear {
                 r.headers_mut()
                     .append(header::SET_COOKIE, cookie("", 0, over_https(&headers)));
@@ -81,7 +121,11 @@ async fn sign_in_page(State(state): State<Arc<AppState>>, headers: HeaderMap) ->
     }
 }
 
-async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Response {
+async fn sign_in(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    request: Request,
+) -> Response {
     let client = request
         .extensions()
         .get::<ClientAddr>()
@@ -92,7 +136,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
         let mut r = page(
             StatusCode::TOO_MANY_REQUESTS,
             "Sign in",
-            sign_in_form(Some(&format!(
+            sign_in_form(scope, Some(&format!(
                 "Too many sign-in attempts from your address (at most {SIGN_INS_PER_MINUTE} a minute). Try again in a minute."
             ))),
         );
@@ -106,7 +150,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
         return page(
             StatusCode::FORBIDDEN,
             "Sign in",
-            sign_in_form(Some("This form was sent from another site.")),
+            sign_in_form(scope, Some("This form was sent from another site.")),
         );
     }
     let Some(form) = read_form(body).await else {
@@ -114,11 +158,29 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
         return page(
             StatusCode::BAD_REQUEST,
             "Sign in",
-            sign_in_form(Some("The form could not be read.")),
+            sign_in_form(scope, Some("The form could not be read.")),
         );
     };
     let key = field(&form, "key").unwrap_or_default();
     let now = state.clock.now_secs();
+    if scope.operator {
+        if let Some(value) = super::console_operator::sign_in(&state, key.trim(), now) {
+            Metrics::inc(&state.metrics.console_signed_in);
+            let secure = over_https(&parts.headers);
+            return see_other(
+                super::console_operator::HOME,
+                Some(cookie(&value, SESSION_LIFETIME, secure)),
+            );
+        }
+    }
+    if !scope.workspace {
+        Metrics::inc(&state.metrics.console_sign_in_refused);
+        return page(
+            StatusCode::UNAUTHORIZED,
+            "Sign in",
+            sign_in_form(scope, Some("Invalid admin token.")),
+        );
+    }
     match state.catalog.authenticate(key.trim(), now).await {
         Ok((key_id, entry)) => {
             Metrics::inc(&state.metrics.console_signed_in);
@@ -132,7 +194,7 @@ async fn sign_in(State(state): State<Arc<AppState>>, request: Request) -> Respon
         Err(failure) => {
             Metrics::inc(&state.metrics.console_sign_in_refused);
             let (status, message) = refusal(failure);
-            page(status, "Sign in", sign_in_form(Some(message)))
+            page(status, "Sign in", sign_in_form(scope, Some(message)))
         }
     }
 }
@@ -217,7 +279,7 @@ async fn render_workspace(
         tiers: &tiers,
         requests: &requests,
         token: &token,
-        session_key: session.key,
+        session_key: session.workspace().map(|(_, key)| key),
         notice,
         form,
     };
@@ -266,7 +328,9 @@ async fn revoke_key(
         .revoke_workspace_key(&Actor::workspace(ws), ws, id)
         .await
     {
-        Ok(_) if id == session.key => see_other("/console", None),
+        Ok(_) if session.workspace().is_some_and(|(_, key)| key == id) => {
+            see_other("/console", None)
+        }
         Ok(_) => see_other("/console/workspace?done=revoked", None),
         Err(AdminError::NotFound(_)) => not_found(),
         Err(e) => {
@@ -372,41 +436,44 @@ async fn sign_out(State(state): State<Arc<AppState>>, request: Request) -> Respo
 }
 
 /// Not signed in (any more); `clear` when the browser holds a cookie to be removed.
-struct SignedOut {
-    clear: bool,
+pub(super) struct SignedOut {
+    pub(super) clear: bool,
 }
 
 impl SignedOut {
     /// A redirect to sign in, clearing the cookie (with the same `Secure` as it was set with,
     /// so that the browser replaces it).
-    fn to_sign_in(&self, headers: &HeaderMap) -> Response {
+    pub(super) fn to_sign_in(&self, headers: &HeaderMap) -> Response {
         let clear = self.clear.then(|| cookie("", 0, over_https(headers)));
         see_other("/console", clear)
     }
 }
 
 /// The session in the request's cookie, if it is signed and unexpired.
-fn session_of(state: &AppState, headers: &HeaderMap) -> Option<Session> {
+pub(super) fn session_of(state: &AppState, headers: &HeaderMap) -> Option<Session> {
     let value = cookie_value(headers)?;
     state.console.verify(value, state.clock.now_secs())
 }
 
-/// The session, and its workspace, if the session is valid and its key and workspace still
-/// hold.
+/// The session, and its workspace, if the session is a workspace's, valid, and its key and
+/// workspace still hold. An operator's session is not signed out by it (nothing to clear).
 fn signed_in(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(Session, Arc<WorkspaceEntry>), SignedOut> {
     let clear = cookie_value(headers).is_some();
     let session = session_of(state, headers).ok_or(SignedOut { clear })?;
+    let SessionKind::Workspace { workspace, key } = session.kind else {
+        return Err(SignedOut { clear: false });
+    };
     let entry = state
         .catalog
-        .session_key(session.key, session.workspace, state.clock.now_secs())
+        .session_key(key, workspace, state.clock.now_secs())
         .map_err(|_| SignedOut { clear })?;
     Ok((session, entry))
 }
 
-fn cookie_value(headers: &HeaderMap) -> Option<&str> {
+pub(super) fn cookie_value(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -419,7 +486,7 @@ fn cookie_value(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// The session cookie's `Set-Cookie` (an empty value and `Max-Age=0` clears it).
-fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
+pub(super) fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
     let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
         "{COOKIE}={value}; Max-Age={max_age}; Path={PREFIX}; HttpOnly; SameSite=Lax{secure}"
@@ -427,7 +494,7 @@ fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
     .expect("a cookie of ASCII")
 }
 
-fn over_https(headers: &HeaderMap) -> bool {
+pub(super) fn over_https(headers: &HeaderMap) -> bool {
     headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
@@ -438,7 +505,7 @@ fn over_https(headers: &HeaderMap) -> bool {
 /// sent, must name the host the request was sent to (`Host`, or `X-Forwarded-Host` as a proxy
 /// in front that rewrites `Host` sets it; a page of another site cannot set either on a form it
 /// sends).
-fn same_origin(headers: &HeaderMap) -> bool {
+pub(super) fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
@@ -457,11 +524,16 @@ fn same_origin(headers: &HeaderMap) -> bool {
 }
 
 async fn read_form(body: Body) -> Option<Vec<(String, String)>> {
-    let bytes = axum::body::to_bytes(body, MAX_FORM_BYTES).await.ok()?;
+    read_form_up_to(body, MAX_FORM_BYTES).await
+}
+
+/// A form body of at most `max` bytes, as its fields in order.
+pub(super) async fn read_form_up_to(body: Body, max: usize) -> Option<Vec<(String, String)>> {
+    let bytes = axum::body::to_bytes(body, max).await.ok()?;
     Some(url::form_urlencoded::parse(&bytes).into_owned().collect())
 }
 
-fn field(form: &[(String, String)], name: &str) -> Option<String> {
+pub(super) fn field(form: &[(String, String)], name: &str) -> Option<String> {
     form.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
 }
 
@@ -476,8 +548,9 @@ fn refusal(failure: AuthFailure) -> (StatusCode, &'static str) {
     }
 }
 
-fn see_other(to: &'static str, cookie: Option<HeaderValue>) -> Response {
-    let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, to)]).into_response();
+pub(super) fn see_other(to: &str, cookie: Option<HeaderValue>) -> Response {
+    let location = HeaderValue::try_from(to).unwrap_or_else(|_| HeaderValue::from_static(PREFIX));
+    let mut r = (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response();
     if let Some(c) = cookie {
         r.headers_mut().append(header::SET_COOKIE, c);
     }
@@ -492,7 +565,7 @@ fn unavailable(status: StatusCode) -> Response {
     )
 }
 
-fn page(status: StatusCode, title: &str, body: Markup) -> Response {
+pub(super) fn page(status: StatusCode, title: &str, body: Markup) -> Response {
     let markup = html! {
         (DOCTYPE)
         html lang="en" {
@@ -526,16 +599,21 @@ fn page(status: StatusCode, title: &str, body: Markup) -> Response {
     r
 }
 
-fn sign_in_form(error: Option<&str>) -> Markup {
+fn sign_in_form(scope: Scope, error: Option<&str>) -> Markup {
+    let label = match (scope.workspace, scope.operator) {
+        (true, true) => "Workspace API key or admin token",
+        (false, true) => "Admin token",
+        _ => "Workspace API key",
+    };
     html! {
         h1 { "Sign in" }
         @if let Some(e) = error { p.error role="alert" { (e) } }
-        form method="post" action="/console/sign-in" {
-            label for="key" { "Workspace API key" }
+        form #sign-in method="post" action="/console/sign-in" {
+            label for="key" { (label) }
             input #key type="password" name="key" autocomplete="off" required;
             button type="submit" { "Sign in" }
         }
-        p.note { "The key is exchanged for a session cookie of 12 hours; it is not kept in your browser." }
+        p.note { "The secret is exchanged for a session cookie of 12 hours; it is not kept in your browser." }
     }
 }
 
@@ -581,7 +659,7 @@ struct WorkspacePage<'a> {
     requests: &'a [LimitRequest],
     token: &'a str,
     /// The key the session was made with (revoking it ends the session).
-    session_key: KeyId,
+    session_key: Option<KeyId>,
     notice: Option<Notice<'a>>,
     /// The increase form as it was sent, when it was refused.
     form: Option<&'a [(String, String)]>,
@@ -680,7 +758,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                                 form.revoke method="post" action={ "/console/keys/" (k.id) "/revoke" } {
                                     input type="hidden" name="csrf" value=(token);
                                     button type="submit" {
-                                        @if k.id == *session_key { "Revoke (signs you out)" } @else { "Revoke" }
+                                        @if Some(k.id) == *session_key { "Revoke (signs you out)" } @else { "Revoke" }
                                     }
                                 }
                             }
@@ -774,16 +852,14 @@ fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
     let value = |name: &str| sent.and_then(|f| field(f, name)).unwrap_or_default();
     let number = |name: &str, label: &str, step: &str| {
         html! {
-            label for=(name) { (label) }
-            input id=(name) type="number" name=(name) min="0" step=(step) value=(value(name));
+            label for=(name) { (label) input id=(name) type="number" name=(name) min="0" step=(step) value=(value(name)); }
         }
     };
     html! {
         h2 { "Request a limit increase" }
         form #increase method="post" action="/console/limit-requests" {
             input type="hidden" name="csrf" value=(token);
-            label for="use_case" { "Use case (required)" }
-            textarea #use_case name="use_case" rows="3" maxlength="4096" required { (value("use_case")) }
+            label for="use_case" { "Use case (required)" textarea #use_case name="use_case" rows="3" maxlength="4096" required { (value("use_case")) } }
             fieldset {
                 legend { "The limits you need (leave blank what you do not ask for)" }
                 (number("requests_per_second", "Requests per second", "0.001"))
@@ -791,8 +867,7 @@ fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
                 (number("tokens_per_month", "Tokens per month", "1"))
                 (number("concurrent_requests", "Concurrent requests", "1"))
             }
-            label for="expected_volume" { "Expected volume (optional)" }
-            input #expected_volume type="text" name="expected_volume" maxlength="4096" placeholder="e.g. 2M tokens a day, peaks of 20 requests/s" value=(value("expected_volume"));
+            label for="expected_volume" { "Expected volume (optional)" input #expected_volume type="text" name="expected_volume" maxlength="4096" placeholder="e.g. 2M tokens a day, peaks of 20 requests/s" value=(value("expected_volume")); }
             button type="submit" { "Send the request" }
         }
     }

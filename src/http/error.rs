@@ -86,6 +86,23 @@ impl From<AdminError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The status and message of this error's answer, for a page that shows it (the console):
+    /// read back from the JSON answer itself, so that a page says what the API would, by the
+    /// same mapping, and never an internal detail.
+    pub async fn status_and_message(self) -> (StatusCode, String) {
+        let response = self.into_response();
+        let status = response.status();
+        let message = axum::body::to_bytes(response.into_body(), 64 * 1024)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .and_then(|v| v["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| "The request could not be carried out; retry later.".into());
+        (status, message)
+    }
+}
+
 /// The error shape: the Mistral API's fields, in its order, then the same four again under
 /// `error`, the OpenAI API's shape. The mistralai SDK hands over the body as sent; the openai
 /// SDKs read `error` (openai-python falls back on the whole body, openai-node does not: without

@@ -2,10 +2,11 @@
 //! of the admin tokens, serving (`serve`), and the mapping of every error to an answer
 //! (`error`).
 //!
-//! Two sets of routes: the gateway's (`/v1/*`, the limits page, health checks) and the
-//! operator's (`/admin/v1/*`, `/metrics`). Without `admin_listen` both are served on the main
-//! listener; with it, the operator's are served on the admin listener only (with the health
-//! checks), and the main listener answers them `404`. Every route that does not exist answers
+//! Two sets of routes: the gateway's (`/v1/*`, the limits page, the workspace's console, health
+//! checks) and the operator's (`/admin/v1/*`, `/metrics`, the console's operator pages). Without
+//! `admin_listen` both are served on the main listener; with it, the operator's are served on
+//! the admin listener only (with the health checks and the console's sign-in), and the main
+//! listener answers them `404` (see `console::Scope`). Every route that does not exist answers
 //! a JSON `404`, and a method a route does not have a JSON `405`, in the gateway's error shape;
 //! `/v1/*` routes the gateway does not know are passed to the upstream.
 //!
@@ -16,6 +17,7 @@
 pub mod admin;
 pub mod console;
 pub mod console_charts;
+pub mod console_operator;
 pub mod error;
 pub mod extract;
 pub mod headers;
@@ -59,7 +61,10 @@ pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
     let api = documented(true, with_operator);
     let routes = health()
         .merge(api)
-        .merge(console::routes())
+        .merge(console::routes(console::Scope {
+            workspace: true,
+            operator: with_operator,
+        }))
         .route("/v1/{*path}", any(proxy::proxy));
     let routes = if with_operator {
         routes.merge(operator())
@@ -69,10 +74,18 @@ pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
     finish(routes, state)
 }
 
-/// The admin listener's routes: the operator's, and the health checks.
+/// The admin listener's routes: the operator's (the console's operator pages among them), and
+/// the health checks.
 pub fn admin_router(state: Arc<AppState>) -> Router {
+    let console = console::routes(console::Scope {
+        workspace: false,
+        operator: true,
+    });
     finish(
-        health().merge(documented(false, true)).merge(operator()),
+        health()
+            .merge(documented(false, true))
+            .merge(operator())
+            .merge(console),
         state,
     )
 }

@@ -46,7 +46,8 @@ impl App {
 
     /// Serves on `listener` until `shutdown` completes, then drains (for at most
     /// `shutdown_grace`), waits for the settlements, and flushes the ledger. With
-    /// `admin_listen` set, also binds it and serves the admin API and `/metrics` there only.
+    /// `admin_listen` set, also binds it and serves the admin API, `/metrics` and the console's
+    /// operator pages there only.
     pub async fn serve(
         self,
         listener: TcpListener,

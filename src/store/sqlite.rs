@@ -16,10 +16,11 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
-    month_range, month_totals_of, parse_json, promotion_holds, rank_of, AuditColumns, AuditFilter,
-    AuditRow, CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage,
-    LedgerBatch, NewKey, Store, StoreError, WorkspaceChange, AUDIT_COLUMNS, CHANGE_LOG_KEEP,
-    CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    month_range, month_totals_of, parse_json, promotion_holds, rank_of, search_pattern,
+    workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
+    CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, NewKey, Store, StoreError,
+    WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS,
+    CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -581,6 +582,40 @@ impl Store for SqliteStore {
             .iter()
             .map(workspace_row)
             .collect()
+    }
+
+    async fn search_workspaces(&self, query: &WorkspaceQuery) -> Result<WorkspacePage, StoreError> {
+        let (count, page) = workspace_search_sql(query, "");
+        let pattern = search_pattern(&query.search);
+        let (from, to) = month_range(query.month);
+        // One read transaction: the count and the page from the same snapshot.
+        let mut tx = self.pool.begin().await?;
+        let total: i64 = sqlx::query_scalar(&count)
+            .bind(&pattern)
+            .fetch_one(&mut *tx)
+            .await?;
+        let rows = sqlx::query(&page)
+            .bind(&pattern)
+            .bind(&from)
+            .bind(&to)
+            .bind(i64::from(query.limit))
+            .bind(i64::try_from(query.offset).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|row| {
+                Ok(WorkspaceListed {
+                    workspace: workspace_row(row)?,
+                    tokens_this_month: row.try_get::<i64, _>("month_tokens")?.max(0) as u64,
+                    requests_this_month: row.try_get::<i64, _>("month_requests")?.max(0) as u64,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        tx.commit().await?;
+        Ok(WorkspacePage {
+            total: total.max(0) as u64,
+            rows,
+        })
     }
 
     async fn get_workspace(&self, id: WorkspaceId) -> Result<Workspace, StoreError> {

@@ -4,7 +4,9 @@
 //!
 //! # What the flow covers
 //! `console_in_a_browser_sign_in_usage_and_sign_out`, one test, so that one browser runs at a
-//! time on this 2-core machine:
+//! time on this 2-core machine, goes through the issue's flow: a workspace signs in, sees its
+//! usage move with real requests, files an increase request; the operator signs in and approves
+//! it; the workspace sees the new limit, and the gateway enforces it.
 //! 1. The console-error check itself: a script's error must be caught by it.
 //! 2. `/console`: the sign-in form, the workspace key typed in and sent as a person would; the
 //!    browser lands on `/console/workspace` with the session cookie (`HttpOnly`), and the key is
@@ -15,9 +17,16 @@
 //!    this minute (the manual clock stands still, so nothing refills), the month bar's value,
 //!    and the requests this month (the ledger, up to about a second behind).
 //! 5. A screenshot of the limits page, `workspace-limits.png` (and in 2, `sign-in.png`).
-//! 6. Sign-out through its form: the cookie is gone, and `/console/workspace` leads back to the
+//! 6. The usage charts: today's bar of the daily chart holds exactly those tokens and requests.
+//! 7. An increase request filed through the page's form (use case, tokens per minute, expected
+//!    volume): listed as pending on the page and in the admin API, as typed.
+//! 8. Sign-out through its form: the cookie is gone, and `/console/workspace` leads back to the
 //!    sign-in form.
-//! 7. The console-error check again: a page of the gateway that answers `404` must be caught.
+//! 9. The operator signs in with the admin token, opens the requests page (screenshot
+//!    `operator-requests.png`), and approves the request with another figure than asked.
+//! 10. The workspace signs in again: the request is approved, the page shows the granted limit
+//!     (`workspace-approved.png`), and a request through the gateway carries it in its headers.
+//! 11. The console-error check again: a page of the gateway that answers `404` must be caught.
 //!
 //! After every page the browser's console log is read and must hold no error: a script error, a
 //! resource that failed to load (such as a missing favicon: the console's pages forbid icons by
@@ -68,6 +77,9 @@ const WAIT: Duration = Duration::from_secs(10);
 /// The longest `chromedriver` and then Chromium may take to start.
 const START: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(100);
+/// The browser window, as `--window-size` starts it.
+const WINDOW_WIDTH: u32 = 1280;
+const WINDOW_HEIGHT: u32 = 1000;
 const ARTIFACTS_ENV: &str = "TIERGATE_ARTIFACTS";
 const FAILURE_SCREENSHOT: &str = "failure.png";
 
@@ -80,6 +92,7 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
     gw.put_tier(
         TIER,
         json!({
+            "rank": 1,
             "requests_per_second": 10,
             "tokens_per_minute": TOKENS_PER_MINUTE,
             "tokens_per_month": 5_000_000,
@@ -169,7 +182,62 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
     // 5. The limits page as a person sees it.
     browser.screenshot("workspace-limits").await;
 
-    // 6. Sign out.
+    // 6. The usage charts: today's bar holds exactly the tokens and requests of the day.
+    let today = tiergate::limiter::core::day_of(tiergate::clock::Clock::now(&*gw.clock));
+    let day_bar = format!(r#"svg#chart-daily g.day[data-day="{today}"]"#);
+    browser
+        .reload_until("today's bar in the daily chart", |b| {
+            let day_bar = day_bar.clone();
+            async move {
+                let bar = b.wait_for(&day_bar).await;
+                bar.attr("data-tokens").await.unwrap() == Some(tokens.to_string())
+                    && bar.attr("data-requests").await.unwrap() == Some("3".into())
+            }
+        })
+        .await;
+    browser.wait_for("svg#chart-hourly").await;
+    browser.wait_for("table#usage-by-key").await;
+
+    // 7. An increase request, filed through the page's form as a person would.
+    browser.wait_for("form#increase").await;
+    browser
+        .wait_for("#use_case")
+        .await
+        .send_keys("Nightly batch summaries for the research team")
+        .await
+        .unwrap();
+    browser
+        .wait_for("form#increase #tokens_per_minute")
+        .await
+        .send_keys("400000")
+        .await
+        .unwrap();
+    browser
+        .wait_for("#expected_volume")
+        .await
+        .send_keys("3M tokens a night")
+        .await
+        .unwrap();
+    browser.click("form#increase button[type=\"submit\"]").await;
+    browser.wait_for_path("/console/workspace").await;
+    let pending = browser
+        .wait_for(r#"#requests tr[data-status="pending"]"#)
+        .await;
+    let request_id = pending.attr("data-request-id").await.unwrap().unwrap();
+    browser
+        .assert_no_console_errors("the increase request")
+        .await;
+    let (_, listed) = gw
+        .admin(reqwest::Method::GET, "/limit-requests?status=pending", None)
+        .await;
+    assert_eq!(listed["data"][0]["id"].to_string(), request_id, "{listed}");
+    assert_eq!(listed["data"][0]["expected_volume"], "3M tokens a night");
+    assert_eq!(
+        listed["data"][0]["requested_limits"],
+        json!({"tokens_per_minute": 400000})
+    );
+
+    // 8. Sign out.
     browser.click(SIGN_OUT).await;
     browser.wait_for_path("/console").await;
     browser.wait_for(SIGN_IN_FIELD).await;
@@ -183,7 +251,58 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
     browser.wait_for(SIGN_IN_FIELD).await;
     browser.assert_no_console_errors("sign-out").await;
 
-    // 7. A page that is not there is caught too. Last, since the browser then asks for
+    // 9. The operator signs in with the admin token and approves it, with another figure than
+    // asked.
+    browser.sign_in_to(ADMIN, OPERATOR_HOME).await;
+    browser.assert_no_console_errors(OPERATOR_HOME).await;
+    browser.goto(OPERATOR_REQUESTS).await;
+    let row = format!(r#"tr[data-request-id="{request_id}"]"#);
+    browser.wait_for(&format!("{row} form.approve")).await;
+    assert!(browser
+        .text_at(&format!("{row} td.use-case"))
+        .await
+        .contains("3M tokens a night"));
+    browser.assert_no_console_errors(OPERATOR_REQUESTS).await;
+    browser.screenshot("operator-requests").await;
+    let granted = browser
+        .wait_for(&format!(
+            r#"{row} form.approve input[name="tokens_per_minute"]"#
+        ))
+        .await;
+    granted.clear().await.unwrap();
+    granted.send_keys("300000").await.unwrap();
+    browser
+        .click(&format!(r#"{row} form.approve button[type="submit"]"#))
+        .await;
+    browser.wait_for_path(OPERATOR_REQUESTS).await;
+    browser.wait_for(".notice").await;
+    browser.assert_no_console_errors("the approval").await;
+    browser.click(OPERATOR_SIGN_OUT).await;
+    browser.wait_for_path("/console").await;
+
+    // 10. The workspace sees its new limit and the answer; the gateway enforces it.
+    browser.sign_in(&key).await;
+    browser
+        .wait_for(&format!(
+            r#"#requests tr[data-request-id="{request_id}"][data-status="approved"]"#
+        ))
+        .await;
+    assert!(browser
+        .text_at(r#"tr[data-limit="tokens_per_minute"] td.figures"#)
+        .await
+        .contains("of 300000"));
+    assert_eq!(browser.number_at(MINUTE_LEFT).await, 300_000 - tokens);
+    browser
+        .assert_no_console_errors("/console/workspace after the approval")
+        .await;
+    browser.screenshot("workspace-approved").await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("300000"));
+    browser.click(SIGN_OUT).await;
+    browser.wait_for_path("/console").await;
+
+    // 11. A page that is not there is caught too. Last, since the browser then asks for
     // `/favicon.ico` (the console's pages forbid it by their Content-Security-Policy), a second
     // 404 that may land in the log a little later.
     browser.goto("/console/no-such-page").await;
@@ -226,6 +345,9 @@ const REQUESTS_THIS_MONTH: &str = "#requests-this-month";
 const SIGN_IN_FIELD: &str = r#"form[action="/console/sign-in"] input[name="key"]"#;
 const SIGN_IN_BUTTON: &str = r#"form[action="/console/sign-in"] button[type="submit"]"#;
 const SIGN_OUT: &str = r#"form[action="/console/sign-out"] button[type="submit"]"#;
+const OPERATOR_HOME: &str = "/console/operator/workspaces";
+const OPERATOR_REQUESTS: &str = "/console/operator/requests";
+const OPERATOR_SIGN_OUT: &str = r#"nav form#sign-out button[type="submit"]"#;
 
 /// A WebDriver session on a headless Chromium of its own, and the gateway's URL.
 pub struct Browser {
@@ -343,8 +465,15 @@ impl Browser {
             .unwrap_or_else(|_| panic!("{css} shows {text:?}, not a number"))
     }
 
-    /// Signs in through the sign-in form with `secret` and waits for the page it leads to.
+    /// Signs in through the sign-in form with a workspace key and waits for its page.
     pub async fn sign_in(&self, secret: &str) {
+        self.sign_in_to(secret, "/console/workspace").await;
+        self.wait_for("#tier").await;
+    }
+
+    /// Signs in through the sign-in form with `secret` and waits for `landing`, the page it
+    /// leads to.
+    pub async fn sign_in_to(&self, secret: &str, landing: &str) {
         self.goto("/console").await;
         self.wait_for(SIGN_IN_FIELD)
             .await
@@ -352,8 +481,7 @@ impl Browser {
             .await
             .unwrap();
         self.click(SIGN_IN_BUTTON).await;
-        self.wait_for_path("/console/workspace").await;
-        self.wait_for("#tier").await;
+        self.wait_for_path(landing).await;
     }
 
     /// Reloads the page until `check` holds (at most [`WAIT`]): for a figure that lands a little
@@ -379,7 +507,25 @@ impl Browser {
     /// Saves the page (the whole document, as tall as its content) as `NAME.png` in the artefacts
     /// directory.
     pub async fn screenshot(&self, name: &str) -> PathBuf {
-        let png = self.wait_for("html").await.screenshot().await.unwrap();
+        // The window is made as tall as the document for the picture, then set back.
+        let height = self
+            .client
+            .execute("return document.documentElement.scrollHeight", vec![])
+            .await
+            .unwrap()
+            .as_u64()
+            .unwrap_or(1000)
+            .clamp(600, 8000);
+        self.client
+            .set_window_size(WINDOW_WIDTH, height as u32 + 140)
+            .await
+            .unwrap();
+        let png = self.wait_for("html").await.screenshot().await;
+        self.client
+            .set_window_size(WINDOW_WIDTH, WINDOW_HEIGHT)
+            .await
+            .unwrap();
+        let png = png.unwrap();
         assert!(png.starts_with(b"\x89PNG"), "a screenshot is a PNG");
         let path = self.artifacts.join(format!("{name}.png"));
         std::fs::write(&path, png).unwrap();

@@ -13,23 +13,23 @@ use serde_json::{json, Value};
 
 use crate::harness::*;
 
-fn browser() -> Client {
+pub(crate) fn browser() -> Client {
     Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
 }
 
-/// What a page answered.
-struct Page {
-    status: StatusCode,
-    location: Option<String>,
-    set_cookie: Vec<String>,
-    body: String,
+/// What a page answered (also read by the operator's tests, `console_operator`).
+pub(crate) struct Page {
+    pub(crate) status: StatusCode,
+    pub(crate) location: Option<String>,
+    pub(crate) set_cookie: Vec<String>,
+    pub(crate) body: String,
 }
 
 impl Page {
-    async fn of(r: Response) -> Page {
+    pub(crate) async fn of(r: Response) -> Page {
         let status = r.status();
         let location = header(&r, "location").map(str::to_string);
         let set_cookie = r
@@ -47,20 +47,20 @@ impl Page {
     }
 
     /// `tiergate_console=VALUE` from the `Set-Cookie` that sets the session.
-    fn session(&self) -> Option<String> {
+    pub(crate) fn session(&self) -> Option<String> {
         self.set_cookie
             .iter()
             .find(|c| c.starts_with("tiergate_console=") && !c.starts_with("tiergate_console=;"))
             .map(|c| c.split(';').next().unwrap().to_string())
     }
 
-    fn clears_session(&self) -> bool {
+    pub(crate) fn clears_session(&self) -> bool {
         self.set_cookie
             .iter()
             .any(|c| c.starts_with("tiergate_console=;") && c.contains("Max-Age=0"))
     }
 
-    fn redirects_to(&self, to: &str) -> bool {
+    pub(crate) fn redirects_to(&self, to: &str) -> bool {
         self.status == StatusCode::SEE_OTHER && self.location.as_deref() == Some(to)
     }
 
@@ -81,7 +81,7 @@ impl Page {
     }
 
     /// The sign-out form's token.
-    fn csrf(&self) -> String {
+    pub(crate) fn csrf(&self) -> String {
         let at = self
             .body
             .find("name=\"csrf\" value=\"")

@@ -233,11 +233,15 @@ impl TestGateway {
     }
 
     /// Stops this gateway (flushing its ledger) and starts a new one on the same database.
-    pub async fn restart(mut self) -> TestGateway {
+    pub async fn restart(self) -> TestGateway {
+        self.restart_with(Options::default()).await
+    }
+
+    /// As `restart`, the new gateway with `options` (another configuration).
+    pub async fn restart_with(mut self, options: Options) -> TestGateway {
         self.stop.take().unwrap().send(()).unwrap();
         self.server.take().unwrap().await.unwrap();
         let upstream = self.mock.as_ref().unwrap().url.clone();
-        let options = Options::default();
         let mut gw = Self::boot(&self.db, upstream, options, self.clock.clone()).await;
         gw._dir = self._dir.take();
         gw.mock = self.mock.take();

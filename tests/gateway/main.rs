@@ -9,6 +9,7 @@ mod admin_input;
 mod bad_input;
 mod browser;
 mod console;
+mod console_operator;
 mod crash;
 mod distributed;
 mod errors;

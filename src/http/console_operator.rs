@@ -1,0 +1,1721 @@
+//! The console's operator pages, at `/console/operator/…`: what an operator signed in with an
+//! admin token sees and changes. Server-rendered like the workspace's pages (`http::console`,
+//! whose page frame, cookies and form checks these share), no script.
+//!
+//! - `GET /console/operator` → `303` to the workspaces.
+//! - `GET /console/operator/workspaces?q=&sort=&dir=&page=`: the workspaces (`table#workspaces`,
+//!   a row `tr[data-workspace-id]` each): name, id, tier, status, tokens this month, created;
+//!   searched by a part of the name or id (`q`), sorted by `sort` = `name`, `id`, `tier`,
+//!   `status`, `usage` or `created` (`dir` = `asc` or `desc`), `admin::WORKSPACE_PAGE` (50) a
+//!   page. Searched, sorted and cut in the store's SQL (`Store::search_workspaces`), so a page
+//!   costs the same with thousands of workspaces.
+//! - `GET /console/operator/workspaces/{id}`: a workspace: its tier, its effective limits (the
+//!   tier's, the overrides, the result), this month's usage, its keys and its increase requests;
+//!   forms to change its tier (`form#change-tier`), its overrides (`form#overrides`), its status
+//!   (`form#change-status`), to make a key (`form#create-key`) and revoke one (`form.revoke`).
+//!   - `POST …/{id}/tier` (`tier`), `POST …/{id}/overrides` (the override fields; each shown
+//!     with its value as loaded, `was_<field>`, so that only the fields edited are sent, as a
+//!     patch: a number sets, an emptied field clears, and whatever changed the others meanwhile,
+//!     an approval say, is kept), `POST …/{id}/status` (`status`: `active` or `suspended`),
+//!     `POST …/{id}/keys` (`name`, `expires_at`: answers the page with the new secret, shown
+//!     that once, never in a URL).
+//!   - `POST /console/operator/keys/{id}/revoke`.
+//! - `GET /console/operator/tiers`: the catalogue (`table#tiers`, `tr[data-tier]`), a form per
+//!   tier (`form.tier-edit`, `POST /console/operator/tiers/{name}`) and one to create a tier
+//!   (`form#create-tier`, `POST /console/operator/tiers`, refused if the name exists). A tier's
+//!   form holds all its limits (an empty field is no limit, as a field left out of
+//!   `PUT /admin/v1/tiers/{name}` is), per-model ones as lines `MODEL tokens_per_minute=N
+//!   tokens_per_month=N`.
+//! - `GET /console/operator/requests?status=&workspace=`: increase requests (`table#requests`,
+//!   a row `tr[data-request-id]` each), pending ones by default, oldest first; `status=all`
+//!   lists every one, pending first. A pending one has `form.approve` (the override fields,
+//!   filled with what was asked: grant them as they are or edit them) and `form.deny`
+//!   (`reason`, required): `POST /console/operator/requests/{id}/approve` and `…/deny`.
+//! - `GET /console/operator/audit?after=`: the audit log, newest first, read-only.
+//!
+//! Every page checks the session: an operator's session whose admin token is still configured
+//! (same name, same fingerprint: `crate::console`). Without one, `303` to `/console` (the
+//! cookie cleared if there was one); with a workspace's session, `403` and nothing of the
+//! operator's data. Every `POST` carries the session's form token (`csrf`) and passes the
+//! `Origin` check (`403` otherwise). Every change is made through `admin::Admin` as
+//! `Actor::admin(<token's name>)`, the very actor the admin API records for that token, so the
+//! audit log says who made it whichever front end they used; `Admin` refreshes this instance's
+//! catalogue before it returns, so a change holds from the next request. A change answers `303`
+//! back to its page with a short notice (`?done=…`, a fixed code, never text from the request);
+//! a refused one shows the page again with the message, and the status the admin API would
+//! give (`400` for what is not valid, `404`, `409`, `503`).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use maud::{html, Markup};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::console::{
+    cookie_value, field, page, read_form_up_to, same_origin, see_other, session_of, SignedOut,
+};
+use super::error::ApiError;
+use super::views::{usage_view, Timestamp};
+use crate::admin::{self, AdminError, AuditQuery, NewKeyInput, WorkspaceListing, WorkspaceUpdate};
+use crate::app::AppState;
+use crate::console::{Session, SessionKind};
+use crate::model::{
+    Actor, ApiKey, AuditEntry, LimitRequest, LimitRequestStatus, Limits, ModelLimits, Overrides,
+    Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+};
+use crate::store::{WorkspacePage, WorkspaceSort};
+
+/// Where an operator lands after signing in.
+pub const HOME: &str = "/console/operator/workspaces";
+const REQUESTS: &str = "/console/operator/requests";
+const TIERS: &str = "/console/operator/tiers";
+const AUDIT: &str = "/console/operator/audit";
+
+/// An operator's form holds at most a reason (4 KiB) or a tier's per-model lines.
+const MAX_FORM_BYTES: usize = 64 * 1024;
+/// Audit entries a page shows.
+const AUDIT_PAGE: i64 = 50;
+
+/// The override fields, in the order the forms show them, with their labels.
+const OVERRIDE_FIELDS: [(&str, &str); 5] = [
+    ("requests_per_second", "Requests per second"),
+    ("burst", "Burst"),
+    ("tokens_per_minute", "Tokens per minute"),
+    ("tokens_per_month", "Tokens per month"),
+    ("concurrent_requests", "Concurrent requests"),
+];
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/console/operator", get(|| async { see_other(HOME, None) }))
+        .route(HOME, get(workspaces_page))
+        .route("/console/operator/workspaces/{id}", get(workspace_page))
+        .route("/console/operator/workspaces/{id}/tier", post(change_tier))
+        .route(
+            "/console/operator/workspaces/{id}/overrides",
+            post(change_overrides),
+        )
+        .route(
+            "/console/operator/workspaces/{id}/status",
+            post(change_status),
+        )
+        .route("/console/operator/workspaces/{id}/keys", post(create_key))
+        .route("/console/operator/keys/{id}/revoke", post(revoke_key))
+        .route(TIERS, get(tiers_page).post(create_tier))
+        .route("/console/operator/tiers/{name}", post(edit_tier))
+        .route(REQUESTS, get(requests_page))
+        .route("/console/operator/requests/{id}/approve", post(approve))
+        .route("/console/operator/requests/{id}/deny", post(deny))
+        .route(AUDIT, get(audit_page))
+}
+
+/// A signed-in operator: the session, and the admin token's name it acts as.
+pub(super) struct Operator {
+    session: Session,
+    name: String,
+}
+
+impl Operator {
+    /// The actor the admin API records for the same token.
+    fn actor(&self) -> Actor {
+        Actor::admin(&self.name)
+    }
+}
+
+/// An admin token's cookie value for a new operator's session, if `secret` is a configured
+/// admin token.
+pub(super) fn sign_in(state: &AppState, secret: &str, now: i64) -> Option<String> {
+    let token = super::admin::admin_token(&state.config.admin_tokens, secret)?;
+    let digest = Sha256::digest(token.token.as_bytes());
+    Some(state.console.sign_in_operator(&token.name, &digest, now).1)
+}
+
+/// The operator this request's cookie signs in, if its session is valid and its admin token is
+/// still configured (by name and fingerprint).
+pub(super) fn operator_of(state: &AppState, headers: &HeaderMap) -> Option<Operator> {
+    let session = session_of(state, headers)?;
+    let SessionKind::Operator { name, fingerprint } = &session.kind else {
+        return None;
+    };
+    let holds = state.config.admin_tokens.iter().any(|t| {
+        t.name == *name
+            && state
+                .console
+                .operator_fingerprint(&Sha256::digest(t.token.as_bytes()))
+                == *fingerprint
+    });
+    let name = name.clone();
+    holds.then_some(Operator { session, name })
+}
+
+/// Why a request gets no operator's page.
+enum NotOperator {
+    /// A workspace's session: `403`, nothing of the operator's.
+    Workspace,
+    /// No valid operator's session: to sign in (clearing the cookie, if any).
+    SignedOut,
+}
+
+impl NotOperator {
+    fn answer(self, headers: &HeaderMap) -> Response {
+        match self {
+            NotOperator::Workspace => page(
+                StatusCode::FORBIDDEN,
+                "Operators only",
+                html! {
+                    h1 { "Operators only" }
+                    p.error role="alert" { "This page is for operators. Sign out, then sign in with an admin token." }
+                    p { a href="/console" { "Back to the console" } }
+                },
+            ),
+            NotOperator::SignedOut => SignedOut {
+                clear: cookie_value(headers).is_some(),
+            }
+            .to_sign_in(headers),
+        }
+    }
+}
+
+/// The operator, or why there is none.
+fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, NotOperator> {
+    if let Some(op) = operator_of(state, headers) {
+        return Ok(op);
+    }
+    match session_of(state, headers) {
+        Some(Session {
+            kind: SessionKind::Workspace { .. },
+            ..
+        }) => Err(NotOperator::Workspace),
+        _ => Err(NotOperator::SignedOut),
+    }
+}
+
+/// A `POST` of an operator's form: the operator and the form's fields, once the session, the
+/// `Origin` and the form's token hold.
+async fn posted(state: &AppState, request: Request) -> Result<(Operator, Form), Response> {
+    let (parts, body) = request.into_parts();
+    let op = require(state, &parts.headers).map_err(|n| n.answer(&parts.headers))?;
+    let refused = || {
+        page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            html! { p.error role="alert" { "This form is not valid for your session. Reload the page and try again." } },
+        )
+    };
+    if !same_origin(&parts.headers) {
+        return Err(refused());
+    }
+    let Some(fields) = read_form_up_to(body, MAX_FORM_BYTES).await else {
+        return Err(message_page(
+            &op,
+            state,
+            StatusCode::BAD_REQUEST,
+            "The form could not be read (at most 64 KiB).",
+        ));
+    };
+    let form = Form(fields);
+    if !state.console.csrf_holds(&op.session, &form.get("csrf")) {
+        return Err(refused());
+    }
+    Ok((op, form))
+}
+
+/// A form's fields.
+struct Form(Vec<(String, String)>);
+
+impl Form {
+    /// The field, trimmed; empty when absent.
+    fn get(&self, name: &str) -> String {
+        field(&self.0, name)
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// What a refused change shows: the admin API's status and message for it.
+async fn refusal(e: AdminError) -> (StatusCode, String) {
+    ApiError::from(e).status_and_message().await
+}
+
+/// A number typed in a form as the admin API's JSON would give it (`Value::Null` when empty,
+/// for "clear"); text that is not a number names the field.
+fn number(field: &str, text: &str) -> Result<Value, AdminError> {
+    if text.is_empty() {
+        return Ok(Value::Null);
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(v @ Value::Number(_)) => Ok(v),
+        _ => Err(AdminError::Invalid(format!(
+            "'{field}' must be a number, or empty"
+        ))),
+    }
+}
+
+/// Overrides typed in a form (empty fields set nothing), read and checked as the admin API
+/// reads its `limits`.
+fn overrides_of(form: &Form) -> Result<Overrides, AdminError> {
+    let values = OVERRIDE_FIELDS
+        .iter()
+        .map(|(f, _)| Ok((*f, number(f, &form.get(f))?)))
+        .collect::<Result<Vec<_>, AdminError>>()?;
+    let set: Vec<(&str, &Value)> = values
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(f, v)| (*f, v))
+        .collect();
+    Ok(admin::overrides_patch(set)?.apply(&Overrides::default()))
+}
+
+/// A tier's limits typed in its form: an empty field is no limit.
+/// A tier's rank from its form: empty for none (off the ladder).
+fn rank_of(form: &Form) -> Result<Option<u32>, AdminError> {
+    let text = form.get("rank");
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim().parse().map(Some).map_err(|_| {
+        AdminError::Invalid(
+            "'rank' must be a whole number from 0, or empty for a tier off the ladder".into(),
+        )
+    })
+}
+
+fn limits_of(form: &Form) -> Result<Limits, AdminError> {
+    fn parsed<T: std::str::FromStr>(
+        form: &Form,
+        field: &str,
+        what: &str,
+    ) -> Result<Option<T>, AdminError> {
+        let text = form.get(field);
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse().map(Some).map_err(|_| {
+            AdminError::Invalid(format!("'{field}' must be {what}, or empty for no limit"))
+        })
+    }
+    const WHOLE: &str = "a whole number";
+    let mut models = std::collections::BTreeMap::new();
+    for (i, line) in form.get("models").lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let bad = || {
+            AdminError::Invalid(format!(
+                "models, line {}: write MODEL tokens_per_minute=N tokens_per_month=N (either limit may be left out)",
+                i + 1
+            ))
+        };
+        let mut words = line.split_whitespace();
+        let model = words.next().ok_or_else(bad)?;
+        let mut limits = ModelLimits::default();
+        for word in words {
+            let (name, value) = word.split_once('=').ok_or_else(bad)?;
+            let value: u64 = value.parse().map_err(|_| bad())?;
+            match name {
+                "tokens_per_minute" => limits.tokens_per_minute = Some(value),
+                "tokens_per_month" => limits.tokens_per_month = Some(value),
+                _ => return Err(bad()),
+            }
+        }
+        if models.insert(model.to_string(), limits).is_some() {
+            return Err(AdminError::Invalid(format!(
+                "models, line {}: {model} is given twice",
+                i + 1
+            )));
+        }
+    }
+    Ok(Limits {
+        requests_per_second: parsed(form, "requests_per_second", "a number")?,
+        burst: parsed(form, "burst", WHOLE)?,
+        tokens_per_minute: parsed(form, "tokens_per_minute", WHOLE)?,
+        tokens_per_month: parsed(form, "tokens_per_month", WHOLE)?,
+        concurrent_requests: parsed(form, "concurrent_requests", WHOLE)?,
+        models,
+    })
+}
+
+/// A workspace id from a path; `None` (a `404`) when it is not one.
+fn id_of(text: &str) -> Option<i64> {
+    text.parse().ok().filter(|id| *id > 0)
+}
+
+/// The notices a change leaves on the page it returns to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Done {
+    Tier,
+    Overrides,
+    Unchanged,
+    Suspended,
+    Reactivated,
+    Revoked,
+    TierSaved,
+    TierCreated,
+    Approved,
+    Denied,
+}
+
+impl Done {
+    const ALL: [Done; 10] = [
+        Done::Tier,
+        Done::Overrides,
+        Done::Unchanged,
+        Done::Suspended,
+        Done::Reactivated,
+        Done::Revoked,
+        Done::TierSaved,
+        Done::TierCreated,
+        Done::Approved,
+        Done::Denied,
+    ];
+
+    fn code(self) -> &'static str {
+        match self {
+            Done::Tier => "tier",
+            Done::Overrides => "overrides",
+            Done::Unchanged => "unchanged",
+            Done::Suspended => "suspended",
+            Done::Reactivated => "reactivated",
+            Done::Revoked => "revoked",
+            Done::TierSaved => "tier-saved",
+            Done::TierCreated => "tier-created",
+            Done::Approved => "approved",
+            Done::Denied => "denied",
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Done::Tier => "Tier changed.",
+            Done::Overrides => "Overrides saved.",
+            Done::Unchanged => "Nothing was changed: no field was edited.",
+            Done::Suspended => "Workspace suspended.",
+            Done::Reactivated => "Workspace reactivated.",
+            Done::Revoked => "Key revoked.",
+            Done::TierSaved => "Tier saved.",
+            Done::TierCreated => "Tier created.",
+            Done::Approved => "Request approved.",
+            Done::Denied => "Request denied.",
+        }
+    }
+
+    fn parse(code: &str) -> Option<Done> {
+        Done::ALL.into_iter().find(|d| d.code() == code)
+    }
+}
+
+/// A query string's parameters.
+fn query(raw: Option<String>) -> Vec<(String, String)> {
+    raw.map(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .into_owned()
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    params
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+/// The notice `?done=` names, if any.
+fn notice(params: &[(String, String)]) -> Option<&'static str> {
+    param(params, "done").and_then(Done::parse).map(Done::text)
+}
+
+/// An operator's page: the navigation, a notice or an error, and `body`.
+fn operator_page(
+    state: &AppState,
+    op: &Operator,
+    status: StatusCode,
+    title: &str,
+    messages: (Option<&str>, Option<&str>),
+    body: Markup,
+) -> Response {
+    let token = state.console.csrf_token(&op.session);
+    let (notice, error) = messages;
+    page(
+        status,
+        title,
+        html! {
+            nav.operator {
+                a href=(HOME) { "Workspaces" }
+                a href=(REQUESTS) { "Requests" }
+                a href=(TIERS) { "Tiers" }
+                a href=(AUDIT) { "Audit log" }
+                span.who { "Operator " strong { (op.name) } }
+                form #sign-out method="post" action="/console/sign-out" {
+                    input type="hidden" name="csrf" value=(token);
+                    button type="submit" { "Sign out" }
+                }
+            }
+            @if let Some(n) = notice { p.notice role="status" { (n) } }
+            @if let Some(e) = error { p.error role="alert" { (e) } }
+            (body)
+        },
+    )
+}
+
+/// A page that only says `message` (a failure with nothing else to show).
+fn message_page(op: &Operator, state: &AppState, status: StatusCode, message: &str) -> Response {
+    operator_page(
+        state,
+        op,
+        status,
+        "Console",
+        (None, Some(message)),
+        html! {},
+    )
+}
+
+async fn failure_page(op: &Operator, state: &AppState, e: AdminError) -> Response {
+    let (status, message) = refusal(e).await;
+    message_page(op, state, status, &message)
+}
+
+fn optional<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(String::new, |v| v.to_string())
+}
+
+fn shown<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "—".to_string(), |v| v.to_string())
+}
+
+fn status_name(s: WorkspaceStatus) -> &'static str {
+    s.as_str()
+}
+
+// ---- Workspaces ----------------------------------------------------------------------------
+
+/// The listing's parameters, as the page's links write them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ListParams {
+    q: String,
+    sort: WorkspaceSort,
+    descending: bool,
+    page: u64,
+}
+
+const SORTS: [(WorkspaceSort, &str, &str); 6] = [
+    (WorkspaceSort::Name, "name", "Name"),
+    (WorkspaceSort::Id, "id", "ID"),
+    (WorkspaceSort::Tier, "tier", "Tier"),
+    (WorkspaceSort::Status, "status", "Status"),
+    (WorkspaceSort::MonthTokens, "usage", "Tokens this month"),
+    (WorkspaceSort::Created, "created", "Created"),
+];
+
+impl ListParams {
+    fn parse(params: &[(String, String)]) -> Result<ListParams, AdminError> {
+        let sort = match param(params, "sort").filter(|s| !s.is_empty()) {
+            None => WorkspaceSort::Id,
+            Some(s) => SORTS
+                .iter()
+                .find(|(_, code, _)| *code == s)
+                .map(|(sort, _, _)| *sort)
+                .ok_or_else(|| {
+                    AdminError::Invalid(
+                        "'sort' must be name, id, tier, status, usage or created".into(),
+                    )
+                })?,
+        };
+        let descending = match param(params, "dir").filter(|s| !s.is_empty()) {
+            None | Some("asc") => false,
+            Some("desc") => true,
+            Some(_) => return Err(AdminError::Invalid("'dir' must be asc or desc".into())),
+        };
+        let page = match param(params, "page").filter(|s| !s.is_empty()) {
+            None => 1,
+            Some(p) => p
+                .parse()
+                .map_err(|_| AdminError::Invalid("'page' must be a whole number".into()))?,
+        };
+        Ok(ListParams {
+            q: param(params, "q").unwrap_or_default().trim().to_string(),
+            sort,
+            descending,
+            page,
+        })
+    }
+
+    fn href(&self) -> String {
+        let code = SORTS
+            .iter()
+            .find(|(s, _, _)| *s == self.sort)
+            .map_or("id", |(_, c, _)| c);
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        if !self.q.is_empty() {
+            q.append_pair("q", &self.q);
+        }
+        q.append_pair("sort", code);
+        q.append_pair("dir", if self.descending { "desc" } else { "asc" });
+        q.append_pair("page", &self.page.to_string());
+        format!("{HOME}?{}", q.finish())
+    }
+}
+
+async fn workspaces_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let params = query(raw);
+    let list = match ListParams::parse(&params) {
+        Ok(list) => list,
+        Err(e) => return failure_page(&op, &state, e).await,
+    };
+    let listing = WorkspaceListing {
+        search: Some(list.q.clone()),
+        sort: list.sort,
+        descending: list.descending,
+        page: Some(list.page),
+        per_page: None,
+    };
+    match state.admin.search_workspaces(listing).await {
+        Ok(found) => operator_page(
+            &state,
+            &op,
+            StatusCode::OK,
+            "Workspaces",
+            (notice(&params), None),
+            workspaces_body(&list, &found),
+        ),
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+fn workspaces_body(list: &ListParams, found: &WorkspacePage) -> Markup {
+    let per_page = u64::from(admin::WORKSPACE_PAGE);
+    let pages = found.total.div_ceil(per_page).max(1);
+    let at = |page: u64| {
+        ListParams {
+            page,
+            ..list.clone()
+        }
+        .href()
+    };
+    html! {
+        h1 { "Workspaces" }
+        form #search method="get" action=(HOME) {
+            label for="q" { "Name or id" }
+            input #q type="search" name="q" value=(list.q) maxlength="128";
+            @let code = SORTS.iter().find(|(s, _, _)| *s == list.sort).map_or("id", |(_, c, _)| c);
+            input type="hidden" name="sort" value=(code);
+            input type="hidden" name="dir" value=(if list.descending { "desc" } else { "asc" });
+            button type="submit" { "Search" }
+        }
+        p.note #matching {
+            span #total { (found.total) } " workspace" @if found.total != 1 { "s" }
+            @if !list.q.is_empty() { " matching “" (list.q) "”" }
+            " · page " span #page { (list.page) } " of " (pages)
+        }
+        table #workspaces {
+            thead { tr {
+                @for (sort, code, label) in SORTS {
+                    @let active = list.sort == sort;
+                    @let next = ListParams { sort, descending: active && !list.descending, page: 1, q: list.q.clone() };
+                    th scope="col" data-sort=(code) aria-sort=[active.then_some(if list.descending { "descending" } else { "ascending" })] {
+                        a href=(next.href()) { (label) @if active { @if list.descending { " ↓" } @else { " ↑" } } }
+                    }
+                }
+            } }
+            tbody {
+                @for row in &found.rows {
+                    @let w = &row.workspace;
+                    tr data-workspace-id=(w.id) {
+                        td.name { a href=(format!("{HOME}/{}", w.id)) { (w.name) } }
+                        td.id { (w.id) }
+                        td.tier { (w.tier) }
+                        td.status { (status_name(w.status)) }
+                        td.usage data-tokens=(row.tokens_this_month) { (row.tokens_this_month) }
+                        td.created { (Timestamp(w.created_at).rfc3339()) }
+                    }
+                }
+            }
+        }
+        p.pages {
+            @if list.page > 1 { a rel="prev" href=(at(list.page - 1)) { "‹ Previous" } " " }
+            @if list.page < pages { a rel="next" href=(at(list.page + 1)) { "Next ›" } }
+        }
+    }
+}
+
+/// What a workspace's page shows, read for it.
+struct WorkspaceData {
+    workspace: Workspace,
+    tiers: Vec<Tier>,
+    effective: Limits,
+    tokens_this_month: Option<u64>,
+    requests_this_month: Option<u64>,
+    keys: Vec<ApiKey>,
+    requests: Vec<LimitRequest>,
+}
+
+async fn workspace_data(state: &AppState, id: WorkspaceId) -> Result<WorkspaceData, AdminError> {
+    let workspace = state.admin.get_workspace(id).await?;
+    let tiers = state.admin.list_tiers().await?;
+    let keys = state.admin.list_keys(id).await?;
+    let requests = state.admin.list_limit_requests(Some(id), None).await?;
+    let effective = state
+        .catalog
+        .limits_of(id)
+        .map(|l| (*l).clone())
+        .unwrap_or_else(|| {
+            let tier = tiers.iter().find(|t| t.name == workspace.tier);
+            workspace
+                .overrides
+                .apply(&tier.map(|t| t.limits.clone()).unwrap_or_default())
+        });
+    // The month's usage as the admin API's usage view gives it (the ledger's figures exact);
+    // a limiter that cannot answer leaves it out rather than the whole page.
+    let usage = usage_view(state, &workspace, &effective, None, None, true).await;
+    let (tokens_this_month, requests_this_month) = match usage {
+        Ok(u) => (Some(u.tokens_this_month), Some(u.requests_this_month)),
+        Err(e) => {
+            tracing::warn!(error = %e, workspace = id, "console: no usage for the operator's page");
+            (None, None)
+        }
+    };
+    Ok(WorkspaceData {
+        workspace,
+        tiers,
+        effective,
+        tokens_this_month,
+        requests_this_month,
+        keys,
+        requests,
+    })
+}
+
+async fn workspace_page(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let params = query(raw);
+    show_workspace(&state, &op, &id, StatusCode::OK, notice(&params), None).await
+}
+
+/// A workspace's page, with a notice or an error.
+async fn show_workspace(
+    state: &AppState,
+    op: &Operator,
+    id: &str,
+    status: StatusCode,
+    notice: Option<&str>,
+    error: Option<&str>,
+) -> Response {
+    let Some(id) = id_of(id) else {
+        return message_page(op, state, StatusCode::NOT_FOUND, "No such workspace.");
+    };
+    match workspace_data(state, id).await {
+        Ok(data) => {
+            let token = state.console.csrf_token(&op.session);
+            operator_page(
+                state,
+                op,
+                status,
+                &data.workspace.name,
+                (notice, error),
+                workspace_body(&data, &token),
+            )
+        }
+        Err(e) => failure_page(op, state, e).await,
+    }
+}
+
+fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
+    let w = &d.workspace;
+    let base = format!("{HOME}/{}", w.id);
+    let tier = d.tiers.iter().find(|t| t.name == w.tier);
+    let o = &w.overrides;
+    let overrides: [Option<String>; 5] = [
+        o.requests_per_second.map(|v| v.to_string()),
+        o.burst.map(|v| v.to_string()),
+        o.tokens_per_minute.map(|v| v.to_string()),
+        o.tokens_per_month.map(|v| v.to_string()),
+        o.concurrent_requests.map(|v| v.to_string()),
+    ];
+    let tier_limits = tier.map(|t| limit_figures(&t.limits));
+    let effective = limit_figures(&d.effective);
+    html! {
+        h1 { (w.name) }
+        p #summary {
+            "Workspace " span #workspace-id { (w.id) }
+            " · tier " strong #tier { (w.tier) }
+            " · " span #status { (status_name(w.status)) }
+            " · created " (Timestamp(w.created_at).rfc3339())
+        }
+        @if tier.is_none() { p.error { "Its tier is not in the catalogue." } }
+        h2 { "Limits" }
+        table #limits {
+            thead { tr { th { "Limit" } th { "Tier" } th { "Override" } th { "Effective" } } }
+            tbody {
+                @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
+                    tr data-limit=(field) {
+                        th scope="row" { (label) }
+                        td.tier { (tier_limits.as_ref().map_or_else(|| "—".into(), |t| t[i].clone())) }
+                        td.override { (overrides[i].clone().unwrap_or_else(|| "—".into())) }
+                        td.effective { (effective[i]) }
+                    }
+                }
+            }
+        }
+        @if !d.effective.models.is_empty() {
+            table #model-limits {
+                thead { tr { th { "Model" } th { "Tokens per minute" } th { "Tokens per month" } } }
+                tbody {
+                    @for (model, l) in &d.effective.models {
+                        tr data-model=(model) {
+                            th scope="row" { (model) }
+                            td { (shown(l.tokens_per_minute)) }
+                            td { (shown(l.tokens_per_month)) }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "This month" }
+        p #usage {
+            "Tokens used: " span #tokens-this-month { (shown(d.tokens_this_month)) }
+            @if let Some(q) = d.effective.tokens_per_month { " of " (q) }
+            " · requests: " span #requests-this-month { (shown(d.requests_this_month)) }
+        }
+        h2 { "Change" }
+        form #change-tier method="post" action=(format!("{base}/tier")) {
+            input type="hidden" name="csrf" value=(token);
+            label for="tier-select" { "Tier" }
+            select #tier-select name="tier" {
+                @for t in &d.tiers {
+                    option value=(t.name) selected[t.name == w.tier] { (t.name) }
+                }
+            }
+            button type="submit" { "Change tier" }
+        }
+        form #overrides method="post" action=(format!("{base}/overrides")) {
+            input type="hidden" name="csrf" value=(token);
+            @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
+                label {
+                    (label)
+                    input type="text" inputmode="decimal" name=(field) value=(overrides[i].clone().unwrap_or_default()) size="14";
+                }
+                input type="hidden" name=(format!("was_{field}")) value=(overrides[i].clone().unwrap_or_default());
+            }
+            button type="submit" { "Save overrides" }
+            span.note { "A number sets an override; an emptied field clears it (the tier's applies)." }
+        }
+        form #change-status method="post" action=(format!("{base}/status")) {
+            input type="hidden" name="csrf" value=(token);
+            @match w.status {
+                WorkspaceStatus::Active => {
+                    input type="hidden" name="status" value="suspended";
+                    button type="submit" { "Suspend" }
+                    span.note { "Its requests are refused (403) and its console sessions end." }
+                }
+                WorkspaceStatus::Suspended => {
+                    input type="hidden" name="status" value="active";
+                    button type="submit" { "Reactivate" }
+                }
+            }
+        }
+        h2 { "API keys" }
+        table #keys {
+            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Expires" } th { "Status" } th {} } }
+            tbody {
+                @for k in &d.keys {
+                    tr data-key-id=(k.id) {
+                        td { code { (k.prefix) "…" } }
+                        td { (k.name.as_deref().unwrap_or("")) }
+                        td { (Timestamp(k.created_at).rfc3339()) }
+                        td { (k.last_used_at.map_or_else(|| "never".into(), |t| Timestamp(t).rfc3339())) }
+                        td { (k.expires_at.map_or_else(|| "never".into(), |t| Timestamp(t).rfc3339())) }
+                        td.status { @if k.revoked_at.is_some() { "revoked" } @else { "active" } }
+                        td {
+                            @if k.revoked_at.is_none() {
+                                form.revoke method="post" action=(format!("/console/operator/keys/{}/revoke", k.id)) {
+                                    input type="hidden" name="csrf" value=(token);
+                                    button type="submit" { "Revoke" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        form #create-key method="post" action=(format!("{base}/keys")) {
+            input type="hidden" name="csrf" value=(token);
+            label { "Name " input type="text" name="name" maxlength="128"; }
+            label { "Expires (RFC 3339, optional) " input type="text" name="expires_at" placeholder="2027-01-01T00:00:00Z"; }
+            button type="submit" { "Create key" }
+        }
+        h2 { "Increase requests" }
+        @if d.requests.is_empty() {
+            p.note { "None." }
+        } @else {
+            table #workspace-requests {
+                thead { tr { th { "#" } th { "Asked" } th { "Use case" } th { "Limits asked" } th { "Status" } th { "Answer" } } }
+                tbody {
+                    @for r in d.requests.iter().rev() {
+                        tr data-request-id=(r.id) {
+                            td { (r.id) }
+                            td { (Timestamp(r.created_at).rfc3339()) }
+                            td.use-case {
+                                (r.use_case)
+                                @if let Some(v) = &r.expected_volume { br; span.note.expected-volume { "Expected volume: " (v) } }
+                            }
+                            td { (overrides_text(&r.requested_limits)) }
+                            td.status { (r.status.as_str()) }
+                            td { (answer_text(r)) }
+                        }
+                    }
+                }
+            }
+            p { a href=(format!("{REQUESTS}?status=all&workspace={}", w.id)) { "Answer them on the requests page" } }
+        }
+    }
+}
+
+/// The five override-able limits of `l`, as the limits table shows them.
+fn limit_figures(l: &Limits) -> [String; 5] {
+    [
+        shown(l.requests_per_second),
+        l.requests_per_second
+            .map_or_else(|| shown(l.burst), |_| l.effective_burst().to_string()),
+        shown(l.tokens_per_minute),
+        shown(l.tokens_per_month),
+        shown(l.concurrent_requests),
+    ]
+}
+
+fn overrides_text(o: &Overrides) -> String {
+    let Overrides {
+        requests_per_second,
+        burst,
+        tokens_per_minute,
+        tokens_per_month,
+        concurrent_requests,
+    } = o;
+    let mut parts = Vec::new();
+    let mut add = |name: &str, v: Option<String>| {
+        if let Some(v) = v {
+            parts.push(format!("{name} {v}"));
+        }
+    };
+    add(
+        "requests_per_second",
+        requests_per_second.map(|v| v.to_string()),
+    );
+    add("burst", burst.map(|v| v.to_string()));
+    add(
+        "tokens_per_minute",
+        tokens_per_minute.map(|v| v.to_string()),
+    );
+    add("tokens_per_month", tokens_per_month.map(|v| v.to_string()));
+    add(
+        "concurrent_requests",
+        concurrent_requests.map(|v| v.to_string()),
+    );
+    parts.join(", ")
+}
+
+fn answer_text(r: &LimitRequest) -> String {
+    match r.status {
+        LimitRequestStatus::Pending => String::new(),
+        LimitRequestStatus::Approved => format!(
+            "granted {}",
+            r.granted_limits
+                .as_ref()
+                .map(overrides_text)
+                .unwrap_or_default()
+        ),
+        LimitRequestStatus::Denied => r.reason.clone().unwrap_or_default(),
+    }
+}
+
+/// After a change to workspace `id`: back to its page with `done`, or the page again with why
+/// it was refused.
+async fn after_change(
+    state: &AppState,
+    op: &Operator,
+    id: &str,
+    outcome: Result<Done, AdminError>,
+) -> Response {
+    match outcome {
+        Ok(done) => see_other(&format!("{HOME}/{id}?done={}", done.code()), None),
+        Err(e) => {
+            let (status, message) = refusal(e).await;
+            show_workspace(state, op, id, status, None, Some(&message)).await
+        }
+    }
+}
+
+fn workspace_id(id: &str) -> Result<WorkspaceId, AdminError> {
+    id_of(id).ok_or_else(|| AdminError::NotFound("No such workspace.".into()))
+}
+
+async fn change_tier(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let update = WorkspaceUpdate {
+            tier: Some(form.get("tier")),
+            ..WorkspaceUpdate::default()
+        };
+        let ws = workspace_id(&id)?;
+        state
+            .admin
+            .update_workspace(&op.actor(), ws, update)
+            .await?;
+        Ok(Done::Tier)
+    }
+    .await;
+    after_change(&state, &op, &id, outcome).await
+}
+
+async fn change_overrides(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let ws = workspace_id(&id)?;
+        // Only the fields edited since the page was loaded: a patch, as the admin API's.
+        let mut edited = Vec::new();
+        for (field, _) in OVERRIDE_FIELDS {
+            let now = form.get(field);
+            if now != form.get(&format!("was_{field}")) {
+                edited.push((field, number(field, &now)?));
+            }
+        }
+        if edited.is_empty() {
+            return Ok(Done::Unchanged);
+        }
+        let patch = admin::overrides_patch(edited.iter().map(|(f, v)| (*f, v)))?;
+        let update = WorkspaceUpdate {
+            overrides: patch,
+            ..WorkspaceUpdate::default()
+        };
+        state
+            .admin
+            .update_workspace(&op.actor(), ws, update)
+            .await?;
+        Ok(Done::Overrides)
+    }
+    .await;
+    after_change(&state, &op, &id, outcome).await
+}
+
+async fn change_status(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let ws = workspace_id(&id)?;
+        let status = admin::workspace_status(&form.get("status"))?;
+        let update = WorkspaceUpdate {
+            status: Some(status),
+            ..WorkspaceUpdate::default()
+        };
+        state
+            .admin
+            .update_workspace(&op.actor(), ws, update)
+            .await?;
+        Ok(match status {
+            WorkspaceStatus::Active => Done::Reactivated,
+            WorkspaceStatus::Suspended => Done::Suspended,
+        })
+    }
+    .await;
+    after_change(&state, &op, &id, outcome).await
+}
+
+async fn create_key(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let made = async {
+        let ws = workspace_id(&id)?;
+        let nonempty = |v: String| (!v.is_empty()).then_some(v);
+        let input = NewKeyInput {
+            name: nonempty(form.get("name")),
+            expires_at: nonempty(form.get("expires_at")),
+        };
+        state.admin.create_key(&op.actor(), ws, input).await
+    }
+    .await;
+    match made {
+        // The secret is on this answer only: no redirect, nothing in a URL, `no-store`.
+        Ok((key, secret)) => operator_page(
+            &state,
+            &op,
+            StatusCode::CREATED,
+            "New key",
+            (Some("Key created."), None),
+            html! {
+                h1 { "New key" }
+                p { "Copy the key now: it is shown this once, and only its hash is kept." }
+                p { code #new-key { (secret) } }
+                p.note { "Prefix " code { (key.prefix) "…" } @if let Some(n) = &key.name { " · name " (n) } }
+                p { a href=(format!("{HOME}/{}", key.workspace_id)) { "Back to the workspace" } }
+            },
+        ),
+        Err(e) => after_change(&state, &op, &id, Err(e)).await,
+    }
+}
+
+async fn revoke_key(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, _) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let revoked = match id_of(&id) {
+        Some(key) => state.admin.revoke_key(&op.actor(), key).await,
+        None => Err(AdminError::NotFound("No such key.".into())),
+    };
+    match revoked {
+        Ok(key) => see_other(
+            &format!("{HOME}/{}?done={}", key.workspace_id, Done::Revoked.code()),
+            None,
+        ),
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+// ---- Tiers ---------------------------------------------------------------------------------
+
+async fn tiers_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let params = query(raw);
+    show_tiers(&state, &op, StatusCode::OK, notice(&params), None).await
+}
+
+async fn show_tiers(
+    state: &AppState,
+    op: &Operator,
+    status: StatusCode,
+    notice: Option<&str>,
+    error: Option<&str>,
+) -> Response {
+    match state.admin.list_tiers().await {
+        Ok(tiers) => {
+            let token = state.console.csrf_token(&op.session);
+            operator_page(
+                state,
+                op,
+                status,
+                "Tiers",
+                (notice, error),
+                tiers_body(&tiers, &token),
+            )
+        }
+        Err(e) => failure_page(op, state, e).await,
+    }
+}
+
+/// A tier's per-model limits as the form's lines.
+fn model_lines(limits: &Limits) -> String {
+    let mut text = String::new();
+    for (model, l) in &limits.models {
+        text.push_str(model);
+        if let Some(v) = l.tokens_per_minute {
+            text.push_str(&format!(" tokens_per_minute={v}"));
+        }
+        if let Some(v) = l.tokens_per_month {
+            text.push_str(&format!(" tokens_per_month={v}"));
+        }
+        text.push('\n');
+    }
+    text
+}
+
+/// The fields of a tier's form, filled with its rank and `limits`.
+fn tier_fields(rank: Option<u32>, limits: &Limits, token: &str) -> Markup {
+    let values = [
+        optional(limits.requests_per_second),
+        optional(limits.burst),
+        optional(limits.tokens_per_minute),
+        optional(limits.tokens_per_month),
+        optional(limits.concurrent_requests),
+    ];
+    html! {
+        input type="hidden" name="csrf" value=(token);
+        label { "Rank" input type="text" inputmode="numeric" name="rank" value=(optional(rank)) size="6"; }
+        @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
+            label { (label) input type="text" inputmode="decimal" name=(field) value=(values[i]) size="14"; }
+        }
+        label.models { "Per model" textarea name="models" rows="2" cols="60" placeholder="mistral-large-latest tokens_per_minute=100000" { (model_lines(limits)) } }
+    }
+}
+
+fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
+    html! {
+        h1 { "Tiers" }
+        table #tiers {
+            thead { tr { th { "Tier" } th { "Rank" } @for (_, label) in OVERRIDE_FIELDS { th { (label) } } th { "Per model" } } }
+            tbody {
+                @for t in tiers {
+                    @let figures = limit_figures(&t.limits);
+                    tr data-tier=(t.name) {
+                        th scope="row" { (t.name) }
+                        td data-rank { (optional(t.rank)) }
+                        @for (i, (field, _)) in OVERRIDE_FIELDS.iter().enumerate() {
+                            td data-limit=(field) { (figures[i]) }
+                        }
+                        td { (model_lines(&t.limits)) }
+                    }
+                }
+            }
+        }
+        p.note { "An empty field is no limit. A change holds from the next request of every workspace on the tier." }
+        @for t in tiers {
+            section.tier data-tier=(t.name) {
+                h2 { (t.name) }
+                form.tier-edit method="post" action=(format!("{TIERS}/{}", t.name)) {
+                    (tier_fields(t.rank, &t.limits, token))
+                    button type="submit" { "Save " (t.name) }
+                }
+            }
+        }
+        section #new-tier {
+            h2 { "New tier" }
+            form #create-tier method="post" action=(TIERS) {
+                label { "Name " input type="text" name="name" required maxlength="64" pattern="[A-Za-z0-9._-]+"; }
+                (tier_fields(None, &Limits::default(), token))
+                button type="submit" { "Create tier" }
+            }
+        }
+    }
+}
+
+async fn create_tier(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let spec = TierSpec {
+            rank: rank_of(&form)?,
+            limits: limits_of(&form)?,
+            promotion: None,
+        };
+        state
+            .admin
+            .create_tier(&op.actor(), &form.get("name"), spec)
+            .await
+    }
+    .await;
+    after_tier(&state, &op, outcome.map(|_| Done::TierCreated)).await
+}
+
+async fn edit_tier(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let (rank, limits) = (rank_of(&form)?, limits_of(&form)?);
+        state
+            .admin
+            .update_tier(&op.actor(), &name, rank, limits)
+            .await
+    }
+    .await;
+    after_tier(&state, &op, outcome.map(|_| Done::TierSaved)).await
+}
+
+async fn after_tier(
+    state: &AppState,
+    op: &Operator,
+    outcome: Result<Done, AdminError>,
+) -> Response {
+    match outcome {
+        Ok(done) => see_other(&format!("{TIERS}?done={}", done.code()), None),
+        Err(e) => {
+            let (status, message) = refusal(e).await;
+            show_tiers(state, op, status, None, Some(&message)).await
+        }
+    }
+}
+
+// ---- Increase requests ---------------------------------------------------------------------
+
+/// Which requests the page lists: a status, or all (`None`); and one workspace's, or all.
+struct RequestFilter {
+    status: Option<LimitRequestStatus>,
+    workspace: Option<WorkspaceId>,
+}
+
+impl RequestFilter {
+    fn parse(params: &[(String, String)]) -> Result<RequestFilter, AdminError> {
+        let status = match param(params, "status").filter(|s| !s.is_empty()) {
+            None => Some(LimitRequestStatus::Pending),
+            Some("all") => None,
+            Some(s) => Some(LimitRequestStatus::parse(s).ok_or_else(|| {
+                AdminError::Invalid("'status' must be pending, approved, denied or all".into())
+            })?),
+        };
+        let workspace = match param(params, "workspace").filter(|s| !s.is_empty()) {
+            None => None,
+            Some(w) => Some(
+                id_of(w).ok_or_else(|| AdminError::Invalid("'workspace' must be an id".into()))?,
+            ),
+        };
+        Ok(RequestFilter { status, workspace })
+    }
+
+    fn href(&self, status: Option<LimitRequestStatus>) -> String {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("status", status.map_or("all", |s| s.as_str()));
+        if let Some(w) = self.workspace {
+            q.append_pair("workspace", &w.to_string());
+        }
+        format!("{REQUESTS}?{}", q.finish())
+    }
+}
+
+async fn requests_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let params = query(raw);
+    match RequestFilter::parse(&params) {
+        Ok(filter) => {
+            show_requests(&state, &op, &filter, StatusCode::OK, notice(&params), None).await
+        }
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+async fn show_requests(
+    state: &AppState,
+    op: &Operator,
+    filter: &RequestFilter,
+    status: StatusCode,
+    notice: Option<&str>,
+    error: Option<&str>,
+) -> Response {
+    let mut requests = match state
+        .admin
+        .list_limit_requests(filter.workspace, filter.status)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return failure_page(op, state, e).await,
+    };
+    // Pending first, oldest first (the queue); the answered ones newest first.
+    requests.sort_by_key(|r| match r.status {
+        LimitRequestStatus::Pending => (0, r.id),
+        _ => (1, -r.id),
+    });
+    let token = state.console.csrf_token(&op.session);
+    let body = requests_body(state, filter, &requests, &token);
+    operator_page(
+        state,
+        op,
+        status,
+        "Increase requests",
+        (notice, error),
+        body,
+    )
+}
+
+fn requests_body(
+    state: &AppState,
+    filter: &RequestFilter,
+    requests: &[LimitRequest],
+    token: &str,
+) -> Markup {
+    let choices = [
+        (Some(LimitRequestStatus::Pending), "Pending"),
+        (Some(LimitRequestStatus::Approved), "Approved"),
+        (Some(LimitRequestStatus::Denied), "Denied"),
+        (None, "All"),
+    ];
+    html! {
+        h1 { "Increase requests" }
+        p #filters {
+            @for (status, label) in choices {
+                @if filter.status == status { strong { (label) } } @else { a href=(filter.href(status)) { (label) } }
+                " "
+            }
+            @if let Some(w) = filter.workspace { " · workspace " (w) " · " a href=(RequestFilter { workspace: None, status: filter.status }.href(filter.status)) { "every workspace" } }
+        }
+        @if requests.is_empty() {
+            p.note #no-requests { "No request here." }
+        } @else {
+            table #requests {
+                thead { tr { th { "#" } th { "Workspace" } th { "Asked" } th { "Use case" } th { "Limits asked" } th { "Status" } th { "Answer" } } }
+                tbody {
+                    @for r in requests {
+                        @let name = state.catalog.workspace(r.workspace_id).map(|e| e.workspace.name.clone());
+                        tr data-request-id=(r.id) data-status=(r.status.as_str()) {
+                            td { (r.id) }
+                            td.workspace {
+                                a href=(format!("{HOME}/{}", r.workspace_id)) { (name.unwrap_or_else(|| format!("workspace {}", r.workspace_id))) }
+                                " (" (r.workspace_id) ")"
+                            }
+                            td { (Timestamp(r.created_at).rfc3339()) }
+                            td.use-case {
+                                (r.use_case)
+                                @if let Some(v) = &r.expected_volume { br; span.note.expected-volume { "Expected volume: " (v) } }
+                            }
+                            td.asked { (overrides_text(&r.requested_limits)) }
+                            td.status { (r.status.as_str()) }
+                            td.answer {
+                                @if r.status == LimitRequestStatus::Pending {
+                                    (answer_forms(r, token))
+                                } @else {
+                                    (answer_text(r))
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn answer_forms(r: &LimitRequest, token: &str) -> Markup {
+    let asked = &r.requested_limits;
+    let values = [
+        optional(asked.requests_per_second),
+        optional(asked.burst),
+        optional(asked.tokens_per_minute),
+        optional(asked.tokens_per_month),
+        optional(asked.concurrent_requests),
+    ];
+    html! {
+        form.approve method="post" action=(format!("{REQUESTS}/{}/approve", r.id)) {
+            input type="hidden" name="csrf" value=(token);
+            @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
+                label { (label) input type="text" inputmode="decimal" name=(field) value=(values[i]) size="12"; }
+            }
+            button type="submit" { "Approve" }
+        }
+        form.deny method="post" action=(format!("{REQUESTS}/{}/deny", r.id)) {
+            input type="hidden" name="csrf" value=(token);
+            label { "Reason " textarea name="reason" rows="2" cols="40" required maxlength="4096" {} }
+            button type="submit" { "Deny" }
+        }
+    }
+}
+
+/// After an answer to a request: back to the pending ones with `done`, or that list again with
+/// why it was refused.
+async fn after_answer(
+    state: &AppState,
+    op: &Operator,
+    outcome: Result<Done, AdminError>,
+) -> Response {
+    match outcome {
+        Ok(done) => see_other(&format!("{REQUESTS}?done={}", done.code()), None),
+        Err(e) => {
+            let (status, message) = refusal(e).await;
+            let pending = RequestFilter {
+                status: Some(LimitRequestStatus::Pending),
+                workspace: None,
+            };
+            show_requests(state, op, &pending, status, None, Some(&message)).await
+        }
+    }
+}
+
+fn request_id(id: &str) -> Result<i64, AdminError> {
+    id_of(id).ok_or_else(|| AdminError::NotFound("No such request.".into()))
+}
+
+async fn approve(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let id = request_id(&id)?;
+        let granted = overrides_of(&form)?;
+        state
+            .admin
+            .approve_limit_request(&op.actor(), id, Some(&granted))
+            .await?;
+        Ok(Done::Approved)
+    }
+    .await;
+    after_answer(&state, &op, outcome).await
+}
+
+async fn deny(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let id = request_id(&id)?;
+        state
+            .admin
+            .deny_limit_request(&op.actor(), id, &form.get("reason"))
+            .await?;
+        Ok(Done::Denied)
+    }
+    .await;
+    after_answer(&state, &op, outcome).await
+}
+
+// ---- Audit log -----------------------------------------------------------------------------
+
+async fn audit_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let params = query(raw);
+    let after = match param(&params, "after").filter(|s| !s.is_empty()) {
+        None => None,
+        Some(a) => match a.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let e = AdminError::Invalid("'after' must be an entry id".into());
+                return failure_page(&op, &state, e).await;
+            }
+        },
+    };
+    let query = AuditQuery {
+        after,
+        limit: Some(AUDIT_PAGE),
+        ..AuditQuery::default()
+    };
+    match state.admin.audit(query).await {
+        Ok(found) => operator_page(
+            &state,
+            &op,
+            StatusCode::OK,
+            "Audit log",
+            (None, None),
+            audit_body(&found.entries, found.has_more),
+        ),
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+fn audit_body(entries: &[AuditEntry], has_more: bool) -> Markup {
+    let json = |v: &Option<Value>| {
+        v.as_ref()
+            .map(|v| serde_json::to_string_pretty(v).unwrap_or_default())
+    };
+    html! {
+        h1 { "Audit log" }
+        p.note { "Every change, newest first: who (an admin token's name, cli:USER, workspace:ID), what, and the object before and after." }
+        table #audit {
+            thead { tr { th { "#" } th { "When" } th { "Who" } th { "What" } th { "Target" } th { "Change" } } }
+            tbody {
+                @for e in entries {
+                    tr data-entry-id=(e.id) {
+                        td { (e.id) }
+                        td { (Timestamp(e.at).rfc3339()) }
+                        td.actor { (e.actor) }
+                        td.action { (e.action) }
+                        td.target {
+                            @match e.workspace_id {
+                                Some(w) => { a href=(format!("{HOME}/{w}")) { (e.target) } }
+                                None => { (e.target) }
+                            }
+                        }
+                        td {
+                            details {
+                                summary { "before / after" }
+                                @if let Some(b) = json(&e.before) { pre.before { (b) } }
+                                @if let Some(a) = json(&e.after) { pre.after { (a) } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        @if has_more {
+            @if let Some(last) = entries.last() {
+                p.pages { a rel="next" href=(format!("{AUDIT}?after={}", last.id)) { "Older entries ›" } }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(fields: &[(&str, &str)]) -> Form {
+        Form(
+            fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_tier_form_reads_into_limits_naming_what_is_wrong() {
+        let limits = limits_of(&form(&[
+            ("requests_per_second", "2.5"),
+            ("burst", ""),
+            ("tokens_per_minute", " 9000 "),
+            (
+                "models",
+                "big tokens_per_minute=10\n\n small tokens_per_month=5 tokens_per_minute=1 \n",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(limits.requests_per_second, Some(2.5));
+        assert_eq!(limits.burst, None);
+        assert_eq!(limits.tokens_per_minute, Some(9000));
+        assert_eq!(limits.models["big"].tokens_per_minute, Some(10));
+        assert_eq!(limits.models["small"].tokens_per_month, Some(5));
+        assert_eq!(
+            model_lines(&limits),
+            "big tokens_per_minute=10\nsmall tokens_per_minute=1 tokens_per_month=5\n"
+        );
+        for (field, value, says) in [
+            ("burst", "1.5", "'burst' must be a whole number"),
+            ("tokens_per_month", "lots", "'tokens_per_month'"),
+            ("models", "m rpm=5", "models, line 1"),
+            (
+                "models",
+                "a tokens_per_minute=1\na tokens_per_minute=2",
+                "a is given twice",
+            ),
+        ] {
+            let e = limits_of(&form(&[(field, value)])).unwrap_err().to_string();
+            assert!(e.contains(says), "{field}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn an_approval_form_reads_as_the_admin_api_reads_limits() {
+        let granted = overrides_of(&form(&[
+            ("tokens_per_minute", "5000"),
+            ("requests_per_second", ""),
+            ("concurrent_requests", "3"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            granted,
+            Overrides {
+                tokens_per_minute: Some(5000),
+                concurrent_requests: Some(3),
+                ..Overrides::default()
+            }
+        );
+        let e = overrides_of(&form(&[("burst", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("burst"), "{e}");
+        let e = overrides_of(&form(&[("tokens_per_minute", "ten")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("'tokens_per_minute' must be a number"), "{e}");
+        assert_eq!(overrides_of(&form(&[])).unwrap(), Overrides::default());
+    }
+
+    #[test]
+    fn listing_links_say_what_they_list() {
+        let params: Vec<(String, String)> = [
+            ("q", "a&b"),
+            ("sort", "usage"),
+            ("dir", "desc"),
+            ("page", "3"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let list = ListParams::parse(&params).unwrap();
+        assert_eq!(list.sort, WorkspaceSort::MonthTokens);
+        assert!(list.descending);
+        assert_eq!(
+            list.href(),
+            format!("{HOME}?q=a%26b&sort=usage&dir=desc&page=3")
+        );
+        let again: Vec<(String, String)> =
+            url::form_urlencoded::parse(list.href().split_once('?').unwrap().1.as_bytes())
+                .into_owned()
+                .collect();
+        assert_eq!(ListParams::parse(&again).unwrap(), list);
+        for (k, v) in [("sort", "secret"), ("dir", "up"), ("page", "x")] {
+            assert!(
+                ListParams::parse(&[(k.to_string(), v.to_string())]).is_err(),
+                "{k}={v}"
+            );
+        }
+        for d in Done::ALL {
+            assert_eq!(Done::parse(d.code()), Some(d));
+        }
+        assert_eq!(Done::parse("<script>"), None);
+    }
+}
