@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::limiter::redis::{validate_prefix, TimeSource, Topology};
-use crate::model::{default_tiers, Tier, TierSpec};
+use crate::model::{default_tiers, AttributeValue, Tier, TierSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -694,6 +694,23 @@ impl TryFrom<RawSettings> for Config {
                 promotion,
             });
         }
+        // A promotion leads up: to a tier of this catalogue ranked above its own.
+        for tier in &catalogue {
+            let Some(p) = &tier.promotion else { continue };
+            let target = catalogue.iter().find(|t| t.name == p.to);
+            match (tier.rank, target.and_then(|t| t.rank)) {
+                (Some(from), Some(to)) if to > from => {}
+                _ => {
+                    return Err(invalid(
+                        &format!("tiers.{}.promotion.to", tier.name),
+                        format!(
+                            "'{}' must be a tier of the file or the defaults, ranked above this one (give both a rank)",
+                            p.to
+                        ),
+                    ))
+                }
+            }
+        }
         Ok(Config {
             listen,
             admin_listen,
@@ -1170,6 +1187,26 @@ impl Config {
                     out.push_str(&format!("tokens_per_month = {v}\n"));
                 }
             }
+            if let Some(p) = &tier.promotion {
+                let at = format!("tiers.{}.promotion", toml_key(&tier.name));
+                out.push_str(&format!("[{at}]\nto = {}\n", toml_str(&p.to)));
+                if let Some(v) = p.min_days {
+                    out.push_str(&format!("min_days = {v}\n"));
+                }
+                if let Some(v) = p.min_tokens_30d {
+                    out.push_str(&format!("min_tokens_30d = {v}\n"));
+                }
+                if !p.min_attributes.is_empty() {
+                    out.push_str(&format!("[{at}.min_attributes]\n"));
+                    for (name, value) in &p.min_attributes {
+                        let value = match value {
+                            AttributeValue::Bool(b) => b.to_string(),
+                            AttributeValue::Number(n) => format!("{n:?}"),
+                        };
+                        out.push_str(&format!("{} = {value}\n", toml_key(name)));
+                    }
+                }
+            }
         }
         out
     }
@@ -1637,6 +1674,52 @@ mod tests {
         // A shipped tier given again keeps its rank; a new tier without one is off the ladder.
         assert_eq!(free.rank, Some(0));
         assert_eq!(gold.rank, None);
+    }
+
+    #[test]
+    fn file_tiers_take_a_promotion_up_the_ladder() {
+        let raw: RawSettings = toml::from_str(
+            "[tiers.free.promotion]\nto = \"tier-1\"\nmin_days = 7\nmin_tokens_30d = 1000\n[tiers.free.promotion.min_attributes]\npaid_usd = 5\nverified = true\n",
+        )
+        .unwrap();
+        let c = Config::try_from(raw).unwrap();
+        let free = c.tiers.iter().find(|t| t.name == "free").unwrap();
+        let p = free.promotion.as_ref().unwrap();
+        assert_eq!(
+            (p.to.as_str(), p.min_days, p.min_tokens_30d),
+            ("tier-1", Some(7), Some(1000))
+        );
+        assert_eq!(p.min_attributes.len(), 2);
+        // `config check` prints it so that it reads back the same.
+        let again: RawSettings = toml::from_str(&c.effective_toml()).unwrap();
+        let again = Config::try_from(again).unwrap();
+        let reread = again.tiers.iter().find(|t| t.name == "free").unwrap();
+        assert_eq!(reread.promotion, free.promotion);
+        // A file's tier is the whole tier, as a PUT is: given only a promotion, it has no limits.
+        assert_eq!(free.limits.tokens_per_minute, None);
+        // Down the ladder, to an unknown tier, or a misspelt condition: refused, naming it.
+        for (bad, field) in [
+            (
+                "[tiers.tier-2.promotion]\nto = \"free\"\n",
+                "tiers.tier-2.promotion.to",
+            ),
+            (
+                "[tiers.tier-2.promotion]\nto = \"nowhere\"\n",
+                "tiers.tier-2.promotion.to",
+            ),
+        ] {
+            let raw: RawSettings = toml::from_str(bad).unwrap();
+            let Err(e) = Config::try_from(raw) else {
+                panic!("{bad} was accepted");
+            };
+            assert!(e.to_string().starts_with(field), "{bad}: {e}");
+        }
+        let Err(e) =
+            toml::from_str::<RawSettings>("[tiers.x.promotion]\nto = \"free\"\nmin_dayz = 1\n")
+        else {
+            panic!("a misspelt condition was accepted");
+        };
+        assert!(e.to_string().contains("min_dayz"), "{e}");
     }
 
     #[test]

@@ -604,7 +604,8 @@ pub struct Condition {
     /// `min_days`, `min_tokens_30d`, or `attributes.NAME`.
     pub name: String,
     pub required: AttributeValue,
-    /// What the workspace has (absent: an attribute it does not have).
+    /// What the workspace has (`null`: an attribute it does not have).
+    #[schema(required = true)]
     pub actual: Option<AttributeValue>,
     pub met: bool,
 }

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tiergate::model::{Actor, Overrides};
 
 struct Cli {
@@ -460,4 +460,75 @@ tokens_per_minute = 100000
         stderr.contains("log_format") && stderr.contains("'yaml'"),
         "{stderr}"
     );
+}
+
+/// A ladder set from the command line: a tier's promotion, a workspace's attributes (which
+/// promote it at once when they make it qualify), and the pin that holds one.
+#[test]
+fn promotion_from_the_command_line() {
+    let cli = Cli::new();
+    let tier = cli.ok(&[
+        "tiers",
+        "set",
+        "starter",
+        "--rank",
+        "0",
+        "--tokens-per-minute",
+        "1000",
+        "--promote-to",
+        "tier-2",
+        "--min-attribute",
+        "paid_usd=50",
+        "--min-attribute",
+        "verified=true",
+    ]);
+    assert_eq!(tier["rank"], 0);
+    assert_eq!(tier["promotion"]["to"], "tier-2");
+    assert_eq!(
+        tier["promotion"]["min_attributes"],
+        json!({"paid_usd": 50.0, "verified": true})
+    );
+    // Down the ladder: refused.
+    let e = cli
+        .run(&["tiers", "set", "top", "--rank", "9", "--promote-to", "free"])
+        .unwrap_err();
+    assert!(e.contains("promotion.to"), "{e}");
+
+    let held = cli.ok(&["workspaces", "create", "held", "--tier", "starter"]);
+    let held = held["id"].to_string();
+    let pinned = cli.ok(&["workspaces", "set", &held, "--pinned", "true"]);
+    assert_eq!(pinned["pinned"], true);
+    let ws = cli.ok(&["workspaces", "create", "acme", "--tier", "starter"]);
+    let id = ws["id"].to_string();
+    let short = cli.ok(&[
+        "workspaces",
+        "attributes",
+        &id,
+        "paid_usd=10",
+        "verified=true",
+    ]);
+    assert_eq!(short["tier"], "starter");
+    let promoted = cli.ok(&[
+        "workspaces",
+        "attributes",
+        &id,
+        "paid_usd=50",
+        "verified=true",
+    ]);
+    assert_eq!(promoted["tier"], "tier-2", "{promoted}");
+    assert_eq!(promoted["promoted"]["from"], "starter");
+    let still = cli.ok(&[
+        "workspaces",
+        "attributes",
+        &held,
+        "paid_usd=500",
+        "verified=true",
+    ]);
+    assert_eq!(still["tier"], "starter");
+    let cleared = cli.ok(&["workspaces", "attributes", &held, "none"]);
+    assert_eq!(cleared["attributes"], json!({}));
+    assert!(cli
+        .run(&["workspaces", "attributes", &id, "plan=gold"])
+        .unwrap_err()
+        .contains("plan=gold"));
 }

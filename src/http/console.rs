@@ -48,7 +48,7 @@ use super::console_charts;
 use super::views::{
     usage_history_view, usage_view, Timestamp, UsageHistoryView, UsageView, WindowView,
 };
-use crate::admin::AdminError;
+use crate::admin::{AdminError, NextTier};
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, WorkspaceEntry};
 use crate::console::{Session, SessionKind, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
@@ -270,9 +270,17 @@ async fn render_workspace(
             return unavailable(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    let next = match state.admin.next_tier(ws, &tiers, false).await {
+        Ok(next) => next,
+        Err(e) => {
+            tracing::warn!(error = %e, "console: could not read the workspace's next tier");
+            return unavailable(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
     let token = state.console.csrf_token(session);
     let page_data = WorkspacePage {
         entry,
+        next: next.as_ref(),
         usage: &usage,
         history: &history,
         keys: &keys,
@@ -656,6 +664,8 @@ struct WorkspacePage<'a> {
     history: &'a UsageHistoryView,
     keys: &'a [ApiKey],
     tiers: &'a [Tier],
+    /// What the workspace can reach next (`Admin::next_tier`).
+    next: Option<&'a NextTier>,
     requests: &'a [LimitRequest],
     token: &'a str,
     /// The key the session was made with (revoking it ends the session).
@@ -740,7 +750,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             }
             p.note { "Usage per model is not shown yet." }
         }
-        (tier_ladder(ws, limits, tiers))
+        (tier_ladder(ws, limits, tiers, p.next))
         (console_charts::usage_section(history))
         h2 { "API keys" }
         table.keys #keys {
@@ -778,9 +788,14 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
 }
 
 /// The workspace's limits beside what the next tier up the ladder gives.
-fn tier_ladder(ws: &Workspace, limits: &Limits, tiers: &[Tier]) -> Markup {
+fn tier_ladder(
+    ws: &Workspace,
+    limits: &Limits,
+    tiers: &[Tier],
+    next_tier: Option<&NextTier>,
+) -> Markup {
     let current = tiers.iter().find(|t| t.name == ws.tier);
-    let next = current.and_then(|c| c.next_in(tiers));
+    let next = next_tier.map(|n| &n.tier);
     let rows: [(&str, &str, Option<String>, Option<String>); 4] = {
         let rps = |l: &Limits| l.requests_per_second.map(|v| v.to_string());
         let tpm = |l: &Limits| l.tokens_per_minute.map(|v| v.to_string());
@@ -834,7 +849,27 @@ fn tier_ladder(ws: &Workspace, limits: &Limits, tiers: &[Tier]) -> Markup {
                         }
                     }
                 }
-                p.note { "Workspaces move up as they qualify; to get more sooner, ask for an increase below." }
+                @match next_tier.and_then(|n| n.conditions.as_ref().map(|c| (c, n.pinned))) {
+                    Some((conditions, pinned)) => {
+                        @if pinned {
+                            p.note #promotion-pinned { "The operator holds this workspace on its tier: it is not moved up by itself." }
+                        } @else {
+                            p.note { "This workspace moves up to tier " (next.name) " by itself once every condition below is met:" }
+                        }
+                        ul #promotion {
+                            @for c in conditions {
+                                li data-condition=(c.name) data-met=(c.met) {
+                                    @if c.met { "✓ " } @else { "✗ " }
+                                    (condition_label(&c.name)) ": "
+                                    (c.actual.map_or_else(|| "none".to_string(), |a| a.to_string()))
+                                    " of at least " (c.required)
+                                }
+                            }
+                        }
+                        p.note { "To get more sooner, ask for an increase below." }
+                    }
+                    None => p.note { "This tier is reached by asking: request an increase below." },
+                }
             }
             None => {
                 p #ladder-top { @if current.is_some_and(|c| c.rank.is_some()) {
@@ -844,6 +879,18 @@ fn tier_ladder(ws: &Workspace, limits: &Limits, tiers: &[Tier]) -> Markup {
                 } }
             }
         }
+    }
+}
+
+/// A promotion condition as a person reads it.
+fn condition_label(name: &str) -> String {
+    match name {
+        "min_days" => "days since the workspace was created".into(),
+        "min_tokens_30d" => "tokens used over the last 30 days".into(),
+        other => other.strip_prefix("attributes.").map_or_else(
+            || other.to_string(),
+            |a| format!("{a} (set by the operator)"),
+        ),
     }
 }
 

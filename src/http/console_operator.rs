@@ -104,6 +104,7 @@ pub fn routes() -> Router<Arc<AppState>> {
             "/console/operator/workspaces/{id}/status",
             post(change_status),
         )
+        .route("/console/operator/workspaces/{id}/pin", post(change_pin))
         .route("/console/operator/workspaces/{id}/keys", post(create_key))
         .route("/console/operator/keys/{id}/revoke", post(revoke_key))
         .route(TIERS, get(tiers_page).post(create_tier))
@@ -359,10 +360,14 @@ enum Done {
     TierCreated,
     Approved,
     Denied,
+    Pinned,
+    Unpinned,
 }
 
 impl Done {
-    const ALL: [Done; 10] = [
+    const ALL: [Done; 12] = [
+        Done::Pinned,
+        Done::Unpinned,
         Done::Tier,
         Done::Overrides,
         Done::Unchanged,
@@ -387,6 +392,8 @@ impl Done {
             Done::TierCreated => "tier-created",
             Done::Approved => "approved",
             Done::Denied => "denied",
+            Done::Pinned => "pinned",
+            Done::Unpinned => "unpinned",
         }
     }
 
@@ -402,6 +409,8 @@ impl Done {
             Done::TierCreated => "Tier created.",
             Done::Approved => "Request approved.",
             Done::Denied => "Request denied.",
+            Done::Pinned => "Workspace pinned: it is not promoted automatically.",
+            Done::Unpinned => "Workspace released: it is promoted when it qualifies.",
         }
     }
 
@@ -836,6 +845,30 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                 }
             }
         }
+        h2 { "Promotion" }
+        p #promotion {
+            @if w.pinned { strong #pinned { "Pinned" } ": held on its tier, never promoted automatically." }
+            @else { span #pinned { "Not pinned" } ": promoted when its tier's conditions hold." }
+            @if let Some(p) = &w.promoted {
+                br;
+                "Last promoted from " (p.from) " to " (p.to) " at " (Timestamp(p.at).rfc3339()) ": " (p.reason)
+            }
+        }
+        @if !w.attributes.is_empty() {
+            table #attributes {
+                thead { tr { th { "Attribute" } th { "Value" } } }
+                tbody {
+                    @for (name, value) in &w.attributes {
+                        tr data-attribute=(name) { th scope="row" { (name) } td { (value) } }
+                    }
+                }
+            }
+        }
+        form #change-pin method="post" action=(format!("{base}/pin")) {
+            input type="hidden" name="csrf" value=(token);
+            input type="hidden" name="pinned" value=(if w.pinned { "false" } else { "true" });
+            button type="submit" { @if w.pinned { "Release" } @else { "Pin to its tier" } }
+        }
         h2 { "API keys" }
         table #keys {
             thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Expires" } th { "Status" } th {} } }
@@ -1057,6 +1090,38 @@ async fn change_status(
             WorkspaceStatus::Active => Done::Reactivated,
             WorkspaceStatus::Suspended => Done::Suspended,
         })
+    }
+    .await;
+    after_change(&state, &op, &id, outcome).await
+}
+
+/// `POST …/{id}/pin` (`pinned`: `true` or `false`): holds the workspace on its tier, or
+/// releases it to automatic promotion.
+async fn change_pin(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let ws = workspace_id(&id)?;
+        let pinned = match form.get("pinned").as_str() {
+            "true" => true,
+            "false" => false,
+            _ => return Err(AdminError::Invalid("'pinned' must be true or false".into())),
+        };
+        let update = WorkspaceUpdate {
+            pinned: Some(pinned),
+            ..WorkspaceUpdate::default()
+        };
+        state
+            .admin
+            .update_workspace(&op.actor(), ws, update)
+            .await?;
+        Ok(if pinned { Done::Pinned } else { Done::Unpinned })
     }
     .await;
     after_change(&state, &op, &id, outcome).await

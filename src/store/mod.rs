@@ -755,7 +755,7 @@ fn workspace_search_sql(query: &WorkspaceQuery, collate: &str) -> (String, Strin
     SELECT w.id{picked_usage} FROM workspaces w WHERE {FILTER}
     ORDER BY {by}w.id {dir} LIMIT $4 OFFSET $5
 )
-SELECT w.id, w.name, w.tier, w.overrides, w.status, w.created_at,
+SELECT w.*,
     {tokens} AS month_tokens, {requests} AS month_requests
 FROM picked JOIN workspaces w ON w.id = picked.id
 ORDER BY {by}w.id {dir}"

@@ -101,7 +101,7 @@ async fn sign_in(gw: &TestGateway, key: &str, headers: &[(&str, &str)]) -> Page 
     Page::of(req.send().await.unwrap()).await
 }
 
-async fn get(gw: &TestGateway, path: &str, cookie: Option<&str>) -> Page {
+pub(crate) async fn get(gw: &TestGateway, path: &str, cookie: Option<&str>) -> Page {
     let mut req = browser().get(format!("{}{path}", gw.url));
     if let Some(c) = cookie {
         req = req.header("cookie", c);
@@ -124,7 +124,7 @@ async fn sign_out(gw: &TestGateway, cookie: &str, csrf: Option<&str>) -> Page {
 }
 
 /// A session on a fresh workspace of `gw`: its cookie.
-async fn signed_in(gw: &TestGateway, key: &str) -> String {
+pub(crate) async fn signed_in(gw: &TestGateway, key: &str) -> String {
     let page = sign_in(gw, key, &[]).await;
     assert!(page.redirects_to("/console/workspace"), "{}", page.body);
     page.session().expect("a session cookie")

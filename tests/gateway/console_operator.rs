@@ -79,14 +79,14 @@ async fn post_at(
 }
 
 /// A signed-in operator's browser.
-struct Operator {
+pub(crate) struct Operator {
     base: String,
     cookie: String,
     csrf: String,
 }
 
 impl Operator {
-    async fn sign_in(base: &str, token: &str) -> Operator {
+    pub(crate) async fn sign_in(base: &str, token: &str) -> Operator {
         let page = sign_in_at(base, token, &[]).await;
         assert!(page.redirects_to(HOME), "{}: {}", page.status, page.body);
         let cookie = page.session().expect("a session cookie");
@@ -99,12 +99,12 @@ impl Operator {
         }
     }
 
-    async fn get(&self, path: &str) -> Page {
+    pub(crate) async fn get(&self, path: &str) -> Page {
         get_at(&self.base, path, Some(&self.cookie)).await
     }
 
     /// A form of the console's, with the session's token.
-    async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Page {
+    pub(crate) async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Page {
         let mut all = vec![("csrf", self.csrf.as_str())];
         all.extend_from_slice(fields);
         post_at(&self.base, path, Some(&self.cookie), &all, &[]).await

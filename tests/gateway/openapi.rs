@@ -649,10 +649,16 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     let secret = |v: &Value| v["key"].as_str().unwrap().to_string();
 
     // Successes, showing both ways the fields that may be null or left out.
+    let richer = json!({"rank": 51, "tokens_per_minute": 1000000});
+    api.admin(b, M::PUT, "/admin/v1/tiers/richer", Some(richer), ok)
+        .await;
     let rich = json!({
+        "rank": 50,
         "requests_per_second": 2.5, "burst": 4, "tokens_per_minute": 100000,
         "tokens_per_month": 10000000, "concurrent_requests": 5,
         "models": {"mock-small": {"tokens_per_minute": 50000, "tokens_per_month": 5000000}},
+        "promotion": {"to": "richer", "min_days": 30, "min_tokens_30d": 5,
+            "min_attributes": {"paid_usd": 5, "verified": true}},
     });
     api.admin(b, M::PUT, "/admin/v1/tiers/rich", Some(rich), ok)
         .await;
@@ -673,6 +679,10 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
         json!({"limits": {"tokens_per_month": 20000000, "burst": null}, "status": "active"});
     let patched = api.admin(b, M::PATCH, &rich_path, Some(patch), ok).await;
     assert_eq!(patched["overrides"], json!({"tokens_per_month": 20000000}));
+    let attributes = format!("{rich_path}/attributes");
+    let set = json!({"paid_usd": 1, "verified": true});
+    let set = api.admin(b, M::PUT, &attributes, Some(set), ok).await;
+    assert_eq!(set["tier"], "rich", "not yet qualified: {set}");
     let keys = format!("{rich_path}/keys");
     let named = json!({"name": "main", "expires_at": "2099-01-01T00:00:00Z"});
     let rich_key = secret(&api.admin(b, M::POST, &keys, Some(named), created).await);
@@ -692,10 +702,17 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     let revoked = api.admin(b, M::DELETE, &revoke, None, ok).await;
     assert!(revoked["revoked_at"].is_string());
 
-    let limits = api.keyed(b, &rich_key, M::GET, "/v1/limits", None, ok);
-    assert!(limits.await["usage"]["token_bucket"].is_object());
-    let limits = api.keyed(b, &bare_key, M::GET, "/v1/limits", None, ok);
-    assert!(limits.await["usage"]["token_bucket"].is_null());
+    let limits = api
+        .keyed(b, &rich_key, M::GET, "/v1/limits", None, ok)
+        .await;
+    assert!(limits["usage"]["token_bucket"].is_object());
+    assert_eq!(limits["next_tier"]["name"], "richer");
+    assert_eq!(limits["next_tier"]["automatic"], true);
+    let limits = api
+        .keyed(b, &bare_key, M::GET, "/v1/limits", None, ok)
+        .await;
+    assert!(limits["usage"]["token_bucket"].is_null());
+    assert!(limits["next_tier"].is_null());
     // Usage over time: a named key with usage, and (the other workspace's) an unnamed one.
     let history = api.keyed(b, &rich_key, M::GET, "/v1/usage", None, ok).await;
     assert_eq!(history["hours"].as_array().unwrap().len(), 48);
@@ -815,6 +832,7 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
             // A valid request about an id that does not exist.
             let valid = match template.rsplit('/').next().unwrap() {
                 "deny" => Body::Json(json!({"reason": "r"})),
+                "attributes" => Body::Json(json!({})),
                 "{id}" if method == M::PATCH => Body::Json(json!({"status": "active"})),
                 _ => Body::None,
             };
@@ -831,7 +849,11 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
                 true => at(&rich_ws.to_string()),
                 false => at(&first.to_string()),
             };
-            let unknown = Body::Json(json!({"unknown": 1}));
+            // A field no body takes (attributes take any name: a value of no kind they take).
+            let unknown = match template.ends_with("/attributes") {
+                true => Body::Json(json!({"unknown": "text"})),
+                false => Body::Json(json!({"unknown": 1})),
+            };
             api.expect(b, token, m(), &path, unknown, bad).await;
             let too_large = Body::Raw(vec![b' '; MAX_API_BODY + 1]);
             let status = StatusCode::PAYLOAD_TOO_LARGE;

@@ -105,7 +105,21 @@ async fn a_workspace_that_meets_every_condition_is_promoted_and_the_others_are_n
         .await;
     assert_eq!(s, StatusCode::OK);
 
-    // The workspace sees its next tier, what it gives and which conditions hold.
+    // The workspace sees its next tier, what it gives and which conditions hold, in the API and
+    // on its console page.
+    let cookie = crate::console::signed_in(&gw, &meets_key).await;
+    let page = crate::console::get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert!(
+        page.body.contains(r#"data-next-tier="p-pro""#),
+        "{}",
+        page.body
+    );
+    assert!(page
+        .body
+        .contains(r#"data-condition="min_days" data-met="false""#));
+    assert!(page
+        .body
+        .contains(r#"data-condition="attributes.verified" data-met="false""#));
     let next = gw.limits(&meets_key).await["next_tier"].clone();
     assert_eq!(next["name"], "p-pro", "{next}");
     assert_eq!(next["automatic"], true);
@@ -128,6 +142,10 @@ async fn a_workspace_that_meets_every_condition_is_promoted_and_the_others_are_n
     set_attributes(&gw, pinned, json!({"paid_usd": 500, "verified": true})).await;
     let next = gw.limits(&meets_key).await["next_tier"].clone();
     assert_eq!(condition(&next, "attributes.paid_usd")["met"], true);
+    let page = crate::console::get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert!(page
+        .body
+        .contains(r#"data-condition="attributes.verified" data-met="true""#));
     assert_eq!(condition(&next, "min_tokens_30d")["met"], true, "{next}");
 
     // A week and a day later, the background check promotes the one that qualifies, within
@@ -180,6 +198,47 @@ async fn a_workspace_that_meets_every_condition_is_promoted_and_the_others_are_n
     // At the top of this ladder, the promoted one has no automatic next step.
     let next = gw.limits(&meets_key).await["next_tier"].clone();
     assert!(next.is_null() || next["automatic"] == false, "{next}");
+
+    // The operator's console shows the promotion and the attributes, pins and releases, and
+    // an edit of the tier's limits there keeps its promotion.
+    let op = crate::console_operator::Operator::sign_in(&gw.url, ADMIN).await;
+    let page = op
+        .get(&format!("/console/operator/workspaces/{meets}"))
+        .await;
+    assert!(
+        page.body.contains("Last promoted from p-free to p-pro"),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains(r#"data-attribute="paid_usd""#));
+    let pin = format!("/console/operator/workspaces/{poor}/pin");
+    assert_eq!(
+        op.post(&pin, &[("pinned", "true")]).await.status,
+        StatusCode::SEE_OTHER
+    );
+    let v = set_attributes(&gw, poor, json!({"paid_usd": 50, "verified": true})).await;
+    assert_eq!(v["tier"], "p-free", "pinned from the console: {v}");
+    assert_eq!(
+        op.post(&pin, &[("pinned", "false")]).await.status,
+        StatusCode::SEE_OTHER
+    );
+    let edit = op
+        .post(
+            "/console/operator/tiers/p-free",
+            &[("rank", "100"), ("tokens_per_minute", "2000")],
+        )
+        .await;
+    assert_eq!(edit.status, StatusCode::SEE_OTHER, "{}", edit.body);
+    let (_, tiers) = gw.admin(Method::GET, "/tiers", None).await;
+    let free = tiers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "p-free")
+        .unwrap()
+        .clone();
+    assert_eq!(free["tokens_per_minute"], 2000);
+    assert_eq!(free["promotion"]["to"], "p-pro", "{free}");
 
     // An attribute change that makes a workspace qualify promotes it at once.
     let v = set_attributes(&gw, poor, json!({"paid_usd": 50, "verified": true})).await;
