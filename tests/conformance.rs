@@ -500,6 +500,7 @@ async fn per_model_limits_only_that_model() {
         (60 * SEC, reserve(0, Some("big"), 51)),
         (60 * SEC, reserve(0, Some("big"), 50)),
         (60 * SEC, reserve(0, Some("big"), 101)),
+        (61 * SEC, Op::Usage { ws: 0, limits: 0 }),
     ];
     let out = conform("models", &limits, t0(), |_, _| {}, &steps).await;
     admitted(&out[0]);
@@ -512,6 +513,18 @@ async fn per_model_limits_only_that_model() {
     assert_eq!(denied(&out[4]).1, LimitName::ModelTokensPerMonth);
     admitted(&out[5]);
     assert_eq!(denied(&out[6]).0, DenialKind::RequestTooLarge);
+    // Per model: "big" has 100 + 50 of its month and refills its minute; "small" has no
+    // limits of its own and is not listed.
+    let u = usage(&out[7]);
+    assert_eq!(u.models.len(), 1);
+    let big = &u.models[0];
+    assert_eq!((big.model.as_str(), big.month_used), ("big", 150));
+    assert_eq!(big.month.as_ref().unwrap().remaining, 0);
+    let minute = big.tokens.as_ref().unwrap();
+    assert!(
+        minute.remaining > 50 && minute.remaining < 100,
+        "{minute:?}"
+    );
 }
 
 #[tokio::test]
@@ -552,6 +565,15 @@ async fn a_denial_consumes_nothing_in_any_dimension() {
     assert_eq!(
         (u.in_flight, u.month_reserved_tokens, u.bucket_tokens),
         (1, 150, Some(450))
+    );
+    // The model's own limits: what it took, and nothing of the denied request.
+    assert_eq!(u.models.len(), 1);
+    let m = &u.models[0];
+    assert_eq!(m.model, "m");
+    assert_eq!(m.tokens.as_ref().unwrap().remaining, 50);
+    assert_eq!(
+        (m.month_used, m.month.as_ref().unwrap().remaining),
+        (150, 850)
     );
     assert_eq!(u.snapshot.requests.unwrap().remaining, 1);
     admitted(&out[3]);

@@ -645,6 +645,28 @@ fn bar(
     }
 }
 
+/// One limit of a model's own: a row like `bar`'s, named by the model too.
+fn model_bar(
+    model: &str,
+    id: &str,
+    label: &str,
+    used: f64,
+    limit: f64,
+    figures: Markup,
+    reset: &str,
+) -> Markup {
+    let used = used.clamp(0.0, limit.max(0.0));
+    html! {
+        tr data-model=(model) data-limit=(id) {
+            th scope="row" { (model) }
+            td { (label) }
+            td { meter min="0" max=(limit) value=(used) {} }
+            td.figures { (figures) }
+            td { "whole again in " (reset) }
+        }
+    }
+}
+
 fn window_row(id: &str, label: &str, unit: &str, w: &WindowView) -> Markup {
     let used = (w.limit - w.remaining as f64).max(0.0);
     bar(
@@ -734,21 +756,37 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             }
         }
         p.note { "Requests this month: " span #requests-this-month { (usage.requests_this_month) } " (the ledger, up to about a second behind)." }
-        @if !limits.models.is_empty() {
+        @if !usage.models.is_empty() {
             h2 { "Per model" }
-            table.models {
-                thead { tr { th { "Model" } th { "Tokens per minute" } th { "Tokens per month" } } }
+            table.limits.models #model-limits {
+                thead { tr { th { "Model" } th { "Limit" } th { "Usage" } th { "Now" } th { "Reset" } } }
                 tbody {
-                    @for (model, l) in &limits.models {
-                        tr data-model=(model) {
-                            th scope="row" { (model) }
-                            td { (optional(l.tokens_per_minute)) }
-                            td { (optional(l.tokens_per_month)) }
+                    @for m in &usage.models {
+                        @if let Some(w) = &m.tokens_per_minute {
+                            (model_bar(
+                                &m.model,
+                                "tokens_per_minute",
+                                "Tokens per minute",
+                                (w.limit - w.remaining as f64).max(0.0),
+                                w.limit,
+                                html! { span.remaining { (w.remaining) } " of " (w.limit) " tokens left" },
+                                &w.reset,
+                            ))
+                        }
+                        @if let Some(w) = &m.tokens_per_month {
+                            (model_bar(
+                                &m.model,
+                                "tokens_per_month",
+                                "Tokens per month",
+                                w.used as f64,
+                                w.limit,
+                                html! { span.used { (w.used) } " of " (w.limit) " tokens used" },
+                                &w.reset,
+                            ))
                         }
                     }
                 }
             }
-            p.note { "Usage per model is not shown yet." }
         }
         (tier_ladder(ws, limits, tiers, p.next))
         (console_charts::usage_section(history))
@@ -990,8 +1028,4 @@ fn not_found() -> Response {
 
 fn unlimited(id: &str, label: &str) -> Markup {
     html! { tr data-limit=(id) { th scope="row" { (label) } td colspan="3" { "no limit" } } }
-}
-
-fn optional(v: Option<u64>) -> String {
-    v.map_or_else(|| "no limit".into(), |v| v.to_string())
 }

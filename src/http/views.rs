@@ -445,6 +445,19 @@ pub struct WindowView {
     pub reset: String,
 }
 
+/// A model's own limits now.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = ModelWindows)]
+pub struct ModelWindowsView {
+    pub model: String,
+    /// `null` without a per-minute limit of its own.
+    #[schema(required = true)]
+    pub tokens_per_minute: Option<WindowView>,
+    /// `null` without a month limit of its own.
+    #[schema(required = true)]
+    pub tokens_per_month: Option<MonthWindowView>,
+}
+
 /// The month's quota now.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MonthWindowView {
@@ -491,6 +504,8 @@ pub struct UsageView {
     /// `null` without such a limit.
     #[schema(required = true)]
     pub tokens_per_month: Option<MonthWindowView>,
+    /// Each model with limits of its own: its per-minute and month windows, as above.
+    pub models: Vec<ModelWindowsView>,
     /// The first day of `daily`, `YYYY-MM-DD`.
     pub from: String,
     /// The last day of `daily`, `YYYY-MM-DD`.
@@ -621,6 +636,20 @@ pub async fn usage_view(
             remaining: w.remaining,
             reset: duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC),
         }),
+        models: live
+            .models
+            .into_iter()
+            .map(|m| ModelWindowsView {
+                tokens_per_minute: window(m.tokens),
+                tokens_per_month: m.month.map(|w| MonthWindowView {
+                    limit: w.limit,
+                    used: m.month_used,
+                    remaining: w.remaining,
+                    reset: duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC),
+                }),
+                model: m.model,
+            })
+            .collect(),
         from,
         to,
         daily: ledger.daily,

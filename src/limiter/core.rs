@@ -470,6 +470,19 @@ pub struct Usage {
     pub month_settled_tokens: u64,
     pub month_reserved_tokens: u64,
     pub in_flight: u32,
+    /// Each model with limits of its own (`Limits::models`), by name.
+    pub models: Vec<ModelUsage>,
+}
+
+/// One model's limits as of now: its per-minute bucket and its month, each `None` without
+/// that limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelUsage {
+    pub model: String,
+    pub tokens: Option<Window>,
+    pub month: Option<Window>,
+    /// Tokens of this model settled and reserved this month.
+    pub month_used: u64,
 }
 
 /// What was held for an admitted request, to be settled exactly once.
@@ -1017,6 +1030,44 @@ impl WorkspaceState {
             month_settled_tokens: self.month.settled,
             month_reserved_tokens: self.month.reserved,
             in_flight: self.in_flight,
+            models: self.model_usage(limits, now),
         }
+    }
+
+    /// Each model with limits of its own, as `usage` shows it.
+    fn model_usage(&self, limits: &Limits, now: Nanos) -> Vec<ModelUsage> {
+        let now_us = micros(now);
+        let next_month = month_span(now).1;
+        limits
+            .models
+            .iter()
+            .map(|(name, l)| {
+                let state = self.models.iter().find(|m| &*m.name == name.as_str());
+                let used = state.map_or(0, |m| m.month.used());
+                ModelUsage {
+                    model: name.clone(),
+                    month_used: used,
+                    tokens: l.tokens_per_minute.map(|cap| {
+                        match state.and_then(|m| m.bucket.as_deref()) {
+                            Some(b) => Window {
+                                limit: cap as f64,
+                                remaining: b.remaining(cap, now_us),
+                                reset: until(b.full_at(cap, now_us), now),
+                            },
+                            None => Window {
+                                limit: cap as f64,
+                                remaining: cap,
+                                reset: 0,
+                            },
+                        }
+                    }),
+                    month: l.tokens_per_month.map(|cap| Window {
+                        limit: cap as f64,
+                        remaining: cap.saturating_sub(used),
+                        reset: next_month.saturating_sub(now),
+                    }),
+                }
+            })
+            .collect()
     }
 }

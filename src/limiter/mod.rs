@@ -34,8 +34,8 @@ use std::task::{Context, Poll};
 use async_trait::async_trait;
 
 pub use self::core::{
-    Denial, DenialKind, Held, LimitName, ModelName, MonthKey, MonthTotals, Nanos, Snapshot,
-    TokenCost, Usage, Verdict, Window, NANOS_PER_SEC,
+    Denial, DenialKind, Held, LimitName, ModelName, ModelUsage, MonthKey, MonthTotals, Nanos,
+    Snapshot, TokenCost, Usage, Verdict, Window, NANOS_PER_SEC,
 };
 use crate::model::{Limits, WorkspaceId};
 

@@ -433,9 +433,9 @@ local function req_view(level, at, cap, rate)
 end
 
 -- Tokens window: remaining, full_at, balance (whole tokens, truncated toward zero).
-local function tok_view(tpm)
+local function tok_view(tpm, p)
   if tpm == 0 then return 0, 0, 0 end
-  local level, at = tok_load('t', tpm)
+  local level, at = tok_load(p or 't', tpm)
   local balance
   if level >= 0 then balance = math.floor(level / U) else balance = -math.floor(-level / U) end
   return math.floor(math.max(level, 0) / U), tok_full_at(level, at, tpm), balance
@@ -690,10 +690,27 @@ if op == 'renew' then
 end
 
 if op == 'usage' then
-  -- ARGV 6..: gen candidate, rate, burst capacity, tpm, need base
+  -- ARGV 6..: gen candidate, rate, burst capacity, tpm, need base, then model/model tpm pairs
+  -- (the models with limits of their own)
   local cand = ARGV[6]
   local rate, rcap, tpm = N(ARGV[7]), N(ARGV[8]), N(ARGV[9])
   load_for(rate, tpm, '', 0)
+  if #ARGV > 10 then
+    local fields = {}
+    for i = 11, #ARGV - 1, 2 do
+      local mn = month_names(ARGV[i])
+      fields[#fields + 1] = mn.b
+      fields[#fields + 1] = mn.d
+      fields[#fields + 1] = mn.r
+      if N(ARGV[i + 1]) > 0 then
+        local b = bucket(mn.t)
+        fields[#fields + 1] = b[1]
+        fields[#fields + 1] = b[2]
+        fields[#fields + 1] = b[3]
+      end
+    end
+    load(fields)
+  end
   reap()
   local gen, based, mk = month_counter(cand)
   finish()
@@ -705,7 +722,16 @@ if op == 'usage' then
   end
   local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
-  return {1, now, rr, rf, tr, tf, balance, settled, reserved, num('inflight') or 0, mk, gen}
+  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, num('inflight') or 0, mk, gen}
+  -- Then, per model asked about: tokens left this minute, when whole again, used this month.
+  for i = 11, #ARGV - 1, 2 do
+    local m = ARGV[i]
+    local mr, mf = tok_view(N(ARGV[i + 1]), month_names(m).t)
+    reply[#reply + 1] = mr
+    reply[#reply + 1] = mf
+    reply[#reply + 1] = model_used(m)
+  end
+  return reply
 end
 
 if op == 'base' then

@@ -39,7 +39,7 @@ use std::time::Duration;
 use redis::Value;
 use sha2::{Digest, Sha256};
 
-use super::core::{micros, until, MonthKey, MAX_REQUEST_TOKENS, NANO_REQUESTS};
+use super::core::{micros, until, ModelUsage, MonthKey, MAX_REQUEST_TOKENS, NANO_REQUESTS};
 use super::{
     Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, MonthSource,
     Nanos, Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, Window,
@@ -1047,6 +1047,10 @@ impl RedisLimiter {
                 limits.tokens_per_minute.unwrap_or(0).to_string(),
                 "1".to_string(),
             ]);
+            for (model, l) in &limits.models {
+                args.push(model_id(model));
+                args.push(l.tokens_per_minute.unwrap_or(0).to_string());
+            }
             let reply = inner.eval(&inner.keys(workspace), &args).await?;
             let t = self.times(now, reply.u(1)?);
             if reply.int(0)? == 2 {
@@ -1068,12 +1072,33 @@ impl RedisLimiter {
                 settled + reserved,
             ];
             let snapshot = read_snapshot(v, limits, t, mk);
+            // {…, gen, then per model: tokens left, whole again at, used this month}
+            let mut models = Vec::with_capacity(limits.models.len());
+            for (i, (model, l)) in limits.models.iter().enumerate() {
+                let at = 12 + 3 * i;
+                let (left, full_at, used) = (reply.u(at)?, reply.u(at + 1)?, reply.u(at + 2)?);
+                models.push(ModelUsage {
+                    model: model.clone(),
+                    month_used: used,
+                    tokens: l.tokens_per_minute.map(|cap| Window {
+                        limit: cap as f64,
+                        remaining: left,
+                        reset: t.until(full_at),
+                    }),
+                    month: l.tokens_per_month.map(|cap| Window {
+                        limit: cap as f64,
+                        remaining: cap.saturating_sub(used),
+                        reset: t.until_ns(mk.next().start()),
+                    }),
+                });
+            }
             return Ok(Usage {
                 snapshot,
                 bucket_tokens: limits.tokens_per_minute.map(|_| reply.int(6).unwrap_or(0)),
                 month_settled_tokens: settled,
                 month_reserved_tokens: reserved,
                 in_flight: reply.u(9)? as u32,
+                models,
             });
         }
         Err(unavailable(

@@ -1108,3 +1108,84 @@ async fn the_old_limits_page_redirects_to_the_console() {
         .await
         .redirects_to("/console"));
 }
+
+#[tokio::test]
+async fn console_and_limits_show_each_models_own_limits_with_their_usage() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        TIER,
+        json!({
+            "tokens_per_minute": 100000,
+            "models": {
+                "mistral-large-latest": {"tokens_per_minute": 2000, "tokens_per_month": 50000},
+                "mistral-small-latest": {"tokens_per_month": 9000}
+            }
+        }),
+    )
+    .await;
+    let (_, key) = gw.workspace(TIER).await;
+    let mut large = hello();
+    large["model"] = json!("mistral-large-latest");
+    let r = gw.chat(&key, large, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let used = r.json::<Value>().await.unwrap()["usage"]["total_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(used > 0);
+
+    // The API: each model with limits of its own, what it used of them.
+    let usage = eventually_settled(&gw, &key).await;
+    let models = usage["models"].as_array().unwrap();
+    assert_eq!(models.len(), 2, "{usage}");
+    let of = |name: &str| models.iter().find(|m| m["model"] == name).unwrap().clone();
+    let l = of("mistral-large-latest");
+    assert_eq!(l["tokens_per_minute"]["remaining"], 2000 - used);
+    assert_eq!(l["tokens_per_month"]["used"], used);
+    assert_eq!(l["tokens_per_month"]["remaining"], 50000 - used);
+    let s = of("mistral-small-latest");
+    assert!(s["tokens_per_minute"].is_null());
+    assert_eq!(s["tokens_per_month"]["used"], 0);
+
+    // The page: a bar per model limit, with the same figures.
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let row = |model: &str, limit: &str| {
+        let at = page
+            .body
+            .find(&format!(r#"data-model="{model}" data-limit="{limit}""#))
+            .unwrap_or_else(|| panic!("no row {model} {limit}: {}", page.body));
+        page.body[at..].split("</tr>").next().unwrap().to_string()
+    };
+    let minute = row("mistral-large-latest", "tokens_per_minute");
+    assert!(minute.contains("<meter"), "{minute}");
+    assert!(
+        minute.contains(&format!(
+            "<span class=\"remaining\">{}</span> of 2000",
+            2000 - used
+        )),
+        "{minute}"
+    );
+    let month = row("mistral-large-latest", "tokens_per_month");
+    assert!(
+        month.contains(&format!("<span class=\"used\">{used}</span> of 50000")),
+        "{month}"
+    );
+    assert!(row("mistral-small-latest", "tokens_per_month")
+        .contains("<span class=\"used\">0</span> of 9000"));
+    assert!(!page
+        .body
+        .contains(r#"data-model="mistral-small-latest" data-limit="tokens_per_minute""#));
+}
+
+/// `usage` of `/v1/limits` once nothing is reserved any more (the settlement has landed).
+async fn eventually_settled(gw: &TestGateway, key: &str) -> Value {
+    let started = std::time::Instant::now();
+    loop {
+        let usage = gw.limits(key).await["usage"].clone();
+        if usage["tokens_reserved"] == 0 {
+            return usage;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{usage}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
