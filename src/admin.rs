@@ -516,9 +516,19 @@ impl Admin {
             pinned,
             ..WorkspaceChange::default()
         };
+        self.change_workspace(by, id, &change).await
+    }
+
+    /// Makes `change` in the store and brings the catalogue up to date with it.
+    async fn change_workspace(
+        &self,
+        by: &Actor,
+        id: WorkspaceId,
+        change: &WorkspaceChange,
+    ) -> Result<Workspace, AdminError> {
         let ws = self
             .store
-            .update_workspace(id, &change, by, self.now())
+            .update_workspace(id, change, by, self.now())
             .await
             .map_err(not_found("workspace", id))?;
         self.refresh().await;
@@ -538,12 +548,7 @@ impl Admin {
             attributes: Some(attributes),
             ..WorkspaceChange::default()
         };
-        let ws = self
-            .store
-            .update_workspace(id, &change, by, self.now())
-            .await
-            .map_err(not_found("workspace", id))?;
-        self.refresh().await;
+        let ws = self.change_workspace(by, id, &change).await?;
         let promoted = self.promote(Some(id)).await?;
         Ok(promoted.into_iter().next().unwrap_or(ws))
     }

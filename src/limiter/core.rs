@@ -474,6 +474,23 @@ pub struct Usage {
     pub models: Vec<ModelUsage>,
 }
 
+/// A per-minute bucket of `cap` as a window now (whole when it was never used).
+fn token_window(bucket: Option<&TokenBucket>, cap: u64, now: Nanos) -> Window {
+    let now_us = micros(now);
+    match bucket {
+        Some(b) => Window {
+            limit: cap as f64,
+            remaining: b.remaining(cap, now_us),
+            reset: until(b.full_at(cap, now_us), now),
+        },
+        None => Window {
+            limit: cap as f64,
+            remaining: cap,
+            reset: 0,
+        },
+    }
+}
+
 /// One model's limits as of now: its per-minute bucket and its month, each `None` without
 /// that limit.
 #[derive(Debug, Clone, PartialEq)]
@@ -986,18 +1003,9 @@ impl WorkspaceState {
                 reset: 0,
             },
         });
-        let tokens = limits.tokens_per_minute.map(|cap| match &self.bucket {
-            Some(b) => Window {
-                limit: cap as f64,
-                remaining: b.remaining(cap, now_us),
-                reset: until(b.full_at(cap, now_us), now),
-            },
-            None => Window {
-                limit: cap as f64,
-                remaining: cap,
-                reset: 0,
-            },
-        });
+        let tokens = limits
+            .tokens_per_minute
+            .map(|cap| token_window(self.bucket.as_ref(), cap, now));
         let month = limits.tokens_per_month.map(|cap| Window {
             limit: cap as f64,
             remaining: cap.saturating_sub(self.month.used()),
@@ -1036,7 +1044,6 @@ impl WorkspaceState {
 
     /// Each model with limits of its own, as `usage` shows it.
     fn model_usage(&self, limits: &Limits, now: Nanos) -> Vec<ModelUsage> {
-        let now_us = micros(now);
         let next_month = month_span(now).1;
         limits
             .models
@@ -1047,20 +1054,9 @@ impl WorkspaceState {
                 ModelUsage {
                     model: name.clone(),
                     month_used: used,
-                    tokens: l.tokens_per_minute.map(|cap| {
-                        match state.and_then(|m| m.bucket.as_deref()) {
-                            Some(b) => Window {
-                                limit: cap as f64,
-                                remaining: b.remaining(cap, now_us),
-                                reset: until(b.full_at(cap, now_us), now),
-                            },
-                            None => Window {
-                                limit: cap as f64,
-                                remaining: cap,
-                                reset: 0,
-                            },
-                        }
-                    }),
+                    tokens: l
+                        .tokens_per_minute
+                        .map(|cap| token_window(state.and_then(|m| m.bucket.as_deref()), cap, now)),
                     month: l.tokens_per_month.map(|cap| Window {
                         limit: cap as f64,
                         remaining: cap.saturating_sub(used),
