@@ -25,9 +25,10 @@ use crate::clock::Clock;
 use crate::config::validate_tier_name;
 use crate::limiter::MonthKey;
 use crate::model::{
-    validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Condition, FieldPatch,
-    KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides, OverridesPatch,
-    Promoted, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+    validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition,
+    FieldPatch, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides,
+    OverridesPatch, Promoted, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+    MAX_BUDGET_MODELS,
 };
 use crate::store::{
     AuditFilter, NewKey, Store, StoreError, WorkspaceChange, WorkspacePage, WorkspaceQuery,
@@ -533,6 +534,61 @@ impl Admin {
             .map_err(not_found("workspace", id))?;
         self.refresh().await;
         Ok(ws)
+    }
+
+    /// Replaces a workspace's own budget (`by`: the workspace itself). Each cap must be a whole
+    /// number from 1 and at most the workspace's effective limit (its tier's, then its
+    /// overrides): a budget only ever lowers a limit. A model's cap is held against the model's
+    /// own month limit and the workspace's.
+    pub async fn set_budget(
+        &self,
+        by: &Actor,
+        id: WorkspaceId,
+        budget: Budget,
+    ) -> Result<Workspace, AdminError> {
+        if budget.models.len() > MAX_BUDGET_MODELS {
+            return Err(invalid(format!(
+                "models: at most {MAX_BUDGET_MODELS} models"
+            )));
+        }
+        let ws = self.get_workspace(id).await?;
+        let tiers = self.store.list_tiers().await?;
+        let tier = tiers
+            .iter()
+            .find(|t| t.name == ws.tier)
+            .map(|t| t.limits.clone())
+            .unwrap_or_default();
+        let limits = ws.overrides.apply(&tier).within_bounds();
+        let check = |field: &str, n: u64, cap: Option<u64>| -> Result<(), AdminError> {
+            if n == 0 {
+                return Err(invalid(format!("'{field}' must be at least 1")));
+            }
+            match cap {
+                Some(cap) if n > cap => Err(invalid(format!(
+                    "'{field}' ({n}) is above this workspace's limit of {cap} tokens per month: a budget can only lower it (ask for an increase instead)"
+                ))),
+                _ => Ok(()),
+            }
+        };
+        if let Some(n) = budget.tokens_per_month {
+            check("tokens_per_month", n, limits.tokens_per_month)?;
+        }
+        for (model, &n) in &budget.models {
+            if model.is_empty() || model.len() > 256 {
+                return Err(invalid("models: a model name is 1 to 256 bytes"));
+            }
+            let own = limits.models.get(model).and_then(|m| m.tokens_per_month);
+            let cap = match (own, limits.tokens_per_month) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            check(&format!("models.{model}"), n, cap)?;
+        }
+        let change = WorkspaceChange {
+            budget: Some(budget),
+            ..WorkspaceChange::default()
+        };
+        self.change_workspace(by, id, &change).await
     }
 
     /// Replaces a workspace's attributes (what the operator's own systems know of it, for the

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
-use crate::model::{ApiKey, KeyId, Limits, Workspace, WorkspaceId, WorkspaceStatus};
+use crate::model::{ApiKey, BudgetBinds, KeyId, Limits, Workspace, WorkspaceId, WorkspaceStatus};
 use crate::store::{CatalogChanges, CatalogDelta, Store, StoreError};
 
 /// At most one unknown-key check per this interval.
@@ -34,8 +34,10 @@ pub const MISS_CHECK_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct WorkspaceEntry {
     pub workspace: Workspace,
-    /// Tier limits with the workspace's overrides applied.
+    /// Tier limits with the workspace's overrides applied, then its own budget.
     pub limits: Arc<Limits>,
+    /// Where the month caps in `limits` are the workspace's budget.
+    pub budget: BudgetBinds,
 }
 
 #[derive(Debug)]
@@ -63,9 +65,11 @@ impl View {
             .get(&w.tier)
             .map(|l| (**l).clone())
             .unwrap_or_default();
+        let (limits, budget) = w.budget.apply(&w.overrides.apply(&tier).within_bounds());
         Arc::new(WorkspaceEntry {
             workspace: w.clone(),
-            limits: Arc::new(w.overrides.apply(&tier).within_bounds()),
+            limits: Arc::new(limits),
+            budget,
         })
     }
 

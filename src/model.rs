@@ -516,6 +516,61 @@ pub struct Workspace {
     /// Its last automatic promotion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promoted: Option<Promoted>,
+    /// The lower monthly caps the workspace set for itself.
+    #[serde(default, skip_serializing_if = "Budget::is_empty")]
+    pub budget: Budget,
+}
+
+/// A workspace's own monthly token caps, below its limits: for the whole workspace and per
+/// model. A budget binds where it is at most the effective limit (or there is none).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Tokens per calendar month (UTC) for the whole workspace; `null`: none.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub tokens_per_month: Option<u64>,
+    /// Tokens per month per model.
+    #[serde(default)]
+    pub models: BTreeMap<String, u64>,
+}
+
+/// At most this many models in a budget.
+pub const MAX_BUDGET_MODELS: usize = 64;
+
+impl Budget {
+    pub fn is_empty(&self) -> bool {
+        self.tokens_per_month.is_none() && self.models.is_empty()
+    }
+
+    /// The effective limits with the budget applied: each month cap the lower of the two. Returns
+    /// them, and whether the budget binds for the workspace and for which models.
+    pub fn apply(&self, limits: &Limits) -> (Limits, BudgetBinds) {
+        let mut out = limits.clone();
+        let mut binds = BudgetBinds::default();
+        if let Some(b) = self.tokens_per_month {
+            if limits.tokens_per_month.is_none_or(|l| b <= l) {
+                out.tokens_per_month = Some(b);
+                binds.workspace = true;
+            }
+        }
+        for (model, &b) in &self.models {
+            let entry = out.models.entry(model.clone()).or_default();
+            if entry.tokens_per_month.is_none_or(|l| b <= l) {
+                entry.tokens_per_month = Some(b);
+                binds.models.push(model.clone());
+            }
+        }
+        (out, binds)
+    }
+}
+
+/// Where a workspace's budget is what binds (its month cap is the budget's).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BudgetBinds {
+    pub workspace: bool,
+    /// Sorted.
+    pub models: Vec<String>,
 }
 
 /// A workspace attribute: a number or a boolean.

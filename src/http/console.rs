@@ -86,7 +86,8 @@ pub fn routes(scope: Scope) -> Router<Arc<AppState>> {
         routes = routes
             .route("/console/workspace", get(workspace_page))
             .route("/console/keys/{id}/revoke", post(revoke_key))
-            .route("/console/limit-requests", post(request_increase));
+            .route("/console/limit-requests", post(request_increase))
+            .route("/console/budget", post(set_budget));
     }
     if scope.operator {
         routes = routes.merge(super::console_operator::routes());
@@ -396,6 +397,61 @@ async fn request_increase(State(state): State<Arc<AppState>>, request: Request) 
         Err(AdminError::Conflict(m)) => refused(StatusCode::CONFLICT, m).await,
         Err(e) => {
             tracing::warn!(error = %e, "console: could not file an increase request");
+            unavailable(StatusCode::SERVICE_UNAVAILABLE)
+        }
+    }
+}
+
+/// `POST /console/budget` (`tokens_per_month`, blank for none): the workspace's own cap for the
+/// month, as `PUT /v1/budget` sets it; the per-model caps are kept.
+async fn set_budget(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (session, entry, form) = match workspace_form(&state, request).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let refused = |status, message: String| {
+        let (state, session, entry) = (&state, &session, &entry);
+        async move {
+            render_workspace(
+                state,
+                session,
+                entry,
+                Some(Notice::Refused(&message)),
+                status,
+                None,
+            )
+            .await
+        }
+    };
+    let text = field(&form, "tokens_per_month").unwrap_or_default();
+    let text = text.trim().replace(['_', ','], "");
+    let tokens_per_month = match text.as_str() {
+        "" => None,
+        n => match n.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => {
+                return refused(
+                    StatusCode::BAD_REQUEST,
+                    "'tokens_per_month' must be a whole number, or empty for no budget".into(),
+                )
+                .await
+            }
+        },
+    };
+    let ws = entry.workspace.id;
+    let budget = crate::model::Budget {
+        tokens_per_month,
+        models: entry.workspace.budget.models.clone(),
+    };
+    match state
+        .admin
+        .set_budget(&Actor::workspace(ws), ws, budget)
+        .await
+    {
+        Ok(_) => see_other("/console/workspace?done=budget", None),
+        Err(AdminError::Invalid(m)) => refused(StatusCode::BAD_REQUEST, m).await,
+        Err(e) => {
+            tracing::warn!(error = %e, "console: could not set a budget");
             unavailable(StatusCode::SERVICE_UNAVAILABLE)
         }
     }
@@ -816,6 +872,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             }
         }
         p.note { "New keys are made by the operator: a leaked key cannot mint more." }
+        (budget_form(&ws.budget, token))
         (increase_form(token, p.form))
         (past_requests(requests))
         form method="post" action="/console/sign-out" {
@@ -929,6 +986,32 @@ fn condition_label(name: &str) -> String {
             || other.to_string(),
             |a| format!("{a} (set by the operator)"),
         ),
+    }
+}
+
+/// The workspace's own monthly cap: a form for the whole workspace's, and the models' as set
+/// through the API.
+fn budget_form(budget: &crate::model::Budget, token: &str) -> Markup {
+    html! {
+        h2 { "Your monthly budget" }
+        p.note { "A cap you set below your limits, so that a bug cannot spend the whole quota. Past it, requests are refused (429, code workspace_budget) until next month or until you raise it." }
+        form #budget method="post" action="/console/budget" {
+            input type="hidden" name="csrf" value=(token);
+            label for="budget_tokens_per_month" {
+                "Tokens per month (empty: no budget)"
+                input #budget_tokens_per_month type="number" min="1" step="1" name="tokens_per_month" value=(budget.tokens_per_month.map(|n| n.to_string()).unwrap_or_default());
+            }
+            button type="submit" { "Save the budget" }
+        }
+        @if !budget.models.is_empty() {
+            p.note #model-budgets {
+                "Per model (set with PUT /v1/budget): "
+                @for (i, (model, n)) in budget.models.iter().enumerate() {
+                    @if i > 0 { ", " }
+                    (model) " " (n)
+                }
+            }
+        }
     }
 }
 

@@ -34,7 +34,8 @@ pub enum ApiError {
     RequestTimeout(u64),
     #[error("rate limited")]
     /// The rate-limit headers are the caller's to add (they depend on the configuration).
-    Denied(Box<Denial>),
+    /// `true`: the month cap that denied it is the workspace's own budget.
+    Denied(Box<Denial>, bool),
     #[error("upstream unreachable")]
     UpstreamUnreachable,
     #[error("upstream timed out")]
@@ -187,10 +188,21 @@ fn describe(denial: &Denial) -> String {
     }
 }
 
-fn denial_response(denial: &Denial) -> Response {
-    let limit = denial.limit.as_str();
+fn denial_response(denial: &Denial, budget: bool) -> Response {
+    let limit = match (budget, denial.model.is_some()) {
+        (true, false) => "workspace_budget",
+        (true, true) => "model_budget",
+        (false, _) => denial.limit.as_str(),
+    };
     let wait = headers::duration(denial.retry_after);
     let (kind, message) = match denial.kind {
+        DenialKind::QuotaExceeded if budget => (
+            "quota_exceeded",
+            format!(
+                "Monthly budget reached: {} ({limit}), the cap this workspace set for itself. It renews in {wait}, at the start of next month (UTC); raise or clear it with PUT /v1/budget to continue sooner.",
+                describe(denial)
+            ),
+        ),
         DenialKind::RateLimited => (
             "rate_limited",
             format!(
@@ -274,7 +286,7 @@ impl IntoResponse for ApiError {
                     .insert("connection", HeaderValue::from_static("close"));
                 r
             }
-            ApiError::Denied(d) => denial_response(d),
+            ApiError::Denied(d, budget) => denial_response(d, *budget),
             ApiError::UpstreamUnreachable => body(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",

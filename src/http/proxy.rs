@@ -52,7 +52,7 @@ use super::{authenticate, headers};
 use crate::app::AppState;
 use crate::catalog::WorkspaceEntry;
 use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
-use crate::limiter::{Decision, LimiterError, Reservation, TokenCost};
+use crate::limiter::{Decision, LimitName, LimiterError, Reservation, TokenCost};
 use crate::metrics::{Metrics, ProxiedRequest, Route};
 use crate::model::{KeyId, Limits};
 use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
@@ -427,7 +427,15 @@ async fn forward(
                 a.decision = "denied";
                 a.limit = Some(denial.limit.as_str());
             }
-            let mut response = ApiError::Denied(Box::new(denial)).into_response();
+            let budget = match denial.limit {
+                LimitName::TokensPerMonth => workspace.budget.workspace,
+                LimitName::ModelTokensPerMonth => denial
+                    .model
+                    .as_deref()
+                    .is_some_and(|m| workspace.budget.models.iter().any(|b| b == m)),
+                _ => false,
+            };
+            let mut response = ApiError::Denied(Box::new(denial), budget).into_response();
             let families = state.config.rate_limit_headers;
             headers::apply(families, &snapshot, now, response.headers_mut());
             return Ok(response);

@@ -21,7 +21,7 @@ use super::views::{
     UsageHistoryView, WorkspaceLimitsView, WorkspaceSummary,
 };
 use crate::app::AppState;
-use crate::model::{Actor, Overrides};
+use crate::model::{Actor, Budget, Overrides};
 
 /// The workspace's own routes (and the limits page), each with its operation in the document.
 pub fn api() -> OpenApiRouter<Arc<AppState>> {
@@ -30,6 +30,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(limits))
         .routes(routes!(usage))
         .routes(routes!(create_limit_request, list_limit_requests))
+        .routes(routes!(get_budget, put_budget))
 }
 
 /// The limits page, which is the console's workspace page now.
@@ -106,6 +107,57 @@ async fn usage(
     Ok(SortedJson(
         usage_history_view(&state, &entry.workspace, false).await?,
     ))
+}
+
+/// Reads the workspace's own monthly caps.
+#[utoipa::path(
+    get,
+    path = "/v1/budget",
+    tag = "workspace",
+    operation_id = "get_budget",
+    security(("workspace_key" = [])),
+    responses(
+        (status = 200, description = "The workspace's budget: `tokens_per_month` (`null`: none) and per-model caps.", body = Budget),
+        WorkspaceErrors,
+    )
+)]
+async fn get_budget(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<SortedJson<Budget>, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    Ok(SortedJson(entry.workspace.budget.clone()))
+}
+
+/// Sets the workspace's own monthly caps, below its limits: a request that would go past one is
+/// a `429` (`quota_exceeded`, code `workspace_budget` or `model_budget`).
+// The key is checked before the body is read (the body is bounded either way).
+#[utoipa::path(
+    put,
+    path = "/v1/budget",
+    tag = "workspace",
+    operation_id = "put_budget",
+    security(("workspace_key" = [])),
+    request_body(content = Budget, description = "The whole budget: `tokens_per_month` (`null` or left out: none) and `models` (left out: none)."),
+    responses(
+        (status = 200, description = "The budget, set.", body = Budget),
+        BodyErrors,
+        WorkspaceErrors,
+    )
+)]
+async fn put_budget(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Request,
+) -> Result<SortedJson<Budget>, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    let JsonBody(budget) = JsonBody::<Budget>::from_request(body, &state).await?;
+    let id = entry.workspace.id;
+    let ws = state
+        .admin
+        .set_budget(&Actor::workspace(id), id, budget)
+        .await?;
+    Ok(SortedJson(ws.budget))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -227,6 +227,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("pinned", Bool),
             ("attributes", Text),
             ("promoted", OptText),
+            ("budget", Text),
         ],
     ),
     (

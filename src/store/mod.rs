@@ -53,9 +53,9 @@ use async_trait::async_trait;
 
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    Actor, ApiKey, Attributes, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
-    LimitRequestStatus, Overrides, OverridesPatch, Promoted, Tier, Workspace, WorkspaceId,
-    WorkspaceStatus,
+    Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, KeyId, LimitRequest,
+    LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch, Promoted, Tier, Workspace,
+    WorkspaceId, WorkspaceStatus,
 };
 
 /// How many catalogue versions the change log keeps. An instance that is further behind (or new)
@@ -230,6 +230,8 @@ pub struct WorkspaceChange {
     pub pinned: Option<bool>,
     /// Replaces the attributes.
     pub attributes: Option<Attributes>,
+    /// Replaces the workspace's own budget.
+    pub budget: Option<Budget>,
     /// An automatic promotion: made only if the workspace is still on `from` and not pinned
     /// (`Conflict` otherwise, so that instances evaluating at once promote it once), recorded
     /// as `workspace.promote`.

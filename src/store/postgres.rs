@@ -205,6 +205,10 @@ ALTER TABLE workspaces ADD COLUMN pinned BOOLEAN NOT NULL DEFAULT FALSE;
 ALTER TABLE workspaces ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE workspaces ADD COLUMN promoted TEXT;
 "#,
+    // The monthly caps a workspace sets for itself.
+    r#"
+ALTER TABLE workspaces ADD COLUMN budget TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
 
 /// Checks that `url` is a Postgres URL sqlx can connect with; the message never shows a
@@ -380,6 +384,7 @@ pub(super) fn workspace_row(row: &PgRow) -> Result<Workspace, StoreError> {
             .try_get::<Option<String>, _>("promoted")?
             .map(|p| parse_json(&p, "workspaces.promoted"))
             .transpose()?,
+        budget: parse_json(row.try_get("budget")?, "workspaces.budget")?,
     })
 }
 
@@ -858,6 +863,7 @@ impl Store for PostgresStore {
             pinned,
             attributes,
             promoted,
+            budget,
         } = change;
         bounded(CALL_TIMEOUT, async {
             let mut tx = self.pool.begin().await?;
@@ -879,7 +885,7 @@ impl Store for PostgresStore {
                 .validate()
                 .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
             let row = sqlx::query(
-                "UPDATE workspaces SET tier = $1, overrides = $2, status = $3, pinned = $4, attributes = $5, promoted = $6 WHERE id = $7 RETURNING *",
+                "UPDATE workspaces SET tier = $1, overrides = $2, status = $3, pinned = $4, attributes = $5, promoted = $6, budget = $7 WHERE id = $8 RETURNING *",
             )
             .bind(tier.unwrap_or(&current.tier))
             .bind(json(&new_overrides))
@@ -887,6 +893,7 @@ impl Store for PostgresStore {
             .bind(pinned.unwrap_or(current.pinned))
             .bind(json(attributes.as_ref().unwrap_or(&current.attributes)))
             .bind(promoted.as_ref().or(current.promoted.as_ref()).map(json))
+            .bind(json(budget.as_ref().unwrap_or(&current.budget)))
             .bind(id)
             .fetch_one(&mut *tx)
             .await?;

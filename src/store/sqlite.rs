@@ -186,6 +186,10 @@ ALTER TABLE workspaces ADD COLUMN pinned INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE workspaces ADD COLUMN attributes TEXT NOT NULL DEFAULT '{}';
 ALTER TABLE workspaces ADD COLUMN promoted TEXT;
 "#,
+    // The monthly caps a workspace sets for itself.
+    r#"
+ALTER TABLE workspaces ADD COLUMN budget TEXT NOT NULL DEFAULT '{}';
+"#,
 ];
 
 pub struct SqliteStore {
@@ -333,6 +337,7 @@ fn workspace_row(row: &SqliteRow) -> Result<Workspace, StoreError> {
             .try_get::<Option<String>, _>("promoted")?
             .map(|p| parse_json(&p, "workspaces.promoted"))
             .transpose()?,
+        budget: parse_json(row.try_get("budget")?, "workspaces.budget")?,
     })
 }
 
@@ -641,6 +646,7 @@ impl Store for SqliteStore {
             pinned,
             attributes,
             promoted,
+            budget,
         } = change;
         let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
@@ -661,7 +667,7 @@ impl Store for SqliteStore {
             .validate()
             .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
         let row = sqlx::query(
-            "UPDATE workspaces SET tier = ?, overrides = ?, status = ?, pinned = ?, attributes = ?, promoted = ? WHERE id = ? RETURNING *",
+            "UPDATE workspaces SET tier = ?, overrides = ?, status = ?, pinned = ?, attributes = ?, promoted = ?, budget = ? WHERE id = ? RETURNING *",
         )
         .bind(tier.unwrap_or(&current.tier))
         .bind(json(&new_overrides))
@@ -669,6 +675,7 @@ impl Store for SqliteStore {
         .bind(pinned.unwrap_or(current.pinned))
         .bind(json(attributes.as_ref().unwrap_or(&current.attributes)))
         .bind(promoted.as_ref().or(current.promoted.as_ref()).map(json))
+        .bind(json(budget.as_ref().unwrap_or(&current.budget)))
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;

@@ -8,6 +8,7 @@ mod admin;
 mod admin_input;
 mod bad_input;
 mod browser;
+mod budget;
 mod console;
 mod console_operator;
 mod crash;

@@ -708,6 +708,20 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     assert!(limits["usage"]["token_bucket"].is_object());
     assert_eq!(limits["next_tier"]["name"], "richer");
     assert_eq!(limits["next_tier"]["automatic"], true);
+    // The workspace's own budget: set (a model's too), read, cleared.
+    let budget = json!({"tokens_per_month": 5000, "models": {"mock-small": 100}});
+    let set = api
+        .keyed(b, &rich_key, M::PUT, "/v1/budget", Some(budget), ok)
+        .await;
+    assert_eq!(set["tokens_per_month"], 5000);
+    let read = api
+        .keyed(b, &rich_key, M::GET, "/v1/budget", None, ok)
+        .await;
+    assert_eq!(read, set);
+    let cleared = api
+        .keyed(b, &rich_key, M::PUT, "/v1/budget", Some(json!({})), ok)
+        .await;
+    assert!(cleared["tokens_per_month"].is_null());
     let limits = api
         .keyed(b, &bare_key, M::GET, "/v1/limits", None, ok)
         .await;

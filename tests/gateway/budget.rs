@@ -1,0 +1,250 @@
+//! A workspace's own monthly budget (`PUT /v1/budget`): a cap below its limits, for the whole
+//! workspace or per model, enforced as the month limits are (a denial takes nothing) and named
+//! in the `429` (`workspace_budget`, `model_budget`); a cap above the limits is refused.
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::harness::*;
+
+async fn put_budget(gw: &TestGateway, key: &str, budget: Value) -> (StatusCode, Value) {
+    let r = gw
+        .client
+        .put(format!("{}/v1/budget", gw.url))
+        .bearer_auth(key)
+        .json(&budget)
+        .send()
+        .await
+        .unwrap();
+    (r.status(), r.json().await.unwrap())
+}
+
+fn large() -> Value {
+    let mut body = hello();
+    body["model"] = json!("mistral-large-latest");
+    body
+}
+
+/// Sends `body` until the gateway refuses it (at most 50 times); the admitted count and the
+/// refusal.
+async fn until_refused(gw: &TestGateway, key: &str, body: Value) -> (usize, reqwest::Response) {
+    for admitted in 0..50 {
+        let r = gw.chat(key, body.clone(), &[]).await;
+        if r.status() != StatusCode::OK {
+            return (admitted, r);
+        }
+        r.text().await.unwrap();
+    }
+    panic!("never refused");
+}
+
+#[tokio::test]
+async fn a_budget_below_the_limit_is_enforced_and_named_and_one_above_is_refused() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "b-tier",
+        json!({"tokens_per_minute": 1000000, "tokens_per_month": 100000,
+               "models": {"mistral-large-latest": {"tokens_per_month": 5000}}}),
+    )
+    .await;
+    let (ws, key) = gw.workspace("b-tier").await;
+
+    // Over the limits: refused, naming the field; nothing set.
+    let (s, e) = put_budget(&gw, &key, json!({"tokens_per_month": 100001})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("tokens_per_month"),
+        "{e}"
+    );
+    let (s, e) = put_budget(&gw, &key, json!({"models": {"mistral-large-latest": 5001}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("models.mistral-large-latest"),
+        "{e}"
+    );
+    for bad in [
+        json!({"tokens_per_month": 0}),
+        json!({"tokens_per_month": -1}),
+        json!({"limit": 5}),
+    ] {
+        let (s, e) = put_budget(&gw, &key, bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {e}");
+    }
+    let got = gw
+        .client
+        .get(format!("{}/v1/budget", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), StatusCode::OK);
+    assert_eq!(
+        got.json::<Value>().await.unwrap(),
+        json!({"models": {}, "tokens_per_month": null})
+    );
+
+    // Under: a budget of 100 tokens a month binds before the tier's 100,000.
+    let (s, b) = put_budget(&gw, &key, json!({"tokens_per_month": 100})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(b, json!({"models": {}, "tokens_per_month": 100}));
+    let (admitted, refused) = until_refused(&gw, &key, hello()).await;
+    assert!(admitted >= 1, "requests under the budget pass");
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&refused, "x-should-retry"), Some("false"));
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["type"], "quota_exceeded", "{body}");
+    assert_eq!(body["code"], "workspace_budget", "{body}");
+    assert_eq!(body["error"]["code"], "workspace_budget");
+    // The denial took nothing: the month's tokens are what the admitted requests used.
+    let used = gw.settled_month_tokens(&key).await;
+    let again = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(again.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(gw.settled_month_tokens(&key).await, used);
+    assert!(used <= 100, "{used}");
+
+    // Cleared: the tier's limits again.
+    let (s, b) = put_budget(&gw, &key, json!({})).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(b["tokens_per_month"], Value::Null);
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+
+    // Per model: that model is capped, others are not.
+    let (s, _) = put_budget(&gw, &key, json!({"models": {"mistral-large-latest": 60}})).await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, refused) = until_refused(&gw, &key, large()).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(
+        (body["type"].as_str(), body["code"].as_str()),
+        (Some("quota_exceeded"), Some("model_budget")),
+        "{body}"
+    );
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+
+    // Who set it is in the audit log: the workspace itself.
+    let (_, audit) = gw
+        .admin(
+            Method::GET,
+            &format!("/audit?workspace_id={ws}&action=workspace.update"),
+            None,
+        )
+        .await;
+    assert!(
+        audit["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["actor"] == format!("workspace:{ws}")),
+        "{audit}"
+    );
+    assert_eq!(
+        audit["data"][0]["after"]["budget"]["models"]["mistral-large-latest"],
+        60
+    );
+}
+
+#[tokio::test]
+async fn on_a_tier_without_a_month_quota_any_budget_is_allowed() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("open", json!({"tokens_per_minute": 1000000}))
+        .await;
+    let (_, key) = gw.workspace("open").await;
+    let (s, b) = put_budget(&gw, &key, json!({"tokens_per_month": 1_000_000_000_000u64})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    // /v1/limits shows the budget as the workspace's month limit now.
+    let limits = gw.limits(&key).await;
+    assert_eq!(limits["limits"]["tokens_per_month"], 1_000_000_000_000u64);
+}
+
+#[tokio::test]
+async fn the_console_sets_the_workspaces_budget() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "c-tier",
+        json!({"tokens_per_minute": 1000000, "tokens_per_month": 100000}),
+    )
+    .await;
+    let (_, key) = gw.workspace("c-tier").await;
+    let (s, _) = put_budget(&gw, &key, json!({"models": {"mistral-large-latest": 70}})).await;
+    assert_eq!(s, StatusCode::OK);
+    let cookie = crate::console::signed_in(&gw, &key).await;
+    let page = crate::console::get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert!(page.body.contains(r#"id="budget""#));
+    assert!(
+        page.body.contains("mistral-large-latest 70"),
+        "{}",
+        page.body
+    );
+    let csrf = page.csrf();
+    let post = |fields: Vec<(&'static str, String)>| {
+        let gw = &gw;
+        let cookie = cookie.clone();
+        async move {
+            crate::console::Page::of(
+                crate::console::browser()
+                    .post(format!("{}/console/budget", gw.url))
+                    .header("cookie", cookie)
+                    .form(&fields)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        }
+    };
+    // Above the quota: the page again, with why; nothing set.
+    let over = post(vec![
+        ("csrf", csrf.clone()),
+        ("tokens_per_month", "100001".into()),
+    ])
+    .await;
+    assert_eq!(over.status, StatusCode::BAD_REQUEST);
+    assert!(over.body.contains("tokens_per_month"), "{}", over.body);
+    // Without the form token: refused.
+    let forged = post(vec![("tokens_per_month", "5".into())]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let got: Value = gw
+        .client
+        .get(format!("{}/v1/budget", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["tokens_per_month"], Value::Null);
+
+    let saved = post(vec![
+        ("csrf", csrf.clone()),
+        ("tokens_per_month", "40".into()),
+    ])
+    .await;
+    assert!(
+        saved.redirects_to("/console/workspace?done=budget"),
+        "{} {}",
+        saved.status,
+        saved.body
+    );
+    let got: Value = gw
+        .client
+        .get(format!("{}/v1/budget", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        got,
+        json!({"tokens_per_month": 40, "models": {"mistral-large-latest": 70}})
+    );
+    let (_, refused) = until_refused(&gw, &key, hello()).await;
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "workspace_budget", "{body}");
+}
