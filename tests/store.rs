@@ -1608,7 +1608,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 7]);
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 7, 8]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 
