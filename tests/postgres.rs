@@ -175,10 +175,21 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
             .unwrap();
     }
 
-    // The target had a `serve` started on it once: seeded tiers only, replaced by the source's.
+    // The console's signing secret the source made (the gateway above asked for it at start).
+    let source_secret = tiergate::store::open(&sqlite)
+        .await
+        .unwrap()
+        .console_secret(&[1; 32])
+        .await
+        .unwrap();
+    assert_ne!(source_secret, vec![1; 32], "the source had one already");
+
+    // The target had a `serve` started on it once: seeded tiers only, replaced by the source's,
+    // and a secret of its own, replaced too.
     {
         let target = tiergate::store::open(&db.url).await.unwrap();
         target.seed_tiers(&default_tiers()).await.unwrap();
+        assert_eq!(target.console_secret(&[2; 32]).await.unwrap(), vec![2; 32]);
         let stale = Tier {
             name: "stale".into(),
             rank: None,
@@ -194,6 +205,14 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Sessions signed by the source hold on the target.
+    let target_secret = tiergate::store::open(&db.url)
+        .await
+        .unwrap()
+        .console_secret(&[3; 32])
+        .await
+        .unwrap();
+    assert_eq!(target_secret, source_secret);
     for copied in [
         "tiers: 7,",
         "workspaces: 2,",

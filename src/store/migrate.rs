@@ -104,7 +104,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
 
     // Nobody writes the target while it is checked and filled.
     sqlx::query(
-        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, usage_hourly, usage_daily_by_key, ledger_batches, catalog_changes, audit IN EXCLUSIVE MODE",
+        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, usage_hourly, usage_daily_by_key, ledger_batches, catalog_changes, audit, secrets IN EXCLUSIVE MODE",
     )
     .execute(&mut *dst)
     .await
@@ -135,11 +135,17 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
         .execute(&mut *dst)
         .await
         .map_err(write)?;
+    // The gateway's own secrets (the console's signing key) too: the source's sessions go on
+    // on the target, and any a `serve` made on the empty target end.
+    sqlx::query("DELETE FROM secrets")
+        .execute(&mut *dst)
+        .await
+        .map_err(write)?;
     let mut copied = Vec::with_capacity(TABLES.len());
     for (table, columns) in TABLES {
         copied.push(copy_table(&mut src, &mut dst, table, columns).await?);
     }
-    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, batch_ids, audit_entries] =
+    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, batch_ids, audit_entries, _secrets] =
         copied[..]
     else {
         unreachable!("one count per table")
@@ -329,6 +335,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("after_json", OptText),
         ],
     ),
+    ("secrets", &[("name", Text), ("value", Bytes)]),
 ];
 
 /// One column's values, on their way to an `unnest` parameter.
