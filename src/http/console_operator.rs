@@ -854,6 +854,13 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                 "Last promoted from " (p.from) " to " (p.to) " at " (Timestamp(p.at).rfc3339()) ": " (p.reason)
             }
         }
+        @if !w.budget.is_empty() {
+            p #budget {
+                "Its own monthly budget: "
+                (w.budget.tokens_per_month.map_or_else(|| "none for the workspace".to_string(), |n| format!("{n} tokens")))
+                @for (model, n) in &w.budget.models { "; " (model) " " (n) }
+            }
+        }
         @if !w.attributes.is_empty() {
             table #attributes {
                 thead { tr { th { "Attribute" } th { "Value" } } }

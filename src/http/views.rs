@@ -28,8 +28,8 @@ use crate::app::AppState;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{
-    ApiKey, Attributes, AuditAction, AuditEntry, Condition, LimitRequest, LimitRequestStatus,
-    Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
+    ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, LimitRequest,
+    LimitRequestStatus, Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
 };
 use crate::store::{DailyUsage, HourRow, KeyUsage};
 use crate::usage::hour_of;
@@ -150,6 +150,8 @@ pub struct WorkspaceView {
     /// Its last automatic promotion.
     #[schema(required = true)]
     pub promoted: Option<PromotedView>,
+    /// The monthly caps the workspace set for itself (`PUT /v1/budget`).
+    pub budget: Budget,
 }
 
 /// A workspace's last automatic promotion.
@@ -174,6 +176,7 @@ pub fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
         created_at: Timestamp(w.created_at),
         pinned: w.pinned,
         attributes: w.attributes.clone(),
+        budget: w.budget.clone(),
         promoted: w.promoted.as_ref().map(|p| PromotedView {
             from: p.from.clone(),
             to: p.to.clone(),

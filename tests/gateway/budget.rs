@@ -144,6 +144,14 @@ async fn a_budget_below_the_limit_is_enforced_and_named_and_one_above_is_refused
         audit["data"][0]["after"]["budget"]["models"]["mistral-large-latest"],
         60
     );
+    // The operator sees it in the admin API.
+    let (_, shown) = gw
+        .admin(Method::GET, &format!("/workspaces/{ws}"), None)
+        .await;
+    assert_eq!(
+        shown["budget"]["models"]["mistral-large-latest"], 60,
+        "{shown}"
+    );
 }
 
 #[tokio::test]
