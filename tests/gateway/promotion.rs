@@ -329,3 +329,61 @@ async fn promotion_is_upward_only_and_its_input_is_checked() {
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+/// Two instances on one database (Postgres when there is one) and one Redis: both run the check,
+/// the workspace is promoted once (one audit entry), and both instances give it the new limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_checking_at_once_promote_a_workspace_once() {
+    let Some(redis) = crate::support::redis::shared_redis() else {
+        return;
+    };
+    let fleet = TestGateway::fleet(2, &redis, |raw| {
+        raw.promotion_interval_secs = Some(1);
+    })
+    .await;
+    let (one, two) = (&fleet[0], &fleet[1]);
+    one.put_tier("f-pro", json!({"rank": 201, "tokens_per_minute": 50000}))
+        .await;
+    one.put_tier(
+        "f-free",
+        json!({"rank": 200, "tokens_per_minute": 1000,
+               "promotion": {"to": "f-pro", "min_tokens_30d": 1, "min_attributes": {"verified": true}}}),
+    )
+    .await;
+    let (ws, key) = one.workspace("f-free").await;
+    // Qualified but for its tokens: the attribute change checks it at once and leaves it.
+    let (s, v) = one
+        .admin(
+            Method::PUT,
+            &format!("/workspaces/{ws}/attributes"),
+            Some(json!({"verified": true})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["tier"], "f-free");
+    // Tokens through the second instance: both instances' checks may see them.
+    let r = two.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap();
+    for gw in [one, two] {
+        eventually(
+            std::time::Duration::from_secs(15),
+            "the promotion seen on every instance",
+            || async {
+                let r = gw.chat(&key, hello(), &[]).await;
+                header(&r, "x-ratelimit-limit-tokens") == Some("50000")
+            },
+        )
+        .await;
+    }
+    // Both went on checking for a while: still one promotion.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let (_, audit) = one
+        .admin(
+            Method::GET,
+            &format!("/audit?action=workspace.promote&workspace_id={ws}"),
+            None,
+        )
+        .await;
+    assert_eq!(audit["data"].as_array().unwrap().len(), 1, "{audit}");
+}
