@@ -93,7 +93,7 @@ const OVERRIDE_FIELDS: [(&str, &str); 5] = [
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/console/operator", get(|| async { see_other(HOME, None) }))
-        .route(HOME, get(workspaces_page))
+        .route(HOME, get(workspaces_page).post(create_workspace))
         .route("/console/operator/workspaces/{id}", get(workspace_page))
         .route("/console/operator/workspaces/{id}/tier", post(change_tier))
         .route(
@@ -362,10 +362,12 @@ enum Done {
     Denied,
     Pinned,
     Unpinned,
+    Created,
 }
 
 impl Done {
-    const ALL: [Done; 12] = [
+    const ALL: [Done; 13] = [
+        Done::Created,
         Done::Pinned,
         Done::Unpinned,
         Done::Tier,
@@ -394,6 +396,7 @@ impl Done {
             Done::Denied => "denied",
             Done::Pinned => "pinned",
             Done::Unpinned => "unpinned",
+            Done::Created => "created",
         }
     }
 
@@ -411,6 +414,7 @@ impl Done {
             Done::Denied => "Request denied.",
             Done::Pinned => "Workspace pinned: it is not promoted automatically.",
             Done::Unpinned => "Workspace released: it is promoted when it qualifies.",
+            Done::Created => "Workspace created. Make it a key below.",
         }
     }
 
@@ -593,6 +597,11 @@ async fn workspaces_page(
         page: Some(list.page),
         per_page: None,
     };
+    let token = state.console.csrf_token(&op.session);
+    let tiers = match state.admin.list_tiers().await {
+        Ok(tiers) => tiers,
+        Err(e) => return failure_page(&op, &state, e).await,
+    };
     match state.admin.search_workspaces(listing).await {
         Ok(found) => operator_page(
             &state,
@@ -600,7 +609,52 @@ async fn workspaces_page(
             StatusCode::OK,
             "Workspaces",
             (notice(&params), None),
-            workspaces_body(&list, &found),
+            html! {
+                (workspaces_body(&list, &found))
+                (new_workspace_form(&tiers, &token))
+            },
+        ),
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+/// The form that makes a workspace (its name and tier); its keys are made on its page.
+fn new_workspace_form(tiers: &[Tier], token: &str) -> Markup {
+    html! {
+        h2 { "New workspace" }
+        form #create-workspace method="post" action=(HOME) {
+            input type="hidden" name="csrf" value=(token);
+            label { "Name " input type="text" name="name" required maxlength="128"; }
+            label {
+                "Tier "
+                select name="tier" {
+                    @for t in tiers {
+                        option value=(t.name) selected[t.name == "free"] { (t.name) }
+                    }
+                }
+            }
+            button type="submit" { "Create workspace" }
+        }
+    }
+}
+
+/// `POST /console/operator/workspaces` (`name`, `tier`): makes a workspace, as
+/// `POST /admin/v1/workspaces` would, and opens its page.
+async fn create_workspace(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let tier = form.get("tier");
+    let tier = (!tier.is_empty()).then_some(tier.as_str());
+    match state
+        .admin
+        .create_workspace(&op.actor(), &form.get("name"), tier)
+        .await
+    {
+        Ok(ws) => see_other(
+            &format!("{HOME}/{}?done={}", ws.id, Done::Created.code()),
+            None,
         ),
         Err(e) => failure_page(&op, &state, e).await,
     }

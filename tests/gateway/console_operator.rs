@@ -1055,3 +1055,43 @@ async fn operator_pages_escape_what_they_show() {
         page.body
     );
 }
+
+#[tokio::test]
+async fn the_operator_creates_a_workspace_from_the_console() {
+    let gw = gateway(false).await;
+    let op = Operator::sign_in(&gw.url, ALICE).await;
+    let page = op.get(HOME).await;
+    assert!(page.body.contains(r#"<form id="create-workspace""#));
+    let made = op
+        .post(HOME, &[("name", "Globex <research>"), ("tier", "tier-1")])
+        .await;
+    assert_eq!(made.status, StatusCode::SEE_OTHER, "{}", made.body);
+    let to = made.location.clone().unwrap();
+    let id: i64 = to
+        .trim_start_matches(&format!("{HOME}/"))
+        .split('?')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (_, ws) = gw
+        .admin(reqwest::Method::GET, &format!("/workspaces/{id}"), None)
+        .await;
+    assert_eq!(
+        (ws["name"].as_str(), ws["tier"].as_str()),
+        (Some("Globex <research>"), Some("tier-1"))
+    );
+    let page = op.get(&to).await;
+    assert!(page.body.contains("Workspace created."), "{}", page.body);
+    assert!(page.body.contains("Globex &lt;research&gt;"));
+    assert_eq!(audit(&gw, "?action=workspace.create").await.len(), 1);
+    // Refused: an empty name, an unknown tier; nothing made.
+    let empty = op.post(HOME, &[("name", " "), ("tier", "free")]).await;
+    assert_eq!(empty.status, StatusCode::BAD_REQUEST, "{}", empty.body);
+    let unknown = op.post(HOME, &[("name", "x"), ("tier", "nope")]).await;
+    assert_eq!(unknown.status, StatusCode::BAD_REQUEST, "{}", unknown.body);
+    // Without the form token: refused.
+    let forged = post_at(&gw.url, HOME, Some(&op.cookie), &[("name", "y")], &[]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    assert_eq!(audit(&gw, "?action=workspace.create").await.len(), 1);
+}
