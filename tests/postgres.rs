@@ -311,7 +311,10 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let log = log["data"].as_array().unwrap();
     let actions: Vec<&str> = log.iter().map(|e| e["action"].as_str().unwrap()).collect();
     assert_eq!(actions.len(), 14, "{actions:?}");
-    assert_eq!(&actions[..3], ["key.create", "workspace.create", "webhook.create"]);
+    assert_eq!(
+        &actions[..3],
+        ["key.create", "workspace.create", "webhook.create"]
+    );
     assert_eq!(actions[13], "tier.put");
     assert_eq!(log[13]["target"], "tier:gold");
     assert!(log
@@ -320,12 +323,24 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
 
     // The webhook endpoint and its pending delivery came along; their ids go on.
     let store = tiergate::store::open(&db.url).await.unwrap();
-    assert_eq!(store.list_webhooks(Some(b)).await.unwrap(), vec![webhook.clone()]);
+    assert_eq!(
+        store.list_webhooks(Some(b)).await.unwrap(),
+        vec![webhook.clone()]
+    );
     let pending = store.webhook_deliveries(webhook.id, 10).await.unwrap();
     assert_eq!(pending.len(), 1);
     assert_eq!(pending[0].status, "pending");
-    let again = tiergate::store::WebhookEvent::new("quota.threshold", b, 0, json!({}), Some("quota:moved".into()));
-    assert!(!store.enqueue_event(&again, 0).await.unwrap(), "its dedupe key came along");
+    let again = tiergate::store::WebhookEvent::new(
+        "quota.threshold",
+        b,
+        0,
+        json!({}),
+        Some("quota:moved".into()),
+    );
+    assert!(
+        !store.enqueue_event(&again, 0).await.unwrap(),
+        "its dedupe key came along"
+    );
     let next = store
         .create_webhook(
             &tiergate::store::NewWebhook {

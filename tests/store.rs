@@ -20,8 +20,8 @@ use tiergate::model::{
 };
 use tiergate::store::{
     AuditFilter, CatalogChanges, CatalogDelta, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
-    LedgerRow, NewKey, NewWebhook, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspaceQuery,
-    WorkspaceSort, CHANGE_LOG_KEEP, PRUNE_BATCH,
+    LedgerRow, NewKey, NewWebhook, Store, StoreError, WorkspaceChange, WorkspaceListed,
+    WorkspaceQuery, WorkspaceSort, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
 use tiergate::usage::{Recorder, UsageRecord};
 
@@ -2195,7 +2195,9 @@ const ALL_EVENTS: [&str; 5] = [
 
 async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(b: Backend) {
     let s = &b.store;
-    s.seed_tiers(&[tier("a", 1.0), tier("b", 2.0)]).await.unwrap();
+    s.seed_tiers(&[tier("a", 1.0), tier("b", 2.0)])
+        .await
+        .unwrap();
     let ws1 = s.create_workspace("one", "a", &by(), 10).await.unwrap();
     let ws2 = s.create_workspace("two", "a", &by(), 10).await.unwrap();
     let operator = s
@@ -2203,7 +2205,11 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         .await
         .unwrap();
     let own = s
-        .create_webhook(&new_webhook(Some(ws1.id), &["limit_request.created"]), &by(), 20)
+        .create_webhook(
+            &new_webhook(Some(ws1.id), &["limit_request.created"]),
+            &by(),
+            20,
+        )
         .await
         .unwrap();
     assert_eq!(own.events, ["limit_request.created"]);
@@ -2211,32 +2217,55 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         .create_webhook(&new_webhook(Some(999_999), &ALL_EVENTS), &by(), 20)
         .await;
     assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
-    assert_eq!(s.list_webhooks(None).await.unwrap(), vec![operator.clone(), own.clone()]);
-    assert_eq!(s.list_webhooks(Some(ws1.id)).await.unwrap(), vec![own.clone()]);
+    assert_eq!(
+        s.list_webhooks(None).await.unwrap(),
+        vec![operator.clone(), own.clone()]
+    );
+    assert_eq!(
+        s.list_webhooks(Some(ws1.id)).await.unwrap(),
+        vec![own.clone()]
+    );
     assert_eq!(s.list_webhooks(Some(ws2.id)).await.unwrap(), vec![]);
 
     let ask = Overrides {
         tokens_per_minute: Some(5000),
         ..Overrides::default()
     };
-    let r1 = s.create_limit_request(ws1.id, "x", None, &ask, &by(), 30).await.unwrap();
-    let r2 = s.create_limit_request(ws2.id, "y", None, &ask, &by(), 31).await.unwrap();
-    s.approve_limit_request(r1.id, None, &by(), 32).await.unwrap();
+    let r1 = s
+        .create_limit_request(ws1.id, "x", None, &ask, &by(), 30)
+        .await
+        .unwrap();
+    let r2 = s
+        .create_limit_request(ws2.id, "y", None, &ask, &by(), 31)
+        .await
+        .unwrap();
+    s.approve_limit_request(r1.id, None, &by(), 32)
+        .await
+        .unwrap();
     s.deny_limit_request(r2.id, "no", &by(), 33).await.unwrap();
     // A change that is no event: none written.
-    s.update_workspace(ws2.id, &patch_rps(3.0), &by(), 34).await.unwrap();
+    s.update_workspace(ws2.id, &patch_rps(3.0), &by(), 34)
+        .await
+        .unwrap();
     let change = WorkspaceChange {
         tier: Some("b".into()),
         ..WorkspaceChange::default()
     };
-    s.update_workspace(ws2.id, &change, &by(), 35).await.unwrap();
+    s.update_workspace(ws2.id, &change, &by(), 35)
+        .await
+        .unwrap();
     let change = WorkspaceChange {
         status: Some(WorkspaceStatus::Suspended),
         ..WorkspaceChange::default()
     };
-    s.update_workspace(ws2.id, &change, &by(), 36).await.unwrap();
+    s.update_workspace(ws2.id, &change, &by(), 36)
+        .await
+        .unwrap();
     // Refused changes write no event.
-    assert!(s.approve_limit_request(r1.id, None, &by(), 37).await.is_err());
+    assert!(s
+        .approve_limit_request(r1.id, None, &by(), 37)
+        .await
+        .is_err());
 
     let mut kinds: Vec<String> = s
         .webhook_deliveries(operator.id, 100)
@@ -2276,7 +2305,11 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
     let claimed = s.claim_deliveries(1_000, 31_000, 100).await.unwrap();
     assert_eq!(claimed.len(), 7);
     let body: serde_json::Value = serde_json::from_str(
-        &claimed.iter().find(|d| d.payload.contains("tier_changed")).unwrap().payload,
+        &claimed
+            .iter()
+            .find(|d| d.payload.contains("tier_changed"))
+            .unwrap()
+            .payload,
     )
     .unwrap();
     assert_eq!(body["type"], "workspace.tier_changed");
@@ -2287,8 +2320,16 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
     // Removed by another workspace: not found; by its own: gone with its deliveries.
     let wrong = s.delete_webhook(own.id, Some(ws2.id), &by(), 40).await;
     assert!(matches!(wrong, Err(StoreError::NotFound)), "{wrong:?}");
-    assert_eq!(s.delete_webhook(own.id, Some(ws1.id), &by(), 40).await.unwrap(), own);
-    assert!(matches!(s.webhook_deliveries(own.id, 10).await, Err(StoreError::NotFound)));
+    assert_eq!(
+        s.delete_webhook(own.id, Some(ws1.id), &by(), 40)
+            .await
+            .unwrap(),
+        own
+    );
+    assert!(matches!(
+        s.webhook_deliveries(own.id, 10).await,
+        Err(StoreError::NotFound)
+    ));
     let audit = s
         .audit_log(&AuditFilter {
             action: Some(AuditAction::WebhookDelete),
@@ -2317,13 +2358,17 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
         ..Overrides::default()
     };
     for i in 0..8 {
-        s.create_limit_request(ws.id, "x", None, &ask, &by(), 30 + i).await.unwrap();
+        s.create_limit_request(ws.id, "x", None, &ask, &by(), 30 + i)
+            .await
+            .unwrap();
     }
     // Four callers (two of them other processes) at once: each row to one of them.
     let other = b.another().await;
     let stores = [s.clone(), s.clone(), other.clone(), other.clone()];
     let claims = futures_util::future::join_all(
-        stores.iter().map(|st| st.claim_deliveries(1_000, 31_000, 3)),
+        stores
+            .iter()
+            .map(|st| st.claim_deliveries(1_000, 31_000, 3)),
     )
     .await;
     let mut ids: Vec<i64> = claims
@@ -2336,13 +2381,19 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
     assert_eq!(ids.len(), n, "a row claimed twice");
     assert_eq!(n, 8);
     // Claimed: nobody gets them until the claim expires.
-    assert!(other.claim_deliveries(30_999, 60_000, 100).await.unwrap().is_empty());
+    assert!(other
+        .claim_deliveries(30_999, 60_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
     let again = other.claim_deliveries(31_000, 61_000, 100).await.unwrap();
     assert_eq!(again.len(), 8);
 
     // Outcomes: delivered (never again), retry later (due then), failed (never again).
     let (d0, d1, d2) = (again[0].id, again[1].id, again[2].id);
-    s.finish_delivery(d0, &DeliveryOutcome::Delivered { status: 204 }).await.unwrap();
+    s.finish_delivery(d0, &DeliveryOutcome::Delivered { status: 204 })
+        .await
+        .unwrap();
     let retry = DeliveryOutcome::Retry {
         status: Some(500),
         error: None,
@@ -2355,7 +2406,11 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
     };
     s.finish_delivery(d2, &failed).await.unwrap();
     let due = s.claim_deliveries(99_999, 200_000, 100).await.unwrap();
-    assert_eq!(due.len(), 5, "the five still claimed until 61 000 are due again");
+    assert_eq!(
+        due.len(),
+        5,
+        "the five still claimed until 61 000 are due again"
+    );
     assert!(due.iter().all(|d| ![d0, d1, d2].contains(&d.id)));
     let due = s.claim_deliveries(200_000, 300_000, 100).await.unwrap();
     assert_eq!(due.len(), 6, "the retry too, now");
@@ -2363,12 +2418,21 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
     assert_eq!(retried.attempts, 1);
     let listed = s.webhook_deliveries(endpoint.id, 100).await.unwrap();
     let status = |st: &str| listed.iter().filter(|d| d.status == st).count();
-    assert_eq!((status("delivered"), status("failed"), status("pending")), (1, 1, 6));
+    assert_eq!(
+        (status("delivered"), status("failed"), status("pending")),
+        (1, 1, 6)
+    );
     let f = listed.iter().find(|d| d.status == "failed").unwrap();
     assert_eq!(f.last_error.as_deref(), Some("connection refused"));
     assert_eq!(f.next_attempt_at_ms, None);
-    let r = listed.iter().find(|d| d.attempts == 1 && d.status == "pending").unwrap();
-    assert_eq!((r.last_status, r.next_attempt_at_ms), (Some(500), Some(100_000)));
+    let r = listed
+        .iter()
+        .find(|d| d.attempts == 1 && d.status == "pending")
+        .unwrap();
+    assert_eq!(
+        (r.last_status, r.next_attempt_at_ms),
+        (Some(500), Some(100_000))
+    );
 }
 
 async fn a_webhook_event_with_a_dedupe_key_is_written_once(b: Backend) {

@@ -760,12 +760,21 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     // events above, which no one receives at this address: pending, with their error).
     let hook = json!({"url": "http://127.0.0.1:9/hook", "events": ["limit_request.created"]});
     let own = api
-        .keyed(b, &rich_key, M::POST, "/v1/webhooks", Some(hook.clone()), created)
+        .keyed(
+            b,
+            &rich_key,
+            M::POST,
+            "/v1/webhooks",
+            Some(hook.clone()),
+            created,
+        )
         .await;
     assert!(own["secret"].as_str().unwrap().starts_with("whsec_"));
-    api.keyed(b, &rich_key, M::GET, "/v1/webhooks", None, ok).await;
+    api.keyed(b, &rich_key, M::GET, "/v1/webhooks", None, ok)
+        .await;
     let own_path = format!("/v1/webhooks/{}", id(&own));
-    api.keyed(b, &rich_key, M::DELETE, &own_path, None, ok).await;
+    api.keyed(b, &rich_key, M::DELETE, &own_path, None, ok)
+        .await;
     let operator = api
         .admin(b, M::POST, "/admin/v1/webhooks", Some(hook), created)
         .await;
