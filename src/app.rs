@@ -311,13 +311,29 @@ async fn deliver_webhooks(dispatcher: Dispatcher) {
 }
 
 /// Every `webhook_quota_check`, writes the `quota.threshold` events of the thresholds crossed
-/// this month (once per workspace, month and threshold, whoever writes it).
+/// this month (once per workspace, month and threshold, whoever writes it); hourly, prunes the
+/// outbox.
 async fn check_quotas(state: Arc<AppState>) {
     let mut fired = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(state.config.webhook_quota_check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned_at = tokio::time::Instant::now();
     loop {
         tick.tick().await;
+        if pruned_at.elapsed() >= crate::webhooks::PRUNE_EVERY {
+            pruned_at = tokio::time::Instant::now();
+            let now = state.clock.now_secs();
+            let pruned = state
+                .store
+                .prune_webhooks(
+                    now - crate::webhooks::DELIVERY_RETENTION_SECS,
+                    now - crate::webhooks::QUOTA_KEY_RETENTION_SECS,
+                )
+                .await;
+            if let Err(e) = pruned {
+                tracing::warn!(error = %e, "could not prune the webhook outbox");
+            }
+        }
         // What settled since the last flush counts too.
         state.recorder.flush().await;
         let checked = crate::webhooks::check_quotas(

@@ -57,6 +57,13 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 const CLAIM: Duration = Duration::from_secs(30);
 /// Deliveries claimed at once (sent concurrently).
 const CLAIM_BATCH: u32 = 32;
+/// How long deliveries that are over stay listed.
+pub const DELIVERY_RETENTION_SECS: i64 = 7 * 86_400;
+/// How long a quota event's key is kept: past the end of any month it could be checked in.
+pub const QUOTA_KEY_RETENTION_SECS: i64 = 62 * 86_400;
+/// How often the outbox is pruned.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// The longest URL an endpoint may have.
 pub const MAX_URL: usize = 2048;
 

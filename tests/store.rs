@@ -110,6 +110,7 @@ on_both_backends!(
     webhook_events_are_written_with_their_change_one_delivery_per_endpoint,
     webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_expires,
     a_webhook_event_with_a_dedupe_key_is_written_once,
+    the_webhook_outbox_is_pruned_of_what_is_over,
 );
 
 async fn tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked(b: Backend) {
@@ -2460,4 +2461,59 @@ async fn a_webhook_event_with_a_dedupe_key_is_written_once(b: Backend) {
     let listed = s.webhook_deliveries(endpoint.id, 10).await.unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].kind, "quota.threshold");
+}
+
+async fn the_webhook_outbox_is_pruned_of_what_is_over(b: Backend) {
+    use tiergate::store::{DeliveryOutcome, WebhookEvent};
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    let ws = s.create_workspace("one", "a", &by(), 10).await.unwrap();
+    let endpoint = s
+        .create_webhook(&new_webhook(None, &ALL_EVENTS), &by(), 20)
+        .await
+        .unwrap();
+    let ask = Overrides {
+        burst: Some(2),
+        ..Overrides::default()
+    };
+    for _ in 0..2 {
+        s.create_limit_request(ws.id, "x", None, &ask, &by(), 100)
+            .await
+            .unwrap();
+    }
+    let quota = || {
+        WebhookEvent::new(
+            "quota.threshold",
+            ws.id,
+            100,
+            serde_json::json!({}),
+            Some("quota:1:2026-11:50".into()),
+        )
+    };
+    assert!(s.enqueue_event(&quota(), 100).await.unwrap());
+    let due = s.claim_deliveries(1_000, 2_000, 10).await.unwrap();
+    assert_eq!(due.len(), 3);
+    let quota_delivery = due.iter().find(|d| d.payload.contains("quota")).unwrap().id;
+    let delivered = due.iter().find(|d| d.id != quota_delivery).unwrap().id;
+    s.finish_delivery(delivered, &DeliveryOutcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    let failed = DeliveryOutcome::Failed {
+        status: Some(410),
+        error: None,
+    };
+    s.finish_delivery(quota_delivery, &failed).await.unwrap();
+
+    // Nothing is old enough yet.
+    assert_eq!(s.prune_webhooks(100, 50).await.unwrap(), 0);
+    // The two deliveries that are over, and the event left without any; not the pending one,
+    // nor the quota event whose key must stay.
+    assert_eq!(s.prune_webhooks(200, 50).await.unwrap(), 3);
+    let left = s.webhook_deliveries(endpoint.id, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].status, "pending");
+    assert!(!s.enqueue_event(&quota(), 300).await.unwrap());
+    // Once its month is long over, the key goes too.
+    assert_eq!(s.prune_webhooks(200, 200).await.unwrap(), 1);
+    assert!(s.enqueue_event(&quota(), 300).await.unwrap());
 }

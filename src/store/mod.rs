@@ -497,6 +497,11 @@ pub trait Store: Send + Sync {
         lock_until_ms: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>, StoreError>;
+    /// Drops deliveries that are over (delivered or failed) and were created before `before`,
+    /// then events left without deliveries that were created before it, except those with a
+    /// dedupe key, kept until `keys_before` (so that a quota event is not written again while
+    /// its month can still be checked). `PRUNE_BATCH` rows per statement.
+    async fn prune_webhooks(&self, before: i64, keys_before: i64) -> Result<u64, StoreError>;
     /// Records an attempt's outcome and releases the claim.
     async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError>;
 }
@@ -695,6 +700,10 @@ fn outcome_columns(o: &DeliveryOutcome) -> (&'static str, Option<i64>, Option<&s
         }
     }
 }
+
+const PRUNE_DELIVERIES_SQL: &str = "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries WHERE status <> 'pending' AND created_at < $1 LIMIT $2)";
+
+const PRUNE_EVENTS_SQL: &str = "DELETE FROM webhook_events WHERE id IN (SELECT v.id FROM webhook_events v WHERE v.created_at < $1 AND (v.dedupe IS NULL OR v.created_at < $3) AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = v.id) LIMIT $2)";
 
 const FINISH_SQL: &str = "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, last_status = $2, last_error = $3, next_attempt_at = $4, locked_until = NULL WHERE id = $5";
 

@@ -40,7 +40,7 @@ use super::{
     outcome_columns, webhook_endpoint, workspace_events, ClaimedColumns, DeliveryColumns,
     DeliveryOutcome, DeliveryRecord, DueDelivery, NewWebhook, WebhookEndpoint, WebhookEvent,
     WebhookId, CLAIMED_SQL, DELIVERIES_SQL, FINISH_SQL, INSERT_DELIVERIES_SQL, INSERT_EVENT_SQL,
-    WEBHOOK_COLUMNS,
+    PRUNE_DELIVERIES_SQL, PRUNE_EVENTS_SQL, WEBHOOK_COLUMNS,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -249,6 +249,8 @@ CREATE TABLE webhook_deliveries (
 );
 CREATE INDEX webhook_deliveries_due ON webhook_deliveries(status, next_attempt_at);
 CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries(endpoint_id, id);
+CREATE INDEX webhook_deliveries_event ON webhook_deliveries(event_id);
+CREATE INDEX webhook_events_created ON webhook_events(created_at);
 "#,
 ];
 
@@ -1649,6 +1651,41 @@ impl Store for PostgresStore {
             Ok(())
         })
         .await
+    }
+
+    async fn prune_webhooks(&self, before: i64, keys_before: i64) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        loop {
+            let n = bounded(CALL_TIMEOUT, async {
+                Ok(sqlx::query(PRUNE_DELIVERIES_SQL)
+                    .bind(before)
+                    .bind(PRUNE_BATCH)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
+            })
+            .await?;
+            pruned += n;
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        loop {
+            let n = bounded(CALL_TIMEOUT, async {
+                Ok(sqlx::query(PRUNE_EVENTS_SQL)
+                    .bind(before)
+                    .bind(PRUNE_BATCH)
+                    .bind(keys_before)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected())
+            })
+            .await?;
+            pruned += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
