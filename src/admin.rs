@@ -50,6 +50,9 @@ pub const MAX_WORKSPACE_PAGE: u32 = 500;
 /// The last page a listing may ask for (far past any installation's).
 pub const MAX_PAGE: u64 = 1_000_000;
 
+/// Webhook endpoints a workspace may register for itself.
+pub const MAX_WORKSPACE_WEBHOOKS: usize = 10;
+
 /// Increase requests a workspace may have waiting for an answer at once.
 pub const MAX_PENDING_LIMIT_REQUESTS: usize = 10;
 
@@ -918,6 +921,13 @@ impl Admin {
     ) -> Result<(WebhookEndpoint, String), AdminError> {
         let url = crate::webhooks::validate_url(url).map_err(AdminError::Invalid)?;
         let events = crate::webhooks::validate_events(events).map_err(AdminError::Invalid)?;
+        if let Some(w) = workspace {
+            if self.store.list_webhooks(Some(w)).await?.len() >= MAX_WORKSPACE_WEBHOOKS {
+                return Err(AdminError::Conflict(format!(
+                    "this workspace already has {MAX_WORKSPACE_WEBHOOKS} webhook endpoints; remove one first"
+                )));
+            }
+        }
         let secret = crate::webhooks::new_secret();
         let endpoint = self
             .store

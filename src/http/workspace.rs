@@ -252,6 +252,15 @@ async fn list_limit_requests(
     )))
 }
 
+/// Too many endpoints.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum TooManyWebhooks {
+    /// The workspace already has 10 endpoints (`conflict`).
+    #[response(status = 409)]
+    Conflict(ErrorBody<'static>),
+}
+
 /// Registers an endpoint that gets this workspace's events only.
 // The key is checked before the body is read.
 #[utoipa::path(
@@ -264,6 +273,7 @@ async fn list_limit_requests(
     responses(
         (status = 201, description = "The endpoint, with its signing secret: shown this once.", body = NewWebhookView),
         BodyErrors,
+        TooManyWebhooks,
         WorkspaceErrors,
     )
 )]

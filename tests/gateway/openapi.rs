@@ -794,6 +794,23 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
         tries += 1;
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
+    // At most 10 endpoints of its own.
+    let quiet = json!({"url": "http://127.0.0.1:9/hook", "events": ["workspace.suspended"]});
+    for _ in 0..10 {
+        let body = Some(quiet.clone());
+        api.keyed(b, &bare_key, M::POST, "/v1/webhooks", body, created)
+            .await;
+    }
+    let body = Some(quiet.clone());
+    api.keyed(
+        b,
+        &bare_key,
+        M::POST,
+        "/v1/webhooks",
+        body,
+        StatusCode::CONFLICT,
+    )
+    .await;
     let removed = format!("/admin/v1/webhooks/{}", id(&operator));
     api.admin(b, M::DELETE, &removed, None, ok).await;
     let usage = format!("{rich_path}/usage");
