@@ -21,7 +21,7 @@
 //! least once: a receiver that answered but whose answer was lost gets the event again, with the
 //! same id.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -216,51 +216,72 @@ fn without_url(e: reqwest::Error) -> reqwest::Error {
 
 /// Writes a `quota.threshold` event for every threshold a workspace's month usage has crossed
 /// and that is not in `fired` yet (this process's memory of what the store already holds).
-/// Returns how many events were new in the store.
+/// Only workspaces some endpoint would hear about are read (none when no endpoint subscribes),
+/// their month's tokens in one query per 1000. Returns how many events were new in the store.
 pub async fn check_quotas(
     store: &dyn Store,
     catalog: &Catalog,
     clock: &dyn Clock,
     fired: &mut HashSet<(WorkspaceId, i32, u64)>,
 ) -> Result<usize, StoreError> {
+    let listening = store.list_webhooks(None).await?;
+    let listening: Vec<_> = listening
+        .iter()
+        .filter(|e| e.events.iter().any(|t| t == "quota.threshold"))
+        .collect();
+    if listening.is_empty() {
+        return Ok(0);
+    }
+    let everyone = listening.iter().any(|e| e.workspace_id.is_none());
     let now = clock.now();
     let month = MonthKey::of(now);
     fired.retain(|(_, m, _)| *m == month.0);
+    let quotas: HashMap<WorkspaceId, (u64, bool)> = catalog
+        .month_quotas()
+        .into_iter()
+        .filter(|(w, quota, _)| {
+            *quota > 0
+                && (everyone || listening.iter().any(|e| e.workspace_id == Some(*w)))
+                && THRESHOLDS
+                    .iter()
+                    .any(|t| !fired.contains(&(*w, month.0, *t)))
+        })
+        .map(|(w, quota, budget)| (w, (quota, budget)))
+        .collect();
+    let ids: Vec<WorkspaceId> = quotas.keys().copied().collect();
+    let month_name = format!("{:04}-{:02}", month.year(), month.month());
     let mut written = 0;
-    for (workspace, quota, budget) in catalog.month_quotas() {
-        if quota == 0
-            || THRESHOLDS
-                .iter()
-                .all(|t| fired.contains(&(workspace, month.0, *t)))
-        {
-            continue;
-        }
-        let tokens = store.month_totals(workspace, month, None).await?.tokens;
-        for threshold in THRESHOLDS {
-            if tokens.saturating_mul(100) < quota.saturating_mul(threshold)
-                || fired.contains(&(workspace, month.0, threshold))
-            {
+    for chunk in ids.chunks(1000) {
+        let used = store.tokens_since(chunk, &month.first_day()).await?;
+        for (workspace, tokens) in used {
+            let Some(&(quota, budget)) = quotas.get(&workspace) else {
                 continue;
+            };
+            for threshold in THRESHOLDS {
+                if tokens.saturating_mul(100) < quota.saturating_mul(threshold)
+                    || fired.contains(&(workspace, month.0, threshold))
+                {
+                    continue;
+                }
+                let event = WebhookEvent::new(
+                    "quota.threshold",
+                    workspace,
+                    clock.now_secs(),
+                    serde_json::json!({
+                        "workspace_id": workspace,
+                        "month": month_name,
+                        "threshold_percent": threshold,
+                        "tokens": tokens,
+                        "quota": quota,
+                        "quota_is_budget": budget,
+                    }),
+                    Some(format!("quota:{workspace}:{month_name}:{threshold}")),
+                );
+                if store.enqueue_event(&event, clock.now_secs()).await? {
+                    written += 1;
+                }
+                fired.insert((workspace, month.0, threshold));
             }
-            let month_name = format!("{:04}-{:02}", month.year(), month.month());
-            let event = WebhookEvent::new(
-                "quota.threshold",
-                workspace,
-                clock.now_secs(),
-                serde_json::json!({
-                    "workspace_id": workspace,
-                    "month": month_name,
-                    "threshold_percent": threshold,
-                    "tokens": tokens,
-                    "quota": quota,
-                    "quota_is_budget": budget,
-                }),
-                Some(format!("quota:{workspace}:{month_name}:{threshold}")),
-            );
-            if store.enqueue_event(&event, clock.now_secs()).await? {
-                written += 1;
-            }
-            fired.insert((workspace, month.0, threshold));
         }
     }
     Ok(written)

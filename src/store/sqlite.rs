@@ -1335,6 +1335,16 @@ impl Store for SqliteStore {
         lock_until_ms: i64,
         limit: u32,
     ) -> Result<Vec<DueDelivery>, StoreError> {
+        // Most polls find nothing due: they read, and take no write lock from the ledger writer.
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?1 AND (locked_until IS NULL OR locked_until <= ?1) LIMIT 1",
+        )
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
         let claim = claim_token();
         let mut tx = self.write_tx().await?;
         let claimed = sqlx::query(
