@@ -232,7 +232,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     let mut candidate = [0u8; 32];
     getrandom::fill(&mut candidate).expect("the OS has randomness");
     let console = Console::new(store.console_secret(&candidate).await?);
-    let dispatcher = Dispatcher::new(store.clone(), config.webhook_retry_base)?;
+    let dispatcher = Dispatcher::new(store.clone(), config.webhook_retry_base, metrics.clone())?;
     let state = Arc::new(AppState {
         config,
         store,

@@ -32,6 +32,7 @@ use sha2::Sha256;
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::limiter::MonthKey;
+use crate::metrics::Metrics;
 use crate::model::WorkspaceId;
 use crate::store::{DeliveryOutcome, DueDelivery, Store, StoreError, WebhookEvent};
 
@@ -146,10 +147,15 @@ pub struct Dispatcher {
     store: Arc<dyn Store>,
     client: reqwest::Client,
     retry_base: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl Dispatcher {
-    pub fn new(store: Arc<dyn Store>, retry_base: Duration) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        store: Arc<dyn Store>,
+        retry_base: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, reqwest::Error> {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(ATTEMPT_TIMEOUT)
@@ -158,6 +164,7 @@ impl Dispatcher {
             store,
             client,
             retry_base,
+            metrics,
         })
     }
 
@@ -186,10 +193,11 @@ impl Dispatcher {
             .body(d.payload.clone())
             .send()
             .await;
+        // The answer's body is not read: only its status counts. An error is told without the
+        // URL (it may hold a token in its query).
         let (status, error) = match sent {
-            Ok(r) if r.status().is_success() => (Some(r.status().as_u16()), None),
             Ok(r) => (Some(r.status().as_u16()), None),
-            Err(e) => (None, Some(without_url(e).to_string())),
+            Err(e) => (None, Some(e.without_url().to_string())),
         };
         let outcome = match (status, &error) {
             (Some(s), None) if (200..300).contains(&s) => DeliveryOutcome::Delivered { status: s },
@@ -200,18 +208,22 @@ impl Dispatcher {
                 next_at_ms: wall_ms() + backoff(self.retry_base, d.attempts + 1).as_millis() as i64,
             },
         };
-        if !matches!(outcome, DeliveryOutcome::Delivered { .. }) {
-            tracing::debug!(event = %d.event_id, ?outcome, "webhook delivery failed");
+        match &outcome {
+            DeliveryOutcome::Delivered { .. } => Metrics::inc(&self.metrics.webhooks_delivered),
+            DeliveryOutcome::Retry { .. } => {
+                Metrics::inc(&self.metrics.webhooks_retried);
+                tracing::debug!(event = %d.event_id, ?outcome, "webhook attempt failed");
+            }
+            DeliveryOutcome::Failed { .. } => {
+                Metrics::inc(&self.metrics.webhooks_failed);
+                tracing::warn!(event = %d.event_id, ?outcome, "webhook delivery given up");
+            }
         }
         if let Err(e) = self.store.finish_delivery(d.id, &outcome).await {
             // The claim expires and the row is sent again: at least once.
             tracing::warn!(error = %e, "could not record a webhook delivery's outcome");
         }
     }
-}
-
-fn without_url(e: reqwest::Error) -> reqwest::Error {
-    e.without_url()
 }
 
 /// Writes a `quota.threshold` event for every threshold a workspace's month usage has crossed

@@ -408,6 +408,14 @@ async fn a_receiver_that_fails_at_first_gets_the_event_after_retries() {
     assert_eq!(d["last_status_code"], 200, "{d}");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.got().len(), 3);
+    let metrics = gw.metrics().await;
+    for line in [
+        "tiergate_webhook_attempts_failed_total 2",
+        "tiergate_webhook_deliveries_delivered_total 1",
+        "tiergate_webhook_deliveries_failed_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
 }
 
 #[tokio::test]
