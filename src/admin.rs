@@ -31,8 +31,8 @@ use crate::model::{
     MAX_BUDGET_MODELS,
 };
 use crate::store::{
-    AuditFilter, NewKey, Store, StoreError, WorkspaceChange, WorkspacePage, WorkspaceQuery,
-    WorkspaceSort,
+    AuditFilter, DeliveryRecord, NewKey, NewWebhook, Store, StoreError, WebhookEndpoint, WebhookId,
+    WorkspaceChange, WorkspacePage, WorkspaceQuery, WorkspaceSort,
 };
 use crate::usage::Recorder;
 
@@ -49,6 +49,9 @@ pub const WORKSPACE_PAGE: u32 = 50;
 pub const MAX_WORKSPACE_PAGE: u32 = 500;
 /// The last page a listing may ask for (far past any installation's).
 pub const MAX_PAGE: u64 = 1_000_000;
+
+/// Webhook endpoints a workspace may register for itself.
+pub const MAX_WORKSPACE_WEBHOOKS: usize = 10;
 
 /// Increase requests a workspace may have waiting for an answer at once.
 pub const MAX_PENDING_LIMIT_REQUESTS: usize = 10;
@@ -905,6 +908,76 @@ impl Admin {
             .deny_limit_request(id, &reason, by, self.now())
             .await
             .map_err(not_found("limit request", id))
+    }
+
+    /// Registers a webhook endpoint: the operator's (`workspace: None`, every workspace's
+    /// events) or a workspace's own. Returns it with its signing secret, shown this once.
+    pub async fn create_webhook(
+        &self,
+        by: &Actor,
+        workspace: Option<WorkspaceId>,
+        url: &str,
+        events: &[String],
+    ) -> Result<(WebhookEndpoint, String), AdminError> {
+        let url = crate::webhooks::validate_url(url).map_err(AdminError::Invalid)?;
+        let events = crate::webhooks::validate_events(events).map_err(AdminError::Invalid)?;
+        if let Some(w) = workspace {
+            if self.store.list_webhooks(Some(w)).await?.len() >= MAX_WORKSPACE_WEBHOOKS {
+                return Err(AdminError::Conflict(format!(
+                    "this workspace already has {MAX_WORKSPACE_WEBHOOKS} webhook endpoints; remove one first"
+                )));
+            }
+        }
+        let secret = crate::webhooks::new_secret();
+        let endpoint = self
+            .store
+            .create_webhook(
+                &NewWebhook {
+                    workspace,
+                    url,
+                    events,
+                    secret: secret.clone(),
+                },
+                by,
+                self.now(),
+            )
+            .await
+            .map_err(not_found("workspace", workspace.unwrap_or_default()))?;
+        Ok((endpoint, secret))
+    }
+
+    /// Every endpoint (`None`), or a workspace's own; never their secrets.
+    pub async fn list_webhooks(
+        &self,
+        workspace: Option<WorkspaceId>,
+    ) -> Result<Vec<WebhookEndpoint>, AdminError> {
+        Ok(self.store.list_webhooks(workspace).await?)
+    }
+
+    /// Removes an endpoint and what it had still to receive; with `workspace`, only one of
+    /// that workspace's own (another's is `NotFound`, as one that does not exist).
+    pub async fn delete_webhook(
+        &self,
+        by: &Actor,
+        id: WebhookId,
+        workspace: Option<WorkspaceId>,
+    ) -> Result<WebhookEndpoint, AdminError> {
+        self.store
+            .delete_webhook(id, workspace, by, self.now())
+            .await
+            .map_err(not_found("webhook", id))
+    }
+
+    /// An endpoint's latest deliveries (at most `limit`, up to 1000), newest first.
+    pub async fn webhook_deliveries(
+        &self,
+        id: WebhookId,
+        limit: u32,
+    ) -> Result<Vec<DeliveryRecord>, AdminError> {
+        self.store
+            .webhook_deliveries(id, limit.clamp(1, 1000))
+            .await
+            .map_err(not_found("webhook", id))
     }
 
     /// Audit entries, newest first, a page at a time.

@@ -22,6 +22,7 @@ use crate::metrics::{Metrics, Scrape};
 use crate::model::WorkspaceId;
 use crate::store::{Store, StoreError};
 use crate::usage::Recorder;
+use crate::webhooks::Dispatcher;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -231,6 +232,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     let mut candidate = [0u8; 32];
     getrandom::fill(&mut candidate).expect("the OS has randomness");
     let console = Console::new(store.console_secret(&candidate).await?);
+    let dispatcher = Dispatcher::new(store.clone(), config.webhook_retry_base, metrics.clone())?;
     let state = Arc::new(AppState {
         config,
         store,
@@ -250,6 +252,8 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         tokio::spawn(refresh_catalog(state.clone())),
         tokio::spawn(evict_idle(state.clone())),
         tokio::spawn(promote(state.clone())),
+        tokio::spawn(deliver_webhooks(dispatcher)),
+        tokio::spawn(check_quotas(state.clone())),
     ];
     Ok(App {
         state,
@@ -286,6 +290,63 @@ async fn promote(state: Arc<AppState>) {
             }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "automatic promotion could not run"),
+        }
+    }
+}
+
+/// How often the webhook outbox is read for due deliveries.
+const WEBHOOK_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Sends due webhook deliveries: every `WEBHOOK_POLL`, and again at once while a claim comes
+/// back full. Every instance runs it; the store gives a row to one at a time.
+async fn deliver_webhooks(dispatcher: Dispatcher) {
+    loop {
+        match dispatcher.run_once().await {
+            Ok(n) if n > 0 => continue,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "webhook outbox could not be read"),
+        }
+        tokio::time::sleep(WEBHOOK_POLL).await;
+    }
+}
+
+/// Every `webhook_quota_check`, writes the `quota.threshold` events of the thresholds crossed
+/// this month (once per workspace, month and threshold, whoever writes it); hourly, prunes the
+/// outbox.
+async fn check_quotas(state: Arc<AppState>) {
+    let mut fired = std::collections::HashSet::new();
+    let mut tick = tokio::time::interval(state.config.webhook_quota_check);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pruned_at = tokio::time::Instant::now();
+    loop {
+        tick.tick().await;
+        if pruned_at.elapsed() >= crate::webhooks::PRUNE_EVERY {
+            pruned_at = tokio::time::Instant::now();
+            let now = state.clock.now_secs();
+            let pruned = state
+                .store
+                .prune_webhooks(
+                    now - crate::webhooks::DELIVERY_RETENTION_SECS,
+                    now - crate::webhooks::QUOTA_KEY_RETENTION_SECS,
+                )
+                .await;
+            if let Err(e) = pruned {
+                tracing::warn!(error = %e, "could not prune the webhook outbox");
+            }
+        }
+        // What settled since the last flush counts too.
+        state.recorder.flush().await;
+        let checked = crate::webhooks::check_quotas(
+            state.store.as_ref(),
+            &state.catalog,
+            state.clock.as_ref(),
+            &mut fired,
+        )
+        .await;
+        match checked {
+            Ok(n) if n > 0 => tracing::info!(events = n, "quota thresholds crossed"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "quota thresholds could not be checked"),
         }
     }
 }

@@ -440,6 +440,16 @@ impl Catalog {
         self.view().workspaces.get(&id).map(|e| e.limits.clone())
     }
 
+    /// Every workspace with a month quota: its id, the quota (the tier's with its overrides, or
+    /// its own budget where that is lower), and whether that quota is the budget.
+    pub fn month_quotas(&self) -> Vec<(WorkspaceId, u64, bool)> {
+        self.view()
+            .workspaces
+            .iter()
+            .filter_map(|(id, e)| Some((*id, e.limits.tokens_per_month?, e.budget.workspace)))
+            .collect()
+    }
+
     /// Keys used since the last call, with when; for `last_used_at`.
     pub fn take_touched(&self) -> Vec<(KeyId, i64)> {
         std::mem::take(&mut *self.touched.lock().unwrap_or_else(|e| e.into_inner()))

@@ -51,6 +51,10 @@ pub struct RawSettings {
     pub catalog_refresh_ms: Option<u64>,
     /// How often workspaces are checked for automatic promotion, in seconds (default 60).
     pub promotion_interval_secs: Option<u64>,
+    /// The wait before a failed webhook delivery's first retry, doubled at each (default 1000).
+    pub webhook_retry_base_ms: Option<u64>,
+    /// How often month usage is checked against the quota thresholds, in ms (default 30000).
+    pub webhook_quota_check_ms: Option<u64>,
     /// One `redis://` URL (a single server), or a comma-separated list of seed nodes (a Redis
     /// Cluster). Without it, limiter state stays in memory.
     pub redis: Option<String>,
@@ -235,6 +239,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("shutdown_grace_ms", "shutdown-grace-ms", "TIERGATE_SHUTDOWN_GRACE_MS", Number, "On stop, how long requests in flight may take to finish, in ms (default 20000)."),
     setting("catalog_refresh_ms", "catalog-refresh-ms", "TIERGATE_CATALOG_REFRESH_MS", Number, "How often changes made by other processes are picked up, in ms (default 1000)."),
     setting("promotion_interval_secs", "promotion-interval-secs", "TIERGATE_PROMOTION_INTERVAL_SECS", Number, "How often workspaces are checked for automatic promotion, in s (default 60; 1 to 86400)."),
+    setting("webhook_retry_base_ms", "webhook-retry-base-ms", "TIERGATE_WEBHOOK_RETRY_BASE_MS", Number, "The wait before a failed webhook delivery is tried again, in ms, doubled at each retry up to 10 minutes (default 1000; 10 to 600000)."),
+    setting("webhook_quota_check_ms", "webhook-quota-check-ms", "TIERGATE_WEBHOOK_QUOTA_CHECK_MS", Number, "How often month usage is checked for quota.threshold webhook events, in ms (default 30000; 100 to 3600000)."),
     setting("redis", "redis", "TIERGATE_REDIS", Text, "Share limits through Redis: redis://[user:password@]host:port[/db] (or rediss://), or a comma-separated list of Redis Cluster seed nodes."),
     setting("redis_cluster", "redis-cluster", "TIERGATE_REDIS_CLUSTER", Switch, "Treat a single --redis URL as a Redis Cluster seed."),
     setting("redis_timeout_ms", "redis-timeout-ms", "TIERGATE_REDIS_TIMEOUT_MS", Number, "The longest a Redis call may take, in ms (default 50)."),
@@ -475,6 +481,10 @@ pub struct Config {
     pub catalog_refresh: Duration,
     /// How often workspaces are checked for automatic promotion.
     pub promotion_interval: Duration,
+    /// The wait before a failed webhook delivery's first retry.
+    pub webhook_retry_base: Duration,
+    /// How often month usage is checked for `quota.threshold`.
+    pub webhook_quota_check: Duration,
     /// The shared limiter; `None` keeps limiter state in memory.
     pub redis: Option<RedisConfig>,
     pub upstream: UpstreamConfig,
@@ -512,6 +522,8 @@ impl TryFrom<RawSettings> for Config {
             shutdown_grace_ms,
             catalog_refresh_ms,
             promotion_interval_secs,
+            webhook_retry_base_ms,
+            webhook_quota_check_ms,
             redis,
             redis_cluster,
             redis_timeout_ms,
@@ -569,6 +581,24 @@ impl TryFrom<RawSettings> for Config {
                 return Err(invalid(
                     "promotion_interval_secs",
                     "must be from 1 to 86400",
+                ))
+            }
+        };
+        let webhook_retry_base = match webhook_retry_base_ms.unwrap_or(1000) {
+            n @ 10..=600_000 => Duration::from_millis(n),
+            _ => {
+                return Err(invalid(
+                    "webhook_retry_base_ms",
+                    "must be from 10 to 600000",
+                ))
+            }
+        };
+        let webhook_quota_check = match webhook_quota_check_ms.unwrap_or(30_000) {
+            n @ 100..=3_600_000 => Duration::from_millis(n),
+            _ => {
+                return Err(invalid(
+                    "webhook_quota_check_ms",
+                    "must be from 100 to 3600000",
                 ))
             }
         };
@@ -722,6 +752,8 @@ impl TryFrom<RawSettings> for Config {
             shutdown_grace,
             catalog_refresh,
             promotion_interval,
+            webhook_retry_base,
+            webhook_quota_check,
             redis,
             upstream,
             estimate,
@@ -1076,6 +1108,8 @@ impl Config {
             "promotion_interval_secs",
             self.promotion_interval.as_secs().to_string(),
         );
+        line("webhook_retry_base_ms", ms(self.webhook_retry_base));
+        line("webhook_quota_check_ms", ms(self.webhook_quota_check));
         let families = self.rate_limit_headers;
         let on: Vec<String> = HeaderFamilies::NAMES
             .iter()

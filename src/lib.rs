@@ -20,6 +20,7 @@ pub mod store;
 pub mod stream_options;
 pub mod upstream_usage;
 pub mod usage;
+pub mod webhooks;
 
 pub use app::{app, App, AppError, AppState};
 pub use config::{Config, RawSettings};

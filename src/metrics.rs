@@ -290,6 +290,11 @@ pub struct Metrics {
     /// Milliseconds after `born` of the ledger writer's last success (`ledger_written`).
     ledger_written_at: AtomicU64,
     pub catalog_refresh_errors: Counter,
+    /// Webhook attempts answered 2xx; attempts that failed and will be made again; deliveries
+    /// given up after the last attempt.
+    pub webhooks_delivered: Counter,
+    pub webhooks_retried: Counter,
+    pub webhooks_failed: Counter,
 
     // Set when scraped.
     tracked_workspaces: Gauge,
@@ -538,6 +543,21 @@ impl Metrics {
             "tiergate_catalog_refresh_errors",
             "Periodic catalogue refreshes that failed (the last copy kept serving)",
         );
+        let webhooks_delivered = counter(
+            reg,
+            "tiergate_webhook_deliveries_delivered",
+            "Webhook deliveries a receiver took (answered 2xx)",
+        );
+        let webhooks_retried = counter(
+            reg,
+            "tiergate_webhook_attempts_failed",
+            "Webhook attempts that failed (no answer, or not 2xx) and will be made again",
+        );
+        let webhooks_failed = counter(
+            reg,
+            "tiergate_webhook_deliveries_failed",
+            "Webhook deliveries given up after their last attempt",
+        );
         let catalog_staleness = registered(
             reg,
             "tiergate_catalog_staleness_seconds",
@@ -600,6 +620,9 @@ impl Metrics {
             ledger_pending,
             ledger_written_at: AtomicU64::new(0),
             catalog_refresh_errors,
+            webhooks_delivered,
+            webhooks_retried,
+            webhooks_failed,
             tracked_workspaces,
             ledger_queue,
             ledger_age,

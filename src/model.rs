@@ -906,10 +906,13 @@ pub enum AuditAction {
     LimitRequestCreate,
     LimitRequestApprove,
     LimitRequestDeny,
+    /// A webhook endpoint registered (by the operator or a workspace).
+    WebhookCreate,
+    WebhookDelete,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 9] = [
+    pub const ALL: [AuditAction; 11] = [
         AuditAction::TierPut,
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
@@ -919,6 +922,8 @@ impl AuditAction {
         AuditAction::LimitRequestCreate,
         AuditAction::LimitRequestApprove,
         AuditAction::LimitRequestDeny,
+        AuditAction::WebhookCreate,
+        AuditAction::WebhookDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -932,6 +937,8 @@ impl AuditAction {
             AuditAction::LimitRequestCreate => "limit_request.create",
             AuditAction::LimitRequestApprove => "limit_request.approve",
             AuditAction::LimitRequestDeny => "limit_request.deny",
+            AuditAction::WebhookCreate => "webhook.create",
+            AuditAction::WebhookDelete => "webhook.delete",
         }
     }
 

@@ -175,6 +175,33 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
             .unwrap();
     }
 
+    // A webhook endpoint and an event still to deliver.
+    let webhook = {
+        let store = tiergate::store::open(&sqlite).await.unwrap();
+        let endpoint = store
+            .create_webhook(
+                &tiergate::store::NewWebhook {
+                    workspace: Some(b),
+                    url: "http://127.0.0.1:9/hook".into(),
+                    events: vec!["quota.threshold".into()],
+                    secret: "whsec_c2VjcmV0".into(),
+                },
+                &Actor::cli(None),
+                clock.now_secs(),
+            )
+            .await
+            .unwrap();
+        let event = tiergate::store::WebhookEvent::new(
+            "quota.threshold",
+            b,
+            clock.now_secs(),
+            json!({}),
+            Some("quota:moved".into()),
+        );
+        assert!(store.enqueue_event(&event, clock.now_secs()).await.unwrap());
+        endpoint
+    };
+
     // The console's signing secret the source made (the gateway above asked for it at start).
     let source_secret = tiergate::store::open(&sqlite)
         .await
@@ -220,7 +247,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         "limit requests: 2\n",
         "rows by counter: 1,",
         "events: 0\n",
-        "audit entries: 11;",
+        "audit entries: 12;",
     ] {
         assert!(stdout.contains(copied), "{copied}: {stdout}");
     }
@@ -283,13 +310,51 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let (_, log) = gw.admin(Method::GET, "/audit?limit=1000", None).await;
     let log = log["data"].as_array().unwrap();
     let actions: Vec<&str> = log.iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions.len(), 13, "{actions:?}");
-    assert_eq!(&actions[..2], ["key.create", "workspace.create"]);
-    assert_eq!(actions[12], "tier.put");
-    assert_eq!(log[12]["target"], "tier:gold");
+    assert_eq!(actions.len(), 14, "{actions:?}");
+    assert_eq!(
+        &actions[..3],
+        ["key.create", "workspace.create", "webhook.create"]
+    );
+    assert_eq!(actions[13], "tier.put");
+    assert_eq!(log[13]["target"], "tier:gold");
     assert!(log
         .windows(2)
         .all(|w| w[0]["id"].as_i64() > w[1]["id"].as_i64()));
+
+    // The webhook endpoint and its pending delivery came along; their ids go on.
+    let store = tiergate::store::open(&db.url).await.unwrap();
+    assert_eq!(
+        store.list_webhooks(Some(b)).await.unwrap(),
+        vec![webhook.clone()]
+    );
+    let pending = store.webhook_deliveries(webhook.id, 10).await.unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].status, "pending");
+    let again = tiergate::store::WebhookEvent::new(
+        "quota.threshold",
+        b,
+        0,
+        json!({}),
+        Some("quota:moved".into()),
+    );
+    assert!(
+        !store.enqueue_event(&again, 0).await.unwrap(),
+        "its dedupe key came along"
+    );
+    let next = store
+        .create_webhook(
+            &tiergate::store::NewWebhook {
+                workspace: None,
+                url: "http://127.0.0.1:9/other".into(),
+                events: vec!["workspace.suspended".into()],
+                secret: "whsec_c2VjcmV0".into(),
+            },
+            &Actor::cli(None),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.id, webhook.id + 1);
 
     // The counter tag came along.
     let store = tiergate::store::open(&db.url).await.unwrap();

@@ -20,8 +20,8 @@ use tiergate::model::{
 };
 use tiergate::store::{
     AuditFilter, CatalogChanges, CatalogDelta, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
-    LedgerRow, NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspaceQuery,
-    WorkspaceSort, CHANGE_LOG_KEEP, PRUNE_BATCH,
+    LedgerRow, NewKey, NewWebhook, Store, StoreError, WorkspaceChange, WorkspaceListed,
+    WorkspaceQuery, WorkspaceSort, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
 use tiergate::usage::{Recorder, UsageRecord};
 
@@ -107,6 +107,10 @@ on_both_backends!(
     tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked,
     a_promotion_is_made_once_and_never_of_a_pinned_workspace,
     workspaces_are_searched_sorted_and_paged_in_sql,
+    webhook_events_are_written_with_their_change_one_delivery_per_endpoint,
+    webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_expires,
+    a_webhook_event_with_a_dedupe_key_is_written_once,
+    the_webhook_outbox_is_pruned_of_what_is_over,
 );
 
 async fn tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked(b: Backend) {
@@ -1608,7 +1612,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 
@@ -2171,4 +2175,345 @@ async fn workspaces_are_searched_sorted_and_paged_in_sql(b: Backend) {
     zeta.sort_by_key(|&id| (month[i_of(id)].0, id));
     zeta.reverse();
     assert_eq!(listed_ids(&p.rows), zeta[10..20]);
+}
+
+fn new_webhook(workspace: Option<i64>, events: &[&str]) -> NewWebhook {
+    NewWebhook {
+        workspace,
+        url: "http://127.0.0.1:9/hook".into(),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        secret: "whsec_c2VjcmV0".into(),
+    }
+}
+
+const ALL_EVENTS: [&str; 5] = [
+    "limit_request.created",
+    "limit_request.decided",
+    "workspace.tier_changed",
+    "workspace.suspended",
+    "quota.threshold",
+];
+
+async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(b: Backend) {
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0), tier("b", 2.0)])
+        .await
+        .unwrap();
+    let ws1 = s.create_workspace("one", "a", &by(), 10).await.unwrap();
+    let ws2 = s.create_workspace("two", "a", &by(), 10).await.unwrap();
+    let operator = s
+        .create_webhook(&new_webhook(None, &ALL_EVENTS), &by(), 20)
+        .await
+        .unwrap();
+    let own = s
+        .create_webhook(
+            &new_webhook(Some(ws1.id), &["limit_request.created"]),
+            &by(),
+            20,
+        )
+        .await
+        .unwrap();
+    assert_eq!(own.events, ["limit_request.created"]);
+    let missing = s
+        .create_webhook(&new_webhook(Some(999_999), &ALL_EVENTS), &by(), 20)
+        .await;
+    assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
+    assert_eq!(
+        s.list_webhooks(None).await.unwrap(),
+        vec![operator.clone(), own.clone()]
+    );
+    assert_eq!(
+        s.list_webhooks(Some(ws1.id)).await.unwrap(),
+        vec![own.clone()]
+    );
+    assert_eq!(s.list_webhooks(Some(ws2.id)).await.unwrap(), vec![]);
+
+    let ask = Overrides {
+        tokens_per_minute: Some(5000),
+        ..Overrides::default()
+    };
+    let r1 = s
+        .create_limit_request(ws1.id, "x", None, &ask, &by(), 30)
+        .await
+        .unwrap();
+    let r2 = s
+        .create_limit_request(ws2.id, "y", None, &ask, &by(), 31)
+        .await
+        .unwrap();
+    s.approve_limit_request(r1.id, None, &by(), 32)
+        .await
+        .unwrap();
+    s.deny_limit_request(r2.id, "no", &by(), 33).await.unwrap();
+    // A change that is no event: none written.
+    s.update_workspace(ws2.id, &patch_rps(3.0), &by(), 34)
+        .await
+        .unwrap();
+    let change = WorkspaceChange {
+        tier: Some("b".into()),
+        ..WorkspaceChange::default()
+    };
+    s.update_workspace(ws2.id, &change, &by(), 35)
+        .await
+        .unwrap();
+    let change = WorkspaceChange {
+        status: Some(WorkspaceStatus::Suspended),
+        ..WorkspaceChange::default()
+    };
+    s.update_workspace(ws2.id, &change, &by(), 36)
+        .await
+        .unwrap();
+    // Refused changes write no event.
+    assert!(s
+        .approve_limit_request(r1.id, None, &by(), 37)
+        .await
+        .is_err());
+
+    let mut kinds: Vec<String> = s
+        .webhook_deliveries(operator.id, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| {
+            assert_eq!(d.status, "pending");
+            assert_eq!(d.attempts, 0);
+            d.kind
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        [
+            "limit_request.created",
+            "limit_request.created",
+            "limit_request.decided",
+            "limit_request.decided",
+            "workspace.suspended",
+            "workspace.tier_changed",
+        ]
+    );
+    let own_deliveries = s.webhook_deliveries(own.id, 100).await.unwrap();
+    assert_eq!(own_deliveries.len(), 1);
+    assert_eq!(own_deliveries[0].kind, "limit_request.created");
+    // The same event, by its id, for both endpoints.
+    let operator_ids: Vec<String> = s
+        .webhook_deliveries(operator.id, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.event_id)
+        .collect();
+    assert!(operator_ids.contains(&own_deliveries[0].event_id));
+    let claimed = s.claim_deliveries(1_000, 31_000, 100).await.unwrap();
+    assert_eq!(claimed.len(), 7);
+    let body: serde_json::Value = serde_json::from_str(
+        &claimed
+            .iter()
+            .find(|d| d.payload.contains("tier_changed"))
+            .unwrap()
+            .payload,
+    )
+    .unwrap();
+    assert_eq!(body["type"], "workspace.tier_changed");
+    assert_eq!(body["data"]["from"], "a");
+    assert_eq!(body["data"]["to"], "b");
+    assert!(body["timestamp"].is_string());
+
+    // Removed by another workspace: not found; by its own: gone with its deliveries.
+    let wrong = s.delete_webhook(own.id, Some(ws2.id), &by(), 40).await;
+    assert!(matches!(wrong, Err(StoreError::NotFound)), "{wrong:?}");
+    assert_eq!(
+        s.delete_webhook(own.id, Some(ws1.id), &by(), 40)
+            .await
+            .unwrap(),
+        own
+    );
+    assert!(matches!(
+        s.webhook_deliveries(own.id, 10).await,
+        Err(StoreError::NotFound)
+    ));
+    let audit = s
+        .audit_log(&AuditFilter {
+            action: Some(AuditAction::WebhookDelete),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].workspace_id, Some(ws1.id));
+}
+
+async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_expires(
+    b: Backend,
+) {
+    use tiergate::store::DeliveryOutcome;
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    let ws = s.create_workspace("one", "a", &by(), 10).await.unwrap();
+    let endpoint = s
+        .create_webhook(&new_webhook(None, &ALL_EVENTS), &by(), 20)
+        .await
+        .unwrap();
+    let ask = Overrides {
+        burst: Some(2),
+        ..Overrides::default()
+    };
+    for i in 0..8 {
+        s.create_limit_request(ws.id, "x", None, &ask, &by(), 30 + i)
+            .await
+            .unwrap();
+    }
+    // Four callers (two of them other processes) at once: each row to one of them.
+    let other = b.another().await;
+    let stores = [s.clone(), s.clone(), other.clone(), other.clone()];
+    let claims = futures_util::future::join_all(
+        stores
+            .iter()
+            .map(|st| st.claim_deliveries(1_000, 31_000, 3)),
+    )
+    .await;
+    let mut ids: Vec<i64> = claims
+        .into_iter()
+        .flat_map(|c| c.unwrap().into_iter().map(|d| d.id))
+        .collect();
+    ids.sort();
+    let n = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), n, "a row claimed twice");
+    assert_eq!(n, 8);
+    // Claimed: nobody gets them until the claim expires.
+    assert!(other
+        .claim_deliveries(30_999, 60_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let again = other.claim_deliveries(31_000, 61_000, 100).await.unwrap();
+    assert_eq!(again.len(), 8);
+
+    // Outcomes: delivered (never again), retry later (due then), failed (never again).
+    let (d0, d1, d2) = (again[0].id, again[1].id, again[2].id);
+    s.finish_delivery(d0, &DeliveryOutcome::Delivered { status: 204 })
+        .await
+        .unwrap();
+    let retry = DeliveryOutcome::Retry {
+        status: Some(500),
+        error: None,
+        next_at_ms: 100_000,
+    };
+    s.finish_delivery(d1, &retry).await.unwrap();
+    let failed = DeliveryOutcome::Failed {
+        status: None,
+        error: Some("connection refused".into()),
+    };
+    s.finish_delivery(d2, &failed).await.unwrap();
+    let due = s.claim_deliveries(99_999, 200_000, 100).await.unwrap();
+    assert_eq!(
+        due.len(),
+        5,
+        "the five still claimed until 61 000 are due again"
+    );
+    assert!(due.iter().all(|d| ![d0, d1, d2].contains(&d.id)));
+    let due = s.claim_deliveries(200_000, 300_000, 100).await.unwrap();
+    assert_eq!(due.len(), 6, "the retry too, now");
+    let retried = due.iter().find(|d| d.id == d1).unwrap();
+    assert_eq!(retried.attempts, 1);
+    let listed = s.webhook_deliveries(endpoint.id, 100).await.unwrap();
+    let status = |st: &str| listed.iter().filter(|d| d.status == st).count();
+    assert_eq!(
+        (status("delivered"), status("failed"), status("pending")),
+        (1, 1, 6)
+    );
+    let f = listed.iter().find(|d| d.status == "failed").unwrap();
+    assert_eq!(f.last_error.as_deref(), Some("connection refused"));
+    assert_eq!(f.next_attempt_at_ms, None);
+    let r = listed
+        .iter()
+        .find(|d| d.attempts == 1 && d.status == "pending")
+        .unwrap();
+    assert_eq!(
+        (r.last_status, r.next_attempt_at_ms),
+        (Some(500), Some(100_000))
+    );
+}
+
+async fn a_webhook_event_with_a_dedupe_key_is_written_once(b: Backend) {
+    use tiergate::store::WebhookEvent;
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    let ws = s.create_workspace("one", "a", &by(), 10).await.unwrap();
+    let endpoint = s
+        .create_webhook(&new_webhook(None, &["quota.threshold"]), &by(), 20)
+        .await
+        .unwrap();
+    let event = |n| {
+        WebhookEvent::new(
+            "quota.threshold",
+            ws.id,
+            30,
+            serde_json::json!({"n": n}),
+            Some(format!("quota:{}:2026-11:50", ws.id)),
+        )
+    };
+    let other = b.another().await;
+    assert!(s.enqueue_event(&event(1), 30).await.unwrap());
+    assert!(!s.enqueue_event(&event(2), 31).await.unwrap());
+    assert!(!other.enqueue_event(&event(3), 32).await.unwrap());
+    let listed = s.webhook_deliveries(endpoint.id, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].kind, "quota.threshold");
+}
+
+async fn the_webhook_outbox_is_pruned_of_what_is_over(b: Backend) {
+    use tiergate::store::{DeliveryOutcome, WebhookEvent};
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    let ws = s.create_workspace("one", "a", &by(), 10).await.unwrap();
+    let endpoint = s
+        .create_webhook(&new_webhook(None, &ALL_EVENTS), &by(), 20)
+        .await
+        .unwrap();
+    let ask = Overrides {
+        burst: Some(2),
+        ..Overrides::default()
+    };
+    for _ in 0..2 {
+        s.create_limit_request(ws.id, "x", None, &ask, &by(), 100)
+            .await
+            .unwrap();
+    }
+    let quota = || {
+        WebhookEvent::new(
+            "quota.threshold",
+            ws.id,
+            100,
+            serde_json::json!({}),
+            Some("quota:1:2026-11:50".into()),
+        )
+    };
+    assert!(s.enqueue_event(&quota(), 100).await.unwrap());
+    let due = s.claim_deliveries(1_000, 2_000, 10).await.unwrap();
+    assert_eq!(due.len(), 3);
+    let quota_delivery = due.iter().find(|d| d.payload.contains("quota")).unwrap().id;
+    let delivered = due.iter().find(|d| d.id != quota_delivery).unwrap().id;
+    s.finish_delivery(delivered, &DeliveryOutcome::Delivered { status: 200 })
+        .await
+        .unwrap();
+    let failed = DeliveryOutcome::Failed {
+        status: Some(410),
+        error: None,
+    };
+    s.finish_delivery(quota_delivery, &failed).await.unwrap();
+
+    // Nothing is old enough yet.
+    assert_eq!(s.prune_webhooks(100, 50).await.unwrap(), 0);
+    // The two deliveries that are over, and the event left without any; not the pending one,
+    // nor the quota event whose key must stay.
+    assert_eq!(s.prune_webhooks(200, 50).await.unwrap(), 3);
+    let left = s.webhook_deliveries(endpoint.id, 10).await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].status, "pending");
+    assert!(!s.enqueue_event(&quota(), 300).await.unwrap());
+    // Once its month is long over, the key goes too.
+    assert_eq!(s.prune_webhooks(200, 200).await.unwrap(), 1);
+    assert!(s.enqueue_event(&quota(), 300).await.unwrap());
 }

@@ -22,8 +22,8 @@ use super::extract::{JsonBody, OptionalJson, PathParam, QueryParams};
 use super::openapi::{AdminErrors, BadRequest, BodyErrors, NotFound};
 use super::views::{
     audit_action_schema, created, usage_view, workspace_view, AuditEntryView, AuditPageView,
-    KeyView, LimitRequestView, List, ListObject, NewKeyView, SortedJson, TierView, UsageView,
-    WorkspaceView,
+    DeliveryView, KeyView, LimitRequestView, List, ListObject, NewKeyView, NewWebhookView,
+    SortedJson, TierView, UsageView, WebhookView, WorkspaceView,
 };
 use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
@@ -48,6 +48,9 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(approve))
         .routes(routes!(deny))
         .routes(routes!(audit))
+        .routes(routes!(create_webhook, list_webhooks))
+        .routes(routes!(delete_webhook))
+        .routes(routes!(webhook_deliveries))
 }
 
 /// Proof that the request carries an admin token: the actor the audit records, the token's
@@ -628,4 +631,120 @@ async fn audit(
         has_more: page.has_more,
         last_id: page.entries.last().map(|e| e.id),
     }))
+}
+
+/// A webhook endpoint to register.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct NewWebhook {
+    /// `http` or `https`, with a host; redirects are not followed.
+    url: String,
+    /// At least one of `limit_request.created`, `limit_request.decided`,
+    /// `workspace.tier_changed`, `workspace.suspended`, `quota.threshold`.
+    events: Vec<String>,
+}
+
+impl NewWebhook {
+    pub(super) fn parts(&self) -> (&str, &[String]) {
+        (&self.url, &self.events)
+    }
+}
+
+/// Registers a webhook endpoint that gets every workspace's events.
+#[utoipa::path(
+    post,
+    path = "/webhooks",
+    tag = "admin",
+    operation_id = "create_webhook",
+    security(("admin_token" = [])),
+    request_body = NewWebhook,
+    responses(
+        (status = 201, description = "The endpoint, with its signing secret: shown this once.", body = NewWebhookView),
+        BodyErrors,
+        AdminErrors,
+    )
+)]
+async fn create_webhook(
+    AdminActor(by): AdminActor,
+    State(state): State<Arc<AppState>>,
+    JsonBody(body): JsonBody<NewWebhook>,
+) -> Result<Response, ApiError> {
+    let (url, events) = body.parts();
+    let (endpoint, secret) = state.admin.create_webhook(&by, None, url, events).await?;
+    Ok(created(NewWebhookView {
+        info: WebhookView::from(&endpoint),
+        secret,
+    }))
+}
+
+/// Lists the webhook endpoints, the operator's and the workspaces' own.
+#[utoipa::path(
+    get,
+    path = "/webhooks",
+    tag = "admin",
+    operation_id = "list_webhooks",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every endpoint; never their secrets.", body = List<WebhookView>),
+        AdminErrors,
+    )
+)]
+async fn list_webhooks(
+    _: AdminActor,
+    State(state): State<Arc<AppState>>,
+) -> Result<SortedJson<List<WebhookView>>, ApiError> {
+    let list = state.admin.list_webhooks(None).await?;
+    Ok(SortedJson(List::of(
+        list.iter().map(WebhookView::from).collect(),
+    )))
+}
+
+/// Removes a webhook endpoint (any workspace's too), and its deliveries still pending.
+#[utoipa::path(
+    delete,
+    path = "/webhooks/{id}",
+    tag = "admin",
+    operation_id = "delete_webhook",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 200, description = "The endpoint removed.", body = WebhookView),
+        BadRequest,
+        NotFound,
+        AdminErrors,
+    )
+)]
+async fn delete_webhook(
+    AdminActor(by): AdminActor,
+    State(state): State<Arc<AppState>>,
+    PathParam(id): PathParam<i64>,
+) -> Result<SortedJson<WebhookView>, ApiError> {
+    let endpoint = state.admin.delete_webhook(&by, id, None).await?;
+    Ok(SortedJson(WebhookView::from(&endpoint)))
+}
+
+/// Lists an endpoint's latest deliveries (at most 100), newest first.
+#[utoipa::path(
+    get,
+    path = "/webhooks/{id}/deliveries",
+    tag = "admin",
+    operation_id = "list_webhook_deliveries",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 200, description = "Each event sent to it, its status and attempts.", body = List<DeliveryView>),
+        BadRequest,
+        NotFound,
+        AdminErrors,
+    )
+)]
+async fn webhook_deliveries(
+    _: AdminActor,
+    State(state): State<Arc<AppState>>,
+    PathParam(id): PathParam<i64>,
+) -> Result<SortedJson<List<DeliveryView>>, ApiError> {
+    let list = state.admin.webhook_deliveries(id, 100).await?;
+    Ok(SortedJson(List::of(
+        list.iter().map(DeliveryView::from).collect(),
+    )))
 }

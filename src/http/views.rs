@@ -31,7 +31,7 @@ use crate::model::{
     ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, LimitRequest,
     LimitRequestStatus, Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
 };
-use crate::store::{DailyUsage, HourRow, KeyUsage};
+use crate::store::{DailyUsage, DeliveryRecord, HourRow, KeyUsage, WebhookEndpoint};
 use crate::usage::hour_of;
 
 /// A typed answer, sent as JSON with its keys in alphabetical order at every level. That is
@@ -228,6 +228,84 @@ pub struct NewKeyView {
     pub info: KeyView,
     /// The secret, shown this once: only its hash is stored.
     pub key: String,
+}
+
+/// A webhook endpoint: never its secret.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Webhook)]
+pub struct WebhookView {
+    pub id: i64,
+    /// The workspace whose events it gets; `null` for the operator's, which gets every
+    /// workspace's.
+    #[schema(required = true)]
+    pub workspace_id: Option<i64>,
+    pub url: String,
+    /// The event types it gets: `limit_request.created`, `limit_request.decided`,
+    /// `workspace.tier_changed`, `workspace.suspended`, `quota.threshold`.
+    pub events: Vec<String>,
+    pub created_at: Timestamp,
+}
+
+impl From<&WebhookEndpoint> for WebhookView {
+    fn from(e: &WebhookEndpoint) -> Self {
+        WebhookView {
+            id: e.id,
+            workspace_id: e.workspace_id,
+            url: e.url.clone(),
+            events: e.events.clone(),
+            created_at: Timestamp(e.created_at),
+        }
+    }
+}
+
+/// A webhook endpoint just registered, with its signing secret.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = NewWebhook)]
+pub struct NewWebhookView {
+    #[serde(flatten)]
+    pub info: WebhookView,
+    /// `whsec_` and the base64 of 24 random bytes, shown this once: deliveries are signed with
+    /// it (Standard Webhooks).
+    pub secret: String,
+}
+
+/// One event's delivery to an endpoint.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = WebhookDelivery)]
+pub struct DeliveryView {
+    /// The event's id, the same in every attempt (`webhook-id`).
+    pub event_id: String,
+    /// The event's type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `pending`, `delivered` or `failed` (after 12 attempts).
+    pub status: String,
+    pub attempts: u32,
+    /// The HTTP status of the last attempt, if it got an answer.
+    #[schema(required = true)]
+    pub last_status_code: Option<u16>,
+    /// Why the last attempt got no answer (connection refused, timeout).
+    #[schema(required = true)]
+    pub last_error: Option<String>,
+    /// When it is tried next, while `pending`.
+    #[schema(required = true)]
+    pub next_attempt_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+}
+
+impl From<&DeliveryRecord> for DeliveryView {
+    fn from(d: &DeliveryRecord) -> Self {
+        DeliveryView {
+            event_id: d.event_id.clone(),
+            kind: d.kind.clone(),
+            status: d.status.clone(),
+            attempts: d.attempts,
+            last_status_code: d.last_status,
+            last_error: d.last_error.clone(),
+            next_attempt_at: d.next_attempt_at_ms.map(|ms| Timestamp(ms / 1000)),
+            created_at: Timestamp(d.created_at),
+        }
+    }
 }
 
 /// A tier: its name and its limits, side by side in one object.

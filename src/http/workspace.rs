@@ -12,13 +12,14 @@ use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::admin::NewWebhook;
 use super::authenticate;
 use super::error::{ApiError, ErrorBody};
-use super::extract::JsonBody;
-use super::openapi::{BodyErrors, WorkspaceErrors};
+use super::extract::{JsonBody, PathParam};
+use super::openapi::{BadRequest, BodyErrors, NotFound, WorkspaceErrors};
 use super::views::{
-    created, usage_history_view, usage_view, LimitRequestView, List, NextTierView, SortedJson,
-    UsageHistoryView, WorkspaceLimitsView, WorkspaceSummary,
+    created, usage_history_view, usage_view, LimitRequestView, List, NewWebhookView, NextTierView,
+    SortedJson, UsageHistoryView, WebhookView, WorkspaceLimitsView, WorkspaceSummary,
 };
 use crate::app::AppState;
 use crate::model::{Actor, Budget, Overrides};
@@ -31,6 +32,8 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(usage))
         .routes(routes!(create_limit_request, list_limit_requests))
         .routes(routes!(get_budget, put_budget))
+        .routes(routes!(create_webhook, list_webhooks))
+        .routes(routes!(delete_webhook))
 }
 
 /// The limits page, which is the console's workspace page now.
@@ -247,4 +250,100 @@ async fn list_limit_requests(
     Ok(SortedJson(List::of(
         list.iter().map(LimitRequestView::from).collect(),
     )))
+}
+
+/// Too many endpoints.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum TooManyWebhooks {
+    /// The workspace already has 10 endpoints (`conflict`).
+    #[response(status = 409)]
+    Conflict(ErrorBody<'static>),
+}
+
+/// Registers an endpoint that gets this workspace's events only.
+// The key is checked before the body is read.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks",
+    tag = "workspace",
+    operation_id = "create_own_webhook",
+    security(("workspace_key" = [])),
+    request_body = NewWebhook,
+    responses(
+        (status = 201, description = "The endpoint, with its signing secret: shown this once.", body = NewWebhookView),
+        BodyErrors,
+        TooManyWebhooks,
+        WorkspaceErrors,
+    )
+)]
+async fn create_webhook(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Request,
+) -> Result<Response, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    let JsonBody(body) = JsonBody::<NewWebhook>::from_request(body, &state).await?;
+    let id = entry.workspace.id;
+    let (url, events) = body.parts();
+    let (endpoint, secret) = state
+        .admin
+        .create_webhook(&Actor::workspace(id), Some(id), url, events)
+        .await?;
+    Ok(created(NewWebhookView {
+        info: WebhookView::from(&endpoint),
+        secret,
+    }))
+}
+
+/// Lists the workspace's own endpoints.
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks",
+    tag = "workspace",
+    operation_id = "list_own_webhooks",
+    security(("workspace_key" = [])),
+    responses(
+        (status = 200, description = "The workspace's endpoints; never their secrets.", body = List<WebhookView>),
+        WorkspaceErrors,
+    )
+)]
+async fn list_webhooks(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+) -> Result<SortedJson<List<WebhookView>>, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    let list = state.admin.list_webhooks(Some(entry.workspace.id)).await?;
+    Ok(SortedJson(List::of(
+        list.iter().map(WebhookView::from).collect(),
+    )))
+}
+
+/// Removes one of the workspace's own endpoints.
+#[utoipa::path(
+    delete,
+    path = "/v1/webhooks/{id}",
+    tag = "workspace",
+    operation_id = "delete_own_webhook",
+    security(("workspace_key" = [])),
+    params(("id" = i64, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 200, description = "The endpoint removed.", body = WebhookView),
+        BadRequest,
+        NotFound,
+        WorkspaceErrors,
+    )
+)]
+async fn delete_webhook(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    PathParam(id): PathParam<i64>,
+) -> Result<SortedJson<WebhookView>, ApiError> {
+    let (_, entry) = authenticate(&state, &headers).await?;
+    let ws = entry.workspace.id;
+    let endpoint = state
+        .admin
+        .delete_webhook(&Actor::workspace(ws), id, Some(ws))
+        .await?;
+    Ok(SortedJson(WebhookView::from(&endpoint)))
 }

@@ -145,7 +145,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
     for (table, columns) in TABLES {
         copied.push(copy_table(&mut src, &mut dst, table, columns).await?);
     }
-    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, batch_ids, audit_entries, _secrets] =
+    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, batch_ids, audit_entries, _secrets, _webhooks, _webhook_events, _webhook_deliveries] =
         copied[..]
     else {
         unreachable!("one count per table")
@@ -336,6 +336,44 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
         ],
     ),
     ("secrets", &[("name", Text), ("value", Bytes)]),
+    (
+        "webhook_endpoints",
+        &[
+            ("id", Int),
+            ("workspace_id", OptInt),
+            ("url", Text),
+            ("events", Text),
+            ("secret", Text),
+            ("created_at", Int),
+        ],
+    ),
+    (
+        "webhook_events",
+        &[
+            ("id", Text),
+            ("workspace_id", Int),
+            ("kind", Text),
+            ("payload", Text),
+            ("dedupe", OptText),
+            ("created_at", Int),
+        ],
+    ),
+    (
+        "webhook_deliveries",
+        &[
+            ("id", Int),
+            ("endpoint_id", Int),
+            ("event_id", Text),
+            ("status", Text),
+            ("attempts", Int),
+            ("next_attempt_at", Int),
+            ("locked_until", OptInt),
+            ("claim", OptText),
+            ("last_status", OptInt),
+            ("last_error", OptText),
+            ("created_at", Int),
+        ],
+    ),
 ];
 
 /// One column's values, on their way to an `unnest` parameter.
@@ -433,7 +471,14 @@ async fn copy_table(
 /// Sequences continue after the copied ids; the catalogue is at `version`, with an empty change
 /// log that starts there (instances behind it reload everything).
 async fn finish_target(dst: &mut Dst, version: i64) -> Result<(), StoreError> {
-    for table in ["workspaces", "api_keys", "limit_requests", "audit"] {
+    for table in [
+        "workspaces",
+        "api_keys",
+        "limit_requests",
+        "audit",
+        "webhook_endpoints",
+        "webhook_deliveries",
+    ] {
         sqlx::query(&format!(
             "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
         ))

@@ -37,6 +37,16 @@
 //! the change itself, so a change is never without its entry and a refused change leaves none.
 //! Keys appear with their prefix only, never their hash or secret.
 //!
+//! # Webhook outbox
+//! An event (`WebhookEvent`) is written to `webhook_events` in the transaction of the change
+//! that causes it (a limit request created or decided, a workspace's tier changed or its
+//! suspension), with one `webhook_deliveries` row per endpoint that subscribes to it (an
+//! operator's endpoint, or the workspace's own), due at once. A `quota.threshold` event carries
+//! a unique key (workspace, month, threshold), inserted `ON CONFLICT DO NOTHING`, so it is
+//! written once whichever instance sees the crossing. Delivering instances claim due rows by
+//! setting `locked_until` in one conditional statement, so one instance sends a row at a time;
+//! a claim whose instance died expires and the row is sent again (at least once).
+//!
 //! # Concurrency
 //! Several processes may write at once (the admin CLI next to a gateway; on Postgres, many
 //! gateways). Every transaction that reads what it then writes locks it first (`FOR UPDATE` on
@@ -447,6 +457,332 @@ pub trait Store: Send + Sync {
 
     /// Audit entries matching `filter`, newest first, at most `filter.limit`.
     async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// Registers a webhook endpoint (audited as `webhook.create`). `NotFound` when its
+    /// workspace does not exist.
+    async fn create_webhook(
+        &self,
+        webhook: &NewWebhook,
+        by: &Actor,
+        now: i64,
+    ) -> Result<WebhookEndpoint, StoreError>;
+    /// Endpoints by id: every one (`None`), or one workspace's own.
+    async fn list_webhooks(
+        &self,
+        workspace: Option<WorkspaceId>,
+    ) -> Result<Vec<WebhookEndpoint>, StoreError>;
+    /// Removes an endpoint and its deliveries (audited as `webhook.delete`); with `workspace`,
+    /// only that workspace's own (`NotFound` for another's).
+    async fn delete_webhook(
+        &self,
+        id: WebhookId,
+        workspace: Option<WorkspaceId>,
+        by: &Actor,
+        now: i64,
+    ) -> Result<WebhookEndpoint, StoreError>;
+    /// An endpoint's deliveries, newest first, at most `limit`; `NotFound` for no endpoint.
+    async fn webhook_deliveries(
+        &self,
+        endpoint: WebhookId,
+        limit: u32,
+    ) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// Writes an event that no store change causes (`quota.threshold`) with its deliveries;
+    /// `false` when its `dedupe` key was already written.
+    async fn enqueue_event(&self, event: &WebhookEvent, now: i64) -> Result<bool, StoreError>;
+    /// Claims up to `limit` pending deliveries due at `now_ms` whose claim (if any) has
+    /// expired, until `lock_until_ms`: no other caller gets them meanwhile.
+    async fn claim_deliveries(
+        &self,
+        now_ms: i64,
+        lock_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>, StoreError>;
+    /// Drops deliveries that are over (delivered or failed) and were created before `before`,
+    /// then events left without deliveries that were created before it, except those with a
+    /// dedupe key, kept until `keys_before` (so that a quota event is not written again while
+    /// its month can still be checked). `PRUNE_BATCH` rows per statement.
+    async fn prune_webhooks(&self, before: i64, keys_before: i64) -> Result<u64, StoreError>;
+    /// Records an attempt's outcome and releases the claim.
+    async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError>;
+}
+
+pub type WebhookId = i64;
+
+/// A webhook endpoint as stored (its secret only in `NewWebhook` and to the delivering task).
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookEndpoint {
+    pub id: WebhookId,
+    /// `None`: the operator's, which gets every workspace's events.
+    pub workspace_id: Option<WorkspaceId>,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewWebhook {
+    pub workspace: Option<WorkspaceId>,
+    pub url: String,
+    pub events: Vec<String>,
+    /// `whsec_…`, made by the gateway.
+    pub secret: String,
+}
+
+/// An event on its way into the outbox: its stable id, the workspace it concerns, its type and
+/// the body every delivery sends, byte for byte.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WebhookEvent {
+    pub id: String,
+    pub workspace: WorkspaceId,
+    pub kind: String,
+    pub payload: String,
+    /// Written once: a second event with the same key is dropped.
+    pub dedupe: Option<String>,
+}
+
+/// A claimed delivery: where to send what.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DueDelivery {
+    pub id: i64,
+    pub url: String,
+    pub secret: String,
+    pub event_id: String,
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeliveryOutcome {
+    Delivered {
+        status: u16,
+    },
+    /// Failed; tried again at `next_at_ms`.
+    Retry {
+        status: Option<u16>,
+        error: Option<String>,
+        next_at_ms: i64,
+    },
+    /// Failed for the last time.
+    Failed {
+        status: Option<u16>,
+        error: Option<String>,
+    },
+}
+
+/// A delivery's state, for the admin API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeliveryRecord {
+    pub event_id: String,
+    pub kind: String,
+    /// `pending`, `delivered` or `failed`.
+    pub status: String,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    /// Unix ms; only while pending.
+    pub next_attempt_at_ms: Option<i64>,
+    pub created_at: i64,
+}
+
+/// An endpoint's events as stored: `,a,b,`, so that one `LIKE '%,type,%'` matches a type.
+fn events_column(events: &[String]) -> String {
+    format!(",{},", events.join(","))
+}
+
+fn events_of(column: &str) -> Vec<String> {
+    column
+        .split(',')
+        .filter(|e| !e.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn webhook_endpoint(
+    (id, workspace_id, url, events, created_at): (i64, Option<i64>, String, String, i64),
+) -> WebhookEndpoint {
+    WebhookEndpoint {
+        id,
+        workspace_id,
+        url,
+        events: events_of(&events),
+        created_at,
+    }
+}
+
+const WEBHOOK_COLUMNS: &str = "id, workspace_id, url, events, created_at";
+
+type DeliveryColumns = (
+    String,
+    String,
+    String,
+    i64,
+    Option<i64>,
+    Option<String>,
+    i64,
+    i64,
+);
+
+fn delivery_record(
+    (event_id, kind, status, attempts, last_status, last_error, next, created_at): DeliveryColumns,
+) -> DeliveryRecord {
+    DeliveryRecord {
+        next_attempt_at_ms: (status == "pending").then_some(next),
+        event_id,
+        kind,
+        status,
+        attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+        last_status: last_status.and_then(|s| u16::try_from(s).ok()),
+        last_error,
+        created_at,
+    }
+}
+
+const DELIVERIES_SQL: &str = "
+SELECT d.event_id, v.kind, d.status, d.attempts, d.last_status, d.last_error, d.next_attempt_at, d.created_at
+    FROM webhook_deliveries d JOIN webhook_events v ON v.id = d.event_id
+    WHERE d.endpoint_id = $1 ORDER BY d.id DESC LIMIT $2";
+
+const INSERT_EVENT_SQL: &str = "INSERT INTO webhook_events (id, workspace_id, kind, payload, dedupe, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+
+/// One pending delivery, due at once, per endpoint that subscribes to the event's type and is
+/// the operator's or the event's workspace's.
+const INSERT_DELIVERIES_SQL: &str = "
+INSERT INTO webhook_deliveries (endpoint_id, event_id, status, attempts, next_attempt_at, created_at)
+    SELECT id, $1, 'pending', 0, 0, $2 FROM webhook_endpoints
+    WHERE events LIKE $3 AND (workspace_id IS NULL OR workspace_id = $4)";
+
+/// The claimed rows, with where and what to send.
+const CLAIMED_SQL: &str = "
+SELECT d.id, e.url, e.secret, d.event_id, v.payload, d.attempts
+    FROM webhook_deliveries d
+    JOIN webhook_endpoints e ON e.id = d.endpoint_id
+    JOIN webhook_events v ON v.id = d.event_id
+    WHERE d.claim = $1 AND d.status = 'pending' ORDER BY d.id";
+
+/// A claim's own mark, so that a caller reads back only the rows it claimed.
+fn claim_token() -> String {
+    let mut t = [0u8; 12];
+    getrandom::fill(&mut t).expect("the OS has randomness");
+    t.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+type ClaimedColumns = (i64, String, String, String, String, i64);
+
+fn due_delivery((id, url, secret, event_id, payload, attempts): ClaimedColumns) -> DueDelivery {
+    DueDelivery {
+        id,
+        url,
+        secret,
+        event_id,
+        payload,
+        attempts: attempts.clamp(0, u32::MAX as i64) as u32,
+    }
+}
+
+/// `(status, last_status, last_error, next_attempt_at)` of an outcome.
+fn outcome_columns(o: &DeliveryOutcome) -> (&'static str, Option<i64>, Option<&str>, i64) {
+    match o {
+        DeliveryOutcome::Delivered { status } => ("delivered", Some(*status as i64), None, 0),
+        DeliveryOutcome::Retry {
+            status,
+            error,
+            next_at_ms,
+        } => (
+            "pending",
+            status.map(i64::from),
+            error.as_deref(),
+            *next_at_ms,
+        ),
+        DeliveryOutcome::Failed { status, error } => {
+            ("failed", status.map(i64::from), error.as_deref(), 0)
+        }
+    }
+}
+
+const PRUNE_DELIVERIES_SQL: &str = "DELETE FROM webhook_deliveries WHERE id IN (SELECT id FROM webhook_deliveries WHERE status <> 'pending' AND created_at < $1 LIMIT $2)";
+
+const PRUNE_EVENTS_SQL: &str = "DELETE FROM webhook_events WHERE id IN (SELECT v.id FROM webhook_events v WHERE v.created_at < $1 AND (v.dedupe IS NULL OR v.created_at < $3) AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d WHERE d.event_id = v.id) LIMIT $2)";
+
+const FINISH_SQL: &str = "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1, last_status = $2, last_error = $3, next_attempt_at = $4, locked_until = NULL WHERE id = $5";
+
+/// The event a workspace change causes, if any: its tier changed, or it was suspended.
+pub(crate) fn workspace_events(
+    before: &Workspace,
+    after: &Workspace,
+    now: i64,
+) -> Vec<WebhookEvent> {
+    let mut events = Vec::new();
+    if before.tier != after.tier {
+        events.push(WebhookEvent::new(
+            "workspace.tier_changed",
+            after.id,
+            now,
+            serde_json::json!({
+                "workspace_id": after.id,
+                "from": before.tier,
+                "to": after.tier,
+                "promoted": after.promoted.is_some() && after.promoted != before.promoted,
+            }),
+            None,
+        ));
+    }
+    if before.status != after.status && after.status == WorkspaceStatus::Suspended {
+        events.push(WebhookEvent::new(
+            "workspace.suspended",
+            after.id,
+            now,
+            serde_json::json!({ "workspace_id": after.id }),
+            None,
+        ));
+    }
+    events
+}
+
+/// `limit_request.created` or `limit_request.decided`, with the request as the admin API shows
+/// it.
+pub(crate) fn limit_request_event(kind: &str, request: &LimitRequest, now: i64) -> WebhookEvent {
+    WebhookEvent::new(
+        kind,
+        request.workspace_id,
+        now,
+        serde_json::json!({ "workspace_id": request.workspace_id, "limit_request": request }),
+        None,
+    )
+}
+
+impl WebhookEvent {
+    /// A new event with a fresh id, its body `{"type", "timestamp", "data"}`.
+    pub fn new(
+        kind: &str,
+        workspace: WorkspaceId,
+        now: i64,
+        data: serde_json::Value,
+        dedupe: Option<String>,
+    ) -> WebhookEvent {
+        let mut id = [0u8; 16];
+        getrandom::fill(&mut id).expect("the OS has randomness");
+        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let timestamp = time::OffsetDateTime::from_unix_timestamp(now)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+        WebhookEvent {
+            id: format!("evt_{id}"),
+            workspace,
+            kind: kind.to_string(),
+            payload: json(&serde_json::json!({
+                "type": kind,
+                "timestamp": timestamp,
+                "data": data,
+            })),
+            dedupe,
+        }
+    }
 }
 
 /// An audit row on its way into the transaction of the change it records.
@@ -544,6 +880,31 @@ impl<'a> AuditRow<'a> {
         match before {
             Some(b) => row.before(&b),
             None => row,
+        }
+    }
+}
+
+impl AuditRow<'_> {
+    fn webhook<'a>(
+        by: &'a Actor,
+        at: i64,
+        action: AuditAction,
+        endpoint: &WebhookEndpoint,
+    ) -> AuditRow<'a> {
+        let view = serde_json::json!({
+            "id": endpoint.id,
+            "workspace_id": endpoint.workspace_id,
+            "url": endpoint.url,
+            "events": endpoint.events,
+        });
+        let row = AuditRow::new(by, at, action, format!("webhook:{}", endpoint.id));
+        let row = match endpoint.workspace_id {
+            Some(w) => row.workspace(w),
+            None => row,
+        };
+        match action {
+            AuditAction::WebhookDelete => row.before(&view),
+            _ => row.after(&view),
         }
     }
 }

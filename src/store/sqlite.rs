@@ -22,6 +22,13 @@ use super::{
     WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS,
     CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
+use super::{
+    claim_token, delivery_record, due_delivery, events_column, limit_request_event,
+    outcome_columns, webhook_endpoint, workspace_events, ClaimedColumns, DeliveryColumns,
+    DeliveryOutcome, DeliveryRecord, DueDelivery, NewWebhook, WebhookEndpoint, WebhookEvent,
+    WebhookId, CLAIMED_SQL, DELIVERIES_SQL, FINISH_SQL, INSERT_DELIVERIES_SQL, INSERT_EVENT_SQL,
+    PRUNE_DELIVERIES_SQL, PRUNE_EVENTS_SQL, WEBHOOK_COLUMNS,
+};
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
     Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
@@ -190,6 +197,42 @@ ALTER TABLE workspaces ADD COLUMN promoted TEXT;
     r#"
 ALTER TABLE workspaces ADD COLUMN budget TEXT NOT NULL DEFAULT '{}';
 "#,
+    // Webhooks: the endpoints, and the outbox (events, one delivery per endpoint and event).
+    r#"
+CREATE TABLE webhook_endpoints (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    workspace_id INTEGER,
+    url TEXT NOT NULL,
+    events TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE webhook_events (
+    id TEXT PRIMARY KEY,
+    workspace_id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    dedupe TEXT UNIQUE,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE webhook_deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    endpoint_id INTEGER NOT NULL,
+    event_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    locked_until INTEGER,
+    claim TEXT,
+    last_status INTEGER,
+    last_error TEXT,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries(status, next_attempt_at);
+CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries(endpoint_id, id);
+CREATE INDEX webhook_deliveries_event ON webhook_deliveries(event_id);
+CREATE INDEX webhook_events_created ON webhook_events(created_at);
+"#,
 ];
 
 pub struct SqliteStore {
@@ -295,6 +338,36 @@ impl SqliteStore {
         .execute(tx)
         .await?;
         Ok(())
+    }
+
+    /// Writes an event and its deliveries into the outbox; called in the transaction of the
+    /// change that causes it. `false` when its dedupe key was already written.
+    async fn enqueue(
+        tx: &mut sqlx::SqliteConnection,
+        event: &WebhookEvent,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let inserted = sqlx::query(INSERT_EVENT_SQL)
+            .bind(&event.id)
+            .bind(event.workspace)
+            .bind(&event.kind)
+            .bind(&event.payload)
+            .bind(event.dedupe.as_deref())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if inserted == 0 {
+            return Ok(false);
+        }
+        sqlx::query(INSERT_DELIVERIES_SQL)
+            .bind(&event.id)
+            .bind(now)
+            .bind(format!("%,{},%", event.kind))
+            .bind(event.workspace)
+            .execute(&mut *tx)
+            .await?;
+        Ok(true)
     }
 
     async fn tier_exists(tx: &mut sqlx::SqliteConnection, tier: &str) -> Result<(), StoreError> {
@@ -686,6 +759,9 @@ impl Store for SqliteStore {
         };
         let audit = AuditRow::workspace_change(by, now, action, Some(&current), &updated);
         Self::audit(&mut tx, audit).await?;
+        for event in workspace_events(&current, &updated, now) {
+            Self::enqueue(&mut tx, &event, now).await?;
+        }
         Self::bump_version(&mut tx, &[Changed::Workspace(id)]).await?;
         tx.commit().await?;
         Ok(updated)
@@ -1034,6 +1110,8 @@ impl Store for SqliteStore {
             &request,
         );
         Self::audit(&mut tx, audit).await?;
+        let event = limit_request_event("limit_request.created", &request, now);
+        Self::enqueue(&mut tx, &event, now).await?;
         tx.commit().await?;
         Ok(request)
     }
@@ -1106,6 +1184,8 @@ impl Store for SqliteStore {
             &approved,
         );
         Self::audit(&mut tx, audit).await?;
+        let event = limit_request_event("limit_request.decided", &approved, now);
+        Self::enqueue(&mut tx, &event, now).await?;
         Self::bump_version(&mut tx, &[Changed::Workspace(request.workspace_id)]).await?;
         tx.commit().await?;
         Ok(approved)
@@ -1146,8 +1226,189 @@ impl Store for SqliteStore {
             &denied,
         );
         Self::audit(&mut tx, audit).await?;
+        let event = limit_request_event("limit_request.decided", &denied, now);
+        Self::enqueue(&mut tx, &event, now).await?;
         tx.commit().await?;
         Ok(denied)
+    }
+
+    async fn create_webhook(
+        &self,
+        webhook: &NewWebhook,
+        by: &Actor,
+        now: i64,
+    ) -> Result<WebhookEndpoint, StoreError> {
+        let mut tx = self.write_tx().await?;
+        if let Some(w) = webhook.workspace {
+            let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM workspaces WHERE id = ?")
+                .bind(w)
+                .fetch_optional(&mut *tx)
+                .await?;
+            exists.ok_or(StoreError::NotFound)?;
+        }
+        let endpoint = sqlx::query_as(&format!(
+            "INSERT INTO webhook_endpoints (workspace_id, url, events, secret, created_at) VALUES (?, ?, ?, ?, ?) RETURNING {WEBHOOK_COLUMNS}"
+        ))
+        .bind(webhook.workspace)
+        .bind(&webhook.url)
+        .bind(events_column(&webhook.events))
+        .bind(&webhook.secret)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map(webhook_endpoint)?;
+        let audit = AuditRow::webhook(by, now, AuditAction::WebhookCreate, &endpoint);
+        Self::audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(endpoint)
+    }
+
+    async fn list_webhooks(
+        &self,
+        workspace: Option<WorkspaceId>,
+    ) -> Result<Vec<WebhookEndpoint>, StoreError> {
+        let rows = sqlx::query_as(&format!(
+            "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE (?1 IS NULL OR workspace_id = ?1) ORDER BY id"
+        ))
+        .bind(workspace)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(webhook_endpoint).collect())
+    }
+
+    async fn delete_webhook(
+        &self,
+        id: WebhookId,
+        workspace: Option<WorkspaceId>,
+        by: &Actor,
+        now: i64,
+    ) -> Result<WebhookEndpoint, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let endpoint = sqlx::query_as(&format!(
+            "DELETE FROM webhook_endpoints WHERE id = ?1 AND (?2 IS NULL OR workspace_id = ?2) RETURNING {WEBHOOK_COLUMNS}"
+        ))
+        .bind(id)
+        .bind(workspace)
+        .fetch_optional(&mut *tx)
+        .await?
+        .map(webhook_endpoint)
+        .ok_or(StoreError::NotFound)?;
+        sqlx::query("DELETE FROM webhook_deliveries WHERE endpoint_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let audit = AuditRow::webhook(by, now, AuditAction::WebhookDelete, &endpoint);
+        Self::audit(&mut tx, audit).await?;
+        tx.commit().await?;
+        Ok(endpoint)
+    }
+
+    async fn webhook_deliveries(
+        &self,
+        endpoint: WebhookId,
+        limit: u32,
+    ) -> Result<Vec<DeliveryRecord>, StoreError> {
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM webhook_endpoints WHERE id = ?")
+                .bind(endpoint)
+                .fetch_optional(&self.pool)
+                .await?;
+        exists.ok_or(StoreError::NotFound)?;
+        let rows: Vec<DeliveryColumns> = sqlx::query_as(DELIVERIES_SQL)
+            .bind(endpoint)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.into_iter().map(delivery_record).collect())
+    }
+
+    async fn enqueue_event(&self, event: &WebhookEvent, now: i64) -> Result<bool, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let written = Self::enqueue(&mut tx, event, now).await?;
+        tx.commit().await?;
+        Ok(written)
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now_ms: i64,
+        lock_until_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<DueDelivery>, StoreError> {
+        // Most polls find nothing due: they read, and take no write lock from the ledger writer.
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?1 AND (locked_until IS NULL OR locked_until <= ?1) LIMIT 1",
+        )
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?;
+        if due.is_none() {
+            return Ok(Vec::new());
+        }
+        let claim = claim_token();
+        let mut tx = self.write_tx().await?;
+        let claimed = sqlx::query(
+            "UPDATE webhook_deliveries SET locked_until = ?1, claim = ?4 WHERE id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?2 AND (locked_until IS NULL OR locked_until <= ?2) ORDER BY next_attempt_at, id LIMIT ?3)",
+        )
+        .bind(lock_until_ms)
+        .bind(now_ms)
+        .bind(limit as i64)
+        .bind(&claim)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let rows: Vec<ClaimedColumns> = sqlx::query_as(CLAIMED_SQL)
+            .bind(&claim)
+            .fetch_all(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(rows.into_iter().map(due_delivery).collect())
+    }
+
+    async fn finish_delivery(&self, id: i64, outcome: &DeliveryOutcome) -> Result<(), StoreError> {
+        let (status, last_status, last_error, next) = outcome_columns(outcome);
+        sqlx::query(FINISH_SQL)
+            .bind(status)
+            .bind(last_status)
+            .bind(last_error)
+            .bind(next)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn prune_webhooks(&self, before: i64, keys_before: i64) -> Result<u64, StoreError> {
+        let mut pruned = 0;
+        loop {
+            let n = sqlx::query(PRUNE_DELIVERIES_SQL)
+                .bind(before)
+                .bind(PRUNE_BATCH)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            pruned += n;
+            if n < PRUNE_BATCH as u64 {
+                break;
+            }
+        }
+        loop {
+            let n = sqlx::query(PRUNE_EVENTS_SQL)
+                .bind(before)
+                .bind(PRUNE_BATCH)
+                .bind(keys_before)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            pruned += n;
+            if n < PRUNE_BATCH as u64 {
+                return Ok(pruned);
+            }
+        }
     }
 
     async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {

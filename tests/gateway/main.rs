@@ -26,3 +26,4 @@ mod promotion;
 mod routes;
 mod streaming;
 mod usage;
+mod webhooks;

@@ -756,6 +756,63 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     let denied = api.admin(b, M::POST, &deny, reason.clone(), ok).await;
     assert!(denied["reason"].is_string());
     api.keyed(b, &rich_key, M::GET, requests, None, ok).await;
+    // Webhooks: a workspace's own endpoint, and the operator's with its deliveries (the
+    // events above, which no one receives at this address: pending, with their error).
+    let hook = json!({"url": "http://127.0.0.1:9/hook", "events": ["limit_request.created"]});
+    let own = api
+        .keyed(
+            b,
+            &rich_key,
+            M::POST,
+            "/v1/webhooks",
+            Some(hook.clone()),
+            created,
+        )
+        .await;
+    assert!(own["secret"].as_str().unwrap().starts_with("whsec_"));
+    api.keyed(b, &rich_key, M::GET, "/v1/webhooks", None, ok)
+        .await;
+    let own_path = format!("/v1/webhooks/{}", id(&own));
+    api.keyed(b, &rich_key, M::DELETE, &own_path, None, ok)
+        .await;
+    let operator = api
+        .admin(b, M::POST, "/admin/v1/webhooks", Some(hook), created)
+        .await;
+    let ask_again = ask(json!({"tokens_per_minute": 300000}));
+    api.keyed(b, &rich_key, M::POST, requests, ask_again, created)
+        .await;
+    api.admin(b, M::GET, "/admin/v1/webhooks", None, ok).await;
+    let deliveries = format!("/admin/v1/webhooks/{}/deliveries", id(&operator));
+    let listed = api.admin(b, M::GET, &deliveries, None, ok).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
+    let mut tries = 0;
+    loop {
+        let listed = api.admin(b, M::GET, &deliveries, None, ok).await;
+        if listed["data"][0]["last_error"].is_string() || tries == 100 {
+            break;
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // At most 10 endpoints of its own.
+    let quiet = json!({"url": "http://127.0.0.1:9/hook", "events": ["workspace.suspended"]});
+    for _ in 0..10 {
+        let body = Some(quiet.clone());
+        api.keyed(b, &bare_key, M::POST, "/v1/webhooks", body, created)
+            .await;
+    }
+    let body = Some(quiet.clone());
+    api.keyed(
+        b,
+        &bare_key,
+        M::POST,
+        "/v1/webhooks",
+        body,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    let removed = format!("/admin/v1/webhooks/{}", id(&operator));
+    api.admin(b, M::DELETE, &removed, None, ok).await;
     let usage = format!("{rich_path}/usage");
     let usage = api.admin(b, M::GET, &usage, None, ok).await;
     assert!(!usage["daily"].as_array().unwrap().is_empty());

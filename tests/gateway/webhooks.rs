@@ -1,0 +1,505 @@
+//! Usage alerts by webhook: a receiver in the test records what the gateway posts and checks
+//! each signature itself, as a client would (HMAC-SHA256 over "{id}.{timestamp}.{body}" keyed
+//! by the secret's bytes after `whsec_`, Standard Webhooks). Each event reaches each endpoint
+//! once; a workspace's endpoint gets only its own; a receiver that fails at first gets the
+//! event after retries; a restart between an event and its delivery loses nothing.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::http::{HeaderMap, StatusCode as AxumStatus};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tiergate::config::RawSettings;
+
+use crate::harness::*;
+
+/// One request the receiver got.
+#[derive(Debug, Clone)]
+struct Received {
+    at: Instant,
+    id: String,
+    timestamp: String,
+    signature: String,
+    body: String,
+}
+
+impl Received {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap()
+    }
+
+    fn kind(&self) -> String {
+        self.json()["type"].as_str().unwrap().to_string()
+    }
+
+    /// Checks the signature as a receiver would.
+    fn verify(&self, secret: &str) {
+        let key = base64::engine::general_purpose::STANDARD
+            .decode(secret.strip_prefix("whsec_").expect("whsec_ prefix"))
+            .unwrap();
+        assert!(key.len() >= 24);
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).unwrap();
+        mac.update(format!("{}.{}.{}", self.id, self.timestamp, self.body).as_bytes());
+        let expected = format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+        );
+        assert!(
+            self.signature.split(' ').any(|s| s == expected),
+            "bad signature {} for {}",
+            self.signature,
+            self.body
+        );
+        let ts: i64 = self.timestamp.parse().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        assert!((now - ts).abs() < 300, "timestamp {ts}");
+    }
+}
+
+/// A receiver on 127.0.0.1 that records every request and answers 500 to the first `fail`.
+struct Receiver {
+    url: String,
+    got: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Receiver {
+    async fn start(fail: usize) -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::on(listener, fail)
+    }
+
+    fn on(listener: tokio::net::TcpListener, fail: usize) -> Receiver {
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let seen = got.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: String| {
+                let seen = seen.clone();
+                async move {
+                    let h = |n: &str| {
+                        headers
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string()
+                    };
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(Received {
+                        at: Instant::now(),
+                        id: h("webhook-id"),
+                        timestamp: h("webhook-timestamp"),
+                        signature: h("webhook-signature"),
+                        body,
+                    });
+                    if seen.len() <= fail {
+                        AxumStatus::INTERNAL_SERVER_ERROR
+                    } else {
+                        AxumStatus::OK
+                    }
+                }
+            }),
+        );
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        Receiver { url, got }
+    }
+
+    fn got(&self) -> Vec<Received> {
+        self.got.lock().unwrap().clone()
+    }
+
+    async fn wait_for(&self, n: usize) -> Vec<Received> {
+        eventually(Duration::from_secs(10), "webhook deliveries", || async {
+            self.got.lock().unwrap().len() >= n
+        })
+        .await;
+        self.got()
+    }
+}
+
+fn fast_retries() -> Options {
+    Options {
+        raw: RawSettings {
+            webhook_retry_base_ms: Some(100),
+            webhook_quota_check_ms: Some(100),
+            ..RawSettings::default()
+        },
+        ..Options::default()
+    }
+}
+
+const ALL: [&str; 5] = [
+    "limit_request.created",
+    "limit_request.decided",
+    "workspace.tier_changed",
+    "workspace.suspended",
+    "quota.threshold",
+];
+
+async fn keyed(
+    gw: &TestGateway,
+    key: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut r = gw
+        .client
+        .request(method, format!("{}{path}", gw.url))
+        .bearer_auth(key);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+async fn ask_more(gw: &TestGateway, key: &str) -> i64 {
+    let body = json!({"use_case": "more", "requested_limits": {"tokens_per_minute": 200000}});
+    let (s, v) = keyed(gw, key, Method::POST, "/v1/limit-requests", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    v["id"].as_i64().unwrap()
+}
+
+async fn operator_endpoint(gw: &TestGateway, url: &str, events: &[&str]) -> (i64, String) {
+    let (s, v) = gw
+        .admin(
+            Method::POST,
+            "/webhooks",
+            Some(json!({"url": url, "events": events})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let secret = v["secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    (v["id"].as_i64().unwrap(), secret)
+}
+
+async fn deliveries(gw: &TestGateway, endpoint: i64) -> Vec<Value> {
+    let (s, v) = gw
+        .admin(
+            Method::GET,
+            &format!("/webhooks/{endpoint}/deliveries"),
+            None,
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    v["data"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn each_event_reaches_each_endpoint_once_signed_and_a_workspace_gets_only_its_own() {
+    let gw = TestGateway::start_with(fast_retries()).await;
+    gw.put_tier("wh", json!({"tokens_per_minute": 100000}))
+        .await;
+    gw.put_tier("wh-up", json!({"tokens_per_minute": 200000}))
+        .await;
+    let (ws1, key1) = gw.workspace("wh").await;
+    let (ws2, key2) = gw.workspace("wh").await;
+
+    // Refused: a URL that is not http(s) with a host; no events, or an unknown one.
+    for (body, field) in [
+        (json!({"url": "ftp://example.com/x", "events": ALL}), "url"),
+        (json!({"url": "http://", "events": ALL}), "url"),
+        (json!({"url": "not a url", "events": ALL}), "url"),
+        (
+            json!({"url": "https://example.com", "events": []}),
+            "events",
+        ),
+        (
+            json!({"url": "https://example.com", "events": ["nope"]}),
+            "events",
+        ),
+    ] {
+        let (s, v) = gw
+            .admin(Method::POST, "/webhooks", Some(body.clone()))
+            .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert!(v["message"].as_str().unwrap().contains(field), "{v}");
+        let (s, _) = keyed(&gw, &key1, Method::POST, "/v1/webhooks", Some(body)).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+    }
+
+    let operator = Receiver::start(0).await;
+    let own = Receiver::start(0).await;
+    let (op_id, op_secret) = operator_endpoint(&gw, &operator.url, &ALL).await;
+    let body = json!({"url": own.url, "events": ["limit_request.created", "limit_request.decided", "workspace.tier_changed"]});
+    let (s, v) = keyed(&gw, &key1, Method::POST, "/v1/webhooks", Some(body)).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["workspace_id"], ws1);
+    let own_id = v["id"].as_i64().unwrap();
+    let own_secret = v["secret"].as_str().unwrap().to_string();
+    assert_ne!(own_secret, op_secret);
+
+    // Listings never show a secret; a workspace sees only its own, and cannot remove another's.
+    let (_, listed) = gw.admin(Method::GET, "/webhooks", None).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 2);
+    assert!(!listed.to_string().contains("whsec_"));
+    let (_, mine) = keyed(&gw, &key1, Method::GET, "/v1/webhooks", None).await;
+    assert_eq!(mine["data"].as_array().unwrap().len(), 1);
+    let (_, theirs) = keyed(&gw, &key2, Method::GET, "/v1/webhooks", None).await;
+    assert_eq!(theirs["data"], json!([]));
+    let (s, _) = keyed(
+        &gw,
+        &key2,
+        Method::DELETE,
+        &format!("/v1/webhooks/{own_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // The events: two requests (one each), one approved, one denied; ws2 moved up, then
+    // suspended.
+    let r1 = ask_more(&gw, &key1).await;
+    let r2 = ask_more(&gw, &key2).await;
+    let (s, _) = gw
+        .admin(Method::POST, &format!("/limit-requests/{r1}/approve"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let deny = json!({"reason": "not now"});
+    let (s, _) = gw
+        .admin(
+            Method::POST,
+            &format!("/limit-requests/{r2}/deny"),
+            Some(deny),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let ws2_path = format!("/workspaces/{ws2}");
+    let (s, _) = gw
+        .admin(Method::PATCH, &ws2_path, Some(json!({"tier": "wh-up"})))
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _) = gw
+        .admin(
+            Method::PATCH,
+            &ws2_path,
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+
+    let got = operator.wait_for(6).await;
+    let own_got = own.wait_for(2).await;
+    // Nothing more comes: each once.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(operator.got().len(), 6, "{:?}", operator.got());
+    assert_eq!(own.got().len(), 2, "{:?}", own.got());
+
+    let mut kinds: Vec<(String, i64)> = got
+        .iter()
+        .map(|r| {
+            r.verify(&op_secret);
+            (r.kind(), r.json()["data"]["workspace_id"].as_i64().unwrap())
+        })
+        .collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        vec![
+            ("limit_request.created".to_string(), ws1),
+            ("limit_request.created".to_string(), ws2),
+            ("limit_request.decided".to_string(), ws1),
+            ("limit_request.decided".to_string(), ws2),
+            ("workspace.suspended".to_string(), ws2),
+            ("workspace.tier_changed".to_string(), ws2),
+        ]
+    );
+    let mut ids: Vec<&str> = got.iter().map(|r| r.id.as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 6, "one id per event");
+    let tier = got
+        .iter()
+        .find(|r| r.kind() == "workspace.tier_changed")
+        .unwrap()
+        .json();
+    assert_eq!(tier["data"]["from"], "wh");
+    assert_eq!(tier["data"]["to"], "wh-up");
+    assert!(tier["timestamp"].is_string());
+    let decided = got
+        .iter()
+        .find(|r| r.kind() == "limit_request.decided" && r.json()["data"]["workspace_id"] == ws2)
+        .unwrap()
+        .json();
+    assert_eq!(decided["data"]["limit_request"]["status"], "denied");
+
+    // The workspace's endpoint: its own two, signed with its own secret, the same event ids
+    // the operator's got.
+    for r in &own_got {
+        r.verify(&own_secret);
+        assert_eq!(r.json()["data"]["workspace_id"], ws1);
+        assert!(ids.contains(&r.id.as_str()));
+    }
+
+    // The admin API lists the deliveries, each delivered at the first attempt.
+    let listed = deliveries(&gw, op_id).await;
+    assert_eq!(listed.len(), 6);
+    for d in &listed {
+        assert_eq!(d["status"], "delivered", "{d}");
+        assert_eq!(d["attempts"], 1, "{d}");
+        assert_eq!(d["last_status_code"], 200, "{d}");
+        assert!(d["next_attempt_at"].is_null(), "{d}");
+    }
+    let (s, _) = gw
+        .admin(Method::GET, "/webhooks/999999/deliveries", None)
+        .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // Removed by the workspace, it gets nothing more.
+    let (s, _) = keyed(
+        &gw,
+        &key1,
+        Method::DELETE,
+        &format!("/v1/webhooks/{own_id}"),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    ask_more(&gw, &key1).await;
+    operator.wait_for(7).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(own.got().len(), 2);
+}
+
+#[tokio::test]
+async fn a_receiver_that_fails_at_first_gets_the_event_after_retries() {
+    let gw = TestGateway::start_with(fast_retries()).await;
+    gw.put_tier("wh", json!({"tokens_per_minute": 100000}))
+        .await;
+    let (_, key) = gw.workspace("wh").await;
+    let receiver = Receiver::start(2).await;
+    let (endpoint, secret) =
+        operator_endpoint(&gw, &receiver.url, &["limit_request.created"]).await;
+    ask_more(&gw, &key).await;
+
+    let got = receiver.wait_for(3).await;
+    // Backoff 100 ms, then 200 ms: the third attempt comes at least 300 ms after the first,
+    // and well within the bound on a loaded machine.
+    let waited = got[2].at - got[0].at;
+    assert!(waited >= Duration::from_millis(280), "{waited:?}");
+    assert!(waited < Duration::from_secs(5), "{waited:?}");
+    assert!(
+        got.iter().all(|r| r.id == got[0].id),
+        "the same event id each time"
+    );
+    for r in &got {
+        r.verify(&secret);
+    }
+    eventually(Duration::from_secs(5), "recorded as delivered", || async {
+        deliveries(&gw, endpoint).await[0]["status"] == "delivered"
+    })
+    .await;
+    let d = &deliveries(&gw, endpoint).await[0];
+    assert_eq!(d["attempts"], 3, "{d}");
+    assert_eq!(d["last_status_code"], 200, "{d}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.got().len(), 3);
+    let metrics = gw.metrics().await;
+    for line in [
+        "tiergate_webhook_attempts_failed_total 2",
+        "tiergate_webhook_deliveries_delivered_total 1",
+        "tiergate_webhook_deliveries_failed_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line}\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn a_gateway_restarted_between_an_event_and_its_delivery_still_delivers_it() {
+    let gw = TestGateway::start_with(fast_retries()).await;
+    gw.put_tier("wh", json!({"tokens_per_minute": 100000}))
+        .await;
+    let (ws, key) = gw.workspace("wh").await;
+    // An address nobody listens on yet.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = reserved.local_addr().unwrap();
+    drop(reserved);
+    let url = format!("http://{addr}/hook");
+    let (endpoint, secret) = operator_endpoint(&gw, &url, &["limit_request.created"]).await;
+    ask_more(&gw, &key).await;
+    eventually(Duration::from_secs(5), "a failed first attempt", || async {
+        let d = deliveries(&gw, endpoint).await;
+        d.len() == 1 && d[0]["attempts"].as_u64() >= Some(1)
+    })
+    .await;
+    let d = &deliveries(&gw, endpoint).await[0];
+    assert_eq!(d["status"], "pending", "{d}");
+    assert!(d["last_error"].is_string(), "{d}");
+
+    let gw = gw.restart_with(fast_retries()).await;
+    let receiver = Receiver::on(tokio::net::TcpListener::bind(addr).await.unwrap(), 0);
+    let got = receiver.wait_for(1).await;
+    got[0].verify(&secret);
+    assert_eq!(got[0].kind(), "limit_request.created");
+    assert_eq!(got[0].json()["data"]["workspace_id"], ws);
+    eventually(Duration::from_secs(5), "recorded as delivered", || async {
+        deliveries(&gw, endpoint).await[0]["status"] == "delivered"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.got().len(), 1);
+}
+
+#[tokio::test]
+async fn each_quota_threshold_fires_once_a_month() {
+    let gw = TestGateway::start_with(fast_retries()).await;
+    gw.put_tier(
+        "wh",
+        json!({"tokens_per_minute": 100000, "tokens_per_month": 100000000}),
+    )
+    .await;
+    let (ws, key) = gw.workspace("wh").await;
+    let receiver = Receiver::start(0).await;
+    operator_endpoint(&gw, &receiver.url, &["quota.threshold"]).await;
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    let used = gw.settled_month_tokens(&key).await;
+    assert!(used > 0);
+    // Far below 50%: nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receiver.got().is_empty());
+
+    // A budget of 1.5× what was used: 50% crossed (the budget is lower than the quota).
+    let budget = json!({"tokens_per_month": used * 3 / 2});
+    let (s, v) = keyed(&gw, &key, Method::PUT, "/v1/budget", Some(budget)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let got = receiver.wait_for(1).await;
+    let event = got[0].json();
+    assert_eq!(event["type"], "quota.threshold");
+    assert_eq!(event["data"]["workspace_id"], ws);
+    assert_eq!(event["data"]["threshold_percent"], 50);
+    assert_eq!(event["data"]["quota_is_budget"], true);
+
+    // Down to exactly what was used: 80% and 100%, each once.
+    let budget = json!({"tokens_per_month": used});
+    let (s, _) = keyed(&gw, &key, Method::PUT, "/v1/budget", Some(budget)).await;
+    assert_eq!(s, StatusCode::OK);
+    receiver.wait_for(3).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut thresholds: Vec<u64> = receiver
+        .got()
+        .iter()
+        .map(|r| r.json()["data"]["threshold_percent"].as_u64().unwrap())
+        .collect();
+    thresholds.sort();
+    assert_eq!(thresholds, [50, 80, 100]);
+
+    // A restart forgets what it fired; the store does not.
+    let gw = gw.restart_with(fast_retries()).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(receiver.got().len(), 3);
+    drop(gw);
+}
