@@ -283,6 +283,8 @@ pub struct Admin {
     clock: Arc<dyn Clock>,
     catalog: Option<Arc<Catalog>>,
     recorder: Option<Recorder>,
+    /// Woken after every change, which may have written webhook events to send.
+    webhooks: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Admin {
@@ -293,7 +295,15 @@ impl Admin {
             clock,
             catalog: None,
             recorder: None,
+            webhooks: None,
         }
+    }
+
+    /// Wakes `webhooks` after every change: the webhook sender looks for the events it wrote
+    /// at once rather than at its next poll.
+    pub fn waking(mut self, webhooks: Arc<tokio::sync::Notify>) -> Admin {
+        self.webhooks = Some(webhooks);
+        self
     }
 
     /// In a serving process: refreshes `catalog` after every change, and flushes the ledger
@@ -307,7 +317,15 @@ impl Admin {
     /// Brings this instance's catalogue up to a change just made. The change is in the store
     /// whatever happens here: if the refresh fails, it is logged, and the background refresh
     /// picks the change up once the store answers.
+    /// The webhook sender looks for events at once (a change may have written some).
+    fn wake_webhooks(&self) {
+        if let Some(webhooks) = &self.webhooks {
+            webhooks.notify_one();
+        }
+    }
+
     async fn refresh(&self) {
+        self.wake_webhooks();
         if let Some(catalog) = &self.catalog {
             if let Err(e) = catalog.refresh().await {
                 tracing::warn!(error = %e, "catalog refresh after an admin change failed");
@@ -850,7 +868,8 @@ impl Admin {
                 "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; wait for one, or ask the operator"
             )));
         }
-        self.store
+        let request = self
+            .store
             .create_limit_request(
                 workspace,
                 &use_case,
@@ -860,7 +879,9 @@ impl Admin {
                 self.now(),
             )
             .await
-            .map_err(not_found("workspace", workspace))
+            .map_err(not_found("workspace", workspace))?;
+        self.wake_webhooks();
+        Ok(request)
     }
 
     pub async fn list_limit_requests(
@@ -904,10 +925,13 @@ impl Admin {
         reason: &str,
     ) -> Result<LimitRequest, AdminError> {
         let reason = text("reason", reason)?;
-        self.store
+        let request = self
+            .store
             .deny_limit_request(id, &reason, by, self.now())
             .await
-            .map_err(not_found("limit request", id))
+            .map_err(not_found("limit request", id))?;
+        self.wake_webhooks();
+        Ok(request)
     }
 
     /// Registers a webhook endpoint: the operator's (`workspace: None`, every workspace's

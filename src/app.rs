@@ -228,7 +228,10 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         config.estimate.default_completion_tokens,
         config.estimate.history,
     );
-    let admin = Admin::new(store.clone(), clock.clone()).serving(catalog.clone(), recorder.clone());
+    let webhook_wake = Arc::new(tokio::sync::Notify::new());
+    let admin = Admin::new(store.clone(), clock.clone())
+        .serving(catalog.clone(), recorder.clone())
+        .waking(webhook_wake.clone());
     let mut candidate = [0u8; 32];
     getrandom::fill(&mut candidate).expect("the OS has randomness");
     let console = Console::new(store.console_secret(&candidate).await?);
@@ -252,8 +255,8 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         tokio::spawn(refresh_catalog(state.clone())),
         tokio::spawn(evict_idle(state.clone())),
         tokio::spawn(promote(state.clone())),
-        tokio::spawn(deliver_webhooks(dispatcher)),
-        tokio::spawn(check_quotas(state.clone())),
+        tokio::spawn(deliver_webhooks(dispatcher, webhook_wake.clone())),
+        tokio::spawn(check_quotas(state.clone(), webhook_wake)),
     ];
     Ok(App {
         state,
@@ -294,26 +297,37 @@ async fn promote(state: Arc<AppState>) {
     }
 }
 
-/// How often the webhook outbox is read for due deliveries.
+/// How soon the webhook outbox is read again after a read that found work.
 const WEBHOOK_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// How long an idle outbox waits between reads at most (the wait doubles from `WEBHOOK_POLL`):
+/// events made on other instances, and retries that fall due, are found within it.
+const WEBHOOK_IDLE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Sends due webhook deliveries: every `WEBHOOK_POLL`, and again at once while a claim comes
-/// back full. Every instance runs it; the store gives a row to one at a time.
-async fn deliver_webhooks(dispatcher: Dispatcher) {
+/// Sends due webhook deliveries: again at once while a claim comes back full; at once when this
+/// instance made a change (`wake`: events it wrote); else after a wait that doubles from 250 ms
+/// to 1 s while nothing is found. Every instance runs it; the store gives a row to one at a time.
+async fn deliver_webhooks(dispatcher: Dispatcher, wake: Arc<tokio::sync::Notify>) {
+    let mut wait = WEBHOOK_POLL;
     loop {
         match dispatcher.run_once().await {
-            Ok(n) if n > 0 => continue,
+            Ok(n) if n > 0 => {
+                wait = WEBHOOK_POLL;
+                continue;
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "webhook outbox could not be read"),
         }
-        tokio::time::sleep(WEBHOOK_POLL).await;
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(WEBHOOK_IDLE_POLL),
+            _ = wake.notified() => wait = WEBHOOK_POLL,
+        }
     }
 }
 
 /// Every `webhook_quota_check`, writes the `quota.threshold` events of the thresholds crossed
 /// this month (once per workspace, month and threshold, whoever writes it); hourly, prunes the
 /// outbox.
-async fn check_quotas(state: Arc<AppState>) {
+async fn check_quotas(state: Arc<AppState>, wake: Arc<tokio::sync::Notify>) {
     let mut fired = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(state.config.webhook_quota_check);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -344,7 +358,10 @@ async fn check_quotas(state: Arc<AppState>) {
         )
         .await;
         match checked {
-            Ok(n) if n > 0 => tracing::info!(events = n, "quota thresholds crossed"),
+            Ok(n) if n > 0 => {
+                tracing::info!(events = n, "quota thresholds crossed");
+                wake.notify_one();
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "quota thresholds could not be checked"),
         }
