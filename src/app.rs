@@ -354,6 +354,7 @@ async fn check_quotas(state: Arc<AppState>, wake: Arc<tokio::sync::Notify>) {
             state.store.as_ref(),
             &state.catalog,
             state.clock.as_ref(),
+            &state.config.webhook_quota_thresholds,
             &mut fired,
         )
         .await;

@@ -55,6 +55,9 @@ pub struct RawSettings {
     pub webhook_retry_base_ms: Option<u64>,
     /// How often month usage is checked against the quota thresholds, in ms (default 30000).
     pub webhook_quota_check_ms: Option<u64>,
+    /// The shares of the month quota, in percent, at which `quota.threshold` fires
+    /// (default 50, 80, 100): numbers in a file, a comma-separated list in a flag or variable.
+    pub webhook_quota_thresholds: Option<Vec<RawNumber>>,
     /// One `redis://` URL (a single server), or a comma-separated list of seed nodes (a Redis
     /// Cluster). Without it, limiter state stays in memory.
     pub redis: Option<String>,
@@ -81,6 +84,14 @@ pub struct RawSettings {
     /// Tiers that seed the catalogue when absent from the database: each its rank and limits.
     #[serde(default)]
     pub tiers: BTreeMap<String, TierSpec>,
+}
+
+/// A number a file gives as a number and a flag or variable as text.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawNumber {
+    Number(i64),
+    Text(String),
 }
 
 /// One `[[admin_tokens]]` entry.
@@ -241,6 +252,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("promotion_interval_secs", "promotion-interval-secs", "TIERGATE_PROMOTION_INTERVAL_SECS", Number, "How often workspaces are checked for automatic promotion, in s (default 60; 1 to 86400)."),
     setting("webhook_retry_base_ms", "webhook-retry-base-ms", "TIERGATE_WEBHOOK_RETRY_BASE_MS", Number, "The wait before a failed webhook delivery is tried again, in ms, doubled at each retry up to 10 minutes (default 1000; 10 to 600000)."),
     setting("webhook_quota_check_ms", "webhook-quota-check-ms", "TIERGATE_WEBHOOK_QUOTA_CHECK_MS", Number, "How often month usage is checked for quota.threshold webhook events, in ms (default 30000; 100 to 3600000)."),
+    setting("webhook_quota_thresholds", "webhook-quota-thresholds", "TIERGATE_WEBHOOK_QUOTA_THRESHOLDS", List, "The shares of the month quota (or budget), in percent, at which quota.threshold webhook events fire (default 50,80,100; 1 to 10 of them, each 1 to 100)."),
     setting("redis", "redis", "TIERGATE_REDIS", Text, "Share limits through Redis: redis://[user:password@]host:port[/db] (or rediss://), or a comma-separated list of Redis Cluster seed nodes."),
     setting("redis_cluster", "redis-cluster", "TIERGATE_REDIS_CLUSTER", Switch, "Treat a single --redis URL as a Redis Cluster seed."),
     setting("redis_timeout_ms", "redis-timeout-ms", "TIERGATE_REDIS_TIMEOUT_MS", Number, "The longest a Redis call may take, in ms (default 50)."),
@@ -485,6 +497,9 @@ pub struct Config {
     pub webhook_retry_base: Duration,
     /// How often month usage is checked for `quota.threshold`.
     pub webhook_quota_check: Duration,
+    /// The shares of the month quota, in percent, at which `quota.threshold` fires: ascending,
+    /// each once.
+    pub webhook_quota_thresholds: Vec<u64>,
     /// The shared limiter; `None` keeps limiter state in memory.
     pub redis: Option<RedisConfig>,
     pub upstream: UpstreamConfig,
@@ -524,6 +539,7 @@ impl TryFrom<RawSettings> for Config {
             promotion_interval_secs,
             webhook_retry_base_ms,
             webhook_quota_check_ms,
+            webhook_quota_thresholds,
             redis,
             redis_cluster,
             redis_timeout_ms,
@@ -600,6 +616,34 @@ impl TryFrom<RawSettings> for Config {
                     "webhook_quota_check_ms",
                     "must be from 100 to 3600000",
                 ))
+            }
+        };
+        let webhook_quota_thresholds = match webhook_quota_thresholds {
+            None => vec![50, 80, 100],
+            Some(list) => {
+                let bad = || {
+                    invalid(
+                        "webhook_quota_thresholds",
+                        "must be 1 to 10 whole numbers, each from 1 to 100 (percent)",
+                    )
+                };
+                let mut out = Vec::with_capacity(list.len());
+                for n in &list {
+                    let n = match n {
+                        RawNumber::Number(n) => *n,
+                        RawNumber::Text(t) => t.trim().parse().map_err(|_| bad())?,
+                    };
+                    match u64::try_from(n) {
+                        Ok(n @ 1..=100) => out.push(n),
+                        _ => return Err(bad()),
+                    }
+                }
+                out.sort_unstable();
+                out.dedup();
+                if out.is_empty() || out.len() > 10 {
+                    return Err(bad());
+                }
+                out
             }
         };
 
@@ -754,6 +798,7 @@ impl TryFrom<RawSettings> for Config {
             promotion_interval,
             webhook_retry_base,
             webhook_quota_check,
+            webhook_quota_thresholds,
             redis,
             upstream,
             estimate,
@@ -1110,6 +1155,15 @@ impl Config {
         );
         line("webhook_retry_base_ms", ms(self.webhook_retry_base));
         line("webhook_quota_check_ms", ms(self.webhook_quota_check));
+        let thresholds: Vec<String> = self
+            .webhook_quota_thresholds
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        line(
+            "webhook_quota_thresholds",
+            format!("[{}]", thresholds.join(", ")),
+        );
         let families = self.rate_limit_headers;
         let on: Vec<String> = HeaderFamilies::NAMES
             .iter()
@@ -1708,6 +1762,35 @@ mod tests {
         // A shipped tier given again keeps its rank; a new tier without one is off the ladder.
         assert_eq!(free.rank, Some(0));
         assert_eq!(gold.rank, None);
+    }
+
+    #[test]
+    fn quota_thresholds_are_percentages_from_a_file_a_variable_or_a_flag() {
+        let c = |raw: RawSettings| Config::try_from(raw).map(|c| c.webhook_quota_thresholds);
+        assert_eq!(c(RawSettings::default()).unwrap(), vec![50, 80, 100]);
+        let file: RawSettings =
+            toml::from_str("webhook_quota_thresholds = [90, 25, 90]\n").unwrap();
+        assert_eq!(c(file).unwrap(), vec![25, 90]);
+        let env = env_of(&[("TIERGATE_WEBHOOK_QUOTA_THRESHOLDS", "75, 100")]);
+        let loaded = Config::load(&[], None, env).unwrap();
+        assert_eq!(loaded.webhook_quota_thresholds, vec![75, 100]);
+        for bad in [
+            "[0]",
+            "[101]",
+            "[\"half\"]",
+            "[]",
+            "[1,2,3,4,5,6,7,8,9,10,11]",
+        ] {
+            let file: RawSettings =
+                toml::from_str(&format!("webhook_quota_thresholds = {bad}\n")).unwrap();
+            let e = c(file).unwrap_err().to_string();
+            assert!(e.starts_with("webhook_quota_thresholds:"), "{bad}: {e}");
+        }
+        // `config check` prints them so that they read back.
+        let file: RawSettings = toml::from_str("webhook_quota_thresholds = [60, 100]\n").unwrap();
+        let printed = Config::try_from(file).unwrap().effective_toml();
+        let again: RawSettings = toml::from_str(&printed).unwrap();
+        assert_eq!(c(again).unwrap(), vec![60, 100]);
     }
 
     #[test]

@@ -45,9 +45,6 @@ pub const EVENT_TYPES: [&str; 5] = [
     "quota.threshold",
 ];
 
-/// The shares of the month quota (in percent) at which `quota.threshold` fires.
-pub const THRESHOLDS: [u64; 3] = [50, 80, 100];
-
 /// Attempts per delivery before it is `failed`.
 pub const MAX_ATTEMPTS: u32 = 12;
 /// The longest wait between two attempts.
@@ -234,6 +231,7 @@ pub async fn check_quotas(
     store: &dyn Store,
     catalog: &Catalog,
     clock: &dyn Clock,
+    thresholds: &[u64],
     fired: &mut HashSet<(WorkspaceId, i32, u64)>,
 ) -> Result<usize, StoreError> {
     let listening = store.list_webhooks(None).await?;
@@ -254,7 +252,7 @@ pub async fn check_quotas(
         .filter(|(w, quota, _)| {
             *quota > 0
                 && (everyone || listening.iter().any(|e| e.workspace_id == Some(*w)))
-                && THRESHOLDS
+                && thresholds
                     .iter()
                     .any(|t| !fired.contains(&(*w, month.0, *t)))
         })
@@ -269,7 +267,7 @@ pub async fn check_quotas(
             let Some(&(quota, budget)) = quotas.get(&workspace) else {
                 continue;
             };
-            for threshold in THRESHOLDS {
+            for &threshold in thresholds {
                 if tokens.saturating_mul(100) < quota.saturating_mul(threshold)
                     || fired.contains(&(workspace, month.0, threshold))
                 {

@@ -503,3 +503,41 @@ async fn each_quota_threshold_fires_once_a_month() {
     assert_eq!(receiver.got().len(), 3);
     drop(gw);
 }
+
+#[tokio::test]
+async fn the_quota_thresholds_are_the_operators_to_choose() {
+    let mut options = fast_retries();
+    options.raw.webhook_quota_thresholds = Some(vec![
+        tiergate::config::RawNumber::Number(60),
+        tiergate::config::RawNumber::Number(100),
+    ]);
+    let gw = TestGateway::start_with(options).await;
+    gw.put_tier(
+        "wh",
+        json!({"tokens_per_minute": 100000, "tokens_per_month": 100000000}),
+    )
+    .await;
+    let (_, key) = gw.workspace("wh").await;
+    let receiver = Receiver::start(0).await;
+    operator_endpoint(&gw, &receiver.url, &["quota.threshold"]).await;
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    let used = gw.settled_month_tokens(&key).await;
+    // Two thirds of a budget: past 60%, not 100%, and no 50% or 80% event exists.
+    let budget = json!({"tokens_per_month": used * 3 / 2});
+    let (s, _) = keyed(&gw, &key, Method::PUT, "/v1/budget", Some(budget)).await;
+    assert_eq!(s, StatusCode::OK);
+    let got = receiver.wait_for(1).await;
+    assert_eq!(got[0].json()["data"]["threshold_percent"], 60);
+    let budget = json!({"tokens_per_month": used});
+    let (s, _) = keyed(&gw, &key, Method::PUT, "/v1/budget", Some(budget)).await;
+    assert_eq!(s, StatusCode::OK);
+    receiver.wait_for(2).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut thresholds: Vec<u64> = receiver
+        .got()
+        .iter()
+        .map(|r| r.json()["data"]["threshold_percent"].as_u64().unwrap())
+        .collect();
+    thresholds.sort();
+    assert_eq!(thresholds, [60, 100]);
+}
