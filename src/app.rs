@@ -255,7 +255,11 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         tokio::spawn(refresh_catalog(state.clone())),
         tokio::spawn(evict_idle(state.clone())),
         tokio::spawn(promote(state.clone())),
-        tokio::spawn(deliver_webhooks(dispatcher, webhook_wake.clone())),
+        tokio::spawn(deliver_webhooks(
+            dispatcher,
+            webhook_wake.clone(),
+            state.config.webhook_idle_poll,
+        )),
         tokio::spawn(check_quotas(state.clone(), webhook_wake)),
     ];
     Ok(App {
@@ -299,14 +303,16 @@ async fn promote(state: Arc<AppState>) {
 
 /// How soon the webhook outbox is read again after a read that found work.
 const WEBHOOK_POLL: std::time::Duration = std::time::Duration::from_millis(250);
-/// How long an idle outbox waits between reads at most (the wait doubles from `WEBHOOK_POLL`):
-/// events made on other instances, and retries that fall due, are found within it.
-const WEBHOOK_IDLE_POLL: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// Sends due webhook deliveries: again at once while a claim comes back full; at once when this
 /// instance made a change (`wake`: events it wrote); else after a wait that doubles from 250 ms
-/// to 1 s while nothing is found. Every instance runs it; the store gives a row to one at a time.
-async fn deliver_webhooks(dispatcher: Dispatcher, wake: Arc<tokio::sync::Notify>) {
+/// to `idle` (`webhook_idle_poll`, 1 s: events made on other instances, and retries that fall
+/// due, are found within it) while nothing is found. Every instance runs it; the store gives a
+/// row to one at a time.
+async fn deliver_webhooks(
+    dispatcher: Dispatcher,
+    wake: Arc<tokio::sync::Notify>,
+    idle: std::time::Duration,
+) {
     let mut wait = WEBHOOK_POLL;
     loop {
         match dispatcher.run_once().await {
@@ -318,7 +324,7 @@ async fn deliver_webhooks(dispatcher: Dispatcher, wake: Arc<tokio::sync::Notify>
             Err(e) => tracing::warn!(error = %e, "webhook outbox could not be read"),
         }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(WEBHOOK_IDLE_POLL),
+            _ = tokio::time::sleep(wait) => wait = (wait * 2).min(idle.max(WEBHOOK_POLL)),
             _ = wake.notified() => wait = WEBHOOK_POLL,
         }
     }

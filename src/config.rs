@@ -510,6 +510,9 @@ pub struct Config {
     pub ledger_flush: Duration,
     /// How long a workspace's limiter state stays in memory after it is back to full.
     pub idle_eviction: Duration,
+    /// The longest wait between two reads of an idle webhook outbox (its own changes wake the
+    /// sender at once).
+    pub webhook_idle_poll: Duration,
     pub rate_limit_headers: HeaderFamilies,
     pub log_format: LogFormat,
     /// One `tiergate::access` log line per proxied request.
@@ -805,6 +808,7 @@ impl TryFrom<RawSettings> for Config {
             tiers: catalogue,
             ledger_flush: Duration::from_millis(250),
             idle_eviction: Duration::from_secs(120),
+            webhook_idle_poll: Duration::from_secs(1),
             rate_limit_headers,
             log_format,
             access_log: access_log.unwrap_or(true),
