@@ -74,6 +74,23 @@ pub const CHANGE_LOG_KEEP: i64 = 1000;
 /// Ledger events deleted per statement (each its own transaction) when pruning.
 pub const PRUNE_BATCH: i64 = 5000;
 
+/// Runs `step` (a statement that deletes at most `PRUNE_BATCH` rows, each its own short
+/// transaction, and says how many) until it deletes fewer than a batch; the rows deleted.
+async fn prune_in_batches<F, Fut>(mut step: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, StoreError>>,
+{
+    let mut pruned = 0;
+    loop {
+        let n = step().await?;
+        pruned += n;
+        if n < PRUNE_BATCH as u64 {
+            return Ok(pruned);
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("not found")]

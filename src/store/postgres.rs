@@ -29,11 +29,11 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
-    month_range, month_totals_of, parse_json, promotion_holds, rank_of, redact, search_pattern,
-    workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
-    CatalogDelta, Changed, DailyUsage, HourRow, KeyDayRow, KeyUsage, LedgerBatch, NewKey, Store,
-    StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS,
-    CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of, redact,
+    search_pattern, workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
+    CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
+    NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery,
+    AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use super::{
     claim_token, delivery_record, due_delivery, events_column, limit_request_event,
@@ -1286,39 +1286,33 @@ impl Store for PostgresStore {
         let events = "DELETE FROM usage_events WHERE request_id IN (SELECT request_id FROM usage_events WHERE settled_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let hours = "DELETE FROM usage_hourly WHERE ctid IN (SELECT ctid FROM usage_hourly WHERE hour < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let counted = "DELETE FROM usage_counted WHERE ctid IN (SELECT ctid FROM usage_counted WHERE day < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
+        let pool = &self.pool;
         let mut pruned = 0;
         for (sql, bound) in [(batches, before), (events, before), (hours, hours_before)] {
-            loop {
-                let n = bounded(CALL_TIMEOUT, async {
+            pruned += prune_in_batches(move || {
+                bounded(CALL_TIMEOUT, async move {
                     Ok(sqlx::query(sql)
                         .bind(bound)
                         .bind(PRUNE_BATCH)
-                        .execute(&self.pool)
+                        .execute(pool)
                         .await?
                         .rows_affected())
                 })
-                .await?;
-                pruned += n;
-                if n < PRUNE_BATCH as u64 {
-                    break;
-                }
-            }
+            })
+            .await?;
         }
-        loop {
-            let n = bounded(CALL_TIMEOUT, async {
+        pruned += prune_in_batches(move || {
+            bounded(CALL_TIMEOUT, async move {
                 Ok(sqlx::query(counted)
                     .bind(counted_before_day)
                     .bind(PRUNE_BATCH)
-                    .execute(&self.pool)
+                    .execute(pool)
                     .await?
                     .rows_affected())
             })
-            .await?;
-            pruned += n;
-            if n < PRUNE_BATCH as u64 {
-                return Ok(pruned);
-            }
-        }
+        })
+        .await?;
+        Ok(pruned)
     }
 
     async fn create_limit_request(
@@ -1654,38 +1648,31 @@ impl Store for PostgresStore {
     }
 
     async fn prune_webhooks(&self, before: i64, keys_before: i64) -> Result<u64, StoreError> {
-        let mut pruned = 0;
-        loop {
-            let n = bounded(CALL_TIMEOUT, async {
+        let pool = &self.pool;
+        let deliveries = prune_in_batches(move || {
+            bounded(CALL_TIMEOUT, async move {
                 Ok(sqlx::query(PRUNE_DELIVERIES_SQL)
                     .bind(before)
                     .bind(PRUNE_BATCH)
-                    .execute(&self.pool)
+                    .execute(pool)
                     .await?
                     .rows_affected())
             })
-            .await?;
-            pruned += n;
-            if n < PRUNE_BATCH as u64 {
-                break;
-            }
-        }
-        loop {
-            let n = bounded(CALL_TIMEOUT, async {
+        })
+        .await?;
+        let events = prune_in_batches(move || {
+            bounded(CALL_TIMEOUT, async move {
                 Ok(sqlx::query(PRUNE_EVENTS_SQL)
                     .bind(before)
                     .bind(PRUNE_BATCH)
                     .bind(keys_before)
-                    .execute(&self.pool)
+                    .execute(pool)
                     .await?
                     .rows_affected())
             })
-            .await?;
-            pruned += n;
-            if n < PRUNE_BATCH as u64 {
-                return Ok(pruned);
-            }
-        }
+        })
+        .await?;
+        Ok(deliveries + events)
     }
 
     async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {

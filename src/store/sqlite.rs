@@ -16,10 +16,10 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
-    month_range, month_totals_of, parse_json, promotion_holds, rank_of, search_pattern,
-    workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges, CatalogData,
-    CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, NewKey, Store, StoreError,
-    WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS,
+    month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of,
+    search_pattern, workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
+    CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, NewKey, Store,
+    StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS,
     CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use super::{
@@ -1047,33 +1047,29 @@ impl Store for SqliteStore {
         let events = "DELETE FROM usage_events WHERE rowid IN (SELECT rowid FROM usage_events WHERE settled_at < ? LIMIT ?)";
         let hours = "DELETE FROM usage_hourly WHERE rowid IN (SELECT rowid FROM usage_hourly WHERE hour < ? LIMIT ?)";
         let counted = "DELETE FROM usage_counted WHERE rowid IN (SELECT rowid FROM usage_counted WHERE day < ? LIMIT ?)";
+        let pool = &self.pool;
         let mut pruned = 0;
         for (sql, bound) in [(batches, before), (events, before), (hours, hours_before)] {
-            loop {
-                let n = sqlx::query(sql)
+            pruned += prune_in_batches(move || async move {
+                Ok(sqlx::query(sql)
                     .bind(bound)
                     .bind(PRUNE_BATCH)
-                    .execute(&self.pool)
+                    .execute(pool)
                     .await?
-                    .rows_affected();
-                pruned += n;
-                if n < PRUNE_BATCH as u64 {
-                    break;
-                }
-            }
+                    .rows_affected())
+            })
+            .await?;
         }
-        loop {
-            let n = sqlx::query(counted)
+        pruned += prune_in_batches(move || async move {
+            Ok(sqlx::query(counted)
                 .bind(counted_before_day)
                 .bind(PRUNE_BATCH)
-                .execute(&self.pool)
+                .execute(pool)
                 .await?
-                .rows_affected();
-            pruned += n;
-            if n < PRUNE_BATCH as u64 {
-                return Ok(pruned);
-            }
-        }
+                .rows_affected())
+        })
+        .await?;
+        Ok(pruned)
     }
 
     async fn create_limit_request(
@@ -1383,32 +1379,27 @@ impl Store for SqliteStore {
     }
 
     async fn prune_webhooks(&self, before: i64, keys_before: i64) -> Result<u64, StoreError> {
-        let mut pruned = 0;
-        loop {
-            let n = sqlx::query(PRUNE_DELIVERIES_SQL)
+        let pool = &self.pool;
+        let deliveries = prune_in_batches(move || async move {
+            Ok(sqlx::query(PRUNE_DELIVERIES_SQL)
                 .bind(before)
                 .bind(PRUNE_BATCH)
-                .execute(&self.pool)
+                .execute(pool)
                 .await?
-                .rows_affected();
-            pruned += n;
-            if n < PRUNE_BATCH as u64 {
-                break;
-            }
-        }
-        loop {
-            let n = sqlx::query(PRUNE_EVENTS_SQL)
+                .rows_affected())
+        })
+        .await?;
+        let events = prune_in_batches(move || async move {
+            Ok(sqlx::query(PRUNE_EVENTS_SQL)
                 .bind(before)
                 .bind(PRUNE_BATCH)
                 .bind(keys_before)
-                .execute(&self.pool)
+                .execute(pool)
                 .await?
-                .rows_affected();
-            pruned += n;
-            if n < PRUNE_BATCH as u64 {
-                return Ok(pruned);
-            }
-        }
+                .rows_affected())
+        })
+        .await?;
+        Ok(deliveries + events)
     }
 
     async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
