@@ -298,6 +298,7 @@ fn open_limits() -> Limits {
         tokens_per_month: Some(MAX_TOKENS_PER_MONTH),
         concurrent_requests: Some(1000),
         models: Default::default(),
+        key: None,
     };
     limits.models.insert(
         MODEL.into(),

@@ -155,6 +155,7 @@ fn three_limits() -> Limits {
         tokens_per_month: Some(MAX_TOKENS_PER_MONTH),
         concurrent_requests: None,
         models: Default::default(),
+        key: None,
     };
     l.validate().expect("valid limits");
     l

@@ -156,6 +156,7 @@ fn limits() -> Limits {
         tokens_per_month: Some(MAX_TOKENS_PER_MONTH),
         concurrent_requests: Some(1_000_000),
         models: Default::default(),
+        key: None,
     };
     l.models.insert(
         MODEL.into(),

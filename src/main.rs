@@ -699,6 +699,7 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
                 tokens_per_month,
                 concurrent_requests,
                 models: Default::default(),
+                key: None,
             };
             for arg in &model_limits {
                 model_limit(&mut limits, arg)?;

@@ -59,6 +59,11 @@ pub struct Limits {
     /// Limits per model name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub models: BTreeMap<String, ModelLimits>,
+    /// The limits of the API key a request came with, enforced in the same decision (set per
+    /// request by the proxy, never part of a tier or a workspace).
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub key: Option<KeyScope>,
 }
 
 impl Limits {
@@ -112,6 +117,7 @@ impl Limits {
             tokens_per_month,
             concurrent_requests,
             models,
+            key: _,
         } = self;
         if let Some(rps) = requests_per_second {
             let milli = rps * 1000.0;
@@ -163,6 +169,135 @@ impl Limits {
             )?;
         }
         Ok(())
+    }
+}
+
+/// An API key's own limits, within its workspace's: the same names as overrides, for requests
+/// per second, tokens per minute and tokens per month. A limit left out is no limit of the key's
+/// own (the workspace's still hold).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(
+    description = "An API key's own limits, at most its workspace's; a limit left out is no limit of the key's own."
+)]
+pub struct KeyLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub requests_per_second: Option<f64>,
+    /// Requests that may be sent at once; defaults to `max(1, ceil(requests_per_second))`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub burst: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tokens_per_minute: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub tokens_per_month: Option<u64>,
+}
+
+impl KeyLimits {
+    pub fn is_empty(&self) -> bool {
+        *self == KeyLimits::default()
+    }
+
+    /// As a set of limits (for validation and the limiter's arithmetic).
+    pub fn as_limits(&self) -> Limits {
+        Limits {
+            requests_per_second: self.requests_per_second,
+            burst: self.burst,
+            tokens_per_minute: self.tokens_per_minute,
+            tokens_per_month: self.tokens_per_month,
+            ..Limits::default()
+        }
+    }
+
+    /// Checks every figure as `Limits::validate` does; names the offending field.
+    pub fn validate(&self) -> Result<(), String> {
+        self.as_limits().validate()
+    }
+
+    /// The first of these limits that is above the workspace's `limits` (a key's limits are at
+    /// most its workspace's), as an error naming it.
+    pub fn above(&self, limits: &Limits) -> Option<String> {
+        fn over<T: PartialOrd + Copy + std::fmt::Display>(
+            name: &str,
+            key: Option<T>,
+            workspace: Option<T>,
+        ) -> Option<String> {
+            match (key, workspace) {
+                (Some(k), Some(w)) if k > w => Some(format!(
+                    "{name} must be at most the workspace's ({w}); it is {k}"
+                )),
+                _ => None,
+            }
+        }
+        over(
+            "requests_per_second",
+            self.requests_per_second,
+            limits.requests_per_second,
+        )
+        .or_else(|| {
+            let burst = self.burst.filter(|_| self.requests_per_second.is_some());
+            let workspace = limits.requests_per_second.map(|_| limits.effective_burst());
+            over("burst", burst, workspace)
+        })
+        .or_else(|| {
+            over(
+                "tokens_per_minute",
+                self.tokens_per_minute,
+                limits.tokens_per_minute,
+            )
+        })
+        .or_else(|| {
+            over(
+                "tokens_per_month",
+                self.tokens_per_month,
+                limits.tokens_per_month,
+            )
+        })
+    }
+
+    /// These limits brought within the workspace's `limits` (each at most the workspace's) and
+    /// within the bounds `Limits::validate` enforces: what the limiter enforces for the key,
+    /// whatever changed in the workspace since the key's limits were set.
+    pub fn within(&self, limits: &Limits) -> KeyLimits {
+        fn min<T: PartialOrd + Copy>(key: Option<T>, workspace: Option<T>) -> Option<T> {
+            match (key, workspace) {
+                (Some(k), Some(w)) if w < k => Some(w),
+                (k, _) => k,
+            }
+        }
+        let bounded = self.as_limits().within_bounds();
+        let requests_per_second = min(bounded.requests_per_second, limits.requests_per_second);
+        KeyLimits {
+            requests_per_second,
+            burst: requests_per_second.and(min(
+                bounded.burst,
+                limits.requests_per_second.map(|_| limits.effective_burst()),
+            )),
+            tokens_per_minute: min(bounded.tokens_per_minute, limits.tokens_per_minute),
+            tokens_per_month: min(bounded.tokens_per_month, limits.tokens_per_month),
+        }
+    }
+}
+
+/// A key's limits as the limiter enforces them (see `KeyLimits::within`), with the key's id.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KeyScope {
+    pub id: KeyId,
+    pub limits: KeyLimits,
+}
+
+impl Limits {
+    /// These limits with the key `id`'s own, brought within these (see `KeyLimits::within`);
+    /// a key with no limits of its own adds nothing.
+    pub fn with_key(&self, id: KeyId, key: &KeyLimits) -> Limits {
+        let limits = key.within(self);
+        Limits {
+            key: (!limits.is_empty()).then_some(KeyScope { id, limits }),
+            ..self.clone()
+        }
     }
 }
 
@@ -800,6 +935,7 @@ pub fn default_tiers() -> Vec<Tier> {
                 tokens_per_month: month,
                 concurrent_requests: conc,
                 models: BTreeMap::new(),
+                key: None,
             },
             promotion: None,
         }

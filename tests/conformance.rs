@@ -544,6 +544,7 @@ async fn a_denial_consumes_nothing_in_any_dimension() {
         tokens_per_month: Some(10_000),
         concurrent_requests: Some(2),
         models,
+        key: None,
     }];
     let steps = [
         (0, reserve(0, Some("m"), 150)),
@@ -735,6 +736,7 @@ async fn extremes_stay_exact_on_every_backend() {
             tokens_per_month: Some(MAX_TOKENS_PER_MONTH),
             concurrent_requests: Some(1_000_000),
             models: models.clone(),
+            key: None,
         },
         Limits {
             requests_per_second: Some(0.001),
@@ -816,6 +818,7 @@ fn shapes() -> Vec<Limits> {
             tokens_per_month: Some(5_000),
             concurrent_requests: Some(2),
             models: models.clone(),
+            key: None,
         },
         Limits {
             requests_per_second: Some(0.7),

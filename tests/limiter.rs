@@ -131,6 +131,7 @@ fn totals(now: Nanos, tokens: u64, by_model: &[(&str, u64)]) -> MonthTotals {
         tokens,
         requests: 0,
         by_model: by_model.iter().map(|(m, t)| (m.to_string(), *t)).collect(),
+        by_key: Default::default(),
     }
 }
 

@@ -728,6 +728,7 @@ async fn a_reserve_dropped_mid_call_is_refunded_once_the_server_answers() {
             },
         )]
         .into(),
+        key: None,
     };
     // Connected, the script loaded, the month counter based: the next call is one EVALSHA.
     let fresh = limiter.usage(ws, &limits, now).await.unwrap();
@@ -1203,6 +1204,7 @@ async fn a_workspace_takes_a_few_kilobytes_of_redis() {
             },
         )]
         .into(),
+        key: None,
     };
     let mut spy = Spy::single(&server.url()).await;
 

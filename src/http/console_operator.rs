@@ -339,6 +339,7 @@ fn limits_of(form: &Form) -> Result<Limits, AdminError> {
         tokens_per_month: parsed(form, "tokens_per_month", WHOLE)?,
         concurrent_requests: parsed(form, "concurrent_requests", WHOLE)?,
         models,
+        key: None,
     })
 }
 

@@ -388,6 +388,8 @@ pub struct MonthTotals {
     pub tokens: u64,
     pub requests: u64,
     pub by_model: HashMap<String, u64>,
+    /// Tokens per API key (the ledger's per-key rows), for keys' own month limits.
+    pub by_key: HashMap<crate::model::KeyId, u64>,
 }
 
 /// Which limit a decision is about.

@@ -502,6 +502,7 @@ mod tests {
             tokens_per_month: Some(month),
             concurrent_requests: Some(conc),
             models,
+            key: None,
         }
     }
 

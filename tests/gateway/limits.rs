@@ -597,6 +597,7 @@ async fn limits_out_of_bounds_in_the_store_are_brought_within_bounds() {
         tokens_per_month: Some(u64::MAX),
         concurrent_requests: Some(u32::MAX),
         models,
+        key: None,
     };
     assert!(wild.validate().is_err());
     store
