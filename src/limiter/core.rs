@@ -474,6 +474,9 @@ pub struct Usage {
     pub in_flight: u32,
     /// Each model with limits of its own (`Limits::models`), by name.
     pub models: Vec<ModelUsage>,
+    /// The key's own limits as of now, when the limits asked about carry a key's
+    /// (`Limits::key`).
+    pub key: Option<Snapshot>,
 }
 
 /// A per-minute bucket of `cap` as a window now (whole when it was never used).
@@ -1041,6 +1044,7 @@ impl WorkspaceState {
             month_reserved_tokens: self.month.reserved,
             in_flight: self.in_flight,
             models: self.model_usage(limits, now),
+            key: None,
         }
     }
 

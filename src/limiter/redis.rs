@@ -1099,6 +1099,7 @@ impl RedisLimiter {
                 month_reserved_tokens: reserved,
                 in_flight: reply.u(9)? as u32,
                 models,
+                key: None,
             });
         }
         Err(unavailable(
