@@ -199,18 +199,21 @@ impl TierRequests {
 
 type TierMap = std::collections::HashMap<Arc<str>, Arc<TierRequests>, foldhash::fast::RandomState>;
 
-const LIMITS: [LimitName; 6] = [
+const LIMITS: [LimitName; 9] = [
     LimitName::RequestsPerSecond,
     LimitName::TokensPerMinute,
     LimitName::TokensPerMonth,
     LimitName::ConcurrentRequests,
     LimitName::ModelTokensPerMinute,
     LimitName::ModelTokensPerMonth,
+    LimitName::KeyRequestsPerSecond,
+    LimitName::KeyTokensPerMinute,
+    LimitName::KeyTokensPerMonth,
 ];
 
 /// Denials by kind (`DenialKind` order) and limit (`LIMITS` order), each made on its first
 /// denial (not every pair can happen: a request is too large only for a token limit).
-type DenialCounters = [[OnceLock<Counter>; 6]; 3];
+type DenialCounters = [[OnceLock<Counter>; LIMITS.len()]; 3];
 
 /// Values read when `/metrics` is scraped, not kept up to date on the way.
 pub struct Scrape {

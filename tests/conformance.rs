@@ -20,8 +20,8 @@ use tiergate::limiter::{
     Nanos, Reservation, ReservationId, TokenCost, Usage, NANOS_PER_SEC,
 };
 use tiergate::model::{
-    Limits, ModelLimits, WorkspaceId, MAX_BURST, MAX_REQUESTS_PER_SECOND, MAX_TOKENS_PER_MINUTE,
-    MAX_TOKENS_PER_MONTH,
+    KeyId, KeyLimits, KeyScope, Limits, ModelLimits, WorkspaceId, MAX_BURST,
+    MAX_REQUESTS_PER_SECOND, MAX_TOKENS_PER_MINUTE, MAX_TOKENS_PER_MONTH,
 };
 
 const MS: Nanos = NANOS_PER_SEC / 1_000;
@@ -31,8 +31,8 @@ const SEC: Nanos = NANOS_PER_SEC;
 // The ledger the limiters start month counters from
 // ---------------------------------------------------------------------------------------------
 
-/// A settled event: model, tokens, and the counter generation that counted it.
-type Event = (String, u64, Option<String>);
+/// A settled event: model, tokens, the counter generation that counted it, and the key.
+type Event = (String, u64, Option<String>, Option<KeyId>);
 
 /// Settled events per workspace and month.
 #[derive(Default)]
@@ -49,12 +49,24 @@ impl Ledger {
         tokens: u64,
         counter: Option<&str>,
     ) {
+        self.add_for_key(ws, month, model, tokens, counter, None);
+    }
+
+    pub fn add_for_key(
+        &self,
+        ws: WorkspaceId,
+        month: MonthKey,
+        model: &str,
+        tokens: u64,
+        counter: Option<&str>,
+        key: Option<KeyId>,
+    ) {
         self.events
             .lock()
             .unwrap()
             .entry((ws, month))
             .or_default()
-            .push((model.to_string(), tokens, counter.map(str::to_string)));
+            .push((model.to_string(), tokens, counter.map(str::to_string), key));
     }
 }
 
@@ -71,9 +83,12 @@ impl MonthSource for Ledger {
             ..MonthTotals::default()
         };
         let events = self.events.lock().unwrap();
-        for (model, tokens, counter) in events.get(&(workspace, month)).into_iter().flatten() {
+        for (model, tokens, counter, key) in events.get(&(workspace, month)).into_iter().flatten() {
             if excluding.is_some() && counter.as_deref() == excluding {
                 continue;
+            }
+            if let Some(key) = key {
+                *totals.by_key.entry(*key).or_default() += tokens;
             }
             totals.tokens += tokens;
             totals.requests += 1;
@@ -592,6 +607,132 @@ async fn a_denial_consumes_nothing_in_any_dimension() {
 }
 
 #[tokio::test]
+async fn a_keys_own_limits_in_the_same_decision_as_its_workspaces() {
+    let workspace = Limits {
+        requests_per_second: Some(10.0),
+        burst: Some(10),
+        tokens_per_minute: Some(1_000),
+        tokens_per_month: Some(10_000),
+        ..l()
+    };
+    let key = KeyScope {
+        id: 1,
+        limits: KeyLimits {
+            requests_per_second: Some(1.0),
+            burst: Some(2),
+            tokens_per_minute: Some(300),
+            tokens_per_month: Some(500),
+        },
+    };
+    // Key 1 with limits of its own; key 2 of the same workspace without.
+    let limits = [
+        Limits {
+            key: Some(key),
+            ..workspace.clone()
+        },
+        workspace.clone(),
+    ];
+    let with_key = |n: u64| Op::Reserve {
+        ws: 0,
+        limits: 0,
+        model: None,
+        cost: tokens(n),
+    };
+    let other_key = |n: u64| Op::Reserve {
+        ws: 0,
+        limits: 1,
+        model: None,
+        cost: tokens(n),
+    };
+    let month = MonthKey::of(t0());
+    let steps = [
+        // The workspace's state exists before the key's: the key's month starts from the ledger.
+        (0, other_key(100)),
+        (0, with_key(100)),
+        (0, with_key(100)),
+        // The key's burst is spent; the workspace's is not.
+        (0, with_key(10)),
+        // Another key of the workspace still has the workspace's room.
+        (0, other_key(400)),
+        (0, Op::Usage { ws: 0, limits: 0 }),
+        // 1 s later: the key's bucket holds 105 tokens, the workspace's plenty.
+        (SEC, with_key(150)),
+        (SEC, Op::Usage { ws: 0, limits: 0 }),
+        // Refunded: the key gets its tokens back, this month and this minute.
+        (SEC, Op::Settle { n: 1, actual: 0 }),
+        (SEC, with_key(150)),
+        // Month: 100 (ledger) + 100 held + 150 held + 200 > 500.
+        (2 * SEC, with_key(200)),
+        (2 * SEC, with_key(600)),
+    ];
+    let out = conform(
+        "key",
+        &limits,
+        t0(),
+        |ledger, base| {
+            ledger.add_for_key(base, month, "", 100, Some("an-old-generation"), Some(1));
+            ledger.add_for_key(base, month, "", 1_000, None, Some(2));
+        },
+        &steps,
+    )
+    .await;
+    admitted(&out[0]);
+    admitted(&out[1]);
+    assert_eq!(admitted(&out[2]), 100);
+    // The headers show, per dimension, the tighter of the key's and the workspace's.
+    match &out[2] {
+        Out::Decision(Decision::Admit { snapshot, .. }) => {
+            let requests = snapshot.requests.unwrap();
+            assert_eq!((requests.limit, requests.remaining), (1.0, 0));
+            let tokens = snapshot.tokens.unwrap();
+            assert_eq!((tokens.limit, tokens.remaining), (300.0, 100));
+            let month = snapshot.month.unwrap();
+            // The workspace: 10,000 - 1,100 (ledger) - 300; the key: 500 - 100 - 200.
+            assert_eq!((month.limit, month.remaining), (500.0, 200));
+        }
+        other => panic!("expected an admission, got {other:?}"),
+    }
+    let (kind, limit, wait) = denied(&out[3]);
+    assert_eq!(
+        (kind, limit, wait),
+        (
+            DenialKind::RateLimited,
+            LimitName::KeyRequestsPerSecond,
+            SEC
+        )
+    );
+    admitted(&out[4]);
+    let u = usage(&out[5]);
+    // The workspace took the four admissions and nothing of the denial.
+    assert_eq!(u.bucket_tokens, Some(1_000 - 700));
+    assert_eq!(u.snapshot.requests.unwrap().remaining, 6);
+    let k = u.key.as_ref().expect("the key's windows");
+    assert_eq!(k.requests.unwrap().remaining, 0);
+    assert_eq!(k.tokens.unwrap().remaining, 100);
+    assert_eq!(k.month.unwrap().remaining, 200);
+    let (kind, limit, _) = denied(&out[6]);
+    assert_eq!(
+        (kind, limit),
+        (DenialKind::RateLimited, LimitName::KeyTokensPerMinute)
+    );
+    let u = usage(&out[7]);
+    // Nothing of the denial, in the workspace or the key (the key refilled 5 tokens a second).
+    assert_eq!(u.bucket_tokens, Some(1_000 - 700 + 16));
+    let k = u.key.as_ref().unwrap();
+    assert_eq!(
+        (k.requests.unwrap().remaining, k.tokens.unwrap().remaining),
+        (1, 105)
+    );
+    assert_eq!(admitted(&out[9]), 150);
+    let (kind, limit, _) = denied(&out[10]);
+    assert_eq!(
+        (kind, limit),
+        (DenialKind::QuotaExceeded, LimitName::KeyTokensPerMonth)
+    );
+    assert_eq!(denied(&out[11]).0, DenialKind::RequestTooLarge);
+}
+
+#[tokio::test]
 async fn limit_changes_keep_what_was_used() {
     let limits = [
         Limits {
@@ -837,13 +978,30 @@ fn shapes() -> Vec<Limits> {
             tokens_per_minute: Some(7),
             ..l()
         },
+        // A key with limits of its own, beside the first shape's workspace limits.
+        Limits {
+            requests_per_second: Some(2.5),
+            burst: Some(3),
+            tokens_per_minute: Some(600),
+            tokens_per_month: Some(5_000),
+            key: Some(KeyScope {
+                id: 7,
+                limits: KeyLimits {
+                    requests_per_second: Some(1.5),
+                    burst: Some(2),
+                    tokens_per_minute: Some(250),
+                    tokens_per_month: Some(1_200),
+                },
+            }),
+            ..l()
+        },
     ]
 }
 
 fn op() -> impl Strategy<Value = Op> {
     let model = prop_oneof![Just(None), Just(Some("m")), Just(Some("other"))];
     prop_oneof![
-        4 => (0..2i64, 0..4usize, model, 0..400u64, 0..400u64).prop_map(|(ws, limits, model, p, e)| Op::Reserve {
+        4 => (0..2i64, 0..5usize, model, 0..400u64, 0..400u64).prop_map(|(ws, limits, model, p, e)| Op::Reserve {
             ws,
             limits,
             model,
@@ -851,7 +1009,7 @@ fn op() -> impl Strategy<Value = Op> {
         }),
         3 => (0..12usize, 0..900u64).prop_map(|(n, actual)| Op::Settle { n, actual }),
         1 => (0..12usize).prop_map(|n| Op::Release { n }),
-        1 => (0..2i64, 0..4usize).prop_map(|(ws, limits)| Op::Usage { ws, limits }),
+        1 => (0..2i64, 0..5usize).prop_map(|(ws, limits)| Op::Usage { ws, limits }),
     ]
 }
 

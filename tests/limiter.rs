@@ -24,8 +24,8 @@ use tiergate::model::{Limits, ModelLimits, WorkspaceId};
 
 use DenialKind::{QuotaExceeded, RateLimited, RequestTooLarge};
 use LimitName::{
-    ConcurrentRequests, ModelTokensPerMinute, ModelTokensPerMonth, RequestsPerSecond,
-    TokensPerMinute, TokensPerMonth,
+    ConcurrentRequests, KeyRequestsPerSecond, KeyTokensPerMinute, KeyTokensPerMonth,
+    ModelTokensPerMinute, ModelTokensPerMonth, RequestsPerSecond, TokensPerMinute, TokensPerMonth,
 };
 
 const MS: Nanos = NANOS_PER_SEC / 1_000;
@@ -108,8 +108,15 @@ fn without(limits: &Limits, name: LimitName, model: Option<&str>) -> Limits {
         ConcurrentRequests => l.concurrent_requests = None,
         ModelTokensPerMinute => model_limits(&mut l, model).tokens_per_minute = None,
         ModelTokensPerMonth => model_limits(&mut l, model).tokens_per_month = None,
+        KeyRequestsPerSecond => key_limits(&mut l).requests_per_second = None,
+        KeyTokensPerMinute => key_limits(&mut l).tokens_per_minute = None,
+        KeyTokensPerMonth => key_limits(&mut l).tokens_per_month = None,
     }
     l
+}
+
+fn key_limits(l: &mut Limits) -> &mut tiergate::model::KeyLimits {
+    &mut l.key.as_mut().expect("the key has limits").limits
 }
 
 /// A request whose prompt is the whole estimate.
@@ -1599,6 +1606,7 @@ async fn local_reserve_then_settle_frees_the_slot_and_refunds() {
             tokens: 300,
             month: MonthKey::of(now),
             slot: true,
+            key: None,
         }
     );
     assert_eq!(snapshot.tokens.unwrap().remaining, 300);
@@ -1778,4 +1786,40 @@ async fn local_never_evicts_a_workspace_holding_a_reservation() {
         (0, Some(0)),
         "(evicted, bucket after settling 600 tokens)"
     );
+}
+
+#[test]
+fn a_keys_buckets_keep_its_workspace_until_they_are_full_again() {
+    use tiergate::model::{KeyLimits, KeyScope};
+    let now = t0();
+    let workspace = Limits {
+        tokens_per_minute: Some(6_000),
+        ..Limits::default()
+    };
+    let with_key = Limits {
+        key: Some(KeyScope {
+            id: 3,
+            limits: KeyLimits {
+                tokens_per_minute: Some(600),
+                ..KeyLimits::default()
+            },
+        }),
+        ..workspace.clone()
+    };
+    let mut state = fresh(now);
+    assert!(state.needs_key(&with_key));
+    assert!(!state.needs_key(&workspace));
+    let held = admit(&mut state, &with_key, None, tokens(300), now);
+    assert_eq!(held.key, Some(3));
+    assert!(!state.needs_key(&with_key));
+    state.settle(&with_key, &held, 300, now);
+    // The workspace's bucket is full again after 3 s (300 of 6,000 a minute); the key's after
+    // 30 s (300 of 600 a minute): until then evicting the state would forget the key's use.
+    assert!(!state.is_idle(Some(&workspace), now + 10 * SEC));
+    assert!(state.is_idle(Some(&workspace), now + 30 * SEC));
+    // Settled with the key's limits removed meanwhile: the key still gets its refund.
+    let held = admit(&mut state, &with_key, None, tokens(500), now + 60 * SEC);
+    state.settle(&workspace, &held, 100, now + 60 * SEC);
+    let key = state.usage(&with_key, now + 60 * SEC).key.unwrap();
+    assert_eq!(key.tokens.unwrap().remaining, 500);
 }

@@ -1393,7 +1393,8 @@ async fn a_reserve_sent_twice_is_admitted_once() {
     let now = (t0() / 1_000).to_string();
     let id = ReservationId::next().to_string();
     // op, now, idle, records, tomb; id, lease, gen candidate, rate, burst capacity, tpm, month
-    // cap, concurrency, model, model tpm, model month, prompt, estimate, need base
+    // cap, concurrency, model, model tpm, model month, prompt, estimate, need base; the key's
+    // id (none), rate, burst capacity, tpm, month cap
     let args = [
         "reserve",
         &now,
@@ -1413,6 +1414,11 @@ async fn a_reserve_sent_twice_is_admitted_once() {
         "0",
         "100",
         "100",
+        "0",
+        "",
+        "0",
+        "0",
+        "0",
         "0",
     ];
     let mut replies = Vec::new();

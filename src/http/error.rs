@@ -185,6 +185,12 @@ fn describe(denial: &Denial) -> String {
         }
         LimitName::ConcurrentRequests if v == 1.0 => "1 concurrent request".to_string(),
         LimitName::ConcurrentRequests => format!("{value} concurrent requests"),
+        LimitName::KeyRequestsPerSecond if v == 1.0 => {
+            "1 request per second for this API key".to_string()
+        }
+        LimitName::KeyRequestsPerSecond => format!("{value} requests per second for this API key"),
+        LimitName::KeyTokensPerMinute => format!("{value} tokens per minute for this API key"),
+        LimitName::KeyTokensPerMonth => format!("{value} tokens per month for this API key"),
     }
 }
 
@@ -207,6 +213,13 @@ fn denial_response(denial: &Denial, budget: bool) -> Response {
             "rate_limited",
             format!(
                 "Rate limit exceeded: {} ({limit}). Retry in {wait}.",
+                describe(denial)
+            ),
+        ),
+        DenialKind::QuotaExceeded if denial.limit == LimitName::KeyTokensPerMonth => (
+            "quota_exceeded",
+            format!(
+                "Monthly quota of this API key exceeded: {} ({limit}). It renews in {wait}, at the start of next month (UTC); the workspace's other keys are not affected, and the operator can raise this key's limit.",
                 describe(denial)
             ),
         ),

@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;
 
-use crate::model::Limits;
+use crate::model::{KeyId, KeyLimits, Limits};
 
 pub type Nanos = u64;
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
@@ -401,6 +401,10 @@ pub enum LimitName {
     ConcurrentRequests,
     ModelTokensPerMinute,
     ModelTokensPerMonth,
+    /// A key's own limits (`Limits::key`).
+    KeyRequestsPerSecond,
+    KeyTokensPerMinute,
+    KeyTokensPerMonth,
 }
 
 impl LimitName {
@@ -412,6 +416,9 @@ impl LimitName {
             LimitName::ConcurrentRequests => "concurrent_requests",
             LimitName::ModelTokensPerMinute => "model_tokens_per_minute",
             LimitName::ModelTokensPerMonth => "model_tokens_per_month",
+            LimitName::KeyRequestsPerSecond => "key_requests_per_second",
+            LimitName::KeyTokensPerMinute => "key_tokens_per_minute",
+            LimitName::KeyTokensPerMonth => "key_tokens_per_month",
         }
     }
 }
@@ -461,6 +468,32 @@ pub struct Snapshot {
     pub requests: Option<Window>,
     pub tokens: Option<Window>,
     pub month: Option<Window>,
+}
+
+impl Snapshot {
+    /// For each window, whichever of this one's and `other`'s has less remaining (the later
+    /// reset on a tie): what a client may still send when both hold.
+    pub fn tighter(self, other: Snapshot) -> Snapshot {
+        fn pick(a: Option<Window>, b: Option<Window>) -> Option<Window> {
+            match (a, b) {
+                (Some(a), Some(b)) => Some(
+                    if (b.remaining, std::cmp::Reverse(b.reset))
+                        < (a.remaining, std::cmp::Reverse(a.reset))
+                    {
+                        b
+                    } else {
+                        a
+                    },
+                ),
+                (a, b) => a.or(b),
+            }
+        }
+        Snapshot {
+            requests: pick(self.requests, other.requests),
+            tokens: pick(self.tokens, other.tokens),
+            month: pick(self.month, other.month),
+        }
+    }
 }
 
 /// Usage counters for the limits page and the admin usage view.
@@ -514,6 +547,8 @@ pub struct Held {
     pub tokens: u64,
     pub month: MonthKey,
     pub slot: bool,
+    /// The key whose own limits took from it too (`Limits::key`).
+    pub key: Option<KeyId>,
 }
 
 /// The outcome of one decision.
@@ -523,8 +558,72 @@ pub enum Verdict {
     Deny(Denial),
 }
 
-/// All limiter state of one workspace: 112 bytes, plus 56 per model it counts apart (see
-/// `ModelState`). Kept small because an instance holds one per active workspace.
+/// The state of one key's own limits (`Limits::key`), kept in its workspace's state so that one
+/// decision checks and takes both: its request bucket, token bucket and month counter (counted
+/// for every request made with the key once the key has limits, so that a month limit set later
+/// starts from what was used).
+#[derive(Debug, Clone)]
+struct KeyState {
+    id: KeyId,
+    /// The limits last enforced, for `is_idle` (which is not told the keys' limits).
+    limits: KeyLimits,
+    requests: Option<RequestBucket>,
+    bucket: Option<TokenBucket>,
+    month: MonthCounter,
+}
+
+/// The request bucket's capacity and rate for a key's `limits`.
+fn key_request_limit(limits: &KeyLimits) -> Option<(f64, i64, i64)> {
+    limits.requests_per_second.map(|rps| {
+        let capacity = limits.as_limits().effective_burst() as i64 * NANO_REQUESTS;
+        (rps, capacity, request_rate(rps))
+    })
+}
+
+/// A key's windows now, as `snapshot_at` makes the workspace's.
+fn key_snapshot(
+    state: Option<&KeyState>,
+    limits: &KeyLimits,
+    now: Nanos,
+    next_month: Nanos,
+) -> Snapshot {
+    let now_us = micros(now);
+    let requests = key_request_limit(limits).map(|(rps, cap, rate)| {
+        match state.and_then(|k| k.requests.as_ref()) {
+            Some(b) => {
+                let (remaining, full_at) = b.view(cap, rate, now_us);
+                Window {
+                    limit: rps,
+                    remaining,
+                    reset: until(full_at, now),
+                }
+            }
+            None => Window {
+                limit: rps,
+                remaining: (cap / NANO_REQUESTS) as u64,
+                reset: 0,
+            },
+        }
+    });
+    let tokens = limits
+        .tokens_per_minute
+        .map(|cap| token_window(state.and_then(|k| k.bucket.as_ref()), cap, now));
+    let used = state.map_or(0, |k| k.month.used());
+    let month = limits.tokens_per_month.map(|cap| Window {
+        limit: cap as f64,
+        remaining: cap.saturating_sub(used),
+        reset: next_month.saturating_sub(now),
+    });
+    Snapshot {
+        requests,
+        tokens,
+        month,
+    }
+}
+
+/// All limiter state of one workspace: 120 bytes, plus 56 per model it counts apart (see
+/// `ModelState`) and what its keys with limits of their own hold. Kept small because an
+/// instance holds one per active workspace.
 #[derive(Debug, Clone)]
 pub struct WorkspaceState {
     requests: Option<RequestBucket>,
@@ -539,6 +638,10 @@ pub struct WorkspaceState {
     /// never evicted, so its settlement always finds it.
     unsettled: u32,
     pub last_seen: Nanos,
+    /// Keys with limits of their own, by id; `None` for nearly every workspace. Boxed so that
+    /// it costs every state 8 bytes, not a `Vec`'s 24.
+    #[allow(clippy::box_collection)]
+    keys: Option<Box<Vec<KeyState>>>,
 }
 
 /// The request bucket's capacity and rate for `limits`, if it limits requests.
@@ -587,6 +690,7 @@ impl WorkspaceState {
             in_flight: 0,
             unsettled: 0,
             last_seen: now,
+            keys: None,
         }
     }
 
@@ -613,6 +717,10 @@ impl WorkspaceState {
         }
         let base = |n: u64| if totals.month == Some(current) { n } else { 0 };
         self.month.roll(current, base(totals.tokens));
+        for key in self.keys.iter_mut().flat_map(|k| k.iter_mut()) {
+            let seed = totals.by_key.get(&key.id).copied().unwrap_or(0);
+            key.month.roll(current, base(seed));
+        }
         for state in self.models.iter_mut() {
             state.month.roll(
                 current,
@@ -654,6 +762,58 @@ impl WorkspaceState {
                     .and_then(|l| l.tokens_per_minute);
                 full(m.bucket.as_deref(), cap)
             })
+            && self.keys.iter().flat_map(|k| k.iter()).all(|k| {
+                let requests_full = match (&k.requests, key_request_limit(&k.limits)) {
+                    (Some(b), Some((_, cap, rate))) => b.is_full(cap, rate, now_us),
+                    _ => true,
+                };
+                requests_full && full(k.bucket.as_ref(), k.limits.tokens_per_minute)
+            })
+    }
+
+    /// Whether the key of `limits` (if any) has no state here yet: its month counter must
+    /// start from the ledger's total for the key first (`add_key`).
+    pub fn needs_key(&self, limits: &Limits) -> bool {
+        limits.key.is_some_and(|k| self.key_index(k.id).is_none())
+    }
+
+    fn key_index(&self, id: KeyId) -> Option<usize> {
+        self.keys.as_ref()?.iter().position(|k| k.id == id)
+    }
+
+    /// Starts the state of key `id`, its month counter from the ledger's `totals` (when they
+    /// are this month's); nothing when it has one.
+    pub fn add_key(&mut self, id: KeyId, totals: &MonthTotals, now: Nanos) {
+        if self.key_index(id).is_some() {
+            return;
+        }
+        let current = MonthKey::of(now);
+        let seed = match totals.month == Some(current) {
+            true => totals.by_key.get(&id).copied().unwrap_or(0),
+            false => 0,
+        };
+        self.keys
+            .get_or_insert_with(Default::default)
+            .push(KeyState {
+                id,
+                limits: KeyLimits::default(),
+                requests: None,
+                bucket: None,
+                month: MonthCounter::starting(current, seed),
+            });
+    }
+
+    /// The state of key `id`, started from nothing when it has none (a caller that did not
+    /// read the ledger first: see `needs_key`).
+    fn key_state(&mut self, id: KeyId, now: Nanos) -> &mut KeyState {
+        let i = match self.key_index(id) {
+            Some(i) => i,
+            None => {
+                self.add_key(id, &MonthTotals::default(), now);
+                self.keys.as_ref().map_or(0, |k| k.len() - 1)
+            }
+        };
+        &mut self.keys.as_mut().expect("a key state")[i]
     }
 
     fn model_index(&self, model: &str) -> Result<usize, usize> {
@@ -756,6 +916,14 @@ impl WorkspaceState {
                 l.tokens_per_month
                     .map(|c| (c, LimitName::ModelTokensPerMonth, Some(m)))
             }),
+            limits
+                .key
+                .and_then(|k| k.limits.tokens_per_minute)
+                .map(|c| (c, LimitName::KeyTokensPerMinute, None)),
+            limits
+                .key
+                .and_then(|k| k.limits.tokens_per_month)
+                .map(|c| (c, LimitName::KeyTokensPerMonth, None)),
         ];
         let mut tokens = cost.estimate.max(cost.prompt);
         // The cause a client must hear first: what can never fit, then the month, then the
@@ -877,8 +1045,56 @@ impl WorkspaceState {
             }
         }
 
+        // The key's own limits.
+        let key = limits.key.map(|k| (k, key_request_limit(&k.limits)));
+        if let Some((k, key_requests)) = key {
+            let state = self.key_state(k.id, now);
+            state.limits = k.limits;
+            if let Some((rps, cap, rate)) = key_requests {
+                let bucket = state
+                    .requests
+                    .get_or_insert_with(|| RequestBucket::full(cap, now_us));
+                let at = bucket.admit_at(cap, rate, now_us);
+                if at > now_us {
+                    deny(Denial {
+                        kind: DenialKind::RateLimited,
+                        limit: LimitName::KeyRequestsPerSecond,
+                        model: None,
+                        limit_value: rps,
+                        retry_after: until(at, now),
+                    });
+                }
+            }
+            if let Some(cap) = k.limits.tokens_per_minute {
+                let bucket = state
+                    .bucket
+                    .get_or_insert_with(|| TokenBucket::full(cap, now_us));
+                let at = bucket.available_at(cap, tokens, now_us);
+                if at > now_us && tokens <= cap {
+                    deny(Denial {
+                        kind: DenialKind::RateLimited,
+                        limit: LimitName::KeyTokensPerMinute,
+                        model: None,
+                        limit_value: cap as f64,
+                        retry_after: until(at, now),
+                    });
+                }
+            }
+            if let Some(cap) = k.limits.tokens_per_month {
+                if state.month.used() + tokens > cap && tokens <= cap {
+                    deny(Denial {
+                        kind: DenialKind::QuotaExceeded,
+                        limit: LimitName::KeyTokensPerMonth,
+                        model: None,
+                        limit_value: cap as f64,
+                        retry_after: next_month.saturating_sub(now),
+                    });
+                }
+            }
+        }
+
         if let Some(worst) = worst {
-            let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+            let snapshot = self.decision_snapshot(limits, now, request_limit, next_month);
             return (Verdict::Deny(worst), snapshot);
         }
 
@@ -911,13 +1127,24 @@ impl WorkspaceState {
             Some(m) => Some(ModelName::from(m)),
             None => None,
         };
+        if let Some((k, key_requests)) = key {
+            let state = self.key_state(k.id, now);
+            if let (Some((_, cap, rate)), Some(bucket)) = (key_requests, state.requests.as_mut()) {
+                bucket.take(cap, rate, now_us);
+            }
+            if let (Some(cap), Some(bucket)) = (k.limits.tokens_per_minute, state.bucket.as_mut()) {
+                bucket.add(cap, -(tokens as i64), now_us);
+            }
+            state.month.reserved += tokens;
+        }
         let held = Held {
             model: held_model,
             tokens,
             month: month_now,
             slot: limits.concurrent_requests.is_some(),
+            key: key.map(|(k, _)| k.id),
         };
-        let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+        let snapshot = self.decision_snapshot(limits, now, request_limit, next_month);
         (Verdict::Admit(held), snapshot)
     }
 
@@ -951,6 +1178,25 @@ impl WorkspaceState {
         }
         if self.month.month == current {
             self.month.settled += actual;
+        }
+        if let Some(i) = held.key.and_then(|id| self.key_index(id)) {
+            let state = &mut self.keys.as_mut().expect("a key state")[i];
+            // The key's limit now, else the one its bucket was last computed with.
+            let cap = limits
+                .key
+                .filter(|k| k.id == state.id)
+                .map_or(state.limits.tokens_per_minute, |k| {
+                    k.limits.tokens_per_minute
+                });
+            if let (Some(cap), Some(bucket)) = (cap, state.bucket.as_mut()) {
+                bucket.add(cap, delta, now_us);
+            }
+            if state.month.month == held.month {
+                state.month.reserved = state.month.reserved.saturating_sub(held.tokens);
+            }
+            if state.month.month == current {
+                state.month.settled += actual;
+            }
         }
         if let Some(m) = held.model.as_deref().filter(|m| self.tracks(m, limits)) {
             let cap = match limits.models.is_empty() {
@@ -1023,6 +1269,33 @@ impl WorkspaceState {
         }
     }
 
+    /// The snapshot a decision answers with: the workspace's windows, each replaced by the key's
+    /// where the key has less remaining.
+    fn decision_snapshot(
+        &self,
+        limits: &Limits,
+        now: Nanos,
+        request_limit: Option<(f64, i64, i64)>,
+        next_month: Nanos,
+    ) -> Snapshot {
+        let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+        match limits.key {
+            Some(k) => {
+                let state = self
+                    .key_index(k.id)
+                    .map(|i| &self.keys.as_ref().expect("keys")[i]);
+                snapshot.tighter(key_snapshot(state, &k.limits, now, next_month))
+            }
+            None => snapshot,
+        }
+    }
+
+    /// What the key `id`'s month counter started from, once it is tracked.
+    pub fn key_month_seed(&self, id: KeyId) -> Option<u64> {
+        self.key_index(id)
+            .map(|i| self.keys.as_ref().expect("keys")[i].month.seed)
+    }
+
     /// What the month counters started from: the workspace's, and each model's.
     pub fn month_seeds(&self) -> (u64, HashMap<String, u64>) {
         let models = self
@@ -1044,7 +1317,12 @@ impl WorkspaceState {
             month_reserved_tokens: self.month.reserved,
             in_flight: self.in_flight,
             models: self.model_usage(limits, now),
-            key: None,
+            key: limits.key.map(|k| {
+                let state = self
+                    .key_index(k.id)
+                    .map(|i| &self.keys.as_ref().expect("keys")[i]);
+                key_snapshot(state, &k.limits, now, month_span(now).1)
+            }),
         }
     }
 

@@ -105,13 +105,7 @@ pub fn share(
             t => out.tokens_per_minute = Some(t),
         }
     }
-    let month = |cap: u64, seed: u64| {
-        if seed >= cap {
-            cap
-        } else {
-            seed + (cap - seed) / n as u64
-        }
-    };
+    let month = |cap: u64, seed: u64| month_share(cap, seed, n);
     if let Some(cap) = limits.tokens_per_month {
         out.tokens_per_month = Some(month(cap, seeds.0));
     }
@@ -119,6 +113,24 @@ pub fn share(
         match split(c as u64) {
             0 => return Err(LimitName::ConcurrentRequests),
             c => out.concurrent_requests = Some(c as u32),
+        }
+    }
+    // A key's own limits are shared alike; its month by the caller, from the key's seed.
+    if let Some(l) = out.key.as_mut().map(|k| &mut k.limits) {
+        if let Some(rps) = l.requests_per_second {
+            let milli = request_rate(rps) as u64 / n as u64;
+            let burst = split(l.as_limits().effective_burst() as u64);
+            if milli == 0 || burst == 0 {
+                return Err(LimitName::KeyRequestsPerSecond);
+            }
+            l.requests_per_second = Some(milli as f64 / 1000.0);
+            l.burst = Some(burst as u32);
+        }
+        if let Some(tpm) = l.tokens_per_minute {
+            match tpm / n as u64 {
+                0 => return Err(LimitName::KeyTokensPerMinute),
+                t => l.tokens_per_minute = Some(t),
+            }
         }
     }
     for (model, l) in out.models.iter_mut() {
@@ -135,8 +147,21 @@ pub fn share(
     Ok(out)
 }
 
+/// One instance's share of a month quota `cap` of which `seed` was used when it began counting
+/// on its own.
+fn month_share(cap: u64, seed: u64, n: u32) -> u64 {
+    if seed >= cap {
+        cap
+    } else {
+        seed + (cap - seed) / n.max(1) as u64
+    }
+}
+
 fn limit_value(limits: &Limits, name: LimitName) -> f64 {
+    let key = limits.key.map(|k| k.limits).unwrap_or_default();
     match name {
+        LimitName::KeyRequestsPerSecond => key.requests_per_second.unwrap_or(0.0),
+        LimitName::KeyTokensPerMinute => key.tokens_per_minute.unwrap_or(0) as f64,
         LimitName::RequestsPerSecond => limits.requests_per_second.unwrap_or(0.0),
         LimitName::TokensPerMinute => limits.tokens_per_minute.unwrap_or(0) as f64,
         LimitName::ConcurrentRequests => limits.concurrent_requests.unwrap_or(0) as f64,
@@ -254,6 +279,7 @@ impl Failover {
                     tokens: cost.estimate.max(cost.prompt),
                     month: MonthKey::of(now),
                     slot: false,
+                    key: limits.key.map(|k| k.id),
                 };
                 let mut reservation = Reservation::new(workspace, held);
                 reservation.origin = Origin::Unmetered;
@@ -274,7 +300,16 @@ impl Failover {
                 self.local.usage(workspace, limits, now).await?;
                 let seeds = self.local.month_seeds(workspace, now).unwrap_or_default();
                 let shared = match share(limits, n, rank, &seeds) {
-                    Ok(l) => l,
+                    Ok(mut l) => {
+                        if let Some(k) = l.key.as_mut() {
+                            if let Some(cap) = k.limits.tokens_per_month {
+                                let seed = self.local.key_month_seed(workspace, k.id, now);
+                                k.limits.tokens_per_month =
+                                    Some(month_share(cap, seed.unwrap_or(0), n));
+                            }
+                        }
+                        l
+                    }
                     Err(limit) => {
                         return Ok(Decision::Deny {
                             denial: Denial {

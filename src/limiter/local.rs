@@ -22,7 +22,7 @@ use super::core::{ModelNames, MonthKey, Nanos, TokenCost, Usage, Verdict, Worksp
 use super::{
     Answer, Decision, Limiter, LimiterError, MonthSource, Reservation, ReservationId, Settled,
 };
-use crate::model::{Limits, WorkspaceId};
+use crate::model::{KeyId, Limits, WorkspaceId};
 
 const SHARDS: usize = 64;
 
@@ -69,11 +69,13 @@ impl LocalLimiter {
         self.shards[i].0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the workspace's state when it is held for the current month; gives `f` back
-    /// when the month's totals must be read from the ledger first.
+    /// Runs `f` on the workspace's state when it is held for the current month (with a state
+    /// for the key of `limits`, when it has limits of its own); gives `f` back when the month's
+    /// totals must be read from the ledger first.
     fn try_entry<T, F: FnOnce(Entry<'_>) -> T>(
         &self,
         workspace: WorkspaceId,
+        limits: Option<&Limits>,
         now: Nanos,
         f: F,
     ) -> Result<T, F> {
@@ -84,20 +86,26 @@ impl LocalLimiter {
             names,
         } = &mut *guard;
         match states.get_mut(&workspace) {
-            Some(state) if !state.month_is_stale(now) => Ok(f(Entry { state, live, names })),
+            Some(state)
+                if !state.month_is_stale(now) && !limits.is_some_and(|l| state.needs_key(l)) =>
+            {
+                Ok(f(Entry { state, live, names }))
+            }
             _ => Err(f),
         }
     }
 
     /// Runs `f` on the workspace's entry for the current month, loading the month's ledger
-    /// totals first when the state is new or belongs to an earlier month.
+    /// totals first when the state is new, belongs to an earlier month, or has no state yet for
+    /// the key of `limits`.
     async fn with_entry<T, F: FnOnce(Entry<'_>) -> T>(
         &self,
         workspace: WorkspaceId,
+        limits: Option<&Limits>,
         now: Nanos,
         f: F,
     ) -> Result<T, LimiterError> {
-        let f = match self.try_entry(workspace, now, f) {
+        let f = match self.try_entry(workspace, limits, now, f) {
             Ok(done) => return Ok(done),
             Err(f) => f,
         };
@@ -115,6 +123,9 @@ impl LocalLimiter {
             .entry(workspace)
             .or_insert_with(|| Box::new(WorkspaceState::new_named(now, &totals, Some(names))));
         state.roll_month_named(now, &totals, Some(names));
+        if let Some(k) = limits.and_then(|l| l.key) {
+            state.add_key(k.id, &totals, now);
+        }
         Ok(f(Entry { state, live, names }))
     }
 
@@ -151,6 +162,16 @@ impl LocalLimiter {
         let shard = self.shard(workspace);
         let state = shard.states.get(&workspace)?;
         (!state.month_is_stale(now)).then(|| state.month_seeds())
+    }
+
+    /// What key `key`'s month counter started from, once it is tracked this month.
+    pub fn key_month_seed(&self, workspace: WorkspaceId, key: KeyId, now: Nanos) -> Option<u64> {
+        let shard = self.shard(workspace);
+        let state = shard.states.get(&workspace)?;
+        if state.month_is_stale(now) {
+            return None;
+        }
+        state.key_month_seed(key)
     }
 
     /// Forgets every workspace.
@@ -197,9 +218,9 @@ impl Limiter for LocalLimiter {
                 (Verdict::Deny(denial), snapshot) => Decision::Deny { denial, snapshot },
             }
         };
-        match self.try_entry(workspace, now, decide) {
+        match self.try_entry(workspace, Some(limits), now, decide) {
             Ok(decision) => Answer::now(Ok(decision)),
-            Err(decide) => Answer::later(self.with_entry(workspace, now, decide)),
+            Err(decide) => Answer::later(self.with_entry(workspace, Some(limits), now, decide)),
         }
     }
 
@@ -242,7 +263,10 @@ impl Limiter for LocalLimiter {
             return Answer::now(Ok(settled));
         }
         Answer::later(async move {
-            if let Err(e) = self.with_entry(reservation.workspace, now, settle).await {
+            if let Err(e) = self
+                .with_entry(reservation.workspace, None, now, settle)
+                .await
+            {
                 tracing::warn!(error = %e, "month rollover at settlement: ledger unavailable");
                 let mut guard = self.shard(reservation.workspace);
                 let Shard {
@@ -279,9 +303,9 @@ impl Limiter for LocalLimiter {
         now: Nanos,
     ) -> Answer<'a, Result<Usage, LimiterError>> {
         let view = move |entry: Entry<'_>| entry.state.usage(limits, now);
-        match self.try_entry(workspace, now, view) {
+        match self.try_entry(workspace, Some(limits), now, view) {
             Ok(usage) => Answer::now(Ok(usage)),
-            Err(view) => Answer::later(self.with_entry(workspace, now, view)),
+            Err(view) => Answer::later(self.with_entry(workspace, Some(limits), now, view)),
         }
     }
 }

@@ -31,9 +31,14 @@
 --                     generation did not count itself, what it counted (settled), what is held
 --   mb:<m> md:<m> mr:<m>
 --                     the same three for model <m>
+--   k<id>:rl/ra/rc k<id>:tl/ta/tc
+--                     the request and token buckets of API key <id>'s own limits
+--   kb:<id> kd:<id> kr:<id>
+--                     key <id>'s month counter in this generation: the ledger's total for what
+--                     the generation did not count (present once based), counted, held
 -- Records (KEYS[2]):
---   L|tokens|gen|model|slot   live reservation
---   X|tokens|gen|model        its lease expired (the instance is presumed gone): its month hold
+--   L|tokens|gen|model|slot|key   live reservation (key: the key with limits of its own, or '')
+--   X|tokens|gen|model|key    its lease expired (the instance is presumed gone): its month hold
 --                             and slot were released; a late settlement still counts once
 --   S|gen                     settled (tombstone; a second settlement answers the same)
 --   C                         cancelled before its reservation was known to the caller
@@ -248,8 +253,10 @@ local function req_at(l, a, c, cap, rate)
   return level + elapsed * rate, now
 end
 
-local function req_load(cap, rate)
-  return req_at(num('rl'), num('ra'), num('rc'), cap, rate)
+-- The request bucket under prefix p ('' for the workspace's, 'k<id>:' for a key's).
+local function req_load(cap, rate, p)
+  p = p or ''
+  return req_at(num(p .. 'rl'), num(p .. 'ra'), num(p .. 'rc'), cap, rate)
 end
 
 local function tok_at(l, a, c, cap)
@@ -304,13 +311,15 @@ end
 -- The month counter
 
 local function new_generation(mk, gen)
-  for _, f in ipairs(redis.call('HKEYS', KS)) do
+  local function month_field(f)
     local p = string.sub(f, 1, 3)
-    if p == 'mb:' or p == 'md:' or p == 'mr:' then drop(f) end
+    return p == 'mb:' or p == 'md:' or p == 'mr:' or p == 'kb:' or p == 'kd:' or p == 'kr:'
+  end
+  for _, f in ipairs(redis.call('HKEYS', KS)) do
+    if month_field(f) then drop(f) end
   end
   for f in pairs(dirty) do
-    local p = string.sub(f, 1, 3)
-    if p == 'mb:' or p == 'md:' or p == 'mr:' then drop(f) end
+    if month_field(f) then drop(f) end
   end
   put('mn', 0)
   put('mk', mk)
@@ -374,14 +383,47 @@ local function model_used(m)
   return (num(mn.b) or 0) + (num(mn.d) or 0) + (num(mn.r) or 0)
 end
 
+-- A key's own limits: its fields' prefix, and reading the fields an op needs.
+local function key_prefix(kid) return 'k' .. kid .. ':' end
+local function load_key(kid, krate, ktpm)
+  if kid == '' then return end
+  local kp = key_prefix(kid)
+  local fields = {'kb:' .. kid, 'kd:' .. kid, 'kr:' .. kid}
+  if krate > 0 then
+    fields[#fields + 1] = kp .. 'rl'
+    fields[#fields + 1] = kp .. 'ra'
+    fields[#fields + 1] = kp .. 'rc'
+  end
+  if ktpm > 0 then
+    local b = bucket(kp .. 't')
+    fields[#fields + 1] = b[1]
+    fields[#fields + 1] = b[2]
+    fields[#fields + 1] = b[3]
+  end
+  load(fields)
+end
+
+-- Adds n to one of a key's month fields ('kd' counted, 'kr' held).
+local function key_add(kind, kid, n)
+  if kid == nil or kid == '' or n == 0 then return end
+  local f = kind .. ':' .. kid
+  load({f})
+  put(f, math.max((num(f) or 0) + n, 0))
+end
+
+local function key_used(kid)
+  return (num('kb:' .. kid) or 0) + (num('kd:' .. kid) or 0) + (num('kr:' .. kid) or 0)
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- Records and leases
 
 -- Releases what a live record holds in the month counter and its slot.
-local function release_hold(tokens, gen, m, slot)
+local function release_hold(tokens, gen, m, slot, kid)
   if get('gen') == gen then
     add('res', -tokens)
     model_add('r', m, -tokens, true)
+    key_add('kr', kid, -tokens)
   end
   if slot == '1' then put('inflight', math.max((num('inflight') or 0) - 1, 0)) end
 end
@@ -398,9 +440,9 @@ local function reap()
     local rec = recs[i]
     if rec and string.sub(rec, 1, 1) == 'L' then
       local r = split(rec)
-      release_hold(N(r[2]), r[3], r[4], r[5])
+      release_hold(N(r[2]), r[3], r[4], r[5], r[6])
       expired[#expired + 1] = id
-      expired[#expired + 1] = 'X|' .. r[2] .. '|' .. r[3] .. '|' .. r[4]
+      expired[#expired + 1] = 'X|' .. r[2] .. '|' .. r[3] .. '|' .. r[4] .. '|' .. (r[6] or '')
       until_[#until_ + 1] = S(now + TOMB)
       until_[#until_ + 1] = id
     else
@@ -441,6 +483,20 @@ local function tok_view(tpm, p)
   return math.floor(math.max(level, 0) / U), tok_full_at(level, at, tpm), balance
 end
 
+-- A key's windows: requests remaining, full at, tokens remaining, full at, month used (zeros
+-- without a key).
+local function key_view(kid, krate, krcap, ktpm)
+  if kid == '' then return 0, 0, 0, 0, 0 end
+  local kp = key_prefix(kid)
+  local rr, rf = 0, 0
+  if krate > 0 then
+    local level, at = req_load(krcap, krate, kp)
+    rr, rf = req_view(level, at, krcap, krate)
+  end
+  local tr, tf = tok_view(ktpm, kp .. 't')
+  return rr, rf, tr, tf, key_used(kid)
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- Operations
 
@@ -474,12 +530,16 @@ end
 
 if op == 'reserve' then
   -- ARGV 6..: id, lease ms, gen candidate, rate, burst capacity, tpm, month cap, concurrency,
-  -- model, model tpm, model month, prompt, estimate, need base (1: the month must be exact)
+  -- model, model tpm, model month, prompt, estimate, need base (1: the month must be exact),
+  -- then the key's: id ('' without limits of its own), rate, burst capacity, tpm, month cap
   local id, lease, cand = ARGV[6], N(ARGV[7]), ARGV[8]
   local rate, rcap, tpm, mcap, conc = N(ARGV[9]), N(ARGV[10]), N(ARGV[11]), N(ARGV[12]), N(ARGV[13])
   local m, mtpm, mmcap = ARGV[14], N(ARGV[15]), N(ARGV[16])
   local prompt, estimate = N(ARGV[17]), N(ARGV[18])
+  local kid, krate, krcap = ARGV[20] or '', N(ARGV[21] or '0'), N(ARGV[22] or '0')
+  local ktpm, kmcap = N(ARGV[23] or '0'), N(ARGV[24] or '0')
   load_for(rate, tpm, m, mtpm)
+  load_key(kid, krate, ktpm)
   reap()
   local known = redis.call('HGET', KR, id)
   if known then
@@ -495,10 +555,13 @@ if op == 'reserve' then
     end
     local tr, tf = tok_view(tpm)
     local settled, reserved = month_used()
-    return {1, now, N(r[2]), r[3], rr, rf, tr, tf, settled + reserved, month_of(now)}
+    local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
+    return {1, now, N(r[2]), r[3], rr, rf, tr, tf, settled + reserved, month_of(now),
+      krr, krf, ktr, ktf, kused}
   end
   local gen, based, mk = month_counter(cand)
-  if not based and (mcap > 0 or mmcap > 0 or ARGV[19] == '1') then
+  if (not based and (mcap > 0 or mmcap > 0 or ARGV[19] == '1'))
+      or (kid ~= '' and kmcap > 0 and not get('kb:' .. kid)) then
     finish()
     return {2, now, gen, mk}
   end
@@ -527,6 +590,14 @@ if op == 'reserve' then
   if mmcap > 0 then
     if prompt > mmcap then candidate(2, 6, 0) end
     tokens = math.min(tokens, mmcap)
+  end
+  if ktpm > 0 then
+    if prompt > ktpm then candidate(2, 8, 0) end
+    tokens = math.min(tokens, ktpm)
+  end
+  if kmcap > 0 then
+    if prompt > kmcap then candidate(2, 9, 0) end
+    tokens = math.min(tokens, kmcap)
   end
   tokens = math.max(tokens, prompt)
 
@@ -558,13 +629,33 @@ if op == 'reserve' then
   if m ~= '' and mmcap > 0 and model_used(m) + tokens > mmcap and tokens <= mmcap then
     candidate(1, 6, 0)
   end
+  -- The key's own limits.
+  local kp = kid ~= '' and key_prefix(kid)
+  local krlevel, krat, klevel, kat
+  if kid ~= '' then
+    if krate > 0 then
+      krlevel, krat = req_load(krcap, krate, kp)
+      local need = NR - krlevel
+      if need > 0 then candidate(0, 7, krat + ceil_div(need, krate)) end
+    end
+    if ktpm > 0 then
+      klevel, kat = tok_load(kp .. 't', ktpm)
+      local at = tok_available_at(klevel, kat, ktpm, tokens)
+      if at > now and tokens <= ktpm then candidate(0, 8, at) end
+    end
+    if kmcap > 0 and key_used(kid) + tokens > kmcap and tokens <= kmcap then
+      candidate(1, 9, 0)
+    end
+  end
 
   if best_kind >= 0 then
     finish()
     local rr, rf = 0, 0
     if rate > 0 then rr, rf = req_view(rlevel, rat, rcap, rate) end
     local tr, tf = tok_view(tpm)
-    return {0, now, best_kind, best_limit, best_at, rr, rf, tr, tf, settled + reserved, mk}
+    local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
+    return {0, now, best_kind, best_limit, best_at, rr, rf, tr, tf, settled + reserved, mk,
+      krr, krf, ktr, ktf, kused}
   end
 
   -- Admit: take from every limit.
@@ -597,20 +688,40 @@ if op == 'reserve' then
       tok_store(mp, clamp(mlevel - tokens * U, -capu, capu), mat, mtpm)
     end
   end
-  record(id, 'L|' .. S(tokens) .. '|' .. gen .. '|' .. m .. '|' .. slot, now + lease * 1000)
+  if kid ~= '' then
+    if krate > 0 then
+      krlevel = krlevel - NR
+      put(kp .. 'rl', krlevel)
+      put(kp .. 'ra', krat)
+      put(kp .. 'rc', krcap)
+      local _, full_at = req_view(krlevel, krat, krcap, krate)
+      keep_until(full_at)
+    end
+    if ktpm > 0 then
+      local capu = ktpm * U
+      tok_store(kp .. 't', clamp(klevel - tokens * U, -capu, capu), kat, ktpm)
+    end
+    key_add('kr', kid, tokens)
+  end
+  record(id, 'L|' .. S(tokens) .. '|' .. gen .. '|' .. m .. '|' .. slot .. '|' .. kid,
+    now + lease * 1000)
   finish()
-  return {1, now, tokens, gen, rr, rf, tr, tf, settled + reserved + tokens, mk}
+  local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
+  return {1, now, tokens, gen, rr, rf, tr, tf, settled + reserved + tokens, mk,
+    krr, krf, ktr, ktf, kused}
 end
 
 if op == 'settle' or op == 'cancel' then
-  -- ARGV 6..: id, gen candidate, actual, tpm, model, model tpm
+  -- ARGV 6..: id, gen candidate, actual, tpm, model, model tpm, key ('' none), key tpm
   -- Settles once: a live record is replaced by its actual usage; an expired one (X) counts its
   -- usage and returns what it took from the buckets; one the server no longer knows (flushed)
   -- counts its usage as new. `cancel` settles a live record to 0 and, when there is none,
   -- leaves a tombstone so that a reservation arriving late is refused.
   local id, cand = ARGV[6], ARGV[7]
   local actual, tpm, m, mtpm = N(ARGV[8]), N(ARGV[9]), ARGV[10], N(ARGV[11])
+  local kid, ktpm = ARGV[12] or '', N(ARGV[13] or '0')
   load_for(0, tpm, m, mtpm)
+  load_key(kid, 0, ktpm)
   reap()
   local rec = redis.call('HGET', KR, id)
   local kind = rec and string.sub(rec, 1, 1)
@@ -631,12 +742,14 @@ if op == 'settle' or op == 'cancel' then
     local held = N(r[2])
     delta, create = held - actual, false
     -- An expired record (X) released its hold when it was reaped.
-    if kind == 'L' then release_hold(held, r[3], r[4], r[5]) end
+    if kind == 'L' then release_hold(held, r[3], r[4], r[5], r[6]) end
   end
   if tpm > 0 then tok_add('t', tpm, delta, create) end
   if m ~= '' and mtpm > 0 then tok_add(month_names(m).t, mtpm, delta, create) end
+  if kid ~= '' and ktpm > 0 then tok_add(key_prefix(kid) .. 't', ktpm, delta, create) end
   add('delta', actual)
   model_add('d', m, actual, mtpm > 0)
+  key_add('kd', kid, actual)
   if op == 'cancel' then
     record(id, 'C', now + TOMB)
   else
@@ -654,8 +767,9 @@ if op == 'release' then
     local r = split(rec)
     if r[5] == '1' then
       load({'inflight', 'gen'})
-      release_hold(0, r[3], r[4], '1')
-      redis.call('HSET', KR, id, 'L|' .. r[2] .. '|' .. r[3] .. '|' .. r[4] .. '|0')
+      release_hold(0, r[3], r[4], '1', r[6])
+      redis.call('HSET', KR, id,
+        'L|' .. r[2] .. '|' .. r[3] .. '|' .. r[4] .. '|0|' .. (r[6] or ''))
       finish()
     end
   end
@@ -690,14 +804,17 @@ if op == 'renew' then
 end
 
 if op == 'usage' then
-  -- ARGV 6..: gen candidate, rate, burst capacity, tpm, need base, then model/model tpm pairs
-  -- (the models with limits of their own)
+  -- ARGV 6..: gen candidate, rate, burst capacity, tpm, need base, the key's id ('' none),
+  -- rate, burst capacity, tpm, month cap, then model/model tpm pairs (the models with limits of
+  -- their own)
   local cand = ARGV[6]
   local rate, rcap, tpm = N(ARGV[7]), N(ARGV[8]), N(ARGV[9])
+  local kid, krate, krcap, ktpm, kmcap = ARGV[11], N(ARGV[12]), N(ARGV[13]), N(ARGV[14]), N(ARGV[15])
   load_for(rate, tpm, '', 0)
-  if #ARGV > 10 then
+  load_key(kid, krate, ktpm)
+  if #ARGV > 15 then
     local fields = {}
-    for i = 11, #ARGV - 1, 2 do
+    for i = 16, #ARGV - 1, 2 do
       local mn = month_names(ARGV[i])
       fields[#fields + 1] = mn.b
       fields[#fields + 1] = mn.d
@@ -714,7 +831,9 @@ if op == 'usage' then
   reap()
   local gen, based, mk = month_counter(cand)
   finish()
-  if not based and ARGV[10] == '1' then return {2, now, gen, mk} end
+  if (not based and ARGV[10] == '1') or (kid ~= '' and kmcap > 0 and not get('kb:' .. kid)) then
+    return {2, now, gen, mk}
+  end
   local rr, rf = 0, 0
   if rate > 0 then
     local level, at = req_load(rcap, rate)
@@ -722,9 +841,11 @@ if op == 'usage' then
   end
   local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
-  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, num('inflight') or 0, mk, gen}
+  local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
+  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, num('inflight') or 0, mk, gen,
+    krr, krf, ktr, ktf, kused}
   -- Then, per model asked about: tokens left this minute, when whole again, used this month.
-  for i = 11, #ARGV - 1, 2 do
+  for i = 16, #ARGV - 1, 2 do
     local m = ARGV[i]
     local mr, mf = tok_view(N(ARGV[i + 1]), month_names(m).t)
     reply[#reply + 1] = mr
@@ -735,23 +856,38 @@ if op == 'usage' then
 end
 
 if op == 'base' then
-  -- ARGV 6..: gen, window ms, tokens, then model/tokens/limited triples (limited models
-  -- first, each counted apart whatever the bound). Sets the ledger's total for
-  -- what generation `gen` did not count; later calls within the window may only raise it (the
-  -- ledger only grows, and what lagged behind a flush arrives).
-  local gen, window, base = ARGV[6], N(ARGV[7]), N(ARGV[8])
+  -- ARGV 6..: gen, window ms, tokens, the number of keys, key/tokens pairs (keys with limits of
+  -- their own), then model/tokens/limited triples (limited models first, each counted apart
+  -- whatever the bound). Sets the ledger's total for what generation `gen` did not count; later
+  -- calls within the window may only raise it (the ledger only grows, and what lagged behind a
+  -- flush arrives). A key not based yet in this generation is based whatever the window.
+  local gen, window, base, nkeys = ARGV[6], N(ARGV[7]), N(ARGV[8]), N(ARGV[9])
+  local first = 10 + 2 * nkeys
   local fields = {'gen', 'based', 'born', 'base', 'keep', 'mn'}
-  for i = 9, #ARGV - 2, 3 do
+  for i = 10, first - 1, 2 do fields[#fields + 1] = 'kb:' .. ARGV[i] end
+  for i = first, #ARGV - 2, 3 do
     fields[#fields + 1] = 'mb:' .. ARGV[i]
     fields[#fields + 1] = 'md:' .. ARGV[i]
     fields[#fields + 1] = 'mr:' .. ARGV[i]
   end
   load(fields)
   if get('gen') ~= gen then return {0, now} end
-  if get('based') == '1' and now - (num('born') or 0) > window * 1000 then return {0, now} end
+  local may_raise = not (get('based') == '1' and now - (num('born') or 0) > window * 1000)
+  for i = 10, first - 1, 2 do
+    local f = 'kb:' .. ARGV[i]
+    if not get(f) then
+      put(f, N(ARGV[i + 1]))
+    elseif may_raise then
+      put(f, math.max(num(f) or 0, N(ARGV[i + 1])))
+    end
+  end
+  if not may_raise then
+    finish()
+    return {0, now}
+  end
   put('base', math.max(num('base') or 0, base))
   put('based', '1')
-  for i = 9, #ARGV - 2, 3 do
+  for i = first, #ARGV - 2, 3 do
     local m = ARGV[i]
     local want = N(ARGV[i + 1])
     local had = num('mb:' .. m) or 0

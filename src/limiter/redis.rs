@@ -44,7 +44,7 @@ use super::{
     Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, MonthSource,
     Nanos, Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, Window,
 };
-use crate::model::{Limits, WorkspaceId};
+use crate::model::{KeyId, Limits, WorkspaceId};
 
 /// How long a workspace's keys live after its last call (longer while a bucket refills).
 pub const IDLE_TTL: Duration = Duration::from_secs(600);
@@ -294,14 +294,21 @@ fn limit_name(code: i64) -> LimitName {
         3 => LimitName::TokensPerMonth,
         4 => LimitName::ConcurrentRequests,
         5 => LimitName::ModelTokensPerMinute,
-        _ => LimitName::ModelTokensPerMonth,
+        6 => LimitName::ModelTokensPerMonth,
+        7 => LimitName::KeyRequestsPerSecond,
+        8 => LimitName::KeyTokensPerMinute,
+        _ => LimitName::KeyTokensPerMonth,
     }
 }
 
 fn limit_value(limits: &Limits, model: Option<&str>, name: LimitName) -> f64 {
     let model = model.and_then(|m| limits.models.get(m));
+    let key = limits.key.map(|k| k.limits).unwrap_or_default();
     let tokens = match name {
         LimitName::RequestsPerSecond => return limits.requests_per_second.unwrap_or(0.0),
+        LimitName::KeyRequestsPerSecond => return key.requests_per_second.unwrap_or(0.0),
+        LimitName::KeyTokensPerMinute => key.tokens_per_minute,
+        LimitName::KeyTokensPerMonth => key.tokens_per_month,
         LimitName::ConcurrentRequests => {
             return limits.concurrent_requests.unwrap_or(0) as f64;
         }
@@ -332,6 +339,53 @@ fn read_snapshot(v: [u64; 5], limits: &Limits, t: Times, mk: MonthKey) -> Snapsh
             remaining: cap.saturating_sub(v[4]),
             reset: t.until_ns(mk.next().start()),
         }),
+    }
+}
+
+/// The snapshot a decision answers with: the workspace's windows, each replaced by the key's
+/// (`Limits::key`, from the script's five numbers at `key`) where it has less remaining.
+fn decision_snapshot(
+    reply: &Reply,
+    workspace: usize,
+    key: usize,
+    limits: &Limits,
+    t: Times,
+    mk: MonthKey,
+) -> Result<Snapshot, LimiterError> {
+    let snapshot = read_snapshot(reply.five(workspace)?, limits, t, mk);
+    Ok(match limits.key {
+        Some(k) => snapshot.tighter(read_snapshot(
+            reply.five(key)?,
+            &k.limits.as_limits(),
+            t,
+            mk,
+        )),
+        None => snapshot,
+    })
+}
+
+/// The key's arguments (see `redis.lua`): id, rate, burst capacity, tokens per minute, month
+/// cap; an empty id and zeros without limits of its own.
+fn key_args(limits: &Limits) -> [String; 5] {
+    match limits.key {
+        Some(k) => {
+            let l = k.limits.as_limits();
+            let (rate, capacity) = request_args(&l);
+            [
+                k.id.to_string(),
+                rate.to_string(),
+                capacity.to_string(),
+                l.tokens_per_minute.unwrap_or(0).to_string(),
+                l.tokens_per_month.unwrap_or(0).to_string(),
+            ]
+        }
+        None => [
+            String::new(),
+            "0".to_string(),
+            "0".to_string(),
+            "0".to_string(),
+            "0".to_string(),
+        ],
     }
 }
 
@@ -589,6 +643,15 @@ impl Inner {
             REBASE_WINDOW_MS.to_string(),
             totals.tokens.to_string(),
         ]);
+        // The key with limits of its own the call is for, if any.
+        match limits.key {
+            Some(k) => args.extend([
+                "1".to_string(),
+                k.id.to_string(),
+                totals.by_key.get(&k.id).copied().unwrap_or(0).to_string(),
+            ]),
+            None => args.push("0".to_string()),
+        }
         // Models with limits of their own first (always counted apart), then the most used, so
         // that the bound on models tracked keeps what matters.
         let mut models: Vec<(&String, &u64)> = totals.by_model.iter().collect();
@@ -611,7 +674,8 @@ impl Inner {
         model: Option<&str>,
         now: Nanos,
     ) {
-        let args = settle_args(self, "cancel", id, limits, model, 0, now);
+        let key = limits.key.map(|k| k.id);
+        let args = settle_args(self, "cancel", id, limits, model, key, 0, now);
         if let Err(e) = self.eval(&self.keys(workspace), &args).await {
             tracing::warn!(error = %e, "cancelling an abandoned reservation failed; its lease will free it");
         }
@@ -622,12 +686,14 @@ impl Inner {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn settle_args(
     inner: &Inner,
     op: &str,
     id: ReservationId,
     limits: &Limits,
     model: Option<&str>,
+    key: Option<KeyId>,
     actual: u64,
     now: Nanos,
 ) -> Vec<String> {
@@ -642,6 +708,15 @@ fn settle_args(
         limits.tokens_per_minute.unwrap_or(0).to_string(),
         model.map(model_id).unwrap_or_default(),
         model_tpm.unwrap_or(0).to_string(),
+    ]);
+    // The key's bucket is refunded at its limit now (none when its limits were removed since).
+    let key_tpm = limits
+        .key
+        .filter(|k| Some(k.id) == key)
+        .and_then(|k| k.limits.tokens_per_minute);
+    args.extend([
+        key.map(|k| k.to_string()).unwrap_or_default(),
+        key_tpm.unwrap_or(0).to_string(),
     ]);
     args
 }
@@ -867,6 +942,7 @@ impl RedisLimiter {
                 cost.estimate.min(MAX_REQUEST_TOKENS).to_string(),
                 "0".to_string(),
             ]);
+            args.extend(key_args(limits));
             let mut guard = CancelGuard {
                 inner: inner.clone(),
                 workspace,
@@ -893,13 +969,14 @@ impl RedisLimiter {
                         tokens: reply.u(2)?,
                         month: mk,
                         slot: limits.concurrent_requests.is_some(),
+                        key: limits.key.map(|k| k.id),
                     };
                     inner
                         .live
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(id, workspace);
-                    let snapshot = read_snapshot(reply.five(4)?, limits, t, mk);
+                    let snapshot = decision_snapshot(&reply, 4, 10, limits, t, mk)?;
                     let mut reservation = Reservation::new(workspace, held);
                     reservation.id = id;
                     return Ok(Decision::Admit {
@@ -932,7 +1009,7 @@ impl RedisLimiter {
                         limit_value: limit_value(limits, model, limit),
                         retry_after,
                     };
-                    let snapshot = read_snapshot(reply.five(5)?, limits, t, mk);
+                    let snapshot = decision_snapshot(&reply, 5, 11, limits, t, mk)?;
                     return Ok(Decision::Deny { denial, snapshot });
                 }
                 2 => {
@@ -967,6 +1044,7 @@ impl RedisLimiter {
             reservation.id,
             limits,
             reservation.held.model.as_deref(),
+            reservation.held.key,
             actual,
             now,
         );
@@ -1047,6 +1125,7 @@ impl RedisLimiter {
                 limits.tokens_per_minute.unwrap_or(0).to_string(),
                 "1".to_string(),
             ]);
+            args.extend(key_args(limits));
             for (model, l) in &limits.models {
                 args.push(model_id(model));
                 args.push(l.tokens_per_minute.unwrap_or(0).to_string());
@@ -1072,10 +1151,15 @@ impl RedisLimiter {
                 settled + reserved,
             ];
             let snapshot = read_snapshot(v, limits, t, mk);
-            // {…, gen, then per model: tokens left, whole again at, used this month}
+            // {…, gen, the key's five numbers, then per model: tokens left, whole again at, used
+            // this month}
+            let key = match limits.key {
+                Some(k) => Some(read_snapshot(reply.five(12)?, &k.limits.as_limits(), t, mk)),
+                None => None,
+            };
             let mut models = Vec::with_capacity(limits.models.len());
             for (i, (model, l)) in limits.models.iter().enumerate() {
-                let at = 12 + 3 * i;
+                let at = 17 + 3 * i;
                 let (left, full_at, used) = (reply.u(at)?, reply.u(at + 1)?, reply.u(at + 2)?);
                 models.push(ModelUsage {
                     model: model.clone(),
@@ -1099,7 +1183,7 @@ impl RedisLimiter {
                 month_reserved_tokens: reserved,
                 in_flight: reply.u(9)? as u32,
                 models,
-                key: None,
+                key,
             });
         }
         Err(unavailable(
