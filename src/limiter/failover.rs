@@ -542,6 +542,37 @@ mod tests {
     }
 
     #[test]
+    fn a_keys_own_limits_are_shared_too() {
+        use crate::model::{KeyLimits, KeyScope};
+        let mut l = limits(10_000, 10, 600, 1_000, 5);
+        l.key = Some(KeyScope {
+            id: 4,
+            limits: KeyLimits {
+                requests_per_second: Some(3.0),
+                burst: Some(5),
+                tokens_per_minute: Some(300),
+                tokens_per_month: Some(900),
+            },
+        });
+        let none = (0, HashMap::new());
+        let shares: Vec<KeyLimits> = (0..3)
+            .map(|r| share(&l, 3, r, &none).unwrap().key.unwrap().limits)
+            .collect();
+        let bursts: Vec<_> = shares.iter().map(|k| k.burst.unwrap()).collect();
+        assert_eq!(bursts, [2, 2, 1]);
+        assert!(shares.iter().all(|k| k.requests_per_second == Some(1.0)));
+        assert!(shares.iter().all(|k| k.tokens_per_minute == Some(100)));
+        // The month is shared by the caller, from the key's own seed.
+        assert_eq!(month_share(900, 300, 3), 500);
+        // A key's limit too small to share is named.
+        l.key.as_mut().unwrap().limits.tokens_per_minute = Some(2);
+        assert_eq!(
+            share(&l, 3, 0, &none).map(|_| ()),
+            Err(LimitName::KeyTokensPerMinute)
+        );
+    }
+
+    #[test]
     fn three_instances_share_one_limit() {
         let l = limits(10_000, 10, 600, 1_000, 5);
         let seeds = (400, [("m".to_string(), 100)].into_iter().collect());
