@@ -50,7 +50,7 @@ use super::views::{
 };
 use crate::admin::{AdminError, NextTier};
 use crate::app::AppState;
-use crate::catalog::{AuthFailure, WorkspaceEntry};
+use crate::catalog::{AuthFailure, Authenticated, WorkspaceEntry};
 use crate::console::{Session, SessionKind, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
 use crate::metrics::Metrics;
 use crate::model::{Actor, ApiKey, KeyId, LimitRequest, Limits, Overrides, Tier, Workspace};
@@ -183,9 +183,9 @@ async fn sign_in(
         );
     }
     match state.catalog.authenticate(key.trim(), now).await {
-        Ok((key_id, entry)) => {
+        Ok(Authenticated { key, workspace, .. }) => {
             Metrics::inc(&state.metrics.console_signed_in);
-            let (_, value) = state.console.sign_in(entry.workspace.id, key_id, now);
+            let (_, value) = state.console.sign_in(workspace.workspace.id, key, now);
             let secure = over_https(&parts.headers);
             see_other(
                 "/console/workspace",
