@@ -17,6 +17,7 @@ mod errors;
 mod faults;
 mod harness;
 mod headers;
+mod keys;
 mod limits;
 mod metrics;
 mod openapi;
