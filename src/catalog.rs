@@ -5,7 +5,8 @@
 //! answer is sent, so it holds from the next request. A change made elsewhere (the admin CLI,
 //! another instance) bumps the store's `catalog_version` and is logged under it; every instance
 //! polls the log each `catalog_refresh` (1 s by default) and applies only what changed: a tier
-//! (its workspaces' limits are recomputed), a workspace, a key (dropped when revoked). The whole
+//! (its workspaces' limits are recomputed), a workspace, a key (dropped when revoked; its own
+//! limits replaced when they changed). The whole
 //! catalogue is loaded at start, and again when the log no longer reaches back to this copy's
 //! version. An unknown key waits for the next check of the store (they start at most every
 //! 100 ms, and are shared by all waiting requests), so a key created elsewhere works at once;
