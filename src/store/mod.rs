@@ -412,7 +412,8 @@ pub trait Store: Send + Sync {
     async fn record_usage(&self, batch: &LedgerBatch, now: i64) -> Result<bool, StoreError>;
     /// The month's settled totals (tokens, requests, tokens by model, tokens by key) from the
     /// daily rollups; with `excluding_counter`, minus what that month-counter generation
-    /// counted (for the workspace, each model and each key).
+    /// counted (for the workspace, each model and each key). A key with no tokens left is not
+    /// in `by_key`.
     async fn month_totals(
         &self,
         workspace: WorkspaceId,
