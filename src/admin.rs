@@ -26,8 +26,8 @@ use crate::config::validate_tier_name;
 use crate::limiter::MonthKey;
 use crate::model::{
     validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition,
-    FieldPatch, KeyId, LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides,
-    OverridesPatch, Promoted, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+    FieldPatch, KeyId, KeyLimits, LimitRequest, LimitRequestId, LimitRequestStatus, Limits,
+    Overrides, OverridesPatch, Promoted, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
     MAX_BUDGET_MODELS,
 };
 use crate::store::{
@@ -210,6 +210,48 @@ pub fn overrides_patch<'a>(
         .validate()
         .map_err(|m| invalid(format!("limits: {m}")))?;
     Ok(patch)
+}
+
+/// The names a key's own limit may be given by (`KeyLimits`' fields).
+pub const KEY_LIMIT_NAMES: &str = "requests_per_second, burst, tokens_per_minute, tokens_per_month";
+
+/// Reads a key's limits as the admin API and the console give them, whole: `null` or `{}` for
+/// none, else an object of `KEY_LIMIT_NAMES`, each a number (`null` or left out: no limit of
+/// the key's own). An unknown name is refused naming it; the figures are checked by
+/// `Admin::set_key_limits`.
+pub fn key_limits(value: &Value) -> Result<KeyLimits, AdminError> {
+    fn number<T: serde::de::DeserializeOwned>(
+        field: &str,
+        v: &Value,
+    ) -> Result<Option<T>, AdminError> {
+        if v.is_null() {
+            return Ok(None);
+        }
+        serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|_| invalid(format!("limits.{field} must be a positive number or null")))
+    }
+    let fields = match value {
+        Value::Null => return Ok(KeyLimits::default()),
+        Value::Object(fields) => fields,
+        _ => return Err(invalid("limits must be an object or null")),
+    };
+    let mut limits = KeyLimits::default();
+    for (field, v) in fields {
+        match field.as_str() {
+            "requests_per_second" => limits.requests_per_second = number(field, v)?,
+            "burst" => limits.burst = number(field, v)?,
+            "tokens_per_minute" => limits.tokens_per_minute = number(field, v)?,
+            "tokens_per_month" => limits.tokens_per_month = number(field, v)?,
+            other => {
+                let shown: String = other.chars().take(64).collect();
+                return Err(invalid(format!(
+                    "limits.{shown} is not a limit a key may have; use {KEY_LIMIT_NAMES}"
+                )));
+            }
+        }
+    }
+    Ok(limits)
 }
 
 /// A change to a workspace: each part that is set is applied, the others kept.
@@ -816,6 +858,51 @@ impl Admin {
         let key = self
             .store
             .revoke_key(id, by, self.now())
+            .await
+            .map_err(not_found("key", id))?;
+        self.refresh().await;
+        Ok(key)
+    }
+
+    /// Replaces a key's own limits (empty: none). Each figure must be valid
+    /// (`KeyLimits::validate`; a burst only with a rate) and at most the workspace's effective
+    /// limit now (its tier's, then its overrides, then its budget), naming the field otherwise.
+    /// `NotFound` for no key, `Conflict` for a revoked one. The limits stay as set when the
+    /// workspace's change later: what is enforced is always within them (`Limits::with_key`).
+    pub async fn set_key_limits(
+        &self,
+        by: &Actor,
+        id: KeyId,
+        limits: KeyLimits,
+    ) -> Result<ApiKey, AdminError> {
+        limits
+            .validate()
+            .map_err(|m| invalid(format!("limits: {m}")))?;
+        if limits.burst.is_some() && limits.requests_per_second.is_none() {
+            return Err(invalid(
+                "limits: burst goes with requests_per_second: give both, or neither",
+            ));
+        }
+        let key = self.store.get_key(id).await.map_err(not_found("key", id))?;
+        if key.revoked_at.is_some() {
+            return Err(AdminError::Conflict(format!("key {id} is revoked")));
+        }
+        let ws = self.get_workspace(key.workspace_id).await?;
+        let tier = self
+            .store
+            .list_tiers()
+            .await?
+            .into_iter()
+            .find(|t| t.name == ws.tier)
+            .map(|t| t.limits)
+            .unwrap_or_default();
+        let (effective, _) = ws.effective_limits(&tier);
+        if let Some(m) = limits.above(&effective) {
+            return Err(invalid(format!("limits.{m}")));
+        }
+        let key = self
+            .store
+            .set_key_limits(id, &limits, by, self.now())
             .await
             .map_err(not_found("key", id))?;
         self.refresh().await;

@@ -5,7 +5,8 @@
 //! answer is sent, so it holds from the next request. A change made elsewhere (the admin CLI,
 //! another instance) bumps the store's `catalog_version` and is logged under it; every instance
 //! polls the log each `catalog_refresh` (1 s by default) and applies only what changed: a tier
-//! (its workspaces' limits are recomputed), a workspace, a key (dropped when revoked). The whole
+//! (its workspaces' limits are recomputed), a workspace, a key (dropped when revoked; its own
+//! limits replaced when they changed). The whole
 //! catalogue is loaded at start, and again when the log no longer reaches back to this copy's
 //! version. An unknown key waits for the next check of the store (they start at most every
 //! 100 ms, and are shared by all waiting requests), so a key created elsewhere works at once;
@@ -20,7 +21,9 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
-use crate::model::{ApiKey, BudgetBinds, KeyId, Limits, Workspace, WorkspaceId, WorkspaceStatus};
+use crate::model::{
+    ApiKey, BudgetBinds, KeyId, KeyLimits, Limits, Workspace, WorkspaceId, WorkspaceStatus,
+};
 use crate::store::{CatalogChanges, CatalogDelta, Store, StoreError};
 
 /// At most one unknown-key check per this interval.
@@ -45,6 +48,8 @@ struct KeyEntry {
     id: KeyId,
     workspace: WorkspaceId,
     expires_at: Option<i64>,
+    /// The key's own limits as set (empty: none).
+    limits: KeyLimits,
     /// The last second this key's use was handed to the ledger writer: a key is written at
     /// most once a second, and the hot path takes no lock for it otherwise.
     noted_at: AtomicI64,
@@ -65,7 +70,7 @@ impl View {
             .get(&w.tier)
             .map(|l| (**l).clone())
             .unwrap_or_default();
-        let (limits, budget) = w.budget.apply(&w.overrides.apply(&tier).within_bounds());
+        let (limits, budget) = w.effective_limits(&tier);
         Arc::new(WorkspaceEntry {
             workspace: w.clone(),
             limits: Arc::new(limits),
@@ -78,6 +83,7 @@ impl View {
             id: k.id,
             workspace: k.workspace_id,
             expires_at: k.expires_at,
+            limits: k.limits,
             noted_at: AtomicI64::new(0),
         })
     }
@@ -118,10 +124,9 @@ impl View {
                 view.keys.remove(&k.hash);
             } else {
                 // A key that is already known keeps its entry (and its last-use note).
-                let same = view
-                    .keys
-                    .get(&k.hash)
-                    .is_some_and(|e| e.id == k.id && e.expires_at == k.expires_at);
+                let same = view.keys.get(&k.hash).is_some_and(|e| {
+                    e.id == k.id && e.expires_at == k.expires_at && e.limits == k.limits
+                });
                 if !same {
                     view.keys.insert(k.hash, Self::key_entry(k));
                 }
@@ -140,6 +145,28 @@ struct MissCheck {
     /// Checks begun so far.
     seq: u64,
     paused_until: Option<Instant>,
+}
+
+/// A key that holds: its id, its own limits as set (empty: none; what the limiter enforces is
+/// `workspace.limits.with_key(key, &key_limits)`), and its workspace.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    pub key: KeyId,
+    pub key_limits: KeyLimits,
+    pub workspace: Arc<WorkspaceEntry>,
+}
+
+impl Authenticated {
+    /// The limits to reserve, settle and ask about for a request made with this key: the
+    /// workspace's own (shared, no allocation) for a key without limits, else the workspace's
+    /// with the key's within them.
+    pub fn limits(&self) -> Arc<Limits> {
+        if self.key_limits.is_empty() {
+            self.workspace.limits.clone()
+        } else {
+            Arc::new(self.workspace.limits.with_key(self.key, &self.key_limits))
+        }
+    }
 }
 
 /// Why a key was refused.
@@ -281,12 +308,8 @@ impl Catalog {
         self.view().version
     }
 
-    /// Finds the workspace of a key. `now` is unix seconds.
-    pub async fn authenticate(
-        &self,
-        secret: &str,
-        now: i64,
-    ) -> Result<(KeyId, Arc<WorkspaceEntry>), AuthFailure> {
+    /// Finds the workspace of a key, and the key's own limits. `now` is unix seconds.
+    pub async fn authenticate(&self, secret: &str, now: i64) -> Result<Authenticated, AuthFailure> {
         if !key_is_well_formed(secret) {
             return Err(AuthFailure::UnknownKey);
         }
@@ -313,7 +336,11 @@ impl Catalog {
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(key.id, now);
         }
-        Ok((key.id, entry))
+        Ok(Authenticated {
+            key: key.id,
+            key_limits: key.limits,
+            workspace: entry,
+        })
     }
 
     /// Whether key `key` of workspace `workspace` still holds (not revoked, not expired, its

@@ -13,7 +13,8 @@ use tiergate::clock::SystemClock;
 use tiergate::config::{Kind, LogFormat, Setting, SETTINGS};
 use tiergate::mock_upstream::{self, MockConfig};
 use tiergate::model::{
-    Actor, AttributeValue, Attributes, Limits, ModelLimits, Overrides, Promotion, TierSpec,
+    Actor, AttributeValue, Attributes, KeyLimits, Limits, ModelLimits, Overrides, Promotion,
+    TierSpec,
 };
 use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::redact;
@@ -248,6 +249,25 @@ enum KeyCommand {
     /// Revoke a key at once.
     Revoke {
         id: i64,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Set a key's own limits, replacing those it has (each at most its workspace's), or clear
+    /// them with --clear. A limit left out is no limit of the key's own.
+    Limits {
+        id: i64,
+        #[arg(long, conflicts_with = "clear")]
+        requests_per_second: Option<f64>,
+        /// Requests at once; goes with --requests-per-second.
+        #[arg(long, conflicts_with = "clear", requires = "requests_per_second")]
+        burst: Option<u32>,
+        #[arg(long, conflicts_with = "clear")]
+        tokens_per_minute: Option<u64>,
+        #[arg(long, conflicts_with = "clear")]
+        tokens_per_month: Option<u64>,
+        /// No limits of the key's own.
+        #[arg(long, required_unless_present_any = ["requests_per_second", "tokens_per_minute", "tokens_per_month"])]
+        clear: bool,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -651,6 +671,28 @@ async fn keys(command: KeyCommand) -> anyhow::Result<()> {
             let (admin, by) = admin(&store).await?;
             print(&admin.revoke_key(&by, id).await?);
         }
+        KeyCommand::Limits {
+            id,
+            requests_per_second,
+            burst,
+            tokens_per_minute,
+            tokens_per_month,
+            clear: _,
+            store,
+        } => {
+            // --clear conflicts with every limit: without any, the key has none of its own.
+            let limits = KeyLimits {
+                requests_per_second,
+                burst,
+                tokens_per_minute,
+                tokens_per_month,
+            };
+            let (admin, by) = admin(&store).await?;
+            let key = admin.set_key_limits(&by, id, limits).await?;
+            let mut v = serde_json::to_value(&key)?;
+            v["limits"] = serde_json::to_value(key.limits)?;
+            print(&v);
+        }
     }
     Ok(())
 }
@@ -840,13 +882,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 counted_rows,
                 hourly_rows,
                 key_rows,
+                counted_key_rows,
                 batch_ids,
                 audit_entries,
                 catalog_version,
             } = copied;
             println!("Copied {} into {}:", redact(&from), redact(&to));
             println!("  tiers: {tiers}, workspaces: {workspaces}, keys: {keys} (revoked: {revoked_keys}), limit requests: {limit_requests}");
-            println!("  ledger: daily rows: {daily_rows}, rows by counter: {counted_rows}, hourly rows: {hourly_rows}, rows by key: {key_rows}, batch ids: {batch_ids}, events: {ledger_events}");
+            println!("  ledger: daily rows: {daily_rows}, rows by counter: {counted_rows}, hourly rows: {hourly_rows}, rows by key: {key_rows} (by counter: {counted_key_rows}), batch ids: {batch_ids}, events: {ledger_events}");
             println!("  audit entries: {audit_entries}; catalogue version: {catalog_version}");
         }
     }

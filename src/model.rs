@@ -656,6 +656,15 @@ pub struct Workspace {
     pub budget: Budget,
 }
 
+impl Workspace {
+    /// The limits in force for this workspace on `tier`'s limits: the tier's with the
+    /// overrides applied (within bounds), then its own budget; and where the budget binds.
+    pub fn effective_limits(&self, tier: &Limits) -> (Limits, BudgetBinds) {
+        self.budget
+            .apply(&self.overrides.apply(tier).within_bounds())
+    }
+}
+
 /// A workspace's own monthly token caps, below its limits: for the whole workspace and per
 /// model. A budget binds where it is at most the effective limit (or there is none).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -866,6 +875,10 @@ pub struct ApiKey {
     pub expires_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub last_used_at: Option<i64>,
+    /// The key's own limits as set (empty: none); what the limiter enforces is these within
+    /// the workspace's limits of the moment (`Limits::with_key`).
+    #[serde(default, skip_serializing_if = "KeyLimits::is_empty")]
+    pub limits: KeyLimits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -1038,6 +1051,8 @@ pub enum AuditAction {
     WorkspacePromote,
     KeyCreate,
     KeyRevoke,
+    /// A key's own limits set or cleared.
+    KeyLimits,
     /// A workspace asked for higher limits.
     LimitRequestCreate,
     LimitRequestApprove,
@@ -1048,13 +1063,14 @@ pub enum AuditAction {
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 11] = [
+    pub const ALL: [AuditAction; 12] = [
         AuditAction::TierPut,
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
         AuditAction::WorkspacePromote,
         AuditAction::KeyCreate,
         AuditAction::KeyRevoke,
+        AuditAction::KeyLimits,
         AuditAction::LimitRequestCreate,
         AuditAction::LimitRequestApprove,
         AuditAction::LimitRequestDeny,
@@ -1070,6 +1086,7 @@ impl AuditAction {
             AuditAction::WorkspacePromote => "workspace.promote",
             AuditAction::KeyCreate => "key.create",
             AuditAction::KeyRevoke => "key.revoke",
+            AuditAction::KeyLimits => "key.limits",
             AuditAction::LimitRequestCreate => "limit_request.create",
             AuditAction::LimitRequestApprove => "limit_request.approve",
             AuditAction::LimitRequestDeny => "limit_request.deny",

@@ -2,7 +2,7 @@
 //!
 //! Each settled request is sent here as a `UsageRecord` and added, in memory, to the row of its
 //! (workspace, day, model, counter generation), and to the rollups the usage charts read: the
-//! row of its (workspace, hour) and of its (workspace, day, key). Within `flush_every` (250 ms
+//! row of its (workspace, hour) and of its (workspace, day, key, counter generation). Within `flush_every` (250 ms
 //! by default) the rows are written as one `LedgerBatch` (or several of at most `BATCH` rows),
 //! together with keys' `last_used_at`. A busy workspace costs a few rows per flush, not a row
 //! per request. The rollups travel in the same batches as the daily rows, so they are written
@@ -31,7 +31,8 @@
 //!   settlement is added to its three rows or, when one of them would be a new row past its
 //!   bound, to none (and counted as dropped), so the rollups never disagree with the ledger.
 //!   Between two flushes they hold at most a row per workspace and hour (one or two hours) and
-//!   per key used: bounded by the catalogue's keys.
+//!   per key used (and counter generation: one, or two across a change of generation):
+//!   bounded by the catalogue's keys.
 //! - Denials are not sent one by one: they are counted in memory per workspace, day, model,
 //!   hour and key, and added to the rows at each flush (`MAX_DENIAL_KEYS` keys at most; past
 //!   that, a workspace's further models are counted under `OTHER_MODEL`, so what is added past
@@ -441,8 +442,9 @@ fn dropped(metrics: &Metrics, last_log: &AtomicU64, tokens: u64) {
 type RowKey = (WorkspaceId, String, String, Option<String>);
 /// A row of the hourly rollup: workspace, the hour's start.
 type HourKey = (WorkspaceId, i64);
-/// A row of the rollup by key: workspace, day, key.
-type KeyDayKey = (WorkspaceId, String, KeyId);
+/// A row of the rollup by key: workspace, day, key, counter generation (as `RowKey`'s: the
+/// store adds what a generation counted per key too, for keys' month totals).
+type KeyDayKey = (WorkspaceId, String, KeyId, Option<String>);
 
 #[derive(Debug, Default, Clone, Copy)]
 struct Sums {
@@ -648,9 +650,9 @@ impl Writer {
         } = record;
         let model = self.ledger_model(workspace, &day, model);
         let addition = Addition {
-            row: (workspace, day.clone(), model, counter),
+            row: (workspace, day.clone(), model, counter.clone()),
             hour: (workspace, hour),
-            key: (workspace, day, key),
+            key: (workspace, day, key, counter),
             sums: Sums {
                 requests: 1,
                 tokens,
@@ -706,7 +708,7 @@ impl Writer {
             self.add(Addition {
                 row: (workspace, day.clone(), model, None),
                 hour: (workspace, hour),
-                key: (workspace, day, key),
+                key: (workspace, day, key, None),
                 sums: Sums {
                     denied: count,
                     ..Sums::default()
@@ -776,17 +778,18 @@ impl Writer {
         let mut keys: Vec<KeyDayRow> = self
             .pending_keys
             .drain()
-            .map(|((workspace, day, key), sums)| KeyDayRow {
+            .map(|((workspace, day, key, counter), sums)| KeyDayRow {
                 workspace,
                 day,
                 key,
+                counter,
                 requests: sums.requests,
                 tokens: sums.tokens,
                 denied: sums.denied,
             })
             .collect();
         keys.sort_unstable_by(|a, b| {
-            (a.workspace, &a.day, a.key).cmp(&(b.workspace, &b.day, b.key))
+            (a.workspace, &a.day, a.key, &a.counter).cmp(&(b.workspace, &b.day, b.key, &b.counter))
         });
         let (mut rows, mut hours, mut keys) = (
             rows.into_iter().peekable(),

@@ -532,3 +532,73 @@ fn promotion_from_the_command_line() {
         .unwrap_err()
         .contains("plan=gold"));
 }
+
+#[test]
+fn a_key_s_limits_are_set_and_cleared_from_the_command_line() {
+    let cli = Cli::new();
+    cli.ok(&[
+        "tiers",
+        "set",
+        "gold",
+        "--requests-per-second",
+        "20",
+        "--tokens-per-minute",
+        "900",
+    ]);
+    let ws = cli.ok(&["workspaces", "create", "acme", "--tier", "gold"]);
+    let ws = ws["id"].as_i64().unwrap().to_string();
+    let key = cli.ok(&["keys", "create", &ws]);
+    let id = key["id"].as_i64().unwrap().to_string();
+
+    let set = cli.ok(&[
+        "keys",
+        "limits",
+        &id,
+        "--requests-per-second",
+        "2.5",
+        "--burst",
+        "3",
+        "--tokens-per-minute",
+        "500",
+        "--tokens-per-month",
+        "100000",
+    ]);
+    let limits = json!({"requests_per_second": 2.5, "burst": 3, "tokens_per_minute": 500, "tokens_per_month": 100000});
+    assert_eq!(set["limits"], limits);
+    assert_eq!(cli.ok(&["keys", "list", &ws])[0]["limits"], limits);
+    // Replaced whole: a limit left out is none.
+    let set = cli.ok(&["keys", "limits", &id, "--tokens-per-minute", "400"]);
+    assert_eq!(set["limits"], json!({"tokens_per_minute": 400}));
+
+    // Above the workspace's, invalid, or contradictory: refused, naming the field; nothing
+    // changed.
+    for (args, field) in [
+        (&["--tokens-per-minute", "901"][..], "tokens_per_minute"),
+        (&["--requests-per-second", "21"][..], "requests_per_second"),
+        (&["--tokens-per-month", "0"][..], "tokens_per_month"),
+        (&["--burst", "2"][..], "requests-per-second"),
+        (&["--clear", "--tokens-per-minute", "5"][..], "--clear"),
+        (&[][..], "--clear"),
+    ] {
+        let mut command = vec!["keys", "limits", id.as_str()];
+        command.extend_from_slice(args);
+        let err = cli.run(&command).unwrap_err();
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+    assert_eq!(
+        cli.ok(&["keys", "list", &ws])[0]["limits"],
+        json!({"tokens_per_minute": 400})
+    );
+    assert!(cli
+        .run(&["keys", "limits", "999", "--clear"])
+        .unwrap_err()
+        .contains("no key 999"));
+
+    let cleared = cli.ok(&["keys", "limits", &id, "--clear"]);
+    assert_eq!(cleared["limits"], json!({}));
+    assert_eq!(cli.ok(&["keys", "list", &ws])[0].get("limits"), None);
+    let log = cli.ok(&["audit", "--action", "key.limits"]);
+    let log = log.as_array().unwrap();
+    assert_eq!(log.len(), 3, "{log:?}");
+    assert!(log.iter().all(|e| e["actor"] == "cli:carol"), "{log:?}");
+}

@@ -13,7 +13,7 @@ use tiergate::clock::{Clock, ManualClock};
 use tiergate::limiter::core::day_of;
 use tiergate::limiter::MonthKey;
 use tiergate::model::{default_tiers, Actor, Limits, Tier};
-use tiergate::store::{LedgerBatch, LedgerRow};
+use tiergate::store::{KeyDayRow, LedgerBatch, LedgerRow};
 
 use support::postgres::{Gateway, Line, PgDatabase, Proxy};
 
@@ -86,8 +86,20 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let key_of = |v: Value| v["key"].as_str().unwrap().to_string();
-    let ka = key_of(created(&gw, &format!("/workspaces/{a}/keys"), json!({})).await);
-    let kb = key_of(created(&gw, &format!("/workspaces/{b}/keys"), json!({})).await);
+    let made_a = created(&gw, &format!("/workspaces/{a}/keys"), json!({})).await;
+    let ka = key_of(made_a.clone());
+    // A key with limits of its own.
+    let (s, v) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/keys/{}", made_a["id"]),
+            Some(json!({"limits": {"tokens_per_minute": 100000}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let made_b = created(&gw, &format!("/workspaces/{b}/keys"), json!({})).await;
+    let kb_id = made_b["id"].as_i64().unwrap();
+    let kb = key_of(made_b);
     let revoked = created(
         &gw,
         &format!("/workspaces/{a}/keys"),
@@ -167,7 +179,15 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
                         denied: 0,
                     }],
                     hours: vec![],
-                    keys: vec![],
+                    keys: vec![KeyDayRow {
+                        workspace: b,
+                        day: day_of(clock.now()),
+                        key: kb_id,
+                        counter: Some("gen-7".into()),
+                        requests: 1,
+                        tokens: 11,
+                        denied: 0,
+                    }],
                 },
                 clock.now_secs(),
             )
@@ -246,8 +266,9 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         "keys: 3 (revoked: 1),",
         "limit requests: 2\n",
         "rows by counter: 1,",
+        "(by counter: 1)",
         "events: 0\n",
-        "audit entries: 12;",
+        "audit entries: 13;",
     ] {
         assert!(stdout.contains(copied), "{copied}: {stdout}");
     }
@@ -298,6 +319,25 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let keys = keys["data"].as_array().unwrap();
     assert_eq!(keys.len(), 2);
     assert!(keys[0]["last_used_at"].is_string(), "{keys:?}");
+    assert_eq!(keys[0]["limits"], json!({"tokens_per_minute": 100000}));
+    assert_eq!(keys[1]["limits"], json!({}));
+    // The key's month total, and what the counter generation counted for it, came along.
+    let totals = tiergate::store::open(&db.url)
+        .await
+        .unwrap()
+        .month_totals(b, month, Some("gen-7"))
+        .await
+        .unwrap();
+    let all = tiergate::store::open(&db.url)
+        .await
+        .unwrap()
+        .month_totals(b, month, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        all.by_key[&kb_id] - totals.by_key.get(&kb_id).copied().unwrap_or(0),
+        11
+    );
     assert!(keys[1]["revoked_at"].is_string(), "{keys:?}");
 
     // New ids continue after the copied ones.
@@ -310,13 +350,14 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let (_, log) = gw.admin(Method::GET, "/audit?limit=1000", None).await;
     let log = log["data"].as_array().unwrap();
     let actions: Vec<&str> = log.iter().map(|e| e["action"].as_str().unwrap()).collect();
-    assert_eq!(actions.len(), 14, "{actions:?}");
+    assert_eq!(actions.len(), 15, "{actions:?}");
     assert_eq!(
         &actions[..3],
         ["key.create", "workspace.create", "webhook.create"]
     );
-    assert_eq!(actions[13], "tier.put");
-    assert_eq!(log[13]["target"], "tier:gold");
+    assert!(actions.contains(&"key.limits"), "{actions:?}");
+    assert_eq!(actions[14], "tier.put");
+    assert_eq!(log[14]["target"], "tier:gold");
     assert!(log
         .windows(2)
         .all(|w| w[0]["id"].as_i64() > w[1]["id"].as_i64()));

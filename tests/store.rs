@@ -15,8 +15,8 @@ use tiergate::limiter::local::LocalLimiter;
 use tiergate::limiter::MonthKey;
 use tiergate::metrics::Metrics;
 use tiergate::model::{
-    Actor, AuditAction, FieldPatch, LimitRequestStatus, Limits, Overrides, OverridesPatch, Tier,
-    WorkspaceStatus,
+    Actor, ApiKey, AuditAction, FieldPatch, KeyLimits, LimitRequestStatus, Limits, Overrides,
+    OverridesPatch, Tier, WorkspaceStatus,
 };
 use tiergate::store::{
     AuditFilter, CatalogChanges, CatalogDelta, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
@@ -95,6 +95,8 @@ on_both_backends!(
     limit_requests_are_decided_once,
     a_batch_sent_twice_counts_once,
     month_totals_can_leave_out_a_counter,
+    month_totals_per_key_can_leave_out_a_counter,
+    a_key_s_limits_are_replaced_audited_and_reach_a_catalogue,
     daily_usage_lists_the_days_asked_for,
     rollups_by_hour_and_key_add_up_across_writers_and_count_once,
     pruning_in_batches_keeps_the_totals,
@@ -314,9 +316,18 @@ fn by_key(
         workspace,
         day: day.into(),
         key,
+        counter: None,
         requests,
         tokens,
         denied,
+    }
+}
+
+/// A row by key counted by the month-counter generation `counter`.
+fn key_counted(day: &str, key: i64, requests: u64, tokens: u64, counter: &str) -> KeyDayRow {
+    KeyDayRow {
+        counter: Some(counter.into()),
+        ..by_key(1, day, key, requests, tokens, 0)
     }
 }
 
@@ -902,6 +913,204 @@ async fn month_totals_can_leave_out_a_counter(b: Backend) {
     assert_eq!((without_g1.tokens, without_g1.requests), (140, 2));
 }
 
+/// Each key's month total from the rows by key, minus what an excluded month-counter
+/// generation counted for that key; other months, workspaces and generations untouched.
+async fn month_totals_per_key_can_leave_out_a_counter(b: Backend) {
+    let s = &b.store;
+    let keys = vec![
+        by_key(1, "2026-11-02", 7, 1, 100, 0),
+        key_counted("2026-11-03", 7, 1, 10, "g1"),
+        key_counted("2026-11-03", 8, 2, 20, "g1"),
+        key_counted("2026-11-04", 8, 1, 40, "g2"),
+        // Another month, and another workspace, with the same tag: never subtracted here.
+        key_counted("2026-12-01", 7, 1, 1000, "g1"),
+        KeyDayRow {
+            workspace: 2,
+            ..key_counted("2026-11-04", 7, 1, 3000, "g1")
+        },
+        // Denials through a key count no tokens.
+        by_key(1, "2026-11-05", 9, 0, 0, 3),
+    ];
+    let rows = vec![used(1, "2026-11-02", "a", 5, 170)];
+    assert!(s
+        .record_usage(&rolled_up("k1", rows, vec![], keys), 10)
+        .await
+        .unwrap());
+    // What a generation counted per key adds up across batches; a batch sent twice counts once.
+    let more = rolled_up(
+        "k2",
+        vec![],
+        vec![],
+        vec![key_counted("2026-11-05", 7, 1, 6, "g1")],
+    );
+    assert!(s.record_usage(&more, 10).await.unwrap());
+    assert!(!s.record_usage(&more, 10).await.unwrap());
+
+    let all = s.month_totals(1, NOV, None).await.unwrap();
+    let total = |t: &tiergate::limiter::MonthTotals, k: i64| t.by_key.get(&k).copied();
+    assert_eq!(total(&all, 7), Some(116));
+    assert_eq!(total(&all, 8), Some(60));
+    assert_eq!(total(&all, 9), None, "denials only: no tokens");
+    // The workspace's own totals come from its daily rows, never from the rows by key.
+    assert_eq!((all.tokens, all.requests), (170, 5));
+
+    let without_g1 = s.month_totals(1, NOV, Some("g1")).await.unwrap();
+    assert_eq!(total(&without_g1, 7), Some(100));
+    assert_eq!(total(&without_g1, 8), Some(40));
+    let without_g2 = s.month_totals(1, NOV, Some("g2")).await.unwrap();
+    assert_eq!(total(&without_g2, 7), Some(116));
+    assert_eq!(total(&without_g2, 8), Some(20));
+    let dec = s.month_totals(1, NOV.next(), Some("g1")).await.unwrap();
+    assert!(dec.by_key.is_empty(), "{:?}", dec.by_key);
+    let ws2 = s.month_totals(2, NOV, None).await.unwrap();
+    assert_eq!(total(&ws2, 7), Some(3000));
+    let ws2 = s.month_totals(2, NOV, Some("g1")).await.unwrap();
+    assert_eq!(total(&ws2, 7), None);
+
+    // Through the ledger writer: a settlement under a generation is counted for its key too.
+    let catalog = Arc::new(Catalog::load(s.clone()).await.unwrap());
+    let limiter = Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(s.clone()))));
+    let (recorder, _writer) = Recorder::start(
+        s.clone(),
+        catalog,
+        limiter,
+        Arc::new(SystemClock),
+        Arc::new(Metrics::default()),
+        Duration::from_secs(3600),
+    );
+    recorder.record(UsageRecord {
+        key: 7,
+        counter: Some("g3".into()),
+        ..settled(1, "2026-11-06", "a", 9)
+    });
+    recorder.record(UsageRecord {
+        key: 7,
+        ..settled(1, "2026-11-06", "a", 1)
+    });
+    recorder.flush().await;
+    let all = s.month_totals(1, NOV, None).await.unwrap();
+    assert_eq!(total(&all, 7), Some(126));
+    let without_g3 = s.month_totals(1, NOV, Some("g3")).await.unwrap();
+    assert_eq!(total(&without_g3, 7), Some(117));
+    assert_eq!(without_g3.tokens, all.tokens - 9);
+}
+
+/// A key's own limits: replaced whole (and cleared), shown wherever the key is read, audited
+/// as `key.limits` with the key before and after, logged as a change of the key so that a
+/// catalogue elsewhere picks them up; a revoked key's are refused.
+async fn a_key_s_limits_are_replaced_audited_and_reach_a_catalogue(b: Backend) {
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 10.0)]).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
+    let (secret, key) = new_key(ws.id);
+    let key = s.create_key(&key, &by(), 10).await.unwrap();
+    assert!(key.limits.is_empty());
+    let catalog = Catalog::load(s.clone()).await.unwrap();
+    assert!(catalog
+        .authenticate(&secret, 20)
+        .await
+        .unwrap()
+        .key_limits
+        .is_empty());
+
+    let limits = KeyLimits {
+        requests_per_second: Some(2.5),
+        burst: Some(3),
+        tokens_per_minute: Some(1000),
+        tokens_per_month: None,
+    };
+    let elsewhere = b.another().await;
+    let v = s.catalog_version().await.unwrap();
+    let set = elsewhere
+        .set_key_limits(key.id, &limits, &by(), 30)
+        .await
+        .unwrap();
+    assert_eq!(set.limits, limits);
+    assert_eq!(
+        ApiKey {
+            limits: KeyLimits::default(),
+            ..set.clone()
+        },
+        key
+    );
+    assert!(s.catalog_version().await.unwrap() > v);
+    assert_eq!(s.get_key(key.id).await.unwrap(), set);
+    assert_eq!(s.list_keys(ws.id).await.unwrap(), vec![set.clone()]);
+    assert_eq!(s.find_key(&key.hash).await.unwrap(), Some(set.clone()));
+    match s.catalog_changes(v).await.unwrap() {
+        CatalogChanges::Since(delta) => assert_eq!(delta.keys, vec![set.clone()]),
+        other => panic!("{other:?}"),
+    }
+    assert!(catalog.refresh().await.unwrap());
+    let found = catalog.authenticate(&secret, 40).await.unwrap();
+    assert_eq!((found.key, found.key_limits), (key.id, limits));
+    let enforced = found.limits();
+    assert_eq!(
+        enforced.key.map(|k| (k.id, k.limits)),
+        Some((key.id, limits))
+    );
+    assert_eq!(enforced.requests_per_second, Some(10.0));
+
+    let entries = s
+        .audit_log(&AuditFilter {
+            action: Some(AuditAction::KeyLimits),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let entry = &entries[0];
+    assert_eq!(
+        (entry.target.as_str(), entry.workspace_id, entry.at),
+        (format!("key:{}", key.id).as_str(), Some(ws.id), 30)
+    );
+    assert_eq!(entry.before.as_ref().unwrap().get("limits"), None);
+    assert_eq!(
+        entry.after.as_ref().unwrap()["limits"],
+        serde_json::json!({"requests_per_second": 2.5, "burst": 3, "tokens_per_minute": 1000})
+    );
+    assert!(!entry.after.as_ref().unwrap().to_string().contains("hash"));
+
+    // Cleared: the catalogue drops them.
+    let cleared = s
+        .set_key_limits(key.id, &KeyLimits::default(), &by(), 50)
+        .await
+        .unwrap();
+    assert!(cleared.limits.is_empty());
+    catalog.refresh().await.unwrap();
+    let found = catalog.authenticate(&secret, 60).await.unwrap();
+    assert!(found.key_limits.is_empty());
+    assert!(found.limits().key.is_none());
+
+    assert!(matches!(
+        s.set_key_limits(key.id + 100, &limits, &by(), 70).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        s.get_key(key.id + 100).await,
+        Err(StoreError::NotFound)
+    ));
+    s.revoke_key(key.id, &by(), 80).await.unwrap();
+    let v = s.catalog_version().await.unwrap();
+    assert!(matches!(
+        s.set_key_limits(key.id, &limits, &by(), 90).await,
+        Err(StoreError::Conflict(_))
+    ));
+    // Refused: nothing changed, nothing logged, nothing audited.
+    assert_eq!(s.catalog_version().await.unwrap(), v);
+    assert!(s.get_key(key.id).await.unwrap().limits.is_empty());
+    let entries = s
+        .audit_log(&AuditFilter {
+            action: Some(AuditAction::KeyLimits),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 2);
+}
+
 async fn daily_usage_lists_the_days_asked_for(b: Backend) {
     let s = &b.store;
     let rows = vec![
@@ -1061,13 +1270,25 @@ async fn pruning_in_batches_keeps_the_totals(b: Backend) {
         hourly(1, bound - 3600, 1, 1, (1, 1)),
         hourly(1, bound, 2, 0, (3, 4)),
     ];
-    let keys = vec![by_key(1, "2026-10-01", 4, 1, 2, 0)];
+    // Rows by key: October's, and what generation g counted per key in October (to prune) and
+    // in November (to keep).
+    let keys = vec![
+        by_key(1, "2026-10-01", 4, 1, 2, 0),
+        key_counted("2026-10-30", 4, 1, 1, "g"),
+        key_counted("2026-11-01", 4, 1, 1, "g"),
+    ];
     let rollups = rolled_up("rollups", vec![], hours, keys);
     assert!(s.record_usage(&rollups, 10_000).await.unwrap());
+    let key_before = s.month_totals(1, NOV, Some("g")).await.unwrap().by_key;
 
     let pruned = s.prune_ledger(5_000, "2026-11-01", bound).await.unwrap();
-    // The old ids, the old batch's, October's row by counter and the two old hours.
-    assert_eq!(pruned, old as u64 + 4);
+    // The old ids, the old batch's, October's rows by counter (per model and per key) and the
+    // two old hours.
+    assert_eq!(pruned, old as u64 + 5);
+    assert_eq!(
+        s.month_totals(1, NOV, Some("g")).await.unwrap().by_key,
+        key_before
+    );
     assert_eq!(s.prune_ledger(5_000, "2026-11-01", bound).await.unwrap(), 0);
     let left = s.hourly_usage(1, 0, i64::MAX).await.unwrap();
     assert_eq!(left, vec![hourly(1, bound, 2, 0, (3, 4))]);
@@ -1612,7 +1833,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+    assert_eq!(steps, (1..=10).collect::<Vec<i64>>());
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 

@@ -29,8 +29,8 @@ use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
 use crate::config::AdminToken;
 use crate::model::{
-    Actor, Attributes, KeyId, LimitRequestId, LimitRequestStatus, Overrides, TierSpec, WorkspaceId,
-    WorkspaceStatus,
+    Actor, Attributes, KeyId, KeyLimits, LimitRequestId, LimitRequestStatus, Overrides, TierSpec,
+    WorkspaceId, WorkspaceStatus,
 };
 
 /// The admin API's routes, relative to `/admin/v1`, each with its operation in the document.
@@ -41,7 +41,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(put_attributes))
         .routes(routes!(create_key, list_keys))
         .routes(routes!(usage))
-        .routes(routes!(revoke_key))
+        .routes(routes!(revoke_key, patch_key))
         .routes(routes!(list_tiers))
         .routes(routes!(put_tier))
         .routes(routes!(list_limit_requests))
@@ -344,6 +344,60 @@ async fn revoke_key(
     PathParam(id): PathParam<KeyId>,
 ) -> Result<SortedJson<KeyView>, ApiError> {
     let key = state.admin.revoke_key(&by, id).await?;
+    Ok(SortedJson(KeyView::from(&key)))
+}
+
+/// `{"limits": {...}}`; `null` or `{}` clears them.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+struct PatchKey {
+    /// The key's own limits, replacing those it has: `requests_per_second`, `burst`,
+    /// `tokens_per_minute`, `tokens_per_month` (the names of overrides), each at most the
+    /// workspace's effective limit now; `null` or `{}`: none of its own.
+    #[serde(deserialize_with = "present")]
+    #[schema(value_type = Option<KeyLimits>, required = true)]
+    limits: Value,
+}
+
+/// A field that must be given, `null` included (which `Option` would take for left out).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+    Value::deserialize(d)
+}
+
+/// What the key's route may answer besides its own.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum KeyRevoked {
+    /// The key is revoked (`conflict`): its limits can no longer be changed.
+    #[response(status = 409)]
+    Conflict(super::error::ErrorBody<'static>),
+}
+
+/// Sets or clears a key's own limits.
+#[utoipa::path(
+    patch,
+    path = "/keys/{id}",
+    tag = "admin",
+    operation_id = "update_key",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The key's id.")),
+    request_body = PatchKey,
+    responses(
+        (status = 200, description = "The key, its limits replaced; they hold from its next request (on other instances within `catalog_refresh_ms`).", body = KeyView),
+        BodyErrors,
+        NotFound,
+        KeyRevoked,
+        AdminErrors,
+    )
+)]
+async fn patch_key(
+    AdminActor(by): AdminActor,
+    State(state): State<Arc<AppState>>,
+    PathParam(id): PathParam<KeyId>,
+    JsonBody(body): JsonBody<PatchKey>,
+) -> Result<SortedJson<KeyView>, ApiError> {
+    let limits = admin::key_limits(&body.limits)?;
+    let key = state.admin.set_key_limits(&by, id, limits).await?;
     Ok(SortedJson(KeyView::from(&key)))
 }
 

@@ -50,10 +50,12 @@ use super::views::{
 };
 use crate::admin::{AdminError, NextTier};
 use crate::app::AppState;
-use crate::catalog::{AuthFailure, WorkspaceEntry};
+use crate::catalog::{AuthFailure, Authenticated, WorkspaceEntry};
 use crate::console::{Session, SessionKind, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
 use crate::metrics::Metrics;
-use crate::model::{Actor, ApiKey, KeyId, LimitRequest, Limits, Overrides, Tier, Workspace};
+use crate::model::{
+    Actor, ApiKey, KeyId, KeyLimits, LimitRequest, Limits, Overrides, Tier, Workspace,
+};
 
 /// The path every console route starts with: the server adds the client's address to these
 /// requests only (`ClientAddr`).
@@ -183,9 +185,9 @@ async fn sign_in(
         );
     }
     match state.catalog.authenticate(key.trim(), now).await {
-        Ok((key_id, entry)) => {
+        Ok(Authenticated { key, workspace, .. }) => {
             Metrics::inc(&state.metrics.console_signed_in);
-            let (_, value) = state.console.sign_in(entry.workspace.id, key_id, now);
+            let (_, value) = state.console.sign_in(workspace.workspace.id, key, now);
             let secure = over_https(&parts.headers);
             see_other(
                 "/console/workspace",
@@ -735,6 +737,37 @@ fn window_row(id: &str, label: &str, unit: &str, w: &WindowView) -> Markup {
     )
 }
 
+/// A key's own limits as text: `none`, or `requests_per_second 2, burst 2, tokens_per_minute
+/// 5000`.
+pub(super) fn key_limits_text(l: &KeyLimits) -> String {
+    let KeyLimits {
+        requests_per_second,
+        burst,
+        tokens_per_minute,
+        tokens_per_month,
+    } = l;
+    let parts: Vec<String> = [
+        (
+            "requests_per_second",
+            requests_per_second.map(|v| v.to_string()),
+        ),
+        ("burst", burst.map(|v| v.to_string())),
+        (
+            "tokens_per_minute",
+            tokens_per_minute.map(|v| v.to_string()),
+        ),
+        ("tokens_per_month", tokens_per_month.map(|v| v.to_string())),
+    ]
+    .into_iter()
+    .filter_map(|(name, v)| v.map(|v| format!("{name} {v}")))
+    .collect();
+    if parts.is_empty() {
+        "none".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// What the workspace page shows.
 struct WorkspacePage<'a> {
     entry: &'a WorkspaceEntry,
@@ -848,7 +881,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
         (console_charts::usage_section(history))
         h2 { "API keys" }
         table.keys #keys {
-            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Status" } th {} } }
+            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Limits of its own" } th { "Status" } th {} } }
             tbody {
                 @for k in keys.iter() {
                     tr data-key-id=(k.id) {
@@ -856,6 +889,8 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                         td { (k.name.as_deref().unwrap_or("")) }
                         td { (Timestamp(k.created_at).rfc3339()) }
                         td { (k.last_used_at.map(|t| Timestamp(t).rfc3339()).unwrap_or_else(|| "never".into())) }
+                        // As enforced: within the workspace's limits of the moment.
+                        td.key-limits { (key_limits_text(&k.limits.within(limits))) }
                         td { @if k.revoked_at.is_some() { "revoked" } @else { "active" } }
                         td {
                             @if k.revoked_at.is_none() {

@@ -10,7 +10,8 @@
 //!   page. Searched, sorted and cut in the store's SQL (`Store::search_workspaces`), so a page
 //!   costs the same with thousands of workspaces.
 //! - `GET /console/operator/workspaces/{id}`: a workspace: its tier, its effective limits (the
-//!   tier's, the overrides, the result), this month's usage, its keys and its increase requests;
+//!   tier's, the overrides, the result), this month's usage, its keys (each with its own limits)
+//!   and its increase requests;
 //!   forms to change its tier (`form#change-tier`), its overrides (`form#overrides`), its status
 //!   (`form#change-status`), to make a key (`form#create-key`) and revoke one (`form.revoke`).
 //!   - `POST …/{id}/tier` (`tier`), `POST …/{id}/overrides` (the override fields; each shown
@@ -19,7 +20,10 @@
 //!     an approval say, is kept), `POST …/{id}/status` (`status`: `active` or `suspended`),
 //!     `POST …/{id}/keys` (`name`, `expires_at`: answers the page with the new secret, shown
 //!     that once, never in a URL).
-//!   - `POST /console/operator/keys/{id}/revoke`.
+//!   - `POST /console/operator/keys/{id}/revoke`; `POST /console/operator/keys/{id}/limits`
+//!     (`form.key-limits`, one per active key, beside its limits: the four fields of
+//!     `PATCH /admin/v1/keys/{id}`, filled with what the key has; an empty field is no limit of
+//!     its own, all empty clears them).
 //! - `GET /console/operator/tiers`: the catalogue (`table#tiers`, `tr[data-tier]`), a form per
 //!   tier (`form.tier-edit`, `POST /console/operator/tiers/{name}`) and one to create a tier
 //!   (`form#create-tier`, `POST /console/operator/tiers`, refused if the name exists). A tier's
@@ -57,7 +61,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::console::{
-    cookie_value, field, page, read_form_up_to, same_origin, see_other, session_of, SignedOut,
+    cookie_value, field, key_limits_text, page, read_form_up_to, same_origin, see_other,
+    session_of, SignedOut,
 };
 use super::error::ApiError;
 use super::views::{usage_view, Timestamp};
@@ -107,6 +112,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/console/operator/workspaces/{id}/pin", post(change_pin))
         .route("/console/operator/workspaces/{id}/keys", post(create_key))
         .route("/console/operator/keys/{id}/revoke", post(revoke_key))
+        .route("/console/operator/keys/{id}/limits", post(set_key_limits))
         .route(TIERS, get(tiers_page).post(create_tier))
         .route("/console/operator/tiers/{name}", post(edit_tier))
         .route(REQUESTS, get(requests_page))
@@ -357,6 +363,7 @@ enum Done {
     Suspended,
     Reactivated,
     Revoked,
+    KeyLimits,
     TierSaved,
     TierCreated,
     Approved,
@@ -367,7 +374,7 @@ enum Done {
 }
 
 impl Done {
-    const ALL: [Done; 13] = [
+    const ALL: [Done; 14] = [
         Done::Created,
         Done::Pinned,
         Done::Unpinned,
@@ -377,6 +384,7 @@ impl Done {
         Done::Suspended,
         Done::Reactivated,
         Done::Revoked,
+        Done::KeyLimits,
         Done::TierSaved,
         Done::TierCreated,
         Done::Approved,
@@ -391,6 +399,7 @@ impl Done {
             Done::Suspended => "suspended",
             Done::Reactivated => "reactivated",
             Done::Revoked => "revoked",
+            Done::KeyLimits => "key-limits",
             Done::TierSaved => "tier-saved",
             Done::TierCreated => "tier-created",
             Done::Approved => "approved",
@@ -409,6 +418,7 @@ impl Done {
             Done::Suspended => "Workspace suspended.",
             Done::Reactivated => "Workspace reactivated.",
             Done::Revoked => "Key revoked.",
+            Done::KeyLimits => "Key limits saved.",
             Done::TierSaved => "Tier saved.",
             Done::TierCreated => "Tier created.",
             Done::Approved => "Request approved.",
@@ -933,7 +943,7 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
         }
         h2 { "API keys" }
         table #keys {
-            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Expires" } th { "Status" } th {} } }
+            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Expires" } th { "Limits of its own" } th { "Status" } th {} } }
             tbody {
                 @for k in &d.keys {
                     tr data-key-id=(k.id) {
@@ -942,6 +952,10 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                         td { (Timestamp(k.created_at).rfc3339()) }
                         td { (k.last_used_at.map_or_else(|| "never".into(), |t| Timestamp(t).rfc3339())) }
                         td { (k.expires_at.map_or_else(|| "never".into(), |t| Timestamp(t).rfc3339())) }
+                        td.key-limits {
+                            (key_limits_text(&k.limits))
+                            @if k.revoked_at.is_none() { (key_limits_form(k, token)) }
+                        }
                         td.status { @if k.revoked_at.is_some() { "revoked" } @else { "active" } }
                         td {
                             @if k.revoked_at.is_none() {
@@ -984,6 +998,27 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                 }
             }
             p { a href=(format!("{REQUESTS}?status=all&workspace={}", w.id)) { "Answer them on the requests page" } }
+        }
+    }
+}
+
+/// A key's limits form (`form.key-limits`): its four limits, filled with what it has; an empty
+/// field is no limit of its own, all empty clears them.
+fn key_limits_form(k: &ApiKey, token: &str) -> Markup {
+    let l = &k.limits;
+    let value = |v: Option<String>| v.unwrap_or_default();
+    html! {
+        form.key-limits method="post" action=(format!("/console/operator/keys/{}/limits", k.id)) {
+            input type="hidden" name="csrf" value=(token);
+            @for (name, label, v) in [
+                ("requests_per_second", "Requests/s", value(l.requests_per_second.map(|v| v.to_string()))),
+                ("burst", "Burst", value(l.burst.map(|v| v.to_string()))),
+                ("tokens_per_minute", "Tokens/min", value(l.tokens_per_minute.map(|v| v.to_string()))),
+                ("tokens_per_month", "Tokens/month", value(l.tokens_per_month.map(|v| v.to_string()))),
+            ] {
+                label { (label) " " input type="text" inputmode="decimal" size="8" name=(name) value=(v); }
+            }
+            button type="submit" { "Set limits" }
         }
     }
 }
@@ -1225,6 +1260,45 @@ async fn create_key(
             },
         ),
         Err(e) => after_change(&state, &op, &id, Err(e)).await,
+    }
+}
+
+/// `POST /console/operator/keys/{id}/limits`: replaces a key's own limits as
+/// `PATCH /admin/v1/keys/{id}` would (an empty field: none; all empty: cleared).
+async fn set_key_limits(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let set = async {
+        let key = id_of(&id).ok_or_else(|| AdminError::NotFound("No such key.".into()))?;
+        let mut fields = serde_json::Map::new();
+        for name in [
+            "requests_per_second",
+            "burst",
+            "tokens_per_minute",
+            "tokens_per_month",
+        ] {
+            fields.insert(name.to_string(), number(name, &form.get(name))?);
+        }
+        let limits = admin::key_limits(&Value::Object(fields))?;
+        state.admin.set_key_limits(&op.actor(), key, limits).await
+    }
+    .await;
+    match set {
+        Ok(key) => see_other(
+            &format!(
+                "{HOME}/{}?done={}",
+                key.workspace_id,
+                Done::KeyLimits.code()
+            ),
+            None,
+        ),
+        Err(e) => failure_page(&op, &state, e).await,
     }
 }
 

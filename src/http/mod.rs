@@ -44,9 +44,8 @@ use axum::Router;
 use utoipa_axum::router::OpenApiRouter;
 
 use crate::app::AppState;
-use crate::catalog::{AuthFailure, WorkspaceEntry};
+use crate::catalog::{AuthFailure, Authenticated};
 use crate::metrics::Metrics;
-use crate::model::KeyId;
 use error::ApiError;
 
 /// The main listener's routes, as the config says: with the operator's routes unless
@@ -251,7 +250,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 pub async fn authenticate(
     state: &AppState,
     headers: &HeaderMap,
-) -> Result<(KeyId, Arc<WorkspaceEntry>), ApiError> {
+) -> Result<Authenticated, ApiError> {
     let Some(secret) = bearer(headers) else {
         Metrics::inc(&state.metrics.unauthenticated);
         return Err(ApiError::Unauthorized(

@@ -50,7 +50,7 @@ use futures_util::{Future, FutureExt, Stream, StreamExt};
 use super::error::ApiError;
 use super::{authenticate, headers};
 use crate::app::AppState;
-use crate::catalog::WorkspaceEntry;
+use crate::catalog::Authenticated;
 use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
 use crate::limiter::{Decision, LimitName, LimiterError, Reservation, TokenCost};
 use crate::metrics::{Metrics, ProxiedRequest, Route};
@@ -101,18 +101,18 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
             }
             e.into_response()
         }
-        Ok((key, workspace)) => {
+        Ok(caller) => {
             if let Some(a) = access.as_mut() {
-                a.workspace = Some(workspace.workspace.id);
-                a.key = Some(key);
+                a.workspace = Some(caller.workspace.workspace.id);
+                a.key = Some(caller.key);
                 a.decision = "rejected";
             }
-            seen.set_tier(&workspace.workspace.tier);
+            seen.set_tier(&caller.workspace.workspace.tier);
             match forward(
                 &state,
                 parts,
                 body,
-                (key, workspace),
+                caller,
                 request_id,
                 &mut access,
                 &mut seen,
@@ -376,7 +376,7 @@ async fn forward(
     state: &Arc<AppState>,
     parts: axum::http::request::Parts,
     body: Body,
-    (key, workspace): (KeyId, Arc<WorkspaceEntry>),
+    caller: Authenticated,
     request_id: RequestId,
     access: &mut Option<Box<AccessLine>>,
     seen: &mut ProxiedRequest<'_>,
@@ -393,6 +393,9 @@ async fn forward(
     }
     let body = seen.waiting(read_body(state, &parts.headers, body)).await?;
     let mut prepared = prepare(state, &parts.method, path, body)?;
+    // The workspace's limits, with the key's own when it has some (an allocation only then).
+    let limits = caller.limits();
+    let Authenticated { key, workspace, .. } = caller;
     let ws_id = workspace.workspace.id;
     let cost = match &prepared.info {
         Some(info) => state.estimator.estimate(ws_id, info),
@@ -402,7 +405,7 @@ async fn forward(
     let now = state.clock.now();
     let decision = state
         .limiter
-        .reserve(ws_id, &workspace.limits, model.as_deref(), cost, now)
+        .reserve(ws_id, &limits, model.as_deref(), cost, now)
         .await
         .map_err(|e| {
             Metrics::inc(&state.metrics.limiter_errors);
@@ -455,7 +458,7 @@ async fn forward(
     let settlement = Settlement {
         state: state.clone(),
         reservation: Some(reservation),
-        limits: workspace.limits.clone(),
+        limits,
         key,
         request_id,
         route,

@@ -28,7 +28,7 @@ use crate::app::AppState;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{
-    ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, LimitRequest,
+    ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, KeyLimits, LimitRequest,
     LimitRequestStatus, Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
 };
 use crate::store::{DailyUsage, DeliveryRecord, HourRow, KeyUsage, WebhookEndpoint};
@@ -203,6 +203,9 @@ pub struct KeyView {
     pub revoked_at: Option<Timestamp>,
     #[schema(required = true)]
     pub last_used_at: Option<Timestamp>,
+    /// The key's own limits as set (`{}`: none). What is enforced is each brought within the
+    /// workspace's limits of the moment.
+    pub limits: KeyLimits,
 }
 
 impl From<&ApiKey> for KeyView {
@@ -216,6 +219,7 @@ impl From<&ApiKey> for KeyView {
             expires_at: k.expires_at.map(Timestamp),
             revoked_at: k.revoked_at.map(Timestamp),
             last_used_at: k.last_used_at.map(Timestamp),
+            limits: k.limits,
         }
     }
 }
@@ -621,6 +625,10 @@ pub struct WorkspaceLimitsView {
     /// `null` at the top of the ladder or off it.
     #[schema(required = true)]
     pub next_tier: Option<NextTierView>,
+    /// The key this was asked with, when it has limits of its own (else left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub key: Option<CallingKeyView>,
 }
 
 /// The tier a workspace can reach next, and how.
@@ -670,6 +678,21 @@ pub async fn usage_view(
     to: Option<String>,
     exact: bool,
 ) -> Result<UsageView, ApiError> {
+    Ok(usage_and_key_view(state, ws, limits, from, to, exact)
+        .await?
+        .0)
+}
+
+/// `usage_view`, and the windows of the key's own limits when `limits` carry a key's
+/// (`Limits::key`) and the limiter gave them.
+pub async fn usage_and_key_view(
+    state: &AppState,
+    ws: &Workspace,
+    limits: &Limits,
+    from: Option<String>,
+    to: Option<String>,
+    exact: bool,
+) -> Result<(UsageView, Option<KeyWindowsView>), ApiError> {
     let now = state.clock.now();
     let month = MonthKey::of(now);
     let from = from.unwrap_or_else(|| month.first_day());
@@ -698,7 +721,15 @@ pub async fn usage_view(
             reset: duration(w.reset),
         })
     };
-    Ok(UsageView {
+    let key = live.key.as_ref().map(|k| KeyWindowsView {
+        requests_per_second: window(k.requests),
+        tokens_per_minute: window(k.tokens),
+        tokens_per_month: window(k.month.map(|w| Window {
+            reset: w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC,
+            ..w
+        })),
+    });
+    let view = UsageView {
         workspace_id: ws.id,
         month: format!("{:04}-{:02}", month.year(), month.month()),
         requests_this_month: ledger.requests_this_month,
@@ -734,7 +765,34 @@ pub async fn usage_view(
         from,
         to,
         daily: ledger.daily,
-    })
+    };
+    Ok((view, key))
+}
+
+/// The windows of a key's own limits now (`null` for a limit the key does not have).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = KeyWindows)]
+pub struct KeyWindowsView {
+    #[schema(required = true)]
+    pub requests_per_second: Option<WindowView>,
+    #[schema(required = true)]
+    pub tokens_per_minute: Option<WindowView>,
+    /// Its reset in whole seconds.
+    #[schema(required = true)]
+    pub tokens_per_month: Option<WindowView>,
+}
+
+/// The key a workspace's own API was called with, when it has limits of its own.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = CallingKey)]
+pub struct CallingKeyView {
+    pub id: i64,
+    /// The key's limits as enforced now: as set, each brought within the workspace's limits.
+    pub limits: KeyLimits,
+    /// Its windows now; left out when the limiter does not give them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub usage: Option<KeyWindowsView>,
 }
 
 /// One day's usage (UTC), all models.

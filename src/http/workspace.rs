@@ -18,8 +18,9 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, PathParam};
 use super::openapi::{BadRequest, BodyErrors, NotFound, WorkspaceErrors};
 use super::views::{
-    created, usage_history_view, usage_view, LimitRequestView, List, NewWebhookView, NextTierView,
-    SortedJson, UsageHistoryView, WebhookView, WorkspaceLimitsView, WorkspaceSummary,
+    created, usage_and_key_view, usage_history_view, CallingKeyView, LimitRequestView, List,
+    NewWebhookView, NextTierView, SortedJson, UsageHistoryView, WebhookView, WorkspaceLimitsView,
+    WorkspaceSummary,
 };
 use crate::app::AppState;
 use crate::model::{Actor, Budget, Overrides};
@@ -66,14 +67,22 @@ async fn limits(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<SortedJson<WorkspaceLimitsView>, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let caller = authenticate(&state, &headers).await?;
+    let entry = &caller.workspace;
     let ws = &entry.workspace;
     let tiers = state.store.list_tiers().await?;
     let tier_limits = tiers
         .iter()
         .find(|t| t.name == ws.tier)
         .map(|t| t.limits.clone());
-    let usage = usage_view(&state, ws, &entry.limits, None, None, false).await?;
+    // Asked with the key's limits, so that the limiter can tell the key's own windows too.
+    let limits = caller.limits();
+    let (usage, key_usage) = usage_and_key_view(&state, ws, &limits, None, None, false).await?;
+    let key = limits.key.map(|scope| CallingKeyView {
+        id: scope.id,
+        limits: scope.limits,
+        usage: key_usage,
+    });
     let next_tier = state.admin.next_tier(ws, &tiers, false).await?;
     Ok(SortedJson(WorkspaceLimitsView {
         workspace: WorkspaceSummary {
@@ -87,6 +96,7 @@ async fn limits(
         overrides: ws.overrides.clone(),
         usage,
         next_tier: next_tier.as_ref().map(NextTierView::from),
+        key,
     }))
 }
 
@@ -106,7 +116,7 @@ async fn usage(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<SortedJson<UsageHistoryView>, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     Ok(SortedJson(
         usage_history_view(&state, &entry.workspace, false).await?,
     ))
@@ -128,7 +138,7 @@ async fn get_budget(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<SortedJson<Budget>, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     Ok(SortedJson(entry.workspace.budget.clone()))
 }
 
@@ -153,7 +163,7 @@ async fn put_budget(
     headers: HeaderMap,
     body: Request,
 ) -> Result<SortedJson<Budget>, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     let JsonBody(budget) = JsonBody::<Budget>::from_request(body, &state).await?;
     let id = entry.workspace.id;
     let ws = state
@@ -210,7 +220,7 @@ async fn create_limit_request(
     headers: HeaderMap,
     body: Request,
 ) -> Result<Response, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     let JsonBody(body) = JsonBody::<NewLimitRequest>::from_request(body, &state).await?;
     let id = entry.workspace.id;
     let request = state
@@ -242,7 +252,7 @@ async fn list_limit_requests(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<SortedJson<List<LimitRequestView>>, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     let list = state
         .admin
         .list_limit_requests(Some(entry.workspace.id), None)
@@ -282,7 +292,7 @@ async fn create_webhook(
     headers: HeaderMap,
     body: Request,
 ) -> Result<Response, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     let JsonBody(body) = JsonBody::<NewWebhook>::from_request(body, &state).await?;
     let id = entry.workspace.id;
     let (url, events) = body.parts();
@@ -312,7 +322,7 @@ async fn list_webhooks(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
 ) -> Result<SortedJson<List<WebhookView>>, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     let list = state.admin.list_webhooks(Some(entry.workspace.id)).await?;
     Ok(SortedJson(List::of(
         list.iter().map(WebhookView::from).collect(),
@@ -339,7 +349,7 @@ async fn delete_webhook(
     headers: HeaderMap,
     PathParam(id): PathParam<i64>,
 ) -> Result<SortedJson<WebhookView>, ApiError> {
-    let (_, entry) = authenticate(&state, &headers).await?;
+    let entry = authenticate(&state, &headers).await?.workspace;
     let ws = entry.workspace.id;
     let endpoint = state
         .admin

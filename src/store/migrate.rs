@@ -67,6 +67,8 @@ pub struct MigrationSummary {
     pub hourly_rows: u64,
     /// Rows per workspace, day and key.
     pub key_rows: u64,
+    /// Rows by month-counter generation and key.
+    pub counted_key_rows: u64,
     /// Ids of ledger batches written (kept for a week, to recognise a batch sent again).
     pub batch_ids: u64,
     pub audit_entries: u64,
@@ -104,13 +106,13 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
 
     // Nobody writes the target while it is checked and filled.
     sqlx::query(
-        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, usage_hourly, usage_daily_by_key, ledger_batches, catalog_changes, audit, secrets IN EXCLUSIVE MODE",
+        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, usage_hourly, usage_daily_by_key, usage_counted_by_key, ledger_batches, catalog_changes, audit, secrets IN EXCLUSIVE MODE",
     )
     .execute(&mut *dst)
     .await
     .map_err(write)?;
     let (workspaces, keys, limit_requests, ledger_rows): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily) + (SELECT COUNT(*) FROM usage_counted) + (SELECT COUNT(*) FROM usage_hourly) + (SELECT COUNT(*) FROM usage_daily_by_key) + (SELECT COUNT(*) FROM ledger_batches)",
+        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily) + (SELECT COUNT(*) FROM usage_counted) + (SELECT COUNT(*) FROM usage_hourly) + (SELECT COUNT(*) FROM usage_daily_by_key) + (SELECT COUNT(*) FROM usage_counted_by_key) + (SELECT COUNT(*) FROM ledger_batches)",
     )
     .fetch_one(&mut *dst)
     .await
@@ -145,7 +147,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
     for (table, columns) in TABLES {
         copied.push(copy_table(&mut src, &mut dst, table, columns).await?);
     }
-    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, batch_ids, audit_entries, _secrets, _webhooks, _webhook_events, _webhook_deliveries] =
+    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, counted_key_rows, batch_ids, audit_entries, _secrets, _webhooks, _webhook_events, _webhook_deliveries] =
         copied[..]
     else {
         unreachable!("one count per table")
@@ -166,6 +168,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
         counted_rows,
         hourly_rows,
         key_rows,
+        counted_key_rows,
         batch_ids,
         audit_entries,
         catalog_version: 0,
@@ -248,6 +251,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("expires_at", OptInt),
             ("revoked_at", OptInt),
             ("last_used_at", OptInt),
+            ("limits", Text),
         ],
     ),
     (
@@ -319,6 +323,17 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("requests", Int),
             ("tokens", Int),
             ("denied", Int),
+        ],
+    ),
+    (
+        "usage_counted_by_key",
+        &[
+            ("counter", Text),
+            ("workspace_id", Int),
+            ("day", Text),
+            ("key_id", Int),
+            ("requests", Int),
+            ("tokens", Int),
         ],
     ),
     ("ledger_batches", &[("id", Text), ("written_at", Int)]),

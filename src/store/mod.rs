@@ -14,14 +14,16 @@
 //! recognised and counts once, on SQLite and on Postgres with many instances alike. Its rows are
 //! added to one row per workspace, day and model (`usage_daily`); month totals are sums of those.
 //! Rows settled under one of the limiter's shared month-counter generations are also added per
-//! generation (`usage_counted`), so that `month_totals` can leave out what that counter already
-//! holds. Batch ids are kept for the idempotency window, then pruned in bounded batches, as are
+//! generation (`usage_counted`, and per key `usage_counted_by_key`), so that `month_totals` can
+//! leave out what that counter already holds, for the workspace and for each key alike. Batch ids are kept for the idempotency window, then pruned in bounded batches, as are
 //! the per-request events (`usage_events`) that versions before batches wrote.
 //!
 //! A batch also carries the same usage rolled up for the usage charts, written in its
 //! transaction (so once, like its rows): per workspace and hour (`usage_hourly`: requests,
 //! denials, prompt and completion tokens; pruned after a week) and per workspace, day and key
-//! (`usage_daily_by_key`; kept as long as the daily rows). Every instance adds to the same rows.
+//! (`usage_daily_by_key`; kept as long as the daily rows), which also give each key's month
+//! total (`MonthTotals::by_key`, for keys' own month limits). Every instance adds to the same
+//! rows.
 
 //! # Catalogue changes
 //! Every mutation of the catalogue bumps `catalog_version` and, in the same transaction, logs
@@ -63,7 +65,7 @@ use async_trait::async_trait;
 
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, KeyId, LimitRequest,
+    Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, KeyId, KeyLimits, LimitRequest,
     LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch, Promoted, Tier, Workspace,
     WorkspaceId, WorkspaceStatus,
 };
@@ -160,13 +162,18 @@ pub struct HourRow {
     pub completion_tokens: u64,
 }
 
-/// What was settled and denied for a workspace through one of its keys on one day.
+/// What was settled and denied for a workspace through one of its keys on one day, counted by
+/// one month-counter generation of the limiter (if any).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyDayRow {
     pub workspace: WorkspaceId,
     /// `YYYY-MM-DD`, UTC.
     pub day: String,
     pub key: KeyId,
+    /// The limiter's shared month-counter generation that counted these settlements, if any
+    /// (added per generation to `usage_counted_by_key`, as `LedgerRow::counter` is to
+    /// `usage_counted`).
+    pub counter: Option<String>,
     pub requests: u64,
     pub tokens: u64,
     pub denied: u64,
@@ -182,7 +189,7 @@ pub struct LedgerBatch {
     pub rows: Vec<LedgerRow>,
     /// In key order (workspace, hour).
     pub hours: Vec<HourRow>,
-    /// In key order (workspace, day, key).
+    /// In key order (workspace, day, key, counter).
     pub keys: Vec<KeyDayRow>,
 }
 
@@ -385,14 +392,28 @@ pub trait Store: Send + Sync {
     async fn find_key(&self, hash: &[u8; 32]) -> Result<Option<ApiKey>, StoreError>;
     /// Revoking a revoked key keeps its first revocation time (and is recorded again).
     async fn revoke_key(&self, id: KeyId, by: &Actor, now: i64) -> Result<ApiKey, StoreError>;
+    /// `NotFound` when there is no such key (revoked keys are found).
+    async fn get_key(&self, id: KeyId) -> Result<ApiKey, StoreError>;
+    /// Replaces a key's own limits (audited as `key.limits`, logged as a change of the key);
+    /// `NotFound` for no key, `Conflict` for a revoked one. The limits are checked by the
+    /// caller (`Admin::set_key_limits`).
+    async fn set_key_limits(
+        &self,
+        id: KeyId,
+        limits: &KeyLimits,
+        by: &Actor,
+        now: i64,
+    ) -> Result<ApiKey, StoreError>;
     async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<(), StoreError>;
 
     /// Writes a batch to the ledger in one transaction, with its id: a batch whose id was
     /// already written (a retry after a write whose outcome was not known) changes nothing and
     /// gives `false`. `now` is unix seconds, kept with the id for pruning.
     async fn record_usage(&self, batch: &LedgerBatch, now: i64) -> Result<bool, StoreError>;
-    /// The month's settled totals (tokens, requests, tokens by model) from the daily rollups;
-    /// with `excluding_counter`, minus what that month-counter generation counted.
+    /// The month's settled totals (tokens, requests, tokens by model, tokens by key) from the
+    /// daily rollups; with `excluding_counter`, minus what that month-counter generation
+    /// counted (for the workspace, each model and each key). A key with no tokens left is not
+    /// in `by_key`.
     async fn month_totals(
         &self,
         workspace: WorkspaceId,
@@ -428,8 +449,8 @@ pub trait Store: Send + Sync {
         from: &str,
     ) -> Result<Vec<(WorkspaceId, u64)>, StoreError>;
     /// Drops the ids of batches written before `before` (unix seconds), the per-request events
-    /// of older versions settled before it, rows by counter for days before
-    /// `counted_before_day`, and hourly rows of hours starting before `hours_before`,
+    /// of older versions settled before it, rows by counter (per model and per key) for days
+    /// before `counted_before_day`, and hourly rows of hours starting before `hours_before`,
     /// `PRUNE_BATCH` rows per transaction; the daily totals (by model and by key) stay.
     /// Returns how many rows were dropped.
     async fn prune_ledger(
@@ -1019,35 +1040,51 @@ fn month_range(month: MonthKey) -> (String, String) {
 
 /// The month's daily rollups minus what the excluded counter counted (nothing when it is NULL):
 /// its rows by counter, and the per-request events that versions before batches wrote; per
-/// model, in one statement, so one snapshot.
+/// model (rows whose `key_id` is NULL) and per key (rows whose `model` is NULL), in one
+/// statement, so one snapshot.
 const MONTH_TOTALS_SQL: &str = "
-SELECT model, CAST(SUM(tokens) AS BIGINT) AS tokens, CAST(SUM(requests) AS BIGINT) AS requests FROM (
-    SELECT model, tokens, requests FROM usage_daily
+SELECT model, key_id, CAST(SUM(tokens) AS BIGINT) AS tokens, CAST(SUM(requests) AS BIGINT) AS requests FROM (
+    SELECT model, CAST(NULL AS BIGINT) AS key_id, tokens, requests FROM usage_daily
         WHERE workspace_id = $1 AND day >= $2 AND day < $3
     UNION ALL
-    SELECT model, -tokens, -requests FROM usage_counted
+    SELECT model, CAST(NULL AS BIGINT), -tokens, -requests FROM usage_counted
         WHERE counter = $4 AND workspace_id = $1 AND day >= $2 AND day < $3
     UNION ALL
-    SELECT model, -tokens, -1 FROM usage_events
+    SELECT model, CAST(NULL AS BIGINT), -tokens, -1 FROM usage_events
         WHERE counter = $4 AND workspace_id = $1 AND day >= $2 AND day < $3
-) AS t GROUP BY model";
+    UNION ALL
+    SELECT CAST(NULL AS TEXT), key_id, tokens, 0 FROM usage_daily_by_key
+        WHERE workspace_id = $1 AND day >= $2 AND day < $3
+    UNION ALL
+    SELECT CAST(NULL AS TEXT), key_id, -tokens, 0 FROM usage_counted_by_key
+        WHERE counter = $4 AND workspace_id = $1 AND day >= $2 AND day < $3
+) AS t GROUP BY model, key_id";
 
-/// Adds up `(model, tokens, requests)` rows into month totals; what an exclusion takes below
+/// A row of `MONTH_TOTALS_SQL`: a model's (`key_id` NULL) or a key's (`model` NULL) tokens
+/// and requests.
+type MonthTotalsRow = (Option<String>, Option<i64>, i64, i64);
+
+/// Adds up the rows of `MONTH_TOTALS_SQL` into month totals; what an exclusion takes below
 /// zero (never, while the ledger is consistent) counts as zero.
-fn month_totals_of(
-    month: MonthKey,
-    rows: impl IntoIterator<Item = (String, i64, i64)>,
-) -> MonthTotals {
+fn month_totals_of(month: MonthKey, rows: impl IntoIterator<Item = MonthTotalsRow>) -> MonthTotals {
     let mut totals = MonthTotals {
         month: Some(month),
         ..MonthTotals::default()
     };
-    for (model, tokens, requests) in rows {
+    for (model, key, tokens, requests) in rows {
         let tokens = tokens.max(0) as u64;
-        totals.tokens += tokens;
-        totals.requests += requests.max(0) as u64;
-        if !model.is_empty() {
-            totals.by_model.insert(model, tokens);
+        match (model, key) {
+            (Some(model), None) => {
+                totals.tokens += tokens;
+                totals.requests += requests.max(0) as u64;
+                if !model.is_empty() {
+                    totals.by_model.insert(model, tokens);
+                }
+            }
+            (None, Some(key)) if tokens > 0 => {
+                totals.by_key.insert(key, tokens);
+            }
+            _ => {}
         }
     }
     totals
@@ -1160,6 +1197,11 @@ fn search_pattern(search: &str) -> String {
     }
     p.push('%');
     p
+}
+
+/// A change refused because the key is revoked.
+fn revoked(id: KeyId) -> StoreError {
+    StoreError::Conflict(format!("key {id} is revoked"))
 }
 
 fn already_decided(id: LimitRequestId, status: LimitRequestStatus) -> StoreError {

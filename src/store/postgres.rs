@@ -11,7 +11,8 @@
 //! - **Batch writes lock rows in key order.** `record_usage` is one statement: the batch's id is
 //!   inserted `ON CONFLICT DO NOTHING`; only if it was new are the batch's rows added to the
 //!   daily rows (aggregated per workspace, day and model), to the rows by counter, and its
-//!   rollups to the hourly rows and the rows by key, each upserted in key order. `touch_keys` locks keys in id order. Two instances writing
+//!   rollups to the hourly rows and the rows by key (and by counter and key), each upserted in
+//!   key order. `touch_keys` locks keys in id order. Two instances writing
 //!   overlapping batches therefore wait for each other but never deadlock, and a batch counts
 //!   once however often it is sent.
 //! - **Bounded failure.** A connection is waited for at most `ACQUIRE_TIMEOUT`, and a call at most
@@ -30,10 +31,11 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{
     already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
     month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of, redact,
-    search_pattern, workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
-    CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
-    NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery,
-    AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    revoked, search_pattern, workspace_search_sql, AuditColumns, AuditFilter, AuditRow,
+    CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyDayRow, KeyUsage,
+    LedgerBatch, MonthTotalsRow, NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed,
+    WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL,
+    MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use super::{
     claim_token, delivery_record, due_delivery, events_column, limit_request_event,
@@ -44,7 +46,7 @@ use super::{
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
+    Actor, ApiKey, AuditAction, AuditEntry, KeyId, KeyLimits, LimitRequest, LimitRequestId,
     LimitRequestStatus, Limits, Overrides, Tier, Workspace, WorkspaceId, WorkspaceStatus,
 };
 
@@ -251,6 +253,21 @@ CREATE INDEX webhook_deliveries_due ON webhook_deliveries(status, next_attempt_a
 CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries(endpoint_id, id);
 CREATE INDEX webhook_deliveries_event ON webhook_deliveries(event_id);
 CREATE INDEX webhook_events_created ON webhook_events(created_at);
+"#,
+    // Keys' own limits, and what each of the limiter's month-counter generations counted per
+    // key (for keys' month totals, as `usage_counted` is for the workspace's).
+    r#"
+ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE usage_counted_by_key (
+    counter TEXT NOT NULL,
+    workspace_id BIGINT NOT NULL,
+    day TEXT NOT NULL,
+    key_id BIGINT NOT NULL,
+    requests BIGINT NOT NULL DEFAULT 0,
+    tokens BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, workspace_id, day, key_id)
+);
+CREATE INDEX usage_counted_by_key_day ON usage_counted_by_key(day);
 "#,
 ];
 
@@ -475,6 +492,7 @@ pub(super) fn key_row(row: &PgRow) -> Result<ApiKey, StoreError> {
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
         last_used_at: row.try_get("last_used_at")?,
+        limits: parse_json(row.try_get("limits")?, "api_keys.limits")?,
     })
 }
 
@@ -499,12 +517,13 @@ fn limit_request_row(row: &PgRow) -> Result<LimitRequest, StoreError> {
 }
 
 const KEY_COLUMNS: &str =
-    "id, workspace_id, name, prefix, hash, created_at, expires_at, revoked_at, last_used_at";
+    "id, workspace_id, name, prefix, hash, created_at, expires_at, revoked_at, last_used_at, limits";
 
 /// The ledger batch as one statement: its id first (`ON CONFLICT DO NOTHING`: a batch written
 /// before adds nothing), then, only if the id was new, its rows added to the daily rows and, for
 /// rows under a counter generation, to the rows by counter, each aggregated and upserted in key
-/// order. Returns whether the batch was new.
+/// order; its rollups likewise to the hourly rows and the rows by key (and, under a counter
+/// generation, by counter and key). Returns whether the batch was new.
 const RECORD_USAGE_SQL: &str = "
 WITH batch AS (
     INSERT INTO ledger_batches (id, written_at) VALUES ($1, $2)
@@ -549,19 +568,29 @@ WITH batch AS (
         denied = h.denied + excluded.denied,
         prompt_tokens = h.prompt_tokens + excluded.prompt_tokens,
         completion_tokens = h.completion_tokens + excluded.completion_tokens
+), key_rows AS (
+    SELECT r.* FROM unnest($16::BIGINT[], $17::TEXT[], $18::BIGINT[], $19::BIGINT[],
+                           $20::BIGINT[], $21::BIGINT[], $22::TEXT[])
+        AS r(workspace_id, day, key_id, requests, tokens, denied, counter)
+    WHERE EXISTS (SELECT 1 FROM batch)
 ), by_key AS (
     INSERT INTO usage_daily_by_key AS k (workspace_id, day, key_id, requests, tokens, denied)
-    SELECT r.workspace_id, r.day, r.key_id, SUM(r.requests), SUM(r.tokens), SUM(r.denied)
-    FROM unnest($16::BIGINT[], $17::TEXT[], $18::BIGINT[], $19::BIGINT[], $20::BIGINT[],
-                $21::BIGINT[])
-        AS r(workspace_id, day, key_id, requests, tokens, denied)
-    WHERE EXISTS (SELECT 1 FROM batch)
-    GROUP BY r.workspace_id, r.day, r.key_id
-    ORDER BY r.workspace_id, r.day, r.key_id
+    SELECT workspace_id, day, key_id, SUM(requests), SUM(tokens), SUM(denied) FROM key_rows
+    GROUP BY workspace_id, day, key_id
+    ORDER BY workspace_id, day, key_id
     ON CONFLICT (workspace_id, day, key_id) DO UPDATE SET
         requests = k.requests + excluded.requests,
         tokens = k.tokens + excluded.tokens,
         denied = k.denied + excluded.denied
+), counted_by_key AS (
+    INSERT INTO usage_counted_by_key AS ck (counter, workspace_id, day, key_id, requests, tokens)
+    SELECT counter, workspace_id, day, key_id, SUM(requests), SUM(tokens) FROM key_rows
+    WHERE counter IS NOT NULL AND (requests > 0 OR tokens > 0)
+    GROUP BY counter, workspace_id, day, key_id
+    ORDER BY counter, workspace_id, day, key_id
+    ON CONFLICT (counter, workspace_id, day, key_id) DO UPDATE SET
+        requests = ck.requests + excluded.requests,
+        tokens = ck.tokens + excluded.tokens
 )
 SELECT COUNT(*) FROM batch";
 
@@ -596,6 +625,7 @@ struct KeyColumns<'a> {
     requests: Vec<i64>,
     tokens: Vec<i64>,
     denied: Vec<i64>,
+    counters: Vec<Option<&'a str>>,
 }
 
 impl<'a> KeyColumns<'a> {
@@ -607,6 +637,7 @@ impl<'a> KeyColumns<'a> {
             requests: rows.iter().map(|r| r.requests as i64).collect(),
             tokens: rows.iter().map(|r| r.tokens as i64).collect(),
             denied: rows.iter().map(|r| r.denied as i64).collect(),
+            counters: rows.iter().map(|r| r.counter.as_deref()).collect(),
         }
     }
 }
@@ -1080,6 +1111,58 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn get_key(&self, id: KeyId) -> Result<ApiKey, StoreError> {
+        bounded(CALL_TIMEOUT, async {
+            let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            key_row(&row)
+        })
+        .await
+    }
+
+    async fn set_key_limits(
+        &self,
+        id: KeyId,
+        limits: &KeyLimits,
+        by: &Actor,
+        now: i64,
+    ) -> Result<ApiKey, StoreError> {
+        bounded(CALL_TIMEOUT, async {
+            let mut tx = self.pool.begin().await?;
+            let before = sqlx::query(&format!(
+                "SELECT {KEY_COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE"
+            ))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+            let before = key_row(&before)?;
+            if before.revoked_at.is_some() {
+                return Err(revoked(id));
+            }
+            let row = sqlx::query(&format!(
+                "UPDATE api_keys SET limits = $1 WHERE id = $2 RETURNING {KEY_COLUMNS}"
+            ))
+            .bind(json(limits))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let key = key_row(&row)?;
+            Self::audit(
+                &mut tx,
+                AuditRow::key(by, now, AuditAction::KeyLimits, Some(&before), &key),
+            )
+            .await?;
+            Self::bump_version(&mut tx, &[Changed::Key(id)]).await?;
+            tx.commit().await?;
+            Ok(key)
+        })
+        .await
+    }
+
     async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<(), StoreError> {
         if used.is_empty() {
             return Ok(());
@@ -1158,6 +1241,7 @@ impl Store for PostgresStore {
                 .bind(&keys.requests)
                 .bind(&keys.tokens)
                 .bind(&keys.denied)
+                .bind(&keys.counters)
                 .fetch_one(&self.pool)
                 .await?;
             Ok(new == 1)
@@ -1173,7 +1257,7 @@ impl Store for PostgresStore {
     ) -> Result<MonthTotals, StoreError> {
         let (from, to) = month_range(month);
         bounded(CALL_TIMEOUT, async {
-            let rows: Vec<(String, i64, i64)> = sqlx::query_as(MONTH_TOTALS_SQL)
+            let rows: Vec<MonthTotalsRow> = sqlx::query_as(MONTH_TOTALS_SQL)
                 .bind(workspace)
                 .bind(&from)
                 .bind(&to)
@@ -1286,6 +1370,7 @@ impl Store for PostgresStore {
         let events = "DELETE FROM usage_events WHERE request_id IN (SELECT request_id FROM usage_events WHERE settled_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let hours = "DELETE FROM usage_hourly WHERE ctid IN (SELECT ctid FROM usage_hourly WHERE hour < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let counted = "DELETE FROM usage_counted WHERE ctid IN (SELECT ctid FROM usage_counted WHERE day < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
+        let counted_by_key = "DELETE FROM usage_counted_by_key WHERE ctid IN (SELECT ctid FROM usage_counted_by_key WHERE day < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)";
         let pool = &self.pool;
         let mut pruned = 0;
         for (sql, bound) in [(batches, before), (events, before), (hours, hours_before)] {
@@ -1301,17 +1386,19 @@ impl Store for PostgresStore {
             })
             .await?;
         }
-        pruned += prune_in_batches(move || {
-            bounded(CALL_TIMEOUT, async move {
-                Ok(sqlx::query(counted)
-                    .bind(counted_before_day)
-                    .bind(PRUNE_BATCH)
-                    .execute(pool)
-                    .await?
-                    .rows_affected())
+        for sql in [counted, counted_by_key] {
+            pruned += prune_in_batches(move || {
+                bounded(CALL_TIMEOUT, async move {
+                    Ok(sqlx::query(sql)
+                        .bind(counted_before_day)
+                        .bind(PRUNE_BATCH)
+                        .execute(pool)
+                        .await?
+                        .rows_affected())
+                })
             })
-        })
-        .await?;
+            .await?;
+        }
         Ok(pruned)
     }
 

@@ -16,11 +16,11 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
     already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
-    month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of,
+    month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of, revoked,
     search_pattern, workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
-    CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, NewKey, Store,
-    StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS,
-    CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, MonthTotalsRow,
+    NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery,
+    AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
 };
 use super::{
     claim_token, delivery_record, due_delivery, events_column, limit_request_event,
@@ -31,7 +31,7 @@ use super::{
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestId,
+    Actor, ApiKey, AuditAction, AuditEntry, KeyId, KeyLimits, LimitRequest, LimitRequestId,
     LimitRequestStatus, Limits, Overrides, Tier, Workspace, WorkspaceId, WorkspaceStatus,
 };
 
@@ -233,6 +233,21 @@ CREATE INDEX webhook_deliveries_endpoint ON webhook_deliveries(endpoint_id, id);
 CREATE INDEX webhook_deliveries_event ON webhook_deliveries(event_id);
 CREATE INDEX webhook_events_created ON webhook_events(created_at);
 "#,
+    // Keys' own limits, and what each of the limiter's month-counter generations counted per
+    // key (for keys' month totals, as `usage_counted` is for the workspace's).
+    r#"
+ALTER TABLE api_keys ADD COLUMN limits TEXT NOT NULL DEFAULT '{}';
+CREATE TABLE usage_counted_by_key (
+    counter TEXT NOT NULL,
+    workspace_id INTEGER NOT NULL,
+    day TEXT NOT NULL,
+    key_id INTEGER NOT NULL,
+    requests INTEGER NOT NULL DEFAULT 0,
+    tokens INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (counter, workspace_id, day, key_id)
+);
+CREATE INDEX usage_counted_by_key_day ON usage_counted_by_key(day);
+"#,
 ];
 
 pub struct SqliteStore {
@@ -428,6 +443,7 @@ fn key_row(row: &SqliteRow) -> Result<ApiKey, StoreError> {
         expires_at: row.try_get("expires_at")?,
         revoked_at: row.try_get("revoked_at")?,
         last_used_at: row.try_get("last_used_at")?,
+        limits: parse_json(row.try_get("limits")?, "api_keys.limits")?,
     })
 }
 
@@ -452,7 +468,7 @@ fn limit_request_row(row: &SqliteRow) -> Result<LimitRequest, StoreError> {
 }
 
 const KEY_COLUMNS: &str =
-    "id, workspace_id, name, prefix, hash, created_at, expires_at, revoked_at, last_used_at";
+    "id, workspace_id, name, prefix, hash, created_at, expires_at, revoked_at, last_used_at, limits";
 
 #[async_trait]
 impl Store for SqliteStore {
@@ -846,6 +862,50 @@ impl Store for SqliteStore {
         Ok(key)
     }
 
+    async fn get_key(&self, id: KeyId) -> Result<ApiKey, StoreError> {
+        let row = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        key_row(&row)
+    }
+
+    async fn set_key_limits(
+        &self,
+        id: KeyId,
+        limits: &KeyLimits,
+        by: &Actor,
+        now: i64,
+    ) -> Result<ApiKey, StoreError> {
+        let mut tx = self.write_tx().await?;
+        let before = sqlx::query(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound)?;
+        let before = key_row(&before)?;
+        if before.revoked_at.is_some() {
+            return Err(revoked(id));
+        }
+        let row = sqlx::query(&format!(
+            "UPDATE api_keys SET limits = ? WHERE id = ? RETURNING {KEY_COLUMNS}"
+        ))
+        .bind(json(limits))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let key = key_row(&row)?;
+        Self::audit(
+            &mut tx,
+            AuditRow::key(by, now, AuditAction::KeyLimits, Some(&before), &key),
+        )
+        .await?;
+        Self::bump_version(&mut tx, &[Changed::Key(id)]).await?;
+        tx.commit().await?;
+        Ok(key)
+    }
+
     async fn touch_keys(&self, used: &[(KeyId, i64)]) -> Result<(), StoreError> {
         if used.is_empty() {
             return Ok(());
@@ -933,6 +993,21 @@ impl Store for SqliteStore {
             .bind(row.denied as i64)
             .execute(&mut *tx)
             .await?;
+            if let Some(counter) = &row.counter {
+                if row.requests > 0 || row.tokens > 0 {
+                    sqlx::query(
+                        "INSERT INTO usage_counted_by_key (counter, workspace_id, day, key_id, requests, tokens) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(counter, workspace_id, day, key_id) DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens",
+                    )
+                    .bind(counter)
+                    .bind(row.workspace)
+                    .bind(&row.day)
+                    .bind(row.key)
+                    .bind(row.requests as i64)
+                    .bind(row.tokens as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
         }
         tx.commit().await?;
         Ok(true)
@@ -945,7 +1020,7 @@ impl Store for SqliteStore {
         excluding_counter: Option<&str>,
     ) -> Result<MonthTotals, StoreError> {
         let (from, to) = month_range(month);
-        let rows: Vec<(String, i64, i64)> = sqlx::query_as(MONTH_TOTALS_SQL)
+        let rows: Vec<MonthTotalsRow> = sqlx::query_as(MONTH_TOTALS_SQL)
             .bind(workspace)
             .bind(&from)
             .bind(&to)
@@ -1047,6 +1122,7 @@ impl Store for SqliteStore {
         let events = "DELETE FROM usage_events WHERE rowid IN (SELECT rowid FROM usage_events WHERE settled_at < ? LIMIT ?)";
         let hours = "DELETE FROM usage_hourly WHERE rowid IN (SELECT rowid FROM usage_hourly WHERE hour < ? LIMIT ?)";
         let counted = "DELETE FROM usage_counted WHERE rowid IN (SELECT rowid FROM usage_counted WHERE day < ? LIMIT ?)";
+        let counted_by_key = "DELETE FROM usage_counted_by_key WHERE rowid IN (SELECT rowid FROM usage_counted_by_key WHERE day < ? LIMIT ?)";
         let pool = &self.pool;
         let mut pruned = 0;
         for (sql, bound) in [(batches, before), (events, before), (hours, hours_before)] {
@@ -1060,15 +1136,17 @@ impl Store for SqliteStore {
             })
             .await?;
         }
-        pruned += prune_in_batches(move || async move {
-            Ok(sqlx::query(counted)
-                .bind(counted_before_day)
-                .bind(PRUNE_BATCH)
-                .execute(pool)
-                .await?
-                .rows_affected())
-        })
-        .await?;
+        for sql in [counted, counted_by_key] {
+            pruned += prune_in_batches(move || async move {
+                Ok(sqlx::query(sql)
+                    .bind(counted_before_day)
+                    .bind(PRUNE_BATCH)
+                    .execute(pool)
+                    .await?
+                    .rows_affected())
+            })
+            .await?;
+        }
         Ok(pruned)
     }
 

@@ -1095,3 +1095,122 @@ async fn the_operator_creates_a_workspace_from_the_console() {
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     assert_eq!(audit(&gw, "?action=workspace.create").await.len(), 1);
 }
+
+/// A key's own limits from the workspace's page: shown with each key, set and cleared with its
+/// form as `PATCH /admin/v1/keys/{id}` would (refused above the workspace's, naming the field),
+/// audited as the token; the form needs the session's token; the workspace's own page lists
+/// them too, as enforced.
+#[tokio::test]
+async fn a_key_s_limits_are_set_and_cleared_from_the_workspace_page() {
+    let gw = gateway(false).await;
+    put_tiers(&gw).await;
+    let (ws, key) = gw.workspace("small").await;
+    let (_, keys) = gw
+        .admin(Method::GET, &format!("/workspaces/{ws}/keys"), None)
+        .await;
+    let id = keys["data"][0]["id"].as_i64().unwrap();
+    let op = Operator::sign_in(&gw.url, ALICE).await;
+    let path = format!("/console/operator/keys/{id}/limits");
+    let back = format!("{HOME}/{ws}?done=key-limits");
+    let listed = || async {
+        let (_, keys) = gw
+            .admin(Method::GET, &format!("/workspaces/{ws}/keys"), None)
+            .await;
+        keys["data"][0]["limits"].clone()
+    };
+
+    let page = op.get(&format!("{HOME}/{ws}")).await;
+    assert!(
+        page.body.contains(&format!(r#"action="{path}""#)),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body.contains(r#"<td class="key-limits">none"#),
+        "{}",
+        page.body
+    );
+
+    let fields = [
+        ("requests_per_second", "5"),
+        ("burst", ""),
+        ("tokens_per_minute", "50000"),
+        ("tokens_per_month", ""),
+    ];
+    let page = op.post(&path, &fields).await;
+    assert!(page.redirects_to(&back), "{}: {}", page.status, page.body);
+    assert_eq!(
+        listed().await,
+        json!({"requests_per_second": 5.0, "tokens_per_minute": 50000})
+    );
+    let page = op.get(&back).await;
+    assert!(page.body.contains("Key limits saved."));
+    assert!(
+        page.body
+            .contains("requests_per_second 5, tokens_per_minute 50000"),
+        "{}",
+        page.body
+    );
+    assert!(page
+        .body
+        .contains(r#"name="tokens_per_minute" value="50000""#));
+    // The workspace's own page lists them, within its limits.
+    let session = sign_in_at(&gw.url, &key, &[]).await.session().unwrap();
+    let own = get_at(&gw.url, "/console/workspace", Some(&session)).await;
+    assert!(
+        own.body.contains(
+            r#"<td class="key-limits">requests_per_second 5, tokens_per_minute 50000</td>"#
+        ),
+        "{}",
+        own.body
+    );
+
+    // Above the workspace's, or not a number: refused naming the field, nothing changed.
+    for (field, value, says) in [
+        (
+            "tokens_per_minute",
+            "100001",
+            "tokens_per_minute must be at most",
+        ),
+        ("burst", "lots", "'burst' must be a number"),
+    ] {
+        let page = op.post(&path, &[(field, value)]).await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+        assert!(page.body.contains(says), "{}", page.body);
+    }
+    assert_eq!(listed().await["tokens_per_minute"], 50000);
+    // Without the session's token: refused.
+    let page = post_at(
+        &gw.url,
+        &path,
+        Some(&op.cookie),
+        &[("tokens_per_minute", "10")],
+        &[],
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::FORBIDDEN);
+
+    // All fields empty: cleared.
+    let empty = [
+        ("requests_per_second", ""),
+        ("burst", ""),
+        ("tokens_per_minute", ""),
+        ("tokens_per_month", ""),
+    ];
+    let page = op.post(&path, &empty).await;
+    assert!(page.redirects_to(&back), "{}", page.body);
+    assert_eq!(listed().await, json!({}));
+    let page = op
+        .post("/console/operator/keys/999999/limits", &empty)
+        .await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND);
+
+    let entries = audit(&gw, "?action=key.limits").await;
+    assert_eq!(
+        entries,
+        [
+            ("alice".to_string(), "key.limits".to_string()),
+            ("alice".to_string(), "key.limits".to_string()),
+        ]
+    );
+}

@@ -18,6 +18,7 @@ mod faults;
 mod harness;
 mod headers;
 mod key_enforcement;
+mod keys;
 mod limits;
 mod metrics;
 mod openapi;

@@ -685,13 +685,14 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     assert_eq!(set["tier"], "rich", "not yet qualified: {set}");
     let keys = format!("{rich_path}/keys");
     let named = json!({"name": "main", "expires_at": "2099-01-01T00:00:00Z"});
-    let rich_key = secret(&api.admin(b, M::POST, &keys, Some(named), created).await);
+    let rich_made = api.admin(b, M::POST, &keys, Some(named), created).await;
+    let rich_key = secret(&rich_made);
     let unnamed = api.admin(b, M::POST, &keys, None, created).await;
     let bare_keys = format!("/admin/v1/workspaces/{bare_ws}/keys");
-    let bare_key = secret(
-        &api.admin(b, M::POST, &bare_keys, Some(json!({})), created)
-            .await,
-    );
+    let bare_made = api
+        .admin(b, M::POST, &bare_keys, Some(json!({})), created)
+        .await;
+    let bare_key = secret(&bare_made);
     let free_key = gw.key(free_ws).await;
     // Usage, for the ledger's daily rows and a key's last use.
     assert_eq!(gw.chat(&rich_key, hello(), &[]).await.status(), ok);
@@ -701,11 +702,32 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     let revoke = format!("/admin/v1/keys/{}", id(&unnamed));
     let revoked = api.admin(b, M::DELETE, &revoke, None, ok).await;
     assert!(revoked["revoked_at"].is_string());
+    // A key's own limits: set (every one), cleared (with null), refused for a revoked key.
+    let key_limits = json!({"limits": {"requests_per_second": 1.5, "burst": 2,
+        "tokens_per_minute": 5000, "tokens_per_month": 100000}});
+    let rich_key_path = format!("/admin/v1/keys/{}", id(&rich_made));
+    let set = api
+        .admin(b, M::PATCH, &rich_key_path, Some(key_limits.clone()), ok)
+        .await;
+    assert_eq!(set["limits"], key_limits["limits"]);
+    let bare_key_path = format!("/admin/v1/keys/{}", id(&bare_made));
+    let cleared = api.admin(
+        b,
+        M::PATCH,
+        &bare_key_path,
+        Some(json!({"limits": null})),
+        ok,
+    );
+    assert_eq!(cleared.await["limits"], json!({}));
+    let conflict = StatusCode::CONFLICT;
+    api.admin(b, M::PATCH, &revoke, Some(json!({"limits": {}})), conflict)
+        .await;
 
     let limits = api
         .keyed(b, &rich_key, M::GET, "/v1/limits", None, ok)
         .await;
     assert!(limits["usage"]["token_bucket"].is_object());
+    assert_eq!(limits["key"]["limits"], key_limits["limits"], "{limits}");
     assert_eq!(limits["next_tier"]["name"], "richer");
     assert_eq!(limits["next_tier"]["automatic"], true);
     // The workspace's own budget: set (a model's too), read, cleared.
@@ -727,6 +749,7 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
         .await;
     assert!(limits["usage"]["token_bucket"].is_null());
     assert!(limits["next_tier"].is_null());
+    assert!(limits.get("key").is_none(), "{limits}");
     // Usage over time: a named key with usage, and (the other workspace's) an unnamed one.
     let history = api.keyed(b, &rich_key, M::GET, "/v1/usage", None, ok).await;
     assert_eq!(history["hours"].as_array().unwrap().len(), 48);
@@ -904,6 +927,9 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
             let valid = match template.rsplit('/').next().unwrap() {
                 "deny" => Body::Json(json!({"reason": "r"})),
                 "attributes" => Body::Json(json!({})),
+                "{id}" if method == M::PATCH && template.contains("/keys/") => {
+                    Body::Json(json!({"limits": {}}))
+                }
                 "{id}" if method == M::PATCH => Body::Json(json!({"status": "active"})),
                 _ => Body::None,
             };
