@@ -745,6 +745,8 @@ impl TryFrom<RawSettings> for Config {
                 rank,
                 limits,
                 promotion,
+                enforcement,
+                shadow,
             },
         ) in tiers
         {
@@ -769,6 +771,8 @@ impl TryFrom<RawSettings> for Config {
                 rank,
                 limits,
                 promotion,
+                enforcement,
+                shadow,
             });
         }
         // A promotion leads up: to a tier of this catalogue ranked above its own.

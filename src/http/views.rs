@@ -28,8 +28,9 @@ use crate::app::AppState;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{
-    ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, LimitRequest,
-    LimitRequestStatus, Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
+    ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, Enforcement, LimitRequest,
+    LimitRequestStatus, Limits, Overrides, Promotion, ShadowLimit, Shadowing, Tier, TierSpec,
+    Workspace, WorkspaceStatus,
 };
 use crate::store::{DailyUsage, DeliveryRecord, HourRow, KeyUsage, WebhookEndpoint};
 use crate::usage::hour_of;
@@ -152,6 +153,20 @@ pub struct WorkspaceView {
     pub promoted: Option<PromotedView>,
     /// The monthly caps the workspace set for itself (`PUT /v1/budget`).
     pub budget: Budget,
+    /// Its own enforcement; `null`: the tier's.
+    #[schema(required = true)]
+    pub enforcement: Option<Enforcement>,
+    /// Its own limits in shadow, beside the tier's; `null`: none of its own.
+    #[schema(required = true)]
+    pub shadow: Option<Vec<ShadowLimit>>,
+    /// The effective enforcement and limits in shadow (the workspace's and the tier's); `null`
+    /// while this instance's catalogue does not hold the workspace yet.
+    #[schema(required = true)]
+    pub shadowing: Option<Shadowing>,
+    /// The limits in shadow with their figures (absent from `limits`, which are those
+    /// enforced); `null` when none.
+    #[schema(required = true)]
+    pub shadow_limits: Option<Limits>,
 }
 
 /// A workspace's last automatic promotion.
@@ -166,13 +181,18 @@ pub struct PromotedView {
 }
 
 pub fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
+    let entry = state.catalog.workspace(w.id);
     WorkspaceView {
+        enforcement: w.enforcement,
+        shadow: w.shadow.clone(),
+        shadowing: entry.as_ref().map(|e| e.shadowing.clone()),
+        shadow_limits: entry.as_ref().and_then(|e| e.shadow.as_deref().cloned()),
         id: w.id,
         name: w.name.clone(),
         tier: w.tier.clone(),
         status: w.status,
         overrides: w.overrides.clone(),
-        limits: state.catalog.workspace(w.id).map(|e| (*e.limits).clone()),
+        limits: entry.as_ref().map(|e| (*e.limits).clone()),
         created_at: Timestamp(w.created_at),
         pinned: w.pinned,
         attributes: w.attributes.clone(),
@@ -318,6 +338,8 @@ pub struct TierView {
     pub limits: Limits,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub promotion: Option<Promotion>,
+    pub enforcement: Enforcement,
+    pub shadow: Vec<ShadowLimit>,
 }
 
 impl From<&Tier> for TierView {
@@ -327,6 +349,8 @@ impl From<&Tier> for TierView {
             rank: t.rank,
             limits: t.limits.clone(),
             promotion: t.promotion.clone(),
+            enforcement: t.enforcement,
+            shadow: t.shadow.clone(),
         }
     }
 }
@@ -350,6 +374,18 @@ impl PartialSchema for TierView {
         object
             .properties
             .insert("promotion".into(), promotion_schema());
+        object
+            .properties
+            .insert("enforcement".into(), Enforcement::schema());
+        object.properties.insert(
+            "shadow".into(),
+            utoipa::openapi::schema::ArrayBuilder::new()
+                .items(ShadowLimit::schema())
+                .description(Some(
+                    "Limits in shadow whatever the enforcement: they only say what they would have denied.",
+                ))
+                .into(),
+        );
         object.required.push("name".into());
         object.additional_properties = None;
         object.description = Some(
@@ -621,6 +657,11 @@ pub struct WorkspaceLimitsView {
     /// `null` at the top of the ladder or off it.
     #[schema(required = true)]
     pub next_tier: Option<NextTierView>,
+    /// The effective enforcement and the limits in shadow (absent from `limits`).
+    pub shadowing: Shadowing,
+    /// The limits in shadow with their figures; `null` when none.
+    #[schema(required = true)]
+    pub shadow_limits: Option<Limits>,
 }
 
 /// The tier a workspace can reach next, and how.
@@ -747,6 +788,8 @@ pub struct DayUsageView {
     pub tokens: u64,
     /// Requests the limits denied (`429`).
     pub denied: u64,
+    /// Requests a limit in shadow would have denied (they were admitted).
+    pub shadow_denied: u64,
 }
 
 /// One hour's usage (UTC).
@@ -841,11 +884,13 @@ fn days_of(from: &str, to: &str, rows: &[DailyUsage]) -> Vec<DayUsageView> {
             requests: 0,
             tokens: 0,
             denied: 0,
+            shadow_denied: 0,
         };
         for r in rows.iter().filter(|r| r.day == view.day) {
             view.requests += r.requests;
             view.tokens += r.tokens;
             view.denied += r.denied;
+            view.shadow_denied += r.shadow_denied;
         }
         days.push(view);
         match day.next_day() {

@@ -87,6 +87,8 @@ async fn limits(
         overrides: ws.overrides.clone(),
         usage,
         next_tier: next_tier.as_ref().map(NextTierView::from),
+        shadowing: entry.shadowing.clone(),
+        shadow_limits: entry.shadow.as_deref().cloned(),
     }))
 }
 
