@@ -958,9 +958,14 @@ mod tests {
                 burst: Some(3),
                 ..Limits::default()
             },
+            enforcement: Enforcement::Enforce,
+            shadow: Vec::new(),
         };
         let text =
             serde_json::to_string(&serde_json::to_value(TierView::from(&tier)).unwrap()).unwrap();
-        assert_eq!(text, r#"{"burst":3,"name":"t"}"#);
+        assert_eq!(
+            text,
+            r#"{"burst":3,"enforcement":"enforce","name":"t","shadow":[]}"#
+        );
     }
 }
