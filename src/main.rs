@@ -263,6 +263,7 @@ enum KeyCommand {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum TierCommand {
     /// List tiers.
     List {

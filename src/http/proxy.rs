@@ -925,6 +925,7 @@ struct Counts {
     prompt_estimate: u64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     state: &AppState,
     reservation: &Reservation,
