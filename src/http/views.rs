@@ -338,7 +338,11 @@ pub struct TierView {
     pub limits: Limits,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub promotion: Option<Promotion>,
+    /// Left out when `enforce`, the default.
+    #[serde(skip_serializing_if = "Enforcement::is_enforce")]
     pub enforcement: Enforcement,
+    /// Left out when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub shadow: Vec<ShadowLimit>,
 }
 
@@ -963,9 +967,6 @@ mod tests {
         };
         let text =
             serde_json::to_string(&serde_json::to_value(TierView::from(&tier)).unwrap()).unwrap();
-        assert_eq!(
-            text,
-            r#"{"burst":3,"enforcement":"enforce","name":"t","shadow":[]}"#
-        );
+        assert_eq!(text, r#"{"burst":3,"name":"t"}"#);
     }
 }
