@@ -26,9 +26,9 @@ use crate::config::validate_tier_name;
 use crate::limiter::MonthKey;
 use crate::model::{
     validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition,
-    FieldPatch, KeyId, KeyLimits, LimitRequest, LimitRequestId, LimitRequestStatus, Limits,
-    Overrides, OverridesPatch, Promoted, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
-    MAX_BUDGET_MODELS,
+    Enforcement, FieldPatch, KeyId, KeyLimits, LimitRequest, LimitRequestId, LimitRequestStatus,
+    Limits, Overrides, OverridesPatch, Promoted, ShadowLimit, Tier, TierSpec, Workspace,
+    WorkspaceId, WorkspaceStatus, MAX_BUDGET_MODELS,
 };
 use crate::store::{
     AuditFilter, DeliveryRecord, NewKey, NewWebhook, Store, StoreError, WebhookEndpoint, WebhookId,
@@ -262,6 +262,10 @@ pub struct WorkspaceUpdate {
     pub status: Option<WorkspaceStatus>,
     /// Held on its tier (no automatic promotion), or released.
     pub pinned: Option<bool>,
+    /// Its own enforcement (`Some(None)`: the tier's again).
+    pub enforcement: Option<Option<Enforcement>>,
+    /// Its own limits in shadow (`Some(None)`: none of its own, the tier's alone).
+    pub shadow: Option<Option<Vec<ShadowLimit>>>,
 }
 
 /// The actor automatic promotions are recorded as.
@@ -421,6 +425,8 @@ impl Admin {
             rank: spec.rank,
             limits: spec.limits,
             promotion: spec.promotion,
+            enforcement: spec.enforcement,
+            shadow: spec.shadow,
         };
         self.store.put_tier(&tier, by, self.now()).await?;
         self.refresh().await;
@@ -452,7 +458,8 @@ impl Admin {
         self.put_tier(by, name, spec).await
     }
 
-    /// Changes an existing tier's rank and limits, keeping the rest of it (its promotion;
+    /// Changes an existing tier's rank and limits, keeping the rest of it (its promotion and
+    /// shadow settings;
     /// `NotFound` if there is no such tier).
     pub async fn update_tier(
         &self,
@@ -469,6 +476,8 @@ impl Admin {
             rank,
             limits,
             promotion: current.promotion.clone(),
+            enforcement: current.enforcement,
+            shadow: current.shadow.clone(),
         };
         self.put_tier(by, name, spec).await
     }
@@ -561,10 +570,18 @@ impl Admin {
             overrides,
             status,
             pinned,
+            enforcement,
+            shadow,
         } = update;
-        if tier.is_none() && overrides.is_empty() && status.is_none() && pinned.is_none() {
+        if tier.is_none()
+            && overrides.is_empty()
+            && status.is_none()
+            && pinned.is_none()
+            && enforcement.is_none()
+            && shadow.is_none()
+        {
             return Err(invalid(
-                "nothing to change: give at least one of tier, limits, status, pinned",
+                "nothing to change: give at least one of tier, limits, status, pinned, enforcement, shadow",
             ));
         }
         if let Some(t) = &tier {
@@ -578,6 +595,8 @@ impl Admin {
             overrides,
             status,
             pinned,
+            enforcement,
+            shadow,
             ..WorkspaceChange::default()
         };
         self.change_workspace(by, id, &change).await

@@ -20,6 +20,7 @@ use crate::limiter::redis::{RedisLimiter, RedisOptions};
 use crate::limiter::{Limiter, LimiterError, MonthKey, MonthSource, MonthTotals};
 use crate::metrics::{Metrics, Scrape};
 use crate::model::WorkspaceId;
+use crate::shadow::{Shadow, ShadowMonths};
 use crate::store::{Store, StoreError};
 use crate::usage::Recorder;
 use crate::webhooks::Dispatcher;
@@ -47,6 +48,8 @@ pub struct AppState {
     /// The in-memory limiter: the limiter itself, or the shared one's fallback. Its idle
     /// workspaces are evicted here.
     pub local: Arc<LocalLimiter>,
+    /// The limiter of the limits in shadow, whose state is kept apart (see `shadow`).
+    pub shadow: Shadow,
     pub estimator: Estimator,
     pub recorder: Recorder,
     pub upstream: Upstream,
@@ -171,6 +174,14 @@ impl MonthSource for LedgerMonths {
     }
 }
 
+/// The Redis key prefix of the shadow limiter's state: the primary's and `-s`, so the two never
+/// share a key (shortened to stay within the 32 characters a prefix may have).
+pub fn shadow_prefix(prefix: &str) -> String {
+    let mut p: String = prefix.chars().take(30).collect();
+    p.push_str("-s");
+    p
+}
+
 /// Opens the store named by the config, SQLite or Postgres by the URL's scheme (creating and
 /// migrating it).
 pub async fn open_store(config: &Config) -> Result<Arc<dyn Store>, StoreError> {
@@ -188,6 +199,21 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     let metrics = Arc::new(Metrics::default());
     let months: Arc<dyn MonthSource> = Arc::new(LedgerMonths(store.clone()));
     let local = Arc::new(LocalLimiter::new(months.clone()));
+    let shadow_months: Arc<dyn MonthSource> = Arc::new(ShadowMonths(store.clone()));
+    let shadow = match &config.redis {
+        None => Shadow::local(Arc::new(LocalLimiter::new(shadow_months)), metrics.clone()),
+        Some(redis) => {
+            let options = RedisOptions {
+                topology: redis.topology.clone(),
+                prefix: shadow_prefix(&redis.prefix),
+                timeout: redis.timeout,
+                lease: redis.lease,
+                time: redis.time,
+            };
+            let shared: Arc<dyn Limiter> = Arc::new(RedisLimiter::new(options, shadow_months)?);
+            Shadow::shared(shared, redis.timeout, metrics.clone())
+        }
+    };
     let limiter: Arc<dyn Limiter> = match &config.redis {
         None => {
             if !config.database.starts_with("sqlite:") {
@@ -242,6 +268,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         catalog,
         limiter,
         local,
+        shadow,
         estimator,
         recorder,
         upstream,
@@ -385,6 +412,11 @@ async fn evict_idle(state: Arc<AppState>) {
         let evicted = state
             .local
             .evict_idle(now, idle_for, &|ws| catalog.limits_of(ws));
+        if let Some(shadow) = state.shadow.local_limiter() {
+            shadow.evict_idle(now, idle_for, &|ws| {
+                catalog.workspace(ws).and_then(|e| e.shadow.clone())
+            });
+        }
         state.estimator.evict_idle(now, idle_for);
         if evicted > 0 {
             tracing::debug!(evicted, "evicted idle workspaces");

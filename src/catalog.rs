@@ -22,7 +22,8 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    ApiKey, BudgetBinds, KeyId, KeyLimits, Limits, Workspace, WorkspaceId, WorkspaceStatus,
+    ApiKey, BudgetBinds, KeyId, KeyLimits, Limits, Shadowing, Tier, Workspace, WorkspaceId,
+    WorkspaceStatus,
 };
 use crate::store::{CatalogChanges, CatalogDelta, Store, StoreError};
 
@@ -37,10 +38,15 @@ pub const MISS_CHECK_PAUSE: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone)]
 pub struct WorkspaceEntry {
     pub workspace: Workspace,
-    /// Tier limits with the workspace's overrides applied, then its own budget.
+    /// Tier limits with the workspace's overrides applied, less those in shadow, then its own
+    /// budget (which always enforces).
     pub limits: Arc<Limits>,
     /// Where the month caps in `limits` are the workspace's budget.
     pub budget: BudgetBinds,
+    /// The tier's and overrides' limits in shadow, if any: decided by the shadow limiter.
+    pub shadow: Option<Arc<Limits>>,
+    /// The effective enforcement and the limits in shadow.
+    pub shadowing: Shadowing,
 }
 
 #[derive(Debug)]
@@ -58,23 +64,24 @@ struct KeyEntry {
 #[derive(Debug, Default, Clone)]
 struct View {
     version: i64,
-    tiers: HashMap<String, Arc<Limits>>,
+    tiers: HashMap<String, Arc<Tier>>,
     keys: HashMap<[u8; 32], Arc<KeyEntry>>,
     workspaces: HashMap<WorkspaceId, Arc<WorkspaceEntry>>,
 }
 
 impl View {
     fn workspace_entry(&self, w: &Workspace) -> Arc<WorkspaceEntry> {
-        let tier = self
-            .tiers
-            .get(&w.tier)
-            .map(|l| (**l).clone())
-            .unwrap_or_default();
-        let (limits, budget) = w.effective_limits(&tier);
+        let tier = self.tiers.get(&w.tier);
+        let tier_limits = tier.map(|t| t.limits.clone()).unwrap_or_default();
+        let shadowing = Shadowing::of(tier.map(|t| &**t), w);
+        let (enforced, shadow) = shadowing.split(&w.overrides.apply(&tier_limits).within_bounds());
+        let (limits, budget) = w.budget.apply(&enforced);
         Arc::new(WorkspaceEntry {
             workspace: w.clone(),
             limits: Arc::new(limits),
             budget,
+            shadow: shadow.map(Arc::new),
+            shadowing,
         })
     }
 
@@ -99,8 +106,7 @@ impl View {
         let mut view = self.clone();
         view.version = *version;
         for tier in tiers {
-            view.tiers
-                .insert(tier.name.clone(), Arc::new(tier.limits.clone()));
+            view.tiers.insert(tier.name.clone(), Arc::new(tier.clone()));
         }
         if !tiers.is_empty() {
             // Every workspace on a changed tier gets its limits recomputed.
@@ -217,7 +223,7 @@ impl Mirror {
             tiers: data
                 .tiers
                 .iter()
-                .map(|t| (t.name.clone(), Arc::new(t.limits.clone())))
+                .map(|t| (t.name.clone(), Arc::new(t.clone())))
                 .collect(),
             ..View::default()
         };

@@ -745,6 +745,8 @@ impl TryFrom<RawSettings> for Config {
                 rank,
                 limits,
                 promotion,
+                enforcement,
+                shadow,
             },
         ) in tiers
         {
@@ -769,6 +771,8 @@ impl TryFrom<RawSettings> for Config {
                 rank,
                 limits,
                 promotion,
+                enforcement,
+                shadow,
             });
         }
         // A promotion leads up: to a tier of this catalogue ranked above its own.
@@ -1252,6 +1256,20 @@ impl Config {
             out.push_str(&format!("\n[tiers.{}]\n", toml_key(&tier.name)));
             if let Some(rank) = tier.rank {
                 out.push_str(&format!("rank = {rank}\n"));
+            }
+            if !tier.enforcement.is_enforce() {
+                out.push_str(&format!(
+                    "enforcement = \"{}\"\n",
+                    tier.enforcement.as_str()
+                ));
+            }
+            if !tier.shadow.is_empty() {
+                let names: Vec<String> = tier
+                    .shadow
+                    .iter()
+                    .map(|l| format!("\"{}\"", l.as_str()))
+                    .collect();
+                out.push_str(&format!("shadow = [{}]\n", names.join(", ")));
             }
             if let Some(v) = l.requests_per_second {
                 out.push_str(&format!("requests_per_second = {v:?}\n"));
@@ -1795,6 +1813,39 @@ mod tests {
         let printed = Config::try_from(file).unwrap().effective_toml();
         let again: RawSettings = toml::from_str(&printed).unwrap();
         assert_eq!(c(again).unwrap(), vec![60, 100]);
+    }
+
+    #[test]
+    fn file_tiers_take_shadow_settings_and_config_check_prints_them() {
+        let raw: RawSettings = toml::from_str(
+            "[tiers.trial]\ntokens_per_minute = 10\nenforcement = \"shadow\"\n[tiers.t2]\ntokens_per_month = 5\nshadow = [\"tokens_per_month\", \"requests_per_second\"]\n",
+        )
+        .unwrap();
+        let c = Config::try_from(raw).unwrap();
+        let trial = c.tiers.iter().find(|t| t.name == "trial").unwrap();
+        assert_eq!(trial.enforcement, crate::model::Enforcement::Shadow);
+        let t2 = c.tiers.iter().find(|t| t.name == "t2").unwrap();
+        use crate::model::ShadowLimit;
+        assert_eq!(
+            t2.shadow,
+            vec![ShadowLimit::RequestsPerSecond, ShadowLimit::TokensPerMonth]
+        );
+        let again: RawSettings = toml::from_str(&c.effective_toml()).unwrap();
+        let again = Config::try_from(again).unwrap();
+        for name in ["trial", "t2"] {
+            let find = |c: &Config| c.tiers.iter().find(|t| t.name == name).unwrap().clone();
+            assert_eq!(find(&again), find(&c), "{name}");
+        }
+        for bad in [
+            "[tiers.x]\nshadow = [\"tokens_per_week\"]\n",
+            "[tiers.x]\nenforcement = \"maybe\"\n",
+        ] {
+            let e = toml::from_str::<RawSettings>(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("tokens_per_week") || e.contains("enforcement"),
+                "{bad}: {e}"
+            );
+        }
     }
 
     #[test]

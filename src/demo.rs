@@ -113,6 +113,8 @@ async fn demo_workspace(admin: &Admin) -> Result<(Workspace, String), AppError> 
                 overrides: OverridesPatch::replacing(&Overrides::default()),
                 status: Some(WorkspaceStatus::Active),
                 pinned: Some(false),
+                enforcement: Some(None),
+                shadow: Some(None),
             };
             admin.update_workspace(&by, w.id, reset).await
         }

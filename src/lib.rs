@@ -16,6 +16,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod model;
+pub mod shadow;
 pub mod store;
 pub mod stream_options;
 pub mod upstream_usage;

@@ -13,8 +13,8 @@ use tiergate::clock::SystemClock;
 use tiergate::config::{Kind, LogFormat, Setting, SETTINGS};
 use tiergate::mock_upstream::{self, MockConfig};
 use tiergate::model::{
-    Actor, AttributeValue, Attributes, KeyLimits, Limits, ModelLimits, Overrides, Promotion,
-    TierSpec,
+    Actor, AttributeValue, Attributes, Enforcement, KeyLimits, Limits, ModelLimits, Overrides,
+    Promotion, ShadowLimit, TierSpec,
 };
 use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::redact;
@@ -213,6 +213,14 @@ enum WorkspaceCommand {
         /// true holds the workspace on its tier (no automatic promotion); false releases it.
         #[arg(long)]
         pinned: Option<bool>,
+        /// enforce or shadow for this workspace's limits, or tier for the tier's.
+        #[arg(long, value_name = "enforce|shadow|tier")]
+        enforcement: Option<String>,
+        /// A limit in shadow for this workspace (repeat for several), or none for none of its
+        /// own: requests_per_second, tokens_per_minute, tokens_per_month, concurrent_requests,
+        /// model_tokens_per_minute, model_tokens_per_month.
+        #[arg(long = "shadow", value_name = "LIMIT")]
+        shadow: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -274,6 +282,7 @@ enum KeyCommand {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum TierCommand {
     /// List tiers.
     List {
@@ -316,6 +325,14 @@ enum TierCommand {
             requires = "promote_to"
         )]
         min_attributes: Vec<String>,
+        /// enforce (the default) or shadow: the tier's limits deny, or only say what they would
+        /// have denied.
+        #[arg(long, value_name = "enforce|shadow")]
+        enforcement: Option<String>,
+        /// A limit in shadow whatever the enforcement (repeat for several): as for workspaces
+        /// set.
+        #[arg(long = "shadow", value_name = "LIMIT")]
+        shadow: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -613,6 +630,8 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
             status,
             limits,
             pinned,
+            enforcement,
+            shadow,
             store,
         } => {
             let fields = limit_fields(&limits)?;
@@ -626,6 +645,15 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
                     .map(tiergate::admin::workspace_status)
                     .transpose()?,
                 pinned,
+                enforcement: enforcement
+                    .as_deref()
+                    .map(|e| match e {
+                        "tier" => Ok(None),
+                        e => Enforcement::parse(e).map(Some),
+                    })
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
+                shadow: shadow_arg(&shadow)?,
             };
             let (admin, by) = admin(&store).await?;
             print(&admin.update_workspace(&by, id, update).await?);
@@ -697,6 +725,21 @@ async fn keys(command: KeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--shadow` given as limit names: none given, `None`; `none` alone, `Some(None)`; else the
+/// names, each checked.
+fn shadow_arg(names: &[String]) -> anyhow::Result<Option<Option<Vec<ShadowLimit>>>> {
+    match names {
+        [] => Ok(None),
+        [none] if none == "none" => Ok(Some(None)),
+        names => {
+            let list = names.iter().map(|n| Value::String(n.clone())).collect();
+            Ok(Some(Some(
+                tiergate::model::shadow_list(Value::Array(list)).map_err(anyhow::Error::msg)?,
+            )))
+        }
+    }
+}
+
 async fn tiers(command: TierCommand) -> anyhow::Result<()> {
     match command {
         TierCommand::List { store } => {
@@ -716,6 +759,8 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
             min_days,
             min_tokens_30d,
             min_attributes,
+            enforcement,
+            shadow,
             store,
         } => {
             let promotion = match promote_to {
@@ -756,6 +801,13 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
                             rank,
                             limits,
                             promotion,
+                            enforcement: enforcement
+                                .as_deref()
+                                .map(Enforcement::parse)
+                                .transpose()
+                                .map_err(anyhow::Error::msg)?
+                                .unwrap_or_default(),
+                            shadow: shadow_arg(&shadow)?.flatten().unwrap_or_default(),
                         },
                     )
                     .await?,

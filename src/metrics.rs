@@ -155,6 +155,11 @@ struct DecisionLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct LimitLabel {
+    limit: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct RouteLabel {
     route: Route,
 }
@@ -298,6 +303,10 @@ pub struct Metrics {
     pub webhooks_delivered: Counter,
     pub webhooks_retried: Counter,
     pub webhooks_failed: Counter,
+    /// Requests a limit in shadow would have denied (admitted all the same), by limit.
+    shadow_denied: Family<LimitLabel, Counter>,
+    /// Calls to the shadow limiter that failed or timed out (skipped; the request went on).
+    pub shadow_unavailable: Counter,
 
     // Set when scraped.
     tracked_workspaces: Gauge,
@@ -556,6 +565,17 @@ impl Metrics {
             "tiergate_webhook_attempts_failed",
             "Webhook attempts that failed (no answer, or not 2xx) and will be made again",
         );
+        let shadow_denied = Family::<LimitLabel, Counter>::default();
+        reg.register(
+            "tiergate_shadow_denied",
+            "Requests a limit in shadow would have denied (they were admitted), by the limit",
+            shadow_denied.clone(),
+        );
+        let shadow_unavailable = counter(
+            reg,
+            "tiergate_shadow_unavailable",
+            "Calls to the shadow limiter that failed or timed out (the request went on without it)",
+        );
         let webhooks_failed = counter(
             reg,
             "tiergate_webhook_deliveries_failed",
@@ -626,6 +646,8 @@ impl Metrics {
             webhooks_delivered,
             webhooks_retried,
             webhooks_failed,
+            shadow_denied,
+            shadow_unavailable,
             tracked_workspaces,
             ledger_queue,
             ledger_age,
@@ -656,6 +678,15 @@ impl Metrics {
                     outcome: denial_outcome(kind),
                     limit: limit.as_str(),
                 })
+            })
+            .inc();
+    }
+
+    /// A request a limit in shadow would have denied.
+    pub fn shadow_denied(&self, limit: LimitName) {
+        self.shadow_denied
+            .get_or_create(&LimitLabel {
+                limit: limit.as_str(),
             })
             .inc();
     }

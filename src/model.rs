@@ -545,6 +545,13 @@ pub struct Tier {
     /// The tier a workspace moves up to by itself, and when.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub promotion: Option<Promotion>,
+    /// Whether the tier's limits deny (`enforce`) or only say what they would have denied
+    /// (`shadow`); see `Shadowing`.
+    #[serde(default, skip_serializing_if = "Enforcement::is_enforce")]
+    pub enforcement: Enforcement,
+    /// Limits in shadow whatever the enforcement.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<ShadowLimit>,
 }
 
 impl Tier {
@@ -568,15 +575,19 @@ pub struct TierSpec {
     pub rank: Option<u32>,
     pub limits: Limits,
     pub promotion: Option<Promotion>,
+    pub enforcement: Enforcement,
+    pub shadow: Vec<ShadowLimit>,
 }
 
-/// Limits alone: a tier off the ladder.
+/// Limits alone: a tier off the ladder, enforced.
 impl From<Limits> for TierSpec {
     fn from(limits: Limits) -> Self {
         TierSpec {
             rank: None,
             limits,
             promotion: None,
+            enforcement: Enforcement::Enforce,
+            shadow: Vec::new(),
         }
     }
 }
@@ -598,12 +609,23 @@ impl<'de> Deserialize<'de> for TierSpec {
                     .map_err(|e| D::Error::custom(format!("promotion: {e}")))?,
             ),
         };
+        let enforcement = match object.remove("enforcement") {
+            None | Some(serde_json::Value::Null) => Enforcement::Enforce,
+            Some(v) => Enforcement::deserialize(v)
+                .map_err(|e| D::Error::custom(format!("enforcement: {e}")))?,
+        };
+        let shadow = match object.remove("shadow") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(v) => shadow_list(v).map_err(D::Error::custom)?,
+        };
         let limits =
             Limits::deserialize(serde_json::Value::Object(object)).map_err(D::Error::custom)?;
         Ok(TierSpec {
             rank,
             limits,
             promotion,
+            enforcement,
+            shadow,
         })
     }
 }
@@ -654,6 +676,212 @@ pub struct Workspace {
     /// The lower monthly caps the workspace set for itself.
     #[serde(default, skip_serializing_if = "Budget::is_empty")]
     pub budget: Budget,
+    /// Its own enforcement; `None`: the tier's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enforcement: Option<Enforcement>,
+    /// Limits in shadow for this workspace, beside the tier's; `None`: the tier's alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<Vec<ShadowLimit>>,
+}
+
+/// Whether limits deny or only say what they would have denied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    /// A limit denies (`429`).
+    #[default]
+    Enforce,
+    /// A limit keeps a state of its own and marks, counts and logs the requests it would have
+    /// denied, which are admitted.
+    Shadow,
+}
+
+impl Enforcement {
+    pub fn is_enforce(&self) -> bool {
+        *self == Enforcement::Enforce
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Enforcement::Enforce => "enforce",
+            Enforcement::Shadow => "shadow",
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Enforcement, String> {
+        match s {
+            "enforce" => Ok(Enforcement::Enforce),
+            "shadow" => Ok(Enforcement::Shadow),
+            _ => Err(format!(
+                "enforcement: `{s}` is not one of `enforce`, `shadow`"
+            )),
+        }
+    }
+}
+
+/// A limit that can be put in shadow by name; the `model_*` ones stand for that kind of limit
+/// of every model. The names are the `code`s a denial by the limit carries.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum ShadowLimit {
+    RequestsPerSecond,
+    TokensPerMinute,
+    TokensPerMonth,
+    ConcurrentRequests,
+    ModelTokensPerMinute,
+    ModelTokensPerMonth,
+}
+
+impl ShadowLimit {
+    pub const ALL: [ShadowLimit; 6] = [
+        ShadowLimit::RequestsPerSecond,
+        ShadowLimit::TokensPerMinute,
+        ShadowLimit::TokensPerMonth,
+        ShadowLimit::ConcurrentRequests,
+        ShadowLimit::ModelTokensPerMinute,
+        ShadowLimit::ModelTokensPerMonth,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShadowLimit::RequestsPerSecond => "requests_per_second",
+            ShadowLimit::TokensPerMinute => "tokens_per_minute",
+            ShadowLimit::TokensPerMonth => "tokens_per_month",
+            ShadowLimit::ConcurrentRequests => "concurrent_requests",
+            ShadowLimit::ModelTokensPerMinute => "model_tokens_per_minute",
+            ShadowLimit::ModelTokensPerMonth => "model_tokens_per_month",
+        }
+    }
+
+    /// The limit of that name; an error naming anything else.
+    pub fn parse(s: &str) -> Result<ShadowLimit, String> {
+        ShadowLimit::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "shadow: `{s}` is not a limit that can be put in shadow (one of {})",
+                    ShadowLimit::ALL.map(|l| l.as_str()).join(", ")
+                )
+            })
+    }
+}
+
+/// A list of limit names (JSON), sorted and without repeats; an error naming the first that is
+/// not one.
+pub fn shadow_list(value: serde_json::Value) -> Result<Vec<ShadowLimit>, String> {
+    let serde_json::Value::Array(items) = value else {
+        return Err("shadow: must be a list of limit names".to_string());
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for item in items {
+        let serde_json::Value::String(name) = item else {
+            return Err("shadow: must be a list of limit names".to_string());
+        };
+        out.push(ShadowLimit::parse(&name)?);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Which of a workspace's limits are in shadow. Most specific wins: a limit is in shadow when
+/// it is named in the workspace's `shadow` list or the tier's; otherwise the workspace's
+/// `enforcement` decides when it is set, else the tier's.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct Shadowing {
+    /// The enforcement of the limits not named: the workspace's, else the tier's.
+    pub enforcement: Enforcement,
+    /// The limits in shadow, sorted: every one under `shadow` enforcement, else those named.
+    pub shadow: Vec<ShadowLimit>,
+}
+
+impl Shadowing {
+    /// The effective settings of workspace `ws` on tier `tier` (`None`: a tier not found,
+    /// which enforces).
+    pub fn of(tier: Option<&Tier>, ws: &Workspace) -> Shadowing {
+        let enforcement = ws
+            .enforcement
+            .or(tier.map(|t| t.enforcement))
+            .unwrap_or_default();
+        let mut shadow: Vec<ShadowLimit> = match enforcement {
+            Enforcement::Shadow => ShadowLimit::ALL.to_vec(),
+            Enforcement::Enforce => tier
+                .map(|t| t.shadow.as_slice())
+                .unwrap_or_default()
+                .iter()
+                .chain(ws.shadow.as_deref().unwrap_or_default())
+                .copied()
+                .collect(),
+        };
+        shadow.sort_unstable();
+        shadow.dedup();
+        Shadowing {
+            enforcement,
+            shadow,
+        }
+    }
+
+    pub fn is_shadow(&self, limit: ShadowLimit) -> bool {
+        self.shadow.contains(&limit)
+    }
+
+    /// `limits` split into the part enforced and the part in shadow (`None` when no limit of
+    /// `limits` is in shadow). A request rate goes with its burst.
+    pub fn split(&self, limits: &Limits) -> (Limits, Option<Limits>) {
+        if self.shadow.is_empty() {
+            return (limits.clone(), None);
+        }
+        let Limits {
+            requests_per_second,
+            burst,
+            tokens_per_minute,
+            tokens_per_month,
+            concurrent_requests,
+            models,
+            key: _,
+        } = limits;
+        let mut enforced = Limits::default();
+        let mut shadow = Limits::default();
+        let side = |limit: ShadowLimit| {
+            if self.is_shadow(limit) {
+                1
+            } else {
+                0
+            }
+        };
+        {
+            let mut parts = [&mut enforced, &mut shadow];
+            let p = &mut parts[side(ShadowLimit::RequestsPerSecond)];
+            p.requests_per_second = *requests_per_second;
+            p.burst = *burst;
+            parts[side(ShadowLimit::TokensPerMinute)].tokens_per_minute = *tokens_per_minute;
+            parts[side(ShadowLimit::TokensPerMonth)].tokens_per_month = *tokens_per_month;
+            parts[side(ShadowLimit::ConcurrentRequests)].concurrent_requests = *concurrent_requests;
+            for (model, m) in models {
+                let minute = side(ShadowLimit::ModelTokensPerMinute);
+                let month = side(ShadowLimit::ModelTokensPerMonth);
+                if m.tokens_per_minute.is_some() {
+                    parts[minute]
+                        .models
+                        .entry(model.clone())
+                        .or_default()
+                        .tokens_per_minute = m.tokens_per_minute;
+                }
+                if m.tokens_per_month.is_some() {
+                    parts[month]
+                        .models
+                        .entry(model.clone())
+                        .or_default()
+                        .tokens_per_month = m.tokens_per_month;
+                }
+            }
+        }
+        let empty = shadow == Limits::default();
+        (enforced, (!empty).then_some(shadow))
+    }
 }
 
 impl Workspace {
@@ -951,6 +1179,8 @@ pub fn default_tiers() -> Vec<Tier> {
                 key: None,
             },
             promotion: None,
+            enforcement: Enforcement::Enforce,
+            shadow: Vec::new(),
         }
     }
     vec![

@@ -107,6 +107,16 @@ pub struct UsageRecord {
     pub prompt_tokens: u64,
     /// The limiter's shared month-counter generation that counted it, if any.
     pub counter: Option<String>,
+    /// What the shadow limiter made of it (see `shadow`).
+    pub shadow: ShadowMark,
+}
+
+/// What the shadow limiter made of a settled request: it would have denied it, or it admitted
+/// it and its settlement was counted by a shadow month-counter generation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShadowMark {
+    pub denied: bool,
+    pub counter: Option<String>,
 }
 
 /// The tokens of a settlement: `total`, of which `prompt` are the prompt's (as the upstream
@@ -140,6 +150,7 @@ pub fn settled_record(
         tokens: tokens.total,
         prompt_tokens: tokens.prompt.min(tokens.total),
         counter: settled.counter.clone(),
+        shadow: ShadowMark::default(),
     }
 }
 
@@ -151,6 +162,7 @@ pub struct Deferred {
     pub key: KeyId,
     pub actual: Tokens,
     pub model: String,
+    pub shadow: ShadowMark,
 }
 
 enum Msg {
@@ -438,8 +450,9 @@ fn dropped(metrics: &Metrics, last_log: &AtomicU64, tokens: u64) {
     }
 }
 
-/// A row of the ledger as the writer adds it up: workspace, day, model, counter generation.
-type RowKey = (WorkspaceId, String, String, Option<String>);
+/// A row of the ledger as the writer adds it up: workspace, day, model, counter generation, and
+/// the shadow's counter generation.
+type RowKey = (WorkspaceId, String, String, Option<String>, Option<String>);
 /// A row of the hourly rollup: workspace, the hour's start.
 type HourKey = (WorkspaceId, i64);
 /// A row of the rollup by key: workspace, day, key, counter generation (as `RowKey`'s: the
@@ -451,6 +464,8 @@ struct Sums {
     requests: u64,
     tokens: u64,
     denied: u64,
+    shadow_denied: u64,
+    shadow_denied_tokens: u64,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -578,15 +593,13 @@ impl Writer {
                         key,
                         actual,
                         model,
+                        shadow,
                         ..
                     } = *d;
-                    self.push(settled_record(
-                        reservation.workspace,
-                        key,
-                        model,
-                        actual,
-                        &settled,
-                    ));
+                    self.push(UsageRecord {
+                        shadow,
+                        ..settled_record(reservation.workspace, key, model, actual, &settled)
+                    });
                 }
                 Err(_) => break,
             }
@@ -624,6 +637,8 @@ impl Writer {
         r.requests += sums.requests;
         r.tokens += sums.tokens;
         r.denied += sums.denied;
+        r.shadow_denied += sums.shadow_denied;
+        r.shadow_denied_tokens += sums.shadow_denied_tokens;
         let h = self.pending_hours.entry(hour).or_default();
         h.requests += sums.requests;
         h.denied += sums.denied;
@@ -647,16 +662,26 @@ impl Writer {
             tokens,
             prompt_tokens,
             counter,
+            shadow,
         } = record;
         let model = self.ledger_model(workspace, &day, model);
+        let shadow_denied = u64::from(shadow.denied);
         let addition = Addition {
-            row: (workspace, day.clone(), model, counter.clone()),
+            row: (
+                workspace,
+                day.clone(),
+                model,
+                counter.clone(),
+                shadow.counter,
+            ),
             hour: (workspace, hour),
             key: (workspace, day, key, counter),
             sums: Sums {
                 requests: 1,
                 tokens,
                 denied: 0,
+                shadow_denied,
+                shadow_denied_tokens: shadow_denied * tokens,
             },
             prompt_tokens: prompt_tokens.min(tokens),
         };
@@ -706,7 +731,7 @@ impl Writer {
             // Past the bound a denial that needs a new row is not recorded: denials are a
             // statistic, not usage.
             self.add(Addition {
-                row: (workspace, day.clone(), model, None),
+                row: (workspace, day.clone(), model, None, None),
                 hour: (workspace, hour),
                 key: (workspace, day, key, None),
                 sums: Sums {
@@ -725,13 +750,10 @@ impl Writer {
             at: self.clock.now(),
             counter: None,
         };
-        self.push(settled_record(
-            d.reservation.workspace,
-            d.key,
-            d.model,
-            d.actual,
-            &settled,
-        ));
+        self.push(UsageRecord {
+            shadow: d.shadow,
+            ..settled_record(d.reservation.workspace, d.key, d.model, d.actual, &settled)
+        });
     }
 
     /// Seals the rows added up so far into batches of at most `BATCH` rows (of all kinds),
@@ -744,22 +766,28 @@ impl Writer {
         let mut rows: Vec<LedgerRow> = self
             .pending
             .drain()
-            .map(|((workspace, day, model, counter), sums)| LedgerRow {
-                workspace,
-                day,
-                model,
-                counter,
-                requests: sums.requests,
-                tokens: sums.tokens,
-                denied: sums.denied,
-            })
+            .map(
+                |((workspace, day, model, counter, shadow_counter), sums)| LedgerRow {
+                    workspace,
+                    day,
+                    model,
+                    counter,
+                    requests: sums.requests,
+                    tokens: sums.tokens,
+                    denied: sums.denied,
+                    shadow_denied: sums.shadow_denied,
+                    shadow_denied_tokens: sums.shadow_denied_tokens,
+                    shadow_counter,
+                },
+            )
             .collect();
         rows.sort_unstable_by(|a, b| {
-            (a.workspace, &a.day, &a.model, &a.counter).cmp(&(
+            (a.workspace, &a.day, &a.model, &a.counter, &a.shadow_counter).cmp(&(
                 b.workspace,
                 &b.day,
                 &b.model,
                 &b.counter,
+                &b.shadow_counter,
             ))
         });
         let mut hours: Vec<HourRow> = self

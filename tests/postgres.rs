@@ -177,6 +177,9 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
                         requests: 1,
                         tokens: 11,
                         denied: 0,
+                        shadow_denied: 0,
+                        shadow_denied_tokens: 0,
+                        shadow_counter: None,
                     }],
                     hours: vec![],
                     keys: vec![KeyDayRow {
@@ -242,6 +245,8 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
             rank: None,
             promotion: None,
             limits: Limits::default(),
+            enforcement: Default::default(),
+            shadow: Vec::new(),
         };
         target.put_tier(&stale, &Actor::cli(None), 0).await.unwrap();
     }

@@ -231,6 +231,8 @@ fn tier(name: &str, rps: f64) -> Tier {
             tokens_per_minute: Some(1000),
             ..Limits::default()
         },
+        enforcement: Default::default(),
+        shadow: Vec::new(),
     }
 }
 
@@ -256,6 +258,9 @@ fn used(workspace: i64, day: &str, model: &str, requests: u64, tokens: u64) -> L
         requests,
         tokens,
         denied: 0,
+        shadow_denied: 0,
+        shadow_denied_tokens: 0,
+        shadow_counter: None,
     }
 }
 
@@ -349,6 +354,7 @@ fn settled(workspace: i64, day: &str, model: &str, tokens: u64) -> UsageRecord {
         tokens,
         prompt_tokens: 0,
         counter: None,
+        shadow: Default::default(),
     }
 }
 
@@ -1833,7 +1839,7 @@ async fn instances_starting_together_migrate_once() {
         .fetch_all(&mut conn)
         .await
         .unwrap();
-    assert_eq!(steps, (1..=10).collect::<Vec<i64>>());
+    assert_eq!(steps, (1..=11).collect::<Vec<i64>>());
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
 }
 

@@ -29,8 +29,8 @@ use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
 use crate::config::AdminToken;
 use crate::model::{
-    Actor, Attributes, KeyId, KeyLimits, LimitRequestId, LimitRequestStatus, Overrides, TierSpec,
-    WorkspaceId, WorkspaceStatus,
+    shadow_list, Actor, Attributes, Enforcement, KeyId, KeyLimits, LimitRequestId,
+    LimitRequestStatus, Overrides, ShadowLimit, TierSpec, WorkspaceId, WorkspaceStatus,
 };
 
 /// The admin API's routes, relative to `/admin/v1`, each with its operation in the document.
@@ -187,6 +187,23 @@ struct PatchWorkspace {
     limits: Option<Map<String, Value>>,
     #[schema(value_type = Option<WorkspaceStatus>)]
     status: Option<String>,
+    /// `enforce` or `shadow` for this workspace's limits; null: the tier's.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Enforcement>, nullable)]
+    enforcement: Option<Option<String>>,
+    /// Limits in shadow for this workspace, beside the tier's; null: none of its own.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<Vec<ShadowLimit>>, nullable)]
+    shadow: Option<Option<Value>>,
+}
+
+/// A field that is present, `null` included (`Some(None)`); a field left out is `None`.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 /// Changes a workspace's tier, overrides and/or status.
@@ -221,6 +238,16 @@ async fn patch_workspace(
             .map(admin::workspace_status)
             .transpose()?,
         pinned: body.pinned,
+        enforcement: body
+            .enforcement
+            .map(|e| e.as_deref().map(Enforcement::parse).transpose())
+            .transpose()
+            .map_err(ApiError::BadRequest)?,
+        shadow: body
+            .shadow
+            .map(|s| s.map(shadow_list).transpose())
+            .transpose()
+            .map_err(ApiError::BadRequest)?,
     };
     let ws = state.admin.update_workspace(&by, id, update).await?;
     Ok(SortedJson(workspace_view(&state, &ws)))
@@ -354,13 +381,13 @@ struct PatchKey {
     /// The key's own limits, replacing those it has: `requests_per_second`, `burst`,
     /// `tokens_per_minute`, `tokens_per_month` (the names of overrides), each at most the
     /// workspace's effective limit now; `null` or `{}`: none of its own.
-    #[serde(deserialize_with = "present")]
+    #[serde(deserialize_with = "required")]
     #[schema(value_type = Option<KeyLimits>, required = true)]
     limits: Value,
 }
 
 /// A field that must be given, `null` included (which `Option` would take for left out).
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
+fn required<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
     Value::deserialize(d)
 }
 

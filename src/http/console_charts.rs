@@ -61,8 +61,13 @@ pub fn daily_chart(days: &[DayUsageView]) -> Markup {
             (y_axis(request_max, WIDTH - RIGHT + 6.0, "start", "requests"))
             (legend(&[("tokens", "tokens"), ("requests", "requests")]))
             @for (i, d) in days.iter().enumerate() {
-                g.day data-day=(d.day) data-tokens=(d.tokens) data-requests=(d.requests) data-denied=(d.denied) {
-                    title { (d.day) ": " (grouped(d.tokens)) " tokens, " (grouped(d.requests)) " requests, " (grouped(d.denied)) " denied (429)" }
+                g.day data-day=(d.day) data-tokens=(d.tokens) data-requests=(d.requests) data-denied=(d.denied) data-shadow-denied=(d.shadow_denied) {
+                    title {
+                        (d.day) ": " (grouped(d.tokens)) " tokens, " (grouped(d.requests)) " requests, " (grouped(d.denied)) " denied (429)"
+                        @if d.shadow_denied > 0 {
+                            ", " (grouped(d.shadow_denied)) " a limit in shadow would have denied"
+                        }
+                    }
                     rect.tokens x=(num(x_of(i) + slot * 0.15)) y=(num(y_of(d.tokens, token_max))) width=(num(slot * 0.7)) height=(num(height_of(d.tokens, token_max))) {}
                     circle.requests cx=(num(x_of(i) + slot / 2.0)) cy=(num(request_y(d.requests))) r="2.5" {}
                     @if show_label(i, days.len(), 16) {
@@ -257,6 +262,7 @@ mod tests {
             requests,
             tokens,
             denied,
+            shadow_denied: 0,
         }
     }
 

@@ -1446,7 +1446,7 @@ async fn create_tier(State(state): State<Arc<AppState>>, request: Request) -> Re
         let spec = TierSpec {
             rank: rank_of(&form)?,
             limits: limits_of(&form)?,
-            promotion: None,
+            ..TierSpec::default()
         };
         state
             .admin

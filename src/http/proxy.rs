@@ -56,7 +56,7 @@ use crate::limiter::{Decision, LimitName, LimiterError, Reservation, TokenCost};
 use crate::metrics::{Metrics, ProxiedRequest, Route};
 use crate::model::{KeyId, Limits};
 use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
-use crate::usage::{settled_record, Deferred, Tokens};
+use crate::usage::{settled_record, Deferred, ShadowMark, Tokens, UsageRecord};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
     #[cfg(feature = "otel")]
@@ -452,6 +452,27 @@ async fn forward(
     state
         .metrics
         .tokens_estimated(route, reservation.held.tokens);
+    // The limits in shadow decide only once the enforced ones admitted (see `shadow`).
+    let shadow = match &workspace.shadow {
+        None => None,
+        Some(limits) => shadow_decision(
+            state,
+            ws_id,
+            key,
+            limits,
+            model.as_deref(),
+            cost,
+            now,
+            request_id,
+        )
+        .await
+        .map(|(reservation, denied)| ShadowHold {
+            reservation,
+            limits: limits.clone(),
+            denied,
+        }),
+    };
+    let shadow_denied = shadow.as_ref().and_then(|s| s.denied);
     if prepared.strip_usage_chunk {
         prepared.body = Bytes::from(crate::stream_options::with_include_usage(&prepared.body));
     }
@@ -466,13 +487,64 @@ async fn forward(
         choices: prepared.info.as_ref().map_or(1, |i| i.choices),
         prompt_estimate: prepared.info.as_ref().map_or(0, |i| i.prompt_tokens),
         access: None,
+        shadow,
     };
     let mut response = send(state, parts, prepared, settlement, access, seen)
         .await
         .unwrap_or_else(|e| e.into_response());
     let families = state.config.rate_limit_headers;
     headers::apply(families, &snapshot, now, response.headers_mut());
+    if let Some(limit) = shadow_denied {
+        response.headers_mut().insert(
+            "x-ratelimit-shadow-denied",
+            HeaderValue::from_static(limit.as_str()),
+        );
+    }
     Ok(response)
+}
+
+/// What the limits in shadow hold for an admitted request.
+struct ShadowHold {
+    /// The shadow's reservation, when it admitted the request.
+    reservation: Option<Reservation>,
+    limits: Arc<Limits>,
+    /// The limit in shadow that would have denied it.
+    denied: Option<LimitName>,
+}
+
+/// The shadow limiter's decision for a request the enforced limits admitted: its reservation,
+/// or the limit that would have denied it (counted and logged here); `None` when the shadow
+/// limiter could not decide.
+#[allow(clippy::too_many_arguments)]
+async fn shadow_decision(
+    state: &AppState,
+    ws_id: crate::model::WorkspaceId,
+    key: KeyId,
+    limits: &Limits,
+    model: Option<&str>,
+    cost: TokenCost,
+    now: crate::limiter::Nanos,
+    request_id: RequestId,
+) -> Option<(Option<Reservation>, Option<LimitName>)> {
+    match state
+        .shadow
+        .reserve(ws_id, limits, model, cost, now)
+        .await?
+    {
+        Decision::Admit { reservation, .. } => Some((Some(reservation), None)),
+        Decision::Deny { denial, .. } => {
+            state.metrics.shadow_denied(denial.limit);
+            tracing::info!(
+                workspace = ws_id,
+                key,
+                limit = denial.limit.as_str(),
+                model = model.unwrap_or(""),
+                request_id = request_id.as_str(),
+                "shadow denial: a limit in shadow would have denied this request (admitted)"
+            );
+            Some((None, Some(denial.limit)))
+        }
+    }
 }
 
 /// Headers that belong to one hop, or that the gateway sets itself.
@@ -739,6 +811,8 @@ struct Settlement {
     prompt_estimate: u64,
     /// A stream's access line and its status, written when it is settled.
     access: Option<(Box<AccessLine>, u16)>,
+    /// What the limits in shadow hold, settled with the same usage.
+    shadow: Option<ShadowHold>,
 }
 
 enum Outcome {
@@ -766,6 +840,7 @@ impl Settlement {
         let choices = self.choices;
         let prompt_estimate = self.prompt_estimate;
         let key = self.key;
+        let shadow = self.shadow.take();
         Some(
             async move {
                 settle(
@@ -781,6 +856,7 @@ impl Settlement {
                         prompt_estimate,
                     },
                     outcome,
+                    shadow,
                 )
                 .await
             }
@@ -799,6 +875,9 @@ impl Settlement {
             if let Err(e) = self.state.limiter.release_slot(r).await {
                 tracing::error!(error = %e, "releasing a slot failed");
             }
+        }
+        if let Some(r) = self.shadow.as_mut().and_then(|s| s.reservation.as_mut()) {
+            self.state.shadow.release_slot(r).await;
         }
     }
 
@@ -849,6 +928,7 @@ struct Counts {
     prompt_estimate: u64,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn settle(
     state: &AppState,
     reservation: &Reservation,
@@ -857,6 +937,7 @@ async fn settle(
     model: String,
     counts: Counts,
     outcome: Outcome,
+    shadow: Option<ShadowHold>,
 ) {
     let now = state.clock.now();
     let ws = reservation.workspace;
@@ -899,10 +980,21 @@ async fn settle(
         prompt: prompt.min(actual),
     };
     state.metrics.settled(route, actual, reserved);
+    // The shadow's reservation is settled to the same usage; one that fails is dropped.
+    let mut mark = ShadowMark::default();
+    if let Some(hold) = shadow {
+        mark.denied = hold.denied.is_some();
+        if let Some(r) = &hold.reservation {
+            if let Some(settled) = state.shadow.settle(r, &hold.limits, actual, now).await {
+                mark.counter = settled.counter;
+            }
+        }
+    }
     match state.limiter.settle(reservation, limits, actual, now).await {
-        Ok(settled) => state
-            .recorder
-            .record(settled_record(ws, key, model, tokens, &settled)),
+        Ok(settled) => state.recorder.record(UsageRecord {
+            shadow: mark,
+            ..settled_record(ws, key, model, tokens, &settled)
+        }),
         Err(e) => {
             // Retried by the ledger writer until the limiter takes it.
             Metrics::inc(&state.metrics.limiter_errors);
@@ -913,6 +1005,7 @@ async fn settle(
                 key,
                 actual: tokens,
                 model,
+                shadow: mark,
             });
         }
     }

@@ -28,8 +28,9 @@ use crate::app::AppState;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{
-    ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, KeyLimits, LimitRequest,
-    LimitRequestStatus, Limits, Overrides, Promotion, Tier, TierSpec, Workspace, WorkspaceStatus,
+    ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, Enforcement, KeyLimits,
+    LimitRequest, LimitRequestStatus, Limits, Overrides, Promotion, ShadowLimit, Shadowing, Tier,
+    TierSpec, Workspace, WorkspaceStatus,
 };
 use crate::store::{DailyUsage, DeliveryRecord, HourRow, KeyUsage, WebhookEndpoint};
 use crate::usage::hour_of;
@@ -152,6 +153,20 @@ pub struct WorkspaceView {
     pub promoted: Option<PromotedView>,
     /// The monthly caps the workspace set for itself (`PUT /v1/budget`).
     pub budget: Budget,
+    /// Its own enforcement; `null`: the tier's.
+    #[schema(required = true)]
+    pub enforcement: Option<Enforcement>,
+    /// Its own limits in shadow, beside the tier's; `null`: none of its own.
+    #[schema(required = true)]
+    pub shadow: Option<Vec<ShadowLimit>>,
+    /// The effective enforcement and limits in shadow (the workspace's and the tier's); `null`
+    /// while this instance's catalogue does not hold the workspace yet.
+    #[schema(required = true)]
+    pub shadowing: Option<Shadowing>,
+    /// The limits in shadow with their figures (absent from `limits`, which are those
+    /// enforced); `null` when none.
+    #[schema(required = true)]
+    pub shadow_limits: Option<Limits>,
 }
 
 /// A workspace's last automatic promotion.
@@ -166,13 +181,18 @@ pub struct PromotedView {
 }
 
 pub fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
+    let entry = state.catalog.workspace(w.id);
     WorkspaceView {
+        enforcement: w.enforcement,
+        shadow: w.shadow.clone(),
+        shadowing: entry.as_ref().map(|e| e.shadowing.clone()),
+        shadow_limits: entry.as_ref().and_then(|e| e.shadow.as_deref().cloned()),
         id: w.id,
         name: w.name.clone(),
         tier: w.tier.clone(),
         status: w.status,
         overrides: w.overrides.clone(),
-        limits: state.catalog.workspace(w.id).map(|e| (*e.limits).clone()),
+        limits: entry.as_ref().map(|e| (*e.limits).clone()),
         created_at: Timestamp(w.created_at),
         pinned: w.pinned,
         attributes: w.attributes.clone(),
@@ -322,6 +342,12 @@ pub struct TierView {
     pub limits: Limits,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub promotion: Option<Promotion>,
+    /// Left out when `enforce`, the default.
+    #[serde(skip_serializing_if = "Enforcement::is_enforce")]
+    pub enforcement: Enforcement,
+    /// Left out when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub shadow: Vec<ShadowLimit>,
 }
 
 impl From<&Tier> for TierView {
@@ -331,6 +357,8 @@ impl From<&Tier> for TierView {
             rank: t.rank,
             limits: t.limits.clone(),
             promotion: t.promotion.clone(),
+            enforcement: t.enforcement,
+            shadow: t.shadow.clone(),
         }
     }
 }
@@ -354,6 +382,18 @@ impl PartialSchema for TierView {
         object
             .properties
             .insert("promotion".into(), promotion_schema());
+        object
+            .properties
+            .insert("enforcement".into(), Enforcement::schema());
+        object.properties.insert(
+            "shadow".into(),
+            utoipa::openapi::schema::ArrayBuilder::new()
+                .items(ShadowLimit::schema())
+                .description(Some(
+                    "Limits in shadow whatever the enforcement: they only say what they would have denied.",
+                ))
+                .into(),
+        );
         object.required.push("name".into());
         object.additional_properties = None;
         object.description = Some(
@@ -629,6 +669,11 @@ pub struct WorkspaceLimitsView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(nullable = false)]
     pub key: Option<CallingKeyView>,
+    /// The effective enforcement and the limits in shadow (absent from `limits`).
+    pub shadowing: Shadowing,
+    /// The limits in shadow with their figures; `null` when none.
+    #[schema(required = true)]
+    pub shadow_limits: Option<Limits>,
 }
 
 /// The tier a workspace can reach next, and how.
@@ -805,6 +850,8 @@ pub struct DayUsageView {
     pub tokens: u64,
     /// Requests the limits denied (`429`).
     pub denied: u64,
+    /// Requests a limit in shadow would have denied (they were admitted).
+    pub shadow_denied: u64,
 }
 
 /// One hour's usage (UTC).
@@ -899,11 +946,13 @@ fn days_of(from: &str, to: &str, rows: &[DailyUsage]) -> Vec<DayUsageView> {
             requests: 0,
             tokens: 0,
             denied: 0,
+            shadow_denied: 0,
         };
         for r in rows.iter().filter(|r| r.day == view.day) {
             view.requests += r.requests;
             view.tokens += r.tokens;
             view.denied += r.denied;
+            view.shadow_denied += r.shadow_denied;
         }
         days.push(view);
         match day.next_day() {
@@ -971,6 +1020,8 @@ mod tests {
                 burst: Some(3),
                 ..Limits::default()
             },
+            enforcement: Enforcement::Enforce,
+            shadow: Vec::new(),
         };
         let text =
             serde_json::to_string(&serde_json::to_value(TierView::from(&tier)).unwrap()).unwrap();

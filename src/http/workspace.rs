@@ -97,6 +97,8 @@ async fn limits(
         usage,
         next_tier: next_tier.as_ref().map(NextTierView::from),
         key,
+        shadowing: entry.shadowing.clone(),
+        shadow_limits: entry.shadow.as_deref().cloned(),
     }))
 }
 

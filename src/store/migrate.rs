@@ -222,7 +222,13 @@ use Kind::*;
 const TABLES: &[(&str, &[(&str, Kind)])] = &[
     (
         "tiers",
-        &[("name", Text), ("rank", OptInt), ("limits", Text)],
+        &[
+            ("name", Text),
+            ("rank", OptInt),
+            ("limits", Text),
+            ("promotion", OptText),
+            ("shadowing", Text),
+        ],
     ),
     (
         "workspaces",
@@ -237,6 +243,7 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("attributes", Text),
             ("promoted", OptText),
             ("budget", Text),
+            ("shadowing", Text),
         ],
     ),
     (
@@ -290,6 +297,8 @@ const TABLES: &[(&str, &[(&str, Kind)])] = &[
             ("requests", Int),
             ("tokens", Int),
             ("denied", Int),
+            ("shadow_denied", Int),
+            ("shadow_denied_tokens", Int),
         ],
     ),
     (

@@ -65,9 +65,9 @@ use async_trait::async_trait;
 
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
-    Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, KeyId, KeyLimits, LimitRequest,
-    LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch, Promoted, Tier, Workspace,
-    WorkspaceId, WorkspaceStatus,
+    Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Enforcement, KeyId, KeyLimits,
+    LimitRequest, LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch, Promoted,
+    ShadowLimit, Tier, Workspace, WorkspaceId, WorkspaceStatus,
 };
 
 /// How many catalogue versions the change log keeps. An instance that is further behind (or new)
@@ -147,6 +147,13 @@ pub struct LedgerRow {
     pub requests: u64,
     pub tokens: u64,
     pub denied: u64,
+    /// Requests a limit in shadow would have denied (they were admitted), and their settled
+    /// tokens, which a shadow limiter's month counter leaves out.
+    pub shadow_denied: u64,
+    pub shadow_denied_tokens: u64,
+    /// The shadow limiter's month-counter generation that counted these settlements, if any
+    /// (a row's settlements are all admitted by the shadow or none is).
+    pub shadow_counter: Option<String>,
 }
 
 /// What was settled and denied for a workspace in one hour (UTC), for the usage charts.
@@ -222,6 +229,8 @@ pub struct DailyUsage {
     pub requests: u64,
     pub tokens: u64,
     pub denied: u64,
+    /// Requests a limit in shadow would have denied (admitted all the same).
+    pub shadow_denied: u64,
 }
 
 /// Everything the hot path needs to authenticate and find limits, loaded at once.
@@ -266,6 +275,10 @@ pub struct WorkspaceChange {
     pub attributes: Option<Attributes>,
     /// Replaces the workspace's own budget.
     pub budget: Option<Budget>,
+    /// Replaces the workspace's own enforcement (`Some(None)`: the tier's).
+    pub enforcement: Option<Option<Enforcement>>,
+    /// Replaces the workspace's own list of limits in shadow (`Some(None)`: none of its own).
+    pub shadow: Option<Option<Vec<ShadowLimit>>>,
     /// An automatic promotion: made only if the workspace is still on `from` and not pinned
     /// (`Conflict` otherwise, so that instances evaluating at once promote it once), recorded
     /// as `workspace.promote`.
@@ -419,6 +432,13 @@ pub trait Store: Send + Sync {
         workspace: WorkspaceId,
         month: MonthKey,
         excluding_counter: Option<&str>,
+    ) -> Result<MonthTotals, StoreError>;
+    /// The month's settled tokens of requests a limit in shadow would have denied (in total and
+    /// by model): what a shadow limiter's month counter leaves out of `month_totals`.
+    async fn shadow_denied_totals(
+        &self,
+        workspace: WorkspaceId,
+        month: MonthKey,
     ) -> Result<MonthTotals, StoreError>;
     /// Daily rows with `from <= day <= to` (days as `YYYY-MM-DD`).
     async fn daily_usage(
@@ -1005,6 +1025,51 @@ impl Changed<'_> {
 
 // Shared by both backends.
 
+/// A tier's enforcement and limits in shadow, as its `shadowing` column holds them (JSON).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct TierShadowing {
+    #[serde(default)]
+    enforcement: Enforcement,
+    #[serde(default)]
+    shadow: Vec<ShadowLimit>,
+}
+
+fn tier_shadowing_column(tier: &Tier) -> String {
+    json(&TierShadowing {
+        enforcement: tier.enforcement,
+        shadow: tier.shadow.clone(),
+    })
+}
+
+fn tier_shadowing_of(column: &str) -> Result<(Enforcement, Vec<ShadowLimit>), StoreError> {
+    let t: TierShadowing = parse_json(column, "tiers.shadowing")?;
+    Ok((t.enforcement, t.shadow))
+}
+
+/// A workspace's own enforcement and limits in shadow, as its `shadowing` column holds them.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct WorkspaceShadowing {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    enforcement: Option<Enforcement>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    shadow: Option<Vec<ShadowLimit>>,
+}
+
+type OwnShadowing = (Option<Enforcement>, Option<Vec<ShadowLimit>>);
+
+/// The `shadowing` column of workspace `current` after `change`.
+fn workspace_shadowing_column(current: &Workspace, change: &WorkspaceChange) -> String {
+    json(&WorkspaceShadowing {
+        enforcement: change.enforcement.unwrap_or(current.enforcement),
+        shadow: change.shadow.clone().unwrap_or(current.shadow.clone()),
+    })
+}
+
+fn workspace_shadowing_of(column: &str) -> Result<OwnShadowing, StoreError> {
+    let w: WorkspaceShadowing = parse_json(column, "workspaces.shadowing")?;
+    Ok((w.enforcement, w.shadow))
+}
+
 fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("plain data serializes")
 }
@@ -1059,6 +1124,12 @@ SELECT model, key_id, CAST(SUM(tokens) AS BIGINT) AS tokens, CAST(SUM(requests) 
     SELECT CAST(NULL AS TEXT), key_id, -tokens, 0 FROM usage_counted_by_key
         WHERE counter = $4 AND workspace_id = $1 AND day >= $2 AND day < $3
 ) AS t GROUP BY model, key_id";
+
+/// Per model, the month's shadow denials and their settled tokens.
+const SHADOW_DENIED_SQL: &str = "
+SELECT model, CAST(SUM(shadow_denied_tokens) AS BIGINT), CAST(SUM(shadow_denied) AS BIGINT)
+    FROM usage_daily WHERE workspace_id = $1 AND day >= $2 AND day < $3 AND shadow_denied > 0
+    GROUP BY model";
 
 /// A row of `MONTH_TOTALS_SQL`: a model's (`key_id` NULL) or a key's (`model` NULL) tokens
 /// and requests.

@@ -31,11 +31,12 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::{
     already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
     month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of, redact,
-    revoked, search_pattern, workspace_search_sql, AuditColumns, AuditFilter, AuditRow,
+    revoked, search_pattern, tier_shadowing_column, tier_shadowing_of, workspace_search_sql,
+    workspace_shadowing_column, workspace_shadowing_of, AuditColumns, AuditFilter, AuditRow,
     CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyDayRow, KeyUsage,
     LedgerBatch, MonthTotalsRow, NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed,
     WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL,
-    MONTH_TOTALS_SQL, PRUNE_BATCH,
+    MONTH_TOTALS_SQL, PRUNE_BATCH, SHADOW_DENIED_SQL,
 };
 use super::{
     claim_token, delivery_record, due_delivery, events_column, limit_request_event,
@@ -269,6 +270,14 @@ CREATE TABLE usage_counted_by_key (
 );
 CREATE INDEX usage_counted_by_key_day ON usage_counted_by_key(day);
 "#,
+    // Shadow mode: a tier's and a workspace's enforcement and limits in shadow (JSON), and the
+    // requests a limit in shadow would have denied, with their tokens, per day and model.
+    r#"
+ALTER TABLE tiers ADD COLUMN shadowing TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE workspaces ADD COLUMN shadowing TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE usage_daily ADD COLUMN shadow_denied BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE usage_daily ADD COLUMN shadow_denied_tokens BIGINT NOT NULL DEFAULT 0;
+"#,
 ];
 
 /// Checks that `url` is a Postgres URL sqlx can connect with; the message never shows a
@@ -447,6 +456,7 @@ impl PostgresStore {
 }
 
 pub(super) fn tier_row(row: &PgRow) -> Result<Tier, StoreError> {
+    let (enforcement, shadow) = tier_shadowing_of(row.try_get("shadowing")?)?;
     Ok(Tier {
         name: row.try_get("name")?,
         rank: rank_of(row.try_get("rank")?)?,
@@ -455,11 +465,14 @@ pub(super) fn tier_row(row: &PgRow) -> Result<Tier, StoreError> {
             .try_get::<Option<String>, _>("promotion")?
             .map(|p| parse_json(&p, "tiers.promotion"))
             .transpose()?,
+        enforcement,
+        shadow,
     })
 }
 
 pub(super) fn workspace_row(row: &PgRow) -> Result<Workspace, StoreError> {
     let status: String = row.try_get("status")?;
+    let (enforcement, shadow) = workspace_shadowing_of(row.try_get("shadowing")?)?;
     Ok(Workspace {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -475,6 +488,8 @@ pub(super) fn workspace_row(row: &PgRow) -> Result<Workspace, StoreError> {
             .map(|p| parse_json(&p, "workspaces.promoted"))
             .transpose()?,
         budget: parse_json(row.try_get("budget")?, "workspaces.budget")?,
+        enforcement,
+        shadow,
     })
 }
 
@@ -531,22 +546,34 @@ WITH batch AS (
     RETURNING id
 ), rows AS (
     SELECT r.* FROM unnest($3::BIGINT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::BIGINT[],
-                           $8::BIGINT[], $9::BIGINT[])
-        AS r(workspace_id, day, model, counter, requests, tokens, denied)
+                           $8::BIGINT[], $9::BIGINT[], $23::BIGINT[], $24::BIGINT[],
+                           $25::TEXT[])
+        AS r(workspace_id, day, model, counter, requests, tokens, denied, shadow_denied,
+             shadow_denied_tokens, shadow_counter)
     WHERE EXISTS (SELECT 1 FROM batch)
 ), daily AS (
-    INSERT INTO usage_daily AS u (workspace_id, day, model, requests, tokens, denied)
-    SELECT workspace_id, day, model, SUM(requests), SUM(tokens), SUM(denied) FROM rows
+    INSERT INTO usage_daily AS u (workspace_id, day, model, requests, tokens, denied,
+                                  shadow_denied, shadow_denied_tokens)
+    SELECT workspace_id, day, model, SUM(requests), SUM(tokens), SUM(denied),
+           SUM(shadow_denied), SUM(shadow_denied_tokens) FROM rows
     GROUP BY workspace_id, day, model
     ORDER BY workspace_id, day, model
     ON CONFLICT (workspace_id, day, model) DO UPDATE SET
         requests = u.requests + excluded.requests,
         tokens = u.tokens + excluded.tokens,
-        denied = u.denied + excluded.denied
+        denied = u.denied + excluded.denied,
+        shadow_denied = u.shadow_denied + excluded.shadow_denied,
+        shadow_denied_tokens = u.shadow_denied_tokens + excluded.shadow_denied_tokens
 ), counted AS (
     INSERT INTO usage_counted AS c (counter, workspace_id, day, model, requests, tokens)
-    SELECT counter, workspace_id, day, model, SUM(requests), SUM(tokens) FROM rows
-    WHERE counter IS NOT NULL AND (requests > 0 OR tokens > 0)
+    SELECT counter, workspace_id, day, model, SUM(requests), SUM(tokens) FROM (
+        SELECT counter, workspace_id, day, model, requests, tokens FROM rows
+            WHERE counter IS NOT NULL
+        UNION ALL
+        SELECT shadow_counter, workspace_id, day, model, requests, tokens FROM rows
+            WHERE shadow_counter IS NOT NULL
+    ) AS g
+    WHERE requests > 0 OR tokens > 0
     GROUP BY counter, workspace_id, day, model
     ORDER BY counter, workspace_id, day, model
     ON CONFLICT (counter, workspace_id, day, model) DO UPDATE SET
@@ -688,7 +715,7 @@ impl Store for PostgresStore {
                 sqlx::query_scalar("SELECT value FROM meta WHERE key = 'catalog_version'")
                     .fetch_one(&mut *tx)
                     .await?;
-            let tiers = sqlx::query("SELECT name, rank, limits, promotion FROM tiers")
+            let tiers = sqlx::query("SELECT name, rank, limits, promotion, shadowing FROM tiers")
                 .fetch_all(&mut *tx)
                 .await?
                 .iter()
@@ -743,7 +770,7 @@ impl Store for PostgresStore {
                 return Ok(CatalogChanges::TooOld);
             }
             let tiers = sqlx::query(
-                "SELECT name, rank, limits, promotion FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > $1) ORDER BY name",
+                "SELECT name, rank, limits, promotion, shadowing FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > $1) ORDER BY name",
             )
             .bind(since)
             .fetch_all(&mut *tx)
@@ -782,7 +809,7 @@ impl Store for PostgresStore {
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
         bounded(CALL_TIMEOUT, async {
-            sqlx::query("SELECT name, rank, limits, promotion FROM tiers ORDER BY name")
+            sqlx::query("SELECT name, rank, limits, promotion, shadowing FROM tiers ORDER BY name")
                 .fetch_all(&self.pool)
                 .await?
                 .iter()
@@ -799,28 +826,30 @@ impl Store for PostgresStore {
             // created at the same moment by another writer makes the insert wait for it, then
             // this one replaces it, with its limits as `before`.)
             let inserted: Option<String> = sqlx::query_scalar(
-                "INSERT INTO tiers (name, rank, limits, promotion) VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING RETURNING name",
+                "INSERT INTO tiers (name, rank, limits, promotion, shadowing) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (name) DO NOTHING RETURNING name",
             )
             .bind(&tier.name)
             .bind(tier.rank.map(i64::from))
             .bind(json(&tier.limits))
             .bind(tier.promotion.as_ref().map(json))
+            .bind(tier_shadowing_column(tier))
             .fetch_optional(&mut *tx)
             .await?;
             let before = match inserted {
                 Some(_) => None,
                 None => {
-                    let row = sqlx::query("SELECT name, rank, limits, promotion FROM tiers WHERE name = $1 FOR UPDATE")
+                    let row = sqlx::query("SELECT name, rank, limits, promotion, shadowing FROM tiers WHERE name = $1 FOR UPDATE")
                         .bind(&tier.name)
                         .fetch_one(&mut *tx)
                         .await?;
                     sqlx::query(
-                        "UPDATE tiers SET rank = $2, limits = $3, promotion = $4 WHERE name = $1",
+                        "UPDATE tiers SET rank = $2, limits = $3, promotion = $4, shadowing = $5 WHERE name = $1",
                     )
                     .bind(&tier.name)
                     .bind(tier.rank.map(i64::from))
                     .bind(json(&tier.limits))
                     .bind(tier.promotion.as_ref().map(json))
+                    .bind(tier_shadowing_column(tier))
                         .execute(&mut *tx)
                         .await?;
                     Some(tier_row(&row)?)
@@ -843,13 +872,15 @@ impl Store for PostgresStore {
             let limits: Vec<String> = tiers.iter().map(|t| json(&t.limits)).collect();
             let promotions: Vec<Option<String>> =
                 tiers.iter().map(|t| t.promotion.as_ref().map(json)).collect();
+            let shadowings: Vec<String> = tiers.iter().map(tier_shadowing_column).collect();
             let inserted: Vec<String> = sqlx::query_scalar(
-                "INSERT INTO tiers (name, rank, limits, promotion) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[]) AS t(name, rank, limits, promotion) ORDER BY name ON CONFLICT (name) DO NOTHING RETURNING name",
+                "INSERT INTO tiers (name, rank, limits, promotion, shadowing) SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[]) AS t(name, rank, limits, promotion, shadowing) ORDER BY name ON CONFLICT (name) DO NOTHING RETURNING name",
             )
             .bind(names)
             .bind(ranks)
             .bind(limits)
             .bind(promotions)
+            .bind(shadowings)
             .fetch_all(&mut *tx)
             .await?;
             if !inserted.is_empty() {
@@ -968,6 +999,8 @@ impl Store for PostgresStore {
             attributes,
             promoted,
             budget,
+            enforcement: _,
+            shadow: _,
         } = change;
         bounded(CALL_TIMEOUT, async {
             let mut tx = self.pool.begin().await?;
@@ -989,7 +1022,7 @@ impl Store for PostgresStore {
                 .validate()
                 .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
             let row = sqlx::query(
-                "UPDATE workspaces SET tier = $1, overrides = $2, status = $3, pinned = $4, attributes = $5, promoted = $6, budget = $7 WHERE id = $8 RETURNING *",
+                "UPDATE workspaces SET tier = $1, overrides = $2, status = $3, pinned = $4, attributes = $5, promoted = $6, budget = $7, shadowing = $9 WHERE id = $8 RETURNING *",
             )
             .bind(tier.unwrap_or(&current.tier))
             .bind(json(&new_overrides))
@@ -999,6 +1032,7 @@ impl Store for PostgresStore {
             .bind(promoted.as_ref().or(current.promoted.as_ref()).map(json))
             .bind(json(budget.as_ref().unwrap_or(&current.budget)))
             .bind(id)
+            .bind(workspace_shadowing_column(&current, change))
             .fetch_one(&mut *tx)
             .await?;
             let updated = workspace_row(&row)?;
@@ -1207,7 +1241,15 @@ impl Store for PostgresStore {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let (mut shadow_denied, mut shadow_denied_tokens, mut shadow_counters) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for row in &batch.rows {
+            shadow_denied.push(row.shadow_denied as i64);
+            shadow_denied_tokens.push(row.shadow_denied_tokens as i64);
+            shadow_counters.push(row.shadow_counter.as_deref());
             workspaces.push(row.workspace);
             days.push(row.day.as_str());
             models.push(row.model.as_str());
@@ -1242,6 +1284,9 @@ impl Store for PostgresStore {
                 .bind(&keys.tokens)
                 .bind(&keys.denied)
                 .bind(&keys.counters)
+                .bind(&shadow_denied)
+                .bind(&shadow_denied_tokens)
+                .bind(&shadow_counters)
                 .fetch_one(&self.pool)
                 .await?;
             Ok(new == 1)
@@ -1295,7 +1340,7 @@ impl Store for PostgresStore {
     ) -> Result<Vec<DailyUsage>, StoreError> {
         bounded(CALL_TIMEOUT, async {
             sqlx::query(
-                "SELECT day, model, requests, tokens, denied FROM usage_daily WHERE workspace_id = $1 AND day >= $2 AND day <= $3 ORDER BY day, model",
+                "SELECT day, model, requests, tokens, denied, shadow_denied FROM usage_daily WHERE workspace_id = $1 AND day >= $2 AND day <= $3 ORDER BY day, model",
             )
             .bind(workspace)
             .bind(from)
@@ -1310,9 +1355,31 @@ impl Store for PostgresStore {
                     requests: row.try_get::<i64, _>("requests")? as u64,
                     tokens: row.try_get::<i64, _>("tokens")? as u64,
                     denied: row.try_get::<i64, _>("denied")? as u64,
+                    shadow_denied: row.try_get::<i64, _>("shadow_denied")? as u64,
                 })
             })
             .collect()
+        })
+        .await
+    }
+
+    async fn shadow_denied_totals(
+        &self,
+        workspace: WorkspaceId,
+        month: MonthKey,
+    ) -> Result<MonthTotals, StoreError> {
+        let (from, to) = month_range(month);
+        bounded(CALL_TIMEOUT, async {
+            let rows: Vec<(String, i64, i64)> = sqlx::query_as(SHADOW_DENIED_SQL)
+                .bind(workspace)
+                .bind(&from)
+                .bind(&to)
+                .fetch_all(&self.pool)
+                .await?;
+            Ok(month_totals_of(
+                month,
+                rows.into_iter().map(|(m, t, r)| (Some(m), None, t, r)),
+            ))
         })
         .await
     }

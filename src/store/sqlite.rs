@@ -17,10 +17,12 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use super::{
     already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
     month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of, revoked,
-    search_pattern, workspace_search_sql, AuditColumns, AuditFilter, AuditRow, CatalogChanges,
-    CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch, MonthTotalsRow,
-    NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery,
-    AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    search_pattern, tier_shadowing_column, tier_shadowing_of, workspace_search_sql,
+    workspace_shadowing_column, workspace_shadowing_of, AuditColumns, AuditFilter, AuditRow,
+    CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch,
+    MonthTotalsRow, NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage,
+    WorkspaceQuery, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL,
+    MONTH_TOTALS_SQL, PRUNE_BATCH, SHADOW_DENIED_SQL,
 };
 use super::{
     claim_token, delivery_record, due_delivery, events_column, limit_request_event,
@@ -248,6 +250,14 @@ CREATE TABLE usage_counted_by_key (
 );
 CREATE INDEX usage_counted_by_key_day ON usage_counted_by_key(day);
 "#,
+    // Shadow mode: a tier's and a workspace's enforcement and limits in shadow (JSON), and the
+    // requests a limit in shadow would have denied, with their tokens, per day and model.
+    r#"
+ALTER TABLE tiers ADD COLUMN shadowing TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE workspaces ADD COLUMN shadowing TEXT NOT NULL DEFAULT '{}';
+ALTER TABLE usage_daily ADD COLUMN shadow_denied INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE usage_daily ADD COLUMN shadow_denied_tokens INTEGER NOT NULL DEFAULT 0;
+"#,
 ];
 
 pub struct SqliteStore {
@@ -398,6 +408,7 @@ impl SqliteStore {
 }
 
 fn tier_row(row: &SqliteRow) -> Result<Tier, StoreError> {
+    let (enforcement, shadow) = tier_shadowing_of(row.try_get("shadowing")?)?;
     Ok(Tier {
         name: row.try_get("name")?,
         rank: rank_of(row.try_get("rank")?)?,
@@ -406,11 +417,14 @@ fn tier_row(row: &SqliteRow) -> Result<Tier, StoreError> {
             .try_get::<Option<String>, _>("promotion")?
             .map(|p| parse_json(&p, "tiers.promotion"))
             .transpose()?,
+        enforcement,
+        shadow,
     })
 }
 
 fn workspace_row(row: &SqliteRow) -> Result<Workspace, StoreError> {
     let status: String = row.try_get("status")?;
+    let (enforcement, shadow) = workspace_shadowing_of(row.try_get("shadowing")?)?;
     Ok(Workspace {
         id: row.try_get("id")?,
         name: row.try_get("name")?,
@@ -426,6 +440,8 @@ fn workspace_row(row: &SqliteRow) -> Result<Workspace, StoreError> {
             .map(|p| parse_json(&p, "workspaces.promoted"))
             .transpose()?,
         budget: parse_json(row.try_get("budget")?, "workspaces.budget")?,
+        enforcement,
+        shadow,
     })
 }
 
@@ -508,7 +524,7 @@ impl Store for SqliteStore {
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'catalog_version'")
                 .fetch_one(&mut *tx)
                 .await?;
-        let tiers = sqlx::query("SELECT name, rank, limits, promotion FROM tiers")
+        let tiers = sqlx::query("SELECT name, rank, limits, promotion, shadowing FROM tiers")
             .fetch_all(&mut *tx)
             .await?
             .iter()
@@ -555,7 +571,7 @@ impl Store for SqliteStore {
             return Ok(CatalogChanges::Since(delta));
         }
         delta.tiers = sqlx::query(
-            "SELECT name, rank, limits, promotion FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > ?) ORDER BY name",
+            "SELECT name, rank, limits, promotion, shadowing FROM tiers WHERE name IN (SELECT tier FROM catalog_changes WHERE version > ?) ORDER BY name",
         )
         .bind(since)
         .fetch_all(&mut *tx)
@@ -586,7 +602,7 @@ impl Store for SqliteStore {
     }
 
     async fn list_tiers(&self) -> Result<Vec<Tier>, StoreError> {
-        sqlx::query("SELECT name, rank, limits, promotion FROM tiers ORDER BY name")
+        sqlx::query("SELECT name, rank, limits, promotion, shadowing FROM tiers ORDER BY name")
             .fetch_all(&self.pool)
             .await?
             .iter()
@@ -596,20 +612,23 @@ impl Store for SqliteStore {
 
     async fn put_tier(&self, tier: &Tier, by: &Actor, now: i64) -> Result<(), StoreError> {
         let mut tx = self.write_tx().await?;
-        let before = sqlx::query("SELECT name, rank, limits, promotion FROM tiers WHERE name = ?")
-            .bind(&tier.name)
-            .fetch_optional(&mut *tx)
-            .await?
-            .as_ref()
-            .map(tier_row)
-            .transpose()?;
+        let before = sqlx::query(
+            "SELECT name, rank, limits, promotion, shadowing FROM tiers WHERE name = ?",
+        )
+        .bind(&tier.name)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(tier_row)
+        .transpose()?;
         sqlx::query(
-            "INSERT INTO tiers (name, rank, limits, promotion) VALUES (?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET rank = excluded.rank, limits = excluded.limits, promotion = excluded.promotion",
+            "INSERT INTO tiers (name, rank, limits, promotion, shadowing) VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET rank = excluded.rank, limits = excluded.limits, promotion = excluded.promotion, shadowing = excluded.shadowing",
         )
         .bind(&tier.name)
         .bind(tier.rank.map(i64::from))
         .bind(json(&tier.limits))
         .bind(tier.promotion.as_ref().map(json))
+        .bind(tier_shadowing_column(tier))
         .execute(&mut *tx)
         .await?;
         Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
@@ -623,12 +642,13 @@ impl Store for SqliteStore {
         let mut inserted = Vec::new();
         for tier in tiers {
             let n = sqlx::query(
-                "INSERT INTO tiers (name, rank, limits, promotion) VALUES (?, ?, ?, ?) ON CONFLICT(name) DO NOTHING",
+                "INSERT INTO tiers (name, rank, limits, promotion, shadowing) VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO NOTHING",
             )
             .bind(&tier.name)
             .bind(tier.rank.map(i64::from))
             .bind(json(&tier.limits))
             .bind(tier.promotion.as_ref().map(json))
+            .bind(tier_shadowing_column(tier))
             .execute(&mut *tx)
             .await?
             .rows_affected();
@@ -736,6 +756,8 @@ impl Store for SqliteStore {
             attributes,
             promoted,
             budget,
+            enforcement: _,
+            shadow: _,
         } = change;
         let mut tx = self.write_tx().await?;
         let row = sqlx::query("SELECT * FROM workspaces WHERE id = ?")
@@ -756,7 +778,7 @@ impl Store for SqliteStore {
             .validate()
             .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
         let row = sqlx::query(
-            "UPDATE workspaces SET tier = ?, overrides = ?, status = ?, pinned = ?, attributes = ?, promoted = ?, budget = ? WHERE id = ? RETURNING *",
+            "UPDATE workspaces SET tier = ?, overrides = ?, status = ?, pinned = ?, attributes = ?, promoted = ?, budget = ?, shadowing = ? WHERE id = ? RETURNING *",
         )
         .bind(tier.unwrap_or(&current.tier))
         .bind(json(&new_overrides))
@@ -765,6 +787,7 @@ impl Store for SqliteStore {
         .bind(json(attributes.as_ref().unwrap_or(&current.attributes)))
         .bind(promoted.as_ref().or(current.promoted.as_ref()).map(json))
         .bind(json(budget.as_ref().unwrap_or(&current.budget)))
+        .bind(workspace_shadowing_column(&current, change))
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
@@ -942,7 +965,7 @@ impl Store for SqliteStore {
         }
         for row in &batch.rows {
             sqlx::query(
-                "INSERT INTO usage_daily (workspace_id, day, model, requests, tokens, denied) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(workspace_id, day, model) DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens, denied = denied + excluded.denied",
+                "INSERT INTO usage_daily (workspace_id, day, model, requests, tokens, denied, shadow_denied, shadow_denied_tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(workspace_id, day, model) DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens, denied = denied + excluded.denied, shadow_denied = shadow_denied + excluded.shadow_denied, shadow_denied_tokens = shadow_denied_tokens + excluded.shadow_denied_tokens",
             )
             .bind(row.workspace)
             .bind(&row.day)
@@ -950,9 +973,11 @@ impl Store for SqliteStore {
             .bind(row.requests as i64)
             .bind(row.tokens as i64)
             .bind(row.denied as i64)
+            .bind(row.shadow_denied as i64)
+            .bind(row.shadow_denied_tokens as i64)
             .execute(&mut *tx)
             .await?;
-            if let Some(counter) = &row.counter {
+            for counter in row.counter.iter().chain(&row.shadow_counter) {
                 if row.requests > 0 || row.tokens > 0 {
                     sqlx::query(
                         "INSERT INTO usage_counted (counter, workspace_id, day, model, requests, tokens) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(counter, workspace_id, day, model) DO UPDATE SET requests = requests + excluded.requests, tokens = tokens + excluded.tokens",
@@ -1056,7 +1081,7 @@ impl Store for SqliteStore {
         to: &str,
     ) -> Result<Vec<DailyUsage>, StoreError> {
         sqlx::query(
-            "SELECT day, model, requests, tokens, denied FROM usage_daily WHERE workspace_id = ? AND day >= ? AND day <= ? ORDER BY day, model",
+            "SELECT day, model, requests, tokens, denied, shadow_denied FROM usage_daily WHERE workspace_id = ? AND day >= ? AND day <= ? ORDER BY day, model",
         )
         .bind(workspace)
         .bind(from)
@@ -1071,9 +1096,28 @@ impl Store for SqliteStore {
                 requests: row.try_get::<i64, _>("requests")? as u64,
                 tokens: row.try_get::<i64, _>("tokens")? as u64,
                 denied: row.try_get::<i64, _>("denied")? as u64,
+                shadow_denied: row.try_get::<i64, _>("shadow_denied")? as u64,
             })
         })
         .collect()
+    }
+
+    async fn shadow_denied_totals(
+        &self,
+        workspace: WorkspaceId,
+        month: MonthKey,
+    ) -> Result<MonthTotals, StoreError> {
+        let (from, to) = month_range(month);
+        let rows: Vec<(String, i64, i64)> = sqlx::query_as(SHADOW_DENIED_SQL)
+            .bind(workspace)
+            .bind(&from)
+            .bind(&to)
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(month_totals_of(
+            month,
+            rows.into_iter().map(|(m, t, r)| (Some(m), None, t, r)),
+        ))
     }
 
     async fn hourly_usage(

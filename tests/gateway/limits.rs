@@ -607,6 +607,8 @@ async fn limits_out_of_bounds_in_the_store_are_brought_within_bounds() {
                 rank: None,
                 promotion: None,
                 limits: wild,
+                enforcement: Default::default(),
+                shadow: Vec::new(),
             },
             &tiergate::model::Actor::cli(Some("test")),
             0,

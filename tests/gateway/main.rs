@@ -26,6 +26,7 @@ mod operator;
 mod process;
 mod promotion;
 mod routes;
+mod shadow;
 mod streaming;
 mod usage;
 mod webhooks;

@@ -166,7 +166,7 @@ async fn usage_lands_in_its_hour_day_and_key_in_the_api_and_the_console() {
     if first_day == second_day {
         assert_eq!(
             day(&first_day),
-            json!({"day": first_day, "requests": 2, "tokens": tokens_a + tokens_b, "denied": 3})
+            json!({"day": first_day, "requests": 2, "tokens": tokens_a + tokens_b, "denied": 3, "shadow_denied": 0})
         );
     } else {
         assert_eq!(day(&first_day)["tokens"], tokens_a);
