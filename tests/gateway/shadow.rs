@@ -39,6 +39,76 @@ async fn send(gw: &TestGateway, key: &str) -> Seen {
     }
 }
 
+/// `send`, with the answer's `x-request-id` (the gateway's id, which its log lines carry).
+async fn send_with_id(gw: &TestGateway, key: &str) -> (Seen, String) {
+    let r = gw.chat(key, hello(), &[]).await;
+    let id = header(&r, "x-request-id").unwrap().to_string();
+    let status = r.status();
+    let shadow = header(&r, "x-ratelimit-shadow-denied").map(str::to_string);
+    let body: Value = r.json().await.unwrap();
+    let code = (status == StatusCode::TOO_MANY_REQUESTS)
+        .then(|| body["code"].as_str().unwrap().to_string());
+    let seen = Seen {
+        status,
+        code,
+        shadow,
+    };
+    (seen, id)
+}
+
+/// The gateway's shadow-denial log lines (JSON), as every gateway of this test binary writes
+/// them: a global subscriber, installed once, that keeps only those events (target
+/// `tiergate::http::proxy`, with `limit` and `key` fields), so nothing else is slowed or kept.
+fn shadow_log() -> &'static std::sync::Mutex<Vec<u8>> {
+    use tracing_subscriber::prelude::*;
+    static LOG: std::sync::OnceLock<&'static std::sync::Mutex<Vec<u8>>> =
+        std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        static BUFFER: std::sync::Mutex<Vec<u8>> = std::sync::Mutex::new(Vec::new());
+        struct Sink;
+        impl std::io::Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                BUFFER.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let only_shadow = tracing_subscriber::filter::filter_fn(|m| {
+            m.target() == "tiergate::http::proxy"
+                && m.fields().field("limit").is_some()
+                && m.fields().field("key").is_some()
+        });
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(|| Sink)
+            .with_filter(only_shadow);
+        tracing_subscriber::registry()
+            .with(layer)
+            .try_init()
+            .expect("no other global subscriber in the gateway tests");
+        &BUFFER
+    })
+}
+
+/// The request ids and limits of the shadow-denial lines logged so far.
+fn logged_shadow_denials() -> Vec<(String, String)> {
+    let log = shadow_log().lock().unwrap().clone();
+    String::from_utf8(log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            let f = &v["fields"];
+            (
+                f["request_id"].as_str().unwrap().to_string(),
+                f["limit"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
 /// The counter `tiergate_shadow_denied_total{limit=...}` (0 when absent).
 fn shadow_count(metrics: &str, limit: &str) -> u64 {
     let line = format!("tiergate_shadow_denied_total{{limit=\"{limit}\"}} ");
@@ -103,11 +173,17 @@ async fn same_sequence_enforced_and_in_shadow(gw: &TestGateway) {
     assert_eq!(l["shadowing"]["enforcement"], "shadow", "{l}");
     assert_eq!(l["limits"], json!({}), "{l}");
 
+    shadow_log();
     let before = gw.metrics().await;
     let (mut tpm_denials, mut strict_denials) = (0u64, Vec::new());
+    let (mut sent_ids, mut marked_ids) = (Vec::new(), Vec::new());
     for i in 0..REQUESTS {
         let a = send(gw, &enforced).await;
-        let b = send(gw, &tpm_shadow).await;
+        let (b, b_id) = send_with_id(gw, &tpm_shadow).await;
+        if b.shadow.is_some() {
+            marked_ids.push(b_id.clone());
+        }
+        sent_ids.push(b_id);
         let d = send(gw, &strict).await;
         let c = send(gw, &tier_shadow).await;
         let e = send(gw, &ws_shadow).await;
@@ -151,6 +227,16 @@ async fn same_sequence_enforced_and_in_shadow(gw: &TestGateway) {
         .filter(|c| *c == "requests_per_second")
         .count() as u64;
     assert!(strict_tpm > 0 && strict_rps > 0, "{strict_denials:?}");
+
+    // Logged: one line for each request that was marked, and for no other request sent.
+    let logged: Vec<(String, String)> = logged_shadow_denials()
+        .into_iter()
+        .filter(|(id, _)| sent_ids.contains(id))
+        .collect();
+    let logged_ids: Vec<&String> = logged.iter().map(|(id, _)| id).collect();
+    assert_eq!(logged_ids, marked_ids.iter().collect::<Vec<_>>());
+    assert!(logged.iter().all(|(_, limit)| limit == "tokens_per_minute"));
+    assert_eq!(marked_ids.len() as u64, tpm_denials);
 
     // Counted per limit: once per would-be denial (two shadow workspaces on the strict limits).
     let after = gw.metrics().await;
