@@ -126,6 +126,19 @@ impl Shadow {
         self.elapsed_ms() < self.paused_until.load(Ordering::Relaxed)
     }
 
+    /// Awaits `call` for at most the timeout (an error when it runs out).
+    async fn within_timeout<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, LimiterError>>,
+    ) -> Result<T, LimiterError> {
+        match self.timeout {
+            Some(t) => tokio::time::timeout(t, call)
+                .await
+                .unwrap_or_else(|_| Err(LimiterError::Unavailable("timed out".into()))),
+            None => call.await,
+        }
+    }
+
     /// Runs one call within the timeout; `None` (counted, and calls paused) when it failed.
     async fn call<T>(
         &self,
@@ -136,13 +149,7 @@ impl Shadow {
             Metrics::inc(&self.metrics.shadow_unavailable);
             return None;
         }
-        let result = match self.timeout {
-            Some(t) => tokio::time::timeout(t, call)
-                .await
-                .unwrap_or_else(|_| Err(LimiterError::Unavailable("timed out".into()))),
-            None => call.await,
-        };
-        match result {
+        match self.within_timeout(call).await {
             Ok(v) => Some(v),
             Err(e) => {
                 Metrics::inc(&self.metrics.shadow_unavailable);
@@ -184,13 +191,7 @@ impl Shadow {
     ) -> Option<Settled> {
         // Not skipped while paused: a settlement left out would hold its tokens and slot.
         let call = self.limiter.settle(reservation, limits, actual, now);
-        let result = match self.timeout {
-            Some(t) => tokio::time::timeout(t, call)
-                .await
-                .unwrap_or_else(|_| Err(LimiterError::Unavailable("timed out".into()))),
-            None => call.await,
-        };
-        match result {
+        match self.within_timeout(call).await {
             Ok(settled) => Some(settled),
             Err(e) => {
                 Metrics::inc(&self.metrics.shadow_unavailable);

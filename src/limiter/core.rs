@@ -574,10 +574,49 @@ struct KeyState {
 
 /// The request bucket's capacity and rate for a key's `limits`.
 fn key_request_limit(limits: &KeyLimits) -> Option<(f64, i64, i64)> {
-    limits.requests_per_second.map(|rps| {
-        let capacity = limits.as_limits().effective_burst() as i64 * NANO_REQUESTS;
-        (rps, capacity, request_rate(rps))
-    })
+    request_limit(&limits.as_limits())
+}
+
+/// The windows of one set of buckets and a month counter now (a bucket never used is whole):
+/// the workspace's or a key's.
+#[allow(clippy::too_many_arguments)]
+fn windows(
+    requests: Option<&RequestBucket>,
+    request_limit: Option<(f64, i64, i64)>,
+    tokens: Option<&TokenBucket>,
+    tokens_per_minute: Option<u64>,
+    tokens_per_month: Option<u64>,
+    month_used: u64,
+    now: Nanos,
+    next_month: Nanos,
+) -> Snapshot {
+    let now_us = micros(now);
+    let requests = request_limit.map(|(rps, cap, rate)| match requests {
+        Some(b) => {
+            let (remaining, full_at) = b.view(cap, rate, now_us);
+            Window {
+                limit: rps,
+                remaining,
+                reset: until(full_at, now),
+            }
+        }
+        None => Window {
+            limit: rps,
+            remaining: (cap / NANO_REQUESTS) as u64,
+            reset: 0,
+        },
+    });
+    let tokens = tokens_per_minute.map(|cap| token_window(tokens, cap, now));
+    let month = tokens_per_month.map(|cap| Window {
+        limit: cap as f64,
+        remaining: cap.saturating_sub(month_used),
+        reset: next_month.saturating_sub(now),
+    });
+    Snapshot {
+        requests,
+        tokens,
+        month,
+    }
 }
 
 /// A key's windows now, as `snapshot_at` makes the workspace's.
@@ -587,38 +626,16 @@ fn key_snapshot(
     now: Nanos,
     next_month: Nanos,
 ) -> Snapshot {
-    let now_us = micros(now);
-    let requests = key_request_limit(limits).map(|(rps, cap, rate)| {
-        match state.and_then(|k| k.requests.as_ref()) {
-            Some(b) => {
-                let (remaining, full_at) = b.view(cap, rate, now_us);
-                Window {
-                    limit: rps,
-                    remaining,
-                    reset: until(full_at, now),
-                }
-            }
-            None => Window {
-                limit: rps,
-                remaining: (cap / NANO_REQUESTS) as u64,
-                reset: 0,
-            },
-        }
-    });
-    let tokens = limits
-        .tokens_per_minute
-        .map(|cap| token_window(state.and_then(|k| k.bucket.as_ref()), cap, now));
-    let used = state.map_or(0, |k| k.month.used());
-    let month = limits.tokens_per_month.map(|cap| Window {
-        limit: cap as f64,
-        remaining: cap.saturating_sub(used),
-        reset: next_month.saturating_sub(now),
-    });
-    Snapshot {
-        requests,
-        tokens,
-        month,
-    }
+    windows(
+        state.and_then(|k| k.requests.as_ref()),
+        key_request_limit(limits),
+        state.and_then(|k| k.bucket.as_ref()),
+        limits.tokens_per_minute,
+        limits.tokens_per_month,
+        state.map_or(0, |k| k.month.used()),
+        now,
+        next_month,
+    )
 }
 
 /// All limiter state of one workspace: 120 bytes, plus 56 per model it counts apart (see
@@ -779,6 +796,10 @@ impl WorkspaceState {
 
     fn key_index(&self, id: KeyId) -> Option<usize> {
         self.keys.as_ref()?.iter().position(|k| k.id == id)
+    }
+
+    fn key(&self, id: KeyId) -> Option<&KeyState> {
+        self.keys.as_ref()?.iter().find(|k| k.id == id)
     }
 
     /// Starts the state of key `id`, its month counter from the ledger's `totals` (when they
@@ -1238,35 +1259,16 @@ impl WorkspaceState {
         request_limit: Option<(f64, i64, i64)>,
         next_month: Nanos,
     ) -> Snapshot {
-        let now_us = micros(now);
-        let requests = request_limit.map(|(rps, cap, rate)| match &self.requests {
-            Some(b) => {
-                let (remaining, full_at) = b.view(cap, rate, now_us);
-                Window {
-                    limit: rps,
-                    remaining,
-                    reset: until(full_at, now),
-                }
-            }
-            None => Window {
-                limit: rps,
-                remaining: (cap / NANO_REQUESTS) as u64,
-                reset: 0,
-            },
-        });
-        let tokens = limits
-            .tokens_per_minute
-            .map(|cap| token_window(self.bucket.as_ref(), cap, now));
-        let month = limits.tokens_per_month.map(|cap| Window {
-            limit: cap as f64,
-            remaining: cap.saturating_sub(self.month.used()),
-            reset: next_month.saturating_sub(now),
-        });
-        Snapshot {
-            requests,
-            tokens,
-            month,
-        }
+        windows(
+            self.requests.as_ref(),
+            request_limit,
+            self.bucket.as_ref(),
+            limits.tokens_per_minute,
+            limits.tokens_per_month,
+            self.month.used(),
+            now,
+            next_month,
+        )
     }
 
     /// The snapshot a decision answers with: the workspace's windows, each replaced by the key's
@@ -1280,20 +1282,14 @@ impl WorkspaceState {
     ) -> Snapshot {
         let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
         match limits.key {
-            Some(k) => {
-                let state = self
-                    .key_index(k.id)
-                    .map(|i| &self.keys.as_ref().expect("keys")[i]);
-                snapshot.tighter(key_snapshot(state, &k.limits, now, next_month))
-            }
+            Some(k) => snapshot.tighter(key_snapshot(self.key(k.id), &k.limits, now, next_month)),
             None => snapshot,
         }
     }
 
     /// What the key `id`'s month counter started from, once it is tracked.
     pub fn key_month_seed(&self, id: KeyId) -> Option<u64> {
-        self.key_index(id)
-            .map(|i| self.keys.as_ref().expect("keys")[i].month.seed)
+        self.key(id).map(|k| k.month.seed)
     }
 
     /// What the month counters started from: the workspace's, and each model's.
@@ -1317,12 +1313,9 @@ impl WorkspaceState {
             month_reserved_tokens: self.month.reserved,
             in_flight: self.in_flight,
             models: self.model_usage(limits, now),
-            key: limits.key.map(|k| {
-                let state = self
-                    .key_index(k.id)
-                    .map(|i| &self.keys.as_ref().expect("keys")[i]);
-                key_snapshot(state, &k.limits, now, month_span(now).1)
-            }),
+            key: limits
+                .key
+                .map(|k| key_snapshot(self.key(k.id), &k.limits, now, month_span(now).1)),
         }
     }
 
