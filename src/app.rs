@@ -31,6 +31,8 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("upstream client: {0}")]
     Client(#[from] reqwest::Error),
+    #[error("upstream.url cannot be made into a request URI")]
+    UpstreamUrl,
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("limiter: {0}")]
@@ -83,39 +85,67 @@ impl AppState {
 /// connection: one closed by the other side just as a request is sent on it fails that request.
 pub const UPSTREAM_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(50);
 
+/// The client of the upstream: hyper-util's pool over plain TCP or rustls (HTTP/1.1, or HTTP/2
+/// when TLS negotiates it).
+pub type UpstreamClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<axum::body::Bytes>,
+>;
+
+/// `upstream.url` in parts: `scheme://authority`, the path without its trailing `/`, the query.
+struct Base {
+    origin: String,
+    path: String,
+    query: Option<String>,
+}
+
 /// What every forwarded request shares, built once: the client (its connection pool), the
-/// `Authorization` the gateway sends, and the URL of each metered route.
+/// `Authorization` the gateway sends, and the URI of each metered route.
 pub struct Upstream {
-    pub client: reqwest::Client,
+    pub client: UpstreamClient,
     /// `Bearer <upstream.api_key>`, marked sensitive (never logged by the client).
-    pub authorization: Option<reqwest::header::HeaderValue>,
-    base: Option<url::Url>,
-    metered: Vec<(Endpoint, url::Url)>,
+    pub authorization: Option<axum::http::HeaderValue>,
+    base: Option<Base>,
+    metered: Vec<(Endpoint, axum::http::Uri)>,
 }
 
 impl Upstream {
     fn new(config: &Config) -> Result<Self, AppError> {
-        let client = reqwest::Client::builder()
-            // A redirect is passed to the client, never followed: what reaches the upstream is
-            // only ever the metered request.
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(config.upstream.connect_timeout)
-            .pool_idle_timeout(UPSTREAM_POOL_IDLE)
-            .tcp_nodelay(true)
-            .build()?;
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_connect_timeout(Some(config.upstream.connect_timeout));
+        http.set_nodelay(true);
+        // The TLS layer wraps it, so it must pass `https` on.
+        http.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        // A redirect is never followed (this client has no such layer): it is passed to the
+        // client, so what reaches the upstream is only ever the metered request.
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .pool_idle_timeout(UPSTREAM_POOL_IDLE)
+                .build(https);
         let authorization = config.upstream.api_key.as_ref().and_then(|key| {
-            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+            let mut v = axum::http::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
             v.set_sensitive(true);
             Some(v)
         });
-        let base = config.upstream.url.clone();
-        let metered = match &base {
-            Some(base) => Endpoint::ALL
-                .into_iter()
-                .map(|e| (e, Self::join(base, e.path())))
-                .collect(),
-            None => Vec::new(),
-        };
+        let base = config.upstream.url.as_ref().map(|u| Base {
+            origin: u.origin().ascii_serialization(),
+            path: u.path().trim_end_matches('/').to_string(),
+            query: u.query().map(str::to_string),
+        });
+        let mut metered = Vec::new();
+        if let Some(base) = &base {
+            for e in Endpoint::ALL {
+                let uri = Self::join(base, e.path(), None).ok_or(AppError::UpstreamUrl)?;
+                metered.push((e, uri));
+            }
+        }
         Ok(Upstream {
             client,
             authorization,
@@ -124,28 +154,37 @@ impl Upstream {
         })
     }
 
-    fn join(base: &url::Url, path: &str) -> url::Url {
-        let mut url = base.clone();
-        url.set_path(&format!("{}{path}", base.path().trim_end_matches('/')));
-        url
+    /// The base's path and `path`, with the request's query, else the base's own.
+    fn join(base: &Base, path: &str, query: Option<&str>) -> Option<axum::http::Uri> {
+        let mut s = String::with_capacity(base.origin.len() + base.path.len() + path.len() + 64);
+        s.push_str(&base.origin);
+        s.push_str(&base.path);
+        s.push_str(path);
+        if let Some(q) = query.or(base.query.as_deref()) {
+            s.push('?');
+            s.push_str(q);
+        }
+        axum::http::Uri::try_from(s).ok()
     }
 
-    /// The upstream URL of a (normalised) path and query; `None` without an upstream.
+    /// The upstream URI of a (normalised) path and query; `None` without an upstream (or, which
+    /// the normalised path and a query that came in a valid URI rule out, an invalid one).
     pub fn url(
         &self,
         endpoint: Option<Endpoint>,
         path: &str,
         query: Option<&str>,
-    ) -> Option<url::Url> {
+    ) -> Option<axum::http::Uri> {
         let base = self.base.as_ref()?;
-        let mut url = match self.metered.iter().find(|(e, _)| Some(*e) == endpoint) {
-            Some((_, url)) => url.clone(),
-            None => Self::join(base, path),
-        };
-        if query.is_some() {
-            url.set_query(query);
+        match (
+            self.metered.iter().find(|(e, _)| Some(*e) == endpoint),
+            query,
+        ) {
+            // A metered route without a query, the usual request: the URI built at start.
+            (Some((_, uri)), None) => Some(uri.clone()),
+            (Some((e, _)), Some(q)) => Self::join(base, e.path(), Some(q)),
+            (None, q) => Self::join(base, path, q),
         }
-        Some(url)
     }
 }
 

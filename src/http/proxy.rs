@@ -46,6 +46,7 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Future, FutureExt, Stream, StreamExt};
+use hyper::body::Incoming;
 
 use super::error::ApiError;
 use super::{authenticate, headers};
@@ -584,17 +585,37 @@ fn is_hop_or_gateway_response_header(name: &HeaderName) -> bool {
 enum ReadFailure {
     /// Silent for the idle-read timeout, or not whole by the deadline.
     TimedOut,
-    Broke(reqwest::Error),
+    Broke(hyper::Error),
+}
+
+/// The upstream's body as a stream of its data (trailers are not passed on).
+fn data_stream(body: Incoming) -> BoxStream<'static, Result<Bytes, hyper::Error>> {
+    http_body_util::BodyDataStream::new(body).boxed()
+}
+
+/// Whether a failed upstream request ran out of time (connecting), rather than being refused.
+fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// Reads a whole (JSON or error) body, by `deadline`, never waiting more than `idle` for the
 /// next chunk.
 async fn read_whole(
-    upstream: reqwest::Response,
+    upstream: Incoming,
     deadline: tokio::time::Instant,
     idle: Duration,
 ) -> Result<Bytes, ReadFailure> {
-    let mut body = upstream.bytes_stream();
+    let mut body = http_body_util::BodyDataStream::new(upstream);
     let mut chunks: Vec<Bytes> = Vec::new();
     loop {
         let by = deadline.min(tokio::time::Instant::now() + idle);
@@ -656,23 +677,24 @@ async fn send(
 
     let deadline = tokio::time::Instant::now() + upstream_config.timeout;
     let idle = upstream_config.idle_read_timeout;
-    let mut request = reqwest::Request::new(parts.method, url);
+    let mut request = axum::http::Request::new(http_body_util::Full::new(prepared.body));
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = url;
     *request.headers_mut() = headers;
-    *request.body_mut() = Some(prepared.body.into());
     let sent = std::time::Instant::now();
-    let answered = tokio::time::timeout_at(deadline, state.upstream.client.execute(request)).await;
+    let answered = tokio::time::timeout_at(deadline, state.upstream.client.request(request)).await;
     let took = sent.elapsed();
     seen.waited(took);
-    let mut upstream = match answered {
+    let upstream = match answered {
         Err(_) => {
             Metrics::inc(&state.metrics.upstream_timeouts);
             settlement.refund().await;
             return Err(ApiError::UpstreamTimeout);
         }
         Ok(Err(e)) => {
-            tracing::warn!(error = %e, "upstream request failed");
+            tracing::warn!(error = ?e, "upstream request failed");
             settlement.refund().await;
-            if e.is_timeout() {
+            if timed_out(&e) {
                 Metrics::inc(&state.metrics.upstream_timeouts);
                 return Err(ApiError::UpstreamTimeout);
             }
@@ -685,10 +707,11 @@ async fn send(
         }
     };
 
-    let status = upstream.status();
+    let (upstream_parts, upstream) = upstream.into_parts();
+    let status = upstream_parts.status;
     // The upstream's headers, less those of its hop and its own rate-limit headers: taken, not
     // copied.
-    let mut response_headers = std::mem::take(upstream.headers_mut());
+    let mut response_headers = upstream_parts.headers;
     let dropped: Vec<HeaderName> = response_headers
         .keys()
         .filter(|name| is_hop_or_gateway_response_header(name))
@@ -749,7 +772,7 @@ async fn send(
         settlement.access = access.take().map(|a| (a, status.as_u16()));
         let stream = MeteredStream::new(
             state.clone(),
-            upstream.bytes_stream().boxed(),
+            data_stream(upstream),
             is_stream.then(|| SseScanner::new(prepared.strip_usage_chunk)),
             settlement,
         );
@@ -1016,7 +1039,7 @@ async fn settle(
 /// An upstream silent for `idle_for` ends it as broken.
 struct MeteredStream {
     state: Arc<AppState>,
-    upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+    upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
     scanner: Option<SseScanner>,
     settlement: Option<Settlement>,
     settling: Option<BoxFuture<'static, ()>>,
@@ -1035,7 +1058,7 @@ struct MeteredStream {
 impl MeteredStream {
     fn new(
         state: Arc<AppState>,
-        upstream: BoxStream<'static, reqwest::Result<Bytes>>,
+        upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
         scanner: Option<SseScanner>,
         settlement: Settlement,
     ) -> Self {
