@@ -20,6 +20,9 @@ use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::redact;
 use tiergate::Config;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tiergate",
