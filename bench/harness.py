@@ -20,9 +20,13 @@ Design, in the order a run goes:
 5. **Open loop:** fixed offered rates with latency measured from each request's scheduled send
    time (`oha -q RATE --latency-correction`), ascending until a rate fails (errors >= 1% or
    p99 >= 50 ms); the highest passing rate is the peer's saturation.
-6. **Scenarios:** `plain` (JSON answers), `stream` (server-sent events), and `reject50`: half the
-   offered rate on a key over its limits, half on a key within them, as two oha processes, so
-   that the CPU of a denial can be told from the CPU of an admission.
+6. **Scenarios:** `plain` (JSON answers), `stream` (server-sent events), `reject50`: half the
+   offered rate on a key over its limits, half on a key within them, as two oha processes, and
+   `denied`: the whole offered rate on the key over its limits. The cost of a denial is the
+   gateway's CPU per request of a `denied` run over that of the `plain` run at the same offered
+   rate (a request's CPU depends on the rate, since at low rates each request wakes an idle
+   process: the two must be compared at one rate). `denied` runs only at the rates where
+   `plain` passed.
 7. **Per run:** the gateway's CPU seconds (utime + stime of its process tree from /proc), its
    peak RSS (VmHWM), the load generator's CPU (rusage), and core 0's use by load generator and
    upstream together. Results go to `results.json`; `report.py` makes the tables, the plots and
@@ -674,6 +678,8 @@ class Rig:
         conns = self.args.conns
         if scenario == "reject50":
             legs = [("admitted", peer.allow_key), ("denied", peer.deny_key)]
+        elif scenario == "denied":
+            legs = [("denied", peer.deny_key)]
         else:
             legs = [("admitted", peer.allow_key)]
         leg_rate = None if rate is None else rate / len(legs)
@@ -731,10 +737,14 @@ class Rig:
             errors = (legs_out["admitted"]["completed"] - legs_out["admitted"]["codes"].get(200, 0)
                       + legs_out["denied"]["completed"] - legs_out["denied"]["codes"].get(429, 0)
                       - min(2, legs_out["denied"]["codes"].get(200, 0)) + conn_err)
+        elif scenario == "denied":
+            # Expected: 429 (a first one may pass).
+            errors = (legs_out["denied"]["completed"] - legs_out["denied"]["codes"].get(429, 0)
+                      - min(2, legs_out["denied"]["codes"].get(200, 0)) + conn_err)
         else:
             errors = other + denied + conn_err
         attempted = completed + conn_err
-        main = legs_out["admitted"]
+        main = legs_out.get("admitted") or legs_out["denied"]
         gw_cpu = g1 - g0
         rec = {
             "phase": phase, "round": round_no, "peer": peer.name, "scenario": scenario,
@@ -901,7 +911,7 @@ def main() -> int:
                     help="smoke run: few rates, short runs, one round (< 2 minutes)")
     ap.add_argument("--peers", default="direct,nginx,litellm,tiergate,tiergate-redis",
                     help="comma-separated peers to run")
-    ap.add_argument("--scenarios", default="plain,stream,reject50")
+    ap.add_argument("--scenarios", default="plain,stream,reject50,denied")
     ap.add_argument("--rates", default="500,1000,2000,5000,10000,15000,20000,25000,30000,"
                     "40000,50000,60000,80000",
                     help="open-loop offered rates (req/s), ascending; each peer stops at its "
@@ -1015,7 +1025,7 @@ def main() -> int:
             with rig.only(peer):
                 for stream in (False, True):
                     prime(peer, stream)
-                for sc in [s for s in scenarios if s != "reject50"] or ["plain"]:
+                for sc in [s for s in scenarios if s not in ("reject50", "denied")] or ["plain"]:
                     rig.measure(peer, sc, 200, 0.5 if args.quick else 1.0, "warmup")
 
         # Max throughput: interleaved rounds, the order rotating.
@@ -1048,15 +1058,25 @@ def main() -> int:
         for peer in rig.peers:
             with rig.only(peer):
                 for sc in scenarios:
-                    if sc == "reject50" and not peer.gateway:
+                    if sc in ("reject50", "denied") and not peer.gateway:
                         continue  # nothing to reject without a gateway
+                    # Denials are compared with admissions at the same rate: only where plain
+                    # passed (scenarios run in order, plain first).
+                    plain_ok = {x["offered_rps"] for x in rig.runs
+                                if x["phase"] == "open" and x["peer"] == peer.name
+                                and x["scenario"] == "plain"
+                                and passes(x, args.max_p99_ms, args.max_error_rate)}
                     mt = maxtp.get((peer.name, "stream" if sc == "stream" else "plain"))
                     # Below the fixed rates (slow peers only), stop at the first failure.
                     for rate in (low if mt is not None and mt < 1000 else []):
+                        if sc == "denied" and "plain" in scenarios and rate not in plain_ok:
+                            break
                         rec = rig.measure(peer, sc, rate, args.duration, "open")
                         if not passes(rec, args.max_p99_ms, args.max_error_rate):
                             break
                     for rate in rates:
+                        if sc == "denied" and "plain" in scenarios and rate not in plain_ok:
+                            break
                         rec = rig.measure(peer, sc, rate, args.duration, "open")
                         if (not passes(rec, args.max_p99_ms, args.max_error_rate)
                                 and rate >= args.always_upto):

@@ -61,12 +61,17 @@ struct KeyEntry {
     noted_at: AtomicI64,
 }
 
+/// The catalogue's maps hash with foldhash, not SipHash: their keys are the operator's (tier
+/// names, ids) or SHA-256 digests of keys, which a client cannot choose to collide, and a lookup
+/// of an unknown key only probes what the stored keys occupy.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Default, Clone)]
 struct View {
     version: i64,
-    tiers: HashMap<String, Arc<Tier>>,
-    keys: HashMap<[u8; 32], Arc<KeyEntry>>,
-    workspaces: HashMap<WorkspaceId, Arc<WorkspaceEntry>>,
+    tiers: Map<String, Arc<Tier>>,
+    keys: Map<[u8; 32], Arc<KeyEntry>>,
+    workspaces: Map<WorkspaceId, Arc<WorkspaceEntry>>,
 }
 
 impl View {

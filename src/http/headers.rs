@@ -52,15 +52,25 @@ fn number(v: f64) -> HeaderValue {
 /// `[limit, remaining, reset]` header names of one window.
 type Names = [HeaderName; 3];
 
-fn names(suffix: &'static str) -> Names {
-    let name = |kind: &str| {
-        HeaderName::try_from(format!("x-ratelimit-{kind}-{suffix}")).expect("valid header name")
-    };
-    [name("limit"), name("remaining"), name("reset")]
-}
-
-static NAMES: std::sync::LazyLock<[Names; 3]> =
-    std::sync::LazyLock::new(|| [names("requests"), names("tokens"), names("tokens-month")]);
+/// The names of the requests, tokens and month windows: static, so that putting one copies no
+/// bytes and counts no reference.
+const NAMES: [Names; 3] = [
+    [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens"),
+        HeaderName::from_static("x-ratelimit-reset-tokens"),
+    ],
+    [
+        HeaderName::from_static("x-ratelimit-limit-tokens-month"),
+        HeaderName::from_static("x-ratelimit-remaining-tokens-month"),
+        HeaderName::from_static("x-ratelimit-reset-tokens-month"),
+    ],
+];
 
 fn put(h: &mut HeaderMap, names: &Names, w: &Window, hours_reset: bool) {
     let [limit, remaining, reset_name] = names;
@@ -81,7 +91,7 @@ fn put(h: &mut HeaderMap, names: &Names, w: &Window, hours_reset: bool) {
 /// Sets the headers of every limit the snapshot has, in each family switched on; an absent
 /// limit has no header. `now` dates the month's window for the IETF policy.
 pub fn apply(families: HeaderFamilies, snapshot: &Snapshot, now: Nanos, h: &mut HeaderMap) {
-    let [requests, tokens, month] = &*NAMES;
+    let [requests, tokens, month] = &NAMES;
     if families.openai {
         if let Some(w) = &snapshot.requests {
             put(h, requests, w, false);
@@ -99,7 +109,7 @@ pub fn apply(families: HeaderFamilies, snapshot: &Snapshot, now: Nanos, h: &mut 
     }
     if families.mistral {
         if let Some(w) = &snapshot.tokens {
-            let [limit, remaining] = &*MISTRAL_MINUTE;
+            let [limit, remaining] = &MISTRAL_MINUTE;
             h.insert(limit.clone(), number(w.limit));
             h.insert(remaining.clone(), HeaderValue::from(w.remaining));
         }
@@ -120,12 +130,10 @@ pub fn query_cost(families: HeaderFamilies, tokens: u64, h: &mut HeaderMap) {
     }
 }
 
-static MISTRAL_MINUTE: std::sync::LazyLock<[HeaderName; 2]> = std::sync::LazyLock::new(|| {
-    [
-        HeaderName::from_static("x-ratelimit-limit-tokens-minute"),
-        HeaderName::from_static("x-ratelimit-remaining-tokens-minute"),
-    ]
-});
+const MISTRAL_MINUTE: [HeaderName; 2] = [
+    HeaderName::from_static("x-ratelimit-limit-tokens-minute"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens-minute"),
+];
 
 /// A rate in requests per second as an integer quota over a whole number of seconds, as the
 /// draft's `q` and `w` must be: 2/s is `q=2;w=1`, 0.5/s is `q=1;w=2`, 0.1/s is `q=1;w=10`.
