@@ -919,11 +919,16 @@ impl Settlement {
     }
 }
 
-/// Runs a settlement as a tracked task of its own and waits for it: if the request's future is
-/// dropped meanwhile (its client went away), the settlement still completes, and a stop waits
-/// for it.
-async fn run_to_completion(state: &AppState, settling: BoxFuture<'static, ()>) {
-    let _ = state.tasks.spawn(settling).await;
+/// Runs a settlement to its end even if the request's future is dropped meanwhile (its client
+/// went away). It is polled once here first: one that finishes at once (the in-memory limiter's,
+/// nearly always) needs no task. One that has to wait (Redis) goes on as a tracked task of its
+/// own, which a stop waits for, and is awaited. Nothing is awaited between the first poll and
+/// the spawn, so a dropped request cannot leave a settlement half done.
+async fn run_to_completion(state: &AppState, mut settling: BoxFuture<'static, ()>) {
+    let first = std::future::poll_fn(|cx| Poll::Ready(settling.as_mut().poll(cx))).await;
+    if first.is_pending() {
+        let _ = state.tasks.spawn(settling).await;
+    }
 }
 
 /// Spawns `work` as a task the gateway waits for when it stops; outside a runtime (the process
