@@ -5,8 +5,6 @@
 //!   draft-ietf-httpapi-ratelimit-headers-10 (structured-field lists of policies);
 //! - `mistral`: the names the Mistral API sends, where they map honestly onto our limits.
 
-use std::fmt::Write;
-
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::HeaderFamilies;
@@ -16,29 +14,57 @@ use crate::limiter::{Nanos, Snapshot, Window, NANOS_PER_SEC};
 /// Formats a duration as the OpenAI API does (Go's `time.Duration` style): `250ms` below a
 /// second, else hours, minutes and seconds with up to three decimals: `1s`, `1.5s`, `6m0s`.
 pub fn duration(nanos: Nanos) -> String {
+    let mut s = String::with_capacity(16);
+    push_duration(nanos, &mut s);
+    s
+}
+
+/// Appends `n` in decimal (every header is written on every answer: no `fmt` machinery).
+fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// Appends `duration(nanos)` to `out`.
+fn push_duration(nanos: Nanos, out: &mut String) {
     let ms = nanos.div_ceil(1_000_000);
     if ms == 0 {
-        return "0s".into();
+        out.push_str("0s");
+        return;
     }
     if ms < 1000 {
-        return format!("{ms}ms");
+        push_u64(out, ms);
+        out.push_str("ms");
+        return;
     }
     let h = ms / 3_600_000;
     let m = (ms / 60_000) % 60;
     let s_ms = ms % 60_000;
-    let secs = if s_ms.is_multiple_of(1000) {
-        format!("{}s", s_ms / 1000)
-    } else {
-        let frac = format!("{:03}", s_ms % 1000);
-        format!("{}.{}s", s_ms / 1000, frac.trim_end_matches('0'))
-    };
     if h > 0 {
-        format!("{h}h{m}m{secs}")
-    } else if m > 0 {
-        format!("{m}m{secs}")
-    } else {
-        secs
+        push_u64(out, h);
+        out.push('h');
     }
+    if h > 0 || m > 0 {
+        push_u64(out, m);
+        out.push('m');
+    }
+    push_u64(out, s_ms / 1000);
+    let frac = s_ms % 1000;
+    if frac != 0 {
+        // Three digits, trailing zeros dropped: .5, .25, .125.
+        let digits = [frac / 100, frac / 10 % 10, frac % 10];
+        let used = if digits[2] != 0 {
+            3
+        } else if digits[1] != 0 {
+            2
+        } else {
+            1
+        };
+        out.push('.');
+        for d in &digits[..used] {
+            out.push(char::from(b'0' + *d as u8));
+        }
+    }
+    out.push('s');
 }
 
 fn number(v: f64) -> HeaderValue {
@@ -76,15 +102,16 @@ fn put(h: &mut HeaderMap, names: &Names, w: &Window, hours_reset: bool) {
     let [limit, remaining, reset_name] = names;
     h.insert(limit.clone(), number(w.limit));
     h.insert(remaining.clone(), HeaderValue::from(w.remaining));
-    let reset = if hours_reset {
+    let mut reset = String::with_capacity(16);
+    if hours_reset {
         // The month's reset reads in whole seconds: `412h3m0s`.
-        duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC)
+        push_duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC, &mut reset);
     } else {
-        duration(w.reset)
-    };
+        push_duration(w.reset, &mut reset);
+    }
     h.insert(
         reset_name.clone(),
-        HeaderValue::from_str(&reset).expect("a duration is a valid header"),
+        HeaderValue::try_from(reset).expect("a duration is a valid header"),
     );
 }
 
@@ -164,17 +191,24 @@ fn ietf(snapshot: &Snapshot, now: Nanos, h: &mut HeaderMap) {
             policy.push_str(", ");
             limit.push_str(", ");
         }
-        let _ = write!(policy, "\"{name}\";q={q}");
-        if let Some(unit) = unit {
-            let _ = write!(policy, ";qu=\"{unit}\"");
+        for out in [&mut policy, &mut limit] {
+            out.push('"');
+            out.push_str(name);
+            out.push('"');
         }
-        let _ = write!(policy, ";w={w}");
-        let _ = write!(
-            limit,
-            "\"{name}\";r={};t={}",
-            window.remaining,
-            secs_ceil(window.reset)
-        );
+        policy.push_str(";q=");
+        push_u64(&mut policy, q);
+        if let Some(unit) = unit {
+            policy.push_str(";qu=\"");
+            policy.push_str(unit);
+            policy.push('"');
+        }
+        policy.push_str(";w=");
+        push_u64(&mut policy, w);
+        limit.push_str(";r=");
+        push_u64(&mut limit, window.remaining);
+        limit.push_str(";t=");
+        push_u64(&mut limit, secs_ceil(window.reset));
     };
     if let Some(w) = &snapshot.requests {
         let (q, window) = rate_as_quota(w.limit);
@@ -214,6 +248,12 @@ mod tests {
         assert_eq!(duration(360 * s), "6m0s");
         assert_eq!(duration(61 * s + 20 * ms), "1m1.02s");
         assert_eq!(duration((412 * 3600 + 3 * 60) * s), "412h3m0s");
+        assert_eq!(duration(1250 * ms), "1.25s");
+        assert_eq!(duration(1050 * ms), "1.05s");
+        assert_eq!(duration(1001 * ms), "1.001s");
+        assert_eq!(duration(1999 * ms + 1), "2s");
+        assert_eq!(duration(3600 * s), "1h0m0s");
+        assert_eq!(duration(3600 * s + 500 * ms), "1h0m0.5s");
     }
 
     #[test]
