@@ -509,6 +509,10 @@ def generate(results_path: Path, out: Path, bench_md: Path | None) -> None:
   one on a key over them (nginx: a second `limit_req` zone of 1 r/m for that key; LiteLLM:
   `rpm_limit: 1`; tiergate: the 0.001 requests/s tier). Errors are answers other than 200 on
   the first and 429 on the second.
+- **All denied.** One oha process with the whole rate on the key over its limits, at each rate
+  where the plain scenario passed; errors are answers other than 429 (less a first one or two
+  that pass). The cost of a denial is its CPU per request over the plain run's at the same
+  rate.
 - **CPU and memory.** utime + stime of the peer's processes (all threads, children included)
   from `/proc/PID/stat`, over each run; peak RSS is `VmHWM`. CPU µs per request = CPU seconds
   / completed requests. The load generator's CPU comes from its rusage; "core 0 %" adds the
