@@ -86,11 +86,141 @@ impl AppState {
 pub const UPSTREAM_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(50);
 
 /// The client of the upstream: hyper-util's pool over plain TCP or rustls (HTTP/1.1, or HTTP/2
-/// when TLS negotiates it).
+/// when TLS negotiates it), through `UpstreamConnector`.
 pub type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    hyper_rustls::HttpsConnector<UpstreamConnector>,
     http_body_util::Full<axum::body::Bytes>,
 >;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the gateway reaches the upstream: directly, or through the HTTP proxy that the usual
+/// variables name for it (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, less the hosts of
+/// `NO_PROXY`, read once at start): a `CONNECT` tunnel for an `https` upstream, requests in
+/// absolute form for an `http` one. hyper-util has the matcher and the tunnel but no connector
+/// that chooses between them, hence this one.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    http: hyper_util::client::legacy::connect::HttpConnector,
+    proxies: Arc<hyper_util::client::proxy::matcher::Matcher>,
+}
+
+impl tower_service::Service<axum::http::Uri> for UpstreamConnector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<UpstreamIo, BoxError>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        // `HttpConnector` is always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: axum::http::Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let proxy = self.proxies.intercept(&dst);
+        Box::pin(async move {
+            let Some(proxy) = proxy else {
+                let inner = http.call(dst).await?;
+                return Ok(UpstreamIo {
+                    inner,
+                    proxied: false,
+                });
+            };
+            if proxy.uri().scheme_str() != Some("http") {
+                return Err(format!(
+                    "the proxy for the upstream must be an http:// proxy, not {}",
+                    proxy.uri().scheme_str().unwrap_or("?")
+                )
+                .into());
+            }
+            if dst.scheme_str() == Some("https") {
+                let mut tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(
+                    proxy.uri().clone(),
+                    http,
+                );
+                if let Some(auth) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                std::future::poll_fn(|cx| tunnel.poll_ready(cx)).await?;
+                let inner = tunnel.call(dst).await?;
+                Ok(UpstreamIo {
+                    inner,
+                    proxied: false,
+                })
+            } else {
+                let inner = http.call(proxy.uri().clone()).await?;
+                Ok(UpstreamIo {
+                    inner,
+                    proxied: true,
+                })
+            }
+        })
+    }
+}
+
+/// A connection to the upstream, or to the proxy that forwards to it (`proxied`: the client
+/// then sends each request's URI in absolute form).
+pub struct UpstreamIo {
+    inner: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    proxied: bool,
+}
+
+impl hyper_util::client::legacy::connect::Connection for UpstreamIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected().proxy(self.proxied)
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
 
 /// `upstream.url` in parts: `scheme://authority`, the path without its trailing `/`, the query.
 struct Base {
@@ -105,6 +235,8 @@ pub struct Upstream {
     pub client: UpstreamClient,
     /// `Bearer <upstream.api_key>`, marked sensitive (never logged by the client).
     pub authorization: Option<axum::http::HeaderValue>,
+    /// `Proxy-Authorization` for an `http` upstream reached through a proxy with credentials.
+    pub proxy_authorization: Option<axum::http::HeaderValue>,
     base: Option<Base>,
     metered: Vec<(Endpoint, axum::http::Uri)>,
 }
@@ -116,12 +248,25 @@ impl Upstream {
         http.set_nodelay(true);
         // The TLS layer wraps it, so it must pass `https` on.
         http.enforce_http(false);
+        let proxies = hyper_util::client::proxy::matcher::Matcher::from_env();
+        // A plain-HTTP upstream reached through a proxy: the proxy's credentials go with each
+        // request (a tunnel sends them once, in its `CONNECT`).
+        let proxy_authorization = config.upstream.url.as_ref().and_then(|u| {
+            let uri: axum::http::Uri = u.as_str().parse().ok()?;
+            let proxy = proxies.intercept(&uri)?;
+            (uri.scheme_str() == Some("http"))
+                .then(|| proxy.basic_auth().cloned())
+                .flatten()
+        });
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_webpki_roots()
             .https_or_http()
             .enable_http1()
             .enable_http2()
-            .wrap_connector(http);
+            .wrap_connector(UpstreamConnector {
+                http,
+                proxies: Arc::new(proxies),
+            });
         // A redirect is never followed (this client has no such layer): it is passed to the
         // client, so what reaches the upstream is only ever the metered request.
         let client =
@@ -149,6 +294,7 @@ impl Upstream {
         Ok(Upstream {
             client,
             authorization,
+            proxy_authorization,
             base,
             metered,
         })

@@ -692,6 +692,9 @@ async fn send(
     if let Some(authorization) = &state.upstream.authorization {
         headers.insert(header::AUTHORIZATION, authorization.clone());
     }
+    if let Some(authorization) = &state.upstream.proxy_authorization {
+        headers.insert(header::PROXY_AUTHORIZATION, authorization.clone());
+    }
     #[cfg(feature = "otel")]
     super::otel::inject(&mut headers);
     // Ask for an uncompressed answer whatever the client accepts, so usage can always be read.

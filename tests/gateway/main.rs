@@ -28,5 +28,6 @@ mod promotion;
 mod routes;
 mod shadow;
 mod streaming;
+mod upstream_proxy;
 mod usage;
 mod webhooks;

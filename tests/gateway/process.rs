@@ -17,6 +17,16 @@ impl Process {
     /// `tiergate serve` on a free loopback port over `database`, in front of `upstream`, with
     /// the harness's admin token and `args` (more flags); returns once `/healthz` answers.
     pub async fn start(database: &str, upstream: &str, args: &[&str]) -> Process {
+        Process::start_with_env(database, upstream, args, &[]).await
+    }
+
+    /// `start`, with `env` (name, value) set for the child only.
+    pub async fn start_with_env(
+        database: &str,
+        upstream: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Process {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
@@ -27,6 +37,7 @@ impl Process {
             .args(["--admin-token", ADMIN])
             .args(args)
             .env("TIERGATE_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
