@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
-use crate::harness::{Mock, ADMIN};
-use crate::process::{ledger_totals, Process};
+use crate::harness::Mock;
+use crate::process::{admin, ledger_totals, workspace, Process};
 
 /// The ledger writer's flush interval, and how long a write may take on a busy machine.
 const FLUSH: Duration = Duration::from_millis(250);
@@ -48,46 +48,6 @@ impl Installation {
     async fn start(&self, args: &[&str]) -> Process {
         Process::start(&self.db, &self.mock.url, args).await
     }
-}
-
-async fn admin(url: &str, method: reqwest::Method, path: &str, body: Value) -> Value {
-    let r = Client::new()
-        .request(method, format!("{url}/admin/v1{path}"))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap()
-}
-
-/// A workspace on a roomy tier, and a key: (id, key).
-async fn workspace(url: &str, name: &str) -> (i64, String) {
-    admin(
-        url,
-        reqwest::Method::PUT,
-        "/tiers/roomy",
-        json!({"requests_per_second": 10_000, "tokens_per_minute": 100_000_000,
-               "tokens_per_month": 1_000_000_000}),
-    )
-    .await;
-    let ws = admin(
-        url,
-        reqwest::Method::POST,
-        "/workspaces",
-        json!({"name": name, "tier": "roomy"}),
-    )
-    .await;
-    let id = ws["id"].as_i64().unwrap();
-    let key = admin(
-        url,
-        reqwest::Method::POST,
-        &format!("/workspaces/{id}/keys"),
-        json!({}),
-    )
-    .await;
-    (id, key["key"].as_str().unwrap().to_string())
 }
 
 /// One request of the load.

@@ -5,6 +5,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
 
 use crate::harness::ADMIN;
 
@@ -112,4 +113,45 @@ pub async fn ledger_totals(path: &std::path::Path, workspace: i64) -> (u64, u64)
     .unwrap();
     pool.close().await;
     (requests as u64, tokens as u64)
+}
+
+/// An admin API call on a `Process`, which must succeed; its JSON answer.
+pub async fn admin(url: &str, method: reqwest::Method, path: &str, body: Value) -> Value {
+    let r = Client::new()
+        .request(method, format!("{url}/admin/v1{path}"))
+        .bearer_auth(ADMIN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{path}: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// A workspace on a roomy tier, and a key: (id, key).
+pub async fn workspace(url: &str, name: &str) -> (i64, String) {
+    admin(
+        url,
+        reqwest::Method::PUT,
+        "/tiers/roomy",
+        json!({"requests_per_second": 10_000, "tokens_per_minute": 100_000_000,
+               "tokens_per_month": 1_000_000_000}),
+    )
+    .await;
+    let ws = admin(
+        url,
+        reqwest::Method::POST,
+        "/workspaces",
+        json!({"name": name, "tier": "roomy"}),
+    )
+    .await;
+    let id = ws["id"].as_i64().unwrap();
+    let key = admin(
+        url,
+        reqwest::Method::POST,
+        &format!("/workspaces/{id}/keys"),
+        json!({}),
+    )
+    .await;
+    (id, key["key"].as_str().unwrap().to_string())
 }

@@ -10,8 +10,8 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::{Mock, ADMIN};
-use crate::process::Process;
+use crate::harness::Mock;
+use crate::process::{workspace, Process};
 
 /// What the proxy saw of each connection: its request line, and its `Proxy-Authorization`.
 type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
@@ -84,45 +84,6 @@ async fn relay(mut client: TcpStream, seen: Seen) {
     let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
 }
 
-async fn admin(url: &str, method: reqwest::Method, path: &str, body: Value) -> Value {
-    let r = Client::new()
-        .request(method, format!("{url}/admin/v1{path}"))
-        .bearer_auth(ADMIN)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "{path}: {}", r.status());
-    r.json().await.unwrap()
-}
-
-/// A key of a new workspace on a roomy tier.
-async fn new_key(url: &str) -> String {
-    admin(
-        url,
-        reqwest::Method::PUT,
-        "/tiers/roomy",
-        json!({"requests_per_second": 1000, "tokens_per_minute": 10_000_000}),
-    )
-    .await;
-    let ws = admin(
-        url,
-        reqwest::Method::POST,
-        "/workspaces",
-        json!({"name": "proxied", "tier": "roomy"}),
-    )
-    .await;
-    let id = ws["id"].as_i64().unwrap();
-    let key = admin(
-        url,
-        reqwest::Method::POST,
-        &format!("/workspaces/{id}/keys"),
-        json!({}),
-    )
-    .await;
-    key["key"].as_str().unwrap().to_string()
-}
-
 async fn chat(url: &str, key: &str) -> reqwest::Response {
     Client::new()
         .post(format!("{url}/v1/chat/completions"))
@@ -141,7 +102,7 @@ async fn an_http_upstream_is_reached_through_http_proxy_with_its_credentials() {
     let db = format!("sqlite://{}", dir.path().join("t.db").display());
     let with_auth = proxy.url.replace("http://", "http://ann:secret@");
     let gw = Process::start_with_env(&db, &mock.url, &[], &[("HTTP_PROXY", &with_auth)]).await;
-    let key = new_key(&gw.url).await;
+    let (_, key) = workspace(&gw.url, "proxied").await;
     let r = chat(&gw.url, &key).await;
     assert_eq!(r.status(), StatusCode::OK);
     let v: Value = r.json().await.unwrap();
@@ -173,7 +134,7 @@ async fn an_https_upstream_is_reached_through_a_connect_tunnel_and_no_proxy_is_h
     let db = format!("sqlite://{}", dir.path().join("t.db").display());
     let upstream = format!("https://localhost:{}", target_addr.port());
     let gw = Process::start_with_env(&db, &upstream, &[], &[("HTTPS_PROXY", &proxy.url)]).await;
-    let key = new_key(&gw.url).await;
+    let (_, key) = workspace(&gw.url, "proxied").await;
     let r = chat(&gw.url, &key).await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     let want = format!("CONNECT localhost:{} HTTP/1.1", target_addr.port());
@@ -191,7 +152,7 @@ async fn an_https_upstream_is_reached_through_a_connect_tunnel_and_no_proxy_is_h
         &[("HTTPS_PROXY", &proxy.url), ("NO_PROXY", "localhost")],
     )
     .await;
-    let key = new_key(&gw.url).await;
+    let (_, key) = workspace(&gw.url, "proxied").await;
     let r = chat(&gw.url, &key).await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(proxy.seen().len(), before, "{:?}", proxy.seen());
