@@ -716,12 +716,12 @@ async fn send(
     let upstream = match answered {
         Err(_) => {
             Metrics::inc(&state.metrics.upstream_timeouts);
-            settlement.refund().await;
+            settlement.refund();
             return Err(ApiError::UpstreamTimeout);
         }
         Ok(Err(e)) => {
             tracing::warn!(error = ?e, "upstream request failed");
-            settlement.refund().await;
+            settlement.refund();
             if timed_out(&e) {
                 Metrics::inc(&state.metrics.upstream_timeouts);
                 return Err(ApiError::UpstreamTimeout);
@@ -768,7 +768,7 @@ async fn send(
         // key is wrong. It is the operator's to fix.
         tracing::error!(%status, "the upstream refused the gateway's credentials (upstream.api_key)");
         Metrics::inc(&state.metrics.upstream_auth_failures);
-        settlement.refund().await;
+        settlement.refund();
         return Err(ApiError::UpstreamUnreachable);
     }
     if !status.is_success() {
@@ -780,7 +780,7 @@ async fn send(
             Metrics::inc(&state.metrics.upstream_server_errors);
         }
         let body = seen.waiting(read_whole(upstream, deadline, idle)).await;
-        settlement.refund().await;
+        settlement.refund();
         return match body {
             Ok(body) => Ok(answer(Body::from(body))),
             Err(ReadFailure::TimedOut) => {
@@ -817,7 +817,7 @@ async fn send(
             if let Some(a) = access.as_mut() {
                 a.tokens = charged;
             }
-            settlement.finish(usage).await;
+            settlement.finish(usage);
             let mut response = answer(Body::from(body));
             headers::query_cost(
                 state.config.rate_limit_headers,
@@ -841,7 +841,7 @@ async fn send(
             if let Some(a) = access.as_mut() {
                 a.tokens = charged;
             }
-            settlement.finish(None).await;
+            settlement.finish(None);
             Err(ApiError::UpstreamIncomplete { timed_out, charged })
         }
     }
@@ -932,30 +932,37 @@ impl Settlement {
         }
     }
 
-    async fn refund(mut self) {
+    fn refund(mut self) {
         Metrics::inc(&self.state.metrics.refunds);
         if let Some(f) = self.take(Outcome::Refund) {
-            run_to_completion(&self.state, f).await
+            run_to_completion(&self.state, f)
         }
     }
 
-    async fn finish(mut self, usage: Option<UsageJson>) {
+    fn finish(mut self, usage: Option<UsageJson>) {
         let outcome = usage.map_or(Outcome::Estimate, Outcome::Usage);
         if let Some(f) = self.take(outcome) {
-            run_to_completion(&self.state, f).await
+            run_to_completion(&self.state, f)
         }
     }
 }
 
-/// Runs a settlement to its end even if the request's future is dropped meanwhile (its client
-/// went away). It is polled once here first: one that finishes at once (the in-memory limiter's,
-/// nearly always) needs no task. One that has to wait (Redis) goes on as a tracked task of its
-/// own, which a stop waits for, and is awaited. Nothing is awaited between the first poll and
-/// the spawn, so a dropped request cannot leave a settlement half done.
-async fn run_to_completion(state: &AppState, mut settling: BoxFuture<'static, ()>) {
-    let first = std::future::poll_fn(|cx| Poll::Ready(settling.as_mut().poll(cx))).await;
-    if first.is_pending() {
-        let _ = state.tasks.spawn(settling).await;
+/// Starts a settlement that runs to its end even if the request's future is dropped meanwhile
+/// (its client went away), without holding up the answer. It is polled once here first: one
+/// that finishes at once (the in-memory limiter's, nearly always) needs no task. One that has to
+/// wait (Redis) goes on as a tracked task of its own, which a stop waits for; the answer leaves
+/// meanwhile. By then its call has been queued on the limiter's connection (see
+/// ARCHITECTURE.md, "Settlement after the answer"), so this instance's later calls for the
+/// workspace reach Redis after it. Nothing is awaited between the first poll and the spawn, so
+/// a dropped request cannot leave a settlement half done.
+fn run_to_completion(state: &AppState, mut settling: BoxFuture<'static, ()>) {
+    let waker = std::task::Waker::noop();
+    if settling
+        .as_mut()
+        .poll(&mut Context::from_waker(waker))
+        .is_pending()
+    {
+        spawn_tracked(state, settling);
     }
 }
 
@@ -1036,17 +1043,26 @@ async fn settle(
         prompt: prompt.min(actual),
     };
     state.metrics.settled(route, actual, reserved);
-    // The shadow's reservation is settled to the same usage; one that fails is dropped.
-    let mut mark = ShadowMark::default();
-    if let Some(hold) = shadow {
-        mark.denied = hold.denied.is_some();
-        if let Some(r) = &hold.reservation {
-            if let Some(settled) = state.shadow.settle(r, &hold.limits, actual, now).await {
-                mark.counter = settled.counter;
+    // The shadow's reservation is settled to the same usage; one that fails is dropped. Both
+    // calls start on the first poll (see `run_to_completion`).
+    let shadow_settled = async {
+        let mut mark = ShadowMark::default();
+        if let Some(hold) = shadow {
+            mark.denied = hold.denied.is_some();
+            if let Some(r) = &hold.reservation {
+                if let Some(settled) = state.shadow.settle(r, &hold.limits, actual, now).await {
+                    mark.counter = settled.counter;
+                }
             }
         }
-    }
-    match state.limiter.settle(reservation, limits, actual, now).await {
+        mark
+    };
+    let (mark, settled) = futures_util::future::join(
+        shadow_settled,
+        state.limiter.settle(reservation, limits, actual, now),
+    )
+    .await;
+    match settled {
         Ok(settled) => state.recorder.record(UsageRecord {
             shadow: mark,
             ..settled_record(ws, key, model, tokens, &settled)
@@ -1075,7 +1091,6 @@ struct MeteredStream {
     upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
     scanner: Option<SseScanner>,
     settlement: Option<Settlement>,
-    settling: Option<BoxFuture<'static, ()>>,
     tail: Option<Bytes>,
     done: bool,
     /// Bytes were passed on to the client: the stream is never refunded.
@@ -1101,7 +1116,6 @@ impl MeteredStream {
             upstream,
             scanner,
             settlement: Some(settlement),
-            settling: None,
             tail: None,
             done: false,
             delivered: false,
@@ -1118,17 +1132,16 @@ impl MeteredStream {
             if matches!(outcome, Outcome::Refund) {
                 Metrics::inc(&self.state.metrics.refunds);
             }
-            self.settling = s.take(outcome);
+            // As with a JSON answer, the end of the body does not wait for the limiter.
+            if let Some(f) = s.take(outcome) {
+                run_to_completion(&self.state, f);
+            }
         }
     }
 
     /// The upstream broke or went silent: settle (a stream that delivered nothing is refunded,
     /// one that did is not), let go of the upstream, and end the client's answer as broken.
-    fn give_up(
-        &mut self,
-        cx: &mut Context<'_>,
-        why: &'static str,
-    ) -> Poll<Option<io::Result<Bytes>>> {
+    fn give_up(&mut self, why: &'static str) -> Poll<Option<io::Result<Bytes>>> {
         self.done = true;
         self.tail = None;
         self.upstream = futures_util::stream::empty().boxed();
@@ -1138,15 +1151,6 @@ impl MeteredStream {
             Outcome::Refund
         };
         self.start_settling(without_usage);
-        if let Some(f) = self.settling.as_mut() {
-            if f.as_mut().poll(cx).is_pending() {
-                // Finish settling in the background; the client sees the break now.
-                let f = self.settling.take().expect("just checked");
-                spawn_tracked(&self.state, f);
-            } else {
-                self.settling = None;
-            }
-        }
         Poll::Ready(Some(Err(io::Error::other(why))))
     }
 }
@@ -1157,12 +1161,6 @@ impl Stream for MeteredStream {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
         loop {
-            if let Some(f) = this.settling.as_mut() {
-                if f.as_mut().poll(cx).is_pending() {
-                    return Poll::Pending;
-                }
-                this.settling = None;
-            }
             if this.done {
                 return Poll::Ready(this.tail.take().filter(|b| !b.is_empty()).map(Ok));
             }
@@ -1179,7 +1177,7 @@ impl Stream for MeteredStream {
                             idle_ms = this.idle_for.as_millis() as u64,
                             "upstream stream went silent; giving up on it"
                         );
-                        return this.give_up(cx, "upstream stream went silent");
+                        return this.give_up("upstream stream went silent");
                     }
                     return Poll::Pending;
                 }
@@ -1196,7 +1194,7 @@ impl Stream for MeteredStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "upstream stream broke");
-                    return this.give_up(cx, "upstream stream broke");
+                    return this.give_up("upstream stream broke");
                 }
                 Poll::Ready(None) => {
                     this.done = true;
@@ -1210,9 +1208,6 @@ impl Stream for MeteredStream {
 
 impl Drop for MeteredStream {
     fn drop(&mut self) {
-        if let Some(f) = self.settling.take() {
-            spawn_tracked(&self.state, f);
-        }
         let Some(mut settlement) = self.settlement.take() else {
             return;
         };
@@ -1225,7 +1220,7 @@ impl Drop for MeteredStream {
             settlement.release_slot().await;
             let Some(mut scanner) = scanner else {
                 // Nothing to read usage from: settle the estimate.
-                settlement.finish(None).await;
+                settlement.finish(None);
                 return;
             };
             let read = async {
@@ -1240,7 +1235,7 @@ impl Drop for MeteredStream {
                 scanner.finish();
             };
             let _ = tokio::time::timeout(drain, read).await;
-            settlement.finish(scanner.usage()).await;
+            settlement.finish(scanner.usage());
         });
     }
 }
