@@ -485,13 +485,6 @@ impl Inner {
         keys: &[String],
         args: &[String],
     ) -> Result<Reply, LimiterError> {
-        let mut invocation = self.script.prepare_invoke();
-        for k in keys {
-            invocation.key(k);
-        }
-        for a in args {
-            invocation.arg(a);
-        }
         let call = async {
             let mut conn = self.connection(limit).await?;
             if self.functions.load(std::sync::atomic::Ordering::Relaxed) {
@@ -510,6 +503,13 @@ impl Inner {
             }
             // The script: when the server offers no functions, or the library could not be
             // called this time (it runs the same code, so it decides the same).
+            let mut invocation = self.script.prepare_invoke();
+            for k in keys {
+                invocation.key(k);
+            }
+            for a in args {
+                invocation.arg(a);
+            }
             let result = match &mut conn {
                 Conn::Single(c) => invocation.invoke_async::<Value>(c).await,
                 Conn::Cluster(c) => invocation.invoke_async::<Value>(c).await,
@@ -777,17 +777,18 @@ async fn renew_leases(inner: Weak<Inner>, every: Duration) {
 }
 
 /// Cancels a reservation whose caller went away mid-call, unless disarmed.
-struct CancelGuard {
-    inner: Arc<Inner>,
+struct CancelGuard<'a> {
+    inner: &'a Arc<Inner>,
     workspace: WorkspaceId,
     id: ReservationId,
-    limits: Limits,
-    model: Option<String>,
+    /// Borrowed: copied only when the guard fires (nearly never).
+    limits: &'a Limits,
+    model: Option<&'a str>,
     now: Nanos,
     armed: bool,
 }
 
-impl Drop for CancelGuard {
+impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
         if !self.armed {
             return;
@@ -797,8 +798,8 @@ impl Drop for CancelGuard {
         };
         let inner = self.inner.clone();
         let (workspace, id, now) = (self.workspace, self.id, self.now);
-        let limits = std::mem::take(&mut self.limits);
-        let model = self.model.take();
+        let limits = self.limits.clone();
+        let model = self.model.map(str::to_string);
         handle.spawn(async move {
             inner
                 .cancel(workspace, id, &limits, model.as_deref(), now)
@@ -944,11 +945,11 @@ impl RedisLimiter {
             ]);
             args.extend(key_args(limits));
             let mut guard = CancelGuard {
-                inner: inner.clone(),
+                inner,
                 workspace,
                 id,
-                limits: limits.clone(),
-                model: model.map(str::to_string),
+                limits,
+                model,
                 now,
                 armed: true,
             };
