@@ -951,7 +951,7 @@ impl Settlement {
 /// (its client went away), without holding up the answer. It is polled once here first: one
 /// that finishes at once (the in-memory limiter's, nearly always) needs no task. One that has to
 /// wait (Redis) goes on as a tracked task of its own, which a stop waits for; the answer leaves
-/// meanwhile. By then its call has been queued on the limiter's connection (see
+/// meanwhile. By then its call has normally been queued on the limiter's connection (see
 /// ARCHITECTURE.md, "Settlement after the answer"), so this instance's later calls for the
 /// workspace reach Redis after it. Nothing is awaited between the first poll and the spawn, so
 /// a dropped request cannot leave a settlement half done.
