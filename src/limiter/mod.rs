@@ -68,9 +68,27 @@ impl ReservationId {
     }
 }
 
+impl ReservationId {
+    /// The id as 32 lowercase hex digits (as `Display` writes it), without `fmt`: made twice per
+    /// call to Redis.
+    pub fn hex(&self) -> String {
+        hex_digits(self.0, 32)
+    }
+}
+
+/// The low `digits` hex digits of `n`, lowercase, zero-padded.
+pub(crate) fn hex_digits(n: u128, digits: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(digits);
+    for i in (0..digits).rev() {
+        out.push(char::from(HEX[((n >> (4 * i)) & 0xf) as usize]));
+    }
+    out
+}
+
 impl fmt::Display for ReservationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:032x}", self.0)
+        f.write_str(&self.hex())
     }
 }
 
@@ -204,4 +222,35 @@ pub trait Limiter: Send + Sync {
         limits: &'a Limits,
         now: Nanos,
     ) -> Answer<'a, Result<Usage, LimiterError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The ids and model ids sent to Redis are the same text as `format!` wrote before: keys and
+    /// records written by an earlier version are still found.
+    #[test]
+    fn hex_digits_write_what_format_writes() {
+        let values = [
+            0u128,
+            1,
+            0xf,
+            0x10,
+            0xdead_beef,
+            u64::MAX as u128,
+            (0x5c16_7f8d_9922_3388u128 << 64) | 0x2a,
+            u128::MAX,
+        ];
+        for v in values {
+            assert_eq!(ReservationId(v).hex(), format!("{v:032x}"));
+            assert_eq!(ReservationId(v).to_string(), format!("{v:032x}"));
+            let low = v as u64;
+            assert_eq!(hex_digits(u128::from(low), 16), format!("{low:016x}"));
+        }
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(b"mistral-small-latest");
+        let before: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(redis::model_id("mistral-small-latest"), before);
+    }
 }

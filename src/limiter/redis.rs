@@ -46,6 +46,9 @@ use super::{
 };
 use crate::model::{KeyId, Limits, WorkspaceId};
 
+/// Reservation ids are this process's own (a random prefix and a counter), never a client's.
+type Fast = foldhash::fast::RandomState;
+
 /// How long a workspace's keys live after its last call (longer while a bucket refills).
 pub const IDLE_TTL: Duration = Duration::from_secs(600);
 /// How long a settled or cancelled reservation is remembered: a settlement retried within it
@@ -170,11 +173,11 @@ struct Inner {
     time: TimeSource,
     months: Arc<dyn MonthSource>,
     /// Reservations of this instance not yet settled, for lease renewal.
-    live: Mutex<HashMap<ReservationId, WorkspaceId>>,
+    live: Mutex<HashMap<ReservationId, WorkspaceId, Fast>>,
     /// (workspace, generation) whose re-bases are scheduled.
     rebasing: Mutex<HashSet<(WorkspaceId, String)>>,
     /// Reservations whose settlement failed (it may or may not have landed), since when.
-    in_doubt: Mutex<HashMap<ReservationId, std::time::Instant>>,
+    in_doubt: Mutex<HashMap<ReservationId, std::time::Instant, Fast>>,
 }
 
 /// The Redis limiter. Background work (lease renewal) stops when it is dropped.
@@ -196,11 +199,9 @@ fn unavailable(e: impl std::fmt::Display) -> LimiterError {
 /// A field-safe id of a model name: 16 hex digits of its SHA-256.
 pub fn model_id(model: &str) -> String {
     let digest = Sha256::digest(model.as_bytes());
-    let mut id = String::with_capacity(16);
-    for b in &digest[..8] {
-        id.push_str(&format!("{b:02x}"));
-    }
-    id
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    super::hex_digits(u128::from(u64::from_be_bytes(first)), 16)
 }
 
 /// A prefix that cannot break out of the hash tag or the key layout.
@@ -702,8 +703,8 @@ fn settle_args(
         .and_then(|l| l.tokens_per_minute);
     let mut args = inner.args(op, now);
     args.extend([
-        id.to_string(),
-        ReservationId::next().to_string(),
+        id.hex(),
+        ReservationId::next().hex(),
         actual.min(MAX_REQUEST_TOKENS).to_string(),
         limits.tokens_per_minute.unwrap_or(0).to_string(),
         model.map(model_id).unwrap_or_default(),
@@ -837,9 +838,9 @@ impl RedisLimiter {
             lease: options.lease,
             time: options.time,
             months,
-            live: Mutex::new(HashMap::new()),
+            live: Mutex::new(HashMap::default()),
             rebasing: Mutex::new(HashSet::new()),
-            in_doubt: Mutex::new(HashMap::new()),
+            in_doubt: Mutex::new(HashMap::default()),
         });
         let renewal = tokio::spawn(renew_leases(Arc::downgrade(&inner), options.lease / 3));
         Ok(RedisLimiter { inner, renewal })
@@ -922,9 +923,9 @@ impl RedisLimiter {
             let id = ReservationId::next();
             let mut args = inner.args("reserve", now);
             args.extend([
-                id.to_string(),
+                id.hex(),
                 inner.lease.as_millis().to_string(),
-                ReservationId::next().to_string(),
+                ReservationId::next().hex(),
                 rate.to_string(),
                 capacity.to_string(),
                 limits.tokens_per_minute.unwrap_or(0).to_string(),
@@ -1120,7 +1121,7 @@ impl RedisLimiter {
         for _ in 0..3 {
             let mut args = inner.args("usage", now);
             args.extend([
-                ReservationId::next().to_string(),
+                ReservationId::next().hex(),
                 rate.to_string(),
                 capacity.to_string(),
                 limits.tokens_per_minute.unwrap_or(0).to_string(),
