@@ -340,6 +340,51 @@ async fn concurrent_denials_take_nothing_from_any_dimension() {
     assert!(fleet[0].upstream_stats("atomic").await.max_in_flight <= 5);
 }
 
+/// A client sending requests one after another through one instance never finds its own
+/// finished request still holding its one concurrency slot, although the answer no longer waits
+/// for the settlement: the settlement's call reaches Redis before the next decision
+/// (ARCHITECTURE.md, "Settlement after the answer").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_one_after_another_through_one_instance_find_their_slot_free() {
+    let Some(url) = shared_redis() else { return };
+    let fleet = TestGateway::fleet(1, &url, |raw| {
+        raw.redis_timeout_ms = Some(5_000);
+        raw.redis_failure_policy = Some("closed".into());
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(
+        &fleet,
+        "one-at-a-time",
+        json!({"concurrent_requests": 1, "tokens_per_month": 1_000_000}),
+    )
+    .await;
+    let (body, usage) = exact_request(1); // 10 tokens
+    let client = Client::new();
+    for i in 0..100 {
+        let r = client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("x-mock-usage", &usage)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "request {i}: {}",
+            r.text().await.unwrap()
+        );
+    }
+    // Read through the same instance: after every settlement.
+    let limits = gw.limits(&key).await;
+    assert_eq!(limits["usage"]["in_flight"].as_u64(), Some(0));
+    assert_eq!(limits["usage"]["tokens_reserved"].as_u64(), Some(0));
+    assert_eq!(limits["usage"]["tokens_this_month"].as_u64(), Some(1_000));
+}
+
 /// Polls `check` until it holds, for at most `within`; returns how long it took.
 async fn eventually<F, Fut>(within: Duration, mut check: F) -> Duration
 where
