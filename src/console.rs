@@ -48,6 +48,7 @@ use std::sync::Mutex;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::hex;
 use crate::limiter::{Nanos, NANOS_PER_SEC};
 use crate::model::{KeyId, WorkspaceId};
 
@@ -272,16 +273,6 @@ impl SignInLimiter {
         *full_at = from + INTERVAL;
         true
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {

@@ -24,4 +24,16 @@ pub mod usage;
 pub mod webhooks;
 
 pub use app::{app, App, AppError, AppState};
+
+/// Bytes as lowercase hex, two digits each: ids, digests and tokens that go into keys, headers
+/// and cookies. Without `fmt`, since some are made on every request.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
 pub use config::{Config, RawSettings};

@@ -80,10 +80,7 @@ pub fn script_code() -> String {
 /// their own.
 fn library() -> (String, String) {
     let digest = Sha256::digest(SOURCE.as_bytes());
-    let mut name = String::from("tiergate_");
-    for b in &digest[..8] {
-        name.push_str(&format!("{b:02x}"));
-    }
+    let name = format!("tiergate_{}", crate::hex(&digest[..8]));
     let code = format!(
         "#!lua name={name}\n{SOURCE}\nredis.register_function('{name}', \
          function(keys, args) return run(keys, args) end)\n"
@@ -198,10 +195,7 @@ fn unavailable(e: impl std::fmt::Display) -> LimiterError {
 
 /// A field-safe id of a model name: 16 hex digits of its SHA-256.
 pub fn model_id(model: &str) -> String {
-    let digest = Sha256::digest(model.as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    super::hex_digits(u128::from(u64::from_be_bytes(first)), 16)
+    crate::hex(&Sha256::digest(model.as_bytes())[..8])
 }
 
 /// A prefix that cannot break out of the hash tag or the key layout.

@@ -723,7 +723,7 @@ SELECT d.id, e.url, e.secret, d.event_id, v.payload, d.attempts
 fn claim_token() -> String {
     let mut t = [0u8; 12];
     getrandom::fill(&mut t).expect("the OS has randomness");
-    t.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex(&t)
 }
 
 type ClaimedColumns = (i64, String, String, String, String, i64);
@@ -821,7 +821,7 @@ impl WebhookEvent {
     ) -> WebhookEvent {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).expect("the OS has randomness");
-        let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+        let id = crate::hex(&id);
         let timestamp = time::OffsetDateTime::from_unix_timestamp(now)
             .ok()
             .and_then(|t| {

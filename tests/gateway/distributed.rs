@@ -159,6 +159,16 @@ async fn hammer(
     tally
 }
 
+/// `n` instances on `redis` that wait for a slow Redis (5 s) and never decide without it
+/// (`closed`: any fallback shows as a 503), for tests about the shared limiter itself.
+async fn strict_fleet(n: usize, redis: &str) -> Vec<TestGateway> {
+    TestGateway::fleet(n, redis, |raw| {
+        raw.redis_timeout_ms = Some(5_000);
+        raw.redis_failure_policy = Some("closed".into());
+    })
+    .await
+}
+
 /// Three instances, 200 concurrent clients on one workspace, a second workspace hammered at the
 /// same time: every limit holds across the instances, and denials never reach the upstream.
 async fn three_instances_hold_every_limit(redis: &str) {
@@ -295,11 +305,7 @@ async fn three_instances_on_a_redis_cluster_hold_every_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_denials_take_nothing_from_any_dimension() {
     let Some(url) = shared_redis() else { return };
-    let fleet = TestGateway::fleet(3, &url, |raw| {
-        raw.redis_timeout_ms = Some(5_000);
-        raw.redis_failure_policy = Some("closed".into());
-    })
-    .await;
+    let fleet = strict_fleet(3, &url).await;
     // A request bucket of 1000 that refills one request in 1000 s: its level counts requests.
     let (_, key) = setup_workspace(
         &fleet,
@@ -347,11 +353,7 @@ async fn concurrent_denials_take_nothing_from_any_dimension() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_one_after_another_through_one_instance_find_their_slot_free() {
     let Some(url) = shared_redis() else { return };
-    let fleet = TestGateway::fleet(1, &url, |raw| {
-        raw.redis_timeout_ms = Some(5_000);
-        raw.redis_failure_policy = Some("closed".into());
-    })
-    .await;
+    let fleet = strict_fleet(1, &url).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(
         &fleet,
@@ -360,16 +362,10 @@ async fn requests_one_after_another_through_one_instance_find_their_slot_free() 
     )
     .await;
     let (body, usage) = exact_request(1); // 10 tokens
-    let client = Client::new();
     for i in 0..100 {
-        let r = client
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&key)
-            .header("x-mock-usage", &usage)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
+        let r = gw
+            .chat(&key, body.clone(), &[("x-mock-usage", usage.as_str())])
+            .await;
         let status = r.status();
         assert_eq!(
             status,
@@ -847,11 +843,7 @@ async fn a_settlement_waiting_for_redis_holds_up_neither_the_answer_nor_its_coun
         .await
         .unwrap();
     let pid = redis.pid().expect("the server runs").to_string();
-    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
-        raw.redis_timeout_ms = Some(5_000);
-        raw.redis_failure_policy = Some("closed".into());
-    })
-    .await;
+    let fleet = strict_fleet(1, &redis.url()).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(
         &fleet,
@@ -862,14 +854,9 @@ async fn a_settlement_waiting_for_redis_holds_up_neither_the_answer_nor_its_coun
     let (body, _) = exact_request(1);
     // A first request while Redis answers: the workspace's month counter is made and based, so
     // that the second one's reservation is a single quick call.
-    let first = Client::new()
-        .post(format!("{}/v1/chat/completions", gw.url))
-        .bearer_auth(&key)
-        .header("x-mock-usage", "7,3")
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let first = gw
+        .chat(&key, body.clone(), &[("x-mock-usage", "7,3")])
+        .await;
     assert_eq!(first.status(), StatusCode::OK);
     // Generous against a busy machine, and still well before Redis comes back.
     let client = Client::builder()
