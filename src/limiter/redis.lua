@@ -24,6 +24,7 @@
 --   tl ta tc          token bucket: level (units), at (µs, moves by whole ms), capacity (tokens)
 --   mt:<m>:l/a/c      the same for model <m> (an id hashed from the model name, never the name)
 --   inflight          requests holding a concurrency slot
+--   rp                when (µs) expired records were last looked for (see `reap`)
 --   keep              the µs until which the key must live (every bucket full again by then)
 --   mk gen based born base delta res
 --                     the month counter: month key, generation id, whether `base` was read from
@@ -57,6 +58,11 @@ local state, dirty, dropped, records_written, touched, bucket_names, model_names
 local NR = 1000000000 -- nano-requests per request
 local U = 60000       -- token units per token
 local REAP = 64       -- expired records handled per call, at most
+-- Expired records are looked for at most this often (µs): a lease that ends is acted on up to
+-- this late, and a tombstone lives up to this much longer. Looking costs a call or four of the
+-- server's commands; at this cadence a busy workspace reaps its tombstones in batches, not one
+-- per call. `REAP_LATENESS` in redis.rs says the same.
+local REAP_EVERY = 100000
 
 local function S(n) return string.format('%d', n) end
 -- tonumber, set by `run`: a library's code may not read globals while it loads.
@@ -173,7 +179,8 @@ end
 -- Reads the fields an op needs: the month counter, the key's life, and the buckets of the
 -- limits given (a model's when there is one).
 local function load_for(rate, tpm, m, mtpm)
-  local fields = {'keep', 'exp', 'rexp', 'inflight', 'mk', 'gen', 'based', 'base', 'delta', 'res'}
+  local fields = {'keep', 'exp', 'rexp', 'rp', 'inflight', 'mk', 'gen', 'based', 'base', 'delta',
+    'res'}
   if rate > 0 then
     fields[#fields + 1] = 'rl'
     fields[#fields + 1] = 'ra'
@@ -432,7 +439,11 @@ end
 -- released; the record stays as X (with what it took from the buckets) until its tombstone
 -- ends, so that a late settlement still counts once. Other expired records go.
 local function reap()
+  local last = num('rp')
+  if last and now >= last and now < last + REAP_EVERY then return end
   local ids = redis.call('ZRANGEBYSCORE', KE, '-inf', S(now), 'LIMIT', 0, REAP)
+  -- A full batch may have left more behind: the next call looks again.
+  if #ids < REAP then put('rp', now) end
   if #ids == 0 then return end
   local recs = redis.call('HMGET', KR, unpack(ids))
   local gone, expired, until_ = {}, {}, {}

@@ -56,6 +56,10 @@ pub const IDLE_TTL: Duration = Duration::from_secs(600);
 /// starts a new generation of the month counter (rebuilt from the ledger), so it still counts
 /// once. Short, because a busy workspace keeps one tombstone per request for this long.
 pub const TOMBSTONE: Duration = Duration::from_secs(10);
+/// How late a lease's end may be acted on (and a tombstone outlive its life): `redis.lua` looks
+/// for expired records at most this often per workspace (`REAP_EVERY`), so that a busy
+/// workspace reaps its tombstones in batches.
+pub const REAP_LATENESS: Duration = Duration::from_millis(100);
 /// After a counter generation is first based on the ledger, it is raised again this long after,
 /// for ledger writes of other instances that lagged behind.
 const REBASE_AFTER: [Duration; 3] = [
