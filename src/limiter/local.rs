@@ -7,15 +7,18 @@
 //! A decision costs one lock and one lookup, and allocates nothing once a workspace is known:
 //! - 64 shards by workspace id, each on its own cache lines, so that decisions for workspaces
 //!   of different shards on different threads do not contend;
-//! - per shard, a map from workspace id to a boxed `WorkspaceState` (a small bucket of 16 bytes
-//!   in the map, whose growth by doubling then costs little), hashed with foldhash: the ids are
-//!   the store's, never a client's choice;
+//! - per shard, the workspace states (`States`): held unboxed in fixed chunks, and found
+//!   through a hash table of 4-byte indices, hashed with foldhash (the ids are the store's,
+//!   never a client's choice). With a million workspaces the table is a few megabytes and mostly
+//!   stays in the processor's cache, so a decision's one miss is the state itself; a table of
+//!   (id, box) pairs was four times as large and added a miss;
 //! - per shard, the ids of the reservations not yet settled (what makes settling idempotent):
 //!   it holds what is in flight, not one set per workspace;
 //! - per shard, the model names its states share (`ModelNames`), so a name is stored once per
 //!   shard, not once per workspace, and a reservation holds it without copying it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::core::{ModelNames, MonthKey, Nanos, TokenCost, Usage, Verdict, WorkspaceState};
@@ -28,9 +31,134 @@ const SHARDS: usize = 64;
 
 type Fast = foldhash::fast::RandomState;
 
+/// States per chunk: a shard holds at most one chunk's worth of room unused (about 64 KB; 4 MB
+/// over the 64 shards, once they hold a few thousand workspaces). The first chunk grows by
+/// doubling from `FIRST`, so that a shard with a few workspaces takes a few kilobytes.
+const CHUNK: usize = 512;
+const FIRST: usize = 8;
+
+/// A shard's workspace states: dense, in chunks of `CHUNK` (which, but for the first, never
+/// move once allocated), and found through a table of their positions. Removing one moves the last state into its place.
+/// Written here because no well-kept crate keeps the values unboxed without slack: indexmap's
+/// entries grow to its index's capacity (up to twice the states held), and move when they grow.
+#[derive(Default)]
+struct States {
+    /// Positions in `chunks`, hashed by the workspace id held there.
+    index: hashbrown::HashTable<u32>,
+    chunks: Vec<Vec<(WorkspaceId, WorkspaceState)>>,
+    len: usize,
+    hasher: Fast,
+}
+
+impl States {
+    fn slot(
+        chunks: &[Vec<(WorkspaceId, WorkspaceState)>],
+        at: u32,
+    ) -> &(WorkspaceId, WorkspaceState) {
+        let at = at as usize;
+        &chunks[at / CHUNK][at % CHUNK]
+    }
+
+    fn position(&self, workspace: WorkspaceId) -> Option<u32> {
+        let hash = self.hasher.hash_one(workspace);
+        let chunks = &self.chunks;
+        self.index
+            .find(hash, |&at| Self::slot(chunks, at).0 == workspace)
+            .copied()
+    }
+
+    fn get(&self, workspace: WorkspaceId) -> Option<&WorkspaceState> {
+        let at = self.position(workspace)? as usize;
+        Some(&self.chunks[at / CHUNK][at % CHUNK].1)
+    }
+
+    fn get_mut(&mut self, workspace: WorkspaceId) -> Option<&mut WorkspaceState> {
+        let at = self.position(workspace)? as usize;
+        Some(&mut self.chunks[at / CHUNK][at % CHUNK].1)
+    }
+
+    fn get_or_insert_with(
+        &mut self,
+        workspace: WorkspaceId,
+        new: impl FnOnce() -> WorkspaceState,
+    ) -> &mut WorkspaceState {
+        let at = match self.position(workspace) {
+            Some(at) => at as usize,
+            None => {
+                let at = self.len;
+                if at.is_multiple_of(CHUNK) {
+                    self.chunks
+                        .push(Vec::with_capacity(if at == 0 { FIRST } else { CHUNK }));
+                }
+                let chunk = &mut self.chunks[at / CHUNK];
+                if chunk.len() == chunk.capacity() {
+                    chunk.reserve_exact((2 * chunk.capacity()).min(CHUNK) - chunk.len());
+                }
+                chunk.push((workspace, new()));
+                self.len += 1;
+                let (hasher, chunks) = (&self.hasher, &self.chunks);
+                let hash = hasher.hash_one(workspace);
+                self.index.insert_unique(hash, at as u32, |&i| {
+                    hasher.hash_one(Self::slot(chunks, i).0)
+                });
+                at
+            }
+        };
+        &mut self.chunks[at / CHUNK][at % CHUNK].1
+    }
+
+    /// Keeps the states for which `keep` is true.
+    fn retain(&mut self, mut keep: impl FnMut(WorkspaceId, &WorkspaceState) -> bool) {
+        let mut at = 0;
+        while at < self.len {
+            let (id, state) = &self.chunks[at / CHUNK][at % CHUNK];
+            if keep(*id, state) {
+                at += 1;
+            } else {
+                self.remove_at(at);
+            }
+        }
+    }
+
+    /// Removes the state at `at`, moving the last state into its place.
+    fn remove_at(&mut self, at: usize) {
+        let id = self.chunks[at / CHUNK][at % CHUNK].0;
+        let hash = self.hasher.hash_one(id);
+        if let Ok(entry) = self.index.find_entry(hash, |&i| i as usize == at) {
+            entry.remove();
+        }
+        let last_at = self.len - 1;
+        let last = self.chunks[last_at / CHUNK]
+            .pop()
+            .expect("the last chunk holds the last state");
+        if self.chunks[last_at / CHUNK].is_empty() {
+            self.chunks.pop();
+        }
+        self.len -= 1;
+        if at == last_at {
+            return;
+        }
+        let hash = self.hasher.hash_one(last.0);
+        if let Some(i) = self.index.find_mut(hash, |&i| i as usize == last_at) {
+            *i = at as u32;
+        }
+        self.chunks[at / CHUNK][at % CHUNK] = last;
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.chunks.clear();
+        self.len = 0;
+    }
+}
+
 #[derive(Default)]
 struct Shard {
-    states: HashMap<WorkspaceId, Box<WorkspaceState>, Fast>,
+    states: States,
     /// Reservations not yet settled: settling one twice, or one this limiter never made,
     /// changes nothing.
     live: HashSet<ReservationId, Fast>,
@@ -85,7 +213,7 @@ impl LocalLimiter {
             live,
             names,
         } = &mut *guard;
-        match states.get_mut(&workspace) {
+        match states.get_mut(workspace) {
             Some(state)
                 if !state.month_is_stale(now) && !limits.is_some_and(|l| state.needs_key(l)) =>
             {
@@ -119,9 +247,9 @@ impl LocalLimiter {
             live,
             names,
         } = &mut *guard;
-        let state = states
-            .entry(workspace)
-            .or_insert_with(|| Box::new(WorkspaceState::new_named(now, &totals, Some(names))));
+        let state = states.get_or_insert_with(workspace, || {
+            WorkspaceState::new_named(now, &totals, Some(names))
+        });
         state.roll_month_named(now, &totals, Some(names));
         if let Some(k) = limits.and_then(|l| l.key) {
             state.add_key(k.id, &totals, now);
@@ -142,7 +270,7 @@ impl LocalLimiter {
             let before = shard.states.len();
             shard.states.retain(|ws, state| {
                 now.saturating_sub(state.last_seen) < idle_for
-                    || !state.is_idle(limits_of(*ws).as_deref(), now)
+                    || !state.is_idle(limits_of(ws).as_deref(), now)
             });
             if shard.states.len() < before {
                 evicted += before - shard.states.len();
@@ -160,14 +288,14 @@ impl LocalLimiter {
         now: Nanos,
     ) -> Option<(u64, std::collections::HashMap<String, u64>)> {
         let shard = self.shard(workspace);
-        let state = shard.states.get(&workspace)?;
+        let state = shard.states.get(workspace)?;
         (!state.month_is_stale(now)).then(|| state.month_seeds())
     }
 
     /// What key `key`'s month counter started from, once it is tracked this month.
     pub fn key_month_seed(&self, workspace: WorkspaceId, key: KeyId, now: Nanos) -> Option<u64> {
         let shard = self.shard(workspace);
-        let state = shard.states.get(&workspace)?;
+        let state = shard.states.get(workspace)?;
         if state.month_is_stale(now) {
             return None;
         }
@@ -250,7 +378,7 @@ impl Limiter for LocalLimiter {
                 live,
                 names,
             } = &mut *guard;
-            match states.get_mut(&reservation.workspace) {
+            match states.get_mut(reservation.workspace) {
                 Some(state) if state.month_is_stale(now) => true,
                 Some(state) => {
                     settle(Entry { state, live, names });
@@ -274,7 +402,7 @@ impl Limiter for LocalLimiter {
                     live,
                     names,
                 } = &mut *guard;
-                if let Some(state) = states.get_mut(&reservation.workspace) {
+                if let Some(state) = states.get_mut(reservation.workspace) {
                     settle(Entry { state, live, names });
                 }
             }
@@ -288,7 +416,7 @@ impl Limiter for LocalLimiter {
     ) -> Answer<'a, Result<(), LimiterError>> {
         let mut shard = self.shard(reservation.workspace);
         let Shard { states, live, .. } = &mut *shard;
-        if let Some(state) = states.get_mut(&reservation.workspace) {
+        if let Some(state) = states.get_mut(reservation.workspace) {
             if live.contains(&reservation.id) {
                 state.release_slot(&mut reservation.held);
             }
@@ -307,5 +435,52 @@ impl Limiter for LocalLimiter {
             Ok(usage) => Answer::now(Ok(usage)),
             Err(view) => Answer::later(self.with_entry(workspace, Some(limits), now, view)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::core::MonthTotals;
+
+    fn state(last_seen: Nanos) -> WorkspaceState {
+        let mut s = WorkspaceState::new(0, &MonthTotals::default());
+        s.last_seen = last_seen;
+        s
+    }
+
+    /// The table against a `HashMap` through inserts across chunks and removals from the
+    /// middle, the end and the first chunk: every id finds its own state, and only its own.
+    #[test]
+    fn the_states_table_finds_each_state_after_removals_move_others() {
+        let mut states = States::default();
+        let mut model = std::collections::HashMap::new();
+        let n = (3 * CHUNK + 7) as WorkspaceId;
+        for ws in 0..n {
+            let s = states.get_or_insert_with(ws * 7919, || state(ws as Nanos));
+            assert_eq!(s.last_seen, ws as Nanos);
+            model.insert(ws * 7919, ws as Nanos);
+        }
+        // Inserting again finds the state: nothing new is made.
+        states.get_or_insert_with(7919, || panic!("made twice"));
+        // Drop every third, the last one and the first chunk's first.
+        states.retain(|ws, s| !(s.last_seen % 3 == 1 || ws == (n - 1) * 7919 || ws == 0));
+        model.retain(|&ws, seen| !(*seen % 3 == 1 || ws == (n - 1) * 7919 || ws == 0));
+        assert_eq!(states.len(), model.len());
+        assert_eq!(states.chunks.len(), model.len().div_ceil(CHUNK));
+        for ws in 0..n {
+            let id = ws * 7919;
+            assert_eq!(
+                states.get(id).map(|s| s.last_seen),
+                model.get(&id).copied(),
+                "workspace {id}"
+            );
+        }
+        // Removing everything leaves nothing behind, and the table is usable again.
+        states.retain(|_, _| false);
+        assert_eq!((states.len(), states.chunks.len()), (0, 0));
+        assert!(states.get(7919 * 2).is_none());
+        states.get_or_insert_with(5, || state(9));
+        assert_eq!(states.get(5).map(|s| s.last_seen), Some(9));
     }
 }
