@@ -55,7 +55,10 @@
 -- function library (registered once, its helpers made once at load). Per-call state lives in
 -- the locals below, set at the start of every call by `run`.
 local KS, KR, KE, op, now, IDLE, RECORDS, TOMB
-local state, dirty, dropped, records_written, touched, bucket_names, model_names
+local state, dirty, dirty_list, ndirty, dropped, records_written, touched, bucket_names, model_names
+-- The three lives as sent (ARGV 3 to 5: the same on every call of an instance), parsed when
+-- they change. (A table: `run` may not have more than 60 upvalues.)
+local sent = {}
 
 local NR = 1000000000 -- nano-requests per request
 local U = 60000       -- token units per token
@@ -67,8 +70,9 @@ local REAP = 64       -- expired records handled per call, at most
 local REAP_EVERY = 100000
 
 local function S(n) return string.format('%d', n) end
--- tonumber, set by `run`: a library's code may not read globals while it loads.
-local N
+-- tonumber and string.format, set by `run`: a library's code may not read globals while it
+-- loads.
+local N, F
 local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
 local function clamp(x, lo, hi)
   if x < lo then return lo elseif x > hi then return hi end
@@ -140,23 +144,16 @@ local function load(fields)
   end
 end
 
-local function get(f)
-  local v = state[f]
-  if v == false then return nil end
-  return v
-end
-
--- A field as a number (nil when missing).
-local function num(f)
-  return state[f] or nil
-end
-
 local function put(f, v)
   touched = true
   -- The same value as read, or as put already: nothing more to write.
   if state[f] == v then return end
   state[f] = v
-  dirty[f] = true
+  if not dirty[f] then
+    dirty[f] = true
+    ndirty = ndirty + 1
+    dirty_list[ndirty] = f
+  end
   dropped[f] = nil
 end
 
@@ -218,7 +215,7 @@ end
 
 -- The key must live until `t` (µs): every bucket written is full again by then.
 local function keep_until(t)
-  if t > (num('keep') or 0) then put('keep', t) end
+  if t > (state.keep or 0) then put('keep', t) end
 end
 
 -- Writes what changed (one HSET, one HDEL) and gives the keys their life: at least IDLE after
@@ -228,7 +225,7 @@ end
 -- A key that expires loses nothing the ledger does not have.
 local function finish()
   if records_written then
-    local rexp = num('rexp') or 0
+    local rexp = (state.rexp or 0)
     if rexp < now + RECORDS * 1000 or redis.call('PTTL', KE) < 0 then
       redis.call('PEXPIRE', KR, S(2 * RECORDS))
       redis.call('PEXPIRE', KE, S(2 * RECORDS))
@@ -236,23 +233,31 @@ local function finish()
     end
   end
   if not touched and next(dropped) == nil then return end
-  local keep = num('keep') or 0
-  local exp = num('exp') or 0
+  local keep = (state.keep or 0)
+  local exp = (state.exp or 0)
   if exp < now + IDLE * 500 or exp < keep then
     local life = math.max(now + IDLE * 1000, keep)
     put('exp', life)
     redis.call('PEXPIRE', KS, S(ceil_div(life - now, 1000)))
   end
-  local args = {}
-  for f in pairs(dirty) do
-    local v = state[f]
-    args[#args + 1] = f
-    args[#args + 1] = type(v) == 'number' and S(v) or v
+  local args, n = {}, 0
+  for i = 1, ndirty do
+    local f = dirty_list[i]
+    -- Listed once, when first put; dropped since when no longer dirty.
+    if dirty[f] then
+      dirty[f] = nil
+      local v = state[f]
+      args[n + 1] = f
+      args[n + 2] = TEXT[f] and v or F('%d', v)
+      n = n + 2
+    end
   end
-  local gone = {}
-  for f in pairs(dropped) do gone[#gone + 1] = f end
-  if #gone > 0 then redis.call('HDEL', KS, unpack(gone)) end
-  if #args > 0 then redis.call('HSET', KS, unpack(args)) end
+  if next(dropped) ~= nil then
+    local gone = {}
+    for f in pairs(dropped) do gone[#gone + 1] = f end
+    redis.call('HDEL', KS, unpack(gone))
+  end
+  if n > 0 then redis.call('HSET', KS, unpack(args)) end
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -272,7 +277,7 @@ end
 -- The request bucket under prefix p ('' for the workspace's, 'k<id>:' for a key's).
 local function req_load(cap, rate, p)
   p = p or ''
-  return req_at(num(p .. 'rl'), num(p .. 'ra'), num(p .. 'rc'), cap, rate)
+  return req_at(state[p .. 'rl'], state[p .. 'ra'], state[p .. 'rc'], cap, rate)
 end
 
 local function tok_at(l, a, c, cap)
@@ -302,8 +307,8 @@ end
 -- A token bucket under prefix p ('t' or 'mt:<m>:'): level, at, and whether it exists.
 local function tok_load(p, cap)
   local b = bucket(p)
-  local l = num(b[1])
-  local level, at = tok_at(l, num(b[2]), num(b[3]), cap)
+  local l = (state[b[1]] or nil)
+  local level, at = tok_at(l, state[b[2]], state[b[3]], cap)
   return level, at, l ~= nil
 end
 
@@ -351,15 +356,15 @@ end
 -- flushed or expired key) or it belongs to an earlier month. Returns gen, based, month.
 local function month_counter(candidate)
   local mk = month_of(now)
-  if num('mk') ~= mk or not get('gen') then
+  if state.mk ~= mk or not state.gen then
     new_generation(mk, candidate)
     return candidate, false, mk
   end
-  return get('gen'), get('based') == '1', mk
+  return (state.gen or nil), state.based == '1', mk
 end
 
 local function add(f, n)
-  if n ~= 0 then put(f, (num(f) or 0) + n) end
+  if n ~= 0 then put(f, (state[f] or 0) + n) end
 end
 
 -- Models counted apart at most (`MAX_TRACKED_MODELS` in core.rs): models with limits of their
@@ -375,30 +380,30 @@ local function model_add(kind, m, n, limited)
   if state[fb] == nil or state[fd] == nil or state[fr] == nil or state.mn == nil then
     load({fb, fd, fr, 'mn'})
   end
-  local tracked = get(fb) or get(fd) or get(fr)
+  local tracked = state[fb] or state[fd] or state[fr]
   if not tracked then
     -- Nothing to take back from a model that was not counted; a new one needs room.
-    if n < 0 or (not limited and (num('mn') or 0) >= MAX_MODELS) then return end
-    put('mn', (num('mn') or 0) + 1)
+    if n < 0 or (not limited and (state.mn or 0) >= MAX_MODELS) then return end
+    put('mn', (state.mn or 0) + 1)
   end
   local f = mn[kind]
-  local after = (num(f) or 0) + n
+  local after = (state[f] or 0) + n
   put(f, after)
-  if (num(fb) or 0) == 0 and (num(fd) or 0) == 0 and (num(fr) or 0) == 0 then
+  if (state[fb] or 0) == 0 and (state[fd] or 0) == 0 and (state[fr] or 0) == 0 then
     drop(fb)
     drop(fd)
     drop(fr)
-    put('mn', math.max((num('mn') or 1) - 1, 0))
+    put('mn', math.max((state.mn or 1) - 1, 0))
   end
 end
 
 local function month_used()
-  return (num('base') or 0) + (num('delta') or 0), num('res') or 0
+  return (state.base or 0) + (state.delta or 0), (state.res or 0)
 end
 
 local function model_used(m)
   local mn = month_names(m)
-  return (num(mn.b) or 0) + (num(mn.d) or 0) + (num(mn.r) or 0)
+  return (state[mn.b] or 0) + (state[mn.d] or 0) + (state[mn.r] or 0)
 end
 
 -- A key's own limits: its fields' prefix, and reading the fields an op needs.
@@ -426,11 +431,11 @@ local function key_add(kind, kid, n)
   if kid == nil or kid == '' or n == 0 then return end
   local f = kind .. ':' .. kid
   load({f})
-  put(f, math.max((num(f) or 0) + n, 0))
+  put(f, math.max((state[f] or 0) + n, 0))
 end
 
 local function key_used(kid)
-  return (num('kb:' .. kid) or 0) + (num('kd:' .. kid) or 0) + (num('kr:' .. kid) or 0)
+  return (state['kb:' .. kid] or 0) + (state['kd:' .. kid] or 0) + (state['kr:' .. kid] or 0)
 end
 
 -- ---------------------------------------------------------------------------------------------
@@ -438,19 +443,19 @@ end
 
 -- Releases what a live record holds in the month counter and its slot.
 local function release_hold(tokens, gen, m, slot, kid)
-  if get('gen') == gen then
+  if state.gen == gen then
     add('res', -tokens)
     model_add('r', m, -tokens, true)
     key_add('kr', kid, -tokens)
   end
-  if slot == '1' then put('inflight', math.max((num('inflight') or 0) - 1, 0)) end
+  if slot == '1' then put('inflight', math.max((state.inflight or 0) - 1, 0)) end
 end
 
 -- Expired leases: the instance that holds them is presumed gone. Their month hold and slot are
 -- released; the record stays as X (with what it took from the buckets) until its tombstone
 -- ends, so that a late settlement still counts once. Other expired records go.
 local function reap()
-  local last = num('rp')
+  local last = state.rp
   if last and now >= last and now < last + REAP_EVERY then return end
   local ids = redis.call('ZRANGEBYSCORE', KE, '-inf', S(now), 'LIMIT', 0, REAP)
   -- A full batch may have left more behind: the next call looks again.
@@ -534,7 +539,7 @@ end
 -- Operations
 
 local function run(KEYS, ARGV)
-N = tonumber
+N, F = tonumber, string.format
 KS, KR, KE = KEYS[1], KEYS[2], KEYS[3]
 op = ARGV[1]
 now = tonumber(ARGV[2])
@@ -542,9 +547,12 @@ if not now or now <= 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
-IDLE, RECORDS = N(ARGV[3]), N(ARGV[4])
-TOMB = N(ARGV[5]) * 1000 -- µs
-state, dirty, dropped = {}, {}, {}
+if ARGV[3] ~= sent[3] or ARGV[4] ~= sent[4] or ARGV[5] ~= sent[5] then
+  sent[3], sent[4], sent[5] = ARGV[3], ARGV[4], ARGV[5]
+  IDLE, RECORDS = N(ARGV[3]), N(ARGV[4])
+  TOMB = N(ARGV[5]) * 1000 -- µs
+end
+state, dirty, dirty_list, ndirty, dropped = {}, {}, {}, 0, {}
 records_written, touched = false, false
 bucket_names, model_names = {}, {}
 
@@ -569,8 +577,10 @@ if op == 'reserve' then
   local rate, rcap, tpm, mcap, conc = N(ARGV[9]), N(ARGV[10]), N(ARGV[11]), N(ARGV[12]), N(ARGV[13])
   local m, mtpm, mmcap = ARGV[14], N(ARGV[15]), N(ARGV[16])
   local prompt, estimate = N(ARGV[17]), N(ARGV[18])
-  local kid, krate, krcap = ARGV[20] or '', N(ARGV[21] or '0'), N(ARGV[22] or '0')
-  local ktpm, kmcap = N(ARGV[23] or '0'), N(ARGV[24] or '0')
+  local kid, krate, krcap, ktpm, kmcap = ARGV[20] or '', 0, 0, 0, 0
+  if kid ~= '' then
+    krate, krcap, ktpm, kmcap = N(ARGV[21]), N(ARGV[22]), N(ARGV[23]), N(ARGV[24])
+  end
   load_for(rate, tpm, m, mtpm)
   load_key(kid, krate, ktpm)
   reap()
@@ -594,7 +604,7 @@ if op == 'reserve' then
   end
   local gen, based, mk = month_counter(cand)
   if (not based and (mcap > 0 or mmcap > 0 or ARGV[19] == '1'))
-      or (kid ~= '' and kmcap > 0 and not get('kb:' .. kid)) then
+      or (kid ~= '' and kmcap > 0 and not state['kb:' .. kid]) then
     finish()
     return {2, now, gen, mk}
   end
@@ -635,7 +645,7 @@ if op == 'reserve' then
     local need = NR - rlevel
     if need > 0 then candidate(0, 1, rat + ceil_div(need, rate)) end
   end
-  local inflight = num('inflight') or 0
+  local inflight = (state.inflight or 0)
   if conc > 0 and inflight >= conc then candidate(0, 4, now + 1000000) end
   local tlevel, tat
   if tpm > 0 then
@@ -859,7 +869,7 @@ if op == 'usage' then
   reap()
   local gen, based, mk = month_counter(cand)
   finish()
-  if (not based and ARGV[10] == '1') or (kid ~= '' and kmcap > 0 and not get('kb:' .. kid)) then
+  if (not based and ARGV[10] == '1') or (kid ~= '' and kmcap > 0 and not state['kb:' .. kid]) then
     return {2, now, gen, mk}
   end
   local rr, rf = 0, 0
@@ -870,7 +880,7 @@ if op == 'usage' then
   local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
   local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
-  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, num('inflight') or 0, mk, gen,
+  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, (state.inflight or 0), mk, gen,
     krr, krf, ktr, ktf, kused}
   -- Then, per model asked about: tokens left this minute, when whole again, used this month.
   for i = 16, #ARGV - 1, 2 do
@@ -899,26 +909,26 @@ if op == 'base' then
     fields[#fields + 1] = 'mr:' .. ARGV[i]
   end
   load(fields)
-  if get('gen') ~= gen then return {0, now} end
-  local may_raise = not (get('based') == '1' and now - (num('born') or 0) > window * 1000)
+  if state.gen ~= gen then return {0, now} end
+  local may_raise = not (state.based == '1' and now - (state.born or 0) > window * 1000)
   for i = 10, first - 1, 2 do
     local f = 'kb:' .. ARGV[i]
-    if not get(f) then
+    if not state[f] then
       put(f, N(ARGV[i + 1]))
     elseif may_raise then
-      put(f, math.max(num(f) or 0, N(ARGV[i + 1])))
+      put(f, math.max((state[f] or 0), N(ARGV[i + 1])))
     end
   end
   if not may_raise then
     finish()
     return {0, now}
   end
-  put('base', math.max(num('base') or 0, base))
+  put('base', math.max((state.base or 0), base))
   put('based', '1')
   for i = first, #ARGV - 2, 3 do
     local m = ARGV[i]
     local want = N(ARGV[i + 1])
-    local had = num('mb:' .. m) or 0
+    local had = (state['mb:' .. m] or 0)
     if want > had then model_add('b', m, want - had, ARGV[i + 2] == '1') end
   end
   finish()
