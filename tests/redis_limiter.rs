@@ -26,7 +26,7 @@ use time::macros::datetime;
 use support::redis::{cluster_seeds, shared_redis, RedisServer};
 use tiergate::clock::{Clock, SystemClock};
 use tiergate::limiter::redis::{
-    model_id, RedisLimiter, RedisOptions, TimeSource, Topology, REAP_LATENESS,
+    model_id, RedisLimiter, RedisOptions, TimeSource, Topology, REAP_LATENESS, TOMBSTONE,
 };
 use tiergate::limiter::{
     Decision, DenialKind, LimitName, Limiter, LimiterError, MonthKey, MonthSource, MonthTotals,
@@ -1463,4 +1463,79 @@ async fn a_reserve_sent_twice_is_admitted_once() {
     assert_eq!(u.in_flight, 1);
     assert_eq!(u.bucket_tokens, Some(500));
     assert_eq!(u.snapshot.requests.unwrap().remaining, 1);
+}
+
+/// Expired records are looked for at most once per `REAP_LATENESS` per workspace, 64 at a time
+/// (`redis.lua`, `reap`). A look that finds a full batch looks again on the next call, so a
+/// backlog drains call after call rather than a batch a tenth of a second; and a look that
+/// finds less waits for the cadence again.
+#[tokio::test]
+async fn a_backlog_of_expired_records_is_reaped_in_full_batches_call_after_call() {
+    let Some(url) = shared_redis() else { return };
+    let (ws, prefix, start) = (11, unique_prefix(), t0());
+    let limiter = limiter(
+        Topology::Single(url.clone()),
+        &prefix,
+        Duration::from_secs(60),
+        TimeSource::Caller,
+        Arc::new(Ledger::default()),
+    );
+    let limits = Limits {
+        requests_per_second: Some(10_000.0),
+        burst: Some(10_000),
+        tokens_per_minute: Some(10_000_000),
+        ..Limits::default()
+    };
+    let mut spy = Spy::single(&url).await;
+
+    // 150 requests settled a millisecond apart leave 150 tombstones.
+    let mut now = start;
+    for _ in 0..150 {
+        now += MS;
+        let r = admitted(
+            limiter
+                .reserve(ws, &limits, None, cost(10, 10), now)
+                .await
+                .unwrap(),
+        );
+        limiter.settle(&r, &limits, 10, now).await.unwrap();
+    }
+    assert_eq!(spy.records(&prefix, ws).await.len(), 150);
+
+    // Once they have all expired, calls at one instant take 64 each (a `usage` may make more
+    // than one call) until none is left.
+    now += TOMBSTONE.as_nanos() as Nanos + SEC;
+    let mut left = Vec::new();
+    for _ in 0..3 {
+        limiter.usage(ws, &limits, now).await.unwrap();
+        left.push(spy.records(&prefix, ws).await.len());
+    }
+    assert!(left.iter().all(|n| [86, 22, 0].contains(n)), "{left:?}");
+    assert_eq!(left[2], 0, "{left:?}");
+
+    // A look just before a record expires: the next look comes a `REAP_LATENESS` later, not at
+    // the record's expiry.
+    let r = admitted(
+        limiter
+            .reserve(ws, &limits, None, cost(10, 10), now)
+            .await
+            .unwrap(),
+    );
+    limiter.settle(&r, &limits, 10, now).await.unwrap();
+    let expiry = now + TOMBSTONE.as_nanos() as Nanos;
+    let lateness = REAP_LATENESS.as_nanos() as Nanos;
+    let look = expiry - lateness / 2;
+    limiter.usage(ws, &limits, look).await.unwrap();
+    limiter.usage(ws, &limits, expiry + MS).await.unwrap();
+    assert_eq!(
+        spy.records(&prefix, ws).await.len(),
+        1,
+        "looked again too soon"
+    );
+    limiter.usage(ws, &limits, look + lateness).await.unwrap();
+    assert_eq!(
+        spy.records(&prefix, ws).await.len(),
+        0,
+        "not looked at the cadence"
+    );
 }
