@@ -198,6 +198,17 @@ fn limiter(
     RedisLimiter::new(options, ledger).unwrap()
 }
 
+/// A limiter on one server, on the caller's clock, with a lease of a minute and an empty ledger.
+fn on_the_callers_clock(url: String, prefix: &str) -> RedisLimiter {
+    limiter(
+        Topology::Single(url),
+        prefix,
+        Duration::from_secs(60),
+        TimeSource::Caller,
+        Arc::new(Ledger::default()),
+    )
+}
+
 fn cluster_topology(seeds: &str) -> Topology {
     Topology::Cluster(seeds.split(',').map(str::to_string).collect())
 }
@@ -710,13 +721,7 @@ fn signal(server: &RedisServer, signal: libc::c_int) {
 async fn a_reserve_dropped_mid_call_is_refunded_once_the_server_answers() {
     let server = RedisServer::start();
     let (ws, prefix, now) = (4, unique_prefix(), t0());
-    let limiter = limiter(
-        Topology::Single(server.url()),
-        &prefix,
-        Duration::from_secs(60),
-        TimeSource::Caller,
-        Arc::new(Ledger::default()),
-    );
+    let limiter = on_the_callers_clock(server.url(), &prefix);
     let limits = Limits {
         requests_per_second: Some(1.0),
         burst: Some(5),
@@ -820,13 +825,7 @@ async fn plant_cancel(url: &str, prefix: &str, workspace: WorkspaceId, id: Reser
 async fn a_cancelled_id_is_refused_when_its_reserve_arrives_later() {
     let Some(url) = shared_redis() else { return };
     let (ws, prefix, now) = (5, unique_prefix(), t0());
-    let limiter = limiter(
-        Topology::Single(url.clone()),
-        &prefix,
-        Duration::from_secs(60),
-        TimeSource::Caller,
-        Arc::new(Ledger::default()),
-    );
+    let limiter = on_the_callers_clock(url.clone(), &prefix);
     let limits = Limits {
         concurrent_requests: Some(10),
         tokens_per_minute: Some(6_000),
@@ -1186,13 +1185,7 @@ async fn memory(spy: &mut Spy, prefix: &str, workspace: WorkspaceId) -> (i64, Ve
 async fn a_workspace_takes_a_few_kilobytes_of_redis() {
     let server = RedisServer::start();
     let (ws, prefix, start) = (10, unique_prefix(), t0());
-    let limiter = limiter(
-        Topology::Single(server.url()),
-        &prefix,
-        Duration::from_secs(60),
-        TimeSource::Caller,
-        Arc::new(Ledger::default()),
-    );
+    let limiter = on_the_callers_clock(server.url(), &prefix);
     let model = "mistral-large-latest";
     let limits = Limits {
         requests_per_second: Some(10.0),
@@ -1446,13 +1439,7 @@ async fn a_reserve_sent_twice_is_admitted_once() {
         );
     }
     // One slot, 100 tokens, one request taken: not two.
-    let limiter = limiter(
-        Topology::Single(url.clone()),
-        &prefix,
-        Duration::from_secs(60),
-        TimeSource::Caller,
-        Arc::new(Ledger::default()),
-    );
+    let limiter = on_the_callers_clock(url.clone(), &prefix);
     let limits = Limits {
         requests_per_second: Some(1.0),
         burst: Some(2),
@@ -1474,13 +1461,7 @@ async fn a_reserve_sent_twice_is_admitted_once() {
 async fn a_backlog_of_expired_records_is_reaped_in_full_batches_call_after_call() {
     let Some(url) = shared_redis() else { return };
     let (ws, prefix, start) = (11, unique_prefix(), t0());
-    let limiter = limiter(
-        Topology::Single(url.clone()),
-        &prefix,
-        Duration::from_secs(60),
-        TimeSource::Caller,
-        Arc::new(Ledger::default()),
-    );
+    let limiter = on_the_callers_clock(url.clone(), &prefix);
     let limits = Limits {
         requests_per_second: Some(10_000.0),
         burst: Some(10_000),
