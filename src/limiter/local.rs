@@ -38,8 +38,8 @@ const CHUNK: usize = 512;
 const FIRST: usize = 8;
 
 /// A shard's workspace states: dense, in chunks of `CHUNK` (which, but for the first, never
-/// move once allocated), and found through a table of their positions. Removing one moves the last state into its place.
-/// Written here because no well-kept crate keeps the values unboxed without slack: indexmap's
+/// move once allocated), and found through a table of their positions. Removing one moves the
+/// last state into its place. Written here because no well-kept crate keeps the values unboxed without slack: indexmap's
 /// entries grow to its index's capacity (up to twice the states held), and move when they grow.
 #[derive(Default)]
 struct States {
@@ -59,6 +59,10 @@ impl States {
         &chunks[at / CHUNK][at % CHUNK]
     }
 
+    fn slot_mut(&mut self, at: usize) -> &mut (WorkspaceId, WorkspaceState) {
+        &mut self.chunks[at / CHUNK][at % CHUNK]
+    }
+
     fn position(&self, workspace: WorkspaceId) -> Option<u32> {
         let hash = self.hasher.hash_one(workspace);
         let chunks = &self.chunks;
@@ -68,13 +72,13 @@ impl States {
     }
 
     fn get(&self, workspace: WorkspaceId) -> Option<&WorkspaceState> {
-        let at = self.position(workspace)? as usize;
-        Some(&self.chunks[at / CHUNK][at % CHUNK].1)
+        let at = self.position(workspace)?;
+        Some(&Self::slot(&self.chunks, at).1)
     }
 
     fn get_mut(&mut self, workspace: WorkspaceId) -> Option<&mut WorkspaceState> {
-        let at = self.position(workspace)? as usize;
-        Some(&mut self.chunks[at / CHUNK][at % CHUNK].1)
+        let at = self.position(workspace)?;
+        Some(&mut self.slot_mut(at as usize).1)
     }
 
     fn get_or_insert_with(
@@ -104,14 +108,14 @@ impl States {
                 at
             }
         };
-        &mut self.chunks[at / CHUNK][at % CHUNK].1
+        &mut self.slot_mut(at).1
     }
 
     /// Keeps the states for which `keep` is true.
     fn retain(&mut self, mut keep: impl FnMut(WorkspaceId, &WorkspaceState) -> bool) {
         let mut at = 0;
         while at < self.len {
-            let (id, state) = &self.chunks[at / CHUNK][at % CHUNK];
+            let (id, state) = Self::slot(&self.chunks, at as u32);
             if keep(*id, state) {
                 at += 1;
             } else {
@@ -122,7 +126,7 @@ impl States {
 
     /// Removes the state at `at`, moving the last state into its place.
     fn remove_at(&mut self, at: usize) {
-        let id = self.chunks[at / CHUNK][at % CHUNK].0;
+        let id = self.slot_mut(at).0;
         let hash = self.hasher.hash_one(id);
         if let Ok(entry) = self.index.find_entry(hash, |&i| i as usize == at) {
             entry.remove();
@@ -142,7 +146,7 @@ impl States {
         if let Some(i) = self.index.find_mut(hash, |&i| i as usize == last_at) {
             *i = at as u32;
         }
-        self.chunks[at / CHUNK][at % CHUNK] = last;
+        *self.slot_mut(at) = last;
     }
 
     fn len(&self) -> usize {

@@ -69,10 +69,10 @@ local REAP = 64       -- expired records handled per call, at most
 -- per call. `REAP_LATENESS` in redis.rs says the same.
 local REAP_EVERY = 100000
 
-local function S(n) return string.format('%d', n) end
 -- tonumber and string.format, set by `run`: a library's code may not read globals while it
 -- loads.
 local N, F
+local function S(n) return F('%d', n) end
 local function ceil_div(a, b) return math.floor((a + b - 1) / b) end
 local function clamp(x, lo, hi)
   if x < lo then return lo elseif x > hi then return hi end
@@ -225,7 +225,7 @@ end
 -- A key that expires loses nothing the ledger does not have.
 local function finish()
   if records_written then
-    local rexp = (state.rexp or 0)
+    local rexp = state.rexp or 0
     if rexp < now + RECORDS * 1000 or redis.call('PTTL', KE) < 0 then
       redis.call('PEXPIRE', KR, S(2 * RECORDS))
       redis.call('PEXPIRE', KE, S(2 * RECORDS))
@@ -233,8 +233,8 @@ local function finish()
     end
   end
   if not touched and next(dropped) == nil then return end
-  local keep = (state.keep or 0)
-  local exp = (state.exp or 0)
+  local keep = state.keep or 0
+  local exp = state.exp or 0
   if exp < now + IDLE * 500 or exp < keep then
     local life = math.max(now + IDLE * 1000, keep)
     put('exp', life)
@@ -307,7 +307,7 @@ end
 -- A token bucket under prefix p ('t' or 'mt:<m>:'): level, at, and whether it exists.
 local function tok_load(p, cap)
   local b = bucket(p)
-  local l = (state[b[1]] or nil)
+  local l = state[b[1]] or nil
   local level, at = tok_at(l, state[b[2]], state[b[3]], cap)
   return level, at, l ~= nil
 end
@@ -360,7 +360,7 @@ local function month_counter(candidate)
     new_generation(mk, candidate)
     return candidate, false, mk
   end
-  return (state.gen or nil), state.based == '1', mk
+  return state.gen, state.based == '1', mk
 end
 
 local function add(f, n)
@@ -645,7 +645,7 @@ if op == 'reserve' then
     local need = NR - rlevel
     if need > 0 then candidate(0, 1, rat + ceil_div(need, rate)) end
   end
-  local inflight = (state.inflight or 0)
+  local inflight = state.inflight or 0
   if conc > 0 and inflight >= conc then candidate(0, 4, now + 1000000) end
   local tlevel, tat
   if tpm > 0 then
@@ -880,7 +880,7 @@ if op == 'usage' then
   local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
   local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
-  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, (state.inflight or 0), mk, gen,
+  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, state.inflight or 0, mk, gen,
     krr, krf, ktr, ktf, kused}
   -- Then, per model asked about: tokens left this minute, when whole again, used this month.
   for i = 16, #ARGV - 1, 2 do
@@ -916,19 +916,19 @@ if op == 'base' then
     if not state[f] then
       put(f, N(ARGV[i + 1]))
     elseif may_raise then
-      put(f, math.max((state[f] or 0), N(ARGV[i + 1])))
+      put(f, math.max(state[f] or 0, N(ARGV[i + 1])))
     end
   end
   if not may_raise then
     finish()
     return {0, now}
   end
-  put('base', math.max((state.base or 0), base))
+  put('base', math.max(state.base or 0, base))
   put('based', '1')
   for i = first, #ARGV - 2, 3 do
     local m = ARGV[i]
     local want = N(ARGV[i + 1])
-    local had = (state['mb:' .. m] or 0)
+    local had = state['mb:' .. m] or 0
     if want > had then model_add('b', m, want - had, ARGV[i + 2] == '1') end
   end
   finish()
