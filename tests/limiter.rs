@@ -1823,3 +1823,18 @@ fn a_keys_buckets_keep_its_workspace_until_they_are_full_again() {
     let key = state.usage(&with_key, now + 60 * SEC).key.unwrap();
     assert_eq!(key.tokens.unwrap().remaining, 500);
 }
+
+/// The ledger's day is kept between calls: each call must still give its own instant's day,
+/// across midnight both ways and back (a cached day that is not checked would keep the first).
+#[test]
+fn the_ledger_day_follows_the_instant_asked_for() {
+    use tiergate::limiter::core::day_of;
+    let before = ns(datetime!(2026-03-31 23:59:59.999 UTC));
+    let after = ns(datetime!(2026-04-01 00:00:00 UTC));
+    assert_eq!(day_of(before), "2026-03-31");
+    assert_eq!(day_of(before), "2026-03-31");
+    assert_eq!(day_of(after), "2026-04-01");
+    assert_eq!(day_of(after + 3_600_000_000_000), "2026-04-01");
+    assert_eq!(day_of(before), "2026-03-31");
+    assert_eq!(day_of(ns(datetime!(1999-12-31 12:00 UTC))), "1999-12-31");
+}

@@ -254,45 +254,46 @@ fn denial_response(denial: &Denial, budget: bool) -> Response {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let msg = self.to_string();
+        // The message of `Display`, made only for the answers that show it.
+        let msg = || self.to_string();
         match &self {
             ApiError::Unauthorized(_) => {
                 let mut r = body(
                     StatusCode::UNAUTHORIZED,
                     "authentication_error",
                     Some("invalid_api_key"),
-                    &msg,
+                    &msg(),
                 );
                 r.headers_mut()
                     .insert("www-authenticate", HeaderValue::from_static("Bearer"));
                 r
             }
             ApiError::Forbidden(_) | ApiError::AdminDisabled => {
-                body(StatusCode::FORBIDDEN, "permission_error", None, &msg)
+                body(StatusCode::FORBIDDEN, "permission_error", None, &msg())
             }
             ApiError::BadRequest(_) => {
-                body(StatusCode::BAD_REQUEST, "invalid_request_error", None, &msg)
+                body(StatusCode::BAD_REQUEST, "invalid_request_error", None, &msg())
             }
-            ApiError::NotFound(_) => body(StatusCode::NOT_FOUND, "not_found", None, &msg),
+            ApiError::NotFound(_) => body(StatusCode::NOT_FOUND, "not_found", None, &msg()),
             ApiError::MethodNotAllowed(_) => body(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "invalid_request_error",
                 Some("method_not_allowed"),
-                &msg,
+                &msg(),
             ),
-            ApiError::Conflict(_) => body(StatusCode::CONFLICT, "conflict", None, &msg),
+            ApiError::Conflict(_) => body(StatusCode::CONFLICT, "conflict", None, &msg()),
             ApiError::PayloadTooLarge(_) => body(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 None,
-                &msg,
+                &msg(),
             ),
             ApiError::RequestTimeout(_) => {
                 let mut r = body(
                     StatusCode::REQUEST_TIMEOUT,
                     "request_timeout",
                     None,
-                    &msg,
+                    &msg(),
                 );
                 // The rest of the body may still come: the connection cannot be reused.
                 r.headers_mut()

@@ -5,6 +5,7 @@
 //!   draft-ietf-httpapi-ratelimit-headers-10 (structured-field lists of policies);
 //! - `mistral`: the names the Mistral API sends, where they map honestly onto our limits.
 
+use axum::body::Bytes;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::HeaderFamilies;
@@ -67,11 +68,13 @@ fn push_duration(nanos: Nanos, out: &mut String) {
     out.push('s');
 }
 
-fn number(v: f64) -> HeaderValue {
+/// Appends a limit: an integer as such, else its shortest decimal form (`0.5`).
+fn push_number(out: &mut String, v: f64) {
     if v.fract() == 0.0 {
-        HeaderValue::from(v as u64)
+        push_u64(out, v as u64);
     } else {
-        HeaderValue::from_str(&format!("{v}")).expect("a number is a valid header")
+        use std::fmt::Write as _;
+        let _ = write!(out, "{v}");
     }
 }
 
@@ -98,52 +101,104 @@ const NAMES: [Names; 3] = [
     ],
 ];
 
-fn put(h: &mut HeaderMap, names: &Names, w: &Window, hours_reset: bool) {
-    let [limit, remaining, reset_name] = names;
-    h.insert(limit.clone(), number(w.limit));
-    h.insert(remaining.clone(), HeaderValue::from(w.remaining));
-    let mut reset = String::with_capacity(16);
-    if hours_reset {
-        // The month's reset reads in whole seconds: `412h3m0s`.
-        push_duration(w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC, &mut reset);
-    } else {
-        push_duration(w.reset, &mut reset);
+/// The most headers `apply` sets: three per window in the OpenAI family, two for Mistral's
+/// minute, two for the IETF fields.
+const MOST: usize = 13;
+
+/// The values of the headers `apply` sets, written one after the other into one text, then
+/// put as slices of it: one allocation for all of them, where a value apiece would make one
+/// each (they are set on every answer).
+struct Values {
+    text: String,
+    /// Each header and the end of its value in `text` (it starts where the previous ended).
+    ends: [(Option<HeaderName>, usize); MOST],
+    len: usize,
+}
+
+impl Values {
+    fn new() -> Self {
+        Values {
+            text: String::with_capacity(320),
+            ends: Default::default(),
+            len: 0,
+        }
     }
-    h.insert(
-        reset_name.clone(),
-        HeaderValue::try_from(reset).expect("a duration is a valid header"),
-    );
+
+    /// Ends the value being written in `text` and names its header.
+    fn end(&mut self, name: &HeaderName) {
+        self.ends[self.len] = (Some(name.clone()), self.text.len());
+        self.len += 1;
+    }
+
+    fn put(self, h: &mut HeaderMap) {
+        let text = Bytes::from(self.text);
+        let mut start = 0;
+        for (name, end) in self.ends.into_iter().take(self.len) {
+            let value = HeaderValue::from_maybe_shared(text.slice(start..end))
+                .expect("limits and durations are valid header values");
+            if let Some(name) = name {
+                h.insert(name, value);
+            }
+            start = end;
+        }
+    }
+
+    fn window(&mut self, names: &Names, w: &Window, hours_reset: bool) {
+        let [limit, remaining, reset] = names;
+        push_number(&mut self.text, w.limit);
+        self.end(limit);
+        push_u64(&mut self.text, w.remaining);
+        self.end(remaining);
+        if hours_reset {
+            // The month's reset reads in whole seconds: `412h3m0s`.
+            push_duration(
+                w.reset.div_ceil(NANOS_PER_SEC) * NANOS_PER_SEC,
+                &mut self.text,
+            );
+        } else {
+            push_duration(w.reset, &mut self.text);
+        }
+        self.end(reset);
+    }
 }
 
 /// Sets the headers of every limit the snapshot has, in each family switched on; an absent
 /// limit has no header. `now` dates the month's window for the IETF policy.
 pub fn apply(families: HeaderFamilies, snapshot: &Snapshot, now: Nanos, h: &mut HeaderMap) {
+    // Room for all of them and the few the answer gets after (`x-request-id`, ...) at once: the
+    // map of an upstream's answer is sized to the headers it came with, and would otherwise
+    // grow, and rehash, as they are put.
+    h.reserve(MOST + 3);
+    let mut values = Values::new();
     let [requests, tokens, month] = &NAMES;
     if families.openai {
         if let Some(w) = &snapshot.requests {
-            put(h, requests, w, false);
+            values.window(requests, w, false);
         }
         if let Some(w) = &snapshot.tokens {
-            put(h, tokens, w, false);
+            values.window(tokens, w, false);
         }
     }
     if families.openai || families.mistral {
         // The one name the two families share (`x-ratelimit-{limit,remaining}-tokens-month`)
         // means the same in both: the month's token quota and what is left of it.
         if let Some(w) = &snapshot.month {
-            put(h, month, w, true);
+            values.window(month, w, true);
         }
     }
     if families.mistral {
         if let Some(w) = &snapshot.tokens {
             let [limit, remaining] = &MISTRAL_MINUTE;
-            h.insert(limit.clone(), number(w.limit));
-            h.insert(remaining.clone(), HeaderValue::from(w.remaining));
+            push_number(&mut values.text, w.limit);
+            values.end(limit);
+            push_u64(&mut values.text, w.remaining);
+            values.end(remaining);
         }
     }
     if families.ietf {
-        ietf(snapshot, now, h);
+        ietf(snapshot, now, &mut values);
     }
+    values.put(h);
 }
 
 /// The Mistral API's `x-ratelimit-tokens-query-cost`: the tokens this request was charged, set
@@ -156,6 +211,9 @@ pub fn query_cost(families: HeaderFamilies, tokens: u64, h: &mut HeaderMap) {
         );
     }
 }
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 const MISTRAL_MINUTE: [HeaderName; 2] = [
     HeaderName::from_static("x-ratelimit-limit-tokens-minute"),
@@ -183,53 +241,59 @@ fn secs_ceil(nanos: Nanos) -> u64 {
 /// limit, `r` what is left now, and `t` the seconds until the window is whole again (the same
 /// instant as the OpenAI family's reset). Tokens are not among the draft's registered quota
 /// units; they are named `qu="tokens"` (the README says so).
-fn ietf(snapshot: &Snapshot, now: Nanos, h: &mut HeaderMap) {
-    let mut policy = String::with_capacity(160);
-    let mut limit = String::with_capacity(120);
-    let mut item = |name: &str, q: u64, unit: Option<&str>, w: u64, window: &Window| {
-        if !policy.is_empty() {
-            policy.push_str(", ");
-            limit.push_str(", ");
-        }
-        for out in [&mut policy, &mut limit] {
-            out.push('"');
-            out.push_str(name);
-            out.push('"');
-        }
-        policy.push_str(";q=");
-        push_u64(&mut policy, q);
-        if let Some(unit) = unit {
-            policy.push_str(";qu=\"");
-            policy.push_str(unit);
-            policy.push('"');
-        }
-        policy.push_str(";w=");
-        push_u64(&mut policy, w);
-        limit.push_str(";r=");
-        push_u64(&mut limit, window.remaining);
-        limit.push_str(";t=");
-        push_u64(&mut limit, secs_ceil(window.reset));
-    };
+fn ietf(snapshot: &Snapshot, now: Nanos, values: &mut Values) {
+    // (name, q, unit, w, window) of each limit the workspace has.
+    type Item<'a> = (&'static str, u64, Option<&'static str>, u64, &'a Window);
+    let mut items: [Option<Item>; 3] = [None; 3];
     if let Some(w) = &snapshot.requests {
         let (q, window) = rate_as_quota(w.limit);
-        item("requests-second", q, None, window, w);
+        items[0] = Some(("requests-second", q, None, window, w));
     }
     if let Some(w) = &snapshot.tokens {
-        item("tokens-minute", w.limit as u64, Some("tokens"), 60, w);
+        items[1] = Some(("tokens-minute", w.limit as u64, Some("tokens"), 60, w));
     }
     if let Some(w) = &snapshot.month {
         // The window is this calendar month (UTC): 28 to 31 days.
         let (key, end) = month_span(now);
         let length = secs_ceil(end.saturating_sub(MonthKey::start(key)));
-        item("tokens-month", w.limit as u64, Some("tokens"), length, w);
+        items[2] = Some(("tokens-month", w.limit as u64, Some("tokens"), length, w));
     }
-    if policy.is_empty() {
+    if items.iter().all(Option::is_none) {
         return;
     }
-    if let (Ok(p), Ok(l)) = (HeaderValue::try_from(policy), HeaderValue::try_from(limit)) {
-        h.insert(HeaderName::from_static("ratelimit-policy"), p);
-        h.insert(HeaderName::from_static("ratelimit"), l);
+    let out = &mut values.text;
+    let mut first = true;
+    for (name, q, unit, w, _) in items.iter().flatten() {
+        if !std::mem::take(&mut first) {
+            out.push_str(", ");
+        }
+        out.push('"');
+        out.push_str(name);
+        out.push_str("\";q=");
+        push_u64(out, *q);
+        if let Some(unit) = unit {
+            out.push_str(";qu=\"");
+            out.push_str(unit);
+            out.push('"');
+        }
+        out.push_str(";w=");
+        push_u64(out, *w);
     }
+    values.end(&RATELIMIT_POLICY);
+    let out = &mut values.text;
+    let mut first = true;
+    for (name, _, _, _, window) in items.iter().flatten() {
+        if !std::mem::take(&mut first) {
+            out.push_str(", ");
+        }
+        out.push('"');
+        out.push_str(name);
+        out.push_str("\";r=");
+        push_u64(out, window.remaining);
+        out.push_str(";t=");
+        push_u64(out, secs_ceil(window.reset));
+    }
+    values.end(&RATELIMIT);
 }
 
 #[cfg(test)]

@@ -151,6 +151,11 @@ async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> Ap
 /// just been read): a client that sends its body too slowly gets `408` from the handler that
 /// reads it, and its connection is closed.
 async fn body_deadline(State(state): State<Arc<AppState>>, request: Request) -> Request {
+    with_body_deadline(&state, request)
+}
+
+/// `body_deadline`'s work, for the requests the router does not see (`proxy_directly`).
+fn with_body_deadline(state: &AppState, request: Request) -> Request {
     let deadline = tokio::time::Instant::now() + state.config.body_read_timeout;
     request.map(|body| {
         Body::new(TimedBody {
@@ -160,6 +165,24 @@ async fn body_deadline(State(state): State<Arc<AppState>>, request: Request) -> 
             limit: state.config.body_read_timeout,
         })
     })
+}
+
+/// Whether the main listener hands a request for `path` to the proxy itself, past the router:
+/// the metered routes, which the router gives to `/v1/{*path}` (no route of the gateway's own
+/// API has one of their paths, in any letter case). It skips, for nearly every request the
+/// gateway serves, the router's matching, its layers and the boxing of the handler's future.
+pub(crate) fn proxied_directly(path: &str) -> bool {
+    path.starts_with("/v1/") && crate::estimate::Endpoint::of_path(path).is_some()
+}
+
+/// What the main router does with a request `proxied_directly` names: the body's deadline
+/// (`body_deadline`), then the proxy.
+pub(crate) async fn proxy_directly(
+    state: Arc<AppState>,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<Response, std::convert::Infallible> {
+    let request = with_body_deadline(&state, request.map(Body::new));
+    Ok(proxy::proxy(State(state), request).await)
 }
 
 /// The error of a body that did not arrive whole in time.

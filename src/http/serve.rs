@@ -3,6 +3,8 @@
 //! stopped, ledger flushed). This is `App`'s HTTP side, kept here so that `app` knows no axum.
 //!
 //! Each listener accepts connections and serves its router on each with hyper's HTTP/1 server.
+//! The main listener hands the metered routes' requests to the proxy itself, past the router
+//! (`super::proxied_directly`).
 //!
 //! `axum::serve` applies no timeout to a client that sends its request slowly, so a client that
 //! trickles its headers (slowloris) holds a connection for ever. Here each connection gets:
@@ -21,9 +23,11 @@
 //! which settles them (see `proxy.rs`).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -36,7 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::console::ClientAddr;
-use crate::app::{App, AppError};
+use crate::app::{App, AppError, AppState};
 
 impl App {
     /// The main listener's routes (see `http::router`).
@@ -77,13 +81,14 @@ impl App {
         };
         let shutdown = shutdown.shared();
         let main = super::main_router(self.state.clone(), admin.is_none());
+        let proxy = Some(self.state.clone());
         match admin {
-            None => serve(listener, main, options, shutdown).await,
+            None => serve(listener, main, proxy, options, shutdown).await,
             Some(admin) => {
                 let operator = super::admin_router(self.state.clone());
                 tokio::join!(
-                    serve(listener, main, options, shutdown.clone()),
-                    serve(admin, operator, options, shutdown),
+                    serve(listener, main, proxy, options, shutdown.clone()),
+                    serve(admin, operator, None, options, shutdown),
                 );
             }
         }
@@ -100,10 +105,12 @@ pub struct ListenerOptions {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then drains the connections for
-/// at most `options.shutdown_grace`.
+/// at most `options.shutdown_grace`. With `proxy`, the requests for the metered routes go to
+/// the proxy past the router (`super::proxied_directly`).
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    proxy: Option<Arc<AppState>>,
     options: ListenerOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -124,13 +131,18 @@ pub async fn serve(
                     tracing::debug!(error = %e, "could not set TCP_NODELAY");
                 }
                 let inner = TowerToHyperService::new(router.clone());
+                let proxy = proxy.clone();
                 // The console's sign-in limiter needs the client's address; only its requests
                 // are given it, so the proxy path pays one prefix comparison and no allocation.
                 let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                    if request.uri().path().starts_with(super::console::PREFIX) {
+                    let path = request.uri().path();
+                    if let Some(state) = proxy.as_ref().filter(|_| super::proxied_directly(path)) {
+                        return Either::Left(super::proxy_directly(state.clone(), request));
+                    }
+                    if path.starts_with(super::console::PREFIX) {
                         request.extensions_mut().insert(ClientAddr(peer));
                     }
-                    inner.call(request)
+                    Either::Right(inner.call(request))
                 });
                 let mut stopping = stopping.clone();
                 connections.spawn(async move {

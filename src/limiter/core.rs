@@ -301,10 +301,25 @@ pub fn datetime(now: Nanos) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp_nanos(now as i128).expect("in range")
 }
 
-/// `YYYY-MM-DD` in UTC: the ledger's day.
+/// `YYYY-MM-DD` in UTC: the ledger's day. Every settlement and denial asks for it: the last
+/// day's text is kept per thread, so that a call within the day copies it rather than formats
+/// the date again.
 pub fn day_of(now: Nanos) -> String {
-    let dt = datetime(now);
-    format!("{:04}-{:02}-{:02}", dt.year(), dt.month() as u8, dt.day())
+    const NANOS_PER_DAY: Nanos = 86_400 * NANOS_PER_SEC;
+    thread_local! {
+        static LAST: std::cell::RefCell<(Nanos, String)> = const {
+            std::cell::RefCell::new((Nanos::MAX, String::new()))
+        };
+    }
+    let day = now / NANOS_PER_DAY;
+    LAST.with_borrow_mut(|(last, text)| {
+        if *last != day {
+            let dt = datetime(now);
+            *text = format!("{:04}-{:02}-{:02}", dt.year(), dt.month() as u8, dt.day());
+            *last = day;
+        }
+        text.clone()
+    })
 }
 
 /// Tokens settled and reserved in one calendar month.
