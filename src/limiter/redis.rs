@@ -363,27 +363,83 @@ fn decision_snapshot(
     })
 }
 
+/// One argument of a call. Most are numbers: they are written into the command as digits, with
+/// no `String` of their own (a reserve sends about twenty).
+#[derive(Debug, Clone)]
+enum Arg {
+    Int(i64),
+    Uint(u64),
+    Static(&'static str),
+    Owned(String),
+}
+
+impl From<i64> for Arg {
+    fn from(n: i64) -> Self {
+        Arg::Int(n)
+    }
+}
+
+impl From<u64> for Arg {
+    fn from(n: u64) -> Self {
+        Arg::Uint(n)
+    }
+}
+
+impl From<u32> for Arg {
+    fn from(n: u32) -> Self {
+        Arg::Uint(n.into())
+    }
+}
+
+impl From<&'static str> for Arg {
+    fn from(s: &'static str) -> Self {
+        Arg::Static(s)
+    }
+}
+
+impl From<String> for Arg {
+    fn from(s: String) -> Self {
+        Arg::Owned(s)
+    }
+}
+
+/// Milliseconds of a duration, as an argument.
+fn millis(d: Duration) -> Arg {
+    Arg::Uint(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl redis::ToRedisArgs for Arg {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        match self {
+            Arg::Int(n) => out.write_arg(itoa::Buffer::new().format(*n).as_bytes()),
+            Arg::Uint(n) => out.write_arg(itoa::Buffer::new().format(*n).as_bytes()),
+            Arg::Static(s) => out.write_arg(s.as_bytes()),
+            Arg::Owned(s) => out.write_arg(s.as_bytes()),
+        }
+    }
+}
+
 /// The key's arguments (see `redis.lua`): id, rate, burst capacity, tokens per minute, month
 /// cap; an empty id and zeros without limits of its own.
-fn key_args(limits: &Limits) -> [String; 5] {
+fn key_args(limits: &Limits) -> [Arg; 5] {
     match limits.key {
         Some(k) => {
             let l = k.limits.as_limits();
             let (rate, capacity) = request_args(&l);
             [
-                k.id.to_string(),
-                rate.to_string(),
-                capacity.to_string(),
-                l.tokens_per_minute.unwrap_or(0).to_string(),
-                l.tokens_per_month.unwrap_or(0).to_string(),
+                k.id.into(),
+                rate.into(),
+                capacity.into(),
+                l.tokens_per_minute.unwrap_or(0).into(),
+                l.tokens_per_month.unwrap_or(0).into(),
             ]
         }
         None => [
-            String::new(),
-            "0".to_string(),
-            "0".to_string(),
-            "0".to_string(),
-            "0".to_string(),
+            "".into(),
+            Arg::Int(0),
+            Arg::Int(0),
+            Arg::Int(0),
+            Arg::Int(0),
         ],
     }
 }
@@ -419,21 +475,23 @@ impl Inner {
 
     /// The arguments every op starts with: op, now, the key's idle life, the records' life,
     /// the tombstones' life (see the top of `redis.lua`).
-    fn args(&self, op: &str, now: Nanos) -> Vec<String> {
+    fn args(&self, op: &'static str, now: Nanos) -> Vec<Arg> {
         let records = self.lease.max(TOMBSTONE) + Duration::from_secs(1);
-        vec![
-            op.to_string(),
+        let mut args = Vec::with_capacity(32);
+        args.extend([
+            op.into(),
             self.now_arg(now),
-            IDLE_TTL.as_millis().to_string(),
-            records.as_millis().to_string(),
-            TOMBSTONE.as_millis().to_string(),
-        ]
+            millis(IDLE_TTL),
+            millis(records),
+            millis(TOMBSTONE),
+        ]);
+        args
     }
 
-    fn now_arg(&self, now: Nanos) -> String {
+    fn now_arg(&self, now: Nanos) -> Arg {
         match self.time {
-            TimeSource::Caller => micros(now).to_string(),
-            TimeSource::Server => "0".to_string(),
+            TimeSource::Caller => micros(now).into(),
+            TimeSource::Server => Arg::Int(0),
         }
     }
 
@@ -474,7 +532,7 @@ impl Inner {
 
     /// Runs one op of the script: connecting (when needed) and the call together take at most
     /// the timeout, so no request waits longer than that for Redis.
-    async fn eval(&self, keys: &[String], args: &[String]) -> Result<Reply, LimiterError> {
+    async fn eval(&self, keys: &[String], args: &[Arg]) -> Result<Reply, LimiterError> {
         self.eval_within(self.timeout, keys, args).await
     }
 
@@ -482,7 +540,7 @@ impl Inner {
         &self,
         limit: Duration,
         keys: &[String],
-        args: &[String],
+        args: &[Arg],
     ) -> Result<Reply, LimiterError> {
         let call = async {
             let mut conn = self.connection(limit).await?;
@@ -529,7 +587,7 @@ impl Inner {
         &self,
         conn: &mut Conn,
         keys: &[String],
-        args: &[String],
+        args: &[Arg],
     ) -> Result<Value, redis::RedisError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg(&self.library.0).arg(keys.len()).arg(keys).arg(args);
@@ -638,28 +696,28 @@ impl Inner {
             .map_err(|e| LimiterError::Ledger(e.to_string()))?;
         let mut args = self.args("base", now);
         args.extend([
-            gen.to_string(),
-            REBASE_WINDOW_MS.to_string(),
-            totals.tokens.to_string(),
+            gen.to_string().into(),
+            REBASE_WINDOW_MS.into(),
+            totals.tokens.into(),
         ]);
         // The key with limits of its own the call is for, if any.
         match limits.key {
             Some(k) => args.extend([
-                "1".to_string(),
-                k.id.to_string(),
-                totals.by_key.get(&k.id).copied().unwrap_or(0).to_string(),
+                Arg::Int(1),
+                k.id.into(),
+                totals.by_key.get(&k.id).copied().unwrap_or(0).into(),
             ]),
-            None => args.push("0".to_string()),
+            None => args.push(Arg::Int(0)),
         }
         // Models with limits of their own first (always counted apart), then the most used, so
         // that the bound on models tracked keeps what matters.
         let mut models: Vec<(&String, &u64)> = totals.by_model.iter().collect();
         models.sort_by_key(|(m, t)| (!limits.models.contains_key(*m), std::cmp::Reverse(**t)));
         for (model, tokens) in models {
-            args.push(model_id(model));
-            args.push(tokens.to_string());
+            args.push(model_id(model).into());
+            args.push((*tokens).into());
             let limited = limits.models.contains_key(model);
-            args.push(if limited { "1" } else { "0" }.to_string());
+            args.push(Arg::Int(limited.into()));
         }
         self.eval(&self.keys(workspace), &args).await?;
         Ok(())
@@ -688,25 +746,25 @@ impl Inner {
 #[allow(clippy::too_many_arguments)]
 fn settle_args(
     inner: &Inner,
-    op: &str,
+    op: &'static str,
     id: ReservationId,
     limits: &Limits,
     model: Option<&str>,
     key: Option<KeyId>,
     actual: u64,
     now: Nanos,
-) -> Vec<String> {
+) -> Vec<Arg> {
     let model_tpm = model
         .and_then(|m| limits.models.get(m))
         .and_then(|l| l.tokens_per_minute);
     let mut args = inner.args(op, now);
     args.extend([
-        id.hex(),
-        ReservationId::next().hex(),
-        actual.min(MAX_REQUEST_TOKENS).to_string(),
-        limits.tokens_per_minute.unwrap_or(0).to_string(),
-        model.map(model_id).unwrap_or_default(),
-        model_tpm.unwrap_or(0).to_string(),
+        id.hex().into(),
+        ReservationId::next().hex().into(),
+        actual.min(MAX_REQUEST_TOKENS).into(),
+        limits.tokens_per_minute.unwrap_or(0).into(),
+        model.map_or(Arg::Static(""), |m| model_id(m).into()),
+        model_tpm.unwrap_or(0).into(),
     ]);
     // The key's bucket is refunded at its limit now (none when its limits were removed since).
     let key_tpm = limits
@@ -714,8 +772,8 @@ fn settle_args(
         .filter(|k| Some(k.id) == key)
         .and_then(|k| k.limits.tokens_per_minute);
     args.extend([
-        key.map(|k| k.to_string()).unwrap_or_default(),
-        key_tpm.unwrap_or(0).to_string(),
+        key.map_or(Arg::Static(""), Arg::from),
+        key_tpm.unwrap_or(0).into(),
     ]);
     args
 }
@@ -765,8 +823,8 @@ async fn renew_leases(inner: Weak<Inner>, every: Duration) {
         for (ws, ids) in by_workspace {
             for chunk in ids.chunks(500) {
                 let mut args = inner.args("renew", 0);
-                args.push(inner.lease.as_millis().to_string());
-                args.extend(chunk.iter().cloned());
+                args.push(millis(inner.lease));
+                args.extend(chunk.iter().cloned().map(Arg::from));
                 if let Err(e) = inner.eval(&inner.keys(ws), &args).await {
                     tracing::debug!(error = %e, workspace = ws, "lease renewal failed");
                 }
@@ -847,7 +905,7 @@ impl RedisLimiter {
     /// Answers when Redis does (a probe for the circuit breaker).
     pub async fn ping(&self) -> Result<(), LimiterError> {
         let mut args = self.inner.args("heartbeat", 0);
-        args.extend(["probe".to_string(), "1".to_string()]);
+        args.extend(["probe".into(), Arg::Int(1)]);
         let key = format!("{{{}}}:probe", self.inner.prefix);
         // It may take longer than a request's call: it runs in the background, and reconnects.
         let limit = self.inner.timeout.max(Duration::from_secs(1));
@@ -864,7 +922,7 @@ impl RedisLimiter {
         ttl: Duration,
     ) -> Result<(u32, u32), LimiterError> {
         let mut args = self.inner.args("heartbeat", 0);
-        args.extend([instance.to_string(), ttl.as_millis().to_string()]);
+        args.extend([instance.to_string().into(), millis(ttl)]);
         let key = format!("{{{}}}:instances", self.inner.prefix);
         let reply = self.inner.eval(&[key], &args).await?;
         Ok((reply.u(1)? as u32, reply.u(2)? as u32))
@@ -878,7 +936,7 @@ impl RedisLimiter {
         now: Nanos,
     ) -> Result<(), LimiterError> {
         let mut args = self.inner.args("newgen", now);
-        args.push(ReservationId::next().to_string());
+        args.push(ReservationId::next().to_string().into());
         self.inner
             .eval(&self.inner.keys(workspace), &args)
             .await
@@ -921,26 +979,26 @@ impl RedisLimiter {
             let id = ReservationId::next();
             let mut args = inner.args("reserve", now);
             args.extend([
-                id.hex(),
-                inner.lease.as_millis().to_string(),
-                ReservationId::next().hex(),
-                rate.to_string(),
-                capacity.to_string(),
-                limits.tokens_per_minute.unwrap_or(0).to_string(),
-                limits.tokens_per_month.unwrap_or(0).to_string(),
-                limits.concurrent_requests.unwrap_or(0).to_string(),
-                model.map(model_id).unwrap_or_default(),
+                id.hex().into(),
+                millis(inner.lease),
+                ReservationId::next().hex().into(),
+                rate.into(),
+                capacity.into(),
+                limits.tokens_per_minute.unwrap_or(0).into(),
+                limits.tokens_per_month.unwrap_or(0).into(),
+                limits.concurrent_requests.unwrap_or(0).into(),
+                model.map_or(Arg::Static(""), |m| model_id(m).into()),
                 model_limits
                     .and_then(|l| l.tokens_per_minute)
                     .unwrap_or(0)
-                    .to_string(),
+                    .into(),
                 model_limits
                     .and_then(|l| l.tokens_per_month)
                     .unwrap_or(0)
-                    .to_string(),
-                cost.prompt.min(MAX_REQUEST_TOKENS).to_string(),
-                cost.estimate.min(MAX_REQUEST_TOKENS).to_string(),
-                "0".to_string(),
+                    .into(),
+                cost.prompt.min(MAX_REQUEST_TOKENS).into(),
+                cost.estimate.min(MAX_REQUEST_TOKENS).into(),
+                Arg::Int(0),
             ]);
             args.extend(key_args(limits));
             let mut guard = CancelGuard {
@@ -1100,7 +1158,7 @@ impl RedisLimiter {
         }
         let inner = &self.inner;
         let mut args = inner.args("release", 0);
-        args.push(reservation.id.to_string());
+        args.push(reservation.id.to_string().into());
         inner
             .eval(&inner.keys(reservation.workspace), &args)
             .await?;
@@ -1119,16 +1177,16 @@ impl RedisLimiter {
         for _ in 0..3 {
             let mut args = inner.args("usage", now);
             args.extend([
-                ReservationId::next().hex(),
-                rate.to_string(),
-                capacity.to_string(),
-                limits.tokens_per_minute.unwrap_or(0).to_string(),
-                "1".to_string(),
+                ReservationId::next().hex().into(),
+                rate.into(),
+                capacity.into(),
+                limits.tokens_per_minute.unwrap_or(0).into(),
+                Arg::Int(1),
             ]);
             args.extend(key_args(limits));
             for (model, l) in &limits.models {
-                args.push(model_id(model));
-                args.push(l.tokens_per_minute.unwrap_or(0).to_string());
+                args.push(model_id(model).into());
+                args.push(l.tokens_per_minute.unwrap_or(0).into());
             }
             let reply = inner.eval(&inner.keys(workspace), &args).await?;
             let t = self.times(now, reply.u(1)?);
