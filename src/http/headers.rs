@@ -242,58 +242,95 @@ fn secs_ceil(nanos: Nanos) -> u64 {
 /// instant as the OpenAI family's reset). Tokens are not among the draft's registered quota
 /// units; they are named `qu="tokens"` (the README says so).
 fn ietf(snapshot: &Snapshot, now: Nanos, values: &mut Values) {
-    // (name, q, unit, w, window) of each limit the workspace has.
-    type Item<'a> = (&'static str, u64, Option<&'static str>, u64, &'a Window);
-    let mut items: [Option<Item>; 3] = [None; 3];
+    let mut policies: [Option<Policy>; 3] = [None, None, None];
     if let Some(w) = &snapshot.requests {
         let (q, window) = rate_as_quota(w.limit);
-        items[0] = Some(("requests-second", q, None, window, w));
+        policies[0] = Some(Policy::new("requests-second", q, None, window, w));
     }
     if let Some(w) = &snapshot.tokens {
-        items[1] = Some(("tokens-minute", w.limit as u64, Some("tokens"), 60, w));
+        policies[1] = Some(Policy::new("tokens-minute", w.limit as u64, TOKENS, 60, w));
     }
     if let Some(w) = &snapshot.month {
         // The window is this calendar month (UTC): 28 to 31 days.
         let (key, end) = month_span(now);
         let length = secs_ceil(end.saturating_sub(MonthKey::start(key)));
-        items[2] = Some(("tokens-month", w.limit as u64, Some("tokens"), length, w));
+        policies[2] = Some(Policy::new(
+            "tokens-month",
+            w.limit as u64,
+            TOKENS,
+            length,
+            w,
+        ));
     }
-    if items.iter().all(Option::is_none) {
+    let policies = policies.iter().flatten();
+    if policies.clone().next().is_none() {
         return;
     }
-    let out = &mut values.text;
-    let mut first = true;
-    for (name, q, unit, w, _) in items.iter().flatten() {
-        if !std::mem::take(&mut first) {
-            out.push_str(", ");
-        }
-        out.push('"');
-        out.push_str(name);
-        out.push_str("\";q=");
-        push_u64(out, *q);
-        if let Some(unit) = unit {
+    list(&mut values.text, policies.clone(), |out, p| {
+        out.push_str(";q=");
+        push_u64(out, p.q);
+        if let Some(unit) = p.unit {
             out.push_str(";qu=\"");
             out.push_str(unit);
             out.push('"');
         }
         out.push_str(";w=");
-        push_u64(out, *w);
-    }
+        push_u64(out, p.w);
+    });
     values.end(&RATELIMIT_POLICY);
-    let out = &mut values.text;
-    let mut first = true;
-    for (name, _, _, _, window) in items.iter().flatten() {
-        if !std::mem::take(&mut first) {
+    list(&mut values.text, policies, |out, p| {
+        out.push_str(";r=");
+        push_u64(out, p.window.remaining);
+        out.push_str(";t=");
+        push_u64(out, secs_ceil(p.window.reset));
+    });
+    values.end(&RATELIMIT);
+}
+
+const TOKENS: Option<&str> = Some("tokens");
+
+/// One limit as the IETF fields name it: quota `q` of `unit` per `w` seconds, and its window.
+struct Policy<'a> {
+    name: &'static str,
+    q: u64,
+    unit: Option<&'static str>,
+    w: u64,
+    window: &'a Window,
+}
+
+impl<'a> Policy<'a> {
+    fn new(
+        name: &'static str,
+        q: u64,
+        unit: Option<&'static str>,
+        w: u64,
+        window: &'a Window,
+    ) -> Self {
+        Policy {
+            name,
+            q,
+            unit,
+            w,
+            window,
+        }
+    }
+}
+
+/// Appends a structured-field list: each policy's `"name"`, then what `params` writes of it.
+fn list<'a, 'w: 'a>(
+    out: &mut String,
+    policies: impl Iterator<Item = &'a Policy<'w>>,
+    params: impl Fn(&mut String, &Policy),
+) {
+    for (i, p) in policies.enumerate() {
+        if i > 0 {
             out.push_str(", ");
         }
         out.push('"');
-        out.push_str(name);
-        out.push_str("\";r=");
-        push_u64(out, window.remaining);
-        out.push_str(";t=");
-        push_u64(out, secs_ceil(window.reset));
+        out.push_str(p.name);
+        out.push('"');
+        params(out, p);
     }
-    values.end(&RATELIMIT);
 }
 
 #[cfg(test)]
