@@ -13,7 +13,8 @@ use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::console::Console;
-use crate::estimate::{Endpoint, Estimator};
+use crate::estimate::Estimator;
+use crate::http::upstream::{Upstream, UPSTREAM_POOL_IDLE};
 use crate::limiter::failover::Failover;
 use crate::limiter::local::LocalLimiter;
 use crate::limiter::redis::{RedisLimiter, RedisOptions};
@@ -76,261 +77,6 @@ impl AppState {
             catalog_staleness: self.catalog.staleness(),
             catalog_version: self.catalog.version(),
         })
-    }
-}
-
-/// How long an idle upstream connection is kept for reuse. Below the idle timeouts of what
-/// usually stands in front of an upstream API (AWS ALB 60 s, nginx `keepalive_timeout` 75 s,
-/// Google Cloud's load balancers 600 s), so that the gateway, not the other side, closes an idle
-/// connection: one closed by the other side just as a request is sent on it fails that request.
-pub const UPSTREAM_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(50);
-
-/// The client of the upstream: hyper-util's pool over plain TCP or rustls (HTTP/1.1, or HTTP/2
-/// when TLS negotiates it), through `UpstreamConnector`.
-pub type UpstreamClient = hyper_util::client::legacy::Client<
-    hyper_rustls::HttpsConnector<UpstreamConnector>,
-    http_body_util::Full<axum::body::Bytes>,
->;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// How the gateway reaches the upstream: directly, or through the HTTP proxy that the usual
-/// variables name for it (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, less the hosts of
-/// `NO_PROXY`, read once at start): a `CONNECT` tunnel for an `https` upstream, requests in
-/// absolute form for an `http` one. hyper-util has the matcher and the tunnel but no connector
-/// that chooses between them, hence this one.
-#[derive(Clone)]
-pub struct UpstreamConnector {
-    http: hyper_util::client::legacy::connect::HttpConnector,
-    proxies: Arc<hyper_util::client::proxy::matcher::Matcher>,
-}
-
-impl tower_service::Service<axum::http::Uri> for UpstreamConnector {
-    type Response = UpstreamIo;
-    type Error = BoxError;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<UpstreamIo, BoxError>> + Send + 'static>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        // `HttpConnector` is always ready.
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, dst: axum::http::Uri) -> Self::Future {
-        let mut http = self.http.clone();
-        let proxy = self.proxies.intercept(&dst);
-        Box::pin(async move {
-            let Some(proxy) = proxy else {
-                let inner = http.call(dst).await?;
-                return Ok(UpstreamIo {
-                    inner,
-                    proxied: false,
-                });
-            };
-            if proxy.uri().scheme_str() != Some("http") {
-                return Err(format!(
-                    "the proxy for the upstream must be an http:// proxy, not {}",
-                    proxy.uri().scheme_str().unwrap_or("?")
-                )
-                .into());
-            }
-            if dst.scheme_str() == Some("https") {
-                let mut tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(
-                    proxy.uri().clone(),
-                    http,
-                );
-                if let Some(auth) = proxy.basic_auth() {
-                    tunnel = tunnel.with_auth(auth.clone());
-                }
-                std::future::poll_fn(|cx| tunnel.poll_ready(cx)).await?;
-                let inner = tunnel.call(dst).await?;
-                Ok(UpstreamIo {
-                    inner,
-                    proxied: false,
-                })
-            } else {
-                let inner = http.call(proxy.uri().clone()).await?;
-                Ok(UpstreamIo {
-                    inner,
-                    proxied: true,
-                })
-            }
-        })
-    }
-}
-
-/// A connection to the upstream, or to the proxy that forwards to it (`proxied`: the client
-/// then sends each request's URI in absolute form).
-pub struct UpstreamIo {
-    inner: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
-    proxied: bool,
-}
-
-impl hyper_util::client::legacy::connect::Connection for UpstreamIo {
-    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.inner.connected().proxy(self.proxied)
-    }
-}
-
-impl hyper::rt::Read for UpstreamIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl hyper::rt::Write for UpstreamIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_write_vectored(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-}
-
-/// `upstream.url` in parts: `scheme://authority`, the path without its trailing `/`, the query.
-struct Base {
-    origin: String,
-    path: String,
-    query: Option<String>,
-}
-
-/// What every forwarded request shares, built once: the client (its connection pool), the
-/// `Authorization` the gateway sends, and the URI of each metered route.
-pub struct Upstream {
-    pub client: UpstreamClient,
-    /// `Bearer <upstream.api_key>`, marked sensitive (never logged by the client).
-    pub authorization: Option<axum::http::HeaderValue>,
-    /// `Proxy-Authorization` for an `http` upstream reached through a proxy with credentials.
-    pub proxy_authorization: Option<axum::http::HeaderValue>,
-    base: Option<Base>,
-    metered: Vec<(Endpoint, axum::http::Uri)>,
-}
-
-impl Upstream {
-    fn new(config: &Config) -> Result<Self, AppError> {
-        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
-        http.set_connect_timeout(Some(config.upstream.connect_timeout));
-        http.set_nodelay(true);
-        // The TLS layer wraps it, so it must pass `https` on.
-        http.enforce_http(false);
-        let proxies = hyper_util::client::proxy::matcher::Matcher::from_env();
-        // A plain-HTTP upstream reached through a proxy: the proxy's credentials go with each
-        // request (a tunnel sends them once, in its `CONNECT`).
-        let proxy_authorization = config.upstream.url.as_ref().and_then(|u| {
-            let uri: axum::http::Uri = u.as_str().parse().ok()?;
-            let proxy = proxies.intercept(&uri)?;
-            (uri.scheme_str() == Some("http"))
-                .then(|| proxy.basic_auth().cloned())
-                .flatten()
-        });
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(UpstreamConnector {
-                http,
-                proxies: Arc::new(proxies),
-            });
-        // A redirect is never followed (this client has no such layer): it is passed to the
-        // client, so what reaches the upstream is only ever the metered request.
-        let client =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .pool_timer(hyper_util::rt::TokioTimer::new())
-                .pool_idle_timeout(UPSTREAM_POOL_IDLE)
-                .build(https);
-        let authorization = config.upstream.api_key.as_ref().and_then(|key| {
-            let mut v = axum::http::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
-            v.set_sensitive(true);
-            Some(v)
-        });
-        let base = config.upstream.url.as_ref().map(|u| Base {
-            origin: u.origin().ascii_serialization(),
-            path: u.path().trim_end_matches('/').to_string(),
-            query: u.query().map(str::to_string),
-        });
-        let mut metered = Vec::new();
-        if let Some(base) = &base {
-            for e in Endpoint::ALL {
-                let uri = Self::join(base, e.path(), None).ok_or(AppError::UpstreamUrl)?;
-                metered.push((e, uri));
-            }
-        }
-        Ok(Upstream {
-            client,
-            authorization,
-            proxy_authorization,
-            base,
-            metered,
-        })
-    }
-
-    /// The base's path and `path`, with the request's query, else the base's own.
-    fn join(base: &Base, path: &str, query: Option<&str>) -> Option<axum::http::Uri> {
-        let mut s = String::with_capacity(base.origin.len() + base.path.len() + path.len() + 64);
-        s.push_str(&base.origin);
-        s.push_str(&base.path);
-        s.push_str(path);
-        if let Some(q) = query.or(base.query.as_deref()) {
-            s.push('?');
-            s.push_str(q);
-        }
-        axum::http::Uri::try_from(s).ok()
-    }
-
-    /// The upstream URI of a (normalised) path and query; `None` without an upstream (or, which
-    /// the normalised path and a query that came in a valid URI rule out, an invalid one).
-    pub fn url(
-        &self,
-        endpoint: Option<Endpoint>,
-        path: &str,
-        query: Option<&str>,
-    ) -> Option<axum::http::Uri> {
-        let base = self.base.as_ref()?;
-        match (
-            self.metered.iter().find(|(e, _)| Some(*e) == endpoint),
-            query,
-        ) {
-            // A metered route without a query, the usual request: the URI built at start.
-            (Some((_, uri)), None) => Some(uri.clone()),
-            (Some((e, _)), Some(q)) => Self::join(base, e.path(), Some(q)),
-            (None, q) => Self::join(base, path, q),
-        }
     }
 }
 
@@ -473,6 +219,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
             state.config.webhook_idle_poll,
         )),
         tokio::spawn(check_quotas(state.clone(), webhook_wake)),
+        tokio::spawn(close_idle_upstream(state.clone())),
     ];
     Ok(App {
         state,
@@ -584,6 +331,17 @@ async fn check_quotas(state: Arc<AppState>, wake: Arc<tokio::sync::Notify>) {
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "quota thresholds could not be checked"),
         }
+    }
+}
+
+/// Closes the upstream connections idle for longer than `UPSTREAM_POOL_IDLE`, and those the
+/// upstream closed, a fifth of that period apart.
+async fn close_idle_upstream(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(UPSTREAM_POOL_IDLE / 5);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        state.upstream.client.close_idle();
     }
 }
 

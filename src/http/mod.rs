@@ -26,6 +26,7 @@ pub mod openapi;
 pub mod otel;
 pub mod proxy;
 pub mod serve;
+pub mod upstream;
 pub mod views;
 pub mod workspace;
 

@@ -39,6 +39,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use super::upstream::UpstreamBody;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -46,7 +47,6 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Future, FutureExt, Stream, StreamExt};
-use hyper::body::Incoming;
 
 use super::error::ApiError;
 use super::{authenticate, headers};
@@ -614,12 +614,12 @@ enum ReadFailure {
 }
 
 /// The upstream's body as a stream of its data (trailers are not passed on).
-fn data_stream(body: Incoming) -> BoxStream<'static, Result<Bytes, hyper::Error>> {
+fn data_stream(body: UpstreamBody) -> BoxStream<'static, Result<Bytes, hyper::Error>> {
     http_body_util::BodyDataStream::new(body).boxed()
 }
 
 /// Whether a failed upstream request ran out of time (connecting), rather than being refused.
-fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
+fn timed_out(e: &super::upstream::ClientError) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = source {
         if err
@@ -636,7 +636,7 @@ fn timed_out(e: &hyper_util::client::legacy::Error) -> bool {
 /// Reads a whole (JSON or error) body, by `deadline`, never waiting more than `idle` for the
 /// next chunk.
 async fn read_whole(
-    upstream: Incoming,
+    upstream: UpstreamBody,
     deadline: tokio::time::Instant,
     idle: Duration,
 ) -> Result<Bytes, ReadFailure> {
@@ -1093,6 +1093,8 @@ struct MeteredStream {
     settlement: Option<Settlement>,
     tail: Option<Bytes>,
     done: bool,
+    /// Why the upstream was given up on, passed on to the client at the next poll.
+    broken: Option<&'static str>,
     /// Bytes were passed on to the client: the stream is never refunded.
     delivered: bool,
     idle_for: Duration,
@@ -1118,6 +1120,7 @@ impl MeteredStream {
             settlement: Some(settlement),
             tail: None,
             done: false,
+            broken: None,
             delivered: false,
             idle_for,
             idle: Box::pin(tokio::time::sleep(idle_for)),
@@ -1141,7 +1144,15 @@ impl MeteredStream {
 
     /// The upstream broke or went silent: settle (a stream that delivered nothing is refunded,
     /// one that did is not), let go of the upstream, and end the client's answer as broken.
-    fn give_up(&mut self, why: &'static str) -> Poll<Option<io::Result<Bytes>>> {
+    ///
+    /// The break is passed on at the next poll, not at once: an error from a body makes the
+    /// server drop what it has not yet written, and the events that came just before the break
+    /// (often in the same read from the upstream) must reach the client first.
+    fn give_up(
+        &mut self,
+        why: &'static str,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<io::Result<Bytes>>> {
         self.done = true;
         self.tail = None;
         self.upstream = futures_util::stream::empty().boxed();
@@ -1151,7 +1162,9 @@ impl MeteredStream {
             Outcome::Refund
         };
         self.start_settling(without_usage);
-        Poll::Ready(Some(Err(io::Error::other(why))))
+        self.broken = Some(why);
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -1162,6 +1175,9 @@ impl Stream for MeteredStream {
         let this = self.get_mut();
         loop {
             if this.done {
+                if let Some(why) = this.broken.take() {
+                    return Poll::Ready(Some(Err(io::Error::other(why))));
+                }
                 return Poll::Ready(this.tail.take().filter(|b| !b.is_empty()).map(Ok));
             }
             match this.upstream.poll_next_unpin(cx) {
@@ -1177,7 +1193,7 @@ impl Stream for MeteredStream {
                             idle_ms = this.idle_for.as_millis() as u64,
                             "upstream stream went silent; giving up on it"
                         );
-                        return this.give_up("upstream stream went silent");
+                        return this.give_up("upstream stream went silent", cx);
                     }
                     return Poll::Pending;
                 }
@@ -1194,7 +1210,7 @@ impl Stream for MeteredStream {
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::warn!(error = %e, "upstream stream broke");
-                    return this.give_up("upstream stream broke");
+                    return this.give_up("upstream stream broke", cx);
                 }
                 Poll::Ready(None) => {
                     this.done = true;

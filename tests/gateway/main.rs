@@ -28,6 +28,7 @@ mod promotion;
 mod routes;
 mod shadow;
 mod streaming;
+mod upstream_connections;
 mod upstream_proxy;
 mod usage;
 mod webhooks;

@@ -154,13 +154,21 @@ async fn a_stream_that_breaks_is_charged_not_refunded() {
     assert_eq!(r.status(), StatusCode::OK);
     let mut body = r.bytes_stream();
     let mut got_error = false;
+    let mut before = Vec::new();
     while let Some(chunk) = body.next().await {
-        if chunk.is_err() {
-            got_error = true;
-            break;
+        match chunk {
+            Ok(bytes) => before.extend_from_slice(&bytes),
+            Err(_) => {
+                got_error = true;
+                break;
+            }
         }
     }
     assert!(got_error, "the client sees the break");
+    // The two events that came before the break reach the client first, even when the break
+    // comes in the same read from the upstream.
+    let before = String::from_utf8(before).unwrap();
+    assert_eq!(before.matches("data: ").count(), 2, "{before}");
     // Settled to the estimate (no usage arrived): not zero.
     let used = gw.settled_month_tokens(&key).await;
     assert!(used > 0, "a partly delivered stream is never refunded");

@@ -1,0 +1,586 @@
+//! The upstream: what every forwarded request shares (`Upstream`: the client, the
+//! `Authorization` sent, each metered route's URI), and the client itself.
+//!
+//! The client keeps connections to the one upstream origin for reuse. It is written here, not
+//! taken from hyper-util's pooled client (`client::legacy::Client`, which the gateway used until
+//! 2026-12), because that client serves any number of origins and pays for it on every request:
+//! it hashes a pool key, makes a connector future, spawns a task that returns the connection to
+//! the pool once the answer's body is read, and drives each HTTP/1 connection as a task of its
+//! own, woken twice per request: about 20k instructions per request, a sixth of what the gateway
+//! adds (BENCHMARKS.md). The gateway has one origin. Here an HTTP/1 connection is driven by the
+//! task of the request that holds it, and that task puts it back on the idle list when the
+//! answer's body ends. An HTTP/2 connection (when TLS negotiates it) is shared by every request
+//! and runs as a task of its own, as HTTP/2 needs. What hyper-util's pool does that the gateway
+//! needs is kept: TLS and HTTP/2 by ALPN (hyper-rustls), the egress proxy (`UpstreamConnector`),
+//! idle connections closed after `UPSTREAM_POOL_IDLE`, and a request retried on a new connection
+//! when a reused one turned out closed before the request was sent.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use axum::body::Bytes;
+use axum::http::header::HOST;
+use axum::http::{HeaderValue, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::{http1, http2};
+use hyper_util::client::legacy::connect::Connection as _;
+use tokio::time::Instant;
+
+use crate::app::AppError;
+use crate::config::Config;
+use crate::estimate::Endpoint;
+
+/// How long an idle upstream connection is kept for reuse. Below the idle timeouts of what
+/// usually stands in front of an upstream API (AWS ALB 60 s, nginx `keepalive_timeout` 75 s,
+/// Google Cloud's load balancers 600 s), so that the gateway, not the other side, closes an idle
+/// connection: one closed by the other side just as a request is sent on it fails that request.
+pub const UPSTREAM_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(50);
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How the gateway reaches the upstream: directly, or through the HTTP proxy that the usual
+/// variables name for it (`HTTPS_PROXY`, `HTTP_PROXY`, `ALL_PROXY`, less the hosts of
+/// `NO_PROXY`, read once at start): a `CONNECT` tunnel for an `https` upstream, requests in
+/// absolute form for an `http` one. hyper-util has the matcher and the tunnel but no connector
+/// that chooses between them, hence this one.
+#[derive(Clone)]
+pub struct UpstreamConnector {
+    http: hyper_util::client::legacy::connect::HttpConnector,
+    proxies: Arc<hyper_util::client::proxy::matcher::Matcher>,
+}
+
+impl tower_service::Service<axum::http::Uri> for UpstreamConnector {
+    type Response = UpstreamIo;
+    type Error = BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<UpstreamIo, BoxError>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        // `HttpConnector` is always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, dst: axum::http::Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let proxy = self.proxies.intercept(&dst);
+        Box::pin(async move {
+            let Some(proxy) = proxy else {
+                let inner = http.call(dst).await?;
+                return Ok(UpstreamIo {
+                    inner,
+                    proxied: false,
+                });
+            };
+            if proxy.uri().scheme_str() != Some("http") {
+                return Err(format!(
+                    "the proxy for the upstream must be an http:// proxy, not {}",
+                    proxy.uri().scheme_str().unwrap_or("?")
+                )
+                .into());
+            }
+            if dst.scheme_str() == Some("https") {
+                let mut tunnel = hyper_util::client::legacy::connect::proxy::Tunnel::new(
+                    proxy.uri().clone(),
+                    http,
+                );
+                if let Some(auth) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(auth.clone());
+                }
+                std::future::poll_fn(|cx| tunnel.poll_ready(cx)).await?;
+                let inner = tunnel.call(dst).await?;
+                Ok(UpstreamIo {
+                    inner,
+                    proxied: false,
+                })
+            } else {
+                let inner = http.call(proxy.uri().clone()).await?;
+                Ok(UpstreamIo {
+                    inner,
+                    proxied: true,
+                })
+            }
+        })
+    }
+}
+
+/// A connection to the upstream, or to the proxy that forwards to it (`proxied`: the client
+/// then sends each request's URI in absolute form).
+pub struct UpstreamIo {
+    inner: hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+    proxied: bool,
+}
+
+impl hyper_util::client::legacy::connect::Connection for UpstreamIo {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.inner.connected().proxy(self.proxied)
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+/// A connection to the upstream: plain, or TLS (hyper-rustls), possibly through the egress proxy.
+type Io = hyper_rustls::MaybeHttpsStream<UpstreamIo>;
+type Connector = hyper_rustls::HttpsConnector<UpstreamConnector>;
+type H1Connection = http1::Connection<Io, Full<Bytes>>;
+
+/// Why the upstream could not be asked.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to the upstream: {0}")]
+    Connect(#[source] BoxError),
+    #[error("the upstream connection: {0}")]
+    Http(#[from] hyper::Error),
+}
+
+/// The upstream's client. See the module's doc.
+pub struct Client {
+    inner: Arc<Pool>,
+}
+
+struct Pool {
+    connector: Connector,
+    /// `scheme://authority` of the upstream, what the connector is asked for.
+    origin: Option<Uri>,
+    /// The `Host` an HTTP/1 request carries (HTTP/2 says it in `:authority`).
+    host: Option<HeaderValue>,
+    /// HTTP/1 connections ready for a request, the most recently used last. Boxed, so that
+    /// taking one out and putting it back moves a pointer, not the connection (see `H1`).
+    #[allow(clippy::vec_box)]
+    idle: Mutex<Vec<Box<H1>>>,
+    /// The HTTP/2 connection, once one was made, and when it was last used.
+    h2: Mutex<Option<(http2::SendRequest<Full<Bytes>>, Instant)>>,
+    idle_timeout: std::time::Duration,
+}
+
+/// An HTTP/1 connection: the handle that sends on it, and the connection itself, which whoever
+/// holds it polls. Kept boxed: with its TLS state it is kilobytes, which would otherwise be
+/// copied with every future that holds it (each request's).
+struct H1 {
+    tx: http1::SendRequest<Full<Bytes>>,
+    conn: H1Connection,
+    /// Reached through an `http` proxy: requests go in absolute form.
+    proxied: bool,
+    since: Instant,
+}
+
+impl H1 {
+    /// Polls the connection; false once it has ended (closed by either side, or broken).
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        Pin::new(&mut self.conn).poll(cx).is_pending()
+    }
+}
+
+enum Checkout {
+    H1(Box<H1>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+impl Client {
+    fn new(connector: Connector, origin: Option<Uri>, host: Option<HeaderValue>) -> Self {
+        Client {
+            inner: Arc::new(Pool {
+                connector,
+                origin,
+                host,
+                idle: Mutex::new(Vec::new()),
+                h2: Mutex::new(None),
+                idle_timeout: UPSTREAM_POOL_IDLE,
+            }),
+        }
+    }
+
+    /// Sends `request` (its URI absolute, on the upstream's origin) on an idle connection, or on
+    /// a new one, and returns the answer as soon as its head has come. The answer's body drives
+    /// its HTTP/1 connection, and returns it to the idle list when it ends.
+    pub async fn request(
+        &self,
+        mut request: Request<Full<Bytes>>,
+    ) -> Result<Response<UpstreamBody>, ClientError> {
+        let uri = request.uri().clone();
+        loop {
+            let reused = std::future::poll_fn(|cx| Poll::Ready(self.inner.checkout(cx))).await;
+            let (conn, was_reused) = match reused {
+                Some(conn) => (conn, true),
+                // Boxed: it holds a connection's TLS state, kilobytes this future would
+                // otherwise carry for every request, and copy with it.
+                None => (Box::pin(self.inner.connect()).await?, false),
+            };
+            let failed = match conn {
+                Checkout::H2(mut tx) => match tx.try_send_request(request).await {
+                    Ok(answer) => return Ok(answer.map(|body| UpstreamBody { body, lease: None })),
+                    Err(failed) => failed,
+                },
+                Checkout::H1(mut h1) => {
+                    self.inner.prepare_h1(&mut request, h1.proxied);
+                    let mut sent = std::pin::pin!(h1.tx.try_send_request(request));
+                    let mut alive = true;
+                    let answered = std::future::poll_fn(|cx| {
+                        // The connection writes the request and reads the answer only when
+                        // polled: here, by this task.
+                        if alive {
+                            alive = h1.drive(cx);
+                        }
+                        sent.as_mut().poll(cx)
+                    })
+                    .await;
+                    match answered {
+                        Ok(answer) => {
+                            let lease = alive.then(|| Lease {
+                                h1,
+                                pool: self.inner.clone(),
+                            });
+                            return Ok(answer.map(|body| UpstreamBody { body, lease }));
+                        }
+                        Err(failed) => failed,
+                    }
+                }
+            };
+            let mut failed = failed;
+            match failed.take_message() {
+                // Not sent: the reused connection had closed. Once more, on another.
+                Some(unsent) if was_reused => {
+                    request = unsent;
+                    *request.uri_mut() = uri.clone();
+                    // Set for HTTP/1 by `prepare_h1` (the client's own is never forwarded).
+                    request.headers_mut().remove(HOST);
+                }
+                _ => return Err(failed.into_error().into()),
+            }
+        }
+    }
+
+    /// Closes the connections idle for longer than `UPSTREAM_POOL_IDLE`, and those the upstream
+    /// has closed. Called periodically; a checkout also skips them.
+    pub fn close_idle(&self) {
+        let now = Instant::now();
+        let timeout = self.inner.idle_timeout;
+        // Polled with no one to wake: one the upstream closed sees the end of its stream and
+        // ends. Whoever takes a connection from the list polls it again, with its own waker.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.inner
+            .idle
+            .lock()
+            .expect("idle list")
+            .retain_mut(|c| now.duration_since(c.since) < timeout && c.drive(&mut cx));
+        let mut h2 = self.inner.h2.lock().expect("h2 slot");
+        if h2
+            .as_ref()
+            .is_some_and(|(tx, used)| tx.is_closed() || now.duration_since(*used) >= timeout)
+        {
+            *h2 = None;
+        }
+    }
+
+    /// HTTP/1 connections idle now.
+    pub fn idle_connections(&self) -> usize {
+        self.inner.idle.lock().expect("idle list").len()
+    }
+}
+
+impl Pool {
+    /// An open connection ready for a request, if there is one; skips (and closes) those that
+    /// have ended or stayed idle too long.
+    fn checkout(&self, cx: &mut Context<'_>) -> Option<Checkout> {
+        {
+            let mut h2 = self.h2.lock().expect("h2 slot");
+            if let Some((tx, used)) = h2.as_mut() {
+                if !tx.is_closed() {
+                    *used = Instant::now();
+                    return Some(Checkout::H2(tx.clone()));
+                }
+                *h2 = None;
+            }
+        }
+        let now = Instant::now();
+        loop {
+            let mut h1 = self.idle.lock().expect("idle list").pop()?;
+            if now.duration_since(h1.since) >= self.idle_timeout {
+                // The most recently used is stale: so are all the others.
+                let stale = std::mem::take(&mut *self.idle.lock().expect("idle list"));
+                drop((h1, stale));
+                return None;
+            }
+            // Polled by this task from now on; one the upstream closed ends here.
+            if h1.drive(cx) && h1.tx.is_ready() {
+                return Some(Checkout::H1(h1));
+            }
+        }
+    }
+
+    /// A new connection: HTTP/2 if TLS negotiated it (then shared from now on), else HTTP/1.
+    async fn connect(&self) -> Result<Checkout, ClientError> {
+        use tower_service::Service as _;
+        let origin = self
+            .origin
+            .clone()
+            .ok_or_else(|| ClientError::Connect("no upstream is configured".into()))?;
+        let mut connector = self.connector.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(ClientError::Connect)?;
+        let io = connector.call(origin).await.map_err(ClientError::Connect)?;
+        let connected = io.connected();
+        if connected.is_negotiated_h2() {
+            let (tx, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(io)
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
+                }
+            });
+            *self.h2.lock().expect("h2 slot") = Some((tx.clone(), Instant::now()));
+            return Ok(Checkout::H2(tx));
+        }
+        let (tx, conn) = http1::handshake(io).await?;
+        Ok(Checkout::H1(Box::new(H1 {
+            tx,
+            conn,
+            proxied: connected.is_proxied(),
+            since: Instant::now(),
+        })))
+    }
+
+    /// An HTTP/1 request names its host in `Host`, and its target by path (absolute to a proxy).
+    fn prepare_h1(&self, request: &mut Request<Full<Bytes>>, proxied: bool) {
+        if let Some(host) = &self.host {
+            request.headers_mut().insert(HOST, host.clone());
+        }
+        if !proxied {
+            let origin_form = match request.uri().path_and_query() {
+                Some(p) if p.as_str() != "/" => {
+                    let mut parts = axum::http::uri::Parts::default();
+                    parts.path_and_query = Some(p.clone());
+                    Uri::from_parts(parts).unwrap_or_default()
+                }
+                _ => Uri::default(),
+            };
+            *request.uri_mut() = origin_form;
+        }
+    }
+
+    fn put_back(&self, mut h1: Box<H1>) {
+        h1.since = Instant::now();
+        self.idle.lock().expect("idle list").push(h1);
+    }
+}
+
+/// An HTTP/1 connection held by the answer whose body comes on it.
+struct Lease {
+    h1: Box<H1>,
+    pool: Arc<Pool>,
+}
+
+/// The upstream's answer body. On HTTP/1, reading it drives its connection, and its end returns
+/// the connection to the idle list; dropped before its end, it closes the connection (which
+/// cannot carry another request with an answer half read).
+pub struct UpstreamBody {
+    body: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        if let Some(lease) = &mut this.lease {
+            if !lease.h1.drive(cx) {
+                // Ended: what it read is in the body; it cannot be reused.
+                this.lease = None;
+            }
+        }
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if let Poll::Ready(None) = polled {
+            if let Some(mut lease) = this.lease.take() {
+                // Polled once more so that it takes in the end of this exchange; kept if it
+                // is then ready for the next request.
+                if lease.h1.drive(cx) && lease.h1.tx.is_ready() {
+                    lease.pool.put_back(lease.h1);
+                }
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// `upstream.url` in parts: `scheme://authority`, the path without its trailing `/`, the query.
+struct Base {
+    origin: String,
+    path: String,
+    query: Option<String>,
+}
+
+/// What every forwarded request shares, built once: the client (its connection pool), the
+/// `Authorization` the gateway sends, and the URI of each metered route.
+pub struct Upstream {
+    pub client: Client,
+    /// `Bearer <upstream.api_key>`, marked sensitive (never logged by the client).
+    pub authorization: Option<axum::http::HeaderValue>,
+    /// `Proxy-Authorization` for an `http` upstream reached through a proxy with credentials.
+    pub proxy_authorization: Option<axum::http::HeaderValue>,
+    base: Option<Base>,
+    metered: Vec<(Endpoint, axum::http::Uri)>,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> Result<Self, AppError> {
+        let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+        http.set_connect_timeout(Some(config.upstream.connect_timeout));
+        http.set_nodelay(true);
+        // The TLS layer wraps it, so it must pass `https` on.
+        http.enforce_http(false);
+        let proxies = hyper_util::client::proxy::matcher::Matcher::from_env();
+        // A plain-HTTP upstream reached through a proxy: the proxy's credentials go with each
+        // request (a tunnel sends them once, in its `CONNECT`).
+        let proxy_authorization = config.upstream.url.as_ref().and_then(|u| {
+            let uri: axum::http::Uri = u.as_str().parse().ok()?;
+            let proxy = proxies.intercept(&uri)?;
+            (uri.scheme_str() == Some("http"))
+                .then(|| proxy.basic_auth().cloned())
+                .flatten()
+        });
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(UpstreamConnector {
+                http,
+                proxies: Arc::new(proxies),
+            });
+        let authorization = config.upstream.api_key.as_ref().and_then(|key| {
+            let mut v = axum::http::HeaderValue::from_str(&format!("Bearer {key}")).ok()?;
+            v.set_sensitive(true);
+            Some(v)
+        });
+        let base = config.upstream.url.as_ref().map(|u| Base {
+            origin: u.origin().ascii_serialization(),
+            path: u.path().trim_end_matches('/').to_string(),
+            query: u.query().map(str::to_string),
+        });
+        // A redirect is never followed (this client has no such layer): it is passed to the
+        // client, so what reaches the upstream is only ever the metered request.
+        let origin = base.as_ref().and_then(|b| b.origin.parse::<Uri>().ok());
+        let host = config.upstream.url.as_ref().and_then(|u| {
+            let host = u.host_str()?;
+            HeaderValue::from_str(&match u.port() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            })
+            .ok()
+        });
+        let client = Client::new(https, origin, host);
+        let mut metered = Vec::new();
+        if let Some(base) = &base {
+            for e in Endpoint::ALL {
+                let uri = Self::join(base, e.path(), None).ok_or(AppError::UpstreamUrl)?;
+                metered.push((e, uri));
+            }
+        }
+        Ok(Upstream {
+            client,
+            authorization,
+            proxy_authorization,
+            base,
+            metered,
+        })
+    }
+
+    /// The base's path and `path`, with the request's query, else the base's own.
+    fn join(base: &Base, path: &str, query: Option<&str>) -> Option<axum::http::Uri> {
+        let mut s = String::with_capacity(base.origin.len() + base.path.len() + path.len() + 64);
+        s.push_str(&base.origin);
+        s.push_str(&base.path);
+        s.push_str(path);
+        if let Some(q) = query.or(base.query.as_deref()) {
+            s.push('?');
+            s.push_str(q);
+        }
+        axum::http::Uri::try_from(s).ok()
+    }
+
+    /// The upstream URI of a (normalised) path and query; `None` without an upstream (or, which
+    /// the normalised path and a query that came in a valid URI rule out, an invalid one).
+    pub fn url(
+        &self,
+        endpoint: Option<Endpoint>,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<axum::http::Uri> {
+        let base = self.base.as_ref()?;
+        match (
+            self.metered.iter().find(|(e, _)| Some(*e) == endpoint),
+            query,
+        ) {
+            // A metered route without a query, the usual request: the URI built at start.
+            (Some((_, uri)), None) => Some(uri.clone()),
+            (Some((e, _)), Some(q)) => Self::join(base, e.path(), Some(q)),
+            (None, q) => Self::join(base, path, q),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The gateway's connections to its upstream: kept and reused across requests, each request
+//! naming the upstream's host and its path, and a connection the upstream closed never failing
+//! the request sent after it. The upstream here is a bare HTTP/1.1 server that counts the
+//! connections it accepts and records each request's head.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tiergate::config::RawSettings;
+use tiergate::http::upstream::Upstream;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+use crate::harness::*;
+
+/// Tokens each answer reports: 5 prompt, 7 completion.
+const TOKENS: u64 = 12;
+
+#[derive(Default)]
+struct Seen {
+    /// Closes every connection that waits for its next request.
+    hang_up: tokio::sync::Notify,
+    connections: AtomicUsize,
+    /// Each request's line and `Host`.
+    heads: Mutex<Vec<(String, String)>>,
+}
+
+/// An upstream on a free port. It answers each request on a connection kept alive, or, with
+/// `close_after_each`, closes the connection after each answer without saying so first
+/// (no `Connection: close`), as an upstream whose idle timeout has passed does.
+async fn bare_upstream(close_after_each: bool) -> (String, Arc<Seen>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Seen::default());
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((socket, _)) = listener.accept().await else {
+                return;
+            };
+            shared.connections.fetch_add(1, Ordering::SeqCst);
+            let seen = shared.clone();
+            tokio::spawn(async move {
+                let (read, mut write) = socket.into_split();
+                let mut read = BufReader::new(read);
+                loop {
+                    let mut line = String::new();
+                    tokio::select! {
+                        n = read.read_line(&mut line) => if n.unwrap_or(0) == 0 {
+                            return;
+                        },
+                        _ = seen.hang_up.notified() => return,
+                    }
+                    let (mut host, mut length) = (String::new(), 0usize);
+                    loop {
+                        let mut header = String::new();
+                        read.read_line(&mut header).await.unwrap();
+                        let header = header.trim_end();
+                        if header.is_empty() {
+                            break;
+                        }
+                        let (name, value) = header.split_once(':').unwrap();
+                        match name.to_ascii_lowercase().as_str() {
+                            "host" => host = value.trim().to_string(),
+                            "content-length" => length = value.trim().parse().unwrap(),
+                            _ => {}
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    read.read_exact(&mut body).await.unwrap();
+                    seen.heads
+                        .lock()
+                        .unwrap()
+                        .push((line.trim_end().to_string(), host));
+                    let request: Value = serde_json::from_slice(&body).unwrap();
+                    let usage = json!({"prompt_tokens": 5, "completion_tokens": 7,
+                                       "total_tokens": TOKENS});
+                    let (content_type, answer) = if request["stream"] == true {
+                        let chunk = json!({"id": "c", "object": "chat.completion.chunk",
+                            "choices": [{"index": 0, "delta": {"content": "hi"}}]});
+                        let last = json!({"id": "c", "object": "chat.completion.chunk",
+                            "choices": [], "usage": usage});
+                        (
+                            "text/event-stream",
+                            format!("data: {chunk}\n\ndata: {last}\n\ndata: [DONE]\n\n"),
+                        )
+                    } else {
+                        let answer = json!({"id": "c", "object": "chat.completion",
+                            "choices": [{"index": 0, "finish_reason": "stop",
+                                "message": {"role": "assistant", "content": "hi"}}],
+                            "usage": usage});
+                        ("application/json", answer.to_string())
+                    };
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\n\
+                         content-length: {}\r\n\r\n",
+                        answer.len()
+                    );
+                    if write.write_all(head.as_bytes()).await.is_err()
+                        || write.write_all(answer.as_bytes()).await.is_err()
+                    {
+                        return;
+                    }
+                    if close_after_each {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+async fn gateway_before(upstream: String) -> (TestGateway, String) {
+    let gw = TestGateway::start_with(Options {
+        upstream: Some(upstream),
+        ..Options::default()
+    })
+    .await;
+    gw.put_tier(
+        "t",
+        json!({"tokens_per_minute": 1_000_000, "tokens_per_month": 10_000_000}),
+    )
+    .await;
+    let (_, key) = gw.workspace("t").await;
+    (gw, key)
+}
+
+/// Sends plain and streamed chats one after another; each must be answered whole.
+async fn chats(gw: &TestGateway, key: &str, n: usize) {
+    for i in 0..n {
+        let mut body = hello();
+        let stream = i % 3 == 2;
+        body["stream"] = json!(stream);
+        let r = gw.chat(key, body, &[]).await;
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+        let text = r.text().await.unwrap();
+        // A stream ends with its `[DONE]` (the usage chunk the gateway asked for is not passed
+        // on to a client that did not); a JSON answer comes whole, with its usage.
+        let whole = if stream { "data: [DONE]" } else { "\"usage\"" };
+        assert!(text.contains(whole), "request {i}: {text}");
+    }
+}
+
+async fn month_tokens_reach(gw: &TestGateway, key: &str, want: u64) {
+    eventually(Duration::from_secs(10), "every answer settled", || async {
+        gw.limits(key).await["usage"]["tokens_this_month"].as_u64() == Some(want)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_one_after_another_share_one_upstream_connection() {
+    let (upstream, seen) = bare_upstream(false).await;
+    let (gw, key) = gateway_before(upstream.clone()).await;
+    chats(&gw, &key, 9).await;
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        1,
+        "one connection, kept alive, for 9 requests in turn (6 plain, 3 streamed)"
+    );
+    // Each request names the upstream's host and port, and its path alone (origin form).
+    let host = upstream.trim_start_matches("http://").to_string();
+    let heads = seen.heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 9);
+    for (line, h) in heads {
+        assert_eq!(line, "POST /v1/chat/completions HTTP/1.1");
+        assert_eq!(h, host);
+    }
+    month_tokens_reach(&gw, &key, 9 * TOKENS).await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_open_connections_that_are_then_reused() {
+    let (upstream, seen) = bare_upstream(false).await;
+    let (gw, key) = gateway_before(upstream).await;
+    let gw = Arc::new(gw);
+    for _ in 0..3 {
+        let mut wave = Vec::new();
+        for _ in 0..4 {
+            let (gw, key) = (gw.clone(), key.clone());
+            wave.push(tokio::spawn(async move { chats(&gw, &key, 1).await }));
+        }
+        for w in wave {
+            w.await.unwrap();
+        }
+    }
+    // At most 4 at once, so at most 4 connections, whatever the timing; 12 requests.
+    let opened = seen.connections.load(Ordering::SeqCst);
+    assert!((1..=4).contains(&opened), "{opened} connections");
+    assert_eq!(seen.heads.lock().unwrap().len(), 12);
+    month_tokens_reach(&gw, &key, 12 * TOKENS).await;
+}
+
+#[tokio::test]
+async fn a_connection_the_upstream_closed_does_not_fail_the_next_request() {
+    let (upstream, seen) = bare_upstream(true).await;
+    let (gw, key) = gateway_before(upstream).await;
+    chats(&gw, &key, 6).await;
+    // A connection per request: none was sent on one the upstream had closed (it would have
+    // been refused with a 502, or retried on a new one).
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 6);
+    assert_eq!(seen.heads.lock().unwrap().len(), 6);
+    month_tokens_reach(&gw, &key, 6 * TOKENS).await;
+}
+
+#[tokio::test]
+async fn idle_connections_the_upstream_closed_are_let_go() {
+    let (url, seen) = bare_upstream(false).await;
+    let mut raw = RawSettings::default();
+    raw.upstream.url = Some(url.clone());
+    let config = tiergate::Config::try_from(raw).unwrap();
+    let upstream = Upstream::new(&config).unwrap();
+    let ask = || async {
+        let request = axum::http::Request::post(format!("{url}/v1/chat/completions"))
+            .body(http_body_util::Full::new(axum::body::Bytes::from(
+                hello().to_string(),
+            )))
+            .unwrap();
+        let answer = upstream.client.request(request).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        // Read to its end, which puts the connection back on the idle list.
+        http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap();
+    };
+    ask().await;
+    assert_eq!(upstream.client.idle_connections(), 1);
+    upstream.client.close_idle();
+    assert_eq!(
+        upstream.client.idle_connections(),
+        1,
+        "open and fresh: kept"
+    );
+
+    seen.hang_up.notify_waiters();
+    eventually(
+        Duration::from_secs(5),
+        "the closed connection let go",
+        || async {
+            upstream.client.close_idle();
+            upstream.client.idle_connections() == 0
+        },
+    )
+    .await;
+    ask().await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+}
