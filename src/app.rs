@@ -34,6 +34,8 @@ pub enum AppError {
     Client(#[from] reqwest::Error),
     #[error("upstream.url cannot be made into a request URI")]
     UpstreamUrl,
+    #[error("upstream TLS: {0}")]
+    UpstreamTls(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
     #[error("limiter: {0}")]

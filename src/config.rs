@@ -128,6 +128,8 @@ pub struct RawUpstream {
     pub idle_read_timeout_ms: Option<u64>,
     /// Request headers never forwarded upstream, added to the built-in list.
     pub drop_request_headers: Option<Vec<String>>,
+    /// A PEM file of root certificates trusted for the upstream besides the Mozilla roots.
+    pub ca_file: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -172,6 +174,8 @@ pub struct UpstreamConfig {
     /// Request headers never forwarded (lowercase): [`DROPPED_REQUEST_HEADERS`] and the
     /// configuration's own.
     pub drop_request_headers: Vec<String>,
+    /// Root certificates (DER) from `upstream.ca_file`, trusted besides the Mozilla roots.
+    pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Request headers by which a client could choose whose account, organisation or project the
@@ -271,6 +275,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.usage_drain_ms", "upstream-usage-drain-ms", "TIERGATE_UPSTREAM_USAGE_DRAIN_MS", Number, "After a client leaves a stream, how long to keep reading for its usage, in ms (default 2000)."),
     setting("upstream.idle_read_timeout_ms", "upstream-idle-read-timeout-ms", "TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS", Number, "The longest an upstream's body may stay silent, in ms (default 60000)."),
     setting("upstream.drop_request_headers", "upstream-drop-request-headers", "TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS", List, "More request headers never forwarded, added to the built-in deny-list."),
+    setting("upstream.ca_file", "upstream-ca-file", "TIERGATE_UPSTREAM_CA_FILE", Text, "A PEM file of root certificates the upstream's may chain to (a private CA), trusted besides the Mozilla roots."),
     setting("estimate.default_completion_tokens", "estimate-default-completion-tokens", "TIERGATE_ESTIMATE_DEFAULT_COMPLETION_TOKENS", Number, "The completion expected before a workspace has any history (default 256)."),
     setting("estimate.history", "estimate-history", "TIERGATE_ESTIMATE_HISTORY", Number, "Completions remembered per workspace and model (default 16)."),
     setting("estimate.max_tokens_limit", "estimate-max-tokens-limit", "TIERGATE_ESTIMATE_MAX_TOKENS_LIMIT", Number, "The largest max_tokens a request may ask for; above it, 400 (default 1000000)."),
@@ -707,6 +712,10 @@ impl TryFrom<RawSettings> for Config {
                 "upstream.idle_read_timeout_ms",
             )?,
             drop_request_headers: drop_request_headers(upstream.drop_request_headers)?,
+            extra_roots: match upstream.ca_file.filter(|f| !f.is_empty()) {
+                None => Vec::new(),
+                Some(file) => root_certificates(Path::new(&file))?,
+            },
         };
         let estimate = EstimateConfig {
             default_completion_tokens: estimate.default_completion_tokens.unwrap_or(256),
@@ -910,6 +919,36 @@ fn bounded_ms(v: Option<u64>, default: u64, field: &str) -> Result<Duration, Con
 }
 
 /// The built-in deny-list and the configured names, lowercase, each a valid header name.
+/// The certificates of a PEM file (`upstream.ca_file`): at least one, each one a valid
+/// root for rustls.
+fn root_certificates(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    let field = "upstream.ca_file";
+    let pem = std::fs::read(path)
+        .map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))?;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(field, format!("{} is not PEM: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(
+            field,
+            format!("{} holds no certificate", path.display()),
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in &certs {
+        roots.add(cert.clone()).map_err(|e| {
+            invalid(
+                field,
+                format!("{}: a certificate is not usable: {e}", path.display()),
+            )
+        })?;
+    }
+    Ok(certs)
+}
+
 fn drop_request_headers(extra: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
     let field = "upstream.drop_request_headers";
     let mut names: Vec<String> = DROPPED_REQUEST_HEADERS.map(String::from).to_vec();
@@ -1766,6 +1805,39 @@ mod tests {
                 "{name:?}: {e}"
             );
         }
+        // `upstream.ca_file`: missing, not PEM, or without a certificate.
+        let dir = tempfile::tempdir().unwrap();
+        let no_cert = dir.path().join("empty.pem");
+        std::fs::write(&no_cert, "not a certificate\n").unwrap();
+        let not_pem = dir.path().join("broken.pem");
+        std::fs::write(
+            &not_pem,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        for file in [dir.path().join("missing.pem"), no_cert, not_pem] {
+            let e = bad(upstream(RawUpstream {
+                ca_file: Some(file.display().to_string()),
+                ..Default::default()
+            }));
+            assert!(e.starts_with("upstream.ca_file:"), "{file:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_upstream_ca_file_adds_its_certificates() {
+        let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem");
+        let c = Config::try_from(RawSettings {
+            upstream: RawUpstream {
+                ca_file: Some(ca.to_string()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.upstream.extra_roots.len(), 1);
+        let c = Config::try_from(RawSettings::default()).unwrap();
+        assert!(c.upstream.extra_roots.is_empty());
     }
 
     #[test]

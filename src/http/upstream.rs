@@ -504,8 +504,25 @@ impl Upstream {
                 .then(|| proxy.basic_auth().cloned())
                 .flatten()
         });
+        // Mozilla's roots, and those of `upstream.ca_file` (a private CA's), on ring.
+        let mut roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        for cert in &config.upstream.extra_roots {
+            // Each was checked when the configuration was read.
+            roots
+                .add(cert.clone())
+                .map_err(|e| AppError::UpstreamTls(e.to_string()))?;
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| AppError::UpstreamTls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_tls_config(tls)
             .https_or_http()
             .enable_http1()
             .enable_http2()

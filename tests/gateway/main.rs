@@ -30,5 +30,6 @@ mod shadow;
 mod streaming;
 mod upstream_connections;
 mod upstream_proxy;
+mod upstream_tls;
 mod usage;
 mod webhooks;
