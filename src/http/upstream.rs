@@ -259,7 +259,12 @@ impl Client {
             let failed = match conn {
                 Checkout::H2(mut tx) => match tx.try_send_request(request).await {
                     Ok(answer) => return Ok(answer.map(|body| UpstreamBody { body, lease: None })),
-                    Err(failed) => failed,
+                    Err(failed) => {
+                        // Not taking new streams (closing, or told to go away): the next try
+                        // makes a new connection rather than ask this one again.
+                        *self.inner.h2.lock().expect("h2 slot") = None;
+                        failed
+                    }
                 },
                 Checkout::H1(mut h1) => {
                     self.inner.prepare_h1(&mut request, h1.proxied);
