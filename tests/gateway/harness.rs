@@ -114,6 +114,20 @@ impl TestGateway {
         Self::start_with(Options::default()).await
     }
 
+    /// A gateway before `upstream` (not the mock) with `raw`'s settings, a workspace on a tier
+    /// with `limits`, and its key.
+    pub async fn before(upstream: &str, raw: RawSettings, limits: Value) -> (TestGateway, String) {
+        let gw = Self::start_with(Options {
+            upstream: Some(upstream.to_string()),
+            raw,
+            ..Options::default()
+        })
+        .await;
+        gw.put_tier("test-tier", limits).await;
+        let (_, key) = gw.workspace("test-tier").await;
+        (gw, key)
+    }
+
     /// A gateway, a workspace on a tier with `limits`, and its key.
     pub async fn on_tier(limits: Value) -> (TestGateway, String) {
         let gw = Self::start().await;

@@ -114,19 +114,13 @@ async fn bare_upstream(close_after_each: bool) -> (String, Arc<Seen>) {
     (url, seen)
 }
 
-async fn gateway_before(upstream: String) -> (TestGateway, String) {
-    let gw = TestGateway::start_with(Options {
-        upstream: Some(upstream),
-        ..Options::default()
-    })
-    .await;
-    gw.put_tier(
-        "t",
-        json!({"tokens_per_minute": 1_000_000, "tokens_per_month": 10_000_000}),
-    )
-    .await;
-    let (_, key) = gw.workspace("t").await;
-    (gw, key)
+/// Limits high enough never to refuse these tests' requests.
+fn roomy() -> Value {
+    json!({"tokens_per_minute": 1_000_000, "tokens_per_month": 10_000_000})
+}
+
+async fn gateway_before(upstream: &str) -> (TestGateway, String) {
+    TestGateway::before(upstream, RawSettings::default(), roomy()).await
 }
 
 /// Sends plain and streamed chats one after another; each must be answered whole.
@@ -155,7 +149,7 @@ async fn month_tokens_reach(gw: &TestGateway, key: &str, want: u64) {
 #[tokio::test]
 async fn requests_one_after_another_share_one_upstream_connection() {
     let (upstream, seen) = bare_upstream(false).await;
-    let (gw, key) = gateway_before(upstream.clone()).await;
+    let (gw, key) = gateway_before(&upstream).await;
     chats(&gw, &key, 9).await;
     assert_eq!(
         seen.connections.load(Ordering::SeqCst),
@@ -176,7 +170,7 @@ async fn requests_one_after_another_share_one_upstream_connection() {
 #[tokio::test]
 async fn concurrent_requests_open_connections_that_are_then_reused() {
     let (upstream, seen) = bare_upstream(false).await;
-    let (gw, key) = gateway_before(upstream).await;
+    let (gw, key) = gateway_before(&upstream).await;
     let gw = Arc::new(gw);
     for _ in 0..3 {
         let mut wave = Vec::new();
@@ -198,7 +192,7 @@ async fn concurrent_requests_open_connections_that_are_then_reused() {
 #[tokio::test]
 async fn a_connection_the_upstream_closed_does_not_fail_the_next_request() {
     let (upstream, seen) = bare_upstream(true).await;
-    let (gw, key) = gateway_before(upstream).await;
+    let (gw, key) = gateway_before(&upstream).await;
     chats(&gw, &key, 6).await;
     // A connection per request: none was sent on one the upstream had closed (it would have
     // been refused with a 502, or retried on a new one).

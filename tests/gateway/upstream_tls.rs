@@ -81,24 +81,14 @@ async fn https_upstream(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
     (url, seen)
 }
 
+/// A gateway before `upstream`, trusting the test CA if `trust`.
 async fn gateway_before(upstream: &str, trust: bool) -> (TestGateway, String) {
     let mut raw = RawSettings::default();
     if trust {
         raw.upstream.ca_file = Some(format!("{FIXTURES}/ca.pem"));
     }
-    let gw = TestGateway::start_with(Options {
-        upstream: Some(upstream.to_string()),
-        raw,
-        ..Options::default()
-    })
-    .await;
-    gw.put_tier(
-        "t",
-        json!({"tokens_per_minute": 1_000_000, "tokens_per_month": 10_000_000}),
-    )
-    .await;
-    let (_, key) = gw.workspace("t").await;
-    (gw, key)
+    let limits = json!({"tokens_per_minute": 1_000_000, "tokens_per_month": 10_000_000});
+    TestGateway::before(upstream, raw, limits).await
 }
 
 /// Plain and streamed chats one after another, each settled to the mock's usage.
