@@ -78,6 +78,7 @@ impl AppState {
             ledger_queue: self.recorder.queued(),
             catalog_staleness: self.catalog.staleness(),
             catalog_version: self.catalog.version(),
+            upstream_idle_connections: self.upstream.client.idle_connections(),
         })
     }
 }
@@ -182,7 +183,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         metrics.clone(),
         config.ledger_flush,
     );
-    let upstream = Upstream::new(&config)?;
+    let upstream = Upstream::new(&config, metrics.upstream_connections_opened.clone())?;
     let estimator = Estimator::new(
         config.estimate.default_completion_tokens,
         config.estimate.history,

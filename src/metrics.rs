@@ -228,6 +228,8 @@ pub struct Scrape {
     /// Since the catalogue was last brought up to date with the store.
     pub catalog_staleness: Duration,
     pub catalog_version: i64,
+    /// HTTP/1 connections to the upstream waiting for a request.
+    pub upstream_idle_connections: usize,
 }
 
 /// Every metric, as handles the code counts with; `render` writes them all.
@@ -255,6 +257,8 @@ pub struct Metrics {
     pub upstream_rate_limited: Counter,
     pub upstream_server_errors: Counter,
     pub upstream_unreachable: Counter,
+    /// Connections the gateway opened to the upstream (HTTP/1 or HTTP/2).
+    pub upstream_connections_opened: Counter,
     pub upstream_auth_failures: Counter,
     pub upstream_timeouts: Counter,
     /// Streams and downloads given up because the upstream went silent mid-body.
@@ -310,6 +314,7 @@ pub struct Metrics {
 
     // Set when scraped.
     tracked_workspaces: Gauge,
+    upstream_idle_connections: Gauge,
     ledger_queue: Gauge,
     ledger_age: Gauge<f64, AtomicU64>,
     catalog_staleness: Gauge<f64, AtomicU64>,
@@ -396,6 +401,11 @@ impl Metrics {
             reg,
             "tiergate_upstream_unreachable",
             "Upstream connection failures (502)",
+        );
+        let upstream_connections_opened = counter(
+            reg,
+            "tiergate_upstream_connections_opened",
+            "Connections opened to the upstream",
         );
         let upstream_auth_failures = counter(
             reg,
@@ -598,6 +608,11 @@ impl Metrics {
             "tiergate_tracked_workspaces",
             "Workspaces whose limiter state is in memory",
         );
+        let upstream_idle_connections = gauge(
+            reg,
+            "tiergate_upstream_idle_connections",
+            "HTTP/1 connections to the upstream waiting for a request",
+        );
 
         Metrics {
             registry: r,
@@ -614,6 +629,7 @@ impl Metrics {
             upstream_rate_limited,
             upstream_server_errors,
             upstream_unreachable,
+            upstream_connections_opened,
             upstream_auth_failures,
             upstream_timeouts,
             upstream_idle_timeouts,
@@ -649,6 +665,7 @@ impl Metrics {
             shadow_denied,
             shadow_unavailable,
             tracked_workspaces,
+            upstream_idle_connections,
             ledger_queue,
             ledger_age,
             catalog_staleness,
@@ -769,8 +786,11 @@ impl Metrics {
             ledger_queue,
             catalog_staleness,
             catalog_version,
+            upstream_idle_connections,
         } = scrape;
         self.tracked_workspaces.set(tracked_workspaces as i64);
+        self.upstream_idle_connections
+            .set(upstream_idle_connections as i64);
         self.ledger_queue.set(ledger_queue as i64);
         self.catalog_staleness.set(catalog_staleness.as_secs_f64());
         self.catalog_version.set(catalog_version);
@@ -887,6 +907,7 @@ mod tests {
             ledger_queue: 0,
             catalog_staleness: Duration::from_millis(1500),
             catalog_version: 9,
+            upstream_idle_connections: 2,
         });
         for line in [
             "tiergate_requests_total{route=\"chat_completions\",status=\"200\",tier=\"free\"} 2",

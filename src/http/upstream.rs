@@ -201,6 +201,7 @@ struct Pool {
     /// The HTTP/2 connection, once one was made, and when it was last used.
     h2: Mutex<Option<(http2::SendRequest<Full<Bytes>>, Instant)>>,
     idle_timeout: std::time::Duration,
+    opened: prometheus_client::metrics::counter::Counter,
 }
 
 /// An HTTP/1 connection: the handle that sends on it, and the connection itself, which whoever
@@ -227,10 +228,16 @@ enum Checkout {
 }
 
 impl Client {
-    fn new(connector: Connector, origin: Option<Uri>, host: Option<HeaderValue>) -> Self {
+    fn new(
+        connector: Connector,
+        origin: Option<Uri>,
+        host: Option<HeaderValue>,
+        opened: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         Client {
             inner: Arc::new(Pool {
                 connector,
+                opened,
                 origin,
                 host,
                 idle: Mutex::new(Vec::new()),
@@ -375,6 +382,7 @@ impl Pool {
             .await
             .map_err(ClientError::Connect)?;
         let io = connector.call(origin).await.map_err(ClientError::Connect)?;
+        self.opened.inc();
         let connected = io.connected();
         if connected.is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -493,7 +501,11 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: &Config) -> Result<Self, AppError> {
+    /// `opened` counts the connections the client opens (`tiergate_upstream_connections_opened`).
+    pub fn new(
+        config: &Config,
+        opened: prometheus_client::metrics::counter::Counter,
+    ) -> Result<Self, AppError> {
         let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
         http.set_connect_timeout(Some(config.upstream.connect_timeout));
         http.set_nodelay(true);
@@ -556,7 +568,7 @@ impl Upstream {
             })
             .ok()
         });
-        let client = Client::new(https, origin, host);
+        let client = Client::new(https, origin, host, opened);
         let mut metered = Vec::new();
         if let Some(base) = &base {
             for e in Endpoint::ALL {

@@ -165,6 +165,18 @@ async fn requests_one_after_another_share_one_upstream_connection() {
         assert_eq!(h, host);
     }
     month_tokens_reach(&gw, &key, 9 * TOKENS).await;
+    // The same, from outside.
+    let m = gw.metrics().await;
+    assert_eq!(sample(&m, "tiergate_upstream_connections_opened_total"), 1.0);
+    assert_eq!(sample(&m, "tiergate_upstream_idle_connections"), 1.0);
+}
+
+/// The value of an unlabelled sample in a Prometheus exposition.
+fn sample(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {exposition}"))
 }
 
 #[tokio::test]
@@ -198,6 +210,8 @@ async fn a_connection_the_upstream_closed_does_not_fail_the_next_request() {
     // been refused with a 502, or retried on a new one).
     assert_eq!(seen.connections.load(Ordering::SeqCst), 6);
     assert_eq!(seen.heads.lock().unwrap().len(), 6);
+    let m = gw.metrics().await;
+    assert_eq!(sample(&m, "tiergate_upstream_connections_opened_total"), 6.0);
     month_tokens_reach(&gw, &key, 6 * TOKENS).await;
 }
 
@@ -207,7 +221,7 @@ async fn idle_connections_the_upstream_closed_are_let_go() {
     let mut raw = RawSettings::default();
     raw.upstream.url = Some(url.clone());
     let config = tiergate::Config::try_from(raw).unwrap();
-    let upstream = Upstream::new(&config).unwrap();
+    let upstream = Upstream::new(&config, Default::default()).unwrap();
     let ask = || async {
         let request = axum::http::Request::post(format!("{url}/v1/chat/completions"))
             .body(http_body_util::Full::new(axum::body::Bytes::from(
