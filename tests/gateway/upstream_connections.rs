@@ -167,7 +167,10 @@ async fn requests_one_after_another_share_one_upstream_connection() {
     month_tokens_reach(&gw, &key, 9 * TOKENS).await;
     // The same, from outside.
     let m = gw.metrics().await;
-    assert_eq!(sample(&m, "tiergate_upstream_connections_opened_total"), 1.0);
+    assert_eq!(
+        sample(&m, "tiergate_upstream_connections_opened_total"),
+        1.0
+    );
     assert_eq!(sample(&m, "tiergate_upstream_idle_connections"), 1.0);
 }
 
@@ -211,7 +214,10 @@ async fn a_connection_the_upstream_closed_does_not_fail_the_next_request() {
     assert_eq!(seen.connections.load(Ordering::SeqCst), 6);
     assert_eq!(seen.heads.lock().unwrap().len(), 6);
     let m = gw.metrics().await;
-    assert_eq!(sample(&m, "tiergate_upstream_connections_opened_total"), 6.0);
+    assert_eq!(
+        sample(&m, "tiergate_upstream_connections_opened_total"),
+        6.0
+    );
     month_tokens_reach(&gw, &key, 6 * TOKENS).await;
 }
 
