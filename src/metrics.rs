@@ -921,6 +921,7 @@ mod tests {
             "tiergate_reservation_error_tokens_sum{route=\"embeddings\"} -3.0",
             "tiergate_gateway_latency_seconds_count{route=\"chat_completions\"} 2",
             "tiergate_tracked_workspaces 3",
+            "tiergate_upstream_idle_connections 2",
             "tiergate_catalog_staleness_seconds 1.5",
             "tiergate_catalog_version 9",
             "tiergate_limiter_backend_up 1",
