@@ -33,6 +33,7 @@
 //! Every settlement, and every drain after a client left, runs as a task of the gateway's
 //! `TaskTracker` (`AppState::tasks`): a stop waits for them before the last ledger flush.
 
+use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -266,11 +267,12 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
 /// canonical way. `Err` says what cannot be normalised: an invalid escape, a segment that is not
 /// UTF-8, or that holds `/`, `\`, `;` or a control character once decoded (servers disagree on
 /// what those mean), a `..` above the root, or a path that leaves `/v1/`.
-pub fn normalise_path(raw: &str) -> Result<String, &'static str> {
+/// A path already normal (nearly every request's) is borrowed, not copied.
+pub fn normalise_path(raw: &str) -> Result<Cow<'_, str>, &'static str> {
     if is_normal(raw) {
-        return Ok(raw.to_string());
+        return Ok(Cow::Borrowed(raw));
     }
-    normalise_segments(raw)
+    normalise_segments(raw).map(Cow::Owned)
 }
 
 /// `normalise_path`'s work, segment by segment.
@@ -356,7 +358,8 @@ fn percent_encode(segment: &str, out: &mut String) {
 struct Prepared {
     /// The metered route, if it is one.
     endpoint: Option<Endpoint>,
-    /// The path to forward: the metered route's own spelling, or the normalised path.
+    /// The normalised path to forward, when it is not a metered route (whose own spelling is
+    /// forwarded, and which leaves this empty).
     path: String,
     body: Bytes,
     info: Option<RequestInfo>,
@@ -368,7 +371,7 @@ struct Prepared {
 fn prepare(
     state: &AppState,
     method: &Method,
-    path: String,
+    path: Cow<'_, str>,
     body: Bytes,
 ) -> Result<Prepared, ApiError> {
     let endpoint = match Endpoint::of_path(&path) {
@@ -376,7 +379,7 @@ fn prepare(
         _ => {
             return Ok(Prepared {
                 endpoint: None,
-                path,
+                path: path.into_owned(),
                 body,
                 info: None,
                 strip_usage_chunk: false,
@@ -606,6 +609,30 @@ fn is_hop_or_gateway_response_header(name: &HeaderName) -> bool {
         || n.starts_with("ratelimit")
 }
 
+/// Removes every header whose name `drop` picks. The names are gathered on the stack, a few at
+/// a time (`HeaderMap` has no `retain`, and a `Vec` of them cost two allocations on every
+/// request, for the hop headers alone).
+fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
+    const AT_ONCE: usize = 8;
+    loop {
+        let mut names: [Option<HeaderName>; AT_ONCE] = Default::default();
+        let mut found = 0;
+        for name in headers.keys().filter(|name| drop(name)) {
+            if found == AT_ONCE {
+                break;
+            }
+            names[found] = Some(name.clone());
+            found += 1;
+        }
+        for name in names.iter().flatten() {
+            headers.remove(name);
+        }
+        if found < AT_ONCE {
+            return;
+        }
+    }
+}
+
 /// Why an upstream body was not read whole.
 enum ReadFailure {
     /// Silent for the idle-read timeout, or not whole by the deadline.
@@ -675,20 +702,13 @@ async fn send(
     // The client's headers, less those the gateway does not forward: removed in place, the
     // rest passed on as they came.
     let mut headers = parts.headers;
-    let dropped: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            is_hop_or_gateway_request_header(name)
-                || upstream_config
-                    .drop_request_headers
-                    .iter()
-                    .any(|d| d == name.as_str())
-        })
-        .cloned()
-        .collect();
-    for name in &dropped {
-        headers.remove(name);
-    }
+    remove_where(&mut headers, |name| {
+        is_hop_or_gateway_request_header(name)
+            || upstream_config
+                .drop_request_headers
+                .iter()
+                .any(|d| d == name.as_str())
+    });
     if let Some(authorization) = &state.upstream.authorization {
         headers.insert(header::AUTHORIZATION, authorization.clone());
     }
@@ -740,14 +760,7 @@ async fn send(
     // The upstream's headers, less those of its hop and its own rate-limit headers: taken, not
     // copied.
     let mut response_headers = upstream_parts.headers;
-    let dropped: Vec<HeaderName> = response_headers
-        .keys()
-        .filter(|name| is_hop_or_gateway_response_header(name))
-        .cloned()
-        .collect();
-    for name in &dropped {
-        response_headers.remove(name);
-    }
+    remove_where(&mut response_headers, is_hop_or_gateway_response_header);
     let content_type = response_headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -1261,6 +1274,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn headers_are_removed_however_many_match() {
+        // More than `remove_where` gathers at once, repeated names among them, and some kept.
+        let mut h = HeaderMap::new();
+        for i in 0..20 {
+            h.append(
+                format!("x-drop-{}", i % 13)
+                    .as_str()
+                    .parse::<HeaderName>()
+                    .unwrap(),
+                HeaderValue::from(i),
+            );
+            h.insert(
+                format!("x-keep-{i}")
+                    .as_str()
+                    .parse::<HeaderName>()
+                    .unwrap(),
+                HeaderValue::from(i),
+            );
+        }
+        remove_where(&mut h, |n| n.as_str().starts_with("x-drop-"));
+        assert_eq!(h.len(), 20);
+        assert!(h.keys().all(|n| n.as_str().starts_with("x-keep-")));
+        remove_where(&mut h, |_| false);
+        assert_eq!(h.len(), 20);
+    }
+
+    #[test]
     fn paths_are_normalised_one_way() {
         for (raw, normal) in [
             ("/v1/chat/completions", "/v1/chat/completions"),
@@ -1315,7 +1355,11 @@ mod tests {
                     "{path}"
                 );
             }
-            assert_eq!(normalise_path(&path), normalise_segments(&path), "{path}");
+            assert_eq!(
+                normalise_path(&path).as_deref(),
+                normalise_segments(&path).as_deref(),
+                "{path}"
+            );
             if path.chars().count() < 9 {
                 stack.extend(alphabet.iter().map(|c| format!("{path}{c}")));
             }
