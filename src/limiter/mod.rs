@@ -67,9 +67,23 @@ impl ReservationId {
         ReservationId(((prefix as u128) << 64) | n as u128)
     }
 
-    /// The id as 32 lowercase hex digits (as `Display` writes it): made twice per call to Redis.
+    /// The id as 32 lowercase hex digits (as `Display` writes it).
     pub fn hex(&self) -> String {
-        crate::hex(&self.0.to_be_bytes())
+        let digits = self.hex_digits();
+        std::str::from_utf8(&digits)
+            .expect("hex digits")
+            .to_string()
+    }
+
+    /// `hex`, on the stack: two are written per call to Redis.
+    pub fn hex_digits(&self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (i, b) in self.0.to_be_bytes().iter().enumerate() {
+            out[2 * i] = DIGITS[(b >> 4) as usize];
+            out[2 * i + 1] = DIGITS[(b & 15) as usize];
+        }
+        out
     }
 }
 
@@ -231,6 +245,10 @@ mod tests {
         ];
         for v in values {
             assert_eq!(ReservationId(v).hex(), format!("{v:032x}"));
+            assert_eq!(
+                ReservationId(v).hex_digits(),
+                format!("{v:032x}").as_bytes()
+            );
             assert_eq!(ReservationId(v).to_string(), format!("{v:032x}"));
         }
         use sha2::Digest;

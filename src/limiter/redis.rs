@@ -179,7 +179,12 @@ struct Inner {
     rebasing: Mutex<HashSet<(WorkspaceId, String)>>,
     /// Reservations whose settlement failed (it may or may not have landed), since when.
     in_doubt: Mutex<HashMap<ReservationId, std::time::Instant, Fast>>,
+    /// The ids of the model names seen, at most `MODEL_IDS` of them.
+    model_ids: Mutex<HashMap<Box<str>, Arc<str>, Fast>>,
 }
+
+/// The most model ids `Inner::model_ids` keeps.
+const MODEL_IDS: usize = 1024;
 
 /// The Redis limiter. Background work (lease renewal) stops when it is dropped.
 pub struct RedisLimiter {
@@ -371,6 +376,10 @@ enum Arg {
     Uint(u64),
     Static(&'static str),
     Owned(String),
+    /// A model's id, shared with `Inner::model_ids`.
+    Shared(Arc<str>),
+    /// A reservation id, written as its 32 hex digits without a `String` of its own.
+    Id(ReservationId),
 }
 
 impl From<i64> for Arg {
@@ -403,6 +412,18 @@ impl From<String> for Arg {
     }
 }
 
+impl From<Arc<str>> for Arg {
+    fn from(s: Arc<str>) -> Self {
+        Arg::Shared(s)
+    }
+}
+
+impl From<ReservationId> for Arg {
+    fn from(id: ReservationId) -> Self {
+        Arg::Id(id)
+    }
+}
+
 /// Milliseconds of a duration, as an argument.
 fn millis(d: Duration) -> Arg {
     Arg::Uint(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -415,6 +436,8 @@ impl redis::ToRedisArgs for Arg {
             Arg::Uint(n) => out.write_arg(itoa::Buffer::new().format(*n).as_bytes()),
             Arg::Static(s) => out.write_arg(s.as_bytes()),
             Arg::Owned(s) => out.write_arg(s.as_bytes()),
+            Arg::Shared(s) => out.write_arg(s.as_bytes()),
+            Arg::Id(id) => out.write_arg(&id.hex_digits()),
         }
     }
 }
@@ -469,8 +492,37 @@ fn request_args(limits: &Limits) -> (i64, i64) {
 
 impl Inner {
     fn keys(&self, workspace: WorkspaceId) -> [String; 3] {
-        let tag = format!("{{{}:{}}}", self.prefix, workspace);
-        [tag.clone(), format!("{tag}:r"), format!("{tag}:e")]
+        // Written without `fmt`: two calls per request build them.
+        let mut tag = String::with_capacity(self.prefix.len() + 24);
+        tag.push('{');
+        tag.push_str(&self.prefix);
+        tag.push(':');
+        tag.push_str(itoa::Buffer::new().format(workspace));
+        tag.push('}');
+        let with = |suffix: &str| {
+            let mut key = String::with_capacity(tag.len() + 2);
+            key.push_str(&tag);
+            key.push_str(suffix);
+            key
+        };
+        let (records, expiries) = (with(":r"), with(":e"));
+        [tag, records, expiries]
+    }
+
+    /// `model_id(model)`, from `model_ids` when it is there: a SHA-256 per call cost more than
+    /// building all the other arguments.
+    fn model_id(&self, model: &str) -> Arc<str> {
+        let mut ids = self.model_ids.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(id) = ids.get(model) {
+            return id.clone();
+        }
+        // Any client may name any model: the map is bounded, and emptied when full.
+        if ids.len() >= MODEL_IDS {
+            ids.clear();
+        }
+        let id: Arc<str> = model_id(model).into();
+        ids.insert(model.into(), id.clone());
+        id
     }
 
     /// The arguments every op starts with: op, now, the key's idle life, the records' life,
@@ -589,8 +641,15 @@ impl Inner {
         keys: &[String],
         args: &[Arg],
     ) -> Result<Value, redis::RedisError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(&self.library.0).arg(keys.len()).arg(keys).arg(args);
+        // Sized at once (about 30 arguments): grown as they were written, its two vectors were
+        // copied several times per call.
+        let bytes = 64 + keys.iter().map(String::len).sum::<usize>() + 20 * args.len();
+        let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), bytes);
+        cmd.arg("FCALL")
+            .arg(&self.library.0)
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
         match conn {
             Conn::Single(c) => cmd.query_async(c).await,
             Conn::Cluster(c) => cmd.query_async(c).await,
@@ -714,7 +773,7 @@ impl Inner {
         let mut models: Vec<(&String, &u64)> = totals.by_model.iter().collect();
         models.sort_by_key(|(m, t)| (!limits.models.contains_key(*m), std::cmp::Reverse(**t)));
         for (model, tokens) in models {
-            args.push(model_id(model).into());
+            args.push(self.model_id(model).into());
             args.push((*tokens).into());
             let limited = limits.models.contains_key(model);
             args.push(Arg::Int(limited.into()));
@@ -759,11 +818,11 @@ fn settle_args(
         .and_then(|l| l.tokens_per_minute);
     let mut args = inner.args(op, now);
     args.extend([
-        id.hex().into(),
-        ReservationId::next().hex().into(),
+        id.into(),
+        ReservationId::next().into(),
         actual.min(MAX_REQUEST_TOKENS).into(),
         limits.tokens_per_minute.unwrap_or(0).into(),
-        model.map_or(Arg::Static(""), |m| model_id(m).into()),
+        model.map_or(Arg::Static(""), |m| inner.model_id(m).into()),
         model_tpm.unwrap_or(0).into(),
     ]);
     // The key's bucket is refunded at its limit now (none when its limits were removed since).
@@ -897,6 +956,7 @@ impl RedisLimiter {
             live: Mutex::new(HashMap::default()),
             rebasing: Mutex::new(HashSet::new()),
             in_doubt: Mutex::new(HashMap::default()),
+            model_ids: Mutex::new(HashMap::default()),
         });
         let renewal = tokio::spawn(renew_leases(Arc::downgrade(&inner), options.lease / 3));
         Ok(RedisLimiter { inner, renewal })
@@ -979,15 +1039,15 @@ impl RedisLimiter {
             let id = ReservationId::next();
             let mut args = inner.args("reserve", now);
             args.extend([
-                id.hex().into(),
+                id.into(),
                 millis(inner.lease),
-                ReservationId::next().hex().into(),
+                ReservationId::next().into(),
                 rate.into(),
                 capacity.into(),
                 limits.tokens_per_minute.unwrap_or(0).into(),
                 limits.tokens_per_month.unwrap_or(0).into(),
                 limits.concurrent_requests.unwrap_or(0).into(),
-                model.map_or(Arg::Static(""), |m| model_id(m).into()),
+                model.map_or(Arg::Static(""), |m| inner.model_id(m).into()),
                 model_limits
                     .and_then(|l| l.tokens_per_minute)
                     .unwrap_or(0)
@@ -1185,7 +1245,7 @@ impl RedisLimiter {
             ]);
             args.extend(key_args(limits));
             for (model, l) in &limits.models {
-                args.push(model_id(model).into());
+                args.push(inner.model_id(model).into());
                 args.push(l.tokens_per_minute.unwrap_or(0).into());
             }
             let reply = inner.eval(&inner.keys(workspace), &args).await?;
