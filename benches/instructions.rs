@@ -23,6 +23,10 @@
 //! - `denied`: a chat completion from the workspace over its limit.
 //! - `direct`: the plain request sent straight to the mock upstream: what the client and the
 //!   upstream cost, for reading the others (`plain` − `direct` is what the gateway adds).
+//! - `redis`: the plain request through a second gateway, the first's twin with its limits in
+//!   the shared Redis (`TIERGATE_TEST_REDIS`, keys of this process's own). Redis's own work is
+//!   not counted: `redis` − `plain` is what the gateway spends on its calls. Without a Redis it
+//!   is skipped, loudly, except in CI, where it fails.
 //!
 //! # Determinism
 //! - One thread runs everything async; valgrind runs threads one at a time anyway. sqlx's
@@ -33,8 +37,9 @@
 //! - Requests run one at a time, each read to its end before the next.
 //!
 //! What remains (glibc malloc's paths, which depend on the heap's history; random keys and ids;
-//! hyper's per-second date header; the sqlx thread's wake-ups) moves the counts by less than 1%;
-//! the README gives the spread seen.
+//! hyper's per-second date header; the sqlx thread's wake-ups; in `redis`, the server's clock
+//! and how Redis's answers split across reads) moves the counts by less than 1%; the README
+//! gives the spread seen.
 //!
 //! # Modes
 //! - No argument (`cargo test --all-targets`): the scenario with a few requests, natively,
@@ -77,16 +82,24 @@ const PLAIN_BODY: &str = r#"{"model":"mistral-small-latest","messages":[{"role":
 const STREAM_BODY: &str = r#"{"model":"mistral-small-latest","messages":[{"role":"system","content":"You are a helpful assistant. Answer briefly."},{"role":"user","content":"What does a rate limiter do in front of an API, and why would a gateway settle the tokens a request really used instead of its estimate?"}],"max_tokens":64,"temperature":0.2,"stream":true}"#;
 
 /// The kinds of request measured, in the order they run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Plain,
     Stream,
     Denied,
     Direct,
+    /// The plain request through a second gateway, whose limits are in the shared Redis.
+    Redis,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Plain, Kind::Stream, Kind::Denied, Kind::Direct];
+    const ALL: [Kind; 5] = [
+        Kind::Plain,
+        Kind::Stream,
+        Kind::Denied,
+        Kind::Direct,
+        Kind::Redis,
+    ];
 
     /// The scenario's name, as dumped by callgrind and keyed in the baseline.
     fn name(self) -> &'static CStr {
@@ -95,6 +108,7 @@ impl Kind {
             Kind::Stream => c"stream",
             Kind::Denied => c"denied",
             Kind::Direct => c"direct",
+            Kind::Redis => c"redis",
         }
     }
 }
@@ -127,20 +141,81 @@ fn scenario(n: u64) {
         .enable_all()
         .build()
         .expect("a runtime");
+    let redis = shared_redis();
     rt.block_on(async {
-        let bench = Bench::start().await;
+        let local = Bench::start(None).await;
+        let shared = match &redis {
+            Some(url) => Some(Bench::start(Some(url)).await),
+            None => None,
+        };
+        let bench_of = |kind| match (kind, &shared) {
+            (Kind::Redis, Some(shared)) => Some(shared),
+            (Kind::Redis, None) => None,
+            _ => Some(&local),
+        };
         for kind in Kind::ALL {
-            bench.run(kind, WARM_UP).await;
+            if let Some(bench) = bench_of(kind) {
+                bench.run(kind, WARM_UP).await;
+                bench.state.recorder.flush().await;
+            }
         }
-        bench.state.recorder.flush().await;
         for kind in Kind::ALL {
+            let Some(bench) = bench_of(kind) else {
+                continue;
+            };
             callgrind::zero_stats();
             bench.run(kind, n).await;
             bench.state.recorder.flush().await;
             callgrind::dump_stats_at(kind.name());
         }
-        bench.stop().await;
+        local.stop().await;
+        if let Some(shared) = shared {
+            shared.stop().await;
+        }
     });
+}
+
+/// The shared Redis the tests use (`TIERGATE_TEST_REDIS`, default `redis://127.0.0.1:6379`),
+/// when it answers `PING`. Without it the `redis` scenario is skipped with a loud line, except
+/// in CI (`CI` set), where this fails, as the tests do.
+fn shared_redis() -> Option<String> {
+    use std::io::{Read, Write};
+    let url = std::env::var("TIERGATE_TEST_REDIS")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".into());
+    let answers = || -> std::io::Result<bool> {
+        let address = url
+            .strip_prefix("redis://")
+            .unwrap_or(&url)
+            .split('/')
+            .next()
+            .unwrap_or_default();
+        let address = address.rsplit('@').next().unwrap_or_default();
+        let addr = std::net::ToSocketAddrs::to_socket_addrs(address)?
+            .next()
+            .ok_or_else(|| std::io::Error::other("no address"))?;
+        let mut conn = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.write_all(b"PING\r\n")?;
+        let mut reply = [0u8; 7];
+        conn.read_exact(&mut reply)?;
+        Ok(&reply == b"+PONG\r\n")
+    };
+    match answers() {
+        Ok(true) => Some(url),
+        why => {
+            let shown = tiergate::config::redact(&url);
+            if std::env::var_os("CI").is_some() {
+                panic!("CI needs the shared Redis at {shown} for the `redis` scenario: {why:?}");
+            }
+            eprintln!(
+                "*** SKIP: the `redis` scenario: no Redis answers at {shown} ({why:?}); start \
+                 redis-server on 127.0.0.1:6379 or set TIERGATE_TEST_REDIS. ***"
+            );
+            None
+        }
+    }
 }
 
 /// The gateway, its mock upstream, and a client with the keys of the two workspaces.
@@ -158,7 +233,9 @@ struct Bench {
 }
 
 impl Bench {
-    async fn start() -> Bench {
+    /// The gateway, with its limits in the Redis at `redis` when given (under keys of this
+    /// process's own, which expire when idle: the shared server is never flushed).
+    async fn start(redis: Option<&str>) -> Bench {
         let dir = tempfile::tempdir().expect("a temp dir");
         let mock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let upstream = format!("http://{}", mock.local_addr().unwrap());
@@ -178,6 +255,8 @@ impl Bench {
                 url: Some(upstream.clone()),
                 ..RawUpstream::default()
             },
+            redis: redis.map(str::to_string),
+            redis_prefix: redis.map(|_| format!("bench-instructions-{}", std::process::id())),
             ..RawSettings::default()
         };
         let mut config = Config::try_from(raw).expect("valid settings");
@@ -259,6 +338,7 @@ impl Bench {
                     StatusCode::TOO_MANY_REQUESTS,
                 ),
                 Kind::Direct => (&self.upstream, &self.open_key, PLAIN_BODY, StatusCode::OK),
+                Kind::Redis => (&self.gateway, &self.open_key, PLAIN_BODY, StatusCode::OK),
             };
             let response = self
                 .client
@@ -391,7 +471,10 @@ fn print_table(baseline: &BTreeMap<String, u64>, now: &BTreeMap<String, u64>) ->
     );
     for kind in Kind::ALL {
         let name = kind.name().to_str().expect("ASCII");
-        let now = now[name];
+        let Some(&now) = now.get(name) else {
+            println!("{name:<10} {:>14} {:>14} {:>9}", "-", "-", "skipped");
+            continue;
+        };
         let (was, change) = match baseline.get(name) {
             Some(&was) if was > 0 => {
                 let change = (now as f64 - was as f64) / was as f64 * 100.0;
@@ -410,7 +493,10 @@ fn print_table(baseline: &BTreeMap<String, u64>, now: &BTreeMap<String, u64>) ->
         };
         println!("{name:<10} {was:>14} {now:>14} {change:>9}");
     }
-    println!("(instructions per request; `plain` - `direct` is what the gateway adds)");
+    println!(
+        "(instructions per request, of this process only: `plain` - `direct` is what the gateway \
+         adds; `redis` is `plain` with the limits in Redis, whose own work is not counted)"
+    );
     if improved && passed {
         println!(
             "\nnote: a scenario improved by more than {THRESHOLD}%; bless the new counts so that \
@@ -450,7 +536,8 @@ fn measure() -> Result<BTreeMap<String, u64>, String> {
     }
     for kind in Kind::ALL {
         let name = kind.name().to_str().expect("ASCII");
-        if !totals.contains_key(name) {
+        // The `redis` scenario is skipped without a Redis (and fails in CI, in the run itself).
+        if !totals.contains_key(name) && kind != Kind::Redis {
             return Err(format!("callgrind wrote no dump for `{name}`"));
         }
     }
