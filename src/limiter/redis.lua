@@ -510,10 +510,11 @@ local function tok_view(tpm, p)
   return math.floor(math.max(level, 0) / U), tok_full_at(level, at, tpm), balance
 end
 
--- A key's windows: requests remaining, full at, tokens remaining, full at, month used (zeros
--- without a key).
+-- A key's windows: requests remaining, full at, tokens remaining, full at, month used; nothing
+-- without a key. A reserve's answer ends with them, and its caller reads them only when it sent
+-- a key: most answers are then a third shorter, and parsed that much faster.
 local function key_view(kid, krate, krcap, ktpm)
-  if kid == '' then return 0, 0, 0, 0, 0 end
+  if kid == '' then return end
   local kp = key_prefix(kid)
   local rr, rf = 0, 0
   if krate > 0 then
@@ -598,9 +599,8 @@ if op == 'reserve' then
     end
     local tr, tf = tok_view(tpm)
     local settled, reserved = month_used()
-    local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
     return {1, now, N(r[2]), r[3], rr, rf, tr, tf, settled + reserved, month_of(now),
-      krr, krf, ktr, ktf, kused}
+      key_view(kid, krate, krcap, ktpm)}
   end
   local gen, based, mk = month_counter(cand)
   if (not based and (mcap > 0 or mmcap > 0 or ARGV[19] == '1'))
@@ -691,9 +691,8 @@ if op == 'reserve' then
     local rr, rf = 0, 0
     if rate > 0 then rr, rf = req_view(rlevel, rat, rcap, rate) end
     local tr, tf = tok_view(tpm)
-    local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
     return {0, now, best_kind, best_limit, best_at, rr, rf, tr, tf, settled + reserved, mk,
-      krr, krf, ktr, ktf, kused}
+      key_view(kid, krate, krcap, ktpm)}
   end
 
   -- Admit: take from every limit.
@@ -744,9 +743,8 @@ if op == 'reserve' then
   record(id, 'L|' .. S(tokens) .. '|' .. gen .. '|' .. m .. '|' .. slot .. '|' .. kid,
     now + lease * 1000)
   finish()
-  local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
   return {1, now, tokens, gen, rr, rf, tr, tf, settled + reserved + tokens, mk,
-    krr, krf, ktr, ktf, kused}
+    key_view(kid, krate, krcap, ktpm)}
 end
 
 if op == 'settle' or op == 'cancel' then
@@ -879,7 +877,8 @@ if op == 'usage' then
   end
   local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
-  local krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm)
+  local krr, krf, ktr, ktf, kused = 0, 0, 0, 0, 0
+  if kid ~= '' then krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm) end
   local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, state.inflight or 0, mk, gen,
     krr, krf, ktr, ktf, kused}
   -- Then, per model asked about: tokens left this minute, when whole again, used this month.
