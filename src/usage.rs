@@ -209,7 +209,7 @@ pub struct Recorder {
     recent: Arc<Mutex<HashMap<ViewKey, (std::time::Instant, LedgerView)>>>,
     /// Recent reads of workspaces' usage history, reused for `RECENT_READS` likewise.
     recent_history: Arc<Mutex<HashMap<HistoryKey, (std::time::Instant, UsageHistory)>>>,
-    denials: Arc<Mutex<HashMap<DenialKey, u64>>>,
+    denials: Arc<Mutex<Map<DenialKey, u64>>>,
     metrics: Arc<Metrics>,
     /// Unix seconds of the last "dropped" log line, so a flood logs once every 10 s.
     last_drop_log: Arc<AtomicU64>,
@@ -248,7 +248,7 @@ impl Recorder {
     ) -> (Recorder, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(CHANNEL);
         let store_for_reads = store.clone();
-        let denials = Arc::new(Mutex::new(HashMap::new()));
+        let denials = Arc::new(Mutex::new(Map::default()));
         let last_drop_log = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             store,
@@ -257,16 +257,16 @@ impl Recorder {
             deferred: VecDeque::new(),
             clock,
             metrics: metrics.clone(),
-            pending: HashMap::new(),
-            pending_hours: HashMap::new(),
-            pending_keys: HashMap::new(),
+            pending: Map::default(),
+            pending_hours: Map::default(),
+            pending_keys: Map::default(),
             sealed: VecDeque::new(),
             sealed_rows: 0,
             writer_id: writer_id(),
             next_batch: 0,
             last_prune: 0,
             denials: denials.clone(),
-            models_today: HashMap::new(),
+            models_today: Map::default(),
             max_pending,
             last_drop_log: last_drop_log.clone(),
         };
@@ -453,6 +453,12 @@ fn dropped(metrics: &Metrics, last_log: &AtomicU64, tokens: u64) {
 /// A row of the ledger as the writer adds it up: workspace, day, model, counter generation, and
 /// the shadow's counter generation.
 type RowKey = (WorkspaceId, String, String, Option<String>, Option<String>);
+/// The writer's maps (and the denials' count) hash with foldhash, not SipHash: each settled
+/// request hashes three or four keys of strings. Model names are the clients', but each map is
+/// bounded (`max_pending`, `MAX_DENIAL_KEYS`, `MAX_MODELS_PER_DAY` names per workspace and day)
+/// and seeded at random, so a client cannot make one degrade past those bounds.
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+type Set<T> = HashSet<T, foldhash::fast::RandomState>;
 /// A row of the hourly rollup: workspace, the hour's start.
 type HourKey = (WorkspaceId, i64);
 /// A row of the rollup by key: workspace, day, key, counter generation (as `RowKey`'s: the
@@ -486,7 +492,7 @@ struct Addition {
 }
 
 /// True when `key` has a row in `map`, or there is room for a new one under `max`.
-fn fits<K: std::hash::Hash + Eq, V>(map: &HashMap<K, V>, key: &K, max: usize) -> bool {
+fn fits<K: std::hash::Hash + Eq, V>(map: &Map<K, V>, key: &K, max: usize) -> bool {
     map.len() < max || map.contains_key(key)
 }
 
@@ -498,11 +504,11 @@ struct Writer {
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     /// Rows added up since the last batch was sealed.
-    pending: HashMap<RowKey, Sums>,
+    pending: Map<RowKey, Sums>,
     /// The same settlements and denials, rolled up per workspace and hour, and per workspace,
     /// day and key.
-    pending_hours: HashMap<HourKey, HourSums>,
-    pending_keys: HashMap<KeyDayKey, Sums>,
+    pending_hours: Map<HourKey, HourSums>,
+    pending_keys: Map<KeyDayKey, Sums>,
     /// Batches sent at least once and not yet known to be written, oldest first; sent again
     /// as they are (id and rows) until the store takes them.
     sealed: VecDeque<LedgerBatch>,
@@ -512,9 +518,10 @@ struct Writer {
     writer_id: String,
     next_batch: u64,
     last_prune: i64,
-    denials: Arc<Mutex<HashMap<DenialKey, u64>>>,
-    /// The model names recorded per workspace and day (today's and yesterday's only).
-    models_today: HashMap<(WorkspaceId, String), HashSet<String>>,
+    denials: Arc<Mutex<Map<DenialKey, u64>>>,
+    /// The model names recorded per day (today's and yesterday's only) and workspace: by day
+    /// first, so that a settlement looks its names up without making a key of its day.
+    models_today: Map<String, Map<WorkspaceId, Set<String>>>,
     max_pending: usize,
     last_drop_log: Arc<AtomicU64>,
 }
@@ -697,13 +704,14 @@ impl Writer {
         if model.is_empty() || model == OTHER_MODEL {
             return model;
         }
-        if let Some(seen) = self.models_today.get(&(workspace, day.to_string())) {
+        let today = self.models_today.get(day);
+        if let Some(seen) = today.and_then(|by_workspace| by_workspace.get(&workspace)) {
             if seen.contains(&model) {
                 return model;
             }
         }
-        let key = (workspace, day.to_string());
-        if !self.models_today.contains_key(&key) && self.models_today.len() >= MAX_DENIAL_KEYS {
+        let known = today.is_some_and(|by_workspace| by_workspace.contains_key(&workspace));
+        if !known && self.models_today.values().map(Map::len).sum::<usize>() >= MAX_DENIAL_KEYS {
             // Bounded: forgetting costs at most another `MAX_MODELS_PER_DAY` names in a day.
             self.models_today.clear();
         }
@@ -711,7 +719,15 @@ impl Writer {
             .catalog
             .limits_of(workspace)
             .is_some_and(|l| l.models.contains_key(&model));
-        let seen = self.models_today.entry(key).or_default();
+        if !self.models_today.contains_key(day) {
+            self.models_today.insert(day.to_string(), Map::default());
+        }
+        let seen = self
+            .models_today
+            .get_mut(day)
+            .expect("just made")
+            .entry(workspace)
+            .or_default();
         if seen.len() < MAX_MODELS_PER_DAY || limited {
             seen.insert(model.clone());
             model
@@ -863,7 +879,7 @@ impl Writer {
     async fn write(&mut self) {
         // Names are capped per day: yesterday's and today's are enough to remember.
         let yesterday = day_of(self.clock.now().saturating_sub(24 * 3600 * NANOS_PER_SEC));
-        self.models_today.retain(|(_, d), _| *d >= yesterday);
+        self.models_today.retain(|d, _| *d >= yesterday);
         self.take_denials();
         // Batches that failed go first, as they were. Only once they are written are the rows
         // added up since sealed into new ones: while the store is down, settlements keep adding
