@@ -3,7 +3,7 @@
 //! with the same fields again as OpenAI's `"error": {"message","type","param","code"}`.
 //! Internal details go to the log, never to the client.
 
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
 use super::headers;
@@ -234,6 +234,10 @@ fn describe(denial: &Denial) -> String {
     }
 }
 
+/// Names every denial sets, as constants: a name given as text is parsed and checked on each use.
+const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
 fn denial_response(denial: &Denial, budget: bool) -> Response {
     let limit = match (budget, denial.model.is_some()) {
         (true, false) => "workspace_budget",
@@ -283,11 +287,11 @@ fn denial_response(denial: &Denial, budget: bool) -> Response {
     if denial.kind != DenialKind::RequestTooLarge {
         let secs = denial.retry_after.div_ceil(NANOS_PER_SEC).max(1);
         let ms = denial.retry_after.div_ceil(1_000_000).max(1);
-        h.insert("retry-after", HeaderValue::from(secs));
-        h.insert("retry-after-ms", HeaderValue::from(ms));
+        h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        h.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
     }
     if denial.kind != DenialKind::RateLimited {
-        h.insert("x-should-retry", HeaderValue::from_static("false"));
+        h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     response
 }

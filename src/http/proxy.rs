@@ -127,7 +127,7 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
         }
     };
     response.headers_mut().insert(
-        "x-request-id",
+        X_REQUEST_ID,
         shown_id.unwrap_or_else(|| request_id.header_value()),
     );
     seen.answered(response.status().as_u16());
@@ -138,10 +138,15 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
     response
 }
 
+/// Header names as constants: a name given as text is parsed and checked on each use (the first
+/// is read and set on every request).
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_RATELIMIT_SHADOW_DENIED: HeaderName = HeaderName::from_static("x-ratelimit-shadow-denied");
+
 /// The client's `x-request-id` when it is one the gateway may echo and log: 1 to 128 characters
 /// of `A-Z a-z 0-9 - _ . : / + = @`. Anything else is ignored and the gateway's own id is used.
 fn client_request_id(headers: &HeaderMap) -> Option<HeaderValue> {
-    let v = headers.get("x-request-id")?;
+    let v = headers.get(X_REQUEST_ID)?;
     let b = v.as_bytes();
     let valid = (1..=128).contains(&b.len())
         && b.iter()
@@ -525,7 +530,7 @@ async fn forward(
     headers::apply(families, &snapshot, now, response.headers_mut());
     if let Some(limit) = shadow_denied {
         response.headers_mut().insert(
-            "x-ratelimit-shadow-denied",
+            X_RATELIMIT_SHADOW_DENIED,
             HeaderValue::from_static(limit.as_str()),
         );
     }
