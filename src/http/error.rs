@@ -201,36 +201,30 @@ fn body(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Re
     response
 }
 
-/// "1 request per second", "500000 tokens per minute", ...
-fn describe(denial: &Denial) -> String {
+/// Appends "1 request per second", "500000 tokens per minute", ... to `out`: written piece by
+/// piece, without `fmt`, since every denial says it.
+fn describe(denial: &Denial, out: &mut String) {
     let v = denial.limit_value;
-    let value = if v.fract() == 0.0 {
-        format!("{}", v as u64)
-    } else {
-        format!("{v}")
+    let one = v == 1.0;
+    let (unit, of_model) = match denial.limit {
+        LimitName::RequestsPerSecond if one => ("request per second", false),
+        LimitName::RequestsPerSecond => ("requests per second", false),
+        LimitName::TokensPerMinute | LimitName::ModelTokensPerMinute => ("tokens per minute", true),
+        LimitName::TokensPerMonth | LimitName::ModelTokensPerMonth => ("tokens per month", true),
+        LimitName::ConcurrentRequests if one => ("concurrent request", false),
+        LimitName::ConcurrentRequests => ("concurrent requests", false),
+        LimitName::KeyRequestsPerSecond if one => ("request per second for this API key", false),
+        LimitName::KeyRequestsPerSecond => ("requests per second for this API key", false),
+        LimitName::KeyTokensPerMinute => ("tokens per minute for this API key", false),
+        LimitName::KeyTokensPerMonth => ("tokens per month for this API key", false),
     };
-    let model = denial
-        .model
-        .as_deref()
-        .map(|m| format!(" for model '{m}'"))
-        .unwrap_or_default();
-    match denial.limit {
-        LimitName::RequestsPerSecond if v == 1.0 => "1 request per second".to_string(),
-        LimitName::RequestsPerSecond => format!("{value} requests per second"),
-        LimitName::TokensPerMinute | LimitName::ModelTokensPerMinute => {
-            format!("{value} tokens per minute{model}")
-        }
-        LimitName::TokensPerMonth | LimitName::ModelTokensPerMonth => {
-            format!("{value} tokens per month{model}")
-        }
-        LimitName::ConcurrentRequests if v == 1.0 => "1 concurrent request".to_string(),
-        LimitName::ConcurrentRequests => format!("{value} concurrent requests"),
-        LimitName::KeyRequestsPerSecond if v == 1.0 => {
-            "1 request per second for this API key".to_string()
-        }
-        LimitName::KeyRequestsPerSecond => format!("{value} requests per second for this API key"),
-        LimitName::KeyTokensPerMinute => format!("{value} tokens per minute for this API key"),
-        LimitName::KeyTokensPerMonth => format!("{value} tokens per month for this API key"),
+    headers::push_number(out, v);
+    out.push(' ');
+    out.push_str(unit);
+    if let Some(model) = denial.model.as_deref().filter(|_| of_model) {
+        out.push_str(" for model '");
+        out.push_str(model);
+        out.push('\'');
     }
 }
 
@@ -239,49 +233,7 @@ const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
 fn denial_response(denial: &Denial, budget: bool) -> Response {
-    let limit = match (budget, denial.model.is_some()) {
-        (true, false) => "workspace_budget",
-        (true, true) => "model_budget",
-        (false, _) => denial.limit.as_str(),
-    };
-    let wait = headers::duration(denial.retry_after);
-    let (kind, message) = match denial.kind {
-        DenialKind::QuotaExceeded if budget => (
-            "quota_exceeded",
-            format!(
-                "Monthly budget reached: {} ({limit}), the cap this workspace set for itself. It renews in {wait}, at the start of next month (UTC); raise or clear it with PUT /v1/budget to continue sooner.",
-                describe(denial)
-            ),
-        ),
-        DenialKind::RateLimited => (
-            "rate_limited",
-            format!(
-                "Rate limit exceeded: {} ({limit}). Retry in {wait}.",
-                describe(denial)
-            ),
-        ),
-        DenialKind::QuotaExceeded if denial.limit == LimitName::KeyTokensPerMonth => (
-            "quota_exceeded",
-            format!(
-                "Monthly quota of this API key exceeded: {} ({limit}). It renews in {wait}, at the start of next month (UTC); the workspace's other keys are not affected, and the operator can raise this key's limit.",
-                describe(denial)
-            ),
-        ),
-        DenialKind::QuotaExceeded => (
-            "quota_exceeded",
-            format!(
-                "Monthly quota exceeded: {} ({limit}). It renews in {wait}, at the start of next month (UTC); ask for an increase to continue sooner.",
-                describe(denial)
-            ),
-        ),
-        DenialKind::RequestTooLarge => (
-            "request_too_large",
-            format!(
-                "This request can never fit: its prompt alone exceeds the limit of {} ({limit}). Send a smaller request or ask for an increase; retrying will not help.",
-                describe(denial)
-            ),
-        ),
-    };
+    let (limit, kind, message) = denial_message(denial, budget);
     let mut response = body(StatusCode::TOO_MANY_REQUESTS, kind, Some(limit), &message);
     let h = response.headers_mut();
     if denial.kind != DenialKind::RequestTooLarge {
@@ -294,6 +246,67 @@ fn denial_response(denial: &Denial, budget: bool) -> Response {
         h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     response
+}
+
+/// A denial's code (the limit), type and message.
+fn denial_message(denial: &Denial, budget: bool) -> (&'static str, &'static str, String) {
+    let limit = match (budget, denial.model.is_some()) {
+        (true, false) => "workspace_budget",
+        (true, true) => "model_budget",
+        (false, _) => denial.limit.as_str(),
+    };
+    let wait = || headers::duration(denial.retry_after);
+    let what = || {
+        let mut what = String::with_capacity(48);
+        describe(denial, &mut what);
+        what
+    };
+    let (kind, message) = match denial.kind {
+        DenialKind::QuotaExceeded if budget => (
+            "quota_exceeded",
+            format!(
+                "Monthly budget reached: {} ({limit}), the cap this workspace set for itself. It renews in {wait}, at the start of next month (UTC); raise or clear it with PUT /v1/budget to continue sooner.",
+                what(),
+                wait = wait()
+            ),
+        ),
+        DenialKind::RateLimited => {
+            // The denial that comes in floods: written without `fmt`.
+            let mut message = String::with_capacity(96);
+            message.push_str("Rate limit exceeded: ");
+            describe(denial, &mut message);
+            message.push_str(" (");
+            message.push_str(limit);
+            message.push_str("). Retry in ");
+            headers::push_duration(denial.retry_after, &mut message);
+            message.push('.');
+            ("rate_limited", message)
+        }
+        DenialKind::QuotaExceeded if denial.limit == LimitName::KeyTokensPerMonth => (
+            "quota_exceeded",
+            format!(
+                "Monthly quota of this API key exceeded: {} ({limit}). It renews in {wait}, at the start of next month (UTC); the workspace's other keys are not affected, and the operator can raise this key's limit.",
+                what(),
+                wait = wait()
+            ),
+        ),
+        DenialKind::QuotaExceeded => (
+            "quota_exceeded",
+            format!(
+                "Monthly quota exceeded: {} ({limit}). It renews in {wait}, at the start of next month (UTC); ask for an increase to continue sooner.",
+                what(),
+                wait = wait()
+            ),
+        ),
+        DenialKind::RequestTooLarge => (
+            "request_too_large",
+            format!(
+                "This request can never fit: its prompt alone exceeds the limit of {} ({limit}). Send a smaller request or ask for an increase; retrying will not help.",
+                what()
+            ),
+        ),
+    };
+    (limit, kind, message)
 }
 
 impl IntoResponse for ApiError {
@@ -416,6 +429,54 @@ impl IntoResponse for ApiError {
 #[cfg(test)]
 mod tests {
     use super::ErrorBody;
+    use crate::limiter::{Denial, DenialKind, LimitName};
+
+    /// The denials' messages, written piece by piece, read as the `format!`s before them wrote
+    /// them: every limit's wording, one and many, fractions, models only on token limits.
+    #[test]
+    fn denial_messages_read_as_they_did() {
+        let ms = 1_000_000;
+        let denial = |kind, limit, model: Option<&str>, limit_value, retry_after| Denial {
+            kind,
+            limit,
+            model: model.map(str::to_string),
+            limit_value,
+            retry_after,
+        };
+        use DenialKind::{QuotaExceeded, RateLimited, RequestTooLarge};
+        use LimitName::*;
+        let cases = [
+            (denial(RateLimited, RequestsPerSecond, None, 1.0, 1000 * ms), false,
+             "Rate limit exceeded: 1 request per second (requests_per_second). Retry in 1s."),
+            (denial(RateLimited, RequestsPerSecond, None, 0.5, 250 * ms), false,
+             "Rate limit exceeded: 0.5 requests per second (requests_per_second). Retry in 250ms."),
+            (denial(RateLimited, ModelTokensPerMinute, Some("m-1"), 500_000.0, 360_000 * ms), false,
+             "Rate limit exceeded: 500000 tokens per minute for model 'm-1' (model_tokens_per_minute). Retry in 6m0s."),
+            (denial(RateLimited, TokensPerMinute, None, 1.0, 1500 * ms), false,
+             "Rate limit exceeded: 1 tokens per minute (tokens_per_minute). Retry in 1.5s."),
+            (denial(RateLimited, ConcurrentRequests, None, 1.0, ms), false,
+             "Rate limit exceeded: 1 concurrent request (concurrent_requests). Retry in 1ms."),
+            (denial(RateLimited, ConcurrentRequests, None, 4.0, ms), false,
+             "Rate limit exceeded: 4 concurrent requests (concurrent_requests). Retry in 1ms."),
+            (denial(RateLimited, KeyRequestsPerSecond, None, 1.0, ms), false,
+             "Rate limit exceeded: 1 request per second for this API key (key_requests_per_second). Retry in 1ms."),
+            (denial(RateLimited, KeyRequestsPerSecond, None, 2.5, ms), false,
+             "Rate limit exceeded: 2.5 requests per second for this API key (key_requests_per_second). Retry in 1ms."),
+            (denial(RateLimited, KeyTokensPerMinute, None, 100.0, ms), false,
+             "Rate limit exceeded: 100 tokens per minute for this API key (key_tokens_per_minute). Retry in 1ms."),
+            (denial(QuotaExceeded, TokensPerMonth, None, 100.0, 3_600_000 * ms), false,
+             "Monthly quota exceeded: 100 tokens per month (tokens_per_month). It renews in 1h0m0s, at the start of next month (UTC); ask for an increase to continue sooner."),
+            (denial(QuotaExceeded, ModelTokensPerMonth, Some("m"), 7.0, 1000 * ms), true,
+             "Monthly budget reached: 7 tokens per month for model 'm' (model_budget), the cap this workspace set for itself. It renews in 1s, at the start of next month (UTC); raise or clear it with PUT /v1/budget to continue sooner."),
+            (denial(QuotaExceeded, KeyTokensPerMonth, None, 9.0, 1000 * ms), false,
+             "Monthly quota of this API key exceeded: 9 tokens per month for this API key (key_tokens_per_month). It renews in 1s, at the start of next month (UTC); the workspace's other keys are not affected, and the operator can raise this key's limit."),
+            (denial(RequestTooLarge, TokensPerMinute, Some("m"), 10.0, 0), false,
+             "This request can never fit: its prompt alone exceeds the limit of 10 tokens per minute for model 'm' (tokens_per_minute). Send a smaller request or ask for an increase; retrying will not help."),
+        ];
+        for (denial, budget, expected) in cases {
+            assert_eq!(super::denial_message(&denial, budget).2, expected);
+        }
+    }
 
     /// The body written by hand is the one serde makes of `ErrorBody` (the OpenAPI document's
     /// `Error` schema), byte for byte: with and without a code, with text that must be escaped.

@@ -26,7 +26,7 @@ fn push_u64(out: &mut String, n: u64) {
 }
 
 /// Appends `duration(nanos)` to `out`.
-fn push_duration(nanos: Nanos, out: &mut String) {
+pub(super) fn push_duration(nanos: Nanos, out: &mut String) {
     let ms = nanos.div_ceil(1_000_000);
     if ms == 0 {
         out.push_str("0s");
@@ -69,7 +69,7 @@ fn push_duration(nanos: Nanos, out: &mut String) {
 }
 
 /// Appends a limit: an integer as such, else its shortest decimal form (`0.5`).
-fn push_number(out: &mut String, v: f64) {
+pub(super) fn push_number(out: &mut String, v: f64) {
     if v.fract() == 0.0 {
         push_u64(out, v as u64);
     } else {
