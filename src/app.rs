@@ -30,8 +30,8 @@ use crate::webhooks::Dispatcher;
 pub enum AppError {
     #[error("store: {0}")]
     Store(#[from] StoreError),
-    #[error("upstream client: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error("webhook client: {0}")]
+    WebhookClient(#[from] reqwest::Error),
     #[error("upstream.url cannot be made into a request URI")]
     UpstreamUrl,
     #[error("upstream TLS: {0}")]

@@ -69,10 +69,7 @@ impl ReservationId {
 
     /// The id as 32 lowercase hex digits (as `Display` writes it).
     pub fn hex(&self) -> String {
-        let digits = self.hex_digits();
-        std::str::from_utf8(&digits)
-            .expect("hex digits")
-            .to_string()
+        crate::hex(&self.0.to_be_bytes())
     }
 
     /// `hex`, on the stack: two are written per call to Redis.

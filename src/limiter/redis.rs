@@ -1348,3 +1348,53 @@ impl Limiter for RedisLimiter {
         Answer::later(self.usage_async(workspace, limits, now))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoLedger;
+
+    #[async_trait::async_trait]
+    impl MonthSource for NoLedger {
+        async fn month_totals(
+            &self,
+            _: WorkspaceId,
+            _: MonthKey,
+            _: Option<&str>,
+        ) -> Result<super::super::MonthTotals, LimiterError> {
+            Ok(Default::default())
+        }
+    }
+
+    /// The model ids kept are those `model_id` makes, and no more than `MODEL_IDS` of them are
+    /// kept however many names clients send. (No Redis is needed: nothing here connects.)
+    #[tokio::test]
+    async fn model_ids_are_kept_within_their_bound() {
+        let options = RedisOptions {
+            topology: Topology::Single("redis://127.0.0.1:1".into()),
+            prefix: "t".into(),
+            timeout: Duration::from_millis(50),
+            lease: Duration::from_secs(30),
+            time: TimeSource::Caller,
+        };
+        let limiter = RedisLimiter::new(options, Arc::new(NoLedger)).unwrap();
+        let inner = &limiter.inner;
+        let kept = || inner.model_ids.lock().unwrap().len();
+        // Under the bound: each name once, asked twice.
+        for i in 0..MODEL_IDS {
+            let name = format!("model-{i}");
+            assert_eq!(&*inner.model_id(&name), model_id(&name));
+            assert_eq!(&*inner.model_id(&name), model_id(&name));
+        }
+        assert_eq!(kept(), MODEL_IDS);
+        // Over it: the map is emptied and starts again, and ids stay right.
+        for i in MODEL_IDS..MODEL_IDS + 10 {
+            let name = format!("model-{i}");
+            assert_eq!(&*inner.model_id(&name), model_id(&name));
+            assert!(kept() <= MODEL_IDS, "{}", kept());
+        }
+        assert_eq!(kept(), 10);
+        assert_eq!(&*inner.model_id("model-0"), model_id("model-0"));
+    }
+}
