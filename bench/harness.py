@@ -535,7 +535,8 @@ class Tiergate(Peer):
             self.procs.append(self.redis_proc)
             wait_port(rport, self.redis_proc, 10)
             args += ["--redis", f"redis://127.0.0.1:{rport}"]
-        env = {"TOKIO_WORKER_THREADS": "1", "TIERGATE_LOG": "warn"}
+        args += ["--workers", "1"]
+        env = {"TIERGATE_LOG": "warn"}
         self.gw = Proc(self.name, args, PEER_CORE, d / "out.log", env=env)
         self.procs.append(self.gw)
         wait_http(self.port, "/healthz", self.gw, 60)

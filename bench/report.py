@@ -474,8 +474,8 @@ def generate(results_path: Path, out: Path, bench_md: Path | None) -> None:
     md.append("")
     md.append(f"""- **Rig.** Everything on loopback. Core 0: the load generator (oha, one worker
   thread) and the upstream (nginx, 1 worker). Core 1: the peer under test, alone (nginx with 1
-  worker; LiteLLM with 1 worker; tiergate with one tokio worker, `TOKIO_WORKER_THREADS=1`,
-  whose other threads are on core 1 too), and **Redis on core 1 as well, beside the gateway**
+  worker; LiteLLM with 1 worker; tiergate with `--workers 1`, tokio's single-threaded
+  scheduler, whose other threads are on core 1 too), and **Redis on core 1 as well, beside the gateway**
   for tiergate (Redis). Placement by `taskset`. All peers run for the whole benchmark; the
   ones not being measured are stopped with SIGSTOP so that they take no CPU.
 - **Upstream.** nginx answering every request with a fixed chat completion carrying `usage`

@@ -586,9 +586,25 @@ fn model_limit(limits: &mut Limits, arg: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let ServeArgs { config, settings } = args;
-    let config = Config::load(&settings.0, config.as_deref(), env_var)?;
+/// The runtime `serve` runs on: `workers` threads, or one per core. One thread is tokio's
+/// single-threaded scheduler, not a multi-threaded one with one worker: it does the same work on
+/// one core with less bookkeeping per wake-up.
+fn serve_runtime(
+    workers: Option<std::num::NonZeroUsize>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match workers.map(|n| n.get()) {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = init_tracing(config.log_format);
     config.upstream_url()?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
@@ -896,7 +912,7 @@ async fn audit(args: AuditArgs) -> anyhow::Result<()> {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => serve(*args).await?,
+        Command::Serve(_) => unreachable!("serve runs on a runtime of its own"),
         Command::Demo { listen, data_dir } => {
             tiergate::demo::run(
                 tiergate::demo::DemoOptions { listen, data_dir },
@@ -951,10 +967,24 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let command = Cli::parse().command;
-    // `serve` sets up logging once its configuration (log_format) is read.
-    let _telemetry = (!matches!(command, Command::Serve(_))).then(|| init_tracing(LogFormat::Text));
-    run(command).await
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        // The configuration is read before the runtime is built, since it says how many
+        // threads serve; `serve` sets up logging once it has read log_format.
+        Command::Serve(args) => {
+            let ServeArgs { config, settings } = *args;
+            let config = Config::load(&settings.0, config.as_deref(), env_var)?;
+            serve_runtime(config.workers)
+                .context("starting the runtime")?
+                .block_on(serve(config))
+        }
+        command => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the runtime")?
+            .block_on(async {
+                let _telemetry = init_tracing(LogFormat::Text);
+                run(command).await
+            }),
+    }
 }

@@ -267,8 +267,19 @@ async fn a_killed_gateway_loses_at_most_one_flush_of_what_finished_and_counts_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_gateway_finishes_what_is_in_flight_and_settles_all_of_it() {
+    stop_finishes_and_settles(&[]).await;
+}
+
+/// The same on one thread (`--workers 1`, tokio's single-threaded scheduler): streams, the
+/// ledger writer and the stop all share it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_on_one_thread_serves_and_stops_the_same() {
+    stop_finishes_and_settles(&["--workers", "1"]).await;
+}
+
+async fn stop_finishes_and_settles(args: &[&str]) {
     let install = Installation::new().await;
-    let mut gateway = install.start(&[]).await;
+    let mut gateway = install.start(args).await;
     let (ws, key) = workspace(&gateway.url, "load").await;
 
     let load = Load::start(&gateway.url, &key, 16);
