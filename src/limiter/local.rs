@@ -8,10 +8,11 @@
 //! - 64 shards by workspace id, each on its own cache lines, so that decisions for workspaces
 //!   of different shards on different threads do not contend;
 //! - per shard, the workspace states (`States`): held unboxed in fixed chunks, and found
-//!   through a hash table of 4-byte indices, hashed with foldhash (the ids are the store's,
-//!   never a client's choice). With a million workspaces the table is a few megabytes and mostly
-//!   stays in the processor's cache, so a decision's one miss is the state itself; a table of
-//!   (id, box) pairs was four times as large and added a miss;
+//!   through an index of 8-byte entries, each a tag of the id's hash (foldhash: the ids are the
+//!   store's, never a client's choice) beside the state's position (`Index`). With a million
+//!   workspaces a lookup misses the cache on the index's one line and then on the state; a
+//!   hashbrown table of positions missed on its control bytes and then on the bucket as well,
+//!   and a table of (id, box) pairs was four times as large;
 //! - per shard, the ids of the reservations not yet settled (what makes settling idempotent):
 //!   it holds what is in flight, not one set per workspace;
 //! - per shard, the model names its states share (`ModelNames`), so a name is stored once per
@@ -31,6 +32,133 @@ const SHARDS: usize = 64;
 
 type Fast = foldhash::fast::RandomState;
 
+/// The positions of a shard's states, by workspace id: open addressing with linear probing over
+/// 8-byte entries, each the high half of the id's hash (its tag) and the position (plus one; 0
+/// is empty). A lookup reads the entries from the tag's home on, so it finds the position in the
+/// cache line it reads first, where a hashbrown table reads its control bytes and then, in
+/// another line, the bucket: with a million workspaces both miss the cache, one after the other
+/// (BENCHMARKS.md, "Micro-benchmarks"). The home is the tag's low bits, so growing and removing
+/// need only the entries, never the states. At most three quarters full, so a probe is short.
+/// Written here because no well-kept crate keeps the tag beside the value.
+#[derive(Default)]
+struct Index {
+    entries: Box<[u64]>,
+    len: usize,
+}
+
+impl Index {
+    const EMPTY: u64 = 0;
+
+    fn tag(hash: u64) -> u32 {
+        (hash >> 32) as u32
+    }
+
+    fn entry(tag: u32, at: u32) -> u64 {
+        (u64::from(tag) << 32) | (u64::from(at) + 1)
+    }
+
+    fn at(entry: u64) -> u32 {
+        (entry as u32).wrapping_sub(1)
+    }
+
+    fn mask(&self) -> usize {
+        self.entries.len().wrapping_sub(1)
+    }
+
+    /// The slot holding the entry of `hash` for which `is` holds, if any.
+    fn slot(&self, hash: u64, mut is: impl FnMut(u32) -> bool) -> Option<usize> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        let tag = Self::tag(hash);
+        let mask = self.mask();
+        let mut i = tag as usize & mask;
+        loop {
+            let e = self.entries[i];
+            if e == Self::EMPTY {
+                return None;
+            }
+            if (e >> 32) as u32 == tag && is(Self::at(e)) {
+                return Some(i);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    fn find(&self, hash: u64, is: impl FnMut(u32) -> bool) -> Option<u32> {
+        self.slot(hash, is).map(|i| Self::at(self.entries[i]))
+    }
+
+    fn insert(&mut self, hash: u64, at: u32) {
+        if (self.len + 1) * 4 > self.entries.len() * 3 {
+            self.grow();
+        }
+        self.put(Self::entry(Self::tag(hash), at));
+        self.len += 1;
+    }
+
+    fn put(&mut self, entry: u64) {
+        let mask = self.mask();
+        let mut i = (entry >> 32) as usize & mask;
+        while self.entries[i] != Self::EMPTY {
+            i = (i + 1) & mask;
+        }
+        self.entries[i] = entry;
+    }
+
+    fn grow(&mut self) {
+        let size = (self.entries.len() * 2).max(8);
+        let old = std::mem::replace(
+            &mut self.entries,
+            vec![Self::EMPTY; size].into_boxed_slice(),
+        );
+        for e in old.iter().copied().filter(|&e| e != Self::EMPTY) {
+            self.put(e);
+        }
+    }
+
+    /// Points the entry of `hash` at position `from` to `to`.
+    fn repoint(&mut self, hash: u64, from: u32, to: u32) {
+        if let Some(i) = self.slot(hash, |at| at == from) {
+            self.entries[i] = Self::entry(Self::tag(hash), to);
+        }
+    }
+
+    /// Removes the entry of `hash` at position `at`, moving back the entries after it that
+    /// would otherwise no longer be found from their home (no tombstones).
+    fn remove(&mut self, hash: u64, at: u32) {
+        let Some(mut hole) = self.slot(hash, |a| a == at) else {
+            return;
+        };
+        self.len -= 1;
+        let mask = self.mask();
+        let mut i = hole;
+        loop {
+            i = (i + 1) & mask;
+            let e = self.entries[i];
+            if e == Self::EMPTY {
+                break;
+            }
+            let home = (e >> 32) as usize & mask;
+            // `e` may fill the hole unless its home lies cyclically in (hole, i].
+            let stays = if hole <= i {
+                hole < home && home <= i
+            } else {
+                hole < home || home <= i
+            };
+            if !stays {
+                self.entries[hole] = e;
+                hole = i;
+            }
+        }
+        self.entries[hole] = Self::EMPTY;
+    }
+
+    fn clear(&mut self) {
+        *self = Index::default();
+    }
+}
+
 /// States per chunk: a shard holds at most one chunk's worth of room unused (about 64 KB; 4 MB
 /// over the 64 shards, once they hold a few thousand workspaces). The first chunk grows by
 /// doubling from `FIRST`, so that a shard with a few workspaces takes a few kilobytes.
@@ -44,7 +172,7 @@ const FIRST: usize = 8;
 #[derive(Default)]
 struct States {
     /// Positions in `chunks`, hashed by the workspace id held there.
-    index: hashbrown::HashTable<u32>,
+    index: Index,
     chunks: Vec<Vec<(WorkspaceId, WorkspaceState)>>,
     len: usize,
     hasher: Fast,
@@ -67,8 +195,7 @@ impl States {
         let hash = self.hasher.hash_one(workspace);
         let chunks = &self.chunks;
         self.index
-            .find(hash, |&at| Self::slot(chunks, at).0 == workspace)
-            .copied()
+            .find(hash, |at| Self::slot(chunks, at).0 == workspace)
     }
 
     fn get(&self, workspace: WorkspaceId) -> Option<&WorkspaceState> {
@@ -100,11 +227,8 @@ impl States {
                 }
                 chunk.push((workspace, new()));
                 self.len += 1;
-                let (hasher, chunks) = (&self.hasher, &self.chunks);
-                let hash = hasher.hash_one(workspace);
-                self.index.insert_unique(hash, at as u32, |&i| {
-                    hasher.hash_one(Self::slot(chunks, i).0)
-                });
+                let hash = self.hasher.hash_one(workspace);
+                self.index.insert(hash, at as u32);
                 at
             }
         };
@@ -128,9 +252,7 @@ impl States {
     fn remove_at(&mut self, at: usize) {
         let id = self.slot_mut(at).0;
         let hash = self.hasher.hash_one(id);
-        if let Ok(entry) = self.index.find_entry(hash, |&i| i as usize == at) {
-            entry.remove();
-        }
+        self.index.remove(hash, at as u32);
         let last_at = self.len - 1;
         let last = self.chunks[last_at / CHUNK]
             .pop()
@@ -143,9 +265,7 @@ impl States {
             return;
         }
         let hash = self.hasher.hash_one(last.0);
-        if let Some(i) = self.index.find_mut(hash, |&i| i as usize == last_at) {
-            *i = at as u32;
-        }
+        self.index.repoint(hash, last_at as u32, at as u32);
         *self.slot_mut(at) = last;
     }
 
@@ -451,6 +571,75 @@ mod tests {
         let mut s = WorkspaceState::new(0, &MonthTotals::default());
         s.last_seen = last_seen;
         s
+    }
+
+    /// The index against a `HashMap` through random inserts, removals and moves, with hashes
+    /// whose tags crowd a few homes (so probes run long and wrap past the table's end), and
+    /// some tags shared by several positions.
+    #[test]
+    fn the_index_finds_every_position_through_collisions_and_removals() {
+        let mut index = Index::default();
+        let mut model: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        // A tag's low bits are its home: 0xf_ffff is the last slot of any table up to 2^20
+        // entries, so its probes wrap to the start, where those of 0 begin.
+        let hash_of = |at: u32| -> u64 {
+            let tag = match at % 8 {
+                0..4 => [0xf_ffffu32, 0xf_fffe, 0, 7][at as usize % 4] ^ ((at / 64) << 20),
+                // Spread, as real hashes are, with some tags shared.
+                _ => (at / 2).wrapping_mul(0x9e37_79b9),
+            };
+            (u64::from(tag) << 32) | u64::from(at)
+        };
+        let mut next_at = 0u32;
+        // Growing for the first half, then shrinking.
+        for round in 0..8_000 {
+            let r = next();
+            let insert = if round < 4_000 {
+                r % 3 != 0
+            } else {
+                r % 3 == 0
+            };
+            if model.is_empty() || insert {
+                let at = next_at;
+                next_at += 1;
+                index.insert(hash_of(at), at);
+                model.insert(at, hash_of(at));
+            } else {
+                let keys: Vec<u32> = model.keys().copied().collect();
+                let at = keys[(r as usize / 3) % keys.len()];
+                let hash = model.remove(&at).unwrap();
+                if r % 2 == 0 {
+                    index.remove(hash, at);
+                } else {
+                    // Moved to a new position, as a removal moves the last state.
+                    let to = next_at;
+                    next_at += 1;
+                    index.repoint(hash, at, to);
+                    model.insert(to, hash);
+                }
+            }
+            assert_eq!(index.len, model.len(), "round {round}");
+            if round % 250 == 0 || round > 7_950 {
+                for (&at, &hash) in &model {
+                    assert_eq!(index.find(hash, |a| a == at), Some(at), "round {round}");
+                }
+                let used = index.entries.iter().filter(|&&e| e != Index::EMPTY).count();
+                assert_eq!(used, model.len());
+                assert!(index.len * 4 <= index.entries.len() * 3);
+            }
+        }
+        // A tag never inserted finds nothing.
+        assert_eq!(index.find(0xdead_beef << 32, |_| true), None);
+        index.clear();
+        assert_eq!((index.len, index.entries.len()), (0, 0));
+        assert_eq!(index.find(7 << 32, |_| true), None);
     }
 
     /// The table against a `HashMap` through inserts across chunks and removals from the
