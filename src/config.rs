@@ -133,6 +133,8 @@ pub struct RawUpstream {
     pub drop_request_headers: Option<Vec<String>>,
     /// A PEM file of root certificates trusted for the upstream besides the Mozilla roots.
     pub ca_file: Option<String>,
+    /// The most HTTP/1.1 connections kept open for reuse while idle (default 1024).
+    pub max_idle_connections: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -179,6 +181,9 @@ pub struct UpstreamConfig {
     pub drop_request_headers: Vec<String>,
     /// Root certificates (DER) from `upstream.ca_file`, trusted besides the Mozilla roots.
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    /// The most idle HTTP/1.1 connections kept for reuse; past it the least recently used is
+    /// closed.
+    pub max_idle_connections: usize,
 }
 
 /// Request headers by which a client could choose whose account, organisation or project the
@@ -274,6 +279,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.url", "upstream", "TIERGATE_UPSTREAM", Text, "Base URL of the upstream API, e.g. https://api.mistral.ai (required by serve)."),
     setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
     setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
+    setting("upstream.max_idle_connections", "upstream-max-idle-connections", "TIERGATE_UPSTREAM_MAX_IDLE_CONNECTIONS", Number, "The most idle HTTP/1.1 connections to the upstream kept for reuse; past it, the least recently used is closed (default 1024; 0 to 100000, 0: none kept)."),
     setting("upstream.connect_timeout_ms", "upstream-connect-timeout-ms", "TIERGATE_UPSTREAM_CONNECT_TIMEOUT_MS", Number, "Connecting to the upstream may take this long, in ms (default 3000)."),
     setting("upstream.timeout_secs", "upstream-timeout-secs", "TIERGATE_UPSTREAM_TIMEOUT_SECS", Number, "Until the upstream's response headers arrive, in seconds; then 504 (default 300)."),
     setting("upstream.usage_drain_ms", "upstream-usage-drain-ms", "TIERGATE_UPSTREAM_USAGE_DRAIN_MS", Number, "After a client leaves a stream, how long to keep reading for its usage, in ms (default 2000)."),
@@ -729,6 +735,15 @@ impl TryFrom<RawSettings> for Config {
             extra_roots: match upstream.ca_file.filter(|f| !f.is_empty()) {
                 None => Vec::new(),
                 Some(file) => root_certificates(Path::new(&file))?,
+            },
+            max_idle_connections: match upstream.max_idle_connections.unwrap_or(1024) {
+                n @ 0..=100_000 => n as usize,
+                _ => {
+                    return Err(invalid(
+                        "upstream.max_idle_connections",
+                        "must be from 0 to 100000",
+                    ))
+                }
             },
         };
         let estimate = EstimateConfig {
@@ -1290,12 +1305,13 @@ impl Config {
             out.push_str("api_key = \"***\"\n");
         }
         out.push_str(&format!(
-            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\n",
+            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_idle_connections = {}\n",
             u.request_stream_usage,
             ms(u.connect_timeout),
             u.timeout.as_secs(),
             ms(u.usage_drain),
             ms(u.idle_read_timeout),
+            u.max_idle_connections,
         ));
         let dropped: Vec<String> = u.drop_request_headers.iter().map(|h| toml_str(h)).collect();
         out.push_str(&format!(

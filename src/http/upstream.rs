@@ -198,6 +198,9 @@ struct Pool {
     /// taking one out and putting it back moves a pointer, not the connection (see `H1`).
     #[allow(clippy::vec_box)]
     idle: Mutex<Vec<Box<H1>>>,
+    /// The most connections `idle` holds: past it, the least recently used is closed, so that a
+    /// burst of concurrent requests does not leave as many sockets open once it has passed.
+    max_idle: usize,
     /// The HTTP/2 connection, once one was made, and when it was last used.
     h2: Mutex<Option<(http2::SendRequest<Full<Bytes>>, Instant)>>,
     opened: prometheus_client::metrics::counter::Counter,
@@ -231,6 +234,7 @@ impl Client {
         connector: Connector,
         origin: Option<Uri>,
         host: Option<HeaderValue>,
+        max_idle: usize,
         opened: prometheus_client::metrics::counter::Counter,
     ) -> Self {
         Client {
@@ -239,6 +243,7 @@ impl Client {
                 opened,
                 origin,
                 host,
+                max_idle,
                 idle: Mutex::new(Vec::new()),
                 h2: Mutex::new(None),
             }),
@@ -422,8 +427,16 @@ impl Pool {
     }
 
     fn put_back(&self, mut h1: Box<H1>) {
+        if self.max_idle == 0 {
+            return;
+        }
         h1.since = Instant::now();
-        self.idle.lock().expect("idle list").push(h1);
+        let mut idle = self.idle.lock().expect("idle list");
+        let closed = (idle.len() >= self.max_idle).then(|| idle.remove(0));
+        idle.push(h1);
+        drop(idle);
+        // Closed (dropped) outside the lock.
+        drop(closed);
     }
 }
 
@@ -561,7 +574,13 @@ impl Upstream {
             })
             .ok()
         });
-        let client = Client::new(https, origin, host, opened);
+        let client = Client::new(
+            https,
+            origin,
+            host,
+            config.upstream.max_idle_connections,
+            opened,
+        );
         let mut metered = Vec::new();
         if let Some(base) = &base {
             for e in Endpoint::ALL {

@@ -24,6 +24,8 @@ struct Seen {
     /// Closes every connection that waits for its next request.
     hang_up: tokio::sync::Notify,
     connections: AtomicUsize,
+    /// Connections the gateway closed (the end of their stream seen).
+    closed: AtomicUsize,
     /// Each request's line and `Host`.
     heads: Mutex<Vec<(String, String)>>,
 }
@@ -50,6 +52,7 @@ async fn bare_upstream(close_after_each: bool) -> (String, Arc<Seen>) {
                     let mut line = String::new();
                     tokio::select! {
                         n = read.read_line(&mut line) => if n.unwrap_or(0) == 0 {
+                            seen.closed.fetch_add(1, Ordering::SeqCst);
                             return;
                         },
                         _ = seen.hang_up.notified() => return,
@@ -262,4 +265,82 @@ async fn idle_connections_the_upstream_closed_are_let_go() {
     .await;
     ask().await;
     assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+}
+
+/// A burst of concurrent requests opens as many connections; once it has passed, only
+/// `upstream.max_idle_connections` stay open, the most recently used, and the rest are closed.
+#[tokio::test]
+async fn idle_connections_past_the_bound_are_closed() {
+    let (url, seen) = bare_upstream(false).await;
+    let mut raw = RawSettings::default();
+    raw.upstream.url = Some(url.clone());
+    raw.upstream.max_idle_connections = Some(2);
+    let config = tiergate::Config::try_from(raw).unwrap();
+    let upstream = Upstream::new(&config, Default::default()).unwrap();
+    let request = || {
+        axum::http::Request::post(format!("{url}/v1/chat/completions"))
+            .body(http_body_util::Full::new(axum::body::Bytes::from(
+                hello().to_string(),
+            )))
+            .unwrap()
+    };
+    // Five answers held with their bodies unread: each holds its connection.
+    let mut answers = Vec::new();
+    for _ in 0..5 {
+        let answer = upstream.client.request(request()).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        answers.push(answer);
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 5);
+    assert_eq!(upstream.client.idle_connections(), 0);
+    for answer in answers {
+        http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap();
+    }
+    assert_eq!(upstream.client.idle_connections(), 2);
+    eventually(
+        Duration::from_secs(5),
+        "three connections closed",
+        || async { seen.closed.load(Ordering::SeqCst) == 3 },
+    )
+    .await;
+    // The two kept are reused: no new connection for two requests in turn.
+    for _ in 0..2 {
+        let answer = upstream.client.request(request()).await.unwrap();
+        http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap();
+    }
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 5);
+
+    // With 0, none is kept: each request opens one, and it is closed after its answer.
+    let (url, seen) = bare_upstream(false).await;
+    let mut raw = RawSettings::default();
+    raw.upstream.url = Some(url.clone());
+    raw.upstream.max_idle_connections = Some(0);
+    let config = tiergate::Config::try_from(raw).unwrap();
+    let upstream = Upstream::new(&config, Default::default()).unwrap();
+    for _ in 0..2 {
+        let answer = upstream
+            .client
+            .request(
+                axum::http::Request::post(format!("{url}/v1/chat/completions"))
+                    .body(http_body_util::Full::new(axum::body::Bytes::from(
+                        hello().to_string(),
+                    )))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        http_body_util::BodyExt::collect(answer.into_body())
+            .await
+            .unwrap();
+    }
+    assert_eq!(upstream.client.idle_connections(), 0);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    eventually(Duration::from_secs(5), "both closed", || async {
+        seen.closed.load(Ordering::SeqCst) == 2
+    })
+    .await;
 }
