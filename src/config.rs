@@ -275,7 +275,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("rate_limit_headers", "rate-limit-headers", "TIERGATE_RATE_LIMIT_HEADERS", List, "The rate-limit header families sent: openai, ietf, mistral, or none (default openai,ietf)."),
     setting("log_format", "log-format", "TIERGATE_LOG_FORMAT", Text, "Log lines as text (the default) or json."),
     setting("access_log", "access-log", "TIERGATE_ACCESS_LOG", Switch, "One access-log line per proxied request (default true)."),
-    setting("workers", "workers", "TIERGATE_WORKERS", Number, "Threads that serve requests, 1 to 1024 (default: one per core this process may use); with 1, a single-threaded scheduler, the cheapest per request."),
+    setting("workers", "workers", "TIERGATE_WORKERS", Number, "Threads that serve requests, 1 to 1024 (default: one per core this process may use); with 1 (or one core), a single-threaded scheduler, the cheapest per request."),
     setting("upstream.url", "upstream", "TIERGATE_UPSTREAM", Text, "Base URL of the upstream API, e.g. https://api.mistral.ai (required by serve)."),
     setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
     setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
@@ -532,9 +532,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// One `tiergate::access` log line per proxied request.
     pub access_log: bool,
-    /// Threads that serve requests; `None`, one per core this process may use. One thread runs
-    /// tokio's single-threaded scheduler: on one core it does the same work as one worker of
-    /// the multi-threaded one for about 6% less CPU per request (BENCHMARKS.md).
+    /// Threads that serve requests; `None`, one per core this process may use. One thread (or
+    /// `None` on one core) runs tokio's single-threaded scheduler: on one core it does the same
+    /// work as one worker of the multi-threaded one for about 6% less CPU per request
+    /// (BENCHMARKS.md).
     pub workers: Option<NonZeroUsize>,
 }
 
