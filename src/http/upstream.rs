@@ -196,8 +196,7 @@ struct Pool {
     host: Option<HeaderValue>,
     /// HTTP/1 connections ready for a request, the most recently used last. Boxed, so that
     /// taking one out and putting it back moves a pointer, not the connection (see `H1`).
-    #[allow(clippy::vec_box)]
-    idle: Mutex<Vec<Box<H1>>>,
+    idle: Mutex<std::collections::VecDeque<Box<H1>>>,
     /// The most connections `idle` holds: past it, the least recently used is closed, so that a
     /// burst of concurrent requests does not leave as many sockets open once it has passed.
     max_idle: usize,
@@ -244,7 +243,7 @@ impl Client {
                 origin,
                 host,
                 max_idle,
-                idle: Mutex::new(Vec::new()),
+                idle: Mutex::new(std::collections::VecDeque::new()),
                 h2: Mutex::new(None),
             }),
         }
@@ -358,7 +357,7 @@ impl Pool {
         }
         let now = Instant::now();
         loop {
-            let mut h1 = self.idle.lock().expect("idle list").pop()?;
+            let mut h1 = self.idle.lock().expect("idle list").pop_back()?;
             if now.duration_since(h1.since) >= UPSTREAM_POOL_IDLE {
                 // The most recently used is stale: so are all the others.
                 let stale = std::mem::take(&mut *self.idle.lock().expect("idle list"));
@@ -432,8 +431,10 @@ impl Pool {
         }
         h1.since = Instant::now();
         let mut idle = self.idle.lock().expect("idle list");
-        let closed = (idle.len() >= self.max_idle).then(|| idle.remove(0));
-        idle.push(h1);
+        let closed = (idle.len() >= self.max_idle)
+            .then(|| idle.pop_front())
+            .flatten();
+        idle.push_back(h1);
         drop(idle);
         // Closed (dropped) outside the lock.
         drop(closed);
