@@ -227,17 +227,9 @@ async fn a_connection_the_upstream_closed_does_not_fail_the_next_request() {
 #[tokio::test]
 async fn idle_connections_the_upstream_closed_are_let_go() {
     let (url, seen) = bare_upstream(false).await;
-    let mut raw = RawSettings::default();
-    raw.upstream.url = Some(url.clone());
-    let config = tiergate::Config::try_from(raw).unwrap();
-    let upstream = Upstream::new(&config, Default::default()).unwrap();
+    let upstream = upstream_client(&url, None);
     let ask = || async {
-        let request = axum::http::Request::post(format!("{url}/v1/chat/completions"))
-            .body(http_body_util::Full::new(axum::body::Bytes::from(
-                hello().to_string(),
-            )))
-            .unwrap();
-        let answer = upstream.client.request(request).await.unwrap();
+        let answer = upstream.client.request(chat_request(&url)).await.unwrap();
         assert_eq!(answer.status(), 200);
         // Read to its end, which puts the connection back on the idle list.
         http_body_util::BodyExt::collect(answer.into_body())
@@ -267,27 +259,34 @@ async fn idle_connections_the_upstream_closed_are_let_go() {
     assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
 }
 
+/// The gateway's upstream client alone, for the upstream at `url`.
+fn upstream_client(url: &str, max_idle_connections: Option<u64>) -> Upstream {
+    let mut raw = RawSettings::default();
+    raw.upstream.url = Some(url.to_string());
+    raw.upstream.max_idle_connections = max_idle_connections;
+    let config = tiergate::Config::try_from(raw).unwrap();
+    Upstream::new(&config, Default::default()).unwrap()
+}
+
+/// A chat request straight to the upstream at `url`, as the gateway's client sends it.
+fn chat_request(url: &str) -> axum::http::Request<http_body_util::Full<axum::body::Bytes>> {
+    axum::http::Request::post(format!("{url}/v1/chat/completions"))
+        .body(http_body_util::Full::new(axum::body::Bytes::from(
+            hello().to_string(),
+        )))
+        .unwrap()
+}
+
 /// A burst of concurrent requests opens as many connections; once it has passed, only
 /// `upstream.max_idle_connections` stay open, the most recently used, and the rest are closed.
 #[tokio::test]
 async fn idle_connections_past_the_bound_are_closed() {
     let (url, seen) = bare_upstream(false).await;
-    let mut raw = RawSettings::default();
-    raw.upstream.url = Some(url.clone());
-    raw.upstream.max_idle_connections = Some(2);
-    let config = tiergate::Config::try_from(raw).unwrap();
-    let upstream = Upstream::new(&config, Default::default()).unwrap();
-    let request = || {
-        axum::http::Request::post(format!("{url}/v1/chat/completions"))
-            .body(http_body_util::Full::new(axum::body::Bytes::from(
-                hello().to_string(),
-            )))
-            .unwrap()
-    };
+    let upstream = upstream_client(&url, Some(2));
     // Five answers held with their bodies unread: each holds its connection.
     let mut answers = Vec::new();
     for _ in 0..5 {
-        let answer = upstream.client.request(request()).await.unwrap();
+        let answer = upstream.client.request(chat_request(&url)).await.unwrap();
         assert_eq!(answer.status(), 200);
         answers.push(answer);
     }
@@ -307,7 +306,7 @@ async fn idle_connections_past_the_bound_are_closed() {
     .await;
     // The two kept are reused: no new connection for two requests in turn.
     for _ in 0..2 {
-        let answer = upstream.client.request(request()).await.unwrap();
+        let answer = upstream.client.request(chat_request(&url)).await.unwrap();
         http_body_util::BodyExt::collect(answer.into_body())
             .await
             .unwrap();
@@ -316,23 +315,9 @@ async fn idle_connections_past_the_bound_are_closed() {
 
     // With 0, none is kept: each request opens one, and it is closed after its answer.
     let (url, seen) = bare_upstream(false).await;
-    let mut raw = RawSettings::default();
-    raw.upstream.url = Some(url.clone());
-    raw.upstream.max_idle_connections = Some(0);
-    let config = tiergate::Config::try_from(raw).unwrap();
-    let upstream = Upstream::new(&config, Default::default()).unwrap();
+    let upstream = upstream_client(&url, Some(0));
     for _ in 0..2 {
-        let answer = upstream
-            .client
-            .request(
-                axum::http::Request::post(format!("{url}/v1/chat/completions"))
-                    .body(http_body_util::Full::new(axum::body::Bytes::from(
-                        hello().to_string(),
-                    )))
-                    .unwrap(),
-            )
-            .await
-            .unwrap();
+        let answer = upstream.client.request(chat_request(&url)).await.unwrap();
         http_body_util::BodyExt::collect(answer.into_body())
             .await
             .unwrap();
