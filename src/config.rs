@@ -1673,6 +1673,27 @@ mod tests {
     }
 
     #[test]
+    fn idle_upstream_connections_have_a_default_and_bounds() {
+        let load = |text: &str| {
+            let raw: RawSettings = toml::from_str(text).unwrap();
+            Config::try_from(raw).map(|c| c.upstream.max_idle_connections)
+        };
+        assert_eq!(load("").unwrap(), 1024);
+        for n in [0, 2, 100_000] {
+            let text = format!("[upstream]\nmax_idle_connections = {n}\n");
+            assert_eq!(load(&text).unwrap(), n);
+        }
+        for bad in ["100001", "-1"] {
+            let text = format!("[upstream]\nmax_idle_connections = {bad}\n");
+            let e = match toml::from_str::<RawSettings>(&text) {
+                Ok(raw) => Config::try_from(raw).unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains("max_idle_connections"), "{e}");
+        }
+    }
+
+    #[test]
     fn workers_default_to_the_cores_and_have_bounds() {
         let load = |text: &str| {
             let raw: RawSettings = toml::from_str(text).unwrap();
