@@ -135,6 +135,8 @@ pub struct RawUpstream {
     pub ca_file: Option<String>,
     /// The most HTTP/1.1 connections kept open for reuse while idle (default 1024).
     pub max_idle_connections: Option<u64>,
+    /// The most requests at once on one HTTP/2 connection (default 100).
+    pub max_streams_per_connection: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -184,6 +186,9 @@ pub struct UpstreamConfig {
     /// The most idle HTTP/1.1 connections kept for reuse; past it the least recently used is
     /// closed.
     pub max_idle_connections: usize,
+    /// The most requests in flight at once on one HTTP/2 connection; past it, another
+    /// connection is made.
+    pub max_streams_per_connection: usize,
 }
 
 /// Request headers by which a client could choose whose account, organisation or project the
@@ -280,6 +285,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
     setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
     setting("upstream.max_idle_connections", "upstream-max-idle-connections", "TIERGATE_UPSTREAM_MAX_IDLE_CONNECTIONS", Number, "The most idle HTTP/1.1 connections to the upstream kept for reuse; past it, the least recently used is closed (default 1024; 0 to 100000, 0: none kept)."),
+    setting("upstream.max_streams_per_connection", "upstream-max-streams-per-connection", "TIERGATE_UPSTREAM_MAX_STREAMS_PER_CONNECTION", Number, "The most requests at once on one HTTP/2 connection to the upstream; more open another connection (default 100; 1 to 10000)."),
     setting("upstream.connect_timeout_ms", "upstream-connect-timeout-ms", "TIERGATE_UPSTREAM_CONNECT_TIMEOUT_MS", Number, "Connecting to the upstream may take this long, in ms (default 3000)."),
     setting("upstream.timeout_secs", "upstream-timeout-secs", "TIERGATE_UPSTREAM_TIMEOUT_SECS", Number, "Until the upstream's response headers arrive, in seconds; then 504 (default 300)."),
     setting("upstream.usage_drain_ms", "upstream-usage-drain-ms", "TIERGATE_UPSTREAM_USAGE_DRAIN_MS", Number, "After a client leaves a stream, how long to keep reading for its usage, in ms (default 2000)."),
@@ -743,6 +749,15 @@ impl TryFrom<RawSettings> for Config {
                     return Err(invalid(
                         "upstream.max_idle_connections",
                         "must be from 0 to 100000",
+                    ))
+                }
+            },
+            max_streams_per_connection: match upstream.max_streams_per_connection.unwrap_or(100) {
+                n @ 1..=10_000 => n as usize,
+                _ => {
+                    return Err(invalid(
+                        "upstream.max_streams_per_connection",
+                        "must be from 1 to 10000",
                     ))
                 }
             },
@@ -1306,13 +1321,14 @@ impl Config {
             out.push_str("api_key = \"***\"\n");
         }
         out.push_str(&format!(
-            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_idle_connections = {}\n",
+            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\n",
             u.request_stream_usage,
             ms(u.connect_timeout),
             u.timeout.as_secs(),
             ms(u.usage_drain),
             ms(u.idle_read_timeout),
             u.max_idle_connections,
+            u.max_streams_per_connection,
         ));
         let dropped: Vec<String> = u.drop_request_headers.iter().map(|h| toml_str(h)).collect();
         out.push_str(&format!(
@@ -1690,6 +1706,27 @@ mod tests {
                 Err(e) => e.to_string(),
             };
             assert!(e.contains("max_idle_connections"), "{e}");
+        }
+    }
+
+    #[test]
+    fn http2_streams_per_connection_have_a_default_and_bounds() {
+        let load = |text: &str| {
+            let raw: RawSettings = toml::from_str(text).unwrap();
+            Config::try_from(raw).map(|c| c.upstream.max_streams_per_connection)
+        };
+        assert_eq!(load("").unwrap(), 100);
+        for n in [1, 2, 10_000] {
+            let text = format!("[upstream]\nmax_streams_per_connection = {n}\n");
+            assert_eq!(load(&text).unwrap(), n);
+        }
+        for bad in ["0", "10001", "-1"] {
+            let text = format!("[upstream]\nmax_streams_per_connection = {bad}\n");
+            let e = match toml::from_str::<RawSettings>(&text) {
+                Ok(raw) => Config::try_from(raw).unwrap_err().to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(e.contains("max_streams_per_connection"), "{e}");
         }
     }
 

@@ -9,14 +9,25 @@
 //! own, woken twice per request. Replacing it saved about 9k instructions per request, 7% of what
 //! the gateway adds, and 5% of its CPU per request (BENCHMARKS.md). The gateway has one origin. Here an HTTP/1 connection is driven by the
 //! task of the request that holds it, and that task puts it back on the idle list when the
-//! answer's body ends. An HTTP/2 connection (when TLS negotiates it) is shared by every request
+//! answer's body ends. An HTTP/2 connection (when TLS negotiates it) is shared by the requests
 //! and runs as a task of its own, as HTTP/2 needs. What hyper-util's pool does that the gateway
-//! needs is kept: TLS and HTTP/2 by ALPN (hyper-rustls), the egress proxy (`UpstreamConnector`),
-//! idle connections closed after `UPSTREAM_POOL_IDLE`, and a request retried on a new connection
-//! when a reused one turned out closed before the request was sent.
+//! needs is kept, and two things it lacks are added:
+//! - an HTTP/2 connection carries at most `upstream.max_streams_per_connection` requests at
+//!   once; past it another connection is made (as Go's client does). hyper-util's pool keeps
+//!   one, on which hyper queues the requests over the upstream's own limit behind the ones in
+//!   flight (for LLM streams lasting minutes, minutes of waiting), or, sent before the upstream's
+//!   settings arrived, the upstream refuses them (`502` to the client; seen in the tests);
+//! - while an upstream that may speak HTTP/2 is being connected to, the other requests that
+//!   find no connection wait for that one (`Pool::connecting`) instead of each making its own: a
+//!   burst at start makes one TLS handshake, not one per request.
+//!
+//! Also kept from hyper-util's pool: TLS and HTTP/2 by ALPN (hyper-rustls), the egress proxy
+//! (`UpstreamConnector`), idle connections closed after `UPSTREAM_POOL_IDLE`, and a request
+//! retried on a new connection when a reused one turned out closed before the request was sent.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -200,9 +211,45 @@ struct Pool {
     /// The most connections `idle` holds: past it, the least recently used is closed, so that a
     /// burst of concurrent requests does not leave as many sockets open once it has passed.
     max_idle: usize,
-    /// The HTTP/2 connection, once one was made, and when it was last used.
-    h2: Mutex<Option<(http2::SendRequest<Full<Bytes>>, Instant)>>,
+    /// The HTTP/2 connections, the oldest first; a request goes on the first with room.
+    h2: Mutex<Vec<H2>>,
+    /// The most requests in flight at once on one HTTP/2 connection.
+    max_streams: usize,
+    /// What the upstream's last new connection spoke (`Protocol`): until one is made, an
+    /// `https` upstream may speak HTTP/2 (ALPN); an `http` one never does.
+    protocol: AtomicU8,
+    /// Held by the request making a connection to an upstream that may speak HTTP/2, until the
+    /// connection is in `h2`: the others that need a connection meanwhile wait for it, and
+    /// then share it if it is HTTP/2 and has room.
+    connecting: tokio::sync::Mutex<()>,
     opened: prometheus_client::metrics::counter::Counter,
+}
+
+/// `Pool::protocol`'s values.
+struct Protocol;
+
+impl Protocol {
+    const UNKNOWN: u8 = 0;
+    const HTTP1: u8 = 1;
+    const HTTP2: u8 = 2;
+}
+
+/// An HTTP/2 connection: the handle that sends on it (the connection runs as a task of its
+/// own), the requests in flight on it, and when a request was last given to it.
+struct H2 {
+    tx: http2::SendRequest<Full<Bytes>>,
+    streams: Arc<AtomicUsize>,
+    used: Instant,
+}
+
+/// A request's place among its HTTP/2 connection's streams, given back when the answer's body
+/// ends or is dropped (or the request fails).
+struct Stream(Arc<AtomicUsize>);
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// An HTTP/1 connection: the handle that sends on it, and the connection itself, which whoever
@@ -225,7 +272,7 @@ impl H1 {
 
 enum Checkout {
     H1(Box<H1>),
-    H2(http2::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>, Stream),
 }
 
 impl Client {
@@ -234,8 +281,13 @@ impl Client {
         origin: Option<Uri>,
         host: Option<HeaderValue>,
         max_idle: usize,
+        max_streams: usize,
         opened: prometheus_client::metrics::counter::Counter,
     ) -> Self {
+        let protocol = match origin.as_ref().and_then(Uri::scheme_str) {
+            Some("https") => Protocol::UNKNOWN,
+            _ => Protocol::HTTP1,
+        };
         Client {
             inner: Arc::new(Pool {
                 connector,
@@ -244,7 +296,10 @@ impl Client {
                 host,
                 max_idle,
                 idle: Mutex::new(std::collections::VecDeque::new()),
-                h2: Mutex::new(None),
+                h2: Mutex::new(Vec::new()),
+                max_streams,
+                protocol: AtomicU8::new(protocol),
+                connecting: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -263,15 +318,22 @@ impl Client {
                 Some(conn) => (conn, true),
                 // Boxed: it holds a connection's TLS state, kilobytes this future would
                 // otherwise carry for every request, and copy with it.
-                None => (Box::pin(self.inner.connect()).await?, false),
+                None => Box::pin(self.inner.connect_or_share()).await?,
             };
             let mut failed = match conn {
-                Checkout::H2(mut tx) => match tx.try_send_request(request).await {
-                    Ok(answer) => return Ok(answer.map(|body| UpstreamBody { body, lease: None })),
+                Checkout::H2(mut tx, stream) => match tx.try_send_request(request).await {
+                    Ok(answer) => {
+                        return Ok(answer.map(|body| UpstreamBody {
+                            body,
+                            lease: None,
+                            stream: Some(stream),
+                        }))
+                    }
                     Err(failed) => {
                         // Not taking new streams (closing, or told to go away): the next try
                         // makes a new connection rather than ask this one again.
-                        *self.inner.h2.lock().expect("h2 slot") = None;
+                        let mut h2 = self.inner.h2.lock().expect("h2 list");
+                        h2.retain(|c| !Arc::ptr_eq(&c.streams, &stream.0));
                         failed
                     }
                 },
@@ -294,7 +356,11 @@ impl Client {
                                 h1,
                                 pool: self.inner.clone(),
                             });
-                            return Ok(answer.map(|body| UpstreamBody { body, lease }));
+                            return Ok(answer.map(|body| UpstreamBody {
+                                body,
+                                lease,
+                                stream: None,
+                            }));
                         }
                         Err(failed) => failed,
                     }
@@ -326,13 +392,16 @@ impl Client {
             .lock()
             .expect("idle list")
             .retain_mut(|c| now.duration_since(c.since) < timeout && c.drive(&mut cx));
-        let mut h2 = self.inner.h2.lock().expect("h2 slot");
-        if h2
-            .as_ref()
-            .is_some_and(|(tx, used)| tx.is_closed() || now.duration_since(*used) >= timeout)
-        {
-            *h2 = None;
-        }
+        // An HTTP/2 connection with a request still on it (a long stream) stays.
+        self.inner.h2.lock().expect("h2 list").retain(|c| {
+            !c.tx.is_closed()
+                && (c.streams.load(Ordering::Relaxed) > 0 || now.duration_since(c.used) < timeout)
+        });
+    }
+
+    /// HTTP/2 connections open now.
+    pub fn http2_connections(&self) -> usize {
+        self.inner.h2.lock().expect("h2 list").len()
     }
 
     /// HTTP/1 connections idle now.
@@ -345,17 +414,22 @@ impl Pool {
     /// An open connection ready for a request, if there is one; skips (and closes) those that
     /// have ended or stayed idle too long.
     fn checkout(&self, cx: &mut Context<'_>) -> Option<Checkout> {
+        let now = Instant::now();
         {
-            let mut h2 = self.h2.lock().expect("h2 slot");
-            if let Some((tx, used)) = h2.as_mut() {
-                if !tx.is_closed() {
-                    *used = Instant::now();
-                    return Some(Checkout::H2(tx.clone()));
+            let mut h2 = self.h2.lock().expect("h2 list");
+            if !h2.is_empty() {
+                h2.retain(|c| !c.tx.is_closed());
+                let max = self.max_streams;
+                if let Some(c) = h2
+                    .iter_mut()
+                    .find(|c| c.streams.load(Ordering::Relaxed) < max)
+                {
+                    c.streams.fetch_add(1, Ordering::Relaxed);
+                    c.used = now;
+                    return Some(Checkout::H2(c.tx.clone(), Stream(c.streams.clone())));
                 }
-                *h2 = None;
             }
         }
-        let now = Instant::now();
         loop {
             let mut h1 = self.idle.lock().expect("idle list").pop_back()?;
             if now.duration_since(h1.since) >= UPSTREAM_POOL_IDLE {
@@ -371,7 +445,26 @@ impl Pool {
         }
     }
 
-    /// A new connection: HTTP/2 if TLS negotiated it (then shared from now on), else HTTP/1.
+    /// A connection for a request that found none ready: a new one, or, for an upstream that
+    /// may speak HTTP/2, the one another request was making meanwhile if it has room; and
+    /// whether it was already open (then a request it could not send may go again on another).
+    async fn connect_or_share(&self) -> Result<(Checkout, bool), ClientError> {
+        if self.protocol.load(Ordering::Relaxed) == Protocol::HTTP1 {
+            return Ok((self.connect().await?, false));
+        }
+        let making = self.connecting.lock().await;
+        if let Some(conn) = std::future::poll_fn(|cx| Poll::Ready(self.checkout(cx))).await {
+            return Ok((conn, true));
+        }
+        if self.protocol.load(Ordering::Relaxed) == Protocol::HTTP1 {
+            // Learnt while waiting: HTTP/1 connections are one per request, made side by side.
+            drop(making);
+        }
+        Ok((self.connect().await?, false))
+    }
+
+    /// A new connection: HTTP/2 if TLS negotiated it (then shared from now on, up to
+    /// `max_streams` requests at once), else HTTP/1.
     async fn connect(&self) -> Result<Checkout, ClientError> {
         use tower_service::Service as _;
         let origin = self
@@ -385,6 +478,14 @@ impl Pool {
         let io = connector.call(origin).await.map_err(ClientError::Connect)?;
         self.opened.inc();
         let connected = io.connected();
+        let https = self.origin.as_ref().and_then(Uri::scheme_str) == Some("https");
+        if https {
+            let spoke = match connected.is_negotiated_h2() {
+                true => Protocol::HTTP2,
+                false => Protocol::HTTP1,
+            };
+            self.protocol.store(spoke, Ordering::Relaxed);
+        }
         if connected.is_negotiated_h2() {
             let (tx, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -395,8 +496,13 @@ impl Pool {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            *self.h2.lock().expect("h2 slot") = Some((tx.clone(), Instant::now()));
-            return Ok(Checkout::H2(tx));
+            let streams = Arc::new(AtomicUsize::new(1));
+            self.h2.lock().expect("h2 list").push(H2 {
+                tx: tx.clone(),
+                streams: streams.clone(),
+                used: Instant::now(),
+            });
+            return Ok(Checkout::H2(tx, Stream(streams)));
         }
         let (tx, conn) = http1::handshake(io).await?;
         Ok(Checkout::H1(Box::new(H1 {
@@ -453,6 +559,8 @@ struct Lease {
 pub struct UpstreamBody {
     body: Incoming,
     lease: Option<Lease>,
+    /// On HTTP/2, the request's place on its connection, given back when this is dropped.
+    stream: Option<Stream>,
 }
 
 impl Body for UpstreamBody {
@@ -472,6 +580,8 @@ impl Body for UpstreamBody {
         }
         let polled = Pin::new(&mut this.body).poll_frame(cx);
         if let Poll::Ready(None) = polled {
+            // The stream has ended: its place is free for another request.
+            this.stream = None;
             if let Some(mut lease) = this.lease.take() {
                 // Polled once more so that it takes in the end of this exchange; kept if it
                 // is then ready for the next request.
@@ -580,6 +690,7 @@ impl Upstream {
             origin,
             host,
             config.upstream.max_idle_connections,
+            config.upstream.max_streams_per_connection,
             opened,
         );
         let mut metered = Vec::new();

@@ -1,11 +1,14 @@
 //! An HTTPS upstream: the gateway verifies its certificate (trusted here through
 //! `upstream.ca_file`, a private CA), speaks HTTP/2 when the upstream offers it by ALPN and
-//! HTTP/1.1 otherwise, and keeps one connection for requests sent one after another.
+//! HTTP/1.1 otherwise, and keeps one connection for requests sent one after another. On HTTP/2,
+//! a burst of requests at start shares the first connection, and a connection carries at most
+//! `upstream.max_streams_per_connection` requests at once.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
 use tiergate::config::RawSettings;
@@ -26,6 +29,11 @@ struct Seen {
 
 /// The mock upstream over TLS on a free port, offering `alpn`.
 async fn https_upstream(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
+    https_upstream_with_streams(alpn, None).await
+}
+
+/// As `https_upstream`, its HTTP/2 connections taking at most `streams` requests at once.
+async fn https_upstream_with_streams(alpn: &[&[u8]], streams: Option<u32>) -> (String, Arc<Seen>) {
     use rustls::pki_types::pem::PemObject;
     let certs = rustls::pki_types::CertificateDer::pem_file_iter(format!("{FIXTURES}/server.pem"))
         .unwrap()
@@ -68,6 +76,7 @@ async fn https_upstream(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
                     let _ = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     )
+                    .max_concurrent_streams(streams)
                     .serve_connection(io, service)
                     .await;
                 } else {
@@ -83,7 +92,10 @@ async fn https_upstream(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
 
 /// A gateway before `upstream`, trusting the test CA if `trust`.
 async fn gateway_before(upstream: &str, trust: bool) -> (TestGateway, String) {
-    let mut raw = RawSettings::default();
+    gateway_with(upstream, trust, RawSettings::default()).await
+}
+
+async fn gateway_with(upstream: &str, trust: bool, mut raw: RawSettings) -> (TestGateway, String) {
     if trust {
         raw.upstream.ca_file = Some(format!("{FIXTURES}/ca.pem"));
     }
@@ -143,4 +155,63 @@ async fn an_upstream_certificate_no_trusted_root_signed_is_refused() {
         0,
         "refunded"
     );
+}
+
+/// `n` chats at once, each answered after `latency_ms`; every one must succeed, and all must be
+/// settled (nothing left reserved) once they have.
+async fn chats_at_once(gw: &TestGateway, key: &str, n: usize, latency_ms: &str) {
+    let h = [("x-mock-latency-ms", latency_ms), ("x-mock-usage", "3,4")];
+    let before = gw.limits(key).await["usage"]["tokens_this_month"]
+        .as_u64()
+        .unwrap();
+    let answers = join_all((0..n).map(|_| gw.chat(key, hello(), &h))).await;
+    for (i, r) in answers.into_iter().enumerate() {
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+        assert!(r.text().await.unwrap().contains("\"usage\""), "request {i}");
+    }
+    eventually(Duration::from_secs(10), "every answer settled", || async {
+        let usage = &gw.limits(key).await["usage"];
+        usage["tokens_this_month"].as_u64() == Some(before + 7 * n as u64)
+            && usage["tokens_reserved"].as_u64() == Some(0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_burst_at_start_shares_the_first_http2_connection() {
+    // Without the wait for the connection being made, each of the twelve makes its own.
+    let (url, seen) = https_upstream(&[b"h2", b"http/1.1"]).await;
+    let (gw, key) = gateway_before(&url, true).await;
+    chats_at_once(&gw, &key, 12, "300").await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 1);
+    assert_eq!(*seen.alpn.lock().unwrap(), vec![Some(b"h2".to_vec())]);
+}
+
+#[tokio::test]
+async fn an_http2_connection_takes_its_most_streams_and_another_takes_the_rest() {
+    // The upstream takes 2 streams at once per connection, and the gateway is told so: five
+    // requests at once need three connections. With one connection, three of them would wait
+    // in hyper's queue for the first two to end.
+    let (url, seen) = https_upstream_with_streams(&[b"h2"], Some(2)).await;
+    let mut raw = RawSettings::default();
+    raw.upstream.max_streams_per_connection = Some(2);
+    let (gw, key) = gateway_with(&url, true, raw).await;
+    chats_at_once(&gw, &key, 5, "500").await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
+    // Their places are given back: two more at once go on the first connection.
+    chats_at_once(&gw, &key, 2, "0").await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn a_burst_at_start_to_an_http1_upstream_gets_a_connection_each() {
+    // The burst waits for the first connection to learn the protocol, then connects side by
+    // side: HTTP/1.1 carries one request at a time.
+    let (url, seen) = https_upstream(&[b"http/1.1"]).await;
+    let (gw, key) = gateway_before(&url, true).await;
+    chats_at_once(&gw, &key, 4, "300").await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 4);
+    // Kept for reuse: four more at once go on them.
+    chats_at_once(&gw, &key, 4, "300").await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 4);
 }
