@@ -29,11 +29,17 @@ struct Seen {
 
 /// The mock upstream over TLS on a free port, offering `alpn`.
 async fn https_upstream(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
-    https_upstream_with_streams(alpn, None).await
+    https_upstream_with(alpn, None, None).await
 }
 
-/// As `https_upstream`, its HTTP/2 connections taking at most `streams` requests at once.
-async fn https_upstream_with_streams(alpn: &[&[u8]], streams: Option<u32>) -> (String, Arc<Seen>) {
+/// As `https_upstream`, its HTTP/2 connections taking at most `streams` requests at once, and
+/// each sending `GOAWAY` (a graceful close: the requests on it finish, no new ones are taken)
+/// `goaway_after` its start.
+async fn https_upstream_with(
+    alpn: &[&[u8]],
+    streams: Option<u32>,
+    goaway_after: Option<Duration>,
+) -> (String, Arc<Seen>) {
     use rustls::pki_types::pem::PemObject;
     let certs = rustls::pki_types::CertificateDer::pem_file_iter(format!("{FIXTURES}/server.pem"))
         .unwrap()
@@ -73,12 +79,19 @@ async fn https_upstream_with_streams(alpn: &[&[u8]], streams: Option<u32>) -> (S
                 seen.alpn.lock().unwrap().push(protocol);
                 let io = hyper_util::rt::TokioIo::new(tls);
                 if h2 {
-                    let _ = hyper::server::conn::http2::Builder::new(
+                    let conn = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     )
                     .max_concurrent_streams(streams)
-                    .serve_connection(io, service)
-                    .await;
+                    .serve_connection(io, service);
+                    let mut conn = std::pin::pin!(conn);
+                    if let Some(after) = goaway_after {
+                        tokio::select! {
+                            _ = conn.as_mut() => return,
+                            _ = tokio::time::sleep(after) => conn.as_mut().graceful_shutdown(),
+                        }
+                    }
+                    let _ = conn.await;
                 } else {
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(io, service)
@@ -192,7 +205,7 @@ async fn an_http2_connection_takes_its_most_streams_and_another_takes_the_rest()
     // The upstream takes 2 streams at once per connection, and the gateway is told so: five
     // requests at once need three connections. With one connection, three of them would wait
     // in hyper's queue for the first two to end.
-    let (url, seen) = https_upstream_with_streams(&[b"h2"], Some(2)).await;
+    let (url, seen) = https_upstream_with(&[b"h2"], Some(2), None).await;
     let mut raw = RawSettings::default();
     raw.upstream.max_streams_per_connection = Some(2);
     let (gw, key) = gateway_with(&url, true, raw).await;
@@ -214,4 +227,26 @@ async fn a_burst_at_start_to_an_http1_upstream_gets_a_connection_each() {
     // Kept for reuse: four more at once go on them.
     chats_at_once(&gw, &key, 4, "300").await;
     assert_eq!(seen.connections.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn an_http2_connection_the_upstream_sends_away_finishes_its_requests_and_is_replaced() {
+    // Upstreams close HTTP/2 connections with GOAWAY (a deploy, a load balancer's connection
+    // age): the request in flight on it still gets its answer, and the next goes on a new one.
+    let (url, seen) = https_upstream_with(&[b"h2"], None, Some(Duration::from_millis(300))).await;
+    let (gw, key) = gateway_before(&url, true).await;
+    let slow = [("x-mock-latency-ms", "800"), ("x-mock-usage", "3,4")];
+    let (first, second) = tokio::join!(gw.chat(&key, hello(), &slow), async {
+        // After the GOAWAY, while the first is still on that connection.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        gw.chat(&key, hello(), &[("x-mock-usage", "3,4")]).await
+    });
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(first.text().await.unwrap().contains("\"usage\""));
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    eventually(Duration::from_secs(10), "both settled", || async {
+        gw.limits(&key).await["usage"]["tokens_this_month"].as_u64() == Some(14)
+    })
+    .await;
 }
