@@ -85,20 +85,38 @@ pub struct SseScanner {
     searched: usize,
     usage: Option<UsageJson>,
     strip_usage_chunk: bool,
+    /// The last event scanned was removed and ended with the last byte seen, a `\r`: a `\n`
+    /// next was its second half, and goes with it.
+    removed_cr: bool,
 }
 
-/// Length of the first complete event in `buf` (through its blank line), if any, searching
-/// from `from`.
+/// Where the line break at `i` (a `\r` or a `\n`) ends: lines end in `\r\n`, `\n` or `\r`, as the
+/// event-stream format has it. `None` for a `\r` that ends `buf`: it may be the first half of a
+/// `\r\n` whose second half has not arrived.
+fn line_break_end(buf: &[u8], i: usize) -> Option<usize> {
+    match (buf[i], buf.get(i + 1)) {
+        (b'\r', None) => None,
+        (b'\r', Some(b'\n')) => Some(i + 2),
+        _ => Some(i + 1),
+    }
+}
+
+/// Length of the first complete event in `buf` (through the empty line that ends it), if any,
+/// searching from `from`. A `\r` that ends the empty line ends the event at once: were it half
+/// of a `\r\n`, the `\n` would begin the next event as an empty line, which changes nothing
+/// (no byte is lost or added: events pass on as they came), where holding the event back
+/// would delay it until the upstream's next write.
 fn event_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     while i < buf.len() {
-        i += memchr::memchr(b'\n', &buf[i..])?;
-        match buf.get(i + 1) {
-            Some(b'\n') => return Some(i + 2),
-            Some(b'\r') if buf.get(i + 2) == Some(&b'\n') => return Some(i + 3),
-            _ => {}
+        i += memchr::memchr2(b'\n', b'\r', &buf[i..])?;
+        let next = line_break_end(buf, i)?;
+        match buf.get(next) {
+            Some(b'\n') => return Some(next + 1),
+            Some(b'\r') => return Some(line_break_end(buf, next).unwrap_or(next + 1)),
+            Some(_) => i = next,
+            None => return None,
         }
-        i += 1;
     }
     None
 }
@@ -142,6 +160,7 @@ impl SseScanner {
             searched: 0,
             usage: None,
             strip_usage_chunk,
+            removed_cr: false,
         }
     }
 
@@ -156,7 +175,13 @@ impl SseScanner {
     }
 
     /// Takes a chunk; returns the whole events to pass on, as a slice of it when they can be.
-    pub fn feed_bytes(&mut self, chunk: Bytes) -> Bytes {
+    pub fn feed_bytes(&mut self, mut chunk: Bytes) -> Bytes {
+        if self.removed_cr && !chunk.is_empty() {
+            self.removed_cr = false;
+            if chunk[0] == b'\n' {
+                chunk = chunk.slice(1..);
+            }
+        }
         if self.buf.is_empty() {
             // No event is waiting for its end: events are scanned where they lie.
             let (passed, end) = self.scan(&chunk, 0);
@@ -171,9 +196,10 @@ impl SseScanner {
             return passed.of(&chunk);
         }
         self.buf.extend_from_slice(&chunk);
-        // An event's end is `\n\n` or `\n\r\n`: a search may resume 2 bytes before where
-        // the last one stopped.
-        let from = self.searched.saturating_sub(2);
+        // An event's end is two line breaks, at most 4 bytes (`\r\n\r\n`), and one undecided
+        // (a `\r` last) started at most 3 bytes before the end: a search resumes 3 bytes
+        // before where the last one stopped.
+        let from = self.searched.saturating_sub(3);
         let buf = std::mem::take(&mut self.buf);
         let (mut passed, mut end) = self.scan(&buf, from);
         if buf.len() - end > MAX_EVENT_BYTES {
@@ -196,6 +222,9 @@ impl SseScanner {
         while let Some(end) = event_end(data, from.max(start)) {
             if keep_event(&mut self.usage, self.strip_usage_chunk, &data[start..end]) {
                 passed.push(data, start..end);
+                self.removed_cr = false;
+            } else {
+                self.removed_cr = end == data.len() && data[end - 1] == b'\r';
             }
             start = end;
             from = end;
@@ -229,7 +258,7 @@ fn only_null_usage(event: &[u8]) -> bool {
 /// The JSON of an event: its `data:` lines, each trimmed, joined by line breaks.
 fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let mut lines = event
-        .split(|b| *b == b'\n')
+        .split(|b| matches!(b, b'\n' | b'\r'))
         .filter_map(|l| l.strip_prefix(b"data:"))
         .map(<[u8]>::trim_ascii);
     let first = lines.next().unwrap_or_default();
@@ -352,7 +381,8 @@ mod tests {
 
     #[test]
     fn scanner_passes_every_byte_once_however_the_stream_is_cut() {
-        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\n: comment\n\ndata: [DONE]\n\n";
+        // Lines end in `\n`, `\r\n` or `\r` alone, mixed, as the event-stream format allows.
+        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[{\"delta\":{}}]}\r\rdata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\n: comment\r\n\ndata: {\"choices\":[]}\n\r\ndata: [DONE]\r\r";
         let stripped: Vec<u8> = {
             let mut s = SseScanner::new(true);
             let mut out = s.feed(stream).to_vec();
@@ -394,5 +424,23 @@ mod tests {
         let e = s.feed(b"\n\ndata: {\"usage\":{\"total_tokens\":4}}\n\n");
         assert!(!e.is_empty());
         assert_eq!(s.usage().map(|u| u.total()), Some(4));
+    }
+
+    #[test]
+    fn events_with_lines_ended_by_a_carriage_return_alone_are_read() {
+        // One event a chunk, and a `data:` field over two lines.
+        let mut s = SseScanner::new(true);
+        let a = s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\r\r");
+        assert_eq!(
+            &a[..],
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\r\r"
+        );
+        let b = s.feed(b"data: {\"choices\":[],\"usage\":\rdata: {\"total_tokens\":5}}\r\r");
+        assert!(b.is_empty(), "the usage-only chunk is removed");
+        assert_eq!(s.usage().map(|u| u.total()), Some(5));
+        // A line's `\r` last is held until the next byte says whether the event ends there.
+        let c = s.feed(b"data: [DONE]\r");
+        assert!(c.is_empty());
+        assert_eq!(&s.feed(b"\n\r\n")[..], b"data: [DONE]\r\n\r\n");
     }
 }
