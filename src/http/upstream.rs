@@ -19,7 +19,9 @@
 //!   settings arrived, the upstream refuses them (`502` to the client; seen in the tests);
 //! - while an upstream that may speak HTTP/2 is being connected to, the other requests that
 //!   find no connection wait for that one (`Pool::connecting`) instead of each making its own: a
-//!   burst at start makes one TLS handshake, not one per request.
+//!   burst at start makes one TLS handshake, not one per request;
+//! - a request whose HTTP/2 stream the upstream refused with `REFUSED_STREAM`, which says it was
+//!   not processed (RFC 9113, 8.7), is sent once more.
 //!
 //! Also kept from hyper-util's pool: TLS and HTTP/2 by ALPN (hyper-rustls), the egress proxy
 //! (`UpstreamConnector`), idle connections closed after `UPSTREAM_POOL_IDLE`, and a request
@@ -312,6 +314,7 @@ impl Client {
         mut request: Request<Full<Bytes>>,
     ) -> Result<Response<UpstreamBody>, ClientError> {
         let uri = request.uri().clone();
+        let mut refusals_left = 1;
         loop {
             let reused = std::future::poll_fn(|cx| Poll::Ready(self.inner.checkout(cx))).await;
             let (conn, was_reused) = match reused {
@@ -321,22 +324,37 @@ impl Client {
                 None => Box::pin(self.inner.connect_or_share()).await?,
             };
             let mut failed = match conn {
-                Checkout::H2(mut tx, stream) => match tx.try_send_request(request).await {
-                    Ok(answer) => {
-                        return Ok(answer.map(|body| UpstreamBody {
-                            body,
-                            lease: None,
-                            stream: Some(stream),
-                        }))
+                Checkout::H2(mut tx, stream) => {
+                    // Kept to send again should the upstream refuse the stream unprocessed.
+                    let copy = (refusals_left > 0).then(|| same_request(&request));
+                    match tx.try_send_request(request).await {
+                        Ok(answer) => {
+                            return Ok(answer.map(|body| UpstreamBody {
+                                body,
+                                lease: None,
+                                stream: Some(stream),
+                            }))
+                        }
+                        Err(failed) => match copy {
+                            // Refused, not processed: again, on this connection (whose limit
+                            // hyper now knows, from the settings that came before the
+                            // refusal) or another. The connection itself is fine.
+                            Some(copy) if refused_unprocessed(failed.error()) => {
+                                refusals_left -= 1;
+                                request = copy;
+                                continue;
+                            }
+                            _ => {
+                                // Not taking new streams (closing, or told to go away): the
+                                // next try makes a new connection rather than ask this one
+                                // again.
+                                let mut h2 = self.inner.h2.lock().expect("h2 list");
+                                h2.retain(|c| !Arc::ptr_eq(&c.streams, &stream.0));
+                                failed
+                            }
+                        },
                     }
-                    Err(failed) => {
-                        // Not taking new streams (closing, or told to go away): the next try
-                        // makes a new connection rather than ask this one again.
-                        let mut h2 = self.inner.h2.lock().expect("h2 list");
-                        h2.retain(|c| !Arc::ptr_eq(&c.streams, &stream.0));
-                        failed
-                    }
-                },
+                }
                 Checkout::H1(mut h1) => {
                     self.inner.prepare_h1(&mut request, h1.proxied);
                     let mut sent = std::pin::pin!(h1.tx.try_send_request(request));
@@ -545,6 +563,32 @@ impl Pool {
         // Closed (dropped) outside the lock.
         drop(closed);
     }
+}
+
+/// A copy of `request` to send again: its body is shared, not copied.
+fn same_request(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    let mut copy = Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// Whether the upstream reset the request's HTTP/2 stream with `REFUSED_STREAM`: it was not
+/// processed, so it may be sent again (RFC 9113, 8.7). Not a stream cut by `GOAWAY`: those at
+/// or below its last stream id may have been processed, and h2 does not say which.
+fn refused_unprocessed(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_reset()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// An HTTP/1 connection held by the answer whose body comes on it.

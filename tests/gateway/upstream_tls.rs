@@ -27,19 +27,8 @@ struct Seen {
     alpn: Mutex<Vec<Option<Vec<u8>>>>,
 }
 
-/// The mock upstream over TLS on a free port, offering `alpn`.
-async fn https_upstream(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
-    https_upstream_with(alpn, None, None).await
-}
-
-/// As `https_upstream`, its HTTP/2 connections taking at most `streams` requests at once, and
-/// each sending `GOAWAY` (a graceful close: the requests on it finish, no new ones are taken)
-/// `goaway_after` its start.
-async fn https_upstream_with(
-    alpn: &[&[u8]],
-    streams: Option<u32>,
-    goaway_after: Option<Duration>,
-) -> (String, Arc<Seen>) {
+/// The server side of TLS with the test CA's certificate, offering `alpn`.
+fn tls_acceptor(alpn: &[&[u8]]) -> tokio_rustls::TlsAcceptor {
     use rustls::pki_types::pem::PemObject;
     let certs = rustls::pki_types::CertificateDer::pem_file_iter(format!("{FIXTURES}/server.pem"))
         .unwrap()
@@ -56,7 +45,23 @@ async fn https_upstream_with(
     .with_single_cert(certs, key)
     .unwrap();
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
+/// The mock upstream over TLS on a free port, offering `alpn`.
+async fn https_upstream(alpn: &[&[u8]]) -> (String, Arc<Seen>) {
+    https_upstream_with(alpn, None, None).await
+}
+
+/// As `https_upstream`, its HTTP/2 connections taking at most `streams` requests at once, and
+/// each sending `GOAWAY` (a graceful close: the requests on it finish, no new ones are taken)
+/// `goaway_after` its start.
+async fn https_upstream_with(
+    alpn: &[&[u8]],
+    streams: Option<u32>,
+    goaway_after: Option<Duration>,
+) -> (String, Arc<Seen>) {
+    let acceptor = tls_acceptor(alpn);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let seen = Arc::new(Seen::default());
@@ -249,4 +254,98 @@ async fn an_http2_connection_the_upstream_sends_away_finishes_its_requests_and_i
         gw.limits(&key).await["usage"]["tokens_this_month"].as_u64() == Some(14)
     })
     .await;
+}
+
+/// An HTTP/2 upstream over TLS (the h2 crate's server, to reset streams at will) that refuses
+/// its first `refuse` streams with `REFUSED_STREAM` and answers the others with a completion
+/// of 3 + 4 tokens. Counts connections, and streams in `alpn`'s place (one `None` each).
+async fn refusing_upstream(refuse: usize) -> (String, Arc<Seen>) {
+    let acceptor = tls_acceptor(&[b"h2"]);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let seen = Arc::new(Seen::default());
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            shared.connections.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, seen) = (acceptor.clone(), shared.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut conn) = h2::server::handshake(tls).await else {
+                    return;
+                };
+                while let Some(Ok((request, mut respond))) = conn.accept().await {
+                    let n = {
+                        let mut streams = seen.alpn.lock().unwrap();
+                        streams.push(None);
+                        streams.len()
+                    };
+                    if n <= refuse {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    tokio::spawn(async move {
+                        let mut body = request.into_body();
+                        while let Some(Ok(chunk)) = body.data().await {
+                            let _ = body.flow_control().release_capacity(chunk.len());
+                        }
+                        let head = axum::http::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(head, false).unwrap();
+                        let answer = json!({"id": "r", "object": "chat.completion",
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+                            "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}});
+                        let _ = send.send_data(answer.to_string().into(), true);
+                    });
+                }
+            });
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test]
+async fn a_stream_the_upstream_refuses_unprocessed_is_sent_once_more() {
+    // REFUSED_STREAM says the upstream did nothing with the request (RFC 9113, 8.7), as when a
+    // burst outruns its stream limit before its settings arrive: sent again, it is answered.
+    let (url, seen) = refusing_upstream(1).await;
+    let (gw, key) = gateway_before(&url, true).await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.text().await.unwrap().contains("\"usage\""));
+    assert_eq!(
+        seen.alpn.lock().unwrap().len(),
+        2,
+        "the upstream saw it twice"
+    );
+    assert_eq!(
+        seen.connections.load(Ordering::SeqCst),
+        1,
+        "on the same connection"
+    );
+    eventually(Duration::from_secs(10), "settled once", || async {
+        let usage = &gw.limits(&key).await["usage"];
+        usage["tokens_this_month"].as_u64() == Some(7) && usage["tokens_reserved"] == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stream_refused_twice_is_a_502_and_charges_nothing() {
+    let (url, seen) = refusing_upstream(2).await;
+    let (gw, key) = gateway_before(&url, true).await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        seen.alpn.lock().unwrap().len(),
+        2,
+        "sent once more, not again"
+    );
+    let usage = &gw.limits(&key).await["usage"];
+    assert_eq!(usage["tokens_reserved"], 0, "refunded");
+    assert_eq!(usage["tokens_this_month"], 0);
 }
