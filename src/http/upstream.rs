@@ -52,6 +52,11 @@ use crate::estimate::Endpoint;
 /// connection: one closed by the other side just as a request is sent on it fails that request.
 pub const UPSTREAM_POOL_IDLE: std::time::Duration = std::time::Duration::from_secs(50);
 
+/// How much of an answer the upstream may send on one HTTP/2 stream before the gateway has read
+/// it (the stream's flow-control window): what waits at the gateway for a client that reads
+/// slowly. At 100 ms from the upstream, 1 MiB lets one stream carry 10 MB/s.
+const HTTP2_STREAM_WINDOW: u32 = 1 << 20;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How the gateway reaches the upstream: directly, or through the HTTP proxy that the usual
@@ -505,8 +510,17 @@ impl Pool {
             self.protocol.store(spoke, Ordering::Relaxed);
         }
         if connected.is_negotiated_h2() {
+            // The connection's window holds every stream's, so that the data waiting for clients
+            // that read slowly (each stream's window, at most) never uses it up: with hyper's
+            // default (5 MiB for the connection, 2 MiB a stream) three slow downloads stalled
+            // every other request on the connection. What waits is bounded by the streams'
+            // windows: `max_streams` MiB.
+            let connection_window = (self.max_streams as u64 * u64::from(HTTP2_STREAM_WINDOW))
+                .min(i32::MAX as u64) as u32;
             let (tx, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
+                .initial_stream_window_size(HTTP2_STREAM_WINDOW)
+                .initial_connection_window_size(connection_window)
                 .handshake(io)
                 .await?;
             tokio::spawn(async move {

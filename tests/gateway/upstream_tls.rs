@@ -286,6 +286,20 @@ async fn refusing_upstream(refuse: usize) -> (String, Arc<Seen>) {
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
                         continue;
                     }
+                    if request.uri().path().starts_with("/v1/files/") {
+                        // A large download: 32 MiB, sent as the client's windows allow.
+                        let head = axum::http::Response::builder()
+                            .header("content-type", "application/octet-stream")
+                            .body(())
+                            .unwrap();
+                        let mut send = respond.send_response(head, false).unwrap();
+                        let _ = send.send_data(vec![b'x'; 32 << 20].into(), true);
+                        tokio::spawn(async move {
+                            // Kept until the stream ends, so the data is not dropped.
+                            std::future::poll_fn(|cx| send.poll_reset(cx)).await.ok();
+                        });
+                        continue;
+                    }
                     tokio::spawn(async move {
                         let mut body = request.into_body();
                         while let Some(Ok(chunk)) = body.data().await {
@@ -348,4 +362,33 @@ async fn a_stream_refused_twice_is_a_502_and_charges_nothing() {
     let usage = &gw.limits(&key).await["usage"];
     assert_eq!(usage["tokens_reserved"], 0, "refunded");
     assert_eq!(usage["tokens_this_month"], 0);
+}
+
+#[tokio::test]
+async fn clients_that_read_slowly_do_not_hold_back_others_on_a_shared_http2_connection() {
+    // Three clients download a large file and read none of it; the upstream's data waits in
+    // each stream's window. Those windows must not use up the connection's, or every other
+    // request on the connection (here, a chat) waits for the slow readers.
+    let (url, _seen) = refusing_upstream(0).await;
+    let (gw, key) = gateway_before(&url, true).await;
+    let mut slow = Vec::new();
+    for i in 0..3 {
+        let r = gw
+            .client
+            .get(format!("{}/v1/files/f{i}/content", gw.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        slow.push(r);
+    }
+    // Time for the socket buffers and the streams' windows to fill.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let chat = tokio::time::timeout(Duration::from_secs(10), gw.chat(&key, hello(), &[]))
+        .await
+        .expect("the chat was answered while the downloads wait");
+    assert_eq!(chat.status(), StatusCode::OK);
+    assert!(chat.text().await.unwrap().contains("\"usage\""));
+    drop(slow);
 }
