@@ -229,6 +229,9 @@ struct Pool {
     /// connection is in `h2`: the others that need a connection meanwhile wait for it, and
     /// then share it if it is HTTP/2 and has room.
     connecting: tokio::sync::Mutex<()>,
+    /// Connections that could not be made, counted so that the requests waiting on
+    /// `connecting` learn that the one they waited for failed.
+    failed_connects: std::sync::atomic::AtomicU64,
     opened: prometheus_client::metrics::counter::Counter,
 }
 
@@ -307,6 +310,7 @@ impl Client {
                 max_streams,
                 protocol: AtomicU8::new(protocol),
                 connecting: tokio::sync::Mutex::new(()),
+                failed_connects: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -475,15 +479,25 @@ impl Pool {
         if self.protocol.load(Ordering::Relaxed) == Protocol::HTTP1 {
             return Ok((self.connect().await?, false));
         }
+        let failures = self.failed_connects.load(Ordering::Relaxed);
         let making = self.connecting.lock().await;
         if let Some(conn) = std::future::poll_fn(|cx| Poll::Ready(self.checkout(cx))).await {
             return Ok((conn, true));
         }
-        if self.protocol.load(Ordering::Relaxed) == Protocol::HTTP1 {
+        if self.protocol.load(Ordering::Relaxed) == Protocol::HTTP1
+            || self.failed_connects.load(Ordering::Relaxed) != failures
+        {
             // Learnt while waiting: HTTP/1 connections are one per request, made side by side.
+            // Or the connection waited for failed: the others try side by side too, so that a
+            // burst against an upstream that cannot be reached fails in one connect timeout,
+            // not in one per request.
             drop(making);
         }
-        Ok((self.connect().await?, false))
+        let made = self.connect().await;
+        if made.is_err() {
+            self.failed_connects.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok((made?, false))
     }
 
     /// A new connection: HTTP/2 if TLS negotiated it (then shared from now on, up to

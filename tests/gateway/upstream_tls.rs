@@ -392,3 +392,35 @@ async fn clients_that_read_slowly_do_not_hold_back_others_on_a_shared_http2_conn
     assert!(chat.text().await.unwrap().contains("\"usage\""));
     drop(slow);
 }
+
+#[tokio::test]
+async fn a_burst_against_an_upstream_that_cannot_be_reached_fails_in_one_connect_timeout() {
+    // A listener whose queue is full drops new connections' SYNs, so connecting times out (the
+    // host of an upstream that is down). The burst waits for the first connection, since the
+    // upstream may speak HTTP/2; once that fails, the others must try side by side, not one
+    // connect timeout after another.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), connect).await {
+            fill.push(s);
+        }
+    }
+    let mut raw = RawSettings::default();
+    raw.upstream.connect_timeout_ms = Some(300);
+    let (gw, key) = gateway_with(&format!("https://{addr}"), true, raw).await;
+    let started = std::time::Instant::now();
+    let answers = join_all((0..20).map(|_| gw.chat(&key, hello(), &[]))).await;
+    let took = started.elapsed();
+    for (i, r) in answers.into_iter().enumerate() {
+        // A connection not made within `connect_timeout_ms` is a timeout (as nginx answers).
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT, "request {i}");
+    }
+    // Side by side: about two timeouts (0.6 s); one after another: twenty (6 s).
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    drop((fill, listener));
+}
