@@ -11,7 +11,7 @@
 //! task of the request that holds it, and that task puts it back on the idle list when the
 //! answer's body ends. An HTTP/2 connection (when TLS negotiates it) is shared by the requests
 //! and runs as a task of its own, as HTTP/2 needs. What hyper-util's pool does that the gateway
-//! needs is kept, and two things it lacks are added:
+//! needs is kept, and what it lacks for one LLM upstream is added:
 //! - an HTTP/2 connection carries at most `upstream.max_streams_per_connection` requests at
 //!   once; past it another connection is made (as Go's client does). hyper-util's pool keeps
 //!   one, on which hyper queues the requests over the upstream's own limit behind the ones in
@@ -21,7 +21,9 @@
 //!   find no connection wait for that one (`Pool::connecting`) instead of each making its own: a
 //!   burst at start makes one TLS handshake, not one per request;
 //! - a request whose HTTP/2 stream the upstream refused with `REFUSED_STREAM`, which says it was
-//!   not processed (RFC 9113, 8.7), is sent once more.
+//!   not processed (RFC 9113, 8.7), is sent once more;
+//! - an HTTP/2 connection's flow-control window holds all its streams' windows, so that clients
+//!   reading slowly never stall the others on the connection (hyper's default windows did).
 //!
 //! Also kept from hyper-util's pool: TLS and HTTP/2 by ALPN (hyper-rustls), the egress proxy
 //! (`UpstreamConnector`), idle connections closed after `UPSTREAM_POOL_IDLE`, and a request
@@ -424,11 +426,6 @@ impl Client {
             !c.tx.is_closed()
                 && (c.streams.load(Ordering::Relaxed) > 0 || now.duration_since(c.used) < timeout)
         });
-    }
-
-    /// HTTP/2 connections open now.
-    pub fn http2_connections(&self) -> usize {
-        self.inner.h2.lock().expect("h2 list").len()
     }
 
     /// HTTP/1 connections idle now.
