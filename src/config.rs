@@ -137,6 +137,9 @@ pub struct RawUpstream {
     pub max_idle_connections: Option<u64>,
     /// The most requests at once on one HTTP/2 connection (default 100).
     pub max_streams_per_connection: Option<u64>,
+    /// How long an HTTP/2 connection with requests on it may stay silent before a PING checks it
+    /// (default 20000; 0: never).
+    pub http2_keepalive_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -189,6 +192,9 @@ pub struct UpstreamConfig {
     /// The most requests in flight at once on one HTTP/2 connection; past it, another
     /// connection is made.
     pub max_streams_per_connection: usize,
+    /// How long an HTTP/2 connection with requests on it may stay silent before a PING checks
+    /// it; unanswered as long again, the connection is closed. `None`: never.
+    pub http2_keepalive: Option<Duration>,
 }
 
 /// Request headers by which a client could choose whose account, organisation or project the
@@ -285,6 +291,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
     setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
     setting("upstream.max_idle_connections", "upstream-max-idle-connections", "TIERGATE_UPSTREAM_MAX_IDLE_CONNECTIONS", Number, "The most idle HTTP/1.1 connections to the upstream kept for reuse; past it, the least recently used is closed (default 1024; 0 to 100000, 0: none kept)."),
+    setting("upstream.http2_keepalive_ms", "upstream-http2-keepalive-ms", "TIERGATE_UPSTREAM_HTTP2_KEEPALIVE_MS", Number, "An HTTP/2 connection to the upstream with requests on it, silent this long, is checked with a PING, and closed if none comes back as long again (default 20000; 0: never; else 100 to 3600000)."),
     setting("upstream.max_streams_per_connection", "upstream-max-streams-per-connection", "TIERGATE_UPSTREAM_MAX_STREAMS_PER_CONNECTION", Number, "The most requests at once on one HTTP/2 connection to the upstream; more open another connection (default 100; 1 to 10000)."),
     setting("upstream.connect_timeout_ms", "upstream-connect-timeout-ms", "TIERGATE_UPSTREAM_CONNECT_TIMEOUT_MS", Number, "Connecting to the upstream may take this long, in ms (default 3000)."),
     setting("upstream.timeout_secs", "upstream-timeout-secs", "TIERGATE_UPSTREAM_TIMEOUT_SECS", Number, "Until the upstream's response headers arrive, in seconds; then 504 (default 300)."),
@@ -758,6 +765,16 @@ impl TryFrom<RawSettings> for Config {
                     return Err(invalid(
                         "upstream.max_streams_per_connection",
                         "must be from 1 to 10000",
+                    ))
+                }
+            },
+            http2_keepalive: match upstream.http2_keepalive_ms.unwrap_or(20_000) {
+                0 => None,
+                n @ 100..=3_600_000 => Some(Duration::from_millis(n)),
+                _ => {
+                    return Err(invalid(
+                        "upstream.http2_keepalive_ms",
+                        "must be 0 (never) or from 100 to 3600000",
                     ))
                 }
             },
@@ -1321,7 +1338,7 @@ impl Config {
             out.push_str("api_key = \"***\"\n");
         }
         out.push_str(&format!(
-            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\n",
+            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\nhttp2_keepalive_ms = {}\n",
             u.request_stream_usage,
             ms(u.connect_timeout),
             u.timeout.as_secs(),
@@ -1329,6 +1346,7 @@ impl Config {
             ms(u.idle_read_timeout),
             u.max_idle_connections,
             u.max_streams_per_connection,
+            u.http2_keepalive.map_or_else(|| "0".to_string(), ms),
         ));
         let dropped: Vec<String> = u.drop_request_headers.iter().map(|h| toml_str(h)).collect();
         out.push_str(&format!(
@@ -1727,6 +1745,25 @@ mod tests {
                 Err(e) => e.to_string(),
             };
             assert!(e.contains("max_streams_per_connection"), "{e}");
+        }
+    }
+
+    #[test]
+    fn http2_keepalive_has_a_default_an_off_and_bounds() {
+        let load = |text: &str| {
+            let raw: RawSettings = toml::from_str(text).unwrap();
+            Config::try_from(raw).map(|c| c.upstream.http2_keepalive)
+        };
+        assert_eq!(load("").unwrap(), Some(Duration::from_secs(20)));
+        assert_eq!(load("[upstream]\nhttp2_keepalive_ms = 0\n").unwrap(), None);
+        for n in [100, 3_600_000] {
+            let text = format!("[upstream]\nhttp2_keepalive_ms = {n}\n");
+            assert_eq!(load(&text).unwrap(), Some(Duration::from_millis(n)));
+        }
+        for bad in [99, 3_600_001] {
+            let text = format!("[upstream]\nhttp2_keepalive_ms = {bad}\n");
+            let e = load(&text).unwrap_err().to_string();
+            assert!(e.starts_with("upstream.http2_keepalive_ms:"), "{e}");
         }
     }
 
@@ -2165,7 +2202,10 @@ mod tests {
                         .split_once(':')
                         .map(|(k, _)| k.trim().to_string())
                 })
-                .filter(|k| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+                .filter(|k| {
+                    k.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                })
                 .collect()
         };
         let nested: Vec<String> = [

@@ -224,6 +224,9 @@ struct Pool {
     h2: Mutex<Vec<H2>>,
     /// The most requests in flight at once on one HTTP/2 connection.
     max_streams: usize,
+    /// How long an HTTP/2 connection with requests on it may stay silent before a PING checks
+    /// it (and as long for the answer, else it is closed).
+    keepalive: Option<std::time::Duration>,
     /// What the upstream's last new connection spoke (`Protocol`): until one is made, an
     /// `https` upstream may speak HTTP/2 (ALPN); an `http` one never does.
     protocol: AtomicU8,
@@ -294,6 +297,7 @@ impl Client {
         host: Option<HeaderValue>,
         max_idle: usize,
         max_streams: usize,
+        keepalive: Option<std::time::Duration>,
         opened: prometheus_client::metrics::counter::Counter,
     ) -> Self {
         let protocol = match origin.as_ref().and_then(Uri::scheme_str) {
@@ -310,6 +314,7 @@ impl Client {
                 idle: Mutex::new(std::collections::VecDeque::new()),
                 h2: Mutex::new(Vec::new()),
                 max_streams,
+                keepalive,
                 protocol: AtomicU8::new(protocol),
                 connecting: tokio::sync::Mutex::new(()),
                 failed_connects: std::sync::atomic::AtomicU64::new(0),
@@ -528,12 +533,22 @@ impl Pool {
             // windows: `max_streams` MiB.
             let connection_window = (self.max_streams as u64 * u64::from(HTTP2_STREAM_WINDOW))
                 .min(i32::MAX as u64) as u32;
-            let (tx, conn) = http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            let mut builder = http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
                 .timer(hyper_util::rt::TokioTimer::new())
                 .initial_stream_window_size(HTTP2_STREAM_WINDOW)
-                .initial_connection_window_size(connection_window)
-                .handshake(io)
-                .await?;
+                .initial_connection_window_size(connection_window);
+            if let Some(every) = self.keepalive {
+                // A connection that died without a word (a load balancer gone, a network cut)
+                // would otherwise hold its requests until their timeouts: pinged once it has
+                // been silent this long with requests on it, and closed if no answer comes as
+                // long again. Not while idle: it is closed after `UPSTREAM_POOL_IDLE` anyway.
+                builder
+                    .keep_alive_interval(every)
+                    .keep_alive_timeout(every)
+                    .keep_alive_while_idle(false);
+            }
+            let (tx, conn) = builder.handshake(io).await?;
             tokio::spawn(async move {
                 if let Err(e) = conn.await {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
@@ -760,6 +775,7 @@ impl Upstream {
             host,
             config.upstream.max_idle_connections,
             config.upstream.max_streams_per_connection,
+            config.upstream.http2_keepalive,
             opened,
         );
         let mut metered = Vec::new();

@@ -424,3 +424,72 @@ async fn a_burst_against_an_upstream_that_cannot_be_reached_fails_in_one_connect
     assert!(took < Duration::from_secs(3), "took {took:?}");
     drop((fill, listener));
 }
+
+/// A TCP relay to `upstream` on a free port. Once `cut` is called, the connections open then
+/// carry nothing more either way, and stay open: a connection that died without a word. Returns
+/// its address, the connections it accepted, and `cut`.
+async fn relay(upstream: &str) -> (String, Arc<AtomicUsize>, impl Fn()) {
+    let to = upstream.trim_start_matches("https://").to_string();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    // Connections numbered below this carry nothing.
+    let dead_below = Arc::new(AtomicUsize::new(0));
+    let (count, dead) = (accepted.clone(), dead_below.clone());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let server = tokio::net::TcpStream::connect(&to).await.unwrap();
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            for (mut from, mut to) in [(cr, sw), (sr, cw)] {
+                let dead = dead.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let Ok(read) = from.read(&mut buf).await else {
+                            return;
+                        };
+                        if read == 0 {
+                            return;
+                        }
+                        if n >= dead.load(Ordering::SeqCst)
+                            && to.write_all(&buf[..read]).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let counted = accepted.clone();
+    let cut = move || dead_below.store(counted.load(Ordering::SeqCst), Ordering::SeqCst);
+    (format!("https://{addr}"), accepted, cut)
+}
+
+#[tokio::test]
+async fn an_http2_connection_that_died_silently_is_found_out_by_ping_and_replaced() {
+    let (upstream, _seen) = https_upstream(&[b"h2"]).await;
+    let (url, accepted, cut) = relay(&upstream).await;
+    let mut raw = RawSettings::default();
+    raw.upstream.http2_keepalive_ms = Some(300);
+    raw.upstream.timeout_secs = Some(60);
+    let (gw, key) = gateway_with(&url, true, raw).await;
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    cut();
+    // Sent on the dead connection: without the PING it would wait for `timeout_secs`.
+    let lost = tokio::time::timeout(Duration::from_secs(10), gw.chat(&key, hello(), &[]))
+        .await
+        .expect("the dead connection was found out");
+    assert_eq!(lost.status(), StatusCode::BAD_GATEWAY);
+    // The next goes on a new connection.
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        gw.limits(&key).await["usage"]["tokens_reserved"],
+        0,
+        "refunded"
+    );
+}
