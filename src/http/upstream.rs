@@ -20,8 +20,8 @@
 //! - while an upstream that may speak HTTP/2 is being connected to, the other requests that
 //!   find no connection wait for that one (`Pool::connecting`) instead of each making its own: a
 //!   burst at start makes one TLS handshake, not one per request;
-//! - a request whose HTTP/2 stream the upstream refused with `REFUSED_STREAM`, which says it was
-//!   not processed (RFC 9113, 8.7), is sent once more;
+//! - a request whose HTTP/2 stream the upstream did not process (RFC 9113, 8.7: refused with
+//!   `REFUSED_STREAM`, or above the last stream id of its `GOAWAY`) is sent once more;
 //! - an HTTP/2 connection's flow-control window holds all its streams' windows, so that clients
 //!   reading slowly never stall the others on the connection (hyper's default windows did).
 //!
@@ -351,24 +351,27 @@ impl Client {
                                 stream: Some(stream),
                             }))
                         }
-                        Err(failed) => match copy {
-                            // Refused, not processed: again, on this connection (whose limit
-                            // hyper now knows, from the settings that came before the
-                            // refusal) or another. The connection itself is fine.
-                            Some(copy) if refused_unprocessed(failed.error()) => {
-                                refusals_left -= 1;
-                                request = copy;
-                                continue;
-                            }
-                            _ => {
+                        Err(failed) => {
+                            let unprocessed = unprocessed(failed.error());
+                            if unprocessed != Some(Unprocessed::Refused) {
                                 // Not taking new streams (closing, or told to go away): the
                                 // next try makes a new connection rather than ask this one
-                                // again.
+                                // again. A refused stream leaves its connection as it was.
                                 let mut h2 = self.inner.h2.lock().expect("h2 list");
                                 h2.retain(|c| !Arc::ptr_eq(&c.streams, &stream.0));
-                                failed
                             }
-                        },
+                            match (copy, unprocessed) {
+                                // Not processed: again, on this connection (whose limit hyper
+                                // now knows, from the settings that came before a refusal) or
+                                // another.
+                                (Some(copy), Some(_)) => {
+                                    refusals_left -= 1;
+                                    request = copy;
+                                    continue;
+                                }
+                                _ => failed,
+                            }
+                        }
                     }
                 }
                 Checkout::H1(mut h1) => {
@@ -615,20 +618,34 @@ fn same_request(request: &Request<Full<Bytes>>) -> Request<Full<Bytes>> {
     copy
 }
 
-/// Whether the upstream reset the request's HTTP/2 stream with `REFUSED_STREAM`: it was not
-/// processed, so it may be sent again (RFC 9113, 8.7). Not a stream cut by `GOAWAY`: those at
-/// or below its last stream id may have been processed, and h2 does not say which.
-fn refused_unprocessed(error: &hyper::Error) -> bool {
+/// Why the upstream did not process a request's HTTP/2 stream, which may then be sent again
+/// (RFC 9113, 8.7).
+#[derive(Debug, PartialEq, Eq)]
+enum Unprocessed {
+    /// Reset with `REFUSED_STREAM`.
+    Refused,
+    /// Above the last stream id of the upstream's `GOAWAY`, or opened after it came: h2 fails
+    /// those with the `GOAWAY`'s error, and only those (one at or below that id, cut when the
+    /// connection then closes, fails with an I/O error: it may have been processed).
+    GoneAway,
+}
+
+/// Whether, and why, the error of a request says the upstream did not process it.
+fn unprocessed(error: &hyper::Error) -> Option<Unprocessed> {
     let mut source = std::error::Error::source(error);
     while let Some(e) = source {
         if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_reset()
-                && h2.is_remote()
-                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            if !h2.is_remote() {
+                return None;
+            }
+            if h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return Some(Unprocessed::Refused);
+            }
+            return h2.is_go_away().then_some(Unprocessed::GoneAway);
         }
         source = e.source();
     }
-    false
+    None
 }
 
 /// An HTTP/1 connection held by the answer whose body comes on it.

@@ -258,8 +258,10 @@ async fn an_http2_connection_the_upstream_sends_away_finishes_its_requests_and_i
 
 /// An HTTP/2 upstream over TLS (the h2 crate's server, to reset streams at will) that refuses
 /// its first `refuse` streams with `REFUSED_STREAM` and answers the others with a completion
-/// of 3 + 4 tokens. Counts connections, and streams in `alpn`'s place (one `None` each).
-async fn refusing_upstream(refuse: usize) -> (String, Arc<Seen>) {
+/// of 3 + 4 tokens. With `goaway_first`, its first connection says `GOAWAY` with a last stream
+/// id of 0 right after the handshake (it will process none). Counts connections, and streams in
+/// `alpn`'s place (one `None` each).
+async fn refusing_upstream(refuse: usize, goaway_first: bool) -> (String, Arc<Seen>) {
     let acceptor = tls_acceptor(&[b"h2"]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
@@ -267,7 +269,7 @@ async fn refusing_upstream(refuse: usize) -> (String, Arc<Seen>) {
     let shared = seen.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
-            shared.connections.fetch_add(1, Ordering::SeqCst);
+            let first = shared.connections.fetch_add(1, Ordering::SeqCst) == 0;
             let (acceptor, seen) = (acceptor.clone(), shared.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
@@ -276,6 +278,11 @@ async fn refusing_upstream(refuse: usize) -> (String, Arc<Seen>) {
                 let Ok(mut conn) = h2::server::handshake(tls).await else {
                     return;
                 };
+                if goaway_first && first {
+                    conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    while let Some(Ok(_)) = conn.accept().await {}
+                    return;
+                }
                 while let Some(Ok((request, mut respond))) = conn.accept().await {
                     let n = {
                         let mut streams = seen.alpn.lock().unwrap();
@@ -326,7 +333,7 @@ async fn refusing_upstream(refuse: usize) -> (String, Arc<Seen>) {
 async fn a_stream_the_upstream_refuses_unprocessed_is_sent_once_more() {
     // REFUSED_STREAM says the upstream did nothing with the request (RFC 9113, 8.7), as when a
     // burst outruns its stream limit before its settings arrive: sent again, it is answered.
-    let (url, seen) = refusing_upstream(1).await;
+    let (url, seen) = refusing_upstream(1, false).await;
     let (gw, key) = gateway_before(&url, true).await;
     let r = gw.chat(&key, hello(), &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -350,7 +357,7 @@ async fn a_stream_the_upstream_refuses_unprocessed_is_sent_once_more() {
 
 #[tokio::test]
 async fn a_stream_refused_twice_is_a_502_and_charges_nothing() {
-    let (url, seen) = refusing_upstream(2).await;
+    let (url, seen) = refusing_upstream(2, false).await;
     let (gw, key) = gateway_before(&url, true).await;
     let r = gw.chat(&key, hello(), &[]).await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
@@ -369,7 +376,7 @@ async fn clients_that_read_slowly_do_not_hold_back_others_on_a_shared_http2_conn
     // Three clients download a large file and read none of it; the upstream's data waits in
     // each stream's window. Those windows must not use up the connection's, or every other
     // request on the connection (here, a chat) waits for the slow readers.
-    let (url, _seen) = refusing_upstream(0).await;
+    let (url, _seen) = refusing_upstream(0, false).await;
     let (gw, key) = gateway_before(&url, true).await;
     let mut slow = Vec::new();
     for i in 0..3 {
@@ -492,4 +499,25 @@ async fn an_http2_connection_that_died_silently_is_found_out_by_ping_and_replace
         0,
         "refunded"
     );
+}
+
+#[tokio::test]
+async fn a_request_above_the_last_stream_of_a_goaway_is_sent_on_a_new_connection() {
+    // The upstream's first connection goes away at once, having processed no stream (last
+    // stream id 0): a request sent on it, or opened after the GOAWAY came, was not processed,
+    // and goes once more on a new connection.
+    let (url, seen) = refusing_upstream(0, true).await;
+    let (gw, key) = gateway_before(&url, true).await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        seen.alpn.lock().unwrap().len(),
+        1,
+        "processed once, on the second"
+    );
+    eventually(Duration::from_secs(10), "settled once", || async {
+        gw.limits(&key).await["usage"]["tokens_this_month"].as_u64() == Some(7)
+    })
+    .await;
 }
