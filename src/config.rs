@@ -1706,65 +1706,66 @@ mod tests {
         }
     }
 
+    /// The upstream's configuration with `key = value` in its table (none: the defaults), or
+    /// the message refusing it, from the file's reader or from the checks.
+    fn upstream_with(setting: Option<(&str, &str)>) -> Result<UpstreamConfig, String> {
+        let text = setting.map_or(String::new(), |(k, v)| format!("[upstream]\n{k} = {v}\n"));
+        let raw: RawSettings = toml::from_str(&text).map_err(|e| e.to_string())?;
+        Config::try_from(raw)
+            .map(|c| c.upstream)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Refused, naming the setting, for each of `bad`: in full by the checks, or quoting the
+    /// line by the file's reader (a negative number is not a whole number of the field's type).
+    fn refused(key: &str, bad: &[&str]) {
+        for value in bad {
+            let e = upstream_with(Some((key, value))).unwrap_err();
+            let named = if value.starts_with('-') {
+                e.contains(key)
+            } else {
+                e.starts_with(&format!("upstream.{key}:"))
+            };
+            assert!(named, "{key} = {value}: {e}");
+        }
+    }
+
     #[test]
     fn idle_upstream_connections_have_a_default_and_bounds() {
-        let load = |text: &str| {
-            let raw: RawSettings = toml::from_str(text).unwrap();
-            Config::try_from(raw).map(|c| c.upstream.max_idle_connections)
-        };
-        assert_eq!(load("").unwrap(), 1024);
-        for n in [0, 2, 100_000] {
-            let text = format!("[upstream]\nmax_idle_connections = {n}\n");
-            assert_eq!(load(&text).unwrap(), n);
+        let key = "max_idle_connections";
+        assert_eq!(upstream_with(None).unwrap().max_idle_connections, 1024);
+        for n in ["0", "2", "100000"] {
+            let got = upstream_with(Some((key, n))).unwrap().max_idle_connections;
+            assert_eq!(got.to_string(), n);
         }
-        for bad in ["100001", "-1"] {
-            let text = format!("[upstream]\nmax_idle_connections = {bad}\n");
-            let e = match toml::from_str::<RawSettings>(&text) {
-                Ok(raw) => Config::try_from(raw).unwrap_err().to_string(),
-                Err(e) => e.to_string(),
-            };
-            assert!(e.contains("max_idle_connections"), "{e}");
-        }
+        refused(key, &["100001", "-1"]);
     }
 
     #[test]
     fn http2_streams_per_connection_have_a_default_and_bounds() {
-        let load = |text: &str| {
-            let raw: RawSettings = toml::from_str(text).unwrap();
-            Config::try_from(raw).map(|c| c.upstream.max_streams_per_connection)
-        };
-        assert_eq!(load("").unwrap(), 100);
-        for n in [1, 2, 10_000] {
-            let text = format!("[upstream]\nmax_streams_per_connection = {n}\n");
-            assert_eq!(load(&text).unwrap(), n);
+        let key = "max_streams_per_connection";
+        assert_eq!(upstream_with(None).unwrap().max_streams_per_connection, 100);
+        for n in ["1", "2", "10000"] {
+            let got = upstream_with(Some((key, n)))
+                .unwrap()
+                .max_streams_per_connection;
+            assert_eq!(got.to_string(), n);
         }
-        for bad in ["0", "10001", "-1"] {
-            let text = format!("[upstream]\nmax_streams_per_connection = {bad}\n");
-            let e = match toml::from_str::<RawSettings>(&text) {
-                Ok(raw) => Config::try_from(raw).unwrap_err().to_string(),
-                Err(e) => e.to_string(),
-            };
-            assert!(e.contains("max_streams_per_connection"), "{e}");
-        }
+        refused(key, &["0", "10001", "-1"]);
     }
 
     #[test]
     fn http2_keepalive_has_a_default_an_off_and_bounds() {
-        let load = |text: &str| {
-            let raw: RawSettings = toml::from_str(text).unwrap();
-            Config::try_from(raw).map(|c| c.upstream.http2_keepalive)
-        };
-        assert_eq!(load("").unwrap(), Some(Duration::from_secs(20)));
-        assert_eq!(load("[upstream]\nhttp2_keepalive_ms = 0\n").unwrap(), None);
-        for n in [100, 3_600_000] {
-            let text = format!("[upstream]\nhttp2_keepalive_ms = {n}\n");
-            assert_eq!(load(&text).unwrap(), Some(Duration::from_millis(n)));
-        }
-        for bad in [99, 3_600_001] {
-            let text = format!("[upstream]\nhttp2_keepalive_ms = {bad}\n");
-            let e = load(&text).unwrap_err().to_string();
-            assert!(e.starts_with("upstream.http2_keepalive_ms:"), "{e}");
-        }
+        let key = "http2_keepalive_ms";
+        let keepalive = |v| upstream_with(Some((key, v))).unwrap().http2_keepalive;
+        assert_eq!(
+            upstream_with(None).unwrap().http2_keepalive,
+            Some(Duration::from_secs(20))
+        );
+        assert_eq!(keepalive("0"), None);
+        assert_eq!(keepalive("100"), Some(Duration::from_millis(100)));
+        assert_eq!(keepalive("3600000"), Some(Duration::from_secs(3600)));
+        refused(key, &["99", "3600001", "-1"]);
     }
 
     #[test]

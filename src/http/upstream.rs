@@ -520,14 +520,12 @@ impl Pool {
         let io = connector.call(origin).await.map_err(ClientError::Connect)?;
         self.opened.inc();
         let connected = io.connected();
-        let https = self.origin.as_ref().and_then(Uri::scheme_str) == Some("https");
-        if https {
-            let spoke = match connected.is_negotiated_h2() {
-                true => Protocol::HTTP2,
-                false => Protocol::HTTP1,
-            };
-            self.protocol.store(spoke, Ordering::Relaxed);
-        }
+        // (An `http` upstream never negotiates HTTP/2: it stays `HTTP1`, as it began.)
+        let spoke = match connected.is_negotiated_h2() {
+            true => Protocol::HTTP2,
+            false => Protocol::HTTP1,
+        };
+        self.protocol.store(spoke, Ordering::Relaxed);
         if connected.is_negotiated_h2() {
             // The connection's window holds every stream's, so that the data waiting for clients
             // that read slowly (each stream's window, at most) never uses it up: with hyper's
