@@ -101,7 +101,8 @@
 //! `stream_options` (422).
 //!
 //! Every answer carries `x-mock-request-count` (requests received by this router so far, this
-//! one included; the `/mock/*` routes are not counted) and `x-ratelimit-limit-requests: 999`, a
+//! one included; the `/mock/*` routes are not counted), `x-request-id: mock-req-N` (that count,
+//! as OpenAI's API names each answer) and `x-ratelimit-limit-requests: 999`, a
 //! stand-in for the rate-limit headers of a real upstream, which a gateway must strip.
 
 use std::{
@@ -407,6 +408,9 @@ async fn count_requests(
     }
     let headers = response.headers_mut();
     headers.insert("x-mock-request-count", HeaderValue::from(count));
+    if let Ok(id) = HeaderValue::from_str(&format!("mock-req-{count}")) {
+        headers.insert("x-request-id", id);
+    }
     headers.insert(
         "x-ratelimit-limit-requests",
         HeaderValue::from_static("999"),

@@ -94,6 +94,7 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
             decision: "unauthenticated",
             limit: None,
             tokens: 0,
+            written: false,
         })
     });
     let mut response = match authenticate(&state, &parts.headers).await {
@@ -126,13 +127,18 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
             }
         }
     };
-    response.headers_mut().insert(
+    // The upstream's own id, which its support asks for, is passed on under a name of its own.
+    if let Some(upstream_id) = response.headers_mut().insert(
         X_REQUEST_ID,
         shown_id.unwrap_or_else(|| request_id.header_value()),
-    );
+    ) {
+        response
+            .headers_mut()
+            .insert(X_UPSTREAM_REQUEST_ID, upstream_id);
+    }
     seen.answered(response.status().as_u16());
     // A stream's line is written when it is settled (it took `access`); any other now.
-    if let Some(a) = access {
+    if let Some(mut a) = access {
         a.write(response.status().as_u16());
     }
     response
@@ -141,6 +147,7 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
 /// Header names as constants: a name given as text is parsed and checked on each use (the first
 /// is read and set on every request).
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_UPSTREAM_REQUEST_ID: HeaderName = HeaderName::from_static("x-upstream-request-id");
 const X_RATELIMIT_SHADOW_DENIED: HeaderName = HeaderName::from_static("x-ratelimit-shadow-denied");
 
 /// The client's `x-request-id` when it is one the gateway may echo and log: 1 to 128 characters
@@ -171,10 +178,25 @@ struct AccessLine {
     limit: Option<&'static str>,
     /// Tokens settled (the estimate where no usage came; 0 when refunded or denied).
     tokens: u64,
+    written: bool,
+}
+
+/// The status an access line shows for a request whose client left before its answer (nginx's).
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+/// A line not written by the time the request's future is dropped is a request whose client
+/// left before its answer: it is written then, with `499`.
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        if !self.written {
+            self.write(CLIENT_CLOSED_REQUEST);
+        }
+    }
 }
 
 impl AccessLine {
-    fn write(&self, status: u16) {
+    fn write(&mut self, status: u16) {
+        self.written = true;
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let client_id = self.client_id.as_ref().and_then(|v| v.to_str().ok());
         tracing::info!(
@@ -486,31 +508,13 @@ async fn forward(
     state
         .metrics
         .tokens_estimated(route, reservation.held.tokens);
-    // The limits in shadow decide only once the enforced ones admitted (see `shadow`).
-    let shadow = match &workspace.shadow {
-        None => None,
-        Some(limits) => shadow_decision(
-            state,
-            ws_id,
-            key,
-            limits,
-            model.as_deref(),
-            cost,
-            now,
-            request_id,
-        )
-        .await
-        .map(|(reservation, denied)| ShadowHold {
-            reservation,
-            limits: limits.clone(),
-            denied,
-        }),
-    };
-    let shadow_denied = shadow.as_ref().and_then(|s| s.denied);
     if prepared.strip_usage_chunk {
         prepared.body = Bytes::from(crate::stream_options::with_include_usage(&prepared.body));
     }
-    let settlement = Settlement {
+    // Made at once, so that a client that leaves from here on leaves nothing held: until the
+    // request is sent, dropping the settlement refunds it.
+    let shadow_model = workspace.shadow.as_ref().and(model.clone());
+    let mut settlement = Settlement {
         state: state.clone(),
         reservation: Some(reservation),
         limits,
@@ -521,8 +525,29 @@ async fn forward(
         choices: prepared.info.as_ref().map_or(1, |i| i.choices),
         prompt_estimate: prepared.info.as_ref().map_or(0, |i| i.prompt_tokens),
         access: None,
-        shadow,
+        shadow: None,
+        sent: false,
     };
+    // The limits in shadow decide only once the enforced ones admitted (see `shadow`).
+    if let Some(limits) = &workspace.shadow {
+        settlement.shadow = shadow_decision(
+            state,
+            ws_id,
+            key,
+            limits,
+            shadow_model.as_deref(),
+            cost,
+            now,
+            request_id,
+        )
+        .await
+        .map(|(reservation, denied)| ShadowHold {
+            reservation,
+            limits: limits.clone(),
+            denied,
+        });
+    }
+    let shadow_denied = settlement.shadow.as_ref().and_then(|s| s.denied);
     let mut response = send(state, parts, prepared, settlement, access, seen)
         .await
         .unwrap_or_else(|e| e.into_response());
@@ -617,6 +642,30 @@ fn is_hop_or_gateway_response_header(name: &HeaderName) -> bool {
 /// Removes every header whose name `drop` picks. The names are gathered on the stack, a few at
 /// a time (`HeaderMap` has no `retain`, and a `Vec` of them cost two allocations on every
 /// request, for the hop headers alone).
+/// Removes the headers that `Connection` names (RFC 9110, 7.6.1): they belong to the hop, like
+/// `Connection` itself (removed with the other hop-by-hop headers). Nearly every `Connection`
+/// says `keep-alive` or `close`, which name no other header: then nothing is allocated.
+fn remove_connection_options(headers: &mut HeaderMap) {
+    let mut named = Vec::new();
+    for value in headers.get_all(header::CONNECTION) {
+        let Ok(value) = value.to_str() else { continue };
+        for option in value.split(',').map(str::trim) {
+            if option.is_empty()
+                || option.eq_ignore_ascii_case("close")
+                || option.eq_ignore_ascii_case("keep-alive")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(option.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    for name in named {
+        headers.remove(name);
+    }
+}
+
 fn remove_where(headers: &mut HeaderMap, drop: impl Fn(&HeaderName) -> bool) {
     const AT_ONCE: usize = 8;
     loop {
@@ -707,6 +756,7 @@ async fn send(
     // The client's headers, less those the gateway does not forward: removed in place, the
     // rest passed on as they came.
     let mut headers = parts.headers;
+    remove_connection_options(&mut headers);
     remove_where(&mut headers, |name| {
         is_hop_or_gateway_request_header(name)
             || upstream_config
@@ -735,7 +785,12 @@ async fn send(
     *request.uri_mut() = url;
     *request.headers_mut() = headers;
     let sent = std::time::Instant::now();
+    // From here the upstream may do the work: a client that leaves is charged the estimate, and
+    // its access line, held by the settlement meanwhile, is written with it.
+    settlement.sent = true;
+    settlement.hold_line(access);
     let answered = tokio::time::timeout_at(deadline, state.upstream.client.request(request)).await;
+    settlement.give_line(access);
     let took = sent.elapsed();
     seen.waited(took);
     let upstream = match answered {
@@ -765,6 +820,7 @@ async fn send(
     // The upstream's headers, less those of its hop and its own rate-limit headers: taken, not
     // copied.
     let mut response_headers = upstream_parts.headers;
+    remove_connection_options(&mut response_headers);
     remove_where(&mut response_headers, is_hop_or_gateway_response_header);
     let content_type = response_headers
         .get(header::CONTENT_TYPE)
@@ -797,8 +853,9 @@ async fn send(
         } else if status.is_server_error() {
             Metrics::inc(&state.metrics.upstream_server_errors);
         }
-        let body = seen.waiting(read_whole(upstream, deadline, idle)).await;
+        // Refunded first: nothing is charged for it, even if the client leaves meanwhile.
         settlement.refund();
+        let body = seen.waiting(read_whole(upstream, deadline, idle)).await;
         return match body {
             Ok(body) => Ok(answer(Body::from(body))),
             Err(ReadFailure::TimedOut) => {
@@ -826,7 +883,10 @@ async fn send(
     }
 
     // A JSON answer must arrive whole within the same deadline as its headers.
-    match seen.waiting(read_whole(upstream, deadline, idle)).await {
+    settlement.hold_line(access);
+    let read = seen.waiting(read_whole(upstream, deadline, idle)).await;
+    settlement.give_line(access);
+    match read {
         Ok(body) => {
             let usage = usage_of_json(&body);
             let charged = usage
@@ -878,10 +938,14 @@ struct Settlement {
     choices: u64,
     /// The prompt as the rule estimated it, before any learned factor (0 when unmetered).
     prompt_estimate: u64,
-    /// A stream's access line and its status, written when it is settled.
+    /// A stream's access line and its status, written when it is settled; any request's while
+    /// it waits for the upstream, with `499` (written if the client leaves meanwhile).
     access: Option<(Box<AccessLine>, u16)>,
     /// What the limits in shadow hold, settled with the same usage.
     shadow: Option<ShadowHold>,
+    /// Whether the request went to the upstream: dropped before, the settlement refunds it;
+    /// after, it charges the estimate.
+    sent: bool,
 }
 
 enum Outcome {
@@ -931,6 +995,16 @@ impl Settlement {
             }
             .boxed(),
         )
+    }
+
+    /// Holds the request's access line while the upstream is awaited (see `access`).
+    fn hold_line(&mut self, line: &mut Option<Box<AccessLine>>) {
+        self.access = line.take().map(|a| (a, CLIENT_CLOSED_REQUEST));
+    }
+
+    /// Gives the access line back once the await is over.
+    fn give_line(&mut self, line: &mut Option<Box<AccessLine>>) {
+        *line = self.access.take().map(|(a, _)| a);
     }
 
     /// The tokens reserved: what settling the estimate charges.
@@ -994,7 +1068,15 @@ fn spawn_tracked(state: &AppState, work: impl Future<Output = ()> + Send + 'stat
 
 impl Drop for Settlement {
     fn drop(&mut self) {
-        if let Some(f) = self.take(Outcome::Estimate) {
+        let outcome = if self.sent {
+            Outcome::Estimate
+        } else {
+            Outcome::Refund
+        };
+        if matches!(outcome, Outcome::Refund) && self.reservation.is_some() {
+            Metrics::inc(&self.state.metrics.refunds);
+        }
+        if let Some(f) = self.take(outcome) {
             spawn_tracked(&self.state, f);
         }
     }

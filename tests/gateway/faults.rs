@@ -281,6 +281,9 @@ async fn client_headers_that_choose_the_billed_account_are_not_forwarded() {
         ("x-stainless-lang", "python"),
         ("x-stainless-retry-count", "0"),
         ("user-agent", "OpenAI/Python 1.50.0"),
+        // A header that `Connection` names belongs to the hop (RFC 9110, 7.6.1).
+        ("connection", "keep-alive, x-hop-only"),
+        ("x-hop-only", "for the gateway alone"),
     ];
     let r = gw.chat(&key, hello(), &sent).await;
     assert_eq!(r.status(), StatusCode::OK);
@@ -293,6 +296,7 @@ async fn client_headers_that_choose_the_billed_account_are_not_forwarded() {
         "x-api-key",
         "cookie",
         "x-billing-tenant",
+        "x-hop-only",
     ] {
         assert!(
             received.get(dropped).is_none(),

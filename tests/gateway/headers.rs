@@ -168,6 +168,19 @@ async fn none_sends_no_rate_limit_header_and_a_bad_family_is_refused() {
         e.contains("rate_limit_headers") && e.contains("'draft'"),
         "{e}"
     );
+    // An empty list is refused: `none` says "no headers".
+    for empty in [vec![], vec![String::new()]] {
+        let mut raw = tiergate::RawSettings {
+            rate_limit_headers: Some(empty),
+            ..Default::default()
+        };
+        raw.upstream.url = Some("http://127.0.0.1:9".into());
+        let e = tiergate::Config::try_from(raw).unwrap_err().to_string();
+        assert!(
+            e.contains("rate_limit_headers") && e.contains("empty"),
+            "{e}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -178,6 +191,9 @@ async fn a_client_request_id_is_echoed_and_a_reused_one_loses_no_usage() {
         .await;
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(header(&first, "x-request-id"), Some("trace-42.a"));
+    // The upstream's own id is passed on under a name of its own.
+    let upstream_id = header(&first, "x-upstream-request-id").unwrap();
+    assert!(upstream_id.starts_with("mock-req-"), "{upstream_id}");
     let one: Value = first.json().await.unwrap();
     let one = one["usage"]["total_tokens"].as_u64().unwrap();
 
@@ -201,14 +217,16 @@ async fn a_client_request_id_is_echoed_and_a_reused_one_loses_no_usage() {
         let id = header(&r, "x-request-id").unwrap();
         assert!(id.starts_with("req_") && id.len() == 36, "{bad:?} -> {id}");
     }
-    // Without one, the gateway's own; on a 401 too.
+    // Without one, the gateway's own; on a 401 too, with no upstream id.
     let r = gw.chat("sk-nobody", hello(), &[]).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(header(&r, "x-request-id").unwrap().starts_with("req_"));
+    assert_eq!(header(&r, "x-upstream-request-id"), None);
 }
 
 /// `tiergate serve` with `--log-format json`: one access line per request, in JSON, with the
-/// fields the README names and no key.
+/// fields the README names and no key; a request whose client left before its answer has its
+/// line too (`499`, with the estimate it was charged).
 #[tokio::test]
 async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     let dir = tempfile::tempdir().unwrap();
@@ -253,7 +271,7 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     let r = admin(
         reqwest::Method::PUT,
         "/tiers/one",
-        json!({"requests_per_second": 0.001, "burst": 2}),
+        json!({"requests_per_second": 0.001, "burst": 3}),
     )
     .await
     .unwrap();
@@ -312,6 +330,17 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
         .find_map(|v| v.get("usage").filter(|u| u.is_object()).cloned())
         .expect("the stream has usage");
+    // A client that leaves while the upstream works: admitted, charged the estimate.
+    let left = client
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-request-id", "line-left")
+        .header("x-mock-latency-ms", "3000")
+        .timeout(Duration::from_millis(300))
+        .json(&hello())
+        .send()
+        .await;
+    assert!(left.is_err_and(|e| e.is_timeout()));
     let denied = chat(&key, "line-denied").await.unwrap();
     assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
     let unknown = chat("sk-not-a-key-at-all", "line-401").await.unwrap();
@@ -326,13 +355,13 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
             .filter(|v| v["target"] == "tiergate::access")
             .collect()
     };
-    eventually(Duration::from_secs(5), "four access lines", || async {
-        lines().len() >= 4
+    eventually(Duration::from_secs(5), "five access lines", || async {
+        lines().len() >= 5
     })
     .await;
     drop(child);
     let lines = lines();
-    assert_eq!(lines.len(), 4, "{lines:?}");
+    assert_eq!(lines.len(), 5, "{lines:?}");
     let by_id = |id: &str| {
         lines
             .iter()
@@ -354,6 +383,10 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     assert_eq!(stream["status"], 200);
     assert_eq!(stream["decision"], "admitted");
     assert_eq!(stream["tokens"], usage["total_tokens"]);
+    let left = by_id("line-left");
+    assert_eq!(left["status"], 499);
+    assert_eq!(left["decision"], "admitted");
+    assert!(left["tokens"].as_u64().unwrap() > 0, "{left}");
     let denied = by_id("line-denied");
     assert_eq!(denied["status"], 429);
     assert_eq!(denied["decision"], "denied");
