@@ -363,7 +363,9 @@ async fn evict_idle(state: Arc<AppState>) {
                 catalog.workspace(ws).and_then(|e| e.shadow.clone())
             });
         }
-        state.estimator.evict_idle(now, idle_for);
+        state
+            .estimator
+            .evict_idle(now, crate::estimate::HISTORY_IDLE.as_nanos() as u64);
         if evicted > 0 {
             tracing::debug!(evicted, "evicted idle workspaces");
         }

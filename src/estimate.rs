@@ -62,6 +62,13 @@ pub const MAX_MODEL_NAME_BYTES: usize = 256;
 /// The most models whose completion sizes are remembered per workspace.
 pub const MAX_MODELS_PER_WORKSPACE: usize = 64;
 
+/// How long a (workspace, model)'s completions and learned factor are remembered after its last
+/// settlement: a day, so that a workspace that pauses for minutes or hours is estimated from its
+/// history, not from the default again (the limiter's states, which lose nothing when they go,
+/// are evicted after two minutes). Memory follows the pairs seen in the last day, at most
+/// `MAX_MODELS_PER_WORKSPACE` per workspace.
+pub const HISTORY_IDLE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// The metered routes, by what their body looks like.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
@@ -442,10 +449,11 @@ struct Fields<'a> {
     model: Scalar<'a>,
     /// Chat.
     messages: Option<Messages>,
-    /// Completions and FIM: `Some` when present, even as `null` (the cost of its text).
+    /// Completions and FIM: `Some` when present and not `null` (the cost of its text).
     prompt: Option<usize>,
     suffix: usize,
-    /// Embeddings and responses: `Some` when present, even as `null`.
+    /// Embeddings: `Some` when present and not `null`; responses: when present (`null` is
+    /// `Input::Other`, refused).
     input: Option<Input>,
     instructions: usize,
     max_tokens: Scalar<'a>,
@@ -663,12 +671,14 @@ impl<'de> Visitor<'de> for BodyVisitor {
                 Key::Prompt
                     if matches!(endpoint, Endpoint::Completions | Endpoint::FimCompletions) =>
                 {
-                    f.prompt = Some(map.next_value::<ContentCost>()?.0)
+                    // `null` counts as left out (refused, as the upstream APIs do).
+                    f.prompt = map.next_value::<Option<ContentCost>>()?.map(|c| c.0)
                 }
                 Key::Suffix => f.suffix = map.next_value::<ContentCost>()?.0,
                 Key::Input if endpoint == Endpoint::Embeddings => {
-                    let ContentCost(cost) = map.next_value()?;
-                    f.input = Some(Input::Text(cost));
+                    f.input = map
+                        .next_value::<Option<ContentCost>>()?
+                        .map(|c| Input::Text(c.0));
                 }
                 Key::Input if endpoint == Endpoint::Responses => {
                     f.input = Some(map.next_value::<ResponsesInput>()?.0)
@@ -1106,6 +1116,21 @@ mod tests {
         assert_eq!(est.estimate(1, &info).estimate, 3 + 256);
     }
 
+    /// The gateway forgets a (workspace, model)'s history after `HISTORY_IDLE`: a pause of hours
+    /// keeps it (it used to go with the limiter's states, after two minutes).
+    #[test]
+    fn history_outlives_a_pause_of_hours() {
+        const HOUR: Nanos = 3600 * 1_000_000_000;
+        let idle = HISTORY_IDLE.as_nanos() as u64;
+        let est = Estimator::new(256, 16);
+        let info = chat(json!({"model": "m", "messages": []}));
+        est.observe(1, "m", 2000, 0);
+        est.evict_idle(3 * HOUR, idle);
+        assert_eq!(est.estimate(1, &info).estimate, 3 + 2000);
+        est.evict_idle(25 * HOUR, idle);
+        assert_eq!(est.estimate(1, &info).estimate, 3 + 256);
+    }
+
     #[test]
     fn responses_are_estimated_from_input_instructions_and_max_output_tokens() {
         let e = inspect(
@@ -1392,6 +1417,23 @@ mod tests {
         );
         assert_eq!(e.unwrap_err(), "'max_tokens' must be at most 8");
         assert!(inspect(Endpoint::Embeddings, &json!({"model": "e"}), LIMIT).is_err());
+        // A required text set to `null` counts as left out.
+        let nulls = [
+            (Endpoint::Embeddings, json!({"model": "e", "input": null})),
+            (Endpoint::Completions, json!({"model": "c", "prompt": null})),
+            (
+                Endpoint::FimCompletions,
+                json!({"model": "c", "prompt": null, "suffix": "x"}),
+            ),
+            (Endpoint::Responses, json!({"model": "r", "input": null})),
+        ];
+        for (endpoint, body) in nulls {
+            let e = inspect(endpoint, &body, LIMIT).unwrap_err();
+            assert!(
+                e.contains("required") || e.contains("must be"),
+                "{body}: {e}"
+            );
+        }
 
         let taken = [
             json!({"model": "m", "messages": [], "max_tokens": LIMIT}),
