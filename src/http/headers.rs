@@ -220,17 +220,51 @@ const MISTRAL_MINUTE: [HeaderName; 2] = [
     HeaderName::from_static("x-ratelimit-remaining-tokens-minute"),
 ];
 
+/// The longest window `rate_as_quota` gives: any rate written with up to six decimals is exact
+/// within it.
+const MOST_QUOTA_WINDOW: u64 = 1_000_000;
+
 /// A rate in requests per second as an integer quota over a whole number of seconds, as the
-/// draft's `q` and `w` must be: 2/s is `q=2;w=1`, 0.5/s is `q=1;w=2`, 0.1/s is `q=1;w=10`.
+/// draft's `q` and `w` must be, exactly and in lowest terms: 2/s is `q=2;w=1`, 0.5/s is
+/// `q=1;w=2`, 1.333/s is `q=1333;w=1000`. Found by the rate's continued fraction, whose
+/// convergents are the fractions nearest it for their size: the first one equal to the rate
+/// (but for the last bits of a float) is it. A rate that none within `MOST_QUOTA_WINDOW`
+/// equals is rounded down over that window, so the policy never promises more than the limit.
 fn rate_as_quota(rate: f64) -> (u64, u64) {
-    for w in [1u64, 2, 3, 4, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600] {
-        let q = rate * w as f64;
-        if q >= 1.0 && (q - q.round()).abs() < 1e-6 {
-            return (q.round() as u64, w);
-        }
+    if rate >= 1.0 && rate.fract() == 0.0 && rate < 1e15 {
+        return (rate as u64, 1);
     }
-    // A rate no whole window expresses exactly: the quota of an hour, rounded down.
-    (((rate * 3600.0).floor() as u64).max(1), 3600)
+    let close = |q: u64, w: u64| q >= 1 && (q as f64 / w as f64 - rate).abs() <= rate * 1e-14;
+    // The convergents h/k, from h(-2)/k(-2) = 0/1 and h(-1)/k(-1) = 1/0.
+    let (mut h, mut h_before, mut k, mut k_before) = (1u64, 0u64, 0u64, 1u64);
+    let mut x = rate;
+    for _ in 0..40 {
+        let a = x.floor();
+        if !(0.0..1e15).contains(&a) {
+            break;
+        }
+        let a = a as u64;
+        let (Some(h_next), Some(k_next)) = (
+            a.checked_mul(h).and_then(|v| v.checked_add(h_before)),
+            a.checked_mul(k).and_then(|v| v.checked_add(k_before)),
+        ) else {
+            break;
+        };
+        if k_next > MOST_QUOTA_WINDOW {
+            break;
+        }
+        (h_before, h, k_before, k) = (h, h_next, k, k_next);
+        if close(h, k) {
+            return (h, k);
+        }
+        let rest = x - a as f64;
+        if rest <= 0.0 {
+            break;
+        }
+        x = 1.0 / rest;
+    }
+    let w = MOST_QUOTA_WINDOW;
+    (((rate * w as f64).floor() as u64).max(1), w)
 }
 
 fn secs_ceil(nanos: Nanos) -> u64 {
@@ -364,6 +398,17 @@ mod tests {
         assert_eq!(rate_as_quota(0.1), (1, 10));
         assert_eq!(rate_as_quota(2.5), (5, 2));
         assert_eq!(rate_as_quota(1.0 / 60.0), (1, 60));
-        assert_eq!(rate_as_quota(0.001), (3, 3600));
+        assert_eq!(rate_as_quota(1.0 / 3.0), (1, 3));
+        // Exact, where a set of windows up to an hour gave 3 per hour (0.00083/s).
+        assert_eq!(rate_as_quota(0.001), (1, 1000));
+        assert_eq!(rate_as_quota(1.333), (1333, 1000));
+        assert_eq!(rate_as_quota(12.75), (51, 4));
+        assert_eq!(rate_as_quota(0.123456), (1929, 15625));
+        assert_eq!(rate_as_quota(100_000.0), (100_000, 1));
+        // No fraction within the longest window equals it: rounded down over that window.
+        let (q, w) = rate_as_quota(std::f64::consts::PI);
+        assert_eq!(w, MOST_QUOTA_WINDOW);
+        assert!((q as f64) <= std::f64::consts::PI * w as f64, "{q}");
+        assert!(q as f64 > (std::f64::consts::PI - 1e-6) * w as f64, "{q}");
     }
 }

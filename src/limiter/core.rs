@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;
 
-use crate::model::{KeyId, KeyLimits, Limits};
+use crate::model::{KeyId, KeyLimits, Limits, ModelLimits};
 
 pub type Nanos = u64;
 pub const NANOS_PER_SEC: u64 = 1_000_000_000;
@@ -1130,7 +1130,8 @@ impl WorkspaceState {
         }
 
         if let Some(worst) = worst {
-            let snapshot = self.decision_snapshot(limits, now, request_limit, next_month);
+            let snapshot =
+                self.decision_snapshot(limits, model_limits, now, request_limit, next_month);
             return (Verdict::Deny(worst), snapshot);
         }
 
@@ -1180,7 +1181,7 @@ impl WorkspaceState {
             slot: limits.concurrent_requests.is_some(),
             key: key.map(|(k, _)| k.id),
         };
-        let snapshot = self.decision_snapshot(limits, now, request_limit, next_month);
+        let snapshot = self.decision_snapshot(limits, model_limits, now, request_limit, next_month);
         (Verdict::Admit(held), snapshot)
     }
 
@@ -1286,20 +1287,40 @@ impl WorkspaceState {
         )
     }
 
-    /// The snapshot a decision answers with: the workspace's windows, each replaced by the key's
-    /// where the key has less remaining.
+    /// The windows a decision answers with: the workspace's, each replaced by the key's (when
+    /// it has limits of its own) and by the request's model's (when it has limits of its own)
+    /// where that has less remaining, so that a client pacing itself by the headers sees the
+    /// limit that binds it.
     fn decision_snapshot(
         &self,
         limits: &Limits,
+        model: Option<(&str, &ModelLimits)>,
         now: Nanos,
         request_limit: Option<(f64, i64, i64)>,
         next_month: Nanos,
     ) -> Snapshot {
-        let snapshot = self.snapshot_at(limits, now, request_limit, next_month);
-        match limits.key {
-            Some(k) => snapshot.tighter(key_snapshot(self.key(k.id), &k.limits, now, next_month)),
-            None => snapshot,
+        let mut snapshot = self.snapshot_at(limits, now, request_limit, next_month);
+        if let Some(k) = limits.key {
+            snapshot = snapshot.tighter(key_snapshot(self.key(k.id), &k.limits, now, next_month));
         }
+        if let Some((m, l)) = model {
+            let tpm = l.tokens_per_minute.filter(|&c| c > 0);
+            let month = l.tokens_per_month.filter(|&c| c > 0);
+            if tpm.is_some() || month.is_some() {
+                let state = self.model_index(m).ok().map(|i| &self.models[i]);
+                snapshot = snapshot.tighter(windows(
+                    None,
+                    None,
+                    state.and_then(|s| s.bucket.as_deref()),
+                    tpm,
+                    month,
+                    state.map_or(0, |s| s.month.used()),
+                    now,
+                    next_month,
+                ));
+            }
+        }
+        snapshot
     }
 
     /// What the key `id`'s month counter started from, once it is tracked.

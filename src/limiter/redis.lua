@@ -525,6 +525,28 @@ local function key_view(kid, krate, krcap, ktpm)
   return rr, rf, tr, tf, key_used(kid)
 end
 
+-- Ends a reserve's answer: the key's windows (`key_view`), then, for a model with limits of its
+-- own, its tokens left this minute, when whole again, and its use this month. Its caller reads
+-- each part only when it sent it. (`run` calls this, never `key_view`: a Lua function may use
+-- at most 60 locals of the chunk, and `run` is near that.)
+local function views(reply, kid, krate, krcap, ktpm, m, mtpm, mmcap)
+  if kid ~= '' then
+    local rr, rf, tr, tf, used = key_view(kid, krate, krcap, ktpm)
+    reply[#reply + 1] = rr
+    reply[#reply + 1] = rf
+    reply[#reply + 1] = tr
+    reply[#reply + 1] = tf
+    reply[#reply + 1] = used
+  end
+  if m ~= '' and (mtpm > 0 or mmcap > 0) then
+    local tr, tf = tok_view(mtpm, month_names(m).t)
+    reply[#reply + 1] = tr
+    reply[#reply + 1] = tf
+    reply[#reply + 1] = model_used(m)
+  end
+  return reply
+end
+
 -- ---------------------------------------------------------------------------------------------
 -- The cause of a denial: the most important of the candidates (kind: 0 waits, 1 the month, 2 can
 -- never fit; then the longest wait), as core.rs chooses. Reset by each reserve.
@@ -599,8 +621,8 @@ if op == 'reserve' then
     end
     local tr, tf = tok_view(tpm)
     local settled, reserved = month_used()
-    return {1, now, N(r[2]), r[3], rr, rf, tr, tf, settled + reserved, month_of(now),
-      key_view(kid, krate, krcap, ktpm)}
+    return views({1, now, N(r[2]), r[3], rr, rf, tr, tf, settled + reserved, month_of(now)},
+      kid, krate, krcap, ktpm, m, mtpm, mmcap)
   end
   local gen, based, mk = month_counter(cand)
   if (not based and (mcap > 0 or mmcap > 0 or ARGV[19] == '1'))
@@ -691,8 +713,8 @@ if op == 'reserve' then
     local rr, rf = 0, 0
     if rate > 0 then rr, rf = req_view(rlevel, rat, rcap, rate) end
     local tr, tf = tok_view(tpm)
-    return {0, now, best_kind, best_limit, best_at, rr, rf, tr, tf, settled + reserved, mk,
-      key_view(kid, krate, krcap, ktpm)}
+    return views({0, now, best_kind, best_limit, best_at, rr, rf, tr, tf, settled + reserved, mk},
+      kid, krate, krcap, ktpm, m, mtpm, mmcap)
   end
 
   -- Admit: take from every limit.
@@ -743,8 +765,8 @@ if op == 'reserve' then
   record(id, 'L|' .. S(tokens) .. '|' .. gen .. '|' .. m .. '|' .. slot .. '|' .. kid,
     now + lease * 1000)
   finish()
-  return {1, now, tokens, gen, rr, rf, tr, tf, settled + reserved + tokens, mk,
-    key_view(kid, krate, krcap, ktpm)}
+  return views({1, now, tokens, gen, rr, rf, tr, tf, settled + reserved + tokens, mk},
+    kid, krate, krcap, ktpm, m, mtpm, mmcap)
 end
 
 if op == 'settle' or op == 'cancel' then
@@ -877,10 +899,10 @@ if op == 'usage' then
   end
   local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
-  local krr, krf, ktr, ktf, kused = 0, 0, 0, 0, 0
-  if kid ~= '' then krr, krf, ktr, ktf, kused = key_view(kid, krate, krcap, ktpm) end
-  local reply = {1, now, rr, rf, tr, tf, balance, settled, reserved, state.inflight or 0, mk, gen,
-    krr, krf, ktr, ktf, kused}
+  local reply = views({1, now, rr, rf, tr, tf, balance, settled, reserved, state.inflight or 0, mk,
+    gen}, kid, krate, krcap, ktpm, '', 0, 0)
+  -- The key's five numbers are always there: zeros without a key.
+  if kid == '' then for _ = 1, 5 do reply[#reply + 1] = 0 end end
   -- Then, per model asked about: tokens left this minute, when whole again, used this month.
   for i = 16, #ARGV - 1, 2 do
     local m = ARGV[i]

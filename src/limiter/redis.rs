@@ -44,7 +44,7 @@ use super::{
     Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, MonthSource,
     Nanos, Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, Window,
 };
-use crate::model::{KeyId, Limits, WorkspaceId};
+use crate::model::{KeyId, Limits, ModelLimits, WorkspaceId};
 
 /// Reservation ids are this process's own (a random prefix and a counter), never a client's.
 type Fast = foldhash::fast::RandomState;
@@ -347,25 +347,47 @@ fn read_snapshot(v: [u64; 5], limits: &Limits, t: Times, mk: MonthKey) -> Snapsh
 }
 
 /// The snapshot a decision answers with: the workspace's windows, each replaced by the key's
-/// (`Limits::key`, from the script's five numbers at `key`) where it has less remaining.
+/// (`Limits::key`, from the script's five numbers at `key`) and by the model's (its own limits,
+/// from the three numbers after the key's) where it has less remaining, as `core` does.
 fn decision_snapshot(
     reply: &Reply,
     workspace: usize,
     key: usize,
     limits: &Limits,
+    model_limits: Option<&ModelLimits>,
     t: Times,
     mk: MonthKey,
 ) -> Result<Snapshot, LimiterError> {
-    let snapshot = read_snapshot(reply.five(workspace)?, limits, t, mk);
-    Ok(match limits.key {
-        Some(k) => snapshot.tighter(read_snapshot(
-            reply.five(key)?,
-            &k.limits.as_limits(),
-            t,
-            mk,
-        )),
-        None => snapshot,
-    })
+    let mut snapshot = read_snapshot(reply.five(workspace)?, limits, t, mk);
+    let mut at = key;
+    if let Some(k) = limits.key {
+        let own = read_snapshot(reply.five(key)?, &k.limits.as_limits(), t, mk);
+        snapshot = snapshot.tighter(own);
+        at += 5;
+    }
+    let tpm = model_limits
+        .and_then(|l| l.tokens_per_minute)
+        .filter(|&c| c > 0);
+    let month = model_limits
+        .and_then(|l| l.tokens_per_month)
+        .filter(|&c| c > 0);
+    if tpm.is_some() || month.is_some() {
+        let (left, full_at, used) = (reply.u(at)?, reply.u(at + 1)?, reply.u(at + 2)?);
+        snapshot = snapshot.tighter(Snapshot {
+            requests: None,
+            tokens: tpm.map(|cap| Window {
+                limit: cap as f64,
+                remaining: left,
+                reset: t.until(full_at),
+            }),
+            month: month.map(|cap| Window {
+                limit: cap as f64,
+                remaining: cap.saturating_sub(used),
+                reset: t.until_ns(mk.next().start()),
+            }),
+        });
+    }
+    Ok(snapshot)
 }
 
 /// One argument of a call. Most are numbers: they are written into the command as digits, with
@@ -1094,7 +1116,7 @@ impl RedisLimiter {
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .insert(id, workspace);
-                    let snapshot = decision_snapshot(&reply, 4, 10, limits, t, mk)?;
+                    let snapshot = decision_snapshot(&reply, 4, 10, limits, model_limits, t, mk)?;
                     let mut reservation = Reservation::new(workspace, held);
                     reservation.id = id;
                     return Ok(Decision::Admit {
@@ -1127,7 +1149,7 @@ impl RedisLimiter {
                         limit_value: limit_value(limits, model, limit),
                         retry_after,
                     };
-                    let snapshot = decision_snapshot(&reply, 5, 11, limits, t, mk)?;
+                    let snapshot = decision_snapshot(&reply, 5, 11, limits, model_limits, t, mk)?;
                     return Ok(Decision::Deny { denial, snapshot });
                 }
                 2 => {

@@ -270,6 +270,75 @@ async fn per_model_limits_apply_to_that_model_only() {
     assert_eq!(gw.chat(&key, small, &[]).await.status(), StatusCode::OK);
 }
 
+/// A request on a model with limits of its own is answered with the tighter of the model's and
+/// the workspace's windows, in every family: a client that paces itself by the headers sees the
+/// limit that denies it (they used to show the workspace's alone, with plenty left).
+async fn model_limits_show_in_the_headers(gw: &TestGateway) {
+    gw.put_tier(
+        "model-headers",
+        json!({"tokens_per_minute": 100_000, "tokens_per_month": 1_000_000,
+            "models": {"big": {"tokens_per_minute": 1000, "tokens_per_month": 5000}}}),
+    )
+    .await;
+    let (_, key) = gw.workspace("model-headers").await;
+    let big =
+        json!({"model": "big", "max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}]});
+    let n = |r: &reqwest::Response, name: &str| -> u64 {
+        header(r, name)
+            .unwrap_or_else(|| panic!("no {name}"))
+            .parse()
+            .unwrap()
+    };
+    let r = gw
+        .chat(&key, big.clone(), &[("x-mock-usage", "490,500")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(n(&r, "x-ratelimit-limit-tokens"), 1000);
+    assert!(n(&r, "x-ratelimit-remaining-tokens") < 1000);
+    assert_eq!(n(&r, "x-ratelimit-limit-tokens-month"), 5000);
+    let policy = header(&r, "ratelimit-policy").unwrap();
+    assert!(
+        policy.contains("\"tokens-minute\";q=1000;") && policy.contains("\"tokens-month\";q=5000;"),
+        "{policy}"
+    );
+    // Settled to 990: what the model has left cannot hold the next request.
+    eventually(Duration::from_secs(5), "settled", || async {
+        gw.limits(&key).await["usage"]["tokens_this_month"].as_u64() == Some(990)
+    })
+    .await;
+    let r = gw.chat(&key, big, &[]).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(n(&r, "x-ratelimit-limit-tokens"), 1000);
+    let left = n(&r, "x-ratelimit-remaining-tokens");
+    assert!(left < 100, "{left}");
+    assert_eq!(n(&r, "x-ratelimit-remaining-tokens-month"), 5000 - 990);
+    let body = expect_429(r, "rate_limited", "model_tokens_per_minute").await;
+    assert!(
+        body["message"].as_str().unwrap().contains("'big'"),
+        "{body}"
+    );
+    // Another model is answered with the workspace's windows.
+    let small = json!({"model": "small", "messages": [{"role": "user", "content": "Hi"}]});
+    let r = gw.chat(&key, small, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(n(&r, "x-ratelimit-limit-tokens"), 100_000);
+    assert_eq!(n(&r, "x-ratelimit-limit-tokens-month"), 1_000_000);
+}
+
+#[tokio::test]
+async fn model_limits_show_in_the_headers_in_memory() {
+    model_limits_show_in_the_headers(&TestGateway::start().await).await;
+}
+
+#[tokio::test]
+async fn model_limits_show_in_the_headers_with_redis() {
+    let Some(redis) = crate::support::redis::shared_redis() else {
+        return;
+    };
+    let fleet = TestGateway::fleet(1, &redis, |_| {}).await;
+    model_limits_show_in_the_headers(&fleet[0]).await;
+}
+
 #[tokio::test]
 async fn a_request_that_can_never_fit_is_not_retryable() {
     let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 50})).await;
