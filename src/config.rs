@@ -394,6 +394,25 @@ impl Default for HeaderFamilies {
     }
 }
 
+/// The `TIERGATE_` variables among `names` that tiergate does not read: a misspelt setting is
+/// otherwise ignored without a word. `TIERGATE_LOG` and `TIERGATE_CONFIG` are read besides the
+/// settings; the test suites' own (`TIERGATE_TEST_*`, `TIERGATE_SDK_*`) are left alone.
+pub fn unknown_variables(names: impl IntoIterator<Item = std::ffi::OsString>) -> Vec<String> {
+    let mut unknown: Vec<String> = names
+        .into_iter()
+        .filter_map(|n| n.into_string().ok())
+        .filter(|n| {
+            n.starts_with("TIERGATE_")
+                && !["TIERGATE_LOG", "TIERGATE_CONFIG"].contains(&n.as_str())
+                && !n.starts_with("TIERGATE_TEST_")
+                && !n.starts_with("TIERGATE_SDK_")
+                && !SETTINGS.iter().any(|s| s.env == n)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 impl HeaderFamilies {
     pub const NAMES: [&str; 3] = ["openai", "ietf", "mistral"];
 
@@ -403,6 +422,13 @@ impl HeaderFamilies {
             ietf: false,
             mistral: false,
         };
+        // Turning every header off is said with `none`, never by an empty value by mistake.
+        if names.is_empty() || names.iter().all(|n| n.trim().is_empty()) {
+            return Err(invalid(
+                "rate_limit_headers",
+                "is empty: name one or more of openai, ietf, mistral, or none alone",
+            ));
+        }
         for name in names {
             match name.trim() {
                 "openai" => families.openai = true,

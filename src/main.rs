@@ -379,7 +379,10 @@ fn init_tracing(format: LogFormat) -> Telemetry {
     use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a terminal: a file, a pipe or journald gets plain text.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let fmt = match format {
         LogFormat::Text => fmt.boxed(),
         LogFormat::Json => fmt.json().flatten_event(true).boxed(),
@@ -628,6 +631,12 @@ fn serve_runtime(
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let _telemetry = init_tracing(config.log_format);
+    for name in tiergate::config::unknown_variables(std::env::vars_os().map(|(k, _)| k)) {
+        tracing::warn!(
+            variable = %name,
+            "{name} is not a setting of tiergate (misspelt?): ignored"
+        );
+    }
     config.upstream_url()?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let app = tiergate::app(config, Arc::new(SystemClock)).await?;
@@ -958,8 +967,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::LimitRequests(c) => limit_requests(c).await?,
         Command::Audit(args) => audit(args).await?,
         Command::Config(ConfigCommand::Check { file }) => {
-            let config = Config::load(&[], Some(&file), env_var)
-                .with_context(|| format!("{} is not a valid configuration", file.display()))?;
+            let config = Config::load(&[], Some(&file), env_var).with_context(|| {
+                format!(
+                    "{} with the TIERGATE_ variables of the environment is not a valid configuration",
+                    file.display()
+                )
+            })?;
+            for name in tiergate::config::unknown_variables(std::env::vars_os().map(|(k, _)| k)) {
+                eprintln!("warning: {name} is not a setting of tiergate (misspelt?): ignored");
+            }
             print!("{}", config.effective_toml());
         }
         Command::Migrate { from, to } => {

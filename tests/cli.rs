@@ -402,14 +402,18 @@ tokens_per_minute = 100000
         .arg(&file)
         .env_remove("TIERGATE_CONFIG")
         .env("TIERGATE_SHUTDOWN_GRACE_MS", "15000")
+        // A misspelt setting is named, not silently ignored.
+        .env("TIERGATE_REDIS_TIMEOUT", "100")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("TIERGATE_REDIS_TIMEOUT is not a setting"),
+        "{stderr}"
     );
+    assert!(!stderr.contains("TIERGATE_SHUTDOWN_GRACE_MS"), "{stderr}");
     for secret in [
         "hunter2-db-password",
         "hunter3-redis-password",
