@@ -965,15 +965,6 @@ impl Admin {
         requested
             .validate()
             .map_err(|m| invalid(format!("requested_limits: {m}")))?;
-        let pending = self
-            .store
-            .list_limit_requests(Some(workspace), Some(LimitRequestStatus::Pending))
-            .await?;
-        if pending.len() >= MAX_PENDING_LIMIT_REQUESTS {
-            return Err(AdminError::Conflict(format!(
-                "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; wait for one, or ask the operator"
-            )));
-        }
         let request = self
             .store
             .create_limit_request(
@@ -981,11 +972,17 @@ impl Admin {
                 &use_case,
                 expected_volume.as_deref(),
                 requested,
+                MAX_PENDING_LIMIT_REQUESTS,
                 by,
                 self.now(),
             )
             .await
-            .map_err(not_found("workspace", workspace))?;
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => AdminError::Conflict(format!(
+                    "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; wait for one, or ask the operator"
+                )),
+                e => not_found("workspace", workspace)(e),
+            })?;
         self.wake_webhooks();
         Ok(request)
     }
@@ -1051,13 +1048,6 @@ impl Admin {
     ) -> Result<(WebhookEndpoint, String), AdminError> {
         let url = crate::webhooks::validate_url(url).map_err(AdminError::Invalid)?;
         let events = crate::webhooks::validate_events(events).map_err(AdminError::Invalid)?;
-        if let Some(w) = workspace {
-            if self.store.list_webhooks(Some(w)).await?.len() >= MAX_WORKSPACE_WEBHOOKS {
-                return Err(AdminError::Conflict(format!(
-                    "this workspace already has {MAX_WORKSPACE_WEBHOOKS} webhook endpoints; remove one first"
-                )));
-            }
-        }
         let secret = crate::webhooks::new_secret();
         let endpoint = self
             .store
@@ -1068,11 +1058,17 @@ impl Admin {
                     events,
                     secret: secret.clone(),
                 },
+                MAX_WORKSPACE_WEBHOOKS,
                 by,
                 self.now(),
             )
             .await
-            .map_err(not_found("workspace", workspace.unwrap_or_default()))?;
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => AdminError::Conflict(format!(
+                    "this workspace already has {MAX_WORKSPACE_WEBHOOKS} webhook endpoints; remove one first"
+                )),
+                e => not_found("workspace", workspace.unwrap_or_default())(e),
+            })?;
         Ok((endpoint, secret))
     }
 

@@ -202,7 +202,15 @@ async fn changes_through_the_cli_are_audited_under_the_os_user() {
     let mut requests = Vec::new();
     for use_case in ["launch", "more"] {
         let r = store
-            .create_limit_request(ws["id"].as_i64().unwrap(), use_case, None, &asked, &by, 0)
+            .create_limit_request(
+                ws["id"].as_i64().unwrap(),
+                use_case,
+                None,
+                &asked,
+                10,
+                &by,
+                0,
+            )
             .await
             .unwrap();
         requests.push(r.id.to_string());

@@ -209,6 +209,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
                     events: vec!["quota.threshold".into()],
                     secret: "whsec_c2VjcmV0".into(),
                 },
+                10,
                 &Actor::cli(None),
                 clock.now_secs(),
             )
@@ -395,6 +396,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
                 events: vec!["workspace.suspended".into()],
                 secret: "whsec_c2VjcmV0".into(),
             },
+            10,
             &Actor::cli(None),
             0,
         )

@@ -108,6 +108,7 @@ on_both_backends!(
     the_console_secret_is_made_once_and_shared,
     tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked,
     a_promotion_is_made_once_and_never_of_a_pinned_workspace,
+    a_workspace_s_bounds_hold_for_writers_at_once,
     workspaces_are_searched_sorted_and_paged_in_sql,
     webhook_events_are_written_with_their_change_one_delivery_per_endpoint,
     webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_expires,
@@ -679,6 +680,53 @@ async fn keys_are_created_found_touched_and_revoked(b: Backend) {
     ));
 }
 
+/// Two stores on one database (two instances) sending at once: the bound on a workspace's
+/// pending requests and on its endpoints holds across both.
+async fn a_workspace_s_bounds_hold_for_writers_at_once(b: Backend) {
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    let ws = s.create_workspace("acme", "a", &by(), 10).await.unwrap();
+    let other = b.another().await;
+    let ask = Overrides {
+        tokens_per_minute: Some(5000),
+        ..Overrides::default()
+    };
+    let asked = (0..16).map(|i| {
+        let store = if i % 2 == 0 { s.clone() } else { other.clone() };
+        let ask = ask.clone();
+        async move {
+            store
+                .create_limit_request(ws.id, "launch", None, &ask, 6, &by(), 20)
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(asked).await;
+    let made = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::Conflict(_))))
+        .count();
+    assert_eq!((made, refused), (6, 10), "{results:?}");
+    let hooks = (0..16).map(|i| {
+        let store = if i % 2 == 0 { s.clone() } else { other.clone() };
+        async move {
+            store
+                .create_webhook(&new_webhook(Some(ws.id), &ALL_EVENTS), 4, &by(), 20)
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(hooks).await;
+    let made = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(made, 4, "{results:?}");
+    assert_eq!(s.list_webhooks(Some(ws.id)).await.unwrap().len(), 4);
+    // The operator's endpoints (no workspace) are not bounded by it.
+    for _ in 0..6 {
+        s.create_webhook(&new_webhook(None, &ALL_EVENTS), 4, &by(), 20)
+            .await
+            .unwrap();
+    }
+}
+
 async fn limit_requests_are_decided_once(b: Backend) {
     let s = &b.store;
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
@@ -692,17 +740,17 @@ async fn limit_requests_are_decided_once(b: Backend) {
         ..Overrides::default()
     };
     let r1 = s
-        .create_limit_request(ws.id, "launch", None, &ask(5000), &by(), 100)
+        .create_limit_request(ws.id, "launch", None, &ask(5000), 10, &by(), 100)
         .await
         .unwrap();
     assert_eq!(r1.status, LimitRequestStatus::Pending);
     assert_eq!(r1.requested_limits, ask(5000));
     let r2 = s
-        .create_limit_request(ws.id, "more", None, &ask(9000), &by(), 101)
+        .create_limit_request(ws.id, "more", None, &ask(9000), 10, &by(), 101)
         .await
         .unwrap();
     let r3 = s
-        .create_limit_request(other.id, "other", None, &ask(7000), &by(), 102)
+        .create_limit_request(other.id, "other", None, &ask(7000), 10, &by(), 102)
         .await
         .unwrap();
     let listed = s.list_limit_requests(Some(ws.id), None).await.unwrap();
@@ -1429,7 +1477,7 @@ async fn an_approval_racing_an_overrides_change_keeps_both(b: Backend) {
                     ..Overrides::default()
                 };
                 let request = approver
-                    .create_limit_request(ws.id, "more", None, &asked, &by(), 10)
+                    .create_limit_request(ws.id, "more", None, &asked, 10, &by(), 10)
                     .await
                     .unwrap();
                 let approve = {
@@ -1502,14 +1550,14 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
     };
     let itself = Actor::workspace(ws.id);
     let r1 = s
-        .create_limit_request(ws.id, "more", None, &asked, &itself, 106)
+        .create_limit_request(ws.id, "more", None, &asked, 10, &itself, 106)
         .await
         .unwrap();
     s.approve_limit_request(r1.id, None, &alice, 107)
         .await
         .unwrap();
     let r2 = s
-        .create_limit_request(ws.id, "again", None, &asked, &itself, 108)
+        .create_limit_request(ws.id, "again", None, &asked, 10, &itself, 108)
         .await
         .unwrap();
     s.deny_limit_request(r2.id, "no", &carol, 109)
@@ -1545,7 +1593,7 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        s.create_limit_request(ws.id + 100, "x", None, &asked, &itself, 200)
+        s.create_limit_request(ws.id + 100, "x", None, &asked, 10, &itself, 200)
             .await,
         Err(StoreError::NotFound)
     ));
@@ -2429,12 +2477,13 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
     let ws1 = s.create_workspace("one", "a", &by(), 10).await.unwrap();
     let ws2 = s.create_workspace("two", "a", &by(), 10).await.unwrap();
     let operator = s
-        .create_webhook(&new_webhook(None, &ALL_EVENTS), &by(), 20)
+        .create_webhook(&new_webhook(None, &ALL_EVENTS), 10, &by(), 20)
         .await
         .unwrap();
     let own = s
         .create_webhook(
             &new_webhook(Some(ws1.id), &["limit_request.created"]),
+            10,
             &by(),
             20,
         )
@@ -2442,7 +2491,7 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         .unwrap();
     assert_eq!(own.events, ["limit_request.created"]);
     let missing = s
-        .create_webhook(&new_webhook(Some(999_999), &ALL_EVENTS), &by(), 20)
+        .create_webhook(&new_webhook(Some(999_999), &ALL_EVENTS), 10, &by(), 20)
         .await;
     assert!(matches!(missing, Err(StoreError::NotFound)), "{missing:?}");
     assert_eq!(
@@ -2460,11 +2509,11 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         ..Overrides::default()
     };
     let r1 = s
-        .create_limit_request(ws1.id, "x", None, &ask, &by(), 30)
+        .create_limit_request(ws1.id, "x", None, &ask, 10, &by(), 30)
         .await
         .unwrap();
     let r2 = s
-        .create_limit_request(ws2.id, "y", None, &ask, &by(), 31)
+        .create_limit_request(ws2.id, "y", None, &ask, 10, &by(), 31)
         .await
         .unwrap();
     s.approve_limit_request(r1.id, None, &by(), 32)
@@ -2578,7 +2627,7 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
     let ws = s.create_workspace("one", "a", &by(), 10).await.unwrap();
     let endpoint = s
-        .create_webhook(&new_webhook(None, &ALL_EVENTS), &by(), 20)
+        .create_webhook(&new_webhook(None, &ALL_EVENTS), 10, &by(), 20)
         .await
         .unwrap();
     let ask = Overrides {
@@ -2586,7 +2635,7 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
         ..Overrides::default()
     };
     for i in 0..8 {
-        s.create_limit_request(ws.id, "x", None, &ask, &by(), 30 + i)
+        s.create_limit_request(ws.id, "x", None, &ask, 10, &by(), 30 + i)
             .await
             .unwrap();
     }
@@ -2669,7 +2718,7 @@ async fn a_webhook_event_with_a_dedupe_key_is_written_once(b: Backend) {
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
     let ws = s.create_workspace("one", "a", &by(), 10).await.unwrap();
     let endpoint = s
-        .create_webhook(&new_webhook(None, &["quota.threshold"]), &by(), 20)
+        .create_webhook(&new_webhook(None, &["quota.threshold"]), 10, &by(), 20)
         .await
         .unwrap();
     let event = |n| {
@@ -2696,7 +2745,7 @@ async fn the_webhook_outbox_is_pruned_of_what_is_over(b: Backend) {
     s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
     let ws = s.create_workspace("one", "a", &by(), 10).await.unwrap();
     let endpoint = s
-        .create_webhook(&new_webhook(None, &ALL_EVENTS), &by(), 20)
+        .create_webhook(&new_webhook(None, &ALL_EVENTS), 10, &by(), 20)
         .await
         .unwrap();
     let ask = Overrides {
@@ -2704,7 +2753,7 @@ async fn the_webhook_outbox_is_pruned_of_what_is_over(b: Backend) {
         ..Overrides::default()
     };
     for _ in 0..2 {
-        s.create_limit_request(ws.id, "x", None, &ask, &by(), 100)
+        s.create_limit_request(ws.id, "x", None, &ask, 10, &by(), 100)
             .await
             .unwrap();
     }

@@ -480,13 +480,17 @@ pub trait Store: Send + Sync {
         hours_before: i64,
     ) -> Result<u64, StoreError>;
 
-    /// `NotFound` when the workspace does not exist.
+    /// `NotFound` when the workspace does not exist; `Conflict` when it already has
+    /// `most_pending` requests waiting for an answer, counted in the same transaction as the
+    /// insert, with the workspace locked: requests sent at once cannot pass the bound.
+    #[allow(clippy::too_many_arguments)]
     async fn create_limit_request(
         &self,
         workspace: WorkspaceId,
         use_case: &str,
         expected_volume: Option<&str>,
         requested: &Overrides,
+        most_pending: usize,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;
@@ -517,10 +521,12 @@ pub trait Store: Send + Sync {
     async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError>;
 
     /// Registers a webhook endpoint (audited as `webhook.create`). `NotFound` when its
-    /// workspace does not exist.
+    /// workspace does not exist; `Conflict` when that workspace already has
+    /// `most_per_workspace` endpoints, counted as `create_limit_request` counts.
     async fn create_webhook(
         &self,
         webhook: &NewWebhook,
+        most_per_workspace: usize,
         by: &Actor,
         now: i64,
     ) -> Result<WebhookEndpoint, StoreError>;

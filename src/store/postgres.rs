@@ -302,6 +302,21 @@ async fn bounded<T>(
     })
 }
 
+/// Locks the workspace's row for the rest of `tx`; `NotFound` when there is none. What is then
+/// counted for it (pending requests, endpoints) holds until the transaction ends, whichever
+/// instance writes next.
+async fn lock_workspace(
+    tx: &mut sqlx::Transaction<'static, sqlx::Postgres>,
+    workspace: WorkspaceId,
+) -> Result<(), StoreError> {
+    let found: Option<i64> =
+        sqlx::query_scalar("SELECT id FROM workspaces WHERE id = $1 FOR UPDATE")
+            .bind(workspace)
+            .fetch_optional(&mut **tx)
+            .await?;
+    found.map(|_| ()).ok_or(StoreError::NotFound)
+}
+
 pub struct PostgresStore {
     pub(super) pool: PgPool,
 }
@@ -1475,11 +1490,24 @@ impl Store for PostgresStore {
         use_case: &str,
         expected_volume: Option<&str>,
         requested: &Overrides,
+        most_pending: usize,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
         bounded(CALL_TIMEOUT, async {
             let mut tx = self.pool.begin().await?;
+            // The workspace's row locked: requests for it, from any instance, count one at a
+            // time.
+            lock_workspace(&mut tx, workspace).await?;
+            let pending: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM limit_requests WHERE workspace_id = $1 AND status = 'pending'",
+            )
+            .bind(workspace)
+            .fetch_one(&mut *tx)
+            .await?;
+            if pending as usize >= most_pending {
+                return Err(StoreError::Conflict(format!("{pending} pending")));
+            }
             let row = sqlx::query(
                 "INSERT INTO limit_requests (workspace_id, use_case, expected_volume, requested_limits, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING *",
             )
@@ -1642,18 +1670,24 @@ impl Store for PostgresStore {
     async fn create_webhook(
         &self,
         webhook: &NewWebhook,
+        most_per_workspace: usize,
         by: &Actor,
         now: i64,
     ) -> Result<WebhookEndpoint, StoreError> {
         bounded(CALL_TIMEOUT, async {
             let mut tx = self.pool.begin().await?;
             if let Some(w) = webhook.workspace {
-                let exists: Option<i64> =
-                    sqlx::query_scalar("SELECT id FROM workspaces WHERE id = $1")
-                        .bind(w)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                exists.ok_or(StoreError::NotFound)?;
+                // Locked, so that endpoints for it are counted one at a time.
+                lock_workspace(&mut tx, w).await?;
+                let held: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM webhook_endpoints WHERE workspace_id = $1",
+                )
+                .bind(w)
+                .fetch_one(&mut *tx)
+                .await?;
+                if held as usize >= most_per_workspace {
+                    return Err(StoreError::Conflict(format!("{held} endpoints")));
+                }
             }
             let endpoint = sqlx::query_as(&format!(
                 "INSERT INTO webhook_endpoints (workspace_id, url, events, secret, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING {WEBHOOK_COLUMNS}"

@@ -1200,10 +1200,21 @@ impl Store for SqliteStore {
         use_case: &str,
         expected_volume: Option<&str>,
         requested: &Overrides,
+        most_pending: usize,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
+        // BEGIN IMMEDIATE: writers one at a time, so the count holds until the insert.
         let mut tx = self.write_tx().await?;
+        let pending: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM limit_requests WHERE workspace_id = ? AND status = 'pending'",
+        )
+        .bind(workspace)
+        .fetch_one(&mut *tx)
+        .await?;
+        if pending as usize >= most_pending {
+            return Err(StoreError::Conflict(format!("{pending} pending")));
+        }
         let row = sqlx::query(
             "INSERT INTO limit_requests (workspace_id, use_case, expected_volume, requested_limits, created_at) VALUES (?, ?, ?, ?, ?) RETURNING *",
         )
@@ -1353,9 +1364,11 @@ impl Store for SqliteStore {
     async fn create_webhook(
         &self,
         webhook: &NewWebhook,
+        most_per_workspace: usize,
         by: &Actor,
         now: i64,
     ) -> Result<WebhookEndpoint, StoreError> {
+        // BEGIN IMMEDIATE: writers one at a time, so the count holds until the insert.
         let mut tx = self.write_tx().await?;
         if let Some(w) = webhook.workspace {
             let exists: Option<i64> = sqlx::query_scalar("SELECT id FROM workspaces WHERE id = ?")
@@ -1363,6 +1376,14 @@ impl Store for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
             exists.ok_or(StoreError::NotFound)?;
+            let held: i64 =
+                sqlx::query_scalar("SELECT COUNT(*) FROM webhook_endpoints WHERE workspace_id = ?")
+                    .bind(w)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if held as usize >= most_per_workspace {
+                return Err(StoreError::Conflict(format!("{held} endpoints")));
+            }
         }
         let endpoint = sqlx::query_as(&format!(
             "INSERT INTO webhook_endpoints (workspace_id, url, events, secret, created_at) VALUES (?, ?, ?, ?, ?) RETURNING {WEBHOOK_COLUMNS}"

@@ -549,6 +549,7 @@ async fn admin_changes_racing_another_process_on_the_same_sqlite_file_never_fail
                         concurrent_requests: Some(5),
                         ..Overrides::default()
                     },
+                    10,
                     &cli,
                     0,
                 )

@@ -541,3 +541,48 @@ async fn the_quota_thresholds_are_the_operators_to_choose() {
     thresholds.sort();
     assert_eq!(thresholds, [60, 100]);
 }
+
+/// A workspace's bounds hold for requests sent at once: 10 increase requests waiting, 10
+/// endpoints. Each was counted before the insert, outside its transaction, so twenty sent
+/// together all got in (an outside audit saw 20 of 20).
+#[tokio::test]
+async fn a_workspace_s_bounds_hold_for_requests_sent_at_once() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let statuses = |path: &'static str, body: fn(usize) -> Value| {
+        let gw = &gw;
+        let key = key.clone();
+        async move {
+            let sent = (0..20).map(|i| {
+                let key = key.clone();
+                async move { keyed(gw, &key, Method::POST, path, Some(body(i))).await.0 }
+            });
+            let answers = futures_util::future::join_all(sent).await;
+            let created = answers
+                .iter()
+                .filter(|s| **s == StatusCode::CREATED)
+                .count();
+            let refused = answers
+                .iter()
+                .filter(|s| **s == StatusCode::CONFLICT)
+                .count();
+            (created, refused)
+        }
+    };
+    let asked = statuses(
+        "/v1/limit-requests",
+        |i| json!({"use_case": format!("launch {i}"), "requested_limits": {"burst": 2}}),
+    )
+    .await;
+    assert_eq!(asked, (10, 10));
+    let (_, listed) = keyed(&gw, &key, Method::GET, "/v1/limit-requests", None).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 10, "{listed}");
+    let hooks = statuses(
+        "/v1/webhooks",
+        |i| json!({"url": format!("http://127.0.0.1:9/hook{i}"), "events": ["quota.threshold"]}),
+    )
+    .await;
+    assert_eq!(hooks, (10, 10));
+    let (_, listed) = keyed(&gw, &key, Method::GET, "/v1/webhooks", None).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 10, "{listed}");
+}
