@@ -618,8 +618,13 @@ impl<'de> Deserialize<'de> for TierSpec {
             None | Some(serde_json::Value::Null) => Vec::new(),
             Some(v) => shadow_list(v).map_err(D::Error::custom)?,
         };
-        let limits =
-            Limits::deserialize(serde_json::Value::Object(object)).map_err(D::Error::custom)?;
+        // Read with its path, so that a value of the wrong type names its field here too.
+        let limits = serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(
+            |e| match e.path().to_string().as_str() {
+                "." | "" => D::Error::custom(e.into_inner()),
+                field => D::Error::custom(format!("'{field}': {}", e.into_inner())),
+            },
+        )?;
         Ok(TierSpec {
             rank,
             limits,

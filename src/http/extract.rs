@@ -39,9 +39,23 @@ async fn read_body(body: Body, limit: usize) -> Result<Vec<u8>, ApiError> {
     Ok(bytes)
 }
 
+/// The body as `T`; a value of the wrong type or out of range is refused naming its field
+/// (`'requested_limits.tokens_per_minute': invalid type: string "5", expected u64`), as
+/// serde_json alone does not say where it was.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        ApiError::BadRequest(match path.as_str() {
+            // The whole body (not an object, or not JSON at all).
+            "." | "" => format!("invalid JSON body: {inner}"),
+            field => format!("invalid JSON body: '{field}': {inner}"),
+        })
+    })?;
+    de.end()
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }
 
 /// A JSON body that may be left out (empty), then `T::default()`.

@@ -101,7 +101,13 @@ fn documented(workspace_api: bool, admin_api: bool) -> Router<Arc<AppState>> {
         api = api.nest("/admin/v1", admin::api());
     }
     let (routes, document) = api.split_for_parts();
-    routes.route("/openapi.json", openapi::route(&document))
+    let query_names = Arc::new(openapi::QueryNames::of(&document));
+    routes
+        .route_layer(axum::middleware::from_fn_with_state(
+            query_names,
+            openapi::refuse_unknown_query,
+        ))
+        .route("/openapi.json", openapi::route(&document))
 }
 
 fn health() -> Router<Arc<AppState>> {

@@ -18,10 +18,11 @@
 //! read it. The proxied routes (`/v1/chat/completions`, ...) are the upstream's API and are not
 //! described (the description names them), nor are the health checks and `/metrics`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::http::header;
+use axum::http::{header, Method};
 use axum::response::IntoResponse;
 use axum::routing::{get, MethodRouter};
 use serde_json::Value;
@@ -98,6 +99,69 @@ pub fn route<S: Clone + Send + Sync + 'static>(document: &OpenApi) -> MethodRout
         let body = body.clone();
         async move { ([(header::CONTENT_TYPE, "application/json")], body).into_response() }
     })
+}
+
+/// The query parameters each operation of `document` takes, by method and path as the router
+/// matches them (`GET /admin/v1/workspaces/{id}/usage`).
+#[derive(Debug, Default)]
+pub struct QueryNames(HashMap<(Method, String), Vec<String>>);
+
+impl QueryNames {
+    pub fn of(document: &OpenApi) -> QueryNames {
+        let document = serde_json::to_value(document).expect("the document serializes");
+        let mut known = HashMap::new();
+        for (path, item) in document["paths"].as_object().into_iter().flatten() {
+            for (method, op) in item.as_object().into_iter().flatten() {
+                let Ok(method) = method.to_uppercase().parse::<Method>() else {
+                    continue;
+                };
+                let names = op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p["in"] == "query")
+                    .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                    .collect();
+                known.insert((method, path.clone()), names);
+            }
+        }
+        QueryNames(known)
+    }
+
+    /// The first parameter of `query` that the operation at (`method`, `path`) does not take,
+    /// if any; `None` too for an operation not in the document (the handler decides).
+    fn unknown(&self, method: &Method, path: &str, query: &str) -> Option<String> {
+        let names = self.0.get(&(method.clone(), path.to_owned()))?;
+        form_urlencoded::parse(query.as_bytes())
+            .map(|(name, _)| name)
+            .find(|name| !names.iter().any(|n| n == name))
+            .map(|name| name.into_owned())
+    }
+}
+
+/// Refuses (`400`) a query parameter that the matched operation does not take, as the README
+/// promises for the admin API and the workspace's own: the handlers read theirs with
+/// `deny_unknown_fields`, but most operations take none, and a misspelt or stray parameter
+/// (`DELETE /admin/v1/keys/1?dry_run=1`) would otherwise be ignored while the change is made.
+pub async fn refuse_unknown_query(
+    axum::extract::State(known): axum::extract::State<Arc<QueryNames>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let path = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|m| m.as_str().to_owned());
+    if let (Some(path), Some(query)) = (path, request.uri().query()) {
+        if let Some(name) = known.unknown(request.method(), &path, query) {
+            let shown: String = name.chars().take(64).collect();
+            return super::error::ApiError::BadRequest(format!(
+                "invalid query: unknown parameter '{shown}'"
+            ))
+            .into_response();
+        }
+    }
+    next.run(request).await
 }
 
 /// `document` as JSON, without the tags and security schemes that none of its operations use

@@ -34,6 +34,15 @@ struct Case {
     who: Who,
     body: Body,
     status: u16,
+    /// What the error's message must name (the field), where set.
+    naming: Option<&'static str>,
+}
+
+impl Case {
+    fn naming(mut self, field: &'static str) -> Case {
+        self.naming = Some(field);
+        self
+    }
 }
 
 fn case(what: &'static str, method: Method, path: &'static str, who: Who, status: u16) -> Case {
@@ -44,6 +53,7 @@ fn case(what: &'static str, method: Method, path: &'static str, who: Who, status
         who,
         body: Body::None,
         status,
+        naming: None,
     }
 }
 
@@ -62,6 +72,7 @@ fn with_json(
         who,
         body: Body::Json(body),
         status,
+        naming: None,
     }
 }
 
@@ -80,6 +91,7 @@ fn with_raw(
         who,
         body: Body::Raw(body.into()),
         status,
+        naming: None,
     }
 }
 
@@ -191,6 +203,14 @@ fn table() -> Vec<Case> {
         ask("a negative limit asked for", json!({"use_case": "more", "requested_limits": {"tokens_per_minute": -1}})),
         ask("an unknown limit asked for", json!({"use_case": "more", "requested_limits": {"speed": 1}})),
         with_json("an increase without a key", M::POST, "/v1/limit-requests", Nobody, json!({"use_case": "x", "requested_limits": {"burst": 2}}), 401),
+        // A value of the wrong type is refused naming its field.
+        ask("a limit asked for as a string", json!({"use_case": "more", "requested_limits": {"tokens_per_minute": "5"}})).naming("requested_limits.tokens_per_minute"),
+        ask("a use case not a string", json!({"use_case": 5, "requested_limits": {"burst": 2}})).naming("use_case"),
+        with_json("a tier's tokens as a float", M::PUT, "/admin/v1/tiers/t", Admin, json!({"tokens_per_minute": 1e3}), 400).naming("tokens_per_minute"),
+        with_raw("a tier's rate out of range", M::PUT, "/admin/v1/tiers/t", Admin, "{\"requests_per_second\": 1e400}", 400).naming("requests_per_second"),
+        with_json("an attribute as a string", M::PUT, "/admin/v1/workspaces/{ws}/attributes", Admin, json!({"paid_usd": "50"}), 400).naming("paid_usd"),
+        with_json("a budget not a number", M::PUT, "/v1/budget", Workspace, json!({"tokens_per_month": "x"}), 400).naming("tokens_per_month"),
+        with_json("events not a list", M::POST, "/admin/v1/webhooks", Admin, json!({"url": "http://127.0.0.1:9/h", "events": "quota.threshold"}), 400).naming("events"),
         // Query strings.
         case("audit limit zero", M::GET, "/admin/v1/audit?limit=0", Admin, 400),
         case("audit limit negative", M::GET, "/admin/v1/audit?limit=-1", Admin, 400),
@@ -206,6 +226,18 @@ fn table() -> Vec<Case> {
         case("requests by an unknown status", M::GET, "/admin/v1/limit-requests?status=maybe", Admin, 400),
         case("usage from not a day", M::GET, "/admin/v1/workspaces/{ws}/usage?from=yesterday", Admin, 400),
         case("usage with an unknown parameter", M::GET, "/admin/v1/workspaces/{ws}/usage?days=7", Admin, 400),
+        // Every route of the two APIs refuses a parameter it does not take, even one that takes
+        // none, and changes nothing (the key stays).
+        case("revoke with a stray parameter", M::DELETE, "/admin/v1/keys/{key}?dry_run=1", Admin, 400).naming("dry_run"),
+        case("workspaces with a parameter", M::GET, "/admin/v1/workspaces?x=1", Admin, 400).naming("'x'"),
+        case("a workspace with a parameter", M::GET, "/admin/v1/workspaces/{ws}?x=1", Admin, 400),
+        case("tiers with a parameter", M::GET, "/admin/v1/tiers?x=1", Admin, 400),
+        case("deliveries with a limit they do not take", M::GET, "/admin/v1/webhooks/1/deliveries?limit=5", Admin, 400),
+        case("the limits with a parameter", M::GET, "/v1/limits?x=1", Workspace, 400),
+        case("the usage with a parameter", M::GET, "/v1/usage?x=1", Workspace, 400),
+        case("the budget with a parameter", M::GET, "/v1/budget?x=1", Workspace, 400),
+        case("own requests with a parameter", M::GET, "/v1/limit-requests?x=1", Workspace, 400),
+        case("own webhooks with a parameter", M::GET, "/v1/webhooks?x=1", Workspace, 400),
         // Routes and methods.
         case("unknown admin route", M::GET, "/admin/v1/nope", Admin, 404),
         case("unknown admin route, no token", M::GET, "/admin/v1/nope", Nobody, 404),
@@ -287,7 +319,10 @@ async fn bad_admin_and_route_input_gets_a_json_4xx_and_changes_nothing() {
         let text = response.text().await.unwrap_or_default();
         let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         let shaped = is_error_shaped(&body);
-        if status.as_u16() != c.status || !json_type || !shaped {
+        let named = c
+            .naming
+            .is_none_or(|field| body["message"].as_str().is_some_and(|m| m.contains(field)));
+        if status.as_u16() != c.status || !json_type || !shaped || !named {
             failures.push(format!(
                 "{}: {} {path} -> {status} (want {}), body: {}",
                 c.what,
