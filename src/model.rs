@@ -26,10 +26,10 @@ pub type LimitRequestId = i64;
 )]
 pub struct ModelLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 10_000_000_000.0)]
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1_000_000_000_000_000.0)]
     pub tokens_per_month: Option<u64>,
 }
 
@@ -40,21 +40,21 @@ pub struct ModelLimits {
 pub struct Limits {
     /// Requests per second (GCRA), 0.001 to 1,000,000 with at most three decimals.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 0.001, maximum = 1000000)]
     pub requests_per_second: Option<f64>,
     /// Requests that may be sent at once; defaults to `max(1, ceil(requests_per_second))`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1000000)]
     pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 10_000_000_000.0)]
     pub tokens_per_minute: Option<u64>,
     /// Tokens per calendar month (UTC).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1_000_000_000_000_000.0)]
     pub tokens_per_month: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1000000)]
     pub concurrent_requests: Option<u32>,
     /// Limits per model name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -328,21 +328,21 @@ fn check_tokens(field: &str, value: Option<u64>, max: u64) -> Result<(), String>
 )]
 pub struct Overrides {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 0.001, maximum = 1000000)]
     pub requests_per_second: Option<f64>,
     /// Requests that may be sent at once. Left out while `requests_per_second` is set:
     /// `max(1, ceil(requests_per_second))`, never the tier's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1000000)]
     pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 10_000_000_000.0)]
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1_000_000_000_000_000.0)]
     pub tokens_per_month: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1000000)]
     pub concurrent_requests: Option<u32>,
 }
 

@@ -17,7 +17,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Serialize, Serializer};
-use utoipa::openapi::schema::{KnownFormat, ObjectBuilder, Schema, SchemaFormat, Type};
+use utoipa::openapi::schema::{KnownFormat, Object, ObjectBuilder, Schema, SchemaFormat, Type};
 use utoipa::openapi::RefOr;
 use utoipa::{PartialSchema, ToSchema};
 
@@ -378,22 +378,7 @@ impl PartialSchema for TierView {
                 .description(Some("The tier's name."))
                 .into(),
         );
-        object.properties.insert("rank".into(), rank_schema());
-        object
-            .properties
-            .insert("promotion".into(), promotion_schema());
-        object
-            .properties
-            .insert("enforcement".into(), Enforcement::schema());
-        object.properties.insert(
-            "shadow".into(),
-            utoipa::openapi::schema::ArrayBuilder::new()
-                .items(ShadowLimit::schema())
-                .description(Some(
-                    "Limits in shadow whatever the enforcement: they only say what they would have denied.",
-                ))
-                .into(),
-        );
+        tier_properties(&mut object);
         object.required.push("name".into());
         object.additional_properties = None;
         object.description = Some(
@@ -402,6 +387,27 @@ impl PartialSchema for TierView {
         );
         RefOr::T(Schema::Object(object))
     }
+}
+
+/// What a tier has besides its limits, in its body as in its answer: rank, promotion,
+/// enforcement and the limits in shadow.
+fn tier_properties(object: &mut Object) {
+    object.properties.insert("rank".into(), rank_schema());
+    object
+        .properties
+        .insert("promotion".into(), promotion_schema());
+    object
+        .properties
+        .insert("enforcement".into(), Enforcement::schema());
+    object.properties.insert(
+        "shadow".into(),
+        utoipa::openapi::schema::ArrayBuilder::new()
+            .items(ShadowLimit::schema())
+            .description(Some(
+                "Limits in shadow whatever the enforcement: they only say what they would have denied.",
+            ))
+            .into(),
+    );
 }
 
 fn promotion_schema() -> RefOr<Schema> {
@@ -426,10 +432,7 @@ impl PartialSchema for TierSpec {
         let RefOr::T(Schema::Object(mut object)) = Limits::schema() else {
             unreachable!("Limits is described as an object");
         };
-        object.properties.insert("rank".into(), rank_schema());
-        object
-            .properties
-            .insert("promotion".into(), promotion_schema());
+        tier_properties(&mut object);
         object.description = Some(
             "A tier's rank and limits, all of them: a limit left out is no limit, a rank left out puts the tier off the ladder."
                 .into(),
@@ -1026,5 +1029,36 @@ mod tests {
         let text =
             serde_json::to_string(&serde_json::to_value(TierView::from(&tier)).unwrap()).unwrap();
         assert_eq!(text, r#"{"burst":3,"name":"t"}"#);
+    }
+
+    /// The bounds the document states are the ones `Limits::validate` and `Overrides::validate`
+    /// enforce (written as literals in the derives' attributes).
+    #[test]
+    fn the_documented_bounds_are_the_enforced_ones() {
+        use crate::model::{
+            Overrides, MAX_BURST, MAX_CONCURRENT_REQUESTS, MAX_REQUESTS_PER_SECOND,
+            MAX_TOKENS_PER_MINUTE, MAX_TOKENS_PER_MONTH,
+        };
+        let bounds = [
+            ("requests_per_second", 0.001, MAX_REQUESTS_PER_SECOND),
+            ("burst", 1.0, MAX_BURST as f64),
+            ("tokens_per_minute", 1.0, MAX_TOKENS_PER_MINUTE as f64),
+            ("tokens_per_month", 1.0, MAX_TOKENS_PER_MONTH as f64),
+            ("concurrent_requests", 1.0, MAX_CONCURRENT_REQUESTS as f64),
+        ];
+        let limits = serde_json::to_value(Limits::schema()).unwrap();
+        let overrides = serde_json::to_value(Overrides::schema()).unwrap();
+        let models = serde_json::to_value(crate::model::ModelLimits::schema()).unwrap();
+        for (field, min, max) in bounds {
+            for schema in [&limits, &overrides, &models] {
+                let p = &schema["properties"][field];
+                if p.is_null() {
+                    continue;
+                }
+                assert_eq!(p["minimum"].as_f64(), Some(min), "{field}: {p}");
+                assert_eq!(p["maximum"].as_f64(), Some(max), "{field}: {p}");
+            }
+        }
+        assert!(!models["properties"]["tokens_per_minute"].is_null());
     }
 }

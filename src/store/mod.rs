@@ -811,9 +811,41 @@ pub(crate) fn limit_request_event(kind: &str, request: &LimitRequest, now: i64) 
         kind,
         request.workspace_id,
         now,
-        serde_json::json!({ "workspace_id": request.workspace_id, "limit_request": request }),
+        serde_json::json!({
+            "workspace_id": request.workspace_id,
+            "limit_request": limit_request_json(request),
+        }),
         None,
     )
+}
+
+/// A limit request as the admin API shows it (`http::views::LimitRequestView`): every field
+/// present, times in RFC 3339, so that a receiver reads events with the parser of its API
+/// answers (README, Webhooks). `tests/gateway/webhooks.rs` compares the two.
+fn limit_request_json(r: &LimitRequest) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id,
+        "workspace_id": r.workspace_id,
+        "use_case": r.use_case,
+        "expected_volume": r.expected_volume,
+        "requested_limits": r.requested_limits,
+        "status": r.status,
+        "granted_limits": r.granted_limits,
+        "reason": r.reason,
+        "created_at": rfc3339(r.created_at),
+        "decided_at": r.decided_at.map(rfc3339),
+    })
+}
+
+/// Seconds since 1970 as RFC 3339 in UTC (`2027-01-01T00:00:00Z`); empty out of range.
+fn rfc3339(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
 }
 
 impl WebhookEvent {
@@ -828,13 +860,7 @@ impl WebhookEvent {
         let mut id = [0u8; 16];
         getrandom::fill(&mut id).expect("the OS has randomness");
         let id = crate::hex(&id);
-        let timestamp = time::OffsetDateTime::from_unix_timestamp(now)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default();
+        let timestamp = rfc3339(now);
         WebhookEvent {
             id: format!("evt_{id}"),
             workspace,

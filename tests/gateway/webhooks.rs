@@ -336,6 +336,17 @@ async fn each_event_reaches_each_endpoint_once_signed_and_a_workspace_gets_only_
         .unwrap()
         .json();
     assert_eq!(decided["data"]["limit_request"]["status"], "denied");
+    // The request as the admin API shows it, field for field (times in RFC 3339, nulls kept).
+    let (_, listed) = gw
+        .admin(Method::GET, "/limit-requests?status=denied", None)
+        .await;
+    let shown = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == decided["data"]["limit_request"]["id"])
+        .unwrap();
+    assert_eq!(&decided["data"]["limit_request"], shown);
 
     // The workspace's endpoint: its own two, signed with its own secret, the same event ids
     // the operator's got.
