@@ -398,6 +398,12 @@ impl Admin {
         let spec = spec.into();
         tier_name("name", name)?;
         spec.limits.validate().map_err(invalid)?;
+        if spec.limits.burst.is_some() && spec.limits.requests_per_second.is_none() {
+            // As for a key: a burst is the room of a rate, and without one it limits nothing.
+            return Err(invalid(
+                "burst: a tier's burst needs its requests_per_second",
+            ));
+        }
         if let Some(p) = &spec.promotion {
             tier_name("promotion.to", &p.to)?;
             p.validate().map_err(invalid)?;
@@ -843,6 +849,11 @@ impl Admin {
             .as_deref()
             .map(|s| instant("expires_at", s))
             .transpose()?;
+        if expires_at.is_some_and(|at| at <= self.now()) {
+            return Err(invalid(
+                "expires_at: must be in the future (a key that has already expired could never be used)",
+            ));
+        }
         let secret = generate_key();
         let key = self
             .store

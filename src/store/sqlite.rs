@@ -866,6 +866,10 @@ impl Store for SqliteStore {
             .await?
             .ok_or(StoreError::NotFound)?;
         let before = key_row(&before)?;
+        if before.revoked_at.is_some() {
+            // Already revoked: nothing changes, so nothing is recorded.
+            return Ok(before);
+        }
         let row = sqlx::query(&format!(
             "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? RETURNING {KEY_COLUMNS}"
         ))

@@ -192,6 +192,8 @@ fn table() -> Vec<Case> {
         with_json("a key name of 200 characters", M::POST, "/admin/v1/workspaces/{ws}/keys", Admin, json!({"name": "k".repeat(200)}), 400),
         with_json("a key name with a tab", M::POST, "/admin/v1/workspaces/{ws}/keys", Admin, json!({"name": "a\tb"}), 400),
         with_json("an expiry that is no instant", M::POST, "/admin/v1/workspaces/{ws}/keys", Admin, json!({"expires_at": "tomorrow"}), 400),
+        with_json("a key that has already expired", M::POST, "/admin/v1/workspaces/{ws}/keys", Admin, json!({"expires_at": "2020-01-01T00:00:00Z"}), 400).naming("expires_at"),
+        with_json("a tier's burst without a rate", M::PUT, "/admin/v1/tiers/t", Admin, json!({"burst": 5, "tokens_per_minute": 1000}), 400).naming("burst"),
         with_json("an empty reason", M::POST, "/admin/v1/limit-requests/{req}/deny", Admin, json!({"reason": " "}), 400),
         with_json("a reason over 4 KiB", M::POST, "/admin/v1/limit-requests/{req}/deny", Admin, json!({"reason": "r".repeat(4097)}), 400),
         // The workspace's increase requests.
@@ -226,6 +228,7 @@ fn table() -> Vec<Case> {
         case("requests by an unknown status", M::GET, "/admin/v1/limit-requests?status=maybe", Admin, 400),
         case("usage from not a day", M::GET, "/admin/v1/workspaces/{ws}/usage?from=yesterday", Admin, 400),
         case("usage with an unknown parameter", M::GET, "/admin/v1/workspaces/{ws}/usage?days=7", Admin, 400),
+        case("usage range backwards", M::GET, "/admin/v1/workspaces/{ws}/usage?from=2026-12-06&to=2026-12-01", Admin, 400).naming("from"),
         // Every route of the two APIs refuses a parameter it does not take, even one that takes
         // none, and changes nothing (the key stays).
         case("revoke with a stray parameter", M::DELETE, "/admin/v1/keys/{key}?dry_run=1", Admin, 400).naming("dry_run"),

@@ -196,8 +196,16 @@ async fn a_key_s_limits_are_refused_naming_the_field() {
     let (s, e) = patch(&gw, id + 100, json!({"limits": {}})).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
     assert!(e["message"].as_str().unwrap().contains("key"), "{e}");
-    let (s, _) = gw.admin(Method::DELETE, &format!("/keys/{id}"), None).await;
+    let (s, revoked) = gw.admin(Method::DELETE, &format!("/keys/{id}"), None).await;
     assert_eq!(s, StatusCode::OK);
+    // Revoking it again changes nothing: the same answer, and no second audit entry.
+    let (s, again) = gw.admin(Method::DELETE, &format!("/keys/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(again, revoked);
+    let (_, log) = gw
+        .admin(Method::GET, "/audit?action=key.revoke", None)
+        .await;
+    assert_eq!(log["data"].as_array().unwrap().len(), 1, "{log}");
     let (s, e) = patch(&gw, id, json!({"limits": {}})).await;
     assert_eq!(s, StatusCode::CONFLICT, "{e}");
     assert!(e["message"].as_str().unwrap().contains("revoked"), "{e}");
