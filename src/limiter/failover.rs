@@ -53,6 +53,22 @@ struct Breaker {
     open: std::sync::atomic::AtomicBool,
 }
 
+/// (instances, this one's rank) for the local share: the count `instances` gives, else the one
+/// the heartbeats last showed (`seen`: count in the high half, rank in the low; 0 unknown).
+fn local_place(configured: Option<u32>, seen: u64) -> Option<(u32, u32)> {
+    let (n, rank) = ((seen >> 32) as u32, seen as u32);
+    match (configured, n) {
+        // This instance's place unknown (no heartbeat seen yet) or past the count given
+        // (more instances live than `instances` says): the last rank's share, the smallest,
+        // so that instances unsure of their place never each take a remainder (two such
+        // instances both took rank 0's, and together one more than the burst).
+        (Some(c), n) if n == 0 || rank >= c => Some((c, c.saturating_sub(1))),
+        (Some(c), _) => Some((c, rank)),
+        (None, 0) => None,
+        (None, n) => Some((n, rank)),
+    }
+}
+
 pub struct Failover {
     shared: Arc<RedisLimiter>,
     local: Arc<LocalLimiter>,
@@ -234,13 +250,7 @@ impl Failover {
 
     /// (instances, rank) for the local share, if known.
     fn instances(&self) -> Option<(u32, u32)> {
-        let seen = self.seen.load(Ordering::Relaxed);
-        let (n, rank) = ((seen >> 32) as u32, seen as u32);
-        match (self.configured_instances, n) {
-            (Some(c), _) => Some((c, if rank < c { rank } else { 0 })),
-            (None, 0) => None,
-            (None, n) => Some((n, rank)),
-        }
+        local_place(self.configured_instances, self.seen.load(Ordering::Relaxed))
     }
 
     fn needs_rebuild(&self, workspace: WorkspaceId) -> bool {
@@ -363,8 +373,20 @@ async fn watch(failover: Weak<Failover>) {
             match f.shared.heartbeat(&instance, HEARTBEAT_TTL).await {
                 Ok((n, rank)) => {
                     f.success();
-                    f.seen
-                        .store(((n as u64) << 32) | rank as u64, Ordering::Relaxed);
+                    let before = f
+                        .seen
+                        .swap(((n as u64) << 32) | rank as u64, Ordering::Relaxed);
+                    if let Some(c) = f.configured_instances {
+                        // Said once each time the count changes, not every heartbeat.
+                        if n > c && (before >> 32) as u32 != n {
+                            tracing::warn!(
+                                live = n,
+                                instances = c,
+                                "more instances share Redis than `instances` says: should Redis \
+                                 fail, their local shares (1/{c} each) add up to more than the limits"
+                            );
+                        }
+                    }
                     f.metrics.instances.set(i64::from(n));
                 }
                 Err(e) => f.failure(&e),
@@ -595,6 +617,23 @@ mod tests {
         for s in &shares {
             s.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn an_instance_unsure_of_its_place_takes_the_smallest_share() {
+        let seen = |n: u64, rank: u64| (n << 32) | rank;
+        assert_eq!(local_place(None, 0), None);
+        assert_eq!(local_place(None, seen(3, 1)), Some((3, 1)));
+        assert_eq!(local_place(Some(2), seen(2, 0)), Some((2, 0)));
+        // No heartbeat yet, or ranked past the count given: the last rank.
+        assert_eq!(local_place(Some(2), 0), Some((2, 1)));
+        assert_eq!(local_place(Some(2), seen(5, 3)), Some((2, 1)));
+        assert_eq!(local_place(Some(2), seen(5, 4)), Some((2, 1)));
+        // Two such instances on a burst of 5 take 2 each, not 3 each.
+        let l = limits(5_000, 5, 1_000, 1_000, 5);
+        let none = (0, HashMap::new());
+        let (n, rank) = local_place(Some(2), 0).unwrap();
+        assert_eq!(share(&l, n, rank, &none).unwrap().burst, Some(2));
     }
 
     #[test]
