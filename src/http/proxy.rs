@@ -920,7 +920,14 @@ async fn send(
                 a.tokens = charged;
             }
             settlement.finish(None);
-            Err(ApiError::UpstreamIncomplete { timed_out, charged })
+            // Charged: it says so in its message and, for the Mistral family, in its header.
+            let mut response = ApiError::UpstreamIncomplete { timed_out, charged }.into_response();
+            headers::query_cost(
+                state.config.rate_limit_headers,
+                charged,
+                response.headers_mut(),
+            );
+            Ok(response)
         }
     }
 }

@@ -19,6 +19,7 @@ async fn impatient() -> (TestGateway, String) {
     let mut raw = RawSettings::default();
     raw.upstream.idle_read_timeout_ms = Some(400);
     raw.upstream.timeout_secs = Some(1);
+    raw.rate_limit_headers = Some(vec!["openai".into(), "ietf".into(), "mistral".into()]);
     let gw = TestGateway::start_with(Options {
         raw,
         ..Options::default()
@@ -196,6 +197,8 @@ async fn an_answer_cut_after_its_headers_says_what_it_charged() {
         let r = gw.chat(&key, hello(), &[(control, value)]).await;
         assert_eq!(r.status(), status, "{control}");
         let estimate = reserved(&r) - charged_so_far;
+        let cost = header(&r, "x-ratelimit-tokens-query-cost").map(str::to_owned);
+        assert_eq!(cost, Some(estimate.to_string()), "{control}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["type"], kind, "{v}");
         assert_eq!(v["code"], "upstream_incomplete", "{v}");
