@@ -335,6 +335,11 @@ pub struct Admin {
 
 impl Admin {
     /// Operations straight on the store (the CLI: no catalogue of its own to refresh).
+    /// The store it changes (the admin CLI reads a catalogue from it to print what it changed).
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Admin {
         Admin {
             store,

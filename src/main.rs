@@ -9,12 +9,16 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::Value;
 
 use tiergate::admin::{Admin, AuditQuery, NewKeyInput, WorkspaceUpdate};
+use tiergate::catalog::Catalog;
 use tiergate::clock::SystemClock;
 use tiergate::config::{Kind, LogFormat, Setting, SETTINGS};
+use tiergate::http::views::{
+    workspace_view, AuditEntryView, KeyView, LimitRequestView, NewKeyView, TierView, WorkspaceView,
+};
 use tiergate::mock_upstream::{self, MockConfig};
 use tiergate::model::{
     Actor, AttributeValue, Attributes, Enforcement, KeyLimits, Limits, ModelLimits, Overrides,
-    Promotion, ShadowLimit, TierSpec,
+    Promotion, ShadowLimit, TierSpec, Workspace,
 };
 use tiergate::store::migrate::MigrationSummary;
 use tiergate::store::redact;
@@ -528,11 +532,26 @@ async fn admin(args: &StoreArgs) -> anyhow::Result<(Admin, Actor)> {
     ))
 }
 
+/// Prints `v` as the admin API answers: the same objects (`http::views`), keys in alphabetical
+/// order (through a `Value`, as `SortedJson`); a list as a JSON array of them.
 fn print(v: &impl serde::Serialize) {
+    let v = serde_json::to_value(v).expect("plain data prints");
     println!(
         "{}",
-        serde_json::to_string_pretty(v).expect("plain data prints")
+        serde_json::to_string_pretty(&v).expect("plain data prints")
     );
+}
+
+/// Workspaces as the admin API shows them, their effective limits from the store's catalogue
+/// as it is now (after the change just made).
+async fn workspace_views(admin: &Admin, list: &[Workspace]) -> anyhow::Result<Vec<WorkspaceView>> {
+    let catalog = Catalog::load(admin.store()).await?;
+    Ok(list.iter().map(|w| workspace_view(&catalog, w)).collect())
+}
+
+async fn print_workspace(admin: &Admin, w: &Workspace) -> anyhow::Result<()> {
+    print(&workspace_views(admin, std::slice::from_ref(w)).await?[0]);
+    Ok(())
 }
 
 /// `--limit NAME=VALUE` as the admin API's `"NAME": VALUE` (`none` is `null`).
@@ -668,11 +687,13 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
     match command {
         WorkspaceCommand::List { store } => {
             let (admin, _) = admin(&store).await?;
-            print(&admin.list_workspaces().await?);
+            let all = admin.list_workspaces().await?;
+            print(&workspace_views(&admin, &all).await?);
         }
         WorkspaceCommand::Create { name, tier, store } => {
             let (admin, by) = admin(&store).await?;
-            print(&admin.create_workspace(&by, &name, Some(&tier)).await?);
+            let made = admin.create_workspace(&by, &name, Some(&tier)).await?;
+            print_workspace(&admin, &made).await?;
         }
         WorkspaceCommand::Set {
             id,
@@ -706,7 +727,8 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
                 shadow: shadow_arg(&shadow)?,
             };
             let (admin, by) = admin(&store).await?;
-            print(&admin.update_workspace(&by, id, update).await?);
+            let changed = admin.update_workspace(&by, id, update).await?;
+            print_workspace(&admin, &changed).await?;
         }
         WorkspaceCommand::Attributes {
             id,
@@ -719,7 +741,8 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
                 set.insert(name, value);
             }
             let (admin, by) = admin(&store).await?;
-            print(&admin.set_attributes(&by, id, set).await?);
+            let changed = admin.set_attributes(&by, id, set).await?;
+            print_workspace(&admin, &changed).await?;
         }
     }
     Ok(())
@@ -737,17 +760,19 @@ async fn keys(command: KeyCommand) -> anyhow::Result<()> {
             let (key, secret) = admin
                 .create_key(&by, workspace, NewKeyInput { name, expires_at })
                 .await?;
-            let mut v = serde_json::to_value(key)?;
-            v["key"] = Value::String(secret);
-            print(&v);
+            print(&NewKeyView {
+                info: KeyView::from(&key),
+                key: secret,
+            });
         }
         KeyCommand::List { workspace, store } => {
             let (admin, _) = admin(&store).await?;
-            print(&admin.list_keys(workspace).await?);
+            let keys = admin.list_keys(workspace).await?;
+            print(&keys.iter().map(KeyView::from).collect::<Vec<_>>());
         }
         KeyCommand::Revoke { id, store } => {
             let (admin, by) = admin(&store).await?;
-            print(&admin.revoke_key(&by, id).await?);
+            print(&KeyView::from(&admin.revoke_key(&by, id).await?));
         }
         KeyCommand::Limits {
             id,
@@ -767,9 +792,7 @@ async fn keys(command: KeyCommand) -> anyhow::Result<()> {
             };
             let (admin, by) = admin(&store).await?;
             let key = admin.set_key_limits(&by, id, limits).await?;
-            let mut v = serde_json::to_value(&key)?;
-            v["limits"] = serde_json::to_value(key.limits)?;
-            print(&v);
+            print(&KeyView::from(&key));
         }
     }
     Ok(())
@@ -794,7 +817,8 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
     match command {
         TierCommand::List { store } => {
             let (admin, _) = admin(&store).await?;
-            print(&admin.list_tiers().await?);
+            let tiers = admin.list_tiers().await?;
+            print(&tiers.iter().map(TierView::from).collect::<Vec<_>>());
         }
         TierCommand::Set {
             name,
@@ -842,7 +866,7 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
                 model_limit(&mut limits, arg)?;
             }
             let (admin, by) = admin(&store).await?;
-            print(
+            print(&TierView::from(
                 &admin
                     .put_tier(
                         &by,
@@ -861,7 +885,7 @@ async fn tiers(command: TierCommand) -> anyhow::Result<()> {
                         },
                     )
                     .await?,
-            );
+            ));
         }
     }
     Ok(())
@@ -879,7 +903,13 @@ async fn limit_requests(command: LimitRequestCommand) -> anyhow::Result<()> {
                 .map(tiergate::admin::limit_request_status)
                 .transpose()?;
             let (admin, _) = admin(&store).await?;
-            print(&admin.list_limit_requests(workspace, status).await?);
+            let requests = admin.list_limit_requests(workspace, status).await?;
+            print(
+                &requests
+                    .iter()
+                    .map(LimitRequestView::from)
+                    .collect::<Vec<_>>(),
+            );
         }
         LimitRequestCommand::Approve { id, limits, store } => {
             let granted = if limits.is_empty() {
@@ -893,15 +923,17 @@ async fn limit_requests(command: LimitRequestCommand) -> anyhow::Result<()> {
                 )
             };
             let (admin, by) = admin(&store).await?;
-            print(
+            print(&LimitRequestView::from(
                 &admin
                     .approve_limit_request(&by, id, granted.as_ref())
                     .await?,
-            );
+            ));
         }
         LimitRequestCommand::Deny { id, reason, store } => {
             let (admin, by) = admin(&store).await?;
-            print(&admin.deny_limit_request(&by, id, &reason).await?);
+            print(&LimitRequestView::from(
+                &admin.deny_limit_request(&by, id, &reason).await?,
+            ));
         }
     }
     Ok(())
@@ -934,7 +966,13 @@ async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     };
     let (admin, _) = admin(&store).await?;
     let page = admin.audit(query).await?;
-    print(&page.entries);
+    print(
+        &page
+            .entries
+            .iter()
+            .map(AuditEntryView::from)
+            .collect::<Vec<_>>(),
+    );
     if let (true, Some(last)) = (page.has_more, page.entries.last()) {
         eprintln!("more entries: --after {}", last.id);
     }

@@ -71,7 +71,9 @@ fn workspaces_keys_and_tiers_from_the_command_line() {
         "--model-limit",
         "big:tokens_per_month=5",
     ]);
-    assert_eq!(tier["limits"]["models"]["big"]["tokens_per_month"], 5);
+    // The admin API's object: the limits beside the name.
+    assert_eq!(tier["models"]["big"]["tokens_per_month"], 5);
+    assert_eq!(tier["name"], "gold");
     let err = cli
         .run(&["tiers", "set", "bad", "--tokens-per-minute", "0"])
         .unwrap_err();
@@ -80,6 +82,19 @@ fn workspaces_keys_and_tiers_from_the_command_line() {
     let ws = cli.ok(&["workspaces", "create", "acme", "--tier", "gold"]);
     let id = ws["id"].as_i64().unwrap().to_string();
     assert_eq!(ws["tier"], "gold");
+    // The admin API's object, effective limits and RFC 3339 times included.
+    assert_eq!(ws["limits"]["requests_per_second"], 20.0, "{ws}");
+    assert_eq!(ws["limits"]["tokens_per_minute"], 900, "{ws}");
+    assert!(ws["created_at"].as_str().unwrap().ends_with('Z'), "{ws}");
+    for field in [
+        "budget",
+        "enforcement",
+        "shadow",
+        "shadowing",
+        "shadow_limits",
+    ] {
+        assert!(ws.get(field).is_some(), "{field} missing: {ws}");
+    }
     assert!(cli
         .run(&["workspaces", "create", "x", "--tier", "nope"])
         .is_err());
@@ -128,7 +143,11 @@ fn workspaces_keys_and_tiers_from_the_command_line() {
         "secrets are never listed"
     );
     let revoked = cli.ok(&["keys", "revoke", &key["id"].to_string()]);
-    assert!(revoked["revoked_at"].is_number());
+    assert!(
+        revoked["revoked_at"].as_str().unwrap().ends_with('Z'),
+        "{revoked}"
+    );
+    assert_eq!(revoked["limits"], serde_json::json!({}));
 
     assert_eq!(cli.ok(&["workspaces", "list"]).as_array().unwrap().len(), 1);
 }
@@ -608,7 +627,8 @@ fn a_key_s_limits_are_set_and_cleared_from_the_command_line() {
 
     let cleared = cli.ok(&["keys", "limits", &id, "--clear"]);
     assert_eq!(cleared["limits"], json!({}));
-    assert_eq!(cli.ok(&["keys", "list", &ws])[0].get("limits"), None);
+    // As the admin API lists it: `{}`, no limits of its own.
+    assert_eq!(cli.ok(&["keys", "list", &ws])[0]["limits"], json!({}));
     let log = cli.ok(&["audit", "--action", "key.limits"]);
     let log = log.as_array().unwrap();
     assert_eq!(log.len(), 3, "{log:?}");

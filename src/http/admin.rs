@@ -124,7 +124,7 @@ async fn create_workspace(
         .admin
         .create_workspace(&by, &body.name, body.tier.as_deref())
         .await?;
-    Ok(created(workspace_view(&state, &ws)))
+    Ok(created(workspace_view(&state.catalog, &ws)))
 }
 
 /// Lists the workspaces.
@@ -145,7 +145,9 @@ async fn list_workspaces(
 ) -> Result<SortedJson<List<WorkspaceView>>, ApiError> {
     let all = state.admin.list_workspaces().await?;
     Ok(SortedJson(List::of(
-        all.iter().map(|w| workspace_view(&state, w)).collect(),
+        all.iter()
+            .map(|w| workspace_view(&state.catalog, w))
+            .collect(),
     )))
 }
 
@@ -170,7 +172,7 @@ async fn get_workspace(
     PathParam(id): PathParam<WorkspaceId>,
 ) -> Result<SortedJson<WorkspaceView>, ApiError> {
     let ws = state.admin.get_workspace(id).await?;
-    Ok(SortedJson(workspace_view(&state, &ws)))
+    Ok(SortedJson(workspace_view(&state.catalog, &ws)))
 }
 
 /// At least one of the four.
@@ -250,7 +252,7 @@ async fn patch_workspace(
             .map_err(ApiError::BadRequest)?,
     };
     let ws = state.admin.update_workspace(&by, id, update).await?;
-    Ok(SortedJson(workspace_view(&state, &ws)))
+    Ok(SortedJson(workspace_view(&state.catalog, &ws)))
 }
 
 /// Replaces a workspace's attributes: what the operator's own systems know of it (numbers and
@@ -278,7 +280,7 @@ async fn put_attributes(
     JsonBody(attributes): JsonBody<Attributes>,
 ) -> Result<SortedJson<WorkspaceView>, ApiError> {
     let ws = state.admin.set_attributes(&by, id, attributes).await?;
-    Ok(SortedJson(workspace_view(&state, &ws)))
+    Ok(SortedJson(workspace_view(&state.catalog, &ws)))
 }
 
 #[derive(Deserialize, Default, ToSchema)]

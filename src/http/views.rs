@@ -25,6 +25,7 @@ use super::error::ApiError;
 use super::headers::duration;
 use crate::admin::NextTier;
 use crate::app::AppState;
+use crate::catalog::Catalog;
 use crate::limiter::core::day_of;
 use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
 use crate::model::{
@@ -180,8 +181,10 @@ pub struct PromotedView {
     pub reason: String,
 }
 
-pub fn workspace_view(state: &AppState, w: &Workspace) -> WorkspaceView {
-    let entry = state.catalog.workspace(w.id);
+/// A workspace as the admin API shows it, its effective limits from `catalog` (the admin CLI
+/// loads one to print the same).
+pub fn workspace_view(catalog: &Catalog, w: &Workspace) -> WorkspaceView {
+    let entry = catalog.workspace(w.id);
     WorkspaceView {
         enforcement: w.enforcement,
         shadow: w.shadow.clone(),

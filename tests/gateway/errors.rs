@@ -115,14 +115,20 @@ async fn suspended_workspaces_and_expired_keys_get_403() {
     .await;
     assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
 
+    // A key made to expire in a minute (one already expired is refused when made), then the
+    // gateway's clock two minutes on.
+    let soon = (time::OffsetDateTime::now_utc() + time::Duration::minutes(1))
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
     let (s, k) = gw
         .admin(
             reqwest::Method::POST,
             &format!("/workspaces/{ws}/keys"),
-            Some(json!({"name": "short", "expires_at": "2000-01-01T00:00:00Z"})),
+            Some(json!({"name": "short", "expires_at": soon})),
         )
         .await;
-    assert_eq!(s, StatusCode::CREATED);
+    assert_eq!(s, StatusCode::CREATED, "{k}");
+    gw.advance(std::time::Duration::from_secs(120));
     let expired = k["key"].as_str().unwrap();
     error_body(
         gw.chat(expired, hello(), &[]).await,
