@@ -290,6 +290,16 @@ fn denial_message(denial: &Denial, budget: bool) -> (&'static str, &'static str,
                 wait = wait()
             ),
         ),
+        // A model's own quota is the operator's to raise: an increase request asks for the
+        // workspace's limits only.
+        DenialKind::QuotaExceeded if denial.limit == LimitName::ModelTokensPerMonth => (
+            "quota_exceeded",
+            format!(
+                "Monthly quota exceeded: {} ({limit}). It renews in {wait}, at the start of next month (UTC); the workspace's other models are not affected, and the operator can raise this model's limit.",
+                what(),
+                wait = wait()
+            ),
+        ),
         DenialKind::QuotaExceeded => (
             "quota_exceeded",
             format!(
@@ -468,6 +478,8 @@ mod tests {
              "Monthly quota exceeded: 100 tokens per month (tokens_per_month). It renews in 1h0m0s, at the start of next month (UTC); ask for an increase to continue sooner."),
             (denial(QuotaExceeded, ModelTokensPerMonth, Some("m"), 7.0, 1000 * ms), true,
              "Monthly budget reached: 7 tokens per month for model 'm' (model_budget), the cap this workspace set for itself. It renews in 1s, at the start of next month (UTC); raise or clear it with PUT /v1/budget to continue sooner."),
+            (denial(QuotaExceeded, ModelTokensPerMonth, Some("m"), 7.0, 1000 * ms), false,
+             "Monthly quota exceeded: 7 tokens per month for model 'm' (model_tokens_per_month). It renews in 1s, at the start of next month (UTC); the workspace's other models are not affected, and the operator can raise this model's limit."),
             (denial(QuotaExceeded, KeyTokensPerMonth, None, 9.0, 1000 * ms), false,
              "Monthly quota of this API key exceeded: 9 tokens per month for this API key (key_tokens_per_month). It renews in 1s, at the start of next month (UTC); the workspace's other keys are not affected, and the operator can raise this key's limit."),
             (denial(RequestTooLarge, TokensPerMinute, Some("m"), 10.0, 0), false,
