@@ -711,10 +711,7 @@ async fn a_settlement_that_failed_is_not_renewed_so_its_lease_frees_the_slot() {
 
 /// Sends `signal` to the Redis server's process.
 fn signal(server: &RedisServer, signal: libc::c_int) {
-    let pid = server.pid().expect("the server runs") as libc::pid_t;
-    // SAFETY: kill(2) with the pid of a child this process started and has not reaped.
-    let sent = unsafe { libc::kill(pid, signal) };
-    assert_eq!(sent, 0, "kill({pid}, {signal})");
+    server.signal(signal);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1277,7 +1274,7 @@ async fn two_instances_on_the_server_clock_admit_one_burst_between_them() {
         ),
     ];
     for instance in &instances {
-        instance.ping().await.unwrap();
+        instance.ping(None).await.unwrap();
     }
     let limits = Limits {
         requests_per_second: Some(1.0),

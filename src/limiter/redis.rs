@@ -814,8 +814,26 @@ impl Inner {
     ) {
         let key = limits.key.map(|k| k.id);
         let args = settle_args(self, "cancel", id, limits, model, key, 0, now);
-        if let Err(e) = self.eval(&self.keys(workspace), &args).await {
-            tracing::warn!(error = %e, "cancelling an abandoned reservation failed; its lease will free it");
+        let keys = self.keys(workspace);
+        // Sent again until Redis takes it, for as long as the lease would hold the reservation:
+        // a call that timed out against a stalled node runs when the node wakes, and then held
+        // its concurrency slot and tokens for the whole lease (an outside audit saw every
+        // request of a workspace refused for 30 s after a 6 s stall). A cancel that arrives
+        // first marks the id, so that the late reservation takes nothing.
+        let give_up = tokio::time::Instant::now() + self.lease;
+        let mut wait = CANCEL_RETRY_FIRST;
+        loop {
+            match self.eval(&keys, &args).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() + wait >= give_up => {
+                    tracing::warn!(error = %e, "cancelling an abandoned reservation failed until its lease ends; the lease frees it");
+                    break;
+                }
+                Err(_) => {
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(CANCEL_RETRY_MOST);
+                }
+            }
         }
         self.live
             .lock()
@@ -914,6 +932,10 @@ async fn renew_leases(inner: Weak<Inner>, every: Duration) {
     }
 }
 
+/// The first wait before a failed cancel is sent again, doubled each time up to the second.
+const CANCEL_RETRY_FIRST: Duration = Duration::from_millis(100);
+const CANCEL_RETRY_MOST: Duration = Duration::from_secs(1);
+
 /// Cancels a reservation whose caller went away mid-call, unless disarmed.
 struct CancelGuard<'a> {
     inner: &'a Arc<Inner>,
@@ -985,10 +1007,18 @@ impl RedisLimiter {
     }
 
     /// Answers when Redis does (a probe for the circuit breaker).
-    pub async fn ping(&self) -> Result<(), LimiterError> {
+    /// Checks that Redis answers: for `workspace`, the node that holds its keys (in a cluster,
+    /// the one whose failure is being waited out; another master answering says nothing of it).
+    pub async fn ping(&self, workspace: Option<WorkspaceId>) -> Result<(), LimiterError> {
         let mut args = self.inner.args("heartbeat", 0);
         args.extend(["probe".into(), Arg::Int(1)]);
-        let key = format!("{{{}}}:probe", self.inner.prefix);
+        let key = match workspace {
+            Some(w) => {
+                let [tag, _, _] = self.inner.keys(w);
+                format!("{tag}:probe")
+            }
+            None => format!("{{{}}}:probe", self.inner.prefix),
+        };
         // It may take longer than a request's call: it runs in the background, and reconnects.
         let limit = self.inner.timeout.max(Duration::from_secs(1));
         self.inner

@@ -115,6 +115,15 @@ impl RedisServer {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Sends `signal` to the running server (`SIGSTOP`: it stops answering, its connections
+    /// held open, as a stalled host; `SIGCONT`: it goes on with what it was sent meanwhile).
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = self.pid().expect("the server runs") as libc::pid_t;
+        // SAFETY: kill(2) with the pid of a child this process started and has not reaped.
+        let sent = unsafe { libc::kill(pid, signal) };
+        assert_eq!(sent, 0, "kill({pid}, {signal})");
+    }
+
     /// Kills the server (SIGKILL: no goodbye to clients) and returns once it has exited and its
     /// port can be bound again. Does nothing more when it is already down.
     pub fn kill(&mut self) {
