@@ -319,8 +319,19 @@ impl Catalog {
         self.view().version
     }
 
-    /// Finds the workspace of a key, and the key's own limits. `now` is unix seconds.
+    /// Finds the workspace of a key, and the key's own limits, and notes the key as used at
+    /// `now` (unix seconds): its `last_used_at`.
     pub async fn authenticate(&self, secret: &str, now: i64) -> Result<Authenticated, AuthFailure> {
+        self.find(secret, now, true).await
+    }
+
+    /// As `authenticate`, without noting the key as used: signing in to the console with a key
+    /// is not a use of the API, and would make a key nobody calls look alive.
+    pub async fn identify(&self, secret: &str, now: i64) -> Result<Authenticated, AuthFailure> {
+        self.find(secret, now, false).await
+    }
+
+    async fn find(&self, secret: &str, now: i64, note: bool) -> Result<Authenticated, AuthFailure> {
         if !key_is_well_formed(secret) {
             return Err(AuthFailure::UnknownKey);
         }
@@ -339,7 +350,8 @@ impl Catalog {
         }
         // Read first: a write on every request would make the key's cache line bounce
         // between cores; it is written once a second.
-        if key.noted_at.load(Ordering::Relaxed) != now
+        if note
+            && key.noted_at.load(Ordering::Relaxed) != now
             && key.noted_at.swap(now, Ordering::Relaxed) != now
         {
             self.touched

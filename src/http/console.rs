@@ -68,6 +68,11 @@ pub struct ClientAddr(pub SocketAddr);
 /// A sign-in form body is a key and little else.
 const MAX_FORM_BYTES: usize = 4096;
 
+/// A form of the workspace page: an increase request's two texts may each be 4096 bytes, which
+/// URL-encoding makes up to three times as long (a body that size used to be refused as an
+/// invalid form, the text lost).
+const MAX_PAGE_FORM_BYTES: usize = 64 * 1024;
+
 const CSS: &str = include_str!("console.css");
 
 /// Which sessions a listener's console serves.
@@ -140,7 +145,7 @@ async fn sign_in(
             StatusCode::TOO_MANY_REQUESTS,
             "Sign in",
             sign_in_form(scope, Some(&format!(
-                "Too many sign-in attempts from your address (at most {SIGN_INS_PER_MINUTE} a minute). Try again in a minute."
+                "Too many sign-in attempts from your address (at most {SIGN_INS_PER_MINUTE} a minute, one more every 6 seconds). Try again in 6 seconds."
             ))),
         );
         r.headers_mut()
@@ -184,7 +189,8 @@ async fn sign_in(
             sign_in_form(scope, Some("Invalid admin token.")),
         );
     }
-    match state.catalog.authenticate(key.trim(), now).await {
+    // Identified, not authenticated: signing in is not a use of the key (`last_used_at`).
+    match state.catalog.identify(key.trim(), now).await {
         Ok(Authenticated { key, workspace, .. }) => {
             Metrics::inc(&state.metrics.console_signed_in);
             let (_, value) = state.console.sign_in(workspace.workspace.id, key, now);
@@ -306,9 +312,22 @@ async fn workspace_form(
     let (parts, body) = request.into_parts();
     let (session, entry) =
         signed_in(state, &parts.headers).map_err(|out| out.to_sign_in(&parts.headers))?;
-    let form = read_form(body).await.unwrap_or_default();
+    if !same_origin(&parts.headers) {
+        return Err(page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            html! { p.error { "This form was sent from another site." } },
+        ));
+    }
+    let Some(form) = read_form_up_to(body, MAX_PAGE_FORM_BYTES).await else {
+        return Err(page(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Refused",
+            html! { p.error { "This form is too large to be read (64 KiB at most). Go back, shorten it and send it again." } },
+        ));
+    };
     let token = field(&form, "csrf").unwrap_or_default();
-    if !same_origin(&parts.headers) || !state.console.csrf_holds(&session, &token) {
+    if !state.console.csrf_holds(&session, &token) {
         return Err(page(
             StatusCode::FORBIDDEN,
             "Refused",

@@ -215,7 +215,11 @@ async fn posted(state: &AppState, request: Request) -> Result<(Operator, Form), 
         )
     };
     if !same_origin(&parts.headers) {
-        return Err(refused());
+        return Err(page(
+            StatusCode::FORBIDDEN,
+            "Refused",
+            html! { p.error role="alert" { "This form was sent from another site." } },
+        ));
     }
     let Some(fields) = read_form_up_to(body, MAX_FORM_BYTES).await else {
         return Err(message_page(

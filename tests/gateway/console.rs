@@ -768,6 +768,15 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
     let gw = TestGateway::start().await;
     let (ws, key) = gw.workspace("free").await;
     let cookie = signed_in(&gw, &key).await;
+    // Signing in is not a use of the key: it was never used (it used to show as used now).
+    let (_, keys) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/workspaces/{ws}/keys"),
+            None,
+        )
+        .await;
+    assert_eq!(keys["data"][0]["last_used_at"], Value::Null, "{keys}");
     let page = get(&gw, "/console/workspace", Some(&cookie)).await;
     assert!(page.body.contains(r#"id="increase""#));
     assert!(page.body.contains(r#"id="no-requests""#));
@@ -845,19 +854,28 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
     )
     .await;
     assert_eq!(other_site.status, StatusCode::FORBIDDEN);
+    assert!(
+        other_site.body.contains("sent from another site"),
+        "{}",
+        other_site.body
+    );
     let (_, listed) = gw
         .admin(reqwest::Method::GET, "/limit-requests", None)
         .await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
 
-    // Filed: the workspace's own request, with its expected volume, as the API shows it.
+    // Filed: the workspace's own request, with its expected volume, as the API shows it. Its
+    // use case is long, and in French: within the 4096 bytes allowed, but more than 4096 once
+    // URL-encoded (such a form used to be refused as invalid, the text lost).
+    let use_case = format!("Support bot <for> 3 teams{}", " équipe".repeat(400));
+    assert!(use_case.len() <= 4096);
     let sent = post_form(
         &gw,
         "/console/limit-requests",
         &cookie,
         Some(&csrf),
         &[
-            ("use_case", "Support bot <for> 3 teams"),
+            ("use_case", use_case.as_str()),
             ("tokens_per_minute", "1,000,000"),
             ("concurrent_requests", "8"),
             ("requests_per_second", ""),
@@ -880,7 +898,7 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
         .await;
     assert_eq!(s, StatusCode::OK);
     let request = &mine["data"][0];
-    assert_eq!(request["use_case"], "Support bot <for> 3 teams");
+    assert_eq!(request["use_case"], use_case.as_str());
     assert_eq!(request["expected_volume"], "2M tokens a day");
     assert_eq!(
         request["requested_limits"],
