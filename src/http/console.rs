@@ -650,6 +650,18 @@ fn unavailable(status: StatusCode) -> Response {
     )
 }
 
+/// The console's `404`: a page with the way back, for a path under `/console` that is none.
+pub(super) fn not_found_page() -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        "Not found",
+        html! {
+            h1 { "Not found" }
+            p { "There is no such page. " a href="/console" { "Back to the console" } "." }
+        },
+    )
+}
+
 pub(super) fn page(status: StatusCode, title: &str, body: Markup) -> Response {
     let markup = html! {
         (DOCTYPE)
@@ -744,6 +756,31 @@ fn model_bar(
     }
 }
 
+/// The requests/s row: its bar is of the burst, what may be sent at once (`remaining` never
+/// exceeds it), not of the rate; with a burst below the rate, a bar of the rate showed requests
+/// in use on an idle workspace.
+fn requests_row(w: &WindowView, limits: &Limits) -> Markup {
+    let burst = if limits.requests_per_second == Some(w.limit) {
+        f64::from(limits.effective_burst())
+    } else {
+        // A key's own rate, tighter than the workspace's: its burst is not in `limits`.
+        w.limit.ceil().max(1.0)
+    }
+    .max(w.remaining as f64);
+    let used = (burst - w.remaining as f64).max(0.0);
+    bar(
+        "requests_per_second",
+        "Requests per second",
+        used,
+        burst,
+        html! {
+            span.remaining { (w.remaining) } " of " (burst) " at once left · "
+            (w.limit) " per second"
+        },
+        Some(&w.reset),
+    )
+}
+
 fn window_row(id: &str, label: &str, unit: &str, w: &WindowView) -> Markup {
     let used = (w.limit - w.remaining as f64).max(0.0);
     bar(
@@ -832,7 +869,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             thead { tr { th { "Limit" } th { "Usage" } th { "Now" } th { "Reset" } } }
             tbody {
                 @match &usage.requests_per_second {
-                    Some(w) => (window_row("requests_per_second", "Requests per second", "requests", w)),
+                    Some(w) => (requests_row(w, limits)),
                     None => (unlimited("requests_per_second", "Requests per second")),
                 }
                 @match &usage.tokens_per_minute {

@@ -146,8 +146,13 @@ fn shown_path(uri: &Uri) -> String {
 }
 
 /// The path as the client sent it (a nested router sees it without its prefix).
-async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {
-    ApiError::NotFound(format!("No route for {method} {}.", shown_path(&uri)))
+async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> Response {
+    // A page of the console a browser asked for: answered as a page, not as an API's JSON.
+    let path = uri.path();
+    if path == console::PREFIX || path.starts_with("/console/") {
+        return console::not_found_page();
+    }
+    ApiError::NotFound(format!("No route for {method} {}.", shown_path(&uri))).into_response()
 }
 
 async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {

@@ -1207,3 +1207,60 @@ async fn eventually_settled(gw: &TestGateway, key: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A console path that is no page gets the console's own `404` page, not the API's JSON (a
+/// browser showed raw JSON for `/console/` and a mistyped link).
+#[tokio::test]
+async fn a_console_path_that_is_no_page_gets_a_page() {
+    let gw = TestGateway::start().await;
+    for path in [
+        "/console/",
+        "/console/nope",
+        "/console/operator/nope/deeper",
+    ] {
+        let r = browser()
+            .get(format!("{}{path}", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+        let kind = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(kind.starts_with("text/html"), "{path}: {kind}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains(r#"href="/console""#), "{path}: {body}");
+    }
+    // The API's own unknown paths keep their JSON.
+    let r = browser()
+        .get(format!("{}/admin/v1/nope", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+}
+
+/// The requests/s bar is of what may be sent at once (the burst), not of the rate: with a burst
+/// of 3 under a rate of 5, an idle workspace's bar is empty (it showed 2 of 5 in use).
+#[tokio::test]
+async fn the_requests_bar_is_of_the_burst() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("bursty", json!({"requests_per_second": 5, "burst": 3}))
+        .await;
+    let (_, key) = gw.workspace("bursty").await;
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let row = page
+        .body
+        .split(r#"<tr data-limit="requests_per_second">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no requests row: {}", page.body));
+    assert!(
+        row.contains(r#"<meter min="0" max="3" value="0">"#),
+        "{row}"
+    );
+    assert!(row.contains("3</span> of 3 at once left"), "{row}");
+    assert!(row.contains("5 per second"), "{row}");
+}
