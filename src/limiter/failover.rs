@@ -5,9 +5,9 @@
 //! - Every Redis call has a short timeout (`redis_timeout_ms`, 50 ms by default), so no request
 //!   waits longer than that because Redis is down. After `TRIP_AFTER` consecutive failures the
 //!   breaker opens: requests stop calling Redis at all, and a probe pings it every
-//!   `PROBE_EVERY` until it answers, then the breaker closes. The probe asks the node that holds
-//!   the keys of the workspace whose call failed last: in a cluster, another master answering
-//!   says nothing of the one that stalled. One breaker serves every master. Each transition is logged once and
+//!   `PROBE_EVERY` until it answers, then the breaker closes. In a Redis Cluster there is a
+//!   breaker per hash slot, probed through the master that holds it: a master that dies trips
+//!   only the workspaces whose keys it holds, and another master answering says nothing of it. Each transition is logged once and
 //!   counted in `/metrics`.
 //! - While Redis cannot answer, the policy decides:
 //!   - `closed`: deny with `503 limiter_unavailable` and `Retry-After`;
@@ -27,7 +27,7 @@
 //! Redis outage neither becomes an API outage (`closed`) nor opens the gate (`open`).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -55,9 +55,22 @@ const LOCAL_KEPT_FOR: Duration = Duration::from_secs(10);
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 
-struct Breaker {
-    failures: AtomicU32,
-    open: std::sync::atomic::AtomicBool,
+/// The open flag of a slot's breaker, beside its count of consecutive failures.
+const OPEN: u32 = 1 << 31;
+/// The most slots whose probes run in one round.
+const PROBES_AT_ONCE: usize = 32;
+
+/// The circuit breakers: one per hash slot of a Redis Cluster (one in all for a single server),
+/// so that a master that stops answering trips only the workspaces whose keys it holds, and
+/// the others keep deciding through Redis. Each counts its consecutive failed calls and opens at
+/// `TRIP_AFTER`. 16384 slots of 4 bytes: 64 KiB.
+struct Breakers {
+    slots: Box<[AtomicU32]>,
+    /// How many are open now: 0 for nearly every call, which then looks no further.
+    open: AtomicUsize,
+    /// Per slot with failures, the workspace whose call failed last there (`None`: the
+    /// instances' own keys): its probe asks the node that holds them.
+    failing: Mutex<HashMap<usize, Option<WorkspaceId>>>,
 }
 
 /// (instances, this one's rank) for the local share: the count `instances` gives, else the one
@@ -83,10 +96,7 @@ pub struct Failover {
     configured_instances: Option<u32>,
     /// (instances, this one's rank) as the last heartbeat saw them; 0 instances = unknown.
     seen: AtomicU64,
-    breaker: Breaker,
-    /// The workspace of the last call that failed (`i64::MIN`: none yet): the probe asks the
-    /// node that holds its keys.
-    failing: AtomicI64,
+    breakers: Breakers,
     /// When the local shares are to be forgotten, once the breaker has stayed closed that long.
     forget_local_at: Mutex<Option<tokio::time::Instant>>,
     metrics: Arc<Metrics>,
@@ -205,17 +215,18 @@ impl Failover {
         configured_instances: Option<u32>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
+        let slots = if shared.is_cluster() { 16384 } else { 1 };
         let failover = Arc::new(Failover {
             shared,
             local,
             policy,
             configured_instances,
             seen: AtomicU64::new(0),
-            breaker: Breaker {
-                failures: AtomicU32::new(0),
-                open: std::sync::atomic::AtomicBool::new(false),
+            breakers: Breakers {
+                slots: (0..slots).map(|_| AtomicU32::new(0)).collect(),
+                open: AtomicUsize::new(0),
+                failing: Mutex::new(HashMap::new()),
             },
-            failing: AtomicI64::new(i64::MIN),
             forget_local_at: Mutex::new(None),
             metrics,
             rebuild: Mutex::new(HashSet::new()),
@@ -230,21 +241,51 @@ impl Failover {
         failover
     }
 
+    /// Whether any breaker is open: some workspaces are decided without Redis.
     pub fn is_open(&self) -> bool {
-        self.breaker.open.load(Ordering::Acquire)
+        self.breakers.open.load(Ordering::Acquire) > 0
     }
 
-    fn success(&self) {
-        self.breaker.failures.store(0, Ordering::Relaxed);
+    /// The breaker of `workspace`'s keys (`None`: the instances' own keys).
+    fn slot(&self, workspace: Option<WorkspaceId>) -> usize {
+        if self.breakers.slots.len() == 1 {
+            0
+        } else {
+            usize::from(self.shared.slot_of(workspace))
+        }
+    }
+
+    /// Whether calls for `workspace` are not made now.
+    fn is_open_for(&self, workspace: WorkspaceId) -> bool {
+        self.is_open()
+            && self.breakers.slots[self.slot(Some(workspace))].load(Ordering::Acquire) & OPEN != 0
+    }
+
+    fn success(&self, workspace: Option<WorkspaceId>) {
+        let slot = &self.breakers.slots[self.slot(workspace)];
+        if slot.load(Ordering::Relaxed) != 0 {
+            slot.fetch_and(OPEN, Ordering::Relaxed);
+        }
     }
 
     fn failure(&self, error: &LimiterError, workspace: Option<WorkspaceId>) {
         Metrics::inc(&self.metrics.limiter_backend_errors);
-        if let Some(w) = workspace {
-            self.failing.store(w, Ordering::Relaxed);
+        let s = self.slot(workspace);
+        self.breakers
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(s, workspace);
+        let slot = &self.breakers.slots[s];
+        let seen = slot.fetch_add(1, Ordering::AcqRel) + 1;
+        if seen & !OPEN < TRIP_AFTER || seen & OPEN != 0 {
+            return;
         }
-        let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures >= TRIP_AFTER && !self.breaker.open.swap(true, Ordering::AcqRel) {
+        if slot.fetch_or(OPEN, Ordering::AcqRel) & OPEN != 0 {
+            return;
+        }
+        // Said once per outage, not per slot: when the first opens.
+        if self.breakers.open.fetch_add(1, Ordering::AcqRel) == 0 {
             // The shares of an outage just ended still hold: this is the same one.
             *self
                 .forget_local_at
@@ -255,14 +296,23 @@ impl Failover {
             tracing::error!(
                 error = %error,
                 policy = self.policy.as_str(),
-                "Redis is not answering: the shared limiter stops calling it and applies the failure policy until it is back"
+                "Redis is not answering: the shared limiter stops calling it for the workspaces it holds (in a cluster, those of the master that failed) and applies the failure policy to them until it is back"
             );
         }
     }
 
-    fn close(&self) {
-        if self.breaker.open.swap(false, Ordering::AcqRel) {
-            self.breaker.failures.store(0, Ordering::Relaxed);
+    /// Closes the breaker of slot `s` (its probe was answered).
+    fn close(&self, s: usize) {
+        if self.breakers.slots[s].swap(0, Ordering::AcqRel) & OPEN == 0 {
+            return;
+        }
+        self.breakers
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&s);
+        // Said once the last one closes.
+        if self.breakers.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.metrics.limiter_backend_up.set(1);
             // The next outage starts its shares afresh, once this one is surely over.
             *self
@@ -274,14 +324,24 @@ impl Failover {
         }
     }
 
+    /// The open slots, at most `PROBES_AT_ONCE`, each with the workspace its probe asks for.
+    fn to_probe(&self) -> Vec<(usize, Option<WorkspaceId>)> {
+        let failing = self
+            .breakers
+            .failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        failing
+            .iter()
+            .filter(|(s, _)| self.breakers.slots[**s].load(Ordering::Acquire) & OPEN != 0)
+            .take(PROBES_AT_ONCE)
+            .map(|(s, w)| (*s, *w))
+            .collect()
+    }
+
     /// (instances, rank) for the local share, if known.
     fn instances(&self) -> Option<(u32, u32)> {
         local_place(self.configured_instances, self.seen.load(Ordering::Relaxed))
-    }
-
-    /// The workspace whose call failed last, for the probe.
-    fn failing(&self) -> Option<WorkspaceId> {
-        Some(self.failing.load(Ordering::Relaxed)).filter(|&w| w != i64::MIN)
     }
 
     /// Forgets the last outage's local shares once the breaker has stayed closed
@@ -407,17 +467,27 @@ async fn watch(failover: Weak<Failover>) {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(f) = failover.upgrade() else { return };
         if f.is_open() {
-            if f.shared.ping(f.failing()).await.is_ok() {
-                f.close();
+            // Each open slot's probe asks its own node; together, within one call's time.
+            let probes = f.to_probe();
+            let answers = futures_util::future::join_all(
+                probes
+                    .iter()
+                    .map(|(_, workspace)| f.shared.ping(*workspace)),
+            )
+            .await;
+            for ((slot, _), answer) in probes.iter().zip(answers) {
+                if answer.is_ok() {
+                    f.close(*slot);
+                }
             }
-            continue;
+        } else {
+            f.forget_local_if_due();
         }
-        f.forget_local_if_due();
         if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
             last_heartbeat = tokio::time::Instant::now();
             match f.shared.heartbeat(&instance, HEARTBEAT_TTL).await {
                 Ok((n, rank)) => {
-                    f.success();
+                    f.success(None);
                     let before = f
                         .seen
                         .swap(((n as u64) << 32) | rank as u64, Ordering::Relaxed);
@@ -450,7 +520,7 @@ impl Failover {
         cost: TokenCost,
         now: Nanos,
     ) -> Result<Decision, LimiterError> {
-        if !self.is_open() {
+        if !self.is_open_for(workspace) {
             let mut result = Ok(());
             if self.needs_rebuild(workspace) {
                 result = self.shared.new_generation(workspace, now).await;
@@ -468,7 +538,7 @@ impl Failover {
                     .await
                 {
                     Ok(decision) => {
-                        self.success();
+                        self.success(Some(workspace));
                         return Ok(decision);
                     }
                     Err(e) => Err(e),
@@ -492,12 +562,12 @@ impl Failover {
     ) -> Result<Settled, LimiterError> {
         match reservation.origin {
             Origin::Primary => {
-                if self.is_open() {
+                if self.is_open_for(reservation.workspace) {
                     return Err(LimiterError::Unavailable("Redis is not answering".into()));
                 }
                 match self.shared.settle(reservation, limits, actual, now).await {
                     Ok(s) => {
-                        self.success();
+                        self.success(Some(reservation.workspace));
                         Ok(s)
                     }
                     Err(e) => {
@@ -518,7 +588,9 @@ impl Failover {
 
     async fn release_slot_async(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
         match reservation.origin {
-            Origin::Primary if !self.is_open() => self.shared.release_slot(reservation).await,
+            Origin::Primary if !self.is_open_for(reservation.workspace) => {
+                self.shared.release_slot(reservation).await
+            }
             Origin::Primary | Origin::Unmetered => Ok(()),
             Origin::LocalShare => self.local.release_slot(reservation).await,
         }
@@ -530,12 +602,12 @@ impl Failover {
         limits: &Limits,
         now: Nanos,
     ) -> Result<Usage, LimiterError> {
-        if self.is_open() {
+        if self.is_open_for(workspace) {
             return Err(LimiterError::Unavailable("Redis is not answering".into()));
         }
         let result = self.shared.usage(workspace, limits, now).await;
         match &result {
-            Ok(_) => self.success(),
+            Ok(_) => self.success(Some(workspace)),
             Err(e @ LimiterError::Unavailable(_)) => self.failure(e, Some(workspace)),
             Err(_) => {}
         }

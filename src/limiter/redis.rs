@@ -932,6 +932,11 @@ async fn renew_leases(inner: Weak<Inner>, every: Duration) {
     }
 }
 
+/// A Redis Cluster's hash slot of a key's hash tag (the text between its braces).
+pub fn hash_slot(tag: &str) -> u16 {
+    crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
+}
+
 /// The first wait before a failed cancel is sent again, doubled each time up to the second.
 const CANCEL_RETRY_FIRST: Duration = Duration::from_millis(100);
 const CANCEL_RETRY_MOST: Duration = Duration::from_secs(1);
@@ -1007,6 +1012,25 @@ impl RedisLimiter {
     }
 
     /// Answers when Redis does (a probe for the circuit breaker).
+    /// Whether the limits live in a Redis Cluster (else one server).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.client, Client::Cluster(_))
+    }
+
+    /// The hash slot of `workspace`'s keys (their tag `{prefix:workspace}`), as a Redis Cluster
+    /// computes it: CRC16 (XMODEM) of the tag, modulo 16384. `None`: the slot of the instances'
+    /// own keys (`{prefix}:instances`, `{prefix}:probe`).
+    pub fn slot_of(&self, workspace: Option<WorkspaceId>) -> u16 {
+        let tag = match workspace {
+            Some(w) => {
+                let [tag, _, _] = self.inner.keys(w);
+                tag
+            }
+            None => format!("{{{}}}", self.inner.prefix),
+        };
+        hash_slot(&tag[1..tag.len() - 1])
+    }
+
     /// Checks that Redis answers: for `workspace`, the node that holds its keys (in a cluster,
     /// the one whose failure is being waited out; another master answering says nothing of it).
     pub async fn ping(&self, workspace: Option<WorkspaceId>) -> Result<(), LimiterError> {
@@ -1403,6 +1427,15 @@ impl Limiter for RedisLimiter {
 
 #[cfg(test)]
 mod tests {
+    use super::hash_slot;
+
+    /// The Redis Cluster specification's example: `123456789` is in slot 12739.
+    #[test]
+    fn hash_slots_are_the_cluster_s() {
+        assert_eq!(hash_slot("123456789"), 12739);
+        assert!(hash_slot("tg:42") < 16384);
+    }
+
     use super::*;
 
     struct NoLedger;

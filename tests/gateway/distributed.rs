@@ -523,6 +523,74 @@ async fn a_stalled_master_holds_its_workspaces_to_their_limits() {
     assert!(admitted > 0);
 }
 
+/// One master of a Redis Cluster dies under the `closed` policy: only the workspaces whose keys
+/// it holds get `503`; a workspace on another master is decided through Redis all along. With
+/// one breaker for all masters, every workspace got `503` once the dead master's calls had
+/// tripped it (an outside audit: 55 of 60 requests of a workspace on a healthy master).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_master_stops_only_its_own_workspaces() {
+    let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
+        .await
+        .unwrap();
+    let prefix = format!("alone{}", std::process::id());
+    let fleet = TestGateway::fleet(1, &cluster.seeds(), |raw| {
+        raw.redis_prefix = Some(prefix.clone());
+        raw.redis_failure_policy = Some("closed".into());
+        raw.redis_timeout_ms = Some(300);
+    })
+    .await;
+    let gw = &fleet[0];
+    let owner_of = |ws: i64| {
+        let tag = format!("{{{prefix}:{ws}}}:owner");
+        cluster
+            .nodes()
+            .iter()
+            .position(|n| redis_cli(&n.url(), &["SET", &tag, "1"]) == "OK")
+            .expect("a master holds the workspace's slot")
+    };
+    gw.put_tier("apart", json!({"requests_per_second": 1000}))
+        .await;
+    let (first, dead_key) = gw.workspace("apart").await;
+    let dead_node = owner_of(first);
+    // A workspace whose keys another master holds (two thirds of them do; bounded tries).
+    let mut healthy_key = None;
+    for _ in 0..30 {
+        let (ws, key) = gw.workspace("apart").await;
+        if owner_of(ws) != dead_node {
+            healthy_key = Some(key);
+            break;
+        }
+    }
+    let healthy_key = healthy_key.expect("a workspace on another master within 30");
+    let body =
+        json!({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]});
+    assert_eq!(status_of(gw, &dead_key, &body).await, StatusCode::OK);
+    assert_eq!(status_of(gw, &healthy_key, &body).await, StatusCode::OK);
+
+    cluster.nodes()[dead_node].signal(libc::SIGKILL);
+    // Enough failed calls in a row to trip a breaker.
+    for _ in 0..4 {
+        assert_eq!(
+            status_of(gw, &dead_key, &body).await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+    let (mut healthy_ok, mut dead_refused) = (0, 0);
+    for _ in 0..10 {
+        if status_of(gw, &healthy_key, &body).await == StatusCode::OK {
+            healthy_ok += 1;
+        }
+        if status_of(gw, &dead_key, &body).await == StatusCode::SERVICE_UNAVAILABLE {
+            dead_refused += 1;
+        }
+    }
+    assert_eq!(
+        healthy_ok, 10,
+        "a workspace on a master that answers was refused"
+    );
+    assert_eq!(dead_refused, 10);
+}
+
 /// A change made through one instance holds on the others within the stated bound (the
 /// catalogue refresh, 1 s; allowed: 3 s on a busy machine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
