@@ -856,6 +856,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
     } = p;
     let ws = &entry.workspace;
     let limits = &entry.limits;
+    let shadow = entry.shadow.as_deref();
     html! {
         h1 { (ws.name) }
         @match &p.notice {
@@ -870,11 +871,11 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             tbody {
                 @match &usage.requests_per_second {
                     Some(w) => (requests_row(w, limits)),
-                    None => (unlimited("requests_per_second", "Requests per second")),
+                    None => (unenforced("requests_per_second", "Requests per second", shadow.and_then(|l| l.requests_per_second).map(|v| format!("{v} per second")))),
                 }
                 @match &usage.tokens_per_minute {
                     Some(w) => (window_row("tokens_per_minute", "Tokens per minute", "tokens", w)),
-                    None => (unlimited("tokens_per_minute", "Tokens per minute")),
+                    None => (unenforced("tokens_per_minute", "Tokens per minute", shadow.and_then(|l| l.tokens_per_minute).map(|v| format!("{v} tokens")))),
                 }
                 @match &usage.tokens_per_month {
                     Some(m) => (bar(
@@ -885,7 +886,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                         html! { span.used { (m.used) } " of " (m.limit) " tokens used" },
                         Some(&m.reset),
                     )),
-                    None => (unlimited("tokens_per_month", "Tokens per month")),
+                    None => (unenforced("tokens_per_month", "Tokens per month", shadow.and_then(|l| l.tokens_per_month).map(|v| format!("{v} tokens")))),
                 }
                 @match limits.concurrent_requests {
                     Some(c) => (bar(
@@ -896,7 +897,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                         html! { span.used { (usage.in_flight) } " of " (c) " in flight" },
                         None,
                     )),
-                    None => (unlimited("concurrent_requests", "Concurrent requests")),
+                    None => (unenforced("concurrent_requests", "Concurrent requests", shadow.and_then(|l| l.concurrent_requests).map(|v| format!("{v} at once")))),
                 }
             }
         }
@@ -1198,6 +1199,20 @@ fn not_found() -> Response {
         "Not found",
         html! { p.error { "There is no such thing in your workspace." } },
     )
+}
+
+/// A limit not enforced: in shadow (its figure, which only says what it would have denied: see
+/// the `x-ratelimit-shadow-denied` header), else none at all.
+fn unenforced(id: &str, label: &str, shadow: Option<String>) -> Markup {
+    match shadow {
+        Some(figure) => html! {
+            tr data-limit=(id) {
+                th scope="row" { (label) }
+                td colspan="3" { "in shadow: " span.shadow { (figure) } " (not enforced; requests over it are admitted and counted)" }
+            }
+        },
+        None => unlimited(id, label),
+    }
 }
 
 fn unlimited(id: &str, label: &str) -> Markup {

@@ -1264,3 +1264,27 @@ async fn the_requests_bar_is_of_the_burst() {
     assert!(row.contains("3</span> of 3 at once left"), "{row}");
     assert!(row.contains("5 per second"), "{row}");
 }
+
+/// A limit in shadow is shown as such, with its figure: it read "no limit", as if none were set
+/// (an outside audit).
+#[tokio::test]
+async fn a_limit_in_shadow_is_shown_with_its_figure() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "watched",
+        json!({"requests_per_second": 5, "tokens_per_minute": 5000, "shadow": ["tokens_per_minute"]}),
+    )
+    .await;
+    let (_, key) = gw.workspace("watched").await;
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let row = page
+        .body
+        .split(r#"<tr data-limit="tokens_per_minute">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no tokens row: {}", page.body));
+    assert!(row.contains("in shadow"), "{row}");
+    assert!(row.contains("5000 tokens"), "{row}");
+    assert!(!row.contains("no limit"), "{row}");
+}
