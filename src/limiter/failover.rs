@@ -7,7 +7,9 @@
 //!   breaker opens: requests stop calling Redis at all, and a probe pings it every
 //!   `PROBE_EVERY` until it answers, then the breaker closes. In a Redis Cluster there is a
 //!   breaker per hash slot, probed through the master that holds it: a master that dies trips
-//!   only the workspaces whose keys it holds, and another master answering says nothing of it. Each transition is logged once and
+//!   only the workspaces whose keys it holds, and another master answering says nothing of it.
+//!   (The Redis limiter keeps its cluster connection through a node's failure: made anew, it
+//!   would connect to every master, and a hung one would hold up every call.) Each transition is logged once and
 //!   counted in `/metrics`.
 //! - While Redis cannot answer, the policy decides:
 //!   - `closed`: deny with `503 limiter_unavailable` and `Retry-After`;

@@ -732,7 +732,13 @@ impl Inner {
 
     /// A failed call's error; a broken connection is made again next time.
     fn failed(&self, e: redis::RedisError) -> LimiterError {
-        if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+        // A cluster's client mends its connections to each node itself; made anew, it would
+        // connect to every master, and one that hangs would hold up every call meanwhile (the
+        // workspaces of the masters that answer included). A single server's connection broken
+        // by an I/O error is made anew.
+        let single = matches!(self.client, Client::Single(_));
+        if e.is_unrecoverable_error() || (single && (e.is_io_error() || e.is_connection_dropped()))
+        {
             self.forget_connection();
         }
         unavailable(e)

@@ -529,6 +529,18 @@ async fn a_stalled_master_holds_its_workspaces_to_their_limits() {
 /// tripped it (an outside audit: 55 of 60 requests of a workspace on a healthy master).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_master_stops_only_its_own_workspaces() {
+    a_failed_master_stops_only_its_own_workspaces(libc::SIGKILL).await;
+}
+
+/// The same with a master that hangs (stopped: its connections open, nothing answered): the
+/// gateway made its cluster connection anew on the first timeout, connecting to every master,
+/// and the hung one held up every call meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_master_stops_only_its_own_workspaces() {
+    a_failed_master_stops_only_its_own_workspaces(libc::SIGSTOP).await;
+}
+
+async fn a_failed_master_stops_only_its_own_workspaces(how: libc::c_int) {
     let cluster = tokio::task::spawn_blocking(|| RedisCluster::start(3))
         .await
         .unwrap();
@@ -567,7 +579,7 @@ async fn a_dead_master_stops_only_its_own_workspaces() {
     assert_eq!(status_of(gw, &dead_key, &body).await, StatusCode::OK);
     assert_eq!(status_of(gw, &healthy_key, &body).await, StatusCode::OK);
 
-    cluster.nodes()[dead_node].signal(libc::SIGKILL);
+    cluster.nodes()[dead_node].signal(how);
     // Enough failed calls in a row to trip a breaker.
     for _ in 0..4 {
         assert_eq!(
@@ -583,6 +595,9 @@ async fn a_dead_master_stops_only_its_own_workspaces() {
         if status_of(gw, &dead_key, &body).await == StatusCode::SERVICE_UNAVAILABLE {
             dead_refused += 1;
         }
+    }
+    if how == libc::SIGSTOP {
+        cluster.nodes()[dead_node].signal(libc::SIGCONT);
     }
     assert_eq!(
         healthy_ok, 10,
