@@ -42,6 +42,8 @@ pub enum AppError {
     Limiter(#[from] LimiterError),
     #[error("{0}")]
     Admin(#[from] crate::admin::AdminError),
+    #[error("stopped with usage the ledger could not take: {requests} requests, {tokens} tokens lost (the store did not answer)")]
+    UsageLost { requests: u64, tokens: u64 },
 }
 
 /// What every request handler shares.
@@ -377,7 +379,9 @@ impl App {
     /// Stops the background tasks, waits for the settlements still running (a drain reads for
     /// at most `usage_drain`; a settlement's limiter calls are bounded by their own timeouts),
     /// then writes what the ledger still holds.
-    pub async fn shutdown(self) {
+    /// Stops the background work, waits for the settlements, and writes the ledger's last;
+    /// answers the usage that could not be written (the store unreachable to the end).
+    pub async fn shutdown(self) -> crate::usage::Unwritten {
         for t in &self.tasks {
             t.abort();
         }
@@ -390,8 +394,16 @@ impl App {
                 "settlements still running at the last ledger flush are lost"
             );
         }
-        self.state.recorder.shutdown().await;
+        let unwritten = self.state.recorder.shutdown().await;
         drop(self.ledger);
+        if unwritten != crate::usage::Unwritten::default() {
+            tracing::error!(
+                requests = unwritten.requests,
+                tokens = unwritten.tokens,
+                "the store did not answer before the stop: this usage was settled but is not in the ledger, and is lost"
+            );
+        }
+        unwritten
     }
 }
 

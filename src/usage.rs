@@ -169,8 +169,21 @@ enum Msg {
     Record(UsageRecord),
     Defer(Box<Deferred>),
     Flush(oneshot::Sender<()>),
-    Shutdown(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<Unwritten>),
 }
+
+/// Usage the ledger writer could not write before the stop (the store unreachable to the end):
+/// settled requests and their tokens, lost. Nothing, on a clean stop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Unwritten {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// At a stop, how long the last write is tried again while the store does not answer: with the
+/// default grace (20 s), usage drain (2 s) and settlements' grace (5 s), a stop still fits in
+/// the 30 s Kubernetes gives before SIGKILL.
+pub const LAST_WRITE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// A denial's workspace, day, model, hour and key.
 type DenialKey = (WorkspaceId, String, String, i64, KeyId);
@@ -420,11 +433,14 @@ impl Recorder {
     }
 
     /// The last flush: tries the deferred settlements once more, then writes them all.
-    pub async fn shutdown(&self) {
+    /// Writes what is left, trying again for up to `LAST_WRITE_PATIENCE` while the store does
+    /// not answer; answers what could not be written.
+    pub async fn shutdown(&self) -> Unwritten {
         let (ack, done) = oneshot::channel();
         if self.tx.send(Msg::Shutdown(ack)).await.is_ok() {
-            let _ = done.await;
+            return done.await.unwrap_or_default();
         }
+        Unwritten::default()
     }
 }
 
@@ -569,7 +585,14 @@ impl Writer {
                             self.unconfirmed(*d);
                         }
                         self.write().await;
-                        let _ = ack.send(());
+                        // The store down at the stop: tried again for a while, as the timed
+                        // writes would have, rather than dropped at once.
+                        let give_up = tokio::time::Instant::now() + LAST_WRITE_PATIENCE;
+                        while self.waiting() > 0 && tokio::time::Instant::now() < give_up {
+                            tokio::time::sleep(flush_every.min(Duration::from_millis(250))).await;
+                            self.write().await;
+                        }
+                        let _ = ack.send(self.unwritten());
                     }
                     None => {
                         self.write().await;
@@ -619,6 +642,21 @@ impl Writer {
     /// Rows of workspace, day and model waiting to be written: added up, or sealed in a batch.
     fn waiting(&self) -> usize {
         self.pending.len() + self.sealed_rows
+    }
+
+    /// The settled requests and tokens not yet written.
+    fn unwritten(&self) -> Unwritten {
+        let mut u = Unwritten::default();
+        let rows = self.pending.values().map(|s| (s.requests, s.tokens));
+        let sealed = self
+            .sealed
+            .iter()
+            .flat_map(|b| b.rows.iter().map(|r| (r.requests, r.tokens)));
+        for (requests, tokens) in rows.chain(sealed) {
+            u.requests += requests;
+            u.tokens += tokens;
+        }
+        u
     }
 
     /// Adds `a` to its row and to its rows by hour and by key; false, adding nothing, when one

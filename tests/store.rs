@@ -23,7 +23,7 @@ use tiergate::store::{
     LedgerRow, NewKey, NewWebhook, Store, StoreError, WorkspaceChange, WorkspaceListed,
     WorkspaceQuery, WorkspaceSort, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
-use tiergate::usage::{Recorder, UsageRecord};
+use tiergate::usage::{Recorder, Unwritten, UsageRecord};
 
 use support::postgres::{Line, PgDatabase, Proxy};
 
@@ -1889,6 +1889,66 @@ async fn instances_starting_together_migrate_once() {
         .unwrap();
     assert_eq!(steps, (1..=11).collect::<Vec<i64>>());
     assert_eq!(stores[3].catalog_version().await.unwrap(), 1);
+}
+
+/// A stop while Postgres does not answer: the last write is tried again for a while (the
+/// database back within it, nothing is lost), then what could not be written is answered, for
+/// the gateway to log and exit failing. It used to be dropped at once, silently, exit 0 (an
+/// outside audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_postgres_is_down_tries_again_then_says_what_is_lost() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(db.addr()).await;
+    let store = tiergate::store::open(&db.url_via(&proxy)).await.unwrap();
+    let direct = tiergate::store::open(&db.url).await.unwrap();
+    let start = || {
+        let limiter = Arc::new(LocalLimiter::new(Arc::new(LedgerMonths(store.clone()))));
+        let store = store.clone();
+        async move {
+            let catalog = Arc::new(Catalog::load(store.clone()).await.unwrap());
+            Recorder::start(
+                store,
+                catalog,
+                limiter,
+                Arc::new(SystemClock),
+                Arc::new(Metrics::default()),
+                Duration::from_millis(50),
+            )
+        }
+    };
+    let day = "2026-11-10";
+    let requests = || async { direct.month_totals(1, NOV, None).await.unwrap().requests };
+
+    // Back within the patience: written.
+    let (recorder, _writer) = start().await;
+    proxy.set(Line::Down);
+    for _ in 0..10 {
+        recorder.record(settled(1, day, "m", 3));
+    }
+    let stopping = tokio::spawn(async move { recorder.shutdown().await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.set(Line::Up);
+    assert_eq!(stopping.await.unwrap(), Unwritten::default());
+    assert_eq!(requests().await, 10);
+
+    // Down to the end: said.
+    let (recorder, _writer) = start().await;
+    proxy.set(Line::Down);
+    for _ in 0..5 {
+        recorder.record(settled(1, day, "m", 3));
+    }
+    let lost = recorder.shutdown().await;
+    assert_eq!(
+        lost,
+        Unwritten {
+            requests: 5,
+            tokens: 15
+        }
+    );
+    proxy.set(Line::Up);
+    assert_eq!(requests().await, 10);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

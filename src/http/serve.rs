@@ -92,7 +92,14 @@ impl App {
                 );
             }
         }
-        self.shutdown().await;
+        let lost = self.shutdown().await;
+        if lost != crate::usage::Unwritten::default() {
+            // A failed exit, so that whatever restarts the gateway sees it.
+            return Err(AppError::UsageLost {
+                requests: lost.requests,
+                tokens: lost.tokens,
+            });
+        }
         Ok(())
     }
 }
