@@ -252,6 +252,8 @@ pub struct Metrics {
     /// not seeded from an unreachable ledger).
     pub undecided: Counter,
     denials: DenialCounters,
+    /// `quota_exceeded` by the workspace's own budget: `workspace_budget`, `model_budget`.
+    budget_denials: [OnceLock<Counter>; 2],
 
     pub unauthenticated: Counter,
     pub upstream_rate_limited: Counter,
@@ -625,6 +627,7 @@ impl Metrics {
             admitted,
             undecided,
             denials,
+            budget_denials: Default::default(),
             unauthenticated,
             upstream_rate_limited,
             upstream_server_errors,
@@ -682,6 +685,24 @@ impl Metrics {
     }
 
     /// A denial by the workspace's own limits.
+    /// A month denial by the cap the workspace set for itself (`/v1/budget`), labelled as its
+    /// answer's code: `workspace_budget`, or `model_budget` for a model's.
+    pub fn denied_by_budget(&self, model: bool) {
+        let (i, limit) = if model {
+            (1, "model_budget")
+        } else {
+            (0, "workspace_budget")
+        };
+        self.budget_denials[i]
+            .get_or_init(|| {
+                self.decisions.get_or_create_owned(&DecisionLabels {
+                    outcome: denial_outcome(DenialKind::QuotaExceeded),
+                    limit,
+                })
+            })
+            .inc();
+    }
+
     pub fn denied(&self, limit: LimitName, kind: DenialKind) {
         let k = match kind {
             DenialKind::RateLimited => 0,

@@ -921,19 +921,21 @@ impl Budget {
     }
 
     /// The effective limits with the budget applied: each month cap the lower of the two. Returns
-    /// them, and whether the budget binds for the workspace and for which models.
+    /// them, and whether the budget binds for the workspace and for which models: only where it
+    /// is below the quota (equal to it, the quota is what a denial names, since raising or
+    /// clearing the budget would not help).
     pub fn apply(&self, limits: &Limits) -> (Limits, BudgetBinds) {
         let mut out = limits.clone();
         let mut binds = BudgetBinds::default();
         if let Some(b) = self.tokens_per_month {
-            if limits.tokens_per_month.is_none_or(|l| b <= l) {
+            if limits.tokens_per_month.is_none_or(|l| b < l) {
                 out.tokens_per_month = Some(b);
                 binds.workspace = true;
             }
         }
         for (model, &b) in &self.models {
             let entry = out.models.entry(model.clone()).or_default();
-            if entry.tokens_per_month.is_none_or(|l| b <= l) {
+            if entry.tokens_per_month.is_none_or(|l| b < l) {
                 entry.tokens_per_month = Some(b);
                 binds.models.push(model.clone());
             }

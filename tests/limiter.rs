@@ -1850,3 +1850,34 @@ fn the_ledger_day_follows_the_instant_asked_for() {
     assert_eq!(day_of(before), "2026-03-31");
     assert_eq!(day_of(ns(datetime!(1999-12-31 12:00 UTC))), "1999-12-31");
 }
+
+/// A key's month quota and its workspace's both spent: the workspace's is reported, as the one
+/// that binds every key (raising the key's would not help). The key's, checked last, won the
+/// tie and its message said the other keys were not affected (an outside audit).
+#[test]
+fn a_workspace_quota_is_reported_over_its_keys_on_a_tie() {
+    use tiergate::model::{KeyLimits, KeyScope};
+    let now = t0();
+    let limits = Limits {
+        tokens_per_month: Some(5_000),
+        key: Some(KeyScope {
+            id: 4,
+            limits: KeyLimits {
+                tokens_per_month: Some(3_000),
+                ..KeyLimits::default()
+            },
+        }),
+        ..Limits::default()
+    };
+    let mut s = fresh(now);
+    // The key spends 2,990 of its 3,000; another key of the workspace 2,005: the workspace is
+    // at 4,995 of its 5,000.
+    spend(&mut s, &limits, None, 2_990, now);
+    let other = Limits {
+        key: None,
+        ..limits.clone()
+    };
+    spend(&mut s, &other, None, 2_005, now);
+    let d = deny(&mut s, &limits, None, tokens(20), now);
+    assert_eq!((d.kind, d.limit), (QuotaExceeded, TokensPerMonth));
+}

@@ -478,7 +478,6 @@ async fn forward(
             snapshot,
         } => (reservation, snapshot),
         Decision::Deny { denial, snapshot } => {
-            state.metrics.denied(denial.limit, denial.kind);
             state
                 .recorder
                 .record_denied(ws_id, key, now, model.unwrap_or_default());
@@ -494,6 +493,14 @@ async fn forward(
                     .is_some_and(|m| workspace.budget.models.iter().any(|b| b == m)),
                 _ => false,
             };
+            // Counted under the code the answer gives: a budget's is not the quota's.
+            if budget {
+                state
+                    .metrics
+                    .denied_by_budget(denial.limit == LimitName::ModelTokensPerMonth);
+            } else {
+                state.metrics.denied(denial.limit, denial.kind);
+            }
             let mut response = ApiError::Denied(Box::new(denial), budget).into_response();
             let families = state.config.rate_limit_headers;
             headers::apply(families, &snapshot, now, response.headers_mut());

@@ -967,8 +967,17 @@ impl WorkspaceState {
         // Kept as it is found, so that an admission builds nothing.
         let mut worst: Option<Denial> = None;
         let mut deny = |d: Denial| {
+            // On a tie, a key's own limit (checked last) does not replace the workspace's: the
+            // workspace's binds every key, and raising the key's would not help.
+            let key = matches!(
+                d.limit,
+                LimitName::KeyRequestsPerSecond
+                    | LimitName::KeyTokensPerMinute
+                    | LimitName::KeyTokensPerMonth
+            );
             let replace = match &worst {
                 None => true,
+                Some(w) if key => (d.kind, d.retry_after) > (w.kind, w.retry_after),
                 Some(w) => (d.kind, d.retry_after) >= (w.kind, w.retry_after),
             };
             if replace {

@@ -553,7 +553,8 @@ end
 
 local best_kind, best_limit, best_at
 local function candidate(kind, limit, at)
-  if kind > best_kind or (kind == best_kind and at >= best_at) then
+  -- On a tie, a key's own limit (7, 8, 9: checked last) does not replace the workspace's.
+  if kind > best_kind or (kind == best_kind and (at > best_at or (at == best_at and limit < 7))) then
     best_kind, best_limit, best_at = kind, limit, at
   end
 end

@@ -123,6 +123,21 @@ async fn a_budget_below_the_limit_is_enforced_and_named_and_one_above_is_refused
         "{body}"
     );
     assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    // Counted under the codes the answers gave, never as the quotas' (a dashboard could not
+    // tell a workspace's own cap from its quota running out).
+    let text = gw.metrics().await;
+    for budget in ["workspace_budget", "model_budget"] {
+        assert!(
+            text.contains(&format!(
+                "tiergate_decisions_total{{outcome=\"quota_exceeded\",limit=\"{budget}\"}}"
+            )),
+            "{budget}: {text}"
+        );
+    }
+    assert!(
+        !text.contains("limit=\"tokens_per_month\""),
+        "a budget counted as the quota"
+    );
 
     // Who set it is in the audit log: the workspace itself.
     let (_, audit) = gw
@@ -255,4 +270,24 @@ async fn the_console_sets_the_workspaces_budget() {
     let (_, refused) = until_refused(&gw, &key, hello()).await;
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["code"], "workspace_budget", "{body}");
+}
+
+/// A budget equal to the quota does not bind: a denial names the quota (`tokens_per_month`),
+/// since raising or clearing the budget would not help. It said `workspace_budget`, advising
+/// just that (an outside audit).
+#[tokio::test]
+async fn a_budget_equal_to_the_quota_leaves_the_quota_named() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "even",
+        json!({"tokens_per_minute": 1000000, "tokens_per_month": 100}),
+    )
+    .await;
+    let (_, key) = gw.workspace("even").await;
+    let (s, b) = put_budget(&gw, &key, json!({"tokens_per_month": 100})).await;
+    assert_eq!(s, StatusCode::OK, "{b}");
+    let (_, refused) = until_refused(&gw, &key, hello()).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
 }
