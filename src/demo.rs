@@ -124,6 +124,13 @@ async fn demo_workspace(admin: &Admin) -> Result<(Workspace, String), AppError> 
                 .await
         }
     }?;
+    // The keys of earlier runs, whose secrets were shown once and are gone, are revoked: a
+    // demo leaves one live key, the one it prints.
+    for old in admin.list_keys(workspace.id).await? {
+        if old.revoked_at.is_none() {
+            admin.revoke_key(&by, old.id).await?;
+        }
+    }
     let input = NewKeyInput {
         name: Some("demo".into()),
         expires_at: None,

@@ -5,12 +5,18 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[tokio::test]
-async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
-    let dir = tempfile::tempdir().unwrap();
+/// What a demo run printed: its curl line, console URL and admin token.
+struct Printed {
+    curl: String,
+    console: String,
+    admin_token: String,
+}
+
+/// Starts `tiergate demo` on `dir` and reads its instructions.
+fn launch(dir: &std::path::Path) -> (std::process::Child, Printed) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
         .args(["demo", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
+        .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -49,8 +55,45 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
             admin_token = Some(token.to_string());
         }
     }
-    let curl = curl.unwrap();
-    let admin_token = admin_token.unwrap();
+    let printed = Printed {
+        curl: curl.unwrap(),
+        console: console.unwrap(),
+        admin_token: admin_token.unwrap(),
+    };
+    (child, printed)
+}
+
+/// Stops a demo with SIGINT, as Ctrl-C does, and checks that it exits cleanly within 10 s.
+fn interrupt(child: &mut std::process::Child) {
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            assert!(exit.success(), "demo exited with {exit}");
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "demo did not stop on Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, printed) = launch(dir.path());
+    let Printed {
+        curl,
+        console,
+        admin_token,
+    } = printed;
+    let console = Some(console);
     // Take the URL, key and body out of the printed command.
     let url = curl.split_whitespace().nth(2).unwrap().to_string();
     let key = curl
@@ -146,21 +189,46 @@ async fn the_demo_serves_the_printed_curl_line_and_stops_on_ctrl_c() {
     assert!(page.contains("data-workspace-id="), "{page}");
     assert!(page.contains(">demo</a>"), "{page}");
 
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
+    interrupt(&mut child);
+}
+
+/// A second run prints a new key and revokes the first run's, whose secret was shown once: a
+/// demo leaves one live key (an outside audit found every run's key still working).
+#[tokio::test]
+async fn a_second_demo_run_revokes_the_first_run_s_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_of = |curl: &str| {
+        curl.split("Bearer ")
+            .nth(1)
+            .unwrap()
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let limits_of = |curl: &str| {
+        let url = curl.split_whitespace().nth(2).unwrap().to_string();
+        url.replace("/chat/completions", "/limits")
+    };
+    let client = reqwest::Client::new();
+    let (mut first, printed) = launch(dir.path());
+    let old_key = key_of(&printed.curl);
+    // Served (and its Ctrl-C handler in place) before it is stopped.
+    let r = client
+        .get(limits_of(&printed.curl))
+        .bearer_auth(&old_key)
+        .send()
+        .await
         .unwrap();
-    assert!(status.success());
-    let started = Instant::now();
-    loop {
-        if let Some(exit) = child.try_wait().unwrap() {
-            assert!(exit.success(), "demo exited with {exit}");
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "demo did not stop on Ctrl-C"
-        );
-        std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(r.status(), 200);
+    interrupt(&mut first);
+    let (mut second, printed) = launch(dir.path());
+    let new_key = key_of(&printed.curl);
+    assert_ne!(new_key, old_key);
+    let limits = limits_of(&printed.curl);
+    for (key, want) in [(new_key, 200), (old_key, 401)] {
+        let r = client.get(&limits).bearer_auth(key).send().await.unwrap();
+        assert_eq!(r.status(), want);
     }
+    interrupt(&mut second);
 }
