@@ -1043,7 +1043,19 @@ async fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are printed as their chain of causes (`{:#}`), one line, never with a backtrace:
+/// they are a user's mistakes or the environment's, named, not the program's.
+fn main() -> std::process::ExitCode {
+    match main_result() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn main_result() -> anyhow::Result<()> {
     match Cli::parse().command {
         // The configuration is read before the runtime is built, since it says how many
         // threads serve; `serve` sets up logging once it has read log_format.

@@ -180,6 +180,9 @@ pub struct Unwritten {
     pub tokens: u64,
 }
 
+/// At most one line per this while the ledger's writes keep failing.
+const FAILED_WRITE_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// At a stop, how long the last write is tried again while the store does not answer: with the
 /// default grace (20 s), usage drain (2 s) and settlements' grace (5 s), a stop still fits in
 /// the 30 s Kubernetes gives before SIGKILL.
@@ -275,6 +278,7 @@ impl Recorder {
             pending_keys: Map::default(),
             sealed: VecDeque::new(),
             sealed_rows: 0,
+            failed_writes_logged: None,
             writer_id: writer_id(),
             next_batch: 0,
             last_prune: 0,
@@ -530,6 +534,10 @@ struct Writer {
     sealed: VecDeque<LedgerBatch>,
     /// Rows of workspace, day and model in `sealed`.
     sealed_rows: usize,
+    /// When a failed write was last logged, and the failures since: while the store is down a
+    /// write fails every flush interval (4 a second), and one line every `FAILED_WRITE_LOG_EVERY`
+    /// says so as well as forty would.
+    failed_writes_logged: Option<(std::time::Instant, u64)>,
     /// This process's part of batch ids, random; and the next batch's number.
     writer_id: String,
     next_batch: u64,
@@ -900,13 +908,33 @@ impl Writer {
         while let Some(batch) = self.sealed.front() {
             match self.store.record_usage(batch, now).await {
                 Ok(_) => {
+                    // The next failure, after this success, is news again.
+                    self.failed_writes_logged = None;
                     // Written now, or before (the id was known): either way, once.
                     let batch = self.sealed.pop_front().expect("just seen");
                     self.sealed_rows -= batch.rows.len();
                 }
                 Err(e) => {
                     Metrics::inc(&self.metrics.ledger_write_errors);
-                    tracing::error!(error = %e, waiting = self.waiting(), "ledger write failed; will retry");
+                    let due = match &mut self.failed_writes_logged {
+                        Some((at, since)) if at.elapsed() < FAILED_WRITE_LOG_EVERY => {
+                            *since += 1;
+                            None
+                        }
+                        logged => {
+                            let since = logged.map_or(0, |(_, since)| since);
+                            *logged = Some((std::time::Instant::now(), 0));
+                            Some(since)
+                        }
+                    };
+                    if let Some(failed_since) = due {
+                        tracing::error!(
+                            error = %e,
+                            waiting = self.waiting(),
+                            failed_since,
+                            "ledger write failed; will retry (logged at most every 10 s; every failure is counted in tiergate_ledger_write_errors_total)"
+                        );
+                    }
                     return false;
                 }
             }

@@ -164,11 +164,15 @@ fn serve_refuses_bad_settings_naming_the_field() {
         ])
         .env_remove("TIERGATE_UPSTREAM")
         .env_remove("TIERGATE_CONFIG")
+        // A backtrace says nothing to whoever mistyped a setting: the message alone, one line.
+        .env("RUST_BACKTRACE", "1")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("upstream: required"), "{err}");
+    assert!(!err.to_lowercase().contains("backtrace"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
 
     let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
         .args([
