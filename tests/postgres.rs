@@ -494,6 +494,8 @@ async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
         .await
         .unwrap();
     assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let said = ready.text().await.unwrap();
+    assert_eq!(said, "not ready: the database cannot be reached");
     // The workspace's usage over time is read from the store: it says so too.
     let r = gw
         .client

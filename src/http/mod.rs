@@ -262,7 +262,12 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         Ok(()) => "ready".into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "store not reachable");
-            ApiError::StoreUnreachable.into_response()
+            // A probe's answer, in a probe's words (the API's error said nothing was changed).
+            (
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the database cannot be reached",
+            )
+                .into_response()
         }
     }
 }
