@@ -816,7 +816,13 @@ impl Admin {
             return Ok(None);
         };
         if let Some(p) = &current.promotion {
-            if let Some(target) = tiers.iter().find(|t| t.name == p.to) {
+            // Only a promotion `promote` would make: its target ranked above (a tier re-ranked
+            // since it was set is skipped there, so it is not promised here either).
+            let target = tiers.iter().find(|t| {
+                t.name == p.to
+                    && matches!((current.rank, t.rank), (Some(from), Some(to)) if to > from)
+            });
+            if let Some(target) = target {
                 let tokens = match p.min_tokens_30d {
                     Some(_) => self.tokens_30d(std::iter::once(ws.id), flush).await?,
                     None => Default::default(),

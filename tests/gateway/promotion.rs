@@ -328,6 +328,15 @@ async fn promotion_is_upward_only_and_its_input_is_checked() {
         )
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // The target re-ranked below its source: the promotion is skipped, so the limits page no
+    // longer promises it (it showed `automatic: true` with every condition met).
+    let (_, key) = gw.workspace("p-free").await;
+    assert_eq!(gw.limits(&key).await["next_tier"]["automatic"], true);
+    gw.put_tier("p-pro", json!({"rank": 99, "tokens_per_minute": 50000}))
+        .await;
+    let next = gw.limits(&key).await["next_tier"].clone();
+    assert_ne!(next["automatic"], true, "{next}");
 }
 
 /// Two instances on one database (Postgres when there is one) and one Redis: both run the check,
