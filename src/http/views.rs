@@ -71,14 +71,7 @@ impl Timestamp {
     const RANGE: (i64, i64) = (-62_167_219_200, 253_402_300_799);
 
     pub fn rfc3339(self) -> String {
-        let secs = self.0.clamp(Self::RANGE.0, Self::RANGE.1);
-        time::OffsetDateTime::from_unix_timestamp(secs)
-            .ok()
-            .and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_default()
+        crate::store::rfc3339(self.0.clamp(Self::RANGE.0, Self::RANGE.1))
     }
 }
 

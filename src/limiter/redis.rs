@@ -513,14 +513,20 @@ fn request_args(limits: &Limits) -> (i64, i64) {
 }
 
 impl Inner {
-    fn keys(&self, workspace: WorkspaceId) -> [String; 3] {
-        // Written without `fmt`: two calls per request build them.
+    /// The hash tag of a workspace's keys, `{prefix:workspace}`, its first key. Written without
+    /// `fmt`: two calls per request build it.
+    fn tag(&self, workspace: WorkspaceId) -> String {
         let mut tag = String::with_capacity(self.prefix.len() + 24);
         tag.push('{');
         tag.push_str(&self.prefix);
         tag.push(':');
         tag.push_str(itoa::Buffer::new().format(workspace));
         tag.push('}');
+        tag
+    }
+
+    fn keys(&self, workspace: WorkspaceId) -> [String; 3] {
+        let tag = self.tag(workspace);
         let with = |suffix: &str| {
             let mut key = String::with_capacity(tag.len() + 2);
             key.push_str(&tag);
@@ -1028,10 +1034,7 @@ impl RedisLimiter {
     /// own keys (`{prefix}:instances`, `{prefix}:probe`).
     pub fn slot_of(&self, workspace: Option<WorkspaceId>) -> u16 {
         let tag = match workspace {
-            Some(w) => {
-                let [tag, _, _] = self.inner.keys(w);
-                tag
-            }
+            Some(w) => self.inner.tag(w),
             None => format!("{{{}}}", self.inner.prefix),
         };
         hash_slot(&tag[1..tag.len() - 1])
@@ -1043,10 +1046,7 @@ impl RedisLimiter {
         let mut args = self.inner.args("heartbeat", 0);
         args.extend(["probe".into(), Arg::Int(1)]);
         let key = match workspace {
-            Some(w) => {
-                let [tag, _, _] = self.inner.keys(w);
-                format!("{tag}:probe")
-            }
+            Some(w) => format!("{}:probe", self.inner.tag(w)),
             None => format!("{{{}}}:probe", self.inner.prefix),
         };
         // It may take longer than a request's call: it runs in the background, and reconnects.

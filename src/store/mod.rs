@@ -837,8 +837,9 @@ fn limit_request_json(r: &LimitRequest) -> serde_json::Value {
     })
 }
 
-/// Seconds since 1970 as RFC 3339 in UTC (`2027-01-01T00:00:00Z`); empty out of range.
-fn rfc3339(secs: i64) -> String {
+/// Seconds since 1970 as RFC 3339 in UTC (`2027-01-01T00:00:00Z`); empty out of range. The
+/// admin API's times (`http::views::Timestamp`) are written by it too.
+pub(crate) fn rfc3339(secs: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
         .and_then(|t| {
