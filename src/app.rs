@@ -29,22 +29,41 @@ use crate::webhooks::Dispatcher;
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("store: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("webhook client: {0}")]
-    WebhookClient(#[from] reqwest::Error),
+    WebhookClient(reqwest::Error),
     #[error("upstream.url cannot be made into a request URI")]
     UpstreamUrl,
     #[error("upstream TLS: {0}")]
     UpstreamTls(String),
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("limiter: {0}")]
-    Limiter(#[from] LimiterError),
+    Limiter(LimiterError),
     #[error("{0}")]
-    Admin(#[from] crate::admin::AdminError),
+    Admin(crate::admin::AdminError),
     #[error("stopped with usage the ledger could not take: {requests} requests, {tokens} tokens lost (the store did not answer)")]
     UsageLost { requests: u64, tokens: u64 },
 }
+
+// By hand rather than `#[from]`, which would also make the wrapped error the source: each
+// message already shows it, and the chain printed at exit (`{:#}`) would show it twice.
+macro_rules! app_error_from {
+    ($($variant:ident($ty:ty)),* $(,)?) => {
+        $(impl From<$ty> for AppError {
+            fn from(e: $ty) -> Self {
+                AppError::$variant(e)
+            }
+        })*
+    };
+}
+app_error_from!(
+    Store(StoreError),
+    WebhookClient(reqwest::Error),
+    Io(std::io::Error),
+    Limiter(LimiterError),
+    Admin(crate::admin::AdminError),
+);
 
 /// What every request handler shares.
 pub struct AppState {

@@ -187,6 +187,43 @@ fn serve_refuses_bad_settings_naming_the_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen:"));
 }
 
+/// A database that cannot be used at start is named by its own error, once: not the pool's
+/// "timed out", and not the same words twice.
+#[test]
+fn serve_names_why_the_database_cannot_be_used() {
+    let refused = format!("postgres://postgres@127.0.0.1:{}/test", free_port());
+    let sqlite_dir = tempfile::tempdir().unwrap();
+    let missing_dir = format!("sqlite://{}/no/such/dir/t.db", sqlite_dir.path().display());
+    for (database, want, cause) in [
+        (refused.as_str(), "store: database unreachable: ", "refused"),
+        (
+            missing_dir.as_str(),
+            "store: ",
+            "unable to open database file",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--upstream", "http://127.0.0.1:1", "--database", database])
+            .env_remove("TIERGATE_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{database}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let line = err.trim();
+        assert_eq!(line.lines().count(), 1, "{err}");
+        let message = line
+            .strip_prefix("Error: ")
+            .unwrap_or_else(|| panic!("{err}"));
+        assert!(message.starts_with(want), "{err}");
+        assert!(message.contains(cause), "{err}");
+        assert!(!message.contains("pool timed out"), "{err}");
+        // The cause is not repeated: "A: B: A: B" was printed before.
+        let half = message.len() / 2;
+        assert!(!message[half..].contains(&message[..half.min(40)]), "{err}");
+    }
+}
+
 fn actions(log: &Value) -> Vec<(String, String)> {
     log.as_array()
         .unwrap()

@@ -328,6 +328,14 @@ impl PostgresStore {
             .application_name("tiergate")
             // Notices ("relation … already exists, skipping") are not for operators.
             .options([("client_min_messages", "warning")]);
+        // The pool retries a connection that fails until its acquire timeout, then says only
+        // "pool timed out": one connection first, so that a database that refuses, does not
+        // exist or rejects the user is named by its own error.
+        let first = bounded(CALL_TIMEOUT, async {
+            Ok(sqlx::ConnectOptions::connect(&options).await?)
+        })
+        .await?;
+        let _ = sqlx::Connection::close(first).await;
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
