@@ -297,6 +297,7 @@ async fn render_workspace(
         requests: &requests,
         token: &token,
         session_key: session.workspace().map(|(_, key)| key),
+        now: state.clock.now_secs(),
         notice,
         form,
     };
@@ -837,6 +838,8 @@ struct WorkspacePage<'a> {
     token: &'a str,
     /// The key the session was made with (revoking it ends the session).
     session_key: Option<KeyId>,
+    /// Unix seconds, to tell expired keys.
+    now: i64,
     notice: Option<Notice<'a>>,
     /// The increase form as it was sent, when it was refused.
     form: Option<&'a [(String, String)]>,
@@ -938,7 +941,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
         (console_charts::usage_section(history))
         h2 { "API keys" }
         table.keys #keys {
-            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Limits of its own" } th { "Status" } th {} } }
+            thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Expires" } th { "Limits of its own" } th { "Status" } th {} } }
             tbody {
                 @for k in keys.iter() {
                     tr data-key-id=(k.id) {
@@ -946,9 +949,10 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                         td { (k.name.as_deref().unwrap_or("")) }
                         td { (Timestamp(k.created_at).rfc3339()) }
                         td { (k.last_used_at.map(|t| Timestamp(t).rfc3339()).unwrap_or_else(|| "never".into())) }
+                        td { (k.expires_at.map_or_else(|| "never".into(), |t| Timestamp(t).rfc3339())) }
                         // As enforced: within the workspace's limits of the moment.
                         td.key-limits { (key_limits_text(&k.limits.within(limits))) }
-                        td { @if k.revoked_at.is_some() { "revoked" } @else { "active" } }
+                        td.status { (key_status(k, p.now)) }
                         td {
                             @if k.revoked_at.is_none() {
                                 form.revoke method="post" action={ "/console/keys/" (k.id) "/revoke" } {
@@ -1199,6 +1203,18 @@ fn not_found() -> Response {
         "Not found",
         html! { p.error { "There is no such thing in your workspace." } },
     )
+}
+
+/// A key's status as both consoles show it: `revoked`, `expired` (refused since its expiry) or
+/// `active`.
+pub(super) fn key_status(k: &ApiKey, now: i64) -> &'static str {
+    if k.revoked_at.is_some() {
+        "revoked"
+    } else if k.expires_at.is_some_and(|t| t <= now) {
+        "expired"
+    } else {
+        "active"
+    }
 }
 
 /// A limit not enforced: in shadow (its figure, which only says what it would have denied: see

@@ -740,6 +740,10 @@ struct WorkspaceData {
     requests_this_month: Option<u64>,
     keys: Vec<ApiKey>,
     requests: Vec<LimitRequest>,
+    /// The limits in shadow (not enforced), which `effective` leaves out.
+    shadow: Option<Arc<Limits>>,
+    /// Unix seconds, to tell expired keys.
+    now: i64,
 }
 
 async fn workspace_data(state: &AppState, id: WorkspaceId) -> Result<WorkspaceData, AdminError> {
@@ -775,6 +779,8 @@ async fn workspace_data(state: &AppState, id: WorkspaceId) -> Result<WorkspaceDa
         requests_this_month,
         keys,
         requests,
+        shadow: state.catalog.workspace(id).and_then(|e| e.shadow.clone()),
+        now: state.clock.now_secs(),
     })
 }
 
@@ -833,7 +839,15 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
         o.concurrent_requests.map(|v| v.to_string()),
     ];
     let tier_limits = tier.map(|t| limit_figures(&t.limits));
-    let effective = limit_figures(&d.effective);
+    let mut effective = limit_figures(&d.effective);
+    // A limit in shadow is left out of what is enforced; "—" would read as no limit at all.
+    if let Some(shadow) = &d.shadow {
+        for (shown, figure) in effective.iter_mut().zip(limit_figures(shadow)) {
+            if *shown == "—" && figure != "—" {
+                *shown = format!("in shadow: {figure}");
+            }
+        }
+    }
     html! {
         h1 { (w.name) }
         p #summary {
@@ -960,7 +974,7 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                             (key_limits_text(&k.limits))
                             @if k.revoked_at.is_none() { (key_limits_form(k, token)) }
                         }
-                        td.status { @if k.revoked_at.is_some() { "revoked" } @else { "active" } }
+                        td.status { (super::console::key_status(k, d.now)) }
                         td {
                             @if k.revoked_at.is_none() {
                                 form.revoke method="post" action=(format!("/console/operator/keys/{}/revoke", k.id)) {

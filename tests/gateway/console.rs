@@ -1275,7 +1275,7 @@ async fn a_limit_in_shadow_is_shown_with_its_figure() {
         json!({"requests_per_second": 5, "tokens_per_minute": 5000, "shadow": ["tokens_per_minute"]}),
     )
     .await;
-    let (_, key) = gw.workspace("watched").await;
+    let (ws, key) = gw.workspace("watched").await;
     let cookie = signed_in(&gw, &key).await;
     let page = get(&gw, "/console/workspace", Some(&cookie)).await;
     let row = page
@@ -1287,4 +1287,18 @@ async fn a_limit_in_shadow_is_shown_with_its_figure() {
     assert!(row.contains("in shadow"), "{row}");
     assert!(row.contains("5000 tokens"), "{row}");
     assert!(!row.contains("no limit"), "{row}");
+
+    // The operator's page of the workspace: its effective figure, not "—" (no limit).
+    let op = crate::console_operator::Operator::sign_in(&gw.url, ADMIN).await;
+    let page = op.get(&format!("/console/operator/workspaces/{ws}")).await;
+    let row = page
+        .body
+        .split(r#"<tr data-limit="tokens_per_minute">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no tokens row: {}", page.body));
+    assert!(
+        row.contains(r#"<td class="effective">in shadow: 5000</td>"#),
+        "{row}"
+    );
 }

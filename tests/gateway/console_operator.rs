@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use tiergate::clock::Clock;
 use tiergate::config::{RawAdminToken, RawSettings};
 
 use crate::console::{browser, Page};
@@ -503,6 +504,35 @@ async fn workspace_changes_hold_on_the_next_request_and_are_audited_as_the_token
     let page = op.post("/console/operator/keys/999999/revoke", &[]).await;
     assert_eq!(page.status, StatusCode::NOT_FOUND);
 
+    // A key past its expiry is refused by the proxy, and listed as such, not as active.
+    let soon = tiergate::http::views::Timestamp(gw.clock.now_secs() + 60).rfc3339();
+    let page = op
+        .post(&at("keys"), &[("name", "brief"), ("expires_at", &soon)])
+        .await;
+    assert_eq!(page.status, StatusCode::CREATED, "{}", page.body);
+    let brief = text_of(&page.body, "new-key");
+    let status_of = |body: &str, prefix: &str| {
+        let row = body.split("<tr data-key-id=").find(|r| r.contains(prefix));
+        row.unwrap_or_else(|| panic!("no key {prefix}… in {body}"))
+            .split("<td class=\"status\">")
+            .nth(1)
+            .unwrap()
+            .split('<')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let page = op.get(&format!("{HOME}/{ws}")).await;
+    assert_eq!(status_of(&page.body, &brief[..8]), "active");
+    gw.clock.advance(Duration::from_secs(61));
+    assert_eq!(
+        gw.chat(&brief, hello(), &[]).await.status(),
+        StatusCode::FORBIDDEN
+    );
+    let page = op.get(&format!("{HOME}/{ws}")).await;
+    assert_eq!(status_of(&page.body, &brief[..8]), "expired");
+    assert_eq!(status_of(&page.body, &secret[..8]), "revoked");
+
     // Each change audited once as alice (the admin API's actor for her token); the refused
     // ones not at all.
     let entries = audit(&gw, "?actor=alice").await;
@@ -510,6 +540,7 @@ async fn workspace_changes_hold_on_the_next_request_and_are_audited_as_the_token
     assert_eq!(
         actions,
         [
+            "key.create",
             "key.revoke",
             "key.create",
             "workspace.update",
