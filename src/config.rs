@@ -728,10 +728,14 @@ impl TryFrom<RawSettings> for Config {
         let url = match upstream.url.filter(|u| !u.is_empty()) {
             None => None,
             Some(u) => {
+                let shown = redact(&u);
                 let mut url = url::Url::parse(&u)
-                    .map_err(|e| invalid("upstream", format!("'{u}' is not a URL: {e}")))?;
+                    .map_err(|e| invalid("upstream", format!("'{shown}' is not a URL: {e}")))?;
                 if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
-                    return Err(invalid("upstream", format!("'{u}' must be an http(s) URL")));
+                    return Err(invalid(
+                        "upstream",
+                        format!("'{shown}' must be an http(s) URL"),
+                    ));
                 }
                 // Accept both `https://host` and `https://host/v1`: routes are forwarded as
                 // `/v1/...` onto the base.
@@ -1063,16 +1067,9 @@ fn drop_request_headers(extra: Option<Vec<String>>) -> Result<Vec<String>, Confi
     Ok(names)
 }
 
-/// A URL with its password, if any, replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        _ => url.to_string(),
-    }
-}
+/// A URL with its password, if any, replaced by `***`, for messages: read as text, so that a URL
+/// that does not parse (the very one a message is about) is masked too.
+pub use crate::store::redact;
 
 fn redis_url(url: &str, cluster: bool) -> Result<String, ConfigError> {
     let shown = redact(url);

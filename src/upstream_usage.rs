@@ -9,6 +9,8 @@
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 
+use crate::limiter::core::MAX_REQUEST_TOKENS;
+
 /// Token counts as the known APIs report them: `prompt_tokens`/`completion_tokens` (chat,
 /// completions, embeddings) or `input_tokens`/`output_tokens` (responses), with `total_tokens`.
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -20,21 +22,31 @@ pub struct UsageJson {
     total_tokens: Option<u64>,
 }
 
+/// Every figure read is at most what one request may settle (`MAX_REQUEST_TOKENS`): a larger one
+/// (a faulty or hostile upstream's) would be capped by the limiter but not by the ledger, and one
+/// of 2^63 or more would be negative in the ledger's signed columns; the limiter, the ledger, the
+/// headers and the log all see the same capped figure.
 impl UsageJson {
     pub fn total(&self) -> u64 {
-        self.total_tokens.unwrap_or_else(|| {
-            let prompt = self.prompt_tokens.or(self.input_tokens).unwrap_or(0);
-            prompt.saturating_add(self.completion().unwrap_or(0))
-        })
+        self.total_tokens
+            .unwrap_or_else(|| {
+                let prompt = self.prompt_tokens.or(self.input_tokens).unwrap_or(0);
+                prompt.saturating_add(self.completion_tokens.or(self.output_tokens).unwrap_or(0))
+            })
+            .min(MAX_REQUEST_TOKENS)
     }
 
     /// The prompt's tokens: `prompt_tokens`, else `input_tokens` (Responses API).
     pub fn prompt(&self) -> Option<u64> {
-        self.prompt_tokens.or(self.input_tokens)
+        self.prompt_tokens
+            .or(self.input_tokens)
+            .map(|n| n.min(MAX_REQUEST_TOKENS))
     }
 
     pub fn completion(&self) -> Option<u64> {
-        self.completion_tokens.or(self.output_tokens)
+        self.completion_tokens
+            .or(self.output_tokens)
+            .map(|n| n.min(MAX_REQUEST_TOKENS))
     }
 }
 

@@ -224,6 +224,38 @@ fn serve_names_why_the_database_cannot_be_used() {
     }
 }
 
+/// A URL that does not parse is shown with its password masked, as every other one is: the
+/// message went to the service's journal with it (an outside audit).
+#[test]
+fn a_url_that_does_not_parse_is_shown_without_its_password() {
+    for (flag, url) in [
+        ("--upstream", "http://user:UPPASS-1@bad host"),
+        ("--redis", "redis://u:REDISPASS-2@host:notaport"),
+        ("--redis", "redis://a:1,redis://u:REDISPASS-3@h2:bad"),
+    ] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tiergate"));
+        command.args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            "sqlite::memory:",
+        ]);
+        if flag != "--upstream" {
+            command.args(["--upstream", "http://127.0.0.1:1"]);
+        }
+        let out = command
+            .args([flag, url])
+            .env_remove("TIERGATE_CONFIG")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{url}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(":***@"), "{err}");
+        assert!(!err.contains("PASS-"), "{err}");
+    }
+}
+
 fn actions(log: &Value) -> Vec<(String, String)> {
     log.as_array()
         .unwrap()

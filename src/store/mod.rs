@@ -1345,18 +1345,23 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
 }
 
 /// `url` with its password, if any, replaced by `***`, for messages and logs.
+/// Read as text, not parsed, so that a URL that does not parse (the one an error is about) is
+/// masked too. The user's part ends at the last `@` before any query, so that a password with an
+/// `@` or `/` that should have been escaped and was not is still masked whole.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
+    let end = rest.find(['?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        // A `/` before the `:` is a path (`sqlite:///a:b@c.db`), not a user.
+        Some((user, _password)) if !user.contains('/') => {
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        _ => url.to_string(),
     }
 }
 
@@ -1394,5 +1399,16 @@ mod tests {
         );
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite:///tmp/a:b@c.db"), "sqlite:///tmp/a:b@c.db");
+        // URLs that do not parse, as the messages about them show them.
+        assert_eq!(
+            redact("redis://u:REDISPASS@host:notaport"),
+            "redis://u:***@host:notaport"
+        );
+        assert_eq!(
+            redact("http://user:PASS@bad host"),
+            "http://user:***@bad host"
+        );
+        assert_eq!(redact("redis://u:pa/ss@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(redact("redis://u:p@ss@h:1"), "redis://u:***@h:1");
     }
 }

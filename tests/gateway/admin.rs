@@ -193,6 +193,35 @@ async fn usage_is_reported_per_day_and_model() {
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 
+/// A usage figure past what one request may settle (a faulty upstream's) is capped at that for
+/// everything alike: the ledger (its days) held the raw figure, or a negative one from 2^63 up,
+/// while the limiter's month capped it, and the two disagreed until a restart rebuilt the month
+/// from the ledger (an outside audit).
+#[tokio::test]
+async fn a_huge_usage_is_capped_alike_in_the_ledger_and_the_limiter() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("t", json!({"tokens_per_month": 1_000_000_000_000_u64}))
+        .await;
+    let (id, key) = gw.workspace("t").await;
+    let r = gw
+        .chat(&key, hello(), &[("x-mock-usage", "1000000000000000,1")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let cap = tiergate::limiter::core::MAX_REQUEST_TOKENS;
+    let (s, u) = gw
+        .admin(Method::GET, &format!("/workspaces/{id}/usage"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{u}");
+    assert_eq!(u["tokens_this_month"], cap, "{u}");
+    let days: u64 = u["daily"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["tokens"].as_u64().unwrap())
+        .sum();
+    assert_eq!(days, cap, "{u}");
+}
+
 #[tokio::test]
 async fn a_workspace_asks_for_more_and_the_operator_answers() {
     let gw = TestGateway::start().await;
