@@ -183,6 +183,23 @@ fn with_body_deadline(state: &AppState, request: Request) -> Request {
 /// the metered routes, which the router gives to `/v1/{*path}` (no route of the gateway's own
 /// API has one of their paths, in any letter case). It skips, for nearly every request the
 /// gateway serves, the router's matching, its layers and the boxing of the handler's future.
+/// `uri` with its path normalised (`proxy::normalise_path`) when it names a `/v1/` route in
+/// another spelling, before any route is matched: `/v1/limits/` is then the workspace API's
+/// `/v1/limits` (it was forwarded upstream, with whatever body it had), and
+/// `//v1//chat/completions` the metered route (it was a 404). `None` for a path already normal
+/// (nearly every request's: one scan, no copy), or not under `/v1/`, or one that cannot be
+/// normalised (the proxy refuses it).
+pub(crate) fn normalised_v1(uri: &Uri) -> Option<Uri> {
+    let std::borrow::Cow::Owned(path) = proxy::normalise_path(uri.path()).ok()? else {
+        return None;
+    };
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    target.parse().ok()
+}
+
 pub(crate) fn proxied_directly(path: &str) -> bool {
     path.starts_with("/v1/") && crate::estimate::Endpoint::of_path(path).is_some()
 }

@@ -142,6 +142,9 @@ pub async fn serve(
                 // The console's sign-in limiter needs the client's address; only its requests
                 // are given it, so the proxy path pays one prefix comparison and no allocation.
                 let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                    if let Some(normal) = super::normalised_v1(request.uri()) {
+                        *request.uri_mut() = normal;
+                    }
                     let path = request.uri().path();
                     if let Some(state) = proxy.as_ref().filter(|_| super::proxied_directly(path)) {
                         return Either::Left(super::proxy_directly(state.clone(), request));

@@ -29,6 +29,8 @@ async fn path_variants_are_metered_as_their_route_and_forwarded_normalised() {
         "/v1/x/../chat/completions",
         "/v1/%2e%2E/v1/chat/completions",
         "/v1/Chat/COMPLETIONS",
+        // Empty segments before `v1` too: this was a 404 (an outside audit).
+        "//v1//chat/completions",
     ];
     for path in variants {
         // Metered: a body the estimate cannot read is the gateway's own 400, never forwarded.
@@ -62,6 +64,37 @@ async fn path_variants_are_metered_as_their_route_and_forwarded_normalised() {
         gw.exact_usage(&key).await["requests_this_month"],
         variants.len() as u64
     );
+}
+
+/// The workspace API's own routes in another spelling are served by the gateway, never
+/// forwarded: `/v1/webhooks/` with a body reached the upstream, the endpoint's URL with it, and
+/// `/v1/limits/` cost a request (an outside audit).
+#[tokio::test]
+async fn the_gateway_s_own_routes_in_another_spelling_are_its_own() {
+    let (gw, key) = setup().await;
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str())];
+    let before = gw.upstream_count().await;
+    for path in [
+        "/v1/limits/",
+        "/v1//limits",
+        "/v1/./usage/",
+        "//v1/limit-requests/",
+    ] {
+        let (status, body) = raw_request(&gw.url, "GET", path, &headers, "").await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(gw.upstream_count().await, before, "{path} was forwarded");
+    }
+    let hook = r#"{"url":"https://hooks.example/secret-path","events":["quota.threshold"]}"#;
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+    ];
+    let (status, body) = raw_request(&gw.url, "POST", "/v1/webhooks/", &headers, hook).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(body.contains("whsec_"), "{body}");
+    assert_eq!(gw.upstream_count().await, before, "forwarded upstream");
+    assert_eq!(gw.exact_usage(&key).await["requests_this_month"], 0);
 }
 
 #[tokio::test]
