@@ -161,13 +161,17 @@ async fn sign_in(
             sign_in_form(scope, Some("This form was sent from another site.")),
         );
     }
-    let Some(form) = read_form(body).await else {
-        Metrics::inc(&state.metrics.console_sign_in_refused);
-        return page(
-            StatusCode::BAD_REQUEST,
-            "Sign in",
-            sign_in_form(scope, Some("The form could not be read.")),
-        );
+    let form = match read_form(body).await {
+        Ok(form) => form,
+        Err(Unread::TimedOut(answer)) => return answer,
+        Err(Unread::TooLarge) => {
+            Metrics::inc(&state.metrics.console_sign_in_refused);
+            return page(
+                StatusCode::BAD_REQUEST,
+                "Sign in",
+                sign_in_form(scope, Some("The form could not be read.")),
+            );
+        }
     };
     let key = field(&form, "key").unwrap_or_default();
     let now = state.clock.now_secs();
@@ -320,12 +324,16 @@ async fn workspace_form(
             html! { p.error { "This form was sent from another site." } },
         ));
     }
-    let Some(form) = read_form_up_to(body, MAX_PAGE_FORM_BYTES).await else {
-        return Err(page(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "Refused",
-            html! { p.error { "This form is too large to be read (64 KiB at most). Go back, shorten it and send it again." } },
-        ));
+    let form = match read_form_up_to(body, MAX_PAGE_FORM_BYTES).await {
+        Ok(form) => form,
+        Err(Unread::TimedOut(answer)) => return Err(answer),
+        Err(Unread::TooLarge) => {
+            return Err(page(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "Refused",
+                html! { p.error { "This form is too large to be read (64 KiB at most). Go back, shorten it and send it again." } },
+            ))
+        }
     };
     let token = field(&form, "csrf").unwrap_or_default();
     if !state.console.csrf_holds(&session, &token) {
@@ -509,7 +517,11 @@ async fn sign_out(State(state): State<Arc<AppState>>, request: Request) -> Respo
     let Some(session) = session_of(&state, &parts.headers) else {
         return SignedOut { clear: true }.to_sign_in(&parts.headers);
     };
-    let form = read_form(body).await.unwrap_or_default();
+    let form = match read_form(body).await {
+        Ok(form) => form,
+        Err(Unread::TimedOut(answer)) => return answer,
+        Err(Unread::TooLarge) => Vec::new(),
+    };
     let token = field(&form, "csrf").unwrap_or_default();
     if !same_origin(&parts.headers) || !state.console.csrf_holds(&session, &token) {
         return page(
@@ -609,14 +621,33 @@ pub(super) fn same_origin(headers: &HeaderMap) -> bool {
         .any(|host| host.trim().eq_ignore_ascii_case(origin_host))
 }
 
-async fn read_form(body: Body) -> Option<Vec<(String, String)>> {
+async fn read_form(body: Body) -> Result<Vec<(String, String)>, Unread> {
     read_form_up_to(body, MAX_FORM_BYTES).await
 }
 
+/// Why a form's body was not read.
+pub(super) enum Unread {
+    /// Over the size allowed, or the client went away.
+    TooLarge,
+    /// It did not arrive whole within `body_read_timeout_ms`: answered `408` with the
+    /// connection closed, as every other route answers it (this is that answer).
+    TimedOut(Response),
+}
+
 /// A form body of at most `max` bytes, as its fields in order.
-pub(super) async fn read_form_up_to(body: Body, max: usize) -> Option<Vec<(String, String)>> {
-    let bytes = axum::body::to_bytes(body, max).await.ok()?;
-    Some(url::form_urlencoded::parse(&bytes).into_owned().collect())
+pub(super) async fn read_form_up_to(
+    body: Body,
+    max: usize,
+) -> Result<Vec<(String, String)>, Unread> {
+    let bytes = axum::body::to_bytes(body, max).await.map_err(|e| {
+        match super::BodyReadTimeout::find(&e) {
+            Some(t) => Unread::TimedOut(
+                super::error::ApiError::RequestTimeout(t.as_millis() as u64).into_response(),
+            ),
+            None => Unread::TooLarge,
+        }
+    })?;
+    Ok(url::form_urlencoded::parse(&bytes).into_owned().collect())
 }
 
 pub(super) fn field(form: &[(String, String)], name: &str) -> Option<String> {

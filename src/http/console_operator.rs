@@ -62,7 +62,7 @@ use sha2::{Digest, Sha256};
 
 use super::console::{
     cookie_value, field, key_limits_text, page, read_form_up_to, same_origin, see_other,
-    session_of, SignedOut,
+    session_of, SignedOut, Unread,
 };
 use super::error::ApiError;
 use super::views::{usage_view, Timestamp};
@@ -221,13 +221,17 @@ async fn posted(state: &AppState, request: Request) -> Result<(Operator, Form), 
             html! { p.error role="alert" { "This form was sent from another site." } },
         ));
     }
-    let Some(fields) = read_form_up_to(body, MAX_FORM_BYTES).await else {
-        return Err(message_page(
-            &op,
-            state,
-            StatusCode::BAD_REQUEST,
-            "The form could not be read (at most 64 KiB).",
-        ));
+    let fields = match read_form_up_to(body, MAX_FORM_BYTES).await {
+        Ok(fields) => fields,
+        Err(Unread::TimedOut(answer)) => return Err(answer),
+        Err(Unread::TooLarge) => {
+            return Err(message_page(
+                &op,
+                state,
+                StatusCode::BAD_REQUEST,
+                "The form could not be read (at most 64 KiB).",
+            ))
+        }
     };
     let form = Form(fields);
     if !state.console.csrf_holds(&op.session, &form.get("csrf")) {

@@ -837,6 +837,9 @@ async fn send(
     // A JSON answer (or one that does not say) is read whole for its usage; anything else
     // (files, audio) is passed through as it comes, never buffered.
     let is_json = content_type.is_empty() || content_type.contains("json");
+    // The upstream's id, also for an answer that says its body broke off (its support asks
+    // for it).
+    let upstream_id = response_headers.get(X_REQUEST_ID).cloned();
     let answer = move |body: Body| {
         let mut response = Response::new(body);
         *response.status_mut() = status;
@@ -929,6 +932,10 @@ async fn send(
             settlement.finish(None);
             // Charged: it says so in its message and, for the Mistral family, in its header.
             let mut response = ApiError::UpstreamIncomplete { timed_out, charged }.into_response();
+            // Passed on as `x-upstream-request-id` (see `handle`).
+            if let Some(id) = upstream_id {
+                response.headers_mut().insert(X_REQUEST_ID, id);
+            }
             headers::query_cost(
                 state.config.rate_limit_headers,
                 charged,

@@ -199,6 +199,13 @@ async fn an_answer_cut_after_its_headers_says_what_it_charged() {
         let estimate = reserved(&r) - charged_so_far;
         let cost = header(&r, "x-ratelimit-tokens-query-cost").map(str::to_owned);
         assert_eq!(cost, Some(estimate.to_string()), "{control}");
+        // Charged without a result: the upstream's id is what its support asks for.
+        let upstream_id = header(&r, "x-upstream-request-id").unwrap_or("");
+        assert!(
+            upstream_id.starts_with("mock-req-"),
+            "{control}: {upstream_id:?}"
+        );
+        assert!(header(&r, "x-request-id").is_some_and(|id| id.starts_with("req_")));
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["type"], kind, "{v}");
         assert_eq!(v["code"], "upstream_incomplete", "{v}");
@@ -402,8 +409,14 @@ async fn a_client_that_sends_its_headers_slowly_is_cut_off() {
 async fn trickle_body(gw: &TestGateway, key: &str, path: &str, body: &str) -> (String, Duration) {
     let addr = gw.url.trim_start_matches("http://").to_string();
     let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // The console's forms, as a browser sends them; the APIs' bodies as JSON.
+    let kind = if path.starts_with("/console/") {
+        format!("application/x-www-form-urlencoded\r\norigin: http://{addr}")
+    } else {
+        "application/json".to_string()
+    };
     let head = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {key}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
     socket.write_all(head.as_bytes()).await.unwrap();
@@ -437,10 +450,13 @@ async fn a_client_that_sends_its_body_slowly_gets_408_and_is_cut_off() {
     let chat = serde_json::to_string(&hello()).unwrap();
     let increase =
         r#"{"use_case": "a slow client", "requested_limits": {"tokens_per_minute": 1000}}"#;
-    // The proxy, and a workspace route that reads its body through an extractor.
+    // The proxy, a workspace route that reads its body through an extractor, and a console
+    // form (it answered 400, as if the form were unreadable: an outside audit).
+    let sign_in = format!("key={key}");
     for (path, body) in [
         ("/v1/chat/completions", chat.as_str()),
         ("/v1/limit-requests", increase),
+        ("/console/sign-in", sign_in.as_str()),
     ] {
         let (answer, lasted) = trickle_body(&gw, &key, path, body).await;
         eprintln!(
