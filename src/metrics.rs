@@ -583,6 +583,20 @@ impl Metrics {
             "Requests a limit in shadow would have denied (they were admitted), by the limit",
             shadow_denied.clone(),
         );
+        // At 0 from the start, so that the metric is there before the first shadow denial (a
+        // family without a series is not written at all).
+        for limit in [
+            LimitName::RequestsPerSecond,
+            LimitName::TokensPerMinute,
+            LimitName::TokensPerMonth,
+            LimitName::ConcurrentRequests,
+            LimitName::ModelTokensPerMinute,
+            LimitName::ModelTokensPerMonth,
+        ] {
+            shadow_denied.get_or_create(&LimitLabel {
+                limit: limit.as_str(),
+            });
+        }
         let shadow_unavailable = counter(
             reg,
             "tiergate_shadow_unavailable",

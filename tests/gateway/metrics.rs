@@ -612,3 +612,33 @@ async fn a_stream_is_counted_when_its_head_is_answered_and_a_client_that_left_as
         0.0
     );
 }
+
+/// Every metric the README's table lists is in `/metrics` from the start, before anything it
+/// counts has happened: `tiergate_shadow_denied_total` was missing until the first shadow
+/// denial (an outside audit), so an alert or a dashboard on it found no series.
+#[tokio::test]
+async fn every_metric_the_readme_lists_is_there_from_the_start() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("\n## Metrics")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("a Metrics section");
+    let listed: Vec<&str> = table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `tiergate_"))
+        .map(|rest| &rest[..rest.find('`').expect("a closing backtick")])
+        .collect();
+    assert!(listed.len() > 30, "the table was not read: {listed:?}");
+    let gw = TestGateway::start().await;
+    let text = gw.metrics().await;
+    let missing: Vec<_> = listed
+        .iter()
+        .map(|name| format!("tiergate_{name}"))
+        // Its labels (status, tier) are known only from a request, as its row says.
+        .filter(|name| name != "tiergate_requests_total")
+        .filter(|name| !text.contains(&format!("# TYPE {name} ")))
+        .collect();
+    assert!(missing.is_empty(), "not in /metrics: {missing:?}");
+}
