@@ -713,7 +713,7 @@ impl Admin {
             Some(id) => vec![self.get_workspace(id).await?],
             None => self.store.list_workspaces().await?,
         };
-        let candidates: Vec<(&Workspace, &crate::model::Promotion)> = workspaces
+        let candidates: Vec<(&Workspace, &crate::model::Promotion, OverridesPatch)> = workspaces
             .iter()
             .filter(|w| w.status == WorkspaceStatus::Active && !w.pinned)
             .filter_map(|w| {
@@ -721,7 +721,15 @@ impl Admin {
                 let p = tier.promotion.as_ref()?;
                 let target = tiers.iter().find(|t| t.name == p.to);
                 match (tier.rank, target.and_then(|t| t.rank)) {
-                    (Some(from), Some(to)) if to > from => Some((w, p)),
+                    (Some(from), Some(to)) if to > from => {
+                        let target = target.expect("ranked, so found");
+                        let mut outgrown = w.overrides.outgrown(&tier.limits, &target.limits);
+                        // Never a promotion refused for what is left (a burst without its rate).
+                        if outgrown.apply(&w.overrides).validate().is_err() {
+                            outgrown = OverridesPatch::default();
+                        }
+                        Some((w, p, outgrown))
+                    }
                     _ => {
                         tracing::warn!(tier = %tier.name, to = %p.to, "promotion skipped: its target is not a tier ranked above");
                         None
@@ -733,12 +741,12 @@ impl Admin {
             return Ok(Vec::new());
         }
         let tokens = self
-            .tokens_30d(candidates.iter().map(|(w, _)| w.id), true)
+            .tokens_30d(candidates.iter().map(|(w, _, _)| w.id), true)
             .await?;
         let now = self.now();
         let by = Actor::plain(PROMOTION_ACTOR);
         let mut promoted = Vec::new();
-        for (ws, p) in candidates {
+        for (ws, p, outgrown) in candidates {
             let conditions = p.conditions(ws, tokens.get(&ws.id).copied().unwrap_or(0), now);
             if !conditions.iter().all(|c| c.met) {
                 continue;
@@ -762,6 +770,8 @@ impl Admin {
                     at: now,
                     reason,
                 }),
+                // Increases it was granted that the new tier meets would hold it below it.
+                overrides: outgrown,
                 ..WorkspaceChange::default()
             };
             match self.store.update_workspace(ws.id, &change, &by, now).await {

@@ -468,6 +468,50 @@ pub struct OverridesPatch {
     pub concurrent_requests: FieldPatch<u32>,
 }
 
+impl Overrides {
+    /// What a promotion from a tier of `from` limits to one of `to` clears: each override that
+    /// raised `from`'s figure (an increase granted) and that `to` gives at least as much of (or
+    /// does not limit), since it would now hold the workspace below the tier it climbed to.
+    /// An override that lowered a figure, or limited what `from` did not, is the operator's
+    /// restriction, and stays.
+    pub fn outgrown(&self, from: &Limits, to: &Limits) -> OverridesPatch {
+        fn clear<T: PartialOrd>(o: Option<T>, from: Option<T>, to: Option<T>) -> FieldPatch<T> {
+            match (o, from) {
+                (Some(o), Some(f)) if o > f && to.is_none_or(|t| t >= o) => FieldPatch::Clear,
+                _ => FieldPatch::Keep,
+            }
+        }
+        let burst = |l: &Limits| {
+            l.requests_per_second
+                .map(|_| l.effective_burst())
+                .or(l.burst)
+        };
+        OverridesPatch {
+            requests_per_second: clear(
+                self.requests_per_second,
+                from.requests_per_second,
+                to.requests_per_second,
+            ),
+            burst: clear(self.burst, burst(from), burst(to)),
+            tokens_per_minute: clear(
+                self.tokens_per_minute,
+                from.tokens_per_minute,
+                to.tokens_per_minute,
+            ),
+            tokens_per_month: clear(
+                self.tokens_per_month,
+                from.tokens_per_month,
+                to.tokens_per_month,
+            ),
+            concurrent_requests: clear(
+                self.concurrent_requests,
+                from.concurrent_requests,
+                to.concurrent_requests,
+            ),
+        }
+    }
+}
+
 impl OverridesPatch {
     /// A patch that makes the overrides exactly `target`.
     pub fn replacing(target: &Overrides) -> Self {

@@ -396,3 +396,59 @@ async fn instances_checking_at_once_promote_a_workspace_once() {
         .await;
     assert_eq!(audit["data"].as_array().unwrap().len(), 1, "{audit}");
 }
+
+/// A promotion clears the increases a workspace was granted that its new tier meets: an
+/// approved 3 requests/s kept a workspace promoted to a tier of 5/s at 3 (an outside audit).
+/// An increase beyond the new tier, and an operator's restriction, stay.
+#[tokio::test]
+async fn a_promotion_clears_the_increases_its_new_tier_meets() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "o-pro",
+        json!({"rank": 201, "requests_per_second": 5, "tokens_per_minute": 50000}),
+    )
+    .await;
+    gw.put_tier(
+        "o-free",
+        json!({
+            "rank": 200,
+            "requests_per_second": 2,
+            "tokens_per_minute": 1000,
+            "promotion": {"to": "o-pro", "min_attributes": {"paid_usd": 5}}
+        }),
+    )
+    .await;
+    let (ws, key) = gw.workspace("o-free").await;
+    let overrides = json!({
+        "requests_per_second": 3,
+        "tokens_per_minute": 100000,
+        "concurrent_requests": 2
+    });
+    let (s, v) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"limits": overrides})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let v = set_attributes(&gw, ws, json!({"paid_usd": 10})).await;
+    assert_eq!(v["tier"], "o-pro", "{v}");
+    // 3/s was an increase over 2/s that 5/s meets: cleared. 100000 tokens/minute is above what
+    // the new tier gives, and the concurrency limit a restriction: both kept.
+    assert_eq!(
+        v["overrides"],
+        json!({"tokens_per_minute": 100000, "concurrent_requests": 2}),
+        "{v}"
+    );
+    assert_eq!(v["limits"]["requests_per_second"], 5.0, "{v}");
+    // Enforced: five at once, where the override held it to three.
+    let mut admitted = 0;
+    for _ in 0..6 {
+        if gw.chat(&key, hello(), &[]).await.status() == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5);
+}
