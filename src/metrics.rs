@@ -593,7 +593,7 @@ impl Metrics {
             LimitName::ModelTokensPerMinute,
             LimitName::ModelTokensPerMonth,
         ] {
-            shadow_denied.get_or_create(&LimitLabel {
+            let _ = shadow_denied.get_or_create_owned(&LimitLabel {
                 limit: limit.as_str(),
             });
         }

@@ -100,6 +100,8 @@ pub struct SseScanner {
     /// The last event scanned was removed and ended with the last byte seen, a `\r`: a `\n`
     /// next was its second half, and goes with it.
     removed_cr: bool,
+    /// Events passed on that carry generated text (see `carries_text`).
+    text_events: u64,
 }
 
 /// Where the line break at `i` (a `\r` or a `\n`) ends: lines end in `\r\n`, `\n` or `\r`, as the
@@ -173,7 +175,15 @@ impl SseScanner {
             usage: None,
             strip_usage_chunk,
             removed_cr: false,
+            text_events: 0,
         }
+    }
+
+    /// How many of the events passed on so far carry generated text: each is at least one
+    /// token the upstream produced, what a stream that ends without its usage is charged at
+    /// least (with its prompt).
+    pub fn text_events(&self) -> u64 {
+        self.text_events
     }
 
     /// The last usage read from the stream so far.
@@ -235,6 +245,7 @@ impl SseScanner {
             if keep_event(&mut self.usage, self.strip_usage_chunk, &data[start..end]) {
                 passed.push(data, start..end);
                 self.removed_cr = false;
+                self.text_events += u64::from(carries_text(&data[start..end]));
             } else {
                 self.removed_cr = end == data.len() && data[end - 1] == b'\r';
             }
@@ -254,6 +265,18 @@ impl SseScanner {
             Bytes::new()
         }
     }
+}
+
+/// Whether an event carries generated text: a non-empty string as a chat chunk's `content`, a
+/// completion chunk's `text`, or a Responses text event's `delta`. Tool-call arguments and
+/// the like are left out: this counts what was surely produced, not all of it.
+fn carries_text(event: &[u8]) -> bool {
+    [&b"\"content\":\""[..], b"\"text\":\"", b"\"delta\":\""]
+        .iter()
+        .any(|needle| {
+            memchr::memmem::find_iter(event, needle)
+                .any(|at| event.get(at + needle.len()).is_some_and(|&b| b != b'"'))
+        })
 }
 
 /// Whether every `"usage"` in an event is followed by `null` (so it carries none).

@@ -972,7 +972,21 @@ struct Settlement {
 enum Outcome {
     Usage(UsageJson),
     Refund,
-    Estimate,
+    /// No usage: the estimate, or, when a stream delivered more, the prompt's estimate and one
+    /// token for each event of generated text passed on (`SseScanner::text_events`): a client
+    /// that leaves a long stream, or a stream that breaks, is charged at least what it got.
+    Estimate {
+        text_events: u64,
+    },
+}
+
+/// What settling without usage charges (`Outcome::Estimate`).
+fn without_usage(held: u64, prompt_estimate: u64, text_events: u64) -> u64 {
+    if text_events == 0 {
+        held
+    } else {
+        held.max(prompt_estimate.saturating_add(text_events))
+    }
 }
 
 impl Settlement {
@@ -981,7 +995,9 @@ impl Settlement {
         if let Some((mut line, status)) = self.access.take() {
             line.tokens = match &outcome {
                 Outcome::Usage(u) => u.total(),
-                Outcome::Estimate => reservation.held.tokens,
+                Outcome::Estimate { text_events } => {
+                    without_usage(reservation.held.tokens, self.prompt_estimate, *text_events)
+                }
                 Outcome::Refund => 0,
             };
             line.write(status);
@@ -1052,8 +1068,13 @@ impl Settlement {
         }
     }
 
-    fn finish(mut self, usage: Option<UsageJson>) {
-        let outcome = usage.map_or(Outcome::Estimate, Outcome::Usage);
+    fn finish(self, usage: Option<UsageJson>) {
+        self.finish_stream(usage, 0)
+    }
+
+    /// `finish` for a stream that passed on `text_events` events of generated text.
+    fn finish_stream(mut self, usage: Option<UsageJson>, text_events: u64) {
+        let outcome = usage.map_or(Outcome::Estimate { text_events }, Outcome::Usage);
         if let Some(f) = self.take(outcome) {
             run_to_completion(&self.state, f)
         }
@@ -1090,7 +1111,7 @@ fn spawn_tracked(state: &AppState, work: impl Future<Output = ()> + Send + 'stat
 impl Drop for Settlement {
     fn drop(&mut self) {
         let outcome = if self.sent {
-            Outcome::Estimate
+            Outcome::Estimate { text_events: 0 }
         } else {
             Outcome::Refund
         };
@@ -1150,13 +1171,14 @@ async fn settle(
             (u.total(), u.prompt().unwrap_or(0))
         }
         Outcome::Refund => (0, 0),
-        Outcome::Estimate => {
+        Outcome::Estimate { text_events } => {
             // A pass-through answer without usage reserved nothing: there was no estimate to fall
             // back on, so it is not counted as one.
             if reservation.held.tokens > 0 {
                 Metrics::inc(&state.metrics.settled_without_usage);
             }
-            (reservation.held.tokens, estimated_prompt)
+            let charged = without_usage(reservation.held.tokens, estimated_prompt, text_events);
+            (charged, estimated_prompt)
         }
     };
     let tokens = Tokens {
@@ -1249,6 +1271,10 @@ impl MeteredStream {
         }
     }
 
+    fn text_events(&self) -> u64 {
+        self.scanner.as_ref().map_or(0, SseScanner::text_events)
+    }
+
     fn start_settling(&mut self, without_usage: Outcome) {
         if let Some(mut s) = self.settlement.take() {
             let usage = self.scanner.as_ref().and_then(SseScanner::usage);
@@ -1278,7 +1304,9 @@ impl MeteredStream {
         self.tail = None;
         self.upstream = futures_util::stream::empty().boxed();
         let without_usage = if self.delivered {
-            Outcome::Estimate
+            Outcome::Estimate {
+                text_events: self.text_events(),
+            }
         } else {
             Outcome::Refund
         };
@@ -1336,7 +1364,8 @@ impl Stream for MeteredStream {
                 Poll::Ready(None) => {
                     this.done = true;
                     this.tail = this.scanner.as_mut().map(SseScanner::finish);
-                    this.start_settling(Outcome::Estimate);
+                    let text_events = this.text_events();
+                    this.start_settling(Outcome::Estimate { text_events });
                 }
             }
         }
@@ -1352,6 +1381,8 @@ impl Drop for MeteredStream {
         let mut upstream =
             std::mem::replace(&mut self.upstream, futures_util::stream::empty().boxed());
         let scanner = self.scanner.take();
+        // What reached the client; what is read while draining did not.
+        let text_events = scanner.as_ref().map_or(0, SseScanner::text_events);
         let drain = self.state.config.upstream.usage_drain;
         spawn_tracked(&self.state, async move {
             settlement.release_slot().await;
@@ -1372,7 +1403,7 @@ impl Drop for MeteredStream {
                 scanner.finish();
             };
             let _ = tokio::time::timeout(drain, read).await;
-            settlement.finish(scanner.usage());
+            settlement.finish_stream(scanner.usage(), text_events);
         });
     }
 }

@@ -175,6 +175,38 @@ async fn a_stream_that_breaks_is_charged_not_refunded() {
     assert_eq!(gw.limits(&key).await["usage"]["tokens_reserved"], 0);
 }
 
+/// A stream that ends without its usage is charged at least what it delivered: its prompt's
+/// estimate and a token for each event of text passed on. It was charged the estimate alone, so
+/// a client that read a long answer and left before its usage paid for a few tokens of it (an
+/// outside audit).
+#[tokio::test]
+async fn a_stream_without_usage_is_charged_at_least_what_it_delivered() {
+    let (gw, key) = setup().await;
+    let body = json!({"model": "m", "stream": true, "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Hi"}]});
+    let h = [("x-mock-usage", "7,40"), ("x-mock-fail-after-chunks", "30")];
+    let r = gw.chat(&key, body, &h).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let reserved = 1_000_000 - header_u64(&r, "x-ratelimit-remaining-tokens-month");
+    let text = String::from_utf8_lossy(&collect_until_error(r).await).into_owned();
+    let delivered =
+        text.matches("\"content\":\"").count() - text.matches("\"content\":\"\"").count();
+    assert_eq!(delivered, 30, "{text}");
+    // The estimate held the prompt and the 5 tokens `max_tokens` allows.
+    let used = gw.settled_month_tokens(&key).await;
+    assert_eq!(used, reserved - 5 + 30, "reserved {reserved}");
+}
+
+/// The body up to the error that ends it.
+async fn collect_until_error(r: reqwest::Response) -> Vec<u8> {
+    let mut body = r.bytes_stream();
+    let mut got = Vec::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        got.extend_from_slice(&chunk);
+    }
+    got
+}
+
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_is_settled_from_the_real_usage() {
     let (gw, key) = setup().await;
