@@ -1881,3 +1881,33 @@ fn a_workspace_quota_is_reported_over_its_keys_on_a_tie() {
     let d = deny(&mut s, &limits, None, tokens(20), now);
     assert_eq!((d.kind, d.limit), (QuotaExceeded, TokensPerMonth));
 }
+
+/// A drained state (a share of limits taken over from Redis, whose use it cannot know) admits
+/// no burst: its requests and tokens refill from the moment it was drained, at their rates.
+#[test]
+fn a_drained_state_admits_no_burst_and_refills_at_its_rates() {
+    let l = limits().rps(2.0).burst(10).tpm(600);
+    let now = t0();
+    let mut s = fresh(now);
+    s.drain_buckets(&l, now);
+    let denial = deny(&mut s, &l, None, tokens(0), now);
+    assert_eq!(denial.limit, RequestsPerSecond);
+    assert_eq!(denial.retry_after, SEC / 2, "one request refills in 1/rate");
+    admit(&mut s, &l, None, tokens(0), now + SEC / 2);
+    deny(&mut s, &l, None, tokens(0), now + SEC / 2);
+    // Tokens: 600 a minute is 10 a second; none at the start, 10 after a second.
+    let l = limits().tpm(600);
+    let mut s = fresh(now);
+    s.drain_buckets(&l, now);
+    assert_eq!(
+        deny(&mut s, &l, None, tokens(10), now).limit,
+        TokensPerMinute
+    );
+    admit(&mut s, &l, None, tokens(10), now + SEC);
+    // Undrained, the same state admits its whole burst at once.
+    let l = limits().rps(2.0).burst(10);
+    let mut s = fresh(now);
+    for _ in 0..10 {
+        admit(&mut s, &l, None, tokens(0), now);
+    }
+}

@@ -83,6 +83,14 @@ impl RequestBucket {
         }
     }
 
+    /// A bucket with nothing left at `now_us`, refilling from there.
+    fn empty(capacity: i64, now_us: u64) -> Self {
+        RequestBucket {
+            level: 0,
+            ..Self::full(capacity, now_us)
+        }
+    }
+
     /// The capacity `level` was computed with, in nano-requests.
     fn capacity(&self) -> i64 {
         self.burst.get() as i64 * NANO_REQUESTS
@@ -169,6 +177,14 @@ impl TokenBucket {
             level: capacity as i64 * UNITS_PER_TOKEN,
             at: now_us,
             capacity: token_capacity(capacity),
+        }
+    }
+
+    /// A bucket with nothing left at `now_us`, refilling from there.
+    fn empty(capacity: u64, now_us: u64) -> Self {
+        TokenBucket {
+            level: 0,
+            ..Self::full(capacity, now_us)
         }
     }
 
@@ -723,6 +739,19 @@ impl WorkspaceState {
             unsettled: 0,
             last_seen: now,
             keys: None,
+        }
+    }
+
+    /// Empties the workspace's requests and tokens-per-minute buckets for `limits` at `now`:
+    /// they refill from there. For a state that takes over decisions made elsewhere until now
+    /// (a share of limits whose use it cannot know), so that it admits no burst at once.
+    pub fn drain_buckets(&mut self, limits: &Limits, now: Nanos) {
+        let now_us = micros(now);
+        if let Some((_, cap, _)) = request_limit(limits) {
+            self.requests = Some(RequestBucket::empty(cap, now_us));
+        }
+        if let Some(cap) = limits.tokens_per_minute {
+            self.bucket = Some(TokenBucket::empty(cap, now_us));
         }
     }
 

@@ -411,6 +411,10 @@ impl Failover {
                 };
                 Metrics::inc(&self.metrics.fallback_local);
                 self.served_alone(workspace);
+                // A share taken up now starts with its buckets empty: what Redis counted in the
+                // last minute is not known here, and a full share on every instance would admit
+                // a whole burst more than the limit at the switch.
+                let fresh = !self.local.holds(workspace);
                 // Seed the month counters from the ledger first: the month share is of what
                 // was left then.
                 self.local.usage(workspace, limits, now).await?;
@@ -439,6 +443,9 @@ impl Failover {
                         })
                     }
                 };
+                if fresh {
+                    self.local.drain(workspace, &shared, now);
+                }
                 let decision = self
                     .local
                     .reserve(workspace, &shared, model, cost, now)

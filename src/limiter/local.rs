@@ -404,6 +404,19 @@ impl LocalLimiter {
         evicted
     }
 
+    /// Whether the workspace's state is held.
+    pub fn holds(&self, workspace: WorkspaceId) -> bool {
+        self.shard(workspace).states.get(workspace).is_some()
+    }
+
+    /// Empties the workspace's requests and tokens-per-minute buckets, if its state is held
+    /// (`WorkspaceState::drain_buckets`).
+    pub fn drain(&self, workspace: WorkspaceId, limits: &Limits, now: Nanos) {
+        if let Some(state) = self.shard(workspace).states.get_mut(workspace) {
+            state.drain_buckets(limits, now);
+        }
+    }
+
     /// What a workspace's month counters started from (the ledger's totals when it was first
     /// seen this month), once it is tracked.
     pub fn month_seeds(

@@ -829,10 +829,12 @@ async fn redis_dies_under_load(policy: &str) {
             assert!(metric(&text, "tiergate_limiter_fallback_total{policy=\"open\"}") > 0.0);
         }
         _ => {
-            // Each instance enforces a third of every limit: together, at most the limit.
+            // Each instance enforces a third of every limit: together, at most the limit. The
+            // shares start empty (what Redis counted is not known here): no burst at the
+            // switch, where full shares let 30 more through.
             assert_eq!(unavailable, 0);
             assert!(ok > 0);
-            let allowed = 30.0 + 30.0 * down_for;
+            let allowed = 30.0 * down_for;
             assert!(
                 (ok as f64) <= allowed + 3.0,
                 "{ok} admitted in {down_for:.2}s on local shares, at most {allowed:.0} allowed"
