@@ -728,8 +728,19 @@ fn workspaces_body(list: &ListParams, found: &WorkspacePage) -> Markup {
                 }
             }
         }
+        @if found.rows.is_empty() {
+            p.empty #no-workspaces {
+                @if list.page > pages {
+                    "There is no page " (list.page) ". " a href=(at(pages)) { "Go to the last page" } "."
+                } @else if !list.q.is_empty() {
+                    "No workspace matches “" (list.q) "”."
+                } @else {
+                    "No workspace yet: make one below."
+                }
+            }
+        }
         p.pages {
-            @if list.page > 1 { a rel="prev" href=(at(list.page - 1)) { "‹ Previous" } " " }
+            @if list.page > 1 { a rel="prev" href=(at((list.page - 1).min(pages))) { "‹ Previous" } " " }
             @if list.page < pages { a rel="next" href=(at(list.page + 1)) { "Next ›" } }
         }
     }

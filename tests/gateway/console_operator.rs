@@ -335,6 +335,19 @@ async fn the_workspaces_are_searched_sorted_and_paged() {
     assert_eq!(walked, all);
     let past = op.get(&format!("{HOME}?page=4")).await;
     assert!(ids(&past.body, "data-workspace-id").is_empty());
+    // Said so, with the way back (it read "page 4 of 3" over an empty table: an outside audit).
+    assert!(
+        text_of(&past.body, "no-workspaces").contains("There is no page 4"),
+        "{}",
+        past.body
+    );
+    assert!(
+        past.body.contains("page=3\">Go to the last page"),
+        "{}",
+        past.body
+    );
+    let none = op.get(&format!("{HOME}?q=zzz-nothing")).await;
+    assert!(text_of(&none.body, "no-workspaces").contains("No workspace matches"));
 
     // By usage, most first (once the settlements are in the ledger).
     let expected = [used[1], used[2], used[0]];
