@@ -1395,6 +1395,40 @@ async fn show_tiers(
     }
 }
 
+/// A tier's promotion, as a line: `→ tier-2 when min_days ≥ 7, paid_usd ≥ 50`.
+fn promotion_text(p: &crate::model::Promotion) -> String {
+    let mut conditions = Vec::new();
+    if let Some(d) = p.min_days {
+        conditions.push(format!("min_days ≥ {d}"));
+    }
+    if let Some(t) = p.min_tokens_30d {
+        conditions.push(format!("min_tokens_30d ≥ {t}"));
+    }
+    for (name, value) in &p.min_attributes {
+        conditions.push(match value {
+            crate::model::AttributeValue::Bool(b) => format!("{name} = {b}"),
+            crate::model::AttributeValue::Number(n) => format!("{name} ≥ {n}"),
+        });
+    }
+    if conditions.is_empty() {
+        format!("→ {} at once", p.to)
+    } else {
+        format!("→ {} when {}", p.to, conditions.join(", "))
+    }
+}
+
+/// A tier's enforcement, with the limits it keeps in shadow.
+fn enforcement_text(t: &Tier) -> String {
+    match (t.enforcement, t.shadow.as_slice()) {
+        (crate::model::Enforcement::Shadow, _) => "shadow (every limit)".to_string(),
+        (_, []) => "enforce".to_string(),
+        (_, shadow) => {
+            let names: Vec<&str> = shadow.iter().map(|s| s.as_str()).collect();
+            format!("enforce; in shadow: {}", names.join(", "))
+        }
+    }
+}
+
 /// A tier's per-model limits as the form's lines.
 fn model_lines(limits: &Limits) -> String {
     let mut text = String::new();
@@ -1434,7 +1468,7 @@ fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
     html! {
         h1 { "Tiers" }
         table #tiers {
-            thead { tr { th { "Tier" } th { "Rank" } @for (_, label) in OVERRIDE_FIELDS { th { (label) } } th { "Per model" } } }
+            thead { tr { th { "Tier" } th { "Rank" } @for (_, label) in OVERRIDE_FIELDS { th { (label) } } th { "Per model" } th { "Promotion" } th { "Enforcement" } } }
             tbody {
                 @for t in tiers {
                     @let figures = limit_figures(&t.limits);
@@ -1445,11 +1479,13 @@ fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
                             td data-limit=(field) { (figures[i]) }
                         }
                         td { (model_lines(&t.limits)) }
+                        td.promotion { (t.promotion.as_ref().map_or_else(|| "—".to_string(), promotion_text)) }
+                        td.enforcement { (enforcement_text(t)) }
                     }
                 }
             }
         }
-        p.note { "An empty field is no limit. A change holds from the next request of every workspace on the tier." }
+        p.note { "An empty field is no limit. A change holds from the next request of every workspace on the tier. A tier's promotion and the limits it keeps in shadow are set through the admin API (PUT /admin/v1/tiers/{name}); saving a form here keeps them." }
         @for t in tiers {
             section.tier data-tier=(t.name) {
                 h2 { (t.name) }

@@ -695,6 +695,36 @@ async fn tiers_are_edited_and_created_as_through_the_admin_api() {
         .contains(r#"action="/console/operator/tiers/small""#));
     assert!(page.body.contains(r#"<form id="create-tier""#));
 
+    // A tier's promotion and the limits it keeps in shadow are shown (an operator could not see
+    // them here, yet a rank change was refused for a promotion: an outside audit).
+    gw.put_tier(
+        "ladder-high",
+        json!({"rank": 51, "tokens_per_minute": 5000}),
+    )
+    .await;
+    gw.put_tier(
+        "ladder-low",
+        json!({"rank": 50, "tokens_per_minute": 1000, "shadow": ["tokens_per_minute"],
+            "promotion": {"to": "ladder-high", "min_days": 7,
+                "min_attributes": {"paid_usd": 50, "verified": true}}}),
+    )
+    .await;
+    let page = op.get("/console/operator/tiers").await;
+    let row = page
+        .body
+        .split(r#"<tr data-tier="ladder-low">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row: {}", page.body));
+    assert!(
+        row.contains("→ ladder-high when min_days ≥ 7, paid_usd ≥ 50, verified = true"),
+        "{row}"
+    );
+    assert!(
+        row.contains("enforce; in shadow: tokens_per_minute"),
+        "{row}"
+    );
+
     // Edited: the tier's workspaces get it on their next request.
     let page = op
         .post(
