@@ -135,7 +135,9 @@ async fn a_budget_below_the_limit_is_enforced_and_named_and_one_above_is_refused
         );
     }
     assert!(
-        !text.contains("limit=\"tokens_per_month\""),
+        !text.contains(
+            "tiergate_decisions_total{outcome=\"quota_exceeded\",limit=\"tokens_per_month\"}"
+        ),
         "a budget counted as the quota"
     );
 
