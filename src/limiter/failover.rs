@@ -105,8 +105,16 @@ pub struct Failover {
     /// Workspaces decided without the shared limiter since it last answered: their month counter
     /// is rebuilt from the ledger before the next shared decision.
     rebuild: Mutex<HashSet<WorkspaceId>>,
+    /// Each workspace's month use as Redis last reported it with a decision (its own month
+    /// window), for the local shares: the ledger they would start from lags by a flush and
+    /// lacks the reservations in flight, which Redis counts.
+    month_seen: Mutex<HashMap<WorkspaceId, (MonthKey, u64)>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
+
+/// Workspaces whose month use is remembered (`Failover::month_seen`) at most; past that the
+/// memory starts again (about 32 bytes each).
+const MONTHS_SEEN: usize = 1 << 20;
 
 impl Drop for Failover {
     fn drop(&mut self) {
@@ -190,10 +198,16 @@ pub fn share(
 /// One instance's share of a month quota `cap` of which `seed` was used when it began counting
 /// on its own.
 fn month_share(cap: u64, seed: u64, n: u32) -> u64 {
+    month_share_of(cap, seed, seed, n)
+}
+
+/// One instance's share of a month quota `cap`, for a counter that starts at `seed`, when
+/// `used` (at least `seed`) is known to be used: a 1/N of what is left after `used`.
+fn month_share_of(cap: u64, seed: u64, used: u64, n: u32) -> u64 {
     if seed >= cap {
         cap
     } else {
-        seed + (cap - seed) / n.max(1) as u64
+        seed + cap.saturating_sub(used.max(seed)) / n.max(1) as u64
     }
 }
 
@@ -232,6 +246,7 @@ impl Failover {
             forget_local_at: Mutex::new(None),
             metrics,
             rebuild: Mutex::new(HashSet::new()),
+            month_seen: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(watch(Arc::downgrade(&failover)));
@@ -373,6 +388,35 @@ impl Failover {
             .insert(workspace);
     }
 
+    /// Remembers the workspace's month use from a decision's snapshot, when its month window is
+    /// the workspace's own (the snapshot shows the tightest of the workspace's, its key's and
+    /// its model's; another's is left alone).
+    fn saw_month(&self, workspace: WorkspaceId, limits: &Limits, decision: &Decision, now: Nanos) {
+        let Some(cap) = limits.tokens_per_month else {
+            return;
+        };
+        let (Decision::Admit { snapshot, .. } | Decision::Deny { snapshot, .. }) = decision;
+        let Some(window) = snapshot.month.filter(|w| w.limit == cap as f64) else {
+            return;
+        };
+        let mut seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= MONTHS_SEEN && !seen.contains_key(&workspace) {
+            seen.clear();
+        }
+        seen.insert(
+            workspace,
+            (MonthKey::of(now), cap.saturating_sub(window.remaining)),
+        );
+    }
+
+    /// The workspace's month use as Redis last reported it this month.
+    fn month_seen(&self, workspace: WorkspaceId, now: Nanos) -> Option<u64> {
+        let seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
+        seen.get(&workspace)
+            .filter(|(month, _)| *month == MonthKey::of(now))
+            .map(|(_, used)| *used)
+    }
+
     async fn fallback(
         &self,
         workspace: WorkspaceId,
@@ -421,6 +465,13 @@ impl Failover {
                 let seeds = self.local.month_seeds(workspace, now).unwrap_or_default();
                 let shared = match share(limits, n, rank, &seeds) {
                     Ok(mut l) => {
+                        // The month share is of what Redis last said was left, when it said
+                        // more was used than the ledger has.
+                        if let (Some(cap), Some(used)) =
+                            (limits.tokens_per_month, self.month_seen(workspace, now))
+                        {
+                            l.tokens_per_month = Some(month_share_of(cap, seeds.0, used, n));
+                        }
                         if let Some(k) = l.key.as_mut() {
                             if let Some(cap) = k.limits.tokens_per_month {
                                 let seed = self.local.key_month_seed(workspace, k.id, now);
@@ -548,6 +599,9 @@ impl Failover {
                 {
                     Ok(decision) => {
                         self.success(Some(workspace));
+                        if self.policy == FailurePolicy::Local {
+                            self.saw_month(workspace, limits, &decision, now);
+                        }
                         return Ok(decision);
                     }
                     Err(e) => Err(e),
@@ -687,6 +741,19 @@ mod tests {
             models,
             key: None,
         }
+    }
+
+    #[test]
+    fn a_month_share_is_of_what_was_left_after_what_was_known_used() {
+        // The ledger's seed alone: 1/N of what it has left.
+        assert_eq!(month_share(1000, 100, 3), 100 + 300);
+        // Redis said more was used: 1/N of what it had left, from the counter's own start.
+        assert_eq!(month_share_of(1000, 100, 700, 3), 100 + 100);
+        assert_eq!(month_share_of(1000, 0, 900, 1), 100);
+        // Less than the seed changes nothing; all of it leaves nothing more.
+        assert_eq!(month_share_of(1000, 100, 50, 3), 400);
+        assert_eq!(month_share_of(1000, 100, 1200, 2), 100);
+        assert_eq!(month_share_of(1000, 1000, 1200, 2), 1000);
     }
 
     #[test]

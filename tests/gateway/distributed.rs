@@ -1119,3 +1119,91 @@ async fn a_settlement_waiting_for_redis_holds_up_neither_the_answer_nor_its_coun
     assert_eq!(in_ledger, 20);
     drop(redis);
 }
+
+/// The local shares of a month quota start from what Redis last said was used, not from the
+/// ledger alone, which lacks the reservations in flight and the last flush: with most of the
+/// month held by requests in flight when Redis died, the local share let through nearly a whole
+/// quota more (an outside audit saw 8% over a month quota in an outage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_month_share_starts_from_what_redis_last_counted() {
+    let mut redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(250);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "month-seen", json!({"tokens_per_month": 10_000})).await;
+    // Two slow requests with long prompts hold most of the month while they run.
+    let slow = || {
+        let (url, key) = (gw.url.clone(), key.clone());
+        let prompt = "lorem ipsum ".repeat(1350);
+        tokio::spawn(async move {
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-latency-ms", "4000")
+                .header("x-mock-usage", "9,1")
+                .json(&json!({"model": "m", "max_tokens": 10,
+                    "messages": [{"role": "user", "content": prompt}]}))
+                .send()
+                .await
+        })
+    };
+    let held: Vec<_> = (0..2).map(|_| slow()).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // One quick decision after them: its snapshot shows them held.
+    let (body, usage) = exact_request(5);
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&key)
+        .header("x-mock-usage", usage.as_str())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let left = crate::harness::header_u64(&r, "x-ratelimit-remaining-tokens-month");
+    assert!(
+        left < 5_000,
+        "the slow requests hold the month: {left} left"
+    );
+
+    let redis = tokio::task::spawn_blocking(move || {
+        redis.kill();
+        redis
+    })
+    .await
+    .unwrap();
+    // On the local share: requests of more than 500 tokens each.
+    let (body, usage) = exact_request(500);
+    let mut admitted = 0;
+    for _ in 0..20 {
+        let r = gw
+            .client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("x-mock-usage", usage.as_str())
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        match r.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert!(
+        admitted * 500 <= left,
+        "{admitted} of over 500 tokens admitted with {left} left"
+    );
+    for h in held {
+        let _ = h.await;
+    }
+    drop(redis);
+}
