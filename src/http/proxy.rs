@@ -102,6 +102,13 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
             if parts.method == Method::POST {
                 seen.set_route(Route::of(endpoint));
             }
+            // An expired key or a suspended workspace: the workspace is known, and so its tier.
+            if matches!(e, ApiError::Forbidden(_)) {
+                let secret = super::bearer(&parts.headers).unwrap_or_default();
+                if let Some(tier) = state.catalog.tier_of_key(secret) {
+                    seen.set_tier(&tier);
+                }
+            }
             e.into_response()
         }
         Ok(caller) => {

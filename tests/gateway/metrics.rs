@@ -285,6 +285,19 @@ async fn metrics_count_requests_decisions_tokens_and_latencies_with_bounded_labe
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    // A suspended workspace's: refused, its workspace known (it was counted as `(none)`: an
+    // outside audit).
+    let (suspended, suspended_key) = gw.workspace("metered").await;
+    let (s, v) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/workspaces/{suspended}"),
+            Some(json!({"status": "suspended"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r = gw.chat(&suspended_key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
     // An embedding, a second later, and a pass-through route.
     gw.advance(Duration::from_secs(1));
     let r = gw
@@ -338,6 +351,7 @@ async fn metrics_count_requests_decisions_tokens_and_latencies_with_bounded_labe
     assert_eq!(requests("chat_completions", "200", "metered"), 1.0);
     assert_eq!(requests("chat_completions", "429", "metered"), 1.0);
     assert_eq!(requests("chat_completions", "401", "(none)"), 1.0);
+    assert_eq!(requests("chat_completions", "403", "metered"), 1.0);
     assert_eq!(requests("embeddings", "200", "metered"), 1.0);
     assert_eq!(requests("other", "200", "metered"), 1.0);
     let total: f64 = m
@@ -345,7 +359,7 @@ async fn metrics_count_requests_decisions_tokens_and_latencies_with_bounded_labe
         .filter(|s| s.name == "tiergate_requests_total")
         .map(|s| s.value)
         .sum();
-    assert_eq!(total, 5.0, "every proxied request once");
+    assert_eq!(total, 6.0, "every proxied request once");
 
     let decisions = |outcome, limit| {
         get(
@@ -408,7 +422,7 @@ async fn metrics_count_requests_decisions_tokens_and_latencies_with_bounded_labe
     );
     assert_eq!(
         count("tiergate_gateway_latency_seconds_count", "chat_completions"),
-        3.0
+        4.0
     );
     assert_eq!(
         count("tiergate_gateway_latency_seconds_count", "embeddings"),
