@@ -583,16 +583,9 @@ impl Metrics {
             "Requests a limit in shadow would have denied (they were admitted), by the limit",
             shadow_denied.clone(),
         );
-        // At 0 from the start, so that the metric is there before the first shadow denial (a
-        // family without a series is not written at all).
-        for limit in [
-            LimitName::RequestsPerSecond,
-            LimitName::TokensPerMinute,
-            LimitName::TokensPerMonth,
-            LimitName::ConcurrentRequests,
-            LimitName::ModelTokensPerMinute,
-            LimitName::ModelTokensPerMonth,
-        ] {
+        // At 0 from the start, for every limit that can be in shadow, so that the metric is
+        // there before the first shadow denial (a family without a series is not written).
+        for limit in crate::model::ShadowLimit::ALL {
             let _ = shadow_denied.get_or_create_owned(&LimitLabel {
                 limit: limit.as_str(),
             });
