@@ -129,6 +129,8 @@ pub struct RawUpstream {
     pub usage_drain_ms: Option<u64>,
     /// The longest an upstream's body (stream, JSON, error) may stay silent.
     pub idle_read_timeout_ms: Option<u64>,
+    /// The largest JSON or error answer read whole; a larger one is passed on as it comes.
+    pub max_buffered_bytes: Option<u64>,
     /// Request headers never forwarded upstream, added to the built-in list.
     pub drop_request_headers: Option<Vec<String>>,
     /// A PEM file of root certificates trusted for the upstream besides the Mozilla roots.
@@ -181,6 +183,9 @@ pub struct UpstreamConfig {
     pub usage_drain: Duration,
     /// The longest an upstream's body may stay silent before the gateway gives up on it.
     pub idle_read_timeout: Duration,
+    /// The largest JSON or error answer read whole (for its usage, before the answer leaves); a
+    /// larger one is passed on as it comes, its usage read from its end.
+    pub max_buffered_bytes: usize,
     /// Request headers never forwarded (lowercase): [`DROPPED_REQUEST_HEADERS`] and the
     /// configuration's own.
     pub drop_request_headers: Vec<String>,
@@ -297,6 +302,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.timeout_secs", "upstream-timeout-secs", "TIERGATE_UPSTREAM_TIMEOUT_SECS", Number, "Until the upstream's response headers arrive, in seconds; then 504 (default 300)."),
     setting("upstream.usage_drain_ms", "upstream-usage-drain-ms", "TIERGATE_UPSTREAM_USAGE_DRAIN_MS", Number, "After a client leaves a stream, how long to keep reading for its usage, in ms (default 2000)."),
     setting("upstream.idle_read_timeout_ms", "upstream-idle-read-timeout-ms", "TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS", Number, "The longest an upstream's body may stay silent, in ms (default 60000)."),
+    setting("upstream.max_buffered_bytes", "upstream-max-buffered-bytes", "TIERGATE_UPSTREAM_MAX_BUFFERED_BYTES", Number, "The largest JSON or error answer read whole before it is passed on; a larger one is passed on as it comes, its usage read from its last 64 KiB (default 16777216; 65536 to 1073741824)."),
     setting("upstream.drop_request_headers", "upstream-drop-request-headers", "TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS", List, "More request headers never forwarded, added to the built-in deny-list."),
     setting("upstream.ca_file", "upstream-ca-file", "TIERGATE_UPSTREAM_CA_FILE", Text, "A PEM file of root certificates the upstream's may chain to (a private CA), trusted besides the Mozilla roots."),
     setting("estimate.default_completion_tokens", "estimate-default-completion-tokens", "TIERGATE_ESTIMATE_DEFAULT_COMPLETION_TOKENS", Number, "The completion expected before a workspace has any history (default 256)."),
@@ -775,6 +781,15 @@ impl TryFrom<RawSettings> for Config {
                 60_000,
                 "upstream.idle_read_timeout_ms",
             )?,
+            max_buffered_bytes: match upstream.max_buffered_bytes.unwrap_or(16 * 1024 * 1024) {
+                n @ 65_536..=1_073_741_824 => n as usize,
+                _ => {
+                    return Err(invalid(
+                        "upstream.max_buffered_bytes",
+                        "must be from 65536 to 1073741824",
+                    ))
+                }
+            },
             drop_request_headers: drop_request_headers(upstream.drop_request_headers)?,
             extra_roots: match upstream.ca_file.filter(|f| !f.is_empty()) {
                 None => Vec::new(),
@@ -1361,12 +1376,13 @@ impl Config {
             out.push_str("api_key = \"***\"\n");
         }
         out.push_str(&format!(
-            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\nhttp2_keepalive_ms = {}\n",
+            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_buffered_bytes = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\nhttp2_keepalive_ms = {}\n",
             u.request_stream_usage,
             ms(u.connect_timeout),
             u.timeout.as_secs(),
             ms(u.usage_drain),
             ms(u.idle_read_timeout),
+            u.max_buffered_bytes,
             u.max_idle_connections,
             u.max_streams_per_connection,
             u.http2_keepalive.map_or_else(|| "0".to_string(), ms),
@@ -1913,6 +1929,7 @@ mod tests {
         assert_eq!(c.body_read_timeout, Duration::from_secs(60));
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.upstream.idle_read_timeout, Duration::from_secs(60));
+        assert_eq!(c.upstream.max_buffered_bytes, 16 * 1024 * 1024);
         assert_eq!(
             c.upstream.drop_request_headers,
             DROPPED_REQUEST_HEADERS.to_vec()
@@ -1978,6 +1995,13 @@ mod tests {
             ..Default::default()
         }));
         assert!(e.starts_with("upstream.idle_read_timeout_ms:"), "{e}");
+        for n in [0, 65_535, 1_073_741_825] {
+            let e = bad(upstream(RawUpstream {
+                max_buffered_bytes: Some(n),
+                ..Default::default()
+            }));
+            assert!(e.starts_with("upstream.max_buffered_bytes:"), "{n}: {e}");
+        }
         for name in ["", "bad header", "x:y", "content-length", "Host"] {
             let e = bad(upstream(RawUpstream {
                 drop_request_headers: Some(vec![name.into()]),

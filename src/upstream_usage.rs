@@ -77,6 +77,79 @@ pub fn usage_of_json(body: &[u8]) -> Option<UsageJson> {
         .and_then(|w| w.usage())
 }
 
+/// How much of the end of a JSON answer too large to read whole is kept to find its usage. The
+/// known APIs put `usage` after `choices` or `data`, last or nearly so, and it is a few hundred
+/// bytes.
+pub const JSON_TAIL_BYTES: usize = 64 * 1024;
+
+/// The usage of a JSON answer passed on as it comes, being larger than the gateway reads whole
+/// (`upstream.max_buffered_bytes`): its last `JSON_TAIL_BYTES` are kept, and when it ends the
+/// last `"usage": {...}` in them is read. Memory stays bounded however large the answer.
+#[derive(Default)]
+pub struct JsonTail {
+    tail: Vec<u8>,
+    usage: Option<UsageJson>,
+}
+
+impl JsonTail {
+    /// Takes the next chunk of the answer.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        if chunk.len() >= JSON_TAIL_BYTES {
+            self.tail.clear();
+            self.tail
+                .extend_from_slice(&chunk[chunk.len() - JSON_TAIL_BYTES..]);
+            return;
+        }
+        // Trimmed only when twice the tail is held, so each byte is moved at most once more.
+        if self.tail.len() + chunk.len() > 2 * JSON_TAIL_BYTES {
+            let drop = self.tail.len() + chunk.len() - JSON_TAIL_BYTES;
+            self.tail.drain(..drop);
+        }
+        self.tail.extend_from_slice(chunk);
+    }
+
+    /// The answer has ended: reads its usage from what was kept.
+    pub fn finish(&mut self) -> Option<UsageJson> {
+        self.usage = usage_in_tail(&std::mem::take(&mut self.tail));
+        self.usage
+    }
+
+    /// The usage read by `finish`.
+    pub fn usage(&self) -> Option<UsageJson> {
+        self.usage
+    }
+}
+
+/// The last `"usage": {...}` object in the end of a JSON answer. Inside a JSON string a quote is
+/// escaped, so a `"usage"` whose first quote follows no backslash is a key (or a whole string
+/// value, which no `:` follows).
+fn usage_in_tail(tail: &[u8]) -> Option<UsageJson> {
+    const KEY: &[u8] = b"\"usage\"";
+    let finder = memchr::memmem::FinderRev::new(KEY);
+    let mut end = tail.len();
+    while let Some(at) = finder.rfind(&tail[..end]) {
+        end = at;
+        if at > 0 && tail[at - 1] == b'\\' {
+            continue;
+        }
+        let rest = tail[at + KEY.len()..].trim_ascii_start();
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        let rest = rest.trim_ascii_start();
+        if rest.first() != Some(&b'{') {
+            continue;
+        }
+        if let Some(Ok(usage)) = serde_json::Deserializer::from_slice(rest)
+            .into_iter::<UsageJson>()
+            .next()
+        {
+            return Some(usage);
+        }
+    }
+    None
+}
+
 /// The longest event the scanner holds back while it waits for the event's end. An upstream
 /// that sends more without a blank line has its bytes passed on as they are, unread, so a
 /// broken or hostile upstream cannot grow the gateway's memory. Usage chunks are a few hundred
@@ -344,6 +417,54 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_usage_of_a_large_json_answer_is_read_from_its_end() {
+        let usage = |chunks: &[&[u8]]| {
+            let mut tail = JsonTail::default();
+            for c in chunks {
+                tail.feed(c);
+            }
+            tail.finish()
+                .map(|u| (u.prompt(), u.completion(), u.total()))
+        };
+        // An embeddings answer: a large `data`, then the usage, cut across chunks.
+        let data = format!(
+            "{{\"object\":\"list\",\"data\":[{}0.5]",
+            "0.125,".repeat(100_000)
+        );
+        let end = b",\"model\":\"m\",\"usage\" : {\"prompt_tokens\":7,\"total_tokens\":7}}";
+        let (a, b) = end.split_at(20);
+        assert_eq!(usage(&[data.as_bytes(), a, b]), Some((Some(7), None, 7)));
+        // In many small chunks, and in one chunk larger than the tail.
+        let whole = [data.as_bytes(), end.as_slice()].concat();
+        let small: Vec<&[u8]> = whole.chunks(1000).collect();
+        assert_eq!(usage(&small), Some((Some(7), None, 7)));
+        assert_eq!(usage(&[&whole]), Some((Some(7), None, 7)));
+        // The last usage counts; one inside a string (escaped) does not; none, or one that
+        // fell out of the tail, is none.
+        let text = br#"{"choices":[{"message":{"content":"say \"usage\": {\"total_tokens\": 1}"}}],"usage":{"prompt_tokens":3,"completion_tokens":4}}"#;
+        assert_eq!(usage(&[text]), Some((Some(3), Some(4), 7)));
+        let inside = br#"{"choices":[{"message":{"content":"\"usage\": {\"total_tokens\": 1}"}}]}"#;
+        assert_eq!(usage(&[inside]), None);
+        let key_with_a_quote = br#"{"\"usage":{"total_tokens":1}}"#;
+        assert_eq!(usage(&[key_with_a_quote]), None);
+        assert_eq!(usage(&[data.as_bytes()]), None);
+        let early = format!(
+            "{{\"usage\":{{\"total_tokens\":5}},\"data\":[{}0]}}",
+            "1,".repeat(JSON_TAIL_BYTES)
+        );
+        assert_eq!(usage(&[early.as_bytes()]), None);
+        // A usage that does not parse is skipped for an earlier one.
+        let broken = br#"{"usage":{"total_tokens":9},"x":{"usage":{"total_tokens":"many"}}}"#;
+        assert_eq!(usage(&[broken]), Some((None, None, 9)));
+        // Memory: never more than twice the tail.
+        let mut tail = JsonTail::default();
+        for c in whole.chunks(333) {
+            tail.feed(c);
+            assert!(tail.tail.len() <= 2 * JSON_TAIL_BYTES);
+        }
+    }
 
     #[test]
     fn usage_is_read_wherever_the_known_apis_put_it() {

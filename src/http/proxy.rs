@@ -57,7 +57,7 @@ use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
 use crate::limiter::{Decision, LimitName, LimiterError, Reservation, TokenCost};
 use crate::metrics::{Metrics, ProxiedRequest, Route};
 use crate::model::{KeyId, Limits};
-use crate::upstream_usage::{usage_of_json, SseScanner, UsageJson};
+use crate::upstream_usage::{usage_of_json, JsonTail, SseScanner, UsageJson};
 use crate::usage::{settled_record, Deferred, ShadowMark, Tokens, UsageRecord};
 
 pub async fn proxy(State(state): State<Arc<AppState>>, request: Request) -> Response {
@@ -728,29 +728,46 @@ fn timed_out(e: &super::upstream::ClientError) -> bool {
     false
 }
 
+/// A (JSON or error) body read for its usage.
+enum Read {
+    Whole(Bytes),
+    /// Larger than `upstream.max_buffered_bytes`: what was read and the rest, to be passed on as
+    /// they come.
+    TooLarge(BoxStream<'static, Result<Bytes, hyper::Error>>),
+}
+
 /// Reads a whole (JSON or error) body, by `deadline`, never waiting more than `idle` for the
-/// next chunk.
+/// next chunk; past `cap` bytes, stops and hands back what it read with the rest.
 async fn read_whole(
     upstream: UpstreamBody,
     deadline: tokio::time::Instant,
     idle: Duration,
-) -> Result<Bytes, ReadFailure> {
+    cap: usize,
+) -> Result<Read, ReadFailure> {
     let mut body = http_body_util::BodyDataStream::new(upstream);
     let mut chunks: Vec<Bytes> = Vec::new();
+    let mut read = 0usize;
     loop {
         let by = deadline.min(tokio::time::Instant::now() + idle);
         match tokio::time::timeout_at(by, body.next()).await {
             Err(_) => return Err(ReadFailure::TimedOut),
             Ok(None) => break,
-            Ok(Some(Ok(chunk))) => chunks.push(chunk),
+            Ok(Some(Ok(chunk))) => {
+                read += chunk.len();
+                chunks.push(chunk);
+                if read > cap {
+                    let head = futures_util::stream::iter(chunks.into_iter().map(Ok));
+                    return Ok(Read::TooLarge(head.chain(body).boxed()));
+                }
+            }
             Ok(Some(Err(e))) => return Err(ReadFailure::Broke(e)),
         }
     }
-    Ok(match chunks.len() {
+    Ok(Read::Whole(match chunks.len() {
         0 => Bytes::new(),
         1 => chunks.pop().expect("one chunk"),
         _ => Bytes::from(chunks.concat()),
-    })
+    }))
 }
 
 async fn send(
@@ -794,6 +811,7 @@ async fn send(
 
     let deadline = tokio::time::Instant::now() + upstream_config.timeout;
     let idle = upstream_config.idle_read_timeout;
+    let cap = upstream_config.max_buffered_bytes;
     let mut request = axum::http::Request::new(http_body_util::Full::new(prepared.body));
     *request.method_mut() = parts.method;
     *request.uri_mut() = url;
@@ -872,9 +890,15 @@ async fn send(
         }
         // Refunded first: nothing is charged for it, even if the client leaves meanwhile.
         settlement.refund();
-        let body = seen.waiting(read_whole(upstream, deadline, idle)).await;
+        let body = seen
+            .waiting(read_whole(upstream, deadline, idle, cap))
+            .await;
         return match body {
-            Ok(body) => Ok(answer(Body::from(body))),
+            Ok(Read::Whole(body)) => Ok(answer(Body::from(body))),
+            Ok(Read::TooLarge(body)) => {
+                let stream = MeteredStream::new(state.clone(), body, None, None);
+                Ok(answer(Body::from_stream(stream)))
+            }
             Err(ReadFailure::TimedOut) => {
                 Metrics::inc(&state.metrics.upstream_timeouts);
                 tracing::warn!(%status, "the upstream's error body did not arrive in time");
@@ -893,18 +917,28 @@ async fn send(
         let stream = MeteredStream::new(
             state.clone(),
             data_stream(upstream),
-            is_stream.then(|| SseScanner::new(prepared.strip_usage_chunk)),
-            settlement,
+            is_stream.then(|| Scanner::Events(SseScanner::new(prepared.strip_usage_chunk))),
+            Some(settlement),
         );
         return Ok(answer(Body::from_stream(stream)));
     }
 
-    // A JSON answer must arrive whole within the same deadline as its headers.
+    // A JSON answer must arrive whole within the same deadline as its headers, unless it is
+    // larger than the gateway holds: then it is passed on as it comes, as a stream is, and its
+    // usage read from its end.
     settlement.hold_line(access);
-    let read = seen.waiting(read_whole(upstream, deadline, idle)).await;
+    let read = seen
+        .waiting(read_whole(upstream, deadline, idle, cap))
+        .await;
     settlement.give_line(access);
     match read {
-        Ok(body) => {
+        Ok(Read::TooLarge(body)) => {
+            settlement.access = access.take().map(|a| (a, status.as_u16()));
+            let scanner = Scanner::JsonTail(JsonTail::default());
+            let stream = MeteredStream::new(state.clone(), body, Some(scanner), Some(settlement));
+            Ok(answer(Body::from_stream(stream)))
+        }
+        Ok(Read::Whole(body)) => {
             let usage = usage_of_json(&body);
             let charged = usage
                 .as_ref()
@@ -1233,13 +1267,60 @@ async fn settle(
     }
 }
 
-/// The body of a streamed answer: passes events on as they come and settles when it ends.
-/// Without a scanner (an answer that is neither JSON nor events) bytes pass through untouched.
+/// What a body passed on as it comes is read for.
+enum Scanner {
+    /// A stream's events: its usage, and the events of generated text.
+    Events(SseScanner),
+    /// The end of a JSON answer too large to read whole: its usage.
+    JsonTail(JsonTail),
+}
+
+impl Scanner {
+    /// Takes a chunk; returns what to pass on.
+    fn feed_bytes(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            Scanner::Events(s) => s.feed_bytes(chunk),
+            Scanner::JsonTail(t) => {
+                t.feed(&chunk);
+                chunk
+            }
+        }
+    }
+
+    /// The body has ended: what is left to pass on.
+    fn finish(&mut self) -> Bytes {
+        match self {
+            Scanner::Events(s) => s.finish(),
+            Scanner::JsonTail(t) => {
+                t.finish();
+                Bytes::new()
+            }
+        }
+    }
+
+    fn usage(&self) -> Option<UsageJson> {
+        match self {
+            Scanner::Events(s) => s.usage(),
+            Scanner::JsonTail(t) => t.usage(),
+        }
+    }
+
+    fn text_events(&self) -> u64 {
+        match self {
+            Scanner::Events(s) => s.text_events(),
+            Scanner::JsonTail(_) => 0,
+        }
+    }
+}
+
+/// The body of an answer passed on as it comes: a stream's events, a JSON answer too large to
+/// read whole, an answer that is neither (bytes untouched, no scanner), or an error answer too
+/// large to read whole (nothing to settle: its settlement was refunded). Settles when it ends.
 /// An upstream silent for `idle_for` ends it as broken.
 struct MeteredStream {
     state: Arc<AppState>,
     upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
-    scanner: Option<SseScanner>,
+    scanner: Option<Scanner>,
     settlement: Option<Settlement>,
     tail: Option<Bytes>,
     done: bool,
@@ -1259,15 +1340,15 @@ impl MeteredStream {
     fn new(
         state: Arc<AppState>,
         upstream: BoxStream<'static, Result<Bytes, hyper::Error>>,
-        scanner: Option<SseScanner>,
-        settlement: Settlement,
+        scanner: Option<Scanner>,
+        settlement: Option<Settlement>,
     ) -> Self {
         let idle_for = state.config.upstream.idle_read_timeout;
         MeteredStream {
             state,
             upstream,
             scanner,
-            settlement: Some(settlement),
+            settlement,
             tail: None,
             done: false,
             broken: None,
@@ -1279,12 +1360,12 @@ impl MeteredStream {
     }
 
     fn text_events(&self) -> u64 {
-        self.scanner.as_ref().map_or(0, SseScanner::text_events)
+        self.scanner.as_ref().map_or(0, Scanner::text_events)
     }
 
     fn start_settling(&mut self, without_usage: Outcome) {
         if let Some(mut s) = self.settlement.take() {
-            let usage = self.scanner.as_ref().and_then(SseScanner::usage);
+            let usage = self.scanner.as_ref().and_then(Scanner::usage);
             let outcome = usage.map_or(without_usage, Outcome::Usage);
             if matches!(outcome, Outcome::Refund) {
                 Metrics::inc(&self.state.metrics.refunds);
@@ -1370,7 +1451,7 @@ impl Stream for MeteredStream {
                 }
                 Poll::Ready(None) => {
                     this.done = true;
-                    this.tail = this.scanner.as_mut().map(SseScanner::finish);
+                    this.tail = this.scanner.as_mut().map(Scanner::finish);
                     let text_events = this.text_events();
                     this.start_settling(Outcome::Estimate { text_events });
                 }
@@ -1389,7 +1470,7 @@ impl Drop for MeteredStream {
             std::mem::replace(&mut self.upstream, futures_util::stream::empty().boxed());
         let scanner = self.scanner.take();
         // What reached the client; what is read while draining did not.
-        let text_events = scanner.as_ref().map_or(0, SseScanner::text_events);
+        let text_events = scanner.as_ref().map_or(0, Scanner::text_events);
         let drain = self.state.config.upstream.usage_drain;
         spawn_tracked(&self.state, async move {
             settlement.release_slot().await;

@@ -291,3 +291,105 @@ async fn a_client_that_leaves_frees_its_slot_at_once_and_is_charged_the_estimate
     assert_eq!(used, reserved, "settled to the estimate, not refunded");
     assert_ne!(used, 23);
 }
+
+/// An upstream whose answers are larger than the gateway reads whole (`max_buffered_bytes`):
+/// `x-size: N` answers N bytes of JSON, `x-status` its status, `x-usage: 0` without usage.
+async fn large_answers() -> String {
+    use axum::http::{HeaderMap, StatusCode as AxumStatus};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(|headers: HeaderMap| async move {
+            let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).unwrap_or("");
+            let size: usize = h("x-size").parse().unwrap();
+            let status = h("x-status").parse().unwrap_or(200);
+            let usage = if h("x-usage") == "0" {
+                String::new()
+            } else {
+                r#","usage":{"prompt_tokens":11,"completion_tokens":22,"total_tokens":33}"#.into()
+            };
+            let head = r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":""#;
+            let end = format!(r#""}},"finish_reason":"stop"}}]{usage}}}"#);
+            let text = "a".repeat(size.saturating_sub(head.len() + end.len()));
+            (
+                AxumStatus::from_u16(status).unwrap(),
+                [("content-type", "application/json")],
+                format!("{head}{text}{end}"),
+            )
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// A JSON answer larger than `max_buffered_bytes` is passed on as it comes, whole and unchanged,
+/// and settled to the usage at its end (or its estimate without one); an error answer that large
+/// is passed on too, and charges nothing. One within the bound is read whole and says its cost.
+#[tokio::test]
+async fn answers_larger_than_the_gateway_holds_pass_through_and_are_settled_from_their_end() {
+    let mut raw = RawSettings::default();
+    raw.upstream.max_buffered_bytes = Some(65_536);
+    raw.rate_limit_headers = Some(vec!["openai".into(), "mistral".into()]);
+    let gw = TestGateway::start_with(Options {
+        upstream: Some(large_answers().await),
+        raw,
+        ..Options::default()
+    })
+    .await;
+    gw.put_tier("t", json!({"tokens_per_month": 1_000_000}))
+        .await;
+    let (_, key) = gw.workspace("t").await;
+    let month = || async { gw.limits(&key).await["usage"]["tokens_this_month"].clone() };
+    let mut charged = 0;
+
+    for size in [60_000usize, 1_000_000, 8_000_000] {
+        let r = gw
+            .chat(&key, hello(), &[("x-size", &size.to_string())])
+            .await;
+        assert_eq!(r.status(), StatusCode::OK, "{size}");
+        let cost = header(&r, "x-ratelimit-tokens-query-cost").map(str::to_owned);
+        let body = r.bytes().await.unwrap();
+        assert_eq!(body.len(), size);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["usage"]["total_tokens"], 33);
+        // Read whole, its cost is in a header; passed on as it comes, it cannot be.
+        assert_eq!(cost.as_deref(), (size < 65_536).then_some("33"), "{size}");
+        charged += 33;
+        let want = json!(charged);
+        eventually(Duration::from_secs(5), "settled from the usage", || async {
+            month().await == want
+        })
+        .await;
+    }
+
+    // Without usage: its estimate, as a small answer without usage is.
+    let r = gw
+        .chat(&key, hello(), &[("x-size", "300000"), ("x-usage", "0")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let reserved = 1_000_000 - charged - header_u64(&r, "x-ratelimit-remaining-tokens-month");
+    assert!(reserved > 0);
+    assert_eq!(r.bytes().await.unwrap().len(), 300_000);
+    charged += reserved;
+    let want = json!(charged);
+    eventually(
+        Duration::from_secs(5),
+        "settled to the estimate",
+        || async { month().await == want },
+    )
+    .await;
+
+    // An upstream error that large: passed on, nothing charged, nothing held.
+    let r = gw
+        .chat(&key, hello(), &[("x-size", "500000"), ("x-status", "500")])
+        .await;
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(r.bytes().await.unwrap().len(), 500_000);
+    eventually(Duration::from_secs(5), "nothing held", || async {
+        let usage = gw.limits(&key).await["usage"].clone();
+        usage["in_flight"] == 0 && usage["tokens_reserved"] == 0
+    })
+    .await;
+    assert_eq!(month().await, json!(charged));
+}
