@@ -185,6 +185,30 @@ fn render(document: &OpenApi) -> Vec<u8> {
             }
         }
     }
+    // Every operation refuses a query parameter it does not take (`refuse_unknown_query`): one
+    // that lists no `400` of its own is given this one.
+    let error = format!(
+        "#/components/schemas/{}",
+        <ErrorBody as utoipa::ToSchema>::name()
+    );
+    for item in document["paths"].as_object_mut().into_iter().flatten() {
+        for op in item
+            .1
+            .as_object_mut()
+            .into_iter()
+            .flatten()
+            .map(|(_, op)| op)
+        {
+            let responses = &mut op["responses"];
+            if responses.get("400").is_none() {
+                responses["400"] = serde_json::json!({
+                    "description": "A query parameter the operation does not take \
+                        (`invalid_request_error`; the message names it).",
+                    "content": {"application/json": {"schema": {"$ref": error}}}
+                });
+            }
+        }
+    }
     if let Some(all) = document["tags"].as_array_mut() {
         all.retain(|t| t["name"].as_str().is_some_and(|n| tags.contains(n)));
     }

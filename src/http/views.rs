@@ -280,7 +280,7 @@ impl From<&WebhookEndpoint> for WebhookView {
 
 /// A webhook endpoint just registered, with its signing secret.
 #[derive(Debug, Serialize, ToSchema)]
-#[schema(as = NewWebhook)]
+#[schema(as = CreatedWebhook)]
 pub struct NewWebhookView {
     #[serde(flatten)]
     pub info: WebhookView,

@@ -144,6 +144,28 @@ async fn get_budget(
     Ok(SortedJson(entry.workspace.budget.clone()))
 }
 
+/// The whole budget to set: each part may be left out.
+// Only the document's: the body is read as `model::Budget`, whose schema is the answer's, where
+// `tokens_per_month` is always sent.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+struct BudgetChange {
+    /// Tokens per calendar month (UTC) for the whole workspace, at most its month limit; `null`
+    /// or left out: none.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_000.0)]
+    tokens_per_month: Option<u64>,
+    /// Tokens per month per model (at most 64 models), each at most the model's month limit and
+    /// the workspace's; left out: none.
+    #[schema(nullable = false)]
+    models: Option<std::collections::BTreeMap<String, BudgetCap>>,
+}
+
+/// A model's cap in a budget.
+#[derive(ToSchema)]
+#[schema(minimum = 1, maximum = 1_000_000_000_000_000.0)]
+#[allow(dead_code)]
+struct BudgetCap(u64);
+
 /// Sets the workspace's own monthly caps, below its limits: a request that would go past one is
 /// a `429` (`quota_exceeded`, code `workspace_budget` or `model_budget`).
 // The key is checked before the body is read (the body is bounded either way).
@@ -153,7 +175,7 @@ async fn get_budget(
     tag = "workspace",
     operation_id = "put_budget",
     security(("workspace_key" = [])),
-    request_body(content = Budget, description = "The whole budget: `tokens_per_month` (`null` or left out: none) and `models` (left out: none)."),
+    request_body(content = BudgetChange, description = "The whole budget: `tokens_per_month` (`null` or left out: none) and `models` (left out: none)."),
     responses(
         (status = 200, description = "The budget, set.", body = Budget),
         BodyErrors,

@@ -6,7 +6,9 @@
 //! - every answer of those routes, successes and errors, is one the document allows for that
 //!   operation and status, and its body matches the schema, by the strict validator below. Every
 //!   documented (operation, status) is produced at least once, except `408` and `503` (a body
-//!   sent too slowly, a database down: `faults.rs` and `tests/postgres.rs` test those answers).
+//!   sent too slowly, a database down: `faults.rs` and `tests/postgres.rs` test those answers);
+//! - every body an operation took (a `2xx`) matches the document's request body for it, and
+//!   every operation answers a query parameter it does not take with a `400` it documents.
 //!
 //! The validator is written here, over the part of JSON Schema that utoipa emits: `$ref` to the
 //! components, `type` (one or a list), `enum`, `properties`, `required`, `additionalProperties`,
@@ -473,6 +475,10 @@ impl Checker {
         body: Body,
     ) -> (StatusCode, Value) {
         let template = self.template(&method, path);
+        let sent = match &body {
+            Body::Json(v) => Some(v.clone()),
+            _ => None,
+        };
         let mut request = self.client.request(method.clone(), format!("{base}{path}"));
         if let Some(t) = token {
             request = request.bearer_auth(t);
@@ -490,6 +496,21 @@ impl Checker {
         let text = r.text().await.unwrap();
         let what = format!("{method} {path} -> {status}");
         let op = &self.doc["paths"][&template][method.as_str().to_lowercase()];
+        // A body the operation took is one its document describes (a client generated from
+        // the document sends what it says).
+        if let (Some(sent), true) = (&sent, status.is_success()) {
+            let schema = &op["requestBody"]["content"]["application/json"]["schema"];
+            assert!(
+                schema.is_object(),
+                "{method} {path}: took a body it does not describe"
+            );
+            let schemas = Schemas { doc: &self.doc };
+            if let Err(e) = schemas.check(schema, sent, "request") {
+                panic!(
+                    "{method} {path} took a body that does not match the document: {e}\n{sent:#}"
+                );
+            }
+        }
         let response = &op["responses"][status.as_str()];
         assert!(
             response.is_object(),
@@ -902,7 +923,23 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     for (method, template, op) in operations {
         let m = || method.clone();
         let at = |id: &str| template.replace("{id}", id).replace("{name}", "t");
-        let Some(scheme) = op["security"][0].as_object().and_then(|s| s.keys().next()) else {
+        let scheme = op["security"][0].as_object().and_then(|s| s.keys().next());
+        // Every operation refuses a query parameter it does not take, and the document says so.
+        let token = match scheme.map(String::as_str) {
+            Some("admin_token") => Some(ADMIN),
+            Some(_) => Some(bare_key.as_str()),
+            None => None,
+        };
+        let path = format!("{}?unknown=1", at(&rich_ws.to_string()));
+        let v = api.expect(b, token, m(), &path, Body::None, bad).await;
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown parameter 'unknown'"),
+            "{method} {path}: {v}"
+        );
+        let Some(scheme) = scheme else {
             continue; // The limits page.
         };
         let admin_api = scheme == "admin_token";
@@ -935,11 +972,6 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
             };
             api.expect(b, token, m(), &at("999999"), valid, not_found)
                 .await;
-        }
-        let parameters = op["parameters"].as_array().into_iter().flatten();
-        if parameters.clone().any(|p| p["in"] == "query") {
-            let path = format!("{}?unknown=1", at(&rich_ws.to_string()));
-            api.expect(b, token, m(), &path, Body::None, bad).await;
         }
         if op.get("requestBody").is_some() {
             let path = match template.contains("/workspaces/{id}") {
