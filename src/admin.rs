@@ -28,7 +28,7 @@ use crate::model::{
     validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition,
     Enforcement, FieldPatch, KeyId, KeyLimits, LimitRequest, LimitRequestId, LimitRequestStatus,
     Limits, Overrides, OverridesPatch, Promoted, ShadowLimit, Tier, TierSpec, Workspace,
-    WorkspaceId, WorkspaceStatus, MAX_BUDGET_MODELS,
+    WorkspaceId, WorkspaceStatus, MAX_BUDGET_MODELS, MAX_TOKENS_PER_MONTH,
 };
 use crate::store::{
     AuditFilter, DeliveryRecord, NewKey, NewWebhook, Store, StoreError, WebhookEndpoint, WebhookId,
@@ -630,8 +630,8 @@ impl Admin {
     }
 
     /// Replaces a workspace's own budget (`by`: the workspace itself). Each cap must be a whole
-    /// number from 1 and at most the workspace's effective limit (its tier's, then its
-    /// overrides): a budget only ever lowers a limit. A model's cap is held against the model's
+    /// number from 1 to `MAX_TOKENS_PER_MONTH` and at most the workspace's effective limit (its
+    /// tier's, then its overrides): a budget only ever lowers a limit. A model's cap is held against the model's
     /// own month limit and the workspace's.
     pub async fn set_budget(
         &self,
@@ -655,6 +655,12 @@ impl Admin {
         let check = |field: &str, n: u64, cap: Option<u64>| -> Result<(), AdminError> {
             if n == 0 {
                 return Err(invalid(format!("'{field}' must be at least 1")));
+            }
+            // Without a month limit to stay under, the bound every month limit has.
+            if n > MAX_TOKENS_PER_MONTH {
+                return Err(invalid(format!(
+                    "'{field}' must be at most {MAX_TOKENS_PER_MONTH}"
+                )));
             }
             match cap {
                 Some(cap) if n > cap => Err(invalid(format!(

@@ -302,7 +302,7 @@ fn ietf(snapshot: &Snapshot, now: Nanos, values: &mut Values) {
     }
     list(&mut values.text, policies.clone(), |out, p| {
         out.push_str(";q=");
-        push_u64(out, p.q);
+        push_u64(out, p.q.min(SF_INTEGER_MAX));
         if let Some(unit) = p.unit {
             out.push_str(";qu=\"");
             out.push_str(unit);
@@ -314,7 +314,7 @@ fn ietf(snapshot: &Snapshot, now: Nanos, values: &mut Values) {
     values.end(&RATELIMIT_POLICY);
     list(&mut values.text, policies, |out, p| {
         out.push_str(";r=");
-        push_u64(out, p.window.remaining);
+        push_u64(out, p.window.remaining.min(SF_INTEGER_MAX));
         out.push_str(";t=");
         push_u64(out, secs_ceil(p.window.reset));
     });
@@ -322,6 +322,10 @@ fn ietf(snapshot: &Snapshot, now: Nanos, values: &mut Values) {
 }
 
 const TOKENS: Option<&str> = Some("tokens");
+
+/// The largest integer a structured field may carry (RFC 8941: at most 15 digits). A month
+/// limit may be 10^15, one more: it is sent as this.
+const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
 
 /// One limit as the IETF fields name it: quota `q` of `unit` per `w` seconds, and its window.
 struct Policy<'a> {
@@ -389,6 +393,34 @@ mod tests {
         assert_eq!(duration(1999 * ms + 1), "2s");
         assert_eq!(duration(3600 * s), "1h0m0s");
         assert_eq!(duration(3600 * s + 500 * ms), "1h0m0.5s");
+    }
+
+    #[test]
+    fn ietf_integers_stay_within_fifteen_digits() {
+        let window = |n: u64| Window {
+            limit: n as f64,
+            remaining: n,
+            reset: NANOS_PER_SEC,
+        };
+        let headers = |n: u64| {
+            let snapshot = Snapshot {
+                month: Some(window(n)),
+                ..Snapshot::default()
+            };
+            let mut values = Values::new();
+            ietf(&snapshot, 0, &mut values);
+            let mut h = HeaderMap::new();
+            values.put(&mut h);
+            let get = |name: &HeaderName| h.get(name).unwrap().to_str().unwrap().to_owned();
+            (get(&RATELIMIT_POLICY), get(&RATELIMIT))
+        };
+        // The largest month limit, 10^15, has 16 digits: sent as the largest that fits.
+        let (policy, now) = headers(1_000_000_000_000_000);
+        assert!(policy.contains(";q=999999999999999;"), "{policy}");
+        assert!(now.contains(";r=999999999999999;"), "{now}");
+        let (policy, now) = headers(999_999_999_999_998);
+        assert!(policy.contains(";q=999999999999998;"), "{policy}");
+        assert!(now.contains(";r=999999999999998;"), "{now}");
     }
 
     #[test]

@@ -172,11 +172,33 @@ async fn a_budget_below_the_limit_is_enforced_and_named_and_one_above_is_refused
 }
 
 #[tokio::test]
-async fn on_a_tier_without_a_month_quota_any_budget_is_allowed() {
+async fn on_a_tier_without_a_month_quota_any_budget_up_to_the_month_bound_is_allowed() {
     let gw = TestGateway::start().await;
     gw.put_tier("open", json!({"tokens_per_minute": 1000000}))
         .await;
     let (_, key) = gw.workspace("open").await;
+    // Past 10^15, the bound of every month limit (kept exact in the Redis script), refused.
+    for budget in [
+        json!({"tokens_per_month": 1_000_000_000_000_001u64}),
+        json!({"models": {"m": u64::MAX}}),
+    ] {
+        let (s, b) = put_budget(&gw, &key, budget.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{budget}: {b}");
+        assert!(
+            b["message"]
+                .as_str()
+                .unwrap()
+                .contains("must be at most 1000000000000000"),
+            "{b}"
+        );
+    }
+    let (s, b) = put_budget(
+        &gw,
+        &key,
+        json!({"tokens_per_month": 1_000_000_000_000_000u64}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{b}");
     let (s, b) = put_budget(&gw, &key, json!({"tokens_per_month": 1_000_000_000_000u64})).await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
