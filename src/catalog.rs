@@ -396,12 +396,12 @@ impl Catalog {
         Ok(entry.clone())
     }
 
-    /// The tier of the workspace whose key `secret` is, when the catalogue holds it, whatever
-    /// the key's or the workspace's state: for the metrics of a refusal (an expired key, a
-    /// suspended workspace), whose workspace is known.
-    pub fn tier_of_key(&self, secret: &str) -> Option<String> {
-        let (_, entry) = self.lookup(&hash_key(secret))?;
-        Some(entry.workspace.tier.clone())
+    /// The key `secret`, its workspace and the workspace's tier, when the catalogue holds it,
+    /// whatever the key's or the workspace's state: for the metrics and the log of a refusal (an
+    /// expired key, a suspended workspace), whose workspace is known.
+    pub fn owner_of_key(&self, secret: &str) -> Option<(KeyId, WorkspaceId, String)> {
+        let (key, entry) = self.lookup(&hash_key(secret))?;
+        Some((key.id, key.workspace, entry.workspace.tier.clone()))
     }
 
     fn lookup(&self, hash: &[u8; 32]) -> Option<(Arc<KeyEntry>, Arc<WorkspaceEntry>)> {

@@ -1125,30 +1125,8 @@ fn redis_config(
     prefix: Option<String>,
     instances: Option<u32>,
 ) -> Result<Option<RedisConfig>, ConfigError> {
-    let Some(redis) = redis else {
-        return Ok(None);
-    };
-    let urls: Vec<&str> = redis
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .collect();
-    if urls.is_empty() {
-        return Err(invalid(
-            "redis",
-            "no URL: give redis://host:port, or seed nodes separated by commas",
-        ));
-    }
-    let cluster = cluster || urls.len() > 1;
-    let urls = urls
-        .iter()
-        .map(|u| redis_url(u, cluster))
-        .collect::<Result<Vec<_>, _>>()?;
-    let topology = if cluster {
-        Topology::Cluster(urls)
-    } else {
-        Topology::Single(urls.into_iter().next().expect("one URL"))
-    };
+    // The Redis settings are checked whether or not `redis` is set: a mistake in one is found
+    // now, not when Redis is added.
     let timeout = match timeout_ms.unwrap_or(50) {
         0 => return Err(invalid("redis_timeout_ms", "must be above 0")),
         n if n > 60_000 => return Err(invalid("redis_timeout_ms", "must be at most 60000")),
@@ -1180,6 +1158,30 @@ fn redis_config(
     if instances == Some(0) {
         return Err(invalid("instances", "must be at least 1"));
     }
+    let Some(redis) = redis else {
+        return Ok(None);
+    };
+    let urls: Vec<&str> = redis
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(invalid(
+            "redis",
+            "no URL: give redis://host:port, or seed nodes separated by commas",
+        ));
+    }
+    let cluster = cluster || urls.len() > 1;
+    let urls = urls
+        .iter()
+        .map(|u| redis_url(u, cluster))
+        .collect::<Result<Vec<_>, _>>()?;
+    let topology = if cluster {
+        Topology::Cluster(urls)
+    } else {
+        Topology::Single(urls.into_iter().next().expect("one URL"))
+    };
     Ok(Some(RedisConfig {
         topology,
         prefix,
@@ -1614,6 +1616,17 @@ mod tests {
             ..with("redis://h:6379")
         });
         assert!(e.starts_with("redis_failure_policy:"), "{e}");
+        // Without `redis` too: the mistake is found before Redis is added.
+        let e = bad(RawSettings {
+            redis_failure_policy: Some("maybe".into()),
+            ..Default::default()
+        });
+        assert!(e.starts_with("redis_failure_policy:"), "{e}");
+        let e = bad(RawSettings {
+            redis_lease_ms: Some(100),
+            ..Default::default()
+        });
+        assert!(e.starts_with("redis_lease_ms:"), "{e}");
         let e = bad(RawSettings {
             redis_timeout_ms: Some(0),
             ..with("redis://h:6379")

@@ -83,10 +83,15 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
     let shown_id = client_request_id(&parts.headers);
     // The metered route of the path as sent; `forward` names it again from the normalised path.
     let endpoint = Endpoint::of_path(parts.uri.path());
+    // Only a `POST` is metered: another method on a metered path is `other`, as in the metrics.
+    let metered = parts.method == Method::POST;
     let mut access = state.config.access_log.then(|| {
         Box::new(AccessLine {
             start: seen.started(),
-            route: endpoint.map_or("other", Endpoint::path),
+            route: match metered {
+                true => endpoint.map_or("other", Endpoint::path),
+                false => "other",
+            },
             workspace: None,
             key: None,
             client_id: shown_id.clone(),
@@ -99,14 +104,19 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
     });
     let mut response = match authenticate(&state, &parts.headers).await {
         Err(e) => {
-            if parts.method == Method::POST {
+            if metered {
                 seen.set_route(Route::of(endpoint));
             }
             // An expired key or a suspended workspace: the workspace is known, and so its tier.
             if matches!(e, ApiError::Forbidden(_)) {
                 let secret = super::bearer(&parts.headers).unwrap_or_default();
-                if let Some(tier) = state.catalog.tier_of_key(secret) {
+                if let Some((key, workspace, tier)) = state.catalog.owner_of_key(secret) {
                     seen.set_tier(&tier);
+                    if let Some(a) = access.as_mut() {
+                        a.workspace = Some(workspace);
+                        a.key = Some(key);
+                        a.decision = "rejected";
+                    }
                 }
             }
             e.into_response()

@@ -345,6 +345,49 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
     let unknown = chat("sk-not-a-key-at-all", "line-401").await.unwrap();
     assert_eq!(unknown.status(), StatusCode::UNAUTHORIZED);
+    // Another method on a metered path is not metered: `other`, as in the metrics.
+    let get = client
+        .get(format!("{url}/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-request-id", "line-get")
+        .send()
+        .await
+        .unwrap();
+    assert_ne!(get.status(), StatusCode::UNAUTHORIZED);
+    // A suspended workspace's key: refused, but the workspace and the key are known.
+    let other: Value = admin(
+        reqwest::Method::POST,
+        "/workspaces",
+        json!({"name": "suspended", "tier": "one"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let other_id = other["id"].as_i64().unwrap();
+    let other_key: Value = admin(
+        reqwest::Method::POST,
+        &format!("/workspaces/{other_id}/keys"),
+        json!({}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let r = admin(
+        reqwest::Method::PATCH,
+        &format!("/workspaces/{other_id}"),
+        json!({"status": "suspended"}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let suspended = chat(other_key["key"].as_str().unwrap(), "line-403")
+        .await
+        .unwrap();
+    assert_eq!(suspended.status(), StatusCode::FORBIDDEN);
 
     let lines = || -> Vec<Value> {
         let f = std::fs::File::open(&log).unwrap();
@@ -355,13 +398,13 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
             .filter(|v| v["target"] == "tiergate::access")
             .collect()
     };
-    eventually(Duration::from_secs(5), "five access lines", || async {
-        lines().len() >= 5
+    eventually(Duration::from_secs(5), "seven access lines", || async {
+        lines().len() >= 7
     })
     .await;
     drop(child);
     let lines = lines();
-    assert_eq!(lines.len(), 5, "{lines:?}");
+    assert_eq!(lines.len(), 7, "{lines:?}");
     let by_id = |id: &str| {
         lines
             .iter()
@@ -396,6 +439,14 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     assert_eq!(unknown["status"], 401);
     assert_eq!(unknown["decision"], "unauthenticated");
     assert!(unknown.get("workspace").is_none());
+    let get = by_id("line-get");
+    assert_eq!(get["route"], "other", "{get}");
+    assert_eq!(get["workspace"], ws_id);
+    let suspended = by_id("line-403");
+    assert_eq!(suspended["status"], 403);
+    assert_eq!(suspended["decision"], "rejected", "{suspended}");
+    assert_eq!(suspended["workspace"], other_id);
+    assert_eq!(suspended["key"], other_key["id"]);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(&key), "the key is in the log");
     assert!(
