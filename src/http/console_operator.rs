@@ -18,8 +18,12 @@
 //!     with its value as loaded, `was_<field>`, so that only the fields edited are sent, as a
 //!     patch: a number sets, an emptied field clears, and whatever changed the others meanwhile,
 //!     an approval say, is kept), `POST …/{id}/status` (`status`: `active` or `suspended`),
-//!     `POST …/{id}/keys` (`name`, `expires_at`: answers the page with the new secret, shown
-//!     that once, never in a URL).
+//!     `POST …/{id}/keys` (`name`, `expires_at`): the key is made, and the answer is `303` to
+//!     `GET /console/operator/keys/{id}/created`, the new secret in a cookie for that one path
+//!     (`HttpOnly`, `SameSite=Strict`, 5 minutes), never in a URL. That page shows the secret if
+//!     the cookie holds the secret of that very key, and clears the cookie: the secret is shown
+//!     once, and reloading the page (or going back to it) makes no second key and shows no
+//!     secret (`410`).
 //!   - `POST /console/operator/keys/{id}/revoke`; `POST /console/operator/keys/{id}/limits`
 //!     (`form.key-limits`, one per active key, beside its limits: the four fields of
 //!     `PATCH /admin/v1/keys/{id}`, filled with what the key has; an empty field is no limit of
@@ -52,7 +56,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
@@ -61,8 +65,8 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::console::{
-    cookie_value, field, key_limits_text, page, read_form_up_to, same_origin, see_other,
-    session_of, SignedOut, Unread,
+    cookie_value, field, key_limits_text, named_cookie, over_https, page, read_form_up_to,
+    same_origin, see_other, session_of, SignedOut, Unread,
 };
 use super::error::ApiError;
 use super::views::{usage_view, Timestamp};
@@ -70,8 +74,8 @@ use crate::admin::{self, AdminError, AuditQuery, NewKeyInput, WorkspaceListing, 
 use crate::app::AppState;
 use crate::console::{Session, SessionKind};
 use crate::model::{
-    Actor, ApiKey, AuditEntry, LimitRequest, LimitRequestStatus, Limits, ModelLimits, Overrides,
-    Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+    Actor, ApiKey, AuditEntry, KeyId, LimitRequest, LimitRequestStatus, Limits, ModelLimits,
+    Overrides, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
 };
 use crate::store::{WorkspacePage, WorkspaceSort};
 
@@ -111,6 +115,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         )
         .route("/console/operator/workspaces/{id}/pin", post(change_pin))
         .route("/console/operator/workspaces/{id}/keys", post(create_key))
+        .route("/console/operator/keys/{id}/created", get(created_key))
         .route("/console/operator/keys/{id}/revoke", post(revoke_key))
         .route("/console/operator/keys/{id}/limits", post(set_key_limits))
         .route(TIERS, get(tiers_page).post(create_tier))
@@ -1262,6 +1267,7 @@ async fn create_key(
     Path(id): Path<String>,
     request: Request,
 ) -> Response {
+    let secure = over_https(request.headers());
     let (op, form) = match posted(&state, request).await {
         Ok(p) => p,
         Err(r) => return r,
@@ -1277,23 +1283,80 @@ async fn create_key(
     }
     .await;
     match made {
-        // The secret is on this answer only: no redirect, nothing in a URL, `no-store`.
-        Ok((key, secret)) => operator_page(
-            &state,
-            &op,
-            StatusCode::CREATED,
-            "New key",
-            (Some("Key created."), None),
-            html! {
-                h1 { "New key" }
-                p { "Copy the key now: it is shown this once, and only its hash is kept." }
-                p { code #new-key { (secret) } }
-                p.note { "Prefix " code { (key.prefix) "…" } @if let Some(n) = &key.name { " · name " (n) } }
-                p { a href=(format!("{HOME}/{}", key.workspace_id)) { "Back to the workspace" } }
-            },
-        ),
+        // Post, redirect, get: reloading the page that shows the secret must not make another
+        // key. The secret goes to that page in a cookie for its path alone, never in a URL.
+        Ok((key, secret)) => {
+            let path = created_path(key.id);
+            let cookie = HeaderValue::from_str(&format!(
+                "{NEW_KEY_COOKIE}={secret}; Max-Age=300; Path={path}; HttpOnly; SameSite=Strict{}",
+                if secure { "; Secure" } else { "" }
+            ))
+            .expect("a key is ASCII");
+            see_other(&path, Some(cookie))
+        }
         Err(e) => after_change(&state, &op, &id, Err(e)).await,
     }
+}
+
+/// The cookie that carries a new key's secret to the page that shows it.
+const NEW_KEY_COOKIE: &str = "tiergate_new_key";
+
+fn created_path(key: KeyId) -> String {
+    format!("/console/operator/keys/{key}/created")
+}
+
+/// `GET /console/operator/keys/{id}/created`: the new key's secret, once (see `create_key`).
+async fn created_key(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let Some(id) = id_of(&id) else {
+        return message_page(&op, &state, StatusCode::NOT_FOUND, "No such key.");
+    };
+    // Shown only if the cookie holds this key's own secret.
+    let shown = named_cookie(&headers, NEW_KEY_COOKIE).and_then(|secret| {
+        let (key, workspace, _) = state.catalog.owner_of_key(secret)?;
+        (key == id).then_some((secret, workspace))
+    });
+    let Some((secret, workspace)) = shown else {
+        return message_page(
+            &op,
+            &state,
+            StatusCode::GONE,
+            "This key's secret was shown once, and only its hash is kept. If it was not copied, revoke the key and make another.",
+        );
+    };
+    let keys = state.admin.list_keys(workspace).await.unwrap_or_default();
+    let key = keys.iter().find(|k| k.id == id);
+    let mut page = operator_page(
+        &state,
+        &op,
+        StatusCode::OK,
+        "New key",
+        (Some("Key created."), None),
+        html! {
+            h1 { "New key" }
+            p { "Copy the key now: it is shown this once, and only its hash is kept." }
+            p { code #new-key { (secret) } }
+            @if let Some(key) = key {
+                p.note { "Prefix " code { (key.prefix) "…" } @if let Some(n) = &key.name { " · name " (n) } }
+            }
+            p { a href=(format!("{HOME}/{workspace}")) { "Back to the workspace" } }
+        },
+    );
+    let clear = HeaderValue::from_str(&format!(
+        "{NEW_KEY_COOKIE}=; Max-Age=0; Path={}; HttpOnly; SameSite=Strict{}",
+        created_path(id),
+        if over_https(&headers) { "; Secure" } else { "" }
+    ))
+    .expect("ASCII");
+    page.headers_mut().append(header::SET_COOKIE, clear);
+    page
 }
 
 /// `POST /console/operator/keys/{id}/limits`: replaces a key's own limits as

@@ -110,6 +110,53 @@ impl Operator {
         all.extend_from_slice(fields);
         post_at(&self.base, path, Some(&self.cookie), &all, &[]).await
     }
+
+    /// Follows a key's creation as a browser does (`303` to the key's page, its secret in a
+    /// cookie for that path alone), and returns the secret that page shows once.
+    pub(crate) async fn new_key(&self, made: &Page) -> String {
+        assert_eq!(made.status, StatusCode::SEE_OTHER, "{}", made.body);
+        let to = made.location.clone().expect("a redirect");
+        assert!(
+            to.starts_with("/console/operator/keys/") && to.ends_with("/created"),
+            "{to}"
+        );
+        let set = made
+            .set_cookie
+            .iter()
+            .find(|c| c.starts_with("tiergate_new_key="))
+            .expect("the secret's cookie");
+        for flag in [
+            "HttpOnly",
+            "SameSite=Strict",
+            "Max-Age=300",
+            &format!("Path={to};"),
+        ] {
+            assert!(set.contains(flag), "{flag} in {set}");
+        }
+        let carried = set.split(';').next().unwrap();
+        let cookies = format!("{}; {carried}", self.cookie);
+        let page = get_at(&self.base, &to, Some(&cookies)).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        assert!(
+            page.set_cookie
+                .iter()
+                .any(|c| c.starts_with("tiergate_new_key=;") && c.contains("Max-Age=0")),
+            "the cookie is cleared: {:?}",
+            page.set_cookie
+        );
+        let secret = text_of(&page.body, "new-key");
+        assert_eq!(format!("tiergate_new_key={secret}"), carried);
+        // Once: the page again (a reload, the cookie gone) shows no secret.
+        let again = get_at(&self.base, &to, Some(&self.cookie)).await;
+        assert_eq!(again.status, StatusCode::GONE, "{}", again.body);
+        assert!(!again.body.contains(&secret));
+        // Nor does another key's page with this secret.
+        let other = to.replace("/keys/", "/keys/9").to_string();
+        let stray = get_at(&self.base, &other, Some(&cookies)).await;
+        assert_eq!(stray.status, StatusCode::GONE, "{}", stray.body);
+        assert!(!stray.body.contains(&secret));
+        secret
+    }
 }
 
 /// The ids of the `data-ATTR="N"` rows of a page, in order.
@@ -478,14 +525,24 @@ async fn workspace_changes_hold_on_the_next_request_and_are_audited_as_the_token
     assert!(page.redirects_to(&back("reactivated")));
     assert_eq!(tokens_limit(&gw, &key).await, 200000);
 
-    // A key made: its secret shown on the answer only, and it works at once; then revoked.
+    // A key made: its secret shown once, never in a URL, and it works at once; then revoked.
+    let keys_path = format!("/workspaces/{ws}/keys");
+    let keys_now = || async {
+        let (_, keys) = gw.admin(Method::GET, &keys_path, None).await;
+        keys["data"].as_array().unwrap().len()
+    };
+    let before = keys_now().await;
     let page = op
         .post(&at("keys"), &[("name", "ci"), ("expires_at", "")])
         .await;
-    assert_eq!(page.status, StatusCode::CREATED, "{}", page.body);
-    assert!(page.location.is_none());
-    let secret = text_of(&page.body, "new-key");
+    let secret = op.new_key(&page).await;
     assert!(secret.starts_with("tg_"), "{secret}");
+    assert!(!page.location.as_deref().unwrap().contains(&secret));
+    assert_eq!(
+        keys_now().await,
+        before + 1,
+        "one key, however often its page is read"
+    );
     assert_eq!(tokens_limit(&gw, &secret).await, 200000);
     let page = op.get(&format!("{HOME}/{ws}")).await;
     assert!(!page.body.contains(&secret));
@@ -522,8 +579,7 @@ async fn workspace_changes_hold_on_the_next_request_and_are_audited_as_the_token
     let page = op
         .post(&at("keys"), &[("name", "brief"), ("expires_at", &soon)])
         .await;
-    assert_eq!(page.status, StatusCode::CREATED, "{}", page.body);
-    let brief = text_of(&page.body, "new-key");
+    let brief = op.new_key(&page).await;
     let status_of = |body: &str, prefix: &str| {
         let row = body.split("<tr data-key-id=").find(|r| r.contains(prefix));
         row.unwrap_or_else(|| panic!("no key {prefix}… in {body}"))
@@ -887,6 +943,14 @@ async fn a_workspace_session_is_refused_on_every_operator_page() {
             assert!(!page.body.contains(secret), "{path} shows {secret}");
         }
         assert!(page.set_cookie.is_empty(), "its own session is kept");
+    }
+    // A new key's page, even with a key's secret in its cookie.
+    let with_secret = format!("{cookie}; tiergate_new_key={key}");
+    for id in 1..=3 {
+        let path = format!("/console/operator/keys/{id}/created");
+        let page = get_at(&gw.url, &path, Some(&with_secret)).await;
+        assert_eq!(page.status, StatusCode::FORBIDDEN, "{path}");
+        assert!(!page.body.contains(&key), "{path}");
     }
     for (path, fields) in [
         (
