@@ -189,15 +189,33 @@ fn with_body_deadline(state: &AppState, request: Request) -> Request {
 /// `//v1//chat/completions` the metered route (it was a 404). `None` for a path already normal
 /// (nearly every request's: one scan, no copy), or not under `/v1/`, or one that cannot be
 /// normalised (the proxy refuses it).
+/// A path that names one of the workspace API's routes in another letter case (`/v1/Limits`) is
+/// given that route's own (`OWN_V1_ROUTES`): it was forwarded upstream.
 pub(crate) fn normalised_v1(uri: &Uri) -> Option<Uri> {
-    let std::borrow::Cow::Owned(path) = proxy::normalise_path(uri.path()).ok()? else {
-        return None;
+    let path = match proxy::normalise_path(uri.path()).ok()? {
+        std::borrow::Cow::Borrowed(normal) => own_route_spelt(normal)?,
+        std::borrow::Cow::Owned(path) => own_route_spelt(&path).unwrap_or(path),
     };
     let target = match uri.query() {
         Some(q) => format!("{path}?{q}"),
         None => path,
     };
     target.parse().ok()
+}
+
+/// The first segments after `/v1/` of the workspace API's own routes, which are matched in any
+/// letter case (`tests/gateway/openapi.rs` checks that this lists them all).
+pub const OWN_V1_ROUTES: [&str; 5] = ["limits", "usage", "budget", "limit-requests", "webhooks"];
+
+/// `path` (normal) with its first segment after `/v1/` spelt as the own route it names in another
+/// letter case; `None` when it names none, or names one as it is spelt.
+fn own_route_spelt(path: &str) -> Option<String> {
+    let rest = path.strip_prefix("/v1/")?;
+    let first = rest.split('/').next().unwrap_or(rest);
+    let own = OWN_V1_ROUTES
+        .iter()
+        .find(|own| own.eq_ignore_ascii_case(first) && **own != first)?;
+    Some(format!("/v1/{own}{}", &rest[first.len()..]))
 }
 
 pub(crate) fn proxied_directly(path: &str) -> bool {

@@ -612,6 +612,14 @@ async fn each_listener_documents_the_routes_it_serves_as_the_readme_lists_them()
     let doc = fetch_document(&gw, &gw.url).await;
     check_document(&doc);
     assert_eq!(documented_routes(&doc), both);
+    // The workspace API's routes are those the gateway matches in any letter case.
+    let firsts: BTreeSet<&str> = workspace
+        .iter()
+        .filter_map(|(_, path)| path.strip_prefix("/v1/"))
+        .map(|rest| rest.split('/').next().unwrap())
+        .collect();
+    let own: BTreeSet<&str> = tiergate::http::OWN_V1_ROUTES.into_iter().collect();
+    assert_eq!(firsts, own);
     // No method beyond those documented: a route answers any other with 405 and `Allow`.
     for (path, item) in doc["paths"].as_object().unwrap() {
         let concrete = path.replace("{id}", "1").replace("{name}", "free");

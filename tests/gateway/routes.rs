@@ -68,7 +68,7 @@ async fn path_variants_are_metered_as_their_route_and_forwarded_normalised() {
 
 /// The workspace API's own routes in another spelling are served by the gateway, never
 /// forwarded: `/v1/webhooks/` with a body reached the upstream, the endpoint's URL with it, and
-/// `/v1/limits/` cost a request (an outside audit).
+/// `/v1/limits/` cost a request (an outside audit); `/v1/Limits` was forwarded (another).
 #[tokio::test]
 async fn the_gateway_s_own_routes_in_another_spelling_are_its_own() {
     let (gw, key) = setup().await;
@@ -80,6 +80,12 @@ async fn the_gateway_s_own_routes_in_another_spelling_are_its_own() {
         "/v1//limits",
         "/v1/./usage/",
         "//v1/limit-requests/",
+        "/v1/Limits",
+        "/v1/LIMITS/",
+        "/v1/Usage",
+        "/v1/Limit-Requests",
+        "/v1/BUDGET",
+        "/v1/Webhooks",
     ] {
         let (status, body) = raw_request(&gw.url, "GET", path, &headers, "").await;
         assert_eq!(status, 200, "{path}: {body}");
@@ -90,9 +96,11 @@ async fn the_gateway_s_own_routes_in_another_spelling_are_its_own() {
         ("authorization", auth.as_str()),
         ("content-type", "application/json"),
     ];
-    let (status, body) = raw_request(&gw.url, "POST", "/v1/webhooks/", &headers, hook).await;
-    assert_eq!(status, 201, "{body}");
-    assert!(body.contains("whsec_"), "{body}");
+    for path in ["/v1/webhooks/", "/v1/WebHooks"] {
+        let (status, body) = raw_request(&gw.url, "POST", path, &headers, hook).await;
+        assert_eq!(status, 201, "{path}: {body}");
+        assert!(body.contains("whsec_"), "{body}");
+    }
     assert_eq!(gw.upstream_count().await, before, "forwarded upstream");
     assert_eq!(gw.exact_usage(&key).await["requests_this_month"], 0);
 }
