@@ -646,6 +646,8 @@ fn is_hop_or_gateway_request_header(name: &HeaderName) -> bool {
             | "transfer-encoding"
             | "upgrade"
             | "accept-encoding"
+            // The gateway answers `100 Continue` itself and sends the body whole.
+            | "expect"
     )
 }
 
@@ -653,12 +655,7 @@ fn is_hop_or_gateway_response_header(name: &HeaderName) -> bool {
     let n = name.as_str();
     matches!(
         n,
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "content-length"
-            | "trailer"
-            | "upgrade"
+        "connection" | "keep-alive" | "transfer-encoding" | "trailer" | "upgrade"
     ) || n.starts_with("x-ratelimit-")
         || n.starts_with("ratelimit")
 }
@@ -869,9 +866,20 @@ async fn send(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let is_stream = content_type.starts_with("text/event-stream");
+    // JSON lines (`application/x-ndjson`, `application/jsonl`, `application/json-seq`) are a
+    // stream of their own: passed on as they come, their usage read from their end.
+    let is_json_lines = ["ndjson", "jsonl", "json-seq"]
+        .iter()
+        .any(|t| content_type.contains(t));
     // A JSON answer (or one that does not say) is read whole for its usage; anything else
     // (files, audio) is passed through as it comes, never buffered.
-    let is_json = content_type.is_empty() || content_type.contains("json");
+    let is_json = (content_type.is_empty() || content_type.contains("json")) && !is_json_lines;
+    if is_stream {
+        // Its events may be changed (the usage chunk the gateway asked for is removed): the
+        // upstream's length would not hold. Every other body is passed on as it came, and so
+        // keeps the upstream's length (a `HEAD`'s too).
+        response_headers.remove(header::CONTENT_LENGTH);
+    }
     // The upstream's id, also for an answer that says its body broke off (its support asks
     // for it).
     let upstream_id = response_headers.get(X_REQUEST_ID).cloned();
@@ -924,10 +932,17 @@ async fn send(
     if is_stream || !is_json {
         // The stream's access line is written when it is settled, with what it cost.
         settlement.access = access.take().map(|a| (a, status.as_u16()));
+        let scanner = if is_stream {
+            Some(Scanner::Events(SseScanner::new(prepared.strip_usage_chunk)))
+        } else if is_json_lines {
+            Some(Scanner::JsonTail(JsonTail::default()))
+        } else {
+            None
+        };
         let stream = MeteredStream::new(
             state.clone(),
             data_stream(upstream),
-            is_stream.then(|| Scanner::Events(SseScanner::new(prepared.strip_usage_chunk))),
+            scanner,
             Some(settlement),
         );
         return Ok(answer(Body::from_stream(stream)));

@@ -512,7 +512,11 @@ pub async fn raw_request(
         .expect("the answer ends within 10 s")
         .unwrap();
     let raw = String::from_utf8_lossy(&raw).into_owned();
-    let (head, payload) = raw.split_once("\r\n\r\n").expect("a whole head");
+    let (mut head, mut payload) = raw.split_once("\r\n\r\n").expect("a whole head");
+    // Interim answers (`100 Continue`) come before the answer.
+    while head.starts_with("HTTP/1.1 1") {
+        (head, payload) = payload.split_once("\r\n\r\n").expect("a whole head");
+    }
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     let chunked = head
         .to_ascii_lowercase()

@@ -228,3 +228,64 @@ async fn pass_through_routes_reserve_nothing_but_settle_from_the_usage_in_their_
     r.text().await.unwrap();
     assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 16);
 }
+
+/// The answer's and the request's framing are each side's own (from an outside audit): a `HEAD`
+/// keeps the upstream's length (it was `0`), `Expect` is answered by the gateway and not
+/// forwarded, and two `Authorization` headers are refused rather than one picked.
+#[tokio::test]
+async fn framing_headers_are_each_hops_own() {
+    let (gw, key) = setup().await;
+    let get = gw
+        .client
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status(), StatusCode::OK);
+    let length = get.bytes().await.unwrap().len();
+    assert!(length > 0);
+    let head = gw
+        .client
+        .head(format!("{}/v1/models", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert_eq!(
+        header(&head, "content-length"),
+        Some(length.to_string().as_str())
+    );
+
+    let auth = format!("Bearer {key}");
+    let body = serde_json::to_string(&hello()).unwrap();
+    let headers = [
+        ("authorization", auth.as_str()),
+        ("content-type", "application/json"),
+        ("expect", "100-continue"),
+        ("x-mock-echo-headers", "1"),
+    ];
+    let (status, answer) =
+        raw_request(&gw.url, "POST", "/v1/chat/completions", &headers, &body).await;
+    assert_eq!(status, 200, "{answer}");
+    let v: Value = serde_json::from_str(&answer).unwrap();
+    assert!(v["received_headers"]["content-type"].is_string(), "{v}");
+    assert!(v["received_headers"].get("expect").is_none(), "{v}");
+
+    let before = gw.upstream_count().await;
+    for pair in [
+        [auth.as_str(), "Bearer tg_wrong"],
+        ["Bearer tg_wrong", auth.as_str()],
+    ] {
+        let headers = [
+            ("authorization", pair[0]),
+            ("authorization", pair[1]),
+            ("content-type", "application/json"),
+        ];
+        let (status, answer) =
+            raw_request(&gw.url, "POST", "/v1/chat/completions", &headers, &body).await;
+        assert_eq!(status, 401, "{answer}");
+    }
+    assert_eq!(gw.upstream_count().await, before);
+}

@@ -393,3 +393,72 @@ async fn answers_larger_than_the_gateway_holds_pass_through_and_are_settled_from
     .await;
     assert_eq!(month().await, json!(charged));
 }
+
+/// JSON lines (`application/x-ndjson`) are passed on line by line as they come, not held until
+/// their end (from an outside audit), and settled to the usage on their last line.
+#[tokio::test]
+async fn json_lines_pass_on_as_they_come_and_are_settled_from_their_end() {
+    use axum::body::{Body, Bytes};
+    use std::sync::Arc;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // The second line is sent only once the client has read the first.
+    let read_first = Arc::new(tokio::sync::Notify::new());
+    let go = read_first.clone();
+    let app = axum::Router::new().route(
+        "/v1/chat/completions",
+        axum::routing::post(move || {
+            let go = go.clone();
+            async move {
+                let lines = futures_util::stream::unfold(0, move |n| {
+                    let go = go.clone();
+                    async move {
+                        let line = match n {
+                            0 => "{\"delta\":\"Hel\"}\n",
+                            1 => {
+                                go.notified().await;
+                                "{\"delta\":\"lo\",\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2}}\n"
+                            }
+                            _ => return None,
+                        };
+                        Some((Ok::<_, std::io::Error>(Bytes::from(line)), n + 1))
+                    }
+                });
+                (
+                    [("content-type", "application/x-ndjson")],
+                    Body::from_stream(lines),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let gw = TestGateway::start_with(Options {
+        upstream: Some(url),
+        ..Options::default()
+    })
+    .await;
+    gw.put_tier("t", json!({"tokens_per_month": 1_000_000}))
+        .await;
+    let (_, key) = gw.workspace("t").await;
+    let r = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let mut body = r.bytes_stream();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.next())
+        .await
+        .expect("the first line comes before the last is sent")
+        .unwrap()
+        .unwrap();
+    assert_eq!(&first[..], b"{\"delta\":\"Hel\"}\n");
+    read_first.notify_one();
+    let mut rest = Vec::new();
+    while let Some(chunk) = body.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(String::from_utf8(rest).unwrap().contains("\"usage\""));
+    eventually(
+        Duration::from_secs(5),
+        "settled from the last line",
+        || async { gw.limits(&key).await["usage"]["tokens_this_month"] == 6 },
+    )
+    .await;
+}
