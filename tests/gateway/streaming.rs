@@ -351,7 +351,11 @@ async fn answers_larger_than_the_gateway_holds_pass_through_and_are_settled_from
         let cost = header(&r, "x-ratelimit-tokens-query-cost").map(str::to_owned);
         // Passed on as it came, with the upstream's length.
         let length = size.to_string();
-        assert_eq!(header(&r, "content-length"), Some(length.as_str()), "{size}");
+        assert_eq!(
+            header(&r, "content-length"),
+            Some(length.as_str()),
+            "{size}"
+        );
         let body = r.bytes().await.unwrap();
         assert_eq!(body.len(), size);
         let v: Value = serde_json::from_slice(&body).unwrap();
