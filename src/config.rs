@@ -76,6 +76,8 @@ pub struct RawSettings {
     pub rate_limit_headers: Option<Vec<String>>,
     /// `text` (the default) or `json`.
     pub log_format: Option<String>,
+    /// Web origins whose pages may call the `/v1/` routes from a browser (CORS).
+    pub cors_origins: Option<Vec<String>>,
     /// One log line per proxied request (default true).
     pub access_log: Option<bool>,
     /// Threads that serve requests (default: one per core this process may use).
@@ -288,6 +290,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("redis_lease_ms", "redis-lease-ms", "TIERGATE_REDIS_LEASE_MS", Number, "How long a request's reservation lives in Redis without renewal, in ms (default 30000)."),
     setting("redis_prefix", "redis-prefix", "TIERGATE_REDIS_PREFIX", Text, "The prefix of every Redis key (default tg)."),
     setting("instances", "instances", "TIERGATE_INSTANCES", Number, "How many instances share the limits, for the local failure policy (default: the count seen in Redis)."),
+    setting("cors_origins", "cors-origins", "TIERGATE_CORS_ORIGINS", List, "Web origins (scheme://host[:port]) whose pages may call the /v1/ routes from a browser, or * for any (default: none)."),
     setting("rate_limit_headers", "rate-limit-headers", "TIERGATE_RATE_LIMIT_HEADERS", List, "The rate-limit header families sent: openai, ietf, mistral, or none (default openai,ietf)."),
     setting("log_format", "log-format", "TIERGATE_LOG_FORMAT", Text, "Log lines as text (the default) or json."),
     setting("access_log", "access-log", "TIERGATE_ACCESS_LOG", Switch, "One access-log line per proxied request (default true)."),
@@ -377,6 +380,69 @@ pub fn list(v: &str) -> Vec<String> {
         .map(|h| h.trim().to_string())
         .filter(|h| !h.is_empty())
         .collect()
+}
+
+/// Which web origins' pages may call the gateway's `/v1/` routes from a browser
+/// (`cors_origins`): a preflight is answered for them, and their answers say so.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// None (the default): no CORS headers, and a preflight is refused as any request without
+    /// a key is.
+    #[default]
+    None,
+    /// Any origin: `*`.
+    Any,
+    /// These origins, as browsers send them (`https://app.example`, `http://localhost:3000`).
+    Listed(Vec<String>),
+}
+
+impl CorsOrigins {
+    fn of(raw: Vec<String>) -> Result<CorsOrigins, ConfigError> {
+        let field = "cors_origins";
+        let raw: Vec<&str> = raw.iter().map(|o| o.trim()).collect();
+        if raw.contains(&"*") {
+            return match raw.len() {
+                1 => Ok(CorsOrigins::Any),
+                _ => Err(invalid(field, "'*' is every origin: give it alone")),
+            };
+        }
+        if raw.is_empty() {
+            return Ok(CorsOrigins::None);
+        }
+        let mut listed = Vec::with_capacity(raw.len());
+        for origin in raw {
+            let url = url::Url::parse(origin).ok().filter(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && u.query().is_none()
+                    && u.fragment().is_none()
+                    && u.path() == "/"
+                    && !origin.trim_end_matches('/').ends_with('/')
+            });
+            let Some(url) = url else {
+                return Err(invalid(
+                    field,
+                    format!("'{origin}' is not an origin: scheme://host[:port], http or https, without a path"),
+                ));
+            };
+            listed.push(url.origin().ascii_serialization());
+        }
+        Ok(CorsOrigins::Listed(listed))
+    }
+
+    /// The `Access-Control-Allow-Origin` for a request from `origin`, if it is allowed.
+    pub fn allow(&self, origin: &str) -> Option<&str> {
+        match self {
+            CorsOrigins::None => None,
+            CorsOrigins::Any => Some("*"),
+            CorsOrigins::Listed(listed) => listed
+                .iter()
+                .find(|o| o.eq_ignore_ascii_case(origin))
+                .map(String::as_str),
+        }
+    }
 }
 
 /// Which families of rate-limit headers proxied answers carry (`rate_limit_headers`).
@@ -574,6 +640,8 @@ pub struct Config {
     /// sender at once).
     pub webhook_idle_poll: Duration,
     pub rate_limit_headers: HeaderFamilies,
+    /// Which web origins' pages may call the `/v1/` routes (CORS).
+    pub cors_origins: CorsOrigins,
     pub log_format: LogFormat,
     /// One `tiergate::access` log line per proxied request.
     pub access_log: bool,
@@ -617,6 +685,7 @@ impl TryFrom<RawSettings> for Config {
             instances,
             rate_limit_headers,
             log_format,
+            cors_origins,
             access_log,
             workers,
             upstream,
@@ -849,6 +918,7 @@ impl TryFrom<RawSettings> for Config {
             None => HeaderFamilies::default(),
             Some(names) => HeaderFamilies::of(&names)?,
         };
+        let cors_origins = CorsOrigins::of(cors_origins.unwrap_or_default())?;
         let log_format = match log_format.as_deref() {
             None => LogFormat::Text,
             Some(v) => LogFormat::parse(v.trim())?,
@@ -930,6 +1000,7 @@ impl TryFrom<RawSettings> for Config {
             idle_eviction: Duration::from_secs(120),
             webhook_idle_poll: Duration::from_secs(1),
             rate_limit_headers,
+            cors_origins,
             log_format,
             access_log: access_log.unwrap_or(true),
             workers,
@@ -1322,6 +1393,12 @@ impl Config {
             .map(|(n, _)| toml_str(n))
             .collect();
         line("rate_limit_headers", format!("[{}]", on.join(", ")));
+        let origins: Vec<String> = match &self.cors_origins {
+            CorsOrigins::None => Vec::new(),
+            CorsOrigins::Any => vec![toml_str("*")],
+            CorsOrigins::Listed(o) => o.iter().map(|o| toml_str(o)).collect(),
+        };
+        line("cors_origins", format!("[{}]", origins.join(", ")));
         let format = match self.log_format {
             LogFormat::Text => "text",
             LogFormat::Json => "json",
@@ -1979,6 +2056,37 @@ mod tests {
             .upstream
             .drop_request_headers
             .contains(&"openai-organization".into()));
+    }
+
+    #[test]
+    fn cors_origins_are_origins_or_every_one() {
+        let of = |o: &[&str]| CorsOrigins::of(o.iter().map(|s| s.to_string()).collect());
+        assert_eq!(of(&[]).unwrap(), CorsOrigins::None);
+        assert_eq!(of(&[" * "]).unwrap(), CorsOrigins::Any);
+        assert_eq!(
+            of(&["https://App.Example:443/", "http://localhost:3000"]).unwrap(),
+            CorsOrigins::Listed(vec![
+                "https://app.example".into(),
+                "http://localhost:3000".into()
+            ])
+        );
+        for bad in [
+            &["*", "https://a.example"][..],
+            &["https://a.example/path"],
+            &["https://a.example//"],
+            &["ftp://a.example"],
+            &["https://u:p@a.example"],
+            &["https://a.example?x=1"],
+            &["a.example"],
+        ] {
+            let e = of(bad).unwrap_err().to_string();
+            assert!(e.starts_with("cors_origins:"), "{bad:?}: {e}");
+        }
+        let listed = of(&["https://a.example"]).unwrap();
+        assert_eq!(listed.allow("https://a.example"), Some("https://a.example"));
+        assert_eq!(listed.allow("https://b.example"), None);
+        assert_eq!(CorsOrigins::Any.allow("https://b.example"), Some("*"));
+        assert_eq!(CorsOrigins::None.allow("https://a.example"), None);
     }
 
     #[test]

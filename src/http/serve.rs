@@ -40,6 +40,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::console::ClientAddr;
+use super::cors;
 use crate::app::{App, AppError, AppState};
 
 impl App {
@@ -145,14 +146,31 @@ pub async fn serve(
                     if let Some(normal) = super::normalised_v1(request.uri()) {
                         *request.uri_mut() = normal;
                     }
+                    // CORS on the main listener (`cors_origins`; by default nothing to do).
+                    let cors = proxy
+                        .as_ref()
+                        .and_then(|state| cors::allowed(&state.config.cors_origins, &request));
+                    if let Some(preflight) = cors.as_ref().and_then(|c| cors::preflight(c, &request)) {
+                        return Either::Left(std::future::ready(Ok(preflight)));
+                    }
                     let path = request.uri().path();
-                    if let Some(state) = proxy.as_ref().filter(|_| super::proxied_directly(path)) {
-                        return Either::Left(super::proxy_directly(state.clone(), request));
-                    }
-                    if path.starts_with(super::console::PREFIX) {
-                        request.extensions_mut().insert(ClientAddr(peer));
-                    }
-                    Either::Right(inner.call(request))
+                    let answer = match proxy.as_ref().filter(|_| super::proxied_directly(path)) {
+                        Some(state) => Either::Left(super::proxy_directly(state.clone(), request)),
+                        None => {
+                            if path.starts_with(super::console::PREFIX) {
+                                request.extensions_mut().insert(ClientAddr(peer));
+                            }
+                            Either::Right(inner.call(request))
+                        }
+                    };
+                    Either::Right(answer.map(move |answered| {
+                        answered.map(|mut response| {
+                            if let Some(allowed) = cors {
+                                allowed.apply(response.headers_mut());
+                            }
+                            response
+                        })
+                    }))
                 });
                 let mut stopping = stopping.clone();
                 connections.spawn(async move {

@@ -1,4 +1,5 @@
-//! The rate-limit header families (`rate_limit_headers`), the request id, and the access log.
+//! The rate-limit header families (`rate_limit_headers`), the request id, the access log, and
+//! CORS (`cors_origins`).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
@@ -462,4 +463,125 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A page of an origin in `cors_origins` may call the `/v1/` routes from a browser: its
+/// preflight is answered (not forwarded, counted against nothing), and every answer, a `401` or
+/// `429` too, lets it read the answer and its headers. Any other origin gets none of it, and
+/// without `cors_origins` nothing changes.
+#[tokio::test]
+async fn cors_is_answered_for_the_origins_allowed_and_no_other() {
+    const PAGE: &str = "https://app.example";
+    let raw = tiergate::config::RawSettings {
+        cors_origins: Some(vec![format!("{PAGE}/"), "http://localhost:3000".into()]),
+        ..Default::default()
+    };
+    let gw = TestGateway::start_with(Options {
+        raw,
+        ..Options::default()
+    })
+    .await;
+    gw.put_tier("one", json!({"requests_per_second": 0.001, "burst": 1}))
+        .await;
+    let (_, key) = gw.workspace("one").await;
+    let preflight = |origin: &'static str, path: &'static str| {
+        gw.client
+            .request(reqwest::Method::OPTIONS, format!("{}{path}", gw.url))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization, content-type",
+            )
+            .send()
+    };
+    let before = gw.upstream_count().await;
+    for path in ["/v1/chat/completions", "/v1/limits", "/v1/models"] {
+        let r = preflight(PAGE, path).await.unwrap();
+        assert_eq!(r.status(), StatusCode::NO_CONTENT, "{path}");
+        assert_eq!(header(&r, "access-control-allow-origin"), Some(PAGE));
+        assert!(header(&r, "access-control-allow-methods")
+            .unwrap()
+            .contains("POST"));
+        assert_eq!(
+            header(&r, "access-control-allow-headers"),
+            Some("authorization, content-type")
+        );
+        assert!(header(&r, "vary").unwrap().contains("origin"));
+    }
+    assert_eq!(
+        gw.upstream_count().await,
+        before,
+        "a preflight was forwarded"
+    );
+    assert_eq!(gw.exact_usage(&key).await["requests_this_month"], 0);
+
+    let chat = |origin: &'static str, key: String| {
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .header("origin", origin)
+            .bearer_auth(key)
+            .json(&hello())
+            .send()
+    };
+    for (expected, r) in [
+        (StatusCode::OK, chat(PAGE, key.clone()).await.unwrap()),
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            chat(PAGE, key.clone()).await.unwrap(),
+        ),
+        (
+            StatusCode::UNAUTHORIZED,
+            chat(PAGE, "tg_wrong".into()).await.unwrap(),
+        ),
+    ] {
+        assert_eq!(r.status(), expected);
+        assert_eq!(
+            header(&r, "access-control-allow-origin"),
+            Some(PAGE),
+            "{expected}"
+        );
+        assert_eq!(header(&r, "access-control-expose-headers"), Some("*"));
+        assert!(r.headers().get_all("vary").iter().any(|v| v == "origin"));
+    }
+    let limits = gw
+        .client
+        .get(format!("{}/v1/limits", gw.url))
+        .header("origin", "http://localhost:3000")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(limits.status(), StatusCode::OK);
+    assert_eq!(
+        header(&limits, "access-control-allow-origin"),
+        Some("http://localhost:3000")
+    );
+
+    // Another origin: refused as before, and nothing says it may read anything.
+    let r = preflight("https://elsewhere.example", "/v1/chat/completions")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(header(&r, "access-control-allow-origin").is_none());
+    let r = chat("https://elsewhere.example", key.clone())
+        .await
+        .unwrap();
+    assert!(header(&r, "access-control-allow-origin").is_none());
+
+    // Without `cors_origins`: no CORS at all.
+    let plain = TestGateway::start().await;
+    let r = plain
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/v1/chat/completions", plain.url),
+        )
+        .header("origin", PAGE)
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(header(&r, "access-control-allow-origin").is_none());
 }
