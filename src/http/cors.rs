@@ -17,36 +17,46 @@ use axum::response::{IntoResponse, Response};
 
 use crate::config::CorsOrigins;
 
-/// A request from an origin that may read the answer.
+/// What a request to a `/v1/` route gets of CORS when `cors_origins` is set.
 pub(crate) struct Allowed {
-    /// The `Access-Control-Allow-Origin`: the origin, or `*` when every origin may.
-    origin: HeaderValue,
-    any: bool,
+    /// The `Access-Control-Allow-Origin`: the origin, or `*` when every origin may; `None` for
+    /// a request from no origin, or one not listed.
+    origin: Option<HeaderValue>,
+    /// Whether the answer depends on the origin (listed origins): then it says so
+    /// (`Vary: Origin`), whatever the origin, so that no shared cache gives one origin's answer
+    /// to another.
+    varies: bool,
 }
 
-/// Whether the request is to a `/v1/` route from an origin `origins` allows.
+/// What the request gets of CORS: `None` when `cors_origins` is not set or the path is not under
+/// `/v1/`.
 pub(crate) fn allowed<B>(origins: &CorsOrigins, request: &Request<B>) -> Option<Allowed> {
     if matches!(origins, CorsOrigins::None) || !request.uri().path().starts_with("/v1/") {
         return None;
     }
-    let origin = request.headers().get(ORIGIN)?.to_str().ok()?;
-    let allow = origins.allow(origin)?;
+    let origin = request
+        .headers()
+        .get(ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .and_then(|o| origins.allow(o))
+        .and_then(|allow| HeaderValue::from_str(allow).ok());
     Some(Allowed {
-        origin: HeaderValue::from_str(allow).ok()?,
-        any: allow == "*",
+        origin,
+        varies: matches!(origins, CorsOrigins::Listed(_)),
     })
 }
 
 /// The answer to a preflight from an allowed origin; `None` for any other request. The methods
 /// of the `/v1/` routes, and whatever headers the page asked to send (its key among them).
 pub(crate) fn preflight<B>(allowed: &Allowed, request: &Request<B>) -> Option<Response> {
+    let origin = allowed.origin.as_ref()?;
     let asked = request.headers();
     if request.method() != Method::OPTIONS || !asked.contains_key(ACCESS_CONTROL_REQUEST_METHOD) {
         return None;
     }
     let mut answer = StatusCode::NO_CONTENT.into_response();
     let h = answer.headers_mut();
-    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, allowed.origin.clone());
+    h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     h.insert(
         ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static("GET, POST, PUT, PATCH, DELETE"),
@@ -68,9 +78,11 @@ impl Allowed {
     /// Lets the origin read the answer and its headers (`*`: every header but those of
     /// credentials, which these requests do not use).
     pub(crate) fn apply(self, h: &mut HeaderMap) {
-        h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, self.origin);
-        h.insert(ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("*"));
-        if !self.any {
+        if let Some(origin) = self.origin {
+            h.insert(ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+            h.insert(ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static("*"));
+        }
+        if self.varies {
             h.append(VARY, HeaderValue::from_static("origin"));
         }
     }

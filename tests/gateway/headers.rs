@@ -568,6 +568,8 @@ async fn cors_is_answered_for_the_origins_allowed_and_no_other() {
         .await
         .unwrap();
     assert!(header(&r, "access-control-allow-origin").is_none());
+    // But it says that the answer depends on the origin, for shared caches.
+    assert!(r.headers().get_all("vary").iter().any(|v| v == "origin"));
 
     // Without `cors_origins`: no CORS at all.
     let plain = TestGateway::start().await;
