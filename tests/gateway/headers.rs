@@ -277,28 +277,22 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     .await
     .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let ws: Value = admin(
-        reqwest::Method::POST,
-        "/workspaces",
-        json!({"name": "w", "tier": "one"}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let ws_id = ws["id"].as_i64().unwrap();
-    let key: Value = admin(
-        reqwest::Method::POST,
-        &format!("/workspaces/{ws_id}/keys"),
-        json!({}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let key = key["key"].as_str().unwrap().to_string();
+    // A workspace on the tier, and a key: their ids and the key's secret.
+    let workspace = |name: &'static str| async move {
+        let body = json!({"name": name, "tier": "one"});
+        let r = admin(reqwest::Method::POST, "/workspaces", body).await;
+        let ws: Value = r.unwrap().json().await.unwrap();
+        let id = ws["id"].as_i64().unwrap();
+        let path = format!("/workspaces/{id}/keys");
+        let r = admin(reqwest::Method::POST, &path, json!({})).await;
+        let key: Value = r.unwrap().json().await.unwrap();
+        (
+            id,
+            key["id"].as_i64().unwrap(),
+            key["key"].as_str().unwrap().to_string(),
+        )
+    };
+    let (ws_id, _, key) = workspace("w").await;
     let chat = |k: &str, id: &str| {
         client
             .post(format!("{url}/v1/chat/completions"))
@@ -356,27 +350,7 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
         .unwrap();
     assert_ne!(get.status(), StatusCode::UNAUTHORIZED);
     // A suspended workspace's key: refused, but the workspace and the key are known.
-    let other: Value = admin(
-        reqwest::Method::POST,
-        "/workspaces",
-        json!({"name": "suspended", "tier": "one"}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let other_id = other["id"].as_i64().unwrap();
-    let other_key: Value = admin(
-        reqwest::Method::POST,
-        &format!("/workspaces/{other_id}/keys"),
-        json!({}),
-    )
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
+    let (other_id, other_key_id, other_key) = workspace("suspended").await;
     let r = admin(
         reqwest::Method::PATCH,
         &format!("/workspaces/{other_id}"),
@@ -385,9 +359,7 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     .await
     .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
-    let suspended = chat(other_key["key"].as_str().unwrap(), "line-403")
-        .await
-        .unwrap();
+    let suspended = chat(&other_key, "line-403").await.unwrap();
     assert_eq!(suspended.status(), StatusCode::FORBIDDEN);
 
     let lines = || -> Vec<Value> {
@@ -447,7 +419,7 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     assert_eq!(suspended["status"], 403);
     assert_eq!(suspended["decision"], "rejected", "{suspended}");
     assert_eq!(suspended["workspace"], other_id);
-    assert_eq!(suspended["key"], other_key["id"]);
+    assert_eq!(suspended["key"], other_key_id);
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains(&key), "the key is in the log");
     assert!(
