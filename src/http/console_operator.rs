@@ -130,6 +130,10 @@ pub fn routes() -> Router<Arc<AppState>> {
 pub(super) struct Operator {
     session: Session,
     name: String,
+    /// The new key whose secret a page showed last, if no page has been shown since
+    /// (`KEY_SHOWN_COOKIE`), and whether the request came over HTTPS.
+    key_shown: Option<String>,
+    secure: bool,
 }
 
 impl Operator {
@@ -162,7 +166,30 @@ pub(super) fn operator_of(state: &AppState, headers: &HeaderMap) -> Option<Opera
                 == *fingerprint
     });
     let name = name.clone();
-    holds.then_some(Operator { session, name })
+    let key_shown = named_cookie(headers, KEY_SHOWN_COOKIE)
+        .filter(|v| !v.ends_with(SHOWN_SINCE))
+        .map(str::to_owned);
+    holds.then_some(Operator {
+        session,
+        name,
+        key_shown,
+        secure: over_https(headers),
+    })
+}
+
+/// A cookie whose value changes when a new key's secret is shown (its key's id), and again on
+/// the next operator's page (`<id>-done`). Chromium keeps even `no-store` pages in its
+/// back/forward cache, but drops them if the site's cookies changed since: so Back neither shows
+/// the secret's page again nor the workspace's page as it was before the key was made.
+const KEY_SHOWN_COOKIE: &str = "tiergate_key_shown";
+const SHOWN_SINCE: &str = "-done";
+
+fn key_shown_cookie(value: &str, secure: bool) -> HeaderValue {
+    HeaderValue::from_str(&format!(
+        "{KEY_SHOWN_COOKIE}={value}; Max-Age=43200; Path=/console; HttpOnly; SameSite=Strict{}",
+        if secure { "; Secure" } else { "" }
+    ))
+    .expect("ASCII")
 }
 
 /// Why a request gets no operator's page.
@@ -480,7 +507,7 @@ fn operator_page(
 ) -> Response {
     let token = state.console.csrf_token(&op.session);
     let (notice, error) = messages;
-    page(
+    let mut answer = page(
         status,
         title,
         html! {
@@ -499,7 +526,12 @@ fn operator_page(
             @if let Some(e) = error { p.error role="alert" { (e) } }
             (body)
         },
-    )
+    );
+    if let Some(shown) = &op.key_shown {
+        let since = key_shown_cookie(&format!("{shown}{SHOWN_SINCE}"), op.secure);
+        answer.headers_mut().append(header::SET_COOKIE, since);
+    }
+    answer
 }
 
 /// A page that only says `message` (a failure with nothing else to show).
@@ -1356,6 +1388,8 @@ async fn created_key(
     ))
     .expect("ASCII");
     page.headers_mut().append(header::SET_COOKIE, clear);
+    let shown = key_shown_cookie(&id.to_string(), over_https(&headers));
+    page.headers_mut().append(header::SET_COOKIE, shown);
     page
 }
 

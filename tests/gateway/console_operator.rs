@@ -146,6 +146,39 @@ impl Operator {
         );
         let secret = text_of(&page.body, "new-key");
         assert_eq!(format!("tiergate_new_key={secret}"), carried);
+        // The site's cookies change as the secret is shown, and again on the next page, so
+        // that a browser's back/forward cache drops the pages from before (see the console).
+        let id = to
+            .trim_start_matches("/console/operator/keys/")
+            .trim_end_matches("/created");
+        let shown = format!("tiergate_key_shown={id};");
+        assert!(
+            page.set_cookie
+                .last()
+                .is_some_and(|c| c.starts_with(&shown)),
+            "{:?}",
+            page.set_cookie
+        );
+        let next = get_at(
+            &self.base,
+            HOME,
+            Some(&format!("{}; tiergate_key_shown={id}", self.cookie)),
+        )
+        .await;
+        assert_eq!(next.status, StatusCode::OK);
+        let since = format!("tiergate_key_shown={id}-done;");
+        assert!(
+            next.set_cookie.iter().any(|c| c.starts_with(&since)),
+            "{:?}",
+            next.set_cookie
+        );
+        let after = get_at(
+            &self.base,
+            HOME,
+            Some(&format!("{}; tiergate_key_shown={id}-done", self.cookie)),
+        )
+        .await;
+        assert!(after.set_cookie.is_empty(), "{:?}", after.set_cookie);
         // Once: the page again (a reload, the cookie gone) shows no secret.
         let again = get_at(&self.base, &to, Some(&self.cookie)).await;
         assert_eq!(again.status, StatusCode::GONE, "{}", again.body);
