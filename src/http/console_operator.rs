@@ -39,7 +39,9 @@
 //!   lists every one, pending first. A pending one has `form.approve` (the override fields,
 //!   filled with what was asked: grant them as they are or edit them) and `form.deny`
 //!   (`reason`, required): `POST /console/operator/requests/{id}/approve` and `…/deny`.
-//! - `GET /console/operator/audit?after=`: the audit log, newest first, read-only.
+//! - `GET /console/operator/audit?workspace=&actor=&action=&after=`: the audit log, newest first,
+//!   read-only, filtered as `GET /admin/v1/audit` is (`form#audit-filter`); the next page's link
+//!   keeps the filters.
 //!
 //! Every page checks the session: an operator's session whose admin token is still configured
 //! (same name, same fingerprint: `crate::console`). Without one, `303` to `/console` (the
@@ -74,8 +76,8 @@ use crate::admin::{self, AdminError, AuditQuery, NewKeyInput, WorkspaceListing, 
 use crate::app::AppState;
 use crate::console::{Session, SessionKind};
 use crate::model::{
-    Actor, ApiKey, AuditEntry, KeyId, LimitRequest, LimitRequestStatus, Limits, ModelLimits,
-    Overrides, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+    Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestStatus, Limits,
+    ModelLimits, Overrides, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
 };
 use crate::store::{WorkspacePage, WorkspaceSort};
 
@@ -1915,7 +1917,36 @@ async fn audit_page(
             }
         },
     };
+    // The filters of `GET /admin/v1/audit`: the workspace, the actor, the action.
+    let filter = AuditFilter {
+        workspace: param(&params, "workspace").unwrap_or("").trim().to_string(),
+        actor: param(&params, "actor").unwrap_or("").trim().to_string(),
+        action: param(&params, "action").unwrap_or("").trim().to_string(),
+    };
+    let workspace = match filter.workspace.as_str() {
+        "" => None,
+        w => match id_of(w) {
+            Some(w) => Some(w),
+            None => {
+                let e = AdminError::Invalid("'workspace' must be a workspace id".into());
+                return failure_page(&op, &state, e).await;
+            }
+        },
+    };
+    let action = match filter.action.as_str() {
+        "" => None,
+        a => match AuditAction::parse(a) {
+            Some(a) => Some(a),
+            None => {
+                let e = AdminError::Invalid(format!("'action' must be one of {}", actions_list()));
+                return failure_page(&op, &state, e).await;
+            }
+        },
+    };
     let query = AuditQuery {
+        workspace,
+        actor: (!filter.actor.is_empty()).then(|| filter.actor.clone()),
+        action,
         after,
         limit: Some(AUDIT_PAGE),
         ..AuditQuery::default()
@@ -1927,13 +1958,45 @@ async fn audit_page(
             StatusCode::OK,
             "Audit log",
             (None, None),
-            audit_body(&found.entries, found.has_more),
+            audit_body(&found.entries, found.has_more, &filter),
         ),
         Err(e) => failure_page(&op, &state, e).await,
     }
 }
 
-fn audit_body(entries: &[AuditEntry], has_more: bool) -> Markup {
+/// The audit page's filters as given (empty: any).
+struct AuditFilter {
+    workspace: String,
+    actor: String,
+    action: String,
+}
+
+impl AuditFilter {
+    /// The filters as a query string, for the next page's link.
+    fn query(&self) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in [
+            ("workspace", &self.workspace),
+            ("actor", &self.actor),
+            ("action", &self.action),
+        ] {
+            if !value.is_empty() {
+                q.append_pair(name, value);
+            }
+        }
+        q.finish()
+    }
+}
+
+fn actions_list() -> String {
+    AuditAction::ALL
+        .iter()
+        .map(|a| a.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn audit_body(entries: &[AuditEntry], has_more: bool, filter: &AuditFilter) -> Markup {
     let json = |v: &Option<Value>| {
         v.as_ref()
             .map(|v| serde_json::to_string_pretty(v).unwrap_or_default())
@@ -1941,6 +2004,22 @@ fn audit_body(entries: &[AuditEntry], has_more: bool) -> Markup {
     html! {
         h1 { "Audit log" }
         p.note { "Every change, newest first: who (an admin token's name, cli:USER, workspace:ID), what, and the object before and after." }
+        form #audit-filter method="get" action=(AUDIT) {
+            label { "Workspace id " input type="number" name="workspace" min="1" value=(filter.workspace); }
+            label { "Who " input type="text" name="actor" placeholder="alice, cli:USER, workspace:ID, promotion" value=(filter.actor); }
+            label { "What "
+                select name="action" {
+                    option value="" selected[filter.action.is_empty()] { "any" }
+                    @for a in AuditAction::ALL {
+                        option value=(a.as_str()) selected[filter.action == a.as_str()] { (a.as_str()) }
+                    }
+                }
+            }
+            button type="submit" { "Filter" }
+        }
+        @if entries.is_empty() {
+            p.empty { "No entry matches." }
+        }
         table #audit {
             thead { tr { th { "#" } th { "When" } th { "Who" } th { "What" } th { "Target" } th { "Change" } } }
             tbody {
@@ -1969,7 +2048,9 @@ fn audit_body(entries: &[AuditEntry], has_more: bool) -> Markup {
         }
         @if has_more {
             @if let Some(last) = entries.last() {
-                p.pages { a rel="next" href=(format!("{AUDIT}?after={}", last.id)) { "Older entries ›" } }
+                @let filters = filter.query();
+                @let sep = if filters.is_empty() { "" } else { "&" };
+                p.pages { a rel="next" href=(format!("{AUDIT}?{filters}{sep}after={}", last.id)) { "Older entries ›" } }
             }
         }
     }

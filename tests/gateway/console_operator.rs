@@ -655,6 +655,64 @@ async fn workspace_changes_hold_on_the_next_request_and_are_audited_as_the_token
     let page = op.get("/console/operator/audit").await;
     assert!(page.body.contains("key.revoke"));
     assert!(page.body.contains(r#"<td class="actor">alice</td>"#));
+    // Filtered as the admin API's audit is: by workspace, who and what.
+    let actions_of = |body: &str| -> Vec<String> {
+        body.split(r#"<td class="action">"#)
+            .skip(1)
+            .map(|s| s.split('<').next().unwrap().to_string())
+            .collect()
+    };
+    let page = op
+        .get(&format!(
+            "/console/operator/audit?workspace={ws}&actor=alice&action=key.create"
+        ))
+        .await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(actions_of(&page.body), ["key.create", "key.create"]);
+    assert!(
+        page.body
+            .contains(r#"<option value="key.create" selected>"#),
+        "{}",
+        page.body
+    );
+    let page = op
+        .get("/console/operator/audit?action=workspace.update")
+        .await;
+    let updates = actions_of(&page.body);
+    assert!(
+        updates.len() >= 5 && updates.iter().all(|a| a == "workspace.update"),
+        "{updates:?}"
+    );
+    let page = op.get("/console/operator/audit?actor=nobody").await;
+    assert!(actions_of(&page.body).is_empty());
+    assert!(page.body.contains("No entry matches."));
+    for bad in ["?action=tier.burn", "?workspace=abc"] {
+        let page = op.get(&format!("/console/operator/audit{bad}")).await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    // The next page keeps the filters: 52 tier changes, 50 a page, then the other 2.
+    for n in 0..52 {
+        gw.put_tier(&format!("t{n}"), json!({"tokens_per_minute": 1000}))
+            .await;
+    }
+    let page = op.get("/console/operator/audit?action=tier.put").await;
+    assert_eq!(actions_of(&page.body).len(), 50);
+    let next = page
+        .body
+        .split(r#"<a rel="next" href=""#)
+        .nth(1)
+        .and_then(|s| s.split('"').next())
+        .expect("a next page")
+        .replace("&amp;", "&");
+    assert!(
+        next.starts_with("/console/operator/audit?action=tier.put&after="),
+        "{next}"
+    );
+    let rest = actions_of(&op.get(&next).await.body);
+    assert!(
+        rest.len() >= 2 && rest.iter().all(|a| a == "tier.put"),
+        "{rest:?}"
+    );
 }
 
 #[tokio::test]
