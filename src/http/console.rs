@@ -590,9 +590,21 @@ pub(super) fn named_cookie<'h>(headers: &'h HeaderMap, wanted: &str) -> Option<&
 
 /// The session cookie's `Set-Cookie` (an empty value and `Max-Age=0` clears it).
 pub(super) fn cookie(value: &str, max_age: i64, secure: bool) -> HeaderValue {
+    set_cookie(COOKIE, value, max_age, PREFIX, "Lax", secure)
+}
+
+/// A console cookie's `Set-Cookie`: `HttpOnly` always, `Secure` over HTTPS.
+pub(super) fn set_cookie(
+    name: &str,
+    value: &str,
+    max_age: i64,
+    path: &str,
+    same_site: &str,
+    secure: bool,
+) -> HeaderValue {
     let secure = if secure { "; Secure" } else { "" };
     HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Max-Age={max_age}; Path={PREFIX}; HttpOnly; SameSite=Lax{secure}"
+        "{name}={value}; Max-Age={max_age}; Path={path}; HttpOnly; SameSite={same_site}{secure}"
     ))
     .expect("a cookie of ASCII")
 }

@@ -68,7 +68,7 @@ use sha2::{Digest, Sha256};
 
 use super::console::{
     cookie_value, field, key_limits_text, named_cookie, over_https, page, read_form_up_to,
-    same_origin, see_other, session_of, SignedOut, Unread,
+    same_origin, see_other, session_of, set_cookie, SignedOut, Unread, PREFIX,
 };
 use super::error::ApiError;
 use super::views::{usage_view, Timestamp};
@@ -187,11 +187,7 @@ const KEY_SHOWN_COOKIE: &str = "tiergate_key_shown";
 const SHOWN_SINCE: &str = "-done";
 
 fn key_shown_cookie(value: &str, secure: bool) -> HeaderValue {
-    HeaderValue::from_str(&format!(
-        "{KEY_SHOWN_COOKIE}={value}; Max-Age=43200; Path=/console; HttpOnly; SameSite=Strict{}",
-        if secure { "; Secure" } else { "" }
-    ))
-    .expect("ASCII")
+    set_cookie(KEY_SHOWN_COOKIE, value, 43_200, PREFIX, "Strict", secure)
 }
 
 /// Why a request gets no operator's page.
@@ -1321,11 +1317,7 @@ async fn create_key(
         // key. The secret goes to that page in a cookie for its path alone, never in a URL.
         Ok((key, secret)) => {
             let path = created_path(key.id);
-            let cookie = HeaderValue::from_str(&format!(
-                "{NEW_KEY_COOKIE}={secret}; Max-Age=300; Path={path}; HttpOnly; SameSite=Strict{}",
-                if secure { "; Secure" } else { "" }
-            ))
-            .expect("a key is ASCII");
+            let cookie = set_cookie(NEW_KEY_COOKIE, &secret, 300, &path, "Strict", secure);
             see_other(&path, Some(cookie))
         }
         Err(e) => after_change(&state, &op, &id, Err(e)).await,
@@ -1383,12 +1375,8 @@ async fn created_key(
             p { a href=(format!("{HOME}/{workspace}")) { "Back to the workspace" } }
         },
     );
-    let clear = HeaderValue::from_str(&format!(
-        "{NEW_KEY_COOKIE}=; Max-Age=0; Path={}; HttpOnly; SameSite=Strict{}",
-        created_path(id),
-        if over_https(&headers) { "; Secure" } else { "" }
-    ))
-    .expect("ASCII");
+    let path = created_path(id);
+    let clear = set_cookie(NEW_KEY_COOKIE, "", 0, &path, "Strict", over_https(&headers));
     page.headers_mut().append(header::SET_COOKIE, clear);
     let shown = key_shown_cookie(&id.to_string(), over_https(&headers));
     page.headers_mut().append(header::SET_COOKIE, shown);
