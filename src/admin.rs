@@ -27,8 +27,8 @@ use crate::limiter::MonthKey;
 use crate::model::{
     validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition,
     Enforcement, FieldPatch, KeyId, KeyLimits, LimitRequest, LimitRequestId, LimitRequestStatus,
-    Limits, Overrides, OverridesPatch, Promoted, ShadowLimit, Tier, TierSpec, Workspace,
-    WorkspaceId, WorkspaceStatus, MAX_BUDGET_MODELS, MAX_TOKENS_PER_MONTH,
+    Overrides, OverridesPatch, Promoted, ShadowLimit, Tier, TierSpec, Workspace, WorkspaceId,
+    WorkspaceStatus, MAX_BUDGET_MODELS, MAX_TOKENS_PER_MONTH,
 };
 use crate::store::{
     AuditFilter, DeliveryRecord, NewKey, NewWebhook, Store, StoreError, WebhookEndpoint, WebhookId,
@@ -469,27 +469,19 @@ impl Admin {
         self.put_tier(by, name, spec).await
     }
 
-    /// Changes an existing tier's rank and limits, keeping the rest of it (its promotion and
-    /// shadow settings;
-    /// `NotFound` if there is no such tier).
+    /// Replaces an existing tier with what `edit` makes of it as it is now (the console's form
+    /// keeps what it does not show); `NotFound` if there is no such tier.
     pub async fn update_tier(
         &self,
         by: &Actor,
         name: &str,
-        rank: Option<u32>,
-        limits: Limits,
+        edit: impl FnOnce(&Tier) -> TierSpec,
     ) -> Result<Tier, AdminError> {
         let tiers = self.store.list_tiers().await?;
         let Some(current) = tiers.iter().find(|t| t.name == name) else {
             return Err(AdminError::NotFound(format!("no tier {name}")));
         };
-        let spec = TierSpec {
-            rank,
-            limits,
-            promotion: current.promotion.clone(),
-            enforcement: current.enforcement,
-            shadow: current.shadow.clone(),
-        };
+        let spec = edit(current);
         self.put_tier(by, name, spec).await
     }
 

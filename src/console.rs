@@ -222,6 +222,26 @@ impl Console {
         })
     }
 
+    /// `value` sealed for `session` and one purpose (`label`): `value.signature`. A page that
+    /// shows what a cookie carries (a new secret, once) then shows only what this gateway put
+    /// there for that very session and purpose.
+    pub fn seal(&self, session: &Session, label: &str, value: &str) -> String {
+        let signature = self
+            .mac(label, &format!("{}|{value}", session.payload()))
+            .finalize()
+            .into_bytes();
+        format!("{value}.{}", hex(&signature))
+    }
+
+    /// What `sealed` holds, if `seal` made it for `session` and `label`.
+    pub fn unseal<'a>(&self, session: &Session, label: &str, sealed: &'a str) -> Option<&'a str> {
+        let (value, signature) = sealed.rsplit_once('.')?;
+        self.mac(label, &format!("{}|{value}", session.payload()))
+            .verify_slice(&unhex(signature)?)
+            .ok()?;
+        Some(value)
+    }
+
     /// The token the forms of `session` carry.
     pub fn csrf_token(&self, session: &Session) -> String {
         hex(&self.mac("csrf", &session.payload()).finalize().into_bytes())
@@ -368,6 +388,29 @@ mod tests {
         assert!(c.csrf_holds(&op, &c.csrf_token(&op)));
         assert!(!c.csrf_holds(&a, ""));
         assert!(!c.csrf_holds(&a, "zz"));
+    }
+
+    #[test]
+    fn a_sealed_value_opens_only_for_its_session_and_purpose() {
+        let c = console();
+        let (a, _) = c.sign_in(1, 1, 0);
+        let (b, _) = c.sign_in(1, 1, 0);
+        let sealed = c.seal(&a, "webhook:5", "whsec_abc+/=");
+        assert_eq!(c.unseal(&a, "webhook:5", &sealed), Some("whsec_abc+/="));
+        assert_eq!(c.unseal(&b, "webhook:5", &sealed), None);
+        assert_eq!(c.unseal(&a, "webhook:6", &sealed), None);
+        let (_, signature) = sealed.rsplit_once('.').unwrap();
+        assert_eq!(
+            c.unseal(&a, "webhook:5", &format!("whsec_abd+/=.{signature}")),
+            None
+        );
+        assert_eq!(
+            Console::new(vec![8; 32]).unseal(&a, "webhook:5", &sealed),
+            None
+        );
+        for bad in ["", ".", "whsec_abc+/=", "whsec_abc+/=.zz"] {
+            assert_eq!(c.unseal(&a, "webhook:5", bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -572,23 +572,12 @@ fn limit_fields(args: &[String]) -> anyhow::Result<Vec<(String, Value)>> {
         .collect()
 }
 
-/// `--model-limit MODEL:NAME=N` into `limits.models`.
 /// `NAME=NUMBER` or `NAME=true|false`.
 fn attribute(arg: &str) -> anyhow::Result<(String, AttributeValue)> {
-    let (name, value) = arg
-        .split_once('=')
-        .ok_or_else(|| anyhow!("'{arg}' is not NAME=VALUE"))?;
-    let value = match value {
-        "true" => AttributeValue::Bool(true),
-        "false" => AttributeValue::Bool(false),
-        n => AttributeValue::Number(
-            n.parse()
-                .map_err(|_| anyhow!("'{arg}': the value must be a number, true or false"))?,
-        ),
-    };
-    Ok((name.to_string(), value))
+    AttributeValue::assignment(arg).map_err(|m| anyhow!(m))
 }
 
+/// `--model-limit MODEL:NAME=N` into `limits.models`.
 fn model_limit(limits: &mut Limits, arg: &str) -> anyhow::Result<()> {
     let (model, rest) = arg
         .rsplit_once(':')

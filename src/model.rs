@@ -182,17 +182,17 @@ impl Limits {
 )]
 pub struct KeyLimits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 0.001, maximum = 1000000)]
     pub requests_per_second: Option<f64>,
     /// Requests that may be sent at once; defaults to `max(1, ceil(requests_per_second))`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1000000)]
     pub burst: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 10_000_000_000.0)]
     pub tokens_per_minute: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(nullable = false)]
+    #[schema(nullable = false, minimum = 1, maximum = 1_000_000_000_000_000.0)]
     pub tokens_per_month: Option<u64>,
 }
 
@@ -662,6 +662,10 @@ impl<'de> Deserialize<'de> for TierSpec {
             None | Some(serde_json::Value::Null) => Vec::new(),
             Some(v) => shadow_list(v).map_err(D::Error::custom)?,
         };
+        // `null` is "left out" for every field of the body, `models` as the limits.
+        if object.get("models") == Some(&serde_json::Value::Null) {
+            object.remove("models");
+        }
         // Read with its path, so that a value of the wrong type names its field here too.
         let limits = serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(
             |e| match e.path().to_string().as_str() {
@@ -1013,6 +1017,41 @@ impl AttributeValue {
             (AttributeValue::Bool(v), AttributeValue::Bool(m)) => v || !m,
             _ => false,
         }
+    }
+
+    /// `NAME=NUMBER`, `NAME=true` or `NAME=false` (the CLI's arguments, the console's lines),
+    /// spaces around either part allowed; the name is checked by `validate_attributes`.
+    pub fn assignment(text: &str) -> Result<(String, AttributeValue), String> {
+        let (name, value) = text
+            .split_once('=')
+            .ok_or_else(|| format!("'{text}' is not NAME=VALUE"))?;
+        let value = match value.trim() {
+            "true" => AttributeValue::Bool(true),
+            "false" => AttributeValue::Bool(false),
+            n => AttributeValue::Number(
+                n.parse()
+                    .map_err(|_| format!("'{text}': the value must be a number, true or false"))?,
+            ),
+        };
+        Ok((name.trim().to_string(), value))
+    }
+
+    /// Lines of `NAME=VALUE` (blank lines skipped) into attributes, checked; an error names
+    /// the line.
+    pub fn lines(text: &str) -> Result<Attributes, String> {
+        let mut out = Attributes::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let (name, value) =
+                AttributeValue::assignment(line).map_err(|m| format!("line {}: {m}", i + 1))?;
+            if out.insert(name.clone(), value).is_some() {
+                return Err(format!("line {}: {name} is given twice", i + 1));
+            }
+        }
+        validate_attributes(&out)?;
+        Ok(out)
     }
 }
 
@@ -1390,9 +1429,11 @@ pub struct AuditEntry {
     pub at: i64,
     pub actor: String,
     pub action: String,
-    /// The workspace concerned, if any (none for a tier).
+    /// The workspace concerned, if any (none for a tier, or for an operator's webhook
+    /// endpoint).
     pub workspace_id: Option<WorkspaceId>,
-    /// What was changed: `tier:NAME`, `workspace:ID`, `key:ID`, `limit_request:ID`.
+    /// What was changed: `tier:NAME`, `workspace:ID`, `key:ID`, `limit_request:ID`,
+    /// `webhook:ID`.
     pub target: String,
     pub before: Option<serde_json::Value>,
     pub after: Option<serde_json::Value>,

@@ -175,7 +175,7 @@ async fn get_workspace(
     Ok(SortedJson(workspace_view(&state.catalog, &ws)))
 }
 
-/// At least one of the four.
+/// At least one of the six.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PatchWorkspace {

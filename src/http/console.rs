@@ -56,6 +56,7 @@ use crate::metrics::Metrics;
 use crate::model::{
     Actor, ApiKey, KeyId, KeyLimits, LimitRequest, Limits, Overrides, Tier, Workspace,
 };
+use crate::store::WebhookEndpoint;
 
 /// The path every console route starts with: the server adds the client's address to these
 /// requests only (`ClientAddr`).
@@ -94,7 +95,8 @@ pub fn routes(scope: Scope) -> Router<Arc<AppState>> {
             .route("/console/workspace", get(workspace_page))
             .route("/console/keys/{id}/revoke", post(revoke_key))
             .route("/console/limit-requests", post(request_increase))
-            .route("/console/budget", post(set_budget));
+            .route("/console/budget", post(set_budget))
+            .merge(super::console_webhooks::workspace_routes());
     }
     if scope.operator {
         routes = routes.merge(super::console_operator::routes());
@@ -229,6 +231,11 @@ const NOTICES: &[(&str, &str)] = &[
         "revoked",
         "The key was revoked: requests with it are refused from now on.",
     ),
+    ("budget", "Your budget was saved."),
+    (
+        "webhook-removed",
+        "The endpoint was removed, with what it had still to receive.",
+    ),
 ];
 
 async fn workspace_page(
@@ -244,7 +251,43 @@ async fn workspace_page(
         .done
         .and_then(|d| NOTICES.iter().find(|(name, _)| *name == d))
         .map(|(_, text)| Notice::Done(text));
-    render_workspace(&state, &session, &entry, notice, StatusCode::OK, None).await
+    let mut page = render_workspace(&state, &session, &entry, notice, StatusCode::OK, None).await;
+    // A page that showed a new secret was left: the "shown" cookie changes again, so that
+    // Back does not bring that page back from the browser's cache.
+    if let Some(since) = super::console_webhooks::shown_pending(&headers) {
+        let cookie = super::console_operator::key_shown_cookie(&since, over_https(&headers));
+        page.headers_mut().append(header::SET_COOKIE, cookie);
+    }
+    page
+}
+
+/// A form of the workspace page refused by the admin operations: the page again with why, and
+/// the status the API would give.
+pub(super) async fn workspace_refused(
+    state: &AppState,
+    session: &Session,
+    entry: &WorkspaceEntry,
+    e: AdminError,
+) -> Response {
+    let status = match &e {
+        AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
+        AdminError::Conflict(_) => StatusCode::CONFLICT,
+        AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+        e => {
+            tracing::warn!(error = %e, "console: a workspace's change failed");
+            return unavailable(StatusCode::SERVICE_UNAVAILABLE);
+        }
+    };
+    let message = e.to_string();
+    render_workspace(
+        state,
+        session,
+        entry,
+        Some(Notice::Refused(&message)),
+        status,
+        None,
+    )
+    .await
 }
 
 /// What the page says at its top after a form: done, or why not.
@@ -272,10 +315,11 @@ async fn render_workspace(
         Ok(history) => history,
         Err(e) => return unavailable(e.into_response().status()),
     };
-    let (keys, tiers, requests) = match tokio::try_join!(
+    let (keys, tiers, requests, webhooks) = match tokio::try_join!(
         state.admin.list_keys(ws.id),
         state.admin.list_tiers(),
         state.admin.list_limit_requests(Some(ws.id), None),
+        state.admin.list_webhooks(Some(ws.id)),
     ) {
         Ok(found) => found,
         Err(e) => {
@@ -299,6 +343,7 @@ async fn render_workspace(
         keys: &keys,
         tiers: &tiers,
         requests: &requests,
+        webhooks: &webhooks,
         token: &token,
         session_key: session.workspace().map(|(_, key)| key),
         now: state.clock.now_secs(),
@@ -310,7 +355,7 @@ async fn render_workspace(
 
 /// A form of the workspace page, sent: the session, its workspace and the form's fields, once
 /// the session, the origin and the form token hold; else the answer to send.
-async fn workspace_form(
+pub(super) async fn workspace_form(
     state: &AppState,
     request: Request,
 ) -> Result<(Session, Arc<WorkspaceEntry>, Vec<(String, String)>), Response> {
@@ -555,7 +600,7 @@ pub(super) fn session_of(state: &AppState, headers: &HeaderMap) -> Option<Sessio
 
 /// The session, and its workspace, if the session is a workspace's, valid, and its key and
 /// workspace still hold. An operator's session is not signed out by it (nothing to clear).
-fn signed_in(
+pub(super) fn signed_in(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(Session, Arc<WorkspaceEntry>), SignedOut> {
@@ -883,6 +928,7 @@ struct WorkspacePage<'a> {
     /// What the workspace can reach next (`Admin::next_tier`).
     next: Option<&'a NextTier>,
     requests: &'a [LimitRequest],
+    webhooks: &'a [WebhookEndpoint],
     token: &'a str,
     /// The key the session was made with (revoking it ends the session).
     session_key: Option<KeyId>,
@@ -1019,6 +1065,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
         (budget_form(&ws.budget, token))
         (increase_form(token, p.form))
         (past_requests(requests))
+        (super::console_webhooks::workspace_section(p.webhooks, token))
         form method="post" action="/console/sign-out" {
             input type="hidden" name="csrf" value=(token);
             button type="submit" { "Sign out" }

@@ -24,6 +24,9 @@
 //!     the cookie holds the secret of that very key, and clears the cookie: the secret is shown
 //!     once, and reloading the page (or going back to it) makes no second key and shows no
 //!     secret (`410`).
+//!   - `POST …/{id}/attributes` (`attributes`: lines `NAME=VALUE`, replacing them all, then the
+//!     promotion checked at once), `POST …/{id}/enforcement` (`enforcement`: `tier`, `enforce`
+//!     or `shadow`; `shadow`: a box per limit, none ticked for the tier's alone).
 //!   - `POST /console/operator/keys/{id}/revoke`; `POST /console/operator/keys/{id}/limits`
 //!     (`form.key-limits`, one per active key, beside its limits: the four fields of
 //!     `PATCH /admin/v1/keys/{id}`, filled with what the key has; an empty field is no limit of
@@ -33,7 +36,11 @@
 //!   (`form#create-tier`, `POST /console/operator/tiers`, refused if the name exists). A tier's
 //!   form holds all its limits (an empty field is no limit, as a field left out of
 //!   `PUT /admin/v1/tiers/{name}` is), per-model ones as lines `MODEL tokens_per_minute=N
-//!   tokens_per_month=N`.
+//!   tokens_per_month=N`, its promotion (`promotion_to`, `min_days`, `min_tokens_30d`,
+//!   `min_attributes` as lines `NAME=VALUE`), `enforcement` and the limits it keeps in shadow
+//!   (`shadow` boxes). A form without `enforcement` (one from before these fields) keeps the
+//!   tier's promotion and shadow settings.
+//! - `/console/operator/webhooks…`: the webhook endpoints (`http::console_webhooks`).
 //! - `GET /console/operator/requests?status=&workspace=`: increase requests (`table#requests`,
 //!   a row `tr[data-request-id]` each), pending ones by default, oldest first; `status=all`
 //!   lists every one, pending first. A pending one has `form.approve` (the override fields,
@@ -76,8 +83,9 @@ use crate::admin::{self, AdminError, AuditQuery, NewKeyInput, WorkspaceListing, 
 use crate::app::AppState;
 use crate::console::{Session, SessionKind};
 use crate::model::{
-    Actor, ApiKey, AuditAction, AuditEntry, KeyId, LimitRequest, LimitRequestStatus, Limits,
-    ModelLimits, Overrides, Tier, TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
+    Actor, ApiKey, AttributeValue, Attributes, AuditAction, AuditEntry, Enforcement, KeyId,
+    LimitRequest, LimitRequestStatus, Limits, ModelLimits, Overrides, Promotion, ShadowLimit, Tier,
+    TierSpec, Workspace, WorkspaceId, WorkspaceStatus,
 };
 use crate::store::{WorkspacePage, WorkspaceSort};
 
@@ -116,6 +124,14 @@ pub fn routes() -> Router<Arc<AppState>> {
             post(change_status),
         )
         .route("/console/operator/workspaces/{id}/pin", post(change_pin))
+        .route(
+            "/console/operator/workspaces/{id}/attributes",
+            post(change_attributes),
+        )
+        .route(
+            "/console/operator/workspaces/{id}/enforcement",
+            post(change_enforcement),
+        )
         .route("/console/operator/workspaces/{id}/keys", post(create_key))
         .route("/console/operator/keys/{id}/created", get(created_key))
         .route("/console/operator/keys/{id}/revoke", post(revoke_key))
@@ -126,11 +142,12 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/console/operator/requests/{id}/approve", post(approve))
         .route("/console/operator/requests/{id}/deny", post(deny))
         .route(AUDIT, get(audit_page))
+        .merge(super::console_webhooks::operator_routes())
 }
 
 /// A signed-in operator: the session, and the admin token's name it acts as.
 pub(super) struct Operator {
-    session: Session,
+    pub(super) session: Session,
     name: String,
     /// The new key whose secret a page showed last, if no page has been shown since
     /// (`KEY_SHOWN_COOKIE`), and whether the request came over HTTPS.
@@ -140,7 +157,7 @@ pub(super) struct Operator {
 
 impl Operator {
     /// The actor the admin API records for the same token.
-    fn actor(&self) -> Actor {
+    pub(super) fn actor(&self) -> Actor {
         Actor::admin(&self.name)
     }
 }
@@ -183,15 +200,15 @@ pub(super) fn operator_of(state: &AppState, headers: &HeaderMap) -> Option<Opera
 /// the next operator's page (`<id>-done`). Chromium keeps even `no-store` pages in its
 /// back/forward cache, but drops them if the site's cookies changed since: so Back neither shows
 /// the secret's page again nor the workspace's page as it was before the key was made.
-const KEY_SHOWN_COOKIE: &str = "tiergate_key_shown";
-const SHOWN_SINCE: &str = "-done";
+pub(super) const KEY_SHOWN_COOKIE: &str = "tiergate_key_shown";
+pub(super) const SHOWN_SINCE: &str = "-done";
 
-fn key_shown_cookie(value: &str, secure: bool) -> HeaderValue {
+pub(super) fn key_shown_cookie(value: &str, secure: bool) -> HeaderValue {
     set_cookie(KEY_SHOWN_COOKIE, value, 43_200, PREFIX, "Strict", secure)
 }
 
 /// Why a request gets no operator's page.
-enum NotOperator {
+pub(super) enum NotOperator {
     /// A workspace's session: `403`, nothing of the operator's.
     Workspace,
     /// No valid operator's session: to sign in (clearing the cookie, if any).
@@ -199,7 +216,7 @@ enum NotOperator {
 }
 
 impl NotOperator {
-    fn answer(self, headers: &HeaderMap) -> Response {
+    pub(super) fn answer(self, headers: &HeaderMap) -> Response {
         match self {
             NotOperator::Workspace => page(
                 StatusCode::FORBIDDEN,
@@ -219,7 +236,7 @@ impl NotOperator {
 }
 
 /// The operator, or why there is none.
-fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, NotOperator> {
+pub(super) fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, NotOperator> {
     if let Some(op) = operator_of(state, headers) {
         return Ok(op);
     }
@@ -234,7 +251,10 @@ fn require(state: &AppState, headers: &HeaderMap) -> Result<Operator, NotOperato
 
 /// A `POST` of an operator's form: the operator and the form's fields, once the session, the
 /// `Origin` and the form's token hold.
-async fn posted(state: &AppState, request: Request) -> Result<(Operator, Form), Response> {
+pub(super) async fn posted(
+    state: &AppState,
+    request: Request,
+) -> Result<(Operator, Form), Response> {
     let (parts, body) = request.into_parts();
     let op = require(state, &parts.headers).map_err(|n| n.answer(&parts.headers))?;
     let refused = || {
@@ -271,7 +291,7 @@ async fn posted(state: &AppState, request: Request) -> Result<(Operator, Form), 
 }
 
 /// A form's fields.
-struct Form(Vec<(String, String)>);
+pub(super) struct Form(pub(super) Vec<(String, String)>);
 
 impl Form {
     /// The field, trimmed; empty when absent.
@@ -280,10 +300,23 @@ impl Form {
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     }
+
+    /// Whether the form has the field at all (even empty).
+    fn has(&self, name: &str) -> bool {
+        field(&self.0, name).is_some()
+    }
+
+    /// Every value of a field that may repeat (checkboxes of one name).
+    fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.0
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.trim())
+    }
 }
 
 /// What a refused change shows: the admin API's status and message for it.
-async fn refusal(e: AdminError) -> (StatusCode, String) {
+pub(super) async fn refusal(e: AdminError) -> (StatusCode, String) {
     ApiError::from(e).status_and_message().await
 }
 
@@ -387,14 +420,68 @@ fn limits_of(form: &Form) -> Result<Limits, AdminError> {
     })
 }
 
+/// A tier's promotion, its enforcement and the limits it keeps in shadow.
+type Growth = (Option<Promotion>, Enforcement, Vec<ShadowLimit>);
+
+/// A tier's promotion, enforcement and limits in shadow from its form; `None` when the form
+/// has none of those fields (a form of before they were editable: the tier keeps its own).
+fn growth_of(form: &Form) -> Result<Option<Growth>, AdminError> {
+    if !form.has("enforcement") {
+        return Ok(None);
+    }
+    fn whole<T: std::str::FromStr>(form: &Form, field: &str) -> Result<Option<T>, AdminError> {
+        let text = form.get(field);
+        if text.is_empty() {
+            return Ok(None);
+        }
+        text.parse()
+            .map(Some)
+            .map_err(|_| AdminError::Invalid(format!("'{field}' must be a whole number, or empty")))
+    }
+    let min_days = whole(form, "min_days")?;
+    let min_tokens_30d = whole(form, "min_tokens_30d")?;
+    let min_attributes = AttributeValue::lines(&form.get("min_attributes"))
+        .map_err(|m| AdminError::Invalid(format!("min_attributes, {m}")))?;
+    let to = form.get("promotion_to");
+    let promotion = if to.is_empty() {
+        if min_days.is_some() || min_tokens_30d.is_some() || !min_attributes.is_empty() {
+            return Err(AdminError::Invalid(
+                "'promotion_to': the promotion's conditions need a tier to promote to".into(),
+            ));
+        }
+        None
+    } else {
+        Some(Promotion {
+            to,
+            min_days,
+            min_tokens_30d,
+            min_attributes,
+        })
+    };
+    let enforcement = Enforcement::parse(&form.get("enforcement")).map_err(AdminError::Invalid)?;
+    Ok(Some((promotion, enforcement, shadow_of(form)?)))
+}
+
+/// The limits ticked in a form's `shadow` boxes, sorted, each once.
+fn shadow_of(form: &Form) -> Result<Vec<ShadowLimit>, AdminError> {
+    let mut shadow = form
+        .all("shadow")
+        .map(ShadowLimit::parse)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(AdminError::Invalid)?;
+    shadow.sort();
+    shadow.dedup();
+    Ok(shadow)
+}
+
 /// A workspace id from a path; `None` (a `404`) when it is not one.
-fn id_of(text: &str) -> Option<i64> {
+pub(super) fn id_of(text: &str) -> Option<i64> {
     text.parse().ok().filter(|id| *id > 0)
 }
 
 /// The notices a change leaves on the page it returns to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Done {
+pub(super) enum Done {
     Tier,
     Overrides,
     Unchanged,
@@ -409,11 +496,17 @@ enum Done {
     Pinned,
     Unpinned,
     Created,
+    Attributes,
+    Enforcement,
+    WebhookRemoved,
 }
 
 impl Done {
-    const ALL: [Done; 14] = [
+    const ALL: [Done; 17] = [
         Done::Created,
+        Done::WebhookRemoved,
+        Done::Attributes,
+        Done::Enforcement,
         Done::Pinned,
         Done::Unpinned,
         Done::Tier,
@@ -429,7 +522,7 @@ impl Done {
         Done::Denied,
     ];
 
-    fn code(self) -> &'static str {
+    pub(super) fn code(self) -> &'static str {
         match self {
             Done::Tier => "tier",
             Done::Overrides => "overrides",
@@ -445,6 +538,9 @@ impl Done {
             Done::Pinned => "pinned",
             Done::Unpinned => "unpinned",
             Done::Created => "created",
+            Done::Attributes => "attributes",
+            Done::Enforcement => "enforcement",
+            Done::WebhookRemoved => "webhook-removed",
         }
     }
 
@@ -464,6 +560,9 @@ impl Done {
             Done::Pinned => "Workspace pinned: it is not promoted automatically.",
             Done::Unpinned => "Workspace released: it is promoted when it qualifies.",
             Done::Created => "Workspace created. Make it a key below.",
+            Done::Attributes => "Attributes saved (and the promotion conditions checked again).",
+            Done::Enforcement => "Enforcement saved.",
+            Done::WebhookRemoved => "Endpoint removed, with what it had still to receive.",
         }
     }
 
@@ -494,8 +593,13 @@ fn notice(params: &[(String, String)]) -> Option<&'static str> {
     param(params, "done").and_then(Done::parse).map(Done::text)
 }
 
+/// The notice a page's raw query names with `?done=`, if any.
+pub(super) fn notice_of(raw: Option<String>) -> Option<&'static str> {
+    notice(&query(raw))
+}
+
 /// An operator's page: the navigation, a notice or an error, and `body`.
-fn operator_page(
+pub(super) fn operator_page(
     state: &AppState,
     op: &Operator,
     status: StatusCode,
@@ -513,6 +617,7 @@ fn operator_page(
                 a href=(HOME) { "Workspaces" }
                 a href=(REQUESTS) { "Requests" }
                 a href=(TIERS) { "Tiers" }
+                a href=(super::console_webhooks::OPERATOR_WEBHOOKS) { "Webhooks" }
                 a href=(AUDIT) { "Audit log" }
                 span.who { "Operator " strong { (op.name) } }
                 form #sign-out method="post" action="/console/sign-out" {
@@ -533,7 +638,12 @@ fn operator_page(
 }
 
 /// A page that only says `message` (a failure with nothing else to show).
-fn message_page(op: &Operator, state: &AppState, status: StatusCode, message: &str) -> Response {
+pub(super) fn message_page(
+    op: &Operator,
+    state: &AppState,
+    status: StatusCode,
+    message: &str,
+) -> Response {
     operator_page(
         state,
         op,
@@ -544,7 +654,7 @@ fn message_page(op: &Operator, state: &AppState, status: StatusCode, message: &s
     )
 }
 
-async fn failure_page(op: &Operator, state: &AppState, e: AdminError) -> Response {
+pub(super) async fn failure_page(op: &Operator, state: &AppState, e: AdminError) -> Response {
     let (status, message) = refusal(e).await;
     message_page(op, state, status, &message)
 }
@@ -1009,6 +1119,38 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
             input type="hidden" name="pinned" value=(if w.pinned { "false" } else { "true" });
             button type="submit" { @if w.pinned { "Release" } @else { "Pin to its tier" } }
         }
+        form #change-attributes method="post" action=(format!("{base}/attributes")) {
+            input type="hidden" name="csrf" value=(token);
+            label.models {
+                "Attributes, one NAME=VALUE a line (a number, true or false), as your own systems know the workspace"
+                textarea name="attributes" rows="3" cols="40" placeholder="paid_usd=50" { (attribute_lines(&w.attributes)) }
+            }
+            button type="submit" { "Save attributes" }
+            span.note { "Replaces them all (empty: none); the workspace is promoted at once if they make it qualify." }
+        }
+        h2 { "Enforcement" }
+        p #enforcement {
+            "Its own: " strong { (w.enforcement.map_or("the tier's", |e| e.as_str())) }
+            @if let Some(tier) = tier { " · the tier's: " (enforcement_text(tier)) }
+        }
+        form #change-enforcement method="post" action=(format!("{base}/enforcement")) {
+            input type="hidden" name="csrf" value=(token);
+            select name="enforcement" {
+                option value="tier" selected[w.enforcement.is_none()] { "the tier's" }
+                @for e in [Enforcement::Enforce, Enforcement::Shadow] {
+                    option value=(e.as_str()) selected[w.enforcement == Some(e)] { (e.as_str()) }
+                }
+            }
+            " limits in shadow (besides the tier's): "
+            @for l in ShadowLimit::ALL {
+                label.check {
+                    input type="checkbox" name="shadow" value=(l.as_str()) checked[w.shadow.as_ref().is_some_and(|s| s.contains(&l))];
+                    (l.as_str())
+                }
+            }
+            button type="submit" { "Save enforcement" }
+            span.note { "A limit in shadow denies nothing: it marks, counts and logs what it would have denied. A limit named here is in shadow whatever the enforcement." }
+        }
         h2 { "API keys" }
         table #keys {
             thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Expires" } th { "Limits of its own" } th { "Status" } th {} } }
@@ -1292,6 +1434,65 @@ async fn change_pin(
     after_change(&state, &op, &id, outcome).await
 }
 
+/// `POST …/{id}/attributes`: replaces the workspace's attributes, as
+/// `PUT /admin/v1/workspaces/{id}/attributes` would (and promotes it if they make it qualify).
+async fn change_attributes(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let ws = workspace_id(&id)?;
+        let attributes = AttributeValue::lines(&form.get("attributes"))
+            .map_err(|m| AdminError::Invalid(format!("attributes, {m}")))?;
+        state
+            .admin
+            .set_attributes(&op.actor(), ws, attributes)
+            .await?;
+        Ok(Done::Attributes)
+    }
+    .await;
+    after_change(&state, &op, &id, outcome).await
+}
+
+/// `POST …/{id}/enforcement`: the workspace's own enforcement (`tier`: the tier's) and its own
+/// limits in shadow (none ticked: the tier's alone), as `PATCH /admin/v1/workspaces/{id}` sets
+/// `enforcement` and `shadow`.
+async fn change_enforcement(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let outcome = async {
+        let ws = workspace_id(&id)?;
+        let enforcement = match form.get("enforcement").as_str() {
+            "tier" => None,
+            other => Some(Enforcement::parse(other).map_err(AdminError::Invalid)?),
+        };
+        let shadow = shadow_of(&form)?;
+        let update = WorkspaceUpdate {
+            enforcement: Some(enforcement),
+            shadow: Some((!shadow.is_empty()).then_some(shadow)),
+            ..WorkspaceUpdate::default()
+        };
+        state
+            .admin
+            .update_workspace(&op.actor(), ws, update)
+            .await?;
+        Ok(Done::Enforcement)
+    }
+    .await;
+    after_change(&state, &op, &id, outcome).await
+}
+
 async fn create_key(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
@@ -1532,8 +1733,19 @@ fn model_lines(limits: &Limits) -> String {
     text
 }
 
-/// The fields of a tier's form, filled with its rank and `limits`.
-fn tier_fields(rank: Option<u32>, limits: &Limits, token: &str) -> Markup {
+/// A promotion's attribute conditions as the form's lines.
+fn attribute_lines(attributes: &Attributes) -> String {
+    attributes
+        .iter()
+        .map(|(name, value)| format!("{name}={value}\n"))
+        .collect()
+}
+
+/// The fields of a tier's form, filled with `tier` (`None`: a new tier); `tiers` are the
+/// catalogue's names, the tiers it may promote to (itself left out).
+fn tier_fields(tier: Option<&Tier>, tiers: &[Tier], token: &str) -> Markup {
+    let empty = Limits::default();
+    let limits = tier.map_or(&empty, |t| &t.limits);
     let values = [
         optional(limits.requests_per_second),
         optional(limits.burst),
@@ -1541,13 +1753,44 @@ fn tier_fields(rank: Option<u32>, limits: &Limits, token: &str) -> Markup {
         optional(limits.tokens_per_month),
         optional(limits.concurrent_requests),
     ];
+    let promotion = tier.and_then(|t| t.promotion.as_ref());
+    let to = promotion.map(|p| p.to.as_str());
+    let enforcement = tier.map_or(Enforcement::Enforce, |t| t.enforcement);
+    let shadow = tier.map_or(&[][..], |t| t.shadow.as_slice());
     html! {
         input type="hidden" name="csrf" value=(token);
-        label { "Rank" input type="text" inputmode="numeric" name="rank" value=(optional(rank)) size="6"; }
+        label { "Rank" input type="text" inputmode="numeric" name="rank" value=(optional(tier.and_then(|t| t.rank))) size="6"; }
         @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
             label { (label) input type="text" inputmode="decimal" name=(field) value=(values[i]) size="14"; }
         }
         label.models { "Per model" textarea name="models" rows="2" cols="60" placeholder="mistral-large-latest tokens_per_minute=100000" { (model_lines(limits)) } }
+        fieldset.promotion {
+            legend { "Automatic promotion (all conditions must hold)" }
+            label {
+                "To "
+                select name="promotion_to" {
+                    option value="" selected[to.is_none()] { "none" }
+                    @for t in tiers.iter().filter(|t| Some(t.name.as_str()) != tier.map(|t| t.name.as_str())) {
+                        option value=(t.name) selected[to == Some(t.name.as_str())] { (t.name) }
+                    }
+                }
+            }
+            label { "Days since created ≥ " input type="text" inputmode="numeric" name="min_days" value=(optional(promotion.and_then(|p| p.min_days))) size="6"; }
+            label { "Tokens over 30 days ≥ " input type="text" inputmode="numeric" name="min_tokens_30d" value=(optional(promotion.and_then(|p| p.min_tokens_30d))) size="14"; }
+            label.models { "Attributes (NAME=N: at least N; NAME=true)" textarea name="min_attributes" rows="2" cols="40" placeholder="paid_usd=50" { (promotion.map(|p| attribute_lines(&p.min_attributes)).unwrap_or_default()) } }
+        }
+        fieldset.enforcement {
+            legend { "Enforcement" }
+            select name="enforcement" {
+                @for e in [Enforcement::Enforce, Enforcement::Shadow] {
+                    option value=(e.as_str()) selected[e == enforcement] { (e.as_str()) }
+                }
+            }
+            " limits in shadow: "
+            @for l in ShadowLimit::ALL {
+                label.check { input type="checkbox" name="shadow" value=(l.as_str()) checked[shadow.contains(&l)]; (l.as_str()) }
+            }
+        }
     }
 }
 
@@ -1572,12 +1815,12 @@ fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
                 }
             }
         }
-        p.note { "An empty field is no limit. A change holds from the next request of every workspace on the tier. A tier's promotion and the limits it keeps in shadow are set through the admin API (PUT /admin/v1/tiers/{name}); saving a form here keeps them." }
+        p.note { "An empty field is no limit. A change holds from the next request of every workspace on the tier. A promotion moves a workspace up to a tier of a higher rank once all its conditions hold (checked every promotion_interval_secs and at each attribute change); a limit in shadow denies nothing but marks, counts and logs what it would have denied." }
         @for t in tiers {
             section.tier data-tier=(t.name) {
                 h2 { (t.name) }
                 form.tier-edit method="post" action=(format!("{TIERS}/{}", t.name)) {
-                    (tier_fields(t.rank, &t.limits, token))
+                    (tier_fields(Some(t), tiers, token))
                     button type="submit" { "Save " (t.name) }
                 }
             }
@@ -1586,7 +1829,7 @@ fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
             h2 { "New tier" }
             form #create-tier method="post" action=(TIERS) {
                 label { "Name " input type="text" name="name" required maxlength="64" pattern="[A-Za-z0-9._-]+"; }
-                (tier_fields(None, &Limits::default(), token))
+                (tier_fields(None, tiers, token))
                 button type="submit" { "Create tier" }
             }
         }
@@ -1599,10 +1842,13 @@ async fn create_tier(State(state): State<Arc<AppState>>, request: Request) -> Re
         Err(r) => return r,
     };
     let outcome = async {
+        let (promotion, enforcement, shadow) = growth_of(&form)?.unwrap_or_default();
         let spec = TierSpec {
             rank: rank_of(&form)?,
             limits: limits_of(&form)?,
-            ..TierSpec::default()
+            promotion,
+            enforcement,
+            shadow,
         };
         state
             .admin
@@ -1623,11 +1869,24 @@ async fn edit_tier(
         Err(r) => return r,
     };
     let outcome = async {
-        let (rank, limits) = (rank_of(&form)?, limits_of(&form)?);
-        state
-            .admin
-            .update_tier(&op.actor(), &name, rank, limits)
-            .await
+        let (rank, limits, growth) = (rank_of(&form)?, limits_of(&form)?, growth_of(&form)?);
+        let edit = |current: &Tier| {
+            let (promotion, enforcement, shadow) = growth.unwrap_or_else(|| {
+                (
+                    current.promotion.clone(),
+                    current.enforcement,
+                    current.shadow.clone(),
+                )
+            });
+            TierSpec {
+                rank,
+                limits,
+                promotion,
+                enforcement,
+                shadow,
+            }
+        };
+        state.admin.update_tier(&op.actor(), &name, edit).await
     }
     .await;
     after_tier(&state, &op, outcome.map(|_| Done::TierSaved)).await

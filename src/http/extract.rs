@@ -58,7 +58,8 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// A JSON body that may be left out (empty), then `T::default()`.
+/// A JSON body that may be left out (empty, or JSON `null`, as the OpenAPI document's
+/// `oneOf [T, null]` allows), then `T::default()`.
 pub struct OptionalJson<T>(pub T);
 
 impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
@@ -66,7 +67,7 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
 
     async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         let bytes = read_body(req.into_body(), MAX_API_BODY).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        if bytes.trim_ascii().is_empty() || bytes.trim_ascii() == b"null" {
             return Ok(OptionalJson(T::default()));
         }
         parse(&bytes).map(OptionalJson)

@@ -18,6 +18,7 @@ pub mod admin;
 pub mod console;
 pub mod console_charts;
 pub mod console_operator;
+mod console_webhooks;
 mod cors;
 pub mod error;
 pub mod extract;

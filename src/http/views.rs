@@ -429,8 +429,16 @@ impl PartialSchema for TierSpec {
             unreachable!("Limits is described as an object");
         };
         tier_properties(&mut object);
+        // In a body, `null` is read as a field left out, whichever the field.
+        for (_, property) in object.properties.iter_mut() {
+            let given = std::mem::replace(property, ObjectBuilder::new().into());
+            *property = utoipa::openapi::schema::OneOfBuilder::new()
+                .item(given)
+                .item(ObjectBuilder::new().schema_type(Type::Null))
+                .into();
+        }
         object.description = Some(
-            "A tier's rank and limits, all of them: a limit left out is no limit, a rank left out puts the tier off the ladder."
+            "A tier's rank and limits, all of them: a limit left out (or null) is no limit, a rank left out puts the tier off the ladder."
                 .into(),
         );
         RefOr::T(Schema::Object(object))
@@ -518,10 +526,11 @@ pub struct AuditEntryView {
     pub actor: String,
     #[schema(schema_with = audit_action_schema)]
     pub action: String,
-    /// The workspace concerned; `null` for a tier.
+    /// The workspace concerned; `null` for a tier or an operator's webhook endpoint.
     #[schema(required = true)]
     pub workspace_id: Option<i64>,
-    /// What was changed: `tier:NAME`, `workspace:ID`, `key:ID` or `limit_request:ID`.
+    /// What was changed: `tier:NAME`, `workspace:ID`, `key:ID`, `limit_request:ID` or
+    /// `webhook:ID`.
     pub target: String,
     /// The object before the change; `null` for a creation.
     #[schema(required = true, value_type = Option<Object>)]

@@ -104,6 +104,11 @@ impl Operator {
         get_at(&self.base, path, Some(&self.cookie)).await
     }
 
+    /// The session's cookie (`tiergate_console=…`).
+    pub(crate) fn cookie(&self) -> &str {
+        &self.cookie
+    }
+
     /// A form of the console's, with the session's token.
     pub(crate) async fn post(&self, path: &str, fields: &[(&str, &str)]) -> Page {
         let mut all = vec![("csrf", self.csrf.as_str())];
@@ -1020,6 +1025,8 @@ async fn a_workspace_session_is_refused_on_every_operator_page() {
         "/console/operator/requests".into(),
         "/console/operator/tiers".into(),
         "/console/operator/audit".into(),
+        "/console/operator/webhooks".into(),
+        "/console/operator/webhooks/1".into(),
     ] {
         let page = get_at(&gw.url, &path, Some(&cookie)).await;
         assert_eq!(page.status, StatusCode::FORBIDDEN, "{path}");
@@ -1057,6 +1064,21 @@ async fn a_workspace_session_is_refused_on_every_operator_page() {
             vec![("tokens_per_minute", "600000")],
         ),
         (format!("{HOME}/{ws}/keys"), vec![("name", "mine")]),
+        (
+            format!("{HOME}/{ws}/attributes"),
+            vec![("attributes", "paid_usd=1000")],
+        ),
+        (
+            format!("{HOME}/{ws}/enforcement"),
+            vec![("enforcement", "shadow")],
+        ),
+        (
+            "/console/operator/webhooks".to_string(),
+            vec![
+                ("url", "http://127.0.0.1:9/x"),
+                ("events", "quota.threshold"),
+            ],
+        ),
     ] {
         let mut fields = fields;
         fields.push(("csrf", &csrf));
@@ -1064,6 +1086,7 @@ async fn a_workspace_session_is_refused_on_every_operator_page() {
         assert_eq!(page.status, StatusCode::FORBIDDEN, "{path}");
     }
     assert!(audit(&gw, "?action=workspace.update").await.is_empty());
+    assert!(audit(&gw, "?action=webhook.create").await.is_empty());
     assert!(audit(&gw, "?action=limit_request.approve").await.is_empty());
     assert_eq!(
         audit(&gw, "?action=key.create").await.len(),
@@ -1442,4 +1465,241 @@ async fn a_key_s_limits_are_set_and_cleared_from_the_workspace_page() {
             ("alice".to_string(), "key.limits".to_string()),
         ]
     );
+}
+
+/// The tier as the admin API shows it.
+async fn tier_as_stored(gw: &TestGateway, name: &str) -> Value {
+    let (_, tiers) = gw.admin(Method::GET, "/tiers", None).await;
+    tiers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == name)
+        .unwrap_or_else(|| panic!("no tier {name}: {tiers}"))
+        .clone()
+}
+
+#[tokio::test]
+async fn the_ladder_attributes_and_shadow_mode_are_steered_from_the_console() {
+    let gw = gateway(false).await;
+    gw.put_tier(
+        "ladder-high",
+        json!({"rank": 51, "requests_per_second": 100}),
+    )
+    .await;
+    gw.put_tier(
+        "ladder-low",
+        json!({"rank": 50, "requests_per_second": 1, "burst": 1}),
+    )
+    .await;
+    let (ws, key) = gw.workspace("ladder-low").await;
+    let op = Operator::sign_in(&gw.url, ALICE).await;
+    let tier_form = |extra: &[(&'static str, &'static str)]| {
+        let mut fields = vec![
+            ("rank", "50"),
+            ("requests_per_second", "1"),
+            ("burst", "1"),
+            ("enforcement", "enforce"),
+        ];
+        fields.extend_from_slice(extra);
+        fields
+    };
+
+    // The tier's form shows the promotion and shadow fields, filled with what the tier has.
+    let page = op.get("/console/operator/tiers").await;
+    let section = page
+        .body
+        .split(r#"<section class="tier" data-tier="ladder-low">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</section>").next())
+        .unwrap_or_else(|| panic!("{}", page.body));
+    for field in [
+        r#"name="promotion_to""#,
+        r#"name="min_days""#,
+        r#"name="min_tokens_30d""#,
+        r#"name="min_attributes""#,
+        r#"name="enforcement""#,
+        r#"name="shadow" value="tokens_per_month""#,
+        r#"<option value="ladder-high">"#,
+    ] {
+        assert!(section.contains(field), "{field}: {section}");
+    }
+    assert!(
+        !section.contains(r#"<option value="ladder-low""#),
+        "not itself"
+    );
+
+    // A promotion set from the form, as PUT /admin/v1/tiers would set it.
+    let page = op
+        .post(
+            "/console/operator/tiers/ladder-low",
+            &tier_form(&[
+                ("promotion_to", "ladder-high"),
+                ("min_days", ""),
+                ("min_tokens_30d", ""),
+                ("min_attributes", "paid_usd=50\r\nverified = true\r\n"),
+                ("shadow", "tokens_per_month"),
+            ]),
+        )
+        .await;
+    assert!(
+        page.redirects_to("/console/operator/tiers?done=tier-saved"),
+        "{}",
+        page.body
+    );
+    assert_eq!(
+        tier_as_stored(&gw, "ladder-low").await,
+        json!({"name": "ladder-low", "rank": 50, "requests_per_second": 1.0, "burst": 1,
+               "promotion": {"to": "ladder-high",
+                             "min_attributes": {"paid_usd": 50.0, "verified": true}},
+               "shadow": ["tokens_per_month"]})
+    );
+    let page = op.get("/console/operator/tiers").await;
+    assert!(
+        page.body.contains("paid_usd=50\nverified=true\n"),
+        "refilled"
+    );
+    // A form without the new fields (one from before) keeps them.
+    let page = op
+        .post(
+            "/console/operator/tiers/ladder-low",
+            &[("rank", "50"), ("requests_per_second", "1"), ("burst", "1")],
+        )
+        .await;
+    assert!(page.redirects_to("/console/operator/tiers?done=tier-saved"));
+    assert_eq!(
+        tier_as_stored(&gw, "ladder-low").await["promotion"]["to"],
+        "ladder-high"
+    );
+    // Refused, naming what is wrong; the tier unchanged.
+    for (extra, says) in [
+        (vec![("min_days", "7")], "promotion_to"),
+        (
+            vec![
+                ("promotion_to", "ladder-high"),
+                ("min_attributes", "paid_usd"),
+            ],
+            "min_attributes",
+        ),
+        (
+            vec![("promotion_to", "ladder-high"), ("min_days", "soon")],
+            "min_days",
+        ),
+        (vec![("promotion_to", "free")], "promotion.to"),
+        (vec![("shadow", "everything")], "shadow"),
+    ] {
+        let page = op
+            .post("/console/operator/tiers/ladder-low", &tier_form(&extra))
+            .await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{extra:?}");
+        assert!(page.body.contains(says), "{says}: {}", page.body);
+    }
+    assert_eq!(
+        tier_as_stored(&gw, "ladder-low").await["shadow"],
+        json!(["tokens_per_month"])
+    );
+
+    // Attributes: short of the condition, the workspace stays; meeting it, it is promoted at
+    // once and gets the new tier's limits on its next request.
+    let at = |what: &str| format!("{HOME}/{ws}/{what}");
+    let page = op
+        .post(
+            &at("attributes"),
+            &[("attributes", "paid_usd=49\nverified=true")],
+        )
+        .await;
+    assert!(
+        page.redirects_to(&format!("{HOME}/{ws}?done=attributes")),
+        "{}",
+        page.body
+    );
+    let page = op.get(&format!("{HOME}/{ws}")).await;
+    assert!(page
+        .body
+        .contains(r#"<strong id="tier">ladder-low</strong>"#));
+    assert!(page.body.contains(r#"<tr data-attribute="paid_usd">"#));
+    assert!(
+        page.body.contains("paid_usd=49\nverified=true\n"),
+        "refilled"
+    );
+    for (bad, says) in [("paid_usd=lots", "paid_usd"), ("bad name=1", "bad name")] {
+        let page = op.post(&at("attributes"), &[("attributes", bad)]).await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(page.body.contains(says), "{says}: {}", page.body);
+    }
+
+    // Shadow mode for the workspace alone: over its rate, admitted and marked.
+    let send = || gw.chat(&key, hello(), &[]);
+    assert_eq!(send().await.status(), StatusCode::OK);
+    expect_429(send().await, "rate_limited", "requests_per_second").await;
+    let page = op
+        .post(&at("enforcement"), &[("enforcement", "shadow")])
+        .await;
+    assert!(
+        page.redirects_to(&format!("{HOME}/{ws}?done=enforcement")),
+        "{}",
+        page.body
+    );
+    // The shadow keeps a state of its own: its first request fits, the next would not.
+    for shadow_denied in [None, Some("requests_per_second")] {
+        let r = send().await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(header(&r, "x-ratelimit-shadow-denied"), shadow_denied);
+    }
+    // One limit in shadow, the workspace's enforcement the tier's again.
+    let page = op
+        .post(
+            &at("enforcement"),
+            &[("enforcement", "tier"), ("shadow", "requests_per_second")],
+        )
+        .await;
+    assert!(page.redirects_to(&format!("{HOME}/{ws}?done=enforcement")));
+    let (_, shown) = gw
+        .admin(Method::GET, &format!("/workspaces/{ws}"), None)
+        .await;
+    assert_eq!(shown["shadow"], json!(["requests_per_second"]), "{shown}");
+    assert!(
+        shown.get("enforcement").is_none_or(Value::is_null),
+        "{shown}"
+    );
+    let r = send().await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header(&r, "x-ratelimit-shadow-denied"),
+        Some("requests_per_second"),
+        "the shadow's state is the workspace's, whichever setting put the limit there"
+    );
+    // None ticked, the tier's enforcement: denied again.
+    let page = op
+        .post(&at("enforcement"), &[("enforcement", "tier")])
+        .await;
+    assert!(page.redirects_to(&format!("{HOME}/{ws}?done=enforcement")));
+    expect_429(send().await, "rate_limited", "requests_per_second").await;
+    let page = op
+        .post(&at("enforcement"), &[("enforcement", "sometimes")])
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    assert!(page.body.contains("enforcement"), "{}", page.body);
+
+    let page = op
+        .post(
+            &at("attributes"),
+            &[("attributes", "paid_usd=50\nverified=true")],
+        )
+        .await;
+    assert!(page.redirects_to(&format!("{HOME}/{ws}?done=attributes")));
+    let page = op.get(&format!("{HOME}/{ws}")).await;
+    assert!(
+        page.body
+            .contains(r#"<strong id="tier">ladder-high</strong>"#),
+        "promoted at once: {}",
+        page.body
+    );
+    assert_eq!(send().await.status(), StatusCode::OK, "the new tier's rate");
+    assert_eq!(send().await.status(), StatusCode::OK);
+
+    // Audited as the token's name.
+    let entries = audit(&gw, "?actor=alice&action=workspace.update").await;
+    assert_eq!(entries.len(), 5, "{entries:?}");
+    assert_eq!(audit(&gw, "?action=workspace.promote").await.len(), 1);
 }

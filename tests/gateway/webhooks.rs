@@ -597,3 +597,286 @@ async fn a_workspace_s_bounds_hold_for_requests_sent_at_once() {
     let (_, listed) = keyed(&gw, &key, Method::GET, "/v1/webhooks", None).await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 10, "{listed}");
 }
+
+/// Follows an endpoint's creation in the console as a browser does (`303` to the page that
+/// shows its secret, the secret sealed in a cookie for that path alone) and returns the
+/// endpoint's id and the secret that page shows once.
+async fn console_secret(
+    base: &str,
+    session: &str,
+    made: &crate::console::Page,
+    under: &str,
+) -> (i64, String) {
+    assert_eq!(made.status, StatusCode::SEE_OTHER, "{}", made.body);
+    let to = made.location.clone().expect("a redirect");
+    let id: i64 = to
+        .strip_prefix(&format!("{under}/"))
+        .and_then(|rest| rest.strip_suffix("/created"))
+        .unwrap_or_else(|| panic!("{to}"))
+        .parse()
+        .unwrap();
+    let set = made
+        .set_cookie
+        .iter()
+        .find(|c| c.starts_with("tiergate_new_webhook="))
+        .expect("the secret's cookie");
+    for flag in [
+        "HttpOnly",
+        "SameSite=Strict",
+        "Max-Age=300",
+        &format!("Path={to};"),
+    ] {
+        assert!(set.contains(flag), "{flag} in {set}");
+    }
+    let carried = set.split(';').next().unwrap();
+    let get = |cookies: String, path: String| async move {
+        let r = crate::console::browser()
+            .get(format!("{base}{path}"))
+            .header("cookie", cookies)
+            .send()
+            .await
+            .unwrap();
+        crate::console::Page::of(r).await
+    };
+    // Another endpoint's page with this cookie shows nothing: the seal names the endpoint.
+    let stray = get(
+        format!("{session}; {carried}"),
+        format!("{under}/{}/created", id + 1),
+    )
+    .await;
+    assert_eq!(stray.status, StatusCode::GONE, "{}", stray.body);
+    assert!(!stray.body.contains("whsec_"), "{}", stray.body);
+    let page = get(format!("{session}; {carried}"), to.clone()).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    let at = page.body.find("id=\"new-secret\">").expect("the secret") + 16;
+    let secret = page.body[at..].split('<').next().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    assert!(
+        page.set_cookie
+            .iter()
+            .any(|c| c.starts_with("tiergate_new_webhook=;") && c.contains("Max-Age=0")),
+        "the cookie is cleared: {:?}",
+        page.set_cookie
+    );
+    assert!(
+        page.set_cookie
+            .iter()
+            .any(|c| c.starts_with(&format!("tiergate_key_shown=webhook-{id};"))),
+        "{:?}",
+        page.set_cookie
+    );
+    // Once: a reload shows no secret.
+    let again = get(session.to_string(), to.clone()).await;
+    assert_eq!(again.status, StatusCode::GONE, "{}", again.body);
+    assert!(!again.body.contains(&secret));
+    (id, secret)
+}
+
+#[tokio::test]
+async fn endpoints_made_in_the_console_get_their_events_signed_with_the_secret_shown_once() {
+    let gw = TestGateway::start_with(fast_retries()).await;
+    let (ws, key) = gw.workspace("free").await;
+    let (other_ws, other_key) = gw.workspace("free").await;
+    let (for_operator, for_workspace) = (Receiver::start(0).await, Receiver::start(0).await);
+    let op = crate::console_operator::Operator::sign_in(&gw.url, ADMIN).await;
+
+    // The operator's endpoint, for two events.
+    let made = op
+        .post(
+            "/console/operator/webhooks",
+            &[
+                ("url", for_operator.url.as_str()),
+                ("events", "limit_request.created"),
+                ("events", "workspace.suspended"),
+            ],
+        )
+        .await;
+    let (op_id, op_secret) =
+        console_secret(&gw.url, op.cookie(), &made, "/console/operator/webhooks").await;
+
+    // The workspace's own, from its console page.
+    let session = crate::console::signed_in(&gw, &key).await;
+    let page = crate::console::get(&gw, "/console/workspace", Some(&session)).await;
+    assert!(
+        page.body.contains(r#"<section id="webhooks">"#),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains(r#"id="no-webhooks""#));
+    let csrf = page.csrf();
+    let post = |path: String, fields: Vec<(&'static str, String)>| {
+        let (url, session, csrf) = (gw.url.clone(), session.clone(), csrf.clone());
+        async move {
+            let mut all = vec![("csrf", csrf)];
+            all.extend(fields);
+            let r = crate::console::browser()
+                .post(format!("{url}{path}"))
+                .header("cookie", session)
+                .form(&all)
+                .send()
+                .await
+                .unwrap();
+            crate::console::Page::of(r).await
+        }
+    };
+    // Without the session's form token, or from another site: refused.
+    for (token, origin) in [("", None), (csrf.as_str(), Some("https://evil.example"))] {
+        let mut r = crate::console::browser()
+            .post(format!("{}/console/webhooks", gw.url))
+            .header("cookie", &session)
+            .form(&[
+                ("csrf", token),
+                ("url", for_workspace.url.as_str()),
+                ("events", "quota.threshold"),
+            ]);
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        assert_eq!(r.send().await.unwrap().status(), StatusCode::FORBIDDEN);
+    }
+    // Refused as the API refuses, naming the field; nothing is made.
+    for (fields, says) in [
+        (
+            vec![
+                ("url", "ftp://x".to_string()),
+                ("events", "quota.threshold".to_string()),
+            ],
+            "url",
+        ),
+        (vec![("url", for_workspace.url.clone())], "events"),
+        (
+            vec![
+                ("url", for_workspace.url.clone()),
+                ("events", "nope".to_string()),
+            ],
+            "events",
+        ),
+    ] {
+        let page = post("/console/webhooks".into(), fields).await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+        assert!(page.body.contains(says), "{says}: {}", page.body);
+    }
+    let made = post(
+        "/console/webhooks".into(),
+        vec![
+            ("url", for_workspace.url.clone()),
+            ("events", "limit_request.created".to_string()),
+        ],
+    )
+    .await;
+    let (ws_id, ws_secret) = console_secret(&gw.url, &session, &made, "/console/webhooks").await;
+    assert_ne!(ws_secret, op_secret);
+    // The workspace's page lists it, and the API agrees.
+    let page = crate::console::get(&gw, "/console/workspace", Some(&session)).await;
+    assert!(
+        page.body.contains(&format!("data-webhook-id=\"{ws_id}\"")),
+        "{}",
+        page.body
+    );
+    let (s, own) = keyed(&gw, &key, Method::GET, "/v1/webhooks", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(own["data"][0]["id"], ws_id, "{own}");
+    assert_eq!(own["data"][0]["events"], json!(["limit_request.created"]));
+    // Another workspace's session cannot see the secret's page, nor remove the endpoint.
+    let other_session = crate::console::signed_in(&gw, &other_key).await;
+    let other_page = crate::console::get(&gw, "/console/workspace", Some(&other_session)).await;
+    assert!(!other_page.body.contains(&for_workspace.url));
+    let page = crate::console::get(
+        &gw,
+        &format!("/console/webhooks/{ws_id}/created"),
+        Some(&other_session),
+    )
+    .await;
+    assert_eq!(page.status, StatusCode::GONE);
+    let removed = crate::console::browser()
+        .post(format!("{}/console/webhooks/{ws_id}/delete", gw.url))
+        .header("cookie", &other_session)
+        .form(&[("csrf", other_page.csrf())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(removed.status(), StatusCode::NOT_FOUND);
+    let _ = other_ws;
+
+    // An event reaches both, each signed with the secret its page showed.
+    ask_more(&gw, &key).await;
+    let got = for_operator.wait_for(1).await;
+    assert_eq!(got[0].kind(), "limit_request.created");
+    got[0].verify(&op_secret);
+    let got = for_workspace.wait_for(1).await;
+    assert_eq!(got[0].kind(), "limit_request.created");
+    got[0].verify(&ws_secret);
+
+    // The operator sees both endpoints, and the first's delivery.
+    let list = op.get("/console/operator/webhooks").await;
+    assert_eq!(list.status, StatusCode::OK);
+    for id in [op_id, ws_id] {
+        assert!(
+            list.body.contains(&format!("data-webhook-id=\"{id}\"")),
+            "{}",
+            list.body
+        );
+    }
+    assert!(list.body.contains("every workspace"));
+    assert!(list
+        .body
+        .contains(&format!("/console/operator/workspaces/{ws}")));
+    assert!(!list.body.contains("whsec_"), "never a secret");
+    eventually(Duration::from_secs(10), "the delivery marked", || async {
+        let page = op.get(&format!("/console/operator/webhooks/{op_id}")).await;
+        page.body.contains("data-status=\"delivered\"")
+    })
+    .await;
+    let page = op.get(&format!("/console/operator/webhooks/{op_id}")).await;
+    assert!(page.body.contains("limit_request.created"), "{}", page.body);
+    assert!(
+        page.body.contains("<td class=\"status\">delivered</td>"),
+        "{}",
+        page.body
+    );
+    assert_eq!(
+        op.get("/console/operator/webhooks/999").await.status,
+        StatusCode::NOT_FOUND
+    );
+    // The operator's refusals name the field too.
+    let page = op
+        .post(
+            "/console/operator/webhooks",
+            &[("url", "http://"), ("events", "quota.threshold")],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+    assert!(page.body.contains("url"), "{}", page.body);
+
+    // Removed: the workspace its own, the operator theirs.
+    let page = post(format!("/console/webhooks/{ws_id}/delete"), vec![]).await;
+    assert!(
+        page.redirects_to("/console/workspace?done=webhook-removed"),
+        "{}",
+        page.body
+    );
+    let (_, own) = keyed(&gw, &key, Method::GET, "/v1/webhooks", None).await;
+    assert_eq!(own["data"], json!([]));
+    let page = op
+        .post(&format!("/console/operator/webhooks/{op_id}/delete"), &[])
+        .await;
+    assert!(
+        page.redirects_to("/console/operator/webhooks?done=webhook-removed"),
+        "{}",
+        page.body
+    );
+    let (_, all) = gw.admin(Method::GET, "/webhooks", None).await;
+    assert_eq!(all["data"], json!([]), "{all}");
+
+    // Audited as whoever made each change.
+    let (_, entries) = gw
+        .admin(Method::GET, "/audit?action=webhook.create", None)
+        .await;
+    let actors: Vec<&str> = entries["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["actor"].as_str().unwrap())
+        .collect();
+    assert_eq!(actors, vec![format!("workspace:{ws}").as_str(), "admin"]);
+}

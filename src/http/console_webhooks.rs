@@ -1,0 +1,554 @@
+//! The console's webhook pages: the endpoints an operator and a workspace register for the
+//! events of [`crate::webhooks`], made and removed as the admin API and the workspace's own API
+//! make and remove them (`admin::Admin`, the same validation and audit).
+//!
+//! The operator's (on the operator's pages' listener):
+//! - `GET /console/operator/webhooks`: every endpoint (`table#webhooks`, a row
+//!   `tr[data-webhook-id]` each): the operator's, which get every workspace's events, and the
+//!   workspaces' own; a form to register one of the operator's (`form#create-webhook`).
+//! - `GET /console/operator/webhooks/{id}`: an endpoint and its latest 100 deliveries
+//!   (`table#deliveries`), as `GET /admin/v1/webhooks/{id}/deliveries` lists them.
+//! - `POST /console/operator/webhooks` (`url`, `events`): registers it, then `303` to
+//!   `GET /console/operator/webhooks/{id}/created`, which shows its signing secret once.
+//! - `POST /console/operator/webhooks/{id}/delete`: removes it (any workspace's too).
+//!
+//! The workspace's (its session's workspace alone, as `/v1/webhooks`):
+//! - a section of `/console/workspace` (`section#webhooks`): its endpoints, each with
+//!   `form.delete-webhook`, and `form#create-webhook`;
+//! - `POST /console/webhooks` → `303` to `GET /console/webhooks/{id}/created`;
+//! - `POST /console/webhooks/{id}/delete` (another workspace's endpoint: `404`).
+//!
+//! **The secret, once.** As a new key's: the form answers `303`, and the secret goes to the
+//! page that shows it in a cookie for that one path (`HttpOnly`, `SameSite=Strict`, 5 minutes),
+//! never in a URL. The cookie is sealed (`Console::seal`) for the session that made the
+//! endpoint and for that endpoint's id, so the page shows only a secret this gateway put there
+//! for this session; it clears the cookie, and a reload gets `410`. The store keeps the secret
+//! to sign deliveries and never gives it out again.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, RawQuery, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use maud::{html, Markup};
+
+use super::console::{
+    field, named_cookie, not_found_page, over_https, see_other, set_cookie, signed_in,
+    workspace_form, workspace_refused,
+};
+use super::console_operator::{
+    failure_page, id_of, key_shown_cookie, message_page, notice_of, operator_page, posted, require,
+    Done, Operator, HOME, KEY_SHOWN_COOKIE, SHOWN_SINCE,
+};
+use super::views::Timestamp;
+use crate::admin::AdminError;
+use crate::app::AppState;
+use crate::console::Session;
+use crate::model::{Actor, WorkspaceId};
+use crate::store::{DeliveryRecord, WebhookEndpoint};
+use crate::webhooks::EVENT_TYPES;
+
+pub(super) const OPERATOR_WEBHOOKS: &str = "/console/operator/webhooks";
+
+/// The cookie that carries a new endpoint's secret to the page that shows it.
+const NEW_SECRET_COOKIE: &str = "tiergate_new_webhook";
+/// How long that cookie lives: long enough to follow the redirect.
+const NEW_SECRET_SECONDS: i64 = 300;
+/// The deliveries an endpoint's page lists.
+const DELIVERIES_SHOWN: u32 = 100;
+
+pub(super) fn operator_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route(OPERATOR_WEBHOOKS, get(operator_list).post(operator_create))
+        .route("/console/operator/webhooks/{id}", get(operator_endpoint))
+        .route(
+            "/console/operator/webhooks/{id}/created",
+            get(operator_created),
+        )
+        .route(
+            "/console/operator/webhooks/{id}/delete",
+            post(operator_delete),
+        )
+}
+
+pub(super) fn workspace_routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/console/webhooks", post(workspace_create))
+        .route("/console/webhooks/{id}/created", get(workspace_created))
+        .route("/console/webhooks/{id}/delete", post(workspace_delete))
+}
+
+// ---- Shared --------------------------------------------------------------------------------
+
+/// A new endpoint's fields from its form: `url`, and each `events` box ticked.
+fn new_endpoint(form: &[(String, String)]) -> (String, Vec<String>) {
+    let url = field(form, "url").unwrap_or_default().trim().to_string();
+    let events = form
+        .iter()
+        .filter(|(n, _)| n == "events")
+        .map(|(_, v)| v.trim().to_string())
+        .collect();
+    (url, events)
+}
+
+/// The form that registers an endpoint, posted to `action`.
+fn create_form(action: &str, token: &str, scope: &str) -> Markup {
+    html! {
+        form #create-webhook method="post" action=(action) {
+            input type="hidden" name="csrf" value=(token);
+            label { "URL " input type="url" name="url" required size="50" placeholder="https://example.com/hooks/tiergate"; }
+            fieldset {
+                legend { "Events" }
+                @for e in EVENT_TYPES {
+                    label.check { input type="checkbox" name="events" value=(e) checked; (e) }
+                }
+            }
+            button type="submit" { "Add endpoint" }
+            span.note { (scope) " Its signing secret is shown once, on the next page." }
+        }
+    }
+}
+
+/// Where the page that shows endpoint `id`'s secret is, under `base`.
+fn created_path(base: &str, id: i64) -> String {
+    format!("{base}/{id}/created")
+}
+
+/// The label a secret is sealed under: one endpoint's.
+fn seal_label(id: i64) -> String {
+    format!("webhook-secret:{id}")
+}
+
+/// The `303` to the page that shows the new endpoint's secret, with the sealed secret in a
+/// cookie for that page's path alone.
+fn to_secret_page(
+    state: &AppState,
+    session: &Session,
+    base: &str,
+    endpoint: &WebhookEndpoint,
+    secret: &str,
+    secure: bool,
+) -> Response {
+    let path = created_path(base, endpoint.id);
+    let sealed = state
+        .console
+        .seal(session, &seal_label(endpoint.id), secret);
+    let cookie = set_cookie(
+        NEW_SECRET_COOKIE,
+        &sealed,
+        NEW_SECRET_SECONDS,
+        &path,
+        "Strict",
+        secure,
+    );
+    see_other(&path, Some(cookie))
+}
+
+/// The secret the cookie carries to endpoint `id`'s page, if this session's gateway sealed it
+/// there for that endpoint.
+fn sealed_secret<'h>(
+    state: &AppState,
+    session: &Session,
+    headers: &'h HeaderMap,
+    id: i64,
+) -> Option<&'h str> {
+    let sealed = named_cookie(headers, NEW_SECRET_COOKIE)?;
+    state.console.unseal(session, &seal_label(id), sealed)
+}
+
+/// What a page that showed a secret adds: the cookie cleared, and the "shown" cookie changed
+/// (so that a browser's back/forward cache drops the page: see `console_operator`).
+fn after_showing(page: &mut Response, base: &str, id: i64, secure: bool) {
+    let path = created_path(base, id);
+    let clear = set_cookie(NEW_SECRET_COOKIE, "", 0, &path, "Strict", secure);
+    page.headers_mut().append(header::SET_COOKIE, clear);
+    let shown = key_shown_cookie(&format!("webhook-{id}"), secure);
+    page.headers_mut().append(header::SET_COOKIE, shown);
+}
+
+const SHOWN_ONCE: &str = "This endpoint's signing secret was shown once. If it was not copied, remove the endpoint and add it again.";
+
+fn secret_body(secret: &str, endpoint: Option<&WebhookEndpoint>, back: Markup) -> Markup {
+    html! {
+        h1 { "New webhook endpoint" }
+        p { "Copy the signing secret now: it is shown this once. Deliveries are signed with it (Standard Webhooks: "
+            code { "webhook-id" } ", " code { "webhook-timestamp" } ", " code { "webhook-signature" } ")." }
+        p { code #new-secret { (secret) } }
+        @if let Some(e) = endpoint {
+            p.note { "For " code { (e.url) } " · " (e.events.join(", ")) }
+        }
+        p { (back) }
+    }
+}
+
+fn events_text(e: &WebhookEndpoint) -> String {
+    e.events.join(", ")
+}
+
+// ---- The operator's ------------------------------------------------------------------------
+
+async fn operator_list(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    show_list(&state, &op, StatusCode::OK, notice_of(raw), None).await
+}
+
+async fn show_list(
+    state: &AppState,
+    op: &Operator,
+    status: StatusCode,
+    notice: Option<&str>,
+    error: Option<&str>,
+) -> Response {
+    match state.admin.list_webhooks(None).await {
+        Ok(endpoints) => {
+            let token = state.console.csrf_token(&op.session);
+            operator_page(
+                state,
+                op,
+                status,
+                "Webhooks",
+                (notice, error),
+                list_body(&endpoints, &token),
+            )
+        }
+        Err(e) => failure_page(op, state, e).await,
+    }
+}
+
+fn list_body(endpoints: &[WebhookEndpoint], token: &str) -> Markup {
+    html! {
+        h1 { "Webhooks" }
+        p.note { "The operator's endpoints get every workspace's events; a workspace's own, only that workspace's. Each delivery is signed with the endpoint's secret and retried until it is answered 2xx (12 attempts)." }
+        @if endpoints.is_empty() {
+            p.note #no-webhooks { "No endpoint yet." }
+        } @else {
+            table #webhooks {
+                thead { tr { th { "#" } th { "For" } th { "URL" } th { "Events" } th { "Created" } th {} } }
+                tbody {
+                    @for e in endpoints {
+                        tr data-webhook-id=(e.id) {
+                            td { a href=(format!("{OPERATOR_WEBHOOKS}/{}", e.id)) { (e.id) } }
+                            td.scope {
+                                @match e.workspace_id {
+                                    Some(w) => { "workspace " a href=(format!("{HOME}/{w}")) { (w) } },
+                                    None => "every workspace",
+                                }
+                            }
+                            td.url { code { (e.url) } }
+                            td.events { (events_text(e)) }
+                            td { (Timestamp(e.created_at).rfc3339()) }
+                            td {
+                                a href=(format!("{OPERATOR_WEBHOOKS}/{}", e.id)) { "Deliveries" }
+                                form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
+                                    input type="hidden" name="csrf" value=(token);
+                                    button type="submit" { "Remove" }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        h2 { "New endpoint" }
+        (create_form(OPERATOR_WEBHOOKS, token, "It gets every workspace's events."))
+    }
+}
+
+async fn operator_create(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let secure = over_https(request.headers());
+    let (op, form) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let (url, events) = new_endpoint(&form.0);
+    match state
+        .admin
+        .create_webhook(&op.actor(), None, &url, &events)
+        .await
+    {
+        Ok((endpoint, secret)) => to_secret_page(
+            &state,
+            &op.session,
+            OPERATOR_WEBHOOKS,
+            &endpoint,
+            &secret,
+            secure,
+        ),
+        Err(e) => {
+            let (status, message) = super::console_operator::refusal(e).await;
+            show_list(&state, &op, status, None, Some(&message)).await
+        }
+    }
+}
+
+async fn operator_created(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let Some(id) = id_of(&id) else {
+        return message_page(&op, &state, StatusCode::NOT_FOUND, "No such endpoint.");
+    };
+    let Some(secret) = sealed_secret(&state, &op.session, &headers, id) else {
+        return message_page(&op, &state, StatusCode::GONE, SHOWN_ONCE);
+    };
+    let endpoints = state.admin.list_webhooks(None).await.unwrap_or_default();
+    let endpoint = endpoints.iter().find(|e| e.id == id);
+    let back = html! { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } };
+    let mut page = operator_page(
+        &state,
+        &op,
+        StatusCode::OK,
+        "New webhook endpoint",
+        (Some("Endpoint added."), None),
+        secret_body(secret, endpoint, back),
+    );
+    after_showing(&mut page, OPERATOR_WEBHOOKS, id, over_https(&headers));
+    page
+}
+
+async fn operator_endpoint(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let op = match require(&state, &headers) {
+        Ok(op) => op,
+        Err(not) => return not.answer(&headers),
+    };
+    let not_found = || AdminError::NotFound("No such endpoint.".into());
+    let found = async {
+        let id = id_of(&id).ok_or_else(not_found)?;
+        let endpoints = state.admin.list_webhooks(None).await?;
+        let endpoint = endpoints
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or_else(not_found)?;
+        let deliveries = state.admin.webhook_deliveries(id, DELIVERIES_SHOWN).await?;
+        Ok::<_, AdminError>((endpoint, deliveries))
+    }
+    .await;
+    match found {
+        Ok((endpoint, deliveries)) => {
+            let token = state.console.csrf_token(&op.session);
+            operator_page(
+                &state,
+                &op,
+                StatusCode::OK,
+                "Webhook endpoint",
+                (None, None),
+                endpoint_body(&endpoint, &deliveries, &token),
+            )
+        }
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str) -> Markup {
+    html! {
+        h1 { "Webhook endpoint " (e.id) }
+        p #endpoint {
+            code { (e.url) } " · "
+            @match e.workspace_id {
+                Some(w) => { "workspace " a href=(format!("{HOME}/{w}")) { (w) } },
+                None => "every workspace",
+            }
+            " · " (events_text(e)) " · created " (Timestamp(e.created_at).rfc3339())
+        }
+        h2 { "Latest deliveries" }
+        @if deliveries.is_empty() {
+            p.note #no-deliveries { "None yet." }
+        } @else {
+            table #deliveries {
+                thead { tr { th { "Event" } th { "Type" } th { "Status" } th { "Attempts" } th { "Last answer" } th { "Next attempt" } th { "Created" } } }
+                tbody {
+                    @for d in deliveries {
+                        tr data-event-id=(d.event_id) data-status=(d.status) {
+                            td { code { (d.event_id) } }
+                            td { (d.kind) }
+                            td.status { (d.status) }
+                            td.attempts { (d.attempts) }
+                            td {
+                                @if let Some(code) = d.last_status { (code) }
+                                @if let Some(error) = &d.last_error { " " span.error-text { (error) } }
+                            }
+                            td { (d.next_attempt_at_ms.map_or_else(String::new, |ms| Timestamp(ms / 1000).rfc3339())) }
+                            td { (Timestamp(d.created_at).rfc3339()) }
+                        }
+                    }
+                }
+            }
+        }
+        form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
+            input type="hidden" name="csrf" value=(token);
+            button type="submit" { "Remove this endpoint" }
+            span.note { "Its deliveries still due are dropped." }
+        }
+        p { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } }
+    }
+}
+
+async fn operator_delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (op, _) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let removed = match id_of(&id) {
+        Some(id) => state.admin.delete_webhook(&op.actor(), id, None).await,
+        None => Err(AdminError::NotFound("No such endpoint.".into())),
+    };
+    match removed {
+        Ok(_) => see_other(
+            &format!("{OPERATOR_WEBHOOKS}?done={}", Done::WebhookRemoved.code()),
+            None,
+        ),
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+// ---- The workspace's -----------------------------------------------------------------------
+
+const WORKSPACE_WEBHOOKS: &str = "/console/webhooks";
+
+/// The workspace page's section: its endpoints and the form to add one.
+pub(super) fn workspace_section(endpoints: &[WebhookEndpoint], token: &str) -> Markup {
+    html! {
+        section #webhooks {
+            h2 { "Webhooks" }
+            p.note { "Endpoints of your own get this workspace's events (limit requests, tier changes, quota thresholds), signed with their secret." }
+            @if endpoints.is_empty() {
+                p.note #no-webhooks { "No endpoint yet." }
+            } @else {
+                table #webhooks {
+                    thead { tr { th { "URL" } th { "Events" } th { "Created" } th {} } }
+                    tbody {
+                        @for e in endpoints {
+                            tr data-webhook-id=(e.id) {
+                                td.url { code { (e.url) } }
+                                td.events { (events_text(e)) }
+                                td { (Timestamp(e.created_at).rfc3339()) }
+                                td {
+                                    form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
+                                        input type="hidden" name="csrf" value=(token);
+                                        button type="submit" { "Remove" }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            (create_form(WORKSPACE_WEBHOOKS, token, "At most 10 endpoints."))
+        }
+    }
+}
+
+async fn workspace_create(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let secure = over_https(request.headers());
+    let (session, entry, form) = match workspace_form(&state, request).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let ws: WorkspaceId = entry.workspace.id;
+    let (url, events) = new_endpoint(&form);
+    match state
+        .admin
+        .create_webhook(&Actor::workspace(ws), Some(ws), &url, &events)
+        .await
+    {
+        Ok((endpoint, secret)) => to_secret_page(
+            &state,
+            &session,
+            WORKSPACE_WEBHOOKS,
+            &endpoint,
+            &secret,
+            secure,
+        ),
+        Err(e) => workspace_refused(&state, &session, &entry, e).await,
+    }
+}
+
+async fn workspace_created(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (session, entry) = match signed_in(&state, &headers) {
+        Ok(found) => found,
+        Err(out) => return out.to_sign_in(&headers),
+    };
+    let Some(id) = id_of(&id) else {
+        return not_found_page();
+    };
+    let back = html! { a href="/console/workspace" { "Back to the workspace" } };
+    let Some(secret) = sealed_secret(&state, &session, &headers, id) else {
+        return super::console::page(
+            StatusCode::GONE,
+            "Shown once",
+            html! { p.error role="alert" { (SHOWN_ONCE) } p { (back) } },
+        );
+    };
+    let endpoints = state
+        .admin
+        .list_webhooks(Some(entry.workspace.id))
+        .await
+        .unwrap_or_default();
+    let endpoint = endpoints.iter().find(|e| e.id == id);
+    let mut page = super::console::page(
+        StatusCode::OK,
+        "New webhook endpoint",
+        secret_body(secret, endpoint, back),
+    );
+    after_showing(&mut page, WORKSPACE_WEBHOOKS, id, over_https(&headers));
+    page
+}
+
+async fn workspace_delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (session, entry, _) = match workspace_form(&state, request).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let ws = entry.workspace.id;
+    let removed = match id_of(&id) {
+        Some(id) => {
+            state
+                .admin
+                .delete_webhook(&Actor::workspace(ws), id, Some(ws))
+                .await
+        }
+        None => Err(AdminError::NotFound("No such endpoint.".into())),
+    };
+    match removed {
+        Ok(_) => see_other("/console/workspace?done=webhook-removed", None),
+        Err(AdminError::NotFound(_)) => not_found_page(),
+        Err(e) => workspace_refused(&state, &session, &entry, e).await,
+    }
+}
+
+/// Whether the "shown" cookie of a page that showed a secret is still to be changed.
+pub(super) fn shown_pending(headers: &HeaderMap) -> Option<String> {
+    named_cookie(headers, KEY_SHOWN_COOKIE)
+        .filter(|v| !v.ends_with(SHOWN_SINCE))
+        .map(|v| format!("{v}{SHOWN_SINCE}"))
+}
