@@ -980,7 +980,13 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                         "Tokens per month",
                         m.used as f64,
                         m.limit,
-                        html! { span.used { (m.used) } " of " (m.limit) " tokens used" },
+                        html! {
+                            span.used { (m.used) } " of " (m.limit) " tokens used"
+                            // The month limit is the workspace's own budget where that is lower.
+                            @if ws.budget.tokens_per_month.is_some_and(|b| b as f64 == m.limit) {
+                                " " span.budget-binds { "(your own budget)" }
+                            }
+                        },
                         Some(&m.reset),
                     )),
                     None => (unenforced("tokens_per_month", "Tokens per month", shadow.and_then(|l| l.tokens_per_month).map(|v| format!("{v} tokens")))),

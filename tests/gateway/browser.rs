@@ -255,6 +255,11 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
     // asked.
     browser.sign_in_to(ADMIN, OPERATOR_HOME).await;
     browser.assert_no_console_errors(OPERATOR_HOME).await;
+    for page in ["/console/operator/tiers", "/console/operator/webhooks"] {
+        browser.goto(page).await;
+        browser.wait_for("nav.operator").await;
+        browser.assert_no_console_errors(page).await;
+    }
     browser.goto(OPERATOR_REQUESTS).await;
     let row = format!(r#"tr[data-request-id="{request_id}"]"#);
     browser.wait_for(&format!("{row} form.approve")).await;

@@ -222,6 +222,10 @@ async fn the_console_sets_the_workspaces_budget() {
     let page = crate::console::get(&gw, "/console/workspace", Some(&cookie)).await;
     assert!(page.body.contains(r#"id="budget""#));
     assert!(
+        !page.body.contains("budget-binds"),
+        "no budget of its own yet"
+    );
+    assert!(
         page.body.contains("mistral-large-latest 70"),
         "{}",
         page.body
@@ -290,6 +294,19 @@ async fn the_console_sets_the_workspaces_budget() {
     assert_eq!(
         got,
         json!({"tokens_per_month": 40, "models": {"mistral-large-latest": 70}})
+    );
+    // The page it returns to says the budget was saved, and that it is now the month's limit.
+    let page = crate::console::get(&gw, "/console/workspace?done=budget", Some(&cookie)).await;
+    assert!(
+        page.body.contains("Your budget was saved."),
+        "{}",
+        page.body
+    );
+    assert!(
+        page.body
+            .contains(r#"of 40 tokens used <span class="budget-binds">(your own budget)</span>"#),
+        "{}",
+        page.body
     );
     let (_, refused) = until_refused(&gw, &key, hello()).await;
     let body: Value = refused.json().await.unwrap();
