@@ -1122,6 +1122,7 @@ async fn with_an_admin_listener_the_operator_pages_are_served_only_there() {
         format!("{HOME}/{ws}"),
         "/console/operator".into(),
         "/console/operator/requests".into(),
+        "/console/operator/webhooks".into(),
     ] {
         assert_eq!(
             get_at(&main, &path, None).await.status,
