@@ -1165,7 +1165,19 @@ impl Promotion {
     /// the tier is put).
     pub fn validate(&self) -> Result<(), String> {
         validate_attributes(&self.min_attributes)
-            .map_err(|m| format!("promotion.min_attributes: {m}"))
+            .map_err(|m| format!("promotion.min_attributes: {m}"))?;
+        // A lower bound of `false` is met by either boolean: it asks nothing, and reads as if it
+        // asked for `false` (an outside audit saw `verified = false` promote a verified one).
+        if let Some((name, _)) = self
+            .min_attributes
+            .iter()
+            .find(|(_, v)| **v == AttributeValue::Bool(false))
+        {
+            return Err(format!(
+                "promotion.min_attributes.{name}: a condition is a number (at least it) or true; false would ask nothing"
+            ));
+        }
+        Ok(())
     }
 }
 

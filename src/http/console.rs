@@ -54,7 +54,8 @@ use crate::catalog::{AuthFailure, Authenticated, WorkspaceEntry};
 use crate::console::{Session, SessionKind, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
 use crate::metrics::Metrics;
 use crate::model::{
-    Actor, ApiKey, KeyId, KeyLimits, LimitRequest, Limits, Overrides, Tier, Workspace,
+    Actor, ApiKey, AttributeValue, KeyId, KeyLimits, LimitRequest, Limits, Overrides, Tier,
+    Workspace,
 };
 use crate::store::WebhookEndpoint;
 
@@ -1037,7 +1038,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                 }
             }
         }
-        (tier_ladder(ws, limits, tiers, p.next))
+        (tier_ladder(ws, limits, shadow, tiers, p.next))
         (console_charts::usage_section(history))
         h2 { "API keys" }
         table.keys #keys {
@@ -1080,9 +1081,12 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
 }
 
 /// The workspace's limits beside what the next tier up the ladder gives.
+/// `shadow`: the workspace's limits in shadow, shown as such where `limits` (the enforced ones)
+/// have none.
 fn tier_ladder(
     ws: &Workspace,
     limits: &Limits,
+    shadow: Option<&Limits>,
     tiers: &[Tier],
     next_tier: Option<&NextTier>,
 ) -> Markup {
@@ -1094,29 +1098,33 @@ fn tier_ladder(
         let month = |l: &Limits| l.tokens_per_month.map(|v| v.to_string());
         let conc = |l: &Limits| l.concurrent_requests.map(|v| v.to_string());
         let n = next.map(|t| &t.limits);
+        // What the workspace has now: the enforced figure, else the one in shadow, said so.
+        let now = |f: &dyn Fn(&Limits) -> Option<String>| {
+            f(limits).or_else(|| shadow.and_then(f).map(|v| format!("in shadow: {v}")))
+        };
         [
             (
                 "requests_per_second",
                 "Requests per second",
-                rps(limits),
+                now(&rps),
                 n.and_then(rps),
             ),
             (
                 "tokens_per_minute",
                 "Tokens per minute",
-                tpm(limits),
+                now(&tpm),
                 n.and_then(tpm),
             ),
             (
                 "tokens_per_month",
                 "Tokens per month",
-                month(limits),
+                now(&month),
                 n.and_then(month),
             ),
             (
                 "concurrent_requests",
                 "Concurrent requests",
-                conc(limits),
+                now(&conc),
                 n.and_then(conc),
             ),
         ]
@@ -1154,7 +1162,10 @@ fn tier_ladder(
                                     @if c.met { "✓ " } @else { "✗ " }
                                     (condition_label(&c.name)) ": "
                                     (c.actual.map_or_else(|| "none".to_string(), |a| a.to_string()))
-                                    " of at least " (c.required)
+                                    @match c.required {
+                                        AttributeValue::Bool(b) => { ", needs " (b) },
+                                        AttributeValue::Number(n) => { " of at least " (n) },
+                                    }
                                 }
                             }
                         }

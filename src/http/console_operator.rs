@@ -497,13 +497,15 @@ pub(super) enum Done {
     Unpinned,
     Created,
     Attributes,
+    AttributesPromoted,
     Enforcement,
     WebhookRemoved,
 }
 
 impl Done {
-    const ALL: [Done; 17] = [
+    const ALL: [Done; 18] = [
         Done::Created,
+        Done::AttributesPromoted,
         Done::WebhookRemoved,
         Done::Attributes,
         Done::Enforcement,
@@ -539,6 +541,7 @@ impl Done {
             Done::Unpinned => "unpinned",
             Done::Created => "created",
             Done::Attributes => "attributes",
+            Done::AttributesPromoted => "attributes-promoted",
             Done::Enforcement => "enforcement",
             Done::WebhookRemoved => "webhook-removed",
         }
@@ -560,7 +563,12 @@ impl Done {
             Done::Pinned => "Workspace pinned: it is not promoted automatically.",
             Done::Unpinned => "Workspace released: it is promoted when it qualifies.",
             Done::Created => "Workspace created. Make it a key below.",
-            Done::Attributes => "Attributes saved (and the promotion conditions checked again).",
+            Done::Attributes => {
+                "Attributes saved; the promotion conditions were checked again, and not all hold."
+            }
+            Done::AttributesPromoted => {
+                "Attributes saved: they met its tier's promotion conditions, and it was promoted."
+            }
             Done::Enforcement => "Enforcement saved.",
             Done::WebhookRemoved => "Endpoint removed, with what it had still to receive.",
         }
@@ -1135,7 +1143,7 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
         }
         form #change-enforcement method="post" action=(format!("{base}/enforcement")) {
             input type="hidden" name="csrf" value=(token);
-            select name="enforcement" {
+            select name="enforcement" aria-label="Enforcement" {
                 option value="tier" selected[w.enforcement.is_none()] { "the tier's" }
                 @for e in [Enforcement::Enforce, Enforcement::Shadow] {
                     option value=(e.as_str()) selected[w.enforcement == Some(e)] { (e.as_str()) }
@@ -1449,11 +1457,16 @@ async fn change_attributes(
         let ws = workspace_id(&id)?;
         let attributes = AttributeValue::lines(&form.get("attributes"))
             .map_err(|m| AdminError::Invalid(format!("attributes, {m}")))?;
-        state
+        let before = state.admin.get_workspace(ws).await?.tier;
+        let after = state
             .admin
             .set_attributes(&op.actor(), ws, attributes)
             .await?;
-        Ok(Done::Attributes)
+        Ok(if after.tier == before {
+            Done::Attributes
+        } else {
+            Done::AttributesPromoted
+        })
     }
     .await;
     after_change(&state, &op, &id, outcome).await
@@ -1781,7 +1794,7 @@ fn tier_fields(tier: Option<&Tier>, tiers: &[Tier], token: &str) -> Markup {
         }
         fieldset.enforcement {
             legend { "Enforcement" }
-            select name="enforcement" {
+            select name="enforcement" aria-label="Enforcement" {
                 @for e in [Enforcement::Enforce, Enforcement::Shadow] {
                     option value=(e.as_str()) selected[e == enforcement] { (e.as_str()) }
                 }
@@ -1828,7 +1841,7 @@ fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
         section #new-tier {
             h2 { "New tier" }
             form #create-tier method="post" action=(TIERS) {
-                label { "Name " input type="text" name="name" required maxlength="64" pattern="[A-Za-z0-9._-]+"; }
+                label { "Name " input type="text" name="name" required maxlength="64" pattern="[A-Za-z0-9._\\-]+"; }
                 (tier_fields(None, tiers, token))
                 button type="submit" { "Create tier" }
             }

@@ -432,11 +432,11 @@ pub(super) fn workspace_section(endpoints: &[WebhookEndpoint], token: &str) -> M
     html! {
         section #webhooks {
             h2 { "Webhooks" }
-            p.note { "Endpoints of your own get this workspace's events (limit requests, tier changes, quota thresholds), signed with their secret." }
+            p.note { "Endpoints of your own get this workspace's events (limit requests made and decided, tier changes, suspension, quota thresholds), each signed with the endpoint's secret." }
             @if endpoints.is_empty() {
                 p.note #no-webhooks { "No endpoint yet." }
             } @else {
-                table #webhooks {
+                table #webhook-endpoints {
                     thead { tr { th { "URL" } th { "Events" } th { "Created" } th {} } }
                     tbody {
                         @for e in endpoints {

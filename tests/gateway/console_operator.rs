@@ -1587,6 +1587,13 @@ async fn the_ladder_attributes_and_shadow_mode_are_steered_from_the_console() {
             "min_days",
         ),
         (vec![("promotion_to", "free")], "promotion.to"),
+        (
+            vec![
+                ("promotion_to", "ladder-high"),
+                ("min_attributes", "verified=false"),
+            ],
+            "false would ask nothing",
+        ),
         (vec![("shadow", "everything")], "shadow"),
     ] {
         let page = op
@@ -1647,6 +1654,16 @@ async fn the_ladder_attributes_and_shadow_mode_are_steered_from_the_console() {
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(header(&r, "x-ratelimit-shadow-denied"), shadow_denied);
     }
+    // The workspace's own page says the limit is in shadow, beside the next tier's, rather
+    // than that it has none (an outside check in Chromium).
+    let session = crate::console::signed_in(&gw, &key).await;
+    let page = crate::console::get(&gw, "/console/workspace", Some(&session)).await;
+    let row = page
+        .body
+        .split(r#"<tr data-limit="requests_per_second"><th scope="row">Requests per second</th><td class="now">"#)
+        .nth(1)
+        .unwrap_or_else(|| panic!("{}", page.body));
+    assert!(row.starts_with("in shadow: 1</td>"), "{row}");
     // One limit in shadow, the workspace's enforcement the tier's again.
     let page = op
         .post(
@@ -1688,7 +1705,11 @@ async fn the_ladder_attributes_and_shadow_mode_are_steered_from_the_console() {
             &[("attributes", "paid_usd=50\nverified=true")],
         )
         .await;
-    assert!(page.redirects_to(&format!("{HOME}/{ws}?done=attributes")));
+    assert!(
+        page.redirects_to(&format!("{HOME}/{ws}?done=attributes-promoted")),
+        "{:?}",
+        page.location
+    );
     let page = op.get(&format!("{HOME}/{ws}")).await;
     assert!(
         page.body
