@@ -958,10 +958,20 @@ if op == 'base' then
 end
 
 if op == 'newgen' then
-  -- ARGV 6: gen candidate. Starts a new generation of the month counter (after this instance
-  -- enforced limits on its own for a while, or to rebuild it from the ledger).
+  -- ARGV 6: gen candidate; 7: tokens held by requests this instance admitted on its own that
+  -- are still running (0: none); 8: how long (ms) to hold them. Starts a new generation of the
+  -- month counter (after this instance enforced limits on its own for a while, or to rebuild
+  -- it from the ledger). The tokens held are a reservation of the new generation under a lease
+  -- that nobody renews: the ledger has none of them yet, and without them the shared counter
+  -- would let the month be used again while they run. When the lease ends they are let go;
+  -- by then the re-reads of the ledger have what they settled.
   load({'keep'})
   new_generation(month_of(now), ARGV[6])
+  local carry = N(ARGV[7] or '0') or 0
+  if carry > 0 then
+    add('res', carry)
+    record('carry:' .. ARGV[6], 'L|' .. S(carry) .. '|' .. ARGV[6] .. '||0|', now + N(ARGV[8]) * 1000)
+  end
   finish()
   return {1, now, ARGV[6]}
 end

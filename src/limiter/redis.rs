@@ -1071,14 +1071,18 @@ impl RedisLimiter {
     }
 
     /// Starts a new generation of a workspace's month counter: it will be rebuilt from the
-    /// ledger when next needed.
+    /// ledger when next needed. `carry`: tokens held by requests this instance admitted on its
+    /// own (Redis down) that are still running, held in the new generation for one lease.
     pub async fn new_generation(
         &self,
         workspace: WorkspaceId,
         now: Nanos,
+        carry: u64,
     ) -> Result<(), LimiterError> {
         let mut args = self.inner.args("newgen", now);
         args.push(ReservationId::next().to_string().into());
+        args.push(carry.to_string().into());
+        args.push(millis(self.inner.lease));
         self.inner
             .eval(&self.inner.keys(workspace), &args)
             .await
@@ -1265,7 +1269,7 @@ impl RedisLimiter {
         if doubt.is_some_and(|since| since.elapsed() >= TOMBSTONE / 2) {
             // An earlier attempt may have counted it, and its tombstone may be gone: count it
             // in a new generation of the month counter, rebuilt from the ledger without it.
-            self.new_generation(reservation.workspace, now).await?;
+            self.new_generation(reservation.workspace, now, 0).await?;
         }
         let reply = match inner.eval(&inner.keys(reservation.workspace), &args).await {
             Ok(reply) => reply,

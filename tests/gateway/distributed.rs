@@ -1207,3 +1207,89 @@ async fn a_local_month_share_starts_from_what_redis_last_counted() {
     }
     drop(redis);
 }
+
+/// Requests an instance admitted on its own while Redis did not answer, and that still run when
+/// it answers again, hold their tokens in the shared month counter: the counter is rebuilt from
+/// the ledger, which has none of them yet, and an outside audit saw the month used again on top
+/// of them (up to 47% over the quota when the breaker tripped and closed under load).
+#[tokio::test]
+async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_back() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(100);
+        raw.redis_lease_ms = Some(3_000);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "carry", json!({"tokens_per_month": 10_000})).await;
+    let send = |completion: u64| {
+        let (url, key) = (gw.url.clone(), key.clone());
+        async move {
+            let (body, usage) = exact_request(completion);
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-usage", usage)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    assert_eq!(send(5).await.status(), StatusCode::OK);
+
+    // Redis stops answering: three calls time out, and the breaker opens.
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        assert_eq!(send(5).await.status(), StatusCode::OK, "admitted alone");
+    }
+    assert_eq!(backend_up().await, 0.0);
+    // On its own share: three slow requests with long prompts, about 3,055 tokens each.
+    let long = |latency: &'static str| {
+        let (url, key) = (gw.url.clone(), key.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-latency-ms", latency)
+                .header("x-mock-usage", "9,1")
+                .json(&json!({"model": "m", "max_tokens": 10,
+                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let held: Vec<_> = (0..3).map(|_| long("3000")).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Redis answers again; the breaker closes within a probe or two.
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up().await == 1.0
+    })
+    .await;
+    // The three still running hold about 9,165 of the 10,000: a fourth does not fit.
+    let r = long("0").await.unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "over the month");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
+    for h in held {
+        assert_eq!(h.await.unwrap().status(), StatusCode::OK);
+    }
+    // Settled (10 tokens each) and the hold's lease over: the month is free again.
+    eventually(Duration::from_secs(20), || async {
+        let limits = gw.limits(&key).await;
+        limits["usage"]["tokens_per_month"]["remaining"]
+            .as_u64()
+            .is_some_and(|left| left > 9_000)
+    })
+    .await;
+    assert_eq!(long("0").await.unwrap().status(), StatusCode::OK);
+    drop(redis);
+}
