@@ -24,9 +24,11 @@
 //! - Every reservation is settled where it was made. Usage admitted by the fallback reaches the
 //!   ledger (untagged, so any later counter generation counts it), and the first shared decision
 //!   for such a workspace after recovery starts a new generation of its month counter, which is
-//!   then rebuilt from the ledger: nothing used during the outage is lost. The tokens that the
-//!   instance's own admissions still hold then (requests still running) go into the new
-//!   generation as a hold for one lease, which nobody renews: the ledger has none of them yet.
+//!   then rebuilt from the ledger: nothing used during the outage is lost. That decision carries
+//!   back what the instance's share used that Redis does not know (`Carry`): what the share's
+//!   requests and tokens-per-minute buckets lack is taken from Redis's, which refilled
+//!   meanwhile, and the tokens its requests still running hold go into the new generation as a
+//!   hold for one lease, which nobody renews (the ledger has none of them yet).
 //!
 //! `local` is the default because it keeps serving while still protecting the upstream: a
 //! Redis outage neither becomes an API outage (`closed`) nor opens the gate (`open`).
@@ -38,7 +40,7 @@ use std::time::Duration;
 
 use super::core::{request_rate, MonthKey};
 use super::local::LocalLimiter;
-use super::redis::RedisLimiter;
+use super::redis::{Carry, RedisLimiter};
 use super::{
     Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, Nanos, Origin,
     Reservation, Settled, Snapshot, TokenCost, Usage, NANOS_PER_SEC,
@@ -449,6 +451,38 @@ impl Failover {
         }
     }
 
+    /// What this instance's share of `workspace`'s limits used that Redis does not know (see
+    /// `Carry`): nothing when it holds no share.
+    async fn carry(&self, workspace: WorkspaceId, limits: &Limits, now: Nanos) -> Carry {
+        if !self.local.holds(workspace) {
+            return Carry::default();
+        }
+        let Some((n, rank)) = self.instances() else {
+            return Carry::default();
+        };
+        let seeds = self.local.month_seeds(workspace, now).unwrap_or_default();
+        let Ok(shared) = share(limits, n, rank, &seeds) else {
+            return Carry::default();
+        };
+        // Read with the share's own limits, as its buckets were kept.
+        let Ok(usage) = self.local.usage(workspace, &shared, now).await else {
+            return Carry::default();
+        };
+        let requests = match (shared.requests_per_second, usage.snapshot.requests) {
+            (Some(_), Some(w)) => u64::from(shared.effective_burst()).saturating_sub(w.remaining),
+            _ => 0,
+        };
+        let tokens = match (shared.tokens_per_minute, usage.bucket_tokens) {
+            (Some(cap), Some(balance)) => (cap as i64).saturating_sub(balance).max(0) as u64,
+            _ => 0,
+        };
+        Carry {
+            month: usage.month_reserved_tokens,
+            requests,
+            tokens,
+        }
+    }
+
     /// The workspace's month use as Redis last reported it this month.
     fn month_seen(&self, workspace: WorkspaceId, now: Nanos) -> Option<u64> {
         let seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
@@ -625,16 +659,11 @@ impl Failover {
         if !self.is_open_for(workspace) {
             let mut result = Ok(());
             if self.needs_rebuild(workspace) {
-                // What this instance's own admissions still hold: Redis has none of it.
-                let carry = if self.local.holds(workspace) {
-                    self.local
-                        .usage(workspace, limits, now)
-                        .await
-                        .map_or(0, |u| u.month_reserved_tokens)
-                } else {
-                    0
-                };
-                result = self.shared.new_generation(workspace, now, carry).await;
+                let carry = self.carry(workspace, limits, now).await;
+                result = self
+                    .shared
+                    .new_generation(workspace, now, carry, limits)
+                    .await;
                 if result.is_ok() {
                     self.rebuild
                         .lock()

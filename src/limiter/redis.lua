@@ -958,20 +958,35 @@ if op == 'base' then
 end
 
 if op == 'newgen' then
-  -- ARGV 6: gen candidate; 7: tokens held by requests this instance admitted on its own that
-  -- are still running (0: none); 8: how long (ms) to hold them. Starts a new generation of the
-  -- month counter (after this instance enforced limits on its own for a while, or to rebuild
-  -- it from the ledger). The tokens held are a reservation of the new generation under a lease
-  -- that nobody renews: the ledger has none of them yet, and without them the shared counter
-  -- would let the month be used again while they run. When the lease ends they are let go;
-  -- by then the re-reads of the ledger have what they settled.
-  load({'keep'})
+  -- ARGV 6: gen candidate; then what this instance used on its own (Redis down) that the shared
+  -- state is to take in (`Carry` in redis.rs): 7: tokens held by its requests still running,
+  -- 8: how long (ms) to hold them; 9, 10: the request bucket's rate and capacity, 11: the
+  -- nano-requests to take from it; 12: tokens per minute, 13: the tokens to take from it.
+  -- Starts a new generation of the month counter (after this instance enforced limits on its
+  -- own for a while, or to rebuild it from the ledger). The tokens held are a reservation of
+  -- the new generation under a lease that nobody renews: the ledger has none of them yet, and
+  -- without them the shared counter would let the month be used again while they run. When the
+  -- lease ends they are let go; by then the re-reads of the ledger have what they settled. The
+  -- buckets, refilled while Redis was away, lose what the instance's share of them lacks.
+  local rate, rcap, rtake = N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0, N(ARGV[11] or '0') or 0
+  local tpm, ttake = N(ARGV[12] or '0') or 0, N(ARGV[13] or '0') or 0
+  load({'keep', 'rl', 'ra', 'rc', 'tl', 'ta', 'tc'})
   new_generation(month_of(now), ARGV[6])
   local carry = N(ARGV[7] or '0') or 0
   if carry > 0 then
     add('res', carry)
     record('carry:' .. ARGV[6], 'L|' .. S(carry) .. '|' .. ARGV[6] .. '||0|', now + N(ARGV[8]) * 1000)
   end
+  if rate > 0 and rtake > 0 then
+    local level, at = req_load(rcap, rate)
+    level = math.max(level - rtake, 0)
+    put('rl', level)
+    put('ra', at)
+    put('rc', rcap)
+    local _, full = req_view(level, at, rcap, rate)
+    keep_until(full)
+  end
+  if tpm > 0 and ttake > 0 then tok_add('t', tpm, -ttake, true) end
   finish()
   return {1, now, ARGV[6]}
 end

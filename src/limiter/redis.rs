@@ -186,6 +186,20 @@ struct Inner {
 /// The most model ids `Inner::model_ids` keeps.
 const MODEL_IDS: usize = 1024;
 
+/// What an instance used on its own while Redis did not answer, taken into the shared state
+/// when it answers again (`RedisLimiter::new_generation`), so that the instances together do not
+/// use it again: the month's tokens its requests still hold (held under a lease nobody renews,
+/// let go when it ends, by which time the ledger has what they settled), and how far below full
+/// its share's requests and tokens-per-minute buckets are (taken from the shared buckets, which
+/// have refilled meanwhile).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Carry {
+    pub month: u64,
+    /// Whole requests.
+    pub requests: u64,
+    pub tokens: u64,
+}
+
 /// The Redis limiter. Background work (lease renewal) stops when it is dropped.
 pub struct RedisLimiter {
     inner: Arc<Inner>,
@@ -1071,18 +1085,27 @@ impl RedisLimiter {
     }
 
     /// Starts a new generation of a workspace's month counter: it will be rebuilt from the
-    /// ledger when next needed. `carry`: tokens held by requests this instance admitted on its
-    /// own (Redis down) that are still running, held in the new generation for one lease.
+    /// ledger when next needed. `carry`: what this instance used on its own (Redis down) that
+    /// the shared state is to take in (see `Carry`); `limits`: the workspace's, for its buckets.
     pub async fn new_generation(
         &self,
         workspace: WorkspaceId,
         now: Nanos,
-        carry: u64,
+        carry: Carry,
+        limits: &Limits,
     ) -> Result<(), LimiterError> {
+        let (rate, capacity) = request_args(limits);
         let mut args = self.inner.args("newgen", now);
-        args.push(ReservationId::next().to_string().into());
-        args.push(carry.to_string().into());
-        args.push(millis(self.inner.lease));
+        args.extend([
+            ReservationId::next().to_string().into(),
+            carry.month.into(),
+            millis(self.inner.lease),
+            rate.into(),
+            capacity.into(),
+            (carry.requests.min(1 << 20) as i64 * NANO_REQUESTS).into(),
+            limits.tokens_per_minute.unwrap_or(0).into(),
+            carry.tokens.into(),
+        ]);
         self.inner
             .eval(&self.inner.keys(workspace), &args)
             .await
@@ -1269,7 +1292,8 @@ impl RedisLimiter {
         if doubt.is_some_and(|since| since.elapsed() >= TOMBSTONE / 2) {
             // An earlier attempt may have counted it, and its tombstone may be gone: count it
             // in a new generation of the month counter, rebuilt from the ledger without it.
-            self.new_generation(reservation.workspace, now, 0).await?;
+            self.new_generation(reservation.workspace, now, Carry::default(), limits)
+                .await?;
         }
         let reply = match inner.eval(&inner.keys(reservation.workspace), &args).await {
             Ok(reply) => reply,

@@ -1293,3 +1293,75 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
     assert_eq!(long("0").await.unwrap().status(), StatusCode::OK);
     drop(redis);
 }
+
+/// When Redis answers again, its buckets have refilled while the instances decided on their
+/// own: each instance takes from them what its share of them lacks, so the instances together
+/// do not get one more burst and one more minute's tokens than the limits at the switch back.
+#[tokio::test]
+async fn the_shared_buckets_take_in_what_the_local_shares_used() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(100);
+    })
+    .await;
+    let gw = &fleet[0];
+    // Slow refills, so that what a share lacks at the switch back does not depend on how long
+    // the switch takes on a busy machine: a burst of 10 refilled at one request every 10 s,
+    // and 600 tokens a minute (10 a second).
+    let (_, rate_key) = setup_workspace(
+        &fleet,
+        "carry-rate",
+        json!({"requests_per_second": 0.1, "burst": 10}),
+    )
+    .await;
+    let (_, tokens_key) =
+        setup_workspace(&fleet, "carry-tokens", json!({"tokens_per_minute": 600})).await;
+    let send = |key: &str, prompt: usize| {
+        let (url, key) = (gw.url.clone(), key.to_string());
+        async move {
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-usage", "1,1")
+                .json(&json!({"model": "m", "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(prompt)}]}))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    for key in [&rate_key, &tokens_key] {
+        assert_eq!(send(key, 1).await.status(), StatusCode::OK);
+    }
+
+    // Redis stops answering: the breaker opens, and each workspace is decided on its share,
+    // whose buckets start empty (and refill slowly).
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        send(&rate_key, 1).await;
+    }
+    assert_eq!(backend_up().await, 0.0);
+    send(&tokens_key, 1).await;
+
+    // Redis answers again, its buckets full since; the shares' lack is taken from them.
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up().await == 1.0
+    })
+    .await;
+    let r = send(&rate_key, 1).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "no fresh burst");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "requests_per_second", "{body}");
+    // About 450 tokens: they fit in a full minute of 600, not in what the share lacked.
+    let r = send(&tokens_key, 200).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "no fresh minute");
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_minute", "{body}");
+    drop(redis);
+}
