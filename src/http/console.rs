@@ -269,6 +269,7 @@ pub(super) async fn workspace_refused(
     session: &Session,
     entry: &WorkspaceEntry,
     e: AdminError,
+    form: Option<&[(String, String)]>,
 ) -> Response {
     let status = match &e {
         AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
@@ -286,7 +287,7 @@ pub(super) async fn workspace_refused(
         entry,
         Some(Notice::Refused(&message)),
         status,
-        None,
+        form,
     )
     .await
 }
@@ -1070,9 +1071,9 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
         }
         p.note { "New keys are made by the operator: a leaked key cannot mint more." }
         (budget_form(&ws.budget, token))
-        (increase_form(token, p.form))
+        (increase_form(token, p.form.filter(|f| field(f, "use_case").is_some())))
         (past_requests(requests))
-        (super::console_webhooks::workspace_section(p.webhooks, token))
+        (super::console_webhooks::workspace_section(p.webhooks, token, p.form))
         form method="post" action="/console/sign-out" {
             input type="hidden" name="csrf" value=(token);
             button type="submit" { "Sign out" }

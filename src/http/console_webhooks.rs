@@ -93,16 +93,24 @@ fn new_endpoint(form: &[(String, String)]) -> (String, Vec<String>) {
     (url, events)
 }
 
-/// The form that registers an endpoint, posted to `action`.
-fn create_form(action: &str, token: &str, scope: &str) -> Markup {
+/// The form that registers an endpoint, posted to `action`; `sent`: the form as it was sent,
+/// when it was refused (else every event ticked).
+fn create_form(
+    action: &str,
+    token: &str,
+    scope: &str,
+    sent: Option<&[(String, String)]>,
+) -> Markup {
+    let (url, events) = sent.map(new_endpoint).unwrap_or_default();
+    let ticked = |e: &str| sent.is_none() || events.iter().any(|x| x == e);
     html! {
         form #create-webhook method="post" action=(action) {
             input type="hidden" name="csrf" value=(token);
-            label { "URL " input type="url" name="url" required size="50" placeholder="https://example.com/hooks/tiergate"; }
+            label { "URL " input type="url" name="url" required size="50" placeholder="https://example.com/hooks/tiergate" value=(url); }
             fieldset {
                 legend { "Events" }
                 @for e in EVENT_TYPES {
-                    label.check { input type="checkbox" name="events" value=(e) checked; (e) }
+                    label.check { input type="checkbox" name="events" value=(e) checked[ticked(e)]; (e) }
                 }
             }
             button type="submit" { "Add endpoint" }
@@ -198,7 +206,7 @@ async fn operator_list(
         Ok(op) => op,
         Err(not) => return not.answer(&headers),
     };
-    show_list(&state, &op, StatusCode::OK, notice_of(raw), None).await
+    show_list(&state, &op, StatusCode::OK, notice_of(raw), None, None).await
 }
 
 async fn show_list(
@@ -207,6 +215,7 @@ async fn show_list(
     status: StatusCode,
     notice: Option<&str>,
     error: Option<&str>,
+    sent: Option<&[(String, String)]>,
 ) -> Response {
     match state.admin.list_webhooks(None).await {
         Ok(endpoints) => {
@@ -217,14 +226,18 @@ async fn show_list(
                 status,
                 "Webhooks",
                 (notice, error),
-                list_body(&endpoints, &token),
+                list_body(&endpoints, &token, sent),
             )
         }
         Err(e) => failure_page(op, state, e).await,
     }
 }
 
-fn list_body(endpoints: &[WebhookEndpoint], token: &str) -> Markup {
+fn list_body(
+    endpoints: &[WebhookEndpoint],
+    token: &str,
+    sent: Option<&[(String, String)]>,
+) -> Markup {
     html! {
         h1 { "Webhooks" }
         p.note { "The operator's endpoints get every workspace's events; a workspace's own, only that workspace's. Each delivery is signed with the endpoint's secret and retried until it is answered 2xx (12 attempts)." }
@@ -259,7 +272,7 @@ fn list_body(endpoints: &[WebhookEndpoint], token: &str) -> Markup {
             }
         }
         h2 { "New endpoint" }
-        (create_form(OPERATOR_WEBHOOKS, token, "It gets every workspace's events."))
+        (create_form(OPERATOR_WEBHOOKS, token, "It gets every workspace's events.", sent))
     }
 }
 
@@ -285,7 +298,7 @@ async fn operator_create(State(state): State<Arc<AppState>>, request: Request) -
         ),
         Err(e) => {
             let (status, message) = super::console_operator::refusal(e).await;
-            show_list(&state, &op, status, None, Some(&message)).await
+            show_list(&state, &op, status, None, Some(&message), Some(&form.0)).await
         }
     }
 }
@@ -427,8 +440,14 @@ async fn operator_delete(
 
 const WORKSPACE_WEBHOOKS: &str = "/console/webhooks";
 
-/// The workspace page's section: its endpoints and the form to add one.
-pub(super) fn workspace_section(endpoints: &[WebhookEndpoint], token: &str) -> Markup {
+/// The workspace page's section: its endpoints and the form to add one (as it was sent, when
+/// `sent` is a refused one: a form with a `url`).
+pub(super) fn workspace_section(
+    endpoints: &[WebhookEndpoint],
+    token: &str,
+    sent: Option<&[(String, String)]>,
+) -> Markup {
+    let sent = sent.filter(|f| field(f, "url").is_some());
     html! {
         section #webhooks {
             h2 { "Webhooks" }
@@ -455,7 +474,7 @@ pub(super) fn workspace_section(endpoints: &[WebhookEndpoint], token: &str) -> M
                     }
                 }
             }
-            (create_form(WORKSPACE_WEBHOOKS, token, "At most 10 endpoints."))
+            (create_form(WORKSPACE_WEBHOOKS, token, "At most 10 endpoints.", sent))
         }
     }
 }
@@ -481,7 +500,7 @@ async fn workspace_create(State(state): State<Arc<AppState>>, request: Request) 
             &secret,
             secure,
         ),
-        Err(e) => workspace_refused(&state, &session, &entry, e).await,
+        Err(e) => workspace_refused(&state, &session, &entry, e, Some(&form)).await,
     }
 }
 
@@ -542,7 +561,7 @@ async fn workspace_delete(
     match removed {
         Ok(_) => see_other("/console/workspace?done=webhook-removed", None),
         Err(AdminError::NotFound(_)) => not_found_page(),
-        Err(e) => workspace_refused(&state, &session, &entry, e).await,
+        Err(e) => workspace_refused(&state, &session, &entry, e, None).await,
     }
 }
 
