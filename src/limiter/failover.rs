@@ -27,8 +27,9 @@
 //!   then rebuilt from the ledger: nothing used during the outage is lost. That decision carries
 //!   back what the instance's share used that Redis does not know (`Carry`): what the share's
 //!   requests and tokens-per-minute buckets lack is taken from Redis's, which refilled
-//!   meanwhile, and the tokens its requests still running hold go into the new generation as a
-//!   hold for one lease, which nobody renews (the ledger has none of them yet).
+//!   meanwhile; its requests still running each hold a concurrency slot there, freed as each
+//!   ends (`Failover::carried`); and the tokens they hold go into the new generation; all under
+//!   one lease, which nobody renews (the ledger has none of them yet).
 //!
 //! `local` is the default because it keeps serving while still protecting the upstream: a
 //! Redis outage neither becomes an API outage (`closed`) nor opens the gate (`open`).
@@ -148,6 +149,10 @@ pub struct Failover {
     /// window), for the local shares: the ledger they would start from lags by a flush and
     /// lacks the reservations in flight, which Redis counts.
     month_seen: Mutex<HashMap<WorkspaceId, (MonthKey, u64)>>,
+    /// Per workspace, the concurrency slots carried into Redis at the switch back for requests
+    /// admitted on the local share still running: the generation that names them, and how
+    /// many are still held. One is freed as each such request ends.
+    carried: Mutex<HashMap<WorkspaceId, (String, u32)>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -286,6 +291,7 @@ impl Failover {
             metrics,
             rebuild: Mutex::new(HashSet::new()),
             month_seen: Mutex::new(HashMap::new()),
+            carried: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(watch(Arc::downgrade(&failover)));
@@ -480,6 +486,39 @@ impl Failover {
             month: usage.month_reserved_tokens,
             requests,
             tokens,
+            in_flight: if shared.concurrent_requests.is_some() {
+                usage.in_flight
+            } else {
+                0
+            },
+        }
+    }
+
+    /// A request admitted on the local share that held a concurrency slot has ended: frees one
+    /// of the slots carried into Redis for the workspace at the switch back, if any is left (a
+    /// failure leaves it to the lease).
+    async fn release_one_carried(&self, workspace: WorkspaceId) {
+        let next = {
+            let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+            let Some((generation, left)) = carried.get_mut(&workspace) else {
+                return;
+            };
+            let next = (generation.clone(), *left);
+            *left -= 1;
+            if *left == 0 {
+                carried.remove(&workspace);
+            }
+            next
+        };
+        if self.is_open_for(workspace) {
+            return;
+        }
+        if let Err(e) = self
+            .shared
+            .release_carried(workspace, &next.0, next.1)
+            .await
+        {
+            tracing::debug!(error = %e, workspace, "freeing a carried slot failed; its lease frees it");
         }
     }
 
@@ -660,10 +699,22 @@ impl Failover {
             let mut result = Ok(());
             if self.needs_rebuild(workspace) {
                 let carry = self.carry(workspace, limits, now).await;
-                result = self
+                result = match self
                     .shared
                     .new_generation(workspace, now, carry, limits)
-                    .await;
+                    .await
+                {
+                    Ok(generation) => {
+                        if carry.in_flight > 0 {
+                            self.carried
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(workspace, (generation, carry.in_flight));
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
+                };
                 if result.is_ok() {
                     self.rebuild
                         .lock()
@@ -721,7 +772,13 @@ impl Failover {
                     }
                 }
             }
-            Origin::LocalShare => self.local.settle(reservation, limits, actual, now).await,
+            Origin::LocalShare => {
+                let settled = self.local.settle(reservation, limits, actual, now).await;
+                if reservation.held.slot {
+                    self.release_one_carried(reservation.workspace).await;
+                }
+                settled
+            }
             Origin::Unmetered => Ok(Settled {
                 at: now,
                 counter: None,
@@ -735,7 +792,14 @@ impl Failover {
                 self.shared.release_slot(reservation).await
             }
             Origin::Primary | Origin::Unmetered => Ok(()),
-            Origin::LocalShare => self.local.release_slot(reservation).await,
+            Origin::LocalShare => {
+                let held = reservation.held.slot;
+                let released = self.local.release_slot(reservation).await;
+                if held && !reservation.held.slot {
+                    self.release_one_carried(reservation.workspace).await;
+                }
+                released
+            }
         }
     }
 

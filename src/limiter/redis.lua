@@ -961,7 +961,9 @@ if op == 'newgen' then
   -- ARGV 6: gen candidate; then what this instance used on its own (Redis down) that the shared
   -- state is to take in (`Carry` in redis.rs): 7: tokens held by its requests still running,
   -- 8: how long (ms) to hold them; 9, 10: the request bucket's rate and capacity, 11: the
-  -- nano-requests to take from it; 12: tokens per minute, 13: the tokens to take from it.
+  -- nano-requests to take from it; 12: tokens per minute, 13: the tokens to take from it;
+  -- 14: its requests still running, each holding a concurrency slot as `carry:<gen>:<i>` (i
+  -- from 1) under the same lease, freed by `release` as each ends.
   -- Starts a new generation of the month counter (after this instance enforced limits on its
   -- own for a while, or to rebuild it from the ledger). The tokens held are a reservation of
   -- the new generation under a lease that nobody renews: the ledger has none of them yet, and
@@ -970,13 +972,18 @@ if op == 'newgen' then
   -- buckets, refilled while Redis was away, lose what the instance's share of them lacks.
   local rate, rcap, rtake = N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0, N(ARGV[11] or '0') or 0
   local tpm, ttake = N(ARGV[12] or '0') or 0, N(ARGV[13] or '0') or 0
-  load({'keep', 'rl', 'ra', 'rc', 'tl', 'ta', 'tc'})
+  load({'keep', 'rl', 'ra', 'rc', 'tl', 'ta', 'tc', 'inflight'})
   new_generation(month_of(now), ARGV[6])
-  local carry = N(ARGV[7] or '0') or 0
+  local carry, until_ = N(ARGV[7] or '0') or 0, now + (N(ARGV[8] or '0') or 0) * 1000
   if carry > 0 then
     add('res', carry)
-    record('carry:' .. ARGV[6], 'L|' .. S(carry) .. '|' .. ARGV[6] .. '||0|', now + N(ARGV[8]) * 1000)
+    record('carry:' .. ARGV[6], 'L|' .. S(carry) .. '|' .. ARGV[6] .. '||0|', until_)
   end
+  local slots = N(ARGV[14] or '0') or 0
+  for i = 1, slots do
+    record('carry:' .. ARGV[6] .. ':' .. S(i), 'L|0|' .. ARGV[6] .. '||1|', until_)
+  end
+  add('inflight', slots)
   if rate > 0 and rtake > 0 then
     local level, at = req_load(rcap, rate)
     level = math.max(level - rtake, 0)

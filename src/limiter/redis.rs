@@ -192,12 +192,16 @@ const MODEL_IDS: usize = 1024;
 /// let go when it ends, by which time the ledger has what they settled), and how far below full
 /// its share's requests and tokens-per-minute buckets are (taken from the shared buckets, which
 /// have refilled meanwhile).
+/// Its requests still running hold a concurrency slot each in Redis too, under the same lease,
+/// each freed as one of them ends (`RedisLimiter::release_carried`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Carry {
     pub month: u64,
     /// Whole requests.
     pub requests: u64,
     pub tokens: u64,
+    /// Requests still running, when the workspace has a concurrency limit.
+    pub in_flight: u32,
 }
 
 /// The Redis limiter. Background work (lease renewal) stops when it is dropped.
@@ -1087,17 +1091,19 @@ impl RedisLimiter {
     /// Starts a new generation of a workspace's month counter: it will be rebuilt from the
     /// ledger when next needed. `carry`: what this instance used on its own (Redis down) that
     /// the shared state is to take in (see `Carry`); `limits`: the workspace's, for its buckets.
+    /// Returns the new generation's id, which names the carried slots' records.
     pub async fn new_generation(
         &self,
         workspace: WorkspaceId,
         now: Nanos,
         carry: Carry,
         limits: &Limits,
-    ) -> Result<(), LimiterError> {
+    ) -> Result<String, LimiterError> {
         let (rate, capacity) = request_args(limits);
+        let generation = ReservationId::next().to_string();
         let mut args = self.inner.args("newgen", now);
         args.extend([
-            ReservationId::next().to_string().into(),
+            generation.clone().into(),
             carry.month.into(),
             millis(self.inner.lease),
             rate.into(),
@@ -1105,11 +1111,26 @@ impl RedisLimiter {
             (carry.requests.min(1 << 20) as i64 * NANO_REQUESTS).into(),
             limits.tokens_per_minute.unwrap_or(0).into(),
             carry.tokens.into(),
+            u64::from(carry.in_flight).into(),
         ]);
         self.inner
             .eval(&self.inner.keys(workspace), &args)
             .await
-            .map(|_| ())
+            .map(|_| generation)
+    }
+
+    /// Frees the concurrency slot of carried request `i` (from 1) of generation `generation`
+    /// (`Carry::in_flight`), one of the requests an instance admitted on its own having ended.
+    pub async fn release_carried(
+        &self,
+        workspace: WorkspaceId,
+        generation: &str,
+        i: u32,
+    ) -> Result<(), LimiterError> {
+        let inner = &self.inner;
+        let mut args = inner.args("release", 0);
+        args.push(format!("carry:{generation}:{i}").into());
+        inner.eval(&inner.keys(workspace), &args).await.map(|_| ())
     }
 
     /// Reservations of this instance not yet settled.

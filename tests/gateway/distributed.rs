@@ -1365,3 +1365,77 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
     assert_eq!(body["code"], "tokens_per_minute", "{body}");
     drop(redis);
 }
+
+/// Requests an instance admitted on its own that still run when Redis answers again hold their
+/// concurrency slots there too, each freed as it ends: the instances together do not admit one
+/// more set of concurrent requests at the switch back, nor hold the slots for a whole lease.
+#[tokio::test]
+async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(100);
+        raw.redis_lease_ms = Some(30_000);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "carry-slots", json!({"concurrent_requests": 2})).await;
+    let send = |latency: &'static str| {
+        let (url, key) = (gw.url.clone(), key.clone());
+        tokio::spawn(async move {
+            let (body, usage) = exact_request(5);
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-usage", usage)
+                .header("x-mock-latency-ms", latency)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    assert_eq!(send("0").await.unwrap().status(), StatusCode::OK);
+
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        send("0").await.unwrap();
+    }
+    assert_eq!(backend_up().await, 0.0);
+    // On the local share: two slow requests take both slots.
+    let slow: Vec<_> = (0..2).map(|_| send("3000")).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = send("0").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "both slots taken"
+    );
+
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up().await == 1.0
+    })
+    .await;
+    let r = send("0").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the slots held in Redis too"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "concurrent_requests", "{body}");
+    for h in slow {
+        assert_eq!(h.await.unwrap().status(), StatusCode::OK);
+    }
+    // Freed as they ended, not at the end of the 30 s lease.
+    eventually(Duration::from_secs(10), || async {
+        send("0").await.unwrap().status() == StatusCode::OK
+    })
+    .await;
+    drop(redis);
+}
