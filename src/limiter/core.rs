@@ -1225,6 +1225,17 @@ impl WorkspaceState {
 
     /// Frees the concurrency slot of `held` before it is settled (a client that went away);
     /// the later `settle` does not free it again.
+    /// Counts `n` requests as in flight that hold no reservation here: a share taken up while
+    /// requests admitted elsewhere (through Redis) still run (`free_held_slot` as each ends).
+    pub fn hold_slots(&mut self, n: u32) {
+        self.in_flight = self.in_flight.saturating_add(n);
+    }
+
+    /// One of the requests of `hold_slots` has ended.
+    pub fn free_held_slot(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
     pub fn release_slot(&mut self, held: &mut Held) {
         if held.slot {
             self.in_flight = self.in_flight.saturating_sub(1);

@@ -20,7 +20,9 @@
 //!     what was left of each month quota when the instance first fell back. N is `instances`
 //!     when configured, else the count of live instances that their heartbeats in Redis
 //!     showed, held for `COUNT_HELD_FOR` when it drops (`HeldCount`); when neither is known,
-//!     the instance denies as under `closed`.
+//!     the instance denies as under `closed`. A share taken up counts in flight this
+//!     instance's own requests admitted through Redis that still run (`Failover::seeded`),
+//!     each until it ends.
 //! - Every reservation is settled where it was made. Usage admitted by the fallback reaches the
 //!   ledger (untagged, so any later counter generation counts it), and the first shared decision
 //!   for such a workspace after recovery starts a new generation of its month counter, which is
@@ -44,7 +46,7 @@ use super::local::LocalLimiter;
 use super::redis::{Carry, RedisLimiter};
 use super::{
     Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, Nanos, Origin,
-    Reservation, Settled, Snapshot, TokenCost, Usage, NANOS_PER_SEC,
+    Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, NANOS_PER_SEC,
 };
 use crate::config::FailurePolicy;
 use crate::metrics::Metrics;
@@ -153,6 +155,11 @@ pub struct Failover {
     /// admitted on the local share still running: the generation that names them, and how
     /// many are still held. One is freed as each such request ends.
     carried: Mutex<HashMap<WorkspaceId, (String, u32)>>,
+    /// This instance's requests admitted through Redis that were still running when their
+    /// workspace's local share was taken up: the share counts them in flight until each ends.
+    seeded: Mutex<HashMap<ReservationId, WorkspaceId>>,
+    /// Whether `seeded` may hold any: most settlements then look no further.
+    any_seeded: std::sync::atomic::AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -292,6 +299,8 @@ impl Failover {
             rebuild: Mutex::new(HashSet::new()),
             month_seen: Mutex::new(HashMap::new()),
             carried: Mutex::new(HashMap::new()),
+            seeded: Mutex::new(HashMap::new()),
+            any_seeded: std::sync::atomic::AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(watch(Arc::downgrade(&failover)));
@@ -416,6 +425,11 @@ impl Failover {
         if at.is_some_and(|at| tokio::time::Instant::now() >= at) && !self.is_open() {
             *at = None;
             self.local.clear();
+            self.seeded
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            self.any_seeded.store(false, Ordering::Release);
         }
     }
 
@@ -491,6 +505,23 @@ impl Failover {
             } else {
                 0
             },
+        }
+    }
+
+    /// A request admitted through Redis has ended (or given its slot back): if its workspace's
+    /// local share counted it in flight, it no longer does.
+    fn unseed(&self, reservation: &Reservation) {
+        if !self.any_seeded.load(Ordering::Acquire) {
+            return;
+        }
+        let mut seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
+        let found = seeded.remove(&reservation.id);
+        if seeded.is_empty() {
+            self.any_seeded.store(false, Ordering::Release);
+        }
+        drop(seeded);
+        if let Some(workspace) = found {
+            self.local.free_held_slot(workspace);
         }
     }
 
@@ -609,6 +640,14 @@ impl Failover {
                 };
                 if fresh {
                     self.local.drain(workspace, &shared, now);
+                    // This instance's own requests still running hold slots of the share.
+                    if shared.concurrent_requests.is_some() {
+                        let running = self.shared.live_for(workspace);
+                        self.local.hold_slots(workspace, running.len() as u32);
+                        let mut seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
+                        seeded.extend(running.into_iter().map(|id| (id, workspace)));
+                        self.any_seeded.store(!seeded.is_empty(), Ordering::Release);
+                    }
                 }
                 let decision = self
                     .local
@@ -756,6 +795,7 @@ impl Failover {
     ) -> Result<Settled, LimiterError> {
         match reservation.origin {
             Origin::Primary => {
+                self.unseed(reservation);
                 if self.is_open_for(reservation.workspace) {
                     return Err(LimiterError::Unavailable("Redis is not answering".into()));
                 }
@@ -787,6 +827,9 @@ impl Failover {
     }
 
     async fn release_slot_async(&self, reservation: &mut Reservation) -> Result<(), LimiterError> {
+        if reservation.origin == Origin::Primary && reservation.held.slot {
+            self.unseed(reservation);
+        }
         match reservation.origin {
             Origin::Primary if !self.is_open_for(reservation.workspace) => {
                 self.shared.release_slot(reservation).await

@@ -404,6 +404,21 @@ impl LocalLimiter {
         evicted
     }
 
+    /// Counts `n` requests admitted elsewhere as in flight in the workspace's state, if held
+    /// (`WorkspaceState::hold_slots`).
+    pub fn hold_slots(&self, workspace: WorkspaceId, n: u32) {
+        if let Some(state) = self.shard(workspace).states.get_mut(workspace) {
+            state.hold_slots(n);
+        }
+    }
+
+    /// One of the requests of `hold_slots` has ended.
+    pub fn free_held_slot(&self, workspace: WorkspaceId) {
+        if let Some(state) = self.shard(workspace).states.get_mut(workspace) {
+            state.free_held_slot();
+        }
+    }
+
     /// Whether the workspace's state is held.
     pub fn holds(&self, workspace: WorkspaceId) -> bool {
         self.shard(workspace).states.get(workspace).is_some()

@@ -1133,6 +1133,18 @@ impl RedisLimiter {
         inner.eval(&inner.keys(workspace), &args).await.map(|_| ())
     }
 
+    /// This instance's reservations for `workspace` not yet settled.
+    pub fn live_for(&self, workspace: WorkspaceId) -> Vec<ReservationId> {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, w)| **w == workspace)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// Reservations of this instance not yet settled.
     pub fn live_reservations(&self) -> usize {
         self.inner

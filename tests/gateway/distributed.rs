@@ -1439,3 +1439,65 @@ async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
     .await;
     drop(redis);
 }
+
+/// A local share taken up while the instance's own requests admitted through Redis still run
+/// counts them in flight until each ends: the instance does not admit a whole share of
+/// concurrent requests on top of them at the switch.
+#[tokio::test]
+async fn a_share_counts_the_instances_own_requests_still_running() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(100);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "seeded", json!({"concurrent_requests": 2})).await;
+    let send = |latency: &'static str| {
+        let (url, key) = (gw.url.clone(), key.clone());
+        tokio::spawn(async move {
+            let (body, usage) = exact_request(5);
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-usage", usage)
+                .header("x-mock-latency-ms", latency)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    // Admitted through Redis, and still running when Redis stops answering.
+    let through_redis = send("3000");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        assert_eq!(send("0").await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(backend_up().await, 0.0);
+    // The share of 2 counts the one still running: one more fits, not two.
+    let local = send("8000");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = send("0").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the share counts it"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "concurrent_requests", "{body}");
+    // Once it has ended, its slot is the share's again (long before the other one ends).
+    assert_eq!(through_redis.await.unwrap().status(), StatusCode::OK);
+    eventually(Duration::from_secs(3), || async {
+        send("0").await.unwrap().status() == StatusCode::OK
+    })
+    .await;
+    assert_eq!(local.await.unwrap().status(), StatusCode::OK);
+    redis.signal(libc::SIGCONT);
+    drop(redis);
+}
