@@ -26,7 +26,7 @@ use time::macros::datetime;
 use support::redis::{cluster_seeds, shared_redis, RedisServer};
 use tiergate::clock::{Clock, SystemClock};
 use tiergate::limiter::redis::{
-    model_id, RedisLimiter, RedisOptions, TimeSource, Topology, REAP_LATENESS, TOMBSTONE,
+    model_id, Carry, RedisLimiter, RedisOptions, TimeSource, Topology, REAP_LATENESS, TOMBSTONE,
 };
 use tiergate::limiter::{
     Decision, DenialKind, LimitName, Limiter, LimiterError, MonthKey, MonthSource, MonthTotals,
@@ -1517,4 +1517,82 @@ async fn a_backlog_of_expired_records_is_reaped_in_full_batches_call_after_call(
         0,
         "not looked at the cadence"
     );
+}
+
+/// A new generation of the month counter (an instance's switch back after serving a workspace
+/// on its own; every such instance starts one) keeps the holds of the reservations still live,
+/// the month's and the model's, and counts their settlements once, in itself. Each generation
+/// dropping them let the month be used again on top of requests still running (an outside
+/// audit: a quota overrun by half at one switch back, more than doubled by a breaker tripping
+/// again and again).
+#[tokio::test]
+async fn a_new_generation_keeps_the_holds_of_live_reservations() {
+    let Some(url) = shared_redis() else { return };
+    let (ws, start) = (1, t0());
+    let ledger = Arc::new(Ledger::default());
+    ledger.add_prior(ws, MonthKey::of(start), "", 500);
+    let limiter = limiter(
+        Topology::Single(url),
+        &unique_prefix(),
+        Duration::from_secs(60),
+        TimeSource::Caller,
+        ledger,
+    );
+    let mut models = std::collections::BTreeMap::new();
+    models.insert(
+        "m".to_string(),
+        ModelLimits {
+            tokens_per_minute: None,
+            tokens_per_month: Some(5_000),
+        },
+    );
+    let limits = Limits {
+        concurrent_requests: Some(5),
+        tokens_per_month: Some(10_000),
+        models,
+        ..Limits::default()
+    };
+    let a = admitted(
+        limiter
+            .reserve(ws, &limits, Some("m"), cost(1_000, 3_000), start)
+            .await
+            .unwrap(),
+    );
+    for _ in 0..2 {
+        limiter
+            .new_generation(ws, start, Carry::default(), &limits)
+            .await
+            .unwrap();
+    }
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(holds(&u), (1, 3_000, 500), "the hold kept");
+    assert_eq!(u.models[0].month_used, 3_000, "the model's too");
+    // 500 settled + 3,000 held + 7,000 > 10,000.
+    let (kind, limit, _) = denied(
+        limiter
+            .reserve(ws, &limits, None, cost(7_000, 7_000), start)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (kind, limit),
+        (DenialKind::QuotaExceeded, LimitName::TokensPerMonth)
+    );
+    // 3,000 held + 2,500 > 5,000 for the model.
+    let (kind, limit, _) = denied(
+        limiter
+            .reserve(ws, &limits, Some("m"), cost(2_500, 2_500), start)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (kind, limit),
+        (DenialKind::QuotaExceeded, LimitName::ModelTokensPerMonth)
+    );
+    // Settled, it counts once, in the generation of now.
+    let settled = limiter.settle(&a, &limits, 1_200, start).await.unwrap();
+    assert!(settled.counter.is_some());
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(holds(&u), (0, 0, 500 + 1_200));
+    assert_eq!(u.models[0].month_used, 1_200);
 }

@@ -36,7 +36,7 @@
 //! `local` is the default because it keeps serving while still protecting the upstream: a
 //! Redis outage neither becomes an API outage (`closed`) nor opens the gate (`open`).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -145,8 +145,13 @@ pub struct Failover {
     forget_local_at: Mutex<Option<tokio::time::Instant>>,
     metrics: Arc<Metrics>,
     /// Workspaces decided without the shared limiter since it last answered: their month counter
-    /// is rebuilt from the ledger before the next shared decision.
-    rebuild: Mutex<HashSet<WorkspaceId>>,
+    /// is rebuilt from the ledger before the next shared decision. With each, whether one of
+    /// those decisions was made while its breaker was open: only then is what its share used
+    /// carried back (`Carry`). A decision made while the breaker was still counting failures is
+    /// followed by another try of Redis, whose call may time out and still be run when Redis
+    /// wakes; carrying with it took the same share's lack from Redis several times over (an
+    /// outside audit saw a minute's worth of tokens in debt after a short stall).
+    rebuild: Mutex<HashMap<WorkspaceId, bool>>,
     /// Each workspace's month use as Redis last reported it with a decision (its own month
     /// window), for the local shares: the ledger they would start from lags by a flush and
     /// lacks the reservations in flight, which Redis counts.
@@ -296,7 +301,7 @@ impl Failover {
             },
             forget_local_at: Mutex::new(None),
             metrics,
-            rebuild: Mutex::new(HashSet::new()),
+            rebuild: Mutex::new(HashMap::new()),
             month_seen: Mutex::new(HashMap::new()),
             carried: Mutex::new(HashMap::new()),
             seeded: Mutex::new(HashMap::new()),
@@ -433,18 +438,24 @@ impl Failover {
         }
     }
 
-    fn needs_rebuild(&self, workspace: WorkspaceId) -> bool {
+    /// Whether the workspace's month counter is to be rebuilt, and if so whether what its share
+    /// used is to be carried back.
+    fn needs_rebuild(&self, workspace: WorkspaceId) -> Option<bool> {
         self.rebuild
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&workspace)
+            .get(&workspace)
+            .copied()
     }
 
     fn served_alone(&self, workspace: WorkspaceId) {
-        self.rebuild
+        let open = self.is_open_for(workspace);
+        *self
+            .rebuild
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(workspace);
+            .entry(workspace)
+            .or_insert(open) |= open;
     }
 
     /// Remembers the workspace's month use from a decision's snapshot, when its month window is
@@ -496,6 +507,32 @@ impl Failover {
             (Some(cap), Some(balance)) => (cap as i64).saturating_sub(balance).max(0) as u64,
             _ => 0,
         };
+        // What a bucket of `cap` lacks when `w` says what is left in it.
+        let lack =
+            |cap: u64, w: Option<super::Window>| w.map_or(0, |w| cap.saturating_sub(w.remaining));
+        let key = shared.key.map(|k| k.limits);
+        let (key_requests, key_tokens) = match (key, usage.key) {
+            (Some(l), Some(snapshot)) => (
+                l.requests_per_second.map_or(0, |_| {
+                    lack(
+                        u64::from(l.as_limits().effective_burst()),
+                        snapshot.requests,
+                    )
+                }),
+                l.tokens_per_minute
+                    .map_or(0, |cap| lack(cap, snapshot.tokens)),
+            ),
+            _ => (0, 0),
+        };
+        let models = usage
+            .models
+            .iter()
+            .filter_map(|m| {
+                let cap = shared.models.get(&m.model)?.tokens_per_minute?;
+                Some((m.model.clone(), lack(cap, m.tokens)))
+            })
+            .filter(|(_, take)| *take > 0)
+            .collect();
         Carry {
             month: usage.month_reserved_tokens,
             requests,
@@ -505,6 +542,9 @@ impl Failover {
             } else {
                 0
             },
+            key_requests,
+            key_tokens,
+            models,
         }
     }
 
@@ -736,29 +776,35 @@ impl Failover {
     ) -> Result<Decision, LimiterError> {
         if !self.is_open_for(workspace) {
             let mut result = Ok(());
-            if self.needs_rebuild(workspace) {
-                let carry = self.carry(workspace, limits, now).await;
+            if let Some(carries) = self.needs_rebuild(workspace) {
+                let carry = if carries {
+                    self.carry(workspace, limits, now).await
+                } else {
+                    Carry::default()
+                };
+                let in_flight = carry.in_flight;
                 result = match self
                     .shared
                     .new_generation(workspace, now, carry, limits)
                     .await
                 {
                     Ok(generation) => {
-                        if carry.in_flight > 0 {
+                        if in_flight > 0 {
                             self.carried
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
-                                .insert(workspace, (generation, carry.in_flight));
+                                .insert(workspace, (generation, in_flight));
                         }
                         Ok(())
                     }
                     Err(e) => Err(e),
                 };
+                let mut rebuild = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
                 if result.is_ok() {
-                    self.rebuild
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&workspace);
+                    rebuild.remove(&workspace);
+                } else if let Some(carries) = rebuild.get_mut(&workspace) {
+                    // The call may still be run when Redis wakes: carried once at most.
+                    *carries = false;
                 }
             }
             if result.is_ok() {

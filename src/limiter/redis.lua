@@ -963,7 +963,10 @@ if op == 'newgen' then
   -- 8: how long (ms) to hold them; 9, 10: the request bucket's rate and capacity, 11: the
   -- nano-requests to take from it; 12: tokens per minute, 13: the tokens to take from it;
   -- 14: its requests still running, each holding a concurrency slot as `carry:<gen>:<i>` (i
-  -- from 1) under the same lease, freed by `release` as each ends.
+  -- from 1) under the same lease, freed by `release` as each ends; then, five at a time, what
+  -- to take from a key's or a model's own buckets: kind (`kr` a key's requests, `kt` a key's
+  -- tokens, `mt` a model's tokens), the key's or model's id, the rate (or tokens per minute),
+  -- the capacity (requests; 0 for tokens), and what to take (nano-requests or tokens).
   -- Starts a new generation of the month counter (after this instance enforced limits on its
   -- own for a while, or to rebuild it from the ledger). The tokens held are a reservation of
   -- the new generation under a lease that nobody renews: the ledger has none of them yet, and
@@ -972,8 +975,58 @@ if op == 'newgen' then
   -- buckets, refilled while Redis was away, lose what the instance's share of them lacks.
   local rate, rcap, rtake = N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0, N(ARGV[11] or '0') or 0
   local tpm, ttake = N(ARGV[12] or '0') or 0, N(ARGV[13] or '0') or 0
-  load({'keep', 'rl', 'ra', 'rc', 'tl', 'ta', 'tc', 'inflight'})
-  new_generation(month_of(now), ARGV[6])
+  load({'keep', 'rl', 'ra', 'rc', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk', 'res'})
+  -- The new generation keeps the holds of the reservations still live (the month's, the
+  -- models', the keys'), and the live records are counted in it from now on: every instance
+  -- that served the workspace on its own starts a generation at its switch back, and each
+  -- one dropping the holds let the month be used again on top of requests still running (an
+  -- outside audit: 1.5 times a quota at one switch back, 2.2 times with a breaker tripping
+  -- again and again). Their settlements then count in the new generation's `delta` and are
+  -- recorded in the ledger under it, which its `base` leaves out: each once, as before.
+  local old, mk = state.gen, month_of(now)
+  local keeps = old and state.mk == mk
+  local held, res = {}, keeps and (state.res or 0) or 0
+  if keeps then
+    local all = redis.call('HGETALL', KS)
+    for i = 1, #all, 2 do
+      local p = string.sub(all[i], 1, 3)
+      if p == 'mr:' or p == 'kr:' then held[all[i]] = N(all[i + 1]) end
+    end
+  end
+  new_generation(mk, ARGV[6])
+  if keeps then
+    put('res', res)
+    local models = 0
+    for f, v in pairs(held) do
+      if v > 0 then
+        put(f, v)
+        if string.sub(f, 1, 3) == 'mr:' then models = models + 1 end
+      end
+    end
+    put('mn', models)
+    local records = redis.call('HGETALL', KR)
+    local retag = {}
+    local function flush()
+      if #retag > 0 then
+        redis.call('HSET', KR, unpack(retag))
+        records_written = true
+        retag = {}
+      end
+    end
+    for i = 1, #records, 2 do
+      local rec = records[i + 1]
+      if string.sub(rec, 1, 1) == 'L' then
+        local r = split(rec)
+        if r[3] == old then
+          retag[#retag + 1] = records[i]
+          retag[#retag + 1] = 'L|' .. r[2] .. '|' .. ARGV[6] .. '|' .. r[4] .. '|' .. r[5] .. '|' .. (r[6] or '')
+          -- `unpack` takes a few thousand values at most.
+          if #retag >= 1000 then flush() end
+        end
+      end
+    end
+    flush()
+  end
   local carry, until_ = N(ARGV[7] or '0') or 0, now + (N(ARGV[8] or '0') or 0) * 1000
   if carry > 0 then
     add('res', carry)
@@ -994,6 +1047,24 @@ if op == 'newgen' then
     keep_until(full)
   end
   if tpm > 0 and ttake > 0 then tok_add('t', tpm, -ttake, true) end
+  for i = 15, #ARGV - 4, 5 do
+    local kind, id, a, b, take = ARGV[i], ARGV[i + 1], N(ARGV[i + 2]), N(ARGV[i + 3]), N(ARGV[i + 4])
+    if kind == 'kr' and a > 0 and take > 0 then
+      local p = key_prefix(id)
+      load({p .. 'rl', p .. 'ra', p .. 'rc'})
+      local level, at = req_load(b, a, p)
+      level = math.max(level - take, 0)
+      put(p .. 'rl', level)
+      put(p .. 'ra', at)
+      put(p .. 'rc', b)
+      local _, full = req_view(level, at, b, a)
+      keep_until(full)
+    elseif (kind == 'kt' or kind == 'mt') and a > 0 and take > 0 then
+      local p = kind == 'kt' and key_prefix(id) .. 't' or month_names(id).t
+      load(bucket(p))
+      tok_add(p, a, -take, true)
+    end
+  end
   finish()
   return {1, now, ARGV[6]}
 end

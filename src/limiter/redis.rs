@@ -193,8 +193,9 @@ const MODEL_IDS: usize = 1024;
 /// its share's requests and tokens-per-minute buckets are (taken from the shared buckets, which
 /// have refilled meanwhile).
 /// Its requests still running hold a concurrency slot each in Redis too, under the same lease,
-/// each freed as one of them ends (`RedisLimiter::release_carried`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// each freed as one of them ends (`RedisLimiter::release_carried`). A model's own
+/// tokens-per-minute buckets, and those of the key `limits` carry, are carried alike.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Carry {
     pub month: u64,
     /// Whole requests.
@@ -202,6 +203,11 @@ pub struct Carry {
     pub tokens: u64,
     /// Requests still running, when the workspace has a concurrency limit.
     pub in_flight: u32,
+    /// The key's own requests bucket (whole requests) and tokens bucket.
+    pub key_requests: u64,
+    pub key_tokens: u64,
+    /// Each model's own tokens-per-minute bucket, by name.
+    pub models: Vec<(String, u64)>,
 }
 
 /// The Redis limiter. Background work (lease renewal) stops when it is dropped.
@@ -1113,6 +1119,42 @@ impl RedisLimiter {
             carry.tokens.into(),
             u64::from(carry.in_flight).into(),
         ]);
+        if let Some(k) = limits.key {
+            let l = k.limits.as_limits();
+            let (rate, capacity) = request_args(&l);
+            if carry.key_requests > 0 && rate > 0 {
+                args.extend([
+                    "kr".into(),
+                    k.id.into(),
+                    rate.into(),
+                    capacity.into(),
+                    (carry.key_requests.min(1 << 20) as i64 * NANO_REQUESTS).into(),
+                ]);
+            }
+            if let (Some(tpm), true) = (l.tokens_per_minute, carry.key_tokens > 0) {
+                args.extend([
+                    "kt".into(),
+                    k.id.into(),
+                    tpm.into(),
+                    Arg::Int(0),
+                    carry.key_tokens.into(),
+                ]);
+            }
+        }
+        for (model, take) in &carry.models {
+            let Some(tpm) = limits.models.get(model).and_then(|l| l.tokens_per_minute) else {
+                continue;
+            };
+            if *take > 0 {
+                args.extend([
+                    "mt".into(),
+                    self.inner.model_id(model).into(),
+                    tpm.into(),
+                    Arg::Int(0),
+                    (*take).into(),
+                ]);
+            }
+        }
         self.inner
             .eval(&self.inner.keys(workspace), &args)
             .await

@@ -1310,23 +1310,75 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
     .await;
     let gw = &fleet[0];
     // Slow refills, so that what a share lacks at the switch back does not depend on how long
-    // the switch takes on a busy machine: a burst of 10 refilled at one request every 10 s,
-    // and 600 tokens a minute (10 a second).
-    let (_, rate_key) = setup_workspace(
-        &fleet,
-        "carry-rate",
-        json!({"requests_per_second": 0.1, "burst": 10}),
-    )
-    .await;
-    let (_, tokens_key) =
-        setup_workspace(&fleet, "carry-tokens", json!({"tokens_per_minute": 600})).await;
+    // the switch takes on a busy machine: a burst of 10 refilled at one request every 10 s, and
+    // 600 tokens a minute (10 a second); the workspace's own, a model's, a key's. Each case:
+    // the workspace's limits, the key's own, the prompt of the request that must not fit
+    // after the switch back (about 450 tokens fit in a full minute of 600), and the code.
+    let cases = [
+        (
+            json!({"requests_per_second": 0.1, "burst": 10}),
+            None,
+            1,
+            "requests_per_second",
+        ),
+        (
+            json!({"tokens_per_minute": 600}),
+            None,
+            200,
+            "tokens_per_minute",
+        ),
+        (
+            json!({"models": {"m": {"tokens_per_minute": 600}}}),
+            None,
+            200,
+            "model_tokens_per_minute",
+        ),
+        (
+            json!({}),
+            Some(json!({"requests_per_second": 0.1, "burst": 10})),
+            1,
+            "key_requests_per_second",
+        ),
+        (
+            json!({}),
+            Some(json!({"tokens_per_minute": 600})),
+            200,
+            "key_tokens_per_minute",
+        ),
+    ];
+    let mut keys = Vec::new();
+    for (i, (limits, key_limits, _, _)) in cases.iter().enumerate() {
+        let (ws, key) = setup_workspace(&fleet, &format!("carry-{i}"), limits.clone()).await;
+        if let Some(own) = key_limits {
+            let (_, listed) = gw
+                .admin(
+                    reqwest::Method::GET,
+                    &format!("/workspaces/{ws}/keys"),
+                    None,
+                )
+                .await;
+            let id = listed["data"][0]["id"].as_i64().unwrap();
+            let (status, body) = gw
+                .admin(
+                    reqwest::Method::PATCH,
+                    &format!("/keys/{id}"),
+                    Some(json!({"limits": own})),
+                )
+                .await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        keys.push(key);
+    }
+    // The upstream reports about as many prompt tokens as the gateway estimates (so that
+    // settling gives nothing back to the buckets, and the estimate stays).
     let send = |key: &str, prompt: usize| {
         let (url, key) = (gw.url.clone(), key.to_string());
+        let usage = format!("{},1", (prompt * 12 * 19 / 100).max(1));
         async move {
             Client::new()
                 .post(format!("{url}/v1/chat/completions"))
                 .bearer_auth(key)
-                .header("x-mock-usage", "1,1")
+                .header("x-mock-usage", usage)
                 .json(&json!({"model": "m", "max_tokens": 1,
                     "messages": [{"role": "user", "content": "lorem ipsum ".repeat(prompt)}]}))
                 .send()
@@ -1335,18 +1387,24 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
         }
     };
     let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
-    for key in [&rate_key, &tokens_key] {
+    for key in &keys {
         assert_eq!(send(key, 1).await.status(), StatusCode::OK);
     }
 
-    // Redis stops answering: the breaker opens, and each workspace is decided on its share,
-    // whose buckets start empty (and refill slowly).
+    // Redis stops answering: the breaker opens, and each workspace is decided on its share.
     redis.signal(libc::SIGSTOP);
     for _ in 0..3 {
-        send(&rate_key, 1).await;
+        send(&keys[0], 1).await;
     }
     assert_eq!(backend_up().await, 0.0);
-    send(&tokens_key, 1).await;
+    // What each share has is used up (a model's and a key's own buckets start full).
+    for ((_, _, prompt, _), key) in cases.iter().zip(&keys) {
+        for _ in 0..20 {
+            if send(key, *prompt).await.status() == StatusCode::TOO_MANY_REQUESTS {
+                break;
+            }
+        }
+    }
 
     // Redis answers again, its buckets full since; the shares' lack is taken from them.
     redis.signal(libc::SIGCONT);
@@ -1354,15 +1412,16 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
         backend_up().await == 1.0
     })
     .await;
-    let r = send(&rate_key, 1).await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "no fresh burst");
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["code"], "requests_per_second", "{body}");
-    // About 450 tokens: they fit in a full minute of 600, not in what the share lacked.
-    let r = send(&tokens_key, 200).await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "no fresh minute");
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["code"], "tokens_per_minute", "{body}");
+    for ((_, _, prompt, code), key) in cases.iter().zip(&keys) {
+        let r = send(key, *prompt).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{code}: no fresh window"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], *code, "{body}");
+    }
     drop(redis);
 }
 
@@ -1499,5 +1558,59 @@ async fn a_share_counts_the_instances_own_requests_still_running() {
     .await;
     assert_eq!(local.await.unwrap().status(), StatusCode::OK);
     redis.signal(libc::SIGCONT);
+    drop(redis);
+}
+
+/// What a share used is carried back once: the calls that tried Redis while its breaker was
+/// still counting failures may be run when it wakes, and carrying with them too took a share's
+/// lack from Redis several times over (an outside audit saw a minute's worth of tokens in debt,
+/// and every request refused for a minute, after a 5 s stall at 1% of the limit).
+#[tokio::test]
+async fn a_stall_leaves_the_shared_minute_as_the_shares_left_it() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(100);
+    })
+    .await;
+    let gw = &fleet[0];
+    // 600,000 tokens a minute: 10,000 a second.
+    let (_, key) = setup_workspace(&fleet, "stall", json!({"tokens_per_minute": 600_000})).await;
+    let send = || {
+        let (url, key) = (gw.url.clone(), key.clone());
+        async move {
+            let (body, usage) = exact_request(5);
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-usage", usage)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    assert_eq!(send().await.status(), StatusCode::OK);
+    redis.signal(libc::SIGSTOP);
+    // Three calls time out (each after the first also tries to rebuild the month counter
+    // first), and the breaker opens; a few more on the share.
+    for _ in 0..6 {
+        send().await;
+    }
+    assert_eq!(backend_up().await, 0.0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up().await == 1.0
+    })
+    .await;
+    // The share, drained at the switch, refilled 10,000 a second since: the shared minute has
+    // about that much, not a debt.
+    let r = send().await;
+    assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
     drop(redis);
 }
