@@ -1614,3 +1614,82 @@ async fn a_stall_leaves_the_shared_minute_as_the_shares_left_it() {
     assert_eq!(r.status(), StatusCode::OK, "{:?}", r.text().await);
     drop(redis);
 }
+
+/// The requests admitted alone that were carried back settle into the ledger while their hold
+/// lasts, and the shared month counter takes their settlements in before the hold ends: an
+/// outside audit saw the counter miss them (its last re-read of the ledger came before they
+/// settled), and the month used again once the hold ended, to 1.64 times the quota.
+#[tokio::test]
+async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_their_hold_ends() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(100);
+        raw.redis_lease_ms = Some(15_000);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "rebase", json!({"tokens_per_month": 10_000})).await;
+    // About 3,055 tokens estimated, and 3,051 reported.
+    let long = |latency: &'static str| {
+        let (url, key) = (gw.url.clone(), key.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-latency-ms", latency)
+                .header("x-mock-usage", "3050,1")
+                .json(&json!({"model": "m", "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    assert_eq!(long("0").await.unwrap().status(), StatusCode::OK);
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        let (body, usage) = exact_request(5);
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("x-mock-usage", usage)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(backend_up().await, 0.0);
+    // Two long requests on the share; with the first, about 9,150 of the 10,000.
+    let held: Vec<_> = (0..2).map(|_| long("12000")).collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up().await == 1.0
+    })
+    .await;
+    let back = Instant::now();
+    assert_eq!(
+        long("0").await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "held"
+    );
+    for h in held {
+        assert_eq!(h.await.unwrap().status(), StatusCode::OK);
+    }
+    // They settled after the counter's re-reads at 1, 3 and 10 s; the hold ends at 15 s.
+    tokio::time::sleep(Duration::from_secs(17).saturating_sub(back.elapsed())).await;
+    let r = long("0").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the month has what they settled"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
+    drop(redis);
+}
