@@ -1208,12 +1208,11 @@ async fn a_local_month_share_starts_from_what_redis_last_counted() {
     drop(redis);
 }
 
-/// Requests an instance admitted on its own while Redis did not answer, and that still run when
-/// it answers again, hold their tokens in the shared month counter: the counter is rebuilt from
-/// the ledger, which has none of them yet, and an outside audit saw the month used again on top
-/// of them (up to 47% over the quota when the breaker tripped and closed under load).
-#[tokio::test]
-async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_back() {
+/// One gateway on a Redis of its own under the `local` policy, as the only instance (its share
+/// is the whole of each limit), with calls that time out after 100 ms; `lease`: the
+/// reservations' lease in ms, if not the default. The tests of the switches to and from the
+/// local shares stop and wake that Redis (`SIGSTOP`, `SIGCONT`).
+async fn alone_on_local(lease: Option<u64>) -> (RedisServer, Vec<TestGateway>) {
     let redis = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
@@ -1221,9 +1220,24 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
         raw.redis_failure_policy = Some("local".into());
         raw.instances = Some(1);
         raw.redis_timeout_ms = Some(100);
-        raw.redis_lease_ms = Some(3_000);
+        raw.redis_lease_ms = lease;
     })
     .await;
+    (redis, fleet)
+}
+
+/// `tiergate_limiter_backend_up`: 1 while Redis is judged up, 0 while any breaker is open.
+async fn backend_up(gw: &TestGateway) -> f64 {
+    metric(&gw.metrics().await, "tiergate_limiter_backend_up")
+}
+
+/// Requests an instance admitted on its own while Redis did not answer, and that still run when
+/// it answers again, hold their tokens in the shared month counter: the counter is rebuilt from
+/// the ledger, which has none of them yet, and an outside audit saw the month used again on top
+/// of them (up to 47% over the quota when the breaker tripped and closed under load).
+#[tokio::test]
+async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_back() {
+    let (redis, fleet) = alone_on_local(Some(3_000)).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(&fleet, "carry", json!({"tokens_per_month": 10_000})).await;
     let send = |completion: u64| {
@@ -1240,7 +1254,7 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
                 .unwrap()
         }
     };
-    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    let backend_up = || backend_up(gw);
     assert_eq!(send(5).await.status(), StatusCode::OK);
 
     // Redis stops answering: three calls time out, and the breaker opens.
@@ -1299,15 +1313,7 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
 /// do not get one more burst and one more minute's tokens than the limits at the switch back.
 #[tokio::test]
 async fn the_shared_buckets_take_in_what_the_local_shares_used() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        raw.redis_timeout_ms = Some(100);
-    })
-    .await;
+    let (redis, fleet) = alone_on_local(None).await;
     let gw = &fleet[0];
     // Slow refills, so that what a share lacks at the switch back does not depend on how long
     // the switch takes on a busy machine: a burst of 10 refilled at one request every 10 s, and
@@ -1386,7 +1392,7 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
                 .unwrap()
         }
     };
-    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    let backend_up = || backend_up(gw);
     for key in &keys {
         assert_eq!(send(key, 1).await.status(), StatusCode::OK);
     }
@@ -1430,16 +1436,7 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
 /// more set of concurrent requests at the switch back, nor hold the slots for a whole lease.
 #[tokio::test]
 async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        raw.redis_timeout_ms = Some(100);
-        raw.redis_lease_ms = Some(30_000);
-    })
-    .await;
+    let (redis, fleet) = alone_on_local(Some(30_000)).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(&fleet, "carry-slots", json!({"concurrent_requests": 2})).await;
     let send = |latency: &'static str| {
@@ -1457,7 +1454,7 @@ async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
                 .unwrap()
         })
     };
-    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    let backend_up = || backend_up(gw);
     assert_eq!(send("0").await.unwrap().status(), StatusCode::OK);
 
     redis.signal(libc::SIGSTOP);
@@ -1504,15 +1501,7 @@ async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
 /// concurrent requests on top of them at the switch.
 #[tokio::test]
 async fn a_share_counts_the_instances_own_requests_still_running() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        raw.redis_timeout_ms = Some(100);
-    })
-    .await;
+    let (redis, fleet) = alone_on_local(None).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(&fleet, "seeded", json!({"concurrent_requests": 2})).await;
     let send = |latency: &'static str| {
@@ -1530,7 +1519,7 @@ async fn a_share_counts_the_instances_own_requests_still_running() {
                 .unwrap()
         })
     };
-    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    let backend_up = || backend_up(gw);
     // Admitted through Redis, and still running when Redis stops answering.
     let through_redis = send("3000");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1567,15 +1556,7 @@ async fn a_share_counts_the_instances_own_requests_still_running() {
 /// and every request refused for a minute, after a 5 s stall at 1% of the limit).
 #[tokio::test]
 async fn a_stall_leaves_the_shared_minute_as_the_shares_left_it() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        raw.redis_timeout_ms = Some(100);
-    })
-    .await;
+    let (redis, fleet) = alone_on_local(None).await;
     let gw = &fleet[0];
     // 600,000 tokens a minute: 10,000 a second.
     let (_, key) = setup_workspace(&fleet, "stall", json!({"tokens_per_minute": 600_000})).await;
@@ -1593,7 +1574,7 @@ async fn a_stall_leaves_the_shared_minute_as_the_shares_left_it() {
                 .unwrap()
         }
     };
-    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    let backend_up = || backend_up(gw);
     assert_eq!(send().await.status(), StatusCode::OK);
     redis.signal(libc::SIGSTOP);
     // Three calls time out (each after the first also tries to rebuild the month counter
@@ -1621,16 +1602,7 @@ async fn a_stall_leaves_the_shared_minute_as_the_shares_left_it() {
 /// settled), and the month used again once the hold ended, to 1.64 times the quota.
 #[tokio::test]
 async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_their_hold_ends() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        raw.redis_timeout_ms = Some(100);
-        raw.redis_lease_ms = Some(15_000);
-    })
-    .await;
+    let (redis, fleet) = alone_on_local(Some(15_000)).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(&fleet, "rebase", json!({"tokens_per_month": 10_000})).await;
     // About 3,055 tokens estimated, and 3,051 reported.
@@ -1649,7 +1621,7 @@ async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_the
                 .unwrap()
         })
     };
-    let backend_up = || async { metric(&gw.metrics().await, "tiergate_limiter_backend_up") };
+    let backend_up = || backend_up(gw);
     assert_eq!(long("0").await.unwrap().status(), StatusCode::OK);
     redis.signal(libc::SIGSTOP);
     for _ in 0..3 {
