@@ -499,17 +499,17 @@ impl Failover {
         let Ok(usage) = self.local.usage(workspace, &shared, now).await else {
             return Carry::default();
         };
-        let requests = match (shared.requests_per_second, usage.snapshot.requests) {
-            (Some(_), Some(w)) => u64::from(shared.effective_burst()).saturating_sub(w.remaining),
-            _ => 0,
-        };
+        // What a bucket of `cap` lacks when `w` says what is left in it.
+        let lack =
+            |cap: u64, w: Option<super::Window>| w.map_or(0, |w| cap.saturating_sub(w.remaining));
+        let requests = shared.requests_per_second.map_or(0, |_| {
+            lack(u64::from(shared.effective_burst()), usage.snapshot.requests)
+        });
+        // The balance, not the window: a bucket in debt lacks more than its capacity.
         let tokens = match (shared.tokens_per_minute, usage.bucket_tokens) {
             (Some(cap), Some(balance)) => (cap as i64).saturating_sub(balance).max(0) as u64,
             _ => 0,
         };
-        // What a bucket of `cap` lacks when `w` says what is left in it.
-        let lack =
-            |cap: u64, w: Option<super::Window>| w.map_or(0, |w| cap.saturating_sub(w.remaining));
         let key = shared.key.map(|k| k.limits);
         let (key_requests, key_tokens) = match (key, usage.key) {
             (Some(l), Some(snapshot)) => (
