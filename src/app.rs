@@ -23,7 +23,7 @@ use crate::metrics::{Metrics, Scrape};
 use crate::model::WorkspaceId;
 use crate::shadow::{Shadow, ShadowMonths};
 use crate::store::{Store, StoreError};
-use crate::usage::Recorder;
+use crate::usage::{CatchUp, Recorder, CATCH_UP_PATIENCE};
 use crate::webhooks::Dispatcher;
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +129,46 @@ impl MonthSource for LedgerMonths {
     }
 }
 
+/// A month source whose `catch_up` has this process's ledger writer settle and write what it
+/// holds (`usage::CatchUp`): the source of the shared counters, whose new generations are based
+/// on the ledger. The writer starts after the limiter (it settles through it), so it is given
+/// once started.
+pub struct CaughtUpMonths {
+    ledger: Arc<dyn MonthSource>,
+    writer: std::sync::OnceLock<CatchUp>,
+}
+
+impl CaughtUpMonths {
+    pub fn new(ledger: Arc<dyn MonthSource>) -> Arc<Self> {
+        Arc::new(CaughtUpMonths {
+            ledger,
+            writer: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn started(&self, writer: CatchUp) {
+        let _ = self.writer.set(writer);
+    }
+}
+
+#[async_trait::async_trait]
+impl MonthSource for CaughtUpMonths {
+    async fn month_totals(
+        &self,
+        workspace: WorkspaceId,
+        month: MonthKey,
+        excluding: Option<&str>,
+    ) -> Result<MonthTotals, LimiterError> {
+        self.ledger.month_totals(workspace, month, excluding).await
+    }
+
+    async fn catch_up(&self) {
+        if let Some(writer) = self.writer.get() {
+            writer.run().await;
+        }
+    }
+}
+
 /// The Redis key prefix of the shadow limiter's state: the primary's and `-s`, so the two never
 /// share a key (shortened to stay within the 32 characters a prefix may have).
 pub fn shadow_prefix(prefix: &str) -> String {
@@ -155,6 +195,12 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     let months: Arc<dyn MonthSource> = Arc::new(LedgerMonths(store.clone()));
     let local = Arc::new(LocalLimiter::new(months.clone()));
     let shadow_months: Arc<dyn MonthSource> = Arc::new(ShadowMonths(store.clone()));
+    // The shared counters' sources: their new generations read the ledger once this process's
+    // writer has caught up.
+    let (shared_months, shadow_shared_months) = (
+        CaughtUpMonths::new(months.clone()),
+        CaughtUpMonths::new(shadow_months.clone()),
+    );
     let shadow = match &config.redis {
         None => Shadow::local(Arc::new(LocalLimiter::new(shadow_months)), metrics.clone()),
         Some(redis) => {
@@ -165,7 +211,8 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
                 lease: redis.lease,
                 time: redis.time,
             };
-            let shared: Arc<dyn Limiter> = Arc::new(RedisLimiter::new(options, shadow_months)?);
+            let shared: Arc<dyn Limiter> =
+                Arc::new(RedisLimiter::new(options, shadow_shared_months.clone())?);
             Shadow::shared(shared, redis.timeout, metrics.clone())
         }
     };
@@ -186,7 +233,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
                 lease: redis.lease,
                 time: redis.time,
             };
-            let shared = Arc::new(RedisLimiter::new(options, months.clone())?);
+            let shared = Arc::new(RedisLimiter::new(options, shared_months.clone())?);
             Failover::new(
                 shared,
                 local.clone(),
@@ -204,6 +251,9 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         metrics.clone(),
         config.ledger_flush,
     );
+    let catch_up = recorder.catch_up(CATCH_UP_PATIENCE);
+    shared_months.started(catch_up.clone());
+    shadow_shared_months.started(catch_up);
     let upstream = Upstream::new(&config, metrics.upstream_connections_opened.clone())?;
     let estimator = Estimator::new(
         config.estimate.default_completion_tokens,

@@ -45,8 +45,10 @@
 //! A settlement the limiter could not take (Redis unreachable) is *deferred*: kept here and
 //! retried every interval until the limiter answers (settling is idempotent by reservation id),
 //! then recorded under the counter generation that counted it. The ledger keeps what each
-//! generation counted, which is what keeps the shared month counter exact. At shutdown, what is
-//! still deferred is recorded without one (counted by any later generation).
+//! generation counted, which is what keeps the shared month counter exact. Before a new shared
+//! counter generation is based on the ledger, a catch-up (`CatchUp`) settles the deferred ones and
+//! writes what is held at once. At shutdown, what is still deferred is recorded without one
+//! (counted by any later generation).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,7 +171,42 @@ enum Msg {
     Record(UsageRecord),
     Defer(Box<Deferred>),
     Flush(oneshot::Sender<()>),
+    CatchUp(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<Unwritten>),
+}
+
+/// The longest a new shared counter generation waits for the writer to catch up (`CatchUp`).
+pub const CATCH_UP_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Catch-ups answered by one settling and write at most: those that wait together (every
+/// workspace's first decision after Redis is back asks for one) cost one write, not one each.
+const CATCH_UPS_AT_ONCE: usize = 1024;
+
+/// The ledger writer as the shared month counter's source needs it: before a new counter
+/// generation is based on the ledger, it settles the settlements it deferred (Redis may have run
+/// them when it woke, though their calls timed out) and writes what it holds, so that the ledger
+/// has what this process settled. Holds the writer weakly: the writer holds the limiter, which
+/// holds this.
+#[derive(Clone)]
+pub struct CatchUp {
+    tx: mpsc::WeakSender<Msg>,
+    /// The longest a catch-up is waited for (it is on a request's path); past it, the ledger is
+    /// read as it is, and the generation's re-bases take in the rest.
+    within: Duration,
+}
+
+impl CatchUp {
+    pub async fn run(&self) {
+        let Some(tx) = self.tx.upgrade() else { return };
+        let _ = tokio::time::timeout(self.within, async move {
+            let (ack, done) = oneshot::channel();
+            if tx.send(Msg::CatchUp(ack)).await.is_ok() {
+                drop(tx);
+                let _ = done.await;
+            }
+        })
+        .await;
+    }
 }
 
 /// Usage the ledger writer could not write before the stop (the store unreachable to the end):
@@ -436,6 +473,15 @@ impl Recorder {
         }
     }
 
+    /// A handle that brings the ledger up to this process's settlements (`CatchUp`), waiting
+    /// at most `within` each time.
+    pub fn catch_up(&self, within: Duration) -> CatchUp {
+        CatchUp {
+            tx: self.tx.downgrade(),
+            within,
+        }
+    }
+
     /// The last flush: tries the deferred settlements once more, then writes them all.
     /// Writes what is left, trying again for up to `LAST_WRITE_PATIENCE` while the store does
     /// not answer; answers what could not be written.
@@ -573,35 +619,34 @@ impl Writer {
                             self.write().await;
                         }
                     }
-                    Some(Msg::Defer(d)) => {
-                        if self.deferred.len() < MAX_DEFERRED {
-                            self.deferred.push_back(d);
-                        } else {
-                            self.unconfirmed(*d);
-                        }
-                        self.metrics
-                            .settlements_deferred
-                            .set(self.deferred.len() as i64);
-                    }
+                    Some(Msg::Defer(d)) => self.defer(d),
                     Some(Msg::Flush(ack)) => {
                         self.write().await;
                         let _ = ack.send(());
                     }
-                    Some(Msg::Shutdown(ack)) => {
-                        self.retry_deferred().await;
-                        while let Some(d) = self.deferred.pop_front() {
-                            self.unconfirmed(*d);
+                    Some(Msg::CatchUp(ack)) => {
+                        let (mut acks, mut shutdown) = (vec![ack], None);
+                        // Others asked meanwhile are answered by the same write; what else
+                        // waits is taken as it comes.
+                        while acks.len() < CATCH_UPS_AT_ONCE {
+                            match rx.try_recv() {
+                                Ok(Msg::CatchUp(ack)) => acks.push(ack),
+                                Ok(Msg::Record(r)) => self.push(r),
+                                Ok(Msg::Defer(d)) => self.defer(d),
+                                Ok(Msg::Flush(ack)) => acks.push(ack),
+                                Ok(Msg::Shutdown(ack)) => {
+                                    shutdown = Some(ack);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
                         }
-                        self.write().await;
-                        // The store down at the stop: tried again for a while, as the timed
-                        // writes would have, rather than dropped at once.
-                        let give_up = tokio::time::Instant::now() + LAST_WRITE_PATIENCE;
-                        while self.waiting() > 0 && tokio::time::Instant::now() < give_up {
-                            tokio::time::sleep(flush_every.min(Duration::from_millis(250))).await;
-                            self.write().await;
+                        self.catch_up(acks).await;
+                        if let Some(ack) = shutdown {
+                            self.shut_down(ack, flush_every).await;
                         }
-                        let _ = ack.send(self.unwritten());
                     }
+                    Some(Msg::Shutdown(ack)) => self.shut_down(ack, flush_every).await,
                     None => {
                         self.write().await;
                         return;
@@ -613,6 +658,47 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Keeps a settlement the limiter could not take, to settle again (`retry_deferred`).
+    fn defer(&mut self, d: Box<Deferred>) {
+        if self.deferred.len() < MAX_DEFERRED {
+            self.deferred.push_back(d);
+        } else {
+            self.unconfirmed(*d);
+        }
+        self.metrics
+            .settlements_deferred
+            .set(self.deferred.len() as i64);
+    }
+
+    /// Settles what is deferred while the limiter takes it, writes what is held, and answers
+    /// every catch-up (`CatchUp`) of `acks`.
+    async fn catch_up(&mut self, acks: Vec<oneshot::Sender<()>>) {
+        self.retry_deferred().await;
+        self.write().await;
+        for ack in acks {
+            let _ = ack.send(());
+        }
+    }
+
+    /// The last flush: the deferred settlements tried once more and then written without a
+    /// counter generation; what is held written, and tried again for a while if the store does
+    /// not answer; what could not be written answered.
+    async fn shut_down(&mut self, ack: oneshot::Sender<Unwritten>, flush_every: Duration) {
+        self.retry_deferred().await;
+        while let Some(d) = self.deferred.pop_front() {
+            self.unconfirmed(*d);
+        }
+        self.write().await;
+        // The store down at the stop: tried again for a while, as the timed writes would have,
+        // rather than dropped at once.
+        let give_up = tokio::time::Instant::now() + LAST_WRITE_PATIENCE;
+        while self.waiting() > 0 && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(flush_every.min(Duration::from_millis(250))).await;
+            self.write().await;
+        }
+        let _ = ack.send(self.unwritten());
     }
 
     /// Settles deferred settlements in order while the limiter takes them.

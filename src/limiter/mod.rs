@@ -154,6 +154,12 @@ pub trait MonthSource: Send + Sync {
         month: MonthKey,
         excluding: Option<&str>,
     ) -> Result<MonthTotals, LimiterError>;
+
+    /// Brings the source up to what this process has settled: called before a new shared
+    /// counter generation is first based on it. The ledger's source has its writer settle the
+    /// settlements it deferred and write what it holds (see `usage::CatchUp`); by default,
+    /// nothing.
+    async fn catch_up(&self) {}
 }
 
 /// What a `Limiter` call answers, to be awaited: either at once (the in-memory limiter, whose

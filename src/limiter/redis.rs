@@ -801,6 +801,11 @@ impl Inner {
         limits: &Limits,
         now: Nanos,
     ) -> Result<(), LimiterError> {
+        // What this process settled just before the switch may not be in the ledger yet: a
+        // settlement that timed out while Redis stalled (and that Redis ran when it woke), kept
+        // by the ledger writer to settle again; or one written at the writer's next flush.
+        // Without this, the new generation lacked it until the first re-base, a second later.
+        self.months.catch_up().await;
         self.base_once(workspace, gen, month, limits, now).await?;
         let first = self
             .rebasing

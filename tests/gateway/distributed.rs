@@ -1146,6 +1146,7 @@ async fn a_local_month_share_starts_from_what_redis_last_counted() {
                 .post(format!("{url}/v1/chat/completions"))
                 .bearer_auth(key)
                 .header("x-mock-latency-ms", "4000")
+                .header("x-mock-tag", "slow")
                 .header("x-mock-usage", "9,1")
                 .json(&json!({"model": "m", "max_tokens": 10,
                     "messages": [{"role": "user", "content": prompt}]}))
@@ -1154,7 +1155,7 @@ async fn a_local_month_share_starts_from_what_redis_last_counted() {
         })
     };
     let held: Vec<_> = (0..2).map(|_| slow()).collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    running_upstream(gw, "slow", 2).await;
     // One quick decision after them: its snapshot shows them held.
     let (body, usage) = exact_request(5);
     let r = gw
@@ -1231,6 +1232,16 @@ async fn backend_up(gw: &TestGateway) -> f64 {
     metric(&gw.metrics().await, "tiergate_limiter_backend_up")
 }
 
+/// Waits until the upstream has `n` requests tagged `tag` running: requests spawned a moment
+/// before may not even have reached the gateway on a busy machine, and a test that goes on
+/// (restarts Redis, sends the next request) before they were admitted tests another order.
+async fn running_upstream(gw: &TestGateway, tag: &str, n: u64) {
+    eventually(Duration::from_secs(10), || async {
+        gw.upstream_stats(tag).await.in_flight >= n
+    })
+    .await;
+}
+
 /// Requests an instance admitted on its own while Redis did not answer, and that still run when
 /// it answers again, hold their tokens in the shared month counter: the counter is rebuilt from
 /// the ledger, which has none of them yet, and an outside audit saw the month used again on top
@@ -1271,6 +1282,7 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
                 .post(format!("{url}/v1/chat/completions"))
                 .bearer_auth(key)
                 .header("x-mock-latency-ms", latency)
+                .header("x-mock-tag", latency)
                 .header("x-mock-usage", "9,1")
                 .json(&json!({"model": "m", "max_tokens": 10,
                     "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
@@ -1280,7 +1292,7 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
         })
     };
     let held: Vec<_> = (0..3).map(|_| long("3000")).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    running_upstream(gw, "3000", 3).await;
 
     // Redis answers again; the breaker closes within a probe or two.
     redis.signal(libc::SIGCONT);
@@ -1448,6 +1460,7 @@ async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
                 .bearer_auth(key)
                 .header("x-mock-usage", usage)
                 .header("x-mock-latency-ms", latency)
+                .header("x-mock-tag", latency)
                 .json(&body)
                 .send()
                 .await
@@ -1464,7 +1477,7 @@ async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
     assert_eq!(backend_up().await, 0.0);
     // On the local share: two slow requests take both slots.
     let slow: Vec<_> = (0..2).map(|_| send("3000")).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    running_upstream(gw, "3000", 2).await;
     let r = send("0").await.unwrap();
     assert_eq!(
         r.status(),
@@ -1513,6 +1526,7 @@ async fn a_share_counts_the_instances_own_requests_still_running() {
                 .bearer_auth(key)
                 .header("x-mock-usage", usage)
                 .header("x-mock-latency-ms", latency)
+                .header("x-mock-tag", latency)
                 .json(&body)
                 .send()
                 .await
@@ -1522,7 +1536,7 @@ async fn a_share_counts_the_instances_own_requests_still_running() {
     let backend_up = || backend_up(gw);
     // Admitted through Redis, and still running when Redis stops answering.
     let through_redis = send("3000");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    running_upstream(gw, "3000", 1).await;
     redis.signal(libc::SIGSTOP);
     for _ in 0..3 {
         assert_eq!(send("0").await.unwrap().status(), StatusCode::OK);
@@ -1530,7 +1544,7 @@ async fn a_share_counts_the_instances_own_requests_still_running() {
     assert_eq!(backend_up().await, 0.0);
     // The share of 2 counts the one still running: one more fits, not two.
     let local = send("8000");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    running_upstream(gw, "8000", 1).await;
     let r = send("0").await.unwrap();
     assert_eq!(
         r.status(),
@@ -1613,6 +1627,7 @@ async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_the
                 .post(format!("{url}/v1/chat/completions"))
                 .bearer_auth(key)
                 .header("x-mock-latency-ms", latency)
+                .header("x-mock-tag", latency)
                 .header("x-mock-usage", "3050,1")
                 .json(&json!({"model": "m", "max_tokens": 1,
                     "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
@@ -1638,7 +1653,7 @@ async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_the
     assert_eq!(backend_up().await, 0.0);
     // Two long requests on the share; with the first, about 9,150 of the 10,000.
     let held: Vec<_> = (0..2).map(|_| long("12000")).collect();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    running_upstream(gw, "12000", 2).await;
     redis.signal(libc::SIGCONT);
     eventually(Duration::from_secs(10), || async {
         backend_up().await == 1.0
@@ -1663,5 +1678,81 @@ async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_the
     );
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "tokens_per_month", "{body}");
+    drop(redis);
+}
+
+/// A settlement whose call timed out as Redis stalled, which Redis ran when it woke, is in the
+/// new month counter of the switch back at once: the counter is based on the ledger, which did
+/// not have it yet (kept by the ledger writer to settle again, then written at its next flush),
+/// and CI saw the request after the switch admitted on top of it. Flushes 10 s apart here, so
+/// that only the catch-up before the base can bring it in.
+#[tokio::test]
+async fn a_settlement_that_timed_out_as_redis_stalled_is_in_the_month_at_the_switch_back() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet_with(1, &redis.url(), |options| {
+        options.raw.redis_failure_policy = Some("local".into());
+        options.raw.instances = Some(1);
+        options.raw.redis_timeout_ms = Some(100);
+        options.ledger_flush = Some(Duration::from_secs(10));
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "caught-up", json!({"tokens_per_month": 5_000})).await;
+    // About 3,055 tokens estimated, and 3,051 reported.
+    let long = |latency: &'static str| {
+        let (url, key) = (gw.url.clone(), key.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-latency-ms", latency)
+                .header("x-mock-tag", latency)
+                .header("x-mock-usage", "3050,1")
+                .json(&json!({"model": "m", "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    let deferred = || async { metric(&gw.metrics().await, "tiergate_settlements_deferred") };
+    // Admitted through Redis; Redis stalls before it ends, so its settlement times out.
+    let first = long("1000");
+    running_upstream(gw, "1000", 1).await;
+    redis.signal(libc::SIGSTOP);
+    assert_eq!(first.await.unwrap().status(), StatusCode::OK);
+    eventually(Duration::from_secs(10), || async {
+        deferred().await == 1.0
+    })
+    .await;
+    for _ in 0..3 {
+        let (body, usage) = exact_request(5);
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("x-mock-usage", usage)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+    // Redis wakes and runs the settlement; the gateway's call had long given up.
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up(gw).await == 1.0
+    })
+    .await;
+    let r = long("0").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the first request's 3,051 tokens are in the month"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
+    assert_eq!(deferred().await, 0.0, "settled again at the catch-up");
     drop(redis);
 }

@@ -94,6 +94,8 @@ pub struct Options {
     pub redis_time: TimeSource,
     /// Serve the admin API and `/metrics` on a listener of their own (port 0).
     pub admin_listener: bool,
+    /// How often the ledger writer writes, if not the default.
+    pub ledger_flush: Option<Duration>,
 }
 
 impl Default for Options {
@@ -105,6 +107,7 @@ impl Default for Options {
             real_clock: false,
             redis_time: TimeSource::Server,
             admin_listener: false,
+            ledger_flush: None,
         }
     }
 }
@@ -157,6 +160,15 @@ impl TestGateway {
         redis: &str,
         tweak: impl Fn(&mut RawSettings),
     ) -> Vec<TestGateway> {
+        Self::fleet_with(n, redis, |options| tweak(&mut options.raw)).await
+    }
+
+    /// As `fleet`, with each gateway's `Options` tweaked.
+    pub async fn fleet_with(
+        n: usize,
+        redis: &str,
+        tweak: impl Fn(&mut Options),
+    ) -> Vec<TestGateway> {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("tiergate.db");
         let mock = Arc::new(Mock::start().await);
@@ -168,18 +180,18 @@ impl TestGateway {
         let postgres = PgDatabase::create().await.map(Arc::new);
         let mut gateways = Vec::new();
         for _ in 0..n {
-            let mut raw = RawSettings {
+            let raw = RawSettings {
                 redis: Some(redis.to_string()),
                 redis_prefix: Some(prefix.clone()),
                 database: postgres.as_ref().map(|p| p.url.clone()),
                 ..RawSettings::default()
             };
-            tweak(&mut raw);
-            let options = Options {
+            let mut options = Options {
                 raw,
                 real_clock: true,
                 ..Options::default()
             };
+            tweak(&mut options);
             let mut gw = Self::boot(&db, mock.url.clone(), options, clock.clone()).await;
             gw.mock = Some(mock.clone());
             gw._postgres = postgres.clone();
@@ -208,6 +220,9 @@ impl TestGateway {
         let mut config = Config::try_from(raw).unwrap();
         if let Some(redis) = config.redis.as_mut() {
             redis.time = options.redis_time;
+        }
+        if let Some(every) = options.ledger_flush {
+            config.ledger_flush = every;
         }
         let app_clock: Arc<dyn Clock> = if options.real_clock {
             Arc::new(SystemClock)
