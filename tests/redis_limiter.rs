@@ -29,8 +29,8 @@ use tiergate::limiter::redis::{
     model_id, Carry, RedisLimiter, RedisOptions, TimeSource, Topology, REAP_LATENESS, TOMBSTONE,
 };
 use tiergate::limiter::{
-    Decision, DenialKind, LimitName, Limiter, LimiterError, MonthKey, MonthSource, MonthTotals,
-    Nanos, Reservation, ReservationId, TokenCost, Usage, NANOS_PER_SEC,
+    Decision, DenialKind, Held, LimitName, Limiter, LimiterError, MonthKey, MonthSource,
+    MonthTotals, Nanos, Reservation, ReservationId, TokenCost, Usage, NANOS_PER_SEC,
 };
 use tiergate::model::{Limits, ModelLimits, WorkspaceId};
 
@@ -1592,6 +1592,79 @@ async fn a_new_generation_keeps_the_holds_of_live_reservations() {
     // Settled, it counts once, in the generation of now.
     let settled = limiter.settle(&a, &limits, 1_200, start).await.unwrap();
     assert!(settled.counter.is_some());
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(holds(&u), (0, 0, 500 + 1_200));
+    assert_eq!(u.models[0].month_used, 1_200);
+}
+
+/// Requests an instance admitted on its own while Redis was away, still running when it is back,
+/// become reservations of the new generation under their own ids (`Carry::running`): they hold
+/// their tokens (the workspace's and their model's) and their concurrency slot, and are settled
+/// there like Redis's own, counted once, in that generation.
+#[tokio::test]
+async fn requests_carried_back_are_reservations_of_the_new_generation() {
+    let Some(url) = shared_redis() else { return };
+    let (ws, start) = (1, t0());
+    let ledger = Arc::new(Ledger::default());
+    ledger.add_prior(ws, MonthKey::of(start), "", 500);
+    let limiter = limiter(
+        Topology::Single(url),
+        &unique_prefix(),
+        Duration::from_secs(60),
+        TimeSource::Caller,
+        ledger,
+    );
+    let mut models = std::collections::BTreeMap::new();
+    models.insert(
+        "m".to_string(),
+        ModelLimits {
+            tokens_per_minute: None,
+            tokens_per_month: Some(5_000),
+        },
+    );
+    let limits = Limits {
+        concurrent_requests: Some(1),
+        tokens_per_month: Some(10_000),
+        models,
+        ..Limits::default()
+    };
+    let alone = Reservation::new(
+        ws,
+        Held {
+            model: Some("m".into()),
+            tokens: 3_000,
+            month: MonthKey::of(start),
+            slot: true,
+            key: None,
+        },
+    );
+    let carry = Carry {
+        running: vec![alone.clone()],
+        ..Carry::default()
+    };
+    let generation = limiter
+        .new_generation(ws, start, carry, &limits)
+        .await
+        .unwrap();
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(holds(&u), (1, 3_000, 500), "its slot and tokens held");
+    assert_eq!(u.models[0].month_used, 3_000, "the model's too");
+    // Its slot is the only one.
+    let (kind, limit, _) = denied(
+        limiter
+            .reserve(ws, &limits, None, cost(10, 10), start)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (kind, limit),
+        (DenialKind::RateLimited, LimitName::ConcurrentRequests)
+    );
+    let settled = limiter.settle(&alone, &limits, 1_200, start).await.unwrap();
+    assert_eq!(settled.counter.as_deref(), Some(generation.as_str()));
+    // Sent again (its first answer lost): the same answer, counted once.
+    let again = limiter.settle(&alone, &limits, 1_200, start).await.unwrap();
+    assert_eq!(again.counter, settled.counter);
     let u = limiter.usage(ws, &limits, start).await.unwrap();
     assert_eq!(holds(&u), (0, 0, 500 + 1_200));
     assert_eq!(u.models[0].month_used, 1_200);

@@ -23,20 +23,22 @@
 //!     the instance denies as under `closed`. A share taken up counts in flight this
 //!     instance's own requests admitted through Redis that still run (`Failover::seeded`),
 //!     each until it ends.
-//! - Every reservation is settled where it was made. Usage admitted by the fallback reaches the
+//! - Every reservation is settled where it was made (but for those carried back, below). Usage
+//!   admitted by the fallback reaches the
 //!   ledger (untagged, so any later counter generation counts it), and the first shared decision
 //!   for such a workspace after recovery starts a new generation of its month counter, which is
 //!   then rebuilt from the ledger: nothing used during the outage is lost. That decision carries
 //!   back what the instance's share used that Redis does not know (`Carry`): what the share's
 //!   requests and tokens-per-minute buckets lack is taken from Redis's, which refilled
-//!   meanwhile; its requests still running each hold a concurrency slot there, freed as each
-//!   ends (`Failover::carried`); and the tokens they hold go into the new generation; all under
-//!   one lease, which nobody renews (the ledger has none of them yet).
+//!   meanwhile; and its requests still running (`Failover::alone`) each become a reservation of
+//!   the new generation under its own id, renewed as the instance's own are (the ledger has
+//!   none of their tokens yet). Those are then settled in Redis, not on the share
+//!   (`Failover::carried`), so their usage counts once, in that generation.
 //!
 //! `local` is the default because it keeps serving while still protecting the upstream: a
 //! Redis outage neither becomes an API outage (`closed`) nor opens the gate (`open`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -156,16 +158,71 @@ pub struct Failover {
     /// window), for the local shares: the ledger they would start from lags by a flush and
     /// lacks the reservations in flight, which Redis counts.
     month_seen: Mutex<HashMap<WorkspaceId, (MonthKey, u64)>>,
-    /// Per workspace, the concurrency slots carried into Redis at the switch back for requests
-    /// admitted on the local share still running: the generation that names them, and how
-    /// many are still held. One is freed as each such request ends.
-    carried: Mutex<HashMap<WorkspaceId, (String, u32)>>,
+    /// Requests admitted on a local share not yet settled, at most `ALONE` of them: those still
+    /// running at the switch back are carried into Redis (`Carry::running`).
+    alone: Mutex<Alone>,
+    /// Requests admitted on a local share that were carried into Redis at the switch back and
+    /// are not yet settled there: Redis holds each as a reservation of its own, which they are
+    /// settled into (and their slot freed through) as Redis's own are.
+    carried: Mutex<HashSet<ReservationId>>,
     /// This instance's requests admitted through Redis that were still running when their
     /// workspace's local share was taken up: the share counts them in flight until each ends.
     seeded: Mutex<HashMap<ReservationId, WorkspaceId>>,
     /// Whether `seeded` may hold any: most settlements then look no further.
     any_seeded: std::sync::atomic::AtomicBool,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// Requests admitted on local shares that are remembered to be carried back (`Failover::alone`)
+/// at most; past that, further ones are not carried (each about 100 bytes).
+const ALONE: usize = 100_000;
+
+/// The requests admitted on local shares not yet settled, by workspace.
+#[derive(Default)]
+struct Alone {
+    by_workspace: HashMap<WorkspaceId, HashMap<ReservationId, Reservation>>,
+    len: usize,
+}
+
+impl Alone {
+    fn insert(&mut self, reservation: &Reservation) {
+        if self.len < ALONE {
+            let held = self.by_workspace.entry(reservation.workspace).or_default();
+            if held.insert(reservation.id, reservation.clone()).is_none() {
+                self.len += 1;
+            }
+        }
+    }
+
+    fn remove(&mut self, reservation: &Reservation) {
+        let ws = reservation.workspace;
+        if let Some(held) = self.by_workspace.get_mut(&ws) {
+            if held.remove(&reservation.id).is_some() {
+                self.len -= 1;
+            }
+            if held.is_empty() {
+                self.by_workspace.remove(&ws);
+            }
+        }
+    }
+
+    fn get_mut(&mut self, reservation: &Reservation) -> Option<&mut Reservation> {
+        self.by_workspace
+            .get_mut(&reservation.workspace)?
+            .get_mut(&reservation.id)
+    }
+
+    /// The workspace's, admitted in `month`.
+    fn of(&self, workspace: WorkspaceId, month: MonthKey) -> Vec<Reservation> {
+        self.by_workspace
+            .get(&workspace)
+            .map_or_else(Vec::new, |held| {
+                held.values()
+                    .filter(|r| r.held.month == month)
+                    .cloned()
+                    .collect()
+            })
+    }
 }
 
 /// Workspaces whose month use is remembered (`Failover::month_seen`) at most; past that the
@@ -303,7 +360,8 @@ impl Failover {
             metrics,
             rebuild: Mutex::new(HashMap::new()),
             month_seen: Mutex::new(HashMap::new()),
-            carried: Mutex::new(HashMap::new()),
+            alone: Mutex::new(Alone::default()),
+            carried: Mutex::new(HashSet::new()),
             seeded: Mutex::new(HashMap::new()),
             any_seeded: std::sync::atomic::AtomicBool::new(false),
             tasks: Mutex::new(Vec::new()),
@@ -482,22 +540,34 @@ impl Failover {
         }
     }
 
+    /// The requests this instance admitted on `workspace`'s share this month still running.
+    fn running_alone(&self, workspace: WorkspaceId, now: Nanos) -> Vec<Reservation> {
+        self.alone
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .of(workspace, MonthKey::of(now))
+    }
+
     /// What this instance's share of `workspace`'s limits used that Redis does not know (see
-    /// `Carry`): nothing when it holds no share.
+    /// `Carry`): its requests still running, and what its buckets lack, if it still holds them.
     async fn carry(&self, workspace: WorkspaceId, limits: &Limits, now: Nanos) -> Carry {
+        let running_only = || Carry {
+            running: self.running_alone(workspace, now),
+            ..Carry::default()
+        };
         if !self.local.holds(workspace) {
-            return Carry::default();
+            return running_only();
         }
         let Some((n, rank)) = self.instances() else {
-            return Carry::default();
+            return running_only();
         };
         let seeds = self.local.month_seeds(workspace, now).unwrap_or_default();
         let Ok(shared) = share(limits, n, rank, &seeds) else {
-            return Carry::default();
+            return running_only();
         };
         // Read with the share's own limits, as its buckets were kept.
         let Ok(usage) = self.local.usage(workspace, &shared, now).await else {
-            return Carry::default();
+            return running_only();
         };
         // What a bucket of `cap` lacks when `w` says what is left in it.
         let lack =
@@ -534,14 +604,9 @@ impl Failover {
             .filter(|(_, take)| *take > 0)
             .collect();
         Carry {
-            month: usage.month_reserved_tokens,
+            running: self.running_alone(workspace, now),
             requests,
             tokens,
-            in_flight: if shared.concurrent_requests.is_some() {
-                usage.in_flight
-            } else {
-                0
-            },
             key_requests,
             key_tokens,
             models,
@@ -565,32 +630,11 @@ impl Failover {
         }
     }
 
-    /// A request admitted on the local share that held a concurrency slot has ended: frees one
-    /// of the slots carried into Redis for the workspace at the switch back, if any is left (a
-    /// failure leaves it to the lease).
-    async fn release_one_carried(&self, workspace: WorkspaceId) {
-        let next = {
-            let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
-            let Some((generation, left)) = carried.get_mut(&workspace) else {
-                return;
-            };
-            let next = (generation.clone(), *left);
-            *left -= 1;
-            if *left == 0 {
-                carried.remove(&workspace);
-            }
-            next
-        };
-        if self.is_open_for(workspace) {
-            return;
-        }
-        if let Err(e) = self
-            .shared
-            .release_carried(workspace, &next.0, next.1)
-            .await
-        {
-            tracing::debug!(error = %e, workspace, "freeing a carried slot failed; its lease frees it");
-        }
+    fn is_carried(&self, id: ReservationId) -> bool {
+        self.carried
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&id)
     }
 
     /// The workspace's month use as Redis last reported it this month.
@@ -699,6 +743,10 @@ impl Failover {
                         snapshot,
                     } => {
                         reservation.origin = Origin::LocalShare;
+                        self.alone
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(&reservation);
                         Decision::Admit {
                             reservation,
                             snapshot,
@@ -782,23 +830,17 @@ impl Failover {
                 } else {
                     Carry::default()
                 };
-                let in_flight = carry.in_flight;
-                result = match self
+                let running: Vec<ReservationId> = carry.running.iter().map(|r| r.id).collect();
+                result = self
                     .shared
                     .new_generation(workspace, now, carry, limits)
                     .await
-                {
-                    Ok(generation) => {
-                        if in_flight > 0 {
-                            self.carried
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .insert(workspace, (generation, in_flight));
-                        }
-                        Ok(())
-                    }
-                    Err(e) => Err(e),
-                };
+                    .map(|_| {
+                        self.carried
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend(running);
+                    });
                 let mut rebuild = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
                 if result.is_ok() {
                     rebuild.remove(&workspace);
@@ -859,11 +901,39 @@ impl Failover {
                 }
             }
             Origin::LocalShare => {
+                self.alone
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(reservation);
+                // The share counts it whatever follows (again, harmlessly, when retried).
                 let settled = self.local.settle(reservation, limits, actual, now).await;
-                if reservation.held.slot {
-                    self.release_one_carried(reservation.workspace).await;
+                if !self.is_carried(reservation.id) {
+                    return settled;
                 }
-                settled
+                // Carried into Redis: settled there, counted once in its generation. One that
+                // fails is deferred and tried again (it may have landed; settling is
+                // idempotent), not recorded as the share's, which the ledger would count a
+                // second time.
+                let workspace = reservation.workspace;
+                if self.is_open_for(workspace) {
+                    return Err(LimiterError::Unavailable("Redis is not answering".into()));
+                }
+                match self.shared.settle(reservation, limits, actual, now).await {
+                    Ok(s) => {
+                        self.success(Some(workspace));
+                        self.carried
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&reservation.id);
+                        Ok(s)
+                    }
+                    Err(e) => {
+                        if matches!(e, LimiterError::Unavailable(_)) {
+                            self.failure(&e, Some(workspace));
+                        }
+                        Err(e)
+                    }
+                }
             }
             Origin::Unmetered => Ok(Settled {
                 at: now,
@@ -885,7 +955,23 @@ impl Failover {
                 let held = reservation.held.slot;
                 let released = self.local.release_slot(reservation).await;
                 if held && !reservation.held.slot {
-                    self.release_one_carried(reservation.workspace).await;
+                    if let Some(r) = self
+                        .alone
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_mut(reservation)
+                    {
+                        r.held.slot = false;
+                    }
+                    // Carried: its slot in Redis too (a failure leaves it to the settlement,
+                    // or to the lease).
+                    if self.is_carried(reservation.id) && !self.is_open_for(reservation.workspace) {
+                        let mut carried = reservation.clone();
+                        carried.held.slot = true;
+                        if let Err(e) = self.shared.release_slot(&mut carried).await {
+                            tracing::debug!(error = %e, "freeing a carried slot failed");
+                        }
+                    }
                 }
                 released
             }

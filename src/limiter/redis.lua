@@ -959,22 +959,26 @@ end
 
 if op == 'newgen' then
   -- ARGV 6: gen candidate; then what this instance used on its own (Redis down) that the shared
-  -- state is to take in (`Carry` in redis.rs): 7: tokens held by its requests still running,
-  -- 8: how long (ms) to hold them; 9, 10: the request bucket's rate and capacity, 11: the
-  -- nano-requests to take from it; 12: tokens per minute, 13: the tokens to take from it;
-  -- 14: its requests still running, each holding a concurrency slot as `carry:<gen>:<i>` (i
-  -- from 1) under the same lease, freed by `release` as each ends; then, five at a time, what
-  -- to take from a key's or a model's own buckets: kind (`kr` a key's requests, `kt` a key's
-  -- tokens, `mt` a model's tokens), the key's or model's id, the rate (or tokens per minute),
-  -- the capacity (requests; 0 for tokens), and what to take (nano-requests or tokens).
+  -- state is to take in (`Carry` in redis.rs): 7: how long (ms) to hold its requests still
+  -- running; 8, 9: the request bucket's rate and capacity, 10: the nano-requests to take from
+  -- it; 11: tokens per minute, 12: the tokens to take from it; 13: n, the requests still
+  -- running, then six for each: its reservation id, its tokens, its model's id ('' none), 1 if
+  -- the model has limits of its own, 1 if it holds a concurrency slot, its key's id ('' none);
+  -- then, five at a time, what to take from a key's or a model's own buckets: kind (`kr` a
+  -- key's requests, `kt` a key's tokens, `mt` a model's tokens), the key's or model's id, the
+  -- rate (or tokens per minute), the capacity (requests; 0 for tokens), and what to take
+  -- (nano-requests or tokens).
   -- Starts a new generation of the month counter (after this instance enforced limits on its
-  -- own for a while, or to rebuild it from the ledger). The tokens held are a reservation of
-  -- the new generation under a lease that nobody renews: the ledger has none of them yet, and
-  -- without them the shared counter would let the month be used again while they run. When the
-  -- lease ends they are let go; by then the re-reads of the ledger have what they settled. The
-  -- buckets, refilled while Redis was away, lose what the instance's share of them lacks.
-  local rate, rcap, rtake = N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0, N(ARGV[11] or '0') or 0
-  local tpm, ttake = N(ARGV[12] or '0') or 0, N(ARGV[13] or '0') or 0
+  -- own for a while, or to rebuild it from the ledger). Each request still running becomes a
+  -- live reservation of the new generation under its own id, as if Redis had admitted it (its
+  -- lease renewed by the instance as its own are): the ledger has none of its tokens yet, and
+  -- without it the shared counter would let the month be used again while it runs. It is
+  -- settled (or its slot freed) through Redis like any other, its usage counted once, in this
+  -- generation. The buckets, refilled while Redis was away, lose what the instance's share of
+  -- them lacks.
+  local rate, rcap, rtake = N(ARGV[8] or '0') or 0, N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0
+  local tpm, ttake = N(ARGV[11] or '0') or 0, N(ARGV[12] or '0') or 0
+  local running = N(ARGV[13] or '0') or 0
   load({'keep', 'rl', 'ra', 'rc', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk', 'res'})
   -- The new generation keeps the holds of the reservations still live (the month's, the
   -- models', the keys'), and the live records are counted in it from now on: every instance
@@ -1027,16 +1031,19 @@ if op == 'newgen' then
     end
     flush()
   end
-  local carry, until_ = N(ARGV[7] or '0') or 0, now + (N(ARGV[8] or '0') or 0) * 1000
-  if carry > 0 then
-    add('res', carry)
-    record('carry:' .. ARGV[6], 'L|' .. S(carry) .. '|' .. ARGV[6] .. '||0|', until_)
+  local until_ = now + (N(ARGV[7] or '0') or 0) * 1000
+  for i = 14, 13 + running * 6, 6 do
+    local id, tokens, m, limited = ARGV[i], N(ARGV[i + 1]) or 0, ARGV[i + 2], ARGV[i + 3] == '1'
+    local slot, kid = ARGV[i + 4] == '1' and '1' or '0', ARGV[i + 5]
+    -- A record already there (a retry of this call that landed) is left as it is.
+    if not redis.call('HGET', KR, id) then
+      add('res', tokens)
+      model_add('r', m, tokens, limited)
+      key_add('kr', kid, tokens)
+      if slot == '1' then add('inflight', 1) end
+      record(id, 'L|' .. S(tokens) .. '|' .. ARGV[6] .. '|' .. m .. '|' .. slot .. '|' .. kid, until_)
+    end
   end
-  local slots = N(ARGV[14] or '0') or 0
-  for i = 1, slots do
-    record('carry:' .. ARGV[6] .. ':' .. S(i), 'L|0|' .. ARGV[6] .. '||1|', until_)
-  end
-  add('inflight', slots)
   if rate > 0 and rtake > 0 then
     local level, at = req_load(rcap, rate)
     level = math.max(level - rtake, 0)
@@ -1047,7 +1054,7 @@ if op == 'newgen' then
     keep_until(full)
   end
   if tpm > 0 and ttake > 0 then tok_add('t', tpm, -ttake, true) end
-  for i = 15, #ARGV - 4, 5 do
+  for i = 14 + running * 6, #ARGV - 4, 5 do
     local kind, id, a, b, take = ARGV[i], ARGV[i + 1], N(ARGV[i + 2]), N(ARGV[i + 3]), N(ARGV[i + 4])
     if kind == 'kr' and a > 0 and take > 0 then
       local p = key_prefix(id)

@@ -62,11 +62,11 @@ pub const TOMBSTONE: Duration = Duration::from_secs(10);
 pub const REAP_LATENESS: Duration = Duration::from_millis(100);
 /// After a counter generation is first based on the ledger, it is raised again this long after:
 /// at 1, 3 and 10 s for ledger writes of other instances that lagged behind, then every 5 s
-/// until 10 s past a `lease`, for the settlements of requests an instance admitted on its own
-/// and carried back (`Carry`): its hold of their tokens lasts one lease, and without these the
-/// counter never had what they settled once the hold ended (an outside audit: 1.64 times a
-/// quota, 30 s after a switch back). A settlement is in the counter within a step of reaching
-/// the ledger, so at the hold's end only those of its last few seconds are not yet.
+/// until 10 s past a `lease`. Requests an instance admitted on its own and carried back
+/// (`Carry`) are settled in Redis, in the generation; but one that could not be carried (its
+/// carry's call timed out, yet Redis ran it) is held for one lease and settled on the share, into
+/// the ledger only: without these re-reads the counter never had what it settled once the hold
+/// ended (an outside audit: 1.64 times a quota, 30 s after a switch back).
 fn rebase_after(lease: Duration) -> Vec<Duration> {
     let mut at = vec![
         Duration::from_secs(1),
@@ -206,21 +206,22 @@ const MODEL_IDS: usize = 1024;
 
 /// What an instance used on its own while Redis did not answer, taken into the shared state
 /// when it answers again (`RedisLimiter::new_generation`), so that the instances together do not
-/// use it again: the month's tokens its requests still hold (held under a lease nobody renews,
-/// let go when it ends, by which time the ledger has what they settled), and how far below full
-/// its share's requests and tokens-per-minute buckets are (taken from the shared buckets, which
-/// have refilled meanwhile).
-/// Its requests still running hold a concurrency slot each in Redis too, under the same lease,
-/// each freed as one of them ends (`RedisLimiter::release_carried`). A model's own
-/// tokens-per-minute buckets, and those of the key `limits` carry, are carried alike.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// use it again:
+/// - its requests still running: each becomes a reservation of the new generation under its own
+///   id, holding its tokens in the month (the workspace's, its model's, its key's) and its
+///   concurrency slot, its lease renewed as this instance's own are. The ledger has none of
+///   their tokens yet. Each is then settled, or its slot freed, through Redis like any other
+///   reservation (`Limiter::settle` with the same `Reservation`), so its usage counts once, in
+///   the new generation;
+/// - how far below full its share's requests and tokens-per-minute buckets are (taken from the
+///   shared buckets, which have refilled meanwhile); a model's own tokens-per-minute buckets,
+///   and those of the key `limits` carry, alike.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Carry {
-    pub month: u64,
+    pub running: Vec<Reservation>,
     /// Whole requests.
     pub requests: u64,
     pub tokens: u64,
-    /// Requests still running, when the workspace has a concurrency limit.
-    pub in_flight: u32,
     /// The key's own requests bucket (whole requests) and tokens bucket.
     pub key_requests: u64,
     pub key_tokens: u64,
@@ -1136,15 +1137,28 @@ impl RedisLimiter {
         let mut args = self.inner.args("newgen", now);
         args.extend([
             generation.clone().into(),
-            carry.month.into(),
             millis(self.inner.lease),
             rate.into(),
             capacity.into(),
             (carry.requests.min(1 << 20) as i64 * NANO_REQUESTS).into(),
             limits.tokens_per_minute.unwrap_or(0).into(),
             carry.tokens.into(),
-            u64::from(carry.in_flight).into(),
+            (carry.running.len() as u64).into(),
         ]);
+        for r in &carry.running {
+            let model = r.held.model.as_deref();
+            let limited = model
+                .and_then(|m| limits.models.get(m))
+                .is_some_and(|l| l.tokens_per_minute.is_some() || l.tokens_per_month.is_some());
+            args.extend([
+                r.id.into(),
+                r.held.tokens.into(),
+                model.map_or(Arg::Static(""), |m| self.inner.model_id(m).into()),
+                Arg::Int(limited.into()),
+                Arg::Int(r.held.slot.into()),
+                r.held.key.map_or(Arg::Static(""), Arg::from),
+            ]);
+        }
         if let Some(k) = limits.key {
             let l = k.limits.as_limits();
             let (rate, capacity) = request_args(&l);
@@ -1181,24 +1195,14 @@ impl RedisLimiter {
                 ]);
             }
         }
+        self.inner.eval(&self.inner.keys(workspace), &args).await?;
+        // Renewed as this instance's own reservations are, while it lives.
         self.inner
-            .eval(&self.inner.keys(workspace), &args)
-            .await
-            .map(|_| generation)
-    }
-
-    /// Frees the concurrency slot of carried request `i` (from 1) of generation `generation`
-    /// (`Carry::in_flight`), one of the requests an instance admitted on its own having ended.
-    pub async fn release_carried(
-        &self,
-        workspace: WorkspaceId,
-        generation: &str,
-        i: u32,
-    ) -> Result<(), LimiterError> {
-        let inner = &self.inner;
-        let mut args = inner.args("release", 0);
-        args.push(format!("carry:{generation}:{i}").into());
-        inner.eval(&inner.keys(workspace), &args).await.map(|_| ())
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(carry.running.iter().map(|r| (r.id, workspace)));
+        Ok(generation)
     }
 
     /// This instance's reservations for `workspace` not yet settled.

@@ -1308,7 +1308,7 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
     for h in held {
         assert_eq!(h.await.unwrap().status(), StatusCode::OK);
     }
-    // Settled (10 tokens each) and the hold's lease over: the month is free again.
+    // Settled (10 tokens each) in Redis as they ended: the month is free again.
     eventually(Duration::from_secs(20), || async {
         let limits = gw.limits(&key).await;
         limits["usage"]["tokens_per_month"]["remaining"]
@@ -1610,10 +1610,10 @@ async fn a_stall_leaves_the_shared_minute_as_the_shares_left_it() {
     drop(redis);
 }
 
-/// The requests admitted alone that were carried back settle into the ledger while their hold
-/// lasts, and the shared month counter takes their settlements in before the hold ends: an
-/// outside audit saw the counter miss them (its last re-read of the ledger came before they
-/// settled), and the month used again once the hold ended, to 1.64 times the quota.
+/// What the requests admitted alone and carried back settle is in the shared month after their
+/// hold's lease ends: an outside audit saw the counter miss it (they settled into the ledger
+/// only, after its last re-read), and the month used again once the hold ended, to 1.64 times
+/// the quota. They are now settled in Redis itself.
 #[tokio::test]
 async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_their_hold_ends() {
     let (redis, fleet) = alone_on_local(Some(15_000)).await;
@@ -1754,5 +1754,156 @@ async fn a_settlement_that_timed_out_as_redis_stalled_is_in_the_month_at_the_swi
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "tokens_per_month", "{body}");
     assert_eq!(deferred().await, 0.0, "settled again at the catch-up");
+    drop(redis);
+}
+
+/// A request admitted alone and carried back is a reservation in Redis, settled there when it
+/// ends: its tokens are free in the shared month at once, not held until the lease ends on top
+/// of what it settled (the workspace was refused early meanwhile), and its usage counts once,
+/// however often the counter reads the ledger again.
+#[tokio::test]
+async fn a_request_carried_back_is_settled_once_in_the_shared_month() {
+    let (redis, fleet) = alone_on_local(Some(10_000)).await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "carried", json!({"tokens_per_month": 10_000})).await;
+    // 14 tokens each, estimated as reported.
+    let small = || async {
+        let (body, usage) = exact_request(5);
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("x-mock-usage", usage)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    };
+    // About 3,055 tokens estimated; 10 reported.
+    let long = || {
+        let (url, key) = (gw.url.clone(), key.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-latency-ms", "2000")
+                .header("x-mock-tag", "long")
+                .header("x-mock-usage", "9,1")
+                .json(&json!({"model": "m", "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    assert_eq!(small().await.status(), StatusCode::OK);
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        assert_eq!(small().await.status(), StatusCode::OK, "admitted alone");
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+    let held: Vec<_> = (0..2).map(|_| long()).collect();
+    running_upstream(gw, "long", 2).await;
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up(gw).await == 1.0
+    })
+    .await;
+    // The first shared decision carries them back: they hold their estimates.
+    let r = small().await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let back = Instant::now();
+    let left = crate::harness::header_u64(&r, "x-ratelimit-remaining-tokens-month");
+    assert!(left < 4_000, "the two running hold the month: {left} left");
+    for h in held {
+        assert_eq!(h.await.unwrap().status(), StatusCode::OK);
+    }
+    // Settled in Redis as they ended: free long before the 10 s lease ends.
+    let remaining = || async {
+        gw.limits(&key).await["usage"]["tokens_per_month"]["remaining"]
+            .as_u64()
+            .unwrap()
+    };
+    eventually(Duration::from_secs(4), || async {
+        remaining().await == 9_910
+    })
+    .await;
+    assert!(
+        back.elapsed() < Duration::from_secs(9),
+        "before the lease ended"
+    );
+    // Past the lease, and after the counter read the ledger again at 1, 3 and 10 s: the five
+    // small requests and the two carried back, each once.
+    tokio::time::sleep(Duration::from_secs(12).saturating_sub(back.elapsed())).await;
+    assert_eq!(remaining().await, 9_910, "5 × 14 + 2 × 10 used");
+    drop(redis);
+}
+
+/// A request carried back holds the month in Redis for as long as it runs, past its lease: the
+/// instance renews it as it renews its own.
+#[tokio::test]
+async fn a_request_carried_back_holds_the_month_for_as_long_as_it_runs() {
+    let (redis, fleet) = alone_on_local(Some(1_500)).await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "renewed", json!({"tokens_per_month": 5_000})).await;
+    // About 3,055 tokens estimated; 10 reported.
+    let long = |latency: &'static str| {
+        let (url, key) = (gw.url.clone(), key.clone());
+        tokio::spawn(async move {
+            Client::new()
+                .post(format!("{url}/v1/chat/completions"))
+                .bearer_auth(key)
+                .header("x-mock-latency-ms", latency)
+                .header("x-mock-tag", latency)
+                .header("x-mock-usage", "9,1")
+                .json(&json!({"model": "m", "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
+                .send()
+                .await
+                .unwrap()
+        })
+    };
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        let (body, usage) = exact_request(5);
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("x-mock-usage", usage)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+    let running = long("12000");
+    running_upstream(gw, "12000", 1).await;
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(5), || async {
+        backend_up(gw).await == 1.0
+    })
+    .await;
+    // Carried back at the first shared decision; three leases later it still holds the month.
+    assert_eq!(
+        long("0").await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "carried back"
+    );
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    let r = long("0").await.unwrap();
+    assert_eq!(
+        gw.upstream_stats("12000").await.in_flight,
+        1,
+        "it still runs"
+    );
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "held past its lease"
+    );
+    assert_eq!(running.await.unwrap().status(), StatusCode::OK);
+    eventually(Duration::from_secs(3), || async {
+        long("0").await.unwrap().status() == StatusCode::OK
+    })
+    .await;
     drop(redis);
 }
