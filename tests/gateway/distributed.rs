@@ -1801,6 +1801,18 @@ async fn a_request_carried_back_is_settled_once_in_the_shared_month() {
         assert_eq!(small().await.status(), StatusCode::OK, "admitted alone");
     }
     assert_eq!(backend_up(gw).await, 0.0);
+    // The live figures are Redis's: the limits page says it cannot show them (README).
+    let r = gw
+        .client
+        .get(format!("{}/v1/limits", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(crate::harness::header(&r, "retry-after"), Some("1"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "limiter_unavailable", "{body}");
     let held: Vec<_> = (0..2).map(|_| long()).collect();
     running_upstream(gw, "long", 2).await;
     redis.signal(libc::SIGCONT);
