@@ -1136,6 +1136,24 @@ impl Admin {
             .map_err(not_found("webhook", id))
     }
 
+    /// One of `workspace`'s own endpoints and its latest deliveries (at most `limit`), newest
+    /// first; `NotFound` for an endpoint of another workspace or of the operator.
+    pub async fn own_webhook_deliveries(
+        &self,
+        workspace: WorkspaceId,
+        id: WebhookId,
+        limit: u32,
+    ) -> Result<(WebhookEndpoint, Vec<DeliveryRecord>), AdminError> {
+        let endpoint = self
+            .list_webhooks(Some(workspace))
+            .await?
+            .into_iter()
+            .find(|e| e.id == id)
+            .ok_or_else(|| AdminError::NotFound(format!("no webhook {id}")))?;
+        let deliveries = self.webhook_deliveries(id, limit).await?;
+        Ok((endpoint, deliveries))
+    }
+
     /// Audit entries, newest first, a page at a time.
     pub async fn audit(&self, query: AuditQuery) -> Result<AuditPage, AdminError> {
         let AuditQuery {

@@ -15,6 +15,8 @@
 //! The workspace's (its session's workspace alone, as `/v1/webhooks`):
 //! - a section of `/console/workspace` (`section#webhooks`): its endpoints, each with
 //!   `form.delete-webhook`, and `form#create-webhook`;
+//! - `GET /console/webhooks/{id}`: one of its endpoints and its latest 100 deliveries
+//!   (`table#deliveries`), as `GET /v1/webhooks/{id}/deliveries` lists them;
 //! - `POST /console/webhooks` → `303` to `GET /console/webhooks/{id}/created`;
 //! - `POST /console/webhooks/{id}/delete` (another workspace's endpoint: `404`).
 //!
@@ -76,6 +78,7 @@ pub(super) fn operator_routes() -> Router<Arc<AppState>> {
 pub(super) fn workspace_routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/console/webhooks", post(workspace_create))
+        .route("/console/webhooks/{id}", get(workspace_endpoint))
         .route("/console/webhooks/{id}/created", get(workspace_created))
         .route("/console/webhooks/{id}/delete", post(workspace_delete))
 }
@@ -381,6 +384,37 @@ fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str
             }
             " · " (events_text(e)) " · created " (Timestamp(e.created_at).rfc3339())
         }
+        (deliveries_table(deliveries))
+        form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
+            input type="hidden" name="csrf" value=(token);
+            button type="submit" { "Remove this endpoint" }
+            span.note { "Its deliveries still due are dropped." }
+        }
+        p { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } }
+    }
+}
+
+/// A workspace's own endpoint and its latest deliveries, with the form that removes it.
+fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str) -> Markup {
+    html! {
+        h1 { "Webhook endpoint " (e.id) }
+        p #endpoint {
+            code { (e.url) } " · " (events_text(e)) " · created "
+            (Timestamp(e.created_at).rfc3339())
+        }
+        (deliveries_table(deliveries))
+        form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
+            input type="hidden" name="csrf" value=(token);
+            button type="submit" { "Remove this endpoint" }
+            span.note { "Its deliveries still due are dropped." }
+        }
+        p { a href="/console/workspace" { "Back to the workspace" } }
+    }
+}
+
+/// The latest deliveries to an endpoint (`table#deliveries`), newest first.
+fn deliveries_table(deliveries: &[DeliveryRecord]) -> Markup {
+    html! {
         h2 { "Latest deliveries" }
         @if deliveries.is_empty() {
             p.note #no-deliveries { "None yet." }
@@ -405,12 +439,6 @@ fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str
                 }
             }
         }
-        form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
-            input type="hidden" name="csrf" value=(token);
-            button type="submit" { "Remove this endpoint" }
-            span.note { "Its deliveries still due are dropped." }
-        }
-        p { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } }
     }
 }
 
@@ -456,13 +484,14 @@ pub(super) fn workspace_section(
                 p.note #no-webhooks { "No endpoint yet." }
             } @else {
                 table #webhook-endpoints {
-                    thead { tr { th { "URL" } th { "Events" } th { "Created" } th {} } }
+                    thead { tr { th { "URL" } th { "Events" } th { "Created" } th {} th {} } }
                     tbody {
                         @for e in endpoints {
                             tr data-webhook-id=(e.id) {
                                 td.url { code { (e.url) } }
                                 td.events { (events_text(e)) }
                                 td { (Timestamp(e.created_at).rfc3339()) }
+                                td { a.deliveries href=(format!("{WORKSPACE_WEBHOOKS}/{}", e.id)) { "Deliveries" } }
                                 td {
                                     form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
                                         input type="hidden" name="csrf" value=(token);
@@ -537,6 +566,38 @@ async fn workspace_created(
     );
     after_showing(&mut page, WORKSPACE_WEBHOOKS, id, over_https(&headers));
     page
+}
+
+/// One of the session's workspace's own endpoints and its latest deliveries (another
+/// workspace's: `404`).
+async fn workspace_endpoint(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let (session, entry) = match signed_in(&state, &headers) {
+        Ok(found) => found,
+        Err(out) => return out.to_sign_in(&headers),
+    };
+    let Some(id) = id_of(&id) else {
+        return not_found_page();
+    };
+    let found = state
+        .admin
+        .own_webhook_deliveries(entry.workspace.id, id, DELIVERIES_SHOWN)
+        .await;
+    match found {
+        Ok((endpoint, deliveries)) => {
+            let token = state.console.csrf_token(&session);
+            super::console::page(
+                StatusCode::OK,
+                "Webhook endpoint",
+                own_endpoint_body(&endpoint, &deliveries, &token),
+            )
+        }
+        Err(AdminError::NotFound(_)) => not_found_page(),
+        Err(e) => workspace_refused(&state, &session, &entry, e, None).await,
+    }
 }
 
 async fn workspace_delete(

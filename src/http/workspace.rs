@@ -18,9 +18,9 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, PathParam};
 use super::openapi::{BadRequest, BodyErrors, NotFound, WorkspaceErrors};
 use super::views::{
-    created, usage_and_key_view, usage_history_view, CallingKeyView, LimitRequestView, List,
-    NewWebhookView, NextTierView, SortedJson, UsageHistoryView, WebhookView, WorkspaceLimitsView,
-    WorkspaceSummary,
+    created, usage_and_key_view, usage_history_view, CallingKeyView, DeliveryView,
+    LimitRequestView, List, NewWebhookView, NextTierView, SortedJson, UsageHistoryView,
+    WebhookView, WorkspaceLimitsView, WorkspaceSummary,
 };
 use crate::app::AppState;
 use crate::model::{Actor, Budget, Overrides};
@@ -35,6 +35,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(get_budget, put_budget))
         .routes(routes!(create_webhook, list_webhooks))
         .routes(routes!(delete_webhook))
+        .routes(routes!(webhook_deliveries))
 }
 
 /// The limits page, which is the console's workspace page now.
@@ -380,4 +381,35 @@ async fn delete_webhook(
         .delete_webhook(&Actor::workspace(ws), id, Some(ws))
         .await?;
     Ok(SortedJson(WebhookView::from(&endpoint)))
+}
+
+/// Lists the latest deliveries (at most 100) to one of the workspace's own endpoints, newest
+/// first.
+#[utoipa::path(
+    get,
+    path = "/v1/webhooks/{id}/deliveries",
+    tag = "workspace",
+    operation_id = "list_own_webhook_deliveries",
+    security(("workspace_key" = [])),
+    params(("id" = i64, Path, description = "The endpoint's id.")),
+    responses(
+        (status = 200, description = "Each event sent to it, its status and attempts.", body = List<DeliveryView>),
+        BadRequest,
+        NotFound,
+        WorkspaceErrors,
+    )
+)]
+async fn webhook_deliveries(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    PathParam(id): PathParam<i64>,
+) -> Result<SortedJson<List<DeliveryView>>, ApiError> {
+    let entry = authenticate(&state, &headers).await?.workspace;
+    let (_, list) = state
+        .admin
+        .own_webhook_deliveries(entry.workspace.id, id, 100)
+        .await?;
+    Ok(SortedJson(List::of(
+        list.iter().map(DeliveryView::from).collect(),
+    )))
 }

@@ -845,6 +845,9 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     assert!(own["secret"].as_str().unwrap().starts_with("whsec_"));
     api.keyed(b, &rich_key, M::GET, "/v1/webhooks", None, ok)
         .await;
+    let own_deliveries = format!("/v1/webhooks/{}/deliveries", id(&own));
+    api.keyed(b, &rich_key, M::GET, &own_deliveries, None, ok)
+        .await;
     let own_path = format!("/v1/webhooks/{}", id(&own));
     api.keyed(b, &rich_key, M::DELETE, &own_path, None, ok)
         .await;

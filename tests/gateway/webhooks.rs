@@ -369,6 +369,18 @@ async fn each_event_reaches_each_endpoint_once_signed_and_a_workspace_gets_only_
         .admin(Method::GET, "/webhooks/999999/deliveries", None)
         .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    // The workspace lists its own endpoint's, as the admin API would; not the operator's (the
+    // console's test below: not another workspace's).
+    let own_path = format!("/v1/webhooks/{own_id}/deliveries");
+    let (s, own_listed) = keyed(&gw, &key1, Method::GET, &own_path, None).await;
+    assert_eq!(s, StatusCode::OK, "{own_listed}");
+    let own_listed = own_listed["data"].as_array().unwrap().clone();
+    assert_eq!(own_listed, deliveries(&gw, own_id).await);
+    assert_eq!(own_listed.len(), 2);
+    assert!(own_listed.iter().all(|d| d["status"] == "delivered"));
+    let op_path = format!("/v1/webhooks/{op_id}/deliveries");
+    let (s, _) = keyed(&gw, &key1, Method::GET, &op_path, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "the operator's");
 
     // Removed by the workspace, it gets nothing more.
     let (s, _) = keyed(
@@ -844,6 +856,36 @@ async fn endpoints_made_in_the_console_get_their_events_signed_with_the_secret_s
         op.get("/console/operator/webhooks/999").await.status,
         StatusCode::NOT_FOUND
     );
+    // The workspace sees its own endpoint's delivery, linked from its page; not another's.
+    let own_page = format!("/console/webhooks/{ws_id}");
+    let page = crate::console::get(&gw, "/console/workspace", Some(&session)).await;
+    assert!(
+        page.body.contains(&format!("href=\"{own_page}\"")),
+        "{}",
+        page.body
+    );
+    eventually(Duration::from_secs(10), "the delivery marked", || async {
+        let page = crate::console::get(&gw, &own_page, Some(&session)).await;
+        page.body.contains("data-status=\"delivered\"")
+    })
+    .await;
+    let page = crate::console::get(&gw, &own_page, Some(&session)).await;
+    assert!(page.body.contains("limit_request.created"), "{}", page.body);
+    assert!(
+        page.body.contains("table id=\"deliveries\""),
+        "{}",
+        page.body
+    );
+    for (path, who) in [
+        (own_page.clone(), &other_session),
+        (format!("/console/webhooks/{op_id}"), &session),
+    ] {
+        let page = crate::console::get(&gw, &path, Some(who)).await;
+        assert_eq!(page.status, StatusCode::NOT_FOUND, "{path}");
+    }
+    let path = format!("/v1/webhooks/{ws_id}/deliveries");
+    let (s, _) = keyed(&gw, &other_key, Method::GET, &path, None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "another workspace's");
     // The operator's refusals name the field too.
     let page = op
         .post(
