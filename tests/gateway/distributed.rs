@@ -1242,6 +1242,48 @@ async fn running_upstream(gw: &TestGateway, tag: &str, n: u64) {
     .await;
 }
 
+/// A request with a long prompt (about 3,046 tokens estimated, with `max_tokens: 1`), answered
+/// after `latency` ms with `usage` and tagged with its latency (`running_upstream`), spawned.
+fn long_request(
+    gw: &TestGateway,
+    key: &str,
+    latency: &'static str,
+    usage: &'static str,
+) -> tokio::task::JoinHandle<reqwest::Response> {
+    let (url, key) = (gw.url.clone(), key.to_string());
+    tokio::spawn(async move {
+        Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("x-mock-latency-ms", latency)
+            .header("x-mock-tag", latency)
+            .header("x-mock-usage", usage)
+            .json(&json!({"model": "m", "max_tokens": 1,
+                "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
+            .send()
+            .await
+            .unwrap()
+    })
+}
+
+/// Stops Redis and sends three short requests, whose calls time out: the breaker opens (they
+/// are decided alone).
+async fn stall_until_open(redis: &RedisServer, gw: &TestGateway, key: &str) {
+    redis.signal(libc::SIGSTOP);
+    for _ in 0..3 {
+        let (body, usage) = exact_request(5);
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(key)
+            .header("x-mock-usage", usage)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+}
+
 /// Requests an instance admitted on its own while Redis did not answer, and that still run when
 /// it answers again, hold their tokens in the shared month counter: the counter is rebuilt from
 /// the ledger, which has none of them yet, and an outside audit saw the month used again on top
@@ -1274,23 +1316,8 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
         assert_eq!(send(5).await.status(), StatusCode::OK, "admitted alone");
     }
     assert_eq!(backend_up().await, 0.0);
-    // On its own share: three slow requests with long prompts, about 3,055 tokens each.
-    let long = |latency: &'static str| {
-        let (url, key) = (gw.url.clone(), key.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(key)
-                .header("x-mock-latency-ms", latency)
-                .header("x-mock-tag", latency)
-                .header("x-mock-usage", "9,1")
-                .json(&json!({"model": "m", "max_tokens": 10,
-                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    // On its own share: three slow requests with long prompts, about 3,046 tokens each.
+    let long = |latency| long_request(gw, &key, latency, "9,1");
     let held: Vec<_> = (0..3).map(|_| long("3000")).collect();
     running_upstream(gw, "3000", 3).await;
 
@@ -1300,7 +1327,7 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
         backend_up().await == 1.0
     })
     .await;
-    // The three still running hold about 9,165 of the 10,000: a fourth does not fit.
+    // The three still running hold about 9,140 of the 10,000: a fourth does not fit.
     let r = long("0").await.unwrap();
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "over the month");
     let body: Value = r.json().await.unwrap();
@@ -1620,37 +1647,10 @@ async fn what_requests_admitted_alone_settle_reaches_the_shared_month_before_the
     let gw = &fleet[0];
     let (_, key) = setup_workspace(&fleet, "rebase", json!({"tokens_per_month": 10_000})).await;
     // About 3,055 tokens estimated, and 3,051 reported.
-    let long = |latency: &'static str| {
-        let (url, key) = (gw.url.clone(), key.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(key)
-                .header("x-mock-latency-ms", latency)
-                .header("x-mock-tag", latency)
-                .header("x-mock-usage", "3050,1")
-                .json(&json!({"model": "m", "max_tokens": 1,
-                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let long = |latency| long_request(gw, &key, latency, "3050,1");
     let backend_up = || backend_up(gw);
     assert_eq!(long("0").await.unwrap().status(), StatusCode::OK);
-    redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
-        let (body, usage) = exact_request(5);
-        gw.client
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&key)
-            .header("x-mock-usage", usage)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-    }
-    assert_eq!(backend_up().await, 0.0);
+    stall_until_open(&redis, gw, &key).await;
     // Two long requests on the share; with the first, about 9,150 of the 10,000.
     let held: Vec<_> = (0..2).map(|_| long("12000")).collect();
     running_upstream(gw, "12000", 2).await;
@@ -1701,22 +1701,7 @@ async fn a_settlement_that_timed_out_as_redis_stalled_is_in_the_month_at_the_swi
     let gw = &fleet[0];
     let (_, key) = setup_workspace(&fleet, "caught-up", json!({"tokens_per_month": 5_000})).await;
     // About 3,055 tokens estimated, and 3,051 reported.
-    let long = |latency: &'static str| {
-        let (url, key) = (gw.url.clone(), key.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(key)
-                .header("x-mock-latency-ms", latency)
-                .header("x-mock-tag", latency)
-                .header("x-mock-usage", "3050,1")
-                .json(&json!({"model": "m", "max_tokens": 1,
-                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let long = |latency| long_request(gw, &key, latency, "3050,1");
     let deferred = || async { metric(&gw.metrics().await, "tiergate_settlements_deferred") };
     // Admitted through Redis; Redis stalls before it ends, so its settlement times out.
     let first = long("1000");
@@ -1727,18 +1712,7 @@ async fn a_settlement_that_timed_out_as_redis_stalled_is_in_the_month_at_the_swi
         deferred().await == 1.0
     })
     .await;
-    for _ in 0..3 {
-        let (body, usage) = exact_request(5);
-        gw.client
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&key)
-            .header("x-mock-usage", usage)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+    stall_until_open(&redis, gw, &key).await;
     // Redis wakes and runs the settlement; the gateway's call had long given up.
     redis.signal(libc::SIGCONT);
     eventually(Duration::from_secs(10), || async {
@@ -1779,28 +1753,9 @@ async fn a_request_carried_back_is_settled_once_in_the_shared_month() {
             .unwrap()
     };
     // About 3,055 tokens estimated; 10 reported.
-    let long = || {
-        let (url, key) = (gw.url.clone(), key.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(key)
-                .header("x-mock-latency-ms", "2000")
-                .header("x-mock-tag", "long")
-                .header("x-mock-usage", "9,1")
-                .json(&json!({"model": "m", "max_tokens": 1,
-                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
+    let long = || long_request(gw, &key, "2000", "9,1");
     assert_eq!(small().await.status(), StatusCode::OK);
-    redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
-        assert_eq!(small().await.status(), StatusCode::OK, "admitted alone");
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+    stall_until_open(&redis, gw, &key).await;
     // The live figures are Redis's: the limits page says it cannot show them (README).
     let r = gw
         .client
@@ -1814,7 +1769,7 @@ async fn a_request_carried_back_is_settled_once_in_the_shared_month() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["code"], "limiter_unavailable", "{body}");
     let held: Vec<_> = (0..2).map(|_| long()).collect();
-    running_upstream(gw, "long", 2).await;
+    running_upstream(gw, "2000", 2).await;
     redis.signal(libc::SIGCONT);
     eventually(Duration::from_secs(10), || async {
         backend_up(gw).await == 1.0
@@ -1858,35 +1813,8 @@ async fn a_request_carried_back_holds_the_month_for_as_long_as_it_runs() {
     let gw = &fleet[0];
     let (_, key) = setup_workspace(&fleet, "renewed", json!({"tokens_per_month": 5_000})).await;
     // About 3,055 tokens estimated; 10 reported.
-    let long = |latency: &'static str| {
-        let (url, key) = (gw.url.clone(), key.clone());
-        tokio::spawn(async move {
-            Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .bearer_auth(key)
-                .header("x-mock-latency-ms", latency)
-                .header("x-mock-tag", latency)
-                .header("x-mock-usage", "9,1")
-                .json(&json!({"model": "m", "max_tokens": 1,
-                    "messages": [{"role": "user", "content": "lorem ipsum ".repeat(1350)}]}))
-                .send()
-                .await
-                .unwrap()
-        })
-    };
-    redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
-        let (body, usage) = exact_request(5);
-        gw.client
-            .post(format!("{}/v1/chat/completions", gw.url))
-            .bearer_auth(&key)
-            .header("x-mock-usage", usage)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+    let long = |latency| long_request(gw, &key, latency, "9,1");
+    stall_until_open(&redis, gw, &key).await;
     let running = long("12000");
     running_upstream(gw, "12000", 1).await;
     redis.signal(libc::SIGCONT);
