@@ -440,6 +440,9 @@ impl Failover {
         if self.breakers.slots[s].swap(0, Ordering::AcqRel) & OPEN == 0 {
             return;
         }
+        // The failure may have outlasted the leases of this instance's requests still running
+        // through Redis (it then let them go), or restarted Redis empty: they are held again.
+        self.shared.renew_now();
         self.breakers
             .failing
             .lock()

@@ -836,26 +836,54 @@ if op == 'release' then
 end
 
 if op == 'renew' then
-  -- ARGV 6..: lease ms, ids: extends the leases of live records.
-  local lease = N(ARGV[6])
+  -- ARGV 6: lease ms, 7: gen candidate; then six for each of the calling instance's
+  -- reservations not yet settled (as `newgen`'s): id, tokens, model id ('' none), 1 if the
+  -- model has limits of its own, 1 if it holds a concurrency slot, key id ('' none).
+  -- Extends the leases of live records. One that Redis no longer holds live, its lease having
+  -- run out while Redis stalled (let go as an instance's that died: `X`) or Redis having lost
+  -- it (restarted or flushed), is held again, in the current generation: the instance still
+  -- runs its request, and without its hold the month and the concurrency limit were used again
+  -- on top of it (an outside audit: 1.35 times a quota after a 33 s stall). A settled or
+  -- cancelled one (its tombstone) is left alone.
+  local lease, cand = N(ARGV[6]), ARGV[7]
+  local until_ = now + lease * 1000
   local ids = {}
-  for i = 7, #ARGV do ids[#ids + 1] = ARGV[i] end
+  for i = 8, #ARGV - 5, 6 do ids[#ids + 1] = ARGV[i] end
   local renewed = 0
   if #ids > 0 then
     local recs = redis.call('HMGET', KR, unpack(ids))
     local scores = {}
-    for i, id in ipairs(ids) do
-      if recs[i] and string.sub(recs[i], 1, 1) == 'L' then
-        scores[#scores + 1] = S(now + lease * 1000)
+    local loaded = false
+    for k, id in ipairs(ids) do
+      local kind = recs[k] and string.sub(recs[k], 1, 1)
+      if kind == 'L' then
+        scores[#scores + 1] = S(until_)
         scores[#scores + 1] = id
+        renewed = renewed + 1
+      elseif not kind or kind == 'X' then
+        if not loaded then
+          load({'keep', 'inflight', 'gen', 'mk', 'based', 'res'})
+          loaded = true
+        end
+        local gen = month_counter(cand)
+        local i = 8 + (k - 1) * 6
+        local tokens, m, limited = N(ARGV[i + 1]) or 0, ARGV[i + 2], ARGV[i + 3] == '1'
+        local slot, kid = ARGV[i + 4] == '1' and '1' or '0', ARGV[i + 5]
+        add('res', tokens)
+        model_add('r', m, tokens, limited)
+        key_add('kr', kid, tokens)
+        if slot == '1' then add('inflight', 1) end
+        record(id, 'L|' .. S(tokens) .. '|' .. gen .. '|' .. m .. '|' .. slot .. '|' .. kid, until_)
         renewed = renewed + 1
       end
     end
-    if renewed > 0 then
+    if #scores > 0 then
       redis.call('ZADD', KE, 'XX', unpack(scores))
       records_written = true
+    end
+    if renewed > 0 then
       load({'keep'})
-      keep_until(now + lease * 1000)
+      keep_until(until_)
       finish()
     end
   end
@@ -1035,8 +1063,10 @@ if op == 'newgen' then
   for i = 14, 13 + running * 6, 6 do
     local id, tokens, m, limited = ARGV[i], N(ARGV[i + 1]) or 0, ARGV[i + 2], ARGV[i + 3] == '1'
     local slot, kid = ARGV[i + 4] == '1' and '1' or '0', ARGV[i + 5]
-    -- A record already there (a retry of this call that landed) is left as it is.
-    if not redis.call('HGET', KR, id) then
+    -- A record live already (this instance's own, or a retry of this call that landed) is left
+    -- as it is; one let go when its lease ran out (`X`) is held again.
+    local rec = redis.call('HGET', KR, id)
+    if not rec or string.sub(rec, 1, 1) == 'X' then
       add('res', tokens)
       model_add('r', m, tokens, limited)
       key_add('kr', kid, tokens)

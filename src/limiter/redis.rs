@@ -192,13 +192,48 @@ struct Inner {
     time: TimeSource,
     months: Arc<dyn MonthSource>,
     /// Reservations of this instance not yet settled, for lease renewal.
-    live: Mutex<HashMap<ReservationId, WorkspaceId, Fast>>,
+    live: Mutex<HashMap<ReservationId, Live, Fast>>,
+    /// Wakes the lease renewal at once (`RedisLimiter::renew_now`).
+    renew_wake: Arc<tokio::sync::Notify>,
     /// (workspace, generation) whose re-bases are scheduled.
     rebasing: Mutex<HashSet<(WorkspaceId, String)>>,
     /// Reservations whose settlement failed (it may or may not have landed), since when.
     in_doubt: Mutex<HashMap<ReservationId, std::time::Instant, Fast>>,
     /// The ids of the model names seen, at most `MODEL_IDS` of them.
     model_ids: Mutex<HashMap<Box<str>, Arc<str>, Fast>>,
+}
+
+/// A reservation of this instance not yet settled, as Redis holds it: enough to hold it again
+/// where Redis no longer does (its lease ran out while Redis stalled, so Redis let it go as an
+/// instance's that died; or Redis restarted empty) while the instance still runs its request.
+#[derive(Debug, Clone)]
+struct Live {
+    workspace: WorkspaceId,
+    tokens: u64,
+    /// Its model's id, and whether the model has limits of its own.
+    model: Option<(Arc<str>, bool)>,
+    slot: bool,
+    key: Option<KeyId>,
+}
+
+impl Live {
+    /// Its six arguments for `newgen` and `renew`: id, tokens, model id, limited, slot, key.
+    fn args(&self, id: ReservationId) -> [Arg; 6] {
+        let (model, limited) = self
+            .model
+            .as_ref()
+            .map_or((Arg::Static(""), false), |(m, l)| {
+                (Arg::from(m.clone()), *l)
+            });
+        [
+            id.into(),
+            self.tokens.into(),
+            model,
+            Arg::Int(limited.into()),
+            Arg::Int(self.slot.into()),
+            self.key.map_or(Arg::Static(""), Arg::from),
+        ]
+    }
 }
 
 /// The most model ids `Inner::model_ids` keeps.
@@ -598,6 +633,51 @@ impl Inner {
 
     /// The arguments every op starts with: op, now, the key's idle life, the records' life,
     /// the tombstones' life (see the top of `redis.lua`).
+    /// How a reservation of `workspace` holding `held` under `limits` stands in Redis.
+    fn live_of(&self, workspace: WorkspaceId, held: &Held, limits: &Limits) -> Live {
+        let model = held.model.as_deref().map(|m| {
+            let limited = limits
+                .models
+                .get(m)
+                .is_some_and(|l| l.tokens_per_minute.is_some() || l.tokens_per_month.is_some());
+            (self.model_id(m), limited)
+        });
+        Live {
+            workspace,
+            tokens: held.tokens,
+            model,
+            slot: held.slot,
+            key: held.key,
+        }
+    }
+
+    /// Renews the leases of `live`, reservations of `workspace`, and holds again those Redis no
+    /// longer holds (`renew` in `redis.lua`).
+    async fn renew(&self, workspace: WorkspaceId, live: &[(ReservationId, Live)]) {
+        for chunk in live.chunks(500) {
+            let mut args = self.args("renew", 0);
+            args.push(millis(self.lease));
+            args.push(ReservationId::next().into());
+            for (id, l) in chunk {
+                args.extend(l.args(*id));
+            }
+            if let Err(e) = self.eval(&self.keys(workspace), &args).await {
+                tracing::debug!(error = %e, workspace, "lease renewal failed");
+            }
+        }
+    }
+
+    /// This instance's reservations of `workspace` not yet settled.
+    fn live_of_workspace(&self, workspace: WorkspaceId) -> Vec<(ReservationId, Live)> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, l)| l.workspace == workspace)
+            .map(|(id, l)| (*id, l.clone()))
+            .collect()
+    }
+
     fn args(&self, op: &'static str, now: Nanos) -> Vec<Arg> {
         let records = self.lease.max(TOMBSTONE) + Duration::from_secs(1);
         let mut args = Vec::with_capacity(32);
@@ -808,6 +888,15 @@ impl Inner {
         // Without this, the new generation lacked it until the first re-base, a second later.
         self.months.catch_up().await;
         self.base_once(workspace, gen, month, limits, now).await?;
+        // A new generation: Redis restarted or was flushed, or the month began, or an instance
+        // rebuilt the counter at its switch back. This instance's requests still running are
+        // held in it before the decision that asked for it is made.
+        if self.time == TimeSource::Server {
+            let live = self.live_of_workspace(workspace);
+            if !live.is_empty() {
+                self.renew(workspace, &live).await;
+            }
+        }
         let first = self
             .rebasing
             .lock()
@@ -969,28 +1058,28 @@ async fn rebase_later(
     }
 }
 
-/// Renews the leases of this instance's reservations every third of the lease.
-async fn renew_leases(inner: Weak<Inner>, every: Duration) {
+/// Renews the leases of this instance's reservations every third of the lease, and at once when
+/// woken (`RedisLimiter::renew_now`); holds again those Redis no longer holds.
+async fn renew_leases(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync::Notify>) {
     loop {
-        tokio::time::sleep(every).await;
-        let Some(inner) = inner.upgrade() else { return };
-        let mut by_workspace: HashMap<WorkspaceId, Vec<String>> = HashMap::new();
-        for (id, ws) in inner.live.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            by_workspace.entry(*ws).or_default().push(id.to_string());
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wake.notified() => {}
         }
+        let Some(inner) = inner.upgrade() else { return };
         if inner.time == TimeSource::Caller {
             // Tests drive time by hand; renewing on the server's clock would mix two clocks.
             continue;
         }
-        for (ws, ids) in by_workspace {
-            for chunk in ids.chunks(500) {
-                let mut args = inner.args("renew", 0);
-                args.push(millis(inner.lease));
-                args.extend(chunk.iter().cloned().map(Arg::from));
-                if let Err(e) = inner.eval(&inner.keys(ws), &args).await {
-                    tracing::debug!(error = %e, workspace = ws, "lease renewal failed");
-                }
-            }
+        let mut by_workspace: HashMap<WorkspaceId, Vec<(ReservationId, Live)>> = HashMap::new();
+        for (id, l) in inner.live.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            by_workspace
+                .entry(l.workspace)
+                .or_default()
+                .push((*id, l.clone()));
+        }
+        for (ws, live) in by_workspace {
+            inner.renew(ws, &live).await;
         }
     }
 }
@@ -1066,11 +1155,16 @@ impl RedisLimiter {
             time: options.time,
             months,
             live: Mutex::new(HashMap::default()),
+            renew_wake: Arc::new(tokio::sync::Notify::new()),
             rebasing: Mutex::new(HashSet::new()),
             in_doubt: Mutex::new(HashMap::default()),
             model_ids: Mutex::new(HashMap::default()),
         });
-        let renewal = tokio::spawn(renew_leases(Arc::downgrade(&inner), options.lease / 3));
+        let renewal = tokio::spawn(renew_leases(
+            Arc::downgrade(&inner),
+            options.lease / 3,
+            inner.renew_wake.clone(),
+        ));
         Ok(RedisLimiter { inner, renewal })
     }
 
@@ -1145,19 +1239,13 @@ impl RedisLimiter {
             carry.tokens.into(),
             (carry.running.len() as u64).into(),
         ]);
-        for r in &carry.running {
-            let model = r.held.model.as_deref();
-            let limited = model
-                .and_then(|m| limits.models.get(m))
-                .is_some_and(|l| l.tokens_per_minute.is_some() || l.tokens_per_month.is_some());
-            args.extend([
-                r.id.into(),
-                r.held.tokens.into(),
-                model.map_or(Arg::Static(""), |m| self.inner.model_id(m).into()),
-                Arg::Int(limited.into()),
-                Arg::Int(r.held.slot.into()),
-                r.held.key.map_or(Arg::Static(""), Arg::from),
-            ]);
+        let running: Vec<(ReservationId, Live)> = carry
+            .running
+            .iter()
+            .map(|r| (r.id, self.inner.live_of(workspace, &r.held, limits)))
+            .collect();
+        for (id, live) in &running {
+            args.extend(live.args(*id));
         }
         if let Some(k) = limits.key {
             let l = k.limits.as_limits();
@@ -1201,7 +1289,7 @@ impl RedisLimiter {
             .live
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .extend(carry.running.iter().map(|r| (r.id, workspace)));
+            .extend(running);
         Ok(generation)
     }
 
@@ -1212,9 +1300,16 @@ impl RedisLimiter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .filter(|(_, w)| **w == workspace)
+            .filter(|(_, l)| l.workspace == workspace)
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    /// Renews the leases of this instance's reservations now, and holds again those Redis no
+    /// longer holds: called when Redis answers again after a failure, which may have outlasted
+    /// their leases (Redis then let them go) or restarted Redis empty.
+    pub fn renew_now(&self) {
+        self.inner.renew_wake.notify_one();
     }
 
     /// Reservations of this instance not yet settled.
@@ -1303,11 +1398,12 @@ impl RedisLimiter {
                         slot: limits.concurrent_requests.is_some(),
                         key: limits.key.map(|k| k.id),
                     };
+                    let live = inner.live_of(workspace, &held, limits);
                     inner
                         .live
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .insert(id, workspace);
+                        .insert(id, live);
                     let snapshot = decision_snapshot(&reply, 4, 10, limits, model_limits, t, mk)?;
                     let mut reservation = Reservation::new(workspace, held);
                     reservation.id = id;
@@ -1438,6 +1534,14 @@ impl RedisLimiter {
             .eval(&inner.keys(reservation.workspace), &args)
             .await?;
         reservation.held.slot = false;
+        if let Some(live) = inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&reservation.id)
+        {
+            live.slot = false;
+        }
         Ok(())
     }
 

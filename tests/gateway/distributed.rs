@@ -1847,3 +1847,76 @@ async fn a_request_carried_back_holds_the_month_for_as_long_as_it_runs() {
     .await;
     drop(redis);
 }
+
+/// A request admitted through Redis that still runs when Redis lets its record go, its lease
+/// having run out while Redis stalled, is held again when Redis answers: an outside audit saw
+/// the month used again on top of such requests, to 1.35 times a quota after a 33 s stall.
+#[tokio::test]
+async fn a_request_whose_lease_ran_out_in_a_stall_is_held_again() {
+    let (redis, fleet) = alone_on_local(Some(1_000)).await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "outlasted", json!({"tokens_per_month": 5_000})).await;
+    // About 3,046 tokens estimated; 10 reported.
+    let long = |latency| long_request(gw, &key, latency, "9,1");
+    let running = long("12000");
+    running_upstream(gw, "12000", 1).await;
+    stall_until_open(&redis, gw, &key).await;
+    // Past the lease: Redis, once awake, takes the instance for gone and lets the hold go.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        backend_up(gw).await == 1.0
+    })
+    .await;
+    let r = long("0").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the running request is held again"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
+    assert_eq!(
+        gw.upstream_stats("12000").await.in_flight,
+        1,
+        "it still runs"
+    );
+    let limits = gw.limits(&key).await;
+    let reserved = limits["usage"]["tokens_reserved"].as_u64().unwrap();
+    assert!(reserved > 3_000, "{limits}");
+    assert_eq!(running.await.unwrap().status(), StatusCode::OK);
+    eventually(Duration::from_secs(5), || async {
+        long("0").await.unwrap().status() == StatusCode::OK
+    })
+    .await;
+    drop(redis);
+}
+
+/// Redis flushed (or restarted empty) while requests admitted through it still run: the new
+/// month generation holds them again before its first decision.
+#[tokio::test]
+async fn requests_still_running_are_held_again_when_redis_loses_them() {
+    let (redis, fleet) = alone_on_local(None).await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(&fleet, "lost", json!({"tokens_per_month": 5_000})).await;
+    let long = |latency| long_request(gw, &key, latency, "9,1");
+    let running = long("6000");
+    running_upstream(gw, "6000", 1).await;
+    redis.flushdb();
+    let r = long("0").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the running request is held again"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
+    assert_eq!(running.await.unwrap().status(), StatusCode::OK);
+    // Settled once: 10 tokens, not its estimate, and not twice.
+    eventually(Duration::from_secs(5), || async {
+        let limits = gw.limits(&key).await;
+        limits["usage"]["tokens_per_month"]["remaining"] == 4_990
+    })
+    .await;
+    drop(redis);
+}
