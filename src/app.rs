@@ -240,6 +240,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
                 redis.failure_policy,
                 redis.instances,
                 metrics.clone(),
+                clock.clone(),
             )
         }
     };

@@ -25,10 +25,10 @@
 //!     each until it ends.
 //! - Every reservation is settled where it was made (but for those carried back, below). Usage
 //!   admitted by the fallback reaches the
-//!   ledger (untagged, so any later counter generation counts it), and the first shared decision
-//!   for such a workspace after recovery starts a new generation of its month counter, which is
-//!   then rebuilt from the ledger: nothing used during the outage is lost. That decision carries
-//!   back what the instance's share used that Redis does not know (`Carry`): what the share's
+//!   ledger (untagged, so any later counter generation counts it), and once the breaker closes
+//!   (or at the workspace's next decision, if that comes first) a new generation of such a
+//!   workspace's month counter starts, which is then rebuilt from the ledger: nothing used
+//!   during the outage is lost. It carries back what the instance's share used that Redis does not know (`Carry`): what the share's
 //!   requests and tokens-per-minute buckets lack is taken from Redis's, which refilled
 //!   meanwhile; and its requests still running (`Failover::alone`) each become a reservation of
 //!   the new generation under its own id, renewed as the instance's own are (the ledger has
@@ -50,6 +50,7 @@ use super::{
     Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, Nanos, Origin,
     Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, NANOS_PER_SEC,
 };
+use crate::clock::Clock;
 use crate::config::FailurePolicy;
 use crate::metrics::Metrics;
 use crate::model::{Limits, WorkspaceId};
@@ -147,13 +148,16 @@ pub struct Failover {
     forget_local_at: Mutex<Option<tokio::time::Instant>>,
     metrics: Arc<Metrics>,
     /// Workspaces decided without the shared limiter since it last answered: their month counter
-    /// is rebuilt from the ledger before the next shared decision. With each, whether one of
+    /// is rebuilt from the ledger as soon as their breaker closes (`rebuild_all`), or before
+    /// their next shared decision if that comes first (`rebuild_if_due`). With each, whether one of
     /// those decisions was made while its breaker was open: only then is what its share used
     /// carried back (`Carry`). A decision made while the breaker was still counting failures is
     /// followed by another try of Redis, whose call may time out and still be run when Redis
     /// wakes; carrying with it took the same share's lack from Redis several times over (an
     /// outside audit saw a minute's worth of tokens in debt after a short stall).
-    rebuild: Mutex<HashMap<WorkspaceId, bool>>,
+    rebuild: Mutex<HashMap<WorkspaceId, Rebuild>>,
+    /// The gateway's clock, for the rebuilds the switch back starts itself.
+    clock: Arc<dyn Clock>,
     /// Each workspace's month use as Redis last reported it with a decision (its own month
     /// window), for the local shares: the ledger they would start from lags by a flush and
     /// lacks the reservations in flight, which Redis counts.
@@ -176,6 +180,13 @@ pub struct Failover {
 /// Requests admitted on local shares that are remembered to be carried back (`Failover::alone`)
 /// at most; past that, further ones are not carried (each about 100 bytes).
 const ALONE: usize = 100_000;
+
+/// A workspace decided without the shared limiter (`Failover::rebuild`): whether what its share
+/// used is to be carried back, and its limits then, for the rebuild the switch back starts.
+struct Rebuild {
+    carries: bool,
+    limits: Arc<Limits>,
+}
 
 /// The requests admitted on local shares not yet settled, by workspace.
 #[derive(Default)]
@@ -343,6 +354,7 @@ impl Failover {
         policy: FailurePolicy,
         configured_instances: Option<u32>,
         metrics: Arc<Metrics>,
+        clock: Arc<dyn Clock>,
     ) -> Arc<Self> {
         let slots = if shared.is_cluster() { 16384 } else { 1 };
         let failover = Arc::new(Failover {
@@ -359,6 +371,7 @@ impl Failover {
             forget_local_at: Mutex::new(None),
             metrics,
             rebuild: Mutex::new(HashMap::new()),
+            clock,
             month_seen: Mutex::new(HashMap::new()),
             alone: Mutex::new(Alone::default()),
             carried: Mutex::new(HashSet::new()),
@@ -499,24 +512,94 @@ impl Failover {
         }
     }
 
-    /// Whether the workspace's month counter is to be rebuilt, and if so whether what its share
-    /// used is to be carried back.
-    fn needs_rebuild(&self, workspace: WorkspaceId) -> Option<bool> {
-        self.rebuild
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&workspace)
-            .copied()
+    fn served_alone(&self, workspace: WorkspaceId, limits: &Limits) {
+        let open = self.is_open_for(workspace);
+        let mut rebuild = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+        match rebuild.get_mut(&workspace) {
+            Some(due) => due.carries |= open,
+            None => {
+                rebuild.insert(
+                    workspace,
+                    Rebuild {
+                        carries: open,
+                        limits: Arc::new(limits.clone()),
+                    },
+                );
+            }
+        }
     }
 
-    fn served_alone(&self, workspace: WorkspaceId) {
-        let open = self.is_open_for(workspace);
-        *self
+    /// Rebuilds the workspace's month counter if it was decided without the shared limiter, and
+    /// carries back what its share used when that is due (`Carry`): once, by whichever comes
+    /// first, its next decision or the switch back itself (`rebuild_all`).
+    async fn rebuild_if_due(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        now: Nanos,
+    ) -> Result<(), LimiterError> {
+        let Some(due) = self
             .rebuild
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry(workspace)
-            .or_insert(open) |= open;
+            .remove(&workspace)
+        else {
+            return Ok(());
+        };
+        let carry = if due.carries {
+            self.carry(workspace, limits, now).await
+        } else {
+            Carry::default()
+        };
+        let running: Vec<ReservationId> = carry.running.iter().map(|r| r.id).collect();
+        match self
+            .shared
+            .new_generation(workspace, now, carry, limits)
+            .await
+        {
+            Ok(_) => {
+                self.carried
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend(running);
+                Ok(())
+            }
+            Err(e) => {
+                // Tried again at the next decision; but the call may still be run when Redis
+                // wakes: carried once at most.
+                self.rebuild
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .entry(workspace)
+                    .or_insert(Rebuild {
+                        carries: false,
+                        limits: due.limits,
+                    });
+                Err(e)
+            }
+        }
+    }
+
+    /// Once Redis answers again, rebuilds the month counters of the workspaces decided without
+    /// it whose breaker is closed, without waiting for their next decision on this instance:
+    /// until then the other instances' decisions did not count what this one's share used (an
+    /// outside audit: 1.19 times a quota, with no more requests to this instance after the
+    /// switch back).
+    async fn rebuild_all(&self) {
+        let due: Vec<(WorkspaceId, Arc<Limits>)> = self
+            .rebuild
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(w, _)| !self.is_open_for(**w))
+            .map(|(w, due)| (*w, due.limits.clone()))
+            .collect();
+        for (workspace, limits) in due {
+            let now = self.clock.now();
+            if let Err(e) = self.rebuild_if_due(workspace, &limits, now).await {
+                tracing::debug!(error = %e, workspace, "rebuilding a month counter failed; its next decision tries again");
+            }
+        }
     }
 
     /// Remembers the workspace's month use from a decision's snapshot, when its month window is
@@ -664,7 +747,7 @@ impl Failover {
             }
             FailurePolicy::Open => {
                 Metrics::inc(&self.metrics.fallback_open);
-                self.served_alone(workspace);
+                self.served_alone(workspace, limits);
                 let held = Held {
                     model: model.map(Into::into),
                     tokens: cost.estimate.max(cost.prompt),
@@ -685,7 +768,7 @@ impl Failover {
                     return Err(unavailable());
                 };
                 Metrics::inc(&self.metrics.fallback_local);
-                self.served_alone(workspace);
+                self.served_alone(workspace, limits);
                 // A share taken up now starts with its buckets empty: what Redis counted in the
                 // last minute is not known here, and a full share on every instance would admit
                 // a whole burst more than the limit at the switch.
@@ -779,10 +862,16 @@ async fn watch(failover: Weak<Failover>) {
                     .map(|(_, workspace)| f.shared.ping(*workspace)),
             )
             .await;
+            let mut closed = false;
             for ((slot, _), answer) in probes.iter().zip(answers) {
                 if answer.is_ok() {
                     f.close(*slot);
+                    closed = true;
                 }
+            }
+            if closed {
+                let f = f.clone();
+                tokio::spawn(async move { f.rebuild_all().await });
             }
         } else {
             f.forget_local_if_due();
@@ -826,32 +915,7 @@ impl Failover {
         now: Nanos,
     ) -> Result<Decision, LimiterError> {
         if !self.is_open_for(workspace) {
-            let mut result = Ok(());
-            if let Some(carries) = self.needs_rebuild(workspace) {
-                let carry = if carries {
-                    self.carry(workspace, limits, now).await
-                } else {
-                    Carry::default()
-                };
-                let running: Vec<ReservationId> = carry.running.iter().map(|r| r.id).collect();
-                result = self
-                    .shared
-                    .new_generation(workspace, now, carry, limits)
-                    .await
-                    .map(|_| {
-                        self.carried
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .extend(running);
-                    });
-                let mut rebuild = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
-                if result.is_ok() {
-                    rebuild.remove(&workspace);
-                } else if let Some(carries) = rebuild.get_mut(&workspace) {
-                    // The call may still be run when Redis wakes: carried once at most.
-                    *carries = false;
-                }
-            }
+            let mut result = self.rebuild_if_due(workspace, limits, now).await;
             if result.is_ok() {
                 result = match self
                     .shared

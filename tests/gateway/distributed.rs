@@ -1920,3 +1920,48 @@ async fn requests_still_running_are_held_again_when_redis_loses_them() {
     .await;
     drop(redis);
 }
+
+/// When Redis answers again, an instance carries back what its share used without waiting for
+/// its next request for the workspace: until it does, the other instances' decisions do not
+/// count it (an outside audit: 1.19 times a quota, with the traffic after the switch back going
+/// to the other instances).
+#[tokio::test]
+async fn an_instance_carries_back_its_share_without_waiting_for_a_request() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(2, &redis.url(), |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(2);
+        raw.redis_timeout_ms = Some(100);
+    })
+    .await;
+    let (first, second) = (&fleet[0], &fleet[1]);
+    // Each share: half of 7,000. A long request: about 3,046 tokens estimated.
+    let (_, key) = setup_workspace(&fleet, "carried", json!({"tokens_per_month": 7_000})).await;
+    stall_until_open(&redis, second, &key).await;
+    let on_share = long_request(second, &key, "10000", "9,1");
+    running_upstream(second, "10000", 1).await;
+    redis.signal(libc::SIGCONT);
+    // No request to the second instance from here on: the first sees its request held.
+    eventually(Duration::from_secs(5), || async {
+        let limits = first.limits(&key).await;
+        limits["usage"]["tokens_reserved"]
+            .as_u64()
+            .is_some_and(|held| held > 3_000)
+    })
+    .await;
+    let mine = long_request(first, &key, "5000", "9,1");
+    running_upstream(first, "5000", 1).await;
+    let r = long_request(first, &key, "0", "9,1").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "3,046 held by each instance's running request: a third does not fit"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
+    assert_eq!(mine.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(on_share.await.unwrap().status(), StatusCode::OK);
+    drop(redis);
+}
