@@ -1223,8 +1223,6 @@ impl WorkspaceState {
         (Verdict::Admit(held), snapshot)
     }
 
-    /// Frees the concurrency slot of `held` before it is settled (a client that went away);
-    /// the later `settle` does not free it again.
     /// Counts `n` requests as in flight that hold no reservation here: a share taken up while
     /// requests admitted elsewhere (through Redis) still run (`free_held_slot` as each ends).
     pub fn hold_slots(&mut self, n: u32) {
@@ -1236,6 +1234,8 @@ impl WorkspaceState {
         self.in_flight = self.in_flight.saturating_sub(1);
     }
 
+    /// Frees the concurrency slot of `held` before it is settled (a client that went away);
+    /// the later `settle` does not free it again.
     pub fn release_slot(&mut self, held: &mut Held) {
         if held.slot {
             self.in_flight = self.in_flight.saturating_sub(1);

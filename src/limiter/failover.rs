@@ -637,24 +637,31 @@ impl Failover {
     /// What this instance's share of `workspace`'s limits used that Redis does not know (see
     /// `Carry`): its requests still running, and what its buckets lack, if it still holds them.
     async fn carry(&self, workspace: WorkspaceId, limits: &Limits, now: Nanos) -> Carry {
-        let running_only = || Carry {
+        Carry {
             running: self.running_alone(workspace, now),
-            ..Carry::default()
-        };
-        if !self.local.holds(workspace) {
-            return running_only();
+            ..self
+                .share_lack(workspace, limits, now)
+                .await
+                .unwrap_or_default()
         }
-        let Some((n, rank)) = self.instances() else {
-            return running_only();
-        };
+    }
+
+    /// What the share's requests and tokens-per-minute buckets lack (the workspace's, its
+    /// models', its key's), if the share is still held.
+    async fn share_lack(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        now: Nanos,
+    ) -> Option<Carry> {
+        if !self.local.holds(workspace) {
+            return None;
+        }
+        let (n, rank) = self.instances()?;
         let seeds = self.local.month_seeds(workspace, now).unwrap_or_default();
-        let Ok(shared) = share(limits, n, rank, &seeds) else {
-            return running_only();
-        };
+        let shared = share(limits, n, rank, &seeds).ok()?;
         // Read with the share's own limits, as its buckets were kept.
-        let Ok(usage) = self.local.usage(workspace, &shared, now).await else {
-            return running_only();
-        };
+        let usage = self.local.usage(workspace, &shared, now).await.ok()?;
         // What a bucket of `cap` lacks when `w` says what is left in it.
         let lack =
             |cap: u64, w: Option<super::Window>| w.map_or(0, |w| cap.saturating_sub(w.remaining));
@@ -689,14 +696,14 @@ impl Failover {
             })
             .filter(|(_, take)| *take > 0)
             .collect();
-        Carry {
-            running: self.running_alone(workspace, now),
+        Some(Carry {
+            running: Vec::new(),
             requests,
             tokens,
             key_requests,
             key_tokens,
             models,
-        }
+        })
     }
 
     /// A request admitted through Redis has ended (or given its slot back): if its workspace's

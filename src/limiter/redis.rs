@@ -217,6 +217,23 @@ struct Live {
 }
 
 impl Live {
+    /// `held`'s, its model's id `model` already made.
+    fn new(workspace: WorkspaceId, held: &Held, model: Option<Arc<str>>, limits: &Limits) -> Live {
+        let limited = |m: &str| {
+            limits
+                .models
+                .get(m)
+                .is_some_and(|l| l.tokens_per_minute.is_some() || l.tokens_per_month.is_some())
+        };
+        Live {
+            workspace,
+            tokens: held.tokens,
+            model: model.zip(held.model.as_deref().map(limited)),
+            slot: held.slot,
+            key: held.key,
+        }
+    }
+
     /// Its six arguments for `newgen` and `renew`: id, tokens, model id, limited, slot, key.
     fn args(&self, id: ReservationId) -> [Arg; 6] {
         let (model, limited) = self
@@ -635,20 +652,8 @@ impl Inner {
     /// the tombstones' life (see the top of `redis.lua`).
     /// How a reservation of `workspace` holding `held` under `limits` stands in Redis.
     fn live_of(&self, workspace: WorkspaceId, held: &Held, limits: &Limits) -> Live {
-        let model = held.model.as_deref().map(|m| {
-            let limited = limits
-                .models
-                .get(m)
-                .is_some_and(|l| l.tokens_per_minute.is_some() || l.tokens_per_month.is_some());
-            (self.model_id(m), limited)
-        });
-        Live {
-            workspace,
-            tokens: held.tokens,
-            model,
-            slot: held.slot,
-            key: held.key,
-        }
+        let model = held.model.as_deref().map(|m| self.model_id(m));
+        Live::new(workspace, held, model, limits)
     }
 
     /// Renews the leases of `live`, reservations of `workspace`, and holds again those Redis no
@@ -1343,6 +1348,7 @@ impl RedisLimiter {
         let inner = &self.inner;
         let keys = inner.keys(workspace);
         let model_limits = model.and_then(|m| limits.models.get(m));
+        let model_id = model.map(|m| inner.model_id(m));
         let (rate, capacity) = request_args(limits);
         for _ in 0..3 {
             let id = ReservationId::next();
@@ -1356,7 +1362,7 @@ impl RedisLimiter {
                 limits.tokens_per_minute.unwrap_or(0).into(),
                 limits.tokens_per_month.unwrap_or(0).into(),
                 limits.concurrent_requests.unwrap_or(0).into(),
-                model.map_or(Arg::Static(""), |m| inner.model_id(m).into()),
+                model_id.clone().map_or(Arg::Static(""), Arg::from),
                 model_limits
                     .and_then(|l| l.tokens_per_minute)
                     .unwrap_or(0)
@@ -1398,7 +1404,7 @@ impl RedisLimiter {
                         slot: limits.concurrent_requests.is_some(),
                         key: limits.key.map(|k| k.id),
                     };
-                    let live = inner.live_of(workspace, &held, limits);
+                    let live = Live::new(workspace, &held, model_id.clone(), limits);
                     inner
                         .live
                         .lock()
