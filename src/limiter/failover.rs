@@ -64,8 +64,13 @@ const PROBE_EVERY: Duration = Duration::from_millis(250);
 /// node stalled while the others answer) gave every workspace a fresh local burst at each
 /// close: an outside audit measured 1.6 times a workspace's rate over a 6 s stall.
 const LOCAL_KEPT_FOR: Duration = Duration::from_secs(10);
-/// How often an instance announces itself, and how long the announcement lasts.
-const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+/// How often an instance announces itself, and how long the announcement lasts. A heartbeat
+/// that finds this instance missing tells it that Redis lost what it held (restarted empty or
+/// flushed), and it holds its running requests again at once: checked every 250 ms, since until
+/// then the other instances' decisions do not count them (an outside audit: a month quota and a
+/// concurrency limit exceeded for the 5 s until the next lease renewal, after a Redis restart
+/// too quick to open the breaker).
+const HEARTBEAT_EVERY: Duration = PROBE_EVERY;
 const HEARTBEAT_TTL: Duration = Duration::from_secs(3);
 /// How long a count of live instances is held after it was last seen, when later heartbeats
 /// see fewer. After Redis restarts empty, the instances announce themselves again one by one:
@@ -857,6 +862,8 @@ async fn watch(failover: Weak<Failover>) {
     let instance = super::ReservationId::next().to_string();
     let mut last_heartbeat = tokio::time::Instant::now() - HEARTBEAT_EVERY;
     let mut held = HeldCount::default();
+    // The count of live instances last warned about.
+    let mut warned = 0;
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(f) = failover.upgrade() else { return };
@@ -886,15 +893,31 @@ async fn watch(failover: Weak<Failover>) {
         if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
             last_heartbeat = tokio::time::Instant::now();
             match f.shared.heartbeat(&instance, HEARTBEAT_TTL).await {
-                Ok((n, rank)) => {
+                Ok(beat) => {
                     f.success(None);
-                    let (count, rank) = held.place(n, rank, tokio::time::Instant::now());
-                    let before = f
-                        .seen
-                        .swap(((count as u64) << 32) | rank as u64, Ordering::Relaxed);
+                    // Also on the first heartbeat, which cannot tell a restart from a start: on a
+                    // new instance the renewal has nothing to do, and an instance that began just
+                    // before a restart may already run requests.
+                    if beat.missing {
+                        if f.shared.live_reservations() > 0 {
+                            tracing::info!(
+                                "Redis did not hold this instance's heartbeat (restarted empty, \
+                                 flushed, or stalled): holding its running requests again"
+                            );
+                        }
+                        f.shared.renew_now();
+                    }
+                    let n = beat.instances;
+                    let (count, rank) = held.place(n, beat.rank, tokio::time::Instant::now());
+                    f.seen
+                        .store(((count as u64) << 32) | rank as u64, Ordering::Relaxed);
                     if let Some(c) = f.configured_instances {
-                        // Said once each time the count changes, not every heartbeat.
-                        if n > c && (before >> 32) as u32 != n {
+                        // Said once each time the count over `instances` changes, not every
+                        // heartbeat (the held count is not the one seen: it said it each time).
+                        if n <= c {
+                            warned = 0;
+                        } else if n != warned {
+                            warned = n;
                             tracing::warn!(
                                 live = n,
                                 instances = c,

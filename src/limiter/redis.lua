@@ -581,16 +581,17 @@ records_written, touched = false, false
 bucket_names, model_names = {}, {}
 
 if op == 'heartbeat' then
-  -- ARGV 6..: instance id, ttl ms. Answers {now, instances, rank of this one}.
+  -- ARGV 6..: instance id, ttl ms. Answers {now, instances, rank of this one, 1 if this one
+  -- was not there (its first heartbeat; or Redis restarted empty, was flushed, or let it expire)}.
   local id, ttl = ARGV[6], N(ARGV[7])
   redis.call('ZREMRANGEBYSCORE', KS, '-inf', S(now))
-  redis.call('ZADD', KS, S(now + ttl * 1000), id)
+  local added = redis.call('ZADD', KS, S(now + ttl * 1000), id)
   redis.call('PEXPIRE', KS, S(ttl * 10))
   local members = redis.call('ZRANGE', KS, 0, -1)
   table.sort(members)
   local rank = 0
   for i, m in ipairs(members) do if m == id then rank = i - 1 end end
-  return {now, #members, rank}
+  return {now, #members, rank, added}
 end
 
 if op == 'reserve' then

@@ -1089,6 +1089,18 @@ async fn renew_leases(inner: Weak<Inner>, every: Duration, wake: Arc<tokio::sync
     }
 }
 
+/// What a heartbeat answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// Instances alive (their heartbeats not yet expired), this one included.
+    pub instances: u32,
+    /// This instance's rank among them (by id, from 0).
+    pub rank: u32,
+    /// This instance was not among them: its first heartbeat, or Redis lost it (restarted
+    /// empty, flushed, or a stall longer than the heartbeat's life).
+    pub missing: bool,
+}
+
 /// A Redis Cluster's hash slot of a key's hash tag (the text between its braces).
 pub fn hash_slot(tag: &str) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tag.as_bytes()) % 16384
@@ -1207,17 +1219,21 @@ impl RedisLimiter {
             .map(|_| ())
     }
 
-    /// Announces this instance (for `ttl`) and answers (instances alive, this one's rank).
+    /// Announces this instance (for `ttl`) and answers how it stands (`Heartbeat`).
     pub async fn heartbeat(
         &self,
         instance: &str,
         ttl: Duration,
-    ) -> Result<(u32, u32), LimiterError> {
+    ) -> Result<Heartbeat, LimiterError> {
         let mut args = self.inner.args("heartbeat", 0);
         args.extend([instance.to_string().into(), millis(ttl)]);
         let key = format!("{{{}}}:instances", self.inner.prefix);
         let reply = self.inner.eval(&[key], &args).await?;
-        Ok((reply.u(1)? as u32, reply.u(2)? as u32))
+        Ok(Heartbeat {
+            instances: reply.u(1)? as u32,
+            rank: reply.u(2)? as u32,
+            missing: reply.u(3)? == 1,
+        })
     }
 
     /// Starts a new generation of a workspace's month counter: it will be rebuilt from the

@@ -1965,3 +1965,54 @@ async fn an_instance_carries_back_its_share_without_waiting_for_a_request() {
     assert_eq!(on_share.await.unwrap().status(), StatusCode::OK);
     drop(redis);
 }
+
+/// Redis restarted empty, too quickly for any breaker to open, while a request admitted through
+/// it runs on one instance, and every request after it goes to another: the instance that runs
+/// it learns from its heartbeat that Redis lost it, and holds it again at once, not at its next
+/// lease renewal (an outside audit: a concurrency limit and a month quota exceeded for 5 s).
+#[tokio::test]
+async fn an_instance_holds_its_requests_again_when_its_heartbeat_finds_redis_lost_them() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let fleet = TestGateway::fleet(2, &redis.url(), |raw| {
+        // Renewals every 20 s: only the heartbeat can hold the request again within the wait.
+        raw.redis_lease_ms = Some(60_000);
+    })
+    .await;
+    let (first, second) = (&fleet[0], &fleet[1]);
+    let (_, key) = setup_workspace(&fleet, "heartbeat", json!({"concurrent_requests": 1})).await;
+    let running = long_request(second, &key, "8000", "9,1");
+    running_upstream(second, "8000", 1).await;
+    let redis = tokio::task::spawn_blocking(move || {
+        let mut redis = redis;
+        redis.restart();
+        redis
+    })
+    .await
+    .unwrap();
+    // Only the first instance is asked from here on (its first call after the restart may find
+    // its connection broken: a 503).
+    eventually(Duration::from_secs(5), || async {
+        let url = format!("{}/v1/limits", first.url);
+        let r = first
+            .client
+            .get(url)
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        r.status() == StatusCode::OK && r.json::<Value>().await.unwrap()["usage"]["in_flight"] == 1
+    })
+    .await;
+    let r = long_request(first, &key, "0", "9,1").await.unwrap();
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the request running on the second instance holds the one slot"
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "concurrent_requests", "{body}");
+    assert_eq!(running.await.unwrap().status(), StatusCode::OK);
+    drop(redis);
+}
