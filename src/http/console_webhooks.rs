@@ -384,7 +384,7 @@ fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str
             }
             " · " (events_text(e)) " · created " (Timestamp(e.created_at).rfc3339())
         }
-        (deliveries_table(deliveries))
+        (deliveries_table(deliveries, Answers::Shown))
         form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
             input type="hidden" name="csrf" value=(token);
             button type="submit" { "Remove this endpoint" }
@@ -402,7 +402,7 @@ fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: 
             code { (e.url) } " · " (events_text(e)) " · created "
             (Timestamp(e.created_at).rfc3339())
         }
-        (deliveries_table(deliveries))
+        (deliveries_table(deliveries, Answers::Withheld))
         form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
             input type="hidden" name="csrf" value=(token);
             button type="submit" { "Remove this endpoint" }
@@ -412,15 +412,24 @@ fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: 
     }
 }
 
+/// Whether a deliveries table shows what the endpoint answered: the operator's does; a
+/// workspace's never does (`views::OwnDeliveryView` says why).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answers {
+    Shown,
+    Withheld,
+}
+
 /// The latest deliveries to an endpoint (`table#deliveries`), newest first.
-fn deliveries_table(deliveries: &[DeliveryRecord]) -> Markup {
+fn deliveries_table(deliveries: &[DeliveryRecord], answers: Answers) -> Markup {
+    let shown = answers == Answers::Shown;
     html! {
         h2 { "Latest deliveries" }
         @if deliveries.is_empty() {
             p.note #no-deliveries { "None yet." }
         } @else {
             table #deliveries {
-                thead { tr { th { "Event" } th { "Type" } th { "Status" } th { "Attempts" } th { "Last answer" } th { "Next attempt" } th { "Created" } } }
+                thead { tr { th { "Event" } th { "Type" } th { "Status" } th { "Attempts" } @if shown { th { "Last answer" } } th { "Next attempt" } th { "Created" } } }
                 tbody {
                     @for d in deliveries {
                         tr data-event-id=(d.event_id) data-status=(d.status) {
@@ -428,9 +437,11 @@ fn deliveries_table(deliveries: &[DeliveryRecord]) -> Markup {
                             td { (d.kind) }
                             td.status { (d.status) }
                             td.attempts { (d.attempts) }
-                            td {
-                                @if let Some(code) = d.last_status { (code) }
-                                @if let Some(error) = &d.last_error { " " span.error-text { (error) } }
+                            @if shown {
+                                td.answer {
+                                    @if let Some(code) = d.last_status { (code) }
+                                    @if let Some(error) = &d.last_error { " " span.error-text { (error) } }
+                                }
                             }
                             td { (d.next_attempt_at_ms.map_or_else(String::new, |ms| Timestamp(ms / 1000).rfc3339())) }
                             td { (Timestamp(d.created_at).rfc3339()) }

@@ -328,6 +328,50 @@ impl From<&DeliveryRecord> for DeliveryView {
     }
 }
 
+/// One event's delivery to a workspace's own endpoint, as the workspace sees it: whether it
+/// arrived, never what the endpoint answered (its status code or the error). Endpoints may name
+/// any host the gateway reaches, its private network's included; with the answers, a workspace
+/// could tell which of those hosts listen and what they say (an outside audit).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = OwnWebhookDelivery)]
+pub struct OwnDeliveryView {
+    /// The event's id, the same in every attempt (`webhook-id`).
+    pub event_id: String,
+    /// The event's type.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `pending`, `delivered` or `failed` (after 12 attempts).
+    pub status: String,
+    pub attempts: u32,
+    /// When it is tried next, while `pending`.
+    #[schema(required = true)]
+    pub next_attempt_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+}
+
+impl From<&DeliveryRecord> for OwnDeliveryView {
+    fn from(d: &DeliveryRecord) -> Self {
+        let DeliveryView {
+            event_id,
+            kind,
+            status,
+            attempts,
+            next_attempt_at,
+            created_at,
+            last_status_code: _,
+            last_error: _,
+        } = DeliveryView::from(d);
+        OwnDeliveryView {
+            event_id,
+            kind,
+            status,
+            attempts,
+            next_attempt_at,
+            created_at,
+        }
+    }
+}
+
 /// A tier: its name and its limits, side by side in one object.
 #[derive(Debug, Serialize)]
 pub struct TierView {

@@ -18,9 +18,9 @@ use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, PathParam};
 use super::openapi::{BadRequest, BodyErrors, NotFound, WorkspaceErrors};
 use super::views::{
-    created, usage_and_key_view, usage_history_view, CallingKeyView, DeliveryView,
-    LimitRequestView, List, NewWebhookView, NextTierView, SortedJson, UsageHistoryView,
-    WebhookView, WorkspaceLimitsView, WorkspaceSummary,
+    created, usage_and_key_view, usage_history_view, CallingKeyView, LimitRequestView, List,
+    NewWebhookView, NextTierView, OwnDeliveryView, SortedJson, UsageHistoryView, WebhookView,
+    WorkspaceLimitsView, WorkspaceSummary,
 };
 use crate::app::AppState;
 use crate::model::{Actor, Budget, Overrides};
@@ -393,7 +393,7 @@ async fn delete_webhook(
     security(("workspace_key" = [])),
     params(("id" = i64, Path, description = "The endpoint's id.")),
     responses(
-        (status = 200, description = "Each event sent to it, its status and attempts.", body = List<DeliveryView>),
+        (status = 200, description = "Each event sent to it, its status and attempts (not what the endpoint answered).", body = List<OwnDeliveryView>),
         BadRequest,
         NotFound,
         WorkspaceErrors,
@@ -403,13 +403,13 @@ async fn webhook_deliveries(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     PathParam(id): PathParam<i64>,
-) -> Result<SortedJson<List<DeliveryView>>, ApiError> {
+) -> Result<SortedJson<List<OwnDeliveryView>>, ApiError> {
     let entry = authenticate(&state, &headers).await?.workspace;
     let (_, list) = state
         .admin
         .own_webhook_deliveries(entry.workspace.id, id, 100)
         .await?;
     Ok(SortedJson(List::of(
-        list.iter().map(DeliveryView::from).collect(),
+        list.iter().map(OwnDeliveryView::from).collect(),
     )))
 }
