@@ -767,8 +767,9 @@ async fn limit_changes_keep_what_was_used() {
         // Upgrade: 600 more tokens and 4 more requests at once.
         (0, at(1, 600)),
         (0, Op::Usage { ws: 0, limits: 1 }),
-        // Downgrade: what was used stays used (the debt is floored at one minute of the new
-        // limit, then refilled at the new rate: 1 s of 100 tokens/minute).
+        // Downgrade: what was used stays used, the debt floored at one minute of the new limit
+        // (-100); and it refills at the rate it was used under until the next admission (1 s of
+        // 1,200 tokens/minute).
         (SEC, at(2, 1)),
         (SEC, Op::Usage { ws: 0, limits: 2 }),
     ];
@@ -779,7 +780,72 @@ async fn limit_changes_keep_what_was_used() {
     admitted(&out[3]);
     assert_eq!(usage(&out[4]).bucket_tokens, Some(0));
     denied(&out[5]);
-    assert_eq!(usage(&out[6]).bucket_tokens, Some(-98));
+    assert_eq!(usage(&out[6]).bucket_tokens, Some(-80));
+}
+
+/// Limits lowered after a pause: what had refilled under the old limits stays refilled, so a
+/// workspace that was idle starts the new ones full (an outside audit: an idle workspace moved
+/// from 10/s to 1/s was told to wait 4.7 s, and one moved to 600 tokens/minute a minute after
+/// it had used 60,000 had 10 left).
+#[tokio::test]
+async fn limits_lowered_after_a_pause_start_full() {
+    let limits = [
+        Limits {
+            requests_per_second: Some(10.0),
+            burst: Some(10),
+            ..l()
+        },
+        Limits {
+            requests_per_second: Some(1.0),
+            ..l()
+        },
+        Limits {
+            tokens_per_minute: Some(60_000),
+            ..l()
+        },
+        Limits {
+            tokens_per_minute: Some(600),
+            ..l()
+        },
+    ];
+    let at = |ws: WorkspaceId, li: usize, n: u64| Op::Reserve {
+        ws,
+        limits: li,
+        model: None,
+        cost: tokens(n),
+    };
+    let mut steps = vec![(0, at(1, 2, 60_000))];
+    steps.extend((0..10).map(|_| (0, at(0, 0, 1))));
+    steps.extend([
+        (0, at(0, 0, 1)),
+        // A second later the ten have refilled at 10/s: the lowered rate's burst of one is whole,
+        // and the one after it is over.
+        (SEC, at(0, 1, 1)),
+        (SEC, at(0, 1, 1)),
+        // A minute and a second after 60,000 tokens: refilled at 60,000 a minute, so 600 whole.
+        (61 * SEC, Op::Usage { ws: 1, limits: 3 }),
+        (61 * SEC, at(1, 3, 600)),
+        (61 * SEC, at(1, 3, 1)),
+    ]);
+    let out = conform("lowered after a pause", &limits, t0(), |_, _| {}, &steps).await;
+    assert_eq!(admitted(&out[0]), 60_000);
+    for o in &out[1..11] {
+        admitted(o);
+    }
+    assert_eq!(denied(&out[11]).1, LimitName::RequestsPerSecond);
+    admitted(&out[12]);
+    let (kind, limit, retry) = denied(&out[13]);
+    assert_eq!(
+        (kind, limit),
+        (DenialKind::RateLimited, LimitName::RequestsPerSecond)
+    );
+    assert_eq!(
+        retry, SEC,
+        "one request a second from the one just admitted"
+    );
+    assert_eq!(usage(&out[14]).bucket_tokens, Some(600));
+    assert_eq!(admitted(&out[15]), 600);
+    assert_eq!(denied(&out[16]).1, LimitName::TokensPerMinute);
 }
 
 #[tokio::test]

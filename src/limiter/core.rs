@@ -72,23 +72,32 @@ pub struct RequestBucket {
     /// The burst (capacity in requests) `level` was computed with; never 0, which lets
     /// `Option<RequestBucket>` take no more room than the bucket.
     burst: NonZeroU32,
+    /// The rate (`request_rate`, at most 10^9) it refills at: that of the limits it was last
+    /// taken from under (in room the bucket had unused).
+    rate: u32,
 }
 
 impl RequestBucket {
-    fn full(capacity: i64, now_us: u64) -> Self {
+    fn full(capacity: i64, rate: i64, now_us: u64) -> Self {
         RequestBucket {
             level: capacity,
             at: now_us,
             burst: burst_of(capacity),
+            rate: rate_of(rate),
         }
     }
 
     /// A bucket with nothing left at `now_us`, refilling from there.
-    fn empty(capacity: i64, now_us: u64) -> Self {
+    fn empty(capacity: i64, rate: i64, now_us: u64) -> Self {
         RequestBucket {
             level: 0,
-            ..Self::full(capacity, now_us)
+            ..Self::full(capacity, rate, now_us)
         }
+    }
+
+    /// The rate it refills at until it is next taken from.
+    fn own_rate(&self) -> i64 {
+        i64::from(self.rate)
     }
 
     /// The capacity `level` was computed with, in nano-requests.
@@ -96,9 +105,12 @@ impl RequestBucket {
         self.burst.get() as i64 * NANO_REQUESTS
     }
 
-    /// Level and time at `now_us`. When the capacity changed (a new tier or override), what was
-    /// used stays used: the level moves by the difference.
-    fn at_time(&self, capacity: i64, rate: i64, now_us: u64) -> (i64, u64) {
+    /// Level and time at `now_us`, under a burst of `capacity`. When the limits changed (a new
+    /// tier, an override), what was used stays used: the level moves by the change of capacity;
+    /// and it refills at the rate of the limits it was used under until it is next taken from,
+    /// so that what it had refilled under them is not taken back (lowered after a pause, a
+    /// workspace's limits start full, not in debt for requests long refilled).
+    fn at_time(&self, capacity: i64, now_us: u64) -> (i64, u64) {
         let level = (self.level + capacity - self.capacity()).min(capacity);
         if now_us <= self.at {
             return (level, self.at);
@@ -108,43 +120,52 @@ impl RequestBucket {
             return (capacity, now_us);
         }
         let elapsed = (now_us - self.at) as i64;
-        if elapsed >= ceil_div(deficit, rate) {
+        if elapsed >= ceil_div(deficit, self.own_rate()) {
             (capacity, now_us)
         } else {
-            (level + elapsed * rate, now_us)
+            (level + elapsed * self.own_rate(), now_us)
         }
     }
 
     /// The microsecond at which one more request fits (now when it does).
-    fn admit_at(&self, capacity: i64, rate: i64, now_us: u64) -> u64 {
-        let (level, at) = self.at_time(capacity, rate, now_us);
+    fn admit_at(&self, capacity: i64, now_us: u64) -> u64 {
+        let (level, at) = self.at_time(capacity, now_us);
         let need = NANO_REQUESTS - level;
         if need <= 0 {
             now_us
         } else {
-            at + ceil_div(need, rate) as u64
+            at + ceil_div(need, self.own_rate()) as u64
         }
     }
 
     fn take(&mut self, capacity: i64, rate: i64, now_us: u64) {
-        let (level, at) = self.at_time(capacity, rate, now_us);
+        let (level, at) = self.at_time(capacity, now_us);
         *self = RequestBucket {
             level: level - NANO_REQUESTS,
             at,
             burst: burst_of(capacity),
+            rate: rate_of(rate),
         };
     }
 
     /// (requests that could be sent at once, microsecond at which the burst is full again).
-    fn view(&self, capacity: i64, rate: i64, now_us: u64) -> (u64, u64) {
-        let (level, at) = self.at_time(capacity, rate, now_us);
+    fn view(&self, capacity: i64, now_us: u64) -> (u64, u64) {
+        let (level, at) = self.at_time(capacity, now_us);
         let remaining = (level.max(0) / NANO_REQUESTS) as u64;
-        (remaining, at + ceil_div(capacity - level, rate) as u64)
+        (
+            remaining,
+            at + ceil_div(capacity - level, self.own_rate()) as u64,
+        )
     }
 
-    fn is_full(&self, capacity: i64, rate: i64, now_us: u64) -> bool {
-        self.at_time(capacity, rate, now_us).0 >= capacity
+    fn is_full(&self, capacity: i64, now_us: u64) -> bool {
+        self.at_time(capacity, now_us).0 >= capacity
     }
+}
+
+/// A request rate as stored (valid limits give 1 to 10^9).
+fn rate_of(rate: i64) -> u32 {
+    rate.clamp(1, i64::from(u32::MAX)) as u32
 }
 
 /// The burst of a request capacity (a whole number of requests, at least 1 for valid limits).
@@ -188,10 +209,19 @@ impl TokenBucket {
         }
     }
 
+    /// The rate it refills at (units a millisecond) until it is next taken from or added to:
+    /// its capacity a minute.
+    fn own_rate(&self) -> i64 {
+        self.capacity.get() as i64
+    }
+
     fn at_time(&self, capacity: u64, now_us: u64) -> (i64, u64) {
         let cap = capacity as i64 * UNITS_PER_TOKEN;
         // When the limit changed, what was used in the last minute stays used: the level moves
-        // by the difference, so an increase holds at once and a decrease does not forgive.
+        // by the difference, so an increase holds at once and a decrease does not forgive; and
+        // it refills at the rate of the limit it was used under until it is next taken from or
+        // added to, so that what it had refilled under it is not taken back (a workspace idle
+        // for a minute starts a lowered limit full).
         let level = (self.level + (capacity as i64 - self.capacity.get() as i64) * UNITS_PER_TOKEN)
             .clamp(-cap, cap);
         if now_us <= self.at {
@@ -202,10 +232,10 @@ impl TokenBucket {
             return (cap, now_us);
         }
         let ms = ((now_us - self.at) / 1_000) as i64;
-        if ms >= ceil_div(deficit, capacity as i64) {
+        if ms >= ceil_div(deficit, self.own_rate()) {
             (cap, now_us)
         } else {
-            (level + ms * capacity as i64, self.at + ms as u64 * 1_000)
+            (level + ms * self.own_rate(), self.at + ms as u64 * 1_000)
         }
     }
 
@@ -216,7 +246,7 @@ impl TokenBucket {
         if need <= 0 {
             now_us
         } else {
-            at + ceil_div(need, capacity as i64) as u64 * 1_000
+            at + ceil_div(need, self.own_rate()) as u64 * 1_000
         }
     }
 
@@ -243,7 +273,7 @@ impl TokenBucket {
         if missing <= 0 {
             now_us
         } else {
-            at + ceil_div(missing, capacity as i64) as u64 * 1_000
+            at + ceil_div(missing, self.own_rate()) as u64 * 1_000
         }
     }
 
@@ -622,9 +652,9 @@ fn windows(
     next_month: Nanos,
 ) -> Snapshot {
     let now_us = micros(now);
-    let requests = request_limit.map(|(rps, cap, rate)| match requests {
+    let requests = request_limit.map(|(rps, cap, _)| match requests {
         Some(b) => {
-            let (remaining, full_at) = b.view(cap, rate, now_us);
+            let (remaining, full_at) = b.view(cap, now_us);
             Window {
                 limit: rps,
                 remaining,
@@ -747,8 +777,8 @@ impl WorkspaceState {
     /// (a share of limits whose use it cannot know), so that it admits no burst at once.
     pub fn drain_buckets(&mut self, limits: &Limits, now: Nanos) {
         let now_us = micros(now);
-        if let Some((_, cap, _)) = request_limit(limits) {
-            self.requests = Some(RequestBucket::empty(cap, now_us));
+        if let Some((_, cap, rate)) = request_limit(limits) {
+            self.requests = Some(RequestBucket::empty(cap, rate, now_us));
         }
         if let Some(cap) = limits.tokens_per_minute {
             self.bucket = Some(TokenBucket::empty(cap, now_us));
@@ -807,7 +837,7 @@ impl WorkspaceState {
         let Some(limits) = limits else { return true };
         let now_us = micros(now);
         let requests_full = match (&self.requests, request_limit(limits)) {
-            (Some(b), Some((_, cap, rate))) => b.is_full(cap, rate, now_us),
+            (Some(b), Some((_, cap, _))) => b.is_full(cap, now_us),
             _ => true,
         };
         let full = |b: Option<&TokenBucket>, cap: Option<u64>| match (b, cap) {
@@ -825,7 +855,7 @@ impl WorkspaceState {
             })
             && self.keys.iter().flat_map(|k| k.iter()).all(|k| {
                 let requests_full = match (&k.requests, key_request_limit(&k.limits)) {
-                    (Some(b), Some((_, cap, rate))) => b.is_full(cap, rate, now_us),
+                    (Some(b), Some((_, cap, _))) => b.is_full(cap, now_us),
                     _ => true,
                 };
                 requests_full && full(k.bucket.as_ref(), k.limits.tokens_per_minute)
@@ -1032,8 +1062,8 @@ impl WorkspaceState {
         if let Some((rps, cap, rate)) = request_limit {
             let bucket = self
                 .requests
-                .get_or_insert_with(|| RequestBucket::full(cap, now_us));
-            let at = bucket.admit_at(cap, rate, now_us);
+                .get_or_insert_with(|| RequestBucket::full(cap, rate, now_us));
+            let at = bucket.admit_at(cap, now_us);
             if at > now_us {
                 deny(Denial {
                     kind: DenialKind::RateLimited,
@@ -1127,8 +1157,8 @@ impl WorkspaceState {
             if let Some((rps, cap, rate)) = key_requests {
                 let bucket = state
                     .requests
-                    .get_or_insert_with(|| RequestBucket::full(cap, now_us));
-                let at = bucket.admit_at(cap, rate, now_us);
+                    .get_or_insert_with(|| RequestBucket::full(cap, rate, now_us));
+                let at = bucket.admit_at(cap, now_us);
                 if at > now_us {
                     deny(Denial {
                         kind: DenialKind::RateLimited,

@@ -191,6 +191,7 @@ local function load_for(rate, tpm, m, mtpm)
     fields[#fields + 1] = 'rl'
     fields[#fields + 1] = 'ra'
     fields[#fields + 1] = 'rc'
+    fields[#fields + 1] = 'rq'
   end
   if tpm > 0 then
     fields[#fields + 1] = 'tl'
@@ -263,23 +264,30 @@ end
 -- ---------------------------------------------------------------------------------------------
 -- Buckets (the same arithmetic as core.rs)
 
-local function req_at(l, a, c, cap, rate)
-  if not l then return cap, now end
+-- Level l at a of capacity c, seen under limits cap and rate: moved by the change of capacity,
+-- and refilled at r, the rate of the limits it was last taken from under, until it is next
+-- taken from (r missing, as an older version stored it: the current rate). Returns the level,
+-- its time, and the rate it refills at from there.
+local function req_at(l, a, c, r, cap, rate)
+  if not l then return cap, now, rate end
+  r = r or rate
   local level = math.min(l + cap - c, cap)
-  if now <= a then return level, a end
+  if now <= a then return level, a, r end
   local deficit = cap - level
-  if deficit <= 0 then return cap, now end
+  if deficit <= 0 then return cap, now, r end
   local elapsed = now - a
-  if elapsed >= ceil_div(deficit, rate) then return cap, now end
-  return level + elapsed * rate, now
+  if elapsed >= ceil_div(deficit, r) then return cap, now, r end
+  return level + elapsed * r, now, r
 end
 
 -- The request bucket under prefix p ('' for the workspace's, 'k<id>:' for a key's).
 local function req_load(cap, rate, p)
   p = p or ''
-  return req_at(state[p .. 'rl'], state[p .. 'ra'], state[p .. 'rc'], cap, rate)
+  return req_at(state[p .. 'rl'], state[p .. 'ra'], state[p .. 'rc'], state[p .. 'rq'], cap, rate)
 end
 
+-- As core.rs's `TokenBucket`: moved by the change of capacity, and refilled at its own
+-- capacity c a minute (the limit it was used under) until it is next taken from or added to.
 local function tok_at(l, a, c, cap)
   local capu = cap * U
   if not l then return capu, now end
@@ -288,28 +296,32 @@ local function tok_at(l, a, c, cap)
   local deficit = capu - level
   if deficit <= 0 then return capu, now end
   local ms = math.floor((now - a) / 1000)
-  if ms >= ceil_div(deficit, cap) then return capu, now end
-  return level + ms * cap, a + ms * 1000
+  if ms >= ceil_div(deficit, c) then return capu, now end
+  return level + ms * c, a + ms * 1000
 end
 
-local function tok_available_at(level, at, cap, cost)
+-- When cost tokens are available, refilling at r a millisecond.
+local function tok_available_at(level, at, r, cost)
   local need = cost * U - level
   if need <= 0 then return now end
-  return at + ceil_div(need, cap) * 1000
+  return at + ceil_div(need, r) * 1000
 end
 
-local function tok_full_at(level, at, cap)
+-- When a bucket of capacity cap is full, refilling at r (cap when left out) a millisecond.
+local function tok_full_at(level, at, cap, r)
   local missing = cap * U - level
   if missing <= 0 then return now end
-  return at + ceil_div(missing, cap) * 1000
+  return at + ceil_div(missing, r or cap) * 1000
 end
 
--- A token bucket under prefix p ('t' or 'mt:<m>:'): level, at, and whether it exists.
+-- A token bucket under prefix p ('t' or 'mt:<m>:'): level, at, whether it exists, and the
+-- rate it refills at (its own capacity).
 local function tok_load(p, cap)
   local b = bucket(p)
   local l = state[b[1]] or nil
-  local level, at = tok_at(l, state[b[2]], state[b[3]], cap)
-  return level, at, l ~= nil
+  local c = state[b[3]] or cap
+  local level, at = tok_at(l, state[b[2]], c, cap)
+  return level, at, l ~= nil, l and c or cap
 end
 
 local function tok_store(p, level, at, cap)
@@ -416,6 +428,7 @@ local function load_key(kid, krate, ktpm)
     fields[#fields + 1] = kp .. 'rl'
     fields[#fields + 1] = kp .. 'ra'
     fields[#fields + 1] = kp .. 'rc'
+    fields[#fields + 1] = kp .. 'rq'
   end
   if ktpm > 0 then
     local b = bucket(kp .. 't')
@@ -504,10 +517,10 @@ end
 -- Tokens window: remaining, full_at, balance (whole tokens, truncated toward zero).
 local function tok_view(tpm, p)
   if tpm == 0 then return 0, 0, 0 end
-  local level, at = tok_load(p or 't', tpm)
+  local level, at, _, r = tok_load(p or 't', tpm)
   local balance
   if level >= 0 then balance = math.floor(level / U) else balance = -math.floor(-level / U) end
-  return math.floor(math.max(level, 0) / U), tok_full_at(level, at, tpm), balance
+  return math.floor(math.max(level, 0) / U), tok_full_at(level, at, tpm, r), balance
 end
 
 -- A key's windows: requests remaining, full at, tokens remaining, full at, month used; nothing
@@ -518,8 +531,8 @@ local function key_view(kid, krate, krcap, ktpm)
   local kp = key_prefix(kid)
   local rr, rf = 0, 0
   if krate > 0 then
-    local level, at = req_load(krcap, krate, kp)
-    rr, rf = req_view(level, at, krcap, krate)
+    local level, at, r = req_load(krcap, krate, kp)
+    rr, rf = req_view(level, at, krcap, r)
   end
   local tr, tf = tok_view(ktpm, kp .. 't')
   return rr, rf, tr, tf, key_used(kid)
@@ -618,8 +631,8 @@ if op == 'reserve' then
     local r = split(known)
     local rr, rf = 0, 0
     if rate > 0 then
-      local level, at = req_load(rcap, rate)
-      rr, rf = req_view(level, at, rcap, rate)
+      local level, at, rq = req_load(rcap, rate)
+      rr, rf = req_view(level, at, rcap, rq)
     end
     local tr, tf = tok_view(tpm)
     local settled, reserved = month_used()
@@ -663,18 +676,21 @@ if op == 'reserve' then
   end
   tokens = math.max(tokens, prompt)
 
-  local rlevel, rat
+  -- Each bucket refills at the rate it was last taken from under (rq, trq…) until this call
+  -- takes from it: after a change of limits, what had refilled under the old ones stays.
+  local rlevel, rat, rq
   if rate > 0 then
-    rlevel, rat = req_load(rcap, rate)
+    rlevel, rat, rq = req_load(rcap, rate)
     local need = NR - rlevel
-    if need > 0 then candidate(0, 1, rat + ceil_div(need, rate)) end
+    if need > 0 then candidate(0, 1, rat + ceil_div(need, rq)) end
   end
   local inflight = state.inflight or 0
   if conc > 0 and inflight >= conc then candidate(0, 4, now + 1000000) end
   local tlevel, tat
   if tpm > 0 then
-    tlevel, tat = tok_load('t', tpm)
-    local at = tok_available_at(tlevel, tat, tpm, tokens)
+    local trq, _
+    tlevel, tat, _, trq = tok_load('t', tpm)
+    local at = tok_available_at(tlevel, tat, trq, tokens)
     if at > now and tokens <= tpm then candidate(0, 2, at) end
   end
   local settled, reserved = month_used()
@@ -684,8 +700,9 @@ if op == 'reserve' then
   local mp = m ~= '' and month_names(m).t
   local mlevel, mat
   if m ~= '' and mtpm > 0 then
-    mlevel, mat = tok_load(mp, mtpm)
-    local at = tok_available_at(mlevel, mat, mtpm, tokens)
+    local mrq, _
+    mlevel, mat, _, mrq = tok_load(mp, mtpm)
+    local at = tok_available_at(mlevel, mat, mrq, tokens)
     if at > now and tokens <= mtpm then candidate(0, 5, at) end
   end
   if m ~= '' and mmcap > 0 and model_used(m) + tokens > mmcap and tokens <= mmcap then
@@ -696,13 +713,15 @@ if op == 'reserve' then
   local krlevel, krat, klevel, kat
   if kid ~= '' then
     if krate > 0 then
-      krlevel, krat = req_load(krcap, krate, kp)
+      local krq
+      krlevel, krat, krq = req_load(krcap, krate, kp)
       local need = NR - krlevel
-      if need > 0 then candidate(0, 7, krat + ceil_div(need, krate)) end
+      if need > 0 then candidate(0, 7, krat + ceil_div(need, krq)) end
     end
     if ktpm > 0 then
-      klevel, kat = tok_load(kp .. 't', ktpm)
-      local at = tok_available_at(klevel, kat, ktpm, tokens)
+      local ktrq, _
+      klevel, kat, _, ktrq = tok_load(kp .. 't', ktpm)
+      local at = tok_available_at(klevel, kat, ktrq, tokens)
       if at > now and tokens <= ktpm then candidate(0, 8, at) end
     end
     if kmcap > 0 and key_used(kid) + tokens > kmcap and tokens <= kmcap then
@@ -713,7 +732,7 @@ if op == 'reserve' then
   if best_kind >= 0 then
     finish()
     local rr, rf = 0, 0
-    if rate > 0 then rr, rf = req_view(rlevel, rat, rcap, rate) end
+    if rate > 0 then rr, rf = req_view(rlevel, rat, rcap, rq) end
     local tr, tf = tok_view(tpm)
     return views({0, now, best_kind, best_limit, best_at, rr, rf, tr, tf, settled + reserved, mk},
       kid, krate, krcap, ktpm, m, mtpm, mmcap)
@@ -726,6 +745,7 @@ if op == 'reserve' then
     put('rl', rlevel)
     put('ra', rat)
     put('rc', rcap)
+    put('rq', rate)
     rr, rf = req_view(rlevel, rat, rcap, rate)
     keep_until(rf)
   end
@@ -755,6 +775,7 @@ if op == 'reserve' then
       put(kp .. 'rl', krlevel)
       put(kp .. 'ra', krat)
       put(kp .. 'rc', krcap)
+      put(kp .. 'rq', krate)
       local _, full_at = req_view(krlevel, krat, krcap, krate)
       keep_until(full_at)
     end
@@ -924,8 +945,8 @@ if op == 'usage' then
   end
   local rr, rf = 0, 0
   if rate > 0 then
-    local level, at = req_load(rcap, rate)
-    rr, rf = req_view(level, at, rcap, rate)
+    local level, at, rq = req_load(rcap, rate)
+    rr, rf = req_view(level, at, rcap, rq)
   end
   local tr, tf, balance = tok_view(tpm)
   local settled, reserved = month_used()
@@ -1008,7 +1029,7 @@ if op == 'newgen' then
   local rate, rcap, rtake = N(ARGV[8] or '0') or 0, N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0
   local tpm, ttake = N(ARGV[11] or '0') or 0, N(ARGV[12] or '0') or 0
   local running = N(ARGV[13] or '0') or 0
-  load({'keep', 'rl', 'ra', 'rc', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk', 'res'})
+  load({'keep', 'rl', 'ra', 'rc', 'rq', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk', 'res'})
   -- The new generation keeps the holds of the reservations still live (the month's, the
   -- models', the keys'), and the live records are counted in it from now on: every instance
   -- that served the workspace on its own starts a generation at its switch back, and each
@@ -1081,6 +1102,7 @@ if op == 'newgen' then
     put('rl', level)
     put('ra', at)
     put('rc', rcap)
+    put('rq', rate)
     local _, full = req_view(level, at, rcap, rate)
     keep_until(full)
   end
@@ -1089,12 +1111,13 @@ if op == 'newgen' then
     local kind, id, a, b, take = ARGV[i], ARGV[i + 1], N(ARGV[i + 2]), N(ARGV[i + 3]), N(ARGV[i + 4])
     if kind == 'kr' and a > 0 and take > 0 then
       local p = key_prefix(id)
-      load({p .. 'rl', p .. 'ra', p .. 'rc'})
+      load({p .. 'rl', p .. 'ra', p .. 'rc', p .. 'rq'})
       local level, at = req_load(b, a, p)
       level = math.max(level - take, 0)
       put(p .. 'rl', level)
       put(p .. 'ra', at)
       put(p .. 'rc', b)
+      put(p .. 'rq', a)
       local _, full = req_view(level, at, b, a)
       keep_until(full)
     elseif (kind == 'kt' or kind == 'mt') and a > 0 and take > 0 then
