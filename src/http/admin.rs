@@ -68,9 +68,12 @@ impl FromRequestParts<Arc<AppState>> for AdminActor {
         if tokens.is_empty() {
             return Err(ApiError::AdminDisabled);
         }
-        let given = super::bearer(&parts.headers).ok_or(ApiError::Unauthorized(
-            "Missing admin token: send 'Authorization: Bearer <admin token>'.",
-        ))?;
+        let given = super::bearer(&parts.headers).ok_or_else(|| {
+            ApiError::Unauthorized(super::no_bearer(
+                &parts.headers,
+                "Missing admin token: send 'Authorization: Bearer <admin token>'.",
+            ))
+        })?;
         match admin_token(tokens, given) {
             Some(t) => Ok(AdminActor(Actor::admin(&t.name))),
             None => Err(ApiError::Unauthorized("Invalid admin token.")),

@@ -308,6 +308,14 @@ fn denial_message(denial: &Denial, budget: bool) -> (&'static str, &'static str,
                 wait = wait()
             ),
         ),
+        // The workspace's own cap: its to raise, not the operator's (an outside audit).
+        DenialKind::RequestTooLarge if budget => (
+            "request_too_large",
+            format!(
+                "This request can never fit: its prompt alone exceeds {} ({limit}), the cap this workspace set for itself. Send a smaller request, or raise or clear the cap with PUT /v1/budget; retrying will not help.",
+                what()
+            ),
+        ),
         DenialKind::RequestTooLarge => (
             "request_too_large",
             format!(
@@ -484,6 +492,8 @@ mod tests {
              "Monthly quota of this API key exceeded: 9 tokens per month for this API key (key_tokens_per_month). It renews in 1s, at the start of next month (UTC); the workspace's other keys are not affected, and the operator can raise this key's limit."),
             (denial(RequestTooLarge, TokensPerMinute, Some("m"), 10.0, 0), false,
              "This request can never fit: its prompt alone exceeds the limit of 10 tokens per minute for model 'm' (tokens_per_minute). Send a smaller request or ask for an increase; retrying will not help."),
+            (denial(RequestTooLarge, TokensPerMonth, None, 50.0, 0), true,
+             "This request can never fit: its prompt alone exceeds 50 tokens per month (workspace_budget), the cap this workspace set for itself. Send a smaller request, or raise or clear the cap with PUT /v1/budget; retrying will not help."),
         ];
         for (denial, budget, expected) in cases {
             assert_eq!(super::denial_message(&denial, budget).2, expected);

@@ -47,9 +47,12 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        ApiError::BadRequest(match path.as_str() {
+        // `?` stands for a place whose name was not read yet (`{` and the end of the body):
+        // named by the field around it, if any (an outside audit saw `'?'`).
+        let field = path.trim_end_matches('?').trim_end_matches('.');
+        ApiError::BadRequest(match field {
             // The whole body (not an object, or not JSON at all).
-            "." | "" => format!("invalid JSON body: {inner}"),
+            "" => format!("invalid JSON body: {inner}"),
             field => format!("invalid JSON body: '{field}': {inner}"),
         })
     })?;
@@ -143,4 +146,51 @@ fn shown(path: &str) -> String {
         s.push('…');
     }
     format!("'{s}'")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Body {
+        #[allow(dead_code)]
+        outer: Inner,
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Inner {
+        #[allow(dead_code)]
+        n: u64,
+    }
+
+    fn refusal(body: &str) -> String {
+        match parse::<Body>(body.as_bytes()) {
+            Err(ApiError::BadRequest(m)) => m,
+            other => panic!("{body}: {other:?}"),
+        }
+    }
+
+    /// A refusal names the field where it has one, and never a place by `?` (what
+    /// serde_path_to_error calls a key not read yet).
+    #[test]
+    fn a_refusal_names_the_field_and_never_a_question_mark() {
+        assert_eq!(
+            refusal("{"),
+            "invalid JSON body: EOF while parsing an object at line 1 column 1"
+        );
+        assert_eq!(
+            refusal(r#"{"outer": {"n": "5"}}"#),
+            "invalid JSON body: 'outer.n': invalid type: string \"5\", expected u64 at line 1 column 19"
+        );
+        for body in [
+            r#"{"outer": {"#,
+            r#"{"outer": {"n""#,
+            "[",
+            "{\"outer\"",
+            "nul",
+        ] {
+            assert!(!refusal(body).contains('?'), "{body}: {}", refusal(body));
+        }
+    }
 }

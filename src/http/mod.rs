@@ -314,6 +314,22 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
+/// Why a request carries no bearer token (`bearer` gave none): `missing`, the message for a
+/// request without one or with another scheme; or that it sent two `Authorization` headers,
+/// which a client told its key was missing would not look for.
+pub(crate) fn no_bearer(headers: &HeaderMap, missing: &'static str) -> &'static str {
+    if headers
+        .get_all(header::AUTHORIZATION)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        "Two 'Authorization' headers: send one, 'Authorization: Bearer <key>'."
+    } else {
+        missing
+    }
+}
+
 pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
     let mut all = headers.get_all(header::AUTHORIZATION).iter();
     let value = all.next()?.to_str().ok()?;
@@ -335,9 +351,10 @@ pub async fn authenticate(
 ) -> Result<Authenticated, ApiError> {
     let Some(secret) = bearer(headers) else {
         Metrics::inc(&state.metrics.unauthenticated);
-        return Err(ApiError::Unauthorized(
+        return Err(ApiError::Unauthorized(no_bearer(
+            headers,
             "Missing API key: send 'Authorization: Bearer <key>'.",
-        ));
+        )));
     };
     state
         .catalog

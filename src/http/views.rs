@@ -612,9 +612,22 @@ pub struct AuditPageView {
     pub last_id: Option<i64>,
 }
 
+/// A limit's figure as JSON: a whole number as an integer (`600`, as `limits` gives it, not
+/// `600.0`: a client that decodes it into an integer type refused the latter), else as it is
+/// (`0.5` requests a second).
+fn limit_figure<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+    if v.fract() == 0.0 && v.abs() < 9.0e15 {
+        s.serialize_i64(*v as i64)
+    } else {
+        s.serialize_f64(*v)
+    }
+}
+
 /// A rate limit's window now.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct WindowView {
+    /// Requests a second (may have a fraction) or tokens a minute.
+    #[serde(serialize_with = "limit_figure")]
     pub limit: f64,
     pub remaining: u64,
     /// The time until the window is whole again, as in the rate-limit headers (`250ms`,
@@ -638,6 +651,7 @@ pub struct ModelWindowsView {
 /// The month's quota now.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MonthWindowView {
+    #[serde(serialize_with = "limit_figure")]
     pub limit: f64,
     /// Settled and reserved tokens this month.
     pub used: u64,

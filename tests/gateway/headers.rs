@@ -135,6 +135,7 @@ async fn the_mistral_family_alone_names_minutes_and_the_query_cost() {
         Some("5000000")
     );
     assert!(header(&r, "x-ratelimit-remaining-tokens-month").is_some());
+    assert!(header(&r, "x-ratelimit-reset-tokens-month").is_some_and(|v| v.ends_with('s')));
     // No per-minute request limit exists, so no per-minute request header; and the other
     // families are off.
     assert_eq!(header(&r, "x-ratelimit-limit-req-minute"), None);

@@ -828,3 +828,26 @@ async fn an_override_that_lowers_the_rate_lowers_the_burst_unless_it_sets_one() 
         (&json!(10.0), &json!(5))
     );
 }
+
+/// The windows of `/v1/limits` give whole limits as integers, as `limits` does, and a rate's
+/// fraction as it is (an outside audit: `600.0`, which a client decoding integers refuses).
+#[tokio::test]
+async fn the_limits_page_gives_whole_limits_as_integers() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "figures",
+        json!({"requests_per_second": 0.5, "tokens_per_minute": 600, "tokens_per_month": 5_000}),
+    )
+    .await;
+    let (_, key) = gw.workspace("figures").await;
+    assert_eq!(gw.chat(&key, hello(), &[]).await.status(), StatusCode::OK);
+    let limits = gw.limits(&key).await;
+    let usage = &limits["usage"];
+    assert_eq!(usage["requests_per_second"]["limit"], json!(0.5), "{usage}");
+    assert_eq!(usage["tokens_per_minute"]["limit"], json!(600), "{usage}");
+    assert_eq!(usage["tokens_per_month"]["limit"], json!(5_000), "{usage}");
+    assert_eq!(
+        usage["tokens_per_minute"]["limit"],
+        limits["limits"]["tokens_per_minute"]
+    );
+}

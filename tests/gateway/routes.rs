@@ -286,6 +286,8 @@ async fn framing_headers_are_each_hops_own() {
         let (status, answer) =
             raw_request(&gw.url, "POST", "/v1/chat/completions", &headers, &body).await;
         assert_eq!(status, 401, "{answer}");
+        // Told what is wrong: not that the key is missing (an outside audit).
+        assert!(answer.contains("Two 'Authorization' headers"), "{answer}");
     }
     assert_eq!(gw.upstream_count().await, before);
 }
