@@ -174,6 +174,16 @@ pub fn audit_action(value: &str) -> Result<AuditAction, AdminError> {
 pub const OVERRIDE_NAMES: &str =
     "requests_per_second, burst, tokens_per_minute, tokens_per_month, concurrent_requests";
 
+/// What a limit's figure must be: a whole number but for the rate (`5.0` was told it must be "a
+/// positive number", which it is: an outside audit).
+fn number_wanted(field: &str) -> String {
+    if field == "requests_per_second" {
+        format!("limits.{field} must be a positive number or null")
+    } else {
+        format!("limits.{field} must be a positive whole number (no fraction or exponent) or null")
+    }
+}
+
 /// Reads overrides given field by field as a patch: a number sets, `null` clears, a field left
 /// out keeps. Both front ends give their fields here (the CLI's `none` is `null`).
 pub fn overrides_patch<'a>(
@@ -188,7 +198,7 @@ pub fn overrides_patch<'a>(
         }
         serde_json::from_value(v.clone())
             .map(FieldPatch::Set)
-            .map_err(|_| invalid(format!("limits.{field} must be a positive number or null")))
+            .map_err(|_| invalid(number_wanted(field)))
     }
     let mut patch = OverridesPatch::default();
     for (field, v) in fields {
@@ -229,7 +239,7 @@ pub fn key_limits(value: &Value) -> Result<KeyLimits, AdminError> {
         }
         serde_json::from_value(v.clone())
             .map(Some)
-            .map_err(|_| invalid(format!("limits.{field} must be a positive number or null")))
+            .map_err(|_| invalid(number_wanted(field)))
     }
     let fields = match value {
         Value::Null => return Ok(KeyLimits::default()),

@@ -636,6 +636,10 @@ impl From<Limits> for TierSpec {
     }
 }
 
+/// The fields of a tier but its limits', as serde names them in a list of what was expected.
+const TIER_FIELDS: &str =
+    "`concurrent_requests`, `models`, `rank`, `promotion`, `enforcement`, `shadow`";
+
 impl<'de> Deserialize<'de> for TierSpec {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         use serde::de::Error;
@@ -667,12 +671,20 @@ impl<'de> Deserialize<'de> for TierSpec {
             object.remove("models");
         }
         // Read with its path, so that a value of the wrong type names its field here too.
-        let limits = serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(
-            |e| match e.path().to_string().as_str() {
-                "." | "" => D::Error::custom(e.into_inner()),
-                field => D::Error::custom(format!("'{field}': {}", e.into_inner())),
-            },
-        )?;
+        let limits =
+            serde_path_to_error::deserialize(serde_json::Value::Object(object)).map_err(|e| {
+                let path = e.path().to_string();
+                // An unknown field: `Limits`' list of what it expected leaves out the fields
+                // taken out above (an outside audit).
+                let why = e
+                    .into_inner()
+                    .to_string()
+                    .replace("`concurrent_requests`, `models`", TIER_FIELDS);
+                match path.as_str() {
+                    "." | "" => D::Error::custom(why),
+                    field => D::Error::custom(format!("'{field}': {why}")),
+                }
+            })?;
         Ok(TierSpec {
             rank,
             limits,

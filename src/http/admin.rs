@@ -570,9 +570,28 @@ async fn list_limit_requests(
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Approve {
-    /// The overrides to set; left out, what was asked.
+    /// The overrides to set; left out, what was asked. Figures only: an approval grants
+    /// limits, and a `null` (which would clear an override on `PATCH`) is refused.
     #[schema(nullable = false)]
+    #[serde(default, deserialize_with = "granted")]
     limits: Option<Overrides>,
+}
+
+/// An approval's `limits`, refusing a `null` figure: read as overrides, it was left out, and the
+/// override it named stayed as it was while the approval answered `200` (an outside audit).
+fn granted<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Overrides>, D::Error> {
+    use serde::de::Error;
+    let Some(fields) = Option::<serde_json::Map<String, serde_json::Value>>::deserialize(d)? else {
+        return Ok(None);
+    };
+    if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_null()) {
+        return Err(D::Error::custom(format!(
+            "'{name}' is null: an approval grants figures; clear an override with PATCH /admin/v1/workspaces/{{id}}"
+        )));
+    }
+    serde_path_to_error::deserialize(serde_json::Value::Object(fields))
+        .map(Some)
+        .map_err(|e| D::Error::custom(format!("'{}': {}", e.path(), e.inner())))
 }
 
 /// The conflict of an answer to a request already answered.

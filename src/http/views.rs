@@ -806,20 +806,19 @@ pub async fn usage_and_key_view(
 ) -> Result<(UsageView, Option<KeyWindowsView>), ApiError> {
     let now = state.clock.now();
     let month = MonthKey::of(now);
-    // Days as YYYY-MM-DD compare as text; a range given backwards is a mistake to say.
-    if let (Some(f), Some(t)) = (&from, &to) {
-        if valid_day(f) && valid_day(t) && f > t {
-            return Err(ApiError::BadRequest(format!(
-                "from ({f}) must not be after to ({t})"
-            )));
-        }
-    }
     let from = from.unwrap_or_else(|| month.first_day());
     let to = to.unwrap_or_else(|| day_of(now));
     if !valid_day(&from) || !valid_day(&to) {
         return Err(ApiError::BadRequest(
             "from and to are days as YYYY-MM-DD".into(),
         ));
+    }
+    // Days as YYYY-MM-DD compare as text; a range backwards is a mistake to say, one end left
+    // to its default included (a `from` after today was answered with an empty range).
+    if from > to {
+        return Err(ApiError::BadRequest(format!(
+            "from ({from}) must not be after to ({to})"
+        )));
     }
     let live = state
         .limiter

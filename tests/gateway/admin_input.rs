@@ -170,9 +170,12 @@ fn table() -> Vec<Case> {
         with_json("a tier's negative rate", M::PUT, "/admin/v1/tiers/t", Admin, json!({"requests_per_second": -1}), 400),
         with_raw("a tier's tokens past 64 bits", M::PUT, "/admin/v1/tiers/t", Admin, "{\"tokens_per_minute\": 18446744073709551616}", 400),
         with_json("a tier's empty model name", M::PUT, "/admin/v1/tiers/t", Admin, json!({"models": {"": {"tokens_per_minute": 5}}}), 400),
-        with_json("a tier's unknown field", M::PUT, "/admin/v1/tiers/t", Admin, json!({"rps": 5}), 400),
+        with_json("a tier's unknown field", M::PUT, "/admin/v1/tiers/t", Admin, json!({"rps": 5}), 400).naming("promotion"),
         with_json("a grant of zero", M::POST, "/admin/v1/limit-requests/{req}/approve", Admin, json!({"limits": {"requests_per_second": 0}}), 400),
         with_json("a grant of nothing", M::POST, "/admin/v1/limit-requests/{req}/approve", Admin, json!({"limits": {}}), 400),
+        // An approval grants figures: a null named no change and answered 200 (an outside audit).
+        with_json("a grant of null", M::POST, "/admin/v1/limit-requests/{req}/approve", Admin, json!({"limits": {"concurrent_requests": 80, "tokens_per_minute": null}}), 400).naming("tokens_per_minute"),
+        with_json("a grant of a string", M::POST, "/admin/v1/limit-requests/{req}/approve", Admin, json!({"limits": {"tokens_per_minute": "5"}}), 400).naming("tokens_per_minute"),
         // Names and texts.
         new_workspace("an empty name", json!({"name": ""})),
         new_workspace("a blank name", json!({"name": " "})),
@@ -229,6 +232,8 @@ fn table() -> Vec<Case> {
         case("usage from not a day", M::GET, "/admin/v1/workspaces/{ws}/usage?from=yesterday", Admin, 400),
         case("usage with an unknown parameter", M::GET, "/admin/v1/workspaces/{ws}/usage?days=7", Admin, 400),
         case("usage range backwards", M::GET, "/admin/v1/workspaces/{ws}/usage?from=2026-12-06&to=2026-12-01", Admin, 400).naming("from"),
+        // `to` left out is today (the manual clock starts now, in this century).
+        case("usage from after today", M::GET, "/admin/v1/workspaces/{ws}/usage?from=2999-01-01", Admin, 400).naming("from"),
         // Every route of the two APIs refuses a parameter it does not take, even one that takes
         // none, and changes nothing (the key stays).
         case("revoke with a stray parameter", M::DELETE, "/admin/v1/keys/{key}?dry_run=1", Admin, 400).naming("dry_run"),
