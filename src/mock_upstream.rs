@@ -84,7 +84,7 @@
 //!
 //! | Header | Effect |
 //! |---|---|
-//! | `x-mock-usage: P,C` | report `prompt_tokens` P and `completion_tokens` C exactly; each choice is C words long (embeddings use P only) |
+//! | `x-mock-usage: P,C` | report `prompt_tokens` P and `completion_tokens` C exactly; each choice is C words long, at most 100,000 (embeddings use P only) |
 //! | `x-mock-latency-ms: N` | wait N ms, on top of [`MockConfig::latency`], before answering (streams: before the first event) |
 //! | `x-mock-no-usage: 1` | no usage: `usage` omitted from JSON answers, always `null` in streams |
 //! | `x-mock-fail-after-chunks: N` | a stream aborts with an I/O error after N content events (after the last one if fewer): the client sees a broken transfer, with no `finish_reason`, usage or `[DONE]` (responses: after N `response.output_text.delta` events, before `response.completed`). A JSON answer (errors included) sends its headers and the first half of its body, then aborts |
@@ -120,7 +120,7 @@ use std::{
 
 use axum::{
     body::{Body, HttpBody},
-    extract::{FromRequestParts, Query, Request, State},
+    extract::{DefaultBodyLimit, FromRequestParts, Query, Request, State},
     http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode, Uri},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -134,6 +134,13 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 const DEFAULT_REPLY_WORDS: u64 = 16;
+/// The most words a choice is made of, whatever usage `x-mock-usage` asks to report: a client's
+/// `x-mock-usage: 1,200000000000` grew the mock to the machine's whole memory (an outside audit).
+const MAX_REPLY_WORDS: u64 = 100_000;
+/// The largest request body read: well above the gateway's default bound (`max_body_bytes`,
+/// 4 MiB), so that the mock carries what the gateway lets through (axum's default stopped at
+/// 2 MiB: an outside audit).
+const MAX_BODY_BYTES: usize = 64 << 20;
 const TOKENS_PER_MESSAGE: u64 = 3;
 const VOCABULARY: [&str; 8] = [
     "mock", "token", "stream", "lorem", "ipsum", "dolor", "sit", "amet",
@@ -187,6 +194,7 @@ pub fn router(config: MockConfig) -> Router {
             state.clone(),
             count_requests,
         ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
 
@@ -914,7 +922,7 @@ impl Completion {
         let choices = options.n.unwrap_or(1).max(1);
         let limit = options.max_tokens.or(options.max_completion_tokens);
         let (words, finish_reason) = match (controls.usage, limit) {
-            (Some((_, completion)), _) => (completion, "stop"),
+            (Some((_, completion)), _) => (completion.min(MAX_REPLY_WORDS), "stop"),
             (None, Some(limit)) if limit < DEFAULT_REPLY_WORDS => (limit, "length"),
             (None, _) => (DEFAULT_REPLY_WORDS, "stop"),
         };
@@ -1990,5 +1998,31 @@ mod tests {
         let response = send(addr, "GET", REQUESTS_PATH, &[], "").await;
         assert_eq!(response.json(), json!({"count": 2}));
         assert_eq!(response.header("x-mock-request-count"), Some("2"));
+    }
+
+    /// A usage of any size is reported as asked, but the reply is at most `MAX_REPLY_WORDS`
+    /// words long; and a body of 3 MiB (under the gateway's default bound) is read.
+    #[tokio::test]
+    async fn huge_usages_and_bodies_are_answered_without_exhausting_memory() {
+        let addr = start().await;
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"Hi"}]}"#;
+        let headers = [("x-mock-usage", "1,200000000000")];
+        let response = send(addr, "POST", "/v1/chat/completions", &headers, body).await;
+        assert_eq!(response.status, 200);
+        let v = response.json();
+        assert_eq!(v["usage"]["completion_tokens"], 200_000_000_000u64);
+        let words = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .count();
+        assert_eq!(words as u64, MAX_REPLY_WORDS);
+
+        let big = format!(
+            r#"{{"model":"m","messages":[{{"role":"user","content":"{}"}}]}}"#,
+            "a".repeat(3 << 20)
+        );
+        let response = send(addr, "POST", "/v1/chat/completions", &[], &big).await;
+        assert_eq!(response.status, 200, "{}", response.body);
     }
 }
