@@ -235,7 +235,9 @@ enum WorkspaceCommand {
     /// NAME=true|false, none for no attributes.
     Attributes {
         id: i64,
-        #[arg(value_name = "NAME=VALUE")]
+        /// At least one: the command given none wiped them, easily done by mistake (an
+        /// outside audit); `none` says it.
+        #[arg(value_name = "NAME=VALUE", required = true)]
         attributes: Vec<String>,
         #[command(flatten)]
         store: StoreArgs,

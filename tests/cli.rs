@@ -635,6 +635,21 @@ fn promotion_from_the_command_line() {
         .run(&["workspaces", "attributes", &id, "plan=gold"])
         .unwrap_err()
         .contains("plan=gold"));
+    // Nothing given is a mistake, not "no attributes" (that is `none`): refused, and the
+    // attributes kept.
+    cli.ok(&["workspaces", "attributes", &held, "paid_usd=7"]);
+    assert!(cli
+        .run(&["workspaces", "attributes", &held])
+        .unwrap_err()
+        .contains("NAME=VALUE"));
+    let kept = cli.ok(&["workspaces", "list"]);
+    let kept = kept
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["id"] == held.parse::<i64>().unwrap())
+        .unwrap();
+    assert_eq!(kept["attributes"]["paid_usd"].as_f64(), Some(7.0), "{kept}");
 }
 
 #[test]
