@@ -1023,12 +1023,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 counted_key_rows,
                 batch_ids,
                 audit_entries,
+                webhook_endpoints,
+                webhook_events,
+                webhook_deliveries,
+                console_secret,
                 catalog_version,
             } = copied;
             println!("Copied {} into {}:", redact(&from), redact(&to));
             println!("  tiers: {tiers}, workspaces: {workspaces}, keys: {keys} (revoked: {revoked_keys}), limit requests: {limit_requests}");
             println!("  ledger: daily rows: {daily_rows}, rows by counter: {counted_rows}, hourly rows: {hourly_rows}, rows by key: {key_rows} (by counter: {counted_key_rows}), batch ids: {batch_ids}, events: {ledger_events}");
-            println!("  audit entries: {audit_entries}; catalogue version: {catalog_version}");
+            println!("  webhooks: endpoints: {webhook_endpoints}, events: {webhook_events}, deliveries: {webhook_deliveries}");
+            let console_secret = if console_secret { "copied" } else { "none" };
+            println!("  audit entries: {audit_entries}; console secret: {console_secret}; catalogue version: {catalog_version}");
         }
     }
     Ok(())

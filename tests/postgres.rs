@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 use tiergate::clock::{Clock, ManualClock};
 use tiergate::limiter::core::day_of;
 use tiergate::limiter::MonthKey;
-use tiergate::model::{default_tiers, Actor, Limits, Tier};
-use tiergate::store::{KeyDayRow, LedgerBatch, LedgerRow};
+use tiergate::model::{default_tiers, Actor, AuditEntry, Limits, Tier};
+use tiergate::store::{AuditFilter, KeyDayRow, LedgerBatch, LedgerRow, WebhookEndpoint};
 
 use support::postgres::{Gateway, Line, PgDatabase, Proxy};
 
@@ -235,12 +235,10 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         .unwrap();
     assert_ne!(source_secret, vec![1; 32], "the source had one already");
 
-    // The target had a `serve` started on it once: seeded tiers only, replaced by the source's,
-    // and a secret of its own, replaced too.
+    // The target had a `serve` started on it once, with a tier of its own in its configuration:
+    // seeded tiers only, replaced by the source's, and a secret of its own, replaced too.
     {
         let target = tiergate::store::open(&db.url).await.unwrap();
-        target.seed_tiers(&default_tiers()).await.unwrap();
-        assert_eq!(target.console_secret(&[2; 32]).await.unwrap(), vec![2; 32]);
         let stale = Tier {
             name: "stale".into(),
             rank: None,
@@ -249,7 +247,10 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
             enforcement: Default::default(),
             shadow: Vec::new(),
         };
-        target.put_tier(&stale, &Actor::cli(None), 0).await.unwrap();
+        let mut seeded = default_tiers();
+        seeded.push(stale);
+        target.seed_tiers(&seeded).await.unwrap();
+        assert_eq!(target.console_secret(&[2; 32]).await.unwrap(), vec![2; 32]);
     }
     let out = migrate(&sqlite, &db.url);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -274,7 +275,8 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         "rows by counter: 1,",
         "(by counter: 1)",
         "events: 0\n",
-        "audit entries: 13;",
+        "webhooks: endpoints: 1, events: 4, deliveries: 1\n",
+        "audit entries: 13; console secret: copied;",
     ] {
         assert!(stdout.contains(copied), "{copied}: {stdout}");
     }
@@ -352,7 +354,7 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
     let kc = key_of(created(&gw, &format!("/workspaces/{}/keys", c["id"]), json!({})).await);
     assert_eq!(gw.chat(&kc).await, StatusCode::OK);
 
-    // The audit log came along (not the target's own tier change), and goes on after it.
+    // The audit log came along, and goes on after it.
     let (_, log) = gw.admin(Method::GET, "/audit?limit=1000", None).await;
     let log = log["data"].as_array().unwrap();
     let actions: Vec<&str> = log.iter().map(|e| e["action"].as_str().unwrap()).collect();
@@ -438,6 +440,127 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
         &db.url,
     );
     assert!(!out.status.success());
+}
+
+/// What a target holds, as far as a refused migration must leave it.
+async fn holdings(url: &str) -> (Vec<String>, Vec<AuditEntry>, Vec<WebhookEndpoint>, Vec<u8>) {
+    let store = tiergate::store::open(url).await.unwrap();
+    let mut tiers: Vec<String> = store
+        .list_tiers()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
+    tiers.sort();
+    let audit = store
+        .audit_log(&AuditFilter {
+            limit: 1000,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    let webhooks = store.list_webhooks(None).await.unwrap();
+    let secret = store.console_secret(&[9; 32]).await.unwrap();
+    (tiers, audit, webhooks, secret)
+}
+
+/// A target that a `serve` has been used on (an operator's webhook endpoint, a tier changed,
+/// an event in the webhooks' outbox) is refused as not empty, naming what it holds, and keeps
+/// all of it, its audit log above all. It used to fail on a duplicate key with a raw database
+/// error for the endpoint, and to delete the audit entry of the tier change (an outside audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_with_webhooks_or_audit_entries_is_refused_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("embedded.db").display());
+    let clock = Arc::new(ManualClock::starting_now());
+    // A source with a webhook endpoint of its own (id 1, as the target's), and audit entries.
+    {
+        let gw = Gateway::start(&sqlite, clock.clone()).await;
+        created(
+            &gw,
+            "/webhooks",
+            json!({"url": "http://127.0.0.1:9/source", "events": ["quota.threshold"]}),
+        )
+        .await;
+        gw.stop().await;
+    }
+
+    // An operator's endpoint, made on a `serve` over the target.
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let gw = Gateway::start(&db.url, clock.clone()).await;
+    created(
+        &gw,
+        "/webhooks",
+        json!({"url": "http://127.0.0.1:9/target", "events": ["quota.threshold"]}),
+    )
+    .await;
+    gw.stop().await;
+    // A tier changed on a `serve` over another target: its audit entry is all it holds
+    // beyond what a `serve` makes.
+    let Some(tier_db) = PgDatabase::create().await else {
+        return;
+    };
+    let gw = Gateway::start(&tier_db.url, clock.clone()).await;
+    let (s, v) = gw
+        .admin(
+            Method::PUT,
+            "/tiers/gold",
+            Some(json!({"requests_per_second": 50})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    gw.stop().await;
+    // An event in the outbox of a third, and nothing else.
+    let Some(event_db) = PgDatabase::create().await else {
+        return;
+    };
+    {
+        let target = tiergate::store::open(&event_db.url).await.unwrap();
+        target.seed_tiers(&default_tiers()).await.unwrap();
+        let event = tiergate::store::WebhookEvent::new("quota.threshold", 1, 0, json!({}), None);
+        assert!(target.enqueue_event(&event, 0).await.unwrap());
+    }
+
+    for (target, held) in [
+        (
+            &db,
+            "audit entries: 1, webhook endpoints: 1, webhook events: 0",
+        ),
+        (
+            &tier_db,
+            "ledger rows: 0, audit entries: 1, webhook endpoints: 0",
+        ),
+        (
+            &event_db,
+            "audit entries: 0, webhook endpoints: 0, webhook events: 1",
+        ),
+    ] {
+        let before = holdings(&target.url).await;
+        let out = migrate(&sqlite, &target.url);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.contains("is not empty")
+                && stderr.contains(held)
+                && stderr.contains("nothing was changed"),
+            "{held}: {stderr}"
+        );
+        assert!(!stderr.contains("database error"), "{stderr}");
+        assert_eq!(holdings(&target.url).await, before, "{held}");
+    }
+    let (tiers, audit, webhooks, _) = holdings(&db.url).await;
+    assert!(tiers.contains(&"free".to_string()), "{tiers:?}");
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].action, "webhook.create");
+    assert_eq!(webhooks.len(), 1);
+    assert_eq!(webhooks[0].url, "http://127.0.0.1:9/target");
+    let (tiers, audit, _, _) = holdings(&tier_db.url).await;
+    assert!(tiers.contains(&"gold".to_string()), "{tiers:?}");
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].target, "tier:gold");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

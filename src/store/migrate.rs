@@ -5,9 +5,12 @@
 //! The source must exist; its schema is first brought up to date, as `serve` would. It is then
 //! read in one read transaction (a consistent snapshot, even if a gateway is still writing to
 //! it); the target is written in one transaction, so a failed copy leaves it as it
-//! was. The target must be empty: if it holds any workspace, key, limit request or ledger row,
-//! nothing is changed. Tiers alone (the defaults a `serve` seeded) are replaced by the source's,
-//! with the audit entries of any tier change made on the target; the source's audit log is copied.
+//! was. The target must be empty: if it holds anything a `serve` started on it does not make
+//! itself (any workspace, key, limit request, ledger row, audit entry, webhook endpoint, event
+//! or delivery), nothing is changed. What a `serve` makes is replaced by the source's: the tiers
+//! it seeded (seeding writes no audit entry: a tier changed on the target has one, and so makes
+//! it non-empty) and the console's signing secret. The audit log is never deleted from: the
+//! target's is empty, and the source's is copied into it.
 //! Ids are kept, and the identity sequences continue after the copied ids. The catalogue version
 //! is the source's, or one above the target's if that is higher, so that a gateway already
 //! running on the target reloads everything.
@@ -37,8 +40,9 @@ pub enum MigrateError {
     Write(StoreError),
     #[error(
         "target {url} is not empty (workspaces: {workspaces}, keys: {keys}, limit requests: \
-         {limit_requests}, ledger rows: {ledger_rows}); nothing was changed (migrate into a new, \
-         empty database)"
+         {limit_requests}, ledger rows: {ledger_rows}, audit entries: {audit_entries}, webhook \
+         endpoints: {webhook_endpoints}, webhook events: {webhook_events}, webhook deliveries: \
+         {webhook_deliveries}); nothing was changed (migrate into a new, empty database)"
     )]
     TargetNotEmpty {
         url: String,
@@ -46,6 +50,10 @@ pub enum MigrateError {
         keys: i64,
         limit_requests: i64,
         ledger_rows: i64,
+        audit_entries: i64,
+        webhook_endpoints: i64,
+        webhook_events: i64,
+        webhook_deliveries: i64,
     },
 }
 
@@ -72,6 +80,12 @@ pub struct MigrationSummary {
     /// Ids of ledger batches written (kept for a week, to recognise a batch sent again).
     pub batch_ids: u64,
     pub audit_entries: u64,
+    pub webhook_endpoints: u64,
+    /// Events of the webhooks' outbox, and their deliveries (pending, delivered or failed).
+    pub webhook_events: u64,
+    pub webhook_deliveries: u64,
+    /// Whether the source had the console's signing secret (its sessions hold on the target).
+    pub console_secret: bool,
     /// The catalogue version the target is now at.
     pub catalog_version: i64,
 }
@@ -106,39 +120,60 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
 
     // Nobody writes the target while it is checked and filled.
     sqlx::query(
-        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, usage_hourly, usage_daily_by_key, usage_counted_by_key, ledger_batches, catalog_changes, audit, secrets IN EXCLUSIVE MODE",
+        "LOCK TABLE meta, tiers, workspaces, api_keys, limit_requests, usage_events, usage_daily, usage_counted, usage_hourly, usage_daily_by_key, usage_counted_by_key, ledger_batches, catalog_changes, audit, secrets, webhook_endpoints, webhook_events, webhook_deliveries IN EXCLUSIVE MODE",
     )
     .execute(&mut *dst)
     .await
     .map_err(write)?;
-    let (workspaces, keys, limit_requests, ledger_rows): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily) + (SELECT COUNT(*) FROM usage_counted) + (SELECT COUNT(*) FROM usage_hourly) + (SELECT COUNT(*) FROM usage_daily_by_key) + (SELECT COUNT(*) FROM usage_counted_by_key) + (SELECT COUNT(*) FROM ledger_batches)",
+    // Everything copied that a `serve` does not make itself must be absent: a `serve` seeds
+    // tiers (without an audit entry) and makes the console's secret, and nothing else.
+    let counts: (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM workspaces), (SELECT COUNT(*) FROM api_keys), (SELECT COUNT(*) FROM limit_requests), (SELECT COUNT(*) FROM usage_events) + (SELECT COUNT(*) FROM usage_daily) + (SELECT COUNT(*) FROM usage_counted) + (SELECT COUNT(*) FROM usage_hourly) + (SELECT COUNT(*) FROM usage_daily_by_key) + (SELECT COUNT(*) FROM usage_counted_by_key) + (SELECT COUNT(*) FROM ledger_batches), (SELECT COUNT(*) FROM audit), (SELECT COUNT(*) FROM webhook_endpoints), (SELECT COUNT(*) FROM webhook_events), (SELECT COUNT(*) FROM webhook_deliveries)",
     )
     .fetch_one(&mut *dst)
     .await
     .map_err(write)?;
-    if workspaces + keys + limit_requests + ledger_rows > 0 {
+    let (
+        workspaces,
+        keys,
+        limit_requests,
+        ledger_rows,
+        audit_entries,
+        webhook_endpoints,
+        webhook_events,
+        webhook_deliveries,
+    ) = counts;
+    if workspaces
+        + keys
+        + limit_requests
+        + ledger_rows
+        + audit_entries
+        + webhook_endpoints
+        + webhook_events
+        + webhook_deliveries
+        > 0
+    {
         return Err(MigrateError::TargetNotEmpty {
             url: redact(to),
             workspaces,
             keys,
             limit_requests,
             ledger_rows,
+            audit_entries,
+            webhook_endpoints,
+            webhook_events,
+            webhook_deliveries,
         });
     }
 
-    // Tiers alone (what a `serve` seeded) give way to the source's, and so do the audit entries
-    // of tier changes made on the target (the only ones an empty target can hold).
+    // What a `serve` made gives way to the source's: the tiers it seeded, and the gateway's own
+    // secrets (the console's signing key: the source's sessions go on on the target, and any a
+    // `serve` made on the empty target end). The audit log is empty, as checked above, and is
+    // never deleted from.
     sqlx::query("DELETE FROM tiers")
         .execute(&mut *dst)
         .await
         .map_err(write)?;
-    sqlx::query("DELETE FROM audit")
-        .execute(&mut *dst)
-        .await
-        .map_err(write)?;
-    // The gateway's own secrets (the console's signing key) too: the source's sessions go on
-    // on the target, and any a `serve` made on the empty target end.
     sqlx::query("DELETE FROM secrets")
         .execute(&mut *dst)
         .await
@@ -147,7 +182,7 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
     for (table, columns) in TABLES {
         copied.push(copy_table(&mut src, &mut dst, table, columns).await?);
     }
-    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, counted_key_rows, batch_ids, audit_entries, _secrets, _webhooks, _webhook_events, _webhook_deliveries] =
+    let [tiers, workspaces, keys, limit_requests, ledger_events, daily_rows, counted_rows, hourly_rows, key_rows, counted_key_rows, batch_ids, audit_entries, secrets, webhook_endpoints, webhook_events, webhook_deliveries] =
         copied[..]
     else {
         unreachable!("one count per table")
@@ -171,6 +206,10 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
         counted_key_rows,
         batch_ids,
         audit_entries,
+        webhook_endpoints,
+        webhook_events,
+        webhook_deliveries,
+        console_secret: secrets > 0,
         catalog_version: 0,
     };
 
