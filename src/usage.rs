@@ -58,6 +58,7 @@ use std::time::Duration;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
 use crate::clock::Clock;
@@ -172,7 +173,8 @@ enum Msg {
     Defer(Box<Deferred>),
     Flush(oneshot::Sender<()>),
     CatchUp(oneshot::Sender<()>),
-    Shutdown(oneshot::Sender<Unwritten>),
+    /// The last flush, to end by the instant given.
+    Shutdown(oneshot::Sender<Unwritten>, tokio::time::Instant),
 }
 
 /// The longest a new shared counter generation waits for the writer to catch up (`CatchUp`).
@@ -220,9 +222,10 @@ pub struct Unwritten {
 /// At most one line per this while the ledger's writes keep failing.
 const FAILED_WRITE_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// At a stop, how long the last write is tried again while the store does not answer: with the
-/// default grace (20 s), usage drain (2 s) and settlements' grace (5 s), a stop still fits in
-/// the 30 s Kubernetes gives before SIGKILL.
+/// At a stop, how long the last write may take in all, tried again while the store does not
+/// answer: with the default grace (20 s), usage drain (2 s) and settlements' grace (5 s), a stop
+/// still fits in the 30 s Kubernetes gives before SIGKILL. It bounds every attempt, not only
+/// when one may start: a store call can wait seconds for a connection or an answer.
 pub const LAST_WRITE_PATIENCE: Duration = Duration::from_secs(3);
 
 /// A denial's workspace, day, model, hour and key.
@@ -266,6 +269,9 @@ pub struct Recorder {
     metrics: Arc<Metrics>,
     /// Unix seconds of the last "dropped" log line, so a flood logs once every 10 s.
     last_drop_log: Arc<AtomicU64>,
+    /// Cancelled when the stop begins: the writer gives up the write under way, and the last
+    /// write takes over.
+    stopping: CancellationToken,
 }
 
 impl Recorder {
@@ -303,6 +309,7 @@ impl Recorder {
         let store_for_reads = store.clone();
         let denials = Arc::new(Mutex::new(Map::default()));
         let last_drop_log = Arc::new(AtomicU64::new(0));
+        let stopping = CancellationToken::new();
         let writer = Writer {
             store,
             catalog,
@@ -323,6 +330,8 @@ impl Recorder {
             models_today: Map::default(),
             max_pending,
             last_drop_log: last_drop_log.clone(),
+            stopping: stopping.clone(),
+            touching: Vec::new(),
         };
         let task = tokio::spawn(writer.run(rx, flush_every));
         let recorder = Recorder {
@@ -333,6 +342,7 @@ impl Recorder {
             denials,
             metrics,
             last_drop_log,
+            stopping,
         };
         (recorder, task)
     }
@@ -483,11 +493,14 @@ impl Recorder {
     }
 
     /// The last flush: tries the deferred settlements once more, then writes them all.
-    /// Writes what is left, trying again for up to `LAST_WRITE_PATIENCE` while the store does
-    /// not answer; answers what could not be written.
+    /// Writes what is left, trying again while the store does not answer, and answers what
+    /// could not be written, all within `LAST_WRITE_PATIENCE` of the call (a write already
+    /// under way is given up for it; a batch given up is sent again, written once).
     pub async fn shutdown(&self) -> Unwritten {
+        let give_up = tokio::time::Instant::now() + LAST_WRITE_PATIENCE;
+        self.stopping.cancel();
         let (ack, done) = oneshot::channel();
-        if self.tx.send(Msg::Shutdown(ack)).await.is_ok() {
+        if self.tx.send(Msg::Shutdown(ack, give_up)).await.is_ok() {
             return done.await.unwrap_or_default();
         }
         Unwritten::default()
@@ -594,6 +607,10 @@ struct Writer {
     models_today: Map<String, Map<WorkspaceId, Set<String>>>,
     max_pending: usize,
     last_drop_log: Arc<AtomicU64>,
+    /// The stop has begun (`Recorder::shutdown`): writes other than the last are given up.
+    stopping: CancellationToken,
+    /// Keys' last use taken from the catalogue and not yet written.
+    touching: Vec<(KeyId, i64)>,
 }
 
 /// A random id for this process's batches: 64 bits, so two processes never share one.
@@ -616,12 +633,12 @@ impl Writer {
                     Some(Msg::Record(r)) => {
                         self.push(r);
                         if self.pending.len() >= BATCH {
-                            self.write().await;
+                            self.write_unless_stopping().await;
                         }
                     }
                     Some(Msg::Defer(d)) => self.defer(d),
                     Some(Msg::Flush(ack)) => {
-                        self.write().await;
+                        self.write_unless_stopping().await;
                         let _ = ack.send(());
                     }
                     Some(Msg::CatchUp(ack)) => {
@@ -634,19 +651,21 @@ impl Writer {
                                 Ok(Msg::Record(r)) => self.push(r),
                                 Ok(Msg::Defer(d)) => self.defer(d),
                                 Ok(Msg::Flush(ack)) => acks.push(ack),
-                                Ok(Msg::Shutdown(ack)) => {
-                                    shutdown = Some(ack);
+                                Ok(Msg::Shutdown(ack, give_up)) => {
+                                    shutdown = Some((ack, give_up));
                                     break;
                                 }
                                 Err(_) => break,
                             }
                         }
                         self.catch_up(acks).await;
-                        if let Some(ack) = shutdown {
-                            self.shut_down(ack, flush_every).await;
+                        if let Some((ack, give_up)) = shutdown {
+                            self.shut_down(ack, give_up, flush_every).await;
                         }
                     }
-                    Some(Msg::Shutdown(ack)) => self.shut_down(ack, flush_every).await,
+                    Some(Msg::Shutdown(ack, give_up)) => {
+                        self.shut_down(ack, give_up, flush_every).await
+                    }
                     None => {
                         self.write().await;
                         return;
@@ -654,7 +673,7 @@ impl Writer {
                 },
                 _ = tick.tick() => {
                     self.retry_deferred().await;
-                    self.write().await;
+                    self.write_unless_stopping().await;
                 }
             }
         }
@@ -676,7 +695,7 @@ impl Writer {
     /// every catch-up (`CatchUp`) of `acks`.
     async fn catch_up(&mut self, acks: Vec<oneshot::Sender<()>>) {
         self.retry_deferred().await;
-        self.write().await;
+        self.write_unless_stopping().await;
         for ack in acks {
             let _ = ack.send(());
         }
@@ -685,20 +704,39 @@ impl Writer {
     /// The last flush: the deferred settlements tried once more and then written without a
     /// counter generation; what is held written, and tried again for a while if the store does
     /// not answer; what could not be written answered.
-    async fn shut_down(&mut self, ack: oneshot::Sender<Unwritten>, flush_every: Duration) {
-        self.retry_deferred().await;
+    /// Everything here ends by `give_up`: each attempt is bounded by the time left (a write
+    /// given up keeps its batch sealed, so what it may have written is counted once).
+    async fn shut_down(
+        &mut self,
+        ack: oneshot::Sender<Unwritten>,
+        give_up: tokio::time::Instant,
+        flush_every: Duration,
+    ) {
+        let _ = tokio::time::timeout_at(give_up, self.retry_deferred()).await;
         while let Some(d) = self.deferred.pop_front() {
             self.unconfirmed(*d);
         }
-        self.write().await;
         // The store down at the stop: tried again for a while, as the timed writes would have,
         // rather than dropped at once.
-        let give_up = tokio::time::Instant::now() + LAST_WRITE_PATIENCE;
-        while self.waiting() > 0 && tokio::time::Instant::now() < give_up {
-            tokio::time::sleep(flush_every.min(Duration::from_millis(250))).await;
-            self.write().await;
+        while tokio::time::timeout_at(give_up, self.write()).await.is_ok() && self.waiting() > 0 {
+            let next = tokio::time::Instant::now() + flush_every.min(Duration::from_millis(250));
+            if next >= give_up {
+                break;
+            }
+            tokio::time::sleep_until(next).await;
         }
         let _ = ack.send(self.unwritten());
+    }
+
+    /// A write in the normal course, given up once the stop has begun: the stop's last write,
+    /// bounded, takes over (a batch whose write is given up stays sealed and is sent again).
+    async fn write_unless_stopping(&mut self) {
+        let stopping = self.stopping.clone();
+        tokio::select! {
+            biased;
+            () = stopping.cancelled() => {}
+            () = self.write() => {}
+        }
     }
 
     /// Settles deferred settlements in order while the limiter takes them.
@@ -1047,10 +1085,14 @@ impl Writer {
             return;
         }
         self.metrics.ledger_written();
-        let touched = self.catalog.take_touched();
-        if let Err(e) = self.store.touch_keys(&touched).await {
+        // Kept here while being written: a write given up at the stop leaves them to the last.
+        if self.touching.is_empty() {
+            self.touching = self.catalog.take_touched();
+        }
+        if let Err(e) = self.store.touch_keys(&self.touching).await {
             tracing::warn!(error = %e, "could not record keys' last use");
         }
+        self.touching.clear();
         let now = self.clock.now_secs();
         if now - self.last_prune >= 3600 {
             self.last_prune = now;

@@ -563,6 +563,56 @@ async fn a_target_with_webhooks_or_audit_entries_is_refused_and_kept() {
     assert_eq!(audit[0].target, "tier:gold");
 }
 
+/// A stop while Postgres does not answer at all (every packet dropped: each store call waits
+/// for its timeout) ends within the last write's patience (3 s), a ledger write already under
+/// way included, and says what is lost. It used to take 8 to 10 s: the patience bounded only
+/// when an attempt could start, and the write under way went on to its own timeout first (an
+/// outside audit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_postgres_silent_ends_within_the_last_write_patience() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(db.addr()).await;
+    let clock = Arc::new(ManualClock::starting_now());
+    let gw = Gateway::start(&db.url_via(&proxy), clock.clone()).await;
+    let id = created(
+        &gw,
+        "/workspaces",
+        json!({"name": "acme", "tier": "tier-2"}),
+    )
+    .await["id"]
+        .as_i64()
+        .unwrap();
+    let key = created(&gw, &format!("/workspaces/{id}/keys"), json!({})).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(gw.chat(&key).await, StatusCode::OK);
+    // The admin view writes the ledger out first: only what follows is left to write.
+    let (s, v) = gw
+        .admin(Method::GET, &format!("/workspaces/{id}/usage"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    proxy.set(Line::Silent);
+    assert_eq!(gw.chat(&key).await, StatusCode::OK);
+    // The ledger's next timed write (every 250 ms) starts and waits on the silent line.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let started = Instant::now();
+    let stopped = gw.stopped().await;
+    let took = started.elapsed();
+    assert!(
+        matches!(
+            stopped,
+            Err(tiergate::AppError::UsageLost { requests: 1, .. })
+        ),
+        "{stopped:?}"
+    );
+    // 3 s and a coarse margin for a busy machine.
+    assert!(took < Duration::from_secs(6), "the stop took {took:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
     let Some(db) = PgDatabase::create().await else {

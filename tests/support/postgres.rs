@@ -270,7 +270,7 @@ pub struct Gateway {
     pub clock: Arc<ManualClock>,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<()>>,
+    server: Option<JoinHandle<Result<(), tiergate::AppError>>>,
     mock_stop: Option<oneshot::Sender<()>>,
 }
 
@@ -303,7 +303,6 @@ impl Gateway {
                 let _ = stopped.await;
             })
             .await
-            .unwrap();
         });
         Gateway {
             url,
@@ -316,9 +315,15 @@ impl Gateway {
     }
 
     /// Stops serving and flushes the ledger.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stopped().await.unwrap();
+    }
+
+    /// Stops serving and flushes the ledger; answers how the gateway stopped (an error is what
+    /// makes the binary exit 1).
+    pub async fn stopped(mut self) -> Result<(), tiergate::AppError> {
         self.stop.take().unwrap().send(()).unwrap();
-        self.server.take().unwrap().await.unwrap();
+        self.server.take().unwrap().await.unwrap()
     }
 
     pub async fn admin(
