@@ -566,6 +566,40 @@ tokens_per_minute = 100000
     );
 }
 
+/// A SQLite URL that names no file is refused by name: it used to pass, and `serve` then failed
+/// on "no such table: tiers" (each connection its own empty temporary database).
+#[test]
+fn a_sqlite_url_without_a_path_is_refused_naming_the_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tiergate.toml");
+    std::fs::write(&file, "").unwrap();
+    for url in ["sqlite://", "sqlite:", "sqlite://   ", "sqlite://?mode=rwc"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["config", "check"])
+            .arg(&file)
+            .env_remove("TIERGATE_CONFIG")
+            .env("TIERGATE_DATABASE", url)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        assert!(
+            stderr.contains(&format!("database: '{url}' names no file")),
+            "{url}: {stderr}"
+        );
+        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(["--upstream", "http://127.0.0.1:1", "--database", url])
+            .env_remove("TIERGATE_CONFIG")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        assert!(stderr.contains("database: "), "{url}: {stderr}");
+        assert!(!stderr.contains("no such table"), "{url}: {stderr}");
+    }
+}
+
 /// A ladder set from the command line: a tier's promotion, a workspace's attributes (which
 /// promote it at once when they make it qualify), and the pin that holds one.
 #[test]

@@ -1323,6 +1323,7 @@ impl Backend {
     /// `sqlite:...`, or `postgres://...` / `postgresql://...`; the message says what is wrong.
     pub fn of(url: &str) -> Result<Backend, String> {
         if url.starts_with("sqlite:") {
+            sqlite::check_url(url)?;
             Ok(Backend::Sqlite)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             postgres::check_url(url)?;

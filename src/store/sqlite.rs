@@ -264,6 +264,26 @@ pub struct SqliteStore {
     pub(super) pool: SqlitePool,
 }
 
+/// Checks that `url` names a database: a file (`sqlite://PATH`), or memory (`sqlite::memory:`,
+/// `?mode=memory`). An empty or blank path would be a temporary database per connection, which
+/// fails later with "no such table".
+pub(super) fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = params.split('&').any(|p| p == "mode=memory");
+    if path.trim().is_empty() && !in_memory {
+        return Err(format!(
+            "'{url}' names no file; use sqlite://PATH (e.g. sqlite://tiergate.db)"
+        ));
+    }
+    SqliteConnectOptions::from_str(url)
+        .map(|_| ())
+        .map_err(|e| format!("'{url}' is not a valid SQLite URL: {e}"))
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database at `url` (`sqlite://PATH`).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
