@@ -191,6 +191,8 @@ pub struct UpstreamConfig {
     /// Request headers never forwarded (lowercase): [`DROPPED_REQUEST_HEADERS`] and the
     /// configuration's own.
     pub drop_request_headers: Vec<String>,
+    /// The PEM file `extra_roots` were read from, as given (for `config check`).
+    pub ca_file: Option<String>,
     /// Root certificates (DER) from `upstream.ca_file`, trusted besides the Mozilla roots.
     pub extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     /// The most idle HTTP/1.1 connections kept for reuse; past it the least recently used is
@@ -650,6 +652,9 @@ pub struct Config {
     /// work as one worker of the multi-threaded one for about 6% less CPU per request
     /// (BENCHMARKS.md).
     pub workers: Option<NonZeroUsize>,
+    /// `instances` as set without `redis`, where it applies to nothing: kept to be warned about
+    /// (`warnings`) rather than dropped silently.
+    pub instances_without_redis: Option<u32>,
 }
 
 /// The largest `max_tokens` a request may ask for by default: far above any model's output.
@@ -790,8 +795,10 @@ impl TryFrom<RawSettings> for Config {
             }
         };
 
+        let redis = redis.filter(|r| !r.trim().is_empty());
+        let instances_without_redis = instances.filter(|_| redis.is_none());
         let redis = redis_config(
-            redis.filter(|r| !r.trim().is_empty()),
+            redis,
             redis_cluster.unwrap_or(false),
             redis_timeout_ms,
             redis_failure_policy,
@@ -830,6 +837,7 @@ impl TryFrom<RawSettings> for Config {
                     n => Ok(Duration::from_millis(n)),
                 }
             };
+        let ca_file = upstream.ca_file.filter(|f| !f.is_empty());
         let upstream = UpstreamConfig {
             url,
             api_key: upstream.api_key.filter(|k| !k.is_empty()),
@@ -860,10 +868,11 @@ impl TryFrom<RawSettings> for Config {
                 }
             },
             drop_request_headers: drop_request_headers(upstream.drop_request_headers)?,
-            extra_roots: match upstream.ca_file.filter(|f| !f.is_empty()) {
+            extra_roots: match &ca_file {
                 None => Vec::new(),
-                Some(file) => root_certificates(Path::new(&file))?,
+                Some(file) => root_certificates(Path::new(file))?,
             },
+            ca_file,
             max_idle_connections: match upstream.max_idle_connections.unwrap_or(1024) {
                 n @ 0..=100_000 => n as usize,
                 _ => {
@@ -1004,6 +1013,7 @@ impl TryFrom<RawSettings> for Config {
             log_format,
             access_log: access_log.unwrap_or(true),
             workers,
+            instances_without_redis,
         })
     }
 }
@@ -1347,6 +1357,18 @@ fn toml_key(k: &str) -> String {
 }
 
 impl Config {
+    /// Settings that were given but apply to nothing as the others are: said at start (and by
+    /// `config check`), not refused, so that Redis can be set or unset alone.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(n) = self.instances_without_redis {
+            warnings.push(format!(
+                "instances = {n} is ignored: it applies only with redis (to the local failure policy)"
+            ));
+        }
+        warnings
+    }
+
     /// The effective settings as a TOML document, every default filled in and every secret
     /// masked (`***`): the admin tokens, the upstream's key, and passwords in the database and
     /// Redis URLs. What `tiergate config check` prints.
@@ -1406,7 +1428,14 @@ impl Config {
         line("log_format", toml_str(format));
         line("access_log", self.access_log.to_string());
         match &self.redis {
-            None => out.push_str("# redis: none (limits held in this process's memory)\n"),
+            None => {
+                out.push_str("# redis: none (limits held in this process's memory)\n");
+                if let Some(n) = self.instances_without_redis {
+                    out.push_str(&format!(
+                        "# instances = {n}: ignored, it applies only with redis\n"
+                    ));
+                }
+            }
             Some(r) => {
                 let urls = match &r.topology {
                     Topology::Single(u) => redact(u),
@@ -1453,6 +1482,9 @@ impl Config {
         }
         if u.api_key.is_some() {
             out.push_str("api_key = \"***\"\n");
+        }
+        if let Some(file) = &u.ca_file {
+            out.push_str(&format!("ca_file = {}\n", toml_str(file)));
         }
         out.push_str(&format!(
             "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_buffered_bytes = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\nhttp2_keepalive_ms = {}\n",

@@ -647,6 +647,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             "{name} is not a setting of tiergate (misspelt?): ignored"
         );
     }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     config.upstream_url()?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
     let app = tiergate::app(config, Arc::new(SystemClock)).await?;
@@ -1004,6 +1007,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             })?;
             for name in tiergate::config::unknown_variables(std::env::vars_os().map(|(k, _)| k)) {
                 eprintln!("warning: {name} is not a setting of tiergate (misspelt?): ignored");
+            }
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
             }
             print!("{}", config.effective_toml());
         }

@@ -475,26 +475,31 @@ async fn serve_with_an_admin_listener_keeps_the_admin_api_off_the_main_listener(
 fn config_check_prints_the_effective_settings_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("tiergate.toml");
+    let ca = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tls/ca.pem");
     std::fs::write(
         &file,
-        r#"
+        format!(
+            r#"
 listen = "0.0.0.0:9000"
 database = "postgres://tg:hunter2-db-password@db:5432/tiergate"
 admin_token = "admin-secret-token-0123456789"
 redis = "redis://:hunter3-redis-password@10.0.0.5:6379/0"
+instances = 3
 rate_limit_headers = ["openai", "mistral"]
 log_format = "json"
 
 [upstream]
 url = "https://api.mistral.ai"
 api_key = "sk-upstream-secret-key"
+ca_file = "{ca}"
 
 [tiers.pro]
 requests_per_second = 20
 tokens_per_minute = 2000000
 [tiers.pro.models."mistral-large-latest"]
 tokens_per_minute = 100000
-"#,
+"#
+        ),
     )
     .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
@@ -535,6 +540,9 @@ tokens_per_minute = 100000
         "log_format = \"json\"",
         "api_key = \"***\"",
         "url = \"https://api.mistral.ai/\"",
+        // Every setting given is printed, with what it applies to.
+        "instances = 3\n",
+        &format!("ca_file = \"{ca}\"\n"),
         "[tiers.pro]",
         "requests_per_second = 20.0",
         "[tiers.pro.models.mistral-large-latest]",
@@ -550,6 +558,8 @@ tokens_per_minute = 100000
         reread.tiers["pro"].limits.models["mistral-large-latest"].tokens_per_minute,
         Some(100000)
     );
+    assert_eq!(reread.upstream.ca_file.as_deref(), Some(ca));
+    assert_eq!(reread.instances, Some(3));
 
     std::fs::write(&file, "log_format = \"yaml\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
@@ -564,6 +574,30 @@ tokens_per_minute = 100000
         stderr.contains("log_format") && stderr.contains("'yaml'"),
         "{stderr}"
     );
+
+    // `instances` without `redis` applies to nothing: said on stderr and in the file, not
+    // dropped silently.
+    std::fs::write(&file, "instances = 3\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["config", "check"])
+        .arg(&file)
+        .env_remove("TIERGATE_CONFIG")
+        .env_remove("TIERGATE_REDIS")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: instances = 3 is ignored: it applies only with redis"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("# instances = 3: ignored, it applies only with redis\n"),
+        "{stdout}"
+    );
+    let reread: tiergate::RawSettings = toml::from_str(&stdout).unwrap();
+    assert_eq!(reread.instances, None);
 }
 
 /// A SQLite URL that names no file is refused by name: it used to pass, and `serve` then failed
