@@ -380,11 +380,11 @@ enum LimitRequestCommand {
 /// Logs to stderr, filtered by `TIERGATE_LOG` (default `info`; the access log is the target
 /// `tiergate::access`), as text or one JSON object per line. Built with the `otel` feature and
 /// given an OTLP endpoint (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
-/// it also exports spans; the returned guard flushes them when dropped.
-fn init_tracing(format: LogFormat) -> Telemetry {
+/// it also exports spans; the returned guard flushes them when dropped. An invalid `TIERGATE_LOG`
+/// is refused, as any invalid setting is.
+fn init_tracing(format: LogFormat) -> anyhow::Result<Telemetry> {
     use tracing_subscriber::prelude::*;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIERGATE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = log_filter(std::env::var_os("TIERGATE_LOG"))?;
     // Colours only for a terminal: a file, a pipe or journald gets plain text.
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -409,13 +409,26 @@ fn init_tracing(format: LogFormat) -> Telemetry {
             }
         };
         registry.with(layer).init();
-        Telemetry(provider)
+        Ok(Telemetry(provider))
     }
     #[cfg(not(feature = "otel"))]
     {
         registry.init();
-        Telemetry
+        Ok(Telemetry)
     }
+}
+
+/// The log filter `TIERGATE_LOG` gives (`info` when unset).
+fn log_filter(value: Option<std::ffi::OsString>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    let Some(value) = value else {
+        return Ok(tracing_subscriber::EnvFilter::new("info"));
+    };
+    let text = value
+        .to_str()
+        .ok_or_else(|| anyhow!("TIERGATE_LOG: '{}' is not UTF-8", value.to_string_lossy()))?;
+    tracing_subscriber::EnvFilter::builder()
+        .parse(text)
+        .map_err(|e| anyhow!("TIERGATE_LOG: '{text}' is not a log filter ({e}); e.g. info, tiergate=debug or info,tiergate::access=off"))
 }
 
 #[cfg(not(feature = "otel"))]
@@ -640,7 +653,7 @@ fn serve_runtime(
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let _telemetry = init_tracing(config.log_format);
+    let _telemetry = init_tracing(config.log_format)?;
     for name in tiergate::config::unknown_variables(std::env::vars_os().map(|(k, _)| k)) {
         tracing::warn!(
             variable = %name,
@@ -1074,7 +1087,7 @@ fn main_result() -> anyhow::Result<()> {
             .build()
             .context("starting the runtime")?
             .block_on(async {
-                let _telemetry = init_tracing(LogFormat::Text);
+                let _telemetry = init_tracing(LogFormat::Text)?;
                 run(command).await
             }),
     }

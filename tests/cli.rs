@@ -634,6 +634,67 @@ fn a_sqlite_url_without_a_path_is_refused_naming_the_database() {
     }
 }
 
+/// An invalid `TIERGATE_LOG` is refused at start by name, as any invalid setting is; it used to
+/// be ignored for the default level.
+#[test]
+fn an_invalid_log_filter_is_refused_naming_tiergate_log() {
+    // A `serve` that starts in spite of it runs until stopped: it is given 30 s.
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args([
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--database",
+            "sqlite::memory:",
+        ])
+        .env_remove("TIERGATE_CONFIG")
+        .env("TIERGATE_LOG", "bogus=[[[")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while serve.try_wait().unwrap().is_none() {
+        if started.elapsed() > std::time::Duration::from_secs(30) {
+            serve.kill().unwrap();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = serve.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("Error: TIERGATE_LOG: 'bogus=[[[' is not a log filter"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    // The admin commands read it too.
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("t.db").display());
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["workspaces", "list", "--database", &database])
+        .env_remove("TIERGATE_CONFIG")
+        .env("TIERGATE_LOG", "bogus=[[[")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TIERGATE_LOG: "), "{stderr}");
+    // A valid one starts as before.
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["workspaces", "list", "--database", &database])
+        .env_remove("TIERGATE_CONFIG")
+        .env("TIERGATE_LOG", "info,tiergate::access=off")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A ladder set from the command line: a tier's promotion, a workspace's attributes (which
 /// promote it at once when they make it qualify), and the pin that holds one.
 #[test]
