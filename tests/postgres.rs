@@ -634,6 +634,19 @@ async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
         .unwrap()
         .to_string();
     assert_eq!(gw.chat(&key).await, StatusCode::OK);
+    // A workspace with a key, known to the catalogue, that this instance has not served yet.
+    let other = created(
+        &gw,
+        "/workspaces",
+        json!({"name": "bolt", "tier": "tier-2"}),
+    )
+    .await["id"]
+        .as_i64()
+        .unwrap();
+    let unserved = created(&gw, &format!("/workspaces/{other}/keys"), json!({})).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     proxy.set(Line::Down);
     // The admin API answers quickly that nothing was done.
@@ -684,6 +697,25 @@ async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
     for _ in 0..3 {
         assert_eq!(gw.chat(&key).await, StatusCode::OK);
     }
+    // Not for a workspace whose month's usage this instance has yet to read from the ledger
+    // (README, "On Postgres"): 503, quickly, nothing sent.
+    let started = Instant::now();
+    let r = gw
+        .client
+        .post(format!("{}/v1/chat/completions", gw.url))
+        .bearer_auth(&unserved)
+        .json(&json!({"model": "mistral-small-latest", "messages": [{"role": "user", "content": "Hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "service_unavailable", "{body}");
 
     // Back: the usage settled meanwhile reaches the ledger, and the refused change never
     // happened.
