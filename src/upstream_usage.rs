@@ -13,13 +13,65 @@ use crate::limiter::core::MAX_REQUEST_TOKENS;
 
 /// Token counts as the known APIs report them: `prompt_tokens`/`completion_tokens` (chat,
 /// completions, embeddings) or `input_tokens`/`output_tokens` (responses), with `total_tokens`.
+/// Each read by `figure`.
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct UsageJson {
+    #[serde(default, deserialize_with = "figure")]
     prompt_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "figure")]
     completion_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "figure")]
     input_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "figure")]
     output_tokens: Option<u64>,
+    #[serde(default, deserialize_with = "figure")]
     total_tokens: Option<u64>,
+}
+
+/// A token count as an upstream may write it: a whole number, also as a float (`12.0`, `1.5e1`:
+/// what a Python upstream's arithmetic gives), and one too large for 64 bits (`1e21`) taken as
+/// `MAX_REQUEST_TOKENS`, as every figure above it is. Anything else (a negative number, a string,
+/// `null`) is no figure: it no longer fails the whole `usage` object, which then settled to the
+/// estimate (an outside audit). A fraction is dropped.
+fn figure<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+    struct Figure;
+    impl<'de> Visitor<'de> for Figure {
+        type Value = Option<u64>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a token count")
+        }
+        fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+            Ok(Some(v.min(MAX_REQUEST_TOKENS)))
+        }
+        fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+            Ok(u64::try_from(v).ok().map(|v| v.min(MAX_REQUEST_TOKENS)))
+        }
+        fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
+            Ok((v >= 0.0).then(|| (v.min(MAX_REQUEST_TOKENS as f64)) as u64))
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Figure)
 }
 
 /// Every figure read is at most what one request may settle (`MAX_REQUEST_TOKENS`): a larger one
@@ -27,6 +79,16 @@ pub struct UsageJson {
 /// of 2^63 or more would be negative in the ledger's signed columns; the limiter, the ledger, the
 /// headers and the log all see the same capped figure.
 impl UsageJson {
+    /// Whether it gives any count: `"usage": {}`, or one with other fields only, is no usage
+    /// (it was settled as 0 tokens: an outside audit).
+    fn counts(&self) -> bool {
+        self.total_tokens.is_some()
+            || self.prompt_tokens.is_some()
+            || self.completion_tokens.is_some()
+            || self.input_tokens.is_some()
+            || self.output_tokens.is_some()
+    }
+
     pub fn total(&self) -> u64 {
         self.total_tokens
             .unwrap_or_else(|| {
@@ -67,6 +129,7 @@ impl WithUsage {
     fn usage(&self) -> Option<UsageJson> {
         self.usage
             .or_else(|| self.response.as_ref().and_then(|r| r.usage))
+            .filter(UsageJson::counts)
     }
 }
 
@@ -144,7 +207,9 @@ fn usage_in_tail(tail: &[u8]) -> Option<UsageJson> {
             .into_iter::<UsageJson>()
             .next()
         {
-            return Some(usage);
+            if usage.counts() {
+                return Some(usage);
+            }
         }
     }
     None
@@ -173,6 +238,8 @@ pub struct SseScanner {
     /// The last event scanned was removed and ended with the last byte seen, a `\r`: a `\n`
     /// next was its second half, and goes with it.
     removed_cr: bool,
+    /// The same for the last event passed on: a `\n` next is passed on first.
+    kept_cr: bool,
     /// Events passed on that carry generated text (see `carries_text`).
     text_events: u64,
 }
@@ -248,6 +315,7 @@ impl SseScanner {
             usage: None,
             strip_usage_chunk,
             removed_cr: false,
+            kept_cr: false,
             text_events: 0,
         }
     }
@@ -275,6 +343,20 @@ impl SseScanner {
             self.removed_cr = false;
             if chunk[0] == b'\n' {
                 chunk = chunk.slice(1..);
+            }
+        }
+        if self.kept_cr && !chunk.is_empty() {
+            self.kept_cr = false;
+            if chunk[0] == b'\n' {
+                // The `\n` of the `\r\n` that ended the event passed on last: passed on with
+                // it, before what this chunk holds, never taken as the start of the next event
+                // (removed with it, were it the usage-only chunk: an outside audit).
+                let lead = chunk.split_to(1);
+                let rest = self.feed_bytes(chunk);
+                let mut out = BytesMut::with_capacity(1 + rest.len());
+                out.extend_from_slice(&lead);
+                out.extend_from_slice(&rest);
+                return out.freeze();
             }
         }
         if self.buf.is_empty() {
@@ -315,12 +397,15 @@ impl SseScanner {
         let mut start = 0;
         let mut from = from;
         while let Some(end) = event_end(data, from.max(start)) {
+            let ends_in_cr = end == data.len() && data[end - 1] == b'\r';
             if keep_event(&mut self.usage, self.strip_usage_chunk, &data[start..end]) {
                 passed.push(data, start..end);
                 self.removed_cr = false;
+                self.kept_cr = ends_in_cr;
                 self.text_events += u64::from(carries_text(&data[start..end]));
             } else {
-                self.removed_cr = end == data.len() && data[end - 1] == b'\r';
+                self.removed_cr = ends_in_cr;
+                self.kept_cr = false;
             }
             start = end;
             from = end;
@@ -344,11 +429,19 @@ impl SseScanner {
 /// completion chunk's `text`, or a Responses text event's `delta`. Tool-call arguments and
 /// the like are left out: this counts what was surely produced, not all of it.
 fn carries_text(event: &[u8]) -> bool {
-    [&b"\"content\":\""[..], b"\"text\":\"", b"\"delta\":\""]
+    [&b"\"content\""[..], b"\"text\"", b"\"delta\""]
         .iter()
         .any(|needle| {
-            memchr::memmem::find_iter(event, needle)
-                .any(|at| event.get(at + needle.len()).is_some_and(|&b| b != b'"'))
+            memchr::memmem::find_iter(event, needle).any(|at| {
+                // JSON allows whitespace around the colon (`"content": "t"`, as Python's
+                // `json.dumps` writes it): only compact JSON counted (an outside audit).
+                let rest = event[at + needle.len()..].trim_ascii_start();
+                rest.strip_prefix(b":")
+                    .map(<[u8]>::trim_ascii_start)
+                    .and_then(|r| r.strip_prefix(b"\""))
+                    .and_then(|r| r.first())
+                    .is_some_and(|&b| b != b'"')
+            })
         })
 }
 
@@ -466,6 +559,61 @@ mod tests {
         }
     }
 
+    /// From an outside audit of upstreams other than the mock: a usage object without a count
+    /// is no usage (it was settled as 0 tokens); figures written as floats, or too large for 64
+    /// bits, are read (the whole usage was dropped for them); text events are counted whatever
+    /// the whitespace around the colon (only compact JSON was).
+    #[test]
+    fn usage_and_text_are_read_as_any_upstream_writes_them() {
+        let total = |body: &str| usage_of_json(body.as_bytes()).map(|u| u.total());
+        assert_eq!(total(r#"{"usage":{}}"#), None);
+        assert_eq!(
+            total(r#"{"usage":{"prompt_tokens_details":{"cached_tokens":5}}}"#),
+            None
+        );
+        assert_eq!(
+            total(
+                r#"{"usage":{"prompt_tokens":12.0,"completion_tokens":3.0,"total_tokens":15.0}}"#
+            ),
+            Some(15)
+        );
+        assert_eq!(total(r#"{"usage":{"total_tokens":1.5e1}}"#), Some(15));
+        assert_eq!(
+            total(r#"{"usage":{"total_tokens":1000000000000000000000}}"#),
+            Some(MAX_REQUEST_TOKENS)
+        );
+        assert_eq!(
+            total(r#"{"usage":{"total_tokens":1e300}}"#),
+            Some(MAX_REQUEST_TOKENS)
+        );
+        // Not a count: as if left out, the others read.
+        assert_eq!(
+            total(r#"{"usage":{"prompt_tokens":7,"completion_tokens":3,"total_tokens":-5}}"#),
+            Some(10)
+        );
+        assert_eq!(
+            total(r#"{"usage":{"prompt_tokens":"7","completion_tokens":3,"total_tokens":null}}"#),
+            Some(3)
+        );
+        assert_eq!(total(r#"{"usage":{"total_tokens":[1],"x":{"y":2}}}"#), None);
+        // In the end of a large answer too: the last usage with a count.
+        let mut tail = JsonTail::default();
+        tail.feed(br#"{"usage":{"total_tokens":9},"x":{"usage":{"cached":1}}}"#);
+        assert_eq!(tail.finish().map(|u| u.total()), Some(9));
+
+        for (event, text) in [
+            (r#"{"choices":[{"delta":{"content":"t0 "}}]}"#, true),
+            (r#"{"choices": [{"delta": {"content": "t0 "}}]}"#, true),
+            (r#"{"choices":[{"delta":{"content" :	"t"}}]}"#, true),
+            (r#"{"choices": [{"delta": {"content": ""}}]}"#, false),
+            (r#"{"choices": [{"text": "x"}]}"#, true),
+            (r#"{"choices": [{"delta": {"role": "assistant"}}]}"#, false),
+            (r#"{"content": 5}"#, false),
+        ] {
+            assert_eq!(carries_text(event.as_bytes()), text, "{event}");
+        }
+    }
+
     #[test]
     fn usage_is_read_wherever_the_known_apis_put_it() {
         let total = |body: &str| usage_of_json(body.as_bytes()).map(|u| u.total());
@@ -538,7 +686,9 @@ mod tests {
     #[test]
     fn scanner_passes_every_byte_once_however_the_stream_is_cut() {
         // Lines end in `\n`, `\r\n` or `\r` alone, mixed, as the event-stream format allows.
-        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[{\"delta\":{}}]}\r\rdata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\n: comment\r\n\ndata: {\"choices\":[]}\n\r\ndata: [DONE]\r\r";
+        // The event before the usage-only one ends in `\r\n\r\n`: cut between its last `\r` and
+        // `\n`, the `\n` was dropped with the usage-only event (an outside audit).
+        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[{\"delta\":{}}]}\r\rdata: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\n: comment\r\n\ndata: {\"choices\":[]}\n\r\ndata: [DONE]\r\r";
         let stripped: Vec<u8> = {
             let mut s = SseScanner::new(true);
             let mut out = s.feed(stream).to_vec();

@@ -861,10 +861,19 @@ async fn send(
     let mut response_headers = upstream_parts.headers;
     remove_connection_options(&mut response_headers);
     remove_where(&mut response_headers, is_hop_or_gateway_response_header);
+    // A media type is case-insensitive (`TEXT/EVENT-STREAM` was read as an opaque answer: an
+    // outside audit); lower-cased only when it is not already.
     let content_type = response_headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+        .map(|v| {
+            if v.bytes().any(|b| b.is_ascii_uppercase()) {
+                std::borrow::Cow::Owned(v.to_ascii_lowercase())
+            } else {
+                std::borrow::Cow::Borrowed(v)
+            }
+        })
+        .unwrap_or_default();
     let is_stream = content_type.starts_with("text/event-stream");
     // JSON lines (`application/x-ndjson`, `application/jsonl`, `application/json-seq`) are a
     // stream of their own: passed on as they come, their usage read from their end.
