@@ -63,7 +63,7 @@ pub fn daily_chart(days: &[DayUsageView]) -> Markup {
             @for (i, d) in days.iter().enumerate() {
                 g.day data-day=(d.day) data-tokens=(d.tokens) data-requests=(d.requests) data-denied=(d.denied) data-shadow-denied=(d.shadow_denied) {
                     title {
-                        (d.day) ": " (grouped(d.tokens)) " tokens, " (grouped(d.requests)) " requests, " (grouped(d.denied)) " denied (429)"
+                        (d.day) ": " (grouped(d.tokens)) (plural(d.tokens, " token", " tokens")) ", " (grouped(d.requests)) (plural(d.requests, " request", " requests")) ", " (grouped(d.denied)) " denied (429)"
                         @if d.shadow_denied > 0 {
                             ", " (grouped(d.shadow_denied)) " a limit in shadow would have denied"
                         }
@@ -106,7 +106,7 @@ pub fn hourly_chart(hours: &[HourUsageView]) -> Markup {
             @for (i, h) in hours.iter().enumerate() {
                 @let at = h.hour.rfc3339();
                 g.hour data-hour=(at) data-requests=(h.requests) data-denied=(h.denied) {
-                    title { (at.get(..13).unwrap_or(&at)) ":00 UTC: " (grouped(h.requests)) " requests, " (grouped(h.denied)) " denied (429), " (grouped(h.prompt_tokens)) " prompt and " (grouped(h.completion_tokens)) " completion tokens" }
+                    title { (at.get(..13).unwrap_or(&at)) ":00 UTC: " (grouped(h.requests)) (plural(h.requests, " request", " requests")) ", " (grouped(h.denied)) " denied (429), " (grouped(h.prompt_tokens)) " prompt and " (grouped(h.completion_tokens)) " completion tokens" }
                     rect.requests x=(num(x_of(i))) y=(num(y_of(h.requests, max))) width=(width) height=(num(height_of(h.requests, max))) {}
                     rect.denied x=(num(x_of(i))) y=(num(y_of(h.requests + h.denied, max))) width=(width) height=(num(height_of(h.denied, max))) {}
                     // Every sixth hour: the time, and the date at midnight.
@@ -251,6 +251,15 @@ pub fn grouped(v: u64) -> String {
     out
 }
 
+/// `one` for 1, else `many` ("1 request", "2 requests", "0 requests").
+fn plural(n: u64, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,6 +371,8 @@ mod tests {
             "data-day=\"2026-12-01\" data-tokens=\"123\" data-requests=\"4\" data-denied=\"2\""
         ));
         assert!(svg.contains("<title>2026-12-01: 123 tokens, 4 requests, 2 denied (429)</title>"));
+        assert_eq!(plural(1, " request", " requests"), " request");
+        assert_eq!(plural(0, " request", " requests"), " requests");
         // The axes go to 200 tokens and 4 requests; the day is labelled "1".
         assert!(
             svg.contains(">200</text>") && svg.contains(">4</text>"),

@@ -758,9 +758,20 @@ async fn workspaces_page(
         Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
-    let list = match ListParams::parse(&params) {
+    show_workspaces(&state, &op, &params, StatusCode::OK, None).await
+}
+
+/// The workspaces' page for `params` (its query), with `error` (a refused new workspace) above.
+async fn show_workspaces(
+    state: &AppState,
+    op: &Operator,
+    params: &[(String, String)],
+    status: StatusCode,
+    error: Option<&str>,
+) -> Response {
+    let list = match ListParams::parse(params) {
         Ok(list) => list,
-        Err(e) => return failure_page(&op, &state, e).await,
+        Err(e) => return failure_page(op, state, e).await,
     };
     let listing = WorkspaceListing {
         search: Some(list.q.clone()),
@@ -772,21 +783,21 @@ async fn workspaces_page(
     let token = state.console.csrf_token(&op.session);
     let tiers = match state.admin.list_tiers().await {
         Ok(tiers) => tiers,
-        Err(e) => return failure_page(&op, &state, e).await,
+        Err(e) => return failure_page(op, state, e).await,
     };
     match state.admin.search_workspaces(listing).await {
         Ok(found) => operator_page(
-            &state,
-            &op,
-            StatusCode::OK,
+            state,
+            op,
+            status,
             "Workspaces",
-            (notice(&params), None),
+            (notice(params), error),
             html! {
                 (workspaces_body(&list, &found))
                 (new_workspace_form(&tiers, &token))
             },
         ),
-        Err(e) => failure_page(&op, &state, e).await,
+        Err(e) => failure_page(op, state, e).await,
     }
 }
 
@@ -828,7 +839,11 @@ async fn create_workspace(State(state): State<Arc<AppState>>, request: Request) 
             &format!("{HOME}/{}?done={}", ws.id, Done::Created.code()),
             None,
         ),
-        Err(e) => failure_page(&op, &state, e).await,
+        // The page again, with why (it showed the message alone: an outside audit).
+        Err(e) => {
+            let (status, message) = refusal(e).await;
+            show_workspaces(&state, &op, &[], status, Some(&message)).await
+        }
     }
 }
 
@@ -1228,6 +1243,7 @@ fn key_limits_form(k: &ApiKey, token: &str) -> Markup {
     html! {
         form.key-limits method="post" action=(format!("/console/operator/keys/{}/limits", k.id)) {
             input type="hidden" name="csrf" value=(token);
+            input type="hidden" name="workspace" value=(k.workspace_id);
             @for (name, label, v) in [
                 ("requests_per_second", "Requests/s", value(l.requests_per_second.map(|v| v.to_string()))),
                 ("burst", "Burst", value(l.burst.map(|v| v.to_string()))),
@@ -1632,7 +1648,12 @@ async fn set_key_limits(
             ),
             None,
         ),
-        Err(e) => failure_page(&op, &state, e).await,
+        // Its workspace's page again, where the form is, with why (it showed the message
+        // alone: an outside audit); the form says which workspace.
+        Err(e) => match id_of(&form.get("workspace")) {
+            Some(ws) => after_change(&state, &op, &ws.to_string(), Err(e)).await,
+            None => failure_page(&op, &state, e).await,
+        },
     }
 }
 

@@ -181,6 +181,36 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
 
     // 5. The limits page as a person sees it.
     browser.screenshot("workspace-limits").await;
+    // At a phone's width (500 px, the narrowest window headless Chromium makes), the page does
+    // not scroll sideways: wide tables scroll within themselves (an outside audit: 813 px wide
+    // at 390).
+    browser
+        .client
+        .set_window_size(500, WINDOW_HEIGHT)
+        .await
+        .unwrap();
+    browser.client.refresh().await.unwrap();
+    browser.wait_for(MONTH_BAR).await;
+    let widths = browser
+        .client
+        .execute(
+            "return [document.documentElement.scrollWidth, window.innerWidth]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (page, window) = (widths[0].as_u64().unwrap(), widths[1].as_u64().unwrap());
+    assert!(window <= 640, "the window is {window} px wide");
+    assert!(
+        page <= window,
+        "the page is {page} px wide in a window of {window}"
+    );
+    browser
+        .client
+        .set_window_size(WINDOW_WIDTH, WINDOW_HEIGHT)
+        .await
+        .unwrap();
+    browser.client.refresh().await.unwrap();
 
     // 6. The usage charts: today's bar holds exactly the tokens and requests of the day.
     let today = tiergate::limiter::core::day_of(tiergate::clock::Clock::now(&*gw.clock));

@@ -1341,6 +1341,13 @@ async fn the_operator_creates_a_workspace_from_the_console() {
     // Refused: an empty name, an unknown tier; nothing made.
     let empty = op.post(HOME, &[("name", " "), ("tier", "free")]).await;
     assert_eq!(empty.status, StatusCode::BAD_REQUEST, "{}", empty.body);
+    // The page again with why, not the message alone (an outside audit).
+    assert!(
+        empty.body.contains(r#"<form id="create-workspace""#),
+        "{}",
+        empty.body
+    );
+    assert!(empty.body.contains("name"), "{}", empty.body);
     let unknown = op.post(HOME, &[("name", "x"), ("tier", "nope")]).await;
     assert_eq!(unknown.status, StatusCode::BAD_REQUEST, "{}", unknown.body);
     // Without the form token: refused.
@@ -1427,9 +1434,18 @@ async fn a_key_s_limits_are_set_and_cleared_from_the_workspace_page() {
         ),
         ("burst", "lots", "'burst' must be a number"),
     ] {
-        let page = op.post(&path, &[(field, value)]).await;
+        // As the form sends it, naming its workspace: refused on that workspace's page, the
+        // form there again (it was the message alone: an outside audit).
+        let page = op
+            .post(&path, &[(field, value), ("workspace", &ws.to_string())])
+            .await;
         assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
         assert!(page.body.contains(says), "{}", page.body);
+        assert!(
+            page.body.contains(&format!(r#"action="{path}""#)),
+            "{}",
+            page.body
+        );
     }
     assert_eq!(listed().await["tokens_per_minute"], 50000);
     // Without the session's token: refused.
