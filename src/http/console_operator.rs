@@ -652,13 +652,19 @@ pub(super) fn message_page(
     status: StatusCode,
     message: &str,
 ) -> Response {
+    // Titled by what happened ("Not Found", "Bad Request"), not "Console" alone: an outside
+    // audit found such pages hard to tell apart.
+    let heading = status.canonical_reason().unwrap_or("Refused");
     operator_page(
         state,
         op,
         status,
-        "Console",
+        heading,
         (None, Some(message)),
-        html! {},
+        html! {
+            h1 { (heading) }
+            p { a href=(HOME) { "Back to the workspaces" } }
+        },
     )
 }
 
@@ -2145,6 +2151,13 @@ async fn approve(
     let outcome = async {
         let id = request_id(&id)?;
         let granted = overrides_of(&form)?;
+        if granted.is_empty() {
+            // The API's words ("or be left out") mean nothing on a form (an outside audit).
+            return Err(AdminError::Invalid(
+                "Give at least one limit to grant (the form is filled in with what was asked)."
+                    .into(),
+            ));
+        }
         state
             .admin
             .approve_limit_request(&op.actor(), id, Some(&granted))

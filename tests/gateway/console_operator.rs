@@ -354,6 +354,9 @@ async fn operator_signs_in_with_an_admin_token_and_sees_each_page() {
     for missing in ["999999", "abc", "0"] {
         let page = op.get(&format!("{HOME}/{missing}")).await;
         assert_eq!(page.status, StatusCode::NOT_FOUND, "{missing}");
+        // Titled by what happened, with a way back.
+        assert!(page.body.contains("<h1>Not Found</h1>"), "{}", page.body);
+        assert!(page.body.contains("<title>Not Found"), "{}", page.body);
     }
 
     // Sessions expire as a workspace's do; sign-out clears the cookie.
@@ -766,6 +769,8 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
         .await;
     assert_eq!(page.status, StatusCode::BAD_REQUEST);
     assert!(page.body.contains("at least one"), "{}", page.body);
+    // In a form's words, not the API's.
+    assert!(!page.body.contains("left out"), "{}", page.body);
     let page = op
         .post(&approve_third, &[("concurrent_requests", "0")])
         .await;
