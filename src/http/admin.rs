@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ApiError;
-use super::extract::{JsonBody, OptionalJson, PathParam, QueryParams};
+use super::extract::{JsonBody, NoFields, OptionalJson, PathParam, QueryParams};
 use super::openapi::{AdminErrors, BadRequest, BodyErrors, NotFound};
 use super::views::{
     audit_action_schema, created, usage_view, workspace_view, AuditEntryView, AuditPageView,
@@ -374,6 +374,7 @@ async fn revoke_key(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<KeyId>,
+    _: OptionalJson<NoFields>,
 ) -> Result<SortedJson<KeyView>, ApiError> {
     let key = state.admin.revoke_key(&by, id).await?;
     Ok(SortedJson(KeyView::from(&key)))
@@ -823,6 +824,7 @@ async fn delete_webhook(
     AdminActor(by): AdminActor,
     State(state): State<Arc<AppState>>,
     PathParam(id): PathParam<i64>,
+    _: OptionalJson<NoFields>,
 ) -> Result<SortedJson<WebhookView>, ApiError> {
     let endpoint = state.admin.delete_webhook(&by, id, None).await?;
     Ok(SortedJson(WebhookView::from(&endpoint)))

@@ -77,6 +77,12 @@ impl<T: DeserializeOwned + Default, S: Send + Sync> FromRequest<S> for OptionalJ
     }
 }
 
+/// The body of a call that takes none (a `DELETE`): left out, `null` or `{}`; a field is
+/// refused, as everywhere in the admin API (an outside audit: `{"x": 1}` was ignored).
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoFields {}
+
 /// A JSON body, at most `MAX_API_BODY` bytes.
 pub struct JsonBody<T>(pub T);
 

@@ -237,6 +237,7 @@ fn table() -> Vec<Case> {
         // Every route of the two APIs refuses a parameter it does not take, even one that takes
         // none, and changes nothing (the key stays).
         case("revoke with a stray parameter", M::DELETE, "/admin/v1/keys/{key}?dry_run=1", Admin, 400).naming("dry_run"),
+        with_json("revoke with a field in the body", M::DELETE, "/admin/v1/keys/{key}", Admin, json!({"dry_run": true}), 400).naming("dry_run"),
         case("workspaces with a parameter", M::GET, "/admin/v1/workspaces?x=1", Admin, 400).naming("'x'"),
         case("a workspace with a parameter", M::GET, "/admin/v1/workspaces/{ws}?x=1", Admin, 400),
         case("tiers with a parameter", M::GET, "/admin/v1/tiers?x=1", Admin, 400),
