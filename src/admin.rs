@@ -912,6 +912,11 @@ impl Admin {
         Ok(self.store.list_keys(workspace).await?)
     }
 
+    /// One key (never its secret).
+    pub async fn get_key(&self, id: KeyId) -> Result<ApiKey, AdminError> {
+        self.store.get_key(id).await.map_err(not_found("key", id))
+    }
+
     /// Revokes a key at once.
     pub async fn revoke_key(&self, by: &Actor, id: KeyId) -> Result<ApiKey, AdminError> {
         let key = self

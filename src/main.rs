@@ -742,6 +742,9 @@ async fn workspaces(command: WorkspaceCommand) -> anyhow::Result<()> {
             attributes,
             store,
         } => {
+            if attributes.len() > 1 && attributes.iter().any(|a| a == "none") {
+                anyhow::bail!("'none' (no attributes) stands alone, not beside NAME=VALUE pairs");
+            }
             let mut set = Attributes::new();
             for arg in attributes.iter().filter(|a| a.as_str() != "none") {
                 let (name, value) = attribute(arg)?;

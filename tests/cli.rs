@@ -771,6 +771,10 @@ fn promotion_from_the_command_line() {
         .run(&["workspaces", "attributes", &held])
         .unwrap_err()
         .contains("NAME=VALUE"));
+    assert!(cli
+        .run(&["workspaces", "attributes", &held, "none", "paid_usd=1"])
+        .unwrap_err()
+        .contains("stands alone"));
     let kept = cli.ok(&["workspaces", "list"]);
     let kept = kept
         .as_array()

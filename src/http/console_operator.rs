@@ -1249,7 +1249,6 @@ fn key_limits_form(k: &ApiKey, token: &str) -> Markup {
     html! {
         form.key-limits method="post" action=(format!("/console/operator/keys/{}/limits", k.id)) {
             input type="hidden" name="csrf" value=(token);
-            input type="hidden" name="workspace" value=(k.workspace_id);
             @for (name, label, v) in [
                 ("requests_per_second", "Requests/s", value(l.requests_per_second.map(|v| v.to_string()))),
                 ("burst", "Burst", value(l.burst.map(|v| v.to_string()))),
@@ -1655,11 +1654,19 @@ async fn set_key_limits(
             None,
         ),
         // Its workspace's page again, where the form is, with why (it showed the message
-        // alone: an outside audit); the form says which workspace.
-        Err(e) => match id_of(&form.get("workspace")) {
-            Some(ws) => after_change(&state, &op, &ws.to_string(), Err(e)).await,
-            None => failure_page(&op, &state, e).await,
-        },
+        // alone: an outside audit).
+        Err(e) => {
+            let key = id_of(&id).map(|k| state.admin.get_key(k));
+            match key {
+                Some(key) => match key.await {
+                    Ok(key) => {
+                        after_change(&state, &op, &key.workspace_id.to_string(), Err(e)).await
+                    }
+                    Err(_) => failure_page(&op, &state, e).await,
+                },
+                None => failure_page(&op, &state, e).await,
+            }
+        }
     }
 }
 

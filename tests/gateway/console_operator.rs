@@ -1439,11 +1439,9 @@ async fn a_key_s_limits_are_set_and_cleared_from_the_workspace_page() {
         ),
         ("burst", "lots", "'burst' must be a number"),
     ] {
-        // As the form sends it, naming its workspace: refused on that workspace's page, the
-        // form there again (it was the message alone: an outside audit).
-        let page = op
-            .post(&path, &[(field, value), ("workspace", &ws.to_string())])
-            .await;
+        // Refused on the key's workspace's page, the form there again (it was the message
+        // alone: an outside audit).
+        let page = op.post(&path, &[(field, value)]).await;
         assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
         assert!(page.body.contains(says), "{}", page.body);
         assert!(
