@@ -517,3 +517,24 @@ async fn a_workspace_has_at_most_ten_increase_requests_waiting() {
     assert_eq!(s, StatusCode::OK);
     assert_eq!(ask(11).await.unwrap().status(), StatusCode::CREATED);
 }
+
+/// A revoke answers the key with its last use, as the list of keys gives it (an outside audit:
+/// `null` right after a request with the key, its use not yet written).
+#[tokio::test]
+async fn a_revoke_answers_the_key_with_its_last_use() {
+    let gw = TestGateway::start().await;
+    let (ws, _) = gw.workspace("free").await;
+    // Its id from its creation: listing the keys would write their last use first.
+    let (s, made) = gw
+        .admin(Method::POST, &format!("/workspaces/{ws}/keys"), None)
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{made}");
+    let (key, secret) = (made["id"].as_i64().unwrap(), made["key"].as_str().unwrap());
+    assert_eq!(gw.chat(secret, hello(), &[]).await.status(), StatusCode::OK);
+    let (s, revoked) = gw
+        .admin(Method::DELETE, &format!("/keys/{key}"), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{revoked}");
+    assert!(revoked["revoked_at"].is_string(), "{revoked}");
+    assert!(revoked["last_used_at"].is_string(), "{revoked}");
+}
