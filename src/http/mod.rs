@@ -60,7 +60,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// The gateway's routes, and the operator's too when `with_operator`.
 pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
-    let api = documented(true, with_operator);
+    let api = documented(&state, true, with_operator);
     let routes = health()
         .merge(api)
         .merge(console::routes(console::Scope {
@@ -85,7 +85,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
     });
     finish(
         health()
-            .merge(documented(false, true))
+            .merge(documented(&state, false, true))
             .merge(operator())
             .merge(console),
         state,
@@ -94,7 +94,11 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 
 /// The routes of the workspace's own API and of the admin API, as asked, with the OpenAPI
 /// document of exactly those at `/openapi.json`.
-fn documented(workspace_api: bool, admin_api: bool) -> Router<Arc<AppState>> {
+fn documented(
+    state: &Arc<AppState>,
+    workspace_api: bool,
+    admin_api: bool,
+) -> Router<Arc<AppState>> {
     let mut api = OpenApiRouter::with_openapi(openapi::base());
     if workspace_api {
         api = api.merge(workspace::api());
@@ -106,7 +110,7 @@ fn documented(workspace_api: bool, admin_api: bool) -> Router<Arc<AppState>> {
     let query_names = Arc::new(openapi::QueryNames::of(&document));
     routes
         .route_layer(axum::middleware::from_fn_with_state(
-            query_names,
+            (query_names, state.clone()),
             openapi::refuse_unknown_query,
         ))
         .route("/openapi.json", openapi::route(&document))

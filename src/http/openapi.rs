@@ -32,6 +32,7 @@ use utoipa::openapi::{OpenApi, RefOr};
 use utoipa::{IntoResponses, Modify, PartialSchema};
 
 use super::error::ErrorBody;
+use crate::app::AppState;
 use crate::model::Overrides;
 
 /// The security schemes. The operations' `security(...)` name them again, as the literals the
@@ -102,9 +103,9 @@ pub fn route<S: Clone + Send + Sync + 'static>(document: &OpenApi) -> MethodRout
 }
 
 /// The query parameters each operation of `document` takes, by method and path as the router
-/// matches them (`GET /admin/v1/workspaces/{id}/usage`).
+/// matches them (`GET /admin/v1/workspaces/{id}/usage`), and whether it asks for credentials.
 #[derive(Debug, Default)]
-pub struct QueryNames(HashMap<(Method, String), Vec<String>>);
+pub struct QueryNames(HashMap<(Method, String), (Vec<String>, bool)>);
 
 impl QueryNames {
     pub fn of(document: &OpenApi) -> QueryNames {
@@ -122,20 +123,22 @@ impl QueryNames {
                     .filter(|p| p["in"] == "query")
                     .filter_map(|p| p["name"].as_str().map(str::to_owned))
                     .collect();
-                known.insert((method, path.clone()), names);
+                let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+                known.insert((method, path.clone()), (names, secured));
             }
         }
         QueryNames(known)
     }
 
     /// The first parameter of `query` that the operation at (`method`, `path`) does not take,
-    /// if any; `None` too for an operation not in the document (the handler decides).
-    fn unknown(&self, method: &Method, path: &str, query: &str) -> Option<String> {
-        let names = self.0.get(&(method.clone(), path.to_owned()))?;
+    /// if any, and whether the operation asks for credentials; `None` too for an operation not
+    /// in the document (the handler decides).
+    fn unknown(&self, method: &Method, path: &str, query: &str) -> Option<(String, bool)> {
+        let (names, secured) = self.0.get(&(method.clone(), path.to_owned()))?;
         form_urlencoded::parse(query.as_bytes())
             .map(|(name, _)| name)
             .find(|name| !names.iter().any(|n| n == name))
-            .map(|name| name.into_owned())
+            .map(|name| (name.into_owned(), *secured))
     }
 }
 
@@ -143,8 +146,12 @@ impl QueryNames {
 /// promises for the admin API and the workspace's own: the handlers read theirs with
 /// `deny_unknown_fields`, but most operations take none, and a misspelt or stray parameter
 /// (`DELETE /admin/v1/keys/1?dry_run=1`) would otherwise be ignored while the change is made.
+///
+/// The caller's credentials are checked first (the workspace's key on the workspace's API, an
+/// admin token on the admin API), so that a caller without any gets the `401` it would get
+/// with a valid query, and learns nothing of the operations' parameters.
 pub async fn refuse_unknown_query(
-    axum::extract::State(known): axum::extract::State<Arc<QueryNames>>,
+    axum::extract::State((known, state)): axum::extract::State<(Arc<QueryNames>, Arc<AppState>)>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
@@ -153,7 +160,21 @@ pub async fn refuse_unknown_query(
         .get::<axum::extract::MatchedPath>()
         .map(|m| m.as_str().to_owned());
     if let (Some(path), Some(query)) = (path, request.uri().query()) {
-        if let Some(name) = known.unknown(request.method(), &path, query) {
+        if let Some((name, secured)) = known.unknown(request.method(), &path, query) {
+            let (mut parts, _) = request.into_parts();
+            let credentials = if !secured {
+                Ok(())
+            } else if path.starts_with("/admin/") {
+                use axum::extract::FromRequestParts;
+                super::admin::AdminActor::from_request_parts(&mut parts, &state)
+                    .await
+                    .map(drop)
+            } else {
+                super::authenticate(&state, &parts.headers).await.map(drop)
+            };
+            if let Err(refused) = credentials {
+                return refused.into_response();
+            }
             let shown: String = name.chars().take(64).collect();
             return super::error::ApiError::BadRequest(format!(
                 "invalid query: unknown parameter '{shown}'"

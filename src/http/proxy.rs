@@ -128,19 +128,23 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
                 a.decision = "rejected";
             }
             seen.set_tier(&caller.workspace.workspace.tier);
-            match forward(
-                &state,
-                parts,
-                body,
-                caller,
-                request_id,
-                &mut access,
-                &mut seen,
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(e) => e.into_response(),
+            if !forwarded_method(&parts.method) {
+                refused_method(&parts.method)
+            } else {
+                match forward(
+                    &state,
+                    parts,
+                    body,
+                    caller,
+                    request_id,
+                    &mut access,
+                    &mut seen,
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(e) => e.into_response(),
+                }
             }
         }
     };
@@ -160,6 +164,37 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
     }
     response
 }
+
+/// The methods passed on: those of HTTP's semantics (RFC 9110) that an API uses. `TRACE` (and
+/// `TRACK`) would have whatever echoes requests upstream send back the request as the gateway
+/// sent it, with the upstream's key in it; `CONNECT` and made-up methods have no meaning for an
+/// API.
+fn forwarded_method(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::PATCH,
+        Method::DELETE,
+        Method::OPTIONS,
+    ]
+    .contains(method)
+}
+
+/// The `405` for a method not passed on (to an authenticated caller; nothing is charged).
+fn refused_method(method: &Method) -> Response {
+    let mut response = ApiError::MethodNotAllowed(format!(
+        "{method} is not passed on to the upstream; the methods are {FORWARDED_METHODS}."
+    ))
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(FORWARDED_METHODS));
+    response
+}
+
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Header names as constants: a name given as text is parsed and checked on each use (the first
 /// is read and set on every request).
@@ -298,11 +333,19 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
         return Err(ApiError::PayloadTooLarge(limit));
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
-        match super::BodyReadTimeout::find(&e) {
-            Some(timeout) => ApiError::RequestTimeout(timeout.as_millis() as u64),
-            // Over the limit (or the client went away, and sees no answer).
-            None => ApiError::PayloadTooLarge(limit),
+        if let Some(timeout) = super::BodyReadTimeout::find(&e) {
+            return ApiError::RequestTimeout(timeout.as_millis() as u64);
         }
+        let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(cause) = next {
+            if cause.is::<http_body_util::LengthLimitError>() {
+                return ApiError::PayloadTooLarge(limit);
+            }
+            next = cause.source();
+        }
+        // A body hyper could not read: a malformed chunk, or the client went away (and sees
+        // no answer).
+        ApiError::BadRequest("the request body could not be read".into())
     })
 }
 

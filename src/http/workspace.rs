@@ -15,7 +15,7 @@ use utoipa_axum::routes;
 use super::admin::NewWebhook;
 use super::authenticate;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{JsonBody, PathParam};
+use super::extract::{JsonBody, NoFields, OptionalJson, PathParam};
 use super::openapi::{BadRequest, BodyErrors, NotFound, WorkspaceErrors};
 use super::views::{
     created, usage_and_key_view, usage_history_view, CallingKeyView, LimitRequestView, List,
@@ -372,9 +372,14 @@ async fn list_webhooks(
 async fn delete_webhook(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    PathParam(id): PathParam<i64>,
+    id: Result<PathParam<i64>, ApiError>,
+    body: Request,
 ) -> Result<SortedJson<WebhookView>, ApiError> {
     let entry = authenticate(&state, &headers).await?.workspace;
+    // The id is checked once the caller is known: without a key, `401` whatever the path.
+    let PathParam(id) = id?;
+    // A field in the body is refused, as in the admin API's `DELETE`s.
+    OptionalJson::<NoFields>::from_request(body, &state).await?;
     let ws = entry.workspace.id;
     let endpoint = state
         .admin
@@ -402,9 +407,11 @@ async fn delete_webhook(
 async fn webhook_deliveries(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-    PathParam(id): PathParam<i64>,
+    id: Result<PathParam<i64>, ApiError>,
 ) -> Result<SortedJson<List<OwnDeliveryView>>, ApiError> {
     let entry = authenticate(&state, &headers).await?.workspace;
+    // The id is checked once the caller is known: without a key, `401` whatever the path.
+    let PathParam(id) = id?;
     let (_, list) = state
         .admin
         .own_webhook_deliveries(entry.workspace.id, id, 100)

@@ -393,3 +393,66 @@ async fn unknown_v1_routes_are_still_passed_to_the_upstream() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(gw.upstream_count().await, before + 1);
 }
+
+/// A caller without credentials gets `401` whatever its query or path id: the credentials are
+/// checked before the input (an outside audit: `GET /v1/limits?x=1` and `DELETE
+/// /v1/webhooks/abc` without a key, and the admin API's lists with a query and no token, were
+/// answered `400`, telling anyone the operations' parameters). With them, the input's `400`.
+#[tokio::test]
+async fn credentials_are_checked_before_the_query_and_the_path() {
+    let (gw, key) = TestGateway::on_tier(json!({"requests_per_second": 100})).await;
+    let call = |method: Method, path: &str, token: Option<&str>, body: Option<Value>| {
+        let mut req = gw.client.request(method, format!("{}{path}", gw.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        async move {
+            let r = req.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let workspace = [
+        (Method::GET, "/v1/limits?x=1"),
+        (Method::GET, "/v1/usage?month=x"),
+        (Method::DELETE, "/v1/webhooks/abc"),
+        (Method::GET, "/v1/webhooks/abc/deliveries"),
+    ];
+    for (method, path) in workspace {
+        for token in [None, Some("tg_wrong")] {
+            let (status, body) = call(method.clone(), path, token, None).await;
+            assert_eq!(
+                status,
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {token:?}: {body}"
+            );
+        }
+        let (status, body) = call(method.clone(), path, Some(&key), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{method} {path}: {body}");
+    }
+    for path in [
+        "/admin/v1/workspaces?x=1",
+        "/admin/v1/audit?x=1",
+        "/admin/v1/tiers?x=1",
+    ] {
+        for token in [None, Some("wrong-token-0123456789"), Some(key.as_str())] {
+            let (status, body) = call(Method::GET, path, token, None).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} {token:?}: {body}");
+        }
+        let (status, body) = call(Method::GET, path, Some(ADMIN), None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{path}: {body}");
+    }
+    // A field in a workspace's DELETE is refused, as in the admin API's.
+    let (status, body) = call(
+        Method::DELETE,
+        "/v1/webhooks/999999",
+        Some(&key),
+        Some(json!({"x": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let (status, body) = call(Method::DELETE, "/v1/webhooks/999999", Some(&key), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+}

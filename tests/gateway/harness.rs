@@ -508,9 +508,7 @@ pub async fn raw_request(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = base.trim_start_matches("http://");
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut request = format!(
         "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
         body.len()
@@ -520,7 +518,17 @@ pub async fn raw_request(
     }
     request.push_str("\r\n");
     request.push_str(body);
-    socket.write_all(request.as_bytes()).await.unwrap();
+    raw_exchange(base, request.as_bytes()).await
+}
+
+/// Sends `request`'s bytes as they are on a connection of its own (they should ask for the
+/// connection to close), and returns the answer's status and body, read to its end (at most
+/// 10 s).
+pub async fn raw_exchange(base: &str, request: &[u8]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(request).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut raw))
         .await

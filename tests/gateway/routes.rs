@@ -291,3 +291,71 @@ async fn framing_headers_are_each_hops_own() {
     }
     assert_eq!(gw.upstream_count().await, before);
 }
+
+/// Only the methods an API uses are passed on: `TRACE` would have whatever echoes requests
+/// upstream send back the request as the gateway sent it, the upstream's key in it (an outside
+/// audit), and `CONNECT` or made-up methods mean nothing to an API. Refused once the key is
+/// known (`401` before), never forwarded, nothing charged.
+#[tokio::test]
+async fn methods_an_api_does_not_use_are_refused_and_not_forwarded() {
+    let (gw, key) = setup().await;
+    let before = gw.upstream_count().await;
+    for method in ["TRACE", "TRACK", "FOO"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let r = gw
+            .client
+            .request(m.clone(), format!("{}/v1/models", gw.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        assert_eq!(
+            r.headers()["allow"],
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS",
+            "{method}"
+        );
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["code"], "method_not_allowed", "{method}: {body}");
+        let r = gw
+            .client
+            .request(m, format!("{}/v1/chat/completions", gw.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} without a key"
+        );
+    }
+    assert_eq!(gw.upstream_count().await, before, "forwarded");
+    // The methods an API uses still are.
+    let r = gw
+        .client
+        .get(format!("{}/v1/models", gw.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(gw.upstream_count().await, before + 1);
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 0);
+}
+
+/// A chunked body whose framing is broken is a `400`, not the `413` of a body over the limit
+/// (an outside audit: a few bytes were answered "larger than 4194304 bytes"). Not forwarded.
+#[tokio::test]
+async fn a_body_whose_chunks_are_malformed_is_a_400() {
+    let (gw, key) = setup().await;
+    let addr = gw.url.trim_start_matches("http://");
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+         authorization: Bearer {key}\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"
+    );
+    let (status, body) = raw_exchange(&gw.url, request.as_bytes()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("could not be read"), "{body}");
+    assert_eq!(gw.upstream_count().await, 0);
+}
