@@ -179,7 +179,35 @@ pub struct Failover {
     seeded: Mutex<HashMap<ReservationId, WorkspaceId>>,
     /// Whether `seeded` may hold any: most settlements then look no further.
     any_seeded: std::sync::atomic::AtomicBool,
+    /// Per workspace with a local share, how far below full its buckets were when last
+    /// accounted for (`Accounted`), so that only what the share used since is carried back.
+    accounted: Mutex<HashMap<WorkspaceId, Accounted>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+/// How far below full a local share's buckets were at `at` without being the share's use: all
+/// of the workspace's requests and tokens-per-minute buckets when the share was taken up (they
+/// start empty), then, after each carry, whatever was carried. A bucket refills meanwhile, and
+/// so does what it lacked: only what it lacks beyond that, `Accounted::owed`, is carried back.
+/// Without it a share that took nothing gave Redis its empty start as use (an outside audit: a
+/// 0.3 s stall took 290 of a workspace's 600 tokens a minute, three stalls put it in debt).
+#[derive(Debug, Clone, Default)]
+struct Accounted {
+    at: Nanos,
+    requests: f64,
+    tokens: f64,
+    /// The key's (its id, requests, tokens) and each model's tokens.
+    key: Option<(crate::model::KeyId, f64, f64)>,
+    models: HashMap<String, f64>,
+}
+
+impl Accounted {
+    /// What a bucket lacking `lack` now owes, when it lacked `was` at `self.at` without use and
+    /// refills `per_sec` a second.
+    fn owed(&self, lack: u64, was: f64, per_sec: f64, now: Nanos) -> u64 {
+        let elapsed = now.saturating_sub(self.at) as f64 / NANOS_PER_SEC as f64;
+        lack.saturating_sub((was - per_sec * elapsed).max(0.0).ceil() as u64)
+    }
 }
 
 /// Requests admitted on local shares that are remembered to be carried back (`Failover::alone`)
@@ -255,9 +283,14 @@ impl Drop for Failover {
 
 /// Each instance's share of `limits` when `n` instances enforce them apart, for the instance of
 /// `rank` (0-based). Integers that do not divide evenly give their remainder to the lowest
-/// ranks, so that the shares add up to the limit and never more. Month quotas are shared from
-/// what was left when the instance started counting on its own (`seeds`). `Err` names a limit
-/// whose share is nothing at all.
+/// ranks, so that the shares add up to the limit and never more; but a burst is at least one
+/// request, since a share of a rate that can never hold one request refuses every request
+/// for as long as Redis is down (an outside audit: the free tier's 1 request a second, on two
+/// instances, always refused by one of them). The rate is still split, so the instances
+/// together admit no more than the rate; only after an idle spell may they admit up to N at
+/// once where the burst is below N. Month quotas are shared from what was left when the
+/// instance started counting on its own (`seeds`). `Err` names a limit whose share is nothing
+/// at all.
 pub fn share(
     limits: &Limits,
     n: u32,
@@ -269,8 +302,8 @@ pub fn share(
     let mut out = limits.clone();
     if let Some(rps) = limits.requests_per_second {
         let milli = request_rate(rps) as u64 / n as u64;
-        let burst = split(limits.effective_burst() as u64);
-        if milli == 0 || burst == 0 {
+        let burst = split(limits.effective_burst() as u64).max(1);
+        if milli == 0 {
             return Err(LimitName::RequestsPerSecond);
         }
         out.requests_per_second = Some(milli as f64 / 1000.0);
@@ -296,8 +329,8 @@ pub fn share(
     if let Some(l) = out.key.as_mut().map(|k| &mut k.limits) {
         if let Some(rps) = l.requests_per_second {
             let milli = request_rate(rps) as u64 / n as u64;
-            let burst = split(l.as_limits().effective_burst() as u64);
-            if milli == 0 || burst == 0 {
+            let burst = split(l.as_limits().effective_burst() as u64).max(1);
+            if milli == 0 {
                 return Err(LimitName::KeyRequestsPerSecond);
             }
             l.requests_per_second = Some(milli as f64 / 1000.0);
@@ -382,6 +415,7 @@ impl Failover {
             carried: Mutex::new(HashSet::new()),
             seeded: Mutex::new(HashMap::new()),
             any_seeded: std::sync::atomic::AtomicBool::new(false),
+            accounted: Mutex::new(HashMap::new()),
             tasks: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(watch(Arc::downgrade(&failover)));
@@ -509,6 +543,10 @@ impl Failover {
         if at.is_some_and(|at| tokio::time::Instant::now() >= at) && !self.is_open() {
             *at = None;
             self.local.clear();
+            self.accounted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
             self.seeded
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -651,8 +689,10 @@ impl Failover {
         }
     }
 
-    /// What the share's requests and tokens-per-minute buckets lack (the workspace's, its
-    /// models', its key's), if the share is still held.
+    /// What the share used that Redis does not know: how far its requests and tokens-per-minute
+    /// buckets (the workspace's, its models', its key's) are below full, less what they lacked
+    /// without use when last accounted for (`Accounted`), if the share is still held. What they
+    /// lack now is then accounted for: carried once.
     async fn share_lack(
         &self,
         workspace: WorkspaceId,
@@ -670,45 +710,62 @@ impl Failover {
         // What a bucket of `cap` lacks when `w` says what is left in it.
         let lack =
             |cap: u64, w: Option<super::Window>| w.map_or(0, |w| cap.saturating_sub(w.remaining));
-        let requests = shared.requests_per_second.map_or(0, |_| {
-            lack(u64::from(shared.effective_burst()), usage.snapshot.requests)
+        let mut accounted = self.accounted.lock().unwrap_or_else(|e| e.into_inner());
+        let before = accounted.remove(&workspace).unwrap_or(Accounted {
+            at: now,
+            ..Accounted::default()
         });
+        let mut after = Accounted {
+            at: now,
+            ..Accounted::default()
+        };
+        let mut carry = Carry::default();
+        if let Some(rps) = shared.requests_per_second {
+            let lacks = lack(u64::from(shared.effective_burst()), usage.snapshot.requests);
+            carry.requests = before.owed(lacks, before.requests, rps, now);
+            after.requests = lacks as f64;
+        }
         // The balance, not the window: a bucket in debt lacks more than its capacity.
-        let tokens = match (shared.tokens_per_minute, usage.bucket_tokens) {
-            (Some(cap), Some(balance)) => (cap as i64).saturating_sub(balance).max(0) as u64,
-            _ => 0,
-        };
-        let key = shared.key.map(|k| k.limits);
-        let (key_requests, key_tokens) = match (key, usage.key) {
-            (Some(l), Some(snapshot)) => (
-                l.requests_per_second.map_or(0, |_| {
-                    lack(
-                        u64::from(l.as_limits().effective_burst()),
-                        snapshot.requests,
-                    )
-                }),
-                l.tokens_per_minute
-                    .map_or(0, |cap| lack(cap, snapshot.tokens)),
-            ),
-            _ => (0, 0),
-        };
-        let models = usage
-            .models
-            .iter()
-            .filter_map(|m| {
-                let cap = shared.models.get(&m.model)?.tokens_per_minute?;
-                Some((m.model.clone(), lack(cap, m.tokens)))
-            })
-            .filter(|(_, take)| *take > 0)
-            .collect();
-        Some(Carry {
-            running: Vec::new(),
-            requests,
-            tokens,
-            key_requests,
-            key_tokens,
-            models,
-        })
+        if let (Some(cap), Some(balance)) = (shared.tokens_per_minute, usage.bucket_tokens) {
+            let lacks = (cap as i64).saturating_sub(balance).max(0) as u64;
+            carry.tokens = before.owed(lacks, before.tokens, cap as f64 / 60.0, now);
+            after.tokens = lacks as f64;
+        }
+        if let (Some(k), Some(snapshot)) = (shared.key, usage.key) {
+            let (l, was) = (k.limits, before.key.filter(|(id, ..)| *id == k.id));
+            let (was_requests, was_tokens) = was.map_or((0.0, 0.0), |(_, r, t)| (r, t));
+            let mut lacks = (0, 0);
+            if let Some(rps) = l.requests_per_second {
+                lacks.0 = lack(
+                    u64::from(l.as_limits().effective_burst()),
+                    snapshot.requests,
+                );
+                carry.key_requests = before.owed(lacks.0, was_requests, rps, now);
+            }
+            if let Some(cap) = l.tokens_per_minute {
+                lacks.1 = lack(cap, snapshot.tokens);
+                carry.key_tokens = before.owed(lacks.1, was_tokens, cap as f64 / 60.0, now);
+            }
+            after.key = Some((k.id, lacks.0 as f64, lacks.1 as f64));
+        }
+        for m in &usage.models {
+            let Some(cap) = shared
+                .models
+                .get(&m.model)
+                .and_then(|l| l.tokens_per_minute)
+            else {
+                continue;
+            };
+            let lacks = lack(cap, m.tokens);
+            let was = before.models.get(&m.model).copied().unwrap_or(0.0);
+            let owed = before.owed(lacks, was, cap as f64 / 60.0, now);
+            if owed > 0 {
+                carry.models.push((m.model.clone(), owed));
+            }
+            after.models.insert(m.model.clone(), lacks as f64);
+        }
+        accounted.insert(workspace, after);
+        Some(carry)
     }
 
     /// A request admitted through Redis has ended (or given its slot back): if its workspace's
@@ -822,6 +879,20 @@ impl Failover {
                 };
                 if fresh {
                     self.local.drain(workspace, &shared, now);
+                    self.accounted
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(
+                            workspace,
+                            Accounted {
+                                at: now,
+                                requests: shared
+                                    .requests_per_second
+                                    .map_or(0.0, |_| f64::from(shared.effective_burst())),
+                                tokens: shared.tokens_per_minute.unwrap_or(0) as f64,
+                                ..Accounted::default()
+                            },
+                        );
                     // This instance's own requests still running hold slots of the share.
                     if shared.concurrent_requests.is_some() {
                         let running = self.shared.live_for(workspace);
@@ -1289,18 +1360,28 @@ mod tests {
     }
 
     #[test]
-    fn a_limit_too_small_to_share_gives_some_instances_nothing() {
-        let l = limits(1_000, 1, 600, 1_000, 1);
+    fn a_limit_too_small_to_share_gives_some_instances_nothing_but_a_burst_of_one() {
         let none = (0, HashMap::new());
-        assert_eq!(share(&l, 3, 0, &none).unwrap().burst, Some(1));
-        assert_eq!(share(&l, 3, 1, &none), Err(LimitName::RequestsPerSecond));
+        // 1 request a second with a burst of 1, on three instances: each admits one request
+        // every 3 s, where a burst split as integers left two of them refusing every request.
+        let l = limits(1_000, 1, 600, 1_000, 3);
+        for rank in 0..3 {
+            let s = share(&l, 3, rank, &none).unwrap();
+            assert_eq!((s.requests_per_second, s.burst), (Some(0.333), Some(1)));
+        }
+        let l = limits(1_000, 1, 600, 1_000, 1);
+        assert_eq!(
+            share(&l, 3, 1, &none).map(|_| ()),
+            Err(LimitName::ConcurrentRequests)
+        );
         let l = limits(1_000, 3, 2, 1_000, 3);
         assert_eq!(share(&l, 3, 2, &none), Err(LimitName::TokensPerMinute));
     }
 
     proptest! {
         /// Whatever the limits and the number of instances, the shares add up to no more than
-        /// each limit (and the month shares to no more than what was left).
+        /// each limit (and the month shares to no more than what was left), but for bursts of
+        /// one request each where the burst is below the number of instances.
         #[test]
         fn shares_never_add_up_to_more_than_the_limit(
             rps_milli in 1u64..100_000,
@@ -1324,7 +1405,8 @@ mod tests {
                 months += s.tokens_per_month.unwrap().saturating_sub(seed.min(month));
             }
             prop_assert!(rate <= rps_milli as i64);
-            prop_assert!(bursts <= burst as u64);
+            // A burst is at least one request each.
+            prop_assert!(bursts <= u64::from(burst.max(n)));
             prop_assert!(tokens <= tpm);
             prop_assert!(slots <= conc as u64);
             prop_assert!(months <= month.saturating_sub(seed));
