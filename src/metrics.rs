@@ -253,7 +253,8 @@ pub struct Metrics {
     pub undecided: Counter,
     denials: DenialCounters,
     /// `quota_exceeded` by the workspace's own budget: `workspace_budget`, `model_budget`.
-    budget_denials: [OnceLock<Counter>; 2],
+    /// By outcome (the quota reached, or a request too large for it), then workspace or model.
+    budget_denials: [[OnceLock<Counter>; 2]; 2],
 
     pub unauthenticated: Counter,
     pub upstream_rate_limited: Counter,
@@ -694,16 +695,20 @@ impl Metrics {
     /// A denial by the workspace's own limits.
     /// A month denial by the cap the workspace set for itself (`/v1/budget`), labelled as its
     /// answer's code: `workspace_budget`, or `model_budget` for a model's.
-    pub fn denied_by_budget(&self, model: bool) {
+    /// A denial by the workspace's own budget (`model`: a model's), counted under the code the
+    /// answer gives, with the outcome of its kind: the budget reached, or a request that can
+    /// never fit in it (`too_large`).
+    pub fn denied_by_budget(&self, model: bool, kind: DenialKind) {
         let (i, limit) = if model {
             (1, "model_budget")
         } else {
             (0, "workspace_budget")
         };
-        self.budget_denials[i]
+        let k = usize::from(kind == DenialKind::RequestTooLarge);
+        self.budget_denials[k][i]
             .get_or_init(|| {
                 self.decisions.get_or_create_owned(&DecisionLabels {
-                    outcome: denial_outcome(DenialKind::QuotaExceeded),
+                    outcome: denial_outcome(kind),
                     limit,
                 })
             })

@@ -248,13 +248,19 @@ fn denial_response(denial: &Denial, budget: bool) -> Response {
     response
 }
 
-/// A denial's code (the limit), type and message.
-fn denial_message(denial: &Denial, budget: bool) -> (&'static str, &'static str, String) {
-    let limit = match (budget, denial.model.is_some()) {
+/// A denial's code: the limit that denied it, or the workspace's own budget (`budget`) for it
+/// or for its model. The answer, the access log and the metrics all name it so.
+pub fn denial_code(denial: &Denial, budget: bool) -> &'static str {
+    match (budget, denial.model.is_some()) {
         (true, false) => "workspace_budget",
         (true, true) => "model_budget",
         (false, _) => denial.limit.as_str(),
-    };
+    }
+}
+
+/// A denial's code (the limit), type and message.
+fn denial_message(denial: &Denial, budget: bool) -> (&'static str, &'static str, String) {
+    let limit = denial_code(denial, budget);
     let wait = || headers::duration(denial.retry_after);
     let what = || {
         let mut what = String::with_capacity(48);

@@ -541,10 +541,6 @@ async fn forward(
             state
                 .recorder
                 .record_denied(ws_id, key, now, model.unwrap_or_default());
-            if let Some(a) = access.as_mut() {
-                a.decision = "denied";
-                a.limit = Some(denial.limit.as_str());
-            }
             let budget = match denial.limit {
                 LimitName::TokensPerMonth => workspace.budget.workspace,
                 LimitName::ModelTokensPerMonth => denial
@@ -553,11 +549,15 @@ async fn forward(
                     .is_some_and(|m| workspace.budget.models.iter().any(|b| b == m)),
                 _ => false,
             };
-            // Counted under the code the answer gives: a budget's is not the quota's.
+            // Counted and logged under the code the answer gives: a budget's is not the quota's.
+            if let Some(a) = access.as_mut() {
+                a.decision = "denied";
+                a.limit = Some(super::error::denial_code(&denial, budget));
+            }
             if budget {
                 state
                     .metrics
-                    .denied_by_budget(denial.limit == LimitName::ModelTokensPerMonth);
+                    .denied_by_budget(denial.model.is_some(), denial.kind);
             } else {
                 state.metrics.denied(denial.limit, denial.kind);
             }

@@ -332,3 +332,48 @@ async fn a_budget_equal_to_the_quota_leaves_the_quota_named() {
     let body: Value = refused.json().await.unwrap();
     assert_eq!(body["code"], "tokens_per_month", "{body}");
 }
+
+/// A request whose prompt alone is over the workspace's budget (or its model's) is
+/// `request_too_large` under the budget's code, and counted so: `outcome="too_large"` with the
+/// budget's code, never `quota_exceeded` (an outside audit: a dashboard summing `too_large`
+/// missed them).
+#[tokio::test]
+async fn a_request_too_large_for_a_budget_is_counted_as_too_large_under_the_budget() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "roomy",
+        json!({"tokens_per_minute": 1000000, "tokens_per_month": 1000000}),
+    )
+    .await;
+    let (_, key) = gw.workspace("roomy").await;
+    let long = json!({
+        "model": "mistral-large-latest",
+        "messages": [{"role": "user", "content": "word ".repeat(200)}],
+    });
+    for (budget, code) in [
+        (
+            json!({"models": {"mistral-large-latest": 5}}),
+            "model_budget",
+        ),
+        (json!({"tokens_per_month": 5}), "workspace_budget"),
+    ] {
+        let (s, b) = put_budget(&gw, &key, budget).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let r = gw.chat(&key, long.clone(), &[]).await;
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (body["type"].as_str(), body["code"].as_str()),
+            (Some("request_too_large"), Some(code)),
+            "{body}"
+        );
+        let text = gw.metrics().await;
+        let series =
+            format!("tiergate_decisions_total{{outcome=\"too_large\",limit=\"{code}\"}} 1");
+        assert!(text.contains(&series), "{series}: {text}");
+        assert!(
+            !text.contains(&format!("outcome=\"quota_exceeded\",limit=\"{code}\"")),
+            "{code} counted as quota_exceeded"
+        );
+    }
+}
