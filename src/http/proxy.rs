@@ -964,7 +964,12 @@ async fn send(
             .waiting(read_whole(upstream, deadline, idle, cap))
             .await;
         return match body {
-            Ok(Read::Whole(body)) => Ok(answer(Body::from(body))),
+            // Refunded: it cost nothing, and the Mistral family says so.
+            Ok(Read::Whole(body)) => {
+                let mut response = answer(Body::from(body));
+                headers::query_cost(state.config.rate_limit_headers, 0, response.headers_mut());
+                Ok(response)
+            }
             Ok(Read::TooLarge(body)) => {
                 let stream = MeteredStream::new(state.clone(), body, None, None);
                 Ok(answer(Body::from_stream(stream)))

@@ -146,6 +146,20 @@ async fn the_mistral_family_alone_names_minutes_and_the_query_cost() {
     let cost = header_u64(&r, "x-ratelimit-tokens-query-cost");
     let body: Value = r.json().await.unwrap();
     assert_eq!(cost, body["usage"]["total_tokens"].as_u64().unwrap());
+    // An upstream's error, read whole and refunded, cost nothing, and says so (an outside
+    // audit: it carried no query cost). On a tier that admits them all.
+    gw.put_tier("roomy", json!({"requests_per_second": 100}))
+        .await;
+    let (_, key) = gw.workspace("roomy").await;
+    for status in ["500", "429", "400"] {
+        let r = gw.chat(&key, hello(), &[("x-mock-status", status)]).await;
+        assert_eq!(r.status().as_str(), status);
+        assert_eq!(
+            header(&r, "x-ratelimit-tokens-query-cost"),
+            Some("0"),
+            "{status}"
+        );
+    }
 }
 
 #[tokio::test]
