@@ -1414,6 +1414,12 @@ impl Config {
             .filter(|(_, on)| *on)
             .map(|(n, _)| toml_str(n))
             .collect();
+        // None on is written `["none"]`, as it is set: an empty list is refused.
+        let on = if on.is_empty() {
+            vec![toml_str("none")]
+        } else {
+            on
+        };
         line("rate_limit_headers", format!("[{}]", on.join(", ")));
         let origins: Vec<String> = match &self.cors_origins {
             CorsOrigins::None => Vec::new(),
@@ -2245,6 +2251,23 @@ mod tests {
         let printed = Config::try_from(file).unwrap().effective_toml();
         let again: RawSettings = toml::from_str(&printed).unwrap();
         assert_eq!(c(again).unwrap(), vec![60, 100]);
+    }
+
+    #[test]
+    fn config_check_prints_the_header_families_so_that_they_read_back() {
+        // `none` printed `[]`, which is refused (an outside audit).
+        for set in [
+            "[\"none\"]",
+            "[\"mistral\"]",
+            "[\"openai\", \"ietf\", \"mistral\"]",
+        ] {
+            let file: RawSettings =
+                toml::from_str(&format!("rate_limit_headers = {set}\n")).unwrap();
+            let c = Config::try_from(file).unwrap();
+            let again: RawSettings = toml::from_str(&c.effective_toml()).unwrap();
+            let again = Config::try_from(again).expect(set);
+            assert_eq!(again.rate_limit_headers, c.rate_limit_headers, "{set}");
+        }
     }
 
     #[test]
