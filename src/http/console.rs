@@ -1007,7 +1007,8 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             }
         }
         p.note { "Requests this month: " span #requests-this-month { (usage.requests_this_month) } " (the ledger, up to about a second behind)." }
-        @if !usage.models.is_empty() {
+        @let shadow_models = model_limits_in_shadow(limits, shadow);
+        @if !usage.models.is_empty() || !shadow_models.is_empty() {
             h2 { "Per model" }
             table.limits.models #model-limits {
                 thead { tr { th { "Model" } th { "Limit" } th { "Usage" } th { "Now" } th { "Reset" } } }
@@ -1034,6 +1035,13 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                                 html! { span.used { (w.used) } " of " (w.limit) " tokens used" },
                                 &w.reset,
                             ))
+                        }
+                    }
+                    @for (model, id, label, figure) in &shadow_models {
+                        tr data-model=(model) data-limit=(id) {
+                            th scope="row" { (model) }
+                            td { (label) }
+                            td colspan="3" { "in shadow: " span.shadow { (figure) " tokens" } " (not enforced; requests over it are admitted and counted)" }
                         }
                     }
                 }
@@ -1328,6 +1336,32 @@ pub(super) fn key_status(k: &ApiKey, now: i64) -> &'static str {
     } else {
         "active"
     }
+}
+
+/// Each model's limits in shadow that are not enforced too: (model, limit, label, figure). A
+/// model's limits in shadow went unshown (an outside audit: a model's 100 tokens a minute in
+/// shadow appeared nowhere on the page).
+fn model_limits_in_shadow<'a>(
+    limits: &Limits,
+    shadow: Option<&'a Limits>,
+) -> Vec<(&'a str, &'static str, &'static str, u64)> {
+    let mut rows = Vec::new();
+    for (model, l) in shadow.map(|s| &s.models).into_iter().flatten() {
+        let enforced = limits.models.get(model);
+        if let (Some(v), None) = (
+            l.tokens_per_minute,
+            enforced.and_then(|e| e.tokens_per_minute),
+        ) {
+            rows.push((model.as_str(), "tokens_per_minute", "Tokens per minute", v));
+        }
+        if let (Some(v), None) = (
+            l.tokens_per_month,
+            enforced.and_then(|e| e.tokens_per_month),
+        ) {
+            rows.push((model.as_str(), "tokens_per_month", "Tokens per month", v));
+        }
+    }
+    rows
 }
 
 /// A limit not enforced: in shadow (its figure, which only says what it would have denied: see

@@ -677,6 +677,50 @@ fn optional<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(String::new, |v| v.to_string())
 }
 
+/// Each model with limits of its own, enforced or in shadow: (model, tokens a minute, tokens a
+/// month), a limit in shadow said so (an outside audit: a model's limits in shadow showed as
+/// "—", which reads as no limit, or the model not at all).
+fn model_figures<'a>(
+    effective: &'a Limits,
+    shadow: Option<&'a Limits>,
+) -> Vec<(&'a str, String, String)> {
+    let names: std::collections::BTreeSet<&str> = effective
+        .models
+        .keys()
+        .chain(
+            shadow
+                .map(|s| &s.models)
+                .into_iter()
+                .flatten()
+                .map(|(m, _)| m),
+        )
+        .map(String::as_str)
+        .collect();
+    let figure = |enforced: Option<u64>, shadow: Option<u64>| match (enforced, shadow) {
+        (Some(v), _) => v.to_string(),
+        (None, Some(v)) => format!("in shadow: {v}"),
+        (None, None) => "—".into(),
+    };
+    names
+        .into_iter()
+        .map(|model| {
+            let e = effective.models.get(model);
+            let s = shadow.and_then(|s| s.models.get(model));
+            (
+                model,
+                figure(
+                    e.and_then(|l| l.tokens_per_minute),
+                    s.and_then(|l| l.tokens_per_minute),
+                ),
+                figure(
+                    e.and_then(|l| l.tokens_per_month),
+                    s.and_then(|l| l.tokens_per_month),
+                ),
+            )
+        })
+        .collect()
+}
+
 fn shown<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "—".to_string(), |v| v.to_string())
 }
@@ -1060,15 +1104,16 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                 }
             }
         }
-        @if !d.effective.models.is_empty() {
+        @let models = model_figures(&d.effective, d.shadow.as_deref());
+        @if !models.is_empty() {
             table #model-limits {
                 thead { tr { th { "Model" } th { "Tokens per minute" } th { "Tokens per month" } } }
                 tbody {
-                    @for (model, l) in &d.effective.models {
+                    @for (model, minute, month) in &models {
                         tr data-model=(model) {
                             th scope="row" { (model) }
-                            td { (shown(l.tokens_per_minute)) }
-                            td { (shown(l.tokens_per_month)) }
+                            td { (minute) }
+                            td { (month) }
                         }
                     }
                 }

@@ -1302,3 +1302,57 @@ async fn a_limit_in_shadow_is_shown_with_its_figure() {
         "{row}"
     );
 }
+
+/// A model's limits in shadow are shown too, on the workspace's page and on the operator's: they
+/// appeared nowhere, or as "—" beside the model's enforced month (an outside audit).
+#[tokio::test]
+async fn a_models_limits_in_shadow_are_shown_with_their_figures() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "watched-models",
+        json!({
+            "requests_per_second": 5,
+            "models": {
+                "m": {"tokens_per_minute": 100, "tokens_per_month": 100000},
+                "q": {"tokens_per_minute": 5000, "tokens_per_month": 1000},
+            },
+            "shadow": ["model_tokens_per_minute", "model_tokens_per_month"],
+        }),
+    )
+    .await;
+    let (ws, key) = gw.workspace("watched-models").await;
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let row = |body: &str, start: &str| -> String {
+        body.split(start)
+            .nth(1)
+            .and_then(|rest| rest.split("</tr>").next())
+            .unwrap_or_else(|| panic!("no row {start}: {body}"))
+            .to_owned()
+    };
+    for (model, limit, figure) in [
+        ("m", "tokens_per_minute", "100 tokens"),
+        ("m", "tokens_per_month", "100000 tokens"),
+        ("q", "tokens_per_minute", "5000 tokens"),
+        ("q", "tokens_per_month", "1000 tokens"),
+    ] {
+        let r = row(
+            &page.body,
+            &format!(r#"<tr data-model="{model}" data-limit="{limit}">"#),
+        );
+        assert!(r.contains("in shadow"), "{model} {limit}: {r}");
+        assert!(r.contains(figure), "{model} {limit}: {r}");
+    }
+    let op = crate::console_operator::Operator::sign_in(&gw.url, ADMIN).await;
+    let page = op.get(&format!("/console/operator/workspaces/{ws}")).await;
+    let r = row(&page.body, r#"<tr data-model="m">"#);
+    assert!(
+        r.contains("<td>in shadow: 100</td><td>in shadow: 100000</td>"),
+        "{r}"
+    );
+    let r = row(&page.body, r#"<tr data-model="q">"#);
+    assert!(
+        r.contains("<td>in shadow: 5000</td><td>in shadow: 1000</td>"),
+        "{r}"
+    );
+}
