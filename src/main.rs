@@ -928,7 +928,7 @@ async fn limit_requests(command: LimitRequestCommand) -> anyhow::Result<()> {
                 let fields: serde_json::Map<String, Value> =
                     limit_fields(&limits)?.into_iter().collect();
                 Some(
-                    serde_json::from_value::<Overrides>(Value::Object(fields))
+                    Overrides::granted(fields, "workspaces set ID --limit NAME=none")
                         .map_err(|e| anyhow!("--limit: {e}"))?,
                 )
             };

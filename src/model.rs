@@ -347,6 +347,23 @@ pub struct Overrides {
 }
 
 impl Overrides {
+    /// An approval's figures, from its fields (the admin API's `limits`, the CLI's `--limit`s):
+    /// a `null` is refused (an approval grants figures; `clear` says how to clear an override
+    /// instead), and a field that does not read is named. Left out, a `null` was dropped while
+    /// the approval went through (two outside audits, the admin API's then the CLI's).
+    pub fn granted(
+        fields: serde_json::Map<String, serde_json::Value>,
+        clear: &str,
+    ) -> Result<Overrides, String> {
+        if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_null()) {
+            return Err(format!(
+                "'{name}' is null: an approval grants figures; clear an override with {clear}"
+            ));
+        }
+        serde_path_to_error::deserialize(serde_json::Value::Object(fields))
+            .map_err(|e| format!("'{}': {}", e.path(), e.inner()))
+    }
+
     pub fn is_empty(&self) -> bool {
         *self == Overrides::default()
     }

@@ -309,6 +309,28 @@ async fn changes_through_the_cli_are_audited_under_the_os_user() {
     }
     let pending = cli.ok(&["limit-requests", "list", "--status", "pending"]);
     assert_eq!(pending.as_array().unwrap().len(), 2);
+    // An approval grants figures: `none` is refused, beside a figure too (it was dropped and
+    // the rest approved: an outside audit), and a figure that does not read is named.
+    for (limit, named) in [("burst=none", "'burst' is null"), ("burst=abc", "'burst'")] {
+        let err = cli
+            .run(&[
+                "limit-requests",
+                "approve",
+                &requests[0],
+                "--limit",
+                limit,
+                "--limit",
+                "tokens_per_minute=3000",
+            ])
+            .unwrap_err();
+        assert!(err.contains(named), "{limit}: {err}");
+    }
+    let pending = cli.ok(&["limit-requests", "list", "--status", "pending"]);
+    assert_eq!(
+        pending.as_array().unwrap().len(),
+        2,
+        "approved all the same"
+    );
     let approved = cli.ok(&[
         "limit-requests",
         "approve",

@@ -585,14 +585,9 @@ fn granted<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Overrides>, 
     let Some(fields) = Option::<serde_json::Map<String, serde_json::Value>>::deserialize(d)? else {
         return Ok(None);
     };
-    if let Some((name, _)) = fields.iter().find(|(_, v)| v.is_null()) {
-        return Err(D::Error::custom(format!(
-            "'{name}' is null: an approval grants figures; clear an override with PATCH /admin/v1/workspaces/{{id}}"
-        )));
-    }
-    serde_path_to_error::deserialize(serde_json::Value::Object(fields))
+    Overrides::granted(fields, "PATCH /admin/v1/workspaces/{id}")
         .map(Some)
-        .map_err(|e| D::Error::custom(format!("'{}': {}", e.path(), e.inner())))
+        .map_err(D::Error::custom)
 }
 
 /// The conflict of an answer to a request already answered.
