@@ -205,6 +205,28 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
         page <= window,
         "the page is {page} px wide in a window of {window}"
     );
+    // Nor are the tables' cells broken a few letters or words a line to fit (an outside audit:
+    // "Re / qu / es / ts", "wh / ole / ag / ai / n" at 375 px): each heading, and each cell of
+    // the limits table but its bars, is one line.
+    let worst = browser
+        .client
+        .execute(
+            "const lines = e => { const r = document.createRange(); r.selectNodeContents(e); \
+               return new Set([...r.getClientRects()].map(x => Math.round(x.top))).size; }; \
+             const cells = [...document.querySelectorAll('th, table.limits td')] \
+               .filter(c => !c.querySelector('meter')); \
+             const w = cells.reduce((w, c) => lines(c) > lines(w) ? c : w, cells[0]); \
+             return [lines(w), w.outerHTML.slice(0, 300)];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        worst[0].as_u64(),
+        Some(1),
+        "a cell on several lines: {}",
+        worst[1]
+    );
     browser
         .client
         .set_window_size(WINDOW_WIDTH, WINDOW_HEIGHT)
