@@ -124,6 +124,22 @@ impl HeldCount {
     }
 }
 
+impl HeldCount {
+    /// The place to use when no heartbeat could be read at `at` (Redis down), given the last
+    /// one heard, `last`: the hold ends `COUNT_HELD_FOR` after the larger count was last seen,
+    /// heard from Redis or not. Kept until a heartbeat was heard again, it lasted the whole
+    /// outage: after a rolling restart (whose stopped instances' heartbeats live 3 s), every
+    /// instance took the smallest share of a count of instances that no longer ran, and a
+    /// concurrency limit below it was refused by all of them (an outside audit).
+    fn unheard(
+        &mut self,
+        last: Option<(u32, u32)>,
+        at: tokio::time::Instant,
+    ) -> Option<(u32, u32)> {
+        last.map(|(count, rank)| self.place(count, rank, at))
+    }
+}
+
 /// (instances, this one's rank) for the local share: the count `instances` gives, else the one
 /// the heartbeats showed (`seen`: count in the high half, rank in the low; 0 unknown; held, see
 /// `HeldCount`).
@@ -933,6 +949,8 @@ async fn watch(failover: Weak<Failover>) {
     let instance = super::ReservationId::next().to_string();
     let mut last_heartbeat = tokio::time::Instant::now() - HEARTBEAT_EVERY;
     let mut held = HeldCount::default();
+    // The (count, rank) the last heartbeat heard.
+    let mut last_heard = None;
     // The count of live instances last warned about.
     let mut warned = 0;
     loop {
@@ -979,6 +997,7 @@ async fn watch(failover: Weak<Failover>) {
                         f.shared.renew_now();
                     }
                     let n = beat.instances;
+                    last_heard = Some((n, beat.rank));
                     let (count, rank) = held.place(n, beat.rank, tokio::time::Instant::now());
                     f.seen
                         .store(((count as u64) << 32) | rank as u64, Ordering::Relaxed);
@@ -999,7 +1018,15 @@ async fn watch(failover: Weak<Failover>) {
                     }
                     f.metrics.instances.set(i64::from(n));
                 }
-                Err(e) => f.failure(&e, None),
+                Err(e) => {
+                    f.failure(&e, None);
+                    if let Some((count, rank)) =
+                        held.unheard(last_heard, tokio::time::Instant::now())
+                    {
+                        f.seen
+                            .store(((count as u64) << 32) | rank as u64, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }
@@ -1340,6 +1367,28 @@ mod tests {
             .map(|&(n, rank)| share(&l, n, rank, &seeds).unwrap().burst.unwrap())
             .sum();
         assert!(burst <= 30, "{places:?}: {burst}");
+    }
+
+    #[test]
+    fn a_held_count_ends_on_time_while_no_heartbeat_is_heard() {
+        let t0 = tokio::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut held = HeldCount::default();
+        // A rolling restart: the stopped instances' heartbeats were seen for a moment.
+        assert_eq!(held.place(6, 4, at(0)), (6, 4));
+        assert_eq!(held.place(3, 1, at(3)), (6, 5));
+        // Redis fails at 5 s: nothing is heard from then on.
+        let last = Some((3, 1));
+        assert_eq!(held.unheard(last, at(5)), Some((6, 5)), "still held");
+        assert_eq!(held.unheard(last, at(29)), Some((6, 5)), "still held");
+        assert_eq!(
+            held.unheard(last, at(30)),
+            Some((3, 1)),
+            "30 s after 6 was last seen: the count last heard, and this instance's rank"
+        );
+        assert_eq!(held.unheard(last, at(60)), Some((3, 1)));
+        // Nothing heard yet: nothing to go by.
+        assert_eq!(HeldCount::default().unheard(None, at(60)), None);
     }
 
     #[test]
