@@ -1749,7 +1749,7 @@ async fn tiers_page(
         Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
-    show_tiers(&state, &op, StatusCode::OK, notice(&params), None).await
+    show_tiers(&state, &op, StatusCode::OK, notice(&params), None, None).await
 }
 
 async fn show_tiers(
@@ -1758,6 +1758,7 @@ async fn show_tiers(
     status: StatusCode,
     notice: Option<&str>,
     error: Option<&str>,
+    typed: Option<TypedTier<'_>>,
 ) -> Response {
     match state.admin.list_tiers().await {
         Ok(tiers) => {
@@ -1768,7 +1769,7 @@ async fn show_tiers(
                 status,
                 "Tiers",
                 (notice, error),
-                tiers_body(&tiers, &token),
+                tiers_body(&tiers, &token, typed),
             )
         }
         Err(e) => failure_page(op, state, e).await,
@@ -1833,60 +1834,85 @@ fn attribute_lines(attributes: &Attributes) -> String {
         .collect()
 }
 
-/// The fields of a tier's form, filled with `tier` (`None`: a new tier); `tiers` are the
-/// catalogue's names, the tiers it may promote to (itself left out).
-fn tier_fields(tier: Option<&Tier>, tiers: &[Tier], token: &str) -> Markup {
+/// The fields of a tier's form, filled with `tier` (`None`: a new tier), or with what was typed
+/// into it (`typed`: the form as sent, when it was refused: an outside audit saw what was typed
+/// replaced by the stored figures); `tiers` are the catalogue's names, the tiers it may promote
+/// to (itself left out).
+fn tier_fields(tier: Option<&Tier>, tiers: &[Tier], token: &str, typed: Option<&Form>) -> Markup {
     let empty = Limits::default();
     let limits = tier.map_or(&empty, |t| &t.limits);
-    let values = [
-        optional(limits.requests_per_second),
-        optional(limits.burst),
-        optional(limits.tokens_per_minute),
-        optional(limits.tokens_per_month),
-        optional(limits.concurrent_requests),
-    ];
     let promotion = tier.and_then(|t| t.promotion.as_ref());
-    let to = promotion.map(|p| p.to.as_str());
-    let enforcement = tier.map_or(Enforcement::Enforce, |t| t.enforcement);
-    let shadow = tier.map_or(&[][..], |t| t.shadow.as_slice());
+    let stored = |name: &str| -> String {
+        match name {
+            "rank" => optional(tier.and_then(|t| t.rank)),
+            "requests_per_second" => optional(limits.requests_per_second),
+            "burst" => optional(limits.burst),
+            "tokens_per_minute" => optional(limits.tokens_per_minute),
+            "tokens_per_month" => optional(limits.tokens_per_month),
+            "concurrent_requests" => optional(limits.concurrent_requests),
+            "models" => model_lines(limits),
+            "promotion_to" => promotion.map(|p| p.to.clone()).unwrap_or_default(),
+            "min_days" => optional(promotion.and_then(|p| p.min_days)),
+            "min_tokens_30d" => optional(promotion.and_then(|p| p.min_tokens_30d)),
+            "min_attributes" => promotion
+                .map(|p| attribute_lines(&p.min_attributes))
+                .unwrap_or_default(),
+            "enforcement" => tier
+                .map_or(Enforcement::Enforce, |t| t.enforcement)
+                .as_str()
+                .to_string(),
+            _ => String::new(),
+        }
+    };
+    let value = |name: &str| typed.map_or_else(|| stored(name), |form| form.get(name));
+    let to = value("promotion_to");
+    let enforcement = value("enforcement");
+    let shadow: Vec<&str> = match typed {
+        Some(form) => form.all("shadow").collect(),
+        None => tier.map_or_else(Vec::new, |t| t.shadow.iter().map(|l| l.as_str()).collect()),
+    };
     html! {
         input type="hidden" name="csrf" value=(token);
-        label { "Rank" input type="text" inputmode="numeric" name="rank" value=(optional(tier.and_then(|t| t.rank))) size="6"; }
-        @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
-            label { (label) input type="text" inputmode="decimal" name=(field) value=(values[i]) size="14"; }
+        label { "Rank" input type="text" inputmode="numeric" name="rank" value=(value("rank")) size="6"; }
+        @for (field, label) in OVERRIDE_FIELDS.iter() {
+            label { (label) input type="text" inputmode="decimal" name=(field) value=(value(field)) size="14"; }
         }
-        label.models { "Per model" textarea name="models" rows="2" cols="60" placeholder="mistral-large-latest tokens_per_minute=100000" { (model_lines(limits)) } }
+        label.models { "Per model" textarea name="models" rows="2" cols="60" placeholder="mistral-large-latest tokens_per_minute=100000" { (value("models")) } }
         fieldset.promotion {
             legend { "Automatic promotion (all conditions must hold)" }
             label {
                 "To "
                 select name="promotion_to" {
-                    option value="" selected[to.is_none()] { "none" }
+                    option value="" selected[to.is_empty()] { "none" }
                     @for t in tiers.iter().filter(|t| Some(t.name.as_str()) != tier.map(|t| t.name.as_str())) {
-                        option value=(t.name) selected[to == Some(t.name.as_str())] { (t.name) }
+                        option value=(t.name) selected[to == t.name] { (t.name) }
                     }
                 }
             }
-            label { "Days since created ≥ " input type="text" inputmode="numeric" name="min_days" value=(optional(promotion.and_then(|p| p.min_days))) size="6"; }
-            label { "Tokens over 30 days ≥ " input type="text" inputmode="numeric" name="min_tokens_30d" value=(optional(promotion.and_then(|p| p.min_tokens_30d))) size="14"; }
-            label.models { "Attributes (NAME=N: at least N; NAME=true)" textarea name="min_attributes" rows="2" cols="40" placeholder="paid_usd=50" { (promotion.map(|p| attribute_lines(&p.min_attributes)).unwrap_or_default()) } }
+            label { "Days since created ≥ " input type="text" inputmode="numeric" name="min_days" value=(value("min_days")) size="6"; }
+            label { "Tokens over 30 days ≥ " input type="text" inputmode="numeric" name="min_tokens_30d" value=(value("min_tokens_30d")) size="14"; }
+            label.models { "Attributes (NAME=N: at least N; NAME=true)" textarea name="min_attributes" rows="2" cols="40" placeholder="paid_usd=50" { (value("min_attributes")) } }
         }
         fieldset.enforcement {
             legend { "Enforcement" }
             select name="enforcement" aria-label="Enforcement" {
                 @for e in [Enforcement::Enforce, Enforcement::Shadow] {
-                    option value=(e.as_str()) selected[e == enforcement] { (e.as_str()) }
+                    option value=(e.as_str()) selected[e.as_str() == enforcement] { (e.as_str()) }
                 }
             }
             " limits in shadow: "
             @for l in ShadowLimit::ALL {
-                label.check { input type="checkbox" name="shadow" value=(l.as_str()) checked[shadow.contains(&l)]; (l.as_str()) }
+                label.check { input type="checkbox" name="shadow" value=(l.as_str()) checked[shadow.contains(&l.as_str())]; (l.as_str()) }
             }
         }
     }
 }
 
-fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
+/// Which tier's form was refused (`None`: the new tier's), with the form as sent.
+type TypedTier<'a> = (Option<&'a str>, &'a Form);
+
+fn tiers_body(tiers: &[Tier], token: &str, typed: Option<TypedTier>) -> Markup {
+    let typed_for = |name: Option<&str>| typed.filter(|(t, _)| *t == name).map(|(_, f)| f);
     html! {
         h1 { "Tiers" }
         table #tiers {
@@ -1912,7 +1938,7 @@ fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
             section.tier data-tier=(t.name) {
                 h2 { (t.name) }
                 form.tier-edit method="post" action=(format!("{TIERS}/{}", t.name)) {
-                    (tier_fields(Some(t), tiers, token))
+                    (tier_fields(Some(t), tiers, token, typed_for(Some(&t.name))))
                     button type="submit" { "Save " (t.name) }
                 }
             }
@@ -1920,8 +1946,8 @@ fn tiers_body(tiers: &[Tier], token: &str) -> Markup {
         section #new-tier {
             h2 { "New tier" }
             form #create-tier method="post" action=(TIERS) {
-                label { "Name " input type="text" name="name" required maxlength="64" pattern="[A-Za-z0-9._\\-]+"; }
-                (tier_fields(None, tiers, token))
+                label { "Name " input type="text" name="name" value=(typed_for(None).map(|f| f.get("name")).unwrap_or_default()) required maxlength="64" pattern="[A-Za-z0-9._\\-]+"; }
+                (tier_fields(None, tiers, token, typed_for(None)))
                 button type="submit" { "Create tier" }
             }
         }
@@ -1948,7 +1974,8 @@ async fn create_tier(State(state): State<Arc<AppState>>, request: Request) -> Re
             .await
     }
     .await;
-    after_tier(&state, &op, outcome.map(|_| Done::TierCreated)).await
+    let typed = (None, &form);
+    after_tier(&state, &op, outcome.map(|_| Done::TierCreated), typed).await
 }
 
 async fn edit_tier(
@@ -1981,19 +2008,23 @@ async fn edit_tier(
         state.admin.update_tier(&op.actor(), &name, edit).await
     }
     .await;
-    after_tier(&state, &op, outcome.map(|_| Done::TierSaved)).await
+    let typed = (Some(name.as_str()), &form);
+    after_tier(&state, &op, outcome.map(|_| Done::TierSaved), typed).await
 }
 
+/// A tier's form done: back to the tiers, or, refused, the page again with the message and the
+/// form as it was sent (`typed`).
 async fn after_tier(
     state: &AppState,
     op: &Operator,
     outcome: Result<Done, AdminError>,
+    typed: TypedTier<'_>,
 ) -> Response {
     match outcome {
         Ok(done) => see_other(&format!("{TIERS}?done={}", done.code()), None),
         Err(e) => {
             let (status, message) = refusal(e).await;
-            show_tiers(state, op, status, None, Some(&message)).await
+            show_tiers(state, op, status, None, Some(&message), Some(typed)).await
         }
     }
 }

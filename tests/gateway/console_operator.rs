@@ -927,6 +927,46 @@ async fn tiers_are_edited_and_created_as_through_the_admin_api() {
         page.body
     );
     assert_eq!(tokens_limit(&gw, &key).await, 123456);
+    // Refused, the form comes back as it was typed, not with the stored figures (an outside
+    // audit: what was typed was lost); the other tiers' forms keep theirs.
+    let page = op
+        .post(
+            "/console/operator/tiers/small",
+            &[
+                ("requests_per_second", "abc"),
+                ("tokens_per_minute", "1234"),
+                ("models", "big tpm=5"),
+            ],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    let form = page
+        .body
+        .split(r#"<section class="tier" data-tier="small">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</section>").next())
+        .unwrap_or_else(|| panic!("no form of small: {}", page.body));
+    for typed in [
+        r#"name="requests_per_second" value="abc""#,
+        r#"name="tokens_per_minute" value="1234""#,
+        ">big tpm=5</textarea>",
+    ] {
+        assert!(form.contains(typed), "{typed}: {form}");
+    }
+    let page = op
+        .post(
+            "/console/operator/tiers",
+            &[("name", "no spaces"), ("burst", "7")],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST);
+    let form = page
+        .body
+        .split(r#"<form id="create-tier""#)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no new tier's form: {}", page.body));
+    assert!(form.contains(r#"value="no spaces""#), "{form}");
+    assert!(form.contains(r#"name="burst" value="7""#), "{form}");
 
     // Created; a name that exists is refused rather than replaced.
     let page = op
