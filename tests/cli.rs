@@ -493,6 +493,19 @@ async fn serve_with_an_admin_listener_keeps_the_admin_api_off_the_main_listener(
 
 /// `tiergate config check FILE`: the effective settings, defaults filled in, secrets masked;
 /// a bad field is refused by name.
+/// `tiergate config check FILE` with `env` set, and without the variables of the machine that
+/// would change what it reads (`TIERGATE_CONFIG`, `TIERGATE_REDIS`).
+fn config_check(file: &std::path::Path, env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["config", "check"])
+        .arg(file)
+        .env_remove("TIERGATE_CONFIG")
+        .env_remove("TIERGATE_REDIS")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn config_check_prints_the_effective_settings_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
@@ -524,15 +537,14 @@ tokens_per_minute = 100000
         ),
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .args(["config", "check"])
-        .arg(&file)
-        .env_remove("TIERGATE_CONFIG")
-        .env("TIERGATE_SHUTDOWN_GRACE_MS", "15000")
-        // A misspelt setting is named, not silently ignored.
-        .env("TIERGATE_REDIS_TIMEOUT", "100")
-        .output()
-        .unwrap();
+    let out = config_check(
+        &file,
+        &[
+            ("TIERGATE_SHUTDOWN_GRACE_MS", "15000"),
+            // A misspelt setting is named, not silently ignored.
+            ("TIERGATE_REDIS_TIMEOUT", "100"),
+        ],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -584,12 +596,7 @@ tokens_per_minute = 100000
     assert_eq!(reread.instances, Some(3));
 
     std::fs::write(&file, "log_format = \"yaml\"\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .args(["config", "check"])
-        .arg(&file)
-        .env_remove("TIERGATE_CONFIG")
-        .output()
-        .unwrap();
+    let out = config_check(&file, &[]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -600,13 +607,7 @@ tokens_per_minute = 100000
     // `instances` without `redis` applies to nothing: said on stderr and in the file, not
     // dropped silently.
     std::fs::write(&file, "instances = 3\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .args(["config", "check"])
-        .arg(&file)
-        .env_remove("TIERGATE_CONFIG")
-        .env_remove("TIERGATE_REDIS")
-        .output()
-        .unwrap();
+    let out = config_check(&file, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
@@ -630,13 +631,7 @@ fn a_sqlite_url_without_a_path_is_refused_naming_the_database() {
     let file = dir.path().join("tiergate.toml");
     std::fs::write(&file, "").unwrap();
     for url in ["sqlite://", "sqlite:", "sqlite://   ", "sqlite://?mode=rwc"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-            .args(["config", "check"])
-            .arg(&file)
-            .env_remove("TIERGATE_CONFIG")
-            .env("TIERGATE_DATABASE", url)
-            .output()
-            .unwrap();
+        let out = config_check(&file, &[("TIERGATE_DATABASE", url)]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
         assert!(

@@ -32,6 +32,18 @@ async fn created(gw: &Gateway, path: &str, body: Value) -> Value {
     v
 }
 
+/// A workspace named `name` on `tier-2`, and a key of it: (its id, the key).
+async fn workspace_with_key(gw: &Gateway, name: &str) -> (i64, String) {
+    let id = created(gw, "/workspaces", json!({"name": name, "tier": "tier-2"})).await["id"]
+        .as_i64()
+        .unwrap();
+    let key = created(gw, &format!("/workspaces/{id}/keys"), json!({})).await["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (id, key)
+}
+
 /// `GET /v1/usage` with `key`.
 async fn usage_history(gw: &Gateway, key: &str) -> Value {
     let r = gw
@@ -576,18 +588,7 @@ async fn a_stop_with_postgres_silent_ends_within_the_last_write_patience() {
     let proxy = Proxy::start(db.addr()).await;
     let clock = Arc::new(ManualClock::starting_now());
     let gw = Gateway::start(&db.url_via(&proxy), clock.clone()).await;
-    let id = created(
-        &gw,
-        "/workspaces",
-        json!({"name": "acme", "tier": "tier-2"}),
-    )
-    .await["id"]
-        .as_i64()
-        .unwrap();
-    let key = created(&gw, &format!("/workspaces/{id}/keys"), json!({})).await["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (id, key) = workspace_with_key(&gw, "acme").await;
     assert_eq!(gw.chat(&key).await, StatusCode::OK);
     // The admin view writes the ledger out first: only what follows is left to write.
     let (s, v) = gw
@@ -621,32 +622,10 @@ async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
     let proxy = Proxy::start(db.addr()).await;
     let clock = Arc::new(ManualClock::starting_now());
     let gw = Gateway::start(&db.url_via(&proxy), clock.clone()).await;
-    let id = created(
-        &gw,
-        "/workspaces",
-        json!({"name": "acme", "tier": "tier-2"}),
-    )
-    .await["id"]
-        .as_i64()
-        .unwrap();
-    let key = created(&gw, &format!("/workspaces/{id}/keys"), json!({})).await["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (id, key) = workspace_with_key(&gw, "acme").await;
     assert_eq!(gw.chat(&key).await, StatusCode::OK);
     // A workspace with a key, known to the catalogue, that this instance has not served yet.
-    let other = created(
-        &gw,
-        "/workspaces",
-        json!({"name": "bolt", "tier": "tier-2"}),
-    )
-    .await["id"]
-        .as_i64()
-        .unwrap();
-    let unserved = created(&gw, &format!("/workspaces/{other}/keys"), json!({})).await["key"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (_, unserved) = workspace_with_key(&gw, "bolt").await;
 
     proxy.set(Line::Down);
     // The admin API answers quickly that nothing was done.

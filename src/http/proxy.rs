@@ -170,17 +170,18 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
 /// sent it, with the upstream's key in it; `CONNECT` and made-up methods have no meaning for an
 /// API.
 fn forwarded_method(method: &Method) -> bool {
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::POST,
-        Method::PUT,
-        Method::PATCH,
-        Method::DELETE,
-        Method::OPTIONS,
-    ]
-    .contains(method)
+    FORWARDED.contains(method)
 }
+
+const FORWARDED: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
 
 /// The `405` for a method not passed on (to an authenticated caller; nothing is charged).
 fn refused_method(method: &Method) -> Response {
@@ -194,6 +195,7 @@ fn refused_method(method: &Method) -> Response {
     response
 }
 
+/// `FORWARDED`, as the `Allow` header lists them.
 const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// Header names as constants: a name given as text is parsed and checked on each use (the first
@@ -1581,6 +1583,13 @@ impl Drop for MeteredStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_allow_header_lists_the_methods_passed_on() {
+        let listed: Vec<&str> = FORWARDED_METHODS.split(", ").collect();
+        let passed: Vec<&str> = FORWARDED.iter().map(Method::as_str).collect();
+        assert_eq!(listed, passed);
+    }
 
     #[test]
     fn headers_are_removed_however_many_match() {

@@ -1214,12 +1214,17 @@ async fn a_local_month_share_starts_from_what_redis_last_counted() {
 /// reservations' lease in ms, if not the default. The tests of the switches to and from the
 /// local shares stop and wake that Redis (`SIGSTOP`, `SIGCONT`).
 async fn alone_on_local(lease: Option<u64>) -> (RedisServer, Vec<TestGateway>) {
+    on_local(1, lease).await
+}
+
+/// As `alone_on_local`, with `n` instances (each told there are `n`).
+async fn on_local(n: usize, lease: Option<u64>) -> (RedisServer, Vec<TestGateway>) {
     let redis = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+    let fleet = TestGateway::fleet(n, &redis.url(), |raw| {
         raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
+        raw.instances = Some(n as u32);
         raw.redis_timeout_ms = Some(100);
         raw.redis_lease_ms = lease;
     })
@@ -1958,15 +1963,7 @@ async fn requests_still_running_are_held_again_when_redis_loses_them() {
 /// to the other instances).
 #[tokio::test]
 async fn an_instance_carries_back_its_share_without_waiting_for_a_request() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let fleet = TestGateway::fleet(2, &redis.url(), |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(2);
-        raw.redis_timeout_ms = Some(100);
-    })
-    .await;
+    let (redis, fleet) = on_local(2, None).await;
     let (first, second) = (&fleet[0], &fleet[1]);
     // Each share: half of 7,000. A long request: about 3,046 tokens estimated.
     let (_, key) = setup_workspace(&fleet, "carried", json!({"tokens_per_month": 7_000})).await;
@@ -2054,15 +2051,7 @@ async fn an_instance_holds_its_requests_again_when_its_heartbeat_finds_redis_los
 /// tokens a minute from the shared bucket, and three stalls left it in debt, denied for 20 s).
 #[tokio::test]
 async fn a_stall_takes_from_the_shared_buckets_only_what_the_share_used() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let fleet = TestGateway::fleet(2, &redis.url(), |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(2);
-        raw.redis_timeout_ms = Some(100);
-    })
-    .await;
+    let (redis, fleet) = on_local(2, None).await;
     let (first, second) = (&fleet[0], &fleet[1]);
     let (_, key) = setup_workspace(
         &fleet,
