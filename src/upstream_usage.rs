@@ -242,6 +242,11 @@ pub struct SseScanner {
     kept_cr: bool,
     /// Events passed on that carry generated text (see `carries_text`).
     text_events: u64,
+    /// Whether the `data: [DONE]` event, and whatever follows it, is held back until the stream
+    /// ends (`holding_done`).
+    hold_done: bool,
+    /// What is held back: the `[DONE]` event and what came after it.
+    held: BytesMut,
 }
 
 /// Where the line break at `i` (a `\r` or a `\n`) ends: lines end in `\r\n`, `\n` or `\r`, as the
@@ -317,7 +322,17 @@ impl SseScanner {
             removed_cr: false,
             kept_cr: false,
             text_events: 0,
+            hold_done: false,
+            held: BytesMut::new(),
         }
+    }
+
+    /// Holds back the `data: [DONE]` event (and anything after it) until `finish`: a client
+    /// that stops reading at `[DONE]` (as OpenAI's SDK does) then sends its next request only
+    /// once the stream's end, which may wait for the settlement, has been passed on.
+    pub fn holding_done(mut self, hold: bool) -> Self {
+        self.hold_done = hold;
+        self
     }
 
     /// How many of the events passed on so far carry generated text: each is at least one
@@ -399,6 +414,14 @@ impl SseScanner {
         while let Some(end) = event_end(data, from.max(start)) {
             let ends_in_cr = end == data.len() && data[end - 1] == b'\r';
             if keep_event(&mut self.usage, self.strip_usage_chunk, &data[start..end]) {
+                if self.hold_done && (!self.held.is_empty() || is_done(&data[start..end])) {
+                    self.held.extend_from_slice(&data[start..end]);
+                    self.removed_cr = false;
+                    self.kept_cr = false;
+                    start = end;
+                    from = end;
+                    continue;
+                }
                 passed.push(data, start..end);
                 self.removed_cr = false;
                 self.kept_cr = ends_in_cr;
@@ -417,12 +440,26 @@ impl SseScanner {
     pub fn finish(&mut self) -> Bytes {
         let rest = std::mem::take(&mut self.buf).freeze();
         self.searched = 0;
-        if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest) {
+        let rest = if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest)
+        {
             rest
         } else {
             Bytes::new()
+        };
+        if self.held.is_empty() {
+            return rest;
         }
+        let mut held = std::mem::take(&mut self.held);
+        held.extend_from_slice(&rest);
+        held.freeze()
     }
+}
+
+/// Whether an event is the stream's `data: [DONE]`.
+fn is_done(event: &[u8]) -> bool {
+    event
+        .split(|&b| b == b'\n' || b == b'\r')
+        .any(|line| line.strip_prefix(b"data:").map(<[u8]>::trim_ascii) == Some(b"[DONE]"))
 }
 
 /// Whether an event carries generated text: a non-empty string as a chat chunk's `content`, a
@@ -510,6 +547,23 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_done_event_is_held_until_the_end_when_asked() {
+        let stream = b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        let mut s = SseScanner::new(false).holding_done(true);
+        assert_eq!(&s.feed(stream)[..], b"data: {\"choices\":[]}\n\n");
+        assert_eq!(&s.finish()[..], b"data: [DONE]\n\n");
+        // Across chunks, with what follows it held too, in order; `data:[DONE]` without a space.
+        let mut s = SseScanner::new(false).holding_done(true);
+        assert_eq!(&s.feed(b"data: 1\r\n\r\ndata:[DO")[..], b"data: 1\r\n\r\n");
+        assert!(s.feed(b"NE]\r\n\r\n: bye\r\n\r\n").is_empty());
+        assert_eq!(&s.finish()[..], b"data:[DONE]\r\n\r\n: bye\r\n\r\n");
+        // Not asked: passed on as it comes.
+        let mut s = SseScanner::new(false);
+        assert_eq!(&s.feed(stream)[..], &stream[..]);
+        assert!(s.finish().is_empty());
+    }
 
     #[test]
     fn the_usage_of_a_large_json_answer_is_read_from_its_end() {

@@ -195,6 +195,10 @@ fn normalize(d: Decision) -> Decision {
             snapshot,
         } => {
             reservation.id = ReservationId(0);
+            // Whether the answer waits for the settlement is the shared backend's alone (the
+            // in-memory one settles before the answer leaves):
+            // `redis_limiter::a_reservation_holding_a_slot_is_settled_before_its_answer`.
+            reservation.settle_before_answer = false;
             Decision::Admit {
                 reservation,
                 snapshot,

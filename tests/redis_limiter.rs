@@ -357,6 +357,30 @@ where
     }
 }
 
+/// A reservation that holds a concurrency slot is marked to be settled before its answer ends;
+/// one of a workspace without a concurrency limit is not (its answer does not wait for Redis).
+#[tokio::test]
+async fn a_reservation_holding_a_slot_is_settled_before_its_answer() {
+    let Some(url) = shared_redis() else { return };
+    let limiter = on_the_callers_clock(url, &unique_prefix());
+    let now = t0();
+    let limited = Limits {
+        concurrent_requests: Some(4),
+        ..Limits::default()
+    };
+    for (ws, limits, waits) in [(1, &limited, true), (2, &Limits::default(), false)] {
+        for _ in 0..2 {
+            let r = admitted(
+                limiter
+                    .reserve(ws, limits, None, cost(1, 1), now)
+                    .await
+                    .unwrap(),
+            );
+            assert_eq!(r.settle_before_answer, waits, "workspace {ws}");
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Leases
 // ---------------------------------------------------------------------------------------------

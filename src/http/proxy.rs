@@ -37,7 +37,7 @@ use std::borrow::Cow;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use super::upstream::UpstreamBody;
@@ -992,7 +992,14 @@ async fn send(
         // The stream's access line is written when it is settled, with what it cost.
         settlement.access = access.take().map(|a| (a, status.as_u16()));
         let scanner = if is_stream {
-            Some(Scanner::Events(SseScanner::new(prepared.strip_usage_chunk)))
+            // A stream whose end waits for its settlement holds its `[DONE]` back until then.
+            let waits = settlement
+                .reservation
+                .as_ref()
+                .is_some_and(|r| r.settle_before_answer);
+            Some(Scanner::Events(
+                SseScanner::new(prepared.strip_usage_chunk).holding_done(waits),
+            ))
         } else if is_json_lines {
             Some(Scanner::JsonTail(JsonTail::default()))
         } else {
@@ -1030,7 +1037,9 @@ async fn send(
             if let Some(a) = access.as_mut() {
                 a.tokens = charged;
             }
-            settlement.finish(usage);
+            if let Some(waits) = settlement.finish(usage) {
+                waits.await.ok();
+            }
             let mut response = answer(Body::from(body));
             headers::query_cost(
                 state.config.rate_limit_headers,
@@ -1054,7 +1063,9 @@ async fn send(
             if let Some(a) = access.as_mut() {
                 a.tokens = charged;
             }
-            settlement.finish(None);
+            if let Some(waits) = settlement.finish(None) {
+                waits.await.ok();
+            }
             // Charged: it says so in its message and, for the Mistral family, in its header.
             let mut response = ApiError::UpstreamIncomplete { timed_out, charged }.into_response();
             // Passed on as `x-upstream-request-id` (see `handle`).
@@ -1193,15 +1204,32 @@ impl Settlement {
         }
     }
 
-    fn finish(self, usage: Option<UsageJson>) {
+    /// Settles the answer; what it returns, the answer waits for before it ends.
+    #[must_use]
+    fn finish(self, usage: Option<UsageJson>) -> Option<AnswerWaits> {
         self.finish_stream(usage, 0)
     }
 
     /// `finish` for a stream that passed on `text_events` events of generated text.
-    fn finish_stream(mut self, usage: Option<UsageJson>, text_events: u64) {
+    #[must_use]
+    fn finish_stream(mut self, usage: Option<UsageJson>, text_events: u64) -> Option<AnswerWaits> {
         let outcome = usage.map_or(Outcome::Estimate { text_events }, Outcome::Usage);
-        if let Some(f) = self.take(outcome) {
-            run_to_completion(&self.state, f)
+        self.settle_now(outcome)
+    }
+
+    /// Starts settling with `outcome` (see `run_to_completion`); what it returns, the answer
+    /// waits for before it ends (`Reservation::settle_before_answer`).
+    fn settle_now(&mut self, outcome: Outcome) -> Option<AnswerWaits> {
+        let waits = self
+            .reservation
+            .as_ref()
+            .is_some_and(|r| r.settle_before_answer);
+        let f = self.take(outcome)?;
+        if waits {
+            settle_before_answer(&self.state, f)
+        } else {
+            run_to_completion(&self.state, f);
+            None
         }
     }
 }
@@ -1223,6 +1251,33 @@ fn run_to_completion(state: &AppState, mut settling: BoxFuture<'static, ()>) {
     {
         spawn_tracked(state, settling);
     }
+}
+
+/// The end of a settlement that an answer waits for before it ends.
+type AnswerWaits = tokio::sync::oneshot::Receiver<()>;
+
+/// `run_to_completion` for a settlement whose answer must not end first: one that does not
+/// finish at its first poll goes on as a tracked task (so a client that leaves meanwhile does not
+/// cut it short), whose end the answer waits for. The limiter's calls are bounded by its own
+/// timeouts, and one that fails defers the settlement, so the wait is bounded too.
+fn settle_before_answer(
+    state: &AppState,
+    mut settling: BoxFuture<'static, ()>,
+) -> Option<AnswerWaits> {
+    let waker = std::task::Waker::noop();
+    if settling
+        .as_mut()
+        .poll(&mut Context::from_waker(waker))
+        .is_ready()
+    {
+        return None;
+    }
+    let (done, waits) = tokio::sync::oneshot::channel();
+    spawn_tracked(state, async move {
+        settling.await;
+        let _ = done.send(());
+    });
+    Some(waits)
 }
 
 /// Spawns `work` as a task the gateway waits for when it stops; outside a runtime (the process
@@ -1418,6 +1473,8 @@ struct MeteredStream {
     /// gateway waits for the upstream.)
     idle: Pin<Box<tokio::time::Sleep>>,
     idle_armed: bool,
+    /// The settlement the end of the body waits for (`Settlement::settle_now`).
+    waits: Option<AnswerWaits>,
 }
 
 impl MeteredStream {
@@ -1440,6 +1497,7 @@ impl MeteredStream {
             idle_for,
             idle: Box::pin(tokio::time::sleep(idle_for)),
             idle_armed: false,
+            waits: None,
         }
     }
 
@@ -1454,10 +1512,9 @@ impl MeteredStream {
             if matches!(outcome, Outcome::Refund) {
                 Metrics::inc(&self.state.metrics.refunds);
             }
-            // As with a JSON answer, the end of the body does not wait for the limiter.
-            if let Some(f) = s.take(outcome) {
-                run_to_completion(&self.state, f);
-            }
+            // As with a JSON answer, the end of the body does not wait for the limiter, unless
+            // the reservation says it must.
+            self.waits = s.settle_now(outcome);
         }
     }
 
@@ -1496,6 +1553,11 @@ impl Stream for MeteredStream {
         let this = self.get_mut();
         loop {
             if this.done {
+                if let Some(waits) = this.waits.as_mut() {
+                    // Ended by the settlement or dropped with its task: either way, go on.
+                    ready!(waits.poll_unpin(cx)).ok();
+                    this.waits = None;
+                }
                 if let Some(why) = this.broken.take() {
                     return Poll::Ready(Some(Err(io::Error::other(why))));
                 }
@@ -1560,7 +1622,8 @@ impl Drop for MeteredStream {
             settlement.release_slot().await;
             let Some(mut scanner) = scanner else {
                 // Nothing to read usage from: settle the estimate.
-                settlement.finish(None);
+                // The client is gone: nothing waits for the settlement.
+                drop(settlement.finish(None));
                 return;
             };
             let read = async {
@@ -1575,7 +1638,7 @@ impl Drop for MeteredStream {
                 scanner.finish();
             };
             let _ = tokio::time::timeout(drain, read).await;
-            settlement.finish_stream(scanner.usage(), text_events);
+            drop(settlement.finish_stream(scanner.usage(), text_events));
         });
     }
 }

@@ -109,6 +109,12 @@ pub struct Reservation {
     pub workspace: WorkspaceId,
     pub held: Held,
     pub origin: Origin,
+    /// Its answer must not end before its settlement has been taken: a shared limiter admitted
+    /// it holding a concurrency slot. Settled after the answer, its slot would still look taken
+    /// for a moment to the other instances, and a client that sends its next request through
+    /// another one as soon as this one ends would be refused for a concurrency it is not using
+    /// (see ARCHITECTURE.md, "Settlement after the answer").
+    pub settle_before_answer: bool,
 }
 
 impl Reservation {
@@ -118,6 +124,7 @@ impl Reservation {
             workspace,
             held,
             origin: Origin::Primary,
+            settle_before_answer: false,
         }
     }
 }

@@ -1429,6 +1429,7 @@ impl RedisLimiter {
                     let snapshot = decision_snapshot(&reply, 4, 10, limits, model_limits, t, mk)?;
                     let mut reservation = Reservation::new(workspace, held);
                     reservation.id = id;
+                    reservation.settle_before_answer = reservation.held.slot;
                     return Ok(Decision::Admit {
                         reservation,
                         snapshot,

@@ -2,10 +2,11 @@
 //! Real load (hundreds of concurrent clients, the system clock), so every bound here is an upper
 //! bound computed from the time the load really took, never an exact count that timing decides.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
@@ -379,6 +380,114 @@ async fn requests_one_after_another_through_one_instance_find_their_slot_free() 
     assert_eq!(limits["usage"]["in_flight"].as_u64(), Some(0));
     assert_eq!(limits["usage"]["tokens_reserved"].as_u64(), Some(0));
     assert_eq!(limits["usage"]["tokens_this_month"].as_u64(), Some(1_000));
+}
+
+/// A client that sends its requests one after another, each through the other of two
+/// instances (JSON answers, and streams read up to their `[DONE]`), never finds its own finished request still holding the workspace's one
+/// concurrency slot. Instance 0 reaches Redis through a proxy that delays what it sends by
+/// 200 ms, so its settlements reach Redis long after its answers would have left: the answer
+/// waits for its settlement (`Reservation::settle_before_answer`). Without that wait, the next
+/// request, through instance 1, was refused for `concurrent_requests` (an outside audit saw 2
+/// to 77 of 400 such requests refused on a loaded machine; with the wait kept to requests
+/// holding one of the last half of the slots, a client with 3 or 4 workers on as many slots
+/// was still refused now and then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_one_after_another_through_two_instances_find_their_slot_free() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let delayed = delaying_proxy(redis.port(), Duration::from_millis(200)).await;
+    let first = AtomicBool::new(true);
+    let fleet = TestGateway::fleet(2, &redis.url(), |raw| {
+        raw.redis_timeout_ms = Some(5_000);
+        raw.redis_failure_policy = Some("closed".into());
+        if first.swap(false, Ordering::SeqCst) {
+            raw.redis = Some(delayed.clone());
+        }
+    })
+    .await;
+    let (_, key) = setup_workspace(
+        &fleet,
+        "one-at-a-time-anywhere",
+        json!({"concurrent_requests": 1, "tokens_per_month": 1_000_000}),
+    )
+    .await;
+    let (body, usage) = exact_request(1); // 10 tokens
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    // JSON answers, then streams (whose last bytes wait as a JSON answer does).
+    for i in 0..8 {
+        let body = if i < 4 { &body } else { &streamed };
+        let r = fleet[i % 2]
+            .chat(&key, body.clone(), &[("x-mock-usage", usage.as_str())])
+            .await;
+        let status = r.status();
+        // A stream is read up to its `[DONE]` and then left, as OpenAI's SDK does.
+        let mut text = String::new();
+        let mut chunks = r.bytes_stream();
+        while let Some(chunk) = chunks.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if text.contains("data: [DONE]") {
+                break;
+            }
+        }
+        drop(chunks);
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "request {i}, through instance {}: {text}",
+            i % 2,
+        );
+        if i >= 4 {
+            assert!(text.contains("data: [DONE]"), "a whole stream: {text}");
+        }
+    }
+    for gw in &fleet {
+        let limits = gw.limits(&key).await;
+        assert_eq!(limits["usage"]["in_flight"].as_u64(), Some(0));
+        assert_eq!(limits["usage"]["tokens_this_month"].as_u64(), Some(80));
+    }
+}
+
+/// A TCP proxy on a loopback port to `127.0.0.1:port` that holds what the client sends for
+/// `delay` before passing it on, in order (the answers come back at once); its `redis://` URL.
+async fn delaying_proxy(port: u16, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let (sent, mut held) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                    if sent
+                        .send((Instant::now() + delay, buf[..n].to_vec()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                while let Some((due, bytes)) = held.recv().await {
+                    tokio::time::sleep_until(due.into()).await;
+                    if server_write.write_all(&bytes).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+        }
+    });
+    url
 }
 
 /// Polls `check` until it holds, for at most `within`; returns how long it took.
@@ -1055,7 +1164,9 @@ async fn a_settlement_waiting_for_redis_holds_up_neither_the_answer_nor_its_coun
     let (_, key) = setup_workspace(
         &fleet,
         "patient",
-        json!({"tokens_per_month": 1_000, "concurrent_requests": 1}),
+        // No concurrency limit: with one, the answer would wait for the settlement
+        // (`requests_one_after_another_through_two_instances_find_their_slot_free`).
+        json!({"tokens_per_month": 1_000}),
     )
     .await;
     let (body, _) = exact_request(1);
