@@ -446,18 +446,18 @@ async fn evict_idle(state: Arc<AppState>) {
 
 // `App::router`, `App::serve` and `App::serve_with_admin` are in `http::serve`.
 impl App {
-    /// Stops the background tasks, waits for the settlements still running (a drain reads for
-    /// at most `usage_drain`; a settlement's limiter calls are bounded by their own timeouts),
-    /// then writes what the ledger still holds.
-    /// Stops the background work, waits for the settlements, and writes the ledger's last;
-    /// answers the usage that could not be written (the store unreachable to the end).
+    /// Stops the background tasks, waits for the settlements still running (for a client that
+    /// left, the answer is awaited for at most `usage_drain`, then a stream read for at most as
+    /// long again; a settlement's limiter calls are bounded by their own timeouts), then writes
+    /// what the ledger still holds; answers the usage that could not be written (the store
+    /// unreachable to the end).
     pub async fn shutdown(self) -> crate::usage::Unwritten {
         for t in &self.tasks {
             t.abort();
         }
         let tasks = &self.state.tasks;
         tasks.close();
-        let wait = self.state.config.upstream.usage_drain + SETTLE_GRACE;
+        let wait = 2 * self.state.config.upstream.usage_drain + SETTLE_GRACE;
         if tokio::time::timeout(wait, tasks.wait()).await.is_err() {
             tracing::warn!(
                 left = tasks.len(),

@@ -127,7 +127,7 @@ pub struct RawUpstream {
     pub connect_timeout_ms: Option<u64>,
     /// Time allowed until the upstream's response headers arrive.
     pub timeout_secs: Option<u64>,
-    /// After a client leaves a stream, how long the gateway keeps reading for the usage.
+    /// After a client leaves, how long the gateway keeps waiting for and reading the answer for its usage.
     pub usage_drain_ms: Option<u64>,
     /// The longest an upstream's body (stream, JSON, error) may stay silent.
     pub idle_read_timeout_ms: Option<u64>,
@@ -305,7 +305,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.max_streams_per_connection", "upstream-max-streams-per-connection", "TIERGATE_UPSTREAM_MAX_STREAMS_PER_CONNECTION", Number, "The most requests at once on one HTTP/2 connection to the upstream; more open another connection (default 100; 1 to 10000)."),
     setting("upstream.connect_timeout_ms", "upstream-connect-timeout-ms", "TIERGATE_UPSTREAM_CONNECT_TIMEOUT_MS", Number, "Connecting to the upstream may take this long, in ms (default 3000)."),
     setting("upstream.timeout_secs", "upstream-timeout-secs", "TIERGATE_UPSTREAM_TIMEOUT_SECS", Number, "Until the upstream's response headers arrive, in seconds; then 504 (default 300)."),
-    setting("upstream.usage_drain_ms", "upstream-usage-drain-ms", "TIERGATE_UPSTREAM_USAGE_DRAIN_MS", Number, "After a client leaves a stream, how long to keep reading for its usage, in ms (default 2000)."),
+    setting("upstream.usage_drain_ms", "upstream-usage-drain-ms", "TIERGATE_UPSTREAM_USAGE_DRAIN_MS", Number, "After a client leaves, how long to keep waiting for and reading the upstream's answer for its usage, in ms (default 2000)."),
     setting("upstream.idle_read_timeout_ms", "upstream-idle-read-timeout-ms", "TIERGATE_UPSTREAM_IDLE_READ_TIMEOUT_MS", Number, "The longest an upstream's body may stay silent, in ms (default 60000)."),
     setting("upstream.max_buffered_bytes", "upstream-max-buffered-bytes", "TIERGATE_UPSTREAM_MAX_BUFFERED_BYTES", Number, "The largest JSON or error answer read whole before it is passed on; a larger one is passed on as it comes, its usage read from its last 64 KiB (default 16777216; 65536 to 1073741824)."),
     setting("upstream.drop_request_headers", "upstream-drop-request-headers", "TIERGATE_UPSTREAM_DROP_REQUEST_HEADERS", List, "More request headers never forwarded, added to the built-in deny-list."),

@@ -247,6 +247,9 @@ pub struct SseScanner {
     hold_done: bool,
     /// What is held back: the `[DONE]` event and what came after it.
     held: BytesMut,
+    /// Whether an event with data has been passed on (comments, such as keep-alives, have
+    /// none): a stream that breaks before is refunded.
+    passed_data: bool,
 }
 
 /// Where the line break at `i` (a `\r` or a `\n`) ends: lines end in `\r\n`, `\n` or `\r`, as the
@@ -324,7 +327,14 @@ impl SseScanner {
             text_events: 0,
             hold_done: false,
             held: BytesMut::new(),
+            passed_data: false,
         }
+    }
+
+    /// Whether an event with a `data` field has been passed on: what the upstream produced,
+    /// where a comment line (`: keep-alive`) is only a sign of life.
+    pub fn passed_data(&self) -> bool {
+        self.passed_data
     }
 
     /// Holds back the `data: [DONE]` event (and anything after it) until `finish`: a client
@@ -426,6 +436,7 @@ impl SseScanner {
                 self.removed_cr = false;
                 self.kept_cr = ends_in_cr;
                 self.text_events += u64::from(carries_text(&data[start..end]));
+                self.passed_data = self.passed_data || has_data(&data[start..end]);
             } else {
                 self.removed_cr = ends_in_cr;
                 self.kept_cr = false;
@@ -442,6 +453,7 @@ impl SseScanner {
         self.searched = 0;
         let rest = if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest)
         {
+            self.passed_data = self.passed_data || has_data(&rest);
             rest
         } else {
             Bytes::new()
@@ -453,6 +465,14 @@ impl SseScanner {
         held.extend_from_slice(&rest);
         held.freeze()
     }
+}
+
+/// Whether an event has a `data` field: a line that starts with `data` followed by `:` or the
+/// line's end (the event-stream format's field name).
+fn has_data(event: &[u8]) -> bool {
+    event
+        .split(|&b| b == b'\n' || b == b'\r')
+        .any(|line| line == b"data" || line.starts_with(b"data:"))
 }
 
 /// Whether an event is the stream's `data: [DONE]`.
@@ -547,6 +567,30 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn comments_are_not_data_passed_on() {
+        let mut s = SseScanner::new(false);
+        assert_eq!(
+            &s.feed(b": keep-alive\n\n:\r\n\r\n")[..],
+            b": keep-alive\n\n:\r\n\r\n"
+        );
+        assert!(!s.passed_data(), "comments only");
+        // A field named like data is not data; a `data` line with no colon is.
+        s.feed(b"database: x\n\n");
+        assert!(!s.passed_data());
+        s.feed(b": ping\ndata\n\n");
+        assert!(s.passed_data());
+        let mut s = SseScanner::new(false);
+        s.feed(b"event: e\r\ndata: {\"choices\":[]}\r\n\r\n");
+        assert!(s.passed_data());
+        // An event cut short by the stream's end still counts once passed on.
+        let mut s = SseScanner::new(false);
+        s.feed(b"data: {}");
+        assert!(!s.passed_data());
+        assert_eq!(&s.finish()[..], b"data: {}");
+        assert!(s.passed_data());
+    }
 
     #[test]
     fn the_done_event_is_held_until_the_end_when_asked() {

@@ -822,6 +822,134 @@ async fn read_whole(
     }))
 }
 
+/// A wait on the upstream that a client leaving does not cut short: polled, it is `work`; dropped
+/// before `work` ends (the client went away), it frees the request's concurrency slot at once
+/// and lets `work` go on in a tracked task for up to `usage_drain_ms`, then `left` settles with
+/// what it gave. So an answer the upstream finishes soon after is settled from the usage it
+/// reports, not the estimate (an outside audit: a client that gave up after 0.5 s on an answer of
+/// 5,010 tokens that came at 1.5 s was charged the estimate, 268). Out of time, the settlement is
+/// dropped: the estimate.
+struct Outlive<T: Send + 'static> {
+    state: Arc<AppState>,
+    work: Option<BoxFuture<'static, T>>,
+    settlement: Option<Settlement>,
+    left: Option<Left<T>>,
+}
+
+type Left<T> = Box<dyn FnOnce(T, Settlement) -> BoxFuture<'static, ()> + Send>;
+
+impl<T: Send + 'static> Outlive<T> {
+    fn new(
+        state: &Arc<AppState>,
+        work: impl Future<Output = T> + Send + 'static,
+        settlement: Settlement,
+        left: impl FnOnce(T, Settlement) -> BoxFuture<'static, ()> + Send + 'static,
+    ) -> Self {
+        Outlive {
+            state: state.clone(),
+            work: Some(work.boxed()),
+            settlement: Some(settlement),
+            left: Some(Box::new(left)),
+        }
+    }
+}
+
+impl<T: Send + 'static> Future for Outlive<T> {
+    type Output = (T, Settlement);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let work = this.work.as_mut().expect("polled after it ended");
+        let done = ready!(work.poll_unpin(cx));
+        this.work = None;
+        let settlement = this.settlement.take().expect("held until the work ends");
+        Poll::Ready((done, settlement))
+    }
+}
+
+impl<T: Send + 'static> Drop for Outlive<T> {
+    fn drop(&mut self) {
+        let (Some(work), Some(mut settlement), Some(left)) =
+            (self.work.take(), self.settlement.take(), self.left.take())
+        else {
+            return;
+        };
+        let drain = self.state.config.upstream.usage_drain;
+        spawn_tracked(&self.state, async move {
+            settlement.release_slot().await;
+            if let Ok(done) = tokio::time::timeout(drain, work).await {
+                left(done, settlement).await;
+            }
+        });
+    }
+}
+
+/// The client left before the upstream's head came (`Outlive`): an answer that succeeded is read
+/// for its usage, as for a client that leaves a stream (`MeteredStream`'s drop: within
+/// `usage_drain_ms`); one that failed is refunded, as it would have been.
+async fn left_before_the_head(
+    answered: Result<
+        Result<axum::http::Response<UpstreamBody>, super::upstream::ClientError>,
+        tokio::time::error::Elapsed,
+    >,
+    settlement: Settlement,
+    strip_usage_chunk: bool,
+    deadline: tokio::time::Instant,
+    idle: Duration,
+    cap: usize,
+) {
+    let upstream = match answered {
+        Ok(Ok(r)) if r.status().is_success() => r,
+        _ => return settlement.refund(),
+    };
+    let content_type = upstream
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_default();
+    let state = settlement.state.clone();
+    let body = upstream.into_body();
+    let json_lines = ["ndjson", "jsonl", "json-seq"]
+        .iter()
+        .any(|t| content_type.contains(t));
+    if content_type.starts_with("text/event-stream") || json_lines {
+        let scanner = match json_lines {
+            true => Scanner::JsonTail(JsonTail::default()),
+            false => Scanner::Events(SseScanner::new(strip_usage_chunk)),
+        };
+        drop(MeteredStream::new(
+            state,
+            data_stream(body),
+            Some(scanner),
+            Some(settlement),
+        ));
+    } else if content_type.is_empty() || content_type.contains("json") {
+        let read = read_whole(body, deadline, idle, cap).await;
+        left_before_the_body(read, settlement).await;
+    } else {
+        drop(settlement.finish(None));
+    }
+}
+
+/// The client left while a JSON answer was read (`Outlive`): settled from its usage once read.
+async fn left_before_the_body(read: Result<Read, ReadFailure>, settlement: Settlement) {
+    match read {
+        Ok(Read::Whole(body)) => drop(settlement.finish(usage_of_json(&body))),
+        Ok(Read::TooLarge(body)) => {
+            let state = settlement.state.clone();
+            let scanner = Scanner::JsonTail(JsonTail::default());
+            drop(MeteredStream::new(
+                state,
+                body,
+                Some(scanner),
+                Some(settlement),
+            ));
+        }
+        Err(_) => drop(settlement.finish(None)),
+    }
+}
+
 async fn send(
     state: &Arc<AppState>,
     parts: axum::http::request::Parts,
@@ -869,11 +997,20 @@ async fn send(
     *request.uri_mut() = url;
     *request.headers_mut() = headers;
     let sent = std::time::Instant::now();
-    // From here the upstream may do the work: a client that leaves is charged the estimate, and
-    // its access line, held by the settlement meanwhile, is written with it.
+    // From here the upstream may do the work: a client that leaves meanwhile is settled from the
+    // usage the upstream still reports (`Outlive`), else charged the estimate, and its access
+    // line, held by the settlement meanwhile, is written with it.
     settlement.sent = true;
     settlement.hold_line(access);
-    let answered = tokio::time::timeout_at(deadline, state.upstream.client.request(request)).await;
+    let strip_usage_chunk = prepared.strip_usage_chunk;
+    let head = {
+        let state = state.clone();
+        async move { tokio::time::timeout_at(deadline, state.upstream.client.request(request)).await }
+    };
+    let (answered, mut settlement) = Outlive::new(state, head, settlement, move |answered, s| {
+        left_before_the_head(answered, s, strip_usage_chunk, deadline, idle, cap).boxed()
+    })
+    .await;
     settlement.give_line(access);
     let took = sent.elapsed();
     seen.waited(took);
@@ -1018,8 +1155,11 @@ async fn send(
     // larger than the gateway holds: then it is passed on as it comes, as a stream is, and its
     // usage read from its end.
     settlement.hold_line(access);
-    let read = seen
-        .waiting(read_whole(upstream, deadline, idle, cap))
+    let whole = read_whole(upstream, deadline, idle, cap);
+    let (read, mut settlement) = seen
+        .waiting(Outlive::new(state, whole, settlement, |read, s| {
+            left_before_the_body(read, s).boxed()
+        }))
         .await;
     settlement.give_line(access);
     match read {
@@ -1128,6 +1268,15 @@ fn without_usage(held: u64, prompt_estimate: u64, text_events: u64) -> u64 {
 impl Settlement {
     fn take(&mut self, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
         let reservation = self.reservation.take()?;
+        // Off the metered routes nothing was reserved and only usage the answer reports is
+        // settled: events of text are not counted as tokens there (an outside audit saw a
+        // stream of 5 events without usage on `/v1/other` charged 5).
+        let outcome = match outcome {
+            Outcome::Estimate { .. } if self.route == Route::Other => {
+                Outcome::Estimate { text_events: 0 }
+            }
+            outcome => outcome,
+        };
         if let Some((mut line, status)) = self.access.take() {
             line.tokens = match &outcome {
                 Outcome::Usage(u) => u.total(),
@@ -1587,7 +1736,13 @@ impl Stream for MeteredStream {
                         None => chunk,
                     };
                     if !out.is_empty() {
-                        this.delivered = true;
+                        // An event stream has delivered once it passed on an event with data:
+                        // comments (keep-alives) before a break are refunded (an outside audit).
+                        this.delivered = this.delivered
+                            || match &this.scanner {
+                                Some(Scanner::Events(s)) => s.passed_data(),
+                                _ => true,
+                            };
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }

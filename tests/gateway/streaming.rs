@@ -292,6 +292,140 @@ async fn a_client_that_leaves_frees_its_slot_at_once_and_is_charged_the_estimate
     assert_ne!(used, 23);
 }
 
+/// A client that gives up before the upstream's answer (a timeout shorter than a long answer)
+/// is settled from the usage the upstream reports when it comes within `usage_drain_ms`, not the
+/// estimate (an outside audit: 268 charged for an answer of 5,010 tokens), and its slot is freed
+/// at once; an answer later than that is charged the estimate.
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_is_settled_from_the_usage_that_comes_after() {
+    for (drain_ms, usage_counted) in [(3_000, true), (300, false)] {
+        let mut raw = RawSettings::default();
+        raw.upstream.usage_drain_ms = Some(drain_ms);
+        let gw = TestGateway::start_with(Options {
+            raw,
+            ..Options::default()
+        })
+        .await;
+        gw.put_tier(
+            "c",
+            json!({"concurrent_requests": 1, "tokens_per_month": 1_000_000}),
+        )
+        .await;
+        let (_, key) = gw.workspace("c").await;
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let r = impatient
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .header("x-mock-latency-ms", "1500")
+            .header("x-mock-usage", "7,500")
+            .json(&json!({"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "Hi"}]}))
+            .send()
+            .await;
+        assert!(r.is_err(), "the client gave up");
+        // The slot is free long before the upstream answers (at 1.5 s).
+        let left = std::time::Instant::now();
+        while gw.limits(&key).await["usage"]["in_flight"] != 0 {
+            assert!(
+                left.elapsed() < Duration::from_millis(800),
+                "the slot was held"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let used = gw.settled_month_tokens(&key).await;
+        if usage_counted {
+            assert_eq!(used, 507, "settled from the usage the upstream reported");
+        } else {
+            // The estimate: the prompt's few tokens and the 100 of `max_tokens` at most.
+            assert!((1..=200).contains(&used), "the estimate, got {used}");
+        }
+    }
+}
+
+/// An upstream that sends a keep-alive comment on `/v1/chat/completions` and then nothing, and on
+/// `/v1/things` a stream of five text events without usage.
+async fn event_streams() -> String {
+    use axum::body::Body;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let sse = |body: Body| {
+        axum::http::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(body)
+            .unwrap()
+    };
+    let app = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(move || async move {
+                let comment = futures_util::stream::iter([Ok::<_, std::io::Error>(
+                    axum::body::Bytes::from_static(b": keep-alive\n\n"),
+                )]);
+                sse(Body::from_stream(
+                    comment.chain(futures_util::stream::pending()),
+                ))
+            }),
+        )
+        .route(
+            "/v1/things",
+            axum::routing::post(move || async move {
+                let events = (0..5).map(|i| {
+                    format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"w{i}\"}}}}]}}\n\n")
+                });
+                sse(Body::from(events.collect::<String>() + "data: [DONE]\n\n"))
+            }),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// A stream that goes silent after only a comment (a keep-alive) delivered nothing the upstream
+/// produced: refunded, as one silent from the start is (an outside audit saw it charged the
+/// estimate). And off the metered routes a stream without usage is charged nothing: its events
+/// of text count only where an estimate was reserved (the audit saw 5 charged for 5 events).
+#[tokio::test]
+async fn a_keep_alive_is_not_delivery_and_unmetered_streams_charge_no_text_events() {
+    let mut raw = RawSettings::default();
+    raw.upstream.idle_read_timeout_ms = Some(300);
+    let gw = TestGateway::start_with(Options {
+        upstream: Some(event_streams().await),
+        raw,
+        ..Options::default()
+    })
+    .await;
+    gw.put_tier("t", json!({"tokens_per_month": 1_000_000}))
+        .await;
+    let (_, key) = gw.workspace("t").await;
+    let r = gw.chat(&key, stream_body(None), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let got = collect_until_error(r).await;
+    assert_eq!(&got[..], b": keep-alive\n\n");
+    let r = gw
+        .post(&key, "/v1/things", json!({"stream": true}), &[])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert_eq!(text.matches("\"content\"").count(), 5, "{text}");
+    let limits = eventually_settled(&gw, &key).await;
+    assert_eq!(limits["usage"]["tokens_this_month"], 0, "{limits}");
+}
+
+/// `/v1/limits` once nothing is reserved or in flight any more.
+async fn eventually_settled(gw: &TestGateway, key: &str) -> Value {
+    let started = std::time::Instant::now();
+    loop {
+        let limits = gw.limits(key).await;
+        let usage = &limits["usage"];
+        if usage["in_flight"] == 0 && usage["tokens_reserved"] == 0 {
+            return limits;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{limits}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// An upstream whose answers are larger than the gateway reads whole (`max_buffered_bytes`):
 /// `x-size: N` answers N bytes of JSON, `x-status` its status, `x-usage: 0` without usage.
 async fn large_answers() -> String {
