@@ -610,17 +610,35 @@ impl Failover {
         } else {
             Carry::default()
         };
-        let running: Vec<ReservationId> = carry.running.iter().map(|r| r.id).collect();
+        let running = carry.running.clone();
         match self
             .shared
             .new_generation(workspace, now, carry, limits)
             .await
         {
             Ok(_) => {
-                self.carried
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .extend(running);
+                // A request that ended while the call was on its way was settled on the share,
+                // not in Redis, which now holds it live, renewed for as long as this instance
+                // lives: its slot and tokens held for good (an outside audit: a workspace with
+                // one concurrent request refused for 18 minutes after Redis flapped under
+                // load). Those still running are carried (`settle_async` looks under the same
+                // lock); the others' holds are freed in Redis now, settled to nothing there:
+                // their usage went to the ledger as the share's.
+                let ended: Vec<Reservation> = {
+                    let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
+                    let (still, ended): (Vec<_>, Vec<_>) = running
+                        .into_iter()
+                        .partition(|r| alone.get_mut(r).is_some());
+                    carried.extend(still.iter().map(|r| r.id));
+                    ended
+                };
+                for r in ended {
+                    // A failure leaves it to its lease: settling stops its renewal first.
+                    if let Err(e) = self.shared.settle(&r, limits, 0, now).await {
+                        tracing::debug!(error = %e, "freeing a carried request that had ended failed; its lease frees it");
+                    }
+                }
                 Ok(())
             }
             Err(e) => {
@@ -1096,13 +1114,19 @@ impl Failover {
                 }
             }
             Origin::LocalShare => {
-                self.alone
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(reservation);
+                // Whether it was carried, decided under the lock a carry takes to tell the
+                // requests still running from those that ended (`rebuild_if_due`).
+                let carried = {
+                    let carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+                    self.alone
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(reservation);
+                    carried.contains(&reservation.id)
+                };
                 // The share counts it whatever follows (again, harmlessly, when retried).
                 let settled = self.local.settle(reservation, limits, actual, now).await;
-                if !self.is_carried(reservation.id) {
+                if !carried {
                     return settled;
                 }
                 // Carried into Redis: settled there, counted once in its generation. One that

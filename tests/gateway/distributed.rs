@@ -1617,6 +1617,133 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
     drop(redis);
 }
 
+/// What `RedisGate` does with the calls it passes on.
+#[derive(Clone, Copy)]
+enum Gate {
+    Pass,
+    /// Connections are closed as they come, and those open at their next call.
+    Refuse,
+    /// The call that starts a new generation of a month counter (`newgen`: a carry back) waits
+    /// until then, and what follows it on its connection with it; others pass.
+    HoldCarry(Instant),
+}
+
+/// A TCP proxy on a loopback port to the Redis on `port`, whose behaviour the test switches;
+/// its `redis://` URL.
+async fn redis_gate(port: u16, gate: Arc<std::sync::Mutex<Gate>>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", listener.local_addr().unwrap());
+    let now = move || *gate.lock().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            if matches!(now(), Gate::Refuse) {
+                continue;
+            }
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let now = now.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
+                    let call = &buf[..n];
+                    match now() {
+                        Gate::Refuse => break,
+                        Gate::HoldCarry(until) => {
+                            if call.windows(6).any(|w| w == b"newgen") {
+                                tokio::time::sleep_until(until.into()).await;
+                            }
+                        }
+                        Gate::Pass => {}
+                    }
+                    if server_write.write_all(call).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
+            });
+        }
+    });
+    url
+}
+
+/// A request admitted alone that ends while the call carrying it back into Redis is on its way
+/// is settled on the share, not in Redis: the carry must not leave it held there. The instance
+/// reaches Redis through a gate that first refuses it (the breaker opens), then lets it through
+/// (the probe closes the breaker and starts the carry) but holds the carry's call for 2.5 s,
+/// while the request ends. It was left live in Redis and renewed for as long as the instance
+/// lived, its slot taken for good (an outside audit: a workspace with one concurrent request
+/// refused for 18 minutes after Redis flapped under load).
+#[tokio::test]
+async fn a_request_that_ends_while_it_is_carried_back_holds_nothing_in_redis() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
+    let through = redis_gate(redis.port(), gate.clone()).await;
+    let fleet = TestGateway::fleet(1, &through, |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        // Longer than the gate holds the carry back, so that it lands.
+        raw.redis_timeout_ms = Some(4_000);
+        // Longer than the test: what is freed was freed by the carry, not by a lease's end.
+        raw.redis_lease_ms = Some(30_000);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(
+        &fleet,
+        "carried-as-it-ends",
+        json!({"concurrent_requests": 1, "tokens_per_month": 100_000}),
+    )
+    .await;
+    let (body, usage) = exact_request(5);
+    let headers = [("x-mock-usage", usage.as_str())];
+    let chat = || gw.chat(&key, body.clone(), &headers);
+    assert_eq!(chat().await.status(), StatusCode::OK);
+    *gate.lock().unwrap() = Gate::Refuse;
+    for _ in 0..3 {
+        chat().await;
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+    // Admitted alone; answered 1.5 s later, while the carry is held back.
+    let long = long_request(gw, &key, "1500", "9,1");
+    running_upstream(gw, "1500", 1).await;
+    let until = Instant::now() + Duration::from_millis(2_500);
+    *gate.lock().unwrap() = Gate::HoldCarry(until);
+    assert_eq!(long.await.unwrap().status(), StatusCode::OK);
+    assert!(
+        Instant::now() < until,
+        "the request ended while the carry was held"
+    );
+    // Freed in Redis once the carry lands (without, held, renewed, for as long as the
+    // instance lives).
+    eventually(Duration::from_secs(8), || async {
+        let r = gw
+            .client
+            .get(format!("{}/v1/limits", gw.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        // 503 while the breaker is open: the live figures are Redis's.
+        if r.status() != StatusCode::OK {
+            return false;
+        }
+        let usage = r.json::<Value>().await.unwrap()["usage"].clone();
+        usage["in_flight"] == 0 && usage["tokens_reserved"] == 0
+    })
+    .await;
+    assert!(backend_up(gw).await == 1.0);
+    assert_eq!(chat().await.status(), StatusCode::OK);
+    drop(redis);
+}
+
 /// Requests an instance admitted on its own that still run when Redis answers again hold their
 /// concurrency slots there too, each freed as it ends: the instances together do not admit one
 /// more set of concurrent requests at the switch back, nor hold the slots for a whole lease.
