@@ -412,13 +412,7 @@ impl Admin {
     ) -> Result<Tier, AdminError> {
         let spec = spec.into();
         tier_name("name", name)?;
-        spec.limits.validate().map_err(invalid)?;
-        if spec.limits.burst.is_some() && spec.limits.requests_per_second.is_none() {
-            // As for a key: a burst is the room of a rate, and without one it limits nothing.
-            return Err(invalid(
-                "burst: a tier's burst needs its requests_per_second",
-            ));
-        }
+        spec.limits.validate_for_tier().map_err(invalid)?;
         if let Some(p) = &spec.promotion {
             tier_name("promotion.to", &p.to)?;
             p.validate().map_err(invalid)?;

@@ -104,6 +104,18 @@ impl Limits {
         }
     }
 
+    /// `validate` for a tier's limits, which must also stand on their own: a `burst` needs its
+    /// `requests_per_second` (an override's burst alone applies to its tier's rate). The admin
+    /// API, the console and the settings file's `[tiers.NAME]` all check tiers with it.
+    pub fn validate_for_tier(&self) -> Result<(), String> {
+        self.validate()?;
+        if self.burst.is_some() && self.requests_per_second.is_none() {
+            // As for a key: a burst is the room of a rate, and without one it limits nothing.
+            return Err("burst: a tier's burst needs its requests_per_second".into());
+        }
+        Ok(())
+    }
+
     /// Checks that every figure is usable; names the offending field.
     ///
     /// The bounds keep every quantity of the limiter exact in a double (the Redis script's
