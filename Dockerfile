@@ -20,9 +20,11 @@ FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/tiergate /usr/local/bin/tiergate
 # The data directory (SQLite), owned by the image's non-root user (65532).
 COPY --from=build --chown=65532:65532 /out/data /var/lib/tiergate
+COPY deploy/container.toml /etc/tiergate/tiergate.toml
 USER 65532:65532
-ENV TIERGATE_LISTEN=0.0.0.0:8080 \
-    TIERGATE_DATABASE=sqlite:///var/lib/tiergate/tiergate.db
+# The listen address and the database come from that file, not from variables, which would
+# override a file mounted in its place (or named by TIERGATE_CONFIG) without a word.
+ENV TIERGATE_CONFIG=/etc/tiergate/tiergate.toml
 VOLUME ["/var/lib/tiergate"]
 EXPOSE 8080
 # SIGTERM stops it gracefully (requests in flight finish, the ledger is flushed).

@@ -1075,7 +1075,21 @@ fn main() -> std::process::ExitCode {
 }
 
 fn main_result() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    if !matches!(
+        command,
+        Command::Serve(_) | Command::Demo { .. } | Command::MockUpstream { .. }
+    ) {
+        // The admin CLI and `config check` print, and a reader that goes away (`| head`) ends
+        // them as it ends other command-line tools, by SIGPIPE, rather than a panic of
+        // `println!` (an outside audit). The servers keep Rust's default: a peer that leaves
+        // is an error to handle there, not a signal.
+        // SAFETY: setting a signal's disposition to its default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    match command {
         // The configuration is read before the runtime is built, since it says how many
         // threads serve; `serve` sets up logging once it has read log_format.
         Command::Serve(args) => {

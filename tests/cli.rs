@@ -872,3 +872,62 @@ fn a_key_s_limits_are_set_and_cleared_from_the_command_line() {
     assert_eq!(log.len(), 3, "{log:?}");
     assert!(log.iter().all(|e| e["actor"] == "cli:carol"), "{log:?}");
 }
+
+/// A reader that goes away (`tiergate tiers list | head -0`) ends the CLI as it ends other
+/// command-line tools, by SIGPIPE, not with a panic (an outside audit saw `failed printing to
+/// stdout: Broken pipe` and status 101).
+#[test]
+fn a_reader_that_leaves_ends_the_cli_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let cli = Cli::new();
+    cli.ok(&["tiers", "list"]);
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(["tiers", "list"])
+            .env("TIERGATE_DATABASE", &cli.database)
+            .env_remove("TIERGATE_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Closed before the command, which first opens its database, prints.
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc::SIGPIPE),
+            "{:?}: {stderr}",
+            out.status
+        );
+    }
+}
+
+/// The container image's settings file (the Dockerfile's `TIERGATE_CONFIG`) is valid and says
+/// what the README says the image does; the image sets no variable that would override a file
+/// mounted in its place (an outside audit: `TIERGATE_LISTEN` and `TIERGATE_DATABASE` did).
+#[test]
+fn the_container_s_settings_are_a_file_a_mounted_one_can_replace() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = config_check(&root.join("deploy/container.toml"), &[]);
+    assert!(out.status.success(), "{out:?}");
+    let effective = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        effective.contains("listen = \"0.0.0.0:8080\""),
+        "{effective}"
+    );
+    assert!(
+        effective.contains("database = \"sqlite:///var/lib/tiergate/tiergate.db\""),
+        "{effective}"
+    );
+    let dockerfile = std::fs::read_to_string(root.join("Dockerfile")).unwrap();
+    assert!(dockerfile.contains("COPY deploy/container.toml /etc/tiergate/tiergate.toml"));
+    assert!(dockerfile.contains("ENV TIERGATE_CONFIG=/etc/tiergate/tiergate.toml"));
+    let settings: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.contains("TIERGATE_") && !l.trim_start().starts_with('#'))
+        .flat_map(|l| l.split_whitespace())
+        .filter(|w| w.starts_with("TIERGATE_") && w.contains('='))
+        .collect();
+    assert_eq!(settings, ["TIERGATE_CONFIG=/etc/tiergate/tiergate.toml"]);
+}
