@@ -381,6 +381,54 @@ async fn a_reservation_holding_a_slot_is_settled_before_its_answer() {
     }
 }
 
+/// An instance killed with a request running, and no call for its workspace until the
+/// records' keys have expired (their life is about two leases; the workspace's hash lives ten
+/// minutes): the holds of the records that went with them go too. They stayed, a slot and
+/// tokens held until the hash expired, and every refusal gave it its life again (an outside
+/// audit, `kill -9` of an instance on an idle workspace).
+#[tokio::test]
+async fn holds_whose_records_expired_are_let_go() {
+    let Some(url) = shared_redis() else { return };
+    let prefix = unique_prefix();
+    let (ws, start) = (1, t0());
+    let limits = Limits {
+        concurrent_requests: Some(1),
+        tokens_per_month: Some(100_000),
+        ..Limits::default()
+    };
+    {
+        // The instance that dies: its reservation is never settled nor renewed.
+        let dies = on_the_callers_clock(url.clone(), &prefix);
+        admitted(
+            dies.reserve(ws, &limits, None, cost(10, 500), start)
+                .await
+                .unwrap(),
+        );
+    }
+    // What Redis does when the records' keys reach their life, with nobody calling meanwhile.
+    let [_, records, expiries] = keys_of(&prefix, ws);
+    let mut spy = Spy::single(&url).await;
+    let Spy::Single(conn) = &mut spy else {
+        unreachable!()
+    };
+    let _: () = redis::cmd("DEL")
+        .arg(&records)
+        .arg(&expiries)
+        .query_async(conn)
+        .await
+        .unwrap();
+    let other = on_the_callers_clock(url, &prefix);
+    let later = start + 600 * SEC;
+    let u = other.usage(ws, &limits, later).await.unwrap();
+    assert_eq!(holds(&u), (0, 0, 0), "nothing is held");
+    admitted(
+        other
+            .reserve(ws, &limits, None, cost(10, 500), later)
+            .await
+            .unwrap(),
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Leases
 // ---------------------------------------------------------------------------------------------

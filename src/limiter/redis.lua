@@ -468,6 +468,19 @@ end
 -- released; the record stays as X (with what it took from the buckets) until its tombstone
 -- ends, so that a late settlement still counts once. Other expired records go.
 local function reap()
+  -- The records' keys outlived by the workspace's hash (no call came between a lease's end and
+  -- their expiry, `rexp`, as after an instance was killed): their leases can no longer be
+  -- reaped, so what they held goes with them, rather than for as long as the hash lives (an
+  -- outside audit: a slot held for ten minutes, renewed by every refusal). Looked at only once
+  -- `rexp` has passed with something held: one EXISTS then, none on other calls.
+  local rexp = state.rexp
+  if rexp and now >= rexp and ((state.inflight or 0) > 0 or (state.res or 0) > 0)
+      and redis.call('EXISTS', KR) == 0 then
+    for _, f in ipairs(redis.call('HKEYS', KS)) do
+      local p = string.sub(f, 1, 3)
+      if f == 'inflight' or f == 'res' or p == 'mr:' or p == 'kr:' then put(f, 0) end
+    end
+  end
   local last = state.rp
   if last and now >= last and now < last + REAP_EVERY then return end
   local ids = redis.call('ZRANGEBYSCORE', KE, '-inf', S(now), 'LIMIT', 0, REAP)
