@@ -27,8 +27,8 @@ use crate::limiter::MonthKey;
 use crate::model::{
     validate_attributes, Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition,
     Enforcement, FieldPatch, KeyId, KeyLimits, LimitRequest, LimitRequestId, LimitRequestStatus,
-    Overrides, OverridesPatch, Promoted, ShadowLimit, Tier, TierSpec, Workspace, WorkspaceId,
-    WorkspaceStatus, MAX_BUDGET_MODELS, MAX_TOKENS_PER_MONTH,
+    Limits, Overrides, OverridesPatch, Promoted, ShadowLimit, Tier, TierSpec, Workspace,
+    WorkspaceId, WorkspaceStatus, MAX_BUDGET_MODELS, MAX_TOKENS_PER_MONTH,
 };
 use crate::store::{
     AuditFilter, DeliveryRecord, NewKey, NewWebhook, Store, StoreError, WebhookEndpoint, WebhookId,
@@ -950,14 +950,7 @@ impl Admin {
             return Err(AdminError::Conflict(format!("key {id} is revoked")));
         }
         let ws = self.get_workspace(key.workspace_id).await?;
-        let tier = self
-            .store
-            .list_tiers()
-            .await?
-            .into_iter()
-            .find(|t| t.name == ws.tier)
-            .map(|t| t.limits)
-            .unwrap_or_default();
+        let tier = self.tier_limits(&ws).await?;
         let (effective, _) = ws.effective_limits(&tier);
         if let Some(m) = limits.above(&effective) {
             return Err(invalid(format!("limits.{m}")));
@@ -986,8 +979,20 @@ impl Admin {
         self.revoke_key(by, id).await
     }
 
+    /// The limits of `ws`'s tier as the store holds them (none, for a tier no longer there).
+    async fn tier_limits(&self, ws: &Workspace) -> Result<Limits, AdminError> {
+        Ok(self
+            .store
+            .list_tiers()
+            .await?
+            .into_iter()
+            .find(|t| t.name == ws.tier)
+            .map(|t| t.limits)
+            .unwrap_or_default())
+    }
+
     /// A workspace asks for higher limits (`by` is the workspace itself, or an operator on its
-    /// behalf).
+    /// behalf): each figure above the limit in force.
     pub async fn create_limit_request(
         &self,
         by: &Actor,
@@ -1008,6 +1013,13 @@ impl Admin {
         requested
             .validate()
             .map_err(|m| invalid(format!("requested_limits: {m}")))?;
+        // Each figure asked for is above the limit in force (the tier's with the overrides; the
+        // workspace's own budget is its own to change).
+        let ws = self.get_workspace(workspace).await?;
+        let tier = self.tier_limits(&ws).await?;
+        if let Some(m) = requested.not_an_increase(&ws.overrides.apply(&tier).within_bounds()) {
+            return Err(invalid(m));
+        }
         let request = self
             .store
             .create_limit_request(

@@ -399,6 +399,74 @@ impl Overrides {
         .validate()
     }
 
+    /// For an increase request: the first figure asked for that is not above the limit in force
+    /// now (`current`), named with both; a figure where there is no limit now would lower it.
+    /// An outside audit saw a request for 1,000 tokens/minute on a tier of 500,000 sent, granted
+    /// as asked, and the lowered figure kept through a promotion.
+    pub fn not_an_increase(&self, current: &Limits) -> Option<String> {
+        fn check<T: PartialOrd + std::fmt::Display>(
+            name: &str,
+            asked: Option<T>,
+            now: Option<T>,
+        ) -> Option<String> {
+            let asked = asked?;
+            match now {
+                Some(now) if asked > now => None,
+                Some(now) => Some(format!(
+                    "requested_limits.{name}: {asked} is not above the limit in force ({now}); an increase request asks for more"
+                )),
+                None => Some(format!(
+                    "requested_limits.{name}: there is no {name} limit now; asking for one would lower it"
+                )),
+            }
+        }
+        if self.burst.is_some()
+            && self.requests_per_second.is_none()
+            && current.requests_per_second.is_none()
+        {
+            return Some(
+                "requested_limits.burst: there is no requests_per_second limit now for a burst to go with"
+                    .into(),
+            );
+        }
+        let burst_now = current
+            .requests_per_second
+            .map(|_| current.effective_burst());
+        check(
+            "requests_per_second",
+            self.requests_per_second,
+            current.requests_per_second,
+        )
+        .or_else(|| {
+            // A burst asked for with a new rate goes with that rate.
+            self.requests_per_second
+                .is_none()
+                .then(|| check("burst", self.burst, burst_now))
+                .flatten()
+        })
+        .or_else(|| {
+            check(
+                "tokens_per_minute",
+                self.tokens_per_minute,
+                current.tokens_per_minute,
+            )
+        })
+        .or_else(|| {
+            check(
+                "tokens_per_month",
+                self.tokens_per_month,
+                current.tokens_per_month,
+            )
+        })
+        .or_else(|| {
+            check(
+                "concurrent_requests",
+                self.concurrent_requests,
+                current.concurrent_requests,
+            )
+        })
+    }
+
     /// Sets every field that `granted` sets, keeping the others.
     pub fn merge(&mut self, granted: &Overrides) {
         let Overrides {
@@ -1495,6 +1563,54 @@ pub struct AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_increase_request_asks_for_more_than_is_in_force() {
+        let tier = Limits {
+            requests_per_second: Some(2.0),
+            tokens_per_minute: Some(1_000),
+            ..Limits::default()
+        };
+        let ask = |o: Overrides| o.not_an_increase(&tier);
+        let more_tpm = Overrides {
+            tokens_per_minute: Some(1_001),
+            ..Overrides::default()
+        };
+        assert_eq!(ask(more_tpm), None);
+        let same_tpm = Overrides {
+            tokens_per_minute: Some(1_000),
+            ..Overrides::default()
+        };
+        assert!(ask(same_tpm)
+            .unwrap()
+            .starts_with("requested_limits.tokens_per_minute: 1000 is not above"));
+        // No concurrency limit now: asking for one would lower it.
+        let concurrency = Overrides {
+            concurrent_requests: Some(50),
+            ..Overrides::default()
+        };
+        assert!(ask(concurrency)
+            .unwrap()
+            .contains("there is no concurrent_requests limit now"));
+        // A burst alone against the rate's (2); with a new rate it goes with that rate.
+        let burst = |b| Overrides {
+            burst: Some(b),
+            ..Overrides::default()
+        };
+        assert!(ask(burst(2)).is_some());
+        assert_eq!(ask(burst(3)), None);
+        let with_rate = Overrides {
+            requests_per_second: Some(4.0),
+            burst: Some(1),
+            ..Overrides::default()
+        };
+        assert_eq!(ask(with_rate), None);
+        let without_rate = Limits::default();
+        assert!(burst(5)
+            .not_an_increase(&without_rate)
+            .unwrap()
+            .contains("no requests_per_second limit now"));
+    }
 
     fn tier(rps: f64, burst: Option<u32>) -> Limits {
         Limits {

@@ -246,6 +246,34 @@ async fn a_workspace_asks_for_more_and_the_operator_answers() {
         .await
         .unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // An increase asks for more than the limit in force (`free`: 1 request/s, 500,000 tokens a
+    // minute, no concurrency limit): a lower or equal figure, or a limit where there is none,
+    // would lower it (an outside audit saw 1,000 tokens a minute asked, granted, and kept
+    // through a promotion).
+    for (asked, named) in [
+        (json!({"tokens_per_minute": 1000}), "tokens_per_minute"),
+        (json!({"requests_per_second": 1}), "requests_per_second"),
+        (
+            json!({"tokens_per_minute": 2000000, "concurrent_requests": 9}),
+            "concurrent_requests",
+        ),
+    ] {
+        let r = gw
+            .client
+            .post(&url)
+            .bearer_auth(&key)
+            .json(&json!({"use_case": "more", "requested_limits": asked}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{asked}");
+        let body: Value = r.json().await.unwrap();
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!("requested_limits.{named}:")),
+            "{message}"
+        );
+    }
 
     let ask = json!({"use_case": "Production chatbot, 3k users", "requested_limits": {"requests_per_second": 5, "tokens_per_minute": 2000000}});
     let r = gw
@@ -340,7 +368,7 @@ async fn a_workspace_asks_for_more_and_the_operator_answers() {
         .client
         .post(&url)
         .bearer_auth(&key)
-        .json(&json!({"use_case": "burst", "requested_limits": {"concurrent_requests": 9}}))
+        .json(&json!({"use_case": "burst", "requested_limits": {"tokens_per_month": 9_000_000_000u64}}))
         .send()
         .await
         .unwrap();
@@ -354,7 +382,7 @@ async fn a_workspace_asks_for_more_and_the_operator_answers() {
         .await;
     assert_eq!(s, StatusCode::OK);
     let limits = gw.limits(&key).await;
-    assert_eq!(limits["limits"]["concurrent_requests"], 9);
+    assert_eq!(limits["limits"]["tokens_per_month"], 9_000_000_000u64);
     assert_eq!(limits["limits"]["requests_per_second"], 3.0);
     assert_eq!(limits["tier"], "free");
     assert_eq!(limits["tier_limits"]["requests_per_second"], 1.0);

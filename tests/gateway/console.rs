@@ -877,7 +877,7 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
         &[
             ("use_case", use_case.as_str()),
             ("tokens_per_minute", "1,000,000"),
-            ("concurrent_requests", "8"),
+            ("tokens_per_month", "2,000,000,000"),
             ("requests_per_second", ""),
             ("expected_volume", "2M tokens a day"),
         ],
@@ -902,7 +902,7 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
     assert_eq!(request["expected_volume"], "2M tokens a day");
     assert_eq!(
         request["requested_limits"],
-        json!({"tokens_per_minute": 1000000, "concurrent_requests": 8})
+        json!({"tokens_per_minute": 1000000, "tokens_per_month": 2000000000u64})
     );
     let id = request["id"].as_i64().unwrap();
     let (_, audit) = gw
@@ -1000,22 +1000,22 @@ async fn limit_requests_take_an_optional_expected_volume() {
             (status, r.json::<Value>().await.unwrap())
         }
     };
-    let (s, made) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}, "expected_volume": "  10k a day "})).await;
+    let (s, made) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 1_000_000}, "expected_volume": "  10k a day "})).await;
     assert_eq!(s, StatusCode::CREATED, "{made}");
     assert_eq!(made["expected_volume"], "10k a day");
     let (s, made) =
-        ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}})).await;
+        ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 1_000_000}})).await;
     assert_eq!(s, StatusCode::CREATED);
     assert!(made["expected_volume"].is_null());
     for bad in [json!(""), json!("x".repeat(4097)), json!("a\u{1}b")] {
-        let (s, e) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}, "expected_volume": bad})).await;
+        let (s, e) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 1_000_000}, "expected_volume": bad})).await;
         assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {e}");
         assert!(
             e["message"].as_str().unwrap().contains("expected_volume"),
             "{e}"
         );
     }
-    let (s, _) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 10}, "expected_volume": 5})).await;
+    let (s, _) = ask(json!({"use_case": "x", "requested_limits": {"tokens_per_minute": 1_000_000}, "expected_volume": 5})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 }
 

@@ -730,7 +730,7 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
     let (ws, key) = gw.workspace("small").await;
     let first = ask(&gw, &key, "launch", json!({"tokens_per_minute": 150000})).await;
     let second = ask(&gw, &key, "more", json!({"requests_per_second": 200})).await;
-    let third = ask(&gw, &key, "again", json!({"concurrent_requests": 5})).await;
+    let third = ask(&gw, &key, "again", json!({"requests_per_second": 300})).await;
     let op = Operator::sign_in(&gw.url, BOB).await;
 
     let page = op.get("/console/operator/requests").await;

@@ -811,7 +811,7 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     let approved = api.admin(b, M::POST, &approve, None, ok).await;
     assert!(approved["granted_limits"].is_object());
     // A body of JSON null, which the document allows, is no body.
-    let burst = ask(json!({"burst": 6}));
+    let burst = ask(json!({"tokens_per_month": 9_000_000_000u64}));
     let third = id(&api
         .keyed(b, &rich_key, M::POST, requests, burst, created)
         .await);
@@ -821,7 +821,7 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
         .await;
     assert_eq!(
         approved["granted_limits"],
-        json!({"burst": 6}),
+        json!({"tokens_per_month": 9_000_000_000u64}),
         "{approved}"
     );
     let deny = format!("/admin/v1/limit-requests/{second}/deny");
@@ -921,13 +921,14 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
         conflict,
     )
     .await;
+    // (Above what the workspace has now: an increase asks for more.)
     for _ in 0..10 {
-        let burst = ask(json!({"burst": 2}));
-        api.keyed(b, &bare_key, M::POST, requests, burst, created)
+        let more = ask(json!({"tokens_per_minute": 600_000}));
+        api.keyed(b, &free_key, M::POST, requests, more, created)
             .await;
     }
-    let burst = ask(json!({"burst": 2}));
-    api.keyed(b, &bare_key, M::POST, requests, burst, conflict)
+    let more = ask(json!({"tokens_per_minute": 600_000}));
+    api.keyed(b, &free_key, M::POST, requests, more, conflict)
         .await;
     // A suspended workspace, whose key gets 403 on its own API.
     let suspend = Some(json!({"status": "suspended"}));

@@ -131,7 +131,7 @@ async fn every_admin_action_is_audited_with_who_what_when_before_and_after() {
     let second = ask(
         &gw,
         &key,
-        json!({"use_case": "more", "requested_limits": {"tokens_per_month": 5}}),
+        json!({"use_case": "more", "requested_limits": {"tokens_per_month": 5_000_000_000u64}}),
     )
     .await;
     gw.advance(Duration::from_secs(60));
@@ -474,7 +474,7 @@ async fn an_overrides_patch_racing_an_approval_through_the_api_keeps_both() {
         let request = ask(
             &gw,
             &key,
-            json!({"use_case": "more", "requested_limits": {"tokens_per_month": 1000 + i}}),
+            json!({"use_case": "more", "requested_limits": {"tokens_per_month": 2_000_000_000 + i}}),
         )
         .await;
         let approve_path = format!("/limit-requests/{}/approve", request["id"]);
@@ -495,7 +495,7 @@ async fn an_overrides_patch_racing_an_approval_through_the_api_keeps_both() {
                 &ws["overrides"]["tokens_per_month"],
                 &ws["overrides"]["requests_per_second"]
             ),
-            (&json!(1000 + i), &json!((i + 1) as f64)),
+            (&json!(2_000_000_000 + i), &json!((i + 1) as f64)),
             "round {i}: one change was lost: {ws}"
         );
     }
@@ -520,7 +520,7 @@ async fn admin_changes_racing_another_process_on_the_same_sqlite_file_never_fail
         ask(
             &gw,
             &key,
-            json!({"use_case": "more", "requested_limits": {"tokens_per_month": 1000 + i}}),
+            json!({"use_case": "more", "requested_limits": {"tokens_per_month": 2_000_000_000 + i}}),
         )
     }))
     .await;

@@ -167,7 +167,10 @@ async fn keyed(
 }
 
 async fn ask_more(gw: &TestGateway, key: &str) -> i64 {
-    let body = json!({"use_case": "more", "requested_limits": {"tokens_per_minute": 200000}});
+    // Each above the last, which may have been granted: an increase asks for more.
+    static MORE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(9_000_000);
+    let more = MORE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let body = json!({"use_case": "more", "requested_limits": {"tokens_per_minute": more}});
     let (s, v) = keyed(gw, key, Method::POST, "/v1/limit-requests", Some(body)).await;
     assert_eq!(s, StatusCode::CREATED, "{v}");
     v["id"].as_i64().unwrap()
