@@ -902,33 +902,67 @@ async fn left_before_the_head(
         Ok(Ok(r)) if r.status().is_success() => r,
         _ => return settlement.refund(),
     };
-    let content_type = upstream
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_ascii_lowercase)
-        .unwrap_or_default();
+    let kind = AnswerKind::of(upstream.headers());
     let state = settlement.state.clone();
     let body = upstream.into_body();
-    let json_lines = ["ndjson", "jsonl", "json-seq"]
-        .iter()
-        .any(|t| content_type.contains(t));
-    if content_type.starts_with("text/event-stream") || json_lines {
-        let scanner = match json_lines {
-            true => Scanner::JsonTail(JsonTail::default()),
-            false => Scanner::Events(SseScanner::new(strip_usage_chunk)),
-        };
-        drop(MeteredStream::new(
-            state,
-            data_stream(body),
-            Some(scanner),
-            Some(settlement),
-        ));
-    } else if content_type.is_empty() || content_type.contains("json") {
-        let read = read_whole(body, deadline, idle, cap).await;
-        left_before_the_body(read, settlement).await;
-    } else {
-        drop(settlement.finish(None));
+    let scanner = match kind {
+        AnswerKind::Events => Scanner::Events(SseScanner::new(strip_usage_chunk)),
+        AnswerKind::JsonLines => Scanner::JsonTail(JsonTail::default()),
+        AnswerKind::Json => {
+            let read = read_whole(body, deadline, idle, cap).await;
+            return left_before_the_body(read, settlement).await;
+        }
+        AnswerKind::Other => return drop(settlement.finish(None)),
+    };
+    drop(MeteredStream::new(
+        state,
+        data_stream(body),
+        Some(scanner),
+        Some(settlement),
+    ));
+}
+
+/// How an upstream's answer is read for its usage, by its media type.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AnswerKind {
+    /// `text/event-stream`: passed on event by event.
+    Events,
+    /// JSON lines (`application/x-ndjson`, `application/jsonl`, `application/json-seq`): a
+    /// stream of their own, passed on as they come, their usage read from their end.
+    JsonLines,
+    /// JSON, or an answer that does not say: read whole for its usage.
+    Json,
+    /// Anything else (files, audio): passed through as it comes, never buffered.
+    Other,
+}
+
+impl AnswerKind {
+    fn of(headers: &HeaderMap) -> AnswerKind {
+        // A media type is case-insensitive (`TEXT/EVENT-STREAM` was read as an opaque answer: an
+        // outside audit); lower-cased only when it is not already.
+        let content_type = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| {
+                if v.bytes().any(|b| b.is_ascii_uppercase()) {
+                    Cow::Owned(v.to_ascii_lowercase())
+                } else {
+                    Cow::Borrowed(v)
+                }
+            })
+            .unwrap_or_default();
+        if content_type.starts_with("text/event-stream") {
+            AnswerKind::Events
+        } else if ["ndjson", "jsonl", "json-seq"]
+            .iter()
+            .any(|t| content_type.contains(t))
+        {
+            AnswerKind::JsonLines
+        } else if content_type.is_empty() || content_type.contains("json") {
+            AnswerKind::Json
+        } else {
+            AnswerKind::Other
+        }
     }
 }
 
@@ -1043,28 +1077,10 @@ async fn send(
     let mut response_headers = upstream_parts.headers;
     remove_connection_options(&mut response_headers);
     remove_where(&mut response_headers, is_hop_or_gateway_response_header);
-    // A media type is case-insensitive (`TEXT/EVENT-STREAM` was read as an opaque answer: an
-    // outside audit); lower-cased only when it is not already.
-    let content_type = response_headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            if v.bytes().any(|b| b.is_ascii_uppercase()) {
-                std::borrow::Cow::Owned(v.to_ascii_lowercase())
-            } else {
-                std::borrow::Cow::Borrowed(v)
-            }
-        })
-        .unwrap_or_default();
-    let is_stream = content_type.starts_with("text/event-stream");
-    // JSON lines (`application/x-ndjson`, `application/jsonl`, `application/json-seq`) are a
-    // stream of their own: passed on as they come, their usage read from their end.
-    let is_json_lines = ["ndjson", "jsonl", "json-seq"]
-        .iter()
-        .any(|t| content_type.contains(t));
-    // A JSON answer (or one that does not say) is read whole for its usage; anything else
-    // (files, audio) is passed through as it comes, never buffered.
-    let is_json = (content_type.is_empty() || content_type.contains("json")) && !is_json_lines;
+    let kind = AnswerKind::of(&response_headers);
+    let is_stream = kind == AnswerKind::Events;
+    let is_json_lines = kind == AnswerKind::JsonLines;
+    let is_json = kind == AnswerKind::Json;
     if is_stream {
         // Its events may be changed (the usage chunk the gateway asked for is removed): the
         // upstream's length would not hold. Every other body is passed on as it came, and so
@@ -1130,12 +1146,8 @@ async fn send(
         settlement.access = access.take().map(|a| (a, status.as_u16()));
         let scanner = if is_stream {
             // A stream whose end waits for its settlement holds its `[DONE]` back until then.
-            let waits = settlement
-                .reservation
-                .as_ref()
-                .is_some_and(|r| r.settle_before_answer);
             Some(Scanner::Events(
-                SseScanner::new(prepared.strip_usage_chunk).holding_done(waits),
+                SseScanner::new(prepared.strip_usage_chunk).holding_done(settlement.answer_waits()),
             ))
         } else if is_json_lines {
             Some(Scanner::JsonTail(JsonTail::default()))
@@ -1349,7 +1361,7 @@ impl Settlement {
     fn refund(mut self) {
         Metrics::inc(&self.state.metrics.refunds);
         if let Some(f) = self.take(Outcome::Refund) {
-            run_to_completion(&self.state, f)
+            run_to_completion(&self.state, f, false);
         }
     }
 
@@ -1366,20 +1378,19 @@ impl Settlement {
         self.settle_now(outcome)
     }
 
+    /// Whether the answer's end waits for the settlement (`Reservation::settle_before_answer`).
+    fn answer_waits(&self) -> bool {
+        self.reservation
+            .as_ref()
+            .is_some_and(|r| r.settle_before_answer)
+    }
+
     /// Starts settling with `outcome` (see `run_to_completion`); what it returns, the answer
     /// waits for before it ends (`Reservation::settle_before_answer`).
     fn settle_now(&mut self, outcome: Outcome) -> Option<AnswerWaits> {
-        let waits = self
-            .reservation
-            .as_ref()
-            .is_some_and(|r| r.settle_before_answer);
+        let waits = self.answer_waits();
         let f = self.take(outcome)?;
-        if waits {
-            settle_before_answer(&self.state, f)
-        } else {
-            run_to_completion(&self.state, f);
-            None
-        }
+        run_to_completion(&self.state, f, waits)
     }
 }
 
@@ -1391,27 +1402,15 @@ impl Settlement {
 /// ARCHITECTURE.md, "Settlement after the answer"), so this instance's later calls for the
 /// workspace reach Redis after it. Nothing is awaited between the first poll and the spawn, so
 /// a dropped request cannot leave a settlement half done.
-fn run_to_completion(state: &AppState, mut settling: BoxFuture<'static, ()>) {
-    let waker = std::task::Waker::noop();
-    if settling
-        .as_mut()
-        .poll(&mut Context::from_waker(waker))
-        .is_pending()
-    {
-        spawn_tracked(state, settling);
-    }
-}
-
-/// The end of a settlement that an answer waits for before it ends.
-type AnswerWaits = tokio::sync::oneshot::Receiver<()>;
-
-/// `run_to_completion` for a settlement whose answer must not end first: one that does not
-/// finish at its first poll goes on as a tracked task (so a client that leaves meanwhile does not
-/// cut it short), whose end the answer waits for. The limiter's calls are bounded by its own
-/// timeouts, and one that fails defers the settlement, so the wait is bounded too.
-fn settle_before_answer(
+///
+/// With `answer_waits` (`Reservation::settle_before_answer`), a settlement that does not finish
+/// at its first poll also says when it ends: the answer waits for that. The limiter's calls are
+/// bounded by its own timeouts, and one that fails defers the settlement, so the wait is bounded
+/// too.
+fn run_to_completion(
     state: &AppState,
     mut settling: BoxFuture<'static, ()>,
+    answer_waits: bool,
 ) -> Option<AnswerWaits> {
     let waker = std::task::Waker::noop();
     if settling
@@ -1421,6 +1420,10 @@ fn settle_before_answer(
     {
         return None;
     }
+    if !answer_waits {
+        spawn_tracked(state, settling);
+        return None;
+    }
     let (done, waits) = tokio::sync::oneshot::channel();
     spawn_tracked(state, async move {
         settling.await;
@@ -1428,6 +1431,9 @@ fn settle_before_answer(
     });
     Some(waits)
 }
+
+/// The end of a settlement that an answer waits for before it ends.
+type AnswerWaits = tokio::sync::oneshot::Receiver<()>;
 
 /// Spawns `work` as a task the gateway waits for when it stops; outside a runtime (the process
 /// is ending) there is nothing to run it on.

@@ -396,7 +396,8 @@ async fn requests_one_after_another_through_two_instances_find_their_slot_free()
     let redis = tokio::task::spawn_blocking(RedisServer::start)
         .await
         .unwrap();
-    let delayed = delaying_proxy(redis.port(), Duration::from_millis(200)).await;
+    let delay = Gate::Delay(Duration::from_millis(200));
+    let delayed = redis_gate(redis.port(), Arc::new(std::sync::Mutex::new(delay))).await;
     let first = AtomicBool::new(true);
     let fleet = TestGateway::fleet(2, &redis.url(), |raw| {
         raw.redis_timeout_ms = Some(5_000);
@@ -447,47 +448,6 @@ async fn requests_one_after_another_through_two_instances_find_their_slot_free()
         assert_eq!(limits["usage"]["in_flight"].as_u64(), Some(0));
         assert_eq!(limits["usage"]["tokens_this_month"].as_u64(), Some(80));
     }
-}
-
-/// A TCP proxy on a loopback port to `127.0.0.1:port` that holds what the client sends for
-/// `delay` before passing it on, in order (the answers come back at once); its `redis://` URL.
-async fn delaying_proxy(port: u16, delay: Duration) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("redis://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-                continue;
-            };
-            let (mut client_read, mut client_write) = client.into_split();
-            let (mut server_read, mut server_write) = server.into_split();
-            let (sent, mut held) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                while let Ok(n @ 1..) = client_read.read(&mut buf).await {
-                    if sent
-                        .send((Instant::now() + delay, buf[..n].to_vec()))
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            });
-            tokio::spawn(async move {
-                while let Some((due, bytes)) = held.recv().await {
-                    tokio::time::sleep_until(due.into()).await;
-                    if server_write.write_all(&bytes).await.is_err() {
-                        break;
-                    }
-                }
-            });
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
-            });
-        }
-    });
-    url
 }
 
 /// Polls `check` until it holds, for at most `within`; returns how long it took.
@@ -1623,6 +1583,8 @@ enum Gate {
     Pass,
     /// Connections are closed as they come, and those open at their next call.
     Refuse,
+    /// Every call waits this long after it came, in order.
+    Delay(Duration),
     /// The call that starts a new generation of a month counter (`newgen`: a carry back) waits
     /// until then, and what follows it on its connection with it; others pass.
     HoldCarry(Instant),
@@ -1657,6 +1619,7 @@ async fn redis_gate(port: u16, gate: Arc<std::sync::Mutex<Gate>>) -> String {
                                 tokio::time::sleep_until(until.into()).await;
                             }
                         }
+                        Gate::Delay(d) => tokio::time::sleep(d).await,
                         Gate::Pass => {}
                     }
                     if server_write.write_all(call).await.is_err() {
