@@ -31,8 +31,8 @@ use crate::model::{
     WorkspaceId, WorkspaceStatus, MAX_BUDGET_MODELS, MAX_TOKENS_PER_MONTH,
 };
 use crate::store::{
-    AuditFilter, DeliveryRecord, NewKey, NewWebhook, Store, StoreError, WebhookEndpoint, WebhookId,
-    WorkspaceChange, WorkspacePage, WorkspaceQuery, WorkspaceSort,
+    AuditFilter, Closing, DeliveryRecord, NewKey, NewWebhook, Store, StoreError, WebhookEndpoint,
+    WebhookId, WorkspaceChange, WorkspacePage, WorkspaceQuery, WorkspaceSort,
 };
 use crate::usage::Recorder;
 
@@ -159,7 +159,7 @@ pub fn workspace_status(value: &str) -> Result<WorkspaceStatus, AdminError> {
 
 pub fn limit_request_status(value: &str) -> Result<LimitRequestStatus, AdminError> {
     LimitRequestStatus::parse(value)
-        .ok_or_else(|| invalid("'status' must be pending, approved or denied"))
+        .ok_or_else(|| invalid("'status' must be pending, approved, denied or withdrawn"))
 }
 
 pub fn audit_action(value: &str) -> Result<AuditAction, AdminError> {
@@ -1034,7 +1034,7 @@ impl Admin {
             .await
             .map_err(|e| match e {
                 StoreError::Conflict(_) => AdminError::Conflict(format!(
-                    "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; wait for one, or ask the operator"
+                    "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; withdraw one (DELETE /v1/limit-requests/{{id}}), wait for an answer, or ask the operator"
                 )),
                 e => not_found("workspace", workspace)(e),
             })?;
@@ -1083,13 +1083,47 @@ impl Admin {
         reason: &str,
     ) -> Result<LimitRequest, AdminError> {
         let reason = text("reason", reason)?;
+        let closing = Closing::Denied { reason: &reason };
+        self.close_limit_request(by, id, closing).await
+    }
+
+    /// A workspace takes back one of its requests that is still pending (another workspace's
+    /// request is not found).
+    pub async fn withdraw_limit_request(
+        &self,
+        by: &Actor,
+        workspace: WorkspaceId,
+        id: LimitRequestId,
+    ) -> Result<LimitRequest, AdminError> {
+        self.close_limit_request(by, id, Closing::Withdrawn { workspace })
+            .await
+    }
+
+    async fn close_limit_request(
+        &self,
+        by: &Actor,
+        id: LimitRequestId,
+        closing: Closing<'_>,
+    ) -> Result<LimitRequest, AdminError> {
         let request = self
             .store
-            .deny_limit_request(id, &reason, by, self.now())
+            .close_limit_request(id, closing, by, self.now())
             .await
             .map_err(not_found("limit request", id))?;
         self.wake_webhooks();
         Ok(request)
+    }
+
+    /// One request; `workspace`, when given, is the only one whose requests are found.
+    pub async fn get_limit_request(
+        &self,
+        id: LimitRequestId,
+        workspace: Option<WorkspaceId>,
+    ) -> Result<LimitRequest, AdminError> {
+        match self.store.get_limit_request(id).await? {
+            Some(r) if workspace.is_none_or(|w| w == r.workspace_id) => Ok(r),
+            _ => Err(AdminError::NotFound(format!("no limit request {id}"))),
+        }
     }
 
     /// Registers a webhook endpoint: the operator's (`workspace: None`, every workspace's

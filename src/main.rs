@@ -349,7 +349,7 @@ enum TierCommand {
 
 #[derive(Subcommand)]
 enum LimitRequestCommand {
-    /// List requests, all or by status (pending, approved, denied) or workspace.
+    /// List requests, all or by status (pending, approved, denied, withdrawn) or workspace.
     List {
         #[arg(long)]
         status: Option<String>,

@@ -1326,6 +1326,8 @@ pub enum LimitRequestStatus {
     Pending,
     Approved,
     Denied,
+    /// Taken back by its workspace before an operator answered.
+    Withdrawn,
 }
 
 impl LimitRequestStatus {
@@ -1334,6 +1336,7 @@ impl LimitRequestStatus {
             LimitRequestStatus::Pending => "pending",
             LimitRequestStatus::Approved => "approved",
             LimitRequestStatus::Denied => "denied",
+            LimitRequestStatus::Withdrawn => "withdrawn",
         }
     }
 
@@ -1342,6 +1345,7 @@ impl LimitRequestStatus {
             "pending" => Some(LimitRequestStatus::Pending),
             "approved" => Some(LimitRequestStatus::Approved),
             "denied" => Some(LimitRequestStatus::Denied),
+            "withdrawn" => Some(LimitRequestStatus::Withdrawn),
             _ => None,
         }
     }
@@ -1498,13 +1502,15 @@ pub enum AuditAction {
     LimitRequestCreate,
     LimitRequestApprove,
     LimitRequestDeny,
+    /// A workspace took back its pending request.
+    LimitRequestWithdraw,
     /// A webhook endpoint registered (by the operator or a workspace).
     WebhookCreate,
     WebhookDelete,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 12] = [
+    pub const ALL: [AuditAction; 13] = [
         AuditAction::TierPut,
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
@@ -1515,6 +1521,7 @@ impl AuditAction {
         AuditAction::LimitRequestCreate,
         AuditAction::LimitRequestApprove,
         AuditAction::LimitRequestDeny,
+        AuditAction::LimitRequestWithdraw,
         AuditAction::WebhookCreate,
         AuditAction::WebhookDelete,
     ];
@@ -1531,6 +1538,7 @@ impl AuditAction {
             AuditAction::LimitRequestCreate => "limit_request.create",
             AuditAction::LimitRequestApprove => "limit_request.approve",
             AuditAction::LimitRequestDeny => "limit_request.deny",
+            AuditAction::LimitRequestWithdraw => "limit_request.withdraw",
             AuditAction::WebhookCreate => "webhook.create",
             AuditAction::WebhookDelete => "webhook.delete",
         }

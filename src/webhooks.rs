@@ -37,9 +37,10 @@ use crate::model::WorkspaceId;
 use crate::store::{DeliveryOutcome, DueDelivery, Store, StoreError, WebhookEvent};
 
 /// The events an endpoint may subscribe to.
-pub const EVENT_TYPES: [&str; 5] = [
+pub const EVENT_TYPES: [&str; 6] = [
     "limit_request.created",
     "limit_request.decided",
+    "limit_request.withdrawn",
     "workspace.tier_changed",
     "workspace.suspended",
     "quota.threshold",

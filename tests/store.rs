@@ -19,7 +19,7 @@ use tiergate::model::{
     OverridesPatch, Tier, WorkspaceStatus,
 };
 use tiergate::store::{
-    AuditFilter, CatalogChanges, CatalogDelta, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
+    AuditFilter, CatalogChanges, CatalogDelta, Closing, HourRow, KeyDayRow, KeyUsage, LedgerBatch,
     LedgerRow, NewKey, NewWebhook, Store, StoreError, WorkspaceChange, WorkspaceListed,
     WorkspaceQuery, WorkspaceSort, CHANGE_LOG_KEEP, PRUNE_BATCH,
 };
@@ -790,7 +790,7 @@ async fn limit_requests_are_decided_once(b: Backend) {
     );
 
     let d = s
-        .deny_limit_request(r3.id, "not now", &by(), 300)
+        .close_limit_request(r3.id, Closing::Denied { reason: "not now" }, &by(), 300)
         .await
         .unwrap();
     assert_eq!(d.status, LimitRequestStatus::Denied);
@@ -805,7 +805,7 @@ async fn limit_requests_are_decided_once(b: Backend) {
         s.approve_limit_request(r3.id, None, &by(), 400)
             .await
             .unwrap_err(),
-        s.deny_limit_request(r1.id, "late", &by(), 400)
+        s.close_limit_request(r1.id, Closing::Denied { reason: "late" }, &by(), 400)
             .await
             .unwrap_err(),
         s.approve_limit_request(r1.id, None, &by(), 400)
@@ -822,7 +822,8 @@ async fn limit_requests_are_decided_once(b: Backend) {
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
-        s.deny_limit_request(r3.id + 100, "x", &by(), 400).await,
+        s.close_limit_request(r3.id + 100, Closing::Denied { reason: "x" }, &by(), 400)
+            .await,
         Err(StoreError::NotFound)
     ));
     let pending = s
@@ -835,6 +836,57 @@ async fn limit_requests_are_decided_once(b: Backend) {
         .await
         .unwrap();
     assert_eq!(denied, vec![d]);
+
+    // Withdrawn by its own workspace only, and only while pending.
+    let r4 = s
+        .create_limit_request(ws.id, "later", None, &ask(8000), 10, &by(), 500)
+        .await
+        .unwrap();
+    let theirs = Closing::Withdrawn {
+        workspace: other.id,
+    };
+    assert!(matches!(
+        s.close_limit_request(r4.id, theirs, &by(), 501).await,
+        Err(StoreError::NotFound)
+    ));
+    let own = Closing::Withdrawn { workspace: ws.id };
+    let w = s.close_limit_request(r4.id, own, &by(), 502).await.unwrap();
+    assert_eq!(
+        (w.status, w.decided_at, w.reason.as_deref()),
+        (LimitRequestStatus::Withdrawn, Some(502), None)
+    );
+    assert_eq!(s.get_limit_request(r4.id).await.unwrap(), Some(w.clone()));
+    assert_eq!(s.get_limit_request(r4.id + 100).await.unwrap(), None);
+    for e in [
+        s.close_limit_request(r4.id, own, &by(), 503)
+            .await
+            .unwrap_err(),
+        s.approve_limit_request(r4.id, None, &by(), 503)
+            .await
+            .unwrap_err(),
+        s.close_limit_request(r1.id, own, &by(), 503)
+            .await
+            .unwrap_err(),
+    ] {
+        assert!(
+            matches!(e, StoreError::Conflict(ref m) if m.contains("already")),
+            "{e}"
+        );
+    }
+    let withdrawn = s
+        .list_limit_requests(Some(ws.id), Some(LimitRequestStatus::Withdrawn))
+        .await
+        .unwrap();
+    assert_eq!(withdrawn, vec![w]);
+    assert_eq!(
+        s.get_workspace(ws.id)
+            .await
+            .unwrap()
+            .overrides
+            .tokens_per_minute,
+        Some(5000),
+        "a withdrawal grants nothing"
+    );
 }
 
 async fn a_batch_sent_twice_counts_once(b: Backend) {
@@ -1560,7 +1612,15 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
         .create_limit_request(ws.id, "again", None, &asked, 10, &itself, 108)
         .await
         .unwrap();
-    s.deny_limit_request(r2.id, "no", &carol, 109)
+    s.close_limit_request(r2.id, Closing::Denied { reason: "no" }, &carol, 109)
+        .await
+        .unwrap();
+    let r3 = s
+        .create_limit_request(ws.id, "later", None, &asked, 10, &itself, 110)
+        .await
+        .unwrap();
+    let withdrawn = Closing::Withdrawn { workspace: ws.id };
+    s.close_limit_request(r3.id, withdrawn, &itself, 111)
         .await
         .unwrap();
 
@@ -1583,7 +1643,7 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
         .await
         .is_err());
     assert!(s
-        .deny_limit_request(r1.id, "late", &alice, 200)
+        .close_limit_request(r1.id, Closing::Denied { reason: "late" }, &alice, 200)
         .await
         .is_err());
     assert!(s.revoke_key(key.id + 100, &alice, 200).await.is_err());
@@ -1611,17 +1671,20 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
             )
         })
         .collect();
-    let (w, k, r1t, r2t) = (
+    let (w, k, r1t, r2t, r3t) = (
         format!("workspace:{}", ws.id),
         format!("key:{}", key.id),
         format!("limit_request:{}", r1.id),
         format!("limit_request:{}", r2.id),
+        format!("limit_request:{}", r3.id),
     );
     let ws_actor = itself.as_str();
     let id = Some(ws.id);
     assert_eq!(
         seen,
         [
+            (111, ws_actor, "limit_request.withdraw", r3t.as_str(), id),
+            (110, ws_actor, "limit_request.create", r3t.as_str(), id),
             (109, "cli:carol", "limit_request.deny", r2t.as_str(), id),
             (108, ws_actor, "limit_request.create", r2t.as_str(), id),
             (107, "alice", "limit_request.approve", r1t.as_str(), id),
@@ -1635,13 +1698,13 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
         ]
     );
     let entry = |i: usize| (log[i].before.clone(), log[i].after.clone().unwrap());
-    let (before, after) = entry(9);
+    let (before, after) = entry(11);
     assert_eq!(before, None);
     assert_eq!(after["limits"]["requests_per_second"], 2.0);
-    let (before, after) = entry(8);
+    let (before, after) = entry(10);
     assert_eq!(before.unwrap()["limits"]["requests_per_second"], 2.0);
     assert_eq!(after["limits"]["requests_per_second"], 3.0);
-    let (before, after) = entry(6);
+    let (before, after) = entry(8);
     let before = before.unwrap();
     assert_eq!(
         (&before["status"], &before["overrides"]),
@@ -1649,22 +1712,28 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
     );
     assert_eq!(after["status"], "suspended");
     assert_eq!(after["overrides"]["requests_per_second"], 5.0);
-    let (before, after) = entry(4);
+    let (before, after) = entry(6);
     assert!(before.unwrap()["revoked_at"].is_null());
     assert_eq!(after["revoked_at"], 105);
     assert!(after.get("hash").is_none());
     let text = serde_json::to_string(&log).unwrap();
     assert!(!text.contains(&secret), "never a key's secret");
-    let (before, after) = entry(2);
+    let (before, after) = entry(4);
     assert_eq!(
         before.unwrap()["workspace_overrides"]["tokens_per_month"],
         serde_json::Value::Null
     );
     assert_eq!(after["workspace_overrides"]["tokens_per_month"], 5000);
     assert_eq!(after["request"]["status"], "approved");
-    let (before, after) = entry(0);
+    let (before, after) = entry(2);
     assert_eq!(before.unwrap()["status"], "pending");
     assert_eq!(after["reason"], "no");
+    let (before, after) = entry(0);
+    assert_eq!(before.unwrap()["status"], "pending");
+    assert_eq!(
+        (&after["status"], &after["reason"]),
+        (&"withdrawn".into(), &serde_json::Value::Null)
+    );
 }
 
 async fn the_audit_log_is_filtered_and_paged_newest_first(b: Backend) {
@@ -2521,9 +2590,10 @@ fn new_webhook(workspace: Option<i64>, events: &[&str]) -> NewWebhook {
     }
 }
 
-const ALL_EVENTS: [&str; 5] = [
+const ALL_EVENTS: [&str; 6] = [
     "limit_request.created",
     "limit_request.decided",
+    "limit_request.withdrawn",
     "workspace.tier_changed",
     "workspace.suspended",
     "quota.threshold",
@@ -2579,7 +2649,17 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
     s.approve_limit_request(r1.id, None, &by(), 32)
         .await
         .unwrap();
-    s.deny_limit_request(r2.id, "no", &by(), 33).await.unwrap();
+    s.close_limit_request(r2.id, Closing::Denied { reason: "no" }, &by(), 33)
+        .await
+        .unwrap();
+    let r3 = s
+        .create_limit_request(ws2.id, "z", None, &ask, 10, &by(), 33)
+        .await
+        .unwrap();
+    let withdrawn = Closing::Withdrawn { workspace: ws2.id };
+    s.close_limit_request(r3.id, withdrawn, &by(), 33)
+        .await
+        .unwrap();
     // A change that is no event: none written.
     s.update_workspace(ws2.id, &patch_rps(3.0), &by(), 34)
         .await
@@ -2621,8 +2701,10 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         [
             "limit_request.created",
             "limit_request.created",
+            "limit_request.created",
             "limit_request.decided",
             "limit_request.decided",
+            "limit_request.withdrawn",
             "workspace.suspended",
             "workspace.tier_changed",
         ]
@@ -2640,7 +2722,7 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         .collect();
     assert!(operator_ids.contains(&own_deliveries[0].event_id));
     let claimed = s.claim_deliveries(1_000, 31_000, 100).await.unwrap();
-    assert_eq!(claimed.len(), 7);
+    assert_eq!(claimed.len(), 9);
     let body: serde_json::Value = serde_json::from_str(
         &claimed
             .iter()

@@ -45,6 +45,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(list_tiers))
         .routes(routes!(put_tier))
         .routes(routes!(list_limit_requests))
+        .routes(routes!(get_limit_request))
         .routes(routes!(approve))
         .routes(routes!(deny))
         .routes(routes!(audit))
@@ -568,6 +569,30 @@ async fn list_limit_requests(
     )))
 }
 
+/// Reads one increase request.
+#[utoipa::path(
+    get,
+    path = "/limit-requests/{id}",
+    tag = "admin",
+    operation_id = "get_limit_request",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The limit request's id.")),
+    responses(
+        (status = 200, description = "The request, whichever its workspace.", body = LimitRequestView),
+        BadRequest,
+        NotFound,
+        AdminErrors,
+    )
+)]
+async fn get_limit_request(
+    _: AdminActor,
+    State(state): State<Arc<AppState>>,
+    PathParam(id): PathParam<LimitRequestId>,
+) -> Result<SortedJson<LimitRequestView>, ApiError> {
+    let request = state.admin.get_limit_request(id, None).await?;
+    Ok(SortedJson(LimitRequestView::from(&request)))
+}
+
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Approve {
@@ -594,7 +619,7 @@ fn granted<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Overrides>, 
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]
 enum AlreadyDecided {
-    /// The request was already approved or denied (`conflict`).
+    /// The request was already approved, denied or withdrawn (`conflict`).
     #[response(status = 409)]
     Conflict(super::error::ErrorBody<'static>),
 }

@@ -54,8 +54,8 @@ use crate::catalog::{AuthFailure, Authenticated, WorkspaceEntry};
 use crate::console::{Session, SessionKind, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
 use crate::metrics::Metrics;
 use crate::model::{
-    Actor, ApiKey, AttributeValue, KeyId, KeyLimits, LimitRequest, Limits, Overrides, Tier,
-    Workspace,
+    Actor, ApiKey, AttributeValue, KeyId, KeyLimits, LimitRequest, LimitRequestId,
+    LimitRequestStatus, Limits, Overrides, Tier, Workspace,
 };
 use crate::store::WebhookEndpoint;
 
@@ -96,6 +96,10 @@ pub fn routes(scope: Scope) -> Router<Arc<AppState>> {
             .route("/console/workspace", get(workspace_page))
             .route("/console/keys/{id}/revoke", post(revoke_key))
             .route("/console/limit-requests", post(request_increase))
+            .route(
+                "/console/limit-requests/{id}/withdraw",
+                post(withdraw_request),
+            )
             .route("/console/budget", post(set_budget))
             .merge(super::console_webhooks::workspace_routes());
     }
@@ -233,6 +237,7 @@ const NOTICES: &[(&str, &str)] = &[
         "The key was revoked: requests with it are refused from now on.",
     ),
     ("budget", "Your budget was saved."),
+    ("withdrawn", "Your request was withdrawn."),
     (
         "webhook-removed",
         "The endpoint was removed, with what it had still to receive.",
@@ -421,6 +426,40 @@ async fn revoke_key(
         Err(AdminError::NotFound(_)) => not_found(),
         Err(e) => {
             tracing::warn!(error = %e, "console: could not revoke a key");
+            unavailable(StatusCode::SERVICE_UNAVAILABLE)
+        }
+    }
+}
+
+/// `POST /console/limit-requests/{id}/withdraw`: the workspace takes back one of its pending
+/// requests, as `DELETE /v1/limit-requests/{id}`. Another workspace's request is answered as one
+/// that does not exist; one already answered, with the page and why.
+async fn withdraw_request(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    request: Request,
+) -> Response {
+    let (session, entry, _) = match workspace_form(&state, request).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let Ok(id) = id.parse::<LimitRequestId>() else {
+        return not_found();
+    };
+    let ws = entry.workspace.id;
+    match state
+        .admin
+        .withdraw_limit_request(&Actor::workspace(ws), ws, id)
+        .await
+    {
+        Ok(_) => see_other("/console/workspace?done=withdrawn", None),
+        Err(AdminError::NotFound(_)) => not_found(),
+        Err(AdminError::Conflict(m)) => {
+            let notice = Some(Notice::Refused(&m));
+            render_workspace(&state, &session, &entry, notice, StatusCode::CONFLICT, None).await
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "console: could not withdraw an increase request");
             unavailable(StatusCode::SERVICE_UNAVAILABLE)
         }
     }
@@ -1080,7 +1119,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
         p.note { "New keys are made by the operator: a leaked key cannot mint more." }
         (budget_form(&ws.budget, token))
         (increase_form(token, p.form.filter(|f| field(f, "use_case").is_some())))
-        (past_requests(requests))
+        (past_requests(requests, token))
         (super::console_webhooks::workspace_section(p.webhooks, token, p.form))
         form method="post" action="/console/sign-out" {
             input type="hidden" name="csrf" value=(token);
@@ -1259,7 +1298,7 @@ fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
 }
 
 /// The workspace's increase requests, newest first, with the operator's answer.
-fn past_requests(requests: &[LimitRequest]) -> Markup {
+fn past_requests(requests: &[LimitRequest], token: &str) -> Markup {
     html! {
         h2 { "Your increase requests" }
         @if requests.is_empty() {
@@ -1281,6 +1320,12 @@ fn past_requests(requests: &[LimitRequest]) -> Markup {
                                 @if let Some(g) = &r.granted_limits { "Granted: " (overrides_text(g)) }
                                 @if let Some(reason) = &r.reason { "Denied: " (reason) }
                                 @if let Some(at) = r.decided_at { br; span.note { (Timestamp(at).rfc3339()) } }
+                                @if r.status == LimitRequestStatus::Pending {
+                                    form.withdraw method="post" action={ "/console/limit-requests/" (r.id) "/withdraw" } {
+                                        input type="hidden" name="csrf" value=(token);
+                                        button type="submit" { "Withdraw" }
+                                    }
+                                }
                             }
                         }
                     }

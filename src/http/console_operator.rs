@@ -1361,6 +1361,7 @@ fn answer_text(r: &LimitRequest) -> String {
                 .unwrap_or_default()
         ),
         LimitRequestStatus::Denied => r.reason.clone().unwrap_or_default(),
+        LimitRequestStatus::Withdrawn => "withdrawn by the workspace".into(),
     }
 }
 
@@ -2043,7 +2044,9 @@ impl RequestFilter {
             None => Some(LimitRequestStatus::Pending),
             Some("all") => None,
             Some(s) => Some(LimitRequestStatus::parse(s).ok_or_else(|| {
-                AdminError::Invalid("'status' must be pending, approved, denied or all".into())
+                AdminError::Invalid(
+                    "'status' must be pending, approved, denied, withdrawn or all".into(),
+                )
             })?),
         };
         let workspace = match param(params, "workspace").filter(|s| !s.is_empty()) {
@@ -2126,6 +2129,7 @@ fn requests_body(
         (Some(LimitRequestStatus::Pending), "Pending"),
         (Some(LimitRequestStatus::Approved), "Approved"),
         (Some(LimitRequestStatus::Denied), "Denied"),
+        (Some(LimitRequestStatus::Withdrawn), "Withdrawn"),
         (None, "All"),
     ];
     html! {

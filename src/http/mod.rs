@@ -8,7 +8,8 @@
 //! the admin listener only (with the health checks and the console's sign-in), and the main
 //! listener answers them `404` (see `console::Scope`). Every route that does not exist answers
 //! a JSON `404`, and a method a route does not have a JSON `405`, in the gateway's error shape;
-//! `/v1/*` routes the gateway does not know are passed to the upstream.
+//! `/v1/*` routes the gateway does not know are passed to the upstream, except under the
+//! workspace API's own (`OWN_V1_ROUTES`), which answer `404`.
 //!
 //! The admin API and the workspace's own API are registered with their OpenAPI operations
 //! (`utoipa_axum`); each listener serves the document of what it serves at `/openapi.json`
@@ -67,7 +68,7 @@ pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
             workspace: true,
             operator: with_operator,
         }))
-        .route("/v1/{*path}", any(proxy::proxy));
+        .route("/v1/{*path}", any(upstream_or_none));
     let routes = if with_operator {
         routes.merge(operator())
     } else {
@@ -159,6 +160,20 @@ async fn not_found(method: Method, OriginalUri(uri): OriginalUri) -> Response {
         return console::not_found_page();
     }
     ApiError::NotFound(format!("No route for {method} {}.", shown_path(&uri))).into_response()
+}
+
+/// A `/v1/` path no route of the gateway has: the upstream's, unless it is under one of the
+/// workspace API's own routes (`/v1/limit-requests/7/x`), which are the gateway's alone (such a
+/// path was forwarded, and cost a request).
+async fn upstream_or_none(state: State<Arc<AppState>>, request: Request) -> Response {
+    let path = request.uri().path();
+    let first = path
+        .strip_prefix("/v1/")
+        .and_then(|rest| rest.split('/').next());
+    if first.is_some_and(|first| OWN_V1_ROUTES.contains(&first)) {
+        return not_found(request.method().clone(), OriginalUri(request.uri().clone())).await;
+    }
+    proxy::proxy(state, request).await
 }
 
 async fn method_not_allowed(method: Method, OriginalUri(uri): OriginalUri) -> ApiError {

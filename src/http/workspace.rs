@@ -32,6 +32,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(limits))
         .routes(routes!(usage))
         .routes(routes!(create_limit_request, list_limit_requests))
+        .routes(routes!(get_limit_request, withdraw_limit_request))
         .routes(routes!(get_budget, put_budget))
         .routes(routes!(create_webhook, list_webhooks))
         .routes(routes!(delete_webhook))
@@ -285,6 +286,79 @@ async fn list_limit_requests(
     Ok(SortedJson(List::of(
         list.iter().map(LimitRequestView::from).collect(),
     )))
+}
+
+/// Reads one of the workspace's increase requests.
+#[utoipa::path(
+    get,
+    path = "/v1/limit-requests/{id}",
+    tag = "workspace",
+    operation_id = "get_own_limit_request",
+    security(("workspace_key" = [])),
+    params(("id" = i64, Path, description = "The request's id.")),
+    responses(
+        (status = 200, description = "The request and its answer, if any.", body = LimitRequestView),
+        BadRequest,
+        NotFound,
+        WorkspaceErrors,
+    )
+)]
+async fn get_limit_request(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    id: Result<PathParam<i64>, ApiError>,
+) -> Result<SortedJson<LimitRequestView>, ApiError> {
+    let entry = authenticate(&state, &headers).await?.workspace;
+    // The id is checked once the caller is known: without a key, `401` whatever the path.
+    let PathParam(id) = id?;
+    let request = state
+        .admin
+        .get_limit_request(id, Some(entry.workspace.id))
+        .await?;
+    Ok(SortedJson(LimitRequestView::from(&request)))
+}
+
+/// The conflict of withdrawing a request that was already answered.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum NotPending {
+    /// The request was already approved, denied or withdrawn (`conflict`).
+    #[response(status = 409)]
+    Conflict(ErrorBody<'static>),
+}
+
+/// Withdraws one of the workspace's requests that no operator has answered yet.
+#[utoipa::path(
+    delete,
+    path = "/v1/limit-requests/{id}",
+    tag = "workspace",
+    operation_id = "withdraw_own_limit_request",
+    security(("workspace_key" = [])),
+    params(("id" = i64, Path, description = "The request's id.")),
+    responses(
+        (status = 200, description = "The request, `withdrawn`: it no longer counts among the 10 that may wait.", body = LimitRequestView),
+        BadRequest,
+        NotFound,
+        NotPending,
+        WorkspaceErrors,
+    )
+)]
+async fn withdraw_limit_request(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    id: Result<PathParam<i64>, ApiError>,
+    body: Request,
+) -> Result<SortedJson<LimitRequestView>, ApiError> {
+    let entry = authenticate(&state, &headers).await?.workspace;
+    let PathParam(id) = id?;
+    // A field in the body is refused, as in the other `DELETE`s.
+    OptionalJson::<NoFields>::from_request(body, &state).await?;
+    let ws = entry.workspace.id;
+    let request = state
+        .admin
+        .withdraw_limit_request(&Actor::workspace(ws), ws, id)
+        .await?;
+    Ok(SortedJson(LimitRequestView::from(&request)))
 }
 
 /// Too many endpoints.

@@ -509,13 +509,21 @@ pub trait Store: Send + Sync {
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;
-    async fn deny_limit_request(
+    /// Ends a pending request without a grant (`closing` says how), atomically with its audit
+    /// entry and event. `NotFound` when it does not exist, or is another workspace's than the
+    /// one withdrawing it; `Conflict` if it was no longer pending.
+    async fn close_limit_request(
         &self,
         id: LimitRequestId,
-        reason: &str,
+        closing: Closing<'_>,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;
+    /// One request, whichever its workspace.
+    async fn get_limit_request(
+        &self,
+        id: LimitRequestId,
+    ) -> Result<Option<LimitRequest>, StoreError>;
 
     /// Audit entries matching `filter`, newest first, at most `filter.limit`.
     async fn audit_log(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError>;
@@ -1306,6 +1314,55 @@ fn search_pattern(search: &str) -> String {
 /// A change refused because the key is revoked.
 fn revoked(id: KeyId) -> StoreError {
     StoreError::Conflict(format!("key {id} is revoked"))
+}
+
+/// How a pending increase request ends without a grant (`Store::close_limit_request`).
+#[derive(Debug, Clone, Copy)]
+pub enum Closing<'a> {
+    /// An operator denies it, with a reason its workspace reads.
+    Denied { reason: &'a str },
+    /// Its workspace takes it back, before an operator answered.
+    Withdrawn { workspace: WorkspaceId },
+}
+
+impl<'a> Closing<'a> {
+    pub(crate) fn status(self) -> LimitRequestStatus {
+        match self {
+            Closing::Denied { .. } => LimitRequestStatus::Denied,
+            Closing::Withdrawn { .. } => LimitRequestStatus::Withdrawn,
+        }
+    }
+
+    pub(crate) fn reason(self) -> Option<&'a str> {
+        match self {
+            Closing::Denied { reason } => Some(reason),
+            Closing::Withdrawn { .. } => None,
+        }
+    }
+
+    /// Whether the request, of `workspace`, may be closed this way: a workspace withdraws its
+    /// own requests only (another's is as if it did not exist).
+    pub(crate) fn may_close(self, workspace: WorkspaceId) -> Result<(), StoreError> {
+        match self {
+            Closing::Withdrawn { workspace: own } if own != workspace => Err(StoreError::NotFound),
+            _ => Ok(()),
+        }
+    }
+
+    pub(crate) fn action(self) -> AuditAction {
+        match self {
+            Closing::Denied { .. } => AuditAction::LimitRequestDeny,
+            Closing::Withdrawn { .. } => AuditAction::LimitRequestWithdraw,
+        }
+    }
+
+    /// The webhook event it sends.
+    pub(crate) fn event(self) -> &'static str {
+        match self {
+            Closing::Denied { .. } => "limit_request.decided",
+            Closing::Withdrawn { .. } => "limit_request.withdrawn",
+        }
+    }
 }
 
 fn already_decided(id: LimitRequestId, status: LimitRequestStatus) -> StoreError {

@@ -19,9 +19,9 @@ use super::{
     month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of, revoked,
     search_pattern, tier_shadowing_column, tier_shadowing_of, workspace_search_sql,
     workspace_shadowing_column, workspace_shadowing_of, AuditColumns, AuditFilter, AuditRow,
-    CatalogChanges, CatalogData, CatalogDelta, Changed, DailyUsage, HourRow, KeyUsage, LedgerBatch,
-    MonthTotalsRow, NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed, WorkspacePage,
-    WorkspaceQuery, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL,
+    CatalogChanges, CatalogData, CatalogDelta, Changed, Closing, DailyUsage, HourRow, KeyUsage,
+    LedgerBatch, MonthTotalsRow, NewKey, Store, StoreError, WorkspaceChange, WorkspaceListed,
+    WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL,
     MONTH_TOTALS_SQL, PRUNE_BATCH, SHADOW_DENIED_SQL,
 };
 use super::{
@@ -1344,10 +1344,10 @@ impl Store for SqliteStore {
         Ok(approved)
     }
 
-    async fn deny_limit_request(
+    async fn close_limit_request(
         &self,
         id: LimitRequestId,
-        reason: &str,
+        closing: Closing<'_>,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
@@ -1358,31 +1358,46 @@ impl Store for SqliteStore {
             .await?
             .ok_or(StoreError::NotFound)?;
         let request = limit_request_row(&row)?;
+        closing.may_close(request.workspace_id)?;
         if request.status != LimitRequestStatus::Pending {
             return Err(already_decided(id, request.status));
         }
         let row = sqlx::query(
-            "UPDATE limit_requests SET status = 'denied', reason = ?, decided_at = ? WHERE id = ? RETURNING *",
+            "UPDATE limit_requests SET status = ?, reason = ?, decided_at = ? WHERE id = ? RETURNING *",
         )
-        .bind(reason)
+        .bind(closing.status().as_str())
+        .bind(closing.reason())
         .bind(now)
         .bind(id)
         .fetch_one(&mut *tx)
         .await?;
-        let denied = limit_request_row(&row)?;
+        let closed = limit_request_row(&row)?;
         let audit = AuditRow::limit_request(
             by,
             now,
-            AuditAction::LimitRequestDeny,
+            closing.action(),
             Some(serde_json::to_value(&request).expect("plain data serializes")),
-            serde_json::to_value(&denied).expect("plain data serializes"),
-            &denied,
+            serde_json::to_value(&closed).expect("plain data serializes"),
+            &closed,
         );
         Self::audit(&mut tx, audit).await?;
-        let event = limit_request_event("limit_request.decided", &denied, now);
+        let event = limit_request_event(closing.event(), &closed, now);
         Self::enqueue(&mut tx, &event, now).await?;
         tx.commit().await?;
-        Ok(denied)
+        Ok(closed)
+    }
+
+    async fn get_limit_request(
+        &self,
+        id: LimitRequestId,
+    ) -> Result<Option<LimitRequest>, StoreError> {
+        sqlx::query("SELECT * FROM limit_requests WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(limit_request_row)
+            .transpose()
     }
 
     async fn create_webhook(

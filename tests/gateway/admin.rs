@@ -544,6 +544,128 @@ async fn a_workspace_has_at_most_ten_increase_requests_waiting() {
         .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(ask(11).await.unwrap().status(), StatusCode::CREATED);
+    assert_eq!(ask(12).await.unwrap().status(), StatusCode::CONFLICT);
+    // Or until the workspace withdraws one of its own.
+    let r = gw
+        .client
+        .delete(format!(
+            "{}/v1/limit-requests/{}",
+            gw.url,
+            first.unwrap() + 1
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(ask(13).await.unwrap().status(), StatusCode::CREATED);
+}
+
+/// A workspace reads one of its requests and withdraws it while it is pending; another
+/// workspace's is not found, and paths under its routes are never forwarded (an outside audit:
+/// `GET /v1/limit-requests/{id}` went to the upstream and cost a request).
+#[tokio::test]
+async fn a_workspace_reads_and_withdraws_its_own_increase_requests() {
+    let gw = TestGateway::start().await;
+    let (ws, key) = gw.workspace("free").await;
+    let (_, other) = gw.workspace("free").await;
+    let r = gw
+        .client
+        .post(format!("{}/v1/limit-requests", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"use_case": "launch", "requested_limits": {"tokens_per_month": 2_000_000_000u64}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let created: Value = r.json().await.unwrap();
+    let id = created["id"].as_i64().unwrap();
+    let one = |method: Method, path: String, key: &str| {
+        gw.client
+            .request(method, format!("{}{path}", gw.url))
+            .bearer_auth(key)
+            .send()
+    };
+    let path = format!("/v1/limit-requests/{id}");
+
+    let r = one(Method::GET, path.clone(), &key).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.json::<Value>().await.unwrap(), created);
+    for method in [Method::GET, Method::DELETE] {
+        let r = one(method.clone(), path.clone(), &other).await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{method} of another's");
+    }
+    let r = one(Method::DELETE, path.clone(), &key).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let withdrawn: Value = r.json().await.unwrap();
+    assert_eq!(withdrawn["status"], "withdrawn", "{withdrawn}");
+    assert!(withdrawn["decided_at"].is_string(), "{withdrawn}");
+    assert_eq!(withdrawn["granted_limits"], Value::Null);
+    let r = one(Method::DELETE, path.clone(), &key).await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("already withdrawn"),
+        "{body}"
+    );
+    let (s, body) = gw
+        .admin(Method::POST, &format!("/limit-requests/{id}/approve"), None)
+        .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{body}");
+    let (s, seen) = gw
+        .admin(Method::GET, &format!("/limit-requests/{id}"), None)
+        .await;
+    assert_eq!((s, &seen), (StatusCode::OK, &withdrawn));
+    let (s, _) = gw.admin(Method::GET, "/limit-requests/999999", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, listed) = gw
+        .admin(Method::GET, "/limit-requests?status=withdrawn", None)
+        .await;
+    assert_eq!(listed["data"], json!([withdrawn]));
+    let (_, audit) = gw
+        .admin(Method::GET, "/audit?action=limit_request.withdraw", None)
+        .await;
+    assert_eq!(
+        audit["data"][0]["actor"],
+        format!("workspace:{ws}"),
+        "{audit}"
+    );
+    let overrides = gw
+        .admin(Method::GET, &format!("/workspaces/{ws}"), None)
+        .await
+        .1;
+    assert_eq!(
+        overrides["overrides"],
+        json!({}),
+        "a withdrawal grants nothing"
+    );
+
+    // The gateway's own, whatever follows: never the upstream's, never counted.
+    for (method, path, status) in [
+        (Method::GET, format!("/v1/limit-requests/{id}/approve"), 404),
+        (Method::POST, format!("/v1/limit-requests/{id}"), 405),
+        (Method::GET, "/v1/limit-requests/abc".into(), 400),
+        (Method::POST, "/v1/limits/more".into(), 404),
+        (Method::GET, "/v1/usage/2026-12".into(), 404),
+        (Method::GET, "/v1/Limit-Requests/1/x".into(), 404),
+    ] {
+        let r = one(method.clone(), path.clone(), &key).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["object"], "error", "{method} {path}: {body}");
+    }
+    let r = gw
+        .client
+        .get(format!("{}{path}", gw.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(gw.upstream_count().await, 0, "forwarded upstream");
+    assert_eq!(gw.exact_usage(&key).await["requests_this_month"], 0);
 }
 
 /// A revoke answers the key with its last use, as the list of keys gives it (an outside audit:

@@ -985,6 +985,69 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
         cell(&page.body, "data-request-id", &second.to_string(), "answer")
             .starts_with("Denied: Not before &lt;b&gt;January&lt;/b&gt;")
     );
+
+    // A pending request can be withdrawn from the page; an answered one cannot.
+    let sent = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[("use_case", "again"), ("tokens_per_month", "6000000000")],
+    )
+    .await;
+    assert_eq!(sent.status, StatusCode::SEE_OTHER);
+    let (_, pending) = gw
+        .admin(reqwest::Method::GET, "/limit-requests?status=pending", None)
+        .await;
+    let third = pending["data"][0]["id"].as_i64().unwrap();
+    let withdraw = |id: i64| format!("/console/limit-requests/{id}/withdraw");
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let form = |id: i64| format!(r#"action="{}""#, withdraw(id));
+    assert!(page.body.contains(&form(third)), "{}", page.body);
+    assert!(!page.body.contains(&form(second)) && !page.body.contains(&form(id)));
+    let forged = post_form(&gw, &withdraw(third), &cookie, None, &[]).await;
+    assert_eq!(forged.status, StatusCode::FORBIDDEN);
+    let (_, other_key) = gw.workspace("free").await;
+    let theirs = gw
+        .post(
+            &other_key,
+            "/v1/limit-requests",
+            json!({"use_case": "theirs", "requested_limits": {"tokens_per_month": 6000000000u64}}),
+            &[],
+        )
+        .await;
+    let theirs = theirs.json::<Value>().await.unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let refused = post_form(&gw, &withdraw(theirs), &cookie, Some(&csrf), &[]).await;
+    assert_eq!(refused.status, StatusCode::NOT_FOUND);
+    let done = post_form(&gw, &withdraw(third), &cookie, Some(&csrf), &[]).await;
+    assert!(
+        done.redirects_to("/console/workspace?done=withdrawn"),
+        "{} {}",
+        done.status,
+        done.body
+    );
+    let page = get(&gw, "/console/workspace?done=withdrawn", Some(&cookie)).await;
+    assert!(page.body.contains("Your request was withdrawn"));
+    assert_eq!(
+        cell(&page.body, "data-request-id", &third.to_string(), "status"),
+        "withdrawn"
+    );
+    let again = post_form(&gw, &withdraw(third), &cookie, Some(&csrf), &[]).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert!(again.body.contains("already withdrawn"), "{}", again.body);
+    let (_, theirs) = gw
+        .admin(
+            reqwest::Method::GET,
+            &format!("/limit-requests/{theirs}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        theirs["status"], "pending",
+        "another workspace's is left alone"
+    );
 }
 
 #[tokio::test]

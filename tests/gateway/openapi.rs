@@ -829,6 +829,26 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     let denied = api.admin(b, M::POST, &deny, reason.clone(), ok).await;
     assert!(denied["reason"].is_string());
     api.keyed(b, &rich_key, M::GET, requests, None, ok).await;
+    // One request, read by its workspace and by the operator; withdrawn while pending.
+    let one = format!("{requests}/{second}");
+    let read = api.keyed(b, &rich_key, M::GET, &one, None, ok).await;
+    assert_eq!(read, denied);
+    let nobody = StatusCode::NOT_FOUND;
+    api.keyed(b, &bare_key, M::GET, &one, None, nobody).await;
+    let by_operator = format!("/admin/v1/limit-requests/{second}");
+    api.admin(b, M::GET, &by_operator, None, ok).await;
+    let tpm = ask(json!({"tokens_per_minute": 250000}));
+    let fourth = id(&api
+        .keyed(b, &rich_key, M::POST, requests, tpm, created)
+        .await);
+    let withdraw = format!("{requests}/{fourth}");
+    let withdrawn = api
+        .keyed(b, &rich_key, M::DELETE, &withdraw, None, ok)
+        .await;
+    assert_eq!(withdrawn["status"], "withdrawn");
+    let gone = StatusCode::CONFLICT;
+    api.keyed(b, &rich_key, M::DELETE, &withdraw, None, gone)
+        .await;
     // Webhooks: a workspace's own endpoint, and the operator's with its deliveries (the
     // events above, which no one receives at this address: pending, with their error).
     let hook = json!({"url": "http://127.0.0.1:9/hook", "events": ["limit_request.created"]});

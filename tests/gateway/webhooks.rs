@@ -135,9 +135,10 @@ fn fast_retries() -> Options {
     }
 }
 
-const ALL: [&str; 5] = [
+const ALL: [&str; 6] = [
     "limit_request.created",
     "limit_request.decided",
+    "limit_request.withdrawn",
     "workspace.tier_changed",
     "workspace.suspended",
     "quota.threshold",
