@@ -34,7 +34,7 @@ pub enum ApiError {
     #[error("rate limited")]
     /// The rate-limit headers are the caller's to add (they depend on the configuration).
     /// `true`: the month cap that denied it is the workspace's own budget.
-    Denied(Box<Denial>, bool),
+    Denied(Box<Denial>, bool, Option<Shortfall>),
     #[error("upstream unreachable")]
     UpstreamUnreachable,
     #[error("upstream timed out")]
@@ -232,8 +232,11 @@ fn describe(denial: &Denial, out: &mut String) {
 const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
-fn denial_response(denial: &Denial, budget: bool) -> Response {
-    let (limit, kind, message) = denial_message(denial, budget);
+fn denial_response(denial: &Denial, budget: bool, short: Option<Shortfall>) -> Response {
+    let (limit, kind, mut message) = denial_message(denial, budget);
+    if let (DenialKind::QuotaExceeded, Some(s)) = (denial.kind, short) {
+        s.explain(&mut message);
+    }
     let mut response = body(StatusCode::TOO_MANY_REQUESTS, kind, Some(limit), &message);
     let h = response.headers_mut();
     if denial.kind != DenialKind::RequestTooLarge {
@@ -246,6 +249,30 @@ fn denial_response(denial: &Denial, budget: bool) -> Response {
         h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     response
+}
+
+/// A month's quota that denied a request though some of it is left: the request's estimate is
+/// more than what is left (a client told only "quota exceeded" with 61 tokens left could not
+/// tell why, nor that a smaller request would fit: an outside audit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shortfall {
+    /// The tokens the request would reserve.
+    pub needed: u64,
+    /// What is left of the quota that denied it.
+    pub left: u64,
+}
+
+impl Shortfall {
+    /// Says so in a quota's message, before when it renews.
+    fn explain(self, message: &mut String) {
+        if let Some(at) = message.find(" It renews in") {
+            let Shortfall { needed, left } = self;
+            let why = format!(
+                " This request's estimate, {needed} tokens, is more than the {left} left: a smaller request (a shorter prompt or a lower max_tokens) may still fit."
+            );
+            message.insert_str(at, &why);
+        }
+    }
 }
 
 /// A denial's code: the limit that denied it, or the workspace's own budget (`budget`) for it
@@ -381,7 +408,7 @@ impl IntoResponse for ApiError {
                     .insert("connection", HeaderValue::from_static("close"));
                 r
             }
-            ApiError::Denied(d, budget) => denial_response(d, *budget),
+            ApiError::Denied(d, budget, short) => denial_response(d, *budget, *short),
             ApiError::UpstreamUnreachable => body(
                 StatusCode::BAD_GATEWAY,
                 "upstream_error",
@@ -504,6 +531,42 @@ mod tests {
         for (denial, budget, expected) in cases {
             assert_eq!(super::denial_message(&denial, budget).2, expected);
         }
+    }
+
+    /// A quota denial with some of the quota left says what the request needed and what is
+    /// left; a rate limit's message is left as it is.
+    #[tokio::test]
+    async fn a_quota_with_something_left_says_what_the_request_needed() {
+        let short = Some(super::Shortfall {
+            needed: 268,
+            left: 61,
+        });
+        let quota = Denial {
+            kind: DenialKind::QuotaExceeded,
+            limit: LimitName::TokensPerMonth,
+            model: None,
+            limit_value: 100.0,
+            retry_after: 1_000_000_000,
+        };
+        let answer = super::denial_response(&quota, false, short);
+        let body = axum::body::to_bytes(answer.into_body(), 4096)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            v["message"],
+            "Monthly quota exceeded: 100 tokens per month (tokens_per_month). This request's estimate, 268 tokens, is more than the 61 left: a smaller request (a shorter prompt or a lower max_tokens) may still fit. It renews in 1s, at the start of next month (UTC); ask for an increase to continue sooner."
+        );
+        let rate = Denial {
+            kind: DenialKind::RateLimited,
+            limit: LimitName::TokensPerMinute,
+            ..quota
+        };
+        let answer = super::denial_response(&rate, false, short);
+        let body = axum::body::to_bytes(answer.into_body(), 4096)
+            .await
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&body).contains("estimate"));
     }
 
     /// The body written by hand is the one serde makes of `ErrorBody` (the OpenAPI document's

@@ -49,12 +49,12 @@ use futures_util::future::BoxFuture;
 use futures_util::stream::BoxStream;
 use futures_util::{Future, FutureExt, Stream, StreamExt};
 
-use super::error::ApiError;
+use super::error::{ApiError, Shortfall};
 use super::{authenticate, headers};
 use crate::app::AppState;
 use crate::catalog::Authenticated;
 use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
-use crate::limiter::{Decision, LimitName, LimiterError, Reservation, TokenCost};
+use crate::limiter::{Decision, DenialKind, LimitName, LimiterError, Reservation, TokenCost};
 use crate::metrics::{Metrics, ProxiedRequest, Route};
 use crate::model::{KeyId, Limits};
 use crate::upstream_usage::{usage_of_json, JsonTail, SseScanner, UsageJson};
@@ -563,7 +563,20 @@ async fn forward(
             } else {
                 state.metrics.denied(denial.limit, denial.kind);
             }
-            let mut response = ApiError::Denied(Box::new(denial), budget).into_response();
+            // A month's quota with something left: the request asked more than that.
+            let short = snapshot
+                .month
+                .filter(|w| {
+                    denial.kind == DenialKind::QuotaExceeded
+                        && w.limit == denial.limit_value
+                        && w.remaining > 0
+                })
+                .map(|w| Shortfall {
+                    needed: cost.estimate,
+                    left: w.remaining,
+                });
+            let denied = ApiError::Denied(Box::new(denial), budget, short);
+            let mut response = denied.into_response();
             let families = state.config.rate_limit_headers;
             headers::apply(families, &snapshot, now, response.headers_mut());
             return Ok(response);
@@ -620,6 +633,12 @@ async fn forward(
     let mut response = send(state, parts, prepared, settlement, access, seen)
         .await
         .unwrap_or_else(|e| e.into_response());
+    // An answer settled before it leaves shows what is left after its own cost, as its
+    // `x-ratelimit-tokens-query-cost` says it (it showed what its estimate left).
+    let snapshot = match response.extensions_mut().remove::<Settled>() {
+        Some(Settled { held, charged }) => snapshot.settled(held, charged),
+        None => snapshot,
+    };
     let families = state.config.rate_limit_headers;
     headers::apply(families, &snapshot, now, response.headers_mut());
     if let Some(limit) = shadow_denied {
@@ -629,6 +648,14 @@ async fn forward(
         );
     }
     Ok(response)
+}
+
+/// What an answer's settlement, done before it leaves, held and charged: its rate-limit
+/// headers are of the limits after it (`Snapshot::settled`).
+#[derive(Clone, Copy)]
+struct Settled {
+    held: u64,
+    charged: u64,
 }
 
 /// What the limits in shadow hold for an admitted request.
@@ -1114,6 +1141,7 @@ async fn send(
             Metrics::inc(&state.metrics.upstream_server_errors);
         }
         // Refunded first: nothing is charged for it, even if the client leaves meanwhile.
+        let held = settlement.estimate();
         settlement.refund();
         let body = seen
             .waiting(read_whole(upstream, deadline, idle, cap))
@@ -1123,6 +1151,9 @@ async fn send(
             Ok(Read::Whole(body)) => {
                 let mut response = answer(Body::from(body));
                 headers::query_cost(state.config.rate_limit_headers, 0, response.headers_mut());
+                response
+                    .extensions_mut()
+                    .insert(Settled { held, charged: 0 });
                 Ok(response)
             }
             Ok(Read::TooLarge(body)) => {
@@ -1189,6 +1220,7 @@ async fn send(
             if let Some(a) = access.as_mut() {
                 a.tokens = charged;
             }
+            let held = settlement.estimate();
             if let Some(waits) = settlement.finish(usage) {
                 waits.await.ok();
             }
@@ -1198,6 +1230,7 @@ async fn send(
                 charged,
                 response.headers_mut(),
             );
+            response.extensions_mut().insert(Settled { held, charged });
             Ok(response)
         }
         Err(failure) => {

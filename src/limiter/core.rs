@@ -532,6 +532,28 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// As of the request's settlement: it held `held` tokens and was charged `charged` (`0`
+    /// refunded), so each token window has the difference more left, or less, within its
+    /// limit and never below nothing, and the minute's bucket is full that much sooner (or
+    /// later). The requests window is as it was: a request counts whatever it cost.
+    pub fn settled(mut self, held: u64, charged: u64) -> Snapshot {
+        let given_back = held as i128 - charged as i128;
+        for w in [&mut self.tokens, &mut self.month].into_iter().flatten() {
+            let left = w.remaining as i128 + given_back;
+            w.remaining = left.clamp(0, w.limit.max(0.0) as i128) as u64;
+        }
+        if let Some(w) = &mut self.tokens {
+            // The bucket refills its limit in a minute.
+            let per_minute = (w.limit as i128).max(1);
+            let sooner = given_back * (60 * NANOS_PER_SEC as i128) / per_minute;
+            w.reset = match w.remaining as f64 >= w.limit {
+                true => 0,
+                false => (w.reset as i128 - sooner).max(0) as Nanos,
+            };
+        }
+        self
+    }
+
     /// For each window, whichever of this one's and `other`'s has less remaining (the later
     /// reset on a tie): what a client may still send when both hold.
     pub fn tighter(self, other: Snapshot) -> Snapshot {

@@ -162,6 +162,49 @@ async fn the_mistral_family_alone_names_minutes_and_the_query_cost() {
     }
 }
 
+/// A JSON answer, settled before it leaves, shows what is left after its own cost, the cost
+/// its `x-ratelimit-tokens-query-cost` gives (an outside audit: it showed what the estimate of
+/// `max_tokens` left, 1,000 tokens less than its cost of 7 said).
+#[tokio::test]
+async fn a_json_answer_shows_what_is_left_after_its_own_cost() {
+    let (gw, key) = gateway_with(Some(&["openai", "ietf", "mistral"])).await;
+    let mut body = hello();
+    body["max_tokens"] = json!(1000);
+    let r = gw
+        .chat(&key, body.clone(), &[("x-mock-usage", "3,4")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-tokens-query-cost"), Some("7"));
+    for (name, left) in [
+        ("x-ratelimit-remaining-tokens", "99993"),
+        ("x-ratelimit-remaining-tokens-minute", "99993"),
+        ("x-ratelimit-remaining-tokens-month", "4999993"),
+    ] {
+        assert_eq!(header(&r, name), Some(left), "{name}");
+    }
+    let now = sf_items(header(&r, "ratelimit").unwrap());
+    assert_eq!(param(&now, "tokens-minute", "r"), "99993");
+    assert_eq!(param(&now, "tokens-month", "r"), "4999993");
+    // 7 tokens of a bucket that refills 100,000 a minute: full again in about 4 ms, where the
+    // estimate's 1,000 and more took 600 ms.
+    let reset = header(&r, "x-ratelimit-reset-tokens").unwrap();
+    let ms: u64 = reset.strip_suffix("ms").unwrap_or("999").parse().unwrap();
+    assert!(ms <= 10, "{reset}");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("1"));
+
+    // An upstream's error, refunded, leaves everything as it was.
+    let (_, fresh) = gw.workspace("t").await;
+    let r = gw.chat(&fresh, body, &[("x-mock-status", "500")]).await;
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(header(&r, "x-ratelimit-tokens-query-cost"), Some("0"));
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("100000"));
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-tokens-month"),
+        Some("5000000")
+    );
+    assert_eq!(header(&r, "x-ratelimit-reset-tokens"), Some("0s"));
+}
+
 #[tokio::test]
 async fn none_sends_no_rate_limit_header_and_a_bad_family_is_refused() {
     let (gw, key) = gateway_with(Some(&["none"])).await;

@@ -113,7 +113,9 @@ async fn underestimated_usage_puts_the_bucket_in_debt_and_headers_never_go_negat
 #[tokio::test]
 async fn the_estimate_does_not_reserve_all_of_max_tokens() {
     let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 5000})).await;
-    let body = json!({"model": "m", "max_tokens": 100000, "messages": [{"role": "user", "content": "Hi"}]});
+    // Streamed: its headers are sent before its cost is known, and so show its reservation (a
+    // JSON answer's show what is left after its cost).
+    let body = json!({"model": "m", "max_tokens": 100000, "stream": true, "messages": [{"role": "user", "content": "Hi"}]});
     // Reserving max_tokens would need 100000 tokens; the estimate is prompt + 256.
     let r = gw
         .chat(&key, body.clone(), &[("x-mock-usage", "5,20")])
@@ -121,6 +123,7 @@ async fn the_estimate_does_not_reserve_all_of_max_tokens() {
     assert_eq!(r.status(), StatusCode::OK);
     let remaining = header_u64(&r, "x-ratelimit-remaining-tokens");
     assert!((5000 - 300..5000).contains(&remaining), "{remaining}");
+    r.text().await.unwrap();
     // After seeing completions of 20 tokens, the next estimate follows them.
     let r = gw.chat(&key, body, &[("x-mock-usage", "5,20")]).await;
     let after_second = header_u64(&r, "x-ratelimit-remaining-tokens");
@@ -135,8 +138,9 @@ async fn the_prompt_estimate_learns_what_the_upstream_reports() {
     const LIMIT: u64 = 1_000_000;
     let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": LIMIT})).await;
     // 80 words of 4 letters and a space: 75 tokens by the rule, + 4 + 3 = 82; completion 1.
+    // Streamed: its headers show its reservation (a JSON answer's, what is left after its cost).
     let body = |model: &str| {
-        json!({"model": model, "max_tokens": 1,
+        json!({"model": model, "max_tokens": 1, "stream": true,
                "messages": [{"role": "user", "content": "word ".repeat(80)}]})
     };
     // An upstream whose tokenizer counts twice the rule (as an older one does for Chinese).
@@ -147,6 +151,7 @@ async fn the_prompt_estimate_learns_what_the_upstream_reports() {
         assert_eq!(r.status(), StatusCode::OK);
         let remaining = header_u64(&r, "x-ratelimit-remaining-tokens");
         reserved.push(LIMIT - 165 * k - remaining);
+        r.text().await.unwrap();
     }
     // The first follows the rule; each settlement moves the factor 1/8 of the way to 2
     // (82 × 1.125 = 92.25 -> 93); it gets there, and no further.
@@ -179,10 +184,13 @@ async fn tokens_per_month_is_a_quota_that_waiting_seconds_cannot_fix() {
     assert!(reset.ends_with('s') && reset.contains('h'), "{reset}");
     let retry_after = header_u64(&r, "retry-after");
     let body = expect_429(r, "quota_exceeded", "tokens_per_month").await;
-    assert!(body["message"]
-        .as_str()
-        .unwrap()
-        .contains("1000 tokens per month"));
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("1000 tokens per month"), "{message}");
+    // Something is left: the message says why this request does not fit.
+    assert!(
+        message.contains(" tokens, is more than the 100 left"),
+        "{message}"
+    );
     // Retry-After points at the next month (at least an hour away unless the test runs in the
     // last hour of a month) and never exceeds a month.
     assert!(retry_after <= 31 * 24 * 3600, "{retry_after}");
