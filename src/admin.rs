@@ -1051,13 +1051,17 @@ impl Admin {
     }
 
     /// Approves a pending request: its workspace's overrides get the granted limits (by
-    /// default, what was asked), merged atomically with whatever else changes them.
+    /// default, what was asked), merged atomically with whatever else changes them. `note`: the
+    /// operator's words to the workspace (why other figures were granted, say), as a denial's
+    /// reason is checked.
     pub async fn approve_limit_request(
         &self,
         by: &Actor,
         id: LimitRequestId,
         granted: Option<&Overrides>,
+        note: Option<&str>,
     ) -> Result<LimitRequest, AdminError> {
+        let note = note.map(|n| text("reason", n)).transpose()?;
         if let Some(g) = granted {
             if g.is_empty() {
                 return Err(invalid(format!(
@@ -1068,7 +1072,7 @@ impl Admin {
         }
         let request = self
             .store
-            .approve_limit_request(id, granted, by, self.now())
+            .approve_limit_request(id, granted, note.as_deref(), by, self.now())
             .await
             .map_err(not_found("limit request", id))?;
         self.refresh().await;

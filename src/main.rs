@@ -364,6 +364,9 @@ enum LimitRequestCommand {
         /// Grant NAME=VALUE instead of what was asked (NAME as for workspaces set).
         #[arg(long = "limit", value_name = "NAME=VALUE")]
         limits: Vec<String>,
+        /// Words to the workspace, which it reads as the request's reason.
+        #[arg(long)]
+        reason: Option<String>,
         #[command(flatten)]
         store: StoreArgs,
     },
@@ -921,7 +924,12 @@ async fn limit_requests(command: LimitRequestCommand) -> anyhow::Result<()> {
                     .collect::<Vec<_>>(),
             );
         }
-        LimitRequestCommand::Approve { id, limits, store } => {
+        LimitRequestCommand::Approve {
+            id,
+            limits,
+            reason,
+            store,
+        } => {
             let granted = if limits.is_empty() {
                 None
             } else {
@@ -935,7 +943,7 @@ async fn limit_requests(command: LimitRequestCommand) -> anyhow::Result<()> {
             let (admin, by) = admin(&store).await?;
             print(&LimitRequestView::from(
                 &admin
-                    .approve_limit_request(&by, id, granted.as_ref())
+                    .approve_limit_request(&by, id, granted.as_ref(), reason.as_deref())
                     .await?,
             ));
         }

@@ -1364,7 +1364,7 @@ pub struct LimitRequest {
     pub status: LimitRequestStatus,
     /// The overrides that were set on approval.
     pub granted_limits: Option<Overrides>,
-    /// The operator's reason on denial.
+    /// The operator's reason on denial; on approval, the note given with it, if any.
     pub reason: Option<String>,
     pub created_at: i64,
     pub decided_at: Option<i64>,

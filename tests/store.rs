@@ -760,7 +760,7 @@ async fn limit_requests_are_decided_once(b: Backend) {
     // Approved as requested: merged into the overrides, the rest kept.
     let v = s.catalog_version().await.unwrap();
     let approved = s
-        .approve_limit_request(r1.id, None, &by(), 200)
+        .approve_limit_request(r1.id, None, None, &by(), 200)
         .await
         .unwrap();
     assert_eq!(approved.status, LimitRequestStatus::Approved);
@@ -779,7 +779,7 @@ async fn limit_requests_are_decided_once(b: Backend) {
         ..Overrides::default()
     };
     let approved = s
-        .approve_limit_request(r2.id, Some(&granted), &by(), 201)
+        .approve_limit_request(r2.id, Some(&granted), None, &by(), 201)
         .await
         .unwrap();
     assert_eq!(approved.granted_limits, Some(granted));
@@ -802,13 +802,13 @@ async fn limit_requests_are_decided_once(b: Backend) {
 
     // Decided is decided.
     for e in [
-        s.approve_limit_request(r3.id, None, &by(), 400)
+        s.approve_limit_request(r3.id, None, None, &by(), 400)
             .await
             .unwrap_err(),
         s.close_limit_request(r1.id, Closing::Denied { reason: "late" }, &by(), 400)
             .await
             .unwrap_err(),
-        s.approve_limit_request(r1.id, None, &by(), 400)
+        s.approve_limit_request(r1.id, None, None, &by(), 400)
             .await
             .unwrap_err(),
     ] {
@@ -818,7 +818,8 @@ async fn limit_requests_are_decided_once(b: Backend) {
         );
     }
     assert!(matches!(
-        s.approve_limit_request(r3.id + 100, None, &by(), 400).await,
+        s.approve_limit_request(r3.id + 100, None, None, &by(), 400)
+            .await,
         Err(StoreError::NotFound)
     ));
     assert!(matches!(
@@ -861,7 +862,7 @@ async fn limit_requests_are_decided_once(b: Backend) {
         s.close_limit_request(r4.id, own, &by(), 503)
             .await
             .unwrap_err(),
-        s.approve_limit_request(r4.id, None, &by(), 503)
+        s.approve_limit_request(r4.id, None, None, &by(), 503)
             .await
             .unwrap_err(),
         s.close_limit_request(r1.id, own, &by(), 503)
@@ -1536,7 +1537,7 @@ async fn an_approval_racing_an_overrides_change_keeps_both(b: Backend) {
                     let approver = approver.clone();
                     tokio::spawn(async move {
                         approver
-                            .approve_limit_request(request.id, None, &by(), 20)
+                            .approve_limit_request(request.id, None, None, &by(), 20)
                             .await
                     })
                 };
@@ -1605,7 +1606,7 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
         .create_limit_request(ws.id, "more", None, &asked, 10, &itself, 106)
         .await
         .unwrap();
-    s.approve_limit_request(r1.id, None, &alice, 107)
+    s.approve_limit_request(r1.id, None, None, &alice, 107)
         .await
         .unwrap();
     let r2 = s
@@ -1639,7 +1640,7 @@ async fn every_admin_change_writes_its_audit_entry_and_a_refused_one_none(b: Bac
         .await
         .is_err());
     assert!(s
-        .approve_limit_request(r1.id, None, &alice, 200)
+        .approve_limit_request(r1.id, None, None, &alice, 200)
         .await
         .is_err());
     assert!(s
@@ -2646,7 +2647,7 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         .create_limit_request(ws2.id, "y", None, &ask, 10, &by(), 31)
         .await
         .unwrap();
-    s.approve_limit_request(r1.id, None, &by(), 32)
+    s.approve_limit_request(r1.id, None, None, &by(), 32)
         .await
         .unwrap();
     s.close_limit_request(r2.id, Closing::Denied { reason: "no" }, &by(), 33)
@@ -2680,7 +2681,7 @@ async fn webhook_events_are_written_with_their_change_one_delivery_per_endpoint(
         .unwrap();
     // Refused changes write no event.
     assert!(s
-        .approve_limit_request(r1.id, None, &by(), 37)
+        .approve_limit_request(r1.id, None, None, &by(), 37)
         .await
         .is_err());
 

@@ -601,6 +601,10 @@ struct Approve {
     #[schema(nullable = false)]
     #[serde(default, deserialize_with = "granted")]
     limits: Option<Overrides>,
+    /// Words to the workspace, which it reads as the request's `reason` (why other figures were
+    /// granted, say): 1 to 4096 bytes.
+    #[serde(default)]
+    reason: Option<String>,
 }
 
 /// An approval's `limits`, refusing a `null` figure: read as overrides, it was left out, and the
@@ -649,7 +653,7 @@ async fn approve(
 ) -> Result<SortedJson<LimitRequestView>, ApiError> {
     let request = state
         .admin
-        .approve_limit_request(&by, id, body.limits.as_ref())
+        .approve_limit_request(&by, id, body.limits.as_ref(), body.reason.as_deref())
         .await?;
     Ok(SortedJson(LimitRequestView::from(&request)))
 }

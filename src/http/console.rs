@@ -583,10 +583,16 @@ fn requested_limits(form: &[(String, String)]) -> Result<Overrides, String> {
         match field(form, name).map(|v| v.trim().replace(['_', ','], "")) {
             None => Ok(None),
             Some(v) if v.is_empty() => Ok(None),
-            Some(v) => v
-                .parse()
-                .map(Some)
-                .map_err(|_| format!("'{name}' must be {what}")),
+            // Digits that do not parse are too many for the type: a figure out of range is not
+            // "not a whole number".
+            Some(v) => {
+                v.parse()
+                    .map(Some)
+                    .map_err(|_| match v.bytes().all(|b| b.is_ascii_digit()) {
+                        true => format!("'{name}' is too large"),
+                        false => format!("'{name}' must be {what}"),
+                    })
+            }
         }
     }
     Ok(Overrides {
@@ -1317,8 +1323,10 @@ fn past_requests(requests: &[LimitRequest], token: &str) -> Markup {
                             td { (overrides_text(&r.requested_limits)) }
                             td.status { (r.status.as_str()) }
                             td.answer {
-                                @if let Some(g) = &r.granted_limits { "Granted: " (overrides_text(g)) }
-                                @if let Some(reason) = &r.reason { "Denied: " (reason) }
+                                @if let Some(g) = &r.granted_limits {
+                                    "Granted: " (overrides_text(g))
+                                    @if let Some(note) = &r.reason { br; "Note: " (note) }
+                                } @else if let Some(reason) = &r.reason { "Denied: " (reason) }
                                 @if let Some(at) = r.decided_at { br; span.note { (Timestamp(at).rfc3339()) } }
                                 @if r.status == LimitRequestStatus::Pending {
                                     form.withdraw method="post" action={ "/console/limit-requests/" (r.id) "/withdraw" } {

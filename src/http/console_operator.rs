@@ -1353,13 +1353,13 @@ fn overrides_text(o: &Overrides) -> String {
 fn answer_text(r: &LimitRequest) -> String {
     match r.status {
         LimitRequestStatus::Pending => String::new(),
-        LimitRequestStatus::Approved => format!(
-            "granted {}",
-            r.granted_limits
-                .as_ref()
-                .map(overrides_text)
-                .unwrap_or_default()
-        ),
+        LimitRequestStatus::Approved => {
+            let granted = r.granted_limits.as_ref().map(overrides_text);
+            match &r.reason {
+                Some(note) => format!("granted {}: {note}", granted.unwrap_or_default()),
+                None => format!("granted {}", granted.unwrap_or_default()),
+            }
+        }
         LimitRequestStatus::Denied => r.reason.clone().unwrap_or_default(),
         LimitRequestStatus::Withdrawn => "withdrawn by the workspace".into(),
     }
@@ -2192,6 +2192,7 @@ fn answer_forms(r: &LimitRequest, token: &str) -> Markup {
             @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
                 label { (label) input type="text" inputmode="decimal" name=(field) value=(values[i]) size="12"; }
             }
+            label { "Note to the workspace (optional) " textarea name="reason" rows="2" cols="40" maxlength="4096" {} }
             button type="submit" { "Approve" }
         }
         form.deny method="post" action=(format!("{REQUESTS}/{}/deny", r.id)) {
@@ -2245,9 +2246,10 @@ async fn approve(
                     .into(),
             ));
         }
+        let note = Some(form.get("reason")).filter(|n| !n.is_empty());
         state
             .admin
-            .approve_limit_request(&op.actor(), id, Some(&granted))
+            .approve_limit_request(&op.actor(), id, Some(&granted), note.as_deref())
             .await?;
         Ok(Done::Approved)
     }

@@ -528,7 +528,7 @@ pub struct LimitRequestView {
     /// The overrides set on approval.
     #[schema(required = true)]
     pub granted_limits: Option<Overrides>,
-    /// The operator's reason on denial.
+    /// The operator's reason on denial; on approval, the note given with it, if any.
     #[schema(required = true)]
     pub reason: Option<String>,
     pub created_at: Timestamp,

@@ -500,12 +500,13 @@ pub trait Store: Send + Sync {
         status: Option<LimitRequestStatus>,
     ) -> Result<Vec<LimitRequest>, StoreError>;
     /// Approves a pending request and merges the granted overrides (by default the requested
-    /// ones) into its workspace's, atomically, with both rows locked. `Conflict` if it was
-    /// already decided.
+    /// ones) into its workspace's, atomically, with both rows locked; `note`, the operator's
+    /// words to the workspace, is kept as its `reason`. `Conflict` if it was already decided.
     async fn approve_limit_request(
         &self,
         id: LimitRequestId,
         granted: Option<&Overrides>,
+        note: Option<&str>,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError>;

@@ -1576,6 +1576,7 @@ impl Store for PostgresStore {
         &self,
         id: LimitRequestId,
         granted: Option<&Overrides>,
+        note: Option<&str>,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
@@ -1604,9 +1605,10 @@ impl Store for PostgresStore {
                 .validate()
                 .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
             let row = sqlx::query(
-                "UPDATE limit_requests SET status = 'approved', granted_limits = $1, decided_at = $2 WHERE id = $3 RETURNING *",
+                "UPDATE limit_requests SET status = 'approved', granted_limits = $1, reason = $2, decided_at = $3 WHERE id = $4 RETURNING *",
             )
             .bind(json(&granted))
+            .bind(note)
             .bind(now)
             .bind(id)
             .fetch_one(&mut *tx)

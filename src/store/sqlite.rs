@@ -1290,6 +1290,7 @@ impl Store for SqliteStore {
         &self,
         id: LimitRequestId,
         granted: Option<&Overrides>,
+        note: Option<&str>,
         by: &Actor,
         now: i64,
     ) -> Result<LimitRequest, StoreError> {
@@ -1315,9 +1316,10 @@ impl Store for SqliteStore {
             .validate()
             .map_err(|m| StoreError::Invalid(format!("limits: {m}")))?;
         let row = sqlx::query(
-            "UPDATE limit_requests SET status = 'approved', granted_limits = ?, decided_at = ? WHERE id = ? RETURNING *",
+            "UPDATE limit_requests SET status = 'approved', granted_limits = ?, reason = ?, decided_at = ? WHERE id = ? RETURNING *",
         )
         .bind(json(&granted))
+        .bind(note)
         .bind(now)
         .bind(id)
         .fetch_one(&mut *tx)

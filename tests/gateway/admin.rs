@@ -295,16 +295,26 @@ async fn a_workspace_asks_for_more_and_the_operator_answers() {
     assert_eq!(pending["data"].as_array().unwrap().len(), 1);
     assert_eq!(pending["data"][0]["workspace_id"], id);
 
-    // Approve with a smaller grant than asked.
-    let (s, approved) = gw
-        .admin(
-            Method::POST,
-            &format!("/limit-requests/{request_id}/approve"),
-            Some(json!({"limits": {"requests_per_second": 3}})),
-        )
-        .await;
+    // Approve with a smaller grant than asked, and a note that says why (an empty one is
+    // refused, as an empty reason for a denial is).
+    let approve = format!("/limit-requests/{request_id}/approve");
+    let grant = |note: &str| Some(json!({"limits": {"requests_per_second": 3}, "reason": note}));
+    let (s, refused) = gw.admin(Method::POST, &approve, grant(" ")).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{refused}");
+    let note = "3/s now; 5/s once your traffic shows it";
+    let (s, approved) = gw.admin(Method::POST, &approve, grant(note)).await;
     assert_eq!(s, StatusCode::OK, "{approved}");
     assert_eq!(approved["status"], "approved");
+    let r = gw
+        .client
+        .get(format!("{url}/{request_id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    let seen: Value = r.json().await.unwrap();
+    assert_eq!(seen["reason"], note, "the workspace reads the note: {seen}");
+    assert_eq!(seen["granted_limits"], json!({"requests_per_second": 3.0}));
     let r = gw.chat(&key, hello(), &[]).await;
     assert_eq!(header(&r, "x-ratelimit-limit-requests"), Some("3"));
     // Deciding twice is a conflict.

@@ -820,6 +820,26 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
         "{}",
         not_a_number.body
     );
+    let too_large = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[
+            ("use_case", "chat bot"),
+            ("tokens_per_month", "99999999999999999999"),
+        ],
+    )
+    .await;
+    assert_eq!(too_large.status, StatusCode::BAD_REQUEST);
+    assert!(
+        too_large
+            .body
+            .contains("tokens_per_month&#39; is too large")
+            || too_large.body.contains("tokens_per_month' is too large"),
+        "{}",
+        too_large.body
+    );
     let nothing_asked = post_form(
         &gw,
         "/console/limit-requests",

@@ -748,9 +748,14 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
     );
     assert!(row.contains(r#"name="reason""#));
 
-    // Approved with less than asked: the gateway's headers say so on the next request.
+    // Approved with less than asked, and a note: the gateway's headers say so on the next
+    // request.
     let approve = format!("/console/operator/requests/{first}/approve");
-    let page = op.post(&approve, &[("tokens_per_minute", "120000")]).await;
+    let granted = [
+        ("tokens_per_minute", "120000"),
+        ("reason", "120k until March"),
+    ];
+    let page = op.post(&approve, &granted).await;
     assert!(
         page.redirects_to("/console/operator/requests?done=approved"),
         "{}",
@@ -808,6 +813,7 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
         by_id(first)["granted_limits"],
         json!({"tokens_per_minute": 120000})
     );
+    assert_eq!(by_id(first)["reason"], "120k until March");
     assert_eq!(by_id(second)["status"], "denied");
     assert_eq!(by_id(second)["reason"], "not this month");
     assert_eq!(by_id(third)["status"], "pending");
