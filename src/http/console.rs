@@ -318,7 +318,7 @@ async fn render_workspace(
         Ok(usage) => usage,
         Err(e) => return unavailable(e.into_response().status()),
     };
-    let history = match usage_history_view(state, ws, false).await {
+    let history = match usage_history_view(state, ws, false, None).await {
         Ok(history) => history,
         Err(e) => return unavailable(e.into_response().status()),
     };

@@ -964,28 +964,35 @@ pub struct UsageHistoryView {
     pub workspace_id: i64,
     /// `YYYY-MM`, UTC.
     pub month: String,
-    /// Every day of the month so far, oldest first, today last; days without usage too.
+    /// Every day of the month (this month: so far, today last), oldest first; days without
+    /// usage too.
     pub days: Vec<DayUsageView>,
     /// The last 48 hours, oldest first, the current hour last; hours without usage too.
     pub hours: Vec<HourUsageView>,
-    /// Per key this month: every key that is not revoked, and every revoked key with usage
-    /// this month; by id.
+    /// Per key that month: every key that is not revoked, and every revoked key with usage
+    /// that month; by id.
     pub keys: Vec<KeyUsageView>,
 }
 
 /// Hours in `UsageHistoryView::hours`.
 pub const HISTORY_HOURS: i64 = 48;
 
-/// The workspace's usage over time: every day of this month so far, the last `HISTORY_HOURS`
-/// hours, and each key's usage this month. `exact` as in `usage_view`.
+/// The workspace's usage over time: every day of `month` (default: this month, so far), the
+/// last `HISTORY_HOURS` hours, and each key's usage that month. `exact` as in `usage_view`.
 pub async fn usage_history_view(
     state: &AppState,
     ws: &Workspace,
     exact: bool,
+    month: Option<MonthKey>,
 ) -> Result<UsageHistoryView, ApiError> {
     let now = state.clock.now();
-    let month = MonthKey::of(now);
-    let (from, to) = (month.first_day(), day_of(now));
+    let this = MonthKey::of(now);
+    let month = month.unwrap_or(this);
+    let last = match month == this {
+        true => now,
+        false => month.next().start().saturating_sub(1),
+    };
+    let (from, to) = (month.first_day(), day_of(last));
     let last_hour = hour_of(now);
     let first_hour = last_hour - (HISTORY_HOURS - 1) * 3600;
     let history = state

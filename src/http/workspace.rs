@@ -8,14 +8,14 @@ use axum::extract::{FromRequest, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{Redirect, Response};
 use serde::Deserialize;
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::admin::NewWebhook;
 use super::authenticate;
 use super::error::{ApiError, ErrorBody};
-use super::extract::{JsonBody, NoFields, OptionalJson, PathParam};
+use super::extract::{JsonBody, NoFields, OptionalJson, PathParam, QueryParams};
 use super::openapi::{BadRequest, BodyErrors, NotFound, WorkspaceErrors};
 use super::views::{
     created, usage_and_key_view, usage_history_view, CallingKeyView, LimitRequestView, List,
@@ -23,6 +23,7 @@ use super::views::{
     WorkspaceLimitsView, WorkspaceSummary,
 };
 use crate::app::AppState;
+use crate::limiter::MonthKey;
 use crate::model::{Actor, Budget, Overrides};
 
 /// The workspace's own routes (and the limits page), each with its operation in the document.
@@ -104,6 +105,16 @@ async fn limits(
     }))
 }
 
+/// `GET /v1/usage?month=YYYY-MM`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+struct UsageQuery {
+    /// The month whose days and keys to give, `YYYY-MM` (UTC), at most the current one;
+    /// default: the current month. The hours are the last 48 whichever the month.
+    month: Option<String>,
+}
+
 /// Reads the workspace's usage over time and per key.
 #[utoipa::path(
     get,
@@ -111,19 +122,50 @@ async fn limits(
     tag = "workspace",
     operation_id = "get_usage_history",
     security(("workspace_key" = [])),
+    params(UsageQuery),
     responses(
-        (status = 200, description = "The workspace's usage from the ledger: per day this month, per hour over the last 48 hours, and per key this month (UTC). Added up across instances; up to about 1.3 s behind.", body = UsageHistoryView),
+        (status = 200, description = "The workspace's usage from the ledger: per day of the month (this month: so far), per hour over the last 48 hours, and per key that month (UTC). Added up across instances; up to about 1.3 s behind.", body = UsageHistoryView),
+        BadRequest,
         WorkspaceErrors,
     )
 )]
 async fn usage(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
+    query: Result<QueryParams<UsageQuery>, ApiError>,
 ) -> Result<SortedJson<UsageHistoryView>, ApiError> {
     let entry = authenticate(&state, &headers).await?.workspace;
+    // The query is checked once the caller is known: without a key, `401` whatever it asks.
+    let QueryParams(query) = query?;
+    let month = query
+        .month
+        .as_deref()
+        .map(|m| past_month(m, MonthKey::of(state.clock.now())))
+        .transpose()?;
     Ok(SortedJson(
-        usage_history_view(&state, &entry.workspace, false).await?,
+        usage_history_view(&state, &entry.workspace, false, month).await?,
     ))
+}
+
+/// `YYYY-MM`, a month up to `now` (and from 1970 on).
+fn past_month(text: &str, now: MonthKey) -> Result<MonthKey, ApiError> {
+    let parsed = text
+        .split_once('-')
+        .filter(|(y, m)| y.len() == 4 && m.len() == 2)
+        .and_then(|(y, m)| Some((y.parse::<i32>().ok()?, m.parse::<i32>().ok()?)))
+        .filter(|&(y, m)| y >= 1970 && (1..=12).contains(&m))
+        .map(|(y, m)| MonthKey(y * 12 + m - 1));
+    match parsed {
+        Some(month) if month <= now => Ok(month),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "'month' must not be after the current month ({:04}-{:02})",
+            now.year(),
+            now.month()
+        ))),
+        None => Err(ApiError::BadRequest(
+            "'month' must be a month as YYYY-MM (e.g. 2026-11)".into(),
+        )),
+    }
 }
 
 /// Reads the workspace's own monthly caps.

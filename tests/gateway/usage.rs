@@ -245,3 +245,75 @@ async fn usage_lands_in_its_hour_day_and_key_in_the_api_and_the_console() {
         "data-key-id=\"{id_b}\" data-requests=\"1\" data-tokens=\"{tokens_b}\" data-denied=\"2\""
     ));
 }
+
+/// A past month's usage stays readable: `?month=YYYY-MM` gives each of its days and its keys'
+/// figures, once the month is over (an outside audit: there was no history beyond the month).
+#[tokio::test]
+async fn a_past_month_is_read_with_its_days_and_keys() {
+    let gw = TestGateway::start().await;
+    let (_, key) = gw.workspace("free").await;
+    let (prompt, completion) = admitted(&gw, &key).await;
+    let tokens = prompt + completion;
+    // In the ledger (the workspace's reads never force a write).
+    assert_eq!(gw.exact_usage(&key).await["tokens_this_month"], tokens);
+    let before = usage(&gw, &key).await;
+    let month = before["month"].as_str().unwrap().to_string();
+    // Into the next month (at most 32 days on).
+    let today = before["days"].as_array().unwrap().len() as u64;
+    gw.advance(Duration::from_secs((33 - today) * 86_400));
+    let now = usage(&gw, &key).await;
+    assert_ne!(now["month"], month.as_str());
+    let month_tokens = |v: &Value| -> u64 {
+        v["days"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["tokens"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(month_tokens(&now), 0, "{now}");
+
+    let get = |query: String| {
+        let gw = &gw;
+        let key = key.clone();
+        async move {
+            let r = gw
+                .client
+                .get(format!("{}/v1/usage?month={query}", gw.url))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, past) = get(month.clone()).await;
+    assert_eq!(status, StatusCode::OK, "{past}");
+    assert_eq!(past["month"], month.as_str());
+    let days = past["days"].as_array().unwrap();
+    assert!(
+        (28..=31).contains(&days.len()),
+        "every day of it: {}",
+        days.len()
+    );
+    assert_eq!(days[0]["day"], format!("{month}-01"));
+    assert!(days
+        .iter()
+        .all(|d| d["day"].as_str().unwrap().starts_with(&month)));
+    assert_eq!(month_tokens(&past), tokens);
+    assert_eq!(past["keys"][0]["tokens"], tokens, "{past}");
+    let (status, this) = get(now["month"].as_str().unwrap().to_string()).await;
+    assert_eq!(
+        (status, this["days"].as_array().unwrap().len()),
+        (StatusCode::OK, now["days"].as_array().unwrap().len())
+    );
+
+    for bad in ["2026-13", "26-01", "1969-12", "2026-1", "x", "9999-01"] {
+        let (status, body) = get(bad.to_string()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert!(
+            body["message"].as_str().unwrap().contains("'month'"),
+            "{bad}: {body}"
+        );
+    }
+}
