@@ -803,6 +803,26 @@ pub(super) fn not_found_page() -> Response {
     )
 }
 
+/// The console's one script: a page the browser brings back from its back/forward cache (Back
+/// after signing out, say) is asked for again, so that the server decides what it shows. An
+/// outside audit saw the workspace's page again after signing out: `no-store` and the cleared
+/// cookie did not keep Chromium from restoring it.
+const RELOAD_FROM_CACHE: &str =
+    "addEventListener('pageshow',function(e){if(e.persisted){location.reload();}});";
+
+/// The pages' `Content-Security-Policy`: no script but `RELOAD_FROM_CACHE` (by its hash), no
+/// other source, no framing.
+static POLICY: std::sync::LazyLock<HeaderValue> = std::sync::LazyLock::new(|| {
+    use base64::Engine;
+    use sha2::Digest;
+    let hash = base64::engine::general_purpose::STANDARD
+        .encode(sha2::Sha256::digest(RELOAD_FROM_CACHE.as_bytes()));
+    HeaderValue::try_from(format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    ))
+    .expect("a valid header value")
+});
+
 pub(super) fn page(status: StatusCode, title: &str, body: Markup) -> Response {
     let markup = html! {
         (DOCTYPE)
@@ -812,6 +832,7 @@ pub(super) fn page(status: StatusCode, title: &str, body: Markup) -> Response {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · tiergate console" }
                 style { (PreEscaped(CSS)) }
+                script { (PreEscaped(RELOAD_FROM_CACHE)) }
             }
             body {
                 header { a href="/console" { "tiergate console" } }
@@ -826,12 +847,7 @@ pub(super) fn page(status: StatusCode, title: &str, body: Markup) -> Response {
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        "content-security-policy",
-        HeaderValue::from_static(
-            "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'",
-        ),
-    );
+    h.insert("content-security-policy", POLICY.clone());
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
     r

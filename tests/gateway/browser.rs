@@ -374,6 +374,11 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
     assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("300000"));
     browser.click(SIGN_OUT).await;
     browser.wait_for_path("/console").await;
+    // Back, after signing out, shows no page of the session (an outside audit saw the
+    // workspace's page again, from the browser's back/forward cache).
+    browser.back().await;
+    browser.wait_for_path("/console").await;
+    browser.wait_for(r#"form[action="/console/sign-in"]"#).await;
 
     // 11. A page that is not there is caught too. Last, since the browser then asks for
     // `/favicon.ico` (the console's pages forbid it by their Content-Security-Policy), a second
@@ -519,6 +524,11 @@ impl Browser {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The browser's Back.
+    pub async fn back(&self) {
+        self.client.back().await.unwrap();
     }
 
     pub async fn click(&self, css: &str) {

@@ -1339,8 +1339,9 @@ async fn operator_pages_escape_what_they_show() {
     ] {
         let page = op.get(&path).await;
         assert_eq!(page.status, StatusCode::OK, "{path}");
+        let body = without_own_script(&page.body);
         for raw in ["<script", "<img", "<b "] {
-            assert!(!page.body.contains(raw), "{path}: {raw} in {}", page.body);
+            assert!(!body.contains(raw), "{path}: {raw} in {}", page.body);
         }
     }
     let page = op.get(&format!("{HOME}/{ws}")).await;

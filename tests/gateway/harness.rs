@@ -454,6 +454,20 @@ impl TestGateway {
 }
 
 /// A chat request with a fixed, short prompt.
+/// The console's own script (`http::console::RELOAD_FROM_CACHE`), in every page's head.
+pub const CONSOLE_SCRIPT: &str =
+    "<script>addEventListener('pageshow',function(e){if(e.persisted){location.reload();}});</script>";
+
+/// A console page without its own script: what is left must hold no other.
+pub fn without_own_script(page: &str) -> String {
+    assert_eq!(
+        page.matches(CONSOLE_SCRIPT).count(),
+        1,
+        "the console's script once: {page}"
+    );
+    page.replace(CONSOLE_SCRIPT, "")
+}
+
 pub fn hello() -> Value {
     json!({"model": "mistral-small-latest", "messages": [{"role": "user", "content": "Hello"}]})
 }
