@@ -634,14 +634,38 @@ impl Failover {
                     ended
                 };
                 for r in ended {
-                    // A failure leaves it to its lease: settling stops its renewal first.
+                    // Settling stops its renewal first. A failure is cancelled in the background,
+                    // sent again until Redis takes it: left to its lease, its slot was held for
+                    // a whole lease after the request ended.
                     if let Err(e) = self.shared.settle(&r, limits, 0, now).await {
-                        tracing::debug!(error = %e, "freeing a carried request that had ended failed; its lease frees it");
+                        tracing::debug!(error = %e, "freeing a carried request that had ended failed; cancelling it");
+                        self.shared.abandon_carried(
+                            workspace,
+                            std::slice::from_ref(&r),
+                            limits,
+                            now,
+                        );
                     }
                 }
                 Ok(())
             }
             Err(e) => {
+                // The call may have been run all the same (it timed out on its way, or while
+                // Redis stalled): each request it carried would then be held in Redis, its slot
+                // taken without a decision, by a record that nothing renews or settles, for a
+                // whole lease. Those records are cancelled, and the requests are not carried
+                // again: they are settled on the share, as the call's failure says.
+                if !running.is_empty() {
+                    {
+                        let _carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
+                        for r in &running {
+                            alone.remove(r);
+                        }
+                    }
+                    self.shared
+                        .abandon_carried(workspace, &running, limits, now);
+                }
                 // Tried again at the next decision; but the call may still be run when Redis
                 // wakes: carried once at most.
                 self.rebuild

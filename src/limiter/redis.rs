@@ -1314,6 +1314,37 @@ impl RedisLimiter {
         Ok(generation)
     }
 
+    /// Cancels, in the background, what a `new_generation` call that failed may still have made
+    /// of `running` (its `Carry::running`): the call may have reached Redis and been run all the
+    /// same (it timed out on its way, or while Redis stalled), and each request is then held
+    /// there as a live record with its concurrency slot, which nothing renews, settles or frees
+    /// until its lease ends, and which no decision counted against the limit (an outside audit:
+    /// 25 such records held a workspace with one concurrent request for 30 s while Redis
+    /// flapped). Each is cancelled as a dropped `reserve` is (sent again until Redis takes it, at
+    /// most a lease): a live record is freed, settled to nothing (its usage is the share's); and
+    /// a cancellation that arrives first leaves a tombstone, which `newgen` does not hold again.
+    pub fn abandon_carried(
+        &self,
+        workspace: WorkspaceId,
+        running: &[Reservation],
+        limits: &Limits,
+        now: Nanos,
+    ) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for r in running {
+            let inner = self.inner.clone();
+            let (id, limits) = (r.id, limits.clone());
+            let model = r.held.model.as_deref().map(str::to_string);
+            handle.spawn(async move {
+                inner
+                    .cancel(workspace, id, &limits, model.as_deref(), now)
+                    .await;
+            });
+        }
+    }
+
     /// This instance's reservations for `workspace` not yet settled.
     pub fn live_for(&self, workspace: WorkspaceId) -> Vec<ReservationId> {
         self.inner

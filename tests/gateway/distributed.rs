@@ -1707,6 +1707,69 @@ async fn a_request_that_ends_while_it_is_carried_back_holds_nothing_in_redis() {
     drop(redis);
 }
 
+/// A carry whose call timed out on its way but that Redis ran all the same (held past the
+/// timeout, then let through) leaves no slot held in Redis: the records it made of the requests
+/// still running, which nothing renews or settles, are cancelled. Left alone, each held its slot
+/// for a whole lease (an outside audit: 25 such records, a workspace with one concurrent request
+/// refused for 30 s while the breaker flapped under load).
+#[tokio::test]
+async fn a_carry_that_timed_out_but_landed_holds_no_slot_in_redis() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
+    let through = redis_gate(redis.port(), gate.clone()).await;
+    let fleet = TestGateway::fleet(1, &through, |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        // Shorter than the gate holds the carry back: its call times out, and then lands.
+        raw.redis_timeout_ms = Some(300);
+        // Longer than the test: what is freed was not freed by a lease's end.
+        raw.redis_lease_ms = Some(30_000);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(
+        &fleet,
+        "carry-timed-out",
+        json!({"concurrent_requests": 1, "tokens_per_month": 100_000}),
+    )
+    .await;
+    let (body, usage) = exact_request(5);
+    let headers = [("x-mock-usage", usage.as_str())];
+    let chat = || gw.chat(&key, body.clone(), &headers);
+    assert_eq!(chat().await.status(), StatusCode::OK);
+    *gate.lock().unwrap() = Gate::Refuse;
+    for _ in 0..3 {
+        chat().await;
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+    // Admitted alone; still running when the carry's call times out.
+    let long = long_request(gw, &key, "4000", "9,1");
+    running_upstream(gw, "4000", 1).await;
+    let until = Instant::now() + Duration::from_millis(1_500);
+    *gate.lock().unwrap() = Gate::HoldCarry(until);
+    assert_eq!(long.await.unwrap().status(), StatusCode::OK);
+    // Nothing held in Redis once the request ended, long before the lease's end.
+    eventually(Duration::from_secs(8), || async {
+        let r = gw
+            .client
+            .get(format!("{}/v1/limits", gw.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        if r.status() != StatusCode::OK {
+            return false;
+        }
+        let usage = r.json::<Value>().await.unwrap()["usage"].clone();
+        usage["in_flight"] == 0 && usage["tokens_reserved"] == 0
+    })
+    .await;
+    assert_eq!(chat().await.status(), StatusCode::OK);
+    drop(redis);
+}
+
 /// Requests an instance admitted on its own that still run when Redis answers again hold their
 /// concurrency slots there too, each freed as it ends: the instances together do not admit one
 /// more set of concurrent requests at the switch back, nor hold the slots for a whole lease.
