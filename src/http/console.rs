@@ -1126,10 +1126,16 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                         td.status { (key_status(k, p.now)) }
                         td {
                             @if k.revoked_at.is_none() {
-                                form.revoke method="post" action={ "/console/keys/" (k.id) "/revoke" } {
-                                    input type="hidden" name="csrf" value=(token);
-                                    button type="submit" {
-                                        @if Some(k.id) == *session_key { "Revoke (signs you out)" } @else { "Revoke" }
+                                // Asked twice: the first click only opens the button that
+                                // revokes (an outside audit: one click revoked a key).
+                                details.revoke {
+                                    summary { "Revoke…" }
+                                    form.revoke method="post" action={ "/console/keys/" (k.id) "/revoke" } {
+                                        input type="hidden" name="csrf" value=(token);
+                                        button type="submit" {
+                                            "Revoke " (k.prefix) " now: it cannot be undone"
+                                            @if Some(k.id) == *session_key { " (signs you out)" }
+                                        }
                                     }
                                 }
                             }

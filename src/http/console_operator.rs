@@ -1243,9 +1243,14 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
                         td.status { (super::console::key_status(k, d.now)) }
                         td {
                             @if k.revoked_at.is_none() {
-                                form.revoke method="post" action=(format!("/console/operator/keys/{}/revoke", k.id)) {
-                                    input type="hidden" name="csrf" value=(token);
-                                    button type="submit" { "Revoke" }
+                                // Asked twice: the first click only opens the button that
+                                // revokes (no script on these pages).
+                                details.revoke {
+                                    summary { "Revoke…" }
+                                    form.revoke method="post" action=(format!("/console/operator/keys/{}/revoke", k.id)) {
+                                        input type="hidden" name="csrf" value=(token);
+                                        button type="submit" { "Revoke " (k.prefix) " now: it cannot be undone" }
+                                    }
                                 }
                             }
                         }

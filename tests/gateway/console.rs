@@ -1122,6 +1122,14 @@ async fn console_revokes_the_workspaces_own_keys_and_no_other() {
     assert!(page
         .body
         .contains(&format!("action=\"/console/keys/{}/revoke\"", ids[1])));
+    // The button that revokes is behind a first click, and says what it does.
+    let opened = page
+        .body
+        .find(r#"<details class="revoke"><summary>Revoke…</summary><form class="revoke""#);
+    assert!(opened.is_some(), "{}", page.body);
+    assert!(page
+        .body
+        .contains("now: it cannot be undone (signs you out)"));
 
     // Another workspace's key, a key that does not exist, an id that is not one: 404, and the
     // other workspace's key still works.
