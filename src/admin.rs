@@ -66,7 +66,8 @@ pub enum AdminError {
     /// E.g. a limit request that was already decided.
     #[error("{0}")]
     Conflict(String),
-    /// The store failed (unreachable, or an error of its own): nothing was changed.
+    /// The store failed (unreachable, or an error of its own): nothing was changed; or it was
+    /// lost while committing (`StoreError::Uncertain`): the change may have been applied.
     #[error(transparent)]
     Store(StoreError),
 }

@@ -614,6 +614,64 @@ async fn a_stop_with_postgres_silent_ends_within_the_last_write_patience() {
     assert!(took < Duration::from_secs(6), "the stop took {took:?}");
 }
 
+/// A change whose `COMMIT` reached Postgres but whose answer never came back is answered as one
+/// that may have been saved, not as "nothing was changed" (an outside audit: a workspace
+/// created, a key made, a request approved, each so answered and each saved), and not to be
+/// retried as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_whose_commit_went_unanswered_may_have_been_saved() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let proxy = Proxy::start(db.addr()).await;
+    let clock = Arc::new(ManualClock::starting_now());
+    let gw = Gateway::start(&db.url_via(&proxy), clock.clone()).await;
+    workspace_with_key(&gw, "first").await;
+
+    proxy.set(Line::DeafAtCommitAfter("ghost-ws"));
+    let started = Instant::now();
+    let r = gw
+        .client
+        .post(format!("{}/admin/v1/workspaces", gw.url))
+        .bearer_auth(support::postgres::ADMIN)
+        .json(&json!({"name": "ghost-ws"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        r.headers()
+            .get("x-should-retry")
+            .map(|v| v.to_str().unwrap()),
+        Some("false")
+    );
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "database_unreachable", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("may or may not have been saved"),
+        "{message}"
+    );
+    assert!(!message.contains("nothing was changed"), "{message}");
+
+    // It was saved.
+    proxy.set(Line::Up);
+    let (s, listed) = gw.admin(Method::GET, "/workspaces", None).await;
+    assert_eq!(s, StatusCode::OK, "{listed}");
+    let ghosts = listed["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["name"] == "ghost-ws")
+        .count();
+    assert_eq!(ghosts, 1, "{listed}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_postgres_down_requests_are_served_and_the_admin_api_says_so() {
     let Some(db) = PgDatabase::create().await else {

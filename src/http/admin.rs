@@ -29,8 +29,8 @@ use crate::admin::{self, AuditQuery, NewKeyInput, WorkspaceUpdate};
 use crate::app::AppState;
 use crate::config::AdminToken;
 use crate::model::{
-    shadow_list, Actor, Attributes, Enforcement, KeyId, KeyLimits, LimitRequestId,
-    LimitRequestStatus, Overrides, ShadowLimit, TierSpec, WorkspaceId, WorkspaceStatus,
+    shadow_list, Actor, Attributes, Enforcement, KeyId, LimitRequestId, LimitRequestStatus,
+    Overrides, ShadowLimit, TierSpec, WorkspaceId, WorkspaceStatus,
 };
 
 /// The admin API's routes, relative to `/admin/v1`, each with its operation in the document.
@@ -190,7 +190,8 @@ struct PatchWorkspace {
     /// `{"requests_per_second": n|null, ...}`: a number sets, null clears, a field left out
     /// keeps.
     #[schema(schema_with = super::openapi::overrides_patch)]
-    limits: Option<Map<String, Value>>,
+    #[serde(default, deserialize_with = "present")]
+    limits: Option<Option<Map<String, Value>>>,
     #[schema(value_type = Option<WorkspaceStatus>)]
     status: Option<String>,
     /// `enforce` or `shadow` for this workspace's limits; null: the tier's.
@@ -234,7 +235,17 @@ async fn patch_workspace(
     PathParam(id): PathParam<WorkspaceId>,
     JsonBody(body): JsonBody<PatchWorkspace>,
 ) -> Result<SortedJson<WorkspaceView>, ApiError> {
-    let limits = body.limits.unwrap_or_default();
+    // `null` is not "none": read as left out, it cleared nothing while the answer was `200`
+    // (an outside audit, with Schemathesis).
+    let limits = match body.limits {
+        Some(Some(limits)) => limits,
+        None => Map::new(),
+        Some(None) => {
+            return Err(ApiError::BadRequest(
+                "'limits' must be an object; to clear an override, set it to null within it (\"limits\": {\"tokens_per_minute\": null})".into(),
+            ))
+        }
+    };
     let update = WorkspaceUpdate {
         tier: body.tier,
         overrides: admin::overrides_patch(limits.iter().map(|(k, v)| (k.as_str(), v)))?,
@@ -389,7 +400,7 @@ struct PatchKey {
     /// `tokens_per_minute`, `tokens_per_month` (the names of overrides), each at most the
     /// workspace's effective limit now; `null` or `{}`: none of its own.
     #[serde(deserialize_with = "required")]
-    #[schema(value_type = Option<KeyLimits>, required = true)]
+    #[schema(schema_with = super::openapi::key_limits_patch, required = true)]
     limits: Value,
 }
 

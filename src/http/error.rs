@@ -53,6 +53,9 @@ pub enum ApiError {
     /// The store cannot be reached: the operation was not carried out.
     #[error("database unreachable")]
     StoreUnreachable,
+    /// The database was lost while a change was being committed: it may have been applied.
+    #[error("database lost while committing")]
+    StoreUncertain,
     #[error("internal error")]
     Internal,
 }
@@ -66,6 +69,10 @@ impl From<StoreError> for ApiError {
             StoreError::Unreachable(e) => {
                 tracing::warn!(error = %e, "store unreachable");
                 ApiError::StoreUnreachable
+            }
+            StoreError::Uncertain(e) => {
+                tracing::warn!(error = %e, "store lost while committing: the change may have been applied");
+                ApiError::StoreUncertain
             }
             e => {
                 tracing::error!(error = %e, "store error");
@@ -467,6 +474,18 @@ impl IntoResponse for ApiError {
                 Some("database_unreachable"),
                 "The gateway's database cannot be reached, so nothing was changed. Retry later.",
             ),
+            ApiError::StoreUncertain => {
+                let mut r = body(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable",
+                    Some("database_unreachable"),
+                    "The gateway lost its database while saving this change, so it may or may not have been saved. Check before trying again.",
+                );
+                // Sent again as it is, a creation could be made twice.
+                r.headers_mut()
+                    .insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+                r
+            }
             ApiError::Internal => body(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",

@@ -273,6 +273,29 @@ pub fn overrides_patch() -> impl Into<RefOr<Schema>> {
     patch
 }
 
+/// A key's own limits as `PATCH /admin/v1/keys/{id}` takes them: each a figure, or `null` (left
+/// out: none of the key's own), and the whole `null` (none at all).
+pub fn key_limits_patch() -> impl Into<RefOr<Schema>> {
+    let RefOr::T(Schema::Object(limits)) = crate::model::KeyLimits::schema() else {
+        unreachable!("KeyLimits is described as an object");
+    };
+    let mut patch = ObjectBuilder::new()
+        .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+            Type::Object,
+            Type::Null,
+        ]))
+        .description(Some(
+            "The key's own limits: a figure sets one, `null` or left out means none of its own; `null` or `{}` for the whole clears them all.",
+        ))
+        .additional_properties(Some(
+            utoipa::openapi::schema::AdditionalProperties::<Schema>::FreeForm(false),
+        ));
+    for (name, property) in limits.properties {
+        patch = patch.property(name, nullable(property));
+    }
+    patch
+}
+
 /// `schema` or `null`.
 fn nullable(schema: RefOr<Schema>) -> RefOr<Schema> {
     match schema {
@@ -301,7 +324,8 @@ pub enum AdminErrors {
     #[response(status = 403)]
     Forbidden(ErrorBody<'static>),
     /// The database cannot be reached (`service_unavailable`, code `database_unreachable`), or
-    /// cannot answer: nothing was changed.
+    /// cannot answer: nothing was changed; or it was lost while a change was being saved, which
+    /// may have been (`x-should-retry: false`, and the message says so).
     #[response(status = 503)]
     Unavailable(ErrorBody<'static>),
 }
@@ -318,7 +342,8 @@ pub enum WorkspaceErrors {
     #[response(status = 403)]
     Forbidden(ErrorBody<'static>),
     /// The database cannot be reached (`service_unavailable`, code `database_unreachable`), or
-    /// cannot answer: nothing was changed.
+    /// cannot answer: nothing was changed; or it was lost while a change was being saved, which
+    /// may have been (`x-should-retry: false`, and the message says so).
     #[response(status = 503)]
     Unavailable(ErrorBody<'static>),
 }

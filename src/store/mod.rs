@@ -105,6 +105,10 @@ pub enum StoreError {
     /// or the transaction was rolled back.
     #[error("database unreachable: {0}")]
     Unreachable(String),
+    /// The database was lost after a change was sent to be committed: it may or may not have
+    /// been applied.
+    #[error("database lost while committing (the change may have been applied): {0}")]
+    Uncertain(String),
     #[error("database error: {0}")]
     Database(sqlx::Error),
     #[error("corrupt row: {0}")]

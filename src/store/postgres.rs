@@ -17,7 +17,8 @@
 //!   once however often it is sent.
 //! - **Bounded failure.** A connection is waited for at most `ACQUIRE_TIMEOUT`, and a call at most
 //!   `CALL_TIMEOUT` in all, so when Postgres is down or unreachable a call fails fast with
-//!   `StoreError::Unreachable` (its transaction rolled back) instead of hanging the caller.
+//!   `StoreError::Unreachable` (its transaction rolled back) instead of hanging the caller; or,
+//!   once its `COMMIT` was sent, `StoreError::Uncertain` (`commit`): it may have been applied.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -294,11 +295,37 @@ async fn bounded<T>(
     limit: Duration,
     fut: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| {
-        Err(StoreError::Unreachable(format!(
-            "no answer within {} ms",
-            limit.as_millis()
-        )))
+    COMMITTING
+        .scope(std::cell::Cell::new(false), async move {
+            match tokio::time::timeout(limit, fut).await {
+                Ok(done) => done,
+                // Its COMMIT sent, Postgres may have applied it: not known.
+                Err(_) if COMMITTING.with(std::cell::Cell::get) => Err(StoreError::Uncertain(
+                    format!("no answer to COMMIT within {} ms", limit.as_millis()),
+                )),
+                Err(_) => Err(StoreError::Unreachable(format!(
+                    "no answer within {} ms",
+                    limit.as_millis()
+                ))),
+            }
+        })
+        .await
+}
+
+tokio::task_local! {
+    /// Whether the call `bounded` runs has sent its `COMMIT` (`commit`).
+    static COMMITTING: std::cell::Cell<bool>;
+}
+
+/// Commits `tx`. Once its `COMMIT` is sent, a connection lost or silent leaves unknown whether
+/// Postgres applied it: `Uncertain`, not `Unreachable`, which says that nothing was changed (an
+/// outside audit: a workspace created, a key made and a request approved, each answered
+/// "nothing was changed", the connection cut as the commit's answer came back).
+async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), StoreError> {
+    let _ = COMMITTING.try_with(|c| c.set(true));
+    tx.commit().await.map_err(|e| match StoreError::from(e) {
+        StoreError::Unreachable(e) => StoreError::Uncertain(e),
+        e => e,
     })
 }
 
@@ -370,7 +397,7 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await?;
         }
-        tx.commit().await?;
+        commit(tx).await?;
         Ok(())
     }
 
@@ -758,7 +785,7 @@ impl Store for PostgresStore {
             .iter()
             .map(key_row)
             .collect::<Result<_, _>>()?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(CatalogData {
                 version,
                 tiers,
@@ -819,7 +846,7 @@ impl Store for PostgresStore {
             .iter()
             .map(key_row)
             .collect::<Result<_, _>>()?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(CatalogChanges::Since(CatalogDelta {
                 version,
                 tiers,
@@ -880,7 +907,7 @@ impl Store for PostgresStore {
             };
             Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
             Self::bump_version(&mut tx, &[Changed::Tier(&tier.name)]).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(())
         })
         .await
@@ -911,7 +938,7 @@ impl Store for PostgresStore {
                     inserted.iter().map(|n| Changed::Tier(n.as_str())).collect();
                 Self::bump_version(&mut tx, &changed).await?;
             }
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(inserted.len())
         })
         .await
@@ -940,7 +967,7 @@ impl Store for PostgresStore {
                 AuditRow::workspace_change(by, now, AuditAction::WorkspaceCreate, None, &workspace);
             Self::audit(&mut tx, audit).await?;
             Self::bump_version(&mut tx, &[Changed::Workspace(workspace.id)]).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(workspace)
         })
         .await
@@ -986,7 +1013,7 @@ impl Store for PostgresStore {
                     })
                 })
                 .collect::<Result<_, StoreError>>()?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(WorkspacePage {
                 total: total.max(0) as u64,
                 rows,
@@ -1069,7 +1096,7 @@ impl Store for PostgresStore {
                 Self::enqueue(&mut tx, &event, now).await?;
             }
             Self::bump_version(&mut tx, &[Changed::Workspace(id)]).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(updated)
         })
         .await
@@ -1100,7 +1127,7 @@ impl Store for PostgresStore {
             )
             .await?;
             Self::bump_version(&mut tx, &[Changed::Key(key.id)]).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(key)
         })
         .await
@@ -1166,7 +1193,7 @@ impl Store for PostgresStore {
             )
             .await?;
             Self::bump_version(&mut tx, &[Changed::Key(id)]).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(key)
         })
         .await
@@ -1218,7 +1245,7 @@ impl Store for PostgresStore {
             )
             .await?;
             Self::bump_version(&mut tx, &[Changed::Key(id)]).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(key)
         })
         .await
@@ -1249,7 +1276,7 @@ impl Store for PostgresStore {
             .bind(&ats)
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(())
         })
         .await
@@ -1546,7 +1573,7 @@ impl Store for PostgresStore {
             Self::audit(&mut tx, audit).await?;
             let event = limit_request_event("limit_request.created", &request, now);
             Self::enqueue(&mut tx, &event, now).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(request)
         })
         .await
@@ -1631,7 +1658,7 @@ impl Store for PostgresStore {
             let event = limit_request_event("limit_request.decided", &approved, now);
             Self::enqueue(&mut tx, &event, now).await?;
             Self::bump_version(&mut tx, &[Changed::Workspace(request.workspace_id)]).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(approved)
         })
         .await
@@ -1677,7 +1704,7 @@ impl Store for PostgresStore {
             Self::audit(&mut tx, audit).await?;
             let event = limit_request_event(closing.event(), &closed, now);
             Self::enqueue(&mut tx, &event, now).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(closed)
         })
         .await
@@ -1734,7 +1761,7 @@ impl Store for PostgresStore {
             .map(webhook_endpoint)?;
             let audit = AuditRow::webhook(by, now, AuditAction::WebhookCreate, &endpoint);
             Self::audit(&mut tx, audit).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(endpoint)
         })
         .await
@@ -1780,7 +1807,7 @@ impl Store for PostgresStore {
                 .await?;
             let audit = AuditRow::webhook(by, now, AuditAction::WebhookDelete, &endpoint);
             Self::audit(&mut tx, audit).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(endpoint)
         })
         .await
@@ -1812,7 +1839,7 @@ impl Store for PostgresStore {
         bounded(CALL_TIMEOUT, async {
             let mut tx = self.pool.begin().await?;
             let written = Self::enqueue(&mut tx, event, now).await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(written)
         })
         .await
@@ -1838,14 +1865,14 @@ impl Store for PostgresStore {
             .await?
             .rows_affected();
             if claimed == 0 {
-                tx.commit().await?;
+                commit(tx).await?;
                 return Ok(Vec::new());
             }
             let rows: Vec<ClaimedColumns> = sqlx::query_as(CLAIMED_SQL)
                 .bind(&claim)
                 .fetch_all(&mut *tx)
                 .await?;
-            tx.commit().await?;
+            commit(tx).await?;
             Ok(rows.into_iter().map(due_delivery).collect())
         })
         .await

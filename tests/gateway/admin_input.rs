@@ -163,6 +163,18 @@ fn table() -> Vec<Case> {
         patch("burst past 32 bits", json!({"burst": 5_000_000_000u64})),
         patch("a limit that does not exist", json!({"speed": 1})),
         with_json("limits not an object", M::PATCH, "/admin/v1/workspaces/{ws}", Admin, json!({"limits": [1]}), 400),
+        with_json("limits null", M::PATCH, "/admin/v1/workspaces/{ws}", Admin, json!({"limits": null, "pinned": true}), 400).naming("limits"),
+        // A body that is not an object: serde read a struct from an array, by position (an
+        // outside audit, with Schemathesis: `[7000]` set a budget, `[null, null]` made a key).
+        with_json("a workspace as an array", M::POST, "/admin/v1/workspaces", Admin, json!(["arr", "free"]), 400).naming("must be a JSON object"),
+        with_json("a key as an array", M::POST, "/admin/v1/workspaces/{ws}/keys", Admin, json!([null, null]), 400).naming("must be a JSON object"),
+        with_json("a patch as an array", M::PATCH, "/admin/v1/workspaces/{ws}", Admin, json!([null, null, {"tokens_per_minute": 777}]), 400),
+        with_json("a denial as an array", M::POST, "/admin/v1/limit-requests/{req}/deny", Admin, json!(["no"]), 400),
+        with_json("an approval as an array", M::POST, "/admin/v1/limit-requests/{req}/approve", Admin, json!([null, "x"]), 400),
+        with_json("a budget as an array", M::PUT, "/v1/budget", Workspace, json!([7000]), 400),
+        with_json("a budget as a number", M::PUT, "/v1/budget", Workspace, json!(7000), 400),
+        with_json("a webhook as an array", M::POST, "/v1/webhooks", Workspace, json!(["http://127.0.0.1:9/x", ["quota.threshold"]]), 400),
+        with_json("an increase as an array", M::POST, "/v1/limit-requests", Workspace, json!(["more", null, {"tokens_per_month": 2_000_000_000u64}]), 400),
         with_json("nothing to change", M::PATCH, "/admin/v1/workspaces/{ws}", Admin, json!({}), 400),
         with_json("an unknown status", M::PATCH, "/admin/v1/workspaces/{ws}", Admin, json!({"status": "deleted"}), 400),
         with_json("a tier path in a tier field", M::PATCH, "/admin/v1/workspaces/{ws}", Admin, json!({"tier": "../free"}), 400),

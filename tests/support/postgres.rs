@@ -148,6 +148,10 @@ pub enum Line {
     /// executes it: from then on what it sends still reaches Postgres but nothing comes back, so
     /// the statement runs (and commits) while its client times out not knowing it did.
     DeafAfter(&'static str),
+    /// Passes both ways until a connection sends a statement whose SQL holds this text and then
+    /// its `COMMIT`: from then on nothing comes back, so the change is committed while its client
+    /// never hears that it was.
+    DeafAtCommitAfter(&'static str),
 }
 
 /// A TCP proxy in front of Postgres whose line can be cut.
@@ -193,7 +197,7 @@ async fn carry(client: TcpStream, target: SocketAddr, mut line: watch::Receiver<
             let _ = line.wait_for(|l| *l != Line::Silent).await;
             return;
         }
-        Line::Up | Line::DeafAfter(_) => {}
+        Line::Up | Line::DeafAfter(_) | Line::DeafAtCommitAfter(_) => {}
     }
     let Ok(server) = TcpStream::connect(target).await else {
         return;
@@ -225,6 +229,14 @@ async fn carry(client: TcpStream, target: SocketAddr, mut line: watch::Receiver<
                         deaf.store(true, Ordering::SeqCst);
                     }
                 }
+                Line::DeafAtCommitAfter(text) => {
+                    let chunk = &buf[..n];
+                    if chunk.windows(text.len()).any(|w| w == text.as_bytes()) {
+                        seen = true;
+                    } else if seen && chunk.windows(6).any(|w| w == b"COMMIT") {
+                        deaf.store(true, Ordering::SeqCst);
+                    }
+                }
                 Line::Silent | Line::Down => return,
             }
             if server_write.write_all(&buf[..n]).await.is_err() {
@@ -244,7 +256,7 @@ async fn carry(client: TcpStream, target: SocketAddr, mut line: watch::Receiver<
             let now = *back.borrow_and_update();
             let passes = match now {
                 Line::Up => true,
-                Line::DeafAfter(_) => !deaf.load(Ordering::SeqCst),
+                Line::DeafAfter(_) | Line::DeafAtCommitAfter(_) => !deaf.load(Ordering::SeqCst),
                 Line::Silent | Line::Down => return,
             };
             if passes && client_write.write_all(&buf[..n]).await.is_err() {
