@@ -326,18 +326,42 @@ fn text_cost(text: &str) -> usize {
     usize::try_from(text_sixteenths(text)).unwrap_or(usize::MAX)
 }
 
+/// Why a metered request's body is refused (`400`): what to say, and the field at fault when
+/// there is one (the error's `param`, as the OpenAI API names it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub param: Option<&'static str>,
+    pub message: String,
+}
+
+impl Refused {
+    fn field(param: &'static str, message: impl Into<String>) -> Refused {
+        Refused {
+            param: Some(param),
+            message: message.into(),
+        }
+    }
+
+    fn body(message: impl Into<String>) -> Refused {
+        Refused {
+            param: None,
+            message: message.into(),
+        }
+    }
+}
+
 /// A field that may be left out (or null), else of one JSON kind: `Err` names the field.
 fn optional<'a, T>(
     field: &Scalar<'a>,
-    name: &str,
+    name: &'static str,
     kind: &str,
     read: impl Fn(&Scalar<'a>) -> Option<T>,
-) -> Result<Option<T>, String> {
+) -> Result<Option<T>, Refused> {
     match field {
         Scalar::Absent | Scalar::Null => Ok(None),
         v => read(v)
             .map(Some)
-            .ok_or_else(|| format!("'{name}' must be {kind}")),
+            .ok_or_else(|| Refused::field(name, format!("'{name}' must be {kind}"))),
     }
 }
 
@@ -352,52 +376,70 @@ pub fn inspect(
     endpoint: Endpoint,
     body: &[u8],
     max_tokens_limit: u64,
-) -> Result<RequestInfo, String> {
+) -> Result<RequestInfo, Refused> {
     let fields = Fields::read(endpoint, body)
-        .map_err(|e| format!("The request body is not valid JSON: {e}"))?
-        .ok_or("the request body must be a JSON object")?;
+        .map_err(|e| Refused::body(format!("The request body is not valid JSON: {e}")))?
+        .ok_or_else(|| Refused::body("the request body must be a JSON object"))?;
+    let model_is = |m: String| Refused::field("model", m);
     // Both upstream APIs require it.
     let model = match fields.model {
-        Scalar::Absent | Scalar::Null => return Err("'model' is required".into()),
-        Scalar::Str(m) if m.is_empty() => return Err("'model' must not be empty".into()),
+        Scalar::Absent | Scalar::Null => return Err(model_is("'model' is required".into())),
+        Scalar::Str(m) if m.is_empty() => return Err(model_is("'model' must not be empty".into())),
         Scalar::Str(m) if m.len() > MAX_MODEL_NAME_BYTES => {
-            return Err(format!(
+            return Err(model_is(format!(
                 "'model' must be at most {MAX_MODEL_NAME_BYTES} bytes long"
-            ))
+            )))
         }
         Scalar::Str(m) => Some(m.into_owned()),
-        _ => return Err("'model' must be a string".into()),
+        _ => return Err(model_is("'model' must be a string".into())),
     };
     let prompt_tokens = match endpoint {
         Endpoint::ChatCompletions => {
             let (cost, messages) = match fields.messages {
                 Some(Messages::Objects { cost, count }) => (cost, count),
                 Some(Messages::NotAllObjects) => {
-                    return Err("'messages' must be an array of objects".into())
+                    return Err(Refused::field(
+                        "messages",
+                        "'messages' must be an array of objects",
+                    ))
                 }
-                Some(Messages::NotArray) | None => return Err("'messages' must be an array".into()),
+                Some(Messages::NotArray) | None => {
+                    return Err(Refused::field("messages", "'messages' must be an array"))
+                }
             };
             text_tokens(cost) + 4 * messages as u64 + 3
         }
         Endpoint::Completions | Endpoint::FimCompletions => {
-            let prompt = fields.prompt.ok_or("'prompt' is required")?;
+            let prompt = fields
+                .prompt
+                .ok_or_else(|| Refused::field("prompt", "'prompt' is required"))?;
             text_tokens(prompt + fields.suffix) + 3
         }
-        Endpoint::Embeddings => match fields.input.ok_or("'input' is required")? {
+        Endpoint::Embeddings => match fields
+            .input
+            .ok_or_else(|| Refused::field("input", "'input' is required"))?
+        {
             Input::Text(cost) | Input::Items { cost, .. } => text_tokens(cost),
             Input::Other => 0,
         },
         Endpoint::Responses => {
-            let input = fields.input.ok_or("'input' is required")?;
+            let input = fields
+                .input
+                .ok_or_else(|| Refused::field("input", "'input' is required"))?;
             let (cost, items) = match input {
                 Input::Text(cost) => (cost, 1),
                 Input::Items { cost, count } => (cost, count),
-                Input::Other => return Err("'input' must be a string or an array of items".into()),
+                Input::Other => {
+                    return Err(Refused::field(
+                        "input",
+                        "'input' must be a string or an array of items",
+                    ))
+                }
             };
             text_tokens(cost + fields.instructions) + 4 * items as u64 + 3
         }
     };
-    let limits: &[(&str, &Scalar)] = match endpoint {
+    let limits: &[(&'static str, &Scalar)] = match endpoint {
         Endpoint::Responses => &[("max_output_tokens", &fields.max_output_tokens)],
         _ => &[
             ("max_tokens", &fields.max_tokens),
@@ -409,7 +451,10 @@ pub fn inspect(
         let kind = "a whole number of tokens, 0 or more";
         if let Some(n) = optional(value, field, kind, Scalar::as_u64)? {
             if n > max_tokens_limit {
-                return Err(format!("'{field}' must be at most {max_tokens_limit}"));
+                return Err(Refused::field(
+                    field,
+                    format!("'{field}' must be at most {max_tokens_limit}"),
+                ));
             }
             max_tokens.get_or_insert(n);
         }
@@ -423,7 +468,10 @@ pub fn inspect(
         Scalar::as_u64,
     )?;
     if n.is_some_and(|n| !(1..=128).contains(&n)) {
-        return Err("'n' must be a whole number from 1 to 128".into());
+        return Err(Refused::field(
+            "n",
+            "'n' must be a whole number from 1 to 128",
+        ));
     }
     let choices = n.unwrap_or(1);
     Ok(RequestInfo {
@@ -1069,6 +1117,7 @@ mod tests {
         max_tokens_limit: u64,
     ) -> Result<RequestInfo, String> {
         super::inspect(endpoint, body.to_string().as_bytes(), max_tokens_limit)
+            .map_err(|e| e.message)
     }
 
     const LIMIT: u64 = 1_000_000;

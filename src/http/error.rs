@@ -19,6 +19,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     BadRequest(String),
+    /// A metered request's body refused, naming its field where one is at fault.
+    #[error("{}", .0.message)]
+    Refused(crate::estimate::Refused),
     #[error("{0}")]
     NotFound(String),
     /// The route exists, the method does not.
@@ -126,9 +129,10 @@ pub struct ErrorBody<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'a str,
-    /// Always `null`.
+    /// `null` on the routes of this document. (On the proxied routes, a `400` for a field of the
+    /// request's body names it here, as the OpenAI API does: `messages`, `max_tokens`, ...)
     #[schema(schema_with = super::openapi::null, required = true)]
-    param: Option<()>,
+    param: Option<&'a str>,
     /// A finer cause, where there is one (e.g. `invalid_api_key`, `database_unreachable`).
     #[schema(required = true)]
     code: Option<&'a str>,
@@ -143,9 +147,9 @@ pub struct OpenAiError<'a> {
     message: &'a str,
     #[serde(rename = "type")]
     kind: &'a str,
-    /// Always `null`.
+    /// As `param` above.
     #[schema(schema_with = super::openapi::null, required = true)]
-    param: Option<()>,
+    param: Option<&'a str>,
     #[schema(required = true)]
     code: Option<&'a str>,
 }
@@ -167,6 +171,13 @@ impl<'a> ErrorBody<'a> {
         }
     }
 
+    /// Naming the request's field at fault.
+    fn with_param(mut self, param: Option<&'a str>) -> Self {
+        self.param = param;
+        self.error.param = param;
+        self
+    }
+
     /// The JSON serde makes of it, written here so that the four fields the two shapes share
     /// are escaped once, not twice: every denial is answered with one, and the message is the
     /// longest field. (A test compares the two.)
@@ -180,7 +191,12 @@ impl<'a> ErrorBody<'a> {
         text(&mut shared, e.message);
         shared.extend_from_slice(b",\"type\":");
         text(&mut shared, e.kind);
-        shared.extend_from_slice(b",\"param\":null,\"code\":");
+        shared.extend_from_slice(b",\"param\":");
+        match e.param {
+            Some(param) => text(&mut shared, param),
+            None => shared.extend_from_slice(b"null"),
+        }
+        shared.extend_from_slice(b",\"code\":");
         match e.code {
             Some(code) => text(&mut shared, code),
             None => shared.extend_from_slice(b"null"),
@@ -198,7 +214,11 @@ impl<'a> ErrorBody<'a> {
 }
 
 fn body(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
-    let json = ErrorBody::new(kind, code, message).to_json();
+    answer(status, ErrorBody::new(kind, code, message))
+}
+
+fn answer(status: StatusCode, body: ErrorBody) -> Response {
+    let json = body.to_json();
     let mut response = Response::new(axum::body::Body::from(json));
     *response.status_mut() = status;
     response.headers_mut().insert(
@@ -389,6 +409,10 @@ impl IntoResponse for ApiError {
             ApiError::BadRequest(_) => {
                 body(StatusCode::BAD_REQUEST, "invalid_request_error", None, &msg())
             }
+            ApiError::Refused(r) => answer(
+                StatusCode::BAD_REQUEST,
+                ErrorBody::new("invalid_request_error", None, &r.message).with_param(r.param),
+            ),
             ApiError::NotFound(_) => body(StatusCode::NOT_FOUND, "not_found", None, &msg()),
             ApiError::MethodNotAllowed(_) => body(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -592,25 +616,35 @@ mod tests {
     /// `Error` schema), byte for byte: with and without a code, with text that must be escaped.
     #[test]
     fn the_error_body_is_what_its_schema_serialises() {
-        for (kind, code, message) in [
+        for (kind, code, message, param) in [
             (
                 "rate_limited",
                 Some("requests_per_second"),
                 "Rate limit exceeded: 1 request per second (requests_per_second). Retry in 1s.",
+                None,
             ),
             (
                 "not_found",
                 None,
                 "No route for GET /v1/\"odd\"\\path\u{7}\n….",
+                None,
             ),
-            ("", Some(""), ""),
+            ("", Some(""), "", None),
+            (
+                "invalid_request_error",
+                None,
+                "'messages' must be an array",
+                Some("messages"),
+            ),
         ] {
-            let body = ErrorBody::new(kind, code, message);
+            let body = ErrorBody::new(kind, code, message).with_param(param);
             let by_hand = String::from_utf8(body.to_json()).unwrap();
             assert_eq!(by_hand, serde_json::to_string(&body).unwrap());
             let v: serde_json::Value = serde_json::from_str(&by_hand).unwrap();
             assert_eq!(v["error"]["message"], message);
             assert_eq!(v["message"], message);
+            assert_eq!(v["param"].as_str(), param);
+            assert_eq!(v["error"]["param"].as_str(), param);
         }
     }
 }

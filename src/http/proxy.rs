@@ -476,7 +476,7 @@ fn prepare(
         }
     };
     let info = inspect(endpoint, &body, state.config.estimate.max_tokens_limit)
-        .map_err(ApiError::BadRequest)?;
+        .map_err(ApiError::Refused)?;
     let ask_usage = info.stream
         && !info.client_wants_usage
         && endpoint.takes_stream_options()

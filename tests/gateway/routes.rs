@@ -42,6 +42,12 @@ async fn path_variants_are_metered_as_their_route_and_forwarded_normalised() {
             body.contains("'messages' must be an array"),
             "{path}: {body}"
         );
+        // The field at fault, as the OpenAI API names it.
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (&v["param"], &v["error"]["param"]),
+            (&json!("messages"), &json!("messages"))
+        );
         assert_eq!(gw.upstream_count().await, before, "{path} was forwarded");
         // Forwarded as the route itself: the upstream answers a chat completion.
         let headers = [

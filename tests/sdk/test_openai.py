@@ -107,7 +107,8 @@ def check_headers(h, remaining_requests: int):
     assert h["x-ratelimit-limit-requests"] == "0.01"  # not the mock's stand-in "999"
     assert h["x-ratelimit-remaining-requests"] == str(remaining_requests)
     assert h["x-ratelimit-limit-tokens"] == "100000"
-    # After this request's reservation, a few dozen tokens at most.
+    # After this request: its settled cost (a JSON answer) or its reservation (a stream), a few
+    # dozen tokens at most.
     assert 99_900 <= int(h["x-ratelimit-remaining-tokens"]) < 100_000
     assert h["x-ratelimit-limit-tokens-month"] == "5000000"
     assert 4_999_000 <= int(h["x-ratelimit-remaining-tokens-month"]) < 5_000_000
@@ -256,6 +257,22 @@ def test_request_too_large_is_not_retried(gateway, make_workspace):
     h = err.response.headers
     assert h.get("x-should-retry") == "false"
     assert "retry-after" not in h and "retry-after-ms" not in h
+
+
+# --- Refused input ---------------------------------------------------------------------------
+
+
+def test_a_refused_field_is_named_in_param(gateway, make_workspace):
+    ws = make_workspace(requests_per_second=10)
+    c = client(gateway, ws, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=-1)
+    err = e.value
+    assert err.status_code == 400
+    # As the OpenAI API names the field at fault.
+    assert (err.type, err.param, err.code) == ("invalid_request_error", "max_tokens", None)
+    assert err.body["message"].startswith("'max_tokens' must be")
+    assert ws.upstream_count() == 0
 
 
 # --- Authentication -------------------------------------------------------------------------
