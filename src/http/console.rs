@@ -1122,7 +1122,16 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                         td { (k.last_used_at.map(|t| Timestamp(t).rfc3339()).unwrap_or_else(|| "never".into())) }
                         td { (k.expires_at.map_or_else(|| "never".into(), |t| Timestamp(t).rfc3339())) }
                         // As enforced: within the workspace's limits of the moment.
-                        td.key-limits { (key_limits_text(&k.limits.within(limits))) }
+                        td.key-limits {
+                            (key_limits_text(&k.limits.within(limits)))
+                            // What its own month limit has taken so far (the ledger's figure,
+                            // as in the usage by key): a limit alone said nothing of how near
+                            // the key was to it (an outside audit).
+                            @if k.limits.tokens_per_month.is_some() {
+                                @let used = p.history.keys.iter().find(|u| u.key_id == k.id).map_or(0, |u| u.tokens);
+                                br; span.note.key-month-used data-tokens=(used) { (used) " used this month" }
+                            }
+                        }
                         td.status { (key_status(k, p.now)) }
                         td {
                             @if k.revoked_at.is_none() {

@@ -1453,3 +1453,31 @@ async fn a_models_limits_in_shadow_are_shown_with_their_figures() {
         "{r}"
     );
 }
+
+/// A key with a month limit of its own shows, beside it, what the key used of it this month.
+#[tokio::test]
+async fn a_keys_own_month_limit_shows_what_it_used() {
+    let gw = TestGateway::start().await;
+    let (ws, key) = gw.workspace("free").await;
+    let id = key_ids(&gw, ws).await[0];
+    let (s, body) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/keys/{id}"),
+            Some(json!({"limits": {"tokens_per_month": 1000}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    let r = gw.chat(&key, hello(), &[("x-mock-usage", "3,4")]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(gw.exact_usage(&key).await["tokens_this_month"], 7);
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    assert!(
+        page.body.contains(
+            r#"<span class="note key-month-used" data-tokens="7">7 used this month</span>"#
+        ),
+        "{}",
+        page.body
+    );
+}
