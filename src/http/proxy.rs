@@ -1811,6 +1811,7 @@ impl Drop for MeteredStream {
         let scanner = self.scanner.take();
         // What reached the client; what is read while draining did not.
         let text_events = scanner.as_ref().map_or(0, Scanner::text_events);
+        let delivered = self.delivered;
         let drain = self.state.config.upstream.usage_drain;
         spawn_tracked(&self.state, async move {
             settlement.release_slot().await;
@@ -1820,18 +1821,35 @@ impl Drop for MeteredStream {
                 drop(settlement.finish(None));
                 return;
             };
+            let (mut broke, mut read_any) = (false, false);
             let read = async {
                 while scanner.usage().is_none() {
                     match upstream.next().await {
                         Some(Ok(chunk)) => {
+                            read_any = true;
                             scanner.feed_bytes(chunk);
                         }
-                        _ => break,
+                        Some(Err(_)) => {
+                            broke = true;
+                            break;
+                        }
+                        None => break,
                     }
                 }
                 scanner.finish();
             };
             let _ = tokio::time::timeout(drain, read).await;
+            // A stream that broke before it produced anything is refunded, as it is for a client
+            // that stays (`give_up`): it was charged its estimate once the client had left (an
+            // outside audit).
+            let produced = delivered
+                || match &scanner {
+                    Scanner::Events(s) => s.passed_data(),
+                    Scanner::JsonTail(_) => read_any,
+                };
+            if broke && !produced && scanner.usage().is_none() {
+                return settlement.refund();
+            }
             drop(settlement.finish_stream(scanner.usage(), text_events));
         });
     }

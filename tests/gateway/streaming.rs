@@ -224,6 +224,32 @@ async fn a_client_that_leaves_mid_stream_is_settled_from_the_real_usage() {
     assert_eq!(gw.limits(&key).await["usage"]["in_flight"], 0);
 }
 
+/// A stream that breaks before it produced anything is refunded whether the client stayed to
+/// see it break or left before (an outside audit: refunded for the one, charged its estimate of
+/// 265 for the other).
+#[tokio::test]
+async fn a_stream_that_breaks_before_any_data_is_refunded_even_if_the_client_left() {
+    let (gw, key) = setup().await;
+    let h = [
+        ("x-mock-latency-ms", "300"),
+        ("x-mock-fail-after-chunks", "0"),
+    ];
+    let body =
+        json!({"model": "m", "stream": true, "messages": [{"role": "user", "content": "Hi"}]});
+    // Stays: sees the break.
+    let r = gw.chat(&key, body.clone(), &h).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(collect_until_error(r).await.is_empty());
+    // Leaves with the head, before the break.
+    let r = gw.chat(&key, body, &h).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    drop(r);
+    // Nothing reserved any more once the break (after the client left) was settled.
+    let limits = eventually_settled(&gw, &key).await;
+    assert_eq!(limits["usage"]["tokens_this_month"], 0, "{limits}");
+    assert_eq!(gw.exact_usage(&key).await["tokens_this_month"], 0);
+}
+
 #[tokio::test]
 async fn usage_is_read_whatever_encoding_the_client_accepts() {
     let (gw, key) = setup().await;
