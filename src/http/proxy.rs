@@ -630,9 +630,20 @@ async fn forward(
         });
     }
     let shadow_denied = settlement.shadow.as_ref().and_then(|s| s.denied);
-    let mut response = send(state, parts, prepared, settlement, access, seen)
-        .await
-        .unwrap_or_else(|e| e.into_response());
+    let held = settlement.estimate();
+    let mut response = match send(state, parts, prepared, settlement, access, seen).await {
+        Ok(response) => response,
+        // The upstream unreachable, silent, or refusing the gateway's key: refunded (an
+        // outside audit saw its headers show the estimate as taken).
+        Err(e @ (ApiError::UpstreamUnreachable | ApiError::UpstreamTimeout)) => {
+            let mut response = e.into_response();
+            response
+                .extensions_mut()
+                .insert(Settled { held, charged: 0 });
+            response
+        }
+        Err(e) => e.into_response(),
+    };
     // An answer settled before it leaves shows what is left after its own cost, as its
     // `x-ratelimit-tokens-query-cost` says it (it showed what its estimate left).
     let snapshot = match response.extensions_mut().remove::<Settled>() {

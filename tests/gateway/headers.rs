@@ -203,6 +203,18 @@ async fn a_json_answer_shows_what_is_left_after_its_own_cost() {
         Some("5000000")
     );
     assert_eq!(header(&r, "x-ratelimit-reset-tokens"), Some("0s"));
+    // So does the gateway's own 502 when the upstream refuses its key, refunded too (an outside
+    // audit saw the estimate shown as taken).
+    let (_, fresh) = gw.workspace("t").await;
+    let mut body = hello();
+    body["max_tokens"] = json!(1000);
+    let r = gw.chat(&fresh, body, &[("x-mock-status", "401")]).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), Some("100000"));
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-tokens-month"),
+        Some("5000000")
+    );
 }
 
 #[tokio::test]
