@@ -267,7 +267,11 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
     let mut candidate = [0u8; 32];
     getrandom::fill(&mut candidate).expect("the OS has randomness");
     let console = Console::new(store.console_secret(&candidate).await?);
-    let dispatcher = Dispatcher::new(store.clone(), config.webhook_retry_base, metrics.clone())?;
+    let dispatcher = Arc::new(Dispatcher::new(
+        store.clone(),
+        config.webhook_retry_base,
+        metrics.clone(),
+    )?);
     let state = Arc::new(AppState {
         config,
         store,
@@ -343,7 +347,7 @@ const WEBHOOK_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 /// due, are found within it) while nothing is found. Every instance runs it; the store gives a
 /// row to one at a time.
 async fn deliver_webhooks(
-    dispatcher: Dispatcher,
+    dispatcher: Arc<Dispatcher>,
     wake: Arc<tokio::sync::Notify>,
     idle: std::time::Duration,
 ) {

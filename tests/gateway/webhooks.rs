@@ -954,3 +954,54 @@ async fn endpoints_made_in_the_console_get_their_events_signed_with_the_secret_s
         .collect();
     assert_eq!(actors, vec![format!("workspace:{ws}").as_str(), "admin"]);
 }
+
+/// A receiver that never answers holds back no other endpoint's deliveries: each attempt runs
+/// on its own (an outside audit: the batch was waited for whole, up to the 5 s an attempt may
+/// take, so one silent endpoint delayed another's next events by 4 s). Its attempt ends in a
+/// timeout, said as such in its delivery's `last_error`.
+#[tokio::test]
+async fn a_silent_receiver_holds_back_no_other_endpoint() {
+    let gw = TestGateway::start_with(fast_retries()).await;
+    let (_, key) = gw.workspace("free").await;
+    // Accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}/hook", silent.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            open.push(socket);
+        }
+    });
+    let ok = Receiver::start(0).await;
+    let events = ["limit_request.created"];
+    let (silent_id, _) = operator_endpoint(&gw, &silent_url, &events).await;
+    operator_endpoint(&gw, &ok.url, &events).await;
+
+    ask_more(&gw, &key).await;
+    ok.wait_for(1).await;
+    // The silent endpoint's attempt is under way now; the next event still goes at once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asked = Instant::now();
+    ask_more(&gw, &key).await;
+    let got = ok.wait_for(2).await;
+    let took = got[1].at.saturating_duration_since(asked);
+    assert!(
+        took < Duration::from_millis(2500),
+        "the second event took {took:?}"
+    );
+
+    // Its first attempt timed out (5 s), and says so.
+    eventually(
+        Duration::from_secs(15),
+        "the silent attempt's outcome",
+        || async {
+            deliveries(&gw, silent_id).await.iter().any(|d| {
+                d["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("no answer within 5 s"))
+            })
+        },
+    )
+    .await;
+    held.abort();
+}
