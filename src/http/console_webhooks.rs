@@ -188,7 +188,7 @@ fn secret_body(secret: &str, endpoint: Option<&WebhookEndpoint>, back: Markup) -
             code { "webhook-id" } ", " code { "webhook-timestamp" } ", " code { "webhook-signature" } ")." }
         p { code #new-secret { (secret) } }
         @if let Some(e) = endpoint {
-            p.note { "For " code { (e.url) } " · " (e.events.join(", ")) }
+            p.note { "For " code { (e.shown_url()) } " · " (e.events.join(", ")) }
         }
         p { (back) }
     }
@@ -259,7 +259,7 @@ fn list_body(
                                     None => "every workspace",
                                 }
                             }
-                            td.url { code { (e.url) } }
+                            td.url { code { (e.shown_url()) } }
                             td.events { (events_text(e)) }
                             td { (Timestamp(e.created_at).rfc3339()) }
                             td {
@@ -377,7 +377,7 @@ fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str
     html! {
         h1 { "Webhook endpoint " (e.id) }
         p #endpoint {
-            code { (e.url) } " · "
+            code { (e.shown_url()) } " · "
             @match e.workspace_id {
                 Some(w) => { "workspace " a href=(format!("{HOME}/{w}")) { (w) } },
                 None => "every workspace",
@@ -399,7 +399,7 @@ fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: 
     html! {
         h1 { "Webhook endpoint " (e.id) }
         p #endpoint {
-            code { (e.url) } " · " (events_text(e)) " · created "
+            code { (e.shown_url()) } " · " (events_text(e)) " · created "
             (Timestamp(e.created_at).rfc3339())
         }
         (deliveries_table(deliveries, Answers::Withheld))
@@ -499,7 +499,7 @@ pub(super) fn workspace_section(
                     tbody {
                         @for e in endpoints {
                             tr data-webhook-id=(e.id) {
-                                td.url { code { (e.url) } }
+                                td.url { code { (e.shown_url()) } }
                                 td.events { (events_text(e)) }
                                 td { (Timestamp(e.created_at).rfc3339()) }
                                 td { a.deliveries href=(format!("{WORKSPACE_WEBHOOKS}/{}", e.id)) { "Deliveries" } }

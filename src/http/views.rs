@@ -271,7 +271,7 @@ impl From<&WebhookEndpoint> for WebhookView {
         WebhookView {
             id: e.id,
             workspace_id: e.workspace_id,
-            url: e.url.clone(),
+            url: e.shown_url(),
             events: e.events.clone(),
             created_at: Timestamp(e.created_at),
         }

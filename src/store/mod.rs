@@ -596,6 +596,26 @@ pub struct WebhookEndpoint {
     pub created_at: i64,
 }
 
+impl WebhookEndpoint {
+    /// The URL as shown (listings, pages, the audit log): a password in it (`user:pass@`) as
+    /// `***`. Only the delivering task sends it whole (an outside audit saw credentials in every
+    /// listing and in the audit log).
+    pub fn shown_url(&self) -> String {
+        shown_url(&self.url)
+    }
+}
+
+/// `url` with the password of its user information, if any, as `***`.
+pub fn shown_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        _ => url.to_string(),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NewWebhook {
     pub workspace: Option<WorkspaceId>,
@@ -998,7 +1018,7 @@ impl AuditRow<'_> {
         let view = serde_json::json!({
             "id": endpoint.id,
             "workspace_id": endpoint.workspace_id,
-            "url": endpoint.url,
+            "url": endpoint.shown_url(),
             "events": endpoint.events,
         });
         let row = AuditRow::new(by, at, action, format!("webhook:{}", endpoint.id));

@@ -1005,3 +1005,36 @@ async fn a_silent_receiver_holds_back_no_other_endpoint() {
     .await;
     held.abort();
 }
+
+/// A password in an endpoint's URL is the receiver's to check, not the listings' to show: the
+/// API, the console and the audit log show it as `***`, and the deliveries still carry it.
+#[tokio::test]
+async fn a_password_in_an_endpoint_url_is_shown_as_stars() {
+    let gw = TestGateway::start_with(fast_retries()).await;
+    let (_, key) = gw.workspace("free").await;
+    let ok = Receiver::start(0).await;
+    let with_password = ok.url.replace("http://", "http://hook-user:s3cret-pass@");
+    let (id, _) = operator_endpoint(&gw, &with_password, &["limit_request.created"]).await;
+    ask_more(&gw, &key).await;
+    ok.wait_for(1).await;
+    let (_, listed) = gw.admin(Method::GET, "/webhooks", None).await;
+    let (_, audit) = gw
+        .admin(Method::GET, "/audit?action=webhook.create", None)
+        .await;
+    let page = gw
+        .client
+        .get(format!("{}/admin/v1/webhooks/{id}/deliveries", gw.url))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for shown in [listed.to_string(), audit.to_string(), page] {
+        assert!(!shown.contains("s3cret-pass"), "{shown}");
+    }
+    let url = listed["data"][0]["url"].as_str().unwrap();
+    assert!(url.starts_with("http://hook-user:***@127.0.0.1:"), "{url}");
+    assert_eq!(audit["data"][0]["after"]["url"], url);
+}
