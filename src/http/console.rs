@@ -46,12 +46,13 @@ use serde::Deserialize;
 
 use super::console_charts;
 use super::views::{
-    usage_history_view, usage_view, Timestamp, UsageHistoryView, UsageView, WindowView,
+    past_month, usage_history_view, usage_view, Timestamp, UsageHistoryView, UsageView, WindowView,
 };
 use crate::admin::{AdminError, NextTier};
 use crate::app::AppState;
 use crate::catalog::{AuthFailure, Authenticated, WorkspaceEntry};
 use crate::console::{Session, SessionKind, COOKIE, SESSION_LIFETIME, SIGN_INS_PER_MINUTE};
+use crate::limiter::MonthKey;
 use crate::metrics::Metrics;
 use crate::model::{
     Actor, ApiKey, AttributeValue, KeyId, KeyLimits, LimitRequest, LimitRequestId,
@@ -94,6 +95,7 @@ pub fn routes(scope: Scope) -> Router<Arc<AppState>> {
     if scope.workspace {
         routes = routes
             .route("/console/workspace", get(workspace_page))
+            .route("/console/workspace/usage", get(usage_page))
             .route("/console/keys/{id}/revoke", post(revoke_key))
             .route("/console/limit-requests", post(request_increase))
             .route(
@@ -243,6 +245,60 @@ const NOTICES: &[(&str, &str)] = &[
         "The endpoint was removed, with what it had still to receive.",
     ),
 ];
+
+#[derive(Deserialize)]
+struct MonthQuery {
+    /// `YYYY-MM`, at most the current month; default: the current month.
+    month: Option<String>,
+}
+
+/// `GET /console/workspace/usage?month=YYYY-MM`: the usage charts and the usage per key of one
+/// month, with links to the months before and after, as `GET /v1/usage?month=` gives them
+/// (the workspace's page shows this month's only).
+async fn usage_page(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(query): Query<MonthQuery>,
+) -> Response {
+    let (_, entry) = match signed_in(&state, &headers) {
+        Ok(found) => found,
+        Err(out) => return out.to_sign_in(&headers),
+    };
+    let this = MonthKey::of(state.clock.now());
+    let month = match query.month.as_deref().map(|m| past_month(m, this)) {
+        None => this,
+        Some(Ok(month)) => month,
+        Some(Err(e)) => {
+            let (status, message) = e.status_and_message().await;
+            let body = html! {
+                p.error { (message) }
+                p { a href="/console/workspace/usage" { "This month's usage" } }
+            };
+            return page(status, "Usage", body);
+        }
+    };
+    let history = match usage_history_view(&state, &entry.workspace, false, Some(month)).await {
+        Ok(history) => history,
+        Err(e) => return unavailable(e.into_response().status()),
+    };
+    let name = |m: MonthKey| format!("{:04}-{:02}", m.year(), m.month());
+    let before = MonthKey(month.0 - 1);
+    let after = MonthKey(month.0 + 1);
+    let body = html! {
+        h1 { "Usage of " (entry.workspace.name) }
+        p #months {
+            a #earlier href={ "/console/workspace/usage?month=" (name(before)) } { "← " (name(before)) }
+            " · " strong { (name(month)) } " · "
+            @if after <= this {
+                a #later href={ "/console/workspace/usage?month=" (name(after)) } { (name(after)) " →" }
+                " · "
+            }
+            a href="/console/workspace" { "Back to the workspace" }
+        }
+        (console_charts::usage_section(&history, month == this))
+    };
+    page(StatusCode::OK, "Usage", body)
+}
 
 async fn workspace_page(
     State(state): State<Arc<AppState>>,
@@ -1109,7 +1165,8 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             }
         }
         (tier_ladder(ws, limits, shadow, tiers, p.next))
-        (console_charts::usage_section(history))
+        (console_charts::usage_section(history, true))
+        p { a #earlier-months href="/console/workspace/usage" { "Usage by month, earlier months included" } }
         h2 { "API keys" }
         table.keys #keys {
             thead { tr { th { "Prefix" } th { "Name" } th { "Created" } th { "Last used" } th { "Expires" } th { "Limits of its own" } th { "Status" } th {} } }

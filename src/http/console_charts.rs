@@ -22,15 +22,23 @@ const PLOT_H: f64 = HEIGHT - TOP - BOTTOM;
 const PLOT_W: f64 = WIDTH - LEFT - RIGHT;
 
 /// The usage section of the workspace page: the two charts and the table per key.
-pub fn usage_section(history: &UsageHistoryView) -> Markup {
+pub fn usage_section(history: &UsageHistoryView, this_month: bool) -> Markup {
     html! {
         h2 { "Usage over time" }
         p.note { "From the ledger, across every instance, in UTC; up to about a second behind." }
-        h3 { "Per day this month (" (history.month) ")" }
+        @if this_month {
+            h3 { "Per day this month (" (history.month) ")" }
+        } @else {
+            h3 { "Per day in " (history.month) }
+        }
         (daily_chart(&history.days))
         h3 { "Per hour, the last 48 hours" }
         (hourly_chart(&history.hours))
-        h2 { "Usage per key this month" }
+        @if this_month {
+            h2 { "Usage per key this month" }
+        } @else {
+            h2 { "Usage per key in " (history.month) }
+        }
         (keys_table(&history.keys))
     }
 }

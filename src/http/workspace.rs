@@ -140,32 +140,11 @@ async fn usage(
     let month = query
         .month
         .as_deref()
-        .map(|m| past_month(m, MonthKey::of(state.clock.now())))
+        .map(|m| super::views::past_month(m, MonthKey::of(state.clock.now())))
         .transpose()?;
     Ok(SortedJson(
         usage_history_view(&state, &entry.workspace, false, month).await?,
     ))
-}
-
-/// `YYYY-MM`, a month up to `now` (and from 1970 on).
-fn past_month(text: &str, now: MonthKey) -> Result<MonthKey, ApiError> {
-    let parsed = text
-        .split_once('-')
-        .filter(|(y, m)| y.len() == 4 && m.len() == 2)
-        .and_then(|(y, m)| Some((y.parse::<i32>().ok()?, m.parse::<i32>().ok()?)))
-        .filter(|&(y, m)| y >= 1970 && (1..=12).contains(&m))
-        .map(|(y, m)| MonthKey(y * 12 + m - 1));
-    match parsed {
-        Some(month) if month <= now => Ok(month),
-        Some(_) => Err(ApiError::BadRequest(format!(
-            "'month' must not be after the current month ({:04}-{:02})",
-            now.year(),
-            now.month()
-        ))),
-        None => Err(ApiError::BadRequest(
-            "'month' must be a month as YYYY-MM (e.g. 2026-11)".into(),
-        )),
-    }
 }
 
 /// Reads the workspace's own monthly caps.

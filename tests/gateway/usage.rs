@@ -50,6 +50,11 @@ async fn denied(gw: &TestGateway, key: &str) {
 
 /// The console's workspace page, signed in with `key`.
 async fn console_page(gw: &TestGateway, key: &str) -> (String, String) {
+    console_page_at(gw, key, "/console/workspace").await
+}
+
+/// A page of the console, signed in with `key`.
+async fn console_page_at(gw: &TestGateway, key: &str, path: &str) -> (String, String) {
     let browser = Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
@@ -68,7 +73,7 @@ async fn console_page(gw: &TestGateway, key: &str) -> (String, String) {
         .unwrap()
         .to_string();
     let page = browser
-        .get(format!("{}/console/workspace", gw.url))
+        .get(format!("{}{path}", gw.url))
         .header("cookie", cookie)
         .send()
         .await
@@ -307,6 +312,25 @@ async fn a_past_month_is_read_with_its_days_and_keys() {
         (status, this["days"].as_array().unwrap().len()),
         (StatusCode::OK, now["days"].as_array().unwrap().len())
     );
+
+    // The console draws the past month on a page of its own, with its neighbours linked.
+    let (_, page) = console_page_at(
+        &gw,
+        &key,
+        &format!("/console/workspace/usage?month={month}"),
+    )
+    .await;
+    assert!(page.contains(&format!("Per day in {month}")), "{page}");
+    assert_eq!(page.matches("data-day=").count(), days.len());
+    let with_tokens = format!("data-tokens=\"{tokens}\"");
+    assert!(page.contains(&with_tokens), "{page}");
+    let this = now["month"].as_str().unwrap();
+    assert!(
+        page.contains(&format!("href=\"/console/workspace/usage?month={this}\"")),
+        "{page}"
+    );
+    let (_, page) = console_page_at(&gw, &key, "/console/workspace").await;
+    assert!(page.contains("href=\"/console/workspace/usage\""), "{page}");
 
     for bad in ["2026-13", "26-01", "1969-12", "2026-1", "x", "9999-01"] {
         let (status, body) = get(bad.to_string()).await;
