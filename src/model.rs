@@ -331,6 +331,13 @@ fn check_tokens(field: &str, value: Option<u64>, max: u64) -> Result<(), String>
     }
 }
 
+/// A figure of an increase that would not raise the limit in force (`Overrides::not_above`).
+struct NotAbove {
+    name: &'static str,
+    asked: String,
+    now: Option<String>,
+}
+
 /// Per-limit overrides a workspace may carry (what an approved increase sets). A `Some` wins over
 /// the tier's value.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -404,30 +411,66 @@ impl Overrides {
     /// An outside audit saw a request for 1,000 tokens/minute on a tier of 500,000 sent, granted
     /// as asked, and the lowered figure kept through a promotion.
     pub fn not_an_increase(&self, current: &Limits) -> Option<String> {
+        self.not_above(current).map(|n| match n.now {
+            Some(now) => format!(
+                "requested_limits.{}: {} is not above the limit in force ({now}); an increase request asks for more",
+                n.name, n.asked
+            ),
+            None if n.name == "burst" => {
+                "requested_limits.burst: there is no requests_per_second limit now for a burst to go with".into()
+            }
+            None => format!(
+                "requested_limits.{}: there is no {} limit now; asking for one would lower it",
+                n.name, n.name
+            ),
+        })
+    }
+
+    /// For an approval granting these figures (`field`: `limits` when the operator gave them,
+    /// `requested_limits` when it grants what was asked): the first that would lower the limit
+    /// in force now (`current`). The limits may have risen since the request was filed (a new
+    /// tier, another request approved): an outside audit saw an approval take a workspace from
+    /// the 10M tokens/minute of its new tier down to the 3M it had asked for.
+    pub fn lowers(&self, current: &Limits, field: &str) -> Option<String> {
+        self.not_above(current).map(|n| {
+            let now = match n.now {
+                Some(now) => format!("the limit in force is {now}"),
+                None => format!("there is no {} limit now", n.name),
+            };
+            format!(
+                "{field}.{}: {} is not above what holds now ({now}): approving it would lower the workspace's limit; grant other figures, or deny it",
+                n.name, n.asked
+            )
+        })
+    }
+
+    /// The first figure not above the limit in force now (`current`), or asked for where there
+    /// is none (a burst, where there is no rate for it).
+    fn not_above(&self, current: &Limits) -> Option<NotAbove> {
         fn check<T: PartialOrd + std::fmt::Display>(
-            name: &str,
+            name: &'static str,
             asked: Option<T>,
             now: Option<T>,
-        ) -> Option<String> {
+        ) -> Option<NotAbove> {
             let asked = asked?;
             match now {
                 Some(now) if asked > now => None,
-                Some(now) => Some(format!(
-                    "requested_limits.{name}: {asked} is not above the limit in force ({now}); an increase request asks for more"
-                )),
-                None => Some(format!(
-                    "requested_limits.{name}: there is no {name} limit now; asking for one would lower it"
-                )),
+                now => Some(NotAbove {
+                    name,
+                    asked: asked.to_string(),
+                    now: now.map(|n| n.to_string()),
+                }),
             }
         }
         if self.burst.is_some()
             && self.requests_per_second.is_none()
             && current.requests_per_second.is_none()
         {
-            return Some(
-                "requested_limits.burst: there is no requests_per_second limit now for a burst to go with"
-                    .into(),
-            );
+            return Some(NotAbove {
+                name: "burst",
+                asked: self.burst.map(|b| b.to_string()).unwrap_or_default(),
+                now: None,
+            });
         }
         let burst_now = current
             .requests_per_second

@@ -230,6 +230,8 @@ fn tier(name: &str, rps: f64) -> Tier {
         limits: Limits {
             requests_per_second: Some(rps),
             tokens_per_minute: Some(1000),
+            // Below what the tests' increase requests ask, which an approval must raise.
+            tokens_per_month: Some(100),
             ..Limits::default()
         },
         enforcement: Default::default(),
@@ -887,6 +889,52 @@ async fn limit_requests_are_decided_once(b: Backend) {
             .tokens_per_minute,
         Some(5000),
         "a withdrawal grants nothing"
+    );
+
+    // An approval only raises, judged in its transaction: of two requests, the lower one
+    // approved after the higher is refused, and nothing changes.
+    let lower = s
+        .create_limit_request(ws.id, "a", None, &ask(6000), 10, &by(), 600)
+        .await
+        .unwrap();
+    let higher = s
+        .create_limit_request(ws.id, "b", None, &ask(7000), 10, &by(), 600)
+        .await
+        .unwrap();
+    s.approve_limit_request(higher.id, None, None, &by(), 601)
+        .await
+        .unwrap();
+    let refused = s
+        .approve_limit_request(lower.id, None, None, &by(), 602)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::Invalid(ref m) if m.starts_with("requested_limits.tokens_per_minute: 6000 is not above")),
+        "{refused}"
+    );
+    let granted = Overrides {
+        tokens_per_minute: Some(100),
+        ..Overrides::default()
+    };
+    let refused = s
+        .approve_limit_request(lower.id, Some(&granted), None, &by(), 602)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, StoreError::Invalid(ref m) if m.starts_with("limits.tokens_per_minute: 100 is not above")),
+        "{refused}"
+    );
+    assert_eq!(
+        s.get_workspace(ws.id)
+            .await
+            .unwrap()
+            .overrides
+            .tokens_per_minute,
+        Some(7000)
+    );
+    assert_eq!(
+        s.get_limit_request(lower.id).await.unwrap().unwrap().status,
+        LimitRequestStatus::Pending
     );
 }
 

@@ -66,7 +66,7 @@ use async_trait::async_trait;
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
     Actor, ApiKey, Attributes, AuditAction, AuditEntry, Budget, Enforcement, KeyId, KeyLimits,
-    LimitRequest, LimitRequestId, LimitRequestStatus, Overrides, OverridesPatch, Promoted,
+    LimitRequest, LimitRequestId, LimitRequestStatus, Limits, Overrides, OverridesPatch, Promoted,
     ShadowLimit, Tier, Workspace, WorkspaceId, WorkspaceStatus,
 };
 
@@ -1387,6 +1387,26 @@ impl<'a> Closing<'a> {
             Closing::Denied { .. } => "limit_request.decided",
             Closing::Withdrawn { .. } => "limit_request.withdrawn",
         }
+    }
+}
+
+/// Whether approving grants (`granted` as the operator gave them, else what was `asked`) would
+/// lower a limit in force now: the workspace's overrides (`before`) over its tier's limits
+/// (`tier`), read in the approval's transaction, rows locked, so that two approvals at once, or
+/// a tier changed meanwhile, cannot slip one past (`Overrides::lowers`).
+fn approval_lowers(
+    granted: Option<&Overrides>,
+    asked: &Overrides,
+    before: &Overrides,
+    tier: &Limits,
+) -> Result<(), StoreError> {
+    let (grant, field) = match granted {
+        Some(g) => (g, "limits"),
+        None => (asked, "requested_limits"),
+    };
+    match grant.lowers(&before.apply(tier).within_bounds(), field) {
+        Some(m) => Err(StoreError::Invalid(m)),
+        None => Ok(()),
     }
 }
 

@@ -30,14 +30,15 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::{
-    already_decided, approval_state, audit_entry, hour_row, json, key_usage_row, log_covers,
-    month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches, rank_of, redact,
-    revoked, search_pattern, tier_shadowing_column, tier_shadowing_of, workspace_search_sql,
-    workspace_shadowing_column, workspace_shadowing_of, AuditColumns, AuditFilter, AuditRow,
-    CatalogChanges, CatalogData, CatalogDelta, Changed, Closing, DailyUsage, HourRow, KeyDayRow,
-    KeyUsage, LedgerBatch, MonthTotalsRow, NewKey, Store, StoreError, WorkspaceChange,
-    WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS, CHANGE_LOG_KEEP, CHANGE_LOG_SQL,
-    KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH, SHADOW_DENIED_SQL,
+    already_decided, approval_lowers, approval_state, audit_entry, hour_row, json, key_usage_row,
+    log_covers, month_range, month_totals_of, parse_json, promotion_holds, prune_in_batches,
+    rank_of, redact, revoked, search_pattern, tier_shadowing_column, tier_shadowing_of,
+    workspace_search_sql, workspace_shadowing_column, workspace_shadowing_of, AuditColumns,
+    AuditFilter, AuditRow, CatalogChanges, CatalogData, CatalogDelta, Changed, Closing, DailyUsage,
+    HourRow, KeyDayRow, KeyUsage, LedgerBatch, MonthTotalsRow, NewKey, Store, StoreError,
+    WorkspaceChange, WorkspaceListed, WorkspacePage, WorkspaceQuery, AUDIT_COLUMNS,
+    CHANGE_LOG_KEEP, CHANGE_LOG_SQL, KEY_USAGE_SQL, MONTH_TOTALS_SQL, PRUNE_BATCH,
+    SHADOW_DENIED_SQL,
 };
 use super::{
     claim_token, delivery_record, due_delivery, events_column, limit_request_event,
@@ -1619,13 +1620,16 @@ impl Store for PostgresStore {
             if request.status != LimitRequestStatus::Pending {
                 return Err(already_decided(id, request.status));
             }
-            let granted = granted.unwrap_or(&request.requested_limits).clone();
-            let current: String =
-                sqlx::query_scalar("SELECT overrides FROM workspaces WHERE id = $1 FOR UPDATE")
-                    .bind(request.workspace_id)
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let (current, tier): (String, String) = sqlx::query_as(
+                "SELECT w.overrides, t.limits FROM workspaces w JOIN tiers t ON t.name = w.tier WHERE w.id = $1 FOR UPDATE OF w",
+            )
+            .bind(request.workspace_id)
+            .fetch_one(&mut *tx)
+            .await?;
             let before: Overrides = parse_json(&current, "workspaces.overrides")?;
+            let tier: Limits = parse_json(&tier, "tiers.limits")?;
+            approval_lowers(granted, &request.requested_limits, &before, &tier)?;
+            let granted = granted.unwrap_or(&request.requested_limits).clone();
             let mut overrides = before.clone();
             overrides.merge(&granted);
             overrides

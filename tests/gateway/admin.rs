@@ -698,3 +698,89 @@ async fn a_revoke_answers_the_key_with_its_last_use() {
     assert!(revoked["revoked_at"].is_string(), "{revoked}");
     assert!(revoked["last_used_at"].is_string(), "{revoked}");
 }
+
+/// An approval only raises: a figure granted at or below the limit in force at approval is
+/// refused, whether the operator typed it or it is what was asked and the limits rose since (an
+/// outside audit: a request for 3M tokens/minute, approved after the workspace moved to a tier
+/// of 10M, cut it to 3M; of two requests, the lower approved last won).
+#[tokio::test]
+async fn an_approval_never_lowers_a_limit() {
+    let gw = TestGateway::start().await;
+    let (_, first) = gw.workspace("free").await;
+    let (ws, second) = gw.workspace("free").await;
+    let ask = |key: &str, tpm: u64| {
+        let gw = &gw;
+        let key = key.to_string();
+        async move {
+            let r = gw
+                .post(
+                    &key,
+                    "/v1/limit-requests",
+                    json!({"use_case": "more", "requested_limits": {"tokens_per_minute": tpm}}),
+                    &[],
+                )
+                .await;
+            assert_eq!(r.status(), StatusCode::CREATED);
+            r.json::<Value>().await.unwrap()["id"].as_i64().unwrap()
+        }
+    };
+    let tpm = |key: &str| {
+        let key = key.to_string();
+        let gw = gw.url.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .get(format!("{gw}/v1/limits"))
+                .bearer_auth(&key)
+                .send()
+                .await
+                .unwrap();
+            r.json::<Value>().await.unwrap()["limits"]["tokens_per_minute"].clone()
+        }
+    };
+    let approve = |id: i64, body: Option<Value>| {
+        let gw = &gw;
+        async move {
+            gw.admin(Method::POST, &format!("/limit-requests/{id}/approve"), body)
+                .await
+        }
+    };
+    // Two requests (free: 500,000 a minute): the higher approved first, the lower then refused.
+    let (lower, higher) = (ask(&first, 800_000).await, ask(&first, 900_000).await);
+    assert_eq!(approve(higher, None).await.0, StatusCode::OK);
+    let (s, body) = approve(lower, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("requested_limits.tokens_per_minute: 800000 is not above what holds now (the limit in force is 900000)"),
+        "{message}"
+    );
+    assert_eq!(tpm(&first).await, 900_000);
+    // The tier rose past what was asked: approving as asked is refused, other figures go.
+    let asked = ask(&second, 3_000_000).await;
+    let (s, _) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"tier": "tier-3"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let in_force = tpm(&second).await.as_u64().unwrap();
+    assert!(in_force > 3_000_000, "{in_force}");
+    let (s, body) = approve(asked, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    let (s, body) = approve(asked, Some(json!({"limits": {"tokens_per_minute": 100}}))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("limits.tokens_per_minute: 100"),
+        "{body}"
+    );
+    assert_eq!(tpm(&second).await, in_force, "nothing lowered");
+    let more = json!({"limits": {"tokens_per_minute": in_force + 1}});
+    let (s, body) = approve(asked, Some(more)).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(tpm(&second).await, in_force + 1);
+}

@@ -516,11 +516,17 @@ async fn admin_changes_racing_another_process_on_the_same_sqlite_file_never_fail
         .admin(Method::POST, "/workspaces", Some(json!({"name": "o"})))
         .await;
     let others = others["id"].as_i64().unwrap();
-    let requests: Vec<Value> = join_all((0..6).map(|i| {
+    // One request each from six workspaces (two approvals for one workspace at once would have
+    // the second refused, as it would lower the first's figure), asking more than any tier.
+    let mut keys = vec![key.clone()];
+    for _ in 1..6 {
+        keys.push(gw.workspace("free").await.1);
+    }
+    let requests: Vec<Value> = join_all(keys.iter().enumerate().map(|(i, key)| {
         ask(
             &gw,
-            &key,
-            json!({"use_case": "more", "requested_limits": {"tokens_per_month": 2_000_000_000 + i}}),
+            key,
+            json!({"use_case": "more", "requested_limits": {"tokens_per_month": 900_000_000_000_000u64 + i as u64}}),
         )
     }))
     .await;
