@@ -68,7 +68,7 @@ start_node() {
   mkdir -p "$dir"
   redis-server --port "$port" --cluster-port "$bus" --bind 127.0.0.1 \
     --save "" --appendonly no --daemonize no \
-    --cluster-enabled yes --cluster-config-file nodes.conf --dir "$dir" \
+    --cluster-enabled yes --cluster-config-file nodes.conf --cluster-require-full-coverage no --dir "$dir" \
     </dev/null >"$dir/redis.log" 2>&1 &
   pid=$!
   echo "$pid" >"$dir/redis.pid"

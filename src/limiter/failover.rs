@@ -198,6 +198,11 @@ pub struct Failover {
     /// Per workspace with a local share, how far below full its buckets were when last
     /// accounted for (`Accounted`), so that only what the share used since is carried back.
     accounted: Mutex<HashMap<WorkspaceId, Accounted>>,
+    /// Per workspace with a local share, the share's limits last decided with, which its
+    /// requests are settled under: settled under the workspace's whole limits, a share's
+    /// tokens-per-minute bucket took their capacity, and refilled at the whole rate (an outside
+    /// audit: each of three instances admitting about the workspace's minute during a stall).
+    shares: Mutex<HashMap<WorkspaceId, Arc<Limits>>>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -428,6 +433,7 @@ impl Failover {
             clock,
             month_seen: Mutex::new(HashMap::new()),
             alone: Mutex::new(Alone::default()),
+            shares: Mutex::default(),
             carried: Mutex::new(HashSet::new()),
             seeded: Mutex::new(HashMap::new()),
             any_seeded: std::sync::atomic::AtomicBool::new(false),
@@ -560,6 +566,10 @@ impl Failover {
             *at = None;
             self.local.clear();
             self.accounted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
+            self.shares
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
@@ -960,6 +970,10 @@ impl Failover {
                         self.any_seeded.store(!seeded.is_empty(), Ordering::Release);
                     }
                 }
+                self.shares
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(workspace, Arc::new(shared.clone()));
                 let decision = self
                     .local
                     .reserve(workspace, &shared, model, cost, now)
@@ -1149,7 +1163,15 @@ impl Failover {
                     carried.contains(&reservation.id)
                 };
                 // The share counts it whatever follows (again, harmlessly, when retried).
-                let settled = self.local.settle(reservation, limits, actual, now).await;
+                // Under the share it was decided with.
+                let share = self
+                    .shares
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&reservation.workspace)
+                    .cloned();
+                let under = share.as_deref().unwrap_or(limits);
+                let settled = self.local.settle(reservation, under, actual, now).await;
                 if !carried {
                     return settled;
                 }

@@ -2364,3 +2364,63 @@ async fn a_stall_takes_from_the_shared_buckets_only_what_the_share_used() {
     assert!(level > 5_500, "the shared bucket's level: {level}");
     drop(redis);
 }
+
+/// A local share's tokens-per-minute bucket keeps the share's capacity and rate: its requests
+/// are settled under the share they were decided with. Settled under the workspace's whole
+/// limits, the bucket took their capacity at the first settlement (an outside audit, on a
+/// cluster: each of three instances admitting about the workspace's minute during a stall). On
+/// the gateway's own clock, so that what refills is exact.
+#[tokio::test]
+async fn a_local_share_keeps_its_minute_through_its_settlements() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
+    let through = redis_gate(redis.port(), gate.clone()).await;
+    let fleet = TestGateway::fleet_with(1, &through, |options| {
+        options.real_clock = false;
+        options.redis_time = tiergate::limiter::redis::TimeSource::Caller;
+        options.raw.redis_failure_policy = Some("local".into());
+        // A third of each limit.
+        options.raw.instances = Some(3);
+        options.raw.redis_timeout_ms = Some(300);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) =
+        setup_workspace(&fleet, "share-minute", json!({"tokens_per_minute": 1200})).await;
+    // 100 tokens, estimated as reported.
+    let (body, usage) = exact_request(91);
+    let headers = [("x-mock-usage", usage.as_str())];
+    let chat = || gw.chat(&key, body.clone(), &headers);
+    assert_eq!(chat().await.status(), StatusCode::OK);
+    *gate.lock().unwrap() = Gate::Refuse;
+    for _ in 0..3 {
+        chat().await;
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+    // Requests of 100 until one is refused, by the share's minute.
+    let burst = || async {
+        let mut admitted = 0;
+        for _ in 0..20 {
+            let r = chat().await;
+            if r.status() != StatusCode::OK {
+                assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+                assert_eq!(
+                    crate::harness::header(&r, "x-ratelimit-limit-tokens"),
+                    Some("400")
+                );
+                break;
+            }
+            admitted += 1;
+        }
+        admitted
+    };
+    // The share, 400 a minute, starts empty; a minute on, it holds 400: four requests of 100.
+    gw.advance(Duration::from_secs(60));
+    assert_eq!(burst().await, 4, "the share's minute, 400 tokens");
+    // Half a minute refills half of it, 200 (at the whole limit's rate, all of it).
+    gw.advance(Duration::from_secs(30));
+    assert_eq!(burst().await, 2, "half the share's minute");
+    drop(redis);
+}
