@@ -1035,7 +1035,7 @@ impl Admin {
             .await
             .map_err(|e| match e {
                 StoreError::Conflict(_) => AdminError::Conflict(format!(
-                    "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; withdraw one (DELETE /v1/limit-requests/{{id}}), wait for an answer, or ask the operator"
+                    "this workspace already has {MAX_PENDING_LIMIT_REQUESTS} increase requests waiting for an answer; withdraw one (its Withdraw button in the console, or DELETE /v1/limit-requests/{{id}}), wait for an answer, or ask the operator"
                 )),
                 e => not_found("workspace", workspace)(e),
             })?;

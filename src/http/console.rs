@@ -582,15 +582,16 @@ async fn set_budget(State(state): State<Arc<AppState>>, request: Request) -> Res
         Err(answer) => return answer,
     };
     let refused = |status, message: String| {
-        let (state, session, entry) = (&state, &session, &entry);
+        let (state, session, entry, form) = (&state, &session, &entry, &form);
         async move {
+            // The figure as typed, not the stored one (an outside audit saw it emptied).
             render_workspace(
                 state,
                 session,
                 entry,
                 Some(Notice::Refused(&message)),
                 status,
-                None,
+                Some(form),
             )
             .await
         }
@@ -1211,7 +1212,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
             }
         }
         p.note { "New keys are made by the operator: a leaked key cannot mint more." }
-        (budget_form(&ws.budget, token))
+        (budget_form(&ws.budget, token, p.form.filter(|f| field(f, "use_case").is_none() && field(f, "url").is_none()).and_then(|f| field(f, "tokens_per_month"))))
         (increase_form(token, p.form.filter(|f| field(f, "use_case").is_some())))
         (past_requests(requests, token))
         (super::console_webhooks::workspace_section(p.webhooks, token, p.form))
@@ -1341,7 +1342,14 @@ fn condition_label(name: &str) -> String {
 
 /// The workspace's own monthly cap: a form for the whole workspace's, and the models' as set
 /// through the API.
-fn budget_form(budget: &crate::model::Budget, token: &str) -> Markup {
+/// `typed`: the figure of a refused budget form, shown again as it was sent.
+fn budget_form(budget: &crate::model::Budget, token: &str, typed: Option<String>) -> Markup {
+    let value = typed.unwrap_or_else(|| {
+        budget
+            .tokens_per_month
+            .map(|n| n.to_string())
+            .unwrap_or_default()
+    });
     html! {
         h2 { "Your monthly budget" }
         p.note { "A cap you set below your limits, so that a bug cannot spend the whole quota. Past it, requests are refused (429, code workspace_budget) until next month or until you raise it." }
@@ -1349,7 +1357,7 @@ fn budget_form(budget: &crate::model::Budget, token: &str) -> Markup {
             input type="hidden" name="csrf" value=(token);
             label for="budget_tokens_per_month" {
                 "Tokens per month (empty: no budget)"
-                input #budget_tokens_per_month type="number" min="1" step="1" name="tokens_per_month" value=(budget.tokens_per_month.map(|n| n.to_string()).unwrap_or_default());
+                input #budget_tokens_per_month type="number" min="1" step="1" name="tokens_per_month" value=(value);
             }
             button type="submit" { "Save the budget" }
         }

@@ -376,6 +376,22 @@ fn denial_message(denial: &Denial, budget: bool) -> (&'static str, &'static str,
                 what()
             ),
         ),
+        // A key's own limits are the operator's to set: an increase request does not reach them
+        // (an outside audit).
+        DenialKind::RequestTooLarge
+            if matches!(
+                denial.limit,
+                LimitName::KeyTokensPerMinute | LimitName::KeyTokensPerMonth
+            ) =>
+        {
+            (
+                "request_too_large",
+                format!(
+                    "This request can never fit: its prompt alone exceeds the limit of {} ({limit}). Send a smaller request, or ask the operator to raise this key's limit; retrying will not help.",
+                    what()
+                ),
+            )
+        }
         DenialKind::RequestTooLarge => (
             "request_too_large",
             format!(

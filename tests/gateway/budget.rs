@@ -255,6 +255,13 @@ async fn the_console_sets_the_workspaces_budget() {
     .await;
     assert_eq!(over.status, StatusCode::BAD_REQUEST);
     assert!(over.body.contains("tokens_per_month"), "{}", over.body);
+    // The figure comes back as typed.
+    assert!(
+        over.body
+            .contains(r#"name="tokens_per_month" value="100001""#),
+        "{}",
+        over.body
+    );
     // Without the form token: refused.
     let forged = post(vec![("tokens_per_month", "5".into())]).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
