@@ -2085,19 +2085,21 @@ async fn requests_page(
     let params = query(raw);
     match RequestFilter::parse(&params) {
         Ok(filter) => {
-            show_requests(&state, &op, &filter, StatusCode::OK, notice(&params), None).await
+            let shown = (notice(&params), None);
+            show_requests(&state, &op, &filter, StatusCode::OK, shown, None).await
         }
         Err(e) => failure_page(&op, &state, e).await,
     }
 }
 
+/// A refused answer's form, shown again as it was sent (`Typed`).
 async fn show_requests(
     state: &AppState,
     op: &Operator,
     filter: &RequestFilter,
     status: StatusCode,
-    notice: Option<&str>,
-    error: Option<&str>,
+    (notice, error): (Option<&str>, Option<&str>),
+    typed: Option<Typed<'_>>,
 ) -> Response {
     let mut requests = match state
         .admin
@@ -2113,7 +2115,7 @@ async fn show_requests(
         _ => (1, -r.id),
     });
     let token = state.console.csrf_token(&op.session);
-    let body = requests_body(state, filter, &requests, &token);
+    let body = requests_body(state, filter, &requests, &token, typed);
     operator_page(
         state,
         op,
@@ -2124,11 +2126,22 @@ async fn show_requests(
     )
 }
 
+/// The answer to one request that was refused, as its form was sent: the approve form's figures
+/// and note, or the deny form's reason. The page came back with the asked figures and no note,
+/// and a second click granted what was asked (an outside audit).
+#[derive(Clone, Copy)]
+struct Typed<'a> {
+    request: crate::model::LimitRequestId,
+    form: &'a Form,
+    approving: bool,
+}
+
 fn requests_body(
     state: &AppState,
     filter: &RequestFilter,
     requests: &[LimitRequest],
     token: &str,
+    typed: Option<Typed<'_>>,
 ) -> Markup {
     let choices = [
         (Some(LimitRequestStatus::Pending), "Pending"),
@@ -2169,7 +2182,7 @@ fn requests_body(
                             td.status { (r.status.as_str()) }
                             td.answer {
                                 @if r.status == LimitRequestStatus::Pending {
-                                    (answer_forms(r, token))
+                                    (answer_forms(r, token, typed.filter(|t| t.request == r.id)))
                                 } @else {
                                     (answer_text(r))
                                 }
@@ -2182,27 +2195,38 @@ fn requests_body(
     }
 }
 
-fn answer_forms(r: &LimitRequest, token: &str) -> Markup {
+fn answer_forms(r: &LimitRequest, token: &str, typed: Option<Typed<'_>>) -> Markup {
     let asked = &r.requested_limits;
-    let values = [
+    let mut values = [
         optional(asked.requests_per_second),
         optional(asked.burst),
         optional(asked.tokens_per_minute),
         optional(asked.tokens_per_month),
         optional(asked.concurrent_requests),
     ];
+    let (mut note, mut reason) = (String::new(), String::new());
+    match typed {
+        Some(t) if t.approving => {
+            for (value, (field, _)) in values.iter_mut().zip(OVERRIDE_FIELDS.iter()) {
+                *value = t.form.get(field);
+            }
+            note = t.form.get("reason");
+        }
+        Some(t) => reason = t.form.get("reason"),
+        None => {}
+    }
     html! {
         form.approve method="post" action=(format!("{REQUESTS}/{}/approve", r.id)) {
             input type="hidden" name="csrf" value=(token);
             @for (i, (field, label)) in OVERRIDE_FIELDS.iter().enumerate() {
                 label { (label) input type="text" inputmode="decimal" name=(field) value=(values[i]) size="12"; }
             }
-            label { "Note to the workspace (optional) " textarea name="reason" rows="2" cols="40" maxlength="4096" {} }
+            label { "Note to the workspace (optional) " textarea name="reason" rows="2" cols="40" maxlength="4096" { (note) } }
             button type="submit" { "Approve" }
         }
         form.deny method="post" action=(format!("{REQUESTS}/{}/deny", r.id)) {
             input type="hidden" name="csrf" value=(token);
-            label { "Reason " textarea name="reason" rows="2" cols="40" required maxlength="4096" {} }
+            label { "Reason " textarea name="reason" rows="2" cols="40" required maxlength="4096" { (reason) } }
             button type="submit" { "Deny" }
         }
     }
@@ -2214,6 +2238,7 @@ async fn after_answer(
     state: &AppState,
     op: &Operator,
     outcome: Result<Done, AdminError>,
+    typed: Option<Typed<'_>>,
 ) -> Response {
     match outcome {
         Ok(done) => see_other(&format!("{REQUESTS}?done={}", done.code()), None),
@@ -2223,7 +2248,8 @@ async fn after_answer(
                 status: Some(LimitRequestStatus::Pending),
                 workspace: None,
             };
-            show_requests(state, op, &pending, status, None, Some(&message)).await
+            let shown = (None, Some(message.as_str()));
+            show_requests(state, op, &pending, status, shown, typed).await
         }
     }
 }
@@ -2259,7 +2285,12 @@ async fn approve(
         Ok(Done::Approved)
     }
     .await;
-    after_answer(&state, &op, outcome).await
+    let typed = request_id(&id).ok().map(|request| Typed {
+        request,
+        form: &form,
+        approving: true,
+    });
+    after_answer(&state, &op, outcome, typed).await
 }
 
 async fn deny(
@@ -2280,7 +2311,12 @@ async fn deny(
         Ok(Done::Denied)
     }
     .await;
-    after_answer(&state, &op, outcome).await
+    let typed = request_id(&id).ok().map(|request| Typed {
+        request,
+        form: &form,
+        approving: false,
+    });
+    after_answer(&state, &op, outcome, typed).await
 }
 
 // ---- Audit log -----------------------------------------------------------------------------

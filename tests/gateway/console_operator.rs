@@ -777,10 +777,28 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
     // In a form's words, not the API's.
     assert!(!page.body.contains("left out"), "{}", page.body);
     let page = op
-        .post(&approve_third, &[("concurrent_requests", "0")])
+        .post(
+            &approve_third,
+            &[("concurrent_requests", "0"), ("reason", "a trial week")],
+        )
         .await;
     assert_eq!(page.status, StatusCode::BAD_REQUEST);
     assert!(page.body.contains("concurrent_requests"), "{}", page.body);
+    // Its form comes back as it was sent: the figure and the note, not what was asked (a second
+    // click then granted what was asked, without the note: an outside audit).
+    let row = page
+        .body
+        .split(&format!(r#"data-request-id="{third}""#))
+        .nth(1)
+        .unwrap()
+        .split("</tr>")
+        .next()
+        .unwrap();
+    assert!(
+        row.contains(r#"name="concurrent_requests" value="0""#),
+        "{row}"
+    );
+    assert!(row.contains(">a trial week</textarea>"), "{row}");
 
     // Denied: a reason is required.
     let deny = format!("/console/operator/requests/{second}/deny");
