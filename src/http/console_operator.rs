@@ -1148,15 +1148,23 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
             button type="submit" { "Save overrides" }
             span.note { "A number sets an override; an emptied field clears it (the tier's applies)." }
         }
-        form #change-status method="post" action=(format!("{base}/status")) {
-            input type="hidden" name="csrf" value=(token);
-            @match w.status {
-                WorkspaceStatus::Active => {
-                    input type="hidden" name="status" value="suspended";
-                    button type="submit" { "Suspend" }
-                    span.note { "Its requests are refused (403) and its console sessions end." }
+        @match w.status {
+            // Asked twice: suspending cuts off all of the workspace's traffic at once (an
+            // outside audit: one click did).
+            WorkspaceStatus::Active => {
+                details.suspend {
+                    summary { "Suspend…" }
+                    form #change-status method="post" action=(format!("{base}/status")) {
+                        input type="hidden" name="csrf" value=(token);
+                        input type="hidden" name="status" value="suspended";
+                        button type="submit" { "Suspend " (w.name) " now" }
+                        span.note { "Its requests are refused (403) and its console sessions end." }
+                    }
                 }
-                WorkspaceStatus::Suspended => {
+            }
+            WorkspaceStatus::Suspended => {
+                form #change-status method="post" action=(format!("{base}/status")) {
+                    input type="hidden" name="csrf" value=(token);
                     input type="hidden" name="status" value="active";
                     button type="submit" { "Reactivate" }
                 }

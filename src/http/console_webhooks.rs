@@ -264,9 +264,13 @@ fn list_body(
                             td { (Timestamp(e.created_at).rfc3339()) }
                             td {
                                 a href=(format!("{OPERATOR_WEBHOOKS}/{}", e.id)) { "Deliveries" }
-                                form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
-                                    input type="hidden" name="csrf" value=(token);
-                                    button type="submit" { "Remove" }
+                                // Asked twice: its deliveries still due go with it.
+                                details.delete-webhook {
+                                    summary { "Remove…" }
+                                    form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
+                                        input type="hidden" name="csrf" value=(token);
+                                        button type="submit" { "Remove it and its deliveries due" }
+                                    }
                                 }
                             }
                         }
@@ -385,10 +389,13 @@ fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str
             " · " (events_text(e)) " · created " (Timestamp(e.created_at).rfc3339())
         }
         (deliveries_table(deliveries, Answers::Shown))
-        form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
-            input type="hidden" name="csrf" value=(token);
-            button type="submit" { "Remove this endpoint" }
-            span.note { "Its deliveries still due are dropped." }
+        details.delete-webhook {
+            summary { "Remove this endpoint…" }
+            form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
+                input type="hidden" name="csrf" value=(token);
+                button type="submit" { "Remove it now" }
+                span.note { "Its deliveries still due are dropped." }
+            }
         }
         p { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } }
     }
@@ -403,10 +410,13 @@ fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: 
             (Timestamp(e.created_at).rfc3339())
         }
         (deliveries_table(deliveries, Answers::Withheld))
-        form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
-            input type="hidden" name="csrf" value=(token);
-            button type="submit" { "Remove this endpoint" }
-            span.note { "Its deliveries still due are dropped." }
+        details.delete-webhook {
+            summary { "Remove this endpoint…" }
+            form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
+                input type="hidden" name="csrf" value=(token);
+                button type="submit" { "Remove it now" }
+                span.note { "Its deliveries still due are dropped." }
+            }
         }
         p { a href="/console/workspace" { "Back to the workspace" } }
     }
@@ -504,9 +514,13 @@ pub(super) fn workspace_section(
                                 td { (Timestamp(e.created_at).rfc3339()) }
                                 td { a.deliveries href=(format!("{WORKSPACE_WEBHOOKS}/{}", e.id)) { "Deliveries" } }
                                 td {
-                                    form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
-                                        input type="hidden" name="csrf" value=(token);
-                                        button type="submit" { "Remove" }
+                                    // Asked twice: its deliveries still due go with it.
+                                    details.delete-webhook {
+                                        summary { "Remove…" }
+                                        form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
+                                            input type="hidden" name="csrf" value=(token);
+                                            button type="submit" { "Remove it and its deliveries due" }
+                                        }
                                     }
                                 }
                             }

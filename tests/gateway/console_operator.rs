@@ -1230,6 +1230,14 @@ async fn with_an_admin_listener_the_operator_pages_are_served_only_there() {
     assert!(op.get("/console").await.redirects_to(HOME));
     let page = op.get(&format!("{HOME}/{ws}")).await;
     assert_eq!(page.status, StatusCode::OK);
+    // The button that suspends is behind a first click.
+    assert!(
+        page.body.contains(
+            r#"<details class="suspend"><summary>Suspend…</summary><form id="change-status""#
+        ),
+        "{}",
+        page.body
+    );
     let page = op
         .post(&format!("{HOME}/{ws}/status"), &[("status", "suspended")])
         .await;
