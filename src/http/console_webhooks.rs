@@ -264,14 +264,7 @@ fn list_body(
                             td { (Timestamp(e.created_at).rfc3339()) }
                             td {
                                 a href=(format!("{OPERATOR_WEBHOOKS}/{}", e.id)) { "Deliveries" }
-                                // Asked twice: its deliveries still due go with it.
-                                details.delete-webhook {
-                                    summary { "Remove…" }
-                                    form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
-                                        input type="hidden" name="csrf" value=(token);
-                                        button type="submit" { "Remove it and its deliveries due" }
-                                    }
-                                }
+                                (remove_form(OPERATOR_WEBHOOKS, e, token, Shown::InList))
                             }
                         }
                     }
@@ -389,15 +382,38 @@ fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str
             " · " (events_text(e)) " · created " (Timestamp(e.created_at).rfc3339())
         }
         (deliveries_table(deliveries, Answers::Shown))
+        (remove_form(OPERATOR_WEBHOOKS, e, token, Shown::OnItsPage))
+        p { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } }
+    }
+}
+
+/// Where an endpoint's remove form stands.
+#[derive(Clone, Copy, PartialEq)]
+enum Shown {
+    /// A row of a list of endpoints.
+    InList,
+    /// The endpoint's own page.
+    OnItsPage,
+}
+
+/// The form that removes endpoint `e` (under `base`, the operator's pages or the workspace's),
+/// behind a first click: its deliveries still due go with it.
+fn remove_form(base: &str, e: &WebhookEndpoint, token: &str, shown: Shown) -> Markup {
+    let (summary, button) = match shown {
+        Shown::InList => ("Remove…", "Remove it and its deliveries due"),
+        Shown::OnItsPage => ("Remove this endpoint…", "Remove it now"),
+    };
+    html! {
         details.delete-webhook {
-            summary { "Remove this endpoint…" }
-            form.delete-webhook method="post" action=(format!("{OPERATOR_WEBHOOKS}/{}/delete", e.id)) {
+            summary { (summary) }
+            form.delete-webhook method="post" action=(format!("{base}/{}/delete", e.id)) {
                 input type="hidden" name="csrf" value=(token);
-                button type="submit" { "Remove it now" }
-                span.note { "Its deliveries still due are dropped." }
+                button type="submit" { (button) }
+                @if shown == Shown::OnItsPage {
+                    span.note { "Its deliveries still due are dropped." }
+                }
             }
         }
-        p { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } }
     }
 }
 
@@ -410,14 +426,7 @@ fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: 
             (Timestamp(e.created_at).rfc3339())
         }
         (deliveries_table(deliveries, Answers::Withheld))
-        details.delete-webhook {
-            summary { "Remove this endpoint…" }
-            form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
-                input type="hidden" name="csrf" value=(token);
-                button type="submit" { "Remove it now" }
-                span.note { "Its deliveries still due are dropped." }
-            }
-        }
+        (remove_form(WORKSPACE_WEBHOOKS, e, token, Shown::OnItsPage))
         p { a href="/console/workspace" { "Back to the workspace" } }
     }
 }
@@ -514,14 +523,7 @@ pub(super) fn workspace_section(
                                 td { (Timestamp(e.created_at).rfc3339()) }
                                 td { a.deliveries href=(format!("{WORKSPACE_WEBHOOKS}/{}", e.id)) { "Deliveries" } }
                                 td {
-                                    // Asked twice: its deliveries still due go with it.
-                                    details.delete-webhook {
-                                        summary { "Remove…" }
-                                        form.delete-webhook method="post" action=(format!("{WORKSPACE_WEBHOOKS}/{}/delete", e.id)) {
-                                            input type="hidden" name="csrf" value=(token);
-                                            button type="submit" { "Remove it and its deliveries due" }
-                                        }
-                                    }
+                                    (remove_form(WORKSPACE_WEBHOOKS, e, token, Shown::InList))
                                 }
                             }
                         }

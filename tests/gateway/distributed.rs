@@ -1669,11 +1669,7 @@ async fn a_request_that_ends_while_it_is_carried_back_holds_nothing_in_redis() {
     let headers = [("x-mock-usage", usage.as_str())];
     let chat = || gw.chat(&key, body.clone(), &headers);
     assert_eq!(chat().await.status(), StatusCode::OK);
-    *gate.lock().unwrap() = Gate::Refuse;
-    for _ in 0..3 {
-        chat().await;
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+    refuse_until_the_breaker_opens(gw, &gate, chat).await;
     // Admitted alone; answered 1.5 s later, while the carry is held back.
     let long = long_request(gw, &key, "1500", "9,1");
     running_upstream(gw, "1500", 1).await;
@@ -1686,15 +1682,40 @@ async fn a_request_that_ends_while_it_is_carried_back_holds_nothing_in_redis() {
     );
     // Freed in Redis once the carry lands (without, held, renewed, for as long as the
     // instance lives).
+    nothing_held_in_redis(gw, &key).await;
+    assert!(backend_up(gw).await == 1.0);
+    assert_eq!(chat().await.status(), StatusCode::OK);
+    drop(redis);
+}
+
+/// Refuses Redis (`gate`) and sends `chat` until the breaker has opened (3 failed calls).
+async fn refuse_until_the_breaker_opens<F, Fut>(
+    gw: &TestGateway,
+    gate: &std::sync::Mutex<Gate>,
+    chat: F,
+) where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = reqwest::Response>,
+{
+    *gate.lock().unwrap() = Gate::Refuse;
+    for _ in 0..3 {
+        chat().await;
+    }
+    assert_eq!(backend_up(gw).await, 0.0);
+}
+
+/// Waits (at most 8 s) until Redis holds nothing of `key`'s workspace: no request in flight, no
+/// tokens reserved (`/v1/limits` answers `503` while the breaker is open: its live figures are
+/// Redis's).
+async fn nothing_held_in_redis(gw: &TestGateway, key: &str) {
     eventually(Duration::from_secs(8), || async {
         let r = gw
             .client
             .get(format!("{}/v1/limits", gw.url))
-            .bearer_auth(&key)
+            .bearer_auth(key)
             .send()
             .await
             .unwrap();
-        // 503 while the breaker is open: the live figures are Redis's.
         if r.status() != StatusCode::OK {
             return false;
         }
@@ -1702,9 +1723,6 @@ async fn a_request_that_ends_while_it_is_carried_back_holds_nothing_in_redis() {
         usage["in_flight"] == 0 && usage["tokens_reserved"] == 0
     })
     .await;
-    assert!(backend_up(gw).await == 1.0);
-    assert_eq!(chat().await.status(), StatusCode::OK);
-    drop(redis);
 }
 
 /// A carry whose call timed out on its way but that Redis ran all the same (held past the
@@ -1739,11 +1757,7 @@ async fn a_carry_that_timed_out_but_landed_holds_no_slot_in_redis() {
     let headers = [("x-mock-usage", usage.as_str())];
     let chat = || gw.chat(&key, body.clone(), &headers);
     assert_eq!(chat().await.status(), StatusCode::OK);
-    *gate.lock().unwrap() = Gate::Refuse;
-    for _ in 0..3 {
-        chat().await;
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+    refuse_until_the_breaker_opens(gw, &gate, chat).await;
     // Admitted alone; still running when the carry's call times out.
     let long = long_request(gw, &key, "4000", "9,1");
     running_upstream(gw, "4000", 1).await;
@@ -1751,21 +1765,7 @@ async fn a_carry_that_timed_out_but_landed_holds_no_slot_in_redis() {
     *gate.lock().unwrap() = Gate::HoldCarry(until);
     assert_eq!(long.await.unwrap().status(), StatusCode::OK);
     // Nothing held in Redis once the request ended, long before the lease's end.
-    eventually(Duration::from_secs(8), || async {
-        let r = gw
-            .client
-            .get(format!("{}/v1/limits", gw.url))
-            .bearer_auth(&key)
-            .send()
-            .await
-            .unwrap();
-        if r.status() != StatusCode::OK {
-            return false;
-        }
-        let usage = r.json::<Value>().await.unwrap()["usage"].clone();
-        usage["in_flight"] == 0 && usage["tokens_reserved"] == 0
-    })
-    .await;
+    nothing_held_in_redis(gw, &key).await;
     assert_eq!(chat().await.status(), StatusCode::OK);
     drop(redis);
 }
@@ -2394,11 +2394,7 @@ async fn a_local_share_keeps_its_minute_through_its_settlements() {
     let headers = [("x-mock-usage", usage.as_str())];
     let chat = || gw.chat(&key, body.clone(), &headers);
     assert_eq!(chat().await.status(), StatusCode::OK);
-    *gate.lock().unwrap() = Gate::Refuse;
-    for _ in 0..3 {
-        chat().await;
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+    refuse_until_the_breaker_opens(gw, &gate, chat).await;
     // Requests of 100 until one is refused, by the share's minute.
     let burst = || async {
         let mut admitted = 0;
