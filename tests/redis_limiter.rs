@@ -1632,7 +1632,13 @@ async fn a_new_generation_keeps_the_holds_of_live_reservations() {
     );
     for _ in 0..2 {
         limiter
-            .new_generation(ws, start, Carry::default(), &limits)
+            .new_generation(
+                ws,
+                start,
+                &RedisLimiter::generation_id(),
+                Carry::default(),
+                &limits,
+            )
             .await
             .unwrap();
     }
@@ -1714,8 +1720,9 @@ async fn requests_carried_back_are_reservations_of_the_new_generation() {
         running: vec![alone.clone()],
         ..Carry::default()
     };
-    let generation = limiter
-        .new_generation(ws, start, carry, &limits)
+    let generation = RedisLimiter::generation_id();
+    limiter
+        .new_generation(ws, start, &generation, carry, &limits)
         .await
         .unwrap();
     let u = limiter.usage(ws, &limits, start).await.unwrap();
@@ -1740,4 +1747,74 @@ async fn requests_carried_back_are_reservations_of_the_new_generation() {
     let u = limiter.usage(ws, &limits, start).await.unwrap();
     assert_eq!(holds(&u), (0, 0, 500 + 1_200));
     assert_eq!(u.models[0].month_used, 1_200);
+}
+
+/// A carry sent again under its generation's id (its first call failed on the caller's side,
+/// but Redis may have run it) is taken in once: the request still running is held once, and the
+/// shared buckets lose what the share used once. A carry under another id is taken in again.
+#[tokio::test]
+async fn a_carry_sent_again_under_its_id_is_taken_in_once() {
+    let Some(url) = shared_redis() else { return };
+    let (ws, start) = (1, t0());
+    let limiter = limiter(
+        Topology::Single(url),
+        &unique_prefix(),
+        Duration::from_secs(60),
+        TimeSource::Caller,
+        Arc::new(Ledger::default()),
+    );
+    let limits = Limits {
+        requests_per_second: Some(1.0),
+        burst: Some(10),
+        concurrent_requests: Some(3),
+        tokens_per_minute: Some(6_000),
+        tokens_per_month: Some(100_000),
+        ..Limits::default()
+    };
+    let running = Reservation::new(
+        ws,
+        Held {
+            model: None,
+            tokens: 1_000,
+            month: MonthKey::of(start),
+            slot: true,
+            key: None,
+        },
+    );
+    let carry = Carry {
+        running: vec![running.clone()],
+        requests: 4,
+        tokens: 2_000,
+        ..Carry::default()
+    };
+    let generation = RedisLimiter::generation_id();
+    for _ in 0..3 {
+        limiter
+            .new_generation(ws, start, &generation, carry.clone(), &limits)
+            .await
+            .unwrap();
+    }
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(holds(&u).0, 1, "held once");
+    assert_eq!(
+        u.snapshot.requests.unwrap().remaining,
+        6,
+        "4 of 10 taken, once"
+    );
+    assert_eq!(
+        u.snapshot.tokens.unwrap().remaining,
+        4_000,
+        "2,000 taken, once"
+    );
+    // Another carry is another's use.
+    let other = Carry {
+        requests: 4,
+        ..Carry::default()
+    };
+    limiter
+        .new_generation(ws, start, &RedisLimiter::generation_id(), other, &limits)
+        .await
+        .unwrap();
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(u.snapshot.requests.unwrap().remaining, 2);
 }

@@ -23,9 +23,11 @@
 //!     the instance denies as under `closed`. A share taken up counts in flight this
 //!     instance's own requests admitted through Redis that still run (`Failover::seeded`),
 //!     each until it ends.
+//! - A request whose own call failed while the breaker was still closed is decided by the
+//!   policy too, and is carried back like the others (below), as soon as Redis answers.
 //! - Every reservation is settled where it was made (but for those carried back, below). Usage
 //!   admitted by the fallback reaches the
-//!   ledger (untagged, so any later counter generation counts it), and once the breaker closes
+//!   ledger (untagged, so any later counter generation counts it), and once Redis answers for it
 //!   (or at the workspace's next decision, if that comes first) a new generation of such a
 //!   workspace's month counter starts, which is then rebuilt from the ledger: nothing used
 //!   during the outage is lost. It carries back what the instance's share used that Redis does not know (`Carry`): what the share's
@@ -33,7 +35,8 @@
 //!   meanwhile; and its requests still running (`Failover::alone`) each become a reservation of
 //!   the new generation under its own id, renewed as the instance's own are (the ledger has
 //!   none of their tokens yet). Those are then settled in Redis, not on the share
-//!   (`Failover::carried`), so their usage counts once, in that generation.
+//!   (`Failover::carried`), so their usage counts once, in that generation. A carry whose call
+//!   failed is sent again as it was, and taken in once (`Pending`).
 //!
 //! `local` is the default because it keeps serving while still protecting the upstream: a
 //! Redis outage neither becomes an API outage (`closed`) nor opens the gate (`open`).
@@ -45,7 +48,7 @@ use std::time::Duration;
 
 use super::core::{request_rate, MonthKey};
 use super::local::LocalLimiter;
-use super::redis::{Carry, RedisLimiter};
+use super::redis::{Carry, RedisLimiter, TOMBSTONE};
 use super::{
     Answer, Decision, Denial, DenialKind, Held, LimitName, Limiter, LimiterError, Nanos, Origin,
     Reservation, ReservationId, Settled, Snapshot, TokenCost, Usage, NANOS_PER_SEC,
@@ -168,15 +171,20 @@ pub struct Failover {
     /// When the local shares are to be forgotten, once the breaker has stayed closed that long.
     forget_local_at: Mutex<Option<tokio::time::Instant>>,
     metrics: Arc<Metrics>,
-    /// Workspaces decided without the shared limiter since it last answered: their month counter
-    /// is rebuilt from the ledger as soon as their breaker closes (`rebuild_all`), or before
-    /// their next shared decision if that comes first (`rebuild_if_due`). With each, whether one of
-    /// those decisions was made while its breaker was open: only then is what its share used
-    /// carried back (`Carry`). A decision made while the breaker was still counting failures is
-    /// followed by another try of Redis, whose call may time out and still be run when Redis
-    /// wakes; carrying with it took the same share's lack from Redis several times over (an
-    /// outside audit saw a minute's worth of tokens in debt after a short stall).
+    /// Workspaces decided without the shared limiter since it last answered: what their share
+    /// used is carried back (`Carry`) and their month counter rebuilt from the ledger as soon as
+    /// Redis answers for them (`rebuild_all`, from the watcher), or before their next shared
+    /// decision if that comes first (`rebuild_if_due`). That includes a decision made on the
+    /// share because one call timed out, the breaker still closed: not carried, the share's
+    /// requests, tokens and slots were unknown to the other instances, which admitted the whole
+    /// limit on top of them (an outside audit, 80 ms stalls against a 50 ms timeout that never
+    /// opened the breaker: 58 requests where the limit allowed 43, a month quota used to 101%,
+    /// 4 requests in flight of 3).
     rebuild: Mutex<HashMap<WorkspaceId, Rebuild>>,
+    /// Carries whose call failed, sent again first (`Pending`).
+    pending: Mutex<HashMap<WorkspaceId, Vec<Pending>>>,
+    /// Whether `rebuild_all` runs now.
+    rebuilding: std::sync::atomic::AtomicBool,
     /// The gateway's clock, for the rebuilds the switch back starts itself.
     clock: Arc<dyn Clock>,
     /// Each workspace's month use as Redis last reported it with a decision (its own month
@@ -235,12 +243,29 @@ impl Accounted {
 /// at most; past that, further ones are not carried (each about 100 bytes).
 const ALONE: usize = 100_000;
 
-/// A workspace decided without the shared limiter (`Failover::rebuild`): whether what its share
-/// used is to be carried back, and its limits then, for the rebuild the switch back starts.
+/// A workspace decided without the shared limiter (`Failover::rebuild`): its limits then, for
+/// the rebuild the switch back starts.
 struct Rebuild {
-    carries: bool,
     limits: Arc<Limits>,
 }
+
+/// A carry whose call failed: it may have been run all the same (it timed out on its way, or
+/// while Redis stalled), so it is sent again as it was, under the same generation id, which
+/// Redis takes in once (`RedisLimiter::new_generation`). Sent afresh instead, the same share's
+/// use was taken from Redis several times over (an outside audit saw a minute's worth of tokens
+/// in debt after a short stall); not sent again, what the share used was never carried.
+struct Pending {
+    generation: String,
+    carry: Carry,
+    /// When it was first sent.
+    since: tokio::time::Instant,
+}
+
+/// How long a carry whose call failed is sent again (`Pending`): well within the life of the
+/// record by which Redis knows it took the carry in (`TOMBSTONE`, from when it ran, which is
+/// after it was first sent). Past that, its requests still running are let go in Redis and
+/// settled on the share, and what its buckets lacked is not carried.
+const CARRY_SENT_FOR: Duration = Duration::from_millis(TOMBSTONE.as_millis() as u64 / 2);
 
 /// The requests admitted on local shares not yet settled, by workspace.
 #[derive(Default)]
@@ -430,6 +455,8 @@ impl Failover {
             forget_local_at: Mutex::new(None),
             metrics,
             rebuild: Mutex::new(HashMap::new()),
+            pending: Mutex::default(),
+            rebuilding: std::sync::atomic::AtomicBool::new(false),
             clock,
             month_seen: Mutex::new(HashMap::new()),
             alone: Mutex::new(Alone::default()),
@@ -582,25 +609,24 @@ impl Failover {
     }
 
     fn served_alone(&self, workspace: WorkspaceId, limits: &Limits) {
-        let open = self.is_open_for(workspace);
-        let mut rebuild = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
-        match rebuild.get_mut(&workspace) {
-            Some(due) => due.carries |= open,
-            None => {
-                rebuild.insert(
-                    workspace,
-                    Rebuild {
-                        carries: open,
-                        limits: Arc::new(limits.clone()),
-                    },
-                );
-            }
-        }
+        self.still_due(workspace, limits);
+    }
+
+    /// Keeps `workspace`'s rebuild due (`Failover::rebuild`).
+    fn still_due(&self, workspace: WorkspaceId, limits: &Limits) {
+        self.rebuild
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(workspace)
+            .or_insert_with(|| Rebuild {
+                limits: Arc::new(limits.clone()),
+            });
     }
 
     /// Rebuilds the workspace's month counter if it was decided without the shared limiter, and
-    /// carries back what its share used when that is due (`Carry`): once, by whichever comes
-    /// first, its next decision or the switch back itself (`rebuild_all`).
+    /// carries back what its share used (`Carry`): once, by whichever comes first, its next
+    /// decision or the watcher (`rebuild_all`). A carry whose call failed is sent again first, as
+    /// it was (`Pending`); then what the share used since it was made.
     async fn rebuild_if_due(
         &self,
         workspace: WorkspaceId,
@@ -615,79 +641,119 @@ impl Failover {
         else {
             return Ok(());
         };
-        let carry = if due.carries {
-            self.carry(workspace, limits, now).await
-        } else {
-            Carry::default()
-        };
-        let running = carry.running.clone();
-        match self
-            .shared
-            .new_generation(workspace, now, carry, limits)
-            .await
-        {
-            Ok(_) => {
-                // A request that ended while the call was on its way was settled on the share,
-                // not in Redis, which now holds it live, renewed for as long as this instance
-                // lives: its slot and tokens held for good (an outside audit: a workspace with
-                // one concurrent request refused for 18 minutes after Redis flapped under
-                // load). Those still running are carried (`settle_async` looks under the same
-                // lock); the others' holds are freed in Redis now, settled to nothing there:
-                // their usage went to the ledger as the share's.
-                let ended: Vec<Reservation> = {
-                    let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
-                    let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
-                    let (still, ended): (Vec<_>, Vec<_>) = running
-                        .into_iter()
-                        .partition(|r| alone.get_mut(r).is_some());
-                    carried.extend(still.iter().map(|r| r.id));
-                    ended
-                };
-                for r in ended {
-                    // Settling stops its renewal first. A failure is cancelled in the background,
-                    // sent again until Redis takes it: left to its lease, its slot was held for
-                    // a whole lease after the request ended.
-                    if let Err(e) = self.shared.settle(&r, limits, 0, now).await {
-                        tracing::debug!(error = %e, "freeing a carried request that had ended failed; cancelling it");
-                        self.shared.abandon_carried(
-                            workspace,
-                            std::slice::from_ref(&r),
-                            limits,
-                            now,
-                        );
-                    }
-                }
-                Ok(())
+        let pending = self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&workspace)
+            .unwrap_or_default();
+        let (mut failed, sent) = (None, !pending.is_empty());
+        for p in pending {
+            if failed.is_some() {
+                self.keep_pending(workspace, limits, now, p);
+            } else if let Err(e) = self.send_carry(workspace, limits, now, p).await {
+                failed = Some(e);
             }
-            Err(e) => {
-                // The call may have been run all the same (it timed out on its way, or while
-                // Redis stalled): each request it carried would then be held in Redis, its slot
-                // taken without a decision, by a record that nothing renews or settles, for a
-                // whole lease. Those records are cancelled, and the requests are not carried
-                // again: they are settled on the share, as the call's failure says.
-                if !running.is_empty() {
-                    {
-                        let _carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
-                        let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
-                        for r in &running {
-                            alone.remove(r);
-                        }
-                    }
-                    self.shared
-                        .abandon_carried(workspace, &running, limits, now);
+        }
+        if failed.is_none() {
+            let carry = self.carry(workspace, limits, now).await;
+            // Nothing more to carry, and the month counter rebuilt by the carry just sent.
+            let done = sent && carry == Carry::default();
+            let p = Pending {
+                generation: RedisLimiter::generation_id(),
+                carry,
+                since: tokio::time::Instant::now(),
+            };
+            if !done {
+                if let Err(e) = self.send_carry(workspace, limits, now, p).await {
+                    failed = Some(e);
                 }
-                // Tried again at the next decision; but the call may still be run when Redis
-                // wakes: carried once at most.
-                self.rebuild
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry(workspace)
-                    .or_insert(Rebuild {
-                        carries: false,
-                        limits: due.limits,
-                    });
+            }
+        }
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                // Tried again by the watcher, or at the next decision.
+                self.still_due(workspace, &due.limits);
                 Err(e)
             }
+        }
+    }
+
+    /// Sends a carry (`RedisLimiter::new_generation`); one that fails is kept to be sent again
+    /// (`keep_pending`).
+    async fn send_carry(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        now: Nanos,
+        p: Pending,
+    ) -> Result<(), LimiterError> {
+        let result = self
+            .shared
+            .new_generation(workspace, now, &p.generation, p.carry.clone(), limits)
+            .await;
+        if let Err(e) = result {
+            self.keep_pending(workspace, limits, now, p);
+            return Err(e);
+        }
+        // A request that ended while the call was on its way was settled on the share, not in
+        // Redis, which now holds it live, renewed for as long as this instance lives: its slot
+        // and tokens held for good (an outside audit: a workspace with one concurrent request
+        // refused for 18 minutes after Redis flapped under load). Those still running are
+        // carried (`settle_async` looks under the same lock); the others' holds are freed in
+        // Redis now, settled to nothing there: their usage went to the ledger as the share's.
+        let ended: Vec<Reservation> = {
+            let mut carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+            let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
+            let (still, ended): (Vec<_>, Vec<_>) = p
+                .carry
+                .running
+                .into_iter()
+                .partition(|r| alone.get_mut(r).is_some());
+            carried.extend(still.iter().map(|r| r.id));
+            ended
+        };
+        for r in ended {
+            // Settling stops its renewal first. A failure is cancelled in the background, sent
+            // again until Redis takes it: left to its lease, its slot was held for a whole lease
+            // after the request ended.
+            if let Err(e) = self.shared.settle(&r, limits, 0, now).await {
+                tracing::debug!(error = %e, "freeing a carried request that had ended failed; cancelling it");
+                self.shared
+                    .abandon_carried(workspace, std::slice::from_ref(&r), limits, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps a carry whose call failed to be sent again, for `CARRY_SENT_FOR`. Past that, the
+    /// records it may have made in Redis of the requests still running (which nothing renews,
+    /// settles or frees until their lease ends, and which no decision counted against the
+    /// limit: an outside audit saw 25 of them hold a workspace with one concurrent request for
+    /// 30 s while Redis flapped) are cancelled, and those requests are not carried again: they
+    /// are settled on the share.
+    fn keep_pending(&self, workspace: WorkspaceId, limits: &Limits, now: Nanos, p: Pending) {
+        if p.since.elapsed() < CARRY_SENT_FOR {
+            self.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(workspace)
+                .or_default()
+                .push(p);
+            return;
+        }
+        let running = p.carry.running;
+        if !running.is_empty() {
+            {
+                let _carried = self.carried.lock().unwrap_or_else(|e| e.into_inner());
+                let mut alone = self.alone.lock().unwrap_or_else(|e| e.into_inner());
+                for r in &running {
+                    alone.remove(r);
+                }
+            }
+            self.shared
+                .abandon_carried(workspace, &running, limits, now);
         }
     }
 
@@ -697,6 +763,9 @@ impl Failover {
     /// outside audit: 1.19 times a quota, with no more requests to this instance after the
     /// switch back).
     async fn rebuild_all(&self) {
+        if self.rebuilding.swap(true, Ordering::AcqRel) {
+            return;
+        }
         let due: Vec<(WorkspaceId, Arc<Limits>)> = self
             .rebuild
             .lock()
@@ -708,9 +777,19 @@ impl Failover {
         for (workspace, limits) in due {
             let now = self.clock.now();
             if let Err(e) = self.rebuild_if_due(workspace, &limits, now).await {
-                tracing::debug!(error = %e, workspace, "rebuilding a month counter failed; its next decision tries again");
+                tracing::debug!(error = %e, workspace, "rebuilding a month counter failed; tried again soon");
             }
         }
+        self.rebuilding.store(false, Ordering::Release);
+    }
+
+    /// Whether some workspaces' rebuilds are due (`Failover::rebuild`).
+    fn rebuilds_due(&self) -> bool {
+        !self
+            .rebuild
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
     }
 
     /// Remembers the workspace's month use from a decision's snapshot, when its month window is
@@ -1034,6 +1113,13 @@ async fn watch(failover: Weak<Failover>) {
             }
         } else {
             f.forget_local_if_due();
+            // Those decided on their share while the breaker stayed closed (one call timed
+            // out), or whose rebuild failed since, are carried back without waiting for a
+            // request.
+            if f.rebuilds_due() {
+                let f = f.clone();
+                tokio::spawn(async move { f.rebuild_all().await });
+            }
         }
         if last_heartbeat.elapsed() >= HEARTBEAT_EVERY {
             last_heartbeat = tokio::time::Instant::now();

@@ -44,7 +44,8 @@
 --   X|tokens|gen|model|key    its lease expired (the instance is presumed gone): its month hold
 --                             and slot were released; a late settlement still counts once
 --   S|gen                     settled (tombstone; a second settlement answers the same)
---   C                         cancelled before its reservation was known to the caller
+--   C                         cancelled before its reservation was known to the caller; under
+--                             a generation's id, a carry taken in (`newgen`)
 --
 -- ARGV, every op: op, now (µs; 0 = the server's TIME), idle ms (the key's life after the last
 -- write), records ms (the records' keys' life after a write: the longest lease or tombstone),
@@ -1039,6 +1040,10 @@ if op == 'newgen' then
   -- settled (or its slot freed) through Redis like any other, its usage counted once, in this
   -- generation. The buckets, refilled while Redis was away, lose what the instance's share of
   -- them lacks.
+  -- A carry is sent again under the same id when its call failed (it timed out on its way, or
+  -- while Redis stalled, and may have been run all the same): the id's record, left by the one
+  -- that ran for a tombstone's life, says it was taken in, and it is not taken in twice.
+  if redis.call('HEXISTS', KR, ARGV[6]) == 1 then return {1, now, ARGV[6]} end
   local rate, rcap, rtake = N(ARGV[8] or '0') or 0, N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0
   local tpm, ttake = N(ARGV[11] or '0') or 0, N(ARGV[12] or '0') or 0
   local running = N(ARGV[13] or '0') or 0
@@ -1139,6 +1144,7 @@ if op == 'newgen' then
       tok_add(p, a, -take, true)
     end
   end
+  record(ARGV[6], 'C', now + TOMB)
   finish()
   return {1, now, ARGV[6]}
 end

@@ -1239,19 +1239,21 @@ impl RedisLimiter {
     /// Starts a new generation of a workspace's month counter: it will be rebuilt from the
     /// ledger when next needed. `carry`: what this instance used on its own (Redis down) that
     /// the shared state is to take in (see `Carry`); `limits`: the workspace's, for its buckets.
-    /// Returns the new generation's id, which names the carried slots' records.
+    /// `generation`: the new generation's id (`generation_id`). A call sent again under the
+    /// same id, after one that failed (and may have been run all the same), is taken in once,
+    /// for as long as a tombstone lives after the first that ran (`TOMBSTONE`).
     pub async fn new_generation(
         &self,
         workspace: WorkspaceId,
         now: Nanos,
+        generation: &str,
         carry: Carry,
         limits: &Limits,
-    ) -> Result<String, LimiterError> {
+    ) -> Result<(), LimiterError> {
         let (rate, capacity) = request_args(limits);
-        let generation = ReservationId::next().to_string();
         let mut args = self.inner.args("newgen", now);
         args.extend([
-            generation.clone().into(),
+            generation.to_string().into(),
             millis(self.inner.lease),
             rate.into(),
             capacity.into(),
@@ -1311,7 +1313,12 @@ impl RedisLimiter {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(running);
-        Ok(generation)
+        Ok(())
+    }
+
+    /// A new generation's id, for `new_generation`.
+    pub fn generation_id() -> String {
+        ReservationId::next().to_string()
     }
 
     /// Cancels, in the background, what a `new_generation` call that failed may still have made
@@ -1547,8 +1554,15 @@ impl RedisLimiter {
         if doubt.is_some_and(|since| since.elapsed() >= TOMBSTONE / 2) {
             // An earlier attempt may have counted it, and its tombstone may be gone: count it
             // in a new generation of the month counter, rebuilt from the ledger without it.
-            self.new_generation(reservation.workspace, now, Carry::default(), limits)
-                .await?;
+            let generation = Self::generation_id();
+            self.new_generation(
+                reservation.workspace,
+                now,
+                &generation,
+                Carry::default(),
+                limits,
+            )
+            .await?;
         }
         let reply = match inner.eval(&inner.keys(reservation.workspace), &args).await {
             Ok(reply) => reply,

@@ -1588,6 +1588,9 @@ enum Gate {
     /// The call that starts a new generation of a month counter (`newgen`: a carry back) waits
     /// until then, and what follows it on its connection with it; others pass.
     HoldCarry(Instant),
+    /// Decisions' calls (`reserve`) wait until then, and what follows them on their connection
+    /// with them; others pass.
+    HoldReserve(Instant),
 }
 
 /// A TCP proxy on a loopback port to the Redis on `port`, whose behaviour the test switches;
@@ -1616,6 +1619,11 @@ async fn redis_gate(port: u16, gate: Arc<std::sync::Mutex<Gate>>) -> String {
                         Gate::Refuse => break,
                         Gate::HoldCarry(until) => {
                             if call.windows(6).any(|w| w == b"newgen") {
+                                tokio::time::sleep_until(until.into()).await;
+                            }
+                        }
+                        Gate::HoldReserve(until) => {
+                            if call.windows(7).any(|w| w == b"reserve") {
                                 tokio::time::sleep_until(until.into()).await;
                             }
                         }
@@ -1685,6 +1693,91 @@ async fn a_request_that_ends_while_it_is_carried_back_holds_nothing_in_redis() {
     nothing_held_in_redis(gw, &key).await;
     assert!(backend_up(gw).await == 1.0);
     assert_eq!(chat().await.status(), StatusCode::OK);
+    drop(redis);
+}
+
+/// A request decided on the local share because one call timed out, the breaker staying closed,
+/// is carried into Redis without waiting for the breaker: the other instances count it. Left to
+/// the share alone, it was unknown to them, and they admitted the whole limit on top of it (an
+/// outside audit, 80 ms stalls against a 50 ms timeout that never opened the breaker: 4
+/// requests in flight where 3 were allowed, 58 requests where the rate allowed 43). Instance A
+/// reaches Redis through a gate that holds one decision's call past the timeout; B directly.
+#[tokio::test]
+async fn a_request_decided_alone_on_one_timed_out_call_counts_on_every_instance() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
+    let through = redis_gate(redis.port(), gate.clone()).await;
+    let first = AtomicBool::new(true);
+    let fleet = TestGateway::fleet_with(2, &redis.url(), |options| {
+        if first.swap(false, Ordering::Relaxed) {
+            options.raw.redis = Some(through.clone());
+        }
+        options.raw.redis_failure_policy = Some("local".into());
+        options.raw.instances = Some(2);
+        options.raw.redis_timeout_ms = Some(300);
+        // Longer than the test: what is freed was not freed by a lease's end.
+        options.raw.redis_lease_ms = Some(30_000);
+    })
+    .await;
+    let (a, b) = (&fleet[0], &fleet[1]);
+    let (_, key) = setup_workspace(
+        &fleet,
+        "one-call-timed-out",
+        json!({"concurrent_requests": 2, "tokens_per_month": 1_000_000}),
+    )
+    .await;
+    let (body, usage) = exact_request(5);
+    let headers = [("x-mock-usage", usage.as_str())];
+    assert_eq!(
+        a.chat(&key, body.clone(), &headers).await.status(),
+        StatusCode::OK
+    );
+    // A's decision times out (held 1 s against 300 ms): admitted on A's share of one slot.
+    let until = Instant::now() + Duration::from_secs(1);
+    *gate.lock().unwrap() = Gate::HoldReserve(until);
+    let alone = long_request(a, &key, "6000", "9,1");
+    running_upstream(a, "6000", 1).await;
+    assert_eq!(
+        backend_up(a).await,
+        1.0,
+        "one failed call: the breaker stays closed"
+    );
+    tokio::time::sleep_until(until.into()).await;
+    *gate.lock().unwrap() = Gate::Pass;
+    // The held call lands and is cancelled; the request on the share is carried in.
+    eventually(Duration::from_secs(5), || async {
+        let r = b
+            .client
+            .get(format!("{}/v1/limits", b.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["usage"]["in_flight"] == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // B admits the second slot, and not a third.
+    let through_b = long_request(b, &key, "3000", "9,1");
+    running_upstream(b, "3000", 1).await;
+    let r = b.chat(&key, body.clone(), &headers).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "A's request counts on B"
+    );
+    let denial: Value = r.json().await.unwrap();
+    assert_eq!(denial["code"], "concurrent_requests", "{denial}");
+    assert_eq!(through_b.await.unwrap().status(), StatusCode::OK);
+    assert_eq!(alone.await.unwrap().status(), StatusCode::OK);
+    // Its slot freed in Redis as it ended.
+    nothing_held_in_redis(b, &key).await;
+    assert_eq!(
+        b.chat(&key, body.clone(), &headers).await.status(),
+        StatusCode::OK
+    );
     drop(redis);
 }
 
