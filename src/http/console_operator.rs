@@ -62,6 +62,7 @@
 //! a refused one shows the page again with the message, and the status the admin API would
 //! give (`400` for what is not valid, `404`, `409`, `503`).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::extract::{Path, RawQuery, Request, State};
@@ -1363,6 +1364,35 @@ fn overrides_text(o: &Overrides) -> String {
     parts.join(", ")
 }
 
+/// The limits in force now of each figure `asked` names.
+fn in_force_text(asked: &Overrides, now: &Limits) -> String {
+    let or_none = |v: Option<String>| v.unwrap_or_else(|| "unlimited".into());
+    let mut parts = Vec::new();
+    if asked.requests_per_second.is_some() {
+        let v = now.requests_per_second.map(|v| v.to_string());
+        parts.push(format!("requests_per_second {}", or_none(v)));
+    }
+    if asked.burst.is_some() {
+        let v = now
+            .requests_per_second
+            .map(|_| now.effective_burst().to_string());
+        parts.push(format!("burst {}", or_none(v)));
+    }
+    if asked.tokens_per_minute.is_some() {
+        let v = now.tokens_per_minute.map(|v| v.to_string());
+        parts.push(format!("tokens_per_minute {}", or_none(v)));
+    }
+    if asked.tokens_per_month.is_some() {
+        let v = now.tokens_per_month.map(|v| v.to_string());
+        parts.push(format!("tokens_per_month {}", or_none(v)));
+    }
+    if asked.concurrent_requests.is_some() {
+        let v = now.concurrent_requests.map(|v| v.to_string());
+        parts.push(format!("concurrent_requests {}", or_none(v)));
+    }
+    parts.join(", ")
+}
+
 fn answer_text(r: &LimitRequest) -> String {
     match r.status {
         LimitRequestStatus::Pending => String::new(),
@@ -2122,8 +2152,35 @@ async fn show_requests(
         LimitRequestStatus::Pending => (0, r.id),
         _ => (1, -r.id),
     });
+    // Beside each pending request, the limits it would raise as they are now: they may have
+    // changed since it was filed (a tier moved, another request approved).
+    let mut in_force = HashMap::new();
+    if requests
+        .iter()
+        .any(|r| r.status == LimitRequestStatus::Pending)
+    {
+        let tiers = match state.admin.list_tiers().await {
+            Ok(t) => t,
+            Err(e) => return failure_page(op, state, e).await,
+        };
+        for r in requests
+            .iter()
+            .filter(|r| r.status == LimitRequestStatus::Pending)
+        {
+            let Some(entry) = state.catalog.workspace(r.workspace_id) else {
+                continue;
+            };
+            let ws = &entry.workspace;
+            let tier = tiers
+                .iter()
+                .find(|t| t.name == ws.tier)
+                .map(|t| t.limits.clone())
+                .unwrap_or_default();
+            in_force.insert(r.workspace_id, ws.overrides.apply(&tier).within_bounds());
+        }
+    }
     let token = state.console.csrf_token(&op.session);
-    let body = requests_body(state, filter, &requests, &token, typed);
+    let body = requests_body(state, filter, (&requests, &in_force), &token, typed);
     operator_page(
         state,
         op,
@@ -2147,7 +2204,7 @@ struct Typed<'a> {
 fn requests_body(
     state: &AppState,
     filter: &RequestFilter,
-    requests: &[LimitRequest],
+    (requests, in_force): (&[LimitRequest], &HashMap<WorkspaceId, Limits>),
     token: &str,
     typed: Option<Typed<'_>>,
 ) -> Markup {
@@ -2186,7 +2243,12 @@ fn requests_body(
                                 (r.use_case)
                                 @if let Some(v) = &r.expected_volume { br; span.note.expected-volume { "Expected volume: " (v) } }
                             }
-                            td.asked { (overrides_text(&r.requested_limits)) }
+                            td.asked {
+                                (overrides_text(&r.requested_limits))
+                                @if let Some(now) = in_force.get(&r.workspace_id).filter(|_| r.status == LimitRequestStatus::Pending) {
+                                    br; span.note.in-force { "In force now: " (in_force_text(&r.requested_limits, now)) }
+                                }
+                            }
                             td.status { (r.status.as_str()) }
                             td.answer {
                                 @if r.status == LimitRequestStatus::Pending {

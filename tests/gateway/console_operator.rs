@@ -747,6 +747,11 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
         "prefilled with what was asked: {row}"
     );
     assert!(row.contains(r#"name="reason""#));
+    // Beside what it asks, the limit it would raise as it is now.
+    assert!(
+        row.contains("In force now: tokens_per_minute 100000<"),
+        "{row}"
+    );
 
     // Approved with less than asked, and a note: the gateway's headers say so on the next
     // request.
@@ -762,6 +767,19 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
         page.body
     );
     assert_eq!(tokens_limit(&gw, &key).await, 120000);
+    let page = op.get("/console/operator/requests").await;
+    let row = page
+        .body
+        .split(&format!("data-request-id=\"{second}\""))
+        .nth(1)
+        .unwrap()
+        .split("</tr>")
+        .next()
+        .unwrap();
+    assert!(
+        row.contains("In force now: requests_per_second 100<"),
+        "{row}"
+    );
     let page = op.post(&approve, &[("tokens_per_minute", "130000")]).await;
     assert_eq!(page.status, StatusCode::CONFLICT);
     assert!(page.body.contains("already approved"), "{}", page.body);
