@@ -99,6 +99,7 @@ async fn handle(state: Arc<AppState>, request: Request) -> Response {
             decision: "unauthenticated",
             limit: None,
             tokens: 0,
+            left_at: None,
             written: false,
         })
     });
@@ -232,6 +233,10 @@ struct AccessLine {
     limit: Option<&'static str>,
     /// Tokens settled (the estimate where no usage came; 0 when refunded or denied).
     tokens: u64,
+    /// When the client left before its answer was whole: the line's duration ends there, not
+    /// when the gateway, reading on for the usage, settles (an outside audit: a client that left
+    /// after 0.2 s logged the upstream's 1.8 s).
+    left_at: Option<Instant>,
     written: bool,
 }
 
@@ -251,7 +256,8 @@ impl Drop for AccessLine {
 impl AccessLine {
     fn write(&mut self, status: u16) {
         self.written = true;
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let end = self.left_at.unwrap_or_else(Instant::now);
+        let duration_ms = end.saturating_duration_since(self.start).as_secs_f64() * 1000.0;
         let client_id = self.client_id.as_ref().and_then(|v| v.to_str().ok());
         tracing::info!(
             target: "tiergate::access",
@@ -912,6 +918,7 @@ impl<T: Send + 'static> Drop for Outlive<T> {
         else {
             return;
         };
+        settlement.client_left();
         let drain = self.state.config.upstream.usage_drain;
         spawn_tracked(&self.state, async move {
             settlement.release_slot().await;
@@ -1322,6 +1329,13 @@ fn without_usage(held: u64, prompt_estimate: u64, text_events: u64) -> u64 {
 }
 
 impl Settlement {
+    /// The client has left: its access line's duration ends now.
+    fn client_left(&mut self) {
+        if let Some((line, _)) = self.access.as_mut() {
+            line.left_at.get_or_insert_with(Instant::now);
+        }
+    }
+
     fn take(&mut self, outcome: Outcome) -> Option<BoxFuture<'static, ()>> {
         let reservation = self.reservation.take()?;
         // Off the metered routes nothing was reserved and only usage the answer reports is
@@ -1817,6 +1831,7 @@ impl Drop for MeteredStream {
             return;
         };
         // The client went away mid-stream. Keep reading, briefly, for the real usage.
+        settlement.client_left();
         let mut upstream =
             std::mem::replace(&mut self.upstream, futures_util::stream::empty().boxed());
         let scanner = self.scanner.take();

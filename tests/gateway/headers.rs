@@ -473,6 +473,9 @@ async fn the_access_log_has_one_json_line_per_request_without_secrets() {
     assert_eq!(left["status"], 499);
     assert_eq!(left["decision"], "admitted");
     assert!(left["tokens"].as_u64().unwrap() > 0, "{left}");
+    // To its leaving (about 0.3 s), not to the end of the wait for the upstream's answer after
+    // it left (`usage_drain_ms`, 2 s, later).
+    assert!(left["duration_ms"].as_f64().unwrap() < 1_500.0, "{left}");
     let denied = by_id("line-denied");
     assert_eq!(denied["status"], 429);
     assert_eq!(denied["decision"], "denied");
