@@ -114,9 +114,20 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathPar
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        match Path::<T>::from_request_parts(parts, state).await {
-            Ok(Path(v)) => Ok(PathParam(v)),
-            Err(_) => {
+        // An id is a whole number above 0: `-1` or `0` names nothing, and is refused as `abc`
+        // is, not looked for (an outside audit: `404`, where the README promises `400`).
+        let is_id = what::<T>() != "path";
+        let parsed = match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) if !is_id => Ok(v),
+            Ok(Path(v)) => match Path::<i64>::from_request_parts(parts, state).await {
+                Ok(Path(id)) if id <= 0 => Err(()),
+                _ => Ok(v),
+            },
+            Err(_) => Err(()),
+        };
+        match parsed {
+            Ok(v) => Ok(PathParam(v)),
+            Err(()) => {
                 // The path as the client sent it (a nested router sees it without its prefix).
                 let uri = parts
                     .extensions
@@ -148,7 +159,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
 /// What a path parameter of type `T` is, for messages.
 fn what<T>() -> &'static str {
     match std::any::type_name::<T>() {
-        "i64" | "u64" | "i32" | "u32" => "id (a whole number)",
+        "i64" | "u64" | "i32" | "u32" => "id (a whole number above 0)",
         _ => "path",
     }
 }

@@ -124,8 +124,13 @@ fn table() -> Vec<Case> {
         case("a workspace key as the admin token", M::DELETE, "/admin/v1/keys/{key}", Workspace, 401),
         // Ids.
         case("no such workspace", M::GET, "/admin/v1/workspaces/999999", Admin, 404),
-        case("negative id", M::GET, "/admin/v1/workspaces/-1", Admin, 404),
-        case("id zero", M::GET, "/admin/v1/workspaces/0", Admin, 404),
+        // Ids are whole numbers above 0: `-1` and `0` are refused as `abc` is (an outside
+        // audit: they were looked for, `404`).
+        case("negative id", M::GET, "/admin/v1/workspaces/-1", Admin, 400).naming("above 0"),
+        case("id zero", M::GET, "/admin/v1/workspaces/0", Admin, 400),
+        case("negative request id", M::GET, "/admin/v1/limit-requests/-1", Admin, 400),
+        case("negative webhook id", M::GET, "/admin/v1/webhooks/-1/deliveries", Admin, 400),
+        case("negative id of the workspace's request", M::GET, "/v1/limit-requests/-1", Workspace, 400),
         case("id not a number", M::GET, "/admin/v1/workspaces/abc", Admin, 400),
         case("id a fraction", M::GET, "/admin/v1/workspaces/1.5", Admin, 400),
         case("id past 64 bits", M::GET, "/admin/v1/workspaces/99999999999999999999", Admin, 400),
