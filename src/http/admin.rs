@@ -162,7 +162,7 @@ async fn list_workspaces(
     tag = "admin",
     operation_id = "get_workspace",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The workspace's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The workspace's id.")),
     responses(
         (status = 200, description = "The workspace.", body = WorkspaceView),
         BadRequest,
@@ -220,7 +220,7 @@ where
     tag = "admin",
     operation_id = "update_workspace",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The workspace's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The workspace's id.")),
     request_body = PatchWorkspace,
     responses(
         (status = 200, description = "The workspace, changed (tier, overrides and status in one transaction).", body = WorkspaceView),
@@ -279,7 +279,7 @@ async fn patch_workspace(
     tag = "admin",
     operation_id = "put_workspace_attributes",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The workspace's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The workspace's id.")),
     request_body(content = Attributes, description = "All of the attributes (at most 64; names 1 to 64 of `a-z A-Z 0-9 _ - .`): a number or a boolean each."),
     responses(
         (status = 200, description = "The workspace, its attributes replaced (and its tier, if that promoted it).", body = WorkspaceView),
@@ -315,7 +315,7 @@ struct CreateKey {
     tag = "admin",
     operation_id = "create_key",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The workspace's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The workspace's id.")),
     request_body(content = Option<CreateKey>, description = "May be left out (an empty body)."),
     responses(
         (status = 201, description = "The key, with its secret: shown this once.", body = NewKeyView),
@@ -348,7 +348,7 @@ async fn create_key(
     tag = "admin",
     operation_id = "list_keys",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The workspace's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The workspace's id.")),
     responses(
         (status = 200, description = "The workspace's keys, revoked ones included; never their secrets.", body = List<KeyView>),
         BadRequest,
@@ -374,7 +374,7 @@ async fn list_keys(
     tag = "admin",
     operation_id = "revoke_key",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The key's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The key's id.")),
     responses(
         (status = 200, description = "The key, revoked at once.", body = KeyView),
         BadRequest,
@@ -425,7 +425,7 @@ enum KeyRevoked {
     tag = "admin",
     operation_id = "update_key",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The key's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The key's id.")),
     request_body = PatchKey,
     responses(
         (status = 200, description = "The key, its limits replaced; they hold from its next request (on other instances within `catalog_refresh_ms`).", body = KeyView),
@@ -512,7 +512,7 @@ struct Range {
     tag = "admin",
     operation_id = "get_usage",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The workspace's id."), Range),
+    params(("id" = i64, Path, minimum = 1, description = "The workspace's id."), Range),
     responses(
         (status = 200, description = "The workspace's usage, the ledger's figures exact.", body = UsageView),
         BadRequest,
@@ -587,7 +587,7 @@ async fn list_limit_requests(
     tag = "admin",
     operation_id = "get_limit_request",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The limit request's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The limit request's id.")),
     responses(
         (status = 200, description = "The request, whichever its workspace.", body = LimitRequestView),
         BadRequest,
@@ -646,7 +646,7 @@ enum AlreadyDecided {
     tag = "admin",
     operation_id = "approve_limit_request",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The limit request's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The limit request's id.")),
     request_body(content = Option<Approve>, description = "May be left out (an empty body): grants what was asked."),
     responses(
         (status = 200, description = "The request, approved; the workspace's overrides are set.", body = LimitRequestView),
@@ -683,7 +683,7 @@ struct Deny {
     tag = "admin",
     operation_id = "deny_limit_request",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The limit request's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The limit request's id.")),
     request_body = Deny,
     responses(
         (status = 200, description = "The request, denied.", body = LimitRequestView),
@@ -847,7 +847,7 @@ async fn list_webhooks(
     tag = "admin",
     operation_id = "delete_webhook",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The endpoint's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The endpoint's id.")),
     responses(
         (status = 200, description = "The endpoint removed.", body = WebhookView),
         BadRequest,
@@ -872,7 +872,7 @@ async fn delete_webhook(
     tag = "admin",
     operation_id = "list_webhook_deliveries",
     security(("admin_token" = [])),
-    params(("id" = i64, Path, description = "The endpoint's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The endpoint's id.")),
     responses(
         (status = 200, description = "Each event sent to it, its status and attempts.", body = List<DeliveryView>),
         BadRequest,

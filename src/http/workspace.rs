@@ -316,7 +316,7 @@ async fn list_limit_requests(
     tag = "workspace",
     operation_id = "get_own_limit_request",
     security(("workspace_key" = [])),
-    params(("id" = i64, Path, description = "The request's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The request's id.")),
     responses(
         (status = 200, description = "The request and its answer, if any.", body = LimitRequestView),
         BadRequest,
@@ -355,7 +355,7 @@ enum NotPending {
     tag = "workspace",
     operation_id = "withdraw_own_limit_request",
     security(("workspace_key" = [])),
-    params(("id" = i64, Path, description = "The request's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The request's id.")),
     responses(
         (status = 200, description = "The request, `withdrawn`: it no longer counts among the 10 that may wait.", body = LimitRequestView),
         BadRequest,
@@ -456,7 +456,7 @@ async fn list_webhooks(
     tag = "workspace",
     operation_id = "delete_own_webhook",
     security(("workspace_key" = [])),
-    params(("id" = i64, Path, description = "The endpoint's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The endpoint's id.")),
     responses(
         (status = 200, description = "The endpoint removed.", body = WebhookView),
         BadRequest,
@@ -491,7 +491,7 @@ async fn delete_webhook(
     tag = "workspace",
     operation_id = "list_own_webhook_deliveries",
     security(("workspace_key" = [])),
-    params(("id" = i64, Path, description = "The endpoint's id.")),
+    params(("id" = i64, Path, minimum = 1, description = "The endpoint's id.")),
     responses(
         (status = 200, description = "Each event sent to it, its status and attempts (not what the endpoint answered).", body = List<OwnDeliveryView>),
         BadRequest,
