@@ -183,6 +183,9 @@ pub struct Failover {
     rebuild: Mutex<HashMap<WorkspaceId, Rebuild>>,
     /// Carries whose call failed, sent again first (`Pending`).
     pending: Mutex<HashMap<WorkspaceId, Vec<Pending>>>,
+    /// Workspaces whose share was carried back, Redis answering, with no decision on the share
+    /// since: the next one starts the share anew (empty), as a fresh one.
+    answered: Mutex<HashSet<WorkspaceId>>,
     /// Whether `rebuild_all` runs now.
     rebuilding: std::sync::atomic::AtomicBool,
     /// The gateway's clock, for the rebuilds the switch back starts itself.
@@ -456,6 +459,7 @@ impl Failover {
             metrics,
             rebuild: Mutex::new(HashMap::new()),
             pending: Mutex::default(),
+            answered: Mutex::default(),
             rebuilding: std::sync::atomic::AtomicBool::new(false),
             clock,
             month_seen: Mutex::new(HashMap::new()),
@@ -600,6 +604,10 @@ impl Failover {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clear();
+            self.answered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clear();
             self.seeded
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -714,6 +722,17 @@ impl Failover {
             carried.extend(still.iter().map(|r| r.id));
             ended
         };
+        // No decision on the share since this carry was made (which would have made the
+        // rebuild due again, and whose use is not in it): the next starts the share anew.
+        {
+            let rebuild = self.rebuild.lock().unwrap_or_else(|e| e.into_inner());
+            if !rebuild.contains_key(&workspace) {
+                self.answered
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(workspace);
+            }
+        }
         for r in ended {
             // Settling stops its renewal first. A failure is cancelled in the background, sent
             // again until Redis takes it: left to its lease, its slot was held for a whole lease
@@ -989,6 +1008,17 @@ impl Failover {
                 // last minute is not known here, and a full share on every instance would admit
                 // a whole burst more than the limit at the switch.
                 let fresh = !self.local.holds(workspace);
+                // A share held from before, since carried back with Redis answering: it
+                // starts empty again, as a fresh one does. Kept as it was, it refilled while
+                // Redis decided, and each short stall admitted a share's burst on top of what
+                // the other instances admitted through Redis (an outside audit: 44 requests
+                // where the rate allowed 41, with 100 ms stalls that never opened the breaker).
+                let anew = fresh
+                    || self
+                        .answered
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&workspace);
                 // Seed the month counters from the ledger first: the month share is of what
                 // was left then.
                 self.local.usage(workspace, limits, now).await?;
@@ -1024,27 +1054,39 @@ impl Failover {
                         })
                     }
                 };
-                if fresh {
+                if anew {
                     self.local.drain(workspace, &shared, now);
-                    self.accounted
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(
-                            workspace,
-                            Accounted {
-                                at: now,
-                                requests: shared
-                                    .requests_per_second
-                                    .map_or(0.0, |_| f64::from(shared.effective_burst())),
-                                tokens: shared.tokens_per_minute.unwrap_or(0) as f64,
-                                ..Accounted::default()
-                            },
-                        );
-                    // This instance's own requests still running hold slots of the share.
+                    // The drained buckets lack their capacity without use. Those of a share
+                    // held from before keep their `at`, so that what its key's and models'
+                    // buckets (not drained) lacked when last carried still refills from then:
+                    // what the drained ones lack is then stated as of that `at`.
+                    let (rps, burst) = (
+                        shared.requests_per_second.unwrap_or(0.0),
+                        shared
+                            .requests_per_second
+                            .map_or(0.0, |_| f64::from(shared.effective_burst())),
+                    );
+                    let tpm = shared.tokens_per_minute.unwrap_or(0) as f64;
+                    let mut accounted = self.accounted.lock().unwrap_or_else(|e| e.into_inner());
+                    let entry = accounted.entry(workspace).or_insert_with(|| Accounted {
+                        at: now,
+                        ..Accounted::default()
+                    });
+                    let since = now.saturating_sub(entry.at) as f64 / NANOS_PER_SEC as f64;
+                    entry.requests = burst + rps * since;
+                    entry.tokens = tpm + tpm / 60.0 * since;
+                    drop(accounted);
+                    // This instance's own requests still running hold slots of the share (those
+                    // it already counts, from when it was last taken up, once).
                     if shared.concurrent_requests.is_some() {
-                        let running = self.shared.live_for(workspace);
-                        self.local.hold_slots(workspace, running.len() as u32);
                         let mut seeded = self.seeded.lock().unwrap_or_else(|e| e.into_inner());
+                        let running: Vec<ReservationId> = self
+                            .shared
+                            .live_for(workspace)
+                            .into_iter()
+                            .filter(|id| !seeded.contains_key(id))
+                            .collect();
+                        self.local.hold_slots(workspace, running.len() as u32);
                         seeded.extend(running.into_iter().map(|id| (id, workspace)));
                         self.any_seeded.store(!seeded.is_empty(), Ordering::Release);
                     }

@@ -1781,6 +1781,64 @@ async fn a_request_decided_alone_on_one_timed_out_call_counts_on_every_instance(
     drop(redis);
 }
 
+/// A share taken up again in a later stall, after Redis answered and its use was carried back,
+/// starts empty again, as a fresh one does: kept as it was, it refilled while Redis decided, and
+/// each short stall admitted a share's burst on top of what Redis had admitted (an outside audit:
+/// 44 requests where the rate allowed 41, with 100 ms stalls that never opened the breaker).
+#[tokio::test]
+async fn a_share_taken_up_again_after_redis_answered_starts_empty() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
+    let through = redis_gate(redis.port(), gate.clone()).await;
+    let fleet = TestGateway::fleet(1, &through, |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(300);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(
+        &fleet,
+        "stalls-again",
+        json!({"requests_per_second": 2, "burst": 2}),
+    )
+    .await;
+    let (body, usage) = exact_request(5);
+    let headers = [("x-mock-usage", usage.as_str())];
+    let chat = || gw.chat(&key, body.clone(), &headers);
+    let stall = |gate: &std::sync::Mutex<Gate>| {
+        *gate.lock().unwrap() = Gate::HoldReserve(Instant::now() + Duration::from_secs(1));
+    };
+    // A first stall: the share, taken up empty, refuses.
+    stall(&gate);
+    let r = chat().await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "a share starts empty"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    *gate.lock().unwrap() = Gate::Pass;
+    assert_eq!(backend_up(gw).await, 1.0, "the breaker stayed closed");
+    // Redis decides again, long enough for the share and Redis's bucket to be full, and takes
+    // the whole burst.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    for _ in 0..2 {
+        assert_eq!(chat().await.status(), StatusCode::OK);
+    }
+    // A second stall: the share starts empty again, and refuses the third request.
+    stall(&gate);
+    let r = chat().await;
+    let status = r.status();
+    let denial: Value = r.json().await.unwrap_or_default();
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{denial}");
+    assert_eq!(denial["code"], "requests_per_second", "{denial}");
+    *gate.lock().unwrap() = Gate::Pass;
+    drop(redis);
+}
+
 /// Refuses Redis (`gate`) and sends `chat` until the breaker has opened (3 failed calls).
 async fn refuse_until_the_breaker_opens<F, Fut>(
     gw: &TestGateway,
