@@ -3,8 +3,11 @@
 //! # The rule
 //! - **Prompt**: the texts the request sends (message contents, `prompt`, `suffix`, embedding
 //!   `input`; for `/v1/responses`, `instructions` and `input`, a string or a list of items with
-//!   text content) are counted by [`PromptCounter`], plus 4 per chat message or input item and 3
-//!   for the reply's framing; then scaled by what this workspace's model taught (below).
+//!   text content; and what the model reads besides, every key and string of the tool
+//!   definitions, `response_format`, an object `tool_choice`, responses' `text`, and of the calls
+//!   and results in messages and items) are counted by [`PromptCounter`], plus 4 per chat
+//!   message or input item and 3 for the reply's framing; then scaled by what this workspace's
+//!   model taught (below).
 //! - **Counting a text** costs, in sixteenths of a token (rounded up once, over all the texts):
 //!   ASCII letter 3; ASCII digit 16; each run of punctuation or symbols (ASCII, or U+2000–U+206F)
 //!   16, whatever its length; each run of whitespace 3, plus 11 per line feed; accented Latin
@@ -23,13 +26,13 @@
 //!   reported ÷ rule (the ratio clamped to 0.5–2, prompts the rule puts under 32 tokens
 //!   ignored); the prompt estimate is `ceil(rule × factor)`, the factor starting at 1. It
 //!   absorbs a tokenizer unlike Tekken (an older OpenAI encoding counts Chinese as 1.3 tokens
-//!   per character) and what the rule does not see (images, tool calls). `request_too_large`
+//!   per character) and what the rule does not see (images). `request_too_large`
 //!   is decided on the smaller of the rule and the learned figure: a guess never refuses for
 //!   good.
 //! - **Completion**, per choice (`n`, default 1):
 //!   `min(max_tokens, recent)`, where `recent` is the largest completion among the last
-//!   `history` (16) that this workspace got for this model, or `default_completion_tokens` (256)
-//!   before there is any. Without `max_tokens` it is `recent`. Embeddings have no completion.
+//!   `history` (16) that this workspace got for this model (not those cut at their request's
+//!   `max_tokens`), or `default_completion_tokens` (256) before there is any. Without `max_tokens` it is `recent`. Embeddings have no completion.
 //!   (`max_completion_tokens` stands for `max_tokens` in chat, `max_output_tokens` in responses.)
 //! - **Reserved** = prompt + completion, capped by the smallest token limit of the workspace
 //!   (so a request whose prompt fits always can get in). Never all of `max_tokens` by default:
@@ -407,7 +410,7 @@ pub fn inspect(
                     return Err(Refused::field("messages", "'messages' must be an array"))
                 }
             };
-            text_tokens(cost) + 4 * messages as u64 + 3
+            text_tokens(cost.saturating_add(fields.beside)) + 4 * messages as u64 + 3
         }
         Endpoint::Completions | Endpoint::FimCompletions => {
             let prompt = fields
@@ -436,7 +439,11 @@ pub fn inspect(
                     ))
                 }
             };
-            text_tokens(cost + fields.instructions) + 4 * items as u64 + 3
+            text_tokens(
+                cost.saturating_add(fields.instructions)
+                    .saturating_add(fields.beside),
+            ) + 4 * items as u64
+                + 3
         }
     };
     let limits: &[(&'static str, &Scalar)] = match endpoint {
@@ -504,6 +511,9 @@ struct Fields<'a> {
     /// `Input::Other`, refused).
     input: Option<Input>,
     instructions: usize,
+    /// Chat and responses: the text of what the model reads besides the messages or input (tool
+    /// definitions, `response_format`, a named `tool_choice`; responses' `text` format).
+    beside: usize,
     max_tokens: Scalar<'a>,
     max_completion_tokens: Scalar<'a>,
     max_output_tokens: Scalar<'a>,
@@ -621,6 +631,10 @@ enum Key {
     Suffix,
     Input,
     Instructions,
+    /// `tools`, `functions`, `response_format`, `tool_choice`.
+    Beside,
+    /// `text` (the Responses API's output format).
+    Text,
     MaxTokens,
     MaxCompletionTokens,
     MaxOutputTokens,
@@ -646,6 +660,8 @@ impl<'de> Deserialize<'de> for Key {
                     "suffix" => Key::Suffix,
                     "input" => Key::Input,
                     "instructions" => Key::Instructions,
+                    "tools" | "functions" | "response_format" | "tool_choice" => Key::Beside,
+                    "text" => Key::Text,
                     "max_tokens" => Key::MaxTokens,
                     "max_completion_tokens" => Key::MaxCompletionTokens,
                     "max_output_tokens" => Key::MaxOutputTokens,
@@ -653,6 +669,34 @@ impl<'de> Deserialize<'de> for Key {
                     "n" => Key::N,
                     "stream_options" => Key::StreamOptions,
                     _ => Key::Other,
+                })
+            }
+        }
+        d.deserialize_identifier(V)
+    }
+}
+
+/// The fields of a chat message or a responses input item that the estimate reads.
+enum ItemKey {
+    Content,
+    /// `tool_calls`, `function_call`, `arguments`, `output`.
+    Call,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for ItemKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ItemKey;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ItemKey, E> {
+                Ok(match v {
+                    "content" => ItemKey::Content,
+                    "tool_calls" | "function_call" | "arguments" | "output" => ItemKey::Call,
+                    _ => ItemKey::Other,
                 })
             }
         }
@@ -732,6 +776,14 @@ impl<'de> Visitor<'de> for BodyVisitor {
                     f.input = Some(map.next_value::<ResponsesInput>()?.0)
                 }
                 Key::Instructions => f.instructions = map.next_value::<ContentCost>()?.0,
+                Key::Beside
+                    if matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Responses) =>
+                {
+                    f.beside = f.beside.saturating_add(map.next_value::<JsonText>()?.0)
+                }
+                Key::Text if endpoint == Endpoint::Responses => {
+                    f.beside = f.beside.saturating_add(map.next_value::<JsonText>()?.0)
+                }
                 Key::MaxTokens => f.max_tokens = map.next_value()?,
                 Key::MaxCompletionTokens => f.max_completion_tokens = map.next_value()?,
                 Key::MaxOutputTokens => f.max_output_tokens = map.next_value()?,
@@ -812,8 +864,49 @@ impl<'de> Deserialize<'de> for ContentCost {
     }
 }
 
+/// The cost of all the text in a JSON value, keys included: what a model reads of a tool's
+/// definition (its name, description and parameters' schema) or of a call's arguments, which
+/// the upstream renders as text. Without it, 100,000 characters of a tool's description
+/// reserved nothing, and a workspace went 130 times past its tokens per minute (an outside
+/// audit).
+struct JsonText(usize);
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = JsonText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(JsonText(0); bool, i64, u64, f64, unit);
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(JsonText(text_cost(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut cost = 0usize;
+                while let Some(JsonText(c)) = seq.next_element()? {
+                    cost = cost.saturating_add(c);
+                }
+                Ok(JsonText(cost))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut cost = 0usize;
+                while let Some(JsonText(k)) = map.next_key()? {
+                    let JsonText(v) = map.next_value()?;
+                    cost = cost.saturating_add(k).saturating_add(v);
+                }
+                Ok(JsonText(cost))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// The cost of an object's `content` (`None` when it is not an object): a chat message, a
-/// responses input item.
+/// responses input item. Its text parts only (an image's data is not text); and, whole, what it
+/// carries of tool calls and their results (`tool_calls`, `function_call`; a responses item's
+/// `arguments` and `output`).
 struct ContentOf(Option<usize>);
 
 impl<'de> Deserialize<'de> for ContentOf {
@@ -825,9 +918,22 @@ impl<'de> Deserialize<'de> for ContentOf {
                 f.write_str("a JSON value")
             }
             other_kinds!(ContentOf(None); bool, i64, u64, f64, str, unit, seq);
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                let content = field_of::<A, ContentCost>(map, "content")?;
-                Ok(ContentOf(Some(content.map_or(0, |c| c.0))))
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                // The last `content` counts, as a repeated field's last value is what a
+                // parser keeps; the calls' texts add up.
+                let (mut content, mut calls) = (0usize, 0usize);
+                while let Some(key) = map.next_key::<ItemKey>()? {
+                    match key {
+                        ItemKey::Content => content = map.next_value::<ContentCost>()?.0,
+                        ItemKey::Call => {
+                            calls = calls.saturating_add(map.next_value::<JsonText>()?.0)
+                        }
+                        ItemKey::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(ContentOf(Some(content.saturating_add(calls))))
             }
         }
         d.deserialize_any(V)
@@ -1138,6 +1244,68 @@ mod tests {
         assert_eq!(info.model.as_deref(), Some("m"));
     }
 
+    /// What the model reads besides the messages is counted: tool definitions (keys too: a
+    /// schema's names are read), a call's arguments, a tool's result, a response format. A
+    /// tool's description of 100,000 characters reserved nothing (an outside audit).
+    #[test]
+    fn tools_and_tool_calls_are_counted() {
+        let bare = chat(json!({"model": "m", "messages": [{"role": "user", "content": "x"}]}));
+        // "abcd" costs 12 sixteenths: each text below adds a known amount.
+        let with = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "x"}]});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            chat(body).prompt_tokens
+        };
+        let description = "word ".repeat(20_000);
+        let tools = with(json!({"tools": [{"type": "function", "function": {
+            "name": "f", "description": description}}]}));
+        // 100,000 characters of prose: about 100,000 × 3 / 16 sixteenths of a token.
+        assert!(tools > bare.prompt_tokens + 18_000, "{tools}");
+        // Keys and values of a schema, and a response format.
+        let schema = with(
+            json!({"response_format": {"type": "json_schema", "json_schema":
+            {"name": "abcd", "schema": {"abcd": "abcd"}}}}),
+        );
+        assert!(schema > bare.prompt_tokens + 3, "{schema}");
+        // A call's arguments in an assistant message, and a tool's result.
+        let calls = chat(json!({"model": "m", "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function",
+                "function": {"name": "f", "arguments": "a".repeat(1_600)}}]},
+            {"role": "tool", "tool_call_id": "c", "content": "b".repeat(1_600)}
+        ]}));
+        // 1,600 letters: 300 tokens each, and two messages more.
+        assert!(
+            calls.prompt_tokens >= bare.prompt_tokens + 600 + 8,
+            "{}",
+            calls.prompt_tokens
+        );
+        // Responses: its tools, and a function call's arguments and output items.
+        let responses = inspect(
+            Endpoint::Responses,
+            &json!({"model": "m", "input": [
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "a".repeat(1_600)},
+                {"type": "function_call_output", "call_id": "c", "output": "b".repeat(1_600)}
+            ], "tools": [{"type": "function", "name": "f", "description": "c".repeat(1_600)}]}),
+            LIMIT,
+        )
+        .unwrap();
+        assert!(
+            responses.prompt_tokens >= 900,
+            "{}",
+            responses.prompt_tokens
+        );
+        // An image's data is still not text.
+        let image = chat(
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(10_000))}}
+            ]}]}),
+        );
+        assert!(image.prompt_tokens < 20, "{}", image.prompt_tokens);
+    }
+
     #[test]
     fn completion_is_not_all_of_max_tokens() {
         let est = Estimator::new(256, 16);
@@ -1203,7 +1371,8 @@ mod tests {
             LIMIT,
         )
         .unwrap();
-        assert_eq!(e.prompt_tokens, 2 + 3 * 4 + 3);
+        // "abcd", "efgh" (24 sixteenths) and the output "{}" (16): 3 tokens.
+        assert_eq!(e.prompt_tokens, 3 + 3 * 4 + 3);
         assert_eq!(e.max_tokens, None);
         assert!(inspect(Endpoint::Responses, &json!({"model": "m"}), LIMIT).is_err());
         assert!(inspect(

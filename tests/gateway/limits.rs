@@ -133,6 +133,67 @@ async fn the_estimate_does_not_reserve_all_of_max_tokens() {
     );
 }
 
+/// A completion cut at `max_tokens` teaches nothing of how long answers are: learned from, a few
+/// requests with `max_tokens: 1` made the estimate of requests without it 1 token, and 50 of
+/// those at once took 40 times a minute's tokens (an outside audit).
+#[tokio::test]
+async fn completions_cut_at_max_tokens_do_not_lower_the_estimate() {
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 1_000_000})).await;
+    let body = |max_tokens: Option<u64>| {
+        let mut b = json!({"model": "m", "stream": true,
+            "messages": [{"role": "user", "content": "Hi"}]});
+        if let Some(m) = max_tokens {
+            b["max_tokens"] = json!(m);
+        }
+        b
+    };
+    // Streamed: the headers show the reservation.
+    let reserved =
+        |r: &reqwest::Response, before: u64| before - header_u64(r, "x-ratelimit-remaining-tokens");
+    let mut left = 1_000_000;
+    for _ in 0..20 {
+        let r = gw
+            .chat(&key, body(Some(1)), &[("x-mock-usage", "5,1")])
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.text().await.unwrap();
+        left -= 6;
+    }
+    let r = gw
+        .chat(&key, body(None), &[("x-mock-usage", "5,300")])
+        .await;
+    // The prompt (about 9) and the default completion (256), not 1.
+    let first = reserved(&r, left);
+    assert!(first >= 256, "{first}");
+    r.text().await.unwrap();
+    left -= 305;
+    // A completion that stopped on its own, below its `max_tokens`, is learned from.
+    let r = gw
+        .chat(&key, body(Some(1_000)), &[("x-mock-usage", "5,40")])
+        .await;
+    r.text().await.unwrap();
+    left -= 45;
+    let r = gw.chat(&key, body(None), &[("x-mock-usage", "5,40")]).await;
+    let next = reserved(&r, left);
+    assert!(
+        (300..=320).contains(&next),
+        "the largest of the last: 300, {next}"
+    );
+}
+
+/// What a model reads besides the messages counts in the estimate: a tool's description of
+/// 100,000 characters reserved nothing, and 40 such requests at once took 130 times a minute's
+/// tokens (an outside audit).
+#[tokio::test]
+async fn tool_definitions_count_in_the_estimate() {
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 6000})).await;
+    let body = json!({"model": "m", "max_tokens": 1,
+        "tools": [{"type": "function", "function": {"name": "f", "description": "word ".repeat(20_000)}}],
+        "messages": [{"role": "user", "content": "x"}]});
+    let r = gw.chat(&key, body, &[("x-mock-usage", "20000,1")]).await;
+    expect_429(r, "request_too_large", "tokens_per_minute").await;
+}
+
 #[tokio::test]
 async fn the_prompt_estimate_learns_what_the_upstream_reports() {
     const LIMIT: u64 = 1_000_000;
