@@ -124,6 +124,8 @@ pub struct RawUpstream {
     /// Ask streams for usage with `stream_options.include_usage` (default true). Turn off for
     /// upstreams that send usage anyway and refuse the option, such as the Mistral API.
     pub request_stream_usage: Option<bool>,
+    /// What is forwarded off the metered routes: `all`, `reads` or `none` (`Unmetered`).
+    pub unmetered: Option<String>,
     pub connect_timeout_ms: Option<u64>,
     /// Time allowed until the upstream's response headers arrive.
     pub timeout_secs: Option<u64>,
@@ -174,12 +176,36 @@ impl RawSettings {
     }
 }
 
+/// What is forwarded off the metered routes, where nothing is reserved and a request's tokens
+/// are counted only once its answer reports them: so their token limits hold only after the
+/// fact (requests at once may each get in while some of the limit is left).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmetered {
+    /// Every method the gateway passes on (the default).
+    All,
+    /// `GET`, `HEAD` and `OPTIONS` only, which the known APIs never charge tokens for.
+    Reads,
+    /// Nothing: only the metered routes reach the upstream.
+    None,
+}
+
+impl Unmetered {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unmetered::All => "all",
+            Unmetered::Reads => "reads",
+            Unmetered::None => "none",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
     /// Base URL without `/v1`; `None` where no upstream is needed (admin commands).
     pub url: Option<url::Url>,
     pub api_key: Option<String>,
     pub request_stream_usage: bool,
+    pub unmetered: Unmetered,
     pub connect_timeout: Duration,
     pub timeout: Duration,
     pub usage_drain: Duration,
@@ -300,6 +326,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.url", "upstream", "TIERGATE_UPSTREAM", Text, "Base URL of the upstream API, e.g. https://api.mistral.ai (required by serve)."),
     setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
     setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
+    setting("upstream.unmetered", "upstream-unmetered", "TIERGATE_UPSTREAM_UNMETERED", Text, "What is forwarded off the metered routes, whose token limits hold only after the fact: all (the default), reads (GET, HEAD, OPTIONS) or none."),
     setting("upstream.max_idle_connections", "upstream-max-idle-connections", "TIERGATE_UPSTREAM_MAX_IDLE_CONNECTIONS", Number, "The most idle HTTP/1.1 connections to the upstream kept for reuse; past it, the least recently used is closed (default 1024; 0 to 100000, 0: none kept)."),
     setting("upstream.http2_keepalive_ms", "upstream-http2-keepalive-ms", "TIERGATE_UPSTREAM_HTTP2_KEEPALIVE_MS", Number, "An HTTP/2 connection to the upstream with requests on it, silent this long, is checked with a PING, and closed if none comes back as long again (default 20000; 0: never; else 100 to 3600000)."),
     setting("upstream.max_streams_per_connection", "upstream-max-streams-per-connection", "TIERGATE_UPSTREAM_MAX_STREAMS_PER_CONNECTION", Number, "The most requests at once on one HTTP/2 connection to the upstream; more open another connection (default 100; 1 to 10000)."),
@@ -842,6 +869,17 @@ impl TryFrom<RawSettings> for Config {
             url,
             api_key: upstream.api_key.filter(|k| !k.is_empty()),
             request_stream_usage: upstream.request_stream_usage.unwrap_or(true),
+            unmetered: match upstream.unmetered.as_deref().map(str::trim) {
+                None | Some("all") => Unmetered::All,
+                Some("reads") => Unmetered::Reads,
+                Some("none") => Unmetered::None,
+                Some(other) => {
+                    return Err(invalid(
+                        "upstream.unmetered",
+                        format!("'{other}' is not all, reads or none"),
+                    ))
+                }
+            },
             connect_timeout: positive(
                 upstream.connect_timeout_ms,
                 3_000,
@@ -1493,8 +1531,9 @@ impl Config {
             out.push_str(&format!("ca_file = {}\n", toml_str(file)));
         }
         out.push_str(&format!(
-            "request_stream_usage = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_buffered_bytes = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\nhttp2_keepalive_ms = {}\n",
+            "request_stream_usage = {}\nunmetered = {}\nconnect_timeout_ms = {}\ntimeout_secs = {}\nusage_drain_ms = {}\nidle_read_timeout_ms = {}\nmax_buffered_bytes = {}\nmax_idle_connections = {}\nmax_streams_per_connection = {}\nhttp2_keepalive_ms = {}\n",
             u.request_stream_usage,
+            toml_str(u.unmetered.as_str()),
             ms(u.connect_timeout),
             u.timeout.as_secs(),
             ms(u.usage_drain),

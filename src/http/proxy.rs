@@ -53,6 +53,7 @@ use super::error::{ApiError, Shortfall};
 use super::{authenticate, headers};
 use crate::app::AppState;
 use crate::catalog::Authenticated;
+use crate::config::Unmetered;
 use crate::estimate::{inspect, Endpoint, Observed, RequestInfo};
 use crate::limiter::{Decision, DenialKind, LimitName, LimiterError, Reservation, TokenCost};
 use crate::metrics::{Metrics, ProxiedRequest, Route};
@@ -472,13 +473,37 @@ fn prepare(
     let endpoint = match Endpoint::of_path(&path) {
         Some(e) if method == Method::POST => e,
         _ => {
+            // Off the metered routes nothing is reserved: an operator may keep them from the
+            // upstream (an outside audit took 200 times a month quota through one such route,
+            // with requests sent at once while 1 token of it was left).
+            let allowed = match state.config.upstream.unmetered {
+                Unmetered::All => true,
+                Unmetered::Reads => [Method::GET, Method::HEAD, Method::OPTIONS].contains(method),
+                Unmetered::None => false,
+            };
+            if !allowed {
+                return Err(ApiError::Forbidden(format!(
+                    "{method} {path} is not passed on by this gateway: it forwards {}.",
+                    match state.config.upstream.unmetered {
+                        Unmetered::Reads => {
+                            "the metered routes (POST /v1/chat/completions, /v1/completions, \
+                             /v1/fim/completions, /v1/embeddings, /v1/responses) and GET, HEAD \
+                             and OPTIONS elsewhere under /v1/"
+                        }
+                        _ => {
+                            "only the metered routes (POST /v1/chat/completions, \
+                             /v1/completions, /v1/fim/completions, /v1/embeddings, /v1/responses)"
+                        }
+                    }
+                )));
+            }
             return Ok(Prepared {
                 endpoint: None,
                 path: path.into_owned(),
                 body,
                 info: None,
                 strip_usage_chunk: false,
-            })
+            });
         }
     };
     let info = inspect(endpoint, &body, state.config.estimate.max_tokens_limit)

@@ -6,6 +6,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::harness::*;
+use tiergate::config::{RawSettings, RawUpstream};
 
 const MONTH: u64 = 1_000_000;
 
@@ -372,4 +373,74 @@ async fn a_body_whose_chunks_are_malformed_is_a_400() {
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("could not be read"), "{body}");
     assert_eq!(gw.upstream_count().await, 0);
+}
+
+/// Off the metered routes nothing is reserved, so their token limits hold only after the fact
+/// (an outside audit took 200 times a month quota through one, with requests sent at once while
+/// 1 token was left): `upstream.unmetered` keeps them from the upstream, all but the reads
+/// (`reads`) or all (`none`). Refused with `403`, not forwarded, nothing charged; the metered
+/// routes pass as ever.
+#[tokio::test]
+async fn an_operator_may_keep_the_unmetered_routes_from_the_upstream() {
+    for (setting, reads_pass) in [("reads", true), ("none", false)] {
+        let gw = TestGateway::start_with(Options {
+            raw: RawSettings {
+                upstream: RawUpstream {
+                    unmetered: Some(setting.into()),
+                    ..Default::default()
+                },
+                ..RawSettings::default()
+            },
+            ..Options::default()
+        })
+        .await;
+        gw.put_tier("t", json!({"tokens_per_month": MONTH})).await;
+        let (_, key) = gw.workspace("t").await;
+        let before = gw.upstream_count().await;
+        let agents = json!({"agent_id": "ag_1", "messages": [{"role": "user", "content": "Hi"}]});
+        let r = gw
+            .post(
+                &key,
+                "/v1/agents/completions",
+                agents,
+                &[("x-mock-usage", "5,3")],
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{setting}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["type"], "permission_error", "{setting}: {body}");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains("POST /v1/agents/completions is not passed on"),
+            "{body}"
+        );
+        // Another method on a metered path is not metered either.
+        let r = gw
+            .client
+            .delete(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{setting}");
+        assert_eq!(gw.upstream_count().await, before, "{setting}: forwarded");
+        let r = gw
+            .client
+            .get(format!("{}/v1/models", gw.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        let expected = if reads_pass {
+            StatusCode::OK
+        } else {
+            StatusCode::FORBIDDEN
+        };
+        assert_eq!(r.status(), expected, "{setting}: GET /v1/models");
+        let r = gw.chat(&key, hello(), &[("x-mock-usage", "5,3")]).await;
+        assert_eq!(r.status(), StatusCode::OK, "{setting}: a metered route");
+        assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 8);
+    }
 }
