@@ -114,6 +114,7 @@ on_both_backends!(
     webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_expires,
     a_webhook_event_with_a_dedupe_key_is_written_once,
     the_webhook_outbox_is_pruned_of_what_is_over,
+    an_endpoint_has_at_most_eight_deliveries_claimed_at_once,
 );
 
 async fn tokens_since_sums_the_days_from_a_day_for_the_workspaces_asked(b: Backend) {
@@ -2983,4 +2984,62 @@ async fn the_webhook_outbox_is_pruned_of_what_is_over(b: Backend) {
     // Once its month is long over, the key goes too.
     assert_eq!(s.prune_webhooks(200, 200).await.unwrap(), 1);
     assert!(s.enqueue_event(&quota(), 300).await.unwrap());
+}
+
+/// A workspace's endpoint flooded with events of its own holds back no other endpoint: at most
+/// eight of an endpoint's deliveries are claimed at once, the earliest due first (an outside
+/// audit: a workspace whose endpoints never answered delayed another's event by 92 s, claimed in
+/// the order they fell due).
+async fn an_endpoint_has_at_most_eight_deliveries_claimed_at_once(b: Backend) {
+    use tiergate::store::DeliveryOutcome;
+    let s = &b.store;
+    s.seed_tiers(&[tier("a", 1.0)]).await.unwrap();
+    let flooder = s.create_workspace("flooder", "a", &by(), 10).await.unwrap();
+    let other = s.create_workspace("other", "a", &by(), 10).await.unwrap();
+    let events = ["limit_request.created"];
+    let flooded = s
+        .create_webhook(&new_webhook(Some(flooder.id), &events), 10, &by(), 20)
+        .await
+        .unwrap();
+    let heard = NewWebhook {
+        url: "http://127.0.0.1:9/other".into(),
+        ..new_webhook(Some(other.id), &events)
+    };
+    s.create_webhook(&heard, 10, &by(), 20).await.unwrap();
+    let ask = Overrides {
+        burst: Some(2),
+        ..Overrides::default()
+    };
+    for i in 0..10 {
+        s.create_limit_request(flooder.id, "x", None, &ask, 10, &by(), 30 + i)
+            .await
+            .unwrap();
+    }
+    // Due last of all.
+    s.create_limit_request(other.id, "x", None, &ask, 10, &by(), 50)
+        .await
+        .unwrap();
+    let claimed = s.claim_deliveries(1_000, 31_000, 9).await.unwrap();
+    let of =
+        |d: &[tiergate::store::DueDelivery], url: &str| d.iter().filter(|d| d.url == url).count();
+    let (flooded, heard) = (flooded.url.as_str(), heard.url.as_str());
+    assert_eq!(
+        (of(&claimed, flooded), of(&claimed, heard)),
+        (8, 1),
+        "eight of the flooded endpoint's, and the other's"
+    );
+    // While those eight are out, none more of it.
+    assert!(s
+        .claim_deliveries(2_000, 32_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
+    // One finished: room for one more.
+    let first = claimed.iter().find(|d| d.url == flooded).unwrap();
+    s.finish_delivery(first.id, &DeliveryOutcome::Delivered { status: 204 })
+        .await
+        .unwrap();
+    let next = s.claim_deliveries(3_000, 33_000, 100).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].url, flooded);
 }

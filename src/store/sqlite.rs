@@ -29,7 +29,7 @@ use super::{
     outcome_columns, webhook_endpoint, workspace_events, ClaimedColumns, DeliveryColumns,
     DeliveryOutcome, DeliveryRecord, DueDelivery, NewWebhook, WebhookEndpoint, WebhookEvent,
     WebhookId, CLAIMED_SQL, DELIVERIES_SQL, FINISH_SQL, INSERT_DELIVERIES_SQL, INSERT_EVENT_SQL,
-    PRUNE_DELIVERIES_SQL, PRUNE_EVENTS_SQL, WEBHOOK_COLUMNS,
+    MOST_IN_FLIGHT_PER_ENDPOINT, PRUNE_DELIVERIES_SQL, PRUNE_EVENTS_SQL, WEBHOOK_COLUMNS,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -1532,12 +1532,13 @@ impl Store for SqliteStore {
         let claim = claim_token();
         let mut tx = self.write_tx().await?;
         let claimed = sqlx::query(
-            "UPDATE webhook_deliveries SET locked_until = ?1, claim = ?4 WHERE id IN (SELECT id FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?2 AND (locked_until IS NULL OR locked_until <= ?2) ORDER BY next_attempt_at, id LIMIT ?3)",
+            "UPDATE webhook_deliveries SET locked_until = ?1, claim = ?4 WHERE id IN (WITH busy AS (SELECT endpoint_id, COUNT(*) AS c FROM webhook_deliveries WHERE status = 'pending' AND locked_until > ?2 GROUP BY endpoint_id), due AS (SELECT id, endpoint_id, next_attempt_at, ROW_NUMBER() OVER (PARTITION BY endpoint_id ORDER BY next_attempt_at, id) AS n FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_at <= ?2 AND (locked_until IS NULL OR locked_until <= ?2)) SELECT due.id FROM due LEFT JOIN busy ON busy.endpoint_id = due.endpoint_id WHERE due.n + COALESCE(busy.c, 0) <= ?5 ORDER BY due.next_attempt_at, due.id LIMIT ?3)",
         )
         .bind(lock_until_ms)
         .bind(now_ms)
         .bind(limit as i64)
         .bind(&claim)
+        .bind(MOST_IN_FLIGHT_PER_ENDPOINT)
         .execute(&mut *tx)
         .await?
         .rows_affected();
