@@ -35,8 +35,8 @@ fn main() -> anyhow::Result<()> {
         };
         writeln!(out, "{}", estimator.estimate(1, &info).estimate)?;
         let observed = Observed {
-            completion_tokens: None,
             prompt: Some((info.prompt_tokens, real)),
+            ..Observed::default()
         };
         estimator.observe_usage(1, "m", observed, i as u64);
     }

@@ -16,6 +16,7 @@
 //!   instances and processes see it within `catalog_refresh`. The CLI has no catalogue: the
 //!   gateways pick its changes up from the store's change log.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -66,6 +67,13 @@ pub enum AdminError {
     /// E.g. a limit request that was already decided.
     #[error("{0}")]
     Conflict(String),
+    /// A workspace made more changes of its own than it may for now (`ChangeBudget`); it may
+    /// again in `retry_after_secs`.
+    #[error("{message}")]
+    TooManyChanges {
+        message: String,
+        retry_after_secs: u64,
+    },
     /// The store failed (unreachable, or an error of its own): nothing was changed; or it was
     /// lost while committing (`StoreError::Uncertain`): the change may have been applied.
     #[error(transparent)]
@@ -338,13 +346,79 @@ pub struct AuditPage {
 pub struct Admin {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    /// How many changes each workspace may still make of its own now (`ChangeBudget`).
+    changes: std::sync::Mutex<ChangeBudget>,
     catalog: Option<Arc<Catalog>>,
     recorder: Option<Recorder>,
     /// Woken after every change, which may have written webhook events to send.
     webhooks: Option<Arc<tokio::sync::Notify>>,
 }
 
+/// The changes a workspace makes of its own (increase requests and their withdrawal, its budget,
+/// its webhook endpoints, its keys revoked), with its key or in the console: a burst of
+/// `CHANGE_BURST`, then one every `CHANGE_EVERY`, per instance. Those routes count against no
+/// limit of the workspace's tier, and each change is stored and audited: an outside audit made
+/// and withdrew 150 requests of 4 KiB in 4.5 s with a free tier's key, growing the database by
+/// about 2 MB a second. The buckets of at most `CHANGE_WORKSPACES` workspaces are kept (past
+/// that, those full again are forgotten).
+#[derive(Default)]
+struct ChangeBudget {
+    /// Per workspace: changes left (in `CHANGE_EVERY`s) as of when (ns).
+    left: HashMap<WorkspaceId, (f64, u64)>,
+}
+
+pub const CHANGE_BURST: u32 = 60;
+pub const CHANGE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const CHANGE_WORKSPACES: usize = 100_000;
+
+impl ChangeBudget {
+    /// Takes one change of `workspace`'s at `now` (ns); `Err` with the seconds until one is
+    /// left.
+    fn take(&mut self, workspace: WorkspaceId, now: u64) -> Result<(), u64> {
+        let every = CHANGE_EVERY.as_nanos() as f64;
+        let refill = |(left, at): (f64, u64)| {
+            (left + now.saturating_sub(at) as f64 / every).min(f64::from(CHANGE_BURST))
+        };
+        if self.left.len() >= CHANGE_WORKSPACES && !self.left.contains_key(&workspace) {
+            self.left
+                .retain(|_, v| refill(*v) < f64::from(CHANGE_BURST));
+        }
+        let entry = self
+            .left
+            .entry(workspace)
+            .or_insert((f64::from(CHANGE_BURST), now));
+        let left = refill(*entry);
+        if left >= 1.0 {
+            *entry = (left - 1.0, now);
+            Ok(())
+        } else {
+            let secs = ((1.0 - left) * CHANGE_EVERY.as_secs_f64()).ceil() as u64;
+            Err(secs.max(1))
+        }
+    }
+}
+
 impl Admin {
+    /// Takes one of `by`'s changes when it is a workspace acting on its own (`ChangeBudget`);
+    /// an operator's are not counted.
+    fn change_by(&self, by: &Actor) -> Result<(), AdminError> {
+        let Some(workspace) = by.as_workspace() else {
+            return Ok(());
+        };
+        let now = self.clock.now();
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take(workspace, now)
+            .map_err(|retry_after_secs| AdminError::TooManyChanges {
+                message: format!(
+                    "Too many changes: a workspace may make {CHANGE_BURST} changes of its own at once, then one every {} s; try again in {retry_after_secs} s.",
+                    CHANGE_EVERY.as_secs()
+                ),
+                retry_after_secs,
+            })
+    }
+
     /// Operations straight on the store (the CLI: no catalogue of its own to refresh).
     /// The store it changes (the admin CLI reads a catalogue from it to print what it changed).
     pub fn store(&self) -> Arc<dyn Store> {
@@ -355,6 +429,7 @@ impl Admin {
         Admin {
             store,
             clock,
+            changes: std::sync::Mutex::default(),
             catalog: None,
             recorder: None,
             webhooks: None,
@@ -636,6 +711,7 @@ impl Admin {
         id: WorkspaceId,
         budget: Budget,
     ) -> Result<Workspace, AdminError> {
+        self.change_by(by)?;
         if budget.models.len() > MAX_BUDGET_MODELS {
             return Err(invalid(format!(
                 "models: at most {MAX_BUDGET_MODELS} models"
@@ -973,6 +1049,7 @@ impl Admin {
         workspace: WorkspaceId,
         id: KeyId,
     ) -> Result<ApiKey, AdminError> {
+        self.change_by(by)?;
         let keys = self.store.list_keys(workspace).await?;
         if !keys.iter().any(|k| k.id == id) {
             return Err(AdminError::NotFound(format!("no key {id}")));
@@ -1002,6 +1079,7 @@ impl Admin {
         expected_volume: Option<&str>,
         requested: &Overrides,
     ) -> Result<LimitRequest, AdminError> {
+        self.change_by(by)?;
         let use_case = text("use_case", use_case)?;
         let expected_volume = expected_volume
             .map(|v| text("expected_volume", v))
@@ -1100,6 +1178,7 @@ impl Admin {
         workspace: WorkspaceId,
         id: LimitRequestId,
     ) -> Result<LimitRequest, AdminError> {
+        self.change_by(by)?;
         self.close_limit_request(by, id, Closing::Withdrawn { workspace })
             .await
     }
@@ -1140,6 +1219,7 @@ impl Admin {
         url: &str,
         events: &[String],
     ) -> Result<(WebhookEndpoint, String), AdminError> {
+        self.change_by(by)?;
         let url = crate::webhooks::validate_url(url).map_err(AdminError::Invalid)?;
         let events = crate::webhooks::validate_events(events).map_err(AdminError::Invalid)?;
         let secret = crate::webhooks::new_secret();
@@ -1182,6 +1262,7 @@ impl Admin {
         id: WebhookId,
         workspace: Option<WorkspaceId>,
     ) -> Result<WebhookEndpoint, AdminError> {
+        self.change_by(by)?;
         self.store
             .delete_webhook(id, workspace, by, self.now())
             .await

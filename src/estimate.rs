@@ -31,8 +31,9 @@
 //!   good.
 //! - **Completion**, per choice (`n`, default 1):
 //!   `min(max_tokens, recent)`, where `recent` is the largest completion among the last
-//!   `history` (16) that this workspace got for this model (not those cut at their request's
-//!   `max_tokens`), or `default_completion_tokens` (256) before there is any. Without `max_tokens` it is `recent`. Embeddings have no completion.
+//!   `history` (16) that this workspace got for this model (one cut at its request's
+//!   `max_tokens` counted as at least the default), or `default_completion_tokens` (256) before
+//!   there is any. Without `max_tokens` it is `recent`. Embeddings have no completion.
 //!   (`max_completion_tokens` stands for `max_tokens` in chat, `max_output_tokens` in responses.)
 //! - **Reserved** = prompt + completion, capped by the smallest token limit of the workspace
 //!   (so a request whose prompt fits always can get in). Never all of `max_tokens` by default:
@@ -1060,6 +1061,13 @@ impl Default for History {
 pub struct Observed {
     /// Completion tokens per choice, as reported.
     pub completion_tokens: Option<u64>,
+    /// The completion reached its request's `max_tokens`: cut there, it says only that the
+    /// answer would have been at least that long. It is remembered as at least
+    /// `default_completion_tokens`: as it was, a few requests with `max_tokens: 1` made the
+    /// estimate of requests without it 1 token, and 50 of those at once took 40 times a
+    /// minute's tokens (an outside audit); left out, a workload whose answers always reach
+    /// their `max_tokens` was estimated at the default, below what each took.
+    pub completion_cut: bool,
     /// The prompt as the rule estimated it (`RequestInfo::prompt_tokens`, before any learned
     /// factor) and as the upstream reported it (`prompt_tokens` or `input_tokens`).
     pub prompt: Option<(u64, u64)>,
@@ -1139,7 +1147,7 @@ impl Estimator {
     pub fn observe(&self, workspace: WorkspaceId, model: &str, completion_tokens: u64, now: Nanos) {
         let observed = Observed {
             completion_tokens: Some(completion_tokens),
-            prompt: None,
+            ..Observed::default()
         };
         self.observe_usage(workspace, model, observed, now)
     }
@@ -1179,6 +1187,10 @@ impl Estimator {
             None => models.entry(model.to_string()).or_default(),
         };
         if let Some(completion) = observed.completion_tokens {
+            let completion = match observed.completion_cut {
+                true => completion.max(self.default_completion),
+                false => completion,
+            };
             if h.recent.len() == self.history_len {
                 h.recent.pop_front();
             }
@@ -1485,8 +1497,8 @@ mod tests {
 
     fn learn(est: &Estimator, model: &str, estimated: u64, reported: u64) {
         let observed = Observed {
-            completion_tokens: None,
             prompt: Some((estimated, reported)),
+            ..Observed::default()
         };
         est.observe_usage(1, model, observed, 0);
     }
@@ -1544,8 +1556,8 @@ mod tests {
         let est = Estimator::new(256, 16);
         for i in 0..1000u64 {
             let observed = Observed {
-                completion_tokens: None,
                 prompt: Some((100, 200)),
+                ..Observed::default()
             };
             est.observe_usage(1, &format!("made-up-{i}"), observed, i);
         }

@@ -1502,6 +1502,11 @@ impl Actor {
         Actor(format!("workspace:{id}"))
     }
 
+    /// The workspace, when this is one acting with its own key.
+    pub fn as_workspace(&self) -> Option<WorkspaceId> {
+        self.0.strip_prefix("workspace:")?.parse().ok()
+    }
+
     /// A name as given, with control characters replaced and cut to `MAX_ACTOR` bytes.
     pub fn plain(name: &str) -> Actor {
         let mut s = String::with_capacity(name.len().min(MAX_ACTOR));

@@ -29,6 +29,12 @@ pub enum ApiError {
     MethodNotAllowed(String),
     #[error("{0}")]
     Conflict(String),
+    /// A workspace's changes of its own came too fast (`admin::ChangeBudget`).
+    #[error("{message}")]
+    TooManyChanges {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     /// The request's body did not arrive whole within `body_read_timeout_ms`.
@@ -91,6 +97,13 @@ impl From<AdminError> for ApiError {
             AdminError::Invalid(m) => ApiError::BadRequest(m),
             AdminError::NotFound(m) => ApiError::NotFound(m),
             AdminError::Conflict(m) => ApiError::Conflict(m),
+            AdminError::TooManyChanges {
+                message,
+                retry_after_secs,
+            } => ApiError::TooManyChanges {
+                message,
+                retry_after_secs,
+            },
             AdminError::Store(e) => e.into(),
         }
     }
@@ -437,6 +450,19 @@ impl IntoResponse for ApiError {
                 &msg(),
             ),
             ApiError::Conflict(_) => body(StatusCode::CONFLICT, "conflict", None, &msg()),
+            ApiError::TooManyChanges {
+                retry_after_secs, ..
+            } => {
+                let mut r = body(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    Some("workspace_changes"),
+                    &msg(),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+                r
+            }
             ApiError::PayloadTooLarge(_) => body(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",

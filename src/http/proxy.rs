@@ -1585,15 +1585,10 @@ async fn settle(
                 max_tokens,
                 ..
             } = counts;
-            // A completion that reached `max_tokens` was cut there: it says nothing of how long
-            // the model's answers are. Learned from, a few requests with `max_tokens: 1` made
-            // the estimate of requests without it 1 token, and 50 of those at once took 40 times
-            // a minute's tokens (an outside audit).
+            let completion = u.completion().map(|c| c / choices.max(1));
             let observed = Observed {
-                completion_tokens: u
-                    .completion()
-                    .map(|c| c / choices.max(1))
-                    .filter(|&c| max_tokens.is_none_or(|m| c < m)),
+                completion_tokens: completion,
+                completion_cut: completion.zip(max_tokens).is_some_and(|(c, m)| c >= m),
                 prompt: u
                     .prompt()
                     .filter(|_| prompt_estimate > 0)

@@ -384,3 +384,58 @@ async fn a_request_too_large_for_a_budget_is_counted_as_too_large_under_the_budg
         );
     }
 }
+
+/// A workspace's changes of its own (its budget, increase requests, webhooks, keys) are a
+/// burst of 60, then one every 2 s: those routes count against no limit of its tier, and each
+/// change is stored and audited (an outside audit grew the database by about 2 MB a second with
+/// a free tier's key). Past it, `429 rate_limited` `workspace_changes` with `Retry-After`, and
+/// nothing changed.
+#[tokio::test]
+async fn a_workspace_s_own_changes_are_rate_limited() {
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_month": 1_000_000})).await;
+    for i in 0..60 {
+        let (status, body) = put_budget(&gw, &key, json!({"tokens_per_month": 1_000 + i})).await;
+        assert_eq!(status, StatusCode::OK, "{i}: {body}");
+    }
+    let r = gw
+        .client
+        .put(format!("{}/v1/budget", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"tokens_per_month": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header_u64(&r, "retry-after"), 2);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "rate_limited", "{body}");
+    assert_eq!(body["code"], "workspace_changes", "{body}");
+    // Nor an increase request.
+    let r = gw
+        .post(
+            &key,
+            "/v1/limit-requests",
+            json!({"use_case": "x", "requested_limits": {"tokens_per_month": 2_000_000}}),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let (status, budget) = {
+        let r = gw
+            .client
+            .get(format!("{}/v1/budget", gw.url))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::OK, "reads are not counted");
+    assert_eq!(budget["tokens_per_month"], 1_059, "nothing changed");
+    // Two seconds later, one more.
+    gw.advance(std::time::Duration::from_secs(2));
+    let (status, _) = put_budget(&gw, &key, json!({"tokens_per_month": 5})).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, _) = put_budget(&gw, &key, json!({"tokens_per_month": 6})).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+}

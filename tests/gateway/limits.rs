@@ -133,9 +133,10 @@ async fn the_estimate_does_not_reserve_all_of_max_tokens() {
     );
 }
 
-/// A completion cut at `max_tokens` teaches nothing of how long answers are: learned from, a few
-/// requests with `max_tokens: 1` made the estimate of requests without it 1 token, and 50 of
-/// those at once took 40 times a minute's tokens (an outside audit).
+/// A completion cut at `max_tokens` says only that the answer would have been at least that
+/// long: it counts as at least the default. Learned as it was, a few requests with `max_tokens:
+/// 1` made the estimate of requests without it 1 token, and 50 of those at once took 40 times a
+/// minute's tokens (an outside audit).
 #[tokio::test]
 async fn completions_cut_at_max_tokens_do_not_lower_the_estimate() {
     let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 1_000_000})).await;
