@@ -1456,25 +1456,47 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     }
 }
 
-/// `url` with its password, if any, replaced by `***`, for messages and logs.
-/// Read as text, not parsed, so that a URL that does not parse (the one an error is about) is
-/// masked too. The user's part ends at the last `@` before any query, so that a password with an
-/// `@` or `/` that should have been escaped and was not is still masked whole.
+/// `url` with its password, if any, replaced by `***`, for messages and logs: the user's, and
+/// a `password` query parameter's (as libpq and redis-rs read one). Read as text, not parsed,
+/// so that a URL that does not parse (the one an error is about) is masked too. The user's part
+/// ends at the last `@`, so that a password with an `@`, `/`, `#` or `?` that should have been
+/// escaped and was not is still masked whole (an outside audit: `u:ab#SECRET@host` was shown
+/// whole); a query holding an `@` then masks more than the password, never less.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let Some(at) = rest[..end].rfind('@') else {
+    let user_masked = rest
+        .rfind('@')
+        .and_then(|at| match rest[..at].split_once(':') {
+            // A `/` before the `:` is a path (`sqlite:///a:b@c.db`), not a user.
+            Some((user, _password)) if !user.contains('/') => {
+                Some(format!("{scheme}://{user}:***{}", &rest[at..]))
+            }
+            _ => None,
+        });
+    let url = user_masked.unwrap_or_else(|| url.to_string());
+    mask_password_parameter(&url)
+}
+
+/// `url` with the value of each `password` query parameter (any case) replaced by `***`.
+fn mask_password_parameter(url: &str) -> String {
+    let Some(q) = url.find('?') else {
         return url.to_string();
     };
-    match rest[..at].split_once(':') {
-        // A `/` before the `:` is a path (`sqlite:///a:b@c.db`), not a user.
-        Some((user, _password)) if !user.contains('/') => {
-            format!("{scheme}://{user}:***{}", &rest[at..])
-        }
-        _ => url.to_string(),
-    }
+    let (head, query) = url.split_at(q + 1);
+    let (query, fragment) = match query.find('#') {
+        Some(h) => query.split_at(h),
+        None => (query, ""),
+    };
+    let masked: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{head}{}{fragment}", masked.join("&"))
 }
 
 #[cfg(test)]
@@ -1522,5 +1544,29 @@ mod tests {
         );
         assert_eq!(redact("redis://u:pa/ss@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact("redis://u:p@ss@h:1"), "redis://u:***@h:1");
+        // An unescaped `#` or `?` in a password, and a password given as a parameter.
+        assert_eq!(
+            redact("redis://u:ab#SECRETcd@host:1"),
+            "redis://u:***@host:1"
+        );
+        assert_eq!(
+            redact("postgres://u:ab?SECRETcd@host:1/db"),
+            "postgres://u:***@host:1/db"
+        );
+        assert_eq!(
+            redact("postgres://h:1/db?user=u&Password=SECRETQ&sslmode=disable"),
+            "postgres://h:1/db?user=u&Password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact("redis://h:1/0?password=SECRETQ"),
+            "redis://h:1/0?password=***"
+        );
+        for url in [
+            "redis://u:ab#SECRETcd@host:1",
+            "http://u:ab#SECRETcd@host:1",
+            "postgres://h:1/db?password=SECRETQ",
+        ] {
+            assert!(!redact(url).contains("SECRET"), "{url}");
+        }
     }
 }
