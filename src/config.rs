@@ -234,13 +234,17 @@ pub struct UpstreamConfig {
 
 /// Request headers by which a client could choose whose account, organisation or project the
 /// upstream bills, or present credentials of its own: never forwarded. The configuration's
-/// `upstream.drop_request_headers` adds to them.
-pub const DROPPED_REQUEST_HEADERS: [&str; 5] = [
+/// `upstream.drop_request_headers` adds to them. Besides OpenAI's and Azure OpenAI's, the
+/// credential headers of the gateways an upstream may sit behind (Azure API Management's
+/// subscription key, Google's API key), which an outside audit saw forwarded.
+pub const DROPPED_REQUEST_HEADERS: [&str; 7] = [
     "openai-organization",
     "openai-project",
     "api-key",
     "x-api-key",
     "cookie",
+    "ocp-apim-subscription-key",
+    "x-goog-api-key",
 ];
 
 #[derive(Debug, Clone)]

@@ -286,6 +286,8 @@ async fn client_headers_that_choose_the_billed_account_are_not_forwarded() {
         ("api-key", "azure-key-of-the-client"),
         ("x-api-key", "another-key-of-the-client"),
         ("cookie", "session=abc"),
+        ("ocp-apim-subscription-key", "apim-key-of-the-client"),
+        ("x-goog-api-key", "google-key-of-the-client"),
         ("x-billing-tenant", "acme"),
         ("openai-beta", "assistants=v2"),
         ("x-stainless-lang", "python"),
@@ -305,6 +307,8 @@ async fn client_headers_that_choose_the_billed_account_are_not_forwarded() {
         "api-key",
         "x-api-key",
         "cookie",
+        "ocp-apim-subscription-key",
+        "x-goog-api-key",
         "x-billing-tenant",
         "x-hop-only",
     ] {
