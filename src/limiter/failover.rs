@@ -785,6 +785,15 @@ impl Failover {
         if self.rebuilding.swap(true, Ordering::AcqRel) {
             return;
         }
+        // Cleared however this ends (a panic included): left set, no rebuild would run again
+        // but at a decision.
+        struct Running<'a>(&'a std::sync::atomic::AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _running = Running(&self.rebuilding);
         let due: Vec<(WorkspaceId, Arc<Limits>)> = self
             .rebuild
             .lock()
@@ -799,7 +808,6 @@ impl Failover {
                 tracing::debug!(error = %e, workspace, "rebuilding a month counter failed; tried again soon");
             }
         }
-        self.rebuilding.store(false, Ordering::Release);
     }
 
     /// Whether some workspaces' rebuilds are due (`Failover::rebuild`).
