@@ -1425,9 +1425,14 @@ fn past_requests(requests: &[LimitRequest], token: &str) -> Markup {
                                 } @else if let Some(reason) = &r.reason { "Denied: " (reason) }
                                 @if let Some(at) = r.decided_at { br; span.note { (Timestamp(at).rfc3339()) } }
                                 @if r.status == LimitRequestStatus::Pending {
-                                    form.withdraw method="post" action={ "/console/limit-requests/" (r.id) "/withdraw" } {
-                                        input type="hidden" name="csrf" value=(token);
-                                        button type="submit" { "Withdraw" }
+                                    // Behind a first click, as revoking a key is: a withdrawn
+                                    // request cannot be put back in the queue.
+                                    details.withdraw {
+                                        summary { "Withdraw…" }
+                                        form.withdraw method="post" action={ "/console/limit-requests/" (r.id) "/withdraw" } {
+                                            input type="hidden" name="csrf" value=(token);
+                                            button type="submit" { "Withdraw request " (r.id) " now: it cannot be undone" }
+                                        }
                                     }
                                 }
                             }

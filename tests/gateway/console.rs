@@ -1031,6 +1031,18 @@ async fn console_files_an_increase_request_and_shows_the_operators_answer() {
     let form = |id: i64| format!(r#"action="{}""#, withdraw(id));
     assert!(page.body.contains(&form(third)), "{}", page.body);
     assert!(!page.body.contains(&form(second)) && !page.body.contains(&form(id)));
+    // Behind a first click, saying what it does.
+    assert!(
+        page.body.contains(&format!(
+            r#"<details class="withdraw"><summary>Withdraw…</summary><form class="withdraw" method="post" {}"#,
+            form(third)
+        )),
+        "{}",
+        page.body
+    );
+    assert!(page.body.contains(&format!(
+        "Withdraw request {third} now: it cannot be undone"
+    )));
     let forged = post_form(&gw, &withdraw(third), &cookie, None, &[]).await;
     assert_eq!(forged.status, StatusCode::FORBIDDEN);
     let (_, other_key) = gw.workspace("free").await;
