@@ -183,7 +183,8 @@ impl RawSettings {
 pub enum Unmetered {
     /// Every method the gateway passes on (the default).
     All,
-    /// `GET`, `HEAD` and `OPTIONS` only, which the known APIs never charge tokens for.
+    /// `GET`, `HEAD` and `OPTIONS` without a body only, which the known APIs never charge tokens
+    /// for.
     Reads,
     /// Nothing: only the metered routes reach the upstream.
     None,
@@ -235,9 +236,11 @@ pub struct UpstreamConfig {
 /// Request headers by which a client could choose whose account, organisation or project the
 /// upstream bills, or present credentials of its own: never forwarded. The configuration's
 /// `upstream.drop_request_headers` adds to them. Besides OpenAI's and Azure OpenAI's, the
-/// credential headers of the gateways an upstream may sit behind (Azure API Management's
-/// subscription key, Google's API key), which an outside audit saw forwarded.
-pub const DROPPED_REQUEST_HEADERS: [&str; 7] = [
+/// credential and billing headers of the gateways an upstream may sit behind (Azure API
+/// Management's subscription key, Google's API key and billed project), and the method
+/// overrides, by which a `GET` (forwarded unmetered) could be run as a `POST` by an upstream that
+/// honours them: an outside audit saw each forwarded.
+pub const DROPPED_REQUEST_HEADERS: [&str; 11] = [
     "openai-organization",
     "openai-project",
     "api-key",
@@ -245,6 +248,10 @@ pub const DROPPED_REQUEST_HEADERS: [&str; 7] = [
     "cookie",
     "ocp-apim-subscription-key",
     "x-goog-api-key",
+    "x-goog-user-project",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
 ];
 
 #[derive(Debug, Clone)]
@@ -330,7 +337,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.url", "upstream", "TIERGATE_UPSTREAM", Text, "Base URL of the upstream API, e.g. https://api.mistral.ai (required by serve)."),
     setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
     setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
-    setting("upstream.unmetered", "upstream-unmetered", "TIERGATE_UPSTREAM_UNMETERED", Text, "What is forwarded off the metered routes, whose token limits hold only after the fact: all (the default), reads (GET, HEAD, OPTIONS) or none."),
+    setting("upstream.unmetered", "upstream-unmetered", "TIERGATE_UPSTREAM_UNMETERED", Text, "What is forwarded off the metered routes, whose token limits hold only after the fact: all (the default), reads (GET, HEAD, OPTIONS without a body) or none."),
     setting("upstream.max_idle_connections", "upstream-max-idle-connections", "TIERGATE_UPSTREAM_MAX_IDLE_CONNECTIONS", Number, "The most idle HTTP/1.1 connections to the upstream kept for reuse; past it, the least recently used is closed (default 1024; 0 to 100000, 0: none kept)."),
     setting("upstream.http2_keepalive_ms", "upstream-http2-keepalive-ms", "TIERGATE_UPSTREAM_HTTP2_KEEPALIVE_MS", Number, "An HTTP/2 connection to the upstream with requests on it, silent this long, is checked with a PING, and closed if none comes back as long again (default 20000; 0: never; else 100 to 3600000)."),
     setting("upstream.max_streams_per_connection", "upstream-max-streams-per-connection", "TIERGATE_UPSTREAM_MAX_STREAMS_PER_CONNECTION", Number, "The most requests at once on one HTTP/2 connection to the upstream; more open another connection (default 100; 1 to 10000)."),

@@ -478,7 +478,10 @@ fn prepare(
             // with requests sent at once while 1 token of it was left).
             let allowed = match state.config.upstream.unmetered {
                 Unmetered::All => true,
-                Unmetered::Reads => [Method::GET, Method::HEAD, Method::OPTIONS].contains(method),
+                // A read with a body is not one: an upstream may run it as what the body asks.
+                Unmetered::Reads => {
+                    [Method::GET, Method::HEAD, Method::OPTIONS].contains(method) && body.is_empty()
+                }
                 Unmetered::None => false,
             };
             if !allowed {
@@ -488,7 +491,7 @@ fn prepare(
                         Unmetered::Reads => {
                             "the metered routes (POST /v1/chat/completions, /v1/completions, \
                              /v1/fim/completions, /v1/embeddings, /v1/responses) and GET, HEAD \
-                             and OPTIONS elsewhere under /v1/"
+                             and OPTIONS without a body elsewhere under /v1/"
                         }
                         _ => {
                             "only the metered routes (POST /v1/chat/completions, \

@@ -439,6 +439,20 @@ async fn an_operator_may_keep_the_unmetered_routes_from_the_upstream() {
             StatusCode::FORBIDDEN
         };
         assert_eq!(r.status(), expected, "{setting}: GET /v1/models");
+        // A read with a body is not one.
+        let r = gw
+            .client
+            .get(format!("{}/v1/agents/completions", gw.url))
+            .bearer_auth(&key)
+            .json(&json!({"agent_id": "ag_1", "messages": []}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            StatusCode::FORBIDDEN,
+            "{setting}: GET with a body"
+        );
         let r = gw.chat(&key, hello(), &[("x-mock-usage", "5,3")]).await;
         assert_eq!(r.status(), StatusCode::OK, "{setting}: a metered route");
         assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 8);
