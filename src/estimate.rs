@@ -3,11 +3,11 @@
 //! # The rule
 //! - **Prompt**: the texts the request sends (message contents, `prompt`, `suffix`, embedding
 //!   `input`; for `/v1/responses`, `instructions` and `input`, a string or a list of items with
-//!   text content; and what the model reads besides, every key and string of the tool
-//!   definitions, `response_format`, an object `tool_choice`, responses' `text`, and of the calls
-//!   and results in messages and items) are counted by [`PromptCounter`], plus 4 per chat
-//!   message or input item and 3 for the reply's framing; then scaled by what this workspace's
-//!   model taught (below).
+//!   text content; and what the model reads besides: on chat and responses, every key, string
+//!   and number of every other field of the body, and of every field of a message or item but
+//!   its role, type and media; a number in a prompt or input is a token id, one token) are
+//!   counted by [`PromptCounter`], plus 4 per chat message or input item and 3 for the reply's
+//!   framing; then scaled by what this workspace's model taught (below).
 //! - **Counting a text** costs, in sixteenths of a token (rounded up once, over all the texts):
 //!   ASCII letter 3; ASCII digit 16; each run of punctuation or symbols (ASCII, or U+2000–U+206F)
 //!   16, whatever its length; each run of whitespace 3, plus 11 per line feed; accented Latin
@@ -29,7 +29,8 @@
 //!   per character) and what the rule does not see (images). `request_too_large`
 //!   is decided on the smaller of the rule and the learned figure: a guess never refuses for
 //!   good.
-//! - **Completion**, per choice (`n`, default 1):
+//! - **Completion**, per choice (`n`, default 1; on completions, the larger of `n` and
+//!   `best_of`, times the prompts of a list of prompts):
 //!   `min(max_tokens, recent)`, where `recent` is the largest completion among the last
 //!   `history` (16) that this workspace got for this model (one cut at its request's
 //!   `max_tokens` counted as at least the default), or `default_completion_tokens` (256) before
@@ -481,7 +482,13 @@ pub fn inspect(
             "'n' must be a whole number from 1 to 128",
         ));
     }
-    let choices = n.unwrap_or(1);
+    // A completions request makes `best_of` completions (at least `n`) for each of its prompts.
+    let best_of = fields.best_of.as_u64().filter(|b| (1..=128).contains(b));
+    let prompts = match endpoint {
+        Endpoint::Completions => fields.prompts.max(1) as u64,
+        _ => 1,
+    };
+    let choices = n.unwrap_or(1).max(best_of.unwrap_or(1)) * prompts;
     Ok(RequestInfo {
         model,
         stream,
@@ -507,6 +514,11 @@ struct Fields<'a> {
     messages: Option<Messages>,
     /// Completions and FIM: `Some` when present and not `null` (the cost of its text).
     prompt: Option<usize>,
+    /// Completions: how many prompts `prompt` holds (a list of texts, or of token-id lists, is
+    /// one completion each).
+    prompts: usize,
+    /// Completions: `best_of`, the completions made to return the best `n` of.
+    best_of: Scalar<'a>,
     suffix: usize,
     /// Embeddings: `Some` when present and not `null`; responses: when present (`null` is
     /// `Input::Other`, refused).
@@ -632,6 +644,7 @@ enum Key {
     Suffix,
     Input,
     Instructions,
+    BestOf,
     /// `tools`, `functions`, `response_format`, `tool_choice`.
     Beside,
     /// `text` (the Responses API's output format).
@@ -658,6 +671,7 @@ impl<'de> Deserialize<'de> for Key {
                     "model" => Key::Model,
                     "messages" => Key::Messages,
                     "prompt" => Key::Prompt,
+                    "best_of" => Key::BestOf,
                     "suffix" => Key::Suffix,
                     "input" => Key::Input,
                     "instructions" => Key::Instructions,
@@ -680,8 +694,9 @@ impl<'de> Deserialize<'de> for Key {
 /// The fields of a chat message or a responses input item that the estimate reads.
 enum ItemKey {
     Content,
-    /// `tool_calls`, `function_call`, `arguments`, `output`.
+    /// Any other text the model reads of it (`tool_calls`, `arguments`, `output`, `name`, ...).
     Call,
+    /// Its role and kind, and media.
     Other,
 }
 
@@ -696,8 +711,14 @@ impl<'de> Deserialize<'de> for ItemKey {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ItemKey, E> {
                 Ok(match v {
                     "content" => ItemKey::Content,
-                    "tool_calls" | "function_call" | "arguments" | "output" => ItemKey::Call,
-                    _ => ItemKey::Other,
+                    // What says what the item is, and media (their data is not text).
+                    "role" | "type" | "image_url" | "input_audio" | "audio" | "file"
+                    | "file_data" | "file_url" | "document_url" => ItemKey::Other,
+                    // Everything else a model may read: a name, a tool call and its id, its
+                    // arguments and result, a refusal, reasoning (an outside audit sent 100,000
+                    // characters each in `name`, `tool_call_id`, `reasoning_content`,
+                    // `refusal`, unreserved).
+                    _ => ItemKey::Call,
                 })
             }
         }
@@ -765,8 +786,11 @@ impl<'de> Visitor<'de> for BodyVisitor {
                     if matches!(endpoint, Endpoint::Completions | Endpoint::FimCompletions) =>
                 {
                     // `null` counts as left out (refused, as the upstream APIs do).
-                    f.prompt = map.next_value::<Option<ContentCost>>()?.map(|c| c.0)
+                    let prompt = map.next_value::<Option<Prompts>>()?;
+                    f.prompt = prompt.as_ref().map(|p| p.cost);
+                    f.prompts = prompt.map_or(1, |p| p.count.max(1));
                 }
+                Key::BestOf if endpoint == Endpoint::Completions => f.best_of = map.next_value()?,
                 Key::Suffix => f.suffix = map.next_value::<ContentCost>()?.0,
                 Key::Input if endpoint == Endpoint::Embeddings => {
                     f.input = map
@@ -791,6 +815,13 @@ impl<'de> Visitor<'de> for BodyVisitor {
                 Key::Stream => f.stream = map.next_value()?,
                 Key::N => f.n = map.next_value()?,
                 Key::StreamOptions => f.include_usage = map.next_value::<IncludeUsage>()?.0,
+                // Any other field of a chat or responses body may be read by the model (a
+                // prediction, documents, a stop sequence, metadata some upstreams pass on): its
+                // text counts, as what the rule cannot tell apart (an outside audit sent
+                // 100,000 characters each in `prediction`, `documents` and `stop`, unreserved).
+                _ if matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Responses) => {
+                    f.beside = f.beside.saturating_add(map.next_value::<JsonText>()?.0)
+                }
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -844,7 +875,10 @@ impl<'de> Deserialize<'de> for ContentCost {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON value")
             }
-            other_kinds!(ContentCost(0); bool, i64, u64, f64, unit);
+            // A number in a prompt or an input is a token id: one token (an outside audit sent
+            // 400,000 of them as an embeddings input, estimated at none).
+            other_kinds!(ContentCost(16); i64, u64);
+            other_kinds!(ContentCost(0); bool, f64, unit);
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 Ok(ContentCost(text_cost(v)))
             }
@@ -880,7 +914,24 @@ impl<'de> Deserialize<'de> for JsonText {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON value")
             }
-            other_kinds!(JsonText(0); bool, i64, u64, f64, unit);
+            // A number is read as its digits, and `true`, `false` and `null` as words: an
+            // enum of 150,000 numbers in a tool's schema was 112,556 tokens, estimated at none
+            // (an outside audit).
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Ok(JsonText(number_cost(v, false)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                Ok(JsonText(number_cost(v.unsigned_abs(), v < 0)))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                Ok(JsonText(text_cost(&v.to_string())))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Self::Value, E> {
+                Ok(JsonText(text_cost(if v { "true" } else { "false" })))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(JsonText(text_cost("null")))
+            }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 Ok(JsonText(text_cost(v)))
             }
@@ -898,6 +949,95 @@ impl<'de> Deserialize<'de> for JsonText {
                     cost = cost.saturating_add(k).saturating_add(v);
                 }
                 Ok(JsonText(cost))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// What a whole number costs as text: 16 sixteenths a digit (the rule's), and a run of
+/// punctuation for a minus sign.
+fn number_cost(v: u64, negative: bool) -> usize {
+    let digits = v.checked_ilog10().map_or(1, |d| d as usize + 1);
+    16 * digits + if negative { 16 } else { 0 }
+}
+
+/// A completions `prompt`: a text, a list of texts, a list of token ids (one prompt) or a list
+/// of such lists; what its texts cost (a token id 16 sixteenths: one token), and how many
+/// prompts it holds, each completed on its own (an outside audit: 20 prompts in one request
+/// were reserved one completion).
+struct Prompts {
+    cost: usize,
+    count: usize,
+}
+
+impl<'de> Deserialize<'de> for Prompts {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Prompts;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(Prompts { cost: 0, count: 1 }; bool, i64, u64, f64, unit, map);
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Prompts {
+                    cost: text_cost(v),
+                    count: 1,
+                })
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                // Texts and lists are prompts each; numbers are the token ids of one prompt.
+                let (mut cost, mut count, mut ids) = (0usize, 0usize, false);
+                while let Some(item) = seq.next_element::<PromptItem>()? {
+                    match item {
+                        PromptItem::Prompt(c) => {
+                            cost = cost.saturating_add(c);
+                            count += 1;
+                        }
+                        PromptItem::TokenId => {
+                            cost = cost.saturating_add(16);
+                            ids = true;
+                        }
+                    }
+                }
+                Ok(Prompts {
+                    cost,
+                    count: count + usize::from(ids),
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One element of a completions `prompt` list.
+enum PromptItem {
+    /// A text, or a list of token ids: what it costs.
+    Prompt(usize),
+    /// A number: a token id of the one prompt the list is.
+    TokenId,
+}
+
+impl<'de> Deserialize<'de> for PromptItem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = PromptItem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON value")
+            }
+            other_kinds!(PromptItem::TokenId; bool, i64, u64, f64);
+            other_kinds!(PromptItem::Prompt(0); unit, map);
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(PromptItem::Prompt(text_cost(v)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut cost = 0usize;
+                while let Some(ContentCost(c)) = seq.next_element()? {
+                    cost = cost.saturating_add(c);
+                }
+                Ok(PromptItem::Prompt(cost))
             }
         }
         d.deserialize_any(V)
@@ -1309,6 +1449,24 @@ mod tests {
             "{}",
             responses.prompt_tokens
         );
+        // Numbers in a schema are read as their digits: an enum of 1,000 ones is 1,000 tokens.
+        let numbers = with(
+            json!({"tools": [{"type": "function", "function": {"name": "f",
+            "parameters": {"properties": {"x": {"type": "integer", "enum": vec![1; 1_000]}}}}}]}),
+        );
+        assert!(numbers >= bare.prompt_tokens + 1_000, "{numbers}");
+        // Any other field a model may read: a message's name, a tool call's id, reasoning, a
+        // refusal; a top-level prediction or stop sequence.
+        for field in ["name", "tool_call_id", "reasoning_content", "refusal"] {
+            let mut message = json!({"role": "assistant", "content": "x"});
+            message[field] = json!("a".repeat(1_600));
+            let info = chat(json!({"model": "m", "messages": [message]}));
+            assert!(info.prompt_tokens >= 300, "{field}: {}", info.prompt_tokens);
+        }
+        for field in ["prediction", "stop", "documents"] {
+            let counted = with(json!({ field: {"content": "a".repeat(1_600)} }));
+            assert!(counted >= bare.prompt_tokens + 300, "{field}: {counted}");
+        }
         // An image's data is still not text.
         let image = chat(
             json!({"model": "m", "messages": [{"role": "user", "content": [
@@ -1316,6 +1474,34 @@ mod tests {
             ]}]}),
         );
         assert!(image.prompt_tokens < 20, "{}", image.prompt_tokens);
+    }
+
+    /// A completions request is one completion per prompt of a list, and `best_of` of them
+    /// each; token ids are a token each (an outside audit: 20 prompts were reserved one
+    /// completion, 400,000 token ids none).
+    #[test]
+    fn prompt_lists_best_of_and_token_ids() {
+        let completions = |body: Value| inspect(Endpoint::Completions, &body, LIMIT).unwrap();
+        let one = completions(json!({"model": "m", "prompt": "hi", "max_tokens": 100}));
+        assert_eq!(one.choices, 1);
+        let list = completions(json!({"model": "m", "prompt": vec!["hi"; 20], "max_tokens": 100}));
+        assert_eq!(list.choices, 20);
+        let best = completions(json!({"model": "m", "prompt": "hi", "best_of": 20, "n": 2}));
+        assert_eq!(best.choices, 20);
+        let both = completions(json!({"model": "m", "prompt": ["a", "b"], "n": 3}));
+        assert_eq!(both.choices, 6);
+        // Token ids: one prompt of 1,000 tokens; a list of two such lists, two prompts.
+        let ids = completions(json!({"model": "m", "prompt": vec![7; 1_000]}));
+        assert_eq!((ids.choices, ids.prompt_tokens), (1, 1_000 + 3));
+        let lists = completions(json!({"model": "m", "prompt": [vec![7; 10], vec![7; 10]]}));
+        assert_eq!((lists.choices, lists.prompt_tokens), (2, 20 + 3));
+        let embed = inspect(
+            Endpoint::Embeddings,
+            &json!({"model": "e", "input": vec![1; 4_000]}),
+            LIMIT,
+        )
+        .unwrap();
+        assert_eq!(embed.prompt_tokens, 4_000);
     }
 
     #[test]

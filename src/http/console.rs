@@ -332,17 +332,23 @@ pub(super) async fn workspace_refused(
     e: AdminError,
     form: Option<&[(String, String)]>,
 ) -> Response {
-    let status = match &e {
-        AdminError::Invalid(_) => StatusCode::BAD_REQUEST,
-        AdminError::Conflict(_) => StatusCode::CONFLICT,
-        AdminError::NotFound(_) => StatusCode::NOT_FOUND,
+    let (status, retry_after) = match &e {
+        AdminError::Invalid(_) => (StatusCode::BAD_REQUEST, None),
+        AdminError::Conflict(_) => (StatusCode::CONFLICT, None),
+        AdminError::NotFound(_) => (StatusCode::NOT_FOUND, None),
+        // The workspace's changes came too fast: the page again with when to try, as the API's
+        // `429` says (an outside audit: it was a `503` page saying the console could not read
+        // the workspace's usage).
+        AdminError::TooManyChanges {
+            retry_after_secs, ..
+        } => (StatusCode::TOO_MANY_REQUESTS, Some(*retry_after_secs)),
         e => {
             tracing::warn!(error = %e, "console: a workspace's change failed");
             return unavailable(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
     let message = e.to_string();
-    render_workspace(
+    let mut page = render_workspace(
         state,
         session,
         entry,
@@ -350,7 +356,12 @@ pub(super) async fn workspace_refused(
         status,
         form,
     )
-    .await
+    .await;
+    if let Some(secs) = retry_after {
+        page.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    page
 }
 
 /// What the page says at its top after a form: done, or why not.
@@ -480,6 +491,9 @@ async fn revoke_key(
         }
         Ok(_) => see_other("/console/workspace?done=revoked", None),
         Err(AdminError::NotFound(_)) => not_found(),
+        Err(e @ AdminError::TooManyChanges { .. }) => {
+            workspace_refused(&state, &session, &entry, e, None).await
+        }
         Err(e) => {
             tracing::warn!(error = %e, "console: could not revoke a key");
             unavailable(StatusCode::SERVICE_UNAVAILABLE)
@@ -513,6 +527,9 @@ async fn withdraw_request(
         Err(AdminError::Conflict(m)) => {
             let notice = Some(Notice::Refused(&m));
             render_workspace(&state, &session, &entry, notice, StatusCode::CONFLICT, None).await
+        }
+        Err(e @ AdminError::TooManyChanges { .. }) => {
+            workspace_refused(&state, &session, &entry, e, None).await
         }
         Err(e) => {
             tracing::warn!(error = %e, "console: could not withdraw an increase request");
@@ -567,6 +584,9 @@ async fn request_increase(State(state): State<Arc<AppState>>, request: Request) 
         Ok(_) => see_other("/console/workspace?done=requested", None),
         Err(AdminError::Invalid(m)) => refused(StatusCode::BAD_REQUEST, m).await,
         Err(AdminError::Conflict(m)) => refused(StatusCode::CONFLICT, m).await,
+        Err(e @ AdminError::TooManyChanges { .. }) => {
+            workspace_refused(&state, &session, &entry, e, Some(&form)).await
+        }
         Err(e) => {
             tracing::warn!(error = %e, "console: could not file an increase request");
             unavailable(StatusCode::SERVICE_UNAVAILABLE)
@@ -623,6 +643,9 @@ async fn set_budget(State(state): State<Arc<AppState>>, request: Request) -> Res
     {
         Ok(_) => see_other("/console/workspace?done=budget", None),
         Err(AdminError::Invalid(m)) => refused(StatusCode::BAD_REQUEST, m).await,
+        Err(e @ AdminError::TooManyChanges { .. }) => {
+            workspace_refused(&state, &session, &entry, e, Some(&form)).await
+        }
         Err(e) => {
             tracing::warn!(error = %e, "console: could not set a budget");
             unavailable(StatusCode::SERVICE_UNAVAILABLE)

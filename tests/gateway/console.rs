@@ -1493,3 +1493,55 @@ async fn a_keys_own_month_limit_shows_what_it_used() {
         page.body
     );
 }
+
+/// A workspace's changes in the console share its change budget with the API (60, then one
+/// every 2 s): past it, the page again with when to try, `429` as the API's (an outside audit:
+/// a `503` page saying the console could not read the workspace's usage). Nothing changed.
+#[tokio::test]
+async fn console_changes_past_the_workspace_s_budget_of_changes_are_a_429() {
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_month": 1_000_000})).await;
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let csrf = page.csrf();
+    for i in 0..60 {
+        let r = gw
+            .client
+            .put(format!("{}/v1/budget", gw.url))
+            .bearer_auth(&key)
+            .json(&json!({"tokens_per_month": 1_000 + i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "{i}");
+    }
+    let refused = post_form(
+        &gw,
+        "/console/budget",
+        &cookie,
+        Some(&csrf),
+        &[("tokens_per_month", "5")],
+    )
+    .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.body.contains("Too many changes"),
+        "{}",
+        refused.body
+    );
+    let asked = post_form(
+        &gw,
+        "/console/limit-requests",
+        &cookie,
+        Some(&csrf),
+        &[("use_case", "x"), ("tokens_per_month", "6000000")],
+    )
+    .await;
+    assert_eq!(asked.status, StatusCode::TOO_MANY_REQUESTS);
+    let (_, budget) = gw.admin(reqwest::Method::GET, "/workspaces/1", None).await;
+    assert_eq!(budget["budget"]["tokens_per_month"], 1_059, "{budget}");
+}
