@@ -465,7 +465,10 @@ pub fn inspect(
                     format!("'{field}' must be at most {max_tokens_limit}"),
                 ));
             }
-            max_tokens.get_or_insert(n);
+            // Both given: the smaller, which bounds the completion whichever the upstream
+            // reads (the first taken, `max_tokens: 1000` with `max_completion_tokens: 1` made
+            // completions of 1 look natural, and lowered the estimate: an outside audit).
+            max_tokens = Some(max_tokens.map_or(n, |m: u64| m.min(n)));
         }
     }
     let stream =
@@ -1495,6 +1498,11 @@ mod tests {
         assert_eq!((ids.choices, ids.prompt_tokens), (1, 1_000 + 3));
         let lists = completions(json!({"model": "m", "prompt": [vec![7; 10], vec![7; 10]]}));
         assert_eq!((lists.choices, lists.prompt_tokens), (2, 20 + 3));
+        // Both bounds of a chat completion: the smaller.
+        let both = chat(
+            json!({"model": "m", "messages": [], "max_tokens": 1_000, "max_completion_tokens": 1}),
+        );
+        assert_eq!(both.max_tokens, Some(1));
         let embed = inspect(
             Endpoint::Embeddings,
             &json!({"model": "e", "input": vec![1; 4_000]}),

@@ -421,10 +421,15 @@ fn init_tracing(format: LogFormat) -> anyhow::Result<Telemetry> {
     }
 }
 
-/// The log filter `TIERGATE_LOG` gives (`info` when unset).
+/// `info`, but for sqlx's parser of connection options, which warns of an option it does not
+/// know with its value: `sslpassword` (or `PASSWORD` in capitals) in a database URL was written
+/// whole to the log at start (an outside audit).
+const DEFAULT_LOG: &str = "info,sqlx_postgres::options=error";
+
+/// The log filter `TIERGATE_LOG` gives (`DEFAULT_LOG` when unset).
 fn log_filter(value: Option<std::ffi::OsString>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
     let Some(value) = value else {
-        return Ok(tracing_subscriber::EnvFilter::new("info"));
+        return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     };
     let text = value
         .to_str()

@@ -1479,7 +1479,9 @@ pub fn redact(url: &str) -> String {
     mask_password_parameter(&url)
 }
 
-/// `url` with the value of each `password` query parameter (any case) replaced by `***`.
+/// `url` with the value of each query parameter whose name (any case, percent-decoded) holds
+/// `pass`, `secret`, `token` or `key` replaced by `***`: `password`, `sslpassword`, `pass%77ord`
+/// (an outside audit saw each shown whole), an upstream's `?key=`.
 fn mask_password_parameter(url: &str) -> String {
     let Some(q) = url.find('?') else {
         return url.to_string();
@@ -1492,11 +1494,22 @@ fn mask_password_parameter(url: &str) -> String {
     let masked: Vec<String> = query
         .split('&')
         .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+            Some((name, _)) if secret_name(name) => format!("{name}=***"),
             _ => pair.to_string(),
         })
         .collect();
     format!("{head}{}{fragment}", masked.join("&"))
+}
+
+/// Whether a query parameter's name says it holds a secret (`mask_password_parameter`).
+fn secret_name(name: &str) -> bool {
+    // Percent-decoded as a form's name is (`url` re-exports the decoder).
+    let name = url::form_urlencoded::parse(name.as_bytes())
+        .next()
+        .map_or_else(String::new, |(name, _)| name.to_ascii_lowercase());
+    ["pass", "secret", "token", "key"]
+        .iter()
+        .any(|s| name.contains(s))
 }
 
 #[cfg(test)]
@@ -1561,6 +1574,11 @@ mod tests {
             redact("redis://h:1/0?password=SECRETQ"),
             "redis://h:1/0?password=***"
         );
+        assert_eq!(
+            redact("postgres://u@h:1/d?pass%77ord=S3CR&sslpassword=S3CR&sslmode=require"),
+            "postgres://u@h:1/d?pass%77ord=***&sslpassword=***&sslmode=require"
+        );
+        assert_eq!(redact("http://h:1/?key=S3CR"), "http://h:1/?key=***");
         for url in [
             "redis://u:ab#SECRETcd@host:1",
             "http://u:ab#SECRETcd@host:1",
