@@ -652,6 +652,8 @@ enum Key {
     Beside,
     /// `text` (the Responses API's output format).
     Text,
+    /// Fields a model does not read (`NOT_TEXT`).
+    NotText,
     MaxTokens,
     MaxCompletionTokens,
     MaxOutputTokens,
@@ -680,6 +682,7 @@ impl<'de> Deserialize<'de> for Key {
                     "instructions" => Key::Instructions,
                     "tools" | "functions" | "response_format" | "tool_choice" => Key::Beside,
                     "text" => Key::Text,
+                    "logit_bias" | "metadata" => Key::NotText,
                     "max_tokens" => Key::MaxTokens,
                     "max_completion_tokens" => Key::MaxCompletionTokens,
                     "max_output_tokens" => Key::MaxOutputTokens,
@@ -697,6 +700,8 @@ impl<'de> Deserialize<'de> for Key {
 /// The fields of a chat message or a responses input item that the estimate reads.
 enum ItemKey {
     Content,
+    /// A responses item's `output`, read as a content is.
+    Output,
     /// Any other text the model reads of it (`tool_calls`, `arguments`, `output`, `name`, ...).
     Call,
     /// Its role and kind, and media.
@@ -714,6 +719,7 @@ impl<'de> Deserialize<'de> for ItemKey {
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ItemKey, E> {
                 Ok(match v {
                     "content" => ItemKey::Content,
+                    "output" => ItemKey::Output,
                     // What says what the item is, and media (their data is not text).
                     "role" | "type" | "image_url" | "input_audio" | "audio" | "file"
                     | "file_data" | "file_url" | "document_url" => ItemKey::Other,
@@ -818,8 +824,11 @@ impl<'de> Visitor<'de> for BodyVisitor {
                 Key::Stream => f.stream = map.next_value()?,
                 Key::N => f.n = map.next_value()?,
                 Key::StreamOptions => f.include_usage = map.next_value::<IncludeUsage>()?.0,
+                Key::NotText => {
+                    map.next_value::<IgnoredAny>()?;
+                }
                 // Any other field of a chat or responses body may be read by the model (a
-                // prediction, documents, a stop sequence, metadata some upstreams pass on): its
+                // prediction, documents, a stop sequence): its
                 // text counts, as what the rule cannot tell apart (an outside audit sent
                 // 100,000 characters each in `prediction`, `documents` and `stop`, unreserved).
                 _ if matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Responses) => {
@@ -936,7 +945,11 @@ impl<'de> Deserialize<'de> for JsonText {
                 Ok(JsonText(text_cost("null")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(JsonText(text_cost(v)))
+                // A data URL is media, not text.
+                Ok(JsonText(match v.starts_with("data:") {
+                    true => 0,
+                    false => text_cost(v),
+                }))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
                 let mut cost = 0usize;
@@ -947,9 +960,14 @@ impl<'de> Deserialize<'de> for JsonText {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut cost = 0usize;
-                while let Some(JsonText(k)) = map.next_key()? {
-                    let JsonText(v) = map.next_value()?;
-                    cost = cost.saturating_add(k).saturating_add(v);
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    cost = cost.saturating_add(text_cost(&key));
+                    // Media, and what the model does not read as text.
+                    if NOT_TEXT.contains(&key.as_ref()) {
+                        map.next_value::<IgnoredAny>()?;
+                    } else {
+                        cost = cost.saturating_add(map.next_value::<JsonText>()?.0);
+                    }
                 }
                 Ok(JsonText(cost))
             }
@@ -957,6 +975,21 @@ impl<'de> Deserialize<'de> for JsonText {
         d.deserialize_any(V)
     }
 }
+
+/// Fields whose values are not read as text: media and files (their data is not text), the
+/// bias of token ids, metadata kept for the caller. An audit saw 300 entries of `logit_bias`
+/// reserve 2,708 tokens.
+const NOT_TEXT: [&str; 9] = [
+    "image_url",
+    "input_audio",
+    "audio",
+    "file",
+    "file_data",
+    "file_url",
+    "document_url",
+    "logit_bias",
+    "metadata",
+];
 
 /// What a whole number costs as text: 16 sixteenths a digit (the rule's), and a run of
 /// punctuation for a minus sign.
@@ -1069,6 +1102,13 @@ impl<'de> Deserialize<'de> for ContentOf {
                 while let Some(key) = map.next_key::<ItemKey>()? {
                     match key {
                         ItemKey::Content => content = map.next_value::<ContentCost>()?.0,
+                        // A tool's result: a text, or parts of which only text counts (a
+                        // screenshot in a computer call's output, an image or a file in a
+                        // function's, were counted as 136,000 tokens of text: an outside
+                        // audit).
+                        ItemKey::Output => {
+                            calls = calls.saturating_add(map.next_value::<ContentCost>()?.0)
+                        }
                         ItemKey::Call => {
                             calls = calls.saturating_add(map.next_value::<JsonText>()?.0)
                         }
@@ -1470,6 +1510,28 @@ mod tests {
             let counted = with(json!({ field: {"content": "a".repeat(1_600)} }));
             assert!(counted >= bare.prompt_tokens + 300, "{field}: {counted}");
         }
+        // Media in a tool's result is not text: a screenshot in a computer call's output, an
+        // image in a function's (an audit: 136,000 tokens reserved for a 400 KB image).
+        let data = format!("data:image/png;base64,{}", "A".repeat(100_000));
+        let outputs = inspect(
+            Endpoint::Responses,
+            &json!({"model": "m", "input": [
+                {"type": "function_call_output", "call_id": "c",
+                 "output": [{"type": "input_image", "image_url": data}]},
+                {"type": "computer_call_output", "call_id": "d",
+                 "output": {"type": "computer_screenshot", "image_url": data}}
+            ]}),
+            LIMIT,
+        )
+        .unwrap();
+        assert!(outputs.prompt_tokens < 50, "{}", outputs.prompt_tokens);
+        // Nor a data URL or a file anywhere else, nor the bias of token ids.
+        let elsewhere = with(
+            json!({"tools": [{"type": "function", "function": {"name": "f",
+            "example": {"image_url": "x".repeat(10_000), "url": data}}}],
+            "logit_bias": (0..300).map(|i| (i.to_string(), json!(-100))).collect::<serde_json::Map<_, _>>()}),
+        );
+        assert!(elsewhere < bare.prompt_tokens + 50, "{elsewhere}");
         // An image's data is still not text.
         let image = chat(
             json!({"model": "m", "messages": [{"role": "user", "content": [
