@@ -634,7 +634,7 @@ async fn console_secret(
     session: &str,
     made: &crate::console::Page,
     under: &str,
-) -> (i64, String) {
+) -> (i64, String, String) {
     assert_eq!(made.status, StatusCode::SEE_OTHER, "{}", made.body);
     let to = made.location.clone().expect("a redirect");
     let id: i64 = to
@@ -697,7 +697,7 @@ async fn console_secret(
     let again = get(session.to_string(), to.clone()).await;
     assert_eq!(again.status, StatusCode::GONE, "{}", again.body);
     assert!(!again.body.contains(&secret));
-    (id, secret)
+    (id, secret, carried.to_string())
 }
 
 #[tokio::test]
@@ -719,7 +719,7 @@ async fn endpoints_made_in_the_console_get_their_events_signed_with_the_secret_s
             ],
         )
         .await;
-    let (op_id, op_secret) =
+    let (op_id, op_secret, _) =
         console_secret(&gw.url, op.cookie(), &made, "/console/operator/webhooks").await;
 
     // The workspace's own, from its console page.
@@ -798,7 +798,8 @@ async fn endpoints_made_in_the_console_get_their_events_signed_with_the_secret_s
         ],
     )
     .await;
-    let (ws_id, ws_secret) = console_secret(&gw.url, &session, &made, "/console/webhooks").await;
+    let (ws_id, ws_secret, ws_cookie) =
+        console_secret(&gw.url, &session, &made, "/console/webhooks").await;
     assert_ne!(ws_secret, op_secret);
     // The workspace's page lists it, and the API agrees.
     let page = crate::console::get(&gw, "/console/workspace", Some(&session)).await;
@@ -931,6 +932,16 @@ async fn endpoints_made_in_the_console_get_their_events_signed_with_the_secret_s
     );
     let (_, own) = keyed(&gw, &key, Method::GET, "/v1/webhooks", None).await;
     assert_eq!(own["data"], json!([]));
+    // Its secret's cookie, kept past its life and sent again (as curl's cookie jar does): the
+    // endpoint is gone, and so is its secret's page.
+    let replayed = crate::console::browser()
+        .get(format!("{}/console/webhooks/{ws_id}/created", gw.url))
+        .header("cookie", format!("{session}; {ws_cookie}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status(), StatusCode::GONE);
+    assert!(!replayed.text().await.unwrap().contains(&ws_secret));
     let page = op
         .post(&format!("/console/operator/webhooks/{op_id}/delete"), &[])
         .await;
