@@ -60,8 +60,9 @@
 //!
 //! `/v1/responses` with `"stream": true` streams OpenAI's typed events, each
 //! `event: TYPE\ndata: {"type": TYPE, "sequence_number": N, ...}\n\n`: `response.created`
-//! (the response `in_progress`, `usage: null`), one `response.output_text.delta` per word,
-//! `response.output_text.done`, then `response.completed` (or `response.incomplete`) whose
+//! (the response `in_progress`, `usage: null`), `response.output_item.added` and
+//! `response.content_part.added`, one `response.output_text.delta` per word,
+//! `response.output_text.done`, `response.content_part.done`, `response.output_item.done`, then `response.completed` (or `response.incomplete`) whose
 //! `response` carries the usage; there is no `[DONE]`.
 //!
 //! Each event is a separate body chunk. Streams wait the latency before the first event, then
@@ -1263,10 +1264,28 @@ impl ModelResponse {
             controls.decorate(&mut data);
             Ok(Bytes::from(format!("event: {kind}\ndata: {data}\n\n")))
         };
-        let mut events = vec![event(
-            "response.created",
-            json!({"response": self.body(false)}),
-        )];
+        // The item and its text part are announced before their deltas, as the OpenAI API does:
+        // the SDKs' stream helpers (`responses.stream`) refuse a delta for an item they were not
+        // told of (an outside audit).
+        let item = |status: &str, text: Option<&str>| {
+            json!({"id": self.message_id, "type": "message", "status": status,
+                   "role": "assistant",
+                   "content": text.map_or_else(|| json!([]), |t| json!([
+                       {"type": "output_text", "text": t, "annotations": []}]))})
+        };
+        let part = |text: &str| json!({"type": "output_text", "text": text, "annotations": []});
+        let mut events = vec![
+            event("response.created", json!({"response": self.body(false)})),
+            event(
+                "response.output_item.added",
+                json!({"output_index": 0, "item": item("in_progress", None)}),
+            ),
+            event(
+                "response.content_part.added",
+                json!({"item_id": self.message_id, "output_index": 0, "content_index": 0,
+                       "part": part("")}),
+            ),
+        ];
         let words: Vec<String> = reply_words(self.words).collect();
         for (i, word) in words.iter().enumerate() {
             if controls.fail_after_chunks == Some(i as u64) {
@@ -1282,10 +1301,20 @@ impl ModelResponse {
             events.push(Err(io::Error::other("mock upstream aborted the stream")));
             return events;
         }
+        let text = words.concat();
         events.push(event(
             "response.output_text.done",
             json!({"item_id": self.message_id, "output_index": 0, "content_index": 0,
-                   "text": words.concat()}),
+                   "text": text}),
+        ));
+        events.push(event(
+            "response.content_part.done",
+            json!({"item_id": self.message_id, "output_index": 0, "content_index": 0,
+                   "part": part(&text)}),
+        ));
+        events.push(event(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item(self.status(), Some(&text))}),
         ));
         let last = if self.incomplete {
             "response.incomplete"
@@ -1791,9 +1820,13 @@ mod tests {
             kinds,
             [
                 "response.created",
+                "response.output_item.added",
+                "response.content_part.added",
                 "response.output_text.delta",
                 "response.output_text.delta",
                 "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
                 "response.completed"
             ]
         );

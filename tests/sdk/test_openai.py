@@ -74,6 +74,20 @@ def test_chat_stream_with_usage(gateway, make_workspace):
     ws.wait_totals(requests=1, tokens=8)
 
 
+def test_responses_stream_helper(gateway, make_workspace):
+    # The SDK's stream helper refuses a text delta for an item it was not told of: the mock
+    # announces its message item and text part first, as the OpenAI API does.
+    ws = make_workspace(requests_per_second=10, tokens_per_minute=100_000)
+    # Room enough for the mock's whole answer: `response.completed`, which the helper waits for.
+    with client(gateway, ws).responses.stream(model=MODEL, input="hi there", max_output_tokens=1000) as stream:
+        text = "".join(e.delta for e in stream if e.type == "response.output_text.delta")
+        final = stream.get_final_response()
+    assert text and final.output_text == text
+    assert final.status == "completed"
+    assert final.usage.total_tokens > 0
+    ws.wait_totals(requests=1, tokens=final.usage.total_tokens)
+
+
 def test_embeddings(gateway, make_workspace):
     ws = make_workspace(requests_per_second=10, tokens_per_minute=100_000)
     # The SDK asks for base64 unless told otherwise; ask for floats, then take its default too.
