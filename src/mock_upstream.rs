@@ -1831,14 +1831,14 @@ mod tests {
             ]
         );
         let last: Value = serde_json::from_str(
-            events[4]
+            events[8]
                 .lines()
                 .nth(1)
                 .unwrap()
                 .trim_start_matches("data: "),
         )
         .unwrap();
-        assert_eq!(last["sequence_number"], 4);
+        assert_eq!(last["sequence_number"], 8);
         assert_eq!(last["response"]["usage"]["total_tokens"], 7);
         assert!(!response.body.contains("[DONE]"));
     }
