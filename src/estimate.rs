@@ -527,8 +527,8 @@ struct Fields<'a> {
     /// `Input::Other`, refused).
     input: Option<Input>,
     instructions: usize,
-    /// Chat and responses: the text of what the model reads besides the messages or input (tool
-    /// definitions, `response_format`, a named `tool_choice`; responses' `text` format).
+    /// Chat and responses: the text of every other field of the body, which the model may read
+    /// (tool definitions, `response_format`, `tool_choice`, responses' `text`, a `prediction`).
     beside: usize,
     max_tokens: Scalar<'a>,
     max_completion_tokens: Scalar<'a>,
@@ -648,10 +648,6 @@ enum Key {
     Input,
     Instructions,
     BestOf,
-    /// `tools`, `functions`, `response_format`, `tool_choice`.
-    Beside,
-    /// `text` (the Responses API's output format).
-    Text,
     /// Fields a model does not read (`NOT_TEXT`).
     NotText,
     MaxTokens,
@@ -680,8 +676,6 @@ impl<'de> Deserialize<'de> for Key {
                     "suffix" => Key::Suffix,
                     "input" => Key::Input,
                     "instructions" => Key::Instructions,
-                    "tools" | "functions" | "response_format" | "tool_choice" => Key::Beside,
-                    "text" => Key::Text,
                     "logit_bias" | "metadata" => Key::NotText,
                     "max_tokens" => Key::MaxTokens,
                     "max_completion_tokens" => Key::MaxCompletionTokens,
@@ -702,7 +696,7 @@ enum ItemKey {
     Content,
     /// A responses item's `output`, read as a content is.
     Output,
-    /// Any other text the model reads of it (`tool_calls`, `arguments`, `output`, `name`, ...).
+    /// Any other text the model reads of it (`tool_calls`, `arguments`, `name`, ...).
     Call,
     /// Its role and kind, and media.
     Other,
@@ -721,8 +715,8 @@ impl<'de> Deserialize<'de> for ItemKey {
                     "content" => ItemKey::Content,
                     "output" => ItemKey::Output,
                     // What says what the item is, and media (their data is not text).
-                    "role" | "type" | "image_url" | "input_audio" | "audio" | "file"
-                    | "file_data" | "file_url" | "document_url" => ItemKey::Other,
+                    "role" | "type" => ItemKey::Other,
+                    _ if NOT_TEXT.contains(&v) => ItemKey::Other,
                     // Everything else a model may read: a name, a tool call and its id, its
                     // arguments and result, a refusal, reasoning (an outside audit sent 100,000
                     // characters each in `name`, `tool_call_id`, `reasoning_content`,
@@ -810,14 +804,6 @@ impl<'de> Visitor<'de> for BodyVisitor {
                     f.input = Some(map.next_value::<ResponsesInput>()?.0)
                 }
                 Key::Instructions => f.instructions = map.next_value::<ContentCost>()?.0,
-                Key::Beside
-                    if matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Responses) =>
-                {
-                    f.beside = f.beside.saturating_add(map.next_value::<JsonText>()?.0)
-                }
-                Key::Text if endpoint == Endpoint::Responses => {
-                    f.beside = f.beside.saturating_add(map.next_value::<JsonText>()?.0)
-                }
                 Key::MaxTokens => f.max_tokens = map.next_value()?,
                 Key::MaxCompletionTokens => f.max_completion_tokens = map.next_value()?,
                 Key::MaxOutputTokens => f.max_output_tokens = map.next_value()?,
@@ -827,10 +813,10 @@ impl<'de> Visitor<'de> for BodyVisitor {
                 Key::NotText => {
                     map.next_value::<IgnoredAny>()?;
                 }
-                // Any other field of a chat or responses body may be read by the model (a
-                // prediction, documents, a stop sequence): its
-                // text counts, as what the rule cannot tell apart (an outside audit sent
-                // 100,000 characters each in `prediction`, `documents` and `stop`, unreserved).
+                // Any other field of a chat or responses body may be read by the model (tool
+                // definitions, a response format, a prediction, documents, a stop sequence): its
+                // text counts (an outside audit sent 100,000 characters in a tool's description,
+                // and in each of `prediction`, `documents` and `stop`, unreserved).
                 _ if matches!(endpoint, Endpoint::ChatCompletions | Endpoint::Responses) => {
                     f.beside = f.beside.saturating_add(map.next_value::<JsonText>()?.0)
                 }

@@ -476,28 +476,22 @@ fn prepare(
             // Off the metered routes nothing is reserved: an operator may keep them from the
             // upstream (an outside audit took 200 times a month quota through one such route,
             // with requests sent at once while 1 token of it was left).
-            let allowed = match state.config.upstream.unmetered {
-                Unmetered::All => true,
+            const METERED: &str = "POST /v1/chat/completions, /v1/completions, \
+                                   /v1/fim/completions, /v1/embeddings, /v1/responses";
+            let (allowed, forwards) = match state.config.upstream.unmetered {
+                Unmetered::All => (true, ""),
                 // A read with a body is not one: an upstream may run it as what the body asks.
-                Unmetered::Reads => {
-                    [Method::GET, Method::HEAD, Method::OPTIONS].contains(method) && body.is_empty()
-                }
-                Unmetered::None => false,
+                Unmetered::Reads => (
+                    [Method::GET, Method::HEAD, Method::OPTIONS].contains(method)
+                        && body.is_empty(),
+                    "and GET, HEAD and OPTIONS without a body elsewhere under /v1/",
+                ),
+                Unmetered::None => (false, "only"),
             };
             if !allowed {
                 return Err(ApiError::Forbidden(format!(
-                    "{method} {path} is not passed on by this gateway: it forwards {}.",
-                    match state.config.upstream.unmetered {
-                        Unmetered::Reads => {
-                            "the metered routes (POST /v1/chat/completions, /v1/completions, \
-                             /v1/fim/completions, /v1/embeddings, /v1/responses) and GET, HEAD \
-                             and OPTIONS without a body elsewhere under /v1/"
-                        }
-                        _ => {
-                            "only the metered routes (POST /v1/chat/completions, \
-                             /v1/completions, /v1/fim/completions, /v1/embeddings, /v1/responses)"
-                        }
-                    }
+                    "{method} {path} is not passed on by this gateway: it forwards the metered \
+                     routes ({METERED}) {forwards}."
                 )));
             }
             return Ok(Prepared {

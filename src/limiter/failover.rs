@@ -180,7 +180,8 @@ pub struct Failover {
     /// limit on top of them (an outside audit, 80 ms stalls against a 50 ms timeout that never
     /// opened the breaker: 58 requests where the limit allowed 43, a month quota used to 101%,
     /// 4 requests in flight of 3).
-    rebuild: Mutex<HashMap<WorkspaceId, Rebuild>>,
+    /// With each, its limits then, for the rebuild the watcher starts.
+    rebuild: Mutex<HashMap<WorkspaceId, Arc<Limits>>>,
     /// Carries whose call failed, sent again first (`Pending`).
     pending: Mutex<HashMap<WorkspaceId, Vec<Pending>>>,
     /// Workspaces whose share was carried back, Redis answering, with no decision on the share
@@ -245,12 +246,6 @@ impl Accounted {
 /// Requests admitted on local shares that are remembered to be carried back (`Failover::alone`)
 /// at most; past that, further ones are not carried (each about 100 bytes).
 const ALONE: usize = 100_000;
-
-/// A workspace decided without the shared limiter (`Failover::rebuild`): its limits then, for
-/// the rebuild the switch back starts.
-struct Rebuild {
-    limits: Arc<Limits>,
-}
 
 /// A carry whose call failed: it may have been run all the same (it timed out on its way, or
 /// while Redis stalled), so it is sent again as it was, under the same generation id, which
@@ -616,19 +611,14 @@ impl Failover {
         }
     }
 
-    fn served_alone(&self, workspace: WorkspaceId, limits: &Limits) {
-        self.still_due(workspace, limits);
-    }
-
-    /// Keeps `workspace`'s rebuild due (`Failover::rebuild`).
-    fn still_due(&self, workspace: WorkspaceId, limits: &Limits) {
+    /// Makes (or keeps) `workspace`'s rebuild due (`Failover::rebuild`): it was decided without
+    /// the shared limiter, or its rebuild failed.
+    fn rebuild_due(&self, workspace: WorkspaceId, limits: &Limits) {
         self.rebuild
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .entry(workspace)
-            .or_insert_with(|| Rebuild {
-                limits: Arc::new(limits.clone()),
-            });
+            .or_insert_with(|| Arc::new(limits.clone()));
     }
 
     /// Rebuilds the workspace's month counter if it was decided without the shared limiter, and
@@ -682,7 +672,7 @@ impl Failover {
             None => Ok(()),
             Some(e) => {
                 // Tried again by the watcher, or at the next decision.
-                self.still_due(workspace, &due.limits);
+                self.rebuild_due(workspace, &due);
                 Err(e)
             }
         }
@@ -800,7 +790,7 @@ impl Failover {
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|(w, _)| !self.is_open_for(**w))
-            .map(|(w, due)| (*w, due.limits.clone()))
+            .map(|(w, limits)| (*w, limits.clone()))
             .collect();
         for (workspace, limits) in due {
             let now = self.clock.now();
@@ -990,7 +980,7 @@ impl Failover {
             }
             FailurePolicy::Open => {
                 Metrics::inc(&self.metrics.fallback_open);
-                self.served_alone(workspace, limits);
+                self.rebuild_due(workspace, limits);
                 let held = Held {
                     model: model.map(Into::into),
                     tokens: cost.estimate.max(cost.prompt),
@@ -1011,7 +1001,7 @@ impl Failover {
                     return Err(unavailable());
                 };
                 Metrics::inc(&self.metrics.fallback_local);
-                self.served_alone(workspace, limits);
+                self.rebuild_due(workspace, limits);
                 // A share taken up now starts with its buckets empty: what Redis counted in the
                 // last minute is not known here, and a full share on every instance would admit
                 // a whole burst more than the limit at the switch.

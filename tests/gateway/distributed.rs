@@ -1593,6 +1593,28 @@ enum Gate {
     HoldReserve(Instant),
 }
 
+/// One gateway under the `local` policy, as the only instance, reaching a Redis of its own
+/// through a gate (`redis_gate`, passing at first), with calls that time out after `timeout_ms`
+/// and reservations' leases of `lease_ms` (the default if `None`).
+async fn alone_behind_a_gate(
+    timeout_ms: u64,
+    lease_ms: Option<u64>,
+) -> (RedisServer, Arc<std::sync::Mutex<Gate>>, Vec<TestGateway>) {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
+    let through = redis_gate(redis.port(), gate.clone()).await;
+    let fleet = TestGateway::fleet(1, &through, |raw| {
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        raw.redis_timeout_ms = Some(timeout_ms);
+        raw.redis_lease_ms = lease_ms;
+    })
+    .await;
+    (redis, gate, fleet)
+}
+
 /// A TCP proxy on a loopback port to the Redis on `port`, whose behaviour the test switches;
 /// its `redis://` URL.
 async fn redis_gate(port: u16, gate: Arc<std::sync::Mutex<Gate>>) -> String {
@@ -1652,20 +1674,9 @@ async fn redis_gate(port: u16, gate: Arc<std::sync::Mutex<Gate>>) -> String {
 /// refused for 18 minutes after Redis flapped under load).
 #[tokio::test]
 async fn a_request_that_ends_while_it_is_carried_back_holds_nothing_in_redis() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
-    let through = redis_gate(redis.port(), gate.clone()).await;
-    let fleet = TestGateway::fleet(1, &through, |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        // Longer than the gate holds the carry back, so that it lands.
-        raw.redis_timeout_ms = Some(4_000);
-        // Longer than the test: what is freed was freed by the carry, not by a lease's end.
-        raw.redis_lease_ms = Some(30_000);
-    })
-    .await;
+    // Calls time out after longer than the gate holds the carry back, so that it lands; the
+    // lease is longer than the test: what is freed was freed by the carry, not by a lease's end.
+    let (redis, gate, fleet) = alone_behind_a_gate(4_000, Some(30_000)).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(
         &fleet,
@@ -1787,17 +1798,7 @@ async fn a_request_decided_alone_on_one_timed_out_call_counts_on_every_instance(
 /// 44 requests where the rate allowed 41, with 100 ms stalls that never opened the breaker).
 #[tokio::test]
 async fn a_share_taken_up_again_after_redis_answered_starts_empty() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
-    let through = redis_gate(redis.port(), gate.clone()).await;
-    let fleet = TestGateway::fleet(1, &through, |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        raw.redis_timeout_ms = Some(300);
-    })
-    .await;
+    let (redis, gate, fleet) = alone_behind_a_gate(300, None).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(
         &fleet,
@@ -1883,20 +1884,9 @@ async fn nothing_held_in_redis(gw: &TestGateway, key: &str) {
 /// refused for 30 s while the breaker flapped under load).
 #[tokio::test]
 async fn a_carry_that_timed_out_but_landed_holds_no_slot_in_redis() {
-    let redis = tokio::task::spawn_blocking(RedisServer::start)
-        .await
-        .unwrap();
-    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
-    let through = redis_gate(redis.port(), gate.clone()).await;
-    let fleet = TestGateway::fleet(1, &through, |raw| {
-        raw.redis_failure_policy = Some("local".into());
-        raw.instances = Some(1);
-        // Shorter than the gate holds the carry back: its call times out, and then lands.
-        raw.redis_timeout_ms = Some(300);
-        // Longer than the test: what is freed was not freed by a lease's end.
-        raw.redis_lease_ms = Some(30_000);
-    })
-    .await;
+    // Calls time out sooner than the gate holds the carry back: its call times out, and then
+    // lands; the lease is longer than the test: what is freed was not freed by a lease's end.
+    let (redis, gate, fleet) = alone_behind_a_gate(300, Some(30_000)).await;
     let gw = &fleet[0];
     let (_, key) = setup_workspace(
         &fleet,
