@@ -556,10 +556,11 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
     let Ok(chunk) = parsed else {
         return true;
     };
-    let Some(found) = chunk.usage() else {
-        return true;
-    };
-    *usage = Some(found);
+    if let Some(found) = chunk.usage() {
+        *usage = Some(found);
+    }
+    // Removed whatever its figures: the client did not ask for it, valid or not (an outside
+    // audit: `{"total_tokens":-1}` reached a client that never asked for usage).
     let usage_only = chunk.usage.is_some() && chunk.choices.is_some_and(|c| c.is_empty());
     !(strip_usage_chunk && usage_only)
 }
@@ -828,6 +829,24 @@ mod tests {
         let e = s.feed(b"\n\ndata: {\"usage\":{\"total_tokens\":4}}\n\n");
         assert!(!e.is_empty());
         assert_eq!(s.usage().map(|u| u.total()), Some(4));
+    }
+
+    #[test]
+    fn the_usage_only_chunk_is_removed_even_when_its_figures_do_not_count() {
+        for usage in [
+            r#"{"total_tokens":-1}"#,
+            "{}",
+            r#"{"total_tokens":"15"}"#,
+            r#"{"total_tokens":true}"#,
+        ] {
+            let event = format!("data: {{\"choices\":[],\"usage\":{usage}}}\n\n");
+            let mut s = SseScanner::new(true);
+            assert!(s.feed(event.as_bytes()).is_empty(), "{usage}");
+            assert!(s.usage().is_none(), "{usage} is not a usage");
+            // Kept when the client asked for it.
+            let mut s = SseScanner::new(false);
+            assert_eq!(&s.feed(event.as_bytes())[..], event.as_bytes());
+        }
     }
 
     #[test]
