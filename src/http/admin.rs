@@ -18,7 +18,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ApiError;
-use super::extract::{JsonBody, NoFields, OptionalJson, PathParam, QueryParams};
+use super::extract::{query_id, JsonBody, NoFields, OptionalJson, PathParam, QueryParams};
 use super::openapi::{AdminErrors, BadRequest, BodyErrors, NotFound};
 use super::views::{
     audit_action_schema, created, usage_view, workspace_view, AuditEntryView, AuditPageView,
@@ -544,6 +544,8 @@ struct LimitRequestFilter {
     #[param(value_type = Option<LimitRequestStatus>)]
     status: Option<String>,
     /// Only this workspace's.
+    #[serde(default, deserialize_with = "query_id")]
+    #[param(minimum = 1)]
     workspace_id: Option<i64>,
 }
 
@@ -712,6 +714,8 @@ async fn deny(
 #[into_params(parameter_in = Query)]
 struct AuditParams {
     /// Only the entries about this workspace.
+    #[serde(default, deserialize_with = "query_id")]
+    #[param(minimum = 1)]
     workspace_id: Option<i64>,
     /// Exact.
     actor: Option<String>,
@@ -724,6 +728,8 @@ struct AuditParams {
     #[param(format = DateTime)]
     to: Option<String>,
     /// An entry id: continue with the entries older than it.
+    #[serde(default, deserialize_with = "query_id")]
+    #[param(minimum = 1)]
     after: Option<i64>,
     /// Entries per page, 1 to 1000; default 100.
     limit: Option<i64>,

@@ -156,6 +156,18 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     }
 }
 
+/// A query parameter that is an id: a whole number above 0, as a path id is (`0` or `-1` names
+/// nothing and is a `400`, not an empty list). For `#[serde(default, deserialize_with = ...)]`.
+pub fn query_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    use serde::Deserialize;
+    match i64::deserialize(d)? {
+        id if id > 0 => Ok(Some(id)),
+        id => Err(serde::de::Error::custom(format_args!(
+            "{id} is not a valid id (a whole number above 0)"
+        ))),
+    }
+}
+
 /// What a path parameter of type `T` is, for messages.
 fn what<T>() -> &'static str {
     match std::any::type_name::<T>() {

@@ -244,6 +244,14 @@ fn table() -> Vec<Case> {
         case("audit range backwards", M::GET, "/admin/v1/audit?from=2030-01-01T00:00:00Z&to=2020-01-01T00:00:00Z", Admin, 400),
         case("audit workspace not a number", M::GET, "/admin/v1/audit?workspace_id=1%20OR%201=1", Admin, 400),
         case("audit after not a number", M::GET, "/admin/v1/audit?after=%27", Admin, 400),
+        // Ids in a query are whole numbers above 0, as in a path (an outside audit: `0` and `-1`
+        // answered `200` with an empty list).
+        case("audit workspace zero", M::GET, "/admin/v1/audit?workspace_id=0", Admin, 400).naming("workspace_id"),
+        case("audit workspace negative", M::GET, "/admin/v1/audit?workspace_id=-1", Admin, 400).naming("workspace_id"),
+        case("audit after zero", M::GET, "/admin/v1/audit?after=0", Admin, 400).naming("after"),
+        case("audit after negative", M::GET, "/admin/v1/audit?after=-5", Admin, 400).naming("after"),
+        case("requests workspace zero", M::GET, "/admin/v1/limit-requests?workspace_id=0", Admin, 400).naming("workspace_id"),
+        case("requests workspace negative", M::GET, "/admin/v1/limit-requests?workspace_id=-3", Admin, 400).naming("workspace_id"),
         case("audit filter unknown", M::GET, "/admin/v1/audit?colour=red", Admin, 400),
         case("requests by an unknown status", M::GET, "/admin/v1/limit-requests?status=maybe", Admin, 400),
         case("usage from not a day", M::GET, "/admin/v1/workspaces/{ws}/usage?from=yesterday", Admin, 400),
