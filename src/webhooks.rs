@@ -233,13 +233,23 @@ impl Dispatcher {
         };
         match &outcome {
             DeliveryOutcome::Delivered { .. } => Metrics::inc(&self.metrics.webhooks_delivered),
-            DeliveryOutcome::Retry { .. } => {
+            // The status or the error as the deliveries' `last_status_code` and `last_error` show
+            // them, not the outcome's `Debug` (an outside audit: `Failed { status: Some(500), .. }`).
+            DeliveryOutcome::Retry { status, error, .. } => {
                 Metrics::inc(&self.metrics.webhooks_retried);
-                tracing::debug!(event = %d.event_id, ?outcome, "webhook attempt failed");
+                let error = error.as_deref();
+                tracing::debug!(event = %d.event_id, status, error, "webhook attempt failed");
             }
-            DeliveryOutcome::Failed { .. } => {
+            DeliveryOutcome::Failed { status, error } => {
                 Metrics::inc(&self.metrics.webhooks_failed);
-                tracing::warn!(event = %d.event_id, delivery = d.id, ?outcome, "webhook delivery given up");
+                tracing::warn!(
+                    event = %d.event_id,
+                    delivery = d.id,
+                    status,
+                    error = error.as_deref(),
+                    attempts = d.attempts + 1,
+                    "webhook delivery given up"
+                );
             }
         }
         if let Err(e) = self.store.finish_delivery(d.id, &outcome).await {

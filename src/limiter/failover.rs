@@ -1168,9 +1168,11 @@ async fn watch(failover: Weak<Failover>) {
                     f.success(None);
                     // Also on the first heartbeat, which cannot tell a restart from a start: on a
                     // new instance the renewal has nothing to do, and an instance that began just
-                    // before a restart may already run requests.
+                    // before a restart may already run requests. Said only after a heartbeat was
+                    // heard: on a start it is always missing (an outside audit: every start
+                    // logged a Redis incident when requests came at once).
                     if beat.missing {
-                        if f.shared.live_reservations() > 0 {
+                        if last_heard.is_some() && f.shared.live_reservations() > 0 {
                             tracing::info!(
                                 "Redis did not hold this instance's heartbeat (restarted empty, \
                                  flushed, or stalled): holding its running requests again"
