@@ -653,6 +653,19 @@ pub(super) fn message_page(
     status: StatusCode,
     message: &str,
 ) -> Response {
+    message_page_back(op, state, status, message, (HOME, "Back to the workspaces"))
+}
+
+/// A message, and a way `back` (where, and its words) to the page it came from: a refused
+/// filter of the requests or the audit log leads back there (an outside audit: it led to the
+/// workspaces).
+fn message_page_back(
+    op: &Operator,
+    state: &AppState,
+    status: StatusCode,
+    message: &str,
+    (back, words): (&str, &str),
+) -> Response {
     // Titled by what happened ("Not Found", "Bad Request"), not "Console" alone: an outside
     // audit found such pages hard to tell apart.
     let heading = status.canonical_reason().unwrap_or("Refused");
@@ -664,7 +677,7 @@ pub(super) fn message_page(
         (None, Some(message)),
         html! {
             h1 { (heading) }
-            p { a href=(HOME) { "Back to the workspaces" } }
+            p { a href=(back) { (words) } }
         },
     )
 }
@@ -672,6 +685,17 @@ pub(super) fn message_page(
 pub(super) async fn failure_page(op: &Operator, state: &AppState, e: AdminError) -> Response {
     let (status, message) = refusal(e).await;
     message_page(op, state, status, &message)
+}
+
+/// `failure_page`, leading `back` to a page other than the workspaces.
+async fn failure_page_back(
+    op: &Operator,
+    state: &AppState,
+    e: AdminError,
+    back: (&str, &str),
+) -> Response {
+    let (status, message) = refusal(e).await;
+    message_page_back(op, state, status, &message, back)
 }
 
 fn optional<T: std::fmt::Display>(v: Option<T>) -> String {
@@ -921,7 +945,8 @@ fn workspaces_body(list: &ListParams, found: &WorkspacePage) -> Markup {
         p.note #matching {
             span #total { (found.total) } " workspace" @if found.total != 1 { "s" }
             @if !list.q.is_empty() { " matching “" (list.q) "”" }
-            " · page " span #page { (list.page) } " of " (pages)
+            // Past the last page, the note below says so (it read "page 9 of 4").
+            @if list.page <= pages { " · page " span #page { (list.page) } " of " (pages) }
         }
         table #workspaces {
             thead { tr {
@@ -2075,11 +2100,17 @@ async fn after_tier(
 
 // ---- Increase requests ---------------------------------------------------------------------
 
-/// Which requests the page lists: a status, or all (`None`); and one workspace's, or all.
+/// Which requests the page lists: a status, or all (`None`); and one workspace's, or all; and
+/// which page of them, `REQUESTS_PAGE` a page.
 struct RequestFilter {
     status: Option<LimitRequestStatus>,
     workspace: Option<WorkspaceId>,
+    page: u64,
 }
+
+/// Requests a page of the operator's list shows. All of them on one page made a page 250,000 px
+/// tall with 150 requests (an outside audit).
+const REQUESTS_PAGE: usize = 50;
 
 impl RequestFilter {
     fn parse(params: &[(String, String)]) -> Result<RequestFilter, AdminError> {
@@ -2098,14 +2129,32 @@ impl RequestFilter {
                 id_of(w).ok_or_else(|| AdminError::Invalid("'workspace' must be an id".into()))?,
             ),
         };
-        Ok(RequestFilter { status, workspace })
+        let page = match param(params, "page").filter(|s| !s.is_empty()) {
+            None => 1,
+            Some(p) => p.parse().ok().filter(|&p| p >= 1).ok_or_else(|| {
+                AdminError::Invalid("'page' must be a whole number above 0".into())
+            })?,
+        };
+        Ok(RequestFilter {
+            status,
+            workspace,
+            page,
+        })
     }
 
+    /// The list with `status`, from its first page.
     fn href(&self, status: Option<LimitRequestStatus>) -> String {
+        self.href_at(status, 1)
+    }
+
+    fn href_at(&self, status: Option<LimitRequestStatus>, page: u64) -> String {
         let mut q = url::form_urlencoded::Serializer::new(String::new());
         q.append_pair("status", status.map_or("all", |s| s.as_str()));
         if let Some(w) = self.workspace {
             q.append_pair("workspace", &w.to_string());
+        }
+        if page != 1 {
+            q.append_pair("page", &page.to_string());
         }
         format!("{REQUESTS}?{}", q.finish())
     }
@@ -2126,7 +2175,7 @@ async fn requests_page(
             let shown = (notice(&params), None);
             show_requests(&state, &op, &filter, StatusCode::OK, shown, None).await
         }
-        Err(e) => failure_page(&op, &state, e).await,
+        Err(e) => failure_page_back(&op, &state, e, (REQUESTS, "Back to the requests")).await,
     }
 }
 
@@ -2152,6 +2201,19 @@ async fn show_requests(
         LimitRequestStatus::Pending => (0, r.id),
         _ => (1, -r.id),
     });
+    // A page of them: the one asked for, or, for a refused answer, the one with its request.
+    let total = requests.len();
+    let page = typed
+        .and_then(|t| requests.iter().position(|r| r.id == t.request))
+        .map_or(filter.page, |at| (at / REQUESTS_PAGE) as u64 + 1);
+    let start = usize::try_from(page - 1)
+        .ok()
+        .and_then(|p| p.checked_mul(REQUESTS_PAGE))
+        .unwrap_or(usize::MAX)
+        .min(total);
+    requests.drain(..start);
+    requests.truncate(REQUESTS_PAGE);
+    let paging = Paging { page, total };
     // Beside each pending request, the limits it would raise as they are now: they may have
     // changed since it was filed (a tier moved, another request approved).
     let mut in_force = HashMap::new();
@@ -2180,7 +2242,7 @@ async fn show_requests(
         }
     }
     let token = state.console.csrf_token(&op.session);
-    let body = requests_body(state, filter, (&requests, &in_force), &token, typed);
+    let body = requests_body(state, filter, paging, (&requests, &in_force), &token, typed);
     operator_page(
         state,
         op,
@@ -2201,9 +2263,17 @@ struct Typed<'a> {
     approving: bool,
 }
 
+/// Which page of the requests is shown, of how many requests in all.
+#[derive(Clone, Copy)]
+struct Paging {
+    page: u64,
+    total: usize,
+}
+
 fn requests_body(
     state: &AppState,
     filter: &RequestFilter,
+    paging: Paging,
     (requests, in_force): (&[LimitRequest], &HashMap<WorkspaceId, Limits>),
     token: &str,
     typed: Option<Typed<'_>>,
@@ -2222,10 +2292,18 @@ fn requests_body(
                 @if filter.status == status { strong { (label) } } @else { a href=(filter.href(status)) { (label) } }
                 " "
             }
-            @if let Some(w) = filter.workspace { " · workspace " (w) " · " a href=(RequestFilter { workspace: None, status: filter.status }.href(filter.status)) { "every workspace" } }
+            @if let Some(w) = filter.workspace { " · workspace " (w) " · " a href=(RequestFilter { workspace: None, status: filter.status, page: 1 }.href(filter.status)) { "every workspace" } }
+        }
+        @let pages = (paging.total.div_ceil(REQUESTS_PAGE).max(1)) as u64;
+        @if paging.total > REQUESTS_PAGE {
+            p.note #matching { span #total { (paging.total) } " requests · page " span #page { (paging.page) } " of " (pages) }
         }
         @if requests.is_empty() {
-            p.note #no-requests { "No request here." }
+            @if paging.page > pages {
+                p.note #no-requests { "There is no page " (paging.page) ". " a href=(filter.href_at(filter.status, pages)) { "Go to the last page" } "." }
+            } @else {
+                p.note #no-requests { "No request here." }
+            }
         } @else {
             table #requests {
                 thead { tr { th { "#" } th { "Workspace" } th { "Asked" } th { "Use case" } th { "Limits asked" } th { "Status" } th { "Answer" } } }
@@ -2240,7 +2318,12 @@ fn requests_body(
                             }
                             td { (Timestamp(r.created_at).rfc3339()) }
                             td.use-case {
-                                (r.use_case)
+                                // A long use case (up to 4 KiB) opens on a click, so that one
+                                // does not make its row thousands of pixels tall.
+                                @match preview(&r.use_case) {
+                                    Some(start) => details { summary { (start) "…" } (r.use_case) },
+                                    None => (r.use_case),
+                                }
                                 @if let Some(v) = &r.expected_volume { br; span.note.expected-volume { "Expected volume: " (v) } }
                             }
                             td.asked {
@@ -2261,8 +2344,26 @@ fn requests_body(
                     }
                 }
             }
+            @if pages > 1 {
+                p.pages {
+                    @if paging.page > 1 { a rel="prev" href=(filter.href_at(filter.status, (paging.page - 1).min(pages))) { "‹ Previous" } " " }
+                    @if paging.page < pages { a rel="next" href=(filter.href_at(filter.status, paging.page + 1)) { "Next ›" } }
+                }
+            }
         }
     }
+}
+
+/// The start of a use case longer than `PREVIEW_CHARS` characters, cut at a word where one ends
+/// near it; `None` for a shorter one, shown whole.
+fn preview(text: &str) -> Option<&str> {
+    const PREVIEW_CHARS: usize = 280;
+    let (cut, _) = text.char_indices().nth(PREVIEW_CHARS)?;
+    let start = &text[..cut];
+    Some(match start.rfind(char::is_whitespace) {
+        Some(space) if space > cut / 2 => start[..space].trim_end(),
+        _ => start,
+    })
 }
 
 fn answer_forms(r: &LimitRequest, token: &str, typed: Option<Typed<'_>>) -> Markup {
@@ -2317,6 +2418,7 @@ async fn after_answer(
             let pending = RequestFilter {
                 status: Some(LimitRequestStatus::Pending),
                 workspace: None,
+                page: 1,
             };
             let shown = (None, Some(message.as_str()));
             show_requests(state, op, &pending, status, shown, typed).await
@@ -2407,7 +2509,7 @@ async fn audit_page(
             Ok(a) => Some(a),
             Err(_) => {
                 let e = AdminError::Invalid("'after' must be an entry id".into());
-                return failure_page(&op, &state, e).await;
+                return failure_page_back(&op, &state, e, (AUDIT, "Back to the audit log")).await;
             }
         },
     };
@@ -2423,7 +2525,7 @@ async fn audit_page(
             Some(w) => Some(w),
             None => {
                 let e = AdminError::Invalid("'workspace' must be a workspace id".into());
-                return failure_page(&op, &state, e).await;
+                return failure_page_back(&op, &state, e, (AUDIT, "Back to the audit log")).await;
             }
         },
     };
@@ -2433,7 +2535,7 @@ async fn audit_page(
             Some(a) => Some(a),
             None => {
                 let e = AdminError::Invalid(format!("'action' must be one of {}", actions_list()));
-                return failure_page(&op, &state, e).await;
+                return failure_page_back(&op, &state, e, (AUDIT, "Back to the audit log")).await;
             }
         },
     };

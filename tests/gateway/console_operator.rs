@@ -434,6 +434,11 @@ async fn the_workspaces_are_searched_sorted_and_paged() {
         "{}",
         past.body
     );
+    assert!(
+        !past.body.contains("id=\"page\""),
+        "no \"page 4 of 3\": {}",
+        past.body
+    );
     let none = op.get(&format!("{HOME}?q=zzz-nothing")).await;
     assert!(text_of(&none.body, "no-workspaces").contains("No workspace matches"));
 
@@ -873,6 +878,95 @@ async fn increase_requests_are_approved_with_other_limits_or_denied_with_a_reaso
             ("bob".to_string(), "limit_request.approve".to_string()),
         ]
     );
+}
+
+/// The requests are listed 50 a page (an outside audit: 150 requests made one page 250,000 px
+/// tall), a long use case opens on a click, and a refused answer shows the page of its request.
+#[tokio::test]
+async fn increase_requests_are_paged_and_long_use_cases_fold() {
+    let gw = gateway(false).await;
+    put_tiers(&gw).await;
+    let long = "long words ".repeat(300);
+    let mut asked = Vec::new();
+    for _ in 0..6 {
+        let (_, key) = gw.workspace("small").await;
+        for i in 0..10 {
+            let use_case = if asked.is_empty() {
+                long.clone()
+            } else {
+                format!("case {i}")
+            };
+            let limits = json!({"tokens_per_minute": 150000 + i});
+            asked.push(ask(&gw, &key, &use_case, limits).await);
+        }
+    }
+    let op = Operator::sign_in(&gw.url, BOB).await;
+
+    let page = op.get("/console/operator/requests").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert_eq!(ids(&page.body, "data-request-id"), asked[..50]);
+    assert_eq!(text_of(&page.body, "total"), "60");
+    assert_eq!(text_of(&page.body, "page"), "1");
+    assert!(
+        page.body
+            .contains(r#"rel="next" href="/console/operator/requests?status=pending&amp;page=2""#),
+        "{}",
+        page.body
+    );
+    assert!(!page.body.contains(r#"rel="prev""#));
+    // The long use case folds: its start is the summary, the whole of it inside.
+    let row = page
+        .body
+        .split("</tr>")
+        .find(|r| r.contains(&format!("data-request-id=\"{}\"", asked[0])))
+        .unwrap();
+    assert!(row.contains("<details><summary>long words"), "{row}");
+    assert!(
+        row.contains(long.trim_end()),
+        "the whole use case is on the page"
+    );
+    assert!(
+        !page.body.contains("<summary>case"),
+        "a short use case is shown whole"
+    );
+
+    let page = op
+        .get("/console/operator/requests?status=pending&page=2")
+        .await;
+    assert_eq!(ids(&page.body, "data-request-id"), asked[50..]);
+    assert!(page.body.contains(r#"rel="prev""#) && !page.body.contains(r#"rel="next""#));
+    let page = op.get("/console/operator/requests?page=3").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(ids(&page.body, "data-request-id").is_empty());
+    assert!(page.body.contains("There is no page 3"), "{}", page.body);
+    for bad in ["0", "-1", "x"] {
+        let page = op
+            .get(&format!("/console/operator/requests?page={bad}"))
+            .await;
+        assert_eq!(page.status, StatusCode::BAD_REQUEST, "page={bad}");
+        assert!(
+            page.body
+                .contains(r#"<a href="/console/operator/requests">Back to the requests</a>"#),
+            "{}",
+            page.body
+        );
+        assert!(
+            page.body.contains("&#39;page&#39;") || page.body.contains("'page'"),
+            "{}",
+            page.body
+        );
+    }
+
+    // An approval refused (nothing granted) comes back on the page of its request, the 55th.
+    let late = asked[54];
+    let page = op
+        .post(
+            &format!("/console/operator/requests/{late}/approve"),
+            &[("tokens_per_minute", "")],
+        )
+        .await;
+    assert_eq!(page.status, StatusCode::BAD_REQUEST, "{}", page.body);
+    assert_eq!(ids(&page.body, "data-request-id"), asked[50..]);
 }
 
 #[tokio::test]
