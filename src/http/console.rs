@@ -883,20 +883,27 @@ pub(super) fn not_found_page() -> Response {
     )
 }
 
-/// The console's one script: a page the browser brings back from its back/forward cache (Back
-/// after signing out, say) is asked for again, so that the server decides what it shows. An
-/// outside audit saw the workspace's page again after signing out: `no-store` and the cleared
-/// cookie did not keep Chromium from restoring it.
-const RELOAD_FROM_CACHE: &str =
-    "addEventListener('pageshow',function(e){if(e.persisted){location.reload();}});";
+/// The console's one script:
+/// - a page the browser brings back from its back/forward cache (Back after signing out, say)
+///   is asked for again, so that the server decides what it shows. An outside audit saw the
+///   workspace's page again after signing out: `no-store` and the cleared cookie did not keep
+///   Chromium from restoring it;
+/// - a form is sent once: a second submission of it from the same page (a double click) is
+///   dropped. An outside audit's double click on "Add endpoint" made two webhook endpoints, one
+///   of whose secrets was never shown. Every form of the console leads to another page, which
+///   starts anew.
+///
+/// Without script the pages work as before, a double click included.
+const SCRIPT: &str = "addEventListener('pageshow',function(e){if(e.persisted){location.reload();}});\
+addEventListener('submit',function(e){var f=e.target;if(f.dataset.sent){e.preventDefault();}else{f.dataset.sent='1';}});";
 
-/// The pages' `Content-Security-Policy`: no script but `RELOAD_FROM_CACHE` (by its hash), no
+/// The pages' `Content-Security-Policy`: no script but `SCRIPT` (by its hash), no
 /// other source, no framing.
 static POLICY: std::sync::LazyLock<HeaderValue> = std::sync::LazyLock::new(|| {
     use base64::Engine;
     use sha2::Digest;
-    let hash = base64::engine::general_purpose::STANDARD
-        .encode(sha2::Sha256::digest(RELOAD_FROM_CACHE.as_bytes()));
+    let hash =
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(SCRIPT.as_bytes()));
     HeaderValue::try_from(format!(
         "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
     ))
@@ -912,7 +919,7 @@ pub(super) fn page(status: StatusCode, title: &str, body: Markup) -> Response {
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · tiergate console" }
                 style { (PreEscaped(CSS)) }
-                script { (PreEscaped(RELOAD_FROM_CACHE)) }
+                script { (PreEscaped(SCRIPT)) }
             }
             body {
                 header { a href="/console" { "tiergate console" } }
@@ -964,7 +971,8 @@ fn bar(
     html! {
         tr data-limit=(id) {
             th scope="row" { (label) }
-            td { meter min="0" max=(limit) value=(used) {} }
+            // Named for screen readers (an outside audit: the bars had no accessible name).
+            td { meter min="0" max=(limit) value=(used) aria-label=(format!("{label}: used of the limit")) {} }
             td.figures { (figures) }
             td { @if let Some(r) = reset { "whole again in " (r) } }
         }
@@ -986,7 +994,7 @@ fn model_bar(
         tr data-model=(model) data-limit=(id) {
             th scope="row" { (model) }
             td { (label) }
-            td { meter min="0" max=(limit) value=(used) {} }
+            td { meter min="0" max=(limit) value=(used) aria-label=(format!("{model}, {label}: used of the limit")) {} }
             td.figures { (figures) }
             td { "whole again in " (reset) }
         }

@@ -109,7 +109,7 @@ fn create_form(
     html! {
         form #create-webhook method="post" action=(action) {
             input type="hidden" name="csrf" value=(token);
-            label { "URL " input type="url" name="url" required size="50" placeholder="https://example.com/hooks/tiergate" value=(url); }
+            label.url { "URL " input type="url" name="url" required size="50" placeholder="https://example.com/hooks/tiergate" value=(url); }
             fieldset {
                 legend { "Events" }
                 @for e in EVENT_TYPES {

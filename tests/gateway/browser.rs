@@ -270,7 +270,24 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
         .send_keys("3M tokens a night")
         .await
         .unwrap();
-    browser.click("form#increase button[type=\"submit\"]").await;
+    // Sent as a double click would send it: the second submission is dropped by the page (an
+    // outside audit's double click made two webhook endpoints). `dispatchEvent` is false when
+    // the page kept the event from submitting.
+    let second = browser
+        .client
+        .execute(
+            "const f = document.querySelector('form#increase'); \
+             f.requestSubmit(f.querySelector('button[type=\"submit\"]')); \
+             return f.dispatchEvent(new SubmitEvent('submit', {bubbles: true, cancelable: true}));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        second,
+        json!(false),
+        "the second submission was let through"
+    );
     browser.wait_for_path("/console/workspace").await;
     let pending = browser
         .wait_for(r#"#requests tr[data-status="pending"]"#)
@@ -282,6 +299,7 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
     let (_, listed) = gw
         .admin(reqwest::Method::GET, "/limit-requests?status=pending", None)
         .await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed["data"][0]["id"].to_string(), request_id, "{listed}");
     assert_eq!(listed["data"][0]["expected_volume"], "3M tokens a night");
     assert_eq!(

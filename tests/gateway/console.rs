@@ -1367,7 +1367,7 @@ async fn the_requests_bar_is_of_the_burst() {
         .and_then(|rest| rest.split("</tr>").next())
         .unwrap_or_else(|| panic!("no requests row: {}", page.body));
     assert!(
-        row.contains(r#"<meter min="0" max="3" value="0">"#),
+        row.contains(r#"<meter min="0" max="3" value="0" aria-label="Requests per second: used of the limit">"#),
         "{row}"
     );
     assert!(row.contains("3</span> of 3 at once left"), "{row}");

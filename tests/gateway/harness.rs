@@ -453,10 +453,10 @@ impl TestGateway {
     }
 }
 
-/// A chat request with a fixed, short prompt.
-/// The console's own script (`http::console::RELOAD_FROM_CACHE`), in every page's head.
+/// The console's own script (`http::console::SCRIPT`), in every page's head.
 pub const CONSOLE_SCRIPT: &str =
-    "<script>addEventListener('pageshow',function(e){if(e.persisted){location.reload();}});</script>";
+    "<script>addEventListener('pageshow',function(e){if(e.persisted){location.reload();}});\
+addEventListener('submit',function(e){var f=e.target;if(f.dataset.sent){e.preventDefault();}else{f.dataset.sent='1';}});</script>";
 
 /// A console page without its own script: what is left must hold no other.
 pub fn without_own_script(page: &str) -> String {
@@ -468,6 +468,7 @@ pub fn without_own_script(page: &str) -> String {
     page.replace(CONSOLE_SCRIPT, "")
 }
 
+/// A chat request with a fixed, short prompt.
 pub fn hello() -> Value {
     json!({"model": "mistral-small-latest", "messages": [{"role": "user", "content": "Hello"}]})
 }
