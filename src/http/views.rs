@@ -27,7 +27,7 @@ use crate::admin::NextTier;
 use crate::app::AppState;
 use crate::catalog::Catalog;
 use crate::limiter::core::day_of;
-use crate::limiter::{LimiterError, MonthKey, Window, NANOS_PER_SEC};
+use crate::limiter::{LimiterError, MonthKey, Nanos, Window, NANOS_PER_SEC};
 use crate::model::{
     ApiKey, Attributes, AuditAction, AuditEntry, Budget, Condition, Enforcement, KeyLimits,
     LimitRequest, LimitRequestStatus, Limits, Overrides, Promotion, ShadowLimit, Shadowing, Tier,
@@ -1026,7 +1026,7 @@ pub async fn usage_history_view(
         month: format!("{:04}-{:02}", month.year(), month.month()),
         days: days_of(&from, &to, &history.daily),
         hours: hours_of(first_hour, &history.hours),
-        keys: keys_of(&keys, &history.keys),
+        keys: keys_of(&keys, &history.keys, month),
     })
 }
 
@@ -1081,12 +1081,17 @@ fn hours_of(first: i64, rows: &[HourRow]) -> Vec<HourUsageView> {
         .collect()
 }
 
-/// The workspace's keys that are active or have usage, with their usage.
-fn keys_of(keys: &[ApiKey], usage: &[KeyUsage]) -> Vec<KeyUsageView> {
+/// The workspace's keys that were active in `month` (made before it ended, not revoked before it
+/// began) or were used in it, with their usage. A key made later is not listed for an earlier
+/// month (an outside audit: November listed three keys made in December).
+fn keys_of(keys: &[ApiKey], usage: &[KeyUsage], month: MonthKey) -> Vec<KeyUsageView> {
+    let seconds = |at: Nanos| i64::try_from(at / NANOS_PER_SEC).unwrap_or(i64::MAX);
+    let (begins, ends) = (seconds(month.start()), seconds(month.next().start()));
     keys.iter()
         .filter_map(|k| {
             let used = usage.iter().find(|u| u.key == k.id);
-            (k.revoked_at.is_none() || used.is_some()).then(|| KeyUsageView {
+            let active = k.created_at < ends && k.revoked_at.is_none_or(|at| at >= begins);
+            (active || used.is_some()).then(|| KeyUsageView {
                 key_id: k.id,
                 prefix: k.prefix.clone(),
                 name: k.name.clone(),

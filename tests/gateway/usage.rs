@@ -256,7 +256,7 @@ async fn usage_lands_in_its_hour_day_and_key_in_the_api_and_the_console() {
 #[tokio::test]
 async fn a_past_month_is_read_with_its_days_and_keys() {
     let gw = TestGateway::start().await;
-    let (_, key) = gw.workspace("free").await;
+    let (ws, key) = gw.workspace("free").await;
     let (prompt, completion) = admitted(&gw, &key).await;
     let tokens = prompt + completion;
     // In the ledger (the workspace's reads never force a write).
@@ -277,6 +277,9 @@ async fn a_past_month_is_read_with_its_days_and_keys() {
             .sum()
     };
     assert_eq!(month_tokens(&now), 0, "{now}");
+    // A key made in the new month is listed in it, not in the month before (an outside audit:
+    // keys made later were listed, with nothing, in earlier months).
+    gw.key(ws).await;
 
     let get = |query: String| {
         let gw = &gw;
@@ -307,11 +310,13 @@ async fn a_past_month_is_read_with_its_days_and_keys() {
         .all(|d| d["day"].as_str().unwrap().starts_with(&month)));
     assert_eq!(month_tokens(&past), tokens);
     assert_eq!(past["keys"][0]["tokens"], tokens, "{past}");
+    assert_eq!(past["keys"].as_array().unwrap().len(), 1, "{past}");
     let (status, this) = get(now["month"].as_str().unwrap().to_string()).await;
     assert_eq!(
         (status, this["days"].as_array().unwrap().len()),
         (StatusCode::OK, now["days"].as_array().unwrap().len())
     );
+    assert_eq!(this["keys"].as_array().unwrap().len(), 2, "{this}");
 
     // The console draws the past month on a page of its own, with its neighbours linked.
     let (_, page) = console_page_at(
