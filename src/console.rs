@@ -20,8 +20,10 @@
 //! There is no session table: a cookie is valid if its signature is and it has not expired,
 //! and every page checks again what it stands for. A workspace's session holds while its key is
 //! neither revoked nor expired and its workspace not suspended (against the catalogue), so
-//! revoking the key or suspending the workspace ends every session signed in with it, on every
-//! instance, within the catalogue's refresh (at once on the instance that made the change). An
+//! revoking the key ends every session signed in with it, and suspending the workspace refuses
+//! them while it lasts, on every instance, within the catalogue's refresh (at once on the
+//! instance that made the change). A session outlives a suspension (nothing records when it
+//! began): one not yet expired holds again after a reactivation. An
 //! operator's holds while a configured admin token has its name and fingerprint
 //! (`http::console_operator`), so removing or changing the token (a restart with another
 //! configuration) ends its sessions.
