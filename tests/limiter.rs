@@ -1911,3 +1911,36 @@ fn a_drained_state_admits_no_burst_and_refills_at_its_rates() {
         admit(&mut s, &l, None, tokens(0), now);
     }
 }
+
+/// A state drained to a start (a share taken up with the room Redis last reported) admits that
+/// start at once and no more, then refills at its rates; a start past the capacity is held to it.
+#[test]
+fn a_state_drained_to_a_start_admits_that_start_then_refills() {
+    let l = limits().rps(2.0).burst(10).tpm(600);
+    let now = t0();
+    let mut s = fresh(now);
+    s.drain_buckets_to(&l, now, (3.0, 25.0));
+    for _ in 0..3 {
+        admit(&mut s, &l, None, tokens(5), now);
+    }
+    assert_eq!(
+        deny(&mut s, &l, None, tokens(0), now).limit,
+        RequestsPerSecond
+    );
+    // 25 tokens, 15 taken: 10 left, and 10 more a second.
+    admit(&mut s, &l, None, tokens(15), now + SEC / 2);
+    assert_eq!(
+        deny(&mut s, &l, None, tokens(6), now + SEC).limit,
+        TokensPerMinute
+    );
+    admit(&mut s, &l, None, tokens(5), now + SEC);
+    let mut s = fresh(now);
+    s.drain_buckets_to(&l, now, (50.0, 1e9));
+    for _ in 0..10 {
+        admit(&mut s, &l, None, tokens(60), now);
+    }
+    assert_eq!(
+        deny(&mut s, &l, None, tokens(0), now).limit,
+        RequestsPerSecond
+    );
+}

@@ -798,12 +798,23 @@ impl WorkspaceState {
     /// they refill from there. For a state that takes over decisions made elsewhere until now
     /// (a share of limits whose use it cannot know), so that it admits no burst at once.
     pub fn drain_buckets(&mut self, limits: &Limits, now: Nanos) {
+        self.drain_buckets_to(limits, now, (0.0, 0.0));
+    }
+
+    /// `drain_buckets`, the requests bucket then holding `start.0` requests and the tokens one
+    /// `start.1` tokens (each within its capacity).
+    pub fn drain_buckets_to(&mut self, limits: &Limits, now: Nanos, start: (f64, f64)) {
         let now_us = micros(now);
         if let Some((_, cap, rate)) = request_limit(limits) {
-            self.requests = Some(RequestBucket::empty(cap, rate, now_us));
+            let mut b = RequestBucket::empty(cap, rate, now_us);
+            b.level = ((start.0.max(0.0) * NANO_REQUESTS as f64) as i64).min(b.capacity());
+            self.requests = Some(b);
         }
         if let Some(cap) = limits.tokens_per_minute {
-            self.bucket = Some(TokenBucket::empty(cap, now_us));
+            let mut b = TokenBucket::empty(cap, now_us);
+            let most = cap as i64 * UNITS_PER_TOKEN;
+            b.level = ((start.1.max(0.0) * UNITS_PER_TOKEN as f64) as i64).min(most);
+            self.bucket = Some(b);
         }
     }
 

@@ -191,10 +191,9 @@ pub struct Failover {
     rebuilding: std::sync::atomic::AtomicBool,
     /// The gateway's clock, for the rebuilds the switch back starts itself.
     clock: Arc<dyn Clock>,
-    /// Each workspace's month use as Redis last reported it with a decision (its own month
-    /// window), for the local shares: the ledger they would start from lags by a flush and
-    /// lacks the reservations in flight, which Redis counts.
-    month_seen: Mutex<HashMap<WorkspaceId, (MonthKey, u64)>>,
+    /// What Redis last reported of each workspace with a decision, for the local shares
+    /// (`Seen`).
+    month_seen: Mutex<HashMap<WorkspaceId, Seen>>,
     /// Requests admitted on a local share not yet settled, at most `ALONE` of them: those still
     /// running at the switch back are carried into Redis (`Carry::running`).
     alone: Mutex<Alone>,
@@ -313,9 +312,27 @@ impl Alone {
     }
 }
 
-/// Workspaces whose month use is remembered (`Failover::month_seen`) at most; past that the
-/// memory starts again (about 32 bytes each).
+/// Workspaces whose figures are remembered (`Failover::month_seen`) at most; past that the
+/// memory starts again (about 64 bytes each).
 const MONTHS_SEEN: usize = 1 << 20;
+
+/// What Redis last reported of a workspace with a decision.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The month's use (its own month window), the largest this month: the ledger a month share
+    /// would start from lags by a flush and lacks the reservations in flight, which Redis counts.
+    month: Option<(MonthKey, u64)>,
+    /// When the latest decision was made, and the requests and tokens-per-minute windows' room
+    /// left after it (the tightest of the workspace's, its key's and its model's, so never more
+    /// than the workspace's own): where a share taken up starts from.
+    at: Nanos,
+    requests_left: Option<u64>,
+    tokens_left: Option<u64>,
+}
+
+/// How long what Redis last said of a workspace's room is a share's start: past that the share
+/// starts empty, as when nothing was seen.
+const ROOM_SEEN_FOR: Nanos = 60 * NANOS_PER_SEC;
 
 impl Drop for Failover {
     fn drop(&mut self) {
@@ -809,28 +826,89 @@ impl Failover {
             .is_empty()
     }
 
-    /// Remembers the workspace's month use from a decision's snapshot, when its month window is
-    /// the workspace's own (the snapshot shows the tightest of the workspace's, its key's and
-    /// its model's; another's is left alone).
-    fn saw_month(&self, workspace: WorkspaceId, limits: &Limits, decision: &Decision, now: Nanos) {
-        let Some(cap) = limits.tokens_per_month else {
-            return;
-        };
+    /// Remembers what a decision's snapshot says of the workspace (`Seen`): its month use, when
+    /// its month window is the workspace's own (the snapshot shows the tightest of the
+    /// workspace's, its key's and its model's; another's is left alone), and the room left in
+    /// its requests and tokens-per-minute windows.
+    fn saw(&self, workspace: WorkspaceId, limits: &Limits, decision: &Decision, now: Nanos) {
         let (Decision::Admit { snapshot, .. } | Decision::Deny { snapshot, .. }) = decision;
-        let Some(window) = snapshot.month.filter(|w| w.limit == cap as f64) else {
-            return;
-        };
+        let month = limits.tokens_per_month.and_then(|cap| {
+            let w = snapshot.month.filter(|w| w.limit == cap as f64)?;
+            Some((MonthKey::of(now), cap.saturating_sub(w.remaining)))
+        });
         let mut seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= MONTHS_SEEN && !seen.contains_key(&workspace) {
             seen.clear();
         }
-        // The largest this month: decisions made at once come back in any order, and an
-        // earlier one's figure must not replace a later one's.
-        let (month, used) = (MonthKey::of(now), cap.saturating_sub(window.remaining));
-        let entry = seen.entry(workspace).or_insert((month, used));
-        if entry.0 != month || entry.1 < used {
-            *entry = (month, used);
+        let entry = seen.entry(workspace).or_insert(Seen {
+            month,
+            at: 0,
+            requests_left: None,
+            tokens_left: None,
+        });
+        // The month's use: the largest this month, since decisions made at once come back in
+        // any order, and an earlier one's figure must not replace a later one's.
+        if let Some((m, used)) = month {
+            if entry
+                .month
+                .is_none_or(|(was, before)| was != m || before < used)
+            {
+                entry.month = Some((m, used));
+            }
         }
+        // The room: the latest decision's.
+        if now >= entry.at {
+            entry.at = now;
+            entry.requests_left = snapshot.requests.map(|w| w.remaining);
+            entry.tokens_left = snapshot.tokens.map(|w| w.remaining);
+        }
+    }
+
+    /// Where a share of `limits` (`shared`, this instance's of `n`) taken up at `now` starts:
+    /// the room Redis last said the workspace had, refilled since at the limits' rates, divided
+    /// among the instances, within the share's capacity; `(0, 0)` (empty) when nothing was seen
+    /// within `ROOM_SEEN_FOR`. (requests, tokens).
+    ///
+    /// Empty always, a share refused the first request after every call that timed out, for a
+    /// workspace far below its limits as for one at them (an outside audit: a `429` for a
+    /// workspace allowed 10^10 tokens a minute, on one 55 ms stall). Started from the room left,
+    /// the instances that stall together start with no more than Redis had left, and one that
+    /// stalls alone adds at most its part of that room to what the others admit through Redis
+    /// (within its share, the bound the README states); a workspace at its limits still starts
+    /// empty.
+    fn share_start(
+        &self,
+        workspace: WorkspaceId,
+        limits: &Limits,
+        shared: &Limits,
+        n: u32,
+        now: Nanos,
+    ) -> (f64, f64) {
+        let seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(seen) = seen
+            .get(&workspace)
+            .filter(|s| now >= s.at && now - s.at <= ROOM_SEEN_FOR)
+        else {
+            return (0.0, 0.0);
+        };
+        let since = (now - seen.at) as f64 / NANOS_PER_SEC as f64;
+        let n = f64::from(n.max(1));
+        let requests = match (seen.requests_left, limits.requests_per_second) {
+            (Some(left), Some(rps)) => {
+                let whole = f64::from(limits.effective_burst());
+                let cap = f64::from(shared.effective_burst());
+                ((left as f64 + rps * since).min(whole) / n).min(cap)
+            }
+            _ => 0.0,
+        };
+        let tokens = match (seen.tokens_left, limits.tokens_per_minute) {
+            (Some(left), Some(tpm)) => {
+                let (whole, cap) = (tpm as f64, shared.tokens_per_minute.unwrap_or(0) as f64);
+                ((left as f64 + whole / 60.0 * since).min(whole) / n).min(cap)
+            }
+            _ => 0.0,
+        };
+        (requests, tokens)
     }
 
     /// The requests this instance admitted on `workspace`'s share this month still running.
@@ -960,8 +1038,9 @@ impl Failover {
     fn month_seen(&self, workspace: WorkspaceId, now: Nanos) -> Option<u64> {
         let seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
         seen.get(&workspace)
+            .and_then(|s| s.month)
             .filter(|(month, _)| *month == MonthKey::of(now))
-            .map(|(_, used)| *used)
+            .map(|(_, used)| used)
     }
 
     async fn fallback(
@@ -1053,18 +1132,21 @@ impl Failover {
                     }
                 };
                 if anew {
-                    self.local.drain(workspace, &shared, now);
-                    // The drained buckets lack their capacity without use. Those of a share
-                    // held from before keep their `at`, so that what its key's and models'
-                    // buckets (not drained) lacked when last carried still refills from then:
-                    // what the drained ones lack is then stated as of that `at`.
+                    let start = self.share_start(workspace, limits, &shared, n, now);
+                    self.local.drain(workspace, &shared, now, start);
+                    // The drained buckets lack their capacity, less where they start, without
+                    // use. Those of a share held from before keep their `at`, so that what its
+                    // key's and models' buckets (not drained) lacked when last carried still
+                    // refills from then: what the drained ones lack is then stated as of that
+                    // `at`.
                     let (rps, burst) = (
                         shared.requests_per_second.unwrap_or(0.0),
                         shared
                             .requests_per_second
-                            .map_or(0.0, |_| f64::from(shared.effective_burst())),
+                            .map_or(0.0, |_| f64::from(shared.effective_burst()) - start.0),
                     );
                     let tpm = shared.tokens_per_minute.unwrap_or(0) as f64;
+                    let tokens_lacking = tpm - start.1;
                     let mut accounted = self.accounted.lock().unwrap_or_else(|e| e.into_inner());
                     let entry = accounted.entry(workspace).or_insert_with(|| Accounted {
                         at: now,
@@ -1072,7 +1154,7 @@ impl Failover {
                     });
                     let since = now.saturating_sub(entry.at) as f64 / NANOS_PER_SEC as f64;
                     entry.requests = burst + rps * since;
-                    entry.tokens = tpm + tpm / 60.0 * since;
+                    entry.tokens = tokens_lacking + tpm / 60.0 * since;
                     drop(accounted);
                     // This instance's own requests still running hold slots of the share (those
                     // it already counts, from when it was last taken up, once).
@@ -1237,7 +1319,7 @@ impl Failover {
                     Ok(decision) => {
                         self.success(Some(workspace));
                         if self.policy == FailurePolicy::Local {
-                            self.saw_month(workspace, limits, &decision, now);
+                            self.saw(workspace, limits, &decision, now);
                         }
                         return Ok(decision);
                     }

@@ -424,11 +424,12 @@ impl LocalLimiter {
         self.shard(workspace).states.get(workspace).is_some()
     }
 
-    /// Empties the workspace's requests and tokens-per-minute buckets, if its state is held
-    /// (`WorkspaceState::drain_buckets`).
-    pub fn drain(&self, workspace: WorkspaceId, limits: &Limits, now: Nanos) {
+    /// Sets the workspace's requests and tokens-per-minute buckets to `start` (requests,
+    /// tokens; `(0.0, 0.0)` empties them), if its state is held
+    /// (`WorkspaceState::drain_buckets_to`).
+    pub fn drain(&self, workspace: WorkspaceId, limits: &Limits, now: Nanos, start: (f64, f64)) {
         if let Some(state) = self.shard(workspace).states.get_mut(workspace) {
-            state.drain_buckets(limits, now);
+            state.drain_buckets_to(limits, now, start);
         }
     }
 

@@ -1840,6 +1840,39 @@ async fn a_share_taken_up_again_after_redis_answered_starts_empty() {
     drop(redis);
 }
 
+/// A share taken up while its workspace is far below its limits starts with the room Redis last
+/// reported (divided among the instances): one call that timed out is not a `429`. It was: a
+/// share always started empty, and the first request after every timed-out call was refused, for
+/// a workspace allowed 10^10 tokens a minute as for one at its limits (an outside audit). A
+/// workspace at its limits still starts empty (the test above).
+#[tokio::test]
+async fn a_share_taken_up_far_below_the_limits_starts_with_the_room_redis_reported() {
+    let (redis, gate, fleet) = alone_behind_a_gate(300, None).await;
+    let gw = &fleet[0];
+    let (_, key) = setup_workspace(
+        &fleet,
+        "roomy",
+        json!({"requests_per_second": 100, "burst": 100, "tokens_per_minute": 1_000_000}),
+    )
+    .await;
+    let (body, usage) = exact_request(5);
+    let headers = [("x-mock-usage", usage.as_str())];
+    let chat = || gw.chat(&key, body.clone(), &headers);
+    assert_eq!(chat().await.status(), StatusCode::OK, "decided by Redis");
+    *gate.lock().unwrap() = Gate::HoldReserve(Instant::now() + Duration::from_secs(1));
+    // Two calls that time out (a third in a row would open the breaker).
+    for _ in 0..2 {
+        let r = chat().await;
+        let status = r.status();
+        let denial = r.text().await.unwrap_or_default();
+        assert_eq!(status, StatusCode::OK, "decided on the share: {denial}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    *gate.lock().unwrap() = Gate::Pass;
+    assert_eq!(backend_up(gw).await, 1.0, "the breaker stayed closed");
+    drop(redis);
+}
+
 /// Refuses Redis (`gate`) and sends `chat` until the breaker has opened (3 failed calls).
 async fn refuse_until_the_breaker_opens<F, Fut>(
     gw: &TestGateway,
