@@ -21,6 +21,43 @@ pub enum ConfigError {
     Invalid { field: String, message: String },
 }
 
+/// A TOML file's mistake as told: its line and column and what is wrong, without the line
+/// itself, which the TOML library quotes (an outside audit: a duplicated `admin_token`, a
+/// misspelt `api_kee` or an unterminated string printed the token whole, on stderr and in the
+/// journal through `config check`), and without a quoted value.
+fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = without_values(e.message());
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
+    }
+}
+
+/// `message` with each double-quoted part (a value serde quotes: `invalid type: string "…"`) as
+/// `"***"`; names stay (serde and TOML quote them with backquotes).
+fn without_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut parts = message.split('"');
+    if let Some(first) = parts.next() {
+        out.push_str(first);
+    }
+    let mut inside = true;
+    for part in parts {
+        if inside {
+            out.push_str("\"***\"");
+        } else {
+            out.push_str(part);
+        }
+        inside = !inside;
+    }
+    out.trim_end().to_string()
+}
+
 fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
@@ -164,7 +201,7 @@ impl RawSettings {
         let text = Self::read_file(path)?;
         toml::from_str(&text).map_err(|e| ConfigError::File {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: toml_error(&text, &e),
         })
     }
 
@@ -1350,11 +1387,11 @@ impl Config {
                 let text = RawSettings::read_file(&path)?;
                 toml::from_str::<RawSettings>(&text).map_err(|e| ConfigError::File {
                     path: path.clone(),
-                    message: e.to_string(),
+                    message: toml_error(&text, &e),
                 })?;
                 toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
                     path,
-                    message: e.to_string(),
+                    message: toml_error(&text, &e),
                 })?
             }
             None => toml::Table::new(),
@@ -1373,7 +1410,7 @@ impl Config {
         );
         let raw: RawSettings = toml::Value::Table(merged)
             .try_into()
-            .map_err(|e| invalid("settings", e.to_string()))?;
+            .map_err(|e: toml::de::Error| invalid("settings", without_values(e.message())))?;
         Config::try_from(raw)
     }
 
@@ -2555,5 +2592,39 @@ mod tests {
         let c = Config::load(&[], None, env).unwrap();
         assert_eq!(c.estimate.history, 4);
         assert!(!c.upstream.request_stream_usage);
+    }
+
+    /// A file's mistake is told by its line, column and kind, never with the line itself or a
+    /// value (an outside audit: the TOML library's message quoted the line, a token with it).
+    #[test]
+    fn a_file_s_mistakes_never_show_its_secrets() {
+        let secret = "SECRETXSECRETXSECRETY";
+        let dir = tempfile::tempdir().unwrap();
+        let cases = [
+            (
+                format!("admin_token = \"{secret}0\"\nadmin_token = \"{secret}\"\n"),
+                "line 2",
+            ),
+            (
+                format!("[upstream]\nurl = \"http://h\"\napi_kee = \"{secret}\"\n"),
+                "api_kee",
+            ),
+            (format!("[upstream]\napi_key = [\"{secret}\"]\n"), "line 2"),
+            (format!("token = \"{secret}\n"), "line 1"),
+            (format!("instances = \"{secret}\"\n"), "line 1"),
+        ];
+        for (i, (text, told)) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("{i}.toml"));
+            std::fs::write(&path, text).unwrap();
+            for e in [
+                Config::load(&[], Some(&path), env_of(&[]))
+                    .unwrap_err()
+                    .to_string(),
+                RawSettings::from_file(&path).unwrap_err().to_string(),
+            ] {
+                assert!(!e.contains("SECRETX"), "{text}: {e}");
+                assert!(e.contains(told), "{text}: {e}");
+            }
+        }
     }
 }
