@@ -1018,13 +1018,17 @@ async fn a_silent_receiver_holds_back_no_other_endpoint() {
 }
 
 /// A password in an endpoint's URL is the receiver's to check, not the listings' to show: the
-/// API, the console and the audit log show it as `***`, and the deliveries still carry it.
+/// API, the console and the audit log show it as `***`, and the deliveries still carry it. So is
+/// a query parameter named as a secret is (`?token=`: an outside audit saw it whole).
 #[tokio::test]
 async fn a_password_in_an_endpoint_url_is_shown_as_stars() {
     let gw = TestGateway::start_with(fast_retries()).await;
     let (_, key) = gw.workspace("free").await;
     let ok = Receiver::start(0).await;
-    let with_password = ok.url.replace("http://", "http://hook-user:s3cret-pass@");
+    let with_password = format!(
+        "{}?token=t0p-s3cret&x=1",
+        ok.url.replace("http://", "http://hook-user:s3cret-pass@")
+    );
     let (id, _) = operator_endpoint(&gw, &with_password, &["limit_request.created"]).await;
     ask_more(&gw, &key).await;
     ok.wait_for(1).await;
@@ -1044,8 +1048,10 @@ async fn a_password_in_an_endpoint_url_is_shown_as_stars() {
         .unwrap();
     for shown in [listed.to_string(), audit.to_string(), page] {
         assert!(!shown.contains("s3cret-pass"), "{shown}");
+        assert!(!shown.contains("t0p-s3cret"), "{shown}");
     }
     let url = listed["data"][0]["url"].as_str().unwrap();
     assert!(url.starts_with("http://hook-user:***@127.0.0.1:"), "{url}");
+    assert!(url.ends_with("?token=***&x=1"), "{url}");
     assert_eq!(audit["data"][0]["after"]["url"], url);
 }
