@@ -27,6 +27,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AppError> {
     std::fs::create_dir_all(&options.data_dir)?;
+    let database = format!(
+        "sqlite://{}",
+        options.data_dir.join("tiergate.db").display()
+    );
+    // One demo a directory: a second revoked the first one's key (`serve_alone`).
+    let _alone = crate::store::sqlite::serve_alone(&database)?;
     let (stop_mock, mock_stopped) = tokio::sync::oneshot::channel::<()>();
     let mock_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let mock_addr = mock_listener.local_addr()?;
@@ -50,10 +56,7 @@ pub async fn run(
     let admin_token = generate_key().secret.replacen("tg_", "adm_", 1);
     let raw = RawSettings {
         listen: Some(addr.to_string()),
-        database: Some(format!(
-            "sqlite://{}",
-            options.data_dir.join("tiergate.db").display()
-        )),
+        database: Some(database),
         admin_token: Some(admin_token.clone()),
         upstream: RawUpstream {
             url: Some(format!("http://{mock_addr}")),

@@ -109,7 +109,7 @@ struct ServeArgs {
 #[derive(Args)]
 struct AuditArgs {
     /// Only entries about this workspace.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     workspace: Option<i64>,
     /// Only entries by this actor: an admin token's name, cli:USER, workspace:ID.
     #[arg(long)]
@@ -124,7 +124,7 @@ struct AuditArgs {
     #[arg(long)]
     to: Option<String>,
     /// Continue after the entry with this id (older entries).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
     after: Option<i64>,
     /// At most this many entries (1 to 1000, default 100).
     #[arg(long)]
@@ -207,6 +207,7 @@ enum WorkspaceCommand {
     },
     /// Change a workspace's tier, status or overrides.
     Set {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         id: i64,
         #[arg(long)]
         tier: Option<String>,
@@ -234,6 +235,7 @@ enum WorkspaceCommand {
     /// Replace a workspace's attributes (for promotion conditions): NAME=NUMBER or
     /// NAME=true|false, none for no attributes.
     Attributes {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         id: i64,
         /// At least one: the command given none wiped them, easily done by mistake (an
         /// outside audit); `none` says it.
@@ -248,6 +250,7 @@ enum WorkspaceCommand {
 enum KeyCommand {
     /// Create a key for a workspace; the secret is printed once.
     Create {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         workspace: i64,
         #[arg(long)]
         name: Option<String>,
@@ -259,12 +262,14 @@ enum KeyCommand {
     },
     /// List a workspace's keys (never the secrets).
     List {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         workspace: i64,
         #[command(flatten)]
         store: StoreArgs,
     },
     /// Revoke a key at once.
     Revoke {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         id: i64,
         #[command(flatten)]
         store: StoreArgs,
@@ -272,6 +277,7 @@ enum KeyCommand {
     /// Set a key's own limits, replacing those it has (each at most its workspace's), or clear
     /// them with --clear. A limit left out is no limit of the key's own.
     Limits {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         id: i64,
         #[arg(long, conflicts_with = "clear")]
         requests_per_second: Option<f64>,
@@ -353,13 +359,14 @@ enum LimitRequestCommand {
     List {
         #[arg(long)]
         status: Option<String>,
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(i64).range(1..))]
         workspace: Option<i64>,
         #[command(flatten)]
         store: StoreArgs,
     },
     /// Approve a pending request: grant what was asked, or the --limit values given.
     Approve {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         id: i64,
         /// Grant NAME=VALUE instead of what was asked (NAME as for workspaces set).
         #[arg(long = "limit", value_name = "NAME=VALUE")]
@@ -372,6 +379,7 @@ enum LimitRequestCommand {
     },
     /// Deny a pending request with a reason the workspace reads.
     Deny {
+        #[arg(value_parser = clap::value_parser!(i64).range(1..))]
         id: i64,
         #[arg(long)]
         reason: String,
@@ -673,6 +681,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     }
     config.upstream_url()?;
     let (listen, admin_listen) = (config.listen, config.admin_listen);
+    // Held until the process ends.
+    let _alone = match config.redis {
+        None => tiergate::store::sqlite::serve_alone(&config.database)?,
+        Some(_) => None,
+    };
     let app = tiergate::app(config, Arc::new(SystemClock)).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await

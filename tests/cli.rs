@@ -931,3 +931,92 @@ fn the_container_s_settings_are_a_file_a_mounted_one_can_replace() {
         .collect();
     assert_eq!(settings, ["TIERGATE_CONFIG=/etc/tiergate/tiergate.toml"]);
 }
+
+/// Without Redis, one gateway process serves a SQLite file: a second `serve` on it is refused
+/// at start, naming the claim (an outside audit: two ran on one file, each enforcing the whole
+/// limits, and admitted 6 of 8 requests where 3 were allowed). The admin commands still run
+/// beside it, and once the first has stopped, another starts.
+#[tokio::test]
+async fn a_second_gateway_on_one_sqlite_file_without_redis_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("t.db").display());
+    let serve = |port: u16| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tiergate"));
+        c.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", "http://127.0.0.1:1", "--database", &database])
+            .env_remove("TIERGATE_CONFIG")
+            .env_remove("TIERGATE_REDIS");
+        c
+    };
+    let up = |port: u16| async move {
+        let started = std::time::Instant::now();
+        while reqwest::get(format!("http://127.0.0.1:{port}/healthz"))
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "not up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    let first_port = free_port();
+    let first = Running(
+        serve(first_port)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    up(first_port).await;
+
+    let second = serve(free_port()).output().unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("another tiergate process serves"), "{err}");
+    assert!(err.contains("t.db.serving"), "{err}");
+
+    let listed = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["workspaces", "list", "--database", &database])
+        .env_remove("TIERGATE_CONFIG")
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+
+    drop(first);
+    let third_port = free_port();
+    let _third = Running(
+        serve(third_port)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    up(third_port).await;
+}
+
+/// Ids are whole numbers above 0 on the command line as in the admin API (an outside audit:
+/// `audit --workspace 0` printed `[]`, `workspaces set 0` said there was no workspace 0).
+#[test]
+fn ids_below_one_are_refused_as_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("t.db").display());
+    for args in [
+        vec!["audit", "--workspace", "0"],
+        vec!["audit", "--after", "0"],
+        vec!["workspaces", "set", "0", "--tier", "free"],
+        vec!["keys", "revoke", "0"],
+        vec!["limit-requests", "approve", "0"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+            .args(&args)
+            .args(["--database", &database])
+            .env_remove("TIERGATE_CONFIG")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains("invalid value"), "{args:?}: {err}");
+    }
+}
