@@ -1818,3 +1818,52 @@ async fn a_carry_sent_again_under_its_id_is_taken_in_once() {
     let u = limiter.usage(ws, &limits, start).await.unwrap();
     assert_eq!(u.snapshot.requests.unwrap().remaining, 2);
 }
+
+/// A new generation (a carry at a switch back) starts from what the old one counted: a
+/// settlement the ledger has not had yet (it waits a flush) still counts in the month. It was
+/// lost until the ledger had it, and another instance admitted a request past the quota (an
+/// outside audit: 6,080 of 6,000). The ledger's totals, read again, may only raise it.
+#[tokio::test]
+async fn a_new_generation_keeps_what_the_old_one_counted() {
+    let Some(url) = shared_redis() else { return };
+    let (ws, start) = (1, t0());
+    let ledger = Arc::new(Ledger::default());
+    let limiter = limiter(
+        Topology::Single(url),
+        &unique_prefix(),
+        Duration::from_secs(60),
+        TimeSource::Caller,
+        ledger.clone(),
+    );
+    let limits = Limits {
+        tokens_per_month: Some(100_000),
+        ..Limits::default()
+    };
+    let a = admitted(
+        limiter
+            .reserve(ws, &limits, None, cost(100, 1_000), start)
+            .await
+            .unwrap(),
+    );
+    limiter.settle(&a, &limits, 1_200, start).await.unwrap();
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(holds(&u).2, 1_200);
+    // The ledger has none of it yet; a carry starts a new generation.
+    limiter
+        .new_generation(
+            ws,
+            start,
+            &RedisLimiter::generation_id(),
+            Carry::default(),
+            &limits,
+        )
+        .await
+        .unwrap();
+    let u = limiter.usage(ws, &limits, start).await.unwrap();
+    assert_eq!(holds(&u).2, 1_200, "the settlement still counts");
+    let d = limiter
+        .reserve(ws, &limits, None, cost(100, 98_900), start)
+        .await
+        .unwrap();
+    assert!(matches!(d, Decision::Deny { .. }), "{d:?}");
+}

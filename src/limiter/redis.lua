@@ -1047,7 +1047,7 @@ if op == 'newgen' then
   local rate, rcap, rtake = N(ARGV[8] or '0') or 0, N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0
   local tpm, ttake = N(ARGV[11] or '0') or 0, N(ARGV[12] or '0') or 0
   local running = N(ARGV[13] or '0') or 0
-  load({'keep', 'rl', 'ra', 'rc', 'rq', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk', 'res'})
+  load({'keep', 'rl', 'ra', 'rc', 'rq', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk', 'res', 'base', 'delta'})
   -- The new generation keeps the holds of the reservations still live (the month's, the
   -- models', the keys'), and the live records are counted in it from now on: every instance
   -- that served the workspace on its own starts a generation at its switch back, and each
@@ -1055,27 +1055,49 @@ if op == 'newgen' then
   -- outside audit: 1.5 times a quota at one switch back, 2.2 times with a breaker tripping
   -- again and again). Their settlements then count in the new generation's `delta` and are
   -- recorded in the ledger under it, which its `base` leaves out: each once, as before.
+  -- It also starts from what the old one counted (its base and what it settled; the models'
+  -- and the keys' alike), which the ledger's totals, read again for the new one, may only
+  -- raise: settlements of the old generation that the ledger has not had yet (they wait a
+  -- flush, up to 250 ms) were lost from the counter until they were, and another instance
+  -- admitted a request past the month quota (an outside audit: a carry after one timed-out
+  -- call landed right after a request's settlement, 6,080 of 6,000). Nothing of it is counted
+  -- twice: the ledger's totals for the new generation leave out only its own settlements.
   local old, mk = state.gen, month_of(now)
   local keeps = old and state.mk == mk
   local held, res = {}, keeps and (state.res or 0) or 0
+  local counted, prior = {}, keeps and ((state.base or 0) + (state.delta or 0)) or 0
   if keeps then
     local all = redis.call('HGETALL', KS)
     for i = 1, #all, 2 do
       local p = string.sub(all[i], 1, 3)
       if p == 'mr:' or p == 'kr:' then held[all[i]] = N(all[i + 1]) end
+      if p == 'mb:' or p == 'md:' or p == 'kb:' or p == 'kd:' then
+        -- `mb:`/`md:` into `mb:`, `kb:`/`kd:` into `kb:`.
+        local f = string.sub(p, 1, 1) .. 'b:' .. string.sub(all[i], 4)
+        counted[f] = (counted[f] or 0) + (N(all[i + 1]) or 0)
+      end
     end
   end
   new_generation(mk, ARGV[6])
   if keeps then
     put('res', res)
-    local models = 0
+    if prior > 0 then put('base', prior) end
+    local models = {}
     for f, v in pairs(held) do
       if v > 0 then
         put(f, v)
-        if string.sub(f, 1, 3) == 'mr:' then models = models + 1 end
+        if string.sub(f, 1, 3) == 'mr:' then models[string.sub(f, 4)] = true end
       end
     end
-    put('mn', models)
+    for f, v in pairs(counted) do
+      if v > 0 then
+        put(f, v)
+        if string.sub(f, 1, 3) == 'mb:' then models[string.sub(f, 4)] = true end
+      end
+    end
+    local n = 0
+    for _ in pairs(models) do n = n + 1 end
+    put('mn', n)
     local records = redis.call('HGETALL', KR)
     local retag = {}
     local function flush()
