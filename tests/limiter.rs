@@ -1944,3 +1944,28 @@ fn a_state_drained_to_a_start_admits_that_start_then_refills() {
         RequestsPerSecond
     );
 }
+
+/// A state's month counters take up the ledger's totals read again: what was settled since the
+/// state was seeded, elsewhere, counts (a share taken up again when the other instances had used
+/// more), and nothing counts twice (the ledger's total already holds what this state settled,
+/// once flushed). Totals of another month change nothing.
+#[test]
+fn month_counters_take_up_the_ledger_s_totals_read_again() {
+    let now = t0();
+    let l = limits().month(6_000).model("m", None, Some(2_000));
+    let mut s = WorkspaceState::new(now, &totals(now, 3_000, &[("m", 500)]));
+    // Settled here: 100 (the ledger will hold it too).
+    let held = admit(&mut s, &l, None, tokens(100), now);
+    s.settle(&l, &held, 100, now);
+    // Elsewhere 2,420 more, and 1,400 of the model's.
+    s.reseed_month(now, &totals(now, 5_520, &[("m", 1_900)]));
+    assert_eq!(s.month_seeds().0, 5_520);
+    deny(&mut s, &l, None, tokens(481), now);
+    admit(&mut s, &l, Some("m"), tokens(100), now);
+    deny(&mut s, &l, Some("m"), tokens(1), now);
+    // Lower figures or another month's change nothing.
+    let mut s = WorkspaceState::new(now, &totals(now, 3_000, &[]));
+    s.reseed_month(now, &totals(now, 1_000, &[]));
+    s.reseed_month(now, &totals(now + 40 * 86_400 * SEC, 5_900, &[]));
+    admit(&mut s, &l, None, tokens(3_000), now);
+}

@@ -392,6 +392,13 @@ impl MonthCounter {
         self.settled + self.reserved
     }
 
+    /// Takes up the ledger's `total` for this month, read again: what was settled is at least
+    /// that (the ledger only grows), and what it started from is that.
+    fn reseed(&mut self, total: u64) {
+        self.settled = self.settled.max(total);
+        self.seed = self.seed.max(total);
+    }
+
     /// Rolls over to `month`; settled usage of a new month starts from the ledger's base.
     fn roll(&mut self, month: MonthKey, base: u64) {
         if self.month != month {
@@ -826,6 +833,30 @@ impl WorkspaceState {
 
     pub fn roll_month(&mut self, now: Nanos, totals: &MonthTotals) {
         self.roll_month_named(now, totals, None)
+    }
+
+    /// Takes up the ledger's month totals read again (`totals`, of `now`'s month; those of
+    /// another month are ignored): the workspace's, its keys' and its models' month counters
+    /// start from them, and count at least them as settled. For a share of the limits taken up
+    /// again, whose counters were seeded when the workspace was first seen this month: the
+    /// other instances have settled more since, through Redis (an outside audit: a share of what
+    /// was left at 3,000 of 6,000 used, taken up again when 5,520 were, admitted 840 tokens
+    /// where 480 were left).
+    pub fn reseed_month(&mut self, now: Nanos, totals: &MonthTotals) {
+        let current = MonthKey::of(now);
+        if totals.month != Some(current) || self.month.month != current {
+            return;
+        }
+        self.month.reseed(totals.tokens);
+        for key in self.keys.iter_mut().flat_map(|k| k.iter_mut()) {
+            key.month
+                .reseed(totals.by_key.get(&key.id).copied().unwrap_or(0));
+        }
+        for state in self.models.iter_mut() {
+            state
+                .month
+                .reseed(totals.by_model.get(&*state.name).copied().unwrap_or(0));
+        }
     }
 
     /// `roll_month`, sharing model names through `names`.

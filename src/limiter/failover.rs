@@ -331,8 +331,8 @@ struct Seen {
 }
 
 /// How long what Redis last said of a workspace's room is a share's start: past that the share
-/// starts empty, as when nothing was seen.
-const ROOM_SEEN_FOR: Nanos = 60 * NANOS_PER_SEC;
+/// starts empty, as when nothing was seen. The other instances may have used that room since.
+const ROOM_SEEN_FOR: Nanos = 10 * NANOS_PER_SEC;
 
 impl Drop for Failover {
     fn drop(&mut self) {
@@ -865,9 +865,11 @@ impl Failover {
     }
 
     /// Where a share of `limits` (`shared`, this instance's of `n`) taken up at `now` starts:
-    /// the room Redis last said the workspace had, refilled since at the limits' rates, divided
-    /// among the instances, within the share's capacity; `(0, 0)` (empty) when nothing was seen
-    /// within `ROOM_SEEN_FOR`. (requests, tokens).
+    /// the room Redis last said the workspace had, divided among the instances, within the
+    /// share's capacity; `(0, 0)` (empty) when nothing was seen within `ROOM_SEEN_FOR`.
+    /// (requests, tokens). Not refilled for the time since: the other instances took Redis's
+    /// refill meanwhile (with it, three instances admitted 7 requests past a limit when Redis
+    /// died under load, each call in flight then waiting out its timeout).
     ///
     /// Empty always, a share refused the first request after every call that timed out, for a
     /// workspace far below its limits as for one at them (an outside audit: a `429` for a
@@ -891,20 +893,19 @@ impl Failover {
         else {
             return (0.0, 0.0);
         };
-        let since = (now - seen.at) as f64 / NANOS_PER_SEC as f64;
         let n = f64::from(n.max(1));
         let requests = match (seen.requests_left, limits.requests_per_second) {
-            (Some(left), Some(rps)) => {
+            (Some(left), Some(_)) => {
                 let whole = f64::from(limits.effective_burst());
                 let cap = f64::from(shared.effective_burst());
-                ((left as f64 + rps * since).min(whole) / n).min(cap)
+                ((left as f64).min(whole) / n).min(cap)
             }
             _ => 0.0,
         };
         let tokens = match (seen.tokens_left, limits.tokens_per_minute) {
             (Some(left), Some(tpm)) => {
-                let (whole, cap) = (tpm as f64, shared.tokens_per_minute.unwrap_or(0) as f64);
-                ((left as f64 + whole / 60.0 * since).min(whole) / n).min(cap)
+                let cap = shared.tokens_per_minute.unwrap_or(0) as f64;
+                ((left as f64).min(tpm as f64) / n).min(cap)
             }
             _ => 0.0,
         };
@@ -1097,8 +1098,13 @@ impl Failover {
                         .unwrap_or_else(|e| e.into_inner())
                         .remove(&workspace);
                 // Seed the month counters from the ledger first: the month share is of what
-                // was left then.
+                // was left then. A share taken up again reads the ledger again: its counters
+                // were seeded when it was first taken up, and the other instances have settled
+                // more since.
                 self.local.usage(workspace, limits, now).await?;
+                if anew && !fresh {
+                    self.local.reseed_month(workspace, now).await?;
+                }
                 let seeds = self.local.month_seeds(workspace, now).unwrap_or_default();
                 let shared = match share(limits, n, rank, &seeds) {
                     Ok(mut l) => {

@@ -433,6 +433,25 @@ impl LocalLimiter {
         }
     }
 
+    /// Reads the ledger's month totals again (after bringing it up to what this process has
+    /// settled) and has the workspace's state take them up (`WorkspaceState::reseed_month`), if
+    /// it is held.
+    pub async fn reseed_month(
+        &self,
+        workspace: WorkspaceId,
+        now: Nanos,
+    ) -> Result<(), LimiterError> {
+        self.months.catch_up().await;
+        let totals = self
+            .months
+            .month_totals(workspace, MonthKey::of(now), None)
+            .await?;
+        if let Some(state) = self.shard(workspace).states.get_mut(workspace) {
+            state.reseed_month(now, &totals);
+        }
+        Ok(())
+    }
+
     /// What a workspace's month counters started from (the ledger's totals when it was first
     /// seen this month), once it is tracked.
     pub fn month_seeds(

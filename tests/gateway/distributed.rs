@@ -899,8 +899,8 @@ async fn redis_dies_under_load(policy: &str) {
         }
         _ => {
             // Each instance enforces a third of every limit: together, at most the limit. The
-            // shares start empty (what Redis counted is not known here): no burst at the
-            // switch, where full shares let 30 more through.
+            // shares start with the room Redis last reported, none under this load: no burst
+            // at the switch, where full shares let 30 more through.
             assert_eq!(unavailable, 0);
             assert!(ok > 0);
             let allowed = 30.0 * down_for;
@@ -1870,6 +1870,88 @@ async fn a_share_taken_up_far_below_the_limits_starts_with_the_room_redis_report
     tokio::time::sleep(Duration::from_secs(1)).await;
     *gate.lock().unwrap() = Gate::Pass;
     assert_eq!(backend_up(gw).await, 1.0, "the breaker stayed closed");
+    drop(redis);
+}
+
+/// A share taken up again reads the ledger again: its month counters were seeded when it was
+/// first taken up, and another instance has used more of the month since, through Redis. Left
+/// as seeded, a share of what was left at 3,000 of 6,000 used was taken up again when 5,520
+/// were, and admitted 840 tokens where 480 were left (an outside audit).
+#[tokio::test]
+async fn a_share_taken_up_again_counts_what_the_others_used_since() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let gate = Arc::new(std::sync::Mutex::new(Gate::Pass));
+    let through = redis_gate(redis.port(), gate.clone()).await;
+    let direct = format!("redis://127.0.0.1:{}", redis.port());
+    // The first instance reaches Redis through the gate, the second directly.
+    let made = std::sync::atomic::AtomicUsize::new(0);
+    let fleet = TestGateway::fleet_with(2, &through, |o| {
+        if made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            o.raw.redis = Some(direct.clone());
+        }
+        o.raw.redis_failure_policy = Some("local".into());
+        o.raw.instances = Some(2);
+        o.raw.redis_timeout_ms = Some(300);
+    })
+    .await;
+    let (gated, other) = (&fleet[0], &fleet[1]);
+    let (_, key) = setup_workspace(
+        &fleet,
+        "month-again",
+        json!({"requests_per_second": 1000, "burst": 1000, "tokens_per_minute": 10_000_000, "tokens_per_month": 6_000}),
+    )
+    .await;
+    let send = |gw: &TestGateway, tokens: u64| {
+        let (body, usage) = exact_request(tokens - 9);
+        let key = key.clone();
+        let gw_url = gw.url.clone();
+        let client = gw.client.clone();
+        async move {
+            client
+                .post(format!("{gw_url}/v1/chat/completions"))
+                .bearer_auth(&key)
+                .header("x-mock-usage", usage)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    // Reserve calls held back for `secs` (and every call after them on the connection).
+    let stall = |secs: u64| {
+        *gate.lock().unwrap() = Gate::HoldReserve(Instant::now() + Duration::from_secs(secs));
+    };
+    // 3,000 through Redis, then 100 on the first instance's share, carried back once Redis
+    // answers again.
+    for _ in 0..3 {
+        assert_eq!(send(gated, 1_000).await, StatusCode::OK);
+    }
+    stall(1);
+    assert_eq!(send(gated, 100).await, StatusCode::OK, "on the share");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    *gate.lock().unwrap() = Gate::Pass;
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // 2,400 more through the other instance, and into the ledger.
+    for _ in 0..24 {
+        assert_eq!(send(other, 100).await, StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // 500 are left; the first instance's share is half of them.
+    stall(4);
+    let mut admitted = 0;
+    for _ in 0..10 {
+        if send(gated, 100).await == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    *gate.lock().unwrap() = Gate::Pass;
+    assert!(
+        admitted <= 3,
+        "{admitted} requests of 100 tokens admitted on a share of 250"
+    );
     drop(redis);
 }
 
