@@ -433,9 +433,10 @@ impl LocalLimiter {
         }
     }
 
-    /// Reads the ledger's month totals again (after bringing it up to what this process has
-    /// settled) and has the workspace's state take them up (`WorkspaceState::reseed_month`), if
-    /// it is held.
+    /// Reads the ledger's month totals again and has the workspace's state take them up
+    /// (`WorkspaceState::reseed_month`), if it is held. The source's `catch_up` is called first;
+    /// the ledger's own (`LedgerMonths`) does nothing there, so this process's settlements not
+    /// yet flushed (at most one flush's) count only as far as the state had counted them.
     pub async fn reseed_month(
         &self,
         workspace: WorkspaceId,
