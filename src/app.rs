@@ -40,6 +40,10 @@ pub enum AppError {
     Io(std::io::Error),
     #[error("limiter: {0}")]
     Limiter(LimiterError),
+    #[error(
+        "redis: Redis refuses the credentials in the URL ({0}); check the user name and password"
+    )]
+    RedisRefused(String),
     #[error("{0}")]
     Admin(crate::admin::AdminError),
     #[error("stopped with usage the ledger could not take: {requests} requests, {tokens} tokens lost (the store did not answer)")]
@@ -109,6 +113,7 @@ pub struct App {
     pub state: Arc<AppState>,
     tasks: Vec<JoinHandle<()>>,
     ledger: JoinHandle<()>,
+    dispatcher: Arc<Dispatcher>,
 }
 
 /// The ledger as the limiter's month source.
@@ -234,6 +239,9 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
                 time: redis.time,
             };
             let shared = Arc::new(RedisLimiter::new(options, shared_months.clone())?);
+            if let Some(why) = shared.refused_credentials().await {
+                return Err(AppError::RedisRefused(why));
+            }
             Failover::new(
                 shared,
                 local.clone(),
@@ -293,7 +301,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         tokio::spawn(evict_idle(state.clone())),
         tokio::spawn(promote(state.clone())),
         tokio::spawn(deliver_webhooks(
-            dispatcher,
+            dispatcher.clone(),
             webhook_wake.clone(),
             state.config.webhook_idle_poll,
         )),
@@ -304,6 +312,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
         state,
         tasks,
         ledger,
+        dispatcher,
     })
 }
 
@@ -459,6 +468,11 @@ impl App {
         for t in &self.tasks {
             t.abort();
         }
+        // Waited for, so that none of them runs on, and writes to the store, after the stop.
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.dispatcher.stop().await;
         let tasks = &self.state.tasks;
         tasks.close();
         let wait = 2 * self.state.config.upstream.usage_drain + SETTLE_GRACE;
@@ -470,6 +484,10 @@ impl App {
         }
         let unwritten = self.state.recorder.shutdown().await;
         drop(self.ledger);
+        // Its connections closed now, not when the last reference goes: a gateway started next
+        // on the same SQLite file finds no connection of this one's (a test restarting on one
+        // file met "database is locked" at its start).
+        self.state.store.close().await;
         if unwritten != crate::usage::Unwritten::default() {
             tracing::error!(
                 requests = unwritten.requests,

@@ -1053,6 +1053,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             for warning in config.warnings() {
                 eprintln!("warning: {warning}");
             }
+            // Not an error here: `serve` may be given it by a flag, which this does not read,
+            // and the admin commands read the same file without one.
+            if config.upstream.url.is_none() {
+                eprintln!(
+                    "warning: upstream is not set: serve refuses to start without it unless given --upstream"
+                );
+            }
             print!("{}", config.effective_toml());
         }
         Command::Migrate { from, to } => {

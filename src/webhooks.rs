@@ -151,6 +151,8 @@ pub struct Dispatcher {
     metrics: Arc<Metrics>,
     /// The room for attempts in flight (`MOST_IN_FLIGHT`).
     in_flight: Arc<tokio::sync::Semaphore>,
+    /// The attempts in flight, stopped with the gateway (`stop`).
+    attempts: std::sync::Mutex<tokio::task::JoinSet<()>>,
 }
 
 impl Dispatcher {
@@ -169,7 +171,22 @@ impl Dispatcher {
             retry_base,
             metrics,
             in_flight: Arc::new(tokio::sync::Semaphore::new(MOST_IN_FLIGHT)),
+            attempts: std::sync::Mutex::new(tokio::task::JoinSet::new()),
         })
+    }
+
+    /// At a stop (no more claims are made): lets the attempts in flight end, within an
+    /// attempt's time, so that their outcomes are recorded (an outside audit: an attempt cut by
+    /// a stop left its delivery unrecorded until its claim expired, 30 s later); then stops
+    /// what is left and waits until it has, so that nothing writes to the store after the
+    /// stop. A delivery stopped so is sent again once its claim expires.
+    pub async fn stop(&self) {
+        let mut attempts =
+            std::mem::take(&mut *self.attempts.lock().unwrap_or_else(|e| e.into_inner()));
+        let ended = async { while attempts.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(ATTEMPT_TIMEOUT + Duration::from_secs(1), ended).await;
+        attempts.abort_all();
+        while attempts.join_next().await.is_some() {}
     }
 
     /// Claims what is due, as much as there is room for in flight, and starts sending it;
@@ -189,13 +206,16 @@ impl Dispatcher {
             .claim_deliveries(now, now + CLAIM.as_millis() as i64, room as u32)
             .await?;
         let n = due.len();
+        let mut attempts = self.attempts.lock().unwrap_or_else(|e| e.into_inner());
+        // Those finished, so that the set holds only attempts in flight.
+        while attempts.try_join_next().is_some() {}
         for d in due {
             let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
                 // Not while this loop alone takes room; the claim expires and it is sent again.
                 break;
             };
             let dispatcher = self.clone();
-            tokio::spawn(async move {
+            attempts.spawn(async move {
                 dispatcher.attempt(d).await;
                 drop(permit);
             });

@@ -553,6 +553,7 @@ tokens_per_minute = 100000
         "{stderr}"
     );
     assert!(!stderr.contains("TIERGATE_SHUTDOWN_GRACE_MS"), "{stderr}");
+    assert!(!stderr.contains("upstream is not set"), "{stderr}");
     for secret in [
         "hunter2-db-password",
         "hunter3-redis-password",
@@ -619,6 +620,11 @@ tokens_per_minute = 100000
         stdout.contains("# instances = 3: ignored, it applies only with redis\n"),
         "{stdout}"
     );
+    // No upstream here: serve would refuse to start, unless given it by a flag.
+    assert!(
+        stderr.contains("warning: upstream is not set: serve refuses to start without it"),
+        "{stderr}"
+    );
     let reread: tiergate::RawSettings = toml::from_str(&stdout).unwrap();
     assert_eq!(reread.instances, None);
 }
@@ -649,6 +655,31 @@ fn a_sqlite_url_without_a_path_is_refused_naming_the_database() {
         assert!(stderr.contains("database: "), "{url}: {stderr}");
         assert!(!stderr.contains("no such table"), "{url}: {stderr}");
     }
+}
+
+/// A SQLite file in a directory that does not exist is refused naming the file and why; SQLite
+/// itself says only "unable to open database file".
+#[test]
+fn a_sqlite_file_that_cannot_be_opened_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing-dir/tiergate.db");
+    let url = format!("sqlite://{}", path.display());
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(["--upstream", "http://127.0.0.1:1", "--database", &url])
+        .env_remove("TIERGATE_CONFIG")
+        .env_remove("TIERGATE_REDIS")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the SQLite file {} cannot be opened",
+            path.display()
+        )) && stderr.contains("its directory must exist"),
+        "{stderr}"
+    );
 }
 
 /// An invalid `TIERGATE_LOG` is refused at start by name, as any invalid setting is; it used to

@@ -1185,7 +1185,37 @@ impl RedisLimiter {
         Ok(RedisLimiter { inner, renewal })
     }
 
-    /// Answers when Redis does (a probe for the circuit breaker).
+    /// At start: why Redis refuses this gateway's credentials (a wrong password or user name,
+    /// a password it does not ask for, a password missing), which no wait mends; `None` when it takes them, or cannot be reached now:
+    /// the gateway then starts, and the failure policy applies until Redis answers.
+    pub async fn refused_credentials(&self) -> Option<String> {
+        let limit = self.inner.timeout.max(Duration::from_secs(1));
+        let check = async {
+            let ping = redis::cmd("PING");
+            match &self.inner.client {
+                Client::Single(client) => {
+                    let config = redis::AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(limit))
+                        .set_response_timeout(Some(limit));
+                    let mut conn = client
+                        .get_multiplexed_async_connection_with_config(&config)
+                        .await?;
+                    ping.query_async::<Value>(&mut conn).await.map(|_| ())
+                }
+                Client::Cluster(client) => {
+                    let mut conn = client.get_async_connection().await?;
+                    ping.query_async::<Value>(&mut conn).await.map(|_| ())
+                }
+            }
+        };
+        let Ok(Err(e)) = tokio::time::timeout(limit, check).await else {
+            return None;
+        };
+        let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
+        refused.then(|| e.to_string())
+    }
+
     /// Whether the limits live in a Redis Cluster (else one server).
     pub fn is_cluster(&self) -> bool {
         matches!(self.inner.client, Client::Cluster(_))
@@ -1485,7 +1515,7 @@ impl RedisLimiter {
                     let retry_after = match kind {
                         DenialKind::RateLimited => t.until(reply.u(4)?),
                         DenialKind::QuotaExceeded => t.until_ns(mk.next().start()),
-                        DenialKind::RequestTooLarge => 0,
+                        DenialKind::RequestTooLarge | DenialKind::ShareUsedUp => 0,
                     };
                     let denial = Denial {
                         kind,

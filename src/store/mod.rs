@@ -365,6 +365,10 @@ pub trait Store: Send + Sync {
     /// Reachable and answering.
     async fn ping(&self) -> Result<(), StoreError>;
 
+    /// Closes the connections, waiting at most `CLOSE_WAIT` for those in use: what is called
+    /// afterwards fails as the database unreachable.
+    async fn close(&self);
+
     /// The console's session-signing secret: `candidate` is stored if none is yet, and the
     /// stored one is returned, so that every instance, and every restart, signs with the same.
     async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError>;
@@ -1450,6 +1454,9 @@ impl Backend {
         }
     }
 }
+
+/// How long `Store::close` waits for the connections in use to come back.
+pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens (creating and migrating it) the store at `url`, by its scheme.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {

@@ -730,6 +730,10 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn close(&self) {
+        let _ = tokio::time::timeout(super::CLOSE_WAIT, self.pool.close()).await;
+    }
+
     async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError> {
         bounded(CALL_TIMEOUT, async {
             // Instances starting together: the first insert wins, every one reads it back.

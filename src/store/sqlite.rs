@@ -12,7 +12,7 @@ use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, SqlitePool, Transaction};
+use sqlx::{Connection, Row, Sqlite, SqlitePool, Transaction};
 
 use super::{
     already_decided, approval_lowers, approval_state, audit_entry, hour_row, json, key_usage_row,
@@ -327,6 +327,24 @@ pub fn serve_alone(url: &str) -> Result<Option<std::fs::File>, StoreError> {
     }
 }
 
+/// SQLite's "unable to open database file" (`SQLITE_CANTOPEN`, 14) names neither the file nor
+/// why: said here in words a user can act on.
+fn cannot_open(url: &str, e: sqlx::Error) -> StoreError {
+    let cant_open = matches!(&e, sqlx::Error::Database(d) if d.code().as_deref() == Some("14"));
+    if !cant_open {
+        return e.into();
+    }
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    StoreError::Invalid(format!(
+        "the SQLite file {path} cannot be opened: its directory must exist and be writable \
+         (and the file readable and writable, if it exists)"
+    ))
+}
+
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database at `url` (`sqlite://PATH`).
     pub async fn open(url: &str) -> Result<Self, StoreError> {
@@ -348,8 +366,23 @@ impl SqliteStore {
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
+            // sqlx's SQLite connections count their transactions themselves. A COMMIT that
+            // fails in a way after which SQLite rolls the transaction back (a full disk, an I/O
+            // error), then the ROLLBACK that finds none, leave a connection counted in a
+            // transaction, and every later `BEGIN` on it failed ("attempted to call begin_with
+            // at non-zero transaction depth") until a restart (an outside audit: no write
+            // succeeded after a full disk had room again, and the usage settled since was lost
+            // at the stop). Such a connection is closed, not reused; the ping first runs the
+            // rollback a transaction dropped unfinished queued.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|e| cannot_open(url, e))?;
         let store = SqliteStore { pool };
         store.migrate().await?;
         Ok(store)
@@ -554,6 +587,10 @@ impl Store for SqliteStore {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
+    }
+
+    async fn close(&self) {
+        let _ = tokio::time::timeout(super::CLOSE_WAIT, self.pool.close()).await;
     }
 
     async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError> {

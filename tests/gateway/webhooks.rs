@@ -1055,3 +1055,71 @@ async fn a_password_in_an_endpoint_url_is_shown_as_stars() {
     assert!(url.ends_with("?token=***&x=1"), "{url}");
     assert_eq!(audit["data"][0]["after"]["url"], url);
 }
+
+/// A stop (`SIGTERM`) while an attempt is under way lets it end and records its outcome before
+/// the process exits (an outside audit: the attempt was cut, its delivery left unrecorded, and
+/// sent again only once its claim expired, 30 s later).
+#[tokio::test]
+async fn a_stop_lets_the_attempts_under_way_end_and_records_them() {
+    use crate::process::{admin, workspace, Process};
+    let mock = Mock::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite://{}", dir.path().join("tg.db").display());
+    // A receiver that answers 200 a second and a half after each event arrives.
+    let arrived = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = arrived.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                AxumStatus::OK
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut first = Process::start(&db, &mock.url, &[]).await;
+    let endpoint = admin(
+        &first.url,
+        Method::POST,
+        "/webhooks",
+        json!({"url": url, "events": ["limit_request.created"]}),
+    )
+    .await["id"]
+        .as_i64()
+        .unwrap();
+    let (_, key) = workspace(&first.url, "slow-hook").await;
+    let asked = reqwest::Client::new()
+        .post(format!("{}/v1/limit-requests", first.url))
+        .bearer_auth(&key)
+        .json(&json!({"use_case": "more", "requested_limits": {"tokens_per_minute": 900_000_000}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(asked.status(), StatusCode::CREATED);
+    eventually(Duration::from_secs(10), "the attempt under way", || async {
+        arrived.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    first.terminate();
+    assert!(first.exited(Duration::from_secs(20)).await.success());
+
+    let second = Process::start(&db, &mock.url, &[]).await;
+    let listed = admin(
+        &second.url,
+        Method::GET,
+        &format!("/webhooks/{endpoint}/deliveries"),
+        Value::Null,
+    )
+    .await;
+    let d = &listed["data"][0];
+    assert_eq!(d["status"], "delivered", "{d}");
+    assert_eq!(d["attempts"], 1, "{d}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(arrived.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
