@@ -717,7 +717,7 @@ impl Metrics {
 
     pub fn denied(&self, limit: LimitName, kind: DenialKind) {
         let k = match kind {
-            DenialKind::RateLimited => 0,
+            DenialKind::RateLimited | DenialKind::ShareUsedUp => 0,
             DenialKind::QuotaExceeded => 1,
             DenialKind::RequestTooLarge => 2,
         };
@@ -840,7 +840,7 @@ impl Metrics {
 
 fn denial_outcome(kind: DenialKind) -> &'static str {
     match kind {
-        DenialKind::RateLimited => "rate_limited",
+        DenialKind::RateLimited | DenialKind::ShareUsedUp => "rate_limited",
         DenialKind::QuotaExceeded => "quota_exceeded",
         DenialKind::RequestTooLarge => "too_large",
     }

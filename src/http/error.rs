@@ -285,7 +285,10 @@ fn denial_response(denial: &Denial, budget: bool, short: Option<Shortfall>) -> R
         h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         h.insert(RETRY_AFTER_MS, HeaderValue::from(ms));
     }
-    if denial.kind != DenialKind::RateLimited {
+    if matches!(
+        denial.kind,
+        DenialKind::QuotaExceeded | DenialKind::RequestTooLarge
+    ) {
         h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
     }
     response
@@ -410,6 +413,18 @@ fn denial_message(denial: &Denial, budget: bool) -> (&'static str, &'static str,
             format!(
                 "This request can never fit: its prompt alone exceeds the limit of {} ({limit}). Send a smaller request or ask for an increase; retrying will not help.",
                 what()
+            ),
+        ),
+        // Not the workspace's limit: the part of it this instance enforces on its own while
+        // the shared limiter does not answer (an outside audit: a month share used up was
+        // answered "quota exceeded, renews next month", and a prompt above a share's capacity
+        // "can never fit", both with x-should-retry: false, at 10% of the month's quota).
+        DenialKind::ShareUsedUp => (
+            "rate_limited",
+            format!(
+                "The shared limiter is unavailable, and this gateway instance's share of the workspace's limit, {} ({limit}), cannot take this request; the workspace's limit itself may have room. Retry in {wait}.",
+                what(),
+                wait = wait()
             ),
         ),
     };

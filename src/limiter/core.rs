@@ -500,6 +500,10 @@ pub enum DenialKind {
     QuotaExceeded,
     /// Nothing but a smaller request or a larger limit fixes it.
     RequestTooLarge,
+    /// This instance's share of a limit cannot take it while Redis does not answer, though the
+    /// workspace's whole limit could (a month share used up, a prompt above the share's
+    /// capacity): waiting for Redis, or another instance, fixes it. Set by the failover only.
+    ShareUsedUp,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -550,12 +554,14 @@ impl Snapshot {
             w.remaining = left.clamp(0, w.limit.max(0.0) as i128) as u64;
         }
         if let Some(w) = &mut self.tokens {
-            // The bucket refills its limit in a minute.
+            // The bucket refills its limit in a minute, and its debt is at most a minute's
+            // worth: it is full again within two (an outside audit: 5,000 tokens charged on a
+            // limit of 1,000 a minute said 5m0s, where the next denial said 2m).
             let per_minute = (w.limit as i128).max(1);
             let sooner = given_back * (60 * NANOS_PER_SEC as i128) / per_minute;
             w.reset = match w.remaining as f64 >= w.limit {
                 true => 0,
-                false => (w.reset as i128 - sooner).max(0) as Nanos,
+                false => (w.reset as i128 - sooner).clamp(0, 120 * NANOS_PER_SEC as i128) as Nanos,
             };
         }
         self

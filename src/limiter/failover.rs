@@ -193,7 +193,7 @@ pub struct Failover {
     clock: Arc<dyn Clock>,
     /// What Redis last reported of each workspace with a decision, for the local shares
     /// (`Seen`).
-    month_seen: Mutex<HashMap<WorkspaceId, Seen>>,
+    reported: Mutex<HashMap<WorkspaceId, Seen>>,
     /// Requests admitted on a local share not yet settled, at most `ALONE` of them: those still
     /// running at the switch back are carried into Redis (`Carry::running`).
     alone: Mutex<Alone>,
@@ -312,7 +312,7 @@ impl Alone {
     }
 }
 
-/// Workspaces whose figures are remembered (`Failover::month_seen`) at most; past that the
+/// Workspaces whose figures are remembered (`Failover::reported`) at most; past that the
 /// memory starts again (about 64 bytes each).
 const MONTHS_SEEN: usize = 1 << 20;
 
@@ -474,7 +474,7 @@ impl Failover {
             answered: Mutex::default(),
             rebuilding: std::sync::atomic::AtomicBool::new(false),
             clock,
-            month_seen: Mutex::new(HashMap::new()),
+            reported: Mutex::new(HashMap::new()),
             alone: Mutex::new(Alone::default()),
             shares: Mutex::default(),
             carried: Mutex::new(HashSet::new()),
@@ -836,7 +836,7 @@ impl Failover {
             let w = snapshot.month.filter(|w| w.limit == cap as f64)?;
             Some((MonthKey::of(now), cap.saturating_sub(w.remaining)))
         });
-        let mut seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.reported.lock().unwrap_or_else(|e| e.into_inner());
         if seen.len() >= MONTHS_SEEN && !seen.contains_key(&workspace) {
             seen.clear();
         }
@@ -886,7 +886,7 @@ impl Failover {
         n: u32,
         now: Nanos,
     ) -> (f64, f64) {
-        let seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = self.reported.lock().unwrap_or_else(|e| e.into_inner());
         let Some(seen) = seen
             .get(&workspace)
             .filter(|s| now >= s.at && now - s.at <= ROOM_SEEN_FOR)
@@ -1037,7 +1037,7 @@ impl Failover {
 
     /// The workspace's month use as Redis last reported it this month.
     fn month_seen(&self, workspace: WorkspaceId, now: Nanos) -> Option<u64> {
-        let seen = self.month_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = self.reported.lock().unwrap_or_else(|e| e.into_inner());
         seen.get(&workspace)
             .and_then(|s| s.month)
             .filter(|(month, _)| *month == MonthKey::of(now))
@@ -1082,9 +1082,9 @@ impl Failover {
                 };
                 Metrics::inc(&self.metrics.fallback_local);
                 self.rebuild_due(workspace, limits);
-                // A share taken up now starts with its buckets empty: what Redis counted in the
-                // last minute is not known here, and a full share on every instance would admit
-                // a whole burst more than the limit at the switch.
+                // A share taken up now starts with the room Redis last reported, divided among
+                // the instances (`share_start`), or empty when none is known: a full share on
+                // every instance would admit a whole burst more than the limit at the switch.
                 let fresh = !self.local.holds(workspace);
                 // A share held from before, since carried back with Redis answering: it
                 // starts empty again, as a fresh one does. Kept as it was, it refilled while
@@ -1200,10 +1200,45 @@ impl Failover {
                             snapshot,
                         }
                     }
-                    deny => deny,
+                    Decision::Deny {
+                        mut denial,
+                        snapshot,
+                    } => {
+                        if share_used_up(limits, &denial, cost.prompt) {
+                            denial.kind = DenialKind::ShareUsedUp;
+                            denial.retry_after = NANOS_PER_SEC;
+                        }
+                        Decision::Deny { denial, snapshot }
+                    }
                 })
             }
         }
+    }
+}
+
+/// Whether `denial`, made on a local share, is the share's and not the workspace's: a month's
+/// share used up while the workspace's whole quota had more left (others hold the rest), or a
+/// prompt above the share's capacity that the whole limit can take. Told as such, to be retried
+/// (`DenialKind::ShareUsedUp`), not as a quota exceeded or a request that can never fit.
+fn share_used_up(limits: &Limits, denial: &Denial, prompt: u64) -> bool {
+    let key = limits.key.map(|k| k.limits);
+    let model = denial.model.as_deref().and_then(|m| limits.models.get(m));
+    let whole = match denial.limit {
+        LimitName::TokensPerMinute => limits.tokens_per_minute,
+        LimitName::TokensPerMonth => limits.tokens_per_month,
+        LimitName::ModelTokensPerMinute => model.and_then(|m| m.tokens_per_minute),
+        LimitName::ModelTokensPerMonth => model.and_then(|m| m.tokens_per_month),
+        LimitName::KeyTokensPerMinute => key.and_then(|k| k.tokens_per_minute),
+        LimitName::KeyTokensPerMonth => key.and_then(|k| k.tokens_per_month),
+        _ => None,
+    };
+    let Some(whole) = whole else {
+        return false;
+    };
+    match denial.kind {
+        DenialKind::QuotaExceeded => denial.limit_value < whole as f64,
+        DenialKind::RequestTooLarge => denial.limit_value < whole as f64 && prompt <= whole,
+        DenialKind::RateLimited | DenialKind::ShareUsedUp => false,
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use reqwest::{Client, StatusCode};
 use serde_json::{json, Value};
 
@@ -1303,6 +1303,24 @@ async fn on_local(n: usize, lease: Option<u64>) -> (RedisServer, Vec<TestGateway
     (redis, fleet)
 }
 
+/// Sends `chat` until the breaker is open: three failed calls in a row open it, and a few
+/// requests make them. On a busy machine an answer Redis sent just before it stopped may be
+/// read after a call has failed, and reset the count (a test that sent six and asserted the
+/// breaker open failed under load); so at most 20.
+async fn send_until_open<F, Fut>(gw: &TestGateway, mut chat: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future,
+{
+    for _ in 0..20 {
+        chat().await;
+        if backend_up(gw).await == 0.0 {
+            return;
+        }
+    }
+    panic!("the breaker did not open after 20 requests with Redis stopped");
+}
+
 /// `tiergate_limiter_backend_up`: 1 while Redis is judged up, 0 while any breaker is open.
 async fn backend_up(gw: &TestGateway) -> f64 {
     metric(&gw.metrics().await, "tiergate_limiter_backend_up")
@@ -1346,7 +1364,7 @@ fn long_request(
 /// are decided alone).
 async fn stall_until_open(redis: &RedisServer, gw: &TestGateway, key: &str) {
     redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
+    send_until_open(gw, || {
         let (body, usage) = exact_request(5);
         gw.client
             .post(format!("{}/v1/chat/completions", gw.url))
@@ -1354,10 +1372,9 @@ async fn stall_until_open(redis: &RedisServer, gw: &TestGateway, key: &str) {
             .header("x-mock-usage", usage)
             .json(&body)
             .send()
-            .await
-            .unwrap();
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+            .map(Result::unwrap)
+    })
+    .await;
 }
 
 /// Requests an instance admitted on its own while Redis did not answer, and that still run when
@@ -1388,10 +1405,10 @@ async fn what_an_instance_admitted_alone_still_holds_the_month_when_redis_is_bac
 
     // Redis stops answering: three calls time out, and the breaker opens.
     redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
+    send_until_open(gw, || async {
         assert_eq!(send(5).await.status(), StatusCode::OK, "admitted alone");
-    }
-    assert_eq!(backend_up().await, 0.0);
+    })
+    .await;
     // On its own share: three slow requests with long prompts, about 3,046 tokens each.
     let long = |latency| long_request(gw, &key, latency, "9,1");
     let held: Vec<_> = (0..3).map(|_| long("3000")).collect();
@@ -1541,10 +1558,7 @@ async fn the_shared_buckets_take_in_what_the_local_shares_used() {
     // Redis stops answering: the breaker opens, and each workspace is decided on its share
     // (taken up by its first request).
     redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
-        send(&keys[0], 1).await;
-    }
-    assert_eq!(backend_up().await, 0.0);
+    send_until_open(gw, || send(&keys[0], 1)).await;
     for key in &keys {
         send(key, 1).await;
     }
@@ -1965,10 +1979,7 @@ async fn refuse_until_the_breaker_opens<F, Fut>(
     Fut: std::future::Future<Output = reqwest::Response>,
 {
     *gate.lock().unwrap() = Gate::Refuse;
-    for _ in 0..3 {
-        chat().await;
-    }
-    assert_eq!(backend_up(gw).await, 0.0);
+    send_until_open(gw, chat).await;
 }
 
 /// Waits (at most 8 s) until Redis holds nothing of `key`'s workspace: no request in flight, no
@@ -2054,10 +2065,7 @@ async fn requests_admitted_alone_hold_their_slots_in_redis_until_they_end() {
     assert_eq!(send("0").await.unwrap().status(), StatusCode::OK);
 
     redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
-        send("0").await.unwrap();
-    }
-    assert_eq!(backend_up().await, 0.0);
+    send_until_open(gw, || async { send("0").await.unwrap() }).await;
     // On the local share: two slow requests take both slots.
     let slow: Vec<_> = (0..2).map(|_| send("3000")).collect();
     running_upstream(gw, "3000", 2).await;
@@ -2116,15 +2124,14 @@ async fn a_share_counts_the_instances_own_requests_still_running() {
                 .unwrap()
         })
     };
-    let backend_up = || backend_up(gw);
     // Admitted through Redis, and still running when Redis stops answering.
     let through_redis = send("3000");
     running_upstream(gw, "3000", 1).await;
     redis.signal(libc::SIGSTOP);
-    for _ in 0..3 {
+    send_until_open(gw, || async {
         assert_eq!(send("0").await.unwrap().status(), StatusCode::OK);
-    }
-    assert_eq!(backend_up().await, 0.0);
+    })
+    .await;
     // The share of 2 counts the one still running: one more fits, not two.
     let local = send("8000");
     running_upstream(gw, "8000", 1).await;
@@ -2176,10 +2183,10 @@ async fn a_stall_leaves_the_shared_minute_as_the_shares_left_it() {
     redis.signal(libc::SIGSTOP);
     // Three calls time out (each after the first also tries to rebuild the month counter
     // first), and the breaker opens; a few more on the share.
-    for _ in 0..6 {
+    send_until_open(gw, send).await;
+    for _ in 0..3 {
         send().await;
     }
-    assert_eq!(backend_up().await, 0.0);
     tokio::time::sleep(Duration::from_millis(500)).await;
     redis.signal(libc::SIGCONT);
     eventually(Duration::from_secs(10), || async {
@@ -2674,5 +2681,129 @@ async fn a_local_share_keeps_its_minute_through_its_settlements() {
     // Half a minute refills half of it, 200 (at the whole limit's rate, all of it).
     gw.advance(Duration::from_secs(30));
     assert_eq!(burst().await, 2, "half the share's minute");
+    drop(redis);
+}
+
+/// A Redis that refuses the gateway's credentials is refused at start, by name: no wait mends a
+/// wrong password, and a gateway that started would run on the failure policy as if Redis were
+/// down (an outside audit). The right password starts it, and so does a Redis that is down
+/// (the failure policy applies until it answers).
+#[tokio::test]
+async fn redis_refusing_the_credentials_is_refused_at_start() {
+    let mut redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    redis.cli(&["CONFIG", "SET", "requirepass", "right-password"]);
+    let dir = tempfile::tempdir().unwrap();
+    let app = |url: String| {
+        let raw = tiergate::RawSettings {
+            database: Some(format!("sqlite://{}", dir.path().join("tg.db").display())),
+            redis: Some(url),
+            redis_timeout_ms: Some(200),
+            upstream: tiergate::config::RawUpstream {
+                url: Some("http://127.0.0.1:1".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let config = tiergate::config::Config::try_from(raw).unwrap();
+        tiergate::app(config, Arc::new(tiergate::clock::SystemClock))
+    };
+    let port = redis.port();
+    for (url, what) in [
+        (format!("redis://:wrong-password@127.0.0.1:{port}"), "wrong"),
+        (format!("redis://127.0.0.1:{port}"), "missing"),
+    ] {
+        let refused = match app(url).await {
+            Ok(_) => panic!("a {what} password: started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            refused.starts_with("redis: Redis refuses the credentials in the URL"),
+            "a {what} password: {refused}"
+        );
+        assert!(!refused.contains("right-password"), "{refused}");
+    }
+    let right = format!("redis://:right-password@127.0.0.1:{port}");
+    assert!(app(right.clone()).await.is_ok());
+    // Down: starts, as ever.
+    tokio::task::spawn_blocking(move || redis.kill())
+        .await
+        .unwrap();
+    assert!(app(right).await.is_ok());
+}
+
+/// A denial by this instance's share, while Redis does not answer, of what the workspace's whole
+/// limit could take is told as the share's, to be retried: `rate_limited` with `Retry-After: 1`,
+/// not `request_too_large` ("can never fit") nor `quota_exceeded` ("renews next month"), both
+/// with `x-should-retry: false`, which the SDKs obey by giving up (an outside audit: at 10% of
+/// the month's quota). Once Redis answers, the same requests are admitted.
+#[tokio::test]
+async fn a_share_too_small_for_a_request_says_so_and_to_retry() {
+    let (redis, fleet) = on_local(2, None).await;
+    let gw = &fleet[1];
+    // A long request's prompt, about 3,046 tokens, fits the workspace's 5,000 a minute but not
+    // a share's 2,500.
+    let (_, minute) =
+        setup_workspace(&fleet, "share-tpm", json!({"tokens_per_minute": 5_000})).await;
+    // 14 tokens a request (`exact_request(5)`): a share of half of 400 takes about 14.
+    let (_, month) = setup_workspace(&fleet, "share-month", json!({"tokens_per_month": 400})).await;
+    let small = |key: &str| {
+        let (body, usage) = exact_request(5);
+        gw.client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(key)
+            .header("x-mock-usage", usage)
+            .json(&body)
+            .send()
+            .map(Result::unwrap)
+    };
+    let retryable = |r: &reqwest::Response| {
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert!(
+            r.headers().get("x-should-retry").is_none(),
+            "{:?}",
+            r.headers()
+        );
+    };
+    stall_until_open(&redis, gw, &minute).await;
+
+    let r = long_request(gw, &minute, "0", "9,1").await.unwrap();
+    retryable(&r);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "rate_limited", "{body}");
+    assert_eq!(body["code"], "tokens_per_minute", "{body}");
+    let message = body["message"].as_str().unwrap();
+    assert!(message.contains("instance's share"), "{message}");
+
+    let mut admitted = 0;
+    let denied = loop {
+        let r = small(&month).await;
+        if r.status() != StatusCode::OK {
+            break r;
+        }
+        admitted += 1;
+        assert!(admitted < 40, "the month share never ran out");
+    };
+    assert!(
+        (5..=15).contains(&admitted),
+        "{admitted} of 14 tokens on a share of 200"
+    );
+    retryable(&denied);
+    let body: Value = denied.json().await.unwrap();
+    assert_eq!(body["type"], "rate_limited", "{body}");
+    assert_eq!(body["code"], "tokens_per_month", "{body}");
+
+    redis.signal(libc::SIGCONT);
+    eventually(Duration::from_secs(10), || async {
+        long_request(gw, &minute, "0", "9,1")
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK
+    })
+    .await;
+    assert_eq!(small(&month).await.status(), StatusCode::OK);
     drop(redis);
 }

@@ -192,6 +192,22 @@ async fn a_json_answer_shows_what_is_left_after_its_own_cost() {
     assert!(ms <= 10, "{reset}");
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), Some("1"));
 
+    // Charged five minutes' worth: the bucket's debt stops at one minute's, so it is full again
+    // in two minutes, as the next denial says, not five.
+    gw.put_tier("small", json!({"tokens_per_minute": 1000}))
+        .await;
+    let (_, small) = gw.workspace("small").await;
+    let r = gw
+        .chat(&small, hello(), &[("x-mock-usage", "4000,1000")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-tokens-query-cost"), Some("5000"));
+    assert_eq!(header(&r, "x-ratelimit-reset-tokens"), Some("2m0s"));
+    let r = gw.chat(&small, hello(), &[]).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let reset = header(&r, "x-ratelimit-reset-tokens").unwrap();
+    assert!(reset == "2m0s" || reset.starts_with("1m59."), "{reset}");
+
     // An upstream's error, refunded, leaves everything as it was.
     let (_, fresh) = gw.workspace("t").await;
     let r = gw.chat(&fresh, body, &[("x-mock-status", "500")]).await;
