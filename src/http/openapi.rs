@@ -348,6 +348,17 @@ pub enum WorkspaceErrors {
     Unavailable(ErrorBody<'static>),
 }
 
+/// A route that changes what the workspace holds, with its key: counted among its changes of
+/// its own.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum ChangeErrors {
+    /// The workspace's changes of its own came faster than 60 at once, then one every 2 s
+    /// (`rate_limited`, code `workspace_changes`); with `Retry-After`; nothing changed.
+    #[response(status = 429)]
+    TooManyChanges(ErrorBody<'static>),
+}
+
 /// A route that reads a JSON body (at most 1 MiB).
 #[derive(IntoResponses)]
 #[allow(dead_code)]

@@ -16,7 +16,7 @@ use super::admin::NewWebhook;
 use super::authenticate;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, NoFields, OptionalJson, PathParam, QueryParams};
-use super::openapi::{BadRequest, BodyErrors, NotFound, WorkspaceErrors};
+use super::openapi::{BadRequest, BodyErrors, ChangeErrors, NotFound, WorkspaceErrors};
 use super::views::{
     created, usage_and_key_view, usage_history_view, CallingKeyView, LimitRequestView, List,
     NewWebhookView, NextTierView, OwnDeliveryView, SortedJson, UsageHistoryView, WebhookView,
@@ -203,6 +203,7 @@ struct BudgetCap(u64);
         (status = 200, description = "The budget, set.", body = Budget),
         BodyErrors,
         WorkspaceErrors,
+        ChangeErrors,
     )
 )]
 async fn put_budget(
@@ -260,6 +261,7 @@ enum TooManyPending {
         BodyErrors,
         TooManyPending,
         WorkspaceErrors,
+        ChangeErrors,
     )
 )]
 async fn create_limit_request(
@@ -362,6 +364,7 @@ enum NotPending {
         NotFound,
         NotPending,
         WorkspaceErrors,
+        ChangeErrors,
     )
 )]
 async fn withdraw_limit_request(
@@ -405,6 +408,7 @@ enum TooManyWebhooks {
         BodyErrors,
         TooManyWebhooks,
         WorkspaceErrors,
+        ChangeErrors,
     )
 )]
 async fn create_webhook(
@@ -462,6 +466,7 @@ async fn list_webhooks(
         BadRequest,
         NotFound,
         WorkspaceErrors,
+        ChangeErrors,
     )
 )]
 async fn delete_webhook(

@@ -1043,6 +1043,45 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
         }
     }
 
+    // A workspace's changes of its own past 60 at once: each route that makes one answers 429.
+    // Those refused change nothing and take nothing, and one more comes every 2 s: the bucket
+    // is emptied again (by budgets) just before each.
+    let (changer, _) = gw.workspace("free").await;
+    let changer = gw.key(changer).await;
+    let budget = || Body::Json(json!({"tokens_per_month": 1000}));
+    let too_many = StatusCode::TOO_MANY_REQUESTS;
+    for (method, path, body) in [
+        (M::PUT, "/v1/budget", budget()),
+        (
+            M::POST,
+            "/v1/limit-requests",
+            Body::Json(json!({"use_case": "u", "requested_limits": {"tokens_per_minute": 999999}})),
+        ),
+        (M::DELETE, "/v1/limit-requests/999999", Body::None),
+        (
+            M::POST,
+            "/v1/webhooks",
+            Body::Json(
+                json!({"url": "https://example.com/hook", "events": ["limit_request.decided"]}),
+            ),
+        ),
+        (M::DELETE, "/v1/webhooks/999999", Body::None),
+    ] {
+        for made in 0.. {
+            let (status, v) = api
+                .call(b, Some(&changer), M::PUT, "/v1/budget", budget())
+                .await;
+            if status == too_many {
+                break;
+            }
+            assert!(made < 70, "never refused: {status} {v}");
+        }
+        let refused = api
+            .expect(b, Some(&changer), method, path, body, too_many)
+            .await;
+        assert_eq!(refused["code"], "workspace_changes", "{refused}");
+    }
+
     // Each documented answer was given at least once, but those this test cannot provoke.
     let untested = [
         StatusCode::REQUEST_TIMEOUT.as_u16(),
