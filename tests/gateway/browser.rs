@@ -346,6 +346,38 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
         .wait_for(r#"tr[data-tier="from-the-browser"]"#)
         .await;
     browser.assert_no_console_errors("a new tier").await;
+    // At a phone's width, nothing of the tiers' forms is wider than the page (an outside audit:
+    // a textarea 60 columns wide in a label that grew with it made the page 434 px wide at 390).
+    // The window is at least 500 px wide (as above): the page is laid out 390 px wide within it,
+    // with the phone's style (the window is narrower than 640 px), and nothing may stick out of
+    // `main`.
+    browser
+        .client
+        .set_window_size(500, WINDOW_HEIGHT)
+        .await
+        .unwrap();
+    browser.client.refresh().await.unwrap();
+    browser.wait_for("form#create-tier").await;
+    let widths = browser
+        .client
+        .execute(
+            "document.documentElement.style.width = '390px'; \
+             const m = document.querySelector('main'); \
+             return [m.scrollWidth, m.clientWidth];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let (content, main) = (widths[0].as_u64().unwrap(), widths[1].as_u64().unwrap());
+    assert!(
+        content <= main,
+        "the tiers page's content is {content} px wide in a page of {main} px"
+    );
+    browser
+        .client
+        .set_window_size(WINDOW_WIDTH, WINDOW_HEIGHT)
+        .await
+        .unwrap();
     browser.goto(OPERATOR_REQUESTS).await;
     let row = format!(r#"tr[data-request-id="{request_id}"]"#);
     browser.wait_for(&format!("{row} form.approve")).await;
