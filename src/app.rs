@@ -472,6 +472,8 @@ impl App {
         for t in self.tasks {
             let _ = t.await;
         }
+        // No request is decided any more: the shared limiter leaves the live instances.
+        self.state.limiter.leave().await;
         self.dispatcher.stop().await;
         let tasks = &self.state.tasks;
         tasks.close();

@@ -233,6 +233,12 @@ pub trait Limiter: Send + Sync {
         limits: &'a Limits,
         now: Nanos,
     ) -> Answer<'a, Result<Usage, LimiterError>>;
+
+    /// At a stop, once no request is decided any more: what the backend does to leave. The
+    /// shared limiter takes this instance out of the live ones at once; by default, nothing.
+    fn leave(&self) -> Answer<'_, ()> {
+        Answer::now(())
+    }
 }
 
 #[cfg(test)]

@@ -621,6 +621,13 @@ if op == 'heartbeat' then
   return {now, #members, rank, added}
 end
 
+if op == 'leave' then
+  -- ARGV 6: instance id. A stopped instance is no longer live at once, not when its heartbeat
+  -- expires: the others' shares are counted without it.
+  redis.call('ZREM', KS, ARGV[6])
+  return {now}
+end
+
 if op == 'reserve' then
   -- ARGV 6..: id, lease ms, gen candidate, rate, burst capacity, tpm, month cap, concurrency,
   -- model, model tpm, model month, prompt, estimate, need base (1: the month must be exact),

@@ -1266,6 +1266,15 @@ impl RedisLimiter {
         })
     }
 
+    /// Takes `instance` out of the live instances at once (a stop): the others' next
+    /// heartbeats count it no more.
+    pub async fn leave(&self, instance: &str) -> Result<(), LimiterError> {
+        let mut args = self.inner.args("leave", 0);
+        args.push(instance.to_string().into());
+        let key = format!("{{{}}}:instances", self.inner.prefix);
+        self.inner.eval(&[key], &args).await.map(|_| ())
+    }
+
     /// Starts a new generation of a workspace's month counter: it will be rebuilt from the
     /// ledger when next needed. `carry`: what this instance used on its own (Redis down) that
     /// the shared state is to take in (see `Carry`); `limits`: the workspace's, for its buckets.

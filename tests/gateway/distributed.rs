@@ -2807,3 +2807,38 @@ async fn a_share_too_small_for_a_request_says_so_and_to_retry() {
     assert_eq!(small(&month).await.status(), StatusCode::OK);
     drop(redis);
 }
+
+/// A stopped instance leaves the live ones at once, not when its heartbeat expires (3 s): after
+/// a rolling restart the heartbeats of the stopped instances still counted, and the count held
+/// for 30 s gave every share, should Redis fail, a part too small (an outside audit: six
+/// counted for three instances).
+#[tokio::test]
+async fn a_stopped_instance_leaves_the_live_ones_at_once() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let prefix = format!("leave{}", std::process::id());
+    let mut fleet = TestGateway::fleet(2, &redis.url(), |raw| {
+        raw.redis_prefix = Some(prefix.clone());
+    })
+    .await;
+    let url = redis.url();
+    let live = || {
+        let (url, key) = (url.clone(), format!("{{{prefix}}}:instances"));
+        async move {
+            tokio::task::spawn_blocking(move || redis_cli(&url, &["ZCARD", &key]))
+                .await
+                .unwrap()
+                .trim()
+                .to_string()
+        }
+    };
+    eventually(Duration::from_secs(10), || async { live().await == "2" }).await;
+    fleet.pop().unwrap().stop().await;
+    assert_eq!(live().await, "1", "the stopped instance is still counted");
+    let first = &fleet[0];
+    eventually(Duration::from_secs(10), || async {
+        metric(&first.metrics().await, "tiergate_instances") == 1.0
+    })
+    .await;
+}

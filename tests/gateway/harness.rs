@@ -261,6 +261,12 @@ impl TestGateway {
         }
     }
 
+    /// Stops this gateway as a `SIGTERM` would (`App::shutdown`), and waits until it has.
+    pub async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.server.take().unwrap().await.unwrap();
+    }
+
     /// Stops this gateway (flushing its ledger) and starts a new one on the same database.
     pub async fn restart(self) -> TestGateway {
         self.restart_with(Options::default()).await
