@@ -387,14 +387,13 @@ fn limits_of(form: &Form) -> Result<Limits, AdminError> {
         }
         let bad = || {
             AdminError::Invalid(format!(
-                "models, line {}: write MODEL tokens_per_minute=N tokens_per_month=N (either limit may be left out)",
+                "models, line {}: write MODEL tokens_per_minute=N tokens_per_month=N (either limit may be left out; a name with a space in double quotes)",
                 i + 1
             ))
         };
-        let mut words = line.split_whitespace();
-        let model = words.next().ok_or_else(bad)?;
+        let (model, rest) = model_word(line).ok_or_else(bad)?;
         let mut limits = ModelLimits::default();
-        for word in words {
+        for word in rest.split_whitespace() {
             let (name, value) = word.split_once('=').ok_or_else(bad)?;
             let value: u64 = value.parse().map_err(|_| bad())?;
             match name {
@@ -1879,11 +1878,33 @@ fn enforcement_text(t: &Tier) -> String {
     }
 }
 
-/// A tier's per-model limits as the form's lines.
+/// A model line's model name and what follows it: the first word, or a JSON string (`"a b"`),
+/// which a name with a space, a quote first, or none is written as (`model_lines`).
+fn model_word(line: &str) -> Option<(String, &str)> {
+    if line.starts_with('"') {
+        let mut strings = serde_json::Deserializer::from_str(line).into_iter::<String>();
+        let model = strings.next()?.ok()?;
+        let rest = &line[strings.byte_offset()..];
+        // The name ends where a space does.
+        return (rest.is_empty() || rest.starts_with(char::is_whitespace)).then_some((model, rest));
+    }
+    let end = line.find(char::is_whitespace).unwrap_or(line.len());
+    Some((line[..end].to_string(), &line[end..]))
+}
+
+/// A tier's per-model limits as the form's lines; a model name the first word of a line cannot
+/// be (with a space, a quote first, or empty) as a JSON string, which the form reads back (an
+/// outside audit: a tier whose model name had a space, set through the API, could no longer
+/// be saved from the console).
 fn model_lines(limits: &Limits) -> String {
     let mut text = String::new();
     for (model, l) in &limits.models {
-        text.push_str(model);
+        let plain =
+            !model.is_empty() && !model.starts_with('"') && !model.contains(char::is_whitespace);
+        match plain {
+            true => text.push_str(model),
+            false => text.push_str(&serde_json::Value::String(model.clone()).to_string()),
+        }
         if let Some(v) = l.tokens_per_minute {
             text.push_str(&format!(" tokens_per_minute={v}"));
         }
@@ -2503,11 +2524,13 @@ async fn audit_page(
         Err(not) => return not.answer(&headers),
     };
     let params = query(raw);
+    // An entry id, above 0, as the admin API takes it (an outside audit: `after=0` and
+    // `after=-5` answered an empty page here, 400 there).
     let after = match param(&params, "after").filter(|s| !s.is_empty()) {
         None => None,
-        Some(a) => match a.parse() {
-            Ok(a) => Some(a),
-            Err(_) => {
+        Some(a) => match a.parse::<i64>() {
+            Ok(a) if a > 0 => Some(a),
+            _ => {
                 let e = AdminError::Invalid("'after' must be an entry id".into());
                 return failure_page_back(&op, &state, e, (AUDIT, "Back to the audit log")).await;
             }

@@ -699,7 +699,13 @@ async fn workspace_changes_hold_on_the_next_request_and_are_audited_as_the_token
     let page = op.get("/console/operator/audit?actor=nobody").await;
     assert!(actions_of(&page.body).is_empty());
     assert!(page.body.contains("No entry matches."));
-    for bad in ["?action=tier.burn", "?workspace=abc"] {
+    for bad in [
+        "?action=tier.burn",
+        "?workspace=abc",
+        "?after=0",
+        "?after=-5",
+        "?after=x",
+    ] {
         let page = op.get(&format!("/console/operator/audit{bad}")).await;
         assert_eq!(page.status, StatusCode::BAD_REQUEST, "{bad}");
     }
@@ -1049,6 +1055,58 @@ async fn tiers_are_edited_and_created_as_through_the_admin_api() {
                "models": {"mistral-large-latest": {"tokens_per_minute": 500}}})
     );
 
+    // Model names the first word of a line cannot be (a space, a quote first, markup) are
+    // written as JSON strings, and the form sent back as shown keeps the tier as it was (an
+    // outside audit: such a tier, set through the API, could no longer be saved here).
+    let odd = json!({"tokens_per_minute": 9000, "models": {
+        "my model": {"tokens_per_minute": 5},
+        "\"quoted": {"tokens_per_month": 6},
+        "<svg onload=alert(1)>": {"tokens_per_minute": 7, "tokens_per_month": 8},
+    }});
+    gw.put_tier("odd-models", odd.clone()).await;
+    let page = op.get("/console/operator/tiers").await;
+    let form = page
+        .body
+        .split(r#"<section class="tier" data-tier="odd-models">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</section>").next())
+        .unwrap_or_else(|| panic!("no form of odd-models: {}", page.body));
+    let shown = form
+        .split(r#"name="models""#)
+        .nth(1)
+        .and_then(|rest| rest.split_once('>'))
+        .and_then(|(_, rest)| rest.split("</textarea>").next())
+        .unwrap_or_else(|| panic!("no models field: {form}"));
+    let lines = shown
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&amp;", "&");
+    assert!(
+        lines.contains(r#""my model" tokens_per_minute=5"#),
+        "{lines}"
+    );
+    let page = op
+        .post(
+            "/console/operator/tiers/odd-models",
+            &[("tokens_per_minute", "9000"), ("models", lines.as_str())],
+        )
+        .await;
+    assert!(
+        page.redirects_to("/console/operator/tiers?done=tier-saved"),
+        "{}",
+        page.body
+    );
+    let (_, tiers) = gw.admin(Method::GET, "/tiers", None).await;
+    let saved = tiers["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "odd-models")
+        .unwrap()
+        .clone();
+    assert_eq!(saved["models"], odd["models"], "{saved}");
+
     // The admin API's validation.
     let page = op
         .post(
@@ -1125,8 +1183,9 @@ async fn tiers_are_edited_and_created_as_through_the_admin_api() {
         assert_eq!(page.status, status, "{name}");
         assert!(page.body.contains(says), "{name}: {}", page.body);
     }
+    // `small` edited, `odd-models` saved as shown, `gold` created.
     let entries = audit(&gw, "?actor=alice&action=tier.put").await;
-    assert_eq!(entries.len(), 2);
+    assert_eq!(entries.len(), 3);
 }
 
 #[tokio::test]
