@@ -32,10 +32,48 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
             let before = &text[..span.start.min(text.len())];
             let line = before.matches('\n').count() + 1;
             let column = before.len() - before.rfind('\n').map_or(0, |n| n + 1) + 1;
-            format!("line {line}, column {column}: {message}")
+            match key_at(text, line) {
+                // The setting named as `serve`'s other messages name it (an outside audit:
+                // `max_body_bytes = -1` was told by its line and column alone).
+                Some(key) => format!("{key} (line {line}, column {column}): {message}"),
+                None => format!("line {line}, column {column}: {message}"),
+            }
         }
         None => message,
     }
+}
+
+/// The setting that line `line` (from 1) of a TOML file sets, with the table it is in:
+/// `upstream.timeout_secs` for `timeout_secs = …` under `[upstream]`. `None` for a line that
+/// is not a plain `key = value` (a table's header, a value spread over lines), or a key that is
+/// not plain: the line itself is never quoted, as it may hold a secret.
+fn key_at(text: &str, line: usize) -> Option<String> {
+    let plain = |k: &str| {
+        !k.is_empty()
+            && k.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+    };
+    let mut table = String::new();
+    for (i, l) in text.lines().enumerate() {
+        let l = l.trim();
+        if i + 1 == line {
+            let (key, _) = l.split_once('=')?;
+            let key = key.trim();
+            return plain(key).then(|| match table.is_empty() {
+                true => key.to_string(),
+                false => format!("{table}.{key}"),
+            });
+        }
+        if let Some(header) = l.strip_prefix('[').and_then(|h| h.split(']').next()) {
+            let header = header.trim_matches(|c| c == '[' || c == ' ');
+            table = if plain(header) {
+                header.to_string()
+            } else {
+                String::new()
+            };
+        }
+    }
+    None
 }
 
 /// `message` with each double-quoted part (a value serde quotes: `invalid type: string "…"`) as
@@ -2611,7 +2649,18 @@ mod tests {
             ),
             (format!("[upstream]\napi_key = [\"{secret}\"]\n"), "line 2"),
             (format!("token = \"{secret}\n"), "line 1"),
-            (format!("instances = \"{secret}\"\n"), "line 1"),
+            (format!("instances = \"{secret}\"\n"), "instances (line 1"),
+            // A setting of the wrong type is named, with its table (an outside audit: by its
+            // line and column alone).
+            (
+                "max_body_bytes = -1\n".to_string(),
+                "max_body_bytes (line 1, column 18)",
+            ),
+            (
+                "listen = \"127.0.0.1:1\"\n[upstream]\ntimeout_secs = \"long\"\n".to_string(),
+                "upstream.timeout_secs (line 3",
+            ),
+            ("access_log = \"maybe\"\n".to_string(), "access_log (line 1"),
         ];
         for (i, (text, told)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("{i}.toml"));

@@ -3108,3 +3108,30 @@ async fn a_full_disk_fails_the_sqlite_writes_of_its_time_and_no_more() {
     }
     store.close().await;
 }
+
+/// A SQLite database the gateway creates is its owner's alone (0600), its `-wal` file too: it
+/// holds the console's session secret and the webhooks' signing secrets, and was created
+/// world-readable under the usual umask (an outside audit). A file that exists keeps its mode.
+#[tokio::test]
+async fn a_sqlite_file_it_creates_is_its_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("private.db");
+    let store = tiergate::store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    store.console_secret(&[7; 32]).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o600);
+    assert_eq!(mode(&dir.path().join("private.db-wal")), 0o600);
+    store.close().await;
+
+    let shared = dir.path().join("shared.db");
+    std::fs::write(&shared, b"").unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let store = tiergate::store::open(&format!("sqlite://{}", shared.display()))
+        .await
+        .unwrap();
+    assert_eq!(mode(&shared), 0o640);
+    store.close().await;
+}

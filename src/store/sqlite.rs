@@ -298,10 +298,9 @@ pub fn serve_alone(url: &str) -> Result<Option<std::fs::File>, StoreError> {
     else {
         return Ok(None);
     };
-    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
-    if path.is_empty() || path == ":memory:" || params.split('&').any(|p| p == "mode=memory") {
+    let Some(path) = file_of(rest) else {
         return Ok(None);
-    }
+    };
     let claim = format!("{path}.serving");
     let file = match std::fs::OpenOptions::new()
         .create(true)
@@ -327,6 +326,33 @@ pub fn serve_alone(url: &str) -> Result<Option<std::fs::File>, StoreError> {
     }
 }
 
+/// The file a `sqlite://PATH` URL names; `None` for a database in memory.
+fn file_of(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .unwrap_or(url);
+    let (path, params) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory =
+        path.is_empty() || path == ":memory:" || params.split('&').any(|p| p == "mode=memory");
+    (!in_memory).then_some(path)
+}
+
+/// Creates the database's file, readable and writable by its owner alone, when it does not
+/// exist: it holds the console's session secret and the webhooks' signing secrets, and SQLite
+/// would create it (and its `-wal` and `-shm` files, which take its mode) as the umask lets,
+/// world-readable under the usual 022 (an outside audit). A file that exists keeps its mode.
+fn create_private(url: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Some(path) = file_of(url) else { return };
+    // Fails when it exists (kept as it is) or its directory does not (SQLite says so).
+    let _ = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path);
+}
+
 /// SQLite's "unable to open database file" (`SQLITE_CANTOPEN`, 14) names neither the file nor
 /// why: said here in words a user can act on.
 fn cannot_open(url: &str, e: sqlx::Error) -> StoreError {
@@ -334,11 +360,7 @@ fn cannot_open(url: &str, e: sqlx::Error) -> StoreError {
     if !cant_open {
         return e.into();
     }
-    let rest = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-        .unwrap_or(url);
-    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    let path = file_of(url).unwrap_or(url);
     StoreError::Invalid(format!(
         "the SQLite file {path} cannot be opened: its directory must exist and be writable \
          (and the file readable and writable, if it exists)"
@@ -357,6 +379,9 @@ impl SqliteStore {
     }
 
     async fn connect(url: &str, create: bool) -> Result<Self, StoreError> {
+        if create {
+            create_private(url);
+        }
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
