@@ -256,8 +256,13 @@ impl RawSettings {
 /// fact (requests at once may each get in while some of the limit is left).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmetered {
-    /// Every method the gateway passes on (the default).
+    /// Every method the gateway passes on.
     All,
+    /// The routes that keep nothing at the upstream (the default, `STATELESS_ROUTES`): every
+    /// workspace reaches the upstream through the gateway's one account, and what one stored
+    /// there (files, batches, fine-tunes, assistants, stored completions and responses) every
+    /// other could list, read and delete (an outside audit).
+    Stateless,
     /// `GET`, `HEAD` and `OPTIONS` without a body only, which the known APIs never charge tokens
     /// for.
     Reads,
@@ -269,6 +274,7 @@ impl Unmetered {
     pub fn as_str(self) -> &'static str {
         match self {
             Unmetered::All => "all",
+            Unmetered::Stateless => "stateless",
             Unmetered::Reads => "reads",
             Unmetered::None => "none",
         }
@@ -412,7 +418,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("upstream.url", "upstream", "TIERGATE_UPSTREAM", Text, "Base URL of the upstream API, e.g. https://api.mistral.ai (required by serve)."),
     setting("upstream.api_key", "upstream-api-key", "TIERGATE_UPSTREAM_API_KEY", Text, "The gateway's own key for the upstream; the client's key is never forwarded."),
     setting("upstream.request_stream_usage", "upstream-request-stream-usage", "TIERGATE_UPSTREAM_REQUEST_STREAM_USAGE", Switch, "Ask streams for usage with stream_options.include_usage (default true; false for upstreams that refuse it, such as Mistral's)."),
-    setting("upstream.unmetered", "upstream-unmetered", "TIERGATE_UPSTREAM_UNMETERED", Text, "What is forwarded off the metered routes, whose token limits hold only after the fact: all (the default), reads (GET, HEAD, OPTIONS without a body) or none."),
+    setting("upstream.unmetered", "upstream-unmetered", "TIERGATE_UPSTREAM_UNMETERED", Text, "What is forwarded off the metered routes, whose token limits hold only after the fact: stateless (the default: the routes that keep nothing at the upstream, which every workspace shares), all, reads (GET, HEAD, OPTIONS without a body) or none."),
     setting("upstream.max_idle_connections", "upstream-max-idle-connections", "TIERGATE_UPSTREAM_MAX_IDLE_CONNECTIONS", Number, "The most idle HTTP/1.1 connections to the upstream kept for reuse; past it, the least recently used is closed (default 1024; 0 to 100000, 0: none kept)."),
     setting("upstream.http2_keepalive_ms", "upstream-http2-keepalive-ms", "TIERGATE_UPSTREAM_HTTP2_KEEPALIVE_MS", Number, "An HTTP/2 connection to the upstream with requests on it, silent this long, is checked with a PING, and closed if none comes back as long again (default 20000; 0: never; else 100 to 3600000)."),
     setting("upstream.max_streams_per_connection", "upstream-max-streams-per-connection", "TIERGATE_UPSTREAM_MAX_STREAMS_PER_CONNECTION", Number, "The most requests at once on one HTTP/2 connection to the upstream; more open another connection (default 100; 1 to 10000)."),
@@ -956,13 +962,14 @@ impl TryFrom<RawSettings> for Config {
             api_key: upstream.api_key.filter(|k| !k.is_empty()),
             request_stream_usage: upstream.request_stream_usage.unwrap_or(true),
             unmetered: match upstream.unmetered.as_deref().map(str::trim) {
-                None | Some("all") => Unmetered::All,
+                Some("all") => Unmetered::All,
+                None | Some("stateless") => Unmetered::Stateless,
                 Some("reads") => Unmetered::Reads,
                 Some("none") => Unmetered::None,
                 Some(other) => {
                     return Err(invalid(
                         "upstream.unmetered",
-                        format!("'{other}' is not all, reads or none"),
+                        format!("'{other}' is not stateless, all, reads or none"),
                     ))
                 }
             },

@@ -464,6 +464,41 @@ struct Prepared {
     strip_usage_chunk: bool,
 }
 
+/// The routes off the metered ones forwarded by default (`Unmetered::Stateless`): their answer
+/// comes from the request alone, and nothing a client sends is kept at the upstream for later.
+/// Elsewhere an upstream keeps what is sent (files, batches, fine-tunes, assistants, threads,
+/// vector stores, stored completions and responses, agents, libraries) under the gateway's one
+/// account, where any workspace could list, read or delete another's.
+pub const STATELESS_ROUTES: [&str; 13] = [
+    "/v1/moderations",
+    "/v1/chat/moderations",
+    "/v1/classifications",
+    "/v1/chat/classifications",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/images/variations",
+    "/v1/rerank",
+    "/v1/ocr",
+    "/v1/agents/completions",
+];
+
+/// Whether `method path` is one of the routes that keep nothing at the upstream: a `POST` of
+/// `STATELESS_ROUTES`, or a read of the model catalogue (`/v1/models`, `/v1/models/ID`) without
+/// a body.
+fn keeps_nothing(method: &Method, path: &str, body: &[u8]) -> bool {
+    if method == Method::POST {
+        return STATELESS_ROUTES.contains(&path);
+    }
+    let read = [Method::GET, Method::HEAD].contains(method) && body.is_empty();
+    let model = path.strip_prefix("/v1/models").is_some_and(|rest| {
+        rest.is_empty() || rest.strip_prefix('/').is_some_and(|id| !id.is_empty())
+    });
+    read && model
+}
+
 fn prepare(
     state: &AppState,
     method: &Method,
@@ -480,6 +515,13 @@ fn prepare(
                                    /v1/fim/completions, /v1/embeddings, /v1/responses";
             let (allowed, forwards) = match state.config.upstream.unmetered {
                 Unmetered::All => (true, ""),
+                Unmetered::Stateless => (
+                    keeps_nothing(method, &path, &body),
+                    "and, elsewhere under /v1/, only the routes that keep nothing at the \
+                     upstream, whose account every workspace shares (GET /v1/models; POST \
+                     moderations, classifications, audio, images, rerank, ocr and \
+                     agents/completions)",
+                ),
                 // A read with a body is not one: an upstream may run it as what the body asks.
                 Unmetered::Reads => (
                     [Method::GET, Method::HEAD, Method::OPTIONS].contains(method)

@@ -365,7 +365,9 @@ pub trait Store: Send + Sync {
     /// Reachable and answering.
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Closes the connections, waiting at most `CLOSE_WAIT` for those in use: what is called
+    /// Closes the connections: the idle ones at once, those in use as they come back, waited
+    /// for a short time (SQLite's calls on a local file end quickly; a silent Postgres would
+    /// hold them for their timeouts, and a stop is not made to wait for those). What is called
     /// afterwards fails as the database unreachable.
     async fn close(&self);
 
@@ -1454,9 +1456,6 @@ impl Backend {
         }
     }
 }
-
-/// How long `Store::close` waits for the connections in use to come back.
-pub const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Opens (creating and migrating it) the store at `url`, by its scheme.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {

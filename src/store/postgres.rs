@@ -731,7 +731,8 @@ impl Store for PostgresStore {
     }
 
     async fn close(&self) {
-        let _ = tokio::time::timeout(super::CLOSE_WAIT, self.pool.close()).await;
+        // Not more: a stop with Postgres silent ends within the last write's patience.
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.pool.close()).await;
     }
 
     async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError> {

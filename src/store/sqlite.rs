@@ -615,7 +615,8 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        let _ = tokio::time::timeout(super::CLOSE_WAIT, self.pool.close()).await;
+        // Its busy timeout: a call waits no longer for the file's lock.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.pool.close()).await;
     }
 
     async fn console_secret(&self, candidate: &[u8; 32]) -> Result<Vec<u8>, StoreError> {

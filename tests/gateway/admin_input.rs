@@ -395,7 +395,11 @@ async fn bad_admin_and_route_input_gets_a_json_4xx_and_changes_nothing() {
 /// whatever the method, and answered by the upstream.
 #[tokio::test]
 async fn unknown_v1_routes_are_still_passed_to_the_upstream() {
-    let gw = TestGateway::start().await;
+    // With `upstream.unmetered = all`: by default only the routes that keep nothing at the
+    // upstream are (`routes::by_default_only_the_routes_that_keep_nothing_upstream_are_passed_on`).
+    let mut options = Options::default();
+    options.raw.upstream.unmetered = Some("all".into());
+    let gw = TestGateway::start_with(options).await;
     let (_, key) = gw.workspace("free").await;
     let before = gw.upstream_count().await;
     let r = gw

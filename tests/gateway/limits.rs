@@ -641,7 +641,13 @@ async fn every_metered_route_settles_the_upstreams_usage() {
 async fn binary_answers_pass_through_as_they_come() {
     use futures_util::StreamExt;
     use tiergate::mock_upstream::{FILE_CHUNK, FILE_CHUNKS};
-    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 1000})).await;
+    // Files are not among the routes forwarded by default.
+    let mut options = Options::default();
+    options.raw.upstream.unmetered = Some("all".into());
+    let gw = TestGateway::start_with(options).await;
+    gw.put_tier("test-tier", json!({"tokens_per_minute": 1000}))
+        .await;
+    let (_, key) = gw.workspace("test-tier").await;
     let started = std::time::Instant::now();
     let r = gw
         .client

@@ -375,6 +375,72 @@ async fn a_body_whose_chunks_are_malformed_is_a_400() {
     assert_eq!(gw.upstream_count().await, 0);
 }
 
+/// By default (`upstream.unmetered = stateless`) only the routes that keep nothing at the
+/// upstream are passed on off the metered ones: every workspace reaches the upstream through the
+/// gateway's one account, and what one stored there another could list, read and delete (an
+/// outside audit: tenant B listed, downloaded and deleted tenant A's file, and listed A's stored
+/// chat completions). The model catalogue and the stateless routes pass; the others are refused
+/// with `403`, not forwarded.
+#[tokio::test]
+async fn by_default_only_the_routes_that_keep_nothing_upstream_are_passed_on() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("t", json!({"tokens_per_month": MONTH})).await;
+    let (_, key) = gw.workspace("t").await;
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let mut r = gw
+            .client
+            .request(method, format!("{}{path}", gw.url))
+            .bearer_auth(&key);
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        r.send()
+    };
+    use reqwest::Method as M;
+    let moderation = json!({"input": "hello"});
+    let agents = json!({"agent_id": "ag_1", "messages": [{"role": "user", "content": "Hi"}]});
+    for (method, path, body) in [
+        (M::GET, "/v1/models", None),
+        (M::GET, "/v1/models/mistral-small-latest", None),
+        (M::POST, "/v1/moderations", Some(moderation)),
+        (M::POST, "/v1/agents/completions", Some(agents)),
+    ] {
+        let before = gw.upstream_count().await;
+        let r = call(method.clone(), path, body).await.unwrap();
+        assert_ne!(r.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        assert_eq!(gw.upstream_count().await, before + 1, "{method} {path}");
+    }
+    let before = gw.upstream_count().await;
+    for (method, path) in [
+        (M::GET, "/v1/files"),
+        (M::POST, "/v1/files"),
+        (M::GET, "/v1/files/file-1/content"),
+        (M::DELETE, "/v1/files/file-1"),
+        (M::GET, "/v1/batches"),
+        (M::POST, "/v1/fine_tuning/jobs"),
+        (M::GET, "/v1/assistants"),
+        (M::GET, "/v1/vector_stores"),
+        (M::GET, "/v1/chat/completions"),
+        (M::GET, "/v1/chat/completions/chatcmpl-1"),
+        (M::GET, "/v1/responses/resp_1"),
+        (M::DELETE, "/v1/responses/resp_1"),
+        (M::DELETE, "/v1/models/ft:mine"),
+        (M::GET, "/v1/agents"),
+        (M::GET, "/v1/things"),
+    ] {
+        let r = call(method.clone(), path, None).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{method} {path}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["type"], "permission_error", "{method} {path}: {body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("keep nothing at the upstream"),
+            "{message}"
+        );
+    }
+    assert_eq!(gw.upstream_count().await, before, "forwarded");
+}
+
 /// Off the metered routes nothing is reserved, so their token limits hold only after the fact
 /// (an outside audit took 200 times a month quota through one, with requests sent at once while
 /// 1 token was left): `upstream.unmetered` keeps them from the upstream, all but the reads

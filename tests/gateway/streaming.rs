@@ -415,6 +415,8 @@ async fn event_streams() -> String {
 async fn a_keep_alive_is_not_delivery_and_unmetered_streams_charge_no_text_events() {
     let mut raw = RawSettings::default();
     raw.upstream.idle_read_timeout_ms = Some(300);
+    // `/v1/things` is not among the routes forwarded by default.
+    raw.upstream.unmetered = Some("all".into());
     let gw = TestGateway::start_with(Options {
         upstream: Some(event_streams().await),
         raw,

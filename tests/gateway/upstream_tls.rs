@@ -377,7 +377,10 @@ async fn clients_that_read_slowly_do_not_hold_back_others_on_a_shared_http2_conn
     // each stream's window. Those windows must not use up the connection's, or every other
     // request on the connection (here, a chat) waits for the slow readers.
     let (url, _seen) = refusing_upstream(0, false).await;
-    let (gw, key) = gateway_before(&url, true).await;
+    // Files are not among the routes forwarded by default.
+    let mut raw = RawSettings::default();
+    raw.upstream.unmetered = Some("all".into());
+    let (gw, key) = gateway_with(&url, true, raw).await;
     let mut slow = Vec::new();
     for i in 0..3 {
         let r = gw
