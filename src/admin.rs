@@ -104,7 +104,15 @@ fn not_found(what: &str, id: impl std::fmt::Display) -> impl FnOnce(StoreError) 
     }
 }
 
-/// A one-line name: trimmed, 1 to `MAX_NAME` characters, no control characters.
+/// The bidirectional embeddings, overrides and isolates (U+202A to U+202E, U+2066 to U+2069):
+/// text holding one can be shown in another order than it was written, and so read as other
+/// than it is by the operator who reads it (an outside audit: a use case with U+202E was taken).
+fn reorders(c: char) -> bool {
+    matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A one-line name: trimmed, 1 to `MAX_NAME` characters, no control characters, no line or
+/// paragraph separator, no bidirectional control (`reorders`).
 pub fn name(field: &str, value: &str) -> Result<String, AdminError> {
     let value = value.trim();
     if value.is_empty() {
@@ -115,16 +123,20 @@ pub fn name(field: &str, value: &str) -> Result<String, AdminError> {
             "'{field}' must be at most {MAX_NAME} characters"
         )));
     }
-    if value.chars().any(char::is_control) {
+    if value
+        .chars()
+        .any(|c| c.is_control() || reorders(c) || matches!(c, '\u{2028}' | '\u{2029}'))
+    {
         return Err(invalid(format!(
-            "'{field}' must not contain control characters"
+            "'{field}' must not contain control characters, line separators or bidirectional \
+             controls"
         )));
     }
     Ok(value.to_string())
 }
 
 /// Free text (a use case, a reason): trimmed, 1 to `MAX_TEXT` bytes; line breaks and tabs
-/// allowed, no other control characters.
+/// allowed, no other control characters and no bidirectional control (`reorders`).
 pub fn text(field: &str, value: &str) -> Result<String, AdminError> {
     let value = value.trim();
     if value.is_empty() {
@@ -137,10 +149,11 @@ pub fn text(field: &str, value: &str) -> Result<String, AdminError> {
     }
     if value
         .chars()
-        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        .any(|c| (c.is_control() && !matches!(c, '\n' | '\r' | '\t')) || reorders(c))
     {
         return Err(invalid(format!(
-            "'{field}' must not contain control characters other than line breaks and tabs"
+            "'{field}' must not contain control characters other than line breaks and tabs, \
+             nor bidirectional controls"
         )));
     }
     Ok(value.to_string())

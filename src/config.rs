@@ -320,8 +320,10 @@ pub struct UpstreamConfig {
 /// credential and billing headers of the gateways an upstream may sit behind (Azure API
 /// Management's subscription key, Google's API key and billed project), and the method
 /// overrides, by which a `GET` (forwarded unmetered) could be run as a `POST` by an upstream that
-/// honours them: an outside audit saw each forwarded.
-pub const DROPPED_REQUEST_HEADERS: [&str; 11] = [
+/// honours them: an outside audit saw each forwarded; and the path overrides, by which an
+/// upstream behind IIS, Symfony or a proxy that honours them would serve another path than the
+/// one metered (another audit).
+pub const DROPPED_REQUEST_HEADERS: [&str; 14] = [
     "openai-organization",
     "openai-project",
     "api-key",
@@ -333,6 +335,9 @@ pub const DROPPED_REQUEST_HEADERS: [&str; 11] = [
     "x-http-method-override",
     "x-http-method",
     "x-method-override",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-forwarded-prefix",
 ];
 
 #[derive(Debug, Clone)]

@@ -297,11 +297,18 @@ impl SignInLimiter {
     }
 }
 
+/// Lower-case hex digits only, as `hex` writes them: a signature or token is taken as the exact
+/// text this gateway made, not another spelling of its bytes (an outside audit: a cookie's MAC
+/// and a form token in upper case were accepted).
 fn unhex(s: &str) -> Option<Vec<u8>> {
     if !s.len().is_multiple_of(2) || s.len() > 128 {
         return None;
     }
-    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
     s.as_bytes()
         .chunks(2)
         .map(|pair| Some(digit(pair[0])? << 4 | digit(pair[1])?))
@@ -375,6 +382,21 @@ mod tests {
         // Another name with the same signature.
         let renamed = value.replacen(&hex(b"ops.team-1"), &hex(b"ops.team-2"), 1);
         assert_eq!(c.verify(&renamed, 1000), None);
+    }
+
+    #[test]
+    fn a_signature_or_token_in_another_spelling_is_refused() {
+        let c = console();
+        let (session, cookie) = c.sign_in(7, 3, 1_000);
+        assert!(c.verify(&cookie, 1_001).is_some());
+        let (payload, mac) = cookie.rsplit_once('.').unwrap();
+        assert_ne!(mac, mac.to_uppercase(), "a MAC with letters");
+        assert!(c
+            .verify(&format!("{payload}.{}", mac.to_uppercase()), 1_001)
+            .is_none());
+        let token = c.csrf_token(&session);
+        assert!(c.csrf_holds(&session, &token));
+        assert!(!c.csrf_holds(&session, &token.to_uppercase()));
     }
 
     #[test]

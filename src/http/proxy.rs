@@ -580,6 +580,23 @@ async fn forward(
         }
     }
     let body = seen.waiting(read_body(state, &parts.headers, body)).await?;
+    // A metered body is read as it came: one the upstream would read otherwise (a
+    // `Content-Encoding` it would undo first) could ask for what its estimate did not see (an
+    // outside audit: `br` on plain JSON passed the checks and was forwarded so).
+    if parts.method == Method::POST && Endpoint::of_path(&path).is_some() {
+        let encoded = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        if encoded {
+            return Err(ApiError::Refused(crate::estimate::Refused {
+                param: None,
+                message: "a compressed request body (Content-Encoding) is not taken on this \
+                          route: send it uncompressed"
+                    .into(),
+            }));
+        }
+    }
     let mut prepared = prepare(state, &parts.method, path, body)?;
     // The workspace's limits, with the key's own when it has some (an allocation only then).
     let limits = caller.limits();
@@ -1111,6 +1128,12 @@ async fn send(
     // The client's headers, less those the gateway does not forward: removed in place, the
     // rest passed on as they came.
     let mut headers = parts.headers;
+    // A client's `x-request-id` that the answer and the log do not show (not of the form they
+    // take) is not sent on either (an outside audit: it reached the upstream, whose logs then
+    // named the request otherwise than the gateway's).
+    if headers.contains_key(X_REQUEST_ID) && client_request_id(&headers).is_none() {
+        headers.remove(X_REQUEST_ID);
+    }
     remove_connection_options(&mut headers);
     remove_where(&mut headers, |name| {
         is_hop_or_gateway_request_header(name)

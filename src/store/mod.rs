@@ -613,13 +613,18 @@ impl WebhookEndpoint {
     }
 }
 
-/// `url` with the password of its user information, if any, as `***`, and the values of its
-/// query parameters named as secrets are (`mask_password_parameter`: `?token=`, `?key=`; an
-/// outside audit saw a receiver's token whole in the listings).
+/// `url` with the password of its user information, if any, as `***` (and a user name given
+/// alone, which is then the credential, as in `https://TOKEN@host`: an outside audit), and the
+/// values of its query parameters named as secrets are (`mask_password_parameter`: `?token=`,
+/// `?key=`; an outside audit saw a receiver's token whole in the listings).
 pub fn shown_url(url: &str) -> String {
     let url = match url::Url::parse(url) {
         Ok(mut parsed) if parsed.password().is_some() => {
             let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(mut parsed) if !parsed.username().is_empty() => {
+            let _ = parsed.set_username("***");
             parsed.to_string()
         }
         _ => url.to_string(),

@@ -292,6 +292,7 @@ pub(super) fn check_url(url: &str) -> Result<(), String> {
 /// demo revoked the first one's key). `None` for a database in memory, which no other process
 /// opens. The admin commands and `migrate` take no claim: they may run beside the gateway.
 pub fn serve_alone(url: &str) -> Result<Option<std::fs::File>, StoreError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let Some(rest) = url
         .strip_prefix("sqlite://")
         .or_else(|| url.strip_prefix("sqlite:"))
@@ -306,6 +307,7 @@ pub fn serve_alone(url: &str) -> Result<Option<std::fs::File>, StoreError> {
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&claim)
     {
         Ok(f) => f,

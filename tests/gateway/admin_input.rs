@@ -200,6 +200,10 @@ fn table() -> Vec<Case> {
         new_workspace("a NUL in a name", json!({"name": "a\u{0}b"})),
         new_workspace("a line break in a name", json!({"name": "a\nb"})),
         new_workspace("terminal escapes in a name", json!({"name": "\u{1b}[31mred"})),
+        // Shown in another order than written (an outside audit took one in a use case).
+        new_workspace("a right-to-left override in a name", json!({"name": "abc\u{202e}fdp.exe"})),
+        new_workspace("a line separator in a name", json!({"name": "a\u{2028}b"})),
+        ask("a bidirectional isolate in a use case", json!({"use_case": "pay \u{2067}001\u{2069} usd", "requested_limits": {"tokens_per_minute": 999999}})),
         new_workspace("a name not a string", json!({"name": 5})),
         new_workspace("no name", json!({"tier": "free"})),
         new_workspace("an unknown field", json!({"name": "x", "owner": "y"})),

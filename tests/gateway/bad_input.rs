@@ -332,3 +332,31 @@ async fn bad_keys_and_bodies_get_a_json_4xx_are_not_forwarded_and_cost_nothing()
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(gw.upstream_count().await, forwarded + 1);
 }
+
+/// A metered body is read as it came: one with a `Content-Encoding` (which the upstream would
+/// undo first, and read otherwise than the estimate did) is refused, not forwarded, nothing
+/// charged (an outside audit: `br` on plain JSON was forwarded with its header). `identity` is
+/// no encoding.
+#[tokio::test]
+async fn a_compressed_metered_body_is_refused() {
+    let (gw, key) = TestGateway::on_tier(json!({"tokens_per_minute": 100_000})).await;
+    let before = gw.upstream_count().await;
+    for encoding in ["br", "gzip", "deflate, br"] {
+        let r = gw
+            .chat(&key, hello(), &[("content-encoding", encoding)])
+            .await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{encoding}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["type"], "invalid_request_error", "{v}");
+        assert!(
+            v["message"].as_str().unwrap().contains("Content-Encoding"),
+            "{v}"
+        );
+    }
+    assert_eq!(gw.upstream_count().await, before, "forwarded");
+    assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 0);
+    let r = gw
+        .chat(&key, hello(), &[("content-encoding", "identity")])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+}

@@ -298,12 +298,23 @@ async fn a_client_request_id_is_echoed_and_a_reused_one_loses_no_usage() {
     // An id that is too long or has characters outside the set is replaced by the gateway's.
     gw.advance(Duration::from_secs(1));
     let long = "x".repeat(129);
+    // Nor is it sent on to the upstream, where a valid one is.
     for bad in [long.as_str(), "has space", "quote\"d"] {
         gw.advance(Duration::from_secs(1));
-        let r = gw.chat(&key, hello(), &[("x-request-id", bad)]).await;
+        let echo = ("x-mock-echo-headers", "1");
+        let r = gw.chat(&key, hello(), &[("x-request-id", bad), echo]).await;
         let id = header(&r, "x-request-id").unwrap();
         assert!(id.starts_with("req_") && id.len() == 36, "{bad:?} -> {id}");
+        let v: Value = r.json().await.unwrap();
+        assert!(v["received_headers"].get("x-request-id").is_none(), "{v}");
     }
+    gw.advance(Duration::from_secs(1));
+    let echo = ("x-mock-echo-headers", "1");
+    let r = gw
+        .chat(&key, hello(), &[("x-request-id", "trace-43"), echo])
+        .await;
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["received_headers"]["x-request-id"], "trace-43", "{v}");
     // Without one, the gateway's own; on a 401 too, with no upstream id.
     let r = gw.chat("sk-nobody", hello(), &[]).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);

@@ -1054,6 +1054,13 @@ async fn a_password_in_an_endpoint_url_is_shown_as_stars() {
     assert!(url.starts_with("http://hook-user:***@127.0.0.1:"), "{url}");
     assert!(url.ends_with("?token=***&x=1"), "{url}");
     assert_eq!(audit["data"][0]["after"]["url"], url);
+    // A user name alone is the credential (`https://TOKEN@host`): shown as `***` too.
+    let token_only = ok.url.replace("http://", "http://tok3n-alone@");
+    operator_endpoint(&gw, &token_only, &["limit_request.created"]).await;
+    let (_, listed) = gw.admin(Method::GET, "/webhooks", None).await;
+    let shown = listed.to_string();
+    assert!(!shown.contains("tok3n-alone"), "{shown}");
+    assert!(shown.contains("http://***@127.0.0.1:"), "{shown}");
 }
 
 /// A stop (`SIGTERM`) while an attempt is under way lets it end and records its outcome before
