@@ -1245,6 +1245,19 @@ fn share_used_up(limits: &Limits, denial: &Denial, prompt: u64) -> bool {
     }
 }
 
+/// Whether a failed call says Redis refused the credentials (not that it did not answer).
+fn refuses_credentials(e: &LimiterError) -> bool {
+    let text = e.to_string();
+    [
+        "NOAUTH",
+        "WRONGPASS",
+        "AuthenticationFailed",
+        "Authentication required",
+    ]
+    .iter()
+    .any(|s| text.contains(s))
+}
+
 /// The breaker's probe and the heartbeat, in one loop.
 async fn watch(failover: Weak<Failover>) {
     let Some(instance) = failover.upgrade().map(|f| f.instance.clone()) else {
@@ -1256,6 +1269,8 @@ async fn watch(failover: Weak<Failover>) {
     let mut last_heard = None;
     // The count of live instances last warned about.
     let mut warned = 0;
+    // Whether this outage's probes were refused for the credentials, as logged.
+    let mut refused_logged = false;
     loop {
         tokio::time::sleep(PROBE_EVERY).await;
         let Some(f) = failover.upgrade() else { return };
@@ -1270,9 +1285,23 @@ async fn watch(failover: Weak<Failover>) {
             .await;
             let mut closed = false;
             for ((slot, _), answer) in probes.iter().zip(answers) {
-                if answer.is_ok() {
-                    f.close(*slot);
-                    closed = true;
+                match answer {
+                    Ok(()) => {
+                        f.close(*slot);
+                        closed = true;
+                        refused_logged = false;
+                    }
+                    // Said once an outage: a Redis that now asks for another password is no
+                    // outage that ends by itself (an outside audit: only "broken pipe" was
+                    // logged).
+                    Err(e) if !refused_logged && refuses_credentials(&e) => {
+                        refused_logged = true;
+                        tracing::error!(
+                            error = %e,
+                            "Redis refuses this gateway's credentials (the password or user in the redis URL): the failure policy applies until it takes them"
+                        );
+                    }
+                    Err(_) => {}
                 }
             }
             if closed {

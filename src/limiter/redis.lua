@@ -894,6 +894,13 @@ if op == 'renew' then
   for i = 8, #ARGV - 5, 6 do ids[#ids + 1] = ARGV[i] end
   local renewed = 0
   if #ids > 0 then
+    -- What expired is reaped first, and the holds of records whose keys expired with no call
+    -- since are dropped (`reap`): held again on top of those (the first call after an outage
+    -- longer than the records' life, as Redis answers again, is this one), requests already
+    -- ended held slots and tokens for two records' lives more (an outside audit: every
+    -- request refused `concurrent_requests` for a minute after a 70 s outage).
+    load({'keep', 'exp', 'rexp', 'rp', 'inflight', 'gen', 'mk', 'based', 'res'})
+    reap()
     local recs = redis.call('HMGET', KR, unpack(ids))
     local scores = {}
     local loaded = false
@@ -1054,7 +1061,10 @@ if op == 'newgen' then
   local rate, rcap, rtake = N(ARGV[8] or '0') or 0, N(ARGV[9] or '0') or 0, N(ARGV[10] or '0') or 0
   local tpm, ttake = N(ARGV[11] or '0') or 0, N(ARGV[12] or '0') or 0
   local running = N(ARGV[13] or '0') or 0
-  load({'keep', 'rl', 'ra', 'rc', 'rq', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk', 'res', 'base', 'delta'})
+  load({'keep', 'exp', 'rexp', 'rp', 'rl', 'ra', 'rc', 'rq', 'tl', 'ta', 'tc', 'inflight', 'gen', 'mk',
+    'res', 'base', 'delta'})
+  -- As `renew`: what expired, and the holds of records gone with their keys, go first.
+  reap()
   -- The new generation keeps the holds of the reservations still live (the month's, the
   -- models', the keys'), and the live records are counted in it from now on: every instance
   -- that served the workspace on its own starts a generation at its switch back, and each

@@ -2842,3 +2842,52 @@ async fn a_stopped_instance_leaves_the_live_ones_at_once() {
     })
     .await;
 }
+
+/// The holds of records whose keys expired with no call since (an outage longer than the
+/// records' life) are dropped before a renewal holds the requests still running again: held
+/// again on top of them, requests long ended held slots and tokens for two records' lives more
+/// (an outside audit: every request refused `concurrent_requests` for a minute after a 70 s
+/// outage). The expiry is made here as Redis makes it: the records' keys gone, their life
+/// (`rexp`) past, the workspace's hash still counting what they held.
+#[tokio::test]
+async fn a_renewal_drops_the_holds_of_records_gone_with_their_keys() {
+    let redis = tokio::task::spawn_blocking(RedisServer::start)
+        .await
+        .unwrap();
+    let prefix = format!("gone{}", std::process::id());
+    let fleet = TestGateway::fleet(1, &redis.url(), |raw| {
+        raw.redis_prefix = Some(prefix.clone());
+        raw.redis_failure_policy = Some("local".into());
+        raw.instances = Some(1);
+        // Renewals every half second.
+        raw.redis_lease_ms = Some(1_500);
+    })
+    .await;
+    let gw = &fleet[0];
+    let (ws, key) = setup_workspace(&fleet, "gone", json!({"concurrent_requests": 3})).await;
+    let running = long_request(gw, &key, "4000", "9,1");
+    running_upstream(gw, "4000", 1).await;
+    let in_flight = || async { gw.limits(&key).await["usage"]["in_flight"].as_u64() };
+    assert_eq!(in_flight().await, Some(1));
+
+    let url = redis.url();
+    let hash = format!("{{{prefix}:{ws}}}");
+    tokio::task::spawn_blocking(move || {
+        redis_cli(&url, &["DEL", &format!("{hash}:r"), &format!("{hash}:e")]);
+        redis_cli(&url, &["HSET", &hash, "rexp", "1"]);
+    })
+    .await
+    .unwrap();
+    // The next renewals hold the running request again: one slot, not two.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(
+        in_flight().await,
+        Some(1),
+        "held again on top of what was gone"
+    );
+    assert_eq!(running.await.unwrap().status(), StatusCode::OK);
+    eventually(Duration::from_secs(5), || async {
+        in_flight().await == Some(0)
+    })
+    .await;
+}
