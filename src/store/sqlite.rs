@@ -399,14 +399,10 @@ impl SqliteStore {
             // transaction, and every later `BEGIN` on it failed ("attempted to call begin_with
             // at non-zero transaction depth") until a restart (an outside audit: no write
             // succeeded after a full disk had room again, and the usage settled since was lost
-            // at the stop). Such a connection is closed, not reused; the ping first runs the
-            // rollback a transaction dropped unfinished queued.
-            .after_release(|conn, _| {
-                Box::pin(async move {
-                    conn.ping().await?;
-                    Ok(!conn.is_in_transaction())
-                })
-            })
+            // at the stop). Such a connection is closed, not reused. So is one whose transaction
+            // was dropped unfinished (an error on the way), whose rollback is still queued: rare,
+            // and cheaper than a round trip to the connection's thread on every release.
+            .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
             .connect_with(options)
             .await
             .map_err(|e| cannot_open(url, e))?;
