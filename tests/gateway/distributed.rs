@@ -1306,16 +1306,17 @@ async fn on_local(n: usize, lease: Option<u64>) -> (RedisServer, Vec<TestGateway
 /// Sends `chat` until the breaker is open: three failed calls in a row open it, and a few
 /// requests make them. On a busy machine an answer Redis sent just before it stopped may be
 /// read after a call has failed, and reset the count (a test that sent six and asserted the
-/// breaker open failed under load); so at most 20.
-async fn send_until_open<F, Fut>(gw: &TestGateway, mut chat: F)
+/// breaker open failed under load); so at most 20. Answers how many it sent: a test that counts
+/// what they used counts them all.
+async fn send_until_open<F, Fut>(gw: &TestGateway, mut chat: F) -> u64
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future,
 {
-    for _ in 0..20 {
+    for sent in 1..=20 {
         chat().await;
         if backend_up(gw).await == 0.0 {
-            return;
+            return sent;
         }
     }
     panic!("the breaker did not open after 20 requests with Redis stopped");
@@ -1360,9 +1361,10 @@ fn long_request(
     })
 }
 
-/// Stops Redis and sends three short requests, whose calls time out: the breaker opens (they
-/// are decided alone).
-async fn stall_until_open(redis: &RedisServer, gw: &TestGateway, key: &str) {
+/// Stops Redis and sends short requests (14 tokens each), whose calls time out, until the
+/// breaker opens (three, unless a late answer reset its count): they are decided alone.
+/// Answers how many it sent.
+async fn stall_until_open(redis: &RedisServer, gw: &TestGateway, key: &str) -> u64 {
     redis.signal(libc::SIGSTOP);
     send_until_open(gw, || {
         let (body, usage) = exact_request(5);
@@ -1374,7 +1376,7 @@ async fn stall_until_open(redis: &RedisServer, gw: &TestGateway, key: &str) {
             .send()
             .map(Result::unwrap)
     })
-    .await;
+    .await
 }
 
 /// Requests an instance admitted on its own while Redis did not answer, and that still run when
@@ -2318,7 +2320,10 @@ async fn a_request_carried_back_is_settled_once_in_the_shared_month() {
     // About 3,055 tokens estimated; 10 reported.
     let long = || long_request(gw, &key, "2000", "9,1");
     assert_eq!(small().await.status(), StatusCode::OK);
-    stall_until_open(&redis, gw, &key).await;
+    let stalled = stall_until_open(&redis, gw, &key).await;
+    // 14 tokens for each small request (one before, those of the stall, one after), 10 for
+    // each long one.
+    let expected = 10_000 - 14 * (stalled + 2) - 2 * 10;
     // The live figures are Redis's: the limits page says it cannot show them (README).
     let r = gw
         .client
@@ -2354,7 +2359,7 @@ async fn a_request_carried_back_is_settled_once_in_the_shared_month() {
             .unwrap()
     };
     eventually(Duration::from_secs(4), || async {
-        remaining().await == 9_910
+        remaining().await == expected
     })
     .await;
     assert!(
@@ -2364,7 +2369,7 @@ async fn a_request_carried_back_is_settled_once_in_the_shared_month() {
     // Past the lease, and after the counter read the ledger again at 1, 3 and 10 s: the five
     // small requests and the two carried back, each once.
     tokio::time::sleep(Duration::from_secs(12).saturating_sub(back.elapsed())).await;
-    assert_eq!(remaining().await, 9_910, "5 × 14 + 2 × 10 used");
+    assert_eq!(remaining().await, expected, "{stalled} stalled");
     drop(redis);
 }
 
