@@ -399,10 +399,19 @@ impl SqliteStore {
             // transaction, and every later `BEGIN` on it failed ("attempted to call begin_with
             // at non-zero transaction depth") until a restart (an outside audit: no write
             // succeeded after a full disk had room again, and the usage settled since was lost
-            // at the stop). Such a connection is closed, not reused. So is one whose transaction
-            // was dropped unfinished (an error on the way), whose rollback is still queued: rare,
-            // and cheaper than a round trip to the connection's thread on every release.
-            .after_release(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
+            // at the stop). Such a connection is closed, not reused. A transaction dropped
+            // unfinished (a read that returns early, an error on the way) has queued its
+            // rollback: the ping runs it first. Only then: no round trip to the connection's
+            // thread on the releases after a commit.
+            .after_release(|conn, _| {
+                Box::pin(async move {
+                    if !conn.is_in_transaction() {
+                        return Ok(true);
+                    }
+                    conn.ping().await?;
+                    Ok(!conn.is_in_transaction())
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|e| cannot_open(url, e))?;
