@@ -1494,8 +1494,10 @@ pub fn redact(url: &str) -> String {
 }
 
 /// `url` with the value of each query parameter whose name (any case, percent-decoded) holds
-/// `pass`, `secret`, `token` or `key` replaced by `***`: `password`, `sslpassword`, `pass%77ord`
-/// (an outside audit saw each shown whole), an upstream's `?key=`.
+/// `pass`, `pwd`, `secret`, `token`, `key`, `auth`, `signature` or `credential` replaced by
+/// `***`: `password`, `sslpassword`, `pass%77ord` (an outside audit saw each shown whole), an
+/// upstream's `?key=`, `X-Amz-Signature`; parameters split by `&` or by `;` (another audit saw
+/// `?a=1;token=…` whole).
 fn mask_password_parameter(url: &str) -> String {
     let Some(q) = url.find('?') else {
         return url.to_string();
@@ -1505,14 +1507,22 @@ fn mask_password_parameter(url: &str) -> String {
         Some(h) => query.split_at(h),
         None => (query, ""),
     };
-    let masked: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((name, _)) if secret_name(name) => format!("{name}=***"),
-            _ => pair.to_string(),
-        })
-        .collect();
-    format!("{head}{}{fragment}", masked.join("&"))
+    let mut masked = String::with_capacity(query.len());
+    for pair in query.split_inclusive(['&', ';']) {
+        let (pair, separator) = match pair.strip_suffix(['&', ';']) {
+            Some(p) => (p, &pair[p.len()..]),
+            None => (pair, ""),
+        };
+        match pair.split_once('=') {
+            Some((name, _)) if secret_name(name) => {
+                masked.push_str(name);
+                masked.push_str("=***");
+            }
+            _ => masked.push_str(pair),
+        }
+        masked.push_str(separator);
+    }
+    format!("{head}{masked}{fragment}")
 }
 
 /// Whether a query parameter's name says it holds a secret (`mask_password_parameter`).
@@ -1521,9 +1531,18 @@ fn secret_name(name: &str) -> bool {
     let name = url::form_urlencoded::parse(name.as_bytes())
         .next()
         .map_or_else(String::new, |(name, _)| name.to_ascii_lowercase());
-    ["pass", "secret", "token", "key"]
-        .iter()
-        .any(|s| name.contains(s))
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "signature",
+        "credential",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
 }
 
 #[cfg(test)]
@@ -1593,6 +1612,16 @@ mod tests {
             "postgres://u@h:1/d?pass%77ord=***&sslpassword=***&sslmode=require"
         );
         assert_eq!(redact("http://h:1/?key=S3CR"), "http://h:1/?key=***");
+        // Separated by `;`, and the other names of credentials (an outside audit saw each
+        // whole); the others and the separators kept as they were.
+        assert_eq!(
+            shown_url("https://h/hook?a=1;token=S3CR&pwd=S3CR;X-Amz-Signature=S3CR&b=2#f"),
+            "https://h/hook?a=1;token=***&pwd=***;X-Amz-Signature=***&b=2#f"
+        );
+        assert_eq!(
+            shown_url("https://h/hook?auth=S3CR&Credential=S3CR&x="),
+            "https://h/hook?auth=***&Credential=***&x="
+        );
         for url in [
             "redis://u:ab#SECRETcd@host:1",
             "http://u:ab#SECRETcd@host:1",
