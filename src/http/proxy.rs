@@ -502,6 +502,7 @@ fn keeps_nothing(method: &Method, path: &str, body: &[u8]) -> bool {
 fn prepare(
     state: &AppState,
     method: &Method,
+    headers: &HeaderMap,
     path: Cow<'_, str>,
     body: Bytes,
 ) -> Result<Prepared, ApiError> {
@@ -545,6 +546,20 @@ fn prepare(
             });
         }
     };
+    // A metered body is read as it came: one the upstream would read otherwise (a
+    // `Content-Encoding` it would undo first) could ask for what its estimate did not see (an
+    // outside audit: `br` on plain JSON passed the checks and was forwarded so).
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    if encoded {
+        return Err(ApiError::Refused(crate::estimate::Refused {
+            param: None,
+            message: "a compressed request body (Content-Encoding) is not taken on this route: \
+                      send it uncompressed"
+                .into(),
+        }));
+    }
     let info = inspect(endpoint, &body, state.config.estimate.max_tokens_limit)
         .map_err(ApiError::Refused)?;
     let ask_usage = info.stream
@@ -580,24 +595,7 @@ async fn forward(
         }
     }
     let body = seen.waiting(read_body(state, &parts.headers, body)).await?;
-    // A metered body is read as it came: one the upstream would read otherwise (a
-    // `Content-Encoding` it would undo first) could ask for what its estimate did not see (an
-    // outside audit: `br` on plain JSON passed the checks and was forwarded so).
-    if parts.method == Method::POST && Endpoint::of_path(&path).is_some() {
-        let encoded = parts
-            .headers
-            .get(header::CONTENT_ENCODING)
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
-        if encoded {
-            return Err(ApiError::Refused(crate::estimate::Refused {
-                param: None,
-                message: "a compressed request body (Content-Encoding) is not taken on this \
-                          route: send it uncompressed"
-                    .into(),
-            }));
-        }
-    }
-    let mut prepared = prepare(state, &parts.method, path, body)?;
+    let mut prepared = prepare(state, &parts.method, &parts.headers, path, body)?;
     // The workspace's limits, with the key's own when it has some (an allocation only then).
     let limits = caller.limits();
     let Authenticated { key, workspace, .. } = caller;
