@@ -937,6 +937,10 @@ pub(super) fn page(status: StatusCode, title: &str, body: Markup) -> Response {
     h.insert("content-security-policy", POLICY.clone());
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     r
 }
 

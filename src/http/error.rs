@@ -234,9 +234,14 @@ fn answer(status: StatusCode, body: ErrorBody) -> Response {
     let json = body.to_json();
     let mut response = Response::new(axum::body::Body::from(json));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let h = response.headers_mut();
+    h.insert(
         axum::http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
     );
     response
 }

@@ -62,18 +62,20 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The gateway's routes, and the operator's too when `with_operator`.
 pub fn main_router(state: Arc<AppState>, with_operator: bool) -> Router {
     let api = documented(&state, true, with_operator);
-    let routes = health()
-        .merge(api)
-        .merge(console::routes(console::Scope {
-            workspace: true,
-            operator: with_operator,
-        }))
-        .route("/v1/{*path}", any(upstream_or_none));
+    let routes = health().merge(api).merge(console::routes(console::Scope {
+        workspace: true,
+        operator: with_operator,
+    }));
     let routes = if with_operator {
         routes.merge(operator())
     } else {
         routes
     };
+    // The gateway's own answers say `nosniff`; the proxied ones are the upstream's, as sent
+    // (their errors from the gateway say it too: `error::answer`).
+    let routes = routes
+        .layer(axum::middleware::map_response(nosniff))
+        .route("/v1/{*path}", any(upstream_or_none));
     finish(routes, state)
 }
 
@@ -88,9 +90,20 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         health()
             .merge(documented(&state, false, true))
             .merge(operator())
-            .merge(console),
+            .merge(console)
+            .layer(axum::middleware::map_response(nosniff)),
         state,
     )
+}
+
+/// `X-Content-Type-Options: nosniff`: a browser takes an answer for what its `Content-Type`
+/// says (an export's CSV, an API's JSON), never sniffs it into a page.
+async fn nosniff(mut response: Response) -> Response {
+    response.headers_mut().insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    response
 }
 
 /// The routes of the workspace's own API and of the admin API, as asked, with the OpenAPI

@@ -659,3 +659,44 @@ async fn cors_is_answered_for_the_origins_allowed_and_no_other() {
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
     assert!(header(&r, "access-control-allow-origin").is_none());
 }
+
+#[tokio::test]
+async fn the_gateways_own_answers_say_nosniff_and_proxied_ones_are_the_upstreams() {
+    let (gw, key) = gateway_with(None).await;
+    let nosniff = |r: &reqwest::Response| header(r, "x-content-type-options") == Some("nosniff");
+
+    // A proxied answer carries what the upstream sent, and the mock sends no such header.
+    let ok = gw.chat(&key, hello(), &[]).await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert!(!nosniff(&ok), "{:?}", ok.headers());
+    // A denial, the workspace's own API, a 404, the health check, the admin API and a console
+    // page are the gateway's own.
+    let mut denied = None;
+    for _ in 0..5 {
+        let r = gw.chat(&key, hello(), &[]).await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            denied = Some(r);
+            break;
+        }
+    }
+    let denied = denied.expect("a 429 within 5 requests at 2 requests/s");
+    assert!(nosniff(&denied), "{:?}", denied.headers());
+    let get = |url: String| {
+        let client = gw.client.clone();
+        let key = key.clone();
+        async move { client.get(url).bearer_auth(key).send().await.unwrap() }
+    };
+    for path in ["/v1/limits", "/healthz", "/readyz", "/nowhere", "/console"] {
+        let r = get(format!("{}{path}", gw.url)).await;
+        assert!(nosniff(&r), "{path}: {} {:?}", r.status(), r.headers());
+    }
+    let admin = gw
+        .client
+        .get(format!("{}/admin/v1/tiers", gw.operator_url()))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), StatusCode::OK);
+    assert!(nosniff(&admin), "{:?}", admin.headers());
+}
