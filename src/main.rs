@@ -429,22 +429,28 @@ fn init_tracing(format: LogFormat) -> anyhow::Result<Telemetry> {
     }
 }
 
-/// `info`, but for sqlx's parser of connection options, which warns of an option it does not
-/// know with its value: `sslpassword` (or `PASSWORD` in capitals) in a database URL was written
-/// whole to the log at start (an outside audit).
-const DEFAULT_LOG: &str = "info,sqlx_postgres::options=error";
+/// The log filter when `TIERGATE_LOG` is unset.
+const DEFAULT_LOG: &str = "info";
 
-/// The log filter `TIERGATE_LOG` gives (`DEFAULT_LOG` when unset).
+/// sqlx's parser of connection options warns of an option it does not know with its value:
+/// `sslpassword` (or `PASSWORD` in capitals) in a database URL was written whole to the log at
+/// start (an outside audit), at the default filter and then at any filter an operator set. It
+/// is held at `error` whatever `TIERGATE_LOG` says.
+const QUIET_OPTIONS: &str = "sqlx_postgres::options=error";
+
+/// The log filter `TIERGATE_LOG` gives (`DEFAULT_LOG` when unset), with `QUIET_OPTIONS`.
 fn log_filter(value: Option<std::ffi::OsString>) -> anyhow::Result<tracing_subscriber::EnvFilter> {
+    let quiet = QUIET_OPTIONS.parse().expect("a valid directive");
     let Some(value) = value else {
-        return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+        return Ok(tracing_subscriber::EnvFilter::new(DEFAULT_LOG).add_directive(quiet));
     };
     let text = value
         .to_str()
         .ok_or_else(|| anyhow!("TIERGATE_LOG: '{}' is not UTF-8", value.to_string_lossy()))?;
-    tracing_subscriber::EnvFilter::builder()
+    let filter = tracing_subscriber::EnvFilter::builder()
         .parse(text)
-        .map_err(|e| anyhow!("TIERGATE_LOG: '{text}' is not a log filter ({e}); e.g. info, tiergate=debug or info,tiergate::access=off"))
+        .map_err(|e| anyhow!("TIERGATE_LOG: '{text}' is not a log filter ({e}); e.g. info, tiergate=debug or info,tiergate::access=off"))?;
+    Ok(filter.add_directive(quiet))
 }
 
 #[cfg(not(feature = "otel"))]

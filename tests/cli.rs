@@ -718,6 +718,29 @@ fn an_invalid_log_filter_is_refused_naming_tiergate_log() {
     );
 }
 
+/// sqlx's parser warns of a connection option it does not know with its value; a database URL's
+/// `sslpassword` reached the log whole whenever `TIERGATE_LOG` was set (an outside audit).
+#[test]
+fn a_database_url_s_sslpassword_reaches_no_log_at_any_filter() {
+    // The URL is parsed before the connection is tried: a closed port is enough.
+    let url = "postgres://u@127.0.0.1:1/x?sslpassword=SSLPW-SECRET-7&connect_timeout=1";
+    for filter in [None, Some("info"), Some("trace"), Some("sqlx_postgres=trace")] {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tiergate"));
+        command
+            .args(["workspaces", "list", "--database", url])
+            .env_remove("TIERGATE_CONFIG")
+            .env_remove("TIERGATE_LOG");
+        if let Some(f) = filter {
+            command.env("TIERGATE_LOG", f);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{filter:?}: {stderr}");
+        assert!(stderr.contains("database"), "{filter:?}: {stderr}");
+        assert!(!stderr.contains("SSLPW-SECRET-7"), "{filter:?}: {stderr}");
+    }
+}
+
 /// A ladder set from the command line: a tier's promotion, a workspace's attributes (which
 /// promote it at once when they make it qualify), and the pin that holds one.
 #[test]
