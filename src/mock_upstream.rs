@@ -51,12 +51,14 @@
 //! With `"stream": true` (chat, completions, FIM) the answer is `text/event-stream`: one
 //! `data: {...}\n\n` event per reply word (`chat.completion.chunk` with `delta.content`, or
 //! `text_completion` with `text` on `/v1/completions`), then one event per choice with its
-//! `finish_reason`, then `data: [DONE]\n\n`. Chunks carry `"usage": null`, except that:
+//! `finish_reason`, then `data: [DONE]\n\n`. Chunks have no `usage` field, except that:
 //!
-//! - with `"stream_options": {"include_usage": true}` an extra event with `"choices": []` and the
-//!   usage comes just before `[DONE]` (OpenAI behaviour);
+//! - with `"stream_options": {"include_usage": true}` every chunk carries `"usage": null` and an
+//!   extra event with `"choices": []` and the usage comes just before `[DONE]` (OpenAI
+//!   behaviour);
 //! - with the header `x-mock-stream-usage: last-chunk` the last `finish_reason` chunk carries the
-//!   usage and no extra event is sent, whatever `stream_options` says (Mistral behaviour).
+//!   usage, no other chunk has the field and no extra event is sent, whatever `stream_options`
+//!   says (Mistral behaviour).
 //!
 //! `/v1/responses` with `"stream": true` streams OpenAI's typed events, each
 //! `event: TYPE\ndata: {"type": TYPE, "sequence_number": N, ...}\n\n`: `response.created`
@@ -961,15 +963,22 @@ impl Completion {
         body
     }
 
-    fn chunk(&self, choices: Vec<Value>, usage: Option<Usage>) -> Value {
-        json!({
+    /// A stream's chunk: with `usage` when given; else with `"usage": null` where OpenAI sends
+    /// it (`null_usage`: the client asked for the usage chunk), and without the field where
+    /// it does not and where Mistral never does (an outside audit: a Mistral SDK refuses
+    /// `null`).
+    fn chunk(&self, choices: Vec<Value>, usage: Option<Usage>, null_usage: bool) -> Value {
+        let mut chunk = json!({
             "id": self.id,
             "object": self.kind.chunk_object(),
             "created": self.created,
             "model": self.model,
             "choices": choices,
-            "usage": usage,
-        })
+        });
+        if usage.is_some() || null_usage {
+            chunk["usage"] = json!(usage);
+        }
+        chunk
     }
 
     fn events(&self, controls: &Controls) -> Vec<io::Result<Bytes>> {
@@ -977,9 +986,13 @@ impl Completion {
             controls.decorate(&mut chunk);
             Ok(Bytes::from(format!("data: {chunk}\n\n")))
         };
+        let null_usage = self.include_usage && !controls.usage_in_last_chunk;
         let content = (0..self.choices)
             .flat_map(|index| reply_words(self.words).map(move |word| (index, word)))
-            .map(|(index, word)| self.chunk(vec![self.kind.delta(index, Some(&word), None)], None));
+            .map(|(index, word)| {
+                let delta = self.kind.delta(index, Some(&word), None);
+                self.chunk(vec![delta], None, null_usage)
+            });
         if let Some(limit) = controls.fail_after_chunks {
             return content
                 .take(usize::try_from(limit).unwrap_or(usize::MAX))
@@ -995,12 +1008,12 @@ impl Completion {
                 .usage
                 .filter(|_| controls.usage_in_last_chunk && index == last_choice);
             let delta = self.kind.delta(index, None, Some(self.finish_reason));
-            self.chunk(vec![delta], usage)
+            self.chunk(vec![delta], usage, null_usage)
         });
         let usage_chunk = self
             .usage
-            .filter(|_| self.include_usage && !controls.usage_in_last_chunk)
-            .map(|usage| self.chunk(Vec::new(), Some(usage)));
+            .filter(|_| null_usage)
+            .map(|usage| self.chunk(Vec::new(), Some(usage), true));
         content
             .chain(finishes)
             .chain(usage_chunk)
@@ -1666,7 +1679,8 @@ mod tests {
         assert_eq!(response.events().last(), Some(&"[DONE]"));
         let chunks = response.chunks();
         assert_eq!(chunks.len(), 17);
-        assert!(chunks.iter().all(|chunk| chunk["usage"].is_null()));
+        // No `usage` field where the client did not ask for the usage (OpenAI's way).
+        assert!(chunks.iter().all(|chunk| chunk.get("usage").is_none()));
         assert!(chunks
             .iter()
             .all(|chunk| chunk["choices"].as_array().unwrap().len() == 1));
@@ -1688,7 +1702,9 @@ mod tests {
         let chunks = response.chunks();
         assert_eq!(chunks.len(), 18);
         let (last, others) = chunks.split_last().unwrap();
-        assert!(others.iter().all(|chunk| chunk["usage"].is_null()));
+        assert!(others
+            .iter()
+            .all(|chunk| chunk.get("usage") == Some(&Value::Null)));
         assert_eq!(last["choices"], json!([]));
         assert_eq!(
             last["usage"],
@@ -1712,6 +1728,8 @@ mod tests {
             chunks[2]["usage"],
             json!({"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9})
         );
+        // Mistral's earlier chunks have no `usage` field, not even null.
+        assert!(chunks[..2].iter().all(|chunk| chunk.get("usage").is_none()));
 
         let headers = [("x-mock-reject-stream-options", "1")];
         let response = send(

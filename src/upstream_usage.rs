@@ -306,6 +306,20 @@ impl Passed {
         }
     }
 
+    /// Appends `bytes`, an event of `data` rewritten: a copy from then on.
+    fn push_bytes(&mut self, data: &[u8], bytes: &[u8]) {
+        match self {
+            Passed::Nothing => *self = Passed::Copied(bytes.to_vec()),
+            Passed::Run(run) => {
+                let mut copy = Vec::with_capacity(data.len());
+                copy.extend_from_slice(&data[run.clone()]);
+                copy.extend_from_slice(bytes);
+                *self = Passed::Copied(copy);
+            }
+            Passed::Copied(copy) => copy.extend_from_slice(bytes),
+        }
+    }
+
     fn of(self, data: &Bytes) -> Bytes {
         match self {
             Passed::Nothing => Bytes::new(),
@@ -423,16 +437,25 @@ impl SseScanner {
         let mut from = from;
         while let Some(end) = event_end(data, from.max(start)) {
             let ends_in_cr = end == data.len() && data[end - 1] == b'\r';
-            if keep_event(&mut self.usage, self.strip_usage_chunk, &data[start..end]) {
-                if self.hold_done && (!self.held.is_empty() || is_done(&data[start..end])) {
-                    self.held.extend_from_slice(&data[start..end]);
+            let event = &data[start..end];
+            if keep_event(&mut self.usage, self.strip_usage_chunk, event) {
+                let rewritten = self
+                    .strip_usage_chunk
+                    .then(|| without_null_usage(event))
+                    .flatten();
+                if self.hold_done && (!self.held.is_empty() || is_done(event)) {
+                    self.held
+                        .extend_from_slice(rewritten.as_deref().unwrap_or(event));
                     self.removed_cr = false;
                     self.kept_cr = false;
                     start = end;
                     from = end;
                     continue;
                 }
-                passed.push(data, start..end);
+                match &rewritten {
+                    Some(bytes) => passed.push_bytes(data, bytes),
+                    None => passed.push(data, start..end),
+                }
                 self.removed_cr = false;
                 self.kept_cr = ends_in_cr;
                 self.text_events += u64::from(carries_text(&data[start..end]));
@@ -454,7 +477,10 @@ impl SseScanner {
         let rest = if !rest.is_empty() && keep_event(&mut self.usage, self.strip_usage_chunk, &rest)
         {
             self.passed_data = self.passed_data || has_data(&rest);
-            rest
+            match self.strip_usage_chunk.then(|| without_null_usage(&rest)) {
+                Some(Some(bytes)) => Bytes::from(bytes),
+                _ => rest,
+            }
         } else {
             Bytes::new()
         };
@@ -513,6 +539,54 @@ fn only_null_usage(event: &[u8]) -> bool {
     })
 }
 
+/// The event without its `"usage": null` members, if it has any. OpenAI sends one in every
+/// chunk of a stream whose usage was asked for, and none when it was not: where the gateway
+/// asked on the client's behalf, the client gets the chunks it asked for, without the field (an
+/// outside audit: Mistral's TypeScript SDK refuses a `null` usage, and failed on the first
+/// chunk). A member is removed with one comma beside it; a `"usage"` inside a string is
+/// escaped (`\"usage\"`), and one not followed by `null` and then `,` or `}` is left.
+fn without_null_usage(event: &[u8]) -> Option<Vec<u8>> {
+    const KEY: &[u8] = b"\"usage\"";
+    let skip_ws =
+        |from: usize| from + (event[from..].len() - event[from..].trim_ascii_start().len());
+    let mut out: Option<Vec<u8>> = None;
+    // What of `event` has been copied to `out`, or dropped.
+    let mut done = 0;
+    for at in memchr::memmem::find_iter(event, KEY) {
+        if at < done || (at > 0 && event[at - 1] == b'\\') {
+            continue;
+        }
+        let colon = skip_ws(at + KEY.len());
+        if event.get(colon) != Some(&b':') {
+            continue;
+        }
+        let value = skip_ws(colon + 1);
+        if !event[value..].starts_with(b"null") {
+            continue;
+        }
+        let mut end = value + 4;
+        let next = skip_ws(end);
+        let before = event[done..at].trim_ascii_end();
+        let begin = match (before.last(), event.get(next)) {
+            // `,"usage":null`: with the comma before it.
+            (Some(b','), Some(b',' | b'}')) => done + before.len() - 1,
+            // `{"usage":null,` or `{"usage":null}`.
+            (Some(b'{'), Some(b',')) => {
+                end = skip_ws(next + 1);
+                at
+            }
+            (Some(b'{'), Some(b'}')) => at,
+            _ => continue,
+        };
+        let out = out.get_or_insert_with(|| Vec::with_capacity(event.len()));
+        out.extend_from_slice(&event[done..begin]);
+        done = end;
+    }
+    let mut out = out?;
+    out.extend_from_slice(&event[done..]);
+    Some(out)
+}
+
 /// The JSON of an event: its `data:` lines, each trimmed, joined by line breaks.
 fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let mut lines = event
@@ -568,6 +642,7 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn comments_are_not_data_passed_on() {
@@ -762,9 +837,10 @@ mod tests {
         let mut s = SseScanner::new(true);
         let a =
             s.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\nda");
+        // The `"usage":null` the gateway's own asking brought is not passed on either.
         assert_eq!(
             &a[..],
-            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n"
+            b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n"
         );
         let b = s.feed(b"ta: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":4,\"total_tokens\":7}}\r\n\r\ndata: [DONE]\n\n");
         assert_eq!(&b[..], b"data: [DONE]\n\n");
@@ -776,10 +852,58 @@ mod tests {
         assert!(!c.is_empty());
         assert_eq!(s.usage().unwrap().total(), 3);
 
-        // Not stripping: the usage-only chunk passes.
+        // Not stripping: the usage-only chunk passes, and the null usage of the others.
         let mut s = SseScanner::new(false);
         let d = s.feed(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":5}}\n\n");
         assert!(!d.is_empty());
+        let e = b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\n";
+        assert_eq!(&s.feed(e)[..], e);
+    }
+
+    #[test]
+    fn a_null_usage_member_is_removed_with_one_comma() {
+        let cases: &[(&str, Option<&str>)] = &[
+            (r#"data: {"a":1,"usage":null}"#, Some(r#"data: {"a":1}"#)),
+            (
+                r#"data: {"a":1,"usage":null,"b":2}"#,
+                Some(r#"data: {"a":1,"b":2}"#),
+            ),
+            (r#"data: {"usage":null,"b":2}"#, Some(r#"data: {"b":2}"#)),
+            (r#"data: {"usage":null}"#, Some(r#"data: {}"#)),
+            // Python's `json.dumps`: spaces after separators.
+            (
+                r#"data: {"a": 1, "usage": null, "b": 2}"#,
+                Some(r#"data: {"a": 1, "b": 2}"#),
+            ),
+            (
+                r#"data: {"usage" : null , "b": 2}"#,
+                Some(r#"data: {"b": 2}"#),
+            ),
+            // Nested, as a chunk's own field would be elsewhere: removed as well.
+            (
+                r#"data: {"x":{"usage":null},"usage":null}"#,
+                Some(r#"data: {"x":{}}"#),
+            ),
+            // Inside a string, a value that is not null, or `null` that only starts a word.
+            (r#"data: {"content":"say "usage":null,"}"#, None),
+            (r#"data: {"usage":{"total_tokens":3}}"#, None),
+            (r#"data: {"usage":nullx}"#, None),
+            (r#"data: ["usage",null]"#, None),
+            (r#"data: {"a":1}"#, None),
+        ];
+        for (event, want) in cases {
+            let got = without_null_usage(event.as_bytes());
+            assert_eq!(
+                got.as_deref().map(|b| std::str::from_utf8(b).unwrap()),
+                *want,
+                "{event}"
+            );
+            if let Some(w) = want {
+                // What is left is still the same JSON, less the member.
+                let left: Value = serde_json::from_str(&w["data: ".len()..]).unwrap();
+                assert!(!left.to_string().contains("\"usage\":null"), "{w}");
+            }
+        }
     }
 
     #[test]
@@ -787,7 +911,7 @@ mod tests {
         // Lines end in `\n`, `\r\n` or `\r` alone, mixed, as the event-stream format allows.
         // The event before the usage-only one ends in `\r\n\r\n`: cut between its last `\r` and
         // `\n`, the `\n` was dropped with the usage-only event (an outside audit).
-        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{}}]}\n\ndata: {\"choices\":[{\"delta\":{}}]}\r\rdata: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\n: comment\r\n\ndata: {\"choices\":[]}\n\r\ndata: [DONE]\r\r";
+        let stream: &[u8] = b"data: {\"choices\":[{\"delta\":{}}],\"usage\":null}\n\ndata: {\"choices\":[{\"delta\":{}}]}\r\rdata: {\"choices\":[{\"delta\":{}}]}\r\n\r\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":9}}\r\n\r\n: comment\r\n\ndata: {\"choices\":[]}\n\r\ndata: [DONE]\r\r";
         let stripped: Vec<u8> = {
             let mut s = SseScanner::new(true);
             let mut out = s.feed(stream).to_vec();

@@ -724,7 +724,12 @@ fn an_invalid_log_filter_is_refused_naming_tiergate_log() {
 fn a_database_url_s_sslpassword_reaches_no_log_at_any_filter() {
     // The URL is parsed before the connection is tried: a closed port is enough.
     let url = "postgres://u@127.0.0.1:1/x?sslpassword=SSLPW-SECRET-7&connect_timeout=1";
-    for filter in [None, Some("info"), Some("trace"), Some("sqlx_postgres=trace")] {
+    for filter in [
+        None,
+        Some("info"),
+        Some("trace"),
+        Some("sqlx_postgres=trace"),
+    ] {
         let mut command = Command::new(env!("CARGO_BIN_EXE_tiergate"));
         command
             .args(["workspaces", "list", "--database", url])
