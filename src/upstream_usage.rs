@@ -114,15 +114,115 @@ impl UsageJson {
 
 #[derive(Deserialize)]
 struct NestedUsage {
+    #[serde(default, deserialize_with = "object")]
     usage: Option<UsageJson>,
 }
 
-/// An answer or a stream event, with its usage at the top level or under `response`.
+/// An answer or a stream event, with its usage at the top level or under `response`. Each field
+/// is read only if it has the type the known APIs give it, and is none otherwise: a sibling of
+/// an unexpected type (`"response": "text"`, `"choices": {}`) failed the whole parse, and the
+/// upstream's usage beside it was replaced by the estimate, too low or too high (an outside
+/// audit).
 #[derive(Deserialize)]
 struct WithUsage {
+    #[serde(default, deserialize_with = "object")]
     usage: Option<UsageJson>,
+    #[serde(default, deserialize_with = "object")]
     response: Option<NestedUsage>,
-    choices: Option<Vec<serde::de::IgnoredAny>>,
+    /// Whether `choices` is an empty array (`Some(true)`), another array (`Some(false)`), or
+    /// no array.
+    #[serde(default, deserialize_with = "empty_array")]
+    choices: Option<bool>,
+}
+
+/// A JSON object read as `T`; any other value is none.
+fn object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+    struct Object<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Object<T> {
+        type Value = Option<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Object(std::marker::PhantomData))
+}
+
+/// Whether a JSON array is empty; any other value is none.
+fn empty_array<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+    struct Empty;
+    impl<'de> Visitor<'de> for Empty {
+        type Value = Option<bool>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an array")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut empty = true;
+            while seq.next_element::<IgnoredAny>()?.is_some() {
+                empty = false;
+            }
+            Ok(Some(empty))
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            Ok(None)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+    }
+    d.deserialize_any(Empty)
 }
 
 impl WithUsage {
@@ -635,7 +735,7 @@ fn keep_event(usage: &mut Option<UsageJson>, strip_usage_chunk: bool, event: &[u
     }
     // Removed whatever its figures: the client did not ask for it, valid or not (an outside
     // audit: `{"total_tokens":-1}` reached a client that never asked for usage).
-    let usage_only = chunk.usage.is_some() && chunk.choices.is_some_and(|c| c.is_empty());
+    let usage_only = chunk.usage.is_some() && chunk.choices == Some(true);
     !(strip_usage_chunk && usage_only)
 }
 
@@ -811,6 +911,46 @@ mod tests {
         );
         assert_eq!(total(r#"{"usage":null}"#), None);
         assert_eq!(total(r#"{"choices":[]}"#), None);
+        // A sibling of an unexpected type does not hide the usage beside it (an outside audit:
+        // the estimate was charged instead).
+        let u = r#""usage":{"prompt_tokens":10,"completion_tokens":990,"total_tokens":1000}"#;
+        for sibling in [
+            r#""response":"some text""#,
+            r#""response":null"#,
+            r#""response":{"usage":"n/a"}"#,
+            r#""response":[1,{"usage":2}]"#,
+            r#""choices":{}"#,
+            r#""choices":"none""#,
+            r#""choices":7"#,
+            r#""usage_note":1"#,
+        ] {
+            assert_eq!(
+                total(&format!("{{{sibling},{u}}}")),
+                Some(1000),
+                "{sibling}"
+            );
+            assert_eq!(
+                total(&format!("{{{u},{sibling}}}")),
+                Some(1000),
+                "{sibling}"
+            );
+        }
+        // A usage that is no object is none, and the one under `response` is still read.
+        assert_eq!(
+            total(r#"{"usage":"n/a","response":{"usage":{"total_tokens":4}}}"#),
+            Some(4)
+        );
+        assert_eq!(total(r#"{"usage":[1,2],"choices":[]}"#), None);
+        // The usage-only chunk of a stream, with such a sibling: read, and removed.
+        let mut s = SseScanner::new(true);
+        let event = format!("data: {{\"choices\":[],\"response\":\"text\",{u}}}\n\n");
+        assert!(s.feed(event.as_bytes()).is_empty());
+        assert_eq!(s.usage().map(|u| u.total()), Some(1000));
+        // Choices that are no array make no usage-only chunk: kept, the usage read.
+        let mut s = SseScanner::new(true);
+        let event = format!("data: {{\"choices\":{{}},{u}}}\n\n");
+        assert_eq!(&s.feed(event.as_bytes())[..], event.as_bytes());
+        assert_eq!(s.usage().map(|u| u.total()), Some(1000));
         let observed = usage_of_json(br#"{"usage":{"input_tokens":5,"output_tokens":6}}"#).unwrap();
         assert_eq!(observed.completion(), Some(6));
         // Both namings at once (some compatible servers send both) read as one.
