@@ -455,6 +455,68 @@ async fn an_embedded_installation_moves_to_postgres_whole() {
 }
 
 /// What a target holds, as far as a refused migration must leave it.
+/// Ids continue after the highest the source ever gave, not after the highest it still holds: an
+/// endpoint deleted before the copy keeps its id in the audit log, and a new one took it (an
+/// outside audit: `webhook:1` named two endpoints).
+#[tokio::test]
+async fn ids_deleted_before_a_migration_are_not_given_again() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = format!("sqlite://{}", dir.path().join("embedded.db").display());
+    let endpoint = |url: &str| tiergate::store::NewWebhook {
+        workspace: None,
+        url: url.into(),
+        events: vec!["workspace.suspended".into()],
+        secret: "whsec_c2VjcmV0".into(),
+    };
+    let (kept, deleted) = {
+        let store = tiergate::store::open(&sqlite).await.unwrap();
+        let kept = store
+            .create_webhook(
+                &endpoint("http://127.0.0.1:9/kept"),
+                10,
+                &Actor::cli(None),
+                0,
+            )
+            .await
+            .unwrap();
+        let gone = store
+            .create_webhook(
+                &endpoint("http://127.0.0.1:9/gone"),
+                10,
+                &Actor::cli(None),
+                0,
+            )
+            .await
+            .unwrap();
+        store
+            .delete_webhook(gone.id, None, &Actor::cli(None), 0)
+            .await
+            .unwrap();
+        (kept.id, gone.id)
+    };
+    assert!(deleted > kept);
+    let out = migrate(&sqlite, &db.url);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let store = tiergate::store::open(&db.url).await.unwrap();
+    let next = store
+        .create_webhook(
+            &endpoint("http://127.0.0.1:9/next"),
+            10,
+            &Actor::cli(None),
+            0,
+        )
+        .await
+        .unwrap();
+    assert_eq!(next.id, deleted + 1);
+}
+
 async fn holdings(url: &str) -> (Vec<String>, Vec<AuditEntry>, Vec<WebhookEndpoint>, Vec<u8>) {
     let store = tiergate::store::open(url).await.unwrap();
     let mut tiers: Vec<String> = store

@@ -224,7 +224,13 @@ pub async fn sqlite_to_postgres(from: &str, to: &str) -> Result<MigrationSummary
             .await
             .map_err(write)?;
     summary.catalog_version = source_version.max(target_version + 1);
-    finish_target(&mut dst, summary.catalog_version)
+    // The highest id each table ever gave (SQLite's AUTOINCREMENT never gives one again), which
+    // may be above the highest copied: the rows above were deleted.
+    let given: Vec<(String, i64)> = sqlx::query_as("SELECT name, seq FROM sqlite_sequence")
+        .fetch_all(&mut *src)
+        .await
+        .map_err(read)?;
+    finish_target(&mut dst, summary.catalog_version, &given)
         .await
         .map_err(MigrateError::Write)?;
     dst.commit().await.map_err(write)?;
@@ -531,9 +537,16 @@ async fn copy_table(
     }
 }
 
-/// Sequences continue after the copied ids; the catalogue is at `version`, with an empty change
-/// log that starts there (instances behind it reload everything).
-async fn finish_target(dst: &mut Dst, version: i64) -> Result<(), StoreError> {
+/// Sequences continue after the ids the source ever gave (`given`, SQLite's `sqlite_sequence`),
+/// not only after those copied: an endpoint deleted before the copy keeps its id, and the audit
+/// entries that name it name no other (an outside audit: `webhook:1` named two endpoints). The
+/// catalogue is at `version`, with an empty change log that starts there (instances behind it
+/// reload everything).
+async fn finish_target(
+    dst: &mut Dst,
+    version: i64,
+    given: &[(String, i64)],
+) -> Result<(), StoreError> {
     for table in [
         "workspaces",
         "api_keys",
@@ -542,9 +555,14 @@ async fn finish_target(dst: &mut Dst, version: i64) -> Result<(), StoreError> {
         "webhook_endpoints",
         "webhook_deliveries",
     ] {
+        let given = given
+            .iter()
+            .find(|(name, _)| name == table)
+            .map_or(0, |&(_, seq)| seq);
         sqlx::query(&format!(
-            "SELECT setval(pg_get_serial_sequence('{table}', 'id'), COALESCE(MAX(id), 0) + 1, false) FROM {table}"
+            "SELECT setval(pg_get_serial_sequence('{table}', 'id'), GREATEST(COALESCE(MAX(id), 0), $1) + 1, false) FROM {table}"
         ))
+        .bind(given)
         .execute(&mut **dst)
         .await?;
     }
