@@ -371,7 +371,26 @@ impl Catalog {
     /// `authenticate`, by the key's id rather than its secret, which a session does not keep.
     /// Scans the keys (the view has no index by id): a console page costs a pass over them,
     /// the proxy path nothing.
-    pub fn session_key(
+    ///
+    /// A key this instance does not know yet (made on another instance a moment ago, the
+    /// session signed in there) waits for a check of the store, as `authenticate` does: it sent
+    /// the user back to sign in, the cookie cleared (an outside audit).
+    pub async fn session_key(
+        &self,
+        key: KeyId,
+        workspace: WorkspaceId,
+        now: i64,
+    ) -> Result<Arc<WorkspaceEntry>, AuthFailure> {
+        match self.session_key_now(key, workspace, now) {
+            Err(AuthFailure::UnknownKey) => {
+                self.check_on_miss(Instant::now()).await;
+                self.session_key_now(key, workspace, now)
+            }
+            found => found,
+        }
+    }
+
+    fn session_key_now(
         &self,
         key: KeyId,
         workspace: WorkspaceId,

@@ -120,7 +120,7 @@ async fn sign_in_page(
         return see_other(super::console_operator::HOME, None);
     }
     let signed = match scope.workspace {
-        true => signed_in(&state, &headers).map(|_| ()),
+        true => signed_in(&state, &headers).await.map(|_| ()),
         // Here only an operator's session counts; any other cookie is for the other listener
         // (cookies are per host, not per port), so it is left alone.
         false => Err(SignedOut { clear: false }),
@@ -260,7 +260,7 @@ async fn usage_page(
     headers: HeaderMap,
     Query(query): Query<MonthQuery>,
 ) -> Response {
-    let (_, entry) = match signed_in(&state, &headers) {
+    let (_, entry) = match signed_in(&state, &headers).await {
         Ok(found) => found,
         Err(out) => return out.to_sign_in(&headers),
     };
@@ -305,7 +305,7 @@ async fn workspace_page(
     headers: HeaderMap,
     Query(query): Query<PageQuery>,
 ) -> Response {
-    let (session, entry) = match signed_in(&state, &headers) {
+    let (session, entry) = match signed_in(&state, &headers).await {
         Ok(found) => found,
         Err(out) => return out.to_sign_in(&headers),
     };
@@ -434,8 +434,9 @@ pub(super) async fn workspace_form(
     request: Request,
 ) -> Result<(Session, Arc<WorkspaceEntry>, Vec<(String, String)>), Response> {
     let (parts, body) = request.into_parts();
-    let (session, entry) =
-        signed_in(state, &parts.headers).map_err(|out| out.to_sign_in(&parts.headers))?;
+    let (session, entry) = signed_in(state, &parts.headers)
+        .await
+        .map_err(|out| out.to_sign_in(&parts.headers))?;
     if !same_origin(&parts.headers) {
         return Err(page(
             StatusCode::FORBIDDEN,
@@ -727,7 +728,7 @@ pub(super) fn session_of(state: &AppState, headers: &HeaderMap) -> Option<Sessio
 
 /// The session, and its workspace, if the session is a workspace's, valid, and its key and
 /// workspace still hold. An operator's session is not signed out by it (nothing to clear).
-pub(super) fn signed_in(
+pub(super) async fn signed_in(
     state: &AppState,
     headers: &HeaderMap,
 ) -> Result<(Session, Arc<WorkspaceEntry>), SignedOut> {
@@ -739,6 +740,7 @@ pub(super) fn signed_in(
     let entry = state
         .catalog
         .session_key(key, workspace, state.clock.now_secs())
+        .await
         .map_err(|_| SignedOut { clear })?;
     Ok((session, entry))
 }

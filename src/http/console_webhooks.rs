@@ -577,7 +577,7 @@ async fn workspace_created(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let (session, entry) = match signed_in(&state, &headers) {
+    let (session, entry) = match signed_in(&state, &headers).await {
         Ok(found) => found,
         Err(out) => return out.to_sign_in(&headers),
     };
@@ -622,7 +622,7 @@ async fn workspace_endpoint(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let (session, entry) = match signed_in(&state, &headers) {
+    let (session, entry) = match signed_in(&state, &headers).await {
         Ok(found) => found,
         Err(out) => return out.to_sign_in(&headers),
     };

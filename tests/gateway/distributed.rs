@@ -2896,3 +2896,27 @@ async fn a_renewal_drops_the_holds_of_records_gone_with_their_keys() {
     })
     .await;
 }
+
+/// A console session signed in on one instance, with a key made there a moment ago, holds on
+/// another that has not picked the key up yet: it waits for a check of the store, as the API
+/// does, instead of sending the user back to sign in with the cookie cleared (an outside
+/// audit). The catalogue's own refresh is pushed out of the test's reach.
+#[tokio::test]
+async fn a_console_session_on_a_key_made_a_moment_ago_holds_on_every_instance() {
+    let Some(url) = shared_redis() else { return };
+    let fleet = TestGateway::fleet(2, &url, |raw| raw.catalog_refresh_ms = Some(600_000)).await;
+    fleet[0]
+        .put_tier("t", json!({"requests_per_second": 10}))
+        .await;
+    let (_, key) = fleet[0].workspace("t").await;
+    let cookie = crate::console::signed_in(&fleet[0], &key).await;
+    let page = crate::console::get(&fleet[1], "/console/workspace", Some(&cookie)).await;
+    assert_eq!(
+        page.status,
+        StatusCode::OK,
+        "{:?} {:?}",
+        page.location,
+        page.set_cookie
+    );
+    assert!(page.set_cookie.is_empty(), "{:?}", page.set_cookie);
+}
