@@ -306,6 +306,10 @@ fn attempt_error(e: &reqwest::Error) -> String {
 
 /// Writes a `quota.threshold` event for every threshold a workspace's month usage has crossed
 /// and that is not in `fired` yet (this process's memory of what the store already holds).
+/// Each is written once per workspace, month, quota and threshold: a quota raised within the
+/// month (an approved increase, a larger budget) fires its thresholds again, as the new quota's
+/// (once per month only, the workspace that got more and used it up was never told: an outside
+/// audit).
 /// Only workspaces some endpoint would hear about are read (none when no endpoint subscribes),
 /// their month's tokens in one query per 1000. Returns how many events were new in the store.
 pub async fn check_quotas(
@@ -313,7 +317,7 @@ pub async fn check_quotas(
     catalog: &Catalog,
     clock: &dyn Clock,
     thresholds: &[u64],
-    fired: &mut HashSet<(WorkspaceId, i32, u64)>,
+    fired: &mut HashSet<(WorkspaceId, i32, u64, u64)>,
 ) -> Result<usize, StoreError> {
     let listening = store.list_webhooks(None).await?;
     let listening: Vec<_> = listening
@@ -326,7 +330,7 @@ pub async fn check_quotas(
     let everyone = listening.iter().any(|e| e.workspace_id.is_none());
     let now = clock.now();
     let month = MonthKey::of(now);
-    fired.retain(|(_, m, _)| *m == month.0);
+    fired.retain(|(_, m, _, _)| *m == month.0);
     let quotas: HashMap<WorkspaceId, (u64, bool)> = catalog
         .month_quotas()
         .into_iter()
@@ -335,7 +339,7 @@ pub async fn check_quotas(
                 && (everyone || listening.iter().any(|e| e.workspace_id == Some(*w)))
                 && thresholds
                     .iter()
-                    .any(|t| !fired.contains(&(*w, month.0, *t)))
+                    .any(|t| !fired.contains(&(*w, month.0, *quota, *t)))
         })
         .map(|(w, quota, budget)| (w, (quota, budget)))
         .collect();
@@ -350,7 +354,7 @@ pub async fn check_quotas(
             };
             for &threshold in thresholds {
                 if tokens.saturating_mul(100) < quota.saturating_mul(threshold)
-                    || fired.contains(&(workspace, month.0, threshold))
+                    || fired.contains(&(workspace, month.0, quota, threshold))
                 {
                     continue;
                 }
@@ -366,12 +370,14 @@ pub async fn check_quotas(
                         "quota": quota,
                         "quota_is_budget": budget,
                     }),
-                    Some(format!("quota:{workspace}:{month_name}:{threshold}")),
+                    Some(format!(
+                        "quota:{workspace}:{month_name}:{quota}:{threshold}"
+                    )),
                 );
                 if store.enqueue_event(&event, clock.now_secs()).await? {
                     written += 1;
                 }
-                fired.insert((workspace, month.0, threshold));
+                fired.insert((workspace, month.0, quota, threshold));
             }
         }
     }

@@ -494,7 +494,7 @@ async fn a_gateway_restarted_between_an_event_and_its_delivery_still_delivers_it
 }
 
 #[tokio::test]
-async fn each_quota_threshold_fires_once_a_month() {
+async fn each_quota_threshold_fires_once_a_month_for_each_quota() {
     let gw = TestGateway::start_with(fast_retries()).await;
     gw.put_tier(
         "wh",
@@ -522,24 +522,45 @@ async fn each_quota_threshold_fires_once_a_month() {
     assert_eq!(event["data"]["threshold_percent"], 50);
     assert_eq!(event["data"]["quota_is_budget"], true);
 
-    // Down to exactly what was used: 80% and 100%, each once.
+    // Down to exactly what was used: the new quota's thresholds it is past, each once.
     let budget = json!({"tokens_per_month": used});
     let (s, _) = keyed(&gw, &key, Method::PUT, "/v1/budget", Some(budget)).await;
     assert_eq!(s, StatusCode::OK);
-    receiver.wait_for(3).await;
+    receiver.wait_for(4).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let mut thresholds: Vec<u64> = receiver
-        .got()
-        .iter()
-        .map(|r| r.json()["data"]["threshold_percent"].as_u64().unwrap())
-        .collect();
-    thresholds.sort();
-    assert_eq!(thresholds, [50, 80, 100]);
+    let fired = |receiver: &Receiver| {
+        let mut fired: Vec<(u64, u64)> = receiver
+            .got()
+            .iter()
+            .map(|r| {
+                let data = &r.json()["data"];
+                (
+                    data["quota"].as_u64().unwrap(),
+                    data["threshold_percent"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        fired.sort();
+        fired
+    };
+    let mut want = vec![(used, 50), (used, 80), (used, 100), (used * 3 / 2, 50)];
+    want.sort();
+    assert_eq!(fired(&receiver), want);
+
+    // Raised within the month, the quota's thresholds fire again as the new quota's: the
+    // workspace that was given more and uses it up is told (an outside audit: it never was).
+    let budget = json!({"tokens_per_month": used * 2});
+    let (s, _) = keyed(&gw, &key, Method::PUT, "/v1/budget", Some(budget)).await;
+    assert_eq!(s, StatusCode::OK);
+    receiver.wait_for(5).await;
+    want.push((used * 2, 50));
+    want.sort();
+    assert_eq!(fired(&receiver), want);
 
     // A restart forgets what it fired; the store does not.
     let gw = gw.restart_with(fast_retries()).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert_eq!(receiver.got().len(), 3);
+    assert_eq!(receiver.got().len(), 5);
     drop(gw);
 }
 
