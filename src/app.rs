@@ -17,7 +17,7 @@ use crate::estimate::Estimator;
 use crate::http::upstream::{Upstream, UPSTREAM_POOL_IDLE};
 use crate::limiter::failover::Failover;
 use crate::limiter::local::LocalLimiter;
-use crate::limiter::redis::{RedisLimiter, RedisOptions};
+use crate::limiter::redis::{RedisLimiter, RedisOptions, StartRefusal};
 use crate::limiter::{Limiter, LimiterError, MonthKey, MonthSource, MonthTotals};
 use crate::metrics::{Metrics, Scrape};
 use crate::model::WorkspaceId;
@@ -44,6 +44,8 @@ pub enum AppError {
         "redis: Redis refuses the credentials in the URL ({0}); check the user name and password"
     )]
     RedisRefused(String),
+    #[error("redis: {0}")]
+    RedisTopology(&'static str),
     #[error("{0}")]
     Admin(crate::admin::AdminError),
     #[error("stopped with usage the ledger could not take: {requests} requests, {tokens} tokens lost (the store did not answer)")]
@@ -239,8 +241,19 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
                 time: redis.time,
             };
             let shared = Arc::new(RedisLimiter::new(options, shared_months.clone())?);
-            if let Some(why) = shared.refused_credentials().await {
-                return Err(AppError::RedisRefused(why));
+            match shared.refused_at_start().await {
+                Some(StartRefusal::Credentials(why)) => return Err(AppError::RedisRefused(why)),
+                Some(StartRefusal::ClusterNode) => {
+                    return Err(AppError::RedisTopology(
+                        "the server is a node of a Redis Cluster: set redis_cluster (--redis-cluster), or give two or more of its nodes as seeds",
+                    ))
+                }
+                Some(StartRefusal::NotCluster) => {
+                    return Err(AppError::RedisTopology(
+                        "redis_cluster is set, and the server has no cluster support: unset it to use one server",
+                    ))
+                }
+                None => {}
             }
             Failover::new(
                 shared,

@@ -281,6 +281,17 @@ pub struct Carry {
     pub models: Vec<(String, u64)>,
 }
 
+/// Why a Redis can never serve the gateway as configured (`RedisLimiter::refused_at_start`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartRefusal {
+    /// It refuses the credentials in the URL; Redis's own words.
+    Credentials(String),
+    /// One server was given, and it is a node of a Redis Cluster.
+    ClusterNode,
+    /// A cluster was given, and the server has no cluster support.
+    NotCluster,
+}
+
 /// The Redis limiter. Background work (lease renewal) stops when it is dropped.
 pub struct RedisLimiter {
     inner: Arc<Inner>,
@@ -1185,13 +1196,17 @@ impl RedisLimiter {
         Ok(RedisLimiter { inner, renewal })
     }
 
-    /// At start: why Redis refuses this gateway's credentials (a wrong password or user name,
-    /// a password it does not ask for, a password missing), which no wait mends; `None` when it takes them, or cannot be reached now:
-    /// the gateway then starts, and the failure policy applies until Redis answers.
-    pub async fn refused_credentials(&self) -> Option<String> {
+    /// At start: why this Redis can never serve the gateway as configured, which no wait mends:
+    /// it refuses the credentials (a wrong password or user name, a password it does not ask for,
+    /// a password missing), or it is not what `redis_cluster` says (a cluster node given as one
+    /// server answers every key of another node's slots with `MOVED`; a server without cluster
+    /// support refuses a cluster client): the gateway started, sent every request to the
+    /// failure policy and called Redis unreachable, while `/readyz` said ready (an outside
+    /// audit). `None` when it serves, or cannot be reached now: the gateway then starts, and the
+    /// failure policy applies until Redis answers.
+    pub async fn refused_at_start(&self) -> Option<StartRefusal> {
         let limit = self.inner.timeout.max(Duration::from_secs(1));
         let check = async {
-            let ping = redis::cmd("PING");
             match &self.inner.client {
                 Client::Single(client) => {
                     let config = redis::AsyncConnectionConfig::new()
@@ -1200,20 +1215,37 @@ impl RedisLimiter {
                     let mut conn = client
                         .get_multiplexed_async_connection_with_config(&config)
                         .await?;
-                    ping.query_async::<Value>(&mut conn).await.map(|_| ())
+                    let info: String = redis::cmd("INFO")
+                        .arg("cluster")
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok(info
+                        .lines()
+                        .any(|l| l.trim() == "cluster_enabled:1")
+                        .then_some(StartRefusal::ClusterNode))
                 }
                 Client::Cluster(client) => {
                     let mut conn = client.get_async_connection().await?;
-                    ping.query_async::<Value>(&mut conn).await.map(|_| ())
+                    redis::cmd("PING")
+                        .query_async::<Value>(&mut conn)
+                        .await
+                        .map(|_| None)
                 }
             }
         };
-        let Ok(Err(e)) = tokio::time::timeout(limit, check).await else {
-            return None;
+        let e: redis::RedisError = match tokio::time::timeout(limit, check).await {
+            Ok(Ok(refusal)) => return refusal,
+            Ok(Err(e)) => e,
+            Err(_) => return None,
         };
-        let refused = e.kind() == redis::ErrorKind::AuthenticationFailed
-            || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
-        refused.then(|| e.to_string())
+        if e.kind() == redis::ErrorKind::AuthenticationFailed
+            || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        {
+            return Some(StartRefusal::Credentials(e.to_string()));
+        }
+        e.to_string()
+            .contains("cluster support disabled")
+            .then_some(StartRefusal::NotCluster)
     }
 
     /// Whether the limits live in a Redis Cluster (else one server).

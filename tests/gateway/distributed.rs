@@ -2738,6 +2738,52 @@ async fn redis_refusing_the_credentials_is_refused_at_start() {
     assert!(app(right).await.is_ok());
 }
 
+/// A Redis that is not what `redis_cluster` says is refused at start, by name: a cluster node
+/// given as one server, or one server given as a cluster. Started, the gateway answered every
+/// request `503 limiter_unavailable` for good, logged Redis as not answering, and `/readyz`
+/// said ready (an outside audit).
+#[tokio::test]
+async fn redis_of_the_wrong_topology_is_refused_at_start() {
+    let Some(single) = shared_redis() else { return };
+    let seeds = cluster_seeds();
+    let dir = tempfile::tempdir().unwrap();
+    let app = |url: String, cluster: bool| {
+        let raw = tiergate::RawSettings {
+            database: Some(format!("sqlite://{}", dir.path().join("tg.db").display())),
+            redis: Some(url),
+            redis_cluster: Some(cluster),
+            redis_timeout_ms: Some(500),
+            upstream: tiergate::config::RawUpstream {
+                url: Some("http://127.0.0.1:1".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let config = tiergate::config::Config::try_from(raw).unwrap();
+        tiergate::app(config, Arc::new(tiergate::clock::SystemClock))
+    };
+    let node = seeds.split(',').next().unwrap().trim().to_string();
+    let refused = match app(node.clone(), false).await {
+        Ok(_) => panic!("a cluster node as one server: started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.starts_with("redis: the server is a node of a Redis Cluster: set redis_cluster"),
+        "{refused}"
+    );
+    let refused = match app(single.clone(), true).await {
+        Ok(_) => panic!("one server as a cluster: started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.starts_with("redis: redis_cluster is set, and the server has no cluster support"),
+        "{refused}"
+    );
+    // Each as what it is starts.
+    assert!(app(node, true).await.is_ok());
+    assert!(app(single, false).await.is_ok());
+}
+
 /// A denial by this instance's share, while Redis does not answer, of what the workspace's whole
 /// limit could take is told as the share's, to be retried: `rate_limited` with `Retry-After: 1`,
 /// not `request_too_large` ("can never fit") nor `quota_exceeded` ("renews next month"), both
