@@ -32,8 +32,10 @@ pub fn usage_section(history: &UsageHistoryView, this_month: bool) -> Markup {
             h3 { "Per day in " (history.month) }
         }
         (daily_chart(&history.days))
+        (daily_figures(&history.days))
         h3 { "Per hour, the last 48 hours" }
         (hourly_chart(&history.hours))
+        (hourly_figures(&history.hours))
         @if this_month {
             h2 { "Usage per key this month" }
         } @else {
@@ -131,6 +133,73 @@ pub fn hourly_chart(hours: &[HourUsageView]) -> Markup {
 }
 
 /// Each key's requests, tokens and 429s this month.
+/// The daily chart's figures as a table, folded under the chart: what its bars' titles show on
+/// hover, for a touch screen, a keyboard or a screen reader, which reach no hover (an outside
+/// audit: on a phone they were nowhere else on the page). Days with usage only.
+pub fn daily_figures(days: &[DayUsageView]) -> Markup {
+    let used: Vec<&DayUsageView> = days
+        .iter()
+        .filter(|d| d.tokens > 0 || d.requests > 0 || d.denied > 0 || d.shadow_denied > 0)
+        .collect();
+    let shadow = used.iter().any(|d| d.shadow_denied > 0);
+    html! {
+        @if !used.is_empty() {
+            details.figures #figures-daily {
+                summary { "Figures per day" }
+                table {
+                    thead { tr {
+                        th { "Day (UTC)" } th.num { "Tokens" } th.num { "Requests" } th.num { "429s" }
+                        @if shadow { th.num { "Shadow denials" } }
+                    } }
+                    tbody {
+                        @for d in &used {
+                            tr {
+                                td { (d.day) }
+                                td.num { (grouped(d.tokens)) }
+                                td.num { (grouped(d.requests)) }
+                                td.num { (grouped(d.denied)) }
+                                @if shadow { td.num { (grouped(d.shadow_denied)) } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The hourly chart's figures as a table, as `daily_figures`: hours with requests only.
+pub fn hourly_figures(hours: &[HourUsageView]) -> Markup {
+    let used: Vec<&HourUsageView> = hours
+        .iter()
+        .filter(|h| h.requests > 0 || h.denied > 0)
+        .collect();
+    html! {
+        @if !used.is_empty() {
+            details.figures #figures-hourly {
+                summary { "Figures per hour" }
+                table {
+                    thead { tr {
+                        th { "Hour (UTC)" } th.num { "Requests" } th.num { "429s" } th.num { "Prompt tokens" } th.num { "Completion tokens" }
+                    } }
+                    tbody {
+                        @for h in &used {
+                            @let at = h.hour.rfc3339();
+                            tr {
+                                td { (at.get(..10).unwrap_or(&at)) " " (at.get(11..13).unwrap_or("")) ":00" }
+                                td.num { (grouped(h.requests)) }
+                                td.num { (grouped(h.denied)) }
+                                td.num { (grouped(h.prompt_tokens)) }
+                                td.num { (grouped(h.completion_tokens)) }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 pub fn keys_table(keys: &[KeyUsageView]) -> Markup {
     html! {
         table #usage-by-key {
@@ -345,6 +414,33 @@ mod tests {
             assert_eq!(nice_max(max), top, "{max}");
         }
         assert_eq!(nice_max(u64::MAX), u64::MAX);
+    }
+
+    #[test]
+    fn the_charts_figures_are_in_tables_for_who_cannot_hover() {
+        let days = vec![
+            day("2026-12-01", 0, 0, 0),
+            day("2026-12-02", 1_234, 56_789, 3),
+        ];
+        let table = daily_figures(&days).into_string();
+        assert!(table.starts_with("<details class=\"figures\" id=\"figures-daily\">"));
+        assert!(table.contains("<td>2026-12-02</td><td class=\"num\">56,789</td><td class=\"num\">1,234</td><td class=\"num\">3</td>"), "{table}");
+        assert!(
+            !table.contains("2026-12-01"),
+            "a day without usage: {table}"
+        );
+        assert!(!table.contains("Shadow"), "{table}");
+        let hours = vec![hour(1_796_083_200, 0, 0), hour(1_796_086_800, 7, 2)];
+        let table = hourly_figures(&hours).into_string();
+        assert_eq!(
+            table.matches("<tr>").count(),
+            2,
+            "the heading and one hour: {table}"
+        );
+        assert!(table.contains("<td class=\"num\">7</td><td class=\"num\">2</td><td class=\"num\">21</td><td class=\"num\">35</td>"), "{table}");
+        // Nothing to show, no table.
+        assert_eq!(daily_figures(&days[..1]).into_string(), "");
+        assert_eq!(hourly_figures(&hours[..1]).into_string(), "");
     }
 
     #[test]

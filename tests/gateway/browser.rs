@@ -255,7 +255,7 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
     browser
         .wait_for("#use_case")
         .await
-        .send_keys("Nightly batch summaries for the research team")
+        .send_keys(USE_CASE)
         .await
         .unwrap();
     browser
@@ -419,6 +419,58 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
         .assert_no_console_errors("/console/workspace after the approval")
         .await;
     browser.screenshot("workspace-approved").await;
+    // At a phone's width (the page laid out 390 px wide in the narrowest window, as above), the
+    // use case wraps in its column, the webhook form's "URL" is one line, and a revoke's
+    // confirmation wraps within its table (an outside audit: a use case one line 1,383 px wide,
+    // "UR" above "L", and a confirmation 401 px wide in a table of 352, its warning cut off).
+    browser
+        .client
+        .set_window_size(500, WINDOW_HEIGHT)
+        .await
+        .unwrap();
+    browser.client.refresh().await.unwrap();
+    browser.wait_for("#requests td.use-case").await;
+    let sizes = browser
+        .client
+        .execute(
+            "document.documentElement.style.width = '390px'; \
+             document.querySelectorAll('details.revoke').forEach(d => d.open = true); \
+             const px = e => e.getBoundingClientRect(); \
+             const lines = e => { const r = document.createRange(); r.selectNodeContents(e); \
+               return new Set([...r.getClientRects()].map(x => Math.round(x.top))).size; }; \
+             const url = [...document.querySelector('label.url').childNodes].find(n => n.nodeType === 3); \
+             const revoke = document.querySelector('form.revoke button'); \
+             return [px(document.querySelector('#requests td.use-case')).width, \
+                     lines(url), px(revoke).width, \
+                     revoke.closest('table').clientWidth];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let sizes: Vec<f64> = sizes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert!(
+        sizes[0] <= 420.0,
+        "the use case's cell is {} px wide",
+        sizes[0]
+    );
+    assert_eq!(sizes[1], 1.0, "the URL label's lines");
+    assert!(
+        sizes[2] <= sizes[3],
+        "a revoke's confirmation {} px wide in a table of {} px",
+        sizes[2],
+        sizes[3]
+    );
+    browser.screenshot("workspace-phone").await;
+    browser
+        .client
+        .set_window_size(WINDOW_WIDTH, WINDOW_HEIGHT)
+        .await
+        .unwrap();
     let r = gw.chat(&key, hello(), &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(header(&r, "x-ratelimit-limit-tokens"), Some("300000"));
@@ -442,6 +494,10 @@ async fn console_in_a_browser_sign_in_usage_and_sign_out() {
 
     browser.close().await;
 }
+
+/// A use case as people write them: a sentence or two, longer than a phone is wide.
+const USE_CASE: &str = "Nightly batch summaries for the research team: we run them over the whole \
+     archive and the current per-minute limit makes each run take over six hours.";
 
 /// A workspace `name` on [`TIER`] and a key of its own named `key_name` (names that read well in
 /// a screenshot).
