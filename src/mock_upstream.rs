@@ -13,7 +13,8 @@
 //! | `POST /v1/embeddings` | one embedding of 8 floats per `input` (a string or an array of strings); usage has `completion_tokens: 0` |
 //! | `POST /v1/agents/completions` | as `/v1/chat/completions` (Mistral's Agents API, which names an `agent_id` instead of a `model`): a route a gateway passes through unmetered, whose answer still reports usage |
 //! | `POST /v1/responses` | OpenAI Responses API: a `response` object with one `message` output item of `output_text`, and `usage` `{input_tokens, input_tokens_details, output_tokens, output_tokens_details, total_tokens}`; `input` is a string or an array of items whose `content` is a string or `{"type":"input_text","text":...}` parts; `instructions` optional; `max_output_tokens` instead of `max_tokens` (see Streaming); `stream_options.include_usage`, which that API does not have, answers 400 |
-//! | `GET /v1/models` | OpenAI list of `mistral-small-latest`, `mistral-large-latest`, `codestral-latest` |
+//! | `GET /v1/models` | OpenAI list of `mistral-small-latest`, `mistral-large-latest`, `codestral-latest`, each with Mistral's `type` (`base`) and `capabilities` |
+//! | `GET /v1/models/{id}` | one of those, or `404` with code `model_not_found` |
 //! | `GET /v1/files/{id}/content` | `application/octet-stream`, 4 chunks of 16 KiB (`a…`, `b…`, `c…`, `d…`), `x-mock-latency-ms` apart |
 //! | `GET /mock/requests` | `{"count": N}`: requests received so far, the `/mock/*` routes excluded |
 //! | `GET /mock/stats?tag=NAME` | [`TagStats`] of the requests tagged `NAME`: `{"count": N, "in_flight": N, "max_in_flight": N}` (zeros for a tag never seen; 400 without `tag`) |
@@ -123,7 +124,7 @@ use std::{
 
 use axum::{
     body::{Body, HttpBody},
-    extract::{DefaultBodyLimit, FromRequestParts, Query, Request, State},
+    extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State},
     http::{header, request::Parts, HeaderMap, HeaderValue, StatusCode, Uri},
     middleware::{self, Next},
     response::{IntoResponse, Response},
@@ -187,6 +188,7 @@ pub fn router(config: MockConfig) -> Router {
         .route("/v1/responses", post(responses))
         .route("/v1/agents/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/files/{id}/content", get(file_content))
         .route(REQUESTS_PATH, get(request_count))
         .route(STATS_PATH, get(tag_stats))
@@ -1364,14 +1366,56 @@ async fn responses(State(state): State<SharedState>, controls: Controls, body: B
     }
 }
 
+/// A model as both APIs list it: OpenAI's fields, and Mistral's `type` and `capabilities`, which
+/// the mistralai SDK requires (an outside audit: its `models.list()` failed on the mock).
+fn model_card(id: &str, created: u64) -> Value {
+    json!({
+        "id": id,
+        "object": "model",
+        "created": created,
+        "owned_by": "mistralai",
+        "type": "base",
+        "capabilities": {
+            "completion_chat": true,
+            "completion_fim": id.starts_with("codestral"),
+            "function_calling": true,
+            "fine_tuning": false,
+            "vision": false,
+        },
+    })
+}
+
 async fn models(State(state): State<SharedState>, controls: Controls) -> Response {
     let created = unix_now();
     let result = controls.check_status().map(|()| {
-        let data: Vec<Value> = MODELS
-            .iter()
-            .map(|id| json!({"id": id, "object": "model", "created": created, "owned_by": "mistralai"}))
-            .collect();
+        let data: Vec<Value> = MODELS.iter().map(|id| model_card(id, created)).collect();
         json!({"object": "list", "data": data})
+    });
+    json_answer(&state, &controls, result).await
+}
+
+/// `GET /v1/models/{id}`: one of `MODELS`, or `404` (`model_not_found`).
+async fn model(
+    State(state): State<SharedState>,
+    controls: Controls,
+    Path(id): Path<String>,
+) -> Response {
+    let result = controls.check_status().and_then(|()| {
+        MODELS
+            .iter()
+            .find(|m| **m == id)
+            .map(|m| model_card(m, unix_now()))
+            .ok_or_else(|| {
+                let error = ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("The model '{id}' does not exist"),
+                );
+                ApiError {
+                    code: Some("model_not_found"),
+                    ..error
+                }
+            })
     });
     json_answer(&state, &controls, result).await
 }
@@ -1793,6 +1837,14 @@ mod tests {
         let response = send(addr, "GET", "/v1/models", &headers, "").await;
         let body = response.json();
         assert_eq!(body["data"].as_array().unwrap().len(), 3);
+        assert_eq!(body["data"][0]["type"], "base");
+        assert_eq!(body["data"][2]["capabilities"]["completion_fim"], true);
+        let one = send(addr, "GET", "/v1/models/codestral-latest", &[], "").await;
+        assert_eq!(one.status, 200);
+        assert_eq!(one.json()["id"], "codestral-latest");
+        let none = send(addr, "GET", "/v1/models/gpt-none", &[], "").await;
+        assert_eq!(none.status, 404);
+        assert_eq!(none.json()["code"], "model_not_found");
         assert_eq!(body["received_headers"]["authorization"], "Bearer upstream");
 
         let body = r#"{"model":"mistral-embed","input":["one two","three!"]}"#;

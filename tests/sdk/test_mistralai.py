@@ -115,6 +115,15 @@ def test_embeddings(gateway, make_workspace):
     ws.wait_totals(requests=1, tokens=5)
 
 
+def test_models_list_and_get(gateway, make_workspace):
+    # The model cards this SDK validates (`type`, `capabilities`) pass through the gateway whole.
+    ws = make_workspace(requests_per_second=10, tokens_per_minute=100_000)
+    m = client(gateway, ws)
+    ids = [card.id for card in m.models.list().data]
+    assert ids == ["mistral-small-latest", "mistral-large-latest", "codestral-latest"]
+    assert m.models.retrieve(model_id="codestral-latest").capabilities.completion_fim
+
+
 def test_fim_complete_and_stream(gateway, make_workspace):
     ws = make_workspace(requests_per_second=10, tokens_per_minute=100_000)
     m = client(gateway, ws)

@@ -102,6 +102,15 @@ def test_embeddings(gateway, make_workspace):
     ws.wait_totals(requests=2, tokens=7)
 
 
+def test_models_list_and_retrieve(gateway, make_workspace):
+    ws = make_workspace(requests_per_second=10, tokens_per_minute=100_000)
+    c = client(gateway, ws)
+    assert [m.id for m in c.models.list()] == ["mistral-small-latest", "mistral-large-latest", "codestral-latest"]
+    assert c.models.retrieve("mistral-large-latest").id == "mistral-large-latest"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("no-such-model")
+
+
 def test_legacy_completions_with_suffix(gateway, make_workspace):
     ws = make_workspace(requests_per_second=10, tokens_per_minute=100_000)
     c = client(gateway, ws)
