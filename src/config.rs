@@ -77,8 +77,13 @@ fn key_at(text: &str, line: usize) -> Option<String> {
 }
 
 /// `message` with each double-quoted part (a value serde quotes: `invalid type: string "…"`) as
-/// `"***"`; names stay (serde and TOML quote them with backquotes).
+/// `"***"`; names stay (serde and TOML quote them with backquotes), and so does a quote character
+/// quoted so (TOML's ``expected `"` ``, which was masked into ``expected `"***"` ``: an outside
+/// audit).
 fn without_values(message: &str) -> String {
+    const QUOTE: &str = "`\"`";
+    const HELD: &str = "`\u{0}`";
+    let message = message.replace(QUOTE, HELD);
     let mut out = String::with_capacity(message.len());
     let mut parts = message.split('"');
     if let Some(first) = parts.next() {
@@ -93,7 +98,7 @@ fn without_values(message: &str) -> String {
         }
         inside = !inside;
     }
-    out.trim_end().to_string()
+    out.trim_end().replace(HELD, QUOTE)
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> ConfigError {
@@ -2673,6 +2678,12 @@ mod tests {
                 "upstream.timeout_secs (line 3",
             ),
             ("access_log = \"maybe\"\n".to_string(), "access_log (line 1"),
+            // A quote character TOML names as expected is not taken for a value (it was shown
+            // as `"***"`).
+            (
+                "listen = \n".to_string(),
+                "listen (line 1, column 10): invalid string\nexpected `\"`, `'`",
+            ),
         ];
         for (i, (text, told)) in cases.iter().enumerate() {
             let path = dir.path().join(format!("{i}.toml"));
