@@ -784,3 +784,83 @@ async fn an_approval_never_lowers_a_limit() {
     assert_eq!(s, StatusCode::OK, "{body}");
     assert_eq!(tpm(&second).await, in_force + 1);
 }
+
+/// A burst granted earlier does not hold back a rate granted later: approving 20/s after a
+/// burst of 8 (both increases over a tier of 5/s, burst 5) raises the burst to the new rate's
+/// own, 20 (an outside audit: 8 of 20 requests at once admitted, where a workspace never given
+/// the burst got 20). A burst the operator set below the tier's stays.
+#[tokio::test]
+async fn an_earlier_burst_increase_does_not_cap_a_later_rate_increase() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "five",
+        json!({"requests_per_second": 5, "burst": 5, "tokens_per_minute": 10000000}),
+    )
+    .await;
+    let ask_and_grant = |key: String, asked: Value| {
+        let gw = &gw;
+        async move {
+            let r = gw
+                .client
+                .post(format!("{}/v1/limit-requests", gw.url))
+                .bearer_auth(&key)
+                .json(&json!({"use_case": "more", "requested_limits": asked}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+            let id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
+            let (s, v) = gw
+                .admin(
+                    Method::POST,
+                    &format!("/limit-requests/{id}/approve"),
+                    Some(json!({})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v
+        }
+    };
+    let at_once = |key: String| {
+        let gw = &gw;
+        async move {
+            let mut admitted = 0;
+            for _ in 0..30 {
+                if gw.chat(&key, hello(), &[]).await.status() == StatusCode::OK {
+                    admitted += 1;
+                }
+            }
+            admitted
+        }
+    };
+    let (ws, key) = gw.workspace("five").await;
+    ask_and_grant(key.clone(), json!({"burst": 8})).await;
+    let approved = ask_and_grant(key.clone(), json!({"requests_per_second": 20})).await;
+    assert_eq!(
+        approved["granted_limits"],
+        json!({"requests_per_second": 20.0, "burst": 20})
+    );
+    let (_, w) = gw
+        .admin(Method::GET, &format!("/workspaces/{ws}"), None)
+        .await;
+    assert_eq!(w["overrides"]["burst"], 20, "{w}");
+    // The clock stands still: what is admitted is the burst.
+    assert_eq!(at_once(key).await, 20);
+
+    // The operator's restriction (a burst of 2, below the tier's 5) is kept.
+    let (ws, key) = gw.workspace("five").await;
+    let (s, v) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"limits": {"burst": 2}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let approved = ask_and_grant(key.clone(), json!({"requests_per_second": 20})).await;
+    assert_eq!(
+        approved["granted_limits"],
+        json!({"requests_per_second": 20.0})
+    );
+    assert_eq!(at_once(key).await, 2);
+}
