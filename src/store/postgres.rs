@@ -1096,8 +1096,12 @@ impl Store for PostgresStore {
                 Some(_) => AuditAction::WorkspacePromote,
                 None => AuditAction::WorkspaceUpdate,
             };
-            let audit = AuditRow::workspace_change(by, now, action, Some(&current), &updated);
-            Self::audit(&mut tx, audit).await?;
+            // A change that changes nothing (the tier it is on, a status it has) is no change to
+            // audit (an outside audit: entries whose before and after were the same).
+            if updated != current {
+                let audit = AuditRow::workspace_change(by, now, action, Some(&current), &updated);
+                Self::audit(&mut tx, audit).await?;
+            }
             for event in workspace_events(&current, &updated, now) {
                 Self::enqueue(&mut tx, &event, now).await?;
             }

@@ -864,3 +864,41 @@ async fn an_earlier_burst_increase_does_not_cap_a_later_rate_increase() {
     );
     assert_eq!(at_once(key).await, 2);
 }
+
+/// A change that changes nothing (the tier the workspace is on, a status it has) answers the
+/// workspace as it is and writes no audit entry (an outside audit: entries whose before and
+/// after were the same); a real change still does.
+#[tokio::test]
+async fn a_change_that_changes_nothing_is_not_audited() {
+    let gw = TestGateway::start().await;
+    let (ws, _) = gw.workspace("free").await;
+    let updates = || async {
+        let (s, log) = gw
+            .admin(
+                Method::GET,
+                &format!("/audit?action=workspace.update&workspace_id={ws}"),
+                None,
+            )
+            .await;
+        assert_eq!(s, StatusCode::OK, "{log}");
+        log["data"].as_array().unwrap().len()
+    };
+    let patch = |body: Value| {
+        let gw = &gw;
+        async move {
+            let (s, v) = gw
+                .admin(Method::PATCH, &format!("/workspaces/{ws}"), Some(body))
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            v
+        }
+    };
+    assert_eq!(updates().await, 0);
+    patch(json!({"tier": "free"})).await;
+    patch(json!({"status": "active"})).await;
+    assert_eq!(updates().await, 0);
+    let v = patch(json!({"status": "suspended"})).await;
+    assert_eq!(v["status"], "suspended");
+    patch(json!({"status": "suspended"})).await;
+    assert_eq!(updates().await, 1);
+}
