@@ -1143,6 +1143,11 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
                             @if ws.budget.tokens_per_month.is_some_and(|b| b as f64 == m.limit) {
                                 " " span.budget-binds { "(your own budget)" }
                             }
+                            // The month limit in shadow under an enforced budget: shown too (an
+                            // outside audit: it appeared nowhere on the page).
+                            @if let Some(v) = shadow.and_then(|l| l.tokens_per_month) {
+                                "; the month limit, in shadow: " span.shadow { (v) " tokens" } " (not enforced)"
+                            }
                         },
                         Some(&m.reset),
                     )),

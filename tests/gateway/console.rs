@@ -1412,6 +1412,42 @@ async fn a_limit_in_shadow_is_shown_with_its_figure() {
     );
 }
 
+/// A month limit in shadow is shown under the budget the workspace set and that is enforced
+/// (an outside audit: it appeared nowhere on the page).
+#[tokio::test]
+async fn a_month_limit_in_shadow_is_shown_beside_an_enforced_budget() {
+    let gw = TestGateway::start().await;
+    gw.put_tier(
+        "watched-month",
+        json!({"requests_per_second": 5, "tokens_per_month": 600, "shadow": ["tokens_per_month"]}),
+    )
+    .await;
+    let (_, key) = gw.workspace("watched-month").await;
+    let r = gw
+        .client
+        .put(format!("{}/v1/budget", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"tokens_per_month": 590}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let row = page
+        .body
+        .split(r#"<tr data-limit="tokens_per_month">"#)
+        .nth(1)
+        .and_then(|rest| rest.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no month row: {}", page.body));
+    assert!(row.contains("of 590 tokens used"), "{row}");
+    assert!(row.contains("(your own budget)"), "{row}");
+    assert!(
+        row.contains(r#"in shadow: <span class="shadow">600 tokens</span>"#),
+        "{row}"
+    );
+}
+
 /// A model's limits in shadow are shown too, on the workspace's page and on the operator's: they
 /// appeared nowhere, or as "—" beside the model's enforced month (an outside audit).
 #[tokio::test]
