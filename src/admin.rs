@@ -1330,6 +1330,32 @@ impl Admin {
             .map_err(not_found("webhook", id))
     }
 
+    /// Sends a failed delivery of event `event_id` to endpoint `id` again: its attempts start
+    /// over, the first at once. `workspace`: only its own endpoints are found. A receiver that
+    /// was down longer than the retries last (12 attempts, about 27 minutes at the default
+    /// base) lost the event for good (an outside audit).
+    pub async fn redeliver(
+        &self,
+        by: &Actor,
+        id: WebhookId,
+        event_id: &str,
+        workspace: Option<WorkspaceId>,
+    ) -> Result<DeliveryRecord, AdminError> {
+        self.change_by(by)?;
+        let record = self
+            .store
+            .redeliver(id, event_id, workspace, by, self.now())
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => AdminError::NotFound(format!(
+                    "no webhook {id}, or no delivery of event {event_id:?} to it"
+                )),
+                e => e.into(),
+            })?;
+        self.wake_webhooks();
+        Ok(record)
+    }
+
     /// An endpoint's latest deliveries (at most `limit`, up to 1000), newest first.
     pub async fn webhook_deliveries(
         &self,

@@ -1555,10 +1555,12 @@ pub enum AuditAction {
     /// A webhook endpoint registered (by the operator or a workspace).
     WebhookCreate,
     WebhookDelete,
+    /// A failed delivery sent again (its attempts start over).
+    WebhookRedeliver,
 }
 
 impl AuditAction {
-    pub const ALL: [AuditAction; 13] = [
+    pub const ALL: [AuditAction; 14] = [
         AuditAction::TierPut,
         AuditAction::WorkspaceCreate,
         AuditAction::WorkspaceUpdate,
@@ -1572,6 +1574,7 @@ impl AuditAction {
         AuditAction::LimitRequestWithdraw,
         AuditAction::WebhookCreate,
         AuditAction::WebhookDelete,
+        AuditAction::WebhookRedeliver,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -1589,6 +1592,7 @@ impl AuditAction {
             AuditAction::LimitRequestWithdraw => "limit_request.withdraw",
             AuditAction::WebhookCreate => "webhook.create",
             AuditAction::WebhookDelete => "webhook.delete",
+            AuditAction::WebhookRedeliver => "webhook.redeliver",
         }
     }
 

@@ -2902,6 +2902,64 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
         (r.last_status, r.next_attempt_at_ms),
         (Some(500), Some(100_000))
     );
+
+    // The failed one is sent again: pending, its attempts from zero, due at once, audited; what
+    // it last got stays until its next attempt's outcome.
+    let (failed_event, delivered_event) = (
+        f.event_id.clone(),
+        listed
+            .iter()
+            .find(|d| d.status == "delivered")
+            .unwrap()
+            .event_id
+            .clone(),
+    );
+    let again = s
+        .redeliver(endpoint.id, &failed_event, None, &by(), 300)
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            again.status.as_str(),
+            again.attempts,
+            again.next_attempt_at_ms
+        ),
+        ("pending", 0, Some(0))
+    );
+    assert_eq!(again.last_error.as_deref(), Some("connection refused"));
+    let due = other.claim_deliveries(300_000, 330_000, 100).await.unwrap();
+    assert!(
+        due.iter()
+            .any(|d| d.event_id == failed_event && d.attempts == 0),
+        "sent again at once"
+    );
+    let audit = s
+        .audit_log(&AuditFilter {
+            action: Some(AuditAction::WebhookRedeliver),
+            limit: 10,
+            ..AuditFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0].target, format!("webhook:{}", endpoint.id));
+    // Only a failed one: a pending or delivered one is a conflict; none, or an endpoint of
+    // another workspace's, is not found.
+    for event in [&failed_event, &delivered_event] {
+        assert!(matches!(
+            s.redeliver(endpoint.id, event, None, &by(), 301).await,
+            Err(StoreError::Conflict(_))
+        ));
+    }
+    assert!(matches!(
+        s.redeliver(endpoint.id, "evt_none", None, &by(), 301).await,
+        Err(StoreError::NotFound)
+    ));
+    assert!(matches!(
+        s.redeliver(endpoint.id, &failed_event, Some(ws.id), &by(), 301)
+            .await,
+        Err(StoreError::NotFound)
+    ));
 }
 
 async fn a_webhook_event_with_a_dedupe_key_is_written_once(b: Backend) {

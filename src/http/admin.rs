@@ -19,7 +19,7 @@ use utoipa_axum::routes;
 
 use super::error::ApiError;
 use super::extract::{query_id, JsonBody, NoFields, OptionalJson, PathParam, QueryParams};
-use super::openapi::{AdminErrors, BadRequest, BodyErrors, NotFound};
+use super::openapi::{AdminErrors, BadRequest, BodyErrors, NotFailed, NotFound};
 use super::views::{
     audit_action_schema, created, usage_view, workspace_view, AuditEntryView, AuditPageView,
     DeliveryView, KeyView, LimitRequestView, List, ListObject, NewKeyView, NewWebhookView,
@@ -50,6 +50,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(deny))
         .routes(routes!(audit))
         .routes(routes!(create_webhook, list_webhooks))
+        .routes(routes!(redeliver))
         .routes(routes!(delete_webhook))
         .routes(routes!(webhook_deliveries))
 }
@@ -869,6 +870,40 @@ async fn delete_webhook(
 ) -> Result<SortedJson<WebhookView>, ApiError> {
     let endpoint = state.admin.delete_webhook(&by, id, None).await?;
     Ok(SortedJson(WebhookView::from(&endpoint)))
+}
+
+/// Sends a failed delivery again: its 12 attempts start over, the first at once.
+#[utoipa::path(
+    post,
+    path = "/webhooks/{id}/deliveries/{event_id}/redeliver",
+    tag = "admin",
+    operation_id = "redeliver_webhook_delivery",
+    security(("admin_token" = [])),
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The endpoint's id."),
+        ("event_id" = String, Path, description = "The event's id (`webhook-id`), as its deliveries list it."),
+    ),
+    responses(
+        (status = 200, description = "The delivery, pending again.", body = DeliveryView),
+        BadRequest,
+        NotFound,
+        NotFailed,
+        AdminErrors,
+    )
+)]
+async fn redeliver(
+    AdminActor(by): AdminActor,
+    State(state): State<Arc<AppState>>,
+    PathParam((id, event_id)): PathParam<(i64, String)>,
+    _: OptionalJson<NoFields>,
+) -> Result<SortedJson<DeliveryView>, ApiError> {
+    if id <= 0 {
+        return Err(ApiError::BadRequest(format!(
+            "invalid path: the endpoint's id {id} is not a whole number above 0"
+        )));
+    }
+    let record = state.admin.redeliver(&by, id, &event_id, None).await?;
+    Ok(SortedJson(DeliveryView::from(&record)))
 }
 
 /// Lists an endpoint's latest deliveries (at most 100), newest first.

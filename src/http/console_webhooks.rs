@@ -11,6 +11,8 @@
 //! - `POST /console/operator/webhooks` (`url`, `events`): registers it, then `303` to
 //!   `GET /console/operator/webhooks/{id}/created`, which shows its signing secret once.
 //! - `POST /console/operator/webhooks/{id}/delete`: removes it (any workspace's too).
+//! - `POST /console/operator/webhooks/{id}/deliveries/{event}/redeliver`: sends a failed
+//!   delivery again (`form.redeliver` beside it), then `303` to the endpoint's page.
 //!
 //! The workspace's (its session's workspace alone, as `/v1/webhooks`):
 //! - a section of `/console/workspace` (`section#webhooks`): its endpoints, each with
@@ -18,7 +20,8 @@
 //! - `GET /console/webhooks/{id}`: one of its endpoints and its latest 100 deliveries
 //!   (`table#deliveries`), as `GET /v1/webhooks/{id}/deliveries` lists them;
 //! - `POST /console/webhooks` → `303` to `GET /console/webhooks/{id}/created`;
-//! - `POST /console/webhooks/{id}/delete` (another workspace's endpoint: `404`).
+//! - `POST /console/webhooks/{id}/delete` (another workspace's endpoint: `404`);
+//! - `POST /console/webhooks/{id}/deliveries/{event}/redeliver`, as the operator's.
 //!
 //! **The secret, once.** As a new key's: the form answers `303`, and the secret goes to the
 //! page that shows it in a cookie for that one path (`HttpOnly`, `SameSite=Strict`, 5 minutes),
@@ -73,6 +76,10 @@ pub(super) fn operator_routes() -> Router<Arc<AppState>> {
             "/console/operator/webhooks/{id}/delete",
             post(operator_delete),
         )
+        .route(
+            "/console/operator/webhooks/{id}/deliveries/{event}/redeliver",
+            post(operator_redeliver),
+        )
 }
 
 pub(super) fn workspace_routes() -> Router<Arc<AppState>> {
@@ -81,6 +88,10 @@ pub(super) fn workspace_routes() -> Router<Arc<AppState>> {
         .route("/console/webhooks/{id}", get(workspace_endpoint))
         .route("/console/webhooks/{id}/created", get(workspace_created))
         .route("/console/webhooks/{id}/delete", post(workspace_delete))
+        .route(
+            "/console/webhooks/{id}/deliveries/{event}/redeliver",
+            post(workspace_redeliver),
+        )
 }
 
 // ---- Shared --------------------------------------------------------------------------------
@@ -393,7 +404,7 @@ fn endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: &str
             }
             " · " (events_text(e)) " · created " (Timestamp(e.created_at).rfc3339())
         }
-        (deliveries_table(deliveries, Answers::Shown))
+        (deliveries_table(deliveries, Answers::Shown, (OPERATOR_WEBHOOKS, e.id, token)))
         (remove_form(OPERATOR_WEBHOOKS, e, token, Shown::OnItsPage))
         p { a href=(OPERATOR_WEBHOOKS) { "Back to the webhooks" } }
     }
@@ -437,7 +448,7 @@ fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: 
             code { (e.shown_url()) } " · " (events_text(e)) " · created "
             (Timestamp(e.created_at).rfc3339())
         }
-        (deliveries_table(deliveries, Answers::Withheld))
+        (deliveries_table(deliveries, Answers::Withheld, (WORKSPACE_WEBHOOKS, e.id, token)))
         (remove_form(WORKSPACE_WEBHOOKS, e, token, Shown::OnItsPage))
         p { a href="/console/workspace" { "Back to the workspace" } }
     }
@@ -451,16 +462,23 @@ enum Answers {
     Withheld,
 }
 
-/// The latest deliveries to an endpoint (`table#deliveries`), newest first.
-fn deliveries_table(deliveries: &[DeliveryRecord], answers: Answers) -> Markup {
+/// The latest deliveries to an endpoint (`table#deliveries`), newest first; a failed one with
+/// the form that sends it again (`form.redeliver`, to `{base}/{endpoint}/deliveries/{event}/
+/// redeliver`, `again` = (base, endpoint, form token)).
+fn deliveries_table(
+    deliveries: &[DeliveryRecord],
+    answers: Answers,
+    again: (&str, i64, &str),
+) -> Markup {
     let shown = answers == Answers::Shown;
+    let (base, endpoint, token) = again;
     html! {
         h2 { "Latest deliveries" }
         @if deliveries.is_empty() {
             p.note #no-deliveries { "None yet." }
         } @else {
             table #deliveries {
-                thead { tr { th { "Event" } th { "Type" } th { "Status" } th { "Attempts" } @if shown { th { "Last answer" } } th { "Next attempt" } th { "Created" } } }
+                thead { tr { th { "Event" } th { "Type" } th { "Status" } th { "Attempts" } @if shown { th { "Last answer" } } th { "Next attempt" } th { "Created" } th {} } }
                 tbody {
                     @for d in deliveries {
                         tr data-event-id=(d.event_id) data-status=(d.status) {
@@ -476,6 +494,14 @@ fn deliveries_table(deliveries: &[DeliveryRecord], answers: Answers) -> Markup {
                             }
                             td { (d.next_attempt_at_ms.map_or_else(String::new, |ms| Timestamp(ms / 1000).rfc3339())) }
                             td { (Timestamp(d.created_at).rfc3339()) }
+                            td {
+                                @if d.status == "failed" {
+                                    form.redeliver method="post" action=(format!("{base}/{endpoint}/deliveries/{}/redeliver", d.event_id)) {
+                                        input type="hidden" name="csrf" value=(token);
+                                        button type="submit" { "Send again" }
+                                    }
+                                }
+                            }
                         }
                     }
                 }
@@ -502,6 +528,27 @@ async fn operator_delete(
             &format!("{OPERATOR_WEBHOOKS}?done={}", Done::WebhookRemoved.code()),
             None,
         ),
+        Err(e) => failure_page(&op, &state, e).await,
+    }
+}
+
+/// `POST /console/operator/webhooks/{id}/deliveries/{event}/redeliver`: a failed delivery sent
+/// again, as the admin API's `redeliver`; back to the endpoint's page.
+async fn operator_redeliver(
+    State(state): State<Arc<AppState>>,
+    Path((id, event)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    let (op, _) = match posted(&state, request).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    let sent = match id_of(&id) {
+        Some(id) => state.admin.redeliver(&op.actor(), id, &event, None).await,
+        None => Err(AdminError::NotFound("No such endpoint.".into())),
+    };
+    match sent {
+        Ok(_) => see_other(&format!("{OPERATOR_WEBHOOKS}/{id}"), None),
         Err(e) => failure_page(&op, &state, e).await,
     }
 }
@@ -668,6 +715,34 @@ async fn workspace_delete(
     };
     match removed {
         Ok(_) => see_other("/console/workspace?done=webhook-removed", None),
+        Err(AdminError::NotFound(_)) => not_found_page(),
+        Err(e) => workspace_refused(&state, &session, &entry, e, None).await,
+    }
+}
+
+/// `POST /console/webhooks/{id}/deliveries/{event}/redeliver`: a failed delivery to one of the
+/// workspace's own endpoints sent again; back to the endpoint's page.
+async fn workspace_redeliver(
+    State(state): State<Arc<AppState>>,
+    Path((id, event)): Path<(String, String)>,
+    request: Request,
+) -> Response {
+    let (session, entry, _) = match workspace_form(&state, request).await {
+        Ok(found) => found,
+        Err(answer) => return answer,
+    };
+    let ws = entry.workspace.id;
+    let sent = match id_of(&id) {
+        Some(id) => {
+            state
+                .admin
+                .redeliver(&Actor::workspace(ws), id, &event, Some(ws))
+                .await
+        }
+        None => Err(AdminError::NotFound("No such endpoint.".into())),
+    };
+    match sent {
+        Ok(_) => see_other(&format!("{WORKSPACE_WEBHOOKS}/{id}"), None),
         Err(AdminError::NotFound(_)) => not_found_page(),
         Err(e) => workspace_refused(&state, &session, &entry, e, None).await,
     }

@@ -386,6 +386,15 @@ pub enum BadRequest {
     BadRequest(ErrorBody<'static>),
 }
 
+/// Sending a delivery again that has not failed.
+#[derive(IntoResponses)]
+#[allow(dead_code)]
+pub enum NotFailed {
+    /// The delivery is pending or was delivered (`conflict`): only a failed one is sent again.
+    #[response(status = 409)]
+    Conflict(ErrorBody<'static>),
+}
+
 /// A route about one object, by its id.
 #[derive(IntoResponses)]
 #[allow(dead_code)]

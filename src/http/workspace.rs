@@ -16,7 +16,7 @@ use super::admin::NewWebhook;
 use super::authenticate;
 use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, NoFields, OptionalJson, PathParam, QueryParams};
-use super::openapi::{BadRequest, BodyErrors, ChangeErrors, NotFound, WorkspaceErrors};
+use super::openapi::{BadRequest, BodyErrors, ChangeErrors, NotFailed, NotFound, WorkspaceErrors};
 use super::views::{
     created, usage_and_key_view, usage_history_view, CallingKeyView, LimitRequestView, List,
     NewWebhookView, NextTierView, OwnDeliveryView, SortedJson, UsageHistoryView, WebhookView,
@@ -38,6 +38,7 @@ pub fn api() -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(create_webhook, list_webhooks))
         .routes(routes!(delete_webhook))
         .routes(routes!(webhook_deliveries))
+        .routes(routes!(redeliver))
 }
 
 /// The limits page, which is the console's workspace page now.
@@ -519,4 +520,48 @@ async fn webhook_deliveries(
     Ok(SortedJson(List::of(
         list.iter().map(OwnDeliveryView::from).collect(),
     )))
+}
+
+/// Sends a failed delivery to one of the workspace's own endpoints again: its 12 attempts start
+/// over, the first at once.
+#[utoipa::path(
+    post,
+    path = "/v1/webhooks/{id}/deliveries/{event_id}/redeliver",
+    tag = "workspace",
+    operation_id = "redeliver_own_webhook_delivery",
+    security(("workspace_key" = [])),
+    params(
+        ("id" = i64, Path, minimum = 1, description = "The endpoint's id."),
+        ("event_id" = String, Path, description = "The event's id (`webhook-id`), as its deliveries list it."),
+    ),
+    responses(
+        (status = 200, description = "The delivery, pending again.", body = OwnDeliveryView),
+        BadRequest,
+        NotFound,
+        NotFailed,
+        WorkspaceErrors,
+        ChangeErrors,
+    )
+)]
+async fn redeliver(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    path: Result<PathParam<(i64, String)>, ApiError>,
+    body: Request,
+) -> Result<SortedJson<OwnDeliveryView>, ApiError> {
+    let entry = authenticate(&state, &headers).await?.workspace;
+    // The path is checked once the caller is known: without a key, `401` whatever the path.
+    let PathParam((id, event_id)) = path?;
+    if id <= 0 {
+        return Err(ApiError::BadRequest(format!(
+            "invalid path: the endpoint's id {id} is not a whole number above 0"
+        )));
+    }
+    OptionalJson::<NoFields>::from_request(body, &state).await?;
+    let ws = entry.workspace.id;
+    let record = state
+        .admin
+        .redeliver(&Actor::workspace(ws), id, &event_id, Some(ws))
+        .await?;
+    Ok(SortedJson(OwnDeliveryView::from(&record)))
 }

@@ -569,6 +569,18 @@ pub trait Store: Send + Sync {
         endpoint: WebhookId,
         limit: u32,
     ) -> Result<Vec<DeliveryRecord>, StoreError>;
+    /// Sends a failed delivery again: its attempts start over, the first due at once (audited
+    /// as `webhook.redeliver`). With `workspace`, only that workspace's own endpoint is found.
+    /// `NotFound` for no such endpoint, or no delivery of `event_id` to it (never made, or
+    /// pruned); `Conflict` for one that has not failed (pending, or delivered).
+    async fn redeliver(
+        &self,
+        endpoint: WebhookId,
+        event_id: &str,
+        workspace: Option<WorkspaceId>,
+        by: &Actor,
+        now: i64,
+    ) -> Result<DeliveryRecord, StoreError>;
     /// Writes an event that no store change causes (`quota.threshold`) with its deliveries;
     /// `false` when its `dedupe` key was already written.
     async fn enqueue_event(&self, event: &WebhookEvent, now: i64) -> Result<bool, StoreError>;
@@ -756,6 +768,19 @@ const DELIVERIES_SQL: &str = "
 SELECT d.event_id, v.kind, d.status, d.attempts, d.last_status, d.last_error, d.next_attempt_at, d.created_at
     FROM webhook_deliveries d JOIN webhook_events v ON v.id = d.event_id
     WHERE d.endpoint_id = $1 ORDER BY d.id DESC LIMIT $2";
+
+/// One delivery of an event to an endpoint, as `DELIVERIES_SQL` reads them.
+const DELIVERY_SQL: &str = "
+SELECT d.event_id, v.kind, d.status, d.attempts, d.last_status, d.last_error, d.next_attempt_at, d.created_at
+    FROM webhook_deliveries d JOIN webhook_events v ON v.id = d.event_id
+    WHERE d.endpoint_id = $1 AND d.event_id = $2";
+
+/// A failed delivery made pending again, due at once, its attempts from zero (what it last got
+/// stays until the next attempt's outcome replaces it).
+const REDELIVER_SQL: &str = "
+UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = 0,
+    locked_until = NULL, claim = NULL
+    WHERE endpoint_id = $1 AND event_id = $2 AND status = 'failed'";
 
 const INSERT_EVENT_SQL: &str = "INSERT INTO webhook_events (id, workspace_id, kind, payload, dedupe, created_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
 
@@ -1053,6 +1078,36 @@ impl AuditRow<'_> {
             AuditAction::WebhookDelete => row.before(&view),
             _ => row.after(&view),
         }
+    }
+
+    /// A delivery sent again: its endpoint, and the event, with the delivery as it was.
+    fn redelivery<'a>(
+        by: &'a Actor,
+        at: i64,
+        endpoint: &WebhookEndpoint,
+        before: &DeliveryRecord,
+    ) -> AuditRow<'a> {
+        let delivery = |status: &str, attempts: u32| {
+            serde_json::json!({
+                "webhook_id": endpoint.id,
+                "event_id": before.event_id,
+                "type": before.kind,
+                "status": status,
+                "attempts": attempts,
+            })
+        };
+        let row = AuditRow::new(
+            by,
+            at,
+            AuditAction::WebhookRedeliver,
+            format!("webhook:{}", endpoint.id),
+        );
+        let row = match endpoint.workspace_id {
+            Some(w) => row.workspace(w),
+            None => row,
+        };
+        row.before(&delivery(&before.status, before.attempts))
+            .after(&delivery("pending", 0))
     }
 }
 

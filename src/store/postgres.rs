@@ -44,8 +44,9 @@ use super::{
     claim_token, delivery_record, due_delivery, events_column, limit_request_event,
     outcome_columns, webhook_endpoint, workspace_events, ClaimedColumns, DeliveryColumns,
     DeliveryOutcome, DeliveryRecord, DueDelivery, NewWebhook, WebhookEndpoint, WebhookEvent,
-    WebhookId, CLAIMED_SQL, DELIVERIES_SQL, FINISH_SQL, INSERT_DELIVERIES_SQL, INSERT_EVENT_SQL,
-    MOST_IN_FLIGHT_PER_ENDPOINT, PRUNE_DELIVERIES_SQL, PRUNE_EVENTS_SQL, WEBHOOK_COLUMNS,
+    WebhookId, CLAIMED_SQL, DELIVERIES_SQL, DELIVERY_SQL, FINISH_SQL, INSERT_DELIVERIES_SQL,
+    INSERT_EVENT_SQL, MOST_IN_FLIGHT_PER_ENDPOINT, PRUNE_DELIVERIES_SQL, PRUNE_EVENTS_SQL,
+    REDELIVER_SQL, WEBHOOK_COLUMNS,
 };
 use crate::limiter::{MonthKey, MonthTotals};
 use crate::model::{
@@ -1822,6 +1823,57 @@ impl Store for PostgresStore {
             Self::audit(&mut tx, audit).await?;
             commit(tx).await?;
             Ok(endpoint)
+        })
+        .await
+    }
+
+    async fn redeliver(
+        &self,
+        endpoint: WebhookId,
+        event_id: &str,
+        workspace: Option<WorkspaceId>,
+        by: &Actor,
+        now: i64,
+    ) -> Result<DeliveryRecord, StoreError> {
+        bounded(CALL_TIMEOUT, async {
+            let mut tx = self.pool.begin().await?;
+            let found: WebhookEndpoint = sqlx::query_as(&format!(
+                "SELECT {WEBHOOK_COLUMNS} FROM webhook_endpoints WHERE id = $1 AND ($2::BIGINT IS NULL OR workspace_id = $2)"
+            ))
+            .bind(endpoint)
+            .bind(workspace)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(webhook_endpoint)
+            .ok_or(StoreError::NotFound)?;
+            // Locked, so that an attempt's outcome written meanwhile is not overwritten.
+            let before = sqlx::query_as::<_, DeliveryColumns>(&format!("{DELIVERY_SQL} FOR UPDATE OF d"))
+                .bind(endpoint)
+                .bind(event_id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .map(delivery_record)
+                .ok_or(StoreError::NotFound)?;
+            if before.status != "failed" {
+                return Err(StoreError::Conflict(format!(
+                    "the delivery of {event_id} is {}: only a failed one is sent again",
+                    before.status
+                )));
+            }
+            sqlx::query(REDELIVER_SQL)
+                .bind(endpoint)
+                .bind(event_id)
+                .execute(&mut *tx)
+                .await?;
+            Self::audit(&mut tx, AuditRow::redelivery(by, now, &found, &before)).await?;
+            let after = sqlx::query_as::<_, DeliveryColumns>(DELIVERY_SQL)
+                .bind(endpoint)
+                .bind(event_id)
+                .fetch_one(&mut *tx)
+                .await
+                .map(delivery_record)?;
+            commit(tx).await?;
+            Ok(after)
         })
         .await
     }

@@ -670,7 +670,16 @@ async fn each_listener_documents_the_routes_it_serves_as_the_readme_lists_them()
 #[tokio::test]
 async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
     use Method as M;
-    let gw = TestGateway::start().await;
+    // Webhook retries ten minutes apart: a delivery's first attempt is its only one here, so
+    // none is under way when the test gives it up through the store (below).
+    let gw = TestGateway::start_with(Options {
+        raw: tiergate::config::RawSettings {
+            webhook_retry_base_ms: Some(600_000),
+            ..Default::default()
+        },
+        ..Options::default()
+    })
+    .await;
     let b = gw.url.as_str();
     let mut api = Checker::new(fetch_document(&gw, b).await);
     let (ok, created) = (StatusCode::OK, StatusCode::CREATED);
@@ -907,6 +916,72 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
         StatusCode::CONFLICT,
     )
     .await;
+    // A delivery given up (through the store here, as after its 12th attempt) is sent again on
+    // asking, the operator's and a workspace's own; asked again, it is pending: a conflict.
+    let own = api
+        .keyed(
+            b,
+            &rich_key,
+            M::POST,
+            "/v1/webhooks",
+            Some(json!({"url": "http://127.0.0.1:9/own", "events": ["limit_request.created"]})),
+            created,
+        )
+        .await;
+    let ask_more = ask(json!({"tokens_per_minute": 350000}));
+    api.keyed(b, &rich_key, M::POST, requests, ask_more, created)
+        .await;
+    let own_deliveries = format!("/admin/v1/webhooks/{}/deliveries", id(&own));
+    for listing in [&deliveries, &own_deliveries] {
+        for tries in 0.. {
+            let listed = api.admin(b, M::GET, listing, None, ok).await;
+            let data = listed["data"].as_array().unwrap();
+            if !data.is_empty() && data.iter().all(|d| d["attempts"] == 1) {
+                break;
+            }
+            assert!(tries < 200, "{listed}");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let store = tiergate::store::open(&format!("sqlite://{}", gw.db.display()))
+        .await
+        .unwrap();
+    let given_up = tiergate::store::DeliveryOutcome::Failed {
+        status: None,
+        error: Some("given up".into()),
+    };
+    loop {
+        let due = store
+            .claim_deliveries(10_000_000_000_000, 10_000_000_000_001, 100)
+            .await
+            .unwrap();
+        if due.is_empty() {
+            break;
+        }
+        for d in due {
+            store.finish_delivery(d.id, &given_up).await.unwrap();
+        }
+    }
+    let event_of = |listed: Value| listed["data"][0]["event_id"].as_str().unwrap().to_string();
+    let event = event_of(api.admin(b, M::GET, &deliveries, None, ok).await);
+    let again = format!("{deliveries}/{event}/redeliver");
+    let sent = api.admin(b, M::POST, &again, None, ok).await;
+    assert_eq!(sent["status"], "pending");
+    api.admin(b, M::POST, &again, None, StatusCode::CONFLICT)
+        .await;
+    let own_event = event_of(api.admin(b, M::GET, &own_deliveries, None, ok).await);
+    let own_again = format!("/v1/webhooks/{}/deliveries/{own_event}/redeliver", id(&own));
+    let sent = api.keyed(b, &rich_key, M::POST, &own_again, None, ok).await;
+    assert_eq!(sent["status"], "pending");
+    api.keyed(
+        b,
+        &rich_key,
+        M::POST,
+        &own_again,
+        None,
+        StatusCode::CONFLICT,
+    )
+    .await;
     let removed = format!("/admin/v1/webhooks/{}", id(&operator));
     api.admin(b, M::DELETE, &removed, None, ok).await;
     let usage = format!("{rich_path}/usage");
@@ -1066,6 +1141,11 @@ async fn every_answer_of_the_admin_and_workspace_apis_matches_the_document() {
             ),
         ),
         (M::DELETE, "/v1/webhooks/999999", Body::None),
+        (
+            M::POST,
+            "/v1/webhooks/999999/deliveries/evt_none/redeliver",
+            Body::None,
+        ),
     ] {
         for made in 0.. {
             let (status, v) = api
