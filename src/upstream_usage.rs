@@ -639,51 +639,142 @@ fn only_null_usage(event: &[u8]) -> bool {
     })
 }
 
-/// The event without its `"usage": null` members, if it has any. OpenAI sends one in every
-/// chunk of a stream whose usage was asked for, and none when it was not: where the gateway
-/// asked on the client's behalf, the client gets the chunks it asked for, without the field (an
-/// outside audit: Mistral's TypeScript SDK refuses a `null` usage, and failed on the first
-/// chunk). A member is removed with one comma beside it; a `"usage"` inside a string is
-/// escaped (`\"usage\"`), and one not followed by `null` and then `,` or `}` is left.
+/// The event without the `"usage": null` member of its top-level object, if it has one. OpenAI
+/// sends one in every chunk of a stream whose usage was asked for, and none when it was not:
+/// where the gateway asked on the client's behalf, the client gets the chunks it asked for,
+/// without the field (an outside audit: Mistral's TypeScript SDK refuses a `null` usage, and
+/// failed on the first chunk). The member is removed with one comma beside it; one nested
+/// deeper (in a `delta`, say) is the upstream's own, and stays. An event whose JSON spans
+/// several `data:` lines is passed on as one line when a member is removed (its lines joined by
+/// spaces: a line break in JSON is only whitespace between tokens).
 fn without_null_usage(event: &[u8]) -> Option<Vec<u8>> {
-    const KEY: &[u8] = b"\"usage\"";
-    let skip_ws =
-        |from: usize| from + (event[from..].len() - event[from..].trim_ascii_start().len());
-    let mut out: Option<Vec<u8>> = None;
-    // What of `event` has been copied to `out`, or dropped.
-    let mut done = 0;
-    for at in memchr::memmem::find_iter(event, KEY) {
-        if at < done || (at > 0 && event[at - 1] == b'\\') {
-            continue;
+    memchr::memmem::find(event, b"\"usage\"")?;
+    // The `data:` lines' values, as ranges of `event`; and where each line ends.
+    let mut values: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut at = 0;
+    while at < event.len() {
+        let end = memchr::memchr2(b'\n', b'\r', &event[at..]).map_or(event.len(), |i| at + i);
+        if let Some(value) = event[at..end].strip_prefix(b"data:") {
+            let skip = usize::from(value.first() == Some(&b' '));
+            values.push(at + 5 + skip..end);
         }
-        let colon = skip_ws(at + KEY.len());
-        if event.get(colon) != Some(&b':') {
-            continue;
-        }
-        let value = skip_ws(colon + 1);
-        if !event[value..].starts_with(b"null") {
-            continue;
-        }
-        let mut end = value + 4;
-        let next = skip_ws(end);
-        let before = event[done..at].trim_ascii_end();
-        let begin = match (before.last(), event.get(next)) {
-            // `,"usage":null`: with the comma before it.
-            (Some(b','), Some(b',' | b'}')) => done + before.len() - 1,
-            // `{"usage":null,` or `{"usage":null}`.
-            (Some(b'{'), Some(b',')) => {
-                end = skip_ws(next + 1);
-                at
-            }
-            (Some(b'{'), Some(b'}')) => at,
-            _ => continue,
-        };
-        let out = out.get_or_insert_with(|| Vec::with_capacity(event.len()));
-        out.extend_from_slice(&event[done..begin]);
-        done = end;
+        at = after_line(event, end);
     }
-    let mut out = out?;
-    out.extend_from_slice(&event[done..]);
+    match values.as_slice() {
+        [] => None,
+        [one] => {
+            let json = without_top_null_usage(&event[one.clone()])?;
+            let mut out = Vec::with_capacity(event.len());
+            out.extend_from_slice(&event[..one.start]);
+            out.extend_from_slice(&json);
+            out.extend_from_slice(&event[one.end..]);
+            Some(out)
+        }
+        [..] => {
+            let mut joined = Vec::with_capacity(event.len());
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    joined.push(b' ');
+                }
+                joined.extend_from_slice(event[v.clone()].trim_ascii());
+            }
+            let json = without_top_null_usage(&joined)?;
+            // The other lines (`event:`, `id:`, comments) as they were, the data where its
+            // first line was, each line ended by `\n`, then the blank line.
+            let mut out = Vec::with_capacity(event.len());
+            let mut data_written = false;
+            let mut at = 0;
+            while at < event.len() {
+                let end =
+                    memchr::memchr2(b'\n', b'\r', &event[at..]).map_or(event.len(), |i| at + i);
+                let line = &event[at..end];
+                if line.starts_with(b"data:") {
+                    if !data_written {
+                        out.extend_from_slice(b"data: ");
+                        out.extend_from_slice(&json);
+                        out.push(b'\n');
+                        data_written = true;
+                    }
+                } else if !line.is_empty() {
+                    out.extend_from_slice(line);
+                    out.push(b'\n');
+                }
+                at = after_line(event, end);
+            }
+            out.push(b'\n');
+            Some(out)
+        }
+    }
+}
+
+/// Where the line that ends at `end` (a line break, or the end of `event`) is followed by the
+/// next: past its `\r\n`, `\n` or `\r`.
+fn after_line(event: &[u8], end: usize) -> usize {
+    if end >= event.len() {
+        return event.len();
+    }
+    line_break_end(event, end).unwrap_or(end + 1)
+}
+
+/// `json` without the `"usage": null` member of its top-level object, if it has one (see
+/// `without_null_usage`). One pass over the bytes, strings skipped whole.
+fn without_top_null_usage(json: &[u8]) -> Option<Vec<u8>> {
+    let skip_ws = |from: usize| {
+        from + (json[from.min(json.len())..].len()
+            - json[from.min(json.len())..].trim_ascii_start().len())
+    };
+    let mut depth = 0u32;
+    // Where the current member of the top-level object began: its `{` or `,`.
+    let mut opened = 0;
+    let mut cut: Option<std::ops::Range<usize>> = None;
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                let start = i;
+                i += 1;
+                while i < json.len() && json[i] != b'"' {
+                    i += if json[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                if depth == 1 && json.get(start..i) == Some(&b"\"usage\""[..]) {
+                    let colon = skip_ws(i);
+                    if json.get(colon) != Some(&b':') {
+                        continue;
+                    }
+                    let value = skip_ws(colon + 1);
+                    if !json[value.min(json.len())..].starts_with(b"null") {
+                        continue;
+                    }
+                    let after = skip_ws(value + 4);
+                    cut = match (json[opened], json.get(after)) {
+                        // `,"usage":null`: with the comma before it.
+                        (b',', Some(b',' | b'}')) => Some(opened..value + 4),
+                        // `{"usage":null,`: with the comma after it.
+                        (b'{', Some(b',')) => Some(start..skip_ws(after + 1)),
+                        (b'{', Some(b'}')) => Some(start..value + 4),
+                        _ => None,
+                    };
+                    break;
+                }
+                continue;
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth == 1 {
+                    opened = i;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            b',' if depth == 1 => opened = i,
+            _ => {}
+        }
+        i += 1;
+    }
+    let cut = cut?;
+    let mut out = Vec::with_capacity(json.len());
+    out.extend_from_slice(&json[..cut.start]);
+    out.extend_from_slice(&json[cut.end..]);
     Some(out)
 }
 
@@ -1019,10 +1110,15 @@ mod tests {
                 r#"data: {"usage" : null , "b": 2}"#,
                 Some(r#"data: {"b": 2}"#),
             ),
-            // Nested, as a chunk's own field would be elsewhere: removed as well.
+            // Nested: the upstream's own, kept (an outside audit: a `delta`'s was removed).
             (
                 r#"data: {"x":{"usage":null},"usage":null}"#,
-                Some(r#"data: {"x":{}}"#),
+                Some(r#"data: {"x":{"usage":null}}"#),
+            ),
+            (r#"data: {"choices":[{"delta":{"usage":null}}]}"#, None),
+            (
+                r#"data: {"x":"}","usage":null}"#,
+                Some(r#"data: {"x":"}"}"#),
             ),
             // Inside a string, a value that is not null, or `null` that only starts a word.
             (r#"data: {"content":"say "usage":null,"}"#, None),
@@ -1031,6 +1127,17 @@ mod tests {
             (r#"data: ["usage",null]"#, None),
             (r#"data: {"a":1}"#, None),
         ];
+        // JSON over several `data:` lines (an outside audit: kept whole), passed on as one.
+        let event =
+            "event: chunk\ndata: {\ndata:   \"choices\": [],\ndata:   \"usage\": null\ndata: }\n\n";
+        let got = without_null_usage(event.as_bytes()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&got).unwrap(),
+            "event: chunk\ndata: { \"choices\": [] }\n\n"
+        );
+        let mut s = SseScanner::new(true);
+        let passed = s.feed(event.as_bytes());
+        assert_eq!(&passed[..], &got[..]);
         for (event, want) in cases {
             let got = without_null_usage(event.as_bytes());
             assert_eq!(
@@ -1039,9 +1146,9 @@ mod tests {
                 "{event}"
             );
             if let Some(w) = want {
-                // What is left is still the same JSON, less the member.
+                // What is left is still JSON, without the top-level member.
                 let left: Value = serde_json::from_str(&w["data: ".len()..]).unwrap();
-                assert!(!left.to_string().contains("\"usage\":null"), "{w}");
+                assert!(left.get("usage").is_none(), "{w}");
             }
         }
     }

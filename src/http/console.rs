@@ -1255,7 +1255,7 @@ fn workspace_body(p: &WorkspacePage<'_>) -> Markup {
         }
         p.note { "New keys are made by the operator: a leaked key cannot mint more." }
         (budget_form(&ws.budget, token, p.form.filter(|f| field(f, "use_case").is_none() && field(f, "url").is_none()).and_then(|f| field(f, "tokens_per_month"))))
-        (increase_form(token, p.form.filter(|f| field(f, "use_case").is_some())))
+        (increase_form(limits, token, p.form.filter(|f| field(f, "use_case").is_some())))
         (past_requests(requests, token))
         (super::console_webhooks::workspace_section(p.webhooks, token, p.form))
         form method="post" action="/console/sign-out" {
@@ -1416,13 +1416,24 @@ fn budget_form(budget: &crate::model::Budget, token: &str, typed: Option<String>
 }
 
 /// The "request a limit increase" form; `sent` holds the fields of a refused one, shown again.
-fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
+/// The form asking for higher limits: a field for each limit the workspace has now (`limits`,
+/// its tier's with its overrides), labelled with the figure in force. A limit it does not have is
+/// not offered: asking for one would lower it, and was refused whatever the figure (an outside
+/// audit: a free tier's form offered "Concurrent requests").
+fn increase_form(limits: &Limits, token: &str, sent: Option<&[(String, String)]>) -> Markup {
     let value = |name: &str| sent.and_then(|f| field(f, name)).unwrap_or_default();
-    let number = |name: &str, label: &str, step: &str| {
+    let number = |name: &str, label: &str, step: &str, now: Option<String>| {
         html! {
-            label for=(name) { (label) input id=(name) type="number" name=(name) min="0" step=(step) value=(value(name)); }
+            @if let Some(now) = now {
+                label for=(name) { (label) " (now " (now) ")" input id=(name) type="number" name=(name) min="0" step=(step) value=(value(name)); }
+            }
         }
     };
+    let whole = |v: Option<u64>| v.map(super::console_charts::grouped);
+    let offered = limits.requests_per_second.is_some()
+        || limits.tokens_per_minute.is_some()
+        || limits.tokens_per_month.is_some()
+        || limits.concurrent_requests.is_some();
     html! {
         h2 { "Request a limit increase" }
         form #increase method="post" action="/console/limit-requests" {
@@ -1430,10 +1441,13 @@ fn increase_form(token: &str, sent: Option<&[(String, String)]>) -> Markup {
             label for="use_case" { "Use case (required)" textarea #use_case name="use_case" rows="3" maxlength="4096" required { (value("use_case")) } }
             fieldset {
                 legend { "The limits you need (leave blank what you do not ask for)" }
-                (number("requests_per_second", "Requests per second", "0.001"))
-                (number("tokens_per_minute", "Tokens per minute", "1"))
-                (number("tokens_per_month", "Tokens per month", "1"))
-                (number("concurrent_requests", "Concurrent requests", "1"))
+                (number("requests_per_second", "Requests per second", "0.001", limits.requests_per_second.map(|v| v.to_string())))
+                (number("tokens_per_minute", "Tokens per minute", "1", whole(limits.tokens_per_minute)))
+                (number("tokens_per_month", "Tokens per month", "1", whole(limits.tokens_per_month)))
+                (number("concurrent_requests", "Concurrent requests", "1", whole(limits.concurrent_requests.map(u64::from))))
+                @if !offered {
+                    p.note { "Your workspace has none of these limits: there is nothing to raise." }
+                }
             }
             label for="expected_volume" { "Expected volume (optional)" input #expected_volume type="text" name="expected_volume" maxlength="4096" placeholder="e.g. 2M tokens a day, peaks of 20 requests/s" value=(value("expected_volume")); }
             button type="submit" { "Send the request" }
