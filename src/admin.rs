@@ -1162,8 +1162,6 @@ impl Admin {
             }
             g.validate().map_err(|m| invalid(format!("limits: {m}")))?;
         }
-        let kept_up = self.burst_kept_up(id, granted).await?;
-        let granted = kept_up.as_ref().or(granted);
         let request = self
             .store
             .approve_limit_request(id, granted, note.as_deref(), by, self.now())
@@ -1171,52 +1169,6 @@ impl Admin {
             .map_err(not_found("limit request", id))?;
         self.refresh().await;
         Ok(request)
-    }
-
-    /// What an approval grants (`granted`, else what request `id` asked) when it raises
-    /// `requests_per_second` without naming `burst`, and the workspace's burst override, an
-    /// earlier increase (above its tier's burst), is below the new rate's own burst
-    /// (`max(1, ceil(rps))`): the same, with the burst raised to that. Kept as it was, the
-    /// earlier grant held the workspace below what the new one gives (an outside audit: 20/s
-    /// approved after a burst of 8, and 8 of 20 requests at once admitted). A burst override
-    /// at or below the tier's is the operator's restriction, and stays. `None`: no change.
-    async fn burst_kept_up(
-        &self,
-        id: LimitRequestId,
-        granted: Option<&Overrides>,
-    ) -> Result<Option<Overrides>, AdminError> {
-        let Some(request) = self.store.get_limit_request(id).await? else {
-            return Ok(None);
-        };
-        let mut grant = granted
-            .cloned()
-            .unwrap_or_else(|| request.requested_limits.clone());
-        let (Some(rps), None) = (grant.requests_per_second, grant.burst) else {
-            return Ok(None);
-        };
-        let workspace = self.store.get_workspace(request.workspace_id).await?;
-        let Some(earlier) = workspace.overrides.burst else {
-            return Ok(None);
-        };
-        let tiers = self.store.list_tiers().await?;
-        let tier_burst = tiers
-            .iter()
-            .find(|t| t.name == workspace.tier)
-            .and_then(|t| {
-                t.limits
-                    .requests_per_second
-                    .map(|_| t.limits.effective_burst())
-            });
-        let own = Limits {
-            requests_per_second: Some(rps),
-            ..Limits::default()
-        }
-        .effective_burst();
-        if tier_burst.is_some_and(|t| earlier > t) && earlier < own {
-            grant.burst = Some(own);
-            return Ok(Some(grant));
-        }
-        Ok(None)
     }
 
     /// Denies a pending request with a reason the workspace can read.

@@ -652,6 +652,36 @@ impl Overrides {
     }
 }
 
+impl Overrides {
+    /// What an approval grants (`self`), given the workspace's overrides `before` it and its
+    /// tier's limits: when it raises `requests_per_second` without naming `burst`, and the burst
+    /// override `before` is an earlier increase (above the tier's burst) below the new rate's
+    /// own (`max(1, ceil(rps))`), the same with the burst raised to that. Kept as it was, the
+    /// earlier grant held the workspace below what the new one gives (an outside audit: 20/s
+    /// approved after a burst of 8, and 8 of 20 requests at once admitted). A burst override at
+    /// or below the tier's is the operator's restriction, and stays. Judged in the approval's
+    /// transaction, on the overrides as they are then (an outside audit: judged before it, a
+    /// restriction set meanwhile was overwritten).
+    pub fn with_burst_kept_up(&self, before: &Overrides, tier: &Limits) -> Overrides {
+        let mut grant = self.clone();
+        let (Some(rps), None, Some(earlier)) =
+            (grant.requests_per_second, grant.burst, before.burst)
+        else {
+            return grant;
+        };
+        let tier_burst = tier.requests_per_second.map(|_| tier.effective_burst());
+        let own = Limits {
+            requests_per_second: Some(rps),
+            ..Limits::default()
+        }
+        .effective_burst();
+        if tier_burst.is_some_and(|t| earlier > t) && earlier < own {
+            grant.burst = Some(own);
+        }
+        grant
+    }
+}
+
 impl OverridesPatch {
     /// A patch that makes the overrides exactly `target`.
     pub fn replacing(target: &Overrides) -> Self {
@@ -1623,6 +1653,48 @@ pub struct AuditEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rate_granted_raises_an_earlier_burst_increase_only() {
+        // A tier of 5/s, burst 5.
+        let tier = Limits {
+            requests_per_second: Some(5.0),
+            burst: Some(5),
+            ..Limits::default()
+        };
+        let grant = |rps: f64, burst: Option<u32>| Overrides {
+            requests_per_second: Some(rps),
+            burst,
+            ..Overrides::default()
+        };
+        let before = |burst: u32| Overrides {
+            burst: Some(burst),
+            ..Overrides::default()
+        };
+        // An earlier increase (8 > 5) below the new rate's own (20): raised to 20.
+        assert_eq!(
+            grant(20.0, None).with_burst_kept_up(&before(8), &tier),
+            grant(20.0, Some(20))
+        );
+        assert_eq!(
+            grant(19.5, None)
+                .with_burst_kept_up(&before(8), &tier)
+                .burst,
+            Some(20)
+        );
+        // A restriction (3 <= 5), one already as large, a grant naming its burst, none before,
+        // a tier without a rate: unchanged.
+        for (g, b, t) in [
+            (grant(20.0, None), before(3), &tier),
+            (grant(20.0, None), before(5), &tier),
+            (grant(20.0, None), before(30), &tier),
+            (grant(20.0, Some(9)), before(8), &tier),
+            (grant(20.0, None), Overrides::default(), &tier),
+            (grant(20.0, None), before(8), &Limits::default()),
+        ] {
+            assert_eq!(g.with_burst_kept_up(&b, t), g, "{b:?}");
+        }
+    }
 
     #[test]
     fn an_increase_request_asks_for_more_than_is_in_force() {

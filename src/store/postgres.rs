@@ -1639,7 +1639,9 @@ impl Store for PostgresStore {
             let before: Overrides = parse_json(&current, "workspaces.overrides")?;
             let tier: Limits = parse_json(&tier, "tiers.limits")?;
             approval_lowers(granted, &request.requested_limits, &before, &tier)?;
-            let granted = granted.unwrap_or(&request.requested_limits).clone();
+            let granted = granted
+                .unwrap_or(&request.requested_limits)
+                .with_burst_kept_up(&before, &tier);
             let mut overrides = before.clone();
             overrides.merge(&granted);
             overrides
