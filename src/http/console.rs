@@ -1467,7 +1467,7 @@ fn past_requests(requests: &[LimitRequest], token: &str) -> Markup {
                 tbody {
                     @for r in requests.iter().rev() {
                         tr data-request-id=(r.id) data-status=(r.status.as_str()) {
-                            td { (Timestamp(r.created_at).rfc3339()) }
+                            td.at { (Timestamp(r.created_at).rfc3339()) }
                             td.use-case {
                                 (r.use_case)
                                 @if let Some(v) = &r.expected_volume { br; span.note { "Expected volume: " (v) } }

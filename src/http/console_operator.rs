@@ -500,10 +500,12 @@ pub(super) enum Done {
     AttributesPromoted,
     Enforcement,
     WebhookRemoved,
+    Redelivered,
 }
 
 impl Done {
-    const ALL: [Done; 18] = [
+    const ALL: [Done; 19] = [
+        Done::Redelivered,
         Done::Created,
         Done::AttributesPromoted,
         Done::WebhookRemoved,
@@ -544,6 +546,7 @@ impl Done {
             Done::AttributesPromoted => "attributes-promoted",
             Done::Enforcement => "enforcement",
             Done::WebhookRemoved => "webhook-removed",
+            Done::Redelivered => "redelivered",
         }
     }
 
@@ -571,6 +574,7 @@ impl Done {
             }
             Done::Enforcement => "Enforcement saved.",
             Done::WebhookRemoved => "Endpoint removed, with what it had still to receive.",
+            Done::Redelivered => "Delivery sent again: its attempts start over, the first now.",
         }
     }
 

@@ -44,8 +44,8 @@ use super::console::{
     workspace_form, workspace_refused,
 };
 use super::console_operator::{
-    failure_page, id_of, key_shown_cookie, message_page, notice_of, operator_page, posted, require,
-    Done, Operator, HOME, KEY_SHOWN_COOKIE, SHOWN_SINCE,
+    failure_page, id_of, key_shown_cookie, message_page, notice_of, operator_page, posted, refusal,
+    require, Done, Operator, HOME, KEY_SHOWN_COOKIE, SHOWN_SINCE,
 };
 use super::views::Timestamp;
 use crate::admin::AdminError;
@@ -310,7 +310,7 @@ async fn operator_create(State(state): State<Arc<AppState>>, request: Request) -
             secure,
         ),
         Err(e) => {
-            let (status, message) = super::console_operator::refusal(e).await;
+            let (status, message) = refusal(e).await;
             show_list(&state, &op, status, None, Some(&message), Some(&form.0)).await
         }
     }
@@ -359,15 +359,29 @@ async fn operator_created(
 async fn operator_endpoint(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let op = match require(&state, &headers) {
         Ok(op) => op,
         Err(not) => return not.answer(&headers),
     };
+    let messages = (notice_of(raw), None);
+    operator_endpoint_page(&state, &op, &id, StatusCode::OK, messages).await
+}
+
+/// The operator's page of endpoint `id` (as its path gave it), with `messages` (a notice, an
+/// error) and `status`; a page of the refusal when there is no such endpoint.
+async fn operator_endpoint_page(
+    state: &AppState,
+    op: &Operator,
+    id: &str,
+    status: StatusCode,
+    messages: (Option<&str>, Option<&str>),
+) -> Response {
     let not_found = || AdminError::NotFound("No such endpoint.".into());
     let found = async {
-        let id = id_of(&id).ok_or_else(not_found)?;
+        let id = id_of(id).ok_or_else(not_found)?;
         let endpoints = state.admin.list_webhooks(None).await?;
         let endpoint = endpoints
             .into_iter()
@@ -381,15 +395,15 @@ async fn operator_endpoint(
         Ok((endpoint, deliveries)) => {
             let token = state.console.csrf_token(&op.session);
             operator_page(
-                &state,
-                &op,
-                StatusCode::OK,
+                state,
+                op,
+                status,
                 "Webhook endpoint",
-                (None, None),
+                messages,
                 endpoint_body(&endpoint, &deliveries, &token),
             )
         }
-        Err(e) => failure_page(&op, &state, e).await,
+        Err(e) => failure_page(op, state, e).await,
     }
 }
 
@@ -498,7 +512,7 @@ fn deliveries_table(
                                 @if d.status == "failed" {
                                     form.redeliver method="post" action=(format!("{base}/{endpoint}/deliveries/{}/redeliver", d.event_id)) {
                                         input type="hidden" name="csrf" value=(token);
-                                        button type="submit" { "Send again" }
+                                        button type="submit" aria-label=(format!("Send {} again", d.event_id)) { "Send again" }
                                     }
                                 }
                             }
@@ -533,7 +547,8 @@ async fn operator_delete(
 }
 
 /// `POST /console/operator/webhooks/{id}/deliveries/{event}/redeliver`: a failed delivery sent
-/// again, as the admin API's `redeliver`; back to the endpoint's page.
+/// again, as the admin API's `redeliver`; back to the endpoint's page with a notice, or that page
+/// again with the refusal and the admin API's status (one no longer failed, say).
 async fn operator_redeliver(
     State(state): State<Arc<AppState>>,
     Path((id, event)): Path<(String, String)>,
@@ -548,8 +563,14 @@ async fn operator_redeliver(
         None => Err(AdminError::NotFound("No such endpoint.".into())),
     };
     match sent {
-        Ok(_) => see_other(&format!("{OPERATOR_WEBHOOKS}/{id}"), None),
-        Err(e) => failure_page(&op, &state, e).await,
+        Ok(_) => see_other(
+            &format!("{OPERATOR_WEBHOOKS}/{id}?done={}", Done::Redelivered.code()),
+            None,
+        ),
+        Err(e) => {
+            let (status, message) = refusal(e).await;
+            operator_endpoint_page(&state, &op, &id, status, (None, Some(&message))).await
+        }
     }
 }
 
@@ -667,13 +688,39 @@ async fn workspace_created(
 async fn workspace_endpoint(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
     headers: HeaderMap,
 ) -> Response {
     let (session, entry) = match signed_in(&state, &headers).await {
         Ok(found) => found,
         Err(out) => return out.to_sign_in(&headers),
     };
-    let Some(id) = id_of(&id) else {
+    let notice = (raw.as_deref() == Some("done=redelivered")).then_some(REDELIVERED);
+    own_endpoint_page(
+        &state,
+        &session,
+        &entry,
+        &id,
+        StatusCode::OK,
+        (notice, None),
+    )
+    .await
+}
+
+/// What the workspace's endpoint page says after "Send again".
+const REDELIVERED: &str = "Delivery sent again: its attempts start over, the first now.";
+
+/// The workspace's page of its endpoint `id`, with `messages` (a notice, an error) and `status`
+/// (another workspace's endpoint, or none: `404`).
+async fn own_endpoint_page(
+    state: &AppState,
+    session: &Session,
+    entry: &crate::catalog::WorkspaceEntry,
+    id: &str,
+    status: StatusCode,
+    messages: (Option<&str>, Option<&str>),
+) -> Response {
+    let Some(id) = id_of(id) else {
         return not_found_page();
     };
     let found = state
@@ -682,15 +729,20 @@ async fn workspace_endpoint(
         .await;
     match found {
         Ok((endpoint, deliveries)) => {
-            let token = state.console.csrf_token(&session);
+            let token = state.console.csrf_token(session);
+            let (notice, error) = messages;
             super::console::page(
-                StatusCode::OK,
+                status,
                 "Webhook endpoint",
-                own_endpoint_body(&endpoint, &deliveries, &token),
+                html! {
+                    @if let Some(n) = notice { p.notice role="status" { (n) } }
+                    @if let Some(e) = error { p.error role="alert" { (e) } }
+                    (own_endpoint_body(&endpoint, &deliveries, &token))
+                },
             )
         }
         Err(AdminError::NotFound(_)) => not_found_page(),
-        Err(e) => workspace_refused(&state, &session, &entry, e, None).await,
+        Err(e) => workspace_refused(state, session, entry, e, None).await,
     }
 }
 
@@ -721,7 +773,8 @@ async fn workspace_delete(
 }
 
 /// `POST /console/webhooks/{id}/deliveries/{event}/redeliver`: a failed delivery to one of the
-/// workspace's own endpoints sent again; back to the endpoint's page.
+/// workspace's own endpoints sent again; back to the endpoint's page with a notice, or that page
+/// again with the refusal.
 async fn workspace_redeliver(
     State(state): State<Arc<AppState>>,
     Path((id, event)): Path<(String, String)>,
@@ -742,8 +795,20 @@ async fn workspace_redeliver(
         None => Err(AdminError::NotFound("No such endpoint.".into())),
     };
     match sent {
-        Ok(_) => see_other(&format!("{WORKSPACE_WEBHOOKS}/{id}"), None),
+        Ok(_) => see_other(&format!("{WORKSPACE_WEBHOOKS}/{id}?done=redelivered"), None),
         Err(AdminError::NotFound(_)) => not_found_page(),
+        Err(e @ (AdminError::Conflict(_) | AdminError::TooManyChanges { .. })) => {
+            let (status, message) = refusal(e).await;
+            own_endpoint_page(
+                &state,
+                &session,
+                &entry,
+                &id,
+                status,
+                (None, Some(&message)),
+            )
+            .await
+        }
         Err(e) => workspace_refused(&state, &session, &entry, e, None).await,
     }
 }

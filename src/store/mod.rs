@@ -753,7 +753,13 @@ fn delivery_record(
     (event_id, kind, status, attempts, last_status, last_error, next, created_at): DeliveryColumns,
 ) -> DeliveryRecord {
     DeliveryRecord {
-        next_attempt_at_ms: (status == "pending").then_some(next),
+        // Due at once is stored as 0 (due whatever the clock says), and shown as the delivery's
+        // creation: an outside audit read 1970-01-01 in the API.
+        next_attempt_at_ms: (status == "pending").then_some(if next == 0 {
+            created_at.saturating_mul(1000)
+        } else {
+            next
+        }),
         event_id,
         kind,
         status,
@@ -775,8 +781,8 @@ SELECT d.event_id, v.kind, d.status, d.attempts, d.last_status, d.last_error, d.
     FROM webhook_deliveries d JOIN webhook_events v ON v.id = d.event_id
     WHERE d.endpoint_id = $1 AND d.event_id = $2";
 
-/// A failed delivery made pending again, due at once, its attempts from zero (what it last got
-/// stays until the next attempt's outcome replaces it).
+/// A failed delivery made pending again, due at once (0: due whatever the clock says), its
+/// attempts from zero (what it last got stays until the next attempt's outcome replaces it).
 const REDELIVER_SQL: &str = "
 UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = 0,
     locked_until = NULL, claim = NULL

@@ -1153,13 +1153,13 @@ async fn a_stop_lets_the_attempts_under_way_end_and_records_them() {
     assert_eq!(arrived.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
-/// A failed delivery is sent again on asking, through the admin API (and the console's form
-/// beside it), with the same `webhook-id`, and is then delivered; a pending or delivered one is
-/// a conflict, and a workspace cannot send the operator's again (an outside audit: a receiver
-/// down longer than the retries lost the event for good, with no way to ask for it).
+/// A failed delivery is sent again on asking, from the console's form beside it and through the
+/// admin API, with the same `webhook-id`, and is then delivered; a pending or delivered one is a
+/// conflict, and a workspace cannot send the operator's again (an outside audit: a receiver down
+/// longer than the retries lost the event for good, with no way to ask for it).
 #[tokio::test]
 async fn a_failed_delivery_is_sent_again_on_asking() {
-    // Retries ten minutes apart: the test fails the delivery itself, through the store.
+    // Retries ten minutes apart: the test gives the delivery up itself, through the store.
     let gw = TestGateway::start_with(Options {
         raw: RawSettings {
             webhook_retry_base_ms: Some(600_000),
@@ -1170,7 +1170,8 @@ async fn a_failed_delivery_is_sent_again_on_asking() {
     .await;
     let (ws, _) = gw.workspace("free").await;
     let (_, other_key) = gw.workspace("free").await;
-    let receiver = Receiver::start(1).await;
+    // Answers 500 twice, then 200.
+    let receiver = Receiver::start(2).await;
     let (endpoint, _) = operator_endpoint(&gw, &receiver.url, &["workspace.suspended"]).await;
     let (s, _) = gw
         .admin(
@@ -1180,36 +1181,42 @@ async fn a_failed_delivery_is_sent_again_on_asking() {
         )
         .await;
     assert_eq!(s, StatusCode::OK);
-    let first = receiver.wait_for(1).await;
-    eventually(Duration::from_secs(10), "the 500 recorded", || async {
-        deliveries(&gw, endpoint).await[0]["attempts"] == 1
-    })
-    .await;
-    // Its retries given up: as after the 12th attempt.
     let store = tiergate::store::open(&format!("sqlite://{}", gw.db.display()))
         .await
         .unwrap();
-    let due = store
-        .claim_deliveries(10_000_000_000_000, 10_000_000_000_001, 10)
-        .await
-        .unwrap();
-    assert_eq!(due.len(), 1);
-    let failed = tiergate::store::DeliveryOutcome::Failed {
-        status: Some(500),
-        error: None,
+    // The attempt number `n` answered; then its retries given up, as after the 12th attempt.
+    let fail_after = |n: usize| {
+        let (gw, store, receiver) = (&gw, &store, &receiver);
+        async move {
+            receiver.wait_for(n).await;
+            eventually(Duration::from_secs(10), "the 500 recorded", || async {
+                deliveries(gw, endpoint).await[0]["attempts"] == 1
+            })
+            .await;
+            let due = store
+                .claim_deliveries(10_000_000_000_000, 10_000_000_000_001, 10)
+                .await
+                .unwrap();
+            assert_eq!(due.len(), 1);
+            let failed = tiergate::store::DeliveryOutcome::Failed {
+                status: Some(500),
+                error: None,
+            };
+            store.finish_delivery(due[0].id, &failed).await.unwrap();
+            let listed = deliveries(gw, endpoint).await;
+            assert_eq!(listed[0]["status"], "failed");
+            listed[0].clone()
+        }
     };
-    store.finish_delivery(due[0].id, &failed).await.unwrap();
-    let listed = deliveries(&gw, endpoint).await;
-    assert_eq!(listed[0]["status"], "failed");
-    let event = listed[0]["event_id"].as_str().unwrap().to_string();
-    assert_eq!(event, first[0].id);
+    let listed = fail_after(1).await;
+    let event = listed["event_id"].as_str().unwrap().to_string();
+    assert_eq!(event, receiver.got()[0].id);
 
-    // The console offers it beside the failed delivery.
+    // From the console: its form beside the failed delivery, then its page with a notice.
     let op = crate::console_operator::Operator::sign_in(&gw.url, ADMIN).await;
-    let page = op
-        .get(&format!("/console/operator/webhooks/{endpoint}"))
-        .await;
-    let action = format!("/console/operator/webhooks/{endpoint}/deliveries/{event}/redeliver");
+    let page_path = format!("/console/operator/webhooks/{endpoint}");
+    let page = op.get(&page_path).await;
+    let action = format!("{page_path}/deliveries/{event}/redeliver");
     assert!(
         page.body.contains(&format!(
             r#"<form class="redeliver" method="post" action="{action}">"#
@@ -1217,6 +1224,16 @@ async fn a_failed_delivery_is_sent_again_on_asking() {
         "{}",
         page.body
     );
+    let sent = op.post(&action, &[]).await;
+    assert_eq!(sent.status, StatusCode::SEE_OTHER, "{}", sent.body);
+    let back = sent.location.clone().unwrap();
+    assert_eq!(back, format!("{page_path}?done=redelivered"));
+    let page = op.get(&back).await;
+    assert!(page.body.contains("Delivery sent again"), "{}", page.body);
+
+    // Failed again; through the admin API this time.
+    let listed = fail_after(2).await;
+    assert_eq!(listed["event_id"], event);
     // A workspace cannot send the operator's endpoint's delivery again.
     let r = gw
         .client
@@ -1236,14 +1253,30 @@ async fn a_failed_delivery_is_sent_again_on_asking() {
         (again["status"].as_str(), again["attempts"].as_u64()),
         (Some("pending"), Some(0))
     );
-    let got = receiver.wait_for(2).await;
-    assert_eq!(got[1].id, event, "the same webhook-id");
+    // Due at once, shown as due since the delivery was made: not the epoch (an outside audit).
+    assert_eq!(again["next_attempt_at"], listed["created_at"], "{again}");
+    let got = receiver.wait_for(3).await;
+    assert!(got.iter().all(|r| r.id == event), "the same webhook-id");
     eventually(Duration::from_secs(10), "delivered", || async {
         deliveries(&gw, endpoint).await[0]["status"] == "delivered"
     })
     .await;
     let (s, v) = gw.admin(Method::POST, &path, None).await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    // The console's stale "Send again": the endpoint's page again, with the refusal and the
+    // admin API's status (an outside audit: a bare "Conflict" page, far from the endpoint).
+    let stale = op.post(&action, &[]).await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    assert!(
+        stale.body.contains("only a failed one is sent again"),
+        "{}",
+        stale.body
+    );
+    assert!(
+        stale.body.contains(r#"<table id="deliveries">"#),
+        "{}",
+        stale.body
+    );
     let (s, v) = gw
         .admin(
             Method::POST,
@@ -1255,5 +1288,5 @@ async fn a_failed_delivery_is_sent_again_on_asking() {
     let (_, log) = gw
         .admin(Method::GET, "/audit?action=webhook.redeliver", None)
         .await;
-    assert_eq!(log["data"].as_array().unwrap().len(), 1, "{log}");
+    assert_eq!(log["data"].as_array().unwrap().len(), 2, "{log}");
 }
