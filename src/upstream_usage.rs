@@ -406,7 +406,28 @@ impl Passed {
         }
     }
 
-    /// Appends `bytes`, an event of `data` rewritten: a copy from then on.
+    /// Appends `range` of `data` less its part `cut`: a copy from then on, made once.
+    fn push_cut(
+        &mut self,
+        data: &[u8],
+        range: std::ops::Range<usize>,
+        cut: std::ops::Range<usize>,
+    ) {
+        if let Passed::Copied(copy) = self {
+            copy.extend_from_slice(&data[range.start..cut.start]);
+            copy.extend_from_slice(&data[cut.end..range.end]);
+            return;
+        }
+        let mut copy = Vec::with_capacity(data.len());
+        if let Passed::Run(run) = self {
+            copy.extend_from_slice(&data[run.clone()]);
+        }
+        copy.extend_from_slice(&data[range.start..cut.start]);
+        copy.extend_from_slice(&data[cut.end..range.end]);
+        *self = Passed::Copied(copy);
+    }
+
+    /// Appends `bytes`, an event rewritten whole: a copy from then on.
     fn push_bytes(&mut self, data: &[u8], bytes: &[u8]) {
         match self {
             Passed::Nothing => *self = Passed::Copied(bytes.to_vec()),
@@ -539,21 +560,26 @@ impl SseScanner {
             let ends_in_cr = end == data.len() && data[end - 1] == b'\r';
             let event = &data[start..end];
             if keep_event(&mut self.usage, self.strip_usage_chunk, event) {
-                let rewritten = self
+                let rewrite = self
                     .strip_usage_chunk
-                    .then(|| without_null_usage(event))
+                    .then(|| null_usage_rewrite(event))
                     .flatten();
                 if self.hold_done && (!self.held.is_empty() || is_done(event)) {
-                    self.held
-                        .extend_from_slice(rewritten.as_deref().unwrap_or(event));
+                    match &rewrite {
+                        Some(r) => self.held.extend_from_slice(&r.apply(event)),
+                        None => self.held.extend_from_slice(event),
+                    }
                     self.removed_cr = false;
                     self.kept_cr = false;
                     start = end;
                     from = end;
                     continue;
                 }
-                match &rewritten {
-                    Some(bytes) => passed.push_bytes(data, bytes),
+                match rewrite {
+                    Some(Rewrite::Cut(cut)) => {
+                        passed.push_cut(data, start..end, start + cut.start..start + cut.end)
+                    }
+                    Some(Rewrite::Whole(bytes)) => passed.push_bytes(data, &bytes),
                     None => passed.push(data, start..end),
                 }
                 self.removed_cr = false;
@@ -648,63 +674,110 @@ fn only_null_usage(event: &[u8]) -> bool {
 /// several `data:` lines is passed on as one line when a member is removed (its lines joined by
 /// spaces: a line break in JSON is only whitespace between tokens).
 fn without_null_usage(event: &[u8]) -> Option<Vec<u8>> {
+    null_usage_rewrite(event).map(|r| r.apply(event))
+}
+
+/// How an event is rewritten by `without_null_usage`.
+enum Rewrite {
+    /// Less this range of it (a one-line event: most of them).
+    Cut(std::ops::Range<usize>),
+    /// As these bytes (a multi-line event, made one line).
+    Whole(Vec<u8>),
+}
+
+impl Rewrite {
+    fn apply(&self, event: &[u8]) -> Vec<u8> {
+        match self {
+            Rewrite::Cut(cut) => {
+                let mut out = Vec::with_capacity(event.len());
+                out.extend_from_slice(&event[..cut.start]);
+                out.extend_from_slice(&event[cut.end..]);
+                out
+            }
+            Rewrite::Whole(bytes) => bytes.clone(),
+        }
+    }
+}
+
+/// `without_null_usage`'s rewrite of `event`, if it has a member to remove.
+fn null_usage_rewrite(event: &[u8]) -> Option<Rewrite> {
     memchr::memmem::find(event, b"\"usage\"")?;
-    // The `data:` lines' values, as ranges of `event`; and where each line ends.
-    let mut values: Vec<std::ops::Range<usize>> = Vec::new();
+    let data_value = |at: usize, end: usize| {
+        event[at..end].strip_prefix(b"data:").map(|value| {
+            let skip = usize::from(value.first() == Some(&b' '));
+            at + 5 + skip..end
+        })
+    };
+    let line_end =
+        |at: usize| memchr::memchr2(b'\n', b'\r', &event[at..]).map_or(event.len(), |i| at + i);
+    // The first `data:` line's value, and whether there are more.
+    let mut first = None;
+    let mut more = false;
     let mut at = 0;
     while at < event.len() {
-        let end = memchr::memchr2(b'\n', b'\r', &event[at..]).map_or(event.len(), |i| at + i);
-        if let Some(value) = event[at..end].strip_prefix(b"data:") {
-            let skip = usize::from(value.first() == Some(&b' '));
-            values.push(at + 5 + skip..end);
+        let end = line_end(at);
+        if let Some(value) = data_value(at, end) {
+            if first.is_some() {
+                more = true;
+                break;
+            }
+            first = Some(value);
         }
         at = after_line(event, end);
     }
-    match values.as_slice() {
-        [] => None,
-        [one] => {
-            let json = without_top_null_usage(&event[one.clone()])?;
-            let mut out = Vec::with_capacity(event.len());
-            out.extend_from_slice(&event[..one.start]);
-            out.extend_from_slice(&json);
-            out.extend_from_slice(&event[one.end..]);
-            Some(out)
-        }
-        [..] => {
-            let mut joined = Vec::with_capacity(event.len());
-            for (i, v) in values.iter().enumerate() {
-                if i > 0 {
-                    joined.push(b' ');
-                }
-                joined.extend_from_slice(event[v.clone()].trim_ascii());
-            }
-            let json = without_top_null_usage(&joined)?;
-            // The other lines (`event:`, `id:`, comments) as they were, the data where its
-            // first line was, each line ended by `\n`, then the blank line.
-            let mut out = Vec::with_capacity(event.len());
-            let mut data_written = false;
-            let mut at = 0;
-            while at < event.len() {
-                let end =
-                    memchr::memchr2(b'\n', b'\r', &event[at..]).map_or(event.len(), |i| at + i);
-                let line = &event[at..end];
-                if line.starts_with(b"data:") {
-                    if !data_written {
-                        out.extend_from_slice(b"data: ");
-                        out.extend_from_slice(&json);
-                        out.push(b'\n');
-                        data_written = true;
-                    }
-                } else if !line.is_empty() {
-                    out.extend_from_slice(line);
-                    out.push(b'\n');
-                }
-                at = after_line(event, end);
-            }
-            out.push(b'\n');
-            Some(out)
-        }
+    let first = first?;
+    if !more {
+        let cut = top_null_usage_cut(&event[first.clone()])?;
+        return Some(Rewrite::Cut(first.start + cut.start..first.start + cut.end));
     }
+    let mut joined = Vec::with_capacity(event.len());
+    let mut at = 0;
+    while at < event.len() {
+        let end = line_end(at);
+        if let Some(value) = data_value(at, end) {
+            if !joined.is_empty() {
+                joined.push(b' ');
+            }
+            joined.extend_from_slice(event[value].trim_ascii());
+        }
+        at = after_line(event, end);
+    }
+    let cut = top_null_usage_cut(&joined)?;
+    joined.drain(cut);
+    // The other lines (`event:`, `id:`, comments) as they were, the data where its first line
+    // was, each line ended by `\n`, then the blank line.
+    let mut out = Vec::with_capacity(event.len());
+    let mut data_written = false;
+    let mut at = 0;
+    while at < event.len() {
+        let end = line_end(at);
+        let line = &event[at..end];
+        if line.starts_with(b"data:") {
+            if !data_written {
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(&joined);
+                out.push(b'\n');
+                data_written = true;
+            }
+        } else if !line.is_empty() {
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        at = after_line(event, end);
+    }
+    out.push(b'\n');
+    Some(Rewrite::Whole(out))
+}
+
+/// A top-level object's last member, `"usage": null` with the comma before it (from the comma
+/// to the end of `null`), when `json` ends with it and its closing `}`.
+fn last_null_usage(json: &[u8]) -> Option<std::ops::Range<usize>> {
+    let rest = json.trim_ascii_end().strip_suffix(b"}")?.trim_ascii_end();
+    let end = rest.len();
+    let rest = rest.strip_suffix(b"null")?.trim_ascii_end();
+    let rest = rest.strip_suffix(b":")?.trim_ascii_end();
+    let rest = rest.strip_suffix(b"\"usage\"")?.trim_ascii_end();
+    rest.strip_suffix(b",").map(|r| r.len()..end)
 }
 
 /// Where the line that ends at `end` (a line break, or the end of `event`) is followed by the
@@ -716,9 +789,16 @@ fn after_line(event: &[u8], end: usize) -> usize {
     line_break_end(event, end).unwrap_or(end + 1)
 }
 
-/// `json` without the `"usage": null` member of its top-level object, if it has one (see
-/// `without_null_usage`). One pass over the bytes, strings skipped whole.
-fn without_top_null_usage(json: &[u8]) -> Option<Vec<u8>> {
+/// What of `json` to cut for it to lose the `"usage": null` member of its top-level object, if
+/// it has one (see `without_null_usage`): the member, and one comma beside it.
+fn top_null_usage_cut(json: &[u8]) -> Option<std::ops::Range<usize>> {
+    // Where OpenAI puts it, last: `,"usage":null}` closing the object is top-level whatever
+    // comes before (a string ends in `"`, a nested object's `}` is followed by another), so
+    // no pass over the rest is needed.
+    if let Some(cut) = last_null_usage(json) {
+        return Some(cut);
+    }
+    // Else one pass over the bytes, strings skipped whole.
     let skip_ws = |from: usize| {
         from + (json[from.min(json.len())..].len()
             - json[from.min(json.len())..].trim_ascii_start().len())
@@ -771,11 +851,7 @@ fn without_top_null_usage(json: &[u8]) -> Option<Vec<u8>> {
         }
         i += 1;
     }
-    let cut = cut?;
-    let mut out = Vec::with_capacity(json.len());
-    out.extend_from_slice(&json[..cut.start]);
-    out.extend_from_slice(&json[cut.end..]);
-    Some(out)
+    cut
 }
 
 /// The JSON of an event: its `data:` lines, each trimmed, joined by line breaks.
