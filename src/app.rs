@@ -250,7 +250,7 @@ pub async fn app(config: Config, clock: Arc<dyn Clock>) -> Result<App, AppError>
                 }
                 Some(StartRefusal::NotCluster) => {
                     return Err(AppError::RedisTopology(
-                        "redis_cluster is set, and the server has no cluster support: unset it to use one server",
+                        "the server has no cluster support, and two or more URLs (or redis_cluster) make a Redis Cluster's seeds: give one URL, without redis_cluster, to use one server",
                     ))
                 }
                 None => {}

@@ -97,12 +97,22 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
 }
 
 /// `X-Content-Type-Options: nosniff`: a browser takes an answer for what its `Content-Type`
-/// says (an export's CSV, an API's JSON), never sniffs it into a page.
+/// says (an export's CSV, an API's JSON), never sniffs it into a page. And `Cache-Control:
+/// no-store` where the answer does not say otherwise: the gateway's own answers are live
+/// figures, or secrets shown once (a new key, a webhook's signing secret), which no cache
+/// should keep (an outside audit).
 async fn nosniff(mut response: Response) -> Response {
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         axum::http::header::X_CONTENT_TYPE_OPTIONS,
         axum::http::HeaderValue::from_static("nosniff"),
     );
+    if !headers.contains_key(axum::http::header::CACHE_CONTROL) {
+        headers.insert(
+            axum::http::header::CACHE_CONTROL,
+            axum::http::HeaderValue::from_static("no-store"),
+        );
+    }
     response
 }
 

@@ -2776,7 +2776,7 @@ async fn redis_of_the_wrong_topology_is_refused_at_start() {
         Err(e) => e.to_string(),
     };
     assert!(
-        refused.starts_with("redis: redis_cluster is set, and the server has no cluster support"),
+        refused.starts_with("redis: the server has no cluster support, and two or more URLs (or redis_cluster) make a Redis Cluster's seeds"),
         "{refused}"
     );
     // Each as what it is starts.

@@ -661,7 +661,7 @@ async fn cors_is_answered_for_the_origins_allowed_and_no_other() {
 }
 
 #[tokio::test]
-async fn the_gateways_own_answers_say_nosniff_and_proxied_ones_are_the_upstreams() {
+async fn the_gateways_own_answers_say_nosniff_and_no_store_and_proxied_ones_are_the_upstreams() {
     let (gw, key) = gateway_with(None).await;
     let nosniff = |r: &reqwest::Response| header(r, "x-content-type-options") == Some("nosniff");
 
@@ -699,4 +699,21 @@ async fn the_gateways_own_answers_say_nosniff_and_proxied_ones_are_the_upstreams
         .unwrap();
     assert_eq!(admin.status(), StatusCode::OK);
     assert!(nosniff(&admin), "{:?}", admin.headers());
+    // And no cache keeps them: a new key's secret least of all.
+    let (ws, _) = gw.workspace("t").await;
+    let made = gw
+        .client
+        .post(format!(
+            "{}/admin/v1/workspaces/{ws}/keys",
+            gw.operator_url()
+        ))
+        .bearer_auth(ADMIN)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), StatusCode::CREATED);
+    assert_eq!(header(&made, "cache-control"), Some("no-store"));
+    let limits = get(format!("{}/v1/limits", gw.url)).await;
+    assert_eq!(header(&limits, "cache-control"), Some("no-store"));
 }
