@@ -251,15 +251,20 @@ pub(crate) fn normalised_v1(uri: &Uri) -> Option<Uri> {
 /// letter case (`tests/gateway/openapi.rs` checks that this lists them all).
 pub const OWN_V1_ROUTES: [&str; 5] = ["limits", "usage", "budget", "limit-requests", "webhooks"];
 
-/// `path` (normal) with its first segment after `/v1/` spelt as the own route it names in another
-/// letter case; `None` when it names none, or names one as it is spelt.
+/// `path` (normal), when its first segment after `/v1/` names an own route in any letter case,
+/// with every segment in lower case: the routes' words, and their ids (numbers, and the
+/// lower-case hex of an event's, `evt_…`) alike (an outside audit: `/v1/webhooks/1/Deliveries`
+/// was a `404`). `None` when it names none, or is spelt so already.
 fn own_route_spelt(path: &str) -> Option<String> {
     let rest = path.strip_prefix("/v1/")?;
     let first = rest.split('/').next().unwrap_or(rest);
-    let own = OWN_V1_ROUTES
+    OWN_V1_ROUTES
         .iter()
-        .find(|own| own.eq_ignore_ascii_case(first) && **own != first)?;
-    Some(format!("/v1/{own}{}", &rest[first.len()..]))
+        .any(|own| own.eq_ignore_ascii_case(first))
+        .then_some(())?;
+    rest.bytes()
+        .any(|b| b.is_ascii_uppercase())
+        .then(|| format!("/v1/{}", rest.to_ascii_lowercase()))
 }
 
 pub(crate) fn proxied_directly(path: &str) -> bool {

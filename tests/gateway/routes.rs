@@ -103,10 +103,23 @@ async fn the_gateway_s_own_routes_in_another_spelling_are_its_own() {
         ("authorization", auth.as_str()),
         ("content-type", "application/json"),
     ];
+    let mut made = 0;
     for path in ["/v1/webhooks/", "/v1/WebHooks"] {
         let (status, body) = raw_request(&gw.url, "POST", path, &headers, hook).await;
         assert_eq!(status, 201, "{path}: {body}");
         assert!(body.contains("whsec_"), "{body}");
+        made = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"]
+            .as_i64()
+            .unwrap();
+    }
+    // Every segment, not the first alone (an outside audit: `…/Deliveries` was a `404`).
+    let headers = [("authorization", auth.as_str())];
+    for path in [
+        format!("/v1/webhooks/{made}/Deliveries"),
+        format!("/v1/WEBHOOKS/{made}/DELIVERIES/"),
+    ] {
+        let (status, body) = raw_request(&gw.url, "GET", &path, &headers, "").await;
+        assert_eq!(status, 200, "{path}: {body}");
     }
     assert_eq!(gw.upstream_count().await, before, "forwarded upstream");
     assert_eq!(gw.exact_usage(&key).await["requests_this_month"], 0);
