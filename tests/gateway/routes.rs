@@ -537,3 +537,32 @@ async fn an_operator_may_keep_the_unmetered_routes_from_the_upstream() {
         assert_eq!(gw.limits(&key).await["usage"]["tokens_this_month"], 8);
     }
 }
+
+/// An HTTP/1.1 request without a `Host`, or with two, is refused `400`, as RFC 9112 asks (an
+/// outside audit: both were served, and the console's origin check read the first of two).
+/// HTTP/1.0 needs none.
+#[tokio::test]
+async fn an_http_1_1_request_names_one_host() {
+    let (gw, key) = setup().await;
+    for (request, want) in [
+        ("GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n".to_string(), 400),
+        (
+            "GET /healthz HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n"
+                .to_string(),
+            400,
+        ),
+        (
+            format!("GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"),
+            400,
+        ),
+        ("GET /healthz HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n".to_string(), 200),
+        ("GET /healthz HTTP/1.0\r\n\r\n".to_string(), 200),
+    ] {
+        let (status, body) = raw_exchange(&gw.url, request.as_bytes()).await;
+        assert_eq!(status, want, "{request:?}: {body}");
+        if want == 400 {
+            assert!(body.contains("one Host header"), "{body}");
+        }
+    }
+    assert_eq!(gw.upstream_count().await, 0, "nothing forwarded");
+}
