@@ -1303,7 +1303,17 @@ fn tier_ladder(
             (
                 "tokens_per_month",
                 "Tokens per month",
-                now(&month),
+                // The workspace's own budget where it binds, said so, beside the month limit in
+                // shadow if there is one (an outside audit: the budget alone read as the tier's).
+                match ws.budget.tokens_per_month {
+                    Some(b) if limits.tokens_per_month == Some(b) => {
+                        Some(match shadow.and_then(|l| l.tokens_per_month) {
+                            Some(s) => format!("in shadow: {s}; your own budget: {b}"),
+                            None => format!("{b} (your own budget)"),
+                        })
+                    }
+                    _ => now(&month),
+                },
                 n.and_then(month),
             ),
             (

@@ -1110,6 +1110,17 @@ fn workspace_body(d: &WorkspaceData, token: &str) -> Markup {
             }
         }
     }
+    // The month's figure is the workspace's own budget where that is lower: said so, beside
+    // the month limit in shadow if there is one (an outside audit: the budget alone, unmarked,
+    // hid that the tier's month quota was not enforced).
+    if let Some(b) = w.budget.tokens_per_month {
+        if d.effective.tokens_per_month == Some(b) {
+            effective[3] = match d.shadow.as_ref().and_then(|s| s.tokens_per_month) {
+                Some(s) => format!("in shadow: {s}; its own budget: {b}"),
+                None => format!("{b} (its own budget)"),
+            };
+        }
+    }
     html! {
         h1 { (w.name) }
         p #summary {

@@ -1446,6 +1446,46 @@ async fn a_month_limit_in_shadow_is_shown_beside_an_enforced_budget() {
         row.contains(r#"in shadow: <span class="shadow">600 tokens</span>"#),
         "{row}"
     );
+
+    // On a tier of the ladder, its own shadow set by the operator: the ladder's "Yours now"
+    // and the operator's "Effective" say both, the budget as the workspace's (an outside
+    // audit: the budget alone, unmarked, read as the tier's quota).
+    let (ws, key) = gw.workspace("tier-2").await;
+    let (s, v) = gw
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"shadow": ["tokens_per_month"]})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r = gw
+        .client
+        .put(format!("{}/v1/budget", gw.url))
+        .bearer_auth(&key)
+        .json(&json!({"tokens_per_month": 777777}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let cookie = signed_in(&gw, &key).await;
+    let page = get(&gw, "/console/workspace", Some(&cookie)).await;
+    let ladder = page
+        .body
+        .split(r#"id="ladder""#)
+        .nth(1)
+        .unwrap_or_else(|| panic!("no ladder: {}", page.body));
+    let now = cell(ladder, "data-limit", "tokens_per_month", "now");
+    assert!(now.starts_with("in shadow: "), "{now}");
+    assert!(now.ends_with("; your own budget: 777777"), "{now}");
+    let op = crate::console_operator::Operator::sign_in(&gw.url, ADMIN).await;
+    let page = op.get(&format!("/console/operator/workspaces/{ws}")).await;
+    let effective = cell(&page.body, "data-limit", "tokens_per_month", "effective");
+    assert!(effective.starts_with("in shadow: "), "{effective}");
+    assert!(
+        effective.ends_with("; its own budget: 777777"),
+        "{effective}"
+    );
 }
 
 /// A model's limits in shadow are shown too, on the workspace's page and on the operator's: they
