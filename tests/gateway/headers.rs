@@ -315,6 +315,22 @@ async fn a_client_request_id_is_echoed_and_a_reused_one_loses_no_usage() {
         .await;
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["received_headers"]["x-request-id"], "trace-43", "{v}");
+    // Of two values, the first, checked, alone (an outside audit: the second went unchecked).
+    gw.advance(Duration::from_secs(1));
+    let r = gw
+        .chat(
+            &key,
+            hello(),
+            &[
+                ("x-request-id", "trace-44"),
+                ("x-request-id", "bad id!"),
+                echo,
+            ],
+        )
+        .await;
+    assert_eq!(header(&r, "x-request-id"), Some("trace-44"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["received_headers"]["x-request-id"], "trace-44", "{v}");
     // Without one, the gateway's own; on a 401 too, with no upstream id.
     let r = gw.chat("sk-nobody", hello(), &[]).await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
@@ -681,6 +697,7 @@ async fn the_gateways_own_answers_say_nosniff_and_no_store_and_proxied_ones_are_
     }
     let denied = denied.expect("a 429 within 5 requests at 2 requests/s");
     assert!(nosniff(&denied), "{:?}", denied.headers());
+    assert_eq!(header(&denied, "cache-control"), Some("no-store"));
     let get = |url: String| {
         let client = gw.client.clone();
         let key = key.clone();

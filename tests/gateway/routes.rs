@@ -566,3 +566,62 @@ async fn an_http_1_1_request_names_one_host() {
     }
     assert_eq!(gw.upstream_count().await, 0, "nothing forwarded");
 }
+
+/// A request refused before its body was read (a wrong key, a body over the limit) has its body
+/// read and dropped before the answer, and the connection serves the next request: the
+/// connection closed with the body unread, and nginx in front, still sending it, answered its
+/// client `502` in place of the `401` or `413` (an outside audit).
+#[tokio::test]
+async fn a_refused_request_s_body_is_read_and_the_connection_kept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (gw, key) = setup().await;
+    let addr = gw.url.trim_start_matches("http://").to_string();
+    for (auth, len, want) in [
+        ("Bearer tg_wrong".to_string(), 2_000_000usize, "401"),
+        (format!("Bearer {key}"), 5 * 1024 * 1024, "413"),
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        );
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let chunk = vec![b' '; 64 * 1024];
+        let mut sent = 0;
+        while sent < len {
+            let n = chunk.len().min(len - sent);
+            socket
+                .write_all(&chunk[..n])
+                .await
+                .unwrap_or_else(|e| panic!("{want}: the body's write failed after {sent}: {e}"));
+            sent += n;
+        }
+        // The answer, then a second request on the same connection.
+        socket
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+                let text = String::from_utf8_lossy(&got);
+                if text.matches("HTTP/1.1 ").count() >= 2 && text.ends_with("ok") {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(read.is_ok(), "{want}: no answers within 10 s");
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with(&format!("HTTP/1.1 {want} ")), "{text}");
+        assert!(
+            text.contains("HTTP/1.1 200 OK") && text.ends_with("ok"),
+            "{want}: the connection did not serve the next request: {text}"
+        );
+    }
+}
