@@ -745,7 +745,13 @@ fn null_usage_rewrite(event: &[u8]) -> Option<Rewrite> {
     let cut = top_null_usage_cut(&joined)?;
     joined.drain(cut);
     // The other lines (`event:`, `id:`, comments) as they were, the data where its first line
-    // was, each line ended by `\n`, then the blank line.
+    // was, each line ended as the event's first is (`\r\n`, `\r` or `\n`), then the blank line.
+    let first_break = line_end(0);
+    let nl: &[u8] = match after_line(event, first_break) - first_break {
+        2 => b"\r\n",
+        _ if event.get(first_break) == Some(&b'\r') => b"\r",
+        _ => b"\n",
+    };
     let mut out = Vec::with_capacity(event.len());
     let mut data_written = false;
     let mut at = 0;
@@ -756,16 +762,16 @@ fn null_usage_rewrite(event: &[u8]) -> Option<Rewrite> {
             if !data_written {
                 out.extend_from_slice(b"data: ");
                 out.extend_from_slice(&joined);
-                out.push(b'\n');
+                out.extend_from_slice(nl);
                 data_written = true;
             }
         } else if !line.is_empty() {
             out.extend_from_slice(line);
-            out.push(b'\n');
+            out.extend_from_slice(nl);
         }
         at = after_line(event, end);
     }
-    out.push(b'\n');
+    out.extend_from_slice(nl);
     Some(Rewrite::Whole(out))
 }
 
@@ -1214,6 +1220,13 @@ mod tests {
         let mut s = SseScanner::new(true);
         let passed = s.feed(event.as_bytes());
         assert_eq!(&passed[..], &got[..]);
+        // Its lines ended as they came (an outside audit: `\r\n` became `\n`).
+        let crlf = event.replace('\n', "\r\n");
+        let got = without_null_usage(crlf.as_bytes()).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&got).unwrap(),
+            "event: chunk\r\ndata: { \"choices\": [] }\r\n\r\n"
+        );
         for (event, want) in cases {
             let got = without_null_usage(event.as_bytes());
             assert_eq!(
