@@ -686,6 +686,10 @@ impl Admin {
         overrides
             .validate()
             .map_err(|m| invalid(format!("limits: {m}")))?;
+        if !overrides.is_empty() || tier.is_some() {
+            self.burst_has_a_rate(id, tier.as_deref(), &overrides)
+                .await?;
+        }
         let change = WorkspaceChange {
             tier,
             overrides,
@@ -696,6 +700,35 @@ impl Admin {
             ..WorkspaceChange::default()
         };
         self.change_workspace(by, id, &change).await
+    }
+
+    /// Refuses a change that leaves workspace `id` with a burst override and no rate for it to
+    /// go with (neither its tier's nor an override's): it was taken and shown in its limits,
+    /// and limited nothing (an outside audit), where a tier's, a key's and an increase
+    /// request's burst without a rate are refused.
+    async fn burst_has_a_rate(
+        &self,
+        id: WorkspaceId,
+        tier: Option<&str>,
+        patch: &OverridesPatch,
+    ) -> Result<(), AdminError> {
+        let ws = self.get_workspace(id).await?;
+        let overrides = patch.apply(&ws.overrides);
+        if overrides.burst.is_none() || overrides.requests_per_second.is_some() {
+            return Ok(());
+        }
+        let tier = tier.unwrap_or(&ws.tier);
+        let tiers = self.store.list_tiers().await?;
+        let rate = tiers
+            .iter()
+            .find(|t| t.name == tier)
+            .is_some_and(|t| t.limits.requests_per_second.is_some());
+        if rate {
+            return Ok(());
+        }
+        Err(invalid(format!(
+            "limits.burst: a burst goes with a requests_per_second, and neither tier '{tier}' nor the overrides set one: give requests_per_second too, or clear burst"
+        )))
     }
 
     /// Makes `change` in the store and brings the catalogue up to date with it.

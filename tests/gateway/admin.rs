@@ -902,3 +902,41 @@ async fn a_change_that_changes_nothing_is_not_audited() {
     patch(json!({"status": "suspended"})).await;
     assert_eq!(updates().await, 1);
 }
+
+/// A burst override needs a rate to go with, the tier's or an override's: on a tier without
+/// one it was taken, shown in the limits, and limited nothing (an outside audit).
+#[tokio::test]
+async fn a_burst_override_without_a_rate_is_refused() {
+    let gw = TestGateway::start().await;
+    gw.put_tier("no-rate", json!({"tokens_per_month": 100000}))
+        .await;
+    let (ws, _) = gw.workspace("no-rate").await;
+    let patch = |body: Value| {
+        let gw = &gw;
+        async move {
+            gw.admin(Method::PATCH, &format!("/workspaces/{ws}"), Some(body))
+                .await
+        }
+    };
+    let (s, v) = patch(json!({"limits": {"burst": 3}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().starts_with("limits.burst:"),
+        "{v}"
+    );
+    let (s, v) = patch(json!({"limits": {"burst": 3, "requests_per_second": 2}})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Clearing the rate would leave the burst alone: refused too.
+    let (s, v) = patch(json!({"limits": {"requests_per_second": null}})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // On a tier with a rate, a burst alone applies to it.
+    let (ws, _) = gw.workspace("free").await;
+    let (s, v) = gw
+        .admin(
+            Method::PATCH,
+            &format!("/workspaces/{ws}"),
+            Some(json!({"limits": {"burst": 3}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+}
