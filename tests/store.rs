@@ -2924,7 +2924,7 @@ async fn webhook_deliveries_are_claimed_by_one_caller_at_a_time_until_the_claim_
             again.attempts,
             again.next_attempt_at_ms
         ),
-        ("pending", 0, Some(again.created_at * 1000))
+        ("pending", 0, Some(300_000))
     );
     assert_eq!(again.last_error.as_deref(), Some("connection refused"));
     let due = other.claim_deliveries(300_000, 330_000, 100).await.unwrap();

@@ -781,10 +781,11 @@ SELECT d.event_id, v.kind, d.status, d.attempts, d.last_status, d.last_error, d.
     FROM webhook_deliveries d JOIN webhook_events v ON v.id = d.event_id
     WHERE d.endpoint_id = $1 AND d.event_id = $2";
 
-/// A failed delivery made pending again, due at once (0: due whatever the clock says), its
-/// attempts from zero (what it last got stays until the next attempt's outcome replaces it).
+/// A failed delivery made pending again, due at once (`$3`: the time of asking, in ms, which
+/// the list then shows as its next attempt), its attempts from zero (what it last got stays
+/// until the next attempt's outcome replaces it).
 const REDELIVER_SQL: &str = "
-UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = 0,
+UPDATE webhook_deliveries SET status = 'pending', attempts = 0, next_attempt_at = $3,
     locked_until = NULL, claim = NULL
     WHERE endpoint_id = $1 AND event_id = $2 AND status = 'failed'";
 

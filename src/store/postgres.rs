@@ -1865,6 +1865,7 @@ impl Store for PostgresStore {
             sqlx::query(REDELIVER_SQL)
                 .bind(endpoint)
                 .bind(event_id)
+                .bind(now.saturating_mul(1000))
                 .execute(&mut *tx)
                 .await?;
             Self::audit(&mut tx, AuditRow::redelivery(by, now, &found, &before)).await?;

@@ -1641,6 +1641,7 @@ impl Store for SqliteStore {
         sqlx::query(REDELIVER_SQL)
             .bind(endpoint)
             .bind(event_id)
+            .bind(now.saturating_mul(1000))
             .execute(&mut *tx)
             .await?;
         Self::audit(&mut tx, AuditRow::redelivery(by, now, &found, &before)).await?;
