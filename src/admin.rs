@@ -677,7 +677,7 @@ impl Admin {
             && shadow.is_none()
         {
             return Err(invalid(
-                "nothing to change: give at least one of tier, limits, status, pinned, enforcement, shadow",
+                "nothing to change: give at least one of tier, limits (naming at least one limit), status, pinned, enforcement, shadow",
             ));
         }
         if let Some(t) = &tier {

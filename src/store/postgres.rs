@@ -912,7 +912,10 @@ impl Store for PostgresStore {
                     Some(tier_row(&row)?)
                 }
             };
-            Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
+            // A tier put as it was is no change to audit (as a workspace's; an outside audit).
+            if before.as_ref() != Some(tier) {
+                Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
+            }
             Self::bump_version(&mut tx, &[Changed::Tier(&tier.name)]).await?;
             commit(tx).await?;
             Ok(())

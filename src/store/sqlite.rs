@@ -765,7 +765,10 @@ impl Store for SqliteStore {
         .bind(tier_shadowing_column(tier))
         .execute(&mut *tx)
         .await?;
-        Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
+        // A tier put as it was is no change to audit (as a workspace's; an outside audit).
+        if before.as_ref() != Some(tier) {
+            Self::audit(&mut tx, AuditRow::tier(by, now, tier, before)).await?;
+        }
         Self::bump_version(&mut tx, &[Changed::Tier(&tier.name)]).await?;
         tx.commit().await?;
         Ok(())

@@ -901,6 +901,18 @@ async fn a_change_that_changes_nothing_is_not_audited() {
     assert_eq!(v["status"], "suspended");
     patch(json!({"status": "suspended"})).await;
     assert_eq!(updates().await, 1);
+    // A tier put as it is, likewise.
+    let tier = json!({"requests_per_second": 3, "tokens_per_minute": 5000});
+    gw.put_tier("same", tier.clone()).await;
+    gw.put_tier("same", tier).await;
+    let (_, log) = gw.admin(Method::GET, "/audit?action=tier.put", None).await;
+    let puts = log["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["target"] == "tier:same")
+        .count();
+    assert_eq!(puts, 1, "{log}");
 }
 
 /// A burst override needs a rate to go with, the tier's or an override's: on a tier without
