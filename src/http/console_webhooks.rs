@@ -465,6 +465,10 @@ fn own_endpoint_body(e: &WebhookEndpoint, deliveries: &[DeliveryRecord], token: 
         (deliveries_table(deliveries, Answers::Withheld, (WORKSPACE_WEBHOOKS, e.id, token)))
         (remove_form(WORKSPACE_WEBHOOKS, e, token, Shown::OnItsPage))
         p { a href="/console/workspace" { "Back to the workspace" } }
+        form method="post" action="/console/sign-out" {
+            input type="hidden" name="csrf" value=(token);
+            button type="submit" { "Sign out" }
+        }
     }
 }
 

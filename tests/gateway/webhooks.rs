@@ -916,6 +916,12 @@ async fn endpoints_made_in_the_console_get_their_events_signed_with_the_secret_s
     .await;
     let page = crate::console::get(&gw, &own_page, Some(&session)).await;
     assert!(page.body.contains("limit_request.created"), "{}", page.body);
+    // Signing out from it too, as from the workspace page (an outside audit: no form).
+    assert!(
+        page.body.contains(r#"action="/console/sign-out""#),
+        "{}",
+        page.body
+    );
     assert!(
         page.body.contains("table id=\"deliveries\""),
         "{}",
