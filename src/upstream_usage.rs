@@ -28,6 +28,21 @@ pub struct UsageJson {
     total_tokens: Option<u64>,
 }
 
+/// A visitor's methods for the JSON values that are no figure or object it reads: each is
+/// `Ok(None)`. (`unit` covers `null`, which `serde_json` visits as `none` too.)
+macro_rules! none_for {
+    ($($kind:ident),*) => { $(none_for!(@ $kind);)* };
+    (@ u64) => { fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> { Ok(None) } };
+    (@ i64) => { fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> { Ok(None) } };
+    (@ f64) => { fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> { Ok(None) } };
+    (@ bool) => { fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> { Ok(None) } };
+    (@ str) => { fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> { Ok(None) } };
+    (@ unit) => {
+        fn visit_unit<E>(self) -> Result<Self::Value, E> { Ok(None) }
+        fn visit_none<E>(self) -> Result<Self::Value, E> { Ok(None) }
+    };
+}
+
 /// A token count as an upstream may write it: a whole number, also as a float (`12.0`, `1.5e1`:
 /// what a Python upstream's arithmetic gives), and one too large for 64 bits (`1e21`) taken as
 /// `MAX_REQUEST_TOKENS`, as every figure above it is. Anything else (a negative number, a string,
@@ -50,18 +65,7 @@ fn figure<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Erro
         fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
             Ok((v >= 0.0).then(|| (v.min(MAX_REQUEST_TOKENS as f64)) as u64))
         }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+        none_for!(bool, str, unit);
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
             Ok(None)
@@ -155,27 +159,7 @@ where
             while seq.next_element::<IgnoredAny>()?.is_some() {}
             Ok(None)
         }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+        none_for!(u64, i64, f64, bool, str, unit);
     }
     d.deserialize_any(Object(std::marker::PhantomData))
 }
@@ -200,27 +184,7 @@ fn empty_array<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<bool>, D
             while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
             Ok(None)
         }
-        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
+        none_for!(u64, i64, f64, bool, str, unit);
     }
     d.deserialize_any(Empty)
 }
